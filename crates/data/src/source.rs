@@ -1,0 +1,766 @@
+//! Streaming text sources: plain text, directories, JSONL, Parquet, and their gzip versions.
+//!
+//! Memory stays bounded whatever the input: files are read in 64 KiB blocks, and a document longer
+//! than [`SourceConfig::max_doc_bytes`] is cut into consecutive documents at a line or word
+//! boundary, so neither a 10 GB corpus nor a single 500 MB JSONL line is ever held whole.
+//! (Parquet stores a row's value in one page, so a Parquet row is bounded by its page.)
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+use crate::error::{io_err, DataError, Result};
+
+/// Default JSONL / Parquet field that holds the text.
+pub const DEFAULT_TEXT_FIELD: &str = "text";
+/// Default longest document, in bytes, before it is cut into consecutive documents (8 MiB).
+pub const DEFAULT_MAX_DOC_BYTES: usize = 8 << 20;
+const BLOCK: usize = 64 << 10;
+
+/// How sources are read.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SourceConfig {
+    /// JSONL key / Parquet column holding the text (default [`DEFAULT_TEXT_FIELD`]).
+    pub text_field: String,
+    /// Longest document in bytes; longer ones are cut at a line or word boundary
+    /// (default [`DEFAULT_MAX_DOC_BYTES`]).
+    pub max_doc_bytes: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self { text_field: DEFAULT_TEXT_FIELD.into(), max_doc_bytes: DEFAULT_MAX_DOC_BYTES }
+    }
+}
+
+/// The format of one input file, decided by its extension (after stripping `.gz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// Plain UTF-8 text; the whole file is one document.
+    Text,
+    /// One JSON object per line; the text is in a configurable field.
+    Jsonl,
+    /// Apache Parquet with a string column holding the text.
+    Parquet,
+}
+
+impl InputKind {
+    /// The kind of `path` and whether it is gzip-compressed. Unknown extensions read as text.
+    pub fn of(path: &Path) -> (InputKind, bool) {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let (stem, gz) = match name.strip_suffix(".gz") {
+            Some(s) => (s.to_string(), true),
+            None => (name, false),
+        };
+        let kind = if stem.ends_with(".jsonl") || stem.ends_with(".ndjson") || stem.ends_with(".json") {
+            InputKind::Jsonl
+        } else if stem.ends_with(".parquet") {
+            InputKind::Parquet
+        } else {
+            InputKind::Text
+        };
+        (kind, gz)
+    }
+
+    fn known_in_dir(path: &Path) -> bool {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let stem = name.strip_suffix(".gz").unwrap_or(&name);
+        [".txt", ".text", ".md", ".rst", ".jsonl", ".ndjson", ".json", ".parquet"].iter().any(|e| stem.ends_with(e))
+    }
+}
+
+/// Expands the inputs: files stay as given, directories are walked recursively (sorted, hidden
+/// entries skipped, only files with a known extension: .txt .text .md .rst .jsonl .ndjson .json
+/// .parquet, each optionally .gz).
+pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .map(|e| e.map(|e| e.path()).map_err(io_err(dir)))
+            .collect::<Result<_>>()?;
+        entries.sort();
+        for p in entries {
+            let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if InputKind::known_in_dir(&p) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in inputs {
+        let p = p.as_ref();
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else if p.is_file() {
+            out.push(p.to_path_buf());
+        } else {
+            return Err(DataError::Missing(p.to_path_buf()));
+        }
+    }
+    Ok(out)
+}
+
+/// One document (or one piece of a document longer than the limit).
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The file it came from.
+    pub source: Arc<Path>,
+    /// 1-based line (JSONL), row (Parquet) or piece (text) number within the file.
+    pub position: u64,
+    /// The text.
+    pub text: String,
+}
+
+/// Counters of what the sources produced and skipped.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SourceStats {
+    /// Files opened.
+    pub files: u64,
+    /// Documents produced (pieces of cut documents count one each).
+    pub documents: u64,
+    /// UTF-8 bytes of text produced.
+    pub bytes: u64,
+    /// Empty or whitespace-only documents skipped (including JSON nulls).
+    pub skipped_empty: u64,
+    /// Extra documents created by cutting documents longer than the limit.
+    pub cut_pieces: u64,
+}
+
+/// A streaming iterator over the documents of several inputs, in order.
+pub struct Documents {
+    files: VecDeque<PathBuf>,
+    current: Option<Box<dyn FileDocs>>,
+    cfg: SourceConfig,
+    stats: SourceStats,
+    failed: bool,
+}
+
+impl Documents {
+    /// Opens `inputs` (files or directories; see [`expand_inputs`]).
+    pub fn open<P: AsRef<Path>>(inputs: &[P], cfg: &SourceConfig) -> Result<Self> {
+        if cfg.max_doc_bytes < 64 {
+            return Err(DataError::Config(format!("max_doc_bytes must be at least 64, got {}", cfg.max_doc_bytes)));
+        }
+        let files = expand_inputs(inputs)?;
+        Ok(Self { files: files.into(), current: None, cfg: cfg.clone(), stats: SourceStats::default(), failed: false })
+    }
+
+    /// What has been read so far.
+    pub fn stats(&self) -> &SourceStats {
+        &self.stats
+    }
+
+    fn open_file(&self, path: &Path) -> Result<Box<dyn FileDocs>> {
+        let (kind, gz) = InputKind::of(path);
+        let src: Arc<Path> = Arc::from(path);
+        if kind == InputKind::Parquet {
+            return Ok(Box::new(ParquetDocs::open(src, gz, &self.cfg.text_field, self.cfg.max_doc_bytes)?));
+        }
+        let file = File::open(path).map_err(io_err(path))?;
+        let reader: Box<dyn Read + Send> =
+            if gz { Box::new(flate2::read::MultiGzDecoder::new(file)) } else { Box::new(file) };
+        let pieces = PieceBuf::new(self.cfg.max_doc_bytes);
+        Ok(match kind {
+            InputKind::Text => Box::new(TextDocs { src, reader, pieces, eof: false, piece_no: 0, line: 1 }),
+            _ => Box::new(JsonlDocs::new(src, reader, pieces, self.cfg.text_field.clone())),
+        })
+    }
+}
+
+impl Iterator for Documents {
+    type Item = Result<Document>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if self.current.is_none() {
+                let path = self.files.pop_front()?;
+                match self.open_file(&path) {
+                    Ok(f) => {
+                        self.stats.files += 1;
+                        self.current = Some(f);
+                    }
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let cur = self.current.as_mut()?;
+            match cur.next_piece() {
+                Ok(Some(piece)) => {
+                    if piece.cut {
+                        self.stats.cut_pieces += 1;
+                    }
+                    if piece.text.trim().is_empty() {
+                        self.stats.skipped_empty += 1;
+                        continue;
+                    }
+                    self.stats.documents += 1;
+                    self.stats.bytes += piece.text.len() as u64;
+                    return Some(Ok(Document { source: cur.source(), position: piece.position, text: piece.text }));
+                }
+                Ok(None) => self.current = None,
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+struct Piece {
+    text: String,
+    position: u64,
+    /// True when this piece ends at a cut rather than at the end of its document.
+    cut: bool,
+}
+
+trait FileDocs: Send {
+    fn next_piece(&mut self) -> Result<Option<Piece>>;
+    fn source(&self) -> Arc<Path>;
+}
+
+/// Accumulates the bytes of one document and cuts it at the size limit.
+struct PieceBuf {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl PieceBuf {
+    fn new(max: usize) -> Self {
+        Self { buf: Vec::new(), max }
+    }
+
+    /// If the buffer has reached the limit, cuts a piece at the last newline (else the last
+    /// whitespace, else a character boundary) within the limit and returns it.
+    fn take_full(&mut self) -> Option<Vec<u8>> {
+        if self.buf.len() < self.max {
+            return None;
+        }
+        let window = &self.buf[..self.max];
+        let cut = window
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .or_else(|| window.iter().rposition(|b| b.is_ascii_whitespace()))
+            .map(|i| i + 1)
+            .filter(|&i| i > self.max / 2)
+            .unwrap_or_else(|| {
+                let mut i = self.max;
+                while i > 0 && (self.buf[i] & 0xC0) == 0x80 {
+                    i -= 1;
+                }
+                i
+            });
+        let rest = self.buf.split_off(cut);
+        Some(std::mem::replace(&mut self.buf, rest))
+    }
+
+    fn take_rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+fn utf8(bytes: Vec<u8>, path: &Path, first_line: u64) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let bad = e.utf8_error().valid_up_to();
+        let line = first_line + e.as_bytes()[..bad].iter().filter(|&&b| b == b'\n').count() as u64;
+        DataError::InvalidUtf8 { path: path.to_path_buf(), line }
+    })
+}
+
+struct TextDocs {
+    src: Arc<Path>,
+    reader: Box<dyn Read + Send>,
+    pieces: PieceBuf,
+    eof: bool,
+    piece_no: u64,
+    line: u64,
+}
+
+impl TextDocs {
+    fn emit(&mut self, bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
+        let first_line = self.line;
+        self.line += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.piece_no += 1;
+        let text = utf8(bytes, &self.src, first_line)?;
+        Ok(Some(Piece { text, position: self.piece_no, cut }))
+    }
+}
+
+impl FileDocs for TextDocs {
+    fn next_piece(&mut self) -> Result<Option<Piece>> {
+        loop {
+            if let Some(p) = self.pieces.take_full() {
+                return self.emit(p, true);
+            }
+            if self.eof {
+                let rest = self.pieces.take_rest();
+                // After the last piece, stop; an empty file yields one empty document so that it
+                // is counted as skipped.
+                if rest.is_empty() && self.piece_no > 0 {
+                    return Ok(None);
+                }
+                return self.emit(rest, false);
+            }
+            let start = self.pieces.buf.len();
+            self.pieces.buf.resize(start + BLOCK, 0);
+            let n = match self.reader.read(&mut self.pieces.buf[start..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    self.pieces.buf.truncate(start);
+                    return Err(DataError::Io { path: self.src.to_path_buf(), source: e });
+                }
+            };
+            self.pieces.buf.truncate(start + n);
+            if n == 0 {
+                self.eof = true;
+            }
+        }
+    }
+
+    fn source(&self) -> Arc<Path> {
+        self.src.clone()
+    }
+}
+
+/// A streaming scanner for JSON Lines that extracts one string field without holding the line.
+struct JsonlDocs {
+    src: Arc<Path>,
+    reader: Box<dyn Read + Send>,
+    block: Vec<u8>,
+    pos: usize,
+    len: usize,
+    eof: bool,
+    line: u64,
+    field: String,
+    pieces: PieceBuf,
+    /// Inside the text field's string value of the current line.
+    in_text: bool,
+    /// Line on which the current record started.
+    record_start_line: u64,
+}
+
+enum Tok {
+    Str,
+    Other,
+}
+
+impl JsonlDocs {
+    fn new(src: Arc<Path>, reader: Box<dyn Read + Send>, pieces: PieceBuf, field: String) -> Self {
+        Self {
+            src,
+            reader,
+            block: vec![0; BLOCK],
+            pos: 0,
+            len: 0,
+            eof: false,
+            line: 1,
+            field,
+            pieces,
+            in_text: false,
+            record_start_line: 1,
+        }
+    }
+
+    fn err(&self, msg: impl Into<String>) -> DataError {
+        DataError::Jsonl { path: self.src.to_path_buf(), line: self.line, msg: msg.into() }
+    }
+
+    fn peek(&mut self) -> Result<Option<u8>> {
+        if self.pos == self.len {
+            if self.eof {
+                return Ok(None);
+            }
+            loop {
+                match self.reader.read(&mut self.block) {
+                    Ok(n) => {
+                        self.pos = 0;
+                        self.len = n;
+                        if n == 0 {
+                            self.eof = true;
+                            return Ok(None);
+                        }
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(DataError::Io { path: self.src.to_path_buf(), source: e }),
+                }
+            }
+        }
+        Ok(Some(self.block[self.pos]))
+    }
+
+    fn bump(&mut self) -> Result<Option<u8>> {
+        let b = self.peek()?;
+        if b.is_some() {
+            self.pos += 1;
+        }
+        Ok(b)
+    }
+
+    fn expect_byte(&mut self) -> Result<u8> {
+        self.bump()?.ok_or_else(|| self.err("unexpected end of file inside a json value"))
+    }
+
+    /// Skips spaces and tabs (not newlines, which end records).
+    fn skip_ws(&mut self) -> Result<()> {
+        while let Some(b) = self.peek()? {
+            if b == b' ' || b == b'\t' || b == b'\r' {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a string's body after its opening quote. With `to_pieces`, bytes go to the piece buffer
+    /// (stopping early when a piece is full: returns false then); otherwise to `out`.
+    fn string_body(&mut self, mut out: Option<&mut Vec<u8>>, to_pieces: bool) -> Result<bool> {
+        loop {
+            if to_pieces && self.pieces.buf.len() >= self.pieces.max {
+                return Ok(false);
+            }
+            // Fast path: copy a run of plain bytes from the block.
+            if self.peek()?.is_none() {
+                return Err(self.err("unterminated string"));
+            }
+            let start = self.pos;
+            let mut end = start;
+            while end < self.len {
+                let b = self.block[end];
+                if b == b'"' || b == b'\\' || b == b'\n' {
+                    break;
+                }
+                end += 1;
+            }
+            if end > start {
+                let run = &self.block[start..end];
+                if to_pieces {
+                    self.pieces.buf.extend_from_slice(run);
+                } else if let Some(o) = out.as_deref_mut() {
+                    o.extend_from_slice(run);
+                }
+                self.pos = end;
+                continue;
+            }
+            match self.expect_byte()? {
+                b'"' => return Ok(true),
+                b'\n' => return Err(self.err("newline inside a json string (unterminated string?)")),
+                _ => {
+                    let c = self.escape()?;
+                    let mut tmp = [0u8; 4];
+                    let enc = c.encode_utf8(&mut tmp).as_bytes();
+                    if to_pieces {
+                        self.pieces.buf.extend_from_slice(enc);
+                    } else if let Some(o) = out.as_deref_mut() {
+                        o.extend_from_slice(enc);
+                    }
+                }
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32> {
+        let mut v = 0u32;
+        for _ in 0..4 {
+            let b = self.expect_byte()?;
+            let d = (b as char).to_digit(16).ok_or_else(|| self.err("bad \\u escape"))?;
+            v = v * 16 + d;
+        }
+        Ok(v)
+    }
+
+    fn escape(&mut self) -> Result<char> {
+        Ok(match self.expect_byte()? {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = self.hex4()?;
+                if (0xD800..0xDC00).contains(&hi) {
+                    if self.expect_byte()? != b'\\' || self.expect_byte()? != b'u' {
+                        return Ok('\u{FFFD}');
+                    }
+                    let lo = self.hex4()?;
+                    let c = 0x10000 + ((hi - 0xD800) << 10) + (lo.wrapping_sub(0xDC00) & 0x3FF);
+                    char::from_u32(c).unwrap_or('\u{FFFD}')
+                } else {
+                    char::from_u32(hi).unwrap_or('\u{FFFD}')
+                }
+            }
+            other => return Err(self.err(format!("bad escape \\{}", other as char))),
+        })
+    }
+
+    /// Skips one JSON value.
+    fn skip_value(&mut self) -> Result<Tok> {
+        self.skip_ws()?;
+        let b = self.expect_byte()?;
+        match b {
+            b'"' => {
+                self.string_body(None, false)?;
+                Ok(Tok::Str)
+            }
+            b'{' | b'[' => {
+                let mut depth = 1usize;
+                while depth > 0 {
+                    match self.expect_byte()? {
+                        b'"' => {
+                            self.string_body(None, false)?;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => depth -= 1,
+                        b'\n' => return Err(self.err("newline inside a json value")),
+                        _ => {}
+                    }
+                }
+                Ok(Tok::Other)
+            }
+            _ => {
+                // number, true, false, null: consume up to a delimiter.
+                while let Some(c) = self.peek()? {
+                    if matches!(c, b',' | b'}' | b']' | b'\n' | b' ' | b'\t' | b'\r') {
+                        break;
+                    }
+                    self.pos += 1;
+                }
+                Ok(Tok::Other)
+            }
+        }
+    }
+
+    /// After the text value (or after `{` when it was not found yet): skips the rest of the
+    /// object. Returns whether the text field was present with a string value.
+    fn rest_of_object(&mut self, mut found: bool, mut first: bool) -> Result<bool> {
+        loop {
+            self.skip_ws()?;
+            match self.expect_byte()? {
+                b'}' => break,
+                b',' if !first => {}
+                b'"' if first => {
+                    self.pos -= 1;
+                }
+                _ => return Err(self.err("malformed json object")),
+            }
+            first = false;
+            self.skip_ws()?;
+            if self.expect_byte()? != b'"' {
+                return Err(self.err("expected a key"));
+            }
+            let mut key = Vec::new();
+            self.string_body(Some(&mut key), false)?;
+            self.skip_ws()?;
+            if self.expect_byte()? != b':' {
+                return Err(self.err("expected ':' after a key"));
+            }
+            self.skip_ws()?;
+            if !found && key == self.field.as_bytes() {
+                match self.peek()? {
+                    Some(b'"') => {
+                        self.pos += 1;
+                        self.in_text = true;
+                        return Ok(true);
+                    }
+                    Some(b'n') => {
+                        self.skip_value()?;
+                        found = true; // null: an empty document
+                    }
+                    _ => {
+                        return Err(self.err(format!("field \"{}\" is not a string", self.field)));
+                    }
+                }
+            } else {
+                self.skip_value()?;
+            }
+        }
+        // End of record: only whitespace may follow before the newline.
+        self.skip_ws()?;
+        match self.bump()? {
+            None | Some(b'\n') => {}
+            Some(_) => return Err(self.err("trailing characters after the json object")),
+        }
+        if !found {
+            return Err(self.err(format!(
+                "no \"{}\" field in this record; pass --text-field with the name of the field that holds the text",
+                self.field
+            )));
+        }
+        self.line += 1;
+        Ok(false)
+    }
+}
+
+impl FileDocs for JsonlDocs {
+    fn next_piece(&mut self) -> Result<Option<Piece>> {
+        loop {
+            if self.in_text {
+                let closed = self.string_body(None, true)?;
+                if !closed {
+                    let p = self.pieces.take_full().unwrap_or_default();
+                    let text = utf8(p, &self.src, self.line)?;
+                    return Ok(Some(Piece { text, position: self.line, cut: true }));
+                }
+                self.in_text = false;
+                let line = self.line;
+                self.rest_of_object(true, false)?;
+                let text = utf8(self.pieces.take_rest(), &self.src, line)?;
+                return Ok(Some(Piece { text, position: line, cut: false }));
+            }
+            // Start of a record.
+            self.skip_ws()?;
+            match self.bump()? {
+                None => return Ok(None),
+                Some(b'\n') => {
+                    self.line += 1;
+                    continue;
+                }
+                Some(b'{') => {
+                    self.record_start_line = self.line;
+                    if !self.rest_of_object(false, true)? {
+                        // null text: an empty document (counted as skipped)
+                        return Ok(Some(Piece { text: String::new(), position: self.record_start_line, cut: false }));
+                    }
+                }
+                Some(_) => return Err(self.err("expected a json object per line")),
+            }
+        }
+    }
+
+    fn source(&self) -> Arc<Path> {
+        self.src.clone()
+    }
+}
+
+struct ParquetDocs {
+    src: Arc<Path>,
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    batch: Vec<Option<String>>,
+    next: usize,
+    row: u64,
+    max: usize,
+    pending: VecDeque<Piece>,
+    _tmp: Option<TempFile>,
+}
+
+/// A file deleted on drop (decompressed `.parquet.gz`).
+struct TempFile(PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl ParquetDocs {
+    fn open(src: Arc<Path>, gz: bool, field: &str, max: usize) -> Result<Self> {
+        let perr = |msg: String| DataError::Parquet { path: src.to_path_buf(), msg };
+        let (file, tmp) = if gz {
+            let tmp_path = std::env::temp_dir().join(format!(
+                "patchlm-{}-{}.parquet",
+                std::process::id(),
+                src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+            ));
+            let mut dec = flate2::read::MultiGzDecoder::new(File::open(&src).map_err(io_err(src.to_path_buf()))?);
+            let mut out = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+            std::io::copy(&mut dec, &mut out).map_err(io_err(src.to_path_buf()))?;
+            let f = File::open(&tmp_path).map_err(io_err(&tmp_path))?;
+            (f, Some(TempFile(tmp_path)))
+        } else {
+            (File::open(&src).map_err(io_err(src.to_path_buf()))?, None)
+        };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| perr(format!("not a readable parquet file: {e}")))?;
+        let schema = builder.parquet_schema();
+        let idx = (0..schema.num_columns()).find(|&i| schema.column(i).path().string() == field);
+        let Some(idx) = idx else {
+            let cols: Vec<String> = (0..schema.num_columns()).map(|i| schema.column(i).path().string()).collect();
+            return Err(perr(format!(
+                "no column \"{field}\" (columns: {}); pass --text-field with the column that holds the text",
+                cols.join(", ")
+            )));
+        };
+        let mask = ProjectionMask::leaves(schema, [idx]);
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(256)
+            .build()
+            .map_err(|e| perr(format!("cannot read: {e}")))?;
+        Ok(Self { src, reader, batch: Vec::new(), next: 0, row: 0, pending: VecDeque::new(), _tmp: tmp, max })
+    }
+
+    fn load_batch(&mut self) -> Result<bool> {
+        let perr = |msg: String| DataError::Parquet { path: self.src.to_path_buf(), msg };
+        let Some(batch) = self.reader.next() else { return Ok(false) };
+        let batch = batch.map_err(|e| perr(format!("row {}: {e}", self.row + 1)))?;
+        let col = batch.column(0);
+        let any = col.as_any();
+        self.batch = if let Some(a) = any.downcast_ref::<StringArray>() {
+            a.iter().map(|s| s.map(str::to_owned)).collect()
+        } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
+            a.iter().map(|s| s.map(str::to_owned)).collect()
+        } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
+            a.iter().map(|s| s.map(str::to_owned)).collect()
+        } else {
+            return Err(perr(format!("text column has type {}, expected a string column", col.data_type())));
+        };
+        self.next = 0;
+        Ok(true)
+    }
+}
+
+impl FileDocs for ParquetDocs {
+    fn next_piece(&mut self) -> Result<Option<Piece>> {
+        if let Some(p) = self.pending.pop_front() {
+            return Ok(Some(p));
+        }
+        while self.next >= self.batch.len() {
+            if !self.load_batch()? {
+                return Ok(None);
+            }
+        }
+        let text = self.batch[self.next].take().unwrap_or_default();
+        self.next += 1;
+        self.row += 1;
+        let max = self.max;
+        if text.len() <= max {
+            return Ok(Some(Piece { text, position: self.row, cut: false }));
+        }
+        let mut pb = PieceBuf::new(max);
+        pb.buf = text.into_bytes();
+        while let Some(p) = pb.take_full() {
+            // Valid UTF-8 in, cut at char boundaries: this cannot fail, but stay total.
+            let text = utf8(p, &self.src, self.row)?;
+            self.pending.push_back(Piece { text, position: self.row, cut: true });
+        }
+        let text = utf8(pb.take_rest(), &self.src, self.row)?;
+        self.pending.push_back(Piece { text, position: self.row, cut: false });
+        Ok(self.pending.pop_front())
+    }
+
+    fn source(&self) -> Arc<Path> {
+        self.src.clone()
+    }
+}

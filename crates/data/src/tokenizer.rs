@@ -1,0 +1,160 @@
+//! Tokenizers: train a byte-level BPE with the `tokenizers` crate, or load any HF `tokenizer.json`.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{DataError, Result};
+
+/// Default vocabulary size of a trained tokenizer.
+pub const DEFAULT_VOCAB_SIZE: usize = 8192;
+/// Default beginning-of-document token.
+pub const DEFAULT_BOS: &str = "<|bos|>";
+/// Default end-of-document token.
+pub const DEFAULT_EOS: &str = "<|eos|>";
+/// Default padding token.
+pub const DEFAULT_PAD: &str = "<|pad|>";
+/// Default cap on the text used to train a tokenizer (256 MiB).
+pub const DEFAULT_MAX_TRAIN_BYTES: u64 = 256 << 20;
+
+/// How a tokenizer is trained and which special tokens frame documents.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TokenizerConfig {
+    /// Vocabulary size of a trained tokenizer, special tokens included (default 8192).
+    pub vocab_size: usize,
+    /// Smallest pair frequency that makes a merge (default 2).
+    pub min_frequency: u64,
+    /// Beginning-of-document token (default `<|bos|>`).
+    pub bos_token: String,
+    /// End-of-document token (default `<|eos|>`).
+    pub eos_token: String,
+    /// Padding token (default `<|pad|>`).
+    pub pad_token: String,
+    /// Prepend BOS to every document (default true; EOS is always appended).
+    pub add_bos: bool,
+    /// At most this much text trains the tokenizer (default 256 MiB).
+    pub max_train_bytes: u64,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: DEFAULT_VOCAB_SIZE,
+            min_frequency: 2,
+            bos_token: DEFAULT_BOS.into(),
+            eos_token: DEFAULT_EOS.into(),
+            pad_token: DEFAULT_PAD.into(),
+            add_bos: true,
+            max_train_bytes: DEFAULT_MAX_TRAIN_BYTES,
+        }
+    }
+}
+
+/// Ids of the special tokens that frame documents.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// Beginning of document, prepended when `add_bos`.
+    pub bos: Option<u32>,
+    /// End of document, appended to every document.
+    pub eos: u32,
+    /// Padding, if the tokenizer has one.
+    pub pad: Option<u32>,
+}
+
+/// Trains a byte-level BPE tokenizer (GPT-2 style: no normalizer, byte-level pre-tokenizer and
+/// decoder, so `decode(encode(text)) == text` for any text) on the given texts.
+pub fn train_bpe<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    let specials = [&cfg.bos_token, &cfg.eos_token, &cfg.pad_token];
+    if cfg.vocab_size < 256 + specials.len() {
+        return Err(DataError::Config(format!(
+            "vocab_size must be at least {} (256 bytes + special tokens), got {}",
+            256 + specials.len(),
+            cfg.vocab_size
+        )));
+    }
+    let specials: Vec<AddedToken> = specials.iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(cfg.vocab_size)
+        .min_frequency(cfg.min_frequency)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+    let byte_level = ByteLevel::new(false, true, true);
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(byte_level));
+    tok.with_decoder(Some(byte_level));
+    tok.with_post_processor(Some(byte_level));
+    tok.train(&mut trainer, texts).map_err(|e| DataError::Tokenizer(format!("training failed: {e}")))?;
+    Ok(tok)
+}
+
+/// Loads a HF `tokenizer.json`.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if !path.is_file() {
+        return Err(DataError::Missing(path.to_path_buf()));
+    }
+    Tokenizer::from_file(path)
+        .map_err(|e| DataError::Tokenizer(format!("{}: not a valid tokenizer.json: {e}", path.display())))
+}
+
+/// The tokenizer's canonical serialization (what is saved beside shards).
+pub fn tokenizer_json(tok: &Tokenizer) -> Result<String> {
+    tok.to_string(false).map_err(|e| DataError::Tokenizer(format!("cannot serialize: {e}")))
+}
+
+/// `sha256:<hex>` of the tokenizer's canonical serialization.
+pub fn fingerprint(tok: &Tokenizer) -> Result<String> {
+    let json = tokenizer_json(tok)?;
+    Ok(format!("sha256:{}", hex::encode(Sha256::digest(json.as_bytes()))))
+}
+
+/// Number of ids the tokenizer can emit: one past the largest id, added tokens included.
+pub fn vocab_size(tok: &Tokenizer) -> usize {
+    tok.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1)
+}
+
+fn find(tok: &Tokenizer, names: &[&str]) -> Option<u32> {
+    names.iter().find_map(|n| tok.token_to_id(n))
+}
+
+/// Resolves the special tokens by the configured names, falling back to the names common HF
+/// tokenizers use (`<|endoftext|>`, `</s>`, `<s>`, ...).
+pub fn special_tokens(tok: &Tokenizer, cfg: &TokenizerConfig) -> Result<SpecialTokens> {
+    let eos = find(tok, &[&cfg.eos_token, "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]).ok_or_else(|| {
+        DataError::Tokenizer(format!(
+            "the tokenizer has no end-of-document token \"{}\"; set tokenizer.eos_token to one of its special tokens",
+            cfg.eos_token
+        ))
+    })?;
+    let bos = find(tok, &[&cfg.bos_token, "<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>"]);
+    if cfg.add_bos && bos.is_none() {
+        return Err(DataError::Tokenizer(format!(
+            "the tokenizer has no beginning-of-document token \"{}\"; set tokenizer.bos_token, or tokenizer.add_bos = false",
+            cfg.bos_token
+        )));
+    }
+    let pad = find(tok, &[&cfg.pad_token, "<pad>", "<|pad|>"]);
+    Ok(SpecialTokens { bos: if cfg.add_bos { bos } else { None }, eos, pad })
+}
+
+/// Encodes one document: BOS (if any) + tokens + EOS.
+pub fn encode_document(tok: &Tokenizer, text: &str, specials: &SpecialTokens) -> Result<Vec<u32>> {
+    let enc = tok.encode_fast(text, false).map_err(|e| DataError::Tokenizer(format!("encoding failed: {e}")))?;
+    let ids = enc.get_ids();
+    let mut out = Vec::with_capacity(ids.len() + 2);
+    out.extend(specials.bos);
+    out.extend_from_slice(ids);
+    out.push(specials.eos);
+    Ok(out)
+}

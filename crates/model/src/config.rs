@@ -1,0 +1,211 @@
+//! `ModelConfig`: the LLaMA architecture's sizes, presets, and HF `config.json` conversion.
+
+use crate::error::{ModelError, Result};
+
+/// Sizes and constants of a LLaMA-style decoder. Field names follow HF's `LlamaConfig`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// Rows of the embedding and LM head.
+    pub vocab_size: usize,
+    /// Model width d.
+    pub hidden_size: usize,
+    /// SwiGLU inner width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when smaller than the query heads).
+    pub num_key_value_heads: usize,
+    /// RMSNorm epsilon (default 1e-6).
+    pub rms_norm_eps: f64,
+    /// RoPE base (default 10000).
+    pub rope_theta: f64,
+    /// Longest sequence of positions (the context length T).
+    pub max_position_embeddings: usize,
+    /// Std of the normal initialization (default 0.02).
+    pub initializer_range: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::preset("small").unwrap_or_else(|_| unreachable!())
+    }
+}
+
+/// Names of the presets, smallest first.
+pub const PRESETS: &[&str] = &["tiny", "small", "gpt2-small", "370m", "780m", "1.3b", "2.7b"];
+
+impl ModelConfig {
+    /// A preset by name: `tiny` (tests), `small` (trains in minutes on 2 CPU cores),
+    /// `gpt2-small` (GPT-2 small's shape, ~124M with a 50304 vocabulary), and the paper's `370m`,
+    /// `780m`, `1.3b`, `2.7b`. Training replaces the vocabulary size with the tokenizer's.
+    pub fn preset(name: &str) -> Result<Self> {
+        // (hidden, intermediate, layers, heads, kv heads, vocab, context)
+        let (d, f, l, h, kv, v, t) = match name {
+            "tiny" => (32, 64, 2, 4, 2, 256, 64),
+            "small" => (256, 688, 4, 4, 4, 8192, 256),
+            // GPT-2 small's body (d 768, 12 layers, 12 heads) with SwiGLU of the same parameter
+            // count as a 3072-wide GELU MLP: 124M parameters with the 50304 GPT-2 vocabulary.
+            "gpt2-small" => (768, 2048, 12, 12, 12, 50304, 1024),
+            "370m" => (1024, 2752, 24, 16, 16, 32000, 2048),
+            "780m" => (1536, 4128, 24, 16, 16, 32000, 2048),
+            "1.3b" => (2048, 5504, 24, 16, 16, 32000, 2048),
+            "2.7b" => (2560, 6880, 32, 32, 32, 32000, 2048),
+            other => {
+                return Err(ModelError::Config(format!("unknown preset \"{other}\"; known: {}", PRESETS.join(", "))))
+            }
+        };
+        Ok(Self {
+            vocab_size: v,
+            hidden_size: d,
+            intermediate_size: f,
+            num_hidden_layers: l,
+            num_attention_heads: h,
+            num_key_value_heads: kv,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: t,
+            initializer_range: 0.02,
+        })
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Checks that the sizes fit together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return bad("vocab_size, hidden_size, intermediate_size and num_hidden_layers must be positive".into());
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head dim {} must be even for rotary embeddings", self.head_dim()));
+        }
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (embedding, layers, final norm, untied head).
+    pub fn num_params(&self) -> u64 {
+        let (d, f, v, l) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+            self.num_hidden_layers as u64,
+        );
+        let kv = (self.num_key_value_heads * self.head_dim()) as u64;
+        let attn = d * d * 2 + d * kv * 2;
+        let mlp = 3 * d * f;
+        let norms = 2 * d;
+        v * d * 2 + l * (attn + mlp + norms) + d
+    }
+
+    /// Training FLOPs per position at context `seq_len`: 6·N + 12·L·d·T (nanoGPT / PaLM
+    /// accounting: 6 per parameter for forward + backward, plus attention scores and values).
+    pub fn flops_per_position(&self, seq_len: usize) -> f64 {
+        6.0 * self.num_params() as f64 + 12.0 * self.num_hidden_layers as f64 * self.hidden_size as f64 * seq_len as f64
+    }
+
+    /// HF `config.json` for `LlamaForCausalLM`.
+    pub fn to_hf_json(&self, bos: Option<u32>, eos: Option<u32>) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim(),
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+        })
+    }
+
+    /// Reads an HF LLaMA `config.json` (other architectures are refused).
+    pub fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
+        let bad = |m: String| ModelError::Config(m);
+        if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
+            if t != "llama" {
+                return Err(bad(format!("model_type \"{t}\" is not supported (only \"llama\")")));
+            }
+        }
+        if v.get("tie_word_embeddings").and_then(|t| t.as_bool()) == Some(true) {
+            return Err(bad("tied word embeddings are not supported (the architecture has an untied lm_head)".into()));
+        }
+        if let Some(act) = v.get("hidden_act").and_then(|t| t.as_str()) {
+            if act != "silu" {
+                return Err(bad(format!("hidden_act \"{act}\" is not supported (only silu)")));
+            }
+        }
+        if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
+            return Err(bad("rope_scaling is not supported".into()));
+        }
+        // transformers >= 5 nests the RoPE settings under `rope_parameters`.
+        let rope_params = v.get("rope_parameters").filter(|r| !r.is_null());
+        if let Some(kind) = rope_params.and_then(|r| r.get("rope_type")).and_then(|t| t.as_str()) {
+            if kind != "default" {
+                return Err(bad(format!("rope_type \"{kind}\" is not supported (only default)")));
+            }
+        }
+        let rope_theta = v
+            .get("rope_theta")
+            .and_then(|x| x.as_f64())
+            .or_else(|| rope_params.and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
+            .unwrap_or(10000.0);
+        let get = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("config.json: missing \"{k}\"")))
+        };
+        let heads = get("num_attention_heads")?;
+        let cfg = Self {
+            vocab_size: get("vocab_size")?,
+            hidden_size: get("hidden_size")?,
+            intermediate_size: get("intermediate_size")?,
+            num_hidden_layers: get("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: get("num_key_value_heads").unwrap_or(heads),
+            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rope_theta,
+            max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
+            initializer_range: v.get("initializer_range").and_then(|x| x.as_f64()).unwrap_or(0.02),
+        };
+        if let Some(hd) = v.get("head_dim").and_then(|x| x.as_u64()) {
+            if hd as usize != cfg.head_dim() {
+                return Err(bad(format!("head_dim {hd} differs from hidden_size / num_attention_heads")));
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

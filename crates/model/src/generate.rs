@@ -1,0 +1,120 @@
+//! Scoring text and sampling with a KV cache.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::Result;
+use crate::llama::{KvCache, Llama};
+use crate::weights::SplitMix64;
+
+/// Log-softmax over the last dimension in f32, from basic ops.
+pub fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let x = logits.to_dtype(DType::F32)?;
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Log-probability of each token given the ones before it: `out[i] = log p(ids[i+1] | ids[..=i])`
+/// (length `ids.len() - 1`), in one forward pass of at most `max_position_embeddings` tokens.
+pub fn score_tokens(model: &Llama, ids: &[u32], device: &Device) -> Result<Vec<f32>> {
+    if ids.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let input = Tensor::new(ids, device)?.unsqueeze(0)?;
+    let lp = log_softmax(&model.forward(&input)?)?.squeeze(0)?;
+    let n = ids.len() - 1;
+    let targets = Tensor::new(&ids[1..], device)?.unsqueeze(1)?;
+    let picked = lp.narrow(0, 0, n)?.gather(&targets, 1)?.squeeze(1)?;
+    Ok(picked.to_vec1::<f32>()?)
+}
+
+/// Sampling settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SamplingConfig {
+    /// Softmax temperature; 0 means greedy (default 0.8).
+    pub temperature: f64,
+    /// Keep only the k most likely tokens; 0 keeps all (default 50).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 keeps all (default 0.95).
+    pub top_p: f64,
+    /// RNG seed (default 0).
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 0.8, top_k: 50, top_p: 0.95, seed: 0 }
+    }
+}
+
+/// Draws a token id from `logits` with temperature, top-k and top-p.
+pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32 {
+    if logits.is_empty() {
+        return 0;
+    }
+    let argmax = logits.iter().enumerate().fold(0usize, |b, (i, &v)| if v > logits[b] { i } else { b });
+    if cfg.temperature <= 0.0 {
+        return argmax as u32;
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let maxl = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - maxl) / cfg.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (j, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= cfg.top_p {
+                keep = j + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (j, p) in probs.iter().enumerate() {
+        if u < *p {
+            return idx[j] as u32;
+        }
+        u -= p;
+    }
+    idx[idx.len() - 1] as u32
+}
+
+/// Continues `prompt` by up to `max_tokens` tokens (stopping early at `stop`), using a KV cache.
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    max_tokens: usize,
+    cfg: &SamplingConfig,
+    stop: Option<u32>,
+    device: &Device,
+) -> Result<Vec<u32>> {
+    let mut rng = SplitMix64(cfg.seed);
+    let mut cache = KvCache::new(model.config());
+    let mut out = Vec::new();
+    let limit = model.config().max_position_embeddings;
+    if prompt.is_empty() || prompt.len() >= limit {
+        return Ok(out);
+    }
+    let mut logits = model.forward_cached(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache)?;
+    for _ in 0..max_tokens {
+        let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let next = sample(&row, cfg, &mut rng);
+        out.push(next);
+        if Some(next) == stop || cache.len() + 1 >= limit {
+            break;
+        }
+        logits = model.forward_cached(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache)?;
+    }
+    Ok(out)
+}

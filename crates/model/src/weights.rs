@@ -1,0 +1,221 @@
+//! Seeded initialization, and weights in HF format: `model.safetensors` + `config.json`
+//! (+ `tokenizer.json`) in one directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::Llama;
+
+/// The weights file name.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The config file name.
+pub const CONFIG_FILE: &str = "config.json";
+/// The tokenizer file name.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// A small, fast, seedable generator (SplitMix64) used for initialization and sampling, so that
+/// results do not depend on the device or on candle's global RNG.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+fn name_seed(name: &str, seed: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The initial value of parameter `name`: norms 1; matrices normal(0, initializer_range), with
+/// the residual output projections (`o_proj`, `down_proj`) scaled by 1/sqrt(2·layers). Each
+/// tensor's values depend only on (seed, name), not on creation order or device.
+pub fn init_tensor(name: &str, shape: &[usize], cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    if name.ends_with("norm.weight") {
+        return Ok(Tensor::ones(shape, DType::F32, device)?);
+    }
+    let mut std = cfg.initializer_range;
+    if name.contains("o_proj") || name.contains("down_proj") {
+        std /= (2.0 * cfg.num_hidden_layers as f64).sqrt();
+    }
+    let mut rng = SplitMix64(name_seed(name, seed));
+    let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// A freshly initialized model whose parameters live in the returned `VarMap` (f32).
+pub fn init_model(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<(Llama, VarMap)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = Llama::new(vb, cfg)?;
+    {
+        let data = varmap.data().lock().map_err(|_| ModelError::Config("poisoned var map".into()))?;
+        for (name, var) in data.iter() {
+            var.set(&init_tensor(name, var.dims(), cfg, seed, device)?)?;
+        }
+    }
+    Ok((model, varmap))
+}
+
+/// The parameters of `varmap` by name, sorted.
+pub fn named_tensors(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
+    let data = varmap.data().lock().map_err(|_| ModelError::Config("poisoned var map".into()))?;
+    let mut v: Vec<(String, Tensor)> = data.iter().map(|(k, var)| (k.clone(), var.as_tensor().clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+/// Serializes tensors as safetensors (f32) with the `format: pt` metadata HF expects.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut raw: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        raw.push((name.clone(), t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ModelError::Config(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Config(format!("safetensors: {e}")))
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let ferr = |e: std::io::Error| ModelError::File { path: path.to_path_buf(), msg: e.to_string() };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(ferr)?;
+    f.write_all(bytes).map_err(ferr)?;
+    f.sync_all().map_err(ferr)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(ferr)?;
+    Ok(())
+}
+
+/// Saves an HF-format model directory: `model.safetensors`, `config.json`, and `tokenizer.json`
+/// when given. `bos`/`eos` go into the config.
+pub fn save_pretrained(
+    dir: &Path,
+    cfg: &ModelConfig,
+    varmap: &VarMap,
+    tokenizer_json: Option<&str>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::File { path: dir.to_path_buf(), msg: e.to_string() })?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&named_tensors(varmap)?)?)?;
+    let json = serde_json::to_vec_pretty(&cfg.to_hf_json(bos, eos))
+        .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+    write_atomic(&dir.join(CONFIG_FILE), &json)?;
+    if let Some(t) = tokenizer_json {
+        write_atomic(&dir.join(TOKENIZER_FILE), t.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Reads `dir/config.json` (HF LLaMA format).
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::File {
+        path: path.clone(),
+        msg: format!("{e}; is this a model directory (config.json + model.safetensors)?"),
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::File { path: path.clone(), msg: format!("invalid json: {e}") })?;
+    ModelConfig::from_hf_json(&v).map_err(|e| ModelError::File { path, msg: e.to_string() })
+}
+
+/// `bos_token_id` and `eos_token_id` from `dir/config.json`, when present.
+pub fn special_token_ids(dir: &Path) -> Result<(Option<u32>, Option<u32>)> {
+    let path = dir.join(CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| ModelError::File { path: path.clone(), msg: e.to_string() })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::File { path, msg: format!("invalid json: {e}") })?;
+    let id = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
+    Ok((id("bos_token_id"), id("eos_token_id")))
+}
+
+/// Loads an HF LLaMA directory for inference (weights memory-mapped, in `dtype`).
+pub fn load_pretrained(dir: &Path, device: &Device, dtype: DType) -> Result<(Llama, ModelConfig)> {
+    let cfg = load_config(dir)?;
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.is_file() {
+        return Err(ModelError::File { path, msg: "missing; the model directory needs model.safetensors".into() });
+    }
+    // SAFETY: the file is mapped read-only and not modified while the model lives.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
+        .map_err(|e| ModelError::File { path: path.clone(), msg: e.to_string() })?;
+    let model = Llama::new(vb, &cfg)
+        .map_err(|e| ModelError::File { path, msg: format!("weights do not fit config.json: {e}") })?;
+    Ok((model, cfg))
+}
+
+/// Loads a directory's weights into a trainable model (f32 `VarMap`).
+pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Llama, VarMap, ModelConfig)> {
+    let cfg = load_config(dir)?;
+    let (model, mut varmap) = init_model(&cfg, device, 0)?;
+    let path = dir.join(WEIGHTS_FILE);
+    varmap.load(&path).map_err(|e| ModelError::File { path, msg: e.to_string() })?;
+    Ok((model, varmap, cfg))
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| ModelError::Device(format!("\"{s}\" is not cpu, cuda or cuda:N")))?,
+                None => return Err(ModelError::Device(format!("\"{s}\" is not cpu, cuda or cuda:N"))),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(ModelError::Device(format!(
+                    "\"{s}\" needs a build with the cuda feature (`--features cuda`, see README)"
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("{s}: {e}")))
+        }
+    }
+}

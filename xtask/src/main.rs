@@ -1,0 +1,124 @@
+//! `cargo xtask`: patchlm's pipelines. Argument parsing and orchestration only; every algorithm
+//! lives in the library crates.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod model_cmds;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "patchlm: patch-level pretraining pipelines", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Assemble the default English corpus (public-domain Shakespeare + Milton) as JSONL.
+    Corpus {
+        /// Output directory (corpus.jsonl is written there).
+        #[arg(long, default_value = "data/corpus")]
+        out: PathBuf,
+        /// Download cache.
+        #[arg(long, default_value = "data/cache")]
+        cache: PathBuf,
+    },
+    /// Text → tokenizer → Arrow shards + manifest.
+    Data {
+        /// Input files or directories (text, JSONL, Parquet, optionally .gz).
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        /// Output directory for shards, tokenizer.json and manifest.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Use this HF tokenizer.json instead of training one.
+        #[arg(long, conflicts_with = "vocab_size")]
+        tokenizer: Option<PathBuf>,
+        /// Vocabulary size of the trained byte-level BPE.
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        /// JSONL key / Parquet column with the text.
+        #[arg(long)]
+        text_field: Option<String>,
+        /// Fraction of documents held out for validation.
+        #[arg(long)]
+        val_fraction: Option<f64>,
+        /// Target shard size in MiB.
+        #[arg(long)]
+        shard_mb: Option<u64>,
+    },
+    /// Print each token's log-probability under a model, and the total NLL.
+    Score(model_cmds::ScoreArgs),
+    /// Sample a continuation with a KV cache.
+    Generate(model_cmds::GenerateArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Corpus { out, cache } => {
+            let s = patchlm_data::corpus::assemble_default_corpus(&out, &cache)?;
+            if s.cached {
+                println!(
+                    "corpus already at {} ({} documents, {:.1} MB)",
+                    s.path.display(),
+                    s.documents,
+                    s.bytes as f64 / 1e6
+                );
+            } else {
+                println!(
+                    "wrote {}: {} works, {} documents, {:.1} MB",
+                    s.path.display(),
+                    s.works,
+                    s.documents,
+                    s.bytes as f64 / 1e6
+                );
+            }
+        }
+        Cmd::Data { input, out, tokenizer, vocab_size, text_field, val_fraction, shard_mb } => {
+            let mut cfg = patchlm_data::DataConfig::default();
+            if let Some(v) = vocab_size {
+                cfg.tokenizer.vocab_size = v;
+            }
+            if let Some(f) = text_field {
+                cfg.source.text_field = f;
+            }
+            if let Some(f) = val_fraction {
+                cfg.val_fraction = f;
+            }
+            if let Some(m) = shard_mb {
+                cfg.shard_mb = m;
+            }
+            let src = match &tokenizer {
+                Some(p) => patchlm_data::TokenizerSource::File(p),
+                None => patchlm_data::TokenizerSource::Train,
+            };
+            let s = patchlm_data::build_shards(&input, &out, &cfg, src, true)
+                .with_context(|| format!("building shards into {}", out.display()))?;
+            print_data_summary(&s, &out);
+        }
+        Cmd::Score(a) => model_cmds::score(a)?,
+        Cmd::Generate(a) => model_cmds::generate(a)?,
+    }
+    Ok(())
+}
+
+pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path::Path) {
+    println!("shards in {}", out.display());
+    println!("  documents      {} ({} validation)", s.documents, s.val_documents);
+    println!("  tokens         {} (train {}, validation {})", s.tokens, s.train_tokens, s.val_tokens);
+    println!("  text           {:.2} MB, {:.3} tokens/byte", s.bytes as f64 / 1e6, s.tokens_per_byte());
+    println!("  vocabulary     {}", s.vocab_size);
+    if s.skipped_empty > 0 {
+        println!("  skipped        {} empty documents", s.skipped_empty);
+    }
+    println!(
+        "  time           {:.1} s ({:.1} s tokenizer training), {:.2} MB/s",
+        s.secs,
+        s.tokenizer_secs,
+        s.bytes as f64 / 1e6 / (s.secs - s.tokenizer_secs).max(1e-9)
+    );
+}

@@ -1,0 +1,123 @@
+//! `score` and `generate`: thin wrappers over the model crate.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use patchlm_model::{generate as gen, load_pretrained, parse_device, score_tokens, special_token_ids, SamplingConfig};
+
+/// Arguments of `cargo xtask score`.
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    /// Model directory in HF format (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to score.
+    #[arg(long)]
+    text: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Arguments of `cargo xtask generate`.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Model directory in HF format.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn tokenizer(dir: &std::path::Path) -> Result<patchlm_data::Tokenizer> {
+    let p = dir.join("tokenizer.json");
+    patchlm_data::tokenizer::load_tokenizer(&p).with_context(|| format!("the model directory needs {}", p.display()))
+}
+
+/// Scores `--text` token by token.
+pub fn score(a: ScoreArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let (model, cfg) = load_pretrained(&a.model, &device, DType::F32)?;
+    let tok = tokenizer(&a.model)?;
+    let (bos, _) = special_token_ids(&a.model)?;
+    let enc = tok.encode(a.text.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
+    let mut ids: Vec<u32> = bos.into_iter().collect();
+    ids.extend_from_slice(enc.get_ids());
+    if ids.len() < 2 {
+        bail!("the text has no token to score (give a longer --text)");
+    }
+    // Windows of the context length overlapping by one token, so every token after the first is
+    // scored given up to a full context of predecessors within its window.
+    let t = cfg.max_position_embeddings;
+    let mut lps = Vec::with_capacity(ids.len() - 1);
+    let mut s = 0;
+    while s + 1 < ids.len() {
+        let e = (s + t).min(ids.len());
+        lps.extend(score_tokens(&model, &ids[s..e], &device)?);
+        s = e - 1;
+    }
+    let nll: f64 = -lps.iter().map(|&x| x as f64).sum::<f64>();
+    let n = lps.len() as f64;
+    let rows: Vec<(u32, String, f32)> =
+        ids[1..].iter().zip(&lps).map(|(&id, &lp)| (id, tok.decode(&[id], false).unwrap_or_default(), lp)).collect();
+    if a.json {
+        let toks: Vec<_> =
+            rows.iter().map(|(id, s, lp)| serde_json::json!({"id": id, "token": s, "logprob": lp})).collect();
+        let out = serde_json::json!({"tokens": toks, "nll": nll, "mean_nll": nll / n, "perplexity": (nll / n).exp()});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{:>8}  {:>9}  token", "id", "logprob");
+        for (id, s, lp) in &rows {
+            println!("{id:>8}  {lp:>9.4}  {s:?}");
+        }
+        println!(
+            "total NLL {nll:.4} nats over {} tokens; mean {:.4}; perplexity {:.3}",
+            rows.len(),
+            nll / n,
+            (nll / n).exp()
+        );
+    }
+    Ok(())
+}
+
+/// Samples a continuation of `--prompt`.
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let (model, _) = load_pretrained(&a.model, &device, DType::F32)?;
+    let tok = tokenizer(&a.model)?;
+    let (bos, eos) = special_token_ids(&a.model)?;
+    let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
+    let mut ids: Vec<u32> = bos.into_iter().collect();
+    ids.extend_from_slice(enc.get_ids());
+    if ids.is_empty() {
+        bail!("empty prompt");
+    }
+    let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let out = gen(&model, &ids, a.max_tokens, &cfg, eos, &device)?;
+    let text = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
+    println!("{}{}", a.prompt, text);
+    Ok(())
+}
