@@ -55,7 +55,7 @@ pub mod tokenizer;
 pub use error::{DataError, Result};
 pub use parquet_io::{export_parquet, import_parquet};
 pub use pipeline::{build_shards, split_of, BuildSummary, DataConfig, TokenizerSource};
-pub use reader::{Dataset, ReaderOptions, TokenChunk, TokenStream};
+pub use reader::{map_ipc_file, Dataset, ReaderOptions, TokenChunk, TokenStream};
 pub use shard::{Manifest, ShardInfo, Split, TokenDtype};
 pub use source::{Document, Documents, SourceConfig, SourceStats};
 pub use tokenizers::Tokenizer;

@@ -257,45 +257,13 @@ fn load_shard(
             return Err(DataError::Checksum { path, expected: info.sha256.clone(), actual });
         }
     }
-    let file = File::open(&path).map_err(io_err(&path))?;
-    // SAFETY: the map is read-only; shards are written once (temp + rename) and never modified in
-    // place. A shard truncated by another process after this point is outside what we can guard.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&path))?;
-    let len = mmap.len();
-    if len < 10 + 8 {
-        return Err(serr(format!("{len} bytes is too short for an Arrow IPC file (truncated?)")));
-    }
-    let ptr = NonNull::new(mmap.as_ptr() as *mut u8).ok_or_else(|| serr("empty map".into()))?;
-    // SAFETY: ptr/len describe the mapping, which the Arc'd owner keeps alive as long as the buffer.
-    let buffer = unsafe { Buffer::from_custom_allocation(ptr, len, Arc::new(mmap)) };
-    let trailer: [u8; 10] = buffer[len - 10..].try_into().map_err(|_| serr("bad trailer".into()))?;
-    let footer_len =
-        read_footer_length(trailer).map_err(|e| serr(format!("not an Arrow IPC file (truncated?): {e}")))?;
-    if footer_len + 10 > len {
-        return Err(serr("footer length past the start of the file (truncated?)".into()));
-    }
-    let footer =
-        root_as_footer(&buffer[len - 10 - footer_len..len - 10]).map_err(|e| serr(format!("bad footer: {e}")))?;
-    let fb_schema = footer.schema().ok_or_else(|| serr("footer has no schema".into()))?;
-    let schema = Arc::new(try_fb_to_schema(fb_schema).map_err(|e| serr(format!("bad schema: {e}")))?);
+    let (schema, batches) = map_ipc_file(&path)?;
     let expected = crate::shard::shard_schema(dtype);
     if schema.fields() != expected.fields() {
         return Err(serr(format!("schema {:?} does not match the manifest's dtype {}", schema.fields(), dtype.name())));
     }
-    let decoder = FileDecoder::new(schema, footer.version()).with_require_alignment(true);
-    let blocks: Vec<_> = footer.recordBatches().map(|b| b.iter().copied().collect()).unwrap_or_default();
     let (mut rows, mut tokens) = (0u64, 0u64);
-    for block in blocks {
-        let block_len = block.bodyLength() as usize + block.metaDataLength() as usize;
-        let off = block.offset() as usize;
-        if off.checked_add(block_len).is_none_or(|end| end > len) {
-            return Err(serr("record batch past the end of the file (truncated?)".into()));
-        }
-        let data = buffer.slice_with_length(off, block_len);
-        let batch = decoder
-            .read_record_batch(&block, &data)
-            .map_err(|e| serr(format!("cannot decode a record batch: {e}")))?
-            .ok_or_else(|| serr("empty record batch".into()))?;
+    for batch in batches {
         let list = batch.column(0).as_list_opt::<i32>().ok_or_else(|| serr("tokens column is not a list".into()))?;
         let offs = list.value_offsets();
         let (lo, hi) = (offs[0] as usize, offs[offs.len() - 1] as usize);
@@ -319,4 +287,49 @@ fn load_shard(
         )));
     }
     Ok(())
+}
+
+/// Memory-maps an Arrow IPC file and decodes its record batches without copying: the arrays'
+/// buffers point into the map (kept alive by the arrays). Errors name the file and say when it
+/// looks truncated.
+pub fn map_ipc_file(path: &Path) -> Result<(arrow_schema::SchemaRef, Vec<arrow_array::RecordBatch>)> {
+    let serr = |msg: String| DataError::Shard { path: path.to_path_buf(), msg };
+    let file = File::open(path).map_err(io_err(path))?;
+    // SAFETY: the map is read-only; files are written once (temp + rename) and never modified in
+    // place. A file truncated by another process after this point is outside what we can guard.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+    let len = mmap.len();
+    if len < 10 + 8 {
+        return Err(serr(format!("{len} bytes is too short for an Arrow IPC file (truncated?)")));
+    }
+    let ptr = NonNull::new(mmap.as_ptr() as *mut u8).ok_or_else(|| serr("empty map".into()))?;
+    // SAFETY: ptr/len describe the mapping, which the Arc'd owner keeps alive as long as the buffer.
+    let buffer = unsafe { Buffer::from_custom_allocation(ptr, len, Arc::new(mmap)) };
+    let trailer: [u8; 10] = buffer[len - 10..].try_into().map_err(|_| serr("bad trailer".into()))?;
+    let footer_len =
+        read_footer_length(trailer).map_err(|e| serr(format!("not an Arrow IPC file (truncated?): {e}")))?;
+    if footer_len + 10 > len {
+        return Err(serr("footer length past the start of the file (truncated?)".into()));
+    }
+    let footer =
+        root_as_footer(&buffer[len - 10 - footer_len..len - 10]).map_err(|e| serr(format!("bad footer: {e}")))?;
+    let fb_schema = footer.schema().ok_or_else(|| serr("footer has no schema".into()))?;
+    let schema = Arc::new(try_fb_to_schema(fb_schema).map_err(|e| serr(format!("bad schema: {e}")))?);
+    let decoder = FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
+    let blocks: Vec<_> = footer.recordBatches().map(|b| b.iter().copied().collect()).unwrap_or_default();
+    let mut out = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let block_len = block.bodyLength() as usize + block.metaDataLength() as usize;
+        let off = block.offset() as usize;
+        if off.checked_add(block_len).is_none_or(|end| end > len) {
+            return Err(serr("record batch past the end of the file (truncated?)".into()));
+        }
+        let data = buffer.slice_with_length(off, block_len);
+        let batch = decoder
+            .read_record_batch(&block, &data)
+            .map_err(|e| serr(format!("cannot decode a record batch: {e}")))?
+            .ok_or_else(|| serr("empty record batch".into()))?;
+        out.push(batch);
+    }
+    Ok((schema, out))
 }

@@ -1,0 +1,255 @@
+//! Patch crate tests: cost model, hand-computed loss values, K = 1 equals next-token CE, an
+//! independent loop reference of the whole patch loss, finite differences, and the datasets.
+
+#![allow(clippy::unwrap_used)]
+
+use candle_core::{Device, Tensor, Var};
+use patchlm_model::{init_model, named_tensors, ModelConfig};
+use patchlm_patch::*;
+
+#[test]
+fn config_validation_and_cost_model() {
+    for (k, l, want) in [(4, 0.5, 0.625), (4, 2.0 / 3.0, 0.5), (4, 0.8, 0.4), (1, 0.5, 1.0), (8, 0.0, 1.0)] {
+        let c = PatchConfig { k, lambda: l };
+        c.validate().unwrap();
+        assert!((c.relative_cost() - want).abs() < 1e-12, "k={k} lambda={l}");
+    }
+    assert!((PatchConfig::default().run_flops(1e6, 10.0) - 5e6).abs() < 1e-3);
+    for (k, l) in [(0, 0.5), (4, 1.0), (4, -0.1), (4, f64::NAN)] {
+        let e = PatchConfig { k, lambda: l }.validate().unwrap_err().to_string();
+        assert!(e.contains("k must") || e.contains("lambda must"), "{e}");
+    }
+}
+
+#[test]
+fn loss_matches_hand_computed_value() {
+    // logits [0, 0, ln 2] → p = [1/4, 1/4, 1/2]; targets of the next patch (K = 2): [2, 0].
+    // loss = −(ln ½ + ln ¼)/2 = 1.5·ln 2.
+    let logits = Tensor::new(&[[[0f32, 0.0, 2f32.ln()]]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[[[2u32, 0]]], &Device::Cpu).unwrap();
+    let l = next_patch_loss_from_logits(&logits, &targets).unwrap().to_scalar::<f32>().unwrap();
+    assert!((l as f64 - 1.5 * 2f64.ln()).abs() < 1e-6, "{l}");
+    // Mean embedding by hand.
+    let e = Tensor::new(&[[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 10.0]]], &Device::Cpu).unwrap();
+    let p = patch_embeddings(&e, 2).unwrap().to_vec3::<f32>().unwrap();
+    assert_eq!(p, vec![vec![vec![2.0, 3.0], vec![6.0, 8.0]]]);
+    assert!(patch_embeddings(&e, 3).is_err());
+}
+
+#[test]
+fn k1_is_next_token_cross_entropy() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let (model, _) = init_model(&cfg, &Device::Cpu, 1).unwrap();
+    let ids = Tensor::new(&[[5u32, 9, 2, 200, 17, 3, 3, 8, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu).unwrap();
+    let ours = patch_loss(&model, &ids, 1).unwrap().to_scalar::<f32>().unwrap();
+    let logits = model.forward(&ids.narrow(1, 0, 8).unwrap()).unwrap();
+    let ce = candle_nn::loss::cross_entropy(
+        &logits.reshape((16, cfg.vocab_size)).unwrap(),
+        &ids.narrow(1, 1, 8).unwrap().reshape(16).unwrap(),
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    assert!((ours - ce).abs() < 1e-5, "{ours} vs {ce}");
+}
+
+/// The patch loss computed independently: embeddings averaged and log-softmax done with plain
+/// f64 loops over vectors, only the decoder body borrowed from the model.
+fn reference_patch_loss(model: &patchlm_model::Llama, ids: &[Vec<u32>], k: usize) -> f64 {
+    let emb = named_tensors_of(model);
+    let d = model.config().hidden_size;
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for row in ids {
+        let n = row.len() / k;
+        let mut x = Vec::new();
+        for p in 0..n - 1 {
+            let mut mean = vec![0f32; d];
+            for j in 0..k {
+                let t = row[p * k + j] as usize;
+                for c in 0..d {
+                    mean[c] += emb[t * d + c] / k as f32;
+                }
+            }
+            x.extend(mean);
+        }
+        let xt = Tensor::from_vec(x, (1, n - 1, d), &Device::Cpu).unwrap();
+        let logits =
+            model.logits(&model.forward_embeds(&xt).unwrap()).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        for p in 0..n - 1 {
+            let l = &logits[p];
+            let m = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = m + l.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            for j in 0..k {
+                total += lse - l[row[(p + 1) * k + j] as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    total / count as f64
+}
+
+fn named_tensors_of(model: &patchlm_model::Llama) -> Vec<f32> {
+    // The embedding matrix, read back through the model's own embed() of every id.
+    let v = model.config().vocab_size as u32;
+    let all = Tensor::arange(0u32, v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.embed(&all).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn patch_loss_matches_an_independent_reference() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let (model, _) = init_model(&cfg, &Device::Cpu, 2).unwrap();
+    let rows: Vec<Vec<u32>> =
+        vec![(0..24).map(|i| (i * 37 + 11) % 256).collect(), (0..24).map(|i| (i * 91 + 5) % 256).collect()];
+    for k in [1usize, 2, 4, 8] {
+        let len = if k == 1 { 9 } else { k * 3 };
+        let ids: Vec<Vec<u32>> = rows.iter().map(|r| r[..len].to_vec()).collect();
+        let t = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+        let ours = patch_loss(&model, &t, k).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let want = reference_patch_loss(&model, &ids, k);
+        assert!((ours - want).abs() < 1e-5, "k={k}: {ours} vs {want}");
+    }
+    let bad = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    assert!(patch_loss(&model, &bad, 4).is_err());
+}
+
+#[test]
+fn patch_loss_gradients_match_finite_differences() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let (model, varmap) = init_model(&cfg, &Device::Cpu, 4).unwrap();
+    let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]], &Device::Cpu).unwrap();
+    let loss = patch_loss(&model, &ids, 4).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, t) in named_tensors(&varmap).unwrap() {
+        let g = grads.get(&t).unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
+    }
+    let data = varmap.data().lock().unwrap().clone();
+    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight", "lm_head.weight"] {
+        let var: &Var = &data[name];
+        let g: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let orig: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &i in idx.iter().take(3) {
+            let eps = 1e-2f32;
+            let at = |delta: f32| {
+                let mut v = orig.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+                patch_loss(&model, &ids, 4).unwrap().to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            var.set(&Tensor::from_vec(orig.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            assert!(g[i].abs() > 1e-4, "{name}: gradient too small to check");
+            let tol = 0.05 * g[i].abs() as f64 + 3e-5;
+            assert!((fd - g[i] as f64).abs() < tol, "{name}[{i}]: analytic {} vs fd {fd}", g[i]);
+        }
+    }
+}
+
+fn make_shards(dir: &std::path::Path, docs: usize) -> std::path::PathBuf {
+    let mut s = String::new();
+    for i in 0..docs {
+        let words: Vec<String> = (0..60).map(|j| format!("w{}", (i * 7 + j * 13) % 97)).collect();
+        s += &serde_json::json!({"text": words.join(" ")}).to_string();
+        s.push('\n');
+    }
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, s).unwrap();
+    let mut cfg = patchlm_data::DataConfig::default();
+    cfg.tokenizer.vocab_size = 300;
+    cfg.val_fraction = 0.1;
+    let out = dir.join("shards");
+    patchlm_data::build_shards(&[&input], &out, &cfg, patchlm_data::TokenizerSource::Train, false).unwrap();
+    out
+}
+
+#[test]
+fn datasets_split_at_lambda_shuffle_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = make_shards(dir.path(), 300);
+    let ds = patchlm_data::Dataset::open(&shards).unwrap();
+    let n = ds.train().len();
+    let patch = PatchConfig { k: 4, lambda: 0.5 };
+    let data = PatchDataConfig { context: 8, seed: 3, epochs: 1, max_val_blocks: 10 };
+    let out = dir.path().join("p");
+    let m = build_patch_datasets(&shards, &out, &patch, &data).unwrap();
+    let pp = m.patch_phase.clone().unwrap();
+    let split = (0.5 * n as f64).round() as u64;
+    assert_eq!(pp.source_range, (0, split));
+    assert_eq!(m.token_phase.source_range, (split, n));
+    assert_eq!(pp.block_len, 32);
+    assert_eq!(pp.blocks, split / 32);
+    assert_eq!(m.token_phase.block_len, 9);
+    assert_eq!(m.token_phase.blocks, (n - split) / 9);
+    assert_eq!(m.val.blocks, 10);
+    // Every patch block is one of the source blocks, each exactly once, in a shuffled order.
+    let r = BlockReader::open(&out, &pp).unwrap();
+    let mut all = Vec::new();
+    r.read_blocks(0, pp.blocks as usize, &mut all);
+    let got: Vec<&[u32]> = all.chunks(32).collect();
+    let src: Vec<Vec<u32>> = (0..pp.blocks).map(|b| ds.train().tokens(b * 32, b * 32 + 32).unwrap()).collect();
+    let perm = permutation(pp.blocks, 3);
+    for (i, blk) in got.iter().enumerate() {
+        assert_eq!(*blk, &src[perm[i] as usize][..], "block {i}");
+    }
+    assert_ne!(perm, (0..pp.blocks).collect::<Vec<_>>());
+    // Token blocks come from the disjoint second part.
+    let tr = BlockReader::open(&out, &m.token_phase).unwrap();
+    let mut tb = Vec::new();
+    tr.read_blocks(0, 1, &mut tb);
+    let tperm = permutation(m.token_phase.blocks, 4);
+    let a = split + tperm[0] * 9;
+    assert_eq!(tb, ds.train().tokens(a, a + 9).unwrap());
+    // Resumable from any block: a read from block 5 equals the tail of a read from 0.
+    let mut from5 = Vec::new();
+    r.read_blocks(5, 3, &mut from5);
+    assert_eq!(from5, all[5 * 32..8 * 32]);
+    // Deterministic.
+    let out2 = dir.path().join("p2");
+    let m2 = build_patch_datasets(&shards, &out2, &patch, &data).unwrap();
+    assert_eq!(m2.patch_phase.unwrap().sha256, pp.sha256);
+    // λ = 0: no patch phase; the token phase takes the whole stream.
+    let m0 = build_patch_datasets(&shards, &dir.path().join("p0"), &PatchConfig { k: 4, lambda: 0.0 }, &data).unwrap();
+    assert!(m0.patch_phase.is_none());
+    assert_eq!(m0.token_phase.source_range, (0, n));
+    // Multi-epoch: phases by epochs over the whole stream.
+    let me = PatchDataConfig { epochs: 3, ..data.clone() };
+    let m3 =
+        build_patch_datasets(&shards, &dir.path().join("p3"), &PatchConfig { k: 4, lambda: 2.0 / 3.0 }, &me).unwrap();
+    assert_eq!(m3.patch_phase.as_ref().unwrap().epochs, 2);
+    assert_eq!(m3.token_phase.epochs, 1);
+    assert_eq!(m3.token_phase.source_range, (0, n));
+}
+
+#[test]
+fn dataset_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = make_shards(dir.path(), 40);
+    let big = PatchDataConfig { context: 100_000, ..Default::default() };
+    let e =
+        build_patch_datasets(&shards, &dir.path().join("x"), &PatchConfig::default(), &big).unwrap_err().to_string();
+    assert!(e.contains("do not fill one block"), "{e}");
+    let e = build_patch_datasets(
+        &shards,
+        &dir.path().join("x"),
+        &PatchConfig { k: 4, lambda: 1.0 },
+        &PatchDataConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lambda"), "{e}");
+    // A corrupted block file is refused on open.
+    let data = PatchDataConfig { context: 8, ..Default::default() };
+    let out = dir.path().join("ok");
+    let m = build_patch_datasets(&shards, &out, &PatchConfig { k: 2, lambda: 0.5 }, &data).unwrap();
+    let p = out.join("token.arrow");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&p, bytes).unwrap();
+    let e = BlockReader::open(&out, &m.token_phase).err().unwrap().to_string();
+    assert!(e.contains("checksum mismatch"), "{e}");
+}
