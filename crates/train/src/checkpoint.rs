@@ -1,0 +1,114 @@
+//! Checkpoints: weights, optimizer state, and where the run stands, written atomically.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use patchlm_model::weights::{safetensors_bytes, write_atomic};
+
+use crate::error::{io, Result, TrainError};
+
+/// Where a run stands, saved in `state.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Fingerprint of the run's config.
+    pub config_fingerprint: String,
+    /// Index of the current phase.
+    pub phase: usize,
+    /// Steps done in the current phase (its data position is `step · blocks_per_step`).
+    pub phase_step: usize,
+    /// Steps done over all phases.
+    pub global_step: usize,
+    /// Training tokens consumed over all phases.
+    pub tokens_seen: u64,
+    /// Optimizer steps of the current phase's AdamW.
+    pub optimizer_step: u64,
+    /// Training wall time so far, seconds.
+    pub elapsed_secs: f64,
+    /// The run's seed (all randomness derives from it; there is no other RNG state).
+    pub seed: u64,
+}
+
+/// Writes `dir/checkpoints/step-NNNNNNNN/` (model.safetensors, optimizer.safetensors,
+/// state.json) via a temp directory and rename, then removes all but the newest `keep`.
+pub fn save_checkpoint(
+    run_dir: &Path,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let name = format!("step-{:08}", state.global_step);
+    let fin = root.join(&name);
+    let tmp = root.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    write_atomic(&tmp.join("model.safetensors"), &safetensors_bytes(model)?)?;
+    write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(optimizer)?)?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), &json)?;
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(io(&fin))?;
+    if let Ok(d) = std::fs::File::open(&root) {
+        let _ = d.sync_all();
+    }
+    let mut all = list_checkpoints(run_dir)?;
+    while all.len() > keep.max(1) {
+        let old = all.remove(0);
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    Ok(fin)
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let root = run_dir.join("checkpoints");
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(io(&root))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("step-") && !n.ends_with(".tmp")
+            }) && p.join("state.json").is_file()
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    /// Its directory.
+    pub path: PathBuf,
+    /// Model tensors by name.
+    pub model: HashMap<String, Tensor>,
+    /// Optimizer tensors by name.
+    pub optimizer: HashMap<String, Tensor>,
+    /// Where the run stood.
+    pub state: TrainState,
+}
+
+/// Loads a checkpoint directory.
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let cerr = |msg: String| TrainError::Checkpoint { path: path.to_path_buf(), msg };
+    let text = std::fs::read_to_string(path.join("state.json")).map_err(|e| cerr(format!("state.json: {e}")))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| cerr(format!("state.json: {e}")))?;
+    let load = |f: &str| candle_core::safetensors::load(path.join(f), device).map_err(|e| cerr(format!("{f}: {e}")));
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        model: load("model.safetensors")?,
+        optimizer: load("optimizer.safetensors")?,
+        state,
+    })
+}

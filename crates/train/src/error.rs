@@ -1,0 +1,56 @@
+//! The train crate's error type.
+
+use std::path::PathBuf;
+
+/// What can go wrong in training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Invalid settings, caught before training starts.
+    #[error("invalid training setting: {0}")]
+    Config(String),
+    /// A NaN or Inf loss or gradient; the last good checkpoint is kept.
+    #[error("non-finite {what} at {phase} step {step} (global step {global_step}); training stopped, the last good checkpoint is kept; lower the learning rate or check the data")]
+    NonFinite {
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// Phase name.
+        phase: String,
+        /// Step within the phase.
+        step: usize,
+        /// Global step.
+        global_step: usize,
+    },
+    /// A checkpoint that cannot be used.
+    #[error("{path}: {msg}")]
+    Checkpoint {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// From the patch crate.
+    #[error(transparent)]
+    Patch(#[from] patchlm_patch::PatchError),
+    /// From the model crate.
+    #[error(transparent)]
+    Model(#[from] patchlm_model::ModelError),
+    /// From candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.into();
+    move |source| TrainError::Io { path, source }
+}
