@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod model_cmds;
+mod pretrain;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "patchlm: patch-level pretraining pipelines", version)]
@@ -54,6 +55,8 @@ enum Cmd {
     Score(model_cmds::ScoreArgs),
     /// Sample a continuation with a KV cache.
     Generate(model_cmds::GenerateArgs),
+    /// Patch-level pretraining end to end: corpus → shards → patch phase → token phase → HF model.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 fn main() -> Result<()> {
@@ -102,6 +105,7 @@ fn main() -> Result<()> {
         }
         Cmd::Score(a) => model_cmds::score(a)?,
         Cmd::Generate(a) => model_cmds::generate(a)?,
+        Cmd::Pretrain(a) => pretrain::run(a)?,
     }
     Ok(())
 }

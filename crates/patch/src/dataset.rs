@@ -36,11 +36,13 @@ pub struct PatchDataConfig {
     pub epochs: usize,
     /// At most this many validation blocks of T + 1 tokens (default 64).
     pub max_val_blocks: usize,
+    /// Use only the first this many training tokens (default 0 = all); λ splits what is used.
+    pub max_tokens: u64,
 }
 
 impl Default for PatchDataConfig {
     fn default() -> Self {
-        Self { context: 256, seed: 0, epochs: 1, max_val_blocks: 64 }
+        Self { context: 256, seed: 0, epochs: 1, max_val_blocks: 64, max_tokens: 0 }
     }
 }
 
@@ -176,7 +178,7 @@ pub fn build_patch_datasets(
     let ds = Dataset::open_with(shards, &ReaderOptions::default())?;
     let m = ds.manifest();
     let train = ds.train();
-    let n = train.len();
+    let n = if data.max_tokens > 0 { train.len().min(data.max_tokens) } else { train.len() };
     let (k, t) = (patch.k, data.context);
     let (patch_epochs, token_epochs, split) = if data.epochs > 1 {
         let pe = (patch.lambda * data.epochs as f64).round() as usize;

@@ -173,7 +173,7 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     let ds = patchlm_data::Dataset::open(&shards).unwrap();
     let n = ds.train().len();
     let patch = PatchConfig { k: 4, lambda: 0.5 };
-    let data = PatchDataConfig { context: 8, seed: 3, epochs: 1, max_val_blocks: 10 };
+    let data = PatchDataConfig { context: 8, seed: 3, epochs: 1, max_val_blocks: 10, max_tokens: 0 };
     let out = dir.path().join("p");
     let m = build_patch_datasets(&shards, &out, &patch, &data).unwrap();
     let pp = m.patch_phase.clone().unwrap();
@@ -222,6 +222,11 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     assert_eq!(m3.patch_phase.as_ref().unwrap().epochs, 2);
     assert_eq!(m3.token_phase.epochs, 1);
     assert_eq!(m3.token_phase.source_range, (0, n));
+    // A token cap: λ splits only the first max_tokens.
+    let capped = PatchDataConfig { max_tokens: 1000, ..data.clone() };
+    let mc = build_patch_datasets(&shards, &dir.path().join("pc"), &patch, &capped).unwrap();
+    assert_eq!(mc.patch_phase.unwrap().source_range, (0, 500));
+    assert_eq!(mc.token_phase.source_range, (500, 1000));
 }
 
 #[test]

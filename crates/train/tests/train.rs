@@ -79,7 +79,7 @@ fn pipeline(dir: &Path, lambda: f64) -> (PathBuf, PathBuf, RunConfig) {
     let shards = dir.join("shards");
     patchlm_data::build_shards(&[&input], &shards, &data, patchlm_data::TokenizerSource::Train, false).unwrap();
     let patch = PatchConfig { k: 4, lambda };
-    let blocks = PatchDataConfig { context: 8, seed: 1, epochs: 1, max_val_blocks: 8 };
+    let blocks = PatchDataConfig { context: 8, seed: 1, epochs: 1, max_val_blocks: 8, max_tokens: 0 };
     let pdir = dir.join("patchdata");
     build_patch_datasets(&shards, &pdir, &patch, &blocks).unwrap();
     let mut model = ModelConfig::preset("tiny").unwrap();

@@ -1,0 +1,247 @@
+//! `cargo xtask pretrain`: corpus → shards → patch datasets → patch phase → token phase → HF
+//! model, with a fully resolved `config.toml`, `metrics.jsonl`, checkpoints and `summary.json`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use patchlm_data::shard::TOKENIZER_FILE;
+use patchlm_data::{Manifest, TokenizerSource};
+use patchlm_model::{parse_device, ModelConfig};
+use patchlm_patch::{build_patch_datasets, PatchManifest};
+use patchlm_train::{RunConfig, RunSummary, Trainer};
+
+/// Arguments of `cargo xtask pretrain`.
+#[derive(clap::Args, Clone)]
+pub struct PretrainArgs {
+    /// A TOML config (keys as in the run's saved config.toml); unset keys keep the defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set patch.lambda=0.5 --set train.lr=1e-3` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Run directory.
+    #[arg(long, default_value = "runs/pretrain")]
+    pub out: PathBuf,
+    /// Continue a killed run from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Training text (files or directories); default: the built-in corpus (`cargo xtask corpus`).
+    #[arg(long, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Where the default corpus and shared shards are cached.
+    #[arg(long, default_value = "data")]
+    pub data_dir: PathBuf,
+}
+
+/// The built-in default: the `small` preset on the default corpus, sized to finish in about ten
+/// minutes on two CPU cores with the paper's K = 4, λ = 2/3.
+pub fn default_config() -> RunConfig {
+    let mut c = RunConfig { preset: "small".into(), ..Default::default() };
+    c.model = ModelConfig::preset("small").unwrap_or_default();
+    c.blocks.context = 128;
+    c.blocks.max_val_blocks = 64;
+    c.blocks.max_tokens = 800_000;
+    c.train.tokens_per_step = 8192;
+    c.train.micro_batch = 16;
+    c.train.lr = 2e-3;
+    c.train.warmup_steps = 20;
+    c.train.eval_every = 25;
+    c.train.checkpoint_every = 50;
+    c.train.max_steps_per_phase = 0;
+    c
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(bv) if bv.is_table() && v.is_table() => merge(bv, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn parse_set(kv: &str) -> Result<toml::Value> {
+    let (key, val) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+    // Values are TOML literals; bare words are taken as strings.
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {val}")) {
+        Ok(t) => t.get("v").cloned().unwrap_or(toml::Value::String(val.into())),
+        Err(_) => toml::Value::String(val.into()),
+    };
+    let mut v = value;
+    for part in key.trim().split('.').rev() {
+        let mut t = toml::Table::new();
+        t.insert(part.to_string(), v);
+        v = toml::Value::Table(t);
+    }
+    Ok(v)
+}
+
+/// Resolves the run config: built-in default ← `--config` ← `--set`; a `preset` key picks the
+/// model sizes that `[model]` keys then override.
+pub fn resolve_config(config: Option<&Path>, sets: &[String], base: RunConfig) -> Result<(RunConfig, Vec<PathBuf>)> {
+    let mut user = toml::Value::Table(toml::Table::new());
+    if let Some(p) = config {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let v: toml::Value = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", p.display()))?;
+        merge(&mut user, v);
+    }
+    for s in sets {
+        merge(&mut user, parse_set(s)?);
+    }
+    let mut base = base;
+    if let Some(preset) = user.get("preset").and_then(|p| p.as_str()) {
+        base.model = ModelConfig::preset(preset)?;
+        base.preset = preset.to_string();
+    }
+    let inputs: Vec<PathBuf> = user
+        .get("input")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(PathBuf::from)).collect())
+        .unwrap_or_default();
+    if let toml::Value::Table(t) = &mut user {
+        t.remove("input");
+    }
+    let mut merged = toml::Value::try_from(&base).context("serializing the default config")?;
+    merge(&mut merged, user);
+    let cfg: RunConfig = merged.try_into().context("invalid config (check key names and value types)")?;
+    Ok((cfg, inputs))
+}
+
+/// Data stage for a run: default corpus if no input, shards reused when the same settings built
+/// them before (keyed by the data config and inputs).
+pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> Result<PathBuf> {
+    let inputs: Vec<PathBuf> = if inputs.is_empty() {
+        let s = patchlm_data::corpus::assemble_default_corpus(&data_dir.join("corpus"), &data_dir.join("cache"))?;
+        if !s.cached {
+            println!("default corpus: {} works, {} documents, {:.1} MB", s.works, s.documents, s.bytes as f64 / 1e6);
+        }
+        vec![s.path]
+    } else {
+        inputs.to_vec()
+    };
+    let key = serde_json::json!({ "data": cfg.data, "inputs": inputs });
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.to_string().hash(&mut h);
+        h.finish()
+    };
+    let shards = data_dir.join(format!("shards-{hash:016x}"));
+    if Manifest::load(&shards).is_ok() {
+        return Ok(shards);
+    }
+    let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, TokenizerSource::Train, true)
+        .with_context(|| format!("building shards into {}", shards.display()))?;
+    crate::print_data_summary(&s, &shards);
+    Ok(shards)
+}
+
+/// Runs one pretraining run end to end; returns its summary.
+pub fn pretrain(
+    mut cfg: RunConfig,
+    inputs: &[PathBuf],
+    out: &Path,
+    data_dir: &Path,
+    device: &str,
+    resume: bool,
+) -> Result<RunSummary> {
+    let wall = Instant::now();
+    let device = parse_device(device)?;
+    cfg.patch.validate()?;
+    let shards = prepare_shards(&cfg, inputs, data_dir)?;
+    let manifest = Manifest::load(&shards)?;
+    // The model's vocabulary covers the tokenizer's ids, rounded up to a multiple of 64.
+    cfg.model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
+    cfg.model.max_position_embeddings = cfg.model.max_position_embeddings.max(cfg.blocks.context);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    if resume {
+        let saved = out.join("config.toml");
+        if saved.is_file() {
+            let text = std::fs::read_to_string(&saved)?;
+            let old: RunConfig = toml::from_str(&text).with_context(|| format!("{}: invalid", saved.display()))?;
+            if old.fingerprint() != cfg.fingerprint() {
+                bail!(
+                    "{} was made with a different config; resume with the same --config/--set, or use another --out",
+                    out.display()
+                );
+            }
+        }
+    }
+    let text = toml::to_string_pretty(&cfg).context("serializing the config")?;
+    patchlm_model::weights::write_atomic(&out.join("config.toml"), text.as_bytes())?;
+    let pdir = out.join("patchdata");
+    let fresh = match PatchManifest::load(&pdir) {
+        Ok(m) => {
+            m.patch != cfg.patch || m.data != cfg.blocks || m.tokenizer_fingerprint != manifest.tokenizer_fingerprint
+        }
+        Err(_) => true,
+    };
+    if fresh {
+        build_patch_datasets(&shards, &pdir, &cfg.patch, &cfg.blocks)?;
+    }
+    let tok_json = std::fs::read_to_string(shards.join(TOKENIZER_FILE))?;
+    let sp = manifest.special_tokens;
+    let mut trainer = Trainer::new(cfg.clone(), &pdir, out, device)?.with_tokenizer(tok_json, sp.bos, Some(sp.eos));
+    for p in trainer.plans() {
+        println!(
+            "phase {:<5} K={} {:>5} steps × {} tokens ({} blocks of {} tokens)",
+            p.name,
+            p.k,
+            p.steps,
+            p.tokens_per_step(),
+            p.blocks_per_step,
+            p.file.block_len
+        );
+    }
+    let summary = trainer.run(resume)?;
+    let json = serde_json::json!({
+        "summary": summary,
+        "config": cfg,
+        "wall_secs": wall.elapsed().as_secs_f64(),
+    });
+    patchlm_model::weights::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    Ok(summary)
+}
+
+/// Prints a run summary.
+pub fn print_summary(s: &RunSummary, cfg: &RunConfig) {
+    println!("run summary (K={}, lambda={:.3})", cfg.patch.k, cfg.patch.lambda);
+    for p in &s.phases {
+        if p.steps > 0 {
+            println!(
+                "  {:<5} phase  K={}  {:>5} steps  {:>9} tokens  {:>7.1} s  {:>8.0} tokens/s",
+                p.name, p.k, p.steps, p.tokens, p.secs, p.tokens_per_sec
+            );
+        }
+    }
+    if let [a, b] = &s.phases[..] {
+        if a.tokens_per_sec > 0.0 && b.tokens_per_sec > 0.0 {
+            println!("  patch/token throughput ratio {:.2} (K = {})", a.tokens_per_sec / b.tokens_per_sec, a.k);
+        }
+    }
+    println!("  tokens {}  cost {:.3}× of token-level training on the same tokens", s.tokens, s.relative_cost);
+    println!("  validation loss {:.4}  perplexity {:.2}", s.val_loss, s.val_ppl);
+    println!("  training time {:.1} s; model in {}", s.train_secs, s.model_dir.display());
+}
+
+/// `cargo xtask pretrain`.
+pub fn run(a: PretrainArgs) -> Result<()> {
+    let (cfg, mut inputs) = resolve_config(a.config.as_deref(), &a.set, default_config())?;
+    if !a.input.is_empty() {
+        inputs = a.input.clone();
+    }
+    let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
+    print_summary(&s, &cfg);
+    Ok(())
+}
