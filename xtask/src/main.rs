@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod model_cmds;
 mod pretrain;
 
@@ -55,6 +56,9 @@ enum Cmd {
     Score(model_cmds::ScoreArgs),
     /// Sample a continuation with a KV cache.
     Generate(model_cmds::GenerateArgs),
+    /// Throughput benchmarks (see bench/*.py for the side-by-side peers).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Patch-level pretraining end to end: corpus → shards → patch phase → token phase → HF model.
     Pretrain(pretrain::PretrainArgs),
 }
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
         Cmd::Score(a) => model_cmds::score(a)?,
         Cmd::Generate(a) => model_cmds::generate(a)?,
         Cmd::Pretrain(a) => pretrain::run(a)?,
+        Cmd::Bench(b) => bench::run(b)?,
     }
     Ok(())
 }
