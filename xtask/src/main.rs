@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod eval_cmd;
 mod model_cmds;
 mod pretrain;
 
@@ -56,6 +57,8 @@ enum Cmd {
     Score(model_cmds::ScoreArgs),
     /// Sample a continuation with a KV cache.
     Generate(model_cmds::GenerateArgs),
+    /// Perplexity / bits per byte on text and zero-shot multiple-choice accuracy of a model.
+    Eval(eval_cmd::EvalArgs),
     /// Throughput benchmarks (see bench/*.py for the side-by-side peers).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -111,6 +114,7 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => model_cmds::generate(a)?,
         Cmd::Pretrain(a) => pretrain::run(a)?,
         Cmd::Bench(b) => bench::run(b)?,
+        Cmd::Eval(a) => eval_cmd::run(a)?,
     }
     Ok(())
 }

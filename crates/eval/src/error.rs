@@ -1,0 +1,41 @@
+//! The eval crate's error type.
+
+use std::path::PathBuf;
+
+/// What can go wrong in evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// A task file that cannot be used.
+    #[error("{path}: line {line}: {msg}")]
+    Task {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (JSONL) or example number (BIG-bench); 0 for the whole file.
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Encoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// From the data crate.
+    #[error(transparent)]
+    Data(#[from] patchlm_data::DataError),
+    /// From the model crate.
+    #[error(transparent)]
+    Model(#[from] patchlm_model::ModelError),
+    /// From candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = EvalError> = std::result::Result<T, E>;

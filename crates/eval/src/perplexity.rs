@@ -1,0 +1,86 @@
+//! Token-level perplexity and bits per byte.
+
+use candle_core::{Device, Tensor};
+use patchlm_model::{log_softmax, Llama};
+
+use crate::error::Result;
+
+/// How sequences are cut into windows.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct WindowConfig {
+    /// Positions per window (at most the model's context).
+    pub context: usize,
+    /// Sliding stride; `None` or `Some(context)` gives non-overlapping windows. With a smaller
+    /// stride every window after the first scores only its last `stride` tokens, given the rest
+    /// of the window as context (as in HF's perplexity guide).
+    pub stride: Option<usize>,
+}
+
+/// Sums over scored tokens.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct NllSum {
+    /// Tokens scored.
+    pub tokens: u64,
+    /// Total negative log-likelihood in nats.
+    pub nll: f64,
+    /// UTF-8 bytes of the text the tokens encode (for bits per byte).
+    pub bytes: u64,
+    /// Documents scored.
+    pub documents: u64,
+}
+
+impl NllSum {
+    /// Adds another sum.
+    pub fn add(&mut self, o: &NllSum) {
+        self.tokens += o.tokens;
+        self.nll += o.nll;
+        self.bytes += o.bytes;
+        self.documents += o.documents;
+    }
+
+    /// Mean NLL per token (nats).
+    pub fn mean_nll(&self) -> f64 {
+        self.nll / self.tokens.max(1) as f64
+    }
+
+    /// exp(mean NLL).
+    pub fn perplexity(&self) -> f64 {
+        self.mean_nll().exp()
+    }
+
+    /// Total NLL in bits over the UTF-8 bytes of the text: tokenizer-independent.
+    pub fn bits_per_byte(&self) -> f64 {
+        self.nll / std::f64::consts::LN_2 / self.bytes.max(1) as f64
+    }
+}
+
+/// Per-token NLLs of `ids[1..]`, each token scored exactly once. A window feeds `ids[a..b)`
+/// (at most `cfg.context` tokens) and scores the targets in `(a, b]` not scored before: the first
+/// window has b = context; each next one moves b on by the stride (non-overlapping windows when
+/// the stride is the context, so the first token of each window is predicted from one token of
+/// context, as in training's T + 1 blocks); a = b − context.
+pub fn sequence_nlls(model: &Llama, ids: &[u32], cfg: &WindowConfig, device: &Device) -> Result<Vec<f64>> {
+    let t = cfg.context.min(model.config().max_position_embeddings).max(1);
+    let stride = cfg.stride.unwrap_or(t).clamp(1, t);
+    let n = ids.len();
+    let mut out = Vec::with_capacity(n.saturating_sub(1));
+    let mut done = 0usize; // targets 1..=done are scored
+    while done + 1 < n {
+        let b = if done == 0 { t.min(n - 1) } else { (done + stride).min(n - 1) };
+        let a = b.saturating_sub(t);
+        let input = Tensor::new(&ids[a..b], device)?.unsqueeze(0)?;
+        let lp: Vec<Vec<f32>> = log_softmax(&model.forward(&input)?)?.squeeze(0)?.to_vec2()?;
+        for j in (done + 1)..=b {
+            out.push(-(lp[j - 1 - a][ids[j] as usize] as f64));
+        }
+        done = b;
+    }
+    Ok(out)
+}
+
+/// Scores one document's token ids (BOS/EOS already framed as in training) whose text is
+/// `bytes` UTF-8 bytes long.
+pub fn score_document(model: &Llama, ids: &[u32], bytes: u64, cfg: &WindowConfig, device: &Device) -> Result<NllSum> {
+    let nlls = sequence_nlls(model, ids, cfg, device)?;
+    Ok(NllSum { tokens: nlls.len() as u64, nll: nlls.iter().sum(), bytes, documents: 1 })
+}

@@ -1,0 +1,90 @@
+//! `cargo xtask eval`: perplexity / bits per byte on text, and zero-shot tasks, for any model
+//! directory in HF format.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use patchlm_eval::{load_task, perplexity_of_texts, score_task, WindowConfig};
+use patchlm_model::{load_pretrained, parse_device, special_token_ids};
+
+/// Arguments of `cargo xtask eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to score (files or directories: text, JSONL, Parquet, optionally .gz).
+    #[arg(long, num_args = 1..)]
+    text: Vec<PathBuf>,
+    /// Zero-shot tasks (BIG-bench task.json, or HellaSwag / PIQA / ARC JSONL).
+    #[arg(long, num_args = 1..)]
+    task: Vec<PathBuf>,
+    /// Window length (default: the model's context).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Sliding-window stride (default: non-overlapping windows).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Runs the evaluation and prints a table.
+pub fn run(a: EvalArgs) -> Result<()> {
+    if a.text.is_empty() && a.task.is_empty() {
+        bail!("nothing to evaluate: pass --text PATH... and/or --task PATH...");
+    }
+    let device = parse_device(&a.device)?;
+    let (model, cfg) = load_pretrained(&a.model, &device, DType::F32)?;
+    let tok_path = a.model.join("tokenizer.json");
+    let tok = patchlm_data::tokenizer::load_tokenizer(&tok_path)
+        .with_context(|| format!("the model directory needs {}", tok_path.display()))?;
+    let (bos, eos) = special_token_ids(&a.model)?;
+    let eos = eos.context("config.json has no eos_token_id; documents are framed with EOS as in training")?;
+    let specials = patchlm_data::tokenizer::SpecialTokens { bos, eos, pad: None };
+    let mut out = serde_json::json!({ "model": a.model });
+    if !a.text.is_empty() {
+        let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
+        let s = perplexity_of_texts(&model, &tok, &specials, &a.text, &w, &device)?;
+        println!("{:<28}{:>12}{:>12}{:>12}{:>14}{:>10}", "text", "documents", "tokens", "loss", "perplexity", "bpb");
+        println!(
+            "{:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}",
+            "all inputs",
+            s.documents,
+            s.tokens,
+            s.mean_nll(),
+            s.perplexity(),
+            s.bits_per_byte()
+        );
+        out["perplexity"] = serde_json::json!({
+            "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "nll": s.nll,
+            "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
+            "context": w.context, "stride": w.stride,
+        });
+    }
+    let mut tasks = Vec::new();
+    for p in &a.task {
+        let examples = load_task(p)?;
+        let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        tasks.push(score_task(&model, &tok, bos, &name, &examples, &device, true)?);
+    }
+    if !tasks.is_empty() {
+        println!("{:<28}{:>8}{:>18}{:>18}", "task", "n", "acc", "acc_norm");
+        for r in &tasks {
+            println!(
+                "{:<28}{:>8}{:>10.4} ± {:<5.3}{:>10.4} ± {:<5.3}",
+                r.task, r.n, r.acc, r.acc_stderr, r.acc_norm, r.acc_norm_stderr
+            );
+        }
+        out["tasks"] = serde_json::to_value(&tasks)?;
+    }
+    if let Some(p) = a.json {
+        std::fs::write(&p, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
