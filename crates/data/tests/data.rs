@@ -369,3 +369,18 @@ fn byte_level_bpe_round_trips_any_text() {
     let no_bos = TokenizerConfig { add_bos: false, ..plain };
     assert_eq!(tokenizer::special_tokens(&tok, &no_bos).unwrap().bos, None);
 }
+
+#[test]
+fn corpus_helpers_cut_and_shuffle_deterministically() {
+    let text = "a\n\nbb\n\n\n\nccc\n\nd";
+    assert_eq!(patchlm_data::corpus::cut_paragraphs(text, 4), vec!["a\n\nbb".to_string(), "ccc\n\nd".to_string()]);
+    let mut a: Vec<u32> = (0..100).collect();
+    let mut b = a.clone();
+    patchlm_data::corpus::shuffle(&mut a, 1);
+    patchlm_data::corpus::shuffle(&mut b, 1);
+    assert_eq!(a, b);
+    assert_ne!(a, (0..100).collect::<Vec<_>>());
+    let mut sorted = a.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+}

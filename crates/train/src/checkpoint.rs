@@ -30,12 +30,14 @@ pub struct TrainState {
 }
 
 /// Writes `dir/checkpoints/step-NNNNNNNN/` (model.safetensors, optimizer.safetensors,
-/// state.json) via a temp directory and rename, then removes all but the newest `keep`.
+/// state.json, and `config` as config.json) via a temp directory and rename, then removes all but
+/// the newest `keep`.
 pub fn save_checkpoint(
     run_dir: &Path,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
     state: &TrainState,
+    config: &serde_json::Value,
     keep: usize,
 ) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
@@ -51,6 +53,8 @@ pub fn save_checkpoint(
     write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(optimizer)?)?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&tmp.join("state.json"), &json)?;
+    let cfg = serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
+    write_atomic(&tmp.join("config.json"), &cfg)?;
     if fin.exists() {
         std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
     }

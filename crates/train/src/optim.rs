@@ -40,6 +40,7 @@ pub struct AdamW {
     cfg: AdamWConfig,
     step: u64,
     slots: Vec<Slot>,
+    fused_cpu: bool,
 }
 
 impl AdamW {
@@ -53,7 +54,13 @@ impl AdamW {
             slots.push(Slot { name, var, m, v, decay });
         }
         slots.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self { cfg, step: 0, slots })
+        Ok(Self { cfg, step: 0, slots, fused_cpu: true })
+    }
+
+    /// Whether f32 parameters on the CPU are updated in one fused pass (default true) instead of
+    /// the device-generic tensor ops. Both compute the same update.
+    pub fn set_fused_cpu(&mut self, fused: bool) {
+        self.fused_cpu = fused;
     }
 
     /// Steps taken.
@@ -69,6 +76,10 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.name) else { continue };
+            if self.fused_cpu && s.var.device().is_cpu() && s.var.dtype() == DType::F32 {
+                fused_update(s, g, c, lr, bc1, bc2)?;
+                continue;
+            }
             let g = g.to_dtype(DType::F32)?;
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -108,6 +119,32 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// One AdamW update of a CPU f32 parameter in a single pass over its elements.
+fn fused_update(s: &mut Slot, g: &Tensor, c: &AdamWConfig, lr: f64, bc1: f64, bc2: f64) -> Result<()> {
+    let shape = s.var.shape().clone();
+    let mut p: Vec<f32> = s.var.as_tensor().flatten_all()?.to_vec1()?;
+    let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut m: Vec<f32> = s.m.flatten_all()?.to_vec1()?;
+    let mut v: Vec<f32> = s.v.flatten_all()?.to_vec1()?;
+    let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+    let (ob1, ob2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+    let decay = if s.decay && c.weight_decay != 0.0 { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+    let step = (lr / bc1) as f32;
+    let sbc2 = bc2.sqrt() as f32;
+    for i in 0..p.len() {
+        let gi = g[i];
+        m[i] = m[i] * b1 + gi * ob1;
+        v[i] = v[i] * b2 + gi * gi * ob2;
+        let denom = v[i].sqrt() / sbc2 + eps;
+        p[i] = p[i] * decay - m[i] / denom * step;
+    }
+    let dev = s.var.device().clone();
+    s.m = Tensor::from_vec(m, &shape, &dev)?;
+    s.v = Tensor::from_vec(v, &shape, &dev)?;
+    s.var.set(&Tensor::from_vec(p, &shape, &dev)?)?;
+    Ok(())
 }
 
 /// The global L2 norm of all gradients.

@@ -183,6 +183,13 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
                 tc.tokens_per_step
             ));
         }
+        if tc.tokens_per_step % block_tokens != 0 {
+            return bad(format!(
+                "tokens_per_step {} is not divisible by the {name}-phase block of {block_tokens} tokens, so the phases would not see equal tokens per step; use a multiple of {block_tokens}, e.g. {}",
+                tc.tokens_per_step,
+                bps * block_tokens
+            ));
+        }
         let mut steps = (file.blocks as usize * file.epochs) / bps;
         if tc.max_steps_per_phase > 0 {
             steps = steps.min(tc.max_steps_per_phase);
@@ -240,10 +247,20 @@ impl<'a> Trainer<'a> {
         &self.plans
     }
 
-    /// Saves this tokenizer (and its bos/eos ids) with the final model.
-    pub fn with_tokenizer(mut self, json: String, bos: Option<u32>, eos: Option<u32>) -> Self {
+    /// Saves this tokenizer (its canonical `tokenizer.json`, as the data crate writes it beside
+    /// the shards, and its bos/eos ids) with the final model. Refused unless it is the tokenizer
+    /// the datasets were made with.
+    pub fn with_tokenizer(mut self, json: String, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
+        use sha2::Digest;
+        let given = format!("sha256:{}", hex::encode(sha2::Sha256::digest(json.as_bytes())));
+        if given != self.manifest.tokenizer_fingerprint {
+            return Err(TrainError::Config(format!(
+                "the tokenizer ({given}) is not the one the datasets were made with ({}); use the tokenizer.json saved beside the shards",
+                self.manifest.tokenizer_fingerprint
+            )));
+        }
         self.tokenizer = Some((json, bos, eos));
-        self
+        Ok(self)
     }
 
     /// Calls `f` after every optimizer step (e.g. for custom logging).
@@ -274,6 +291,7 @@ impl<'a> Trainer<'a> {
         let run_dir = self.run_dir.clone();
         std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
         let fingerprint = self.cfg.fingerprint();
+        let cfg_json = serde_json::to_value(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?;
         let (model, varmap) = init_model(&self.cfg.model, &self.device, self.cfg.seed)?;
         let params: Vec<(String, Var)> = {
             let data = varmap.data().lock().map_err(|_| TrainError::Config("poisoned var map".into()))?;
@@ -521,7 +539,14 @@ impl<'a> Trainer<'a> {
                         st.optimizer_step = opt_step;
                         opt_tensors
                     };
-                    save_checkpoint(&run_dir, &named_tensors(&varmap)?, &opt_tensors, &st, tc.keep_checkpoints)?;
+                    save_checkpoint(
+                        &run_dir,
+                        &named_tensors(&varmap)?,
+                        &opt_tensors,
+                        &st,
+                        &cfg_json,
+                        tc.keep_checkpoints,
+                    )?;
                 }
             }
             pb.finish_and_clear();

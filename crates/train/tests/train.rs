@@ -52,6 +52,45 @@ fn adamw_and_clipping_match_pytorch() {
 }
 
 #[test]
+fn fused_cpu_adamw_equals_the_tensor_path() {
+    let dev = Device::Cpu;
+    let mut rng = patchlm_model::SplitMix64(9);
+    let mut vals = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+    let w0 = Tensor::from_vec(vals(64 * 48), (64, 48), &dev).unwrap();
+    let n0 = Tensor::from_vec(vals(48), 48, &dev).unwrap();
+    let grads: Vec<(Tensor, Tensor)> = (0..4)
+        .map(|_| {
+            (Tensor::from_vec(vals(64 * 48), (64, 48), &dev).unwrap(), Tensor::from_vec(vals(48), 48, &dev).unwrap())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for fused in [true, false] {
+        let w = Var::from_tensor(&w0).unwrap();
+        let n = Var::from_tensor(&n0).unwrap();
+        let mut opt =
+            AdamW::new(vec![("w".into(), w.clone()), ("n".into(), n.clone())], AdamWConfig::default()).unwrap();
+        opt.set_fused_cpu(fused);
+        for (gw, gn) in &grads {
+            let g: HashMap<String, Tensor> = [("w".to_string(), gw.clone()), ("n".to_string(), gn.clone())].into();
+            opt.step(&g, 1e-2).unwrap();
+        }
+        let mut v: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        v.extend(n.as_tensor().to_vec1::<f32>().unwrap());
+        out.push(v);
+    }
+    let d = out[0].iter().zip(&out[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-6, "fused and tensor AdamW differ by {d}");
+    assert_ne!(
+        out[0],
+        w0.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..]
+            .to_vec()
+            .into_iter()
+            .chain(n0.to_vec1::<f32>().unwrap())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
 fn warmup_cosine_schedule() {
     // 10 warmup steps to 1.0, cosine to 0.1 over the remaining 90.
     assert!((lr_at(0, 100, 10, 1.0, 0.1) - 0.1).abs() < 1e-12);
@@ -108,9 +147,11 @@ fn weights(dir: &Path) -> Vec<u8> {
 #[test]
 fn phases_plan_equal_tokens_per_step_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, pdir, cfg) = pipeline(dir.path(), 0.5);
+    let (shards, pdir, cfg) = pipeline(dir.path(), 0.5);
     let run = dir.path().join("run");
-    let mut tr = Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap();
+    let tok = std::fs::read_to_string(shards.join("tokenizer.json")).unwrap();
+    let mut tr =
+        Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().with_tokenizer(tok, Some(0), Some(1)).unwrap();
     let plans = tr.plans().to_vec();
     assert_eq!(plans.len(), 2);
     assert_eq!((plans[0].name.as_str(), plans[0].k, plans[0].blocks_per_step), ("patch", 4, 4));
@@ -139,7 +180,12 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     // Validation loss fell from the initial model.
     assert!(evals.last().unwrap()["val_loss"].as_f64().unwrap() < evals[0]["val_loss"].as_f64().unwrap());
     assert!(run.join("model/config.json").is_file());
-    assert_eq!(list_checkpoints(&run).unwrap().len(), 2);
+    let cks = list_checkpoints(&run).unwrap();
+    assert_eq!(cks.len(), 2);
+    // Each checkpoint carries the resolved config; the final model carries the tokenizer.
+    let saved: RunConfig = serde_json::from_str(&std::fs::read_to_string(cks[1].join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved, cfg);
+    assert!(run.join("model/tokenizer.json").is_file());
     // A second run into the same directory without --resume is refused.
     let e = Trainer::new(cfg, &pdir, &run, Device::Cpu).unwrap().run(false).unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
@@ -170,6 +216,14 @@ fn bad_settings_fail_before_training() {
     let mut c = cfg.clone();
     c.train.tokens_per_step = 16;
     check(c, "smaller than one patch-phase block");
+    let mut c = cfg.clone();
+    c.train.tokens_per_step = 100;
+    check(c, "not divisible");
+    // A tokenizer other than the datasets' is refused before training.
+    let t = Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap();
+    let e = t.with_tokenizer("{}".into(), None, Some(1)).err().unwrap().to_string();
+    assert!(e.contains("not the one the datasets were made with"), "{e}");
+    assert!(!run.exists());
     let mut c = cfg.clone();
     c.model.max_position_embeddings = 4;
     check(c, "exceeds the model");
