@@ -130,7 +130,21 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     } else {
         inputs.to_vec()
     };
-    let key = serde_json::json!({ "data": cfg.data, "inputs": inputs });
+    // The cache key covers the settings and every input file's path, size and mtime, so edited
+    // inputs are re-tokenized rather than served stale.
+    let files: Vec<serde_json::Value> = patchlm_data::source::expand_inputs(&inputs)?
+        .iter()
+        .map(|f| {
+            let meta = f.metadata().ok();
+            let mtime = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos() as u64);
+            serde_json::json!([f, meta.map(|m| m.len()), mtime])
+        })
+        .collect();
+    let key = serde_json::json!({ "data": cfg.data, "inputs": files });
     let hash = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();

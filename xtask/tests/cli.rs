@@ -79,6 +79,15 @@ progress = false
         .collect();
     assert!(evals.last().unwrap() < &(evals[0] - 0.5), "{evals:?}");
 
+    // Shards are cached by settings and input contents: an edited input is re-tokenized.
+    let shard_dirs = || {
+        std::fs::read_dir(d.join("dd"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("shards-"))
+            .count()
+    };
+    assert_eq!(shard_dirs(), 1);
+
     // --resume on a finished run trains nothing more and reports the same model.
     let mut resume = args.to_vec();
     resume.push("--resume");
