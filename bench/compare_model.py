@@ -1,12 +1,15 @@
-"""CPU training-step throughput side by side: patchlm (`cargo xtask bench model`) vs PyTorch with
-the same LLaMA shapes (RMSNorm, RoPE, SwiGLU, untied head), the same loss (token k=1, patch k=4),
-AdamW and grad clipping, and the same thread count.
+"""Training-step throughput side by side: patchlm (`cargo xtask bench model`) vs PyTorch with the
+same LLaMA shapes (RMSNorm, RoPE, SwiGLU, untied head), the same loss (token k=1, patch k=4), AdamW
+and grad clipping; on CPU with the same thread count, on CUDA in the same device call.
     python3 bench/compare_model.py --preset small --batch 16 --ctx 128 --threads 2
-Needs torch; a release build of xtask."""
+    python3 bench/compare_model.py --device cuda --dtype bf16 --compile --preset gpt2-small --batch 8 --ctx 1024
+MFU = tokens/s x (6 N + 12 L d T) / peak, peak 989 TFLOP/s (H100 dense bf16) unless --peak.
+Needs torch; a release build of xtask (with --features cuda for --device cuda)."""
 import argparse, json, math, os, subprocess, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
-PRESETS = {"tiny": (32, 64, 2, 4, 2, 256), "small": (256, 688, 4, 4, 4, 8192), "gpt2-small": (768, 2048, 12, 12, 12, 50304)}
+PRESETS = {"tiny": (32, 64, 2, 4, 2, 256), "small": (256, 688, 4, 4, 4, 8192), "gpt2-small": (768, 2048, 12, 12, 12, 50304),
+           "370m": (1024, 2752, 24, 16, 16, 32000)}
 
 class Norm(nn.Module):
     def __init__(self, d):
@@ -55,27 +58,62 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--preset", default="small"); ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--ctx", type=int, default=128); ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--steps", type=int, default=5); ap.add_argument("--xtask", default="target/release/xtask")
+ap.add_argument("--device", default="cpu"); ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+ap.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
+ap.add_argument("--peak", type=float, default=989e12)
+ap.add_argument("--ks", default="1,4")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
+dev = torch.device(a.device)
+if dev.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
 d, f, L, h, kv, V = PRESETS[a.preset]
-rows = []
-for k in (1, 4):
-    torch.manual_seed(0)
-    m = Model(d, f, L, h, kv, V, a.ctx)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.randint(0, V, (a.batch, k * (a.ctx + 1)))
-    ts = []
-    for s in range(a.steps + 2):
-        t0 = time.perf_counter()
-        loss = m.loss(ids, k); loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
-        if s >= 2: ts.append(time.perf_counter() - t0)
-    rows.append((k, a.batch * a.ctx * k / sorted(ts)[len(ts) // 2]))
+ks = [int(x) for x in a.ks.split(",")]
+def flops_per_token(m):
+    n = sum(p.numel() for p in m.parameters())
+    return 6 * n + 12 * L * d * a.ctx
+def sync():
+    if dev.type == "cuda": torch.cuda.synchronize()
+# Ours first: torch's OpenMP workers keep spinning for a while after its last step and would
+# steal the cores from a subprocess started right after.
 env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
-out = subprocess.run([a.xtask, "bench", "model", "--preset", a.preset, "--batch", str(a.batch), "--ctx", str(a.ctx),
-                      "--k", "1,4", "--steps", str(a.steps)], capture_output=True, text=True, check=True, env=env).stdout
-ours = {r["k"]: r for r in (json.loads(l) for l in out.splitlines() if l.startswith("{"))}
-print(f"preset {a.preset}, batch {a.batch} x ctx {a.ctx} positions, {a.threads} threads, torch {torch.__version__}")
-print(f"{'k':>3}{'torch tokens/s':>16}{'patchlm tokens/s':>18}{'ratio':>8}")
-for k, tps in rows:
-    print(f"{k:>3}{tps:>16.0f}{ours[k]['tokens_per_s']:>18.0f}{ours[k]['tokens_per_s'] / tps:>8.2f}")
+cmd = [a.xtask, "bench", "model", "--preset", a.preset, "--batch", str(a.batch), "--ctx", str(a.ctx),
+       "--k", a.ks, "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype]
+out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+if out.returncode != 0:
+    print(out.stdout, out.stderr); raise SystemExit(f"xtask bench failed: {' '.join(cmd)}")
+ours = {r["k"]: r for r in (json.loads(l) for l in out.stdout.splitlines() if l.startswith("{"))}
+rows = []
+modes = ["eager"] + (["compile"] if a.compile else [])
+for mode in modes:
+    for k in ks:
+        torch.manual_seed(0)
+        m = Model(d, f, L, h, kv, V, a.ctx).to(dev)
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                **({"fused": True} if dev.type == "cuda" else {}))
+        ids = torch.randint(0, V, (a.batch, k * (a.ctx + 1)), device=dev)
+        loss_fn = torch.compile(m.loss, static_argnums=()) if mode == "compile" else m.loss
+        if dev.type == "cuda": torch.cuda.reset_peak_memory_stats()
+        ts = []
+        for s in range(a.steps + 3):
+            sync(); t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+                loss = loss_fn(ids, k)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
+            sync()
+            if s >= 3: ts.append(time.perf_counter() - t0)
+        step = sorted(ts)[len(ts) // 2]
+        mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+        tps = a.batch * a.ctx * k / step
+        rows.append((mode, k, tps, step, mem, tps / k * flops_per_token(m) / a.peak))
+        del m, opt
+print(f"preset {a.preset}, batch {a.batch} x ctx {a.ctx} positions, {a.device} {a.dtype}, "
+      f"{a.threads} CPU threads, torch {torch.__version__}, MFU peak {a.peak:.3g} FLOP/s")
+print(f"{'torch mode':>10}{'k':>3}{'torch tok/s':>13}{'MFU':>7}{'ms':>8}{'GiB':>7}"
+      f"{'patchlm tok/s':>15}{'MFU':>7}{'ms':>8}{'GiB':>7}{'ratio':>8}")
+for mode, k, tps, step, mem, mfu in rows:
+    o = ours[k]
+    print(f"{mode:>10}{k:>3}{tps:>13.0f}{100 * mfu:>6.1f}%{1e3 * step:>8.1f}{mem:>7.2f}"
+          f"{o['tokens_per_s']:>15.0f}{100 * (o.get('mfu') or float('nan')):>6.1f}%{o['step_ms']:>8.1f}"
+          f"{(o.get('peak_mem_gib') or float('nan')):>7.2f}{o['tokens_per_s'] / tps:>8.2f}")

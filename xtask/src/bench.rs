@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use patchlm_data::{Dataset, Split, TokenizerSource};
-use patchlm_model::{init_model, parse_device, ModelConfig};
+use patchlm_model::{init_model, parse_device, parse_dtype, ModelConfig};
 use rayon::prelude::*;
 
 /// `cargo xtask bench <what>`.
@@ -45,6 +45,15 @@ pub enum BenchCmd {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Compute dtype: f32 or bf16 (mixed precision, f32 master weights).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Fused ops (cross-entropy, RMSNorm): on, off (composed candle ops) or both (a row each).
+        #[arg(long, default_value = "on")]
+        fused: String,
+        /// Peak FLOP/s for MFU (default: H100 dense bf16).
+        #[arg(long, default_value_t = 989e12)]
+        peak_flops: f64,
     },
 }
 
@@ -57,8 +66,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Data { tokenizer, input, out } => bench_data(&tokenizer, &input, &out),
-        BenchCmd::Model { preset, batch, ctx, k, steps, device } => {
-            bench_model(&preset, batch, ctx, &k, steps, &device)
+        BenchCmd::Model { preset, batch, ctx, k, steps, device, dtype, fused, peak_flops } => {
+            bench_model(&ModelBench {
+                preset: &preset,
+                batch,
+                ctx,
+                ks: &k,
+                steps,
+                device: &device,
+                dtype: &dtype,
+                fused: &fused,
+                peak_flops,
+            })
         }
     }
 }
@@ -128,12 +147,57 @@ fn bench_data(tokenizer: &std::path::Path, input: &std::path::Path, out: &std::p
     Ok(())
 }
 
-fn bench_model(preset: &str, batch: usize, ctx: usize, ks: &[usize], steps: usize, device: &str) -> Result<()> {
-    let device: Device = parse_device(device)?;
+/// What one `bench model` invocation measures.
+pub struct ModelBench<'a> {
+    preset: &'a str,
+    batch: usize,
+    ctx: usize,
+    ks: &'a [usize],
+    steps: usize,
+    device: &'a str,
+    dtype: &'a str,
+    fused: &'a str,
+    peak_flops: f64,
+}
+
+/// Device memory in use (total − free), sampled; 0 on CPU or when the driver cannot say. Candle
+/// frees on drop, so the maximum of samples after the forward and backward passes approximates
+/// the step's peak.
+fn device_mem_used(device: &Device) -> u64 {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
+            return (total - free) as u64;
+        }
+    }
+    let _ = device;
+    0
+}
+
+fn bench_model(b: &ModelBench) -> Result<()> {
+    let settings: Vec<bool> = match b.fused {
+        "on" => vec![true],
+        "off" => vec![false],
+        "both" => vec![false, true],
+        other => anyhow::bail!("--fused {other}: expected on, off or both"),
+    };
+    for fused in settings {
+        patchlm_model::ops::set_fused_ops(fused);
+        bench_model_once(b, fused)?;
+    }
+    patchlm_model::ops::set_fused_ops(true);
+    Ok(())
+}
+
+fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
+    let ModelBench { preset, batch, ctx, ks, steps, .. } = *b;
+    let device: Device = parse_device(b.device)?;
+    let dtype = parse_dtype(b.dtype)?;
     let mut cfg = ModelConfig::preset(preset)?;
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(ctx);
     for &k in ks {
         let (model, varmap) = init_model(&cfg, &device, 0)?;
+        let model = model.with_compute_dtype(dtype);
         let params = patchlm_model::named_tensors(&varmap)?;
         let vars: Vec<(String, candle_core::Var)> = {
             let d = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -146,10 +210,13 @@ fn bench_model(preset: &str, batch: usize, ctx: usize, ks: &[usize], steps: usiz
         let ids: Vec<u32> = (0..batch * len).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, len), &device)?;
         let mut times = Vec::new();
+        let mut peak_mem = 0u64;
         for s in 0..steps + 2 {
             let t0 = Instant::now();
             let loss = patchlm_patch::patch_loss(&model, &ids, k)?;
+            peak_mem = peak_mem.max(device_mem_used(&device));
             let grads = loss.backward()?;
+            peak_mem = peak_mem.max(device_mem_used(&device));
             let mut g = std::collections::HashMap::new();
             for (n, v) in &vars {
                 if let Some(x) = grads.get(v.as_tensor()) {
@@ -165,12 +232,15 @@ fn bench_model(preset: &str, batch: usize, ctx: usize, ks: &[usize], steps: usiz
         }
         let step = median(times);
         let tokens = (batch * ctx * k) as f64;
+        // The model runs ctx positions per sequence in both phases (patches in the patch phase).
+        let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
         println!(
             "{}",
             serde_json::json!({
                 "bench": "model", "impl": "patchlm-candle", "preset": preset, "params": params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
-                "threads": rayon::current_num_threads(),
+                "threads": rayon::current_num_threads(), "dtype": b.dtype, "mfu": mfu, "peak_flops": b.peak_flops,
+                "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
             })
         );
     }

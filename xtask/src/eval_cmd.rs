@@ -17,6 +17,10 @@ pub struct EvalArgs {
     /// Text to score (files or directories: text, JSONL, Parquet, optionally .gz).
     #[arg(long, num_args = 1..)]
     text: Vec<PathBuf>,
+    /// A shards directory of the data crate: score its validation split (as stored, with the
+    /// BOS/EOS framing of training).
+    #[arg(long)]
+    shards: Option<PathBuf>,
     /// Zero-shot tasks (BIG-bench task.json, or HellaSwag / PIQA / ARC JSONL).
     #[arg(long, num_args = 1..)]
     task: Vec<PathBuf>,
@@ -36,8 +40,8 @@ pub struct EvalArgs {
 
 /// Runs the evaluation and prints a table.
 pub fn run(a: EvalArgs) -> Result<()> {
-    if a.text.is_empty() && a.task.is_empty() {
-        bail!("nothing to evaluate: pass --text PATH... and/or --task PATH...");
+    if a.text.is_empty() && a.task.is_empty() && a.shards.is_none() {
+        bail!("nothing to evaluate: pass --text PATH..., --shards DIR and/or --task PATH...");
     }
     let device = parse_device(&a.device)?;
     let (model, cfg) = load_pretrained(&a.model, &device, DType::F32)?;
@@ -63,6 +67,29 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
         out["perplexity"] = serde_json::json!({
             "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "nll": s.nll,
+            "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
+            "context": w.context, "stride": w.stride,
+        });
+    }
+    if let Some(dir) = &a.shards {
+        let ds = patchlm_data::Dataset::open(dir)?;
+        ds.manifest().check_tokenizer(dir, &patchlm_data::tokenizer::fingerprint(&tok)?).with_context(|| {
+            format!("{} was tokenized with another tokenizer than {}", dir.display(), tok_path.display())
+        })?;
+        let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
+        let s = patchlm_eval::perplexity_of_split(&model, &tok, &ds, patchlm_data::Split::Val, &w, &device, None)?;
+        println!("{:<28}{:>12}{:>12}{:>12}{:>14}{:>10}", "shards", "documents", "tokens", "loss", "perplexity", "bpb");
+        println!(
+            "{:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}",
+            "validation split",
+            s.documents,
+            s.tokens,
+            s.mean_nll(),
+            s.perplexity(),
+            s.bits_per_byte()
+        );
+        out["validation"] = serde_json::json!({
+            "shards": dir, "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "nll": s.nll,
             "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
             "context": w.context, "stride": w.stride,
         });

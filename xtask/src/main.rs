@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod compare;
 mod eval_cmd;
 mod model_cmds;
 mod pretrain;
@@ -64,6 +65,9 @@ enum Cmd {
     Bench(bench::BenchCmd),
     /// Patch-level pretraining end to end: corpus → shards → patch phase → token phase → HF model.
     Pretrain(pretrain::PretrainArgs),
+    /// The paper's experiment: baseline, patch-level run(s) and equal-compute baseline(s) on the
+    /// same data, evaluated side by side in a report with plots.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> Result<()> {
@@ -115,6 +119,7 @@ fn main() -> Result<()> {
         Cmd::Pretrain(a) => pretrain::run(a)?,
         Cmd::Bench(b) => bench::run(b)?,
         Cmd::Eval(a) => eval_cmd::run(a)?,
+        Cmd::Compare(a) => compare::run(a)?,
     }
     Ok(())
 }

@@ -29,6 +29,9 @@ pub struct PretrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute dtype, f32 or bf16 (mixed precision); the same as `--set train.dtype=...`.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Training text (files or directories); default: the built-in corpus (`cargo xtask corpus`).
     #[arg(long, num_args = 1..)]
     pub input: Vec<PathBuf>,
@@ -49,7 +52,7 @@ pub fn default_config() -> RunConfig {
     c.train.micro_batch = 16;
     c.train.lr = 2e-3;
     c.train.warmup_steps = 20;
-    c.train.eval_every = 25;
+    c.train.eval_every = 10;
     c.train.checkpoint_every = 50;
     c.train.max_steps_per_phase = 0;
     c
@@ -161,6 +164,14 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     Ok(shards)
 }
 
+/// The config a run on these shards trains with: the model's vocabulary covers the tokenizer's
+/// ids (rounded up to a multiple of 64) and its positions cover the context.
+pub fn fit_config(mut cfg: RunConfig, manifest: &Manifest) -> RunConfig {
+    cfg.model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
+    cfg.model.max_position_embeddings = cfg.model.max_position_embeddings.max(cfg.blocks.context);
+    cfg
+}
+
 /// Runs one pretraining run end to end; returns its summary.
 pub fn pretrain(
     mut cfg: RunConfig,
@@ -175,9 +186,7 @@ pub fn pretrain(
     cfg.patch.validate()?;
     let shards = prepare_shards(&cfg, inputs, data_dir)?;
     let manifest = Manifest::load(&shards)?;
-    // The model's vocabulary covers the tokenizer's ids, rounded up to a multiple of 64.
-    cfg.model.vocab_size = manifest.vocab_size.div_ceil(64) * 64;
-    cfg.model.max_position_embeddings = cfg.model.max_position_embeddings.max(cfg.blocks.context);
+    cfg = fit_config(cfg, &manifest);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if resume {
         let saved = out.join("config.toml");
@@ -251,9 +260,12 @@ pub fn print_summary(s: &RunSummary, cfg: &RunConfig) {
 
 /// `cargo xtask pretrain`.
 pub fn run(a: PretrainArgs) -> Result<()> {
-    let (cfg, mut inputs) = resolve_config(a.config.as_deref(), &a.set, default_config())?;
+    let (mut cfg, mut inputs) = resolve_config(a.config.as_deref(), &a.set, default_config())?;
     if !a.input.is_empty() {
         inputs = a.input.clone();
+    }
+    if let Some(d) = &a.dtype {
+        cfg.train.dtype = d.clone();
     }
     let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
     print_summary(&s, &cfg);

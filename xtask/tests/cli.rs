@@ -12,6 +12,15 @@ fn xtask(args: &[&str], cwd: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The run config of the tiny CLI runs.
+fn tiny_config(micro_batch: usize, eval_every: usize, checkpoint_every: usize) -> String {
+    format!(
+        "preset = \"tiny\"\n[data]\nval_fraction = 0.1\n[data.tokenizer]\nvocab_size = 320\n[blocks]\ncontext = 16\n\
+         max_val_blocks = 8\n[train]\ntokens_per_step = 256\nmicro_batch = {micro_batch}\nlr = 3e-3\nwarmup_steps = 2\n\
+         eval_every = {eval_every}\ncheckpoint_every = {checkpoint_every}\nprogress = false\n"
+    )
+}
+
 #[test]
 fn pretrain_end_to_end_on_a_tiny_corpus() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,28 +32,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         s.push('\n');
     }
     std::fs::write(d.join("tiny.jsonl"), s).unwrap();
-    std::fs::write(
-        d.join("run.toml"),
-        r#"
-preset = "tiny"
-[data]
-val_fraction = 0.1
-[data.tokenizer]
-vocab_size = 320
-[blocks]
-context = 16
-max_val_blocks = 8
-[train]
-tokens_per_step = 256
-micro_batch = 4
-lr = 3e-3
-warmup_steps = 2
-eval_every = 5
-checkpoint_every = 4
-progress = false
-"#,
-    )
-    .unwrap();
+    std::fs::write(d.join("run.toml"), tiny_config(4, 5, 4)).unwrap();
 
     // Standalone data stage.
     let (ok, out) = xtask(&["data", "--input", "tiny.jsonl", "--out", "shards", "--vocab-size", "320"], d);
@@ -146,4 +134,97 @@ progress = false
     let (ok2, out2) =
         xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "8", "--seed", "3"], d);
     assert!(ok2 && out == out2, "same seed, same text");
+}
+
+#[test]
+fn compare_end_to_end_on_a_tiny_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Multi-line documents, so the held-out continuation task has lines to draw.
+    let mut s = String::new();
+    for i in 0..300 {
+        let lines: Vec<String> = (0..10)
+            .map(|l| (0..7).map(|j| format!("w{}", (i * 7 + l * 5 + j * 13) % 47)).collect::<Vec<_>>().join(" "))
+            .collect();
+        s += &serde_json::json!({"text": lines.join("\n")}).to_string();
+        s.push('\n');
+    }
+    std::fs::write(d.join("tiny.jsonl"), s).unwrap();
+    std::fs::write(d.join("run.toml"), tiny_config(8, 10, 20)).unwrap();
+    let base = ["compare", "--config", "run.toml", "--input", "tiny.jsonl", "--data-dir", "dd", "--out", "cmp"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(extra.iter().copied()).collect() };
+    let args = with(&["--continuation-examples", "40"]);
+    let (ok, out) = xtask(&args, d);
+    assert!(ok, "{out}");
+    for f in [
+        "report.md",
+        "report.json",
+        "continuation.jsonl",
+        "loss_vs_compute.png",
+        "loss_vs_compute.svg",
+        "loss_vs_tokens.png",
+        "loss_vs_tokens.svg",
+        "loss_vs_time.png",
+        "loss_vs_time.svg",
+        "runs/baseline/summary.json",
+        "runs/patch-k4-l0.667/summary.json",
+        "runs/baseline-eq-k4-l0.667/summary.json",
+    ] {
+        assert!(d.join("cmp").join(f).is_file(), "missing {f}\n{out}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("cmp/report.json")).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["baseline", "patch K=4 λ=0.667", "baseline, compute of K=4 λ=0.667"]);
+    let cost = |i: usize| runs[i]["cost"].as_f64().unwrap();
+    let tokens = |i: usize| runs[i]["tokens"].as_f64().unwrap();
+    assert!((cost(0) - 1.0).abs() < 1e-9);
+    // Patch run: cost ≈ λ/K + 1 − λ = 0.5 on about the baseline's tokens; the equal-compute
+    // baseline: about that cost on about half the tokens.
+    assert!((cost(1) - 0.5).abs() < 0.05, "{}", cost(1));
+    assert!((cost(2) - cost(1)).abs() < 0.05, "{} vs {}", cost(2), cost(1));
+    assert!((tokens(2) / tokens(0) - 0.5).abs() < 0.05);
+    assert!(runs[1]["marker"].is_object() && runs[0]["marker"].is_null());
+    for r in runs {
+        assert_eq!(r["tasks"][0]["n"], 40);
+        assert!(r["curve"].as_array().unwrap().len() >= 3);
+    }
+    let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
+    assert!(md
+        .contains("| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc |"));
+    assert!(md.contains("| patch K=4 λ=0.667 | 4 | 0.667 | 0.5"), "{md}");
+    assert!(md.contains("![Validation loss vs relative compute](loss_vs_compute.png)"));
+
+    // The table's validation loss is what `xtask eval --shards` gives for the same model.
+    let shards = std::fs::read_dir(d.join("dd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
+        .unwrap();
+    let (ok, out) = xtask(
+        &["eval", "--model", "cmp/runs/baseline/model", "--shards", shards.to_str().unwrap(), "--context", "16"],
+        d,
+    );
+    assert!(ok, "{out}");
+    let line = out.lines().find(|l| l.starts_with("validation split")).unwrap();
+    let loss: f64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!((loss - runs[0]["val_loss"].as_f64().unwrap()).abs() < 1e-3, "{line}");
+
+    // Run again: every run is reused, nothing retrains.
+    let (ok, out) = xtask(&args, d);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("finished before; reused").count(), 3, "{out}");
+    // A sweep reuses what matches (baseline, K=4) and trains only the new K=2 run.
+    let (ok, out) = xtask(&with(&["--k", "2,4", "--no-equal-compute", "--continuation-examples", "0"]), d);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("finished before; reused").count(), 2, "{out}");
+    assert!(d.join("cmp/runs/patch-k2-l0.667/summary.json").is_file());
+    let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
+    assert!(md.contains("| patch K=2 λ=0.667 | 2 |") && !md.contains("continuation acc"), "{md}");
+    // Bad sweep values fail before any training.
+    let (ok, out) = xtask(&with(&["--lambda", "1.2"]), d);
+    assert!(!ok && out.contains("--lambda 1.2"), "{out}");
+    let (ok, out) = xtask(&with(&["--k", "1"]), d);
+    assert!(!ok && out.contains("--k 1"), "{out}");
 }

@@ -23,6 +23,14 @@ pub enum EvalError {
         /// The error.
         source: std::io::Error,
     },
+    /// A plot or report file could not be drawn or written.
+    #[error("{path}: {msg}")]
+    Plot {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
     /// Encoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

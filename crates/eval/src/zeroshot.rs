@@ -22,7 +22,7 @@ pub struct McExample {
 }
 
 /// Accuracy of one task.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TaskResult {
     /// Task name (file stem).
     pub task: String,

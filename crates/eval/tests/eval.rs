@@ -147,3 +147,197 @@ fn tiny_task_scored_end_to_end() {
     assert!((r.acc - hits as f64 / 3.0).abs() < 1e-12, "{r:?}");
     assert!((r.acc_norm - hits_norm as f64 / 3.0).abs() < 1e-12, "{r:?}");
 }
+
+#[test]
+fn validation_split_perplexity_equals_scoring_its_texts() {
+    // Two independent paths: the stored (already framed) token ids of the validation split, and
+    // the decoded texts written to JSONL and re-encoded by perplexity_of_texts.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut jsonl = String::new();
+    for i in 0..120 {
+        let text = format!("Line {i} of the fox.\nThe quick brown fox {} jumps over the lazy dog {}.", i * 7, i % 5);
+        jsonl += &serde_json::json!({ "text": text }).to_string();
+        jsonl.push('\n');
+    }
+    std::fs::write(d.join("c.jsonl"), jsonl).unwrap();
+    let mut cfg = patchlm_data::DataConfig::default();
+    cfg.tokenizer.vocab_size = 300;
+    cfg.val_fraction = 0.2;
+    patchlm_data::build_shards(&[d.join("c.jsonl")], &d.join("s"), &cfg, patchlm_data::TokenizerSource::Train, false)
+        .unwrap();
+    let ds = patchlm_data::Dataset::open(d.join("s")).unwrap();
+    let tok = patchlm_data::tokenizer::load_tokenizer(&d.join("s/tokenizer.json")).unwrap();
+    let mut mc = patchlm_model::ModelConfig::preset("tiny").unwrap();
+    mc.vocab_size = 320;
+    mc.max_position_embeddings = 32;
+    let (model, _) = patchlm_model::init_model(&mc, &Device::Cpu, 9).unwrap();
+    let w = WindowConfig { context: 32, stride: Some(8) };
+    let val = patchlm_data::Split::Val;
+    let a = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, None).unwrap();
+    assert_eq!(a.documents, ds.manifest().documents(val));
+    let texts = split_texts(&tok, &ds, val).unwrap();
+    let mut out = String::new();
+    for t in &texts {
+        out += &serde_json::json!({ "text": t }).to_string();
+        out.push('\n');
+    }
+    std::fs::write(d.join("val.jsonl"), out).unwrap();
+    let specials = ds.manifest().special_tokens;
+    let b = perplexity_of_texts(&model, &tok, &specials, &[d.join("val.jsonl")], &w, &Device::Cpu).unwrap();
+    assert_eq!((a.tokens, a.bytes, a.documents), (b.tokens, b.bytes, b.documents));
+    assert!((a.nll - b.nll).abs() < 1e-6 * a.nll, "{a:?} vs {b:?}");
+    assert_eq!(a.bytes, texts.iter().map(|t| t.len() as u64).sum::<u64>());
+    // A cap on documents is honoured.
+    let one = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, Some(1)).unwrap();
+    assert_eq!(one.documents, 1);
+}
+
+fn poem(doc: usize, lines: usize) -> String {
+    (0..lines).map(|l| format!("document {doc} says line number {l} with   some words")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn continuation_task_draws_true_next_lines_and_round_trips() {
+    let texts: Vec<String> = (0..6).map(|d| poem(d, 10)).collect();
+    let cfg = ContinuationConfig { examples: 30, ..Default::default() };
+    let ex = continuation_task(&texts, &cfg);
+    assert_eq!(ex.len(), 30);
+    let mut golds = [0usize; 4];
+    for e in &ex {
+        assert_eq!(e.choices.len(), 4);
+        golds[e.gold] += 1;
+        // Context: three consecutive lines of one document (whitespace collapsed), gold: the next.
+        let words: Vec<&str> = e.context.split(' ').collect();
+        let doc = words[1];
+        let last: usize = e.context.rsplit("line number ").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(e.choices[e.gold], format!(" document {doc} says line number {} with some words", last + 1));
+        assert!(e.context.starts_with(&format!("document {doc} says line number {}", last - 2)), "{}", e.context);
+        // Distractors come from other documents and differ from each other.
+        for (i, c) in e.choices.iter().enumerate() {
+            if i != e.gold {
+                assert!(!c.starts_with(&format!(" document {doc} ")), "{c}");
+            }
+        }
+        let mut u = e.choices.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), 4);
+    }
+    assert!(golds.iter().all(|&g| g > 0), "gold positions vary: {golds:?}");
+    // Deterministic per seed, different across seeds.
+    assert_eq!(ex, continuation_task(&texts, &cfg));
+    assert_ne!(ex, continuation_task(&texts, &ContinuationConfig { seed: 7, ..cfg.clone() }));
+    // Written as HellaSwag JSONL, it loads back to the same examples.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cont.jsonl");
+    write_task_jsonl(&p, &ex).unwrap();
+    assert_eq!(load_task(&p).unwrap(), ex);
+    // Too little text: no questions rather than an error; one document alone has no distractors.
+    assert!(continuation_task(&texts[..1], &cfg).is_empty());
+    assert!(continuation_task(&[], &cfg).is_empty());
+}
+
+fn sample_report() -> report::Report {
+    use report::{CurvePoint, Report, ReportRun};
+    let curve = |scale: f64, k: f64| -> Vec<CurvePoint> {
+        (0..6)
+            .map(|i| CurvePoint {
+                tokens: i as f64 * 1000.0,
+                compute: i as f64 * 0.2 * scale,
+                secs: i as f64 * 10.0 * scale,
+                loss: 5.0 - i as f64 * 0.4 + k,
+            })
+            .collect()
+    };
+    let task = |acc: f64| TaskResult {
+        task: "continuation".into(),
+        n: 100,
+        acc,
+        acc_stderr: stderr_of(acc, 100),
+        acc_norm: acc + 0.01,
+        acc_norm_stderr: stderr_of(acc + 0.01, 100),
+    };
+    let pc = curve(0.5, 0.1);
+    Report {
+        title: "Test report".into(),
+        notes: vec!["A note.".into()],
+        runs: vec![
+            ReportRun {
+                name: "baseline".into(),
+                labels: vec![("K".into(), "1".into()), ("λ".into(), "0".into())],
+                cost: 1.0,
+                tokens: 5000,
+                wall_secs: 50.0,
+                val_loss: 3.0,
+                val_ppl: 3f64.exp(),
+                bits_per_byte: 1.25,
+                tasks: vec![task(0.31)],
+                curve: curve(1.0, 0.0),
+                marker: None,
+            },
+            ReportRun {
+                name: "patch K=4 λ=0.667".into(),
+                labels: vec![("K".into(), "4".into()), ("λ".into(), "0.667".into())],
+                cost: 0.5,
+                tokens: 5000,
+                wall_secs: 125.0,
+                val_loss: 3.1,
+                val_ppl: 3.1f64.exp(),
+                bits_per_byte: 1.3,
+                tasks: vec![task(0.29)],
+                marker: Some(pc[3]),
+                curve: pc,
+            },
+        ],
+        marker_label: "patch → token switch".into(),
+    }
+}
+
+#[test]
+fn report_table_has_the_papers_columns() {
+    let r = sample_report();
+    let t = report::markdown_table(&r);
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines.len(), 4, "{t}");
+    assert_eq!(
+        lines[0],
+        "| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc |"
+    );
+    assert_eq!(lines[2], "| baseline | 1 | 0 | 1.000× | 5.0k | 50.0s | 3.0000 | 20.09 | 1.2500 | 31.0 |");
+    assert_eq!(lines[3], "| patch K=4 λ=0.667 | 4 | 0.667 | 0.500× | 5.0k | 2m05s | 3.1000 | 22.20 | 1.3000 | 29.0 |");
+    let md = report::markdown(&r);
+    assert!(md.starts_with("# Test report\n\nA note.\n\n"));
+    assert!(md.contains("| patch K=4 λ=0.667 | continuation | 100 | 29.0 ± 4.6 | 30.0 ± 4.6 |"), "{md}");
+    for (stem, _) in report::PLOTS {
+        assert!(md.contains(&format!("({stem}.png)")) && md.contains(&format!("({stem}.svg)")));
+    }
+}
+
+#[test]
+fn report_plots_are_written_as_png_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = sample_report();
+    let files = report::write_report(dir.path(), &r).unwrap();
+    assert_eq!(files.len(), 8);
+    for (stem, title) in report::PLOTS {
+        let png = std::fs::read(dir.path().join(format!("{stem}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height, big-endian, after the chunk length and type.
+        assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1200);
+        assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 800);
+        let svg = std::fs::read_to_string(dir.path().join(format!("{stem}.svg"))).unwrap();
+        assert!(svg.contains(title), "{stem}: title");
+        assert!(svg.contains("validation loss (nats/token)"), "{stem}: y label");
+        assert!(svg.contains("baseline") && svg.contains("patch K=4 λ=0.667"), "{stem}: legend");
+        assert!(svg.contains("patch → token switch"), "{stem}: switch legend");
+        // One line per run with all its points.
+        let lines = svg.matches("<polyline").count();
+        assert!(lines >= 2, "{stem}: {lines} polylines");
+    }
+    let back: report::Report =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(back, r);
+    // No temporary files are left behind.
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("tmp")));
+}

@@ -23,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod llama;
+pub mod ops;
 pub mod weights;
 
 pub use candle_core;
@@ -31,7 +32,8 @@ pub use config::{ModelConfig, PRESETS};
 pub use error::{ModelError, Result};
 pub use generate::{generate, log_softmax, sample, score_tokens, SamplingConfig};
 pub use llama::{KvCache, Llama};
+pub use ops::{cross_entropy_multi, fused_ops_supported};
 pub use weights::{
-    init_model, load_config, load_pretrained, load_trainable, named_tensors, parse_device, save_pretrained,
-    special_token_ids, SplitMix64,
+    init_model, load_config, load_pretrained, load_trainable, named_tensors, parse_device, parse_dtype,
+    save_pretrained, special_token_ids, SplitMix64,
 };

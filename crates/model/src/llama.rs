@@ -4,7 +4,7 @@
 //! and silently cut the graph, so every block here is composed from basic ops that do.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -23,13 +23,25 @@ impl RmsNorm {
     }
 }
 
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl RmsNorm {
+    /// The same norm from composed candle ops: the path on devices without the fused op, and
+    /// the reference the fused op is tested against.
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::ops::fused_ops_supported(x.device()) {
+            crate::ops::rms_norm(x, &self.weight.to_dtype(x.dtype())?, self.eps)
+        } else {
+            self.forward_composed(x)
+        }
     }
 }
 
@@ -93,8 +105,22 @@ pub struct Attention {
     head_dim: usize,
 }
 
+/// A bias-free linear layer whose (f32 master) weight is cast to the input's dtype on use, so
+/// that a bf16 forward pass trains f32 parameters (the cast is differentiable).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = if self.weight.dtype() == x.dtype() { self.weight.clone() } else { self.weight.to_dtype(x.dtype())? };
+        candle_nn::Linear::new(w, None).forward(x)
+    }
+}
+
 fn linear(vb: VarBuilder, i: usize, o: usize) -> Result<Linear> {
-    Ok(Linear::new(vb.get((o, i), "weight")?, None))
+    Ok(Linear { weight: vb.get((o, i), "weight")? })
 }
 
 impl Attention {
@@ -188,9 +214,8 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
-        // silu(g) = g * sigmoid(g), composed so that it differentiates everywhere.
-        let silu = (&g * (g.neg()?.exp()? + 1.0)?.recip()?)?;
-        self.down_proj.forward(&(silu * self.up_proj.forward(x)?)?)
+        // candle-core's silu has a backward pass (unlike candle-nn's fused kernels).
+        self.down_proj.forward(&(g.silu()? * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -264,6 +289,7 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     cfg: ModelConfig,
+    compute_dtype: DType,
 }
 
 impl Llama {
@@ -280,7 +306,20 @@ impl Llama {
         let norm = RmsNorm::new(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?;
         let rope = Rope::new(cfg, vb.device())?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), compute_dtype: vb.dtype() })
+    }
+
+    /// Mixed precision: activations and matmuls in `dtype` (e.g. bf16) while the parameters keep
+    /// their own dtype (f32 master weights, cast on use); norm statistics, attention softmax and
+    /// the loss stay in f32. The default is the parameters' dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The dtype of activations and matmuls.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The configuration.
@@ -303,7 +342,7 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
-        let mut h = x.clone();
+        let mut h = x.to_dtype(self.compute_dtype)?;
         for layer in &self.layers {
             h = layer.forward(&h, &self.rope, 0, None)?;
         }
@@ -335,7 +374,7 @@ impl Llama {
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
         }
-        let mut h = self.embed(ids)?;
+        let mut h = self.embed(ids)?.to_dtype(self.compute_dtype)?;
         for (layer, entry) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(&h, &self.rope, offset, Some(entry))?;
         }

@@ -197,7 +197,18 @@ pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Llama, VarMap, Mod
     Ok((model, varmap, cfg))
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N`.
+/// Parses a compute dtype: `f32`, `bf16` or `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "fp32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "fp16" | "float16" => Ok(DType::F16),
+        _ => Err(ModelError::Device(format!("dtype \"{s}\" is not f32, bf16 or f16"))),
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`. On CUDA, f32 matmuls use TF32 tensor cores (as PyTorch's
+/// `allow_tf32`), since training keeps f32 only where range, not mantissa, matters.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
@@ -215,6 +226,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     "\"{s}\" needs a build with the cuda feature (`--features cuda`, see README)"
                 )));
             }
+            candle_core::cuda::set_gemm_reduced_precision_f32(true);
             Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("{s}: {e}")))
         }
     }

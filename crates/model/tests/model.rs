@@ -235,3 +235,131 @@ fn presets_and_param_counts() {
     assert!(parse_device("tpu").is_err());
     assert!(parse_device("cpu").is_ok());
 }
+
+/// −mean log softmax(x)[t] from composed ops, in f64: the reference for the fused op.
+fn ce_reference(x: &[f32], t: &[u32], n: usize, v: usize, k: usize) -> (f64, Vec<f64>) {
+    let mut loss = 0.0;
+    let mut grad = vec![0.0; n * v];
+    for i in 0..n {
+        let row: Vec<f64> = x[i * v..(i + 1) * v].iter().map(|&a| a as f64).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|a| (a - m).exp()).sum::<f64>().ln();
+        for j in 0..k {
+            let id = t[i * k + j] as usize;
+            loss += lse - row[id];
+            for (c, a) in row.iter().enumerate() {
+                grad[i * v + c] += (a - lse).exp() / (n * k) as f64;
+            }
+            grad[i * v + id] -= 1.0 / (n * k) as f64;
+        }
+    }
+    (loss / (n * k) as f64, grad)
+}
+
+#[test]
+fn fused_multi_target_cross_entropy_matches_an_f64_reference() {
+    let dev = Device::Cpu;
+    let mut rng = patchlm_model::SplitMix64(11);
+    for (n, v, k) in [(5usize, 37usize, 1usize), (7, 300, 4), (3, 1000, 8)] {
+        let x: Vec<f32> = (0..n * v).map(|_| (rng.uniform() as f32 - 0.5) * 8.0).collect();
+        let t: Vec<u32> = (0..n * k).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+        let (want, want_grad) = ce_reference(&x, &t, n, v, k);
+        let var = candle_core::Var::from_vec(x.clone(), (n, v), &dev).unwrap();
+        let tt = Tensor::from_vec(t.clone(), (n, k), &dev).unwrap();
+        let loss = patchlm_model::cross_entropy_multi(var.as_tensor(), &tt).unwrap();
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "n={n} v={v} k={k}: {got} vs {want}");
+        let g = loss.backward().unwrap();
+        let grad: Vec<f32> = g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let max_err = grad.iter().zip(&want_grad).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(max_err < 1e-6, "n={n} v={v} k={k}: gradient error {max_err}");
+        // bf16 logits: the same math with f32 statistics; errors at bf16's resolution.
+        let xb = var.as_tensor().to_dtype(DType::BF16).unwrap();
+        let lb = patchlm_model::cross_entropy_multi(&xb, &tt).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((lb - want).abs() < 2e-2 * want.abs().max(1.0), "bf16: {lb} vs {want}");
+    }
+    // K = 1 is candle's own cross-entropy.
+    let x = Tensor::randn(0f32, 2.0, (6, 50), &dev).unwrap();
+    let t = Tensor::new(&[1u32, 7, 49, 0, 3, 3], &dev).unwrap();
+    let ours = patchlm_model::cross_entropy_multi(&x, &t.unsqueeze(1).unwrap()).unwrap().to_scalar::<f32>().unwrap();
+    let theirs = candle_nn::loss::cross_entropy(&x, &t).unwrap().to_scalar::<f32>().unwrap();
+    assert!((ours - theirs).abs() < 1e-5, "{ours} vs {theirs}");
+    // Ids outside the vocabulary are an error, not a panic.
+    let bad = Tensor::new(&[[50u32]], &dev).unwrap();
+    let e = patchlm_model::cross_entropy_multi(&x.narrow(0, 0, 1).unwrap(), &bad).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}
+
+#[test]
+fn fused_rms_norm_matches_composed_ops_forward_and_backward() {
+    let dev = Device::Cpu;
+    let eps = 1e-5;
+    let composed = |x: &Tensor, w: &Tensor| -> Tensor {
+        let r = (x.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        x.broadcast_mul(&r).unwrap().broadcast_mul(w).unwrap()
+    };
+    for (n, d) in [(3usize, 8usize), (37, 256), (5, 1000)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.5, (n, d), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, d, &dev).unwrap()).unwrap();
+        // A non-uniform upstream gradient, so that both terms of dx matter.
+        let up = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
+        let a = patchlm_model::ops::rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
+        let b = composed(x.as_tensor(), w.as_tensor());
+        let diff = |p: &Tensor, q: &Tensor| -> f32 {
+            (p - q).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&a, &b) < 1e-5, "forward n={n} d={d}: {}", diff(&a, &b));
+        let ga = (&a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &w)] {
+            let p = ga.get(v.as_tensor()).unwrap();
+            let q = gb.get(v.as_tensor()).unwrap();
+            let scale = q.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff(p, q) < 1e-5 * scale.max(1.0), "d{name} n={n} d={d}: {}", diff(p, q));
+        }
+        // bf16 inputs: within bf16 resolution of the f32 result.
+        let xb = x.as_tensor().to_dtype(DType::BF16).unwrap();
+        let wb = w.as_tensor().to_dtype(DType::BF16).unwrap();
+        let yb = patchlm_model::ops::rms_norm(&xb, &wb, eps).unwrap().to_dtype(DType::F32).unwrap();
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&yb, &b) < 2e-2 * scale, "bf16 n={n} d={d}");
+    }
+    // 3-d inputs keep their shape; a mismatched weight is an error.
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+    let y = patchlm_model::ops::rms_norm(&x, &Tensor::ones(4, DType::F32, &dev).unwrap(), eps).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 4]);
+    assert!(patchlm_model::ops::rms_norm(&x, &Tensor::ones(5, DType::F32, &dev).unwrap(), eps).is_err());
+}
+
+#[test]
+fn bf16_compute_trains_f32_master_weights() {
+    let dev = Device::Cpu;
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let (model, varmap) = init_model(&cfg, &dev, 3).unwrap();
+    let ids: Vec<u32> = (0..2 * 24).map(|i| (i * 37 % cfg.vocab_size) as u32).collect();
+    let ids = Tensor::from_vec(ids, (2, 24), &dev).unwrap();
+    let targets = ids.narrow(1, 1, 23).unwrap().reshape((46, 1)).unwrap();
+    let loss_of = |m: &Llama| -> Tensor {
+        let logits = m.forward(&ids.narrow(1, 0, 23).unwrap()).unwrap();
+        cross_entropy_multi(&logits.reshape((46, cfg.vocab_size)).unwrap(), &targets).unwrap()
+    };
+    let bf = model.clone().with_compute_dtype(DType::BF16);
+    assert_eq!(bf.forward(&ids).unwrap().dtype(), DType::BF16);
+    let (lf, lb) = (loss_of(&model), loss_of(&bf));
+    assert_eq!(lb.dtype(), DType::F32, "the loss is f32");
+    let (a, b) = (lf.to_scalar::<f32>().unwrap(), lb.to_scalar::<f32>().unwrap());
+    assert!((a - b).abs() < 2e-2 * a.abs(), "f32 loss {a} vs bf16 loss {b}");
+    let (gf, gb) = (lf.backward().unwrap(), lb.backward().unwrap());
+    let vars = varmap.all_vars();
+    assert_eq!(vars.len(), 2 + 9 * cfg.num_hidden_layers + 1);
+    for v in &vars {
+        let (x, y) = (gf.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+        assert_eq!(y.dtype(), DType::F32, "gradients reach the f32 master weights");
+        // Same direction up to bf16 noise.
+        let dot = (x * y).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let nx = x.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let ny = y.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        assert!(dot / (nx * ny) > 0.98, "gradient cosine {} for a {:?} parameter", dot / (nx * ny), v.dims());
+    }
+    assert!(parse_dtype("bf16").is_ok() && parse_dtype("int8").is_err());
+}

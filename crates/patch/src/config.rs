@@ -49,4 +49,10 @@ impl PatchConfig {
     pub fn run_flops(&self, tokens: f64, flops_per_position: f64) -> f64 {
         tokens * self.relative_cost() * flops_per_position
     }
+
+    /// Tokens a token-level run may train on for the same compute as this config on `tokens`
+    /// tokens (the paper's "equal compute" baseline): round(tokens · (λ/K + 1 − λ)).
+    pub fn equal_compute_tokens(&self, tokens: u64) -> u64 {
+        (tokens as f64 * self.relative_cost()).round() as u64
+    }
 }

@@ -22,4 +22,4 @@ pub mod objective;
 pub use config::{PatchConfig, DEFAULT_K, DEFAULT_LAMBDA};
 pub use dataset::{build_patch_datasets, permutation, BlockFile, BlockReader, PatchDataConfig, PatchManifest};
 pub use error::{PatchError, Result};
-pub use objective::{next_patch_loss_from_logits, patch_embeddings, patch_loss};
+pub use objective::{next_patch_loss_composed, next_patch_loss_from_logits, patch_embeddings, patch_loss};

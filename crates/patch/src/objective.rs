@@ -1,7 +1,7 @@
 //! The patch embedding and the next-patch loss (Shao et al., 2024), as candle functions.
 
 use candle_core::{DType, Tensor, D};
-use patchlm_model::Llama;
+use patchlm_model::{cross_entropy_multi, fused_ops_supported, Llama};
 
 use crate::error::{PatchError, Result};
 
@@ -31,6 +31,19 @@ pub fn next_patch_loss_from_logits(logits: &Tensor, targets: &Tensor) -> Result<
             targets.dims()
         )));
     }
+    if fused_ops_supported(logits.device()) {
+        let (_, _, v) = logits.dims3()?;
+        let k = targets.dim(2)?;
+        let flat = logits.reshape((b * p, v))?;
+        let t = targets.reshape((b * p, k))?.to_dtype(DType::U32)?;
+        return Ok(cross_entropy_multi(&flat, &t)?);
+    }
+    next_patch_loss_composed(logits, targets)
+}
+
+/// [`next_patch_loss_from_logits`] from composed candle ops (max-shifted f32 log-softmax, gather,
+/// mean): the reference the fused op is tested against, and the path on devices without it.
+pub fn next_patch_loss_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
     let m = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&m)?;

@@ -38,6 +38,15 @@ pub struct TrainConfig {
     pub peak_flops: f64,
     /// Show progress bars (default true).
     pub progress: bool,
+    /// Compute dtype of activations and matmuls: `f32` (default) or `bf16` (mixed precision:
+    /// f32 master weights and optimizer state, f32 norm statistics, softmax and loss). Left out
+    /// of the saved config when f32, so configs from before this setting keep their fingerprint.
+    #[serde(skip_serializing_if = "is_f32")]
+    pub dtype: String,
+}
+
+fn is_f32(s: &str) -> bool {
+    s == "f32"
 }
 
 impl Default for TrainConfig {
@@ -56,6 +65,7 @@ impl Default for TrainConfig {
             max_steps_per_phase: 0,
             peak_flops: 989e12,
             progress: true,
+            dtype: "f32".into(),
         }
     }
 }

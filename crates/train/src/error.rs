@@ -28,6 +28,16 @@ pub enum TrainError {
         /// What is wrong.
         msg: String,
     },
+    /// A `metrics.jsonl` line that cannot be read.
+    #[error("{path}: line {line}: {msg}")]
+    Metrics {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong.
+        msg: String,
+    },
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {

@@ -19,4 +19,4 @@ pub use checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, Checkpo
 pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWConfig};
-pub use trainer::{plan_phases, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer};
+pub use trainer::{plan_phases, read_metrics, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer};

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use patchlm_model::{init_model, named_tensors, save_pretrained, Llama};
+use patchlm_model::{init_model, named_tensors, parse_dtype, save_pretrained, Llama};
 use patchlm_patch::{patch_loss, BlockFile, BlockReader, PatchManifest};
 
 use crate::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, TrainState};
@@ -40,7 +40,7 @@ impl PhasePlan {
 }
 
 /// Metrics of one optimizer step (one `metrics.jsonl` line with `"kind": "step"`).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StepMetrics {
     /// Phase name.
     pub phase: String,
@@ -68,7 +68,7 @@ pub struct StepMetrics {
 
 /// One validation measurement (a `metrics.jsonl` line with `"kind": "eval"`): token-level loss on
 /// the held-out blocks, measured the same way in every phase.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EvalMetrics {
     /// Phase at the time.
     pub phase: String,
@@ -87,7 +87,7 @@ pub struct EvalMetrics {
 }
 
 /// What one phase did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PhaseSummary {
     /// Phase name.
     pub name: String,
@@ -104,7 +104,7 @@ pub struct PhaseSummary {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunSummary {
     /// Per phase.
     pub phases: Vec<PhaseSummary>,
@@ -168,6 +168,9 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
         ));
     }
     let tc = &cfg.train;
+    if let Err(e) = parse_dtype(&tc.dtype) {
+        return bad(format!("train.dtype: {e}"));
+    }
     if tc.micro_batch == 0 {
         return bad("micro_batch must be at least 1".into());
     }
@@ -293,6 +296,8 @@ impl<'a> Trainer<'a> {
         let fingerprint = self.cfg.fingerprint();
         let cfg_json = serde_json::to_value(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?;
         let (model, varmap) = init_model(&self.cfg.model, &self.device, self.cfg.seed)?;
+        let dtype = parse_dtype(&self.cfg.train.dtype).map_err(|e| TrainError::Config(e.to_string()))?;
+        let model = model.with_compute_dtype(dtype);
         let params: Vec<(String, Var)> = {
             let data = varmap.data().lock().map_err(|_| TrainError::Config("poisoned var map".into()))?;
             let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -355,6 +360,10 @@ impl<'a> Trainer<'a> {
                 "{} already holds checkpoints; pass --resume to continue it, or choose another --out",
                 run_dir.display()
             )));
+        }
+        if state.global_step == 0 && metrics_path.exists() {
+            // A fresh start: lines of an earlier attempt that never reached a checkpoint go.
+            std::fs::remove_file(&metrics_path).map_err(io(&metrics_path))?;
         }
         let mut metrics =
             std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
@@ -587,4 +596,31 @@ impl<'a> Trainer<'a> {
             model_dir,
         })
     }
+}
+
+/// The lines of a run's `metrics.jsonl`: its training steps and its validations, in file order.
+/// Lines that are not step or eval records are an error naming the file and line.
+pub fn read_metrics(path: &Path) -> Result<(Vec<StepMetrics>, Vec<EvalMetrics>)> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let (mut steps, mut evals) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad =
+            |e: serde_json::Error| TrainError::Metrics { path: path.to_path_buf(), line: i + 1, msg: e.to_string() };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
+        match v["kind"].as_str() {
+            Some("step") => steps.push(serde_json::from_value(v).map_err(bad)?),
+            Some("eval") => evals.push(serde_json::from_value(v).map_err(bad)?),
+            _ => {
+                return Err(TrainError::Metrics {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: "neither a \"step\" nor an \"eval\" record".into(),
+                })
+            }
+        }
+    }
+    Ok((steps, evals))
 }

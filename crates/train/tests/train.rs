@@ -186,9 +186,33 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     let saved: RunConfig = serde_json::from_str(&std::fs::read_to_string(cks[1].join("config.json")).unwrap()).unwrap();
     assert_eq!(saved, cfg);
     assert!(run.join("model/tokenizer.json").is_file());
+    // read_metrics gives the same records, typed; the patch phase's last validation is its end.
+    let (st, ev) = patchlm_train::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!((st.len(), ev.len()), (12, evals.len()));
+    assert_eq!((st[11].global_step, st[11].tokens_seen), (12, s.tokens));
+    let switch = ev.iter().rfind(|e| e.phase == "patch").unwrap();
+    assert_eq!((switch.global_step, switch.tokens_seen), (6, 6 * plans[0].tokens_per_step() as u64));
+    // FLOPs at the switch: the patch phase's positions only, K-fold fewer than its tokens.
+    let fpp = cfg.model.flops_per_position(cfg.blocks.context);
+    assert!((switch.flops - switch.tokens_seen as f64 / 4.0 * fpp).abs() < 1e-6 * switch.flops);
+    assert!((ev.last().unwrap().flops - s.flops).abs() < 1e-6 * s.flops);
+    assert!(ev.windows(2).all(|w| w[1].train_secs >= w[0].train_secs));
     // A second run into the same directory without --resume is refused.
-    let e = Trainer::new(cfg, &pdir, &run, Device::Cpu).unwrap().run(false).unwrap_err().to_string();
+    let e = Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().run(false).unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
+    // A fresh start drops metrics of an attempt that never reached a checkpoint.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("metrics.jsonl"), "{\"kind\": \"step\", \"stale\": true}\n").unwrap();
+    let mut c2 = cfg;
+    c2.train.max_steps_per_phase = 1;
+    Trainer::new(c2, &pdir, &fresh, Device::Cpu).unwrap().run(true).unwrap();
+    let (st, _) = patchlm_train::read_metrics(&fresh.join("metrics.jsonl")).unwrap();
+    assert_eq!(st.iter().map(|s| s.global_step).collect::<Vec<_>>(), vec![1, 2]);
+    // A line that is not a record is named.
+    std::fs::write(fresh.join("bad.jsonl"), "{\"kind\": \"eval\"}\n").unwrap();
+    let e = patchlm_train::read_metrics(&fresh.join("bad.jsonl")).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl: line 1"), "{e}");
 }
 
 #[test]
@@ -326,4 +350,30 @@ fn kill_and_resume_is_bit_identical() {
         .filter(|l| l.contains("\"kind\":\"step\""))
         .count();
     assert_eq!(steps, 12);
+}
+
+#[test]
+fn bf16_mixed_precision_tracks_the_f32_loss_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pdir, cfg) = pipeline(dir.path(), 0.5);
+    let curve = |dtype: &str| -> Vec<f64> {
+        let mut c = cfg.clone();
+        c.train.dtype = dtype.into();
+        let run = dir.path().join(format!("run-{dtype}"));
+        Trainer::new(c, &pdir, &run, Device::Cpu).unwrap().run(false).unwrap();
+        let (steps, _) = patchlm_train::read_metrics(&run.join("metrics.jsonl")).unwrap();
+        steps.iter().map(|s| s.loss).collect()
+    };
+    let (f, b) = (curve("f32"), curve("bf16"));
+    assert_eq!(f.len(), 12);
+    for (i, (x, y)) in f.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 0.03 * x, "step {}: f32 {x} vs bf16 {y}", i + 1);
+    }
+    assert!(f != b, "bf16 really ran in lower precision");
+    // The f32 config's fingerprint does not mention the dtype (configs from before it still match).
+    assert!(!toml::to_string(&cfg).unwrap().contains("dtype"));
+    let mut bad = cfg.clone();
+    bad.train.dtype = "int4".into();
+    let e = Trainer::new(bad, &pdir, &dir.path().join("bad"), Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("train.dtype"), "{e}");
 }
