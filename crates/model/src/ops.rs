@@ -100,6 +100,13 @@ fn row_stats<T: Float>(row: &[T]) -> (f32, f32) {
     (m, s.ln())
 }
 
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(t) => contiguous(t, l, "targets"),
+        _ => candle_core::bail!("cross_entropy_multi: targets must be u32"),
+    }
+}
+
 fn check_target(t: u32, v: usize) -> candle_core::Result<usize> {
     if (t as usize) < v {
         Ok(t as usize)
@@ -154,10 +161,7 @@ impl CustomOp2 for MultiTargetCe {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
-        let t = match s2 {
-            CpuStorage::U32(t) => contiguous(t, l2, "targets")?,
-            _ => candle_core::bail!("cross_entropy_multi: targets must be u32"),
-        };
+        let t = targets_of(s2, l2)?;
         let rows = match s1 {
             CpuStorage::F32(x) => ce_fwd(contiguous(x, l1, "logits")?, t, n, v, k)?,
             CpuStorage::BF16(x) => ce_fwd(contiguous(x, l1, "logits")?, t, n, v, k)?,
@@ -207,10 +211,7 @@ impl CustomOp3 for MultiTargetCeGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
-        let t = match s2 {
-            CpuStorage::U32(t) => contiguous(t, l2, "targets")?,
-            _ => candle_core::bail!("cross_entropy_multi: targets must be u32"),
-        };
+        let t = targets_of(s2, l2)?;
         let g = match s3 {
             CpuStorage::F32(g) => contiguous(g, l3, "grad")?,
             _ => candle_core::bail!("cross_entropy_multi: gradient must be f32"),
