@@ -92,7 +92,7 @@ for mode in modes:
         opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                 **({"fused": True} if dev.type == "cuda" else {}))
         ids = torch.randint(0, V, (a.batch, k * (a.ctx + 1)), device=dev)
-        loss_fn = torch.compile(m.loss, static_argnums=()) if mode == "compile" else m.loss
+        loss_fn = torch.compile(m.loss) if mode == "compile" else m.loss
         if dev.type == "cuda": torch.cuda.reset_peak_memory_stats()
         ts = []
         for s in range(a.steps + 3):

@@ -47,12 +47,13 @@ __device__ float block_max(float v) {
     return warp_max(v);
 }
 
-// max and log-sum-exp of one row, online (one pass over the row).
+// Online softmax statistics of the first n elements of a row, scaled: m = max(scale * x) and
+// sum = sum(exp(scale * x - m)), in one pass; every thread of the block gets both.
 template <typename T>
-__device__ void row_lse(const T* xr, int v, float* m_out, float* lse_out) {
+__device__ void row_stats(const T* xr, int n, float scale, float* m_out, float* sum_out) {
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float x = to_f(xr[j]);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float x = to_f(xr[j]) * scale;
         if (x > m) {
             s = s * __expf(m - x) + 1.0f;
             m = x;
@@ -62,9 +63,16 @@ __device__ void row_lse(const T* xr, int v, float* m_out, float* lse_out) {
     }
     float bm = block_max(m);
     s = (m == -INFINITY) ? 0.0f : s * __expf(m - bm);
-    float bs = block_sum(s);
     *m_out = bm;
-    *lse_out = bm + logf(bs);
+    *sum_out = block_sum(s);
+}
+
+// max and log-sum-exp of one row.
+template <typename T>
+__device__ void row_lse(const T* xr, int v, float* m_out, float* lse_out) {
+    float sum;
+    row_stats(xr, v, 1.0f, m_out, &sum);
+    *lse_out = *m_out + logf(sum);
 }
 
 // Multi-target cross-entropy forward: out[row] = sum_k (lse - x[row, t[row, k]]).
@@ -150,6 +158,63 @@ __device__ void cast_from_f32(const float* a, T* out, int n) {
     if (i < n) out[i] = from_f<T>(a[i]);
 }
 
+// Causal softmax of attention scores (rows of length s, the last t of s positions are queries):
+// row r (query i = r % t) sees columns 0..=s-t+i; y = softmax(scale * x) there, 0 elsewhere.
+template <typename T>
+__device__ void causal_softmax_fwd(const T* x, T* y, int t, int s, float scale) {
+    size_t off = (size_t)blockIdx.x * s;
+    int lim = s - t + (int)(blockIdx.x % t);  // last visible column
+    float bm, sum;
+    row_stats(x + off, lim + 1, scale, &bm, &sum);
+    float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < s; j += blockDim.x)
+        y[off + j] = from_f<T>(j <= lim ? __expf(to_f(x[off + j]) * scale - bm) * inv : 0.0f);
+}
+
+// Its backward: dx = scale * y * (dy - sum(y * dy)) on the visible columns, 0 elsewhere.
+template <typename T>
+__device__ void causal_softmax_bwd(const T* y, const T* dy, T* dx, int t, int s, float scale) {
+    size_t off = (size_t)blockIdx.x * s;
+    int lim = s - t + (int)(blockIdx.x % t);
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j <= lim; j += blockDim.x) dot += to_f(y[off + j]) * to_f(dy[off + j]);
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < s; j += blockDim.x)
+        dx[off + j] = from_f<T>(j <= lim ? scale * to_f(y[off + j]) * (to_f(dy[off + j]) - dot) : 0.0f);
+}
+
+// RoPE in the rotate-half layout over x (.., t, hd): y = x * cos + sign * rotate_half(x) * sin, with
+// f32 tables cos/sin (t, hd); sign -1 is the inverse rotation (the backward pass).
+template <typename T>
+__device__ void rope(const T* x, const float* c, const float* sn, T* y, int t, int hd, int n, float sign) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int j = i % hd, h = hd / 2;
+    int p = ((i / hd) % t) * hd + j;
+    float rot = j < h ? -to_f(x[i + h]) : to_f(x[i - h]);
+    y[i] = from_f<T>(to_f(x[i]) * c[p] + sign * rot * sn[p]);
+}
+
+// Embedding gather: y[i, j] = w[ids[i], j] for the n = rows * d output elements (0 for an id
+// outside the vocabulary; the CPU path rejects those with an error).
+template <typename T>
+__device__ void embedding_fwd(const T* w, const uint32_t* ids, T* y, int n, int d, int v) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint32_t id = ids[i / d];
+    y[i] = id < (uint32_t)v ? w[(size_t)id * d + i % d] : from_f<T>(0.0f);
+}
+
+// Its backward: acc[ids[i], j] += dy[i, j] (f32 atomics, acc zeroed by the caller); dy starts at
+// element `off` of its buffer.
+template <typename T>
+__device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* acc, int n, int d, int v) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint32_t id = ids[i / d];
+    if (id < (uint32_t)v) atomicAdd(acc + (size_t)id * d + i % d, to_f(dy[off + i]));
+}
+
 #define FUSED_OPS(T, S)                                                                                  \
     extern "C" __global__ void ce_fwd_##S(const T* x, const uint32_t* t, float* out, int v, int k) {     \
         ce_fwd<T>(x, t, out, v, k);                                                                      \
@@ -169,8 +234,42 @@ __device__ void cast_from_f32(const float* a, T* out, int n) {
                                           int d, int rows_per_chunk) {                                   \
         rms_dw<T>(x, dy, rs, acc, n, d, rows_per_chunk);                                                 \
     }                                                                                                    \
-    extern "C" __global__ void cast_from_f32_##S(const float* a, T* out, int n) { cast_from_f32<T>(a, out, n); }
+    extern "C" __global__ void cast_from_f32_##S(const float* a, T* out, int n) { cast_from_f32<T>(a, out, n); } \
+    extern "C" __global__ void causal_softmax_fwd_##S(const T* x, T* y, int t, int s, float scale) {      \
+        causal_softmax_fwd<T>(x, y, t, s, scale);                                                        \
+    }                                                                                                    \
+    extern "C" __global__ void causal_softmax_bwd_##S(const T* y, const T* dy, T* dx, int t, int s,       \
+                                                      float scale) {                                     \
+        causal_softmax_bwd<T>(y, dy, dx, t, s, scale);                                                   \
+    }                                                                                                    \
+    extern "C" __global__ void rope_##S(const T* x, const float* c, const float* sn, T* y, int t, int hd, \
+                                        int n, float sign) {                                             \
+        rope<T>(x, c, sn, y, t, hd, n, sign);                                                            \
+    }                                                                                                    \
+    extern "C" __global__ void embedding_fwd_##S(const T* w, const uint32_t* ids, T* y, int n, int d,     \
+                                                 int v) {                                                \
+        embedding_fwd<T>(w, ids, y, n, d, v);                                                            \
+    }                                                                                                    \
+    extern "C" __global__ void embedding_bwd_##S(const T* dy, int off, const uint32_t* ids, float* acc,   \
+                                                 int n, int d, int v) {                                  \
+        embedding_bwd<T>(dy, off, ids, acc, n, d, v);                                                    \
+    }
 
 FUSED_OPS(float, f32)
 FUSED_OPS(__nv_bfloat16, bf16)
 FUSED_OPS(__half, f16)
+
+// Fused AdamW over one f32 parameter: out = (p', m', v') as three rows of n; mv = (m, v).
+extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* mv, float* out, int n, float b1,
+                                     float b2, float ob1, float ob2, float eps, float decay, float step,
+                                     float sbc2) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i];
+    float m = mv[i] * b1 + gi * ob1;
+    float v = mv[n + i] * b2 + gi * gi * ob2;
+    out[n + i] = m;
+    out[2 * n + i] = v;
+    // Correctly rounded sqrt and division (the file is built with --use_fast_math), as on the CPU.
+    out[i] = p[i] * decay - __fdiv_rn(m, __fdiv_rn(__fsqrt_rn(v), sbc2) + eps) * step;
+}

@@ -1,7 +1,9 @@
 //! The LLaMA-style decoder, built only from differentiable candle ops.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` kernels have no backward
-//! and silently cut the graph, so every block here is composed from basic ops that do.
+//! and silently cut the graph, so every block here is either composed from basic ops that do, or
+//! uses this crate's own fused ops ([`crate::ops`]: RMSNorm, RoPE, causal softmax) that carry
+//! their backward pass; the composed form stays as the reference and the fallback.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -31,7 +33,7 @@ impl RmsNorm {
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)
     }
 }
 
@@ -82,7 +84,17 @@ impl Rope {
     }
 
     /// Applies RoPE to `x` of shape (B, H, T, hd) for positions `offset..offset+T`.
+    /// Uses the fused op ([`crate::ops::rope`]) where the device has it, else [`Rope::apply_composed`].
     pub fn apply(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        if crate::ops::fused_ops_supported(x.device()) {
+            let t = x.dim(2)?;
+            return crate::ops::rope(x, &self.cos.narrow(0, offset, t)?, &self.sin.narrow(0, offset, t)?);
+        }
+        self.apply_composed(x, offset)
+    }
+
+    /// [`Rope::apply`] from basic candle ops (the reference the fused op is tested against).
+    pub fn apply_composed(&self, x: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
         let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
         let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
@@ -174,10 +186,16 @@ impl Attention {
         let k = self.repeat_kv(k)?;
         let v = self.repeat_kv(v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores =
-            if t > 1 { scores.broadcast_add(&causal_mask(t, total, x.device(), scores.dtype())?)? } else { scores };
-        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = if crate::ops::fused_ops_supported(x.device()) {
+            // Scale, causal mask and softmax in one pass, statistics in f32.
+            crate::ops::causal_softmax(&scores, scale)?
+        } else {
+            let scores = (scores * scale)?;
+            let scores =
+                if t > 1 { scores.broadcast_add(&causal_mask(t, total, x.device(), scores.dtype())?)? } else { scores };
+            softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+        };
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.o_proj.forward(&y)
     }
@@ -329,6 +347,9 @@ impl Llama {
 
     /// Token embeddings: ids (B, N) → (B, N, D).
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        if ids.dtype() == DType::U32 && crate::ops::fused_ops_supported(ids.device()) {
+            return crate::ops::embedding(self.embed_tokens.embeddings(), ids);
+        }
         self.embed_tokens.forward(ids)
     }
 

@@ -64,6 +64,49 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
+/// `map_float!(op, storage, layout, "what", |x| body)`: runs `body` on the contiguous slice of
+/// a float CPU storage (f32, bf16 or f16) and wraps the resulting `Vec` in the same dtype.
+macro_rules! map_float {
+    ($op:literal, $s:expr, $l:expr, $what:literal, |$x:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $x = contiguous(v, $l, $what)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::BF16(v) => {
+                let $x = contiguous(v, $l, $what)?;
+                CpuStorage::BF16($body)
+            }
+            CpuStorage::F16(v) => {
+                let $x = contiguous(v, $l, $what)?;
+                CpuStorage::F16($body)
+            }
+            _ => candle_core::bail!("{}: {} must be f32, bf16 or f16", $op, $what),
+        }
+    };
+}
+
+/// [`map_float!`] over two storages that share one float dtype.
+macro_rules! map_float2 {
+    ($op:literal, ($s1:expr, $l1:expr, $w1:literal), ($s2:expr, $l2:expr, $w2:literal), |$x:ident, $y:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?);
+                CpuStorage::BF16($body)
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?);
+                CpuStorage::F16($body)
+            }
+            _ => candle_core::bail!("{}: {} and {} must share a float dtype (f32, bf16 or f16)", $op, $w1, $w2),
+        }
+    };
+}
+
 trait Float: Copy + Send + Sync + 'static {
     fn f(self) -> f32;
     fn from_f(x: f32) -> Self;
@@ -216,12 +259,7 @@ impl CustomOp3 for MultiTargetCeGrad {
             CpuStorage::F32(g) => contiguous(g, l3, "grad")?,
             _ => candle_core::bail!("cross_entropy_multi: gradient must be f32"),
         };
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(ce_bwd(contiguous(x, l1, "logits")?, t, g, n, v, k)),
-            CpuStorage::BF16(x) => CpuStorage::BF16(ce_bwd(contiguous(x, l1, "logits")?, t, g, n, v, k)),
-            CpuStorage::F16(x) => CpuStorage::F16(ce_bwd(contiguous(x, l1, "logits")?, t, g, n, v, k)),
-            _ => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16"),
-        };
+        let out = map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd(x, t, g, n, v, k));
         Ok((out, Shape::from((n, v))))
     }
 
@@ -331,18 +369,7 @@ impl CustomOp2 for RmsNormOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(rms_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d, self.eps))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                CpuStorage::BF16(rms_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d, self.eps))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w)) => {
-                CpuStorage::F16(rms_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d, self.eps))
-            }
-            _ => candle_core::bail!("rms_norm: x and weight must both be f32, bf16 or f16"),
-        };
+        let out = map_float2!("rms_norm", (s1, l1, "x"), (s2, l2, "weight"), |x, w| rms_fwd(x, w, d, self.eps));
         Ok((out, l1.shape().clone()))
     }
 
@@ -420,13 +447,500 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
+/// Causal softmax over the last dimension of attention scores `x` (..., T, S) with S ≥ T (the
+/// last T of S positions are the queries, as with a KV cache): row i of each (T, S) matrix is
+/// `softmax(scale · x[i, 0..=S−T+i])` and 0 at the masked positions. The scaling, the mask and
+/// the statistics are fused into one pass in f32; the result has `x`'s dtype (f32, bf16 or f16).
+/// Differentiable in `x`: dx = scale · y ⊙ (dy − Σ y ⊙ dy).
+pub fn causal_softmax(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dims[dims.len() - 1] < dims[dims.len() - 2] || dims[dims.len() - 2] == 0 {
+        candle_core::bail!("causal_softmax: expected scores (..., T, S) with S ≥ T ≥ 1, got {dims:?}");
+    }
+    let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    x.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, t, s })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+    t: usize,
+    s: usize,
+}
+
+/// Backward of [`CausalSoftmax`]: (y, dy) → dx.
+struct CausalSoftmaxGrad {
+    scale: f32,
+    t: usize,
+    s: usize,
+}
+
+fn causal_softmax_fwd<T: Float>(x: &[T], t: usize, s: usize, scale: f32) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); x.len()];
+    out.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(r, (o, row))| {
+        let lim = s - t + r % t + 1;
+        let m = row[..lim].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v.f() * scale));
+        let e: Vec<f32> = row[..lim].iter().map(|&v| (v.f() * scale - m).exp()).collect();
+        let inv = 1.0 / e.iter().sum::<f32>();
+        for (o, e) in o.iter_mut().zip(e) {
+            *o = T::from_f(e * inv);
+        }
+    });
+    out
+}
+
+fn causal_softmax_bwd<T: Float>(y: &[T], dy: &[T], t: usize, s: usize, scale: f32) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); y.len()];
+    out.par_chunks_mut(s).zip(y.par_chunks(s).zip(dy.par_chunks(s))).enumerate().for_each(|(r, (o, (y, g)))| {
+        let lim = s - t + r % t + 1;
+        let dot: f32 = y[..lim].iter().zip(&g[..lim]).map(|(&a, &b)| a.f() * b.f()).sum();
+        for ((o, &a), &b) in o[..lim].iter_mut().zip(&y[..lim]).zip(&g[..lim]) {
+            *o = T::from_f(scale * a.f() * (b.f() - dot));
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, s, k) = (self.t, self.s, self.scale);
+        let out = map_float!("causal_softmax", s1, l1, "scores", |x| causal_softmax_fwd(x, t, s, k));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::causal_softmax(s1, l1, None, self.t, self.s, self.scale)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dy = dy.to_dtype(y.dtype())?.contiguous()?;
+        Ok(Some(y.apply_op2_no_bwd(&dy, &CausalSoftmaxGrad { scale: self.scale, t: self.t, s: self.s })?))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, s, k) = (self.t, self.s, self.scale);
+        let out =
+            map_float2!("causal_softmax", (s1, l1, "y"), (s2, l2, "dy"), |y, g| causal_softmax_bwd(y, g, t, s, k));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::causal_softmax(s1, l1, Some((s2, l2)), self.t, self.s, self.scale)
+    }
+}
+
+/// Rotary position embedding in HF's rotate-half layout, fused into one elementwise pass:
+/// `x · cos + rotate_half(x) · sin` with rotate_half(x) = (−x₂, x₁). `x` (B, H, T, hd) in f32,
+/// bf16 or f16; `cos`, `sin` (T, hd) f32 tables (both halves of a row hold the same
+/// frequencies). Computed in f32, rounded once. Differentiable in `x`: the backward pass is the
+/// rotation by the opposite angle.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, t, hd) = x.dims4()?;
+    if cos.dims() != [t, hd] || sin.dims() != [t, hd] || hd % 2 != 0 {
+        candle_core::bail!(
+            "rope: tables {:?}/{:?} do not match x {:?} (even head size)",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
+    }
+    if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
+        candle_core::bail!("rope: cos and sin tables must be f32");
+    }
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp { sign: 1.0 })
+}
+
+/// `sign` 1: the rotation; −1: its inverse (the backward pass).
+struct RopeOp {
+    sign: f32,
+}
+
+fn rope_apply<T: Float>(x: &[T], cos: &[f32], sin: &[f32], t: usize, hd: usize, sign: f32) -> Vec<T> {
+    let h = hd / 2;
+    let mut out = vec![T::from_f(0.0); x.len()];
+    out.par_chunks_mut(hd).zip(x.par_chunks(hd)).enumerate().for_each(|(r, (o, row))| {
+        let p = (r % t) * hd;
+        for j in 0..hd {
+            let rot = if j < h { -row[j + h].f() } else { row[j - h].f() };
+            o[j] = T::from_f(row[j].f() * cos[p + j] + sign * rot * sin[p + j]);
+        }
+    });
+    out
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, _, t, hd) = l1.shape().dims4()?;
+        let (c, sn) = match (s2, s3) {
+            (CpuStorage::F32(c), CpuStorage::F32(sn)) => (contiguous(c, l2, "cos")?, contiguous(sn, l3, "sin")?),
+            _ => candle_core::bail!("rope: cos and sin tables must be f32"),
+        };
+        let out = map_float!("rope", s1, l1, "x", |x| rope_apply(x, c, sn, t, hd, self.sign));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rope(s1, l1, s2, l2, s3, l3, self.sign)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &RopeOp { sign: -self.sign })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Embedding lookup `weight[ids]`: `weight` (V, D) in f32, bf16 or f16, `ids` u32 of any shape
+/// → (ids..., D). Differentiable in `weight`: the backward pass scatters the rows of the output
+/// gradient onto their ids (on the GPU with one thread per element and atomic f32 adds, instead
+/// of candle's `index_add`, which walks all ids serially per column).
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, d) = weight.dims2()?;
+    if ids.dtype() != DType::U32 {
+        candle_core::bail!("embedding: ids must be u32, got {:?}", ids.dtype());
+    }
+    let mut shape = ids.dims().to_vec();
+    shape.push(d);
+    let flat = ids.flatten_all()?.contiguous()?;
+    weight.contiguous()?.apply_op2(&flat, EmbeddingOp)?.reshape(shape)
+}
+
+struct EmbeddingOp;
+
+/// Backward of [`EmbeddingOp`]: (ids (N,), dy (N, D)) → dW (V, D).
+struct EmbeddingGrad {
+    vocab: usize,
+}
+
+fn check_ids(ids: &[u32], v: usize) -> candle_core::Result<()> {
+    match ids.iter().find(|&&i| i as usize >= v) {
+        Some(i) => candle_core::bail!("embedding: id {i} is outside the vocabulary of {v}"),
+        None => Ok(()),
+    }
+}
+
+fn embedding_fwd<T: Float>(w: &[T], ids: &[u32], d: usize) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); ids.len() * d];
+    out.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(o, &i)| {
+        o.copy_from_slice(&w[i as usize * d..(i as usize + 1) * d]);
+    });
+    out
+}
+
+/// Rows grouped by id (a counting sort), then each id's gradient row summed in f32 in row order:
+/// parallel over ids and deterministic.
+fn embedding_bwd<T: Float>(ids: &[u32], dy: &[T], v: usize, d: usize) -> Vec<T> {
+    let mut start = vec![0usize; v + 1];
+    for &i in ids {
+        start[i as usize + 1] += 1;
+    }
+    for j in 0..v {
+        start[j + 1] += start[j];
+    }
+    let mut fill = start.clone();
+    let mut rows = vec![0usize; ids.len()];
+    for (r, &i) in ids.iter().enumerate() {
+        rows[fill[i as usize]] = r;
+        fill[i as usize] += 1;
+    }
+    let mut out = vec![T::from_f(0.0); v * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(id, o)| {
+        let mine = &rows[start[id]..start[id + 1]];
+        if mine.is_empty() {
+            return;
+        }
+        let mut acc = vec![0f32; d];
+        for &r in mine {
+            for (a, &g) in acc.iter_mut().zip(&dy[r * d..(r + 1) * d]) {
+                *a += g.f();
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = T::from_f(a);
+        }
+    });
+    out
+}
+
+fn ids_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(t) => contiguous(t, l, "ids"),
+        _ => candle_core::bail!("embedding: ids must be u32"),
+    }
+}
+
+impl CustomOp2 for EmbeddingOp {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (v, d) = l1.shape().dims2()?;
+        let ids = ids_of(s2, l2)?;
+        check_ids(ids, v)?;
+        let out = map_float!("embedding", s1, l1, "weight", |w| embedding_fwd(w, ids, d));
+        Ok((out, Shape::from((ids.len(), d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::embedding(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(w.dtype())?.contiguous()?;
+        Ok((Some(ids.apply_op2_no_bwd(&dy, &EmbeddingGrad { vocab: w.dim(0)? })?), None))
+    }
+}
+
+impl CustomOp2 for EmbeddingGrad {
+    fn name(&self) -> &'static str {
+        "embedding-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, d) = l2.shape().dims2()?;
+        let ids = ids_of(s1, l1)?;
+        check_ids(ids, self.vocab)?;
+        let v = self.vocab;
+        let out = map_float!("embedding", s2, l2, "dy", |g| embedding_bwd(ids, g, v, d));
+        Ok((out, Shape::from((v, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::embedding(s2, l2, s1, l1, Some(self.vocab))
+    }
+}
+
+/// The scalars of one AdamW step (PyTorch's `AdamW` formula, decoupled weight decay):
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p·decay − (lr / bias1) · m / (√v / √bias2 + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Multiplier applied to the parameter first: `1 − lr·weight_decay`, or 1 for no decay.
+    pub decay: f64,
+    /// Bias correction `1 − β1^t`.
+    pub bias1: f64,
+    /// Bias correction `1 − β2^t`.
+    pub bias2: f64,
+}
+
+/// One fused AdamW update: a single pass over the elements of an f32 parameter, its gradient
+/// and its moments `moments` (2, N) = (m, v) in f32. Returns the updated parameter (its shape)
+/// and the updated moments (2, N); nothing is differentiable.
+pub fn adamw_update(
+    param: &Tensor,
+    grad: &Tensor,
+    moments: &Tensor,
+    step: &AdamWStep,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = param.elem_count();
+    if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || moments.dtype() != DType::F32 {
+        candle_core::bail!("adamw_update: parameter, gradient and moments must be f32");
+    }
+    if grad.elem_count() != n || moments.dims() != [2, n] {
+        candle_core::bail!(
+            "adamw_update: gradient {:?} or moments {:?} do not fit the parameter {:?}",
+            grad.dims(),
+            moments.dims(),
+            param.dims()
+        );
+    }
+    let out = param.flatten_all()?.contiguous()?.apply_op3_no_bwd(
+        &grad.flatten_all()?.contiguous()?,
+        &moments.contiguous()?,
+        &AdamWOp(*step),
+    )?;
+    Ok((out.get(0)?.reshape(param.shape())?, out.narrow(0, 1, 2)?))
+}
+
+struct AdamWOp(AdamWStep);
+
+/// The per-element constants of [`AdamWStep`] as the kernels use them (f32).
+#[derive(Clone, Copy)]
+struct AdamWConsts {
+    b1: f32,
+    b2: f32,
+    ob1: f32,
+    ob2: f32,
+    eps: f32,
+    decay: f32,
+    step: f32,
+    sbc2: f32,
+}
+
+impl AdamWConsts {
+    fn of(s: &AdamWStep) -> Self {
+        Self {
+            b1: s.beta1 as f32,
+            b2: s.beta2 as f32,
+            ob1: (1.0 - s.beta1) as f32,
+            ob2: (1.0 - s.beta2) as f32,
+            eps: s.eps as f32,
+            decay: s.decay as f32,
+            step: (s.lr / s.bias1) as f32,
+            sbc2: s.bias2.sqrt() as f32,
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for AdamWOp {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (p, g, mv) = match (s1, s2, s3) {
+            (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(mv)) => {
+                (contiguous(p, l1, "param")?, contiguous(g, l2, "grad")?, contiguous(mv, l3, "moments")?)
+            }
+            _ => candle_core::bail!("adamw_update: parameter, gradient and moments must be f32"),
+        };
+        let n = p.len();
+        let c = AdamWConsts::of(&self.0);
+        let (m, v) = mv.split_at(n);
+        let mut out = vec![0f32; 3 * n];
+        let (po, mvo) = out.split_at_mut(n);
+        let (mo, vo) = mvo.split_at_mut(n);
+        const CHUNK: usize = 4096;
+        po.par_chunks_mut(CHUNK).zip(mo.par_chunks_mut(CHUNK)).zip(vo.par_chunks_mut(CHUNK)).enumerate().for_each(
+            |(ci, ((po, mo), vo))| {
+                let base = ci * CHUNK;
+                for i in 0..po.len() {
+                    let (gi, k) = (g[base + i], base + i);
+                    mo[i] = m[k] * c.b1 + gi * c.ob1;
+                    vo[i] = v[k] * c.b2 + gi * gi * c.ob2;
+                    let denom = vo[i].sqrt() / c.sbc2 + c.eps;
+                    po[i] = p[k] * c.decay - mo[i] / denom * c.step;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((3, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let c = AdamWConsts::of(&self.0);
+        cuda::adamw(s1, l1, s2, l2, s3, l3, [c.b1, c.b2, c.ob1, c.ob2, c.eps, c.decay, c.step, c.sbc2])
+    }
+}
+
 /// CUDA twins of the CPU kernels above (kernels/fused.cu, compiled to PTX by build.rs).
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
     use half::{bf16, f16};
 
     /// The PTX of kernels/fused.cu.
@@ -522,6 +1036,265 @@ mod cuda {
             d => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16, got {d:?}"),
         };
         Ok((s, Shape::from((n, v))))
+    }
+
+    fn suffix(d: DType) -> Result<&'static str> {
+        match d {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            DType::F16 => Ok("f16"),
+            d => candle_core::bail!("fused ops: unsupported dtype {d:?} (f32, bf16 or f16)"),
+        }
+    }
+
+    /// Causal softmax forward (`grad` None: x → y) or backward (`grad` Some(dy): y → dx).
+    pub fn causal_softmax(
+        x: &CudaStorage,
+        lx: &Layout,
+        grad: Option<(&CudaStorage, &Layout)>,
+        t: usize,
+        s: usize,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => causal_softmax_t::<f32>(x, lx, grad, t, s, scale),
+            DType::BF16 => causal_softmax_t::<bf16>(x, lx, grad, t, s, scale),
+            DType::F16 => causal_softmax_t::<f16>(x, lx, grad, t, s, scale),
+            d => candle_core::bail!("causal_softmax: unsupported dtype {d:?}"),
+        }
+    }
+
+    fn causal_softmax_t<T: CudaDType + DeviceRepr>(
+        x: &CudaStorage,
+        lx: &Layout,
+        grad: Option<(&CudaStorage, &Layout)>,
+        t: usize,
+        s: usize,
+        scale: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let sfx = suffix(x.dtype())?;
+        let xs = x.as_cuda_slice::<T>()?.slice(check(lx, "scores")?..);
+        let rows = lx.shape().elem_count() / s;
+        let out = unsafe { dev.alloc::<T>(rows * s)? };
+        let (ti, si) = (t as i32, s as i32);
+        let cfg = rows_cfg(rows, threads_for(s.div_ceil(4)).min(512));
+        match grad {
+            None => {
+                let f = dev.get_or_load_custom_func(&format!("causal_softmax_fwd_{sfx}"), MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&xs);
+                b.arg(&out);
+                b.arg(&ti);
+                b.arg(&si);
+                b.arg(&scale);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Some((g, lg)) => {
+                let gs = g.as_cuda_slice::<T>()?.slice(check(lg, "dy")?..);
+                let f = dev.get_or_load_custom_func(&format!("causal_softmax_bwd_{sfx}"), MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&xs);
+                b.arg(&gs);
+                b.arg(&out);
+                b.arg(&ti);
+                b.arg(&si);
+                b.arg(&scale);
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+        Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
+    }
+
+    /// RoPE (`sign` 1) or its inverse (`sign` −1) with f32 tables.
+    pub fn rope(
+        x: &CudaStorage,
+        lx: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+        sn: &CudaStorage,
+        ls: &Layout,
+        sign: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        match x.dtype() {
+            DType::F32 => rope_t::<f32>(x, lx, c, lc, sn, ls, sign),
+            DType::BF16 => rope_t::<bf16>(x, lx, c, lc, sn, ls, sign),
+            DType::F16 => rope_t::<f16>(x, lx, c, lc, sn, ls, sign),
+            d => candle_core::bail!("rope: unsupported dtype {d:?}"),
+        }
+    }
+
+    fn rope_t<T: CudaDType + DeviceRepr>(
+        x: &CudaStorage,
+        lx: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+        sn: &CudaStorage,
+        ls: &Layout,
+        sign: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let (_, _, t, hd) = lx.shape().dims4()?;
+        let n = lx.shape().elem_count();
+        if n >= i32::MAX as usize {
+            candle_core::bail!("rope: {n} elements is more than one launch handles");
+        }
+        let xs = x.as_cuda_slice::<T>()?.slice(check(lx, "x")?..);
+        let cs = c.as_cuda_slice::<f32>()?.slice(check(lc, "cos")?..);
+        let ss = sn.as_cuda_slice::<f32>()?.slice(check(ls, "sin")?..);
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (ti, hi, ni) = (t as i32, hd as i32, n as i32);
+        let f = dev.get_or_load_custom_func(&format!("rope_{}", suffix(x.dtype())?), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xs);
+        b.arg(&cs);
+        b.arg(&ss);
+        b.arg(&out);
+        b.arg(&ti);
+        b.arg(&hi);
+        b.arg(&ni);
+        b.arg(&sign);
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
+    }
+
+    /// Embedding gather (`vocab` None: `a` is the (V, D) weight → (N, D)) or its backward
+    /// (`vocab` Some(V): `a` is dy (N, D) → dW (V, D), summed with f32 atomics).
+    pub fn embedding(
+        a: &CudaStorage,
+        la: &Layout,
+        ids: &CudaStorage,
+        li: &Layout,
+        vocab: Option<usize>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = a.device();
+        let (rows, d) = la.shape().dims2()?;
+        let n = li.shape().elem_count();
+        let total = n * d;
+        if total >= i32::MAX as usize || vocab.unwrap_or(rows) * d >= i32::MAX as usize {
+            candle_core::bail!("embedding: {n} x {d} is more than one launch handles");
+        }
+        let sfx = suffix(a.dtype())?;
+        let is = ids.as_cuda_slice::<u32>()?.slice(check(li, "ids")?..);
+        let (ni, di) = (total as i32, d as i32);
+        let cfg = LaunchConfig::for_num_elems(total as u32);
+        match vocab {
+            None => {
+                let vi = rows as i32;
+                match a.dtype() {
+                    DType::F32 => gather_t::<f32>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
+                    DType::BF16 => gather_t::<bf16>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
+                    DType::F16 => gather_t::<f16>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
+                    d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
+                }
+                .map(|s| (s, Shape::from((n, d))))
+            }
+            Some(v) => {
+                let acc = dev.alloc_zeros::<f32>(v * d)?;
+                let vi = v as i32;
+                let f = dev.get_or_load_custom_func(&format!("embedding_bwd_{sfx}"), MODULE, PTX)?;
+                let mut b = f.builder();
+                match a.dtype() {
+                    DType::F32 => b.arg(a.as_cuda_slice::<f32>()?),
+                    DType::BF16 => b.arg(a.as_cuda_slice::<bf16>()?),
+                    DType::F16 => b.arg(a.as_cuda_slice::<f16>()?),
+                    d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
+                };
+                let off = check(la, "dy")? as i32;
+                b.arg(&off);
+                b.arg(&is);
+                b.arg(&acc);
+                b.arg(&ni);
+                b.arg(&di);
+                b.arg(&vi);
+                unsafe { b.launch(cfg) }.w()?;
+                let out = match a.dtype() {
+                    DType::F32 => wrap_f32(acc, dev),
+                    DType::BF16 => cast_t::<bf16>(&acc, v * d, dev, sfx)?,
+                    _ => cast_t::<f16>(&acc, v * d, dev, sfx)?,
+                };
+                Ok((out, Shape::from((v, d))))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gather_t<T: CudaDType + DeviceRepr>(
+        w: &CudaStorage,
+        lw: &Layout,
+        ids: &candle_core::cuda_backend::cudarc::driver::CudaView<u32>,
+        n: i32,
+        d: i32,
+        v: i32,
+        len: usize,
+        cfg: LaunchConfig,
+        sfx: &str,
+    ) -> Result<CudaStorage> {
+        let dev = w.device();
+        let ws = w.as_cuda_slice::<T>()?.slice(check(lw, "weight")?..);
+        let out = unsafe { dev.alloc::<T>(len)? };
+        let f = dev.get_or_load_custom_func(&format!("embedding_fwd_{sfx}"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&ws);
+        b.arg(ids);
+        b.arg(&out);
+        b.arg(&n);
+        b.arg(&d);
+        b.arg(&v);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    fn cast_t<T: CudaDType + DeviceRepr>(
+        acc: &CudaSlice<f32>,
+        n: usize,
+        dev: &CudaDevice,
+        sfx: &str,
+    ) -> Result<CudaStorage> {
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let ni = n as i32;
+        let f = dev.get_or_load_custom_func(&format!("cast_from_f32_{sfx}"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(acc);
+        b.arg(&out);
+        b.arg(&ni);
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    /// Fused AdamW: (p, g, (m, v)) → (p', m', v') as one (3, N) f32 buffer. `k` holds
+    /// β1, β2, 1−β1, 1−β2, ε, decay, lr/bias1, √bias2.
+    pub fn adamw(
+        p: &CudaStorage,
+        lp: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+        mv: &CudaStorage,
+        lm: &Layout,
+        k: [f32; 8],
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = p.device();
+        let n = lp.shape().elem_count();
+        if n >= i32::MAX as usize {
+            candle_core::bail!("adamw_update: {n} elements is more than one launch handles");
+        }
+        let ps = p.as_cuda_slice::<f32>()?.slice(check(lp, "param")?..);
+        let gs = g.as_cuda_slice::<f32>()?.slice(check(lg, "grad")?..);
+        let ms = mv.as_cuda_slice::<f32>()?.slice(check(lm, "moments")?..);
+        let out = unsafe { dev.alloc::<f32>(3 * n)? };
+        let ni = n as i32;
+        let f = dev.get_or_load_custom_func("adamw_f32", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&ps);
+        b.arg(&gs);
+        b.arg(&ms);
+        b.arg(&out);
+        b.arg(&ni);
+        for x in &k {
+            b.arg(x);
+        }
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        Ok((wrap_f32(out, dev), Shape::from((3, n))))
     }
 
     /// RMSNorm forward.

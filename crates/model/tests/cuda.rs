@@ -1,4 +1,5 @@
-//! The CUDA kernels (kernels/fused.cu) against their CPU twins on random inputs. Needs the `cuda`
+//! The CUDA kernels (kernels/fused.cu) against their CPU twins on random inputs (the CPU twins
+//! are themselves tested against references in tests/model.rs and the train crate). Needs the `cuda`
 //! feature and a GPU, so the tests are `#[ignore]`d: `scripts/gpu_check.sh` runs them on the
 //! device with `--ignored`.
 
@@ -6,8 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor, Var};
-use patchlm_model::ops::rms_norm;
-use patchlm_model::{cross_entropy_multi, fused_ops_supported, SplitMix64};
+use patchlm_model::ops::{adamw_update, rms_norm, AdamWStep};
+use patchlm_model::{causal_softmax, cross_entropy_multi, embedding, fused_ops_supported, rope, SplitMix64};
 
 fn gpu() -> Device {
     // SAFETY of set_var: tests in this file only read the variable afterwards.
@@ -71,4 +72,85 @@ fn cuda_rms_norm_matches_cpu() {
             }
         }
     }
+}
+
+/// Forward and gradient of `op` on the GPU against the CPU, with a random upstream gradient.
+fn check_unary(name: &str, x: &Tensor, tol: f32, op: impl Fn(&Tensor) -> Tensor) {
+    let g = gpu();
+    let xc = Var::from_tensor(x).unwrap();
+    let xg = Var::from_tensor(&x.to_device(&g).unwrap()).unwrap();
+    let (yc, yg) = (op(xc.as_tensor()), op(xg.as_tensor()));
+    assert_eq!(yc.dims(), yg.dims());
+    let e = max_rel(&yg, &yc);
+    assert!(e < tol, "{name} forward: rel err {e}");
+    let up = Tensor::randn(0f32, 1.0, yc.dims(), &Device::Cpu).unwrap().to_dtype(yc.dtype()).unwrap();
+    let gc = (&yc * &up).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+    let upg = up.to_device(&g).unwrap();
+    let gg = (&yg * &upg).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+    let e = max_rel(gg.get(xg.as_tensor()).unwrap(), gc.get(xc.as_tensor()).unwrap());
+    assert!(e < tol * 5.0, "{name} gradient: rel err {e}");
+}
+
+#[test]
+#[ignore]
+fn cuda_causal_softmax_matches_cpu() {
+    for (b, h, t, s) in [(2usize, 3usize, 128usize, 128usize), (1, 2, 5, 37), (1, 4, 1024, 1024), (2, 1, 1, 9)] {
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+            let x = Tensor::randn(0f32, 3.0, (b, h, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            check_unary(&format!("causal_softmax {b}x{h}x{t}x{s} {dtype:?}"), &x, tol, |x| {
+                causal_softmax(x, 0.125).unwrap()
+            });
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn cuda_rope_matches_cpu() {
+    for (b, h, t, hd) in [(2usize, 12usize, 1024usize, 64usize), (1, 3, 7, 16)] {
+        let cos = Tensor::randn(0f32, 1.0, (t, hd), &Device::Cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (t, hd), &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+            let x = Tensor::randn(0f32, 1.0, (b, h, t, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            check_unary(&format!("rope {b}x{h}x{t}x{hd} {dtype:?}"), &x, tol, |x| {
+                let d = x.device();
+                rope(x, &cos.to_device(d).unwrap(), &sin.to_device(d).unwrap()).unwrap()
+            });
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn cuda_embedding_matches_cpu() {
+    let mut rng = SplitMix64(7);
+    for (v, d, n) in [(50304usize, 768usize, 8192usize), (100, 33, 500)] {
+        // Skewed ids (many repeats), as in text.
+        let ids: Vec<u32> = (0..n).map(|_| ((rng.next_u64() % v as u64) as f64).sqrt() as u32).collect();
+        let ids = Tensor::from_vec(ids, (4, n / 4), &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+            let w = Tensor::randn(0f32, 1.0, (v, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            check_unary(&format!("embedding {v}x{d} n={n} {dtype:?}"), &w, tol, |w| {
+                embedding(w, &ids.to_device(w.device()).unwrap()).unwrap()
+            });
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn cuda_adamw_matches_cpu() {
+    let g = gpu();
+    let n = 1_000_003usize;
+    let p = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+    let gr = Tensor::randn(0f32, 0.1, n, &Device::Cpu).unwrap();
+    let mv = (Tensor::randn(0f32, 0.01, (2, n), &Device::Cpu).unwrap().abs().unwrap() * 0.5).unwrap();
+    let h = AdamWStep { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-5, bias1: 0.19, bias2: 0.0975 };
+    let (pc, mc) = adamw_update(&p, &gr, &mv, &h).unwrap();
+    let (pg, mg) =
+        adamw_update(&p.to_device(&g).unwrap(), &gr.to_device(&g).unwrap(), &mv.to_device(&g).unwrap(), &h).unwrap();
+    assert!(max_rel(&mg, &mc) < 1e-6, "moments");
+    let dp = |a: &Tensor| (a - &p).unwrap();
+    let e = max_rel(&dp(&pg.to_device(&Device::Cpu).unwrap()), &dp(&pc));
+    assert!(e < 1e-3, "parameter update: rel err {e}");
 }

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::Module;
 use patchlm_model::*;
 
 fn fixture() -> PathBuf {
@@ -329,6 +330,130 @@ fn fused_rms_norm_matches_composed_ops_forward_and_backward() {
     let y = patchlm_model::ops::rms_norm(&x, &Tensor::ones(4, DType::F32, &dev).unwrap(), eps).unwrap();
     assert_eq!(y.dims(), &[2, 3, 4]);
     assert!(patchlm_model::ops::rms_norm(&x, &Tensor::ones(5, DType::F32, &dev).unwrap(), eps).is_err());
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn fused_causal_softmax_matches_a_hand_reference_and_the_composed_ops() {
+    let dev = Device::Cpu;
+    // Hand-computed: row 0 sees only column 0; row 1 is softmax(3, 4) = (1, e) / (1 + e).
+    let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+    let y: Vec<Vec<f32>> = causal_softmax(&x, 1.0).unwrap().to_vec2().unwrap();
+    let e = std::f32::consts::E;
+    assert_eq!(y[0], vec![1.0, 0.0]);
+    assert!((y[1][0] - 1.0 / (1.0 + e)).abs() < 1e-6 && (y[1][1] - e / (1.0 + e)).abs() < 1e-6, "{y:?}");
+    // Random scores, T = S (training) and T < S (queries after cached keys): f64 loop reference
+    // for the forward pass, the composed ops (scale, additive mask, softmax) for the backward pass.
+    for (b, h, t, s_len) in [(2usize, 3usize, 7usize, 7usize), (1, 2, 3, 10), (2, 1, 33, 33)] {
+        let scale = 0.37;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (b, h, t, s_len), &dev).unwrap()).unwrap();
+        let y = causal_softmax(x.as_tensor(), scale).unwrap();
+        let xs: Vec<f32> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let ys: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for (r, (xr, yr)) in xs.chunks(s_len).zip(ys.chunks(s_len)).enumerate() {
+            let lim = s_len - t + r % t;
+            let m = xr[..=lim].iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 * scale));
+            let z: f64 = xr[..=lim].iter().map(|&v| (v as f64 * scale - m).exp()).sum();
+            for j in 0..s_len {
+                let want = if j <= lim { (xr[j] as f64 * scale - m).exp() / z } else { 0.0 };
+                assert!((yr[j] as f64 - want).abs() < 1e-6, "row {r} col {j}: {} vs {want}", yr[j]);
+            }
+        }
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s_len).map(move |j| if j > s_len - t + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s_len), &dev).unwrap();
+        let composed =
+            patchlm_model::llama::softmax_last_dim(&(x.as_tensor() * scale).unwrap().broadcast_add(&mask).unwrap())
+                .unwrap();
+        assert!(max_abs(&(&y - &composed).unwrap()) < 1e-6);
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, s_len), &dev).unwrap();
+        let ga = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&composed * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
+        assert!(max_abs(&(ga - gb).unwrap()) < 1e-5 * max_abs(gb).max(1e-3), "dx b={b} h={h} t={t} s={s_len}");
+        assert!(max_abs(gb) > 1e-3);
+        // bf16 scores: within bf16 resolution of the f32 probabilities.
+        let yb = causal_softmax(&x.as_tensor().to_dtype(DType::BF16).unwrap(), scale).unwrap();
+        assert_eq!(yb.dtype(), DType::BF16);
+        assert!(max_abs(&(yb.to_dtype(DType::F32).unwrap() - &y).unwrap()) < 1e-2);
+    }
+    assert!(causal_softmax(&Tensor::zeros((3, 2), DType::F32, &dev).unwrap(), 1.0).is_err());
+}
+
+#[test]
+fn fused_rope_matches_the_composed_rotation_and_inverts() {
+    let dev = Device::Cpu;
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.max_position_embeddings = 40;
+    let hd = cfg.head_dim();
+    let table = Rope::new(&cfg, &dev).unwrap();
+    // Independent tables: angle p / theta^(2i/hd), both halves of a row alike.
+    let ang = |p: usize, j: usize| p as f64 / cfg.rope_theta.powf((2 * (j % (hd / 2))) as f64 / hd as f64);
+    for (t, offset) in [(9usize, 0usize), (5, 30)] {
+        let cos: Vec<f32> = (0..t).flat_map(|p| (0..hd).map(move |j| ang(p + offset, j).cos() as f32)).collect();
+        let sin: Vec<f32> = (0..t).flat_map(|p| (0..hd).map(move |j| ang(p + offset, j).sin() as f32)).collect();
+        let (cos, sin) = (Tensor::from_vec(cos, (t, hd), &dev).unwrap(), Tensor::from_vec(sin, (t, hd), &dev).unwrap());
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, t, hd), &dev).unwrap()).unwrap();
+        let y = rope(x.as_tensor(), &cos, &sin).unwrap();
+        let composed = table.apply_composed(x.as_tensor(), offset).unwrap();
+        assert!(max_abs(&(&y - &composed).unwrap()) < 1e-5, "t={t} offset={offset}");
+        // A rotation keeps each pair's norm; the inverse rotation (negated sin) gives x back.
+        let back = rope(&y, &cos, &sin.neg().unwrap()).unwrap();
+        assert!(max_abs(&(&back - x.as_tensor()).unwrap()) < 1e-5);
+        let up = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
+        let ga = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&composed * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
+        assert!(max_abs(&(ga - gb).unwrap()) < 1e-5, "dx t={t} offset={offset}");
+        let yb = rope(&x.as_tensor().to_dtype(DType::BF16).unwrap(), &cos, &sin).unwrap();
+        assert!(max_abs(&(yb.to_dtype(DType::F32).unwrap() - &y).unwrap()) < 2e-2);
+    }
+    let x = Tensor::zeros((1, 1, 4, hd), DType::F32, &dev).unwrap();
+    let bad = Tensor::zeros((3, hd), DType::F32, &dev).unwrap();
+    assert!(rope(&x, &bad, &bad).is_err());
+}
+
+#[test]
+fn fused_embedding_gathers_rows_and_scatters_gradients_onto_ids() {
+    let dev = Device::Cpu;
+    let (v, d) = (11usize, 5usize);
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (v, d), &dev).unwrap()).unwrap();
+    // Repeated ids (3 three times, 0 twice) and ids never used (their gradient rows stay 0).
+    let ids = Tensor::new(&[[3u32, 0, 3, 7], [10, 3, 0, 1]], &dev).unwrap();
+    let y = embedding(w.as_tensor(), &ids).unwrap();
+    assert_eq!(y.dims(), &[2, 4, d]);
+    let wv: Vec<Vec<f32>> = w.as_tensor().to_vec2().unwrap();
+    let yv: Vec<Vec<Vec<f32>>> = y.to_vec3().unwrap();
+    let idv: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    for (yr, ir) in yv.iter().zip(&idv) {
+        for (row, &id) in yr.iter().zip(ir) {
+            assert_eq!(row, &wv[id as usize]);
+        }
+    }
+    // dW[id] = sum of the upstream rows at that id, by hand; equal to candle's index_add path.
+    let up = Tensor::randn(0f32, 1.0, (2, 4, d), &dev).unwrap();
+    let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    let gw: Vec<Vec<f32>> = g.get(w.as_tensor()).unwrap().to_vec2().unwrap();
+    let upv: Vec<Vec<f32>> = up.reshape((8, d)).unwrap().to_vec2().unwrap();
+    let flat: Vec<u32> = idv.concat();
+    for (id, row) in gw.iter().enumerate() {
+        for (j, &got) in row.iter().enumerate() {
+            let want: f32 = flat.iter().zip(&upv).filter(|(&i, _)| i as usize == id).map(|(_, u)| u[j]).sum();
+            assert!((got - want).abs() < 1e-6, "id {id} col {j}: {got} vs {want}");
+        }
+    }
+    assert!(gw[3].iter().any(|&x| x != 0.0) && gw[2].iter().all(|&x| x == 0.0));
+    let reference = candle_nn::Embedding::new(w.as_tensor().clone(), d).forward(&ids).unwrap();
+    let gr = (&reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_abs(&(g.get(w.as_tensor()).unwrap() - gr.get(w.as_tensor()).unwrap()).unwrap()) < 1e-6);
+    // An id outside the vocabulary is an error naming it; non-u32 ids are refused.
+    let e = embedding(w.as_tensor(), &Tensor::new(&[1u32, 11], &dev).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("id 11"), "{e}");
+    assert!(embedding(w.as_tensor(), &Tensor::new(&[1i64], &dev).unwrap()).is_err());
 }
 
 #[test]

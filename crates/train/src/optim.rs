@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
+use patchlm_model::fused_ops_supported;
+use patchlm_model::ops::{adamw_update, AdamWStep};
 
 use crate::error::{Result, TrainError};
 
@@ -29,8 +31,8 @@ impl Default for AdamWConfig {
 struct Slot {
     name: String,
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    /// (2, numel) f32: the first and second moments, flattened.
+    moments: Tensor,
     decay: bool,
 }
 
@@ -40,7 +42,7 @@ pub struct AdamW {
     cfg: AdamWConfig,
     step: u64,
     slots: Vec<Slot>,
-    fused_cpu: bool,
+    fused: bool,
 }
 
 impl AdamW {
@@ -48,19 +50,25 @@ impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let mut slots = Vec::with_capacity(params.len());
         for (name, var) in params {
-            let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-            let v = m.clone();
+            let moments = Tensor::zeros((2, var.elem_count()), DType::F32, var.device())?;
             let decay = var.rank() >= 2;
-            slots.push(Slot { name, var, m, v, decay });
+            slots.push(Slot { name, var, moments, decay });
         }
         slots.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self { cfg, step: 0, slots, fused_cpu: true })
+        Ok(Self { cfg, step: 0, slots, fused: true })
     }
 
-    /// Whether f32 parameters on the CPU are updated in one fused pass (default true) instead of
-    /// the device-generic tensor ops. Both compute the same update.
+    /// Whether f32 parameters are updated by the fused one-pass kernel
+    /// (`patchlm_model::ops::adamw_update`, on devices where
+    /// `patchlm_model::fused_ops_supported`) instead of device-generic tensor ops (default true).
+    /// Both compute the same update.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// The former name of [`AdamW::set_fused`], kept so existing callers build.
     pub fn set_fused_cpu(&mut self, fused: bool) {
-        self.fused_cpu = fused;
+        self.set_fused(fused);
     }
 
     /// Steps taken.
@@ -76,28 +84,39 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.name) else { continue };
-            if self.fused_cpu && s.var.device().is_cpu() && s.var.dtype() == DType::F32 {
-                fused_update(s, g, c, lr, bc1, bc2)?;
+            let g = g.to_dtype(DType::F32)?;
+            let decay = if s.decay && c.weight_decay != 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+            if self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device()) {
+                let h = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay, bias1: bc1, bias2: bc2 };
+                let (p, moments) = adamw_update(s.var.as_tensor(), &g, &s.moments, &h)?;
+                s.var.set(&p)?;
+                s.moments = moments;
                 continue;
             }
-            let g = g.to_dtype(DType::F32)?;
-            s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let p = s.var.as_tensor().to_dtype(DType::F32)?;
-            let p = if s.decay && c.weight_decay != 0.0 { (p * (1.0 - lr * c.weight_decay))? } else { p };
-            let denom = ((s.v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let upd = (s.m.div(&denom)? * (lr / bc1))?;
-            s.var.set(&(p - upd)?.to_dtype(s.var.dtype())?)?;
+            let g = g.flatten_all()?;
+            let m = ((s.moments.get(0)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((s.moments.get(1)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let p = s.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+            let p = if decay != 1.0 { (p * decay)? } else { p };
+            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+            let upd = (m.div(&denom)? * (lr / bc1))?;
+            s.var.set(&(p - upd)?.reshape(s.var.shape())?.to_dtype(s.var.dtype())?)?;
+            s.moments = Tensor::stack(&[m, v], 0)?;
         }
         Ok(())
     }
 
-    /// The moments as named tensors (`m.<param>`, `v.<param>`) and the step count.
+    /// The moments as named tensors (`m.<param>`, `v.<param>`, each of the parameter's shape)
+    /// and the step count.
     pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
         let mut out = Vec::with_capacity(self.slots.len() * 2);
         for s in &self.slots {
-            out.push((format!("m.{}", s.name), s.m.clone()));
-            out.push((format!("v.{}", s.name), s.v.clone()));
+            for (i, key) in ["m", "v"].iter().enumerate() {
+                // get + reshape of a (2, numel) tensor cannot fail.
+                if let Ok(t) = s.moments.get(i).and_then(|t| t.reshape(s.var.shape())) {
+                    out.push((format!("{key}.{}", s.name), t));
+                }
+            }
         }
         (out, self.step)
     }
@@ -113,48 +132,27 @@ impl AdamW {
             if m.dims() != s.var.dims() || v.dims() != s.var.dims() {
                 return Err(TrainError::Config(format!("optimizer state for {} has the wrong shape", s.name)));
             }
-            s.m = m.to_device(s.var.device())?;
-            s.v = v.to_device(s.var.device())?;
+            let (m, v) = (m.to_dtype(DType::F32)?.flatten_all()?, v.to_dtype(DType::F32)?.flatten_all()?);
+            s.moments = Tensor::stack(&[m, v], 0)?.to_device(s.var.device())?;
         }
         self.step = step;
         Ok(())
     }
 }
 
-/// One AdamW update of a CPU f32 parameter in a single pass over its elements.
-fn fused_update(s: &mut Slot, g: &Tensor, c: &AdamWConfig, lr: f64, bc1: f64, bc2: f64) -> Result<()> {
-    let shape = s.var.shape().clone();
-    let mut p: Vec<f32> = s.var.as_tensor().flatten_all()?.to_vec1()?;
-    let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut m: Vec<f32> = s.m.flatten_all()?.to_vec1()?;
-    let mut v: Vec<f32> = s.v.flatten_all()?.to_vec1()?;
-    let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-    let (ob1, ob2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-    let decay = if s.decay && c.weight_decay != 0.0 { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
-    let step = (lr / bc1) as f32;
-    let sbc2 = bc2.sqrt() as f32;
-    for i in 0..p.len() {
-        let gi = g[i];
-        m[i] = m[i] * b1 + gi * ob1;
-        v[i] = v[i] * b2 + gi * gi * ob2;
-        let denom = v[i].sqrt() / sbc2 + eps;
-        p[i] = p[i] * decay - m[i] / denom * step;
-    }
-    let dev = s.var.device().clone();
-    s.m = Tensor::from_vec(m, &shape, &dev)?;
-    s.v = Tensor::from_vec(v, &shape, &dev)?;
-    s.var.set(&Tensor::from_vec(p, &shape, &dev)?)?;
-    Ok(())
-}
-
 /// The global L2 norm of all gradients.
 pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
-    let mut total = 0f64;
-    for n in names {
-        total += grads[n].to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    if names.is_empty() {
+        return Ok(0.0);
     }
+    // One sum of squares per tensor, stacked and summed on the device: a single host sync.
+    let sums = names
+        .iter()
+        .map(|n| grads[*n].to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
     Ok(total.sqrt())
 }
 

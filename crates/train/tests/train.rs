@@ -52,7 +52,7 @@ fn adamw_and_clipping_match_pytorch() {
 }
 
 #[test]
-fn fused_cpu_adamw_equals_the_tensor_path() {
+fn fused_adamw_equals_the_tensor_path() {
     let dev = Device::Cpu;
     let mut rng = patchlm_model::SplitMix64(9);
     let mut vals = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
@@ -69,7 +69,7 @@ fn fused_cpu_adamw_equals_the_tensor_path() {
         let n = Var::from_tensor(&n0).unwrap();
         let mut opt =
             AdamW::new(vec![("w".into(), w.clone()), ("n".into(), n.clone())], AdamWConfig::default()).unwrap();
-        opt.set_fused_cpu(fused);
+        opt.set_fused(fused);
         for (gw, gn) in &grads {
             let g: HashMap<String, Tensor> = [("w".to_string(), gw.clone()), ("n".to_string(), gn.clone())].into();
             opt.step(&g, 1e-2).unwrap();

@@ -1,0 +1,50 @@
+//! The whole model with the fused ops against the same model built from composed candle ops, in
+//! f32 and with bf16 compute: loss and every parameter's gradient. In its own test binary
+//! because it flips the process-wide `set_fused_ops` switch.
+
+#![allow(clippy::unwrap_used)]
+
+use candle_core::{DType, Device, Tensor};
+use patchlm_model::ops::set_fused_ops;
+use patchlm_model::*;
+
+#[test]
+fn fused_and_composed_models_agree_in_f32_and_bf16() {
+    let dev = Device::Cpu;
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.num_key_value_heads = 1; // grouped-query attention too
+    let (model, varmap) = init_model(&cfg, &dev, 5).unwrap();
+    let ids: Vec<u32> = (0..2 * 17).map(|i| (i * 53 % cfg.vocab_size) as u32).collect();
+    let ids = Tensor::from_vec(ids, (2, 17), &dev).unwrap();
+    let targets = ids.narrow(1, 1, 16).unwrap().reshape((32, 1)).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+        let m = model.clone().with_compute_dtype(dtype);
+        let mut runs = Vec::new();
+        for fused in [true, false] {
+            set_fused_ops(fused);
+            let logits = m.forward(&ids.narrow(1, 0, 16).unwrap()).unwrap();
+            let logits = logits.to_dtype(DType::F32).unwrap().reshape((32, cfg.vocab_size)).unwrap();
+            // The composed loss: log-softmax and a gather, in f32.
+            let lse = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
+            let picked = logits.gather(&targets, 1).unwrap();
+            let loss = (lse - picked).unwrap().mean_all().unwrap();
+            let grads = loss.backward().unwrap();
+            runs.push((loss.to_scalar::<f32>().unwrap(), grads));
+        }
+        set_fused_ops(true);
+        let ((la, ga), (lb, gb)) = (&runs[0], &runs[1]);
+        assert!((la - lb).abs() < tol * la.abs(), "{dtype:?}: loss {la} (fused) vs {lb} (composed)");
+        for v in varmap.all_vars() {
+            let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+            let diff = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = y.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0, "{dtype:?}: a zero gradient for {:?}", v.dims());
+            assert!(
+                diff <= tol * 10.0 * scale,
+                "{dtype:?}: gradient of {:?} differs by {diff} (max {scale})",
+                v.dims()
+            );
+        }
+    }
+}
