@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles kernels/fused.cu to PTX with nvcc (found through `NVCC`,
+//! With the `cuda` feature, compiles kernels/fused.cu and kernels/flash.cu to PTX with nvcc (found through `NVCC`,
 //! `CUDA_ROOT/bin` or `PATH`), for compute capability `CUDA_COMPUTE_CAP` (default 80: bf16 needs
 //! Ampere or newer; the driver JIT-compiles the PTX for newer GPUs).
 
@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=kernels/fused.cu");
+    for f in ["kernels/fused.cu", "kernels/flash.cu", "kernels/common.cuh"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("fused.ptx");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var("NVCC").ok().map(PathBuf::from).unwrap_or_else(|| match std::env::var_os("CUDA_ROOT") {
         Some(root) if PathBuf::from(&root).join("bin/nvcc").is_file() => PathBuf::from(root).join("bin/nvcc"),
         _ => PathBuf::from("nvcc"),
@@ -21,17 +23,19 @@ fn main() {
     // PTX for the lower of the requested capability and 90 keeps it loadable by CUDA 13 drivers.
     let cap: u32 = cap.trim().parse().unwrap_or(80);
     let arch = format!("compute_{}", cap.clamp(80, 90));
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math", &format!("-arch={arch}"), "-o"])
-        .arg(&out)
-        .arg("kernels/fused.cu")
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("nvcc failed on kernels/fused.cu ({s}); see the messages above"),
-        Err(e) => panic!(
-            "the cuda feature needs nvcc ({}: {e}); put it on PATH or set NVCC / CUDA_ROOT (see README)",
-            nvcc.display()
-        ),
+    for name in ["fused", "flash"] {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math", &format!("-arch={arch}"), "-o"])
+            .arg(out_dir.join(format!("{name}.ptx")))
+            .arg(format!("kernels/{name}.cu"))
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("nvcc failed on kernels/{name}.cu ({s}); see the messages above"),
+            Err(e) => panic!(
+                "the cuda feature needs nvcc ({}: {e}); put it on PATH or set NVCC / CUDA_ROOT (see README)",
+                nvcc.display()
+            ),
+        }
     }
 }

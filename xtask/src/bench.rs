@@ -51,6 +51,10 @@ pub enum BenchCmd {
         /// Fused ops (cross-entropy, RMSNorm): on, off (composed candle ops) or both (a row each).
         #[arg(long, default_value = "on")]
         fused: String,
+        /// Attention with the fused ops: softmax (materialised scores, fused causal softmax),
+        /// flash (tiled, no T×T matrix) or both (a row each).
+        #[arg(long, default_value = "softmax")]
+        attention: String,
         /// Peak FLOP/s for MFU (default: H100 dense bf16).
         #[arg(long, default_value_t = 989e12)]
         peak_flops: f64,
@@ -66,7 +70,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Data { tokenizer, input, out } => bench_data(&tokenizer, &input, &out),
-        BenchCmd::Model { preset, batch, ctx, k, steps, device, dtype, fused, peak_flops } => {
+        BenchCmd::Model { preset, batch, ctx, k, steps, device, dtype, fused, attention, peak_flops } => {
+            if steps == 0 || batch == 0 || ctx == 0 {
+                anyhow::bail!("bench model: --steps, --batch and --ctx must be at least 1");
+            }
             bench_model(&ModelBench {
                 preset: &preset,
                 batch,
@@ -76,6 +83,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 device: &device,
                 dtype: &dtype,
                 fused: &fused,
+                attention: &attention,
                 peak_flops,
             })
         }
@@ -157,6 +165,7 @@ pub struct ModelBench<'a> {
     device: &'a str,
     dtype: &'a str,
     fused: &'a str,
+    attention: &'a str,
     peak_flops: f64,
 }
 
@@ -181,11 +190,25 @@ fn bench_model(b: &ModelBench) -> Result<()> {
         "both" => vec![false, true],
         other => anyhow::bail!("--fused {other}: expected on, off or both"),
     };
+    let flash: Vec<bool> = match b.attention {
+        "softmax" => vec![false],
+        "flash" => vec![true],
+        "both" => vec![false, true],
+        other => anyhow::bail!("--attention {other}: expected softmax, flash or both"),
+    };
     for fused in settings {
-        patchlm_model::ops::set_fused_ops(fused);
-        bench_model_once(b, fused)?;
+        for &fl in &flash {
+            // Flash attention is one of the fused ops: no separate row for it with them off.
+            if fl && !fused {
+                continue;
+            }
+            patchlm_model::ops::set_fused_ops(fused);
+            patchlm_model::ops::set_flash_attention(fl);
+            bench_model_once(b, fused)?;
+        }
     }
     patchlm_model::ops::set_fused_ops(true);
+    patchlm_model::ops::set_flash_attention(false);
     Ok(())
 }
 
@@ -210,12 +233,20 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         let ids: Vec<u32> = (0..batch * len).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, len), &device)?;
         let mut times = Vec::new();
+        // Where a step goes: host time to enqueue the forward pass, forward (synchronised),
+        // backward, clipping + optimizer. Enqueue ≈ forward means the host, not the GPU, limits.
+        let mut parts: [Vec<f64>; 4] = Default::default();
         let mut peak_mem = 0u64;
         for s in 0..steps + 2 {
             let t0 = Instant::now();
             let loss = patchlm_patch::patch_loss(&model, &ids, k)?;
+            let t_enq = t0.elapsed().as_secs_f64();
+            device.synchronize()?;
+            let t_fwd = t0.elapsed().as_secs_f64();
             peak_mem = peak_mem.max(device_mem_used(&device));
             let grads = loss.backward()?;
+            device.synchronize()?;
+            let t_bwd = t0.elapsed().as_secs_f64();
             peak_mem = peak_mem.max(device_mem_used(&device));
             let mut g = std::collections::HashMap::new();
             for (n, v) in &vars {
@@ -227,10 +258,15 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
             opt.step(&g, 3e-4)?;
             device.synchronize()?;
             if s >= 2 {
-                times.push(t0.elapsed().as_secs_f64());
+                let t = t0.elapsed().as_secs_f64();
+                times.push(t);
+                for (p, v) in parts.iter_mut().zip([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd]) {
+                    p.push(v * 1e3);
+                }
             }
         }
         let step = median(times);
+        let [enq_ms, fwd_ms, bwd_ms, opt_ms] = parts.map(median);
         let tokens = (batch * ctx * k) as f64;
         // The model runs ctx positions per sequence in both phases (patches in the patch phase).
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
@@ -241,6 +277,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
                 "threads": rayon::current_num_threads(), "dtype": b.dtype, "mfu": mfu, "peak_flops": b.peak_flops,
                 "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
+                "attention": if patchlm_model::ops::flash_attention_enabled(&device) { "flash" } else { "softmax" },
+                "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
             })
         );
     }

@@ -186,6 +186,10 @@ impl Attention {
         let k = self.repeat_kv(k)?;
         let v = self.repeat_kv(v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if crate::ops::flash_attention_enabled(x.device()) {
+            let y = crate::ops::flash_attention(&q, &k, &v, scale)?.transpose(1, 2)?.reshape((b, t, d))?;
+            return self.o_proj.forward(&y);
+        }
         let scores = q.matmul(&k.t()?.contiguous()?)?;
         let probs = if crate::ops::fused_ops_supported(x.device()) {
             // Scale, causal mask and softmax in one pass, statistics in f32.

@@ -22,16 +22,17 @@ pub fn set_fused_ops(enabled: bool) {
     FUSED.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether the fused ops of this module are on and have an implementation for `device`. The
-/// CUDA kernels (built with the `cuda` feature) are opt-in with `PATCHLM_FUSED_CUDA=1` until
-/// their device tests (`scripts/gpu_check.sh`) have passed on a GPU.
+/// Whether the fused ops of this module are on and have an implementation for `device`: the
+/// CPU always, CUDA when built with the `cuda` feature (the kernels' device tests,
+/// `crates/model/tests/cuda.rs`, run with `scripts/gpu_check.sh`); `PATCHLM_FUSED_CUDA=0` turns
+/// the CUDA kernels off, back to candle's composed ops.
 pub fn fused_ops_supported(device: &Device) -> bool {
     if !FUSED.load(Ordering::Relaxed) {
         return false;
     }
     match device {
         Device::Cpu => true,
-        Device::Cuda(_) => cfg!(feature = "cuda") && std::env::var_os("PATCHLM_FUSED_CUDA").is_some_and(|v| v == "1"),
+        Device::Cuda(_) => cfg!(feature = "cuda") && std::env::var_os("PATCHLM_FUSED_CUDA").is_none_or(|v| v != "0"),
         _ => false,
     }
 }
@@ -934,6 +935,331 @@ impl candle_core::CustomOp3 for AdamWOp {
     }
 }
 
+static FLASH: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
+/// matrix in memory), `false` (the default) for scores from a matmul, [`causal_softmax`] and a
+/// second matmul (the T×T probabilities are materialised, in the compute dtype). The default
+/// can also be set with `PATCHLM_FLASH_ATTENTION=1`; both compute the same attention.
+pub fn set_flash_attention(enabled: bool) {
+    FLASH.store(enabled, Ordering::Relaxed);
+    FLASH_SET.store(true, Ordering::Relaxed);
+}
+
+static FLASH_SET: AtomicBool = AtomicBool::new(false);
+
+/// Whether attention on `device` uses [`flash_attention`] (see [`set_flash_attention`]); only
+/// where the fused ops are supported.
+pub fn flash_attention_enabled(device: &Device) -> bool {
+    let on = if FLASH_SET.load(Ordering::Relaxed) {
+        FLASH.load(Ordering::Relaxed)
+    } else {
+        std::env::var_os("PATCHLM_FLASH_ATTENTION").is_some_and(|v| v == "1")
+    };
+    on && fused_ops_supported(device)
+}
+
+/// Causal attention `softmax(scale · q kᵀ + mask) v` without the (T, S) score matrix: `q`
+/// (B, H, T, hd), `k` and `v` (B, H, S, hd) with S ≥ T (the queries are the last T positions,
+/// as with a KV cache), one dtype (f32, bf16 or f16), hd ∈ {16, 32, 64, 128} on CUDA. Keys are
+/// visited in tiles with an online softmax (running max and sum in f32). Differentiable in q,
+/// k and v: the backward pass recomputes the probabilities tile by tile from the saved inputs
+/// and each row's log-sum-exp (FlashAttention-2's scheme), again without a (T, S) matrix.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (kb, kh, s, khd) = k.dims4()?;
+    if (kb, kh, khd) != (b, h, hd) || v.dims() != k.dims() || s < t || t == 0 {
+        candle_core::bail!(
+            "flash_attention: q {:?}, k {:?}, v {:?} do not fit (B, H, T, hd) / (B, H, S ≥ T, hd)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!("flash_attention: q, k and v must share one dtype");
+    }
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale: scale as f32 })
+}
+
+struct FlashAttn {
+    scale: f32,
+}
+
+/// Each query row's log-sum-exp of its visible scaled scores: (q, k) → (B, H, T) f32.
+struct FlashLse {
+    scale: f32,
+}
+
+/// Which gradient a [`FlashGrad`] computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlashPart {
+    Q,
+    K,
+    V,
+}
+
+/// Backward of [`FlashAttn`]: ((q, dO) stacked, (k, v) stacked, (lse, delta) per row) → dq, dk or
+/// dv, with delta = Σ dO ⊙ O per row.
+struct FlashGrad {
+    scale: f32,
+    part: FlashPart,
+}
+
+/// Shapes of one attention call: heads (B·H), queries, keys, head size.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    bh: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn to_f32<T: Float>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.f()).collect()
+}
+
+/// Forward (`want_o`: the outputs (BH·T·hd)) or the log-sum-exp per row (BH·T), on the CPU.
+fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, want_o: bool) -> (Vec<T>, Vec<f32>) {
+    let AttnDims { bh, t, s, hd } = a;
+    let mut o = vec![T::from_f(0.0); if want_o { bh * t * hd } else { 0 }];
+    let mut lse = vec![0f32; bh * t];
+    let per_head = |g: usize, o: &mut [T], lse: &mut [f32]| {
+        let k = to_f32(&k[g * s * hd..(g + 1) * s * hd]);
+        let v = if want_o { to_f32(&v[g * s * hd..(g + 1) * s * hd]) } else { Vec::new() };
+        for i in 0..t {
+            let qi = to_f32(&q[(g * t + i) * hd..(g * t + i + 1) * hd]);
+            let lim = s - t + i;
+            let sc: Vec<f32> = (0..=lim).map(|j| scale * dot(&qi, &k[j * hd..(j + 1) * hd])).collect();
+            let m = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let p: Vec<f32> = sc.iter().map(|&x| (x - m).exp()).collect();
+            let l: f32 = p.iter().sum();
+            lse[i] = m + l.ln();
+            if want_o {
+                let mut acc = vec![0f32; hd];
+                for (j, &pj) in p.iter().enumerate() {
+                    for (a, &vv) in acc.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+                        *a += pj * vv;
+                    }
+                }
+                for (o, a) in o[i * hd..(i + 1) * hd].iter_mut().zip(acc) {
+                    *o = T::from_f(a / l);
+                }
+            }
+        }
+    };
+    if want_o {
+        o.par_chunks_mut(t * hd).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(g, (o, l))| per_head(g, o, l));
+    } else {
+        lse.par_chunks_mut(t).enumerate().for_each(|(g, l)| per_head(g, &mut [], l));
+    }
+    (o, lse)
+}
+
+/// One of dq, dk, dv on the CPU (the reference for the CUDA kernels).
+fn flash_grad_cpu<T: Float>(qdo: &[T], kv: &[T], st: &[f32], a: AttnDims, scale: f32, part: FlashPart) -> Vec<T> {
+    let AttnDims { bh, t, s, hd } = a;
+    let (q, dout) = qdo.split_at(bh * t * hd);
+    let (k, v) = kv.split_at(bh * s * hd);
+    let rows = if part == FlashPart::Q { t } else { s };
+    let mut out = vec![T::from_f(0.0); bh * rows * hd];
+    out.par_chunks_mut(rows * hd).enumerate().for_each(|(g, out)| {
+        let head = |x: &[T], n: usize| to_f32(&x[g * n * hd..(g + 1) * n * hd]);
+        let (q, dout, k, v) = (head(q, t), head(dout, t), head(k, s), head(v, s));
+        let mut acc = vec![0f32; rows * hd];
+        for i in 0..t {
+            let (qi, di) = (&q[i * hd..(i + 1) * hd], &dout[i * hd..(i + 1) * hd]);
+            let (lse, delta) = (st[(g * t + i) * 2], st[(g * t + i) * 2 + 1]);
+            for j in 0..=s - t + i {
+                let (kj, vj) = (&k[j * hd..(j + 1) * hd], &v[j * hd..(j + 1) * hd]);
+                let p = (scale * dot(qi, kj) - lse).exp();
+                let (row, src, w) = match part {
+                    FlashPart::V => (j, di, p),
+                    FlashPart::Q => (i, kj, scale * p * (dot(di, vj) - delta)),
+                    FlashPart::K => (j, qi, scale * p * (dot(di, vj) - delta)),
+                };
+                for (a, &x) in acc[row * hd..(row + 1) * hd].iter_mut().zip(src) {
+                    *a += w * x;
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = T::from_f(a);
+        }
+    });
+    out
+}
+
+fn attn_dims(q: &Layout, k: &Layout) -> candle_core::Result<AttnDims> {
+    let (b, h, t, hd) = q.shape().dims4()?;
+    let s = k.shape().dims4()?.2;
+    Ok(AttnDims { bh: b * h, t, s, hd })
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = attn_dims(l1, l2)?;
+        macro_rules! go {
+            ($variant:ident, $q:expr, $k:expr, $v:expr) => {{
+                let (q, k, v) = (contiguous($q, l1, "q")?, contiguous($k, l2, "k")?, contiguous($v, l3, "v")?);
+                CpuStorage::$variant(flash_fwd_cpu(q, k, v, a, self.scale, true).0)
+            }};
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => go!(F32, q, k, v),
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => go!(BF16, q, k, v),
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => go!(F16, q, k, v),
+            _ => candle_core::bail!("flash_attention: q, k and v must share a float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::flash(s1, l1, s2, l2, Some((s3, l3)), attn_dims(l1, l2)?, self.scale, cuda::FlashKernel::Fwd)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+        let lse = q.apply_op2_no_bwd(k, &FlashLse { scale: self.scale })?;
+        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+        let stats = Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?;
+        let qdo = Tensor::stack(&[q, &dout], 0)?;
+        let kv = Tensor::stack(&[k, v], 0)?;
+        let grad = |part| qdo.apply_op3_no_bwd(&kv, &stats, &FlashGrad { scale: self.scale, part });
+        Ok((Some(grad(FlashPart::Q)?), Some(grad(FlashPart::K)?), Some(grad(FlashPart::V)?)))
+    }
+}
+
+impl CustomOp2 for FlashLse {
+    fn name(&self) -> &'static str {
+        "flash-attention-lse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = attn_dims(l1, l2)?;
+        let lse = match (s1, s2) {
+            (CpuStorage::F32(q), CpuStorage::F32(k)) => {
+                flash_fwd_cpu::<f32>(contiguous(q, l1, "q")?, contiguous(k, l2, "k")?, &[], a, self.scale, false).1
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k)) => {
+                flash_fwd_cpu::<bf16>(contiguous(q, l1, "q")?, contiguous(k, l2, "k")?, &[], a, self.scale, false).1
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k)) => {
+                flash_fwd_cpu::<f16>(contiguous(q, l1, "q")?, contiguous(k, l2, "k")?, &[], a, self.scale, false).1
+            }
+            _ => candle_core::bail!("flash_attention: q and k must share a float dtype"),
+        };
+        let (b, h, t, _) = l1.shape().dims4()?;
+        Ok((CpuStorage::F32(lse), Shape::from((b, h, t))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (lse, _) = cuda::flash(s1, l1, s2, l2, None, attn_dims(l1, l2)?, self.scale, cuda::FlashKernel::Lse)?;
+        let (b, h, t, _) = l1.shape().dims4()?;
+        Ok((lse, Shape::from((b, h, t))))
+    }
+}
+
+impl CustomOp3 for FlashGrad {
+    fn name(&self) -> &'static str {
+        "flash-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, shape) = grad_dims(l1, l2, self.part)?;
+        let st = match s3 {
+            CpuStorage::F32(st) => contiguous(st, l3, "stats")?,
+            _ => candle_core::bail!("flash_attention: row statistics must be f32"),
+        };
+        let out = map_float2!("flash_attention", (s1, l1, "q/dO"), (s2, l2, "k/v"), |qdo, kv| {
+            flash_grad_cpu(qdo, kv, st, a, self.scale, self.part)
+        });
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (a, shape) = grad_dims(l1, l2, self.part)?;
+        let kernel = match self.part {
+            FlashPart::Q => cuda::FlashKernel::Dq,
+            FlashPart::K => cuda::FlashKernel::Dk,
+            FlashPart::V => cuda::FlashKernel::Dv,
+        };
+        let (out, _) = cuda::flash(s1, l1, s2, l2, Some((s3, l3)), a, self.scale, kernel)?;
+        Ok((out, shape))
+    }
+}
+
+/// Dims of a gradient call from the stacked (2, B, H, T, hd) and (2, B, H, S, hd) inputs, and
+/// the output shape.
+fn grad_dims(l1: &Layout, l2: &Layout, part: FlashPart) -> candle_core::Result<(AttnDims, Shape)> {
+    let (_, b, h, t, hd) = l1.shape().dims5()?;
+    let s = l2.shape().dims5()?.3;
+    let rows = if part == FlashPart::Q { t } else { s };
+    Ok((AttnDims { bh: b * h, t, s, hd }, Shape::from((b, h, rows, hd))))
+}
+
 /// CUDA twins of the CPU kernels above (kernels/fused.cu, compiled to PTX by build.rs).
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -1295,6 +1621,117 @@ mod cuda {
         }
         unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
         Ok((wrap_f32(out, dev), Shape::from((3, n))))
+    }
+
+    /// The PTX of kernels/flash.cu (its own module: JIT-compiled only when attention uses it).
+    pub const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+    const FLASH_MODULE: &str = "patchlm_flash";
+
+    /// The kernels of kernels/flash.cu.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum FlashKernel {
+        /// (q, k, v) → o.
+        Fwd,
+        /// (q, k) → log-sum-exp per row, f32.
+        Lse,
+        /// ((q, dO), (k, v), stats) → dq.
+        Dq,
+        /// … → dk.
+        Dk,
+        /// … → dv.
+        Dv,
+    }
+
+    /// Launches one flash-attention kernel; `c` is v (forward) or the row statistics (gradients).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash(
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        c: Option<(&CudaStorage, &Layout)>,
+        d: super::AttnDims,
+        scale: f32,
+        kernel: FlashKernel,
+    ) -> Result<(CudaStorage, Shape)> {
+        match a.dtype() {
+            DType::F32 => flash_t::<f32>(a, la, b, lb, c, d, scale, kernel),
+            DType::BF16 => flash_t::<bf16>(a, la, b, lb, c, d, scale, kernel),
+            DType::F16 => flash_t::<f16>(a, la, b, lb, c, d, scale, kernel),
+            dt => candle_core::bail!("flash_attention: unsupported dtype {dt:?}"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn flash_t<T: CudaDType + DeviceRepr>(
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        c: Option<(&CudaStorage, &Layout)>,
+        d: super::AttnDims,
+        scale: f32,
+        kernel: FlashKernel,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = a.device();
+        let super::AttnDims { bh, t, s, hd } = d;
+        if ![16, 32, 64, 128].contains(&hd) {
+            candle_core::bail!("flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA");
+        }
+        if bh > 65535 || bh * s * hd >= i32::MAX as usize {
+            candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
+        }
+        let which = match kernel {
+            FlashKernel::Fwd => "fwd",
+            FlashKernel::Lse => "lse",
+            FlashKernel::Dq => "dq",
+            FlashKernel::Dk => "dk",
+            FlashKernel::Dv => "dv",
+        };
+        let f = dev.get_or_load_custom_func(
+            &format!("flash_{which}_{}_{hd}", suffix(a.dtype())?),
+            FLASH_MODULE,
+            FLASH_PTX,
+        )?;
+        let av = a.as_cuda_slice::<T>()?.slice(check(la, "flash_attention input")?..);
+        let bv = b.as_cuda_slice::<T>()?.slice(check(lb, "flash_attention input")?..);
+        let rows = if matches!(kernel, FlashKernel::Dk | FlashKernel::Dv) { s } else { t };
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(64) as u32, bh as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ti, si, nbh) = (t as i32, s as i32, bh as i32);
+        let third = || c.ok_or_else(|| candle_core::Error::Msg("flash_attention: missing input".into()));
+        let mut builder = f.builder();
+        macro_rules! push {
+            ($b:ident; $($x:expr),*) => { $( $b.arg($x); )* };
+        }
+        match kernel {
+            FlashKernel::Fwd => {
+                let (c, lc) = third()?;
+                let cv = c.as_cuda_slice::<T>()?.slice(check(lc, "v")?..);
+                let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
+                let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+                push!(builder; &av, &bv, &cv, &o, &lse, &ti, &si, &scale);
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok((T::wrap_cuda_slice(o, dev.clone()), la.shape().clone()))
+            }
+            FlashKernel::Lse => {
+                let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+                push!(builder; &av, &bv, &lse, &ti, &si, &scale);
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok((wrap_f32(lse, dev), Shape::from(bh * t)))
+            }
+            FlashKernel::Dq | FlashKernel::Dk | FlashKernel::Dv => {
+                let (c, lc) = third()?;
+                let st = c.as_cuda_slice::<f32>()?.slice(check(lc, "stats")?..);
+                let out = unsafe { dev.alloc::<T>(bh * rows * hd)? };
+                push!(builder; &av, &bv, &st, &out, &nbh, &ti, &si, &scale);
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(bh * rows * hd)))
+            }
+        }
     }
 
     /// RMSNorm forward.

@@ -1,11 +1,12 @@
-//! The whole model with the fused ops against the same model built from composed candle ops, in
-//! f32 and with bf16 compute: loss and every parameter's gradient. In its own test binary
-//! because it flips the process-wide `set_fused_ops` switch.
+//! The whole model with the fused ops (materialised attention with the fused softmax, and flash
+//! attention) against the same model built from composed candle ops, in f32 and with bf16
+//! compute: loss and every parameter's gradient. In its own test binary because it flips the
+//! process-wide `set_fused_ops` / `set_flash_attention` switches.
 
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
-use patchlm_model::ops::set_fused_ops;
+use patchlm_model::ops::{set_flash_attention, set_fused_ops};
 use patchlm_model::*;
 
 #[test]
@@ -20,8 +21,10 @@ fn fused_and_composed_models_agree_in_f32_and_bf16() {
     for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
         let m = model.clone().with_compute_dtype(dtype);
         let mut runs = Vec::new();
-        for fused in [true, false] {
+        // (fused ops, flash attention): the composed run is last, the reference.
+        for (fused, flash) in [(true, false), (true, true), (false, false)] {
             set_fused_ops(fused);
+            set_flash_attention(flash);
             let logits = m.forward(&ids.narrow(1, 0, 16).unwrap()).unwrap();
             let logits = logits.to_dtype(DType::F32).unwrap().reshape((32, cfg.vocab_size)).unwrap();
             // The composed loss: log-softmax and a gather, in f32.
@@ -32,19 +35,22 @@ fn fused_and_composed_models_agree_in_f32_and_bf16() {
             runs.push((loss.to_scalar::<f32>().unwrap(), grads));
         }
         set_fused_ops(true);
-        let ((la, ga), (lb, gb)) = (&runs[0], &runs[1]);
-        assert!((la - lb).abs() < tol * la.abs(), "{dtype:?}: loss {la} (fused) vs {lb} (composed)");
-        for v in varmap.all_vars() {
-            let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
-            let diff = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let scale = y.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(scale > 0.0, "{dtype:?}: a zero gradient for {:?}", v.dims());
-            assert!(
-                diff <= tol * 10.0 * scale,
-                "{dtype:?}: gradient of {:?} differs by {diff} (max {scale})",
-                v.dims()
-            );
+        set_flash_attention(false);
+        let (lb, gb) = &runs[2];
+        for (which, (la, ga)) in ["fused", "flash"].iter().zip(&runs[..2]) {
+            assert!((la - lb).abs() < tol * la.abs(), "{dtype:?}: loss {la} ({which}) vs {lb} (composed)");
+            for v in varmap.all_vars() {
+                let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+                let diff = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                let scale = y.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                assert!(scale > 0.0, "{dtype:?}: a zero gradient for {:?}", v.dims());
+                assert!(
+                    diff <= tol * 10.0 * scale,
+                    "{dtype:?} {which}: gradient of {:?} differs by {diff} (max {scale})",
+                    v.dims()
+                );
+            }
         }
     }
 }

@@ -8,11 +8,11 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use patchlm_model::ops::{adamw_update, rms_norm, AdamWStep};
-use patchlm_model::{causal_softmax, cross_entropy_multi, embedding, fused_ops_supported, rope, SplitMix64};
+use patchlm_model::{
+    causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, SplitMix64,
+};
 
 fn gpu() -> Device {
-    // SAFETY of set_var: tests in this file only read the variable afterwards.
-    std::env::set_var("PATCHLM_FUSED_CUDA", "1");
     let d = Device::new_cuda(0).expect("these tests need a CUDA GPU");
     assert!(fused_ops_supported(&d));
     d
@@ -153,4 +153,41 @@ fn cuda_adamw_matches_cpu() {
     let dp = |a: &Tensor| (a - &p).unwrap();
     let e = max_rel(&dp(&pg.to_device(&Device::Cpu).unwrap()), &dp(&pc));
     assert!(e < 1e-3, "parameter update: rel err {e}");
+}
+
+#[test]
+#[ignore]
+fn cuda_flash_attention_matches_cpu() {
+    let g = gpu();
+    // Row counts that are not multiples of the 64-row blocks, T < S, every head size.
+    for (b, h, t, s, hd) in [
+        (2usize, 3usize, 130usize, 130usize, 64usize),
+        (1, 2, 5, 77, 16),
+        (1, 2, 100, 100, 32),
+        (1, 2, 200, 200, 128),
+        (1, 4, 1024, 1024, 64),
+    ] {
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
+            let mk = |n: usize| Tensor::randn(0f32, 1.0, (b, h, n, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let (q, k, v) = (mk(t), mk(s), mk(s));
+            let up = mk(t);
+            let run = |d: &Device| {
+                let vars: Vec<Var> =
+                    [&q, &k, &v].iter().map(|x| Var::from_tensor(&x.to_device(d).unwrap()).unwrap()).collect();
+                let y = flash_attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 0.125).unwrap();
+                let loss = (&y * &up.to_device(d).unwrap()).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                let gs: Vec<Tensor> = vars.iter().map(|x| grads.get(x.as_tensor()).unwrap().clone()).collect();
+                (y, gs)
+            };
+            let ((yc, gc), (yg, gg)) = (run(&Device::Cpu), run(&g));
+            let name = format!("flash {b}x{h}x{t}x{s}x{hd} {dtype:?}");
+            let e = max_rel(&yg, &yc);
+            assert!(e < tol, "{name} forward: rel err {e}");
+            for (which, (x, r)) in ["dq", "dk", "dv"].iter().zip(gg.iter().zip(&gc)) {
+                let e = max_rel(x, r);
+                assert!(e < tol * 5.0, "{name} {which}: rel err {e}");
+            }
+        }
+    }
 }

@@ -385,6 +385,45 @@ fn fused_causal_softmax_matches_a_hand_reference_and_the_composed_ops() {
 }
 
 #[test]
+fn flash_attention_matches_materialised_attention_forward_and_backward() {
+    let dev = Device::Cpu;
+    // T = S (training) and T < S (queries after cached keys); head sizes 16 and 64.
+    for (b, h, t, s_len, hd) in [(2usize, 3usize, 9usize, 9usize, 16usize), (1, 2, 4, 11, 64), (1, 1, 70, 70, 32)] {
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mk = |n: usize| Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, hd), &dev).unwrap()).unwrap();
+        let (q, k, v) = (mk(t), mk(s_len), mk(s_len));
+        let y = flash_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+        assert_eq!(y.dims(), &[b, h, t, hd]);
+        // The reference: the full score matrix, an additive -inf mask, composed softmax.
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s_len).map(move |j| if j > s_len - t + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s_len), &dev).unwrap();
+        let scores = (q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * scale).unwrap();
+        let p = patchlm_model::llama::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+        let want = p.matmul(v.as_tensor()).unwrap();
+        assert!(max_abs(&(&y - &want).unwrap()) < 1e-5, "forward {b}x{h}x{t}x{s_len}x{hd}");
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+        let ga = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (x, r) = (ga.get(var.as_tensor()).unwrap(), gb.get(var.as_tensor()).unwrap());
+            let scale = max_abs(r);
+            assert!(scale > 1e-3, "d{name} is all zero");
+            assert!(max_abs(&(x - r).unwrap()) < 1e-5 * scale.max(1.0), "d{name} {b}x{h}x{t}x{s_len}x{hd}");
+        }
+        // bf16 inputs: within bf16 resolution.
+        let bf = |x: &Var| x.as_tensor().to_dtype(DType::BF16).unwrap();
+        let yb = flash_attention(&bf(&q), &bf(&k), &bf(&v), scale).unwrap();
+        assert_eq!(yb.dtype(), DType::BF16);
+        assert!(max_abs(&(yb.to_dtype(DType::F32).unwrap() - &want).unwrap()) < 3e-2);
+    }
+    let x = Tensor::zeros((1, 1, 5, 16), DType::F32, &dev).unwrap();
+    let short = Tensor::zeros((1, 1, 4, 16), DType::F32, &dev).unwrap();
+    assert!(flash_attention(&x, &short, &short, 1.0).is_err(), "fewer keys than queries");
+}
+
+#[test]
 fn fused_rope_matches_the_composed_rotation_and_inverts() {
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::preset("tiny").unwrap();
