@@ -204,6 +204,25 @@ __device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* 
     if (id < (uint32_t)v) atomicAdd(acc + (size_t)id * d + i % d, to_f(dy[off + i]));
 }
 
+// SwiGLU gate y = silu(g) * u, and its backward into out = (dg, du) as two rows of n:
+// dg = dy * u * s * (1 + g * (1 - s)) with s = sigmoid(g), du = dy * g * s.
+template <typename T>
+__device__ void swiglu_fwd(const T* g, const T* u, T* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = to_f(g[i]);
+    y[i] = from_f<T>(x / (1.0f + __expf(-x)) * to_f(u[i]));
+}
+template <typename T>
+__device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = to_f(g[i]), d = to_f(dy[i]);
+    float s = 1.0f / (1.0f + __expf(-x));
+    out[i] = from_f<T>(d * to_f(u[i]) * s * (1.0f + x * (1.0f - s)));
+    out[n + i] = from_f<T>(d * x * s);
+}
+
 #define FUSED_OPS(T, S)                                                                                  \
     extern "C" __global__ void ce_fwd_##S(const T* x, const uint32_t* t, float* out, int v, int k) {     \
         ce_fwd<T>(x, t, out, v, k);                                                                      \
@@ -242,6 +261,12 @@ __device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* 
     extern "C" __global__ void embedding_bwd_##S(const T* dy, int off, const uint32_t* ids, float* acc,   \
                                                  int n, int d, int v) {                                  \
         embedding_bwd<T>(dy, off, ids, acc, n, d, v);                                                    \
+    }                                                                                                    \
+    extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, int n) {                     \
+        swiglu_fwd<T>(g, u, y, n);                                                                       \
+    }                                                                                                    \
+    extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* dy, T* out, int n) {      \
+        swiglu_bwd<T>(g, u, dy, out, n);                                                                 \
     }
 
 FUSED_OPS(float, f32)

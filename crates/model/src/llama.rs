@@ -235,9 +235,12 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate_proj.forward(x)?;
+        let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        if crate::ops::swiglu_supported(x.device()) {
+            return self.down_proj.forward(&crate::ops::swiglu(&g, &u)?);
+        }
         // candle-core's silu has a backward pass (unlike candle-nn's fused kernels).
-        self.down_proj.forward(&(g.silu()? * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&(g.silu()? * u)?)
     }
 }
 

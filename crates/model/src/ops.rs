@@ -1260,6 +1260,150 @@ fn grad_dims(l1: &Layout, l2: &Layout, part: FlashPart) -> candle_core::Result<(
     Ok((AttnDims { bh: b * h, t, s, hd }, Shape::from((b, h, rows, hd))))
 }
 
+/// Whether [`swiglu`] runs fused on `device`: wherever the fused ops do, except that its CUDA
+/// kernels are opt-in (`PATCHLM_SWIGLU_CUDA=1`) until `tests/cuda.rs` has run them on a GPU.
+pub fn swiglu_supported(device: &Device) -> bool {
+    fused_ops_supported(device)
+        && (device.is_cpu() || std::env::var_os("PATCHLM_SWIGLU_CUDA").is_some_and(|v| v == "1"))
+}
+
+/// SwiGLU's gate: `silu(g) · u` in one pass (f32 arithmetic, one rounding), `g` and `u` of one
+/// shape and float dtype. Differentiable in both: dg = dy·u·σ(g)·(1 + g·(1 − σ(g))),
+/// du = dy·silu(g), written by one backward pass.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    if g.dims() != u.dims() || g.dtype() != u.dtype() {
+        candle_core::bail!("swiglu: gate {:?} {:?} and up {:?} {:?} differ", g.dims(), g.dtype(), u.dims(), u.dtype());
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+/// Backward of [`SwiGlu`]: (g, u, dy) → (dg, du) stacked as (2, N).
+struct SwiGluGrad;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn swiglu_fwd<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); g.len()];
+    out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let g = g.f();
+            *o = T::from_f(g * sigmoid(g) * u.f());
+        }
+    });
+    out
+}
+
+fn swiglu_bwd<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let n = g.len();
+    let mut out = vec![T::from_f(0.0); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    const C: usize = 4096;
+    dg.par_chunks_mut(C).zip(du.par_chunks_mut(C)).enumerate().for_each(|(c, (dg, du))| {
+        for i in 0..dg.len() {
+            let k = c * C + i;
+            let (x, up, d) = (g[k].f(), u[k].f(), dy[k].f());
+            let sg = sigmoid(x);
+            dg[i] = T::from_f(d * up * sg * (1.0 + x * (1.0 - sg)));
+            du[i] = T::from_f(d * x * sg);
+        }
+    });
+    out
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = map_float2!("swiglu", (s1, l1, "gate"), (s2, l2, "up"), |g, u| swiglu_fwd(g, u));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(g.dtype())?.contiguous()?;
+        let both = g.apply_op3_no_bwd(u, &dy, &SwiGluGrad)?;
+        Ok((Some(both.get(0)?.reshape(g.shape())?), Some(both.get(1)?.reshape(g.shape())?)))
+    }
+}
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => CpuStorage::F32(swiglu_bwd(
+                contiguous(g, l1, "gate")?,
+                contiguous(u, l2, "up")?,
+                contiguous(d, l3, "dy")?,
+            )),
+            (CpuStorage::BF16(g), CpuStorage::BF16(u), CpuStorage::BF16(d)) => CpuStorage::BF16(swiglu_bwd(
+                contiguous(g, l1, "gate")?,
+                contiguous(u, l2, "up")?,
+                contiguous(d, l3, "dy")?,
+            )),
+            (CpuStorage::F16(g), CpuStorage::F16(u), CpuStorage::F16(d)) => CpuStorage::F16(swiglu_bwd(
+                contiguous(g, l1, "gate")?,
+                contiguous(u, l2, "up")?,
+                contiguous(d, l3, "dy")?,
+            )),
+            _ => candle_core::bail!("swiglu: gate, up and gradient must share a float dtype"),
+        };
+        Ok((out, Shape::from((2, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu(s1, l1, s2, l2, Some((s3, l3)))
+    }
+}
+
 /// CUDA twins of the CPU kernels above (kernels/fused.cu, compiled to PTX by build.rs).
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -1730,6 +1874,67 @@ mod cuda {
                 push!(builder; &av, &bv, &st, &out, &nbh, &ti, &si, &scale);
                 unsafe { builder.launch(cfg) }.w()?;
                 Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(bh * rows * hd)))
+            }
+        }
+    }
+
+    /// SwiGLU forward (`dy` None: (g, u) → y) or backward (`dy` Some: → (dg, du) as (2, N)).
+    pub fn swiglu(
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+        dy: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        match g.dtype() {
+            DType::F32 => swiglu_t::<f32>(g, lg, u, lu, dy),
+            DType::BF16 => swiglu_t::<bf16>(g, lg, u, lu, dy),
+            DType::F16 => swiglu_t::<f16>(g, lg, u, lu, dy),
+            d => candle_core::bail!("swiglu: unsupported dtype {d:?}"),
+        }
+    }
+
+    fn swiglu_t<T: CudaDType + DeviceRepr>(
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+        dy: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = g.device();
+        let n = lg.shape().elem_count();
+        if 2 * n >= i32::MAX as usize {
+            candle_core::bail!("swiglu: {n} elements is more than one launch handles");
+        }
+        let sfx = suffix(g.dtype())?;
+        let gs = g.as_cuda_slice::<T>()?.slice(check(lg, "gate")?..);
+        let us = u.as_cuda_slice::<T>()?.slice(check(lu, "up")?..);
+        let ni = n as i32;
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        match dy {
+            None => {
+                let out = unsafe { dev.alloc::<T>(n)? };
+                let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{sfx}"), MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&gs);
+                b.arg(&us);
+                b.arg(&out);
+                b.arg(&ni);
+                unsafe { b.launch(cfg) }.w()?;
+                Ok((T::wrap_cuda_slice(out, dev.clone()), lg.shape().clone()))
+            }
+            Some((d, ld)) => {
+                let ds = d.as_cuda_slice::<T>()?.slice(check(ld, "dy")?..);
+                let out = unsafe { dev.alloc::<T>(2 * n)? };
+                let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{sfx}"), MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&gs);
+                b.arg(&us);
+                b.arg(&ds);
+                b.arg(&out);
+                b.arg(&ni);
+                unsafe { b.launch(cfg) }.w()?;
+                Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from((2, n))))
             }
         }
     }

@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use patchlm_model::ops::{adamw_update, rms_norm, AdamWStep};
 use patchlm_model::{
-    causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, SplitMix64,
+    causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, swiglu, SplitMix64,
 };
 
 fn gpu() -> Device {
@@ -190,4 +190,24 @@ fn cuda_flash_attention_matches_cpu() {
             }
         }
     }
+}
+
+#[test]
+#[ignore]
+fn cuda_swiglu_matches_cpu() {
+    // The SwiGLU kernels are opt-in on CUDA (PATCHLM_SWIGLU_CUDA=1) until this test has passed.
+    let g = gpu();
+    let up = Tensor::randn(0f32, 1.0, (8192, 2048), &Device::Cpu).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+        let x = Tensor::randn(0f32, 2.0, (8192, 2048), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let u = up.to_dtype(dtype).unwrap();
+        check_unary(&format!("swiglu gate {dtype:?}"), &x, tol, |x| {
+            swiglu(x, &u.to_device(x.device()).unwrap()).unwrap()
+        });
+        let gx = x.clone();
+        check_unary(&format!("swiglu up {dtype:?}"), &u, tol, |u| {
+            swiglu(&gx.to_device(u.device()).unwrap(), u).unwrap()
+        });
+    }
+    drop(g);
 }

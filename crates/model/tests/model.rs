@@ -424,6 +424,36 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
 }
 
 #[test]
+fn fused_swiglu_matches_silu_times_up_forward_and_backward() {
+    let dev = Device::Cpu;
+    // By hand: silu(1) * 2 = 2 / (1 + e^-1); silu(0) * 5 = 0; silu(-2) * 1 = -2 / (1 + e^2).
+    let g = Tensor::new(&[1f32, 0.0, -2.0], &dev).unwrap();
+    let u = Tensor::new(&[2f32, 5.0, 1.0], &dev).unwrap();
+    let y: Vec<f32> = swiglu(&g, &u).unwrap().to_vec1().unwrap();
+    let want = [2.0 / (1.0 + (-1f32).exp()), 0.0, -2.0 / (1.0 + 2f32.exp())];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{y:?}");
+    }
+    let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (7, 300), &dev).unwrap()).unwrap();
+    let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 300), &dev).unwrap()).unwrap();
+    let y = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+    let composed = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+    assert!(max_abs(&(&y - &composed).unwrap()) < 1e-5);
+    let up = Tensor::randn(0f32, 1.0, (7, 300), &dev).unwrap();
+    let ga = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&composed * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("gate", &g), ("up", &u)] {
+        let (x, r) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+        assert!(max_abs(r) > 1e-2);
+        assert!(max_abs(&(x - r).unwrap()) < 1e-5 * max_abs(r).max(1.0), "d{name}");
+    }
+    let yb =
+        swiglu(&g.as_tensor().to_dtype(DType::BF16).unwrap(), &u.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+    assert!(max_abs(&(yb.to_dtype(DType::F32).unwrap() - &y).unwrap()) < 2e-2 * max_abs(&y));
+    assert!(swiglu(g.as_tensor(), &Tensor::zeros((7, 299), DType::F32, &dev).unwrap()).is_err());
+}
+
+#[test]
 fn fused_rope_matches_the_composed_rotation_and_inverts() {
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::preset("tiny").unwrap();
