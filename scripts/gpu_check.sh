@@ -8,8 +8,8 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [track] [gpt2] [370m] [ours] [plain]
-# (no section: kernels track gpt2 370m, about 8 minutes on an H200, most of it torch.compile's
+#   bash scripts/gpu_check.sh [kernels] [ops] [track] [gpt2] [370m] [ours] [plain]
+# (no section: kernels ops track gpt2 370m, about 9 minutes on an H200, most of it torch.compile's
 # warm-up; every measurement is printed as it is made, so a section cut by its timeout keeps them).
 # Results go to $OUT (one file per section), a short summary is printed last.
 set -u
@@ -31,7 +31,7 @@ done
 lib=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
-sections="${*:-kernels track gpt2 370m}"
+sections="${*:-kernels ops track gpt2 370m}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $sections; do
   echo "== $s  ($(date +%T))"
@@ -41,6 +41,8 @@ for s in $sections; do
             --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
             --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
+    ops) timeout 120 /tmp/bin/xtask bench ops --preset gpt2-small --batch 8 --ctx 1024 --device cuda --dtype bf16 \
+           2>&1 | grep '^{' | tee "$OUT/ops.txt" ;;
     ours) for shape in "gpt2-small 8 1024" "370m 4 2048"; do
             set -- $shape
             timeout 120 /tmp/bin/xtask bench model --preset $1 --batch $2 --ctx $3 --k 1,4 --steps 5 \

@@ -25,6 +25,29 @@ pub enum BenchCmd {
         #[arg(long, default_value = "target/bench-data")]
         out: PathBuf,
     },
+    /// Forward and forward + backward time of each part of one layer of a preset (RMSNorm,
+    /// attention with each kernel, SwiGLU MLP), of the embedding and of the LM head with the loss,
+    /// with the fused ops and with candle's composed ops: where a training step goes.
+    Ops {
+        /// Model preset.
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Sequences.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Positions per sequence.
+        #[arg(long, default_value_t = 128)]
+        ctx: usize,
+        /// Timed repetitions (after one warmup).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute dtype: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Training-step throughput (forward + backward + AdamW) of a preset.
     Model {
         /// Model preset.
@@ -70,6 +93,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Data { tokenizer, input, out } => bench_data(&tokenizer, &input, &out),
+        BenchCmd::Ops { preset, batch, ctx, reps, device, dtype } => {
+            if reps == 0 || batch == 0 || ctx == 0 {
+                anyhow::bail!("bench ops: --reps, --batch and --ctx must be at least 1");
+            }
+            bench_ops(&preset, batch, ctx, reps, &device, &dtype)
+        }
         BenchCmd::Model { preset, batch, ctx, k, steps, device, dtype, fused, attention, peak_flops } => {
             if steps == 0 || batch == 0 || ctx == 0 {
                 anyhow::bail!("bench model: --steps, --batch and --ctx must be at least 1");
@@ -282,5 +311,94 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
             })
         );
     }
+    Ok(())
+}
+
+/// Times `f` on fresh leaf variables: forward alone and forward + backward (a random upstream
+/// gradient), synchronised, median of `reps`; prints one JSON line.
+fn time_op(
+    name: &str,
+    device: &Device,
+    reps: usize,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> Result<()> {
+    use candle_core::{DType, Var};
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let probe = f(&ts)?;
+    let up = Tensor::randn(0f32, 1.0, probe.shape(), device)?;
+    let (mut fwd, mut both) = (Vec::new(), Vec::new());
+    for r in 0..=reps {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let y = f(&ts)?;
+        device.synchronize()?;
+        let t_f = t0.elapsed().as_secs_f64();
+        let loss = (y.to_dtype(DType::F32)? * &up)?.sum_all()?;
+        let _grads = loss.backward()?;
+        device.synchronize()?;
+        if r > 0 {
+            fwd.push(t_f * 1e3);
+            both.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "ops", "op": name, "fused": patchlm_model::fused_ops_supported(device),
+            "fwd_ms": median(fwd), "fwd_bwd_ms": median(both),
+        })
+    );
+    Ok(())
+}
+
+fn bench_ops(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str, dtype: &str) -> Result<()> {
+    use candle_core::{DType, Module};
+    use patchlm_model::llama::{Attention, Mlp, RmsNorm, Rope};
+    let device = parse_device(device)?;
+    let dtype = parse_dtype(dtype)?;
+    let mut cfg = ModelConfig::preset(preset)?;
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(ctx);
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+    let varmap = patchlm_model::candle_nn::VarMap::new();
+    let vb = patchlm_model::candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let norm = RmsNorm::new(vb.pp("norm"), d, cfg.rms_norm_eps)?;
+    let attn = Attention::new(vb.pp("attn"), &cfg)?;
+    let mlp = Mlp::new(vb.pp("mlp"), &cfg)?;
+    let rope = Rope::new(&cfg, &device)?;
+    let head = (Tensor::randn(0f32, 0.02, (v, d), &device)?, Tensor::randn(0f32, 0.02, (v, d), &device)?);
+    let x = Tensor::randn(0f32, 1.0, (batch, ctx, d), &device)?.to_dtype(dtype)?;
+    let mut rng = patchlm_model::SplitMix64(5);
+    let ids: Vec<u32> = (0..batch * ctx).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+    let ids = Tensor::from_vec(ids, (batch, ctx), &device)?;
+    let targets = ids.reshape((batch, ctx, 1))?;
+    for fused in [true, false] {
+        patchlm_model::ops::set_fused_ops(fused);
+        time_op("rms_norm", &device, reps, std::slice::from_ref(&x), &|t| norm.forward(&t[0]))?;
+        for flash in [false, true] {
+            if flash && !fused {
+                continue;
+            }
+            patchlm_model::ops::set_flash_attention(flash);
+            let name = if flash { "attention (flash)" } else { "attention (softmax)" };
+            time_op(name, &device, reps, std::slice::from_ref(&x), &|t| attn.forward(&t[0], &rope, 0, None))?;
+        }
+        patchlm_model::ops::set_flash_attention(false);
+        time_op("mlp", &device, reps, std::slice::from_ref(&x), &|t| mlp.forward(&t[0]))?;
+        time_op("embedding", &device, reps, std::slice::from_ref(&head.1), &|t| {
+            if patchlm_model::fused_ops_supported(&device) {
+                patchlm_model::embedding(&t[0], &ids)
+            } else {
+                patchlm_model::candle_nn::Embedding::new(t[0].clone(), d).forward(&ids)
+            }
+        })?;
+        time_op("lm_head + loss", &device, reps, &[x.clone(), head.0.clone()], &|t| {
+            let logits = t[0].broadcast_matmul(&t[1].to_dtype(dtype)?.t()?)?;
+            patchlm_patch::next_patch_loss_from_logits(&logits, &targets)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })?;
+    }
+    patchlm_model::ops::set_fused_ops(true);
     Ok(())
 }

@@ -228,3 +228,48 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&with(&["--k", "1"]), d);
     assert!(!ok && out.contains("--k 1"), "{out}");
 }
+
+#[test]
+fn bench_model_and_ops_print_a_json_row_per_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rows = |out: &str| -> Vec<serde_json::Value> {
+        out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let args = ["bench", "model", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--k", "1,4", "--steps", "1"];
+    let (ok, out) = xtask(&[&args[..], &["--fused", "both", "--attention", "both"]].concat(), d);
+    assert!(ok, "{out}");
+    let r = rows(&out);
+    // Composed ops (k = 1, 4), fused with the softmax attention, fused with flash attention.
+    let settings: Vec<(bool, String, u64)> = r
+        .iter()
+        .map(|x| {
+            (x["fused"].as_bool().unwrap(), x["attention"].as_str().unwrap().to_string(), x["k"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(settings.len(), 6, "{out}");
+    assert!(settings.contains(&(true, "flash".into(), 4)) && settings.contains(&(false, "softmax".into(), 1)));
+    // One timed step, so the parts (medians of one sample) add up to the step time.
+    for x in &r {
+        let (f, b, o, step) = (
+            x["fwd_ms"].as_f64().unwrap(),
+            x["bwd_ms"].as_f64().unwrap(),
+            x["opt_ms"].as_f64().unwrap(),
+            x["step_ms"].as_f64().unwrap(),
+        );
+        assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - step).abs() < 1e-6 * step.max(1.0) + 1e-6, "{x}");
+    }
+    let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--steps", "0"], d);
+    assert!(!ok && out.contains("at least 1"), "{out}");
+    let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--attention", "sdpa"], d);
+    assert!(!ok && out.contains("--attention sdpa"), "{out}");
+
+    let (ok, out) = xtask(&["bench", "ops", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "1"], d);
+    assert!(ok, "{out}");
+    let ops: Vec<(String, bool)> =
+        rows(&out).iter().map(|x| (x["op"].as_str().unwrap().to_string(), x["fused"].as_bool().unwrap())).collect();
+    for op in ["rms_norm", "attention (softmax)", "attention (flash)", "mlp", "embedding", "lm_head + loss"] {
+        assert!(ops.contains(&(op.to_string(), true)), "{op} fused: {out}");
+    }
+    assert!(ops.contains(&("mlp".to_string(), false)) && !ops.contains(&("attention (flash)".to_string(), false)));
+}
