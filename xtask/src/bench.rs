@@ -29,48 +29,22 @@ pub enum BenchCmd {
     /// attention with each kernel, SwiGLU MLP), of the embedding and of the LM head with the loss,
     /// with the fused ops and with candle's composed ops: where a training step goes.
     Ops {
-        /// Model preset.
-        #[arg(long, default_value = "small")]
-        preset: String,
-        /// Sequences.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// Positions per sequence.
-        #[arg(long, default_value_t = 128)]
-        ctx: usize,
+        #[command(flatten)]
+        shape: Shape,
         /// Timed repetitions (after one warmup).
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Compute dtype: f32 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
     },
     /// Training-step throughput (forward + backward + AdamW) of a preset.
     Model {
-        /// Model preset.
-        #[arg(long, default_value = "small")]
-        preset: String,
-        /// Sequences per step.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// Positions per sequence.
-        #[arg(long, default_value_t = 128)]
-        ctx: usize,
+        #[command(flatten)]
+        shape: Shape,
         /// Patch sizes to run (1 = token phase).
         #[arg(long, value_delimiter = ',', default_value = "1,4")]
         k: Vec<usize>,
         /// Timed steps (after 2 warmup steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Compute dtype: f32 or bf16 (mixed precision, f32 master weights).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
         /// Fused ops (cross-entropy, RMSNorm): on, off (composed candle ops) or both (a row each).
         #[arg(long, default_value = "on")]
         fused: String,
@@ -84,6 +58,26 @@ pub enum BenchCmd {
     },
 }
 
+/// The model and batch shape a model benchmark runs.
+#[derive(clap::Args)]
+pub struct Shape {
+    /// Model preset.
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Positions per sequence.
+    #[arg(long, default_value_t = 128)]
+    ctx: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32 or bf16 (mixed precision, f32 master weights).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -93,13 +87,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Data { tokenizer, input, out } => bench_data(&tokenizer, &input, &out),
-        BenchCmd::Ops { preset, batch, ctx, reps, device, dtype } => {
+        BenchCmd::Ops { shape: Shape { preset, batch, ctx, device, dtype }, reps } => {
             if reps == 0 || batch == 0 || ctx == 0 {
                 anyhow::bail!("bench ops: --reps, --batch and --ctx must be at least 1");
             }
             bench_ops(&preset, batch, ctx, reps, &device, &dtype)
         }
-        BenchCmd::Model { preset, batch, ctx, k, steps, device, dtype, fused, attention, peak_flops } => {
+        BenchCmd::Model {
+            shape: Shape { preset, batch, ctx, device, dtype },
+            k,
+            steps,
+            fused,
+            attention,
+            peak_flops,
+        } => {
             if steps == 0 || batch == 0 || ctx == 0 {
                 anyhow::bail!("bench model: --steps, --batch and --ctx must be at least 1");
             }
