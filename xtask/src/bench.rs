@@ -45,7 +45,8 @@ pub enum BenchCmd {
         /// Timed steps (after 2 warmup steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// Fused ops (cross-entropy, RMSNorm): on, off (composed candle ops) or both (a row each).
+        /// Fused ops (cross-entropy, RMSNorm, RoPE, causal softmax, embedding, SwiGLU, AdamW): on,
+        /// off (composed candle ops) or both (a row each).
         #[arg(long, default_value = "on")]
         fused: String,
         /// Attention with the fused ops: softmax (materialised scores, fused causal softmax),
