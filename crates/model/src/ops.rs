@@ -1,12 +1,19 @@
-//! Fused operations with hand-written backward passes, as candle custom ops.
+//! Fused operations with hand-written backward passes, as candle custom ops, each with a CPU
+//! implementation (rows or heads in parallel) and a CUDA kernel (kernels/fused.cu,
+//! kernels/flash.cu; `cuda` feature). Statistics are kept in f32 whatever the storage dtype.
 //!
-//! [`cross_entropy_multi`]: softmax cross-entropy where each row of logits has K targets (K = 1
-//! is ordinary next-token cross-entropy). One pass per row computes the log-sum-exp and the loss
-//! without materialising log-probabilities for the whole vocabulary; the backward pass writes
-//! `g · (K · softmax − counts)` directly. [`rms_norm`]: RMSNorm forward and backward (input
-//! and weight gradients) in one pass per row. Statistics are kept in f32 whatever the dtype.
-//! The CPU implementation runs rows in parallel; [`fused_ops_supported`] says where a device has
-//! an implementation (callers fall back to composed ops elsewhere).
+//! - [`cross_entropy_multi`]: softmax cross-entropy where each row of logits has K targets (K = 1
+//!   is ordinary next-token cross-entropy), without materialising log-probabilities for the
+//!   whole vocabulary; the backward pass writes `g · (K · softmax − counts)` directly.
+//! - [`rms_norm`]: RMSNorm, input and weight gradients.
+//! - [`rope`]: rotary embeddings; [`causal_softmax`]: scale + causal mask + softmax of attention
+//!   scores; [`flash_attention`]: causal attention without a T×T matrix (opt-in, see
+//!   [`set_flash_attention`]).
+//! - [`embedding`]: lookup with a scatter-add backward; [`swiglu`]: SwiGLU's gate.
+//! - [`adamw_update`]: one AdamW step of one parameter in a single pass (no backward).
+//!
+//! [`fused_ops_supported`] says where a device has the implementations (callers fall back to
+//! composed candle ops elsewhere); [`set_fused_ops`] turns them off to compare.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -37,7 +44,7 @@ pub fn fused_ops_supported(device: &Device) -> bool {
     }
 }
 
-/// Mean over all rows and targets of −log softmax(logits)[target]: `logits` (N, V) in f32, bf16
+/// Mean over all rows and targets of −log softmax(logits)\[target\]: `logits` (N, V) in f32, bf16
 /// or f16, `targets` (N, K) of u32 ids < V. Returns an f32 scalar; differentiable in `logits`.
 pub fn cross_entropy_multi(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let (n, _v) = logits.dims2()?;
