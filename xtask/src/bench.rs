@@ -285,8 +285,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                     g.insert(n.clone(), x.clone());
                 }
             }
-            patchlm_train::clip_grad_norm(&mut g, 1.0)?;
-            opt.step(&g, 3e-4)?;
+            let norm = patchlm_train::grad_norm(&g)?;
+            opt.step_scaled(&g, 3e-4, patchlm_train::clip_scale(norm, 1.0))?;
             device.synchronize()?;
             if s >= 2 {
                 let t = t0.elapsed().as_secs_f64();

@@ -274,16 +274,77 @@ FUSED_OPS(__nv_bfloat16, bf16)
 FUSED_OPS(__half, f16)
 
 // Fused AdamW over one f32 parameter: out = (p', m', v') as three rows of n; mv = (m, v).
+// One element of AdamW: updates m and v in place and returns the new parameter. Correctly rounded
+// sqrt and division (the file is built with --use_fast_math), as on the CPU.
+__device__ __forceinline__ float adamw_elem(float p, float g, float* m, float* v, float b1, float b2, float ob1,
+                                            float ob2, float eps, float decay, float step, float sbc2) {
+    float mi = *m * b1 + g * ob1;
+    float vi = *v * b2 + g * g * ob2;
+    *m = mi;
+    *v = vi;
+    return p * decay - __fdiv_rn(mi, __fdiv_rn(__fsqrt_rn(vi), sbc2) + eps) * step;
+}
+
 extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* mv, float* out, int n, float b1,
                                      float b2, float ob1, float ob2, float eps, float decay, float step,
                                      float sbc2) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float gi = g[i];
-    float m = mv[i] * b1 + gi * ob1;
-    float v = mv[n + i] * b2 + gi * gi * ob2;
+    float m = mv[i], v = mv[n + i];
+    out[i] = adamw_elem(p[i], g[i], &m, &v, b1, b2, ob1, ob2, eps, decay, step, sbc2);
     out[n + i] = m;
     out[2 * n + i] = v;
-    // Correctly rounded sqrt and division (the file is built with --use_fast_math), as on the CPU.
-    out[i] = p[i] * decay - __fdiv_rn(m, __fdiv_rn(__fsqrt_rn(v), sbc2) + eps) * step;
+}
+
+// Multi-tensor kernels: one launch over many f32 tensors, one block per chunk of `chunk`
+// elements. `tab` is the table built by ops.rs (multi_table): `first` (nt + 1 entries: the first
+// block of each tensor, then the total), then per tensor five words: parameter (or the tensor
+// itself), gradient and moments pointers, element count, and a weight-decay flag.
+
+// The tensor that owns block b: the largest i with first[i] <= b (tensors without elements own no
+// block, so the largest such i is the one whose range holds b). Mirrored on the CPU by
+// ops::multi_owner and tested there.
+__device__ __forceinline__ int multi_owner(const unsigned long long* first, int nt, unsigned long long b) {
+    int lo = 0, hi = nt - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (first[mid] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Sum of squares of each chunk: partial[b] for block b (the host sums the partials in f64).
+extern "C" __global__ void multi_sumsq_f32(const unsigned long long* tab, int nt, int chunk, float* partial) {
+    unsigned long long b = blockIdx.x;
+    int i = multi_owner(tab, nt, b);
+    const unsigned long long* e = tab + (nt + 1) + 5 * i;
+    const float* x = (const float*)e[0];
+    long long n = (long long)e[3];
+    long long lo = (long long)(b - tab[i]) * chunk;
+    long long hi = min(lo + (long long)chunk, n);
+    float s = 0.0f;
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) s += x[j] * x[j];
+    s = block_sum(s);
+    if (threadIdx.x == 0) partial[b] = s;
+}
+
+// AdamW over every tensor of the table in place: p (n), g (n), mv (2n: m then v). Gradients are
+// multiplied by gscale first (the clipping coefficient); decay applies where the flag is set.
+extern "C" __global__ void multi_adamw_f32(const unsigned long long* tab, int nt, int chunk, float b1, float b2,
+                                           float ob1, float ob2, float eps, float decay, float step, float sbc2,
+                                           float gscale) {
+    unsigned long long b = blockIdx.x;
+    int i = multi_owner(tab, nt, b);
+    const unsigned long long* e = tab + (nt + 1) + 5 * i;
+    float* p = (float*)e[0];
+    const float* g = (const float*)e[1];
+    float* mv = (float*)e[2];
+    long long n = (long long)e[3];
+    float d = e[4] ? decay : 1.0f;
+    long long lo = (long long)(b - tab[i]) * chunk;
+    long long hi = min(lo + (long long)chunk, n);
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        p[j] = adamw_elem(p[j], g[j] * gscale, &mv[j], &mv[n + j], b1, b2, ob1, ob2, eps, d, step, sbc2);
+    }
 }

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, Var};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -942,6 +942,116 @@ impl candle_core::CustomOp3 for AdamWOp {
     }
 }
 
+/// One parameter's share of a multi-tensor AdamW step ([`adamw_multi`]): the f32 parameter,
+/// its f32 gradient (any shape with the parameter's element count) and its f32 moments (2, N).
+pub struct AdamWSlot<'a> {
+    /// The parameter, updated in place.
+    pub param: &'a Var,
+    /// Its gradient.
+    pub grad: &'a Tensor,
+    /// Its moments (m, v) as one (2, N) tensor; updated in place on CUDA, replaced elsewhere.
+    pub moments: &'a mut Tensor,
+    /// Whether [`AdamWStep::decay`] applies to this parameter (otherwise no weight decay).
+    pub decay: bool,
+}
+
+/// Elements per thread block of the multi-tensor kernels.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MULTI_CHUNK: usize = 16384;
+
+/// The block table of the multi-tensor kernels: the first block of each tensor when every tensor
+/// is cut into chunks of `chunk` elements, then the total number of blocks.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+fn multi_first(sizes: &[usize], chunk: usize) -> Vec<u64> {
+    let mut first = Vec::with_capacity(sizes.len() + 1);
+    let mut b = 0u64;
+    for &n in sizes {
+        first.push(b);
+        b += n.div_ceil(chunk) as u64;
+    }
+    first.push(b);
+    first
+}
+
+/// The tensor that owns block `b` (the kernels' `multi_owner`, same search): the largest `i`
+/// with `first[i] <= b` among the tensors (`first` without its final total).
+#[cfg(test)]
+fn multi_owner(first: &[u64], b: u64) -> usize {
+    let (mut lo, mut hi) = (0usize, first.len() - 2);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if first[mid] <= b {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// AdamW over many f32 parameters at once, with the gradients multiplied by `grad_scale` first
+/// (a clipping coefficient; 1 for none). With the fused CUDA kernels this is one kernel launch for
+/// all parameters, updating parameters and moments in place (in the style of apex's
+/// `multi_tensor_apply`); elsewhere (and for parameters that are not contiguous), one
+/// [`adamw_update`] per parameter. Both compute PyTorch's `AdamW` update (see [`AdamWStep`]).
+pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f64) -> candle_core::Result<()> {
+    for s in slots.iter() {
+        let n = s.param.elem_count();
+        if s.param.dtype() != DType::F32 || s.grad.dtype() != DType::F32 || s.moments.dtype() != DType::F32 {
+            candle_core::bail!("adamw_multi: parameters, gradients and moments must be f32");
+        }
+        if s.grad.elem_count() != n || s.moments.dims() != [2, n] {
+            candle_core::bail!(
+                "adamw_multi: gradient {:?} or moments {:?} do not fit the parameter {:?}",
+                s.grad.dims(),
+                s.moments.dims(),
+                s.param.dims()
+            );
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(first) = slots.first() {
+        if let Device::Cuda(dev) = first.param.device() {
+            if fused_ops_supported(first.param.device()) {
+                return cuda::multi_adamw(dev, slots, step, grad_scale);
+            }
+        }
+    }
+    for s in slots.iter_mut() {
+        let step = AdamWStep { decay: if s.decay { step.decay } else { 1.0 }, ..*step };
+        let g = if grad_scale == 1.0 { s.grad.clone() } else { (s.grad * grad_scale)? };
+        let (p, m) = adamw_update(s.param.as_tensor(), &g, s.moments, &step)?;
+        s.param.set(&p)?;
+        *s.moments = m;
+    }
+    Ok(())
+}
+
+/// Σ x² over every element of every tensor, as an f64 scalar on their device (e.g. for the global
+/// gradient norm). With the fused CUDA kernels, the contiguous f32 tensors take one kernel launch
+/// (per-chunk partial sums in f32, added in f64); other tensors one reduction each.
+pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
+    if tensors.is_empty() {
+        candle_core::bail!("sum_of_squares: no tensors");
+    }
+    let mut sums = Vec::new();
+    #[cfg(feature = "cuda")]
+    let tensors: Vec<&Tensor> = if tensors[0].device().is_cuda() && fused_ops_supported(tensors[0].device()) {
+        let (multi, rest): (Vec<&Tensor>, Vec<&Tensor>) =
+            tensors.iter().copied().partition(|t| t.dtype() == DType::F32 && t.is_contiguous());
+        if !multi.is_empty() {
+            sums.push(cuda::multi_sumsq(&multi)?.to_dtype(DType::F64)?.sum_all()?);
+        }
+        rest
+    } else {
+        tensors.to_vec()
+    };
+    for t in tensors.iter() {
+        sums.push(t.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)?);
+    }
+    Tensor::stack(&sums, 0)?.sum_all()
+}
+
 static FLASH: AtomicBool = AtomicBool::new(false);
 
 /// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
@@ -1415,7 +1525,7 @@ impl CustomOp3 for SwiGluGrad {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
     use half::{bf16, f16};
@@ -1774,6 +1884,130 @@ mod cuda {
         Ok((wrap_f32(out, dev), Shape::from((3, n))))
     }
 
+    /// The device address of the first element of a contiguous f32 CUDA tensor.
+    fn f32_addr(t: &candle_core::Tensor, what: &str) -> Result<u64> {
+        let (st, l) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*st else { candle_core::bail!("{what}: expected a CUDA tensor") };
+        let off = check(l, what)?;
+        let stream = cs.device().cuda_stream();
+        let (ptr, _sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+        Ok(ptr + (off * std::mem::size_of::<f32>()) as u64)
+    }
+
+    /// The table the multi-tensor kernels read (see kernels/fused.cu): the block starts of
+    /// `super::multi_first`, then five words per tensor. Returns it and the number of blocks.
+    fn multi_table(entries: &[[u64; 5]]) -> (Vec<u64>, usize) {
+        let sizes: Vec<usize> = entries.iter().map(|e| e[3] as usize).collect();
+        let mut table = super::multi_first(&sizes, super::MULTI_CHUNK);
+        let blocks = table.last().copied().unwrap_or(0) as usize;
+        table.extend(entries.iter().flatten());
+        (table, blocks)
+    }
+
+    fn multi_cfg(blocks: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// [`super::adamw_multi`] on CUDA: one launch of `multi_adamw_f32` over every slot, in place.
+    pub fn multi_adamw(
+        dev: &CudaDevice,
+        slots: &mut [super::AdamWSlot<'_>],
+        step: &super::AdamWStep,
+        grad_scale: f64,
+    ) -> Result<()> {
+        let device = candle_core::Device::Cuda(dev.clone());
+        // Contiguous gradients, kept alive until the kernel is enqueued (frees are stream-ordered).
+        let mut grads = Vec::with_capacity(slots.len());
+        let mut entries = Vec::with_capacity(slots.len());
+        for s in slots.iter_mut() {
+            if !s.param.device().same_device(&device) || !s.grad.device().same_device(&device) {
+                candle_core::bail!("adamw_multi: every parameter and gradient must be on one CUDA device");
+            }
+            if !s.moments.is_contiguous() || !s.moments.device().same_device(&device) {
+                *s.moments = s.moments.to_device(&device)?.contiguous()?;
+            }
+            let g = s.grad.contiguous()?;
+            let n = s.param.elem_count() as u64;
+            entries.push([
+                f32_addr(s.param.as_tensor(), "adamw_multi: parameter")?,
+                f32_addr(&g, "adamw_multi: gradient")?,
+                f32_addr(&*s.moments, "adamw_multi: moments")?,
+                n,
+                s.decay as u64,
+            ]);
+            grads.push(g);
+        }
+        let (table, blocks) = multi_table(&entries);
+        if blocks == 0 {
+            return Ok(());
+        }
+        let tab = dev.cuda_stream().clone_htod(&table).w()?;
+        let c = super::AdamWConsts::of(step);
+        let (nt, chunk, gs) = (entries.len() as i32, super::MULTI_CHUNK as i32, grad_scale as f32);
+        let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&tab);
+        b.arg(&nt);
+        b.arg(&chunk);
+        let k = [c.b1, c.b2, c.ob1, c.ob2, c.eps, c.decay, c.step, c.sbc2, gs];
+        for x in &k {
+            b.arg(x);
+        }
+        unsafe { b.launch(multi_cfg(blocks)) }.w()?;
+        drop(grads);
+        Ok(())
+    }
+
+    /// Per-block partial sums of squares over contiguous f32 tensors (`multi_sumsq_f32`); the
+    /// op's input is only the first tensor, whose output buffer it returns.
+    struct MultiSumSq {
+        table: Vec<u64>,
+        tensors: usize,
+        blocks: usize,
+    }
+
+    impl candle_core::CustomOp1 for MultiSumSq {
+        fn name(&self) -> &'static str {
+            "multi-sumsq"
+        }
+
+        fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("multi-sumsq runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = s.device();
+            let tab = dev.cuda_stream().clone_htod(&self.table).w()?;
+            let out = unsafe { dev.alloc::<f32>(self.blocks)? };
+            let (nt, chunk) = (self.tensors as i32, super::MULTI_CHUNK as i32);
+            let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&tab);
+            b.arg(&nt);
+            b.arg(&chunk);
+            b.arg(&out);
+            unsafe { b.launch(multi_cfg(self.blocks)) }.w()?;
+            Ok((wrap_f32(out, dev), Shape::from(self.blocks)))
+        }
+    }
+
+    /// Per-chunk sums of squares of contiguous f32 CUDA tensors on one device, f32 (blocks,).
+    pub fn multi_sumsq(ts: &[&candle_core::Tensor]) -> Result<candle_core::Tensor> {
+        let dev = ts[0].device();
+        let mut entries = Vec::with_capacity(ts.len());
+        for t in ts {
+            if !t.device().same_device(dev) {
+                candle_core::bail!("sum_of_squares: tensors on different devices");
+            }
+            entries.push([f32_addr(t, "sum_of_squares")?, 0, 0, t.elem_count() as u64, 0]);
+        }
+        let (table, blocks) = multi_table(&entries);
+        if blocks == 0 {
+            return candle_core::Tensor::zeros(1, DType::F32, dev);
+        }
+        ts[0].apply_op1_no_bwd(&MultiSumSq { table, tensors: ts.len(), blocks })
+    }
+
     /// The PTX of kernels/flash.cu (its own module: JIT-compiled only when attention uses it).
     pub const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
     const FLASH_MODULE: &str = "patchlm_flash";
@@ -2057,5 +2291,41 @@ mod cuda {
         };
         let shape = if weight_grad { Shape::from((1, d)) } else { lx.shape().clone() };
         Ok((s, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{multi_first, multi_owner};
+
+    /// Every element of every tensor is visited exactly once when each block b covers chunk
+    /// `b - first[owner(b)]` of its owner, as the multi-tensor kernels do; empty tensors own no
+    /// block.
+    #[test]
+    fn multi_table_covers_every_element_once() {
+        for (sizes, chunk) in [
+            (vec![5usize, 0, 17, 16, 1, 0, 0, 33], 4usize),
+            (vec![0, 0, 3], 4),
+            (vec![4096, 1, 4095, 8193], 4096),
+            (vec![1], 7),
+        ] {
+            let first = multi_first(&sizes, chunk);
+            assert_eq!(first.len(), sizes.len() + 1);
+            let total: usize = sizes.iter().map(|n| n.div_ceil(chunk)).sum();
+            assert_eq!(first[sizes.len()] as usize, total);
+            let mut seen: Vec<Vec<u32>> = sizes.iter().map(|&n| vec![0; n]).collect();
+            for b in 0..first[sizes.len()] {
+                let i = multi_owner(&first, b);
+                assert!(sizes[i] > 0, "block {b} went to empty tensor {i} ({sizes:?})");
+                let lo = (b - first[i]) as usize * chunk;
+                assert!(lo < sizes[i], "block {b} starts past tensor {i}");
+                for x in &mut seen[i][lo..(lo + chunk).min(sizes[i])] {
+                    *x += 1;
+                }
+            }
+            for (i, s) in seen.iter().enumerate() {
+                assert!(s.iter().all(|&c| c == 1), "tensor {i} of {sizes:?}: visits {s:?}");
+            }
+        }
     }
 }

@@ -208,7 +208,10 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`. On CUDA, f32 matmuls use TF32 tensor cores (as PyTorch's
-/// `allow_tf32`), since training keeps f32 only where range, not mantissa, matters.
+/// `allow_tf32`), since training keeps f32 only where range, not mantissa, matters, and cudarc's
+/// per-buffer event tracking is off (candle runs a device's work on one stream;
+/// `PATCHLM_CUDA_EVENTS=1` keeps it on). Each GPU's device is created once per process and
+/// shared by every call, so that all its work is on one stream.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
@@ -227,7 +230,26 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 )));
             }
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
-            Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("{s}: {e}")))
+            // One device (one stream) per GPU for the whole process.
+            static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+            let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, d)) = devices.iter().find(|(o, _)| *o == ordinal) {
+                return Ok(d.clone());
+            }
+            let device = Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("{s}: {e}")))?;
+            #[cfg(feature = "cuda")]
+            if std::env::var_os("PATCHLM_CUDA_EVENTS").is_none_or(|v| v != "1") {
+                if let Device::Cuda(d) = &device {
+                    // SAFETY: candle enqueues every kernel, copy and cuBLAS call of a device on
+                    // that device's one stream, and this function hands out one device per GPU,
+                    // so stream order alone keeps buffers safe; the per-buffer CUDA events cudarc
+                    // records for multi-stream use (two created per allocation, a wait and a
+                    // record per kernel argument) only cost host time.
+                    unsafe { d.disable_event_tracking() };
+                }
+            }
+            devices.push((ordinal, device.clone()));
+            Ok(device)
         }
     }
 }

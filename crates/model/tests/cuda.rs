@@ -7,13 +7,14 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor, Var};
-use patchlm_model::ops::{adamw_update, rms_norm, AdamWStep};
+use patchlm_model::ops::{adamw_multi, adamw_update, rms_norm, sum_of_squares, AdamWSlot, AdamWStep};
 use patchlm_model::{
     causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, swiglu, SplitMix64,
 };
 
 fn gpu() -> Device {
-    let d = Device::new_cuda(0).expect("these tests need a CUDA GPU");
+    // As the CLI gets it (one shared device, event tracking off).
+    let d = patchlm_model::parse_device("cuda").expect("these tests need a CUDA GPU");
     assert!(fused_ops_supported(&d));
     d
 }
@@ -153,6 +154,86 @@ fn cuda_adamw_matches_cpu() {
     let dp = |a: &Tensor| (a - &p).unwrap();
     let e = max_rel(&dp(&pg.to_device(&Device::Cpu).unwrap()), &dp(&pc));
     assert!(e < 1e-3, "parameter update: rel err {e}");
+}
+
+/// Parameters for the multi-tensor tests: sizes around the 16384-element chunks, a matrix whose
+/// gradient is a transposed (non-contiguous) view. (Empty tensors in the block table are covered
+/// by the CPU unit test of ops.rs.)
+fn multi_inputs() -> Vec<(Tensor, Tensor, Tensor, bool)> {
+    let shapes: [&[usize]; 6] = [&[1], &[16384], &[16385], &[300, 257], &[100_003], &[7, 3]];
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, sh)| {
+            let p = Tensor::randn(0f32, 1.0, *sh, &Device::Cpu).unwrap();
+            let gr = if sh.len() == 2 {
+                Tensor::randn(0f32, 0.1, (sh[1], sh[0]), &Device::Cpu).unwrap().t().unwrap()
+            } else {
+                Tensor::randn(0f32, 0.1, *sh, &Device::Cpu).unwrap()
+            };
+            let n = p.elem_count();
+            let mv = (Tensor::randn(0f32, 0.01, (2, n), &Device::Cpu).unwrap().abs().unwrap() * 0.5).unwrap();
+            (p, gr, mv, i % 2 == 0)
+        })
+        .collect()
+}
+
+#[test]
+#[ignore]
+fn cuda_multi_tensor_adamw_matches_cpu() {
+    let g = gpu();
+    let h = AdamWStep { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-5, bias1: 0.19, bias2: 0.0975 };
+    let inputs = multi_inputs();
+    let run = |d: &Device| {
+        let vars: Vec<Var> = inputs.iter().map(|(p, ..)| Var::from_tensor(&p.to_device(d).unwrap()).unwrap()).collect();
+        let grads: Vec<Tensor> = inputs.iter().map(|(_, gr, ..)| gr.to_device(d).unwrap()).collect();
+        // Moments as a view at an offset into a larger buffer (as adamw_update returns them).
+        let mut moments: Vec<Tensor> = inputs
+            .iter()
+            .map(|(.., mv, _)| {
+                let pad = Tensor::zeros((1, mv.dim(1).unwrap()), DType::F32, &Device::Cpu).unwrap();
+                Tensor::cat(&[&pad, mv], 0).unwrap().to_device(d).unwrap().narrow(0, 1, 2).unwrap()
+            })
+            .collect();
+        let mut slots: Vec<AdamWSlot> = vars
+            .iter()
+            .zip(&grads)
+            .zip(moments.iter_mut())
+            .zip(&inputs)
+            .map(|(((param, grad), moments), x)| AdamWSlot { param, grad, moments, decay: x.3 })
+            .collect();
+        adamw_multi(&mut slots, &h, 0.43).unwrap();
+        drop(slots);
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        vars.iter().zip(&moments).map(|(v, m)| (cpu(v.as_tensor()), cpu(m))).collect::<Vec<_>>()
+    };
+    let (want, got) = (run(&Device::Cpu), run(&g));
+    for (i, ((pc, mc), (pg, mg))) in want.iter().zip(&got).enumerate() {
+        assert!(max_rel(mg, mc) < 1e-6, "tensor {i}: moments");
+        let p0 = &inputs[i].0;
+        let e = max_rel(&(pg - p0).unwrap(), &(pc - p0).unwrap());
+        assert!(e < 1e-3, "tensor {i}: parameter update rel err {e}");
+    }
+}
+
+#[test]
+#[ignore]
+fn cuda_multi_tensor_sum_of_squares_matches_cpu() {
+    let g = gpu();
+    let inputs = multi_inputs();
+    let mut ts: Vec<Tensor> = inputs.iter().map(|(_, gr, ..)| gr.clone()).collect();
+    ts.push(Tensor::randn(0f32, 1.0, 5000, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap());
+    let want: f64 = ts
+        .iter()
+        .map(|t| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+        .sum();
+    let on_gpu: Vec<Tensor> = ts.iter().map(|t| t.to_device(&g).unwrap()).collect();
+    let refs: Vec<&Tensor> = on_gpu.iter().collect();
+    let got = sum_of_squares(&refs).unwrap().to_scalar::<f64>().unwrap();
+    assert!((got - want).abs() <= 1e-5 * want, "sum of squares {got} vs {want}");
+    let cpu_refs: Vec<&Tensor> = ts.iter().collect();
+    let cpu = sum_of_squares(&cpu_refs).unwrap().to_scalar::<f64>().unwrap();
+    assert!((cpu - want).abs() <= 1e-5 * want, "cpu sum of squares {cpu} vs {want}");
 }
 
 #[test]

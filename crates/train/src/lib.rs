@@ -18,5 +18,5 @@ pub mod trainer;
 pub use checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, Checkpoint, TrainState};
 pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
-pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, AdamWConfig};
 pub use trainer::{plan_phases, read_metrics, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer};

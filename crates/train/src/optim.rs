@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 use patchlm_model::fused_ops_supported;
-use patchlm_model::ops::{adamw_update, AdamWStep};
+use patchlm_model::ops::{adamw_multi, sum_of_squares, AdamWSlot, AdamWStep};
 
 use crate::error::{Result, TrainError};
 
@@ -78,22 +78,35 @@ impl AdamW {
 
     /// One update with gradients `grads` (by parameter name) at learning rate `lr`.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update with every gradient multiplied by `grad_scale` first (e.g. the clipping factor
+    /// of [`clip_scale`]), without writing the scaled gradients anywhere. With the fused ops
+    /// (see [`AdamW::set_fused`]) all f32 parameters are updated together by
+    /// `patchlm_model::ops::adamw_multi`: one kernel launch on CUDA.
+    pub fn step_scaled(&mut self, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for s in &mut self.slots {
-            let Some(g) = grads.get(&s.name) else { continue };
-            let g = g.to_dtype(DType::F32)?;
-            let decay = if s.decay && c.weight_decay != 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+        let decay = if c.weight_decay != 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+        let h = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay, bias1: bc1, bias2: bc2 };
+        let f32_grads = self
+            .slots
+            .iter()
+            .map(|s| grads.get(&s.name).map(|g| g.to_dtype(DType::F32)).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut batch = Vec::new();
+        for (s, g) in self.slots.iter_mut().zip(&f32_grads) {
+            let Some(g) = g else { continue };
             if self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device()) {
-                let h = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay, bias1: bc1, bias2: bc2 };
-                let (p, moments) = adamw_update(s.var.as_tensor(), &g, &s.moments, &h)?;
-                s.var.set(&p)?;
-                s.moments = moments;
+                batch.push(AdamWSlot { param: &s.var, grad: g, moments: &mut s.moments, decay: s.decay });
                 continue;
             }
+            let decay = if s.decay { decay } else { 1.0 };
             let g = g.flatten_all()?;
+            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g };
             let m = ((s.moments.get(0)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((s.moments.get(1)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let p = s.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
@@ -103,11 +116,15 @@ impl AdamW {
             s.var.set(&(p - upd)?.reshape(s.var.shape())?.to_dtype(s.var.dtype())?)?;
             s.moments = Tensor::stack(&[m, v], 0)?;
         }
+        if !batch.is_empty() {
+            adamw_multi(&mut batch, &h, grad_scale)?;
+        }
         Ok(())
     }
 
     /// The moments as named tensors (`m.<param>`, `v.<param>`, each of the parameter's shape)
-    /// and the step count.
+    /// and the step count. The tensors are views of the optimizer's state, which the fused CUDA
+    /// update changes in place: copy them (or write them out) before the next step.
     pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
         let mut out = Vec::with_capacity(self.slots.len() * 2);
         for s in &self.slots {
@@ -140,32 +157,38 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients.
+/// The global L2 norm of all gradients (one host sync; on CUDA with the fused ops, one kernel for
+/// all f32 gradients, see `patchlm_model::ops::sum_of_squares`).
 pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
-    names.sort();
     if names.is_empty() {
         return Ok(0.0);
     }
-    // One sum of squares per tensor, stacked and summed on the device: a single host sync.
-    let sums = names
-        .iter()
-        .map(|n| grads[*n].to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
-    Ok(total.sqrt())
+    names.sort();
+    let tensors: Vec<&Tensor> = names.iter().map(|n| &grads[*n]).collect();
+    Ok(sum_of_squares(&tensors)?.to_scalar::<f64>()?.sqrt())
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (as torch's `clip_grad_norm_`:
-/// factor `max_norm / (norm + 1e-6)`, capped at 1). Returns the norm before clipping.
+/// The factor torch's `clip_grad_norm_` scales gradients by for a global norm `norm`:
+/// `max_norm / (norm + 1e-6)`, capped at 1; 1 when `max_norm` ≤ 0 (no clipping) or the norm is
+/// not finite.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// Scales gradients so their global norm is at most `max_norm` (as torch's `clip_grad_norm_`,
+/// factor [`clip_scale`]). Returns the norm before clipping. The trainer instead passes the
+/// factor to [`AdamW::step_scaled`], which saves a pass over the gradients.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads)?;
-    if max_norm > 0.0 && norm.is_finite() {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.values_mut() {
-                *g = (&*g * coef)?;
-            }
+    let coef = clip_scale(norm, max_norm);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)

@@ -13,7 +13,7 @@ use patchlm_patch::{patch_loss, BlockFile, BlockReader, PatchManifest};
 use crate::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, TrainState};
 use crate::config::RunConfig;
 use crate::error::{io, Result, TrainError};
-use crate::optim::{clip_grad_norm, lr_at, AdamW};
+use crate::optim::{clip_scale, grad_norm, lr_at, AdamW};
 
 /// One phase of a run, planned before training starts.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -475,7 +475,7 @@ impl<'a> Trainer<'a> {
                     }
                     done += c;
                 }
-                let gn = clip_grad_norm(&mut acc, tc.grad_clip)?;
+                let gn = grad_norm(&acc)?;
                 if !gn.is_finite() {
                     pb.abandon();
                     return Err(TrainError::NonFinite {
@@ -485,7 +485,7 @@ impl<'a> Trainer<'a> {
                         global_step: state.global_step + 1,
                     });
                 }
-                opt.step(&acc, lr)?;
+                opt.step_scaled(&acc, lr, clip_scale(gn, tc.grad_clip))?;
                 let dt = t0.elapsed().as_secs_f64();
                 state.phase_step += 1;
                 state.global_step += 1;

@@ -14,41 +14,73 @@ use patchlm_train::*;
 #[test]
 fn adamw_and_clipping_match_pytorch() {
     // tests/fixtures/make_adamw_golden.py: torch.optim.AdamW + clip_grad_norm_, three steps.
+    // Four ways to the same numbers: clipping the gradients (clip_grad_norm) or passing the factor
+    // to the optimizer (step_scaled, as the trainer does), each with the fused and the tensor
+    // update.
     let g: serde_json::Value = serde_json::from_str(include_str!("fixtures/adamw_golden.json")).unwrap();
     let dev = Device::Cpu;
-    let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.1, 0.2, -0.3]], &dev).unwrap()).unwrap();
-    let b = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap()).unwrap();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-    let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], cfg).unwrap();
-    for (i, step) in g["grads"].as_array().unwrap().iter().enumerate() {
-        let gw: Vec<Vec<f32>> = serde_json::from_value(step[0].clone()).unwrap();
-        let gb: Vec<f32> = serde_json::from_value(step[1].clone()).unwrap();
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        grads.insert("w".into(), Tensor::new(gw, &dev).unwrap());
-        grads.insert("b".into(), Tensor::new(gb, &dev).unwrap());
-        let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
-        assert!((norm - g["norms"][i].as_f64().unwrap()).abs() < 1e-5, "step {i}: norm {norm}");
-        opt.step(&grads, 1e-2).unwrap();
-    }
-    let want_w: Vec<Vec<f32>> = serde_json::from_value(g["w"].clone()).unwrap();
-    let want_b: Vec<f32> = serde_json::from_value(g["b"].clone()).unwrap();
-    let got_w = w.as_tensor().to_vec2::<f32>().unwrap();
-    let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
-    for (r, wr) in got_w.iter().zip(&want_w) {
-        for (a, e) in r.iter().zip(wr) {
-            assert!((a - e).abs() < 1e-6, "w {a} vs {e}");
+    for (scaled, fused) in [(false, true), (false, false), (true, true), (true, false)] {
+        let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.1, 0.2, -0.3]], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap()).unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], cfg).unwrap();
+        opt.set_fused(fused);
+        for (i, step) in g["grads"].as_array().unwrap().iter().enumerate() {
+            let gw: Vec<Vec<f32>> = serde_json::from_value(step[0].clone()).unwrap();
+            let gb: Vec<f32> = serde_json::from_value(step[1].clone()).unwrap();
+            let mut grads: HashMap<String, Tensor> = HashMap::new();
+            grads.insert("w".into(), Tensor::new(gw, &dev).unwrap());
+            grads.insert("b".into(), Tensor::new(gb, &dev).unwrap());
+            let norm = if scaled {
+                let norm = grad_norm(&grads).unwrap();
+                opt.step_scaled(&grads, 1e-2, clip_scale(norm, 1.0)).unwrap();
+                norm
+            } else {
+                let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+                opt.step(&grads, 1e-2).unwrap();
+                norm
+            };
+            assert!((norm - g["norms"][i].as_f64().unwrap()).abs() < 1e-5, "step {i}: norm {norm}");
         }
+        let want_w: Vec<Vec<f32>> = serde_json::from_value(g["w"].clone()).unwrap();
+        let want_b: Vec<f32> = serde_json::from_value(g["b"].clone()).unwrap();
+        let got_w = w.as_tensor().to_vec2::<f32>().unwrap();
+        let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
+        for (r, wr) in got_w.iter().zip(&want_w) {
+            for (a, e) in r.iter().zip(wr) {
+                assert!((a - e).abs() < 1e-6, "scaled {scaled} fused {fused}: w {a} vs {e}");
+            }
+        }
+        for (a, e) in got_b.iter().zip(&want_b) {
+            assert!((a - e).abs() < 1e-6, "scaled {scaled} fused {fused}: b {a} vs {e}");
+        }
+        // State round trip.
+        let (state, steps) = opt.state();
+        assert_eq!(steps, 3);
+        let map: HashMap<String, Tensor> = state.into_iter().collect();
+        let mut fresh =
+            AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], AdamWConfig::default()).unwrap();
+        fresh.load_state(&map, 3).unwrap();
+        assert_eq!(fresh.steps(), 3);
     }
-    for (a, e) in got_b.iter().zip(&want_b) {
-        assert!((a - e).abs() < 1e-6, "b {a} vs {e}");
-    }
-    // State round trip.
-    let (state, steps) = opt.state();
-    assert_eq!(steps, 3);
-    let map: HashMap<String, Tensor> = state.into_iter().collect();
-    let mut fresh = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], AdamWConfig::default()).unwrap();
-    fresh.load_state(&map, 3).unwrap();
-    assert_eq!(fresh.steps(), 3);
+}
+
+#[test]
+fn clip_scale_is_torchs_factor() {
+    assert_eq!(clip_scale(0.5, 1.0), 1.0);
+    assert_eq!(clip_scale(4.0, 1.0), 1.0 / (4.0 + 1e-6));
+    assert_eq!(clip_scale(4.0, 0.0), 1.0, "max_norm 0 turns clipping off");
+    assert_eq!(clip_scale(f64::NAN, 1.0), 1.0);
+    assert_eq!(clip_scale(f64::INFINITY, 1.0), 1.0);
+    // grad_norm over tensors of several shapes and dtypes: √(1 + 4 + 9 + 16 + 0.25) .
+    let dev = Device::Cpu;
+    let grads: HashMap<String, Tensor> = [
+        ("a".to_string(), Tensor::new(&[[1f32, -2.0], [3.0, 0.0]], &dev).unwrap()),
+        ("b".to_string(), Tensor::new(&[4f32], &dev).unwrap()),
+        ("c".to_string(), Tensor::new(&[-0.5f32], &dev).unwrap().to_dtype(candle_core::DType::BF16).unwrap()),
+    ]
+    .into();
+    assert!((grad_norm(&grads).unwrap() - 30.25f64.sqrt()).abs() < 1e-12);
 }
 
 #[test]
@@ -70,9 +102,10 @@ fn fused_adamw_equals_the_tensor_path() {
         let mut opt =
             AdamW::new(vec![("w".into(), w.clone()), ("n".into(), n.clone())], AdamWConfig::default()).unwrap();
         opt.set_fused(fused);
-        for (gw, gn) in &grads {
+        // Per-step factors (as clipping gives): a constant one would hardly change Adam's update.
+        for ((gw, gn), scale) in grads.iter().zip([0.37, 1.0, 0.02, 0.6]) {
             let g: HashMap<String, Tensor> = [("w".to_string(), gw.clone()), ("n".to_string(), gn.clone())].into();
-            opt.step(&g, 1e-2).unwrap();
+            opt.step_scaled(&g, 1e-2, scale).unwrap();
         }
         let mut v: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         v.extend(n.as_tensor().to_vec1::<f32>().unwrap());
