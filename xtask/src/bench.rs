@@ -53,6 +53,10 @@ pub enum BenchCmd {
         /// flash (tiled, no T×T matrix) or both (a row each).
         #[arg(long, default_value = "softmax")]
         attention: String,
+        /// Backward pass with the fused ops: tape (hand-written, the trainer's default), autograd
+        /// (candle's) or both (a row each).
+        #[arg(long, default_value = "tape")]
+        backward: String,
         /// Peak FLOP/s for MFU (default: H100 dense bf16).
         #[arg(long, default_value_t = 989e12)]
         peak_flops: f64,
@@ -100,6 +104,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             steps,
             fused,
             attention,
+            backward,
             peak_flops,
         } => {
             if steps == 0 || batch == 0 || ctx == 0 {
@@ -115,6 +120,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 dtype: &dtype,
                 fused: &fused,
                 attention: &attention,
+                backward: &backward,
                 peak_flops,
             })
         }
@@ -197,6 +203,7 @@ pub struct ModelBench<'a> {
     dtype: &'a str,
     fused: &'a str,
     attention: &'a str,
+    backward: &'a str,
     peak_flops: f64,
 }
 
@@ -227,19 +234,30 @@ fn bench_model(b: &ModelBench) -> Result<()> {
         "both" => vec![false, true],
         other => anyhow::bail!("--attention {other}: expected softmax, flash or both"),
     };
+    let tape: Vec<bool> = match b.backward {
+        "tape" => vec![true],
+        "autograd" => vec![false],
+        "both" => vec![false, true],
+        other => anyhow::bail!("--backward {other}: expected tape, autograd or both"),
+    };
     for fused in settings {
         for &fl in &flash {
-            // Flash attention is one of the fused ops: no separate row for it with them off.
-            if fl && !fused {
-                continue;
+            for &tp in &tape {
+                // Flash attention and the tape are built from the fused ops: with them off, no
+                // flash row and one backward row (autograd).
+                if !fused && (fl || (tp && tape.len() > 1)) {
+                    continue;
+                }
+                patchlm_model::ops::set_fused_ops(fused);
+                patchlm_model::ops::set_flash_attention(fl);
+                patchlm_model::set_tape_backward(tp);
+                bench_model_once(b, fused)?;
             }
-            patchlm_model::ops::set_fused_ops(fused);
-            patchlm_model::ops::set_flash_attention(fl);
-            bench_model_once(b, fused)?;
         }
     }
     patchlm_model::ops::set_fused_ops(true);
     patchlm_model::ops::set_flash_attention(false);
+    patchlm_model::set_tape_backward(true);
     Ok(())
 }
 
@@ -270,21 +288,27 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         let mut peak_mem = 0u64;
         for s in 0..steps + 2 {
             let t0 = Instant::now();
-            let loss = patchlm_patch::patch_loss(&model, &ids, k)?;
+            let tape = patchlm_model::tape_supported(&device);
+            let (loss, saved) = if tape {
+                let (loss, t) = patchlm_patch::patch_forward_tape(&model, &ids, k)?;
+                (loss, Some(t))
+            } else {
+                (patchlm_patch::patch_loss(&model, &ids, k)?, None)
+            };
             let t_enq = t0.elapsed().as_secs_f64();
             device.synchronize()?;
             let t_fwd = t0.elapsed().as_secs_f64();
             peak_mem = peak_mem.max(device_mem_used(&device));
-            let grads = loss.backward()?;
+            let g: std::collections::HashMap<String, Tensor> = match saved {
+                Some(t) => patchlm_patch::patch_backward_tape(&model, t, 1.0)?,
+                None => {
+                    let grads = loss.backward()?;
+                    vars.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|x| (n.clone(), x.clone()))).collect()
+                }
+            };
             device.synchronize()?;
             let t_bwd = t0.elapsed().as_secs_f64();
             peak_mem = peak_mem.max(device_mem_used(&device));
-            let mut g = std::collections::HashMap::new();
-            for (n, v) in &vars {
-                if let Some(x) = grads.get(v.as_tensor()) {
-                    g.insert(n.clone(), x.clone());
-                }
-            }
             let norm = patchlm_train::grad_norm(&g)?;
             opt.step_scaled(&g, 3e-4, patchlm_train::clip_scale(norm, 1.0))?;
             device.synchronize()?;
@@ -309,6 +333,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                 "threads": rayon::current_num_threads(), "dtype": b.dtype, "mfu": mfu, "peak_flops": b.peak_flops,
                 "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
                 "attention": if patchlm_model::ops::flash_attention_enabled(&device) { "flash" } else { "softmax" },
+                "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
             })
         );

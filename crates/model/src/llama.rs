@@ -14,8 +14,8 @@ use crate::error::Result;
 /// RMSNorm as in HF LLaMA: statistics in f32, `weight * x / sqrt(mean(x²) + eps)`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {
@@ -57,8 +57,8 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// Rotary tables in HF's rotate-half layout: `cos`, `sin` of shape (max_pos, head_dim).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 impl Rope {
@@ -108,20 +108,20 @@ impl Rope {
 /// Grouped-query causal self-attention with q/k/v/o projections and no biases.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 /// A bias-free linear layer whose (f32 master) weight is cast to the input's dtype on use, so
 /// that a bf16 forward pass trains f32 parameters (the cast is differentiable).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    pub(crate) weight: Tensor,
 }
 
 impl Module for Linear {
@@ -151,7 +151,7 @@ impl Attention {
         })
     }
 
-    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
         let rep = self.heads / self.kv_heads;
         if rep == 1 {
             return Ok(x);
@@ -216,9 +216,9 @@ fn causal_mask(t: usize, total: usize, device: &Device, dtype: DType) -> candle_
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 impl Mlp {
@@ -247,10 +247,10 @@ impl Module for Mlp {
 /// One pre-norm decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
 }
 
 impl DecoderLayer {
@@ -308,13 +308,13 @@ impl KvCache {
 /// patches: the patch crate feeds its own input embeddings through [`Llama::forward_embeds`].
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: Rope,
-    cfg: ModelConfig,
-    compute_dtype: DType,
+    pub(crate) embed_tokens: Embedding,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: Linear,
+    pub(crate) rope: Rope,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) compute_dtype: DType,
 }
 
 impl Llama {

@@ -22,4 +22,7 @@ pub mod objective;
 pub use config::{PatchConfig, DEFAULT_K, DEFAULT_LAMBDA};
 pub use dataset::{build_patch_datasets, permutation, BlockFile, BlockReader, PatchDataConfig, PatchManifest};
 pub use error::{PatchError, Result};
-pub use objective::{next_patch_loss_composed, next_patch_loss_from_logits, patch_embeddings, patch_loss};
+pub use objective::{
+    next_patch_loss_composed, next_patch_loss_from_logits, patch_backward_tape, patch_embeddings, patch_forward_tape,
+    patch_loss, patch_loss_and_grads, PatchTape,
+};

@@ -1,7 +1,8 @@
 //! The patch embedding and the next-patch loss (Shao et al., 2024), as candle functions.
 
 use candle_core::{DType, Tensor, D};
-use patchlm_model::{cross_entropy_multi, fused_ops_supported, Llama};
+use patchlm_model::ops::grad;
+use patchlm_model::{cross_entropy_multi, fused_ops_supported, Grads, Llama, Tape};
 
 use crate::error::{PatchError, Result};
 
@@ -69,4 +70,61 @@ pub fn patch_loss(model: &Llama, ids: &Tensor, k: usize) -> Result<Tensor> {
     let logits = model.logits(&hidden)?;
     let targets = ids.narrow(1, k, (n - 1) * k)?.reshape((b, n - 1, k))?;
     next_patch_loss_from_logits(&logits, &targets)
+}
+
+/// The forward pass of [`patch_loss`] without an autograd graph, with what its backward pass
+/// ([`patch_backward_tape`]) needs.
+pub struct PatchTape {
+    k: usize,
+    input: Tensor,
+    hidden: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    tape: Tape,
+}
+
+/// [`patch_loss`] through the model's hand-written backward pass ([`Llama::forward_tape`], no
+/// autograd graph; needs [`patchlm_model::tape_supported`] on the ids' device): the loss (an f32
+/// scalar) and the tape for [`patch_backward_tape`].
+pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tensor, PatchTape)> {
+    let (b, l) = ids.dims2()?;
+    if k == 0 || l % k != 0 || l / k < 2 {
+        return Err(PatchError::Config(format!("a block of {l} tokens is not at least two whole patches of {k}")));
+    }
+    let n = l / k;
+    let input = ids.narrow(1, 0, (n - 1) * k)?.contiguous()?;
+    let x = patch_embeddings(&model.embed_tape(&input)?, k)?;
+    let (hidden, tape) = model.forward_tape(&x)?;
+    let logits = model.logits_tape(&hidden)?;
+    let (_, p, v) = logits.dims3()?;
+    let logits = logits.reshape((b * p, v))?;
+    let targets = ids.narrow(1, k, (n - 1) * k)?.reshape((b * p, k))?.to_dtype(DType::U32)?.contiguous()?;
+    let loss = cross_entropy_multi(&logits, &targets)?;
+    Ok((loss, PatchTape { k, input, hidden, logits, targets, tape }))
+}
+
+/// The gradient of `scale` × the loss of [`patch_forward_tape`] with respect to every parameter,
+/// by HF name (see [`patchlm_model::Grads`]).
+pub fn patch_backward_tape(model: &Llama, t: PatchTape, scale: f64) -> Result<Grads> {
+    let PatchTape { k, input, hidden, logits, targets, tape } = t;
+    let (b, p, d) = hidden.dims3()?;
+    let dlogits = grad::cross_entropy_multi(&logits, &targets, scale)?.reshape((b, p, ()))?;
+    drop(logits);
+    let mut grads = Grads::new();
+    let dhidden = model.logits_backward(&hidden, &dlogits, &mut grads)?;
+    drop(dlogits);
+    let dx = model.backward_tape(tape, &dhidden, &mut grads)?;
+    // The patch mean's backward: each of the K tokens gets 1/K of its patch's gradient.
+    let dtok =
+        if k == 1 { dx } else { (dx / k as f64)?.unsqueeze(2)?.broadcast_as((b, p, k, d))?.reshape((b, p * k, d))? };
+    model.embed_backward(&input, &dtok, &mut grads)?;
+    Ok(grads)
+}
+
+/// [`patch_loss`] and the gradient of `scale` × that loss with respect to every parameter:
+/// [`patch_forward_tape`] then [`patch_backward_tape`]. Elsewhere than where
+/// [`patchlm_model::tape_supported`], use [`patch_loss`] and candle's `backward`.
+pub fn patch_loss_and_grads(model: &Llama, ids: &Tensor, k: usize, scale: f64) -> Result<(Tensor, Grads)> {
+    let (loss, tape) = patch_forward_tape(model, ids, k)?;
+    Ok((loss, patch_backward_tape(model, tape, scale)?))
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use patchlm_model::{init_model, named_tensors, parse_dtype, save_pretrained, Llama};
-use patchlm_patch::{patch_loss, BlockFile, BlockReader, PatchManifest};
+use patchlm_model::{init_model, named_tensors, parse_dtype, save_pretrained, tape_supported, Llama};
+use patchlm_patch::{patch_loss, patch_loss_and_grads, BlockFile, BlockReader, PatchManifest};
 
 use crate::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, TrainState};
 use crate::config::RunConfig;
@@ -450,7 +450,21 @@ impl<'a> Trainer<'a> {
                     let c = tc.micro_batch.min(bps - done);
                     reader.read_blocks(first + done as u64, c, &mut buf);
                     let ids = Tensor::from_vec(buf.clone(), (c, block_len), &self.device)?;
-                    let loss = patch_loss(&model, &ids, plan.k)?;
+                    let w = c as f64 / bps as f64;
+                    // The gradient of w · loss: the hand-written backward pass where the device
+                    // has it, else candle's autograd.
+                    let (loss, grads): (Tensor, Vec<(String, Tensor)>) = if tape_supported(&self.device) {
+                        let (loss, grads) = patch_loss_and_grads(&model, &ids, plan.k, w)?;
+                        (loss, grads.into_iter().collect())
+                    } else {
+                        let loss = patch_loss(&model, &ids, plan.k)?;
+                        let store = (&loss * w)?.backward()?;
+                        let grads = params
+                            .iter()
+                            .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
+                            .collect();
+                        (loss, grads)
+                    };
                     let lv = loss.to_scalar::<f32>()? as f64;
                     if !lv.is_finite() {
                         pb.abandon();
@@ -461,17 +475,13 @@ impl<'a> Trainer<'a> {
                             global_step: state.global_step + 1,
                         });
                     }
-                    let w = c as f64 / bps as f64;
                     loss_sum += lv * w;
-                    let grads = (loss * w)?.backward()?;
-                    for (name, var) in &params {
-                        if let Some(g) = grads.get(var.as_tensor()) {
-                            let sum = match acc.remove(name) {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(name.clone(), sum);
-                        }
+                    for (name, g) in grads {
+                        let sum = match acc.remove(&name) {
+                            Some(a) => (a + g)?,
+                            None => g,
+                        };
+                        acc.insert(name, sum);
                     }
                     done += c;
                 }

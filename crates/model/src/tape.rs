@@ -1,0 +1,349 @@
+//! Training without candle's autograd. [`Llama::forward_tape`] runs the decoder on tensors that
+//! record no graph and keeps exactly the activations that the hand-written
+//! [`Llama::backward_tape`] needs; the backward pass calls the same kernels that autograd would
+//! (matmuls and the fused ops' backward passes, [`crate::ops::grad`]).
+//!
+//! Why: candle's backward pass seeds every node's gradient with a tensor of zeros and adds the
+//! incoming gradient to it, for every op (weight casts, reshapes, transposes included), and builds
+//! the graph on the host op by op. Here each gradient is written once, weight gradients are cast
+//! to f32 once, and only the tensors named below are kept. The gradients are the same (tested
+//! against autograd in `tests/tape.rs`).
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::llama::{DecoderLayer, Llama, Rope};
+use crate::ops::{self, grad};
+
+/// Parameter gradients by HF weight name (`model.layers.0.mlp.up_proj.weight`, ...), each in its
+/// parameter's dtype.
+pub type Grads = HashMap<String, Tensor>;
+
+/// 0: not set (the environment decides), 1: on, 2: off.
+static TAPE: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the backward pass process-wide: `true` for the hand-written one of this module
+/// (the default wherever [`tape_supported`]), `false` for candle's autograd. The default can also
+/// be set with `PATCHLM_AUTOGRAD=1` (autograd).
+pub fn set_tape_backward(enabled: bool) {
+    TAPE.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether training on `device` uses [`Llama::forward_tape`] / [`Llama::backward_tape`]: where the
+/// fused ops run (the tape is built from them) and unless turned off (see [`set_tape_backward`]).
+pub fn tape_supported(device: &Device) -> bool {
+    let on = match TAPE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var_os("PATCHLM_AUTOGRAD").is_none_or(|v| v != "1"),
+    };
+    on && ops::fused_ops_supported(device)
+}
+
+/// One layer's weights in the compute dtype (cast once per forward pass, reused backward).
+struct LayerWeights {
+    ln1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    ln2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// What the attention backward needs besides q, k, v.
+enum Attn {
+    /// The causal-softmax probabilities (B, H, T, T).
+    Probs(Tensor),
+    /// Flash attention's output (B, H, T, hd).
+    Flash(Tensor),
+}
+
+/// The activations of one decoder layer, (N = B·T, ·) unless noted.
+struct LayerTape {
+    w: LayerWeights,
+    x: Tensor,
+    n1: Tensor,
+    /// Rotated queries, rotated and repeated keys, repeated values: (B, H, T, hd).
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Attn,
+    y: Tensor,
+    h: Tensor,
+    n2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    s: Tensor,
+}
+
+/// The activations of one [`Llama::forward_tape`] pass, consumed by [`Llama::backward_tape`].
+pub struct Tape {
+    b: usize,
+    t: usize,
+    layers: Vec<LayerTape>,
+    /// The input of the final norm (N, D).
+    last: Tensor,
+    /// The dtype of the input embeddings (the gradient is returned in it).
+    input_dtype: DType,
+}
+
+/// `w` without its graph, in `dtype`.
+fn detached(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    let w = w.detach();
+    if w.dtype() == dtype {
+        Ok(w)
+    } else {
+        w.to_dtype(dtype)
+    }
+}
+
+/// Adds `g` (cast to `dtype`) to the gradient of `name`.
+fn accumulate(grads: &mut Grads, name: String, g: Tensor, dtype: DType) -> candle_core::Result<()> {
+    let g = g.to_dtype(dtype)?;
+    match grads.entry(name) {
+        Entry::Occupied(mut e) => {
+            let sum = (e.get() + g)?;
+            e.insert(sum);
+        }
+        Entry::Vacant(e) => {
+            e.insert(g);
+        }
+    }
+    Ok(())
+}
+
+/// SwiGLU's composed form `silu(g) · u` backward, with candle's formula for silu's derivative
+/// (σ(g)·(1 + g·(1 − σ(g)))): the path where the fused SwiGLU kernel is off.
+pub(crate) fn swiglu_composed_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
+    let dsilu = (&sig * (1.0 + (g * (1.0 - &sig)?)?)?)?;
+    let dg = ((dy * u)? * dsilu)?;
+    let du = (dy * g.silu()?)?;
+    Ok((dg, du))
+}
+
+impl Llama {
+    /// Token embeddings (B, N) → (B, N, D) without recording a graph (see [`Llama::embed`]).
+    pub fn embed_tape(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        ops::embedding(&self.embed_tokens.embeddings().detach(), ids)
+    }
+
+    /// [`Llama::forward_embeds`] without recording a graph: input embeddings (B, T, D) → the
+    /// final hidden states (B, T, D) in the compute dtype, and the [`Tape`] for
+    /// [`Llama::backward_tape`]. Needs the fused ops ([`tape_supported`]).
+    pub fn forward_tape(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tape)> {
+        let (b, t, d) = x.dims3()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} positions exceeds max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            );
+        }
+        if !ops::fused_ops_supported(x.device()) {
+            candle_core::bail!("forward_tape needs the fused ops on {:?}", x.device());
+        }
+        let cd = self.compute_dtype;
+        let mut h = x.detach().to_dtype(cd)?.reshape((b * t, d))?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (out, tape) = layer_forward(layer, &h, &self.rope, b, t, cd)?;
+            layers.push(tape);
+            h = out;
+        }
+        let hidden = ops::rms_norm(&h, &detached(&self.norm.weight, cd)?, self.norm.eps)?.reshape((b, t, d))?;
+        Ok((hidden, Tape { b, t, layers, last: h, input_dtype: x.dtype() }))
+    }
+
+    /// The backward pass of [`Llama::forward_tape`]: from the gradient of the final hidden
+    /// states (B, T, D), adds every decoder and final-norm weight's gradient to `grads` and
+    /// returns the gradient of the input embeddings (B, T, D) in their dtype.
+    pub fn backward_tape(&self, tape: Tape, dhidden: &Tensor, grads: &mut Grads) -> candle_core::Result<Tensor> {
+        let (b, t) = (tape.b, tape.t);
+        let d = self.cfg.hidden_size;
+        let cd = self.compute_dtype;
+        let dh = dhidden.to_dtype(cd)?.reshape((b * t, d))?;
+        let wn = detached(&self.norm.weight, cd)?;
+        let (mut dx, dwn) = grad::rms_norm(&tape.last, &wn, &dh, self.norm.eps)?;
+        accumulate(grads, "model.norm.weight".into(), dwn, self.norm.weight.dtype())?;
+        for (i, (layer, lt)) in self.layers.iter().zip(tape.layers).enumerate().rev() {
+            dx = layer_backward(layer, lt, &dx, &self.rope, i, b, t, grads)?;
+        }
+        dx.reshape((b, t, d))?.to_dtype(tape.input_dtype)
+    }
+
+    /// The LM head without recording a graph: hidden (B, T, D) → logits (B, T, V).
+    pub fn logits_tape(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let w = detached(&self.lm_head.weight, hidden.dtype())?;
+        hidden.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))
+    }
+
+    /// The LM head's backward pass: adds `lm_head.weight`'s gradient to `grads` and returns the
+    /// gradient of `hidden` (B, T, D).
+    pub fn logits_backward(&self, hidden: &Tensor, dlogits: &Tensor, grads: &mut Grads) -> candle_core::Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let v = self.cfg.vocab_size;
+        let dl = dlogits.to_dtype(hidden.dtype())?.reshape((b * t, v))?;
+        let w = detached(&self.lm_head.weight, hidden.dtype())?;
+        accumulate(grads, "lm_head.weight".into(), dl.t()?.matmul(&hidden.reshape((b * t, d))?)?, w_dtype(self))?;
+        dl.matmul(&w)?.reshape((b, t, d))
+    }
+
+    /// The embedding's backward pass: scatters `dembeds` (B, N, D) onto the rows of `ids` (B, N)
+    /// and adds the result to `model.embed_tokens.weight`'s gradient.
+    pub fn embed_backward(&self, ids: &Tensor, dembeds: &Tensor, grads: &mut Grads) -> candle_core::Result<()> {
+        let w = self.embed_tokens.embeddings();
+        let g = grad::embedding(ids, &dembeds.to_dtype(w.dtype())?, self.cfg.vocab_size)?;
+        accumulate(grads, "model.embed_tokens.weight".into(), g, w.dtype())
+    }
+}
+
+fn w_dtype(m: &Llama) -> DType {
+    m.lm_head.weight.dtype()
+}
+
+fn layer_forward(
+    l: &DecoderLayer,
+    x: &Tensor,
+    rope: &Rope,
+    b: usize,
+    t: usize,
+    cd: DType,
+) -> candle_core::Result<(Tensor, LayerTape)> {
+    let a = &l.self_attn;
+    let (n, d) = x.dims2()?;
+    let w = LayerWeights {
+        ln1: detached(&l.input_layernorm.weight, cd)?,
+        q: detached(&a.q_proj.weight, cd)?,
+        k: detached(&a.k_proj.weight, cd)?,
+        v: detached(&a.v_proj.weight, cd)?,
+        o: detached(&a.o_proj.weight, cd)?,
+        ln2: detached(&l.post_attention_layernorm.weight, cd)?,
+        gate: detached(&l.mlp.gate_proj.weight, cd)?,
+        up: detached(&l.mlp.up_proj.weight, cd)?,
+        down: detached(&l.mlp.down_proj.weight, cd)?,
+    };
+    let n1 = ops::rms_norm(x, &w.ln1, l.input_layernorm.eps)?;
+    let heads = |y: Tensor, h: usize| y.reshape((b, t, h, a.head_dim))?.transpose(1, 2)?.contiguous();
+    let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
+    let q = ops::rope(&heads(n1.matmul(&w.q.t()?)?, a.heads)?, &cos, &sin)?;
+    let k = ops::rope(&heads(n1.matmul(&w.k.t()?)?, a.kv_heads)?, &cos, &sin)?;
+    let v = heads(n1.matmul(&w.v.t()?)?, a.kv_heads)?;
+    let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
+    let scale = 1.0 / (a.head_dim as f64).sqrt();
+    let (yh, attn) = if ops::flash_attention_enabled(x.device()) {
+        let o = ops::flash_attention(&q, &k, &v, scale)?;
+        (o.clone(), Attn::Flash(o))
+    } else {
+        let p = ops::causal_softmax(&q.matmul(&k.t()?.contiguous()?)?, scale)?;
+        (p.matmul(&v)?, Attn::Probs(p))
+    };
+    let y = yh.transpose(1, 2)?.reshape((n, d))?;
+    let h = (x + y.matmul(&w.o.t()?)?)?;
+    let n2 = ops::rms_norm(&h, &w.ln2, l.post_attention_layernorm.eps)?;
+    let g = n2.matmul(&w.gate.t()?)?;
+    let u = n2.matmul(&w.up.t()?)?;
+    let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
+    let out = (&h + s.matmul(&w.down.t()?)?)?;
+    Ok((out, LayerTape { w, x: x.clone(), n1, q, k, v, attn, y, h, n2, g, u, s }))
+}
+
+/// Sums the gradient of repeated key/value heads (B, H, T, hd) back onto (B, KVH, T, hd).
+fn unrepeat(x: Tensor, kv_heads: usize) -> candle_core::Result<Tensor> {
+    let (b, h, t, hd) = x.dims4()?;
+    if h == kv_heads {
+        return Ok(x);
+    }
+    x.reshape((b, kv_heads, h / kv_heads, t, hd))?.sum(2)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    l: &DecoderLayer,
+    lt: LayerTape,
+    dout: &Tensor,
+    rope: &Rope,
+    i: usize,
+    b: usize,
+    t: usize,
+    grads: &mut Grads,
+) -> candle_core::Result<Tensor> {
+    let a = &l.self_attn;
+    let (n, d) = dout.dims2()?;
+    let hd = a.head_dim;
+    let pdt = a.q_proj.weight.dtype();
+    let w = &lt.w;
+    let name = |s: &str| format!("model.layers.{i}.{s}.weight");
+    let mut acc = |s: &str, g: Tensor| accumulate(grads, name(s), g, pdt);
+    // MLP: out = h + down(swiglu(gate(n2), up(n2))).
+    acc("mlp.down_proj", dout.t()?.matmul(&lt.s)?)?;
+    let ds = dout.matmul(&w.down)?;
+    let (dg, du) = if ops::swiglu_supported(dout.device()) {
+        grad::swiglu(&lt.g, &lt.u, &ds)?
+    } else {
+        swiglu_composed_backward(&lt.g, &lt.u, &ds)?
+    };
+    acc("mlp.gate_proj", dg.t()?.matmul(&lt.n2)?)?;
+    acc("mlp.up_proj", du.t()?.matmul(&lt.n2)?)?;
+    let dn2 = (dg.matmul(&w.gate)? + du.matmul(&w.up)?)?;
+    let (dh2, dln2) = grad::rms_norm(&lt.h, &w.ln2, &dn2, l.post_attention_layernorm.eps)?;
+    acc("post_attention_layernorm", dln2)?;
+    let dh = (dout + dh2)?;
+    // Attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
+    acc("self_attn.o_proj", dh.t()?.matmul(&lt.y)?)?;
+    let dyh = dh.matmul(&w.o)?.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (dq, dk, dv) = match &lt.attn {
+        Attn::Probs(p) => {
+            let dp = dyh.matmul(&lt.v.t()?)?;
+            let dv = p.t()?.matmul(&dyh)?;
+            let dscores = grad::causal_softmax(p, &dp, scale)?;
+            (dscores.matmul(&lt.k)?, dscores.t()?.matmul(&lt.q)?, dv)
+        }
+        Attn::Flash(o) => grad::flash_attention(&lt.q, &lt.k, &lt.v, o, &dyh, scale)?,
+    };
+    let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
+    let dq = grad::rope(&dq, &cos, &sin)?;
+    let dk = grad::rope(&unrepeat(dk, a.kv_heads)?, &cos, &sin)?;
+    let dv = unrepeat(dv, a.kv_heads)?;
+    let flat = |x: Tensor| -> candle_core::Result<Tensor> {
+        let h = x.dim(1)?;
+        x.transpose(1, 2)?.reshape((n, h * hd))
+    };
+    let (dq, dk, dv) = (flat(dq)?, flat(dk)?, flat(dv)?);
+    acc("self_attn.q_proj", dq.t()?.matmul(&lt.n1)?)?;
+    acc("self_attn.k_proj", dk.t()?.matmul(&lt.n1)?)?;
+    acc("self_attn.v_proj", dv.t()?.matmul(&lt.n1)?)?;
+    let dn1 = ((dq.matmul(&w.q)? + dk.matmul(&w.k)?)? + dv.matmul(&w.v)?)?;
+    let (dx1, dln1) = grad::rms_norm(&lt.x, &w.ln1, &dn1, l.input_layernorm.eps)?;
+    acc("input_layernorm", dln1)?;
+    debug_assert_eq!(dx1.dims(), [n, d]);
+    dh + dx1
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// The composed SwiGLU backward against autograd through `silu(g) · u`.
+    #[test]
+    fn composed_swiglu_backward_matches_autograd() {
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (7, 33), &dev).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 33), &dev).unwrap()).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (7, 33), &dev).unwrap();
+        let y = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        let store = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let (dg, du) = super::swiglu_composed_backward(g.as_tensor(), u.as_tensor(), &dy).unwrap();
+        for (got, want) in [(dg, store.get(g.as_tensor()).unwrap()), (du, store.get(u.as_tensor()).unwrap())] {
+            let e = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap();
+            assert!(e.to_scalar::<f32>().unwrap() < 1e-6);
+        }
+    }
+}

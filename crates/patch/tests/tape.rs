@@ -1,0 +1,55 @@
+//! The hand-written backward pass (`patch_loss_and_grads`, the model's tape) against candle's
+//! autograd through `patch_loss`: the loss and every parameter's gradient, at K = 1 and K = 4,
+//! with both attention kernels, in f32 and with bf16 compute, on a grouped-query model. In its
+//! own test binary because it flips the process-wide `set_flash_attention` switch.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use patchlm_model::ops::set_flash_attention;
+use patchlm_model::{init_model, named_tensors, tape_supported, ModelConfig};
+use patchlm_patch::{patch_loss, patch_loss_and_grads};
+
+#[test]
+fn tape_gradients_equal_autograd() {
+    let dev = Device::Cpu;
+    assert!(tape_supported(&dev));
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.num_key_value_heads = 1;
+    let (model, varmap) = init_model(&cfg, &dev, 11).unwrap();
+    let names: HashMap<String, candle_core::Var> = {
+        let data = varmap.data().lock().unwrap();
+        data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+    };
+    assert_eq!(names.len(), named_tensors(&varmap).unwrap().len());
+    for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-2)] {
+        let m = model.clone().with_compute_dtype(dtype);
+        for flash in [false, true] {
+            set_flash_attention(flash);
+            for (k, len) in [(1usize, 17usize), (4, 36)] {
+                let ids: Vec<u32> = (0..2 * len).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
+                let ids = Tensor::from_vec(ids, (2, len), &dev).unwrap();
+                let what = format!("{dtype:?} flash {flash} k {k}");
+                let want_loss = patch_loss(&m, &ids, k).unwrap();
+                let want = (&want_loss * 0.75).unwrap().backward().unwrap();
+                let (loss, grads) = patch_loss_and_grads(&m, &ids, k, 0.75).unwrap();
+                let (a, b) = (loss.to_scalar::<f32>().unwrap(), want_loss.to_scalar::<f32>().unwrap());
+                assert!((a - b).abs() <= 1e-6 * b.abs(), "{what}: loss {a} vs {b}");
+                assert_eq!(grads.len(), names.len(), "{what}: one gradient per parameter");
+                for (name, var) in &names {
+                    let got = grads.get(name).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+                    let exp = want.get(var.as_tensor()).unwrap();
+                    assert_eq!(got.dims(), exp.dims(), "{what}: {name}");
+                    assert_eq!(got.dtype(), var.dtype(), "{what}: {name}");
+                    let scale = exp.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let diff = (got - exp).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(scale > 0.0, "{what}: zero gradient for {name}");
+                    assert!(diff <= tol * scale, "{what}: {name} differs by {diff} (max {scale})");
+                }
+            }
+        }
+    }
+    set_flash_attention(false);
+}
