@@ -64,6 +64,8 @@ ap.add_argument("--peak", type=float, default=989e12)
 ap.add_argument("--ks", default="1,4")
 ap.add_argument("--attention", default="softmax", choices=["softmax", "flash", "both"],
                 help="our attention kernel(s): a row for each")
+ap.add_argument("--backward", default="tape", choices=["tape", "autograd", "both"],
+                help="our backward pass(es): the hand-written tape, candle's autograd, or a row for each")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 dev = torch.device(a.device)
@@ -80,7 +82,8 @@ def sync():
 # steal the cores from a subprocess started right after.
 env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
 cmd = [a.xtask, "bench", "model", "--preset", a.preset, "--batch", str(a.batch), "--ctx", str(a.ctx),
-       "--k", a.ks, "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype, "--attention", a.attention]
+       "--k", a.ks, "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype, "--attention", a.attention,
+       "--backward", a.backward]
 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
 if out.returncode != 0:
     print(out.stdout, out.stderr); raise SystemExit(f"xtask bench failed: {' '.join(cmd)}")
@@ -88,7 +91,7 @@ ours = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
 # Every measurement is printed as soon as it exists, so that a run cut short by a time limit
 # still leaves its numbers; the ratio table follows at the end.
 for o in ours:
-    print(f"patchlm {o.get('attention', '')} k={o['k']}: {o['tokens_per_s']:.0f} tok/s, MFU "
+    print(f"patchlm {o.get('attention', '')} {o.get('backward', '')} k={o['k']}: {o['tokens_per_s']:.0f} tok/s, MFU "
           f"{100 * (o.get('mfu') or float('nan')):.1f}%, step {o['step_ms']:.1f} ms, peak "
           f"{(o.get('peak_mem_gib') or float('nan')):.2f} GiB (enqueue {o.get('fwd_enqueue_ms', float('nan')):.1f}, "
           f"fwd {o.get('fwd_ms', float('nan')):.1f}, bwd {o.get('bwd_ms', float('nan')):.1f}, "
@@ -123,12 +126,12 @@ for mode in modes:
 print(f"preset {a.preset}, batch {a.batch} x ctx {a.ctx} positions, {a.device} {a.dtype}, "
       f"{a.threads} CPU threads, torch {torch.__version__}, MFU peak {a.peak:.3g} FLOP/s")
 print(f"{'torch mode':>10}{'k':>3}{'torch tok/s':>13}{'MFU':>7}{'ms':>8}{'GiB':>7}"
-      f"{'patchlm':>9}{'tok/s':>10}{'MFU':>7}{'ms':>8}{'GiB':>7}{'ratio':>8}")
+      f"{'patchlm':>18}{'tok/s':>10}{'MFU':>7}{'ms':>8}{'GiB':>7}{'ratio':>8}")
 for mode, k, tps, step, mem, mfu in rows:
     for o in (o for o in ours if o["k"] == k):
         print(f"{mode:>10}{k:>3}{tps:>13.0f}{100 * mfu:>6.1f}%{1e3 * step:>8.1f}{mem:>7.2f}"
-              f"{o.get('attention', ''):>9}{o['tokens_per_s']:>10.0f}{100 * (o.get('mfu') or float('nan')):>6.1f}%"
+              f"{o.get('attention', '') + '/' + o.get('backward', ''):>18}{o['tokens_per_s']:>10.0f}{100 * (o.get('mfu') or float('nan')):>6.1f}%"
               f"{o['step_ms']:>8.1f}{(o.get('peak_mem_gib') or float('nan')):>7.2f}{o['tokens_per_s'] / tps:>8.2f}")
 print("patchlm step breakdown (ms): " + "; ".join(
-    f"{o.get('attention')} k={o['k']}: enqueue {o['fwd_enqueue_ms']:.1f}, fwd {o['fwd_ms']:.1f}, "
+    f"{o.get('attention')}/{o.get('backward')} k={o['k']}: enqueue {o['fwd_enqueue_ms']:.1f}, fwd {o['fwd_ms']:.1f}, "
     f"bwd {o['bwd_ms']:.1f}, clip+opt {o['opt_ms']:.1f}" for o in ours if "fwd_ms" in o))

@@ -8,7 +8,7 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [ops] [track] [gpt2] [370m] [ours] [plain]
+#   bash scripts/gpu_check.sh [kernels] [ops] [track] [gpt2] [370m] [ours] [events] [plain]
 # (no section: kernels ops track gpt2 370m, about 9 minutes on an H200, most of it torch.compile's
 # warm-up; every measurement is printed as it is made, so a section cut by its timeout keeps them).
 # Results go to $OUT (one file per section), a short summary is printed last.
@@ -36,18 +36,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for s in $sections; do
   echo "== $s  ($(date +%T))"
   case $s in
-    kernels) timeout 90 /tmp/bin/cuda-tests --ignored --test-threads 1 2>&1 | tee "$OUT/kernels.txt" ;;
+    kernels) timeout 120 /tmp/bin/cuda-tests --ignored --test-threads 1 2>&1 | tee "$OUT/kernels.txt" ;;
     gpt2) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
-            --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
+            --backward both --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
-            --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
+            --backward both --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
     ops) timeout 120 /tmp/bin/xtask bench ops --preset gpt2-small --batch 8 --ctx 1024 --device cuda --dtype bf16 \
            2>&1 | grep '^{' | tee "$OUT/ops.txt" ;;
     ours) for shape in "gpt2-small 8 1024" "370m 4 2048"; do
             set -- $shape
             timeout 120 /tmp/bin/xtask bench model --preset $1 --batch $2 --ctx $3 --k 1,4 --steps 5 \
-              --device cuda --dtype bf16 --attention both 2>&1 | grep '^{' | tee -a "$OUT/ours.txt"
+              --device cuda --dtype bf16 --attention both --backward both 2>&1 | grep '^{' | tee -a "$OUT/ours.txt"
           done ;;
+    events)
+           # cudarc's per-buffer CUDA events (off by default, PATCHLM_CUDA_EVENTS=1 keeps them):
+           # what they cost per step.
+           for ev in 1 0; do
+             PATCHLM_CUDA_EVENTS=$ev timeout 90 /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 \
+               --k 1 --steps 5 --device cuda --dtype bf16 --backward both 2>&1 | grep '^{' | sed "s/^{/{\"events\": $ev, /" \
+               | tee -a "$OUT/events.txt"
+           done ;;
     plain) timeout 90 /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 --k 1,4 --steps 5 \
              --device cuda --dtype bf16 --fused off 2>&1 | grep -v '^ *[0-9]*: \|^ *at ' | tail -8 | tee "$OUT/plain.txt" ;;
     track)

@@ -237,18 +237,23 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
         out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect()
     };
     let args = ["bench", "model", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--k", "1,4", "--steps", "1"];
-    let (ok, out) = xtask(&[&args[..], &["--fused", "both", "--attention", "both"]].concat(), d);
+    let (ok, out) = xtask(&[&args[..], &["--fused", "both", "--attention", "both", "--backward", "both"]].concat(), d);
     assert!(ok, "{out}");
     let r = rows(&out);
-    // Composed ops (k = 1, 4), fused with the softmax attention, fused with flash attention.
-    let settings: Vec<(bool, String, u64)> = r
+    // Composed ops with autograd (k = 1, 4); fused with the softmax and with flash attention,
+    // each with autograd and with the tape.
+    let settings: Vec<(bool, String, String, u64)> = r
         .iter()
         .map(|x| {
-            (x["fused"].as_bool().unwrap(), x["attention"].as_str().unwrap().to_string(), x["k"].as_u64().unwrap())
+            let s = |k: &str| x[k].as_str().unwrap().to_string();
+            (x["fused"].as_bool().unwrap(), s("attention"), s("backward"), x["k"].as_u64().unwrap())
         })
         .collect();
-    assert_eq!(settings.len(), 6, "{out}");
-    assert!(settings.contains(&(true, "flash".into(), 4)) && settings.contains(&(false, "softmax".into(), 1)));
+    assert_eq!(settings.len(), 10, "{out}");
+    assert!(settings.contains(&(true, "flash".into(), "tape".into(), 4)), "{out}");
+    assert!(settings.contains(&(true, "softmax".into(), "autograd".into(), 1)), "{out}");
+    assert!(settings.contains(&(false, "softmax".into(), "autograd".into(), 1)), "{out}");
+    assert!(!settings.contains(&(false, "softmax".into(), "tape".into(), 1)), "{out}");
     // One timed step, so the parts (medians of one sample) add up to the step time.
     for x in &r {
         let (f, b, o, step) = (
@@ -263,6 +268,8 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
     assert!(!ok && out.contains("at least 1"), "{out}");
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--attention", "sdpa"], d);
     assert!(!ok && out.contains("--attention sdpa"), "{out}");
+    let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--backward", "jit"], d);
+    assert!(!ok && out.contains("--backward jit"), "{out}");
 
     let (ok, out) = xtask(&["bench", "ops", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "1"], d);
     assert!(ok, "{out}");

@@ -292,3 +292,41 @@ fn cuda_swiglu_matches_cpu() {
     }
     drop(g);
 }
+
+#[test]
+#[ignore]
+fn cuda_tape_forward_and_backward_match_cpu() {
+    use patchlm_model::ops::set_flash_attention;
+    use patchlm_model::{init_model, Grads, ModelConfig};
+    let g = gpu();
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    // Head size 16 (flash attention's smallest on CUDA), grouped-query attention.
+    (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (64, 128, 4, 2);
+    let (mc, _) = init_model(&cfg, &Device::Cpu, 3).unwrap();
+    let (mg, _) = init_model(&cfg, &g, 3).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
+    let dh = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+        for flash in [false, true] {
+            set_flash_attention(flash);
+            let run = |m: &patchlm_model::Llama, d: &Device| {
+                let m = m.clone().with_compute_dtype(dtype);
+                let (h, tape) = m.forward_tape(&x.to_device(d).unwrap()).unwrap();
+                let mut grads = Grads::new();
+                let dx = m.backward_tape(tape, &dh.to_device(d).unwrap(), &mut grads).unwrap();
+                (h, dx, grads)
+            };
+            let (hc, dxc, gc) = run(&mc, &Device::Cpu);
+            let (hg, dxg, gg) = run(&mg, &g);
+            let what = format!("{dtype:?} flash {flash}");
+            assert!(max_rel(&hg, &hc) < tol, "{what}: hidden states");
+            assert!(max_rel(&dxg, &dxc) < tol * 10.0, "{what}: input gradient");
+            assert_eq!(gc.len(), gg.len());
+            for (name, want) in &gc {
+                let e = max_rel(&gg[name], want);
+                assert!(e < tol * 10.0, "{what}: gradient of {name}: rel err {e}");
+            }
+        }
+    }
+    set_flash_attention(false);
+}
