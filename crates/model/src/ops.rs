@@ -15,7 +15,7 @@
 //! [`fused_ops_supported`] says where a device has the implementations (callers fall back to
 //! composed candle ops elsewhere); [`set_fused_ops`] turns them off to compare.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, Var};
 use half::{bf16, f16};
@@ -111,6 +111,29 @@ macro_rules! map_float2 {
                 CpuStorage::F16($body)
             }
             _ => candle_core::bail!("{}: {} and {} must share a float dtype (f32, bf16 or f16)", $op, $w1, $w2),
+        }
+    };
+}
+
+/// [`map_float!`] over three storages that share one float dtype.
+macro_rules! map_float3 {
+    ($op:literal, ($s1:expr, $l1:expr, $w1:literal), ($s2:expr, $l2:expr, $w2:literal), ($s3:expr, $l3:expr, $w3:literal), |$x:ident, $y:ident, $z:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                let ($x, $y, $z) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?, contiguous(c, $l3, $w3)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
+                let ($x, $y, $z) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?, contiguous(c, $l3, $w3)?);
+                CpuStorage::BF16($body)
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => {
+                let ($x, $y, $z) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?, contiguous(c, $l3, $w3)?);
+                CpuStorage::F16($body)
+            }
+            _ => {
+                candle_core::bail!("{}: {}, {} and {} must share a float dtype (f32, bf16 or f16)", $op, $w1, $w2, $w3)
+            }
         }
     };
 }
@@ -421,22 +444,13 @@ impl CustomOp3 for RmsNormGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
-        macro_rules! go {
-            ($v:ident, $x:expr, $w:expr, $g:expr) => {{
-                let (x, w, g) = (contiguous($x, l1, "x")?, contiguous($w, l2, "w")?, contiguous($g, l3, "dy")?);
-                if self.weight_grad {
-                    CpuStorage::$v(rms_dw(x, g, d, self.eps))
-                } else {
-                    CpuStorage::$v(rms_dx(x, w, g, d, self.eps))
-                }
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => go!(F32, x, w, g),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => go!(BF16, x, w, g),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => go!(F16, x, w, g),
-            _ => candle_core::bail!("rms_norm: x, weight and gradient must share a float dtype"),
-        };
+        let out = map_float3!("rms_norm", (s1, l1, "x"), (s2, l2, "weight"), (s3, l3, "dy"), |x, w, g| {
+            if self.weight_grad {
+                rms_dw(x, g, d, self.eps)
+            } else {
+                rms_dx(x, w, g, d, self.eps)
+            }
+        });
         let shape = if self.weight_grad { Shape::from((1, d)) } else { l1.shape().clone() };
         Ok((out, shape))
     }
@@ -1052,26 +1066,24 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
     Tensor::stack(&sums, 0)?.sum_all()
 }
 
-static FLASH: AtomicBool = AtomicBool::new(false);
+/// 0: not set (the environment decides), 1: flash, 2: softmax.
+static FLASH: AtomicU8 = AtomicU8::new(0);
 
 /// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
 /// matrix in memory), `false` (the default) for scores from a matmul, [`causal_softmax`] and a
 /// second matmul (the T×T probabilities are materialised, in the compute dtype). The default
 /// can also be set with `PATCHLM_FLASH_ATTENTION=1`; both compute the same attention.
 pub fn set_flash_attention(enabled: bool) {
-    FLASH.store(enabled, Ordering::Relaxed);
-    FLASH_SET.store(true, Ordering::Relaxed);
+    FLASH.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
 }
-
-static FLASH_SET: AtomicBool = AtomicBool::new(false);
 
 /// Whether attention on `device` uses [`flash_attention`] (see [`set_flash_attention`]); only
 /// where the fused ops are supported.
 pub fn flash_attention_enabled(device: &Device) -> bool {
-    let on = if FLASH_SET.load(Ordering::Relaxed) {
-        FLASH.load(Ordering::Relaxed)
-    } else {
-        std::env::var_os("PATCHLM_FLASH_ATTENTION").is_some_and(|v| v == "1")
+    let on = match FLASH.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var_os("PATCHLM_FLASH_ATTENTION").is_some_and(|v| v == "1"),
     };
     on && fused_ops_supported(device)
 }
@@ -1232,18 +1244,9 @@ impl CustomOp3 for FlashAttn {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let a = attn_dims(l1, l2)?;
-        macro_rules! go {
-            ($variant:ident, $q:expr, $k:expr, $v:expr) => {{
-                let (q, k, v) = (contiguous($q, l1, "q")?, contiguous($k, l2, "k")?, contiguous($v, l3, "v")?);
-                CpuStorage::$variant(flash_fwd_cpu(q, k, v, a, self.scale, true).0)
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => go!(F32, q, k, v),
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => go!(BF16, q, k, v),
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => go!(F16, q, k, v),
-            _ => candle_core::bail!("flash_attention: q, k and v must share a float dtype"),
-        };
+        let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
+            flash_fwd_cpu(q, k, v, a, self.scale, true).0
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -1486,24 +1489,8 @@ impl CustomOp3 for SwiGluGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(g), CpuStorage::F32(u), CpuStorage::F32(d)) => CpuStorage::F32(swiglu_bwd(
-                contiguous(g, l1, "gate")?,
-                contiguous(u, l2, "up")?,
-                contiguous(d, l3, "dy")?,
-            )),
-            (CpuStorage::BF16(g), CpuStorage::BF16(u), CpuStorage::BF16(d)) => CpuStorage::BF16(swiglu_bwd(
-                contiguous(g, l1, "gate")?,
-                contiguous(u, l2, "up")?,
-                contiguous(d, l3, "dy")?,
-            )),
-            (CpuStorage::F16(g), CpuStorage::F16(u), CpuStorage::F16(d)) => CpuStorage::F16(swiglu_bwd(
-                contiguous(g, l1, "gate")?,
-                contiguous(u, l2, "up")?,
-                contiguous(d, l3, "dy")?,
-            )),
-            _ => candle_core::bail!("swiglu: gate, up and gradient must share a float dtype"),
-        };
+        let out =
+            map_float3!("swiglu", (s1, l1, "gate"), (s2, l2, "up"), (s3, l3, "dy"), |g, u, d| swiglu_bwd(g, u, d));
         Ok((out, Shape::from((2, n))))
     }
 
