@@ -342,6 +342,32 @@ impl Llama {
         self
     }
 
+    /// The same model with every weight detached from autograd (sharing their storage, so later
+    /// optimizer steps show through): its forward passes record no graph and keep no
+    /// activations alive for a backward pass. For validation inside a training loop.
+    pub fn detach(&self) -> Self {
+        let mut m = self.clone();
+        m.embed_tokens = Embedding::new(self.embed_tokens.embeddings().detach(), self.cfg.hidden_size);
+        for l in &mut m.layers {
+            for w in [
+                &mut l.input_layernorm.weight,
+                &mut l.post_attention_layernorm.weight,
+                &mut l.self_attn.q_proj.weight,
+                &mut l.self_attn.k_proj.weight,
+                &mut l.self_attn.v_proj.weight,
+                &mut l.self_attn.o_proj.weight,
+                &mut l.mlp.gate_proj.weight,
+                &mut l.mlp.up_proj.weight,
+                &mut l.mlp.down_proj.weight,
+            ] {
+                *w = w.detach();
+            }
+        }
+        m.norm.weight = m.norm.weight.detach();
+        m.lm_head.weight = m.lm_head.weight.detach();
+        m
+    }
+
     /// The dtype of activations and matmuls.
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype

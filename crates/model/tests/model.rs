@@ -53,6 +53,26 @@ fn every_parameter_gets_a_gradient() {
 }
 
 #[test]
+fn a_detached_model_computes_the_same_logits_and_records_no_graph() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    let (model, varmap) = init_model(&cfg, &Device::Cpu, 3).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 200, 7, 3, 3, 100]], &Device::Cpu).unwrap();
+    let detached = model.detach();
+    let (a, b) = (model.forward(&ids).unwrap(), detached.forward(&ids).unwrap());
+    assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+    assert!(!b.track_op(), "the detached forward recorded a graph");
+    let grads = b.sum_all().unwrap().backward().unwrap();
+    for (name, t) in named_tensors(&varmap).unwrap() {
+        assert!(grads.get(&t).is_none(), "{name} got a gradient through the detached model");
+    }
+    // Weights are shared, not copied: an update to a variable shows through.
+    let var = varmap.data().lock().unwrap()["lm_head.weight"].clone();
+    var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+    let c = detached.forward(&ids).unwrap();
+    assert_eq!(c.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
 fn gradients_match_finite_differences() {
     let cfg = ModelConfig::preset("tiny").unwrap();
     let (model, varmap) = init_model(&cfg, &Device::Cpu, 11).unwrap();

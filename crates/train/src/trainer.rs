@@ -273,6 +273,8 @@ impl<'a> Trainer<'a> {
     }
 
     fn evaluate(&self, model: &Llama, val: &BlockReader) -> Result<f64> {
+        // No graph: validation needs no backward pass.
+        let model = &model.detach();
         let n = val.num_blocks() as usize;
         let mb = self.cfg.train.micro_batch.max(1);
         let mut buf = Vec::new();
