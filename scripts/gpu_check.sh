@@ -31,6 +31,10 @@ done
 lib=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
+# The opt-in kernels (not yet device-tested when this was written) are on for the benchmarks and
+# the loss-tracking runs, so that one call measures them and checks them end to end; the kernels
+# section tests their math first (read its result before trusting the rest).
+export PATCHLM_SWIGLU_CUDA=${PATCHLM_SWIGLU_CUDA:-1} PATCHLM_MULTI_TENSOR_CUDA=${PATCHLM_MULTI_TENSOR_CUDA:-1}
 sections="${*:-kernels ops track gpt2 370m}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $sections; do

@@ -963,10 +963,33 @@ pub struct AdamWSlot<'a> {
     pub param: &'a Var,
     /// Its gradient.
     pub grad: &'a Tensor,
-    /// Its moments (m, v) as one (2, N) tensor; updated in place on CUDA, replaced elsewhere.
+    /// Its moments (m, v) as one (2, N) tensor; updated in place by the multi-tensor kernel,
+    /// replaced otherwise.
     pub moments: &'a mut Tensor,
     /// Whether [`AdamWStep::decay`] applies to this parameter (otherwise no weight decay).
     pub decay: bool,
+}
+
+/// 0: not set (the environment decides), 1: on, 2: off.
+static MULTI_CUDA: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the multi-tensor CUDA kernels of [`adamw_multi`] and [`sum_of_squares`] on or off
+/// process-wide. They are opt-in (also with `PATCHLM_MULTI_TENSOR_CUDA=1`) until
+/// `tests/cuda.rs` has run them on a GPU; off, CUDA takes the per-tensor path (the device-tested
+/// [`adamw_update`] kernel).
+pub fn set_multi_tensor_cuda(enabled: bool) {
+    MULTI_CUDA.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the multi-tensor kernels run on `device` (see [`set_multi_tensor_cuda`]).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn multi_tensor_cuda(device: &Device) -> bool {
+    let on = match MULTI_CUDA.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var_os("PATCHLM_MULTI_TENSOR_CUDA").is_some_and(|v| v == "1"),
+    };
+    on && device.is_cuda() && fused_ops_supported(device)
 }
 
 /// Elements per thread block of the multi-tensor kernels.
@@ -1004,9 +1027,9 @@ fn multi_owner(first: &[u64], b: u64) -> usize {
 }
 
 /// AdamW over many f32 parameters at once, with the gradients multiplied by `grad_scale` first
-/// (a clipping coefficient; 1 for none). With the fused CUDA kernels this is one kernel launch for
-/// all parameters, updating parameters and moments in place (in the style of apex's
-/// `multi_tensor_apply`); elsewhere (and for parameters that are not contiguous), one
+/// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (opt-in, see
+/// [`set_multi_tensor_cuda`]) this is one kernel launch for all parameters, updating parameters
+/// and moments in place (in the style of apex's `multi_tensor_apply`); elsewhere, one
 /// [`adamw_update`] per parameter. Both compute PyTorch's `AdamW` update (see [`AdamWStep`]).
 pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f64) -> candle_core::Result<()> {
     for s in slots.iter() {
@@ -1026,7 +1049,7 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
     #[cfg(feature = "cuda")]
     if let Some(first) = slots.first() {
         if let Device::Cuda(dev) = first.param.device() {
-            if fused_ops_supported(first.param.device()) {
+            if multi_tensor_cuda(first.param.device()) {
                 return cuda::multi_adamw(dev, slots, step, grad_scale);
             }
         }
@@ -1042,15 +1065,16 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
 }
 
 /// Σ x² over every element of every tensor, as an f64 scalar on their device (e.g. for the global
-/// gradient norm). With the fused CUDA kernels, the contiguous f32 tensors take one kernel launch
-/// (per-chunk partial sums in f32, added in f64); other tensors one reduction each.
+/// gradient norm). With the multi-tensor CUDA kernel (opt-in, see [`set_multi_tensor_cuda`]), the
+/// contiguous f32 tensors take one kernel launch (per-chunk partial sums in f32, added in f64);
+/// other tensors one reduction each.
 pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
     if tensors.is_empty() {
         candle_core::bail!("sum_of_squares: no tensors");
     }
     let mut sums = Vec::new();
     #[cfg(feature = "cuda")]
-    let tensors: Vec<&Tensor> = if tensors[0].device().is_cuda() && fused_ops_supported(tensors[0].device()) {
+    let tensors: Vec<&Tensor> = if multi_tensor_cuda(tensors[0].device()) {
         let (multi, rest): (Vec<&Tensor>, Vec<&Tensor>) =
             tensors.iter().copied().partition(|t| t.dtype() == DType::F32 && t.is_contiguous());
         if !multi.is_empty() {

@@ -182,6 +182,7 @@ fn multi_inputs() -> Vec<(Tensor, Tensor, Tensor, bool)> {
 #[ignore]
 fn cuda_multi_tensor_adamw_matches_cpu() {
     let g = gpu();
+    patchlm_model::ops::set_multi_tensor_cuda(true);
     let h = AdamWStep { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-5, bias1: 0.19, bias2: 0.0975 };
     let inputs = multi_inputs();
     let run = |d: &Device| {
@@ -220,6 +221,7 @@ fn cuda_multi_tensor_adamw_matches_cpu() {
 #[ignore]
 fn cuda_multi_tensor_sum_of_squares_matches_cpu() {
     let g = gpu();
+    patchlm_model::ops::set_multi_tensor_cuda(true);
     let inputs = multi_inputs();
     let mut ts: Vec<Tensor> = inputs.iter().map(|(_, gr, ..)| gr.clone()).collect();
     ts.push(Tensor::randn(0f32, 1.0, 5000, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap());

@@ -84,7 +84,8 @@ impl AdamW {
     /// One update with every gradient multiplied by `grad_scale` first (e.g. the clipping factor
     /// of [`clip_scale`]), without writing the scaled gradients anywhere. With the fused ops
     /// (see [`AdamW::set_fused`]) all f32 parameters are updated together by
-    /// `patchlm_model::ops::adamw_multi`: one kernel launch on CUDA.
+    /// `patchlm_model::ops::adamw_multi` (one kernel launch on CUDA with
+    /// `PATCHLM_MULTI_TENSOR_CUDA=1`).
     pub fn step_scaled(&mut self, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
@@ -123,8 +124,8 @@ impl AdamW {
     }
 
     /// The moments as named tensors (`m.<param>`, `v.<param>`, each of the parameter's shape)
-    /// and the step count. The tensors are views of the optimizer's state, which the fused CUDA
-    /// update changes in place: copy them (or write them out) before the next step.
+    /// and the step count. The tensors are views of the optimizer's state, which the multi-tensor
+    /// CUDA update changes in place: copy them (or write them out) before the next step.
     pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
         let mut out = Vec::with_capacity(self.slots.len() * 2);
         for s in &self.slots {
@@ -157,8 +158,7 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients (one host sync; on CUDA with the fused ops, one kernel for
-/// all f32 gradients, see `patchlm_model::ops::sum_of_squares`).
+/// The global L2 norm of all gradients (one host sync; see `patchlm_model::ops::sum_of_squares`).
 pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     if names.is_empty() {
