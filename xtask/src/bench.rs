@@ -221,25 +221,20 @@ fn device_mem_used(device: &Device) -> u64 {
     0
 }
 
+/// `--flag off|on|both` → the settings to run, one row each (`both`: off first).
+fn one_or_both(flag: &str, value: &str, off: &str, on: &str) -> Result<Vec<bool>> {
+    match value {
+        v if v == off => Ok(vec![false]),
+        v if v == on => Ok(vec![true]),
+        "both" => Ok(vec![false, true]),
+        other => anyhow::bail!("--{flag} {other}: expected {off}, {on} or both"),
+    }
+}
+
 fn bench_model(b: &ModelBench) -> Result<()> {
-    let settings: Vec<bool> = match b.fused {
-        "on" => vec![true],
-        "off" => vec![false],
-        "both" => vec![false, true],
-        other => anyhow::bail!("--fused {other}: expected on, off or both"),
-    };
-    let flash: Vec<bool> = match b.attention {
-        "softmax" => vec![false],
-        "flash" => vec![true],
-        "both" => vec![false, true],
-        other => anyhow::bail!("--attention {other}: expected softmax, flash or both"),
-    };
-    let tape: Vec<bool> = match b.backward {
-        "tape" => vec![true],
-        "autograd" => vec![false],
-        "both" => vec![false, true],
-        other => anyhow::bail!("--backward {other}: expected tape, autograd or both"),
-    };
+    let settings = one_or_both("fused", b.fused, "off", "on")?;
+    let flash = one_or_both("attention", b.attention, "softmax", "flash")?;
+    let tape = one_or_both("backward", b.backward, "autograd", "tape")?;
     for fused in settings {
         for &fl in &flash {
             for &tp in &tape {

@@ -21,6 +21,33 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+/// A process-wide on/off setting: until a caller sets it, an environment variable decides
+/// (`env` = "1" means `env_means`, anything else or unset the opposite).
+pub(crate) struct Switch {
+    /// 0: not set, 1: on, 2: off.
+    state: AtomicU8,
+    env: &'static str,
+    env_means: bool,
+}
+
+impl Switch {
+    pub(crate) const fn new(env: &'static str, env_means: bool) -> Self {
+        Self { state: AtomicU8::new(0), env, env_means }
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => std::env::var_os(self.env).is_some_and(|v| v == "1") == self.env_means,
+        }
+    }
+}
+
 static FUSED: AtomicBool = AtomicBool::new(true);
 
 /// Turns the fused ops off (or back on) process-wide, e.g. to benchmark them against the
@@ -970,26 +997,20 @@ pub struct AdamWSlot<'a> {
     pub decay: bool,
 }
 
-/// 0: not set (the environment decides), 1: on, 2: off.
-static MULTI_CUDA: AtomicU8 = AtomicU8::new(0);
+static MULTI_CUDA: Switch = Switch::new("PATCHLM_MULTI_TENSOR_CUDA", true);
 
 /// Turns the multi-tensor CUDA kernels of [`adamw_multi`] and [`sum_of_squares`] on or off
 /// process-wide. They are opt-in (also with `PATCHLM_MULTI_TENSOR_CUDA=1`) until
 /// `tests/cuda.rs` has run them on a GPU; off, CUDA takes the per-tensor path (the device-tested
 /// [`adamw_update`] kernel).
 pub fn set_multi_tensor_cuda(enabled: bool) {
-    MULTI_CUDA.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    MULTI_CUDA.set(enabled);
 }
 
 /// Whether the multi-tensor kernels run on `device` (see [`set_multi_tensor_cuda`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn multi_tensor_cuda(device: &Device) -> bool {
-    let on = match MULTI_CUDA.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => std::env::var_os("PATCHLM_MULTI_TENSOR_CUDA").is_some_and(|v| v == "1"),
-    };
-    on && device.is_cuda() && fused_ops_supported(device)
+    MULTI_CUDA.get() && device.is_cuda() && fused_ops_supported(device)
 }
 
 /// Elements per thread block of the multi-tensor kernels.
@@ -1090,26 +1111,20 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
     Tensor::stack(&sums, 0)?.sum_all()
 }
 
-/// 0: not set (the environment decides), 1: flash, 2: softmax.
-static FLASH: AtomicU8 = AtomicU8::new(0);
+static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true);
 
 /// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
 /// matrix in memory), `false` (the default) for scores from a matmul, [`causal_softmax`] and a
 /// second matmul (the T×T probabilities are materialised, in the compute dtype). The default
 /// can also be set with `PATCHLM_FLASH_ATTENTION=1`; both compute the same attention.
 pub fn set_flash_attention(enabled: bool) {
-    FLASH.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    FLASH.set(enabled);
 }
 
 /// Whether attention on `device` uses [`flash_attention`] (see [`set_flash_attention`]); only
 /// where the fused ops are supported.
 pub fn flash_attention_enabled(device: &Device) -> bool {
-    let on = match FLASH.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => std::env::var_os("PATCHLM_FLASH_ATTENTION").is_some_and(|v| v == "1"),
-    };
-    on && fused_ops_supported(device)
+    FLASH.get() && fused_ops_supported(device)
 }
 
 /// Causal attention `softmax(scale · q kᵀ + mask) v` without the (T, S) score matrix: `q`

@@ -11,36 +11,29 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::llama::{DecoderLayer, Llama, Rope};
-use crate::ops::{self, grad};
+use crate::ops::{self, grad, Switch};
 
 /// Parameter gradients by HF weight name (`model.layers.0.mlp.up_proj.weight`, ...), each in its
 /// parameter's dtype.
 pub type Grads = HashMap<String, Tensor>;
 
-/// 0: not set (the environment decides), 1: on, 2: off.
-static TAPE: AtomicU8 = AtomicU8::new(0);
+static TAPE: Switch = Switch::new("PATCHLM_AUTOGRAD", false);
 
 /// Chooses the backward pass process-wide: `true` for the hand-written one of this module
 /// (the default wherever [`tape_supported`]), `false` for candle's autograd. The default can also
 /// be set with `PATCHLM_AUTOGRAD=1` (autograd).
 pub fn set_tape_backward(enabled: bool) {
-    TAPE.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    TAPE.set(enabled);
 }
 
 /// Whether training on `device` uses [`Llama::forward_tape`] / [`Llama::backward_tape`]: where the
 /// fused ops run (the tape is built from them) and unless turned off (see [`set_tape_backward`]).
 pub fn tape_supported(device: &Device) -> bool {
-    let on = match TAPE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => std::env::var_os("PATCHLM_AUTOGRAD").is_none_or(|v| v != "1"),
-    };
-    on && ops::fused_ops_supported(device)
+    TAPE.get() && ops::fused_ops_supported(device)
 }
 
 /// One layer's weights in the compute dtype (cast once per forward pass, reused backward). The

@@ -54,16 +54,22 @@ pub fn next_patch_loss_composed(logits: &Tensor, targets: &Tensor) -> Result<Ten
     Ok(picked.mean_all()?.neg()?)
 }
 
+/// (batch, patches per block) of a block batch `ids` (B, L) at patch size `k`: L must be at least
+/// two whole patches (one input, one target).
+fn block_patches(ids: &Tensor, k: usize) -> Result<(usize, usize)> {
+    let (b, l) = ids.dims2()?;
+    if k == 0 || l % k != 0 || l / k < 2 {
+        return Err(PatchError::Config(format!("a block of {l} tokens is not at least two whole patches of {k}")));
+    }
+    Ok((b, l / k))
+}
+
 /// The training loss of one block batch `ids` (B, L) at patch size `k`: the block is cut into
 /// n = L / k patches; patches 0..n−2 are the input (mean-pooled embeddings at positions
 /// 0..n−2), and each predicts all K tokens of the next patch with the model's one head. The
 /// first patch is never a target. Patch blocks have L = K·T; token blocks (k = 1) L = T + 1.
 pub fn patch_loss(model: &Llama, ids: &Tensor, k: usize) -> Result<Tensor> {
-    let (b, l) = ids.dims2()?;
-    if k == 0 || l % k != 0 || l / k < 2 {
-        return Err(PatchError::Config(format!("a block of {l} tokens is not at least two whole patches of {k}")));
-    }
-    let n = l / k;
+    let (b, n) = block_patches(ids, k)?;
     let input = ids.narrow(1, 0, (n - 1) * k)?;
     let x = patch_embeddings(&model.embed(&input)?, k)?;
     let hidden = model.forward_embeds(&x)?;
@@ -87,11 +93,7 @@ pub struct PatchTape {
 /// autograd graph; needs [`patchlm_model::tape_supported`] on the ids' device): the loss (an f32
 /// scalar) and the tape for [`patch_backward_tape`].
 pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tensor, PatchTape)> {
-    let (b, l) = ids.dims2()?;
-    if k == 0 || l % k != 0 || l / k < 2 {
-        return Err(PatchError::Config(format!("a block of {l} tokens is not at least two whole patches of {k}")));
-    }
-    let n = l / k;
+    let (b, n) = block_patches(ids, k)?;
     let input = ids.narrow(1, 0, (n - 1) * k)?.contiguous()?;
     let x = patch_embeddings(&model.embed_tape(&input)?, k)?;
     let (hidden, tape) = model.forward_tape(&x)?;
