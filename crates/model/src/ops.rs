@@ -22,17 +22,18 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// A process-wide on/off setting: until a caller sets it, an environment variable decides
-/// (`env` = "1" means `env_means`, anything else or unset the opposite).
+/// (`env` = "1" means `env_means`, "0" the opposite), and without one (or another value) `default`.
 pub(crate) struct Switch {
     /// 0: not set, 1: on, 2: off.
     state: AtomicU8,
     env: &'static str,
     env_means: bool,
+    default: bool,
 }
 
 impl Switch {
-    pub(crate) const fn new(env: &'static str, env_means: bool) -> Self {
-        Self { state: AtomicU8::new(0), env, env_means }
+    pub(crate) const fn new(env: &'static str, env_means: bool, default: bool) -> Self {
+        Self { state: AtomicU8::new(0), env, env_means, default }
     }
 
     pub(crate) fn set(&self, on: bool) {
@@ -43,7 +44,11 @@ impl Switch {
         match self.state.load(Ordering::Relaxed) {
             1 => true,
             2 => false,
-            _ => std::env::var_os(self.env).is_some_and(|v| v == "1") == self.env_means,
+            _ => match std::env::var_os(self.env) {
+                Some(v) if v == "1" => self.env_means,
+                Some(v) if v == "0" => !self.env_means,
+                _ => self.default,
+            },
         }
     }
 }
@@ -353,10 +358,17 @@ struct RmsNormOp {
     eps: f32,
 }
 
-/// Backward of [`RmsNormOp`]: (x, w, dy) → dx when `weight_grad` is false, else dw (as (1, D)).
+/// Backward of [`RmsNormOp`]: (x (N, D), w, dy) → dx and dw in one flat buffer of N·D + D
+/// elements (dx first; see [`rms_norm_backward`]), from one pass over x and dy.
 struct RmsNormGrad {
     eps: f32,
-    weight_grad: bool,
+}
+
+/// Both gradients of RMSNorm from one [`RmsNormGrad`] launch: x (rows, D) → (dx like x, dw (D,)).
+fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> candle_core::Result<(Tensor, Tensor)> {
+    let (rows, d) = x.dims2()?;
+    let both = x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &dy.contiguous()?, &RmsNormGrad { eps })?;
+    Ok((both.narrow(0, 0, rows * d)?.reshape((rows, d))?, both.narrow(0, rows * d, d)?))
 }
 
 fn rms_of<T: Float>(row: &[T], eps: f32) -> f32 {
@@ -449,9 +461,7 @@ impl CustomOp2 for RmsNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormGrad { eps: self.eps, weight_grad: false })?;
-        let dw = x.apply_op3_no_bwd(w, &dy, &RmsNormGrad { eps: self.eps, weight_grad: true })?.squeeze(0)?;
+        let (dx, dw) = rms_norm_backward(x, w, dy, self.eps)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -472,14 +482,11 @@ impl CustomOp3 for RmsNormGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
         let out = map_float3!("rms_norm", (s1, l1, "x"), (s2, l2, "weight"), (s3, l3, "dy"), |x, w, g| {
-            if self.weight_grad {
-                rms_dw(x, g, d, self.eps)
-            } else {
-                rms_dx(x, w, g, d, self.eps)
-            }
+            let mut both = rms_dx(x, w, g, d, self.eps);
+            both.extend(rms_dw(x, g, d, self.eps));
+            both
         });
-        let shape = if self.weight_grad { Shape::from((1, d)) } else { l1.shape().clone() };
-        Ok((out, shape))
+        Ok((out, Shape::from(l1.shape().elem_count() + d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -492,7 +499,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_bwd(s1, l1, s2, l2, s3, l3, self.eps, self.weight_grad)
+        cuda::rms_bwd(s1, l1, s2, l2, s3, l3, self.eps)
     }
 }
 
@@ -997,12 +1004,11 @@ pub struct AdamWSlot<'a> {
     pub decay: bool,
 }
 
-static MULTI_CUDA: Switch = Switch::new("PATCHLM_MULTI_TENSOR_CUDA", true);
+static MULTI_CUDA: Switch = Switch::new("PATCHLM_MULTI_TENSOR_CUDA", true, true);
 
 /// Turns the multi-tensor CUDA kernels of [`adamw_multi`] and [`sum_of_squares`] on or off
-/// process-wide. They are opt-in (also with `PATCHLM_MULTI_TENSOR_CUDA=1`) until
-/// `tests/cuda.rs` has run them on a GPU; off, CUDA takes the per-tensor path (the device-tested
-/// [`adamw_update`] kernel).
+/// process-wide (on by default; `PATCHLM_MULTI_TENSOR_CUDA=0` turns them off). Off, CUDA takes the
+/// per-tensor path (the [`adamw_update`] kernel, one launch per parameter).
 pub fn set_multi_tensor_cuda(enabled: bool) {
     MULTI_CUDA.set(enabled);
 }
@@ -1048,7 +1054,7 @@ fn multi_owner(first: &[u64], b: u64) -> usize {
 }
 
 /// AdamW over many f32 parameters at once, with the gradients multiplied by `grad_scale` first
-/// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (opt-in, see
+/// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (on by default, see
 /// [`set_multi_tensor_cuda`]) this is one kernel launch for all parameters, updating parameters
 /// and moments in place (in the style of apex's `multi_tensor_apply`); elsewhere, one
 /// [`adamw_update`] per parameter. Both compute PyTorch's `AdamW` update (see [`AdamWStep`]).
@@ -1086,7 +1092,7 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
 }
 
 /// Σ x² over every element of every tensor, as an f64 scalar on their device (e.g. for the global
-/// gradient norm). With the multi-tensor CUDA kernel (opt-in, see [`set_multi_tensor_cuda`]), the
+/// gradient norm). With the multi-tensor CUDA kernel (on by default, see [`set_multi_tensor_cuda`]), the
 /// contiguous f32 tensors take one kernel launch (per-chunk partial sums in f32, added in f64);
 /// other tensors one reduction each.
 pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
@@ -1111,7 +1117,7 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
     Tensor::stack(&sums, 0)?.sum_all()
 }
 
-static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true);
+static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true, false);
 
 /// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
 /// matrix in memory), `false` (the default) for scores from a matmul, [`causal_softmax`] and a
@@ -1419,11 +1425,17 @@ fn grad_dims(l1: &Layout, l2: &Layout, part: FlashPart) -> candle_core::Result<(
     Ok((AttnDims { bh: b * h, t, s, hd }, Shape::from((b, h, rows, hd))))
 }
 
-/// Whether [`swiglu`] runs fused on `device`: wherever the fused ops do, except that its CUDA
-/// kernels are opt-in (`PATCHLM_SWIGLU_CUDA=1`) until `tests/cuda.rs` has run them on a GPU.
+static SWIGLU_CUDA: Switch = Switch::new("PATCHLM_SWIGLU_CUDA", true, true);
+
+/// Whether [`swiglu`] runs fused on `device`: wherever the fused ops do (on CUDA unless turned off
+/// with `PATCHLM_SWIGLU_CUDA=0` or [`set_swiglu_cuda`]; the tape then composes it from candle ops).
 pub fn swiglu_supported(device: &Device) -> bool {
-    fused_ops_supported(device)
-        && (device.is_cpu() || std::env::var_os("PATCHLM_SWIGLU_CUDA").is_some_and(|v| v == "1"))
+    fused_ops_supported(device) && (device.is_cpu() || SWIGLU_CUDA.get())
+}
+
+/// Turns the fused SwiGLU CUDA kernels on or off process-wide (on by default).
+pub fn set_swiglu_cuda(enabled: bool) {
+    SWIGLU_CUDA.set(enabled);
 }
 
 /// SwiGLU's gate: `silu(g) · u` in one pass (f32 arithmetic, one rounding), `g` and `u` of one
@@ -2243,8 +2255,7 @@ mod cuda {
         Ok((s, lx.shape().clone()))
     }
 
-    /// RMSNorm backward: dx (`weight_grad` false) or dw as (1, D).
-    #[allow(clippy::too_many_arguments)]
+    /// RMSNorm backward: dx (N·D) then dw (D) in one buffer.
     pub fn rms_bwd(
         x: &CudaStorage,
         lx: &Layout,
@@ -2253,7 +2264,6 @@ mod cuda {
         dy: &CudaStorage,
         ly: &Layout,
         eps: f32,
-        weight_grad: bool,
     ) -> Result<(CudaStorage, Shape)> {
         let (n, d) = lx.shape().dims2()?;
         let (ox, ow, oy) = (check(lx, "x")?, check(lw, "weight")?, check(ly, "dy")?);
@@ -2265,48 +2275,45 @@ mod cuda {
                 let ws = w.as_cuda_slice::<$ty>()?.slice(ow..);
                 let ys = dy.as_cuda_slice::<$ty>()?.slice(oy..);
                 let rs = unsafe { dev.alloc::<f32>(n)? };
-                let dx = unsafe { dev.alloc::<$ty>(n * d)? };
+                let mut out = unsafe { dev.alloc::<$ty>(n * d + d)? };
                 let f = dev.get_or_load_custom_func(concat!("rms_dx_", $s), MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&ws);
                 b.arg(&ys);
-                b.arg(&dx);
+                b.arg(&out);
                 b.arg(&rs);
                 b.arg(&di);
                 b.arg(&eps);
                 unsafe { b.launch(rows_cfg(n, threads_for(d).min(1024))) }.w()?;
-                if !weight_grad {
-                    CudaStorage { slice: CudaStorageSlice::$variant(dx), device: dev.clone() }
-                } else {
-                    drop(dx);
-                    let acc = dev.alloc_zeros::<f32>(d)?;
-                    let chunks = n.clamp(1, 256);
-                    let rows_per_chunk = n.div_ceil(chunks) as i32;
-                    let cfg = LaunchConfig {
-                        grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    let f = dev.get_or_load_custom_func(concat!("rms_dw_", $s), MODULE, PTX)?;
-                    let mut b = f.builder();
-                    b.arg(&xs);
-                    b.arg(&ys);
-                    b.arg(&rs);
-                    b.arg(&acc);
-                    b.arg(&ni);
-                    b.arg(&di);
-                    b.arg(&rows_per_chunk);
-                    unsafe { b.launch(cfg) }.w()?;
-                    let out = unsafe { dev.alloc::<$ty>(d)? };
+                let acc = dev.alloc_zeros::<f32>(d)?;
+                let chunks = n.clamp(1, 256);
+                let rows_per_chunk = n.div_ceil(chunks) as i32;
+                let cfg = LaunchConfig {
+                    grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let f = dev.get_or_load_custom_func(concat!("rms_dw_", $s), MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&xs);
+                b.arg(&ys);
+                b.arg(&rs);
+                b.arg(&acc);
+                b.arg(&ni);
+                b.arg(&di);
+                b.arg(&rows_per_chunk);
+                unsafe { b.launch(cfg) }.w()?;
+                {
+                    let mut dw = out.slice_mut(n * d..);
                     let f = dev.get_or_load_custom_func(concat!("cast_from_f32_", $s), MODULE, PTX)?;
                     let mut b = f.builder();
                     b.arg(&acc);
-                    b.arg(&out);
+                    b.arg(&mut dw);
                     b.arg(&di);
                     unsafe { b.launch(LaunchConfig::for_num_elems(d as u32)) }.w()?;
-                    CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
                 }
+                CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
             }};
         }
         let s = match x.dtype() {
@@ -2315,8 +2322,7 @@ mod cuda {
             candle_core::DType::F16 => go!(f16, "f16", F16),
             d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
         };
-        let shape = if weight_grad { Shape::from((1, d)) } else { lx.shape().clone() };
-        Ok((s, shape))
+        Ok((s, Shape::from(n * d + d)))
     }
 }
 
@@ -2327,7 +2333,7 @@ mod cuda {
 pub mod grad {
     use candle_core::{CustomOp1, CustomOp2, CustomOp3, Tensor};
 
-    use super::{CausalSoftmax, FlashAttn, MultiTargetCe, RmsNormOp, RopeOp, SwiGlu};
+    use super::{CausalSoftmax, FlashAttn, MultiTargetCe, RopeOp, SwiGlu};
 
     fn no_grad(what: &str) -> candle_core::Error {
         candle_core::Error::Msg(format!("{what}: the op returned no gradient"))
@@ -2338,10 +2344,8 @@ pub mod grad {
     pub fn rms_norm(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
         let d = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
-        let x2 = x.reshape((rows, d))?.contiguous()?;
-        let op = RmsNormOp { eps: eps as f32 };
-        let (dx, dw) = op.bwd(&x2, &weight.contiguous()?, &x2, &dy.reshape((rows, d))?)?;
-        Ok((dx.ok_or_else(|| no_grad("rms_norm"))?.reshape(x.shape())?, dw.ok_or_else(|| no_grad("rms_norm"))?))
+        let (dx, dw) = super::rms_norm_backward(&x.reshape((rows, d))?, weight, &dy.reshape((rows, d))?, eps as f32)?;
+        Ok((dx.reshape(x.shape())?, dw))
     }
 
     /// [`super::causal_softmax`] backward from its output `y` and `dy` (same shape) → dx.

@@ -21,7 +21,7 @@ use crate::ops::{self, grad, Switch};
 /// parameter's dtype.
 pub type Grads = HashMap<String, Tensor>;
 
-static TAPE: Switch = Switch::new("PATCHLM_AUTOGRAD", false);
+static TAPE: Switch = Switch::new("PATCHLM_AUTOGRAD", false, true);
 
 /// Chooses the backward pass process-wide: `true` for the hand-written one of this module
 /// (the default wherever [`tape_supported`]), `false` for candle's autograd. The default can also

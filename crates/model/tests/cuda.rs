@@ -278,7 +278,6 @@ fn cuda_flash_attention_matches_cpu() {
 #[test]
 #[ignore]
 fn cuda_swiglu_matches_cpu() {
-    // The SwiGLU kernels are opt-in on CUDA (PATCHLM_SWIGLU_CUDA=1) until this test has passed.
     let g = gpu();
     let up = Tensor::randn(0f32, 1.0, (8192, 2048), &Device::Cpu).unwrap();
     for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {

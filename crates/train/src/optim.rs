@@ -84,8 +84,8 @@ impl AdamW {
     /// One update with every gradient multiplied by `grad_scale` first (e.g. the clipping factor
     /// of [`clip_scale`]), without writing the scaled gradients anywhere. With the fused ops
     /// (see [`AdamW::set_fused`]) all f32 parameters are updated together by
-    /// `patchlm_model::ops::adamw_multi` (one kernel launch on CUDA with
-    /// `PATCHLM_MULTI_TENSOR_CUDA=1`).
+    /// `patchlm_model::ops::adamw_multi` (one kernel launch on CUDA unless
+    /// `PATCHLM_MULTI_TENSOR_CUDA=0`).
     pub fn step_scaled(&mut self, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
