@@ -223,6 +223,77 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, int n) {
     out[n + i] = from_f<T>(d * x * s);
 }
 
+// Attention heads and the row layout of the projections, with RoPE fused in. Rows: (B*T, C) with
+// C = (h + 2*kv) * hd (the stacked q/k/v projection; kv = 0 for a plain (B*T, h*hd) matrix).
+// Heads: q (B, h, T, hd), then k and v (B, kv, T, hd), back to back in one buffer. `rope` 1 rotates
+// q and k by the angles of the f32 tables c/sn (T, hd) in the rotate-half layout, 0 copies only.
+// heads_from_rows: rows -> heads, rotation +angle; rows_from_heads: heads (q, k, v given apart)
+// -> rows, rotation -angle (the backward pass of heads_from_rows). One thread per element of the
+// output, in output order; reads are contiguous along hd, so both sides are coalesced.
+template <typename T>
+__device__ __forceinline__ float rope_at(const T* row, int j, int hd, const float* c, const float* sn, int tt,
+                                         float sign) {
+    int h2 = hd / 2;
+    float rot = j < h2 ? -to_f(row[j + h2]) : to_f(row[j - h2]);
+    int p = tt * hd + j;
+    return to_f(row[j]) * c[p] + sign * rot * sn[p];
+}
+
+template <typename T>
+__device__ void heads_from_rows(const T* x, const float* c, const float* sn, T* out, int b, int t, int h, int kv,
+                                int hd, int rope) {
+    long long nq = (long long)b * h * t * hd, nk = (long long)b * kv * t * hd, total = nq + 2 * nk;
+    long long cols = (long long)(h + 2 * kv) * hd;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long local = i;
+        int nh = h, base = 0, rot = rope;
+        if (i >= nq + nk) {
+            local = i - nq - nk;
+            nh = kv;
+            base = h + kv;
+            rot = 0;
+        } else if (i >= nq) {
+            local = i - nq;
+            nh = kv;
+            base = h;
+        }
+        int j = (int)(local % hd);
+        long long r = local / hd;
+        int tt = (int)(r % t);
+        r /= t;
+        int hh = (int)(r % nh);
+        long long bb = r / nh;
+        const T* row = x + (bb * t + tt) * cols + (long long)(base + hh) * hd;
+        out[i] = rot ? from_f<T>(rope_at(row, j, hd, c, sn, tt, 1.0f)) : row[j];
+    }
+}
+
+template <typename T>
+__device__ void rows_from_heads(const T* q, const T* k, const T* v, const float* c, const float* sn, T* out, int b,
+                                int t, int h, int kv, int hd, int rope) {
+    long long cols = (long long)(h + 2 * kv) * hd, total = (long long)b * t * cols;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long rowi = i / cols;
+        int col = (int)(i % cols);
+        long long bb = rowi / t;
+        int tt = (int)(rowi % t);
+        int head = col / hd, j = col % hd;
+        const T* src;
+        int rot = rope;
+        if (head < h) {
+            src = q + ((bb * h + head) * t + tt) * hd;
+        } else if (head < h + kv) {
+            src = k + ((bb * kv + head - h) * t + tt) * hd;
+        } else {
+            src = v + ((bb * kv + head - h - kv) * t + tt) * hd;
+            rot = 0;
+        }
+        out[i] = rot ? from_f<T>(rope_at(src, j, hd, c, sn, tt, -1.0f)) : src[j];
+    }
+}
+
 #define FUSED_OPS(T, S)                                                                                  \
     extern "C" __global__ void ce_fwd_##S(const T* x, const uint32_t* t, float* out, int v, int k) {     \
         ce_fwd<T>(x, t, out, v, k);                                                                      \
@@ -267,6 +338,15 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, int n) {
     }                                                                                                    \
     extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* dy, T* out, int n) {      \
         swiglu_bwd<T>(g, u, dy, out, n);                                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void heads_from_rows_##S(const T* x, const float* c, const float* sn, T* out,   \
+                                                   int b, int t, int h, int kv, int hd, int rope) {     \
+        heads_from_rows<T>(x, c, sn, out, b, t, h, kv, hd, rope);                                        \
+    }                                                                                                    \
+    extern "C" __global__ void rows_from_heads_##S(const T* q, const T* k, const T* v, const float* c,    \
+                                                   const float* sn, T* out, int b, int t, int h, int kv, \
+                                                   int hd, int rope) {                                   \
+        rows_from_heads<T>(q, k, v, c, sn, out, b, t, h, kv, hd, rope);                                  \
     }
 
 FUSED_OPS(float, f32)

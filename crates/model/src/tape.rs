@@ -223,13 +223,21 @@ fn layer_forward(
     };
     let n1 = ops::rms_norm(x, &w.ln1, l.input_layernorm.eps)?;
     let (hq, hkv) = (a.heads, a.kv_heads);
-    let qkv = n1.matmul(&w.qkv.t()?)?.reshape((b, t, hq + 2 * hkv, a.head_dim))?;
-    // (B, T, heads, hd) slices → (B, heads, T, hd), one strided copy each.
-    let heads = |from: usize, h: usize| qkv.narrow(2, from, h)?.transpose(1, 2)?.contiguous();
+    let qkv = n1.matmul(&w.qkv.t()?)?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
-    let q = ops::rope(&heads(0, hq)?, &cos, &sin)?;
-    let k = ops::rope(&heads(hq, hkv)?, &cos, &sin)?;
-    let v = heads(hq + hkv, hkv)?;
+    let fused_heads = ops::heads_ops_supported(x.device());
+    let (q, k, v) = if fused_heads {
+        let (q, kv) = ops::heads_from_rows(&qkv, heads_layout(a, b, t, hkv), Some((&cos, &sin)))?;
+        let (k, v) = kv.ok_or_else(|| candle_core::Error::Msg("heads_from_rows: no key/value heads".into()))?;
+        (q, k, v)
+    } else {
+        // (B, T, heads, hd) slices → (B, heads, T, hd), one strided copy each.
+        let qkv = qkv.reshape((b, t, hq + 2 * hkv, a.head_dim))?;
+        let heads = |from: usize, h: usize| qkv.narrow(2, from, h)?.transpose(1, 2)?.contiguous();
+        let q = ops::rope(&heads(0, hq)?, &cos, &sin)?;
+        let k = ops::rope(&heads(hq, hkv)?, &cos, &sin)?;
+        (q, k, heads(hq + hkv, hkv)?)
+    };
     let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
     let scale = 1.0 / (a.head_dim as f64).sqrt();
     let (yh, attn) = if ops::flash_attention_enabled(x.device()) {
@@ -240,7 +248,11 @@ fn layer_forward(
         let p = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
         (p.matmul(&v)?, Attn::Probs(p))
     };
-    let y = yh.transpose(1, 2)?.reshape((n, d))?;
+    let y = if fused_heads {
+        ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)?
+    } else {
+        yh.transpose(1, 2)?.reshape((n, d))?
+    };
     let h = (x + y.matmul(&w.o.t()?)?)?;
     let n2 = ops::rms_norm(&h, &w.ln2, l.post_attention_layernorm.eps)?;
     let g = n2.matmul(&w.gate.t()?)?;
@@ -248,6 +260,12 @@ fn layer_forward(
     let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
     let out = (&h + s.matmul(&w.down.t()?)?)?;
     Ok((out, LayerTape { w, x: x.clone(), n1, q, k, v, attn, y, h, n2, g, u, s }))
+}
+
+/// The [`ops::HeadsLayout`] of a layer's attention over (B, T) with `kv_heads` key/value heads
+/// (0: the query heads alone).
+fn heads_layout(a: &crate::llama::Attention, b: usize, t: usize, kv_heads: usize) -> ops::HeadsLayout {
+    ops::HeadsLayout { batch: b, seq: t, heads: a.heads, kv_heads, head_dim: a.head_dim }
 }
 
 /// Sums the gradient of repeated key/value heads (B, H, T, hd) back onto (B, KVH, T, hd).
@@ -293,7 +311,12 @@ fn layer_backward(
     let dh = (dout + dh2)?;
     // Attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
     acc("self_attn.o_proj", dh.t()?.matmul(&lt.y)?)?;
-    let dyh = dh.matmul(&w.o)?.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()?;
+    let fused_heads = ops::heads_ops_supported(dout.device());
+    let dyh = if fused_heads {
+        ops::heads_from_rows(&dh.matmul(&w.o)?, heads_layout(a, b, t, 0), None)?.0
+    } else {
+        dh.matmul(&w.o)?.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()?
+    };
     let scale = 1.0 / (hd as f64).sqrt();
     let (dq, dk, dv) = match &lt.attn {
         Attn::Probs(p) => {
@@ -305,11 +328,15 @@ fn layer_backward(
         Attn::Flash(o) => grad::flash_attention(&lt.q, &lt.k, &lt.v, o, &dyh, scale)?,
     };
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
-    let dq = grad::rope(&dq, &cos, &sin)?;
-    let dk = grad::rope(&unrepeat(dk, a.kv_heads)?, &cos, &sin)?;
-    let dv = unrepeat(dv, a.kv_heads)?;
+    let (dk, dv) = (unrepeat(dk, a.kv_heads)?, unrepeat(dv, a.kv_heads)?);
     // (B, H + 2·KVH, T, hd) → (N, D + 2·KVD), the layout of the stacked projection's output.
-    let dqkv = Tensor::cat(&[&dq, &dk, &dv], 1)?.transpose(1, 2)?.reshape((n, ()))?;
+    let dqkv = if fused_heads {
+        ops::rows_from_heads(&dq, Some((&dk, &dv)), heads_layout(a, b, t, a.kv_heads), Some((&cos, &sin)))?
+    } else {
+        let dq = grad::rope(&dq, &cos, &sin)?;
+        let dk = grad::rope(&dk, &cos, &sin)?;
+        Tensor::cat(&[&dq, &dk, &dv], 1)?.transpose(1, 2)?.reshape((n, ()))?
+    };
     let dw = dqkv.t()?.matmul(&lt.n1)?;
     let (dq_rows, dkv_rows) = (a.heads * hd, a.kv_heads * hd);
     acc("self_attn.q_proj", dw.narrow(0, 0, dq_rows)?)?;

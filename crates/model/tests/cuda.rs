@@ -297,7 +297,7 @@ fn cuda_swiglu_matches_cpu() {
 #[test]
 #[ignore]
 fn cuda_tape_forward_and_backward_match_cpu() {
-    use patchlm_model::ops::set_flash_attention;
+    use patchlm_model::ops::{set_flash_attention, set_heads_cuda};
     use patchlm_model::{init_model, Grads, ModelConfig};
     let g = gpu();
     let mut cfg = ModelConfig::preset("tiny").unwrap();
@@ -308,8 +308,9 @@ fn cuda_tape_forward_and_backward_match_cpu() {
     let x = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
     let dh = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
     for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
-        for flash in [false, true] {
+        for (flash, heads) in [(false, false), (false, true), (true, true)] {
             set_flash_attention(flash);
+            set_heads_cuda(heads);
             let run = |m: &patchlm_model::Llama, d: &Device| {
                 let m = m.clone().with_compute_dtype(dtype);
                 let (h, tape) = m.forward_tape(&x.to_device(d).unwrap()).unwrap();
@@ -319,7 +320,7 @@ fn cuda_tape_forward_and_backward_match_cpu() {
             };
             let (hc, dxc, gc) = run(&mc, &Device::Cpu);
             let (hg, dxg, gg) = run(&mg, &g);
-            let what = format!("{dtype:?} flash {flash}");
+            let what = format!("{dtype:?} flash {flash} heads kernels {heads}");
             assert!(max_rel(&hg, &hc) < tol, "{what}: hidden states");
             assert!(max_rel(&dxg, &dxc) < tol * 10.0, "{what}: input gradient");
             assert_eq!(gc.len(), gg.len());
@@ -330,4 +331,43 @@ fn cuda_tape_forward_and_backward_match_cpu() {
         }
     }
     set_flash_attention(false);
+    set_heads_cuda(false);
+}
+
+#[test]
+#[ignore]
+fn cuda_heads_layout_matches_cpu() {
+    use patchlm_model::ops::{heads_from_rows, rows_from_heads, set_heads_cuda, HeadsLayout};
+    let g = gpu();
+    set_heads_cuda(true);
+    let cpu = Device::Cpu;
+    for (b, t, h, kv, hd) in [(3usize, 37usize, 4usize, 2usize, 64usize), (2, 129, 12, 12, 64), (1, 5, 2, 1, 16)] {
+        let l = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
+        let cos = Tensor::randn(0f32, 1.0, (t, hd), &cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (t, hd), &cpu).unwrap();
+        let (cg, sg) = (cos.to_device(&g).unwrap(), sin.to_device(&g).unwrap());
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+            let what = format!("{l:?} {dtype:?}");
+            let rows = Tensor::randn(0f32, 1.0, (b * t, (h + 2 * kv) * hd), &cpu).unwrap().to_dtype(dtype).unwrap();
+            let (qc, kvc) = heads_from_rows(&rows, l, Some((&cos, &sin))).unwrap();
+            let (qg, kvg) = heads_from_rows(&rows.to_device(&g).unwrap(), l, Some((&cg, &sg))).unwrap();
+            let ((kc, vc), (kg, vg)) = (kvc.unwrap(), kvg.unwrap());
+            for (name, a, c) in [("q", &qg, &qc), ("k", &kg, &kc), ("v", &vg, &vc)] {
+                assert_eq!(a.dims(), c.dims(), "{what}: {name}");
+                assert!(max_rel(a, c) < tol, "{what}: heads_from_rows {name}");
+            }
+            let back_c = rows_from_heads(&qc, Some((&kc, &vc)), l, Some((&cos, &sin))).unwrap();
+            let back_g = rows_from_heads(&qg, Some((&kg, &vg)), l, Some((&cg, &sg))).unwrap();
+            assert!(max_rel(&back_g, &back_c) < tol, "{what}: rows_from_heads");
+            // The plain layout change (no key/value heads, no rotation) is exact.
+            let plain = HeadsLayout { kv_heads: 0, ..l };
+            let x = Tensor::randn(0f32, 1.0, (b * t, h * hd), &cpu).unwrap().to_dtype(dtype).unwrap();
+            let (hc, _) = heads_from_rows(&x, plain, None).unwrap();
+            let (hg, _) = heads_from_rows(&x.to_device(&g).unwrap(), plain, None).unwrap();
+            assert_eq!(max_rel(&hg, &hc), 0.0, "{what}: plain heads");
+            let rg = rows_from_heads(&hg, None, plain, None).unwrap();
+            assert_eq!(max_rel(&rg, &x), 0.0, "{what}: plain rows");
+        }
+    }
+    set_heads_cuda(false);
 }

@@ -507,6 +507,50 @@ fn fused_rope_matches_the_composed_rotation_and_inverts() {
 }
 
 #[test]
+fn heads_from_rows_and_back_match_the_strided_copies_and_rotation() {
+    use patchlm_model::ops::{heads_from_rows, rows_from_heads, HeadsLayout};
+    let dev = Device::Cpu;
+    let (b, t, h, kv, hd) = (2usize, 7usize, 4usize, 2usize, 6usize);
+    let cos = Tensor::randn(0f32, 1.0, (t, hd), &dev).unwrap();
+    let sin = Tensor::randn(0f32, 1.0, (t, hd), &dev).unwrap();
+    let rows = Tensor::randn(0f32, 1.0, (b * t, (h + 2 * kv) * hd), &dev).unwrap();
+    let l = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
+    let (q, k_v) = heads_from_rows(&rows, l, Some((&cos, &sin))).unwrap();
+    let (k, v) = k_v.unwrap();
+    // The same through candle's strided copies and the fused rotation.
+    let r4 = rows.reshape((b, t, h + 2 * kv, hd)).unwrap();
+    let part = |from: usize, n: usize| r4.narrow(2, from, n).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let want_q = rope(&part(0, h), &cos, &sin).unwrap();
+    let want_k = rope(&part(h, kv), &cos, &sin).unwrap();
+    for (got, want) in [(&q, &want_q), (&k, &want_k), (&v, &part(h + kv, kv))] {
+        assert_eq!(got.dims(), want.dims());
+        assert!(max_abs(&(got - want).unwrap()) < 1e-6);
+    }
+    // Back: the inverse rotation and the row layout give the rows again.
+    let back = rows_from_heads(&q, Some((&k, &v)), l, Some((&cos, &sin))).unwrap();
+    // A rotation by cos/sin then by cos/-sin returns x only when cos^2 + sin^2 = 1: compare with
+    // the composed inverse instead.
+    let inv = |x: &Tensor| rope(x, &cos, &sin.neg().unwrap()).unwrap();
+    let want =
+        Tensor::cat(&[inv(&q), inv(&k), v.clone()], 1).unwrap().transpose(1, 2).unwrap().reshape((b * t, ())).unwrap();
+    assert!(max_abs(&(&back - &want).unwrap()) < 1e-5);
+    // Without rotation and key/value heads: a pure layout change, exact both ways, in bf16 too.
+    let plain = HeadsLayout { kv_heads: 0, ..l };
+    let x = Tensor::randn(0f32, 1.0, (b * t, h * hd), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let (heads, none) = heads_from_rows(&x, plain, None).unwrap();
+    assert!(none.is_none());
+    let want = x.reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let diff = (heads.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap();
+    assert_eq!(max_abs(&diff), 0.0);
+    let again = rows_from_heads(&heads, None, plain, None).unwrap();
+    assert_eq!(max_abs(&(again.to_dtype(DType::F32).unwrap() - x.to_dtype(DType::F32).unwrap()).unwrap()), 0.0);
+    // Shapes that do not match the layout are errors, not panics.
+    assert!(heads_from_rows(&x, l, None).is_err());
+    assert!(rows_from_heads(&q, None, l, None).is_err());
+    assert!(heads_from_rows(&rows, l, Some((&cos.narrow(0, 0, 3).unwrap(), &sin))).is_err());
+}
+
+#[test]
 fn fused_embedding_gathers_rows_and_scatters_gradients_onto_ids() {
     let dev = Device::Cpu;
     let (v, d) = (11usize, 5usize);
