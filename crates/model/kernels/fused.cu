@@ -223,6 +223,87 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, int n) {
     out[n + i] = from_f<T>(d * x * s);
 }
 
+// Warp-per-row variants of the row-wise kernels (suffix _w): one warp per row, blockDim.x / 32 rows
+// per block, reductions by warp shuffles only (no shared memory, no block barriers). For short rows
+// (RMSNorm over d ~ 1e3, attention rows of T ~ 1e3) the block-per-row kernels above spend most of
+// their time in barriers with one or two elements per thread. Same math, same roundings.
+__device__ __forceinline__ long long warp_row() {
+    return (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+
+template <typename T>
+__device__ void rms_fwd_w(const T* x, const T* w, T* y, int d, float eps, int n) {
+    long long row = warp_row();
+    if (row >= n) return;
+    int lane = threadIdx.x & 31;
+    const T* xr = x + row * d;
+    T* yr = y + row * d;
+    float ss = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        float a = to_f(xr[j]);
+        ss += a * a;
+    }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    for (int j = lane; j < d; j += 32) yr[j] = from_f<T>(to_f(from_f<T>(to_f(xr[j]) * r)) * to_f(w[j]));
+}
+
+template <typename T>
+__device__ void rms_dx_w(const T* x, const T* w, const T* dy, T* dx, float* rs, int d, float eps, int n) {
+    long long row = warp_row();
+    if (row >= n) return;
+    int lane = threadIdx.x & 31;
+    long long off = row * d;
+    float ss = 0.0f, dot = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        float a = to_f(x[off + j]);
+        ss += a * a;
+        dot += a * to_f(w[j]) * to_f(dy[off + j]);
+    }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    dot = warp_sum(dot);
+    float c = dot * r * r * r / d;
+    for (int j = lane; j < d; j += 32) dx[off + j] = from_f<T>(r * to_f(w[j]) * to_f(dy[off + j]) - c * to_f(x[off + j]));
+    if (lane == 0) rs[row] = r;
+}
+
+template <typename T>
+__device__ void causal_softmax_fwd_w(const T* x, T* y, int t, int s, float scale, int n) {
+    long long row = warp_row();
+    if (row >= n) return;
+    int lane = threadIdx.x & 31;
+    long long off = row * s;
+    int lim = s - t + (int)(row % t);
+    float m = -INFINITY, sum = 0.0f;
+    for (int j = lane; j <= lim; j += 32) {
+        float v = to_f(x[off + j]) * scale;
+        if (v > m) {
+            sum = sum * __expf(m - v) + 1.0f;
+            m = v;
+        } else {
+            sum += __expf(v - m);
+        }
+    }
+    float bm = warp_max(m);
+    sum = (m == -INFINITY) ? 0.0f : sum * __expf(m - bm);
+    float inv = 1.0f / warp_sum(sum);
+    for (int j = lane; j < s; j += 32)
+        y[off + j] = from_f<T>(j <= lim ? __expf(to_f(x[off + j]) * scale - bm) * inv : 0.0f);
+}
+
+template <typename T>
+__device__ void causal_softmax_bwd_w(const T* y, const T* dy, T* dx, int t, int s, float scale, int n) {
+    long long row = warp_row();
+    if (row >= n) return;
+    int lane = threadIdx.x & 31;
+    long long off = row * s;
+    int lim = s - t + (int)(row % t);
+    float dot = 0.0f;
+    for (int j = lane; j <= lim; j += 32) dot += to_f(y[off + j]) * to_f(dy[off + j]);
+    dot = warp_sum(dot);
+    for (int j = lane; j < s; j += 32)
+        dx[off + j] = from_f<T>(j <= lim ? scale * to_f(y[off + j]) * (to_f(dy[off + j]) - dot) : 0.0f);
+}
+
 // Attention heads and the row layout of the projections, with RoPE fused in. Rows: (B*T, C) with
 // C = (h + 2*kv) * hd (the stacked q/k/v projection; kv = 0 for a plain (B*T, h*hd) matrix).
 // Heads: q (B, h, T, hd), then k and v (B, kv, T, hd), back to back in one buffer. `rope` 1 rotates
@@ -338,6 +419,21 @@ __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float*
     }                                                                                                    \
     extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* dy, T* out, int n) {      \
         swiglu_bwd<T>(g, u, dy, out, n);                                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void rms_fwd_w_##S(const T* x, const T* w, T* y, int d, float eps, int n) {     \
+        rms_fwd_w<T>(x, w, y, d, eps, n);                                                                \
+    }                                                                                                    \
+    extern "C" __global__ void rms_dx_w_##S(const T* x, const T* w, const T* dy, T* dx, float* rs, int d, \
+                                            float eps, int n) {                                          \
+        rms_dx_w<T>(x, w, dy, dx, rs, d, eps, n);                                                        \
+    }                                                                                                    \
+    extern "C" __global__ void causal_softmax_fwd_w_##S(const T* x, T* y, int t, int s, float scale,      \
+                                                        int n) {                                         \
+        causal_softmax_fwd_w<T>(x, y, t, s, scale, n);                                                   \
+    }                                                                                                    \
+    extern "C" __global__ void causal_softmax_bwd_w_##S(const T* y, const T* dy, T* dx, int t, int s,     \
+                                                        float scale, int n) {                            \
+        causal_softmax_bwd_w<T>(y, dy, dx, t, s, scale, n);                                              \
     }                                                                                                    \
     extern "C" __global__ void heads_from_rows_##S(const T* x, const float* c, const float* sn, T* out,   \
                                                    int b, int t, int h, int kv, int hd, int rope) {     \

@@ -700,6 +700,16 @@ impl CustomOp3 for RopeOp {
     }
 }
 
+static ROWS_CUDA: Switch = Switch::new("PATCHLM_ROWS_CUDA", true, false);
+
+/// Chooses the CUDA kernels of [`rms_norm`] and [`causal_softmax`] (both directions)
+/// process-wide: `true` for the warp-per-row kernels (a warp per row, shuffles only), `false`
+/// for the block-per-row ones. Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
+/// them on a GPU. Same math and roundings either way.
+pub fn set_rows_cuda(enabled: bool) {
+    ROWS_CUDA.set(enabled);
+}
+
 static HEADS_CUDA: Switch = Switch::new("PATCHLM_HEADS_CUDA", true, false);
 
 /// Turns the CUDA kernels of [`heads_from_rows`] / [`rows_from_heads`] on or off process-wide.
@@ -1853,6 +1863,29 @@ mod cuda {
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 
+    /// The warp-per-row kernels' launch ([`super::set_rows_cuda`]): 8 rows (warps) per block.
+    fn warp_rows_cfg(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Kernel `name` and its launch for `rows` rows of `len`: the warp-per-row variant (`name_w`,
+    /// which takes the row count as its last argument) when turned on, else one block per row of
+    /// up to `max_threads` threads (`len / per_thread` rounded up to warps).
+    fn row_kernel(
+        name: &str,
+        sfx: &str,
+        rows: usize,
+        len: usize,
+        per_thread: usize,
+        max_threads: u32,
+    ) -> (String, LaunchConfig, bool) {
+        if super::ROWS_CUDA.get() {
+            (format!("{name}_w_{sfx}"), warp_rows_cfg(rows), true)
+        } else {
+            (format!("{name}_{sfx}"), rows_cfg(rows, threads_for(len.div_ceil(per_thread)).min(max_threads)), false)
+        }
+    }
+
     fn threads_for(n: usize) -> u32 {
         (n.div_ceil(32) * 32).clamp(32, 1024) as u32
     }
@@ -1979,32 +2012,29 @@ mod cuda {
         let xs = x.as_cuda_slice::<T>()?.slice(check(lx, "scores")?..);
         let rows = lx.shape().elem_count() / s;
         let out = unsafe { dev.alloc::<T>(rows * s)? };
-        let (ti, si) = (t as i32, s as i32);
-        let cfg = rows_cfg(rows, threads_for(s.div_ceil(4)).min(512));
-        match grad {
-            None => {
-                let f = dev.get_or_load_custom_func(&format!("causal_softmax_fwd_{sfx}"), MODULE, PTX)?;
-                let mut b = f.builder();
-                b.arg(&xs);
-                b.arg(&out);
-                b.arg(&ti);
-                b.arg(&si);
-                b.arg(&scale);
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            Some((g, lg)) => {
-                let gs = g.as_cuda_slice::<T>()?.slice(check(lg, "dy")?..);
-                let f = dev.get_or_load_custom_func(&format!("causal_softmax_bwd_{sfx}"), MODULE, PTX)?;
-                let mut b = f.builder();
-                b.arg(&xs);
-                b.arg(&gs);
-                b.arg(&out);
-                b.arg(&ti);
-                b.arg(&si);
-                b.arg(&scale);
-                unsafe { b.launch(cfg) }.w()?;
-            }
+        if rows >= i32::MAX as usize {
+            candle_core::bail!("causal_softmax: {rows} rows is more than one launch handles");
         }
+        let (ti, si, ri) = (t as i32, s as i32, rows as i32);
+        let kernel = if grad.is_some() { "causal_softmax_bwd" } else { "causal_softmax_fwd" };
+        let (name, cfg, warp) = row_kernel(kernel, sfx, rows, s, 4, 512);
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xs);
+        let gs = grad
+            .map(|(g, lg)| Ok::<_, candle_core::Error>(g.as_cuda_slice::<T>()?.slice(check(lg, "dy")?..)))
+            .transpose()?;
+        if let Some(gs) = &gs {
+            b.arg(gs);
+        }
+        b.arg(&out);
+        b.arg(&ti);
+        b.arg(&si);
+        b.arg(&scale);
+        if warp {
+            b.arg(&ri);
+        }
+        unsafe { b.launch(cfg) }.w()?;
         Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
     }
 
@@ -2578,27 +2608,34 @@ mod cuda {
         let (n, d) = lx.shape().dims2()?;
         let (ox, ow) = (check(lx, "x")?, check(lw, "weight")?);
         let dev = x.device();
-        let di = d as i32;
+        if n >= i32::MAX as usize {
+            candle_core::bail!("rms_norm: {n} rows is more than one launch handles");
+        }
+        let (di, ni) = (d as i32, n as i32);
         macro_rules! go {
-            ($ty:ty, $name:literal, $variant:ident) => {{
+            ($ty:ty, $s:literal, $variant:ident) => {{
                 let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
                 let ws = w.as_cuda_slice::<$ty>()?.slice(ow..);
                 let out = unsafe { dev.alloc::<$ty>(n * d)? };
-                let f = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let (name, cfg, warp) = row_kernel("rms_fwd", $s, n, d, 1, 1024);
+                let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&ws);
                 b.arg(&out);
                 b.arg(&di);
                 b.arg(&eps);
-                unsafe { b.launch(rows_cfg(n, threads_for(d).min(1024))) }.w()?;
+                if warp {
+                    b.arg(&ni);
+                }
+                unsafe { b.launch(cfg) }.w()?;
                 CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
             }};
         }
         let s = match (x.dtype(), w.dtype()) {
-            (candle_core::DType::F32, candle_core::DType::F32) => go!(f32, "rms_fwd_f32", F32),
-            (candle_core::DType::BF16, candle_core::DType::BF16) => go!(bf16, "rms_fwd_bf16", BF16),
-            (candle_core::DType::F16, candle_core::DType::F16) => go!(f16, "rms_fwd_f16", F16),
+            (candle_core::DType::F32, candle_core::DType::F32) => go!(f32, "f32", F32),
+            (candle_core::DType::BF16, candle_core::DType::BF16) => go!(bf16, "bf16", BF16),
+            (candle_core::DType::F16, candle_core::DType::F16) => go!(f16, "f16", F16),
             _ => candle_core::bail!("rms_norm: x and weight must both be f32, bf16 or f16"),
         };
         Ok((s, lx.shape().clone()))
@@ -2625,7 +2662,8 @@ mod cuda {
                 let ys = dy.as_cuda_slice::<$ty>()?.slice(oy..);
                 let rs = unsafe { dev.alloc::<f32>(n)? };
                 let mut out = unsafe { dev.alloc::<$ty>(n * d + d)? };
-                let f = dev.get_or_load_custom_func(concat!("rms_dx_", $s), MODULE, PTX)?;
+                let (name, cfg, warp) = row_kernel("rms_dx", $s, n, d, 1, 1024);
+                let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&ws);
@@ -2634,7 +2672,10 @@ mod cuda {
                 b.arg(&rs);
                 b.arg(&di);
                 b.arg(&eps);
-                unsafe { b.launch(rows_cfg(n, threads_for(d).min(1024))) }.w()?;
+                if warp {
+                    b.arg(&ni);
+                }
+                unsafe { b.launch(cfg) }.w()?;
                 let acc = dev.alloc_zeros::<f32>(d)?;
                 let chunks = n.clamp(1, 256);
                 let rows_per_chunk = n.div_ceil(chunks) as i32;

@@ -54,7 +54,11 @@ fn cuda_cross_entropy_matches_cpu() {
 #[ignore]
 fn cuda_rms_norm_matches_cpu() {
     let g = gpu();
-    for (n, d) in [(333usize, 768usize), (64, 1024), (5, 100)] {
+    // Both kernel families: block per row, then warp per row (PATCHLM_ROWS_CUDA).
+    for ((n, d), warp) in
+        [(333usize, 768usize), (64, 1024), (5, 100), (9, 3000)].into_iter().flat_map(|s| [(s, false), (s, true)])
+    {
+        patchlm_model::ops::set_rows_cuda(warp);
         for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
             let x = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let w = Tensor::randn(1f32, 0.2, d, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
@@ -64,15 +68,16 @@ fn cuda_rms_norm_matches_cpu() {
             let wg = Var::from_tensor(&w.to_device(&g).unwrap()).unwrap();
             let yc = rms_norm(xc.as_tensor(), wc.as_tensor(), 1e-5).unwrap();
             let yg = rms_norm(xg.as_tensor(), wg.as_tensor(), 1e-5).unwrap();
-            assert!(max_rel(&yg, &yc) < tol, "forward n={n} d={d} {dtype:?}");
+            assert!(max_rel(&yg, &yc) < tol, "forward n={n} d={d} {dtype:?} warp {warp}");
             let gc = (&yc * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let gg = (&yg * &up.to_device(&g).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, c, gv) in [("x", &xc, &xg), ("weight", &wc, &wg)] {
                 let e = max_rel(gg.get(gv.as_tensor()).unwrap(), gc.get(c.as_tensor()).unwrap());
-                assert!(e < tol * 5.0, "d{name} n={n} d={d} {dtype:?}: rel err {e}");
+                assert!(e < tol * 5.0, "d{name} n={n} d={d} {dtype:?} warp {warp}: rel err {e}");
             }
         }
     }
+    patchlm_model::ops::set_rows_cuda(false);
 }
 
 /// Forward and gradient of `op` on the GPU against the CPU, with a random upstream gradient.
@@ -95,14 +100,17 @@ fn check_unary(name: &str, x: &Tensor, tol: f32, op: impl Fn(&Tensor) -> Tensor)
 #[test]
 #[ignore]
 fn cuda_causal_softmax_matches_cpu() {
-    for (b, h, t, s) in [(2usize, 3usize, 128usize, 128usize), (1, 2, 5, 37), (1, 4, 1024, 1024), (2, 1, 1, 9)] {
+    let shapes = [(2usize, 3usize, 128usize, 128usize), (1, 2, 5, 37), (1, 4, 1024, 1024), (2, 1, 1, 9), (1, 3, 7, 7)];
+    for ((b, h, t, s), warp) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        patchlm_model::ops::set_rows_cuda(warp);
         for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
             let x = Tensor::randn(0f32, 3.0, (b, h, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            check_unary(&format!("causal_softmax {b}x{h}x{t}x{s} {dtype:?}"), &x, tol, |x| {
+            check_unary(&format!("causal_softmax {b}x{h}x{t}x{s} {dtype:?} warp {warp}"), &x, tol, |x| {
                 causal_softmax(x, 0.125).unwrap()
             });
         }
     }
+    patchlm_model::ops::set_rows_cuda(false);
 }
 
 #[test]
@@ -311,6 +319,8 @@ fn cuda_tape_forward_and_backward_match_cpu() {
         for (flash, heads) in [(false, false), (false, true), (true, true)] {
             set_flash_attention(flash);
             set_heads_cuda(heads);
+            // The warp-per-row RMSNorm and softmax kernels go with the head kernels.
+            patchlm_model::ops::set_rows_cuda(heads);
             let run = |m: &patchlm_model::Llama, d: &Device| {
                 let m = m.clone().with_compute_dtype(dtype);
                 let (h, tape) = m.forward_tape(&x.to_device(d).unwrap()).unwrap();
@@ -332,6 +342,7 @@ fn cuda_tape_forward_and_backward_match_cpu() {
     }
     set_flash_attention(false);
     set_heads_cuda(false);
+    patchlm_model::ops::set_rows_cuda(false);
 }
 
 #[test]
