@@ -4,13 +4,15 @@ Compares training loss smoothed over --window steps (single steps differ by batc
 two runs' rounding differs) and every validation loss. The bound is --tol nats, or, with --noise
 (a run that differs from the reference only by rounding, e.g. the same GPU in f32), 1.5x the
 larger of that run's own deviations: "within the noise of changing the arithmetic".
-Prints the deviations and TRACKS or DIVERGES; exits 1 on DIVERGES."""
+Prints the deviations and TRACKS or DIVERGES; exits 1 on DIVERGES. --measure-only prints the
+deviations alone (for the noise run itself, which sets the bound rather than meets one)."""
 import argparse, json, sys
 
 ap = argparse.ArgumentParser()
 ap.add_argument("reference"); ap.add_argument("candidate")
 ap.add_argument("--noise", help="a run whose deviation from the reference sets the bound")
 ap.add_argument("--tol", type=float, default=0.05); ap.add_argument("--window", type=int, default=10)
+ap.add_argument("--measure-only", action="store_true", help="print the deviations, no verdict")
 a = ap.parse_args()
 
 def load(p):
@@ -41,6 +43,9 @@ d_train, d_val, n, last, r_last, c_last, n_ev = deviation(ref, load(a.candidate)
 print(f"steps compared {n} (last {last}); final train loss {r_last:.4f} (reference) vs {c_last:.4f}")
 print(f"max |smoothed train loss diff| {d_train:.4f} nats (window {a.window}); "
       f"max |val loss diff| {d_val:.4f} nats over {n_ev} validations")
+if a.measure_only:
+    print("NOISE FLOOR (deviations only, no verdict)")
+    sys.exit(0)
 bound = a.tol
 if a.noise:
     nt, nv = deviation(ref, load(a.noise))[:2]

@@ -8,9 +8,12 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [ops] [track] [gpt2] [370m] [ours] [events] [plain]
-# (no section: kernels ops track gpt2 370m, about 9 minutes on an H200, most of it torch.compile's
+#   bash scripts/gpu_check.sh [kernels] [optin] [gpt2] [track] [370m] [ops] [ncu] [ours] [events] [plain]
+# (no section: kernels optin gpt2 track 370m, about 9 minutes on an H200, most of it torch.compile's
 # warm-up; every measurement is printed as it is made, so a section cut by its timeout keeps them).
+# The opt-in kernels (PATCHLM_HEADS_CUDA, PATCHLM_ROWS_CUDA: written since the last device run)
+# are turned on for the sections after `kernels` only when every device test passed; `optin`
+# times a training step with them off and on.
 # Results go to $OUT (one file per section), a short summary is printed last.
 set -u
 if [ "${1:-}" = "--stage" ]; then
@@ -31,16 +34,28 @@ done
 lib=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
-# The opt-in kernels (not yet device-tested when this was written) are on for the benchmarks and
-# the loss-tracking runs, so that one call measures them and checks them end to end; the kernels
-# section tests their math first (read its result before trusting the rest).
-export PATCHLM_SWIGLU_CUDA=${PATCHLM_SWIGLU_CUDA:-1} PATCHLM_MULTI_TENSOR_CUDA=${PATCHLM_MULTI_TENSOR_CUDA:-1}
-sections="${*:-kernels ops track gpt2 370m}"
+sections="${*:-kernels optin gpt2 track 370m}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $sections; do
   echo "== $s  ($(date +%T))"
   case $s in
-    kernels) timeout 120 /tmp/bin/cuda-tests --ignored --test-threads 1 2>&1 | tee "$OUT/kernels.txt" ;;
+    kernels) timeout 180 /tmp/bin/cuda-tests --ignored --test-threads 1 2>&1 | tee "$OUT/kernels.txt"
+             if grep -q "test result: ok" "$OUT/kernels.txt"; then
+               export PATCHLM_HEADS_CUDA=${PATCHLM_HEADS_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1}
+               echo "device tests passed: opt-in kernels on (heads $PATCHLM_HEADS_CUDA, rows $PATCHLM_ROWS_CUDA)"
+             else
+               echo "device tests failed: the opt-in kernels stay off"
+             fi ;;
+    optin) for on in 0 1; do
+             PATCHLM_HEADS_CUDA=$on PATCHLM_ROWS_CUDA=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
+               --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
+               | sed "s/^{/{\"optin_kernels\": $on, /" | tee -a "$OUT/optin.txt"
+           done ;;
+    ncu)   # Time per kernel over 3 training steps (2 warm-up + 1) with Nsight Compute, where it is installed.
+           ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
+           [ -n "$ncu" ] && timeout 150 "$ncu" --metrics gpu__time_duration.sum --print-summary per-kernel \
+             /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 --k 1 --steps 1 --device cuda \
+             --dtype bf16 > "$OUT/ncu.txt" 2>&1 && python3 scripts/ncu_summary.py "$OUT/ncu.txt" | head -40 ;;
     gpt2) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
             --backward both --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
@@ -71,7 +86,7 @@ for s in $sections; do
                --device cuda --dtype $dt --out /tmp/$name --data-dir data 2>&1 | tail -8 > "$OUT/$name.txt"
              tail -3 "$OUT/$name.txt"
              cp /tmp/$name/metrics.jsonl "$OUT/$name.jsonl" 2>/dev/null
-             noise=""; [ $dt = bf16 ] && noise="--noise /tmp/track-f32-flash0/metrics.jsonl"
+             noise="--measure-only"; [ $dt = bf16 ] && noise="--noise /tmp/track-f32-flash0/metrics.jsonl"
              python3 scripts/compare_curves.py .device/track-cpu.jsonl /tmp/$name/metrics.jsonl $noise 2>&1 | tee -a "$OUT/$name.txt"
            done ;;
     *) echo "unknown section $s" ;;
