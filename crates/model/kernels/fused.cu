@@ -475,7 +475,8 @@ extern "C" __global__ void adamw_f32(const float* p, const float* g, const float
 // Multi-tensor kernels: one launch over many f32 tensors, one block per chunk of `chunk`
 // elements. `tab` is the table built by ops.rs (multi_table): `first` (nt + 1 entries: the first
 // block of each tensor, then the total), then per tensor five words: parameter (or the tensor
-// itself), gradient and moments pointers, element count, and a weight-decay flag.
+// itself), gradient and moments pointers, element count, and flags: bit 0 weight decay, bit 1 the
+// gradient (for the sum of squares: the tensor) is bf16 rather than f32.
 
 // The tensor that owns block b: the largest i with first[i] <= b (tensors without elements own no
 // block, so the largest such i is the one whose range holds b). Mirrored on the CPU by
@@ -490,17 +491,24 @@ __device__ __forceinline__ int multi_owner(const unsigned long long* first, int 
     return lo;
 }
 
+// Element j of a gradient that is f32, or bf16 when bit 1 of the flags is set.
+__device__ __forceinline__ float multi_grad(unsigned long long ptr, unsigned long long flags, long long j) {
+    return (flags & 2) ? __bfloat162float(((const __nv_bfloat16*)ptr)[j]) : ((const float*)ptr)[j];
+}
+
 // Sum of squares of each chunk: partial[b] for block b (the host sums the partials in f64).
 extern "C" __global__ void multi_sumsq_f32(const unsigned long long* tab, int nt, int chunk, float* partial) {
     unsigned long long b = blockIdx.x;
     int i = multi_owner(tab, nt, b);
     const unsigned long long* e = tab + (nt + 1) + 5 * i;
-    const float* x = (const float*)e[0];
     long long n = (long long)e[3];
     long long lo = (long long)(b - tab[i]) * chunk;
     long long hi = min(lo + (long long)chunk, n);
     float s = 0.0f;
-    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) s += x[j] * x[j];
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        float x = multi_grad(e[0], e[4], j);
+        s += x * x;
+    }
     s = block_sum(s);
     if (threadIdx.x == 0) partial[b] = s;
 }
@@ -514,13 +522,13 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* tab, int nt
     int i = multi_owner(tab, nt, b);
     const unsigned long long* e = tab + (nt + 1) + 5 * i;
     float* p = (float*)e[0];
-    const float* g = (const float*)e[1];
     float* mv = (float*)e[2];
     long long n = (long long)e[3];
-    float d = e[4] ? decay : 1.0f;
+    float d = (e[4] & 1) ? decay : 1.0f;
     long long lo = (long long)(b - tab[i]) * chunk;
     long long hi = min(lo + (long long)chunk, n);
     for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        p[j] = adamw_elem(p[j], g[j] * gscale, &mv[j], &mv[n + j], b1, b2, ob1, ob2, eps, d, step, sbc2);
+        p[j] = adamw_elem(p[j], multi_grad(e[1], e[4], j) * gscale, &mv[j], &mv[n + j], b1, b2, ob1, ob2, eps, d,
+                          step, sbc2);
     }
 }

@@ -1278,7 +1278,8 @@ impl candle_core::CustomOp3 for AdamWOp {
 }
 
 /// One parameter's share of a multi-tensor AdamW step ([`adamw_multi`]): the f32 parameter,
-/// its f32 gradient (any shape with the parameter's element count) and its f32 moments (2, N).
+/// its f32 or bf16 gradient (any shape with the parameter's element count; the CUDA kernel reads
+/// bf16 as it is, elsewhere it is cast to f32 first) and its f32 moments (2, N).
 pub struct AdamWSlot<'a> {
     /// The parameter, updated in place.
     pub param: &'a Var,
@@ -1340,7 +1341,7 @@ fn multi_owner(first: &[u64], b: u64) -> usize {
     lo
 }
 
-/// AdamW over many f32 parameters at once, with the gradients multiplied by `grad_scale` first
+/// AdamW over many f32 parameters at once (gradients f32 or bf16), with the gradients multiplied by `grad_scale` first
 /// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (on by default, see
 /// [`set_multi_tensor_cuda`]) this is one kernel launch for all parameters, updating parameters
 /// and moments in place (in the style of apex's `multi_tensor_apply`); elsewhere, one
@@ -1348,8 +1349,11 @@ fn multi_owner(first: &[u64], b: u64) -> usize {
 pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f64) -> candle_core::Result<()> {
     for s in slots.iter() {
         let n = s.param.elem_count();
-        if s.param.dtype() != DType::F32 || s.grad.dtype() != DType::F32 || s.moments.dtype() != DType::F32 {
-            candle_core::bail!("adamw_multi: parameters, gradients and moments must be f32");
+        if s.param.dtype() != DType::F32 || s.moments.dtype() != DType::F32 {
+            candle_core::bail!("adamw_multi: parameters and moments must be f32");
+        }
+        if !matches!(s.grad.dtype(), DType::F32 | DType::BF16) {
+            candle_core::bail!("adamw_multi: gradients must be f32 or bf16, got {:?}", s.grad.dtype());
         }
         if s.grad.elem_count() != n || s.moments.dims() != [2, n] {
             candle_core::bail!(
@@ -1370,7 +1374,8 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
     }
     for s in slots.iter_mut() {
         let step = AdamWStep { decay: if s.decay { step.decay } else { 1.0 }, ..*step };
-        let g = if grad_scale == 1.0 { s.grad.clone() } else { (s.grad * grad_scale)? };
+        let g = s.grad.to_dtype(DType::F32)?;
+        let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
         let (p, m) = adamw_update(s.param.as_tensor(), &g, s.moments, &step)?;
         s.param.set(&p)?;
         *s.moments = m;
@@ -1380,7 +1385,7 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
 
 /// Σ x² over every element of every tensor, as an f64 scalar on their device (e.g. for the global
 /// gradient norm). With the multi-tensor CUDA kernel (on by default, see [`set_multi_tensor_cuda`]), the
-/// contiguous f32 tensors take one kernel launch (per-chunk partial sums in f32, added in f64);
+/// contiguous f32 and bf16 tensors take one kernel launch (per-chunk partial sums in f32, added in f64);
 /// other tensors one reduction each.
 pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
     if tensors.is_empty() {
@@ -1390,7 +1395,7 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     let tensors: Vec<&Tensor> = if multi_tensor_cuda(tensors[0].device()) {
         let (multi, rest): (Vec<&Tensor>, Vec<&Tensor>) =
-            tensors.iter().copied().partition(|t| t.dtype() == DType::F32 && t.is_contiguous());
+            tensors.iter().copied().partition(|t| matches!(t.dtype(), DType::F32 | DType::BF16) && t.is_contiguous());
         if !multi.is_empty() {
             sums.push(cuda::multi_sumsq(&multi)?.to_dtype(DType::F64)?.sum_all()?);
         }
@@ -2231,12 +2236,30 @@ mod cuda {
 
     /// The device address of the first element of a contiguous f32 CUDA tensor.
     fn f32_addr(t: &candle_core::Tensor, what: &str) -> Result<u64> {
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("{what}: expected f32, got {:?}", t.dtype());
+        }
+        grad_addr(t, what).map(|(a, _)| a)
+    }
+
+    /// The device address of a contiguous f32 or bf16 CUDA tensor, and the multi-tensor table's
+    /// flag bit for its dtype (2 for bf16, see kernels/fused.cu).
+    fn grad_addr(t: &candle_core::Tensor, what: &str) -> Result<(u64, u64)> {
         let (st, l) = t.storage_and_layout();
         let candle_core::Storage::Cuda(cs) = &*st else { candle_core::bail!("{what}: expected a CUDA tensor") };
         let off = check(l, what)?;
         let stream = cs.device().cuda_stream();
-        let (ptr, _sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
-        Ok(ptr + (off * std::mem::size_of::<f32>()) as u64)
+        match t.dtype() {
+            DType::F32 => {
+                let (ptr, _sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                Ok((ptr + (off * 4) as u64, 0))
+            }
+            DType::BF16 => {
+                let (ptr, _sync) = cs.as_cuda_slice::<bf16>()?.device_ptr(&stream);
+                Ok((ptr + (off * 2) as u64, 2))
+            }
+            d => candle_core::bail!("{what}: expected f32 or bf16, got {d:?}"),
+        }
     }
 
     /// The table the multi-tensor kernels read (see kernels/fused.cu): the block starts of
@@ -2273,12 +2296,13 @@ mod cuda {
             }
             let g = s.grad.contiguous()?;
             let n = s.param.elem_count() as u64;
+            let (ga, gflag) = grad_addr(&g, "adamw_multi: gradient")?;
             entries.push([
                 f32_addr(s.param.as_tensor(), "adamw_multi: parameter")?,
-                f32_addr(&g, "adamw_multi: gradient")?,
+                ga,
                 f32_addr(&*s.moments, "adamw_multi: moments")?,
                 n,
-                s.decay as u64,
+                s.decay as u64 | gflag,
             ]);
             grads.push(g);
         }
@@ -2303,7 +2327,7 @@ mod cuda {
         Ok(())
     }
 
-    /// Per-block partial sums of squares over contiguous f32 tensors (`multi_sumsq_f32`); the
+    /// Per-block partial sums of squares over contiguous f32/bf16 tensors (`multi_sumsq_f32`); the
     /// op's input is only the first tensor, whose output buffer it returns.
     struct MultiSumSq {
         table: Vec<u64>,
@@ -2336,7 +2360,7 @@ mod cuda {
         }
     }
 
-    /// Per-chunk sums of squares of contiguous f32 CUDA tensors on one device, f32 (blocks,).
+    /// Per-chunk sums of squares of contiguous f32 or bf16 CUDA tensors on one device, f32 (blocks,).
     pub fn multi_sumsq(ts: &[&candle_core::Tensor]) -> Result<candle_core::Tensor> {
         let dev = ts[0].device();
         let mut entries = Vec::with_capacity(ts.len());
@@ -2344,7 +2368,8 @@ mod cuda {
             if !t.device().same_device(dev) {
                 candle_core::bail!("sum_of_squares: tensors on different devices");
             }
-            entries.push([f32_addr(t, "sum_of_squares")?, 0, 0, t.elem_count() as u64, 0]);
+            let (a, flag) = grad_addr(t, "sum_of_squares")?;
+            entries.push([a, 0, 0, t.elem_count() as u64, flag]);
         }
         let (table, blocks) = multi_table(&entries);
         if blocks == 0 {

@@ -18,10 +18,24 @@ use crate::llama::{DecoderLayer, Llama, Rope};
 use crate::ops::{self, grad, Switch};
 
 /// Parameter gradients by HF weight name (`model.layers.0.mlp.up_proj.weight`, ...), each in its
-/// parameter's dtype.
+/// parameter's dtype, or (see [`set_compute_dtype_grads`]) in the dtype the backward pass
+/// computed it in.
 pub type Grads = HashMap<String, Tensor>;
 
 static TAPE: Switch = Switch::new("PATCHLM_AUTOGRAD", false, true);
+
+static COMPUTE_GRADS: Switch = Switch::new("PATCHLM_BF16_GRADS", true, false);
+
+/// Whether [`Llama::backward_tape`] leaves each weight gradient in the dtype it was computed in
+/// (bf16 for the matmul weights under bf16 compute) instead of casting it to the parameter's
+/// dtype (f32 master weights). The values are the same (the cast to f32 is exact); it saves a
+/// cast kernel and an f32 copy per weight, and `ops::adamw_multi` / `ops::sum_of_squares` read
+/// bf16 gradients as they are. A gradient with two contributions (tied weights) is summed in
+/// the parameter's dtype. Off by default (also `PATCHLM_BF16_GRADS=1`) until the multi-tensor
+/// kernels' bf16 path has run on a GPU.
+pub fn set_compute_dtype_grads(enabled: bool) {
+    COMPUTE_GRADS.set(enabled);
+}
 
 /// Chooses the backward pass process-wide: `true` for the hand-written one of this module
 /// (the default wherever [`tape_supported`]), `false` for candle's autograd. The default can also
@@ -96,16 +110,17 @@ fn detached(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Adds `g` (cast to `dtype`) to the gradient of `name`.
+/// Adds `g` to the gradient of `name`: cast to `dtype` (the parameter's), or as computed when
+/// [`set_compute_dtype_grads`] is on; a second contribution sums in `dtype`.
 fn accumulate(grads: &mut Grads, name: String, g: Tensor, dtype: DType) -> candle_core::Result<()> {
-    let g = g.to_dtype(dtype)?;
     match grads.entry(name) {
         Entry::Occupied(mut e) => {
-            let sum = (e.get() + g)?;
+            let sum = (e.get().to_dtype(dtype)? + g.to_dtype(dtype)?)?;
             e.insert(sum);
         }
         Entry::Vacant(e) => {
-            e.insert(g);
+            let keep = COMPUTE_GRADS.get() && matches!(g.dtype(), DType::F32 | DType::BF16);
+            e.insert(if keep { g } else { g.to_dtype(dtype)? });
         }
     }
     Ok(())

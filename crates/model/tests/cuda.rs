@@ -195,7 +195,15 @@ fn cuda_multi_tensor_adamw_matches_cpu() {
     let inputs = multi_inputs();
     let run = |d: &Device| {
         let vars: Vec<Var> = inputs.iter().map(|(p, ..)| Var::from_tensor(&p.to_device(d).unwrap()).unwrap()).collect();
-        let grads: Vec<Tensor> = inputs.iter().map(|(_, gr, ..)| gr.to_device(d).unwrap()).collect();
+        // Every third gradient in bf16 (read as it is by the kernel, cast on the CPU).
+        let grads: Vec<Tensor> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, (_, gr, ..))| {
+                let gr = if i % 3 == 1 { gr.to_dtype(DType::BF16).unwrap() } else { gr.clone() };
+                gr.to_device(d).unwrap()
+            })
+            .collect();
         // Moments as a view at an offset into a larger buffer (as adamw_update returns them).
         let mut moments: Vec<Tensor> = inputs
             .iter()

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use patchlm_model::ops::set_flash_attention;
-use patchlm_model::{init_model, named_tensors, tape_supported, ModelConfig};
+use patchlm_model::{init_model, named_tensors, set_compute_dtype_grads, tape_supported, ModelConfig};
 use patchlm_patch::{patch_loss, patch_loss_and_grads};
 
 #[test]
@@ -52,4 +52,21 @@ fn tape_gradients_equal_autograd() {
         }
     }
     set_flash_attention(false);
+    // Gradients left in the compute dtype: the same values (the cast to f32 is exact), in bf16
+    // for the matmul weights.
+    let m = model.clone().with_compute_dtype(DType::BF16);
+    let ids =
+        Tensor::from_vec((0..72u32).map(|i| (i * 31 + 5) % cfg.vocab_size as u32).collect(), (2, 36), &dev).unwrap();
+    let (_, as_params) = patch_loss_and_grads(&m, &ids, 4, 0.5).unwrap();
+    set_compute_dtype_grads(true);
+    let (_, as_computed) = patch_loss_and_grads(&m, &ids, 4, 0.5).unwrap();
+    set_compute_dtype_grads(false);
+    assert_eq!(as_computed.len(), as_params.len());
+    assert!(as_computed["lm_head.weight"].dtype() == DType::BF16);
+    assert!(as_computed["model.layers.0.self_attn.q_proj.weight"].dtype() == DType::BF16);
+    for (name, g) in &as_computed {
+        let want = &as_params[name];
+        let diff = (g.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
 }

@@ -93,10 +93,22 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         let decay = if c.weight_decay != 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
         let h = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay, bias1: bc1, bias2: bc2 };
+        // The multi-tensor update reads f32 and bf16 gradients as they are; the rest in f32.
         let f32_grads = self
             .slots
             .iter()
-            .map(|s| grads.get(&s.name).map(|g| g.to_dtype(DType::F32)).transpose())
+            .map(|s| {
+                grads
+                    .get(&s.name)
+                    .map(|g| {
+                        if matches!(g.dtype(), DType::F32 | DType::BF16) {
+                            Ok(g.clone())
+                        } else {
+                            g.to_dtype(DType::F32)
+                        }
+                    })
+                    .transpose()
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut batch = Vec::new();
         for (s, g) in self.slots.iter_mut().zip(&f32_grads) {
@@ -105,6 +117,7 @@ impl AdamW {
                 batch.push(AdamWSlot { param: &s.var, grad: g, moments: &mut s.moments, decay: s.decay });
                 continue;
             }
+            let g = g.to_dtype(DType::F32)?;
             let decay = if s.decay { decay } else { 1.0 };
             let g = g.flatten_all()?;
             let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g };

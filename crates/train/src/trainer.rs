@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use patchlm_model::{init_model, named_tensors, parse_dtype, save_pretrained, tape_supported, Llama};
 use patchlm_patch::{patch_loss, patch_loss_and_grads, BlockFile, BlockReader, PatchManifest};
@@ -479,8 +479,9 @@ impl<'a> Trainer<'a> {
                     }
                     loss_sum += lv * w;
                     for (name, g) in grads {
+                        // Micro-batch gradients add up in f32 (they may come in bf16).
                         let sum = match acc.remove(&name) {
-                            Some(a) => (a + g)?,
+                            Some(a) => (a.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?,
                             None => g,
                         };
                         acc.insert(name, sum);

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use patchlm_train::*;
 
 mod common;
@@ -122,6 +122,43 @@ fn fused_adamw_equals_the_tensor_path() {
             .chain(n0.to_vec1::<f32>().unwrap())
             .collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn bf16_gradients_update_like_their_f32_values() {
+    // The multi-tensor update (and the tensor path) take bf16 gradients as they are: the same
+    // update as the f32 gradients holding the same (bf16-representable) values, and the same
+    // gradient norm.
+    let dev = Device::Cpu;
+    let mut rng = patchlm_model::SplitMix64(4);
+    let mut vals = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+    let w0 = Tensor::from_vec(vals(40 * 24), (40, 24), &dev).unwrap();
+    let grads: Vec<Tensor> = (0..3)
+        .map(|_| Tensor::from_vec(vals(40 * 24), (40, 24), &dev).unwrap().to_dtype(DType::BF16).unwrap())
+        .collect();
+    let mut out = Vec::new();
+    for (fused, bf16) in [(true, false), (true, true), (false, true)] {
+        let w = Var::from_tensor(&w0).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+        opt.set_fused(fused);
+        for (g, scale) in grads.iter().zip([0.5, 1.0, 0.1]) {
+            let want = g_norm_f64(g);
+            let g = if bf16 { g.clone() } else { g.to_dtype(DType::F32).unwrap() };
+            let map: HashMap<String, Tensor> = [("w".to_string(), g)].into();
+            let norm = grad_norm(&map).unwrap();
+            assert!((norm - want).abs() <= 1e-6 * want, "gradient norm {norm} vs {want}");
+            opt.step_scaled(&map, 1e-2, scale).unwrap();
+        }
+        out.push(w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    assert_eq!(out[0], out[1], "bf16 gradients through the multi-tensor update");
+    let d = out[0].iter().zip(&out[2]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-6, "bf16 gradients through the tensor path differ by {d}");
+    assert_ne!(out[0], w0.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+}
+
+fn g_norm_f64(g: &Tensor) -> f64 {
+    g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
 }
 
 #[test]
