@@ -36,24 +36,31 @@ __device__ float block_max(float v) {
     return warp_max(v);
 }
 
+// One step of the online softmax statistics: running max m and sum s of exp(x - m).
+__device__ __forceinline__ void online_add(float x, float& m, float& s) {
+    if (x > m) {
+        s = s * __expf(m - x) + 1.0f;
+        m = x;
+    } else {
+        s += __expf(x - m);
+    }
+}
+
+// Combines every thread's (m, s) over the block; every thread gets the row's max and sum.
+__device__ __forceinline__ void block_stats(float m, float s, float* m_out, float* sum_out) {
+    float bm = block_max(m);
+    s = (m == -INFINITY) ? 0.0f : s * __expf(m - bm);
+    *m_out = bm;
+    *sum_out = block_sum(s);
+}
+
 // Online softmax statistics of the first n elements of a row, scaled: m = max(scale * x) and
 // sum = sum(exp(scale * x - m)), in one pass; every thread of the block gets both.
 template <typename T>
 __device__ void row_stats(const T* xr, int n, float scale, float* m_out, float* sum_out) {
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float x = to_f(xr[j]) * scale;
-        if (x > m) {
-            s = s * __expf(m - x) + 1.0f;
-            m = x;
-        } else {
-            s += __expf(x - m);
-        }
-    }
-    float bm = block_max(m);
-    s = (m == -INFINITY) ? 0.0f : s * __expf(m - bm);
-    *m_out = bm;
-    *sum_out = block_sum(s);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) online_add(to_f(xr[j]) * scale, m, s);
+    block_stats(m, s, m_out, sum_out);
 }
 
 // max and log-sum-exp of one row.
@@ -223,6 +230,93 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, int n) {
     out[n + i] = from_f<T>(d * x * s);
 }
 
+// Cross-entropy that keeps each row's log-sum-exp (suffix _lse): the forward writes out = (loss
+// rows, lse rows) as 2 x n floats; the backward reads gl = (g rows, lse rows) and makes one pass
+// over the logits instead of two. Rows are read 16 bytes at a time where the row is 16-byte
+// aligned (the tail and unaligned rows element by element); same math as ce_fwd / ce_bwd.
+template <typename T> struct Pack16 { static const int N = 16 / sizeof(T); };
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T* p, float* f) {
+    uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < Pack16<T>::N; i++) f[i] = to_f(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const float* f) {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int i = 0; i < Pack16<T>::N; i++) e[i] = from_f<T>(f[i]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+// Online max and sum of exp(x - max) of one row, every thread of the block gets both.
+template <typename T>
+__device__ void row_stats_packed(const T* xr, int n, float* m_out, float* sum_out) {
+    const int P = Pack16<T>::N;
+    float m = -INFINITY, s = 0.0f;
+    int packs = ((reinterpret_cast<uintptr_t>(xr) & 15) == 0) ? n / P : 0;
+    for (int c = threadIdx.x; c < packs; c += blockDim.x) {
+        float f[Pack16<T>::N];
+        load_pack(xr + (size_t)c * P, f);
+        float lm = f[0];
+#pragma unroll
+        for (int i = 1; i < P; i++) lm = fmaxf(lm, f[i]);
+        if (lm > m) {
+            s *= __expf(m - lm);
+            m = lm;
+        }
+#pragma unroll
+        for (int i = 0; i < P; i++) s += __expf(f[i] - m);
+    }
+    for (int j = packs * P + threadIdx.x; j < n; j += blockDim.x) online_add(to_f(xr[j]), m, s);
+    block_stats(m, s, m_out, sum_out);
+}
+
+template <typename T>
+__device__ void ce_fwd_lse(const T* x, const uint32_t* t, float* out, int v, int k, int n) {
+    const T* xr = x + (size_t)blockIdx.x * v;
+    float m, sum;
+    row_stats_packed(xr, v, &m, &sum);
+    float lse = m + logf(sum);
+    if (threadIdx.x == 0) {
+        float acc = 0.0f;
+        for (int i = 0; i < k; i++) acc += lse - to_f(xr[t[(size_t)blockIdx.x * k + i]]);
+        out[blockIdx.x] = acc;
+        out[n + blockIdx.x] = lse;
+    }
+}
+
+template <typename T>
+__device__ void ce_bwd_lse(const T* x, const uint32_t* t, const float* gl, T* dx, int v, int k, int n) {
+    const int P = Pack16<T>::N;
+    const T* xr = x + (size_t)blockIdx.x * v;
+    T* dr = dx + (size_t)blockIdx.x * v;
+    const uint32_t* tr = t + (size_t)blockIdx.x * k;
+    float gi = gl[blockIdx.x], lse = gl[n + blockIdx.x], scale = gi * (float)k;
+    bool aligned = ((reinterpret_cast<uintptr_t>(xr) | reinterpret_cast<uintptr_t>(dr)) & 15) == 0;
+    int packs = aligned ? v / P : 0;
+    for (int c = threadIdx.x; c < packs; c += blockDim.x) {
+        float f[Pack16<T>::N];
+        load_pack(xr + (size_t)c * P, f);
+#pragma unroll
+        for (int i = 0; i < P; i++) {
+            float d = scale * __expf(f[i] - lse);
+            for (int q = 0; q < k; q++) d -= (tr[q] == (uint32_t)(c * P + i)) ? gi : 0.0f;
+            f[i] = d;
+        }
+        store_pack(dr + (size_t)c * P, f);
+    }
+    for (int j = packs * P + threadIdx.x; j < v; j += blockDim.x) {
+        float d = scale * __expf(to_f(xr[j]) - lse);
+        for (int q = 0; q < k; q++) d -= (tr[q] == (uint32_t)j) ? gi : 0.0f;
+        dr[j] = from_f<T>(d);
+    }
+}
+
 // Warp-per-row variants of the row-wise kernels (suffix _w): one warp per row, blockDim.x / 32 rows
 // per block, reductions by warp shuffles only (no shared memory, no block barriers). For short rows
 // (RMSNorm over d ~ 1e3, attention rows of T ~ 1e3) the block-per-row kernels above spend most of
@@ -274,15 +368,7 @@ __device__ void causal_softmax_fwd_w(const T* x, T* y, int t, int s, float scale
     long long off = row * s;
     int lim = s - t + (int)(row % t);
     float m = -INFINITY, sum = 0.0f;
-    for (int j = lane; j <= lim; j += 32) {
-        float v = to_f(x[off + j]) * scale;
-        if (v > m) {
-            sum = sum * __expf(m - v) + 1.0f;
-            m = v;
-        } else {
-            sum += __expf(v - m);
-        }
-    }
+    for (int j = lane; j <= lim; j += 32) online_add(to_f(x[off + j]) * scale, m, sum);
     float bm = warp_max(m);
     sum = (m == -INFINITY) ? 0.0f : sum * __expf(m - bm);
     float inv = 1.0f / warp_sum(sum);
@@ -419,6 +505,14 @@ __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float*
     }                                                                                                    \
     extern "C" __global__ void swiglu_bwd_##S(const T* g, const T* u, const T* dy, T* out, int n) {      \
         swiglu_bwd<T>(g, u, dy, out, n);                                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void ce_fwd_lse_##S(const T* x, const uint32_t* t, float* out, int v, int k,     \
+                                              int n) {                                                   \
+        ce_fwd_lse<T>(x, t, out, v, k, n);                                                               \
+    }                                                                                                    \
+    extern "C" __global__ void ce_bwd_lse_##S(const T* x, const uint32_t* t, const float* gl, T* dx,      \
+                                              int v, int k, int n) {                                     \
+        ce_bwd_lse<T>(x, t, gl, dx, v, k, n);                                                            \
     }                                                                                                    \
     extern "C" __global__ void rms_fwd_w_##S(const T* x, const T* w, T* y, int d, float eps, int n) {     \
         rms_fwd_w<T>(x, w, y, d, eps, n);                                                                \

@@ -76,9 +76,8 @@ pub fn fused_ops_supported(device: &Device) -> bool {
     }
 }
 
-/// Mean over all rows and targets of −log softmax(logits)\[target\]: `logits` (N, V) in f32, bf16
-/// or f16, `targets` (N, K) of u32 ids < V. Returns an f32 scalar; differentiable in `logits`.
-pub fn cross_entropy_multi(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+/// (N, K) of matching logits (N, V) and u32 targets (N, K ≥ 1), or an error naming both.
+fn ce_dims(logits: &Tensor, targets: &Tensor) -> candle_core::Result<(usize, usize)> {
     let (n, _v) = logits.dims2()?;
     let (tn, k) = targets.dims2()?;
     if tn != n || k == 0 {
@@ -87,15 +86,28 @@ pub fn cross_entropy_multi(logits: &Tensor, targets: &Tensor) -> candle_core::Re
     if targets.dtype() != DType::U32 {
         candle_core::bail!("cross_entropy_multi: targets must be u32, got {:?}", targets.dtype());
     }
-    let rows = logits.contiguous()?.apply_op2(&targets.contiguous()?, MultiTargetCe)?;
+    Ok((n, k))
+}
+
+/// Mean over all rows and targets of −log softmax(logits)\[target\]: `logits` (N, V) in f32, bf16
+/// or f16, `targets` (N, K) of u32 ids < V. Returns an f32 scalar; differentiable in `logits`.
+pub fn cross_entropy_multi(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = ce_dims(logits, targets)?;
+    let rows = logits.contiguous()?.apply_op2(&targets.contiguous()?, MultiTargetCe { lse: false })?;
     rows.sum_all()? / (n * k) as f64
 }
 
 /// Forward: per-row Σ_k (lse − logit[t_k]) in f32, shape (N,).
-struct MultiTargetCe;
+struct MultiTargetCe {
+    /// Also return each row's log-sum-exp: output (2, N), losses then log-sum-exps (no autograd).
+    lse: bool,
+}
 
-/// Backward: `grad` (N,) → g_i · (K · softmax_ij − #{k : t_ik = j}), in the logits' dtype.
-struct MultiTargetCeGrad;
+/// Backward: `grad` (N,) → g_i · (K · softmax_ij − #{k : t_ik = j}), in the logits' dtype; with
+/// `lse`, `grad` is (2, N): the per-row scales, then the forward's log-sum-exps.
+struct MultiTargetCeGrad {
+    lse: bool,
+}
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -235,14 +247,41 @@ fn ce_fwd<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize) -> candle_
         .collect())
 }
 
-fn ce_bwd<T: Float>(x: &[T], t: &[u32], g: &[f32], n: usize, v: usize, k: usize) -> Vec<T> {
-    let mut out = vec![T::from_f(0.0); n * v];
+/// Per-row losses, then (`lse`) per-row log-sum-exps.
+fn ce_fwd_rows<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize, lse: bool) -> candle_core::Result<Vec<f32>> {
+    let mut out = ce_fwd(x, t, n, v, k)?;
+    if lse {
+        out.par_extend(x.par_chunks(v).map(|row| {
+            let (m, l) = row_stats(row);
+            m + l
+        }));
+    }
+    Ok(out)
+}
+
+fn ce_bwd<T: Float>(x: &[T], t: &[u32], g: &[f32], _n: usize, v: usize, k: usize) -> Vec<T> {
+    ce_bwd_with(x, t, g, v, k, |_, row| {
+        let (m, l) = row_stats(row);
+        m + l
+    })
+}
+
+/// `g_i · (K · softmax − counts)` row by row, with row i's log-sum-exp from `lse_of(i, row)`.
+fn ce_bwd_with<T: Float>(
+    x: &[T],
+    t: &[u32],
+    g: &[f32],
+    v: usize,
+    k: usize,
+    lse_of: impl Fn(usize, &[T]) -> f32 + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); x.len()];
     out.par_chunks_mut(v).enumerate().for_each(|(i, o)| {
         let row = &x[i * v..(i + 1) * v];
-        let (m, lse) = row_stats(row);
+        let lse = lse_of(i, row);
         let gi = g[i];
         let scale = gi * k as f32;
-        let mut acc: Vec<f32> = row.iter().map(|&xv| scale * (xv.f() - m - lse).exp()).collect();
+        let mut acc: Vec<f32> = row.iter().map(|&xv| scale * (xv.f() - lse).exp()).collect();
         for &id in &t[i * k..(i + 1) * k] {
             acc[id as usize] -= gi;
         }
@@ -268,13 +307,14 @@ impl CustomOp2 for MultiTargetCe {
         let (n, v) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
         let t = targets_of(s2, l2)?;
+        let lse = self.lse;
         let rows = match s1 {
-            CpuStorage::F32(x) => ce_fwd(contiguous(x, l1, "logits")?, t, n, v, k)?,
-            CpuStorage::BF16(x) => ce_fwd(contiguous(x, l1, "logits")?, t, n, v, k)?,
-            CpuStorage::F16(x) => ce_fwd(contiguous(x, l1, "logits")?, t, n, v, k)?,
+            CpuStorage::F32(x) => ce_fwd_rows(contiguous(x, l1, "logits")?, t, n, v, k, lse)?,
+            CpuStorage::BF16(x) => ce_fwd_rows(contiguous(x, l1, "logits")?, t, n, v, k, lse)?,
+            CpuStorage::F16(x) => ce_fwd_rows(contiguous(x, l1, "logits")?, t, n, v, k, lse)?,
             _ => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16"),
         };
-        Ok((CpuStorage::F32(rows), Shape::from(n)))
+        Ok((CpuStorage::F32(rows), if lse { Shape::from((2, n)) } else { Shape::from(n) }))
     }
 
     #[cfg(feature = "cuda")]
@@ -285,7 +325,7 @@ impl CustomOp2 for MultiTargetCe {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::ce_fwd(s1, l1, s2, l2)
+        cuda::ce_fwd(s1, l1, s2, l2, self.lse)
     }
 
     fn bwd(
@@ -295,8 +335,11 @@ impl CustomOp2 for MultiTargetCe {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.lse {
+            candle_core::bail!("cross_entropy_multi_lse records no graph: use grad::cross_entropy_multi_lse");
+        }
         let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
-        let d = logits.apply_op3_no_bwd(targets, &g, &MultiTargetCeGrad)?;
+        let d = logits.apply_op3_no_bwd(targets, &g, &MultiTargetCeGrad { lse: false })?;
         Ok((Some(d), None))
     }
 }
@@ -322,7 +365,12 @@ impl CustomOp3 for MultiTargetCeGrad {
             CpuStorage::F32(g) => contiguous(g, l3, "grad")?,
             _ => candle_core::bail!("cross_entropy_multi: gradient must be f32"),
         };
-        let out = map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd(x, t, g, n, v, k));
+        let out = if self.lse {
+            let (g, lse) = g.split_at(n);
+            map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd_with(x, t, g, v, k, |i, _| lse[i]))
+        } else {
+            map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd(x, t, g, n, v, k))
+        };
         Ok((out, Shape::from((n, v))))
     }
 
@@ -336,8 +384,24 @@ impl CustomOp3 for MultiTargetCeGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::ce_bwd(s1, l1, s2, l2, s3, l3)
+        cuda::ce_bwd(s1, l1, s2, l2, s3, l3, self.lse)
     }
+}
+
+/// Whether [`cross_entropy_multi_lse`] and [`grad::cross_entropy_multi_lse`] run on `device`:
+/// the CPU (with the fused ops), CUDA with the second-generation row kernels
+/// ([`set_rows_cuda`]).
+pub fn ce_lse_supported(device: &Device) -> bool {
+    fused_ops_supported(device) && (device.is_cpu() || ROWS_CUDA.get())
+}
+
+/// [`cross_entropy_multi`] for a hand-written backward pass: the mean loss (f32 scalar) and
+/// each row's log-sum-exp (N,) f32, which [`grad::cross_entropy_multi_lse`] takes so that the
+/// backward pass reads the logits once instead of twice. Records no graph.
+pub fn cross_entropy_multi_lse(logits: &Tensor, targets: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, k) = ce_dims(logits, targets)?;
+    let out = logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &MultiTargetCe { lse: true })?;
+    Ok(((out.get(0)?.sum_all()? / (n * k) as f64)?, out.get(1)?))
 }
 
 /// RMSNorm over the last dimension, fused: `x · rsqrt(mean(x²) + eps)` computed in f32, cast
@@ -702,9 +766,11 @@ impl CustomOp3 for RopeOp {
 
 static ROWS_CUDA: Switch = Switch::new("PATCHLM_ROWS_CUDA", true, false);
 
-/// Chooses the CUDA kernels of [`rms_norm`] and [`causal_softmax`] (both directions)
-/// process-wide: `true` for the warp-per-row kernels (a warp per row, shuffles only), `false`
-/// for the block-per-row ones. Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
+/// Chooses the second-generation row-wise CUDA kernels process-wide: for [`rms_norm`] and
+/// [`causal_softmax`] (both directions) the warp-per-row kernels (a warp per row, shuffles only)
+/// instead of the block-per-row ones, and [`cross_entropy_multi_lse`] (16-byte loads, the
+/// log-sum-exp kept for a one-pass backward; without it the tape's loss uses
+/// [`cross_entropy_multi`]). Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
 /// them on a GPU. Same math and roundings either way.
 pub fn set_rows_cuda(enabled: bool) {
     ROWS_CUDA.set(enabled);
@@ -1907,37 +1973,52 @@ mod cuda {
     }
 
     /// Multi-target cross-entropy forward: per-row f32 sums.
-    pub fn ce_fwd(x: &CudaStorage, lx: &Layout, t: &CudaStorage, lt: &Layout) -> Result<(CudaStorage, Shape)> {
+    /// (`lse` false) per-row losses (N,); (`lse` true, `ce_fwd_lse_*`) per-row losses then
+    /// log-sum-exps (2, N).
+    pub fn ce_fwd(
+        x: &CudaStorage,
+        lx: &Layout,
+        t: &CudaStorage,
+        lt: &Layout,
+        lse: bool,
+    ) -> Result<(CudaStorage, Shape)> {
         let (n, v) = lx.shape().dims2()?;
         let (_, k) = lt.shape().dims2()?;
         let (ox, ot) = (check(lx, "logits")?, check(lt, "targets")?);
         let dev = x.device();
         let tv = t.as_cuda_slice::<u32>()?.slice(ot..);
-        let out = unsafe { dev.alloc::<f32>(n)? };
-        let (vi, ki) = (v as i32, k as i32);
+        let rows = if lse { 2 * n } else { n };
+        let out = unsafe { dev.alloc::<f32>(rows)? };
+        let (vi, ki, ni) = (v as i32, k as i32, n as i32);
+        let name = format!("ce_fwd{}_{}", if lse { "_lse" } else { "" }, suffix(x.dtype())?);
         macro_rules! go {
-            ($ty:ty, $name:literal) => {{
+            ($ty:ty) => {{
                 let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
-                let f = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&tv);
                 b.arg(&out);
                 b.arg(&vi);
                 b.arg(&ki);
+                if lse {
+                    b.arg(&ni);
+                }
                 unsafe { b.launch(rows_cfg(n, threads_for(v).min(512))) }.w()?;
             }};
         }
         match x.dtype() {
-            candle_core::DType::F32 => go!(f32, "ce_fwd_f32"),
-            candle_core::DType::BF16 => go!(bf16, "ce_fwd_bf16"),
-            candle_core::DType::F16 => go!(f16, "ce_fwd_f16"),
+            candle_core::DType::F32 => go!(f32),
+            candle_core::DType::BF16 => go!(bf16),
+            candle_core::DType::F16 => go!(f16),
             d => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16, got {d:?}"),
         }
-        Ok((wrap_f32(out, dev), Shape::from(n)))
+        let shape = if lse { Shape::from((2, n)) } else { Shape::from(n) };
+        Ok((wrap_f32(out, dev), shape))
     }
 
-    /// Multi-target cross-entropy backward: logits gradient in the logits' dtype.
+    /// Multi-target cross-entropy backward: logits gradient in the logits' dtype; `g` holds the
+    /// per-row scales (N,), or with `lse` the scales then the forward's log-sum-exps (2, N).
     pub fn ce_bwd(
         x: &CudaStorage,
         lx: &Layout,
@@ -1945,6 +2026,7 @@ mod cuda {
         lt: &Layout,
         g: &CudaStorage,
         lg: &Layout,
+        lse: bool,
     ) -> Result<(CudaStorage, Shape)> {
         let (n, v) = lx.shape().dims2()?;
         let (_, k) = lt.shape().dims2()?;
@@ -1952,12 +2034,13 @@ mod cuda {
         let dev = x.device();
         let tv = t.as_cuda_slice::<u32>()?.slice(ot..);
         let gv = g.as_cuda_slice::<f32>()?.slice(og..);
-        let (vi, ki) = (v as i32, k as i32);
+        let (vi, ki, ni) = (v as i32, k as i32, n as i32);
+        let name = format!("ce_bwd{}_{}", if lse { "_lse" } else { "" }, suffix(x.dtype())?);
         macro_rules! go {
-            ($ty:ty, $name:literal, $variant:ident) => {{
+            ($ty:ty, $variant:ident) => {{
                 let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
                 let out = unsafe { dev.alloc::<$ty>(n * v)? };
-                let f = dev.get_or_load_custom_func($name, MODULE, PTX)?;
+                let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&tv);
@@ -1965,14 +2048,17 @@ mod cuda {
                 b.arg(&out);
                 b.arg(&vi);
                 b.arg(&ki);
+                if lse {
+                    b.arg(&ni);
+                }
                 unsafe { b.launch(rows_cfg(n, threads_for(v).min(512))) }.w()?;
                 CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
             }};
         }
         let s = match x.dtype() {
-            candle_core::DType::F32 => go!(f32, "ce_bwd_f32", F32),
-            candle_core::DType::BF16 => go!(bf16, "ce_bwd_bf16", BF16),
-            candle_core::DType::F16 => go!(f16, "ce_bwd_f16", F16),
+            candle_core::DType::F32 => go!(f32, F32),
+            candle_core::DType::BF16 => go!(bf16, BF16),
+            candle_core::DType::F16 => go!(f16, F16),
             d => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16, got {d:?}"),
         };
         Ok((s, Shape::from((n, v))))
@@ -2788,8 +2874,27 @@ pub mod grad {
         let (n, _) = logits.dims2()?;
         let k = targets.dim(1)?;
         let g = Tensor::full((scale / (n * k) as f64) as f32, n, logits.device())?;
-        let (d, _) = MultiTargetCe.bwd(&logits.contiguous()?, &targets.contiguous()?, &g, &g)?;
+        let (d, _) = MultiTargetCe { lse: false }.bwd(&logits.contiguous()?, &targets.contiguous()?, &g, &g)?;
         d.ok_or_else(|| no_grad("cross_entropy_multi"))
+    }
+
+    /// [`super::cross_entropy_multi_lse`] backward: the gradient of `scale` × the mean loss
+    /// with respect to `logits` (N, V), from the forward's per-row log-sum-exps `lse` (N,), in
+    /// one pass over the logits.
+    pub fn cross_entropy_multi_lse(
+        logits: &Tensor,
+        targets: &Tensor,
+        lse: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let (n, _) = logits.dims2()?;
+        let k = targets.dim(1)?;
+        if lse.dims() != [n] || lse.dtype() != candle_core::DType::F32 {
+            candle_core::bail!("cross_entropy_multi: lse {:?} {:?} is not f32 ({n},)", lse.dims(), lse.dtype());
+        }
+        let g = Tensor::full((scale / (n * k) as f64) as f32, n, logits.device())?;
+        let gl = Tensor::stack(&[&g, lse], 0)?;
+        logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &gl, &super::MultiTargetCeGrad { lse: true })
     }
 
     /// [`super::embedding`] backward: rows of `dy` (ids..., D) scattered onto a (vocab, D)

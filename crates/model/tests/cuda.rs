@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use patchlm_model::ops::{adamw_multi, adamw_update, rms_norm, sum_of_squares, AdamWSlot, AdamWStep};
 use patchlm_model::{
-    causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, swiglu, SplitMix64,
+    causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, ops, rope, swiglu, SplitMix64,
 };
 
 fn gpu() -> Device {
@@ -46,6 +46,32 @@ fn cuda_cross_entropy_matches_cpu() {
             let gg = lg.backward().unwrap();
             let e = max_rel(gg.get(xg.as_tensor()).unwrap(), gc.get(xc.as_tensor()).unwrap());
             assert!(e < tol * 10.0, "grad n={n} v={v} k={k} {dtype:?}: rel err {e}");
+            // The log-sum-exp-keeping kernels (PATCHLM_ROWS_CUDA); an odd vocabulary (37, 1001)
+            // takes their element-by-element tail, a row offset of 1 their unaligned path.
+            patchlm_model::ops::set_rows_cuda(true);
+            let tv: Vec<u32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            for (xs, what) in [(x.clone(), "aligned"), (x.narrow(1, 1, v - 1).unwrap().contiguous().unwrap(), "odd")] {
+                let w = xs.dim(1).unwrap() as u32;
+                let ts =
+                    Tensor::from_vec(tv.iter().map(|&id| id % w).collect::<Vec<u32>>(), (n, k), &Device::Cpu).unwrap();
+                let (lc, sc) = ops::cross_entropy_multi_lse(&xs, &ts).unwrap();
+                let (xsg, tsg) = (xs.to_device(&g).unwrap(), ts.to_device(&g).unwrap());
+                let (lg, sg) = ops::cross_entropy_multi_lse(&xsg, &tsg).unwrap();
+                assert!(max_rel(&lg, &lc) < tol, "lse loss {what} n={n} v={v} k={k} {dtype:?}");
+                assert!(max_rel(&sg, &sc) < 1e-5, "lse rows {what} n={n} v={v} k={k} {dtype:?}");
+                let dc = ops::grad::cross_entropy_multi_lse(&xs, &ts, &sc, 0.7).unwrap();
+                let dg = ops::grad::cross_entropy_multi_lse(&xsg, &tsg, &sg, 0.7).unwrap();
+                let e = max_rel(&dg, &dc);
+                assert!(e < tol * 10.0, "lse grad {what} n={n} v={v} k={k} {dtype:?}: rel err {e}");
+                // Rows that start off a 16-byte boundary: a view one row in.
+                if n > 1 {
+                    let xo = xsg.narrow(0, 1, n - 1).unwrap();
+                    let to = tsg.narrow(0, 1, n - 1).unwrap();
+                    let (_, so) = ops::cross_entropy_multi_lse(&xo, &to).unwrap();
+                    assert!(max_rel(&so, &sc.narrow(0, 1, n - 1).unwrap()) < 1e-5, "lse rows at an offset {what}");
+                }
+            }
+            patchlm_model::ops::set_rows_cuda(false);
         }
     }
 }

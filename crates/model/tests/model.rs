@@ -294,6 +294,29 @@ fn fused_multi_target_cross_entropy_matches_an_f64_reference() {
         let grad: Vec<f32> = g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let max_err = grad.iter().zip(&want_grad).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(max_err < 1e-6, "n={n} v={v} k={k}: gradient error {max_err}");
+        // The log-sum-exp-keeping pair (for the hand-written backward pass): same loss, the
+        // rows' log-sum-exps, and the same gradient from them (scaled by 0.5 here).
+        let (l2, lse) = ops::cross_entropy_multi_lse(var.as_tensor(), &tt).unwrap();
+        assert!((l2.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
+        let lse: Vec<f32> = lse.to_vec1().unwrap();
+        for (i, &l) in lse.iter().enumerate() {
+            let row = &x[i * v..(i + 1) * v];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let want_lse = m + row.iter().map(|&a| (a as f64 - m).exp()).sum::<f64>().ln();
+            assert!((l as f64 - want_lse).abs() < 1e-5, "lse row {i}: {l} vs {want_lse}");
+        }
+        let lse_t = Tensor::new(lse.as_slice(), &dev).unwrap();
+        let g2: Vec<f32> = ops::grad::cross_entropy_multi_lse(var.as_tensor(), &tt, &lse_t, 0.5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let max_err = g2.iter().zip(&want_grad).map(|(a, b)| (*a as f64 - 0.5 * b).abs()).fold(0.0, f64::max);
+        assert!(max_err < 1e-6, "n={n} v={v} k={k}: gradient from lse, error {max_err}");
+        assert!(
+            ops::grad::cross_entropy_multi_lse(var.as_tensor(), &tt, &lse_t.narrow(0, 1, n - 1).unwrap(), 1.0).is_err()
+        );
         // bf16 logits: the same math with f32 statistics; errors at bf16's resolution.
         let xb = var.as_tensor().to_dtype(DType::BF16).unwrap();
         let lb = patchlm_model::cross_entropy_multi(&xb, &tt).unwrap().to_scalar::<f32>().unwrap() as f64;

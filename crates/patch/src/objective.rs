@@ -1,7 +1,7 @@
 //! The patch embedding and the next-patch loss (Shao et al., 2024), as candle functions.
 
 use candle_core::{DType, Tensor, D};
-use patchlm_model::ops::grad;
+use patchlm_model::ops::{ce_lse_supported, cross_entropy_multi_lse, grad};
 use patchlm_model::{cross_entropy_multi, fused_ops_supported, Grads, Llama, Tape};
 
 use crate::error::{PatchError, Result};
@@ -86,6 +86,8 @@ pub struct PatchTape {
     hidden: Tensor,
     logits: Tensor,
     targets: Tensor,
+    /// Each row's log-sum-exp, where the device has `cross_entropy_multi_lse`.
+    lse: Option<Tensor>,
     tape: Tape,
 }
 
@@ -101,16 +103,25 @@ pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tens
     let (_, p, v) = logits.dims3()?;
     let logits = logits.reshape((b * p, v))?;
     let targets = ids.narrow(1, k, (n - 1) * k)?.reshape((b * p, k))?.to_dtype(DType::U32)?.contiguous()?;
-    let loss = cross_entropy_multi(&logits, &targets)?;
-    Ok((loss, PatchTape { k, input, hidden, logits, targets, tape }))
+    let (loss, lse) = if ce_lse_supported(logits.device()) {
+        let (loss, lse) = cross_entropy_multi_lse(&logits, &targets)?;
+        (loss, Some(lse))
+    } else {
+        (cross_entropy_multi(&logits, &targets)?, None)
+    };
+    Ok((loss, PatchTape { k, input, hidden, logits, targets, lse, tape }))
 }
 
 /// The gradient of `scale` × the loss of [`patch_forward_tape`] with respect to every parameter,
 /// by HF name (see [`patchlm_model::Grads`]).
 pub fn patch_backward_tape(model: &Llama, t: PatchTape, scale: f64) -> Result<Grads> {
-    let PatchTape { k, input, hidden, logits, targets, tape } = t;
+    let PatchTape { k, input, hidden, logits, targets, lse, tape } = t;
     let (b, p, d) = hidden.dims3()?;
-    let dlogits = grad::cross_entropy_multi(&logits, &targets, scale)?.reshape((b, p, ()))?;
+    let dlogits = match &lse {
+        Some(lse) => grad::cross_entropy_multi_lse(&logits, &targets, lse, scale)?,
+        None => grad::cross_entropy_multi(&logits, &targets, scale)?,
+    }
+    .reshape((b, p, ()))?;
     drop(logits);
     let mut grads = Grads::new();
     let dhidden = model.logits_backward(&hidden, &dlogits, &mut grads)?;
