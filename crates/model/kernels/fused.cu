@@ -341,8 +341,27 @@ __device__ void rms_fwd_w(const T* x, const T* w, T* y, int d, float eps, int n)
     for (int j = lane; j < d; j += 32) yr[j] = from_f<T>(to_f(from_f<T>(to_f(xr[j]) * r)) * to_f(w[j]));
 }
 
+// Residual add fused with the RMSNorm that follows it: s = a + b (rounded to T), y = rms_norm(s).
 template <typename T>
-__device__ void rms_dx_w(const T* x, const T* w, const T* dy, T* dx, float* rs, int d, float eps, int n) {
+__device__ void add_rms_fwd_w(const T* a, const T* b, const T* w, T* s, T* y, int d, float eps, int n) {
+    long long row = warp_row();
+    if (row >= n) return;
+    int lane = threadIdx.x & 31;
+    long long off = row * d;
+    float ss = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+        T v = from_f<T>(to_f(a[off + j]) + to_f(b[off + j]));
+        s[off + j] = v;
+        ss += to_f(v) * to_f(v);
+    }
+    float r = rsqrtf(warp_sum(ss) / d + eps);
+    for (int j = lane; j < d; j += 32) y[off + j] = from_f<T>(to_f(from_f<T>(to_f(s[off + j]) * r)) * to_f(w[j]));
+}
+
+// RMSNorm input gradient plus a residual gradient (res may be null): dx = r w dy - c x + res.
+template <typename T>
+__device__ void rms_dx_w(const T* x, const T* w, const T* dy, const T* res, T* dx, float* rs, int d, float eps,
+                         int n) {
     long long row = warp_row();
     if (row >= n) return;
     int lane = threadIdx.x & 31;
@@ -356,7 +375,10 @@ __device__ void rms_dx_w(const T* x, const T* w, const T* dy, T* dx, float* rs, 
     float r = rsqrtf(warp_sum(ss) / d + eps);
     dot = warp_sum(dot);
     float c = dot * r * r * r / d;
-    for (int j = lane; j < d; j += 32) dx[off + j] = from_f<T>(r * to_f(w[j]) * to_f(dy[off + j]) - c * to_f(x[off + j]));
+    for (int j = lane; j < d; j += 32) {
+        float g = r * to_f(w[j]) * to_f(dy[off + j]) - c * to_f(x[off + j]);
+        dx[off + j] = from_f<T>(res ? g + to_f(res[off + j]) : g);
+    }
     if (lane == 0) rs[row] = r;
 }
 
@@ -519,7 +541,15 @@ __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float*
     }                                                                                                    \
     extern "C" __global__ void rms_dx_w_##S(const T* x, const T* w, const T* dy, T* dx, float* rs, int d, \
                                             float eps, int n) {                                          \
-        rms_dx_w<T>(x, w, dy, dx, rs, d, eps, n);                                                        \
+        rms_dx_w<T>(x, w, dy, nullptr, dx, rs, d, eps, n);                                               \
+    }                                                                                                    \
+    extern "C" __global__ void rms_dx_res_w_##S(const T* x, const T* w, const T* dy, const T* res, T* dx,  \
+                                                float* rs, int d, float eps, int n) {                    \
+        rms_dx_w<T>(x, w, dy, res, dx, rs, d, eps, n);                                                   \
+    }                                                                                                    \
+    extern "C" __global__ void add_rms_fwd_w_##S(const T* a, const T* b, const T* w, T* s, T* y, int d,    \
+                                                 float eps, int n) {                                     \
+        add_rms_fwd_w<T>(a, b, w, s, y, d, eps, n);                                                      \
     }                                                                                                    \
     extern "C" __global__ void causal_softmax_fwd_w_##S(const T* x, T* y, int t, int s, float scale,      \
                                                         int n) {                                         \

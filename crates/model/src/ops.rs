@@ -185,8 +185,16 @@ macro_rules! map_float3 {
 trait Float: Copy + Send + Sync + 'static {
     fn f(self) -> f32;
     fn from_f(x: f32) -> Self;
+    /// The elements of a CPU storage of this dtype, or None for another dtype.
+    fn of(s: &CpuStorage) -> Option<&[Self]>;
 }
 impl Float for f32 {
+    fn of(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
     fn f(self) -> f32 {
         self
     }
@@ -195,6 +203,12 @@ impl Float for f32 {
     }
 }
 impl Float for bf16 {
+    fn of(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
     fn f(self) -> f32 {
         self.to_f32()
     }
@@ -203,6 +217,12 @@ impl Float for bf16 {
     }
 }
 impl Float for f16 {
+    fn of(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F16(v) => Some(v),
+            _ => None,
+        }
+    }
     fn f(self) -> f32 {
         self.to_f32()
     }
@@ -423,16 +443,112 @@ struct RmsNormOp {
 }
 
 /// Backward of [`RmsNormOp`]: (x (N, D), w, dy) → dx and dw in one flat buffer of N·D + D
-/// elements (dx first; see [`rms_norm_backward`]), from one pass over x and dy.
+/// elements (dx first; see [`rms_norm_backward`]), from one pass over x and dy. With `residual`
+/// (N, D), dx + residual (a residual branch's gradient, added before the one rounding).
 struct RmsNormGrad {
+    eps: f32,
+    residual: Option<Tensor>,
+}
+
+/// Both gradients of RMSNorm from one [`RmsNormGrad`] launch: x (rows, D) → (dx like x, dw (D,)),
+/// dx plus `residual` where given (on CUDA that takes the warp-per-row kernels, see
+/// [`set_rows_cuda`]; without them the residual is added by a separate kernel).
+fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    residual: Option<&Tensor>,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (rows, d) = x.dims2()?;
+    if let Some(r) = residual {
+        if r.dims() != [rows, d] || r.dtype() != x.dtype() {
+            candle_core::bail!(
+                "rms_norm: residual gradient {:?} {:?} does not match x {:?}",
+                r.dims(),
+                r.dtype(),
+                x.dims()
+            );
+        }
+        if x.device().is_cuda() && !ROWS_CUDA.get() {
+            let (dx, dw) = rms_norm_backward(x, w, dy, None, eps)?;
+            return Ok(((dx + r)?, dw));
+        }
+    }
+    let op = RmsNormGrad { eps, residual: residual.map(|r| r.contiguous()).transpose()? };
+    let both = x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &dy.contiguous()?, &op)?;
+    Ok((both.narrow(0, 0, rows * d)?.reshape((rows, d))?, both.narrow(0, rows * d, d)?))
+}
+
+/// A residual add fused with the RMSNorm after it, for a hand-written backward pass (no graph):
+/// `a`, `b` (rows, D) → (s = a + b, [`rms_norm`]`(s, weight)`), one pass over the rows (with the
+/// warp-per-row kernels on CUDA, see [`set_rows_cuda`]; otherwise an add and the norm).
+pub fn add_rms_norm(a: &Tensor, b: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    let (rows, d) = a.dims2()?;
+    if b.dims() != a.dims() || b.dtype() != a.dtype() || weight.dims() != [d] {
+        candle_core::bail!(
+            "add_rms_norm: a {:?}, b {:?} and weight {:?} do not match",
+            a.dims(),
+            b.dims(),
+            weight.dims()
+        );
+    }
+    if a.device().is_cuda() && !ROWS_CUDA.get() {
+        let s = (a + b)?;
+        let y = rms_norm(&s, weight, eps)?;
+        return Ok((s, y));
+    }
+    let both =
+        a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &weight.contiguous()?, &AddRmsOp { eps: eps as f32 })?;
+    Ok((both.narrow(0, 0, rows * d)?.reshape((rows, d))?, both.narrow(0, rows * d, rows * d)?.reshape((rows, d))?))
+}
+
+/// (a, b, w) → [s = a + b | rms_norm(s, w)] as one flat buffer of 2·N·D.
+struct AddRmsOp {
     eps: f32,
 }
 
-/// Both gradients of RMSNorm from one [`RmsNormGrad`] launch: x (rows, D) → (dx like x, dw (D,)).
-fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> candle_core::Result<(Tensor, Tensor)> {
-    let (rows, d) = x.dims2()?;
-    let both = x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &dy.contiguous()?, &RmsNormGrad { eps })?;
-    Ok((both.narrow(0, 0, rows * d)?.reshape((rows, d))?, both.narrow(0, rows * d, d)?))
+fn add_rms_fwd<T: Float>(a: &[T], b: &[T], w: &[T], d: usize, eps: f32) -> Vec<T> {
+    let s: Vec<T> = a.par_iter().zip(b).map(|(&x, &y)| T::from_f(x.f() + y.f())).collect();
+    let y = rms_fwd(&s, w, d, eps);
+    let mut out = s;
+    out.extend(y);
+    out
+}
+
+impl CustomOp3 for AddRmsOp {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let out = map_float3!("add_rms_norm", (s1, l1, "a"), (s2, l2, "b"), (s3, l3, "weight"), |a, b, w| {
+            add_rms_fwd(a, b, w, d, self.eps)
+        });
+        Ok((out, Shape::from(2 * n * d)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::add_rms_fwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
 }
 
 fn rms_of<T: Float>(row: &[T], eps: f32) -> f32 {
@@ -452,14 +568,16 @@ fn rms_fwd<T: Float>(x: &[T], w: &[T], d: usize, eps: f32) -> Vec<T> {
     out
 }
 
-fn rms_dx<T: Float>(x: &[T], w: &[T], dy: &[T], d: usize, eps: f32) -> Vec<T> {
+fn rms_dx<T: Float>(x: &[T], w: &[T], dy: &[T], residual: Option<&[T]>, d: usize, eps: f32) -> Vec<T> {
     let mut out = vec![T::from_f(0.0); x.len()];
-    out.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(o, (row, g))| {
+    out.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).enumerate().for_each(|(i, (o, (row, g)))| {
         let r = rms_of(row, eps);
         let dot: f32 = row.iter().zip(g).zip(w).map(|((&a, &gy), &wj)| a.f() * gy.f() * wj.f()).sum();
         let c = dot * r * r * r / d as f32;
-        for (((o, &a), &gy), &wj) in o.iter_mut().zip(row).zip(g).zip(w) {
-            *o = T::from_f(r * wj.f() * gy.f() - c * a.f());
+        let res = residual.map(|res| &res[i * d..(i + 1) * d]);
+        for (j, (((o, &a), &gy), &wj)) in o.iter_mut().zip(row).zip(g).zip(w).enumerate() {
+            let v = r * wj.f() * gy.f() - c * a.f();
+            *o = T::from_f(res.map_or(v, |res| v + res[j].f()));
         }
     });
     out
@@ -525,7 +643,7 @@ impl CustomOp2 for RmsNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = rms_norm_backward(x, w, dy, self.eps)?;
+        let (dx, dw) = rms_norm_backward(x, w, dy, None, self.eps)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -545,8 +663,25 @@ impl CustomOp3 for RmsNormGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, d) = l1.shape().dims2()?;
+        let guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let res = match &guard {
+            Some((st, l)) => match &**st {
+                candle_core::Storage::Cpu(c) => Some((c, *l)),
+                _ => candle_core::bail!("rms_norm: the residual gradient must be on the cpu like x"),
+            },
+            None => None,
+        };
         let out = map_float3!("rms_norm", (s1, l1, "x"), (s2, l2, "weight"), (s3, l3, "dy"), |x, w, g| {
-            let mut both = rms_dx(x, w, g, d, self.eps);
+            let res = match res {
+                Some((c, l)) => Some(contiguous(
+                    Float::of(c)
+                        .ok_or_else(|| candle_core::Error::Msg("rms_norm: residual dtype differs from x".into()))?,
+                    l,
+                    "residual",
+                )?),
+                None => None,
+            };
+            let mut both = rms_dx(x, w, g, res, d, self.eps);
             both.extend(rms_dw(x, g, d, self.eps));
             both
         });
@@ -563,7 +698,7 @@ impl CustomOp3 for RmsNormGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_bwd(s1, l1, s2, l2, s3, l3, self.eps)
+        cuda::rms_bwd(s1, l1, s2, l2, s3, l3, self.residual.as_ref(), self.eps)
     }
 }
 
@@ -768,9 +903,10 @@ static ROWS_CUDA: Switch = Switch::new("PATCHLM_ROWS_CUDA", true, false);
 
 /// Chooses the second-generation row-wise CUDA kernels process-wide: for [`rms_norm`] and
 /// [`causal_softmax`] (both directions) the warp-per-row kernels (a warp per row, shuffles only)
-/// instead of the block-per-row ones, and [`cross_entropy_multi_lse`] (16-byte loads, the
-/// log-sum-exp kept for a one-pass backward; without it the tape's loss uses
-/// [`cross_entropy_multi`]). Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
+/// instead of the block-per-row ones; [`add_rms_norm`] and [`grad::rms_norm_residual`] with the
+/// residual add inside the norm's kernel (otherwise a separate add); and
+/// [`cross_entropy_multi_lse`] (16-byte loads, the log-sum-exp kept for a one-pass backward;
+/// without it the tape's loss uses [`cross_entropy_multi`]). Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
 /// them on a GPU. Same math and roundings either way.
 pub fn set_rows_cuda(enabled: bool) {
     ROWS_CUDA.set(enabled);
@@ -2708,6 +2844,54 @@ mod cuda {
         Ok(T::wrap_cuda_slice(out, dev))
     }
 
+    /// [`super::add_rms_norm`]: (a, b, w) → [a + b | rms_norm(a + b, w)], warp per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_fwd(
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, d) = la.shape().dims2()?;
+        if 2 * n * d >= i32::MAX as usize {
+            candle_core::bail!("add_rms_norm: {n} rows of {d} is more than one launch handles");
+        }
+        let (oa, ob, ow) = (check(la, "a")?, check(lb, "b")?, check(lw, "weight")?);
+        let dev = a.device();
+        let (di, ni) = (d as i32, n as i32);
+        macro_rules! go {
+            ($ty:ty, $s:literal, $variant:ident) => {{
+                let (av, bv) = (a.as_cuda_slice::<$ty>()?.slice(oa..), b.as_cuda_slice::<$ty>()?.slice(ob..));
+                let wv = w.as_cuda_slice::<$ty>()?.slice(ow..);
+                let mut out = unsafe { dev.alloc::<$ty>(2 * n * d)? };
+                let (mut sum, mut normed) = out.split_at_mut(n * d);
+                let f = dev.get_or_load_custom_func(concat!("add_rms_fwd_w_", $s), MODULE, PTX)?;
+                let mut bl = f.builder();
+                bl.arg(&av);
+                bl.arg(&bv);
+                bl.arg(&wv);
+                bl.arg(&mut sum);
+                bl.arg(&mut normed);
+                bl.arg(&di);
+                bl.arg(&eps);
+                bl.arg(&ni);
+                unsafe { bl.launch(warp_rows_cfg(n)) }.w()?;
+                drop(bl);
+                CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
+            }};
+        }
+        let s = match (a.dtype(), b.dtype(), w.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => go!(f32, "f32", F32),
+            (DType::BF16, DType::BF16, DType::BF16) => go!(bf16, "bf16", BF16),
+            (DType::F16, DType::F16, DType::F16) => go!(f16, "f16", F16),
+            _ => candle_core::bail!("add_rms_norm: a, b and weight must share a float dtype"),
+        };
+        Ok((s, Shape::from(2 * n * d)))
+    }
+
     /// RMSNorm forward.
     pub fn rms_fwd(
         x: &CudaStorage,
@@ -2752,7 +2936,9 @@ mod cuda {
         Ok((s, lx.shape().clone()))
     }
 
-    /// RMSNorm backward: dx (N·D) then dw (D) in one buffer.
+    /// RMSNorm backward: dx (N·D, plus `residual` where given: the warp-per-row kernel) then dw
+    /// (D) in one buffer.
+    #[allow(clippy::too_many_arguments)]
     pub fn rms_bwd(
         x: &CudaStorage,
         lx: &Layout,
@@ -2760,8 +2946,10 @@ mod cuda {
         lw: &Layout,
         dy: &CudaStorage,
         ly: &Layout,
+        residual: Option<&candle_core::Tensor>,
         eps: f32,
     ) -> Result<(CudaStorage, Shape)> {
+        let guard = residual.map(|r| r.storage_and_layout());
         let (n, d) = lx.shape().dims2()?;
         let (ox, ow, oy) = (check(lx, "x")?, check(lw, "weight")?, check(ly, "dy")?);
         let dev = x.device();
@@ -2773,12 +2961,29 @@ mod cuda {
                 let ys = dy.as_cuda_slice::<$ty>()?.slice(oy..);
                 let rs = unsafe { dev.alloc::<f32>(n)? };
                 let mut out = unsafe { dev.alloc::<$ty>(n * d + d)? };
-                let (name, cfg, warp) = row_kernel("rms_dx", $s, n, d, 1, 1024);
+                let res = match &guard {
+                    Some((st, l)) => match &**st {
+                        candle_core::Storage::Cuda(c) => Some(c.as_cuda_slice::<$ty>()?.slice(check(l, "residual")?..)),
+                        _ => candle_core::bail!("rms_norm: the residual gradient must be on the gpu like x"),
+                    },
+                    None => None,
+                };
+                let (name, cfg, warp) = if res.is_some() {
+                    if !super::ROWS_CUDA.get() {
+                        candle_core::bail!("rms_norm: a residual gradient needs the warp-per-row kernels");
+                    }
+                    (concat!("rms_dx_res_w_", $s).to_string(), warp_rows_cfg(n), true)
+                } else {
+                    row_kernel("rms_dx", $s, n, d, 1, 1024)
+                };
                 let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&ws);
                 b.arg(&ys);
+                if let Some(r) = &res {
+                    b.arg(r);
+                }
                 b.arg(&out);
                 b.arg(&rs);
                 b.arg(&di);
@@ -2845,8 +3050,22 @@ pub mod grad {
     pub fn rms_norm(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
         let d = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
-        let (dx, dw) = super::rms_norm_backward(&x.reshape((rows, d))?, weight, &dy.reshape((rows, d))?, eps as f32)?;
+        let (dx, dw) =
+            super::rms_norm_backward(&x.reshape((rows, d))?, weight, &dy.reshape((rows, d))?, None, eps as f32)?;
         Ok((dx.reshape(x.shape())?, dw))
+    }
+
+    /// [`rms_norm`] backward plus a residual branch's gradient: `x`, `dy`, `residual` (rows, D)
+    /// → (dx + residual, dweight (D,)), the sum formed before the one rounding (the backward of
+    /// [`super::add_rms_norm`]'s norm where the sum also flows on unnormalised).
+    pub fn rms_norm_residual(
+        x: &Tensor,
+        weight: &Tensor,
+        dy: &Tensor,
+        residual: &Tensor,
+        eps: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        super::rms_norm_backward(x, weight, dy, Some(residual), eps as f32)
     }
 
     /// [`super::causal_softmax`] backward from its output `y` and `dy` (same shape) → dx.

@@ -157,15 +157,17 @@ impl Llama {
             candle_core::bail!("forward_tape needs the fused ops on {:?}", x.device());
         }
         let cd = self.compute_dtype;
-        let mut h = x.detach().to_dtype(cd)?.reshape((b * t, d))?;
+        // Each layer's output is carried as (h, delta) and added by the next norm's kernel
+        // (ops::add_rms_norm).
+        let mut carry = (x.detach().to_dtype(cd)?.reshape((b * t, d))?, None);
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (out, tape) = layer_forward(layer, &h, &self.rope, b, t, cd)?;
+            let (h, delta, tape) = layer_forward(layer, &carry, &self.rope, b, t, cd)?;
             layers.push(tape);
-            h = out;
+            carry = (h, Some(delta));
         }
-        let hidden = ops::rms_norm(&h, &detached(&self.norm.weight, cd)?, self.norm.eps)?.reshape((b, t, d))?;
-        Ok((hidden, Tape { b, t, layers, last: h, input_dtype: x.dtype() }))
+        let (last, hidden) = norm_of(&carry, &detached(&self.norm.weight, cd)?, self.norm.eps)?;
+        Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, input_dtype: x.dtype() }))
     }
 
     /// The backward pass of [`Llama::forward_tape`]: from the gradient of the final hidden
@@ -216,16 +218,27 @@ fn w_dtype(m: &Llama) -> DType {
     m.lm_head.weight.dtype()
 }
 
+/// A residual stream value `h + delta` (delta None: `h` alone) and its RMSNorm: (the sum, the
+/// normalised sum), the add fused into the norm's pass.
+fn norm_of(carry: &(Tensor, Option<Tensor>), w: &Tensor, eps: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    match carry {
+        (h, Some(delta)) => ops::add_rms_norm(h, delta, w, eps),
+        (h, None) => Ok((h.clone(), ops::rms_norm(h, w, eps)?)),
+    }
+}
+
+/// One decoder layer on the residual stream `carry` (see [`norm_of`]): returns the stream after
+/// attention `h`, the MLP's output (to be added to `h` by the next norm) and the layer's tape.
 fn layer_forward(
     l: &DecoderLayer,
-    x: &Tensor,
+    carry: &(Tensor, Option<Tensor>),
     rope: &Rope,
     b: usize,
     t: usize,
     cd: DType,
-) -> candle_core::Result<(Tensor, LayerTape)> {
+) -> candle_core::Result<(Tensor, Tensor, LayerTape)> {
     let a = &l.self_attn;
-    let (n, d) = x.dims2()?;
+    let (n, d) = carry.0.dims2()?;
     let w = LayerWeights {
         ln1: detached(&l.input_layernorm.weight, cd)?,
         qkv: Tensor::cat(&[a.q_proj.weight.detach(), a.k_proj.weight.detach(), a.v_proj.weight.detach()], 0)?
@@ -236,7 +249,7 @@ fn layer_forward(
         up: detached(&l.mlp.up_proj.weight, cd)?,
         down: detached(&l.mlp.down_proj.weight, cd)?,
     };
-    let n1 = ops::rms_norm(x, &w.ln1, l.input_layernorm.eps)?;
+    let (x, n1) = norm_of(carry, &w.ln1, l.input_layernorm.eps)?;
     let (hq, hkv) = (a.heads, a.kv_heads);
     let qkv = n1.matmul(&w.qkv.t()?)?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
@@ -268,13 +281,12 @@ fn layer_forward(
     } else {
         yh.transpose(1, 2)?.reshape((n, d))?
     };
-    let h = (x + y.matmul(&w.o.t()?)?)?;
-    let n2 = ops::rms_norm(&h, &w.ln2, l.post_attention_layernorm.eps)?;
+    let (h, n2) = ops::add_rms_norm(&x, &y.matmul(&w.o.t()?)?, &w.ln2, l.post_attention_layernorm.eps)?;
     let g = n2.matmul(&w.gate.t()?)?;
     let u = n2.matmul(&w.up.t()?)?;
     let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
-    let out = (&h + s.matmul(&w.down.t()?)?)?;
-    Ok((out, LayerTape { w, x: x.clone(), n1, q, k, v, attn, y, h, n2, g, u, s }))
+    let delta = s.matmul(&w.down.t()?)?;
+    Ok((h.clone(), delta, LayerTape { w, x, n1, q, k, v, attn, y, h, n2, g, u, s }))
 }
 
 /// The [`ops::HeadsLayout`] of a layer's attention over (B, T) with `kv_heads` key/value heads
@@ -321,9 +333,9 @@ fn layer_backward(
     acc("mlp.gate_proj", dg.t()?.matmul(&lt.n2)?)?;
     acc("mlp.up_proj", du.t()?.matmul(&lt.n2)?)?;
     let dn2 = (dg.matmul(&w.gate)? + du.matmul(&w.up)?)?;
-    let (dh2, dln2) = grad::rms_norm(&lt.h, &w.ln2, &dn2, l.post_attention_layernorm.eps)?;
+    // The stream after attention feeds the MLP's norm and the output directly.
+    let (dh, dln2) = grad::rms_norm_residual(&lt.h, &w.ln2, &dn2, dout, l.post_attention_layernorm.eps)?;
     acc("post_attention_layernorm", dln2)?;
-    let dh = (dout + dh2)?;
     // Attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
     acc("self_attn.o_proj", dh.t()?.matmul(&lt.y)?)?;
     let fused_heads = ops::heads_ops_supported(dout.device());
@@ -358,10 +370,10 @@ fn layer_backward(
     acc("self_attn.k_proj", dw.narrow(0, dq_rows, dkv_rows)?)?;
     acc("self_attn.v_proj", dw.narrow(0, dq_rows + dkv_rows, dkv_rows)?)?;
     let dn1 = dqkv.matmul(&w.qkv)?;
-    let (dx1, dln1) = grad::rms_norm(&lt.x, &w.ln1, &dn1, l.input_layernorm.eps)?;
+    let (dx, dln1) = grad::rms_norm_residual(&lt.x, &w.ln1, &dn1, &dh, l.input_layernorm.eps)?;
     acc("input_layernorm", dln1)?;
-    debug_assert_eq!(dx1.dims(), [n, d]);
-    dh + dx1
+    debug_assert_eq!(dx.dims(), [n, d]);
+    Ok(dx)
 }
 
 #[cfg(test)]

@@ -101,6 +101,20 @@ fn cuda_rms_norm_matches_cpu() {
                 let e = max_rel(gg.get(gv.as_tensor()).unwrap(), gc.get(c.as_tensor()).unwrap());
                 assert!(e < tol * 5.0, "d{name} n={n} d={d} {dtype:?} warp {warp}: rel err {e}");
             }
+            // The residual add fused into the norm, and the backward with a residual gradient
+            // (warp-per-row kernels; without them, separate adds).
+            let b = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let to = |t: &Tensor| t.to_device(&g).unwrap();
+            let (sc, yc) = patchlm_model::ops::add_rms_norm(&x, &b, &w, 1e-5).unwrap();
+            let (sg, yg) = patchlm_model::ops::add_rms_norm(&to(&x), &to(&b), &to(&w), 1e-5).unwrap();
+            assert!(
+                max_rel(&sg, &sc) < tol && max_rel(&yg, &yc) < tol,
+                "add_rms_norm n={n} d={d} {dtype:?} warp {warp}"
+            );
+            let rc = patchlm_model::ops::grad::rms_norm_residual(&sc, &w, &up, &b, 1e-5).unwrap();
+            let rg = patchlm_model::ops::grad::rms_norm_residual(&to(&sc), &to(&w), &to(&up), &to(&b), 1e-5).unwrap();
+            assert!(max_rel(&rg.0, &rc.0) < tol * 5.0, "residual dx n={n} d={d} {dtype:?} warp {warp}");
+            assert!(max_rel(&rg.1, &rc.1) < tol * 5.0, "residual dw n={n} d={d} {dtype:?} warp {warp}");
         }
     }
     patchlm_model::ops::set_rows_cuda(false);

@@ -574,6 +574,31 @@ fn heads_from_rows_and_back_match_the_strided_copies_and_rotation() {
 }
 
 #[test]
+fn add_rms_norm_and_the_residual_backward_match_the_separate_ops() {
+    use patchlm_model::ops::{add_rms_norm, grad, rms_norm};
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let r = |shape: (usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap().to_dtype(dtype).unwrap();
+        let (a, b, dy, res) = (r((9, 48)), r((9, 48)), r((9, 48)), r((9, 48)));
+        let w = Tensor::randn(1f32, 0.3, 48, &dev).unwrap().to_dtype(dtype).unwrap();
+        let (sum, y) = add_rms_norm(&a, &b, &w, 1e-5).unwrap();
+        let want_sum = (&a + &b).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(max_abs(&(f(&sum) - f(&want_sum)).unwrap()), 0.0, "{dtype:?} sum");
+        let want_y = rms_norm(&want_sum, &w, 1e-5).unwrap();
+        assert_eq!(max_abs(&(f(&y) - f(&want_y)).unwrap()), 0.0, "{dtype:?} norm");
+        let (dx, dw) = grad::rms_norm_residual(&sum, &w, &dy, &res, 1e-5).unwrap();
+        let (dx0, dw0) = grad::rms_norm(&sum, &w, &dy, 1e-5).unwrap();
+        let tol = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+        let want_dx = (f(&dx0) + f(&res)).unwrap();
+        assert!(max_abs(&(f(&dx) - &want_dx).unwrap()) <= tol * max_abs(&want_dx), "{dtype:?} dx + residual");
+        assert_eq!(max_abs(&(f(&dw) - f(&dw0)).unwrap()), 0.0, "{dtype:?} dw");
+        assert!(add_rms_norm(&a, &b.narrow(0, 0, 3).unwrap(), &w, 1e-5).is_err());
+        assert!(grad::rms_norm_residual(&sum, &w, &dy, &res.narrow(1, 0, 5).unwrap(), 1e-5).is_err());
+    }
+}
+
+#[test]
 fn fused_embedding_gathers_rows_and_scatters_gradients_onto_ids() {
     let dev = Device::Cpu;
     let (v, d) = (11usize, 5usize);
