@@ -94,8 +94,9 @@ for o in ours:
     print(f"patchlm {o.get('attention', '')} {o.get('backward', '')} k={o['k']}: {o['tokens_per_s']:.0f} tok/s, MFU "
           f"{100 * (o.get('mfu') or float('nan')):.1f}%, step {o['step_ms']:.1f} ms, peak "
           f"{(o.get('peak_mem_gib') or float('nan')):.2f} GiB (enqueue {o.get('fwd_enqueue_ms', float('nan')):.1f}, "
-          f"fwd {o.get('fwd_ms', float('nan')):.1f}, bwd {o.get('bwd_ms', float('nan')):.1f}, "
-          f"clip+opt {o.get('opt_ms', float('nan')):.1f} ms)", flush=True)
+          f"fwd {o.get('fwd_ms', float('nan')):.1f}, bwd enqueue {o.get('bwd_enqueue_ms', float('nan')):.1f}, "
+          f"bwd {o.get('bwd_ms', float('nan')):.1f}, "
+          f"clip+opt {o.get('opt_ms', float('nan')):.1f} ms; opt-in {o.get('optin')})", flush=True)
 rows = []
 modes = ["eager"] + (["compile"] if a.compile else [])
 for mode in modes:

@@ -278,8 +278,9 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         let ids = Tensor::from_vec(ids, (batch, len), &device)?;
         let mut times = Vec::new();
         // Where a step goes: host time to enqueue the forward pass, forward (synchronised),
-        // backward, clipping + optimizer. Enqueue ≈ forward means the host, not the GPU, limits.
-        let mut parts: [Vec<f64>; 4] = Default::default();
+        // backward (and its host enqueue time), clipping + optimizer. Enqueue ≈ the synchronised
+        // time means the host, not the GPU, limits.
+        let mut parts: [Vec<f64>; 5] = Default::default();
         let mut peak_mem = 0u64;
         for s in 0..steps + 2 {
             let t0 = Instant::now();
@@ -301,6 +302,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                     vars.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|x| (n.clone(), x.clone()))).collect()
                 }
             };
+            let t_bwd_enq = t0.elapsed().as_secs_f64() - t_fwd;
             device.synchronize()?;
             let t_bwd = t0.elapsed().as_secs_f64();
             peak_mem = peak_mem.max(device_mem_used(&device));
@@ -310,13 +312,13 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
             if s >= 2 {
                 let t = t0.elapsed().as_secs_f64();
                 times.push(t);
-                for (p, v) in parts.iter_mut().zip([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd]) {
+                for (p, v) in parts.iter_mut().zip([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd, t_bwd_enq]) {
                     p.push(v * 1e3);
                 }
             }
         }
         let step = median(times);
-        let [enq_ms, fwd_ms, bwd_ms, opt_ms] = parts.map(median);
+        let [enq_ms, fwd_ms, bwd_ms, opt_ms, bwd_enq_ms] = parts.map(median);
         let tokens = (batch * ctx * k) as f64;
         // The model runs ctx positions per sequence in both phases (patches in the patch phase).
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
@@ -329,7 +331,13 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                 "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
                 "attention": if patchlm_model::ops::flash_attention_enabled(&device) { "flash" } else { "softmax" },
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
-                "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
+                "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
+                // The opt-in kernels this run used (see README).
+                "optin": {
+                    "heads": device.is_cuda() && patchlm_model::ops::heads_ops_supported(&device),
+                    "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
+                    "bf16_grads": patchlm_model::compute_dtype_grads(),
+                },
             })
         );
     }

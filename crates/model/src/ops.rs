@@ -912,6 +912,11 @@ pub fn set_rows_cuda(enabled: bool) {
     ROWS_CUDA.set(enabled);
 }
 
+/// Whether the second-generation row kernels are on (see [`set_rows_cuda`]).
+pub fn rows_cuda_enabled() -> bool {
+    ROWS_CUDA.get()
+}
+
 static HEADS_CUDA: Switch = Switch::new("PATCHLM_HEADS_CUDA", true, false);
 
 /// Turns the CUDA kernels of [`heads_from_rows`] / [`rows_from_heads`] on or off process-wide.

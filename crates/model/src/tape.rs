@@ -26,6 +26,11 @@ static TAPE: Switch = Switch::new("PATCHLM_AUTOGRAD", false, true);
 
 static COMPUTE_GRADS: Switch = Switch::new("PATCHLM_BF16_GRADS", true, false);
 
+/// Whether weight gradients stay in the compute dtype (see [`set_compute_dtype_grads`]).
+pub fn compute_dtype_grads() -> bool {
+    COMPUTE_GRADS.get()
+}
+
 /// Whether [`Llama::backward_tape`] leaves each weight gradient in the dtype it was computed in
 /// (bf16 for the matmul weights under bf16 compute) instead of casting it to the parameter's
 /// dtype (f32 master weights). The values are the same (the cast to f32 is exact); it saves a
