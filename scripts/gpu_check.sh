@@ -11,7 +11,7 @@
 #   bash scripts/gpu_check.sh [kernels] [optin] [gpt2] [track] [370m] [ops] [ncu] [ours] [events] [plain]
 # (no section: kernels optin gpt2 track 370m, about 9 minutes on an H200, most of it torch.compile's
 # warm-up; every measurement is printed as it is made, so a section cut by its timeout keeps them).
-# The opt-in kernels (PATCHLM_HEADS_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS: written since the last device run)
+# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS: written since the last device run)
 # are turned on for the sections after `kernels` only when every device test passed; `optin`
 # times a training step with them off and on.
 # Results go to $OUT (one file per section), a short summary is printed last.
@@ -41,15 +41,15 @@ for s in $sections; do
   case $s in
     kernels) timeout 180 /tmp/bin/cuda-tests --ignored --test-threads 1 2>&1 | tee "$OUT/kernels.txt"
              if grep -q "test result: ok" "$OUT/kernels.txt"; then
-               export PATCHLM_HEADS_CUDA=${PATCHLM_HEADS_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
+               export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1}
-               echo "device tests passed: opt-in kernels on (heads $PATCHLM_HEADS_CUDA, rows $PATCHLM_ROWS_CUDA," \
+               echo "device tests passed: opt-in kernels on (layout $PATCHLM_LAYOUT_CUDA, rows $PATCHLM_ROWS_CUDA," \
                  "bf16 gradients $PATCHLM_BF16_GRADS)"
              else
                echo "device tests failed: the opt-in kernels stay off"
              fi ;;
     optin) for on in 0 1; do
-             PATCHLM_HEADS_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
+             PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | sed "s/^{/{\"optin_kernels\": $on, /" | tee -a "$OUT/optin.txt"
            done ;;

@@ -334,7 +334,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                 "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
                 // The opt-in kernels this run used (see README).
                 "optin": {
-                    "heads": device.is_cuda() && patchlm_model::ops::heads_ops_supported(&device),
+                    "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
                     "bf16_grads": patchlm_model::compute_dtype_grads(),
                 },

@@ -483,6 +483,28 @@ __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float*
     }
 }
 
+// SwiGLU on the stacked gate/up projection gu (rows, 2f) = [gate | up] per row: y (rows, f), and
+// its backward into the same stacked layout, out = [dg | du] per row. n = rows * f.
+template <typename T>
+__device__ void swiglu_packed_fwd(const T* gu, T* y, long long n, int f) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const T* r = gu + (i / f) * 2 * f;
+        int c = (int)(i % f);
+        float x = to_f(r[c]);
+        y[i] = from_f<T>(x / (1.0f + __expf(-x)) * to_f(r[f + c]));
+    }
+}
+template <typename T>
+__device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* out, long long n, int f) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        long long o = (i / f) * 2 * f + i % f;
+        float x = to_f(gu[o]), u = to_f(gu[o + f]), d = to_f(dy[i]);
+        float s = 1.0f / (1.0f + __expf(-x));
+        out[o] = from_f<T>(d * u * s * (1.0f + x * (1.0f - s)));
+        out[o + f] = from_f<T>(d * x * s);
+    }
+}
+
 #define FUSED_OPS(T, S)                                                                                  \
     extern "C" __global__ void ce_fwd_##S(const T* x, const uint32_t* t, float* out, int v, int k) {     \
         ce_fwd<T>(x, t, out, v, k);                                                                      \
@@ -558,6 +580,13 @@ __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float*
     extern "C" __global__ void causal_softmax_bwd_w_##S(const T* y, const T* dy, T* dx, int t, int s,     \
                                                         float scale, int n) {                            \
         causal_softmax_bwd_w<T>(y, dy, dx, t, s, scale, n);                                              \
+    }                                                                                                    \
+    extern "C" __global__ void swiglu_packed_fwd_##S(const T* gu, T* y, long long n, int f) {            \
+        swiglu_packed_fwd<T>(gu, y, n, f);                                                               \
+    }                                                                                                    \
+    extern "C" __global__ void swiglu_packed_bwd_##S(const T* gu, const T* dy, T* out, long long n,      \
+                                                     int f) {                                            \
+        swiglu_packed_bwd<T>(gu, dy, out, n, f);                                                         \
     }                                                                                                    \
     extern "C" __global__ void heads_from_rows_##S(const T* x, const float* c, const float* sn, T* out,   \
                                                    int b, int t, int h, int kv, int hd, int rope) {     \

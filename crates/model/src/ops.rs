@@ -917,20 +917,20 @@ pub fn rows_cuda_enabled() -> bool {
     ROWS_CUDA.get()
 }
 
-static HEADS_CUDA: Switch = Switch::new("PATCHLM_HEADS_CUDA", true, false);
+static LAYOUT_CUDA: Switch = Switch::new("PATCHLM_LAYOUT_CUDA", true, false);
 
-/// Turns the CUDA kernels of [`heads_from_rows`] / [`rows_from_heads`] on or off process-wide.
-/// They are opt-in (also `PATCHLM_HEADS_CUDA=1`) until `tests/cuda.rs` has run them on a GPU;
-/// off, the hand-written backward pass lays out heads with candle's strided copies and
-/// [`rope`] instead.
-pub fn set_heads_cuda(enabled: bool) {
-    HEADS_CUDA.set(enabled);
+/// Turns the layout CUDA kernels on or off process-wide: [`heads_from_rows`] /
+/// [`rows_from_heads`] and [`swiglu_packed`]. They are opt-in (also `PATCHLM_LAYOUT_CUDA=1`) until
+/// `tests/cuda.rs` has run them on a GPU; off, the hand-written backward pass lays out heads with
+/// candle's strided copies and [`rope`], and runs the gate and up projections apart.
+pub fn set_layout_cuda(enabled: bool) {
+    LAYOUT_CUDA.set(enabled);
 }
 
-/// Whether [`heads_from_rows`] and [`rows_from_heads`] run on `device`: the CPU always (with the
-/// fused ops), CUDA when turned on (see [`set_heads_cuda`]).
-pub fn heads_ops_supported(device: &Device) -> bool {
-    fused_ops_supported(device) && (device.is_cpu() || HEADS_CUDA.get())
+/// Whether [`heads_from_rows`], [`rows_from_heads`] and [`swiglu_packed`] run on `device`: the
+/// CPU always (with the fused ops), CUDA when turned on (see [`set_layout_cuda`]).
+pub fn layout_ops_supported(device: &Device) -> bool {
+    fused_ops_supported(device) && (device.is_cpu() || LAYOUT_CUDA.get())
 }
 
 /// The shape of a [`heads_from_rows`] / [`rows_from_heads`] layout change.
@@ -1949,6 +1949,96 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 
 struct SwiGlu;
 
+/// SwiGLU on the stacked gate/up projection: `gu` (N, 2F) holds [gate | up] in each row (one
+/// matmul against the stacked weights) → `silu(gate) · up` (N, F), the math of [`swiglu`]. Records
+/// no graph; the backward pass is [`grad::swiglu_packed`].
+pub fn swiglu_packed(gu: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, f2) = gu.dims2()?;
+    if f2 % 2 != 0 {
+        candle_core::bail!("swiglu_packed: {f2} columns is not gate and up of one width");
+    }
+    gu.contiguous()?.apply_op1_no_bwd(&SwiGluPacked)
+}
+
+/// [`swiglu_packed`] (one input) and its backward (gu, dy) → [dg | du] (N, 2F).
+struct SwiGluPacked;
+
+fn swiglu_packed_fwd<T: Float>(gu: &[T], f: usize) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); gu.len() / 2];
+    out.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(o, r)| {
+        let (g, u) = r.split_at(f);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let g = g.f();
+            *o = T::from_f(g * sigmoid(g) * u.f());
+        }
+    });
+    out
+}
+
+fn swiglu_packed_bwd<T: Float>(gu: &[T], dy: &[T], f: usize) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); gu.len()];
+    out.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f).zip(dy.par_chunks(f))).for_each(|(o, (r, d))| {
+        let (dg, du) = o.split_at_mut(f);
+        for c in 0..f {
+            let (x, up, dv) = (r[c].f(), r[f + c].f(), d[c].f());
+            let sg = sigmoid(x);
+            dg[c] = T::from_f(dv * up * sg * (1.0 + x * (1.0 - sg)));
+            du[c] = T::from_f(dv * x * sg);
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, f2) = l1.shape().dims2()?;
+        let out = map_float!("swiglu_packed", s1, l1, "gu", |x| swiglu_packed_fwd(x, f2 / 2));
+        Ok((out, Shape::from((n, f2 / 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu_packed(s1, l1, None)
+    }
+}
+
+impl CustomOp2 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "swiglu-packed-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, f2) = l1.shape().dims2()?;
+        let out = map_float2!("swiglu_packed", (s1, l1, "gu"), (s2, l2, "dy"), |x, d| swiglu_packed_bwd(x, d, f2 / 2));
+        Ok((out, Shape::from((n, f2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu_packed(s1, l1, Some((s2, l2)))
+    }
+}
+
 /// Backward of [`SwiGlu`]: (g, u, dy) → (dg, du) stacked as (2, N).
 struct SwiGluGrad;
 
@@ -2777,6 +2867,55 @@ mod cuda {
         }
     }
 
+    /// [`super::swiglu_packed`] (`dy` None) or its backward.
+    pub fn swiglu_packed(
+        gu: &CudaStorage,
+        lg: &Layout,
+        dy: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        match gu.dtype() {
+            DType::F32 => swiglu_packed_t::<f32>(gu, lg, dy),
+            DType::BF16 => swiglu_packed_t::<bf16>(gu, lg, dy),
+            DType::F16 => swiglu_packed_t::<f16>(gu, lg, dy),
+            d => candle_core::bail!("swiglu_packed: unsupported dtype {d:?}"),
+        }
+    }
+
+    fn swiglu_packed_t<T: CudaDType + DeviceRepr>(
+        gu: &CudaStorage,
+        lg: &Layout,
+        dy: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = gu.device();
+        let (rows, f2) = lg.shape().dims2()?;
+        let f = f2 / 2;
+        let n = rows * f;
+        if f >= i32::MAX as usize || n >= u32::MAX as usize {
+            candle_core::bail!("swiglu_packed: {rows}x{f2} is more than one launch handles");
+        }
+        let sfx = suffix(gu.dtype())?;
+        let gs = gu.as_cuda_slice::<T>()?.slice(check(lg, "gu")?..);
+        let (nl, fi) = (n as i64, f as i32);
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let (name, len) = if dy.is_some() { ("swiglu_packed_bwd", 2 * n) } else { ("swiglu_packed_fwd", n) };
+        let out = unsafe { dev.alloc::<T>(len)? };
+        let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
+        let ds = dy
+            .map(|(d, ld)| Ok::<_, candle_core::Error>(d.as_cuda_slice::<T>()?.slice(check(ld, "dy")?..)))
+            .transpose()?;
+        let mut b = f.builder();
+        b.arg(&gs);
+        if let Some(ds) = &ds {
+            b.arg(ds);
+        }
+        b.arg(&out);
+        b.arg(&nl);
+        b.arg(&fi);
+        unsafe { b.launch(cfg) }.w()?;
+        let shape = if ds.is_some() { Shape::from((rows, f2)) } else { Shape::from((rows, f2 / 2)) };
+        Ok((T::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
     /// [`super::heads_from_rows`] (`op.to_heads`: `inputs[0]` are the rows) or
     /// [`super::rows_from_heads`] (`inputs` = q, k, v).
     pub fn heads(op: &super::HeadsOp, inputs: [(&CudaStorage, &Layout); 3]) -> Result<CudaStorage> {
@@ -3119,6 +3258,16 @@ pub mod grad {
         let g = Tensor::full((scale / (n * k) as f64) as f32, n, logits.device())?;
         let gl = Tensor::stack(&[&g, lse], 0)?;
         logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &gl, &super::MultiTargetCeGrad { lse: true })
+    }
+
+    /// [`super::swiglu_packed`] backward: `gu` (N, 2F) and `dy` (N, F) → [dg | du] (N, 2F), the
+    /// layout of the stacked projection's output.
+    pub fn swiglu_packed(gu: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, f2) = gu.dims2()?;
+        if dy.dims() != [n, f2 / 2] || dy.dtype() != gu.dtype() {
+            candle_core::bail!("swiglu_packed: dy {:?} does not match gu {:?}", dy.dims(), gu.dims());
+        }
+        gu.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &super::SwiGluPacked)
     }
 
     /// [`super::embedding`] backward: rows of `dy` (ids..., D) scattered onto a (vocab, D)

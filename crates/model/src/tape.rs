@@ -57,15 +57,23 @@ pub fn tape_supported(device: &Device) -> bool {
 
 /// One layer's weights in the compute dtype (cast once per forward pass, reused backward). The
 /// query, key and value projections are stacked into one (D + 2·KVH·hd, D) matrix: one matmul
-/// forward, two backward, instead of three and six.
+/// forward, two backward, instead of three and six; so are the gate and up projections where
+/// the layout ops run ([`Mlp::Stacked`]).
 struct LayerWeights {
     ln1: Tensor,
     qkv: Tensor,
     o: Tensor,
     ln2: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    mlp: Mlp,
     down: Tensor,
+}
+
+/// The gate and up projections' weights, and (in the tape) their outputs.
+enum Mlp {
+    /// Stacked: weights (2F, D), outputs (N, 2F) = [gate | up] per row ([`ops::swiglu_packed`]).
+    Stacked(Tensor),
+    /// Apart: gate and up, each (F, D) / (N, F).
+    Apart(Tensor, Tensor),
 }
 
 /// What the attention backward needs besides q, k, v.
@@ -89,8 +97,8 @@ struct LayerTape {
     y: Tensor,
     h: Tensor,
     n2: Tensor,
-    g: Tensor,
-    u: Tensor,
+    /// The gate and up projections' outputs.
+    gu: Mlp,
     s: Tensor,
 }
 
@@ -250,15 +258,20 @@ fn layer_forward(
             .to_dtype(cd)?,
         o: detached(&a.o_proj.weight, cd)?,
         ln2: detached(&l.post_attention_layernorm.weight, cd)?,
-        gate: detached(&l.mlp.gate_proj.weight, cd)?,
-        up: detached(&l.mlp.up_proj.weight, cd)?,
+        mlp: if ops::layout_ops_supported(carry.0.device()) && ops::swiglu_supported(carry.0.device()) {
+            Mlp::Stacked(
+                Tensor::cat(&[l.mlp.gate_proj.weight.detach(), l.mlp.up_proj.weight.detach()], 0)?.to_dtype(cd)?,
+            )
+        } else {
+            Mlp::Apart(detached(&l.mlp.gate_proj.weight, cd)?, detached(&l.mlp.up_proj.weight, cd)?)
+        },
         down: detached(&l.mlp.down_proj.weight, cd)?,
     };
     let (x, n1) = norm_of(carry, &w.ln1, l.input_layernorm.eps)?;
     let (hq, hkv) = (a.heads, a.kv_heads);
     let qkv = n1.matmul(&w.qkv.t()?)?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
-    let fused_heads = ops::heads_ops_supported(x.device());
+    let fused_heads = ops::layout_ops_supported(x.device());
     let (q, k, v) = if fused_heads {
         let (q, kv) = ops::heads_from_rows(&qkv, heads_layout(a, b, t, hkv), Some((&cos, &sin)))?;
         let (k, v) = kv.ok_or_else(|| candle_core::Error::Msg("heads_from_rows: no key/value heads".into()))?;
@@ -287,11 +300,20 @@ fn layer_forward(
         yh.transpose(1, 2)?.reshape((n, d))?
     };
     let (h, n2) = ops::add_rms_norm(&x, &y.matmul(&w.o.t()?)?, &w.ln2, l.post_attention_layernorm.eps)?;
-    let g = n2.matmul(&w.gate.t()?)?;
-    let u = n2.matmul(&w.up.t()?)?;
-    let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
+    let (gu, s) = match &w.mlp {
+        Mlp::Stacked(wgu) => {
+            let gu = n2.matmul(&wgu.t()?)?;
+            let s = ops::swiglu_packed(&gu)?;
+            (Mlp::Stacked(gu), s)
+        }
+        Mlp::Apart(wg, wu) => {
+            let (g, u) = (n2.matmul(&wg.t()?)?, n2.matmul(&wu.t()?)?);
+            let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
+            (Mlp::Apart(g, u), s)
+        }
+    };
     let delta = s.matmul(&w.down.t()?)?;
-    Ok((h.clone(), delta, LayerTape { w, x, n1, q, k, v, attn, y, h, n2, g, u, s }))
+    Ok((h.clone(), delta, LayerTape { w, x, n1, q, k, v, attn, y, h, n2, gu, s }))
 }
 
 /// The [`ops::HeadsLayout`] of a layer's attention over (B, T) with `kv_heads` key/value heads
@@ -330,20 +352,34 @@ fn layer_backward(
     // MLP: out = h + down(swiglu(gate(n2), up(n2))).
     acc("mlp.down_proj", dout.t()?.matmul(&lt.s)?)?;
     let ds = dout.matmul(&w.down)?;
-    let (dg, du) = if ops::swiglu_supported(dout.device()) {
-        grad::swiglu(&lt.g, &lt.u, &ds)?
-    } else {
-        swiglu_composed_backward(&lt.g, &lt.u, &ds)?
+    let dn2 = match (&lt.gu, &w.mlp) {
+        (Mlp::Stacked(gu), Mlp::Stacked(wgu)) => {
+            // [dg | du] (N, 2F): one matmul for both weight gradients, one for dn2.
+            let dgu = grad::swiglu_packed(gu, &ds)?;
+            let dw = dgu.t()?.matmul(&lt.n2)?;
+            let f = dw.dim(0)? / 2;
+            acc("mlp.gate_proj", dw.narrow(0, 0, f)?)?;
+            acc("mlp.up_proj", dw.narrow(0, f, f)?)?;
+            dgu.matmul(wgu)?
+        }
+        (Mlp::Apart(g, u), Mlp::Apart(wg, wu)) => {
+            let (dg, du) = if ops::swiglu_supported(dout.device()) {
+                grad::swiglu(g, u, &ds)?
+            } else {
+                swiglu_composed_backward(g, u, &ds)?
+            };
+            acc("mlp.gate_proj", dg.t()?.matmul(&lt.n2)?)?;
+            acc("mlp.up_proj", du.t()?.matmul(&lt.n2)?)?;
+            (dg.matmul(wg)? + du.matmul(wu)?)?
+        }
+        _ => candle_core::bail!("backward_tape: the tape's gate/up layout changed between passes"),
     };
-    acc("mlp.gate_proj", dg.t()?.matmul(&lt.n2)?)?;
-    acc("mlp.up_proj", du.t()?.matmul(&lt.n2)?)?;
-    let dn2 = (dg.matmul(&w.gate)? + du.matmul(&w.up)?)?;
     // The stream after attention feeds the MLP's norm and the output directly.
     let (dh, dln2) = grad::rms_norm_residual(&lt.h, &w.ln2, &dn2, dout, l.post_attention_layernorm.eps)?;
     acc("post_attention_layernorm", dln2)?;
     // Attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
     acc("self_attn.o_proj", dh.t()?.matmul(&lt.y)?)?;
-    let fused_heads = ops::heads_ops_supported(dout.device());
+    let fused_heads = ops::layout_ops_supported(dout.device());
     let dyh = if fused_heads {
         ops::heads_from_rows(&dh.matmul(&w.o)?, heads_layout(a, b, t, 0), None)?.0
     } else {

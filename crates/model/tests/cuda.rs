@@ -346,6 +346,18 @@ fn cuda_swiglu_matches_cpu() {
         check_unary(&format!("swiglu up {dtype:?}"), &u, tol, |u| {
             swiglu(&gx.to_device(u.device()).unwrap(), u).unwrap()
         });
+        // The stacked layout (PATCHLM_LAYOUT_CUDA): [gate | up] per row.
+        patchlm_model::ops::set_layout_cuda(true);
+        let gu = Tensor::cat(&[&x, &u], 1).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (8192, 2048), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let yc = patchlm_model::ops::swiglu_packed(&gu).unwrap();
+        let yg = patchlm_model::ops::swiglu_packed(&gu.to_device(&g).unwrap()).unwrap();
+        assert!(max_rel(&yg, &yc) < tol, "swiglu_packed forward {dtype:?}");
+        let dc = patchlm_model::ops::grad::swiglu_packed(&gu, &dy).unwrap();
+        let dg =
+            patchlm_model::ops::grad::swiglu_packed(&gu.to_device(&g).unwrap(), &dy.to_device(&g).unwrap()).unwrap();
+        assert!(max_rel(&dg, &dc) < tol * 5.0, "swiglu_packed backward {dtype:?}");
+        patchlm_model::ops::set_layout_cuda(false);
     }
     drop(g);
 }
@@ -353,7 +365,7 @@ fn cuda_swiglu_matches_cpu() {
 #[test]
 #[ignore]
 fn cuda_tape_forward_and_backward_match_cpu() {
-    use patchlm_model::ops::{set_flash_attention, set_heads_cuda};
+    use patchlm_model::ops::{set_flash_attention, set_layout_cuda};
     use patchlm_model::{init_model, Grads, ModelConfig};
     let g = gpu();
     let mut cfg = ModelConfig::preset("tiny").unwrap();
@@ -366,7 +378,7 @@ fn cuda_tape_forward_and_backward_match_cpu() {
     for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
         for (flash, heads) in [(false, false), (false, true), (true, true)] {
             set_flash_attention(flash);
-            set_heads_cuda(heads);
+            set_layout_cuda(heads);
             // The warp-per-row RMSNorm and softmax kernels go with the head kernels.
             patchlm_model::ops::set_rows_cuda(heads);
             let run = |m: &patchlm_model::Llama, d: &Device| {
@@ -389,16 +401,16 @@ fn cuda_tape_forward_and_backward_match_cpu() {
         }
     }
     set_flash_attention(false);
-    set_heads_cuda(false);
+    set_layout_cuda(false);
     patchlm_model::ops::set_rows_cuda(false);
 }
 
 #[test]
 #[ignore]
 fn cuda_heads_layout_matches_cpu() {
-    use patchlm_model::ops::{heads_from_rows, rows_from_heads, set_heads_cuda, HeadsLayout};
+    use patchlm_model::ops::{heads_from_rows, rows_from_heads, set_layout_cuda, HeadsLayout};
     let g = gpu();
-    set_heads_cuda(true);
+    set_layout_cuda(true);
     let cpu = Device::Cpu;
     for (b, t, h, kv, hd) in [(3usize, 37usize, 4usize, 2usize, 64usize), (2, 129, 12, 12, 64), (1, 5, 2, 1, 16)] {
         let l = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
@@ -428,5 +440,5 @@ fn cuda_heads_layout_matches_cpu() {
             assert_eq!(max_rel(&rg, &x), 0.0, "{what}: plain rows");
         }
     }
-    set_heads_cuda(false);
+    set_layout_cuda(false);
 }

@@ -497,6 +497,27 @@ fn fused_swiglu_matches_silu_times_up_forward_and_backward() {
 }
 
 #[test]
+fn packed_swiglu_matches_swiglu_on_the_two_halves() {
+    use patchlm_model::ops::{grad, swiglu_packed};
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let gu = Tensor::randn(0f32, 2.0, (5, 2 * 13), &dev).unwrap().to_dtype(dtype).unwrap();
+        let (g, u) =
+            (gu.narrow(1, 0, 13).unwrap().contiguous().unwrap(), gu.narrow(1, 13, 13).unwrap().contiguous().unwrap());
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let y = swiglu_packed(&gu).unwrap();
+        assert_eq!(max_abs(&(f(&y) - f(&swiglu(&g, &u).unwrap())).unwrap()), 0.0, "{dtype:?} forward");
+        let dy = Tensor::randn(0f32, 1.0, (5, 13), &dev).unwrap().to_dtype(dtype).unwrap();
+        let dgu = grad::swiglu_packed(&gu, &dy).unwrap();
+        let (dg, du) = grad::swiglu(&g, &u, &dy).unwrap();
+        let want = Tensor::cat(&[dg, du], 1).unwrap();
+        assert_eq!(max_abs(&(f(&dgu) - f(&want)).unwrap()), 0.0, "{dtype:?} backward");
+        assert!(grad::swiglu_packed(&gu, &dy.narrow(1, 0, 12).unwrap()).is_err());
+    }
+    assert!(swiglu_packed(&Tensor::zeros((2, 7), DType::F32, &dev).unwrap()).is_err());
+}
+
+#[test]
 fn fused_rope_matches_the_composed_rotation_and_inverts() {
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::preset("tiny").unwrap();
