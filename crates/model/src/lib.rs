@@ -34,7 +34,9 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, log_softmax, sample, score_tokens, SamplingConfig};
 pub use llama::{KvCache, Llama, Rope};
 pub use ops::{causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, swiglu};
-pub use tape::{compute_dtype_grads, set_compute_dtype_grads, set_tape_backward, tape_supported, Grads, Tape};
+pub use tape::{
+    compute_dtype_grads, set_attention_chunks, set_compute_dtype_grads, set_tape_backward, tape_supported, Grads, Tape,
+};
 pub use weights::{
     init_model, load_config, load_pretrained, load_trainable, named_tensors, parse_device, parse_dtype,
     save_pretrained, special_token_ids, SplitMix64,

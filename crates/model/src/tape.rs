@@ -11,6 +11,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -78,8 +79,9 @@ enum Mlp {
 
 /// What the attention backward needs besides q, k, v.
 enum Attn {
-    /// The causal-softmax probabilities (B, H, T, T).
-    Probs(Tensor),
+    /// The causal-softmax probabilities of each block of query rows (see [`attention_chunks`]):
+    /// (B, H, r1 − r0, r1) for rows r0..r1 (one block: (B, H, T, T)).
+    Probs(Vec<Tensor>),
     /// Flash attention's output (B, H, T, hd).
     Flash(Tensor),
 }
@@ -290,9 +292,19 @@ fn layer_forward(
         let o = ops::flash_attention(&q, &k, &v, scale)?;
         (o.clone(), Attn::Flash(o))
     } else {
-        // kᵀ as a transposed view: cuBLAS and the CPU gemm read it in place.
-        let p = ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-        (p.matmul(&v)?, Attn::Probs(p))
+        // Query rows in blocks, each against the keys up to its last row only: the blocks above
+        // the diagonal (all masked) are never computed. kᵀ as a transposed view: cuBLAS and the
+        // CPU gemm read it in place.
+        let mut ys = Vec::new();
+        let mut probs = Vec::new();
+        for (r0, r1) in chunk_bounds(t, attention_chunks(t)) {
+            let qc = q.narrow(2, r0, r1 - r0)?;
+            let p = ops::causal_softmax(&qc.matmul(&k.narrow(2, 0, r1)?.t()?)?, scale)?;
+            ys.push(p.matmul(&v.narrow(2, 0, r1)?)?);
+            probs.push(p);
+        }
+        let yh = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 2)? };
+        (yh, Attn::Probs(probs))
     };
     let y = if fused_heads {
         ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)?
@@ -320,6 +332,43 @@ fn layer_forward(
 /// (0: the query heads alone).
 fn heads_layout(a: &crate::llama::Attention, b: usize, t: usize, kv_heads: usize) -> ops::HeadsLayout {
     ops::HeadsLayout { batch: b, seq: t, heads: a.heads, kv_heads, head_dim: a.head_dim }
+}
+
+static CHUNKS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets how many blocks of query rows the softmax attention of [`Llama::forward_tape`] runs in
+/// (each block against the keys up to its last row, so the all-masked blocks above the diagonal
+/// are never computed: with C equal blocks, (C + 1) / 2C of the T×T work and memory). 0 (the
+/// default) chooses by length: T / 512 blocks, at least 1 and at most 4; `PATCHLM_ATTENTION_CHUNKS`
+/// sets it too (1: one block, the full T×T). The result is the same either way.
+pub fn set_attention_chunks(chunks: usize) {
+    CHUNKS.store(chunks, Ordering::Relaxed);
+}
+
+/// The number of query blocks for `t` positions (see [`set_attention_chunks`]).
+fn attention_chunks(t: usize) -> usize {
+    let set = match CHUNKS.load(Ordering::Relaxed) {
+        0 => std::env::var("PATCHLM_ATTENTION_CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        n => n,
+    };
+    let n = if set == 0 { (t / 512).clamp(1, 4) } else { set };
+    n.clamp(1, t.max(1))
+}
+
+/// `chunks` blocks of rows 0..t as (first, end), sizes differing by at most one.
+fn chunk_bounds(t: usize, chunks: usize) -> Vec<(usize, usize)> {
+    (0..chunks).map(|i| (i * t / chunks, (i + 1) * t / chunks)).collect()
+}
+
+/// `acc` (…, t, hd) plus `part` (…, r, hd) on its first r positions (`acc` None: `part` padded
+/// with zeros to t).
+fn add_prefix(acc: Option<Tensor>, part: Tensor, t: usize) -> candle_core::Result<Tensor> {
+    let r = part.dim(2)?;
+    let part = if r < t { part.pad_with_zeros(2, 0, t - r)? } else { part };
+    match acc {
+        Some(a) => a + part,
+        None => Ok(part),
+    }
 }
 
 /// Sums the gradient of repeated key/value heads (B, H, T, hd) back onto (B, KVH, T, hd).
@@ -387,11 +436,23 @@ fn layer_backward(
     };
     let scale = 1.0 / (hd as f64).sqrt();
     let (dq, dk, dv) = match &lt.attn {
-        Attn::Probs(p) => {
-            let dp = dyh.matmul(&lt.v.t()?)?;
-            let dv = p.t()?.matmul(&dyh)?;
-            let dscores = grad::causal_softmax(p, &dp, scale)?;
-            (dscores.matmul(&lt.k)?, dscores.t()?.matmul(&lt.q)?, dv)
+        Attn::Probs(ps) => {
+            // Block by block (see the forward pass); key and value gradients of a block cover
+            // positions 0..r1 and add up over the blocks, query gradients are disjoint.
+            let bounds = chunk_bounds(t, ps.len());
+            let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
+            for (&(r0, r1), p) in bounds.iter().zip(ps).rev() {
+                let dyc = dyh.narrow(2, r0, r1 - r0)?;
+                let dp = dyc.matmul(&lt.v.narrow(2, 0, r1)?.t()?)?;
+                dv = Some(add_prefix(dv, p.t()?.matmul(&dyc)?, t)?);
+                let ds = grad::causal_softmax(p, &dp, scale)?;
+                dqs.push(ds.matmul(&lt.k.narrow(2, 0, r1)?)?);
+                dk = Some(add_prefix(dk, ds.t()?.matmul(&lt.q.narrow(2, r0, r1 - r0)?)?, t)?);
+            }
+            dqs.reverse();
+            let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
+            let missing = || candle_core::Error::Msg("backward_tape: attention saved no blocks".into());
+            (dq, dk.ok_or_else(missing)?, dv.ok_or_else(missing)?)
         }
         Attn::Flash(o) => grad::flash_attention(&lt.q, &lt.k, &lt.v, o, &dyh, scale)?,
     };

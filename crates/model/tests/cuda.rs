@@ -378,6 +378,8 @@ fn cuda_tape_forward_and_backward_match_cpu() {
     for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
         for (flash, heads) in [(false, false), (false, true), (true, true)] {
             set_flash_attention(flash);
+            // Softmax attention in query blocks (narrowed q/k/v views as matmul operands).
+            patchlm_model::set_attention_chunks(if heads { 3 } else { 1 });
             set_layout_cuda(heads);
             // The warp-per-row RMSNorm and softmax kernels go with the head kernels.
             patchlm_model::ops::set_rows_cuda(heads);
@@ -401,6 +403,7 @@ fn cuda_tape_forward_and_backward_match_cpu() {
         }
     }
     set_flash_attention(false);
+    patchlm_model::set_attention_chunks(0);
     set_layout_cuda(false);
     patchlm_model::ops::set_rows_cuda(false);
 }

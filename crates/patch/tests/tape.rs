@@ -9,7 +9,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use patchlm_model::ops::set_flash_attention;
-use patchlm_model::{init_model, named_tensors, set_compute_dtype_grads, tape_supported, ModelConfig};
+use patchlm_model::{
+    init_model, named_tensors, set_attention_chunks, set_compute_dtype_grads, tape_supported, ModelConfig,
+};
 use patchlm_patch::{patch_loss, patch_loss_and_grads};
 
 #[test]
@@ -26,12 +28,14 @@ fn tape_gradients_equal_autograd() {
     assert_eq!(names.len(), named_tensors(&varmap).unwrap().len());
     for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-2)] {
         let m = model.clone().with_compute_dtype(dtype);
-        for flash in [false, true] {
+        // Softmax attention in one block and in three uneven blocks of query rows, then flash.
+        for (flash, chunks) in [(false, 1), (false, 3), (true, 1)] {
             set_flash_attention(flash);
+            set_attention_chunks(chunks);
             for (k, len) in [(1usize, 17usize), (4, 36)] {
                 let ids: Vec<u32> = (0..2 * len).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
                 let ids = Tensor::from_vec(ids, (2, len), &dev).unwrap();
-                let what = format!("{dtype:?} flash {flash} k {k}");
+                let what = format!("{dtype:?} flash {flash} chunks {chunks} k {k}");
                 let want_loss = patch_loss(&m, &ids, k).unwrap();
                 let want = (&want_loss * 0.75).unwrap().backward().unwrap();
                 let (loss, grads) = patch_loss_and_grads(&m, &ids, k, 0.75).unwrap();
@@ -52,6 +56,7 @@ fn tape_gradients_equal_autograd() {
         }
     }
     set_flash_attention(false);
+    set_attention_chunks(0);
     // Gradients left in the compute dtype: the same values (the cast to f32 is exact), in bf16
     // for the matmul weights.
     let m = model.clone().with_compute_dtype(DType::BF16);
