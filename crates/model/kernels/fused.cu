@@ -382,34 +382,94 @@ __device__ void rms_dx_w(const T* x, const T* w, const T* dy, const T* res, T* d
     if (lane == 0) rs[row] = r;
 }
 
+// The causal softmax rows read and write 16 bytes per load where the row is 16-byte aligned (an
+// attention row of a multiple of 8 bf16 positions), element by element otherwise and for tails.
 template <typename T>
 __device__ void causal_softmax_fwd_w(const T* x, T* y, int t, int s, float scale, int n) {
+    const int P = Pack16<T>::N;
     long long row = warp_row();
     if (row >= n) return;
     int lane = threadIdx.x & 31;
-    long long off = row * s;
+    const T* xr = x + row * s;
+    T* yr = y + row * s;
     int lim = s - t + (int)(row % t);
+    bool vec = ((reinterpret_cast<uintptr_t>(xr) | reinterpret_cast<uintptr_t>(yr)) & 15) == 0;
     float m = -INFINITY, sum = 0.0f;
-    for (int j = lane; j <= lim; j += 32) online_add(to_f(x[off + j]) * scale, m, sum);
+    int packs = vec ? (lim + 1) / P : 0;
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N];
+        load_pack(xr + c * P, f);
+        float lm = f[0] * scale;
+#pragma unroll
+        for (int i = 1; i < P; i++) lm = fmaxf(lm, f[i] * scale);
+        if (lm > m) {
+            sum *= __expf(m - lm);
+            m = lm;
+        }
+#pragma unroll
+        for (int i = 0; i < P; i++) sum += __expf(f[i] * scale - m);
+    }
+    for (int j = packs * P + lane; j <= lim; j += 32) online_add(to_f(xr[j]) * scale, m, sum);
     float bm = warp_max(m);
     sum = (m == -INFINITY) ? 0.0f : sum * __expf(m - bm);
     float inv = 1.0f / warp_sum(sum);
-    for (int j = lane; j < s; j += 32)
-        y[off + j] = from_f<T>(j <= lim ? __expf(to_f(x[off + j]) * scale - bm) * inv : 0.0f);
+    int wpacks = vec ? s / P : 0;
+    for (int c = lane; c < wpacks; c += 32) {
+        int j0 = c * P;
+        float f[Pack16<T>::N];
+        if (j0 <= lim) {
+            load_pack(xr + j0, f);
+#pragma unroll
+            for (int i = 0; i < P; i++) f[i] = (j0 + i <= lim) ? __expf(f[i] * scale - bm) * inv : 0.0f;
+        } else {
+#pragma unroll
+            for (int i = 0; i < P; i++) f[i] = 0.0f;
+        }
+        store_pack(yr + j0, f);
+    }
+    for (int j = wpacks * P + lane; j < s; j += 32)
+        yr[j] = from_f<T>(j <= lim ? __expf(to_f(xr[j]) * scale - bm) * inv : 0.0f);
 }
 
 template <typename T>
 __device__ void causal_softmax_bwd_w(const T* y, const T* dy, T* dx, int t, int s, float scale, int n) {
+    const int P = Pack16<T>::N;
     long long row = warp_row();
     if (row >= n) return;
     int lane = threadIdx.x & 31;
-    long long off = row * s;
+    const T* yr = y + row * s;
+    const T* gr = dy + row * s;
+    T* dr = dx + row * s;
     int lim = s - t + (int)(row % t);
+    bool vec = ((reinterpret_cast<uintptr_t>(yr) | reinterpret_cast<uintptr_t>(gr) | reinterpret_cast<uintptr_t>(dr)) & 15) == 0;
     float dot = 0.0f;
-    for (int j = lane; j <= lim; j += 32) dot += to_f(y[off + j]) * to_f(dy[off + j]);
+    int packs = vec ? (lim + 1) / P : 0;
+    for (int c = lane; c < packs; c += 32) {
+        float a[Pack16<T>::N], g[Pack16<T>::N];
+        load_pack(yr + c * P, a);
+        load_pack(gr + c * P, g);
+#pragma unroll
+        for (int i = 0; i < P; i++) dot += a[i] * g[i];
+    }
+    for (int j = packs * P + lane; j <= lim; j += 32) dot += to_f(yr[j]) * to_f(gr[j]);
     dot = warp_sum(dot);
-    for (int j = lane; j < s; j += 32)
-        dx[off + j] = from_f<T>(j <= lim ? scale * to_f(y[off + j]) * (to_f(dy[off + j]) - dot) : 0.0f);
+    int wpacks = vec ? s / P : 0;
+    for (int c = lane; c < wpacks; c += 32) {
+        int j0 = c * P;
+        float a[Pack16<T>::N], g[Pack16<T>::N];
+        if (j0 <= lim) {
+            load_pack(yr + j0, a);
+            load_pack(gr + j0, g);
+#pragma unroll
+            for (int i = 0; i < P; i++) a[i] = (j0 + i <= lim) ? scale * a[i] * (g[i] - dot) : 0.0f;
+        } else {
+#pragma unroll
+            for (int i = 0; i < P; i++) a[i] = 0.0f;
+        }
+        store_pack(dr + j0, a);
+    }
+    for (int j = wpacks * P + lane; j < s; j += 32)
+        dr[j] = from_f<T>(j <= lim ? scale * to_f(yr[j]) * (to_f(gr[j]) - dot) : 0.0f);
 }
 
 // Attention heads and the row layout of the projections, with RoPE fused in. Rows: (B*T, C) with

@@ -140,7 +140,17 @@ fn check_unary(name: &str, x: &Tensor, tol: f32, op: impl Fn(&Tensor) -> Tensor)
 #[test]
 #[ignore]
 fn cuda_causal_softmax_matches_cpu() {
-    let shapes = [(2usize, 3usize, 128usize, 128usize), (1, 2, 5, 37), (1, 4, 1024, 1024), (2, 1, 1, 9), (1, 3, 7, 7)];
+    // (b, h, t, s): square, unaligned rows, long rows, one query, and queries that are the last
+    // t of s keys (the blocks of chunked attention) with aligned and unaligned rows.
+    let shapes = [
+        (2usize, 3usize, 128usize, 128usize),
+        (1, 2, 5, 37),
+        (1, 4, 1024, 1024),
+        (2, 1, 1, 9),
+        (1, 3, 7, 7),
+        (2, 2, 64, 256),
+        (1, 2, 333, 1000),
+    ];
     for ((b, h, t, s), warp) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
         patchlm_model::ops::set_rows_cuda(warp);
         for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
