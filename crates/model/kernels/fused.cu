@@ -325,58 +325,129 @@ __device__ __forceinline__ long long warp_row() {
     return (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 }
 
+// 16-byte aligned pointers (the RMSNorm rows and weights of a width that is a multiple of 8 bf16
+// or 4 f32 elements) take the packed loops below; others, and the tails, go element by element.
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c, const void* d) {
+    return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(c) |
+             reinterpret_cast<uintptr_t>(d)) & 15) == 0;
+}
+
 template <typename T>
 __device__ void rms_fwd_w(const T* x, const T* w, T* y, int d, float eps, int n) {
+    const int P = Pack16<T>::N;
     long long row = warp_row();
     if (row >= n) return;
     int lane = threadIdx.x & 31;
     const T* xr = x + row * d;
     T* yr = y + row * d;
+    int packs = aligned16(xr, yr, w, w) ? d / P : 0;
     float ss = 0.0f;
-    for (int j = lane; j < d; j += 32) {
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N];
+        load_pack(xr + c * P, f);
+#pragma unroll
+        for (int i = 0; i < P; i++) ss += f[i] * f[i];
+    }
+    for (int j = packs * P + lane; j < d; j += 32) {
         float a = to_f(xr[j]);
         ss += a * a;
     }
     float r = rsqrtf(warp_sum(ss) / d + eps);
-    for (int j = lane; j < d; j += 32) yr[j] = from_f<T>(to_f(from_f<T>(to_f(xr[j]) * r)) * to_f(w[j]));
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N], g[Pack16<T>::N];
+        load_pack(xr + c * P, f);
+        load_pack(w + c * P, g);
+#pragma unroll
+        for (int i = 0; i < P; i++) f[i] = to_f(from_f<T>(f[i] * r)) * g[i];
+        store_pack(yr + c * P, f);
+    }
+    for (int j = packs * P + lane; j < d; j += 32) yr[j] = from_f<T>(to_f(from_f<T>(to_f(xr[j]) * r)) * to_f(w[j]));
 }
 
 // Residual add fused with the RMSNorm that follows it: s = a + b (rounded to T), y = rms_norm(s).
 template <typename T>
 __device__ void add_rms_fwd_w(const T* a, const T* b, const T* w, T* s, T* y, int d, float eps, int n) {
+    const int P = Pack16<T>::N;
     long long row = warp_row();
     if (row >= n) return;
     int lane = threadIdx.x & 31;
     long long off = row * d;
+    int packs = (aligned16(a + off, b + off, s + off, y + off) && aligned16(w, w, w, w)) ? d / P : 0;
     float ss = 0.0f;
-    for (int j = lane; j < d; j += 32) {
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N], g[Pack16<T>::N];
+        load_pack(a + off + c * P, f);
+        load_pack(b + off + c * P, g);
+#pragma unroll
+        for (int i = 0; i < P; i++) {
+            f[i] = to_f(from_f<T>(f[i] + g[i]));
+            ss += f[i] * f[i];
+        }
+        store_pack(s + off + c * P, f);
+    }
+    for (int j = packs * P + lane; j < d; j += 32) {
         T v = from_f<T>(to_f(a[off + j]) + to_f(b[off + j]));
         s[off + j] = v;
         ss += to_f(v) * to_f(v);
     }
     float r = rsqrtf(warp_sum(ss) / d + eps);
-    for (int j = lane; j < d; j += 32) y[off + j] = from_f<T>(to_f(from_f<T>(to_f(s[off + j]) * r)) * to_f(w[j]));
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N], g[Pack16<T>::N];
+        load_pack(s + off + c * P, f);
+        load_pack(w + c * P, g);
+#pragma unroll
+        for (int i = 0; i < P; i++) f[i] = to_f(from_f<T>(f[i] * r)) * g[i];
+        store_pack(y + off + c * P, f);
+    }
+    for (int j = packs * P + lane; j < d; j += 32) y[off + j] = from_f<T>(to_f(from_f<T>(to_f(s[off + j]) * r)) * to_f(w[j]));
 }
 
 // RMSNorm input gradient plus a residual gradient (res may be null): dx = r w dy - c x + res.
 template <typename T>
 __device__ void rms_dx_w(const T* x, const T* w, const T* dy, const T* res, T* dx, float* rs, int d, float eps,
                          int n) {
+    const int P = Pack16<T>::N;
     long long row = warp_row();
     if (row >= n) return;
     int lane = threadIdx.x & 31;
     long long off = row * d;
+    bool ok = aligned16(x + off, dy + off, dx + off, w) && (res == nullptr || aligned16(res + off, w, w, w));
+    int packs = ok ? d / P : 0;
     float ss = 0.0f, dot = 0.0f;
-    for (int j = lane; j < d; j += 32) {
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N], g[Pack16<T>::N], q[Pack16<T>::N];
+        load_pack(x + off + c * P, f);
+        load_pack(w + c * P, g);
+        load_pack(dy + off + c * P, q);
+#pragma unroll
+        for (int i = 0; i < P; i++) {
+            ss += f[i] * f[i];
+            dot += f[i] * g[i] * q[i];
+        }
+    }
+    for (int j = packs * P + lane; j < d; j += 32) {
         float a = to_f(x[off + j]);
         ss += a * a;
         dot += a * to_f(w[j]) * to_f(dy[off + j]);
     }
     float r = rsqrtf(warp_sum(ss) / d + eps);
     dot = warp_sum(dot);
-    float c = dot * r * r * r / d;
-    for (int j = lane; j < d; j += 32) {
-        float g = r * to_f(w[j]) * to_f(dy[off + j]) - c * to_f(x[off + j]);
+    float c0 = dot * r * r * r / d;
+    for (int c = lane; c < packs; c += 32) {
+        float f[Pack16<T>::N], g[Pack16<T>::N], q[Pack16<T>::N], e[Pack16<T>::N];
+        load_pack(x + off + c * P, f);
+        load_pack(w + c * P, g);
+        load_pack(dy + off + c * P, q);
+        if (res) load_pack(res + off + c * P, e);
+#pragma unroll
+        for (int i = 0; i < P; i++) {
+            float v = r * g[i] * q[i] - c0 * f[i];
+            f[i] = res ? v + e[i] : v;
+        }
+        store_pack(dx + off + c * P, f);
+    }
+    for (int j = packs * P + lane; j < d; j += 32) {
+        float g = r * to_f(w[j]) * to_f(dy[off + j]) - c0 * to_f(x[off + j]);
         dx[off + j] = from_f<T>(res ? g + to_f(res[off + j]) : g);
     }
     if (lane == 0) rs[row] = r;
