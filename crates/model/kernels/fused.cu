@@ -615,10 +615,32 @@ __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float*
 }
 
 // SwiGLU on the stacked gate/up projection gu (rows, 2f) = [gate | up] per row: y (rows, f), and
-// its backward into the same stacked layout, out = [dg | du] per row. n = rows * f.
+// its backward into the same stacked layout, out = [dg | du] per row. n = rows * f. With f a
+// multiple of the 16-byte pack and aligned buffers, each thread handles one pack.
+__device__ __forceinline__ float silu_grad(float x, float u, float d, float* du) {
+    float s = 1.0f / (1.0f + __expf(-x));
+    *du = d * x * s;
+    return d * u * s * (1.0f + x * (1.0f - s));
+}
+
 template <typename T>
 __device__ void swiglu_packed_fwd(const T* gu, T* y, long long n, int f) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const int P = Pack16<T>::N;
+    long long stride = (long long)gridDim.x * blockDim.x, first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (f % P == 0 && aligned16(gu, y, gu, y)) {
+        for (long long c = first; c < n / P; c += stride) {
+            long long i = c * P;
+            const T* r = gu + (i / f) * 2 * f + i % f;
+            float g[Pack16<T>::N], u[Pack16<T>::N];
+            load_pack(r, g);
+            load_pack(r + f, u);
+#pragma unroll
+            for (int k = 0; k < P; k++) g[k] = g[k] / (1.0f + __expf(-g[k])) * u[k];
+            store_pack(y + i, g);
+        }
+        return;
+    }
+    for (long long i = first; i < n; i += stride) {
         const T* r = gu + (i / f) * 2 * f;
         int c = (int)(i % f);
         float x = to_f(r[c]);
@@ -627,12 +649,31 @@ __device__ void swiglu_packed_fwd(const T* gu, T* y, long long n, int f) {
 }
 template <typename T>
 __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* out, long long n, int f) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const int P = Pack16<T>::N;
+    long long stride = (long long)gridDim.x * blockDim.x, first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (f % P == 0 && aligned16(gu, dy, out, out)) {
+        for (long long c = first; c < n / P; c += stride) {
+            long long i = c * P, o = (i / f) * 2 * f + i % f;
+            float g[Pack16<T>::N], u[Pack16<T>::N], d[Pack16<T>::N];
+            load_pack(gu + o, g);
+            load_pack(gu + o + f, u);
+            load_pack(dy + i, d);
+#pragma unroll
+            for (int k = 0; k < P; k++) {
+                float du;
+                g[k] = silu_grad(g[k], u[k], d[k], &du);
+                u[k] = du;
+            }
+            store_pack(out + o, g);
+            store_pack(out + o + f, u);
+        }
+        return;
+    }
+    for (long long i = first; i < n; i += stride) {
         long long o = (i / f) * 2 * f + i % f;
-        float x = to_f(gu[o]), u = to_f(gu[o + f]), d = to_f(dy[i]);
-        float s = 1.0f / (1.0f + __expf(-x));
-        out[o] = from_f<T>(d * u * s * (1.0f + x * (1.0f - s)));
-        out[o + f] = from_f<T>(d * x * s);
+        float du;
+        out[o] = from_f<T>(silu_grad(to_f(gu[o]), to_f(gu[o + f]), to_f(dy[i]), &du));
+        out[o + f] = from_f<T>(du);
     }
 }
 
