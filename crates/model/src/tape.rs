@@ -6,8 +6,11 @@
 //! Why: candle's backward pass seeds every node's gradient with a tensor of zeros and adds the
 //! incoming gradient to it, for every op (weight casts, reshapes, transposes included), and builds
 //! the graph on the host op by op. Here each gradient is written once, weight gradients are cast
-//! to f32 once, and only the tensors named below are kept. The gradients are the same (tested
-//! against autograd in `tests/tape.rs`).
+//! to f32 once (or not at all, see [`set_compute_dtype_grads`]), and only the tensors named below
+//! are kept. The forward pass also changes the layout work, not the math: stacked q/k/v and
+//! gate/up projections, heads laid out with RoPE in one pass, residual adds inside the next
+//! norm's kernel, softmax attention in blocks of query rows (see [`set_attention_chunks`]). The
+//! gradients are the same (tested against autograd in `crates/patch/tests/tape.rs`).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
