@@ -8,7 +8,7 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [optin] [gpt2] [track] [370m] [ops] [ncu] [ours] [events] [plain]
+#   bash scripts/gpu_check.sh [kernels] [optin] [gpt2] [track] [370m] [optin-each] [ops] [ncu] [ours] [events] [plain]
 # (no section: kernels optin gpt2 track 370m, about 9 minutes on an H200, most of it torch.compile's
 # warm-up; every measurement is printed as it is made, so a section cut by its timeout keeps them).
 # The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS: written since the last device run)
@@ -53,6 +53,14 @@ for s in $sections; do
              PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | sed "s/^{/{\"optin_kernels\": $on, /" | tee -a "$OUT/optin.txt"
+           done ;;
+    optin-each)
+           # Each opt-in family alone (layout, rows, bf16 gradients), to attribute the optin gain.
+           for on in "1 0 0" "0 1 0" "0 0 1"; do
+             set -- $on
+             PATCHLM_LAYOUT_CUDA=$1 PATCHLM_ROWS_CUDA=$2 PATCHLM_BF16_GRADS=$3 timeout 90 /tmp/bin/xtask bench model \
+               --preset gpt2-small --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
+               | tee -a "$OUT/optin-each.txt"
            done ;;
     ncu)   # Time per kernel over 3 training steps (2 warm-up + 1) with Nsight Compute, where it is installed.
            ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
