@@ -10,7 +10,12 @@
 //!   scores; [`flash_attention`]: causal attention without a T×T matrix (opt-in, see
 //!   [`set_flash_attention`]).
 //! - [`embedding`]: lookup with a scatter-add backward; [`swiglu`]: SwiGLU's gate.
-//! - [`adamw_update`]: one AdamW step of one parameter in a single pass (no backward).
+//! - [`adamw_update`]: one AdamW step of one parameter in a single pass (no backward);
+//!   [`adamw_multi`] / [`sum_of_squares`]: all parameters (gradients f32 or bf16) in one launch.
+//! - For a hand-written backward pass (no graph; backward passes in [`grad`]):
+//!   [`heads_from_rows`] / [`rows_from_heads`] (attention heads with RoPE fused, and back),
+//!   [`swiglu_packed`] (SwiGLU on stacked gate/up rows), [`add_rms_norm`] (residual add fused
+//!   into the norm), [`cross_entropy_multi_lse`] (the loss keeping each row's log-sum-exp).
 //!
 //! [`fused_ops_supported`] says where a device has the implementations (callers fall back to
 //! composed candle ops elsewhere); [`set_fused_ops`] turns them off to compare.
@@ -279,7 +284,7 @@ fn ce_fwd_rows<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize, lse: 
     Ok(out)
 }
 
-fn ce_bwd<T: Float>(x: &[T], t: &[u32], g: &[f32], _n: usize, v: usize, k: usize) -> Vec<T> {
+fn ce_bwd<T: Float>(x: &[T], t: &[u32], g: &[f32], v: usize, k: usize) -> Vec<T> {
     ce_bwd_with(x, t, g, v, k, |_, row| {
         let (m, l) = row_stats(row);
         m + l
@@ -389,7 +394,7 @@ impl CustomOp3 for MultiTargetCeGrad {
             let (g, lse) = g.split_at(n);
             map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd_with(x, t, g, v, k, |i, _| lse[i]))
         } else {
-            map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd(x, t, g, n, v, k))
+            map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd(x, t, g, v, k))
         };
         Ok((out, Shape::from((n, v))))
     }
@@ -2975,11 +2980,18 @@ mod cuda {
             bld.arg(&xs[1]);
             bld.arg(&xs[2]);
         }
-        // Without tables the kernel never reads them: any f32 pointer will do.
-        let dummy = dev.alloc_zeros::<f32>(1)?;
-        let dummy_view = dummy.slice(0..);
-        bld.arg(c.as_ref().unwrap_or(&dummy_view));
-        bld.arg(sn.as_ref().unwrap_or(&dummy_view));
+        // Without tables (rope 0) the kernel never reads them: a null pointer stands in.
+        let null = 0u64;
+        match (&c, &sn) {
+            (Some(c), Some(sn)) => {
+                bld.arg(c);
+                bld.arg(sn);
+            }
+            _ => {
+                bld.arg(&null);
+                bld.arg(&null);
+            }
+        }
         bld.arg(&out);
         for a in [&b, &t, &h, &kv, &hd, &rope] {
             bld.arg(a);

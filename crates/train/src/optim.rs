@@ -94,7 +94,7 @@ impl AdamW {
         let decay = if c.weight_decay != 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
         let h = AdamWStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, decay, bias1: bc1, bias2: bc2 };
         // The multi-tensor update reads f32 and bf16 gradients as they are; the rest in f32.
-        let f32_grads = self
+        let grads_in = self
             .slots
             .iter()
             .map(|s| {
@@ -111,7 +111,7 @@ impl AdamW {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut batch = Vec::new();
-        for (s, g) in self.slots.iter_mut().zip(&f32_grads) {
+        for (s, g) in self.slots.iter_mut().zip(&grads_in) {
             let Some(g) = g else { continue };
             if self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device()) {
                 batch.push(AdamWSlot { param: &s.var, grad: g, moments: &mut s.moments, decay: s.decay });
