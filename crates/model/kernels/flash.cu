@@ -3,6 +3,7 @@
 // feature; a module of its own so that processes that never use it do not JIT-compile it.
 
 #include "common.cuh"
+#include <mma.h>
 
 // FlashAttention-2's scheme on CUDA cores, f32 arithmetic.
 // q (BH, t, HD), k and v (BH, s, HD), s >= t: query row i sees keys 0..=s-t+i. One thread per
@@ -223,3 +224,368 @@ __device__ void flash_dkv(const T* qdo, const T* kv, const float* st, T* out, in
 FLASH_ALL_HD(float, f32)
 FLASH_ALL_HD(__nv_bfloat16, bf16)
 FLASH_ALL_HD(__half, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core flash attention (bf16 / f16 storage, head size 32 or 64): the same math and the same
+// inputs as the kernels above, with the tile products on tensor cores through wmma (16x16x16,
+// f32 accumulation). A block has 4 warps; each warp owns 16 rows (queries in the forward and dq
+// kernels, keys in the dk/dv kernel) and keeps their operand fragments and accumulators in
+// registers. Score tiles go through shared memory in f32, where each pair of lanes owns one row
+// (lane / 2) and half of its columns for the softmax arithmetic; probabilities are rounded to the
+// storage dtype for the next product, statistics stay f32. Padded shared-memory rows (+8
+// elements) keep wmma's 32-byte alignment and spread the banks.
+
+#define TC_WARPS 4
+#define TC_ROWS (16 * TC_WARPS)
+
+// Copies rows [r0, r0 + n) of a (rows, HD) matrix into shared memory (row stride LD elements) and
+// zeroes rows n..R-1, 16 bytes per load where the source is aligned.
+template <typename T, int HD, int LD, int R>
+__device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n) {
+    constexpr int P = 16 / sizeof(T), PR = HD / P;
+    const T* s = src + (size_t)r0 * HD;
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+        for (int e = threadIdx.x; e < R * PR; e += blockDim.x) {
+            const int r = e / PR, c = (e % PR) * P;
+            uint4 u = make_uint4(0u, 0u, 0u, 0u);
+            if (r < n) u = *reinterpret_cast<const uint4*>(s + (size_t)r * HD + c);
+            *reinterpret_cast<uint4*>(dst + r * LD + c) = u;
+        }
+    } else {
+        for (int e = threadIdx.x; e < R * HD; e += blockDim.x) {
+            const int r = e / HD, c = e % HD;
+            dst[r * LD + c] = r < n ? s[(size_t)r * HD + c] : from_f<T>(0.0f);
+        }
+    }
+}
+
+template <typename T, int HD>
+struct TcDims {
+    static_assert(HD == 32 || HD == 64, "tensor-core flash attention has head sizes 32 and 64");
+    static constexpr int LD = HD + 8;   // operand tiles (storage dtype)
+    static constexpr int BC = 64;       // keys per forward tile
+    static constexpr int LDS = BC + 4;  // forward score rows (f32)
+    static constexpr int LDO = HD + 4;  // f32 rows of HD
+    static constexpr int LDP = BC + 8;  // forward probabilities (storage dtype)
+    static constexpr int BB = 32;       // keys (dq) or queries (dk/dv) per backward tile
+    static constexpr int LDB = BB + 4;  // backward score rows (f32)
+    static constexpr int LDBP = BB + 8; // backward probabilities (storage dtype)
+};
+
+template <typename T>
+using TcA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> TcAcc;
+
+// The backward's two score tiles of one warp: s = a1 . b1^T and p = a2 . b2^T for the warp's 16
+// rows against the BB rows of the shared tiles b1 and b2, stored as f32 (row stride LDB).
+template <typename T, int HD>
+__device__ __forceinline__ void tc_two_scores(const TcA<T>* a1, const TcA<T>* a2, const T* b1, const T* b2,
+                                              float* s, float* p) {
+    using namespace nvcuda;
+    typedef TcDims<T, HD> D;
+#pragma unroll
+    for (int n = 0; n < D::BB / 16; n++) {
+        TcAcc sf, pf;
+        wmma::fill_fragment(sf, 0.0f);
+        wmma::fill_fragment(pf, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> f1, f2;
+            wmma::load_matrix_sync(f1, b1 + n * 16 * D::LD + kk * 16, D::LD);
+            wmma::load_matrix_sync(f2, b2 + n * 16 * D::LD + kk * 16, D::LD);
+            wmma::mma_sync(sf, a1[kk], f1, sf);
+            wmma::mma_sync(pf, a2[kk], f2, pf);
+        }
+        wmma::store_matrix_sync(s + n * 16, sf, D::LDB, wmma::mem_row_major);
+        wmma::store_matrix_sync(p + n * 16, pf, D::LDB, wmma::mem_row_major);
+    }
+}
+
+// Writes a warp's 16 x HD accumulators times `mul` to rows of `out` (row stride HD) through the
+// warp's f32 work space `sb`; lane pairs write row r (halves), rows past `live` are skipped.
+template <typename T, int HD>
+__device__ __forceinline__ void tc_rows_out(const TcAcc* acc, float* sb, T* out, bool live, float mul) {
+    using namespace nvcuda;
+    constexpr int LDO = TcDims<T, HD>::LDO;
+    const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(sb + n * 16, acc[n], LDO, wmma::mem_row_major);
+    __syncwarp();
+    if (live) {
+#pragma unroll
+        for (int c = 0; c < HD / 2; c++) out[c] = from_f<T>(sb[r * LDO + half * (HD / 2) + c] * mul);
+    }
+}
+
+// Forward: o (BH, t, HD) and the log-sum-exp of each query row. Grid (ceil(t / 64), BH); the
+// blocks with the most keys (the last query rows) start first.
+template <typename T, int HD>
+__device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+    using namespace nvcuda;
+    typedef TcDims<T, HD> D;
+    constexpr int LD = D::LD, BC = D::BC, LDS = D::LDS, LDO = D::LDO, LDP = D::LDP;
+    constexpr int QP = TC_ROWS * LD > TC_WARPS * 16 * LDP ? TC_ROWS * LD : TC_WARPS * 16 * LDP;
+    constexpr int SW = 16 * (LDS > LDO ? LDS : LDO);
+    __shared__ __align__(32) T ks[BC * LD];
+    __shared__ __align__(32) T vs[BC * LD];
+    __shared__ __align__(32) T qp[QP];  // the query tile, then each warp's probabilities
+    __shared__ __align__(32) float sw[TC_WARPS * SW];
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+    tc_tile_in<T, HD, LD, TC_ROWS>(qp, q + (size_t)bh * t * HD, i0, min(TC_ROWS, t - i0));
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[HD / 16];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) wmma::load_matrix_sync(qf[kk], qp + w * 16 * LD + kk * 16, LD);
+    T* pw = qp + w * 16 * LDP;  // this warp's rows of qp: its queries are in registers now
+    float* sb = sw + w * SW;
+    const int i = i0 + w * 16 + r, lim = off + i;  // this lane's query row and its last key
+    float m = -INFINITY, l = 0.0f, acc[HD / 2];
+#pragma unroll
+    for (int c = 0; c < HD / 2; c++) acc[c] = 0.0f;
+    const int kend = min(s, off + i0 + TC_ROWS);
+    const int wlast = off + i0 + w * 16 + 15;  // the last key any row of this warp sees
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    for (int k0 = 0; k0 < kend; k0 += BC) {
+        __syncthreads();
+        tc_tile_in<T, HD, LD, BC>(ks, kb, k0, min(BC, s - k0));
+        tc_tile_in<T, HD, LD, BC>(vs, vb, k0, min(BC, s - k0));
+        __syncthreads();
+        if (k0 > wlast) continue;
+#pragma unroll
+        for (int n = 0; n < BC / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+            wmma::fill_fragment(sf, 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, ks + n * 16 * LD + kk * 16, LD);
+                wmma::mma_sync(sf, qf[kk], kf, sf);
+            }
+            wmma::store_matrix_sync(sb + n * 16, sf, LDS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        const int c0 = half * (BC / 2);
+        float mx = -INFINITY;
+#pragma unroll 8
+        for (int c = 0; c < BC / 2; c++) {
+            const float x = (k0 + c0 + c <= lim) ? sb[r * LDS + c0 + c] * scale : -INFINITY;
+            mx = fmaxf(mx, x);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        const float mnew = fmaxf(m, mx);
+        const float alpha = __expf(m - mnew);
+        float sum = 0.0f;
+#pragma unroll 8
+        for (int c = 0; c < BC / 2; c++) {
+            const float p = (k0 + c0 + c <= lim) ? __expf(sb[r * LDS + c0 + c] * scale - mnew) : 0.0f;
+            pw[r * LDP + c0 + c] = from_f<T>(p);
+            sum += p;
+        }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        l = l * alpha + sum;
+        m = mnew;
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+            wmma::fill_fragment(of, 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, pw + kk * 16, LDP);
+                wmma::load_matrix_sync(vf, vs + kk * 16 * LD + n * 16, LD);
+                wmma::mma_sync(of, pf, vf, of);
+            }
+            wmma::store_matrix_sync(sb + n * 16, of, LDO, wmma::mem_row_major);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int c = 0; c < HD / 2; c++) acc[c] = acc[c] * alpha + sb[r * LDO + half * (HD / 2) + c];
+    }
+    if (i >= t) return;
+    const float inv = 1.0f / l;
+    T* orow = o + ((size_t)bh * t + i) * HD + half * (HD / 2);
+#pragma unroll
+    for (int c = 0; c < HD / 2; c++) orow[c] = from_f<T>(acc[c] * inv);
+    if (half == 0) lse[(size_t)bh * t + i] = m + logf(l);
+}
+
+// dq: the layout and arguments of flash_dq above. Grid (ceil(t / 64), BH), last rows first.
+template <typename T, int HD>
+__device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, int nbh, int t, int s, float scale) {
+    using namespace nvcuda;
+    typedef TcDims<T, HD> D;
+    constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
+    constexpr int SW = 2 * 16 * LDB > 16 * LDO ? 2 * 16 * LDB : 16 * LDO;  // scores + dP, or dq out
+    constexpr int STAGE = 2 * TC_ROWS * LD * (int)sizeof(T), WORK = TC_WARPS * SW * 4;
+    __shared__ __align__(32) T ks[BB * LD];
+    __shared__ __align__(32) T vs[BB * LD];
+    __shared__ __align__(32) T dsw[TC_WARPS * 16 * LDBP];
+    __shared__ __align__(32) unsigned char un[STAGE > WORK ? STAGE : WORK];  // q/dO tiles, then work
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+    const int nq = min(TC_ROWS, t - i0);
+    T* qt = reinterpret_cast<T*>(un);
+    T* dt = qt + TC_ROWS * LD;
+    tc_tile_in<T, HD, LD, TC_ROWS>(qt, qdo + (size_t)bh * t * HD, i0, nq);
+    tc_tile_in<T, HD, LD, TC_ROWS>(dt, qdo + ((size_t)nbh + bh) * t * HD, i0, nq);
+    __syncthreads();
+    TcA<T> qf[HD / 16], df[HD / 16];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        wmma::load_matrix_sync(qf[kk], qt + w * 16 * LD + kk * 16, LD);
+        wmma::load_matrix_sync(df[kk], dt + w * 16 * LD + kk * 16, LD);
+    }
+    TcAcc acc[HD / 16];
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++) wmma::fill_fragment(acc[n], 0.0f);
+    __syncthreads();  // the staging area becomes work space
+    float* sb = reinterpret_cast<float*>(un) + w * SW;
+    float* pb = sb + 16 * LDB;
+    T* dsb = dsw + w * 16 * LDBP;
+    const int i = i0 + w * 16 + r, lim = off + i;
+    const float lse = i < t ? st[((size_t)bh * t + i) * 2] : INFINITY;
+    const float delta = i < t ? st[((size_t)bh * t + i) * 2 + 1] : 0.0f;
+    const int kend = min(s, off + i0 + TC_ROWS), wlast = off + i0 + w * 16 + 15;
+    const T* kb = kv + (size_t)bh * s * HD;
+    const T* vb = kv + ((size_t)nbh + bh) * s * HD;
+    for (int k0 = 0; k0 < kend; k0 += BB) {
+        __syncthreads();
+        tc_tile_in<T, HD, LD, BB>(ks, kb, k0, min(BB, s - k0));
+        tc_tile_in<T, HD, LD, BB>(vs, vb, k0, min(BB, s - k0));
+        __syncthreads();
+        if (k0 > wlast) continue;
+        tc_two_scores<T, HD>(qf, df, ks, vs, sb, pb);
+        __syncwarp();
+        const int c0 = half * (BB / 2);
+#pragma unroll 8
+        for (int c = 0; c < BB / 2; c++) {
+            const int j = k0 + c0 + c;
+            const float p = j <= lim ? __expf(scale * sb[r * LDB + c0 + c] - lse) : 0.0f;
+            dsb[r * LDBP + c0 + c] = from_f<T>(p * (pb[r * LDB + c0 + c] - delta));
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) {
+#pragma unroll
+            for (int kk = 0; kk < BB / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+                wmma::load_matrix_sync(af, dsb + kk * 16, LDBP);
+                wmma::load_matrix_sync(bf, ks + kk * 16 * LD + n * 16, LD);
+                wmma::mma_sync(acc[n], af, bf, acc[n]);
+            }
+        }
+    }
+    tc_rows_out<T, HD>(acc, sb, dq + ((size_t)bh * t + i) * HD + half * (HD / 2), i < t, scale);
+}
+
+// dk and dv in one pass over the queries that see each key: inputs as flash_dk / flash_dv above,
+// outputs dk and dv (BH, s, HD). Grid (ceil(s / 64), BH); the first keys (the most queries) first.
+template <typename T, int HD>
+__device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, T* dv, int nbh, int t, int s,
+                             float scale) {
+    using namespace nvcuda;
+    typedef TcDims<T, HD> D;
+    constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
+    constexpr int SW = 2 * 16 * LDB > 16 * LDO ? 2 * 16 * LDB : 16 * LDO;
+    constexpr int STAGE = 2 * TC_ROWS * LD * (int)sizeof(T), WORK = TC_WARPS * SW * 4;
+    __shared__ __align__(32) T qs[BB * LD];
+    __shared__ __align__(32) T dos[BB * LD];
+    __shared__ __align__(32) T pw[TC_WARPS * 16 * LDBP];
+    __shared__ __align__(32) T dsw[TC_WARPS * 16 * LDBP];
+    __shared__ float ls[BB], dl[BB];
+    __shared__ __align__(32) unsigned char un[STAGE > WORK ? STAGE : WORK];  // k/v tiles, then work
+    const int bh = blockIdx.y, j0 = blockIdx.x * TC_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+    const int nk = min(TC_ROWS, s - j0);
+    T* kt = reinterpret_cast<T*>(un);
+    T* vt = kt + TC_ROWS * LD;
+    tc_tile_in<T, HD, LD, TC_ROWS>(kt, kv + (size_t)bh * s * HD, j0, nk);
+    tc_tile_in<T, HD, LD, TC_ROWS>(vt, kv + ((size_t)nbh + bh) * s * HD, j0, nk);
+    __syncthreads();
+    TcA<T> kf[HD / 16], vf[HD / 16];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        wmma::load_matrix_sync(kf[kk], kt + w * 16 * LD + kk * 16, LD);
+        wmma::load_matrix_sync(vf[kk], vt + w * 16 * LD + kk * 16, LD);
+    }
+    TcAcc dka[HD / 16], dva[HD / 16];
+#pragma unroll
+    for (int n = 0; n < HD / 16; n++) {
+        wmma::fill_fragment(dka[n], 0.0f);
+        wmma::fill_fragment(dva[n], 0.0f);
+    }
+    __syncthreads();
+    float* sb = reinterpret_cast<float*>(un) + w * SW;
+    float* pb = sb + 16 * LDB;
+    T* pr = pw + w * 16 * LDBP;
+    T* dsr = dsw + w * 16 * LDBP;
+    const int j = j0 + w * 16 + r;     // this lane's key
+    const int wfirst = j0 + w * 16;    // the warp's first key: queries before wfirst - off see none
+    const T* qb = qdo + (size_t)bh * t * HD;
+    const T* db = qdo + ((size_t)nbh + bh) * t * HD;
+    for (int q0 = max(0, j0 - off); q0 < t; q0 += BB) {
+        const int nq = min(BB, t - q0);
+        __syncthreads();
+        tc_tile_in<T, HD, LD, BB>(qs, qb, q0, nq);
+        tc_tile_in<T, HD, LD, BB>(dos, db, q0, nq);
+        for (int e = threadIdx.x; e < BB; e += blockDim.x) {
+            ls[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2] : INFINITY;
+            dl[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2 + 1] : 0.0f;
+        }
+        __syncthreads();
+        if (q0 + BB - 1 < wfirst - off) continue;
+        tc_two_scores<T, HD>(kf, vf, qs, dos, sb, pb);
+        __syncwarp();
+        const int c0 = half * (BB / 2);
+#pragma unroll 8
+        for (int c = 0; c < BB / 2; c++) {
+            const int qi = q0 + c0 + c;
+            const float p = (j <= off + qi && qi < t) ? __expf(scale * sb[r * LDB + c0 + c] - ls[c0 + c]) : 0.0f;
+            pr[r * LDBP + c0 + c] = from_f<T>(p);
+            dsr[r * LDBP + c0 + c] = from_f<T>(p * (pb[r * LDB + c0 + c] - dl[c0 + c]));
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) {
+#pragma unroll
+            for (int kk = 0; kk < BB / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa, da;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> ob, qb2;
+                wmma::load_matrix_sync(pa, pr + kk * 16, LDBP);
+                wmma::load_matrix_sync(da, dsr + kk * 16, LDBP);
+                wmma::load_matrix_sync(ob, dos + kk * 16 * LD + n * 16, LD);
+                wmma::load_matrix_sync(qb2, qs + kk * 16 * LD + n * 16, LD);
+                wmma::mma_sync(dva[n], pa, ob, dva[n]);
+                wmma::mma_sync(dka[n], da, qb2, dka[n]);
+            }
+        }
+    }
+    const size_t row = ((size_t)bh * s + j) * HD + half * (HD / 2);
+    tc_rows_out<T, HD>(dka, sb, dk + row, j < s, scale);
+    tc_rows_out<T, HD>(dva, sb, dv + row, j < s, 1.0f);
+}
+
+#define FLASH_TC_OPS(T, S, HD)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_tc_fwd_##S##_##HD(                             \
+        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \
+        flash_tc_fwd<T, HD>(q, k, v, o, lse, t, s, scale);                                                 \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) flash_tc_dq_##S##_##HD(                              \
+        const T* qdo, const T* kv, const float* st, T* out, int nbh, int t, int s, float scale) {          \
+        flash_tc_dq<T, HD>(qdo, kv, st, out, nbh, t, s, scale);                                            \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) flash_tc_dkv_##S##_##HD(                             \
+        const T* qdo, const T* kv, const float* st, T* dk, T* dv, int nbh, int t, int s, float scale) {    \
+        flash_tc_dkv<T, HD>(qdo, kv, st, dk, dv, nbh, t, s, scale);                                        \
+    }
+
+FLASH_TC_OPS(__nv_bfloat16, bf16, 32)
+FLASH_TC_OPS(__nv_bfloat16, bf16, 64)
+FLASH_TC_OPS(__half, f16, 32)
+FLASH_TC_OPS(__half, f16, 64)

@@ -1,0 +1,303 @@
+// A CPU stand-in for the part of CUDA that patchlm's kernels use, so that the kernel sources in
+// kernels/*.cu can be compiled with a host C++ compiler and their math tested on machines without
+// a GPU (crates/model/tests/emulated.rs). Not a simulator of timing or of the memory model.
+//
+// Execution: a launch runs its blocks one after another; the threads of a block are fibers
+// (ucontext) switched cooperatively on one OS thread, so `__shared__` can be a function-local
+// `static` (one block lives at a time) and every run is deterministic. Barriers follow the
+// hardware rules: `__syncthreads` waits for every thread of the block that has not exited, warp
+// operations (shuffles, `__syncwarp`, the wmma collectives) for every live lane of the warp.
+// A thread that waits forever (a barrier in divergent code) aborts the run with a message.
+//
+// wmma: every lane holds the whole tile in its fragment (`num_elements` is the tile size, so a
+// loop over `x[0..num_elements)` applies an element-wise operation to the whole tile, as on the
+// GPU where each lane applies it to its share). A store writes the lane's share of the tile
+// (element e goes to lane e % 32) when the lane next reaches a barrier, so a kernel that reads a
+// stored tile back without `__syncwarp` reads a poison value, whichever lane stored what on the GPU.
+// Loads gather through the warp: each lane reads its share, then the warp meets and every lane
+// assembles the whole tile.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    dim3() = default;
+    dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+
+namespace emu {
+
+// The position of the running fiber; `threadIdx` and friends read these.
+inline dim3 g_thread, g_block, g_bdim, g_gdim;
+
+struct Barrier {
+    int live = 0, arrived = 0;
+    unsigned gen = 0;
+};
+
+// A write that becomes visible when its thread next reaches a barrier (see `defer`).
+struct Pending {
+    void* dst;
+    uint64_t bits;
+    int bytes;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<Pending> pending;
+    char* stack = nullptr;
+    dim3 tid;
+    bool done = false;
+    const Barrier* waiting = nullptr;  // the barrier this fiber waits at, if any
+    unsigned gen = 0;                  // its generation when the fiber arrived
+};
+
+struct Sched {
+    std::vector<Fiber> fibers;
+    std::vector<Barrier> warps;
+    Barrier block;
+    ucontext_t main;
+    int cur = 0;
+    std::function<void()> body;
+    std::vector<uint64_t> xchg;  // one 8-byte slot per thread: shuffle exchange
+    std::vector<char> tile;      // per-warp staging for wmma loads
+};
+
+inline Sched g_s;
+constexpr size_t kStack = 256 * 1024;
+constexpr size_t kTileBytes = 16 * 16 * 4;  // the largest fragment, f32 16x16
+
+inline int lin() { return g_s.cur; }
+inline int lane_id() { return lin() & 31; }
+inline int warp_id() { return lin() >> 5; }
+
+inline void yield() { swapcontext(&g_s.fibers[g_s.cur].ctx, &g_s.main); }
+
+// Writes whose placement among the lanes is unspecified (wmma stores) are held back until the
+// writing thread reaches a barrier, so a kernel that reads them without `__syncwarp` reads stale
+// values here whichever lane wrote what.
+// Until then the destination holds a huge finite value (1e30 as f32), which wins any max and
+// swamps any sum a premature read feeds (a NaN would slip through fmaxf).
+template <typename T>
+inline void defer(T* dst, T v) {
+    static_assert(sizeof(T) == 4, "wmma stores here are f32");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    g_s.fibers[g_s.cur].pending.push_back({dst, bits, (int)sizeof(T)});
+    const float poison = 1e30f;
+    memcpy(dst, &poison, 4);
+}
+inline void flush() {
+    for (const Pending& p : g_s.fibers[g_s.cur].pending) memcpy(p.dst, &p.bits, p.bytes);
+    g_s.fibers[g_s.cur].pending.clear();
+}
+
+inline void wait_at(Barrier& b) {
+    flush();
+    b.arrived++;
+    if (b.arrived == b.live) {
+        b.arrived = 0;
+        b.gen++;
+        return;
+    }
+    Fiber& f = g_s.fibers[g_s.cur];
+    f.waiting = &b;
+    f.gen = b.gen;
+    yield();
+}
+
+// A thread leaving the kernel counts as arrived at every barrier it belongs to, as on the GPU.
+inline void leave(Barrier& b) {
+    b.live--;
+    if (b.live > 0 && b.arrived == b.live) {
+        b.arrived = 0;
+        b.gen++;
+    }
+}
+
+inline void entry() {
+    g_s.body();
+    flush();
+    leave(g_s.block);
+    leave(g_s.warps[warp_id()]);
+    g_s.fibers[g_s.cur].done = true;
+    // uc_link returns to the scheduler.
+}
+
+inline void run_block(int nthreads) {
+    Sched& s = g_s;
+    if ((int)s.fibers.size() < nthreads) s.fibers.resize(nthreads);
+    int nwarps = (nthreads + 31) / 32;
+    s.warps.assign(nwarps, Barrier{});
+    for (int w = 0; w < nwarps; w++) s.warps[w].live = std::min(32, nthreads - 32 * w);
+    s.block = Barrier{};
+    s.block.live = nthreads;
+    s.xchg.assign(nthreads, 0);
+    s.tile.assign(nwarps * kTileBytes * 2, 0);
+    for (int i = 0; i < nthreads; i++) {
+        Fiber& f = s.fibers[i];
+        if (!f.stack) f.stack = static_cast<char*>(malloc(kStack));
+        f.done = false;
+        f.waiting = nullptr;
+        unsigned bx = g_bdim.x, by = g_bdim.y;
+        f.tid = dim3(i % bx, (i / bx) % by, i / (bx * by));
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = kStack;
+        f.ctx.uc_link = &s.main;
+        makecontext(&f.ctx, entry, 0);
+    }
+    int left = nthreads;
+    while (left > 0) {
+        bool progress = false;
+        for (int i = 0; i < nthreads; i++) {
+            Fiber& f = s.fibers[i];
+            if (f.done) continue;
+            if (f.waiting && f.waiting->gen == f.gen) continue;
+            f.waiting = nullptr;
+            s.cur = i;
+            g_thread = f.tid;
+            swapcontext(&s.main, &f.ctx);
+            progress = true;
+            if (f.done) left--;
+        }
+        if (!progress) {
+            fprintf(stderr, "emu: deadlock in block (%u, %u, %u): threads wait at barriers that cannot complete\n",
+                    g_block.x, g_block.y, g_block.z);
+            exit(3);
+        }
+    }
+}
+
+// Runs `body` as a kernel launch of `grid` blocks of `block` threads.
+inline void launch(dim3 grid, dim3 block, std::function<void()> body) {
+    int nthreads = (int)(block.x * block.y * block.z);
+    if (nthreads <= 0 || nthreads > 1024) {
+        fprintf(stderr, "emu: %d threads per block (CUDA allows 1..1024)\n", nthreads);
+        exit(2);
+    }
+    g_s.body = std::move(body);
+    g_bdim = block;
+    g_gdim = grid;
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                g_block = dim3(x, y, z);
+                run_block(nthreads);
+            }
+}
+
+template <typename T>
+T shfl(T v, int src, bool valid) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    g_s.xchg[lin()] = bits;
+    wait_at(g_s.warps[warp_id()]);
+    T r = v;
+    if (valid) memcpy(&r, &g_s.xchg[warp_id() * 32 + src], sizeof(T));
+    wait_at(g_s.warps[warp_id()]);
+    return r;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::g_thread)
+#define blockIdx (emu::g_block)
+#define blockDim (emu::g_bdim)
+#define gridDim (emu::g_gdim)
+
+inline void __syncthreads() { emu::wait_at(emu::g_s.block); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait_at(emu::g_s.warps[emu::warp_id()]); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    int lane = emu::lane_id(), src = lane ^ mask;
+    return emu::shfl(v, src, (src / width) == (lane / width));
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    int lane = emu::lane_id();
+    return emu::shfl(v, (lane / width) * width + (src % width), true);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    int lane = emu::lane_id(), src = lane + (int)delta;
+    return emu::shfl(v, src, (src / width) == (lane / width) && src < 32);
+}
+
+// One OS thread runs every fiber and a fiber is never switched out inside an atomic.
+template <typename T>
+T atomicAdd(T* p, T v) {
+    T old = *p;
+    *p = old + v;
+    return old;
+}
+template <typename T>
+T atomicMax(T* p, T v) {
+    T old = *p;
+    *p = std::max(old, v);
+    return old;
+}
+
+// Mixed-type min/max as CUDA's overloads resolve them (the usual arithmetic conversions).
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type min(A a, B b) {
+    typedef typename std::common_type<A, B>::type C;
+    return (C)a < (C)b ? (C)a : (C)b;
+}
+template <typename A, typename B>
+inline typename std::common_type<A, B>::type max(A a, B b) {
+    typedef typename std::common_type<A, B>::type C;
+    return (C)a > (C)b ? (C)a : (C)b;
+}
+
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+
+struct float4 {
+    float x, y, z, w;
+};
+struct float2 {
+    float x, y;
+};
+struct __align__(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct uint2 {
+    unsigned x, y;
+};
+struct int4 {
+    int x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }

@@ -1,0 +1,138 @@
+// Runs one kernel of kernels/*.cu on the CPU stand-in of CUDA (cuda_emu.h), for the tests in
+// crates/model/tests/emulated.rs:
+//
+//   harness KERNEL GX,GY,GZ BX,BY,BZ ARG...
+//
+// with each ARG one of `p:FILE` (a device buffer: the file's bytes, written back to FILE after the
+// launch), `o:N:FILE` (the same buffer seen from N bytes past its start, to test unaligned paths), `i:N` (int), `l:N` (long long), `u:N` (unsigned), `f:X` (float). The argument list must
+// match the kernel's parameters in number and kind.
+#include "cuda_emu.h"
+#include "mma.h"
+
+#include <map>
+#include <string>
+#include <utility>
+
+#include "../fused.cu"
+#include "../flash.cu"
+
+namespace {
+
+struct Arg {
+    char kind;
+    std::string path;
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    size_t offset = 0;
+    long long i = 0;
+    double f = 0;
+};
+
+[[noreturn]] void fail(const std::string& msg) {
+    fprintf(stderr, "harness: %s\n", msg.c_str());
+    exit(2);
+}
+
+template <typename T>
+T conv(const Arg& a, size_t idx) {
+    if constexpr (std::is_pointer<T>::value) {
+        if (a.kind != 'p') fail("argument " + std::to_string(idx) + " must be a buffer (p:FILE)");
+        return reinterpret_cast<T>(static_cast<char*>(a.ptr) + a.offset);
+    } else if constexpr (std::is_floating_point<T>::value) {
+        if (a.kind != 'f') fail("argument " + std::to_string(idx) + " must be a float (f:X)");
+        return (T)a.f;
+    } else {
+        if (a.kind != 'i' && a.kind != 'l' && a.kind != 'u')
+            fail("argument " + std::to_string(idx) + " must be an integer (i:, l: or u:)");
+        return (T)a.i;
+    }
+}
+
+template <typename... A, size_t... I>
+void call(void (*f)(A...), const std::vector<Arg>& v, std::index_sequence<I...>) {
+    f(conv<A>(v[I], I)...);
+}
+
+template <typename... A>
+void invoke(void (*f)(A...), const std::vector<Arg>& v, dim3 g, dim3 b) {
+    if (v.size() != sizeof...(A))
+        fail("the kernel takes " + std::to_string(sizeof...(A)) + " arguments, got " + std::to_string(v.size()));
+    // Check the kinds once before the launch (each fiber converts them again, cheaply).
+    call(+[](A...) {}, v, std::index_sequence_for<A...>{});
+    emu::launch(g, b, [&] { call(f, v, std::index_sequence_for<A...>{}); });
+}
+
+typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
+#define K(name) {#name, [](const std::vector<Arg>& v, dim3 g, dim3 b) { invoke(name, v, g, b); }},
+#define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
+#define K2(base) K(base##_bf16) K(base##_f16)
+
+const std::map<std::string, Runner> kernels = {
+    // clang-format off
+    K(flash_tc_fwd_bf16_32) K(flash_tc_fwd_bf16_64) K(flash_tc_fwd_f16_32) K(flash_tc_fwd_f16_64)
+    K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
+    K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
+    K(flash_fwd_f32_64) K(flash_fwd_bf16_64) K(flash_dq_bf16_64) K(flash_dk_bf16_64) K(flash_dv_bf16_64)
+    K3(rms_fwd_w) K3(rms_dx_w) K3(rms_dx_res_w) K3(add_rms_fwd_w)
+    K3(causal_softmax_fwd_w) K3(causal_softmax_bwd_w)
+    K3(ce_fwd_lse) K3(ce_bwd_lse)
+    K3(swiglu_packed_fwd) K3(swiglu_packed_bwd)
+    K3(heads_from_rows) K3(rows_from_heads)
+    // clang-format on
+};
+
+dim3 parse_dim(const char* s) {
+    unsigned x = 1, y = 1, z = 1;
+    if (sscanf(s, "%u,%u,%u", &x, &y, &z) != 3) fail(std::string("bad launch dimensions '") + s + "' (want X,Y,Z)");
+    return dim3(x, y, z);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 4) fail("usage: harness KERNEL GX,GY,GZ BX,BY,BZ ARG...");
+    auto it = kernels.find(argv[1]);
+    if (it == kernels.end()) fail(std::string("unknown kernel '") + argv[1] + "' (add it to harness.cpp)");
+    dim3 grid = parse_dim(argv[2]), block = parse_dim(argv[3]);
+    std::vector<Arg> args;
+    for (int a = 4; a < argc; a++) {
+        std::string s = argv[a];
+        if (s.size() < 2 || s[1] != ':') fail("bad argument '" + s + "'");
+        Arg x;
+        x.kind = s[0];
+        std::string val = s.substr(2);
+        if (x.kind == 'o') {
+            size_t colon = val.find(':');
+            if (colon == std::string::npos) fail("bad argument '" + s + "' (want o:N:FILE)");
+            x.offset = (size_t)strtoull(val.substr(0, colon).c_str(), nullptr, 10);
+            val = val.substr(colon + 1);
+            x.kind = 'p';
+        }
+        if (x.kind == 'p') {
+            x.path = val;
+            FILE* f = fopen(val.c_str(), "rb");
+            if (!f) fail("cannot read " + val);
+            fseek(f, 0, SEEK_END);
+            x.bytes = (size_t)ftell(f);
+            fseek(f, 0, SEEK_SET);
+            x.ptr = aligned_alloc(256, (x.bytes + 255) / 256 * 256 + 256);
+            if (x.bytes && fread(x.ptr, 1, x.bytes, f) != x.bytes) fail("short read of " + val);
+            fclose(f);
+        } else if (x.kind == 'f') {
+            x.f = strtod(val.c_str(), nullptr);
+        } else if (x.kind == 'i' || x.kind == 'l' || x.kind == 'u') {
+            x.i = strtoll(val.c_str(), nullptr, 10);
+        } else {
+            fail("bad argument kind in '" + s + "'");
+        }
+        args.push_back(x);
+    }
+    it->second(args, grid, block);
+    for (const Arg& x : args) {
+        if (x.kind != 'p') continue;
+        FILE* f = fopen(x.path.c_str(), "wb");
+        if (!f || fwrite(x.ptr, 1, x.bytes, f) != x.bytes) fail("cannot write " + x.path);
+        fclose(f);
+    }
+    return 0;
+}
