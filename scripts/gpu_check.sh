@@ -8,12 +8,14 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [optin] [gpt2] [track] [370m] [optin-each] [ops] [ncu] [ours] [events] [plain]
-# (no section: kernels optin gpt2 track 370m, about 9 minutes on an H200, most of it torch.compile's
-# warm-up; every measurement is printed as it is made, so a section cut by its timeout keeps them).
-# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS: written since the last device run)
-# are turned on for the sections after `kernels` only when every device test passed; `optin`
-# times a training step with them off and on.
+#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [optin-each] [ops] [ncu] [ours] [events] [plain]
+# (no section: kernels optin flash gpt2 370m track, about 10 minutes on an H200, most of it
+# torch.compile's warm-up, in order of what matters most should the call's time run out; every
+# measurement is printed as it is made, so a section cut by its timeout keeps them).
+# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_FLASH_TC:
+# written since the last device run, their math checked on the CPU by tests/emulated.rs) are turned
+# on for the sections after `kernels` only when every device test passed; `optin` times a training
+# step with them off and on, `flash` flash attention's CUDA-core against its tensor-core kernels.
 # Results go to $OUT (one file per section), a short summary is printed last.
 set -u
 if [ "${1:-}" = "--stage" ]; then
@@ -34,7 +36,7 @@ done
 lib=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
-sections="${*:-kernels optin gpt2 track 370m}"
+sections="${*:-kernels optin flash gpt2 370m track}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $sections; do
   echo "== $s  ($(date +%T))"
@@ -42,9 +44,9 @@ for s in $sections; do
     kernels) timeout 180 /tmp/bin/cuda-tests --ignored --test-threads 1 2>&1 | tee "$OUT/kernels.txt"
              if grep -q "test result: ok" "$OUT/kernels.txt"; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
-                 PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1}
+                 PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-1}
                echo "device tests passed: opt-in kernels on (layout $PATCHLM_LAYOUT_CUDA, rows $PATCHLM_ROWS_CUDA," \
-                 "bf16 gradients $PATCHLM_BF16_GRADS)"
+                 "bf16 gradients $PATCHLM_BF16_GRADS, tensor-core flash $PATCHLM_FLASH_TC)"
              else
                export PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
                echo "device tests failed: the opt-in kernels stay off, attention in one block"
@@ -53,6 +55,15 @@ for s in $sections; do
              PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | sed "s/^{/{\"optin_kernels\": $on, /" | tee -a "$OUT/optin.txt"
+           done ;;
+    flash) # Flash attention's CUDA-core kernels against the tensor-core ones, both shapes (softmax
+           # attention is in the optin rows).
+           for shape in "gpt2-small 8 1024" "370m 4 2048"; do
+             set -- $shape
+             for tc in 0 1; do
+               PATCHLM_FLASH_TC=$tc timeout 90 /tmp/bin/xtask bench model --preset $1 --batch $2 --ctx $3 --k 1 \
+                 --steps 5 --device cuda --dtype bf16 --attention flash 2>&1 | grep '^{' | tee -a "$OUT/flash.txt"
+             done
            done ;;
     optin-each)
            # Each opt-in family alone (layout, rows, bf16 gradients), to attribute the optin gain.

@@ -337,6 +337,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
                     "bf16_grads": patchlm_model::compute_dtype_grads(),
+                    "flash_tc": device.is_cuda() && patchlm_model::ops::flash_attention_enabled(&device)
+                        && patchlm_model::ops::flash_tc_enabled(dtype, cfg.hidden_size / cfg.num_attention_heads),
                 },
             })
         );

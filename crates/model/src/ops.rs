@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, Var};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -1637,6 +1637,80 @@ pub fn flash_attention_enabled(device: &Device) -> bool {
     FLASH.get() && fused_ops_supported(device)
 }
 
+static FLASH_TC: Switch = Switch::new("PATCHLM_FLASH_TC", true, false);
+
+/// Chooses tensor-core kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
+/// head size 32 or 64; wmma tiles with f32 accumulation, kernels/flash.cu), process-wide. Opt-in
+/// (also `PATCHLM_FLASH_TC=1`) until `tests/cuda.rs` has run them on a GPU; their math is tested
+/// without one by `tests/emulated.rs`. Off, or for other shapes, the CUDA-core kernels run.
+pub fn set_flash_tc(enabled: bool) {
+    FLASH_TC.set(enabled);
+}
+
+/// Whether [`flash_attention`] on CUDA uses the tensor-core kernels for `dtype` and head size
+/// `hd` (see [`set_flash_tc`]).
+pub fn flash_tc_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_TC.get() && matches!(dtype, DType::BF16 | DType::F16) && matches!(hd, 32 | 64)
+}
+
+/// A second output of a custom op (candle's custom ops return one storage): the op's forward
+/// pass leaves it here and [`Stash::take`] hands it back as a tensor on the same device.
+#[derive(Default)]
+struct Stash(std::sync::Mutex<Option<(Stashed, Shape)>>);
+
+enum Stashed {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+}
+
+impl Stash {
+    fn put(&self, s: Stashed, shape: Shape) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some((s, shape));
+        }
+    }
+
+    /// The stashed output as a tensor (`like` only carries the device); an error if the op
+    /// stashed nothing.
+    fn take(&self, like: &Tensor) -> candle_core::Result<Tensor> {
+        like.apply_op1_no_bwd(&TakeStash(self))
+    }
+
+    fn take_inner(&self) -> candle_core::Result<(Stashed, Shape)> {
+        let taken = self.0.lock().ok().and_then(|mut g| g.take());
+        taken.ok_or_else(|| candle_core::Error::Msg("internal: an op's second output is missing".into()))
+    }
+}
+
+struct TakeStash<'a>(&'a Stash);
+
+impl CustomOp1 for TakeStash<'_> {
+    fn name(&self) -> &'static str {
+        "take-stash"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.0.take_inner()? {
+            (Stashed::Cpu(s), shape) => Ok((s, shape)),
+            #[cfg(feature = "cuda")]
+            _ => candle_core::bail!("internal: a stashed output is on another device"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match self.0.take_inner()? {
+            (Stashed::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("internal: a stashed output is on another device"),
+        }
+    }
+}
+
 /// Causal attention `softmax(scale · q kᵀ + mask) v` without the (T, S) score matrix: `q`
 /// (B, H, T, hd), `k` and `v` (B, H, S, hd) with S ≥ T (the queries are the last T positions,
 /// as with a KV cache), one dtype (f32, bf16 or f16), hd ∈ {16, 32, 64, 128} on CUDA. Keys are
@@ -1644,6 +1718,22 @@ pub fn flash_attention_enabled(device: &Device) -> bool {
 /// k and v: the backward pass recomputes the probabilities tile by tile from the saved inputs
 /// and each row's log-sum-exp (FlashAttention-2's scheme), again without a (T, S) matrix.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    flash_check(q, k, v)?;
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale: scale as f32 })
+}
+
+/// [`flash_attention`] without a graph, returning also each query row's log-sum-exp of its
+/// visible scaled scores, (B, H, T) f32, the statistic [`grad::flash_attention_lse`] needs (so the
+/// backward pass does not recompute it).
+pub fn flash_attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    flash_check(q, k, v)?;
+    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default() };
+    let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let lse = op.lse.take(&o)?;
+    Ok((o, lse))
+}
+
+fn flash_check(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
     let (b, h, t, hd) = q.dims4()?;
     let (kb, kh, s, khd) = k.dims4()?;
     if (kb, kh, khd) != (b, h, hd) || v.dims() != k.dims() || s < t || t == 0 {
@@ -1657,7 +1747,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         candle_core::bail!("flash_attention: q, k and v must share one dtype");
     }
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale: scale as f32 })
+    Ok(())
 }
 
 struct FlashAttn {
@@ -1669,16 +1759,30 @@ struct FlashLse {
     scale: f32,
 }
 
-/// Which gradient a [`FlashGrad`] computes.
+/// [`FlashAttn`]'s forward that also leaves the log-sum-exp per row (see [`flash_attention_lse`]).
+struct FlashAttnLse {
+    scale: f32,
+    lse: Stash,
+}
+
+/// Which gradients a [`FlashGrad`] computes: dq (B, H, T, hd), or dk and dv stacked
+/// (2, B, H, S, hd).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FlashPart {
+    Q,
+    KV,
+}
+
+/// One gradient of the CPU twin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GradOf {
     Q,
     K,
     V,
 }
 
-/// Backward of [`FlashAttn`]: ((q, dO) stacked, (k, v) stacked, (lse, delta) per row) → dq, dk or
-/// dv, with delta = Σ dO ⊙ O per row.
+/// Backward of [`FlashAttn`]: ((q, dO) stacked, (k, v) stacked, (lse, delta) per row) → dq, or dk
+/// and dv, with delta = Σ dO ⊙ O per row.
 struct FlashGrad {
     scale: f32,
     part: FlashPart,
@@ -1739,11 +1843,11 @@ fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, w
 }
 
 /// One of dq, dk, dv on the CPU (the reference for the CUDA kernels).
-fn flash_grad_cpu<T: Float>(qdo: &[T], kv: &[T], st: &[f32], a: AttnDims, scale: f32, part: FlashPart) -> Vec<T> {
+fn flash_grad_cpu<T: Float>(qdo: &[T], kv: &[T], st: &[f32], a: AttnDims, scale: f32, part: GradOf) -> Vec<T> {
     let AttnDims { bh, t, s, hd } = a;
     let (q, dout) = qdo.split_at(bh * t * hd);
     let (k, v) = kv.split_at(bh * s * hd);
-    let rows = if part == FlashPart::Q { t } else { s };
+    let rows = if part == GradOf::Q { t } else { s };
     let mut out = vec![T::from_f(0.0); bh * rows * hd];
     out.par_chunks_mut(rows * hd).enumerate().for_each(|(g, out)| {
         let head = |x: &[T], n: usize| to_f32(&x[g * n * hd..(g + 1) * n * hd]);
@@ -1756,9 +1860,9 @@ fn flash_grad_cpu<T: Float>(qdo: &[T], kv: &[T], st: &[f32], a: AttnDims, scale:
                 let (kj, vj) = (&k[j * hd..(j + 1) * hd], &v[j * hd..(j + 1) * hd]);
                 let p = (scale * dot(qi, kj) - lse).exp();
                 let (row, src, w) = match part {
-                    FlashPart::V => (j, di, p),
-                    FlashPart::Q => (i, kj, scale * p * (dot(di, vj) - delta)),
-                    FlashPart::K => (j, qi, scale * p * (dot(di, vj) - delta)),
+                    GradOf::V => (j, di, p),
+                    GradOf::Q => (i, kj, scale * p * (dot(di, vj) - delta)),
+                    GradOf::K => (j, qi, scale * p * (dot(di, vj) - delta)),
                 };
                 for (a, &x) in acc[row * hd..(row + 1) * hd].iter_mut().zip(src) {
                     *a += w * x;
@@ -1809,7 +1913,8 @@ impl CustomOp3 for FlashAttn {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::flash(s1, l1, s2, l2, Some((s3, l3)), attn_dims(l1, l2)?, self.scale, cuda::FlashKernel::Fwd)
+        let (o, _) = cuda::flash_fwd(s1, l1, s2, l2, s3, l3, attn_dims(l1, l2)?, self.scale)?;
+        Ok((o, l1.shape().clone()))
     }
 
     fn bwd(
@@ -1820,14 +1925,76 @@ impl CustomOp3 for FlashAttn {
         o: &Tensor,
         dout: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dout = dout.to_dtype(q.dtype())?.contiguous()?;
         let lse = q.apply_op2_no_bwd(k, &FlashLse { scale: self.scale })?;
-        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
-        let stats = Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?;
-        let qdo = Tensor::stack(&[q, &dout], 0)?;
-        let kv = Tensor::stack(&[k, v], 0)?;
-        let grad = |part| qdo.apply_op3_no_bwd(&kv, &stats, &FlashGrad { scale: self.scale, part });
-        Ok((Some(grad(FlashPart::Q)?), Some(grad(FlashPart::K)?), Some(grad(FlashPart::V)?)))
+        let (dq, dk, dv) = flash_backward(q, k, v, o, &lse, dout, self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Flash attention's gradients from the inputs, the output, each row's log-sum-exp and dO.
+fn flash_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f32,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, _) = q.dims4()?;
+    if lse.dims() != [b, h, t] || lse.dtype() != DType::F32 {
+        candle_core::bail!("flash_attention: lse {:?} {:?} is not f32 ({b}, {h}, {t})", lse.dims(), lse.dtype());
+    }
+    let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+    let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+    let stats = Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?;
+    let qdo = Tensor::stack(&[q, &dout], 0)?;
+    let kv = Tensor::stack(&[k, v], 0)?;
+    let grad = |part| qdo.apply_op3_no_bwd(&kv, &stats, &FlashGrad { scale, part });
+    let dkv = grad(FlashPart::KV)?;
+    Ok((grad(FlashPart::Q)?, dkv.get(0)?, dkv.get(1)?))
+}
+
+impl CustomOp3 for FlashAttnLse {
+    fn name(&self) -> &'static str {
+        "flash-attention-with-lse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = attn_dims(l1, l2)?;
+        let lse: Vec<f32>;
+        let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
+            let (o, l) = flash_fwd_cpu(q, k, v, a, self.scale, true);
+            lse = l;
+            o
+        });
+        let (b, h, t, _) = l1.shape().dims4()?;
+        self.lse.put(Stashed::Cpu(CpuStorage::F32(lse)), Shape::from((b, h, t)));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (o, lse) = cuda::flash_fwd(s1, l1, s2, l2, s3, l3, attn_dims(l1, l2)?, self.scale)?;
+        let (b, h, t, _) = l1.shape().dims4()?;
+        self.lse.put(Stashed::Cuda(lse), Shape::from((b, h, t)));
+        Ok((o, l1.shape().clone()))
     }
 }
 
@@ -1868,7 +2035,7 @@ impl CustomOp2 for FlashLse {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (lse, _) = cuda::flash(s1, l1, s2, l2, None, attn_dims(l1, l2)?, self.scale, cuda::FlashKernel::Lse)?;
+        let lse = cuda::flash_lse(s1, l1, s2, l2, attn_dims(l1, l2)?, self.scale)?;
         let (b, h, t, _) = l1.shape().dims4()?;
         Ok((lse, Shape::from((b, h, t))))
     }
@@ -1893,8 +2060,13 @@ impl CustomOp3 for FlashGrad {
             CpuStorage::F32(st) => contiguous(st, l3, "stats")?,
             _ => candle_core::bail!("flash_attention: row statistics must be f32"),
         };
-        let out = map_float2!("flash_attention", (s1, l1, "q/dO"), (s2, l2, "k/v"), |qdo, kv| {
-            flash_grad_cpu(qdo, kv, st, a, self.scale, self.part)
+        let out = map_float2!("flash_attention", (s1, l1, "q/dO"), (s2, l2, "k/v"), |qdo, kv| match self.part {
+            FlashPart::Q => flash_grad_cpu(qdo, kv, st, a, self.scale, GradOf::Q),
+            FlashPart::KV => {
+                let mut dk = flash_grad_cpu(qdo, kv, st, a, self.scale, GradOf::K);
+                dk.extend(flash_grad_cpu(qdo, kv, st, a, self.scale, GradOf::V));
+                dk
+            }
         });
         Ok((out, shape))
     }
@@ -1910,12 +2082,7 @@ impl CustomOp3 for FlashGrad {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (a, shape) = grad_dims(l1, l2, self.part)?;
-        let kernel = match self.part {
-            FlashPart::Q => cuda::FlashKernel::Dq,
-            FlashPart::K => cuda::FlashKernel::Dk,
-            FlashPart::V => cuda::FlashKernel::Dv,
-        };
-        let (out, _) = cuda::flash(s1, l1, s2, l2, Some((s3, l3)), a, self.scale, kernel)?;
+        let out = cuda::flash_grad(s1, l1, s2, l2, s3, l3, a, self.scale, self.part == FlashPart::KV)?;
         Ok((out, shape))
     }
 }
@@ -1925,8 +2092,11 @@ impl CustomOp3 for FlashGrad {
 fn grad_dims(l1: &Layout, l2: &Layout, part: FlashPart) -> candle_core::Result<(AttnDims, Shape)> {
     let (_, b, h, t, hd) = l1.shape().dims5()?;
     let s = l2.shape().dims5()?.3;
-    let rows = if part == FlashPart::Q { t } else { s };
-    Ok((AttnDims { bh: b * h, t, s, hd }, Shape::from((b, h, rows, hd))))
+    let shape = match part {
+        FlashPart::Q => Shape::from((b, h, t, hd)),
+        FlashPart::KV => Shape::from((2, b, h, s, hd)),
+    };
+    Ok((AttnDims { bh: b * h, t, s, hd }, shape))
 }
 
 static SWIGLU_CUDA: Switch = Switch::new("PATCHLM_SWIGLU_CUDA", true, true);
@@ -2706,22 +2876,64 @@ mod cuda {
 
     /// The kernels of kernels/flash.cu.
     #[derive(Clone, Copy, PartialEq, Eq)]
-    pub enum FlashKernel {
-        /// (q, k, v) → o.
+    enum FlashKernel {
+        /// (q, k, v) → (o, log-sum-exp per row).
         Fwd,
         /// (q, k) → log-sum-exp per row, f32.
         Lse,
         /// ((q, dO), (k, v), stats) → dq.
         Dq,
-        /// … → dk.
-        Dk,
-        /// … → dv.
-        Dv,
+        /// … → (dk, dv) stacked.
+        Dkv,
     }
 
-    /// Launches one flash-attention kernel; `c` is v (forward) or the row statistics (gradients).
+    /// Flash attention forward: (o, log-sum-exp per row).
     #[allow(clippy::too_many_arguments)]
-    pub fn flash(
+    pub fn flash_fwd(
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+        d: super::AttnDims,
+        scale: f32,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let (o, lse) = flash(q, lq, k, lk, Some((v, lv)), d, scale, FlashKernel::Fwd)?;
+        Ok((o, lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?))
+    }
+
+    /// The log-sum-exp per row alone (f32).
+    pub fn flash_lse(
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        d: super::AttnDims,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        Ok(flash(q, lq, k, lk, None, d, scale, FlashKernel::Lse)?.0)
+    }
+
+    /// dq (`kv` false) or dk and dv stacked (`kv` true) from ((q, dO), (k, v), stats).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_grad(
+        qdo: &CudaStorage,
+        l1: &Layout,
+        kv: &CudaStorage,
+        l2: &Layout,
+        st: &CudaStorage,
+        l3: &Layout,
+        d: super::AttnDims,
+        scale: f32,
+        dkv: bool,
+    ) -> Result<CudaStorage> {
+        let kernel = if dkv { FlashKernel::Dkv } else { FlashKernel::Dq };
+        Ok(flash(qdo, l1, kv, l2, Some((st, l3)), d, scale, kernel)?.0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn flash(
         a: &CudaStorage,
         la: &Layout,
         b: &CudaStorage,
@@ -2730,7 +2942,7 @@ mod cuda {
         d: super::AttnDims,
         scale: f32,
         kernel: FlashKernel,
-    ) -> Result<(CudaStorage, Shape)> {
+    ) -> Result<(CudaStorage, Option<CudaStorage>)> {
         match a.dtype() {
             DType::F32 => flash_t::<f32>(a, la, b, lb, c, d, scale, kernel),
             DType::BF16 => flash_t::<bf16>(a, la, b, lb, c, d, scale, kernel),
@@ -2739,6 +2951,9 @@ mod cuda {
         }
     }
 
+    /// Launches the kernels of one flash-attention step: the tensor-core ones where
+    /// [`super::flash_tc_enabled`] (128 threads, 64 rows a block), else the CUDA-core ones (64
+    /// threads, one row each). `c` is v (forward) or the row statistics (gradients).
     #[allow(clippy::too_many_arguments)]
     fn flash_t<T: CudaDType + DeviceRepr>(
         a: &CudaStorage,
@@ -2749,38 +2964,31 @@ mod cuda {
         d: super::AttnDims,
         scale: f32,
         kernel: FlashKernel,
-    ) -> Result<(CudaStorage, Shape)> {
+    ) -> Result<(CudaStorage, Option<CudaStorage>)> {
         let dev = a.device();
         let super::AttnDims { bh, t, s, hd } = d;
         if ![16, 32, 64, 128].contains(&hd) {
             candle_core::bail!("flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA");
         }
-        if bh > 65535 || bh * s * hd >= i32::MAX as usize {
+        if bh > 65535 || 2 * bh * s.max(t) * hd >= i32::MAX as usize {
             candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
         }
-        let which = match kernel {
-            FlashKernel::Fwd => "fwd",
-            FlashKernel::Lse => "lse",
-            FlashKernel::Dq => "dq",
-            FlashKernel::Dk => "dk",
-            FlashKernel::Dv => "dv",
+        let tc = kernel != FlashKernel::Lse && super::flash_tc_enabled(a.dtype(), hd);
+        let sfx = suffix(a.dtype())?;
+        let func = |which: &str| {
+            let name = if tc { format!("flash_tc_{which}_{sfx}_{hd}") } else { format!("flash_{which}_{sfx}_{hd}") };
+            dev.get_or_load_custom_func(&name, FLASH_MODULE, FLASH_PTX)
         };
-        let f = dev.get_or_load_custom_func(
-            &format!("flash_{which}_{}_{hd}", suffix(a.dtype())?),
-            FLASH_MODULE,
-            FLASH_PTX,
-        )?;
         let av = a.as_cuda_slice::<T>()?.slice(check(la, "flash_attention input")?..);
         let bv = b.as_cuda_slice::<T>()?.slice(check(lb, "flash_attention input")?..);
-        let rows = if matches!(kernel, FlashKernel::Dk | FlashKernel::Dv) { s } else { t };
+        let rows = if kernel == FlashKernel::Dkv { s } else { t };
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(64) as u32, bh as u32, 1),
-            block_dim: (64, 1, 1),
+            block_dim: (if tc { 128 } else { 64 }, 1, 1),
             shared_mem_bytes: 0,
         };
         let (ti, si, nbh) = (t as i32, s as i32, bh as i32);
         let third = || c.ok_or_else(|| candle_core::Error::Msg("flash_attention: missing input".into()));
-        let mut builder = f.builder();
         macro_rules! push {
             ($b:ident; $($x:expr),*) => { $( $b.arg($x); )* };
         }
@@ -2790,23 +2998,52 @@ mod cuda {
                 let cv = c.as_cuda_slice::<T>()?.slice(check(lc, "v")?..);
                 let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
                 let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+                let f = func("fwd")?;
+                let mut builder = f.builder();
                 push!(builder; &av, &bv, &cv, &o, &lse, &ti, &si, &scale);
                 unsafe { builder.launch(cfg) }.w()?;
-                Ok((T::wrap_cuda_slice(o, dev.clone()), la.shape().clone()))
+                Ok((T::wrap_cuda_slice(o, dev.clone()), Some(wrap_f32(lse, dev))))
             }
             FlashKernel::Lse => {
                 let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+                let f = func("lse")?;
+                let mut builder = f.builder();
                 push!(builder; &av, &bv, &lse, &ti, &si, &scale);
                 unsafe { builder.launch(cfg) }.w()?;
-                Ok((wrap_f32(lse, dev), Shape::from(bh * t)))
+                Ok((wrap_f32(lse, dev), None))
             }
-            FlashKernel::Dq | FlashKernel::Dk | FlashKernel::Dv => {
+            FlashKernel::Dq => {
                 let (c, lc) = third()?;
                 let st = c.as_cuda_slice::<f32>()?.slice(check(lc, "stats")?..);
-                let out = unsafe { dev.alloc::<T>(bh * rows * hd)? };
+                let out = unsafe { dev.alloc::<T>(bh * t * hd)? };
+                let f = func("dq")?;
+                let mut builder = f.builder();
                 push!(builder; &av, &bv, &st, &out, &nbh, &ti, &si, &scale);
                 unsafe { builder.launch(cfg) }.w()?;
-                Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(bh * rows * hd)))
+                Ok((T::wrap_cuda_slice(out, dev.clone()), None))
+            }
+            FlashKernel::Dkv => {
+                let (c, lc) = third()?;
+                let st = c.as_cuda_slice::<f32>()?.slice(check(lc, "stats")?..);
+                let n = bh * s * hd;
+                let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+                {
+                    let (mut dk, mut dv) = out.split_at_mut(n);
+                    if tc {
+                        let f = func("dkv")?;
+                        let mut builder = f.builder();
+                        push!(builder; &av, &bv, &st, &mut dk, &mut dv, &nbh, &ti, &si, &scale);
+                        unsafe { builder.launch(cfg) }.w()?;
+                    } else {
+                        for (which, dst) in [("dk", &mut dk), ("dv", &mut dv)] {
+                            let f = func(which)?;
+                            let mut builder = f.builder();
+                            push!(builder; &av, &bv, &st, dst, &nbh, &ti, &si, &scale);
+                            unsafe { builder.launch(cfg) }.w()?;
+                        }
+                    }
+                }
+                Ok((T::wrap_cuda_slice(out, dev.clone()), None))
             }
         }
     }
@@ -3304,6 +3541,20 @@ pub mod grad {
             FlashAttn { scale: scale as f32 }.bwd(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, o, dout)?;
         let e = || no_grad("flash_attention");
         Ok((dq.ok_or_else(e)?, dk.ok_or_else(e)?, dv.ok_or_else(e)?))
+    }
+
+    /// [`super::flash_attention_lse`] backward: from the inputs, the output `o`, the log-sum-exp
+    /// per row `lse` (B, H, T) f32 that the forward returned, and `dout` → (dq, dk, dv).
+    pub fn flash_attention_lse(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        super::flash_backward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, o, lse, dout, scale as f32)
     }
 }
 

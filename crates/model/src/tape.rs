@@ -85,8 +85,8 @@ enum Attn {
     /// The causal-softmax probabilities of each block of query rows (see [`attention_chunks`]):
     /// (B, H, r1 − r0, r1) for rows r0..r1 (one block: (B, H, T, T)).
     Probs(Vec<Tensor>),
-    /// Flash attention's output (B, H, T, hd).
-    Flash(Tensor),
+    /// Flash attention's output (B, H, T, hd) and each query row's log-sum-exp (B, H, T).
+    Flash(Tensor, Tensor),
 }
 
 /// The activations of one decoder layer, (N = B·T, ·) unless noted.
@@ -292,8 +292,8 @@ fn layer_forward(
     let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
     let scale = 1.0 / (a.head_dim as f64).sqrt();
     let (yh, attn) = if ops::flash_attention_enabled(x.device()) {
-        let o = ops::flash_attention(&q, &k, &v, scale)?;
-        (o.clone(), Attn::Flash(o))
+        let (o, lse) = ops::flash_attention_lse(&q, &k, &v, scale)?;
+        (o.clone(), Attn::Flash(o, lse))
     } else {
         // Query rows in blocks, each against the keys up to its last row only: the blocks above
         // the diagonal (all masked) are never computed. kᵀ as a transposed view: cuBLAS and the
@@ -457,7 +457,7 @@ fn layer_backward(
             let missing = || candle_core::Error::Msg("backward_tape: attention saved no blocks".into());
             (dq, dk.ok_or_else(missing)?, dv.ok_or_else(missing)?)
         }
-        Attn::Flash(o) => grad::flash_attention(&lt.q, &lt.k, &lt.v, o, &dyh, scale)?,
+        Attn::Flash(o, lse) => grad::flash_attention_lse(&lt.q, &lt.k, &lt.v, o, lse, &dyh, scale)?,
     };
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
     let (dk, dv) = (unrepeat(dk, a.kv_heads)?, unrepeat(dv, a.kv_heads)?);

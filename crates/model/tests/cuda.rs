@@ -6,7 +6,9 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_rel;
 use patchlm_model::ops::{adamw_multi, adamw_update, rms_norm, sum_of_squares, AdamWSlot, AdamWStep};
 use patchlm_model::{
     causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, ops, rope, swiglu, SplitMix64,
@@ -17,13 +19,6 @@ fn gpu() -> Device {
     let d = patchlm_model::parse_device("cuda").expect("these tests need a CUDA GPU");
     assert!(fused_ops_supported(&d));
     d
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() / scale
 }
 
 #[test]
@@ -339,6 +334,49 @@ fn cuda_flash_attention_matches_cpu() {
             }
         }
     }
+}
+
+/// The tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
+/// graph-free pair the tape uses: output, log-sum-exp and the three gradients against the CPU.
+/// Their math runs without a GPU in tests/emulated.rs; this is the same on the tensor cores.
+#[test]
+#[ignore]
+fn cuda_tensor_core_flash_attention_matches_cpu() {
+    use patchlm_model::ops::{flash_attention_lse, grad, set_flash_tc};
+    let g = gpu();
+    set_flash_tc(true);
+    for (b, h, t, s, hd) in [
+        (2usize, 3usize, 130usize, 130usize, 64usize),
+        (1, 2, 33, 80, 32),
+        (1, 2, 100, 100, 32),
+        (2, 12, 1024, 1024, 64),
+    ] {
+        for (dtype, tol) in [(DType::BF16, 2e-2f32), (DType::F16, 4e-3)] {
+            let mk = |n: usize| Tensor::randn(0f32, 1.0, (b, h, n, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let (q, k, v, up) = (mk(t), mk(s), mk(s), mk(t));
+            let scale = 1.0 / (hd as f64).sqrt();
+            let run = |d: &Device| {
+                let on = |x: &Tensor| x.to_device(d).unwrap();
+                let (o, lse) = flash_attention_lse(&on(&q), &on(&k), &on(&v), scale).unwrap();
+                let (dq, dk, dv) =
+                    grad::flash_attention_lse(&on(&q), &on(&k), &on(&v), &o, &lse, &on(&up), scale).unwrap();
+                [o, lse, dq, dk, dv]
+            };
+            let (c, gg) = (run(&Device::Cpu), run(&g));
+            let name = format!("tensor-core flash {b}x{h}x{t}x{s}x{hd} {dtype:?}");
+            for (i, which) in ["output", "lse", "dq", "dk", "dv"].iter().enumerate() {
+                let e = max_rel(&gg[i], &c[i]);
+                let bound = match i {
+                    0 => tol,
+                    1 => 1e-3,
+                    _ => tol * 2.0,
+                };
+                assert!(e < bound, "{name} {which}: rel err {e}");
+            }
+        }
+    }
+    set_flash_tc(false);
+    drop(g);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::Module;
 use patchlm_model::*;
 
@@ -454,6 +454,26 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
             let scale = max_abs(r);
             assert!(scale > 1e-3, "d{name} is all zero");
             assert!(max_abs(&(x - r).unwrap()) < 1e-5 * scale.max(1.0), "d{name} {b}x{h}x{t}x{s_len}x{hd}");
+        }
+        // The graph-free pair the tape uses: the same output, the log-sum-exp of the masked
+        // scaled scores, and gradients from it equal to the autograd ones above.
+        let (q0, k0, v0) = (q.as_tensor().detach(), k.as_tensor().detach(), v.as_tensor().detach());
+        let (o, lse) = patchlm_model::ops::flash_attention_lse(&q0, &k0, &v0, scale).unwrap();
+        assert!(max_abs(&(&o - &want).unwrap()) < 1e-5, "flash_attention_lse output");
+        let sm = scores.broadcast_add(&mask).unwrap().detach();
+        let mx = sm.max_keepdim(D::Minus1).unwrap();
+        let want_lse = (sm.broadcast_sub(&mx).unwrap().exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap()
+            + mx)
+            .unwrap()
+            .squeeze(3)
+            .unwrap();
+        assert_eq!(lse.dims(), &[b, h, t]);
+        assert!(max_abs(&(&lse - &want_lse).unwrap()) < 1e-5, "log-sum-exp {b}x{h}x{t}x{s_len}x{hd}");
+        let (dq, dk, dv) = patchlm_model::ops::grad::flash_attention_lse(&q0, &k0, &v0, &o, &lse, &up, scale).unwrap();
+        for (name, var, x) in [("q", &q, &dq), ("k", &k, &dk), ("v", &v, &dv)] {
+            let r = gb.get(var.as_tensor()).unwrap();
+            assert_eq!(x.dims(), r.dims());
+            assert!(max_abs(&(x - r).unwrap()) < 1e-5 * max_abs(r).max(1.0), "lse path d{name}");
         }
         // bf16 inputs: within bf16 resolution.
         let bf = |x: &Var| x.as_tensor().to_dtype(DType::BF16).unwrap();
