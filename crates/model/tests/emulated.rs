@@ -293,3 +293,262 @@ fn emulated_cuda_core_flash_forward_matches_reference() {
     let e = max_rel(&from_bytes(buf(&args[4]), DType::F32, &[bh, t]), &lse);
     assert!(e < 1e-5, "lse rel err {e}");
 }
+
+/// An output buffer of `n` elements of `dtype`, zeroed.
+fn out(n: usize, dtype: DType) -> A {
+    A::Buf(vec![0u8; n * dtype.size_in_bytes()])
+}
+
+/// A tensor's bytes as a kernel argument, `misalign`ed by one element (the kernels' unaligned
+/// path) or not.
+fn input(t: &Tensor, misalign: bool) -> A {
+    if misalign {
+        let esz = t.dtype().size_in_bytes();
+        A::At(esz, [vec![0u8; esz], bytes(t)].concat())
+    } else {
+        A::Buf(bytes(t))
+    }
+}
+
+/// A buffer argument read back as an f32 tensor of `shape` (skipping a misalignment offset).
+fn output(a: &A, dtype: DType, shape: &[usize]) -> Tensor {
+    match a {
+        A::Buf(b) => from_bytes(b, dtype, shape),
+        A::At(off, b) => from_bytes(&b[*off..], dtype, shape),
+        _ => panic!("not a buffer"),
+    }
+}
+
+/// The warp-per-row RMSNorm kernels (PATCHLM_ROWS_CUDA; 8 rows a block of 256 threads) against
+/// the CPU ops: forward, forward with the residual add, backward with and without the residual
+/// branch (and the per-row 1/rms they save). Rows of 200 (16-byte packs) and 37 (element tails),
+/// a row count that leaves a block part-empty, unaligned inputs once.
+#[test]
+fn emulated_warp_rmsnorm_matches_cpu() {
+    let eps = 1e-5f64;
+    for (n, d, dtype, misalign) in
+        [(13usize, 200usize, DType::BF16, false), (9, 37, DType::F32, false), (11, 64, DType::F16, true)]
+    {
+        let what = format!("{n}x{d} {dtype:?} misaligned={misalign}");
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let r =
+            |sd: f32, shape: &[usize]| Tensor::randn(0f32, sd, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let (x, b, w, dy, res) = (r(2.0, &[n, d]), r(1.0, &[n, d]), r(1.0, &[d]), r(1.0, &[n, d]), r(1.0, &[n, d]));
+        let sfx = suffix(dtype);
+        let cfg = ((n.div_ceil(8)) as u32, 1, 1);
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let (ni, di) = (A::I(n as i64), A::I(d as i64));
+
+        let mut a = [
+            input(&x, misalign),
+            input(&w, misalign),
+            out(n * d, dtype),
+            A::I(d as i64),
+            A::F(eps as f32),
+            A::I(n as i64),
+        ];
+        launch(&format!("rms_fwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        let want = f(&patchlm_model::ops::rms_norm(&x, &w, eps).unwrap());
+        let e = max_rel(&output(&a[2], dtype, &[n, d]), &want);
+        assert!(e < tol, "{what}: rms_fwd_w rel err {e}");
+
+        let mut a = [
+            input(&x, misalign),
+            input(&b, misalign),
+            input(&w, misalign),
+            out(n * d, dtype),
+            out(n * d, dtype),
+            di,
+            A::F(eps as f32),
+            ni,
+        ];
+        launch(&format!("add_rms_fwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        let (s, y) = patchlm_model::ops::add_rms_norm(&x, &b, &w, eps).unwrap();
+        let e = max_rel(&output(&a[3], dtype, &[n, d]), &f(&s));
+        assert!(e < tol, "{what}: add_rms_fwd_w sum rel err {e}");
+        let e = max_rel(&output(&a[4], dtype, &[n, d]), &f(&y));
+        assert!(e < tol, "{what}: add_rms_fwd_w norm rel err {e}");
+
+        // 1/rms per row, in f32 from the rounded inputs.
+        let xf = f(&x);
+        let rs = (xf.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        let (dx, _) = patchlm_model::ops::grad::rms_norm(&x, &w, &dy, eps).unwrap();
+        let mut a = [
+            input(&x, misalign),
+            input(&w, misalign),
+            input(&dy, misalign),
+            out(n * d, dtype),
+            out(n, DType::F32),
+            A::I(d as i64),
+            A::F(eps as f32),
+            A::I(n as i64),
+        ];
+        launch(&format!("rms_dx_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        let e = max_rel(&output(&a[3], dtype, &[n, d]), &f(&dx));
+        assert!(e < tol * 2.0, "{what}: rms_dx_w rel err {e}");
+        let e = max_rel(&output(&a[4], DType::F32, &[n, 1]), &rs);
+        assert!(e < 1e-5, "{what}: rms_dx_w 1/rms rel err {e}");
+
+        let (dxr, _) = patchlm_model::ops::grad::rms_norm_residual(&x, &w, &dy, &res, eps).unwrap();
+        let mut a = [
+            input(&x, misalign),
+            input(&w, misalign),
+            input(&dy, misalign),
+            input(&res, misalign),
+            out(n * d, dtype),
+            out(n, DType::F32),
+            A::I(d as i64),
+            A::F(eps as f32),
+            A::I(n as i64),
+        ];
+        launch(&format!("rms_dx_res_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        let e = max_rel(&output(&a[4], dtype, &[n, d]), &f(&dxr));
+        assert!(e < tol * 2.0, "{what}: rms_dx_res_w rel err {e}");
+    }
+}
+
+/// The warp-per-row causal softmax (forward and backward) against the CPU op, queries the last
+/// `t` of `s` positions, rows of 40 (16-byte packs for bf16) and 21 (tails).
+#[test]
+fn emulated_warp_causal_softmax_matches_cpu() {
+    for (bh, t, s, dtype) in [(3usize, 7usize, 40usize, DType::BF16), (2, 21, 21, DType::F32), (1, 9, 16, DType::F16)] {
+        let what = format!("{bh}x{t}x{s} {dtype:?}");
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let scale = 0.3f64;
+        let x = Tensor::randn(0f32, 3.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let n = bh * t;
+        let sfx = suffix(dtype);
+        let cfg = ((n.div_ceil(8)) as u32, 1, 1);
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let y = patchlm_model::ops::causal_softmax(&x, scale).unwrap();
+        let mut a =
+            [input(&x, false), out(n * s, dtype), A::I(t as i64), A::I(s as i64), A::F(scale as f32), A::I(n as i64)];
+        launch(&format!("causal_softmax_fwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        let e = max_rel(&output(&a[1], dtype, &[1, bh, t, s]), &f(&y));
+        assert!(e < tol, "{what}: forward rel err {e}");
+        let dx = patchlm_model::ops::grad::causal_softmax(&y, &dy, scale).unwrap();
+        let mut a = [
+            input(&y, false),
+            input(&dy, false),
+            out(n * s, dtype),
+            A::I(t as i64),
+            A::I(s as i64),
+            A::F(scale as f32),
+            A::I(n as i64),
+        ];
+        launch(&format!("causal_softmax_bwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        let e = max_rel(&output(&a[2], dtype, &[1, bh, t, s]), &f(&dx));
+        assert!(e < tol * 2.0, "{what}: backward rel err {e}");
+    }
+}
+
+/// The log-sum-exp-keeping cross-entropy kernels (one block per row) against the CPU op: per-row
+/// losses and log-sum-exps, then the logits' gradient from the saved log-sum-exp.
+#[test]
+fn emulated_cross_entropy_lse_matches_cpu() {
+    for (n, v, k, dtype, misalign) in [(5usize, 1001usize, 3usize, DType::BF16, false), (4, 96, 1, DType::F32, true)] {
+        let what = format!("{n}x{v} k={k} {dtype:?}");
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let x = Tensor::randn(0f32, 3.0, (n, v), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let ids: Vec<u32> = (0..n * k).map(|i| ((i * 7919 + 3) % v) as u32).collect();
+        let tg = Tensor::from_vec(ids.clone(), (n, k), &Device::Cpu).unwrap();
+        let (loss, lse) = patchlm_model::ops::cross_entropy_multi_lse(&x, &tg).unwrap();
+        let threads = (v.div_ceil(32) * 32).clamp(32, 512) as u32;
+        let sfx = suffix(dtype);
+        let mut a = [
+            input(&x, misalign),
+            A::Buf(bytes(&tg)),
+            out(2 * n, DType::F32),
+            A::I(v as i64),
+            A::I(k as i64),
+            A::I(n as i64),
+        ];
+        launch(&format!("ce_fwd_lse_{sfx}"), (n as u32, 1, 1), (threads, 1, 1), &mut a);
+        let got = output(&a[2], DType::F32, &[2, n]);
+        let e = max_rel(&got.get(1).unwrap(), &lse);
+        assert!(e < 1e-5, "{what}: log-sum-exp rel err {e}");
+        let mean = (got.get(0).unwrap().sum_all().unwrap() / (n * k) as f64).unwrap();
+        let e = max_rel(&mean, &loss);
+        assert!(e < 1e-5, "{what}: loss rel err {e}");
+
+        let scale = 0.7f64;
+        let dx = patchlm_model::ops::grad::cross_entropy_multi_lse(&x, &tg, &lse, scale).unwrap();
+        let g = Tensor::full((scale / (n * k) as f64) as f32, n, &Device::Cpu).unwrap();
+        let gl = Tensor::stack(&[&g, &lse], 0).unwrap();
+        let mut a = [
+            input(&x, misalign),
+            A::Buf(bytes(&tg)),
+            A::Buf(bytes(&gl)),
+            out(n * v, dtype),
+            A::I(v as i64),
+            A::I(k as i64),
+            A::I(n as i64),
+        ];
+        launch(&format!("ce_bwd_lse_{sfx}"), (n as u32, 1, 1), (threads, 1, 1), &mut a);
+        let e = max_rel(&output(&a[3], dtype, &[n, v]), &dx.to_dtype(DType::F32).unwrap());
+        assert!(e < tol, "{what}: gradient rel err {e}");
+    }
+}
+
+/// The layout kernels (PATCHLM_LAYOUT_CUDA) against the CPU ops: q/k/v rows → heads with RoPE
+/// and back, without RoPE, and SwiGLU on the stacked gate/up projection (packs and tails).
+#[test]
+fn emulated_layout_kernels_match_cpu() {
+    use patchlm_model::ops::{heads_from_rows, rows_from_heads, HeadsLayout};
+    let (b, t, h, kv, hd) = (2usize, 5usize, 3usize, 1usize, 8usize);
+    let layout = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
+    let cols = (h + 2 * kv) * hd;
+    let angles = Tensor::randn(0f32, 2.0, (t, hd), &Device::Cpu).unwrap();
+    let (c, sn) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let blocks = |n: usize| (n.div_ceil(1024) as u32, 1, 1);
+    // The kernels' trailing (b, t, h, kv, hd, rope) arguments.
+    let dims = |rope: bool| [b, t, h, kv, hd, usize::from(rope)].map(|d| A::I(d as i64));
+    for dtype in [DType::BF16, DType::F32] {
+        let sfx = suffix(dtype);
+        let x = Tensor::randn(0f32, 1.0, (b * t, cols), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let total = b * t * cols;
+        for rope in [true, false] {
+            let what = format!("{dtype:?} rope={rope}");
+            let tables = rope.then_some((&c, &sn));
+            let (q, kvp) = heads_from_rows(&x, layout, tables).unwrap();
+            let (k, v) = kvp.unwrap();
+            let want = Tensor::cat(&[q.flatten_all().unwrap(), k.flatten_all().unwrap(), v.flatten_all().unwrap()], 0)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let mut a = vec![A::Buf(bytes(&x)), A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)];
+            a.extend(dims(rope));
+            launch(&format!("heads_from_rows_{sfx}"), blocks(total), (1024, 1, 1), &mut a);
+            let e = max_rel(&output(&a[3], dtype, &[total]), &want);
+            assert!(e < 1e-6, "{what}: heads_from_rows rel err {e}");
+
+            // Back: the inverse rotation, onto the row layout.
+            let back = rows_from_heads(&q, Some((&k, &v)), layout, tables).unwrap().to_dtype(DType::F32).unwrap();
+            let mut a = vec![A::Buf(bytes(&q)), A::Buf(bytes(&k)), A::Buf(bytes(&v))];
+            a.extend([A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)]);
+            a.extend(dims(rope));
+            launch(&format!("rows_from_heads_{sfx}"), blocks(total), (1024, 1, 1), &mut a);
+            let e = max_rel(&output(&a[5], dtype, &[b * t, cols]), &back);
+            assert!(e < 1e-6, "{what}: rows_from_heads rel err {e}");
+        }
+        for f in [24usize, 13] {
+            let rows = 7usize;
+            let what = format!("swiglu_packed {dtype:?} f={f}");
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            let gu = Tensor::randn(0f32, 2.0, (rows, 2 * f), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let dy = Tensor::randn(0f32, 1.0, (rows, f), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let n = rows * f;
+            let y = patchlm_model::ops::swiglu_packed(&gu).unwrap().to_dtype(DType::F32).unwrap();
+            let mut a = [A::Buf(bytes(&gu)), out(n, dtype), A::I(n as i64), A::I(f as i64)];
+            launch(&format!("swiglu_packed_fwd_{sfx}"), blocks(n), (1024, 1, 1), &mut a);
+            let e = max_rel(&output(&a[1], dtype, &[rows, f]), &y);
+            assert!(e < tol, "{what}: forward rel err {e}");
+            let d = patchlm_model::ops::grad::swiglu_packed(&gu, &dy).unwrap().to_dtype(DType::F32).unwrap();
+            let mut a = [A::Buf(bytes(&gu)), A::Buf(bytes(&dy)), out(2 * n, dtype), A::I(n as i64), A::I(f as i64)];
+            launch(&format!("swiglu_packed_bwd_{sfx}"), blocks(n), (1024, 1, 1), &mut a);
+            let e = max_rel(&output(&a[2], dtype, &[rows, 2 * f]), &d);
+            assert!(e < tol, "{what}: backward rel err {e}");
+        }
+    }
+}
