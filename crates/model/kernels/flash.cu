@@ -335,7 +335,7 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
     tc_tile_in<T, HD, LD, TC_ROWS>(qp, q + (size_t)bh * t * HD, i0, min(TC_ROWS, t - i0));
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[HD / 16];
+    TcA<T> qf[HD / 16];
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) wmma::load_matrix_sync(qf[kk], qp + w * 16 * LD + kk * 16, LD);
     T* pw = qp + w * 16 * LDP;  // this warp's rows of qp: its queries are in registers now
@@ -356,7 +356,7 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
         if (k0 > wlast) continue;
 #pragma unroll
         for (int n = 0; n < BC / 16; n++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+            TcAcc sf;
             wmma::fill_fragment(sf, 0.0f);
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++) {
@@ -388,17 +388,18 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
         l = l * alpha + sum;
         m = mnew;
         __syncwarp();
+        TcA<T> pf[BC / 16];  // the warp's probabilities, loaded once for every output column
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) wmma::load_matrix_sync(pf[kk], pw + kk * 16, LDP);
 #pragma unroll
         for (int n = 0; n < HD / 16; n++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+            TcAcc of;
             wmma::fill_fragment(of, 0.0f);
 #pragma unroll
             for (int kk = 0; kk < BC / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-                wmma::load_matrix_sync(pf, pw + kk * 16, LDP);
                 wmma::load_matrix_sync(vf, vs + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(of, pf, vf, of);
+                wmma::mma_sync(of, pf[kk], vf, of);
             }
             wmma::store_matrix_sync(sb + n * 16, of, LDO, wmma::mem_row_major);
         }
@@ -469,15 +470,16 @@ __device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, i
             dsb[r * LDBP + c0 + c] = from_f<T>(p * (pb[r * LDB + c0 + c] - delta));
         }
         __syncwarp();
+        TcA<T> af[BB / 16];
+#pragma unroll
+        for (int kk = 0; kk < BB / 16; kk++) wmma::load_matrix_sync(af[kk], dsb + kk * 16, LDBP);
 #pragma unroll
         for (int n = 0; n < HD / 16; n++) {
 #pragma unroll
             for (int kk = 0; kk < BB / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-                wmma::load_matrix_sync(af, dsb + kk * 16, LDBP);
                 wmma::load_matrix_sync(bf, ks + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(acc[n], af, bf, acc[n]);
+                wmma::mma_sync(acc[n], af[kk], bf, acc[n]);
             }
         }
     }
@@ -551,18 +553,21 @@ __device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, 
             dsr[r * LDBP + c0 + c] = from_f<T>(p * (pb[r * LDB + c0 + c] - dl[c0 + c]));
         }
         __syncwarp();
+        TcA<T> pa[BB / 16], da[BB / 16];
+#pragma unroll
+        for (int kk = 0; kk < BB / 16; kk++) {
+            wmma::load_matrix_sync(pa[kk], pr + kk * 16, LDBP);
+            wmma::load_matrix_sync(da[kk], dsr + kk * 16, LDBP);
+        }
 #pragma unroll
         for (int n = 0; n < HD / 16; n++) {
 #pragma unroll
             for (int kk = 0; kk < BB / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa, da;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> ob, qb2;
-                wmma::load_matrix_sync(pa, pr + kk * 16, LDBP);
-                wmma::load_matrix_sync(da, dsr + kk * 16, LDBP);
                 wmma::load_matrix_sync(ob, dos + kk * 16 * LD + n * 16, LD);
                 wmma::load_matrix_sync(qb2, qs + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(dva[n], pa, ob, dva[n]);
-                wmma::mma_sync(dka[n], da, qb2, dka[n]);
+                wmma::mma_sync(dva[n], pa[kk], ob, dva[n]);
+                wmma::mma_sync(dka[n], da[kk], qb2, dka[n]);
             }
         }
     }
