@@ -45,15 +45,22 @@ impl Switch {
         self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
+    /// The setting: the setter's, else the environment's read on first use (and kept: hot paths
+    /// ask per layer), else the default.
     pub(crate) fn get(&self) -> bool {
         match self.state.load(Ordering::Relaxed) {
             1 => true,
             2 => false,
-            _ => match std::env::var_os(self.env) {
-                Some(v) if v == "1" => self.env_means,
-                Some(v) if v == "0" => !self.env_means,
-                _ => self.default,
-            },
+            _ => {
+                let on = match std::env::var_os(self.env) {
+                    Some(v) if v == "1" => self.env_means,
+                    Some(v) if v == "0" => !self.env_means,
+                    _ => self.default,
+                };
+                // A setter racing with this first read wins: only an unset state is replaced.
+                let _ = self.state.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
+                on
+            }
         }
     }
 }

@@ -350,8 +350,10 @@ pub fn set_attention_chunks(chunks: usize) {
 
 /// The number of query blocks for `t` positions (see [`set_attention_chunks`]).
 fn attention_chunks(t: usize) -> usize {
+    static ENV: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let set = match CHUNKS.load(Ordering::Relaxed) {
-        0 => std::env::var("PATCHLM_ATTENTION_CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+        0 => *ENV
+            .get_or_init(|| std::env::var("PATCHLM_ATTENTION_CHUNKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0)),
         n => n,
     };
     let n = if set == 0 { (t / 512).clamp(1, 4) } else { set };
