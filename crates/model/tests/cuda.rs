@@ -413,46 +413,57 @@ fn cuda_swiglu_matches_cpu() {
 #[test]
 #[ignore]
 fn cuda_tape_forward_and_backward_match_cpu() {
+    // Head size 16 (flash attention's smallest on CUDA) with grouped-query attention.
+    tape_matches_cpu(4, 2, false);
+}
+
+/// The tape at head size 32 with the tensor-core flash kernels (PATCHLM_FLASH_TC), a test of its
+/// own so that `gpu_check.sh` can tell these kernels' failures from the others'.
+#[test]
+#[ignore]
+fn cuda_tensor_core_tape_matches_cpu() {
+    tape_matches_cpu(2, 1, true);
+}
+
+/// The hand-written forward and backward pass on the GPU against the CPU: softmax attention
+/// (one block, then three with the layout and row kernels) and flash attention.
+fn tape_matches_cpu(heads: usize, kv_heads: usize, tc: bool) {
     use patchlm_model::ops::{set_flash_attention, set_flash_tc, set_layout_cuda};
     use patchlm_model::{init_model, Grads, ModelConfig};
     let g = gpu();
-    // Head size 16 (flash attention's smallest on CUDA) with grouped-query attention, then head
-    // size 32 with the tensor-core flash kernels.
-    for (heads, kv_heads, tc) in [(4usize, 2usize, false), (2, 1, true)] {
-        let mut cfg = ModelConfig::preset("tiny").unwrap();
-        (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) =
-            (64, 128, heads, kv_heads);
-        let (mc, _) = init_model(&cfg, &Device::Cpu, 3).unwrap();
-        let (mg, _) = init_model(&cfg, &g, 3).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
-        let dh = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
-        set_flash_tc(tc);
-        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
-            for (flash, heads_kernels) in [(false, false), (false, true), (true, true)] {
-                set_flash_attention(flash);
-                // Softmax attention in query blocks (narrowed q/k/v views as matmul operands).
-                patchlm_model::set_attention_chunks(if heads_kernels { 3 } else { 1 });
-                set_layout_cuda(heads_kernels);
-                // The warp-per-row RMSNorm and softmax kernels go with the head kernels.
-                patchlm_model::ops::set_rows_cuda(heads_kernels);
-                let run = |m: &patchlm_model::Llama, d: &Device| {
-                    let m = m.clone().with_compute_dtype(dtype);
-                    let (h, tape) = m.forward_tape(&x.to_device(d).unwrap()).unwrap();
-                    let mut grads = Grads::new();
-                    let dx = m.backward_tape(tape, &dh.to_device(d).unwrap(), &mut grads).unwrap();
-                    (h, dx, grads)
-                };
-                let (hc, dxc, gc) = run(&mc, &Device::Cpu);
-                let (hg, dxg, gg) = run(&mg, &g);
-                let what =
-                    format!("{dtype:?} heads {heads} flash {flash} (tensor cores {tc}) heads kernels {heads_kernels}");
-                assert!(max_rel(&hg, &hc) < tol, "{what}: hidden states");
-                assert!(max_rel(&dxg, &dxc) < tol * 10.0, "{what}: input gradient");
-                assert_eq!(gc.len(), gg.len());
-                for (name, want) in &gc {
-                    let e = max_rel(&gg[name], want);
-                    assert!(e < tol * 10.0, "{what}: gradient of {name}: rel err {e}");
-                }
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) =
+        (64, 128, heads, kv_heads);
+    let (mc, _) = init_model(&cfg, &Device::Cpu, 3).unwrap();
+    let (mg, _) = init_model(&cfg, &g, 3).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
+    let dh = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
+    set_flash_tc(tc);
+    for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+        for (flash, heads_kernels) in [(false, false), (false, true), (true, true)] {
+            set_flash_attention(flash);
+            // Softmax attention in query blocks (narrowed q/k/v views as matmul operands).
+            patchlm_model::set_attention_chunks(if heads_kernels { 3 } else { 1 });
+            set_layout_cuda(heads_kernels);
+            // The warp-per-row RMSNorm and softmax kernels go with the head kernels.
+            patchlm_model::ops::set_rows_cuda(heads_kernels);
+            let run = |m: &patchlm_model::Llama, d: &Device| {
+                let m = m.clone().with_compute_dtype(dtype);
+                let (h, tape) = m.forward_tape(&x.to_device(d).unwrap()).unwrap();
+                let mut grads = Grads::new();
+                let dx = m.backward_tape(tape, &dh.to_device(d).unwrap(), &mut grads).unwrap();
+                (h, dx, grads)
+            };
+            let (hc, dxc, gc) = run(&mc, &Device::Cpu);
+            let (hg, dxg, gg) = run(&mg, &g);
+            let what =
+                format!("{dtype:?} heads {heads} flash {flash} (tensor cores {tc}) heads kernels {heads_kernels}");
+            assert!(max_rel(&hg, &hc) < tol, "{what}: hidden states");
+            assert!(max_rel(&dxg, &dxc) < tol * 10.0, "{what}: input gradient");
+            assert_eq!(gc.len(), gg.len());
+            for (name, want) in &gc {
+                let e = max_rel(&gg[name], want);
+                assert!(e < tol * 10.0, "{what}: gradient of {name}: rel err {e}");
             }
         }
     }
