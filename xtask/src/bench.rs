@@ -322,6 +322,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         let tokens = (batch * ctx * k) as f64;
         // The model runs ctx positions per sequence in both phases (patches in the patch phase).
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
+        let hd = cfg.hidden_size / cfg.num_attention_heads;
+        let flash = patchlm_model::ops::flash_attention_for(&device, dtype, hd);
         println!(
             "{}",
             serde_json::json!({
@@ -329,7 +331,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
                 "threads": rayon::current_num_threads(), "dtype": b.dtype, "mfu": mfu, "peak_flops": b.peak_flops,
                 "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
-                "attention": if patchlm_model::ops::flash_attention_enabled(&device) { "flash" } else { "softmax" },
+                "attention": if flash { "flash" } else { "softmax" },
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
                 // The opt-in kernels this run used (see README).
@@ -337,8 +339,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
                     "bf16_grads": patchlm_model::compute_dtype_grads(),
-                    "flash_tc": device.is_cuda() && patchlm_model::ops::flash_attention_enabled(&device)
-                        && patchlm_model::ops::flash_tc_enabled(dtype, cfg.hidden_size / cfg.num_attention_heads),
+                    "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                 },
             })
         );

@@ -186,7 +186,7 @@ impl Attention {
         let k = self.repeat_kv(k)?;
         let v = self.repeat_kv(v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if crate::ops::flash_attention_enabled(x.device()) {
+        if crate::ops::flash_attention_for(x.device(), q.dtype(), self.head_dim) {
             let y = crate::ops::flash_attention(&q, &k, &v, scale)?.transpose(1, 2)?.reshape((b, t, d))?;
             return self.o_proj.forward(&y);
         }

@@ -29,7 +29,8 @@ use rayon::prelude::*;
 /// A process-wide on/off setting: until a caller sets it, an environment variable decides
 /// (`env` = "1" means `env_means`, "0" the opposite), and without one (or another value) `default`.
 pub(crate) struct Switch {
-    /// 0: not set, 1: on, 2: off.
+    /// 0: not yet resolved, 1: on, 2: off (set, or from the environment), 3: neither said (the
+    /// default applies).
     state: AtomicU8,
     env: &'static str,
     env_means: bool,
@@ -48,18 +49,29 @@ impl Switch {
     /// The setting: the setter's, else the environment's read on first use (and kept: hot paths
     /// ask per layer), else the default.
     pub(crate) fn get(&self) -> bool {
+        self.explicit().unwrap_or(self.default)
+    }
+
+    /// What the setter or the environment said, if either did.
+    pub(crate) fn explicit(&self) -> Option<bool> {
         match self.state.load(Ordering::Relaxed) {
-            1 => true,
-            2 => false,
+            1 => Some(true),
+            2 => Some(false),
+            3 => None,
             _ => {
-                let on = match std::env::var_os(self.env) {
-                    Some(v) if v == "1" => self.env_means,
-                    Some(v) if v == "0" => !self.env_means,
-                    _ => self.default,
+                let said = match std::env::var_os(self.env) {
+                    Some(v) if v == "1" => Some(self.env_means),
+                    Some(v) if v == "0" => Some(!self.env_means),
+                    _ => None,
                 };
-                // A setter racing with this first read wins: only an unset state is replaced.
-                let _ = self.state.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
-                on
+                let state = match said {
+                    Some(true) => 1,
+                    Some(false) => 2,
+                    None => 3,
+                };
+                // A setter racing with this first read wins: only an unresolved state is replaced.
+                let _ = self.state.compare_exchange(0, state, Ordering::Relaxed, Ordering::Relaxed);
+                said
             }
         }
     }
@@ -1631,17 +1643,27 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
 static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true, false);
 
 /// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
-/// matrix in memory), `false` (the default) for scores from a matmul, [`causal_softmax`] and a
-/// second matmul (the T×T probabilities are materialised, in the compute dtype). The default
-/// can also be set with `PATCHLM_FLASH_ATTENTION=1`; both compute the same attention.
+/// matrix in memory), `false` for scores from a matmul, [`causal_softmax`] and a second matmul
+/// (the T×T probabilities are materialised, in the compute dtype); also
+/// `PATCHLM_FLASH_ATTENTION=1` / `=0`. Unset, attention is flash where the tensor-core kernels
+/// are on and apply (see [`flash_attention_for`]), else materialised. Both compute the same
+/// attention.
 pub fn set_flash_attention(enabled: bool) {
     FLASH.set(enabled);
 }
 
-/// Whether attention on `device` uses [`flash_attention`] (see [`set_flash_attention`]); only
-/// where the fused ops are supported.
+/// Whether attention on `device` was set to [`flash_attention`] (see [`set_flash_attention`]);
+/// only where the fused ops are supported. [`flash_attention_for`] also knows the default.
 pub fn flash_attention_enabled(device: &Device) -> bool {
     FLASH.get() && fused_ops_supported(device)
+}
+
+/// Whether attention with head size `hd` in `dtype` on `device` runs as [`flash_attention`]: as
+/// [`set_flash_attention`] or `PATCHLM_FLASH_ATTENTION` say, and where neither does, on CUDA when
+/// the tensor-core kernels are on and apply ([`flash_tc_enabled`]). Only where the fused ops
+/// are supported.
+pub fn flash_attention_for(device: &Device, dtype: DType, hd: usize) -> bool {
+    fused_ops_supported(device) && FLASH.explicit().unwrap_or_else(|| device.is_cuda() && flash_tc_enabled(dtype, hd))
 }
 
 static FLASH_TC: Switch = Switch::new("PATCHLM_FLASH_TC", true, false);
@@ -1649,7 +1671,8 @@ static FLASH_TC: Switch = Switch::new("PATCHLM_FLASH_TC", true, false);
 /// Chooses tensor-core kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
 /// head size 32 or 64; wmma tiles with f32 accumulation, kernels/flash.cu), process-wide. Opt-in
 /// (also `PATCHLM_FLASH_TC=1`) until `tests/cuda.rs` has run them on a GPU; their math is tested
-/// without one by `tests/emulated.rs`. Off, or for other shapes, the CUDA-core kernels run.
+/// without one by `tests/emulated.rs`. Off, or for other shapes, the CUDA-core kernels run. On,
+/// attention defaults to flash where they apply (see [`flash_attention_for`]).
 pub fn set_flash_tc(enabled: bool) {
     FLASH_TC.set(enabled);
 }
@@ -3567,7 +3590,24 @@ pub mod grad {
 
 #[cfg(test)]
 mod tests {
-    use super::{multi_first, multi_owner};
+    use super::{multi_first, multi_owner, Switch};
+
+    /// A switch reports what the setter said, else nothing (the default applies), and keeps its
+    /// first reading of the environment.
+    #[test]
+    fn switch_explicit_setting_and_default() {
+        static S: Switch = Switch::new("PATCHLM_TEST_SWITCH_NEVER_SET", true, true);
+        assert_eq!(S.explicit(), None);
+        assert!(S.get(), "the default");
+        S.set(false);
+        assert_eq!(S.explicit(), Some(false));
+        assert!(!S.get());
+        S.set(true);
+        assert_eq!(S.explicit(), Some(true));
+        static OFF: Switch = Switch::new("PATCHLM_TEST_SWITCH_NEVER_SET", false, false);
+        assert!(!OFF.get());
+        assert_eq!(OFF.explicit(), None);
+    }
 
     /// Every element of every tensor is visited exactly once when each block b covers chunk
     /// `b - first[owner(b)]` of its owner, as the multi-tensor kernels do; empty tensors own no

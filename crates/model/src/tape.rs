@@ -291,7 +291,7 @@ fn layer_forward(
     };
     let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
     let scale = 1.0 / (a.head_dim as f64).sqrt();
-    let (yh, attn) = if ops::flash_attention_enabled(x.device()) {
+    let (yh, attn) = if ops::flash_attention_for(x.device(), q.dtype(), a.head_dim) {
         let (o, lse) = ops::flash_attention_lse(&q, &k, &v, scale)?;
         (o.clone(), Attn::Flash(o, lse))
     } else {
