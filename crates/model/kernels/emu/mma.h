@@ -32,8 +32,20 @@ inline size_t emu_at(int r, int c, unsigned ldm, bool row_major_) {
     return row_major_ ? (size_t)r * ldm + c : (size_t)c * ldm + r;
 }
 
+// wmma's rules for a tile in memory: a 256-bit aligned pointer and a leading dimension that is a
+// multiple of 16 bytes. The GPU's behaviour otherwise is undefined; here the run stops.
+template <typename T>
+inline void emu_check(const T* p, unsigned ldm, const char* what) {
+    if ((reinterpret_cast<uintptr_t>(p) & 31) != 0 || (ldm * sizeof(T)) % 16 != 0) {
+        fprintf(stderr, "emu: wmma %s at %p with ldm %u breaks the 32-byte pointer / 16-byte ldm rule\n", what,
+                (const void*)p, ldm);
+        exit(4);
+    }
+}
+
 template <typename T>
 inline void emu_gather(T* dst, const T* src, unsigned ldm, bool row_major_) {
+    emu_check(src, ldm, "load");
     static_assert(sizeof(T) * 256 <= emu::kTileBytes, "tile larger than the staging area");
     T* stage = reinterpret_cast<T*>(emu::g_s.tile.data() + emu::warp_id() * emu::kTileBytes);
     for (int e = emu::lane_id(); e < 256; e += 32) stage[e] = src[emu_at(e / 16, e % 16, ldm, row_major_)];
@@ -53,6 +65,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& f, 
 }
 template <typename T>
 inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T, void>& f, unsigned ldm, layout_t l) {
+    emu_check(p, ldm, "store");
     for (int e = emu::lane_id(); e < 256; e += 32) emu::defer(p + emu_at(e / 16, e % 16, ldm, l == mem_row_major), f.x[e]);
 }
 template <typename Use, typename T, typename L, typename V>
