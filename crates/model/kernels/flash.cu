@@ -576,6 +576,31 @@ __device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, 
     tc_rows_out<T, HD>(dva, sb, dv + row, j < s, 1.0f);
 }
 
+// The backward's row statistics: st[row] = (lse[row], sum_d o[row, d] * dout[row, d]) in f32, one
+// warp per row (8 rows a block of 256 threads).
+template <typename T>
+__device__ void flash_stats(const T* o, const T* dout, const float* lse, float* st, int rows, int hd) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    float acc = 0.0f;
+    for (int d = lane; d < hd; d += 32) acc += to_f(o[row * hd + d]) * to_f(dout[row * hd + d]);
+    for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, m);
+    if (lane == 0) {
+        st[2 * row] = lse[row];
+        st[2 * row + 1] = acc;
+    }
+}
+
+#define FLASH_STATS(T, S)                                                                                   \
+    extern "C" __global__ void flash_stats_##S(const T* o, const T* dout, const float* lse, float* st,     \
+                                               int rows, int hd) {                                         \
+        flash_stats<T>(o, dout, lse, st, rows, hd);                                                         \
+    }
+FLASH_STATS(float, f32)
+FLASH_STATS(__nv_bfloat16, bf16)
+FLASH_STATS(__half, f16)
+
 #define FLASH_TC_OPS(T, S, HD)                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_tc_fwd_##S##_##HD(                             \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \

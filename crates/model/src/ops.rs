@@ -1976,13 +1976,80 @@ fn flash_backward(
         candle_core::bail!("flash_attention: lse {:?} {:?} is not f32 ({b}, {h}, {t})", lse.dims(), lse.dtype());
     }
     let dout = dout.to_dtype(q.dtype())?.contiguous()?;
-    let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
-    let stats = Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?;
+    // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the
+    // tensor-core flash kernels until it has run on a GPU), else composed.
+    let stats = if q.device().is_cpu() || FLASH_TC.get() {
+        o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &FlashStats)?
+    } else {
+        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+        Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?
+    };
     let qdo = Tensor::stack(&[q, &dout], 0)?;
     let kv = Tensor::stack(&[k, v], 0)?;
     let grad = |part| qdo.apply_op3_no_bwd(&kv, &stats, &FlashGrad { scale, part });
     let dkv = grad(FlashPart::KV)?;
     Ok((grad(FlashPart::Q)?, dkv.get(0)?, dkv.get(1)?))
+}
+
+/// The backward's row statistics: (o, dO (B, H, T, hd), lse (B, H, T) f32) → (B, H, T, 2) f32
+/// holding (lse, Σ_d o·dO) per row.
+struct FlashStats;
+
+impl CustomOp3 for FlashStats {
+    fn name(&self) -> &'static str {
+        "flash-attention-stats"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, t, hd) = l1.shape().dims4()?;
+        let lse = match s3 {
+            CpuStorage::F32(l) => contiguous(l, l3, "lse")?,
+            _ => candle_core::bail!("flash_attention: lse must be f32"),
+        };
+        fn stats<T: Float>(o: &[T], d: &[T], lse: &[f32], hd: usize) -> Vec<f32> {
+            o.chunks(hd.max(1))
+                .zip(d.chunks(hd.max(1)))
+                .zip(lse)
+                .flat_map(|((o, d), &l)| [l, o.iter().zip(d).map(|(a, b)| a.f() * b.f()).sum()])
+                .collect()
+        }
+        let st = match (s1, s2) {
+            (CpuStorage::F32(o), CpuStorage::F32(d)) => {
+                stats(contiguous(o, l1, "o")?, contiguous(d, l2, "dO")?, lse, hd)
+            }
+            (CpuStorage::BF16(o), CpuStorage::BF16(d)) => {
+                stats(contiguous(o, l1, "o")?, contiguous(d, l2, "dO")?, lse, hd)
+            }
+            (CpuStorage::F16(o), CpuStorage::F16(d)) => {
+                stats(contiguous(o, l1, "o")?, contiguous(d, l2, "dO")?, lse, hd)
+            }
+            _ => candle_core::bail!("flash_attention: o and dO must share a float dtype"),
+        };
+        Ok((CpuStorage::F32(st), Shape::from((b, h, t, 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (b, h, t, hd) = l1.shape().dims4()?;
+        let st = cuda::flash_stats(s1, l1, s2, l2, s3, l3, b * h * t, hd)?;
+        Ok((st, Shape::from((b, h, t, 2))))
+    }
 }
 
 impl CustomOp3 for FlashAttnLse {
@@ -2943,6 +3010,49 @@ mod cuda {
         scale: f32,
     ) -> Result<CudaStorage> {
         Ok(flash(q, lq, k, lk, None, d, scale, FlashKernel::Lse)?.0)
+    }
+
+    /// The backward's row statistics (lse, Σ o·dO) for `rows` rows of `hd`, f32 (rows, 2).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_stats(
+        o: &CudaStorage,
+        lo: &Layout,
+        d: &CudaStorage,
+        ld: &Layout,
+        lse: &CudaStorage,
+        ll: &Layout,
+        rows: usize,
+        hd: usize,
+    ) -> Result<CudaStorage> {
+        let dev = o.device();
+        if rows * hd >= i32::MAX as usize {
+            candle_core::bail!("flash_attention: {rows} rows is more than one launch handles");
+        }
+        let f = dev.get_or_load_custom_func(&format!("flash_stats_{}", suffix(o.dtype())?), FLASH_MODULE, FLASH_PTX)?;
+        let ls = lse.as_cuda_slice::<f32>()?.slice(check(ll, "lse")?..);
+        let st = unsafe { dev.alloc::<f32>(2 * rows)? };
+        let (ri, hi) = (rows as i32, hd as i32);
+        macro_rules! go {
+            ($ty:ty) => {{
+                let os = o.as_cuda_slice::<$ty>()?.slice(check(lo, "o")?..);
+                let ds = d.as_cuda_slice::<$ty>()?.slice(check(ld, "dO")?..);
+                let mut b = f.builder();
+                b.arg(&os);
+                b.arg(&ds);
+                b.arg(&ls);
+                b.arg(&st);
+                b.arg(&ri);
+                b.arg(&hi);
+                unsafe { b.launch(warp_rows_cfg(rows)) }.w()?;
+            }};
+        }
+        match o.dtype() {
+            DType::F32 => go!(f32),
+            DType::BF16 => go!(bf16),
+            DType::F16 => go!(f16),
+            dt => candle_core::bail!("flash_attention: unsupported dtype {dt:?}"),
+        }
+        Ok(wrap_f32(st, dev))
     }
 
     /// dq (`kv` false) or dk and dv stacked (`kv` true) from ((q, dO), (k, v), stats).

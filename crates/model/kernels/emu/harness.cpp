@@ -72,6 +72,7 @@ const std::map<std::string, Runner> kernels = {
     K(flash_tc_fwd_bf16_32) K(flash_tc_fwd_bf16_64) K(flash_tc_fwd_f16_32) K(flash_tc_fwd_f16_64)
     K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
     K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
+    K3(flash_stats)
     K(flash_fwd_f32_64) K(flash_fwd_bf16_64) K(flash_dq_bf16_64) K(flash_dk_bf16_64) K(flash_dv_bf16_64)
     K3(rms_fwd_w) K3(rms_dx_w) K3(rms_dx_res_w) K3(add_rms_fwd_w)
     K3(causal_softmax_fwd_w) K3(causal_softmax_bwd_w)
