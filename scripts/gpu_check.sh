@@ -11,7 +11,8 @@
 #   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [optin-each] [ops] [ncu] [ours] [events] [plain]
 # (no section: kernels optin flash gpt2 370m track, about 10 minutes on an H200, most of it
 # torch.compile's warm-up, in order of what matters most should the call's time run out; every
-# measurement is printed as it is made, so a section cut by its timeout keeps them).
+# measurement is printed as it is made, so a section cut by its timeout keeps them; with little
+# device time left, `kernels optin flash gpt2 370m` in one call and `kernels track` in another).
 # The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_FLASH_TC:
 # written since the last device run, their math checked on the CPU by tests/emulated.rs) are turned
 # on for the sections after `kernels` only when their device tests passed (the tensor-core flash
@@ -87,7 +88,7 @@ for s in $sections; do
              /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 --k 1 --steps 1 --device cuda \
              --dtype bf16 > "$OUT/ncu.txt" 2>&1 && python3 scripts/ncu_summary.py "$OUT/ncu.txt" | head -40 ;;
     gpt2) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
-            --backward both --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
+            --backward tape --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
             --backward tape --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
     ops) timeout 120 /tmp/bin/xtask bench ops --preset gpt2-small --batch 8 --ctx 1024 --device cuda --dtype bf16 \
