@@ -135,9 +135,27 @@ fn from_bytes(b: &[u8], dtype: DType, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn buf(b: &A) -> &[u8] {
-    match b {
-        A::Buf(b) | A::At(_, b) => b,
+/// An output buffer of `n` elements of `dtype`, zeroed.
+fn out(n: usize, dtype: DType) -> A {
+    A::Buf(vec![0u8; n * dtype.size_in_bytes()])
+}
+
+/// A tensor's bytes as a kernel argument, `misalign`ed by one element (the kernels' unaligned
+/// path) or not.
+fn input(t: &Tensor, misalign: bool) -> A {
+    if misalign {
+        let esz = t.dtype().size_in_bytes();
+        A::At(esz, [vec![0u8; esz], bytes(t)].concat())
+    } else {
+        A::Buf(bytes(t))
+    }
+}
+
+/// A buffer argument read back as an f32 tensor of `shape` (skipping a misalignment offset).
+fn output(a: &A, dtype: DType, shape: &[usize]) -> Tensor {
+    match a {
+        A::Buf(b) => from_bytes(b, dtype, shape),
+        A::At(off, b) => from_bytes(&b[*off..], dtype, shape),
         _ => panic!("not a buffer"),
     }
 }
@@ -192,41 +210,26 @@ fn emulated_tensor_core_flash_attention_matches_reference() {
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let [o, lse, dq, dk, dv] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&dout), scale);
         let sfx = suffix(dtype);
-        let esz = dtype.size_in_bytes();
         // A buffer as the kernel gets it: aligned, or one element past an aligned start.
-        let arg = |x: &Tensor| {
-            let b = bytes(x);
-            if misalign {
-                A::At(esz, [vec![0u8; esz], b].concat())
-            } else {
-                A::Buf(b)
-            }
-        };
-        let out_len = |x: &A| buf(x).len() - if misalign { esz } else { 0 };
-        let read = |x: &A, dt: DType, shape: &[usize]| {
-            let b = buf(x);
-            from_bytes(&b[if misalign { esz } else { 0 }..], dt, shape)
-        };
+        let arg = |x: &Tensor| input(x, misalign);
         let blocks = |rows: usize| rows.div_ceil(64) as u32;
         let (tol, tol_grad) = if dtype == DType::BF16 { (1e-2, 1.2e-2) } else { (2e-3, 2.5e-3) };
 
         // Forward: o and the log-sum-exp.
-        let zeros = |n: usize, sz: usize| vec![0u8; n * sz];
         let mut args = [
             arg(&q),
             arg(&k),
             arg(&v),
             arg(&Tensor::zeros((bh, t, hd), dtype, &Device::Cpu).unwrap()),
-            A::Buf(zeros(bh * t, 4)),
+            out(bh * t, DType::F32),
             A::I(t as i64),
             A::I(s as i64),
             A::F(scale as f32),
         ];
         launch(&format!("flash_tc_fwd_{sfx}_{hd}"), (blocks(t), bh as u32, 1), (128, 1, 1), &mut args);
-        assert_eq!(out_len(&args[3]), bh * t * hd * esz);
-        let e = max_rel(&read(&args[3], dtype, &[bh, t, hd]), &o);
+        let e = max_rel(&output(&args[3], dtype, &[bh, t, hd]), &o);
         assert!(e < tol, "{what}: forward output rel err {e}");
-        let e = max_rel(&from_bytes(buf(&args[4]), DType::F32, &[bh, t]), &lse);
+        let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
         assert!(e < 2e-3, "{what}: log-sum-exp rel err {e}");
 
         // Backward inputs: (q, dO) and (k, v) stacked, (lse, delta) per row.
@@ -245,7 +248,7 @@ fn emulated_tensor_core_flash_attention_matches_reference() {
             A::F(scale as f32),
         ];
         launch(&format!("flash_tc_dq_{sfx}_{hd}"), (blocks(t), bh as u32, 1), (128, 1, 1), &mut args);
-        let e = max_rel(&read(&args[3], dtype, &[bh, t, hd]), &dq);
+        let e = max_rel(&output(&args[3], dtype, &[bh, t, hd]), &dq);
         assert!(e < tol_grad, "{what}: dq rel err {e}");
 
         let mut args = [
@@ -260,9 +263,9 @@ fn emulated_tensor_core_flash_attention_matches_reference() {
             A::F(scale as f32),
         ];
         launch(&format!("flash_tc_dkv_{sfx}_{hd}"), (blocks(s), bh as u32, 1), (128, 1, 1), &mut args);
-        let e = max_rel(&read(&args[3], dtype, &[bh, s, hd]), &dk);
+        let e = max_rel(&output(&args[3], dtype, &[bh, s, hd]), &dk);
         assert!(e < tol_grad, "{what}: dk rel err {e}");
-        let e = max_rel(&read(&args[4], dtype, &[bh, s, hd]), &dv);
+        let e = max_rel(&output(&args[4], dtype, &[bh, s, hd]), &dv);
         assert!(e < tol_grad, "{what}: dv rel err {e}");
     }
 }
@@ -288,35 +291,10 @@ fn emulated_cuda_core_flash_forward_matches_reference() {
         A::F(scale as f32),
     ];
     launch("flash_fwd_f32_64", (t.div_ceil(64) as u32, bh as u32, 1), (64, 1, 1), &mut args);
-    let e = max_rel(&from_bytes(buf(&args[3]), DType::F32, &[bh, t, hd]), &o);
+    let e = max_rel(&output(&args[3], DType::F32, &[bh, t, hd]), &o);
     assert!(e < 1e-4, "output rel err {e}");
-    let e = max_rel(&from_bytes(buf(&args[4]), DType::F32, &[bh, t]), &lse);
+    let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
     assert!(e < 1e-5, "lse rel err {e}");
-}
-
-/// An output buffer of `n` elements of `dtype`, zeroed.
-fn out(n: usize, dtype: DType) -> A {
-    A::Buf(vec![0u8; n * dtype.size_in_bytes()])
-}
-
-/// A tensor's bytes as a kernel argument, `misalign`ed by one element (the kernels' unaligned
-/// path) or not.
-fn input(t: &Tensor, misalign: bool) -> A {
-    if misalign {
-        let esz = t.dtype().size_in_bytes();
-        A::At(esz, [vec![0u8; esz], bytes(t)].concat())
-    } else {
-        A::Buf(bytes(t))
-    }
-}
-
-/// A buffer argument read back as an f32 tensor of `shape` (skipping a misalignment offset).
-fn output(a: &A, dtype: DType, shape: &[usize]) -> Tensor {
-    match a {
-        A::Buf(b) => from_bytes(b, dtype, shape),
-        A::At(off, b) => from_bytes(&b[*off..], dtype, shape),
-        _ => panic!("not a buffer"),
-    }
 }
 
 /// The warp-per-row RMSNorm kernels (PATCHLM_ROWS_CUDA; 8 rows a block of 256 threads) against
