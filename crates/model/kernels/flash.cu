@@ -110,22 +110,23 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* o, float* lse, 
 }
 
 // dq for one query row per thread: dq = scale * sum_j p_ij (dO_i.v_j - delta_i) k_j.
-// qdo = (q, dO) stacked as (2, nbh, t, HD); kv = (k, v) as (2, nbh, s, HD); st = (lse, delta) per row.
+// q and dO (BH, t, HD); k and v (BH, s, HD); st = (lse, delta) per query row.
 template <typename T, int HD>
-__device__ void flash_dq(const T* qdo, const T* kv, const float* st, T* dq, int nbh, int t, int s, float scale) {
+__device__ void flash_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
+                         float scale) {
     constexpr int BC = 4096 / HD;
     __shared__ __align__(16) float ks[BC * HD];
     __shared__ __align__(16) float vs[BC * HD];
     const int bh = blockIdx.y, i = blockIdx.x * FLASH_ROWS + threadIdx.x, off = s - t;
     const bool active = i < t;
     const size_t row = (size_t)bh * t + i;
-    const T* kb = kv + (size_t)bh * s * HD;
-    const T* vb = kv + ((size_t)nbh + bh) * s * HD;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
     float qr[HD], dor[HD], acc[HD];
 #pragma unroll
     for (int d = 0; d < HD; d++) {
-        qr[d] = active ? to_f(qdo[row * HD + d]) : 0.0f;
-        dor[d] = active ? to_f(qdo[((size_t)nbh * t) * HD + row * HD + d]) : 0.0f;
+        qr[d] = active ? to_f(q[row * HD + d]) : 0.0f;
+        dor[d] = active ? to_f(dout[row * HD + d]) : 0.0f;
         acc[d] = 0.0f;
     }
     const float lse = active ? st[row * 2] : 0.0f, delta = active ? st[row * 2 + 1] : 0.0f;
@@ -153,7 +154,8 @@ __device__ void flash_dq(const T* qdo, const T* kv, const float* st, T* dq, int 
 // dk (DK) or dv for one key row per thread, streaming the query rows that see it:
 // dv_j = sum_i p_ij dO_i; dk_j = scale * sum_i p_ij (dO_i.v_j - delta_i) q_i.
 template <typename T, int HD, bool DK>
-__device__ void flash_dkv(const T* qdo, const T* kv, const float* st, T* out, int nbh, int t, int s, float scale) {
+__device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,
+                          float scale) {
     constexpr int BR = 4096 / HD;
     __shared__ __align__(16) float qs[BR * HD];
     __shared__ __align__(16) float dos[BR * HD];
@@ -161,13 +163,13 @@ __device__ void flash_dkv(const T* qdo, const T* kv, const float* st, T* out, in
     const int bh = blockIdx.y, j = blockIdx.x * FLASH_ROWS + threadIdx.x, off = s - t;
     const bool active = j < s;
     const size_t row = (size_t)bh * s + j;
-    const T* qb = qdo + (size_t)bh * t * HD;
-    const T* db = qdo + ((size_t)nbh + bh) * t * HD;
+    const T* qb = q + (size_t)bh * t * HD;
+    const T* db = dout + (size_t)bh * t * HD;
     float kr[HD], vr[DK ? HD : 1], acc[HD];
 #pragma unroll
     for (int d = 0; d < HD; d++) {
-        kr[d] = active ? to_f(kv[row * HD + d]) : 0.0f;
-        if (DK) vr[d] = active ? to_f(kv[((size_t)nbh * s) * HD + row * HD + d]) : 0.0f;
+        kr[d] = active ? to_f(k[row * HD + d]) : 0.0f;
+        if (DK) vr[d] = active ? to_f(v[row * HD + d]) : 0.0f;
         acc[d] = 0.0f;
     }
     // Query i sees key j when i >= j - off; the block's first key decides where to start.
@@ -207,17 +209,17 @@ __device__ void flash_dkv(const T* qdo, const T* kv, const float* st, T* out, in
                                                    float scale) {                                       \
         flash_fwd<T, HD, false>(q, k, k, nullptr, lse, t, s, scale);                                     \
     }                                                                                                    \
-    extern "C" __global__ void flash_dq_##S##_##HD(const T* qdo, const T* kv, const float* st, T* out,    \
-                                                  int nbh, int t, int s, float scale) {                 \
-        flash_dq<T, HD>(qdo, kv, st, out, nbh, t, s, scale);                                             \
+    extern "C" __global__ void flash_dq_##S##_##HD(const T* q, const T* dout, const T* k, const T* v,      \
+                                                  const float* st, T* out, int t, int s, float scale) { \
+        flash_dq<T, HD>(q, dout, k, v, st, out, t, s, scale);                                            \
     }                                                                                                    \
-    extern "C" __global__ void flash_dk_##S##_##HD(const T* qdo, const T* kv, const float* st, T* out,    \
-                                                  int nbh, int t, int s, float scale) {                 \
-        flash_dkv<T, HD, true>(qdo, kv, st, out, nbh, t, s, scale);                                      \
+    extern "C" __global__ void flash_dk_##S##_##HD(const T* q, const T* dout, const T* k, const T* v,      \
+                                                  const float* st, T* out, int t, int s, float scale) { \
+        flash_dkv<T, HD, true>(q, dout, k, v, st, out, t, s, scale);                                     \
     }                                                                                                    \
-    extern "C" __global__ void flash_dv_##S##_##HD(const T* qdo, const T* kv, const float* st, T* out,    \
-                                                  int nbh, int t, int s, float scale) {                 \
-        flash_dkv<T, HD, false>(qdo, kv, st, out, nbh, t, s, scale);                                     \
+    extern "C" __global__ void flash_dv_##S##_##HD(const T* q, const T* dout, const T* k, const T* v,      \
+                                                  const float* st, T* out, int t, int s, float scale) { \
+        flash_dkv<T, HD, false>(q, dout, k, v, st, out, t, s, scale);                                    \
     }
 
 #define FLASH_ALL_HD(T, S) FLASH_OPS(T, S, 16) FLASH_OPS(T, S, 32) FLASH_OPS(T, S, 64) FLASH_OPS(T, S, 128)
@@ -276,28 +278,46 @@ template <typename T>
 using TcA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
 typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> TcAcc;
 
-// The backward's two score tiles of one warp: s = a1 . b1^T and p = a2 . b2^T for the warp's 16
-// rows against the BB rows of the shared tiles b1 and b2, stored as f32 (row stride LDB).
-template <typename T, int HD>
-__device__ __forceinline__ void tc_two_scores(const TcA<T>* a1, const TcA<T>* a2, const T* b1, const T* b2,
-                                              float* s, float* p) {
+// Every tile product of these kernels has the form acc (16 x 16N) += a (16 x 16K, the warp's
+// fragments in registers) . B, with B read from a shared tile `b` (row stride LD). With BT false
+// the tile holds B itself (v in p.v, k in dS.k, dO in p.dO, q in dS.q); with BT true it holds B's
+// transpose, its rows being B's columns (k in q.k^T, v in dO.v^T, q in k.q^T, dO in v.dO^T).
+template <bool BT>
+struct TcB {
+    typedef nvcuda::wmma::row_major L;
+    static __device__ __forceinline__ int at(int kk, int n, int ld) { return kk * 16 * ld + n * 16; }
+};
+template <>
+struct TcB<true> {
+    typedef nvcuda::wmma::col_major L;
+    static __device__ __forceinline__ int at(int kk, int n, int ld) { return n * 16 * ld + kk * 16; }
+};
+
+template <typename T, bool BT, int K, int N, int LD>
+__device__ __forceinline__ void tc_mma(TcAcc* acc, const TcA<T>* a, const T* b) {
     using namespace nvcuda;
-    typedef TcDims<T, HD> D;
 #pragma unroll
-    for (int n = 0; n < D::BB / 16; n++) {
-        TcAcc sf, pf;
-        wmma::fill_fragment(sf, 0.0f);
-        wmma::fill_fragment(pf, 0.0f);
+    for (int n = 0; n < N; n++) {
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> f1, f2;
-            wmma::load_matrix_sync(f1, b1 + n * 16 * D::LD + kk * 16, D::LD);
-            wmma::load_matrix_sync(f2, b2 + n * 16 * D::LD + kk * 16, D::LD);
-            wmma::mma_sync(sf, a1[kk], f1, sf);
-            wmma::mma_sync(pf, a2[kk], f2, pf);
+        for (int kk = 0; kk < K; kk++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, typename TcB<BT>::L> bf;
+            wmma::load_matrix_sync(bf, b + TcB<BT>::at(kk, n, LD), LD);
+            wmma::mma_sync(acc[n], a[kk], bf, acc[n]);
         }
-        wmma::store_matrix_sync(s + n * 16, sf, D::LDB, wmma::mem_row_major);
-        wmma::store_matrix_sync(p + n * 16, pf, D::LDB, wmma::mem_row_major);
+    }
+}
+
+// The product a . B (as in tc_mma) stored to the f32 tile c (row stride LDC), one 16-column block
+// at a time (one accumulator live).
+template <typename T, bool BT, int K, int N, int LD, int LDC>
+__device__ __forceinline__ void tc_product(float* c, const TcA<T>* a, const T* b) {
+    using namespace nvcuda;
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+        TcAcc f;
+        wmma::fill_fragment(f, 0.0f);
+        tc_mma<T, BT, K, 1, LD>(&f, a, b + TcB<BT>::at(0, n, LD));
+        wmma::store_matrix_sync(c + n * 16, f, LDC, wmma::mem_row_major);
     }
 }
 
@@ -354,18 +374,7 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
         tc_tile_in<T, HD, LD, BC>(vs, vb, k0, min(BC, s - k0));
         __syncthreads();
         if (k0 > wlast) continue;
-#pragma unroll
-        for (int n = 0; n < BC / 16; n++) {
-            TcAcc sf;
-            wmma::fill_fragment(sf, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-                wmma::load_matrix_sync(kf, ks + n * 16 * LD + kk * 16, LD);
-                wmma::mma_sync(sf, qf[kk], kf, sf);
-            }
-            wmma::store_matrix_sync(sb + n * 16, sf, LDS, wmma::mem_row_major);
-        }
+        tc_product<T, true, HD / 16, BC / 16, LD, LDS>(sb, qf, ks);
         __syncwarp();
         const int c0 = half * (BC / 2);
         float mx = -INFINITY;
@@ -391,18 +400,7 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
         TcA<T> pf[BC / 16];  // the warp's probabilities, loaded once for every output column
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) wmma::load_matrix_sync(pf[kk], pw + kk * 16, LDP);
-#pragma unroll
-        for (int n = 0; n < HD / 16; n++) {
-            TcAcc of;
-            wmma::fill_fragment(of, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < BC / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-                wmma::load_matrix_sync(vf, vs + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(of, pf[kk], vf, of);
-            }
-            wmma::store_matrix_sync(sb + n * 16, of, LDO, wmma::mem_row_major);
-        }
+        tc_product<T, false, BC / 16, HD / 16, LD, LDO>(sb, pf, vs);
         __syncwarp();
 #pragma unroll
         for (int c = 0; c < HD / 2; c++) acc[c] = acc[c] * alpha + sb[r * LDO + half * (HD / 2) + c];
@@ -417,7 +415,8 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
 
 // dq: the layout and arguments of flash_dq above. Grid (ceil(t / 64), BH), last rows first.
 template <typename T, int HD>
-__device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, int nbh, int t, int s, float scale) {
+__device__ void flash_tc_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
+                            float scale) {
     using namespace nvcuda;
     typedef TcDims<T, HD> D;
     constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
@@ -432,8 +431,8 @@ __device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, i
     const int nq = min(TC_ROWS, t - i0);
     T* qt = reinterpret_cast<T*>(un);
     T* dt = qt + TC_ROWS * LD;
-    tc_tile_in<T, HD, LD, TC_ROWS>(qt, qdo + (size_t)bh * t * HD, i0, nq);
-    tc_tile_in<T, HD, LD, TC_ROWS>(dt, qdo + ((size_t)nbh + bh) * t * HD, i0, nq);
+    tc_tile_in<T, HD, LD, TC_ROWS>(qt, q + (size_t)bh * t * HD, i0, nq);
+    tc_tile_in<T, HD, LD, TC_ROWS>(dt, dout + (size_t)bh * t * HD, i0, nq);
     __syncthreads();
     TcA<T> qf[HD / 16], df[HD / 16];
 #pragma unroll
@@ -452,15 +451,16 @@ __device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, i
     const float lse = i < t ? st[((size_t)bh * t + i) * 2] : INFINITY;
     const float delta = i < t ? st[((size_t)bh * t + i) * 2 + 1] : 0.0f;
     const int kend = min(s, off + i0 + TC_ROWS), wlast = off + i0 + w * 16 + 15;
-    const T* kb = kv + (size_t)bh * s * HD;
-    const T* vb = kv + ((size_t)nbh + bh) * s * HD;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
     for (int k0 = 0; k0 < kend; k0 += BB) {
         __syncthreads();
         tc_tile_in<T, HD, LD, BB>(ks, kb, k0, min(BB, s - k0));
         tc_tile_in<T, HD, LD, BB>(vs, vb, k0, min(BB, s - k0));
         __syncthreads();
         if (k0 > wlast) continue;
-        tc_two_scores<T, HD>(qf, df, ks, vs, sb, pb);
+        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(sb, qf, ks);
+        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(pb, df, vs);
         __syncwarp();
         const int c0 = half * (BB / 2);
 #pragma unroll 8
@@ -473,15 +473,7 @@ __device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, i
         TcA<T> af[BB / 16];
 #pragma unroll
         for (int kk = 0; kk < BB / 16; kk++) wmma::load_matrix_sync(af[kk], dsb + kk * 16, LDBP);
-#pragma unroll
-        for (int n = 0; n < HD / 16; n++) {
-#pragma unroll
-            for (int kk = 0; kk < BB / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-                wmma::load_matrix_sync(bf, ks + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(acc[n], af[kk], bf, acc[n]);
-            }
-        }
+        tc_mma<T, false, BB / 16, HD / 16, LD>(acc, af, ks);
     }
     tc_rows_out<T, HD>(acc, sb, dq + ((size_t)bh * t + i) * HD + half * (HD / 2), i < t, scale);
 }
@@ -489,8 +481,8 @@ __device__ void flash_tc_dq(const T* qdo, const T* kv, const float* st, T* dq, i
 // dk and dv in one pass over the queries that see each key: inputs as flash_dk / flash_dv above,
 // outputs dk and dv (BH, s, HD). Grid (ceil(s / 64), BH); the first keys (the most queries) first.
 template <typename T, int HD>
-__device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, T* dv, int nbh, int t, int s,
-                             float scale) {
+__device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
+                             int t, int s, float scale) {
     using namespace nvcuda;
     typedef TcDims<T, HD> D;
     constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
@@ -507,8 +499,8 @@ __device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, 
     const int nk = min(TC_ROWS, s - j0);
     T* kt = reinterpret_cast<T*>(un);
     T* vt = kt + TC_ROWS * LD;
-    tc_tile_in<T, HD, LD, TC_ROWS>(kt, kv + (size_t)bh * s * HD, j0, nk);
-    tc_tile_in<T, HD, LD, TC_ROWS>(vt, kv + ((size_t)nbh + bh) * s * HD, j0, nk);
+    tc_tile_in<T, HD, LD, TC_ROWS>(kt, k + (size_t)bh * s * HD, j0, nk);
+    tc_tile_in<T, HD, LD, TC_ROWS>(vt, v + (size_t)bh * s * HD, j0, nk);
     __syncthreads();
     TcA<T> kf[HD / 16], vf[HD / 16];
 #pragma unroll
@@ -529,8 +521,8 @@ __device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, 
     T* dsr = dsw + w * 16 * LDBP;
     const int j = j0 + w * 16 + r;     // this lane's key
     const int wfirst = j0 + w * 16;    // the warp's first key: queries before wfirst - off see none
-    const T* qb = qdo + (size_t)bh * t * HD;
-    const T* db = qdo + ((size_t)nbh + bh) * t * HD;
+    const T* qb = q + (size_t)bh * t * HD;
+    const T* db = dout + (size_t)bh * t * HD;
     for (int q0 = max(0, j0 - off); q0 < t; q0 += BB) {
         const int nq = min(BB, t - q0);
         __syncthreads();
@@ -542,7 +534,8 @@ __device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, 
         }
         __syncthreads();
         if (q0 + BB - 1 < wfirst - off) continue;
-        tc_two_scores<T, HD>(kf, vf, qs, dos, sb, pb);
+        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(sb, kf, qs);
+        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(pb, vf, dos);
         __syncwarp();
         const int c0 = half * (BB / 2);
 #pragma unroll 8
@@ -559,17 +552,8 @@ __device__ void flash_tc_dkv(const T* qdo, const T* kv, const float* st, T* dk, 
             wmma::load_matrix_sync(pa[kk], pr + kk * 16, LDBP);
             wmma::load_matrix_sync(da[kk], dsr + kk * 16, LDBP);
         }
-#pragma unroll
-        for (int n = 0; n < HD / 16; n++) {
-#pragma unroll
-            for (int kk = 0; kk < BB / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> ob, qb2;
-                wmma::load_matrix_sync(ob, dos + kk * 16 * LD + n * 16, LD);
-                wmma::load_matrix_sync(qb2, qs + kk * 16 * LD + n * 16, LD);
-                wmma::mma_sync(dva[n], pa[kk], ob, dva[n]);
-                wmma::mma_sync(dka[n], da[kk], qb2, dka[n]);
-            }
-        }
+        tc_mma<T, false, BB / 16, HD / 16, LD>(dva, pa, dos);
+        tc_mma<T, false, BB / 16, HD / 16, LD>(dka, da, qs);
     }
     const size_t row = ((size_t)bh * s + j) * HD + half * (HD / 2);
     tc_rows_out<T, HD>(dka, sb, dk + row, j < s, scale);
@@ -607,12 +591,14 @@ FLASH_STATS(__half, f16)
         flash_tc_fwd<T, HD>(q, k, v, o, lse, t, s, scale);                                                 \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) flash_tc_dq_##S##_##HD(                              \
-        const T* qdo, const T* kv, const float* st, T* out, int nbh, int t, int s, float scale) {          \
-        flash_tc_dq<T, HD>(qdo, kv, st, out, nbh, t, s, scale);                                            \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
+        float scale) {                                                                                     \
+        flash_tc_dq<T, HD>(q, dout, k, v, st, out, t, s, scale);                                           \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) flash_tc_dkv_##S##_##HD(                             \
-        const T* qdo, const T* kv, const float* st, T* dk, T* dv, int nbh, int t, int s, float scale) {    \
-        flash_tc_dkv<T, HD>(qdo, kv, st, dk, dv, nbh, t, s, scale);                                        \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, int t, int s,    \
+        float scale) {                                                                                     \
+        flash_tc_dkv<T, HD>(q, dout, k, v, st, dk, dv, t, s, scale);                                       \
     }
 
 FLASH_TC_OPS(__nv_bfloat16, bf16, 32)

@@ -1811,11 +1811,15 @@ enum GradOf {
     V,
 }
 
-/// Backward of [`FlashAttn`]: ((q, dO) stacked, (k, v) stacked, (lse, delta) per row) → dq, or dk
-/// and dv, with delta = Σ dO ⊙ O per row.
+/// Backward of [`FlashAttn`]: (q, k, v) → dq, or dk and dv. dO and the row statistics ride along
+/// as fields (a custom op takes three inputs), so that no input is copied to fit.
 struct FlashGrad {
     scale: f32,
     part: FlashPart,
+    /// dO (B, H, T, hd) in q's dtype.
+    dout: Tensor,
+    /// (lse, delta = Σ dO ⊙ O) per query row, (B, H, T, 2) f32.
+    stats: Tensor,
 }
 
 /// Shapes of one attention call: heads (B·H), queries, keys, head size.
@@ -1872,11 +1876,10 @@ fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, w
     (o, lse)
 }
 
-/// One of dq, dk, dv on the CPU (the reference for the CUDA kernels).
-fn flash_grad_cpu<T: Float>(qdo: &[T], kv: &[T], st: &[f32], a: AttnDims, scale: f32, part: GradOf) -> Vec<T> {
+/// One of dq, dk, dv from `x` = [q, dO, k, v] on the CPU (the reference for the CUDA kernels).
+fn flash_grad_cpu<T: Float>(x: [&[T]; 4], st: &[f32], a: AttnDims, scale: f32, part: GradOf) -> Vec<T> {
     let AttnDims { bh, t, s, hd } = a;
-    let (q, dout) = qdo.split_at(bh * t * hd);
-    let (k, v) = kv.split_at(bh * s * hd);
+    let [q, dout, k, v] = x;
     let rows = if part == GradOf::Q { t } else { s };
     let mut out = vec![T::from_f(0.0); bh * rows * hd];
     out.par_chunks_mut(rows * hd).enumerate().for_each(|(g, out)| {
@@ -1971,7 +1974,16 @@ fn flash_backward(
     dout: &Tensor,
     scale: f32,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (b, h, t, _) = q.dims4()?;
+    flash_check(q, k, v)?;
+    let (b, h, t, hd) = q.dims4()?;
+    if dout.dims() != [b, h, t, hd] || o.dims() != [b, h, t, hd] {
+        candle_core::bail!(
+            "flash_attention: o {:?} or dO {:?} is not shaped like q {:?}",
+            o.dims(),
+            dout.dims(),
+            q.dims()
+        );
+    }
     if lse.dims() != [b, h, t] || lse.dtype() != DType::F32 {
         candle_core::bail!("flash_attention: lse {:?} {:?} is not f32 ({b}, {h}, {t})", lse.dims(), lse.dtype());
     }
@@ -1984,9 +1996,8 @@ fn flash_backward(
         let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
         Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?
     };
-    let qdo = Tensor::stack(&[q, &dout], 0)?;
-    let kv = Tensor::stack(&[k, v], 0)?;
-    let grad = |part| qdo.apply_op3_no_bwd(&kv, &stats, &FlashGrad { scale, part });
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let grad = |part| q.apply_op3_no_bwd(&k, &v, &FlashGrad { scale, part, dout: dout.clone(), stats: stats.clone() });
     let dkv = grad(FlashPart::KV)?;
     Ok((grad(FlashPart::Q)?, dkv.get(0)?, dkv.get(1)?))
 }
@@ -2152,18 +2163,36 @@ impl CustomOp3 for FlashGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, shape) = grad_dims(l1, l2, self.part)?;
-        let st = match s3 {
-            CpuStorage::F32(st) => contiguous(st, l3, "stats")?,
-            _ => candle_core::bail!("flash_attention: row statistics must be f32"),
+        let (a, shape) = self.dims(l1, l2)?;
+        let (dg, dl) = self.dout.storage_and_layout();
+        let (sg, sl) = self.stats.storage_and_layout();
+        let (candle_core::Storage::Cpu(d), candle_core::Storage::Cpu(CpuStorage::F32(st))) = (&*dg, &*sg) else {
+            candle_core::bail!("flash_attention: dO and the f32 row statistics must be on the cpu like q")
         };
-        let out = map_float2!("flash_attention", (s1, l1, "q/dO"), (s2, l2, "k/v"), |qdo, kv| match self.part {
-            FlashPart::Q => flash_grad_cpu(qdo, kv, st, a, self.scale, GradOf::Q),
-            FlashPart::KV => {
-                let mut dk = flash_grad_cpu(qdo, kv, st, a, self.scale, GradOf::K);
-                dk.extend(flash_grad_cpu(qdo, kv, st, a, self.scale, GradOf::V));
-                dk
-            }
+        let st = contiguous(st, sl, "stats")?;
+        fn grads<T: Float>(
+            q: &[T],
+            k: &[T],
+            v: &[T],
+            d: (&CpuStorage, &Layout),
+            st: &[f32],
+            g: &FlashGrad,
+            a: AttnDims,
+        ) -> candle_core::Result<Vec<T>> {
+            let dout =
+                T::of(d.0).ok_or_else(|| candle_core::Error::Msg("flash_attention: dO must have q's dtype".into()))?;
+            let x = [q, contiguous(dout, d.1, "dO")?, k, v];
+            Ok(match g.part {
+                FlashPart::Q => flash_grad_cpu(x, st, a, g.scale, GradOf::Q),
+                FlashPart::KV => {
+                    let mut dk = flash_grad_cpu(x, st, a, g.scale, GradOf::K);
+                    dk.extend(flash_grad_cpu(x, st, a, g.scale, GradOf::V));
+                    dk
+                }
+            })
+        }
+        let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
+            grads(q, k, v, (d, dl), st, self, a)?
         });
         Ok((out, shape))
     }
@@ -2178,22 +2207,30 @@ impl CustomOp3 for FlashGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (a, shape) = grad_dims(l1, l2, self.part)?;
-        let out = cuda::flash_grad(s1, l1, s2, l2, s3, l3, a, self.scale, self.part == FlashPart::KV)?;
+        let (a, shape) = self.dims(l1, l2)?;
+        let (dg, dl) = self.dout.storage_and_layout();
+        let (sg, sl) = self.stats.storage_and_layout();
+        let (candle_core::Storage::Cuda(d), candle_core::Storage::Cuda(st)) = (&*dg, &*sg) else {
+            candle_core::bail!("flash_attention: dO and the row statistics must be on q's device")
+        };
+        let x = [(s1, l1), (d, dl), (s2, l2), (s3, l3)];
+        let out = cuda::flash_grad(x, (st, sl), a, self.scale, self.part == FlashPart::KV)?;
         Ok((out, shape))
     }
 }
 
-/// Dims of a gradient call from the stacked (2, B, H, T, hd) and (2, B, H, S, hd) inputs, and
-/// the output shape.
-fn grad_dims(l1: &Layout, l2: &Layout, part: FlashPart) -> candle_core::Result<(AttnDims, Shape)> {
-    let (_, b, h, t, hd) = l1.shape().dims5()?;
-    let s = l2.shape().dims5()?.3;
-    let shape = match part {
-        FlashPart::Q => Shape::from((b, h, t, hd)),
-        FlashPart::KV => Shape::from((2, b, h, s, hd)),
-    };
-    Ok((AttnDims { bh: b * h, t, s, hd }, shape))
+impl FlashGrad {
+    /// Dims of a call from q (B, H, T, hd) and k (B, H, S, hd) (checked by [`flash_backward`]),
+    /// and the output shape.
+    fn dims(&self, lq: &Layout, lk: &Layout) -> candle_core::Result<(AttnDims, Shape)> {
+        let (b, h, t, hd) = lq.shape().dims4()?;
+        let s = lk.shape().dims4()?.2;
+        let shape = match self.part {
+            FlashPart::Q => Shape::from((b, h, t, hd)),
+            FlashPart::KV => Shape::from((2, b, h, s, hd)),
+        };
+        Ok((AttnDims { bh: b * h, t, s, hd }, shape))
+    }
 }
 
 static SWIGLU_CUDA: Switch = Switch::new("PATCHLM_SWIGLU_CUDA", true, true);
@@ -2978,7 +3015,7 @@ mod cuda {
         Fwd,
         /// (q, k) → log-sum-exp per row, f32.
         Lse,
-        /// ((q, dO), (k, v), stats) → dq.
+        /// (q, dO, k, v, stats) → dq.
         Dq,
         /// … → (dk, dv) stacked.
         Dkv,
@@ -2996,7 +3033,7 @@ mod cuda {
         d: super::AttnDims,
         scale: f32,
     ) -> Result<(CudaStorage, CudaStorage)> {
-        let (o, lse) = flash(q, lq, k, lk, Some((v, lv)), d, scale, FlashKernel::Fwd)?;
+        let (o, lse) = flash(&[(q, lq), (k, lk), (v, lv)], None, d, scale, FlashKernel::Fwd)?;
         Ok((o, lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?))
     }
 
@@ -3009,7 +3046,7 @@ mod cuda {
         d: super::AttnDims,
         scale: f32,
     ) -> Result<CudaStorage> {
-        Ok(flash(q, lq, k, lk, None, d, scale, FlashKernel::Lse)?.0)
+        Ok(flash(&[(q, lq), (k, lk)], None, d, scale, FlashKernel::Lse)?.0)
     }
 
     /// The backward's row statistics (lse, Σ o·dO) for `rows` rows of `hd`, f32 (rows, 2).
@@ -3055,131 +3092,129 @@ mod cuda {
         Ok(wrap_f32(st, dev))
     }
 
-    /// dq (`kv` false) or dk and dv stacked (`kv` true) from ((q, dO), (k, v), stats).
-    #[allow(clippy::too_many_arguments)]
+    /// dq (`kv` false) or dk and dv stacked (`kv` true) from `x` = [q, dO, k, v] and the row
+    /// statistics.
     pub fn flash_grad(
-        qdo: &CudaStorage,
-        l1: &Layout,
-        kv: &CudaStorage,
-        l2: &Layout,
-        st: &CudaStorage,
-        l3: &Layout,
+        x: [(&CudaStorage, &Layout); 4],
+        st: (&CudaStorage, &Layout),
         d: super::AttnDims,
         scale: f32,
         dkv: bool,
     ) -> Result<CudaStorage> {
         let kernel = if dkv { FlashKernel::Dkv } else { FlashKernel::Dq };
-        Ok(flash(qdo, l1, kv, l2, Some((st, l3)), d, scale, kernel)?.0)
+        Ok(flash(&x, Some(st), d, scale, kernel)?.0)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One flash-attention step: `x` holds the kernel's tensors of the compute dtype in order
+    /// (q, k, v forward; q, k log-sum-exp; q, dO, k, v gradients), `st` the gradients' f32 row
+    /// statistics.
     fn flash(
-        a: &CudaStorage,
-        la: &Layout,
-        b: &CudaStorage,
-        lb: &Layout,
-        c: Option<(&CudaStorage, &Layout)>,
+        x: &[(&CudaStorage, &Layout)],
+        st: Option<(&CudaStorage, &Layout)>,
         d: super::AttnDims,
         scale: f32,
         kernel: FlashKernel,
     ) -> Result<(CudaStorage, Option<CudaStorage>)> {
-        match a.dtype() {
-            DType::F32 => flash_t::<f32>(a, la, b, lb, c, d, scale, kernel),
-            DType::BF16 => flash_t::<bf16>(a, la, b, lb, c, d, scale, kernel),
-            DType::F16 => flash_t::<f16>(a, la, b, lb, c, d, scale, kernel),
+        let Some(&(first, _)) = x.first() else { candle_core::bail!("internal: flash without inputs") };
+        match first.dtype() {
+            DType::F32 => flash_t::<f32>(x, st, d, scale, kernel),
+            DType::BF16 => flash_t::<bf16>(x, st, d, scale, kernel),
+            DType::F16 => flash_t::<f16>(x, st, d, scale, kernel),
             dt => candle_core::bail!("flash_attention: unsupported dtype {dt:?}"),
         }
     }
 
     /// Launches the kernels of one flash-attention step: the tensor-core ones where
     /// [`super::flash_tc_enabled`] (128 threads, 64 rows a block), else the CUDA-core ones (64
-    /// threads, one row each). `c` is v (forward) or the row statistics (gradients).
-    #[allow(clippy::too_many_arguments)]
+    /// threads, one row each).
     fn flash_t<T: CudaDType + DeviceRepr>(
-        a: &CudaStorage,
-        la: &Layout,
-        b: &CudaStorage,
-        lb: &Layout,
-        c: Option<(&CudaStorage, &Layout)>,
+        x: &[(&CudaStorage, &Layout)],
+        st: Option<(&CudaStorage, &Layout)>,
         d: super::AttnDims,
         scale: f32,
         kernel: FlashKernel,
     ) -> Result<(CudaStorage, Option<CudaStorage>)> {
-        let dev = a.device();
+        let dev = x[0].0.device();
         let super::AttnDims { bh, t, s, hd } = d;
         if ![16, 32, 64, 128].contains(&hd) {
             candle_core::bail!("flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA");
         }
-        if bh > 65535 || 2 * bh * s.max(t) * hd >= i32::MAX as usize {
+        if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
             candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
         }
-        let tc = kernel != FlashKernel::Lse && super::flash_tc_enabled(a.dtype(), hd);
-        let sfx = suffix(a.dtype())?;
+        let dtype = x[0].0.dtype();
+        let tc = kernel != FlashKernel::Lse && super::flash_tc_enabled(dtype, hd);
+        let sfx = suffix(dtype)?;
         let func = |which: &str| {
             let name = if tc { format!("flash_tc_{which}_{sfx}_{hd}") } else { format!("flash_{which}_{sfx}_{hd}") };
             dev.get_or_load_custom_func(&name, FLASH_MODULE, FLASH_PTX)
         };
-        let av = a.as_cuda_slice::<T>()?.slice(check(la, "flash_attention input")?..);
-        let bv = b.as_cuda_slice::<T>()?.slice(check(lb, "flash_attention input")?..);
+        let names: &[&str] = match kernel {
+            FlashKernel::Fwd => &["q", "k", "v"],
+            FlashKernel::Lse => &["q", "k"],
+            FlashKernel::Dq | FlashKernel::Dkv => &["q", "dO", "k", "v"],
+        };
+        if x.len() != names.len() {
+            candle_core::bail!("internal: flash kernel given {} inputs for {names:?}", x.len());
+        }
+        let views = x
+            .iter()
+            .zip(names)
+            .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
+            .collect::<Result<Vec<_>>>()?;
         let rows = if kernel == FlashKernel::Dkv { s } else { t };
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(64) as u32, bh as u32, 1),
             block_dim: (if tc { 128 } else { 64 }, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ti, si, nbh) = (t as i32, s as i32, bh as i32);
-        let third = || c.ok_or_else(|| candle_core::Error::Msg("flash_attention: missing input".into()));
-        macro_rules! push {
-            ($b:ident; $($x:expr),*) => { $( $b.arg($x); )* };
+        let (ti, si) = (t as i32, s as i32);
+        let stats = || -> Result<_> {
+            let (c, l) =
+                st.ok_or_else(|| candle_core::Error::Msg("internal: flash gradients without statistics".into()))?;
+            Ok(c.as_cuda_slice::<f32>()?.slice(check(l, "stats")?..))
+        };
+        // The inputs in order, then the kernel's own arguments.
+        macro_rules! launch {
+            ($which:expr; $($a:expr),*) => {{
+                let f = func($which)?;
+                let mut b = f.builder();
+                for v in &views {
+                    b.arg(v);
+                }
+                $( b.arg($a); )*
+                unsafe { b.launch(cfg) }.w()?;
+            }};
         }
         match kernel {
             FlashKernel::Fwd => {
-                let (c, lc) = third()?;
-                let cv = c.as_cuda_slice::<T>()?.slice(check(lc, "v")?..);
                 let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
                 let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-                let f = func("fwd")?;
-                let mut builder = f.builder();
-                push!(builder; &av, &bv, &cv, &o, &lse, &ti, &si, &scale);
-                unsafe { builder.launch(cfg) }.w()?;
+                launch!("fwd"; &o, &lse, &ti, &si, &scale);
                 Ok((T::wrap_cuda_slice(o, dev.clone()), Some(wrap_f32(lse, dev))))
             }
             FlashKernel::Lse => {
                 let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-                let f = func("lse")?;
-                let mut builder = f.builder();
-                push!(builder; &av, &bv, &lse, &ti, &si, &scale);
-                unsafe { builder.launch(cfg) }.w()?;
+                launch!("lse"; &lse, &ti, &si, &scale);
                 Ok((wrap_f32(lse, dev), None))
             }
             FlashKernel::Dq => {
-                let (c, lc) = third()?;
-                let st = c.as_cuda_slice::<f32>()?.slice(check(lc, "stats")?..);
+                let st = stats()?;
                 let out = unsafe { dev.alloc::<T>(bh * t * hd)? };
-                let f = func("dq")?;
-                let mut builder = f.builder();
-                push!(builder; &av, &bv, &st, &out, &nbh, &ti, &si, &scale);
-                unsafe { builder.launch(cfg) }.w()?;
+                launch!("dq"; &st, &out, &ti, &si, &scale);
                 Ok((T::wrap_cuda_slice(out, dev.clone()), None))
             }
             FlashKernel::Dkv => {
-                let (c, lc) = third()?;
-                let st = c.as_cuda_slice::<f32>()?.slice(check(lc, "stats")?..);
+                let st = stats()?;
                 let n = bh * s * hd;
                 let mut out = unsafe { dev.alloc::<T>(2 * n)? };
                 {
                     let (mut dk, mut dv) = out.split_at_mut(n);
                     if tc {
-                        let f = func("dkv")?;
-                        let mut builder = f.builder();
-                        push!(builder; &av, &bv, &st, &mut dk, &mut dv, &nbh, &ti, &si, &scale);
-                        unsafe { builder.launch(cfg) }.w()?;
+                        launch!("dkv"; &st, &mut dk, &mut dv, &ti, &si, &scale);
                     } else {
                         for (which, dst) in [("dk", &mut dk), ("dv", &mut dv)] {
-                            let f = func(which)?;
-                            let mut builder = f.builder();
-                            push!(builder; &av, &bv, &st, dst, &nbh, &ti, &si, &scale);
-                            unsafe { builder.launch(cfg) }.w()?;
+                            launch!(which; &st, dst, &ti, &si, &scale);
                         }
                     }
                 }
@@ -3694,7 +3729,7 @@ pub mod grad {
         dout: &Tensor,
         scale: f64,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        super::flash_backward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, o, lse, dout, scale as f32)
+        super::flash_backward(q, k, v, o, lse, dout, scale as f32)
     }
 }
 

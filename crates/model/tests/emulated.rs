@@ -68,6 +68,7 @@ fn harness() -> &'static Path {
 }
 
 /// One kernel argument.
+#[derive(Clone)]
 enum A {
     /// A device buffer: in with its bytes, out with the bytes after the launch.
     Buf(Vec<u8>),
@@ -190,111 +191,103 @@ fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, scale:
     [o.detach(), lse.detach(), grad(&q), grad(&k), grad(&v)]
 }
 
-/// The tensor-core flash attention kernels (forward, dq, dk+dv) against attention in f32, on
-/// shapes with partial tiles, more keys than queries (a cache), both head sizes and both 16-bit
-/// dtypes, and once with inputs that are not 16-byte aligned (the kernels' element-wise loads).
-#[test]
-fn emulated_tensor_core_flash_attention_matches_reference() {
-    for (bh, t, s, hd, dtype, misalign) in [
-        (2usize, 70usize, 70usize, 64usize, DType::BF16, false),
-        (1, 33, 80, 32, DType::BF16, false),
-        (1, 130, 130, 64, DType::F16, false),
-        (2, 20, 20, 32, DType::F16, true),
-    ] {
-        let what = format!("bh={bh} t={t} s={s} hd={hd} {dtype:?} misaligned={misalign}");
-        let scale = 1.0 / (hd as f64).sqrt();
-        let rnd = |n: usize, sd: f64| {
-            Tensor::randn(0f32, sd as f32, (bh, n, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-        };
-        let (q, k, v, dout) = (rnd(t, 1.5), rnd(s, 1.5), rnd(s, 1.0), rnd(t, 1.0));
-        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
-        let [o, lse, dq, dk, dv] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&dout), scale);
-        let sfx = suffix(dtype);
-        // A buffer as the kernel gets it: aligned, or one element past an aligned start.
-        let arg = |x: &Tensor| input(x, misalign);
-        let blocks = |rows: usize| rows.div_ceil(64) as u32;
-        let (tol, tol_grad) = if dtype == DType::BF16 { (1e-2, 1.2e-2) } else { (2e-3, 2.5e-3) };
-
-        // Forward: o and the log-sum-exp.
-        let mut args = [
-            arg(&q),
-            arg(&k),
-            arg(&v),
-            arg(&Tensor::zeros((bh, t, hd), dtype, &Device::Cpu).unwrap()),
-            out(bh * t, DType::F32),
-            A::I(t as i64),
-            A::I(s as i64),
-            A::F(scale as f32),
-        ];
-        launch(&format!("flash_tc_fwd_{sfx}_{hd}"), (blocks(t), bh as u32, 1), (128, 1, 1), &mut args);
-        let e = max_rel(&output(&args[3], dtype, &[bh, t, hd]), &o);
-        assert!(e < tol, "{what}: forward output rel err {e}");
-        let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
-        assert!(e < 2e-3, "{what}: log-sum-exp rel err {e}");
-
-        // Backward inputs: (q, dO) and (k, v) stacked, (lse, delta) per row.
-        let delta = (o.clone() * f(&dout)).unwrap().sum_keepdim(D::Minus1).unwrap();
-        let st = Tensor::cat(&[lse.unsqueeze(2).unwrap(), delta], 2).unwrap();
-        let qdo = Tensor::stack(&[&q, &dout], 0).unwrap();
-        let kv = Tensor::stack(&[&k, &v], 0).unwrap();
-        let mut args = [
-            arg(&qdo),
-            arg(&kv),
-            A::Buf(bytes(&st)),
-            arg(&Tensor::zeros((bh, t, hd), dtype, &Device::Cpu).unwrap()),
-            A::I(bh as i64),
-            A::I(t as i64),
-            A::I(s as i64),
-            A::F(scale as f32),
-        ];
-        launch(&format!("flash_tc_dq_{sfx}_{hd}"), (blocks(t), bh as u32, 1), (128, 1, 1), &mut args);
-        let e = max_rel(&output(&args[3], dtype, &[bh, t, hd]), &dq);
-        assert!(e < tol_grad, "{what}: dq rel err {e}");
-
-        let mut args = [
-            arg(&qdo),
-            arg(&kv),
-            A::Buf(bytes(&st)),
-            arg(&Tensor::zeros((bh, s, hd), dtype, &Device::Cpu).unwrap()),
-            arg(&Tensor::zeros((bh, s, hd), dtype, &Device::Cpu).unwrap()),
-            A::I(bh as i64),
-            A::I(t as i64),
-            A::I(s as i64),
-            A::F(scale as f32),
-        ];
-        launch(&format!("flash_tc_dkv_{sfx}_{hd}"), (blocks(s), bh as u32, 1), (128, 1, 1), &mut args);
-        let e = max_rel(&output(&args[3], dtype, &[bh, s, hd]), &dk);
-        assert!(e < tol_grad, "{what}: dk rel err {e}");
-        let e = max_rel(&output(&args[4], dtype, &[bh, s, hd]), &dv);
-        assert!(e < tol_grad, "{what}: dv rel err {e}");
-    }
+/// One family of flash attention kernels: the tensor-core ones (`flash_tc_*`: 128 threads, dk and
+/// dv from one kernel) or the CUDA-core ones (`flash_*`: 64 threads, one row each).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Flash {
+    TensorCore,
+    CudaCore,
 }
 
-/// The emulator itself, on the CUDA-core flash forward kernel that has passed on a GPU
-/// (tests/cuda.rs): the same reference, the same tolerance.
-#[test]
-fn emulated_cuda_core_flash_forward_matches_reference() {
-    let (bh, t, s, hd) = (2usize, 50usize, 70usize, 64usize);
-    let scale = 0.125f64;
-    let rnd = |n: usize| Tensor::randn(0f32, 1.5, (bh, n, hd), &Device::Cpu).unwrap();
-    let (q, k, v) = (rnd(t), rnd(s), rnd(s));
-    let [o, lse, ..] =
-        attention_reference(&q, &k, &v, &Tensor::zeros((bh, t, hd), DType::F32, &Device::Cpu).unwrap(), scale);
+/// Flash attention's forward (o, log-sum-exp) and gradients (dq, dk, dv) from one kernel family on
+/// the emulator, against attention in f32 (candle ops and autograd). The queries are the last `t`
+/// of `s` positions; `misalign` passes every tensor one element past an aligned start.
+fn check_flash(family: Flash, (bh, t, s, hd): (usize, usize, usize, usize), dtype: DType, misalign: bool) {
+    let what = format!("{family:?} bh={bh} t={t} s={s} hd={hd} {dtype:?} misaligned={misalign}");
+    let scale = 1.0 / (hd as f64).sqrt();
+    let rnd =
+        |n: usize, sd: f64| Tensor::randn(0f32, sd as f32, (bh, n, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+    let (q, k, v, dout) = (rnd(t, 1.5), rnd(s, 1.5), rnd(s, 1.0), rnd(t, 1.0));
+    let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+    let [o, lse, dq, dk, dv] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&dout), scale);
+    let (prefix, threads) = match family {
+        Flash::TensorCore => ("flash_tc", 128),
+        Flash::CudaCore => ("flash", 64),
+    };
+    let name = |which: &str| format!("{prefix}_{which}_{}_{hd}", suffix(dtype));
+    let go = |which: &str, rows: usize, args: &mut [A]| {
+        launch(&name(which), (rows.div_ceil(64) as u32, bh as u32, 1), (threads, 1, 1), args)
+    };
+    let arg = |x: &Tensor| input(x, misalign);
+    let zeros = |n: usize| arg(&Tensor::zeros((bh, n, hd), dtype, &Device::Cpu).unwrap());
+    let (tol, tol_grad, tol_lse) = match dtype {
+        DType::BF16 => (1e-2, 1.2e-2, 2e-3),
+        DType::F16 => (2e-3, 2.5e-3, 2e-3),
+        _ => (1e-4, 2e-4, 1e-5),
+    };
+    let check = |a: &A, n: usize, want: &Tensor, tol: f32, part: &str| {
+        let e = max_rel(&output(a, dtype, &[bh, n, hd]), want);
+        assert!(e < tol, "{what}: {part} rel err {e}");
+    };
+
+    // Forward: o and the log-sum-exp.
     let mut args = [
-        A::Buf(bytes(&q)),
-        A::Buf(bytes(&k)),
-        A::Buf(bytes(&v)),
-        A::Buf(vec![0u8; bh * t * hd * 4]),
-        A::Buf(vec![0u8; bh * t * 4]),
+        arg(&q),
+        arg(&k),
+        arg(&v),
+        zeros(t),
+        out(bh * t, DType::F32),
         A::I(t as i64),
         A::I(s as i64),
         A::F(scale as f32),
     ];
-    launch("flash_fwd_f32_64", (t.div_ceil(64) as u32, bh as u32, 1), (64, 1, 1), &mut args);
-    let e = max_rel(&output(&args[3], DType::F32, &[bh, t, hd]), &o);
-    assert!(e < 1e-4, "output rel err {e}");
+    go("fwd", t, &mut args);
+    check(&args[3], t, &o, tol, "forward output");
     let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
-    assert!(e < 1e-5, "lse rel err {e}");
+    assert!(e < tol_lse, "{what}: log-sum-exp rel err {e}");
+
+    // Gradients from (q, dO, k, v, (lse, delta) per row).
+    let delta = (o.clone() * f(&dout)).unwrap().sum_keepdim(D::Minus1).unwrap();
+    let st = A::Buf(bytes(&Tensor::cat(&[lse.unsqueeze(2).unwrap(), delta], 2).unwrap()));
+    let ins = || [arg(&q), arg(&dout), arg(&k), arg(&v)];
+    let tail = [A::I(t as i64), A::I(s as i64), A::F(scale as f32)];
+    let with =
+        |outs: Vec<A>| -> Vec<A> { ins().into_iter().chain([st.clone()]).chain(outs).chain(tail.clone()).collect() };
+    let mut args = with(vec![zeros(t)]);
+    go("dq", t, &mut args);
+    check(&args[5], t, &dq, tol_grad, "dq");
+    let parts: &[(&str, &Tensor)] = match family {
+        Flash::TensorCore => &[("dkv", &dk)],
+        Flash::CudaCore => &[("dk", &dk), ("dv", &dv)],
+    };
+    for &(which, want) in parts {
+        let mut args = with(if which == "dkv" { vec![zeros(s), zeros(s)] } else { vec![zeros(s)] });
+        go(which, s, &mut args);
+        check(&args[5], s, want, tol_grad, if which == "dv" { "dv" } else { "dk" });
+        if which == "dkv" {
+            check(&args[6], s, &dv, tol_grad, "dv");
+        }
+    }
+}
+
+/// The tensor-core flash attention kernels (forward, dq, dk+dv), on shapes with partial tiles, more
+/// keys than queries (a cache), both head sizes and both 16-bit dtypes, and once with inputs that
+/// are not 16-byte aligned (the kernels' element-wise loads).
+#[test]
+fn emulated_tensor_core_flash_attention_matches_reference() {
+    check_flash(Flash::TensorCore, (2, 70, 70, 64), DType::BF16, false);
+    check_flash(Flash::TensorCore, (1, 33, 80, 32), DType::BF16, false);
+    check_flash(Flash::TensorCore, (1, 130, 130, 64), DType::F16, false);
+    check_flash(Flash::TensorCore, (2, 20, 20, 32), DType::F16, true);
+}
+
+/// The CUDA-core flash attention kernels (forward, dq, dk, dv; the forward has passed on a GPU,
+/// tests/cuda.rs, which makes it a check of the emulator too): f32 and a 16-bit dtype, partial
+/// blocks, more keys than queries.
+#[test]
+fn emulated_cuda_core_flash_attention_matches_reference() {
+    check_flash(Flash::CudaCore, (2, 50, 70, 64), DType::F32, false);
+    check_flash(Flash::CudaCore, (1, 70, 70, 32), DType::BF16, true);
 }
 
 /// The warp-per-row RMSNorm kernels (PATCHLM_ROWS_CUDA; 8 rows a block of 256 threads) against

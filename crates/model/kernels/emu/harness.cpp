@@ -65,7 +65,7 @@ void invoke(void (*f)(A...), const std::vector<Arg>& v, dim3 g, dim3 b) {
 typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 #define K(name) {#name, [](const std::vector<Arg>& v, dim3 g, dim3 b) { invoke(name, v, g, b); }},
 #define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
-#define K2(base) K(base##_bf16) K(base##_f16)
+#define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) K(flash_dv_##S##_##HD)
 
 const std::map<std::string, Runner> kernels = {
     // clang-format off
@@ -73,7 +73,7 @@ const std::map<std::string, Runner> kernels = {
     K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
     K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
     K3(flash_stats)
-    K(flash_fwd_f32_64) K(flash_fwd_bf16_64) K(flash_dq_bf16_64) K(flash_dk_bf16_64) K(flash_dv_bf16_64)
+    KFLASH(f32, 64) KFLASH(bf16, 32) KFLASH(bf16, 64)
     K3(rms_fwd_w) K3(rms_dx_w) K3(rms_dx_res_w) K3(add_rms_fwd_w)
     K3(causal_softmax_fwd_w) K3(causal_softmax_bwd_w)
     K3(ce_fwd_lse) K3(ce_bwd_lse)
