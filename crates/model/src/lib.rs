@@ -22,6 +22,8 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+#[doc(hidden)]
+pub mod launch;
 pub mod llama;
 pub mod ops;
 pub mod tape;

@@ -2470,13 +2470,23 @@ mod cuda {
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
     const MODULE: &str = "patchlm_fused";
 
-    fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    /// cudarc's form of a [`crate::launch`] geometry.
+    fn cfg(l: crate::launch::Launch) -> LaunchConfig {
+        LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: 0 }
     }
 
-    /// The warp-per-row kernels' launch ([`super::set_rows_cuda`]): 8 rows (warps) per block.
+    fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+        cfg(crate::launch::block_rows(rows, threads))
+    }
+
+    /// The warp-per-row kernels' launch ([`super::set_rows_cuda`]).
     fn warp_rows_cfg(rows: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+        cfg(crate::launch::warp_rows(rows))
+    }
+
+    /// An element-wise kernel over `n` items.
+    fn elems_cfg(n: usize) -> LaunchConfig {
+        cfg(crate::launch::elems(n))
     }
 
     /// Kernel `name` and its launch for `rows` rows of `len`: the warp-per-row variant (`name_w`,
@@ -2497,9 +2507,7 @@ mod cuda {
         }
     }
 
-    fn threads_for(n: usize) -> u32 {
-        (n.div_ceil(32) * 32).clamp(32, 1024) as u32
-    }
+    use crate::launch::threads_for;
 
     fn check(l: &Layout, what: &str) -> Result<usize> {
         if !l.is_contiguous() {
@@ -2544,7 +2552,7 @@ mod cuda {
                 if lse {
                     b.arg(&ni);
                 }
-                unsafe { b.launch(rows_cfg(n, threads_for(v).min(512))) }.w()?;
+                unsafe { b.launch(cfg(crate::launch::cross_entropy(n, v))) }.w()?;
             }};
         }
         match x.dtype() {
@@ -2591,7 +2599,7 @@ mod cuda {
                 if lse {
                     b.arg(&ni);
                 }
-                unsafe { b.launch(rows_cfg(n, threads_for(v).min(512))) }.w()?;
+                unsafe { b.launch(cfg(crate::launch::cross_entropy(n, v))) }.w()?;
                 CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
             }};
         }
@@ -2717,7 +2725,7 @@ mod cuda {
         b.arg(&hi);
         b.arg(&ni);
         b.arg(&sign);
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        unsafe { b.launch(elems_cfg(n)) }.w()?;
         Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
     }
 
@@ -2740,7 +2748,7 @@ mod cuda {
         let sfx = suffix(a.dtype())?;
         let is = ids.as_cuda_slice::<u32>()?.slice(check(li, "ids")?..);
         let (ni, di) = (total as i32, d as i32);
-        let cfg = LaunchConfig::for_num_elems(total as u32);
+        let cfg = elems_cfg(total);
         match vocab {
             None => {
                 let vi = rows as i32;
@@ -2821,7 +2829,7 @@ mod cuda {
         b.arg(acc);
         b.arg(&out);
         b.arg(&ni);
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        unsafe { b.launch(elems_cfg(n)) }.w()?;
         Ok(T::wrap_cuda_slice(out, dev.clone()))
     }
 
@@ -2856,7 +2864,7 @@ mod cuda {
         for x in &k {
             b.arg(x);
         }
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        unsafe { b.launch(elems_cfg(n)) }.w()?;
         Ok((wrap_f32(out, dev), Shape::from((3, n))))
     }
 
@@ -3163,11 +3171,7 @@ mod cuda {
             .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
             .collect::<Result<Vec<_>>>()?;
         let rows = if kernel == FlashKernel::Dkv { s } else { t };
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(64) as u32, bh as u32, 1),
-            block_dim: (if tc { 128 } else { 64 }, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = cfg(crate::launch::flash(rows, bh, tc));
         let (ti, si) = (t as i32, s as i32);
         let stats = || -> Result<_> {
             let (c, l) =
@@ -3255,7 +3259,7 @@ mod cuda {
         let gs = g.as_cuda_slice::<T>()?.slice(check(lg, "gate")?..);
         let us = u.as_cuda_slice::<T>()?.slice(check(lu, "up")?..);
         let ni = n as i32;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let cfg = elems_cfg(n);
         match dy {
             None => {
                 let out = unsafe { dev.alloc::<T>(n)? };
@@ -3313,7 +3317,7 @@ mod cuda {
         let sfx = suffix(gu.dtype())?;
         let gs = gu.as_cuda_slice::<T>()?.slice(check(lg, "gu")?..);
         let (nl, fi) = (n as i64, f as i32);
-        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let cfg = elems_cfg(n);
         let (name, len) = if dy.is_some() { ("swiglu_packed_bwd", 2 * n) } else { ("swiglu_packed_fwd", n) };
         let out = unsafe { dev.alloc::<T>(len)? };
         let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
@@ -3379,7 +3383,7 @@ mod cuda {
             .iter()
             .map(|(s, lay)| Ok(s.as_cuda_slice::<T>()?.slice(check(lay, "heads")?..)))
             .collect::<Result<_>>()?;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let cfg = elems_cfg(n);
         let name = format!(
             "{}_{}",
             if op.to_heads { "heads_from_rows" } else { "rows_from_heads" },
@@ -3585,7 +3589,7 @@ mod cuda {
                     b.arg(&acc);
                     b.arg(&mut dw);
                     b.arg(&di);
-                    unsafe { b.launch(LaunchConfig::for_num_elems(d as u32)) }.w()?;
+                    unsafe { b.launch(elems_cfg(d)) }.w()?;
                 }
                 CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
             }};

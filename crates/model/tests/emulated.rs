@@ -1,8 +1,9 @@
 //! The CUDA kernels' math without a GPU: kernels/*.cu compiled by the host C++ compiler against a
 //! CPU stand-in for the CUDA features they use (kernels/emu: threads as fibers, barriers, warp
-//! shuffles, wmma tiles), each launch run on random inputs and compared with an independent CPU
-//! reference (candle ops in f32, candle's autograd for gradients). This checks indexing, masking,
-//! tiling and synchronisation on every machine; `tests/cuda.rs` repeats the comparison on a GPU,
+//! shuffles, wmma tiles), each launch run with the geometry its CUDA launcher uses
+//! (`patchlm_model::launch`) on random inputs and compared with an independent CPU reference
+//! (candle ops in f32, candle's autograd for gradients). This checks indexing, masking, tiling and
+//! synchronisation on every machine; `tests/cuda.rs` repeats the comparison on a GPU,
 //! where timing, the memory model and the real tensor cores come in.
 //!
 //! Needs a C++17 compiler (`CXX`, else `c++`); the harness is built once per source version under
@@ -18,6 +19,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use half::{bf16, f16};
+use patchlm_model::launch::{self, Launch};
 
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
 const SOURCES: [&str; 8] = [
@@ -78,8 +80,10 @@ enum A {
     F(f32),
 }
 
-/// Launches `kernel` on the emulator; buffers come back with the kernel's writes.
-fn launch(kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &mut [A]) {
+/// Launches `kernel` on the emulator with the geometry its CUDA launcher uses; buffers come back
+/// with the kernel's writes.
+fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
+    let (grid, block) = (geometry.grid, geometry.block);
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(harness());
     cmd.arg(kernel)
@@ -210,13 +214,10 @@ fn check_flash(family: Flash, (bh, t, s, hd): (usize, usize, usize, usize), dtyp
     let (q, k, v, dout) = (rnd(t, 1.5), rnd(s, 1.5), rnd(s, 1.0), rnd(t, 1.0));
     let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
     let [o, lse, dq, dk, dv] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&dout), scale);
-    let (prefix, threads) = match family {
-        Flash::TensorCore => ("flash_tc", 128),
-        Flash::CudaCore => ("flash", 64),
-    };
+    let prefix = if family == Flash::TensorCore { "flash_tc" } else { "flash" };
     let name = |which: &str| format!("{prefix}_{which}_{}_{hd}", suffix(dtype));
     let go = |which: &str, rows: usize, args: &mut [A]| {
-        launch(&name(which), (rows.div_ceil(64) as u32, bh as u32, 1), (threads, 1, 1), args)
+        emulate(&name(which), launch::flash(rows, bh, family == Flash::TensorCore), args)
     };
     let arg = |x: &Tensor| input(x, misalign);
     let zeros = |n: usize| arg(&Tensor::zeros((bh, n, hd), dtype, &Device::Cpu).unwrap());
@@ -305,76 +306,42 @@ fn emulated_warp_rmsnorm_matches_cpu() {
         let r =
             |sd: f32, shape: &[usize]| Tensor::randn(0f32, sd, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let (x, b, w, dy, res) = (r(2.0, &[n, d]), r(1.0, &[n, d]), r(1.0, &[d]), r(1.0, &[n, d]), r(1.0, &[n, d]));
-        let sfx = suffix(dtype);
-        let cfg = ((n.div_ceil(8)) as u32, 1, 1);
-        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
-        let (ni, di) = (A::I(n as i64), A::I(d as i64));
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        // One kernel: `ins`, then output buffers (elements, dtype), then (d, eps, rows); returns
+        // the outputs, flat.
+        let run = |kernel: &str, ins: &[&Tensor], outs: &[(usize, DType)]| -> Vec<Tensor> {
+            let mut a: Vec<A> = ins
+                .iter()
+                .map(|t| input(t, misalign))
+                .chain(outs.iter().map(|&(len, dt)| out(len, dt)))
+                .chain([A::I(d as i64), A::F(eps as f32), A::I(n as i64)])
+                .collect();
+            emulate(&format!("{kernel}_{}", suffix(dtype)), launch::warp_rows(n), &mut a);
+            outs.iter().enumerate().map(|(i, &(len, dt))| output(&a[ins.len() + i], dt, &[len])).collect()
+        };
+        let check = |got: &Tensor, want: &Tensor, tol: f32, part: &str| {
+            let e = max_rel(got, &f(want));
+            assert!(e < tol, "{what}: {part} rel err {e}");
+        };
 
-        let mut a = [
-            input(&x, misalign),
-            input(&w, misalign),
-            out(n * d, dtype),
-            A::I(d as i64),
-            A::F(eps as f32),
-            A::I(n as i64),
-        ];
-        launch(&format!("rms_fwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
-        let want = f(&patchlm_model::ops::rms_norm(&x, &w, eps).unwrap());
-        let e = max_rel(&output(&a[2], dtype, &[n, d]), &want);
-        assert!(e < tol, "{what}: rms_fwd_w rel err {e}");
+        let y = run("rms_fwd_w", &[&x, &w], &[(n * d, dtype)]);
+        check(&y[0], &patchlm_model::ops::rms_norm(&x, &w, eps).unwrap(), tol, "rms_fwd_w");
 
-        let mut a = [
-            input(&x, misalign),
-            input(&b, misalign),
-            input(&w, misalign),
-            out(n * d, dtype),
-            out(n * d, dtype),
-            di,
-            A::F(eps as f32),
-            ni,
-        ];
-        launch(&format!("add_rms_fwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
-        let (s, y) = patchlm_model::ops::add_rms_norm(&x, &b, &w, eps).unwrap();
-        let e = max_rel(&output(&a[3], dtype, &[n, d]), &f(&s));
-        assert!(e < tol, "{what}: add_rms_fwd_w sum rel err {e}");
-        let e = max_rel(&output(&a[4], dtype, &[n, d]), &f(&y));
-        assert!(e < tol, "{what}: add_rms_fwd_w norm rel err {e}");
+        let sy = run("add_rms_fwd_w", &[&x, &b, &w], &[(n * d, dtype), (n * d, dtype)]);
+        let (sum, norm) = patchlm_model::ops::add_rms_norm(&x, &b, &w, eps).unwrap();
+        check(&sy[0], &sum, tol, "add_rms_fwd_w sum");
+        check(&sy[1], &norm, tol, "add_rms_fwd_w norm");
 
-        // 1/rms per row, in f32 from the rounded inputs.
-        let xf = f(&x);
+        // The backward also leaves 1/rms per row, in f32 from the rounded inputs.
+        let xf = x.to_dtype(DType::F32).unwrap();
         let rs = (xf.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
-        let (dx, _) = patchlm_model::ops::grad::rms_norm(&x, &w, &dy, eps).unwrap();
-        let mut a = [
-            input(&x, misalign),
-            input(&w, misalign),
-            input(&dy, misalign),
-            out(n * d, dtype),
-            out(n, DType::F32),
-            A::I(d as i64),
-            A::F(eps as f32),
-            A::I(n as i64),
-        ];
-        launch(&format!("rms_dx_w_{sfx}"), cfg, (256, 1, 1), &mut a);
-        let e = max_rel(&output(&a[3], dtype, &[n, d]), &f(&dx));
-        assert!(e < tol * 2.0, "{what}: rms_dx_w rel err {e}");
-        let e = max_rel(&output(&a[4], DType::F32, &[n, 1]), &rs);
-        assert!(e < 1e-5, "{what}: rms_dx_w 1/rms rel err {e}");
+        let dxr = run("rms_dx_w", &[&x, &w, &dy], &[(n * d, dtype), (n, DType::F32)]);
+        check(&dxr[0], &patchlm_model::ops::grad::rms_norm(&x, &w, &dy, eps).unwrap().0, tol * 2.0, "rms_dx_w");
+        check(&dxr[1], &rs, 1e-5, "rms_dx_w 1/rms");
 
-        let (dxr, _) = patchlm_model::ops::grad::rms_norm_residual(&x, &w, &dy, &res, eps).unwrap();
-        let mut a = [
-            input(&x, misalign),
-            input(&w, misalign),
-            input(&dy, misalign),
-            input(&res, misalign),
-            out(n * d, dtype),
-            out(n, DType::F32),
-            A::I(d as i64),
-            A::F(eps as f32),
-            A::I(n as i64),
-        ];
-        launch(&format!("rms_dx_res_w_{sfx}"), cfg, (256, 1, 1), &mut a);
-        let e = max_rel(&output(&a[4], dtype, &[n, d]), &f(&dxr));
-        assert!(e < tol * 2.0, "{what}: rms_dx_res_w rel err {e}");
+        let dxr = run("rms_dx_res_w", &[&x, &w, &dy, &res], &[(n * d, dtype), (n, DType::F32)]);
+        let want = patchlm_model::ops::grad::rms_norm_residual(&x, &w, &dy, &res, eps).unwrap().0;
+        check(&dxr[0], &want, tol * 2.0, "rms_dx_res_w");
     }
 }
 
@@ -390,12 +357,12 @@ fn emulated_warp_causal_softmax_matches_cpu() {
         let dy = Tensor::randn(0f32, 1.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let n = bh * t;
         let sfx = suffix(dtype);
-        let cfg = ((n.div_ceil(8)) as u32, 1, 1);
+        let cfg = launch::warp_rows(n);
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let y = patchlm_model::ops::causal_softmax(&x, scale).unwrap();
         let mut a =
             [input(&x, false), out(n * s, dtype), A::I(t as i64), A::I(s as i64), A::F(scale as f32), A::I(n as i64)];
-        launch(&format!("causal_softmax_fwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        emulate(&format!("causal_softmax_fwd_w_{sfx}"), cfg, &mut a);
         let e = max_rel(&output(&a[1], dtype, &[1, bh, t, s]), &f(&y));
         assert!(e < tol, "{what}: forward rel err {e}");
         let dx = patchlm_model::ops::grad::causal_softmax(&y, &dy, scale).unwrap();
@@ -408,7 +375,7 @@ fn emulated_warp_causal_softmax_matches_cpu() {
             A::F(scale as f32),
             A::I(n as i64),
         ];
-        launch(&format!("causal_softmax_bwd_w_{sfx}"), cfg, (256, 1, 1), &mut a);
+        emulate(&format!("causal_softmax_bwd_w_{sfx}"), cfg, &mut a);
         let e = max_rel(&output(&a[2], dtype, &[1, bh, t, s]), &f(&dx));
         assert!(e < tol * 2.0, "{what}: backward rel err {e}");
     }
@@ -425,7 +392,6 @@ fn emulated_cross_entropy_lse_matches_cpu() {
         let ids: Vec<u32> = (0..n * k).map(|i| ((i * 7919 + 3) % v) as u32).collect();
         let tg = Tensor::from_vec(ids.clone(), (n, k), &Device::Cpu).unwrap();
         let (loss, lse) = patchlm_model::ops::cross_entropy_multi_lse(&x, &tg).unwrap();
-        let threads = (v.div_ceil(32) * 32).clamp(32, 512) as u32;
         let sfx = suffix(dtype);
         let mut a = [
             input(&x, misalign),
@@ -435,7 +401,7 @@ fn emulated_cross_entropy_lse_matches_cpu() {
             A::I(k as i64),
             A::I(n as i64),
         ];
-        launch(&format!("ce_fwd_lse_{sfx}"), (n as u32, 1, 1), (threads, 1, 1), &mut a);
+        emulate(&format!("ce_fwd_lse_{sfx}"), launch::cross_entropy(n, v), &mut a);
         let got = output(&a[2], DType::F32, &[2, n]);
         let e = max_rel(&got.get(1).unwrap(), &lse);
         assert!(e < 1e-5, "{what}: log-sum-exp rel err {e}");
@@ -456,7 +422,7 @@ fn emulated_cross_entropy_lse_matches_cpu() {
             A::I(k as i64),
             A::I(n as i64),
         ];
-        launch(&format!("ce_bwd_lse_{sfx}"), (n as u32, 1, 1), (threads, 1, 1), &mut a);
+        emulate(&format!("ce_bwd_lse_{sfx}"), launch::cross_entropy(n, v), &mut a);
         let e = max_rel(&output(&a[3], dtype, &[n, v]), &dx.to_dtype(DType::F32).unwrap());
         assert!(e < tol, "{what}: gradient rel err {e}");
     }
@@ -472,7 +438,6 @@ fn emulated_layout_kernels_match_cpu() {
     let cols = (h + 2 * kv) * hd;
     let angles = Tensor::randn(0f32, 2.0, (t, hd), &Device::Cpu).unwrap();
     let (c, sn) = (angles.cos().unwrap(), angles.sin().unwrap());
-    let blocks = |n: usize| (n.div_ceil(1024) as u32, 1, 1);
     // The kernels' trailing (b, t, h, kv, hd, rope) arguments.
     let dims = |rope: bool| [b, t, h, kv, hd, usize::from(rope)].map(|d| A::I(d as i64));
     for dtype in [DType::BF16, DType::F32] {
@@ -490,7 +455,7 @@ fn emulated_layout_kernels_match_cpu() {
                 .unwrap();
             let mut a = vec![A::Buf(bytes(&x)), A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)];
             a.extend(dims(rope));
-            launch(&format!("heads_from_rows_{sfx}"), blocks(total), (1024, 1, 1), &mut a);
+            emulate(&format!("heads_from_rows_{sfx}"), launch::elems(total), &mut a);
             let e = max_rel(&output(&a[3], dtype, &[total]), &want);
             assert!(e < 1e-6, "{what}: heads_from_rows rel err {e}");
 
@@ -499,7 +464,7 @@ fn emulated_layout_kernels_match_cpu() {
             let mut a = vec![A::Buf(bytes(&q)), A::Buf(bytes(&k)), A::Buf(bytes(&v))];
             a.extend([A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)]);
             a.extend(dims(rope));
-            launch(&format!("rows_from_heads_{sfx}"), blocks(total), (1024, 1, 1), &mut a);
+            emulate(&format!("rows_from_heads_{sfx}"), launch::elems(total), &mut a);
             let e = max_rel(&output(&a[5], dtype, &[b * t, cols]), &back);
             assert!(e < 1e-6, "{what}: rows_from_heads rel err {e}");
         }
@@ -512,12 +477,12 @@ fn emulated_layout_kernels_match_cpu() {
             let n = rows * f;
             let y = patchlm_model::ops::swiglu_packed(&gu).unwrap().to_dtype(DType::F32).unwrap();
             let mut a = [A::Buf(bytes(&gu)), out(n, dtype), A::I(n as i64), A::I(f as i64)];
-            launch(&format!("swiglu_packed_fwd_{sfx}"), blocks(n), (1024, 1, 1), &mut a);
+            emulate(&format!("swiglu_packed_fwd_{sfx}"), launch::elems(n), &mut a);
             let e = max_rel(&output(&a[1], dtype, &[rows, f]), &y);
             assert!(e < tol, "{what}: forward rel err {e}");
             let d = patchlm_model::ops::grad::swiglu_packed(&gu, &dy).unwrap().to_dtype(DType::F32).unwrap();
             let mut a = [A::Buf(bytes(&gu)), A::Buf(bytes(&dy)), out(2 * n, dtype), A::I(n as i64), A::I(f as i64)];
-            launch(&format!("swiglu_packed_bwd_{sfx}"), blocks(n), (1024, 1, 1), &mut a);
+            emulate(&format!("swiglu_packed_bwd_{sfx}"), launch::elems(n), &mut a);
             let e = max_rel(&output(&a[2], dtype, &[rows, 2 * f]), &d);
             assert!(e < tol, "{what}: backward rel err {e}");
         }
@@ -543,7 +508,7 @@ fn emulated_flash_stats_matches_reference() {
             A::I(rows as i64),
             A::I(hd as i64),
         ];
-        launch(&format!("flash_stats_{}", suffix(dtype)), (rows.div_ceil(8) as u32, 1, 1), (256, 1, 1), &mut a);
+        emulate(&format!("flash_stats_{}", suffix(dtype)), launch::warp_rows(rows), &mut a);
         let e = max_rel(&output(&a[3], DType::F32, &[rows, 2]), &want);
         assert!(e < 1e-5, "{rows}x{hd} {dtype:?}: rel err {e}");
     }
