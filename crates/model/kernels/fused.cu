@@ -548,69 +548,102 @@ __device__ void causal_softmax_bwd_w(const T* y, const T* dy, T* dx, int t, int 
 // Heads: q (B, h, T, hd), then k and v (B, kv, T, hd), back to back in one buffer. `rope` 1 rotates
 // q and k by the angles of the f32 tables c/sn (T, hd) in the rotate-half layout, 0 copies only.
 // heads_from_rows: rows -> heads, rotation +angle; rows_from_heads: heads (q, k, v given apart)
-// -> rows, rotation -angle (the backward pass of heads_from_rows). One thread per element of the
-// output, in output order; reads are contiguous along hd, so both sides are coalesced.
+// -> rows, rotation -angle (the backward pass of heads_from_rows). A block per row (b, position);
+// its threads walk the row's columns a 16-byte pack at a time where every buffer is aligned and a
+// pack never straddles half a head (hd a multiple of two packs: the rotation pairs pack j with
+// pack j +- hd/2), else an element at a time. Both sides are contiguous along hd.
 template <typename T>
-__device__ __forceinline__ float rope_at(const T* row, int j, int hd, const float* c, const float* sn, int tt,
+__device__ __forceinline__ float rope_at(const T* head, int j, int hd, const float* c, const float* sn, int tt,
                                          float sign) {
     int h2 = hd / 2;
-    float rot = j < h2 ? -to_f(row[j + h2]) : to_f(row[j - h2]);
+    float rot = j < h2 ? -to_f(head[j + h2]) : to_f(head[j - h2]);
     int p = tt * hd + j;
-    return to_f(row[j]) * c[p] + sign * rot * sn[p];
+    return to_f(head[j]) * c[p] + sign * rot * sn[p];
+}
+
+// Pack j.. of one head row (as rope_at, element for element) into `out`, rotated or copied.
+template <typename T>
+__device__ __forceinline__ void head_pack(const T* head, int j, int hd, const float* c, const float* sn, int tt,
+                                          int rot, float sign, T* out) {
+    if (!rot) {
+        *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(head + j);
+        return;
+    }
+    const int P = Pack16<T>::N, h2 = hd / 2;
+    float x[Pack16<T>::N], y[Pack16<T>::N];
+    load_pack(head + j, x);
+    load_pack(head + (j < h2 ? j + h2 : j - h2), y);
+    const float* cp = c + tt * hd + j;
+    const float* sp = sn + tt * hd + j;
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+        const float rotv = j < h2 ? -y[i] : y[i];
+        x[i] = x[i] * cp[i] + sign * rotv * sp[i];
+    }
+    store_pack(out, x);
+}
+
+// Where head `head` of row (bb, tt) lives on the heads side, and whether RoPE applies to it.
+__device__ __forceinline__ long long head_offset(int head, long long bb, int tt, int t, int h, int kv, int hd,
+                                                 int* part) {
+    if (head < h) {
+        *part = 0;
+        return ((bb * h + head) * t + tt) * hd;
+    }
+    if (head < h + kv) {
+        *part = 1;
+        return ((bb * kv + head - h) * t + tt) * hd;
+    }
+    *part = 2;
+    return ((bb * kv + head - h - kv) * t + tt) * hd;
 }
 
 template <typename T>
 __device__ void heads_from_rows(const T* x, const float* c, const float* sn, T* out, int b, int t, int h, int kv,
                                 int hd, int rope) {
-    long long nq = (long long)b * h * t * hd, nk = (long long)b * kv * t * hd, total = nq + 2 * nk;
-    long long cols = (long long)(h + 2 * kv) * hd;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long local = i;
-        int nh = h, base = 0, rot = rope;
-        if (i >= nq + nk) {
-            local = i - nq - nk;
-            nh = kv;
-            base = h + kv;
-            rot = 0;
-        } else if (i >= nq) {
-            local = i - nq;
-            nh = kv;
-            base = h;
+    const int cols = (h + 2 * kv) * hd;
+    const long long nq = (long long)b * h * t * hd, nqk = (long long)b * (h + kv) * t * hd;
+    const int step = (hd % (2 * Pack16<T>::N) == 0 && aligned16(x, out, x, out)) ? Pack16<T>::N : 1;
+    for (long long r = blockIdx.x; r < (long long)b * t; r += gridDim.x) {
+        const long long bb = r / t;
+        const int tt = (int)(r % t);
+        const T* row = x + r * cols;
+        for (int col = threadIdx.x * step; col < cols; col += blockDim.x * step) {
+            const int head = col / hd, j = col - head * hd;
+            int part;
+            T* dst = out + head_offset(head, bb, tt, t, h, kv, hd, &part);
+            dst += (part == 0 ? 0 : part == 1 ? nq : nqk) + j;
+            const int rot = rope && part < 2;
+            if (step > 1) {
+                head_pack(row + head * hd, j, hd, c, sn, tt, rot, 1.0f, dst);
+            } else {
+                *dst = rot ? from_f<T>(rope_at(row + head * hd, j, hd, c, sn, tt, 1.0f)) : row[head * hd + j];
+            }
         }
-        int j = (int)(local % hd);
-        long long r = local / hd;
-        int tt = (int)(r % t);
-        r /= t;
-        int hh = (int)(r % nh);
-        long long bb = r / nh;
-        const T* row = x + (bb * t + tt) * cols + (long long)(base + hh) * hd;
-        out[i] = rot ? from_f<T>(rope_at(row, j, hd, c, sn, tt, 1.0f)) : row[j];
     }
 }
 
 template <typename T>
 __device__ void rows_from_heads(const T* q, const T* k, const T* v, const float* c, const float* sn, T* out, int b,
                                 int t, int h, int kv, int hd, int rope) {
-    long long cols = (long long)(h + 2 * kv) * hd, total = (long long)b * t * cols;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long rowi = i / cols;
-        int col = (int)(i % cols);
-        long long bb = rowi / t;
-        int tt = (int)(rowi % t);
-        int head = col / hd, j = col % hd;
-        const T* src;
-        int rot = rope;
-        if (head < h) {
-            src = q + ((bb * h + head) * t + tt) * hd;
-        } else if (head < h + kv) {
-            src = k + ((bb * kv + head - h) * t + tt) * hd;
-        } else {
-            src = v + ((bb * kv + head - h - kv) * t + tt) * hd;
-            rot = 0;
+    const int cols = (h + 2 * kv) * hd;
+    const int step = (hd % (2 * Pack16<T>::N) == 0 && aligned16(q, k, v, out)) ? Pack16<T>::N : 1;
+    for (long long r = blockIdx.x; r < (long long)b * t; r += gridDim.x) {
+        const long long bb = r / t;
+        const int tt = (int)(r % t);
+        T* row = out + r * cols;
+        for (int col = threadIdx.x * step; col < cols; col += blockDim.x * step) {
+            const int head = col / hd, j = col - head * hd;
+            int part;
+            const long long off = head_offset(head, bb, tt, t, h, kv, hd, &part);
+            const T* hs = (part == 0 ? q : part == 1 ? k : v) + off;
+            const int rot = rope && part < 2;
+            if (step > 1) {
+                head_pack(hs, j, hd, c, sn, tt, rot, -1.0f, row + col);
+            } else {
+                row[col] = rot ? from_f<T>(rope_at(hs, j, hd, c, sn, tt, -1.0f)) : hs[j];
+            }
         }
-        out[i] = rot ? from_f<T>(rope_at(src, j, hd, c, sn, tt, -1.0f)) : src[j];
     }
 }
 

@@ -55,6 +55,12 @@ pub fn cross_entropy(rows: usize, vocab: usize) -> Launch {
     block_rows(rows, threads_for(vocab).min(512))
 }
 
+/// The layout kernels (`heads_from_rows`, `rows_from_heads`) on `rows` rows of `cols` columns: a
+/// block per row, a thread per 16-byte pack of a 16-bit dtype (8 columns), up to 512.
+pub fn heads(rows: usize, cols: usize) -> Launch {
+    block_rows(rows.max(1), threads_for(cols.div_ceil(8)).min(512))
+}
+
 /// The flash attention kernels on `rows` rows of `heads` (batch × heads) heads: grid
 /// (⌈rows / [`FLASH_ROWS`]⌉, heads); the tensor-core kernels have 4 warps of 16 rows, the
 /// CUDA-core ones a thread per row.
@@ -86,5 +92,7 @@ mod tests {
         assert_eq!((threads_for(1), threads_for(33), threads_for(5000)), (32, 64, 1024));
         assert_eq!(cross_entropy(5, 50304).block.0, 512);
         assert_eq!(cross_entropy(5, 40).block.0, 64);
+        assert_eq!(heads(8192, 2304), Launch { grid: (8192, 1, 1), block: (288, 1, 1) });
+        assert_eq!(heads(0, 24).grid.0, 1, "an empty launch still has a block");
     }
 }

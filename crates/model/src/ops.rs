@@ -3383,7 +3383,7 @@ mod cuda {
             .iter()
             .map(|(s, lay)| Ok(s.as_cuda_slice::<T>()?.slice(check(lay, "heads")?..)))
             .collect::<Result<_>>()?;
-        let cfg = elems_cfg(n);
+        let cfg = cfg(crate::launch::heads(l.batch * l.seq, l.cols()));
         let name = format!(
             "{}_{}",
             if op.to_heads { "heads_from_rows" } else { "rows_from_heads" },

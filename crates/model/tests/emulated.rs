@@ -429,45 +429,64 @@ fn emulated_cross_entropy_lse_matches_cpu() {
 }
 
 /// The layout kernels (PATCHLM_LAYOUT_CUDA) against the CPU ops: q/k/v rows → heads with RoPE
-/// and back, without RoPE, and SwiGLU on the stacked gate/up projection (packs and tails).
+/// and back, and without RoPE; 16-byte packs (bf16 and f32, with and without key/value heads) and
+/// element by element (a head too small for two packs, unaligned buffers).
 #[test]
 fn emulated_layout_kernels_match_cpu() {
     use patchlm_model::ops::{heads_from_rows, rows_from_heads, HeadsLayout};
-    let (b, t, h, kv, hd) = (2usize, 5usize, 3usize, 1usize, 8usize);
-    let layout = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
-    let cols = (h + 2 * kv) * hd;
-    let angles = Tensor::randn(0f32, 2.0, (t, hd), &Device::Cpu).unwrap();
-    let (c, sn) = (angles.cos().unwrap(), angles.sin().unwrap());
-    // The kernels' trailing (b, t, h, kv, hd, rope) arguments.
-    let dims = |rope: bool| [b, t, h, kv, hd, usize::from(rope)].map(|d| A::I(d as i64));
-    for dtype in [DType::BF16, DType::F32] {
+    for (b, t, h, kv, hd, dtype, misalign) in [
+        (2usize, 5usize, 3usize, 1usize, 8usize, DType::BF16, false),
+        (2, 5, 3, 1, 16, DType::BF16, false),
+        (2, 3, 2, 0, 16, DType::BF16, false),
+        (2, 5, 3, 1, 8, DType::F32, false),
+        (1, 3, 2, 2, 64, DType::F16, true),
+    ] {
+        let what = format!("b={b} t={t} h={h} kv={kv} hd={hd} {dtype:?} misaligned={misalign}");
+        let layout = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
+        let (cols, total) = ((h + 2 * kv) * hd, b * t * (h + 2 * kv) * hd);
+        let angles = Tensor::randn(0f32, 2.0, (t, hd), &Device::Cpu).unwrap();
+        let (c, sn) = (angles.cos().unwrap(), angles.sin().unwrap());
+        // The kernels' trailing (b, t, h, kv, hd, rope) arguments.
+        let dims = |rope: bool| [b, t, h, kv, hd, usize::from(rope)].map(|d| A::I(d as i64));
+        let geometry = launch::heads(b * t, cols);
         let sfx = suffix(dtype);
         let x = Tensor::randn(0f32, 1.0, (b * t, cols), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let total = b * t * cols;
         for rope in [true, false] {
-            let what = format!("{dtype:?} rope={rope}");
+            let what = format!("{what} rope={rope}");
             let tables = rope.then_some((&c, &sn));
             let (q, kvp) = heads_from_rows(&x, layout, tables).unwrap();
-            let (k, v) = kvp.unwrap();
-            let want = Tensor::cat(&[q.flatten_all().unwrap(), k.flatten_all().unwrap(), v.flatten_all().unwrap()], 0)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            let mut a = vec![A::Buf(bytes(&x)), A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)];
+            let mut parts = vec![q.flatten_all().unwrap()];
+            if let Some((k, v)) = &kvp {
+                parts.extend([k.flatten_all().unwrap(), v.flatten_all().unwrap()]);
+            }
+            let want = Tensor::cat(&parts, 0).unwrap().to_dtype(DType::F32).unwrap();
+            let mut a = vec![input(&x, misalign), A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)];
             a.extend(dims(rope));
-            emulate(&format!("heads_from_rows_{sfx}"), launch::elems(total), &mut a);
+            emulate(&format!("heads_from_rows_{sfx}"), geometry, &mut a);
             let e = max_rel(&output(&a[3], dtype, &[total]), &want);
             assert!(e < 1e-6, "{what}: heads_from_rows rel err {e}");
 
-            // Back: the inverse rotation, onto the row layout.
-            let back = rows_from_heads(&q, Some((&k, &v)), layout, tables).unwrap().to_dtype(DType::F32).unwrap();
-            let mut a = vec![A::Buf(bytes(&q)), A::Buf(bytes(&k)), A::Buf(bytes(&v))];
+            // Back: the inverse rotation, onto the row layout (without key/value heads, q stands
+            // in for them, unread).
+            let kv_pair = kvp.as_ref().map(|(k, v)| (k, v));
+            let back = rows_from_heads(&q, kv_pair, layout, tables).unwrap().to_dtype(DType::F32).unwrap();
+            let (k, v) = kv_pair.unwrap_or((&q, &q));
+            let mut a = vec![input(&q, misalign), input(k, misalign), input(v, misalign)];
             a.extend([A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)]);
             a.extend(dims(rope));
-            emulate(&format!("rows_from_heads_{sfx}"), launch::elems(total), &mut a);
+            emulate(&format!("rows_from_heads_{sfx}"), geometry, &mut a);
             let e = max_rel(&output(&a[5], dtype, &[b * t, cols]), &back);
             assert!(e < 1e-6, "{what}: rows_from_heads rel err {e}");
         }
+    }
+}
+
+/// SwiGLU on the stacked gate/up projection (PATCHLM_LAYOUT_CUDA), forward and backward, against
+/// the CPU op: rows of 16-byte packs and rows with element tails.
+#[test]
+fn emulated_swiglu_packed_matches_cpu() {
+    for dtype in [DType::BF16, DType::F32] {
+        let sfx = suffix(dtype);
         for f in [24usize, 13] {
             let rows = 7usize;
             let what = format!("swiglu_packed {dtype:?} f={f}");
