@@ -93,7 +93,8 @@ ours = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
 for o in ours:
     print(f"patchlm {o.get('attention', '')} {o.get('backward', '')} k={o['k']}: {o['tokens_per_s']:.0f} tok/s, MFU "
           f"{100 * (o.get('mfu') or float('nan')):.1f}%, step {o['step_ms']:.1f} ms, peak "
-          f"{(o.get('peak_mem_gib') or float('nan')):.2f} GiB (enqueue {o.get('fwd_enqueue_ms', float('nan')):.1f}, "
+          f"{(o.get('peak_mem_gib') or float('nan')):.2f} GiB (by parts, {o.get('parts_step_ms', float('nan')):.1f} ms: "
+          f"enqueue {o.get('fwd_enqueue_ms', float('nan')):.1f}, "
           f"fwd {o.get('fwd_ms', float('nan')):.1f}, bwd enqueue {o.get('bwd_enqueue_ms', float('nan')):.1f}, "
           f"bwd {o.get('bwd_ms', float('nan')):.1f}, "
           f"clip+opt {o.get('opt_ms', float('nan')):.1f} ms; opt-in {o.get('optin')})", flush=True)
@@ -134,5 +135,6 @@ for mode, k, tps, step, mem, mfu in rows:
               f"{o.get('attention', '') + '/' + o.get('backward', ''):>18}{o['tokens_per_s']:>10.0f}{100 * (o.get('mfu') or float('nan')):>6.1f}%"
               f"{o['step_ms']:>8.1f}{(o.get('peak_mem_gib') or float('nan')):>7.2f}{o['tokens_per_s'] / tps:>8.2f}")
 print("patchlm step breakdown (ms): " + "; ".join(
-    f"{o.get('attention')}/{o.get('backward')} k={o['k']}: enqueue {o['fwd_enqueue_ms']:.1f}, fwd {o['fwd_ms']:.1f}, "
+    f"{o.get('attention')}/{o.get('backward')} k={o['k']}: step {o.get('parts_step_ms', float('nan')):.1f} "
+    f"synchronised by parts, enqueue {o['fwd_enqueue_ms']:.1f}, fwd {o['fwd_ms']:.1f}, "
     f"bwd {o['bwd_ms']:.1f}, clip+opt {o['opt_ms']:.1f}" for o in ours if "fwd_ms" in o))

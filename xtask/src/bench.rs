@@ -276,49 +276,32 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         let mut rng = patchlm_model::SplitMix64(3);
         let ids: Vec<u32> = (0..batch * len).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, len), &device)?;
+        let mut step = |parts: bool| train_step(&model, &ids, k, &device, &vars, &mut opt, parts);
+        // The headline: whole steps, synchronised once at the end of each (as a training loop
+        // runs them), after two warm-up steps.
         let mut times = Vec::new();
-        // Where a step goes: host time to enqueue the forward pass, forward (synchronised),
-        // backward (and its host enqueue time), clipping + optimizer. Enqueue ≈ the synchronised
-        // time means the host, not the GPU, limits.
-        let mut parts: [Vec<f64>; 5] = Default::default();
-        let mut peak_mem = 0u64;
         for s in 0..steps + 2 {
             let t0 = Instant::now();
-            let tape = patchlm_model::tape_supported(&device);
-            let (loss, saved) = if tape {
-                let (loss, t) = patchlm_patch::patch_forward_tape(&model, &ids, k)?;
-                (loss, Some(t))
-            } else {
-                (patchlm_patch::patch_loss(&model, &ids, k)?, None)
-            };
-            let t_enq = t0.elapsed().as_secs_f64();
-            device.synchronize()?;
-            let t_fwd = t0.elapsed().as_secs_f64();
-            peak_mem = peak_mem.max(device_mem_used(&device));
-            let g: std::collections::HashMap<String, Tensor> = match saved {
-                Some(t) => patchlm_patch::patch_backward_tape(&model, t, 1.0)?,
-                None => {
-                    let grads = loss.backward()?;
-                    vars.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|x| (n.clone(), x.clone()))).collect()
-                }
-            };
-            let t_bwd_enq = t0.elapsed().as_secs_f64() - t_fwd;
-            device.synchronize()?;
-            let t_bwd = t0.elapsed().as_secs_f64();
-            peak_mem = peak_mem.max(device_mem_used(&device));
-            let norm = patchlm_train::grad_norm(&g)?;
-            opt.step_scaled(&g, 3e-4, patchlm_train::clip_scale(norm, 1.0))?;
+            step(false)?;
             device.synchronize()?;
             if s >= 2 {
-                let t = t0.elapsed().as_secs_f64();
-                times.push(t);
-                for (p, v) in parts.iter_mut().zip([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd, t_bwd_enq]) {
-                    p.push(v * 1e3);
-                }
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        // Where a step goes: further steps synchronised after each part (host time to enqueue
+        // the forward pass, forward, backward and its enqueue time, clipping + optimizer;
+        // enqueue ≈ the synchronised time means the host, not the GPU, limits).
+        let mut parts: [Vec<f64>; 6] = Default::default();
+        let mut peak_mem = 0u64;
+        for _ in 0..steps.min(3) {
+            let (p, mem) = step(true)?;
+            peak_mem = peak_mem.max(mem);
+            for (v, x) in parts.iter_mut().zip(p) {
+                v.push(x * 1e3);
             }
         }
         let step = median(times);
-        let [enq_ms, fwd_ms, bwd_ms, opt_ms, bwd_enq_ms] = parts.map(median);
+        let [enq_ms, fwd_ms, bwd_ms, opt_ms, bwd_enq_ms, parts_ms] = parts.map(median);
         let tokens = (batch * ctx * k) as f64;
         // The model runs ctx positions per sequence in both phases (patches in the patch phase).
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
@@ -333,7 +316,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                 "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
                 "attention": if flash { "flash" } else { "softmax" },
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
-                "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
+                "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
                 // The opt-in kernels this run used (see README).
                 "optin": {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
@@ -345,6 +328,51 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One training step of a model benchmark: forward, backward, clipping and the optimizer. With
+/// `parts`, synchronises after each part and returns their times in seconds (forward enqueue,
+/// forward, backward, clipping + optimizer, backward enqueue, the whole step) and the device
+/// memory in use after the forward and backward passes (its maximum).
+fn train_step(
+    model: &patchlm_model::Llama,
+    ids: &Tensor,
+    k: usize,
+    device: &Device,
+    vars: &[(String, candle_core::Var)],
+    opt: &mut patchlm_train::AdamW,
+    parts: bool,
+) -> Result<([f64; 6], u64)> {
+    let sync = |on: bool| if on { device.synchronize() } else { Ok(()) };
+    let t0 = Instant::now();
+    let (loss, saved) = if patchlm_model::tape_supported(device) {
+        let (loss, t) = patchlm_patch::patch_forward_tape(model, ids, k)?;
+        (loss, Some(t))
+    } else {
+        (patchlm_patch::patch_loss(model, ids, k)?, None)
+    };
+    let t_enq = t0.elapsed().as_secs_f64();
+    sync(parts)?;
+    let t_fwd = t0.elapsed().as_secs_f64();
+    let mut mem = if parts { device_mem_used(device) } else { 0 };
+    let g: std::collections::HashMap<String, Tensor> = match saved {
+        Some(t) => patchlm_patch::patch_backward_tape(model, t, 1.0)?,
+        None => {
+            let grads = loss.backward()?;
+            vars.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|x| (n.clone(), x.clone()))).collect()
+        }
+    };
+    let t_bwd_enq = t0.elapsed().as_secs_f64() - t_fwd;
+    sync(parts)?;
+    let t_bwd = t0.elapsed().as_secs_f64();
+    if parts {
+        mem = mem.max(device_mem_used(device));
+    }
+    let norm = patchlm_train::grad_norm(&g)?;
+    opt.step_scaled(&g, 3e-4, patchlm_train::clip_scale(norm, 1.0))?;
+    sync(parts)?;
+    let t = t0.elapsed().as_secs_f64();
+    Ok(([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd, t_bwd_enq, t], mem))
 }
 
 /// Times `f` on fresh leaf variables: forward alone and forward + backward (a random upstream

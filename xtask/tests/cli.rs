@@ -254,15 +254,13 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
     assert!(settings.contains(&(true, "softmax".into(), "autograd".into(), 1)), "{out}");
     assert!(settings.contains(&(false, "softmax".into(), "autograd".into(), 1)), "{out}");
     assert!(!settings.contains(&(false, "softmax".into(), "tape".into(), 1)), "{out}");
-    // One timed step, so the parts (medians of one sample) add up to the step time.
+    // One step timed whole and one timed by parts (medians of one sample), so the parts add up
+    // to that step's time.
     for x in &r {
-        let (f, b, o, step) = (
-            x["fwd_ms"].as_f64().unwrap(),
-            x["bwd_ms"].as_f64().unwrap(),
-            x["opt_ms"].as_f64().unwrap(),
-            x["step_ms"].as_f64().unwrap(),
-        );
-        assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - step).abs() < 1e-6 * step.max(1.0) + 1e-6, "{x}");
+        let ms = |k: &str| x[k].as_f64().unwrap();
+        let (f, b, o, parts) = (ms("fwd_ms"), ms("bwd_ms"), ms("opt_ms"), ms("parts_step_ms"));
+        assert!(ms("step_ms") > 0.0 && ms("tokens_per_s") > 0.0, "{x}");
+        assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - parts).abs() < 1e-6 * parts.max(1.0) + 1e-6, "{x}");
     }
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--steps", "0"], d);
     assert!(!ok && out.contains("at least 1"), "{out}");
