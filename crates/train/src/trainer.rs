@@ -446,7 +446,9 @@ impl<'a> Trainer<'a> {
                 let lr = lr_at(state.phase_step, plan.steps, tc.warmup_steps, tc.lr, tc.lr * tc.min_lr_ratio);
                 let first = (state.phase_step * bps) as u64;
                 let mut acc: HashMap<String, Tensor> = HashMap::new();
-                let mut loss_sum = 0.0;
+                // Each micro-batch's loss and weight, read back once all are enqueued (reading a
+                // value waits for the device: one wait per step, not one per micro-batch).
+                let mut losses = Vec::new();
                 let mut done = 0;
                 while done < bps {
                     let c = tc.micro_batch.min(bps - done);
@@ -467,6 +469,19 @@ impl<'a> Trainer<'a> {
                             .collect();
                         (loss, grads)
                     };
+                    losses.push((loss, w));
+                    for (name, g) in grads {
+                        // Micro-batch gradients add up in f32 (they may come in bf16).
+                        let sum = match acc.remove(&name) {
+                            Some(a) => (a.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?,
+                            None => g,
+                        };
+                        acc.insert(name, sum);
+                    }
+                    done += c;
+                }
+                let mut loss_sum = 0.0;
+                for (loss, w) in losses {
                     let lv = loss.to_scalar::<f32>()? as f64;
                     if !lv.is_finite() {
                         pb.abandon();
@@ -478,15 +493,6 @@ impl<'a> Trainer<'a> {
                         });
                     }
                     loss_sum += lv * w;
-                    for (name, g) in grads {
-                        // Micro-batch gradients add up in f32 (they may come in bf16).
-                        let sum = match acc.remove(&name) {
-                            Some(a) => (a.to_dtype(DType::F32)? + g.to_dtype(DType::F32)?)?,
-                            None => g,
-                        };
-                        acc.insert(name, sum);
-                    }
-                    done += c;
                 }
                 let gn = grad_norm(&acc)?;
                 if !gn.is_finite() {
