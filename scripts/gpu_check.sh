@@ -13,12 +13,12 @@
 # torch.compile's warm-up, in order of what matters most should the call's time run out; every
 # measurement is printed as it is made, so a section cut by its timeout keeps them; with little
 # device time left, `kernels optin flash gpt2 370m` in one call and `kernels track` in another).
-# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_FLASH_TC:
-# written since the last device run, their math checked on the CPU by tests/emulated.rs) are turned
-# on for the sections after `kernels` only when their device tests passed (the tensor-core flash
-# tests run in a process of their own and decide PATCHLM_FLASH_TC; the others decide the rest);
-# `optin` times a training step with them off and on, `flash` flash attention's CUDA-core against
-# its tensor-core kernels.
+# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_FLASH_TC,
+# PATCHLM_FLASH_MMA: written since the last device run, their math checked on the CPU by
+# tests/emulated.rs) are turned on for the sections after `kernels` only when their device tests
+# passed (each tensor-core flash family's tests run in a process of their own and decide its
+# switch; the others decide the rest); `optin` times a training step with them off and on, `flash`
+# flash attention's CUDA-core against its tensor-core kernels (and keeps the fastest on).
 # Results go to $OUT (one file per section), a short summary is printed last.
 set -u
 if [ "${1:-}" = "--stage" ]; then
@@ -44,36 +44,57 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for s in $sections; do
   echo "== $s  ($(date +%T))"
   case $s in
-    kernels) # The tensor-core flash kernels in a process of their own (a fault there must not
-             # take the others' results with it); each family's switch goes on when its tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core 2>&1 | tee "$OUT/kernels.txt"
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 tensor_core 2>&1 | tee -a "$OUT/kernels.txt"
-             if [ "$(grep -c 'test result: ok' "$OUT/kernels.txt")" = 2 ]; then tc=1; else tc=0; fi
+    kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
+             # must not take the others' results with it); each family's switch goes on when its
+             # tests pass.
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ 2>&1 | tee "$OUT/kernels.txt"
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 tensor_core 2>&1 | tee "$OUT/kernels-wmma.txt"
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 _mma_ 2>&1 | tee "$OUT/kernels-mma.txt"
+             tc=0; mma=0
+             grep -q 'test result: ok' "$OUT/kernels-wmma.txt" && tc=1
+             grep -q 'test result: ok' "$OUT/kernels-mma.txt" && mma=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1}
              else
                export PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0
+               tc=0; mma=0
                echo "device tests failed: the opt-in kernels stay off, attention in one block"
              fi
-             export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc}
+             export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              echo "opt-in kernels: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
-               "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, tensor-core flash $PATCHLM_FLASH_TC" ;;
+               "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA" ;;
     optin) for on in 0 1; do
              PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | sed "s/^{/{\"optin_kernels\": $on, /" | tee -a "$OUT/optin.txt"
            done ;;
-    flash) # Flash attention's CUDA-core kernels against the tensor-core ones, both shapes (softmax
-           # attention is in the optin rows).
+    flash) # Flash attention's kernel families side by side, both shapes (softmax attention is in
+           # the optin rows): CUDA cores, then each tensor-core family that passed its tests. The
+           # fastest on the GPT-2-small shape stays on for the sections after this one.
+           fams="cuda"
+           [ "${PATCHLM_FLASH_TC:-0}" = 1 ] && fams="$fams wmma"
+           [ "${PATCHLM_FLASH_MMA:-0}" = 1 ] && fams="$fams mma"
            for shape in "gpt2-small 8 1024" "370m 4 2048"; do
              set -- $shape
-             for tc in 0 1; do
-               PATCHLM_FLASH_TC=$tc timeout 90 /tmp/bin/xtask bench model --preset $1 --batch $2 --ctx $3 --k 1 \
-                 --steps 5 --device cuda --dtype bf16 --attention flash 2>&1 | grep '^{' | tee -a "$OUT/flash.txt"
+             for fam in $fams; do
+               w=0; m=0; [ $fam = wmma ] && w=1; [ $fam = mma ] && m=1
+               PATCHLM_FLASH_TC=$w PATCHLM_FLASH_MMA=$m timeout 90 /tmp/bin/xtask bench model --preset $1 --batch $2 \
+                 --ctx $3 --k 1 --steps 5 --device cuda --dtype bf16 --attention flash 2>&1 | grep '^{' \
+                 | sed "s/^{/{\"flash_family\": \"$fam\", /" | tee -a "$OUT/flash.txt"
              done
-           done ;;
+           done
+           best=$(python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r.get("preset") == "gpt2-small"]
+print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else "")' "$OUT/flash.txt" 2>/dev/null)
+           if [ -n "$best" ]; then
+             export PATCHLM_FLASH_TC=0 PATCHLM_FLASH_MMA=0
+             [ "$best" = wmma ] && export PATCHLM_FLASH_TC=1
+             [ "$best" = mma ] && export PATCHLM_FLASH_MMA=1
+             echo "fastest flash attention on gpt2-small: $best (kept for the sections that follow)"
+           fi ;;
     optin-each)
            # Each opt-in family alone (layout, rows, bf16 gradients), to attribute the optin gain.
            for on in "1 0 0" "0 1 0" "0 0 1"; do

@@ -323,6 +323,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
                     "bf16_grads": patchlm_model::compute_dtype_grads(),
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
+                    "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                 },
             })
         );

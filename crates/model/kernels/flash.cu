@@ -585,23 +585,392 @@ FLASH_STATS(float, f32)
 FLASH_STATS(__nv_bfloat16, bf16)
 FLASH_STATS(__half, f16)
 
-#define FLASH_TC_OPS(T, S, HD)                                                                             \
-    extern "C" __global__ void __launch_bounds__(128) flash_tc_fwd_##S##_##HD(                             \
+// The entry points of a tensor-core family FAM (tc: wmma, mma: mma.sync) for dtype T (suffix S)
+// and head size HD, all with the same arguments.
+#define FLASH_TC_FAMILY(FAM, T, S, HD)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_fwd_##S##_##HD(                        \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \
-        flash_tc_fwd<T, HD>(q, k, v, o, lse, t, s, scale);                                                 \
+        flash_##FAM##_fwd<T, HD>(q, k, v, o, lse, t, s, scale);                                            \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_tc_dq_##S##_##HD(                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_dq_##S##_##HD(                         \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
         float scale) {                                                                                     \
-        flash_tc_dq<T, HD>(q, dout, k, v, st, out, t, s, scale);                                           \
+        flash_##FAM##_dq<T, HD>(q, dout, k, v, st, out, t, s, scale);                                      \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_tc_dkv_##S##_##HD(                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_dkv_##S##_##HD(                        \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, int t, int s,    \
         float scale) {                                                                                     \
-        flash_tc_dkv<T, HD>(q, dout, k, v, st, dk, dv, t, s, scale);                                       \
+        flash_##FAM##_dkv<T, HD>(q, dout, k, v, st, dk, dv, t, s, scale);                                  \
     }
+#define FLASH_TC_ALL(FAM)                                                                                  \
+    FLASH_TC_FAMILY(FAM, __nv_bfloat16, bf16, 32)                                                          \
+    FLASH_TC_FAMILY(FAM, __nv_bfloat16, bf16, 64)                                                          \
+    FLASH_TC_FAMILY(FAM, __half, f16, 32)                                                                  \
+    FLASH_TC_FAMILY(FAM, __half, f16, 64)
 
-FLASH_TC_OPS(__nv_bfloat16, bf16, 32)
-FLASH_TC_OPS(__nv_bfloat16, bf16, 64)
-FLASH_TC_OPS(__half, f16, 32)
-FLASH_TC_OPS(__half, f16, 64)
+FLASH_TC_ALL(tc)
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention on mma.sync (m16n8k16, bf16 / f16 in, f32 accumulate; head sizes 32 and 64):
+// the same math, inputs and launch as the wmma kernels above, with FlashAttention-2's register
+// dataflow. mma's fragment layout is specified (PTX ISA, "Matrix fragments for mma.m16n8k16"), so
+// score tiles stay in registers: each lane holds rows g = lane / 4 and g + 8 of its warp's 16 and
+// two adjacent columns per 8-column block, the softmax reduces over the 4 lanes of a quad, and the
+// probabilities (or dS) are already the A operand of the next product (the C layout of two
+// adjacent n-blocks is the A layout of one k-step). Operands come from shared memory with 32-bit
+// loads; a tile that is B with the reduction along its rows is also kept transposed.
+
+// d (16x8 f32) += a (16x16) . b (16x8); see kernels/emu/mma.h for the CPU twin and the layout.
+template <typename T>
+struct Mma;
+#ifdef PATCHLM_EMU
+template <typename T>
+struct Mma {
+    static void run(float* d, const uint32_t* a, const uint32_t* b) { emu::mma16816<T>(d, a, b); }
+};
+#else
+template <>
+struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+template <>
+struct Mma<__half> {
+    static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+#endif
+
+// Two adjacent elements of shared memory as one register (the lower index in the lower half).
+template <typename T>
+__device__ __forceinline__ uint32_t ld2(const T* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    T l = from_f<T>(lo), h = from_f<T>(hi);
+    uint16_t a, b;
+    memcpy(&a, &l, 2);
+    memcpy(&b, &h, 2);
+    return (uint32_t)a | ((uint32_t)b << 16);
+}
+
+// The A fragments of k-step kk for the 16 rows of a row-major shared tile `m` (row stride ld).
+template <typename T>
+__device__ __forceinline__ void frag_a(uint32_t* a, const T* m, int ld, int kk, int g, int tq) {
+    const T* p = m + g * ld + kk * 16 + 2 * tq;
+    a[0] = ld2(p);
+    a[1] = ld2(p + 8 * ld);
+    a[2] = ld2(p + 8);
+    a[3] = ld2(p + 8 * ld + 8);
+}
+
+// acc[n] (16 x 8 blocks, N of them) += a (K k-steps, registers) . B, where B's column c is row c
+// of the shared tile `b` (row stride ld): B[k][c] = b[c][k].
+template <typename T, int K, int N>
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld, int g, int tq) {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int kk = 0; kk < K; kk++) {
+            const T* p = b + (n * 8 + g) * ld + kk * 16 + 2 * tq;
+            const uint32_t bf[2] = {ld2(p), ld2(p + 8)};
+            Mma<T>::run(acc[n], a[kk], bf);
+        }
+    }
+}
+
+// The score-shaped accumulators s (16 x 8N) as A fragments (N / 2 k-steps), rounded to T.
+template <typename T, int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (*a)[4], const float (*s)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < N / 2; kk++) {
+        a[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        a[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        a[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+// Rows [r0, r0 + n) of a (rows, HD) matrix into shared memory transposed: dst[d * LDT + r] =
+// src[r0 + r][d], rows n..R-1 zero.
+template <typename T, int HD, int LDT, int R>
+__device__ __forceinline__ void tile_in_t(T* dst, const T* src, int r0, int n) {
+    const T* s = src + (size_t)r0 * HD;
+    for (int e = threadIdx.x; e < R * HD; e += blockDim.x) {
+        const int r = e / HD, d = e % HD;
+        dst[d * LDT + r] = r < n ? s[(size_t)r * HD + d] : from_f<T>(0.0f);
+    }
+}
+
+// Max or sum over the 4 lanes of a quad (the lanes sharing a row).
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffff, x, 1);
+    return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// Writes a lane's share of a warp's 16 x HD accumulators times `mul`: rows `row` and `row + 8` of
+// `out` (row stride HD) where below `rows`.
+template <typename T, int HD>
+__device__ __forceinline__ void mma_rows_out(const float (*acc)[4], T* out, int row, int rows, int tq, float mul) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int r = row + 8 * half;
+        if (r >= rows) continue;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            T* p = out + (size_t)r * HD + n * 8 + 2 * tq;
+            p[0] = from_f<T>(acc[n][2 * half] * mul);
+            p[1] = from_f<T>(acc[n][2 * half + 1] * mul);
+        }
+    }
+}
+
+#define MMA_WARPS 4
+#define MMA_ROWS (16 * MMA_WARPS)
+
+// Forward: o and the log-sum-exp per query row. Grid (ceil(t / 64), BH), the last rows first.
+template <typename T, int HD>
+__device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
+    constexpr int BC = 64, LD = HD + 8, LDT = BC + 8;
+    __shared__ __align__(16) T qs[MMA_ROWS * LD];
+    __shared__ __align__(16) T ks[BC * LD];
+    __shared__ __align__(16) T vt[HD * LDT];  // v transposed: the B operand of p . v
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    tc_tile_in<T, HD, LD, MMA_ROWS>(qs, q + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
+    __syncthreads();
+    uint32_t qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], qs + w * 16 * LD, LD, kk, g, tq);
+    const int row = i0 + w * 16 + g;  // this lane's rows: row and row + 8
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    for (int k0 = 0; k0 < kend; k0 += BC) {
+        __syncthreads();
+        tc_tile_in<T, HD, LD, BC>(ks, kb, k0, min(BC, s - k0));
+        tile_in_t<T, HD, LDT, BC>(vt, vb, k0, min(BC, s - k0));
+        __syncthreads();
+        if (k0 > wlast) continue;
+        float sc[BC / 8][4];
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+        mma_rows<T, HD / 16, BC / 8>(sc, qa, ks, LD, g, tq);
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + n * 8 + 2 * tq + (e & 1), half = e >> 1;
+                sc[n][e] = key <= off + row + 8 * half ? sc[n][e] * scale : -INFINITY;
+                mx[half] = fmaxf(mx[half], sc[n][e]);
+            }
+        }
+        float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float mnew = fmaxf(m[h], quad_max(mx[h]));
+            alpha[h] = mnew == -INFINITY ? 1.0f : __expf(m[h] - mnew);
+            m[h] = mnew;
+        }
+#pragma unroll
+        for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int h = e >> 1;
+                sc[n][e] = m[h] == -INFINITY ? 0.0f : __expf(sc[n][e] - m[h]);
+                sum[h] += sc[n][e];
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + sum[h];  // this lane's share of the row
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            acc[n][0] *= alpha[0];
+            acc[n][1] *= alpha[0];
+            acc[n][2] *= alpha[1];
+            acc[n][3] *= alpha[1];
+        }
+        uint32_t pa[BC / 16][4];
+        acc_to_a<T, BC / 8>(pa, sc);
+        mma_rows<T, BC / 16, HD / 8>(acc, pa, vt, LDT, g, tq);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] = quad_sum(l[h]);
+        const int r = row + 8 * h;
+        if (r < t && tq == 0) lse[(size_t)bh * t + r] = m[h] + logf(l[h]);
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            acc[n][2 * h] /= l[h];
+            acc[n][2 * h + 1] /= l[h];
+        }
+    }
+    mma_rows_out<T, HD>(acc, o + (size_t)bh * t * HD, row, t, tq, 1.0f);
+}
+
+// The A fragments of each warp's 16 rows of two (rows, HD) matrices a and b, from the block's 64
+// rows [r0, r0 + n) (n <= 64; the rest zero) staged through the shared buffer `un` (2 x 64 rows
+// of HD + 8). `un` is free again after the caller's next barrier.
+template <typename T, int HD>
+__device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4], T* un, const T* a, const T* b, int r0,
+                                           int n) {
+    constexpr int LD = HD + 8;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    tc_tile_in<T, HD, LD, MMA_ROWS>(un, a, r0, n);
+    tc_tile_in<T, HD, LD, MMA_ROWS>(un + MMA_ROWS * LD, b, r0, n);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        frag_a(fa[kk], un + w * 16 * LD, LD, kk, g, tq);
+        frag_a(fb[kk], un + (MMA_ROWS + w * 16) * LD, LD, kk, g, tq);
+    }
+}
+
+// dq: as flash_tc_dq. Grid (ceil(t / 64), BH), the last rows first.
+template <typename T, int HD>
+__device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
+                             float scale) {
+    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
+    constexpr int BB = MMA_ROWS, LD = HD + 8, LDT = BB + 8;
+    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];  // the q and dO tiles, then k and v
+    __shared__ __align__(16) T kt[HD * LDT];           // k transposed: the B operand of dS . k
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    uint32_t qa[HD / 16][4], da[HD / 16][4];
+    mma_frags2<T, HD>(qa, da, un, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
+    const int row = i0 + w * 16 + g;
+    float lse[2], delta[2], acc[HD / 8][4];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = row + 8 * h;
+        lse[h] = r < t ? st[((size_t)bh * t + r) * 2] : INFINITY;
+        delta[h] = r < t ? st[((size_t)bh * t + r) * 2 + 1] : 0.0f;
+    }
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    T* ks = un;
+    T* vs = un + BB * LD;
+    for (int k0 = 0; k0 < kend; k0 += BB) {
+        __syncthreads();  // every warp has its fragments (first pass) or is done with the last tile
+        tc_tile_in<T, HD, LD, BB>(ks, kb, k0, min(BB, s - k0));
+        tc_tile_in<T, HD, LD, BB>(vs, vb, k0, min(BB, s - k0));
+        tile_in_t<T, HD, LDT, BB>(kt, kb, k0, min(BB, s - k0));
+        __syncthreads();
+        if (k0 > wlast) continue;
+        float sc[BB / 8][4], dp[BB / 8][4];
+#pragma unroll
+        for (int n = 0; n < BB / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
+        }
+        mma_rows<T, HD / 16, BB / 8>(sc, qa, ks, LD, g, tq);
+        mma_rows<T, HD / 16, BB / 8>(dp, da, vs, LD, g, tq);
+#pragma unroll
+        for (int n = 0; n < BB / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + n * 8 + 2 * tq + (e & 1), h = e >> 1;
+                const float p = key <= off + row + 8 * h ? __expf(scale * sc[n][e] - lse[h]) : 0.0f;
+                sc[n][e] = p * (dp[n][e] - delta[h]);
+            }
+        }
+        uint32_t dsa[BB / 16][4];
+        acc_to_a<T, BB / 8>(dsa, sc);
+        mma_rows<T, BB / 16, HD / 8>(acc, dsa, kt, LDT, g, tq);
+    }
+    mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
+}
+
+// dk and dv: as flash_tc_dkv. Grid (ceil(s / 64), BH), the first keys (the most queries) first.
+// Each warp owns 16 keys; scores are computed transposed (keys as rows).
+template <typename T, int HD>
+__device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
+                              int t, int s, float scale) {
+    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
+    constexpr int BQ = 32, LD = HD + 8, LDT = BQ + 8;
+    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];  // the k and v tiles, then q and dO
+    __shared__ __align__(16) T qt[HD * LDT];           // q and dO transposed: B of dS^T . q, p^T . dO
+    __shared__ __align__(16) T dt[HD * LDT];
+    __shared__ float ls[BQ], dl[BQ];
+    const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    uint32_t ka[HD / 16][4], va[HD / 16][4];
+    mma_frags2<T, HD>(ka, va, un, k + (size_t)bh * s * HD, v + (size_t)bh * s * HD, j0, min(MMA_ROWS, s - j0));
+    const int key = j0 + w * 16 + g;  // this lane's keys: key and key + 8
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
+    }
+    const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
+    const T* qb = q + (size_t)bh * t * HD;
+    const T* db = dout + (size_t)bh * t * HD;
+    T* qs = un;
+    T* dos = un + BQ * LD;
+    for (int q0 = max(0, j0 - off); q0 < t; q0 += BQ) {
+        const int nq = min(BQ, t - q0);
+        __syncthreads();
+        tc_tile_in<T, HD, LD, BQ>(qs, qb, q0, nq);
+        tc_tile_in<T, HD, LD, BQ>(dos, db, q0, nq);
+        tile_in_t<T, HD, LDT, BQ>(qt, qb, q0, nq);
+        tile_in_t<T, HD, LDT, BQ>(dt, db, q0, nq);
+        for (int e = threadIdx.x; e < BQ; e += blockDim.x) {
+            ls[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2] : INFINITY;
+            dl[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2 + 1] : 0.0f;
+        }
+        __syncthreads();
+        if (q0 + BQ - 1 < wfirst - off) continue;
+        float sc[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+        for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
+        }
+        mma_rows<T, HD / 16, BQ / 8>(sc, ka, qs, LD, g, tq);   // s^T = k . q^T
+        mma_rows<T, HD / 16, BQ / 8>(dp, va, dos, LD, g, tq);  // dP^T = v . dO^T
+#pragma unroll
+        for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int c = n * 8 + 2 * tq + (e & 1), qi = q0 + c, kj = key + 8 * (e >> 1);
+                const float p = (kj <= off + qi && qi < t) ? __expf(scale * sc[n][e] - ls[c]) : 0.0f;
+                sc[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - dl[c]);
+            }
+        }
+        uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
+        acc_to_a<T, BQ / 8>(pa, sc);
+        acc_to_a<T, BQ / 8>(dsa, dp);
+        mma_rows<T, BQ / 16, HD / 8>(dva, pa, dt, LDT, g, tq);
+        mma_rows<T, BQ / 16, HD / 8>(dka, dsa, qt, LDT, g, tq);
+    }
+    mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
+    mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
+}
+
+FLASH_TC_ALL(mma)

@@ -1660,10 +1660,13 @@ pub fn flash_attention_enabled(device: &Device) -> bool {
 
 /// Whether attention with head size `hd` in `dtype` on `device` runs as [`flash_attention`]: as
 /// [`set_flash_attention`] or `PATCHLM_FLASH_ATTENTION` say, and where neither does, on CUDA when
-/// the tensor-core kernels are on and apply ([`flash_tc_enabled`]). Only where the fused ops
-/// are supported.
+/// tensor-core kernels are on and apply ([`flash_tc_enabled`], [`flash_mma_enabled`]). Only where
+/// the fused ops are supported.
 pub fn flash_attention_for(device: &Device, dtype: DType, hd: usize) -> bool {
-    fused_ops_supported(device) && FLASH.explicit().unwrap_or_else(|| device.is_cuda() && flash_tc_enabled(dtype, hd))
+    fused_ops_supported(device)
+        && FLASH
+            .explicit()
+            .unwrap_or_else(|| device.is_cuda() && (flash_tc_enabled(dtype, hd) || flash_mma_enabled(dtype, hd)))
 }
 
 static FLASH_TC: Switch = Switch::new("PATCHLM_FLASH_TC", true, false);
@@ -1677,10 +1680,32 @@ pub fn set_flash_tc(enabled: bool) {
     FLASH_TC.set(enabled);
 }
 
-/// Whether [`flash_attention`] on CUDA uses the tensor-core kernels for `dtype` and head size
-/// `hd` (see [`set_flash_tc`]).
+/// Whether [`flash_attention`] on CUDA uses the wmma tensor-core kernels for `dtype` and head
+/// size `hd` (see [`set_flash_tc`]; [`set_flash_mma`] takes precedence).
 pub fn flash_tc_enabled(dtype: DType, hd: usize) -> bool {
-    FLASH_TC.get() && matches!(dtype, DType::BF16 | DType::F16) && matches!(hd, 32 | 64)
+    FLASH_TC.get() && !flash_mma_enabled(dtype, hd) && tensor_core_shape(dtype, hd)
+}
+
+fn tensor_core_shape(dtype: DType, hd: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(hd, 32 | 64)
+}
+
+static FLASH_MMA: Switch = Switch::new("PATCHLM_FLASH_MMA", true, false);
+
+/// Chooses the mma.sync kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
+/// head size 32 or 64), process-wide: FlashAttention-2's register dataflow (scores, softmax and
+/// probabilities stay in registers; kernels/flash.cu), ahead of [`set_flash_tc`]'s wmma kernels
+/// when both are on. Opt-in (also `PATCHLM_FLASH_MMA=1`) until `tests/cuda.rs` has run them on a
+/// GPU; their math is tested without one by `tests/emulated.rs`. On, attention defaults to flash
+/// where they apply (see [`flash_attention_for`]).
+pub fn set_flash_mma(enabled: bool) {
+    FLASH_MMA.set(enabled);
+}
+
+/// Whether [`flash_attention`] on CUDA uses the mma.sync kernels for `dtype` and head size `hd`
+/// (see [`set_flash_mma`]).
+pub fn flash_mma_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_MMA.get() && tensor_core_shape(dtype, hd)
 }
 
 /// A second output of a custom op (candle's custom ops return one storage): the op's forward
@@ -1990,7 +2015,7 @@ fn flash_backward(
     let dout = dout.to_dtype(q.dtype())?.contiguous()?;
     // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the
     // tensor-core flash kernels until it has run on a GPU), else composed.
-    let stats = if q.device().is_cpu() || FLASH_TC.get() {
+    let stats = if q.device().is_cpu() || FLASH_TC.get() || FLASH_MMA.get() {
         o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &FlashStats)?
     } else {
         let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
@@ -3132,9 +3157,9 @@ mod cuda {
         }
     }
 
-    /// Launches the kernels of one flash-attention step: the tensor-core ones where
-    /// [`super::flash_tc_enabled`] (128 threads, 64 rows a block), else the CUDA-core ones (64
-    /// threads, one row each).
+    /// Launches the kernels of one flash-attention step: the mma.sync or wmma tensor-core ones
+    /// where [`super::flash_mma_enabled`] or [`super::flash_tc_enabled`] (128 threads, 64 rows a
+    /// block), else the CUDA-core ones (64 threads, one row each).
     fn flash_t<T: CudaDType + DeviceRepr>(
         x: &[(&CudaStorage, &Layout)],
         st: Option<(&CudaStorage, &Layout)>,
@@ -3151,12 +3176,16 @@ mod cuda {
             candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
         }
         let dtype = x[0].0.dtype();
-        let tc = kernel != FlashKernel::Lse && super::flash_tc_enabled(dtype, hd);
-        let sfx = suffix(dtype)?;
-        let func = |which: &str| {
-            let name = if tc { format!("flash_tc_{which}_{sfx}_{hd}") } else { format!("flash_{which}_{sfx}_{hd}") };
-            dev.get_or_load_custom_func(&name, FLASH_MODULE, FLASH_PTX)
+        let family = match kernel {
+            FlashKernel::Lse => "flash",
+            _ if super::flash_mma_enabled(dtype, hd) => "flash_mma",
+            _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
+            _ => "flash",
         };
+        let tc = family != "flash";
+        let sfx = suffix(dtype)?;
+        let func =
+            |which: &str| dev.get_or_load_custom_func(&format!("{family}_{which}_{sfx}_{hd}"), FLASH_MODULE, FLASH_PTX);
         let names: &[&str] = match kernel {
             FlashKernel::Fwd => &["q", "k", "v"],
             FlashKernel::Lse => &["q", "k"],
@@ -3740,6 +3769,24 @@ pub mod grad {
 #[cfg(test)]
 mod tests {
     use super::{multi_first, multi_owner, Switch};
+
+    /// The mma.sync flash kernels take precedence over the wmma ones; either applies only to
+    /// 16-bit dtypes at head sizes 32 and 64. (The only test in this binary that sets these.)
+    #[test]
+    fn tensor_core_flash_family_choice() {
+        use super::{flash_mma_enabled, flash_tc_enabled, set_flash_mma, set_flash_tc};
+        use candle_core::DType::{BF16, F16, F32};
+        set_flash_tc(true);
+        set_flash_mma(false);
+        assert!(flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
+        set_flash_mma(true);
+        assert!(!flash_tc_enabled(BF16, 64) && flash_mma_enabled(BF16, 64) && flash_mma_enabled(F16, 32));
+        assert!(!flash_mma_enabled(F32, 64) && !flash_mma_enabled(BF16, 128) && !flash_mma_enabled(BF16, 16));
+        set_flash_mma(false);
+        assert!(flash_tc_enabled(F16, 32) && !flash_tc_enabled(F32, 32));
+        set_flash_tc(false);
+        assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
+    }
 
     /// A switch reports what the setter said, else nothing (the default applies), and keeps its
     /// first reading of the environment.

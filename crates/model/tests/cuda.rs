@@ -336,15 +336,42 @@ fn cuda_flash_attention_matches_cpu() {
     }
 }
 
-/// The tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
+/// Which tensor-core flash kernels a test turns on.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Tc {
+    /// None: the CUDA-core kernels.
+    Off,
+    /// wmma (PATCHLM_FLASH_TC).
+    Wmma,
+    /// mma.sync (PATCHLM_FLASH_MMA).
+    Mma,
+}
+
+fn set_tc(tc: Tc) {
+    patchlm_model::ops::set_flash_tc(tc == Tc::Wmma);
+    patchlm_model::ops::set_flash_mma(tc == Tc::Mma);
+}
+
+/// The wmma tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
 /// graph-free pair the tape uses: output, log-sum-exp and the three gradients against the CPU.
 /// Their math runs without a GPU in tests/emulated.rs; this is the same on the tensor cores.
 #[test]
 #[ignore]
 fn cuda_tensor_core_flash_attention_matches_cpu() {
-    use patchlm_model::ops::{flash_attention_lse, grad, set_flash_tc};
+    tensor_core_flash_matches_cpu(Tc::Wmma);
+}
+
+/// The mma.sync kernels (PATCHLM_FLASH_MMA), as the wmma ones above.
+#[test]
+#[ignore]
+fn cuda_mma_flash_attention_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::Mma);
+}
+
+fn tensor_core_flash_matches_cpu(tc: Tc) {
+    use patchlm_model::ops::{flash_attention_lse, grad};
     let g = gpu();
-    set_flash_tc(true);
+    set_tc(tc);
     for (b, h, t, s, hd) in [
         (2usize, 3usize, 130usize, 130usize, 64usize),
         (1, 2, 33, 80, 32),
@@ -363,7 +390,7 @@ fn cuda_tensor_core_flash_attention_matches_cpu() {
                 [o, lse, dq, dk, dv]
             };
             let (c, gg) = (run(&Device::Cpu), run(&g));
-            let name = format!("tensor-core flash {b}x{h}x{t}x{s}x{hd} {dtype:?}");
+            let name = format!("{tc:?} flash {b}x{h}x{t}x{s}x{hd} {dtype:?}");
             for (i, which) in ["output", "lse", "dq", "dk", "dv"].iter().enumerate() {
                 let e = max_rel(&gg[i], &c[i]);
                 let bound = match i {
@@ -375,7 +402,7 @@ fn cuda_tensor_core_flash_attention_matches_cpu() {
             }
         }
     }
-    set_flash_tc(false);
+    set_tc(Tc::Off);
     drop(g);
 }
 
@@ -414,21 +441,28 @@ fn cuda_swiglu_matches_cpu() {
 #[ignore]
 fn cuda_tape_forward_and_backward_match_cpu() {
     // Head size 16 (flash attention's smallest on CUDA) with grouped-query attention.
-    tape_matches_cpu(4, 2, false);
+    tape_matches_cpu(4, 2, Tc::Off);
 }
 
-/// The tape at head size 32 with the tensor-core flash kernels (PATCHLM_FLASH_TC), a test of its
-/// own so that `gpu_check.sh` can tell these kernels' failures from the others'.
+/// The tape at head size 32 with the wmma tensor-core flash kernels (PATCHLM_FLASH_TC), a test of
+/// its own so that `gpu_check.sh` can tell these kernels' failures from the others'.
 #[test]
 #[ignore]
 fn cuda_tensor_core_tape_matches_cpu() {
-    tape_matches_cpu(2, 1, true);
+    tape_matches_cpu(2, 1, Tc::Wmma);
+}
+
+/// The same with the mma.sync kernels (PATCHLM_FLASH_MMA).
+#[test]
+#[ignore]
+fn cuda_mma_tape_matches_cpu() {
+    tape_matches_cpu(2, 1, Tc::Mma);
 }
 
 /// The hand-written forward and backward pass on the GPU against the CPU: softmax attention
 /// (one block, then three with the layout and row kernels) and flash attention.
-fn tape_matches_cpu(heads: usize, kv_heads: usize, tc: bool) {
-    use patchlm_model::ops::{set_flash_attention, set_flash_tc, set_layout_cuda};
+fn tape_matches_cpu(heads: usize, kv_heads: usize, tc: Tc) {
+    use patchlm_model::ops::{set_flash_attention, set_layout_cuda};
     use patchlm_model::{init_model, Grads, ModelConfig};
     let g = gpu();
     let mut cfg = ModelConfig::preset("tiny").unwrap();
@@ -438,7 +472,7 @@ fn tape_matches_cpu(heads: usize, kv_heads: usize, tc: bool) {
     let (mg, _) = init_model(&cfg, &g, 3).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
     let dh = Tensor::randn(0f32, 1.0, (2, 37, 64), &Device::Cpu).unwrap();
-    set_flash_tc(tc);
+    set_tc(tc);
     for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
         for (flash, heads_kernels) in [(false, false), (false, true), (true, true)] {
             set_flash_attention(flash);
@@ -457,7 +491,7 @@ fn tape_matches_cpu(heads: usize, kv_heads: usize, tc: bool) {
             let (hc, dxc, gc) = run(&mc, &Device::Cpu);
             let (hg, dxg, gg) = run(&mg, &g);
             let what =
-                format!("{dtype:?} heads {heads} flash {flash} (tensor cores {tc}) heads kernels {heads_kernels}");
+                format!("{dtype:?} heads {heads} flash {flash} (tensor cores {tc:?}) heads kernels {heads_kernels}");
             assert!(max_rel(&hg, &hc) < tol, "{what}: hidden states");
             assert!(max_rel(&dxg, &dxc) < tol * 10.0, "{what}: input gradient");
             assert_eq!(gc.len(), gg.len());
@@ -468,7 +502,7 @@ fn tape_matches_cpu(heads: usize, kv_heads: usize, tc: bool) {
         }
     }
     set_flash_attention(false);
-    set_flash_tc(false);
+    set_tc(Tc::Off);
     patchlm_model::set_attention_chunks(0);
     set_layout_cuda(false);
     patchlm_model::ops::set_rows_cuda(false);

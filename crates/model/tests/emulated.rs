@@ -195,11 +195,13 @@ fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, scale:
     [o.detach(), lse.detach(), grad(&q), grad(&k), grad(&v)]
 }
 
-/// One family of flash attention kernels: the tensor-core ones (`flash_tc_*`: 128 threads, dk and
-/// dv from one kernel) or the CUDA-core ones (`flash_*`: 64 threads, one row each).
+/// One family of flash attention kernels: tensor cores through wmma (`flash_tc_*`) or mma.sync
+/// (`flash_mma_*`), both 128 threads with dk and dv from one kernel, or CUDA cores (`flash_*`: 64
+/// threads, one row each).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Flash {
     TensorCore,
+    Mma,
     CudaCore,
 }
 
@@ -214,10 +216,14 @@ fn check_flash(family: Flash, (bh, t, s, hd): (usize, usize, usize, usize), dtyp
     let (q, k, v, dout) = (rnd(t, 1.5), rnd(s, 1.5), rnd(s, 1.0), rnd(t, 1.0));
     let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
     let [o, lse, dq, dk, dv] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&dout), scale);
-    let prefix = if family == Flash::TensorCore { "flash_tc" } else { "flash" };
+    let prefix = match family {
+        Flash::TensorCore => "flash_tc",
+        Flash::Mma => "flash_mma",
+        Flash::CudaCore => "flash",
+    };
     let name = |which: &str| format!("{prefix}_{which}_{}_{hd}", suffix(dtype));
     let go = |which: &str, rows: usize, args: &mut [A]| {
-        emulate(&name(which), launch::flash(rows, bh, family == Flash::TensorCore), args)
+        emulate(&name(which), launch::flash(rows, bh, family != Flash::CudaCore), args)
     };
     let arg = |x: &Tensor| input(x, misalign);
     let zeros = |n: usize| arg(&Tensor::zeros((bh, n, hd), dtype, &Device::Cpu).unwrap());
@@ -258,7 +264,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): (usize, usize, usize, usize), dtyp
     go("dq", t, &mut args);
     check(&args[5], t, &dq, tol_grad, "dq");
     let parts: &[(&str, &Tensor)] = match family {
-        Flash::TensorCore => &[("dkv", &dk)],
+        Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],
         Flash::CudaCore => &[("dk", &dk), ("dv", &dv)],
     };
     for &(which, want) in parts {
@@ -276,10 +282,26 @@ fn check_flash(family: Flash, (bh, t, s, hd): (usize, usize, usize, usize), dtyp
 /// are not 16-byte aligned (the kernels' element-wise loads).
 #[test]
 fn emulated_tensor_core_flash_attention_matches_reference() {
-    check_flash(Flash::TensorCore, (2, 70, 70, 64), DType::BF16, false);
-    check_flash(Flash::TensorCore, (1, 33, 80, 32), DType::BF16, false);
-    check_flash(Flash::TensorCore, (1, 130, 130, 64), DType::F16, false);
-    check_flash(Flash::TensorCore, (2, 20, 20, 32), DType::F16, true);
+    for (shape, dtype, misalign) in TENSOR_CORE_CASES {
+        check_flash(Flash::TensorCore, shape, dtype, misalign);
+    }
+}
+
+/// The tensor-core families' cases: (heads, queries, keys, head size), dtype, misaligned inputs.
+const TENSOR_CORE_CASES: [((usize, usize, usize, usize), DType, bool); 4] = [
+    ((2, 70, 70, 64), DType::BF16, false),
+    ((1, 33, 80, 32), DType::BF16, false),
+    ((1, 130, 130, 64), DType::F16, false),
+    ((2, 20, 20, 32), DType::F16, true),
+];
+
+/// The mma.sync flash attention kernels (forward, dq, dk+dv; mma's fragment layout emulated as the
+/// PTX ISA specifies it), on the same shapes as the wmma ones.
+#[test]
+fn emulated_mma_flash_attention_matches_reference() {
+    for (shape, dtype, misalign) in TENSOR_CORE_CASES {
+        check_flash(Flash::Mma, shape, dtype, misalign);
+    }
 }
 
 /// The CUDA-core flash attention kernels (forward, dq, dk, dv; the forward has passed on a GPU,

@@ -219,7 +219,22 @@ T shfl(T v, int src, bool valid) {
     return r;
 }
 
+// Every lane's value of `v` (a warp-collective exchange, as a shuffle from each lane in turn).
+template <typename T>
+void warp_all(T v, T* out) {
+    static_assert(sizeof(T) <= 8, "exchanges move at most 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    g_s.xchg[lin()] = bits;
+    wait_at(g_s.warps[warp_id()]);
+    for (int i = 0; i < 32; i++) memcpy(&out[i], &g_s.xchg[warp_id() * 32 + i], sizeof(T));
+    wait_at(g_s.warps[warp_id()]);
+}
+
 }  // namespace emu
+
+// Tells the kernel sources they are built for this stand-in (where inline PTX cannot run).
+#define PATCHLM_EMU 1
 
 #define threadIdx (emu::g_thread)
 #define blockIdx (emu::g_block)

@@ -88,3 +88,34 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d, const fr
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+namespace emu {
+
+// PTX mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d (16x8, f32) += a (16x16) . b (16x8),
+// each lane holding the fragments of the PTX ISA's layout (groupID g = lane / 4, t = lane % 4):
+// a: 4 registers of two elements, (row g, cols 2t..2t+1), (row g+8, same), (row g, cols 2t+8..),
+// (row g+8, cols 2t+8..); b: 2 registers, (rows 2t..2t+1, col g), (rows 2t+8.., col g); d: (row g,
+// cols 2t, 2t+1), (row g+8, same). The lower half of a register holds the lower index.
+template <typename T>
+inline void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
+    uint32_t A[4][32], B[2][32];
+    for (int i = 0; i < 4; i++) warp_all(a[i], A[i]);
+    for (int i = 0; i < 2; i++) warp_all(b[i], B[i]);
+    auto elem = [](uint32_t r, int hi) {
+        uint16_t h = hi ? (uint16_t)(r >> 16) : (uint16_t)(r & 0xffff);
+        T x;
+        memcpy(&x, &h, 2);
+        return nvcuda::wmma::emu_f(x);
+    };
+    auto a_at = [&](int row, int k) { return elem(A[(row >> 3) + 2 * (k >> 3)][4 * (row & 7) + ((k & 7) >> 1)], k & 1); };
+    auto b_at = [&](int k, int n) { return elem(B[k >> 3][4 * n + ((k & 7) >> 1)], k & 1); };
+    const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = d[i];
+        for (int k = 0; k < 16; k++) acc += a_at(row, k) * b_at(k, col);
+        d[i] = acc;
+    }
+}
+
+}  // namespace emu
