@@ -10,6 +10,40 @@ use patchlm_data::{Dataset, Split, TokenizerSource};
 use patchlm_model::{init_model, parse_device, parse_dtype, ModelConfig};
 use rayon::prelude::*;
 
+/// `cargo xtask bench [<what>]`: a subcommand, or without one the training-step suite.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    cmd: Option<BenchCmd>,
+    #[command(flatten)]
+    suite: Suite,
+}
+
+/// The training-step suite: token phase and patch phase (K = 4) of each shape, with the trainer's
+/// settings (fused ops, hand-written backward pass, its default attention), then a table.
+#[derive(clap::Args)]
+pub struct Suite {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Compute dtype (default: bf16 on CUDA, f32 on the CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Shapes as preset:BATCHxCTX, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "gpt2-small:8x1024,370m:4x2048")]
+    shapes: Vec<String>,
+    /// Patch sizes to run (1 = token phase).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    k: Vec<usize>,
+    /// Timed steps per row (after 2 warmup steps).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Peak FLOP/s for MFU (default: H100 dense bf16, 989 TFLOP/s).
+    #[arg(long, default_value_t = 989e12)]
+    peak_flops: f64,
+}
+
 /// `cargo xtask bench <what>`.
 #[derive(clap::Subcommand)]
 pub enum BenchCmd {
@@ -50,7 +84,8 @@ pub enum BenchCmd {
         #[arg(long, default_value = "on")]
         fused: String,
         /// Attention with the fused ops: softmax (materialised scores, fused causal softmax),
-        /// flash (tiled, no T×T matrix) or both (a row each).
+        /// flash (tiled, no T×T matrix), both (a row each) or auto (the trainer's default: flash
+        /// where tensor-core flash kernels are on and apply).
         #[arg(long, default_value = "softmax")]
         attention: String,
         /// Backward pass with the fused ops: tape (hand-written, the trainer's default), autograd
@@ -89,7 +124,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs a benchmark.
-pub fn run(cmd: BenchCmd) -> Result<()> {
+pub fn run(args: BenchArgs) -> Result<()> {
+    let Some(cmd) = args.cmd else { return run_suite(&args.suite) };
     match cmd {
         BenchCmd::Data { tokenizer, input, out } => bench_data(&tokenizer, &input, &out),
         BenchCmd::Ops { shape: Shape { preset, batch, ctx, device, dtype }, reps } => {
@@ -123,8 +159,69 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 backward: &backward,
                 peak_flops,
             })
+            .map(|_| ())
         }
     }
+}
+
+/// `preset:BATCHxCTX` → (preset, batch, ctx).
+fn parse_shape(s: &str) -> Result<(String, usize, usize)> {
+    let bad = || anyhow::anyhow!("--shapes {s}: expected preset:BATCHxCTX, e.g. gpt2-small:8x1024");
+    let (preset, dims) = s.split_once(':').ok_or_else(bad)?;
+    let (b, t) = dims.split_once('x').ok_or_else(bad)?;
+    let (b, t): (usize, usize) = (b.parse().map_err(|_| bad())?, t.parse().map_err(|_| bad())?);
+    if preset.is_empty() || b == 0 || t == 0 {
+        return Err(bad());
+    }
+    Ok((preset.to_string(), b, t))
+}
+
+fn run_suite(s: &Suite) -> Result<()> {
+    if s.steps == 0 || s.k.is_empty() || s.k.contains(&0) {
+        anyhow::bail!("bench: --steps and every --k must be at least 1");
+    }
+    let shapes = s.shapes.iter().map(|x| parse_shape(x)).collect::<Result<Vec<_>>>()?;
+    let dtype = s.dtype.clone().unwrap_or_else(|| if s.device == "cpu" { "f32" } else { "bf16" }.to_string());
+    let mut rows = Vec::new();
+    for (preset, batch, ctx) in &shapes {
+        rows.extend(bench_model(&ModelBench {
+            preset,
+            batch: *batch,
+            ctx: *ctx,
+            ks: &s.k,
+            steps: s.steps,
+            device: &s.device,
+            dtype: &dtype,
+            fused: "on",
+            attention: "auto",
+            backward: "tape",
+            peak_flops: s.peak_flops,
+        })?);
+    }
+    println!(
+        "\ntraining step, {} {dtype}; MFU against a peak of {:.0} TFLOP/s (--peak-flops)",
+        s.device,
+        s.peak_flops / 1e12
+    );
+    println!(
+        "{:>12} {:>9} {:>6} {:>12} {:>7} {:>9} {:>9} {:>9}",
+        "preset", "batch", "phase", "tokens/s", "MFU", "step ms", "peak GiB", "attention"
+    );
+    for r in &rows {
+        let k = r["k"].as_u64().unwrap_or(0);
+        println!(
+            "{:>12} {:>9} {:>6} {:>12.0} {:>6.1}% {:>9.1} {:>9} {:>9}",
+            r["preset"].as_str().unwrap_or("?"),
+            format!("{}x{}", r["batch"], r["ctx"]),
+            if k == 1 { "token".to_string() } else { format!("K={k}") },
+            r["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            100.0 * r["mfu"].as_f64().unwrap_or(f64::NAN),
+            r["step_ms"].as_f64().unwrap_or(f64::NAN),
+            r["peak_mem_gib"].as_f64().map_or("-".to_string(), |g| format!("{g:.2}")),
+            r["attention"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(())
 }
 
 fn bench_data(tokenizer: &std::path::Path, input: &std::path::Path, out: &std::path::Path) -> Result<()> {
@@ -231,35 +328,49 @@ fn one_or_both(flag: &str, value: &str, off: &str, on: &str) -> Result<Vec<bool>
     }
 }
 
-fn bench_model(b: &ModelBench) -> Result<()> {
+/// Runs the rows `b` asks for (each printed as a JSON line as it is measured) and returns them.
+fn bench_model(b: &ModelBench) -> Result<Vec<serde_json::Value>> {
     let settings = one_or_both("fused", b.fused, "off", "on")?;
-    let flash = one_or_both("attention", b.attention, "softmax", "flash")?;
+    // `auto` leaves attention to the default (flash_attention_for), as training does.
+    let flash: Vec<Option<bool>> = match b.attention {
+        "auto" => vec![None],
+        a => match one_or_both("attention", a, "softmax", "flash") {
+            Ok(v) => v.into_iter().map(Some).collect(),
+            Err(_) => anyhow::bail!("--attention {a}: expected softmax, flash, both or auto"),
+        },
+    };
     let tape = one_or_both("backward", b.backward, "autograd", "tape")?;
+    let mut rows = Vec::new();
     for fused in settings {
         for &fl in &flash {
             for &tp in &tape {
                 // Flash attention and the tape are built from the fused ops: with them off, no
                 // flash row and one backward row (autograd).
-                if !fused && (fl || (tp && tape.len() > 1)) {
+                if !fused && (fl == Some(true) || (tp && tape.len() > 1)) {
                     continue;
                 }
                 patchlm_model::ops::set_fused_ops(fused);
-                patchlm_model::ops::set_flash_attention(fl);
+                if let Some(fl) = fl {
+                    patchlm_model::ops::set_flash_attention(fl);
+                }
                 patchlm_model::set_tape_backward(tp);
-                bench_model_once(b, fused)?;
+                rows.extend(bench_model_once(b, fused)?);
             }
         }
     }
     patchlm_model::ops::set_fused_ops(true);
-    patchlm_model::ops::set_flash_attention(false);
+    if flash.iter().any(Option::is_some) {
+        patchlm_model::ops::set_flash_attention(false);
+    }
     patchlm_model::set_tape_backward(true);
-    Ok(())
+    Ok(rows)
 }
 
-fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
+fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value>> {
     let ModelBench { preset, batch, ctx, ks, steps, .. } = *b;
     let device: Device = parse_device(b.device)?;
     let dtype = parse_dtype(b.dtype)?;
+    let mut rows = Vec::new();
     let mut cfg = ModelConfig::preset(preset)?;
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(ctx);
     for &k in ks {
@@ -307,9 +418,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
         let hd = cfg.hidden_size / cfg.num_attention_heads;
         let flash = patchlm_model::ops::flash_attention_for(&device, dtype, hd);
-        println!(
-            "{}",
-            serde_json::json!({
+        let row = serde_json::json!({
                 "bench": "model", "impl": "patchlm-candle", "preset": preset, "params": params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
                 "threads": rayon::current_num_threads(), "dtype": b.dtype, "mfu": mfu, "peak_flops": b.peak_flops,
@@ -325,10 +434,11 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<()> {
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                 },
-            })
-        );
+        });
+        println!("{row}");
+        rows.push(row);
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// One training step of a model benchmark: forward, backward, clipping and the optimizer. With

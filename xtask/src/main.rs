@@ -60,9 +60,9 @@ enum Cmd {
     Generate(model_cmds::GenerateArgs),
     /// Perplexity / bits per byte on text and zero-shot multiple-choice accuracy of a model.
     Eval(eval_cmd::EvalArgs),
-    /// Throughput benchmarks (see bench/*.py for the side-by-side peers).
-    #[command(subcommand)]
-    Bench(bench::BenchCmd),
+    /// Throughput benchmarks (see bench/*.py for the side-by-side peers). Without a subcommand:
+    /// the training-step suite (GPT-2-small and 370M, token and patch phase) on `--device`.
+    Bench(bench::BenchArgs),
     /// Patch-level pretraining end to end: corpus → shards → patch phase → token phase → HF model.
     Pretrain(pretrain::PretrainArgs),
     /// The paper's experiment: baseline, patch-level run(s) and equal-compute baseline(s) on the

@@ -262,6 +262,16 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
         assert!(ms("step_ms") > 0.0 && ms("tokens_per_s") > 0.0, "{x}");
         assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - parts).abs() < 1e-6 * parts.max(1.0) + 1e-6, "{x}");
     }
+    // Without a subcommand: the suite (token and patch phase of each shape), then its table.
+    let (ok, out) = xtask(&["bench", "--device", "cpu", "--shapes", "tiny:2x8", "--steps", "1"], d);
+    assert!(ok, "{out}");
+    let ks: Vec<u64> = rows(&out).iter().map(|x| x["k"].as_u64().unwrap()).collect();
+    assert_eq!(ks, [1, 4], "{out}");
+    let table: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("tiny")).collect();
+    assert!(table.len() == 2 && table[0].contains("token") && table[1].contains("K=4"), "{out}");
+    assert!(out.contains("peak of 989 TFLOP/s"), "{out}");
+    let (ok, out) = xtask(&["bench", "--device", "cpu", "--shapes", "tiny:2"], d);
+    assert!(!ok && out.contains("preset:BATCHxCTX"), "{out}");
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--steps", "0"], d);
     assert!(!ok && out.contains("at least 1"), "{out}");
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--attention", "sdpa"], d);
