@@ -208,7 +208,7 @@ enum Flash {
 /// Flash attention's forward (o, log-sum-exp) and gradients (dq, dk, dv) from one kernel family on
 /// the emulator, against attention in f32 (candle ops and autograd). The queries are the last `t`
 /// of `s` positions; `misalign` passes every tensor one element past an aligned start.
-fn check_flash(family: Flash, (bh, t, s, hd): (usize, usize, usize, usize), dtype: DType, misalign: bool) {
+fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign: bool) {
     let what = format!("{family:?} bh={bh} t={t} s={s} hd={hd} {dtype:?} misaligned={misalign}");
     let scale = 1.0 / (hd as f64).sqrt();
     let rnd =
@@ -287,8 +287,11 @@ fn emulated_tensor_core_flash_attention_matches_reference() {
     }
 }
 
-/// The tensor-core families' cases: (heads, queries, keys, head size), dtype, misaligned inputs.
-const TENSOR_CORE_CASES: [((usize, usize, usize, usize), DType, bool); 4] = [
+/// An attention shape: (heads, queries, keys, head size).
+type AttnShape = (usize, usize, usize, usize);
+
+/// The tensor-core families' cases: shape, dtype, misaligned inputs.
+const TENSOR_CORE_CASES: [(AttnShape, DType, bool); 4] = [
     ((2, 70, 70, 64), DType::BF16, false),
     ((1, 33, 80, 32), DType::BF16, false),
     ((1, 130, 130, 64), DType::F16, false),
