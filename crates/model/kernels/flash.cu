@@ -617,8 +617,10 @@ FLASH_TC_ALL(tc)
 // score tiles stay in registers: each lane holds rows g = lane / 4 and g + 8 of its warp's 16 and
 // two adjacent columns per 8-column block, the softmax reduces over the 4 lanes of a quad, and the
 // probabilities (or dS) are already the A operand of the next product (the C layout of two
-// adjacent n-blocks is the A layout of one k-step). Operands come from shared memory with 32-bit
-// loads; a tile that is B with the reduction along its rows is also kept transposed.
+// adjacent n-blocks is the A layout of one k-step). Operands come from row-major shared tiles:
+// where the reduction runs along a tile's rows (q.k^T) a register is one 32-bit load, where it
+// runs down its columns (p.v) two 16-bit loads; both patterns are free of bank conflicts with the
+// tiles' padded rows (HD + 8).
 
 // d (16x8 f32) += a (16x16) . b (16x8); see kernels/emu/mma.h for the CPU twin and the layout.
 template <typename T>
@@ -691,6 +693,29 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4]
     }
 }
 
+// Rows r and r + 1 of a column of shared memory (row stride ld) as one register.
+template <typename T>
+__device__ __forceinline__ uint32_t ld2_col(const T* p, int ld) {
+    uint16_t a, b;
+    memcpy(&a, p, 2);
+    memcpy(&b, p + ld, 2);
+    return (uint32_t)a | ((uint32_t)b << 16);
+}
+
+// acc[n] += a . B where B is the shared tile `b` itself (row stride ld): B[k][c] = b[k][c].
+template <typename T, int K, int N>
+__device__ __forceinline__ void mma_cols(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld, int g, int tq) {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int kk = 0; kk < K; kk++) {
+            const T* p = b + (kk * 16 + 2 * tq) * ld + n * 8 + g;
+            const uint32_t bf[2] = {ld2_col(p, ld), ld2_col(p + 8 * ld, ld)};
+            Mma<T>::run(acc[n], a[kk], bf);
+        }
+    }
+}
+
 // The score-shaped accumulators s (16 x 8N) as A fragments (N / 2 k-steps), rounded to T.
 template <typename T, int N>
 __device__ __forceinline__ void acc_to_a(uint32_t (*a)[4], const float (*s)[4]) {
@@ -700,17 +725,6 @@ __device__ __forceinline__ void acc_to_a(uint32_t (*a)[4], const float (*s)[4]) 
         a[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
         a[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
         a[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-}
-
-// Rows [r0, r0 + n) of a (rows, HD) matrix into shared memory transposed: dst[d * LDT + r] =
-// src[r0 + r][d], rows n..R-1 zero.
-template <typename T, int HD, int LDT, int R>
-__device__ __forceinline__ void tile_in_t(T* dst, const T* src, int r0, int n) {
-    const T* s = src + (size_t)r0 * HD;
-    for (int e = threadIdx.x; e < R * HD; e += blockDim.x) {
-        const int r = e / HD, d = e % HD;
-        dst[d * LDT + r] = r < n ? s[(size_t)r * HD + d] : from_f<T>(0.0f);
     }
 }
 
@@ -748,10 +762,10 @@ __device__ __forceinline__ void mma_rows_out(const float (*acc)[4], T* out, int 
 template <typename T, int HD>
 __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BC = 64, LD = HD + 8, LDT = BC + 8;
+    constexpr int BC = 64, LD = HD + 8;
     __shared__ __align__(16) T qs[MMA_ROWS * LD];
     __shared__ __align__(16) T ks[BC * LD];
-    __shared__ __align__(16) T vt[HD * LDT];  // v transposed: the B operand of p . v
+    __shared__ __align__(16) T vs[BC * LD];
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     tc_tile_in<T, HD, LD, MMA_ROWS>(qs, q + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
@@ -769,7 +783,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     for (int k0 = 0; k0 < kend; k0 += BC) {
         __syncthreads();
         tc_tile_in<T, HD, LD, BC>(ks, kb, k0, min(BC, s - k0));
-        tile_in_t<T, HD, LDT, BC>(vt, vb, k0, min(BC, s - k0));
+        tc_tile_in<T, HD, LD, BC>(vs, vb, k0, min(BC, s - k0));
         __syncthreads();
         if (k0 > wlast) continue;
         float sc[BC / 8][4];
@@ -813,7 +827,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
         }
         uint32_t pa[BC / 16][4];
         acc_to_a<T, BC / 8>(pa, sc);
-        mma_rows<T, BC / 16, HD / 8>(acc, pa, vt, LDT, g, tq);
+        mma_cols<T, BC / 16, HD / 8>(acc, pa, vs, LD, g, tq);
     }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -852,9 +866,8 @@ template <typename T, int HD>
 __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
                              float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BB = MMA_ROWS, LD = HD + 8, LDT = BB + 8;
+    constexpr int BB = MMA_ROWS, LD = HD + 8;
     __shared__ __align__(16) T un[2 * MMA_ROWS * LD];  // the q and dO tiles, then k and v
-    __shared__ __align__(16) T kt[HD * LDT];           // k transposed: the B operand of dS . k
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     uint32_t qa[HD / 16][4], da[HD / 16][4];
@@ -878,7 +891,6 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
         __syncthreads();  // every warp has its fragments (first pass) or is done with the last tile
         tc_tile_in<T, HD, LD, BB>(ks, kb, k0, min(BB, s - k0));
         tc_tile_in<T, HD, LD, BB>(vs, vb, k0, min(BB, s - k0));
-        tile_in_t<T, HD, LDT, BB>(kt, kb, k0, min(BB, s - k0));
         __syncthreads();
         if (k0 > wlast) continue;
         float sc[BB / 8][4], dp[BB / 8][4];
@@ -900,7 +912,7 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
         }
         uint32_t dsa[BB / 16][4];
         acc_to_a<T, BB / 8>(dsa, sc);
-        mma_rows<T, BB / 16, HD / 8>(acc, dsa, kt, LDT, g, tq);
+        mma_cols<T, BB / 16, HD / 8>(acc, dsa, ks, LD, g, tq);
     }
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
 }
@@ -911,10 +923,8 @@ template <typename T, int HD>
 __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
                               int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BQ = 32, LD = HD + 8, LDT = BQ + 8;
+    constexpr int BQ = 32, LD = HD + 8;
     __shared__ __align__(16) T un[2 * MMA_ROWS * LD];  // the k and v tiles, then q and dO
-    __shared__ __align__(16) T qt[HD * LDT];           // q and dO transposed: B of dS^T . q, p^T . dO
-    __shared__ __align__(16) T dt[HD * LDT];
     __shared__ float ls[BQ], dl[BQ];
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -937,8 +947,6 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         __syncthreads();
         tc_tile_in<T, HD, LD, BQ>(qs, qb, q0, nq);
         tc_tile_in<T, HD, LD, BQ>(dos, db, q0, nq);
-        tile_in_t<T, HD, LDT, BQ>(qt, qb, q0, nq);
-        tile_in_t<T, HD, LDT, BQ>(dt, db, q0, nq);
         for (int e = threadIdx.x; e < BQ; e += blockDim.x) {
             ls[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2] : INFINITY;
             dl[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2 + 1] : 0.0f;
@@ -966,8 +974,8 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
         acc_to_a<T, BQ / 8>(pa, sc);
         acc_to_a<T, BQ / 8>(dsa, dp);
-        mma_rows<T, BQ / 16, HD / 8>(dva, pa, dt, LDT, g, tq);
-        mma_rows<T, BQ / 16, HD / 8>(dka, dsa, qt, LDT, g, tq);
+        mma_cols<T, BQ / 16, HD / 8>(dva, pa, dos, LD, g, tq);
+        mma_cols<T, BQ / 16, HD / 8>(dka, dsa, qs, LD, g, tq);
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
