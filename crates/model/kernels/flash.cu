@@ -678,21 +678,6 @@ __device__ __forceinline__ void frag_a(uint32_t* a, const T* m, int ld, int kk, 
     a[3] = ld2(p + 8 * ld + 8);
 }
 
-// acc[n] (16 x 8 blocks, N of them) += a (K k-steps, registers) . B, where B's column c is row c
-// of the shared tile `b` (row stride ld): B[k][c] = b[c][k].
-template <typename T, int K, int N>
-__device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld, int g, int tq) {
-#pragma unroll
-    for (int n = 0; n < N; n++) {
-#pragma unroll
-        for (int kk = 0; kk < K; kk++) {
-            const T* p = b + (n * 8 + g) * ld + kk * 16 + 2 * tq;
-            const uint32_t bf[2] = {ld2(p), ld2(p + 8)};
-            Mma<T>::run(acc[n], a[kk], bf);
-        }
-    }
-}
-
 // Rows r and r + 1 of a column of shared memory (row stride ld) as one register.
 template <typename T>
 __device__ __forceinline__ uint32_t ld2_col(const T* p, int ld) {
@@ -702,15 +687,26 @@ __device__ __forceinline__ uint32_t ld2_col(const T* p, int ld) {
     return (uint32_t)a | ((uint32_t)b << 16);
 }
 
-// acc[n] += a . B where B is the shared tile `b` itself (row stride ld): B[k][c] = b[k][c].
-template <typename T, int K, int N>
-__device__ __forceinline__ void mma_cols(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld, int g, int tq) {
+// acc[n] (N blocks of 16 x 8) += a (K k-steps, registers) . B, B read from the shared tile `b`
+// (row stride ld): with COLS the tile is B itself, B[k][c] = b[k][c] (a register is two 16-bit
+// loads down a column); without, B's column c is the tile's row c, B[k][c] = b[c][k] (one 32-bit
+// load along a row).
+template <typename T, bool COLS, int K, int N>
+__device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld, int g, int tq) {
 #pragma unroll
     for (int n = 0; n < N; n++) {
 #pragma unroll
         for (int kk = 0; kk < K; kk++) {
-            const T* p = b + (kk * 16 + 2 * tq) * ld + n * 8 + g;
-            const uint32_t bf[2] = {ld2_col(p, ld), ld2_col(p + 8 * ld, ld)};
+            uint32_t bf[2];
+            if (COLS) {
+                const T* p = b + (kk * 16 + 2 * tq) * ld + n * 8 + g;
+                bf[0] = ld2_col(p, ld);
+                bf[1] = ld2_col(p + 8 * ld, ld);
+            } else {
+                const T* p = b + (n * 8 + g) * ld + kk * 16 + 2 * tq;
+                bf[0] = ld2(p);
+                bf[1] = ld2(p + 8);
+            }
             Mma<T>::run(acc[n], a[kk], bf);
         }
     }
@@ -789,7 +785,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
         float sc[BC / 8][4];
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-        mma_rows<T, HD / 16, BC / 8>(sc, qa, ks, LD, g, tq);
+        mma_tile<T, false, HD / 16, BC / 8>(sc, qa, ks, LD, g, tq);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) {
@@ -827,7 +823,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
         }
         uint32_t pa[BC / 16][4];
         acc_to_a<T, BC / 8>(pa, sc);
-        mma_cols<T, BC / 16, HD / 8>(acc, pa, vs, LD, g, tq);
+        mma_tile<T, true, BC / 16, HD / 8>(acc, pa, vs, LD, g, tq);
     }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -899,8 +895,8 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
 #pragma unroll
             for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
         }
-        mma_rows<T, HD / 16, BB / 8>(sc, qa, ks, LD, g, tq);
-        mma_rows<T, HD / 16, BB / 8>(dp, da, vs, LD, g, tq);
+        mma_tile<T, false, HD / 16, BB / 8>(sc, qa, ks, LD, g, tq);
+        mma_tile<T, false, HD / 16, BB / 8>(dp, da, vs, LD, g, tq);
 #pragma unroll
         for (int n = 0; n < BB / 8; n++) {
 #pragma unroll
@@ -912,7 +908,7 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
         }
         uint32_t dsa[BB / 16][4];
         acc_to_a<T, BB / 8>(dsa, sc);
-        mma_cols<T, BB / 16, HD / 8>(acc, dsa, ks, LD, g, tq);
+        mma_tile<T, true, BB / 16, HD / 8>(acc, dsa, ks, LD, g, tq);
     }
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
 }
@@ -959,8 +955,8 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
 #pragma unroll
             for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
         }
-        mma_rows<T, HD / 16, BQ / 8>(sc, ka, qs, LD, g, tq);   // s^T = k . q^T
-        mma_rows<T, HD / 16, BQ / 8>(dp, va, dos, LD, g, tq);  // dP^T = v . dO^T
+        mma_tile<T, false, HD / 16, BQ / 8>(sc, ka, qs, LD, g, tq);   // s^T = k . q^T
+        mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD, g, tq);  // dP^T = v . dO^T
 #pragma unroll
         for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll
@@ -974,8 +970,8 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
         acc_to_a<T, BQ / 8>(pa, sc);
         acc_to_a<T, BQ / 8>(dsa, dp);
-        mma_cols<T, BQ / 16, HD / 8>(dva, pa, dos, LD, g, tq);
-        mma_cols<T, BQ / 16, HD / 8>(dka, dsa, qs, LD, g, tq);
+        mma_tile<T, true, BQ / 16, HD / 8>(dva, pa, dos, LD, g, tq);
+        mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD, g, tq);
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
