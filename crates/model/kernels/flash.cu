@@ -261,6 +261,20 @@ __device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n) 
     }
 }
 
+// The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
+// qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
+// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0).
+template <typename T, int HD, int LD, int R>
+__device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, const T* q, const T* dout,
+                                          const float* st, int q0, int n) {
+    tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
+    tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
+    for (int e = threadIdx.x; e < R; e += blockDim.x) {
+        ls[e] = e < n ? st[(size_t)(q0 + e) * 2] : INFINITY;
+        dl[e] = e < n ? st[(size_t)(q0 + e) * 2 + 1] : 0.0f;
+    }
+}
+
 template <typename T, int HD>
 struct TcDims {
     static_assert(HD == 32 || HD == 64, "tensor-core flash attention has head sizes 32 and 64");
@@ -526,12 +540,7 @@ __device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, 
     for (int q0 = max(0, j0 - off); q0 < t; q0 += BB) {
         const int nq = min(BB, t - q0);
         __syncthreads();
-        tc_tile_in<T, HD, LD, BB>(qs, qb, q0, nq);
-        tc_tile_in<T, HD, LD, BB>(dos, db, q0, nq);
-        for (int e = threadIdx.x; e < BB; e += blockDim.x) {
-            ls[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2] : INFINITY;
-            dl[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2 + 1] : 0.0f;
-        }
+        dkv_stage<T, HD, LD, BB>(qs, dos, ls, dl, qb, db, st + (size_t)bh * t * 2, q0, nq);
         __syncthreads();
         if (q0 + BB - 1 < wfirst - off) continue;
         tc_product<T, true, HD / 16, BB / 16, LD, LDB>(sb, kf, qs);
@@ -617,10 +626,10 @@ FLASH_TC_ALL(tc)
 // score tiles stay in registers: each lane holds rows g = lane / 4 and g + 8 of its warp's 16 and
 // two adjacent columns per 8-column block, the softmax reduces over the 4 lanes of a quad, and the
 // probabilities (or dS) are already the A operand of the next product (the C layout of two
-// adjacent n-blocks is the A layout of one k-step). Operands come from row-major shared tiles:
-// where the reduction runs along a tile's rows (q.k^T) a register is one 32-bit load, where it
-// runs down its columns (p.v) two 16-bit loads; both patterns are free of bank conflicts with the
-// tiles' padded rows (HD + 8).
+// adjacent n-blocks is the A layout of one k-step). Operands come from row-major shared tiles
+// through ldmatrix (four fragment registers per instruction), transposing where the reduction runs
+// down a tile's columns (p.v); the tiles' padded rows (HD + 8 elements: 80 or 144 bytes) put the
+// 8 rows of each 8x8 matrix in distinct banks.
 
 // d (16x8 f32) += a (16x16) . b (16x8); see kernels/emu/mma.h for the CPU twin and the layout.
 template <typename T>
@@ -653,12 +662,6 @@ struct Mma<__half> {
 };
 #endif
 
-// Two adjacent elements of shared memory as one register (the lower index in the lower half).
-template <typename T>
-__device__ __forceinline__ uint32_t ld2(const T* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
-}
-
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     T l = from_f<T>(lo), h = from_f<T>(hi);
@@ -668,46 +671,65 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     return (uint32_t)a | ((uint32_t)b << 16);
 }
 
-// The A fragments of k-step kk for the 16 rows of a row-major shared tile `m` (row stride ld).
-template <typename T>
-__device__ __forceinline__ void frag_a(uint32_t* a, const T* m, int ld, int kk, int g, int tq) {
-    const T* p = m + g * ld + kk * 16 + 2 * tq;
-    a[0] = ld2(p);
-    a[1] = ld2(p + 8 * ld);
-    a[2] = ld2(p + 8);
-    a[3] = ld2(p + 8 * ld + 8);
+// ldmatrix.x4: four 8x8 matrices of 16-bit elements from shared memory, lane 8j + r giving the
+// address of row r of matrix j (16-byte aligned). Register j receives matrix j's row lane / 4,
+// elements 2(lane % 4) and + 1; with TRANS the same of the transposed matrix (rows 2(lane % 4) and
+// + 1 of column lane / 4): an mma A or B fragment register in one instruction per four.
+template <bool TRANS>
+__device__ __forceinline__ void ldm_x4(uint32_t* r, const void* row) {
+#ifdef PATCHLM_EMU
+    emu::ldmatrix_x4<TRANS>(r, row);
+#else
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    }
+#endif
 }
 
-// Rows r and r + 1 of a column of shared memory (row stride ld) as one register.
+// The A fragments of k-step kk for the 16 rows of a row-major shared tile `m` (row stride ld, a
+// multiple of 8 elements): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
 template <typename T>
-__device__ __forceinline__ uint32_t ld2_col(const T* p, int ld) {
-    uint16_t a, b;
-    memcpy(&a, p, 2);
-    memcpy(&b, p + ld, 2);
-    return (uint32_t)a | ((uint32_t)b << 16);
+__device__ __forceinline__ void frag_a(uint32_t* a, const T* m, int ld, int kk) {
+    const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+    ldm_x4<false>(a, m + ((j & 1) * 8 + r) * ld + kk * 16 + (j >> 1) * 8);
 }
 
 // acc[n] (N blocks of 16 x 8) += a (K k-steps, registers) . B, B read from the shared tile `b`
-// (row stride ld): with COLS the tile is B itself, B[k][c] = b[k][c] (a register is two 16-bit
-// loads down a column); without, B's column c is the tile's row c, B[k][c] = b[c][k] (one 32-bit
-// load along a row).
+// (row stride ld, a multiple of 8 elements) with ldmatrix: with COLS the tile is B itself,
+// B[k][c] = b[k][c] (transposed loads; one covers the k-step of two column blocks); without, B's
+// column c is the tile's row c, B[k][c] = b[c][k] (one load covers two k-steps of a block).
 template <typename T, bool COLS, int K, int N>
-__device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld, int g, int tq) {
+__device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld) {
+    static_assert(COLS ? N % 2 == 0 : K % 2 == 0, "ldmatrix.x4 loads two blocks at once");
+    const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+    if (COLS) {
 #pragma unroll
-    for (int n = 0; n < N; n++) {
+        for (int n = 0; n < N; n += 2) {
 #pragma unroll
-        for (int kk = 0; kk < K; kk++) {
-            uint32_t bf[2];
-            if (COLS) {
-                const T* p = b + (kk * 16 + 2 * tq) * ld + n * 8 + g;
-                bf[0] = ld2_col(p, ld);
-                bf[1] = ld2_col(p + 8 * ld, ld);
-            } else {
-                const T* p = b + (n * 8 + g) * ld + kk * 16 + 2 * tq;
-                bf[0] = ld2(p);
-                bf[1] = ld2(p + 8);
+            for (int kk = 0; kk < K; kk++) {
+                uint32_t bf[4];  // (k-step kk, block n): bf[0..1]; block n + 1: bf[2..3]
+                ldm_x4<true>(bf, b + (kk * 16 + (j & 1) * 8 + r) * ld + (n + (j >> 1)) * 8);
+                Mma<T>::run(acc[n], a[kk], bf);
+                Mma<T>::run(acc[n + 1], a[kk], bf + 2);
             }
-            Mma<T>::run(acc[n], a[kk], bf);
+        }
+    } else {
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+#pragma unroll
+            for (int kk = 0; kk < K; kk += 2) {
+                uint32_t bf[4];  // k-step kk: bf[0..1]; kk + 1: bf[2..3]
+                ldm_x4<false>(bf, b + (n * 8 + r) * ld + kk * 16 + j * 8);
+                Mma<T>::run(acc[n], a[kk], bf);
+                Mma<T>::run(acc[n], a[kk + 1], bf + 2);
+            }
         }
     }
 }
@@ -768,7 +790,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     __syncthreads();
     uint32_t qa[HD / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], qs + w * 16 * LD, LD, kk, g, tq);
+    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], qs + w * 16 * LD, LD, kk);
     const int row = i0 + w * 16 + g;  // this lane's rows: row and row + 8
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
 #pragma unroll
@@ -785,7 +807,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
         float sc[BC / 8][4];
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-        mma_tile<T, false, HD / 16, BC / 8>(sc, qa, ks, LD, g, tq);
+        mma_tile<T, false, HD / 16, BC / 8>(sc, qa, ks, LD);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) {
@@ -823,7 +845,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
         }
         uint32_t pa[BC / 16][4];
         acc_to_a<T, BC / 8>(pa, sc);
-        mma_tile<T, true, BC / 16, HD / 8>(acc, pa, vs, LD, g, tq);
+        mma_tile<T, true, BC / 16, HD / 8>(acc, pa, vs, LD);
     }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -846,14 +868,14 @@ template <typename T, int HD>
 __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4], T* un, const T* a, const T* b, int r0,
                                            int n) {
     constexpr int LD = HD + 8;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int w = threadIdx.x >> 5;
     tc_tile_in<T, HD, LD, MMA_ROWS>(un, a, r0, n);
     tc_tile_in<T, HD, LD, MMA_ROWS>(un + MMA_ROWS * LD, b, r0, n);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
-        frag_a(fa[kk], un + w * 16 * LD, LD, kk, g, tq);
-        frag_a(fb[kk], un + (MMA_ROWS + w * 16) * LD, LD, kk, g, tq);
+        frag_a(fa[kk], un + w * 16 * LD, LD, kk);
+        frag_a(fb[kk], un + (MMA_ROWS + w * 16) * LD, LD, kk);
     }
 }
 
@@ -895,8 +917,8 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
 #pragma unroll
             for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
         }
-        mma_tile<T, false, HD / 16, BB / 8>(sc, qa, ks, LD, g, tq);
-        mma_tile<T, false, HD / 16, BB / 8>(dp, da, vs, LD, g, tq);
+        mma_tile<T, false, HD / 16, BB / 8>(sc, qa, ks, LD);
+        mma_tile<T, false, HD / 16, BB / 8>(dp, da, vs, LD);
 #pragma unroll
         for (int n = 0; n < BB / 8; n++) {
 #pragma unroll
@@ -908,7 +930,7 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
         }
         uint32_t dsa[BB / 16][4];
         acc_to_a<T, BB / 8>(dsa, sc);
-        mma_tile<T, true, BB / 16, HD / 8>(acc, dsa, ks, LD, g, tq);
+        mma_tile<T, true, BB / 16, HD / 8>(acc, dsa, ks, LD);
     }
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
 }
@@ -941,12 +963,7 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     for (int q0 = max(0, j0 - off); q0 < t; q0 += BQ) {
         const int nq = min(BQ, t - q0);
         __syncthreads();
-        tc_tile_in<T, HD, LD, BQ>(qs, qb, q0, nq);
-        tc_tile_in<T, HD, LD, BQ>(dos, db, q0, nq);
-        for (int e = threadIdx.x; e < BQ; e += blockDim.x) {
-            ls[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2] : INFINITY;
-            dl[e] = e < nq ? st[((size_t)bh * t + q0 + e) * 2 + 1] : 0.0f;
-        }
+        dkv_stage<T, HD, LD, BQ>(qs, dos, ls, dl, qb, db, st + (size_t)bh * t * 2, q0, nq);
         __syncthreads();
         if (q0 + BQ - 1 < wfirst - off) continue;
         float sc[BQ / 8][4], dp[BQ / 8][4];
@@ -955,8 +972,8 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
 #pragma unroll
             for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
         }
-        mma_tile<T, false, HD / 16, BQ / 8>(sc, ka, qs, LD, g, tq);   // s^T = k . q^T
-        mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD, g, tq);  // dP^T = v . dO^T
+        mma_tile<T, false, HD / 16, BQ / 8>(sc, ka, qs, LD);   // s^T = k . q^T
+        mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD);  // dP^T = v . dO^T
 #pragma unroll
         for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll
@@ -970,8 +987,8 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
         acc_to_a<T, BQ / 8>(pa, sc);
         acc_to_a<T, BQ / 8>(dsa, dp);
-        mma_tile<T, true, BQ / 16, HD / 8>(dva, pa, dos, LD, g, tq);
-        mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD, g, tq);
+        mma_tile<T, true, BQ / 16, HD / 8>(dva, pa, dos, LD);
+        mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD);
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
