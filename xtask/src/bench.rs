@@ -456,23 +456,12 @@ fn train_step(
 ) -> Result<([f64; 6], u64)> {
     let sync = |on: bool| if on { device.synchronize() } else { Ok(()) };
     let t0 = Instant::now();
-    let (loss, saved) = if patchlm_model::tape_supported(device) {
-        let (loss, t) = patchlm_patch::patch_forward_tape(model, ids, k)?;
-        (loss, Some(t))
-    } else {
-        (patchlm_patch::patch_loss(model, ids, k)?, None)
-    };
+    let pass = patchlm_patch::patch_forward(model, ids, k)?;
     let t_enq = t0.elapsed().as_secs_f64();
     sync(parts)?;
     let t_fwd = t0.elapsed().as_secs_f64();
     let mut mem = if parts { device_mem_used(device) } else { 0 };
-    let g: std::collections::HashMap<String, Tensor> = match saved {
-        Some(t) => patchlm_patch::patch_backward_tape(model, t, 1.0)?,
-        None => {
-            let grads = loss.backward()?;
-            vars.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|x| (n.clone(), x.clone()))).collect()
-        }
-    };
+    let (_, g) = pass.backward(model, vars, 1.0)?;
     let t_bwd_enq = t0.elapsed().as_secs_f64() - t_fwd;
     sync(parts)?;
     let t_bwd = t0.elapsed().as_secs_f64();

@@ -23,6 +23,6 @@ pub use config::{PatchConfig, DEFAULT_K, DEFAULT_LAMBDA};
 pub use dataset::{build_patch_datasets, permutation, BlockFile, BlockReader, PatchDataConfig, PatchManifest};
 pub use error::{PatchError, Result};
 pub use objective::{
-    next_patch_loss_composed, next_patch_loss_from_logits, patch_backward_tape, patch_embeddings, patch_forward_tape,
-    patch_loss, patch_loss_and_grads, PatchTape,
+    next_patch_loss_composed, next_patch_loss_from_logits, patch_backward_tape, patch_embeddings, patch_forward,
+    patch_forward_tape, patch_loss, patch_loss_and_grads, PatchPass, PatchTape,
 };

@@ -1,8 +1,8 @@
 //! The patch embedding and the next-patch loss (Shao et al., 2024), as candle functions.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 use patchlm_model::ops::{ce_lse_supported, cross_entropy_multi_lse, grad};
-use patchlm_model::{cross_entropy_multi, fused_ops_supported, Grads, Llama, Tape};
+use patchlm_model::{cross_entropy_multi, fused_ops_supported, tape_supported, Grads, Llama, Tape};
 
 use crate::error::{PatchError, Result};
 
@@ -140,4 +140,52 @@ pub fn patch_backward_tape(model: &Llama, t: PatchTape, scale: f64) -> Result<Gr
 pub fn patch_loss_and_grads(model: &Llama, ids: &Tensor, k: usize, scale: f64) -> Result<(Tensor, Grads)> {
     let (loss, tape) = patch_forward_tape(model, ids, k)?;
     Ok((loss, patch_backward_tape(model, tape, scale)?))
+}
+
+/// The forward pass of [`patch_loss`] on whichever backward pass the ids' device has: the model's
+/// hand-written one ([`patch_forward_tape`]) where [`patchlm_model::tape_supported`], else an
+/// autograd graph. [`PatchPass::backward`] turns it into parameter gradients; training loops that
+/// time or interleave the two halves use this pair, [`patch_loss_and_grads`] the tape directly.
+pub struct PatchPass {
+    loss: Tensor,
+    tape: Option<PatchTape>,
+}
+
+/// Starts a [`PatchPass`]: the loss of the block batch `ids` (B, L) at patch size `k`.
+pub fn patch_forward(model: &Llama, ids: &Tensor, k: usize) -> Result<PatchPass> {
+    if tape_supported(ids.device()) {
+        let (loss, tape) = patch_forward_tape(model, ids, k)?;
+        Ok(PatchPass { loss, tape: Some(tape) })
+    } else {
+        Ok(PatchPass { loss: patch_loss(model, ids, k)?, tape: None })
+    }
+}
+
+impl PatchPass {
+    /// The loss (an f32 scalar; with an autograd graph where the tape does not run).
+    pub fn loss(&self) -> &Tensor {
+        &self.loss
+    }
+
+    /// Whether the hand-written backward pass runs (else candle's autograd).
+    pub fn on_tape(&self) -> bool {
+        self.tape.is_some()
+    }
+
+    /// The loss without its graph, and the gradient of `scale` × the loss with respect to every
+    /// parameter by HF name. `params` names the model's variables: autograd finds gradients by
+    /// variable, so only that path reads it; a parameter missing from it gets no gradient there.
+    pub fn backward(self, model: &Llama, params: &[(String, Var)], scale: f64) -> Result<(Tensor, Grads)> {
+        match self.tape {
+            Some(tape) => Ok((self.loss, patch_backward_tape(model, tape, scale)?)),
+            None => {
+                let store = (&self.loss * scale)?.backward()?;
+                let grads = params
+                    .iter()
+                    .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
+                    .collect();
+                Ok((self.loss.detach(), grads))
+            }
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The hand-written backward pass (`patch_loss_and_grads`, the model's tape) against candle's
 //! autograd through `patch_loss`: the loss and every parameter's gradient, at K = 1 and K = 4,
-//! with both attention kernels, in f32 and with bf16 compute, on a grouped-query model. In its
-//! own test binary because it flips the process-wide `set_flash_attention` switch.
+//! with both attention kernels, in f32 and with bf16 compute, on a grouped-query model; and
+//! `patch_forward`'s choice between the two. In its own test binary because it flips the
+//! process-wide `set_flash_attention` and `set_tape_backward` switches.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,9 +11,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use patchlm_model::ops::set_flash_attention;
 use patchlm_model::{
-    init_model, named_tensors, set_attention_chunks, set_compute_dtype_grads, tape_supported, ModelConfig,
+    init_model, named_tensors, set_attention_chunks, set_compute_dtype_grads, set_tape_backward, tape_supported,
+    ModelConfig,
 };
-use patchlm_patch::{patch_loss, patch_loss_and_grads};
+use patchlm_patch::{patch_forward, patch_loss, patch_loss_and_grads};
 
 #[test]
 fn tape_gradients_equal_autograd() {
@@ -73,5 +75,29 @@ fn tape_gradients_equal_autograd() {
         let want = &as_params[name];
         let diff = (g.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+    // patch_forward: the tape where it runs, autograd when turned off; the same loss and
+    // gradients either way (only the autograd path reads the variable list), no graph left on
+    // the returned loss.
+    let params: Vec<(String, candle_core::Var)> = names.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let mut runs = Vec::new();
+    for tape in [true, false] {
+        set_tape_backward(tape);
+        let pass = patch_forward(&model, &ids, 4).unwrap();
+        assert_eq!(pass.on_tape(), tape);
+        let (loss, grads) = pass.backward(&model, &params, 0.5).unwrap();
+        let store = loss.backward().unwrap();
+        assert!(params.iter().all(|(_, v)| store.get(v.as_tensor()).is_none()), "tape {tape}: the loss keeps a graph");
+        runs.push((loss.to_scalar::<f32>().unwrap(), grads));
+    }
+    set_tape_backward(true);
+    let ((lt, gt), (la, ga)) = (&runs[0], &runs[1]);
+    assert!((lt - la).abs() <= 1e-6 * la.abs(), "loss {lt} vs {la}");
+    assert_eq!(gt.len(), names.len());
+    assert_eq!(ga.len(), names.len());
+    for (name, g) in gt {
+        let diff = (g - &ga[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = ga[name].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 0.0 && diff <= 2e-5 * scale, "{name}: {diff} (max {scale})");
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use patchlm_model::{init_model, named_tensors, parse_dtype, save_pretrained, tape_supported, Llama};
-use patchlm_patch::{patch_loss, patch_loss_and_grads, BlockFile, BlockReader, PatchManifest};
+use patchlm_model::{init_model, named_tensors, parse_dtype, save_pretrained, Llama};
+use patchlm_patch::{patch_forward, patch_loss, BlockFile, BlockReader, PatchManifest};
 
 use crate::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, TrainState};
 use crate::config::RunConfig;
@@ -456,19 +456,9 @@ impl<'a> Trainer<'a> {
                     let ids = Tensor::from_vec(buf.clone(), (c, block_len), &self.device)?;
                     let w = c as f64 / bps as f64;
                     // The gradient of w · loss: the hand-written backward pass where the device
-                    // has it, else candle's autograd.
-                    let (loss, grads): (Tensor, Vec<(String, Tensor)>) = if tape_supported(&self.device) {
-                        let (loss, grads) = patch_loss_and_grads(&model, &ids, plan.k, w)?;
-                        (loss, grads.into_iter().collect())
-                    } else {
-                        let loss = patch_loss(&model, &ids, plan.k)?;
-                        let store = (&loss * w)?.backward()?;
-                        let grads = params
-                            .iter()
-                            .filter_map(|(name, var)| store.get(var.as_tensor()).map(|g| (name.clone(), g.clone())))
-                            .collect();
-                        (loss, grads)
-                    };
+                    // has it, else candle's autograd. The loss comes back without its graph, so a
+                    // micro-batch's activations are freed before the next one runs.
+                    let (loss, grads) = patch_forward(&model, &ids, plan.k)?.backward(&model, &params, w)?;
                     losses.push((loss, w));
                     for (name, g) in grads {
                         // Micro-batch gradients add up in f32 (they may come in bf16).
