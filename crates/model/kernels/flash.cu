@@ -261,14 +261,66 @@ __device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n) 
     }
 }
 
+// cp.async: 16 bytes from global to shared memory without a trip through registers (src_size 0:
+// zeros). A copy lands once its thread's cp_async_wait<n> retires its commit group; the barrier
+// after that makes it visible to the block. The emulator holds the destination poisoned until
+// then (kernels/emu/cuda_emu.h).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef PATCHLM_EMU
+    emu::cp_async16(dst, src, valid);
+#else
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef PATCHLM_EMU
+    emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of the thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef PATCHLM_EMU
+    emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// tc_tile_in by cp.async where src is 16-byte aligned (else synchronously, as tc_tile_in): the
+// tile is in place after the caller's commit, wait and barrier.
+template <typename T, int HD, int LD, int R>
+__device__ __forceinline__ void tile_async(T* dst, const T* src, int r0, int n) {
+    constexpr int P = 16 / sizeof(T), PR = HD / P;
+    if ((reinterpret_cast<uintptr_t>(src) & 15) != 0) {
+        tc_tile_in<T, HD, LD, R>(dst, src, r0, n);
+        return;
+    }
+    const T* s = src + (size_t)r0 * HD;
+    for (int e = threadIdx.x; e < R * PR; e += blockDim.x) {
+        const int r = e / PR, c = (e % PR) * P;
+        cp_async16(dst + r * LD + c, s + (size_t)min(r, n - 1) * HD + c, r < n);
+    }
+}
+
 // The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
 // qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
-// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0).
-template <typename T, int HD, int LD, int R>
+// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0). ASYNC:
+// the tiles by cp.async (see tile_async).
+template <typename T, int HD, int LD, int R, bool ASYNC = false>
 __device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, const T* q, const T* dout,
                                           const float* st, int q0, int n) {
-    tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
-    tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
+    if (ASYNC) {
+        tile_async<T, HD, LD, R>(qs, q, q0, n);
+        tile_async<T, HD, LD, R>(dos, dout, q0, n);
+    } else {
+        tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
+        tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
+    }
     for (int e = threadIdx.x; e < R; e += blockDim.x) {
         ls[e] = e < n ? st[(size_t)(q0 + e) * 2] : INFINITY;
         dl[e] = e < n ? st[(size_t)(q0 + e) * 2 + 1] : 0.0f;
@@ -782,10 +834,19 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
     constexpr int BC = 64, LD = HD + 8;
     __shared__ __align__(16) T qs[MMA_ROWS * LD];
-    __shared__ __align__(16) T ks[BC * LD];
-    __shared__ __align__(16) T vs[BC * LD];
+    __shared__ __align__(16) T kv[2][2 * BC * LD];  // two buffers of a (k, v) tile pair
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    // Keys [k0, k0 + BC) into buffer b, in flight while the block works on the other buffer.
+    auto fetch = [&](int k0, int b) {
+        tile_async<T, HD, LD, BC>(kv[b], kb, k0, min(BC, s - k0));
+        tile_async<T, HD, LD, BC>(kv[b] + BC * LD, vb, k0, min(BC, s - k0));
+        cp_async_commit();
+    };
+    fetch(0, 0);
     tc_tile_in<T, HD, LD, MMA_ROWS>(qs, q + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
     __syncthreads();
     uint32_t qa[HD / 16][4];
@@ -795,15 +856,18 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
-    const T* kb = k + (size_t)bh * s * HD;
-    const T* vb = v + (size_t)bh * s * HD;
-    for (int k0 = 0; k0 < kend; k0 += BC) {
-        __syncthreads();
-        tc_tile_in<T, HD, LD, BC>(ks, kb, k0, min(BC, s - k0));
-        tc_tile_in<T, HD, LD, BC>(vs, vb, k0, min(BC, s - k0));
-        __syncthreads();
+    for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
+        __syncthreads();  // every warp is done with the other buffer (read in the last step)
+        if (k0 + BC < kend) {
+            fetch(k0 + BC, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this step's tiles have landed for every thread
         if (k0 > wlast) continue;
+        const T* ks = kv[buf];
+        const T* vs = kv[buf] + BC * LD;
         float sc[BC / 8][4];
 #pragma unroll
         for (int n = 0; n < BC / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
@@ -885,11 +949,22 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
                              float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
     constexpr int BB = MMA_ROWS, LD = HD + 8;
-    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];  // the q and dO tiles, then k and v
+    // Two buffers of a (k, v) tile pair; the second stages the q and dO tiles first.
+    __shared__ __align__(16) T kv[2][2 * BB * LD];
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    auto fetch = [&](int k0, int b) {
+        tile_async<T, HD, LD, BB>(kv[b], kb, k0, min(BB, s - k0));
+        tile_async<T, HD, LD, BB>(kv[b] + BB * LD, vb, k0, min(BB, s - k0));
+        cp_async_commit();
+    };
+    fetch(0, 0);
     uint32_t qa[HD / 16][4], da[HD / 16][4];
-    mma_frags2<T, HD>(qa, da, un, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
+    mma_frags2<T, HD>(qa, da, kv[1], q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD, i0,
+                      min(MMA_ROWS, t - i0));
     const int row = i0 + w * 16 + g;
     float lse[2], delta[2], acc[HD / 8][4];
 #pragma unroll
@@ -900,17 +975,18 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
     }
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
-    const T* kb = k + (size_t)bh * s * HD;
-    const T* vb = v + (size_t)bh * s * HD;
-    T* ks = un;
-    T* vs = un + BB * LD;
-    for (int k0 = 0; k0 < kend; k0 += BB) {
-        __syncthreads();  // every warp has its fragments (first pass) or is done with the last tile
-        tc_tile_in<T, HD, LD, BB>(ks, kb, k0, min(BB, s - k0));
-        tc_tile_in<T, HD, LD, BB>(vs, vb, k0, min(BB, s - k0));
+    for (int k0 = 0, buf = 0; k0 < kend; k0 += BB, buf ^= 1) {
+        __syncthreads();  // every warp has its fragments (first step) or is done with the other buffer
+        if (k0 + BB < kend) {
+            fetch(k0 + BB, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
         if (k0 > wlast) continue;
+        const T* ks = kv[buf];
+        const T* vs = kv[buf] + BB * LD;
         float sc[BB / 8][4], dp[BB / 8][4];
 #pragma unroll
         for (int n = 0; n < BB / 8; n++) {
@@ -942,8 +1018,10 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
                               int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
     constexpr int BQ = 32, LD = HD + 8;
-    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];  // the k and v tiles, then q and dO
-    __shared__ float ls[BQ], dl[BQ];
+    // The k and v tiles, then two buffers of a (q, dO) tile pair (2 x 2 x BQ rows) and their stats.
+    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
+    __shared__ float lsb[2][BQ], dlb[2][BQ];
+    static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where k and v were staged");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     uint32_t ka[HD / 16][4], va[HD / 16][4];
@@ -958,14 +1036,30 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
     const T* qb = q + (size_t)bh * t * HD;
     const T* db = dout + (size_t)bh * t * HD;
-    T* qs = un;
-    T* dos = un + BQ * LD;
-    for (int q0 = max(0, j0 - off); q0 < t; q0 += BQ) {
-        const int nq = min(BQ, t - q0);
-        __syncthreads();
-        dkv_stage<T, HD, LD, BQ>(qs, dos, ls, dl, qb, db, st + (size_t)bh * t * 2, q0, nq);
-        __syncthreads();
+    // Queries [q0, q0 + BQ) into buffer b, in flight while the block works on the other buffer.
+    auto fetch = [&](int q0, int b) {
+        T* qs = un + 2 * b * BQ * LD;
+        dkv_stage<T, HD, LD, BQ, true>(qs, qs + BQ * LD, lsb[b], dlb[b], qb, db, st + (size_t)bh * t * 2, q0,
+                                       min(BQ, t - q0));
+        cp_async_commit();
+    };
+    const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
+    __syncthreads();                      // every warp has its fragments: un may be overwritten
+    fetch(qfirst, 0);
+    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
+        __syncthreads();  // every warp is done with the other buffer (read in the last step)
+        if (q0 + BQ < t) {
+            fetch(q0 + BQ, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // this step's tiles and stats are in place for every thread
         if (q0 + BQ - 1 < wfirst - off) continue;
+        const T* qs = un + 2 * buf * BQ * LD;
+        const T* dos = qs + BQ * LD;
+        const float* ls = lsb[buf];
+        const float* dl = dlb[buf];
         float sc[BQ / 8][4], dp[BQ / 8][4];
 #pragma unroll
         for (int n = 0; n < BQ / 8; n++) {

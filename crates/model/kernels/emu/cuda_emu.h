@@ -16,6 +16,10 @@
 // stored tile back without `__syncwarp` reads a poison value, whichever lane stored what on the GPU.
 // Loads gather through the warp: each lane reads its share, then the warp meets and every lane
 // assembles the whole tile.
+//
+// cp.async: a copy's destination holds a poison pattern from the issue until the issuing thread's
+// cp.async.wait_group retires the copy's group (not at a barrier: a barrier does not wait for
+// copies), so both a read before the wait and a copy into a buffer still being read show.
 #pragma once
 
 #include <math.h>
@@ -61,9 +65,18 @@ struct Pending {
     int bytes;
 };
 
+// One 16-byte cp.async: the bytes it brings (read at issue: its sources never change during a
+// launch) and where they land.
+struct AsyncCopy {
+    void* dst;
+    unsigned char bytes[16];
+};
+
 struct Fiber {
     ucontext_t ctx;
     std::vector<Pending> pending;
+    std::vector<AsyncCopy> open;                  // cp.async issued since the last commit
+    std::vector<std::vector<AsyncCopy>> groups;   // committed groups, oldest first
     char* stack = nullptr;
     dim3 tid;
     bool done = false;
@@ -109,6 +122,31 @@ inline void defer(T* dst, T v) {
 inline void flush() {
     for (const Pending& p : g_s.fibers[g_s.cur].pending) memcpy(p.dst, &p.bits, p.bytes);
     g_s.fibers[g_s.cur].pending.clear();
+}
+
+// cp.async (16 bytes, global to shared; src_size 0 fills zeros): the destination holds 0x7f bytes
+// (a huge bf16, a NaN f16) until the thread's cp.async.wait_group retires the copy's group, so a
+// read before that wait, or a copy issued into a buffer that other threads still read, shows.
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    AsyncCopy c;
+    c.dst = dst;
+    if (valid) memcpy(c.bytes, src, 16);
+    else memset(c.bytes, 0, 16);
+    memset(dst, 0x7f, 16);
+    g_s.fibers[g_s.cur].open.push_back(c);
+}
+inline void cp_async_commit() {
+    Fiber& f = g_s.fibers[g_s.cur];
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+// cp.async.wait_group n: every committed group but the newest n has landed.
+inline void cp_async_wait(int n) {
+    Fiber& f = g_s.fibers[g_s.cur];
+    while ((int)f.groups.size() > n) {
+        for (const AsyncCopy& c : f.groups.front()) memcpy(c.dst, c.bytes, 16);
+        f.groups.erase(f.groups.begin());
+    }
 }
 
 inline void wait_at(Barrier& b) {
@@ -158,6 +196,8 @@ inline void run_block(int nthreads) {
         if (!f.stack) f.stack = static_cast<char*>(malloc(kStack));
         f.done = false;
         f.waiting = nullptr;
+        f.open.clear();
+        f.groups.clear();
         unsigned bx = g_bdim.x, by = g_bdim.y;
         f.tid = dim3(i % bx, (i / bx) % by, i / (bx * by));
         getcontext(&f.ctx);
