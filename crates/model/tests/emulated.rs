@@ -1,10 +1,11 @@
 //! The CUDA kernels' math without a GPU: kernels/*.cu compiled by the host C++ compiler against a
 //! CPU stand-in for the CUDA features they use (kernels/emu: threads as fibers, barriers, warp
-//! shuffles, wmma tiles), each launch run with the geometry its CUDA launcher uses
-//! (`patchlm_model::launch`) on random inputs and compared with an independent CPU reference
-//! (candle ops in f32, candle's autograd for gradients). This checks indexing, masking, tiling and
-//! synchronisation on every machine; `tests/cuda.rs` repeats the comparison on a GPU,
-//! where timing, the memory model and the real tensor cores come in.
+//! shuffles, wmma tiles, mma.sync, ldmatrix, cp.async), each launch run with the geometry its CUDA
+//! launcher uses (`patchlm_model::launch`) on random inputs and compared with an independent CPU
+//! reference (candle ops in f32, candle's autograd for gradients). This checks indexing, masking,
+//! tiling and synchronisation on every machine; `tests/cuda.rs` repeats the comparison on a GPU,
+//! where timing, the memory model and the real tensor cores come in. The emulator's warp-matrix
+//! instructions are themselves checked against the documented fragment layouts.
 //!
 //! Needs a C++17 compiler (`CXX`, else `c++`); the harness is built once per source version under
 //! the target directory.
@@ -22,7 +23,7 @@ use half::{bf16, f16};
 use patchlm_model::launch::{self, Launch};
 
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
-const SOURCES: [&str; 8] = [
+const SOURCES: [&str; 10] = [
     "fused.cu",
     "flash.cu",
     "common.cuh",
@@ -31,6 +32,8 @@ const SOURCES: [&str; 8] = [
     "emu/mma.h",
     "emu/harness.cpp",
     "emu/cuda_bf16.h",
+    "emu/cuda_fp16.h",
+    "emu/probes.cu",
 ];
 
 /// The harness executable, compiled on first use (and reused while the sources are unchanged).
@@ -555,5 +558,88 @@ fn emulated_flash_stats_matches_reference() {
         emulate(&format!("flash_stats_{}", suffix(dtype)), launch::warp_rows(rows), &mut a);
         let e = max_rel(&output(&a[3], DType::F32, &[rows, 2]), &want);
         assert!(e < 1e-5, "{rows}x{hd} {dtype:?}: rel err {e}");
+    }
+}
+
+/// Words as the harness's buffers hold them (little-endian).
+fn words(w: &[u32]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn words_back(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// The emulator's mma.sync m16n8k16 and ldmatrix.x4 (the wrappers flash.cu's kernels call), one
+/// instruction at a time, against the fragment layouts as documented rather than as the emulator
+/// or the kernels compute them: per lane l and register r, A holds row l/4 + 8(r mod 2), columns
+/// 2(l mod 4 + 4⌊r/2⌋) and +1; B column l/4, rows 2(l mod 4 + 4r) and +1; C and D row
+/// l/4 + 8⌊r/2⌋, column 2(l mod 4) + (r mod 2) (PTX ISA, "Matrix fragments for mma.m16n8k16").
+/// ldmatrix: lane 8j + r names row r of matrix j, and register j of lane l holds that matrix's
+/// row l/4, elements 2(l mod 4) and +1 (with .trans: column l/4, rows 2(l mod 4) and +1). The
+/// lower element sits in the lower half of a register.
+#[test]
+fn emulated_warp_matrix_instructions_match_the_documented_layouts() {
+    let pack = |lo: u16, hi: u16| u32::from(lo) | (u32::from(hi) << 16);
+    for (dtype, bits) in [
+        (DType::BF16, (|x: f32| bf16::from_f32(x).to_bits()) as fn(f32) -> u16),
+        (DType::F16, |x: f32| f16::from_f32(x).to_bits()),
+    ] {
+        // Values exact in both formats (k/16 for small k), so the f64 reference is exact too.
+        let a: Vec<f32> = (0..256).map(|i| ((i * 37 + 11) % 29) as f32 / 16.0 - 0.875).collect();
+        let b: Vec<f32> = (0..128).map(|i| ((i * 53 + 7) % 31) as f32 / 16.0 - 0.9375).collect();
+        let c: Vec<f32> = (0..128).map(|i| ((i * 17 + 3) % 13) as f32 - 6.0).collect();
+        let (at, bt) = (|r: usize, k: usize| a[r * 16 + k], |k: usize, n: usize| b[k * 8 + n]);
+        let mut aw = vec![0u32; 128];
+        let mut bw = vec![0u32; 64];
+        let mut cw = vec![0f32; 128];
+        let d_at = |l: usize, r: usize| (l / 4 + 8 * (r / 2), 2 * (l % 4) + r % 2);
+        for l in 0..32 {
+            for r in 0..4 {
+                let (row, col) = (l / 4 + 8 * (r % 2), 2 * (l % 4 + 4 * (r / 2)));
+                aw[4 * l + r] = pack(bits(at(row, col)), bits(at(row, col + 1)));
+                let (dr, dc) = d_at(l, r);
+                cw[4 * l + r] = c[dr * 8 + dc];
+            }
+            for r in 0..2 {
+                let (k, n) = (2 * (l % 4 + 4 * r), l / 4);
+                bw[2 * l + r] = pack(bits(bt(k, n)), bits(bt(k + 1, n)));
+            }
+        }
+        let cb: Vec<u8> = cw.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut args = [A::Buf(words(&aw)), A::Buf(words(&bw)), A::Buf(cb)];
+        let one_warp = Launch { grid: (1, 1, 1), block: (32, 1, 1) };
+        emulate(&format!("probe_mma_{}", suffix(dtype)), one_warp, &mut args);
+        let A::Buf(d) = &args[2] else { unreachable!() };
+        let d: Vec<f32> = d.chunks_exact(4).map(|x| f32::from_le_bytes([x[0], x[1], x[2], x[3]])).collect();
+        for l in 0..32 {
+            for r in 0..4 {
+                let (row, col) = d_at(l, r);
+                let want =
+                    c[row * 8 + col] as f64 + (0..16).map(|k| at(row, k) as f64 * bt(k, col) as f64).sum::<f64>();
+                assert_eq!(d[4 * l + r] as f64, want, "{dtype:?} mma: lane {l} register {r} (D[{row}][{col}])");
+            }
+        }
+    }
+    // ldmatrix: every element a distinct value, so a misplaced one shows.
+    let m: Vec<u16> = (0..256u16).map(|i| i * 3 + 1).collect();
+    let at = |j: usize, row: usize, col: usize| m[(8 * j + row) * 8 + col];
+    for trans in [false, true] {
+        let mut args =
+            [A::Buf(m.iter().flat_map(|x| x.to_le_bytes()).collect()), out(128, DType::F32), A::I(trans as i64)];
+        emulate("probe_ldmatrix", Launch { grid: (1, 1, 1), block: (32, 1, 1) }, &mut args);
+        let A::Buf(got) = &args[1] else { unreachable!() };
+        let got = words_back(got);
+        for l in 0..32 {
+            for j in 0..4 {
+                let (g, t) = (l / 4, l % 4);
+                let want = if trans {
+                    pack(at(j, 2 * t, g), at(j, 2 * t + 1, g))
+                } else {
+                    pack(at(j, g, 2 * t), at(j, g, 2 * t + 1))
+                };
+                assert_eq!(got[4 * l + j], want, "ldmatrix trans {trans}: lane {l} register {j}");
+            }
+        }
     }
 }

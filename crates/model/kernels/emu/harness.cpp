@@ -15,6 +15,7 @@
 
 #include "../fused.cu"
 #include "../flash.cu"
+#include "probes.cu"
 
 namespace {
 
@@ -75,6 +76,7 @@ const std::map<std::string, Runner> kernels = {
     K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
     KMMA(bf16, 32) KMMA(bf16, 64) KMMA(f16, 32) KMMA(f16, 64)
     K3(flash_stats)
+    K(probe_mma_bf16) K(probe_mma_f16) K(probe_ldmatrix)
     KFLASH(f32, 64) KFLASH(bf16, 32) KFLASH(bf16, 64)
     K3(rms_fwd_w) K3(rms_dx_w) K3(rms_dx_res_w) K3(add_rms_fwd_w)
     K3(causal_softmax_fwd_w) K3(causal_softmax_bwd_w)

@@ -1,0 +1,39 @@
+// Kernels that run one warp-matrix instruction wrapper of flash.cu (Mma<T>::run, ldm_x4) on the
+// emulator with registers in and out as plain arrays, so that crates/model/tests/emulated.rs can
+// check the emulator's mma.sync and ldmatrix against the fragment layouts as documented, apart from
+// any kernel that uses them. Compiled into the harness only, never for a GPU. One warp each.
+
+// d (lane l's four f32 accumulators at d[4l..4l+4), C in, D out) += a . b, with lane l's A
+// registers at a[4l..4l+4) and B registers at b[2l..2l+2).
+template <typename T>
+__device__ void probe_mma(const uint32_t* a, const uint32_t* b, float* d) {
+    const int l = threadIdx.x;
+    uint32_t ar[4] = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
+    uint32_t br[2] = {b[2 * l], b[2 * l + 1]};
+    float dr[4] = {d[4 * l], d[4 * l + 1], d[4 * l + 2], d[4 * l + 3]};
+    Mma<T>::run(dr, ar, br);
+    for (int i = 0; i < 4; i++) d[4 * l + i] = dr[i];
+}
+extern "C" __global__ void probe_mma_bf16(const uint32_t* a, const uint32_t* b, float* d) {
+    probe_mma<__nv_bfloat16>(a, b, d);
+}
+extern "C" __global__ void probe_mma_f16(const uint32_t* a, const uint32_t* b, float* d) {
+    probe_mma<__half>(a, b, d);
+}
+
+// ldmatrix.x4 (trans != 0: .trans) of four 8x8 matrices of 16-bit values: m holds 32 rows of 8,
+// matrix j's row r at row 8j + r, staged into shared memory rows padded to 24 elements; lane
+// 8j + r gives that row's address. Lane l's four registers go to out[4l..4l+4).
+extern "C" __global__ void probe_ldmatrix(const uint16_t* m, uint32_t* out, int trans) {
+    __shared__ __align__(16) uint16_t s[32 * 24];
+    const int l = threadIdx.x;
+    for (int c = 0; c < 8; c++) s[l * 24 + c] = m[l * 8 + c];
+    __syncthreads();
+    uint32_t r[4];
+    if (trans) {
+        ldm_x4<true>(r, s + l * 24);
+    } else {
+        ldm_x4<false>(r, s + l * 24);
+    }
+    for (int j = 0; j < 4; j++) out[4 * l + j] = r[j];
+}
