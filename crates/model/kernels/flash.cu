@@ -309,11 +309,11 @@ __device__ __forceinline__ void tile_async(T* dst, const T* src, int r0, int n) 
 
 // The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
 // qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
-// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0). ASYNC:
-// the tiles by cp.async (see tile_async).
+// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0), the lse
+// times lse_mul (log2 e for a base-2 softmax). ASYNC: the tiles by cp.async (see tile_async).
 template <typename T, int HD, int LD, int R, bool ASYNC = false>
 __device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, const T* q, const T* dout,
-                                          const float* st, int q0, int n) {
+                                          const float* st, int q0, int n, float lse_mul = 1.0f) {
     if (ASYNC) {
         tile_async<T, HD, LD, R>(qs, q, q0, n);
         tile_async<T, HD, LD, R>(dos, dout, q0, n);
@@ -322,7 +322,7 @@ __device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, c
         tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
     }
     for (int e = threadIdx.x; e < R; e += blockDim.x) {
-        ls[e] = e < n ? st[(size_t)(q0 + e) * 2] : INFINITY;
+        ls[e] = e < n ? st[(size_t)(q0 + e) * 2] * lse_mul : INFINITY;
         dl[e] = e < n ? st[(size_t)(q0 + e) * 2 + 1] : 0.0f;
     }
 }
@@ -825,6 +825,27 @@ __device__ __forceinline__ void mma_rows_out(const float (*acc)[4], T* out, int 
     }
 }
 
+#define LOG2E_F 1.4426950408889634f
+#define LN2_F 0.6931471805599453f
+
+// A warp's 16 x 8N score tile (mma C layout) in the base-2 domain: times sl2 (= scale · log2 e),
+// and with MASK -inf where the key (column k0 + c) is past the last key this lane's rows see
+// (`last` for the first, last + 8 for the second); mx gets each row's maximum over this lane's
+// columns. Softmax then runs on exp2 (one ex2 per score, scale folded in: FlashAttention-2's form).
+template <bool MASK, int N>
+__device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2, int k0, int last, int tq) {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float x = sc[n][e] * sl2;
+            if (MASK && k0 + n * 8 + 2 * tq + (e & 1) > last + 8 * (e >> 1)) x = -INFINITY;
+            sc[n][e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+    }
+}
+
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
 
@@ -853,7 +874,8 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], qs + w * 16 * LD, LD, kk);
     const int row = i0 + w * 16 + g;  // this lane's rows: row and row + 8
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
+    const float sl2 = scale * LOG2E_F;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];  // m: base 2
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
@@ -873,20 +895,17 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
         for (int n = 0; n < BC / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
         mma_tile<T, false, HD / 16, BC / 8>(sc, qa, ks, LD);
         float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = k0 + n * 8 + 2 * tq + (e & 1), half = e >> 1;
-                sc[n][e] = key <= off + row + 8 * half ? sc[n][e] * scale : -INFINITY;
-                mx[half] = fmaxf(mx[half], sc[n][e]);
-            }
+        // Tiles wholly left of the diagonal (for the warp's first row, so for all) need no mask.
+        if (k0 + BC - 1 <= off + i0 + w * 16) {
+            scores_log2<false, BC / 8>(sc, mx, sl2, k0, off + row, tq);
+        } else {
+            scores_log2<true, BC / 8>(sc, mx, sl2, k0, off + row, tq);
         }
         float alpha[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const float mnew = fmaxf(m[h], quad_max(mx[h]));
-            alpha[h] = mnew == -INFINITY ? 1.0f : __expf(m[h] - mnew);
+            alpha[h] = mnew == -INFINITY ? 1.0f : exp2f(m[h] - mnew);
             m[h] = mnew;
         }
 #pragma unroll
@@ -894,7 +913,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int h = e >> 1;
-                sc[n][e] = m[h] == -INFINITY ? 0.0f : __expf(sc[n][e] - m[h]);
+                sc[n][e] = m[h] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[h]);
                 sum[h] += sc[n][e];
             }
         }
@@ -915,7 +934,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     for (int h = 0; h < 2; h++) {
         l[h] = quad_sum(l[h]);
         const int r = row + 8 * h;
-        if (r < t && tq == 0) lse[(size_t)bh * t + r] = m[h] + logf(l[h]);
+        if (r < t && tq == 0) lse[(size_t)bh * t + r] = m[h] * LN2_F + logf(l[h]);  // m is base 2
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) {
             acc[n][2 * h] /= l[h];
@@ -970,9 +989,10 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int r = row + 8 * h;
-        lse[h] = r < t ? st[((size_t)bh * t + r) * 2] : INFINITY;
+        lse[h] = r < t ? st[((size_t)bh * t + r) * 2] * LOG2E_F : INFINITY;  // base 2
         delta[h] = r < t ? st[((size_t)bh * t + r) * 2 + 1] : 0.0f;
     }
+    const float sl2 = scale * LOG2E_F;
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BB, buf ^= 1) {
@@ -995,12 +1015,14 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
         }
         mma_tile<T, false, HD / 16, BB / 8>(sc, qa, ks, LD);
         mma_tile<T, false, HD / 16, BB / 8>(dp, da, vs, LD);
+        const bool full = k0 + BB - 1 <= off + i0 + w * 16;  // no key of the tile is masked
 #pragma unroll
         for (int n = 0; n < BB / 8; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int key = k0 + n * 8 + 2 * tq + (e & 1), h = e >> 1;
-                const float p = key <= off + row + 8 * h ? __expf(scale * sc[n][e] - lse[h]) : 0.0f;
+                const float p =
+                    full || key <= off + row + 8 * h ? exp2f(fmaf(sc[n][e], sl2, -lse[h])) : 0.0f;
                 sc[n][e] = p * (dp[n][e] - delta[h]);
             }
         }
@@ -1034,13 +1056,14 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
     }
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
+    const float sl2 = scale * LOG2E_F;  // the lse in lsb is base 2 too
     const T* qb = q + (size_t)bh * t * HD;
     const T* db = dout + (size_t)bh * t * HD;
     // Queries [q0, q0 + BQ) into buffer b, in flight while the block works on the other buffer.
     auto fetch = [&](int q0, int b) {
         T* qs = un + 2 * b * BQ * LD;
         dkv_stage<T, HD, LD, BQ, true>(qs, qs + BQ * LD, lsb[b], dlb[b], qb, db, st + (size_t)bh * t * 2, q0,
-                                       min(BQ, t - q0));
+                                       min(BQ, t - q0), LOG2E_F);
         cp_async_commit();
     };
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
@@ -1068,12 +1091,14 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         }
         mma_tile<T, false, HD / 16, BQ / 8>(sc, ka, qs, LD);   // s^T = k . q^T
         mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD);  // dP^T = v . dO^T
+        // No query of the tile is past t or sees fewer than all the warp's keys: no mask.
+        const bool full = wfirst + 15 <= off + q0 && q0 + BQ <= t;
 #pragma unroll
         for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int c = n * 8 + 2 * tq + (e & 1), qi = q0 + c, kj = key + 8 * (e >> 1);
-                const float p = (kj <= off + qi && qi < t) ? __expf(scale * sc[n][e] - ls[c]) : 0.0f;
+                const float p = full || (kj <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -ls[c])) : 0.0f;
                 sc[n][e] = p;
                 dp[n][e] = p * (dp[n][e] - dl[c]);
             }
