@@ -5,7 +5,8 @@
 //! sequence of patches and predicts all K tokens of the next patch with its one LM head. This
 //! crate holds [`PatchConfig`] and the cost model, the pre-grouped patch/token datasets cut from
 //! the data crate's shards ([`build_patch_datasets`], [`BlockReader`]), and the objective
-//! ([`patch_embeddings`], [`patch_loss`]). It is the only crate that knows K and λ.
+//! ([`patch_embeddings`], [`patch_loss`]) with its parameter gradients ([`patch_forward`] →
+//! [`PatchPass::backward`]). It is the only crate that knows K and λ.
 //!
 //! ```
 //! use patchlm_patch::PatchConfig;
