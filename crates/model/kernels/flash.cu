@@ -307,6 +307,30 @@ __device__ __forceinline__ void tile_async(T* dst, const T* src, int r0, int n) 
     }
 }
 
+// Rows [r0, r0 + R) of k and v (s rows each; the rest zero) into a buffer of two R-row tiles,
+// as one cp.async group.
+template <typename T, int HD, int LD, int R>
+__device__ __forceinline__ void kv_async(T* buf, const T* k, const T* v, int r0, int s) {
+    tile_async<T, HD, LD, R>(buf, k, r0, min(R, s - r0));
+    tile_async<T, HD, LD, R>(buf + R * LD, v, r0, min(R, s - r0));
+    cp_async_commit();
+}
+
+// One step of a two-buffer cp.async pipeline: once every warp is done with the other buffer
+// (read in the last step), `fetch_next` starts the next step's tiles into it where `more`; then
+// this step's tiles (one group older) land and are visible to the block on return.
+template <typename F>
+__device__ __forceinline__ void pipeline_step(bool more, F&& fetch_next) {
+    __syncthreads();
+    if (more) {
+        fetch_next();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 // The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
 // qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
 // head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0), the lse
@@ -861,13 +885,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
-    // Keys [k0, k0 + BC) into buffer b, in flight while the block works on the other buffer.
-    auto fetch = [&](int k0, int b) {
-        tile_async<T, HD, LD, BC>(kv[b], kb, k0, min(BC, s - k0));
-        tile_async<T, HD, LD, BC>(kv[b] + BC * LD, vb, k0, min(BC, s - k0));
-        cp_async_commit();
-    };
-    fetch(0, 0);
+    kv_async<T, HD, LD, BC>(kv[0], kb, vb, 0, s);  // in flight while q is staged
     tc_tile_in<T, HD, LD, MMA_ROWS>(qs, q + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
     __syncthreads();
     uint32_t qa[HD / 16][4];
@@ -879,14 +897,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
-        __syncthreads();  // every warp is done with the other buffer (read in the last step)
-        if (k0 + BC < kend) {
-            fetch(k0 + BC, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();  // this step's tiles have landed for every thread
+        pipeline_step(k0 + BC < kend, [&] { kv_async<T, HD, LD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
         if (k0 > wlast) continue;
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BC * LD;
@@ -975,12 +986,7 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
     const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
-    auto fetch = [&](int k0, int b) {
-        tile_async<T, HD, LD, BB>(kv[b], kb, k0, min(BB, s - k0));
-        tile_async<T, HD, LD, BB>(kv[b] + BB * LD, vb, k0, min(BB, s - k0));
-        cp_async_commit();
-    };
-    fetch(0, 0);
+    kv_async<T, HD, LD, BB>(kv[0], kb, vb, 0, s);  // in flight while q and dO are staged
     uint32_t qa[HD / 16][4], da[HD / 16][4];
     mma_frags2<T, HD>(qa, da, kv[1], q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD, i0,
                       min(MMA_ROWS, t - i0));
@@ -996,14 +1002,8 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BB, buf ^= 1) {
-        __syncthreads();  // every warp has its fragments (first step) or is done with the other buffer
-        if (k0 + BB < kend) {
-            fetch(k0 + BB, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        // (The first step's barrier also orders the fragment loads from kv[1] before its refill.)
+        pipeline_step(k0 + BB < kend, [&] { kv_async<T, HD, LD, BB>(kv[buf ^ 1], kb, vb, k0 + BB, s); });
         if (k0 > wlast) continue;
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BB * LD;
@@ -1070,14 +1070,7 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     __syncthreads();                      // every warp has its fragments: un may be overwritten
     fetch(qfirst, 0);
     for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
-        __syncthreads();  // every warp is done with the other buffer (read in the last step)
-        if (q0 + BQ < t) {
-            fetch(q0 + BQ, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();  // this step's tiles and stats are in place for every thread
+        pipeline_step(q0 + BQ < t, [&] { fetch(q0 + BQ, buf ^ 1); });  // tiles and stats
         if (q0 + BQ - 1 < wfirst - off) continue;
         const T* qs = un + 2 * buf * BQ * LD;
         const T* dos = qs + BQ * LD;
