@@ -124,9 +124,8 @@ inline void flush() {
     g_s.fibers[g_s.cur].pending.clear();
 }
 
-// cp.async (16 bytes, global to shared; src_size 0 fills zeros): the destination holds 0x7f bytes
-// (a huge bf16, a NaN f16) until the thread's cp.async.wait_group retires the copy's group, so a
-// read before that wait, or a copy issued into a buffer that other threads still read, shows.
+// cp.async of 16 bytes (src_size 0 fills zeros), modelled as the header says; the poison is 0x7f
+// bytes (a huge bf16, a NaN f16).
 inline void cp_async16(void* dst, const void* src, bool valid) {
     AsyncCopy c;
     c.dst = dst;
