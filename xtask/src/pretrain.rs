@@ -90,6 +90,43 @@ fn parse_set(kv: &str) -> Result<toml::Value> {
     Ok(v)
 }
 
+/// Fails on a key of `user` (a config file's table or one `--set`, named by `source`) that no
+/// [`RunConfig`] field takes: serde would drop it, and a misspelt setting would silently run
+/// with its default. `input` (the training text) is the one key outside `RunConfig`.
+fn check_keys(user: &toml::Value, source: &str) -> Result<()> {
+    let mut user = user.clone();
+    if let toml::Value::Table(t) = &mut user {
+        t.remove("input");
+    }
+    let mut unknown = Vec::new();
+    // A wrong value type is reported by the final deserialization; only dropped keys matter here.
+    let _: std::result::Result<RunConfig, _> = serde_ignored::deserialize(user, |path| unknown.push(path.to_string()));
+    let Some(key) = unknown.first() else { return Ok(()) };
+    let (table, known) = match key.rsplit_once('.') {
+        Some((parent, _)) => (format!("[{parent}]"), config_keys(parent)),
+        None => ("the top level".to_string(), config_keys("")),
+    };
+    bail!("{source}: unknown config key `{key}`; {table} has: {}", known.join(", "))
+}
+
+/// The keys of the config table at the dotted `path` ("" for the top level), `input` included
+/// at the top, sub-tables listed by name.
+fn config_keys(path: &str) -> Vec<String> {
+    let mut all = default_config();
+    // Saved only when not the default (see TrainConfig::dtype).
+    all.train.dtype = "bf16".into();
+    let mut v = toml::Value::try_from(&all).unwrap_or(toml::Value::Table(toml::Table::new()));
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        v = v.get(part).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+    }
+    let mut keys: Vec<String> = v.as_table().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+    if path.is_empty() {
+        keys.push("input".into());
+    }
+    keys.sort();
+    keys
+}
+
 /// Resolves the run config: built-in default ← `--config` ← `--set`; a `preset` key picks the
 /// model sizes that `[model]` keys then override.
 pub fn resolve_config(config: Option<&Path>, sets: &[String], base: RunConfig) -> Result<(RunConfig, Vec<PathBuf>)> {
@@ -97,10 +134,13 @@ pub fn resolve_config(config: Option<&Path>, sets: &[String], base: RunConfig) -
     if let Some(p) = config {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         let v: toml::Value = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", p.display()))?;
+        check_keys(&v, &p.display().to_string())?;
         merge(&mut user, v);
     }
     for s in sets {
-        merge(&mut user, parse_set(s)?);
+        let v = parse_set(s)?;
+        check_keys(&v, &format!("--set {s}"))?;
+        merge(&mut user, v);
     }
     let mut base = base;
     if let Some(preset) = user.get("preset").and_then(|p| p.as_str()) {
@@ -270,4 +310,46 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
     print_summary(&s, &cfg);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sets(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn misspelt_or_unknown_keys_are_refused_with_the_keys_that_exist() {
+        let err = resolve_config(None, &sets(&["train.lrr=1e-3"]), default_config()).unwrap_err().to_string();
+        assert!(err.contains("--set train.lrr=1e-3: unknown config key `train.lrr`"), "{err}");
+        assert!(err.contains("[train] has: ") && err.contains(" lr,") && err.contains(" dtype,"), "{err}");
+        let err = resolve_config(None, &sets(&["nonsense.key=1"]), default_config()).unwrap_err().to_string();
+        assert!(err.contains("unknown config key `nonsense`") && err.contains("the top level has: "), "{err}");
+        assert!(err.contains(" input,") && err.contains(" train"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "[model]\nhidden_size = 64\n[model.extra]\nx = 1\n").unwrap();
+        let err = resolve_config(Some(&file), &[], default_config()).unwrap_err().to_string();
+        assert!(err.contains("run.toml: unknown config key `model.extra`"), "{err}");
+        assert!(err.contains("[model] has: ") && err.contains("hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn every_key_of_a_saved_config_is_accepted() {
+        // A run's saved config.toml, with the one key saved only when set, fed back whole.
+        let mut cfg = default_config();
+        cfg.train.dtype = "bf16".into();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+        let extra = sets(&["train.dtype=f32", "input=[\"a.txt\"]", "preset=tiny", "patch.k=8"]);
+        let (got, inputs) = resolve_config(Some(&file), &extra, default_config()).unwrap();
+        assert_eq!(inputs, vec![PathBuf::from("a.txt")]);
+        assert_eq!((got.train.dtype.as_str(), got.patch.k, got.model.clone()), ("f32", 8, cfg.model.clone()));
+        cfg.train.dtype = "f32".into();
+        cfg.patch.k = 8;
+        assert_eq!(got, RunConfig { preset: "tiny".into(), ..cfg });
+    }
 }
