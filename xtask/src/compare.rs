@@ -29,7 +29,7 @@ pub struct CompareArgs {
     /// Override one key for every run, e.g. `--set blocks.max_tokens=400000` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Report directory; runs go to OUT/runs/<name>.
+    /// Report directory; runs go to `OUT/runs/<name>`.
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
     /// Patch sizes to sweep, e.g. `--k 2,4,8` (default: the config's K, 4).

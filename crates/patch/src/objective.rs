@@ -20,7 +20,7 @@ pub fn patch_embeddings(token_embeds: &Tensor, k: usize) -> Result<Tensor> {
 
 /// Next-patch loss from logits: `logits` (B, P, V) is the one distribution per input patch,
 /// `targets` (B, P, K) the K tokens of each following patch. Returns
-/// −mean over B·P·K of log softmax(logits)[target], with the log-softmax in f32.
+/// −mean over B·P·K of `log softmax(logits)[target]`, with the log-softmax in f32.
 /// With K = 1 this is ordinary next-token cross-entropy.
 pub fn next_patch_loss_from_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, p, _v) = logits.dims3()?;
