@@ -67,10 +67,14 @@ for s in $sections; do
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              echo "opt-in kernels: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA" ;;
-    optin) for on in 0 1; do
-             PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
+    optin) # Opt-in kernels off, on, and on with the memory pool handing freed memory back at every
+           # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
+           for run in 0:0 1:0 1:1; do
+             on=${run%:*}; rel=${run#*:}
+             PATCHLM_CUDA_POOL_RELEASE=$rel PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on \
+               timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
-               | sed "s/^{/{\"optin_kernels\": $on, /" | tee -a "$OUT/optin.txt"
+               | sed "s/^{/{\"optin_kernels\": $on, \"pool_release\": $rel, /" | tee -a "$OUT/optin.txt"
            done ;;
     flash) # Flash attention's kernel families side by side, both shapes (softmax attention is in
            # the optin rows): CUDA cores, then each tensor-core family that passed its tests. The

@@ -207,10 +207,37 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// Makes the stream-ordered allocator that candle's allocations go through (cudarc calls
+/// `cuMemAllocAsync` on the device's current memory pool) keep freed memory for reuse. The
+/// driver's default release threshold is 0: every stream, event or context synchronisation
+/// hands all unused pool memory back to the OS, so a training loop that reads its loss once
+/// per step maps every activation buffer afresh on the next step, host time in each allocation
+/// (PyTorch's caching allocator keeps its blocks for the same reason). `PATCHLM_CUDA_POOL_RELEASE=1`
+/// keeps the driver's default.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let dev = d.cuda_stream().context().cu_device();
+    let mut keep = u64::MAX;
+    // SAFETY: `dev` is the device of a live context; the release threshold attribute is a
+    // cuuint64_t, which `keep` is.
+    unsafe {
+        let pool = result::device::get_mem_pool(dev).map_err(|e| e.to_string())?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// Parses `cpu`, `cuda` or `cuda:N`. On CUDA, f32 matmuls use TF32 tensor cores (as PyTorch's
 /// `allow_tf32`), since training keeps f32 only where range, not mantissa, matters, and cudarc's
 /// per-buffer event tracking is off (candle runs a device's work on one stream;
-/// `PATCHLM_CUDA_EVENTS=1` keeps it on). Each GPU's device is created once per process and
+/// `PATCHLM_CUDA_EVENTS=1` keeps it on), and the memory pool keeps freed memory for reuse
+/// instead of returning it to the OS at every synchronisation (see `keep_freed_memory`;
+/// `PATCHLM_CUDA_POOL_RELEASE=1` keeps the driver's default). Each GPU's device is created once per process and
 /// shared by every call, so that all its work is on one stream.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
@@ -246,6 +273,12 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     // records for multi-stream use (two created per allocation, a wait and a
                     // record per kernel argument) only cost host time.
                     unsafe { d.disable_event_tracking() };
+                }
+            }
+            #[cfg(feature = "cuda")]
+            if std::env::var_os("PATCHLM_CUDA_POOL_RELEASE").is_none_or(|v| v != "1") {
+                if let Device::Cuda(d) = &device {
+                    keep_freed_memory(d).map_err(|e| ModelError::Device(format!("{s}: memory pool: {e}")))?;
                 }
             }
             devices.push((ordinal, device.clone()));

@@ -561,3 +561,27 @@ fn cuda_heads_layout_matches_cpu() {
     }
     set_layout_cuda(false);
 }
+
+/// The device's memory pool keeps freed memory through a synchronisation (parse_device sets its
+/// release threshold), so the next step's allocations reuse it instead of mapping it afresh.
+#[test]
+#[ignore]
+fn cuda_memory_pool_keeps_freed_memory() {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let g = gpu();
+    let Device::Cuda(d) = &g else { unreachable!() };
+    let pool = unsafe { result::device::get_mem_pool(d.cuda_stream().context().cu_device()) }.unwrap();
+    let attr = |a: sys::CUmemPool_attribute| {
+        let mut v = 0u64;
+        unsafe { result::mem_pool::get_attribute(pool, a, (&mut v as *mut u64).cast()) }.unwrap();
+        v
+    };
+    assert_eq!(attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), u64::MAX);
+    let bytes = 256u64 << 20;
+    let x = Tensor::zeros((bytes / 4) as usize, DType::F32, &g).unwrap();
+    g.synchronize().unwrap();
+    drop(x);
+    g.synchronize().unwrap();
+    let reserved = attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
+    assert!(reserved >= bytes, "the pool gave freed memory back: {reserved} bytes reserved after a sync");
+}
