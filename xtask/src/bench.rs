@@ -304,20 +304,6 @@ pub struct ModelBench<'a> {
     peak_flops: f64,
 }
 
-/// Device memory in use (total − free), sampled; 0 on CPU or when the driver cannot say. Candle
-/// frees on drop, so the maximum of samples after the forward and backward passes approximates
-/// the step's peak.
-fn device_mem_used(device: &Device) -> u64 {
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
-            return (total - free) as u64;
-        }
-    }
-    let _ = device;
-    0
-}
-
 /// `--flag off|on|both` → the settings to run, one row each (`both`: off first).
 fn one_or_both(flag: &str, value: &str, off: &str, on: &str) -> Result<Vec<bool>> {
     match value {
@@ -391,6 +377,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
         // The headline: whole steps, synchronised once at the end of each (as a training loop
         // runs them), after two warm-up steps.
         let mut times = Vec::new();
+        // The memory high-water mark over every step of this row.
+        patchlm_model::device_memory_peak(&device, true);
         for s in 0..steps + 2 {
             let t0 = Instant::now();
             step(false)?;
@@ -403,10 +391,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
         // the forward pass, forward, backward and its enqueue time, clipping + optimizer;
         // enqueue ≈ the synchronised time means the host, not the GPU, limits).
         let mut parts: [Vec<f64>; 6] = Default::default();
-        let mut peak_mem = 0u64;
         for _ in 0..steps.min(3) {
-            let (p, mem) = step(true)?;
-            peak_mem = peak_mem.max(mem);
+            let p = step(true)?;
             for (v, x) in parts.iter_mut().zip(p) {
                 v.push(x * 1e3);
             }
@@ -422,7 +408,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 "bench": "model", "impl": "patchlm-candle", "preset": preset, "params": params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
                 "threads": rayon::current_num_threads(), "dtype": b.dtype, "mfu": mfu, "peak_flops": b.peak_flops,
-                "peak_mem_gib": if device.is_cuda() { peak_mem as f64 / (1u64 << 30) as f64 } else { f64::NAN }, "fused": fused && patchlm_model::fused_ops_supported(&device),
+                "peak_mem_gib": patchlm_model::device_memory_peak(&device, false).map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64), "fused": fused && patchlm_model::fused_ops_supported(&device),
                 "attention": if flash { "flash" } else { "softmax" },
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
@@ -443,8 +429,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
 
 /// One training step of a model benchmark: forward, backward, clipping and the optimizer. With
 /// `parts`, synchronises after each part and returns their times in seconds (forward enqueue,
-/// forward, backward, clipping + optimizer, backward enqueue, the whole step) and the device
-/// memory in use after the forward and backward passes (its maximum).
+/// forward, backward, clipping + optimizer, backward enqueue, the whole step).
 fn train_step(
     model: &patchlm_model::Llama,
     ids: &Tensor,
@@ -453,26 +438,22 @@ fn train_step(
     vars: &[(String, candle_core::Var)],
     opt: &mut patchlm_train::AdamW,
     parts: bool,
-) -> Result<([f64; 6], u64)> {
+) -> Result<[f64; 6]> {
     let sync = |on: bool| if on { device.synchronize() } else { Ok(()) };
     let t0 = Instant::now();
     let pass = patchlm_patch::patch_forward(model, ids, k)?;
     let t_enq = t0.elapsed().as_secs_f64();
     sync(parts)?;
     let t_fwd = t0.elapsed().as_secs_f64();
-    let mut mem = if parts { device_mem_used(device) } else { 0 };
     let (_, g) = pass.backward(model, vars, 1.0)?;
     let t_bwd_enq = t0.elapsed().as_secs_f64() - t_fwd;
     sync(parts)?;
     let t_bwd = t0.elapsed().as_secs_f64();
-    if parts {
-        mem = mem.max(device_mem_used(device));
-    }
     let norm = patchlm_train::grad_norm(&g)?;
     opt.step_scaled(&g, 3e-4, patchlm_train::clip_scale(norm, 1.0))?;
     sync(parts)?;
     let t = t0.elapsed().as_secs_f64();
-    Ok(([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd, t_bwd_enq, t], mem))
+    Ok([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd, t_bwd_enq, t])
 }
 
 /// Times `f` on fresh leaf variables: forward alone and forward + backward (a random upstream

@@ -216,20 +216,52 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 /// keeps the driver's default.
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    pool_attribute(d, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX)).map(|_| ())
+}
+
+/// Sets (`Some`) or reads a 64-bit attribute of the memory pool that `d`'s allocations come from.
+#[cfg(feature = "cuda")]
+fn pool_attribute(
+    d: &candle_core::CudaDevice,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> std::result::Result<u64, String> {
+    use candle_core::cuda_backend::cudarc::driver::result;
     let dev = d.cuda_stream().context().cu_device();
-    let mut keep = u64::MAX;
-    // SAFETY: `dev` is the device of a live context; the release threshold attribute is a
-    // cuuint64_t, which `keep` is.
+    let mut v = set.unwrap_or(0);
+    // SAFETY: `dev` is the device of a live context; every attribute this crate reads or sets
+    // (release threshold, memory counters) is a cuuint64_t, which `v` is.
     unsafe {
         let pool = result::device::get_mem_pool(dev).map_err(|e| e.to_string())?;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut keep as *mut u64).cast(),
-        )
-        .map_err(|e| e.to_string())
+        let p = (&mut v as *mut u64).cast();
+        match set {
+            Some(_) => result::mem_pool::set_attribute(pool, attr, p),
+            None => result::mem_pool::get_attribute(pool, attr, p),
+        }
+        .map_err(|e| e.to_string())?;
     }
+    Ok(v)
+}
+
+/// The most memory that `device`'s tensors have held at once since the last reset, in bytes:
+/// the CUDA memory pool's high-water mark (what PyTorch's `max_memory_allocated` counts; the
+/// CUDA context and cuBLAS's workspace are outside it). `reset` starts a new count from the
+/// memory in use now. None off CUDA or where the driver cannot tell.
+pub fn device_memory_peak(device: &Device, reset: bool) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let high = A::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        if reset {
+            // Setting the high-water attribute (to 0, the only value it takes) restarts it.
+            pool_attribute(d, high, Some(0)).ok()?;
+        }
+        let now = pool_attribute(d, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None).ok()?;
+        return Some(pool_attribute(d, high, None).ok()?.max(now));
+    }
+    let _ = (device, reset);
+    None
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`. On CUDA, f32 matmuls use TF32 tensor cores (as PyTorch's

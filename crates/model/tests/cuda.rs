@@ -563,7 +563,8 @@ fn cuda_heads_layout_matches_cpu() {
 }
 
 /// The device's memory pool keeps freed memory through a synchronisation (parse_device sets its
-/// release threshold), so the next step's allocations reuse it instead of mapping it afresh.
+/// release threshold), so the next step's allocations reuse it instead of mapping it afresh; and
+/// its high-water mark (`device_memory_peak`, the bench's peak memory) counts a tensor's bytes.
 #[test]
 #[ignore]
 fn cuda_memory_pool_keeps_freed_memory() {
@@ -578,10 +579,17 @@ fn cuda_memory_pool_keeps_freed_memory() {
     };
     assert_eq!(attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), u64::MAX);
     let bytes = 256u64 << 20;
+    let before = patchlm_model::device_memory_peak(&g, true).unwrap();
     let x = Tensor::zeros((bytes / 4) as usize, DType::F32, &g).unwrap();
     g.synchronize().unwrap();
+    let peak = patchlm_model::device_memory_peak(&g, false).unwrap();
+    assert!(peak >= before + bytes, "high-water mark {peak} bytes, {before} before a {bytes}-byte tensor");
     drop(x);
     g.synchronize().unwrap();
     let reserved = attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
     assert!(reserved >= bytes, "the pool gave freed memory back: {reserved} bytes reserved after a sync");
+    // A reset starts from the memory in use now, without the dropped tensor (the tests run one
+    // at a time on the device).
+    let after = patchlm_model::device_memory_peak(&g, true).unwrap();
+    assert!(after + bytes <= peak, "high-water mark after a reset {after} bytes, {peak} before it");
 }
