@@ -831,14 +831,15 @@ extern "C" __global__ void adamw_f32(const float* p, const float* g, const float
 }
 
 // Multi-tensor kernels: one launch over many f32 tensors, one block per chunk of `chunk`
-// elements. `tab` is the table built by ops.rs (multi_table): `first` (nt + 1 entries: the first
+// elements. `tab` is the table built by launch.rs (multi_table): `first` (nt + 1 entries: the first
 // block of each tensor, then the total), then per tensor five words: parameter (or the tensor
 // itself), gradient and moments pointers, element count, and flags: bit 0 weight decay, bit 1 the
-// gradient (for the sum of squares: the tensor) is bf16 rather than f32.
+// gradient (for the sum of squares: the tensor) is bf16 rather than f32 (multi_cast_f32 reads
+// words 0, 1, 3 and 4 its own way, see there).
 
 // The tensor that owns block b: the largest i with first[i] <= b (tensors without elements own no
 // block, so the largest such i is the one whose range holds b). Mirrored on the CPU by
-// ops::multi_owner and tested there.
+// launch::multi_owner and tested there.
 __device__ __forceinline__ int multi_owner(const unsigned long long* first, int nt, unsigned long long b) {
     int lo = 0, hi = nt - 1;
     while (lo < hi) {
@@ -889,4 +890,23 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* tab, int nt
         p[j] = adamw_elem(p[j], multi_grad(e[1], e[4], j) * gscale, &mv[j], &mv[n + j], b1, b2, ob1, ob2, eps, d,
                           step, sbc2);
     }
+}
+
+// Casts every f32 tensor of the table (word 0 the source, word 1 the destination, word 3 the
+// element count) to bf16, or to f16 where bit 2 of the flags is set: the per-layer weight casts of
+// a forward pass in one launch, into one buffer (ops::cast_groups).
+template <typename T>
+__device__ __forceinline__ void cast_range(const float* src, T* dst, long long lo, long long hi) {
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) dst[j] = from_f<T>(src[j]);
+}
+
+extern "C" __global__ void multi_cast_f32(const unsigned long long* tab, int nt, int chunk) {
+    unsigned long long b = blockIdx.x;
+    int i = multi_owner(tab, nt, b);
+    const unsigned long long* e = tab + (nt + 1) + 5 * i;
+    const float* src = (const float*)e[0];
+    long long lo = (long long)(b - tab[i]) * chunk;
+    long long hi = min(lo + (long long)chunk, (long long)e[3]);
+    if (e[4] & 4) cast_range(src, (__half*)e[1], lo, hi);
+    else cast_range(src, (__nv_bfloat16*)e[1], lo, hi);
 }

@@ -71,6 +71,55 @@ pub fn flash(rows: usize, heads: usize, tensor_core: bool) -> Launch {
     }
 }
 
+/// Elements per thread block of the multi-tensor kernels (`multi_*`).
+pub const MULTI_CHUNK: usize = 16384;
+
+/// The multi-tensor kernels on `blocks` blocks (see [`multi_table`]) of 512 threads.
+pub fn multi(blocks: usize) -> Launch {
+    Launch::x(blocks, 512)
+}
+
+/// The table the multi-tensor kernels read (see kernels/fused.cu), from five words per tensor
+/// (`entries`, the element count in word 3): the first block of each tensor when each is cut
+/// into chunks of [`MULTI_CHUNK`] elements, then the total, then the entries. Returns it and the
+/// number of blocks.
+pub fn multi_table(entries: &[[u64; 5]]) -> (Vec<u64>, usize) {
+    let sizes: Vec<usize> = entries.iter().map(|e| e[3] as usize).collect();
+    let mut table = multi_first(&sizes, MULTI_CHUNK);
+    let blocks = table.last().copied().unwrap_or(0) as usize;
+    table.extend(entries.iter().flatten());
+    (table, blocks)
+}
+
+/// The first block of each tensor of `sizes` elements cut into chunks of `chunk`, then the total
+/// number of blocks.
+fn multi_first(sizes: &[usize], chunk: usize) -> Vec<u64> {
+    let mut first = Vec::with_capacity(sizes.len() + 1);
+    let mut b = 0u64;
+    for &n in sizes {
+        first.push(b);
+        b += n.div_ceil(chunk) as u64;
+    }
+    first.push(b);
+    first
+}
+
+/// The tensor that owns block `b` (the kernels' `multi_owner`, same search): the largest `i`
+/// with `first[i] <= b` among the tensors (`first` without its final total).
+#[cfg(test)]
+fn multi_owner(first: &[u64], b: u64) -> usize {
+    let (mut lo, mut hi) = (0usize, first.len() - 2);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if first[mid] <= b {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +143,36 @@ mod tests {
         assert_eq!(cross_entropy(5, 40).block.0, 64);
         assert_eq!(heads(8192, 2304), Launch { grid: (8192, 1, 1), block: (288, 1, 1) });
         assert_eq!(heads(0, 24).grid.0, 1, "an empty launch still has a block");
+    }
+
+    /// Every element of every tensor is visited exactly once when each block b covers chunk
+    /// `b - first[owner(b)]` of its owner, as the multi-tensor kernels do; empty tensors own no
+    /// block.
+    #[test]
+    fn multi_table_covers_every_element_once() {
+        for (sizes, chunk) in [
+            (vec![5usize, 0, 17, 16, 1, 0, 0, 33], 4usize),
+            (vec![0, 0, 3], 4),
+            (vec![4096, 1, 4095, 8193], 4096),
+            (vec![1], 7),
+        ] {
+            let first = multi_first(&sizes, chunk);
+            assert_eq!(first.len(), sizes.len() + 1);
+            let total: usize = sizes.iter().map(|n| n.div_ceil(chunk)).sum();
+            assert_eq!(first[sizes.len()] as usize, total);
+            let mut seen: Vec<Vec<u32>> = sizes.iter().map(|&n| vec![0; n]).collect();
+            for b in 0..first[sizes.len()] {
+                let i = multi_owner(&first, b);
+                assert!(sizes[i] > 0, "block {b} went to empty tensor {i} ({sizes:?})");
+                let lo = (b - first[i]) as usize * chunk;
+                assert!(lo < sizes[i], "block {b} starts past tensor {i}");
+                for x in &mut seen[i][lo..(lo + chunk).min(sizes[i])] {
+                    *x += 1;
+                }
+            }
+            for (i, s) in seen.iter().enumerate() {
+                assert!(s.iter().all(|&c| c == 1), "tensor {i} of {sizes:?}: visits {s:?}");
+            }
+        }
     }
 }

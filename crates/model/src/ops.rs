@@ -944,7 +944,7 @@ pub fn rows_cuda_enabled() -> bool {
 static LAYOUT_CUDA: Switch = Switch::new("PATCHLM_LAYOUT_CUDA", true, false);
 
 /// Turns the layout CUDA kernels on or off process-wide: [`heads_from_rows`] /
-/// [`rows_from_heads`] and [`swiglu_packed`]. They are opt-in (also `PATCHLM_LAYOUT_CUDA=1`) until
+/// [`rows_from_heads`], [`swiglu_packed`] and the one-launch weight cast of [`cast_groups`]. They are opt-in (also `PATCHLM_LAYOUT_CUDA=1`) until
 /// `tests/cuda.rs` has run them on a GPU; off, the hand-written backward pass lays out heads with
 /// candle's strided copies and [`rope`], and runs the gate and up projections apart.
 pub fn set_layout_cuda(enabled: bool) {
@@ -1538,40 +1538,6 @@ fn multi_tensor_cuda(device: &Device) -> bool {
     MULTI_CUDA.get() && device.is_cuda() && fused_ops_supported(device)
 }
 
-/// Elements per thread block of the multi-tensor kernels.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const MULTI_CHUNK: usize = 16384;
-
-/// The block table of the multi-tensor kernels: the first block of each tensor when every tensor
-/// is cut into chunks of `chunk` elements, then the total number of blocks.
-#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
-fn multi_first(sizes: &[usize], chunk: usize) -> Vec<u64> {
-    let mut first = Vec::with_capacity(sizes.len() + 1);
-    let mut b = 0u64;
-    for &n in sizes {
-        first.push(b);
-        b += n.div_ceil(chunk) as u64;
-    }
-    first.push(b);
-    first
-}
-
-/// The tensor that owns block `b` (the kernels' `multi_owner`, same search): the largest `i`
-/// with `first[i] <= b` among the tensors (`first` without its final total).
-#[cfg(test)]
-fn multi_owner(first: &[u64], b: u64) -> usize {
-    let (mut lo, mut hi) = (0usize, first.len() - 2);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if first[mid] <= b {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo
-}
-
 /// AdamW over many f32 parameters at once (gradients f32 or bf16), with the gradients multiplied by `grad_scale` first
 /// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (on by default, see
 /// [`set_multi_tensor_cuda`]) this is one kernel launch for all parameters, updating parameters
@@ -1638,6 +1604,48 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> candle_core::Result<Tensor> {
         sums.push(t.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)?);
     }
     Tensor::stack(&sums, 0)?.sum_all()
+}
+
+/// Casts groups of tensors to `dtype`, each group's tensors stacked along their first dimension
+/// (the q, k and v projections' weights into one matrix, say): one tensor per group, equal to
+/// `Tensor::cat(group, 0)?.to_dtype(dtype)`, recording no graph. On CUDA, with the multi-tensor
+/// kernels (see [`set_multi_tensor_cuda`]) and the layout kernels (see [`set_layout_cuda`]) on, and
+/// f32 tensors cast to bf16 or f16, one kernel launch casts every group into one buffer that the results are views of (each group starting
+/// 128-byte aligned): a forward pass's weight casts in one launch instead of one or more per
+/// weight. Conversions round to nearest even, as `to_dtype` does.
+pub fn cast_groups(groups: &[&[&Tensor]], dtype: DType) -> candle_core::Result<Vec<Tensor>> {
+    for (i, g) in groups.iter().enumerate() {
+        let Some(first) = g.first() else { candle_core::bail!("cast_groups: group {i} is empty") };
+        for t in g.iter() {
+            if t.rank() == 0 || first.rank() == 0 || t.dims()[1..] != first.dims()[1..] {
+                candle_core::bail!(
+                    "cast_groups: group {i}: {:?} and {:?} do not stack along their first dimension",
+                    first.dims(),
+                    t.dims()
+                );
+            }
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(first) = groups.first().and_then(|g| g.first()) {
+        let dev = first.device();
+        let all = || groups.iter().flat_map(|g| g.iter());
+        if multi_tensor_cuda(dev)
+            && layout_ops_supported(dev)
+            && matches!(dtype, DType::BF16 | DType::F16)
+            && all().all(|t| t.dtype() == DType::F32 && t.device().same_device(dev))
+        {
+            return cuda::multi_cast(groups, dtype);
+        }
+    }
+    groups
+        .iter()
+        .map(|g| {
+            let parts: Vec<Tensor> = g.iter().map(|t| t.detach()).collect();
+            let t = if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? };
+            t.to_dtype(dtype)
+        })
+        .collect()
 }
 
 static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true, false);
@@ -2921,20 +2929,6 @@ mod cuda {
         }
     }
 
-    /// The table the multi-tensor kernels read (see kernels/fused.cu): the block starts of
-    /// `super::multi_first`, then five words per tensor. Returns it and the number of blocks.
-    fn multi_table(entries: &[[u64; 5]]) -> (Vec<u64>, usize) {
-        let sizes: Vec<usize> = entries.iter().map(|e| e[3] as usize).collect();
-        let mut table = super::multi_first(&sizes, super::MULTI_CHUNK);
-        let blocks = table.last().copied().unwrap_or(0) as usize;
-        table.extend(entries.iter().flatten());
-        (table, blocks)
-    }
-
-    fn multi_cfg(blocks: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }
-    }
-
     /// [`super::adamw_multi`] on CUDA: one launch of `multi_adamw_f32` over every slot, in place.
     pub fn multi_adamw(
         dev: &CudaDevice,
@@ -2965,13 +2959,13 @@ mod cuda {
             ]);
             grads.push(g);
         }
-        let (table, blocks) = multi_table(&entries);
+        let (table, blocks) = crate::launch::multi_table(&entries);
         if blocks == 0 {
             return Ok(());
         }
         let tab = dev.cuda_stream().clone_htod(&table).w()?;
         let c = super::AdamWConsts::of(step);
-        let (nt, chunk, gs) = (entries.len() as i32, super::MULTI_CHUNK as i32, grad_scale as f32);
+        let (nt, chunk, gs) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32, grad_scale as f32);
         let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&tab);
@@ -2981,7 +2975,7 @@ mod cuda {
         for x in &k {
             b.arg(x);
         }
-        unsafe { b.launch(multi_cfg(blocks)) }.w()?;
+        unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
         drop(grads);
         Ok(())
     }
@@ -3007,14 +3001,14 @@ mod cuda {
             let dev = s.device();
             let tab = dev.cuda_stream().clone_htod(&self.table).w()?;
             let out = unsafe { dev.alloc::<f32>(self.blocks)? };
-            let (nt, chunk) = (self.tensors as i32, super::MULTI_CHUNK as i32);
+            let (nt, chunk) = (self.tensors as i32, crate::launch::MULTI_CHUNK as i32);
             let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&tab);
             b.arg(&nt);
             b.arg(&chunk);
             b.arg(&out);
-            unsafe { b.launch(multi_cfg(self.blocks)) }.w()?;
+            unsafe { b.launch(cfg(crate::launch::multi(self.blocks))) }.w()?;
             Ok((wrap_f32(out, dev), Shape::from(self.blocks)))
         }
     }
@@ -3030,11 +3024,97 @@ mod cuda {
             let (a, flag) = grad_addr(t, "sum_of_squares")?;
             entries.push([a, 0, 0, t.elem_count() as u64, flag]);
         }
-        let (table, blocks) = multi_table(&entries);
+        let (table, blocks) = crate::launch::multi_table(&entries);
         if blocks == 0 {
             return candle_core::Tensor::zeros(1, DType::F32, dev);
         }
         ts[0].apply_op1_no_bwd(&MultiSumSq { table, tensors: ts.len(), blocks })
+    }
+
+    /// [`super::cast_groups`] on CUDA: f32 tensors → one bf16/f16 buffer (`multi_cast_f32`), each
+    /// group a view of it. The op's input is only the first tensor (for its device).
+    pub fn multi_cast(groups: &[&[&candle_core::Tensor]], dtype: DType) -> Result<Vec<candle_core::Tensor>> {
+        /// Each group starts at a multiple of this many elements (128 bytes), so that the kernels
+        /// reading a group's view take their aligned paths.
+        const ALIGN: usize = 64;
+        let flag = if dtype == DType::F16 { 4 } else { 0 };
+        let (mut entries, mut keep, mut starts, mut total) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
+        for g in groups {
+            total = total.next_multiple_of(ALIGN);
+            starts.push(total);
+            for t in g.iter() {
+                let t = t.contiguous()?;
+                let n = t.elem_count();
+                // Word 1: the destination's byte offset in the buffer, its address added at launch.
+                entries.push([f32_addr(&t, "cast_groups")?, (total * 2) as u64, 0, n as u64, flag]);
+                total += n;
+                keep.push(t);
+            }
+        }
+        let first = groups[0][0];
+        let buffer = if total == 0 {
+            candle_core::Tensor::zeros(0, dtype, first.device())?
+        } else {
+            first.apply_op1_no_bwd(&MultiCast { entries, total, dtype })?
+        };
+        drop(keep);
+        groups
+            .iter()
+            .zip(starts)
+            .map(|(g, start)| {
+                let mut dims = g[0].dims().to_vec();
+                dims[0] = g.iter().map(|t| t.dims()[0]).sum();
+                buffer.narrow(0, start, dims.iter().product())?.reshape(dims)
+            })
+            .collect()
+    }
+
+    /// The launch of [`multi_cast`]: entries with destination offsets, the buffer's length.
+    struct MultiCast {
+        entries: Vec<[u64; 5]>,
+        total: usize,
+        dtype: DType,
+    }
+
+    impl MultiCast {
+        fn run<T: CudaDType + DeviceRepr>(&self, dev: &CudaDevice) -> Result<(CudaStorage, Shape)> {
+            let stream = dev.cuda_stream();
+            let out = unsafe { dev.alloc::<T>(self.total)? };
+            let base = {
+                let (ptr, _sync) = out.device_ptr(&stream);
+                ptr
+            };
+            let entries: Vec<[u64; 5]> =
+                self.entries.iter().map(|&[s, off, z, n, f]| [s, base + off, z, n, f]).collect();
+            let (table, blocks) = crate::launch::multi_table(&entries);
+            let tab = stream.clone_htod(&table).w()?;
+            let (nt, chunk) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32);
+            let f = dev.get_or_load_custom_func("multi_cast_f32", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&tab);
+            b.arg(&nt);
+            b.arg(&chunk);
+            unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(self.total)))
+        }
+    }
+
+    impl candle_core::CustomOp1 for MultiCast {
+        fn name(&self) -> &'static str {
+            "multi-cast"
+        }
+
+        fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("multi-cast runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+            match self.dtype {
+                DType::BF16 => self.run::<bf16>(s.device()),
+                DType::F16 => self.run::<f16>(s.device()),
+                d => candle_core::bail!("cast_groups: no multi-tensor cast to {d:?}"),
+            }
+        }
     }
 
     /// The PTX of kernels/flash.cu (its own module: JIT-compiled only when attention uses it).
@@ -3768,7 +3848,7 @@ pub mod grad {
 
 #[cfg(test)]
 mod tests {
-    use super::{multi_first, multi_owner, Switch};
+    use super::Switch;
 
     /// The mma.sync flash kernels take precedence over the wmma ones; either applies only to
     /// 16-bit dtypes at head sizes 32 and 64. (The only test in this binary that sets these.)
@@ -3803,36 +3883,5 @@ mod tests {
         static OFF: Switch = Switch::new("PATCHLM_TEST_SWITCH_NEVER_SET", false, false);
         assert!(!OFF.get());
         assert_eq!(OFF.explicit(), None);
-    }
-
-    /// Every element of every tensor is visited exactly once when each block b covers chunk
-    /// `b - first[owner(b)]` of its owner, as the multi-tensor kernels do; empty tensors own no
-    /// block.
-    #[test]
-    fn multi_table_covers_every_element_once() {
-        for (sizes, chunk) in [
-            (vec![5usize, 0, 17, 16, 1, 0, 0, 33], 4usize),
-            (vec![0, 0, 3], 4),
-            (vec![4096, 1, 4095, 8193], 4096),
-            (vec![1], 7),
-        ] {
-            let first = multi_first(&sizes, chunk);
-            assert_eq!(first.len(), sizes.len() + 1);
-            let total: usize = sizes.iter().map(|n| n.div_ceil(chunk)).sum();
-            assert_eq!(first[sizes.len()] as usize, total);
-            let mut seen: Vec<Vec<u32>> = sizes.iter().map(|&n| vec![0; n]).collect();
-            for b in 0..first[sizes.len()] {
-                let i = multi_owner(&first, b);
-                assert!(sizes[i] > 0, "block {b} went to empty tensor {i} ({sizes:?})");
-                let lo = (b - first[i]) as usize * chunk;
-                assert!(lo < sizes[i], "block {b} starts past tensor {i}");
-                for x in &mut seen[i][lo..(lo + chunk).min(sizes[i])] {
-                    *x += 1;
-                }
-            }
-            for (i, s) in seen.iter().enumerate() {
-                assert!(s.iter().all(|&c| c == 1), "tensor {i} of {sizes:?}: visits {s:?}");
-            }
-        }
     }
 }

@@ -175,16 +175,17 @@ impl Llama {
             candle_core::bail!("forward_tape needs the fused ops on {:?}", x.device());
         }
         let cd = self.compute_dtype;
+        let (weights, final_norm) = compute_weights(self, x.device())?;
         // Each layer's output is carried as (h, delta) and added by the next norm's kernel
         // (ops::add_rms_norm).
         let mut carry = (x.detach().to_dtype(cd)?.reshape((b * t, d))?, None);
         let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let (h, delta, tape) = layer_forward(layer, &carry, &self.rope, b, t, cd)?;
+        for (layer, w) in self.layers.iter().zip(weights) {
+            let (h, delta, tape) = layer_forward(layer, w, &carry, &self.rope, b, t)?;
             layers.push(tape);
             carry = (h, Some(delta));
         }
-        let (last, hidden) = norm_of(&carry, &detached(&self.norm.weight, cd)?, self.norm.eps)?;
+        let (last, hidden) = norm_of(&carry, &final_norm, self.norm.eps)?;
         Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, input_dtype: x.dtype() }))
     }
 
@@ -247,31 +248,48 @@ fn norm_of(carry: &(Tensor, Option<Tensor>), w: &Tensor, eps: f64) -> candle_cor
 
 /// One decoder layer on the residual stream `carry` (see [`norm_of`]): returns the stream after
 /// attention `h`, the MLP's output (to be added to `h` by the next norm) and the layer's tape.
+/// Every layer's weights and the final norm's in the compute dtype, q/k/v and (where the layout
+/// ops run) gate/up stacked: all cast by one [`ops::cast_groups`] call (one kernel launch on CUDA).
+fn compute_weights(m: &Llama, device: &candle_core::Device) -> candle_core::Result<(Vec<LayerWeights>, Tensor)> {
+    let stacked = ops::layout_ops_supported(device) && ops::swiglu_supported(device);
+    let mut groups: Vec<Vec<&Tensor>> = Vec::new();
+    for l in &m.layers {
+        let (a, mlp) = (&l.self_attn, &l.mlp);
+        groups.push(vec![&l.input_layernorm.weight]);
+        groups.push(vec![&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight]);
+        groups.push(vec![&a.o_proj.weight]);
+        groups.push(vec![&l.post_attention_layernorm.weight]);
+        if stacked {
+            groups.push(vec![&mlp.gate_proj.weight, &mlp.up_proj.weight]);
+        } else {
+            groups.push(vec![&mlp.gate_proj.weight]);
+            groups.push(vec![&mlp.up_proj.weight]);
+        }
+        groups.push(vec![&mlp.down_proj.weight]);
+    }
+    groups.push(vec![&m.norm.weight]);
+    let refs: Vec<&[&Tensor]> = groups.iter().map(|g| g.as_slice()).collect();
+    let mut cast = ops::cast_groups(&refs, m.compute_dtype)?.into_iter();
+    let mut next = || cast.next().ok_or_else(|| candle_core::Error::Msg("cast_groups: a group went missing".into()));
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for _ in &m.layers {
+        let (ln1, qkv, o, ln2) = (next()?, next()?, next()?, next()?);
+        let mlp = if stacked { Mlp::Stacked(next()?) } else { Mlp::Apart(next()?, next()?) };
+        layers.push(LayerWeights { ln1, qkv, o, ln2, mlp, down: next()? });
+    }
+    Ok((layers, next()?))
+}
+
 fn layer_forward(
     l: &DecoderLayer,
+    w: LayerWeights,
     carry: &(Tensor, Option<Tensor>),
     rope: &Rope,
     b: usize,
     t: usize,
-    cd: DType,
 ) -> candle_core::Result<(Tensor, Tensor, LayerTape)> {
     let a = &l.self_attn;
     let (n, d) = carry.0.dims2()?;
-    let w = LayerWeights {
-        ln1: detached(&l.input_layernorm.weight, cd)?,
-        qkv: Tensor::cat(&[a.q_proj.weight.detach(), a.k_proj.weight.detach(), a.v_proj.weight.detach()], 0)?
-            .to_dtype(cd)?,
-        o: detached(&a.o_proj.weight, cd)?,
-        ln2: detached(&l.post_attention_layernorm.weight, cd)?,
-        mlp: if ops::layout_ops_supported(carry.0.device()) && ops::swiglu_supported(carry.0.device()) {
-            Mlp::Stacked(
-                Tensor::cat(&[l.mlp.gate_proj.weight.detach(), l.mlp.up_proj.weight.detach()], 0)?.to_dtype(cd)?,
-            )
-        } else {
-            Mlp::Apart(detached(&l.mlp.gate_proj.weight, cd)?, detached(&l.mlp.up_proj.weight, cd)?)
-        },
-        down: detached(&l.mlp.down_proj.weight, cd)?,
-    };
     let (x, n1) = norm_of(carry, &w.ln1, l.input_layernorm.eps)?;
     let (hq, hkv) = (a.heads, a.kv_heads);
     let qkv = n1.matmul(&w.qkv.t()?)?;

@@ -593,3 +593,37 @@ fn cuda_memory_pool_keeps_freed_memory() {
     let after = patchlm_model::device_memory_peak(&g, true).unwrap();
     assert!(after + bytes <= peak, "high-water mark after a reset {after} bytes, {peak} before it");
 }
+
+/// One multi-tensor cast for a forward pass's weights (`ops::cast_groups`): the same bits as the
+/// CPU's stacking and rounding, each group's view 128-byte aligned in the shared buffer, groups
+/// of several tensors and tensors of several 16384-element chunks.
+#[test]
+#[ignore]
+fn cuda_multi_tensor_cast_matches_cpu() {
+    let g = gpu();
+    patchlm_model::ops::set_multi_tensor_cuda(true);
+    ops::set_layout_cuda(true);
+    let r = |shape: &[usize]| Tensor::randn(0f32, 2.0, shape, &Device::Cpu).unwrap();
+    let cpu = [r(&[7, 33]), r(&[1, 33]), r(&[5, 33]), r(&[3]), r(&[600, 64]), r(&[1, 64])];
+    let on_gpu: Vec<Tensor> = cpu.iter().map(|t| t.to_device(&g).unwrap()).collect();
+    fn cast(t: &[Tensor], dtype: DType) -> Vec<Tensor> {
+        let (a, b, c): (Vec<&Tensor>, Vec<&Tensor>, Vec<&Tensor>) =
+            (t[0..3].iter().collect(), vec![&t[3]], t[4..6].iter().collect());
+        ops::cast_groups(&[&a, &b, &c], dtype).unwrap()
+    }
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, (want, got)) in cast(&cpu, dtype).iter().zip(cast(&on_gpu, dtype)).enumerate() {
+            assert_eq!(want.dims(), got.dims(), "group {i} {dtype:?}");
+            assert_eq!(got.layout().start_offset() % 64, 0, "group {i} starts unaligned");
+            let bits = |t: &Tensor| -> Vec<u16> {
+                let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+                match dtype {
+                    DType::BF16 => t.to_vec1::<half::bf16>().unwrap().iter().map(|x| x.to_bits()).collect(),
+                    _ => t.to_vec1::<half::f16>().unwrap().iter().map(|x| x.to_bits()).collect(),
+                }
+            };
+            assert_eq!(bits(&got), bits(want), "group {i} {dtype:?}: the GPU cast differs from the CPU's");
+        }
+    }
+    ops::set_layout_cuda(false);
+}

@@ -81,6 +81,15 @@ enum A {
     At(usize, Vec<u8>),
     I(i64),
     F(f32),
+    /// A device buffer that is not a kernel parameter: only a table points to it.
+    Extra(Vec<u8>),
+    /// A parameter of 64-bit words, those made by [`reloc`] replaced by buffer addresses.
+    Table(Vec<u64>),
+}
+
+/// A table word that the harness replaces by the address of argument `arg`'s buffer plus `bytes`.
+fn reloc(arg: usize, bytes: usize) -> u64 {
+    (0xB0F7u64 << 48) | ((arg as u64) << 32) | bytes as u64
 }
 
 /// Launches `kernel` on the emulator with the geometry its CUDA launcher uses; buffers come back
@@ -109,12 +118,20 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
             A::F(f) => {
                 cmd.arg(format!("f:{f:e}"));
             }
+            A::Extra(b) => {
+                std::fs::write(&path, b).unwrap();
+                cmd.arg(format!("b:{}", path.display()));
+            }
+            A::Table(w) => {
+                std::fs::write(&path, w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+                cmd.arg(format!("t:{}", path.display()));
+            }
         }
     }
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{kernel} failed on the emulator:\n{}", String::from_utf8_lossy(&out.stderr));
     for (n, a) in args.iter_mut().enumerate() {
-        if let A::Buf(b) | A::At(_, b) = a {
+        if let A::Buf(b) | A::At(_, b) | A::Extra(b) = a {
             *b = std::fs::read(dir.path().join(format!("arg{n}"))).unwrap();
         }
     }
@@ -164,6 +181,7 @@ fn output(a: &A, dtype: DType, shape: &[usize]) -> Tensor {
     match a {
         A::Buf(b) => from_bytes(b, dtype, shape),
         A::At(off, b) => from_bytes(&b[*off..], dtype, shape),
+        A::Extra(b) => from_bytes(b, dtype, shape),
         _ => panic!("not a buffer"),
     }
 }
@@ -651,4 +669,66 @@ fn emulated_warp_matrix_instructions_match_the_documented_layouts() {
             }
         }
     }
+}
+
+/// The multi-tensor kernels' block table (`launch::multi_table`, as their launchers build it) on
+/// tensors of one, several and no chunks: `multi_cast_f32` against candle's `to_dtype` bit for bit
+/// (f32 → bf16 and f16, round to nearest even, with values halfway between two bf16 / f16
+/// numbers), `multi_sumsq_f32`'s partial sums against an f64 sum of squares (f32 and bf16 inputs).
+#[test]
+fn emulated_multi_tensor_kernels_match_cpu() {
+    let chunk = launch::MULTI_CHUNK;
+    let sizes = [5usize, 0, chunk + 7, 33, 1, chunk];
+    let mut xs: Vec<Tensor> = sizes.iter().map(|&n| Tensor::randn(0f32, 3.0, n, &Device::Cpu).unwrap()).collect();
+    // Ties: 1 + 2^-8 lies halfway between two bf16 numbers, 1 + 2^-11 between two f16 ones.
+    let ties = [1.0 + 2f32.powi(-8), -(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)];
+    xs[0] = Tensor::cat(&[Tensor::new(&ties, &Device::Cpu).unwrap(), xs[0].narrow(0, 0, 1).unwrap()], 0).unwrap();
+    let nt = sizes.len();
+    for (dtype, flag) in [(DType::BF16, 0u64), (DType::F16, 4)] {
+        // Arguments: the table, nt, chunk; then the sources; then one destination buffer.
+        let dst = 3 + nt;
+        let mut offsets = Vec::new();
+        let mut total = 0;
+        let entries: Vec<[u64; 5]> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                offsets.push(total);
+                total += n + 3; // gaps between the destinations stay untouched
+                [reloc(3 + i, 0), reloc(dst, offsets[i] * 2), 0, n as u64, flag]
+            })
+            .collect();
+        let (table, blocks) = launch::multi_table(&entries);
+        let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64)];
+        args.extend(xs.iter().map(|x| A::Extra(bytes(x))));
+        args.push(A::Extra(vec![0xAB; total * 2]));
+        emulate("multi_cast_f32", launch::multi(blocks), &mut args);
+        let A::Extra(out) = &args[dst] else { unreachable!() };
+        for (i, x) in xs.iter().enumerate() {
+            let got = &out[offsets[i] * 2..(offsets[i] + sizes[i]) * 2];
+            assert_eq!(got, bytes(&x.to_dtype(dtype).unwrap()), "tensor {i} ({} elements) to {dtype:?}", sizes[i]);
+            assert_eq!(&out[(offsets[i] + sizes[i]) * 2..(offsets[i] + sizes[i] + 3) * 2], [0xAB; 6], "gap after {i}");
+        }
+    }
+    // The sum of squares reads each tensor as f32, or as bf16 where bit 1 of the flags is set.
+    let ts: Vec<Tensor> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if i % 2 == 1 { x.to_dtype(DType::BF16).unwrap() } else { x.clone() })
+        .collect();
+    let entries: Vec<[u64; 5]> = ts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| [reloc(4 + i, 0), 0, 0, t.elem_count() as u64, if t.dtype() == DType::BF16 { 2 } else { 0 }])
+        .collect();
+    let (table, blocks) = launch::multi_table(&entries);
+    let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64), out(blocks, DType::F32)];
+    args.extend(ts.iter().map(|t| A::Extra(bytes(t))));
+    emulate("multi_sumsq_f32", launch::multi(blocks), &mut args);
+    let got: f64 = output(&args[3], DType::F32, &[blocks]).to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).sum();
+    let want: f64 = ts
+        .iter()
+        .map(|t| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+        .sum();
+    assert!((got - want).abs() <= 1e-5 * want, "sum of squares {got} vs {want}");
 }

@@ -710,3 +710,33 @@ fn bf16_compute_trains_f32_master_weights() {
     }
     assert!(parse_dtype("bf16").is_ok() && parse_dtype("int8").is_err());
 }
+
+/// `ops::cast_groups` (its CPU path) stacks each group along the first dimension and rounds each
+/// element as the `half` crate does; shapes that cannot stack are refused.
+#[test]
+fn cast_groups_stacks_and_rounds_each_group() {
+    let dev = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 2.0, shape, &dev).unwrap();
+    let (q, k, v, n, o) = (r(&[6, 4]), r(&[2, 4]), r(&[2, 4]), r(&[4]), r(&[3, 5]));
+    let groups: [&[&Tensor]; 3] = [&[&q, &k, &v], &[&n], &[&o]];
+    let flat = |ts: &[&Tensor]| -> Vec<f32> {
+        ts.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    };
+    let got = ops::cast_groups(&groups, DType::BF16).unwrap();
+    let shapes: Vec<&[usize]> = got.iter().map(|t| t.dims()).collect();
+    assert_eq!(shapes, [&[10usize, 4][..], &[4], &[3, 5]]);
+    for (g, want) in got.iter().zip(&groups) {
+        let want: Vec<u16> = flat(want).iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let got: Vec<u16> =
+            g.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want);
+    }
+    let got = ops::cast_groups(&[&[&q, &k]], DType::F16).unwrap();
+    let want: Vec<u16> = flat(&[&q, &k]).iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+    let g: Vec<u16> =
+        got[0].flatten_all().unwrap().to_vec1::<half::f16>().unwrap().iter().map(|x| x.to_bits()).collect();
+    assert_eq!(g, want);
+    let err = ops::cast_groups(&[&[&q, &o]], DType::BF16).unwrap_err().to_string();
+    assert!(err.contains("do not stack"), "{err}");
+    assert!(ops::cast_groups(&[&[]], DType::BF16).unwrap_err().to_string().contains("group 0 is empty"));
+}

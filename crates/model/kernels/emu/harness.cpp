@@ -5,7 +5,10 @@
 //
 // with each ARG one of `p:FILE` (a device buffer: the file's bytes, written back to FILE after the
 // launch), `o:N:FILE` (the same buffer seen from N bytes past its start, to test unaligned paths), `i:N` (int), `l:N` (long long), `u:N` (unsigned), `f:X` (float). The argument list must
-// match the kernel's parameters in number and kind.
+// match the kernel's parameters in number and kind, but for two kinds of buffer that the
+// multi-tensor kernels need: `b:FILE`, a buffer that is not a parameter (only a table points to
+// it), and `t:FILE`, a parameter holding 64-bit words of which those tagged RELOC | (argument
+// index << 32) | byte offset are replaced by that argument's buffer address plus the offset.
 #include "cuda_emu.h"
 #include "mma.h"
 
@@ -19,8 +22,12 @@
 
 namespace {
 
+// The tag of a table word that stands for a buffer's address (see the header comment).
+constexpr unsigned long long RELOC = 0xB0F7ull << 48;
+
 struct Arg {
     char kind;
+    bool table = false;
     std::string path;
     void* ptr = nullptr;
     size_t bytes = 0;
@@ -83,6 +90,7 @@ const std::map<std::string, Runner> kernels = {
     K3(ce_fwd_lse) K3(ce_bwd_lse)
     K3(swiglu_packed_fwd) K3(swiglu_packed_bwd)
     K3(heads_from_rows) K3(rows_from_heads)
+    K(multi_cast_f32) K(multi_adamw_f32) K(multi_sumsq_f32)
     // clang-format on
 };
 
@@ -113,7 +121,11 @@ int main(int argc, char** argv) {
             val = val.substr(colon + 1);
             x.kind = 'p';
         }
-        if (x.kind == 'p') {
+        if (x.kind == 't') {
+            x.kind = 'p';
+            x.table = true;
+        }
+        if (x.kind == 'p' || x.kind == 'b') {
             x.path = val;
             FILE* f = fopen(val.c_str(), "rb");
             if (!f) fail("cannot read " + val);
@@ -132,9 +144,22 @@ int main(int argc, char** argv) {
         }
         args.push_back(x);
     }
-    it->second(args, grid, block);
+    std::vector<Arg> params;
+    for (Arg& x : args) {
+        if (x.table) {
+            unsigned long long* w = static_cast<unsigned long long*>(x.ptr);
+            for (size_t k = 0; k < x.bytes / 8; k++) {
+                if ((w[k] & (0xFFFFull << 48)) != RELOC) continue;
+                size_t target = (size_t)((w[k] >> 32) & 0xFFFF), off = (size_t)(w[k] & 0xFFFFFFFFull);
+                if (target >= args.size() || !args[target].ptr) fail("table word " + std::to_string(k) + ": no buffer argument " + std::to_string(target));
+                w[k] = (unsigned long long)(static_cast<char*>(args[target].ptr) + off);
+            }
+        }
+        if (x.kind != 'b') params.push_back(x);
+    }
+    it->second(params, grid, block);
     for (const Arg& x : args) {
-        if (x.kind != 'p') continue;
+        if (x.kind != 'p' && x.kind != 'b') continue;
         FILE* f = fopen(x.path.c_str(), "wb");
         if (!f || fwrite(x.ptr, 1, x.bytes, f) != x.bytes) fail("cannot write " + x.path);
         fclose(f);
