@@ -114,6 +114,8 @@ pub struct Tape {
     layers: Vec<LayerTape>,
     /// The input of the final norm (N, D).
     last: Tensor,
+    /// The final norm's weight in the compute dtype.
+    norm: Tensor,
     /// The dtype of the input embeddings (the gradient is returned in it).
     input_dtype: DType,
 }
@@ -186,7 +188,7 @@ impl Llama {
             carry = (h, Some(delta));
         }
         let (last, hidden) = norm_of(&carry, &final_norm, self.norm.eps)?;
-        Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, input_dtype: x.dtype() }))
+        Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, norm: final_norm, input_dtype: x.dtype() }))
     }
 
     /// The backward pass of [`Llama::forward_tape`]: from the gradient of the final hidden
@@ -197,8 +199,7 @@ impl Llama {
         let d = self.cfg.hidden_size;
         let cd = self.compute_dtype;
         let dh = dhidden.to_dtype(cd)?.reshape((b * t, d))?;
-        let wn = detached(&self.norm.weight, cd)?;
-        let (mut dx, dwn) = grad::rms_norm(&tape.last, &wn, &dh, self.norm.eps)?;
+        let (mut dx, dwn) = grad::rms_norm(&tape.last, &tape.norm, &dh, self.norm.eps)?;
         accumulate(grads, "model.norm.weight".into(), dwn, self.norm.weight.dtype())?;
         for (i, (layer, lt)) in self.layers.iter().zip(tape.layers).enumerate().rev() {
             dx = layer_backward(layer, lt, &dx, &self.rope, i, b, t, grads)?;
@@ -246,8 +247,6 @@ fn norm_of(carry: &(Tensor, Option<Tensor>), w: &Tensor, eps: f64) -> candle_cor
     }
 }
 
-/// One decoder layer on the residual stream `carry` (see [`norm_of`]): returns the stream after
-/// attention `h`, the MLP's output (to be added to `h` by the next norm) and the layer's tape.
 /// Every layer's weights and the final norm's in the compute dtype, q/k/v and (where the layout
 /// ops run) gate/up stacked: all cast by one [`ops::cast_groups`] call (one kernel launch on CUDA).
 fn compute_weights(m: &Llama, device: &candle_core::Device) -> candle_core::Result<(Vec<LayerWeights>, Tensor)> {
@@ -280,6 +279,9 @@ fn compute_weights(m: &Llama, device: &candle_core::Device) -> candle_core::Resu
     Ok((layers, next()?))
 }
 
+/// One decoder layer with its weights `w` on the residual stream `carry` (see [`norm_of`]):
+/// returns the stream after attention `h`, the MLP's output (to be added to `h` by the next norm)
+/// and the layer's tape.
 fn layer_forward(
     l: &DecoderLayer,
     w: LayerWeights,
