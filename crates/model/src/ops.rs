@@ -1438,16 +1438,26 @@ struct AdamWConsts {
 
 impl AdamWConsts {
     fn of(s: &AdamWStep) -> Self {
-        Self {
-            b1: s.beta1 as f32,
-            b2: s.beta2 as f32,
-            ob1: (1.0 - s.beta1) as f32,
-            ob2: (1.0 - s.beta2) as f32,
-            eps: s.eps as f32,
-            decay: s.decay as f32,
-            step: (s.lr / s.bias1) as f32,
-            sbc2: s.bias2.sqrt() as f32,
-        }
+        let [b1, b2, ob1, ob2, eps, decay, step, sbc2] = s.kernel_args();
+        Self { b1, b2, ob1, ob2, eps, decay, step, sbc2 }
+    }
+}
+
+impl AdamWStep {
+    /// The AdamW kernels' f32 arguments in their order: β1, β2, 1 − β1, 1 − β2, ε, decay,
+    /// lr / bias1, √bias2 (the CUDA launchers and the emulated kernel tests pass these).
+    #[doc(hidden)]
+    pub fn kernel_args(&self) -> [f32; 8] {
+        [
+            self.beta1 as f32,
+            self.beta2 as f32,
+            (1.0 - self.beta1) as f32,
+            (1.0 - self.beta2) as f32,
+            self.eps as f32,
+            self.decay as f32,
+            (self.lr / self.bias1) as f32,
+            self.bias2.sqrt() as f32,
+        ]
     }
 }
 
@@ -1503,8 +1513,7 @@ impl candle_core::CustomOp3 for AdamWOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let c = AdamWConsts::of(&self.0);
-        cuda::adamw(s1, l1, s2, l2, s3, l3, [c.b1, c.b2, c.ob1, c.ob2, c.eps, c.decay, c.step, c.sbc2])
+        cuda::adamw(s1, l1, s2, l2, s3, l3, self.0.kernel_args())
     }
 }
 
@@ -2964,15 +2973,15 @@ mod cuda {
             return Ok(());
         }
         let tab = dev.cuda_stream().clone_htod(&table).w()?;
-        let c = super::AdamWConsts::of(step);
+
         let (nt, chunk, gs) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32, grad_scale as f32);
         let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&tab);
         b.arg(&nt);
         b.arg(&chunk);
-        let k = [c.b1, c.b2, c.ob1, c.ob2, c.eps, c.decay, c.step, c.sbc2, gs];
-        for x in &k {
+        let k = step.kernel_args();
+        for x in k.iter().chain([&gs]) {
             b.arg(x);
         }
         unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;

@@ -732,3 +732,57 @@ fn emulated_multi_tensor_kernels_match_cpu() {
         .sum();
     assert!((got - want).abs() <= 1e-5 * want, "sum of squares {got} vs {want}");
 }
+
+/// `multi_adamw_f32` (the optimizer step of every CUDA training run) against the CPU twin of the
+/// single-tensor update, `ops::adamw_update`: tensors of one and several chunks, with and
+/// without weight decay, f32 and bf16 gradients, scaled by a clipping factor.
+#[test]
+fn emulated_multi_tensor_adamw_matches_cpu() {
+    use patchlm_model::ops::{adamw_update, AdamWStep};
+    let chunk = launch::MULTI_CHUNK;
+    let sizes = [chunk + 9, 7, 0, 300];
+    let step =
+        AdamWStep { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-4, bias1: 0.19, bias2: 0.0975 };
+    let gscale = 0.37f32;
+    let r = |n: usize, sd: f32| Tensor::randn(0f32, sd, n, &Device::Cpu).unwrap();
+    let params: Vec<Tensor> = sizes.iter().map(|&n| r(n, 1.0)).collect();
+    let grads: Vec<Tensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| if i % 2 == 1 { r(n, 0.1).to_dtype(DType::BF16).unwrap() } else { r(n, 0.1) })
+        .collect();
+    let moments: Vec<Tensor> =
+        sizes.iter().map(|&n| Tensor::stack(&[r(n, 0.01), r(n, 0.001).abs().unwrap()], 0).unwrap()).collect();
+    let decays = [true, false, true, true];
+    // Arguments: the table, nt, chunk, the eight step constants, the gradient scale; then per
+    // tensor its parameter, gradient and moments buffers.
+    let first = 12;
+    let entries: Vec<[u64; 5]> = (0..sizes.len())
+        .map(|i| {
+            let b = first + 3 * i;
+            let flags = decays[i] as u64 | if grads[i].dtype() == DType::BF16 { 2 } else { 0 };
+            [reloc(b, 0), reloc(b + 1, 0), reloc(b + 2, 0), sizes[i] as u64, flags]
+        })
+        .collect();
+    let (table, blocks) = launch::multi_table(&entries);
+    let mut args = vec![A::Table(table), A::I(sizes.len() as i64), A::I(chunk as i64)];
+    args.extend(step.kernel_args().iter().chain([&gscale]).map(|&x| A::F(x)));
+    for i in 0..sizes.len() {
+        args.extend([A::Extra(bytes(&params[i])), A::Extra(bytes(&grads[i])), A::Extra(bytes(&moments[i]))]);
+    }
+    emulate("multi_adamw_f32", launch::multi(blocks), &mut args);
+    for i in 0..sizes.len() {
+        let s = AdamWStep { decay: if decays[i] { step.decay } else { 1.0 }, ..step };
+        let g = (grads[i].to_dtype(DType::F32).unwrap() * gscale as f64).unwrap();
+        let (p, m) = adamw_update(&params[i], &g, &moments[i], &s).unwrap();
+        let b = first + 3 * i;
+        let got_p = output(&args[b], DType::F32, &[sizes[i]]);
+        let got_m = output(&args[b + 2], DType::F32, &[2 * sizes[i]]);
+        if sizes[i] == 0 {
+            continue;
+        }
+        assert!(max_rel(&got_p, &p) < 1e-5, "tensor {i}: parameter");
+        assert!(max_rel(&got_m, &m.flatten_all().unwrap()) < 1e-5, "tensor {i}: moments");
+        assert!(max_rel(&got_p, &params[i]) > 1e-6, "tensor {i} did not move");
+    }
+}
