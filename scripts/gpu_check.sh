@@ -13,8 +13,8 @@
 # torch.compile's warm-up, in order of what matters most should the call's time run out; every
 # measurement is printed as it is made, so a section cut by its timeout keeps them; with little
 # device time left, `kernels optin flash gpt2 370m` in one call and `kernels track` in another).
-# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_FLASH_TC,
-# PATCHLM_FLASH_MMA: written since the last device run, their math checked on the CPU by
+# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_DEVICE_CLIP,
+# PATCHLM_FLASH_TC, PATCHLM_FLASH_MMA: written since the last device run, their math checked on the CPU by
 # tests/emulated.rs) are turned on for the sections after `kernels` only when their device tests
 # passed (each tensor-core flash family's tests run in a process of their own and decide its
 # switch; the others decide the rest); `optin` times a training step with them off and on, `flash`
@@ -58,7 +58,7 @@ for s in $sections; do
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
-                 PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1}
+                 PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
              else
                export PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
                tc=0; mma=0
@@ -66,12 +66,14 @@ for s in $sections; do
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              echo "opt-in kernels: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
-               "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA" ;;
+               "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
+               "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA" ;;
     optin) # Opt-in kernels off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
              on=${run%:*}; rel=${run#*:}
              PATCHLM_CUDA_POOL_RELEASE=$rel PATCHLM_LAYOUT_CUDA=$on PATCHLM_ROWS_CUDA=$on PATCHLM_BF16_GRADS=$on \
+               PATCHLM_DEVICE_CLIP=$on \
                timeout 90 /tmp/bin/xtask bench model --preset gpt2-small \
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | sed "s/^{/{\"optin_kernels\": $on, \"pool_release\": $rel, /" | tee -a "$OUT/optin.txt"
@@ -103,10 +105,12 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else ""
              echo "fastest flash attention on gpt2-small: $best (kept for the sections that follow)"
            fi ;;
     optin-each)
-           # Each opt-in family alone (layout, rows, bf16 gradients), to attribute the optin gain.
-           for on in "1 0 0" "0 1 0" "0 0 1"; do
+           # Each opt-in family alone (layout, rows, bf16 gradients, device clip), to attribute the
+           # optin gain.
+           for on in "1 0 0 0" "0 1 0 0" "0 0 1 0" "0 0 0 1"; do
              set -- $on
-             PATCHLM_LAYOUT_CUDA=$1 PATCHLM_ROWS_CUDA=$2 PATCHLM_BF16_GRADS=$3 timeout 90 /tmp/bin/xtask bench model \
+             PATCHLM_LAYOUT_CUDA=$1 PATCHLM_ROWS_CUDA=$2 PATCHLM_BF16_GRADS=$3 PATCHLM_DEVICE_CLIP=$4 \
+               timeout 90 /tmp/bin/xtask bench model \
                --preset gpt2-small --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | tee -a "$OUT/optin-each.txt"
            done ;;

@@ -417,6 +417,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
                     "bf16_grads": patchlm_model::compute_dtype_grads(),
+                    "device_clip": device.is_cuda() && patchlm_model::ops::device_clip_enabled(),
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                 },
@@ -449,9 +450,10 @@ fn train_step(
     let t_bwd_enq = t0.elapsed().as_secs_f64() - t_fwd;
     sync(parts)?;
     let t_bwd = t0.elapsed().as_secs_f64();
-    let norm = patchlm_train::grad_norm(&g)?;
-    opt.step_scaled(&g, 3e-4, patchlm_train::clip_scale(norm, 1.0))?;
+    // As the trainer: the update enqueued with the clipping to norm 1, the norm read after.
+    let sumsq = opt.step_clipped(&g, 3e-4, 1.0)?;
     sync(parts)?;
+    sumsq.to_scalar::<f64>()?;
     let t = t0.elapsed().as_secs_f64();
     Ok([t_enq, t_fwd, t_bwd - t_fwd, t - t_bwd, t_bwd_enq, t])
 }

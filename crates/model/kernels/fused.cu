@@ -874,9 +874,18 @@ extern "C" __global__ void multi_sumsq_f32(const unsigned long long* tab, int nt
 
 // AdamW over every tensor of the table in place: p (n), g (n), mv (2n: m then v). Gradients are
 // multiplied by gscale first (the clipping coefficient); decay applies where the flag is set.
+// With `sumsq` (the gradients' global sum of squares, on the device) the coefficient is computed
+// here instead, as the host's clip factor: max_norm / (norm + 1e-6) capped at 1 (1 for max_norm
+// <= 0), and a non-finite norm leaves everything unchanged; so the host need not read the norm
+// before it enqueues the update.
 extern "C" __global__ void multi_adamw_f32(const unsigned long long* tab, int nt, int chunk, float b1, float b2,
                                            float ob1, float ob2, float eps, float decay, float step, float sbc2,
-                                           float gscale) {
+                                           float gscale, const double* sumsq, double max_norm) {
+    if (sumsq) {
+        double norm = sqrt(*sumsq);
+        if (!isfinite(norm)) return;
+        gscale = max_norm > 0.0 ? (float)fmin(1.0, max_norm / (norm + 1e-6)) : 1.0f;
+    }
     unsigned long long b = blockIdx.x;
     int i = multi_owner(tab, nt, b);
     const unsigned long long* e = tab + (nt + 1) + 5 * i;

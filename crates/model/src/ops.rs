@@ -1553,6 +1553,28 @@ fn multi_tensor_cuda(device: &Device) -> bool {
 /// and moments in place (in the style of apex's `multi_tensor_apply`); elsewhere, one
 /// [`adamw_update`] per parameter. Both compute PyTorch's `AdamW` update (see [`AdamWStep`]).
 pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f64) -> candle_core::Result<()> {
+    check_adamw_slots(slots)?;
+    #[cfg(feature = "cuda")]
+    if let Some(first) = slots.first() {
+        if let Device::Cuda(dev) = first.param.device() {
+            if multi_tensor_cuda(first.param.device()) {
+                return cuda::multi_adamw(dev, slots, step, grad_scale, None);
+            }
+        }
+    }
+    for s in slots.iter_mut() {
+        let step = AdamWStep { decay: if s.decay { step.decay } else { 1.0 }, ..*step };
+        let g = s.grad.to_dtype(DType::F32)?;
+        let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
+        let (p, m) = adamw_update(s.param.as_tensor(), &g, s.moments, &step)?;
+        s.param.set(&p)?;
+        *s.moments = m;
+    }
+    Ok(())
+}
+
+/// The dtypes and shapes [`adamw_multi`] needs.
+fn check_adamw_slots(slots: &[AdamWSlot<'_>]) -> candle_core::Result<()> {
     for s in slots.iter() {
         let n = s.param.elem_count();
         if s.param.dtype() != DType::F32 || s.moments.dtype() != DType::F32 {
@@ -1570,23 +1592,62 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
             );
         }
     }
+    Ok(())
+}
+
+/// The factor that gradients with global norm `norm` are scaled by to clip them to `max_norm`,
+/// as torch's `clip_grad_norm_`: `max_norm / (norm + 1e-6)` capped at 1; 1 when `max_norm` ≤ 0
+/// (no clipping) or the norm is not finite.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+static DEVICE_CLIP: Switch = Switch::new("PATCHLM_DEVICE_CLIP", true, false);
+
+/// Lets [`adamw_multi_clipped`] hand the gradients' sum of squares to the multi-tensor CUDA
+/// kernel, which computes the clipping factor itself: the host enqueues the update without
+/// waiting for the norm. Opt-in (also `PATCHLM_DEVICE_CLIP=1`) until `tests/cuda.rs` has run it
+/// on a GPU; off, the host reads the norm first (a wait for the device in every step).
+pub fn set_device_clip(enabled: bool) {
+    DEVICE_CLIP.set(enabled);
+}
+
+/// Whether [`set_device_clip`] is on.
+pub fn device_clip_enabled() -> bool {
+    DEVICE_CLIP.get()
+}
+
+/// [`adamw_multi`] with the gradients clipped to the global norm `max_norm` (see
+/// [`clip_factor`]), given their sum of squares `sumsq` (an f64 scalar on their device, from
+/// [`sum_of_squares`]). A non-finite norm updates nothing. With the multi-tensor CUDA kernel and
+/// [`set_device_clip`] on, the kernel reads `sumsq` itself; elsewhere it is read here first.
+pub fn adamw_multi_clipped(
+    slots: &mut [AdamWSlot<'_>],
+    step: &AdamWStep,
+    sumsq: &Tensor,
+    max_norm: f64,
+) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let Some(first) = slots.first() {
         if let Device::Cuda(dev) = first.param.device() {
-            if multi_tensor_cuda(first.param.device()) {
-                return cuda::multi_adamw(dev, slots, step, grad_scale);
+            if multi_tensor_cuda(first.param.device())
+                && DEVICE_CLIP.get()
+                && sumsq.device().same_device(first.param.device())
+            {
+                check_adamw_slots(slots)?;
+                return cuda::multi_adamw(dev, slots, step, 1.0, Some((sumsq, max_norm)));
             }
         }
     }
-    for s in slots.iter_mut() {
-        let step = AdamWStep { decay: if s.decay { step.decay } else { 1.0 }, ..*step };
-        let g = s.grad.to_dtype(DType::F32)?;
-        let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
-        let (p, m) = adamw_update(s.param.as_tensor(), &g, s.moments, &step)?;
-        s.param.set(&p)?;
-        *s.moments = m;
+    let norm = sumsq.to_dtype(DType::F64)?.flatten_all()?.get(0)?.to_scalar::<f64>()?.sqrt();
+    if !norm.is_finite() {
+        return Ok(());
     }
-    Ok(())
+    adamw_multi(slots, step, clip_factor(norm, max_norm))
 }
 
 /// Σ x² over every element of every tensor, as an f64 scalar on their device (e.g. for the global
@@ -2918,6 +2979,18 @@ mod cuda {
         grad_addr(t, what).map(|(a, _)| a)
     }
 
+    /// The device address of a one-element f64 CUDA tensor (a sum of squares).
+    fn f64_scalar_addr(t: &candle_core::Tensor) -> Result<u64> {
+        let (st, l) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(cs) = &*st else { candle_core::bail!("adamw_multi: the norm is not on CUDA") };
+        if t.dtype() != DType::F64 || t.elem_count() != 1 {
+            candle_core::bail!("adamw_multi: the sum of squares must be one f64, got {:?} {:?}", t.dtype(), t.dims());
+        }
+        let stream = cs.device().cuda_stream();
+        let (ptr, _sync) = cs.as_cuda_slice::<f64>()?.device_ptr(&stream);
+        Ok(ptr + (l.start_offset() * 8) as u64)
+    }
+
     /// The device address of a contiguous f32 or bf16 CUDA tensor, and the multi-tensor table's
     /// flag bit for its dtype (2 for bf16, see kernels/fused.cu).
     fn grad_addr(t: &candle_core::Tensor, what: &str) -> Result<(u64, u64)> {
@@ -2939,11 +3012,14 @@ mod cuda {
     }
 
     /// [`super::adamw_multi`] on CUDA: one launch of `multi_adamw_f32` over every slot, in place.
+    /// With `clip` (the gradients' global sum of squares, an f64 scalar on the device, and the
+    /// largest norm), the kernel computes the clipping factor itself and `grad_scale` is unused.
     pub fn multi_adamw(
         dev: &CudaDevice,
         slots: &mut [super::AdamWSlot<'_>],
         step: &super::AdamWStep,
         grad_scale: f64,
+        clip: Option<(&candle_core::Tensor, f64)>,
     ) -> Result<()> {
         let device = candle_core::Device::Cuda(dev.clone());
         // Contiguous gradients, kept alive until the kernel is enqueued (frees are stream-ordered).
@@ -2984,6 +3060,12 @@ mod cuda {
         for x in k.iter().chain([&gs]) {
             b.arg(x);
         }
+        let (sumsq, max_norm) = match clip {
+            Some((t, m)) => (f64_scalar_addr(t)?, m),
+            None => (0u64, 0.0f64),
+        };
+        b.arg(&sumsq);
+        b.arg(&max_norm);
         unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
         drop(grads);
         Ok(())

@@ -238,7 +238,10 @@ fn cuda_multi_tensor_adamw_matches_cpu() {
     patchlm_model::ops::set_multi_tensor_cuda(true);
     let h = AdamWStep { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-5, bias1: 0.19, bias2: 0.0975 };
     let inputs = multi_inputs();
-    let run = |d: &Device| {
+    // `clip`: clipped to norm 0.5 by `adamw_multi_clipped`, the norm computed by the kernel on
+    // the GPU (ops::set_device_clip) and read by the host on the CPU; else a given factor.
+    patchlm_model::ops::set_device_clip(true);
+    let run = |d: &Device, clip: bool| {
         let vars: Vec<Var> = inputs.iter().map(|(p, ..)| Var::from_tensor(&p.to_device(d).unwrap()).unwrap()).collect();
         // Every third gradient in bf16 (read as it is by the kernel, cast on the CPU).
         let grads: Vec<Tensor> = inputs
@@ -264,18 +267,27 @@ fn cuda_multi_tensor_adamw_matches_cpu() {
             .zip(&inputs)
             .map(|(((param, grad), moments), x)| AdamWSlot { param, grad, moments, decay: x.3 })
             .collect();
-        adamw_multi(&mut slots, &h, 0.43).unwrap();
+        if clip {
+            let refs: Vec<&Tensor> = grads.iter().collect();
+            let sumsq = sum_of_squares(&refs).unwrap();
+            patchlm_model::ops::adamw_multi_clipped(&mut slots, &h, &sumsq, 0.5).unwrap();
+        } else {
+            adamw_multi(&mut slots, &h, 0.43).unwrap();
+        }
         drop(slots);
         let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
         vars.iter().zip(&moments).map(|(v, m)| (cpu(v.as_tensor()), cpu(m))).collect::<Vec<_>>()
     };
-    let (want, got) = (run(&Device::Cpu), run(&g));
-    for (i, ((pc, mc), (pg, mg))) in want.iter().zip(&got).enumerate() {
-        assert!(max_rel(mg, mc) < 1e-6, "tensor {i}: moments");
-        let p0 = &inputs[i].0;
-        let e = max_rel(&(pg - p0).unwrap(), &(pc - p0).unwrap());
-        assert!(e < 1e-3, "tensor {i}: parameter update rel err {e}");
+    for clip in [false, true] {
+        let (want, got) = (run(&Device::Cpu, clip), run(&g, clip));
+        for (i, ((pc, mc), (pg, mg))) in want.iter().zip(&got).enumerate() {
+            assert!(max_rel(mg, mc) < 1e-6, "clip {clip}: tensor {i}: moments");
+            let p0 = &inputs[i].0;
+            let e = max_rel(&(pg - p0).unwrap(), &(pc - p0).unwrap());
+            assert!(e < 1e-3, "clip {clip}: tensor {i}: parameter update rel err {e}");
+        }
     }
+    patchlm_model::ops::set_device_clip(false);
 }
 
 #[test]

@@ -85,6 +85,8 @@ enum A {
     Extra(Vec<u8>),
     /// A parameter of 64-bit words, those made by [`reloc`] replaced by buffer addresses.
     Table(Vec<u64>),
+    /// A null pointer.
+    Null,
 }
 
 /// A table word that the harness replaces by the address of argument `arg`'s buffer plus `bytes`.
@@ -125,6 +127,9 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
             A::Table(w) => {
                 std::fs::write(&path, w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
                 cmd.arg(format!("t:{}", path.display()));
+            }
+            A::Null => {
+                cmd.arg("z:");
             }
         }
     }
@@ -735,15 +740,16 @@ fn emulated_multi_tensor_kernels_match_cpu() {
 
 /// `multi_adamw_f32` (the optimizer step of every CUDA training run) against the CPU twin of the
 /// single-tensor update, `ops::adamw_update`: tensors of one and several chunks, with and
-/// without weight decay, f32 and bf16 gradients, scaled by a clipping factor.
+/// without weight decay, f32 and bf16 gradients, scaled by a clipping factor given by the host or
+/// computed by the kernel from the gradients' sum of squares (`ops::clip_factor`'s formula), and a
+/// non-finite sum of squares leaving everything as it was.
 #[test]
 fn emulated_multi_tensor_adamw_matches_cpu() {
-    use patchlm_model::ops::{adamw_update, AdamWStep};
+    use patchlm_model::ops::{adamw_update, clip_factor, AdamWStep};
     let chunk = launch::MULTI_CHUNK;
     let sizes = [chunk + 9, 7, 0, 300];
     let step =
         AdamWStep { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-4, bias1: 0.19, bias2: 0.0975 };
-    let gscale = 0.37f32;
     let r = |n: usize, sd: f32| Tensor::randn(0f32, sd, n, &Device::Cpu).unwrap();
     let params: Vec<Tensor> = sizes.iter().map(|&n| r(n, 1.0)).collect();
     let grads: Vec<Tensor> = sizes
@@ -754,9 +760,9 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
     let moments: Vec<Tensor> =
         sizes.iter().map(|&n| Tensor::stack(&[r(n, 0.01), r(n, 0.001).abs().unwrap()], 0).unwrap()).collect();
     let decays = [true, false, true, true];
-    // Arguments: the table, nt, chunk, the eight step constants, the gradient scale; then per
-    // tensor its parameter, gradient and moments buffers.
-    let first = 12;
+    // Arguments: the table, nt, chunk, the eight step constants, the gradient scale, the sum of
+    // squares (or null) and the largest norm; then per tensor its parameter, gradient and moments.
+    let first = 14;
     let entries: Vec<[u64; 5]> = (0..sizes.len())
         .map(|i| {
             let b = first + 3 * i;
@@ -765,24 +771,41 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         })
         .collect();
     let (table, blocks) = launch::multi_table(&entries);
-    let mut args = vec![A::Table(table), A::I(sizes.len() as i64), A::I(chunk as i64)];
-    args.extend(step.kernel_args().iter().chain([&gscale]).map(|&x| A::F(x)));
-    for i in 0..sizes.len() {
-        args.extend([A::Extra(bytes(&params[i])), A::Extra(bytes(&grads[i])), A::Extra(bytes(&moments[i]))]);
-    }
-    emulate("multi_adamw_f32", launch::multi(blocks), &mut args);
-    for i in 0..sizes.len() {
-        let s = AdamWStep { decay: if decays[i] { step.decay } else { 1.0 }, ..step };
-        let g = (grads[i].to_dtype(DType::F32).unwrap() * gscale as f64).unwrap();
-        let (p, m) = adamw_update(&params[i], &g, &moments[i], &s).unwrap();
-        let b = first + 3 * i;
-        let got_p = output(&args[b], DType::F32, &[sizes[i]]);
-        let got_m = output(&args[b + 2], DType::F32, &[2 * sizes[i]]);
-        if sizes[i] == 0 {
-            continue;
+    // (host factor, sum of squares given to the kernel, largest norm): the factor the update
+    // should use, None for no update at all.
+    let sumsq = 2.25f64; // norm 1.5
+    let cases = [
+        (0.37f32, None, 0.0f32, Some(0.37f64)),
+        (9.0, Some(sumsq), 0.5, Some(clip_factor(1.5, 0.5))),
+        (9.0, Some(sumsq), 2.0, Some(1.0)),
+        (9.0, Some(sumsq), 0.0, Some(1.0)),
+        (9.0, Some(f64::NAN), 0.5, None),
+    ];
+    for (gscale, given, max_norm, factor) in cases {
+        let what = format!("scale {gscale}, sum of squares {given:?}, max norm {max_norm}");
+        let mut args = vec![A::Table(table.clone()), A::I(sizes.len() as i64), A::I(chunk as i64)];
+        args.extend(step.kernel_args().iter().chain([&gscale]).map(|&x| A::F(x)));
+        args.push(given.map_or(A::Null, |s| A::Buf(s.to_le_bytes().to_vec())));
+        args.push(A::F(max_norm));
+        for i in 0..sizes.len() {
+            args.extend([A::Extra(bytes(&params[i])), A::Extra(bytes(&grads[i])), A::Extra(bytes(&moments[i]))]);
         }
-        assert!(max_rel(&got_p, &p) < 1e-5, "tensor {i}: parameter");
-        assert!(max_rel(&got_m, &m.flatten_all().unwrap()) < 1e-5, "tensor {i}: moments");
-        assert!(max_rel(&got_p, &params[i]) > 1e-6, "tensor {i} did not move");
+        emulate("multi_adamw_f32", launch::multi(blocks), &mut args);
+        for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
+            let b = first + 3 * i;
+            let got_p = output(&args[b], DType::F32, &[sizes[i]]);
+            let got_m = output(&args[b + 2], DType::F32, &[2 * sizes[i]]);
+            let Some(f) = factor else {
+                assert_eq!(max_rel(&got_p, &params[i]), 0.0, "{what}: tensor {i} moved");
+                assert_eq!(max_rel(&got_m, &moments[i].flatten_all().unwrap()), 0.0, "{what}: moments {i} moved");
+                continue;
+            };
+            let s = AdamWStep { decay: if decays[i] { step.decay } else { 1.0 }, ..step };
+            let g = (grads[i].to_dtype(DType::F32).unwrap() * (f as f32) as f64).unwrap();
+            let (p, m) = adamw_update(&params[i], &g, &moments[i], &s).unwrap();
+            assert!(max_rel(&got_p, &p) < 1e-5, "{what}: tensor {i}: parameter");
+            assert!(max_rel(&got_m, &m.flatten_all().unwrap()) < 1e-5, "{what}: tensor {i}: moments");
+            assert!(max_rel(&got_p, &params[i]) > 1e-6, "{what}: tensor {i} did not move");
+        }
     }
 }

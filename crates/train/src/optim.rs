@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 use patchlm_model::fused_ops_supported;
-use patchlm_model::ops::{adamw_multi, sum_of_squares, AdamWSlot, AdamWStep};
+use patchlm_model::ops::{adamw_multi, adamw_multi_clipped, sum_of_squares, AdamWSlot, AdamWStep};
 
 use crate::error::{Result, TrainError};
 
@@ -87,6 +87,22 @@ impl AdamW {
     /// `patchlm_model::ops::adamw_multi` (one kernel launch on CUDA unless
     /// `PATCHLM_MULTI_TENSOR_CUDA=0`).
     pub fn step_scaled(&mut self, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
+        self.update(grads, lr, Scale::Factor(grad_scale))
+    }
+
+    /// One update with the gradients clipped to the global norm `max_norm` (as [`clip_scale`];
+    /// 0 or less: no clipping) without reading the norm first: returns the gradients' sum of
+    /// squares as an f64 scalar on their device, to be read (the norm is its square root) once
+    /// the update is enqueued. A non-finite norm leaves parameters and moments unchanged (the
+    /// step still counts). On CUDA with `patchlm_model::ops::set_device_clip` on, the
+    /// multi-tensor kernel computes the factor on the device, so the step never waits for it.
+    pub fn step_clipped(&mut self, grads: &HashMap<String, Tensor>, lr: f64, max_norm: f64) -> Result<Tensor> {
+        let sumsq = grad_sum_of_squares(grads)?;
+        self.update(grads, lr, Scale::Clip(&sumsq, max_norm))?;
+        Ok(sumsq)
+    }
+
+    fn update(&mut self, grads: &HashMap<String, Tensor>, lr: f64, scale: Scale<'_>) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -110,6 +126,21 @@ impl AdamW {
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let fused = |s: &Slot| self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device());
+        // The clipping factor on the host: always for Factor, for Clip only where a slot is
+        // updated outside the multi-tensor batch (reading the norm waits for the device).
+        let host_factor = match scale {
+            Scale::Factor(f) => Some(f),
+            Scale::Clip(sumsq, max_norm) if self.slots.iter().zip(&grads_in).any(|(s, g)| g.is_some() && !fused(s)) => {
+                let norm = sumsq.to_scalar::<f64>()?.sqrt();
+                if !norm.is_finite() {
+                    return Ok(());
+                }
+                Some(clip_scale(norm, max_norm))
+            }
+            Scale::Clip(..) => None,
+        };
+        let grad_scale = host_factor.unwrap_or(1.0);
         let mut batch = Vec::new();
         for (s, g) in self.slots.iter_mut().zip(&grads_in) {
             let Some(g) = g else { continue };
@@ -131,7 +162,10 @@ impl AdamW {
             s.moments = Tensor::stack(&[m, v], 0)?;
         }
         if !batch.is_empty() {
-            adamw_multi(&mut batch, &h, grad_scale)?;
+            match (host_factor, scale) {
+                (None, Scale::Clip(sumsq, max_norm)) => adamw_multi_clipped(&mut batch, &h, sumsq, max_norm)?,
+                _ => adamw_multi(&mut batch, &h, grad_scale)?,
+            }
         }
         Ok(())
     }
@@ -173,24 +207,35 @@ impl AdamW {
 
 /// The global L2 norm of all gradients (one host sync; see `patchlm_model::ops::sum_of_squares`).
 pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
+    Ok(grad_sum_of_squares(grads)?.to_scalar::<f64>()?.sqrt())
+}
+
+/// The sum of squares of every gradient (in name order), an f64 scalar on their device (0 on
+/// the CPU when there are none).
+fn grad_sum_of_squares(grads: &HashMap<String, Tensor>) -> Result<Tensor> {
     let mut names: Vec<&String> = grads.keys().collect();
     if names.is_empty() {
-        return Ok(0.0);
+        return Ok(Tensor::new(0f64, &candle_core::Device::Cpu)?);
     }
     names.sort();
     let tensors: Vec<&Tensor> = names.iter().map(|n| &grads[*n]).collect();
-    Ok(sum_of_squares(&tensors)?.to_scalar::<f64>()?.sqrt())
+    Ok(sum_of_squares(&tensors)?)
+}
+
+/// How [`AdamW::update`] scales the gradients.
+#[derive(Clone, Copy)]
+enum Scale<'a> {
+    /// By this factor.
+    Factor(f64),
+    /// Clipped to the norm (second) from their sum of squares (first).
+    Clip(&'a Tensor, f64),
 }
 
 /// The factor torch's `clip_grad_norm_` scales gradients by for a global norm `norm`:
 /// `max_norm / (norm + 1e-6)`, capped at 1; 1 when `max_norm` ≤ 0 (no clipping) or the norm is
 /// not finite.
 pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm.is_finite() {
-        (max_norm / (norm + 1e-6)).min(1.0)
-    } else {
-        1.0
-    }
+    patchlm_model::ops::clip_factor(norm, max_norm)
 }
 
 /// Scales gradients so their global norm is at most `max_norm` (as torch's `clip_grad_norm_`,

@@ -13,7 +13,7 @@ use patchlm_patch::{patch_forward, patch_loss, BlockFile, BlockReader, PatchMani
 use crate::checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, TrainState};
 use crate::config::RunConfig;
 use crate::error::{io, Result, TrainError};
-use crate::optim::{clip_scale, grad_norm, lr_at, AdamW};
+use crate::optim::{lr_at, AdamW};
 
 /// One phase of a run, planned before training starts.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -470,6 +470,9 @@ impl<'a> Trainer<'a> {
                     }
                     done += c;
                 }
+                // The update goes in before anything is read back: with the norm on the device
+                // (ops::set_device_clip) the step waits for the device only here, once.
+                let sumsq = opt.step_clipped(&acc, lr, tc.grad_clip)?;
                 let mut loss_sum = 0.0;
                 for (loss, w) in losses {
                     let lv = loss.to_scalar::<f32>()? as f64;
@@ -484,7 +487,7 @@ impl<'a> Trainer<'a> {
                     }
                     loss_sum += lv * w;
                 }
-                let gn = grad_norm(&acc)?;
+                let gn = sumsq.to_scalar::<f64>()?.sqrt();
                 if !gn.is_finite() {
                     pb.abandon();
                     return Err(TrainError::NonFinite {
@@ -494,7 +497,6 @@ impl<'a> Trainer<'a> {
                         global_step: state.global_step + 1,
                     });
                 }
-                opt.step_scaled(&acc, lr, clip_scale(gn, tc.grad_clip))?;
                 let dt = t0.elapsed().as_secs_f64();
                 state.phase_step += 1;
                 state.global_step += 1;

@@ -15,12 +15,12 @@ use common::pipeline;
 #[test]
 fn adamw_and_clipping_match_pytorch() {
     // tests/fixtures/make_adamw_golden.py: torch.optim.AdamW + clip_grad_norm_, three steps.
-    // Four ways to the same numbers: clipping the gradients (clip_grad_norm) or passing the factor
-    // to the optimizer (step_scaled, as the trainer does), each with the fused and the tensor
-    // update.
+    // Six ways to the same numbers: clipping the gradients (clip_grad_norm), passing the factor to
+    // the optimizer (step_scaled) or the norm's computation too (step_clipped, as the trainer
+    // does), each with the fused and the tensor update.
     let g: serde_json::Value = serde_json::from_str(include_str!("fixtures/adamw_golden.json")).unwrap();
     let dev = Device::Cpu;
-    for (scaled, fused) in [(false, true), (false, false), (true, true), (true, false)] {
+    for (way, fused) in [(0, true), (0, false), (1, true), (1, false), (2, true), (2, false)] {
         let w = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0], [0.1, 0.2, -0.3]], &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap()).unwrap();
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -32,14 +32,18 @@ fn adamw_and_clipping_match_pytorch() {
             let mut grads: HashMap<String, Tensor> = HashMap::new();
             grads.insert("w".into(), Tensor::new(gw, &dev).unwrap());
             grads.insert("b".into(), Tensor::new(gb, &dev).unwrap());
-            let norm = if scaled {
-                let norm = grad_norm(&grads).unwrap();
-                opt.step_scaled(&grads, 1e-2, clip_scale(norm, 1.0)).unwrap();
-                norm
-            } else {
-                let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
-                opt.step(&grads, 1e-2).unwrap();
-                norm
+            let norm = match way {
+                0 => {
+                    let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+                    opt.step(&grads, 1e-2).unwrap();
+                    norm
+                }
+                1 => {
+                    let norm = grad_norm(&grads).unwrap();
+                    opt.step_scaled(&grads, 1e-2, clip_scale(norm, 1.0)).unwrap();
+                    norm
+                }
+                _ => opt.step_clipped(&grads, 1e-2, 1.0).unwrap().to_scalar::<f64>().unwrap().sqrt(),
             };
             assert!((norm - g["norms"][i].as_f64().unwrap()).abs() < 1e-5, "step {i}: norm {norm}");
         }
@@ -49,11 +53,11 @@ fn adamw_and_clipping_match_pytorch() {
         let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
         for (r, wr) in got_w.iter().zip(&want_w) {
             for (a, e) in r.iter().zip(wr) {
-                assert!((a - e).abs() < 1e-6, "scaled {scaled} fused {fused}: w {a} vs {e}");
+                assert!((a - e).abs() < 1e-6, "way {way} fused {fused}: w {a} vs {e}");
             }
         }
         for (a, e) in got_b.iter().zip(&want_b) {
-            assert!((a - e).abs() < 1e-6, "scaled {scaled} fused {fused}: b {a} vs {e}");
+            assert!((a - e).abs() < 1e-6, "way {way} fused {fused}: b {a} vs {e}");
         }
         // State round trip.
         let (state, steps) = opt.state();
@@ -63,6 +67,21 @@ fn adamw_and_clipping_match_pytorch() {
             AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], AdamWConfig::default()).unwrap();
         fresh.load_state(&map, 3).unwrap();
         assert_eq!(fresh.steps(), 3);
+        // A non-finite gradient: step_clipped changes nothing (the trainer stops on the norm).
+        let before = (
+            w.as_tensor().to_vec2::<f32>().unwrap(),
+            opt.state().0[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        grads.insert("w".into(), Tensor::new(&[[f32::NAN, 0.0, 0.0], [0.0; 3]], &dev).unwrap());
+        grads.insert("b".into(), Tensor::new(&[0.5f32, 0.5, 0.5], &dev).unwrap());
+        let sumsq = opt.step_clipped(&grads, 1e-2, 1.0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(sumsq.is_nan());
+        let after = (
+            w.as_tensor().to_vec2::<f32>().unwrap(),
+            opt.state().0[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(before, after, "way {way} fused {fused}: a NaN gradient moved the parameters");
     }
 }
 

@@ -4,7 +4,7 @@
 //   harness KERNEL GX,GY,GZ BX,BY,BZ ARG...
 //
 // with each ARG one of `p:FILE` (a device buffer: the file's bytes, written back to FILE after the
-// launch), `o:N:FILE` (the same buffer seen from N bytes past its start, to test unaligned paths), `i:N` (int), `l:N` (long long), `u:N` (unsigned), `f:X` (float). The argument list must
+// launch), `o:N:FILE` (the same buffer seen from N bytes past its start, to test unaligned paths), `i:N` (int), `l:N` (long long), `u:N` (unsigned), `f:X` (float or double), `z:` (a null pointer). The argument list must
 // match the kernel's parameters in number and kind, but for two kinds of buffer that the
 // multi-tensor kernels need: `b:FILE`, a buffer that is not a parameter (only a table points to
 // it), and `t:FILE`, a parameter holding 64-bit words of which those tagged RELOC | (argument
@@ -44,6 +44,7 @@ struct Arg {
 template <typename T>
 T conv(const Arg& a, size_t idx) {
     if constexpr (std::is_pointer<T>::value) {
+        if (a.kind == 'z') return nullptr;
         if (a.kind != 'p') fail("argument " + std::to_string(idx) + " must be a buffer (p:FILE)");
         return reinterpret_cast<T>(static_cast<char*>(a.ptr) + a.offset);
     } else if constexpr (std::is_floating_point<T>::value) {
@@ -137,6 +138,8 @@ int main(int argc, char** argv) {
             fclose(f);
         } else if (x.kind == 'f') {
             x.f = strtod(val.c_str(), nullptr);
+        } else if (x.kind == 'z') {
+            // a null pointer
         } else if (x.kind == 'i' || x.kind == 'l' || x.kind == 'u') {
             x.i = strtoll(val.c_str(), nullptr, 10);
         } else {
