@@ -116,6 +116,9 @@ pub struct Tape {
     last: Tensor,
     /// The final norm's weight in the compute dtype.
     norm: Tensor,
+    /// The LM head's weight in the compute dtype (cast with the decoder's weights, used by
+    /// [`Llama::logits_tape`] and [`Llama::logits_backward`]).
+    head: Tensor,
     /// The dtype of the input embeddings (the gradient is returned in it).
     input_dtype: DType,
 }
@@ -177,7 +180,7 @@ impl Llama {
             candle_core::bail!("forward_tape needs the fused ops on {:?}", x.device());
         }
         let cd = self.compute_dtype;
-        let (weights, final_norm) = compute_weights(self, x.device())?;
+        let (weights, final_norm, head) = compute_weights(self, x.device())?;
         // Each layer's output is carried as (h, delta) and added by the next norm's kernel
         // (ops::add_rms_norm).
         let mut carry = (x.detach().to_dtype(cd)?.reshape((b * t, d))?, None);
@@ -188,7 +191,7 @@ impl Llama {
             carry = (h, Some(delta));
         }
         let (last, hidden) = norm_of(&carry, &final_norm, self.norm.eps)?;
-        Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, norm: final_norm, input_dtype: x.dtype() }))
+        Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, norm: final_norm, head, input_dtype: x.dtype() }))
     }
 
     /// The backward pass of [`Llama::forward_tape`]: from the gradient of the final hidden
@@ -207,20 +210,28 @@ impl Llama {
         dx.reshape((b, t, d))?.to_dtype(tape.input_dtype)
     }
 
-    /// The LM head without recording a graph: hidden (B, T, D) → logits (B, T, V).
-    pub fn logits_tape(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+    /// The LM head without recording a graph: hidden (B, T, D) from [`Llama::forward_tape`] →
+    /// logits (B, T, V), with the head's weight as that pass cast it (`tape`).
+    pub fn logits_tape(&self, hidden: &Tensor, tape: &Tape) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
-        let w = detached(&self.lm_head.weight, hidden.dtype())?;
+        let w = head_weight(self, tape, hidden.dtype())?;
         hidden.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))
     }
 
     /// The LM head's backward pass: adds `lm_head.weight`'s gradient to `grads` and returns the
-    /// gradient of `hidden` (B, T, D).
-    pub fn logits_backward(&self, hidden: &Tensor, dlogits: &Tensor, grads: &mut Grads) -> candle_core::Result<Tensor> {
+    /// gradient of `hidden` (B, T, D). `tape` is the forward pass's, before
+    /// [`Llama::backward_tape`] consumes it.
+    pub fn logits_backward(
+        &self,
+        hidden: &Tensor,
+        dlogits: &Tensor,
+        tape: &Tape,
+        grads: &mut Grads,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let v = self.cfg.vocab_size;
         let dl = dlogits.to_dtype(hidden.dtype())?.reshape((b * t, v))?;
-        let w = detached(&self.lm_head.weight, hidden.dtype())?;
+        let w = head_weight(self, tape, hidden.dtype())?;
         accumulate(grads, "lm_head.weight".into(), dl.t()?.matmul(&hidden.reshape((b * t, d))?)?, w_dtype(self))?;
         dl.matmul(&w)?.reshape((b, t, d))
     }
@@ -231,6 +242,15 @@ impl Llama {
         let w = self.embed_tokens.embeddings();
         let g = grad::embedding(ids, &dembeds.to_dtype(w.dtype())?, self.cfg.vocab_size)?;
         accumulate(grads, "model.embed_tokens.weight".into(), g, w.dtype())
+    }
+}
+
+/// The LM head's weight in `dtype`: the tape's copy where it has that dtype, else cast here.
+fn head_weight(m: &Llama, tape: &Tape, dtype: DType) -> candle_core::Result<Tensor> {
+    if tape.head.dtype() == dtype {
+        Ok(tape.head.clone())
+    } else {
+        detached(&m.lm_head.weight, dtype)
     }
 }
 
@@ -247,9 +267,13 @@ fn norm_of(carry: &(Tensor, Option<Tensor>), w: &Tensor, eps: f64) -> candle_cor
     }
 }
 
-/// Every layer's weights and the final norm's in the compute dtype, q/k/v and (where the layout
-/// ops run) gate/up stacked: all cast by one [`ops::cast_groups`] call (one kernel launch on CUDA).
-fn compute_weights(m: &Llama, device: &candle_core::Device) -> candle_core::Result<(Vec<LayerWeights>, Tensor)> {
+/// Every layer's weights, the final norm's and the LM head's in the compute dtype, q/k/v and
+/// (where the layout ops run) gate/up stacked: all cast by one [`ops::cast_groups`] call (one
+/// kernel launch on CUDA).
+fn compute_weights(
+    m: &Llama,
+    device: &candle_core::Device,
+) -> candle_core::Result<(Vec<LayerWeights>, Tensor, Tensor)> {
     let stacked = ops::layout_ops_supported(device) && ops::swiglu_supported(device);
     let mut groups: Vec<Vec<&Tensor>> = Vec::new();
     for l in &m.layers {
@@ -267,6 +291,7 @@ fn compute_weights(m: &Llama, device: &candle_core::Device) -> candle_core::Resu
         groups.push(vec![&mlp.down_proj.weight]);
     }
     groups.push(vec![&m.norm.weight]);
+    groups.push(vec![&m.lm_head.weight]);
     let refs: Vec<&[&Tensor]> = groups.iter().map(|g| g.as_slice()).collect();
     let mut cast = ops::cast_groups(&refs, m.compute_dtype)?.into_iter();
     let mut next = || cast.next().ok_or_else(|| candle_core::Error::Msg("cast_groups: a group went missing".into()));
@@ -276,7 +301,7 @@ fn compute_weights(m: &Llama, device: &candle_core::Device) -> candle_core::Resu
         let mlp = if stacked { Mlp::Stacked(next()?) } else { Mlp::Apart(next()?, next()?) };
         layers.push(LayerWeights { ln1, qkv, o, ln2, mlp, down: next()? });
     }
-    Ok((layers, next()?))
+    Ok((layers, next()?, next()?))
 }
 
 /// One decoder layer with its weights `w` on the residual stream `carry` (see [`norm_of`]):

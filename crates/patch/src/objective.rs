@@ -99,7 +99,7 @@ pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tens
     let input = ids.narrow(1, 0, (n - 1) * k)?.contiguous()?;
     let x = patch_embeddings(&model.embed_tape(&input)?, k)?;
     let (hidden, tape) = model.forward_tape(&x)?;
-    let logits = model.logits_tape(&hidden)?;
+    let logits = model.logits_tape(&hidden, &tape)?;
     let (_, p, v) = logits.dims3()?;
     let logits = logits.reshape((b * p, v))?;
     let targets = ids.narrow(1, k, (n - 1) * k)?.reshape((b * p, k))?.to_dtype(DType::U32)?.contiguous()?;
@@ -124,7 +124,7 @@ pub fn patch_backward_tape(model: &Llama, t: PatchTape, scale: f64) -> Result<Gr
     .reshape((b, p, ()))?;
     drop(logits);
     let mut grads = Grads::new();
-    let dhidden = model.logits_backward(&hidden, &dlogits, &mut grads)?;
+    let dhidden = model.logits_backward(&hidden, &dlogits, &tape, &mut grads)?;
     drop(dlogits);
     let dx = model.backward_tape(tape, &dhidden, &mut grads)?;
     // The patch mean's backward: each of the K tokens gets 1/K of its patch's gradient.
