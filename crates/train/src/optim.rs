@@ -126,12 +126,17 @@ impl AdamW {
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let fused = |s: &Slot| self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device());
+        // Which slots the multi-tensor update takes (f32 parameters with the fused ops).
+        let fused: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device()))
+            .collect();
         // The clipping factor on the host: always for Factor, for Clip only where a slot is
         // updated outside the multi-tensor batch (reading the norm waits for the device).
         let host_factor = match scale {
             Scale::Factor(f) => Some(f),
-            Scale::Clip(sumsq, max_norm) if self.slots.iter().zip(&grads_in).any(|(s, g)| g.is_some() && !fused(s)) => {
+            Scale::Clip(sumsq, max_norm) if fused.iter().zip(&grads_in).any(|(&f, g)| g.is_some() && !f) => {
                 let norm = sumsq.to_scalar::<f64>()?.sqrt();
                 if !norm.is_finite() {
                     return Ok(());
@@ -142,9 +147,9 @@ impl AdamW {
         };
         let grad_scale = host_factor.unwrap_or(1.0);
         let mut batch = Vec::new();
-        for (s, g) in self.slots.iter_mut().zip(&grads_in) {
+        for ((s, g), fused) in self.slots.iter_mut().zip(&grads_in).zip(fused) {
             let Some(g) = g else { continue };
-            if self.fused && s.var.dtype() == DType::F32 && fused_ops_supported(s.var.device()) {
+            if fused {
                 batch.push(AdamWSlot { param: &s.var, grad: g, moments: &mut s.moments, decay: s.decay });
                 continue;
             }
