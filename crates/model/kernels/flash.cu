@@ -1,4 +1,4 @@
-// Causal flash attention kernels of patchlm-model (see src/ops.rs, `flash_attention`, for the
+// Causal flash attention kernels of patchlm-model (see src/ops/flash.rs, `flash_attention`, for the
 // math and the CPU twin they are tested against). Compiled to PTX by build.rs with the `cuda`
 // feature; a module of its own so that processes that never use it do not JIT-compile it.
 

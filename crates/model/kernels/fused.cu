@@ -1,4 +1,4 @@
-// Fused CUDA kernels of patchlm-model (see src/ops.rs for the math and the CPU twins they are
+// Fused CUDA kernels of patchlm-model (see src/ops/ for the math and the CPU twins they are
 // tested against). Compiled to PTX by build.rs when the `cuda` feature is on.
 //
 // Conventions: one thread block per row for row-wise ops; statistics in f32 whatever the storage

@@ -211,7 +211,7 @@ fn cuda_adamw_matches_cpu() {
 
 /// Parameters for the multi-tensor tests: sizes around the 16384-element chunks, a matrix whose
 /// gradient is a transposed (non-contiguous) view. (Empty tensors in the block table are covered
-/// by the CPU unit test of ops.rs.)
+/// by the unit test of `launch::multi_table`.)
 fn multi_inputs() -> Vec<(Tensor, Tensor, Tensor, bool)> {
     let shapes: [&[usize]; 6] = [&[1], &[16384], &[16385], &[300, 257], &[100_003], &[7, 3]];
     shapes

@@ -1,0 +1,267 @@
+//! AdamW: one parameter ([`adamw_update`]) or many at once ([`adamw_multi`], [`adamw_multi_clipped`]), and torch's clip factor.
+
+use super::*;
+
+/// The scalars of one AdamW step (PyTorch's `AdamW` formula, decoupled weight decay):
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p·decay − (lr / bias1) · m / (√v / √bias2 + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Multiplier applied to the parameter first: `1 − lr·weight_decay`, or 1 for no decay.
+    pub decay: f64,
+    /// Bias correction `1 − β1^t`.
+    pub bias1: f64,
+    /// Bias correction `1 − β2^t`.
+    pub bias2: f64,
+}
+
+/// One fused AdamW update: a single pass over the elements of an f32 parameter, its gradient
+/// and its moments `moments` (2, N) = (m, v) in f32. Returns the updated parameter (its shape)
+/// and the updated moments (2, N); nothing is differentiable.
+pub fn adamw_update(
+    param: &Tensor,
+    grad: &Tensor,
+    moments: &Tensor,
+    step: &AdamWStep,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = param.elem_count();
+    if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || moments.dtype() != DType::F32 {
+        candle_core::bail!("adamw_update: parameter, gradient and moments must be f32");
+    }
+    if grad.elem_count() != n || moments.dims() != [2, n] {
+        candle_core::bail!(
+            "adamw_update: gradient {:?} or moments {:?} do not fit the parameter {:?}",
+            grad.dims(),
+            moments.dims(),
+            param.dims()
+        );
+    }
+    let out = param.flatten_all()?.contiguous()?.apply_op3_no_bwd(
+        &grad.flatten_all()?.contiguous()?,
+        &moments.contiguous()?,
+        &AdamWOp(*step),
+    )?;
+    Ok((out.get(0)?.reshape(param.shape())?, out.narrow(0, 1, 2)?))
+}
+
+struct AdamWOp(AdamWStep);
+
+/// The per-element constants of [`AdamWStep`] as the kernels use them (f32).
+#[derive(Clone, Copy)]
+struct AdamWConsts {
+    b1: f32,
+    b2: f32,
+    ob1: f32,
+    ob2: f32,
+    eps: f32,
+    decay: f32,
+    step: f32,
+    sbc2: f32,
+}
+
+impl AdamWConsts {
+    fn of(s: &AdamWStep) -> Self {
+        let [b1, b2, ob1, ob2, eps, decay, step, sbc2] = s.kernel_args();
+        Self { b1, b2, ob1, ob2, eps, decay, step, sbc2 }
+    }
+}
+
+impl AdamWStep {
+    /// The AdamW kernels' f32 arguments in their order: β1, β2, 1 − β1, 1 − β2, ε, decay,
+    /// lr / bias1, √bias2 (the CUDA launchers and the emulated kernel tests pass these).
+    #[doc(hidden)]
+    pub fn kernel_args(&self) -> [f32; 8] {
+        [
+            self.beta1 as f32,
+            self.beta2 as f32,
+            (1.0 - self.beta1) as f32,
+            (1.0 - self.beta2) as f32,
+            self.eps as f32,
+            self.decay as f32,
+            (self.lr / self.bias1) as f32,
+            self.bias2.sqrt() as f32,
+        ]
+    }
+}
+
+impl candle_core::CustomOp3 for AdamWOp {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (p, g, mv) = match (s1, s2, s3) {
+            (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(mv)) => {
+                (contiguous(p, l1, "param")?, contiguous(g, l2, "grad")?, contiguous(mv, l3, "moments")?)
+            }
+            _ => candle_core::bail!("adamw_update: parameter, gradient and moments must be f32"),
+        };
+        let n = p.len();
+        let c = AdamWConsts::of(&self.0);
+        let (m, v) = mv.split_at(n);
+        let mut out = vec![0f32; 3 * n];
+        let (po, mvo) = out.split_at_mut(n);
+        let (mo, vo) = mvo.split_at_mut(n);
+        const CHUNK: usize = 4096;
+        po.par_chunks_mut(CHUNK).zip(mo.par_chunks_mut(CHUNK)).zip(vo.par_chunks_mut(CHUNK)).enumerate().for_each(
+            |(ci, ((po, mo), vo))| {
+                let base = ci * CHUNK;
+                for i in 0..po.len() {
+                    let (gi, k) = (g[base + i], base + i);
+                    mo[i] = m[k] * c.b1 + gi * c.ob1;
+                    vo[i] = v[k] * c.b2 + gi * gi * c.ob2;
+                    let denom = vo[i].sqrt() / c.sbc2 + c.eps;
+                    po[i] = p[k] * c.decay - mo[i] / denom * c.step;
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((3, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::adamw(s1, l1, s2, l2, s3, l3, self.0.kernel_args())
+    }
+}
+
+/// One parameter's share of a multi-tensor AdamW step ([`adamw_multi`]): the f32 parameter,
+/// its f32 or bf16 gradient (any shape with the parameter's element count; the CUDA kernel reads
+/// bf16 as it is, elsewhere it is cast to f32 first) and its f32 moments (2, N).
+pub struct AdamWSlot<'a> {
+    /// The parameter, updated in place.
+    pub param: &'a Var,
+    /// Its gradient.
+    pub grad: &'a Tensor,
+    /// Its moments (m, v) as one (2, N) tensor; updated in place by the multi-tensor kernel,
+    /// replaced otherwise.
+    pub moments: &'a mut Tensor,
+    /// Whether [`AdamWStep::decay`] applies to this parameter (otherwise no weight decay).
+    pub decay: bool,
+}
+
+/// AdamW over many f32 parameters at once (gradients f32 or bf16), with the gradients multiplied by `grad_scale` first
+/// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (on by default, see
+/// [`set_multi_tensor_cuda`]) this is one kernel launch for all parameters, updating parameters
+/// and moments in place (in the style of apex's `multi_tensor_apply`); elsewhere, one
+/// [`adamw_update`] per parameter. Both compute PyTorch's `AdamW` update (see [`AdamWStep`]).
+pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f64) -> candle_core::Result<()> {
+    check_adamw_slots(slots)?;
+    #[cfg(feature = "cuda")]
+    if let Some(first) = slots.first() {
+        if let Device::Cuda(dev) = first.param.device() {
+            if multi_tensor_cuda(first.param.device()) {
+                return cuda::multi_adamw(dev, slots, step, grad_scale, None);
+            }
+        }
+    }
+    for s in slots.iter_mut() {
+        let step = AdamWStep { decay: if s.decay { step.decay } else { 1.0 }, ..*step };
+        let g = s.grad.to_dtype(DType::F32)?;
+        let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
+        let (p, m) = adamw_update(s.param.as_tensor(), &g, s.moments, &step)?;
+        s.param.set(&p)?;
+        *s.moments = m;
+    }
+    Ok(())
+}
+
+/// The dtypes and shapes [`adamw_multi`] needs.
+fn check_adamw_slots(slots: &[AdamWSlot<'_>]) -> candle_core::Result<()> {
+    for s in slots.iter() {
+        let n = s.param.elem_count();
+        if s.param.dtype() != DType::F32 || s.moments.dtype() != DType::F32 {
+            candle_core::bail!("adamw_multi: parameters and moments must be f32");
+        }
+        if !matches!(s.grad.dtype(), DType::F32 | DType::BF16) {
+            candle_core::bail!("adamw_multi: gradients must be f32 or bf16, got {:?}", s.grad.dtype());
+        }
+        if s.grad.elem_count() != n || s.moments.dims() != [2, n] {
+            candle_core::bail!(
+                "adamw_multi: gradient {:?} or moments {:?} do not fit the parameter {:?}",
+                s.grad.dims(),
+                s.moments.dims(),
+                s.param.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The factor that gradients with global norm `norm` are scaled by to clip them to `max_norm`,
+/// as torch's `clip_grad_norm_`: `max_norm / (norm + 1e-6)` capped at 1; 1 when `max_norm` ≤ 0
+/// (no clipping) or the norm is not finite.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm.is_finite() {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+static DEVICE_CLIP: Switch = Switch::new("PATCHLM_DEVICE_CLIP", true, false);
+
+/// Lets [`adamw_multi_clipped`] hand the gradients' sum of squares to the multi-tensor CUDA
+/// kernel, which computes the clipping factor itself: the host enqueues the update without
+/// waiting for the norm. Opt-in (also `PATCHLM_DEVICE_CLIP=1`) until `tests/cuda.rs` has run it
+/// on a GPU; off, the host reads the norm first (a wait for the device in every step).
+pub fn set_device_clip(enabled: bool) {
+    DEVICE_CLIP.set(enabled);
+}
+
+/// Whether [`set_device_clip`] is on.
+pub fn device_clip_enabled() -> bool {
+    DEVICE_CLIP.get()
+}
+
+/// [`adamw_multi`] with the gradients clipped to the global norm `max_norm` (see
+/// [`clip_factor`]), given their sum of squares `sumsq` (an f64 scalar on their device, from
+/// [`sum_of_squares`]). A non-finite norm updates nothing. With the multi-tensor CUDA kernel and
+/// [`set_device_clip`] on, the kernel reads `sumsq` itself; elsewhere it is read here first.
+pub fn adamw_multi_clipped(
+    slots: &mut [AdamWSlot<'_>],
+    step: &AdamWStep,
+    sumsq: &Tensor,
+    max_norm: f64,
+) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = slots.first() {
+        if let Device::Cuda(dev) = first.param.device() {
+            if multi_tensor_cuda(first.param.device())
+                && DEVICE_CLIP.get()
+                && sumsq.device().same_device(first.param.device())
+            {
+                check_adamw_slots(slots)?;
+                return cuda::multi_adamw(dev, slots, step, 1.0, Some((sumsq, max_norm)));
+            }
+        }
+    }
+    let norm = sumsq.to_dtype(DType::F64)?.flatten_all()?.get(0)?.to_scalar::<f64>()?.sqrt();
+    if !norm.is_finite() {
+        return Ok(());
+    }
+    adamw_multi(slots, step, clip_factor(norm, max_norm))
+}

@@ -1,0 +1,229 @@
+//! Softmax cross-entropy with K targets per row ([`cross_entropy_multi`], [`cross_entropy_multi_lse`]).
+
+use super::*;
+
+/// (N, K) of matching logits (N, V) and u32 targets (N, K ≥ 1), or an error naming both.
+fn ce_dims(logits: &Tensor, targets: &Tensor) -> candle_core::Result<(usize, usize)> {
+    let (n, _v) = logits.dims2()?;
+    let (tn, k) = targets.dims2()?;
+    if tn != n || k == 0 {
+        candle_core::bail!("cross_entropy_multi: logits {:?} and targets {:?} disagree", logits.dims(), targets.dims());
+    }
+    if targets.dtype() != DType::U32 {
+        candle_core::bail!("cross_entropy_multi: targets must be u32, got {:?}", targets.dtype());
+    }
+    Ok((n, k))
+}
+
+/// Mean over all rows and targets of −log softmax(logits)\[target\]: `logits` (N, V) in f32, bf16
+/// or f16, `targets` (N, K) of u32 ids < V. Returns an f32 scalar; differentiable in `logits`.
+pub fn cross_entropy_multi(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, k) = ce_dims(logits, targets)?;
+    let rows = logits.contiguous()?.apply_op2(&targets.contiguous()?, MultiTargetCe { lse: false })?;
+    rows.sum_all()? / (n * k) as f64
+}
+
+/// Forward: per-row Σ_k (lse − logit[t_k]) in f32, shape (N,).
+pub(super) struct MultiTargetCe {
+    /// Also return each row's log-sum-exp: output (2, N), losses then log-sum-exps (no autograd).
+    pub(super) lse: bool,
+}
+
+/// Backward: `grad` (N,) → g_i · (K · softmax_ij − #{k : t_ik = j}), in the logits' dtype; with
+/// `lse`, `grad` is (2, N): the per-row scales, then the forward's log-sum-exps.
+pub(super) struct MultiTargetCeGrad {
+    pub(super) lse: bool,
+}
+
+/// (max, log Σ exp(x − max)) of one row, in f32.
+fn row_stats<T: Float>(row: &[T]) -> (f32, f32) {
+    let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.f()));
+    let s: f32 = row.iter().map(|&x| (x.f() - m).exp()).sum();
+    (m, s.ln())
+}
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(t) => contiguous(t, l, "targets"),
+        _ => candle_core::bail!("cross_entropy_multi: targets must be u32"),
+    }
+}
+
+fn check_target(t: u32, v: usize) -> candle_core::Result<usize> {
+    if (t as usize) < v {
+        Ok(t as usize)
+    } else {
+        candle_core::bail!("cross_entropy_multi: target id {t} is outside the vocabulary of {v}")
+    }
+}
+
+fn ce_fwd<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+    for &id in t {
+        check_target(id, v)?;
+    }
+    Ok((0..n)
+        .into_par_iter()
+        .map(|i| {
+            let row = &x[i * v..(i + 1) * v];
+            let (m, lse) = row_stats(row);
+            t[i * k..(i + 1) * k].iter().map(|&id| m + lse - row[id as usize].f()).sum::<f32>()
+        })
+        .collect())
+}
+
+/// Per-row losses, then (`lse`) per-row log-sum-exps.
+fn ce_fwd_rows<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize, lse: bool) -> candle_core::Result<Vec<f32>> {
+    let mut out = ce_fwd(x, t, n, v, k)?;
+    if lse {
+        out.par_extend(x.par_chunks(v).map(|row| {
+            let (m, l) = row_stats(row);
+            m + l
+        }));
+    }
+    Ok(out)
+}
+
+fn ce_bwd<T: Float>(x: &[T], t: &[u32], g: &[f32], v: usize, k: usize) -> Vec<T> {
+    ce_bwd_with(x, t, g, v, k, |_, row| {
+        let (m, l) = row_stats(row);
+        m + l
+    })
+}
+
+/// `g_i · (K · softmax − counts)` row by row, with row i's log-sum-exp from `lse_of(i, row)`.
+fn ce_bwd_with<T: Float>(
+    x: &[T],
+    t: &[u32],
+    g: &[f32],
+    v: usize,
+    k: usize,
+    lse_of: impl Fn(usize, &[T]) -> f32 + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); x.len()];
+    out.par_chunks_mut(v).enumerate().for_each(|(i, o)| {
+        let row = &x[i * v..(i + 1) * v];
+        let lse = lse_of(i, row);
+        let gi = g[i];
+        let scale = gi * k as f32;
+        let mut acc: Vec<f32> = row.iter().map(|&xv| scale * (xv.f() - lse).exp()).collect();
+        for &id in &t[i * k..(i + 1) * k] {
+            acc[id as usize] -= gi;
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = T::from_f(a);
+        }
+    });
+    out
+}
+
+impl CustomOp2 for MultiTargetCe {
+    fn name(&self) -> &'static str {
+        "cross-entropy-multi"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let (_, k) = l2.shape().dims2()?;
+        let t = targets_of(s2, l2)?;
+        let lse = self.lse;
+        let rows = match s1 {
+            CpuStorage::F32(x) => ce_fwd_rows(contiguous(x, l1, "logits")?, t, n, v, k, lse)?,
+            CpuStorage::BF16(x) => ce_fwd_rows(contiguous(x, l1, "logits")?, t, n, v, k, lse)?,
+            CpuStorage::F16(x) => ce_fwd_rows(contiguous(x, l1, "logits")?, t, n, v, k, lse)?,
+            _ => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16"),
+        };
+        Ok((CpuStorage::F32(rows), if lse { Shape::from((2, n)) } else { Shape::from(n) }))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::ce_fwd(s1, l1, s2, l2, self.lse)
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.lse {
+            candle_core::bail!("cross_entropy_multi_lse records no graph: use grad::cross_entropy_multi_lse");
+        }
+        let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        let d = logits.apply_op3_no_bwd(targets, &g, &MultiTargetCeGrad { lse: false })?;
+        Ok((Some(d), None))
+    }
+}
+
+impl CustomOp3 for MultiTargetCeGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-multi-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let (_, k) = l2.shape().dims2()?;
+        let t = targets_of(s2, l2)?;
+        let g = match s3 {
+            CpuStorage::F32(g) => contiguous(g, l3, "grad")?,
+            _ => candle_core::bail!("cross_entropy_multi: gradient must be f32"),
+        };
+        let out = if self.lse {
+            let (g, lse) = g.split_at(n);
+            map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd_with(x, t, g, v, k, |i, _| lse[i]))
+        } else {
+            map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd(x, t, g, v, k))
+        };
+        Ok((out, Shape::from((n, v))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::ce_bwd(s1, l1, s2, l2, s3, l3, self.lse)
+    }
+}
+
+/// Whether [`cross_entropy_multi_lse`] and [`grad::cross_entropy_multi_lse`] run on `device`:
+/// the CPU (with the fused ops), CUDA with the second-generation row kernels
+/// ([`set_rows_cuda`]).
+pub fn ce_lse_supported(device: &Device) -> bool {
+    fused_ops_supported(device) && (device.is_cpu() || ROWS_CUDA.get())
+}
+
+/// [`cross_entropy_multi`] for a hand-written backward pass: the mean loss (f32 scalar) and
+/// each row's log-sum-exp (N,) f32, which [`grad::cross_entropy_multi_lse`] takes so that the
+/// backward pass reads the logits once instead of twice. Records no graph.
+pub fn cross_entropy_multi_lse(logits: &Tensor, targets: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, k) = ce_dims(logits, targets)?;
+    let out = logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &MultiTargetCe { lse: true })?;
+    Ok(((out.get(0)?.sum_all()? / (n * k) as f64)?, out.get(1)?))
+}

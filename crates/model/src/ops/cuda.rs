@@ -1,0 +1,1225 @@
+//! The CUDA side of the ops: launchers of kernels/fused.cu and kernels/flash.cu (PTX compiled
+//! by build.rs), twins of the CPU implementations in the sibling modules.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use half::{bf16, f16};
+
+/// The PTX of kernels/fused.cu.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const MODULE: &str = "patchlm_fused";
+
+/// cudarc's form of a [`crate::launch`] geometry.
+fn cfg(l: crate::launch::Launch) -> LaunchConfig {
+    LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: 0 }
+}
+
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    cfg(crate::launch::block_rows(rows, threads))
+}
+
+/// The warp-per-row kernels' launch ([`super::set_rows_cuda`]).
+fn warp_rows_cfg(rows: usize) -> LaunchConfig {
+    cfg(crate::launch::warp_rows(rows))
+}
+
+/// An element-wise kernel over `n` items.
+fn elems_cfg(n: usize) -> LaunchConfig {
+    cfg(crate::launch::elems(n))
+}
+
+/// Kernel `name` and its launch for `rows` rows of `len`: the warp-per-row variant (`name_w`,
+/// which takes the row count as its last argument) when turned on, else one block per row of
+/// up to `max_threads` threads (`len / per_thread` rounded up to warps).
+fn row_kernel(
+    name: &str,
+    sfx: &str,
+    rows: usize,
+    len: usize,
+    per_thread: usize,
+    max_threads: u32,
+) -> (String, LaunchConfig, bool) {
+    if super::ROWS_CUDA.get() {
+        (format!("{name}_w_{sfx}"), warp_rows_cfg(rows), true)
+    } else {
+        (format!("{name}_{sfx}"), rows_cfg(rows, threads_for(len.div_ceil(per_thread)).min(max_threads)), false)
+    }
+}
+
+use crate::launch::threads_for;
+
+fn check(l: &Layout, what: &str) -> Result<usize> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor");
+    }
+    Ok(l.start_offset())
+}
+
+fn wrap_f32(s: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage { slice: CudaStorageSlice::F32(s), device: dev.clone() }
+}
+
+/// Multi-target cross-entropy forward: per-row f32 sums.
+/// (`lse` false) per-row losses (N,); (`lse` true, `ce_fwd_lse_*`) per-row losses then
+/// log-sum-exps (2, N).
+pub fn ce_fwd(x: &CudaStorage, lx: &Layout, t: &CudaStorage, lt: &Layout, lse: bool) -> Result<(CudaStorage, Shape)> {
+    let (n, v) = lx.shape().dims2()?;
+    let (_, k) = lt.shape().dims2()?;
+    let (ox, ot) = (check(lx, "logits")?, check(lt, "targets")?);
+    let dev = x.device();
+    let tv = t.as_cuda_slice::<u32>()?.slice(ot..);
+    let rows = if lse { 2 * n } else { n };
+    let out = unsafe { dev.alloc::<f32>(rows)? };
+    let (vi, ki, ni) = (v as i32, k as i32, n as i32);
+    let name = format!("ce_fwd{}_{}", if lse { "_lse" } else { "" }, suffix(x.dtype())?);
+    macro_rules! go {
+        ($ty:ty) => {{
+            let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
+            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&tv);
+            b.arg(&out);
+            b.arg(&vi);
+            b.arg(&ki);
+            if lse {
+                b.arg(&ni);
+            }
+            unsafe { b.launch(cfg(crate::launch::cross_entropy(n, v))) }.w()?;
+        }};
+    }
+    match x.dtype() {
+        candle_core::DType::F32 => go!(f32),
+        candle_core::DType::BF16 => go!(bf16),
+        candle_core::DType::F16 => go!(f16),
+        d => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16, got {d:?}"),
+    }
+    let shape = if lse { Shape::from((2, n)) } else { Shape::from(n) };
+    Ok((wrap_f32(out, dev), shape))
+}
+
+/// Multi-target cross-entropy backward: logits gradient in the logits' dtype; `g` holds the
+/// per-row scales (N,), or with `lse` the scales then the forward's log-sum-exps (2, N).
+pub fn ce_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    t: &CudaStorage,
+    lt: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    lse: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let (n, v) = lx.shape().dims2()?;
+    let (_, k) = lt.shape().dims2()?;
+    let (ox, ot, og) = (check(lx, "logits")?, check(lt, "targets")?, check(lg, "grad")?);
+    let dev = x.device();
+    let tv = t.as_cuda_slice::<u32>()?.slice(ot..);
+    let gv = g.as_cuda_slice::<f32>()?.slice(og..);
+    let (vi, ki, ni) = (v as i32, k as i32, n as i32);
+    let name = format!("ce_bwd{}_{}", if lse { "_lse" } else { "" }, suffix(x.dtype())?);
+    macro_rules! go {
+        ($ty:ty, $variant:ident) => {{
+            let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
+            let out = unsafe { dev.alloc::<$ty>(n * v)? };
+            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&tv);
+            b.arg(&gv);
+            b.arg(&out);
+            b.arg(&vi);
+            b.arg(&ki);
+            if lse {
+                b.arg(&ni);
+            }
+            unsafe { b.launch(cfg(crate::launch::cross_entropy(n, v))) }.w()?;
+            CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
+        }};
+    }
+    let s = match x.dtype() {
+        candle_core::DType::F32 => go!(f32, F32),
+        candle_core::DType::BF16 => go!(bf16, BF16),
+        candle_core::DType::F16 => go!(f16, F16),
+        d => candle_core::bail!("cross_entropy_multi: logits must be f32, bf16 or f16, got {d:?}"),
+    };
+    Ok((s, Shape::from((n, v))))
+}
+
+fn suffix(d: DType) -> Result<&'static str> {
+    match d {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        d => candle_core::bail!("fused ops: unsupported dtype {d:?} (f32, bf16 or f16)"),
+    }
+}
+
+/// Causal softmax forward (`grad` None: x → y) or backward (`grad` Some(dy): y → dx).
+pub fn causal_softmax(
+    x: &CudaStorage,
+    lx: &Layout,
+    grad: Option<(&CudaStorage, &Layout)>,
+    t: usize,
+    s: usize,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => causal_softmax_t::<f32>(x, lx, grad, t, s, scale),
+        DType::BF16 => causal_softmax_t::<bf16>(x, lx, grad, t, s, scale),
+        DType::F16 => causal_softmax_t::<f16>(x, lx, grad, t, s, scale),
+        d => candle_core::bail!("causal_softmax: unsupported dtype {d:?}"),
+    }
+}
+
+fn causal_softmax_t<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    lx: &Layout,
+    grad: Option<(&CudaStorage, &Layout)>,
+    t: usize,
+    s: usize,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let sfx = suffix(x.dtype())?;
+    let xs = x.as_cuda_slice::<T>()?.slice(check(lx, "scores")?..);
+    let rows = lx.shape().elem_count() / s;
+    let out = unsafe { dev.alloc::<T>(rows * s)? };
+    if rows >= i32::MAX as usize {
+        candle_core::bail!("causal_softmax: {rows} rows is more than one launch handles");
+    }
+    let (ti, si, ri) = (t as i32, s as i32, rows as i32);
+    let kernel = if grad.is_some() { "causal_softmax_bwd" } else { "causal_softmax_fwd" };
+    let (name, cfg, warp) = row_kernel(kernel, sfx, rows, s, 4, 512);
+    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&xs);
+    let gs = grad
+        .map(|(g, lg)| Ok::<_, candle_core::Error>(g.as_cuda_slice::<T>()?.slice(check(lg, "dy")?..)))
+        .transpose()?;
+    if let Some(gs) = &gs {
+        b.arg(gs);
+    }
+    b.arg(&out);
+    b.arg(&ti);
+    b.arg(&si);
+    b.arg(&scale);
+    if warp {
+        b.arg(&ri);
+    }
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
+}
+
+/// RoPE (`sign` 1) or its inverse (`sign` −1) with f32 tables.
+pub fn rope(
+    x: &CudaStorage,
+    lx: &Layout,
+    c: &CudaStorage,
+    lc: &Layout,
+    sn: &CudaStorage,
+    ls: &Layout,
+    sign: f32,
+) -> Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => rope_t::<f32>(x, lx, c, lc, sn, ls, sign),
+        DType::BF16 => rope_t::<bf16>(x, lx, c, lc, sn, ls, sign),
+        DType::F16 => rope_t::<f16>(x, lx, c, lc, sn, ls, sign),
+        d => candle_core::bail!("rope: unsupported dtype {d:?}"),
+    }
+}
+
+fn rope_t<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    lx: &Layout,
+    c: &CudaStorage,
+    lc: &Layout,
+    sn: &CudaStorage,
+    ls: &Layout,
+    sign: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device();
+    let (_, _, t, hd) = lx.shape().dims4()?;
+    let n = lx.shape().elem_count();
+    if n >= i32::MAX as usize {
+        candle_core::bail!("rope: {n} elements is more than one launch handles");
+    }
+    let xs = x.as_cuda_slice::<T>()?.slice(check(lx, "x")?..);
+    let cs = c.as_cuda_slice::<f32>()?.slice(check(lc, "cos")?..);
+    let ss = sn.as_cuda_slice::<f32>()?.slice(check(ls, "sin")?..);
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let (ti, hi, ni) = (t as i32, hd as i32, n as i32);
+    let f = dev.get_or_load_custom_func(&format!("rope_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&xs);
+    b.arg(&cs);
+    b.arg(&ss);
+    b.arg(&out);
+    b.arg(&ti);
+    b.arg(&hi);
+    b.arg(&ni);
+    b.arg(&sign);
+    unsafe { b.launch(elems_cfg(n)) }.w()?;
+    Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
+}
+
+/// Embedding gather (`vocab` None: `a` is the (V, D) weight → (N, D)) or its backward
+/// (`vocab` Some(V): `a` is dy (N, D) → dW (V, D), summed with f32 atomics).
+pub fn embedding(
+    a: &CudaStorage,
+    la: &Layout,
+    ids: &CudaStorage,
+    li: &Layout,
+    vocab: Option<usize>,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = a.device();
+    let (rows, d) = la.shape().dims2()?;
+    let n = li.shape().elem_count();
+    let total = n * d;
+    if total >= i32::MAX as usize || vocab.unwrap_or(rows) * d >= i32::MAX as usize {
+        candle_core::bail!("embedding: {n} x {d} is more than one launch handles");
+    }
+    let sfx = suffix(a.dtype())?;
+    let is = ids.as_cuda_slice::<u32>()?.slice(check(li, "ids")?..);
+    let (ni, di) = (total as i32, d as i32);
+    let cfg = elems_cfg(total);
+    match vocab {
+        None => {
+            let vi = rows as i32;
+            match a.dtype() {
+                DType::F32 => gather_t::<f32>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
+                DType::BF16 => gather_t::<bf16>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
+                DType::F16 => gather_t::<f16>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
+                d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
+            }
+            .map(|s| (s, Shape::from((n, d))))
+        }
+        Some(v) => {
+            let acc = dev.alloc_zeros::<f32>(v * d)?;
+            let vi = v as i32;
+            let f = dev.get_or_load_custom_func(&format!("embedding_bwd_{sfx}"), MODULE, PTX)?;
+            let mut b = f.builder();
+            match a.dtype() {
+                DType::F32 => b.arg(a.as_cuda_slice::<f32>()?),
+                DType::BF16 => b.arg(a.as_cuda_slice::<bf16>()?),
+                DType::F16 => b.arg(a.as_cuda_slice::<f16>()?),
+                d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
+            };
+            let off = check(la, "dy")? as i32;
+            b.arg(&off);
+            b.arg(&is);
+            b.arg(&acc);
+            b.arg(&ni);
+            b.arg(&di);
+            b.arg(&vi);
+            unsafe { b.launch(cfg) }.w()?;
+            let out = match a.dtype() {
+                DType::F32 => wrap_f32(acc, dev),
+                DType::BF16 => cast_t::<bf16>(&acc, v * d, dev, sfx)?,
+                _ => cast_t::<f16>(&acc, v * d, dev, sfx)?,
+            };
+            Ok((out, Shape::from((v, d))))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gather_t<T: CudaDType + DeviceRepr>(
+    w: &CudaStorage,
+    lw: &Layout,
+    ids: &candle_core::cuda_backend::cudarc::driver::CudaView<u32>,
+    n: i32,
+    d: i32,
+    v: i32,
+    len: usize,
+    cfg: LaunchConfig,
+    sfx: &str,
+) -> Result<CudaStorage> {
+    let dev = w.device();
+    let ws = w.as_cuda_slice::<T>()?.slice(check(lw, "weight")?..);
+    let out = unsafe { dev.alloc::<T>(len)? };
+    let f = dev.get_or_load_custom_func(&format!("embedding_fwd_{sfx}"), MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&ws);
+    b.arg(ids);
+    b.arg(&out);
+    b.arg(&n);
+    b.arg(&d);
+    b.arg(&v);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(T::wrap_cuda_slice(out, dev.clone()))
+}
+
+fn cast_t<T: CudaDType + DeviceRepr>(
+    acc: &CudaSlice<f32>,
+    n: usize,
+    dev: &CudaDevice,
+    sfx: &str,
+) -> Result<CudaStorage> {
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let ni = n as i32;
+    let f = dev.get_or_load_custom_func(&format!("cast_from_f32_{sfx}"), MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(acc);
+    b.arg(&out);
+    b.arg(&ni);
+    unsafe { b.launch(elems_cfg(n)) }.w()?;
+    Ok(T::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Fused AdamW: (p, g, (m, v)) → (p', m', v') as one (3, N) f32 buffer. `k` holds
+/// β1, β2, 1−β1, 1−β2, ε, decay, lr/bias1, √bias2.
+pub fn adamw(
+    p: &CudaStorage,
+    lp: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    mv: &CudaStorage,
+    lm: &Layout,
+    k: [f32; 8],
+) -> Result<(CudaStorage, Shape)> {
+    let dev = p.device();
+    let n = lp.shape().elem_count();
+    if n >= i32::MAX as usize {
+        candle_core::bail!("adamw_update: {n} elements is more than one launch handles");
+    }
+    let ps = p.as_cuda_slice::<f32>()?.slice(check(lp, "param")?..);
+    let gs = g.as_cuda_slice::<f32>()?.slice(check(lg, "grad")?..);
+    let ms = mv.as_cuda_slice::<f32>()?.slice(check(lm, "moments")?..);
+    let out = unsafe { dev.alloc::<f32>(3 * n)? };
+    let ni = n as i32;
+    let f = dev.get_or_load_custom_func("adamw_f32", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&ps);
+    b.arg(&gs);
+    b.arg(&ms);
+    b.arg(&out);
+    b.arg(&ni);
+    for x in &k {
+        b.arg(x);
+    }
+    unsafe { b.launch(elems_cfg(n)) }.w()?;
+    Ok((wrap_f32(out, dev), Shape::from((3, n))))
+}
+
+/// The device address of the first element of a contiguous f32 CUDA tensor.
+fn f32_addr(t: &candle_core::Tensor, what: &str) -> Result<u64> {
+    if t.dtype() != DType::F32 {
+        candle_core::bail!("{what}: expected f32, got {:?}", t.dtype());
+    }
+    grad_addr(t, what).map(|(a, _)| a)
+}
+
+/// The device address of a one-element f64 CUDA tensor (a sum of squares).
+fn f64_scalar_addr(t: &candle_core::Tensor) -> Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*st else { candle_core::bail!("adamw_multi: the norm is not on CUDA") };
+    if t.dtype() != DType::F64 || t.elem_count() != 1 {
+        candle_core::bail!("adamw_multi: the sum of squares must be one f64, got {:?} {:?}", t.dtype(), t.dims());
+    }
+    let stream = cs.device().cuda_stream();
+    let (ptr, _sync) = cs.as_cuda_slice::<f64>()?.device_ptr(&stream);
+    Ok(ptr + (l.start_offset() * 8) as u64)
+}
+
+/// The device address of a contiguous f32 or bf16 CUDA tensor, and the multi-tensor table's
+/// flag bit for its dtype (2 for bf16, see kernels/fused.cu).
+fn grad_addr(t: &candle_core::Tensor, what: &str) -> Result<(u64, u64)> {
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*st else { candle_core::bail!("{what}: expected a CUDA tensor") };
+    let off = check(l, what)?;
+    let stream = cs.device().cuda_stream();
+    match t.dtype() {
+        DType::F32 => {
+            let (ptr, _sync) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            Ok((ptr + (off * 4) as u64, 0))
+        }
+        DType::BF16 => {
+            let (ptr, _sync) = cs.as_cuda_slice::<bf16>()?.device_ptr(&stream);
+            Ok((ptr + (off * 2) as u64, 2))
+        }
+        d => candle_core::bail!("{what}: expected f32 or bf16, got {d:?}"),
+    }
+}
+
+/// [`super::adamw_multi`] on CUDA: one launch of `multi_adamw_f32` over every slot, in place.
+/// With `clip` (the gradients' global sum of squares, an f64 scalar on the device, and the
+/// largest norm), the kernel computes the clipping factor itself and `grad_scale` is unused.
+pub fn multi_adamw(
+    dev: &CudaDevice,
+    slots: &mut [super::AdamWSlot<'_>],
+    step: &super::AdamWStep,
+    grad_scale: f64,
+    clip: Option<(&candle_core::Tensor, f64)>,
+) -> Result<()> {
+    let device = candle_core::Device::Cuda(dev.clone());
+    // Contiguous gradients, kept alive until the kernel is enqueued (frees are stream-ordered).
+    let mut grads = Vec::with_capacity(slots.len());
+    let mut entries = Vec::with_capacity(slots.len());
+    for s in slots.iter_mut() {
+        if !s.param.device().same_device(&device) || !s.grad.device().same_device(&device) {
+            candle_core::bail!("adamw_multi: every parameter and gradient must be on one CUDA device");
+        }
+        if !s.moments.is_contiguous() || !s.moments.device().same_device(&device) {
+            *s.moments = s.moments.to_device(&device)?.contiguous()?;
+        }
+        let g = s.grad.contiguous()?;
+        let n = s.param.elem_count() as u64;
+        let (ga, gflag) = grad_addr(&g, "adamw_multi: gradient")?;
+        entries.push([
+            f32_addr(s.param.as_tensor(), "adamw_multi: parameter")?,
+            ga,
+            f32_addr(&*s.moments, "adamw_multi: moments")?,
+            n,
+            s.decay as u64 | gflag,
+        ]);
+        grads.push(g);
+    }
+    let (table, blocks) = crate::launch::multi_table(&entries);
+    if blocks == 0 {
+        return Ok(());
+    }
+    let tab = dev.cuda_stream().clone_htod(&table).w()?;
+
+    let (nt, chunk, gs) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32, grad_scale as f32);
+    let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
+    let mut b = f.builder();
+    b.arg(&tab);
+    b.arg(&nt);
+    b.arg(&chunk);
+    let k = step.kernel_args();
+    for x in k.iter().chain([&gs]) {
+        b.arg(x);
+    }
+    let (sumsq, max_norm) = match clip {
+        Some((t, m)) => (f64_scalar_addr(t)?, m),
+        None => (0u64, 0.0f64),
+    };
+    b.arg(&sumsq);
+    b.arg(&max_norm);
+    unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
+    drop(grads);
+    Ok(())
+}
+
+/// Per-block partial sums of squares over contiguous f32/bf16 tensors (`multi_sumsq_f32`); the
+/// op's input is only the first tensor, whose output buffer it returns.
+struct MultiSumSq {
+    table: Vec<u64>,
+    tensors: usize,
+    blocks: usize,
+}
+
+impl candle_core::CustomOp1 for MultiSumSq {
+    fn name(&self) -> &'static str {
+        "multi-sumsq"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("multi-sumsq runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let tab = dev.cuda_stream().clone_htod(&self.table).w()?;
+        let out = unsafe { dev.alloc::<f32>(self.blocks)? };
+        let (nt, chunk) = (self.tensors as i32, crate::launch::MULTI_CHUNK as i32);
+        let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&tab);
+        b.arg(&nt);
+        b.arg(&chunk);
+        b.arg(&out);
+        unsafe { b.launch(cfg(crate::launch::multi(self.blocks))) }.w()?;
+        Ok((wrap_f32(out, dev), Shape::from(self.blocks)))
+    }
+}
+
+/// Per-chunk sums of squares of contiguous f32 or bf16 CUDA tensors on one device, f32 (blocks,).
+pub fn multi_sumsq(ts: &[&candle_core::Tensor]) -> Result<candle_core::Tensor> {
+    let dev = ts[0].device();
+    let mut entries = Vec::with_capacity(ts.len());
+    for t in ts {
+        if !t.device().same_device(dev) {
+            candle_core::bail!("sum_of_squares: tensors on different devices");
+        }
+        let (a, flag) = grad_addr(t, "sum_of_squares")?;
+        entries.push([a, 0, 0, t.elem_count() as u64, flag]);
+    }
+    let (table, blocks) = crate::launch::multi_table(&entries);
+    if blocks == 0 {
+        return candle_core::Tensor::zeros(1, DType::F32, dev);
+    }
+    ts[0].apply_op1_no_bwd(&MultiSumSq { table, tensors: ts.len(), blocks })
+}
+
+/// [`super::cast_groups`] on CUDA: f32 tensors → one bf16/f16 buffer (`multi_cast_f32`), each
+/// group a view of it. The op's input is only the first tensor (for its device).
+pub fn multi_cast(groups: &[&[&candle_core::Tensor]], dtype: DType) -> Result<Vec<candle_core::Tensor>> {
+    /// Each group starts at a multiple of this many elements (128 bytes), so that the kernels
+    /// reading a group's view take their aligned paths.
+    const ALIGN: usize = 64;
+    let flag = if dtype == DType::F16 { 4 } else { 0 };
+    let (mut entries, mut keep, mut starts, mut total) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
+    for g in groups {
+        total = total.next_multiple_of(ALIGN);
+        starts.push(total);
+        for t in g.iter() {
+            let t = t.contiguous()?;
+            let n = t.elem_count();
+            // Word 1: the destination's byte offset in the buffer, its address added at launch.
+            entries.push([f32_addr(&t, "cast_groups")?, (total * 2) as u64, 0, n as u64, flag]);
+            total += n;
+            keep.push(t);
+        }
+    }
+    let first = groups[0][0];
+    let buffer = if total == 0 {
+        candle_core::Tensor::zeros(0, dtype, first.device())?
+    } else {
+        first.apply_op1_no_bwd(&MultiCast { entries, total, dtype })?
+    };
+    drop(keep);
+    groups
+        .iter()
+        .zip(starts)
+        .map(|(g, start)| {
+            let mut dims = g[0].dims().to_vec();
+            dims[0] = g.iter().map(|t| t.dims()[0]).sum();
+            buffer.narrow(0, start, dims.iter().product())?.reshape(dims)
+        })
+        .collect()
+}
+
+/// The launch of [`multi_cast`]: entries with destination offsets, the buffer's length.
+struct MultiCast {
+    entries: Vec<[u64; 5]>,
+    total: usize,
+    dtype: DType,
+}
+
+impl MultiCast {
+    fn run<T: CudaDType + DeviceRepr>(&self, dev: &CudaDevice) -> Result<(CudaStorage, Shape)> {
+        let stream = dev.cuda_stream();
+        let out = unsafe { dev.alloc::<T>(self.total)? };
+        let base = {
+            let (ptr, _sync) = out.device_ptr(&stream);
+            ptr
+        };
+        let entries: Vec<[u64; 5]> = self.entries.iter().map(|&[s, off, z, n, f]| [s, base + off, z, n, f]).collect();
+        let (table, blocks) = crate::launch::multi_table(&entries);
+        let tab = stream.clone_htod(&table).w()?;
+        let (nt, chunk) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32);
+        let f = dev.get_or_load_custom_func("multi_cast_f32", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&tab);
+        b.arg(&nt);
+        b.arg(&chunk);
+        unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
+        Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(self.total)))
+    }
+}
+
+impl candle_core::CustomOp1 for MultiCast {
+    fn name(&self) -> &'static str {
+        "multi-cast"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("multi-cast runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        match self.dtype {
+            DType::BF16 => self.run::<bf16>(s.device()),
+            DType::F16 => self.run::<f16>(s.device()),
+            d => candle_core::bail!("cast_groups: no multi-tensor cast to {d:?}"),
+        }
+    }
+}
+
+/// The PTX of kernels/flash.cu (its own module: JIT-compiled only when attention uses it).
+pub const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+const FLASH_MODULE: &str = "patchlm_flash";
+
+/// The kernels of kernels/flash.cu.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlashKernel {
+    /// (q, k, v) → (o, log-sum-exp per row).
+    Fwd,
+    /// (q, k) → log-sum-exp per row, f32.
+    Lse,
+    /// (q, dO, k, v, stats) → dq.
+    Dq,
+    /// … → (dk, dv) stacked.
+    Dkv,
+}
+
+/// Flash attention forward: (o, log-sum-exp per row).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_fwd(
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    lk: &Layout,
+    v: &CudaStorage,
+    lv: &Layout,
+    d: super::AttnDims,
+    scale: f32,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let (o, lse) = flash(&[(q, lq), (k, lk), (v, lv)], None, d, scale, FlashKernel::Fwd)?;
+    Ok((o, lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?))
+}
+
+/// The log-sum-exp per row alone (f32).
+pub fn flash_lse(
+    q: &CudaStorage,
+    lq: &Layout,
+    k: &CudaStorage,
+    lk: &Layout,
+    d: super::AttnDims,
+    scale: f32,
+) -> Result<CudaStorage> {
+    Ok(flash(&[(q, lq), (k, lk)], None, d, scale, FlashKernel::Lse)?.0)
+}
+
+/// The backward's row statistics (lse, Σ o·dO) for `rows` rows of `hd`, f32 (rows, 2).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_stats(
+    o: &CudaStorage,
+    lo: &Layout,
+    d: &CudaStorage,
+    ld: &Layout,
+    lse: &CudaStorage,
+    ll: &Layout,
+    rows: usize,
+    hd: usize,
+) -> Result<CudaStorage> {
+    let dev = o.device();
+    if rows * hd >= i32::MAX as usize {
+        candle_core::bail!("flash_attention: {rows} rows is more than one launch handles");
+    }
+    let f = dev.get_or_load_custom_func(&format!("flash_stats_{}", suffix(o.dtype())?), FLASH_MODULE, FLASH_PTX)?;
+    let ls = lse.as_cuda_slice::<f32>()?.slice(check(ll, "lse")?..);
+    let st = unsafe { dev.alloc::<f32>(2 * rows)? };
+    let (ri, hi) = (rows as i32, hd as i32);
+    macro_rules! go {
+        ($ty:ty) => {{
+            let os = o.as_cuda_slice::<$ty>()?.slice(check(lo, "o")?..);
+            let ds = d.as_cuda_slice::<$ty>()?.slice(check(ld, "dO")?..);
+            let mut b = f.builder();
+            b.arg(&os);
+            b.arg(&ds);
+            b.arg(&ls);
+            b.arg(&st);
+            b.arg(&ri);
+            b.arg(&hi);
+            unsafe { b.launch(warp_rows_cfg(rows)) }.w()?;
+        }};
+    }
+    match o.dtype() {
+        DType::F32 => go!(f32),
+        DType::BF16 => go!(bf16),
+        DType::F16 => go!(f16),
+        dt => candle_core::bail!("flash_attention: unsupported dtype {dt:?}"),
+    }
+    Ok(wrap_f32(st, dev))
+}
+
+/// dq (`kv` false) or dk and dv stacked (`kv` true) from `x` = [q, dO, k, v] and the row
+/// statistics.
+pub fn flash_grad(
+    x: [(&CudaStorage, &Layout); 4],
+    st: (&CudaStorage, &Layout),
+    d: super::AttnDims,
+    scale: f32,
+    dkv: bool,
+) -> Result<CudaStorage> {
+    let kernel = if dkv { FlashKernel::Dkv } else { FlashKernel::Dq };
+    Ok(flash(&x, Some(st), d, scale, kernel)?.0)
+}
+
+/// One flash-attention step: `x` holds the kernel's tensors of the compute dtype in order
+/// (q, k, v forward; q, k log-sum-exp; q, dO, k, v gradients), `st` the gradients' f32 row
+/// statistics.
+fn flash(
+    x: &[(&CudaStorage, &Layout)],
+    st: Option<(&CudaStorage, &Layout)>,
+    d: super::AttnDims,
+    scale: f32,
+    kernel: FlashKernel,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let Some(&(first, _)) = x.first() else { candle_core::bail!("internal: flash without inputs") };
+    match first.dtype() {
+        DType::F32 => flash_t::<f32>(x, st, d, scale, kernel),
+        DType::BF16 => flash_t::<bf16>(x, st, d, scale, kernel),
+        DType::F16 => flash_t::<f16>(x, st, d, scale, kernel),
+        dt => candle_core::bail!("flash_attention: unsupported dtype {dt:?}"),
+    }
+}
+
+/// Launches the kernels of one flash-attention step: the mma.sync or wmma tensor-core ones
+/// where [`super::flash_mma_enabled`] or [`super::flash_tc_enabled`] (128 threads, 64 rows a
+/// block), else the CUDA-core ones (64 threads, one row each).
+fn flash_t<T: CudaDType + DeviceRepr>(
+    x: &[(&CudaStorage, &Layout)],
+    st: Option<(&CudaStorage, &Layout)>,
+    d: super::AttnDims,
+    scale: f32,
+    kernel: FlashKernel,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let dev = x[0].0.device();
+    let super::AttnDims { bh, t, s, hd } = d;
+    if ![16, 32, 64, 128].contains(&hd) {
+        candle_core::bail!("flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA");
+    }
+    if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
+        candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
+    }
+    let dtype = x[0].0.dtype();
+    let family = match kernel {
+        FlashKernel::Lse => "flash",
+        _ if super::flash_mma_enabled(dtype, hd) => "flash_mma",
+        _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
+        _ => "flash",
+    };
+    let tc = family != "flash";
+    let sfx = suffix(dtype)?;
+    let func =
+        |which: &str| dev.get_or_load_custom_func(&format!("{family}_{which}_{sfx}_{hd}"), FLASH_MODULE, FLASH_PTX);
+    let names: &[&str] = match kernel {
+        FlashKernel::Fwd => &["q", "k", "v"],
+        FlashKernel::Lse => &["q", "k"],
+        FlashKernel::Dq | FlashKernel::Dkv => &["q", "dO", "k", "v"],
+    };
+    if x.len() != names.len() {
+        candle_core::bail!("internal: flash kernel given {} inputs for {names:?}", x.len());
+    }
+    let views = x
+        .iter()
+        .zip(names)
+        .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
+        .collect::<Result<Vec<_>>>()?;
+    let rows = if kernel == FlashKernel::Dkv { s } else { t };
+    let cfg = cfg(crate::launch::flash(rows, bh, tc));
+    let (ti, si) = (t as i32, s as i32);
+    let stats = || -> Result<_> {
+        let (c, l) =
+            st.ok_or_else(|| candle_core::Error::Msg("internal: flash gradients without statistics".into()))?;
+        Ok(c.as_cuda_slice::<f32>()?.slice(check(l, "stats")?..))
+    };
+    // The inputs in order, then the kernel's own arguments.
+    macro_rules! launch {
+        ($which:expr; $($a:expr),*) => {{
+            let f = func($which)?;
+            let mut b = f.builder();
+            for v in &views {
+                b.arg(v);
+            }
+            $( b.arg($a); )*
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match kernel {
+        FlashKernel::Fwd => {
+            let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
+            let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+            launch!("fwd"; &o, &lse, &ti, &si, &scale);
+            Ok((T::wrap_cuda_slice(o, dev.clone()), Some(wrap_f32(lse, dev))))
+        }
+        FlashKernel::Lse => {
+            let lse = unsafe { dev.alloc::<f32>(bh * t)? };
+            launch!("lse"; &lse, &ti, &si, &scale);
+            Ok((wrap_f32(lse, dev), None))
+        }
+        FlashKernel::Dq => {
+            let st = stats()?;
+            let out = unsafe { dev.alloc::<T>(bh * t * hd)? };
+            launch!("dq"; &st, &out, &ti, &si, &scale);
+            Ok((T::wrap_cuda_slice(out, dev.clone()), None))
+        }
+        FlashKernel::Dkv => {
+            let st = stats()?;
+            let n = bh * s * hd;
+            let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+            {
+                let (mut dk, mut dv) = out.split_at_mut(n);
+                if tc {
+                    launch!("dkv"; &st, &mut dk, &mut dv, &ti, &si, &scale);
+                } else {
+                    for (which, dst) in [("dk", &mut dk), ("dv", &mut dv)] {
+                        launch!(which; &st, dst, &ti, &si, &scale);
+                    }
+                }
+            }
+            Ok((T::wrap_cuda_slice(out, dev.clone()), None))
+        }
+    }
+}
+
+/// SwiGLU forward (`dy` None: (g, u) → y) or backward (`dy` Some: → (dg, du) as (2, N)).
+pub fn swiglu(
+    g: &CudaStorage,
+    lg: &Layout,
+    u: &CudaStorage,
+    lu: &Layout,
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    match g.dtype() {
+        DType::F32 => swiglu_t::<f32>(g, lg, u, lu, dy),
+        DType::BF16 => swiglu_t::<bf16>(g, lg, u, lu, dy),
+        DType::F16 => swiglu_t::<f16>(g, lg, u, lu, dy),
+        d => candle_core::bail!("swiglu: unsupported dtype {d:?}"),
+    }
+}
+
+fn swiglu_t<T: CudaDType + DeviceRepr>(
+    g: &CudaStorage,
+    lg: &Layout,
+    u: &CudaStorage,
+    lu: &Layout,
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = g.device();
+    let n = lg.shape().elem_count();
+    if 2 * n >= i32::MAX as usize {
+        candle_core::bail!("swiglu: {n} elements is more than one launch handles");
+    }
+    let sfx = suffix(g.dtype())?;
+    let gs = g.as_cuda_slice::<T>()?.slice(check(lg, "gate")?..);
+    let us = u.as_cuda_slice::<T>()?.slice(check(lu, "up")?..);
+    let ni = n as i32;
+    let cfg = elems_cfg(n);
+    match dy {
+        None => {
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{sfx}"), MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&gs);
+            b.arg(&us);
+            b.arg(&out);
+            b.arg(&ni);
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), lg.shape().clone()))
+        }
+        Some((d, ld)) => {
+            let ds = d.as_cuda_slice::<T>()?.slice(check(ld, "dy")?..);
+            let out = unsafe { dev.alloc::<T>(2 * n)? };
+            let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{sfx}"), MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&gs);
+            b.arg(&us);
+            b.arg(&ds);
+            b.arg(&out);
+            b.arg(&ni);
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from((2, n))))
+        }
+    }
+}
+
+/// [`super::swiglu_packed`] (`dy` None) or its backward.
+pub fn swiglu_packed(
+    gu: &CudaStorage,
+    lg: &Layout,
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    match gu.dtype() {
+        DType::F32 => swiglu_packed_t::<f32>(gu, lg, dy),
+        DType::BF16 => swiglu_packed_t::<bf16>(gu, lg, dy),
+        DType::F16 => swiglu_packed_t::<f16>(gu, lg, dy),
+        d => candle_core::bail!("swiglu_packed: unsupported dtype {d:?}"),
+    }
+}
+
+fn swiglu_packed_t<T: CudaDType + DeviceRepr>(
+    gu: &CudaStorage,
+    lg: &Layout,
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = gu.device();
+    let (rows, f2) = lg.shape().dims2()?;
+    let f = f2 / 2;
+    let n = rows * f;
+    if f >= i32::MAX as usize || n >= u32::MAX as usize {
+        candle_core::bail!("swiglu_packed: {rows}x{f2} is more than one launch handles");
+    }
+    let sfx = suffix(gu.dtype())?;
+    let gs = gu.as_cuda_slice::<T>()?.slice(check(lg, "gu")?..);
+    let (nl, fi) = (n as i64, f as i32);
+    let cfg = elems_cfg(n);
+    let (name, len) = if dy.is_some() { ("swiglu_packed_bwd", 2 * n) } else { ("swiglu_packed_fwd", n) };
+    let out = unsafe { dev.alloc::<T>(len)? };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
+    let ds =
+        dy.map(|(d, ld)| Ok::<_, candle_core::Error>(d.as_cuda_slice::<T>()?.slice(check(ld, "dy")?..))).transpose()?;
+    let mut b = f.builder();
+    b.arg(&gs);
+    if let Some(ds) = &ds {
+        b.arg(ds);
+    }
+    b.arg(&out);
+    b.arg(&nl);
+    b.arg(&fi);
+    unsafe { b.launch(cfg) }.w()?;
+    let shape = if ds.is_some() { Shape::from((rows, f2)) } else { Shape::from((rows, f2 / 2)) };
+    Ok((T::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
+/// [`super::heads_from_rows`] (`op.to_heads`: `inputs[0]` are the rows) or
+/// [`super::rows_from_heads`] (`inputs` = q, k, v).
+pub fn heads(op: &super::HeadsOp, inputs: [(&CudaStorage, &Layout); 3]) -> Result<CudaStorage> {
+    match inputs[0].0.dtype() {
+        DType::F32 => heads_t::<f32>(op, inputs),
+        DType::BF16 => heads_t::<bf16>(op, inputs),
+        DType::F16 => heads_t::<f16>(op, inputs),
+        d => candle_core::bail!("heads: unsupported dtype {d:?}"),
+    }
+}
+
+fn heads_t<T: CudaDType + DeviceRepr>(
+    op: &super::HeadsOp,
+    inputs: [(&CudaStorage, &Layout); 3],
+) -> Result<CudaStorage> {
+    let l = op.layout;
+    let dev = inputs[0].0.device().clone();
+    let n = op.out_len();
+    let dims = [l.batch, l.seq, l.heads, l.kv_heads, l.head_dim];
+    if n >= i32::MAX as usize || dims.iter().any(|&d| d >= i32::MAX as usize) {
+        candle_core::bail!("heads: {n} elements is more than one launch handles");
+    }
+    let [b, t, h, kv, hd] = dims.map(|d| d as i32);
+    let rope = op.tables.is_some() as i32;
+    let out = unsafe { dev.alloc::<T>(n)? };
+    // The tables (or, without rotation, the first input standing in for them: never read).
+    let guards = op.tables.as_ref().map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+    let table = |i: usize| -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>>> {
+        match &guards {
+            Some(g) => {
+                let (st, lay) = if i == 0 { (&g.0 .0, g.0 .1) } else { (&g.1 .0, g.1 .1) };
+                match &**st {
+                    candle_core::Storage::Cuda(cs) => {
+                        Ok(Some(cs.as_cuda_slice::<f32>()?.slice(check(lay, "rope table")?..)))
+                    }
+                    _ => candle_core::bail!("heads: the rope tables must be on the gpu like the heads"),
+                }
+            }
+            None => Ok(None),
+        }
+    };
+    let (c, sn) = (table(0)?, table(1)?);
+    let xs: Vec<_> = inputs
+        .iter()
+        .map(|(s, lay)| Ok(s.as_cuda_slice::<T>()?.slice(check(lay, "heads")?..)))
+        .collect::<Result<_>>()?;
+    let cfg = cfg(crate::launch::heads(l.batch * l.seq, l.cols()));
+    let name =
+        format!("{}_{}", if op.to_heads { "heads_from_rows" } else { "rows_from_heads" }, suffix(inputs[0].0.dtype())?);
+    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let mut bld = f.builder();
+    bld.arg(&xs[0]);
+    if !op.to_heads {
+        bld.arg(&xs[1]);
+        bld.arg(&xs[2]);
+    }
+    // Without tables (rope 0) the kernel never reads them: a null pointer stands in.
+    let null = 0u64;
+    match (&c, &sn) {
+        (Some(c), Some(sn)) => {
+            bld.arg(c);
+            bld.arg(sn);
+        }
+        _ => {
+            bld.arg(&null);
+            bld.arg(&null);
+        }
+    }
+    bld.arg(&out);
+    for a in [&b, &t, &h, &kv, &hd, &rope] {
+        bld.arg(a);
+    }
+    unsafe { bld.launch(cfg) }.w()?;
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// [`super::add_rms_norm`]: (a, b, w) → [a + b | rms_norm(a + b, w)], warp per row.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_fwd(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (n, d) = la.shape().dims2()?;
+    if 2 * n * d >= i32::MAX as usize {
+        candle_core::bail!("add_rms_norm: {n} rows of {d} is more than one launch handles");
+    }
+    let (oa, ob, ow) = (check(la, "a")?, check(lb, "b")?, check(lw, "weight")?);
+    let dev = a.device();
+    let (di, ni) = (d as i32, n as i32);
+    macro_rules! go {
+        ($ty:ty, $s:literal, $variant:ident) => {{
+            let (av, bv) = (a.as_cuda_slice::<$ty>()?.slice(oa..), b.as_cuda_slice::<$ty>()?.slice(ob..));
+            let wv = w.as_cuda_slice::<$ty>()?.slice(ow..);
+            let mut out = unsafe { dev.alloc::<$ty>(2 * n * d)? };
+            let (mut sum, mut normed) = out.split_at_mut(n * d);
+            let f = dev.get_or_load_custom_func(concat!("add_rms_fwd_w_", $s), MODULE, PTX)?;
+            let mut bl = f.builder();
+            bl.arg(&av);
+            bl.arg(&bv);
+            bl.arg(&wv);
+            bl.arg(&mut sum);
+            bl.arg(&mut normed);
+            bl.arg(&di);
+            bl.arg(&eps);
+            bl.arg(&ni);
+            unsafe { bl.launch(warp_rows_cfg(n)) }.w()?;
+            drop(bl);
+            CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
+        }};
+    }
+    let s = match (a.dtype(), b.dtype(), w.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => go!(f32, "f32", F32),
+        (DType::BF16, DType::BF16, DType::BF16) => go!(bf16, "bf16", BF16),
+        (DType::F16, DType::F16, DType::F16) => go!(f16, "f16", F16),
+        _ => candle_core::bail!("add_rms_norm: a, b and weight must share a float dtype"),
+    };
+    Ok((s, Shape::from(2 * n * d)))
+}
+
+/// RMSNorm forward.
+pub fn rms_fwd(x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, eps: f32) -> Result<(CudaStorage, Shape)> {
+    let (n, d) = lx.shape().dims2()?;
+    let (ox, ow) = (check(lx, "x")?, check(lw, "weight")?);
+    let dev = x.device();
+    if n >= i32::MAX as usize {
+        candle_core::bail!("rms_norm: {n} rows is more than one launch handles");
+    }
+    let (di, ni) = (d as i32, n as i32);
+    macro_rules! go {
+        ($ty:ty, $s:literal, $variant:ident) => {{
+            let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
+            let ws = w.as_cuda_slice::<$ty>()?.slice(ow..);
+            let out = unsafe { dev.alloc::<$ty>(n * d)? };
+            let (name, cfg, warp) = row_kernel("rms_fwd", $s, n, d, 1, 1024);
+            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&ws);
+            b.arg(&out);
+            b.arg(&di);
+            b.arg(&eps);
+            if warp {
+                b.arg(&ni);
+            }
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
+        }};
+    }
+    let s = match (x.dtype(), w.dtype()) {
+        (candle_core::DType::F32, candle_core::DType::F32) => go!(f32, "f32", F32),
+        (candle_core::DType::BF16, candle_core::DType::BF16) => go!(bf16, "bf16", BF16),
+        (candle_core::DType::F16, candle_core::DType::F16) => go!(f16, "f16", F16),
+        _ => candle_core::bail!("rms_norm: x and weight must both be f32, bf16 or f16"),
+    };
+    Ok((s, lx.shape().clone()))
+}
+
+/// RMSNorm backward: dx (N·D, plus `residual` where given: the warp-per-row kernel) then dw
+/// (D) in one buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    dy: &CudaStorage,
+    ly: &Layout,
+    residual: Option<&candle_core::Tensor>,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let guard = residual.map(|r| r.storage_and_layout());
+    let (n, d) = lx.shape().dims2()?;
+    let (ox, ow, oy) = (check(lx, "x")?, check(lw, "weight")?, check(ly, "dy")?);
+    let dev = x.device();
+    let (ni, di) = (n as i32, d as i32);
+    macro_rules! go {
+        ($ty:ty, $s:literal, $variant:ident) => {{
+            let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
+            let ws = w.as_cuda_slice::<$ty>()?.slice(ow..);
+            let ys = dy.as_cuda_slice::<$ty>()?.slice(oy..);
+            let rs = unsafe { dev.alloc::<f32>(n)? };
+            let mut out = unsafe { dev.alloc::<$ty>(n * d + d)? };
+            let res = match &guard {
+                Some((st, l)) => match &**st {
+                    candle_core::Storage::Cuda(c) => Some(c.as_cuda_slice::<$ty>()?.slice(check(l, "residual")?..)),
+                    _ => candle_core::bail!("rms_norm: the residual gradient must be on the gpu like x"),
+                },
+                None => None,
+            };
+            let (name, cfg, warp) = if res.is_some() {
+                if !super::ROWS_CUDA.get() {
+                    candle_core::bail!("rms_norm: a residual gradient needs the warp-per-row kernels");
+                }
+                (concat!("rms_dx_res_w_", $s).to_string(), warp_rows_cfg(n), true)
+            } else {
+                row_kernel("rms_dx", $s, n, d, 1, 1024)
+            };
+            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&ws);
+            b.arg(&ys);
+            if let Some(r) = &res {
+                b.arg(r);
+            }
+            b.arg(&out);
+            b.arg(&rs);
+            b.arg(&di);
+            b.arg(&eps);
+            if warp {
+                b.arg(&ni);
+            }
+            unsafe { b.launch(cfg) }.w()?;
+            let acc = dev.alloc_zeros::<f32>(d)?;
+            let chunks = n.clamp(1, 256);
+            let rows_per_chunk = n.div_ceil(chunks) as i32;
+            let cfg = LaunchConfig {
+                grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = dev.get_or_load_custom_func(concat!("rms_dw_", $s), MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&ys);
+            b.arg(&rs);
+            b.arg(&acc);
+            b.arg(&ni);
+            b.arg(&di);
+            b.arg(&rows_per_chunk);
+            unsafe { b.launch(cfg) }.w()?;
+            {
+                let mut dw = out.slice_mut(n * d..);
+                let f = dev.get_or_load_custom_func(concat!("cast_from_f32_", $s), MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&acc);
+                b.arg(&mut dw);
+                b.arg(&di);
+                unsafe { b.launch(elems_cfg(d)) }.w()?;
+            }
+            CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
+        }};
+    }
+    let s = match x.dtype() {
+        candle_core::DType::F32 => go!(f32, "f32", F32),
+        candle_core::DType::BF16 => go!(bf16, "bf16", BF16),
+        candle_core::DType::F16 => go!(f16, "f16", F16),
+        d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
+    };
+    Ok((s, Shape::from(n * d + d)))
+}

@@ -1,0 +1,621 @@
+//! Causal flash attention, forward and backward ([`flash_attention`]).
+
+use super::*;
+
+static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true, false);
+
+/// Chooses the attention kernel process-wide: `true` for [`flash_attention`] (tiled, no T×T
+/// matrix in memory), `false` for scores from a matmul, [`causal_softmax`] and a second matmul
+/// (the T×T probabilities are materialised, in the compute dtype); also
+/// `PATCHLM_FLASH_ATTENTION=1` / `=0`. Unset, attention is flash where the tensor-core kernels
+/// are on and apply (see [`flash_attention_for`]), else materialised. Both compute the same
+/// attention.
+pub fn set_flash_attention(enabled: bool) {
+    FLASH.set(enabled);
+}
+
+/// Whether attention on `device` was set to [`flash_attention`] (see [`set_flash_attention`]);
+/// only where the fused ops are supported. [`flash_attention_for`] also knows the default.
+pub fn flash_attention_enabled(device: &Device) -> bool {
+    FLASH.get() && fused_ops_supported(device)
+}
+
+/// Whether attention with head size `hd` in `dtype` on `device` runs as [`flash_attention`]: as
+/// [`set_flash_attention`] or `PATCHLM_FLASH_ATTENTION` say, and where neither does, on CUDA when
+/// tensor-core kernels are on and apply ([`flash_tc_enabled`], [`flash_mma_enabled`]). Only where
+/// the fused ops are supported.
+pub fn flash_attention_for(device: &Device, dtype: DType, hd: usize) -> bool {
+    fused_ops_supported(device)
+        && FLASH
+            .explicit()
+            .unwrap_or_else(|| device.is_cuda() && (flash_tc_enabled(dtype, hd) || flash_mma_enabled(dtype, hd)))
+}
+
+static FLASH_TC: Switch = Switch::new("PATCHLM_FLASH_TC", true, false);
+
+/// Chooses tensor-core kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
+/// head size 32 or 64; wmma tiles with f32 accumulation, kernels/flash.cu), process-wide. Opt-in
+/// (also `PATCHLM_FLASH_TC=1`) until `tests/cuda.rs` has run them on a GPU; their math is tested
+/// without one by `tests/emulated.rs`. Off, or for other shapes, the CUDA-core kernels run. On,
+/// attention defaults to flash where they apply (see [`flash_attention_for`]).
+pub fn set_flash_tc(enabled: bool) {
+    FLASH_TC.set(enabled);
+}
+
+/// Whether [`flash_attention`] on CUDA uses the wmma tensor-core kernels for `dtype` and head
+/// size `hd` (see [`set_flash_tc`]; [`set_flash_mma`] takes precedence).
+pub fn flash_tc_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_TC.get() && !flash_mma_enabled(dtype, hd) && tensor_core_shape(dtype, hd)
+}
+
+fn tensor_core_shape(dtype: DType, hd: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(hd, 32 | 64)
+}
+
+static FLASH_MMA: Switch = Switch::new("PATCHLM_FLASH_MMA", true, false);
+
+/// Chooses the mma.sync kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
+/// head size 32 or 64), process-wide: FlashAttention-2's register dataflow (scores, softmax and
+/// probabilities stay in registers; kernels/flash.cu), ahead of [`set_flash_tc`]'s wmma kernels
+/// when both are on. Opt-in (also `PATCHLM_FLASH_MMA=1`) until `tests/cuda.rs` has run them on a
+/// GPU; their math is tested without one by `tests/emulated.rs`. On, attention defaults to flash
+/// where they apply (see [`flash_attention_for`]).
+pub fn set_flash_mma(enabled: bool) {
+    FLASH_MMA.set(enabled);
+}
+
+/// Whether [`flash_attention`] on CUDA uses the mma.sync kernels for `dtype` and head size `hd`
+/// (see [`set_flash_mma`]).
+pub fn flash_mma_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_MMA.get() && tensor_core_shape(dtype, hd)
+}
+
+/// A second output of a custom op (candle's custom ops return one storage): the op's forward
+/// pass leaves it here and [`Stash::take`] hands it back as a tensor on the same device.
+#[derive(Default)]
+struct Stash(std::sync::Mutex<Option<(Stashed, Shape)>>);
+
+enum Stashed {
+    Cpu(CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+}
+
+impl Stash {
+    fn put(&self, s: Stashed, shape: Shape) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some((s, shape));
+        }
+    }
+
+    /// The stashed output as a tensor (`like` only carries the device); an error if the op
+    /// stashed nothing.
+    fn take(&self, like: &Tensor) -> candle_core::Result<Tensor> {
+        like.apply_op1_no_bwd(&TakeStash(self))
+    }
+
+    fn take_inner(&self) -> candle_core::Result<(Stashed, Shape)> {
+        let taken = self.0.lock().ok().and_then(|mut g| g.take());
+        taken.ok_or_else(|| candle_core::Error::Msg("internal: an op's second output is missing".into()))
+    }
+}
+
+struct TakeStash<'a>(&'a Stash);
+
+impl CustomOp1 for TakeStash<'_> {
+    fn name(&self) -> &'static str {
+        "take-stash"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.0.take_inner()? {
+            (Stashed::Cpu(s), shape) => Ok((s, shape)),
+            #[cfg(feature = "cuda")]
+            _ => candle_core::bail!("internal: a stashed output is on another device"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match self.0.take_inner()? {
+            (Stashed::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("internal: a stashed output is on another device"),
+        }
+    }
+}
+
+/// Causal attention `softmax(scale · q kᵀ + mask) v` without the (T, S) score matrix: `q`
+/// (B, H, T, hd), `k` and `v` (B, H, S, hd) with S ≥ T (the queries are the last T positions,
+/// as with a KV cache), one dtype (f32, bf16 or f16), hd ∈ {16, 32, 64, 128} on CUDA. Keys are
+/// visited in tiles with an online softmax (running max and sum in f32). Differentiable in q,
+/// k and v: the backward pass recomputes the probabilities tile by tile from the saved inputs
+/// and each row's log-sum-exp (FlashAttention-2's scheme), again without a (T, S) matrix.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    flash_check(q, k, v)?;
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale: scale as f32 })
+}
+
+/// [`flash_attention`] without a graph, returning also each query row's log-sum-exp of its
+/// visible scaled scores, (B, H, T) f32, the statistic [`grad::flash_attention_lse`] needs (so the
+/// backward pass does not recompute it).
+pub fn flash_attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
+    flash_check(q, k, v)?;
+    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default() };
+    let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let lse = op.lse.take(&o)?;
+    Ok((o, lse))
+}
+
+fn flash_check(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (kb, kh, s, khd) = k.dims4()?;
+    if (kb, kh, khd) != (b, h, hd) || v.dims() != k.dims() || s < t || t == 0 {
+        candle_core::bail!(
+            "flash_attention: q {:?}, k {:?}, v {:?} do not fit (B, H, T, hd) / (B, H, S ≥ T, hd)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!("flash_attention: q, k and v must share one dtype");
+    }
+    Ok(())
+}
+
+pub(super) struct FlashAttn {
+    pub(super) scale: f32,
+}
+
+/// Each query row's log-sum-exp of its visible scaled scores: (q, k) → (B, H, T) f32.
+struct FlashLse {
+    scale: f32,
+}
+
+/// [`FlashAttn`]'s forward that also leaves the log-sum-exp per row (see [`flash_attention_lse`]).
+struct FlashAttnLse {
+    scale: f32,
+    lse: Stash,
+}
+
+/// Which gradients a [`FlashGrad`] computes: dq (B, H, T, hd), or dk and dv stacked
+/// (2, B, H, S, hd).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlashPart {
+    Q,
+    KV,
+}
+
+/// One gradient of the CPU twin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GradOf {
+    Q,
+    K,
+    V,
+}
+
+/// Backward of [`FlashAttn`]: (q, k, v) → dq, or dk and dv. dO and the row statistics ride along
+/// as fields (a custom op takes three inputs), so that no input is copied to fit.
+struct FlashGrad {
+    scale: f32,
+    part: FlashPart,
+    /// dO (B, H, T, hd) in q's dtype.
+    dout: Tensor,
+    /// (lse, delta = Σ dO ⊙ O) per query row, (B, H, T, 2) f32.
+    stats: Tensor,
+}
+
+/// Shapes of one attention call: heads (B·H), queries, keys, head size.
+#[derive(Clone, Copy)]
+pub(super) struct AttnDims {
+    pub(super) bh: usize,
+    pub(super) t: usize,
+    pub(super) s: usize,
+    pub(super) hd: usize,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn to_f32<T: Float>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.f()).collect()
+}
+
+/// Forward (`want_o`: the outputs (BH·T·hd)) or the log-sum-exp per row (BH·T), on the CPU.
+fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, want_o: bool) -> (Vec<T>, Vec<f32>) {
+    let AttnDims { bh, t, s, hd } = a;
+    let mut o = vec![T::from_f(0.0); if want_o { bh * t * hd } else { 0 }];
+    let mut lse = vec![0f32; bh * t];
+    let per_head = |g: usize, o: &mut [T], lse: &mut [f32]| {
+        let k = to_f32(&k[g * s * hd..(g + 1) * s * hd]);
+        let v = if want_o { to_f32(&v[g * s * hd..(g + 1) * s * hd]) } else { Vec::new() };
+        for i in 0..t {
+            let qi = to_f32(&q[(g * t + i) * hd..(g * t + i + 1) * hd]);
+            let lim = s - t + i;
+            let sc: Vec<f32> = (0..=lim).map(|j| scale * dot(&qi, &k[j * hd..(j + 1) * hd])).collect();
+            let m = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let p: Vec<f32> = sc.iter().map(|&x| (x - m).exp()).collect();
+            let l: f32 = p.iter().sum();
+            lse[i] = m + l.ln();
+            if want_o {
+                let mut acc = vec![0f32; hd];
+                for (j, &pj) in p.iter().enumerate() {
+                    for (a, &vv) in acc.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+                        *a += pj * vv;
+                    }
+                }
+                for (o, a) in o[i * hd..(i + 1) * hd].iter_mut().zip(acc) {
+                    *o = T::from_f(a / l);
+                }
+            }
+        }
+    };
+    if want_o {
+        o.par_chunks_mut(t * hd).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(g, (o, l))| per_head(g, o, l));
+    } else {
+        lse.par_chunks_mut(t).enumerate().for_each(|(g, l)| per_head(g, &mut [], l));
+    }
+    (o, lse)
+}
+
+/// One of dq, dk, dv from `x` = [q, dO, k, v] on the CPU (the reference for the CUDA kernels).
+fn flash_grad_cpu<T: Float>(x: [&[T]; 4], st: &[f32], a: AttnDims, scale: f32, part: GradOf) -> Vec<T> {
+    let AttnDims { bh, t, s, hd } = a;
+    let [q, dout, k, v] = x;
+    let rows = if part == GradOf::Q { t } else { s };
+    let mut out = vec![T::from_f(0.0); bh * rows * hd];
+    out.par_chunks_mut(rows * hd).enumerate().for_each(|(g, out)| {
+        let head = |x: &[T], n: usize| to_f32(&x[g * n * hd..(g + 1) * n * hd]);
+        let (q, dout, k, v) = (head(q, t), head(dout, t), head(k, s), head(v, s));
+        let mut acc = vec![0f32; rows * hd];
+        for i in 0..t {
+            let (qi, di) = (&q[i * hd..(i + 1) * hd], &dout[i * hd..(i + 1) * hd]);
+            let (lse, delta) = (st[(g * t + i) * 2], st[(g * t + i) * 2 + 1]);
+            for j in 0..=s - t + i {
+                let (kj, vj) = (&k[j * hd..(j + 1) * hd], &v[j * hd..(j + 1) * hd]);
+                let p = (scale * dot(qi, kj) - lse).exp();
+                let (row, src, w) = match part {
+                    GradOf::V => (j, di, p),
+                    GradOf::Q => (i, kj, scale * p * (dot(di, vj) - delta)),
+                    GradOf::K => (j, qi, scale * p * (dot(di, vj) - delta)),
+                };
+                for (a, &x) in acc[row * hd..(row + 1) * hd].iter_mut().zip(src) {
+                    *a += w * x;
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = T::from_f(a);
+        }
+    });
+    out
+}
+
+fn attn_dims(q: &Layout, k: &Layout) -> candle_core::Result<AttnDims> {
+    let (b, h, t, hd) = q.shape().dims4()?;
+    let s = k.shape().dims4()?.2;
+    Ok(AttnDims { bh: b * h, t, s, hd })
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = attn_dims(l1, l2)?;
+        let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
+            flash_fwd_cpu(q, k, v, a, self.scale, true).0
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (o, _) = cuda::flash_fwd(s1, l1, s2, l2, s3, l3, attn_dims(l1, l2)?, self.scale)?;
+        Ok((o, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = q.apply_op2_no_bwd(k, &FlashLse { scale: self.scale })?;
+        let (dq, dk, dv) = flash_backward(q, k, v, o, &lse, dout, self.scale)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Flash attention's gradients from the inputs, the output, each row's log-sum-exp and dO.
+pub(super) fn flash_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f32,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    flash_check(q, k, v)?;
+    let (b, h, t, hd) = q.dims4()?;
+    if dout.dims() != [b, h, t, hd] || o.dims() != [b, h, t, hd] {
+        candle_core::bail!(
+            "flash_attention: o {:?} or dO {:?} is not shaped like q {:?}",
+            o.dims(),
+            dout.dims(),
+            q.dims()
+        );
+    }
+    if lse.dims() != [b, h, t] || lse.dtype() != DType::F32 {
+        candle_core::bail!("flash_attention: lse {:?} {:?} is not f32 ({b}, {h}, {t})", lse.dims(), lse.dtype());
+    }
+    let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+    // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the
+    // tensor-core flash kernels until it has run on a GPU), else composed.
+    let stats = if q.device().is_cpu() || FLASH_TC.get() || FLASH_MMA.get() {
+        o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &FlashStats)?
+    } else {
+        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+        Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let grad = |part| q.apply_op3_no_bwd(&k, &v, &FlashGrad { scale, part, dout: dout.clone(), stats: stats.clone() });
+    let dkv = grad(FlashPart::KV)?;
+    Ok((grad(FlashPart::Q)?, dkv.get(0)?, dkv.get(1)?))
+}
+
+/// The backward's row statistics: (o, dO (B, H, T, hd), lse (B, H, T) f32) → (B, H, T, 2) f32
+/// holding (lse, Σ_d o·dO) per row.
+struct FlashStats;
+
+impl CustomOp3 for FlashStats {
+    fn name(&self) -> &'static str {
+        "flash-attention-stats"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, t, hd) = l1.shape().dims4()?;
+        let lse = match s3 {
+            CpuStorage::F32(l) => contiguous(l, l3, "lse")?,
+            _ => candle_core::bail!("flash_attention: lse must be f32"),
+        };
+        fn stats<T: Float>(o: &[T], d: &[T], lse: &[f32], hd: usize) -> Vec<f32> {
+            o.chunks(hd.max(1))
+                .zip(d.chunks(hd.max(1)))
+                .zip(lse)
+                .flat_map(|((o, d), &l)| [l, o.iter().zip(d).map(|(a, b)| a.f() * b.f()).sum()])
+                .collect()
+        }
+        let st = match (s1, s2) {
+            (CpuStorage::F32(o), CpuStorage::F32(d)) => {
+                stats(contiguous(o, l1, "o")?, contiguous(d, l2, "dO")?, lse, hd)
+            }
+            (CpuStorage::BF16(o), CpuStorage::BF16(d)) => {
+                stats(contiguous(o, l1, "o")?, contiguous(d, l2, "dO")?, lse, hd)
+            }
+            (CpuStorage::F16(o), CpuStorage::F16(d)) => {
+                stats(contiguous(o, l1, "o")?, contiguous(d, l2, "dO")?, lse, hd)
+            }
+            _ => candle_core::bail!("flash_attention: o and dO must share a float dtype"),
+        };
+        Ok((CpuStorage::F32(st), Shape::from((b, h, t, 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (b, h, t, hd) = l1.shape().dims4()?;
+        let st = cuda::flash_stats(s1, l1, s2, l2, s3, l3, b * h * t, hd)?;
+        Ok((st, Shape::from((b, h, t, 2))))
+    }
+}
+
+impl CustomOp3 for FlashAttnLse {
+    fn name(&self) -> &'static str {
+        "flash-attention-with-lse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = attn_dims(l1, l2)?;
+        let lse: Vec<f32>;
+        let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
+            let (o, l) = flash_fwd_cpu(q, k, v, a, self.scale, true);
+            lse = l;
+            o
+        });
+        let (b, h, t, _) = l1.shape().dims4()?;
+        self.lse.put(Stashed::Cpu(CpuStorage::F32(lse)), Shape::from((b, h, t)));
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (o, lse) = cuda::flash_fwd(s1, l1, s2, l2, s3, l3, attn_dims(l1, l2)?, self.scale)?;
+        let (b, h, t, _) = l1.shape().dims4()?;
+        self.lse.put(Stashed::Cuda(lse), Shape::from((b, h, t)));
+        Ok((o, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for FlashLse {
+    fn name(&self) -> &'static str {
+        "flash-attention-lse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = attn_dims(l1, l2)?;
+        let lse = match (s1, s2) {
+            (CpuStorage::F32(q), CpuStorage::F32(k)) => {
+                flash_fwd_cpu::<f32>(contiguous(q, l1, "q")?, contiguous(k, l2, "k")?, &[], a, self.scale, false).1
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k)) => {
+                flash_fwd_cpu::<bf16>(contiguous(q, l1, "q")?, contiguous(k, l2, "k")?, &[], a, self.scale, false).1
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k)) => {
+                flash_fwd_cpu::<f16>(contiguous(q, l1, "q")?, contiguous(k, l2, "k")?, &[], a, self.scale, false).1
+            }
+            _ => candle_core::bail!("flash_attention: q and k must share a float dtype"),
+        };
+        let (b, h, t, _) = l1.shape().dims4()?;
+        Ok((CpuStorage::F32(lse), Shape::from((b, h, t))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let lse = cuda::flash_lse(s1, l1, s2, l2, attn_dims(l1, l2)?, self.scale)?;
+        let (b, h, t, _) = l1.shape().dims4()?;
+        Ok((lse, Shape::from((b, h, t))))
+    }
+}
+
+impl CustomOp3 for FlashGrad {
+    fn name(&self) -> &'static str {
+        "flash-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, shape) = self.dims(l1, l2)?;
+        let (dg, dl) = self.dout.storage_and_layout();
+        let (sg, sl) = self.stats.storage_and_layout();
+        let (candle_core::Storage::Cpu(d), candle_core::Storage::Cpu(CpuStorage::F32(st))) = (&*dg, &*sg) else {
+            candle_core::bail!("flash_attention: dO and the f32 row statistics must be on the cpu like q")
+        };
+        let st = contiguous(st, sl, "stats")?;
+        fn grads<T: Float>(
+            q: &[T],
+            k: &[T],
+            v: &[T],
+            d: (&CpuStorage, &Layout),
+            st: &[f32],
+            g: &FlashGrad,
+            a: AttnDims,
+        ) -> candle_core::Result<Vec<T>> {
+            let dout =
+                T::of(d.0).ok_or_else(|| candle_core::Error::Msg("flash_attention: dO must have q's dtype".into()))?;
+            let x = [q, contiguous(dout, d.1, "dO")?, k, v];
+            Ok(match g.part {
+                FlashPart::Q => flash_grad_cpu(x, st, a, g.scale, GradOf::Q),
+                FlashPart::KV => {
+                    let mut dk = flash_grad_cpu(x, st, a, g.scale, GradOf::K);
+                    dk.extend(flash_grad_cpu(x, st, a, g.scale, GradOf::V));
+                    dk
+                }
+            })
+        }
+        let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
+            grads(q, k, v, (d, dl), st, self, a)?
+        });
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (a, shape) = self.dims(l1, l2)?;
+        let (dg, dl) = self.dout.storage_and_layout();
+        let (sg, sl) = self.stats.storage_and_layout();
+        let (candle_core::Storage::Cuda(d), candle_core::Storage::Cuda(st)) = (&*dg, &*sg) else {
+            candle_core::bail!("flash_attention: dO and the row statistics must be on q's device")
+        };
+        let x = [(s1, l1), (d, dl), (s2, l2), (s3, l3)];
+        let out = cuda::flash_grad(x, (st, sl), a, self.scale, self.part == FlashPart::KV)?;
+        Ok((out, shape))
+    }
+}
+
+impl FlashGrad {
+    /// Dims of a call from q (B, H, T, hd) and k (B, H, S, hd) (checked by [`flash_backward`]),
+    /// and the output shape.
+    fn dims(&self, lq: &Layout, lk: &Layout) -> candle_core::Result<(AttnDims, Shape)> {
+        let (b, h, t, hd) = lq.shape().dims4()?;
+        let s = lk.shape().dims4()?.2;
+        let shape = match self.part {
+            FlashPart::Q => Shape::from((b, h, t, hd)),
+            FlashPart::KV => Shape::from((2, b, h, s, hd)),
+        };
+        Ok((AttnDims { bh: b * h, t, s, hd }, shape))
+    }
+}

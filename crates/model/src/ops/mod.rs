@@ -1,0 +1,297 @@
+//! Fused operations with hand-written backward passes, as candle custom ops, each with a CPU
+//! implementation (rows or heads in parallel) and a CUDA kernel (kernels/fused.cu,
+//! kernels/flash.cu; `cuda` feature). Statistics are kept in f32 whatever the storage dtype.
+//!
+//! - [`cross_entropy_multi`]: softmax cross-entropy where each row of logits has K targets (K = 1
+//!   is ordinary next-token cross-entropy), without materialising log-probabilities for the
+//!   whole vocabulary; the backward pass writes `g · (K · softmax − counts)` directly.
+//! - [`rms_norm`]: RMSNorm, input and weight gradients.
+//! - [`rope`]: rotary embeddings; [`causal_softmax`]: scale + causal mask + softmax of attention
+//!   scores; [`flash_attention`]: causal attention without a T×T matrix (opt-in, see
+//!   [`set_flash_attention`]).
+//! - [`embedding`]: lookup with a scatter-add backward; [`swiglu`]: SwiGLU's gate.
+//! - [`adamw_update`]: one AdamW step of one parameter in a single pass (no backward);
+//!   [`adamw_multi`] / [`sum_of_squares`]: all parameters (gradients f32 or bf16) in one launch.
+//! - For a hand-written backward pass (no graph; backward passes in [`grad`]):
+//!   [`heads_from_rows`] / [`rows_from_heads`] (attention heads with RoPE fused, and back),
+//!   [`swiglu_packed`] (SwiGLU on stacked gate/up rows), [`add_rms_norm`] (residual add fused
+//!   into the norm), [`cross_entropy_multi_lse`] (the loss keeping each row's log-sum-exp).
+//!
+//! [`fused_ops_supported`] says where a device has the implementations (callers fall back to
+//! composed candle ops elsewhere); [`set_fused_ops`] turns them off to compare.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, Var};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A process-wide on/off setting: until a caller sets it, an environment variable decides
+/// (`env` = "1" means `env_means`, "0" the opposite), and without one (or another value) `default`.
+pub(crate) struct Switch {
+    /// 0: not yet resolved, 1: on, 2: off (set, or from the environment), 3: neither said (the
+    /// default applies).
+    state: AtomicU8,
+    env: &'static str,
+    env_means: bool,
+    default: bool,
+}
+
+impl Switch {
+    pub(crate) const fn new(env: &'static str, env_means: bool, default: bool) -> Self {
+        Self { state: AtomicU8::new(0), env, env_means, default }
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// The setting: the setter's, else the environment's read on first use (and kept: hot paths
+    /// ask per layer), else the default.
+    pub(crate) fn get(&self) -> bool {
+        self.explicit().unwrap_or(self.default)
+    }
+
+    /// What the setter or the environment said, if either did.
+    pub(crate) fn explicit(&self) -> Option<bool> {
+        match self.state.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            3 => None,
+            _ => {
+                let said = match std::env::var_os(self.env) {
+                    Some(v) if v == "1" => Some(self.env_means),
+                    Some(v) if v == "0" => Some(!self.env_means),
+                    _ => None,
+                };
+                let state = match said {
+                    Some(true) => 1,
+                    Some(false) => 2,
+                    None => 3,
+                };
+                // A setter racing with this first read wins: only an unresolved state is replaced.
+                let _ = self.state.compare_exchange(0, state, Ordering::Relaxed, Ordering::Relaxed);
+                said
+            }
+        }
+    }
+}
+
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused ops off (or back on) process-wide, e.g. to benchmark them against the
+/// composed ops they replace. On by default.
+pub fn set_fused_ops(enabled: bool) {
+    FUSED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused ops of this module are on and have an implementation for `device`: the
+/// CPU always, CUDA when built with the `cuda` feature (the kernels' device tests,
+/// `crates/model/tests/cuda.rs`, run with `scripts/gpu_check.sh`); `PATCHLM_FUSED_CUDA=0` turns
+/// the CUDA kernels off, back to candle's composed ops.
+pub fn fused_ops_supported(device: &Device) -> bool {
+    if !FUSED.load(Ordering::Relaxed) {
+        return false;
+    }
+    match device {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cuda") && std::env::var_os("PATCHLM_FUSED_CUDA").is_none_or(|v| v != "0"),
+        _ => false,
+    }
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// `map_float!(op, storage, layout, "what", |x| body)`: runs `body` on the contiguous slice of
+/// a float CPU storage (f32, bf16 or f16) and wraps the resulting `Vec` in the same dtype.
+macro_rules! map_float {
+    ($op:literal, $s:expr, $l:expr, $what:literal, |$x:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $x = contiguous(v, $l, $what)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::BF16(v) => {
+                let $x = contiguous(v, $l, $what)?;
+                CpuStorage::BF16($body)
+            }
+            CpuStorage::F16(v) => {
+                let $x = contiguous(v, $l, $what)?;
+                CpuStorage::F16($body)
+            }
+            _ => candle_core::bail!("{}: {} must be f32, bf16 or f16", $op, $what),
+        }
+    };
+}
+
+/// [`map_float!`] over two storages that share one float dtype.
+macro_rules! map_float2 {
+    ($op:literal, ($s1:expr, $l1:expr, $w1:literal), ($s2:expr, $l2:expr, $w2:literal), |$x:ident, $y:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?);
+                CpuStorage::BF16($body)
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b)) => {
+                let ($x, $y) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?);
+                CpuStorage::F16($body)
+            }
+            _ => candle_core::bail!("{}: {} and {} must share a float dtype (f32, bf16 or f16)", $op, $w1, $w2),
+        }
+    };
+}
+
+/// [`map_float!`] over three storages that share one float dtype.
+macro_rules! map_float3 {
+    ($op:literal, ($s1:expr, $l1:expr, $w1:literal), ($s2:expr, $l2:expr, $w2:literal), ($s3:expr, $l3:expr, $w3:literal), |$x:ident, $y:ident, $z:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                let ($x, $y, $z) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?, contiguous(c, $l3, $w3)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
+                let ($x, $y, $z) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?, contiguous(c, $l3, $w3)?);
+                CpuStorage::BF16($body)
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => {
+                let ($x, $y, $z) = (contiguous(a, $l1, $w1)?, contiguous(b, $l2, $w2)?, contiguous(c, $l3, $w3)?);
+                CpuStorage::F16($body)
+            }
+            _ => {
+                candle_core::bail!("{}: {}, {} and {} must share a float dtype (f32, bf16 or f16)", $op, $w1, $w2, $w3)
+            }
+        }
+    };
+}
+
+trait Float: Copy + Send + Sync + 'static {
+    fn f(self) -> f32;
+    fn from_f(x: f32) -> Self;
+    /// The elements of a CPU storage of this dtype, or None for another dtype.
+    fn of(s: &CpuStorage) -> Option<&[Self]>;
+}
+impl Float for f32 {
+    fn of(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn f(self) -> f32 {
+        self
+    }
+    fn from_f(x: f32) -> Self {
+        x
+    }
+}
+impl Float for bf16 {
+    fn of(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+impl Float for f16 {
+    fn of(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F16(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn f(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+static ROWS_CUDA: Switch = Switch::new("PATCHLM_ROWS_CUDA", true, false);
+
+/// Chooses the second-generation row-wise CUDA kernels process-wide: for [`rms_norm`] and
+/// [`causal_softmax`] (both directions) the warp-per-row kernels (a warp per row, shuffles only)
+/// instead of the block-per-row ones; [`add_rms_norm`] and [`grad::rms_norm_residual`] with the
+/// residual add inside the norm's kernel (otherwise a separate add); and
+/// [`cross_entropy_multi_lse`] (16-byte loads, the log-sum-exp kept for a one-pass backward;
+/// without it the tape's loss uses [`cross_entropy_multi`]). Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
+/// them on a GPU. Same math and roundings either way.
+pub fn set_rows_cuda(enabled: bool) {
+    ROWS_CUDA.set(enabled);
+}
+
+/// Whether the second-generation row kernels are on (see [`set_rows_cuda`]).
+pub fn rows_cuda_enabled() -> bool {
+    ROWS_CUDA.get()
+}
+
+mod adamw;
+mod ce;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod embedding;
+mod flash;
+pub mod grad;
+mod heads;
+mod multi;
+mod norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use self::{adamw::*, ce::*, embedding::*, flash::*, heads::*, multi::*, norm::*, rope::*, softmax::*, swiglu::*};
+
+#[cfg(test)]
+mod tests {
+    use super::Switch;
+
+    /// The mma.sync flash kernels take precedence over the wmma ones; either applies only to
+    /// 16-bit dtypes at head sizes 32 and 64. (The only test in this binary that sets these.)
+    #[test]
+    fn tensor_core_flash_family_choice() {
+        use super::{flash_mma_enabled, flash_tc_enabled, set_flash_mma, set_flash_tc};
+        use candle_core::DType::{BF16, F16, F32};
+        set_flash_tc(true);
+        set_flash_mma(false);
+        assert!(flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
+        set_flash_mma(true);
+        assert!(!flash_tc_enabled(BF16, 64) && flash_mma_enabled(BF16, 64) && flash_mma_enabled(F16, 32));
+        assert!(!flash_mma_enabled(F32, 64) && !flash_mma_enabled(BF16, 128) && !flash_mma_enabled(BF16, 16));
+        set_flash_mma(false);
+        assert!(flash_tc_enabled(F16, 32) && !flash_tc_enabled(F32, 32));
+        set_flash_tc(false);
+        assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
+    }
+
+    /// A switch reports what the setter said, else nothing (the default applies), and keeps its
+    /// first reading of the environment.
+    #[test]
+    fn switch_explicit_setting_and_default() {
+        static S: Switch = Switch::new("PATCHLM_TEST_SWITCH_NEVER_SET", true, true);
+        assert_eq!(S.explicit(), None);
+        assert!(S.get(), "the default");
+        S.set(false);
+        assert_eq!(S.explicit(), Some(false));
+        assert!(!S.get());
+        S.set(true);
+        assert_eq!(S.explicit(), Some(true));
+        static OFF: Switch = Switch::new("PATCHLM_TEST_SWITCH_NEVER_SET", false, false);
+        assert!(!OFF.get());
+        assert_eq!(OFF.explicit(), None);
+    }
+}
