@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
 use patchlm_model::fused_ops_supported;
-use patchlm_model::ops::{adamw_multi, adamw_multi_clipped, sum_of_squares, AdamWSlot, AdamWStep};
+use patchlm_model::ops::{adamw_multi, adamw_multi_clipped, host_clip_factor, sum_of_squares, AdamWSlot, AdamWStep};
 
 use crate::error::{Result, TrainError};
 
@@ -137,11 +137,10 @@ impl AdamW {
         let host_factor = match scale {
             Scale::Factor(f) => Some(f),
             Scale::Clip(sumsq, max_norm) if fused.iter().zip(&grads_in).any(|(&f, g)| g.is_some() && !f) => {
-                let norm = sumsq.to_scalar::<f64>()?.sqrt();
-                if !norm.is_finite() {
-                    return Ok(());
+                match host_clip_factor(sumsq, max_norm)? {
+                    Some(f) => Some(f),
+                    None => return Ok(()),
                 }
-                Some(clip_scale(norm, max_norm))
             }
             Scale::Clip(..) => None,
         };

@@ -222,6 +222,14 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
+/// The clip factor ([`clip_factor`]) for gradients whose sum of squares is `sumsq` (a scalar of
+/// any float dtype, read on the host: this waits for its device), or `None` when their norm is not
+/// finite (NaN or infinite gradients: the caller then skips the update).
+pub fn host_clip_factor(sumsq: &Tensor, max_norm: f64) -> candle_core::Result<Option<f64>> {
+    let norm = sumsq.to_dtype(DType::F64)?.flatten_all()?.get(0)?.to_scalar::<f64>()?.sqrt();
+    Ok(norm.is_finite().then(|| clip_factor(norm, max_norm)))
+}
+
 static DEVICE_CLIP: Switch = Switch::new("PATCHLM_DEVICE_CLIP", true, false);
 
 /// Lets [`adamw_multi_clipped`] hand the gradients' sum of squares to the multi-tensor CUDA
@@ -259,9 +267,8 @@ pub fn adamw_multi_clipped(
             }
         }
     }
-    let norm = sumsq.to_dtype(DType::F64)?.flatten_all()?.get(0)?.to_scalar::<f64>()?.sqrt();
-    if !norm.is_finite() {
-        return Ok(());
+    match host_clip_factor(sumsq, max_norm)? {
+        Some(factor) => adamw_multi(slots, step, factor),
+        None => Ok(()),
     }
-    adamw_multi(slots, step, clip_factor(norm, max_norm))
 }
