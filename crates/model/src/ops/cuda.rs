@@ -7,6 +7,19 @@ use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
+/// `by_dtype!(dtype, "op", f(args…))`: `f::<T>(args…)` with `T` the Rust type of the float
+/// `dtype` (f32, bf16 or f16); any other dtype is an error naming the op.
+macro_rules! by_dtype {
+    ($dt:expr, $op:literal, $f:ident($($a:expr),* $(,)?)) => {
+        match $dt {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::BF16 => $f::<bf16>($($a),*),
+            DType::F16 => $f::<f16>($($a),*),
+            d => candle_core::bail!("{}: unsupported dtype {d:?}", $op),
+        }
+    };
+}
+
 /// The PTX of kernels/fused.cu.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "patchlm_fused";
@@ -165,12 +178,7 @@ pub fn causal_softmax(
     s: usize,
     scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    match x.dtype() {
-        DType::F32 => causal_softmax_t::<f32>(x, lx, grad, t, s, scale),
-        DType::BF16 => causal_softmax_t::<bf16>(x, lx, grad, t, s, scale),
-        DType::F16 => causal_softmax_t::<f16>(x, lx, grad, t, s, scale),
-        d => candle_core::bail!("causal_softmax: unsupported dtype {d:?}"),
-    }
+    by_dtype!(x.dtype(), "causal_softmax", causal_softmax_t(x, lx, grad, t, s, scale))
 }
 
 fn causal_softmax_t<T: CudaDType + DeviceRepr>(
@@ -222,12 +230,7 @@ pub fn rope(
     ls: &Layout,
     sign: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    match x.dtype() {
-        DType::F32 => rope_t::<f32>(x, lx, c, lc, sn, ls, sign),
-        DType::BF16 => rope_t::<bf16>(x, lx, c, lc, sn, ls, sign),
-        DType::F16 => rope_t::<f16>(x, lx, c, lc, sn, ls, sign),
-        d => candle_core::bail!("rope: unsupported dtype {d:?}"),
-    }
+    by_dtype!(x.dtype(), "rope", rope_t(x, lx, c, lc, sn, ls, sign))
 }
 
 fn rope_t<T: CudaDType + DeviceRepr>(
@@ -287,13 +290,8 @@ pub fn embedding(
     match vocab {
         None => {
             let vi = rows as i32;
-            match a.dtype() {
-                DType::F32 => gather_t::<f32>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
-                DType::BF16 => gather_t::<bf16>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
-                DType::F16 => gather_t::<f16>(a, la, &is, ni, di, vi, n * d, cfg, sfx),
-                d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
-            }
-            .map(|s| (s, Shape::from((n, d))))
+            by_dtype!(a.dtype(), "embedding", gather_t(a, la, &is, ni, di, vi, n * d, cfg, sfx))
+                .map(|s| (s, Shape::from((n, d))))
         }
         Some(v) => {
             let acc = dev.alloc_zeros::<f32>(v * d)?;
@@ -503,36 +501,25 @@ pub fn multi_adamw(
     Ok(())
 }
 
-/// Per-block partial sums of squares over contiguous f32/bf16 tensors (`multi_sumsq_f32`); the
-/// op's input is only the first tensor, whose output buffer it returns.
-struct MultiSumSq {
-    table: Vec<u64>,
-    tensors: usize,
-    blocks: usize,
+/// A CUDA-only custom op without a backward pass: `launch` makes its output on the device of
+/// the op's input (which it does not read otherwise), e.g. a multi-tensor kernel whose real
+/// inputs are addresses in a table.
+struct DeviceLaunch<F> {
+    name: &'static str,
+    launch: F,
 }
 
-impl candle_core::CustomOp1 for MultiSumSq {
+impl<F: Fn(&CudaDevice) -> Result<(CudaStorage, Shape)> + Send + Sync> candle_core::CustomOp1 for DeviceLaunch<F> {
     fn name(&self) -> &'static str {
-        "multi-sumsq"
+        self.name
     }
 
     fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("multi-sumsq runs on CUDA only")
+        candle_core::bail!("{} runs on CUDA only", self.name)
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = s.device();
-        let tab = dev.cuda_stream().clone_htod(&self.table).w()?;
-        let out = unsafe { dev.alloc::<f32>(self.blocks)? };
-        let (nt, chunk) = (self.tensors as i32, crate::launch::MULTI_CHUNK as i32);
-        let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
-        let mut b = f.builder();
-        b.arg(&tab);
-        b.arg(&nt);
-        b.arg(&chunk);
-        b.arg(&out);
-        unsafe { b.launch(cfg(crate::launch::multi(self.blocks))) }.w()?;
-        Ok((wrap_f32(out, dev), Shape::from(self.blocks)))
+        (self.launch)(s.device())
     }
 }
 
@@ -551,7 +538,20 @@ pub fn multi_sumsq(ts: &[&candle_core::Tensor]) -> Result<candle_core::Tensor> {
     if blocks == 0 {
         return candle_core::Tensor::zeros(1, DType::F32, dev);
     }
-    ts[0].apply_op1_no_bwd(&MultiSumSq { table, tensors: ts.len(), blocks })
+    let launch = |dev: &CudaDevice| {
+        let tab = dev.cuda_stream().clone_htod(&table).w()?;
+        let out = unsafe { dev.alloc::<f32>(blocks)? };
+        let (nt, chunk) = (ts.len() as i32, crate::launch::MULTI_CHUNK as i32);
+        let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&tab);
+        b.arg(&nt);
+        b.arg(&chunk);
+        b.arg(&out);
+        unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
+        Ok((wrap_f32(out, dev), Shape::from(blocks)))
+    };
+    ts[0].apply_op1_no_bwd(&DeviceLaunch { name: "multi-sumsq", launch })
 }
 
 /// [`super::cast_groups`] on CUDA: f32 tensors → one bf16/f16 buffer (`multi_cast_f32`), each
@@ -578,7 +578,13 @@ pub fn multi_cast(groups: &[&[&candle_core::Tensor]], dtype: DType) -> Result<Ve
     let buffer = if total == 0 {
         candle_core::Tensor::zeros(0, dtype, first.device())?
     } else {
-        first.apply_op1_no_bwd(&MultiCast { entries, total, dtype })?
+        let cast = MultiCast { entries, total };
+        let launch = |dev: &CudaDevice| match dtype {
+            DType::BF16 => cast.run::<bf16>(dev),
+            DType::F16 => cast.run::<f16>(dev),
+            d => candle_core::bail!("cast_groups: no multi-tensor cast to {d:?}"),
+        };
+        first.apply_op1_no_bwd(&DeviceLaunch { name: "multi-cast", launch })?
     };
     drop(keep);
     groups
@@ -596,7 +602,6 @@ pub fn multi_cast(groups: &[&[&candle_core::Tensor]], dtype: DType) -> Result<Ve
 struct MultiCast {
     entries: Vec<[u64; 5]>,
     total: usize,
-    dtype: DType,
 }
 
 impl MultiCast {
@@ -618,24 +623,6 @@ impl MultiCast {
         b.arg(&chunk);
         unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
         Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(self.total)))
-    }
-}
-
-impl candle_core::CustomOp1 for MultiCast {
-    fn name(&self) -> &'static str {
-        "multi-cast"
-    }
-
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("multi-cast runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        match self.dtype {
-            DType::BF16 => self.run::<bf16>(s.device()),
-            DType::F16 => self.run::<f16>(s.device()),
-            d => candle_core::bail!("cast_groups: no multi-tensor cast to {d:?}"),
-        }
     }
 }
 
@@ -751,12 +738,7 @@ fn flash(
     kernel: FlashKernel,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let Some(&(first, _)) = x.first() else { candle_core::bail!("internal: flash without inputs") };
-    match first.dtype() {
-        DType::F32 => flash_t::<f32>(x, st, d, scale, kernel),
-        DType::BF16 => flash_t::<bf16>(x, st, d, scale, kernel),
-        DType::F16 => flash_t::<f16>(x, st, d, scale, kernel),
-        dt => candle_core::bail!("flash_attention: unsupported dtype {dt:?}"),
-    }
+    by_dtype!(first.dtype(), "flash_attention", flash_t(x, st, d, scale, kernel))
 }
 
 /// Launches the kernels of one flash-attention step: the mma.sync or wmma tensor-core ones
@@ -866,12 +848,7 @@ pub fn swiglu(
     lu: &Layout,
     dy: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
-    match g.dtype() {
-        DType::F32 => swiglu_t::<f32>(g, lg, u, lu, dy),
-        DType::BF16 => swiglu_t::<bf16>(g, lg, u, lu, dy),
-        DType::F16 => swiglu_t::<f16>(g, lg, u, lu, dy),
-        d => candle_core::bail!("swiglu: unsupported dtype {d:?}"),
-    }
+    by_dtype!(g.dtype(), "swiglu", swiglu_t(g, lg, u, lu, dy))
 }
 
 fn swiglu_t<T: CudaDType + DeviceRepr>(
@@ -925,12 +902,7 @@ pub fn swiglu_packed(
     lg: &Layout,
     dy: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
-    match gu.dtype() {
-        DType::F32 => swiglu_packed_t::<f32>(gu, lg, dy),
-        DType::BF16 => swiglu_packed_t::<bf16>(gu, lg, dy),
-        DType::F16 => swiglu_packed_t::<f16>(gu, lg, dy),
-        d => candle_core::bail!("swiglu_packed: unsupported dtype {d:?}"),
-    }
+    by_dtype!(gu.dtype(), "swiglu_packed", swiglu_packed_t(gu, lg, dy))
 }
 
 fn swiglu_packed_t<T: CudaDType + DeviceRepr>(
@@ -970,12 +942,7 @@ fn swiglu_packed_t<T: CudaDType + DeviceRepr>(
 /// [`super::heads_from_rows`] (`op.to_heads`: `inputs[0]` are the rows) or
 /// [`super::rows_from_heads`] (`inputs` = q, k, v).
 pub fn heads(op: &super::HeadsOp, inputs: [(&CudaStorage, &Layout); 3]) -> Result<CudaStorage> {
-    match inputs[0].0.dtype() {
-        DType::F32 => heads_t::<f32>(op, inputs),
-        DType::BF16 => heads_t::<bf16>(op, inputs),
-        DType::F16 => heads_t::<f16>(op, inputs),
-        d => candle_core::bail!("heads: unsupported dtype {d:?}"),
-    }
+    by_dtype!(inputs[0].0.dtype(), "heads", heads_t(op, inputs))
 }
 
 fn heads_t<T: CudaDType + DeviceRepr>(
