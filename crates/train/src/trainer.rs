@@ -473,29 +473,26 @@ impl<'a> Trainer<'a> {
                 // The update goes in before anything is read back: with the norm on the device
                 // (ops::set_device_clip) the step waits for the device only here, once.
                 let sumsq = opt.step_clipped(&acc, lr, tc.grad_clip)?;
+                let non_finite = |what| {
+                    pb.abandon();
+                    TrainError::NonFinite {
+                        what,
+                        phase: plan.name.clone(),
+                        step: state.phase_step + 1,
+                        global_step: state.global_step + 1,
+                    }
+                };
                 let mut loss_sum = 0.0;
                 for (loss, w) in losses {
                     let lv = loss.to_scalar::<f32>()? as f64;
                     if !lv.is_finite() {
-                        pb.abandon();
-                        return Err(TrainError::NonFinite {
-                            what: "loss",
-                            phase: plan.name.clone(),
-                            step: state.phase_step + 1,
-                            global_step: state.global_step + 1,
-                        });
+                        return Err(non_finite("loss"));
                     }
                     loss_sum += lv * w;
                 }
                 let gn = sumsq.to_scalar::<f64>()?.sqrt();
                 if !gn.is_finite() {
-                    pb.abandon();
-                    return Err(TrainError::NonFinite {
-                        what: "gradient norm",
-                        phase: plan.name.clone(),
-                        step: state.phase_step + 1,
-                        global_step: state.global_step + 1,
-                    });
+                    return Err(non_finite("gradient norm"));
                 }
                 let dt = t0.elapsed().as_secs_f64();
                 state.phase_step += 1;
