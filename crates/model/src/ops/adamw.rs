@@ -272,3 +272,27 @@ pub fn adamw_multi_clipped(
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The host-side factor: torch's formula for a finite norm (the sum of squares is read in any
+    /// float dtype, as a scalar or a one-element tensor), `None` for a NaN or infinite one.
+    #[test]
+    fn host_clip_factor_reads_the_norm_and_refuses_non_finite_ones() {
+        let dev = Device::Cpu;
+        // norm 5: clipped to 1 → 1 / (5 + 1e-6); to 10 → not clipped.
+        let sumsq = Tensor::new(25f64, &dev).unwrap();
+        let f = host_clip_factor(&sumsq, 1.0).unwrap().unwrap();
+        assert!((f - 1.0 / (5.0 + 1e-6)).abs() < 1e-15, "{f}");
+        assert_eq!(host_clip_factor(&sumsq, 10.0).unwrap(), Some(1.0));
+        assert_eq!(host_clip_factor(&sumsq, 0.0).unwrap(), Some(1.0), "max_norm 0: no clipping");
+        let one = Tensor::new(&[25f32], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        assert_eq!(host_clip_factor(&one, 10.0).unwrap(), Some(1.0));
+        for bad in [f64::NAN, f64::INFINITY] {
+            assert_eq!(host_clip_factor(&Tensor::new(bad, &dev).unwrap(), 1.0).unwrap(), None, "{bad}");
+        }
+    }
+}

@@ -100,6 +100,7 @@ pub fn fused_ops_supported(device: &Device) -> bool {
     }
 }
 
+/// The elements of a contiguous CPU tensor's storage, or an error naming it (`what`).
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
@@ -173,6 +174,8 @@ macro_rules! map_float3 {
     };
 }
 
+/// The float element types the CPU implementations are generic over (f32, bf16, f16): each
+/// computes in f32 and rounds once on the way out.
 trait Float: Copy + Send + Sync + 'static {
     fn f(self) -> f32;
     fn from_f(x: f32) -> Self;
