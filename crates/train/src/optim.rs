@@ -137,10 +137,8 @@ impl AdamW {
         let host_factor = match scale {
             Scale::Factor(f) => Some(f),
             Scale::Clip(sumsq, max_norm) if fused.iter().zip(&grads_in).any(|(&f, g)| g.is_some() && !f) => {
-                match host_clip_factor(sumsq, max_norm)? {
-                    Some(f) => Some(f),
-                    None => return Ok(()),
-                }
+                let Some(factor) = host_clip_factor(sumsq, max_norm)? else { return Ok(()) };
+                Some(factor)
             }
             Scale::Clip(..) => None,
         };
