@@ -49,6 +49,32 @@ pub fn warp_rows(rows: usize) -> Launch {
     Launch::x(rows.div_ceil(WARP_ROWS_PER_BLOCK), 32 * WARP_ROWS_PER_BLOCK as u32)
 }
 
+/// A block per row of `len` items with a thread per `per_thread` of them, rounded up to whole
+/// warps and capped at `max_threads`.
+fn row_blocks(rows: usize, len: usize, per_thread: usize, max_threads: u32) -> Launch {
+    block_rows(rows, threads_for(len.div_ceil(per_thread)).min(max_threads))
+}
+
+/// The block-per-row RMSNorm kernels (`rms_fwd_*`, `rms_dx_*`) on `rows` rows of `d`: a thread
+/// per element, up to 1024.
+pub fn rms_rows(rows: usize, d: usize) -> Launch {
+    row_blocks(rows, d, 1, 1024)
+}
+
+/// The block-per-row causal softmax (`causal_softmax_fwd_*`, `causal_softmax_bwd_*`) on rows of
+/// `s` scores: a thread per 4 scores, up to 512.
+pub fn softmax_rows(rows: usize, s: usize) -> Launch {
+    row_blocks(rows, s, 4, 512)
+}
+
+/// RMSNorm's weight gradient (`rms_dw_*`) over `rows` rows of `d`: grid (⌈d / 256⌉, chunks) of
+/// 256 threads, the rows cut into up to 256 chunks whose partial sums meet in f32 atomics.
+/// Returns the launch and the rows per chunk (the kernel's last argument).
+pub fn rms_dw(rows: usize, d: usize) -> (Launch, usize) {
+    let chunks = rows.clamp(1, 256);
+    (Launch { grid: (d.div_ceil(256) as u32, chunks as u32, 1), block: (256, 1, 1) }, rows.div_ceil(chunks))
+}
+
 /// The multi-target cross-entropy kernels (`ce_*`): a block per row of `vocab` logits, up to 512
 /// threads.
 pub fn cross_entropy(rows: usize, vocab: usize) -> Launch {
@@ -136,7 +162,21 @@ mod tests {
             assert_eq!((f.grid.1, f.block.0, flash(rows, 3, false).block.0), (3, 128, 64));
             let e = elems(rows);
             assert!(e.grid.0 as usize * 1024 >= rows && e.block.0 == 1024);
+            assert_eq!(rms_rows(rows, 768), Launch { grid: (rows as u32, 1, 1), block: (768, 1, 1) });
+            assert_eq!(softmax_rows(rows, 1024).block.0, 256);
+            // The weight gradient's chunks (row i in chunk i / per; trailing chunks may be
+            // empty): every row in one, every column in a block.
+            for d in [1usize, 256, 257, 768] {
+                let (l, per) = rms_dw(rows, d);
+                let chunks = l.grid.1 as usize;
+                assert!(chunks * per >= rows && chunks <= 256 && per >= 1, "{rows} rows");
+                assert!(l.grid.0 as usize * l.block.0 as usize >= d && (l.grid.0 as usize - 1) * 256 < d);
+            }
         }
+        assert_eq!(
+            (rms_rows(3, 5000).block.0, softmax_rows(3, 5000).block.0, softmax_rows(3, 5).block.0),
+            (1024, 512, 32)
+        );
         assert_eq!(elems(0).grid.0, 1, "an empty launch still has a block");
         assert_eq!((threads_for(1), threads_for(33), threads_for(5000)), (32, 64, 1024));
         assert_eq!(cross_entropy(5, 50304).block.0, 512);

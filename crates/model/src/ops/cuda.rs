@@ -29,10 +29,6 @@ fn cfg(l: crate::launch::Launch) -> LaunchConfig {
     LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: 0 }
 }
 
-fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
-    cfg(crate::launch::block_rows(rows, threads))
-}
-
 /// The warp-per-row kernels' launch ([`super::set_rows_cuda`]).
 fn warp_rows_cfg(rows: usize) -> LaunchConfig {
     cfg(crate::launch::warp_rows(rows))
@@ -43,25 +39,15 @@ fn elems_cfg(n: usize) -> LaunchConfig {
     cfg(crate::launch::elems(n))
 }
 
-/// Kernel `name` and its launch for `rows` rows of `len`: the warp-per-row variant (`name_w`,
-/// which takes the row count as its last argument) when turned on, else one block per row of
-/// up to `max_threads` threads (`len / per_thread` rounded up to warps).
-fn row_kernel(
-    name: &str,
-    sfx: &str,
-    rows: usize,
-    len: usize,
-    per_thread: usize,
-    max_threads: u32,
-) -> (String, LaunchConfig, bool) {
+/// Kernel `name` and its launch for `rows` rows: the warp-per-row variant (`name_w`, which
+/// takes the row count as its last argument) when turned on, else one block per row as `block`.
+fn row_kernel(name: &str, sfx: &str, rows: usize, block: crate::launch::Launch) -> (String, LaunchConfig, bool) {
     if super::ROWS_CUDA.get() {
         (format!("{name}_w_{sfx}"), warp_rows_cfg(rows), true)
     } else {
-        (format!("{name}_{sfx}"), rows_cfg(rows, threads_for(len.div_ceil(per_thread)).min(max_threads)), false)
+        (format!("{name}_{sfx}"), cfg(block), false)
     }
 }
-
-use crate::launch::threads_for;
 
 fn check(l: &Layout, what: &str) -> Result<usize> {
     if !l.is_contiguous() {
@@ -199,7 +185,7 @@ fn causal_softmax_t<T: CudaDType + DeviceRepr>(
     }
     let (ti, si, ri) = (t as i32, s as i32, rows as i32);
     let kernel = if grad.is_some() { "causal_softmax_bwd" } else { "causal_softmax_fwd" };
-    let (name, cfg, warp) = row_kernel(kernel, sfx, rows, s, 4, 512);
+    let (name, cfg, warp) = row_kernel(kernel, sfx, rows, crate::launch::softmax_rows(rows, s));
     let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let mut b = f.builder();
     b.arg(&xs);
@@ -1072,7 +1058,7 @@ pub fn rms_fwd(x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, eps: 
             let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
             let ws = w.as_cuda_slice::<$ty>()?.slice(ow..);
             let out = unsafe { dev.alloc::<$ty>(n * d)? };
-            let (name, cfg, warp) = row_kernel("rms_fwd", $s, n, d, 1, 1024);
+            let (name, cfg, warp) = row_kernel("rms_fwd", $s, n, crate::launch::rms_rows(n, d));
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&xs);
@@ -1134,7 +1120,7 @@ pub fn rms_bwd(
                 }
                 (concat!("rms_dx_res_w_", $s).to_string(), warp_rows_cfg(n), true)
             } else {
-                row_kernel("rms_dx", $s, n, d, 1, 1024)
+                row_kernel("rms_dx", $s, n, crate::launch::rms_rows(n, d))
             };
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
@@ -1153,13 +1139,8 @@ pub fn rms_bwd(
             }
             unsafe { b.launch(cfg) }.w()?;
             let acc = dev.alloc_zeros::<f32>(d)?;
-            let chunks = n.clamp(1, 256);
-            let rows_per_chunk = n.div_ceil(chunks) as i32;
-            let cfg = LaunchConfig {
-                grid_dim: (d.div_ceil(256) as u32, chunks as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let (dw_launch, rows_per_chunk) = crate::launch::rms_dw(n, d);
+            let rows_per_chunk = rows_per_chunk as i32;
             let f = dev.get_or_load_custom_func(concat!("rms_dw_", $s), MODULE, PTX)?;
             let mut b = f.builder();
             b.arg(&xs);
@@ -1169,7 +1150,7 @@ pub fn rms_bwd(
             b.arg(&ni);
             b.arg(&di);
             b.arg(&rows_per_chunk);
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(self::cfg(dw_launch)) }.w()?;
             {
                 let mut dw = out.slice_mut(n * d..);
                 let f = dev.get_or_load_custom_func(concat!("cast_from_f32_", $s), MODULE, PTX)?;
