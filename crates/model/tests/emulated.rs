@@ -1,7 +1,7 @@
 //! The CUDA kernels' math without a GPU: kernels/*.cu compiled by the host C++ compiler against a
 //! CPU stand-in for the CUDA features they use (kernels/emu: threads as fibers, barriers, warp
-//! shuffles, wmma tiles, mma.sync, ldmatrix, cp.async), each launch run with the geometry its CUDA
-//! launcher uses (`patchlm_model::launch`) on random inputs and compared with an independent CPU
+//! shuffles, atomics, wmma tiles, mma.sync, ldmatrix, cp.async). Every kernel, the defaults and
+//! the opt-in families alike, is launched here with the geometry its CUDA launcher uses (`patchlm_model::launch`) on random inputs and compared with an independent CPU
 //! reference (candle ops in f32, candle's autograd for gradients). This checks indexing, masking,
 //! tiling and synchronisation on every machine; `tests/cuda.rs` repeats the comparison on a GPU,
 //! where timing, the memory model and the real tensor cores come in. The emulator's warp-matrix
@@ -231,8 +231,8 @@ enum Flash {
     CudaCore,
 }
 
-/// Flash attention's forward (o, log-sum-exp) and gradients (dq, dk, dv) from one kernel family on
-/// the emulator, against attention in f32 (candle ops and autograd). The queries are the last `t`
+/// Flash attention's forward (o, log-sum-exp; the CUDA-core family also the log-sum-exp alone)
+/// and gradients (dq, dk, dv) from one kernel family on the emulator, against attention in f32 (candle ops and autograd). The queries are the last `t`
 /// of `s` positions; `misalign` passes every tensor one element past an aligned start; `q_sd` is
 /// the queries' standard deviation (0: every score 0, each query's probabilities uniform over
 /// the keys it sees, so one key too many or too few is a large error, not a chance small one).
@@ -281,6 +281,13 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     check(&args[3], t, &o, tol, "forward output");
     let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
     assert!(e < tol_lse, "{what}: log-sum-exp rel err {e}");
+    if family == Flash::CudaCore {
+        // The log-sum-exp alone (no output).
+        let mut args = [arg(&q), arg(&k), out(bh * t, DType::F32), A::I(t as i64), A::I(s as i64), A::F(scale as f32)];
+        go("lse", t, &mut args);
+        let e = max_rel(&output(&args[2], DType::F32, &[bh, t]), &lse);
+        assert!(e < tol_lse, "{what}: log-sum-exp alone rel err {e}");
+    }
 
     // Gradients from (q, dO, k, v, (lse, delta) per row).
     let delta = (o.clone() * f(&dout)).unwrap().sum_keepdim(D::Minus1).unwrap();
@@ -351,53 +358,84 @@ fn emulated_cuda_core_flash_attention_matches_reference() {
     check_flash(Flash::CudaCore, (1, 70, 70, 32), DType::BF16, true, 1.5);
 }
 
-/// The warp-per-row RMSNorm kernels (PATCHLM_ROWS_CUDA; 8 rows a block of 256 threads) against
-/// the CPU ops: forward, forward with the residual add, backward with and without the residual
-/// branch (and the per-row 1/rms they save). Rows of 200 (16-byte packs) and 37 (element tails),
-/// a row count that leaves a block part-empty, unaligned inputs once.
+/// The RMSNorm kernels against the CPU ops: one block per row (the default: forward, backward
+/// with the per-row 1/rms it saves, the weight gradient's f32 partial sums and their cast) and a
+/// warp per row (PATCHLM_ROWS_CUDA; 8 rows a block of 256 threads: forward, forward with the
+/// residual add, backward with and without the residual branch). Rows of 200 (16-byte packs) and
+/// 37 (element tails), a row count that leaves a block part-empty, unaligned inputs once, and
+/// 300 rows, more than the weight gradient's 256 chunks.
 #[test]
-fn emulated_warp_rmsnorm_matches_cpu() {
+fn emulated_rmsnorm_matches_cpu() {
     let eps = 1e-5f64;
-    for (n, d, dtype, misalign) in
-        [(13usize, 200usize, DType::BF16, false), (9, 37, DType::F32, false), (11, 64, DType::F16, true)]
-    {
+    for (n, d, dtype, misalign) in [
+        (13usize, 200usize, DType::BF16, false),
+        (9, 37, DType::F32, false),
+        (11, 64, DType::F16, true),
+        (300, 40, DType::F32, false),
+    ] {
         let what = format!("{n}x{d} {dtype:?} misaligned={misalign}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let r =
             |sd: f32, shape: &[usize]| Tensor::randn(0f32, sd, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let (x, b, w, dy, res) = (r(2.0, &[n, d]), r(1.0, &[n, d]), r(1.0, &[d]), r(1.0, &[n, d]), r(1.0, &[n, d]));
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        // One kernel: `ins`, then output buffers (elements, dtype), then (d, eps, rows); returns
-        // the outputs, flat.
+        // One kernel: `ins`, then output buffers (elements, dtype), then (d, eps) and, for the
+        // warp-per-row kernels (`*_w`), the row count; returns the outputs, flat.
         let run = |kernel: &str, ins: &[&Tensor], outs: &[(usize, DType)]| -> Vec<Tensor> {
+            let warp = kernel.ends_with("_w");
             let mut a: Vec<A> = ins
                 .iter()
                 .map(|t| input(t, misalign))
                 .chain(outs.iter().map(|&(len, dt)| out(len, dt)))
-                .chain([A::I(d as i64), A::F(eps as f32), A::I(n as i64)])
+                .chain([A::I(d as i64), A::F(eps as f32)])
+                .chain(warp.then_some(A::I(n as i64)))
                 .collect();
-            emulate(&format!("{kernel}_{}", suffix(dtype)), launch::warp_rows(n), &mut a);
+            let geometry = if warp { launch::warp_rows(n) } else { launch::rms_rows(n, d) };
+            emulate(&format!("{kernel}_{}", suffix(dtype)), geometry, &mut a);
             outs.iter().enumerate().map(|(i, &(len, dt))| output(&a[ins.len() + i], dt, &[len])).collect()
         };
         let check = |got: &Tensor, want: &Tensor, tol: f32, part: &str| {
             let e = max_rel(got, &f(want));
             assert!(e < tol, "{what}: {part} rel err {e}");
         };
+        // The backward leaves 1/rms per row, in f32 from the rounded inputs.
+        let xf = x.to_dtype(DType::F32).unwrap();
+        let rs = (xf.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
+        let (dx, dw) = patchlm_model::ops::grad::rms_norm(&x, &w, &dy, eps).unwrap();
 
-        let y = run("rms_fwd_w", &[&x, &w], &[(n * d, dtype)]);
-        check(&y[0], &patchlm_model::ops::rms_norm(&x, &w, eps).unwrap(), tol, "rms_fwd_w");
+        for kernel in ["rms_fwd", "rms_fwd_w"] {
+            let y = run(kernel, &[&x, &w], &[(n * d, dtype)]);
+            check(&y[0], &patchlm_model::ops::rms_norm(&x, &w, eps).unwrap(), tol, kernel);
+        }
+        for kernel in ["rms_dx", "rms_dx_w"] {
+            let dxr = run(kernel, &[&x, &w, &dy], &[(n * d, dtype), (n, DType::F32)]);
+            check(&dxr[0], &dx, tol * 2.0, kernel);
+            check(&dxr[1], &rs, 1e-5, &format!("{kernel} 1/rms"));
+        }
+
+        // The weight gradient: f32 partial sums over chunks of rows (atomics), then the cast.
+        let (geometry, rows_per_chunk) = launch::rms_dw(n, d);
+        let mut a = [
+            input(&x, misalign),
+            input(&dy, misalign),
+            A::Buf(bytes(&rs.flatten_all().unwrap())),
+            out(d, DType::F32),
+            A::I(n as i64),
+            A::I(d as i64),
+            A::I(rows_per_chunk as i64),
+        ];
+        emulate(&format!("rms_dw_{}", suffix(dtype)), geometry, &mut a);
+        let acc = output(&a[3], DType::F32, &[d]);
+        check(&acc, &dw, tol * 2.0, "rms_dw");
+        let mut a = [A::Buf(bytes(&acc)), out(d, dtype), A::I(d as i64)];
+        emulate(&format!("cast_from_f32_{}", suffix(dtype)), launch::elems(d), &mut a);
+        let A::Buf(cast) = &a[1] else { unreachable!() };
+        assert_eq!(cast, &bytes(&acc.to_dtype(dtype).unwrap()), "{what}: cast_from_f32");
 
         let sy = run("add_rms_fwd_w", &[&x, &b, &w], &[(n * d, dtype), (n * d, dtype)]);
         let (sum, norm) = patchlm_model::ops::add_rms_norm(&x, &b, &w, eps).unwrap();
         check(&sy[0], &sum, tol, "add_rms_fwd_w sum");
         check(&sy[1], &norm, tol, "add_rms_fwd_w norm");
-
-        // The backward also leaves 1/rms per row, in f32 from the rounded inputs.
-        let xf = x.to_dtype(DType::F32).unwrap();
-        let rs = (xf.sqr().unwrap().mean_keepdim(1).unwrap() + eps).unwrap().sqrt().unwrap().recip().unwrap();
-        let dxr = run("rms_dx_w", &[&x, &w, &dy], &[(n * d, dtype), (n, DType::F32)]);
-        check(&dxr[0], &patchlm_model::ops::grad::rms_norm(&x, &w, &dy, eps).unwrap().0, tol * 2.0, "rms_dx_w");
-        check(&dxr[1], &rs, 1e-5, "rms_dx_w 1/rms");
 
         let dxr = run("rms_dx_res_w", &[&x, &w, &dy, &res], &[(n * d, dtype), (n, DType::F32)]);
         let want = patchlm_model::ops::grad::rms_norm_residual(&x, &w, &dy, &res, eps).unwrap().0;
@@ -405,86 +443,101 @@ fn emulated_warp_rmsnorm_matches_cpu() {
     }
 }
 
-/// The warp-per-row causal softmax (forward and backward) against the CPU op, queries the last
-/// `t` of `s` positions, rows of 40 (16-byte packs for bf16) and 21 (tails).
+/// The causal softmax kernels (forward and backward), one block per row (the default) and a warp
+/// per row (PATCHLM_ROWS_CUDA), against the CPU op: queries the last `t` of `s` positions, rows
+/// of 40 (16-byte packs for bf16) and 21 (tails), and rows of 700 (a block's threads loop).
 #[test]
-fn emulated_warp_causal_softmax_matches_cpu() {
-    for (bh, t, s, dtype) in [(3usize, 7usize, 40usize, DType::BF16), (2, 21, 21, DType::F32), (1, 9, 16, DType::F16)] {
-        let what = format!("{bh}x{t}x{s} {dtype:?}");
+fn emulated_causal_softmax_matches_cpu() {
+    for (bh, t, s, dtype) in [
+        (3usize, 7usize, 40usize, DType::BF16),
+        (2, 21, 21, DType::F32),
+        (1, 9, 16, DType::F16),
+        (1, 5, 700, DType::F32),
+    ] {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let scale = 0.3f64;
         let x = Tensor::randn(0f32, 3.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let dy = Tensor::randn(0f32, 1.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let n = bh * t;
-        let sfx = suffix(dtype);
-        let cfg = launch::warp_rows(n);
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let y = patchlm_model::ops::causal_softmax(&x, scale).unwrap();
-        let mut a =
-            [input(&x, false), out(n * s, dtype), A::I(t as i64), A::I(s as i64), A::F(scale as f32), A::I(n as i64)];
-        emulate(&format!("causal_softmax_fwd_w_{sfx}"), cfg, &mut a);
-        let e = max_rel(&output(&a[1], dtype, &[1, bh, t, s]), &f(&y));
-        assert!(e < tol, "{what}: forward rel err {e}");
         let dx = patchlm_model::ops::grad::causal_softmax(&y, &dy, scale).unwrap();
-        let mut a = [
-            input(&y, false),
-            input(&dy, false),
-            out(n * s, dtype),
-            A::I(t as i64),
-            A::I(s as i64),
-            A::F(scale as f32),
-            A::I(n as i64),
-        ];
-        emulate(&format!("causal_softmax_bwd_w_{sfx}"), cfg, &mut a);
-        let e = max_rel(&output(&a[2], dtype, &[1, bh, t, s]), &f(&dx));
-        assert!(e < tol * 2.0, "{what}: backward rel err {e}");
+        for warp in [false, true] {
+            let what = format!("{bh}x{t}x{s} {dtype:?} warp per row: {warp}");
+            let (w, geometry) = if warp { ("_w", launch::warp_rows(n)) } else { ("", launch::softmax_rows(n, s)) };
+            // (t, s, scale) and, warp per row, the row count.
+            let tail = || {
+                [A::I(t as i64), A::I(s as i64), A::F(scale as f32)].into_iter().chain(warp.then_some(A::I(n as i64)))
+            };
+            let mut a: Vec<A> = [input(&x, false), out(n * s, dtype)].into_iter().chain(tail()).collect();
+            emulate(&format!("causal_softmax_fwd{w}_{}", suffix(dtype)), geometry, &mut a);
+            let e = max_rel(&output(&a[1], dtype, &[1, bh, t, s]), &f(&y));
+            assert!(e < tol, "{what}: forward rel err {e}");
+            let mut a: Vec<A> =
+                [input(&y, false), input(&dy, false), out(n * s, dtype)].into_iter().chain(tail()).collect();
+            emulate(&format!("causal_softmax_bwd{w}_{}", suffix(dtype)), geometry, &mut a);
+            let e = max_rel(&output(&a[2], dtype, &[1, bh, t, s]), &f(&dx));
+            assert!(e < tol * 2.0, "{what}: backward rel err {e}");
+        }
     }
 }
 
-/// The log-sum-exp-keeping cross-entropy kernels (one block per row) against the CPU op: per-row
-/// losses and log-sum-exps, then the logits' gradient from the saved log-sum-exp.
+/// The cross-entropy kernels (one block per row; K targets per row, repeats allowed): the default
+/// pair (`ce_fwd`: per-row losses; `ce_bwd`: the logits' gradient, recomputing each row's
+/// log-sum-exp) and the pair that keeps the log-sum-exp (PATCHLM_ROWS_CUDA: `ce_fwd_lse` also
+/// writes it, `ce_bwd_lse` reads it back), against cross-entropy in f32 with candle ops and its
+/// gradient from candle's autograd, each row's loss weighted by its own scale.
 #[test]
-fn emulated_cross_entropy_lse_matches_cpu() {
-    for (n, v, k, dtype, misalign) in [(5usize, 1001usize, 3usize, DType::BF16, false), (4, 96, 1, DType::F32, true)] {
+fn emulated_cross_entropy_matches_reference() {
+    for (n, v, k, dtype, misalign) in
+        [(5usize, 1001usize, 3usize, DType::BF16, false), (4, 96, 1, DType::F32, true), (3, 700, 4, DType::F16, false)]
+    {
         let what = format!("{n}x{v} k={k} {dtype:?}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let x = Tensor::randn(0f32, 3.0, (n, v), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let ids: Vec<u32> = (0..n * k).map(|i| ((i * 7919 + 3) % v) as u32).collect();
-        let tg = Tensor::from_vec(ids.clone(), (n, k), &Device::Cpu).unwrap();
-        let (loss, lse) = patchlm_model::ops::cross_entropy_multi_lse(&x, &tg).unwrap();
-        let sfx = suffix(dtype);
-        let mut a = [
-            input(&x, misalign),
-            A::Buf(bytes(&tg)),
-            out(2 * n, DType::F32),
-            A::I(v as i64),
-            A::I(k as i64),
-            A::I(n as i64),
-        ];
-        emulate(&format!("ce_fwd_lse_{sfx}"), launch::cross_entropy(n, v), &mut a);
-        let got = output(&a[2], DType::F32, &[2, n]);
-        let e = max_rel(&got.get(1).unwrap(), &lse);
-        assert!(e < 1e-5, "{what}: log-sum-exp rel err {e}");
-        let mean = (got.get(0).unwrap().sum_all().unwrap() / (n * k) as f64).unwrap();
-        let e = max_rel(&mean, &loss);
-        assert!(e < 1e-5, "{what}: loss rel err {e}");
+        // Row 0 names one id twice (where K > 1): its gradient counts it twice.
+        let mut ids: Vec<u32> = (0..n * k).map(|i| ((i * 7919 + 3) % v) as u32).collect();
+        if k > 1 {
+            ids[1] = ids[0];
+        }
+        let tg = Tensor::from_vec(ids, (n, k), &Device::Cpu).unwrap();
+        let g = Tensor::rand(0.5f32, 1.5, n, &Device::Cpu).unwrap();
+        // Reference: per-row Σ_k (lse − x[t_k]) and the gradient of Σ_rows g · loss.
+        let xv = Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let m = xv.max_keepdim(1).unwrap().detach();
+        let lse = (xv.broadcast_sub(&m).unwrap().exp().unwrap().sum_keepdim(1).unwrap().log().unwrap() + &m).unwrap();
+        let picked = xv.gather(&tg, 1).unwrap();
+        let loss = lse.broadcast_sub(&picked).unwrap().sum(1).unwrap();
+        let dx = (&loss * &g).unwrap().sum_all().unwrap().backward().unwrap().get(&xv).unwrap().clone();
+        let lse = lse.flatten_all().unwrap().detach();
 
-        let scale = 0.7f64;
-        let dx = patchlm_model::ops::grad::cross_entropy_multi_lse(&x, &tg, &lse, scale).unwrap();
-        let g = Tensor::full((scale / (n * k) as f64) as f32, n, &Device::Cpu).unwrap();
-        let gl = Tensor::stack(&[&g, &lse], 0).unwrap();
-        let mut a = [
-            input(&x, misalign),
-            A::Buf(bytes(&tg)),
-            A::Buf(bytes(&gl)),
-            out(n * v, dtype),
-            A::I(v as i64),
-            A::I(k as i64),
-            A::I(n as i64),
-        ];
-        emulate(&format!("ce_bwd_lse_{sfx}"), launch::cross_entropy(n, v), &mut a);
-        let e = max_rel(&output(&a[3], dtype, &[n, v]), &dx.to_dtype(DType::F32).unwrap());
-        assert!(e < tol, "{what}: gradient rel err {e}");
+        for keep in [false, true] {
+            let what = format!("{what} keeping the log-sum-exp: {keep}");
+            let sfx = if keep { format!("lse_{}", suffix(dtype)) } else { suffix(dtype).to_string() };
+            let geometry = launch::cross_entropy(n, v);
+            let tail = [A::I(v as i64), A::I(k as i64)].into_iter().chain(keep.then_some(A::I(n as i64)));
+            let mut a: Vec<A> =
+                [input(&x, misalign), A::Buf(bytes(&tg)), out(if keep { 2 * n } else { n }, DType::F32)]
+                    .into_iter()
+                    .chain(tail.clone())
+                    .collect();
+            emulate(&format!("ce_fwd_{sfx}"), geometry, &mut a);
+            let got = output(&a[2], DType::F32, &[if keep { 2 } else { 1 }, n]);
+            let e = max_rel(&got.get(0).unwrap(), &loss);
+            assert!(e < 1e-5, "{what}: per-row loss rel err {e}");
+            if keep {
+                let e = max_rel(&got.get(1).unwrap(), &lse);
+                assert!(e < 1e-5, "{what}: log-sum-exp rel err {e}");
+            }
+            let scales = if keep { Tensor::stack(&[&g, &lse], 0).unwrap() } else { g.clone() };
+            let mut a: Vec<A> = [input(&x, misalign), A::Buf(bytes(&tg)), A::Buf(bytes(&scales)), out(n * v, dtype)]
+                .into_iter()
+                .chain(tail)
+                .collect();
+            emulate(&format!("ce_bwd_{sfx}"), geometry, &mut a);
+            let e = max_rel(&output(&a[3], dtype, &[n, v]), &dx);
+            assert!(e < tol, "{what}: gradient rel err {e}");
+        }
     }
 }
 
@@ -566,6 +619,148 @@ fn emulated_swiglu_packed_matches_cpu() {
             assert!(e < tol, "{what}: backward rel err {e}");
         }
     }
+}
+
+/// RoPE in the rotate-half layout (`sign` 1) and its inverse (−1, the backward pass) against
+/// `x · cos + sign · rotate_half(x) · sin` with candle ops in f32, tables of another position per
+/// row (B, H, T, hd); several blocks of 1024 threads, unaligned inputs once.
+#[test]
+fn emulated_rope_matches_reference() {
+    for (b, h, t, hd, dtype, misalign) in [
+        (2usize, 3usize, 5usize, 64usize, DType::BF16, false),
+        (1, 2, 7, 8, DType::F32, true),
+        (3, 4, 33, 32, DType::F16, false),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (b, h, t, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let angles = Tensor::randn(0f32, 2.0, (t, hd), &Device::Cpu).unwrap();
+        let (c, sn) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let xf = x.to_dtype(DType::F32).unwrap();
+        let half = hd / 2;
+        let rot = Tensor::cat(&[xf.narrow(3, half, half).unwrap().neg().unwrap(), xf.narrow(3, 0, half).unwrap()], 3)
+            .unwrap();
+        let n = b * h * t * hd;
+        for sign in [1f32, -1.0] {
+            let what = format!("{b}x{h}x{t}x{hd} {dtype:?} sign {sign} misaligned={misalign}");
+            let want =
+                (xf.broadcast_mul(&c).unwrap() + (rot.broadcast_mul(&sn).unwrap() * sign as f64).unwrap()).unwrap();
+            let mut a = [
+                input(&x, misalign),
+                A::Buf(bytes(&c)),
+                A::Buf(bytes(&sn)),
+                out(n, dtype),
+                A::I(t as i64),
+                A::I(hd as i64),
+                A::I(n as i64),
+                A::F(sign),
+            ];
+            emulate(&format!("rope_{}", suffix(dtype)), launch::elems(n), &mut a);
+            let e = max_rel(&output(&a[3], dtype, &[b, h, t, hd]), &want);
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(e < tol, "{what}: rel err {e}");
+        }
+    }
+}
+
+/// The embedding gather and its backward (rows of the output gradient summed into the ids' rows
+/// with f32 atomics, the gradient read from an offset into its buffer) against index_select and
+/// index_add in f32; ids repeat, and one id outside the vocabulary gathers zeros and adds nothing.
+#[test]
+fn emulated_embedding_matches_reference() {
+    for (v, d, dtype) in [(11usize, 24usize, DType::BF16), (7, 100, DType::F32), (5, 3, DType::F16)] {
+        let what = format!("vocab {v} x {d} {dtype:?}");
+        let mut ids: Vec<u32> = (0..40u32).map(|i| (i * 5 + 1) % v as u32).collect();
+        ids[3] = v as u32;
+        let rows = ids.len();
+        let w = Tensor::randn(0f32, 1.0, (v, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let total = rows * d;
+        let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let mut a = [
+            A::Buf(bytes(&w)),
+            A::Buf(bytes(&ids_t)),
+            out(total, dtype),
+            A::I(total as i64),
+            A::I(d as i64),
+            A::I(v as i64),
+        ];
+        emulate(&format!("embedding_fwd_{}", suffix(dtype)), launch::elems(total), &mut a);
+        let got = output(&a[2], dtype, &[rows, d]);
+        let wf = w.to_dtype(DType::F32).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let want = if (id as usize) < v {
+                wf.get(id as usize).unwrap()
+            } else {
+                Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap()
+            };
+            assert_eq!(max_rel(&got.get(i).unwrap(), &want), 0.0, "{what}: gathered row {i} (id {id})");
+        }
+
+        let dy = Tensor::randn(0f32, 1.0, (rows, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let off = 5usize;
+        let junk = Tensor::full(7f32, off, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let mut a = [
+            A::Buf([bytes(&junk), bytes(&dy)].concat()),
+            A::I(off as i64),
+            A::Buf(bytes(&ids_t)),
+            out(v * d, DType::F32),
+            A::I(total as i64),
+            A::I(d as i64),
+            A::I(v as i64),
+        ];
+        emulate(&format!("embedding_bwd_{}", suffix(dtype)), launch::elems(total), &mut a);
+        let keep: Vec<u32> = (0..rows as u32).filter(|&i| (ids[i as usize] as usize) < v).collect();
+        let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
+        let kept_ids = ids_t.index_select(&keep, 0).unwrap();
+        let kept_dy = dy.to_dtype(DType::F32).unwrap().index_select(&keep, 0).unwrap();
+        let want = Tensor::zeros((v, d), DType::F32, &Device::Cpu).unwrap().index_add(&kept_ids, &kept_dy, 0).unwrap();
+        let e = max_rel(&output(&a[3], DType::F32, &[v, d]), &want);
+        assert!(e < 1e-6, "{what}: gradient rel err {e}");
+    }
+}
+
+/// SwiGLU on separate gate and up tensors (the default MLP), forward and backward ((dg, du) as
+/// two rows), against silu(g) · u with candle ops in f32 and its gradient from candle's autograd.
+#[test]
+fn emulated_swiglu_matches_reference() {
+    for (n, dtype) in [(3000usize, DType::BF16), (37, DType::F32), (1025, DType::F16)] {
+        let what = format!("swiglu {n} {dtype:?}");
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        let r = |sd: f32| Tensor::randn(0f32, sd, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let (g, u, dy) = (r(2.0), r(1.0), r(1.0));
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let (gv, uv) = (Var::from_tensor(&f(&g)).unwrap(), Var::from_tensor(&f(&u)).unwrap());
+        let y = (gv.silu().unwrap() * uv.as_tensor()).unwrap();
+        let grads = (&y * f(&dy)).unwrap().sum_all().unwrap().backward().unwrap();
+        let dgu = Tensor::cat(&[grads.get(&gv).unwrap(), grads.get(&uv).unwrap()], 0).unwrap();
+        let mut a = [A::Buf(bytes(&g)), A::Buf(bytes(&u)), out(n, dtype), A::I(n as i64)];
+        emulate(&format!("swiglu_fwd_{}", suffix(dtype)), launch::elems(n), &mut a);
+        let e = max_rel(&output(&a[2], dtype, &[n]), &y);
+        assert!(e < tol, "{what}: forward rel err {e}");
+        let mut a = [A::Buf(bytes(&g)), A::Buf(bytes(&u)), A::Buf(bytes(&dy)), out(2 * n, dtype), A::I(n as i64)];
+        emulate(&format!("swiglu_bwd_{}", suffix(dtype)), launch::elems(n), &mut a);
+        let e = max_rel(&output(&a[3], dtype, &[2 * n]), &dgu);
+        assert!(e < tol * 2.0, "{what}: backward rel err {e}");
+    }
+}
+
+/// The single-tensor AdamW kernel (`adamw_f32`: (p, g, (m, v)) → (p', m', v') as three rows)
+/// against its CPU twin, `ops::adamw_update`, over three blocks with a partial last one.
+#[test]
+fn emulated_adamw_matches_cpu() {
+    use patchlm_model::ops::{adamw_update, AdamWStep};
+    let n = 2500usize;
+    let step =
+        AdamWStep { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-4, bias1: 0.19, bias2: 0.0975 };
+    let r = |sd: f32| Tensor::randn(0f32, sd, n, &Device::Cpu).unwrap();
+    let (p, g) = (r(1.0), r(0.1));
+    let mv = Tensor::stack(&[r(0.01), r(0.001).abs().unwrap()], 0).unwrap();
+    let mut a = vec![A::Buf(bytes(&p)), A::Buf(bytes(&g)), A::Buf(bytes(&mv)), out(3 * n, DType::F32), A::I(n as i64)];
+    a.extend(step.kernel_args().iter().map(|&x| A::F(x)));
+    emulate("adamw_f32", launch::elems(n), &mut a);
+    let got = output(&a[3], DType::F32, &[3, n]);
+    let (p2, mv2) = adamw_update(&p, &g, &mv, &step).unwrap();
+    assert!(max_rel(&got.get(0).unwrap(), &p2) < 1e-6, "parameter");
+    assert!(max_rel(&got.narrow(0, 1, 2).unwrap(), &mv2) < 1e-6, "moments");
+    assert!(max_rel(&got.get(0).unwrap(), &p) > 1e-6, "the parameter did not move");
 }
 
 /// The flash backward's row statistics kernel (lse, Σ o·dO per row; a warp per row) against

@@ -75,7 +75,8 @@ typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 #define K(name) {#name, [](const std::vector<Arg>& v, dim3 g, dim3 b) { invoke(name, v, g, b); }},
 #define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
 #define KMMA(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD)
-#define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) K(flash_dv_##S##_##HD)
+#define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_lse_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) \
+    K(flash_dv_##S##_##HD)
 
 const std::map<std::string, Runner> kernels = {
     // clang-format off
@@ -92,6 +93,9 @@ const std::map<std::string, Runner> kernels = {
     K3(swiglu_packed_fwd) K3(swiglu_packed_bwd)
     K3(heads_from_rows) K3(rows_from_heads)
     K(multi_cast_f32) K(multi_adamw_f32) K(multi_sumsq_f32)
+    K3(ce_fwd) K3(ce_bwd) K3(rms_fwd) K3(rms_dx) K3(rms_dw) K3(cast_from_f32)
+    K3(causal_softmax_fwd) K3(causal_softmax_bwd) K3(rope) K3(embedding_fwd) K3(embedding_bwd)
+    K3(swiglu_fwd) K3(swiglu_bwd) K(adamw_f32)
     // clang-format on
 };
 
