@@ -20,6 +20,13 @@ macro_rules! by_dtype {
     };
 }
 
+/// `args!(builder, a, b, …)`: pushes kernel arguments in order, `builder.arg(a); builder.arg(b); …`.
+macro_rules! args {
+    ($b:ident, $($a:expr),+ $(,)?) => {
+        $( $b.arg($a); )+
+    };
+}
+
 /// The PTX of kernels/fused.cu.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "patchlm_fused";
@@ -78,11 +85,7 @@ pub fn ce_fwd(x: &CudaStorage, lx: &Layout, t: &CudaStorage, lt: &Layout, lse: b
             let xs = x.as_cuda_slice::<$ty>()?.slice(ox..);
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&xs);
-            b.arg(&tv);
-            b.arg(&out);
-            b.arg(&vi);
-            b.arg(&ki);
+            args!(b, &xs, &tv, &out, &vi, &ki);
             if lse {
                 b.arg(&ni);
             }
@@ -124,12 +127,7 @@ pub fn ce_bwd(
             let out = unsafe { dev.alloc::<$ty>(n * v)? };
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&xs);
-            b.arg(&tv);
-            b.arg(&gv);
-            b.arg(&out);
-            b.arg(&vi);
-            b.arg(&ki);
+            args!(b, &xs, &tv, &gv, &out, &vi, &ki);
             if lse {
                 b.arg(&ni);
             }
@@ -195,10 +193,7 @@ fn causal_softmax_t<T: CudaDType + DeviceRepr>(
     if let Some(gs) = &gs {
         b.arg(gs);
     }
-    b.arg(&out);
-    b.arg(&ti);
-    b.arg(&si);
-    b.arg(&scale);
+    args!(b, &out, &ti, &si, &scale);
     if warp {
         b.arg(&ri);
     }
@@ -241,14 +236,7 @@ fn rope_t<T: CudaDType + DeviceRepr>(
     let (ti, hi, ni) = (t as i32, hd as i32, n as i32);
     let f = dev.get_or_load_custom_func(&format!("rope_{}", suffix(x.dtype())?), MODULE, PTX)?;
     let mut b = f.builder();
-    b.arg(&xs);
-    b.arg(&cs);
-    b.arg(&ss);
-    b.arg(&out);
-    b.arg(&ti);
-    b.arg(&hi);
-    b.arg(&ni);
-    b.arg(&sign);
+    args!(b, &xs, &cs, &ss, &out, &ti, &hi, &ni, &sign);
     unsafe { b.launch(elems_cfg(n)) }.w()?;
     Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
 }
@@ -291,12 +279,7 @@ pub fn embedding(
                 d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
             };
             let off = check(la, "dy")? as i32;
-            b.arg(&off);
-            b.arg(&is);
-            b.arg(&acc);
-            b.arg(&ni);
-            b.arg(&di);
-            b.arg(&vi);
+            args!(b, &off, &is, &acc, &ni, &di, &vi);
             unsafe { b.launch(cfg) }.w()?;
             let out = match a.dtype() {
                 DType::F32 => wrap_f32(acc, dev),
@@ -325,12 +308,7 @@ fn gather_t<T: CudaDType + DeviceRepr>(
     let out = unsafe { dev.alloc::<T>(len)? };
     let f = dev.get_or_load_custom_func(&format!("embedding_fwd_{sfx}"), MODULE, PTX)?;
     let mut b = f.builder();
-    b.arg(&ws);
-    b.arg(ids);
-    b.arg(&out);
-    b.arg(&n);
-    b.arg(&d);
-    b.arg(&v);
+    args!(b, &ws, ids, &out, &n, &d, &v);
     unsafe { b.launch(cfg) }.w()?;
     Ok(T::wrap_cuda_slice(out, dev.clone()))
 }
@@ -345,9 +323,7 @@ fn cast_t<T: CudaDType + DeviceRepr>(
     let ni = n as i32;
     let f = dev.get_or_load_custom_func(&format!("cast_from_f32_{sfx}"), MODULE, PTX)?;
     let mut b = f.builder();
-    b.arg(acc);
-    b.arg(&out);
-    b.arg(&ni);
+    args!(b, acc, &out, &ni);
     unsafe { b.launch(elems_cfg(n)) }.w()?;
     Ok(T::wrap_cuda_slice(out, dev.clone()))
 }
@@ -375,11 +351,7 @@ pub fn adamw(
     let ni = n as i32;
     let f = dev.get_or_load_custom_func("adamw_f32", MODULE, PTX)?;
     let mut b = f.builder();
-    b.arg(&ps);
-    b.arg(&gs);
-    b.arg(&ms);
-    b.arg(&out);
-    b.arg(&ni);
+    args!(b, &ps, &gs, &ms, &out, &ni);
     for x in &k {
         b.arg(x);
     }
@@ -469,9 +441,7 @@ pub fn multi_adamw(
     let (nt, chunk, gs) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32, grad_scale as f32);
     let f = dev.get_or_load_custom_func("multi_adamw_f32", MODULE, PTX)?;
     let mut b = f.builder();
-    b.arg(&tab);
-    b.arg(&nt);
-    b.arg(&chunk);
+    args!(b, &tab, &nt, &chunk);
     let k = step.kernel_args();
     for x in k.iter().chain([&gs]) {
         b.arg(x);
@@ -480,8 +450,7 @@ pub fn multi_adamw(
         Some((t, m)) => (f64_scalar_addr(t)?, m),
         None => (0u64, 0.0f64),
     };
-    b.arg(&sumsq);
-    b.arg(&max_norm);
+    args!(b, &sumsq, &max_norm);
     unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
     drop(grads);
     Ok(())
@@ -530,10 +499,7 @@ pub fn multi_sumsq(ts: &[&candle_core::Tensor]) -> Result<candle_core::Tensor> {
         let (nt, chunk) = (ts.len() as i32, crate::launch::MULTI_CHUNK as i32);
         let f = dev.get_or_load_custom_func("multi_sumsq_f32", MODULE, PTX)?;
         let mut b = f.builder();
-        b.arg(&tab);
-        b.arg(&nt);
-        b.arg(&chunk);
-        b.arg(&out);
+        args!(b, &tab, &nt, &chunk, &out);
         unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
         Ok((wrap_f32(out, dev), Shape::from(blocks)))
     };
@@ -604,9 +570,7 @@ impl MultiCast {
         let (nt, chunk) = (entries.len() as i32, crate::launch::MULTI_CHUNK as i32);
         let f = dev.get_or_load_custom_func("multi_cast_f32", MODULE, PTX)?;
         let mut b = f.builder();
-        b.arg(&tab);
-        b.arg(&nt);
-        b.arg(&chunk);
+        args!(b, &tab, &nt, &chunk);
         unsafe { b.launch(cfg(crate::launch::multi(blocks))) }.w()?;
         Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from(self.total)))
     }
@@ -682,12 +646,7 @@ pub fn flash_stats(
             let os = o.as_cuda_slice::<$ty>()?.slice(check(lo, "o")?..);
             let ds = d.as_cuda_slice::<$ty>()?.slice(check(ld, "dO")?..);
             let mut b = f.builder();
-            b.arg(&os);
-            b.arg(&ds);
-            b.arg(&ls);
-            b.arg(&st);
-            b.arg(&ri);
-            b.arg(&hi);
+            args!(b, &os, &ds, &ls, &st, &ri, &hi);
             unsafe { b.launch(warp_rows_cfg(rows)) }.w()?;
         }};
     }
@@ -859,10 +818,7 @@ fn swiglu_t<T: CudaDType + DeviceRepr>(
             let out = unsafe { dev.alloc::<T>(n)? };
             let f = dev.get_or_load_custom_func(&format!("swiglu_fwd_{sfx}"), MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&gs);
-            b.arg(&us);
-            b.arg(&out);
-            b.arg(&ni);
+            args!(b, &gs, &us, &out, &ni);
             unsafe { b.launch(cfg) }.w()?;
             Ok((T::wrap_cuda_slice(out, dev.clone()), lg.shape().clone()))
         }
@@ -871,11 +827,7 @@ fn swiglu_t<T: CudaDType + DeviceRepr>(
             let out = unsafe { dev.alloc::<T>(2 * n)? };
             let f = dev.get_or_load_custom_func(&format!("swiglu_bwd_{sfx}"), MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&gs);
-            b.arg(&us);
-            b.arg(&ds);
-            b.arg(&out);
-            b.arg(&ni);
+            args!(b, &gs, &us, &ds, &out, &ni);
             unsafe { b.launch(cfg) }.w()?;
             Ok((T::wrap_cuda_slice(out, dev.clone()), Shape::from((2, n))))
         }
@@ -917,9 +869,7 @@ fn swiglu_packed_t<T: CudaDType + DeviceRepr>(
     if let Some(ds) = &ds {
         b.arg(ds);
     }
-    b.arg(&out);
-    b.arg(&nl);
-    b.arg(&fi);
+    args!(b, &out, &nl, &fi);
     unsafe { b.launch(cfg) }.w()?;
     let shape = if ds.is_some() { Shape::from((rows, f2)) } else { Shape::from((rows, f2 / 2)) };
     Ok((T::wrap_cuda_slice(out, dev.clone()), shape))
@@ -973,19 +923,16 @@ fn heads_t<T: CudaDType + DeviceRepr>(
     let mut bld = f.builder();
     bld.arg(&xs[0]);
     if !op.to_heads {
-        bld.arg(&xs[1]);
-        bld.arg(&xs[2]);
+        args!(bld, &xs[1], &xs[2]);
     }
     // Without tables (rope 0) the kernel never reads them: a null pointer stands in.
     let null = 0u64;
     match (&c, &sn) {
         (Some(c), Some(sn)) => {
-            bld.arg(c);
-            bld.arg(sn);
+            args!(bld, c, sn);
         }
         _ => {
-            bld.arg(&null);
-            bld.arg(&null);
+            args!(bld, &null, &null);
         }
     }
     bld.arg(&out);
@@ -1022,14 +969,7 @@ pub fn add_rms_fwd(
             let (mut sum, mut normed) = out.split_at_mut(n * d);
             let f = dev.get_or_load_custom_func(concat!("add_rms_fwd_w_", $s), MODULE, PTX)?;
             let mut bl = f.builder();
-            bl.arg(&av);
-            bl.arg(&bv);
-            bl.arg(&wv);
-            bl.arg(&mut sum);
-            bl.arg(&mut normed);
-            bl.arg(&di);
-            bl.arg(&eps);
-            bl.arg(&ni);
+            args!(bl, &av, &bv, &wv, &mut sum, &mut normed, &di, &eps, &ni);
             unsafe { bl.launch(warp_rows_cfg(n)) }.w()?;
             drop(bl);
             CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
@@ -1061,11 +1001,7 @@ pub fn rms_fwd(x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, eps: 
             let (name, cfg, warp) = row_kernel("rms_fwd", $s, n, crate::launch::rms_rows(n, d));
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&xs);
-            b.arg(&ws);
-            b.arg(&out);
-            b.arg(&di);
-            b.arg(&eps);
+            args!(b, &xs, &ws, &out, &di, &eps);
             if warp {
                 b.arg(&ni);
             }
@@ -1124,16 +1060,11 @@ pub fn rms_bwd(
             };
             let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&xs);
-            b.arg(&ws);
-            b.arg(&ys);
+            args!(b, &xs, &ws, &ys);
             if let Some(r) = &res {
                 b.arg(r);
             }
-            b.arg(&out);
-            b.arg(&rs);
-            b.arg(&di);
-            b.arg(&eps);
+            args!(b, &out, &rs, &di, &eps);
             if warp {
                 b.arg(&ni);
             }
@@ -1143,21 +1074,13 @@ pub fn rms_bwd(
             let rows_per_chunk = rows_per_chunk as i32;
             let f = dev.get_or_load_custom_func(concat!("rms_dw_", $s), MODULE, PTX)?;
             let mut b = f.builder();
-            b.arg(&xs);
-            b.arg(&ys);
-            b.arg(&rs);
-            b.arg(&acc);
-            b.arg(&ni);
-            b.arg(&di);
-            b.arg(&rows_per_chunk);
+            args!(b, &xs, &ys, &rs, &acc, &ni, &di, &rows_per_chunk);
             unsafe { b.launch(self::cfg(dw_launch)) }.w()?;
             {
                 let mut dw = out.slice_mut(n * d..);
                 let f = dev.get_or_load_custom_func(concat!("cast_from_f32_", $s), MODULE, PTX)?;
                 let mut b = f.builder();
-                b.arg(&acc);
-                b.arg(&mut dw);
-                b.arg(&di);
+                args!(b, &acc, &mut dw, &di);
                 unsafe { b.launch(elems_cfg(d)) }.w()?;
             }
             CudaStorage { slice: CudaStorageSlice::$variant(out), device: dev.clone() }
