@@ -94,12 +94,65 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
     (0xB0F7u64 << 48) | ((arg as u64) << 32) | bytes as u64
 }
 
+/// Kernels whose result may change with the order their threads run in by design: threads of one
+/// block adding into one f32 element with atomics (repeated ids).
+const ORDER_DEPENDENT: [&str; 1] = ["embedding_bwd_"];
+
+/// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
+#[derive(Clone, Copy, Debug)]
+enum Schedule {
+    /// Every runnable thread once in thread order, then again: warps move in step.
+    Sweep,
+    /// Thread 0's warp runs ahead as far as the barriers let it (the first runnable thread
+    /// always resumes first).
+    FirstAhead,
+    /// The same from the last thread down: the last warp runs ahead.
+    LastAhead,
+}
+
 /// Launches `kernel` on the emulator with the geometry its CUDA launcher uses; buffers come back
-/// with the kernel's writes.
+/// with the kernel's writes. Every launch runs under each [`Schedule`], and all must write the
+/// same bytes: a difference means some thread reads what another writes, or overwrites what
+/// another still reads, with no barrier between them (a missing `__syncthreads`/`__syncwarp`),
+/// which one schedule alone can hide.
 fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
+    let first = run_harness(kernel, geometry, args, Schedule::Sweep);
+    if !ORDER_DEPENDENT.iter().any(|k| kernel.starts_with(k)) {
+        for schedule in [Schedule::FirstAhead, Schedule::LastAhead] {
+            let other = run_harness(kernel, geometry, args, schedule);
+            for (n, (f, r)) in first.iter().zip(&other).enumerate() {
+                if let (Some(f), Some(r)) = (f, r) {
+                    let at = f.iter().zip(r).position(|(x, y)| x != y);
+                    assert!(
+                        at.is_none(),
+                        "{kernel}: argument {n} differs at byte {at:?} when the threads run as {schedule:?} \
+                         (a read of another thread's write, or a write over its read, without a barrier)"
+                    );
+                }
+            }
+        }
+    }
+    for (a, after) in args.iter_mut().zip(first) {
+        if let (A::Buf(b) | A::At(_, b) | A::Extra(b), Some(after)) = (a, after) {
+            *b = after;
+        }
+    }
+}
+
+/// One run of the harness under `schedule`: every buffer argument's bytes after the launch.
+fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -> Vec<Option<Vec<u8>>> {
     let (grid, block) = (geometry.grid, geometry.block);
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(harness());
+    match schedule {
+        Schedule::Sweep => {}
+        Schedule::FirstAhead => {
+            cmd.arg("--greedy");
+        }
+        Schedule::LastAhead => {
+            cmd.args(["--greedy", "--reverse"]);
+        }
+    }
     cmd.arg(kernel)
         .arg(format!("{},{},{}", grid.0, grid.1, grid.2))
         .arg(format!("{},{},{}", block.0, block.1, block.2));
@@ -134,12 +187,15 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
         }
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{kernel} failed on the emulator:\n{}", String::from_utf8_lossy(&out.stderr));
-    for (n, a) in args.iter_mut().enumerate() {
-        if let A::Buf(b) | A::At(_, b) | A::Extra(b) = a {
-            *b = std::fs::read(dir.path().join(format!("arg{n}"))).unwrap();
-        }
-    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{kernel} failed on the emulator ({schedule:?}):\n{err}");
+    args.iter()
+        .enumerate()
+        .map(|(n, a)| {
+            matches!(a, A::Buf(_) | A::At(..) | A::Extra(_))
+                .then(|| std::fs::read(dir.path().join(format!("arg{n}"))).unwrap())
+        })
+        .collect()
 }
 
 /// A tensor's elements as the kernels see them in memory.

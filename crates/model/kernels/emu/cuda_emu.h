@@ -4,7 +4,13 @@
 //
 // Execution: a launch runs its blocks one after another; the threads of a block are fibers
 // (ucontext) switched cooperatively on one OS thread, so `__shared__` can be a function-local
-// `static` (one block lives at a time) and every run is deterministic. Barriers follow the
+// `static` (one block lives at a time) and every run is deterministic. Each fiber runs until it
+// waits at a barrier. The scheduler visits the fibers in thread order or (`g_s.reverse`) in
+// reverse order, in sweeps (every runnable fiber once, then again: warps move in step) or
+// (`g_s.greedy`) always resuming the first runnable one (one warp runs ahead as far as the
+// barriers let it). A kernel whose result differs between schedules reads what another thread
+// writes, or writes what another still reads, without a barrier between them
+// (tests/emulated.rs runs every launch under three schedules). Barriers follow the
 // hardware rules: `__syncthreads` waits for every thread of the block that has not exited, warp
 // operations (shuffles, `__syncwarp`, the wmma collectives) for every live lane of the warp.
 // A thread that waits forever (a barrier in divergent code) aborts the run with a message.
@@ -93,6 +99,8 @@ struct Sched {
     std::function<void()> body;
     std::vector<uint64_t> xchg;  // one 8-byte slot per thread: shuffle exchange
     std::vector<char> tile;      // per-warp staging for wmma loads
+    bool reverse = false;        // visit the fibers from the last thread to the first
+    bool greedy = false;         // after each switch, resume the first runnable fiber again
 };
 
 inline Sched g_s;
@@ -208,7 +216,8 @@ inline void run_block(int nthreads) {
     int left = nthreads;
     while (left > 0) {
         bool progress = false;
-        for (int i = 0; i < nthreads; i++) {
+        for (int k = 0; k < nthreads; k++) {
+            int i = s.reverse ? nthreads - 1 - k : k;
             Fiber& f = s.fibers[i];
             if (f.done) continue;
             if (f.waiting && f.waiting->gen == f.gen) continue;
@@ -218,6 +227,7 @@ inline void run_block(int nthreads) {
             swapcontext(&s.main, &f.ctx);
             progress = true;
             if (f.done) left--;
+            if (s.greedy) break;
         }
         if (!progress) {
             fprintf(stderr, "emu: deadlock in block (%u, %u, %u): threads wait at barriers that cannot complete\n",

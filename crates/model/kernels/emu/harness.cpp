@@ -1,8 +1,10 @@
 // Runs one kernel of kernels/*.cu on the CPU stand-in of CUDA (cuda_emu.h), for the tests in
 // crates/model/tests/emulated.rs:
 //
-//   harness KERNEL GX,GY,GZ BX,BY,BZ ARG...
+//   harness [--reverse] [--greedy] KERNEL GX,GY,GZ BX,BY,BZ ARG...
 //
+// (the schedule of each block's threads, see cuda_emu.h: `--reverse` from the last thread to
+// the first, `--greedy` the first runnable thread always resumed first)
 // with each ARG one of `p:FILE` (a device buffer: the file's bytes, written back to FILE after the
 // launch), `o:N:FILE` (the same buffer seen from N bytes past its start, to test unaligned paths), `i:N` (int), `l:N` (long long), `u:N` (unsigned), `f:X` (float or double), `z:` (a null pointer). The argument list must
 // match the kernel's parameters in number and kind, but for two kinds of buffer that the
@@ -108,7 +110,13 @@ dim3 parse_dim(const char* s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc < 4) fail("usage: harness KERNEL GX,GY,GZ BX,BY,BZ ARG...");
+    for (; argc > 1 && argv[1][0] == '-'; argv++, argc--) {
+        std::string flag = argv[1];
+        if (flag == "--reverse") emu::g_s.reverse = true;
+        else if (flag == "--greedy") emu::g_s.greedy = true;
+        else fail("unknown option " + flag);
+    }
+    if (argc < 4) fail("usage: harness [--reverse] [--greedy] KERNEL GX,GY,GZ BX,BY,BZ ARG...");
     auto it = kernels.find(argv[1]);
     if (it == kernels.end()) fail(std::string("unknown kernel '") + argv[1] + "' (add it to harness.cpp)");
     dim3 grid = parse_dim(argv[2]), block = parse_dim(argv[3]);
