@@ -221,9 +221,26 @@ fn from_bytes(b: &[u8], dtype: DType, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// An output buffer of `n` elements of `dtype`, zeroed.
+/// An output buffer of `n` elements of `dtype` as the CUDA launchers' `dev.alloc` leaves it:
+/// uninitialised, here every bit set (NaN in f32, bf16 and f16), so that an element the kernel
+/// fails to write shows in any comparison.
 fn out(n: usize, dtype: DType) -> A {
-    A::Buf(vec![0u8; n * dtype.size_in_bytes()])
+    A::Buf(vec![0xFF; n * dtype.size_in_bytes()])
+}
+
+/// [`out`], `misalign`ed by one element or not (as [`input`]).
+fn out_at(n: usize, dtype: DType, misalign: bool) -> A {
+    let esz = dtype.size_in_bytes();
+    if misalign {
+        A::At(esz, vec![0xFF; (n + 1) * esz])
+    } else {
+        out(n, dtype)
+    }
+}
+
+/// An f32 accumulator of `n` elements, zeroed (the launchers' `alloc_zeros`).
+fn zeroed(n: usize) -> A {
+    A::Buf(vec![0u8; n * 4])
 }
 
 /// A tensor's bytes as a kernel argument, `misalign`ed by one element (the kernels' unaligned
@@ -311,7 +328,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         emulate(&name(which), launch::flash(rows, bh, family != Flash::CudaCore), args)
     };
     let arg = |x: &Tensor| input(x, misalign);
-    let zeros = |n: usize| arg(&Tensor::zeros((bh, n, hd), dtype, &Device::Cpu).unwrap());
+    let uninit = |n: usize| out_at(bh * n * hd, dtype, misalign);
     let (tol, tol_grad, tol_lse) = match dtype {
         DType::BF16 => (1e-2, 1.2e-2, 2e-3),
         DType::F16 => (2e-3, 2.5e-3, 2e-3),
@@ -327,7 +344,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         arg(&q),
         arg(&k),
         arg(&v),
-        zeros(t),
+        uninit(t),
         out(bh * t, DType::F32),
         A::I(t as i64),
         A::I(s as i64),
@@ -352,7 +369,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     let tail = [A::I(t as i64), A::I(s as i64), A::F(scale as f32)];
     let with =
         |outs: Vec<A>| -> Vec<A> { ins().into_iter().chain([st.clone()]).chain(outs).chain(tail.clone()).collect() };
-    let mut args = with(vec![zeros(t)]);
+    let mut args = with(vec![uninit(t)]);
     go("dq", t, &mut args);
     check(&args[5], t, &dq, tol_grad, "dq");
     let parts: &[(&str, &Tensor)] = match family {
@@ -360,7 +377,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         Flash::CudaCore => &[("dk", &dk), ("dv", &dv)],
     };
     for &(which, want) in parts {
-        let mut args = with(if which == "dkv" { vec![zeros(s), zeros(s)] } else { vec![zeros(s)] });
+        let mut args = with(if which == "dkv" { vec![uninit(s), uninit(s)] } else { vec![uninit(s)] });
         go(which, s, &mut args);
         check(&args[5], s, want, tol_grad, if which == "dv" { "dv" } else { "dk" });
         if which == "dkv" {
@@ -475,7 +492,7 @@ fn emulated_rmsnorm_matches_cpu() {
             input(&x, misalign),
             input(&dy, misalign),
             A::Buf(bytes(&rs.flatten_all().unwrap())),
-            out(d, DType::F32),
+            zeroed(d),
             A::I(n as i64),
             A::I(d as i64),
             A::I(rows_per_chunk as i64),
@@ -757,7 +774,7 @@ fn emulated_embedding_matches_reference() {
             A::Buf([bytes(&junk), bytes(&dy)].concat()),
             A::I(off as i64),
             A::Buf(bytes(&ids_t)),
-            out(v * d, DType::F32),
+            zeroed(v * d),
             A::I(total as i64),
             A::I(d as i64),
             A::I(v as i64),
