@@ -424,11 +424,12 @@ fn emulated_mma_flash_attention_matches_reference() {
 
 /// The CUDA-core flash attention kernels (forward, dq, dk, dv; the forward has passed on a GPU,
 /// tests/cuda.rs, which makes it a check of the emulator too): f32 and a 16-bit dtype, partial
-/// blocks, more keys than queries.
+/// blocks, more keys than queries, and more queries than dk/dv stage at once (4096 / head size).
 #[test]
 fn emulated_cuda_core_flash_attention_matches_reference() {
     check_flash(Flash::CudaCore, (2, 50, 70, 64), DType::F32, false, 1.5);
     check_flash(Flash::CudaCore, (1, 70, 70, 32), DType::BF16, true, 1.5);
+    check_flash(Flash::CudaCore, (1, 100, 110, 64), DType::F32, false, 1.5);
 }
 
 /// The RMSNorm kernels against the CPU ops: one block per row (the default: forward, backward
