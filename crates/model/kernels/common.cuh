@@ -13,3 +13,10 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Names a block's __shared__ arrays for the CPU stand-in of tests/emulated.rs (kernels/emu), which
+// fills them with NaN when a block first reaches this line, so that a read of shared memory the
+// block has not written shows there; nothing on the GPU.
+#ifndef PATCHLM_EMU
+#define EMU_SHARED(...)
+#endif

@@ -52,6 +52,7 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* o, float* lse, 
     constexpr int BC = 4096 / HD;
     __shared__ __align__(16) float ks[BC * HD];
     __shared__ __align__(16) float vs[WRITE_O ? BC * HD : 4];
+    EMU_SHARED(ks, vs);
     const int bh = blockIdx.y, i = blockIdx.x * FLASH_ROWS + threadIdx.x, off = s - t;
     const bool active = i < t;
     const T* kb = k + (size_t)bh * s * HD;
@@ -117,6 +118,7 @@ __device__ void flash_dq(const T* q, const T* dout, const T* k, const T* v, cons
     constexpr int BC = 4096 / HD;
     __shared__ __align__(16) float ks[BC * HD];
     __shared__ __align__(16) float vs[BC * HD];
+    EMU_SHARED(ks, vs);
     const int bh = blockIdx.y, i = blockIdx.x * FLASH_ROWS + threadIdx.x, off = s - t;
     const bool active = i < t;
     const size_t row = (size_t)bh * t + i;
@@ -160,6 +162,7 @@ __device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, con
     __shared__ __align__(16) float qs[BR * HD];
     __shared__ __align__(16) float dos[BR * HD];
     __shared__ float ls[BR], dl[BR];
+    EMU_SHARED(qs, dos, ls, dl);
     const int bh = blockIdx.y, j = blockIdx.x * FLASH_ROWS + threadIdx.x, off = s - t;
     const bool active = j < s;
     const size_t row = (size_t)bh * s + j;
@@ -441,6 +444,7 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
     __shared__ __align__(32) T vs[BC * LD];
     __shared__ __align__(32) T qp[QP];  // the query tile, then each warp's probabilities
     __shared__ __align__(32) float sw[TC_WARPS * SW];
+    EMU_SHARED(ks, vs, qp, sw);
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
     tc_tile_in<T, HD, LD, TC_ROWS>(qp, q + (size_t)bh * t * HD, i0, min(TC_ROWS, t - i0));
@@ -516,6 +520,7 @@ __device__ void flash_tc_dq(const T* q, const T* dout, const T* k, const T* v, c
     __shared__ __align__(32) T vs[BB * LD];
     __shared__ __align__(32) T dsw[TC_WARPS * 16 * LDBP];
     __shared__ __align__(32) unsigned char un[STAGE > WORK ? STAGE : WORK];  // q/dO tiles, then work
+    EMU_SHARED(ks, vs, dsw, un);
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
     const int nq = min(TC_ROWS, t - i0);
@@ -584,6 +589,7 @@ __device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, 
     __shared__ __align__(32) T dsw[TC_WARPS * 16 * LDBP];
     __shared__ float ls[BB], dl[BB];
     __shared__ __align__(32) unsigned char un[STAGE > WORK ? STAGE : WORK];  // k/v tiles, then work
+    EMU_SHARED(qs, dos, pw, dsw, ls, dl, un);
     const int bh = blockIdx.y, j0 = blockIdx.x * TC_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
     const int nk = min(TC_ROWS, s - j0);
@@ -880,6 +886,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
     constexpr int BC = 64, LD = HD + 8;
     __shared__ __align__(16) T qs[MMA_ROWS * LD];
     __shared__ __align__(16) T kv[2][2 * BC * LD];  // two buffers of a (k, v) tile pair
+    EMU_SHARED(qs, kv);
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
@@ -981,6 +988,7 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
     constexpr int BB = MMA_ROWS, LD = HD + 8;
     // Two buffers of a (k, v) tile pair; the second stages the q and dO tiles first.
     __shared__ __align__(16) T kv[2][2 * BB * LD];
+    EMU_SHARED(kv);
     const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
@@ -1043,6 +1051,7 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     // The k and v tiles, then two buffers of a (q, dO) tile pair (2 x 2 x BQ rows) and their stats.
     __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
     __shared__ float lsb[2][BQ], dlb[2][BQ];
+    EMU_SHARED(un, lsb, dlb);
     static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where k and v were staged");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;

@@ -17,6 +17,7 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 __device__ float block_sum(float v) {
     __shared__ float sh[32];
+    EMU_SHARED(sh);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_sum(v);
     __syncthreads();
@@ -27,6 +28,7 @@ __device__ float block_sum(float v) {
 }
 __device__ float block_max(float v) {
     __shared__ float sh[32];
+    EMU_SHARED(sh);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_max(v);
     __syncthreads();

@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <type_traits>
 #include <vector>
 
@@ -101,6 +102,8 @@ struct Sched {
     std::vector<char> tile;      // per-warp staging for wmma loads
     bool reverse = false;        // visit the fibers from the last thread to the first
     bool greedy = false;         // after each switch, resume the first runnable fiber again
+    unsigned epoch = 0;          // counts blocks: which __shared__ arrays this block has poisoned
+    std::map<void*, unsigned> poisoned;
 };
 
 inline Sched g_s;
@@ -213,6 +216,7 @@ inline void run_block(int nthreads) {
         f.ctx.uc_link = &s.main;
         makecontext(&f.ctx, entry, 0);
     }
+    s.epoch++;
     int left = nthreads;
     while (left > 0) {
         bool progress = false;
@@ -280,7 +284,24 @@ void warp_all(T v, T* out) {
     wait_at(g_s.warps[warp_id()]);
 }
 
+// Shared memory holds whatever it held before a block starts; here the first thread of a block
+// to reach `EMU_SHARED(a, b, …)` (kernels/common.cuh) fills those arrays with all bits set (NaN
+// in every float dtype), so a read of an element the block has not written shows.
+inline void poison_once(void* p, size_t bytes) {
+    unsigned& e = g_s.poisoned[p];
+    if (e != g_s.epoch) {
+        memset(p, 0xFF, bytes);
+        e = g_s.epoch;
+    }
+}
+template <typename... T>
+void poison_shared(T&... a) {
+    (poison_once(&a, sizeof(a)), ...);
+}
+
 }  // namespace emu
+
+#define EMU_SHARED(...) emu::poison_shared(__VA_ARGS__)
 
 // Tells the kernel sources they are built for this stand-in (where inline PTX cannot run).
 #define PATCHLM_EMU 1
