@@ -94,9 +94,10 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
     (0xB0F7u64 << 48) | ((arg as u64) << 32) | bytes as u64
 }
 
-/// Kernels whose result may change with the order their threads run in by design: threads of one
-/// block adding into one f32 element with atomics (repeated ids).
-const ORDER_DEPENDENT: [&str; 1] = ["embedding_bwd_"];
+/// Kernels whose result may change with the order their threads or blocks run in by design:
+/// f32 atomics adding into one element from several threads (repeated ids) or blocks (chunks of
+/// rows).
+const ORDER_DEPENDENT: [&str; 2] = ["embedding_bwd_", "rms_dw_"];
 
 /// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
 #[derive(Clone, Copy, Debug)]
@@ -106,7 +107,8 @@ enum Schedule {
     /// Thread 0's warp runs ahead as far as the barriers let it (the first runnable thread
     /// always resumes first).
     FirstAhead,
-    /// The same from the last thread down: the last warp runs ahead.
+    /// The same from the last thread down (the last warp runs ahead), and the blocks from the
+    /// last to the first.
     LastAhead,
 }
 

@@ -5,8 +5,8 @@
 // Execution: a launch runs its blocks one after another; the threads of a block are fibers
 // (ucontext) switched cooperatively on one OS thread, so `__shared__` can be a function-local
 // `static` (one block lives at a time) and every run is deterministic. Each fiber runs until it
-// waits at a barrier. The scheduler visits the fibers in thread order or (`g_s.reverse`) in
-// reverse order, in sweeps (every runnable fiber once, then again: warps move in step) or
+// waits at a barrier. The scheduler visits the fibers in thread order or (`g_s.reverse`, which
+// also runs the blocks from the last to the first) in reverse order, in sweeps (every runnable fiber once, then again: warps move in step) or
 // (`g_s.greedy`) always resuming the first runnable one (one warp runs ahead as far as the
 // barriers let it). A kernel whose result differs between schedules reads what another thread
 // writes, or writes what another still reads, without a barrier between them
@@ -100,7 +100,7 @@ struct Sched {
     std::function<void()> body;
     std::vector<uint64_t> xchg;  // one 8-byte slot per thread: shuffle exchange
     std::vector<char> tile;      // per-warp staging for wmma loads
-    bool reverse = false;        // visit the fibers from the last thread to the first
+    bool reverse = false;        // run the blocks, and visit the fibers, from the last to the first
     bool greedy = false;         // after each switch, resume the first runnable fiber again
     unsigned epoch = 0;          // counts blocks: which __shared__ arrays this block has poisoned
     std::map<void*, unsigned> poisoned;
@@ -251,10 +251,13 @@ inline void launch(dim3 grid, dim3 block, std::function<void()> body) {
     g_s.body = std::move(body);
     g_bdim = block;
     g_gdim = grid;
+    // Blocks in order, or from the last to the first with `reverse`: a block that reads what
+    // another block writes, or two blocks writing one place, shows as a difference.
+    const bool rev = g_s.reverse;
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
-                g_block = dim3(x, y, z);
+                g_block = rev ? dim3(grid.x - 1 - x, grid.y - 1 - y, grid.z - 1 - z) : dim3(x, y, z);
                 run_block(nthreads);
             }
 }

@@ -4,7 +4,7 @@
 //   harness [--reverse] [--greedy] KERNEL GX,GY,GZ BX,BY,BZ ARG...
 //
 // (the schedule of each block's threads, see cuda_emu.h: `--reverse` from the last thread to
-// the first, `--greedy` the first runnable thread always resumed first)
+// the first, and the blocks too; `--greedy` the first runnable thread always resumed first)
 // with each ARG one of `p:FILE` (a device buffer: the file's bytes, written back to FILE after the
 // launch), `o:N:FILE` (the same buffer seen from N bytes past its start, to test unaligned paths), `i:N` (int), `l:N` (long long), `u:N` (unsigned), `f:X` (float or double), `z:` (a null pointer). The argument list must
 // match the kernel's parameters in number and kind, but for two kinds of buffer that the
