@@ -27,6 +27,9 @@ namespace {
 // The tag of a table word that stands for a buffer's address (see the header comment).
 constexpr unsigned long long RELOC = 0xB0F7ull << 48;
 
+// Bytes of guard zone on each side of every buffer.
+constexpr size_t kGuard = 256;
+
 struct Arg {
     char kind;
     bool table = false;
@@ -145,7 +148,12 @@ int main(int argc, char** argv) {
             fseek(f, 0, SEEK_END);
             x.bytes = (size_t)ftell(f);
             fseek(f, 0, SEEK_SET);
-            x.ptr = aligned_alloc(256, (x.bytes + 255) / 256 * 256 + 256);
+            // The buffer between two guard zones of kGuard bytes with every bit set: a kernel
+            // that reads past either end reads NaN, one that writes there is caught below.
+            size_t body = (x.bytes + 255) / 256 * 256;
+            char* base = static_cast<char*>(aligned_alloc(256, kGuard + body + kGuard));
+            memset(base, 0xFF, kGuard + body + kGuard);
+            x.ptr = base + kGuard;
             if (x.bytes && fread(x.ptr, 1, x.bytes, f) != x.bytes) fail("short read of " + val);
             fclose(f);
         } else if (x.kind == 'f') {
@@ -173,6 +181,20 @@ int main(int argc, char** argv) {
         if (x.kind != 'b') params.push_back(x);
     }
     it->second(params, grid, block);
+    for (size_t a = 0; a < args.size(); a++) {
+        const Arg& x = args[a];
+        if (x.kind != 'p' && x.kind != 'b') continue;
+        const unsigned char* base = static_cast<const unsigned char*>(x.ptr) - kGuard;
+        size_t end = kGuard + (x.bytes + 255) / 256 * 256 + kGuard;
+        for (size_t i = 0; i < end; i++) {
+            if (i >= kGuard && i < kGuard + x.bytes) continue;
+            if (base[i] != 0xFF) {
+                long long at = (long long)i - (long long)kGuard;
+                fail("argument " + std::to_string(a) + ": the kernel wrote outside its buffer of " +
+                     std::to_string(x.bytes) + " bytes (at byte " + std::to_string(at) + ")");
+            }
+        }
+    }
     for (const Arg& x : args) {
         if (x.kind != 'p' && x.kind != 'b') continue;
         FILE* f = fopen(x.path.c_str(), "wb");
