@@ -6,9 +6,9 @@
 // (ucontext) switched cooperatively on one OS thread, so `__shared__` can be a function-local
 // `static` (one block lives at a time) and every run is deterministic. Each fiber runs until it
 // waits at a barrier. The scheduler visits the fibers in thread order or (`g_s.reverse`, which
-// also runs the blocks from the last to the first) in reverse order, in sweeps (every runnable fiber once, then again: warps move in step) or
-// (`g_s.greedy`) always resuming the first runnable one (one warp runs ahead as far as the
-// barriers let it). A kernel whose result differs between schedules reads what another thread
+// also runs the blocks from the last to the first) in reverse order, in sweeps (every runnable
+// fiber once, then again: warps move in step) or (`g_s.greedy`) always resuming the first
+// runnable one (one warp runs ahead as far as the barriers let it). A kernel whose result differs between schedules reads what another thread
 // writes, or writes what another still reads, without a barrier between them
 // (tests/emulated.rs runs every launch under three schedules). Barriers follow the
 // hardware rules: `__syncthreads` waits for every thread of the block that has not exited, warp

@@ -36,6 +36,7 @@ struct Arg {
     std::string path;
     void* ptr = nullptr;
     size_t bytes = 0;
+    size_t cap = 0;  // bytes rounded up to 256: the allocation between the guard zones
     size_t offset = 0;
     long long i = 0;
     double f = 0;
@@ -150,9 +151,9 @@ int main(int argc, char** argv) {
             fseek(f, 0, SEEK_SET);
             // The buffer between two guard zones of kGuard bytes with every bit set: a kernel
             // that reads past either end reads NaN, one that writes there is caught below.
-            size_t body = (x.bytes + 255) / 256 * 256;
-            char* base = static_cast<char*>(aligned_alloc(256, kGuard + body + kGuard));
-            memset(base, 0xFF, kGuard + body + kGuard);
+            x.cap = (x.bytes + 255) / 256 * 256;
+            char* base = static_cast<char*>(aligned_alloc(256, kGuard + x.cap + kGuard));
+            memset(base, 0xFF, kGuard + x.cap + kGuard);
             x.ptr = base + kGuard;
             if (x.bytes && fread(x.ptr, 1, x.bytes, f) != x.bytes) fail("short read of " + val);
             fclose(f);
@@ -185,7 +186,7 @@ int main(int argc, char** argv) {
         const Arg& x = args[a];
         if (x.kind != 'p' && x.kind != 'b') continue;
         const unsigned char* base = static_cast<const unsigned char*>(x.ptr) - kGuard;
-        size_t end = kGuard + (x.bytes + 255) / 256 * 256 + kGuard;
+        size_t end = kGuard + x.cap + kGuard;
         for (size_t i = 0; i < end; i++) {
             if (i >= kGuard && i < kGuard + x.bytes) continue;
             if (base[i] != 0xFF) {

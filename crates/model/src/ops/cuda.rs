@@ -744,7 +744,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             for v in &views {
                 b.arg(v);
             }
-            $( b.arg($a); )*
+            args!(b, $($a),*);
             unsafe { b.launch(cfg) }.w()?;
         }};
     }
@@ -1050,7 +1050,7 @@ pub fn rms_bwd(
                 },
                 None => None,
             };
-            let (name, cfg, warp) = if res.is_some() {
+            let (name, dx_launch, warp) = if res.is_some() {
                 if !super::ROWS_CUDA.get() {
                     candle_core::bail!("rms_norm: a residual gradient needs the warp-per-row kernels");
                 }
@@ -1068,14 +1068,14 @@ pub fn rms_bwd(
             if warp {
                 b.arg(&ni);
             }
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(dx_launch) }.w()?;
             let acc = dev.alloc_zeros::<f32>(d)?;
             let (dw_launch, rows_per_chunk) = crate::launch::rms_dw(n, d);
             let rows_per_chunk = rows_per_chunk as i32;
             let f = dev.get_or_load_custom_func(concat!("rms_dw_", $s), MODULE, PTX)?;
             let mut b = f.builder();
             args!(b, &xs, &ys, &rs, &acc, &ni, &di, &rows_per_chunk);
-            unsafe { b.launch(self::cfg(dw_launch)) }.w()?;
+            unsafe { b.launch(cfg(dw_launch)) }.w()?;
             {
                 let mut dw = out.slice_mut(n * d..);
                 let f = dev.get_or_load_custom_func(concat!("cast_from_f32_", $s), MODULE, PTX)?;
