@@ -100,6 +100,14 @@ pub enum DataError {
     /// A bad setting.
     #[error("invalid setting: {0}")]
     Config(String),
+    /// A file or listing from the Hugging Face Hub could not be had.
+    #[error("{target}: {msg}")]
+    Hub {
+        /// The repository, file or address involved.
+        target: String,
+        /// What went wrong and what to do.
+        msg: String,
+    },
     /// A corpus could not be assembled.
     #[error("corpus: {0}")]
     Corpus(String),

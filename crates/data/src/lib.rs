@@ -45,6 +45,8 @@
 
 pub mod corpus;
 pub mod error;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod parquet_io;
 pub mod pipeline;
 pub mod reader;

@@ -1,0 +1,1281 @@
+//! Files from the Hugging Face Hub, kept in the cache that Python's `huggingface_hub` uses.
+//!
+//! A [`Hub`] resolves a repository file to a local path: from the cache when it is there (and
+//! the revision is a commit, or the hub cannot be reached, or `HF_HUB_OFFLINE` is set), else by
+//! downloading it. Downloads resume after an interruption, are checked against the checksum the
+//! hub sends (sha256 for LFS files, git's blob sha1 for the others) and land in the cache only
+//! whole. The cache layout is `huggingface_hub`'s (`<kind>s--<org>--<name>/blobs/<etag>`,
+//! `snapshots/<commit>/<path>` linking to the blob, `refs/<revision>` holding the commit), so
+//! Python and patchlm share downloads both ways.
+//!
+//! Three ways in, for the three things a pipeline takes from the hub:
+//! - [`resolve_inputs`]: training text as `hf://datasets/<org>/<name>[@rev]/<path or glob>`;
+//! - [`resolve_tokenizer`]: a `tokenizer.json` by local path or by repository id;
+//! - [`Hub::snapshot`]: the files of a repository that a caller's filter keeps (a model
+//!   directory, say), as one snapshot directory.
+//!
+//! Settings come from the environment as in `huggingface_hub` ([`HubOptions::from_env`]):
+//! `HF_ENDPOINT`, `HF_HUB_CACHE` / `HF_HOME` / `XDG_CACHE_HOME`, `HF_TOKEN` (or the token file
+//! `huggingface-cli login` writes), `HF_HUB_OFFLINE`, `HF_HUB_DISABLE_PROGRESS_BARS`. This module
+//! knows repositories and files, not what is in them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest;
+
+use crate::error::{io_err, DataError, Result};
+
+/// The hub's address unless `HF_ENDPOINT` says otherwise.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+/// The revision used when none is given.
+pub const DEFAULT_REVISION: &str = "main";
+/// How many times an interrupted download is resumed before giving up.
+pub const DEFAULT_RETRIES: usize = 3;
+/// Seconds to wait for a connection or for the next bytes of a response.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+/// The largest JSON listing read from the hub's API.
+const MAX_API_BYTES: u64 = 256 << 20;
+
+/// What kind of repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RepoKind {
+    /// A model repository (`https://huggingface.co/<id>`).
+    Model,
+    /// A dataset repository (`https://huggingface.co/datasets/<id>`).
+    Dataset,
+}
+
+impl RepoKind {
+    fn plural(self) -> &'static str {
+        match self {
+            RepoKind::Model => "models",
+            RepoKind::Dataset => "datasets",
+        }
+    }
+
+    fn url_prefix(self) -> &'static str {
+        match self {
+            RepoKind::Model => "",
+            RepoKind::Dataset => "datasets/",
+        }
+    }
+}
+
+/// A repository at a revision (a branch, a tag or a commit).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Repo {
+    /// Model or dataset.
+    pub kind: RepoKind,
+    /// `org/name`, or a bare `name` for the hub's few unprefixed repositories.
+    pub id: String,
+    /// Branch, tag or commit ([`DEFAULT_REVISION`] unless given).
+    pub revision: String,
+}
+
+impl Repo {
+    /// A repository at [`DEFAULT_REVISION`].
+    pub fn new(kind: RepoKind, id: &str) -> Self {
+        Self { kind, id: id.to_string(), revision: DEFAULT_REVISION.to_string() }
+    }
+
+    /// The same repository at another revision.
+    pub fn at(&self, revision: &str) -> Self {
+        Self { revision: revision.to_string(), ..self.clone() }
+    }
+
+    /// Parses `org/name[@revision]` (or `name[@revision]`); `None` when `spec` is not shaped
+    /// like a repository id (it has more than one `/`, a file extension the hub's ids do not
+    /// take, or characters ids cannot hold).
+    pub fn parse(spec: &str, kind: RepoKind) -> Option<Self> {
+        let (id, revision) = match spec.split_once('@') {
+            Some((id, rev)) => (id, percent_decode(rev)),
+            None => (spec, DEFAULT_REVISION.to_string()),
+        };
+        if !is_repo_id(id) || revision.is_empty() {
+            return None;
+        }
+        Some(Self { kind, id: id.to_string(), revision })
+    }
+
+    /// The repository's folder in the cache, e.g. `models--org--name`.
+    pub fn cache_folder(&self) -> String {
+        format!("{}--{}", self.kind.plural(), self.id.replace('/', "--"))
+    }
+
+    fn display(&self) -> String {
+        format!("{}{}@{}", self.kind.url_prefix(), self.id, self.revision)
+    }
+}
+
+impl std::fmt::Display for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+/// Whether `id` has the shape of a hub repository id: one or two segments of letters, digits,
+/// `-`, `_` and `.`, not starting or ending with `-` or `.`, and not `..`.
+fn is_repo_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('/').collect();
+    if parts.is_empty() || parts.len() > 2 {
+        return false;
+    }
+    parts.iter().all(|p| {
+        !p.is_empty()
+            && p.len() <= 96
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
+            && !p.contains("..")
+    })
+}
+
+/// An `hf://` address: a repository and a path inside it (a file, a folder, a glob or empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUrl {
+    /// The repository.
+    pub repo: Repo,
+    /// The path inside the repository, without leading or trailing `/` (empty: all of it).
+    pub path: String,
+}
+
+impl HubUrl {
+    /// Parses `hf://[datasets/|models/]<org>/<name>[@revision][/path]`; `Ok(None)` when `s`
+    /// does not start with `hf://`. A revision holding `/` is written with `%2F`, as
+    /// `huggingface_hub`'s `HfFileSystem` does (`@refs%2Fconvert%2Fparquet`).
+    pub fn parse(s: &str) -> Result<Option<Self>> {
+        let Some(rest) = s.strip_prefix("hf://") else { return Ok(None) };
+        let bad = |why: &str| DataError::Hub {
+            target: s.to_string(),
+            msg: format!("{why}; write hf://datasets/<org>/<name>[@revision]/<path>"),
+        };
+        let (kind, rest) = if let Some(r) = rest.strip_prefix("datasets/") {
+            (RepoKind::Dataset, r)
+        } else if let Some(r) = rest.strip_prefix("models/") {
+            (RepoKind::Model, r)
+        } else if rest.starts_with("spaces/") {
+            return Err(bad("spaces are not supported"));
+        } else {
+            (RepoKind::Model, rest)
+        };
+        let segs: Vec<&str> = rest.split('/').collect();
+        if segs.len() < 2 || segs[0].is_empty() || segs[1].is_empty() {
+            return Err(bad("expected <org>/<name> after hf://"));
+        }
+        let (name, revision) = match segs[1].split_once('@') {
+            Some((n, r)) => (n, percent_decode(r)),
+            None => (segs[1], DEFAULT_REVISION.to_string()),
+        };
+        let id = format!("{}/{name}", segs[0]);
+        if !is_repo_id(&id) || revision.is_empty() {
+            return Err(bad(&format!("`{id}` is not a repository id")));
+        }
+        let path = segs[2..].iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join("/");
+        if path.split('/').any(|p| p == "..") {
+            return Err(bad("`..` is not allowed in a repository path"));
+        }
+        Ok(Some(Self { repo: Repo { kind, id, revision }, path }))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Percent-encodes one URL path segment (everything but unreserved characters).
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &c in s.as_bytes() {
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'~') {
+            out.push(c as char);
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+    }
+    out
+}
+
+/// A repository path in a URL: each segment encoded, the `/` between them kept.
+fn encode_path(p: &str) -> String {
+    p.split('/').map(encode_segment).collect::<Vec<_>>().join("/")
+}
+
+/// Where and how a [`Hub`] works. [`HubOptions::from_env`] reads the settings
+/// `huggingface_hub` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubOptions {
+    /// The hub's base URL, without a trailing `/` ([`DEFAULT_ENDPOINT`]).
+    pub endpoint: String,
+    /// The cache directory (the folder holding `models--*` and `datasets--*`).
+    pub cache_dir: PathBuf,
+    /// An access token for private and gated repositories, sent to the endpoint only.
+    pub token: Option<String>,
+    /// Never touch the network; answer from the cache or fail.
+    pub offline: bool,
+    /// Show progress bars for downloads.
+    pub progress: bool,
+    /// How many times an interrupted download is resumed ([`DEFAULT_RETRIES`]).
+    pub retries: usize,
+    /// Connection and read timeout in seconds ([`DEFAULT_TIMEOUT_SECS`]).
+    pub timeout_secs: u64,
+}
+
+impl HubOptions {
+    /// Options at `endpoint` with its cache in `cache_dir`, online, no token, progress bars on.
+    pub fn new(endpoint: &str, cache_dir: &Path) -> Self {
+        Self {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            cache_dir: cache_dir.to_path_buf(),
+            token: None,
+            offline: false,
+            progress: true,
+            retries: DEFAULT_RETRIES,
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+        }
+    }
+
+    /// The settings `huggingface_hub` takes from the environment: `HF_ENDPOINT`; the cache in
+    /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `XDG_CACHE_HOME/huggingface/hub`, else
+    /// `~/.cache/huggingface/hub`; the token in `HF_TOKEN`, else the file `HF_TOKEN_PATH`, else
+    /// `HF_HOME/token` (or `~/.cache/huggingface/token`); `HF_HUB_OFFLINE=1`;
+    /// `HF_HUB_DISABLE_PROGRESS_BARS=1`.
+    pub fn from_env() -> Self {
+        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// [`HubOptions::from_env`] over any variable lookup (for tests and embedding).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let truthy = |k: &str| var(k).is_some_and(|v| matches!(v.to_lowercase().as_str(), "1" | "on" | "yes" | "true"));
+        let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let base = var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from(".cache"));
+            base.join("huggingface")
+        });
+        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).unwrap_or_else(|| hf_home.join("hub"));
+        let token = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")).or_else(|| {
+            let file = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
+            std::fs::read_to_string(file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        });
+        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        Self {
+            token,
+            offline: truthy("HF_HUB_OFFLINE"),
+            progress: !truthy("HF_HUB_DISABLE_PROGRESS_BARS"),
+            ..Self::new(&endpoint, &cache_dir)
+        }
+    }
+}
+
+/// One file of a repository listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoFile {
+    /// Path inside the repository.
+    pub path: String,
+    /// Size in bytes, when the listing gives it.
+    pub size: Option<u64>,
+}
+
+/// A repository's files at one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The commit the revision pointed at.
+    pub commit: String,
+    /// The files, sorted by path.
+    pub files: Vec<RepoFile>,
+}
+
+/// What the hub says of a file before it is downloaded.
+struct Meta {
+    commit: String,
+    etag: String,
+    size: Option<u64>,
+    url: String,
+}
+
+/// The hub's answer about one file.
+enum Resolved {
+    /// The file, and where to download it.
+    Found(Meta),
+    /// No such file (at this commit, when the hub said which).
+    Absent(Option<String>),
+}
+
+/// Why a request got no usable answer.
+enum Fetch {
+    /// The network or the server failed: the cache may answer instead.
+    Unreachable(String),
+    /// The hub answered, and the answer is final.
+    Refused(DataError),
+}
+
+/// A client for the hub and its local cache. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    opts: HubOptions,
+    agent: ureq::Agent,
+}
+
+impl Hub {
+    /// A client with these options.
+    pub fn new(opts: HubOptions) -> Self {
+        let t = Some(Duration::from_secs(opts.timeout_secs.max(1)));
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(t)
+            .timeout_recv_response(t)
+            .timeout_per_read(t)
+            .user_agent(concat!("patchlm/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Self { opts, agent }
+    }
+
+    /// A client configured from the environment ([`HubOptions::from_env`]).
+    pub fn from_env() -> Self {
+        Self::new(HubOptions::from_env())
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &HubOptions {
+        &self.opts
+    }
+
+    fn repo_dir(&self, repo: &Repo) -> PathBuf {
+        self.opts.cache_dir.join(repo.cache_folder())
+    }
+
+    /// The commit the cache knows for `repo`'s revision: the revision itself when it is a
+    /// commit, else the one `refs/<revision>` names.
+    fn cached_commit(&self, repo: &Repo) -> Option<String> {
+        if is_commit(&repo.revision) {
+            return Some(repo.revision.clone());
+        }
+        let c = std::fs::read_to_string(self.repo_dir(repo).join("refs").join(&repo.revision)).ok()?;
+        let c = c.trim().to_string();
+        is_commit(&c).then_some(c)
+    }
+
+    /// The cached copy of `filename` at `repo`'s revision, if the cache has one.
+    pub fn cached(&self, repo: &Repo, filename: &str) -> Option<PathBuf> {
+        let commit = self.cached_commit(repo)?;
+        let p = self.repo_dir(repo).join("snapshots").join(commit).join(filename);
+        p.is_file().then_some(p)
+    }
+
+    /// `filename` of `repo`, downloaded into the cache unless it is there; returns its path in
+    /// the snapshot folder. With a branch or tag as the revision the hub is asked which commit
+    /// it names (a cached copy answers when the hub cannot be reached); with a commit, a cached
+    /// copy is used without asking.
+    pub fn file(&self, repo: &Repo, filename: &str) -> Result<PathBuf> {
+        self.optional_file(repo, filename)?.ok_or_else(|| DataError::Hub {
+            target: format!("{repo}/{filename}"),
+            msg: format!("no such file in the repository (check the name and the revision; {})", self.opts.endpoint),
+        })
+    }
+
+    /// Like [`Hub::file`], but `Ok(None)` when the repository has no such file. An absence the
+    /// hub reported is remembered as `huggingface_hub` does (`.no_exist/<commit>/<path>`), so
+    /// it is known offline too.
+    pub fn optional_file(&self, repo: &Repo, filename: &str) -> Result<Option<PathBuf>> {
+        for (what, p) in [("file name", filename), ("revision", repo.revision.as_str())] {
+            if !is_relative_path(p) {
+                return Err(DataError::Hub {
+                    target: format!("{repo}/{filename}"),
+                    msg: format!("the {what} `{p}` is not a relative path inside the repository"),
+                });
+            }
+        }
+        let dir = self.repo_dir(repo);
+        // Some(Some(path)): cached; Some(None): known to be absent; None: the cache cannot say.
+        let from_cache = || -> Option<Option<PathBuf>> {
+            let commit = self.cached_commit(repo)?;
+            let p = dir.join("snapshots").join(&commit).join(filename);
+            if p.is_file() {
+                return Some(Some(p));
+            }
+            dir.join(".no_exist").join(&commit).join(filename).is_file().then_some(None)
+        };
+        if self.opts.offline {
+            return from_cache().ok_or_else(|| self.offline_miss(repo, filename));
+        }
+        if is_commit(&repo.revision) {
+            if let Some(hit) = from_cache() {
+                return Ok(hit);
+            }
+        }
+        let meta = match self.metadata(repo, filename) {
+            Ok(Resolved::Found(m)) => m,
+            Ok(Resolved::Absent(commit)) => {
+                if let Some(c) = commit {
+                    let marker = dir.join(".no_exist").join(&c).join(filename);
+                    if let Some(parent) = marker.parent() {
+                        let _ = std::fs::create_dir_all(parent).and_then(|_| File::create(&marker));
+                    }
+                    if repo.revision != c {
+                        write_ref(&dir, &repo.revision, &c)?;
+                    }
+                }
+                return Ok(None);
+            }
+            Err(Fetch::Refused(e)) => return Err(e),
+            Err(Fetch::Unreachable(why)) => {
+                if let Some(hit) = from_cache() {
+                    eprintln!("warning: {}: {why}; answering {repo}/{filename} from the cache", self.opts.endpoint);
+                    return Ok(hit);
+                }
+                return Err(DataError::Hub {
+                    target: format!("{repo}/{filename}"),
+                    msg: format!(
+                        "cannot reach {} ({why}) and the cache {} has no copy; download it where the hub can be \
+                         reached and point HF_HUB_CACHE at that cache",
+                        self.opts.endpoint,
+                        self.opts.cache_dir.display()
+                    ),
+                });
+            }
+        };
+        let blob = dir.join("blobs").join(&meta.etag);
+        if !blob.is_file() || meta.size.is_some_and(|s| file_len(&blob) != Some(s)) {
+            self.download(&meta, &blob, &format!("{repo}/{filename}"))?;
+        }
+        let link = dir.join("snapshots").join(&meta.commit).join(filename);
+        link_blob(&blob, &link)?;
+        if repo.revision != meta.commit {
+            write_ref(&dir, &repo.revision, &meta.commit)?;
+        }
+        Ok(Some(link))
+    }
+
+    fn offline_miss(&self, repo: &Repo, filename: &str) -> DataError {
+        DataError::Hub {
+            target: format!("{repo}/{filename}"),
+            msg: format!(
+                "not in the cache {} and HF_HUB_OFFLINE is set; unset it to download, or point HF_HUB_CACHE at a \
+                 cache that has it",
+                self.opts.cache_dir.display()
+            ),
+        }
+    }
+
+    fn get(&self, url: &str, range_from: u64) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let mut req = self.agent.get(url);
+        if range_from > 0 {
+            req = req.header("Range", &format!("bytes={range_from}-"));
+        }
+        if let Some(t) = self.token_for(url) {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        req.call()
+    }
+
+    /// The token, for URLs on the endpoint only (a CDN the hub redirects to gets none).
+    fn token_for(&self, url: &str) -> Option<&str> {
+        let on_endpoint = url.strip_prefix(&self.opts.endpoint).is_some_and(|r| r.is_empty() || r.starts_with('/'));
+        self.opts.token.as_deref().filter(|_| on_endpoint)
+    }
+
+    /// Asks the hub what `filename` is at `repo`'s revision.
+    fn metadata(&self, repo: &Repo, filename: &str) -> std::result::Result<Resolved, Fetch> {
+        let mut url = format!(
+            "{}/{}{}/resolve/{}/{}",
+            self.opts.endpoint,
+            repo.kind.url_prefix(),
+            repo.id,
+            encode_segment(&repo.revision),
+            encode_path(filename)
+        );
+        let target = format!("{repo}/{filename}");
+        for _ in 0..10 {
+            let mut req = self.agent.head(&url);
+            if let Some(t) = self.token_for(&url) {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            let resp = req.call().map_err(|e| Fetch::Unreachable(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let header = |k: &str| resp.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let location = header("location");
+            // A relative redirect (a renamed repository) is the hub's own: follow it and ask again.
+            if (300..400).contains(&status) {
+                if let Some(loc) = location.as_deref().filter(|l| l.starts_with('/')) {
+                    url = format!("{}{loc}", origin(&url));
+                    continue;
+                }
+            }
+            if status >= 500 {
+                return Err(Fetch::Unreachable(format!("HTTP {status}")));
+            }
+            if status == 404 {
+                let code = header("x-error-code").unwrap_or_default();
+                return match code.as_str() {
+                    "RepoNotFound" => Err(Fetch::Refused(DataError::Hub {
+                        target,
+                        msg: "no such repository (or it is private: set HF_TOKEN to a token with access)".into(),
+                    })),
+                    "RevisionNotFound" => Err(Fetch::Refused(DataError::Hub {
+                        target,
+                        msg: format!("no revision `{}` in the repository", repo.revision),
+                    })),
+                    _ => Ok(Resolved::Absent(header("x-repo-commit").filter(|c| is_commit(c)))),
+                };
+            }
+            if status == 401 || status == 403 {
+                let msg = header("x-error-message").unwrap_or_else(|| format!("HTTP {status}"));
+                return Err(Fetch::Refused(DataError::Hub {
+                    target,
+                    msg: format!(
+                        "access denied ({msg}); the repository is private or gated: accept its terms on the hub and \
+                         set HF_TOKEN (or run `huggingface-cli login`)"
+                    ),
+                }));
+            }
+            if !(200..400).contains(&status) {
+                return Err(Fetch::Refused(DataError::Hub { target, msg: format!("the hub answered HTTP {status}") }));
+            }
+            let commit = header("x-repo-commit").filter(|c| is_commit(c));
+            let etag = header("x-linked-etag").or_else(|| header("etag")).map(|e| normalize_etag(&e));
+            let (Some(commit), Some(etag)) = (commit, etag.filter(|e| is_safe_name(e))) else {
+                return Err(Fetch::Refused(DataError::Hub {
+                    target,
+                    msg: format!(
+                        "{} answered without a commit (X-Repo-Commit) or an ETag; is HF_ENDPOINT a Hugging Face hub?",
+                        self.opts.endpoint
+                    ),
+                }));
+            };
+            let size = header("x-linked-size").or_else(|| header("content-length")).and_then(|s| s.parse().ok());
+            let url = match location {
+                Some(loc) if (300..400).contains(&status) => loc,
+                _ => url,
+            };
+            return Ok(Resolved::Found(Meta { commit, etag, size, url }));
+        }
+        Err(Fetch::Refused(DataError::Hub { target, msg: "too many redirects".into() }))
+    }
+
+    /// Downloads `meta.url` into `blob` through `<blob>.incomplete`, resuming a partial one,
+    /// and checks the size and checksum before the rename.
+    fn download(&self, meta: &Meta, blob: &Path, target: &str) -> Result<()> {
+        let dir = blob.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut part = blob.as_os_str().to_owned();
+        part.push(".incomplete");
+        let part = PathBuf::from(part);
+        let mut f = OpenOptions::new().create(true).append(true).read(true).open(&part).map_err(io_err(&part))?;
+        let pb = self.bar(meta.size, target);
+        let mut attempt = 0;
+        loop {
+            let have = f.metadata().map_err(io_err(&part))?.len();
+            if meta.size.is_some_and(|s| have >= s) {
+                break;
+            }
+            match self.fetch_into(&meta.url, &mut f, &part, have, &pb) {
+                Ok(()) => break,
+                Err(Fetch::Refused(e)) => return Err(e),
+                Err(Fetch::Unreachable(why)) => {
+                    attempt += 1;
+                    if attempt > self.opts.retries {
+                        return Err(DataError::Hub {
+                            target: target.to_string(),
+                            msg: format!(
+                                "download failed after {} attempts ({why}); run again to resume from {} bytes",
+                                attempt,
+                                file_len(&part).unwrap_or(0)
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(250 << attempt.min(6)));
+                }
+            }
+        }
+        pb.finish_and_clear();
+        f.sync_all().map_err(io_err(&part))?;
+        let len = f.metadata().map_err(io_err(&part))?.len();
+        drop(f);
+        let fail = |msg: String| {
+            let _ = std::fs::remove_file(&part);
+            DataError::Hub {
+                target: target.to_string(),
+                msg: format!("{msg}; the partial download was removed, run again"),
+            }
+        };
+        if let Some(s) = meta.size.filter(|&s| s != len) {
+            return Err(fail(format!("got {len} bytes, the hub announced {s}")));
+        }
+        if let Some(actual) = checksum_of(&part, &meta.etag, len)? {
+            if actual != meta.etag {
+                return Err(fail(format!("checksum mismatch (hub {}, downloaded {actual})", meta.etag)));
+            }
+        }
+        std::fs::rename(&part, blob).map_err(io_err(blob))?;
+        sync_dir(dir);
+        Ok(())
+    }
+
+    /// One GET from byte `from` on, appended to `f`.
+    fn fetch_into(
+        &self,
+        url: &str,
+        f: &mut File,
+        part: &Path,
+        from: u64,
+        pb: &indicatif::ProgressBar,
+    ) -> std::result::Result<(), Fetch> {
+        let resp = self.get(url, from).map_err(|e| Fetch::Unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let io = |e: std::io::Error| Fetch::Refused(DataError::Io { path: part.to_path_buf(), source: e });
+        match status {
+            206 => {}
+            // The server ignored the range: start over.
+            200 => {
+                f.set_len(0).map_err(io)?;
+                f.seek(SeekFrom::Start(0)).map_err(io)?;
+                pb.set_position(0);
+            }
+            416 => return Ok(()),
+            s if s >= 500 => return Err(Fetch::Unreachable(format!("HTTP {s}"))),
+            s => {
+                return Err(Fetch::Refused(DataError::Hub {
+                    target: url.to_string(),
+                    msg: format!("download refused with HTTP {s}"),
+                }))
+            }
+        }
+        pb.set_position(if status == 206 { from } else { 0 });
+        let mut body = resp.into_body().into_reader();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fetch::Unreachable(e.to_string())),
+            };
+            f.write_all(&buf[..n]).map_err(io)?;
+            pb.inc(n as u64);
+        }
+    }
+
+    fn bar(&self, size: Option<u64>, target: &str) -> indicatif::ProgressBar {
+        if !self.opts.progress {
+            return indicatif::ProgressBar::hidden();
+        }
+        let pb = indicatif::ProgressBar::new(size.unwrap_or(0));
+        let style =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .map(|s| s.progress_chars("=> "));
+        if let Ok(s) = style {
+            pb.set_style(s);
+        }
+        pb.set_message(format!("downloading {target}"));
+        pb
+    }
+
+    /// The files of `repo` at its revision under the folder `under` (`""`: the whole
+    /// repository), with the commit the revision names: asked of the hub (its `revision` API
+    /// for the commit, then the `tree` API at that commit, page by page), or read from the
+    /// cached snapshot when offline or when the hub cannot be reached.
+    pub fn list(&self, repo: &Repo, under: &str) -> Result<Listing> {
+        let under = under.trim_matches('/');
+        let from_cache = || -> Option<Listing> {
+            let commit = self.cached_commit(repo)?;
+            let root = self.repo_dir(repo).join("snapshots").join(&commit);
+            if !root.is_dir() {
+                return None;
+            }
+            let mut files = Vec::new();
+            walk_files(&root, &root.join(under), &mut files);
+            files.sort_by(|a: &RepoFile, b| a.path.cmp(&b.path));
+            Some(Listing { commit, files })
+        };
+        let target = repo.to_string();
+        if self.opts.offline {
+            return from_cache().ok_or_else(|| DataError::Hub {
+                target,
+                msg: format!(
+                    "no snapshot in the cache {} and HF_HUB_OFFLINE is set; unset it to download",
+                    self.opts.cache_dir.display()
+                ),
+            });
+        }
+        let unreachable = |why: String| -> Result<Listing> {
+            if let Some(l) = from_cache() {
+                eprintln!("warning: {}: {why}; listing {repo} from the cache", self.opts.endpoint);
+                return Ok(l);
+            }
+            Err(DataError::Hub {
+                target: target.clone(),
+                msg: format!("cannot reach {} ({why}) and the cache has no snapshot", self.opts.endpoint),
+            })
+        };
+        let api = format!("{}/api/{}/{}", self.opts.endpoint, repo.kind.plural(), repo.id);
+        let commit = if is_commit(&repo.revision) {
+            repo.revision.clone()
+        } else {
+            let url = format!("{api}/revision/{}", encode_segment(&repo.revision));
+            let text = match self.api_json(&url, &target)? {
+                Ok(t) => t,
+                Err(why) => return unreachable(why),
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Hub {
+                target: target.clone(),
+                msg: format!("the hub's answer is not JSON: {e}"),
+            })?;
+            match v["sha"].as_str().filter(|c| is_commit(c)) {
+                Some(c) => c.to_string(),
+                None => return Err(DataError::Hub { target, msg: "the hub's answer names no commit (`sha`)".into() }),
+            }
+        };
+        let folder = if under.is_empty() { String::new() } else { format!("/{}", encode_segment(under)) };
+        let mut next = Some(format!("{api}/tree/{commit}{folder}?recursive=true&expand=false"));
+        let mut files = Vec::new();
+        while let Some(url) = next.take() {
+            let resp = match self.get(&url, 0) {
+                Ok(r) if r.status().as_u16() < 500 => r,
+                Ok(r) => return unreachable(format!("HTTP {}", r.status().as_u16())),
+                Err(e) => return unreachable(e.to_string()),
+            };
+            let status = resp.status().as_u16();
+            if status == 404 && !under.is_empty() {
+                // Not a folder of the repository (a file, or nothing): an empty listing here.
+                break;
+            }
+            if status >= 400 {
+                return Err(self.api_refusal(status, &target));
+            }
+            next = resp.headers().get("link").and_then(|v| v.to_str().ok()).and_then(next_link);
+            let text = read_api_body(resp, &target)?;
+            files.extend(parse_tree(&text).map_err(|msg| DataError::Hub { target: target.clone(), msg })?);
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Listing { commit, files })
+    }
+
+    /// GET of an API URL: `Ok(Ok(body))`, `Ok(Err(why))` when the hub cannot be reached, or the
+    /// hub's refusal.
+    fn api_json(&self, url: &str, target: &str) -> Result<std::result::Result<String, String>> {
+        let resp = match self.get(url, 0) {
+            Ok(r) if r.status().as_u16() < 500 => r,
+            Ok(r) => return Ok(Err(format!("HTTP {}", r.status().as_u16()))),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            return Err(self.api_refusal(status, target));
+        }
+        Ok(Ok(read_api_body(resp, target)?))
+    }
+
+    fn api_refusal(&self, status: u16, target: &str) -> DataError {
+        DataError::Hub {
+            target: target.to_string(),
+            msg: format!(
+                "HTTP {status}: no such repository or revision, or it is private or gated (set HF_TOKEN to a token \
+                 with access)"
+            ),
+        }
+    }
+
+    /// Downloads the files of `repo` that `keep` accepts, all from the one commit the revision
+    /// names, and returns the snapshot folder that holds them.
+    pub fn snapshot(&self, repo: &Repo, keep: impl Fn(&str) -> bool) -> Result<PathBuf> {
+        let listing = self.list(repo, "")?;
+        let names: Vec<String> = listing.files.iter().filter(|f| keep(&f.path)).map(|f| f.path.clone()).collect();
+        if names.is_empty() {
+            return Err(DataError::Hub {
+                target: repo.to_string(),
+                msg: format!("none of its {} files is one that is wanted here", listing.files.len()),
+            });
+        }
+        let pinned = repo.at(&listing.commit);
+        for n in &names {
+            self.file(&pinned, n)?;
+        }
+        if repo.revision != listing.commit && !self.opts.offline {
+            write_ref(&self.repo_dir(repo), &repo.revision, &listing.commit)?;
+        }
+        Ok(self.repo_dir(repo).join("snapshots").join(&listing.commit))
+    }
+}
+
+fn read_api_body(resp: ureq::http::Response<ureq::Body>, target: &str) -> Result<String> {
+    resp.into_body()
+        .with_config()
+        .limit(MAX_API_BYTES)
+        .read_to_string()
+        .map_err(|e| DataError::Hub { target: target.to_string(), msg: format!("reading the hub's answer: {e}") })
+}
+
+/// The files of one page of the `tree` API (folders are skipped).
+fn parse_tree(text: &str) -> std::result::Result<Vec<RepoFile>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("the hub's listing is not JSON: {e}"))?;
+    let entries = v.as_array().ok_or("the hub's listing is not a list of entries")?;
+    Ok(entries
+        .iter()
+        .filter(|e| e["type"].as_str() == Some("file"))
+        .filter_map(|e| {
+            let path = e["path"].as_str()?;
+            let size = e["lfs"]["size"].as_u64().or_else(|| e["size"].as_u64());
+            Some(RepoFile { path: path.to_string(), size })
+        })
+        .filter(|f| !f.path.split('/').any(|p| p == ".." || p.is_empty()))
+        .collect())
+}
+
+/// The `rel="next"` URL of a `Link` header (the hub pages its listings as GitHub does).
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        let is_next = params.split(';').any(|p| p.trim().replace(' ', "") == "rel=\"next\"");
+        let url = url.trim().strip_prefix('<')?.strip_suffix('>')?;
+        is_next.then(|| url.to_string())
+    })
+}
+
+fn walk_files(root: &Path, dir: &Path, out: &mut Vec<RepoFile>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk_files(root, &p, out);
+        } else if let Ok(rel) = p.strip_prefix(root) {
+            let path = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            out.push(RepoFile { path, size: file_len(&p) });
+        }
+    }
+}
+
+/// `scheme://host[:port]` of a URL.
+fn origin(url: &str) -> &str {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    match url[after..].find('/') {
+        Some(i) => &url[..after + i],
+        None => url,
+    }
+}
+
+/// A path of `/`-separated, non-empty segments, none of them `.` or `..` (so joined to a
+/// cache folder it stays inside it).
+fn is_relative_path(p: &str) -> bool {
+    !p.is_empty() && !p.contains('\\') && p.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_safe_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// An ETag without its weak prefix and quotes, as `huggingface_hub` stores blobs.
+fn normalize_etag(e: &str) -> String {
+    e.trim().trim_start_matches("W/").trim_matches('"').to_string()
+}
+
+fn file_len(p: &Path) -> Option<u64> {
+    std::fs::metadata(p).ok().map(|m| m.len())
+}
+
+/// The checksum of `path` in the form `etag` has: sha256 for a 64-digit etag (LFS files),
+/// git's blob sha1 for a 40-digit one; `None` when the etag is neither.
+fn checksum_of(path: &Path, etag: &str, len: u64) -> Result<Option<String>> {
+    let hex = etag.bytes().all(|b| b.is_ascii_hexdigit());
+    enum H {
+        S256(sha2::Sha256),
+        S1(sha1::Sha1),
+    }
+    let mut h = match etag.len() {
+        64 if hex => H::S256(sha2::Sha256::new()),
+        40 if hex => {
+            let mut s = sha1::Sha1::new();
+            s.update(format!("blob {len}\0").as_bytes());
+            H::S1(s)
+        }
+        _ => return Ok(None),
+    };
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        match &mut h {
+            H::S256(s) => s.update(&buf[..n]),
+            H::S1(s) => s.update(&buf[..n]),
+        }
+    }
+    Ok(Some(match h {
+        H::S256(s) => hex::encode(s.finalize()),
+        H::S1(s) => hex::encode(s.finalize()),
+    }))
+}
+
+/// Points `link` (in a snapshot) at `blob`: a relative symlink as `huggingface_hub` makes, or
+/// where links cannot be made, a copy. Replaces an existing entry atomically.
+fn link_blob(blob: &Path, link: &Path) -> Result<()> {
+    let parent = link.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    #[cfg(unix)]
+    let linked = {
+        // snapshots/<commit>/<a>/<b>/file → ../../../../blobs/<etag>: one `..` per folder below
+        // the repository folder.
+        let repo_dir = blob.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+        let depth = parent.strip_prefix(repo_dir).map(|r| r.components().count()).unwrap_or(0);
+        let mut rel = PathBuf::new();
+        for _ in 0..depth {
+            rel.push("..");
+        }
+        rel.push("blobs");
+        rel.push(blob.file_name().unwrap_or_default());
+        std::os::unix::fs::symlink(&rel, &tmp).is_ok()
+    };
+    #[cfg(not(unix))]
+    let linked = false;
+    if !linked {
+        std::fs::copy(blob, &tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, link).map_err(io_err(link))?;
+    Ok(())
+}
+
+fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<()> {
+    let path = repo_dir.join("refs").join(revision);
+    if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
+        return Ok(());
+    }
+    let parent = path.parent().unwrap_or(repo_dir);
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    crate::shard::write_atomic(&path, commit.as_bytes())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Whether a file of a dataset repository is training text: `.parquet`, `.jsonl`, `.ndjson`,
+/// `.json` or `.txt`, optionally `.gz` (a repository's README and other documents are not).
+pub fn is_data_file(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path).to_lowercase();
+    if name.starts_with('.') {
+        return false;
+    }
+    let stem = name.strip_suffix(".gz").unwrap_or(&name);
+    [".parquet", ".jsonl", ".ndjson", ".json", ".txt"].iter().any(|e| stem.ends_with(e))
+        && !matches!(stem, "dataset_info.json" | "dataset_infos.json" | "state.json")
+}
+
+/// Whether `path` matches `pattern`, where `*` matches within a path segment, `**` across
+/// segments and `?` one character.
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.first() {
+            None => s.is_empty(),
+            // `**/`: zero or more whole segments.
+            Some(b'*') if p.get(1) == Some(&b'*') && p.get(2) == Some(&b'/') => {
+                (0..=s.len()).any(|i| (i == 0 || s[i - 1] == b'/') && go(&p[3..], &s[i..]))
+            }
+            // `**` elsewhere: any characters, `/` included.
+            Some(b'*') if p.get(1) == Some(&b'*') => (0..=s.len()).any(|i| go(&p[2..], &s[i..])),
+            Some(b'*') => (0..=s.len()).take_while(|&i| i == 0 || s[i - 1] != b'/').any(|i| go(&p[1..], &s[i..])),
+            Some(b'?') => s.first().is_some_and(|&c| c != b'/') && go(&p[1..], &s[1..]),
+            Some(&c) => s.first() == Some(&c) && go(&p[1..], &s[1..]),
+        }
+    }
+    go(pattern.as_bytes(), path.as_bytes())
+}
+
+/// The folder to list for an `hf://` path: the path itself, or for a glob the segments
+/// before the first one with a wildcard.
+fn listing_folder(path: &str) -> String {
+    path.split('/').take_while(|seg| !seg.contains(['*', '?'])).collect::<Vec<_>>().join("/")
+}
+
+/// The files an `hf://` address names in `listing`: the file itself; every file matching a
+/// glob; or every data file ([`is_data_file`]) under a folder (the whole repository for an
+/// empty path).
+pub fn select_files(url: &HubUrl, listing: &Listing) -> Vec<String> {
+    let p = url.path.as_str();
+    if let Some(f) = listing.files.iter().find(|f| f.path == p) {
+        return vec![f.path.clone()];
+    }
+    let glob = p.contains(['*', '?']);
+    listing
+        .files
+        .iter()
+        .map(|f| f.path.as_str())
+        .filter(|f| {
+            if glob {
+                glob_match(p, f)
+            } else {
+                (p.is_empty() || f.strip_prefix(p).is_some_and(|r| r.starts_with('/'))) && is_data_file(f)
+            }
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Replaces every `hf://` input by the local files it names (downloading them into the cache
+/// with `hub`), keeping the others as they are. A dataset folder gives its data files, sorted
+/// by path, all from one commit.
+pub fn resolve_inputs_with<P: AsRef<Path>>(hub: &Hub, inputs: &[P]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let input = input.as_ref();
+        let Some(url) = HubUrl::parse(&input.to_string_lossy())? else {
+            out.push(input.to_path_buf());
+            continue;
+        };
+        let listing = hub.list(&url.repo, &listing_folder(&url.path))?;
+        let mut names = select_files(&url, &listing);
+        if names.is_empty() && !url.path.contains(['*', '?']) {
+            // Perhaps a file: list its folder instead.
+            let parent = url.path.rsplit_once('/').map_or("", |(p, _)| p);
+            names = select_files(&url, &hub.list(&url.repo.at(&listing.commit), parent)?);
+        }
+        if names.is_empty() {
+            let some: Vec<&str> = listing.files.iter().take(8).map(|f| f.path.as_str()).collect();
+            return Err(DataError::Hub {
+                target: input.display().to_string(),
+                msg: format!(
+                    "names no data file (.parquet, .jsonl, .json, .txt, optionally .gz){}{}",
+                    if some.is_empty() { "" } else { "; there are " },
+                    some.join(", ")
+                ),
+            });
+        }
+        let bytes: u64 = listing.files.iter().filter(|f| names.contains(&f.path)).filter_map(|f| f.size).sum();
+        eprintln!(
+            "{}: {} file{}, {:.1} MB, commit {}",
+            input.display(),
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            bytes as f64 / 1e6,
+            &listing.commit[..12]
+        );
+        let pinned = url.repo.at(&listing.commit);
+        for n in &names {
+            out.push(hub.file(&pinned, n)?);
+        }
+        if url.repo.revision != listing.commit && !hub.opts.offline {
+            write_ref(&hub.repo_dir(&url.repo), &url.repo.revision, &listing.commit)?;
+        }
+    }
+    Ok(out)
+}
+
+/// [`resolve_inputs_with`] with a hub configured from the environment; no hub is touched when
+/// no input starts with `hf://`.
+pub fn resolve_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
+    if !inputs.iter().any(|p| p.as_ref().to_string_lossy().starts_with("hf://")) {
+        return Ok(inputs.iter().map(|p| p.as_ref().to_path_buf()).collect());
+    }
+    resolve_inputs_with(&Hub::from_env(), inputs)
+}
+
+/// A tokenizer given as a local `tokenizer.json` (or a folder holding one), an `hf://` address
+/// of a file, or a repository id (`org/name[@revision]`, whose `tokenizer.json` is fetched). A
+/// local path wins over a repository id of the same spelling.
+pub fn resolve_tokenizer_with(hub: &Hub, spec: &str) -> Result<PathBuf> {
+    let local = Path::new(spec);
+    if local.is_file() {
+        return Ok(local.to_path_buf());
+    }
+    if local.is_dir() {
+        let f = local.join(crate::shard::TOKENIZER_FILE);
+        return if f.is_file() { Ok(f) } else { Err(DataError::Missing(f)) };
+    }
+    if let Some(url) = HubUrl::parse(spec)? {
+        let name = if url.path.is_empty() { crate::shard::TOKENIZER_FILE.to_string() } else { url.path.clone() };
+        return hub.file(&url.repo, &name);
+    }
+    let looks_local = spec.ends_with(".json") || spec.starts_with(['.', '/', '~']) || spec.contains('\\');
+    match Repo::parse(spec, RepoKind::Model).filter(|_| !looks_local) {
+        Some(repo) => hub.file(&repo, crate::shard::TOKENIZER_FILE).map_err(|e| match e {
+            DataError::Hub { target, msg } => {
+                DataError::Hub { target, msg: format!("{msg} (`{spec}` is no local file either)") }
+            }
+            e => e,
+        }),
+        None => Err(DataError::Missing(local.to_path_buf())),
+    }
+}
+
+/// [`resolve_tokenizer_with`] with a hub configured from the environment (a local path
+/// touches no network).
+pub fn resolve_tokenizer(spec: &str) -> Result<PathBuf> {
+    resolve_tokenizer_with(&Hub::from_env(), spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_and_hf_urls_parse() {
+        let r = Repo::parse("openai-community/gpt2", RepoKind::Model).unwrap();
+        assert_eq!((r.id.as_str(), r.revision.as_str()), ("openai-community/gpt2", "main"));
+        assert_eq!(r.cache_folder(), "models--openai-community--gpt2");
+        let r = Repo::parse("gpt2@v1.0", RepoKind::Model).unwrap();
+        assert_eq!((r.id.as_str(), r.revision.as_str()), ("gpt2", "v1.0"));
+        for bad in ["a/b/c", "", "/x", "x/", "a/..b", "-a/b", "a b/c", "org/name@"] {
+            assert!(Repo::parse(bad, RepoKind::Model).is_none(), "{bad}");
+        }
+        let u = HubUrl::parse("hf://datasets/org/set@refs%2Fconvert%2Fparquet/data/train-*.parquet").unwrap().unwrap();
+        assert_eq!(
+            u.repo,
+            Repo { kind: RepoKind::Dataset, id: "org/set".into(), revision: "refs/convert/parquet".into() }
+        );
+        assert_eq!(u.path, "data/train-*.parquet");
+        assert_eq!(u.repo.cache_folder(), "datasets--org--set");
+        let u = HubUrl::parse("hf://org/model/").unwrap().unwrap();
+        assert_eq!((u.repo.kind, u.repo.revision.as_str(), u.path.as_str()), (RepoKind::Model, "main", ""));
+        assert!(HubUrl::parse("data/corpus").unwrap().is_none());
+        for bad in ["hf://datasets/org", "hf://spaces/a/b", "hf://datasets/a/b/../c", "hf://a b/c"] {
+            let e = HubUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with(bad) && e.contains("hf://datasets/<org>/<name>"), "{e}");
+        }
+    }
+
+    #[test]
+    fn percent_coding_round_trips() {
+        assert_eq!(percent_decode("refs%2Fpr%2F1"), "refs/pr/1");
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+        assert_eq!(encode_segment("refs/pr/1"), "refs%2Fpr%2F1");
+        assert_eq!(encode_path("data/a b+c.parquet"), "data/a%20b%2Bc.parquet");
+    }
+
+    #[test]
+    fn globs_match_within_and_across_segments() {
+        assert!(glob_match("data/train-*.parquet", "data/train-00000-of-00002.parquet"));
+        assert!(!glob_match("data/train-*.parquet", "data/sub/train-0.parquet"));
+        assert!(!glob_match("data/*.parquet", "data/x.parquet.gz"));
+        assert!(glob_match("**/*.jsonl", "a/b/c.jsonl"));
+        assert!(glob_match("**/*.jsonl", "c.jsonl"));
+        assert!(glob_match("data/**", "data/a/b.txt"));
+        assert!(!glob_match("data/**", "other/a.txt"));
+        assert!(glob_match("a/**/b.txt", "a/b.txt") && glob_match("a/**/b.txt", "a/x/y/b.txt"));
+        assert!(!glob_match("a/**/b.txt", "a/xb.txt"));
+        assert!(glob_match("part-?.txt", "part-1.txt"));
+        assert!(!glob_match("part-?.txt", "part-10.txt"));
+    }
+
+    #[test]
+    fn pages_follow_the_next_link_and_globs_list_their_literal_folder() {
+        let h = "<https://hub/api/x?cursor=abc&recursive=true>; rel=\"next\", <https://hub/api/x>; rel=\"first\"";
+        assert_eq!(next_link(h).as_deref(), Some("https://hub/api/x?cursor=abc&recursive=true"));
+        assert_eq!(next_link("<https://hub/api/x>; rel=\"prev\""), None);
+        assert_eq!(listing_folder("data/train-*.parquet"), "data");
+        assert_eq!(listing_folder("sample/10BT/*.parquet"), "sample/10BT");
+        assert_eq!(listing_folder("**/*.jsonl"), "");
+        assert_eq!(listing_folder("data"), "data");
+    }
+
+    #[test]
+    fn data_files_exclude_repository_documents() {
+        for yes in ["data/train.parquet", "x.jsonl.gz", "a/b.txt", "c.JSON", "d.ndjson"] {
+            assert!(is_data_file(yes), "{yes}");
+        }
+        for no in ["README.md", ".gitattributes", "dataset_info.json", "x.py", "a/.hidden.jsonl", "img.png"] {
+            assert!(!is_data_file(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn options_follow_huggingface_hub_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let o = HubOptions::from_vars(env(&[("HOME", "/home/u")]));
+        assert_eq!(o.cache_dir, Path::new("/home/u/.cache/huggingface/hub"));
+        assert_eq!((o.endpoint.as_str(), o.offline, o.progress), (DEFAULT_ENDPOINT, false, true));
+        let o = HubOptions::from_vars(env(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/x")]));
+        assert_eq!(o.cache_dir, Path::new("/x/huggingface/hub"));
+        let o = HubOptions::from_vars(env(&[
+            ("HF_HOME", "/h"),
+            ("HF_ENDPOINT", "http://local:1/"),
+            ("HF_HUB_OFFLINE", "True"),
+        ]));
+        assert_eq!(
+            (o.cache_dir.as_path(), o.endpoint.as_str(), o.offline),
+            (Path::new("/h/hub"), "http://local:1", true)
+        );
+        let o = HubOptions::from_vars(env(&[
+            ("HF_HOME", "/h"),
+            ("HF_HUB_CACHE", "/c"),
+            ("HF_TOKEN", "hf_abc"),
+            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ]));
+        assert_eq!((o.cache_dir.as_path(), o.token.as_deref(), o.progress), (Path::new("/c"), Some("hf_abc"), false));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "hf_fromfile\n").unwrap();
+        let home = dir.path().to_string_lossy().into_owned();
+        let o = HubOptions::from_vars(move |k| (k == "HF_HOME").then(|| home.clone()));
+        assert_eq!(o.token.as_deref(), Some("hf_fromfile"));
+    }
+
+    #[test]
+    fn paths_that_would_leave_the_cache_are_refused() {
+        let hub =
+            Hub::new(HubOptions { offline: true, ..HubOptions::new("http://127.0.0.1:9", Path::new("/nonexistent")) });
+        let repo = Repo::new(RepoKind::Model, "org/m");
+        for bad in ["../x", "a/../../x", "/etc/passwd", "a//b", "", "./a", "a\\b"] {
+            let e = hub.file(&repo, bad).unwrap_err().to_string();
+            assert!(e.contains("is not a relative path inside the repository"), "{bad}: {e}");
+        }
+        let e = hub.file(&repo.at("../../x"), "config.json").unwrap_err().to_string();
+        assert!(e.contains("the revision `../../x`"), "{e}");
+        assert!(is_relative_path("refs/pr/1") && is_relative_path("data/train-0.parquet"));
+    }
+
+    #[test]
+    fn tokens_go_to_the_endpoint_only() {
+        let hub =
+            Hub::new(HubOptions { token: Some("t".into()), ..HubOptions::new("https://hub.example", Path::new("/c")) });
+        assert_eq!(hub.token_for("https://hub.example/org/m/resolve/main/x"), Some("t"));
+        assert_eq!(hub.token_for("https://hub.example.evil/x"), None);
+        assert_eq!(hub.token_for("https://cdn.example/blob"), None);
+        assert_eq!(origin("http://127.0.0.1:8080/a/b?c"), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn etags_normalize_and_checksums_follow_their_form() {
+        assert_eq!(normalize_etag("W/\"abc\""), "abc");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"hello\n").unwrap();
+        // `printf 'hello\n' | git hash-object --stdin` and `sha256sum`.
+        let git = "ce013625030ba8dba906f756967f9e9ca394464a";
+        let sha = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
+        assert_eq!(checksum_of(&p, git, 6).unwrap().as_deref(), Some(git));
+        assert_eq!(checksum_of(&p, sha, 6).unwrap().as_deref(), Some(sha));
+        assert_eq!(checksum_of(&p, "opaque-etag", 6).unwrap(), None);
+    }
+}

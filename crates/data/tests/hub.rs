@@ -1,0 +1,318 @@
+//! The hub client against a stand-in hub on loopback: the parts of the protocol it relies on
+//! (HEAD on `resolve` with `X-Repo-Commit` / ETag headers, LFS files redirected to a CDN host,
+//! ranges, the `revision` listing API, the hub's error codes) and faults a real network has
+//! (a cut connection, corrupted bytes, a server that is gone).
+#![cfg(feature = "hub")]
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+#[path = "support/fake_hub.rs"]
+mod fake_hub;
+
+use fake_hub::{git_sha1, repo_with, sha256, FakeHub, Seen, State, COMMIT, OLD_COMMIT};
+use patchlm_data::hub::{self, Hub, HubOptions, Repo, RepoKind};
+
+fn big(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn model_state() -> State {
+    let mut st = State::default();
+    let weights = big(300_000);
+    st.repos.insert(
+        "org/model".into(),
+        repo_with(&[
+            ("config.json", b"{\"model_type\": \"llama\"}", false),
+            ("model.safetensors", &weights, true),
+            ("nested/dir/notes.txt", b"deep file\n", false),
+        ]),
+    );
+    let mut gated = repo_with(&[("config.json", b"{}", false), ("weights.bin", &big(1000), true)]);
+    gated.token = Some("hf_secret".into());
+    st.repos.insert("org/gated".into(), gated);
+    st.renamed.insert("old-org/model".into(), "org/model".into());
+    st
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn files_land_in_the_huggingface_hub_cache_layout() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let cfg = hub.file(&repo, "config.json").unwrap();
+    let w = hub.file(&repo, "model.safetensors").unwrap();
+    let deep = hub.file(&repo, "nested/dir/notes.txt").unwrap();
+    let root = cache.path().join("models--org--model");
+    assert_eq!(cfg, root.join("snapshots").join(COMMIT).join("config.json"));
+    assert_eq!(read(&cfg), b"{\"model_type\": \"llama\"}");
+    assert_eq!(read(&w), big(300_000));
+    assert_eq!(read(&deep), b"deep file\n");
+    // Blobs are named by their ETag (sha256 for LFS, git's sha1 otherwise); snapshot entries are
+    // relative symlinks to them; the branch's ref names the commit.
+    let blob = root.join("blobs").join(sha256(&big(300_000)));
+    assert_eq!(read(&blob), big(300_000));
+    assert!(root.join("blobs").join(git_sha1(b"{\"model_type\": \"llama\"}")).is_file());
+    #[cfg(unix)]
+    {
+        let target = std::fs::read_link(&w).unwrap();
+        assert_eq!(target, Path::new("../../blobs").join(sha256(&big(300_000))));
+        assert_eq!(std::fs::read_link(&deep).unwrap().components().filter(|c| c.as_os_str() == "..").count(), 4);
+    }
+    assert_eq!(std::fs::read_to_string(root.join("refs/main")).unwrap(), COMMIT);
+    assert!(!std::fs::read_dir(root.join("blobs"))
+        .unwrap()
+        .any(|e| { e.unwrap().file_name().to_string_lossy().ends_with(".incomplete") }));
+    // The token is not sent anywhere without one, and the CDN served the LFS file.
+    let seen = fake.seen();
+    assert!(seen.iter().any(|s| s.method == "GET" && s.path.starts_with("/cdn/")));
+    assert!(seen.iter().all(|s| s.auth.is_none()));
+}
+
+#[test]
+fn cached_files_are_not_downloaded_again_and_pinned_commits_need_no_network() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let first = hub.file(&repo, "model.safetensors").unwrap();
+    fake.clear();
+    // A branch is asked about (one HEAD), but the blob is not fetched again.
+    assert_eq!(hub.file(&repo, "model.safetensors").unwrap(), first);
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, "HEAD");
+    fake.clear();
+    // A commit with a snapshot in the cache: no request at all.
+    assert_eq!(hub.file(&repo.at(COMMIT), "model.safetensors").unwrap(), first);
+    assert!(fake.seen().is_empty());
+}
+
+#[test]
+fn offline_and_unreachable_hubs_are_answered_from_the_cache() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let online = fake.hub(cache.path()).file(&repo, "config.json").unwrap();
+    fake.clear();
+    let offline = Hub::new(HubOptions { offline: true, progress: false, ..HubOptions::new(&fake.url, cache.path()) });
+    assert_eq!(offline.file(&repo, "config.json").unwrap(), online);
+    let e = offline.file(&repo, "model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("org/model@main/model.safetensors"), "{e}");
+    let e2 = offline.file(&Repo::new(RepoKind::Model, "org/other"), "config.json").unwrap_err().to_string();
+    assert!(e2.contains("HF_HUB_OFFLINE"), "{e2}");
+    assert!(fake.seen().is_empty(), "offline touched the network");
+    let listed = offline.list(&repo, "").unwrap();
+    assert_eq!((listed.commit.as_str(), listed.files.len()), (COMMIT, 1));
+
+    // A hub that is gone: a closed port.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let gone = Hub::new(HubOptions { progress: false, timeout_secs: 5, ..HubOptions::new(&dead, cache.path()) });
+    assert_eq!(gone.file(&repo, "config.json").unwrap(), online);
+    let e = gone.file(&repo, "model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("cannot reach") && e.contains("HF_HUB_CACHE"), "{e}");
+}
+
+#[test]
+fn an_interrupted_download_resumes_with_a_range_request() {
+    let fake = FakeHub::start(model_state());
+    fake.state.cut_after.store(100_000, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let w = fake.hub(cache.path()).file(&Repo::new(RepoKind::Model, "org/model"), "model.safetensors").unwrap();
+    assert_eq!(read(&w), big(300_000));
+    let cdn: Vec<Seen> = fake.seen().into_iter().filter(|s| s.path.starts_with("/cdn/")).collect();
+    assert_eq!(cdn.len(), 2, "{cdn:?}");
+    assert_eq!(cdn[0].range, None);
+    assert_eq!(cdn[1].range.as_deref(), Some("bytes=100000-"));
+
+    // A server that ignores ranges: the download starts over and still comes out whole.
+    let fake = FakeHub::start(model_state());
+    fake.state.cut_after.store(100_000, Ordering::SeqCst);
+    fake.state.no_ranges.store(true, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let w = fake.hub(cache.path()).file(&Repo::new(RepoKind::Model, "org/model"), "model.safetensors").unwrap();
+    assert_eq!(read(&w), big(300_000));
+}
+
+#[test]
+fn corrupted_bytes_never_reach_the_cache() {
+    let fake = FakeHub::start(model_state());
+    fake.state.corrupt.store(true, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    for file in ["model.safetensors", "config.json"] {
+        let e = hub.file(&repo, file).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch") && e.contains(file), "{e}");
+    }
+    let blobs = cache.path().join("models--org--model/blobs");
+    let left: Vec<_> = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(hub.cached(&repo, "model.safetensors").is_none());
+    // Right bytes, but not as many as the hub announced.
+    fake.state.corrupt.store(false, Ordering::SeqCst);
+    fake.state.announce_extra.store(1, Ordering::SeqCst);
+    let e = hub.file(&repo, "model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("got 300000 bytes, the hub announced 300001"), "{e}");
+    assert!(hub.cached(&repo, "model.safetensors").is_none());
+    // Once the answers are right, the same call succeeds.
+    fake.state.announce_extra.store(0, Ordering::SeqCst);
+    assert_eq!(read(&hub.file(&repo, "model.safetensors").unwrap()), big(300_000));
+}
+
+#[test]
+fn the_hubs_refusals_become_errors_that_say_what_to_do() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let e = hub.file(&Repo::new(RepoKind::Model, "org/nothing"), "config.json").unwrap_err().to_string();
+    assert!(e.contains("org/nothing@main/config.json: no such repository") && e.contains("HF_TOKEN"), "{e}");
+    let e = hub.file(&repo, "missing.json").unwrap_err().to_string();
+    assert!(e.contains("org/model@main/missing.json: no such file"), "{e}");
+    assert_eq!(hub.optional_file(&repo, "missing.json").unwrap(), None);
+    // The absence is remembered where huggingface_hub keeps it, so offline knows it too, while
+    // a file never asked about stays unknown offline.
+    assert!(cache.path().join("models--org--model/.no_exist").join(COMMIT).join("missing.json").is_file());
+    let offline = Hub::new(HubOptions { offline: true, progress: false, ..HubOptions::new(&fake.url, cache.path()) });
+    assert_eq!(offline.optional_file(&repo, "missing.json").unwrap(), None);
+    assert!(offline.optional_file(&repo, "never-asked.json").unwrap_err().to_string().contains("HF_HUB_OFFLINE"));
+    let e = hub.file(&repo.at("nope"), "config.json").unwrap_err().to_string();
+    assert!(e.contains("no revision `nope`"), "{e}");
+    let gated = Repo::new(RepoKind::Model, "org/gated");
+    let e = hub.file(&gated, "config.json").unwrap_err().to_string();
+    assert!(e.contains("access denied (gated repo)") && e.contains("HF_TOKEN"), "{e}");
+    // With the token: allowed, and the token goes to the hub but not to the CDN.
+    let with_token = Hub::new(HubOptions {
+        token: Some("hf_secret".into()),
+        progress: false,
+        ..HubOptions::new(&fake.url, cache.path())
+    });
+    fake.clear();
+    assert_eq!(read(&with_token.file(&gated, "weights.bin").unwrap()), big(1000));
+    let seen = fake.seen();
+    assert!(seen.iter().any(|s| !s.path.starts_with("/cdn/") && s.auth.as_deref() == Some("Bearer hf_secret")));
+    assert!(seen.iter().filter(|s| s.path.starts_with("/cdn/")).all(|s| s.auth.is_none()), "{seen:?}");
+    // A renamed repository: the hub's relative redirect is followed. Its cache folder stays the
+    // name asked for, as in huggingface_hub.
+    let p = hub.file(&Repo::new(RepoKind::Model, "old-org/model"), "config.json").unwrap();
+    assert!(p.starts_with(cache.path().join("models--old-org--model")));
+    // Another revision resolves to its own commit.
+    let p = hub.file(&repo.at("v1"), "config.json").unwrap();
+    assert!(p.to_string_lossy().contains(OLD_COMMIT));
+    assert_eq!(std::fs::read_to_string(cache.path().join("models--org--model/refs/v1")).unwrap(), OLD_COMMIT);
+}
+
+fn dataset_state() -> State {
+    let mut st = State::default();
+    let mut lines = String::new();
+    for i in 0..60 {
+        lines += &format!("{{\"text\": \"hub document {i}: a line of text about rivers and hills.\"}}\n");
+    }
+    let train0 = lines.clone();
+    let train1 = lines.replace("rivers", "forests");
+    st.repos.insert(
+        "datasets/org/set".into(),
+        repo_with(&[
+            ("README.md", b"# a dataset card, not training text\n", false),
+            (".gitattributes", b"*.parquet filter=lfs\n", false),
+            ("data/train-0.jsonl", train0.as_bytes(), true),
+            ("data/train-1.jsonl", train1.as_bytes(), false),
+            ("data/test.jsonl", b"{\"text\": \"held out\"}\n", false),
+            ("other/notes.txt", b"also text\n", false),
+        ]),
+    );
+    st
+}
+
+#[test]
+fn hf_urls_name_files_folders_and_globs_of_a_dataset() {
+    let fake = FakeHub::start(dataset_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let names = |url: &str| -> Vec<String> {
+        hub::resolve_inputs_with(&hub, &[url])
+            .unwrap()
+            .iter()
+            .map(|p| {
+                p.strip_prefix(cache.path().join("datasets--org--set/snapshots").join(COMMIT))
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect()
+    };
+    fake.clear();
+    assert_eq!(names("hf://datasets/org/set/data/train-*.jsonl"), ["data/train-0.jsonl", "data/train-1.jsonl"]);
+    // Only the glob's folder was listed, at the commit the branch names.
+    let trees: Vec<String> = fake.seen().into_iter().filter(|s| s.path.contains("/tree/")).map(|s| s.path).collect();
+    assert!(
+        !trees.is_empty() && trees.iter().all(|p| p.starts_with(&format!("/api/datasets/org/set/tree/{COMMIT}/data?"))),
+        "{trees:?}"
+    );
+    assert_eq!(names("hf://datasets/org/set/data"), ["data/test.jsonl", "data/train-0.jsonl", "data/train-1.jsonl"]);
+    assert_eq!(
+        names("hf://datasets/org/set"),
+        ["data/test.jsonl", "data/train-0.jsonl", "data/train-1.jsonl", "other/notes.txt"]
+    );
+    assert_eq!(names("hf://datasets/org/set/README.md"), ["README.md"]);
+    let e = hub::resolve_inputs_with(&hub, &["hf://datasets/org/set/nothing/here"]).unwrap_err().to_string();
+    assert!(e.contains("hf://datasets/org/set/nothing/here: names no data file"), "{e}");
+    // Local paths pass through untouched.
+    assert_eq!(hub::resolve_inputs_with(&hub, &["local/dir"]).unwrap(), [PathBuf::from("local/dir")]);
+}
+
+#[test]
+fn a_hub_dataset_and_tokenizer_feed_the_shard_pipeline() {
+    let mut st = dataset_state();
+    // A tokenizer repository: a tokenizer trained here, served as the hub would serve it.
+    let tok = {
+        let texts: Vec<String> = (0..50).map(|i| format!("hub document {i}: rivers, hills and forests")).collect();
+        let cfg = patchlm_data::tokenizer::TokenizerConfig { vocab_size: 300, ..Default::default() };
+        let t = patchlm_data::tokenizer::train_bpe(texts.iter(), &cfg).unwrap();
+        patchlm_data::tokenizer::tokenizer_json(&t).unwrap()
+    };
+    st.repos.insert("org/tok".into(), repo_with(&[("tokenizer.json", tok.as_bytes(), false)]));
+    let fake = FakeHub::start(st);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let inputs = hub::resolve_inputs_with(&hub, &["hf://datasets/org/set/data/train-*.jsonl"]).unwrap();
+    let tok_path = hub::resolve_tokenizer_with(&hub, "org/tok").unwrap();
+    assert_eq!(std::fs::read_to_string(&tok_path).unwrap(), tok);
+    let out = tempfile::tempdir().unwrap();
+    let cfg = patchlm_data::DataConfig { val_fraction: 0.0, ..Default::default() };
+    let s =
+        patchlm_data::build_shards(&inputs, out.path(), &cfg, patchlm_data::TokenizerSource::File(&tok_path), false)
+            .unwrap();
+    assert_eq!(s.documents, 120);
+    // The same via an hf:// address of the file, and a local path that shadows a repository id.
+    assert_eq!(hub::resolve_tokenizer_with(&hub, "hf://org/tok/tokenizer.json").unwrap(), tok_path);
+    let local = out.path().join("tokenizer.json");
+    assert_eq!(hub::resolve_tokenizer_with(&hub, &local.to_string_lossy()).unwrap(), local);
+    let e = hub::resolve_tokenizer_with(&hub, "no/such").unwrap_err().to_string();
+    assert!(e.contains("no such repository") && e.contains("no local file either"), "{e}");
+    let e = hub::resolve_tokenizer_with(&hub, "missing-tokenizer.json").unwrap_err().to_string();
+    assert!(e.contains("missing-tokenizer.json: no such file or directory"), "{e}");
+}
+
+#[test]
+fn a_snapshot_holds_the_files_a_filter_keeps() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let dir = hub.snapshot(&Repo::new(RepoKind::Model, "org/model"), |p| !p.contains('/')).unwrap();
+    assert_eq!(dir, cache.path().join("models--org--model/snapshots").join(COMMIT));
+    assert!(dir.join("config.json").is_file() && dir.join("model.safetensors").is_file());
+    assert!(!dir.join("nested").exists());
+    let e = hub.snapshot(&Repo::new(RepoKind::Model, "org/model"), |_| false).unwrap_err().to_string();
+    assert!(e.contains("none of its 3 files"), "{e}");
+}
