@@ -40,6 +40,6 @@ pub use tape::{
     compute_dtype_grads, set_attention_chunks, set_compute_dtype_grads, set_tape_backward, tape_supported, Grads, Tape,
 };
 pub use weights::{
-    device_memory_peak, init_model, load_config, load_pretrained, load_trainable, named_tensors, parse_device,
-    parse_dtype, save_pretrained, special_token_ids, SplitMix64,
+    device_memory_peak, init_model, is_model_file, load_config, load_pretrained, load_trainable, named_tensors,
+    parse_device, parse_dtype, save_pretrained, special_token_ids, weight_files, SplitMix64,
 };

@@ -17,6 +17,72 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 /// The tokenizer file name.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The index of sharded weights (`weight_map`: tensor name → shard file), as HF writes it for
+/// checkpoints too large for one file.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Whether a repository file (a path relative to the repository's root) is part of an HF model
+/// directory as this crate reads it: `config.json`, `generation_config.json`, the tokenizer's
+/// files and the safetensors weights (one file, or the index and its shards) at the top level.
+/// Weights in other formats (`.bin`, `.pt`, `.gguf`, ONNX) are not.
+pub fn is_model_file(path: &str) -> bool {
+    if path.contains('/') {
+        return false;
+    }
+    matches!(
+        path,
+        CONFIG_FILE
+            | "generation_config.json"
+            | TOKENIZER_FILE
+            | "tokenizer_config.json"
+            | "special_tokens_map.json"
+            | WEIGHTS_INDEX_FILE
+    ) || path.ends_with(".safetensors")
+}
+
+/// The weight files of a model directory: `model.safetensors`, or else the shards that
+/// `model.safetensors.index.json` names (each once, sorted).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if !index.is_file() {
+        return Err(ModelError::File {
+            path: single,
+            msg: format!("missing; the model directory needs {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} and its shards)"),
+        });
+    }
+    let bad = |msg: String| ModelError::File { path: index.clone(), msg };
+    let text = std::fs::read_to_string(&index).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid json: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let mut names: Vec<&str> = Vec::new();
+    for (tensor, file) in map {
+        let f = file.as_str().ok_or_else(|| bad(format!("weight_map[\"{tensor}\"] is not a file name")))?;
+        if f.is_empty() || f.contains(['/', '\\']) || f.starts_with('.') {
+            return Err(bad(format!("weight_map[\"{tensor}\"] = \"{f}\" is not a file of this directory")));
+        }
+        names.push(f);
+    }
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return Err(bad("\"weight_map\" is empty".into()));
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let p = dir.join(n);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(ModelError::File { path: p, msg: format!("missing; {WEIGHTS_INDEX_FILE} names it as a shard") })
+            }
+        })
+        .collect()
+}
 
 /// A small, fast, seedable generator (SplitMix64) used for initialization and sampling, so that
 /// results do not depend on the device or on candle's global RNG.
@@ -173,27 +239,36 @@ pub fn special_token_ids(dir: &Path) -> Result<(Option<u32>, Option<u32>)> {
     Ok((id("bos_token_id"), id("eos_token_id")))
 }
 
-/// Loads an HF LLaMA directory for inference (weights memory-mapped, in `dtype`).
+/// Loads an HF LLaMA directory for inference (weights memory-mapped, in `dtype`; one file or
+/// shards, see [`weight_files`]).
 pub fn load_pretrained(dir: &Path, device: &Device, dtype: DType) -> Result<(Llama, ModelConfig)> {
     let cfg = load_config(dir)?;
-    let path = dir.join(WEIGHTS_FILE);
-    if !path.is_file() {
-        return Err(ModelError::File { path, msg: "missing; the model directory needs model.safetensors".into() });
-    }
-    // SAFETY: the file is mapped read-only and not modified while the model lives.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
-        .map_err(|e| ModelError::File { path: path.clone(), msg: e.to_string() })?;
+    let files = weight_files(dir)?;
+    let first = files[0].clone();
+    // SAFETY: the files are mapped read-only and not modified while the model lives.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+        .map_err(|e| ModelError::File { path: first.clone(), msg: e.to_string() })?;
     let model = Llama::new(vb, &cfg)
-        .map_err(|e| ModelError::File { path, msg: format!("weights do not fit config.json: {e}") })?;
+        .map_err(|e| ModelError::File { path: first, msg: format!("weights do not fit config.json: {e}") })?;
     Ok((model, cfg))
 }
 
-/// Loads a directory's weights into a trainable model (f32 `VarMap`).
+/// Loads a directory's weights (one file or shards, in any float dtype) into a trainable model
+/// (f32 `VarMap`).
 pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Llama, VarMap, ModelConfig)> {
     let cfg = load_config(dir)?;
-    let (model, mut varmap) = init_model(&cfg, device, 0)?;
-    let path = dir.join(WEIGHTS_FILE);
-    varmap.load(&path).map_err(|e| ModelError::File { path, msg: e.to_string() })?;
+    let (model, varmap) = init_model(&cfg, device, 0)?;
+    let files = weight_files(dir)?;
+    let err = |msg: String| ModelError::File { path: dir.to_path_buf(), msg };
+    // SAFETY: as in load_pretrained.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| err(e.to_string()))?;
+    let vars = varmap.data().lock().map_err(|_| err("the variable map's lock is poisoned".into()))?;
+    for (name, var) in vars.iter() {
+        let t = st.load(name, device).map_err(|e| err(format!("{name}: {e}")))?;
+        let t = t.to_dtype(var.dtype()).map_err(|e| err(format!("{name}: {e}")))?;
+        var.set(&t).map_err(|e| err(format!("{name}: {e}; do the weights fit config.json?")))?;
+    }
+    drop(vars);
     Ok((model, varmap, cfg))
 }
 

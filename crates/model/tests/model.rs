@@ -182,6 +182,101 @@ fn save_and_load_round_trip_in_hf_format() {
 }
 
 #[test]
+fn sharded_bf16_checkpoint_saved_by_transformers_loads_and_matches_its_logits() {
+    // tests/fixtures/make_sharded.py: transformers' save_pretrained of tiny-llama in bf16 with a
+    // small max_shard_size (two shards and model.safetensors.index.json), and the logits
+    // transformers computes from those bf16 weights.
+    let dir = fixture().with_file_name("tiny-llama-sharded");
+    assert!(!dir.join("model.safetensors").exists());
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let want: Vec<f32> = serde_json::from_value(golden["logits"].clone()).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu).unwrap();
+    assert_eq!(weight_files(&dir).unwrap().len(), 2);
+    let (inference, _) = load_pretrained(&dir, &Device::Cpu, DType::F32).unwrap();
+    let (trainable, _, _) = load_trainable(&dir, &Device::Cpu).unwrap();
+    for m in [&inference, &trainable] {
+        let got: Vec<f32> = m.forward(&input).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got.len(), want.len());
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4, "max abs diff {d}");
+    }
+}
+
+/// Writes the fixture's tensors as two shards (in `dtype`) with an HF index into `dir`.
+fn write_shards(dir: &std::path::Path, dtype: DType) {
+    let st = candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = st.keys().collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let part: std::collections::HashMap<String, Tensor> =
+            chunk.iter().map(|n| (n.to_string(), st[*n].to_dtype(dtype).unwrap())).collect();
+        candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
+        for n in chunk {
+            map.insert(n.to_string(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+}
+
+#[test]
+fn sharded_weights_load_like_one_file() {
+    let ids = Tensor::new(&[[5u32, 17, 200, 3, 99, 42]], &Device::Cpu).unwrap();
+    let logits = |m: &Llama| m.forward(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (one, _) = load_pretrained(&fixture(), &Device::Cpu, DType::F32).unwrap();
+    let want = logits(&one);
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(dir.path(), DType::F32);
+    assert_eq!(weight_files(dir.path()).unwrap().len(), 2);
+    let (sharded, _) = load_pretrained(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(logits(&sharded), want);
+    let (trainable, varmap, _) = load_trainable(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(logits(&trainable), want);
+    assert!(varmap.all_vars().iter().all(|v| v.dtype() == DType::F32));
+
+    // bf16 shards (how most hub checkpoints are stored) load into f32 master weights.
+    let bf = tempfile::tempdir().unwrap();
+    write_shards(bf.path(), DType::BF16);
+    let (trainable, _, _) = load_trainable(bf.path(), &Device::Cpu).unwrap();
+    let (rounded, _) = load_pretrained(bf.path(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(logits(&trainable), logits(&rounded));
+    let d = logits(&trainable).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d > 0.0 && d < 0.05, "bf16 rounding moved the logits by {d}");
+
+    // A missing shard, and an index that points outside the directory, are named.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_pretrained(dir.path(), &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors: missing; model.safetensors.index.json names it"), "{e}");
+    let index = serde_json::json!({"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let e = load_trainable(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("is not a file of this directory"), "{e}");
+}
+
+#[test]
+fn model_directories_are_made_of_config_tokenizer_and_safetensors() {
+    for yes in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        assert!(is_model_file(yes), "{yes}");
+    }
+    for no in ["pytorch_model.bin", "README.md", "onnx/model.safetensors", "model.gguf", ".gitattributes"] {
+        assert!(!is_model_file(no), "{no}");
+    }
+}
+
+#[test]
 fn kv_cache_decoding_matches_full_forward() {
     let (model, _) = load_pretrained(&fixture(), &Device::Cpu, DType::F32).unwrap();
     let ids: Vec<u32> = vec![5, 17, 200, 3, 99, 42, 7, 7, 1];
