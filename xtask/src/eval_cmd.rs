@@ -11,10 +11,12 @@ use patchlm_model::{load_pretrained, parse_device, special_token_ids};
 /// Arguments of `cargo xtask eval`.
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model directory (config.json, model.safetensors, tokenizer.json), or a Hugging Face
+    /// repository (`org/name[@revision]`).
     #[arg(long)]
-    model: PathBuf,
-    /// Text to score (files or directories: text, JSONL, Parquet, optionally .gz).
+    model: String,
+    /// Text to score (files or directories: text, JSONL, Parquet, optionally .gz; or
+    /// `hf://datasets/<org>/<name>/<path>`).
     #[arg(long, num_args = 1..)]
     text: Vec<PathBuf>,
     /// A shards directory of the data crate: score its validation split (as stored, with the
@@ -44,17 +46,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("nothing to evaluate: pass --text PATH..., --shards DIR and/or --task PATH...");
     }
     let device = parse_device(&a.device)?;
-    let (model, cfg) = load_pretrained(&a.model, &device, DType::F32)?;
-    let tok_path = a.model.join("tokenizer.json");
-    let tok = patchlm_data::tokenizer::load_tokenizer(&tok_path)
-        .with_context(|| format!("the model directory needs {}", tok_path.display()))?;
-    let (bos, eos) = special_token_ids(&a.model)?;
+    let dir = crate::model_cmds::model_dir(&a.model)?;
+    let (model, cfg) = load_pretrained(&dir, &device, DType::F32)?;
+    let tok = crate::model_cmds::tokenizer(&dir)?;
+    let (bos, eos) = special_token_ids(&dir)?;
     let eos = eos.context("config.json has no eos_token_id; documents are framed with EOS as in training")?;
     let specials = patchlm_data::tokenizer::SpecialTokens { bos, eos, pad: None };
     let mut out = serde_json::json!({ "model": a.model });
     if !a.text.is_empty() {
         let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
-        let s = perplexity_of_texts(&model, &tok, &specials, &a.text, &w, &device)?;
+        let texts = patchlm_data::hub::resolve_inputs(&a.text)?;
+        let s = perplexity_of_texts(&model, &tok, &specials, &texts, &w, &device)?;
         println!("{:<28}{:>12}{:>12}{:>12}{:>14}{:>10}", "text", "documents", "tokens", "loss", "perplexity", "bpb");
         println!(
             "{:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}",
@@ -71,10 +73,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "context": w.context, "stride": w.stride,
         });
     }
-    if let Some(dir) = &a.shards {
-        let ds = patchlm_data::Dataset::open(dir)?;
-        ds.manifest().check_tokenizer(dir, &patchlm_data::tokenizer::fingerprint(&tok)?).with_context(|| {
-            format!("{} was tokenized with another tokenizer than {}", dir.display(), tok_path.display())
+    if let Some(shards) = &a.shards {
+        let ds = patchlm_data::Dataset::open(shards)?;
+        ds.manifest().check_tokenizer(shards, &patchlm_data::tokenizer::fingerprint(&tok)?).with_context(|| {
+            format!("{} was tokenized with another tokenizer than the model's ({})", shards.display(), dir.display())
         })?;
         let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
         let s = patchlm_eval::perplexity_of_split(&model, &tok, &ds, patchlm_data::Split::Val, &w, &device, None)?;

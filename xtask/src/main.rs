@@ -32,15 +32,17 @@ enum Cmd {
     },
     /// Text → tokenizer → Arrow shards + manifest.
     Data {
-        /// Input files or directories (text, JSONL, Parquet, optionally .gz).
+        /// Input files or directories (text, JSONL, Parquet, optionally .gz), or Hugging Face
+        /// datasets: `hf://datasets/<org>/<name>[@revision]/<file, folder or glob>`.
         #[arg(long, required = true, num_args = 1..)]
         input: Vec<PathBuf>,
         /// Output directory for shards, tokenizer.json and manifest.json.
         #[arg(long)]
         out: PathBuf,
-        /// Use this HF tokenizer.json instead of training one.
+        /// Use this HF tokenizer.json instead of training one: a file, or a Hugging Face
+        /// repository (`org/name[@revision]`) whose tokenizer.json is fetched.
         #[arg(long, conflicts_with = "vocab_size")]
-        tokenizer: Option<PathBuf>,
+        tokenizer: Option<String>,
         /// Vocabulary size of the trained byte-level BPE.
         #[arg(long)]
         vocab_size: Option<usize>,
@@ -106,10 +108,12 @@ fn main() -> Result<()> {
             if let Some(m) = shard_mb {
                 cfg.shard_mb = m;
             }
-            let src = match &tokenizer {
+            let tok_file = tokenizer.as_deref().map(patchlm_data::hub::resolve_tokenizer).transpose()?;
+            let src = match &tok_file {
                 Some(p) => patchlm_data::TokenizerSource::File(p),
                 None => patchlm_data::TokenizerSource::Train,
             };
+            let input = patchlm_data::hub::resolve_inputs(&input)?;
             let s = patchlm_data::build_shards(&input, &out, &cfg, src, true)
                 .with_context(|| format!("building shards into {}", out.display()))?;
             print_data_summary(&s, &out);

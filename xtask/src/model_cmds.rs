@@ -1,6 +1,6 @@
 //! `score` and `generate`: thin wrappers over the model crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -9,9 +9,10 @@ use patchlm_model::{generate as gen, load_pretrained, parse_device, score_tokens
 /// Arguments of `cargo xtask score`.
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// Model directory in HF format (config.json, model.safetensors, tokenizer.json).
+    /// Model directory in HF format (config.json, model.safetensors, tokenizer.json), or a
+    /// Hugging Face repository (`org/name[@revision]`).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Text to score.
     #[arg(long)]
     text: String,
@@ -26,9 +27,9 @@ pub struct ScoreArgs {
 /// Arguments of `cargo xtask generate`.
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Model directory in HF format.
+    /// Model directory in HF format, or a Hugging Face repository (`org/name[@revision]`).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Prompt text.
     #[arg(long)]
     prompt: String,
@@ -52,7 +53,29 @@ pub struct GenerateArgs {
     device: String,
 }
 
-fn tokenizer(dir: &std::path::Path) -> Result<patchlm_data::Tokenizer> {
+/// A model given as a local directory, or as a hub repository (`org/name[@revision]`,
+/// `hf://org/name[@revision]`) whose model files ([`patchlm_model::is_model_file`]) are fetched
+/// into the Hugging Face cache; returns the directory to load.
+pub(crate) fn model_dir(spec: &str) -> Result<PathBuf> {
+    use patchlm_data::hub::{Hub, HubUrl, Repo, RepoKind};
+    let local = Path::new(spec);
+    if local.is_dir() {
+        return Ok(local.to_path_buf());
+    }
+    let repo = match HubUrl::parse(spec)? {
+        Some(u) if u.path.is_empty() => u.repo,
+        Some(u) => bail!("{spec}: name the model repository itself, not `{}` inside it", u.path),
+        None => match Repo::parse(spec, RepoKind::Model) {
+            Some(r) => r,
+            None => bail!("{spec}: no such model directory (nor a hub repository id, org/name)"),
+        },
+    };
+    Hub::from_env()
+        .snapshot(&repo, patchlm_model::is_model_file)
+        .with_context(|| format!("{spec} is no local directory; fetching it from the hub failed"))
+}
+
+pub(crate) fn tokenizer(dir: &Path) -> Result<patchlm_data::Tokenizer> {
     let p = dir.join("tokenizer.json");
     patchlm_data::tokenizer::load_tokenizer(&p).with_context(|| format!("the model directory needs {}", p.display()))
 }
@@ -60,9 +83,10 @@ fn tokenizer(dir: &std::path::Path) -> Result<patchlm_data::Tokenizer> {
 /// Scores `--text` token by token.
 pub fn score(a: ScoreArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let (model, cfg) = load_pretrained(&a.model, &device, DType::F32)?;
-    let tok = tokenizer(&a.model)?;
-    let (bos, _) = special_token_ids(&a.model)?;
+    let dir = model_dir(&a.model)?;
+    let (model, cfg) = load_pretrained(&dir, &device, DType::F32)?;
+    let tok = tokenizer(&dir)?;
+    let (bos, _) = special_token_ids(&dir)?;
     let enc = tok.encode(a.text.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
@@ -106,9 +130,10 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 /// Samples a continuation of `--prompt`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let (model, _) = load_pretrained(&a.model, &device, DType::F32)?;
-    let tok = tokenizer(&a.model)?;
-    let (bos, eos) = special_token_ids(&a.model)?;
+    let dir = model_dir(&a.model)?;
+    let (model, _) = load_pretrained(&dir, &device, DType::F32)?;
+    let tok = tokenizer(&dir)?;
+    let (bos, eos) = special_token_ids(&dir)?;
     let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());

@@ -113,8 +113,9 @@ fn check_keys(user: &toml::Value, source: &str) -> Result<()> {
 /// at the top, sub-tables listed by name.
 fn config_keys(path: &str) -> Vec<String> {
     let mut all = default_config();
-    // Saved only when not the default (see TrainConfig::dtype).
+    // Saved only when not the default (see TrainConfig::dtype, TokenizerConfig::file).
     all.train.dtype = "bf16".into();
+    all.data.tokenizer.file = Some(String::new());
     let mut v = toml::Value::try_from(&all).unwrap_or(toml::Value::Table(toml::Table::new()));
     for part in path.split('.').filter(|p| !p.is_empty()) {
         v = v.get(part).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
@@ -173,8 +174,11 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     } else {
         inputs.to_vec()
     };
-    // The cache key covers the settings and every input file's path, size and mtime, so edited
-    // inputs are re-tokenized rather than served stale.
+    // hf:// inputs become files in the Hugging Face cache (their paths name the commit).
+    let inputs = patchlm_data::hub::resolve_inputs(&inputs)?;
+    let tok_file = cfg.data.tokenizer.file.as_deref().map(patchlm_data::hub::resolve_tokenizer).transpose()?;
+    // The cache key covers the settings, every input file's path, size and mtime, so edited
+    // inputs are re-tokenized rather than served stale, and the tokenizer file's.
     let files: Vec<serde_json::Value> = patchlm_data::source::expand_inputs(&inputs)?
         .iter()
         .map(|f| {
@@ -187,7 +191,11 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
             serde_json::json!([f, meta.map(|m| m.len()), mtime])
         })
         .collect();
-    let key = serde_json::json!({ "data": cfg.data, "inputs": files });
+    let tok_key = tok_file.as_ref().map(|p| {
+        let meta = p.metadata().ok();
+        serde_json::json!([p, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())])
+    });
+    let key = serde_json::json!({ "data": cfg.data, "inputs": files, "tokenizer": tok_key });
     let hash = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -198,7 +206,11 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     if Manifest::load(&shards).is_ok() {
         return Ok(shards);
     }
-    let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, TokenizerSource::Train, true)
+    let src = match &tok_file {
+        Some(p) => TokenizerSource::File(p),
+        None => TokenizerSource::Train,
+    };
+    let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, src, true)
         .with_context(|| format!("building shards into {}", shards.display()))?;
     crate::print_data_summary(&s, &shards);
     Ok(shards)

@@ -39,6 +39,12 @@ pub struct TokenizerConfig {
     pub add_bos: bool,
     /// At most this much text trains the tokenizer (default 256 MiB).
     pub max_train_bytes: u64,
+    /// A tokenizer to use instead of training one (default none: train): a `tokenizer.json`
+    /// path, or a Hugging Face repository id (`org/name[@revision]`) whose `tokenizer.json`
+    /// is fetched. Read by the pipelines (`cargo xtask pretrain`, `compare`);
+    /// [`crate::build_shards`] takes its tokenizer from its [`crate::TokenizerSource`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 impl Default for TokenizerConfig {
@@ -51,6 +57,7 @@ impl Default for TokenizerConfig {
             pad_token: DEFAULT_PAD.into(),
             add_bos: true,
             max_train_bytes: DEFAULT_MAX_TRAIN_BYTES,
+            file: None,
         }
     }
 }
