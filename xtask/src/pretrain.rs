@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use patchlm_data::shard::TOKENIZER_FILE;
 use patchlm_data::{Manifest, TokenizerSource};
+use patchlm_eval::report::{write_plot, LinePlot, Series};
 use patchlm_model::{parse_device, ModelConfig};
 use patchlm_patch::{build_patch_datasets, PatchManifest};
 use patchlm_train::{RunConfig, RunSummary, Trainer};
@@ -224,6 +225,53 @@ pub fn fit_config(mut cfg: RunConfig, manifest: &Manifest) -> RunConfig {
     cfg
 }
 
+/// The loss curves of a run, from its `metrics.jsonl`: validation loss (token level in every
+/// phase, the switch to the token phase marked) and each phase's training loss, against
+/// training tokens.
+pub fn loss_plot(metrics: &Path, title: &str) -> Result<LinePlot> {
+    let (steps, evals) = patchlm_train::read_metrics(metrics)?;
+    let switch = evals.iter().rfind(|e| e.phase == "patch").filter(|_| evals.iter().any(|e| e.phase != "patch"));
+    let mut series = vec![Series {
+        name: "validation loss (token level)".into(),
+        points: evals.iter().map(|e| (e.tokens_seen as f64, e.val_loss)).collect(),
+        dots: true,
+        marker: switch.map(|e| (e.tokens_seen as f64, e.val_loss)),
+    }];
+    for s in &steps {
+        let name = if s.k > 1 {
+            format!("training loss, {} phase (mean over the K={} tokens of the next patch)", s.phase, s.k)
+        } else {
+            format!("training loss, {} phase", s.phase)
+        };
+        if series.last().is_none_or(|l| l.name != name) {
+            series.push(Series { name, points: Vec::new(), dots: false, marker: None });
+        }
+        if let Some(l) = series.last_mut() {
+            l.points.push((s.tokens_seen as f64, s.loss));
+        }
+    }
+    Ok(LinePlot {
+        title: title.to_string(),
+        x_label: "training tokens".into(),
+        y_label: "loss (nats/token)".into(),
+        series,
+        marker_label: "patch → token switch".into(),
+    })
+}
+
+/// Draws `<run>/loss.png` and `<run>/loss.svg` from the run's metrics.
+pub fn write_loss_plot(run: &Path) -> Result<()> {
+    let name = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let plot = loss_plot(&run.join("metrics.jsonl"), &format!("Loss of run {name}"))?;
+    write_plot(run, LOSS_PLOT, &plot)?;
+    Ok(())
+}
+
+/// The stem of a run's loss plot (`loss.png`, `loss.svg`).
+pub const LOSS_PLOT: &str = "loss";
+/// Redraw the loss plot at a validation at most this often while a run trains.
+const PLOT_EVERY_SECS: u64 = 30;
+
 /// Runs one pretraining run end to end; returns its summary.
 pub fn pretrain(
     mut cfg: RunConfig,
@@ -267,7 +315,20 @@ pub fn pretrain(
     }
     let tok_json = std::fs::read_to_string(shards.join(TOKENIZER_FILE))?;
     let sp = manifest.special_tokens;
-    let mut trainer = Trainer::new(cfg.clone(), &pdir, out, device)?.with_tokenizer(tok_json, sp.bos, Some(sp.eos))?;
+    // The loss plot is redrawn during training (at a validation, at most every PLOT_EVERY_SECS)
+    // and once at the end; a plot that fails costs a warning, not the run.
+    let mut last_plot: Option<Instant> = None;
+    let plot_now = |force: bool, last: &mut Option<Instant>| {
+        if force || last.is_none_or(|t| t.elapsed().as_secs() >= PLOT_EVERY_SECS) {
+            if let Err(e) = write_loss_plot(out) {
+                eprintln!("warning: loss plot of {}: {e:#}", out.display());
+            }
+            *last = Some(Instant::now());
+        }
+    };
+    let mut trainer = Trainer::new(cfg.clone(), &pdir, out, device)?
+        .with_tokenizer(tok_json, sp.bos, Some(sp.eos))?
+        .on_eval(|_| plot_now(false, &mut last_plot));
     for p in trainer.plans() {
         println!(
             "phase {:<5} K={} {:>5} steps × {} tokens ({} blocks of {} tokens)",
@@ -280,6 +341,8 @@ pub fn pretrain(
         );
     }
     let summary = trainer.run(resume)?;
+    drop(trainer);
+    plot_now(true, &mut last_plot);
     let json = serde_json::json!({
         "summary": summary,
         "config": cfg,

@@ -54,6 +54,22 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     ] {
         assert!(d.join("run").join(f).is_file(), "missing {f}");
     }
+    // The loss plot: validation loss and each phase's training loss, the switch marked.
+    let png = std::fs::read(d.join("run/loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(d.join("run/loss.svg")).unwrap();
+    for label in [
+        "Loss of run run",
+        "validation loss (token level)",
+        "training loss, patch phase (mean over the K=4 tokens of the next patch)",
+        "training loss, token phase",
+        "patch → token switch",
+        "training tokens",
+    ] {
+        assert!(svg.contains(label), "loss.svg lacks {label}");
+    }
+    assert!(svg.matches("<polyline").count() >= 3);
+    assert!(!d.join("run/.loss.tmp.png").exists() && !d.join("run/.loss.tmp.svg").exists());
     // The saved config is fully resolved and loads back as the run's config.
     let saved = std::fs::read_to_string(d.join("run/config.toml")).unwrap();
     assert!(saved.contains("lambda") && saved.contains("vocab_size = 320"), "{saved}");

@@ -207,23 +207,47 @@ fn plot_err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> EvalError + '_
 
 type Axis = fn(&CurvePoint) -> f64;
 
+/// One line of a [`LinePlot`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Legend text.
+    pub name: String,
+    /// `(x, y)` points in order; points with a non-finite `y` are left out.
+    pub points: Vec<(f64, f64)>,
+    /// Draw a dot at every point (for sparse measurements such as validations).
+    pub dots: bool,
+    /// A point to mark with a ring and a vertical line (e.g. a phase switch).
+    pub marker: Option<(f64, f64)>,
+}
+
+/// A line plot of one or more series against a common x axis, drawn by [`write_plot`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinePlot {
+    /// Caption.
+    pub title: String,
+    /// X-axis description.
+    pub x_label: String,
+    /// Y-axis description.
+    pub y_label: String,
+    /// The lines, in legend order (colours follow the order).
+    pub series: Vec<Series>,
+    /// Legend text of the markers, shown when a series has one.
+    pub marker_label: String,
+}
+
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    title: &str,
-    x_label: &str,
-    x_of: Axis,
-    runs: &[ReportRun],
-    marker_label: &str,
+    p: &LinePlot,
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     root.fill(&WHITE)?;
-    let pts = runs.iter().flat_map(|r| r.curve.iter());
+    let finite = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        pts.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()
+    };
     let (mut x1, mut y0, mut y1) = (0.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for p in pts {
-        x1 = x1.max(x_of(p));
-        if p.loss.is_finite() {
-            y0 = y0.min(p.loss);
-            y1 = y1.max(p.loss);
-        }
+    for (x, y) in p.series.iter().flat_map(|s| finite(&s.points)) {
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
     }
     if !y0.is_finite() {
         (y0, y1) = (0.0, 1.0);
@@ -232,39 +256,39 @@ fn draw<DB: DrawingBackend>(
     let (y0, y1) = (y0 - pad, y1 + pad);
     let x1 = if x1 > 0.0 { x1 * 1.04 } else { 1.0 };
     let mut chart = ChartBuilder::on(root)
-        .caption(title, ("sans-serif", 26).into_font())
+        .caption(&p.title, ("sans-serif", 26).into_font())
         .margin(16)
         .x_label_area_size(52)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x1, y0..y1)?;
     chart
         .configure_mesh()
-        .x_desc(x_label)
-        .y_desc("validation loss (nats/token)")
+        .x_desc(p.x_label.as_str())
+        .y_desc(p.y_label.as_str())
         .label_style(("sans-serif", 16))
         .axis_desc_style(("sans-serif", 18))
         .light_line_style(RGBColor(235, 235, 235))
         .x_label_formatter(&|x| if x1 >= 1e4 { fmt_count(*x) } else { format!("{x:.2}") })
         .draw()?;
-    for (i, run) in runs.iter().enumerate() {
+    for (i, s) in p.series.iter().enumerate() {
         let c = PALETTE[i % PALETTE.len()];
-        let series: Vec<(f64, f64)> =
-            run.curve.iter().filter(|p| p.loss.is_finite()).map(|p| (x_of(p), p.loss)).collect();
+        let pts = finite(&s.points);
         chart
-            .draw_series(LineSeries::new(series.clone(), c.stroke_width(2)))?
-            .label(run.name.clone())
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
-        chart.draw_series(series.iter().map(|&(x, y)| Circle::new((x, y), 3, c.filled())))?;
-        if let Some(sw) = &run.marker {
-            let x = x_of(sw);
+        if s.dots {
+            chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 3, c.filled())))?;
+        }
+        if let Some((x, y)) = s.marker {
             chart.draw_series(std::iter::once(PathElement::new(vec![(x, y0), (x, y1)], c.mix(0.5).stroke_width(1))))?;
-            chart.draw_series(std::iter::once(Circle::new((x, sw.loss), 7, c.stroke_width(2))))?;
+            chart.draw_series(std::iter::once(Circle::new((x, y), 7, c.stroke_width(2))))?;
         }
     }
-    if runs.iter().any(|r| r.marker.is_some()) {
+    if p.series.iter().any(|s| s.marker.is_some()) {
         chart
             .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
-            .label(format!("{marker_label} (ring + vertical line)"))
+            .label(format!("{} (ring + vertical line)", p.marker_label))
             .legend(|(x, y)| Circle::new((x + 12, y), 6, BLACK.stroke_width(2)));
     }
     chart
@@ -278,8 +302,9 @@ fn draw<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Draws one plot of the report's runs as `<dir>/<stem>.png` (1200×800) and `<dir>/<stem>.svg`.
-pub fn plot_runs(dir: &Path, stem: &str, title: &str, x_label: &str, x_of: Axis, r: &Report) -> Result<Vec<PathBuf>> {
+/// Draws `plot` as `<dir>/<stem>.png` (1200×800) and `<dir>/<stem>.svg`, each written to a
+/// temporary name and renamed into place.
+pub fn write_plot(dir: &Path, stem: &str, plot: &LinePlot) -> Result<Vec<PathBuf>> {
     register_font();
     let png = dir.join(format!("{stem}.png"));
     let svg = dir.join(format!("{stem}.svg"));
@@ -287,16 +312,39 @@ pub fn plot_runs(dir: &Path, stem: &str, title: &str, x_label: &str, x_of: Axis,
     let tmp_svg = dir.join(format!(".{stem}.tmp.svg"));
     {
         let root = BitMapBackend::new(&tmp_png, (1200, 800)).into_drawing_area();
-        draw(&root, title, x_label, x_of, &r.runs, &r.marker_label).map_err(plot_err(&png))?;
+        draw(&root, plot).map_err(plot_err(&png))?;
     }
     {
         let root = SVGBackend::new(&tmp_svg, (1200, 800)).into_drawing_area();
-        draw(&root, title, x_label, x_of, &r.runs, &r.marker_label).map_err(plot_err(&svg))?;
+        draw(&root, plot).map_err(plot_err(&svg))?;
     }
     for (t, f) in [(&tmp_png, &png), (&tmp_svg, &svg)] {
         std::fs::rename(t, f).map_err(|e| EvalError::Io { path: f.clone(), source: e })?;
     }
     Ok(vec![png, svg])
+}
+
+/// Draws one plot of the report's runs (validation loss against `x_of`) as `<dir>/<stem>.png`
+/// (1200×800) and `<dir>/<stem>.svg`.
+pub fn plot_runs(dir: &Path, stem: &str, title: &str, x_label: &str, x_of: Axis, r: &Report) -> Result<Vec<PathBuf>> {
+    let series = r
+        .runs
+        .iter()
+        .map(|run| Series {
+            name: run.name.clone(),
+            points: run.curve.iter().map(|p| (x_of(p), p.loss)).collect(),
+            dots: true,
+            marker: run.marker.as_ref().map(|m| (x_of(m), m.loss)),
+        })
+        .collect();
+    let plot = LinePlot {
+        title: title.to_string(),
+        x_label: x_label.to_string(),
+        y_label: "validation loss (nats/token)".into(),
+        series,
+        marker_label: r.marker_label.clone(),
+    };
+    write_plot(dir, stem, &plot)
 }
 
 /// Writes `report.md`, `report.json` and the three plots (PNG and SVG) into `dir`; returns the

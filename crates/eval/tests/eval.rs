@@ -341,3 +341,52 @@ fn report_plots_are_written_as_png_and_svg() {
     // No temporary files are left behind.
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("tmp")));
 }
+
+#[test]
+fn line_plots_draw_any_series_and_skip_gaps() {
+    use report::{LinePlot, Series};
+    let dir = tempfile::tempdir().unwrap();
+    let plot = LinePlot {
+        title: "Loss of a run".into(),
+        x_label: "tokens seen".into(),
+        y_label: "nats".into(),
+        series: vec![
+            Series {
+                name: "validation".into(),
+                points: vec![(0.0, 6.0), (1e4, f64::NAN), (2e4, 4.5), (3e4, 4.0)],
+                dots: true,
+                marker: Some((2e4, 4.5)),
+            },
+            Series {
+                name: "training".into(),
+                points: (0..30).map(|i| (i as f64 * 1e3, 6.5 - 0.08 * i as f64)).collect(),
+                dots: false,
+                marker: None,
+            },
+            Series { name: "nothing yet".into(), points: Vec::new(), dots: false, marker: None },
+        ],
+        marker_label: "switch".into(),
+    };
+    let files = report::write_plot(dir.path(), "loss", &plot).unwrap();
+    assert_eq!(files, vec![dir.path().join("loss.png"), dir.path().join("loss.svg")]);
+    let png = std::fs::read(&files[0]).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(&files[1]).unwrap();
+    for t in [
+        "Loss of a run",
+        "tokens seen",
+        "nats",
+        "validation",
+        "training",
+        "nothing yet",
+        "switch (ring + vertical line)",
+    ] {
+        assert!(svg.contains(t), "{t}");
+    }
+    // Circles: the validation line's 3 finite points (the NaN is a gap, not a point), the
+    // marker's ring and the legend's; the x axis counts tokens in k.
+    let dots = svg.matches("<circle").count();
+    assert!(dots >= 5, "{dots} circles");
+    assert!(svg.contains("10.0k") || svg.contains("20.0k"), "x labels in thousands");
+    assert!(!svg.contains("NaN"));
+}

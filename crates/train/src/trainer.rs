@@ -125,6 +125,7 @@ pub struct RunSummary {
 }
 
 type StepHook<'a> = Box<dyn FnMut(&StepMetrics) + 'a>;
+type EvalHook<'a> = Box<dyn FnMut(&EvalMetrics) + 'a>;
 
 /// Runs the phases of a [`RunConfig`] over pre-grouped patch datasets.
 pub struct Trainer<'a> {
@@ -136,6 +137,7 @@ pub struct Trainer<'a> {
     plans: Vec<PhasePlan>,
     tokenizer: Option<(String, Option<u32>, Option<u32>)>,
     on_step: Option<StepHook<'a>>,
+    on_eval: Option<EvalHook<'a>>,
 }
 
 /// Plans the phases of `cfg` over the datasets in `manifest`; fails on any inconsistency.
@@ -242,6 +244,7 @@ impl<'a> Trainer<'a> {
             plans,
             tokenizer: None,
             on_step: None,
+            on_eval: None,
         })
     }
 
@@ -269,6 +272,13 @@ impl<'a> Trainer<'a> {
     /// Calls `f` after every optimizer step (e.g. for custom logging).
     pub fn on_step(mut self, f: impl FnMut(&StepMetrics) + 'a) -> Self {
         self.on_step = Some(Box::new(f));
+        self
+    }
+
+    /// Calls `f` after every validation, once its line is in `metrics.jsonl` (e.g. to redraw a
+    /// loss plot from the file).
+    pub fn on_eval(mut self, f: impl FnMut(&EvalMetrics) + 'a) -> Self {
+        self.on_eval = Some(Box::new(f));
         self
     }
 
@@ -408,6 +418,9 @@ impl<'a> Trainer<'a> {
             let mut v = serde_json::to_value(&ev).map_err(|e| TrainError::Config(e.to_string()))?;
             v["kind"] = "eval".into();
             log(v)?;
+            if let Some(f) = self.on_eval.as_mut() {
+                f(&ev);
+            }
         }
         let mut summaries = Vec::new();
         let tc = self.cfg.train.clone();
@@ -541,6 +554,9 @@ impl<'a> Trainer<'a> {
                     let mut v = serde_json::to_value(&ev).map_err(|e| TrainError::Config(e.to_string()))?;
                     v["kind"] = "eval".into();
                     log(v)?;
+                    if let Some(f) = self.on_eval.as_mut() {
+                        f(&ev);
+                    }
                 }
                 let periodic = tc.checkpoint_every > 0 && state.global_step % tc.checkpoint_every == 0;
                 if periodic || phase_end {

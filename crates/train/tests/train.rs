@@ -202,8 +202,17 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     let (shards, pdir, cfg) = pipeline(dir.path(), 0.5);
     let run = dir.path().join("run");
     let tok = std::fs::read_to_string(shards.join("tokenizer.json")).unwrap();
-    let mut tr =
-        Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().with_tokenizer(tok, Some(0), Some(1)).unwrap();
+    // Each validation reaches the hook once its line can be read back from metrics.jsonl.
+    let hooked = std::cell::RefCell::new(Vec::new());
+    let metrics_file = run.join("metrics.jsonl");
+    let mut tr = Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu)
+        .unwrap()
+        .with_tokenizer(tok, Some(0), Some(1))
+        .unwrap()
+        .on_eval(|e| {
+            let (_, in_file) = patchlm_train::read_metrics(&metrics_file).unwrap();
+            hooked.borrow_mut().push((e.global_step, in_file.last().map(|l| (l.global_step, l.val_loss))));
+        });
     let plans = tr.plans().to_vec();
     assert_eq!(plans.len(), 2);
     assert_eq!((plans[0].name.as_str(), plans[0].k, plans[0].blocks_per_step), ("patch", 4, 4));
@@ -229,6 +238,12 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     assert_eq!(steps[0]["lr"], steps[6]["lr"]);
     let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "eval").collect();
     assert!(evals.len() >= 4 && evals[0]["global_step"] == 0);
+    let hooked = hooked.borrow();
+    assert_eq!(hooked.len(), evals.len());
+    for (h, e) in hooked.iter().zip(&evals) {
+        let step = e["global_step"].as_u64().unwrap() as usize;
+        assert_eq!(*h, (step, Some((step, e["val_loss"].as_f64().unwrap()))));
+    }
     // Validation loss fell from the initial model.
     assert!(evals.last().unwrap()["val_loss"].as_f64().unwrap() < evals[0]["val_loss"].as_f64().unwrap());
     assert!(run.join("model/config.json").is_file());
