@@ -114,9 +114,11 @@ fn check_keys(user: &toml::Value, source: &str) -> Result<()> {
 /// at the top, sub-tables listed by name.
 fn config_keys(path: &str) -> Vec<String> {
     let mut all = default_config();
-    // Saved only when not the default (see TrainConfig::dtype, TokenizerConfig::file).
+    // Saved only when not the default (TrainConfig::dtype, TokenizerConfig::file,
+    // ModelConfig::tie_word_embeddings).
     all.train.dtype = "bf16".into();
     all.data.tokenizer.file = Some(String::new());
+    all.model.tie_word_embeddings = true;
     let mut v = toml::Value::try_from(&all).unwrap_or(toml::Value::Table(toml::Table::new()));
     for part in path.split('.').filter(|p| !p.is_empty()) {
         v = v.get(part).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));

@@ -26,6 +26,11 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Std of the normal initialization (default 0.02).
     pub initializer_range: f64,
+    /// The LM head is the token embedding matrix (one `model.embed_tokens.weight`, no
+    /// `lm_head.weight`), as in SmolLM or Llama 3.2 (default false: an untied head). Saved
+    /// only when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tie_word_embeddings: bool,
 }
 
 impl Default for ModelConfig {
@@ -68,6 +73,7 @@ impl ModelConfig {
             rope_theta: 10000.0,
             max_position_embeddings: t,
             initializer_range: 0.02,
+            tie_word_embeddings: false,
         })
     }
 
@@ -103,7 +109,7 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Number of parameters (embedding, layers, final norm, untied head).
+    /// Number of parameters (embedding, layers, final norm, and the LM head unless tied).
     pub fn num_params(&self) -> u64 {
         let (d, f, v, l) = (
             self.hidden_size as u64,
@@ -115,7 +121,8 @@ impl ModelConfig {
         let attn = d * d * 2 + d * kv * 2;
         let mlp = 3 * d * f;
         let norms = 2 * d;
-        v * d * 2 + l * (attn + mlp + norms) + d
+        let embed_and_head = if self.tie_word_embeddings { v * d } else { v * d * 2 };
+        embed_and_head + l * (attn + mlp + norms) + d
     }
 
     /// Training FLOPs per position at context `seq_len`: 6·N + 12·L·d·T (nanoGPT / PaLM
@@ -141,7 +148,7 @@ impl ModelConfig {
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
-            "tie_word_embeddings": false,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": false,
             "mlp_bias": false,
             "torch_dtype": "float32",
@@ -157,9 +164,6 @@ impl ModelConfig {
             if t != "llama" {
                 return Err(bad(format!("model_type \"{t}\" is not supported (only \"llama\")")));
             }
-        }
-        if v.get("tie_word_embeddings").and_then(|t| t.as_bool()) == Some(true) {
-            return Err(bad("tied word embeddings are not supported (the architecture has an untied lm_head)".into()));
         }
         if let Some(act) = v.get("hidden_act").and_then(|t| t.as_str()) {
             if act != "silu" {
@@ -199,6 +203,8 @@ impl ModelConfig {
             rope_theta,
             max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
             initializer_range: v.get("initializer_range").and_then(|x| x.as_f64()).unwrap_or(0.02),
+            // LlamaConfig's default is an untied head.
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
         };
         if let Some(hd) = v.get("head_dim").and_then(|x| x.as_u64()) {
             if hd as usize != cfg.head_dim() {

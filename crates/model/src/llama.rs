@@ -304,7 +304,8 @@ impl KvCache {
     }
 }
 
-/// `LlamaForCausalLM`: embedding, decoder layers, final norm, untied LM head. Knows nothing of
+/// `LlamaForCausalLM`: embedding, decoder layers, final norm, LM head (its own weight, or the
+/// embedding's when `tie_word_embeddings`). Knows nothing of
 /// patches: the patch crate feeds its own input embeddings through [`Llama::forward_embeds`].
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -319,7 +320,7 @@ pub struct Llama {
 
 impl Llama {
     /// Builds the model from `vb` with HF weight names (`model.embed_tokens.weight`, ...,
-    /// `lm_head.weight`).
+    /// `lm_head.weight`; no `lm_head.weight` is read or made when the embeddings are tied).
     pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         cfg.validate()?;
         let m = vb.pp("model");
@@ -329,7 +330,11 @@ impl Llama {
             .map(|i| DecoderLayer::new(m.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        let lm_head = linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear { weight: embed_tokens.embeddings().clone() }
+        } else {
+            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size)?
+        };
         let rope = Rope::new(cfg, vb.device())?;
         Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), compute_dtype: vb.dtype() })
     }

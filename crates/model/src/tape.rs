@@ -218,7 +218,8 @@ impl Llama {
         hidden.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))
     }
 
-    /// The LM head's backward pass: adds `lm_head.weight`'s gradient to `grads` and returns the
+    /// The LM head's backward pass: adds `lm_head.weight`'s gradient to `grads` (with tied
+    /// embeddings, to `model.embed_tokens.weight`'s, summed with the embedding's) and returns the
     /// gradient of `hidden` (B, T, D). `tape` is the forward pass's, before
     /// [`Llama::backward_tape`] consumes it.
     pub fn logits_backward(
@@ -232,7 +233,8 @@ impl Llama {
         let v = self.cfg.vocab_size;
         let dl = dlogits.to_dtype(hidden.dtype())?.reshape((b * t, v))?;
         let w = head_weight(self, tape, hidden.dtype())?;
-        accumulate(grads, "lm_head.weight".into(), dl.t()?.matmul(&hidden.reshape((b * t, d))?)?, w_dtype(self))?;
+        let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        accumulate(grads, name.into(), dl.t()?.matmul(&hidden.reshape((b * t, d))?)?, w_dtype(self))?;
         dl.matmul(&w)?.reshape((b, t, d))
     }
 

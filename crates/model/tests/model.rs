@@ -204,6 +204,48 @@ fn sharded_bf16_checkpoint_saved_by_transformers_loads_and_matches_its_logits() 
     }
 }
 
+#[test]
+fn tied_embeddings_match_hf_transformers_and_save_as_hf_does() {
+    // tests/fixtures/make_tied.py: a LlamaForCausalLM with tie_word_embeddings, saved by
+    // transformers (no lm_head.weight in the file), and its logits.
+    let dir = fixture().with_file_name("tiny-llama-tied");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let want: Vec<f32> = serde_json::from_value(golden["logits"].clone()).unwrap();
+    let hf_names: Vec<String> = serde_json::from_value(golden["tensors"].clone()).unwrap();
+    assert!(!hf_names.iter().any(|n| n == "lm_head.weight"));
+    let input = Tensor::new(ids, &Device::Cpu).unwrap();
+    let check = |m: &Llama, what: &str| {
+        let got: Vec<f32> = m.forward(&input).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4, "{what}: max abs diff {d}");
+    };
+    let (model, cfg) = load_pretrained(&dir, &Device::Cpu, DType::F32).unwrap();
+    assert!(cfg.tie_word_embeddings);
+    check(&model, "inference");
+    let (trainable, varmap, _) = load_trainable(&dir, &Device::Cpu).unwrap();
+    check(&trainable, "trainable");
+    // Saved by us as transformers saves it: the same tensor names, the config says tied, and
+    // the parameter count is what the file holds.
+    let out = tempfile::tempdir().unwrap();
+    save_pretrained(out.path(), &cfg, &varmap, None, None, None).unwrap();
+    let saved = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<String> = saved.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, hf_names);
+    assert_eq!(cfg.num_params(), saved.values().map(|t| t.elem_count() as u64).sum::<u64>());
+    let hf_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf_cfg["tie_word_embeddings"], true);
+    let (again, _) = load_pretrained(out.path(), &Device::Cpu, DType::F32).unwrap();
+    check(&again, "saved and loaded again");
+    // The untied fixture's count matches its file too.
+    let (_, untied) = load_pretrained(&fixture(), &Device::Cpu, DType::F32).unwrap();
+    let st = candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(untied.num_params(), st.values().map(|t| t.elem_count() as u64).sum::<u64>());
+}
+
 /// Writes the fixture's tensors as two shards (in `dtype`) with an HF index into `dir`.
 fn write_shards(dir: &std::path::Path, dtype: DType) {
     let st = candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();

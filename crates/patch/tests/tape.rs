@@ -16,18 +16,18 @@ use patchlm_model::{
 };
 use patchlm_patch::{patch_forward, patch_loss, patch_loss_and_grads};
 
-#[test]
-fn tape_gradients_equal_autograd() {
+/// The loss and every parameter's gradient from the tape against autograd, for `cfg`, in f32
+/// and bf16 compute, with softmax attention in one and in three blocks and with flash, at K = 1
+/// and K = 4.
+fn tape_matches_autograd(cfg: &ModelConfig, seed: u64) {
     let dev = Device::Cpu;
-    assert!(tape_supported(&dev));
-    let mut cfg = ModelConfig::preset("tiny").unwrap();
-    cfg.num_key_value_heads = 1;
-    let (model, varmap) = init_model(&cfg, &dev, 11).unwrap();
+    let (model, varmap) = init_model(cfg, &dev, seed).unwrap();
     let names: HashMap<String, candle_core::Var> = {
         let data = varmap.data().lock().unwrap();
         data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
     };
     assert_eq!(names.len(), named_tensors(&varmap).unwrap().len());
+    assert_eq!(names.contains_key("lm_head.weight"), !cfg.tie_word_embeddings);
     for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-2)] {
         let m = model.clone().with_compute_dtype(dtype);
         // Softmax attention in one block and in three uneven blocks of query rows, then flash.
@@ -37,7 +37,7 @@ fn tape_gradients_equal_autograd() {
             for (k, len) in [(1usize, 17usize), (4, 36)] {
                 let ids: Vec<u32> = (0..2 * len).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
                 let ids = Tensor::from_vec(ids, (2, len), &dev).unwrap();
-                let what = format!("{dtype:?} flash {flash} chunks {chunks} k {k}");
+                let what = format!("tied {} {dtype:?} flash {flash} chunks {chunks} k {k}", cfg.tie_word_embeddings);
                 let want_loss = patch_loss(&m, &ids, k).unwrap();
                 let want = (&want_loss * 0.75).unwrap().backward().unwrap();
                 let (loss, grads) = patch_loss_and_grads(&m, &ids, k, 0.75).unwrap();
@@ -57,6 +57,23 @@ fn tape_gradients_equal_autograd() {
             }
         }
     }
+}
+
+#[test]
+fn tape_gradients_equal_autograd() {
+    let dev = Device::Cpu;
+    assert!(tape_supported(&dev));
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.num_key_value_heads = 1;
+    tape_matches_autograd(&cfg, 11);
+    // Tied embeddings: the LM head's gradient and the embedding's add up in one parameter.
+    let tied = ModelConfig { tie_word_embeddings: true, ..cfg.clone() };
+    tape_matches_autograd(&tied, 12);
+    let (model, varmap) = init_model(&cfg, &dev, 11).unwrap();
+    let names: HashMap<String, candle_core::Var> = {
+        let data = varmap.data().lock().unwrap();
+        data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+    };
     set_flash_attention(false);
     set_attention_chunks(0);
     // Gradients left in the compute dtype: the same values (the cast to f32 is exact), in bf16
