@@ -479,7 +479,8 @@ impl Hub {
     }
 
     fn get(&self, url: &str, range_from: u64) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        let mut req = self.agent.get(url);
+        // The bytes as stored (what the size and checksum describe), never a compressed encoding.
+        let mut req = self.agent.get(url).header("Accept-Encoding", "identity");
         if range_from > 0 {
             req = req.header("Range", &format!("bytes={range_from}-"));
         }
@@ -507,7 +508,7 @@ impl Hub {
         );
         let target = format!("{repo}/{filename}");
         for _ in 0..10 {
-            let mut req = self.agent.head(&url);
+            let mut req = self.agent.head(&url).header("Accept-Encoding", "identity");
             if let Some(t) = self.token_for(&url) {
                 req = req.header("Authorization", &format!("Bearer {t}"));
             }
@@ -589,7 +590,7 @@ impl Hub {
             if meta.size.is_some_and(|s| have >= s) {
                 break;
             }
-            match self.fetch_into(&meta.url, &mut f, &part, have, &pb) {
+            match self.fetch_into(&meta.url, target, &mut f, &part, have, &pb) {
                 Ok(()) => break,
                 Err(Fetch::Refused(e)) => return Err(e),
                 Err(Fetch::Unreachable(why)) => {
@@ -632,10 +633,11 @@ impl Hub {
         Ok(())
     }
 
-    /// One GET from byte `from` on, appended to `f`.
+    /// One GET of `url` (the bytes of `target`) from byte `from` on, appended to `f`.
     fn fetch_into(
         &self,
         url: &str,
+        target: &str,
         f: &mut File,
         part: &Path,
         from: u64,
@@ -656,7 +658,7 @@ impl Hub {
             s if s >= 500 => return Err(Fetch::Unreachable(format!("HTTP {s}"))),
             s => {
                 return Err(Fetch::Refused(DataError::Hub {
-                    target: url.to_string(),
+                    target: target.to_string(),
                     msg: format!("download refused with HTTP {s}"),
                 }))
             }
