@@ -115,10 +115,11 @@ fn check_keys(user: &toml::Value, source: &str) -> Result<()> {
 fn config_keys(path: &str) -> Vec<String> {
     let mut all = default_config();
     // Saved only when not the default (TrainConfig::dtype, TokenizerConfig::file,
-    // ModelConfig::tie_word_embeddings).
+    // ModelConfig::tie_word_embeddings and rope_scaling).
     all.train.dtype = "bf16".into();
     all.data.tokenizer.file = Some(String::new());
     all.model.tie_word_embeddings = true;
+    all.model.rope_scaling = Some(patchlm_model::RopeScaling::Linear { factor: 1.0 });
     let mut v = toml::Value::try_from(&all).unwrap_or(toml::Value::Table(toml::Table::new()));
     for part in path.split('.').filter(|p| !p.is_empty()) {
         v = v.get(part).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));

@@ -22,6 +22,10 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// RoPE base (default 10000).
     pub rope_theta: f64,
+    /// RoPE frequency scaling for contexts longer than the pretraining one (HF `rope_scaling`;
+    /// default none). Saved only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// Longest sequence of positions (the context length T).
     pub max_position_embeddings: usize,
     /// Std of the normal initialization (default 0.02).
@@ -31,6 +35,124 @@ pub struct ModelConfig {
     /// only when set.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub tie_word_embeddings: bool,
+}
+
+/// How RoPE's inverse frequencies are rescaled (HF's `rope_type`s that change only the
+/// frequency table).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Every inverse frequency divided by `factor` (position interpolation).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1's: frequencies whose wavelength is shorter than
+    /// `original_max_position_embeddings / high_freq_factor` are kept, those longer than
+    /// `original_max_position_embeddings / low_freq_factor` divided by `factor`, and those in
+    /// between interpolated smoothly.
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// Sets the longest wavelength that is not scaled in full (see above).
+        low_freq_factor: f64,
+        /// Sets the shortest wavelength that is scaled in full (see above).
+        high_freq_factor: f64,
+        /// The context the model was pretrained with.
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// Rescales the inverse frequencies `inv` as HF transformers does (in f32).
+    pub fn apply(&self, inv: &mut [f32]) {
+        match *self {
+            RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor as f32),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let (factor, lo, hi) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let old = original_max_position_embeddings as f32;
+                let (low_freq_wavelen, high_freq_wavelen) = (old / lo, old / hi);
+                for f in inv.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        // False for NaN too.
+        let positive = |x: f64| x > 0.0;
+        match *self {
+            RopeScaling::Linear { factor } if !positive(factor) => {
+                bad(format!("rope_scaling factor {factor} must be positive"))
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                if !(positive(factor) && positive(low_freq_factor) && high_freq_factor > low_freq_factor) {
+                    return bad(format!(
+                        "llama3 rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0 (got {factor}, \
+                         {low_freq_factor}, {high_freq_factor})"
+                    ));
+                }
+                if original_max_position_embeddings == 0 {
+                    return bad("llama3 rope_scaling needs original_max_position_embeddings > 0".into());
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads HF's `rope_scaling` / `rope_parameters` object (`rope_type`, or the older `type`);
+    /// `Ok(None)` for the default RoPE. `max_positions` stands in for a missing
+    /// `original_max_position_embeddings`.
+    fn from_hf(v: &serde_json::Value, max_positions: usize) -> Result<Option<Self>> {
+        let bad = |m: String| ModelError::Config(m);
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let num = |k: &str| {
+            v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| bad(format!("rope_scaling (\"{kind}\") needs \"{k}\"")))
+        };
+        let s = match kind {
+            "default" => return Ok(None),
+            "linear" => RopeScaling::Linear { factor: num("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: v
+                    .get("original_max_position_embeddings")
+                    .and_then(|x| x.as_u64())
+                    .map_or(max_positions, |x| x as usize),
+            },
+            other => {
+                return Err(bad(format!(
+                    "rope_type \"{other}\" is not supported (default, linear and llama3 are: they change only the \
+                     frequency table)"
+                )))
+            }
+        };
+        s.validate()?;
+        Ok(Some(s))
+    }
+
+    fn to_hf(self) -> serde_json::Value {
+        match self {
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                })
+            }
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -71,6 +193,7 @@ impl ModelConfig {
             num_key_value_heads: kv,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
+            rope_scaling: None,
             max_position_embeddings: t,
             initializer_range: 0.02,
             tie_word_embeddings: false,
@@ -105,6 +228,9 @@ impl ModelConfig {
         }
         if self.max_position_embeddings == 0 {
             return bad("max_position_embeddings must be positive".into());
+        }
+        if let Some(r) = &self.rope_scaling {
+            r.validate()?;
         }
         Ok(())
     }
@@ -149,6 +275,7 @@ impl ModelConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
             "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_scaling": self.rope_scaling.map(RopeScaling::to_hf),
             "attention_bias": false,
             "mlp_bias": false,
             "torch_dtype": "float32",
@@ -170,20 +297,16 @@ impl ModelConfig {
                 return Err(bad(format!("hidden_act \"{act}\" is not supported (only silu)")));
             }
         }
-        if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
-            return Err(bad("rope_scaling is not supported".into()));
-        }
-        // transformers >= 5 nests the RoPE settings under `rope_parameters`.
-        let rope_params = v.get("rope_parameters").filter(|r| !r.is_null());
-        if let Some(kind) = rope_params.and_then(|r| r.get("rope_type")).and_then(|t| t.as_str()) {
-            if kind != "default" {
-                return Err(bad(format!("rope_type \"{kind}\" is not supported (only default)")));
-            }
-        }
+        // RoPE settings: `rope_scaling` (transformers < 5), or `rope_parameters` (transformers >= 5,
+        // which also nests `rope_theta` there).
+        let rope = v
+            .get("rope_scaling")
+            .filter(|r| !r.is_null())
+            .or_else(|| v.get("rope_parameters").filter(|r| !r.is_null()));
         let rope_theta = v
             .get("rope_theta")
             .and_then(|x| x.as_f64())
-            .or_else(|| rope_params.and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
             .unwrap_or(10000.0);
         let get = |k: &str| -> Result<usize> {
             v.get(k)
@@ -192,6 +315,11 @@ impl ModelConfig {
                 .ok_or_else(|| bad(format!("config.json: missing \"{k}\"")))
         };
         let heads = get("num_attention_heads")?;
+        let max_positions = get("max_position_embeddings").unwrap_or(2048);
+        let rope_scaling = match rope {
+            Some(r) => RopeScaling::from_hf(r, max_positions)?,
+            None => None,
+        };
         let cfg = Self {
             vocab_size: get("vocab_size")?,
             hidden_size: get("hidden_size")?,
@@ -201,7 +329,8 @@ impl ModelConfig {
             num_key_value_heads: get("num_key_value_heads").unwrap_or(heads),
             rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
             rope_theta,
-            max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
+            rope_scaling,
+            max_position_embeddings: max_positions,
             initializer_range: v.get("initializer_range").and_then(|x| x.as_f64()).unwrap_or(0.02),
             // LlamaConfig's default is an untied head.
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),

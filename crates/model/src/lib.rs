@@ -31,7 +31,7 @@ pub mod weights;
 
 pub use candle_core;
 pub use candle_nn;
-pub use config::{ModelConfig, PRESETS};
+pub use config::{ModelConfig, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
 pub use generate::{generate, log_softmax, sample, score_tokens, SamplingConfig};
 pub use llama::{KvCache, Llama, Rope};

@@ -65,8 +65,11 @@ impl Rope {
     /// Tables for `cfg.max_position_embeddings` positions.
     pub fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
         let hd = cfg.head_dim();
-        let inv: Vec<f32> =
+        let mut inv: Vec<f32> =
             (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            s.apply(&mut inv);
+        }
         let t = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(t * hd);
         let mut sin = Vec::with_capacity(t * hd);

@@ -246,6 +246,73 @@ fn tied_embeddings_match_hf_transformers_and_save_as_hf_does() {
     assert_eq!(untied.num_params(), st.values().map(|t| t.elem_count() as u64).sum::<u64>());
 }
 
+#[test]
+fn rope_scaling_matches_hf_transformers() {
+    // tests/fixtures/make_rope_scaling.py: llama3 RoPE scaling (config.json in transformers 5's
+    // rope_parameters form) with frequencies in all three of its regimes, and the same weights'
+    // logits under linear scaling; logits at every 11th of 100 positions.
+    let dir = fixture().with_file_name("tiny-llama-rope");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let positions: Vec<u32> = serde_json::from_value(golden["positions"].clone()).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu).unwrap();
+    let at = Tensor::new(positions.as_slice(), &Device::Cpu).unwrap();
+    let max_diff = |m: &Llama, key: &str| -> f32 {
+        let want: Vec<f32> = serde_json::from_value(golden[key].clone()).unwrap();
+        let got: Vec<f32> = m
+            .forward(&input)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .index_select(&at, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+    };
+    let (model, cfg) = load_pretrained(&dir, &Device::Cpu, DType::F32).unwrap();
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 8.0,
+        original_max_position_embeddings: 256,
+    };
+    assert_eq!(cfg.rope_scaling, Some(llama3));
+    let d = max_diff(&model, "llama3");
+    assert!(d <= 1e-4, "llama3: max abs diff {d}");
+    let build = |c: &ModelConfig| {
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+        }
+        .unwrap();
+        Llama::new(vb, c).unwrap()
+    };
+    let linear = ModelConfig { rope_scaling: Some(RopeScaling::Linear { factor: 4.0 }), ..cfg.clone() };
+    let d = max_diff(&build(&linear), "linear");
+    assert!(d <= 1e-4, "linear: max abs diff {d}");
+    // Without the scaling the logits are far off: the test sees the table.
+    let plain = ModelConfig { rope_scaling: None, ..cfg.clone() };
+    assert!(max_diff(&build(&plain), "llama3") > 0.05);
+    // Our config.json names the scaling as transformers < 5 does (rope_scaling), and reads back.
+    let hf = cfg.to_hf_json(None, None);
+    assert_eq!(hf["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(ModelConfig::from_hf_json(&hf).unwrap(), cfg);
+    assert!(plain.to_hf_json(None, None)["rope_scaling"].is_null());
+    // Scalings that change more than the frequencies, or bad factors, are refused by name.
+    let mut v = hf.clone();
+    v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
+    assert!(e.contains("rope_type \"yarn\" is not supported"), "{e}");
+    v["rope_scaling"] =
+        serde_json::json!({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0});
+    let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
+    assert!(e.contains("high_freq_factor > low_freq_factor"), "{e}");
+}
+
 /// Writes the fixture's tensors as two shards (in `dtype`) with an HF index into `dir`.
 fn write_shards(dir: &std::path::Path, dtype: DType) {
     let st = candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
