@@ -183,23 +183,23 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     let tok_file = cfg.data.tokenizer.file.as_deref().map(patchlm_data::hub::resolve_tokenizer).transpose()?;
     // The cache key covers the settings, every input file's path, size and mtime, so edited
     // inputs are re-tokenized rather than served stale, and the tokenizer file's.
-    let files: Vec<serde_json::Value> = patchlm_data::source::expand_inputs(&inputs)?
-        .iter()
-        .map(|f| {
-            let meta = f.metadata().ok();
-            let mtime = meta
-                .as_ref()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos() as u64);
-            serde_json::json!([f, meta.map(|m| m.len()), mtime])
-        })
-        .collect();
-    let tok_key = tok_file.as_ref().map(|p| {
-        let meta = p.metadata().ok();
-        serde_json::json!([p, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())])
-    });
-    let key = serde_json::json!({ "data": cfg.data, "inputs": files, "tokenizer": tok_key });
+    let stamp = |f: &Path| {
+        let meta = f.metadata().ok();
+        let mtime = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as u64);
+        serde_json::json!([f, meta.map(|m| m.len()), mtime])
+    };
+    let files: Vec<serde_json::Value> =
+        patchlm_data::source::expand_inputs(&inputs)?.iter().map(|f| stamp(f)).collect();
+    let mut key = serde_json::json!({ "data": cfg.data, "inputs": files });
+    // Only when set, so that the key (and the cache) of a run that trains its tokenizer stays
+    // what it was.
+    if let Some(t) = &tok_file {
+        key["tokenizer"] = stamp(t);
+    }
     let hash = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();

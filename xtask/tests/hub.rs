@@ -114,6 +114,24 @@ fn models_tokenizers_and_datasets_come_from_the_hub() {
          eval_every = 5\ncheckpoint_every = 0\nprogress = false\n",
     )
     .unwrap();
+    // First a run on the same inputs and data dir that trains its tokenizer: its cached shards
+    // must not be served to the run that names the hub tokenizer (the setting is in the key).
+    let trained = std::fs::read_to_string(d.join("run.toml")).unwrap().replace("file = \"org/tiny\"\n", "");
+    std::fs::write(d.join("trained.toml"), trained).unwrap();
+    let args = [
+        "pretrain",
+        "--config",
+        "trained.toml",
+        "--input",
+        "hf://datasets/org/corpus",
+        "--out",
+        "run-trained",
+        "--data-dir",
+        "dd",
+    ];
+    let (ok, out) = xtask(&args, d, &env);
+    assert!(ok, "{out}");
+    assert_ne!(std::fs::read_to_string(d.join("run-trained/model/tokenizer.json")).unwrap(), tok_json);
     let args =
         ["pretrain", "--config", "run.toml", "--input", "hf://datasets/org/corpus", "--out", "run", "--data-dir", "dd"];
     let (ok, out) = xtask(&args, d, &env);
@@ -121,6 +139,28 @@ fn models_tokenizers_and_datasets_come_from_the_hub() {
     assert!(out.contains("validation loss"), "{out}");
     assert_eq!(std::fs::read_to_string(d.join("run/model/tokenizer.json")).unwrap(), tok_json);
     assert!(std::fs::read_to_string(d.join("run/config.toml")).unwrap().contains("file = \"org/tiny\""));
+    // The same setting naming other bytes (here a local file rewritten between two runs; on the
+    // hub, a branch that moved) tokenizes again instead of serving the cached shards.
+    let local_tok = std::fs::read_to_string(d.join("run.toml")).unwrap().replace("\"org/tiny\"", "\"tok.json\"");
+    std::fs::write(d.join("local.toml"), local_tok).unwrap();
+    let other_tok = std::fs::read_to_string(d.join("run-trained/model/tokenizer.json")).unwrap();
+    for (out_dir, tok) in [("run-a", &tok_json), ("run-b", &other_tok)] {
+        std::fs::write(d.join("tok.json"), tok).unwrap();
+        let args = [
+            "pretrain",
+            "--config",
+            "local.toml",
+            "--input",
+            "hf://datasets/org/corpus",
+            "--out",
+            out_dir,
+            "--data-dir",
+            "dd",
+        ];
+        let (ok, out) = xtask(&args, d, &env);
+        assert!(ok, "{out}");
+        assert_eq!(&std::fs::read_to_string(d.join(out_dir).join("model/tokenizer.json")).unwrap(), tok, "{out_dir}");
+    }
 
     // Offline, against a hub that is gone: everything above answers from the cache.
     let dead = {
