@@ -297,6 +297,20 @@ impl ModelConfig {
                 return Err(bad(format!("hidden_act \"{act}\" is not supported (only silu)")));
             }
         }
+        // Variants of the architecture whose extra weights or changed math this model lacks: refused
+        // rather than loaded with the difference silently dropped.
+        for flag in ["attention_bias", "mlp_bias"] {
+            if v.get(flag).and_then(|x| x.as_bool()) == Some(true) {
+                return Err(bad(format!("{flag} = true is not supported (the projections here have no biases)")));
+            }
+        }
+        let partial = v
+            .get("partial_rotary_factor")
+            .or_else(|| v.get("rope_parameters").and_then(|r| r.get("partial_rotary_factor")))
+            .and_then(|x| x.as_f64());
+        if partial.is_some_and(|p| p != 1.0) {
+            return Err(bad("partial_rotary_factor below 1 is not supported (RoPE rotates the whole head)".into()));
+        }
         // RoPE settings: `rope_scaling` (transformers < 5), or `rope_parameters` (transformers >= 5,
         // which also nests `rope_theta` there).
         let rope = v

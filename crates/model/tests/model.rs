@@ -311,6 +311,17 @@ fn rope_scaling_matches_hf_transformers() {
         serde_json::json!({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0});
     let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
     assert!(e.contains("high_freq_factor > low_freq_factor"), "{e}");
+    // Architecture variants with weights or math this model lacks are refused, not half-loaded.
+    for (key, value, says) in [
+        ("attention_bias", serde_json::json!(true), "attention_bias = true is not supported"),
+        ("mlp_bias", serde_json::json!(true), "mlp_bias = true is not supported"),
+        ("partial_rotary_factor", serde_json::json!(0.5), "partial_rotary_factor below 1"),
+    ] {
+        let mut v = hf.clone();
+        v[key] = value;
+        let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
 }
 
 /// Writes the fixture's tensors as two shards (in `dtype`) with an HF index into `dir`.
