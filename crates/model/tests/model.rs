@@ -13,18 +13,24 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
 }
 
+/// A fixture directory's `golden.json` (written by the script that made the fixture) and its
+/// input ids as a (B, T) tensor.
+fn golden(dir: &std::path::Path) -> (serde_json::Value, Tensor) {
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(g["ids"].clone()).unwrap();
+    (g, Tensor::new(ids, &Device::Cpu).unwrap())
+}
+
 #[test]
 fn logits_match_hf_transformers() {
     // Golden logits from HF transformers' LlamaForCausalLM (tests/fixtures/make_golden.py):
     // GQA (4 query heads, 2 kv heads), RoPE, SwiGLU, RMSNorm with non-trivial weights.
     let dir = fixture();
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let (golden, input) = golden(&dir);
     let want: Vec<f32> = serde_json::from_value(golden["logits"].clone()).unwrap();
     let (model, cfg) = load_pretrained(&dir, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(cfg.num_key_value_heads, 2);
-    let input = Tensor::new(ids, &Device::Cpu).unwrap();
     let got: Vec<f32> = model.forward(&input).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got.len(), want.len());
     let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -188,11 +194,8 @@ fn sharded_bf16_checkpoint_saved_by_transformers_loads_and_matches_its_logits() 
     // transformers computes from those bf16 weights.
     let dir = fixture().with_file_name("tiny-llama-sharded");
     assert!(!dir.join("model.safetensors").exists());
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let (golden, input) = golden(&dir);
     let want: Vec<f32> = serde_json::from_value(golden["logits"].clone()).unwrap();
-    let input = Tensor::new(ids, &Device::Cpu).unwrap();
     assert_eq!(weight_files(&dir).unwrap().len(), 2);
     let (inference, _) = load_pretrained(&dir, &Device::Cpu, DType::F32).unwrap();
     let (trainable, _, _) = load_trainable(&dir, &Device::Cpu).unwrap();
@@ -209,13 +212,10 @@ fn tied_embeddings_match_hf_transformers_and_save_as_hf_does() {
     // tests/fixtures/make_tied.py: a LlamaForCausalLM with tie_word_embeddings, saved by
     // transformers (no lm_head.weight in the file), and its logits.
     let dir = fixture().with_file_name("tiny-llama-tied");
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let (golden, input) = golden(&dir);
     let want: Vec<f32> = serde_json::from_value(golden["logits"].clone()).unwrap();
     let hf_names: Vec<String> = serde_json::from_value(golden["tensors"].clone()).unwrap();
     assert!(!hf_names.iter().any(|n| n == "lm_head.weight"));
-    let input = Tensor::new(ids, &Device::Cpu).unwrap();
     let check = |m: &Llama, what: &str| {
         let got: Vec<f32> = m.forward(&input).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -252,11 +252,8 @@ fn rope_scaling_matches_hf_transformers() {
     // rope_parameters form) with frequencies in all three of its regimes, and the same weights'
     // logits under linear scaling; logits at every 11th of 100 positions.
     let dir = fixture().with_file_name("tiny-llama-rope");
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let (golden, input) = golden(&dir);
     let positions: Vec<u32> = serde_json::from_value(golden["positions"].clone()).unwrap();
-    let input = Tensor::new(ids, &Device::Cpu).unwrap();
     let at = Tensor::new(positions.as_slice(), &Device::Cpu).unwrap();
     let max_diff = |m: &Llama, key: &str| -> f32 {
         let want: Vec<f32> = serde_json::from_value(golden[key].clone()).unwrap();
