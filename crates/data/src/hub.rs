@@ -809,14 +809,20 @@ impl Hub {
                 msg: format!("none of its {} files is one that is wanted here", listing.files.len()),
             });
         }
-        let pinned = repo.at(&listing.commit);
-        for n in &names {
-            self.file(&pinned, n)?;
-        }
-        if repo.revision != listing.commit && !self.opts.offline {
-            write_ref(&self.repo_dir(repo), &repo.revision, &listing.commit)?;
-        }
+        self.fetch_at(repo, &listing.commit, &names)?;
         Ok(self.repo_dir(repo).join("snapshots").join(&listing.commit))
+    }
+
+    /// The files `names` of `repo` as of `commit` (a listing's), so that they come from one
+    /// snapshot whatever the branch does meanwhile; `repo`'s revision is recorded as naming
+    /// that commit.
+    fn fetch_at(&self, repo: &Repo, commit: &str, names: &[String]) -> Result<Vec<PathBuf>> {
+        let pinned = repo.at(commit);
+        let paths = names.iter().map(|n| self.file(&pinned, n)).collect::<Result<Vec<_>>>()?;
+        if repo.revision != commit && !self.opts.offline {
+            write_ref(&self.repo_dir(repo), &repo.revision, commit)?;
+        }
+        Ok(paths)
     }
 }
 
@@ -1081,13 +1087,7 @@ pub fn resolve_inputs_with<P: AsRef<Path>>(hub: &Hub, inputs: &[P]) -> Result<Ve
             bytes as f64 / 1e6,
             &listing.commit[..12]
         );
-        let pinned = url.repo.at(&listing.commit);
-        for n in &names {
-            out.push(hub.file(&pinned, n)?);
-        }
-        if url.repo.revision != listing.commit && !hub.opts.offline {
-            write_ref(&hub.repo_dir(&url.repo), &url.repo.revision, &listing.commit)?;
-        }
+        out.extend(hub.fetch_at(&url.repo, &listing.commit, &names)?);
     }
     Ok(out)
 }
