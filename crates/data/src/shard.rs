@@ -197,8 +197,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A file written to `<path>.tmp` and renamed into place by [`AtomicFile::commit`], hashing
-/// (sha256) and counting what passes through. Dropped without commit, the temp file is removed.
+/// A temp file's name beside `path`, unique to this process and call
+/// (`<path>.<pid>-<n>.tmp`), so that concurrent writers of one path, threads or processes,
+/// never write into each other's temp files: the last rename wins, whole.
+pub(crate) fn temp_beside(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}-{n}.tmp", std::process::id()));
+    PathBuf::from(tmp)
+}
+
+/// A file written to a temp file beside its path (`<path>.<pid>-<n>.tmp`) and renamed into
+/// place by [`AtomicFile::commit`], hashing (sha256) and counting what passes through. Dropped
+/// without commit, the temp file is removed.
 pub struct AtomicFile {
     path: PathBuf,
     tmp: PathBuf,
@@ -208,11 +220,9 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    /// Creates `<path>.tmp`.
+    /// Creates the temp file beside `path`.
     pub fn create(path: &Path) -> Result<Self> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = temp_beside(path);
         let f = File::create(&tmp).map_err(io_err(&tmp))?;
         Ok(Self {
             path: path.to_path_buf(),
