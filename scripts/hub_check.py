@@ -7,13 +7,14 @@ of their own, and checks that
      blobs, refs naming the same commit) with the same bytes;
   2. each client reads the other's cache offline (HF_HUB_OFFLINE=1): xtask scores text with
      the model huggingface_hub downloaded; huggingface_hub finds every file xtask downloaded and
-     scan_cache_dir reports no warnings.
+     scan_cache_dir reports no warnings;
+  3. they share the download lock: while huggingface_hub holds it on a blob, xtask waits.
 
     python3 scripts/hub_check.py --xtask target/release/xtask --model runs/pretrain/model \
         --data data/corpus/corpus.jsonl
 Needs huggingface_hub (pip install huggingface_hub).
 """
-import argparse, hashlib, http.server, json, os, subprocess, sys, tempfile, threading
+import argparse, hashlib, http.server, json, os, subprocess, sys, tempfile, threading, time
 
 COMMIT = "a" * 40
 
@@ -222,6 +223,31 @@ print(sorted((r.repo_type, r.repo_id, r.nb_files) for r in info.repos))
     assert r.returncode == 0
     print("2. xtask scored offline from huggingface_hub's cache (same output); huggingface_hub found every")
     print("   file in xtask's cache offline and scan_cache_dir reported no warnings")
+
+    # 3. The download lock is huggingface_hub's: while Python holds the lock on the weights' blob,
+    # xtask waits for it before downloading into the same cache.
+    lk_cache = os.path.join(work, "locked")
+    sha = hashlib.sha256(model_files["model.safetensors"]).hexdigest()
+    lock = os.path.join(lk_cache, ".locks", "models--org--model", f"{sha}.lock")
+    code = f"""
+import os, sys, time
+from huggingface_hub.utils import WeakFileLock
+os.makedirs(os.path.dirname({lock!r}), exist_ok=True)
+with WeakFileLock({lock!r}):
+    print("locked", flush=True)
+    time.sleep(3)
+"""
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    t0 = time.time()
+    r = subprocess.run([a.xtask, "score", "--model", "org/model", "--text", "To be", "--json"],
+                       env=dict(env, HF_HUB_CACHE=lk_cache), capture_output=True, text=True, cwd=work)
+    waited = time.time() - t0
+    holder.wait()
+    assert r.returncode == 0, r.stderr
+    assert "waiting for another download" in r.stderr, r.stderr
+    assert waited > 1.5, f"xtask did not wait for huggingface_hub's lock ({waited:.2f} s)"
+    print(f"3. xtask waited {waited:.1f} s for the lock huggingface_hub held on the blob, then downloaded it")
     print(f"requests served: {len(log)}; work dir {work}")
 
 

@@ -456,11 +456,17 @@ impl Hub {
             }
         };
         let blob = dir.join("blobs").join(&meta.etag);
-        if !blob.is_file() || meta.size.is_some_and(|s| file_len(&blob) != Some(s)) {
-            self.download(&meta, &blob, &format!("{repo}/{filename}"))?;
-        }
+        let missing = || !blob.is_file() || meta.size.is_some_and(|s| file_len(&blob) != Some(s));
         let link = dir.join("snapshots").join(&meta.commit).join(filename);
-        link_blob(&blob, &link)?;
+        if missing() || !link.is_file() {
+            // One download of a blob at a time, across processes (huggingface_hub's too).
+            let target = format!("{repo}/{filename}");
+            let _lock = self.lock_blob(repo, &meta.etag, &target)?;
+            if missing() {
+                self.download(&meta, &blob, &target)?;
+            }
+            link_blob(&blob, &link)?;
+        }
         if repo.revision != meta.commit {
             write_ref(&dir, &repo.revision, &meta.commit)?;
         }
@@ -572,6 +578,32 @@ impl Hub {
             return Ok(Resolved::Found(Meta { commit, etag, size, url }));
         }
         Err(Fetch::Refused(DataError::Hub { target, msg: "too many redirects".into() }))
+    }
+
+    /// Holds the lock that `huggingface_hub` takes around writing a blob,
+    /// `<cache>/.locks/<repo folder>/<etag>.lock` (an exclusive `flock`, as Python's `filelock`
+    /// takes it), until the returned file is dropped. Where the file system cannot lock, the
+    /// download goes ahead unlocked, as `huggingface_hub` does.
+    fn lock_blob(&self, repo: &Repo, etag: &str, target: &str) -> Result<Option<File>> {
+        let dir = self.opts.cache_dir.join(".locks").join(repo.cache_folder());
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(format!("{etag}.lock"));
+        let mut open = OpenOptions::new();
+        open.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o664);
+        let f = open.open(&path).map_err(io_err(&path))?;
+        match f.try_lock() {
+            Ok(()) => return Ok(Some(f)),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                eprintln!("warning: cannot lock {} ({e}); downloading {target} without a lock", path.display());
+                return Ok(None);
+            }
+        }
+        eprintln!("waiting for another download of {target} to finish (it holds {})", path.display());
+        f.lock().map_err(io_err(&path))?;
+        Ok(Some(f))
     }
 
     /// Downloads `meta.url` into `blob` through `<blob>.incomplete`, resuming a partial one,
@@ -945,9 +977,7 @@ fn checksum_of(path: &Path, etag: &str, len: u64) -> Result<Option<String>> {
 fn link_blob(blob: &Path, link: &Path) -> Result<()> {
     let parent = link.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = crate::shard::temp_beside(link);
     #[cfg(unix)]
     let linked = {
         // snapshots/<commit>/<a>/<b>/file → ../../../../blobs/<etag>: one `..` per folder below

@@ -144,6 +144,35 @@ fn an_interrupted_download_resumes_with_a_range_request() {
 }
 
 #[test]
+fn concurrent_downloads_of_one_blob_take_turns() {
+    // Two downloaders (separate clients, as two processes would be) start on the same file at
+    // once while the CDN is slow to answer: the first holds huggingface_hub's lock file, the
+    // second waits for it and then finds the blob whole, so the bytes are fetched once.
+    let fake = FakeHub::start(model_state());
+    fake.state.cdn_delay_ms.store(400, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let start = std::sync::Barrier::new(2);
+    let paths: Vec<PathBuf> = std::thread::scope(|s| {
+        let run = || {
+            let hub = fake.hub(cache.path());
+            start.wait();
+            hub.file(&Repo::new(RepoKind::Model, "org/model"), "model.safetensors")
+        };
+        let a = s.spawn(run);
+        let b = s.spawn(run);
+        [a, b].map(|t| t.join().unwrap().unwrap()).to_vec()
+    });
+    assert_eq!(paths[0], paths[1]);
+    assert_eq!(read(&paths[0]), big(300_000));
+    let cdn = fake.seen().into_iter().filter(|s| s.path.starts_with("/cdn/")).count();
+    assert_eq!(cdn, 1, "the second downloader fetched the blob again");
+    let lock = cache.path().join(".locks/models--org--model").join(format!("{}.lock", sha256(&big(300_000))));
+    assert!(lock.is_file(), "no lock file at {}", lock.display());
+    let blobs: Vec<_> = std::fs::read_dir(cache.path().join("models--org--model/blobs")).unwrap().collect();
+    assert_eq!(blobs.len(), 1, "a partial download was left behind: {blobs:?}");
+}
+
+#[test]
 fn corrupted_bytes_never_reach_the_cache() {
     let fake = FakeHub::start(model_state());
     fake.state.corrupt.store(true, Ordering::SeqCst);

@@ -188,7 +188,7 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
                 tc.tokens_per_step
             ));
         }
-        if tc.tokens_per_step % block_tokens != 0 {
+        if !tc.tokens_per_step.is_multiple_of(block_tokens) {
             return bad(format!(
                 "tokens_per_step {} is not divisible by the {name}-phase block of {block_tokens} tokens, so the phases would not see equal tokens per step; use a multiple of {block_tokens}, e.g. {}",
                 tc.tokens_per_step,
@@ -539,7 +539,7 @@ impl<'a> Trainer<'a> {
                     f(&sm);
                 }
                 let phase_end = state.phase_step == plan.steps;
-                if (tc.eval_every > 0 && state.global_step % tc.eval_every == 0) || phase_end {
+                if (tc.eval_every > 0 && state.global_step.is_multiple_of(tc.eval_every)) || phase_end {
                     let vl = self.evaluate(&model, &val)?;
                     last_val = vl;
                     let ev = EvalMetrics {
@@ -558,7 +558,7 @@ impl<'a> Trainer<'a> {
                         f(&ev);
                     }
                 }
-                let periodic = tc.checkpoint_every > 0 && state.global_step % tc.checkpoint_every == 0;
+                let periodic = tc.checkpoint_every > 0 && state.global_step.is_multiple_of(tc.checkpoint_every);
                 if periodic || phase_end {
                     let mut st = state.clone();
                     let (opt_tensors, opt_step) = opt.state();

@@ -55,6 +55,8 @@ pub struct State {
     pub no_ranges: AtomicBool,
     /// Announce LFS files this many bytes longer than they are.
     pub announce_extra: AtomicUsize,
+    /// Wait this many milliseconds before sending a file's body.
+    pub cdn_delay_ms: AtomicUsize,
 }
 
 pub struct FakeHub {
@@ -157,6 +159,7 @@ fn body_with_range(
         }
         None => (200, &bytes[..]),
     };
+    std::thread::sleep(std::time::Duration::from_millis(st.cdn_delay_ms.load(Ordering::SeqCst) as u64));
     let cut = st.cut_after.swap(0, Ordering::SeqCst);
     if cut > 0 && cut < part.len() {
         // Announce the whole body, send part of it, hang up.

@@ -119,7 +119,7 @@ fn heads_tables(
     what: &str,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
     let Some((c, s)) = rope else { return Ok(None) };
-    if c.dims() != [l.seq, l.head_dim] || s.dims() != [l.seq, l.head_dim] || l.head_dim % 2 != 0 {
+    if c.dims() != [l.seq, l.head_dim] || s.dims() != [l.seq, l.head_dim] || !l.head_dim.is_multiple_of(2) {
         candle_core::bail!("{what}: rope tables {:?}/{:?} do not match {l:?} (even head size)", c.dims(), s.dims());
     }
     if c.dtype() != DType::F32 || s.dtype() != DType::F32 {
