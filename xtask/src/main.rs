@@ -30,7 +30,9 @@ enum Cmd {
         #[arg(long, default_value = "data/cache")]
         cache: PathBuf,
     },
-    /// Text → tokenizer → Arrow shards + manifest.
+    /// Text → tokenizer → Arrow shards + manifest. Run again after an interruption with the
+    /// same arguments, it resumes: the shards already written (checked against their sha256)
+    /// are kept and the rest is written.
     Data {
         /// Input files or directories (text, JSONL, Parquet, optionally .gz), or Hugging Face
         /// datasets: `hf://datasets/<org>/<name>[@revision]/<file, folder or glob>`.
@@ -136,6 +138,9 @@ pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path
     println!("  vocabulary     {}", s.vocab_size);
     if s.skipped_empty > 0 {
         println!("  skipped        {} empty documents", s.skipped_empty);
+    }
+    if s.resumed_shards > 0 {
+        println!("  resumed        {} shards kept from an interrupted build", s.resumed_shards);
     }
     println!(
         "  time           {:.1} s ({:.1} s tokenizer training), {:.2} MB/s",

@@ -183,15 +183,7 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     let tok_file = cfg.data.tokenizer.file.as_deref().map(patchlm_data::hub::resolve_tokenizer).transpose()?;
     // The cache key covers the settings, every input file's path, size and mtime, so edited
     // inputs are re-tokenized rather than served stale, and the tokenizer file's.
-    let stamp = |f: &Path| {
-        let meta = f.metadata().ok();
-        let mtime = meta
-            .as_ref()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as u64);
-        serde_json::json!([f, meta.map(|m| m.len()), mtime])
-    };
+    let stamp = |f: &Path| patchlm_data::source::file_stamp(f);
     let files: Vec<serde_json::Value> =
         patchlm_data::source::expand_inputs(&inputs)?.iter().map(|f| stamp(f)).collect();
     let mut key = serde_json::json!({ "data": cfg.data, "inputs": files });

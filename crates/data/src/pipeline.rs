@@ -1,6 +1,6 @@
 //! The data stage end to end: sources → tokenizer → shards → manifest.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -9,7 +9,10 @@ use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use crate::error::{io_err, DataError, Result};
-use crate::shard::{write_atomic, Manifest, ShardWriter, Split, TokenDtype, DEFAULT_SHARD_MB, TOKENIZER_FILE};
+use crate::resume::{self, Journal};
+use crate::shard::{
+    write_atomic, Manifest, ShardInfo, ShardWriter, Split, TokenDtype, DEFAULT_SHARD_MB, TOKENIZER_FILE,
+};
 use crate::source::{Document, Documents, SourceConfig};
 use crate::tokenizer::{self, TokenizerConfig};
 
@@ -77,6 +80,9 @@ pub struct BuildSummary {
     pub vocab_size: usize,
     /// Seconds spent training the tokenizer (0 when loaded).
     pub tokenizer_secs: f64,
+    /// Shards kept from an interrupted build of the same inputs and settings (0 for a fresh
+    /// build).
+    pub resumed_shards: usize,
     /// Seconds spent end to end.
     pub secs: f64,
 }
@@ -133,6 +139,14 @@ fn bar(total: u64, show: bool, msg: &str) -> ProgressBar {
 /// Reads `inputs`, trains or loads the tokenizer, tokenizes on all cores and writes shards, the
 /// tokenizer and `manifest.json` into `out`. The same inputs and settings give byte-identical
 /// output. `progress` shows a progress bar on stderr.
+///
+/// A build that was interrupted (killed, out of disk, a bad input fixed since) resumes: while it
+/// runs, `out/build-progress.json` names the build (settings, input files with their sizes and
+/// modification times, tokenizer) and the shards committed so far. When a build with the same
+/// identity finds it, it keeps those shards (each checked against its recorded size and sha256),
+/// reuses the tokenizer it trained, reads past the documents they hold without tokenizing them
+/// and writes the rest; the result is byte for byte what an uninterrupted build writes. Any other
+/// build into `out` starts over. The journal is removed once `manifest.json` is written.
 pub fn build_shards<P: AsRef<Path>>(
     inputs: &[P],
     out: &Path,
@@ -140,6 +154,31 @@ pub fn build_shards<P: AsRef<Path>>(
     tok_source: TokenizerSource<'_>,
     progress: bool,
 ) -> Result<BuildSummary> {
+    build(inputs, out, cfg, tok_source, progress, None)?
+        .ok_or_else(|| DataError::Corpus("the build stopped before its end".into()))
+}
+
+/// [`build_shards`] that stops, as if killed, once `stop_after` more shards are committed
+/// (`Ok(None)`), leaving its journal; for tests of resuming.
+#[doc(hidden)]
+pub fn build_shards_stopping<P: AsRef<Path>>(
+    inputs: &[P],
+    out: &Path,
+    cfg: &DataConfig,
+    tok_source: TokenizerSource<'_>,
+    stop_after: usize,
+) -> Result<Option<BuildSummary>> {
+    build(inputs, out, cfg, tok_source, false, Some(stop_after))
+}
+
+fn build<P: AsRef<Path>>(
+    inputs: &[P],
+    out: &Path,
+    cfg: &DataConfig,
+    tok_source: TokenizerSource<'_>,
+    progress: bool,
+    stop_after: Option<usize>,
+) -> Result<Option<BuildSummary>> {
     let start = Instant::now();
     if !(0.0..1.0).contains(&cfg.val_fraction) {
         return Err(DataError::Config(format!("val_fraction must be in [0, 1), got {}", cfg.val_fraction)));
@@ -150,42 +189,47 @@ pub fn build_shards<P: AsRef<Path>>(
     // Open once up front so that missing inputs fail before any work.
     Documents::open(inputs, &cfg.source)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let files = crate::source::expand_inputs(inputs)?;
     let in_bytes = total_input_bytes(inputs);
+    let prior = Journal::load(out);
 
     let t0 = Instant::now();
     let trained = matches!(tok_source, TokenizerSource::Train);
     let tok = match tok_source {
         TokenizerSource::File(p) => tokenizer::load_tokenizer(p)?,
         TokenizerSource::Given(t) => *t,
-        TokenizerSource::Train => {
-            let pb = bar(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
-            let mut docs = Documents::open(inputs, &cfg.source)?;
-            let mut err = None;
-            let mut seen = 0u64;
-            let limit = cfg.tokenizer.max_train_bytes;
-            let texts = std::iter::from_fn(|| {
-                if seen >= limit {
-                    return None;
-                }
-                match docs.next()? {
-                    Ok(d) => {
-                        seen += d.text.len() as u64;
-                        pb.set_position(seen);
-                        Some(d.text)
+        TokenizerSource::Train => match reusable_tokenizer(prior.as_ref(), out, cfg, &files) {
+            Some(t) => t,
+            None => {
+                let pb = bar(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
+                let mut docs = Documents::open(inputs, &cfg.source)?;
+                let mut err = None;
+                let mut seen = 0u64;
+                let limit = cfg.tokenizer.max_train_bytes;
+                let texts = std::iter::from_fn(|| {
+                    if seen >= limit {
+                        return None;
                     }
-                    Err(e) => {
-                        err = Some(e);
-                        None
+                    match docs.next()? {
+                        Ok(d) => {
+                            seen += d.text.len() as u64;
+                            pb.set_position(seen);
+                            Some(d.text)
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            None
+                        }
                     }
+                });
+                let t = tokenizer::train_bpe(texts, &cfg.tokenizer);
+                pb.finish_and_clear();
+                if let Some(e) = err {
+                    return Err(e);
                 }
-            });
-            let t = tokenizer::train_bpe(texts, &cfg.tokenizer);
-            pb.finish_and_clear();
-            if let Some(e) = err {
-                return Err(e);
+                t?
             }
-            t?
-        }
+        },
     };
     let tokenizer_secs = if trained { t0.elapsed().as_secs_f64() } else { 0.0 };
     let specials = tokenizer::special_tokens(&tok, &cfg.tokenizer)?;
@@ -194,25 +238,51 @@ pub fn build_shards<P: AsRef<Path>>(
     let json = tokenizer::tokenizer_json(&tok)?;
     let fingerprint = tokenizer::fingerprint(&tok)?;
 
-    // Remove shards of an earlier build so that the directory holds exactly what the manifest lists.
-    for e in std::fs::read_dir(out).map_err(io_err(out))?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if (name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".arrow") {
-            std::fs::remove_file(e.path()).map_err(io_err(e.path()))?;
-        }
+    // The shards an interrupted build of this same identity committed stay; everything else of
+    // an earlier build goes, so that the directory ends up holding exactly what the manifest lists.
+    let ident = resume::identity(cfg, &files, if trained { "train" } else { &fingerprint });
+    let ident_sha = resume::digest(&ident);
+    let prior = prior.filter(|j| j.identity_sha256 == ident_sha && j.tokenizer_fingerprint == fingerprint);
+    let (kept_train, kept_val) = match &prior {
+        Some(j) => (j.intact(out, Split::Train), j.intact(out, Split::Val)),
+        None => Default::default(),
+    };
+    let kept: Vec<ShardInfo> = kept_train.iter().chain(&kept_val).cloned().collect();
+    resume::clear_except(out, &kept)?;
+    let skip = [kept_train.iter().map(|s| s.rows).sum::<u64>(), kept_val.iter().map(|s| s.rows).sum::<u64>()];
+    if progress && prior.is_some() {
+        eprintln!(
+            "resuming the build in {}: {} shard{} ({} documents) kept from an interrupted run",
+            out.display(),
+            kept.len(),
+            if kept.len() == 1 { "" } else { "s" },
+            skip[0] + skip[1]
+        );
     }
+    let resumed_shards = kept.len();
     write_atomic(&out.join(TOKENIZER_FILE), json.as_bytes())?;
+    let mut journal = Journal {
+        identity_sha256: ident_sha,
+        identity: ident,
+        tokenizer_fingerprint: fingerprint.clone(),
+        shards: kept,
+    };
+    journal.save(out)?;
 
     let target = cfg.shard_mb << 20;
-    let mut train_w = ShardWriter::new(out, Split::Train, dtype, vocab_size, target);
-    let mut val_w = ShardWriter::new(out, Split::Val, dtype, vocab_size, target);
+    let mut train_w = ShardWriter::resuming(out, Split::Train, dtype, vocab_size, target, kept_train);
+    let mut val_w = ShardWriter::resuming(out, Split::Val, dtype, vocab_size, target, kept_val);
 
-    // A reader thread streams batches of documents; this thread tokenizes each batch on all
-    // cores and writes it in order, so the output does not depend on scheduling.
+    // A reader thread streams batches of documents, each with its split, leaving out those that
+    // kept shards already hold (counted in bytes, for the progress bar); this thread tokenizes
+    // each batch on all cores and writes it in order, so the output does not depend on
+    // scheduling.
     let pb = bar(in_bytes, progress, "tokenize");
-    let (tx, rx) = sync_channel::<Result<Vec<Document>>>(2);
+    type Batch = (Vec<(Document, Split)>, u64);
+    let (tx, rx) = sync_channel::<Result<Batch>>(2);
     let inputs_owned: Vec<std::path::PathBuf> = inputs.iter().map(|p| p.as_ref().to_path_buf()).collect();
     let src_cfg = cfg.source.clone();
+    let (seed, val_fraction) = (cfg.split_seed, cfg.val_fraction);
     let reader = std::thread::spawn(move || -> crate::source::SourceStats {
         let mut docs = match Documents::open(&inputs_owned, &src_cfg) {
             Ok(d) => d,
@@ -222,17 +292,26 @@ pub fn build_shards<P: AsRef<Path>>(
             }
         };
         let mut batch = Vec::new();
-        let mut bytes = 0usize;
+        let (mut bytes, mut skipped_bytes) = (0usize, 0u64);
+        let mut seen = [0u64; 2];
         for d in docs.by_ref() {
             match d {
                 Ok(d) => {
-                    bytes += d.text.len();
-                    batch.push(d);
-                    if bytes >= BATCH_BYTES {
-                        if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                    let split = split_of(&d.text, seed, val_fraction);
+                    let i = usize::from(split == Split::Val);
+                    seen[i] += 1;
+                    if seen[i] <= skip[i] {
+                        skipped_bytes += d.text.len() as u64;
+                    } else {
+                        bytes += d.text.len();
+                        batch.push((d, split));
+                    }
+                    if bytes >= BATCH_BYTES || skipped_bytes >= BATCH_BYTES as u64 {
+                        if tx.send(Ok((std::mem::take(&mut batch), skipped_bytes))).is_err() {
                             return docs.stats().clone();
                         }
                         bytes = 0;
+                        skipped_bytes = 0;
                     }
                 }
                 Err(e) => {
@@ -241,24 +320,26 @@ pub fn build_shards<P: AsRef<Path>>(
                 }
             }
         }
-        if !batch.is_empty() {
-            let _ = tx.send(Ok(batch));
+        if !batch.is_empty() || skipped_bytes > 0 {
+            let _ = tx.send(Ok((batch, skipped_bytes)));
         }
         docs.stats().clone()
     });
 
     let mut text_bytes = 0u64;
     let mut failure = None;
+    let mut stopped = false;
     for batch in rx.iter() {
-        let batch = match batch {
+        let (batch, skipped_bytes) = match batch {
             Ok(b) => b,
             Err(e) => {
                 failure = Some(e);
                 break;
             }
         };
+        text_bytes += skipped_bytes;
         let encoded: Result<Vec<Vec<u32>>> =
-            batch.par_iter().map(|d| tokenizer::encode_document(&tok, &d.text, &specials)).collect();
+            batch.par_iter().map(|(d, _)| tokenizer::encode_document(&tok, &d.text, &specials)).collect();
         let encoded = match encoded {
             Ok(e) => e,
             Err(e) => {
@@ -266,22 +347,35 @@ pub fn build_shards<P: AsRef<Path>>(
                 break;
             }
         };
-        for (d, ids) in batch.iter().zip(&encoded) {
+        for ((d, split), ids) in batch.iter().zip(&encoded) {
             if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab_size) {
                 failure = Some(DataError::TokenRange { id, dtype: dtype.name(), vocab: vocab_size });
                 break;
             }
-            let w = match split_of(&d.text, cfg.split_seed, cfg.val_fraction) {
+            let w = match split {
                 Split::Train => &mut train_w,
                 Split::Val => &mut val_w,
             };
+            let before = w.committed().len();
             if let Err(e) = w.push(ids) {
                 failure = Some(e);
                 break;
             }
             text_bytes += d.text.len() as u64;
+            if w.committed().len() > before {
+                // A shard was committed: the journal names it before anything else is written.
+                journal.shards = train_w.committed().iter().chain(val_w.committed()).cloned().collect();
+                if let Err(e) = journal.save(out) {
+                    failure = Some(e);
+                    break;
+                }
+                if stop_after.is_some_and(|n| journal.shards.len() >= resumed_shards + n) {
+                    stopped = true;
+                    break;
+                }
+            }
         }
-        if failure.is_some() {
+        if failure.is_some() || stopped {
             break;
         }
         pb.set_position(text_bytes.min(in_bytes));
@@ -291,6 +385,9 @@ pub fn build_shards<P: AsRef<Path>>(
     pb.finish_and_clear();
     if let Some(e) = failure {
         return Err(e);
+    }
+    if stopped {
+        return Ok(None);
     }
     let mut shards = train_w.finish()?;
     shards.extend(val_w.finish()?);
@@ -307,9 +404,11 @@ pub fn build_shards<P: AsRef<Path>>(
         shards,
     };
     manifest.save(out)?;
+    let journal_path = out.join(resume::PROGRESS_FILE);
+    std::fs::remove_file(&journal_path).map_err(io_err(&journal_path))?;
     let train_tokens = manifest.tokens(Split::Train);
     let val_tokens = manifest.tokens(Split::Val);
-    Ok(BuildSummary {
+    Ok(Some(BuildSummary {
         documents: manifest.documents(Split::Train) + manifest.documents(Split::Val),
         val_documents: manifest.documents(Split::Val),
         tokens: train_tokens + val_tokens,
@@ -319,6 +418,18 @@ pub fn build_shards<P: AsRef<Path>>(
         skipped_empty: stats.skipped_empty,
         vocab_size,
         tokenizer_secs,
+        resumed_shards,
         secs: start.elapsed().as_secs_f64(),
-    })
+    }))
+}
+
+/// The tokenizer an interrupted build of these settings and inputs trained, when its journal
+/// says so and `out/tokenizer.json` is still the one it recorded.
+fn reusable_tokenizer(prior: Option<&Journal>, out: &Path, cfg: &DataConfig, files: &[PathBuf]) -> Option<Tokenizer> {
+    let j = prior?;
+    if j.identity_sha256 != resume::digest(&resume::identity(cfg, files, "train")) {
+        return None;
+    }
+    let tok = tokenizer::load_tokenizer(&out.join(TOKENIZER_FILE)).ok()?;
+    (tokenizer::fingerprint(&tok).ok()? == j.tokenizer_fingerprint).then_some(tok)
 }

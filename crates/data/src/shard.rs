@@ -327,6 +327,25 @@ impl ShardWriter {
         }
     }
 
+    /// A writer that continues after `done`, the shards of `split` an interrupted build already
+    /// committed in `dir`: the next shard is numbered `done.len()`, and [`ShardWriter::finish`]
+    /// returns `done` followed by the new ones.
+    pub fn resuming(
+        dir: &Path,
+        split: Split,
+        dtype: TokenDtype,
+        vocab_size: usize,
+        target_bytes: u64,
+        done: Vec<ShardInfo>,
+    ) -> Self {
+        Self { done, ..Self::new(dir, split, dtype, vocab_size, target_bytes) }
+    }
+
+    /// The shards committed so far (renamed into place, checksummed).
+    pub fn committed(&self) -> &[ShardInfo] {
+        &self.done
+    }
+
     /// Appends one document.
     pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
         let max = self.dtype.max();

@@ -113,6 +113,18 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What identifies a file's contents for a cache key, cheaply: `[path, size, mtime in ns]`
+/// (`null` for what cannot be read), so that an edited input is noticed without reading it.
+pub fn file_stamp(path: &Path) -> serde_json::Value {
+    let meta = path.metadata().ok();
+    let mtime = meta
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64);
+    serde_json::json!([path, meta.map(|m| m.len()), mtime])
+}
+
 /// One document (or one piece of a document longer than the limit).
 #[derive(Debug, Clone)]
 pub struct Document {

@@ -282,6 +282,87 @@ fn reader_ranges_cross_shard_and_batch_boundaries() {
     assert!(train.document(5).is_err());
 }
 
+/// The sha256 of every file of `dir`, by name.
+fn files_of(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().to_string(), patchlm_data::shard::sha256_file(&e.path()).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn interrupted_builds_resume_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    // About 3.3 MB of text with a byte-level vocabulary (no merges: a token per byte) and 1 MiB
+    // shards: four train shards and three validation shards.
+    let c = dir.path().join("corpus");
+    let docs: Vec<String> = (0..1600).map(|i| text(i, 250 + (i as usize % 150))).collect();
+    write(&c.join("part-0.jsonl"), &jsonl(&docs[..800], "text"));
+    write(&c.join("part-1.jsonl"), &jsonl(&docs[800..], "text"));
+    let mut cfg = DataConfig::default();
+    cfg.tokenizer.vocab_size = 259;
+    cfg.val_fraction = 0.4;
+    cfg.shard_mb = 1;
+    let whole = dir.path().join("whole");
+    let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, 0);
+    let m = Manifest::load(&whole).unwrap();
+    let count = |split| m.shards.iter().filter(|x| x.split == split).count();
+    assert!(count(Split::Train) >= 3 && count(Split::Val) >= 2, "{:?}", m.shards);
+    let want = files_of(&whole);
+    assert!(!want.contains_key(PROGRESS_FILE), "the journal goes once the manifest is written");
+
+    // Stopped after three shards, as if killed: a journal, no manifest. A kill also leaves the
+    // temp file of the shard being written.
+    let out = dir.path().join("resumed");
+    assert!(build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 3).unwrap().is_none());
+    assert!(out.join(PROGRESS_FILE).is_file() && !out.join("manifest.json").exists());
+    write(&out.join("train-00003.arrow.4242-7.tmp"), b"half a shard");
+    let s = build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, 3);
+    assert_eq!(files_of(&out), want, "a resumed build writes what an uninterrupted one does");
+
+    // A kept shard that was damaged since is rewritten, with the shards after it in its split.
+    let out = dir.path().join("damaged");
+    build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 4).unwrap();
+    let journal: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(PROGRESS_FILE)).unwrap()).unwrap();
+    let committed: Vec<String> =
+        journal["shards"].as_array().unwrap().iter().map(|x| x["file"].as_str().unwrap().to_string()).collect();
+    assert!(committed.contains(&"train-00000.arrow".to_string()), "{committed:?}");
+    let mut bytes = std::fs::read(out.join("train-00000.arrow")).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(out.join("train-00000.arrow"), &bytes).unwrap();
+    let s = build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    let val_kept = committed.iter().filter(|f| f.starts_with("val-")).count();
+    assert_eq!(s.resumed_shards, val_kept, "only the validation shards are kept ({committed:?})");
+    assert_eq!(files_of(&out), want);
+
+    // Edited input: the interrupted build is not resumed but started over.
+    let out = dir.path().join("edited");
+    build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 2).unwrap();
+    let mut more = docs.clone();
+    more.push(text(9999, 30));
+    write(&c.join("part-1.jsonl"), &jsonl(&more[800..], "text"));
+    let s = build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, 0);
+    assert_eq!(s.documents, 1601);
+    let m = Manifest::load(&out).unwrap();
+    let mut listed: Vec<String> = m.shards.iter().map(|x| x.file.clone()).collect();
+    listed.extend(["manifest.json".to_string(), TOKENIZER_FILE.to_string()]);
+    listed.sort();
+    assert_eq!(files_of(&out).into_keys().collect::<Vec<_>>(), listed, "nothing of the old build is left");
+    Dataset::open(&out).unwrap();
+
+    // A different tokenizer is a different build, too.
+    let out = dir.path().join("other-tokenizer");
+    build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 2).unwrap();
+    let s = build_shards(&[&c], &out, &cfg, TokenizerSource::File(&whole.join(TOKENIZER_FILE)), false).unwrap();
+    assert_eq!(s.resumed_shards, 0);
+}
+
 #[test]
 fn corrupted_and_truncated_shards_are_refused() {
     let dir = tempfile::tempdir().unwrap();
