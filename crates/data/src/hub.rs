@@ -588,22 +588,7 @@ impl Hub {
         let dir = self.opts.cache_dir.join(".locks").join(repo.cache_folder());
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join(format!("{etag}.lock"));
-        let mut open = OpenOptions::new();
-        open.create(true).truncate(false).write(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o664);
-        let f = open.open(&path).map_err(io_err(&path))?;
-        match f.try_lock() {
-            Ok(()) => return Ok(Some(f)),
-            Err(std::fs::TryLockError::WouldBlock) => {}
-            Err(std::fs::TryLockError::Error(e)) => {
-                eprintln!("warning: cannot lock {} ({e}); downloading {target} without a lock", path.display());
-                return Ok(None);
-            }
-        }
-        eprintln!("waiting for another download of {target} to finish (it holds {})", path.display());
-        f.lock().map_err(io_err(&path))?;
-        Ok(Some(f))
+        crate::shard::lock_exclusive(&path, &format!("another download of {target}"), &format!("downloading {target}"))
     }
 
     /// Downloads `meta.url` into `blob` through `<blob>.incomplete`, resuming a partial one,

@@ -59,7 +59,7 @@ pub use error::{DataError, Result};
 pub use parquet_io::{export_parquet, import_parquet};
 pub use pipeline::{build_shards, build_shards_stopping, split_of, BuildSummary, DataConfig, TokenizerSource};
 pub use reader::{map_ipc_file, Dataset, ReaderOptions, TokenChunk, TokenStream};
-pub use resume::PROGRESS_FILE;
+pub use resume::{BUILD_FILE, PROGRESS_FILE};
 pub use shard::{Manifest, ShardInfo, Split, TokenDtype};
 pub use source::{Document, Documents, SourceConfig, SourceStats};
 pub use tokenizers::Tokenizer;

@@ -80,8 +80,8 @@ pub struct BuildSummary {
     pub vocab_size: usize,
     /// Seconds spent training the tokenizer (0 when loaded).
     pub tokenizer_secs: f64,
-    /// Shards kept from an interrupted build of the same inputs and settings (0 for a fresh
-    /// build).
+    /// Shards kept from an earlier build of the same inputs and settings into the same
+    /// directory, interrupted or finished (0 for a fresh build).
     pub resumed_shards: usize,
     /// Seconds spent end to end.
     pub secs: f64,
@@ -145,8 +145,11 @@ fn bar(total: u64, show: bool, msg: &str) -> ProgressBar {
 /// modification times, tokenizer) and the shards committed so far. When a build with the same
 /// identity finds it, it keeps those shards (each checked against its recorded size and sha256),
 /// reuses the tokenizer it trained, reads past the documents they hold without tokenizing them
-/// and writes the rest; the result is byte for byte what an uninterrupted build writes. Any other
-/// build into `out` starts over. The journal is removed once `manifest.json` is written.
+/// and writes the rest; the result is byte for byte what an uninterrupted build writes. A finished
+/// build of the same identity is kept the same way (`out/build.json` names it), so running
+/// a build twice tokenizes once. Any other build into `out` starts over. The journal is removed
+/// once `manifest.json` is written. Two builds into one `out` at once take turns on the lock
+/// `out/.build.lock`.
 pub fn build_shards<P: AsRef<Path>>(
     inputs: &[P],
     out: &Path,
@@ -189,9 +192,12 @@ fn build<P: AsRef<Path>>(
     // Open once up front so that missing inputs fail before any work.
     Documents::open(inputs, &cfg.source)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let lock_path = out.join(resume::LOCK_FILE);
+    let what = format!("another build into {}", out.display());
+    let _lock = crate::shard::lock_exclusive(&lock_path, &what, &format!("building into {}", out.display()))?;
     let files = crate::source::expand_inputs(inputs)?;
     let in_bytes = total_input_bytes(inputs);
-    let prior = Journal::load(out);
+    let prior = Journal::find(out);
 
     let t0 = Instant::now();
     let trained = matches!(tok_source, TokenizerSource::Train);
@@ -250,14 +256,16 @@ fn build<P: AsRef<Path>>(
     let kept: Vec<ShardInfo> = kept_train.iter().chain(&kept_val).cloned().collect();
     resume::clear_except(out, &kept)?;
     let skip = [kept_train.iter().map(|s| s.rows).sum::<u64>(), kept_val.iter().map(|s| s.rows).sum::<u64>()];
-    if progress && prior.is_some() {
-        eprintln!(
-            "resuming the build in {}: {} shard{} ({} documents) kept from an interrupted run",
-            out.display(),
-            kept.len(),
-            if kept.len() == 1 { "" } else { "s" },
-            skip[0] + skip[1]
-        );
+    if let (true, Some(j)) = (progress, &prior) {
+        let (n, docs, s) = (kept.len(), skip[0] + skip[1], if kept.len() == 1 { "" } else { "s" });
+        if j.finished {
+            eprintln!("{} already holds this build: {n} shard{s} ({docs} documents) checked and kept", out.display());
+        } else {
+            eprintln!(
+                "resuming the build in {}: {n} shard{s} ({docs} documents) kept from an interrupted run",
+                out.display()
+            );
+        }
     }
     let resumed_shards = kept.len();
     write_atomic(&out.join(TOKENIZER_FILE), json.as_bytes())?;
@@ -266,8 +274,9 @@ fn build<P: AsRef<Path>>(
         identity: ident,
         tokenizer_fingerprint: fingerprint.clone(),
         shards: kept,
+        finished: false,
     };
-    journal.save(out)?;
+    journal.save(out, resume::PROGRESS_FILE)?;
 
     let target = cfg.shard_mb << 20;
     let mut train_w = ShardWriter::resuming(out, Split::Train, dtype, vocab_size, target, kept_train);
@@ -365,7 +374,7 @@ fn build<P: AsRef<Path>>(
             if w.committed().len() > before {
                 // A shard was committed: the journal names it before anything else is written.
                 journal.shards = train_w.committed().iter().chain(val_w.committed()).cloned().collect();
-                if let Err(e) = journal.save(out) {
+                if let Err(e) = journal.save(out, resume::PROGRESS_FILE) {
                     failure = Some(e);
                     break;
                 }
@@ -404,8 +413,15 @@ fn build<P: AsRef<Path>>(
         shards,
     };
     manifest.save(out)?;
+    journal.shards = manifest.shards.clone();
+    journal.save(out, resume::BUILD_FILE)?;
     let journal_path = out.join(resume::PROGRESS_FILE);
-    std::fs::remove_file(&journal_path).map_err(io_err(&journal_path))?;
+    match std::fs::remove_file(&journal_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(DataError::Io { path: journal_path, source: e })
+        }
+        _ => {}
+    }
     let train_tokens = manifest.tokens(Split::Train);
     let val_tokens = manifest.tokens(Split::Val);
     Ok(Some(BuildSummary {

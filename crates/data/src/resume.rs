@@ -15,6 +15,12 @@ use crate::shard::{sha256_file, write_atomic, ShardInfo, Split};
 
 /// The journal's file name inside the output directory.
 pub const PROGRESS_FILE: &str = "build-progress.json";
+/// A finished build's identity and shards, beside its manifest (which stays free of machine
+/// details such as file times, so that it is the same wherever the same text is built).
+pub const BUILD_FILE: &str = "build.json";
+/// The lock a build holds on its output directory, so that two builds into one directory (two
+/// runs of the same data settings started at once) take turns.
+pub(crate) const LOCK_FILE: &str = ".build.lock";
 
 /// The journal of a build in progress.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -27,6 +33,9 @@ pub(crate) struct Journal {
     pub tokenizer_fingerprint: String,
     /// Shards committed so far, both splits, each split in order.
     pub shards: Vec<ShardInfo>,
+    /// Whether this was read from a finished build's manifest rather than a journal.
+    #[serde(skip)]
+    pub finished: bool,
 }
 
 /// A build's identity: the data settings, the input files (path, size, mtime) and where the
@@ -47,16 +56,28 @@ pub(crate) fn digest(value: &serde_json::Value) -> String {
 }
 
 impl Journal {
-    /// The journal in `dir`, if there is a readable one (an unreadable one is ignored: the build
-    /// then starts over).
-    pub fn load(dir: &Path) -> Option<Self> {
-        let bytes = std::fs::read(dir.join(PROGRESS_FILE)).ok()?;
+    /// The journal `dir/name`, if there is a readable one (an unreadable one is ignored: the
+    /// build then starts over).
+    fn load(dir: &Path, name: &str) -> Option<Self> {
+        let bytes = std::fs::read(dir.join(name)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Writes the journal into `dir` atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(PROGRESS_FILE);
+    /// What an interrupted build left (its journal), or else what a finished build wrote: its
+    /// identity (`build.json`) with the shards its manifest lists.
+    pub fn find(dir: &Path) -> Option<Self> {
+        if let Some(j) = Self::load(dir, PROGRESS_FILE) {
+            return Some(j);
+        }
+        let done = Self::load(dir, BUILD_FILE)?;
+        let m = crate::shard::Manifest::load(dir).ok()?;
+        (m.shards == done.shards && m.tokenizer_fingerprint == done.tokenizer_fingerprint)
+            .then_some(Self { finished: true, ..done })
+    }
+
+    /// Writes the journal into `dir/name` atomically.
+    pub fn save(&self, dir: &Path, name: &str) -> Result<()> {
+        let path = dir.join(name);
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| crate::DataError::Shard { path: path.clone(), msg: format!("cannot serialize: {e}") })?;
         write_atomic(&path, &json)
@@ -80,7 +101,7 @@ impl Journal {
     }
 }
 
-/// Removes an earlier build's `manifest.json` (the directory is complete again only when this
+/// Removes an earlier build's `manifest.json` and `build.json` (the directory is complete again only when this
 /// build writes its own), the shard files in `dir` that `keep` does not name, and temp files that
 /// writers killed mid-write left behind (`<shard>.<pid>-<n>.tmp`, `manifest.json.<…>.tmp`, …).
 pub(crate) fn clear_except(dir: &Path, keep: &[ShardInfo]) -> Result<()> {
@@ -92,8 +113,10 @@ pub(crate) fn clear_except(dir: &Path, keep: &[ShardInfo]) -> Result<()> {
                 || name.starts_with("val-")
                 || name.starts_with(crate::shard::MANIFEST)
                 || name.starts_with(crate::shard::TOKENIZER_FILE)
-                || name.starts_with(PROGRESS_FILE));
-        if (shard && !keep.iter().any(|k| k.file == name)) || temp || name == crate::shard::MANIFEST {
+                || name.starts_with(PROGRESS_FILE)
+                || name.starts_with(BUILD_FILE));
+        let finished = name == crate::shard::MANIFEST || name == BUILD_FILE;
+        if (shard && !keep.iter().any(|k| k.file == name)) || temp || finished {
             std::fs::remove_file(e.path()).map_err(io_err(e.path()))?;
         }
     }

@@ -189,6 +189,29 @@ impl Manifest {
     }
 }
 
+/// Holds an exclusive lock (`flock`) on `path`, created if need be, until the returned file is
+/// dropped. When another process holds it, says so on stderr (`waiting for {waiting} to finish`)
+/// and waits. Where the file system cannot lock, warns and returns `None`: the work goes ahead
+/// unlocked (`{unlocked}` names it in the warning).
+pub(crate) fn lock_exclusive(path: &Path, waiting: &str, unlocked: &str) -> Result<Option<File>> {
+    let mut open = std::fs::OpenOptions::new();
+    open.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o664);
+    let f = open.open(path).map_err(io_err(path))?;
+    match f.try_lock() {
+        Ok(()) => return Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => {}
+        Err(std::fs::TryLockError::Error(e)) => {
+            eprintln!("warning: cannot lock {} ({e}); {unlocked} without a lock", path.display());
+            return Ok(None);
+        }
+    }
+    eprintln!("waiting for {waiting} to finish (it holds {})", path.display());
+    f.lock().map_err(io_err(path))?;
+    Ok(Some(f))
+}
+
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut w = AtomicFile::create(path)?;

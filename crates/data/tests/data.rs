@@ -314,6 +314,11 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     assert!(count(Split::Train) >= 3 && count(Split::Val) >= 2, "{:?}", m.shards);
     let want = files_of(&whole);
     assert!(!want.contains_key(PROGRESS_FILE), "the journal goes once the manifest is written");
+    assert!(want.contains_key(BUILD_FILE));
+    // Built again: every shard is kept (the manifest names the build), nothing changes.
+    let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, m.shards.len());
+    assert_eq!(files_of(&whole), want);
 
     // Stopped after three shards, as if killed: a journal, no manifest. A kill also leaves the
     // temp file of the shard being written.
@@ -351,10 +356,30 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     assert_eq!(s.documents, 1601);
     let m = Manifest::load(&out).unwrap();
     let mut listed: Vec<String> = m.shards.iter().map(|x| x.file.clone()).collect();
-    listed.extend(["manifest.json".to_string(), TOKENIZER_FILE.to_string()]);
+    listed.extend(["manifest.json", TOKENIZER_FILE, BUILD_FILE, ".build.lock"].map(String::from));
     listed.sort();
     assert_eq!(files_of(&out).into_keys().collect::<Vec<_>>(), listed, "nothing of the old build is left");
     Dataset::open(&out).unwrap();
+
+    // Two builds into one directory at once take turns and both succeed.
+    std::fs::write(c.join("part-1.jsonl"), jsonl(&docs[800..], "text")).unwrap();
+    let out = dir.path().join("concurrent");
+    std::thread::scope(|sc| {
+        let runs: Vec<_> = (0..2)
+            .map(|_| sc.spawn(|| build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap()))
+            .collect();
+        let mut kept: Vec<usize> = runs.into_iter().map(|r| r.join().unwrap().resumed_shards).collect();
+        kept.sort();
+        assert_eq!(kept, [0, m.shards.len()], "the second keeps what the first wrote");
+    });
+    let files = files_of(&out);
+    // (part-1.jsonl was rewritten with the same text: a new mtime, so compare all but
+    // build.json, which records the inputs' sizes and mtimes.)
+    let strip = |mut f: std::collections::BTreeMap<String, String>| {
+        f.remove(BUILD_FILE);
+        f
+    };
+    assert_eq!(strip(files), strip(want.clone()));
 
     // A different tokenizer is a different build, too.
     let out = dir.path().join("other-tokenizer");
