@@ -140,12 +140,14 @@ pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path
         println!("  skipped        {} empty documents", s.skipped_empty);
     }
     if s.resumed_shards > 0 {
-        println!("  resumed        {} shards kept from an interrupted build", s.resumed_shards);
+        println!("  kept           {} shards of an earlier build of the same inputs and settings", s.resumed_shards);
+        println!("  time           {:.1} s", s.secs);
+    } else {
+        println!(
+            "  time           {:.1} s ({:.1} s tokenizer training), {:.2} MB/s",
+            s.secs,
+            s.tokenizer_secs,
+            s.bytes as f64 / 1e6 / (s.secs - s.tokenizer_secs).max(1e-9)
+        );
     }
-    println!(
-        "  time           {:.1} s ({:.1} s tokenizer training), {:.2} MB/s",
-        s.secs,
-        s.tokenizer_secs,
-        s.bytes as f64 / 1e6 / (s.secs - s.tokenizer_secs).max(1e-9)
-    );
 }
