@@ -1,6 +1,6 @@
 //! The data stage end to end: sources → tokenizer → shards → manifest.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -201,10 +201,13 @@ fn build<P: AsRef<Path>>(
 
     let t0 = Instant::now();
     let trained = matches!(tok_source, TokenizerSource::Train);
+    // A trained tokenizer is a function of the settings and inputs, so such a build's identity is
+    // known before the tokenizer; a given one's includes its fingerprint.
+    let train_ident = trained.then(|| resume::identity(cfg, &files, "train"));
     let tok = match tok_source {
         TokenizerSource::File(p) => tokenizer::load_tokenizer(p)?,
         TokenizerSource::Given(t) => *t,
-        TokenizerSource::Train => match reusable_tokenizer(prior.as_ref(), out, cfg, &files) {
+        TokenizerSource::Train => match reusable_tokenizer(prior.as_ref(), out, train_ident.as_ref()) {
             Some(t) => t,
             None => {
                 let pb = bar(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
@@ -246,7 +249,7 @@ fn build<P: AsRef<Path>>(
 
     // The shards an interrupted build of this same identity committed stay; everything else of
     // an earlier build goes, so that the directory ends up holding exactly what the manifest lists.
-    let ident = resume::identity(cfg, &files, if trained { "train" } else { &fingerprint });
+    let ident = train_ident.unwrap_or_else(|| resume::identity(cfg, &files, &fingerprint));
     let ident_sha = resume::digest(&ident);
     let prior = prior.filter(|j| j.identity_sha256 == ident_sha && j.tokenizer_fingerprint == fingerprint);
     let (kept_train, kept_val) = match &prior {
@@ -254,18 +257,20 @@ fn build<P: AsRef<Path>>(
         None => Default::default(),
     };
     let kept: Vec<ShardInfo> = kept_train.iter().chain(&kept_val).cloned().collect();
+    if let Some(j) = prior.as_ref().filter(|j| j.finished && j.shards.len() == kept.len()) {
+        // A finished build of this identity, every shard whole: no input to read again.
+        let manifest = Manifest::load(out)?;
+        write_atomic(&out.join(TOKENIZER_FILE), json.as_bytes())?;
+        if progress {
+            eprintln!("{} already holds this build: its {} shards checked and kept", out.display(), j.shards.len());
+        }
+        return Ok(Some(summary(&manifest, tokenizer_secs, kept.len(), start)));
+    }
     resume::clear_except(out, &kept)?;
     let skip = [kept_train.iter().map(|s| s.rows).sum::<u64>(), kept_val.iter().map(|s| s.rows).sum::<u64>()];
-    if let (true, Some(j)) = (progress, &prior) {
+    if let (true, Some(_)) = (progress, &prior) {
         let (n, docs, s) = (kept.len(), skip[0] + skip[1], if kept.len() == 1 { "" } else { "s" });
-        if j.finished {
-            eprintln!("{} already holds this build: {n} shard{s} ({docs} documents) checked and kept", out.display());
-        } else {
-            eprintln!(
-                "resuming the build in {}: {n} shard{s} ({docs} documents) kept from an interrupted run",
-                out.display()
-            );
-        }
+        eprintln!("resuming the build in {}: {n} shard{s} ({docs} documents) kept from an earlier run", out.display());
     }
     let resumed_shards = kept.len();
     write_atomic(&out.join(TOKENIZER_FILE), json.as_bytes())?;
@@ -409,7 +414,7 @@ fn build<P: AsRef<Path>>(
         special_tokens: specials,
         val_fraction: cfg.val_fraction,
         split_seed: cfg.split_seed,
-        source: stats.clone(),
+        source: stats,
         shards,
     };
     manifest.save(out)?;
@@ -422,28 +427,33 @@ fn build<P: AsRef<Path>>(
         }
         _ => {}
     }
+    Ok(Some(summary(&manifest, tokenizer_secs, resumed_shards, start)))
+}
+
+/// What a build that wrote (or kept) `manifest` did.
+fn summary(manifest: &Manifest, tokenizer_secs: f64, resumed_shards: usize, start: Instant) -> BuildSummary {
     let train_tokens = manifest.tokens(Split::Train);
     let val_tokens = manifest.tokens(Split::Val);
-    Ok(Some(BuildSummary {
+    BuildSummary {
         documents: manifest.documents(Split::Train) + manifest.documents(Split::Val),
         val_documents: manifest.documents(Split::Val),
         tokens: train_tokens + val_tokens,
         train_tokens,
         val_tokens,
-        bytes: stats.bytes,
-        skipped_empty: stats.skipped_empty,
-        vocab_size,
+        bytes: manifest.source.bytes,
+        skipped_empty: manifest.source.skipped_empty,
+        vocab_size: manifest.vocab_size,
         tokenizer_secs,
         resumed_shards,
         secs: start.elapsed().as_secs_f64(),
-    }))
+    }
 }
 
 /// The tokenizer an interrupted build of these settings and inputs trained, when its journal
 /// says so and `out/tokenizer.json` is still the one it recorded.
-fn reusable_tokenizer(prior: Option<&Journal>, out: &Path, cfg: &DataConfig, files: &[PathBuf]) -> Option<Tokenizer> {
+fn reusable_tokenizer(prior: Option<&Journal>, out: &Path, ident: Option<&serde_json::Value>) -> Option<Tokenizer> {
     let j = prior?;
-    if j.identity_sha256 != resume::digest(&resume::identity(cfg, files, "train")) {
+    if j.identity_sha256 != resume::digest(ident?) {
         return None;
     }
     let tok = tokenizer::load_tokenizer(&out.join(TOKENIZER_FILE)).ok()?;
