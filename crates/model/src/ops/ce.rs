@@ -37,8 +37,12 @@ pub(super) struct MultiTargetCeGrad {
 
 /// (max, log Σ exp(x − max)) of one row, in f32.
 fn row_stats<T: Float>(row: &[T]) -> (f32, f32) {
+    if let Some(x) = T::as_f32(row) {
+        let m = vmath::max(x);
+        return (m, vmath::sum_exp(x, 1.0, m).ln());
+    }
     let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.f()));
-    let s: f32 = row.iter().map(|&x| (x.f() - m).exp()).sum();
+    let s: f32 = row.iter().map(|&x| vmath::exp(x.f() - m)).sum();
     (m, s.ln())
 }
 
@@ -57,28 +61,23 @@ fn check_target(t: u32, v: usize) -> candle_core::Result<usize> {
     }
 }
 
-fn ce_fwd<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+/// Per-row losses Σ_k (lse − logit[t_k]), then (`lse`) per-row log-sum-exps: one pass over
+/// each row's logits for both.
+fn ce_fwd_rows<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize, lse: bool) -> candle_core::Result<Vec<f32>> {
     for &id in t {
         check_target(id, v)?;
     }
-    Ok((0..n)
+    let (losses, lses): (Vec<f32>, Vec<f32>) = (0..n)
         .into_par_iter()
         .map(|i| {
             let row = &x[i * v..(i + 1) * v];
-            let (m, lse) = row_stats(row);
-            t[i * k..(i + 1) * k].iter().map(|&id| m + lse - row[id as usize].f()).sum::<f32>()
-        })
-        .collect())
-}
-
-/// Per-row losses, then (`lse`) per-row log-sum-exps.
-fn ce_fwd_rows<T: Float>(x: &[T], t: &[u32], n: usize, v: usize, k: usize, lse: bool) -> candle_core::Result<Vec<f32>> {
-    let mut out = ce_fwd(x, t, n, v, k)?;
-    if lse {
-        out.par_extend(x.par_chunks(v).map(|row| {
             let (m, l) = row_stats(row);
-            m + l
-        }));
+            (t[i * k..(i + 1) * k].iter().map(|&id| m + l - row[id as usize].f()).sum::<f32>(), m + l)
+        })
+        .unzip();
+    let mut out = losses;
+    if lse {
+        out.extend(lses);
     }
     Ok(out)
 }
@@ -105,7 +104,14 @@ fn ce_bwd_with<T: Float>(
         let lse = lse_of(i, row);
         let gi = g[i];
         let scale = gi * k as f32;
-        let mut acc: Vec<f32> = row.iter().map(|&xv| scale * (xv.f() - lse).exp()).collect();
+        if let (Some(row), Some(o)) = (T::as_f32(row), T::as_f32_mut(o)) {
+            vmath::exp_into(row, 1.0, lse, scale, o);
+            for &id in &t[i * k..(i + 1) * k] {
+                o[id as usize] -= gi;
+            }
+            return;
+        }
+        let mut acc: Vec<f32> = row.iter().map(|&xv| scale * vmath::exp(xv.f() - lse)).collect();
         for &id in &t[i * k..(i + 1) * k] {
             acc[id as usize] -= gi;
         }

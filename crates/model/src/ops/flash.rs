@@ -239,7 +239,7 @@ fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, w
             let lim = s - t + i;
             let sc: Vec<f32> = (0..=lim).map(|j| scale * dot(&qi, &k[j * hd..(j + 1) * hd])).collect();
             let m = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let p: Vec<f32> = sc.iter().map(|&x| (x - m).exp()).collect();
+            let p: Vec<f32> = sc.iter().map(|&x| vmath::exp(x - m)).collect();
             let l: f32 = p.iter().sum();
             lse[i] = m + l.ln();
             if want_o {
@@ -278,7 +278,7 @@ fn flash_grad_cpu<T: Float>(x: [&[T]; 4], st: &[f32], a: AttnDims, scale: f32, p
             let (lse, delta) = (st[(g * t + i) * 2], st[(g * t + i) * 2 + 1]);
             for j in 0..=s - t + i {
                 let (kj, vj) = (&k[j * hd..(j + 1) * hd], &v[j * hd..(j + 1) * hd]);
-                let p = (scale * dot(qi, kj) - lse).exp();
+                let p = vmath::exp(scale * dot(qi, kj) - lse);
                 let (row, src, w) = match part {
                     GradOf::V => (j, di, p),
                     GradOf::Q => (i, kj, scale * p * (dot(di, vj) - delta)),

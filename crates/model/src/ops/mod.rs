@@ -181,6 +181,16 @@ trait Float: Copy + Send + Sync + 'static {
     fn from_f(x: f32) -> Self;
     /// The elements of a CPU storage of this dtype, or None for another dtype.
     fn of(s: &CpuStorage) -> Option<&[Self]>;
+    /// `s` as f32 elements when the dtype is f32 (the vectorised paths of [`vmath`]), else None.
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
+    /// `s` as mutable f32 elements when the dtype is f32, else None.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = s;
+        None
+    }
 }
 impl Float for f32 {
     fn of(s: &CpuStorage) -> Option<&[Self]> {
@@ -188,6 +198,12 @@ impl Float for f32 {
             CpuStorage::F32(v) => Some(v),
             _ => None,
         }
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
     }
     fn f(self) -> f32 {
         self
@@ -256,6 +272,7 @@ mod norm;
 mod rope;
 mod softmax;
 mod swiglu;
+mod vmath;
 
 pub use self::{adamw::*, ce::*, embedding::*, flash::*, heads::*, multi::*, norm::*, rope::*, softmax::*, swiglu::*};
 

@@ -33,8 +33,14 @@ fn causal_softmax_fwd<T: Float>(x: &[T], t: usize, s: usize, scale: f32) -> Vec<
     let mut out = vec![T::from_f(0.0); x.len()];
     out.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(r, (o, row))| {
         let lim = s - t + r % t + 1;
+        if let (Some(x), Some(o)) = (T::as_f32(&row[..lim]), T::as_f32_mut(&mut o[..lim])) {
+            // scale > 0, so max(scale · x) = scale · max(x), bit for bit.
+            let m = vmath::max(x) * scale;
+            let inv = 1.0 / vmath::exp_into(x, scale, m, 1.0, o);
+            return vmath::scale(o, inv);
+        }
         let m = row[..lim].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v.f() * scale));
-        let e: Vec<f32> = row[..lim].iter().map(|&v| (v.f() * scale - m).exp()).collect();
+        let e: Vec<f32> = row[..lim].iter().map(|&v| vmath::exp(v.f() * scale - m)).collect();
         let inv = 1.0 / e.iter().sum::<f32>();
         for (o, e) in o.iter_mut().zip(e) {
             *o = T::from_f(e * inv);

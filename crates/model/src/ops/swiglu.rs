@@ -45,10 +45,7 @@ fn swiglu_packed_fwd<T: Float>(gu: &[T], f: usize) -> Vec<T> {
     let mut out = vec![T::from_f(0.0); gu.len() / 2];
     out.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(o, r)| {
         let (g, u) = r.split_at(f);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            let g = g.f();
-            *o = T::from_f(g * sigmoid(g) * u.f());
-        }
+        swiglu_rows(g, u, o);
     });
     out
 }
@@ -57,14 +54,36 @@ fn swiglu_packed_bwd<T: Float>(gu: &[T], dy: &[T], f: usize) -> Vec<T> {
     let mut out = vec![T::from_f(0.0); gu.len()];
     out.par_chunks_mut(2 * f).zip(gu.par_chunks(2 * f).zip(dy.par_chunks(f))).for_each(|(o, (r, d))| {
         let (dg, du) = o.split_at_mut(f);
-        for c in 0..f {
-            let (x, up, dv) = (r[c].f(), r[f + c].f(), d[c].f());
-            let sg = sigmoid(x);
-            dg[c] = T::from_f(dv * up * sg * (1.0 + x * (1.0 - sg)));
-            du[c] = T::from_f(dv * x * sg);
-        }
+        let (g, u) = r.split_at(f);
+        swiglu_grad_rows(g, u, d, dg, du);
     });
     out
+}
+
+/// o = silu(g) · u elementwise: vectorised in f32, element by element otherwise.
+fn swiglu_rows<T: Float>(g: &[T], u: &[T], o: &mut [T]) {
+    if let (Some(g), Some(u), Some(o)) = (T::as_f32(g), T::as_f32(u), T::as_f32_mut(o)) {
+        return vmath::swiglu(g, u, o);
+    }
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        let g = g.f();
+        *o = T::from_f(g * vmath::sigmoid(g) * u.f());
+    }
+}
+
+/// SwiGLU's backward elementwise: dg = dy·u·σ(g)(1 + g(1 − σ(g))), du = dy·g·σ(g).
+fn swiglu_grad_rows<T: Float>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+    if let (Some(g), Some(u), Some(dy), Some(dg), Some(du)) =
+        (T::as_f32(g), T::as_f32(u), T::as_f32(dy), T::as_f32_mut(dg), T::as_f32_mut(du))
+    {
+        return vmath::swiglu_grad(g, u, dy, dg, du);
+    }
+    for ((((dg, du), &x), &up), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+        let (x, up, d) = (x.f(), up.f(), d.f());
+        let sg = vmath::sigmoid(x);
+        *dg = T::from_f(d * up * sg * (1.0 + x * (1.0 - sg)));
+        *du = T::from_f(d * x * sg);
+    }
 }
 
 impl candle_core::CustomOp1 for SwiGluPacked {
@@ -120,17 +139,10 @@ impl CustomOp2 for SwiGluPacked {
 /// Backward of [`SwiGlu`]: (g, u, dy) → (dg, du) stacked as (2, N).
 struct SwiGluGrad;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 fn swiglu_fwd<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
     let mut out = vec![T::from_f(0.0); g.len()];
     out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(o, (g, u))| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            let g = g.f();
-            *o = T::from_f(g * sigmoid(g) * u.f());
-        }
+        swiglu_rows(g, u, o);
     });
     out
 }
@@ -141,13 +153,8 @@ fn swiglu_bwd<T: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let (dg, du) = out.split_at_mut(n);
     const C: usize = 4096;
     dg.par_chunks_mut(C).zip(du.par_chunks_mut(C)).enumerate().for_each(|(c, (dg, du))| {
-        for i in 0..dg.len() {
-            let k = c * C + i;
-            let (x, up, d) = (g[k].f(), u[k].f(), dy[k].f());
-            let sg = sigmoid(x);
-            dg[i] = T::from_f(d * up * sg * (1.0 + x * (1.0 - sg)));
-            du[i] = T::from_f(d * x * sg);
-        }
+        let r = c * C..c * C + dg.len();
+        swiglu_grad_rows(&g[r.clone()], &u[r.clone()], &dy[r], dg, du);
     });
     out
 }
