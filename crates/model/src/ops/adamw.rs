@@ -148,6 +148,81 @@ impl candle_core::CustomOp3 for AdamWOp {
     }
 }
 
+/// The f32 elements a contiguous CPU layout covers, for writing.
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw_multi: {what} must be contiguous f32"),
+    }
+}
+
+/// `moments` (2, N) ← (β1·m + (1−β1)·g, β2·v + (1−β2)·g²) with g = `grad_scale` · grad, in place.
+struct MomentsInPlace {
+    c: AdamWConsts,
+    grad_scale: f32,
+}
+
+impl candle_core::InplaceOp2 for MomentsInPlace {
+    fn name(&self) -> &'static str {
+        "adamw-moments"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let g = match s2 {
+            CpuStorage::F32(g) => contiguous(g, l2, "grad")?,
+            _ => candle_core::bail!("adamw_multi: gradient must be f32"),
+        };
+        let mv = f32_mut(s1, l1, "moments")?;
+        let n = g.len();
+        if mv.len() != 2 * n {
+            candle_core::bail!("adamw_multi: moments of {} elements for a gradient of {n}", mv.len());
+        }
+        let (m, v) = mv.split_at_mut(n);
+        let (c, scale) = (self.c, self.grad_scale);
+        const CHUNK: usize = 16384;
+        m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((m, v), g)| {
+            for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                // As `(g * grad_scale)` in candle: the product once, in f32 (skipped for 1).
+                let g = if scale == 1.0 { g } else { g * scale };
+                *m = *m * c.b1 + g * c.ob1;
+                *v = *v * c.b2 + g * g * c.ob2;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The parameter ← p·decay − step · m / (√v / √bias2 + ε), from the updated moments, in place.
+struct ParamInPlace(AdamWConsts);
+
+impl candle_core::InplaceOp2 for ParamInPlace {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let mv = match s2 {
+            CpuStorage::F32(mv) => contiguous(mv, l2, "moments")?,
+            _ => candle_core::bail!("adamw_multi: moments must be f32"),
+        };
+        let p = f32_mut(s1, l1, "parameter")?;
+        let n = p.len();
+        if mv.len() != 2 * n {
+            candle_core::bail!("adamw_multi: moments of {} elements for a parameter of {n}", mv.len());
+        }
+        let (m, v) = mv.split_at(n);
+        let c = self.0;
+        const CHUNK: usize = 16384;
+        p.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                let denom = v.sqrt() / c.sbc2 + c.eps;
+                *p = *p * c.decay - m / denom * c.step;
+            }
+        });
+        Ok(())
+    }
+}
+
 /// One parameter's share of a multi-tensor AdamW step ([`adamw_multi`]): the f32 parameter,
 /// its f32 or bf16 gradient (any shape with the parameter's element count; the CUDA kernel reads
 /// bf16 as it is, elsewhere it is cast to f32 first) and its f32 moments (2, N).
@@ -156,8 +231,8 @@ pub struct AdamWSlot<'a> {
     pub param: &'a Var,
     /// Its gradient.
     pub grad: &'a Tensor,
-    /// Its moments (m, v) as one (2, N) tensor; updated in place by the multi-tensor kernel,
-    /// replaced otherwise.
+    /// Its moments (m, v) as one (2, N) tensor; updated in place on the CPU and by the
+    /// multi-tensor CUDA kernel, replaced otherwise.
     pub moments: &'a mut Tensor,
     /// Whether [`AdamWStep::decay`] applies to this parameter (otherwise no weight decay).
     pub decay: bool,
@@ -166,8 +241,9 @@ pub struct AdamWSlot<'a> {
 /// AdamW over many f32 parameters at once (gradients f32 or bf16), with the gradients multiplied by `grad_scale` first
 /// (a clipping coefficient; 1 for none). With the multi-tensor CUDA kernel (on by default, see
 /// [`set_multi_tensor_cuda`]) this is one kernel launch for all parameters, updating parameters
-/// and moments in place (in the style of apex's `multi_tensor_apply`); elsewhere, one
-/// [`adamw_update`] per parameter. Both compute PyTorch's `AdamW` update (see [`AdamWStep`]).
+/// and moments in place (in the style of apex's `multi_tensor_apply`); on the CPU, two in-place
+/// passes per parameter (moments, then the parameter); elsewhere, one [`adamw_update`] per
+/// parameter. All compute PyTorch's `AdamW` update (see [`AdamWStep`]) with the same roundings.
 pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f64) -> candle_core::Result<()> {
     check_adamw_slots(slots)?;
     #[cfg(feature = "cuda")]
@@ -180,6 +256,15 @@ pub fn adamw_multi(slots: &mut [AdamWSlot<'_>], step: &AdamWStep, grad_scale: f6
     }
     for s in slots.iter_mut() {
         let step = AdamWStep { decay: if s.decay { step.decay } else { 1.0 }, ..*step };
+        if s.param.device().is_cpu() && s.moments.is_contiguous() && s.param.is_contiguous() {
+            // In place, two passes: the moments from the gradient, then the parameter from the
+            // moments (no new buffers; the arithmetic of `adamw_update`, rounding for rounding).
+            let g = s.grad.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+            let c = AdamWConsts::of(&step);
+            s.moments.inplace_op2(&g, &MomentsInPlace { c, grad_scale: grad_scale as f32 })?;
+            s.param.as_tensor().inplace_op2(s.moments, &ParamInPlace(c))?;
+            continue;
+        }
         let g = s.grad.to_dtype(DType::F32)?;
         let g = if grad_scale == 1.0 { g } else { (g * grad_scale)? };
         let (p, m) = adamw_update(s.param.as_tensor(), &g, s.moments, &step)?;
@@ -277,6 +362,61 @@ pub fn adamw_multi_clipped(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The CPU's in-place multi-tensor update equals one `adamw_update` per parameter bit for
+    /// bit, over three steps (moments carried), with clipping scale and with and without decay.
+    #[test]
+    fn cpu_in_place_update_equals_adamw_update() {
+        let dev = Device::Cpu;
+        let shapes: [&[usize]; 3] = [&[37, 5], &[300], &[20_000]];
+        let params: Vec<Var> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Var::from_tensor(&(Tensor::randn(0f32, 1.0, *s, &dev).unwrap() + i as f64).unwrap()).unwrap())
+            .collect();
+        let mut want: Vec<(Tensor, Tensor)> = params
+            .iter()
+            .map(|p| (p.as_tensor().copy().unwrap(), Tensor::zeros((2, p.elem_count()), DType::F32, &dev).unwrap()))
+            .collect();
+        let mut moments: Vec<Tensor> = want.iter().map(|(_, m)| m.copy().unwrap()).collect();
+        for t in 1..=3 {
+            let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(0f32, 1.0, *s, &dev).unwrap()).collect();
+            let step = AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                decay: 1.0 - 1e-3,
+                bias1: 1.0 - 0.9f64.powi(t),
+                bias2: 1.0 - 0.95f64.powi(t),
+            };
+            let scale = 0.37;
+            let mut slots: Vec<AdamWSlot<'_>> = params
+                .iter()
+                .zip(&grads)
+                .zip(moments.iter_mut())
+                .enumerate()
+                .map(|(i, ((p, g), m))| AdamWSlot { param: p, grad: g, moments: m, decay: i != 1 })
+                .collect();
+            adamw_multi(&mut slots, &step, scale).unwrap();
+            for (i, ((p, m), g)) in want.iter_mut().zip(&grads).enumerate() {
+                let st = AdamWStep { decay: if i != 1 { step.decay } else { 1.0 }, ..step };
+                let (np, nm) = adamw_update(p, &(g * scale).unwrap(), m, &st).unwrap();
+                (*p, *m) = (np, nm);
+            }
+            for (i, (p, (wp, wm))) in params.iter().zip(&want).enumerate() {
+                let same = |a: &Tensor, b: &Tensor| {
+                    let (a, b) = (
+                        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(same(p.as_tensor(), wp), "parameter {i}, step {t}");
+                assert!(same(&moments[i], wm), "moments {i}, step {t}");
+            }
+        }
+    }
 
     /// The host-side factor: torch's formula for a finite norm (the sum of squares is read in any
     /// float dtype, as a scalar or a one-element tensor), `None` for a NaN or infinite one.
