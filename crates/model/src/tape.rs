@@ -349,8 +349,8 @@ fn layer_forward(
         let mut probs = Vec::new();
         for (r0, r1) in chunk_bounds(t, attention_chunks(t)) {
             let qc = q.narrow(2, r0, r1 - r0)?;
-            let p = ops::causal_softmax(&qc.matmul(&k.narrow(2, 0, r1)?.t()?)?, scale)?;
-            ys.push(p.matmul(&v.narrow(2, 0, r1)?)?);
+            let p = ops::causal_softmax(&ops::batched_matmul(&qc, &k.narrow(2, 0, r1)?.t()?)?, scale)?;
+            ys.push(ops::batched_matmul(&p, &v.narrow(2, 0, r1)?)?);
             probs.push(p);
         }
         let yh = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 2)? };
@@ -495,11 +495,11 @@ fn layer_backward(
             let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
             for (&(r0, r1), p) in bounds.iter().zip(ps).rev() {
                 let dyc = dyh.narrow(2, r0, r1 - r0)?;
-                let dp = dyc.matmul(&lt.v.narrow(2, 0, r1)?.t()?)?;
-                dv = Some(add_prefix(dv, p.t()?.matmul(&dyc)?, t)?);
+                let dp = ops::batched_matmul(&dyc, &lt.v.narrow(2, 0, r1)?.t()?)?;
+                dv = Some(add_prefix(dv, ops::batched_matmul(&p.t()?, &dyc)?, t)?);
                 let ds = grad::causal_softmax(p, &dp, scale)?;
-                dqs.push(ds.matmul(&lt.k.narrow(2, 0, r1)?)?);
-                dk = Some(add_prefix(dk, ds.t()?.matmul(&lt.q.narrow(2, r0, r1 - r0)?)?, t)?);
+                dqs.push(ops::batched_matmul(&ds, &lt.k.narrow(2, 0, r1)?)?);
+                dk = Some(add_prefix(dk, ops::batched_matmul(&ds.t()?, &lt.q.narrow(2, r0, r1 - r0)?)?, t)?);
             }
             dqs.reverse();
             let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };

@@ -17,6 +17,8 @@
 //!   [`swiglu_packed`] (SwiGLU on stacked gate/up rows), [`add_rms_norm`] (residual add fused
 //!   into the norm), [`cross_entropy_multi_lse`] (the loss keeping each row's log-sum-exp).
 //!
+//! - [`batched_matmul`]: attention's per-head products, one per thread on the CPU.
+//!
 //! [`fused_ops_supported`] says where a device has the implementations (callers fall back to
 //! composed candle ops elsewhere); [`set_fused_ops`] turns them off to compare.
 
@@ -260,6 +262,7 @@ pub fn rows_cuda_enabled() -> bool {
 }
 
 mod adamw;
+mod bmm;
 mod ce;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -274,7 +277,9 @@ mod softmax;
 mod swiglu;
 mod vmath;
 
-pub use self::{adamw::*, ce::*, embedding::*, flash::*, heads::*, multi::*, norm::*, rope::*, softmax::*, swiglu::*};
+pub use self::{
+    adamw::*, bmm::*, ce::*, embedding::*, flash::*, heads::*, multi::*, norm::*, rope::*, softmax::*, swiglu::*,
+};
 
 #[cfg(test)]
 mod tests {
