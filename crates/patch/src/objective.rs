@@ -117,12 +117,12 @@ pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tens
 pub fn patch_backward_tape(model: &Llama, t: PatchTape, scale: f64) -> Result<Grads> {
     let PatchTape { k, input, hidden, logits, targets, lse, tape } = t;
     let (b, p, d) = hidden.dims3()?;
+    // The tape holds the only handle on the logits: the gradient may take their memory.
     let dlogits = match &lse {
-        Some(lse) => grad::cross_entropy_multi_lse(&logits, &targets, lse, scale)?,
+        Some(lse) => grad::cross_entropy_multi_lse_in_place(logits, &targets, lse, scale)?,
         None => grad::cross_entropy_multi(&logits, &targets, scale)?,
     }
     .reshape((b, p, ()))?;
-    drop(logits);
     let mut grads = Grads::new();
     let dhidden = model.logits_backward(&hidden, &dlogits, &tape, &mut grads)?;
     drop(dlogits);

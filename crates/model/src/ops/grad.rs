@@ -81,6 +81,30 @@ pub fn cross_entropy_multi_lse(
     logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &gl, &super::MultiTargetCeGrad { lse: true })
 }
 
+/// [`cross_entropy_multi_lse`] written over `logits`: on the CPU in f32 the gradient takes the
+/// logits' memory (no second (N, V) buffer, the largest of a training step); elsewhere it is
+/// [`cross_entropy_multi_lse`]. The logits are consumed: no other tensor may share their storage
+/// (a clone, or a view such as a reshape kept elsewhere, would see the gradient).
+pub fn cross_entropy_multi_lse_in_place(
+    logits: Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    if !logits.device().is_cpu() || logits.dtype() != candle_core::DType::F32 || !logits.is_contiguous() {
+        return cross_entropy_multi_lse(&logits, targets, lse, scale);
+    }
+    let (n, _) = logits.dims2()?;
+    let k = targets.dim(1)?;
+    if lse.dims() != [n] || lse.dtype() != candle_core::DType::F32 {
+        candle_core::bail!("cross_entropy_multi: lse {:?} {:?} is not f32 ({n},)", lse.dims(), lse.dtype());
+    }
+    let g = Tensor::full((scale / (n * k) as f64) as f32, n, logits.device())?;
+    let gl = Tensor::stack(&[&g, lse], 0)?;
+    logits.inplace_op3(&targets.contiguous()?, &gl, &super::MultiTargetCeGradInPlace)?;
+    Ok(logits)
+}
+
 /// [`super::swiglu_packed`] backward: `gu` (N, 2F) and `dy` (N, F) → [dg | du] (N, 2F), the
 /// layout of the stacked projection's output.
 pub fn swiglu_packed(gu: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {

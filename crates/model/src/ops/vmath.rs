@@ -160,6 +160,27 @@ multiversion! {
 }
 
 multiversion! {
+    /// x_j ← c · e^(a·x_j − b), in place; returns Σ_j x_j.
+    fn exp_in_place(x: &mut [f32], a: f32, b: f32, c: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut xs = x.chunks_exact_mut(LANES);
+        for xc in &mut xs {
+            for j in 0..LANES {
+                let e = c * exp(a * xc[j] - b);
+                xc[j] = e;
+                acc[j] += e;
+            }
+        }
+        let mut rest = 0f32;
+        for v in xs.into_remainder() {
+            *v = c * exp(a * *v - b);
+            rest += *v;
+        }
+        fold_sum(acc) + rest
+    }
+}
+
+multiversion! {
     /// x_j ← x_j · s.
     fn scale(x: &mut [f32], s: f32) -> () {
         for v in x.iter_mut() {
@@ -265,6 +286,10 @@ mod tests {
                 assert!((out[j] as f64 - w).abs() <= 4e-7 * w, "exp_into[{j}] n = {n}");
             }
             assert!(out[n..].iter().all(|v| v.is_nan()), "exp_into wrote past x.len()");
+            let mut y = x.clone();
+            let s2 = exp_in_place(&mut y, a, b, 2.0);
+            assert_eq!(s2.to_bits(), (s as f32).to_bits(), "exp_in_place sum n = {n}");
+            assert!(y.iter().zip(&out).all(|(y, o)| y.to_bits() == o.to_bits()), "exp_in_place n = {n}");
             let mut y = x.clone();
             scale(&mut y, 0.5);
             assert!(y.iter().zip(&x).all(|(&y, &x)| y == x * 0.5));
