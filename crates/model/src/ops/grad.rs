@@ -71,14 +71,20 @@ pub fn cross_entropy_multi_lse(
     lse: &Tensor,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    let gl = row_scales_and_lse(logits, targets, lse, scale)?;
+    logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &gl, &super::MultiTargetCeGrad { lse: true })
+}
+
+/// The (2, N) f32 second input of the lse gradient kernels: each row's scale
+/// `scale / (N·K)`, then the forward's log-sum-exps (checked to be f32 (N,)).
+fn row_scales_and_lse(logits: &Tensor, targets: &Tensor, lse: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let (n, _) = logits.dims2()?;
     let k = targets.dim(1)?;
     if lse.dims() != [n] || lse.dtype() != candle_core::DType::F32 {
         candle_core::bail!("cross_entropy_multi: lse {:?} {:?} is not f32 ({n},)", lse.dims(), lse.dtype());
     }
     let g = Tensor::full((scale / (n * k) as f64) as f32, n, logits.device())?;
-    let gl = Tensor::stack(&[&g, lse], 0)?;
-    logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &gl, &super::MultiTargetCeGrad { lse: true })
+    Tensor::stack(&[&g, lse], 0)
 }
 
 /// [`cross_entropy_multi_lse`] written over `logits`: on the CPU in f32 the gradient takes the
@@ -94,13 +100,7 @@ pub fn cross_entropy_multi_lse_in_place(
     if !logits.device().is_cpu() || logits.dtype() != candle_core::DType::F32 || !logits.is_contiguous() {
         return cross_entropy_multi_lse(&logits, targets, lse, scale);
     }
-    let (n, _) = logits.dims2()?;
-    let k = targets.dim(1)?;
-    if lse.dims() != [n] || lse.dtype() != candle_core::DType::F32 {
-        candle_core::bail!("cross_entropy_multi: lse {:?} {:?} is not f32 ({n},)", lse.dims(), lse.dtype());
-    }
-    let g = Tensor::full((scale / (n * k) as f64) as f32, n, logits.device())?;
-    let gl = Tensor::stack(&[&g, lse], 0)?;
+    let gl = row_scales_and_lse(&logits, targets, lse, scale)?;
     logits.inplace_op3(&targets.contiguous()?, &gl, &super::MultiTargetCeGradInPlace)?;
     Ok(logits)
 }
