@@ -89,11 +89,15 @@ fn fmt_count(n: f64) -> String {
     }
 }
 
+/// A duration for the table: "42.3s", "2m05s", "1h07m". Rounded to the unit shown before it is
+/// split, so 179.8 s reads 3m00s, not 2m60s.
 fn fmt_secs(s: f64) -> String {
-    if s >= 3600.0 {
-        format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0)
-    } else if s >= 60.0 {
-        format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
+    if s >= 3570.0 {
+        let m = (s / 60.0).round() as u64;
+        format!("{}h{:02}m", m / 60, m % 60)
+    } else if s >= 59.95 {
+        let t = s.round() as u64;
+        format!("{}m{:02}s", t / 60, t % 60)
     } else {
         format!("{s:.1}s")
     }
@@ -369,4 +373,28 @@ pub fn write_report(dir: &Path, r: &Report) -> Result<Vec<PathBuf>> {
     files.push(md);
     files.push(json);
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_secs;
+
+    /// Durations are rounded before they are split into units: no "2m60s" or "0h60m".
+    #[test]
+    fn durations_never_show_sixty() {
+        let cases = [
+            (42.34, "42.3s"),
+            (59.94, "59.9s"),
+            (59.96, "1m00s"),
+            (125.0, "2m05s"),
+            (179.8, "3m00s"),
+            (3569.0, "59m29s"),
+            (3599.7, "1h00m"),
+            (4020.0, "1h07m"),
+            (7199.0, "2h00m"),
+        ];
+        for (s, want) in cases {
+            assert_eq!(fmt_secs(s), want, "{s} s");
+        }
+    }
 }
