@@ -415,9 +415,7 @@ impl<'a> Trainer<'a> {
                 val_loss: vl,
                 val_ppl: vl.exp(),
             };
-            let mut v = serde_json::to_value(&ev).map_err(|e| TrainError::Config(e.to_string()))?;
-            v["kind"] = "eval".into();
-            log(v)?;
+            log(metrics_line("eval", &ev)?)?;
             if let Some(f) = self.on_eval.as_mut() {
                 f(&ev);
             }
@@ -530,9 +528,7 @@ impl<'a> Trainer<'a> {
                     step_secs: dt,
                     mfu: positions * fpp / dt / tc.peak_flops,
                 };
-                let mut v = serde_json::to_value(&sm).map_err(|e| TrainError::Config(e.to_string()))?;
-                v["kind"] = "step".into();
-                log(v)?;
+                log(metrics_line("step", &sm)?)?;
                 pb.set_position(state.phase_step as u64);
                 pb.set_message(format!("loss {:.3} {:.0} tok/s", sm.loss, sm.tokens_per_sec));
                 if let Some(f) = self.on_step.as_mut() {
@@ -551,9 +547,7 @@ impl<'a> Trainer<'a> {
                         val_loss: vl,
                         val_ppl: vl.exp(),
                     };
-                    let mut v = serde_json::to_value(&ev).map_err(|e| TrainError::Config(e.to_string()))?;
-                    v["kind"] = "eval".into();
-                    log(v)?;
+                    log(metrics_line("eval", &ev)?)?;
                     if let Some(f) = self.on_eval.as_mut() {
                         f(&ev);
                     }
@@ -647,4 +641,11 @@ pub fn read_metrics(path: &Path) -> Result<(Vec<StepMetrics>, Vec<EvalMetrics>)>
         }
     }
     Ok((steps, evals))
+}
+
+/// One metrics.jsonl line: `rec`'s fields plus `"kind": kind`.
+fn metrics_line<T: serde::Serialize>(kind: &str, rec: &T) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(rec).map_err(|e| TrainError::Config(e.to_string()))?;
+    v["kind"] = kind.into();
+    Ok(v)
 }

@@ -148,14 +148,6 @@ impl candle_core::CustomOp3 for AdamWOp {
     }
 }
 
-/// The f32 elements a contiguous CPU layout covers, for writing.
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("adamw_multi: {what} must be contiguous f32"),
-    }
-}
-
 /// `moments` (2, N) ← (β1·m + (1−β1)·g, β2·v + (1−β2)·g²) with g = `grad_scale` · grad, in place.
 struct MomentsInPlace {
     c: AdamWConsts,
@@ -168,11 +160,8 @@ impl candle_core::InplaceOp2 for MomentsInPlace {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let g = match s2 {
-            CpuStorage::F32(g) => contiguous(g, l2, "grad")?,
-            _ => candle_core::bail!("adamw_multi: gradient must be f32"),
-        };
-        let mv = f32_mut(s1, l1, "moments")?;
+        let g = contiguous_f32(s2, l2, "adamw_multi: gradient")?;
+        let mv = contiguous_f32_mut(s1, l1, "adamw_multi: moments")?;
         let n = g.len();
         if mv.len() != 2 * n {
             candle_core::bail!("adamw_multi: moments of {} elements for a gradient of {n}", mv.len());
@@ -201,11 +190,8 @@ impl candle_core::InplaceOp2 for ParamInPlace {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let mv = match s2 {
-            CpuStorage::F32(mv) => contiguous(mv, l2, "moments")?,
-            _ => candle_core::bail!("adamw_multi: moments must be f32"),
-        };
-        let p = f32_mut(s1, l1, "parameter")?;
+        let mv = contiguous_f32(s2, l2, "adamw_multi: moments")?;
+        let p = contiguous_f32_mut(s1, l1, "adamw_multi: parameter")?;
         let n = p.len();
         if mv.len() != 2 * n {
             candle_core::bail!("adamw_multi: moments of {} elements for a parameter of {n}", mv.len());

@@ -89,6 +89,14 @@ fn ce_bwd<T: Float>(x: &[T], t: &[u32], g: &[f32], v: usize, k: usize) -> Vec<T>
     })
 }
 
+/// row\[id\] −= g for each target id (ids checked against the vocabulary by the caller);
+/// a repeated id is subtracted once per occurrence.
+fn subtract_at(row: &mut [f32], ids: &[u32], g: f32) {
+    for &id in ids {
+        row[id as usize] -= g;
+    }
+}
+
 /// `g_i · (K · softmax − counts)` row by row, with row i's log-sum-exp from `lse_of(i, row)`.
 fn ce_bwd_with<T: Float>(
     x: &[T],
@@ -106,15 +114,11 @@ fn ce_bwd_with<T: Float>(
         let scale = gi * k as f32;
         if let (Some(row), Some(o)) = (T::as_f32(row), T::as_f32_mut(o)) {
             vmath::exp_into(row, 1.0, lse, scale, o);
-            for &id in &t[i * k..(i + 1) * k] {
-                o[id as usize] -= gi;
-            }
+            subtract_at(o, &t[i * k..(i + 1) * k], gi);
             return;
         }
         let mut acc: Vec<f32> = row.iter().map(|&xv| scale * vmath::exp(xv.f() - lse)).collect();
-        for &id in &t[i * k..(i + 1) * k] {
-            acc[id as usize] -= gi;
-        }
+        subtract_at(&mut acc, &t[i * k..(i + 1) * k], gi);
         for (o, a) in o.iter_mut().zip(acc) {
             *o = T::from_f(a);
         }
@@ -191,10 +195,10 @@ impl CustomOp3 for MultiTargetCeGrad {
         let (n, v) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
         let t = targets_of(s2, l2)?;
-        let g = match s3 {
-            CpuStorage::F32(g) => contiguous(g, l3, "grad")?,
-            _ => candle_core::bail!("cross_entropy_multi: gradient must be f32"),
-        };
+        let g = contiguous_f32(s3, l3, "cross_entropy_multi: gradient")?;
+        for &id in t {
+            check_target(id, v)?;
+        }
         let out = if self.lse {
             let (g, lse) = g.split_at(n);
             map_float!("cross_entropy_multi", s1, l1, "logits", |x| ce_bwd_with(x, t, g, v, k, |i, _| lse[i]))
@@ -239,14 +243,8 @@ impl candle_core::InplaceOp3 for MultiTargetCeGradInPlace {
         let (n, v) = l1.shape().dims2()?;
         let (_, k) = l2.shape().dims2()?;
         let t = targets_of(s2, l2)?;
-        let gl = match s3 {
-            CpuStorage::F32(g) => contiguous(g, l3, "grad")?,
-            _ => candle_core::bail!("cross_entropy_multi: gradient must be f32"),
-        };
-        let x = match (s1, l1.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((a, b))) => &mut x[a..b],
-            _ => candle_core::bail!("cross_entropy_multi: in-place logits must be contiguous f32"),
-        };
+        let gl = contiguous_f32(s3, l3, "cross_entropy_multi: gradient")?;
+        let x = contiguous_f32_mut(s1, l1, "cross_entropy_multi: in-place logits")?;
         for &id in t {
             check_target(id, v)?;
         }
@@ -254,9 +252,7 @@ impl candle_core::InplaceOp3 for MultiTargetCeGradInPlace {
         x.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
             // The arithmetic of `ce_bwd_with`: g_i · K · e^(x − lse), then − g_i per target.
             vmath::exp_in_place(row, 1.0, lse[i], g[i] * k as f32);
-            for &id in &t[i * k..(i + 1) * k] {
-                row[id as usize] -= g[i];
-            }
+            subtract_at(row, &t[i * k..(i + 1) * k], g[i]);
         });
         Ok(())
     }
@@ -285,7 +281,7 @@ mod tests {
 
     /// The gradient written over the logits equals the one written to a new buffer, bit for bit
     /// (K = 3 targets with a repeat; rows longer than a vector and a ragged tail); bad targets
-    /// are refused.
+    /// are refused by every gradient entry point.
     #[test]
     fn in_place_gradient_equals_the_out_of_place_one() {
         let dev = Device::Cpu;
@@ -303,6 +299,8 @@ mod tests {
         );
         assert!(w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()));
         let bad = Tensor::from_vec(vec![v as u32; n * k], (n, k), &dev).unwrap();
+        assert!(grad::cross_entropy_multi_lse(&logits, &bad, &lse, 1.0).is_err());
+        assert!(grad::cross_entropy_multi(&logits, &bad, 1.0).is_err());
         assert!(grad::cross_entropy_multi_lse_in_place(logits, &bad, &lse, 1.0).is_err());
     }
 }

@@ -408,10 +408,7 @@ impl CustomOp3 for FlashStats {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, t, hd) = l1.shape().dims4()?;
-        let lse = match s3 {
-            CpuStorage::F32(l) => contiguous(l, l3, "lse")?,
-            _ => candle_core::bail!("flash_attention: lse must be f32"),
-        };
+        let lse = contiguous_f32(s3, l3, "flash_attention: lse")?;
         fn stats<T: Float>(o: &[T], d: &[T], lse: &[f32], hd: usize) -> Vec<f32> {
             o.chunks(hd.max(1))
                 .zip(d.chunks(hd.max(1)))

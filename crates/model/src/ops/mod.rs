@@ -110,6 +110,22 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
+/// The elements of a contiguous f32 CPU storage, or an error naming it (`what`).
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => contiguous(v, l, what),
+        _ => candle_core::bail!("{what}: expected f32, got {:?}", candle_core::backend::BackendStorage::dtype(s)),
+    }
+}
+
+/// [`contiguous_f32`] for writing in place.
+fn contiguous_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
 /// `map_float!(op, storage, layout, "what", |x| body)`: runs `body` on the contiguous slice of
 /// a float CPU storage (f32, bf16 or f16) and wraps the resulting `Vec` in the same dtype.
 macro_rules! map_float {
