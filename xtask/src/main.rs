@@ -76,6 +76,8 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Large tensors freed each step are reused instead of mapped and zero-filled afresh.
+    patchlm_model::keep_freed_memory();
     match cli.cmd {
         Cmd::Corpus { out, cache } => {
             let s = patchlm_data::corpus::assemble_default_corpus(&out, &cache)?;

@@ -22,6 +22,7 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod host;
 #[doc(hidden)]
 pub mod launch;
 pub mod llama;
@@ -34,6 +35,7 @@ pub use candle_nn;
 pub use config::{ModelConfig, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
 pub use generate::{generate, log_softmax, sample, score_tokens, SamplingConfig};
+pub use host::keep_freed_memory;
 pub use llama::{KvCache, Llama, Rope};
 pub use ops::{causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, swiglu};
 pub use tape::{
