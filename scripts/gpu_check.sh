@@ -13,12 +13,13 @@
 # torch.compile's warm-up, in order of what matters most should the call's time run out; every
 # measurement is printed as it is made, so a section cut by its timeout keeps them; with little
 # device time left, `kernels optin flash gpt2 370m` in one call and `kernels track` in another).
-# The opt-in kernels (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS, PATCHLM_DEVICE_CLIP,
-# PATCHLM_FLASH_TC, PATCHLM_FLASH_MMA: written since the last device run, their math checked on the CPU by
-# tests/emulated.rs) are turned on for the sections after `kernels` only when their device tests
-# passed (each tensor-core flash family's tests run in a process of their own and decide its
-# switch; the others decide the rest); `optin` times a training step with them off and on, `flash`
-# flash attention's CUDA-core against its tensor-core kernels (and keeps the fastest on).
+# The switchable kernel families (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS,
+# PATCHLM_DEVICE_CLIP, PATCHLM_FLASH_MMA: on by default since their device tests passed on an H200;
+# PATCHLM_FLASH_TC: off by default; their math also checked on the CPU by tests/emulated.rs) stay on
+# for the sections after `kernels` only when their device tests pass there too (each tensor-core
+# flash family's tests run in a process of their own and decide its switch; the others decide
+# the rest); `optin` times a training step with them off and on, `flash` flash attention's
+# CUDA-core against its tensor-core kernels (and keeps the fastest on).
 # Results go to $OUT (one file per section), a short summary is printed last.
 set -u
 if [ "${1:-}" = "--stage" ]; then
@@ -60,15 +61,17 @@ for s in $sections; do
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
              else
-               export PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
+               # The families on by default go off explicitly when their device tests fail.
+               export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
+                 PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
                tc=0; mma=0
-               echo "device tests failed: the opt-in kernels stay off, attention in one block"
+               echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              echo "opt-in kernels: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA" ;;
-    optin) # Opt-in kernels off, on, and on with the memory pool handing freed memory back at every
+    optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
              on=${run%:*}; rel=${run#*:}
@@ -78,13 +81,15 @@ for s in $sections; do
                --batch 8 --ctx 1024 --k 1 --steps 5 --device cuda --dtype bf16 2>&1 | grep '^{' \
                | sed "s/^{/{\"optin_kernels\": $on, \"pool_release\": $rel, /" | tee -a "$OUT/optin.txt"
            done ;;
-    flash) # Flash attention's kernel families side by side, both shapes (softmax attention is in
-           # the optin rows): CUDA cores, then each tensor-core family that passed its tests. The
-           # fastest on the GPT-2-small shape stays on for the sections after this one.
+    flash) # Flash attention's kernel families side by side (softmax attention is in the optin
+           # rows): CUDA cores, then each tensor-core family that passed its tests, on the
+           # GPT-2-small shape (FLASH_SHAPES="gpt2-small 8 1024;370m 4 2048" adds 370M). The fastest
+           # stays on for the sections after this one (the gpt2 and 370m sections time it).
            fams="cuda"
            [ "${PATCHLM_FLASH_TC:-0}" = 1 ] && fams="$fams wmma"
            [ "${PATCHLM_FLASH_MMA:-0}" = 1 ] && fams="$fams mma"
-           for shape in "gpt2-small 8 1024" "370m 4 2048"; do
+           IFS=';' read -ra shapes <<< "${FLASH_SHAPES:-gpt2-small 8 1024}"
+           for shape in "${shapes[@]}"; do
              set -- $shape
              for fam in $fams; do
                w=0; m=0; [ $fam = wmma ] && w=1; [ $fam = mma ] && m=1
@@ -105,7 +110,7 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else ""
              echo "fastest flash attention on gpt2-small: $best (kept for the sections that follow)"
            fi ;;
     optin-each)
-           # Each opt-in family alone (layout, rows, bf16 gradients, device clip), to attribute the
+           # Each switchable family alone (layout, rows, bf16 gradients, device clip), to attribute the
            # optin gain.
            for on in "1 0 0 0" "0 1 0 0" "0 0 1 0" "0 0 0 1"; do
              set -- $on

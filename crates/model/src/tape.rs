@@ -28,7 +28,7 @@ pub type Grads = HashMap<String, Tensor>;
 
 static TAPE: Switch = Switch::new("PATCHLM_AUTOGRAD", false, true);
 
-static COMPUTE_GRADS: Switch = Switch::new("PATCHLM_BF16_GRADS", true, false);
+static COMPUTE_GRADS: Switch = Switch::new("PATCHLM_BF16_GRADS", true, true);
 
 /// Whether weight gradients stay in the compute dtype (see [`set_compute_dtype_grads`]).
 pub fn compute_dtype_grads() -> bool {
@@ -40,8 +40,8 @@ pub fn compute_dtype_grads() -> bool {
 /// dtype (f32 master weights). The values are the same (the cast to f32 is exact); it saves a
 /// cast kernel and an f32 copy per weight, and `ops::adamw_multi` / `ops::sum_of_squares` read
 /// bf16 gradients as they are. A gradient with two contributions (tied weights) is summed in
-/// the parameter's dtype. Off by default (also `PATCHLM_BF16_GRADS=1`) until the multi-tensor
-/// kernels' bf16 path has run on a GPU.
+/// the parameter's dtype. On by default (the multi-tensor kernels' bf16 path passed its device
+/// tests on an H200); `PATCHLM_BF16_GRADS=0` also turns it off. With f32 compute nothing changes.
 pub fn set_compute_dtype_grads(enabled: bool) {
     COMPUTE_GRADS.set(enabled);
 }

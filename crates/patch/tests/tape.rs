@@ -21,6 +21,9 @@ use patchlm_patch::{patch_forward, patch_loss, patch_loss_and_grads};
 /// and K = 4.
 fn tape_matches_autograd(cfg: &ModelConfig, seed: u64) {
     let dev = Device::Cpu;
+    // Gradients in the parameters' dtype, as autograd gives them (the compute-dtype gradients,
+    // the default, are compared with these below).
+    set_compute_dtype_grads(false);
     let (model, varmap) = init_model(cfg, &dev, seed).unwrap();
     let names: HashMap<String, candle_core::Var> = {
         let data = varmap.data().lock().unwrap();
@@ -81,10 +84,11 @@ fn tape_gradients_equal_autograd() {
     let m = model.clone().with_compute_dtype(DType::BF16);
     let ids =
         Tensor::from_vec((0..72u32).map(|i| (i * 31 + 5) % cfg.vocab_size as u32).collect(), (2, 36), &dev).unwrap();
+    set_compute_dtype_grads(false);
     let (_, as_params) = patch_loss_and_grads(&m, &ids, 4, 0.5).unwrap();
+    assert!(as_params["lm_head.weight"].dtype() == DType::F32);
     set_compute_dtype_grads(true);
     let (_, as_computed) = patch_loss_and_grads(&m, &ids, 4, 0.5).unwrap();
-    set_compute_dtype_grads(false);
     assert_eq!(as_computed.len(), as_params.len());
     assert!(as_computed["lm_head.weight"].dtype() == DType::BF16);
     assert!(as_computed["model.layers.0.self_attn.q_proj.weight"].dtype() == DType::BF16);

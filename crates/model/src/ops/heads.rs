@@ -2,12 +2,13 @@
 
 use super::*;
 
-static LAYOUT_CUDA: Switch = Switch::new("PATCHLM_LAYOUT_CUDA", true, false);
+static LAYOUT_CUDA: Switch = Switch::new("PATCHLM_LAYOUT_CUDA", true, true);
 
 /// Turns the layout CUDA kernels on or off process-wide: [`heads_from_rows`] /
-/// [`rows_from_heads`], [`swiglu_packed`] and the one-launch weight cast of [`cast_groups`]. They are opt-in (also `PATCHLM_LAYOUT_CUDA=1`) until
-/// `tests/cuda.rs` has run them on a GPU; off, the hand-written backward pass lays out heads with
-/// candle's strided copies and [`rope`], and runs the gate and up projections apart.
+/// [`rows_from_heads`], [`swiglu_packed`] and the one-launch weight cast of [`cast_groups`]. On by
+/// default (their device tests, `tests/cuda.rs`, passed on an H200); `PATCHLM_LAYOUT_CUDA=0` also
+/// turns them off. Off, the hand-written backward pass lays out heads with candle's strided copies
+/// and [`rope`], and runs the gate and up projections apart.
 pub fn set_layout_cuda(enabled: bool) {
     LAYOUT_CUDA.set(enabled);
 }

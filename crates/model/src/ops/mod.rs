@@ -7,8 +7,8 @@
 //!   whole vocabulary; the backward pass writes `g · (K · softmax − counts)` directly.
 //! - [`rms_norm`]: RMSNorm, input and weight gradients.
 //! - [`rope`]: rotary embeddings; [`causal_softmax`]: scale + causal mask + softmax of attention
-//!   scores; [`flash_attention`]: causal attention without a T×T matrix (opt-in, see
-//!   [`set_flash_attention`]).
+//!   scores; [`flash_attention`]: causal attention without a T×T matrix (the default on CUDA
+//!   where the tensor-core kernels apply, see [`flash_attention_for`]).
 //! - [`embedding`]: lookup with a scatter-add backward; [`swiglu`]: SwiGLU's gate.
 //! - [`adamw_update`]: one AdamW step of one parameter in a single pass (no backward);
 //!   [`adamw_multi`] / [`sum_of_squares`]: all parameters (gradients f32 or bf16) in one launch.
@@ -259,15 +259,16 @@ impl Float for f16 {
     }
 }
 
-static ROWS_CUDA: Switch = Switch::new("PATCHLM_ROWS_CUDA", true, false);
+static ROWS_CUDA: Switch = Switch::new("PATCHLM_ROWS_CUDA", true, true);
 
 /// Chooses the second-generation row-wise CUDA kernels process-wide: for [`rms_norm`] and
 /// [`causal_softmax`] (both directions) the warp-per-row kernels (a warp per row, shuffles only)
 /// instead of the block-per-row ones; [`add_rms_norm`] and [`grad::rms_norm_residual`] with the
 /// residual add inside the norm's kernel (otherwise a separate add); and
 /// [`cross_entropy_multi_lse`] (16-byte loads, the log-sum-exp kept for a one-pass backward;
-/// without it the tape's loss uses [`cross_entropy_multi`]). Opt-in (also `PATCHLM_ROWS_CUDA=1`) until `tests/cuda.rs` has run
-/// them on a GPU. Same math and roundings either way.
+/// without it the tape's loss uses [`cross_entropy_multi`]). On by default (their device tests
+/// passed on an H200); `PATCHLM_ROWS_CUDA=0` also turns them off. Same math and roundings either
+/// way.
 pub fn set_rows_cuda(enabled: bool) {
     ROWS_CUDA.set(enabled);
 }
@@ -317,6 +318,7 @@ mod tests {
         assert!(flash_tc_enabled(F16, 32) && !flash_tc_enabled(F32, 32));
         set_flash_tc(false);
         assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
+        set_flash_mma(true); // the default again
     }
 
     /// A switch reports what the setter said, else nothing (the default applies), and keeps its
