@@ -215,7 +215,7 @@ impl Llama {
     pub fn logits_tape(&self, hidden: &Tensor, tape: &Tape) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let w = head_weight(self, tape, hidden.dtype())?;
-        hidden.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))
+        ops::matmul(&hidden.reshape((b * t, d))?, &w.t()?)?.reshape((b, t, ()))
     }
 
     /// The LM head's backward pass: adds `lm_head.weight`'s gradient to `grads` (with tied
@@ -234,8 +234,8 @@ impl Llama {
         let dl = dlogits.to_dtype(hidden.dtype())?.reshape((b * t, v))?;
         let w = head_weight(self, tape, hidden.dtype())?;
         let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        accumulate(grads, name.into(), dl.t()?.matmul(&hidden.reshape((b * t, d))?)?, w_dtype(self))?;
-        dl.matmul(&w)?.reshape((b, t, d))
+        accumulate(grads, name.into(), ops::matmul(&dl.t()?, &hidden.reshape((b * t, d))?)?, w_dtype(self))?;
+        ops::matmul(&dl, &w)?.reshape((b, t, d))
     }
 
     /// The embedding's backward pass: scatters `dembeds` (B, N, D) onto the rows of `ids` (B, N)
@@ -321,7 +321,7 @@ fn layer_forward(
     let (n, d) = carry.0.dims2()?;
     let (x, n1) = norm_of(carry, &w.ln1, l.input_layernorm.eps)?;
     let (hq, hkv) = (a.heads, a.kv_heads);
-    let qkv = n1.matmul(&w.qkv.t()?)?;
+    let qkv = ops::matmul(&n1, &w.qkv.t()?)?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
     let fused_heads = ops::layout_ops_supported(x.device());
     let (q, k, v) = if fused_heads {
@@ -361,20 +361,20 @@ fn layer_forward(
     } else {
         yh.transpose(1, 2)?.reshape((n, d))?
     };
-    let (h, n2) = ops::add_rms_norm(&x, &y.matmul(&w.o.t()?)?, &w.ln2, l.post_attention_layernorm.eps)?;
+    let (h, n2) = ops::add_rms_norm(&x, &ops::matmul(&y, &w.o.t()?)?, &w.ln2, l.post_attention_layernorm.eps)?;
     let (gu, s) = match &w.mlp {
         Mlp::Stacked(wgu) => {
-            let gu = n2.matmul(&wgu.t()?)?;
+            let gu = ops::matmul(&n2, &wgu.t()?)?;
             let s = ops::swiglu_packed(&gu)?;
             (Mlp::Stacked(gu), s)
         }
         Mlp::Apart(wg, wu) => {
-            let (g, u) = (n2.matmul(&wg.t()?)?, n2.matmul(&wu.t()?)?);
+            let (g, u) = (ops::matmul(&n2, &wg.t()?)?, ops::matmul(&n2, &wu.t()?)?);
             let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
             (Mlp::Apart(g, u), s)
         }
     };
-    let delta = s.matmul(&w.down.t()?)?;
+    let delta = ops::matmul(&s, &w.down.t()?)?;
     Ok((h.clone(), delta, LayerTape { w, x, n1, q, k, v, attn, y, h, n2, gu, s }))
 }
 
@@ -451,17 +451,17 @@ fn layer_backward(
     let name = |s: &str| format!("model.layers.{i}.{s}.weight");
     let mut acc = |s: &str, g: Tensor| accumulate(grads, name(s), g, pdt);
     // MLP: out = h + down(swiglu(gate(n2), up(n2))).
-    acc("mlp.down_proj", dout.t()?.matmul(&lt.s)?)?;
-    let ds = dout.matmul(&w.down)?;
+    acc("mlp.down_proj", ops::matmul(&dout.t()?, &lt.s)?)?;
+    let ds = ops::matmul(dout, &w.down)?;
     let dn2 = match (&lt.gu, &w.mlp) {
         (Mlp::Stacked(gu), Mlp::Stacked(wgu)) => {
             // [dg | du] (N, 2F): one matmul for both weight gradients, one for dn2.
             let dgu = grad::swiglu_packed(gu, &ds)?;
-            let dw = dgu.t()?.matmul(&lt.n2)?;
+            let dw = ops::matmul(&dgu.t()?, &lt.n2)?;
             let f = dw.dim(0)? / 2;
             acc("mlp.gate_proj", dw.narrow(0, 0, f)?)?;
             acc("mlp.up_proj", dw.narrow(0, f, f)?)?;
-            dgu.matmul(wgu)?
+            ops::matmul(&dgu, wgu)?
         }
         (Mlp::Apart(g, u), Mlp::Apart(wg, wu)) => {
             let (dg, du) = if ops::swiglu_supported(dout.device()) {
@@ -469,9 +469,9 @@ fn layer_backward(
             } else {
                 swiglu_composed_backward(g, u, &ds)?
             };
-            acc("mlp.gate_proj", dg.t()?.matmul(&lt.n2)?)?;
-            acc("mlp.up_proj", du.t()?.matmul(&lt.n2)?)?;
-            (dg.matmul(wg)? + du.matmul(wu)?)?
+            acc("mlp.gate_proj", ops::matmul(&dg.t()?, &lt.n2)?)?;
+            acc("mlp.up_proj", ops::matmul(&du.t()?, &lt.n2)?)?;
+            (ops::matmul(&dg, wg)? + ops::matmul(&du, wu)?)?
         }
         _ => candle_core::bail!("backward_tape: the tape's gate/up layout changed between passes"),
     };
@@ -479,12 +479,12 @@ fn layer_backward(
     let (dh, dln2) = grad::rms_norm_residual(&lt.h, &w.ln2, &dn2, dout, l.post_attention_layernorm.eps)?;
     acc("post_attention_layernorm", dln2)?;
     // Attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
-    acc("self_attn.o_proj", dh.t()?.matmul(&lt.y)?)?;
+    acc("self_attn.o_proj", ops::matmul(&dh.t()?, &lt.y)?)?;
     let fused_heads = ops::layout_ops_supported(dout.device());
     let dyh = if fused_heads {
-        ops::heads_from_rows(&dh.matmul(&w.o)?, heads_layout(a, b, t, 0), None)?.0
+        ops::heads_from_rows(&ops::matmul(&dh, &w.o)?, heads_layout(a, b, t, 0), None)?.0
     } else {
-        dh.matmul(&w.o)?.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()?
+        ops::matmul(&dh, &w.o)?.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()?
     };
     let scale = 1.0 / (hd as f64).sqrt();
     let (dq, dk, dv) = match &lt.attn {
@@ -518,12 +518,12 @@ fn layer_backward(
         let dk = grad::rope(&dk, &cos, &sin)?;
         Tensor::cat(&[&dq, &dk, &dv], 1)?.transpose(1, 2)?.reshape((n, ()))?
     };
-    let dw = dqkv.t()?.matmul(&lt.n1)?;
+    let dw = ops::matmul(&dqkv.t()?, &lt.n1)?;
     let (dq_rows, dkv_rows) = (a.heads * hd, a.kv_heads * hd);
     acc("self_attn.q_proj", dw.narrow(0, 0, dq_rows)?)?;
     acc("self_attn.k_proj", dw.narrow(0, dq_rows, dkv_rows)?)?;
     acc("self_attn.v_proj", dw.narrow(0, dq_rows + dkv_rows, dkv_rows)?)?;
-    let dn1 = dqkv.matmul(&w.qkv)?;
+    let dn1 = ops::matmul(&dqkv, &w.qkv)?;
     let (dx, dln1) = grad::rms_norm_residual(&lt.x, &w.ln1, &dn1, &dh, l.input_layernorm.eps)?;
     acc("input_layernorm", dln1)?;
     debug_assert_eq!(dx.dims(), [n, d]);

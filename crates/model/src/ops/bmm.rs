@@ -1,4 +1,5 @@
-//! Batched matrix products for attention on the CPU ([`batched_matmul`]).
+//! Matrix products on the CPU: [`batched_matmul`] for attention's per-head products, [`matmul`]
+//! for the projections.
 
 use super::*;
 
@@ -28,12 +29,44 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     per_thread(a, b)
 }
 
+/// `a` (M, K) × `b` (K, N) → (M, N): candle's `matmul`, except that on the CPU in f32 the
+/// product is one multi-threaded `gemm` call writing an output that was not zero-filled first
+/// (candle zeroes it, then overwrites every element: for the LM head's 16·128 × 8192 logits,
+/// 67 MB written twice). Either operand may be a strided view (a transpose). Elsewhere (CUDA,
+/// other dtypes or ranks) this is `a.matmul(b)`. Differentiable in both operands.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let simple = a.rank() == 2
+        && b.rank() == 2
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32;
+    if !simple {
+        return a.matmul(b);
+    }
+    a.apply_op2(b, BatchedMatmul)
+}
+
 /// The CPU op of [`batched_matmul`], whatever the batch size (tests call it directly).
 fn per_thread(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     a.apply_op2(b, BatchedMatmul)
 }
 
+/// The CPU op of [`batched_matmul`] and [`matmul`]: one product per thread for a batch of
+/// several, one product over all threads for a single one.
 struct BatchedMatmul;
+
+/// `len` f32s for `fill` to write every element of (`gemm` with `read_dst` off), never read before.
+fn written_by(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit<f32> needs no initialisation; the capacity is `len`.
+    unsafe { v.set_len(len) };
+    fill(&mut v);
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `fill` wrote every element (the callers' contract), MaybeUninit<f32> and f32 have
+    // the same layout, and pointer, length and capacity come from the vector just released.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
 
 /// The element offset of each matrix of a batched layout (dims …, R, C), batch index order.
 fn matrix_offsets(l: &Layout) -> Vec<usize> {
@@ -65,6 +98,9 @@ impl CustomOp2 for BatchedMatmul {
         };
         let (da, db) = (l1.dims(), l2.dims());
         let r = da.len();
+        if r < 2 {
+            candle_core::bail!("batched_matmul: {da:?} × {db:?}: operands need two dimensions or more");
+        }
         let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
         if db.len() != r || db[r - 2] != k || da[..r - 2] != db[..r - 2] {
             candle_core::bail!("batched_matmul: {da:?} × {db:?} do not multiply");
@@ -81,40 +117,48 @@ impl CustomOp2 for BatchedMatmul {
         if !fits_a || !fits_b {
             candle_core::bail!("batched_matmul: a layout reaches past its storage");
         }
-        let mut out = vec![0f32; oa.len() * m * n];
-        if m * n > 0 {
-            out.par_chunks_mut(m * n).zip(oa.par_iter().zip(ob.par_iter())).for_each(|(dst, (&oa, &ob))| {
-                if k == 0 {
-                    return;
-                }
-                // SAFETY: dst holds m·n elements written at row stride n, column stride 1; every
-                // element of a[oa..] and b[ob..] that the strides reach was checked to lie inside
-                // the slices above; the matrices do not overlap dst (fresh memory).
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        a.as_ptr().add(oa),
-                        a_cs as isize,
-                        a_rs as isize,
-                        b.as_ptr().add(ob),
-                        b_cs as isize,
-                        b_rs as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
-        }
+        let product = |dst: *mut f32, oa: usize, ob: usize, par: gemm::Parallelism| {
+            // SAFETY: dst holds m·n elements written at row stride n, column stride 1 (and,
+            // with `read_dst` off, never read); every element of a[oa..] and b[ob..] that the
+            // strides reach was checked to lie inside the slices above; the operands do not
+            // overlap dst (fresh memory).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst,
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr().add(oa),
+                    a_cs as isize,
+                    a_rs as isize,
+                    b.as_ptr().add(ob),
+                    b_cs as isize,
+                    b_rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        };
+        let out = if k == 0 || m * n == 0 {
+            vec![0f32; oa.len() * m * n]
+        } else if oa.len() == 1 {
+            let threads = rayon::current_num_threads();
+            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            written_by(m * n, |dst| product(dst.as_mut_ptr().cast(), oa[0], ob[0], par))
+        } else {
+            written_by(oa.len() * m * n, |out| {
+                out.par_chunks_mut(m * n)
+                    .zip(oa.par_iter().zip(ob.par_iter()))
+                    .for_each(|(dst, (&oa, &ob))| product(dst.as_mut_ptr().cast(), oa, ob, gemm::Parallelism::None))
+            })
+        };
         let mut shape = da[..r - 2].to_vec();
         shape.extend([m, n]);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -127,6 +171,9 @@ impl CustomOp2 for BatchedMatmul {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if a.rank() == 2 {
+            return Ok((Some(matmul(g, &b.t()?)?), Some(matmul(&a.t()?, g)?)));
+        }
         Ok((Some(batched_matmul(g, &b.t()?)?), Some(batched_matmul(&a.t()?, g)?)))
     }
 }
@@ -161,6 +208,36 @@ mod tests {
             assert!(max_diff(&got, &want) < 1e-4, "case {i}");
             assert!(got.is_contiguous());
         }
+    }
+
+    /// The two-dimensional product against candle's on contiguous and transposed operands and
+    /// an empty inner dimension; its output is written whole, none of it read first: a buffer of
+    /// NaNs freed just before (which the allocator hands back) leaves no trace.
+    #[test]
+    fn matmul_matches_candle_and_writes_every_element() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (300, 70), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (90, 70), &dev).unwrap();
+        let cases: Vec<(Tensor, Tensor)> = vec![
+            (x.clone(), w.t().unwrap()),
+            (w.clone(), x.t().unwrap()),
+            (x.t().unwrap(), x.narrow(1, 0, 33).unwrap()),
+            (Tensor::zeros((5, 0), DType::F32, &dev).unwrap(), Tensor::zeros((0, 4), DType::F32, &dev).unwrap()),
+        ];
+        for (i, (a, b)) in cases.iter().enumerate() {
+            let (rows, cols) = (a.dim(0).unwrap(), b.dim(1).unwrap());
+            drop(std::hint::black_box(vec![f32::NAN; rows * cols]));
+            let got = matmul(a, b).unwrap();
+            let want = a.matmul(b).unwrap();
+            assert!(max_diff(&got, &want) < 1e-4, "case {i}");
+            assert!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()), "case {i}");
+        }
+        let v = Var::randn(0f32, 1.0, (30, 20), &dev).unwrap();
+        let wt = w.narrow(1, 0, 20).unwrap().t().unwrap();
+        let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap();
+        let g1 = loss(matmul(v.as_tensor(), &wt).unwrap()).backward().unwrap();
+        let g2 = loss(v.as_tensor().matmul(&wt).unwrap()).backward().unwrap();
+        assert!(max_diff(g1.get(&v).unwrap(), g2.get(&v).unwrap()) < 1e-3);
     }
 
     /// Gradients of both operands equal candle's autograd through its own matmul.
