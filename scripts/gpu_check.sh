@@ -8,7 +8,7 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [optin-each] [ops] [ncu] [ours] [events] [plain]
+#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [attn] [optin-each] [ops] [ncu] [ours] [events] [plain]
 # (no section: kernels optin flash gpt2 370m track, about 10 minutes on an H200, most of it
 # torch.compile's warm-up, in order of what matters most should the call's time run out; every
 # measurement is printed as it is made, so a section cut by its timeout keeps them; with little
@@ -128,6 +128,10 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else ""
             --backward tape --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
             --backward tape --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
+    attn) # Flash attention's kernels alone (forward with the log-sum-exp, backward) beside PyTorch's
+          # SDPA flash kernel on both shapes: TFLOP/s of each pass and the ratio.
+          timeout 120 python3 bench/compare_flash.py --device cuda --dtype bf16 --xtask /tmp/bin/xtask 2>&1 \
+            | tee "$OUT/attn.txt" ;;
     ops) timeout 120 /tmp/bin/xtask bench ops --preset gpt2-small --batch 8 --ctx 1024 --device cuda --dtype bf16 \
            2>&1 | grep '^{' | tee "$OUT/ops.txt" ;;
     ours) for shape in "gpt2-small 8 1024" "370m 4 2048"; do

@@ -69,6 +69,18 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Flash attention's kernels alone at a preset's attention shape (batch, heads, ctx, head
+    /// size): the forward as training runs it (the log-sum-exp kept) and the backward (dq, dk,
+    /// dv), each launched `reps` times between two synchronisations; ms per launch and TFLOP/s
+    /// with FlashAttention's count of causal FLOPs (forward 4·B·H·T²·d/2, backward 2.5× that).
+    /// `bench/compare_flash.py` runs PyTorch's SDPA flash kernel on the same shapes beside it.
+    Flash {
+        #[command(flatten)]
+        shape: Shape,
+        /// Timed launches of each pass (after one warmup).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
     /// Training-step throughput (forward + backward + AdamW) of a preset.
     Model {
         #[command(flatten)]
@@ -133,6 +145,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 anyhow::bail!("bench ops: --reps, --batch and --ctx must be at least 1");
             }
             bench_ops(&preset, batch, ctx, reps, &device, &dtype)
+        }
+        BenchCmd::Flash { shape: Shape { preset, batch, ctx, device, dtype }, reps } => {
+            if reps == 0 || batch == 0 || ctx == 0 {
+                anyhow::bail!("bench flash: --reps, --batch and --ctx must be at least 1");
+            }
+            bench_flash(&preset, batch, ctx, reps, &device, &dtype)
         }
         BenchCmd::Model {
             shape: Shape { preset, batch, ctx, device, dtype },
@@ -492,6 +510,59 @@ fn time_op(
         serde_json::json!({
             "bench": "ops", "op": name, "fused": patchlm_model::fused_ops_supported(device),
             "fwd_ms": median(fwd), "fwd_bwd_ms": median(both),
+        })
+    );
+    Ok(())
+}
+
+/// Causal attention FLOPs of one forward pass as FlashAttention counts them: two products of
+/// B·H·T²·d multiply-adds each, half of them masked.
+fn flash_fwd_flops(batch: usize, heads: usize, ctx: usize, head_dim: usize) -> f64 {
+    4.0 * (batch * heads) as f64 * (ctx as f64).powi(2) * head_dim as f64 / 2.0
+}
+
+fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str, dtype: &str) -> Result<()> {
+    use patchlm_model::ops;
+    let device = parse_device(device)?;
+    let dtype = parse_dtype(dtype)?;
+    let cfg = ModelConfig::preset(preset)?;
+    let heads = cfg.num_attention_heads;
+    let hd = cfg.hidden_size / heads;
+    let randn = || Tensor::randn(0f32, 1.0, (batch, heads, ctx, hd), &device)?.to_dtype(dtype);
+    let (q, k, v, dout) = (randn()?, randn()?, randn()?, randn()?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let fwd = || ops::flash_attention_lse(&q, &k, &v, scale);
+    let (o, lse) = fwd()?;
+    let bwd = || ops::grad::flash_attention_lse(&q, &k, &v, &o, &lse, &dout, scale);
+    bwd()?;
+    let time = |f: &dyn Fn() -> candle_core::Result<()>| -> Result<f64> {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        device.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+    };
+    let fwd_ms = time(&|| fwd().map(|_| ()))?;
+    let bwd_ms = time(&|| bwd().map(|_| ()))?;
+    let flops = flash_fwd_flops(batch, heads, ctx, hd);
+    let kernels = if device.is_cpu() {
+        "cpu"
+    } else if ops::flash_mma_enabled(dtype, hd) {
+        "mma"
+    } else if ops::flash_tc_enabled(dtype, hd) {
+        "wmma"
+    } else {
+        "cuda-core"
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "flash", "preset": preset, "batch": batch, "heads": heads, "ctx": ctx, "head_dim": hd,
+            "dtype": format!("{dtype:?}").to_lowercase(), "kernels": kernels, "reps": reps,
+            "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+            "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
         })
     );
     Ok(())

@@ -303,4 +303,21 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
         assert!(ops.contains(&(op.to_string(), true)), "{op} fused: {out}");
     }
     assert!(ops.contains(&("mlp".to_string(), false)) && !ops.contains(&("attention (flash)".to_string(), false)));
+
+    // Flash attention alone: the tiny preset's 4 heads of size 8; TFLOP/s from FlashAttention's
+    // causal count, forward 4·B·H·T²·d/2 = 4·2·4·64·8/2 = 8192 FLOPs, backward 2.5× that.
+    let (ok, out) = xtask(&["bench", "flash", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "2"], d);
+    assert!(ok, "{out}");
+    let r = rows(&out);
+    assert_eq!(r.len(), 1, "{out}");
+    let x = &r[0];
+    assert_eq!((x["heads"].as_u64(), x["head_dim"].as_u64(), x["kernels"].as_str()), (Some(4), Some(8), Some("cpu")));
+    let f = |k: &str| x[k].as_f64().unwrap();
+    for (pass, flops) in [("fwd", 8192.0), ("bwd", 2.5 * 8192.0)] {
+        let ms = f(&format!("{pass}_ms"));
+        let implied = f(&format!("{pass}_tflops")) * 1e12 * ms * 1e-3;
+        assert!(ms > 0.0 && (implied - flops).abs() < 1e-6 * flops, "{pass}: {implied} FLOPs: {x}");
+    }
+    let (ok, out) = xtask(&["bench", "flash", "--preset", "tiny", "--reps", "0"], d);
+    assert!(!ok && out.contains("at least 1"), "{out}");
 }
