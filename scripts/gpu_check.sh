@@ -8,7 +8,7 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [attn] [optin-each] [ops] [ncu] [ours] [events] [plain]
+#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [dqa] [attn] [optin-each] [ops] [ncu] [ours] [events] [plain]
 # (no section: kernels optin flash gpt2 370m track, about 10 minutes on an H200, most of it
 # torch.compile's warm-up, in order of what matters most should the call's time run out; every
 # measurement is printed as it is made, so a section cut by its timeout keeps them; with little
@@ -48,15 +48,18 @@ for s in $sections; do
     kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ 2>&1 | tee "$OUT/kernels.txt"
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic \
+               2>&1 | tee "$OUT/kernels.txt"
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 tensor_core 2>&1 | tee /tmp/kernels-wmma.txt
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 _mma_ 2>&1 | tee /tmp/kernels-mma.txt
-             cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt >> "$OUT/kernels.txt"
-             tc=0; mma=0
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 dq_atomic 2>&1 | tee /tmp/kernels-dqa.txt
+             cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt >> "$OUT/kernels.txt"
+             tc=0; mma=0; dqa=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
+             grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
@@ -64,13 +67,16 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0
+               tc=0; mma=0; dqa=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
-             echo "opt-in kernels: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
+             # dq, dk and dv in one backward pass: opt-in, on for the sections that follow only
+             # where its tests pass (the dqa section times it off and on).
+             export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
+             echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
-               "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA" ;;
+               "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -128,6 +134,27 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else ""
             --backward tape --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
             --backward tape --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
+    dqa)  # Flash attention's backward as two passes (dq; dk and dv) and as one (dq summed in f32
+          # atomics, PATCHLM_FLASH_DQ_ATOMIC), a training step and the kernels alone, both shapes;
+          # the faster on 370M stays on for the sections that follow.
+          if [ "${PATCHLM_FLASH_DQ_ATOMIC:-0}" != 1 ]; then echo "one-pass backward off (its tests did not pass)"; continue; fi
+          for shape in "gpt2-small 8 1024" "370m 4 2048"; do
+            set -- $shape
+            for on in 0 1; do
+              PATCHLM_FLASH_DQ_ATOMIC=$on timeout 90 /tmp/bin/xtask bench model --preset $1 --batch $2 --ctx $3 \
+                --k 1 --steps 5 --device cuda --dtype bf16 --attention auto 2>&1 | grep '^{' \
+                | sed "s/^{/{\"dq_atomic\": $on, /" | tee -a "$OUT/dqa.txt"
+              PATCHLM_FLASH_DQ_ATOMIC=$on timeout 60 /tmp/bin/xtask bench flash --preset $1 --batch $2 --ctx $3 \
+                --device cuda --dtype bf16 2>&1 | grep '^{' | tee -a "$OUT/dqa.txt"
+            done
+          done
+          best=$(python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r.get("preset") == "370m" and r.get("bench") == "model"]
+print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "$OUT/dqa.txt" 2>/dev/null)
+          export PATCHLM_FLASH_DQ_ATOMIC=${best:-0}
+          echo "one-pass flash backward: $PATCHLM_FLASH_DQ_ATOMIC (the faster on 370m, kept for the sections that follow)" ;;
     attn) # Flash attention's kernels alone (forward with the log-sum-exp, backward) beside PyTorch's
           # SDPA flash kernel on both shapes: TFLOP/s of each pass and the ratio.
           timeout 120 python3 bench/compare_flash.py --device cuda --dtype bf16 --xtask /tmp/bin/xtask 2>&1 \

@@ -438,6 +438,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "device_clip": device.is_cuda() && patchlm_model::ops::device_clip_enabled(),
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
+                    "flash_dq_atomic": device.is_cuda() && flash && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd),
                 },
         });
         println!("{row}");
@@ -561,6 +562,7 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
         serde_json::json!({
             "bench": "flash", "preset": preset, "batch": batch, "heads": heads, "ctx": ctx, "head_dim": hd,
             "dtype": format!("{dtype:?}").to_lowercase(), "kernels": kernels, "reps": reps,
+            "dq_atomic": device.is_cuda() && ops::flash_dq_atomic_enabled(dtype, hd),
             "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
             "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
         })

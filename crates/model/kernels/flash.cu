@@ -1041,6 +1041,44 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
 }
 
+// One step of the mma dk/dv kernels for a warp of 16 keys from wfirst (this lane's: wfirst +
+// lane / 4 and 8 more) and the BQ queries from q0 in the shared tiles qs and dos, with their
+// base-2 lse in ls and delta in dl (queries see keys up to their own position + off): the scores
+// s^T = k . q^T and dP^T = v . dO^T, the probabilities P^T and dS^T = P^T ⊙ (dP^T − delta) (left in
+// dp; all 0 where no query of the step sees the warp's keys), then dv += P^T . dO, dk += dS^T . q.
+template <typename T, int HD, int BQ, int LD>
+__device__ __forceinline__ void dkv_step(float (*dp)[4], float (*dka)[4], float (*dva)[4], const uint32_t (*ka)[4],
+                                         const uint32_t (*va)[4], const T* qs, const T* dos, const float* ls,
+                                         const float* dl, int q0, int t, int off, int wfirst, float sl2) {
+    const int lane = threadIdx.x & 31, tq = lane & 3, key = wfirst + (lane >> 2);
+    float sc[BQ / 8][4];
+#pragma unroll
+    for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
+    }
+    if (q0 + BQ - 1 < wfirst - off) return;  // queries before wfirst - off see none of the warp's keys
+    mma_tile<T, false, HD / 16, BQ / 8>(sc, ka, qs, LD);   // s^T = k . q^T
+    mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD);  // dP^T = v . dO^T
+    // No query of the tile is past t or sees fewer than all the warp's keys: no mask.
+    const bool full = wfirst + 15 <= off + q0 && q0 + BQ <= t;
+#pragma unroll
+    for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int c = n * 8 + 2 * tq + (e & 1), qi = q0 + c, kj = key + 8 * (e >> 1);
+            const float p = full || (kj <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -ls[c])) : 0.0f;
+            sc[n][e] = p;
+            dp[n][e] = p * (dp[n][e] - dl[c]);
+        }
+    }
+    uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
+    acc_to_a<T, BQ / 8>(pa, sc);
+    acc_to_a<T, BQ / 8>(dsa, dp);
+    mma_tile<T, true, BQ / 16, HD / 8>(dva, pa, dos, LD);
+    mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD);
+}
+
 // dk and dv: as flash_tc_dkv. Grid (ceil(s / 64), BH), the first keys (the most queries) first.
 // Each warp owns 16 keys; scores are computed transposed (keys as rows).
 template <typename T, int HD>
@@ -1082,37 +1120,139 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         pipeline_step(q0 + BQ < t, [&] { fetch(q0 + BQ, buf ^ 1); });  // tiles and stats
         if (q0 + BQ - 1 < wfirst - off) continue;
         const T* qs = un + 2 * buf * BQ * LD;
-        const T* dos = qs + BQ * LD;
-        const float* ls = lsb[buf];
-        const float* dl = dlb[buf];
-        float sc[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-        for (int n = 0; n < BQ / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
-        }
-        mma_tile<T, false, HD / 16, BQ / 8>(sc, ka, qs, LD);   // s^T = k . q^T
-        mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD);  // dP^T = v . dO^T
-        // No query of the tile is past t or sees fewer than all the warp's keys: no mask.
-        const bool full = wfirst + 15 <= off + q0 && q0 + BQ <= t;
-#pragma unroll
-        for (int n = 0; n < BQ / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int c = n * 8 + 2 * tq + (e & 1), qi = q0 + c, kj = key + 8 * (e >> 1);
-                const float p = full || (kj <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -ls[c])) : 0.0f;
-                sc[n][e] = p;
-                dp[n][e] = p * (dp[n][e] - dl[c]);
-            }
-        }
-        uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
-        acc_to_a<T, BQ / 8>(pa, sc);
-        acc_to_a<T, BQ / 8>(dsa, dp);
-        mma_tile<T, true, BQ / 16, HD / 8>(dva, pa, dos, LD);
-        mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD);
+        float dp[BQ / 8][4];
+        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, qs + BQ * LD, lsb[buf], dlb[buf], q0, t, off, wfirst, sl2);
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
 }
 
 FLASH_TC_ALL(mma)
+
+// The A fragments of k-step kk for rows [r0, r0 + 16) of A = M^T, M a row-major shared tile (row
+// stride ld, a multiple of 8 elements) whose rows are A's columns: ldmatrix's transposed loads of
+// M's 8x8 blocks, in frag_a's order (matrix j: A's rows r0 + 8(j & 1), columns kk·16 + 8(j >> 1)).
+template <typename T>
+__device__ __forceinline__ void frag_a_t(uint32_t* a, const T* m, int ld, int kk, int r0) {
+    const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+    ldm_x4<true>(a, m + (kk * 16 + (j >> 1) * 8 + r) * ld + r0 + (j & 1) * 8);
+}
+
+// dq, dk and dv in one pass (FlashAttention-2's backward; PATCHLM_FLASH_DQ_ATOMIC): flash_mma_dkv,
+// and each step's dS^T tile also goes through shared memory so that the block adds its share of
+// dq = dS . k (f32, not yet scaled) into dq_acc (zeroed by the caller) with atomics; flash_dq_cast
+// scales and rounds it. This saves flash_mma_dq's second computation of the scores and dP (5 tile
+// products per step instead of 7). Grid and blocks as flash_mma_dkv.
+template <typename T, int HD>
+__device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
+                               float* dq_acc, int t, int s, float scale) {
+    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
+    constexpr int BQ = 32, LD = HD + 8, LDS = BQ + 8;  // LDS: 80-byte rows, ldmatrix without conflicts
+    // The v tile, then two buffers of a (q, dO) tile pair and their stats, as in flash_mma_dkv; the
+    // k tile stays for the dq product; a step's dS^T (the block's keys as rows).
+    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
+    __shared__ __align__(16) T kt[MMA_ROWS * LD];
+    __shared__ __align__(16) T dst[MMA_ROWS * LDS];
+    __shared__ float lsb[2][BQ], dlb[2][BQ];
+    EMU_SHARED(un, kt, dst, lsb, dlb);
+    static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where v was staged");
+    const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int nk = min(MMA_ROWS, s - j0);
+    tc_tile_in<T, HD, LD, MMA_ROWS>(kt, k + (size_t)bh * s * HD, j0, nk);
+    tc_tile_in<T, HD, LD, MMA_ROWS>(un, v + (size_t)bh * s * HD, j0, nk);
+    __syncthreads();
+    uint32_t ka[HD / 16][4], va[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        frag_a(ka[kk], kt + w * 16 * LD, LD, kk);
+        frag_a(va[kk], un + w * 16 * LD, LD, kk);
+    }
+    const int key = j0 + w * 16 + g;  // this lane's keys: key and key + 8
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
+    }
+    const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
+    const float sl2 = scale * LOG2E_F;  // the lse in lsb is base 2 too
+    const T* qb = q + (size_t)bh * t * HD;
+    const T* db = dout + (size_t)bh * t * HD;
+    float* dqb = dq_acc + (size_t)bh * t * HD;
+    auto fetch = [&](int q0, int b) {
+        T* qs = un + 2 * b * BQ * LD;
+        dkv_stage<T, HD, LD, BQ, true>(qs, qs + BQ * LD, lsb[b], dlb[b], qb, db, st + (size_t)bh * t * 2, q0,
+                                       min(BQ, t - q0), LOG2E_F);
+        cp_async_commit();
+    };
+    // This warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns qc + [0, HD / 2).
+    const int qr = (w & 1) * 16, qc = (w >> 1) * (HD / 2);
+    const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
+    __syncthreads();                      // every warp has its fragments: un may be overwritten
+    fetch(qfirst, 0);
+    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
+        pipeline_step(q0 + BQ < t, [&] { fetch(q0 + BQ, buf ^ 1); });  // tiles and stats
+        const T* qs = un + 2 * buf * BQ * LD;
+        const T* dos = qs + BQ * LD;
+        // A warp none of whose keys these queries see adds nothing to dk and dv, and zeros to dq
+        // (it still joins the block's barrier below).
+        float dp[BQ / 8][4];
+        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, dos, lsb[buf], dlb[buf], q0, t, off, wfirst, sl2);
+        // dS^T (rounded to T, as dk's product took it) into dst: this warp's 16 keys as rows.
+#pragma unroll
+        for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                T* p = dst + (w * 16 + g + 8 * h) * LDS + n * 8 + 2 * tq;
+                *reinterpret_cast<uint32_t*>(p) = pack2<T>(dp[n][2 * h], dp[n][2 * h + 1]);
+            }
+        }
+        __syncthreads();  // the whole dS^T tile is in dst (the next step's first barrier frees it)
+        float dqa[HD / 16][4];
+#pragma unroll
+        for (int n = 0; n < HD / 16; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
+        uint32_t da[MMA_ROWS / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < MMA_ROWS / 16; kk++) frag_a_t(da[kk], dst, LDS, kk, qr);
+        mma_tile<T, true, MMA_ROWS / 16, HD / 16>(dqa, da, kt + qc, LD);  // dS . k over the block's keys
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int qi = q0 + qr + g + 8 * h;
+            if (qi >= t) continue;
+#pragma unroll
+            for (int n = 0; n < HD / 16; n++) {
+                float* p = dqb + (size_t)qi * HD + qc + n * 8 + 2 * tq;
+                atomicAdd(p, dqa[n][2 * h]);
+                atomicAdd(p + 1, dqa[n][2 * h + 1]);
+            }
+        }
+    }
+    mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
+    mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
+}
+
+// flash_mma_dkvq's dq: dq[i] = acc[i] · scale, rounded to T; a grid-stride loop over n elements.
+template <typename T>
+__device__ void flash_dq_cast(const float* acc, T* dq, int n, float scale) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dq[i] = from_f<T>(acc[i] * scale);
+}
+
+#define FLASH_DKVQ(T, S, HD)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) flash_mma_dkvq_##S##_##HD(                           \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, float* dq_acc,  \
+        int t, int s, float scale) {                                                                       \
+        flash_mma_dkvq<T, HD>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                             \
+    }
+FLASH_DKVQ(__nv_bfloat16, bf16, 32)
+FLASH_DKVQ(__nv_bfloat16, bf16, 64)
+FLASH_DKVQ(__half, f16, 32)
+FLASH_DKVQ(__half, f16, 64)
+
+#define FLASH_DQ_CAST(T, S)                                                                                \
+    extern "C" __global__ void flash_dq_cast_##S(const float* acc, T* dq, int n, float scale) {            \
+        flash_dq_cast<T>(acc, dq, n, scale);                                                               \
+    }
+FLASH_DQ_CAST(__nv_bfloat16, bf16)
+FLASH_DQ_CAST(__half, f16)

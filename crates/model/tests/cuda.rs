@@ -357,11 +357,14 @@ enum Tc {
     Wmma,
     /// mma.sync (PATCHLM_FLASH_MMA).
     Mma,
+    /// mma.sync with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC).
+    MmaDqAtomic,
 }
 
 fn set_tc(tc: Tc) {
     patchlm_model::ops::set_flash_tc(tc == Tc::Wmma);
-    patchlm_model::ops::set_flash_mma(tc == Tc::Mma);
+    patchlm_model::ops::set_flash_mma(matches!(tc, Tc::Mma | Tc::MmaDqAtomic));
+    patchlm_model::ops::set_flash_dq_atomic(tc == Tc::MmaDqAtomic);
 }
 
 /// The wmma tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
@@ -378,6 +381,15 @@ fn cuda_tensor_core_flash_attention_matches_cpu() {
 #[ignore]
 fn cuda_mma_flash_attention_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::Mma);
+}
+
+/// The mma.sync kernels with dq, dk and dv from one backward pass (dq summed in f32 atomics;
+/// PATCHLM_FLASH_DQ_ATOMIC), as above; named apart so that `gpu_check.sh` runs it in a process of
+/// its own.
+#[test]
+#[ignore]
+fn cuda_dq_atomic_flash_attention_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaDqAtomic);
 }
 
 fn tensor_core_flash_matches_cpu(tc: Tc) {
@@ -485,6 +497,13 @@ fn cuda_tensor_core_tape_matches_cpu() {
 #[ignore]
 fn cuda_mma_tape_matches_cpu() {
     tape_matches_cpu(2, 1, Tc::Mma);
+}
+
+/// The same with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC).
+#[test]
+#[ignore]
+fn cuda_dq_atomic_tape_matches_cpu() {
+    tape_matches_cpu(2, 1, Tc::MmaDqAtomic);
 }
 
 /// The hand-written forward and backward pass on the GPU against the CPU: softmax attention

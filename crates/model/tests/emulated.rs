@@ -99,6 +99,11 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
 /// rows).
 const ORDER_DEPENDENT: [&str; 2] = ["embedding_bwd_", "rms_dw_"];
 
+/// Kernels with one f32 argument (by index) that blocks add into with atomics, all else written
+/// once: that argument may differ between schedules in its last bits only (compared with a
+/// tolerance, so a race on what feeds the sums still shows), every other byte for byte.
+const ATOMIC_SUM_ARG: [(&str, usize); 1] = [("flash_mma_dkvq_", 7)];
+
 /// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
 #[derive(Clone, Copy, Debug)]
 enum Schedule {
@@ -122,8 +127,18 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
     if !ORDER_DEPENDENT.iter().any(|k| kernel.starts_with(k)) {
         for schedule in [Schedule::FirstAhead, Schedule::LastAhead] {
             let other = run_harness(kernel, geometry, args, schedule);
+            let summed = ATOMIC_SUM_ARG.iter().find(|(k, _)| kernel.starts_with(k)).map(|&(_, n)| n);
             for (n, (f, r)) in first.iter().zip(&other).enumerate() {
-                if let (Some(f), Some(r)) = (f, r) {
+                if let (Some(f), Some(r), true) = (f, r, summed == Some(n)) {
+                    let (f, r) = (f32s(f), f32s(r));
+                    let scale = f.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let worst = f.iter().zip(&r).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    assert!(
+                        worst <= 1e-5 * scale,
+                        "{kernel}: argument {n}'s atomic sums differ by {worst} (of {scale}) when the threads run \
+                         as {schedule:?} (more than summation order explains: a race on what they add)"
+                    );
+                } else if let (Some(f), Some(r)) = (f, r) {
                     let at = f.iter().zip(r).position(|(x, y)| x != y);
                     assert!(
                         at.is_none(),
@@ -139,6 +154,11 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
             *b = after;
         }
     }
+}
+
+/// Little-endian f32s from bytes.
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// One run of the harness under `schedule`: every buffer argument's bytes after the launch.
@@ -386,6 +406,18 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             check(&args[6], s, &dv, tol_grad, "dv");
         }
     }
+    if family == Flash::Mma {
+        // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC): dq summed over key blocks in a
+        // zeroed f32 buffer with atomics, then scaled and rounded by flash_dq_cast.
+        let nq = bh * t * hd;
+        let mut args = with(vec![uninit(s), uninit(s), zeroed(nq)]);
+        go("dkvq", s, &mut args);
+        check(&args[5], s, &dk, tol_grad, "dk (one pass)");
+        check(&args[6], s, &dv, tol_grad, "dv (one pass)");
+        let mut cast = [args[7].clone(), uninit(t), A::I(nq as i64), A::F(scale as f32)];
+        emulate(&format!("flash_dq_cast_{}", suffix(dtype)), launch::elems(nq), &mut cast);
+        check(&cast[1], t, &dq, tol_grad, "dq (one pass)");
+    }
 }
 
 /// The tensor-core flash attention kernels (forward, dq, dk+dv), on shapes with partial tiles, more
@@ -415,8 +447,8 @@ const TENSOR_CORE_CASES: [(AttnShape, DType, bool, f64); 6] = [
     ((1, 130, 144, 64), DType::F16, false, 0.0),
 ];
 
-/// The mma.sync flash attention kernels (forward, dq, dk+dv; mma's fragment layout emulated as the
-/// PTX ISA specifies it), on the same shapes as the wmma ones.
+/// The mma.sync flash attention kernels (forward, dq, dk+dv, and dq+dk+dv in one pass; mma's
+/// fragment layout emulated as the PTX ISA specifies it), on the same shapes as the wmma ones.
 #[test]
 fn emulated_mma_flash_attention_matches_reference() {
     for (shape, dtype, misalign, q_sd) in TENSOR_CORE_CASES {

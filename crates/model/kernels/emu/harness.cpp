@@ -80,7 +80,8 @@ void invoke(void (*f)(A...), const std::vector<Arg>& v, dim3 g, dim3 b) {
 typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 #define K(name) {#name, [](const std::vector<Arg>& v, dim3 g, dim3 b) { invoke(name, v, g, b); }},
 #define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
-#define KMMA(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD)
+#define KMMA(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD) \
+    K(flash_mma_dkvq_##S##_##HD)
 #define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_lse_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) \
     K(flash_dv_##S##_##HD)
 
@@ -90,7 +91,7 @@ const std::map<std::string, Runner> kernels = {
     K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
     K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
     KMMA(bf16, 32) KMMA(bf16, 64) KMMA(f16, 32) KMMA(f16, 64)
-    K3(flash_stats)
+    K3(flash_stats) K(flash_dq_cast_bf16) K(flash_dq_cast_f16)
     K(probe_mma_bf16) K(probe_mma_f16) K(probe_ldmatrix)
     KFLASH(f32, 64) KFLASH(bf16, 32) KFLASH(bf16, 64)
     K3(rms_fwd_w) K3(rms_dx_w) K3(rms_dx_res_w) K3(add_rms_fwd_w)

@@ -591,6 +591,8 @@ enum FlashKernel {
     Dq,
     /// … → (dk, dv) stacked.
     Dkv,
+    /// … → (dq, dk, dv) one after the other, from one pass (mma.sync kernels only).
+    Dkvq,
 }
 
 /// Flash attention forward: (o, log-sum-exp per row).
@@ -672,6 +674,18 @@ pub fn flash_grad(
     Ok(flash(&x, Some(st), d, scale, kernel)?.0)
 }
 
+/// dq, dk and dv one after the other (B·H·(T + 2S)·hd elements) from `x` = [q, dO, k, v] and the
+/// row statistics, in one pass of the mma.sync kernels with dq summed in f32 atomics
+/// (`flash_mma_dkvq`, then `flash_dq_cast`); only where [`super::flash_mma_enabled`].
+pub fn flash_grad_all(
+    x: [(&CudaStorage, &Layout); 4],
+    st: (&CudaStorage, &Layout),
+    d: super::AttnDims,
+    scale: f32,
+) -> Result<CudaStorage> {
+    Ok(flash(&x, Some(st), d, scale, FlashKernel::Dkvq)?.0)
+}
+
 /// One flash-attention step: `x` holds the kernel's tensors of the compute dtype in order
 /// (q, k, v forward; q, k log-sum-exp; q, dO, k, v gradients), `st` the gradients' f32 row
 /// statistics.
@@ -718,7 +732,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let names: &[&str] = match kernel {
         FlashKernel::Fwd => &["q", "k", "v"],
         FlashKernel::Lse => &["q", "k"],
-        FlashKernel::Dq | FlashKernel::Dkv => &["q", "dO", "k", "v"],
+        FlashKernel::Dq | FlashKernel::Dkv | FlashKernel::Dkvq => &["q", "dO", "k", "v"],
     };
     if x.len() != names.len() {
         candle_core::bail!("internal: flash kernel given {} inputs for {names:?}", x.len());
@@ -728,7 +742,10 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         .zip(names)
         .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
         .collect::<Result<Vec<_>>>()?;
-    let rows = if kernel == FlashKernel::Dkv { s } else { t };
+    if kernel == FlashKernel::Dkvq && family != "flash_mma" {
+        candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
+    }
+    let rows = if matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) { s } else { t };
     let cfg = cfg(crate::launch::flash(rows, bh, tc));
     let (ti, si) = (t as i32, s as i32);
     let stats = || -> Result<_> {
@@ -779,6 +796,23 @@ fn flash_t<T: CudaDType + DeviceRepr>(
                         launch!(which; &st, dst, &ti, &si, &scale);
                     }
                 }
+            }
+            Ok((T::wrap_cuda_slice(out, dev.clone()), None))
+        }
+        FlashKernel::Dkvq => {
+            let st = stats()?;
+            let (nq, n) = (bh * t * hd, bh * s * hd);
+            let mut out = unsafe { dev.alloc::<T>(nq + 2 * n)? };
+            let mut acc = dev.alloc_zeros::<f32>(nq)?;
+            {
+                let (mut dq, mut kv) = out.split_at_mut(nq);
+                let (mut dk, mut dv) = kv.split_at_mut(n);
+                launch!("dkvq"; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale);
+                let f = dev.get_or_load_custom_func(&format!("flash_dq_cast_{sfx}"), FLASH_MODULE, FLASH_PTX)?;
+                let ni = nq as i32;
+                let mut b = f.builder();
+                args!(b, &acc, &mut dq, &ni, &scale);
+                unsafe { b.launch(self::cfg(crate::launch::elems(nq))) }.w()?;
             }
             Ok((T::wrap_cuda_slice(out, dev.clone()), None))
         }

@@ -71,6 +71,25 @@ pub fn flash_mma_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_MMA.get() && tensor_core_shape(dtype, hd)
 }
 
+static FLASH_DQ_ATOMIC: Switch = Switch::new("PATCHLM_FLASH_DQ_ATOMIC", true, false);
+
+/// Chooses, where [`set_flash_mma`]'s kernels run the backward pass, one pass for dq, dk and dv
+/// (FlashAttention-2's: dq summed over key blocks in f32 atomics, 5 tile products per step)
+/// instead of a dq pass beside the dk/dv pass (7 products: the dq pass computes the scores and
+/// dP again), process-wide. Off by default (also `PATCHLM_FLASH_DQ_ATOMIC=1`) until
+/// `tests/cuda.rs` has run it on a GPU; its math is tested without one by `tests/emulated.rs`. The
+/// atomics make dq's last bits depend on the order the blocks run in. On the CPU the same
+/// gradients come from one op that computes them one after the other.
+pub fn set_flash_dq_atomic(enabled: bool) {
+    FLASH_DQ_ATOMIC.set(enabled);
+}
+
+/// Whether flash attention's backward pass on CUDA computes dq, dk and dv in one pass for
+/// `dtype` and head size `hd` (see [`set_flash_dq_atomic`]; only with the mma.sync kernels).
+pub fn flash_dq_atomic_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_DQ_ATOMIC.get() && flash_mma_enabled(dtype, hd)
+}
+
 /// A second output of a custom op (candle's custom ops return one storage): the op's forward
 /// pass leaves it here and [`Stash::take`] hands it back as a tensor on the same device.
 #[derive(Default)]
@@ -183,12 +202,13 @@ struct FlashAttnLse {
     lse: Stash,
 }
 
-/// Which gradients a [`FlashGrad`] computes: dq (B, H, T, hd), or dk and dv stacked
-/// (2, B, H, S, hd).
+/// Which gradients a [`FlashGrad`] computes: dq (B, H, T, hd), dk and dv stacked
+/// (2, B, H, S, hd), or all three one after the other, flat (B·H·(T + 2S)·hd).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FlashPart {
     Q,
     KV,
+    All,
 }
 
 /// One gradient of the CPU twin.
@@ -386,6 +406,13 @@ pub(super) fn flash_backward(
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let grad = |part| q.apply_op3_no_bwd(&k, &v, &FlashGrad { scale, part, dout: dout.clone(), stats: stats.clone() });
+    if flash_dq_atomic_enabled(q.dtype(), hd) {
+        let s = k.dim(2)?;
+        let all = grad(FlashPart::All)?;
+        let (nq, nk) = (b * h * t * hd, b * h * s * hd);
+        let part = |at: usize, n: usize, len: usize| all.narrow(0, at, n)?.reshape((b, h, len, hd));
+        return Ok((part(0, nq, t)?, part(nq, nk, s)?, part(nq + nk, nk, s)?));
+    }
     let dkv = grad(FlashPart::KV)?;
     Ok((grad(FlashPart::Q)?, dkv.get(0)?, dkv.get(1)?))
 }
@@ -574,6 +601,12 @@ impl CustomOp3 for FlashGrad {
                     dk.extend(flash_grad_cpu(x, st, a, g.scale, GradOf::V));
                     dk
                 }
+                FlashPart::All => {
+                    let mut dq = flash_grad_cpu(x, st, a, g.scale, GradOf::Q);
+                    dq.extend(flash_grad_cpu(x, st, a, g.scale, GradOf::K));
+                    dq.extend(flash_grad_cpu(x, st, a, g.scale, GradOf::V));
+                    dq
+                }
             })
         }
         let out = map_float3!("flash_attention", (s1, l1, "q"), (s2, l2, "k"), (s3, l3, "v"), |q, k, v| {
@@ -599,7 +632,10 @@ impl CustomOp3 for FlashGrad {
             candle_core::bail!("flash_attention: dO and the row statistics must be on q's device")
         };
         let x = [(s1, l1), (d, dl), (s2, l2), (s3, l3)];
-        let out = cuda::flash_grad(x, (st, sl), a, self.scale, self.part == FlashPart::KV)?;
+        let out = match self.part {
+            FlashPart::All => cuda::flash_grad_all(x, (st, sl), a, self.scale)?,
+            part => cuda::flash_grad(x, (st, sl), a, self.scale, part == FlashPart::KV)?,
+        };
         Ok((out, shape))
     }
 }
@@ -613,6 +649,7 @@ impl FlashGrad {
         let shape = match self.part {
             FlashPart::Q => Shape::from((b, h, t, hd)),
             FlashPart::KV => Shape::from((2, b, h, s, hd)),
+            FlashPart::All => Shape::from(b * h * (t + 2 * s) * hd),
         };
         Ok((AttnDims { bh: b * h, t, s, hd }, shape))
     }

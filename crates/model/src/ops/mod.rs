@@ -303,7 +303,8 @@ mod tests {
     use super::Switch;
 
     /// The mma.sync flash kernels take precedence over the wmma ones; either applies only to
-    /// 16-bit dtypes at head sizes 32 and 64. (The only test in this binary that sets these.)
+    /// 16-bit dtypes at head sizes 32 and 64; the one-pass backward gives the two passes'
+    /// gradients. (The only test in this binary that sets these.)
     #[test]
     fn tensor_core_flash_family_choice() {
         use super::{flash_mma_enabled, flash_tc_enabled, set_flash_mma, set_flash_tc};
@@ -319,6 +320,26 @@ mod tests {
         set_flash_tc(false);
         assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
         set_flash_mma(true); // the default again
+
+        // The one-pass backward (mma.sync only) returns dq, dk and dv from one flat buffer: the
+        // same gradients as the two passes, with fewer queries than keys (a cache) so that a
+        // wrong offset or length in the split shows.
+        use super::{flash_attention_lse, flash_dq_atomic_enabled, grad, set_flash_dq_atomic};
+        use candle_core::{Device, Tensor};
+        let mk = |n: usize| Tensor::randn(0f32, 1.0, (2, 3, n, 32), &Device::Cpu).unwrap().to_dtype(BF16).unwrap();
+        let (q, k, v, dout) = (mk(5), mk(9), mk(9), mk(5));
+        let (o, lse) = flash_attention_lse(&q, &k, &v, 0.2).unwrap();
+        let grads = || grad::flash_attention_lse(&q, &k, &v, &o, &lse, &dout, 0.2).unwrap();
+        let two = grads();
+        set_flash_dq_atomic(true);
+        assert!(flash_dq_atomic_enabled(BF16, 32) && !flash_dq_atomic_enabled(F32, 32));
+        let one = grads();
+        set_flash_dq_atomic(false);
+        for (a, b) in [(&one.0, &two.0), (&one.1, &two.1), (&one.2, &two.2)] {
+            assert_eq!(a.dims(), b.dims());
+            let d = (a.to_dtype(F32).unwrap() - b.to_dtype(F32).unwrap()).unwrap().abs().unwrap();
+            assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
     }
 
     /// A switch reports what the setter said, else nothing (the default applies), and keeps its
