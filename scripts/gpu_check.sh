@@ -195,6 +195,11 @@ done
 echo "== summary  ($(date +%T))"
 grep -h "test result\|FAILED\|panicked" "$OUT/kernels.txt" 2>/dev/null
 tail -6 "$OUT"/bench-*.txt 2>/dev/null
+tail -5 "$OUT/attn.txt" 2>/dev/null
+grep -h '"bench":"model"' "$OUT/dqa.txt" 2>/dev/null | python3 -c '
+import json, sys
+for r in map(json.loads, sys.stdin):
+    print("one-pass backward %s: %s %.0f tok/s" % (r["dq_atomic"], r["preset"], r["tokens_per_s"]))' 2>/dev/null
 tail -qn1 "$OUT"/track*.txt 2>/dev/null
 # At most 8 files come back from a device call: the loss curves travel as one archive.
 (cd "$OUT" && ls track-* >/dev/null 2>&1 && tar czf tracks.tgz track-* && rm -f track-*)

@@ -84,8 +84,8 @@ pub fn set_flash_dq_atomic(enabled: bool) {
     FLASH_DQ_ATOMIC.set(enabled);
 }
 
-/// Whether flash attention's backward pass on CUDA computes dq, dk and dv in one pass for
-/// `dtype` and head size `hd` (see [`set_flash_dq_atomic`]; only with the mma.sync kernels).
+/// Whether flash attention's backward pass computes dq, dk and dv in one pass for `dtype` and
+/// head size `hd` (see [`set_flash_dq_atomic`]; only where the mma.sync kernels apply).
 pub fn flash_dq_atomic_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_DQ_ATOMIC.get() && flash_mma_enabled(dtype, hd)
 }
