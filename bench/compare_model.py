@@ -3,6 +3,9 @@ same LLaMA shapes (RMSNorm, RoPE, SwiGLU, untied head), the same loss (token k=1
 and grad clipping; on CPU with the same thread count, on CUDA in the same device call.
     python3 bench/compare_model.py --preset small --batch 16 --ctx 128 --threads 2
     python3 bench/compare_model.py --device cuda --dtype bf16 --compile --preset gpt2-small --batch 8 --ctx 1024
+With --profile, one more step of each is timed by kind of work (matmul, attention forward and
+backward, optimizer, the rest): ours by the named spans of `xtask bench model --profile`, PyTorch's
+with torch.profiler (GPU kernels by name; on the CPU, aten ops by self time), side by side.
 MFU = tokens/s x (6 N + 12 L d T) / peak, peak 989 TFLOP/s (H100 dense bf16) unless --peak.
 Needs torch; a release build of xtask (with --features cuda for --device cuda)."""
 import argparse, json, math, os, subprocess, time
@@ -66,6 +69,8 @@ ap.add_argument("--attention", default="softmax", choices=["softmax", "flash", "
                 help="our attention kernel(s): a row for each")
 ap.add_argument("--backward", default="tape", choices=["tape", "autograd", "both"],
                 help="our backward pass(es): the hand-written tape, candle's autograd, or a row for each")
+ap.add_argument("--profile", action="store_true",
+                help="one more step of each side timed by kind of work, and a table of the kinds")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 dev = torch.device(a.device)
@@ -83,7 +88,7 @@ def sync():
 env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
 cmd = [a.xtask, "bench", "model", "--preset", a.preset, "--batch", str(a.batch), "--ctx", str(a.ctx),
        "--k", a.ks, "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype, "--attention", a.attention,
-       "--backward", a.backward]
+       "--backward", a.backward] + (["--profile"] if a.profile else [])
 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
 if out.returncode != 0:
     print(out.stdout, out.stderr); raise SystemExit(f"xtask bench failed: {' '.join(cmd)}")
@@ -98,6 +103,45 @@ for o in ours:
           f"fwd {o.get('fwd_ms', float('nan')):.1f}, bwd enqueue {o.get('bwd_enqueue_ms', float('nan')):.1f}, "
           f"bwd {o.get('bwd_ms', float('nan')):.1f}, "
           f"clip+opt {o.get('opt_ms', float('nan')):.1f} ms; opt-in {o.get('optin')})", flush=True)
+KINDS = ["matmul", "attention fwd", "attention bwd", "optimizer", "rest"]
+
+def torch_kind(name):
+    """The kind of work of a CUDA kernel (or, on the CPU, an aten op) by its name."""
+    n = name.lower()
+    if any(w in n for w in ("flash", "fmha", "sdpa", "attention", "attn")):
+        return "attention bwd" if "bwd" in n or "backward" in n else "attention fwd"
+    if any(w in n for w in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::bmm", "aten::addmm")):
+        return "matmul"
+    if any(w in n for w in ("adam", "multi_tensor", "foreach")):
+        return "optimizer"
+    return "rest"
+
+def our_kind(name):
+    """The kind of work of one of our spans (`pass.kind.detail`)."""
+    kind = name.split(".")[1] if name.count(".") >= 1 else name
+    if kind == "attention":
+        return "attention bwd" if name.startswith("bwd") else "attention fwd"
+    return kind if kind in ("matmul", "optimizer") else "rest"
+
+def profile_torch(step):
+    """One step under torch.profiler: ms by kind, and the ten costliest kernels (ops)."""
+    from torch.profiler import profile, ProfilerActivity
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step(); sync()
+    by_kind, by_name = {k: 0.0 for k in KINDS}, {}
+    for e in prof.key_averages():
+        if cuda:
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        else:
+            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0.0
+        if us > 0:
+            by_kind[torch_kind(e.key)] += us / 1e3
+            by_name[e.key] = by_name.get(e.key, 0.0) + us / 1e3
+    return by_kind, sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+
+profiles = []
 rows = []
 modes = ["eager"] + (["compile"] if a.compile else [])
 for mode in modes:
@@ -120,6 +164,16 @@ for mode in modes:
             if s >= 3: ts.append(time.perf_counter() - t0)
         step = sorted(ts)[len(ts) // 2]
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+        if a.profile:
+            def one_step():
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+                    loss = loss_fn(ids, k)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
+            by_kind, top = profile_torch(one_step)
+            profiles.append((mode, k, by_kind))
+            print(f"torch {mode} k={k} profile (ms): " + ", ".join(f"{kk} {v:.2f}" for kk, v in by_kind.items())
+                  + "; costliest: " + "; ".join(f"{n[:60]} {v:.2f}" for n, v in top), flush=True)
         tps = a.batch * a.ctx * k / step
         rows.append((mode, k, tps, step, mem, tps / k * flops_per_token(m) / a.peak))
         print(f"torch {mode} k={k}: {tps:.0f} tok/s, MFU {100 * rows[-1][5]:.1f}%, step {1e3 * step:.1f} ms, "
@@ -134,6 +188,19 @@ for mode, k, tps, step, mem, mfu in rows:
         print(f"{mode:>10}{k:>3}{tps:>13.0f}{100 * mfu:>6.1f}%{1e3 * step:>8.1f}{mem:>7.2f}"
               f"{o.get('attention', '') + '/' + o.get('backward', ''):>18}{o['tokens_per_s']:>10.0f}{100 * (o.get('mfu') or float('nan')):>6.1f}%"
               f"{o['step_ms']:>8.1f}{(o.get('peak_mem_gib') or float('nan')):>7.2f}{o['tokens_per_s'] / tps:>8.2f}")
+if profiles:
+    print(f"one step by kind of work (ms), {'GPU kernel' if dev.type == 'cuda' else 'CPU op'} time "
+          "(ours: spans, the step's time outside them in 'rest')")
+    print(f"{'torch mode':>10}{'k':>3}  {'kind':<15}{'torch':>9}{'patchlm':>18}{'ms':>9}{'ours - torch':>14}")
+    for mode, k, by_kind in profiles:
+        for o in (o for o in ours if o["k"] == k and "profile" in o):
+            mine = {kk: 0.0 for kk in KINDS}
+            for name, ms in o["profile"].items():
+                mine[our_kind(name)] += ms
+            mine["rest"] += o["profile_step_ms"] - sum(o["profile"].values())
+            label = o.get("attention", "") + "/" + o.get("backward", "")
+            for kk in KINDS:
+                print(f"{mode:>10}{k:>3}  {kk:<15}{by_kind[kk]:>9.2f}{label:>18}{mine[kk]:>9.2f}{mine[kk] - by_kind[kk]:>14.2f}")
 print("patchlm step breakdown (ms): " + "; ".join(
     f"{o.get('attention')}/{o.get('backward')} k={o['k']}: step {o.get('parts_step_ms', float('nan')):.1f} "
     f"synchronised by parts, enqueue {o['fwd_enqueue_ms']:.1f}, fwd {o['fwd_ms']:.1f}, "

@@ -131,10 +131,12 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else ""
            [ -n "$ncu" ] && timeout 150 "$ncu" --metrics gpu__time_duration.sum --print-summary per-kernel \
              /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 --k 1 --steps 1 --device cuda \
              --dtype bf16 > "$OUT/ncu.txt" 2>&1 && python3 scripts/ncu_summary.py "$OUT/ncu.txt" | head -40 ;;
+    # Both shapes side by side with PyTorch; --profile adds one step of each timed by kind of work
+    # (matmul, attention forward / backward, optimizer, the rest): where the gap is.
     gpt2) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
-            --backward tape --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
+            --backward tape --preset gpt2-small --batch 8 --ctx 1024 --steps 5 --profile --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-gpt2.txt" ;;
     370m) timeout 300 python3 bench/compare_model.py --device cuda --dtype bf16 --compile --attention both \
-            --backward tape --preset 370m --batch 4 --ctx 2048 --steps 5 --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
+            --backward tape --preset 370m --batch 4 --ctx 2048 --steps 5 --profile --xtask /tmp/bin/xtask 2>&1 | tee "$OUT/bench-370m.txt" ;;
     dqa)  # Flash attention's backward as two passes (dq; dk and dv) and as one (dq summed in f32
           # atomics, PATCHLM_FLASH_DQ_ATOMIC), a training step and the kernels alone, both shapes;
           # the faster on 370M stays on for the sections that follow.
@@ -194,7 +196,10 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
 done
 echo "== summary  ($(date +%T))"
 grep -h "test result\|FAILED\|panicked" "$OUT/kernels.txt" 2>/dev/null
-tail -6 "$OUT"/bench-*.txt 2>/dev/null
+# Against torch.compile with our flash rows: the ratio rows, then one step by kind of work.
+for f in "$OUT"/bench-*.txt; do
+  [ -f "$f" ] && { echo "-- $f"; grep -E '^ +compile' "$f" | grep -v softmax; }
+done
 tail -5 "$OUT/attn.txt" 2>/dev/null
 grep -h '"bench":"model"' "$OUT/dqa.txt" 2>/dev/null | python3 -c '
 import json, sys

@@ -107,6 +107,11 @@ pub enum BenchCmd {
         /// Peak FLOP/s for MFU (default: H100 dense bf16).
         #[arg(long, default_value_t = 989e12)]
         peak_flops: f64,
+        /// Also time one more step by named spans (CUDA events, no synchronisation inside the
+        /// step; `patchlm_model::profile`): a `"profile"` field in each row (ms per span name,
+        /// `pass.kind.detail`) and a table of the spans by kind.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -160,6 +165,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             attention,
             backward,
             peak_flops,
+            profile,
         } => {
             if steps == 0 || batch == 0 || ctx == 0 {
                 anyhow::bail!("bench model: --steps, --batch and --ctx must be at least 1");
@@ -176,6 +182,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 attention: &attention,
                 backward: &backward,
                 peak_flops,
+                profile,
             })
             .map(|_| ())
         }
@@ -214,6 +221,7 @@ fn run_suite(s: &Suite) -> Result<()> {
             attention: "auto",
             backward: "tape",
             peak_flops: s.peak_flops,
+            profile: false,
         })?);
     }
     println!(
@@ -320,6 +328,7 @@ pub struct ModelBench<'a> {
     attention: &'a str,
     backward: &'a str,
     peak_flops: f64,
+    profile: bool,
 }
 
 /// `--flag off|on|both` → the settings to run, one row each (`both`: off first).
@@ -415,6 +424,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 v.push(x * 1e3);
             }
         }
+        let profile = if b.profile { Some(profile_step(&mut step, &device)?) } else { None };
         let step = median(times);
         let [enq_ms, fwd_ms, bwd_ms, opt_ms, bwd_enq_ms, parts_ms] = parts.map(median);
         let tokens = (batch * ctx * k) as f64;
@@ -441,10 +451,56 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_dq_atomic": device.is_cuda() && flash && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd),
                 },
         });
+        let mut row = row;
+        if let Some((spans, step_ms)) = profile {
+            print_profile(&format!("{preset} k={k}"), &spans, step_ms);
+            row["profile_step_ms"] = step_ms.into();
+            row["profile"] = spans.iter().map(|s| (s.name.to_string(), serde_json::json!(s.ms))).collect();
+        }
         println!("{row}");
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// One more step with the spans of `patchlm_model::profile` recorded: the spans summed by name,
+/// and the step's time (synchronised at its end only, as the headline steps).
+fn profile_step(
+    step: &mut impl FnMut(bool) -> Result<[f64; 6]>,
+    device: &Device,
+) -> Result<(Vec<patchlm_model::profile::SpanTotal>, f64)> {
+    device.synchronize()?;
+    patchlm_model::profile::take_profile()?;
+    patchlm_model::profile::set_profiling(true);
+    let t0 = Instant::now();
+    let done = step(false).and_then(|_| Ok(device.synchronize()?));
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    patchlm_model::profile::set_profiling(false);
+    done?;
+    Ok((patchlm_model::profile::take_profile()?, ms))
+}
+
+/// The profiled step's spans, by kind (the second part of `pass.kind.detail`), then each span;
+/// "outside spans" is the step's time that no span covers.
+fn print_profile(what: &str, spans: &[patchlm_model::profile::SpanTotal], step_ms: f64) {
+    let covered: f64 = spans.iter().map(|s| s.ms).sum();
+    let mut kinds: Vec<(String, f64)> = Vec::new();
+    for s in spans {
+        let kind = s.name.split('.').nth(1).unwrap_or(s.name).to_string();
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, ms)) => *ms += s.ms,
+            None => kinds.push((kind, s.ms)),
+        }
+    }
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("profile of one step, {what}: {step_ms:.2} ms ({covered:.2} ms in spans)");
+    for (kind, ms) in &kinds {
+        println!("  {kind:<24} {ms:>9.2} ms {:>6.1}%", 100.0 * ms / step_ms);
+    }
+    println!("  {:<24} {:>9.2} ms {:>6.1}%", "outside spans", step_ms - covered, 100.0 * (step_ms - covered) / step_ms);
+    for s in spans {
+        println!("    {:<28} {:>9.3} ms {:>5} spans", s.name, s.ms, s.calls);
+    }
 }
 
 /// One training step of a model benchmark: forward, backward, clipping and the optimizer. With
@@ -470,7 +526,9 @@ fn train_step(
     sync(parts)?;
     let t_bwd = t0.elapsed().as_secs_f64();
     // As the trainer: the update enqueued with the clipping to norm 1, the norm read after.
-    let sumsq = opt.step_clipped(&g, 3e-4, 1.0)?;
+    let sumsq = patchlm_model::profile::span("opt.optimizer", device, || {
+        opt.step_clipped(&g, 3e-4, 1.0).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    })?;
     sync(parts)?;
     sumsq.to_scalar::<f64>()?;
     let t = t0.elapsed().as_secs_f64();

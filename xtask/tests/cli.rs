@@ -278,6 +278,24 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
         assert!(ms("step_ms") > 0.0 && ms("tokens_per_s") > 0.0, "{x}");
         assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - parts).abs() < 1e-6 * parts.max(1.0) + 1e-6, "{x}");
     }
+    // --profile: one more step by named spans, in the row and as a table by kind. The spans
+    // cover the layers' parts once per layer (tiny: 2 layers) and, on the CPU where ops run
+    // synchronously, nearly all of the step.
+    let (ok, out) =
+        xtask(&[&args[..4], &["--batch", "2", "--ctx", "8", "--k", "4", "--steps", "1", "--profile"]].concat(), d);
+    assert!(ok, "{out}");
+    let r = rows(&out);
+    assert_eq!(r.len(), 1, "{out}");
+    let spans = r[0]["profile"].as_object().unwrap();
+    for name in ["fwd.matmul.qkv", "fwd.attention", "bwd.attention", "fwd.embedding", "bwd.loss", "opt.optimizer"] {
+        assert!(spans[name].as_f64().unwrap() > 0.0, "{name}: {out}");
+    }
+    let covered: f64 = spans.values().map(|v| v.as_f64().unwrap()).sum();
+    let step = r[0]["profile_step_ms"].as_f64().unwrap();
+    assert!(covered <= step && covered > 0.5 * step, "{covered} of {step}: {out}");
+    assert!(out.contains("profile of one step, tiny k=4") && out.contains("outside spans"), "{out}");
+    let calls = out.lines().find(|l| l.trim_start().starts_with("fwd.attention")).unwrap();
+    assert!(calls.trim_end().ends_with("2 spans"), "{out}");
     // Without a subcommand: the suite (token and patch phase of each shape), then its table.
     let (ok, out) = xtask(&["bench", "--device", "cpu", "--shapes", "tiny:2x8", "--steps", "1"], d);
     assert!(ok, "{out}");

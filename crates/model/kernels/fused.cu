@@ -193,24 +193,36 @@ __device__ void rope(const T* x, const float* c, const float* sn, T* y, int t, i
     y[i] = from_f<T>(to_f(x[i]) * c[p] + sign * rot * sn[p]);
 }
 
-// Embedding gather: y[i, j] = w[ids[i], j] for the n = rows * d output elements (0 for an id
-// outside the vocabulary; the CPU path rejects those with an error).
+// Embedding gather with bags of k: y[r, j] = (1/k) · sum over b < k of w[ids[r·k + b], j] for the
+// n = rows · d output elements, summed in f32 (an id outside the vocabulary adds 0; the CPU path
+// rejects those with an error). k = 1 is the plain lookup (exact: one row, times 1).
 template <typename T>
-__device__ void embedding_fwd(const T* w, const uint32_t* ids, T* y, int n, int d, int v) {
+__device__ void embedding_fwd(const T* w, const uint32_t* ids, T* y, int n, int d, int v, int k) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    uint32_t id = ids[i / d];
-    y[i] = id < (uint32_t)v ? w[(size_t)id * d + i % d] : from_f<T>(0.0f);
+    const uint32_t* bag = ids + (size_t)(i / d) * k;
+    const int col = i % d;
+    float sum = 0.0f;
+    for (int b = 0; b < k; b++) {
+        uint32_t id = bag[b];
+        if (id < (uint32_t)v) sum += to_f(w[(size_t)id * d + col]);
+    }
+    y[i] = from_f<T>(sum * (1.0f / (float)k));
 }
 
-// Its backward: acc[ids[i], j] += dy[i, j] (f32 atomics, acc zeroed by the caller); dy starts at
-// element `off` of its buffer.
+// Its backward: acc[ids[r·k + b], j] += dy[r, j] / k for each b < k (f32 atomics, acc zeroed by
+// the caller); dy starts at element `off` of its buffer.
 template <typename T>
-__device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* acc, int n, int d, int v) {
+__device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* acc, int n, int d, int v, int k) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    uint32_t id = ids[i / d];
-    if (id < (uint32_t)v) atomicAdd(acc + (size_t)id * d + i % d, to_f(dy[off + i]));
+    const uint32_t* bag = ids + (size_t)(i / d) * k;
+    const int col = i % d;
+    const float g = to_f(dy[off + i]) * (1.0f / (float)k);
+    for (int b = 0; b < k; b++) {
+        uint32_t id = bag[b];
+        if (id < (uint32_t)v) atomicAdd(acc + (size_t)id * d + col, g);
+    }
 }
 
 // SwiGLU gate y = silu(g) * u, and its backward into out = (dg, du) as two rows of n:
@@ -744,12 +756,12 @@ __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* out, long long n,
         rope<T>(x, c, sn, y, t, hd, n, sign);                                                            \
     }                                                                                                    \
     extern "C" __global__ void embedding_fwd_##S(const T* w, const uint32_t* ids, T* y, int n, int d,     \
-                                                 int v) {                                                \
-        embedding_fwd<T>(w, ids, y, n, d, v);                                                            \
+                                                 int v, int k) {                                         \
+        embedding_fwd<T>(w, ids, y, n, d, v, k);                                                         \
     }                                                                                                    \
     extern "C" __global__ void embedding_bwd_##S(const T* dy, int off, const uint32_t* ids, float* acc,   \
-                                                 int n, int d, int v) {                                  \
-        embedding_bwd<T>(dy, off, ids, acc, n, d, v);                                                    \
+                                                 int n, int d, int v, int k) {                           \
+        embedding_bwd<T>(dy, off, ids, acc, n, d, v, k);                                                 \
     }                                                                                                    \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, int n) {                     \
         swiglu_fwd<T>(g, u, y, n);                                                                       \

@@ -27,6 +27,7 @@ pub mod host;
 pub mod launch;
 pub mod llama;
 pub mod ops;
+pub mod profile;
 pub mod tape;
 pub mod weights;
 

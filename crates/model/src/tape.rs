@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::llama::{DecoderLayer, Llama, Rope};
 use crate::ops::{self, grad, Switch};
+use crate::profile::span;
 
 /// Parameter gradients by HF weight name (`model.layers.0.mlp.up_proj.weight`, ...), each in its
 /// parameter's dtype, or (see [`set_compute_dtype_grads`]) in the dtype the backward pass
@@ -165,6 +166,13 @@ impl Llama {
         ops::embedding(&self.embed_tokens.embeddings().detach(), ids)
     }
 
+    /// The mean of the token embeddings of each run of `k` consecutive ids, without recording a
+    /// graph: ids (B, N·k) → (B, N, D), in one pass with no (B, N·k, D) intermediate (see
+    /// [`ops::embedding_mean`]). `k` = 1 is [`Llama::embed_tape`].
+    pub fn embed_mean_tape(&self, ids: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+        span("fwd.embedding", ids.device(), || ops::embedding_mean(&self.embed_tokens.embeddings().detach(), ids, k))
+    }
+
     /// [`Llama::forward_embeds`] without recording a graph: input embeddings (B, T, D) → the
     /// final hidden states (B, T, D) in the compute dtype, and the [`Tape`] for
     /// [`Llama::backward_tape`]. Needs the fused ops ([`tape_supported`]).
@@ -180,7 +188,8 @@ impl Llama {
             candle_core::bail!("forward_tape needs the fused ops on {:?}", x.device());
         }
         let cd = self.compute_dtype;
-        let (weights, final_norm, head) = compute_weights(self, x.device())?;
+        let dev = x.device();
+        let (weights, final_norm, head) = span("fwd.cast.weights", dev, || compute_weights(self, dev))?;
         // Each layer's output is carried as (h, delta) and added by the next norm's kernel
         // (ops::add_rms_norm).
         let mut carry = (x.detach().to_dtype(cd)?.reshape((b * t, d))?, None);
@@ -190,7 +199,7 @@ impl Llama {
             layers.push(tape);
             carry = (h, Some(delta));
         }
-        let (last, hidden) = norm_of(&carry, &final_norm, self.norm.eps)?;
+        let (last, hidden) = span("fwd.norm", dev, || norm_of(&carry, &final_norm, self.norm.eps))?;
         Ok((hidden.reshape((b, t, d))?, Tape { b, t, layers, last, norm: final_norm, head, input_dtype: x.dtype() }))
     }
 
@@ -201,13 +210,16 @@ impl Llama {
         let (b, t) = (tape.b, tape.t);
         let d = self.cfg.hidden_size;
         let cd = self.compute_dtype;
-        let dh = dhidden.to_dtype(cd)?.reshape((b * t, d))?;
-        let (mut dx, dwn) = grad::rms_norm(&tape.last, &tape.norm, &dh, self.norm.eps)?;
+        let dev = dhidden.device();
+        let (mut dx, dwn) = span("bwd.norm", dev, || {
+            let dh = dhidden.to_dtype(cd)?.reshape((b * t, d))?;
+            grad::rms_norm(&tape.last, &tape.norm, &dh, self.norm.eps)
+        })?;
         accumulate(grads, "model.norm.weight".into(), dwn, self.norm.weight.dtype())?;
         for (i, (layer, lt)) in self.layers.iter().zip(tape.layers).enumerate().rev() {
             dx = layer_backward(layer, lt, &dx, &self.rope, i, b, t, grads)?;
         }
-        dx.reshape((b, t, d))?.to_dtype(tape.input_dtype)
+        span("bwd.cast.input", dev, || dx.reshape((b, t, d))?.to_dtype(tape.input_dtype))
     }
 
     /// The LM head without recording a graph: hidden (B, T, D) from [`Llama::forward_tape`] →
@@ -215,7 +227,9 @@ impl Llama {
     pub fn logits_tape(&self, hidden: &Tensor, tape: &Tape) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let w = head_weight(self, tape, hidden.dtype())?;
-        ops::matmul(&hidden.reshape((b * t, d))?, &w.t()?)?.reshape((b, t, ()))
+        span("fwd.matmul.head", hidden.device(), || {
+            ops::matmul(&hidden.reshape((b * t, d))?, &w.t()?)?.reshape((b, t, ()))
+        })
     }
 
     /// The LM head's backward pass: adds `lm_head.weight`'s gradient to `grads` (with tied
@@ -231,18 +245,34 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let v = self.cfg.vocab_size;
+        let dev = hidden.device();
         let dl = dlogits.to_dtype(hidden.dtype())?.reshape((b * t, v))?;
         let w = head_weight(self, tape, hidden.dtype())?;
         let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        accumulate(grads, name.into(), ops::matmul(&dl.t()?, &hidden.reshape((b * t, d))?)?, w_dtype(self))?;
-        ops::matmul(&dl, &w)?.reshape((b, t, d))
+        let dw = span("bwd.matmul.head", dev, || ops::matmul(&dl.t()?, &hidden.reshape((b * t, d))?))?;
+        accumulate(grads, name.into(), dw, w_dtype(self))?;
+        span("bwd.matmul.head", dev, || ops::matmul(&dl, &w)?.reshape((b, t, d)))
     }
 
     /// The embedding's backward pass: scatters `dembeds` (B, N, D) onto the rows of `ids` (B, N)
     /// and adds the result to `model.embed_tokens.weight`'s gradient.
     pub fn embed_backward(&self, ids: &Tensor, dembeds: &Tensor, grads: &mut Grads) -> candle_core::Result<()> {
+        self.embed_mean_backward(ids, 1, dembeds, grads)
+    }
+
+    /// [`Llama::embed_mean_tape`]'s backward pass: each id of `ids` (B, N·k) receives 1/k of its
+    /// bag's row of `dmeans` (B, N, D), added to `model.embed_tokens.weight`'s gradient.
+    pub fn embed_mean_backward(
+        &self,
+        ids: &Tensor,
+        k: usize,
+        dmeans: &Tensor,
+        grads: &mut Grads,
+    ) -> candle_core::Result<()> {
         let w = self.embed_tokens.embeddings();
-        let g = grad::embedding(ids, &dembeds.to_dtype(w.dtype())?, self.cfg.vocab_size)?;
+        let g = span("bwd.embedding", ids.device(), || {
+            grad::embedding_mean(ids, &dmeans.to_dtype(w.dtype())?, self.cfg.vocab_size, k)
+        })?;
         accumulate(grads, "model.embed_tokens.weight".into(), g, w.dtype())
     }
 }
@@ -319,63 +349,94 @@ fn layer_forward(
 ) -> candle_core::Result<(Tensor, Tensor, LayerTape)> {
     let a = &l.self_attn;
     let (n, d) = carry.0.dims2()?;
-    let (x, n1) = norm_of(carry, &w.ln1, l.input_layernorm.eps)?;
-    let (hq, hkv) = (a.heads, a.kv_heads);
-    let qkv = ops::matmul(&n1, &w.qkv.t()?)?;
+    let dev = carry.0.device();
+    let (x, n1) = span("fwd.norm", dev, || norm_of(carry, &w.ln1, l.input_layernorm.eps))?;
+    let qkv = span("fwd.matmul.qkv", dev, || ops::matmul(&n1, &w.qkv.t()?))?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
     let fused_heads = ops::layout_ops_supported(x.device());
-    let (q, k, v) = if fused_heads {
-        let (q, kv) = ops::heads_from_rows(&qkv, heads_layout(a, b, t, hkv), Some((&cos, &sin)))?;
+    let (q, k, v) = span("fwd.layout.heads_rope", dev, || heads_in(a, &qkv, &cos, &sin, fused_heads, b, t))?;
+    let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
+    let scale = 1.0 / (a.head_dim as f64).sqrt();
+    let (yh, attn) = span("fwd.attention", dev, || attention_forward(&q, &k, &v, scale, t))?;
+    let y = span("fwd.layout.heads_out", dev, || {
+        if fused_heads {
+            ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)
+        } else {
+            yh.transpose(1, 2)?.reshape((n, d))
+        }
+    })?;
+    let o = span("fwd.matmul.o", dev, || ops::matmul(&y, &w.o.t()?))?;
+    let (h, n2) = span("fwd.norm", dev, || ops::add_rms_norm(&x, &o, &w.ln2, l.post_attention_layernorm.eps))?;
+    let (gu, s) = match &w.mlp {
+        Mlp::Stacked(wgu) => {
+            let gu = span("fwd.matmul.gate_up", dev, || ops::matmul(&n2, &wgu.t()?))?;
+            let s = span("fwd.swiglu", dev, || ops::swiglu_packed(&gu))?;
+            (Mlp::Stacked(gu), s)
+        }
+        Mlp::Apart(wg, wu) => {
+            let (g, u) =
+                span("fwd.matmul.gate_up", dev, || Ok((ops::matmul(&n2, &wg.t()?)?, ops::matmul(&n2, &wu.t()?)?)))?;
+            let s = span("fwd.swiglu", dev, || {
+                if ops::swiglu_supported(x.device()) {
+                    ops::swiglu(&g, &u)
+                } else {
+                    g.silu()? * &u
+                }
+            })?;
+            (Mlp::Apart(g, u), s)
+        }
+    };
+    let delta = span("fwd.matmul.down", dev, || ops::matmul(&s, &w.down.t()?))?;
+    Ok((h.clone(), delta, LayerTape { w, x, n1, q, k, v, attn, y, h, n2, gu, s }))
+}
+
+/// The rows of the stacked q/k/v projection (N, D + 2·KVD) as heads (B, heads, T, hd), rotary
+/// embeddings applied to q and k.
+fn heads_in(
+    a: &crate::llama::Attention,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    fused_heads: bool,
+    b: usize,
+    t: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (hq, hkv) = (a.heads, a.kv_heads);
+    Ok(if fused_heads {
+        let (q, kv) = ops::heads_from_rows(qkv, heads_layout(a, b, t, hkv), Some((cos, sin)))?;
         let (k, v) = kv.ok_or_else(|| candle_core::Error::Msg("heads_from_rows: no key/value heads".into()))?;
         (q, k, v)
     } else {
         // (B, T, heads, hd) slices → (B, heads, T, hd), one strided copy each.
         let qkv = qkv.reshape((b, t, hq + 2 * hkv, a.head_dim))?;
         let heads = |from: usize, h: usize| qkv.narrow(2, from, h)?.transpose(1, 2)?.contiguous();
-        let q = ops::rope(&heads(0, hq)?, &cos, &sin)?;
-        let k = ops::rope(&heads(hq, hkv)?, &cos, &sin)?;
+        let q = ops::rope(&heads(0, hq)?, cos, sin)?;
+        let k = ops::rope(&heads(hq, hkv)?, cos, sin)?;
         (q, k, heads(hq + hkv, hkv)?)
-    };
-    let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
-    let scale = 1.0 / (a.head_dim as f64).sqrt();
-    let (yh, attn) = if ops::flash_attention_for(x.device(), q.dtype(), a.head_dim) {
-        let (o, lse) = ops::flash_attention_lse(&q, &k, &v, scale)?;
-        (o.clone(), Attn::Flash(o, lse))
-    } else {
-        // Query rows in blocks, each against the keys up to its last row only: the blocks above
-        // the diagonal (all masked) are never computed. kᵀ as a transposed view: cuBLAS and the
-        // CPU gemm read it in place.
-        let mut ys = Vec::new();
-        let mut probs = Vec::new();
-        for (r0, r1) in chunk_bounds(t, attention_chunks(t)) {
-            let qc = q.narrow(2, r0, r1 - r0)?;
-            let p = ops::causal_softmax(&ops::batched_matmul(&qc, &k.narrow(2, 0, r1)?.t()?)?, scale)?;
-            ys.push(ops::batched_matmul(&p, &v.narrow(2, 0, r1)?)?);
-            probs.push(p);
-        }
-        let yh = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 2)? };
-        (yh, Attn::Probs(probs))
-    };
-    let y = if fused_heads {
-        ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)?
-    } else {
-        yh.transpose(1, 2)?.reshape((n, d))?
-    };
-    let (h, n2) = ops::add_rms_norm(&x, &ops::matmul(&y, &w.o.t()?)?, &w.ln2, l.post_attention_layernorm.eps)?;
-    let (gu, s) = match &w.mlp {
-        Mlp::Stacked(wgu) => {
-            let gu = ops::matmul(&n2, &wgu.t()?)?;
-            let s = ops::swiglu_packed(&gu)?;
-            (Mlp::Stacked(gu), s)
-        }
-        Mlp::Apart(wg, wu) => {
-            let (g, u) = (ops::matmul(&n2, &wg.t()?)?, ops::matmul(&n2, &wu.t()?)?);
-            let s = if ops::swiglu_supported(x.device()) { ops::swiglu(&g, &u)? } else { (g.silu()? * &u)? };
-            (Mlp::Apart(g, u), s)
-        }
-    };
-    let delta = ops::matmul(&s, &w.down.t()?)?;
-    Ok((h.clone(), delta, LayerTape { w, x, n1, q, k, v, attn, y, h, n2, gu, s }))
+    })
+}
+
+/// Causal attention of heads (B, H, T, hd) → the output heads and what the backward pass needs:
+/// flash attention where [`ops::flash_attention_for`] says so, else softmax attention in blocks
+/// of query rows.
+fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, t: usize) -> candle_core::Result<(Tensor, Attn)> {
+    if ops::flash_attention_for(q.device(), q.dtype(), q.dim(3)?) {
+        let (o, lse) = ops::flash_attention_lse(q, k, v, scale)?;
+        return Ok((o.clone(), Attn::Flash(o, lse)));
+    }
+    // Query rows in blocks, each against the keys up to its last row only: the blocks above
+    // the diagonal (all masked) are never computed. kᵀ as a transposed view: cuBLAS and the
+    // CPU gemm read it in place.
+    let mut ys = Vec::new();
+    let mut probs = Vec::new();
+    for (r0, r1) in chunk_bounds(t, attention_chunks(t)) {
+        let qc = q.narrow(2, r0, r1 - r0)?;
+        let p = ops::causal_softmax(&ops::batched_matmul(&qc, &k.narrow(2, 0, r1)?.t()?)?, scale)?;
+        ys.push(ops::batched_matmul(&p, &v.narrow(2, 0, r1)?)?);
+        probs.push(p);
+    }
+    let yh = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 2)? };
+    Ok((yh, Attn::Probs(probs)))
 }
 
 /// The [`ops::HeadsLayout`] of a layer's attention over (B, T) with `kv_heads` key/value heads
@@ -432,6 +493,37 @@ fn unrepeat(x: Tensor, kv_heads: usize) -> candle_core::Result<Tensor> {
     x.reshape((b, kv_heads, h / kv_heads, t, hd))?.sum(2)
 }
 
+/// The backward pass of [`attention_forward`]: from the layer's tape and the gradient of the
+/// output heads → (dq, dk, dv) on the (repeated) heads.
+fn attention_backward(
+    lt: &LayerTape,
+    dyh: &Tensor,
+    scale: f64,
+    t: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    match &lt.attn {
+        Attn::Probs(ps) => {
+            // Block by block (see the forward pass); key and value gradients of a block cover
+            // positions 0..r1 and add up over the blocks, query gradients are disjoint.
+            let bounds = chunk_bounds(t, ps.len());
+            let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
+            for (&(r0, r1), p) in bounds.iter().zip(ps).rev() {
+                let dyc = dyh.narrow(2, r0, r1 - r0)?;
+                let dp = ops::batched_matmul(&dyc, &lt.v.narrow(2, 0, r1)?.t()?)?;
+                dv = Some(add_prefix(dv, ops::batched_matmul(&p.t()?, &dyc)?, t)?);
+                let ds = grad::causal_softmax(p, &dp, scale)?;
+                dqs.push(ops::batched_matmul(&ds, &lt.k.narrow(2, 0, r1)?)?);
+                dk = Some(add_prefix(dk, ops::batched_matmul(&ds.t()?, &lt.q.narrow(2, r0, r1 - r0)?)?, t)?);
+            }
+            dqs.reverse();
+            let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
+            let missing = || candle_core::Error::Msg("backward_tape: attention saved no blocks".into());
+            Ok((dq, dk.ok_or_else(missing)?, dv.ok_or_else(missing)?))
+        }
+        Attn::Flash(o, lse) => grad::flash_attention_lse(&lt.q, &lt.k, &lt.v, o, lse, dyh, scale),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     l: &DecoderLayer,
@@ -450,81 +542,71 @@ fn layer_backward(
     let w = &lt.w;
     let name = |s: &str| format!("model.layers.{i}.{s}.weight");
     let mut acc = |s: &str, g: Tensor| accumulate(grads, name(s), g, pdt);
+    let dev = dout.device();
     // MLP: out = h + down(swiglu(gate(n2), up(n2))).
-    acc("mlp.down_proj", ops::matmul(&dout.t()?, &lt.s)?)?;
-    let ds = ops::matmul(dout, &w.down)?;
+    acc("mlp.down_proj", span("bwd.matmul.down", dev, || ops::matmul(&dout.t()?, &lt.s))?)?;
+    let ds = span("bwd.matmul.down", dev, || ops::matmul(dout, &w.down))?;
     let dn2 = match (&lt.gu, &w.mlp) {
         (Mlp::Stacked(gu), Mlp::Stacked(wgu)) => {
             // [dg | du] (N, 2F): one matmul for both weight gradients, one for dn2.
-            let dgu = grad::swiglu_packed(gu, &ds)?;
-            let dw = ops::matmul(&dgu.t()?, &lt.n2)?;
+            let dgu = span("bwd.swiglu", dev, || grad::swiglu_packed(gu, &ds))?;
+            let dw = span("bwd.matmul.gate_up", dev, || ops::matmul(&dgu.t()?, &lt.n2))?;
             let f = dw.dim(0)? / 2;
             acc("mlp.gate_proj", dw.narrow(0, 0, f)?)?;
             acc("mlp.up_proj", dw.narrow(0, f, f)?)?;
-            ops::matmul(&dgu, wgu)?
+            span("bwd.matmul.gate_up", dev, || ops::matmul(&dgu, wgu))?
         }
         (Mlp::Apart(g, u), Mlp::Apart(wg, wu)) => {
-            let (dg, du) = if ops::swiglu_supported(dout.device()) {
-                grad::swiglu(g, u, &ds)?
-            } else {
-                swiglu_composed_backward(g, u, &ds)?
-            };
-            acc("mlp.gate_proj", ops::matmul(&dg.t()?, &lt.n2)?)?;
-            acc("mlp.up_proj", ops::matmul(&du.t()?, &lt.n2)?)?;
-            (ops::matmul(&dg, wg)? + ops::matmul(&du, wu)?)?
+            let (dg, du) = span("bwd.swiglu", dev, || {
+                if ops::swiglu_supported(dout.device()) {
+                    grad::swiglu(g, u, &ds)
+                } else {
+                    swiglu_composed_backward(g, u, &ds)
+                }
+            })?;
+            acc("mlp.gate_proj", span("bwd.matmul.gate_up", dev, || ops::matmul(&dg.t()?, &lt.n2))?)?;
+            acc("mlp.up_proj", span("bwd.matmul.gate_up", dev, || ops::matmul(&du.t()?, &lt.n2))?)?;
+            span("bwd.matmul.gate_up", dev, || ops::matmul(&dg, wg)? + ops::matmul(&du, wu)?)?
         }
         _ => candle_core::bail!("backward_tape: the tape's gate/up layout changed between passes"),
     };
     // The stream after attention feeds the MLP's norm and the output directly.
-    let (dh, dln2) = grad::rms_norm_residual(&lt.h, &w.ln2, &dn2, dout, l.post_attention_layernorm.eps)?;
+    let (dh, dln2) =
+        span("bwd.norm", dev, || grad::rms_norm_residual(&lt.h, &w.ln2, &dn2, dout, l.post_attention_layernorm.eps))?;
     acc("post_attention_layernorm", dln2)?;
     // Attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
-    acc("self_attn.o_proj", ops::matmul(&dh.t()?, &lt.y)?)?;
+    acc("self_attn.o_proj", span("bwd.matmul.o", dev, || ops::matmul(&dh.t()?, &lt.y))?)?;
     let fused_heads = ops::layout_ops_supported(dout.device());
-    let dyh = if fused_heads {
-        ops::heads_from_rows(&ops::matmul(&dh, &w.o)?, heads_layout(a, b, t, 0), None)?.0
-    } else {
-        ops::matmul(&dh, &w.o)?.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()?
-    };
-    let scale = 1.0 / (hd as f64).sqrt();
-    let (dq, dk, dv) = match &lt.attn {
-        Attn::Probs(ps) => {
-            // Block by block (see the forward pass); key and value gradients of a block cover
-            // positions 0..r1 and add up over the blocks, query gradients are disjoint.
-            let bounds = chunk_bounds(t, ps.len());
-            let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
-            for (&(r0, r1), p) in bounds.iter().zip(ps).rev() {
-                let dyc = dyh.narrow(2, r0, r1 - r0)?;
-                let dp = ops::batched_matmul(&dyc, &lt.v.narrow(2, 0, r1)?.t()?)?;
-                dv = Some(add_prefix(dv, ops::batched_matmul(&p.t()?, &dyc)?, t)?);
-                let ds = grad::causal_softmax(p, &dp, scale)?;
-                dqs.push(ops::batched_matmul(&ds, &lt.k.narrow(2, 0, r1)?)?);
-                dk = Some(add_prefix(dk, ops::batched_matmul(&ds.t()?, &lt.q.narrow(2, r0, r1 - r0)?)?, t)?);
-            }
-            dqs.reverse();
-            let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
-            let missing = || candle_core::Error::Msg("backward_tape: attention saved no blocks".into());
-            (dq, dk.ok_or_else(missing)?, dv.ok_or_else(missing)?)
+    let dy = span("bwd.matmul.o", dev, || ops::matmul(&dh, &w.o))?;
+    let dyh = span("bwd.layout.heads_out", dev, || {
+        if fused_heads {
+            Ok(ops::heads_from_rows(&dy, heads_layout(a, b, t, 0), None)?.0)
+        } else {
+            dy.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()
         }
-        Attn::Flash(o, lse) => grad::flash_attention_lse(&lt.q, &lt.k, &lt.v, o, lse, &dyh, scale)?,
-    };
+    })?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (dq, dk, dv) = span("bwd.attention", dev, || attention_backward(&lt, &dyh, scale, t))?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
-    let (dk, dv) = (unrepeat(dk, a.kv_heads)?, unrepeat(dv, a.kv_heads)?);
     // (B, H + 2·KVH, T, hd) → (N, D + 2·KVD), the layout of the stacked projection's output.
-    let dqkv = if fused_heads {
-        ops::rows_from_heads(&dq, Some((&dk, &dv)), heads_layout(a, b, t, a.kv_heads), Some((&cos, &sin)))?
-    } else {
-        let dq = grad::rope(&dq, &cos, &sin)?;
-        let dk = grad::rope(&dk, &cos, &sin)?;
-        Tensor::cat(&[&dq, &dk, &dv], 1)?.transpose(1, 2)?.reshape((n, ()))?
-    };
-    let dw = ops::matmul(&dqkv.t()?, &lt.n1)?;
+    let dqkv = span("bwd.layout.heads_rope", dev, || {
+        let (dk, dv) = (unrepeat(dk, a.kv_heads)?, unrepeat(dv, a.kv_heads)?);
+        if fused_heads {
+            ops::rows_from_heads(&dq, Some((&dk, &dv)), heads_layout(a, b, t, a.kv_heads), Some((&cos, &sin)))
+        } else {
+            let dq = grad::rope(&dq, &cos, &sin)?;
+            let dk = grad::rope(&dk, &cos, &sin)?;
+            Tensor::cat(&[&dq, &dk, &dv], 1)?.transpose(1, 2)?.reshape((n, ()))
+        }
+    })?;
+    let dw = span("bwd.matmul.qkv", dev, || ops::matmul(&dqkv.t()?, &lt.n1))?;
     let (dq_rows, dkv_rows) = (a.heads * hd, a.kv_heads * hd);
     acc("self_attn.q_proj", dw.narrow(0, 0, dq_rows)?)?;
     acc("self_attn.k_proj", dw.narrow(0, dq_rows, dkv_rows)?)?;
     acc("self_attn.v_proj", dw.narrow(0, dq_rows + dkv_rows, dkv_rows)?)?;
-    let dn1 = ops::matmul(&dqkv, &w.qkv)?;
-    let (dx, dln1) = grad::rms_norm_residual(&lt.x, &w.ln1, &dn1, &dh, l.input_layernorm.eps)?;
+    let dn1 = span("bwd.matmul.qkv", dev, || ops::matmul(&dqkv, &w.qkv))?;
+    let (dx, dln1) =
+        span("bwd.norm", dev, || grad::rms_norm_residual(&lt.x, &w.ln1, &dn1, &dh, l.input_layernorm.eps))?;
     acc("input_layernorm", dln1)?;
     debug_assert_eq!(dx.dims(), [n, d]);
     Ok(dx)

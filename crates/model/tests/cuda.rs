@@ -187,6 +187,10 @@ fn cuda_embedding_matches_cpu() {
             check_unary(&format!("embedding {v}x{d} n={n} {dtype:?}"), &w, tol, |w| {
                 embedding(w, &ids.to_device(w.device()).unwrap()).unwrap()
             });
+            // The mean over bags of 4 consecutive ids (the patch embedding at K = 4).
+            check_unary(&format!("embedding_mean k=4 {v}x{d} n={n} {dtype:?}"), &w, tol, |w| {
+                ops::embedding_mean(w, &ids.to_device(w.device()).unwrap(), 4).unwrap()
+            });
         }
     }
 }

@@ -772,14 +772,22 @@ fn emulated_rope_matches_reference() {
 
 /// The embedding gather and its backward (rows of the output gradient summed into the ids' rows
 /// with f32 atomics, the gradient read from an offset into its buffer) against index_select and
-/// index_add in f32; ids repeat, and one id outside the vocabulary gathers zeros and adds nothing.
+/// index_add in f32, as the plain lookup (bags of 1) and as the mean over bags of 3 (the patch
+/// embedding: lookup, reshape and mean, and 1/3 of each bag's gradient row to each of its ids);
+/// ids repeat, and one id outside the vocabulary gathers zeros and adds nothing.
 #[test]
 fn emulated_embedding_matches_reference() {
-    for (v, d, dtype) in [(11usize, 24usize, DType::BF16), (7, 100, DType::F32), (5, 3, DType::F16)] {
-        let what = format!("vocab {v} x {d} {dtype:?}");
-        let mut ids: Vec<u32> = (0..40u32).map(|i| (i * 5 + 1) % v as u32).collect();
+    for (v, d, dtype, k) in [
+        (11usize, 24usize, DType::BF16, 1usize),
+        (7, 100, DType::F32, 1),
+        (5, 3, DType::F16, 1),
+        (11, 24, DType::BF16, 3),
+        (7, 100, DType::F32, 3),
+    ] {
+        let what = format!("vocab {v} x {d} {dtype:?}, bags of {k}");
+        let mut ids: Vec<u32> = (0..42u32).map(|i| (i * 5 + 1) % v as u32).collect();
         ids[3] = v as u32;
-        let rows = ids.len();
+        let rows = ids.len() / k;
         let w = Tensor::randn(0f32, 1.0, (v, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let total = rows * d;
         let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
@@ -790,18 +798,26 @@ fn emulated_embedding_matches_reference() {
             A::I(total as i64),
             A::I(d as i64),
             A::I(v as i64),
+            A::I(k as i64),
         ];
         emulate(&format!("embedding_fwd_{}", suffix(dtype)), launch::elems(total), &mut a);
         let got = output(&a[2], dtype, &[rows, d]);
+        // The reference: each id's row (zeros outside the vocabulary) in f32, bags averaged.
         let wf = w.to_dtype(DType::F32).unwrap();
-        for (i, &id) in ids.iter().enumerate() {
-            let want = if (id as usize) < v {
-                wf.get(id as usize).unwrap()
-            } else {
-                Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap()
-            };
-            assert_eq!(max_rel(&got.get(i).unwrap(), &want), 0.0, "{what}: gathered row {i} (id {id})");
-        }
+        let zero = Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap();
+        let each: Vec<Tensor> =
+            ids.iter().map(|&id| if (id as usize) < v { wf.get(id as usize).unwrap() } else { zero.clone() }).collect();
+        let want = Tensor::stack(&each, 0).unwrap().reshape((rows, k, d)).unwrap().mean(1).unwrap();
+        let want = want.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        // Bags of 1 are copies (exact); a mean may round the other way than candle's in the
+        // last place of the storage dtype.
+        let tol = match (k, dtype) {
+            (1, _) => 0.0,
+            (_, DType::F32) => 1e-6,
+            _ => 1e-2,
+        };
+        let e = max_rel(&got, &want);
+        assert!(e <= tol, "{what}: gathered rows off by {e}");
 
         let dy = Tensor::randn(0f32, 1.0, (rows, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let off = 5usize;
@@ -814,12 +830,22 @@ fn emulated_embedding_matches_reference() {
             A::I(total as i64),
             A::I(d as i64),
             A::I(v as i64),
+            A::I(k as i64),
         ];
         emulate(&format!("embedding_bwd_{}", suffix(dtype)), launch::elems(total), &mut a);
-        let keep: Vec<u32> = (0..rows as u32).filter(|&i| (ids[i as usize] as usize) < v).collect();
+        // Each id's gradient row: its bag's row of dy over k.
+        let dy_ids = (dy.to_dtype(DType::F32).unwrap() / k as f64)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_as((rows, k, d))
+            .unwrap()
+            .reshape((rows * k, d))
+            .unwrap();
+        let keep: Vec<u32> = (0..ids.len() as u32).filter(|&i| (ids[i as usize] as usize) < v).collect();
         let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap();
         let kept_ids = ids_t.index_select(&keep, 0).unwrap();
-        let kept_dy = dy.to_dtype(DType::F32).unwrap().index_select(&keep, 0).unwrap();
+        let kept_dy = dy_ids.index_select(&keep, 0).unwrap();
         let want = Tensor::zeros((v, d), DType::F32, &Device::Cpu).unwrap().index_add(&kept_ids, &kept_dy, 0).unwrap();
         let e = max_rel(&output(&a[3], DType::F32, &[v, d]), &want);
         assert!(e < 1e-6, "{what}: gradient rel err {e}");

@@ -890,6 +890,55 @@ fn fused_embedding_gathers_rows_and_scatters_gradients_onto_ids() {
     assert!(embedding(w.as_tensor(), &Tensor::new(&[1i64], &dev).unwrap()).is_err());
 }
 
+/// The bag mean against its composition (lookup, reshape, mean; candle's autograd for the
+/// gradient) in f32 and bf16, bags of 1 to 4 with repeated ids inside a bag and across bags.
+#[test]
+fn embedding_mean_matches_lookup_then_mean() {
+    let dev = Device::Cpu;
+    let (v, d) = (13usize, 6usize);
+    for k in 1..=4usize {
+        for dtype in [DType::F32, DType::BF16] {
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (v, d), &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let n = 3 * k;
+            let ids: Vec<u32> = (0..2 * n as u32).map(|i| (i * i + 3 * i) % v as u32).collect();
+            let ids = Tensor::from_vec(ids, (2, n), &dev).unwrap();
+            let y = ops::embedding_mean(w.as_tensor(), &ids, k).unwrap();
+            assert_eq!(y.dims(), &[2, 3, d]);
+            assert_eq!(y.dtype(), dtype);
+            let wf = w.as_tensor().to_dtype(DType::F32).unwrap();
+            let want =
+                wf.embedding(&ids.flatten_all().unwrap()).unwrap().reshape((2, 3, k, d)).unwrap().mean(2).unwrap();
+            let tol = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+            let e = max_abs(&(y.to_dtype(DType::F32).unwrap() - &want).unwrap());
+            assert!(e < tol, "k {k} {dtype:?}: forward off by {e}");
+
+            let up = Tensor::randn(0f32, 1.0, (2, 3, d), &dev).unwrap();
+            let g = (y.to_dtype(DType::F32).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = g.get(w.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+            let wr = Var::from_tensor(&wf).unwrap();
+            let r = wr.embedding(&ids.flatten_all().unwrap()).unwrap().reshape((2, 3, k, d)).unwrap().mean(2).unwrap();
+            let gr = (r * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = gr.get(wr.as_tensor()).unwrap();
+            let e = max_abs(&(&got - want).unwrap());
+            assert!(e < tol * 4.0, "k {k} {dtype:?}: gradient off by {e}");
+            // The hand-written backward (grad::embedding_mean) is the same computation.
+            let gh = ops::grad::embedding_mean(&ids, &up.to_dtype(dtype).unwrap(), v, k).unwrap();
+            let e = max_abs(&(gh.to_dtype(DType::F32).unwrap() - &got).unwrap());
+            assert!(e < tol * 4.0, "k {k} {dtype:?}: grad::embedding_mean off by {e}");
+        }
+    }
+    // Ids that are not whole bags, a gradient of the wrong size, and k = 0 are errors.
+    let w = Tensor::randn(0f32, 1.0, (v, d), &dev).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &dev).unwrap();
+    let e = ops::embedding_mean(&w, &ids, 2).unwrap_err().to_string();
+    assert!(e.contains("bags of 2"), "{e}");
+    assert!(ops::embedding_mean(&w, &ids, 0).is_err());
+    let dy = Tensor::zeros((1, 2, d), DType::F32, &dev).unwrap();
+    let e = ops::grad::embedding_mean(&ids, &dy, v, 5).unwrap_err().to_string();
+    assert!(e.contains("bags of 5"), "{e}");
+}
+
 #[test]
 fn bf16_compute_trains_f32_master_weights() {
     let dev = Device::Cpu;

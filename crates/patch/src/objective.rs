@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Tensor, Var, D};
 use patchlm_model::ops::{ce_lse_supported, cross_entropy_multi_lse, grad};
+use patchlm_model::profile::span;
 use patchlm_model::{cross_entropy_multi, fused_ops_supported, tape_supported, Grads, Llama, Tape};
 
 use crate::error::{PatchError, Result};
@@ -97,18 +98,20 @@ pub struct PatchTape {
 pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tensor, PatchTape)> {
     let (b, n) = block_patches(ids, k)?;
     let input = ids.narrow(1, 0, (n - 1) * k)?.contiguous()?;
-    let x = patch_embeddings(&model.embed_tape(&input)?, k)?;
+    let x = model.embed_mean_tape(&input, k)?;
     let (hidden, tape) = model.forward_tape(&x)?;
     let logits = model.logits_tape(&hidden, &tape)?;
     let (_, p, v) = logits.dims3()?;
     let logits = logits.reshape((b * p, v))?;
     let targets = ids.narrow(1, k, (n - 1) * k)?.reshape((b * p, k))?.to_dtype(DType::U32)?.contiguous()?;
-    let (loss, lse) = if ce_lse_supported(logits.device()) {
-        let (loss, lse) = cross_entropy_multi_lse(&logits, &targets)?;
-        (loss, Some(lse))
-    } else {
-        (cross_entropy_multi(&logits, &targets)?, None)
-    };
+    let (loss, lse) = span("fwd.loss", logits.device(), || {
+        if ce_lse_supported(logits.device()) {
+            let (loss, lse) = cross_entropy_multi_lse(&logits, &targets)?;
+            Ok((loss, Some(lse)))
+        } else {
+            Ok((cross_entropy_multi(&logits, &targets)?, None))
+        }
+    })?;
     Ok((loss, PatchTape { k, input, hidden, logits, targets, lse, tape }))
 }
 
@@ -116,21 +119,22 @@ pub fn patch_forward_tape(model: &Llama, ids: &Tensor, k: usize) -> Result<(Tens
 /// by HF name (see [`patchlm_model::Grads`]).
 pub fn patch_backward_tape(model: &Llama, t: PatchTape, scale: f64) -> Result<Grads> {
     let PatchTape { k, input, hidden, logits, targets, lse, tape } = t;
-    let (b, p, d) = hidden.dims3()?;
+    let (b, p, _) = hidden.dims3()?;
     // The tape holds the only handle on the logits: the gradient may take their memory.
-    let dlogits = match &lse {
-        Some(lse) => grad::cross_entropy_multi_lse_in_place(logits, &targets, lse, scale)?,
-        None => grad::cross_entropy_multi(&logits, &targets, scale)?,
-    }
-    .reshape((b, p, ()))?;
+    let dev = logits.device().clone();
+    let dlogits = span("bwd.loss", &dev, || {
+        match &lse {
+            Some(lse) => grad::cross_entropy_multi_lse_in_place(logits, &targets, lse, scale)?,
+            None => grad::cross_entropy_multi(&logits, &targets, scale)?,
+        }
+        .reshape((b, p, ()))
+    })?;
     let mut grads = Grads::new();
     let dhidden = model.logits_backward(&hidden, &dlogits, &tape, &mut grads)?;
     drop(dlogits);
     let dx = model.backward_tape(tape, &dhidden, &mut grads)?;
     // The patch mean's backward: each of the K tokens gets 1/K of its patch's gradient.
-    let dtok =
-        if k == 1 { dx } else { (dx / k as f64)?.unsqueeze(2)?.broadcast_as((b, p, k, d))?.reshape((b, p * k, d))? };
-    model.embed_backward(&input, &dtok, &mut grads)?;
+    model.embed_mean_backward(&input, k, &dx, &mut grads)?;
     Ok(grads)
 }
 

@@ -241,30 +241,35 @@ fn rope_t<T: CudaDType + DeviceRepr>(
     Ok((T::wrap_cuda_slice(out, dev.clone()), lx.shape().clone()))
 }
 
-/// Embedding gather (`vocab` None: `a` is the (V, D) weight → (N, D)) or its backward
-/// (`vocab` Some(V): `a` is dy (N, D) → dW (V, D), summed with f32 atomics).
+/// Embedding gather (`vocab` None: `a` is the (V, D) weight → (N, D), each row the mean of a bag
+/// of `k` ids) or its backward (`vocab` Some(V): `a` is dy (N, D) → dW (V, D), each of a bag's
+/// ids receiving 1/k of its row, summed with f32 atomics). `ids` holds N·k ids.
 pub fn embedding(
     a: &CudaStorage,
     la: &Layout,
     ids: &CudaStorage,
     li: &Layout,
     vocab: Option<usize>,
+    k: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = a.device();
     let (rows, d) = la.shape().dims2()?;
-    let n = li.shape().elem_count();
+    let n = li.shape().elem_count() / k;
     let total = n * d;
-    if total >= i32::MAX as usize || vocab.unwrap_or(rows) * d >= i32::MAX as usize {
+    if li.shape().elem_count() >= i32::MAX as usize
+        || total >= i32::MAX as usize
+        || vocab.unwrap_or(rows) * d >= i32::MAX as usize
+    {
         candle_core::bail!("embedding: {n} x {d} is more than one launch handles");
     }
     let sfx = suffix(a.dtype())?;
     let is = ids.as_cuda_slice::<u32>()?.slice(check(li, "ids")?..);
-    let (ni, di) = (total as i32, d as i32);
+    let (ni, di, ki) = (total as i32, d as i32, k as i32);
     let cfg = elems_cfg(total);
     match vocab {
         None => {
             let vi = rows as i32;
-            by_dtype!(a.dtype(), "embedding", gather_t(a, la, &is, ni, di, vi, n * d, cfg, sfx))
+            by_dtype!(a.dtype(), "embedding", gather_t(a, la, &is, ni, di, vi, ki, n * d, cfg, sfx))
                 .map(|s| (s, Shape::from((n, d))))
         }
         Some(v) => {
@@ -279,7 +284,7 @@ pub fn embedding(
                 d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
             };
             let off = check(la, "dy")? as i32;
-            args!(b, &off, &is, &acc, &ni, &di, &vi);
+            args!(b, &off, &is, &acc, &ni, &di, &vi, &ki);
             unsafe { b.launch(cfg) }.w()?;
             let out = match a.dtype() {
                 DType::F32 => wrap_f32(acc, dev),
@@ -299,6 +304,7 @@ fn gather_t<T: CudaDType + DeviceRepr>(
     n: i32,
     d: i32,
     v: i32,
+    k: i32,
     len: usize,
     cfg: LaunchConfig,
     sfx: &str,
@@ -308,7 +314,7 @@ fn gather_t<T: CudaDType + DeviceRepr>(
     let out = unsafe { dev.alloc::<T>(len)? };
     let f = dev.get_or_load_custom_func(&format!("embedding_fwd_{sfx}"), MODULE, PTX)?;
     let mut b = f.builder();
-    args!(b, &ws, ids, &out, &n, &d, &v);
+    args!(b, &ws, ids, &out, &n, &d, &v, &k);
     unsafe { b.launch(cfg) }.w()?;
     Ok(T::wrap_cuda_slice(out, dev.clone()))
 }

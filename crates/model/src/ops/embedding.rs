@@ -1,4 +1,5 @@
-//! Embedding lookup with a scatter-add backward ([`embedding`]).
+//! Embedding lookup with a scatter-add backward ([`embedding`]), and its mean over bags of
+//! consecutive ids ([`embedding_mean`]).
 
 use super::*;
 
@@ -7,21 +8,43 @@ use super::*;
 /// gradient onto their ids (on the GPU with one thread per element and atomic f32 adds, instead
 /// of candle's `index_add`, which walks all ids serially per column).
 pub fn embedding(weight: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    embedding_mean(weight, ids, 1)
+}
+
+/// The mean of the embeddings of each run of `k` consecutive ids: `ids` u32 (..., N) with N a
+/// multiple of `k` → (..., N / k, D), row r = (1/k) Σ_{b<k} `weight[ids[r·k + b]]`, summed in
+/// f32 and rounded once to `weight`'s dtype (PyTorch's `EmbeddingBag` in mean mode with bags
+/// of `k`). `k` = 1 is [`embedding`]. One pass over the ids, with no (..., N, D) intermediate;
+/// differentiable in `weight`: each id's row receives 1/k of its bag's output gradient.
+pub fn embedding_mean(weight: &Tensor, ids: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     let (_, d) = weight.dims2()?;
     if ids.dtype() != DType::U32 {
         candle_core::bail!("embedding: ids must be u32, got {:?}", ids.dtype());
     }
     let mut shape = ids.dims().to_vec();
+    if k != 1 {
+        match shape.pop() {
+            Some(n) if k != 0 && n.is_multiple_of(k) => shape.push(n / k),
+            n => candle_core::bail!(
+                "embedding_mean: the last axis of ids ({}) is not a whole number of bags of {k}",
+                n.map_or("none".to_string(), |n| n.to_string())
+            ),
+        }
+    }
     shape.push(d);
     let flat = ids.flatten_all()?.contiguous()?;
-    weight.contiguous()?.apply_op2(&flat, EmbeddingOp)?.reshape(shape)
+    weight.contiguous()?.apply_op2(&flat, EmbeddingOp { k })?.reshape(shape)
 }
 
-struct EmbeddingOp;
+/// Mean over bags of `k` ids (`k` = 1: the lookup); ids (N·k,) → (N, D).
+struct EmbeddingOp {
+    k: usize,
+}
 
-/// Backward of [`EmbeddingOp`]: (ids (N,), dy (N, D)) → dW (V, D).
+/// Backward of [`EmbeddingOp`]: (ids (N·k,), dy (N, D)) → dW (V, D).
 pub(super) struct EmbeddingGrad {
     pub(super) vocab: usize,
+    pub(super) k: usize,
 }
 
 fn check_ids(ids: &[u32], v: usize) -> candle_core::Result<()> {
@@ -31,17 +54,32 @@ fn check_ids(ids: &[u32], v: usize) -> candle_core::Result<()> {
     }
 }
 
-fn embedding_fwd<T: Float>(w: &[T], ids: &[u32], d: usize) -> Vec<T> {
-    let mut out = vec![T::from_f(0.0); ids.len() * d];
-    out.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(o, &i)| {
-        o.copy_from_slice(&w[i as usize * d..(i as usize + 1) * d]);
+fn embedding_fwd<T: Float>(w: &[T], ids: &[u32], d: usize, k: usize) -> Vec<T> {
+    let mut out = vec![T::from_f(0.0); ids.len() / k * d];
+    if k == 1 {
+        out.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(o, &i)| {
+            o.copy_from_slice(&w[i as usize * d..(i as usize + 1) * d]);
+        });
+        return out;
+    }
+    let inv = 1.0 / k as f32;
+    out.par_chunks_mut(d).zip(ids.par_chunks(k)).for_each(|(o, bag)| {
+        let mut acc = vec![0f32; d];
+        for &i in bag {
+            for (a, x) in acc.iter_mut().zip(&w[i as usize * d..(i as usize + 1) * d]) {
+                *a += x.f();
+            }
+        }
+        for (o, a) in o.iter_mut().zip(acc) {
+            *o = T::from_f(a * inv);
+        }
     });
     out
 }
 
-/// Rows grouped by id (a counting sort), then each id's gradient row summed in f32 in row order:
-/// parallel over ids and deterministic.
-fn embedding_bwd<T: Float>(ids: &[u32], dy: &[T], v: usize, d: usize) -> Vec<T> {
+/// Rows grouped by id (a counting sort), then each id's gradient row summed in f32 in row order
+/// (input position r takes row r / k of `dy`, times 1/k): parallel over ids and deterministic.
+fn embedding_bwd<T: Float>(ids: &[u32], dy: &[T], v: usize, d: usize, k: usize) -> Vec<T> {
     let mut start = vec![0usize; v + 1];
     for &i in ids {
         start[i as usize + 1] += 1;
@@ -55,6 +93,7 @@ fn embedding_bwd<T: Float>(ids: &[u32], dy: &[T], v: usize, d: usize) -> Vec<T> 
         rows[fill[i as usize]] = r;
         fill[i as usize] += 1;
     }
+    let inv = 1.0 / k as f32;
     let mut out = vec![T::from_f(0.0); v * d];
     out.par_chunks_mut(d).enumerate().for_each(|(id, o)| {
         let mine = &rows[start[id]..start[id + 1]];
@@ -63,8 +102,9 @@ fn embedding_bwd<T: Float>(ids: &[u32], dy: &[T], v: usize, d: usize) -> Vec<T> 
         }
         let mut acc = vec![0f32; d];
         for &r in mine {
+            let r = r / k;
             for (a, &g) in acc.iter_mut().zip(&dy[r * d..(r + 1) * d]) {
-                *a += g.f();
+                *a += g.f() * inv;
             }
         }
         for (o, a) in o.iter_mut().zip(acc) {
@@ -96,8 +136,10 @@ impl CustomOp2 for EmbeddingOp {
         let (v, d) = l1.shape().dims2()?;
         let ids = ids_of(s2, l2)?;
         check_ids(ids, v)?;
-        let out = map_float!("embedding", s1, l1, "weight", |w| embedding_fwd(w, ids, d));
-        Ok((out, Shape::from((ids.len(), d))))
+        check_bags(ids.len(), self.k)?;
+        let k = self.k;
+        let out = map_float!("embedding", s1, l1, "weight", |w| embedding_fwd(w, ids, d, k));
+        Ok((out, Shape::from((ids.len() / k, d))))
     }
 
     #[cfg(feature = "cuda")]
@@ -108,7 +150,8 @@ impl CustomOp2 for EmbeddingOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::embedding(s1, l1, s2, l2, None)
+        check_bags(l2.shape().elem_count(), self.k)?;
+        cuda::embedding(s1, l1, s2, l2, None, self.k)
     }
 
     fn bwd(
@@ -119,7 +162,7 @@ impl CustomOp2 for EmbeddingOp {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.to_dtype(w.dtype())?.contiguous()?;
-        Ok((Some(ids.apply_op2_no_bwd(&dy, &EmbeddingGrad { vocab: w.dim(0)? })?), None))
+        Ok((Some(ids.apply_op2_no_bwd(&dy, &EmbeddingGrad { vocab: w.dim(0)?, k: self.k })?), None))
     }
 }
 
@@ -135,11 +178,12 @@ impl CustomOp2 for EmbeddingGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, d) = l2.shape().dims2()?;
+        let (rows, d) = l2.shape().dims2()?;
         let ids = ids_of(s1, l1)?;
         check_ids(ids, self.vocab)?;
-        let v = self.vocab;
-        let out = map_float!("embedding", s2, l2, "dy", |g| embedding_bwd(ids, g, v, d));
+        check_grad_rows(ids.len(), rows, self.k)?;
+        let (v, k) = (self.vocab, self.k);
+        let out = map_float!("embedding", s2, l2, "dy", |g| embedding_bwd(ids, g, v, d, k));
         Ok((out, Shape::from((v, d))))
     }
 
@@ -151,6 +195,24 @@ impl CustomOp2 for EmbeddingGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::embedding(s2, l2, s1, l1, Some(self.vocab))
+        check_grad_rows(l1.shape().elem_count(), l2.shape().dims2()?.0, self.k)?;
+        cuda::embedding(s2, l2, s1, l1, Some(self.vocab), self.k)
     }
+}
+
+/// `n` ids must be whole bags of `k`.
+fn check_bags(n: usize, k: usize) -> candle_core::Result<()> {
+    if k == 0 || !n.is_multiple_of(k) {
+        candle_core::bail!("embedding: {n} ids are not a whole number of bags of {k}");
+    }
+    Ok(())
+}
+
+/// The gradient of bags of `k` from `n` ids has `n / k` rows.
+fn check_grad_rows(n: usize, rows: usize, k: usize) -> candle_core::Result<()> {
+    check_bags(n, k)?;
+    if rows != n / k {
+        candle_core::bail!("embedding: a gradient of {rows} rows for {n} ids in bags of {k}");
+    }
+    Ok(())
 }

@@ -118,10 +118,21 @@ pub fn swiglu_packed(gu: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
 /// [`super::embedding`] backward: rows of `dy` (ids..., D) scattered onto a (vocab, D)
 /// gradient in `dy`'s dtype.
 pub fn embedding(ids: &Tensor, dy: &Tensor, vocab: usize) -> candle_core::Result<Tensor> {
+    embedding_mean(ids, dy, vocab, 1)
+}
+
+/// [`super::embedding_mean`] backward: `ids` (..., N) and the gradient of the bag means `dy`
+/// (..., N / k, D) → the (vocab, D) gradient in `dy`'s dtype, each id's row receiving 1/k of
+/// its bag's gradient row.
+pub fn embedding_mean(ids: &Tensor, dy: &Tensor, vocab: usize, k: usize) -> candle_core::Result<Tensor> {
     let d = dy.dim(candle_core::D::Minus1)?;
     let flat = ids.flatten_all()?.contiguous()?;
-    let dy = dy.reshape((flat.elem_count(), d))?.contiguous()?;
-    flat.apply_op2_no_bwd(&dy, &super::EmbeddingGrad { vocab })
+    let n = flat.elem_count();
+    if k == 0 || !n.is_multiple_of(k) || dy.elem_count() != n / k * d {
+        candle_core::bail!("embedding_mean: a gradient {:?} does not match {n} ids in bags of {k}", dy.dims());
+    }
+    let dy = dy.reshape((n / k, d))?.contiguous()?;
+    flat.apply_op2_no_bwd(&dy, &super::EmbeddingGrad { vocab, k })
 }
 
 /// [`super::flash_attention`] backward from the inputs, the output `o` and `dout` → (dq, dk, dv).

@@ -9,7 +9,8 @@
 //! - [`rope`]: rotary embeddings; [`causal_softmax`]: scale + causal mask + softmax of attention
 //!   scores; [`flash_attention`]: causal attention without a T×T matrix (the default on CUDA
 //!   where the tensor-core kernels apply, see [`flash_attention_for`]).
-//! - [`embedding`]: lookup with a scatter-add backward; [`swiglu`]: SwiGLU's gate.
+//! - [`embedding`]: lookup with a scatter-add backward, [`embedding_mean`] its mean over bags of
+//!   k consecutive ids (the patch embedding); [`swiglu`]: SwiGLU's gate.
 //! - [`adamw_update`]: one AdamW step of one parameter in a single pass (no backward);
 //!   [`adamw_multi`] / [`sum_of_squares`]: all parameters (gradients f32 or bf16) in one launch.
 //! - For a hand-written backward pass (no graph; backward passes in [`grad`]):
