@@ -264,17 +264,24 @@ __device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n) 
     }
 }
 
-// cp.async: 16 bytes from global to shared memory without a trip through registers (src_size 0:
-// zeros). A copy lands once its thread's cp_async_wait<n> retires its commit group; the barrier
-// after that makes it visible to the block. The emulator holds the destination poisoned until
-// then (kernels/emu/cuda_emu.h).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+// cp.async: N = 16 bytes (cp.async.cg) or 8 (cp.async.ca; N-byte aligned) from global to shared
+// memory without a trip through registers (src_size 0: zeros). A copy lands once its thread's
+// cp_async_wait<n> retires its commit group; the barrier after that makes it visible to the
+// block. The emulator holds the destination poisoned until then (kernels/emu/cuda_emu.h).
+template <int N>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(N == 16 || N == 8, "cp.async copies 16 or 8 bytes here");
 #ifdef PATCHLM_EMU
-    emu::cp_async16(dst, src, valid);
+    emu::cp_async_n(dst, src, valid, N);
 #else
     const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
+    if (N == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0)
+                     : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 8 : 0)
+                     : "memory");
+    }
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -306,7 +313,7 @@ __device__ __forceinline__ void tile_async(T* dst, const T* src, int r0, int n) 
     const T* s = src + (size_t)r0 * HD;
     for (int e = threadIdx.x; e < R * PR; e += blockDim.x) {
         const int r = e / PR, c = (e % PR) * P;
-        cp_async16(dst + r * LD + c, s + (size_t)min(r, n - 1) * HD + c, r < n);
+        cp_async<16>(dst + r * LD + c, s + (size_t)min(r, n - 1) * HD + c, r < n);
     }
 }
 
@@ -336,22 +343,29 @@ __device__ __forceinline__ void pipeline_step(bool more, F&& fetch_next) {
 
 // The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
 // qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
-// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0), the lse
-// times lse_mul (log2 e for a base-2 softmax). ASYNC: the tiles by cp.async (see tile_async).
-template <typename T, int HD, int LD, int R, bool ASYNC = false>
+// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0).
+template <typename T, int HD, int LD, int R>
 __device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, const T* q, const T* dout,
-                                          const float* st, int q0, int n, float lse_mul = 1.0f) {
-    if (ASYNC) {
-        tile_async<T, HD, LD, R>(qs, q, q0, n);
-        tile_async<T, HD, LD, R>(dos, dout, q0, n);
-    } else {
-        tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
-        tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
-    }
+                                          const float* st, int q0, int n) {
+    tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
+    tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
     for (int e = threadIdx.x; e < R; e += blockDim.x) {
-        ls[e] = e < n ? st[(size_t)(q0 + e) * 2] * lse_mul : INFINITY;
+        ls[e] = e < n ? st[(size_t)(q0 + e) * 2] : INFINITY;
         dl[e] = e < n ? st[(size_t)(q0 + e) * 2 + 1] : 0.0f;
     }
+}
+
+// The same by cp.async, all of it in flight until the caller's commit, wait and barrier (a plain
+// load of the statistics would hold its warp, and at the barrier after it the block, for a
+// round trip to memory every step): the tiles as tile_async, the (lse, delta) pairs as they are
+// in `st` (natural-log lse) into lsd; past n, zeros (the caller masks those queries).
+template <typename T, int HD, int LD, int R>
+__device__ __forceinline__ void dkv_stage_async(T* qs, T* dos, float2* lsd, const T* q, const T* dout,
+                                                const float* st, int q0, int n) {
+    tile_async<T, HD, LD, R>(qs, q, q0, n);
+    tile_async<T, HD, LD, R>(dos, dout, q0, n);
+    for (int e = threadIdx.x; e < R; e += blockDim.x)
+        cp_async<8>(lsd + e, st + (size_t)(q0 + min(e, n - 1)) * 2, e < n);
 }
 
 template <typename T, int HD>
@@ -1048,8 +1062,8 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
 // dp; all 0 where no query of the step sees the warp's keys), then dv += P^T . dO, dk += dS^T . q.
 template <typename T, int HD, int BQ, int LD>
 __device__ __forceinline__ void dkv_step(float (*dp)[4], float (*dka)[4], float (*dva)[4], const uint32_t (*ka)[4],
-                                         const uint32_t (*va)[4], const T* qs, const T* dos, const float* ls,
-                                         const float* dl, int q0, int t, int off, int wfirst, float sl2) {
+                                         const uint32_t (*va)[4], const T* qs, const T* dos, const float2* lsd,
+                                         int q0, int t, int off, int wfirst, float sl2) {
     const int lane = threadIdx.x & 31, tq = lane & 3, key = wfirst + (lane >> 2);
     float sc[BQ / 8][4];
 #pragma unroll
@@ -1065,11 +1079,17 @@ __device__ __forceinline__ void dkv_step(float (*dp)[4], float (*dka)[4], float 
 #pragma unroll
     for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int c = n * 8 + 2 * tq + (e & 1), qi = q0 + c, kj = key + 8 * (e >> 1);
-            const float p = full || (kj <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -ls[c])) : 0.0f;
-            sc[n][e] = p;
-            dp[n][e] = p * (dp[n][e] - dl[c]);
+        for (int j = 0; j < 2; j++) {  // this lane's two queries (columns) of the block
+            const int c = n * 8 + 2 * tq + j, qi = q0 + c;
+            const float2 ld = lsd[c];
+            const float lse2 = ld.x * LOG2E_F;  // base 2, as the scores
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // its keys: key and key + 8
+                const int e = 2 * h + j;
+                const float p = full || (key + 8 * h <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -lse2)) : 0.0f;
+                sc[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - ld.y);
+            }
         }
     }
     uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
@@ -1088,8 +1108,8 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     constexpr int BQ = 32, LD = HD + 8;
     // The k and v tiles, then two buffers of a (q, dO) tile pair (2 x 2 x BQ rows) and their stats.
     __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
-    __shared__ float lsb[2][BQ], dlb[2][BQ];
-    EMU_SHARED(un, lsb, dlb);
+    __shared__ float2 lsd[2][BQ];
+    EMU_SHARED(un, lsd);
     static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where k and v were staged");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -1103,14 +1123,13 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
     }
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
-    const float sl2 = scale * LOG2E_F;  // the lse in lsb is base 2 too
+    const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
     const T* qb = q + (size_t)bh * t * HD;
     const T* db = dout + (size_t)bh * t * HD;
     // Queries [q0, q0 + BQ) into buffer b, in flight while the block works on the other buffer.
     auto fetch = [&](int q0, int b) {
         T* qs = un + 2 * b * BQ * LD;
-        dkv_stage<T, HD, LD, BQ, true>(qs, qs + BQ * LD, lsb[b], dlb[b], qb, db, st + (size_t)bh * t * 2, q0,
-                                       min(BQ, t - q0), LOG2E_F);
+        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], qb, db, st + (size_t)bh * t * 2, q0, min(BQ, t - q0));
         cp_async_commit();
     };
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
@@ -1121,7 +1140,7 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
         if (q0 + BQ - 1 < wfirst - off) continue;
         const T* qs = un + 2 * buf * BQ * LD;
         float dp[BQ / 8][4];
-        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, qs + BQ * LD, lsb[buf], dlb[buf], q0, t, off, wfirst, sl2);
+        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, qs + BQ * LD, lsd[buf], q0, t, off, wfirst, sl2);
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
@@ -1153,8 +1172,8 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
     __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
     __shared__ __align__(16) T kt[MMA_ROWS * LD];
     __shared__ __align__(16) T dst[MMA_ROWS * LDS];
-    __shared__ float lsb[2][BQ], dlb[2][BQ];
-    EMU_SHARED(un, kt, dst, lsb, dlb);
+    __shared__ float2 lsd[2][BQ];
+    EMU_SHARED(un, kt, dst, lsd);
     static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where v was staged");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -1176,14 +1195,13 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
         for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
     }
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
-    const float sl2 = scale * LOG2E_F;  // the lse in lsb is base 2 too
+    const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
     const T* qb = q + (size_t)bh * t * HD;
     const T* db = dout + (size_t)bh * t * HD;
     float* dqb = dq_acc + (size_t)bh * t * HD;
     auto fetch = [&](int q0, int b) {
         T* qs = un + 2 * b * BQ * LD;
-        dkv_stage<T, HD, LD, BQ, true>(qs, qs + BQ * LD, lsb[b], dlb[b], qb, db, st + (size_t)bh * t * 2, q0,
-                                       min(BQ, t - q0), LOG2E_F);
+        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], qb, db, st + (size_t)bh * t * 2, q0, min(BQ, t - q0));
         cp_async_commit();
     };
     // This warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns qc + [0, HD / 2).
@@ -1198,7 +1216,7 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
         // A warp none of whose keys these queries see adds nothing to dk and dv, and zeros to dq
         // (it still joins the block's barrier below).
         float dp[BQ / 8][4];
-        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, dos, lsb[buf], dlb[buf], q0, t, off, wfirst, sl2);
+        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, dos, lsd[buf], q0, t, off, wfirst, sl2);
         // dS^T (rounded to T, as dk's product took it) into dst: this warp's 16 keys as rows.
 #pragma unroll
         for (int n = 0; n < BQ / 8; n++) {

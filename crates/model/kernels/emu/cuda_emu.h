@@ -77,6 +77,7 @@ struct Pending {
 struct AsyncCopy {
     void* dst;
     unsigned char bytes[16];
+    int n;  // 16, or 8 (cp.async.ca's smaller copies)
 };
 
 struct Fiber {
@@ -135,14 +136,15 @@ inline void flush() {
     g_s.fibers[g_s.cur].pending.clear();
 }
 
-// cp.async of 16 bytes (src_size 0 fills zeros), modelled as the header says; the poison is 0x7f
-// bytes (a huge bf16, a NaN f16).
-inline void cp_async16(void* dst, const void* src, bool valid) {
+// cp.async of n = 16 or 8 bytes (src_size 0 fills zeros), modelled as the header says; the
+// poison is 0x7f bytes (a huge bf16, a NaN f16, a huge f32).
+inline void cp_async_n(void* dst, const void* src, bool valid, int n) {
     AsyncCopy c;
     c.dst = dst;
-    if (valid) memcpy(c.bytes, src, 16);
-    else memset(c.bytes, 0, 16);
-    memset(dst, 0x7f, 16);
+    c.n = n;
+    if (valid) memcpy(c.bytes, src, n);
+    else memset(c.bytes, 0, n);
+    memset(dst, 0x7f, n);
     g_s.fibers[g_s.cur].open.push_back(c);
 }
 inline void cp_async_commit() {
@@ -154,7 +156,7 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int n) {
     Fiber& f = g_s.fibers[g_s.cur];
     while ((int)f.groups.size() > n) {
-        for (const AsyncCopy& c : f.groups.front()) memcpy(c.dst, c.bytes, 16);
+        for (const AsyncCopy& c : f.groups.front()) memcpy(c.dst, c.bytes, c.n);
         f.groups.erase(f.groups.begin());
     }
 }
