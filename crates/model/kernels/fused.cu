@@ -87,6 +87,26 @@ __device__ void ce_fwd(const T* x, const uint32_t* t, float* out, int v, int k) 
 }
 
 // Backward: dx[row, j] = g[row] * (k * softmax_j - #{i : t[row, i] = j}).
+// The cross-entropy backward's target entries of a row, once the whole row holds
+// scale · exp(x − lse): thread 0 computes each distinct target's entry again and subtracts gi
+// once per time it is named, in target order (as the CPU path does), so a row costs K entries
+// instead of K comparisons per logit. Every thread of the block calls it (a barrier first).
+template <typename T>
+__device__ __forceinline__ void ce_targets_fixup(const T* xr, T* dr, const uint32_t* tr, int k, int v, float scale,
+                                                 float gi, float lse) {
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int q = 0; q < k; q++) {
+        const uint32_t j = tr[q];
+        bool seen = j >= (uint32_t)v;  // an id outside the row has no entry (the CPU path refuses it)
+        for (int p = 0; p < q; p++) seen |= tr[p] == j;
+        if (seen) continue;
+        float d = scale * __expf(to_f(xr[j]) - lse);
+        for (int p = q; p < k; p++) d -= tr[p] == j ? gi : 0.0f;
+        dr[j] = from_f<T>(d);
+    }
+}
+
 template <typename T>
 __device__ void ce_bwd(const T* x, const uint32_t* t, const float* g, T* dx, int v, int k) {
     const T* xr = x + (size_t)blockIdx.x * v;
@@ -95,11 +115,8 @@ __device__ void ce_bwd(const T* x, const uint32_t* t, const float* g, T* dx, int
     float m, lse;
     row_lse(xr, v, &m, &lse);
     float gi = g[blockIdx.x], scale = gi * (float)k;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float d = scale * __expf(to_f(xr[j]) - lse);
-        for (int i = 0; i < k; i++) d -= (tr[i] == (uint32_t)j) ? gi : 0.0f;
-        dr[j] = from_f<T>(d);
-    }
+    for (int j = threadIdx.x; j < v; j += blockDim.x) dr[j] = from_f<T>(scale * __expf(to_f(xr[j]) - lse));
+    ce_targets_fixup(xr, dr, tr, k, v, scale, gi, lse);
 }
 
 // RMSNorm forward: y = round_T(x * r) * w with r = rsqrt(mean(x^2) + eps).
@@ -317,18 +334,11 @@ __device__ void ce_bwd_lse(const T* x, const uint32_t* t, const float* gl, T* dx
         float f[Pack16<T>::N];
         load_pack(xr + (size_t)c * P, f);
 #pragma unroll
-        for (int i = 0; i < P; i++) {
-            float d = scale * __expf(f[i] - lse);
-            for (int q = 0; q < k; q++) d -= (tr[q] == (uint32_t)(c * P + i)) ? gi : 0.0f;
-            f[i] = d;
-        }
+        for (int i = 0; i < P; i++) f[i] = scale * __expf(f[i] - lse);
         store_pack(dr + (size_t)c * P, f);
     }
-    for (int j = packs * P + threadIdx.x; j < v; j += blockDim.x) {
-        float d = scale * __expf(to_f(xr[j]) - lse);
-        for (int q = 0; q < k; q++) d -= (tr[q] == (uint32_t)j) ? gi : 0.0f;
-        dr[j] = from_f<T>(d);
-    }
+    for (int j = packs * P + threadIdx.x; j < v; j += blockDim.x) dr[j] = from_f<T>(scale * __expf(to_f(xr[j]) - lse));
+    ce_targets_fixup(xr, dr, tr, k, v, scale, gi, lse);
 }
 
 // Warp-per-row variants of the row-wise kernels (suffix _w): one warp per row, blockDim.x / 32 rows
