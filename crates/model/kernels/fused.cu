@@ -227,18 +227,37 @@ __device__ void embedding_fwd(const T* w, const uint32_t* ids, T* y, int n, int 
     y[i] = from_f<T>(sum * (1.0f / (float)k));
 }
 
+// acc[0..W) += g[0..W) atomically, element by element; W = 4 (16-byte aligned acc) as one vector
+// atomic where the GPU has them (sm_90: a quarter of the atomic operations).
+template <int W>
+__device__ __forceinline__ void atomic_add_w(float* acc, const float* g) {
+#if !defined(PATCHLM_EMU) && __CUDA_ARCH__ >= 900
+    if constexpr (W == 4) {
+        atomicAdd(reinterpret_cast<float4*>(acc), make_float4(g[0], g[1], g[2], g[3]));
+    } else
+#endif
+    {
+#pragma unroll
+        for (int w = 0; w < W; w++) atomicAdd(acc + w, g[w]);
+    }
+}
+
 // Its backward: acc[ids[r·k + b], j] += dy[r, j] / k for each b < k (f32 atomics, acc zeroed by
-// the caller); dy starts at element `off` of its buffer.
-template <typename T>
+// the caller), W consecutive of the n = rows · d elements a thread (W = 4 where d is a multiple
+// of 4, so a thread's elements share a row and its accumulator is 16-byte aligned); dy starts at
+// element `off` of its buffer.
+template <typename T, int W>
 __device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* acc, int n, int d, int v, int k) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int i = (blockIdx.x * blockDim.x + threadIdx.x) * W;
     if (i >= n) return;
     const uint32_t* bag = ids + (size_t)(i / d) * k;
     const int col = i % d;
-    const float g = to_f(dy[off + i]) * (1.0f / (float)k);
+    float g[W];
+#pragma unroll
+    for (int w = 0; w < W; w++) g[w] = to_f(dy[off + i + w]) * (1.0f / (float)k);
     for (int b = 0; b < k; b++) {
         uint32_t id = bag[b];
-        if (id < (uint32_t)v) atomicAdd(acc + (size_t)id * d + col, g);
+        if (id < (uint32_t)v) atomic_add_w<W>(acc + (size_t)id * d + col, g);
     }
 }
 
@@ -771,7 +790,11 @@ __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* out, long long n,
     }                                                                                                    \
     extern "C" __global__ void embedding_bwd_##S(const T* dy, int off, const uint32_t* ids, float* acc,   \
                                                  int n, int d, int v, int k) {                           \
-        embedding_bwd<T>(dy, off, ids, acc, n, d, v, k);                                                 \
+        embedding_bwd<T, 1>(dy, off, ids, acc, n, d, v, k);                                              \
+    }                                                                                                    \
+    extern "C" __global__ void embedding_bwd4_##S(const T* dy, int off, const uint32_t* ids, float* acc,  \
+                                                  int n, int d, int v, int k) {                          \
+        embedding_bwd<T, 4>(dy, off, ids, acc, n, d, v, k);                                              \
     }                                                                                                    \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, int n) {                     \
         swiglu_fwd<T>(g, u, y, n);                                                                       \

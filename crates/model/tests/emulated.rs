@@ -98,7 +98,8 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
 /// ids, chunks of rows, key blocks), all else written once: that argument may differ between
 /// schedules in its last bits only (compared with a tolerance, so a race on what feeds the sums
 /// still shows), every other byte for byte.
-const ATOMIC_SUM_ARG: [(&str, usize); 3] = [("embedding_bwd_", 3), ("rms_dw_", 3), ("flash_mma_dkvq_", 7)];
+const ATOMIC_SUM_ARG: [(&str, usize); 4] =
+    [("embedding_bwd_", 3), ("embedding_bwd4_", 3), ("rms_dw_", 3), ("flash_mma_dkvq_", 7)];
 
 /// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
 #[derive(Clone, Copy, Debug)]
@@ -774,7 +775,8 @@ fn emulated_rope_matches_reference() {
 /// with f32 atomics, the gradient read from an offset into its buffer) against index_select and
 /// index_add in f32, as the plain lookup (bags of 1) and as the mean over bags of 3 (the patch
 /// embedding: lookup, reshape and mean, and 1/3 of each bag's gradient row to each of its ids);
-/// ids repeat, and one id outside the vocabulary gathers zeros and adds nothing.
+/// the backward also four columns a thread where the width allows (`embedding_bwd4`); ids
+/// repeat, and one id outside the vocabulary gathers zeros and adds nothing.
 #[test]
 fn emulated_embedding_matches_reference() {
     for (v, d, dtype, k) in [
@@ -822,17 +824,26 @@ fn emulated_embedding_matches_reference() {
         let dy = Tensor::randn(0f32, 1.0, (rows, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let off = 5usize;
         let junk = Tensor::full(7f32, off, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let mut a = [
-            A::Buf([bytes(&junk), bytes(&dy)].concat()),
-            A::I(off as i64),
-            A::Buf(bytes(&ids_t)),
-            zeroed(v * d),
-            A::I(total as i64),
-            A::I(d as i64),
-            A::I(v as i64),
-            A::I(k as i64),
-        ];
+        let args = || {
+            [
+                A::Buf([bytes(&junk), bytes(&dy)].concat()),
+                A::I(off as i64),
+                A::Buf(bytes(&ids_t)),
+                zeroed(v * d),
+                A::I(total as i64),
+                A::I(d as i64),
+                A::I(v as i64),
+                A::I(k as i64),
+            ]
+        };
+        let mut a = args();
         emulate(&format!("embedding_bwd_{}", suffix(dtype)), launch::elems(total), &mut a);
+        // Where rows are whole groups of four columns, the launcher takes four a thread instead.
+        let by_four = (d % 4 == 0).then(|| {
+            let mut a4 = args();
+            emulate(&format!("embedding_bwd4_{}", suffix(dtype)), launch::elems(total / 4), &mut a4);
+            a4
+        });
         // Each id's gradient row: its bag's row of dy over k.
         let dy_ids = (dy.to_dtype(DType::F32).unwrap() / k as f64)
             .unwrap()
@@ -849,6 +860,10 @@ fn emulated_embedding_matches_reference() {
         let want = Tensor::zeros((v, d), DType::F32, &Device::Cpu).unwrap().index_add(&kept_ids, &kept_dy, 0).unwrap();
         let e = max_rel(&output(&a[3], DType::F32, &[v, d]), &want);
         assert!(e < 1e-6, "{what}: gradient rel err {e}");
+        if let Some(a4) = by_four {
+            let e = max_rel(&output(&a4[3], DType::F32, &[v, d]), &want);
+            assert!(e < 1e-6, "{what}: gradient by four columns a thread, rel err {e}");
+        }
     }
 }
 

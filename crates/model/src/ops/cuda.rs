@@ -275,7 +275,10 @@ pub fn embedding(
         Some(v) => {
             let acc = dev.alloc_zeros::<f32>(v * d)?;
             let vi = v as i32;
-            let f = dev.get_or_load_custom_func(&format!("embedding_bwd_{sfx}"), MODULE, PTX)?;
+            // Four columns a thread (one 16-byte atomic on sm_90) where rows are whole groups of four.
+            let (name, cfg) =
+                if d % 4 == 0 { ("embedding_bwd4", elems_cfg(total / 4)) } else { ("embedding_bwd", cfg) };
+            let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
             let mut b = f.builder();
             match a.dtype() {
                 DType::F32 => b.arg(a.as_cuda_slice::<f32>()?),
