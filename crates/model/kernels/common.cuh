@@ -1,5 +1,5 @@
 // Shared by the kernel files of patchlm-model: dtype conversions (f32 arithmetic on f32, bf16
-// and f16 storage).
+// and f16 storage) and vector atomics.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,6 +13,23 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// acc[0..W) += g[0..W) atomically, element by element; W = 2 or 4 (acc aligned to W floats) as
+// one vector atomic where the GPU has them (sm_90: a half or a quarter of the operations).
+template <int W>
+__device__ __forceinline__ void atomic_add_w(float* acc, const float* g) {
+#if !defined(PATCHLM_EMU) && __CUDA_ARCH__ >= 900
+    if constexpr (W == 4) {
+        atomicAdd(reinterpret_cast<float4*>(acc), make_float4(g[0], g[1], g[2], g[3]));
+    } else if constexpr (W == 2) {
+        atomicAdd(reinterpret_cast<float2*>(acc), make_float2(g[0], g[1]));
+    } else
+#endif
+    {
+#pragma unroll
+        for (int w = 0; w < W; w++) atomicAdd(acc + w, g[w]);
+    }
+}
 
 // Names a block's __shared__ arrays for the CPU stand-in of tests/emulated.rs (kernels/emu), which
 // fills them with NaN when a block first reaches this line, so that a read of shared memory the

@@ -227,21 +227,6 @@ __device__ void embedding_fwd(const T* w, const uint32_t* ids, T* y, int n, int 
     y[i] = from_f<T>(sum * (1.0f / (float)k));
 }
 
-// acc[0..W) += g[0..W) atomically, element by element; W = 4 (16-byte aligned acc) as one vector
-// atomic where the GPU has them (sm_90: a quarter of the atomic operations).
-template <int W>
-__device__ __forceinline__ void atomic_add_w(float* acc, const float* g) {
-#if !defined(PATCHLM_EMU) && __CUDA_ARCH__ >= 900
-    if constexpr (W == 4) {
-        atomicAdd(reinterpret_cast<float4*>(acc), make_float4(g[0], g[1], g[2], g[3]));
-    } else
-#endif
-    {
-#pragma unroll
-        for (int w = 0; w < W; w++) atomicAdd(acc + w, g[w]);
-    }
-}
-
 // Its backward: acc[ids[r·k + b], j] += dy[r, j] / k for each b < k (f32 atomics, acc zeroed by
 // the caller), W consecutive of the n = rows · d elements a thread (W = 4 where d is a multiple
 // of 4, so a thread's elements share a row and its accumulator is 16-byte aligned); dy starts at
