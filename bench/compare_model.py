@@ -108,8 +108,11 @@ KINDS = ["matmul", "attention fwd", "attention bwd", "optimizer", "rest"]
 def torch_kind(name):
     """The kind of work of a CUDA kernel (or, on the CPU, an aten op) by its name."""
     n = name.lower()
+    if n.startswith("triton"):  # Inductor's fused kernels, named after the ops they fuse
+        return "rest"
     if any(w in n for w in ("flash", "fmha", "sdpa", "attention", "attn")):
-        return "attention bwd" if "bwd" in n or "backward" in n else "attention fwd"
+        bwd = any(w in n for w in ("bwd", "backward", "bprop", "cutlassb", "dgrad"))
+        return "attention bwd" if bwd else "attention fwd"
     if any(w in n for w in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::bmm", "aten::addmm")):
         return "matmul"
     if any(w in n for w in ("adam", "multi_tensor", "foreach")):
