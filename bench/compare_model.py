@@ -65,6 +65,9 @@ ap.add_argument("--device", default="cpu"); ap.add_argument("--dtype", default="
 ap.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
 ap.add_argument("--peak", type=float, default=989e12)
 ap.add_argument("--ks", default="1,4")
+ap.add_argument("--torch-ks", default=None,
+                help="PyTorch's patch sizes, if fewer than ours (each costs torch.compile a warm-up; the "
+                     "patch-phase target is against our own token phase)")
 ap.add_argument("--attention", default="softmax", choices=["softmax", "flash", "both"],
                 help="our attention kernel(s): a row for each")
 ap.add_argument("--backward", default="tape", choices=["tape", "autograd", "both"],
@@ -78,6 +81,7 @@ if dev.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
 d, f, L, h, kv, V = PRESETS[a.preset]
 ks = [int(x) for x in a.ks.split(",")]
+torch_ks = [int(x) for x in (a.torch_ks or a.ks).split(",")]
 def flops_per_token(m):
     n = sum(p.numel() for p in m.parameters())
     return 6 * n + 12 * L * d * a.ctx
@@ -148,7 +152,7 @@ profiles = []
 rows = []
 modes = ["eager"] + (["compile"] if a.compile else [])
 for mode in modes:
-    for k in ks:
+    for k in torch_ks:
         torch.manual_seed(0)
         m = Model(d, f, L, h, kv, V, a.ctx).to(dev)
         opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
