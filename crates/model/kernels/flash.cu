@@ -341,6 +341,21 @@ __device__ __forceinline__ void pipeline_step(bool more, F&& fetch_next) {
     __syncthreads();
 }
 
+// One step of a three-buffer cp.async pipeline (one commit group per step, the first two
+// committed before the loop): this step's group (two older than the newest) lands and, after the
+// barrier, is visible to the block; the barrier also means every warp is done with the previous
+// step's buffer, into which `fetch_ahead` then starts the tiles of two steps ahead where `more`.
+// A group is committed either way (an empty one at the end) so that the count stays regular.
+// One barrier a step, and two steps' compute to hide each fetch's latency (pipeline_step: two
+// barriers, one step).
+template <typename F>
+__device__ __forceinline__ void pipeline3_step(bool more, F&& fetch_ahead) {
+    cp_async_wait<1>();
+    __syncthreads();
+    if (more) fetch_ahead();
+    cp_async_commit();
+}
+
 // The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
 // qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
 // head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0).
@@ -1055,6 +1070,38 @@ __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, 
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
 }
 
+// The query side of the mma dk/dv kernels' loop over query tiles of BQ: three buffers in `un`,
+// each a q tile and a dO tile of BQ rows of LD, with the rows' (lse, delta) pairs in lsd,
+// filled two steps ahead (pipeline3_step).
+template <typename T, int HD, int LD, int BQ>
+struct DkvFeed {
+    T* un;
+    float2 (*lsd)[BQ];
+    const T* q;      // the head's queries
+    const T* dout;   // and their output gradients
+    const float* st; // and (lse, delta) pairs
+    int t;
+
+    // Queries [q0, q0 + BQ) into buffer b (not yet committed).
+    __device__ __forceinline__ void fetch(int q0, int b) const {
+        T* qs = un + 2 * b * BQ * LD;
+        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], q, dout, st, q0, min(BQ, t - q0));
+    }
+    // The first two steps' tiles (queries from qfirst < t), once the caller is done with un.
+    __device__ __forceinline__ void start(int qfirst) const {
+        fetch(qfirst, 0);
+        cp_async_commit();
+        if (qfirst + BQ < t) fetch(qfirst + BQ, 1);
+        cp_async_commit();
+    }
+    // The start of the step on queries q0 in buffer buf: its tiles in place, two steps ahead in flight.
+    __device__ __forceinline__ void step(int q0, int buf) const {
+        pipeline3_step(q0 + 2 * BQ < t, [&] { fetch(q0 + 2 * BQ, buf == 0 ? 2 : buf - 1); });
+    }
+    __device__ __forceinline__ const T* qs(int buf) const { return un + 2 * buf * BQ * LD; }
+    __device__ __forceinline__ const T* dos(int buf) const { return un + (2 * buf + 1) * BQ * LD; }
+};
+
 // One step of the mma dk/dv kernels for a warp of 16 keys from wfirst (this lane's: wfirst +
 // lane / 4 and 8 more) and the BQ queries from q0 in the shared tiles qs and dos, with their
 // base-2 lse in ls and delta in dl (queries see keys up to their own position + off): the scores
@@ -1106,11 +1153,12 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
                               int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
     constexpr int BQ = 32, LD = HD + 8;
-    // The k and v tiles, then two buffers of a (q, dO) tile pair (2 x 2 x BQ rows) and their stats.
-    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
-    __shared__ float2 lsd[2][BQ];
+    // The k and v tiles, then three buffers of a (q, dO) tile pair (3 x 2 x BQ rows) and their
+    // stats (see pipeline3_step).
+    __shared__ __align__(16) T un[6 * BQ * LD];
+    __shared__ float2 lsd[3][BQ];
     EMU_SHARED(un, lsd);
-    static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where k and v were staged");
+    static_assert(2 * MMA_ROWS <= 6 * BQ, "the k and v tiles are staged where the (q, dO) buffers go");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     uint32_t ka[HD / 16][4], va[HD / 16][4];
@@ -1124,28 +1172,20 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     }
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
     const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
-    const T* qb = q + (size_t)bh * t * HD;
-    const T* db = dout + (size_t)bh * t * HD;
-    // Queries [q0, q0 + BQ) into buffer b, in flight while the block works on the other buffer.
-    auto fetch = [&](int q0, int b) {
-        T* qs = un + 2 * b * BQ * LD;
-        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], qb, db, st + (size_t)bh * t * 2, q0, min(BQ, t - q0));
-        cp_async_commit();
-    };
+    const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
+                                      st + (size_t)bh * t * 2, t};
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
     __syncthreads();                      // every warp has its fragments: un may be overwritten
-    fetch(qfirst, 0);
-    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
-        pipeline_step(q0 + BQ < t, [&] { fetch(q0 + BQ, buf ^ 1); });  // tiles and stats
+    feed.start(qfirst);
+    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf = buf == 2 ? 0 : buf + 1) {
+        feed.step(q0, buf);
         if (q0 + BQ - 1 < wfirst - off) continue;
-        const T* qs = un + 2 * buf * BQ * LD;
         float dp[BQ / 8][4];
-        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, qs + BQ * LD, lsd[buf], q0, t, off, wfirst, sl2);
+        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, feed.qs(buf), feed.dos(buf), lsd[buf], q0, t, off, wfirst, sl2);
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
 }
-
 FLASH_TC_ALL(mma)
 
 // The A fragments of k-step kk for rows [r0, r0 + 16) of A = M^T, M a row-major shared tile (row
@@ -1167,14 +1207,14 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
                                float* dq_acc, int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
     constexpr int BQ = 32, LD = HD + 8, LDS = BQ + 8;  // LDS: 80-byte rows, ldmatrix without conflicts
-    // The v tile, then two buffers of a (q, dO) tile pair and their stats, as in flash_mma_dkv; the
-    // k tile stays for the dq product; a step's dS^T (the block's keys as rows).
-    __shared__ __align__(16) T un[2 * MMA_ROWS * LD];
+    // The v tile, then three buffers of a (q, dO) tile pair and their stats, as in flash_mma_dkv;
+    // the k tile stays for the dq product; a step's dS^T (the block's keys as rows).
+    __shared__ __align__(16) T un[6 * BQ * LD];
     __shared__ __align__(16) T kt[MMA_ROWS * LD];
     __shared__ __align__(16) T dst[MMA_ROWS * LDS];
-    __shared__ float2 lsd[2][BQ];
+    __shared__ float2 lsd[3][BQ];
     EMU_SHARED(un, kt, dst, lsd);
-    static_assert(4 * BQ <= 2 * MMA_ROWS, "two (q, dO) buffers fit where v was staged");
+    static_assert(MMA_ROWS <= 6 * BQ, "the v tile is staged where the (q, dO) buffers go");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int nk = min(MMA_ROWS, s - j0);
@@ -1196,23 +1236,18 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
     }
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
     const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
-    const T* qb = q + (size_t)bh * t * HD;
-    const T* db = dout + (size_t)bh * t * HD;
+    const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
+                                      st + (size_t)bh * t * 2, t};
     float* dqb = dq_acc + (size_t)bh * t * HD;
-    auto fetch = [&](int q0, int b) {
-        T* qs = un + 2 * b * BQ * LD;
-        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], qb, db, st + (size_t)bh * t * 2, q0, min(BQ, t - q0));
-        cp_async_commit();
-    };
     // This warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns qc + [0, HD / 2).
     const int qr = (w & 1) * 16, qc = (w >> 1) * (HD / 2);
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
     __syncthreads();                      // every warp has its fragments: un may be overwritten
-    fetch(qfirst, 0);
-    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
-        pipeline_step(q0 + BQ < t, [&] { fetch(q0 + BQ, buf ^ 1); });  // tiles and stats
-        const T* qs = un + 2 * buf * BQ * LD;
-        const T* dos = qs + BQ * LD;
+    feed.start(qfirst);
+    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf = buf == 2 ? 0 : buf + 1) {
+        feed.step(q0, buf);
+        const T* qs = feed.qs(buf);
+        const T* dos = feed.dos(buf);
         // A warp none of whose keys these queries see adds nothing to dk and dv, and zeros to dq
         // (it still joins the block's barrier below).
         float dp[BQ / 8][4];
@@ -1226,7 +1261,7 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
                 *reinterpret_cast<uint32_t*>(p) = pack2<T>(dp[n][2 * h], dp[n][2 * h + 1]);
             }
         }
-        __syncthreads();  // the whole dS^T tile is in dst (the next step's first barrier frees it)
+        __syncthreads();  // the whole dS^T tile is in dst (the next step's barrier frees it)
         float dqa[HD / 16][4];
 #pragma unroll
         for (int n = 0; n < HD / 16; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
