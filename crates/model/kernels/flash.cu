@@ -1146,48 +1146,6 @@ __device__ __forceinline__ void dkv_step(float (*dp)[4], float (*dka)[4], float 
     mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD);
 }
 
-// dk and dv: as flash_tc_dkv. Grid (ceil(s / 64), BH), the first keys (the most queries) first.
-// Each warp owns 16 keys; scores are computed transposed (keys as rows).
-template <typename T, int HD>
-__device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
-                              int t, int s, float scale) {
-    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BQ = 32, LD = HD + 8;
-    // The k and v tiles, then three buffers of a (q, dO) tile pair (3 x 2 x BQ rows) and their
-    // stats (see pipeline3_step).
-    __shared__ __align__(16) T un[6 * BQ * LD];
-    __shared__ float2 lsd[3][BQ];
-    EMU_SHARED(un, lsd);
-    static_assert(2 * MMA_ROWS <= 6 * BQ, "the k and v tiles are staged where the (q, dO) buffers go");
-    const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    uint32_t ka[HD / 16][4], va[HD / 16][4];
-    mma_frags2<T, HD>(ka, va, un, k + (size_t)bh * s * HD, v + (size_t)bh * s * HD, j0, min(MMA_ROWS, s - j0));
-    const int key = j0 + w * 16 + g;  // this lane's keys: key and key + 8
-    float dka[HD / 8][4], dva[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
-    }
-    const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
-    const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
-    const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
-                                      st + (size_t)bh * t * 2, t};
-    const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
-    __syncthreads();                      // every warp has its fragments: un may be overwritten
-    feed.start(qfirst);
-    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf = buf == 2 ? 0 : buf + 1) {
-        feed.step(q0, buf);
-        if (q0 + BQ - 1 < wfirst - off) continue;
-        float dp[BQ / 8][4];
-        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, feed.qs(buf), feed.dos(buf), lsd[buf], q0, t, off, wfirst, sl2);
-    }
-    mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
-    mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
-}
-FLASH_TC_ALL(mma)
-
 // The A fragments of k-step kk for rows [r0, r0 + 16) of A = M^T, M a row-major shared tile (row
 // stride ld, a multiple of 8 elements) whose rows are A's columns: ldmatrix's transposed loads of
 // M's 8x8 blocks, in frag_a's order (matrix j: A's rows r0 + 8(j & 1), columns kk·16 + 8(j >> 1)).
@@ -1197,26 +1155,32 @@ __device__ __forceinline__ void frag_a_t(uint32_t* a, const T* m, int ld, int kk
     ldm_x4<true>(a, m + (kk * 16 + (j >> 1) * 8 + r) * ld + r0 + (j & 1) * 8);
 }
 
-// dq, dk and dv in one pass (FlashAttention-2's backward; PATCHLM_FLASH_DQ_ATOMIC): flash_mma_dkv,
-// and each step's dS^T tile also goes through shared memory so that the block adds its share of
-// dq = dS . k (f32, not yet scaled) into dq_acc (zeroed by the caller) with atomics; flash_dq_cast
-// scales and rounds it. This saves flash_mma_dq's second computation of the scores and dP (5 tile
-// products per step instead of 7). Grid and blocks as flash_mma_dkv.
-template <typename T, int HD>
-__device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
-                               float* dq_acc, int t, int s, float scale) {
+// The mma dk/dv pass. Grid (ceil(s / 64), BH), the first keys (the most queries) first; each
+// warp owns 16 keys, scores are computed transposed (keys as rows), the query tiles stream
+// through DkvFeed.
+// - DQ false (flash_mma_dkv): dk and dv, as flash_tc_dkv.
+// - DQ true (flash_mma_dkvq; PATCHLM_FLASH_DQ_ATOMIC): dq too, in one pass (FlashAttention-2's
+//   backward). Each step's dS^T tile also goes through shared memory so that the block adds its
+//   share of dq = dS . k (f32, not yet scaled) into dq_acc (zeroed by the caller) with atomics;
+//   flash_dq_cast scales and rounds it. This saves flash_mma_dq's second computation of the
+//   scores and dP (5 tile products per step instead of 7).
+template <typename T, int HD, bool DQ>
+__device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk,
+                                   T* dv, float* dq_acc, int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
     constexpr int BQ = 32, LD = HD + 8, LDS = BQ + 8;  // LDS: 80-byte rows, ldmatrix without conflicts
-    // The v tile, then three buffers of a (q, dO) tile pair and their stats, as in flash_mma_dkv;
-    // the k tile stays for the dq product; a step's dS^T (the block's keys as rows).
+    // The k and v tiles (with DQ the k tile apart, kept for the dq product), then three buffers of
+    // a (q, dO) tile pair (3 x 2 x BQ rows) and their stats (see pipeline3_step); with DQ, a step's
+    // dS^T (the block's keys as rows).
     __shared__ __align__(16) T un[6 * BQ * LD];
-    __shared__ __align__(16) T kt[MMA_ROWS * LD];
-    __shared__ __align__(16) T dst[MMA_ROWS * LDS];
+    __shared__ __align__(16) T kq[DQ ? MMA_ROWS * LD : 8];
+    __shared__ __align__(16) T dst[DQ ? MMA_ROWS * LDS : 8];
     __shared__ float2 lsd[3][BQ];
-    EMU_SHARED(un, kt, dst, lsd);
-    static_assert(MMA_ROWS <= 6 * BQ, "the v tile is staged where the (q, dO) buffers go");
+    EMU_SHARED(un, kq, dst, lsd);
+    static_assert(2 * MMA_ROWS <= 6 * BQ, "the k and v tiles are staged where the (q, dO) buffers go");
     const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    T* kt = DQ ? kq : un + MMA_ROWS * LD;
     const int nk = min(MMA_ROWS, s - j0);
     tc_tile_in<T, HD, LD, MMA_ROWS>(kt, k + (size_t)bh * s * HD, j0, nk);
     tc_tile_in<T, HD, LD, MMA_ROWS>(un, v + (size_t)bh * s * HD, j0, nk);
@@ -1238,50 +1202,60 @@ __device__ void flash_mma_dkvq(const T* q, const T* dout, const T* k, const T* v
     const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
     const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
                                       st + (size_t)bh * t * 2, t};
-    float* dqb = dq_acc + (size_t)bh * t * HD;
-    // This warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns qc + [0, HD / 2).
+    // With DQ, this warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns
+    // qc + [0, HD / 2).
     const int qr = (w & 1) * 16, qc = (w >> 1) * (HD / 2);
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
     __syncthreads();                      // every warp has its fragments: un may be overwritten
     feed.start(qfirst);
     for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf = buf == 2 ? 0 : buf + 1) {
         feed.step(q0, buf);
-        const T* qs = feed.qs(buf);
-        const T* dos = feed.dos(buf);
-        // A warp none of whose keys these queries see adds nothing to dk and dv, and zeros to dq
-        // (it still joins the block's barrier below).
+        // A warp none of whose keys these queries see adds nothing to dk and dv (with DQ zeros to
+        // dq: it still joins the block's barrier below).
+        if (!DQ && q0 + BQ - 1 < wfirst - off) continue;
         float dp[BQ / 8][4];
-        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, qs, dos, lsd[buf], q0, t, off, wfirst, sl2);
-        // dS^T (rounded to T, as dk's product took it) into dst: this warp's 16 keys as rows.
+        dkv_step<T, HD, BQ, LD>(dp, dka, dva, ka, va, feed.qs(buf), feed.dos(buf), lsd[buf], q0, t, off, wfirst, sl2);
+        if constexpr (DQ) {
+            // dS^T (rounded to T, as dk's product took it) into dst: this warp's 16 keys as rows.
 #pragma unroll
-        for (int n = 0; n < BQ / 8; n++) {
+            for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    T* p = dst + (w * 16 + g + 8 * h) * LDS + n * 8 + 2 * tq;
+                    *reinterpret_cast<uint32_t*>(p) = pack2<T>(dp[n][2 * h], dp[n][2 * h + 1]);
+                }
+            }
+            __syncthreads();  // the whole dS^T tile is in dst (the next step's barrier frees it)
+            float dqa[HD / 16][4];
+#pragma unroll
+            for (int n = 0; n < HD / 16; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
+            uint32_t da[MMA_ROWS / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < MMA_ROWS / 16; kk++) frag_a_t(da[kk], dst, LDS, kk, qr);
+            mma_tile<T, true, MMA_ROWS / 16, HD / 16>(dqa, da, kt + qc, LD);  // dS . k over the block's keys
+            float* dqb = dq_acc + (size_t)bh * t * HD;
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                T* p = dst + (w * 16 + g + 8 * h) * LDS + n * 8 + 2 * tq;
-                *reinterpret_cast<uint32_t*>(p) = pack2<T>(dp[n][2 * h], dp[n][2 * h + 1]);
-            }
-        }
-        __syncthreads();  // the whole dS^T tile is in dst (the next step's barrier frees it)
-        float dqa[HD / 16][4];
+                const int qi = q0 + qr + g + 8 * h;
+                if (qi >= t) continue;
 #pragma unroll
-        for (int n = 0; n < HD / 16; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
-        uint32_t da[MMA_ROWS / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < MMA_ROWS / 16; kk++) frag_a_t(da[kk], dst, LDS, kk, qr);
-        mma_tile<T, true, MMA_ROWS / 16, HD / 16>(dqa, da, kt + qc, LD);  // dS . k over the block's keys
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int qi = q0 + qr + g + 8 * h;
-            if (qi >= t) continue;
-#pragma unroll
-            for (int n = 0; n < HD / 16; n++) {  // two adjacent columns: one 8-byte atomic on sm_90
-                atomic_add_w<2>(dqb + (size_t)qi * HD + qc + n * 8 + 2 * tq, &dqa[n][2 * h]);
+                for (int n = 0; n < HD / 16; n++) {  // two adjacent columns: one 8-byte atomic on sm_90
+                    atomic_add_w<2>(dqb + (size_t)qi * HD + qc + n * 8 + 2 * tq, &dqa[n][2 * h]);
+                }
             }
         }
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
 }
+
+// dk and dv: as flash_tc_dkv (flash_mma_dkv_pass without dq).
+template <typename T, int HD>
+__device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
+                              int t, int s, float scale) {
+    flash_mma_dkv_pass<T, HD, false>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);
+}
+FLASH_TC_ALL(mma)
 
 // flash_mma_dkvq's dq: dq[i] = acc[i] · scale, rounded to T; a grid-stride loop over n elements.
 template <typename T>
@@ -1294,7 +1268,7 @@ __device__ void flash_dq_cast(const float* acc, T* dq, int n, float scale) {
     extern "C" __global__ void __launch_bounds__(128) flash_mma_dkvq_##S##_##HD(                           \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, float* dq_acc,  \
         int t, int s, float scale) {                                                                       \
-        flash_mma_dkvq<T, HD>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                             \
+        flash_mma_dkv_pass<T, HD, true>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                             \
     }
 FLASH_DKVQ(__nv_bfloat16, bf16, 32)
 FLASH_DKVQ(__nv_bfloat16, bf16, 64)
