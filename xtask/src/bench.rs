@@ -449,6 +449,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                     "flash_dq_atomic": device.is_cuda() && flash && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd),
+                    "flash_wide": device.is_cuda() && flash && patchlm_model::ops::flash_wide_enabled(dtype, hd),
+                    "flash_wide_bwd": device.is_cuda() && flash && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
                 },
         });
         let mut row = row;
@@ -621,6 +623,8 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
             "bench": "flash", "preset": preset, "batch": batch, "heads": heads, "ctx": ctx, "head_dim": hd,
             "dtype": format!("{dtype:?}").to_lowercase(), "kernels": kernels, "reps": reps,
             "dq_atomic": device.is_cuda() && ops::flash_dq_atomic_enabled(dtype, hd),
+            "wide": device.is_cuda() && ops::flash_wide_enabled(dtype, hd),
+            "wide_bwd": device.is_cuda() && ops::flash_wide_bwd_enabled(dtype, hd),
             "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
             "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
         })

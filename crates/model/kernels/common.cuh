@@ -37,3 +37,11 @@ __device__ __forceinline__ void atomic_add_w(float* acc, const float* g) {
 #ifndef PATCHLM_EMU
 #define EMU_SHARED(...)
 #endif
+
+// A block's dynamic shared memory as `name`, BYTES bytes, 16-byte aligned (the launcher passes the
+// size, and above 48 KB raises the kernel's limit to it); in the CPU stand-in, a static array.
+#ifdef PATCHLM_EMU
+#define DYN_SHARED(name, BYTES) static __align__(16) unsigned char name[BYTES]
+#else
+#define DYN_SHARED(name, BYTES) extern __shared__ __align__(16) unsigned char name[]
+#endif

@@ -812,12 +812,14 @@ __device__ __forceinline__ void frag_a(uint32_t* a, const T* m, int ld, int kk) 
     ldm_x4<false>(a, m + ((j & 1) * 8 + r) * ld + kk * 16 + (j >> 1) * 8);
 }
 
-// acc[n] (N blocks of 16 x 8) += a (K k-steps, registers) . B, B read from the shared tile `b`
-// (row stride ld, a multiple of 8 elements) with ldmatrix: with COLS the tile is B itself,
-// B[k][c] = b[k][c] (transposed loads; one covers the k-step of two column blocks); without, B's
-// column c is the tile's row c, B[k][c] = b[c][k] (one load covers two k-steps of a block).
-template <typename T, bool COLS, int K, int N>
-__device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld) {
+// acc[i][n] (R row blocks i of 16 rows, N column blocks of 8) += a[i] (K k-steps, registers) . B,
+// B read from the shared tile `b` (row stride ld, a multiple of 8 elements) with ldmatrix: with
+// COLS the tile is B itself, B[k][c] = b[k][c] (transposed loads; one covers the k-step of two
+// column blocks); without, B's column c is the tile's row c, B[k][c] = b[c][k] (one load covers
+// two k-steps of a block). Each B fragment loaded serves all R row blocks: a warp of R row blocks
+// reads the shared tile once per 16R rows (R = 1: one ldmatrix.x4 a 2 mma, R = 2: a 4).
+template <typename T, bool COLS, int K, int N, int R>
+__device__ __forceinline__ void mma_tile_rows(float (*acc)[N][4], const uint32_t (*a)[K][4], const T* b, int ld) {
     static_assert(COLS ? N % 2 == 0 : K % 2 == 0, "ldmatrix.x4 loads two blocks at once");
     const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
     if (COLS) {
@@ -827,8 +829,11 @@ __device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4]
             for (int kk = 0; kk < K; kk++) {
                 uint32_t bf[4];  // (k-step kk, block n): bf[0..1]; block n + 1: bf[2..3]
                 ldm_x4<true>(bf, b + (kk * 16 + (j & 1) * 8 + r) * ld + (n + (j >> 1)) * 8);
-                Mma<T>::run(acc[n], a[kk], bf);
-                Mma<T>::run(acc[n + 1], a[kk], bf + 2);
+#pragma unroll
+                for (int i = 0; i < R; i++) {
+                    Mma<T>::run(acc[i][n], a[i][kk], bf);
+                    Mma<T>::run(acc[i][n + 1], a[i][kk], bf + 2);
+                }
             }
         }
     } else {
@@ -838,11 +843,21 @@ __device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4]
             for (int kk = 0; kk < K; kk += 2) {
                 uint32_t bf[4];  // k-step kk: bf[0..1]; kk + 1: bf[2..3]
                 ldm_x4<false>(bf, b + (n * 8 + r) * ld + kk * 16 + j * 8);
-                Mma<T>::run(acc[n], a[kk], bf);
-                Mma<T>::run(acc[n], a[kk + 1], bf + 2);
+#pragma unroll
+                for (int i = 0; i < R; i++) {
+                    Mma<T>::run(acc[i][n], a[i][kk], bf);
+                    Mma<T>::run(acc[i][n], a[i][kk + 1], bf + 2);
+                }
             }
         }
     }
+}
+
+// mma_tile_rows for one row block: acc[n] += a . B.
+template <typename T, bool COLS, int K, int N>
+__device__ __forceinline__ void mma_tile(float (*acc)[4], const uint32_t (*a)[4], const T* b, int ld) {
+    mma_tile_rows<T, COLS, K, N, 1>(reinterpret_cast<float(*)[N][4]>(acc),
+                                    reinterpret_cast<const uint32_t(*)[K][4]>(a), b, ld);
 }
 
 // The score-shaped accumulators s (16 x 8N) as A fragments (N / 2 k-steps), rounded to T.
@@ -908,87 +923,117 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
 
-// Forward: o and the log-sum-exp per query row. Grid (ceil(t / 64), BH), the last rows first.
-template <typename T, int HD>
-__device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+// Forward: o and the log-sum-exp per query row. Each warp owns RW blocks of 16 rows, a block
+// 64·RW rows; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1 (flash_mma_fwd): the
+// default. RW = 2 (flash_mma_fwdw, PATCHLM_FLASH_WIDE; FlashAttention-2's 128-row forward tile
+// for these head sizes): each (k, v) tile fetched and each B fragment read from shared memory
+// serves twice the rows, for a third more registers and half the blocks. The q tile is staged in
+// the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
+template <typename T, int HD, int RW>
+__device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BC = 64, LD = HD + 8;
-    __shared__ __align__(16) T qs[MMA_ROWS * LD];
+    constexpr int BC = 64, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
+    static_assert(ROWS <= 2 * BC, "the q tile is staged in the second (k, v) buffer");
     __shared__ __align__(16) T kv[2][2 * BC * LD];  // two buffers of a (k, v) tile pair
-    EMU_SHARED(qs, kv);
-    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
+    EMU_SHARED(kv);
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
+    // The warp's rows see keys up to wfirst (its first) and wlast (its last).
+    const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * WR, wlast = wfirst + WR - 1;
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
     kv_async<T, HD, LD, BC>(kv[0], kb, vb, 0, s);  // in flight while q is staged
-    tc_tile_in<T, HD, LD, MMA_ROWS>(qs, q + (size_t)bh * t * HD, i0, min(MMA_ROWS, t - i0));
+    tc_tile_in<T, HD, LD, ROWS>(kv[1], q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
     __syncthreads();
-    uint32_t qa[HD / 16][4];
+    uint32_t qa[RW][HD / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], qs + w * 16 * LD, LD, kk);
-    const int row = i0 + w * 16 + g;  // this lane's rows: row and row + 8
+    for (int r = 0; r < RW; r++) {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[r][kk], kv[1] + (w * WR + 16 * r) * LD, LD, kk);
+    }
+    const int row = i0 + w * WR + g;  // this lane's rows: row + 16r and row + 16r + 8
     const float sl2 = scale * LOG2E_F;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];  // m: base 2
+    float m[RW][2], l[RW][2], acc[RW][HD / 8][4];  // m: base 2
 #pragma unroll
-    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int r = 0; r < RW; r++) {
+        m[r][0] = m[r][1] = -INFINITY;
+        l[r][0] = l[r][1] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+    }
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
+        // (The first step's barrier also orders the q fragment loads before kv[1]'s refill.)
         pipeline_step(k0 + BC < kend, [&] { kv_async<T, HD, LD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
         if (k0 > wlast) continue;
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BC * LD;
-        float sc[BC / 8][4];
+        float sc[RW][BC / 8][4];
 #pragma unroll
-        for (int n = 0; n < BC / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-        mma_tile<T, false, HD / 16, BC / 8>(sc, qa, ks, LD);
-        float mx[2] = {-INFINITY, -INFINITY};
-        // Tiles wholly left of the diagonal (for the warp's first row, so for all) need no mask.
-        if (k0 + BC - 1 <= off + i0 + w * 16) {
-            scores_log2<false, BC / 8>(sc, mx, sl2, k0, off + row, tq);
-        } else {
-            scores_log2<true, BC / 8>(sc, mx, sl2, k0, off + row, tq);
+        for (int r = 0; r < RW; r++) {
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) sc[r][n][0] = sc[r][n][1] = sc[r][n][2] = sc[r][n][3] = 0.0f;
         }
-        float alpha[2], sum[2] = {0.0f, 0.0f};
+        mma_tile_rows<T, false, HD / 16, BC / 8, RW>(sc, qa, ks, LD);
+        uint32_t pa[RW][BC / 16][4];
+#pragma unroll
+        for (int r = 0; r < RW; r++) {
+            float mx[2] = {-INFINITY, -INFINITY};
+            // Tiles wholly left of the diagonal (for the warp's first row, so for all) need no mask.
+            if (k0 + BC - 1 <= wfirst) {
+                scores_log2<false, BC / 8>(sc[r], mx, sl2, k0, off + row + 16 * r, tq);
+            } else {
+                scores_log2<true, BC / 8>(sc[r], mx, sl2, k0, off + row + 16 * r, tq);
+            }
+            float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const float mnew = fmaxf(m[r][h], quad_max(mx[h]));
+                alpha[h] = mnew == -INFINITY ? 1.0f : exp2f(m[r][h] - mnew);
+                m[r][h] = mnew;
+            }
+#pragma unroll
+            for (int n = 0; n < BC / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int h = e >> 1;
+                    sc[r][n][e] = m[r][h] == -INFINITY ? 0.0f : exp2f(sc[r][n][e] - m[r][h]);
+                    sum[h] += sc[r][n][e];
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) l[r][h] = l[r][h] * alpha[h] + sum[h];  // this lane's share of the row
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                acc[r][n][0] *= alpha[0];
+                acc[r][n][1] *= alpha[0];
+                acc[r][n][2] *= alpha[1];
+                acc[r][n][3] *= alpha[1];
+            }
+            acc_to_a<T, BC / 8>(pa[r], sc[r]);
+        }
+        mma_tile_rows<T, true, BC / 16, HD / 8, RW>(acc, pa, vs, LD);
+    }
+#pragma unroll
+    for (int r = 0; r < RW; r++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const float mnew = fmaxf(m[h], quad_max(mx[h]));
-            alpha[h] = mnew == -INFINITY ? 1.0f : exp2f(m[h] - mnew);
-            m[h] = mnew;
-        }
+            l[r][h] = quad_sum(l[r][h]);
+            const int rr = row + 16 * r + 8 * h;
+            if (rr < t && tq == 0) lse[(size_t)bh * t + rr] = m[r][h] * LN2_F + logf(l[r][h]);  // m is base 2
 #pragma unroll
-        for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int h = e >> 1;
-                sc[n][e] = m[h] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[h]);
-                sum[h] += sc[n][e];
+            for (int n = 0; n < HD / 8; n++) {
+                acc[r][n][2 * h] /= l[r][h];
+                acc[r][n][2 * h + 1] /= l[r][h];
             }
         }
-#pragma unroll
-        for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + sum[h];  // this lane's share of the row
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            acc[n][0] *= alpha[0];
-            acc[n][1] *= alpha[0];
-            acc[n][2] *= alpha[1];
-            acc[n][3] *= alpha[1];
-        }
-        uint32_t pa[BC / 16][4];
-        acc_to_a<T, BC / 8>(pa, sc);
-        mma_tile<T, true, BC / 16, HD / 8>(acc, pa, vs, LD);
+        mma_rows_out<T, HD>(acc[r], o + (size_t)bh * t * HD, row + 16 * r, t, tq, 1.0f);
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        l[h] = quad_sum(l[h]);
-        const int r = row + 8 * h;
-        if (r < t && tq == 0) lse[(size_t)bh * t + r] = m[h] * LN2_F + logf(l[h]);  // m is base 2
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            acc[n][2 * h] /= l[h];
-            acc[n][2 * h + 1] /= l[h];
-        }
-    }
-    mma_rows_out<T, HD>(acc, o + (size_t)bh * t * HD, row, t, tq, 1.0f);
+}
+
+// The default forward: a warp a block of 16 rows, 64 rows a thread block.
+template <typename T, int HD>
+__device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+    flash_mma_fwd_rows<T, HD, 1>(q, k, v, o, lse, t, s, scale);
 }
 
 // The A fragments of each warp's 16 rows of two (rows, HD) matrices a and b, from the block's 64
@@ -1009,65 +1054,108 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
     }
 }
 
-// dq: as flash_tc_dq. Grid (ceil(t / 64), BH), the last rows first.
-template <typename T, int HD>
-__device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
-                             float scale) {
+// dq: as flash_tc_dq. Each warp owns RW blocks of 16 query rows (64·RW a block) and takes the
+// keys in tiles of BB = 64 / RW; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1
+// (flash_mma_dq): the default. RW = 2 (flash_mma_dqw, PATCHLM_FLASH_WIDE, as the wide forward):
+// each B fragment read from shared memory serves twice the rows; the key tiles halve to keep the
+// scores, dP and both rows' q and dO fragments in registers. The accumulation runs over the same
+// 16-key chunks in the same order either way.
+template <typename T, int HD, int RW>
+__device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t,
+                                  int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BB = MMA_ROWS, LD = HD + 8;
-    // Two buffers of a (k, v) tile pair; the second stages the q and dO tiles first.
+    constexpr int BB = MMA_ROWS / RW, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
+    // Two buffers of a (k, v) tile pair; before the loop they stage the q and dO tiles.
     __shared__ __align__(16) T kv[2][2 * BB * LD];
     EMU_SHARED(kv);
-    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * MMA_ROWS, off = s - t;
+    static_assert(2 * 2 * BB >= ROWS, "a q tile fits where the (k, v) buffers go");
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int kend = min(s, off + i0 + MMA_ROWS), wlast = off + i0 + w * 16 + 15;
+    const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * WR, wlast = wfirst + WR - 1;
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
-    kv_async<T, HD, LD, BB>(kv[0], kb, vb, 0, s);  // in flight while q and dO are staged
-    uint32_t qa[HD / 16][4], da[HD / 16][4];
-    mma_frags2<T, HD>(qa, da, kv[1], q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD, i0,
-                      min(MMA_ROWS, t - i0));
-    const int row = i0 + w * 16 + g;
-    float lse[2], delta[2], acc[HD / 8][4];
+    const T* qb = q + (size_t)bh * t * HD;
+    const T* db = dout + (size_t)bh * t * HD;
+    uint32_t qa[RW][HD / 16][4], da[RW][HD / 16][4];
+    if constexpr (RW == 1) {
+        kv_async<T, HD, LD, BB>(kv[0], kb, vb, 0, s);  // in flight while q and dO are staged
+        mma_frags2<T, HD>(qa[0], da[0], kv[1], qb, db, i0, min(MMA_ROWS, t - i0));
+    } else {
+        // q, then dO, through the whole of kv; then the first (k, v) tile.
+        T* un = kv[0];
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int r = row + 8 * h;
-        lse[h] = r < t ? st[((size_t)bh * t + r) * 2] * LOG2E_F : INFINITY;  // base 2
-        delta[h] = r < t ? st[((size_t)bh * t + r) * 2 + 1] : 0.0f;
+        for (int m = 0; m < 2; m++) {
+            tc_tile_in<T, HD, LD, ROWS>(un, m == 0 ? qb : db, i0, min(ROWS, t - i0));
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < RW; r++) {
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++)
+                    frag_a(m == 0 ? qa[r][kk] : da[r][kk], un + (w * WR + 16 * r) * LD, LD, kk);
+            }
+            __syncthreads();
+        }
+        kv_async<T, HD, LD, BB>(kv[0], kb, vb, 0, s);
+    }
+    const int row = i0 + w * WR + g;  // this lane's rows: row + 16r and row + 16r + 8
+    float lse[RW][2], delta[RW][2], acc[RW][HD / 8][4];
+#pragma unroll
+    for (int r = 0; r < RW; r++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int rr = row + 16 * r + 8 * h;
+            lse[r][h] = rr < t ? st[((size_t)bh * t + rr) * 2] * LOG2E_F : INFINITY;  // base 2
+            delta[r][h] = rr < t ? st[((size_t)bh * t + rr) * 2 + 1] : 0.0f;
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
     }
     const float sl2 = scale * LOG2E_F;
-#pragma unroll
-    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BB, buf ^= 1) {
         // (The first step's barrier also orders the fragment loads from kv[1] before its refill.)
         pipeline_step(k0 + BB < kend, [&] { kv_async<T, HD, LD, BB>(kv[buf ^ 1], kb, vb, k0 + BB, s); });
         if (k0 > wlast) continue;
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BB * LD;
-        float sc[BB / 8][4], dp[BB / 8][4];
+        float sc[RW][BB / 8][4], dp[RW][BB / 8][4];
 #pragma unroll
-        for (int n = 0; n < BB / 8; n++) {
+        for (int r = 0; r < RW; r++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.0f;
-        }
-        mma_tile<T, false, HD / 16, BB / 8>(sc, qa, ks, LD);
-        mma_tile<T, false, HD / 16, BB / 8>(dp, da, vs, LD);
-        const bool full = k0 + BB - 1 <= off + i0 + w * 16;  // no key of the tile is masked
+            for (int n = 0; n < BB / 8; n++) {
 #pragma unroll
-        for (int n = 0; n < BB / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int key = k0 + n * 8 + 2 * tq + (e & 1), h = e >> 1;
-                const float p =
-                    full || key <= off + row + 8 * h ? exp2f(fmaf(sc[n][e], sl2, -lse[h])) : 0.0f;
-                sc[n][e] = p * (dp[n][e] - delta[h]);
+                for (int e = 0; e < 4; e++) sc[r][n][e] = dp[r][n][e] = 0.0f;
             }
         }
-        uint32_t dsa[BB / 16][4];
-        acc_to_a<T, BB / 8>(dsa, sc);
-        mma_tile<T, true, BB / 16, HD / 8>(acc, dsa, ks, LD);
+        mma_tile_rows<T, false, HD / 16, BB / 8, RW>(sc, qa, ks, LD);
+        mma_tile_rows<T, false, HD / 16, BB / 8, RW>(dp, da, vs, LD);
+        const bool full = k0 + BB - 1 <= wfirst;  // no key of the tile is masked
+        uint32_t dsa[RW][BB / 16][4];
+#pragma unroll
+        for (int r = 0; r < RW; r++) {
+#pragma unroll
+            for (int n = 0; n < BB / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = k0 + n * 8 + 2 * tq + (e & 1), h = e >> 1;
+                    const float p = full || key <= off + row + 16 * r + 8 * h
+                                        ? exp2f(fmaf(sc[r][n][e], sl2, -lse[r][h]))
+                                        : 0.0f;
+                    sc[r][n][e] = p * (dp[r][n][e] - delta[r][h]);
+                }
+            }
+            acc_to_a<T, BB / 8>(dsa[r], sc[r]);
+        }
+        mma_tile_rows<T, true, BB / 16, HD / 8, RW>(acc, dsa, ks, LD);
     }
-    mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
+#pragma unroll
+    for (int r = 0; r < RW; r++) mma_rows_out<T, HD>(acc[r], dq + (size_t)bh * t * HD, row + 16 * r, t, tq, scale);
+}
+
+// The default dq: a warp a block of 16 rows, 64 rows a thread block.
+template <typename T, int HD>
+__device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
+                             float scale) {
+    flash_mma_dq_rows<T, HD, 1>(q, dout, k, v, st, dq, t, s, scale);
 }
 
 // The query side of the mma dk/dv kernels' loop over query tiles of BQ: three buffers in `un`,
@@ -1155,35 +1243,71 @@ __device__ __forceinline__ void frag_a_t(uint32_t* a, const T* m, int ld, int kk
     ldm_x4<true>(a, m + (kk * 16 + (j >> 1) * 8 + r) * ld + r0 + (j & 1) * 8);
 }
 
-// The mma dk/dv pass. Grid (ceil(s / 64), BH), the first keys (the most queries) first; each
-// warp owns 16 keys, scores are computed transposed (keys as rows), the query tiles stream
-// through DkvFeed.
+// The shared memory of the mma dk/dv pass with NW warps (keys 16·NW a block): three buffers of a
+// (q, dO) tile pair of BQ rows (un, which also stages the v tile), the k tile apart where it must
+// outlive the staging (with DQ, for the dq product; with more than 4 warps, where un cannot hold
+// both k and v), with DQ the dS^T tile (keys as rows), and the three buffers' (lse, delta) pairs.
+template <typename T, int HD, bool DQ, int NW>
+struct DkvSmem {
+    static constexpr int BQ = 32, LD = HD + 8, LDS = BQ + 8, ROWS = 16 * NW;
+    static constexpr bool KSEP = DQ || NW > 4;
+    static constexpr int UN = 6 * BQ * LD, KQ = KSEP ? ROWS * LD : 0, DST = DQ ? ROWS * LDS : 0;
+    static constexpr int BYTES = (UN + KQ + DST) * (int)sizeof(T) + 3 * BQ * (int)sizeof(float2);
+    static_assert(ROWS * LD <= UN, "the v tile is staged where the (q, dO) buffers go");
+    static_assert(KSEP || 2 * ROWS * LD <= UN, "the k and v tiles are staged where the (q, dO) buffers go");
+    static_assert((UN + KQ + DST) * sizeof(T) % 16 == 0, "the statistics are 16-byte aligned");
+};
+
+// The mma dk/dv pass. Grid (ceil(s / (16·NW)), BH), the first keys (the most queries) first; each
+// of the NW warps owns 16 keys, scores are computed transposed (keys as rows), the query tiles
+// stream through DkvFeed.
 // - DQ false (flash_mma_dkv): dk and dv, as flash_tc_dkv.
 // - DQ true (flash_mma_dkvq; PATCHLM_FLASH_DQ_ATOMIC): dq too, in one pass (FlashAttention-2's
 //   backward). Each step's dS^T tile also goes through shared memory so that the block adds its
 //   share of dq = dS . k (f32, not yet scaled) into dq_acc (zeroed by the caller) with atomics;
 //   flash_dq_cast scales and rounds it. This saves flash_mma_dq's second computation of the
 //   scores and dP (5 tile products per step instead of 7).
-template <typename T, int HD, bool DQ>
+// - NW 4: 64 keys a block in static shared memory (the defaults). NW 8 (flash_mma_dkvw,
+//   flash_mma_dkvqw; PATCHLM_FLASH_WIDE_BWD; head size 64): 128 keys a block, FlashAttention-2's
+//   backward tile for this head size, in dynamic shared memory: each query tile fetched, and with
+//   DQ each dq atomic, serves twice the keys, for one block of 8 warps an SM instead of three of 4.
+template <typename T, int HD, bool DQ, int NW>
 __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk,
                                    T* dv, float* dq_acc, int t, int s, float scale) {
     static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BQ = 32, LD = HD + 8, LDS = BQ + 8;  // LDS: 80-byte rows, ldmatrix without conflicts
-    // The k and v tiles (with DQ the k tile apart, kept for the dq product), then three buffers of
-    // a (q, dO) tile pair (3 x 2 x BQ rows) and their stats (see pipeline3_step); with DQ, a step's
-    // dS^T (the block's keys as rows).
-    __shared__ __align__(16) T un[6 * BQ * LD];
-    __shared__ __align__(16) T kq[DQ ? MMA_ROWS * LD : 8];
-    __shared__ __align__(16) T dst[DQ ? MMA_ROWS * LDS : 8];
-    __shared__ float2 lsd[3][BQ];
-    EMU_SHARED(un, kq, dst, lsd);
-    static_assert(2 * MMA_ROWS <= 6 * BQ, "the k and v tiles are staged where the (q, dO) buffers go");
-    const int bh = blockIdx.y, j0 = blockIdx.x * MMA_ROWS, off = s - t;
+    static_assert(NW == 4 || (NW == 8 && HD == 64), "the dk/dv pass has 4 warps, or 8 at head size 64");
+    using M = DkvSmem<T, HD, DQ, NW>;
+    constexpr int BQ = M::BQ, LD = M::LD, LDS = M::LDS, ROWS = M::ROWS;
+    // With DQ, this warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns
+    // qc + [0, QC).
+    constexpr int QC = HD / (NW / 2);
+    static_assert(QC % 16 == 0, "ldmatrix.x4 loads two column blocks of the dq product at once");
+    T *un, *kq, *dst;
+    float2(*lsd)[BQ];
+    if constexpr (NW == 4) {
+        __shared__ __align__(16) T un_s[M::UN];
+        __shared__ __align__(16) T kq_s[DQ ? M::KQ : 8];
+        __shared__ __align__(16) T dst_s[DQ ? M::DST : 8];
+        __shared__ float2 lsd_s[3][BQ];
+        EMU_SHARED(un_s, kq_s, dst_s, lsd_s);
+        un = un_s;
+        kq = kq_s;
+        dst = dst_s;
+        lsd = lsd_s;
+    } else {
+        DYN_SHARED(dyn, M::BYTES);
+        EMU_SHARED(dyn);
+        un = reinterpret_cast<T*>(dyn);
+        kq = un + M::UN;
+        dst = kq + M::KQ;
+        lsd = reinterpret_cast<float2(*)[BQ]>(dst + M::DST);
+    }
+    const int bh = blockIdx.y, j0 = blockIdx.x * ROWS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    T* kt = DQ ? kq : un + MMA_ROWS * LD;
-    const int nk = min(MMA_ROWS, s - j0);
-    tc_tile_in<T, HD, LD, MMA_ROWS>(kt, k + (size_t)bh * s * HD, j0, nk);
-    tc_tile_in<T, HD, LD, MMA_ROWS>(un, v + (size_t)bh * s * HD, j0, nk);
+    T* kt = M::KSEP ? kq : un + ROWS * LD;
+    const int nk = min(ROWS, s - j0);
+    tc_tile_in<T, HD, LD, ROWS>(kt, k + (size_t)bh * s * HD, j0, nk);
+    tc_tile_in<T, HD, LD, ROWS>(un, v + (size_t)bh * s * HD, j0, nk);
     __syncthreads();
     uint32_t ka[HD / 16][4], va[HD / 16][4];
 #pragma unroll
@@ -1202,9 +1326,7 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
     const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
     const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
                                       st + (size_t)bh * t * 2, t};
-    // With DQ, this warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns
-    // qc + [0, HD / 2).
-    const int qr = (w & 1) * 16, qc = (w >> 1) * (HD / 2);
+    const int qr = (w & 1) * 16, qc = (w >> 1) * QC;
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
     __syncthreads();                      // every warp has its fragments: un may be overwritten
     feed.start(qfirst);
@@ -1226,20 +1348,20 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
                 }
             }
             __syncthreads();  // the whole dS^T tile is in dst (the next step's barrier frees it)
-            float dqa[HD / 16][4];
+            float dqa[QC / 8][4];
 #pragma unroll
-            for (int n = 0; n < HD / 16; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
-            uint32_t da[MMA_ROWS / 16][4];
+            for (int n = 0; n < QC / 8; n++) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
+            uint32_t da[ROWS / 16][4];
 #pragma unroll
-            for (int kk = 0; kk < MMA_ROWS / 16; kk++) frag_a_t(da[kk], dst, LDS, kk, qr);
-            mma_tile<T, true, MMA_ROWS / 16, HD / 16>(dqa, da, kt + qc, LD);  // dS . k over the block's keys
+            for (int kk = 0; kk < ROWS / 16; kk++) frag_a_t(da[kk], dst, LDS, kk, qr);
+            mma_tile<T, true, ROWS / 16, QC / 8>(dqa, da, kt + qc, LD);  // dS . k over the block's keys
             float* dqb = dq_acc + (size_t)bh * t * HD;
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int qi = q0 + qr + g + 8 * h;
                 if (qi >= t) continue;
 #pragma unroll
-                for (int n = 0; n < HD / 16; n++) {  // two adjacent columns: one 8-byte atomic on sm_90
+                for (int n = 0; n < QC / 8; n++) {  // two adjacent columns: one 8-byte atomic on sm_90
                     atomic_add_w<2>(dqb + (size_t)qi * HD + qc + n * 8 + 2 * tq, &dqa[n][2 * h]);
                 }
             }
@@ -1253,7 +1375,7 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
 template <typename T, int HD>
 __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
                               int t, int s, float scale) {
-    flash_mma_dkv_pass<T, HD, false>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);
+    flash_mma_dkv_pass<T, HD, false, 4>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);
 }
 FLASH_TC_ALL(mma)
 
@@ -1268,12 +1390,59 @@ __device__ void flash_dq_cast(const float* acc, T* dq, int n, float scale) {
     extern "C" __global__ void __launch_bounds__(128) flash_mma_dkvq_##S##_##HD(                           \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, float* dq_acc,  \
         int t, int s, float scale) {                                                                       \
-        flash_mma_dkv_pass<T, HD, true>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                             \
+        flash_mma_dkv_pass<T, HD, true, 4>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                \
     }
 FLASH_DKVQ(__nv_bfloat16, bf16, 32)
 FLASH_DKVQ(__nv_bfloat16, bf16, 64)
 FLASH_DKVQ(__half, f16, 32)
 FLASH_DKVQ(__half, f16, 64)
+
+// The wide forward (flash_mma_fwd_rows with RW = 2: 128 rows a block of 128 threads).
+#define FLASH_FWDW(T, S, HD)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) flash_mma_fwdw_##S##_##HD(                           \
+        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \
+        flash_mma_fwd_rows<T, HD, 2>(q, k, v, o, lse, t, s, scale);                                        \
+    }
+#define FLASH_DQW(T, S, HD)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128) flash_mma_dqw_##S##_##HD(                            \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
+        float scale) {                                                                                     \
+        flash_mma_dq_rows<T, HD, 2>(q, dout, k, v, st, out, t, s, scale);                                  \
+    }
+FLASH_DQW(__nv_bfloat16, bf16, 32)
+FLASH_DQW(__nv_bfloat16, bf16, 64)
+FLASH_DQW(__half, f16, 32)
+FLASH_DQW(__half, f16, 64)
+FLASH_FWDW(__nv_bfloat16, bf16, 32)
+FLASH_FWDW(__nv_bfloat16, bf16, 64)
+FLASH_FWDW(__half, f16, 32)
+FLASH_FWDW(__half, f16, 64)
+
+// The wide backward (flash_mma_dkv_pass with 8 warps: 128 keys a block of 256 threads), dk and
+// dv, and dq, dk and dv; head size 64.
+#define FLASH_DKVW(T, S)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) flash_mma_dkvw_##S##_64(                             \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, int t, int s,    \
+        float scale) {                                                                                     \
+        flash_mma_dkv_pass<T, 64, false, 8>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);              \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) flash_mma_dkvqw_##S##_64(                            \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, float* dq_acc,  \
+        int t, int s, float scale) {                                                                       \
+        flash_mma_dkv_pass<T, 64, true, 8>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                \
+    }
+FLASH_DKVW(__nv_bfloat16, bf16)
+FLASH_DKVW(__half, f16)
+
+// The wide backward kernels' dynamic shared memory in bytes (without, with dq) into out[0..2): the
+// launcher computes the same sizes (patchlm_model::launch::flash_wide_bwd_smem), tests/emulated.rs
+// checks that the two agree.
+extern "C" __global__ void flash_dkvw_smem_bytes(int* out) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        out[0] = DkvSmem<__nv_bfloat16, 64, false, 8>::BYTES;
+        out[1] = DkvSmem<__nv_bfloat16, 64, true, 8>::BYTES;
+    }
+}
 
 #define FLASH_DQ_CAST(T, S)                                                                                \
     extern "C" __global__ void flash_dq_cast_##S(const float* acc, T* dq, int n, float scale) {            \

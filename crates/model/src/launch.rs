@@ -97,6 +97,37 @@ pub fn flash(rows: usize, heads: usize, tensor_core: bool) -> Launch {
     }
 }
 
+/// Query rows of the wide mma.sync forward kernel's blocks (`flash_mma_fwdw_*`: 4 warps of
+/// two blocks of 16 rows).
+pub const FLASH_WIDE_ROWS: usize = 128;
+
+/// The wide flash forward kernel on `rows` query rows of `heads` heads: grid
+/// (⌈rows / [`FLASH_WIDE_ROWS`]⌉, heads), 128 threads.
+pub fn flash_wide(rows: usize, heads: usize) -> Launch {
+    Launch { grid: (rows.div_ceil(FLASH_WIDE_ROWS) as u32, heads as u32, 1), block: (128, 1, 1) }
+}
+
+/// Keys of the wide mma.sync backward kernels' blocks (`flash_mma_dkvw_*`, `flash_mma_dkvqw_*`:
+/// 8 warps of 16 keys; head size 64).
+pub const FLASH_WIDE_KEYS: usize = 128;
+
+/// The wide flash backward kernels on `keys` key rows of `heads` heads: grid
+/// (⌈keys / [`FLASH_WIDE_KEYS`]⌉, heads), 256 threads.
+pub fn flash_wide_bwd(keys: usize, heads: usize) -> Launch {
+    Launch { grid: (keys.div_ceil(FLASH_WIDE_KEYS) as u32, heads as u32, 1), block: (256, 1, 1) }
+}
+
+/// Bytes of dynamic shared memory the wide flash backward kernels take (16-bit dtypes, head size
+/// 64; kernels/flash.cu `DkvSmem`): three buffers of a (q, dO) tile pair of 32 rows, the k tile,
+/// with `dq` the dS^T tile, all rows padded by 8 elements, and three buffers' 32 (lse, delta)
+/// pairs. Above 48 KB (with `dq`) the launcher raises the kernel's limit.
+pub fn flash_wide_bwd_smem(dq: bool) -> u32 {
+    const BQ: usize = 32;
+    const LD: usize = 64 + 8;
+    let elems = 6 * BQ * LD + FLASH_WIDE_KEYS * LD + if dq { FLASH_WIDE_KEYS * (BQ + 8) } else { 0 };
+    (elems * 2 + 3 * BQ * 8) as u32
+}
+
 /// Elements per thread block of the multi-tensor kernels (`multi_*`).
 pub const MULTI_CHUNK: usize = 16384;
 

@@ -363,12 +363,20 @@ enum Tc {
     Mma,
     /// mma.sync with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC).
     MmaDqAtomic,
+    /// mma.sync with the wide forward (PATCHLM_FLASH_WIDE: 128 rows a block).
+    MmaWide,
+    /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
+    MmaWideBwd,
+    /// The same with dq, dk and dv from one backward pass.
+    MmaWideBwdDqAtomic,
 }
 
 fn set_tc(tc: Tc) {
     patchlm_model::ops::set_flash_tc(tc == Tc::Wmma);
-    patchlm_model::ops::set_flash_mma(matches!(tc, Tc::Mma | Tc::MmaDqAtomic));
-    patchlm_model::ops::set_flash_dq_atomic(tc == Tc::MmaDqAtomic);
+    patchlm_model::ops::set_flash_mma(!matches!(tc, Tc::Off | Tc::Wmma));
+    patchlm_model::ops::set_flash_dq_atomic(matches!(tc, Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic));
+    patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
+    patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
 
 /// The wmma tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
@@ -394,6 +402,24 @@ fn cuda_mma_flash_attention_matches_cpu() {
 #[ignore]
 fn cuda_dq_atomic_flash_attention_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaDqAtomic);
+}
+
+/// The mma.sync kernels with the wide forward (128 rows a block; PATCHLM_FLASH_WIDE), as above;
+/// named apart (no `_mma_`) so that `gpu_check.sh` runs it in a process of its own and a fault
+/// there leaves the default kernels' verdict alone.
+#[test]
+#[ignore]
+fn cuda_flash_wide_forward_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaWide);
+}
+
+/// The mma.sync kernels with the wide backward (128 keys a block of 8 warps, head size 64;
+/// PATCHLM_FLASH_WIDE_BWD), as two passes and as one, as above; in a process of its own.
+#[test]
+#[ignore]
+fn cuda_flash_wide_backward_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaWideBwd);
+    tensor_core_flash_matches_cpu(Tc::MmaWideBwdDqAtomic);
 }
 
 fn tensor_core_flash_matches_cpu(tc: Tc) {

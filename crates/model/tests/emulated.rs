@@ -98,8 +98,8 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
 /// ids, chunks of rows, key blocks), all else written once: that argument may differ between
 /// schedules in its last bits only (compared with a tolerance, so a race on what feeds the sums
 /// still shows), every other byte for byte.
-const ATOMIC_SUM_ARG: [(&str, usize); 4] =
-    [("embedding_bwd_", 3), ("embedding_bwd4_", 3), ("rms_dw_", 3), ("flash_mma_dkvq_", 7)];
+const ATOMIC_SUM_ARG: [(&str, usize); 5] =
+    [("embedding_bwd_", 3), ("embedding_bwd4_", 3), ("rms_dw_", 3), ("flash_mma_dkvq_", 7), ("flash_mma_dkvqw_", 7)];
 
 /// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
 #[derive(Clone, Copy, Debug)]
@@ -278,6 +278,15 @@ fn input(t: &Tensor, misalign: bool) -> A {
     }
 }
 
+/// A buffer argument's bytes (past a misalignment offset).
+fn bytes_of(a: &A) -> &[u8] {
+    match a {
+        A::Buf(b) | A::Extra(b) => b,
+        A::At(off, b) => &b[*off..],
+        _ => panic!("not a buffer"),
+    }
+}
+
 /// A buffer argument read back as an f32 tensor of `shape` (skipping a misalignment offset).
 fn output(a: &A, dtype: DType, shape: &[usize]) -> Tensor {
     match a {
@@ -378,6 +387,17 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     check(&args[3], t, &o, tol, "forward output");
     let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
     assert!(e < tol_lse, "{what}: log-sum-exp rel err {e}");
+    if family == Flash::Mma {
+        // The wide forward (PATCHLM_FLASH_WIDE: 128 rows a block, two row blocks a warp): each
+        // row's arithmetic as the default kernel's, in the same order, so the same bytes.
+        let mut wide = args.clone();
+        wide[3] = uninit(t);
+        wide[4] = out(bh * t, DType::F32);
+        emulate(&name("fwdw"), launch::flash_wide(t, bh), &mut wide);
+        check(&wide[3], t, &o, tol, "wide forward output");
+        assert!(bytes_of(&wide[3]) == bytes_of(&args[3]), "{what}: wide forward output differs from the default's");
+        assert!(bytes_of(&wide[4]) == bytes_of(&args[4]), "{what}: wide forward lse differs from the default's");
+    }
     if family == Flash::CudaCore {
         // The log-sum-exp alone (no output).
         let mut args = [arg(&q), arg(&k), out(bh * t, DType::F32), A::I(t as i64), A::I(s as i64), A::F(scale as f32)];
@@ -396,6 +416,14 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     let mut args = with(vec![uninit(t)]);
     go("dq", t, &mut args);
     check(&args[5], t, &dq, tol_grad, "dq");
+    if family == Flash::Mma {
+        // The wide dq (PATCHLM_FLASH_WIDE): the same 16-key chunks in the same order, so the
+        // same bytes as the default kernel's.
+        let mut wide = with(vec![uninit(t)]);
+        emulate(&name("dqw"), launch::flash_wide(t, bh), &mut wide);
+        check(&wide[5], t, &dq, tol_grad, "dq (wide)");
+        assert!(bytes_of(&wide[5]) == bytes_of(&args[5]), "{what}: wide dq differs from the default's");
+    }
     let parts: &[(&str, &Tensor)] = match family {
         Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],
         Flash::CudaCore => &[("dk", &dk), ("dv", &dv)],
@@ -419,6 +447,26 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         let mut cast = [args[7].clone(), uninit(t), A::I(nq as i64), A::F(scale as f32)];
         emulate(&format!("flash_dq_cast_{}", suffix(dtype)), launch::elems(nq), &mut cast);
         check(&cast[1], t, &dq, tol_grad, "dq (one pass)");
+
+        if hd == 64 {
+            // The wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block of 8 warps): dk and dv
+            // byte for byte the default kernel's (each key's arithmetic is the same, in the same
+            // order), alone and in the one pass; the one pass's dq within the reference's bound
+            // (its atomics add in another order).
+            let (dk_bytes, dv_bytes) = (bytes_of(&args[5]).to_vec(), bytes_of(&args[6]).to_vec());
+            let mut wide = with(vec![uninit(s), uninit(s)]);
+            emulate(&name("dkvw"), launch::flash_wide_bwd(s, bh), &mut wide);
+            check(&wide[5], s, &dk, tol_grad, "dk (wide)");
+            assert!(bytes_of(&wide[5]) == dk_bytes, "{what}: wide dk differs from the default's");
+            assert!(bytes_of(&wide[6]) == dv_bytes, "{what}: wide dv differs from the default's");
+            let mut wide = with(vec![uninit(s), uninit(s), zeroed(nq)]);
+            emulate(&name("dkvqw"), launch::flash_wide_bwd(s, bh), &mut wide);
+            assert!(bytes_of(&wide[5]) == dk_bytes, "{what}: wide one-pass dk differs from the default's");
+            assert!(bytes_of(&wide[6]) == dv_bytes, "{what}: wide one-pass dv differs from the default's");
+            let mut cast = [wide[7].clone(), uninit(t), A::I(nq as i64), A::F(scale as f32)];
+            emulate(&format!("flash_dq_cast_{}", suffix(dtype)), launch::elems(nq), &mut cast);
+            check(&cast[1], t, &dq, tol_grad, "dq (wide one pass)");
+        }
     }
 }
 
@@ -456,6 +504,19 @@ fn emulated_mma_flash_attention_matches_reference() {
     for (shape, dtype, misalign, q_sd) in TENSOR_CORE_CASES {
         check_flash(Flash::Mma, shape, dtype, misalign, q_sd);
     }
+}
+
+/// The wide backward kernels' dynamic shared memory: the launcher's size
+/// (`launch::flash_wide_bwd_smem`) is what the kernels lay out (`DkvSmem` in kernels/flash.cu).
+#[test]
+fn emulated_wide_flash_backward_shared_memory_agrees() {
+    let mut args = [out(2, DType::U32)];
+    emulate("flash_dkvw_smem_bytes", launch::elems(1), &mut args);
+    let b = bytes_of(&args[0]);
+    let got = [0, 4].map(|i| u32::from_le_bytes(b[i..i + 4].try_into().unwrap()));
+    assert_eq!(got, [launch::flash_wide_bwd_smem(false), launch::flash_wide_bwd_smem(true)]);
+    // Only the one pass needs the 48 KB limit raised.
+    assert!(got[0] <= 48 * 1024 && got[1] > 48 * 1024, "{got:?}");
 }
 
 /// The CUDA-core flash attention kernels (forward, dq, dk, dv; the forward has passed on a GPU,

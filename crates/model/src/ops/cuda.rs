@@ -711,7 +711,8 @@ fn flash(
 
 /// Launches the kernels of one flash-attention step: the mma.sync or wmma tensor-core ones
 /// where [`super::flash_mma_enabled`] or [`super::flash_tc_enabled`] (128 threads, 64 rows a
-/// block), else the CUDA-core ones (64 threads, one row each).
+/// block; the wide mma.sync ones 128 rows, see [`super::set_flash_wide`] and
+/// [`super::set_flash_wide_bwd`]), else the CUDA-core ones (64 threads, one row each).
 fn flash_t<T: CudaDType + DeviceRepr>(
     x: &[(&CudaStorage, &Layout)],
     st: Option<(&CudaStorage, &Layout)>,
@@ -755,7 +756,23 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
     }
     let rows = if matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) { s } else { t };
-    let cfg = cfg(crate::launch::flash(rows, bh, tc));
+    // The wide forward: 128 query rows a block (see super::set_flash_wide).
+    let wide = matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
+        && family == "flash_mma"
+        && super::flash_wide_enabled(dtype, hd);
+    // The wide backward: 128 keys a block of 8 warps, in dynamic shared memory (see
+    // super::set_flash_wide_bwd).
+    let wide_bwd = matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq)
+        && family == "flash_mma"
+        && super::flash_wide_bwd_enabled(dtype, hd);
+    let cfg = if wide {
+        cfg(crate::launch::flash_wide(rows, bh))
+    } else if wide_bwd {
+        let smem = crate::launch::flash_wide_bwd_smem(kernel == FlashKernel::Dkvq);
+        LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wide_bwd(rows, bh)) }
+    } else {
+        cfg(crate::launch::flash(rows, bh, tc))
+    };
     let (ti, si) = (t as i32, s as i32);
     let stats = || -> Result<_> {
         let (c, l) =
@@ -766,6 +783,15 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     macro_rules! launch {
         ($which:expr; $($a:expr),*) => {{
             let f = func($which)?;
+            if cfg.shared_mem_bytes > 48 * 1024 {
+                // Dynamic shared memory past 48 KB needs the kernel's limit raised first.
+                use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_mem_bytes as i32,
+                )
+                .w()?;
+            }
             let mut b = f.builder();
             for v in &views {
                 b.arg(v);
@@ -778,7 +804,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         FlashKernel::Fwd => {
             let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
             let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-            launch!("fwd"; &o, &lse, &ti, &si, &scale);
+            launch!(if wide { "fwdw" } else { "fwd" }; &o, &lse, &ti, &si, &scale);
             Ok((T::wrap_cuda_slice(o, dev.clone()), Some(wrap_f32(lse, dev))))
         }
         FlashKernel::Lse => {
@@ -789,7 +815,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         FlashKernel::Dq => {
             let st = stats()?;
             let out = unsafe { dev.alloc::<T>(bh * t * hd)? };
-            launch!("dq"; &st, &out, &ti, &si, &scale);
+            launch!(if wide { "dqw" } else { "dq" }; &st, &out, &ti, &si, &scale);
             Ok((T::wrap_cuda_slice(out, dev.clone()), None))
         }
         FlashKernel::Dkv => {
@@ -799,7 +825,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             {
                 let (mut dk, mut dv) = out.split_at_mut(n);
                 if tc {
-                    launch!("dkv"; &st, &mut dk, &mut dv, &ti, &si, &scale);
+                    launch!(if wide_bwd { "dkvw" } else { "dkv" }; &st, &mut dk, &mut dv, &ti, &si, &scale);
                 } else {
                     for (which, dst) in [("dk", &mut dk), ("dv", &mut dv)] {
                         launch!(which; &st, dst, &ti, &si, &scale);
@@ -816,7 +842,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             {
                 let (mut dq, mut kv) = out.split_at_mut(nq);
                 let (mut dk, mut dv) = kv.split_at_mut(n);
-                launch!("dkvq"; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale);
+                launch!(if wide_bwd { "dkvqw" } else { "dkvq" }; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale);
                 let f = dev.get_or_load_custom_func(&format!("flash_dq_cast_{sfx}"), FLASH_MODULE, FLASH_PTX)?;
                 let ni = nq as i32;
                 let mut b = f.builder();

@@ -90,6 +90,47 @@ pub fn flash_dq_atomic_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_DQ_ATOMIC.get() && flash_mma_enabled(dtype, hd)
 }
 
+static FLASH_WIDE: Switch = Switch::new("PATCHLM_FLASH_WIDE", true, false);
+
+/// Chooses, where [`set_flash_mma`]'s kernels run, the wide query-side kernels: the forward and
+/// the backward's dq pass with 128 query rows a block (each warp two blocks of 16 rows:
+/// FlashAttention-2's forward tile for these head sizes) instead of 64, process-wide. Each (k, v)
+/// tile read from memory and each operand read from shared memory serves twice the rows, for
+/// more registers a thread (sm_90, head size 64: forward 242 against 133, dq 244 against 139)
+/// and half as many blocks. Off by default (also `PATCHLM_FLASH_WIDE=1`) until a GPU has timed it
+/// against the default; `tests/emulated.rs` checks its math without one, `tests/cuda.rs` on one.
+/// The results are the same either way: each row's arithmetic is the same, in the same order.
+pub fn set_flash_wide(enabled: bool) {
+    FLASH_WIDE.set(enabled);
+}
+
+/// Whether flash attention runs the wide forward and dq kernels for `dtype` and head size `hd`
+/// (see [`set_flash_wide`]; only where the mma.sync kernels apply).
+pub fn flash_wide_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_WIDE.get() && flash_mma_enabled(dtype, hd)
+}
+
+static FLASH_WIDE_BWD: Switch = Switch::new("PATCHLM_FLASH_WIDE_BWD", true, false);
+
+/// Chooses, where [`set_flash_mma`]'s kernels run the backward pass at head size 64, the wide
+/// dk/dv kernels (128 keys a block of 8 warps: FlashAttention-2's backward tile for this head
+/// size) instead of 64 keys a block of 4, process-wide; with [`set_flash_dq_atomic`] the one-pass
+/// backward's too. Each query tile read from memory, and in the one pass each dq atomic, serves
+/// twice the keys, for one block an SM instead of three (170 registers a thread on sm_90).
+/// Off by default (also `PATCHLM_FLASH_WIDE_BWD=1`) until a GPU has timed it against the
+/// default; `tests/emulated.rs` checks its math without one, `tests/cuda.rs` on one. dk and dv
+/// are the same either way (each key's arithmetic is); the one-pass dq's atomics add in another
+/// order.
+pub fn set_flash_wide_bwd(enabled: bool) {
+    FLASH_WIDE_BWD.set(enabled);
+}
+
+/// Whether flash attention's backward pass runs the wide dk/dv kernels for `dtype` and head size
+/// `hd` (see [`set_flash_wide_bwd`]; only where the mma.sync kernels apply, at head size 64).
+pub fn flash_wide_bwd_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_WIDE_BWD.get() && hd == 64 && flash_mma_enabled(dtype, hd)
+}
+
 /// A second output of a custom op (candle's custom ops return one storage): the op's forward
 /// pass leaves it here and [`Stash::take`] hands it back as a tensor on the same device.
 #[derive(Default)]

@@ -322,6 +322,27 @@ mod tests {
         assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
         set_flash_mma(true); // the default again
 
+        // The wide forward applies only where the mma.sync kernels do.
+        use super::{flash_wide_enabled, set_flash_wide};
+        assert!(!flash_wide_enabled(BF16, 64));
+        set_flash_wide(true);
+        assert!(flash_wide_enabled(BF16, 64) && flash_wide_enabled(F16, 32));
+        assert!(!flash_wide_enabled(F32, 64) && !flash_wide_enabled(BF16, 128));
+        set_flash_mma(false);
+        assert!(!flash_wide_enabled(BF16, 64));
+        set_flash_mma(true);
+        set_flash_wide(false);
+        // The wide backward: the mma.sync kernels at head size 64 only.
+        use super::{flash_wide_bwd_enabled, set_flash_wide_bwd};
+        assert!(!flash_wide_bwd_enabled(BF16, 64));
+        set_flash_wide_bwd(true);
+        assert!(flash_wide_bwd_enabled(BF16, 64) && flash_wide_bwd_enabled(F16, 64));
+        assert!(!flash_wide_bwd_enabled(BF16, 32) && !flash_wide_bwd_enabled(F32, 64));
+        set_flash_mma(false);
+        assert!(!flash_wide_bwd_enabled(BF16, 64));
+        set_flash_mma(true);
+        set_flash_wide_bwd(false);
+
         // The one-pass backward (mma.sync only) returns dq, dk and dv from one flat buffer: the
         // same gradients as the two passes, with fewer queries than keys (a cache) so that a
         // wrong offset or length in the split shows.
