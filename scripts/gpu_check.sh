@@ -8,13 +8,13 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [dqa] [attn] [optin-each] [ops] [ncu] [ours] [events] [plain]
-# (no section: kernels dqa 370m gpt2 track attn, in order of what matters most should the call's
+#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [dqa] [variants] [attn] [optin-each] [ops] [ncu] [ours] [events] [plain]
+# (no section: kernels variants 370m gpt2 track attn, in order of what matters most should the call's
 # time run out: 370M is the shape still behind torch.compile, and its --profile rows split both
 # sides' step by kind of work, attention kernels included; on an H200 on 2026-12-04, kernels
 # optin flash gpt2 track 370m took 559 s, most of it torch.compile's warm-up; every measurement
 # is printed as it is made, so a section cut by its timeout keeps them; with little device time
-# left, `kernels dqa 370m gpt2` in one call and `kernels track` in another).
+# left, `kernels variants 370m gpt2` in one call and `kernels track` in another).
 # The switchable kernel families (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS,
 # PATCHLM_DEVICE_CLIP, PATCHLM_FLASH_MMA: on by default since their device tests passed on an H200;
 # PATCHLM_FLASH_TC: off by default; their math also checked on the CPU by tests/emulated.rs) stay on
@@ -42,7 +42,7 @@ done
 lib=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
-sections="${*:-kernels dqa 370m gpt2 track attn}"
+sections="${*:-kernels variants 370m gpt2 track attn}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $sections; do
   echo "== $s  ($(date +%T))"
@@ -50,18 +50,23 @@ for s in $sections; do
     kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic \
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide \
                2>&1 | tee "$OUT/kernels.txt"
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 tensor_core 2>&1 | tee /tmp/kernels-wmma.txt
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 _mma_ 2>&1 | tee /tmp/kernels-mma.txt
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 dq_atomic 2>&1 | tee /tmp/kernels-dqa.txt
-             cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt >> "$OUT/kernels.txt"
-             tc=0; mma=0; dqa=0
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wide_forward 2>&1 | tee /tmp/kernels-wide.txt
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wide_backward 2>&1 | tee /tmp/kernels-wideb.txt
+             cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt /tmp/kernels-wide.txt \
+               /tmp/kernels-wideb.txt >> "$OUT/kernels.txt"
+             tc=0; mma=0; dqa=0; wide=0; wideb=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
+             grep -q 'test result: ok' /tmp/kernels-wide.txt && [ $mma = 1 ] && wide=1
+             grep -q 'test result: ok' /tmp/kernels-wideb.txt && [ $mma = 1 ] && wideb=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
@@ -69,16 +74,19 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0; dqa=0
+               tc=0; mma=0; dqa=0; wide=0; wideb=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              # dq, dk and dv in one backward pass: opt-in, on for the sections that follow only
              # where its tests pass (the dqa section times it off and on).
              export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
+             # The wide forward (128 rows a block): the same, decided by the wide section.
+             export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
              echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
-               "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC" ;;
+               "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
+               "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -163,6 +171,44 @@ rows = [r for r in rows if r.get("preset") == "370m" and r.get("bench") == "mode
 print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "$OUT/dqa.txt" 2>/dev/null)
           export PATCHLM_FLASH_DQ_ATOMIC=${best:-0}
           echo "one-pass flash backward: $PATCHLM_FLASH_DQ_ATOMIC (the faster on 370m, kept for the sections that follow)" ;;
+    variants)
+          # Flash attention's kernel variants that passed their tests, the kernels alone on 370M
+          # (`bench flash`), as WIDE:WIDE_BWD:DQ_ATOMIC: the forward and dq pass with 64 or 128
+          # query rows a block (PATCHLM_FLASH_WIDE), the dk/dv pass with 64 or 128 keys a block
+          # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC).
+          # The fastest (forward + backward) stays on for the sections that follow if a 370M
+          # training step with it is faster than one with the defaults.
+          fws="0"; [ "${PATCHLM_FLASH_WIDE:-0}" = 1 ] && fws="0 1"
+          bws="0"; [ "${PATCHLM_FLASH_WIDE_BWD:-0}" = 1 ] && bws="0 1"
+          dqs="0"; [ "${PATCHLM_FLASH_DQ_ATOMIC:-0}" = 1 ] && dqs="0 1"
+          for f in $fws; do for b in $bws; do for d in $dqs; do
+            PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d timeout 60 /tmp/bin/xtask \
+              bench flash --preset 370m --batch 4 --ctx 2048 --device cuda --dtype bf16 2>&1 | grep '^{' \
+              | sed "s/^{/{\"config\": \"$f:$b:$d\", /" | tee -a "$OUT/variants.txt"
+          done; done; done
+          best=$(python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r.get("bench") == "flash"]
+print(min(rows, key=lambda r: r["fwd_ms"] + r["bwd_ms"])["config"] if rows else "0:0:0")' "$OUT/variants.txt" 2>/dev/null)
+          best=${best:-0:0:0}
+          for c in 0:0:0 $best; do
+            IFS=: read -r f b d <<< "$c"
+            PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d timeout 90 /tmp/bin/xtask \
+              bench model --preset 370m --batch 4 --ctx 2048 --k 1 --steps 5 --device cuda --dtype bf16 \
+              --attention auto 2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$c\", /" | tee -a "$OUT/variants.txt"
+            [ "$best" = 0:0:0 ] && break
+          done
+          # Kept only if the training step agrees (the kernels alone can mislead).
+          best=$(python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r.get("bench") == "model"]
+print(max(rows, key=lambda r: r["tokens_per_s"])["config"] if rows else "0:0:0")' "$OUT/variants.txt" 2>/dev/null)
+          best=${best:-0:0:0}
+          IFS=: read -r f b d <<< "$best"
+          export PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d
+          echo "flash variant (wide, wide backward, one-pass backward): $best (kept for the sections that follow)" ;;
     attn) # Flash attention's kernels alone (forward with the log-sum-exp, backward) beside PyTorch's
           # SDPA flash kernel on both shapes: TFLOP/s of each pass and the ratio.
           timeout 120 python3 bench/compare_flash.py --device cuda --dtype bf16 --xtask /tmp/bin/xtask 2>&1 \
@@ -222,6 +268,14 @@ grep -h '"bench":"model"' "$OUT/dqa.txt" 2>/dev/null | python3 -c '
 import json, sys
 for r in map(json.loads, sys.stdin):
     print("one-pass backward %s: %s %.0f tok/s" % (r["dq_atomic"], r["preset"], r["tokens_per_s"]))' 2>/dev/null
+grep -h '"bench"' "$OUT/variants.txt" 2>/dev/null | python3 -c '
+import json, sys
+for r in map(json.loads, sys.stdin):
+    if r["bench"] == "model":
+        print("flash variant %s: %s step %.0f tok/s" % (r["config"], r["preset"], r["tokens_per_s"]))
+    else:
+        print("flash variant %s: %s forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s)" % (
+            r["config"], r["preset"], r["fwd_ms"], r["fwd_tflops"], r["bwd_ms"], r["bwd_tflops"]))' 2>/dev/null
 tail -qn1 "$OUT"/track*.txt 2>/dev/null
 # At most 8 files come back from a device call: the loss curves travel as one archive.
 (cd "$OUT" && ls track-* >/dev/null 2>&1 && tar czf tracks.tgz track-* && rm -f track-*)
