@@ -8,7 +8,7 @@
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
-#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [dqa] [variants] [attn] [optin-each] [ops] [ncu] [ours] [events] [plain]
+#   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [dqa] [variants] [attn] [large] [optin-each] [ops] [ncu] [ours] [events] [plain]
 # (no section: kernels variants 370m gpt2 track attn, in order of what matters most should the call's
 # time run out: 370M is the shape still behind torch.compile, and its --profile rows split both
 # sides' step by kind of work, attention kernels included; on an H200 on 2026-12-04, kernels
@@ -50,7 +50,7 @@ for s in $sections; do
     kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide \
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large \
                2>&1 | tee "$OUT/kernels.txt"
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
@@ -59,14 +59,16 @@ for s in $sections; do
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 dq_atomic 2>&1 | tee /tmp/kernels-dqa.txt
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wide_forward 2>&1 | tee /tmp/kernels-wide.txt
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wide_backward 2>&1 | tee /tmp/kernels-wideb.txt
+             timeout 90 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_large 2>&1 | tee /tmp/kernels-large.txt
              cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt /tmp/kernels-wide.txt \
-               /tmp/kernels-wideb.txt >> "$OUT/kernels.txt"
-             tc=0; mma=0; dqa=0; wide=0; wideb=0
+               /tmp/kernels-wideb.txt /tmp/kernels-large.txt >> "$OUT/kernels.txt"
+             tc=0; mma=0; dqa=0; wide=0; wideb=0; large=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
              grep -q 'test result: ok' /tmp/kernels-wide.txt && [ $mma = 1 ] && wide=1
              grep -q 'test result: ok' /tmp/kernels-wideb.txt && [ $mma = 1 ] && wideb=1
+             grep -q 'test result: ok' /tmp/kernels-large.txt && [ $mma = 1 ] && large=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
@@ -74,7 +76,7 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0; dqa=0; wide=0; wideb=0
+               tc=0; mma=0; dqa=0; wide=0; wideb=0; large=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
@@ -83,10 +85,13 @@ for s in $sections; do
              export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
              # The wide forward (128 rows a block): the same, decided by the wide section.
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
+             # Head sizes 96 and 128 (no section's shape has them; the large section times them).
+             export PATCHLM_FLASH_MMA_LARGE_HEADS=${PATCHLM_FLASH_MMA_LARGE_HEADS:-$large}
              echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
-               "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD" ;;
+               "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
+               "mma flash at head sizes 96/128 $PATCHLM_FLASH_MMA_LARGE_HEADS" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -209,6 +214,17 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["config"] if rows else "0:0:0")
           IFS=: read -r f b d <<< "$best"
           export PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d
           echo "flash variant (wide, wide backward, one-pass backward): $best (kept for the sections that follow)" ;;
+    large) # The 780M (head size 96) and 1.3B (128) presets, where the mma.sync kernels at those sizes
+           # passed their tests: flash attention's kernels alone, and a training step with flash
+           # attention against one with softmax attention.
+           if [ "${PATCHLM_FLASH_MMA_LARGE_HEADS:-0}" != 1 ]; then echo "mma flash at 96/128 off (its tests did not pass)"; continue; fi
+           for shape in "780m 4 2048" "1.3b 2 2048"; do
+             set -- $shape
+             timeout 60 /tmp/bin/xtask bench flash --preset $1 --batch $2 --ctx $3 --device cuda --dtype bf16 2>&1 \
+               | grep '^{' | tee -a "$OUT/large.txt"
+             timeout 120 /tmp/bin/xtask bench model --preset $1 --batch $2 --ctx $3 --k 1 --steps 3 --device cuda \
+               --dtype bf16 --attention both 2>&1 | grep '^{' | tee -a "$OUT/large.txt"
+           done ;;
     attn) # Flash attention's kernels alone (forward with the log-sum-exp, backward) beside PyTorch's
           # SDPA flash kernel on both shapes: TFLOP/s of each pass and the ratio.
           timeout 120 python3 bench/compare_flash.py --device cuda --dtype bf16 --xtask /tmp/bin/xtask 2>&1 \

@@ -922,6 +922,10 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
+// The head sizes of the mma kernels, and their key tiles: 64 keys, 32 above head size 64 (two
+// buffers of a (k, v) tile pair within 48 KB of static shared memory).
+#define MMA_HEAD(HD) ((HD) == 32 || (HD) == 64 || (HD) == 96 || (HD) == 128)
+#define MMA_KEYS(HD) ((HD) <= 64 ? 64 : 32)
 
 // Forward: o and the log-sum-exp per query row. Each warp owns RW blocks of 16 rows, a block
 // 64·RW rows; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1 (flash_mma_fwd): the
@@ -931,8 +935,8 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 // the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
 template <typename T, int HD, int RW>
 __device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
-    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BC = 64, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
+    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 96 and 128");
+    constexpr int BC = MMA_KEYS(HD), LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
     static_assert(ROWS <= 2 * BC, "the q tile is staged in the second (k, v) buffer");
     __shared__ __align__(16) T kv[2][2 * BC * LD];  // two buffers of a (k, v) tile pair
     EMU_SHARED(kv);
@@ -1055,7 +1059,7 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
 }
 
 // dq: as flash_tc_dq. Each warp owns RW blocks of 16 query rows (64·RW a block) and takes the
-// keys in tiles of BB = 64 / RW; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1
+// keys in tiles of BB = MMA_KEYS / RW; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1
 // (flash_mma_dq): the default. RW = 2 (flash_mma_dqw, PATCHLM_FLASH_WIDE, as the wide forward):
 // each B fragment read from shared memory serves twice the rows; the key tiles halve to keep the
 // scores, dP and both rows' q and dO fragments in registers. The accumulation runs over the same
@@ -1063,8 +1067,8 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
 template <typename T, int HD, int RW>
 __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t,
                                   int s, float scale) {
-    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
-    constexpr int BB = MMA_ROWS / RW, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
+    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 96 and 128");
+    constexpr int BB = MMA_KEYS(HD) / RW, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
     // Two buffers of a (k, v) tile pair; before the loop they stage the q and dO tiles.
     __shared__ __align__(16) T kv[2][2 * BB * LD];
     EMU_SHARED(kv);
@@ -1077,7 +1081,7 @@ __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T
     const T* qb = q + (size_t)bh * t * HD;
     const T* db = dout + (size_t)bh * t * HD;
     uint32_t qa[RW][HD / 16][4], da[RW][HD / 16][4];
-    if constexpr (RW == 1) {
+    if constexpr (BB >= ROWS) {
         kv_async<T, HD, LD, BB>(kv[0], kb, vb, 0, s);  // in flight while q and dO are staged
         mma_frags2<T, HD>(qa[0], da[0], kv[1], qb, db, i0, min(MMA_ROWS, t - i0));
     } else {
@@ -1249,9 +1253,11 @@ __device__ __forceinline__ void frag_a_t(uint32_t* a, const T* m, int ld, int kk
 // both k and v), with DQ the dS^T tile (keys as rows), and the three buffers' (lse, delta) pairs.
 template <typename T, int HD, bool DQ, int NW>
 struct DkvSmem {
-    static constexpr int BQ = 32, LD = HD + 8, LDS = BQ + 8, ROWS = 16 * NW;
-    static constexpr bool KSEP = DQ || NW > 4;
-    static constexpr int UN = 6 * BQ * LD, KQ = KSEP ? ROWS * LD : 0, DST = DQ ? ROWS * LDS : 0;
+    // Query tiles of 32 rows, 16 above head size 64 (within 48 KB of static shared memory).
+    static constexpr int BQ = HD <= 64 ? 32 : 16, LD = HD + 8, LDS = BQ + 8, ROWS = 16 * NW;
+    static constexpr int UN = 6 * BQ * LD;
+    static constexpr bool KSEP = DQ || 2 * ROWS * LD > UN;
+    static constexpr int KQ = KSEP ? ROWS * LD : 0, DST = DQ ? ROWS * LDS : 0;
     static constexpr int BYTES = (UN + KQ + DST) * (int)sizeof(T) + 3 * BQ * (int)sizeof(float2);
     static_assert(ROWS * LD <= UN, "the v tile is staged where the (q, dO) buffers go");
     static_assert(KSEP || 2 * ROWS * LD <= UN, "the k and v tiles are staged where the (q, dO) buffers go");
@@ -1274,19 +1280,19 @@ struct DkvSmem {
 template <typename T, int HD, bool DQ, int NW>
 __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk,
                                    T* dv, float* dq_acc, int t, int s, float scale) {
-    static_assert(HD == 32 || HD == 64, "mma flash attention has head sizes 32 and 64");
+    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 96 and 128");
     static_assert(NW == 4 || (NW == 8 && HD == 64), "the dk/dv pass has 4 warps, or 8 at head size 64");
     using M = DkvSmem<T, HD, DQ, NW>;
     constexpr int BQ = M::BQ, LD = M::LD, LDS = M::LDS, ROWS = M::ROWS;
     // With DQ, this warp's share of a step's dq tile (BQ x HD): rows qr + [0, 16), columns
-    // qc + [0, QC).
-    constexpr int QC = HD / (NW / 2);
-    static_assert(QC % 16 == 0, "ldmatrix.x4 loads two column blocks of the dq product at once");
+    // qc + [0, QC), the tile's RG row blocks by its NW / RG column blocks.
+    constexpr int RG = BQ / 16, QC = HD / (NW / RG);
+    static_assert(!DQ || QC % 16 == 0, "ldmatrix.x4 loads two column blocks of the dq product at once");
     T *un, *kq, *dst;
     float2(*lsd)[BQ];
     if constexpr (NW == 4) {
         __shared__ __align__(16) T un_s[M::UN];
-        __shared__ __align__(16) T kq_s[DQ ? M::KQ : 8];
+        __shared__ __align__(16) T kq_s[M::KSEP ? M::KQ : 8];
         __shared__ __align__(16) T dst_s[DQ ? M::DST : 8];
         __shared__ float2 lsd_s[3][BQ];
         EMU_SHARED(un_s, kq_s, dst_s, lsd_s);
@@ -1326,7 +1332,7 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
     const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
     const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
                                       st + (size_t)bh * t * 2, t};
-    const int qr = (w & 1) * 16, qc = (w >> 1) * QC;
+    const int qr = (w % RG) * 16, qc = (w / RG) * QC;
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
     __syncthreads();                      // every warp has its fragments: un may be overwritten
     feed.start(qfirst);
@@ -1378,6 +1384,12 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     flash_mma_dkv_pass<T, HD, false, 4>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);
 }
 FLASH_TC_ALL(mma)
+// The larger head sizes (mma.sync only; PATCHLM_FLASH_MMA_LARGE_HEADS): 96 (the 780M preset) and
+// 128 (1.3B), with the smaller tiles of MMA_KEYS and DkvSmem.
+FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 96)
+FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 128)
+FLASH_TC_FAMILY(mma, __half, f16, 96)
+FLASH_TC_FAMILY(mma, __half, f16, 128)
 
 // flash_mma_dkvq's dq: dq[i] = acc[i] · scale, rounded to T; a grid-stride loop over n elements.
 template <typename T>
@@ -1396,6 +1408,9 @@ FLASH_DKVQ(__nv_bfloat16, bf16, 32)
 FLASH_DKVQ(__nv_bfloat16, bf16, 64)
 FLASH_DKVQ(__half, f16, 32)
 FLASH_DKVQ(__half, f16, 64)
+// (At head size 96 the one-pass dq tile does not split into even column blocks: two passes.)
+FLASH_DKVQ(__nv_bfloat16, bf16, 128)
+FLASH_DKVQ(__half, f16, 128)
 
 // The wide forward (flash_mma_fwd_rows with RW = 2: 128 rows a block of 128 threads).
 #define FLASH_FWDW(T, S, HD)                                                                               \

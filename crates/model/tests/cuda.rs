@@ -369,12 +369,20 @@ enum Tc {
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
     MmaWideBwdDqAtomic,
+    /// mma.sync at head sizes 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS), two passes.
+    MmaLarge,
+    /// The same with the one-pass backward (at 128).
+    MmaLargeDqAtomic,
 }
 
 fn set_tc(tc: Tc) {
     patchlm_model::ops::set_flash_tc(tc == Tc::Wmma);
     patchlm_model::ops::set_flash_mma(!matches!(tc, Tc::Off | Tc::Wmma));
-    patchlm_model::ops::set_flash_dq_atomic(matches!(tc, Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic));
+    patchlm_model::ops::set_flash_dq_atomic(matches!(
+        tc,
+        Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic | Tc::MmaLargeDqAtomic
+    ));
+    patchlm_model::ops::set_flash_mma_large_heads(matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic));
     patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
     patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
@@ -422,19 +430,65 @@ fn cuda_flash_wide_backward_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWideBwdDqAtomic);
 }
 
+/// The mma.sync kernels at head sizes 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS), two passes and
+/// one, as above; in a process of its own.
+#[test]
+#[ignore]
+fn cuda_flash_large_heads_match_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaLarge);
+    tensor_core_flash_matches_cpu(Tc::MmaLargeDqAtomic);
+    // Autograd's path, whose backward takes the log-sum-exp again (at 96 from the mma forward:
+    // no CUDA-core kernel has that size).
+    let g = gpu();
+    set_tc(Tc::MmaLarge);
+    for hd in [96usize, 128] {
+        let mk =
+            |n: usize| Tensor::randn(0f32, 1.0, (1, 3, n, hd), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let (q, k, v, up) = (mk(90), mk(90), mk(90), mk(90));
+        let run = |d: &Device| {
+            let vars: Vec<Var> =
+                [&q, &k, &v].iter().map(|x| Var::from_tensor(&x.to_device(d).unwrap()).unwrap()).collect();
+            let y = flash_attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 0.1).unwrap();
+            let loss = (&y * &up.to_device(d).unwrap()).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let mut out = vec![y];
+            out.extend(vars.iter().map(|x| grads.get(x.as_tensor()).unwrap().clone()));
+            out
+        };
+        let (c, gg) = (run(&Device::Cpu), run(&g));
+        for (i, which) in ["output", "dq", "dk", "dv"].iter().enumerate() {
+            let e = max_rel(&gg[i], &c[i]);
+            assert!(e < 4e-2, "autograd flash hd {hd} {which}: rel err {e}");
+        }
+    }
+    set_tc(Tc::Off);
+    drop(g);
+}
+
 fn tensor_core_flash_matches_cpu(tc: Tc) {
     use patchlm_model::ops::{flash_attention_lse, grad};
     let g = gpu();
     set_tc(tc);
     // `misalign`: the GPU inputs start one element into their buffers (not 16-byte aligned), so
     // the kernels take their element-wise load path.
-    for (b, h, t, s, hd, misalign) in [
-        (2usize, 3usize, 130usize, 130usize, 64usize, false),
-        (1, 2, 33, 80, 32, false),
-        (1, 2, 33, 80, 32, true),
-        (1, 2, 100, 100, 32, false),
-        (2, 12, 1024, 1024, 64, false),
-    ] {
+    let shapes: &[(usize, usize, usize, usize, usize, bool)] = if matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic) {
+        &[
+            (2, 3, 130, 130, 128, false),
+            (1, 2, 33, 80, 96, false),
+            (1, 2, 33, 80, 128, true),
+            (2, 8, 1024, 1024, 128, false),
+            (2, 8, 512, 512, 96, false),
+        ]
+    } else {
+        &[
+            (2, 3, 130, 130, 64, false),
+            (1, 2, 33, 80, 32, false),
+            (1, 2, 33, 80, 32, true),
+            (1, 2, 100, 100, 32, false),
+            (2, 12, 1024, 1024, 64, false),
+        ]
+    };
+    for &(b, h, t, s, hd, misalign) in shapes {
         for (dtype, tol) in [(DType::BF16, 2e-2f32), (DType::F16, 4e-3)] {
             let mk = |n: usize| Tensor::randn(0f32, 1.0, (b, h, n, hd), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let (q, k, v, up) = (mk(t), mk(s), mk(s), mk(t));

@@ -82,6 +82,7 @@ typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 #define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
 #define KMMA(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD) \
     K(flash_mma_dkvq_##S##_##HD) K(flash_mma_fwdw_##S##_##HD) K(flash_mma_dqw_##S##_##HD)
+#define KMMAL(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD)
 #define KMMAW(S) K(flash_mma_dkvw_##S##_64) K(flash_mma_dkvqw_##S##_64)
 #define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_lse_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) \
     K(flash_dv_##S##_##HD)
@@ -91,7 +92,9 @@ const std::map<std::string, Runner> kernels = {
     K(flash_tc_fwd_bf16_32) K(flash_tc_fwd_bf16_64) K(flash_tc_fwd_f16_32) K(flash_tc_fwd_f16_64)
     K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
     K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
-    KMMA(bf16, 32) KMMA(bf16, 64) KMMA(f16, 32) KMMA(f16, 64) KMMAW(bf16) KMMAW(f16) K(flash_dkvw_smem_bytes)
+    KMMA(bf16, 32) KMMA(bf16, 64) KMMA(f16, 32) KMMA(f16, 64) KMMAW(bf16) KMMAW(f16)
+    KMMAL(bf16, 96) KMMAL(bf16, 128) KMMAL(f16, 96) KMMAL(f16, 128)
+    K(flash_mma_dkvq_bf16_128) K(flash_mma_dkvq_f16_128) K(flash_dkvw_smem_bytes)
     K3(flash_stats) K(flash_dq_cast_bf16) K(flash_dq_cast_f16)
     K(probe_mma_bf16) K(probe_mma_f16) K(probe_ldmatrix)
     KFLASH(f32, 64) KFLASH(bf16, 32) KFLASH(bf16, 64)

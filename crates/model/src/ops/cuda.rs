@@ -722,16 +722,26 @@ fn flash_t<T: CudaDType + DeviceRepr>(
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = x[0].0.device();
     let super::AttnDims { bh, t, s, hd } = d;
-    if ![16, 32, 64, 128].contains(&hd) {
-        candle_core::bail!("flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA");
+    let dtype = x[0].0.dtype();
+    let mma = super::flash_mma_enabled(dtype, hd);
+    if !([16, 32, 64, 128].contains(&hd) || mma) {
+        candle_core::bail!(
+            "flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA (96 with the mma.sync kernels at \
+             bf16/f16, PATCHLM_FLASH_MMA_LARGE_HEADS=1)"
+        );
     }
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }
-    let dtype = x[0].0.dtype();
+    if kernel == FlashKernel::Lse && mma && hd == 96 {
+        // No CUDA-core kernel at this size: the log-sum-exp from the mma.sync forward (with v = k).
+        let (_, lse) = flash_t::<T>(&[x[0], x[1], x[1]], None, d, scale, FlashKernel::Fwd)?;
+        let lse = lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?;
+        return Ok((lse, None));
+    }
     let family = match kernel {
         FlashKernel::Lse => "flash",
-        _ if super::flash_mma_enabled(dtype, hd) => "flash_mma",
+        _ if mma => "flash_mma",
         _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
         _ => "flash",
     };

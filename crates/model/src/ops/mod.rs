@@ -342,11 +342,25 @@ mod tests {
         assert!(!flash_wide_bwd_enabled(BF16, 64));
         set_flash_mma(true);
         set_flash_wide_bwd(false);
+        // Head sizes 96 and 128: only with their switch; no one-pass backward at 96, no wide
+        // forward above 64.
+        use super::{flash_dq_atomic_enabled, set_flash_dq_atomic, set_flash_mma_large_heads};
+        assert!(!flash_mma_enabled(BF16, 96) && !flash_mma_enabled(BF16, 128));
+        set_flash_mma_large_heads(true);
+        set_flash_wide(true);
+        set_flash_dq_atomic(true);
+        assert!(flash_mma_enabled(BF16, 96) && flash_mma_enabled(F16, 128) && !flash_mma_enabled(F32, 128));
+        assert!(!flash_mma_enabled(BF16, 80) && !flash_tc_enabled(BF16, 128));
+        assert!(flash_dq_atomic_enabled(BF16, 128) && !flash_dq_atomic_enabled(BF16, 96));
+        assert!(!flash_wide_enabled(BF16, 128) && flash_wide_enabled(BF16, 64));
+        set_flash_dq_atomic(false);
+        set_flash_wide(false);
+        set_flash_mma_large_heads(false);
 
         // The one-pass backward (mma.sync only) returns dq, dk and dv from one flat buffer: the
         // same gradients as the two passes, with fewer queries than keys (a cache) so that a
         // wrong offset or length in the split shows.
-        use super::{flash_attention_lse, flash_dq_atomic_enabled, grad, set_flash_dq_atomic};
+        use super::{flash_attention_lse, grad};
         use candle_core::{Device, Tensor};
         let mk = |n: usize| Tensor::randn(0f32, 1.0, (2, 3, n, 32), &Device::Cpu).unwrap().to_dtype(BF16).unwrap();
         let (q, k, v, dout) = (mk(5), mk(9), mk(9), mk(5));
