@@ -85,13 +85,13 @@ for s in $sections; do
              export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
              # The wide forward (128 rows a block): the same, decided by the wide section.
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
-             # Head sizes 96 and 128 (no section's shape has them; the large section times them).
+             # Head sizes 80, 96 and 128 (no section's shape has them; the large section times them).
              export PATCHLM_FLASH_MMA_LARGE_HEADS=${PATCHLM_FLASH_MMA_LARGE_HEADS:-$large}
              echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
-               "mma flash at head sizes 96/128 $PATCHLM_FLASH_MMA_LARGE_HEADS" ;;
+               "mma flash at head sizes 80/96/128 $PATCHLM_FLASH_MMA_LARGE_HEADS" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -214,11 +214,11 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["config"] if rows else "0:0:0")
           IFS=: read -r f b d <<< "$best"
           export PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d
           echo "flash variant (wide, wide backward, one-pass backward): $best (kept for the sections that follow)" ;;
-    large) # The 780M (head size 96) and 1.3B (128) presets, where the mma.sync kernels at those sizes
+    large) # The 780M (head size 96), 1.3B (128) and 2.7B (80) presets, where the mma.sync kernels at those sizes
            # passed their tests: flash attention's kernels alone, and a training step with flash
            # attention against one with softmax attention.
-           if [ "${PATCHLM_FLASH_MMA_LARGE_HEADS:-0}" != 1 ]; then echo "mma flash at 96/128 off (its tests did not pass)"; continue; fi
-           for shape in "780m 4 2048" "1.3b 2 2048"; do
+           if [ "${PATCHLM_FLASH_MMA_LARGE_HEADS:-0}" != 1 ]; then echo "mma flash at 80/96/128 off (its tests did not pass)"; continue; fi
+           for shape in "780m 4 2048" "1.3b 2 2048" "2.7b 1 2048"; do
              set -- $shape
              timeout 60 /tmp/bin/xtask bench flash --preset $1 --batch $2 --ctx $3 --device cuda --dtype bf16 2>&1 \
                | grep '^{' | tee -a "$OUT/large.txt"

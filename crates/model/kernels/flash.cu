@@ -804,6 +804,17 @@ __device__ __forceinline__ void ldm_x4(uint32_t* r, const void* row) {
 #endif
 }
 
+// ldmatrix.x2: matrices 0 and 1 of ldm_x4 (lanes 0-15 give the addresses): the B fragment of one
+// k-step, where a tile's k-steps are odd in number.
+__device__ __forceinline__ void ldm_x2(uint32_t* r, const void* row) {
+#ifdef PATCHLM_EMU
+    emu::ldmatrix_x2<false>(r, row);
+#else
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#endif
+}
+
 // The A fragments of k-step kk for the 16 rows of a row-major shared tile `m` (row stride ld, a
 // multiple of 8 elements): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
 template <typename T>
@@ -818,9 +829,10 @@ __device__ __forceinline__ void frag_a(uint32_t* a, const T* m, int ld, int kk) 
 // column blocks); without, B's column c is the tile's row c, B[k][c] = b[c][k] (one load covers
 // two k-steps of a block). Each B fragment loaded serves all R row blocks: a warp of R row blocks
 // reads the shared tile once per 16R rows (R = 1: one ldmatrix.x4 a 2 mma, R = 2: a 4).
+// (Without COLS, an odd K takes its last k-step with ldmatrix.x2: head size 80.)
 template <typename T, bool COLS, int K, int N, int R>
 __device__ __forceinline__ void mma_tile_rows(float (*acc)[N][4], const uint32_t (*a)[K][4], const T* b, int ld) {
-    static_assert(COLS ? N % 2 == 0 : K % 2 == 0, "ldmatrix.x4 loads two blocks at once");
+    static_assert(!COLS || N % 2 == 0, "ldmatrix.x4 loads two column blocks at once");
     const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
     if (COLS) {
 #pragma unroll
@@ -840,7 +852,7 @@ __device__ __forceinline__ void mma_tile_rows(float (*acc)[N][4], const uint32_t
 #pragma unroll
         for (int n = 0; n < N; n++) {
 #pragma unroll
-            for (int kk = 0; kk < K; kk += 2) {
+            for (int kk = 0; kk + 1 < K; kk += 2) {
                 uint32_t bf[4];  // k-step kk: bf[0..1]; kk + 1: bf[2..3]
                 ldm_x4<false>(bf, b + (n * 8 + r) * ld + kk * 16 + j * 8);
 #pragma unroll
@@ -848,6 +860,12 @@ __device__ __forceinline__ void mma_tile_rows(float (*acc)[N][4], const uint32_t
                     Mma<T>::run(acc[i][n], a[i][kk], bf);
                     Mma<T>::run(acc[i][n], a[i][kk + 1], bf + 2);
                 }
+            }
+            if constexpr (K % 2 == 1) {
+                uint32_t bf[2];  // the last k-step (lanes 16-31 repeat lanes 0-15's addresses)
+                ldm_x2(bf, b + (n * 8 + r) * ld + (K - 1) * 16 + (j & 1) * 8);
+#pragma unroll
+                for (int i = 0; i < R; i++) Mma<T>::run(acc[i][n], a[i][K - 1], bf);
             }
         }
     }
@@ -924,7 +942,7 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 #define MMA_ROWS (16 * MMA_WARPS)
 // The head sizes of the mma kernels, and their key tiles: 64 keys, 32 above head size 64 (two
 // buffers of a (k, v) tile pair within 48 KB of static shared memory).
-#define MMA_HEAD(HD) ((HD) == 32 || (HD) == 64 || (HD) == 96 || (HD) == 128)
+#define MMA_HEAD(HD) ((HD) == 32 || (HD) == 64 || (HD) == 80 || (HD) == 96 || (HD) == 128)
 #define MMA_KEYS(HD) ((HD) <= 64 ? 64 : 32)
 
 // Forward: o and the log-sum-exp per query row. Each warp owns RW blocks of 16 rows, a block
@@ -935,7 +953,7 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 // the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
 template <typename T, int HD, int RW>
 __device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
-    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 96 and 128");
+    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
     constexpr int BC = MMA_KEYS(HD), LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
     static_assert(ROWS <= 2 * BC, "the q tile is staged in the second (k, v) buffer");
     __shared__ __align__(16) T kv[2][2 * BC * LD];  // two buffers of a (k, v) tile pair
@@ -1067,7 +1085,7 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
 template <typename T, int HD, int RW>
 __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t,
                                   int s, float scale) {
-    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 96 and 128");
+    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
     constexpr int BB = MMA_KEYS(HD) / RW, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
     // Two buffers of a (k, v) tile pair; before the loop they stage the q and dO tiles.
     __shared__ __align__(16) T kv[2][2 * BB * LD];
@@ -1280,7 +1298,7 @@ struct DkvSmem {
 template <typename T, int HD, bool DQ, int NW>
 __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk,
                                    T* dv, float* dq_acc, int t, int s, float scale) {
-    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 96 and 128");
+    static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
     static_assert(NW == 4 || (NW == 8 && HD == 64), "the dk/dv pass has 4 warps, or 8 at head size 64");
     using M = DkvSmem<T, HD, DQ, NW>;
     constexpr int BQ = M::BQ, LD = M::LD, LDS = M::LDS, ROWS = M::ROWS;
@@ -1384,8 +1402,10 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
     flash_mma_dkv_pass<T, HD, false, 4>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);
 }
 FLASH_TC_ALL(mma)
-// The larger head sizes (mma.sync only; PATCHLM_FLASH_MMA_LARGE_HEADS): 96 (the 780M preset) and
-// 128 (1.3B), with the smaller tiles of MMA_KEYS and DkvSmem.
+// The larger head sizes (mma.sync only; PATCHLM_FLASH_MMA_LARGE_HEADS): 80 (the 2.7B preset), 96
+// (780M) and 128 (1.3B), with the smaller tiles of MMA_KEYS and DkvSmem.
+FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 80)
+FLASH_TC_FAMILY(mma, __half, f16, 80)
 FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 96)
 FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 128)
 FLASH_TC_FAMILY(mma, __half, f16, 96)
@@ -1408,7 +1428,7 @@ FLASH_DKVQ(__nv_bfloat16, bf16, 32)
 FLASH_DKVQ(__nv_bfloat16, bf16, 64)
 FLASH_DKVQ(__half, f16, 32)
 FLASH_DKVQ(__half, f16, 64)
-// (At head size 96 the one-pass dq tile does not split into even column blocks: two passes.)
+// (At head sizes 80 and 96 the one-pass dq tile does not split into even column blocks: two passes.)
 FLASH_DKVQ(__nv_bfloat16, bf16, 128)
 FLASH_DKVQ(__half, f16, 128)
 

@@ -369,7 +369,7 @@ enum Tc {
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
     MmaWideBwdDqAtomic,
-    /// mma.sync at head sizes 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS), two passes.
+    /// mma.sync at head sizes 80, 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS), two passes.
     MmaLarge,
     /// The same with the one-pass backward (at 128).
     MmaLargeDqAtomic,
@@ -430,18 +430,18 @@ fn cuda_flash_wide_backward_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWideBwdDqAtomic);
 }
 
-/// The mma.sync kernels at head sizes 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS), two passes and
-/// one, as above; in a process of its own.
+/// The mma.sync kernels at head sizes 80, 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS), two passes
+/// and one, as above; in a process of its own.
 #[test]
 #[ignore]
 fn cuda_flash_large_heads_match_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaLarge);
     tensor_core_flash_matches_cpu(Tc::MmaLargeDqAtomic);
-    // Autograd's path, whose backward takes the log-sum-exp again (at 96 from the mma forward:
-    // no CUDA-core kernel has that size).
+    // Autograd's path, whose backward takes the log-sum-exp again (at 80 and 96 from the mma
+    // forward: no CUDA-core kernel has those sizes).
     let g = gpu();
     set_tc(Tc::MmaLarge);
-    for hd in [96usize, 128] {
+    for hd in [80usize, 96, 128] {
         let mk =
             |n: usize| Tensor::randn(0f32, 1.0, (1, 3, n, hd), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
         let (q, k, v, up) = (mk(90), mk(90), mk(90), mk(90));
@@ -478,6 +478,8 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
             (1, 2, 33, 80, 128, true),
             (2, 8, 1024, 1024, 128, false),
             (2, 8, 512, 512, 96, false),
+            (1, 2, 70, 90, 80, true),
+            (2, 8, 512, 512, 80, false),
         ]
     } else {
         &[

@@ -436,8 +436,8 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             check(&args[6], s, &dv, tol_grad, "dv");
         }
     }
-    if family == Flash::Mma && hd != 96 {
-        // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC; not at head size 96): dq summed over key blocks in a
+    if family == Flash::Mma && !matches!(hd, 80 | 96) {
+        // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC; not at head sizes 80 and 96): dq summed over key blocks in a
         // zeroed f32 buffer with atomics, then scaled and rounded by flash_dq_cast.
         let nq = bh * t * hd;
         let mut args = with(vec![uninit(s), uninit(s), zeroed(nq)]);
@@ -519,9 +519,10 @@ fn emulated_wide_flash_backward_shared_memory_agrees() {
     assert!(got[0] <= 48 * 1024 && got[1] > 48 * 1024, "{got:?}");
 }
 
-/// The mma.sync kernels at head sizes 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS: 32-key forward
-/// and dq tiles, 16-query dk/dv tiles), on shapes with partial tiles of each size, more keys than
-/// queries, both 16-bit dtypes, misaligned inputs and uniform probabilities.
+/// The mma.sync kernels at head sizes 80, 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS: 32-key
+/// forward and dq tiles, 16-query dk/dv tiles; at 80 an odd number of k-steps, the last through
+/// ldmatrix.x2), on shapes with partial tiles of each size, more keys than queries, both 16-bit
+/// dtypes, misaligned inputs and uniform probabilities.
 #[test]
 fn emulated_mma_flash_attention_large_heads_match_reference() {
     for (shape, dtype, misalign, q_sd) in [
@@ -530,6 +531,9 @@ fn emulated_mma_flash_attention_large_heads_match_reference() {
         ((1, 20, 20, 96), DType::F16, true, 1.5),
         ((1, 130, 144, 128), DType::BF16, false, 1.5),
         ((1, 66, 80, 128), DType::BF16, false, 0.0),
+        ((2, 45, 61, 80), DType::BF16, false, 1.5),
+        ((1, 33, 33, 80), DType::F16, true, 1.5),
+        ((1, 40, 70, 80), DType::BF16, false, 0.0),
     ] {
         check_flash(Flash::Mma, shape, dtype, misalign, q_sd);
     }
@@ -1094,6 +1098,21 @@ fn emulated_warp_matrix_instructions_match_the_documented_layouts() {
                 };
                 assert_eq!(got[4 * l + j], want, "ldmatrix trans {trans}: lane {l} register {j}");
             }
+        }
+    }
+    // ldmatrix.x2: matrices 0 and 1 only, from lanes 0-15's addresses.
+    let mut args = [A::Buf(m.iter().flat_map(|x| x.to_le_bytes()).collect()), out(64, DType::F32)];
+    emulate("probe_ldmatrix_x2", Launch { grid: (1, 1, 1), block: (32, 1, 1) }, &mut args);
+    let A::Buf(got) = &args[1] else { unreachable!() };
+    let got = words_back(got);
+    for l in 0..32 {
+        for j in 0..2 {
+            let (g, t) = (l / 4, l % 4);
+            assert_eq!(
+                got[2 * l + j],
+                pack(at(j, g, 2 * t), at(j, g, 2 * t + 1)),
+                "ldmatrix.x2: lane {l} register {j}"
+            );
         }
     }
 }

@@ -143,4 +143,26 @@ inline void ldmatrix_x4(uint32_t* r, const void* row) {
     __syncwarp();  // no lane's later store to the rows lands before every lane has read them
 }
 
+// PTX ldmatrix.sync.aligned.m8n8.x2[.trans].shared.b16: two 8x8 matrices, their rows' addresses
+// from lanes 0-15 (the other lanes' are ignored).
+template <bool TRANS>
+inline void ldmatrix_x2(uint32_t* r, const void* row) {
+    uint64_t rows[32];
+    warp_all((uint64_t) reinterpret_cast<uintptr_t>(row), rows);
+    if (lane_id() < 16 && (reinterpret_cast<uintptr_t>(row) & 15) != 0) {
+        fprintf(stderr, "emu: ldmatrix row address %p is not 16-byte aligned\n", row);
+        exit(4);
+    }
+    const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+    auto at = [&](int m, int rr, int c) {
+        uint16_t h;
+        memcpy(&h, reinterpret_cast<const char*>(static_cast<uintptr_t>(rows[8 * m + rr])) + 2 * c, 2);
+        return (uint32_t)h;
+    };
+    for (int j = 0; j < 2; j++) {
+        r[j] = TRANS ? at(j, 2 * t, g) | (at(j, 2 * t + 1, g) << 16) : at(j, g, 2 * t) | (at(j, g, 2 * t + 1) << 16);
+    }
+    __syncwarp();
+}
+
 }  // namespace emu

@@ -37,3 +37,17 @@ extern "C" __global__ void probe_ldmatrix(const uint16_t* m, uint32_t* out, int 
     }
     for (int j = 0; j < 4; j++) out[4 * l + j] = r[j];
 }
+
+// ldmatrix.x2 (ldm_x2, not transposed) on the same staging: lanes 0-15 give matrices 0 and 1
+// (lanes 16-31 the rows of matrices 2 and 3, which the instruction ignores). Lane l's two
+// registers go to out[2l..2l+2).
+extern "C" __global__ void probe_ldmatrix_x2(const uint16_t* m, uint32_t* out) {
+    __shared__ __align__(16) uint16_t s[32 * 24];
+    const int l = threadIdx.x;
+    for (int c = 0; c < 8; c++) s[l * 24 + c] = m[l * 8 + c];
+    __syncthreads();
+    uint32_t r[2];
+    ldm_x2(r, s + l * 24);
+    out[2 * l] = r[0];
+    out[2 * l + 1] = r[1];
+}

@@ -726,14 +726,14 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let mma = super::flash_mma_enabled(dtype, hd);
     if !([16, 32, 64, 128].contains(&hd) || mma) {
         candle_core::bail!(
-            "flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA (96 with the mma.sync kernels at \
-             bf16/f16, PATCHLM_FLASH_MMA_LARGE_HEADS=1)"
+            "flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA (80 and 96 with the mma.sync \
+             kernels at bf16/f16, PATCHLM_FLASH_MMA_LARGE_HEADS=1)"
         );
     }
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }
-    if kernel == FlashKernel::Lse && mma && hd == 96 {
+    if kernel == FlashKernel::Lse && mma && matches!(hd, 80 | 96) {
         // No CUDA-core kernel at this size: the log-sum-exp from the mma.sync forward (with v = k).
         let (_, lse) = flash_t::<T>(&[x[0], x[1], x[1]], None, d, scale, FlashKernel::Fwd)?;
         let lse = lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?;

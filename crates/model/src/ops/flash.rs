@@ -56,7 +56,7 @@ fn tensor_core_shape(dtype: DType, hd: usize) -> bool {
 static FLASH_MMA: Switch = Switch::new("PATCHLM_FLASH_MMA", true, true);
 
 /// Chooses the mma.sync kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
-/// head size 32 or 64; 96 and 128 with [`set_flash_mma_large_heads`]), process-wide: FlashAttention-2's register dataflow (scores, softmax and
+/// head size 32 or 64; 80, 96 and 128 with [`set_flash_mma_large_heads`]), process-wide: FlashAttention-2's register dataflow (scores, softmax and
 /// probabilities stay in registers; kernels/flash.cu), ahead of [`set_flash_tc`]'s wmma kernels
 /// when both are on. On by default (their device tests passed on an H200, where they made a
 /// GPT-2-small step 1.16× faster than softmax attention); `PATCHLM_FLASH_MMA=0` also turns them
@@ -66,22 +66,24 @@ pub fn set_flash_mma(enabled: bool) {
 }
 
 /// Whether [`flash_attention`] on CUDA uses the mma.sync kernels for `dtype` and head size `hd`
-/// (see [`set_flash_mma`]; head sizes 96 and 128 also need [`set_flash_mma_large_heads`]).
+/// (see [`set_flash_mma`]; head sizes 80, 96 and 128 also need [`set_flash_mma_large_heads`]).
 pub fn flash_mma_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_MMA.get()
         && (tensor_core_shape(dtype, hd)
-            || (FLASH_MMA_LARGE_HEADS.get() && matches!(dtype, DType::BF16 | DType::F16) && matches!(hd, 96 | 128)))
+            || (FLASH_MMA_LARGE_HEADS.get()
+                && matches!(dtype, DType::BF16 | DType::F16)
+                && matches!(hd, 80 | 96 | 128)))
 }
 
 static FLASH_MMA_LARGE_HEADS: Switch = Switch::new("PATCHLM_FLASH_MMA_LARGE_HEADS", true, false);
 
-/// Extends [`set_flash_mma`]'s kernels to head sizes 96 (the 780M preset) and 128 (the 1.3B
-/// preset), process-wide, with smaller tiles (32 keys a forward and dq step, 16 queries a dk/dv
+/// Extends [`set_flash_mma`]'s kernels to head sizes 80 (the 2.7B preset), 96 (780M) and 128
+/// (1.3B), process-wide, with smaller tiles (32 keys a forward and dq step, 16 queries a dk/dv
 /// step) so that each kernel stays within 48 KB of shared memory and 255 registers without
 /// spilling (sm_90). Where they do not apply, those sizes run softmax attention. Off by default
 /// (also `PATCHLM_FLASH_MMA_LARGE_HEADS=1`) until `tests/cuda.rs` has run them on a GPU;
-/// `tests/emulated.rs` checks their math without one. At head size 96 the backward always takes
-/// two passes ([`set_flash_dq_atomic`] does not apply).
+/// `tests/emulated.rs` checks their math without one. At head sizes 80 and 96 the backward always
+/// takes two passes ([`set_flash_dq_atomic`] does not apply).
 pub fn set_flash_mma_large_heads(enabled: bool) {
     FLASH_MMA_LARGE_HEADS.set(enabled);
 }
@@ -100,9 +102,9 @@ pub fn set_flash_dq_atomic(enabled: bool) {
 }
 
 /// Whether flash attention's backward pass computes dq, dk and dv in one pass for `dtype` and
-/// head size `hd` (see [`set_flash_dq_atomic`]; only where the mma.sync kernels apply, not at 96).
+/// head size `hd` (see [`set_flash_dq_atomic`]; only where the mma.sync kernels apply, not at 80 or 96).
 pub fn flash_dq_atomic_enabled(dtype: DType, hd: usize) -> bool {
-    FLASH_DQ_ATOMIC.get() && hd != 96 && flash_mma_enabled(dtype, hd)
+    FLASH_DQ_ATOMIC.get() && !matches!(hd, 80 | 96) && flash_mma_enabled(dtype, hd)
 }
 
 static FLASH_WIDE: Switch = Switch::new("PATCHLM_FLASH_WIDE", true, false);

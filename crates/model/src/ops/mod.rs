@@ -342,7 +342,7 @@ mod tests {
         assert!(!flash_wide_bwd_enabled(BF16, 64));
         set_flash_mma(true);
         set_flash_wide_bwd(false);
-        // Head sizes 96 and 128: only with their switch; no one-pass backward at 96, no wide
+        // Head sizes 80, 96 and 128: only with their switch; no one-pass backward at 80 or 96, no wide
         // forward above 64.
         use super::{flash_dq_atomic_enabled, set_flash_dq_atomic, set_flash_mma_large_heads};
         assert!(!flash_mma_enabled(BF16, 96) && !flash_mma_enabled(BF16, 128));
@@ -350,8 +350,12 @@ mod tests {
         set_flash_wide(true);
         set_flash_dq_atomic(true);
         assert!(flash_mma_enabled(BF16, 96) && flash_mma_enabled(F16, 128) && !flash_mma_enabled(F32, 128));
-        assert!(!flash_mma_enabled(BF16, 80) && !flash_tc_enabled(BF16, 128));
-        assert!(flash_dq_atomic_enabled(BF16, 128) && !flash_dq_atomic_enabled(BF16, 96));
+        assert!(flash_mma_enabled(BF16, 80) && !flash_mma_enabled(BF16, 48) && !flash_tc_enabled(BF16, 128));
+        assert!(
+            flash_dq_atomic_enabled(BF16, 128)
+                && !flash_dq_atomic_enabled(BF16, 96)
+                && !flash_dq_atomic_enabled(F16, 80)
+        );
         assert!(!flash_wide_enabled(BF16, 128) && flash_wide_enabled(BF16, 64));
         set_flash_dq_atomic(false);
         set_flash_wide(false);
