@@ -949,7 +949,8 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 // 64·RW rows; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1 (flash_mma_fwd): the
 // default. RW = 2 (flash_mma_fwdw, PATCHLM_FLASH_WIDE; FlashAttention-2's 128-row forward tile
 // for these head sizes): each (k, v) tile fetched and each B fragment read from shared memory
-// serves twice the rows, for a third more registers and half the blocks. The q tile is staged in
+// serves twice the rows, for more registers (sm_90, head size 64: 242 against 133) and half the
+// blocks. The q tile is staged in
 // the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
 template <typename T, int HD, int RW>
 __device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {

@@ -709,6 +709,102 @@ fn flash(
     by_dtype!(first.dtype(), "flash_attention", flash_t(x, st, d, scale, kernel))
 }
 
+/// Which flash kernels one step of kind `kernel` launches for a dtype and head size under the
+/// process-wide switches of [`super::flash`]: the family, the wide variants, and whether the
+/// log-sum-exp comes from the forward (no CUDA-core kernel at head sizes 80 and 96).
+#[derive(Clone, Copy, Debug)]
+struct FlashPlan {
+    /// "flash" (CUDA cores), "flash_tc" (wmma) or "flash_mma" (mma.sync).
+    family: &'static str,
+    /// The wide forward or dq kernel (128 query rows a block).
+    wide: bool,
+    /// The wide dk/dv or one-pass kernel (128 keys a block).
+    wide_bwd: bool,
+    /// [`FlashKernel::Lse`] by the mma.sync forward.
+    lse_by_fwd: bool,
+}
+
+impl FlashPlan {
+    fn new(kernel: FlashKernel, dtype: DType, hd: usize) -> Result<Self> {
+        let mma = super::flash_mma_enabled(dtype, hd);
+        if !([16, 32, 64, 128].contains(&hd) || mma) {
+            candle_core::bail!(
+                "flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA (80 and 96 with the mma.sync \
+                 kernels at bf16/f16, PATCHLM_FLASH_MMA_LARGE_HEADS=1)"
+            );
+        }
+        let family = match kernel {
+            FlashKernel::Lse => "flash",
+            _ if mma => "flash_mma",
+            _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
+            _ => "flash",
+        };
+        if kernel == FlashKernel::Dkvq && family != "flash_mma" {
+            candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
+        }
+        let is_mma = family == "flash_mma";
+        Ok(FlashPlan {
+            family,
+            wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
+                && is_mma
+                && super::flash_wide_enabled(dtype, hd),
+            wide_bwd: matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq)
+                && is_mma
+                && super::flash_wide_bwd_enabled(dtype, hd),
+            lse_by_fwd: kernel == FlashKernel::Lse && mma && ![16, 32, 64, 128].contains(&hd),
+        })
+    }
+
+    /// The kernels of the family that `kernel` launches, in order (the entry point is
+    /// `{family}_{which}_{dtype}_{hd}`).
+    fn which(&self, kernel: FlashKernel) -> &'static [&'static str] {
+        match kernel {
+            FlashKernel::Fwd if self.wide => &["fwdw"],
+            FlashKernel::Fwd => &["fwd"],
+            FlashKernel::Lse => &["lse"],
+            FlashKernel::Dq if self.wide => &["dqw"],
+            FlashKernel::Dq => &["dq"],
+            FlashKernel::Dkv if self.family == "flash" => &["dk", "dv"],
+            FlashKernel::Dkv if self.wide_bwd => &["dkvw"],
+            FlashKernel::Dkv => &["dkv"],
+            FlashKernel::Dkvq if self.wide_bwd => &["dkvqw"],
+            FlashKernel::Dkvq => &["dkvq"],
+        }
+    }
+}
+
+/// Every flash entry point that a step may launch under the current switches, for the 16-bit
+/// and f32 dtypes and head sizes 16 to 128, that is missing from the PTX (tests: a name the
+/// launchers build must exist before a GPU ever loads it).
+#[cfg(test)]
+pub(crate) fn missing_flash_entries() -> Vec<String> {
+    let mut missing = Vec::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let Ok(sfx) = suffix(dtype) else { continue };
+        for hd in [16, 32, 48, 64, 80, 96, 128] {
+            for kernel in [FlashKernel::Fwd, FlashKernel::Lse, FlashKernel::Dq, FlashKernel::Dkv, FlashKernel::Dkvq] {
+                if kernel == FlashKernel::Dkvq && !super::flash_dq_atomic_enabled(dtype, hd) {
+                    continue; // (the backward asks for the one pass only where it applies)
+                }
+                let Ok(mut plan) = FlashPlan::new(kernel, dtype, hd) else { continue };
+                let mut kernel = kernel;
+                if plan.lse_by_fwd {
+                    kernel = FlashKernel::Fwd;
+                    let Ok(p) = FlashPlan::new(kernel, dtype, hd) else { continue };
+                    plan = p;
+                }
+                let mut names: Vec<String> =
+                    plan.which(kernel).iter().map(|w| format!("{}_{w}_{sfx}_{hd}", plan.family)).collect();
+                if kernel == FlashKernel::Dkvq {
+                    names.push(format!("flash_dq_cast_{sfx}"));
+                }
+                missing.extend(names.into_iter().filter(|n| !FLASH_PTX.contains(&format!(".entry {n}("))));
+            }
+        }
+    }
+    missing
+}
+
 /// Launches the kernels of one flash-attention step: the mma.sync or wmma tensor-core ones
 /// where [`super::flash_mma_enabled`] or [`super::flash_tc_enabled`] (128 threads, 64 rows a
 /// block; the wide mma.sync ones 128 rows, see [`super::set_flash_wide`] and
@@ -723,32 +819,22 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let dev = x[0].0.device();
     let super::AttnDims { bh, t, s, hd } = d;
     let dtype = x[0].0.dtype();
-    let mma = super::flash_mma_enabled(dtype, hd);
-    if !([16, 32, 64, 128].contains(&hd) || mma) {
-        candle_core::bail!(
-            "flash_attention: head size {hd} is not one of 16, 32, 64, 128 on CUDA (80 and 96 with the mma.sync \
-             kernels at bf16/f16, PATCHLM_FLASH_MMA_LARGE_HEADS=1)"
-        );
-    }
+    let plan = FlashPlan::new(kernel, dtype, hd)?;
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }
-    if kernel == FlashKernel::Lse && mma && matches!(hd, 80 | 96) {
+    if plan.lse_by_fwd {
         // No CUDA-core kernel at this size: the log-sum-exp from the mma.sync forward (with v = k).
         let (_, lse) = flash_t::<T>(&[x[0], x[1], x[1]], None, d, scale, FlashKernel::Fwd)?;
         let lse = lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?;
         return Ok((lse, None));
     }
-    let family = match kernel {
-        FlashKernel::Lse => "flash",
-        _ if mma => "flash_mma",
-        _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
-        _ => "flash",
-    };
+    let FlashPlan { family, wide, wide_bwd, .. } = plan;
     let tc = family != "flash";
     let sfx = suffix(dtype)?;
     let func =
         |which: &str| dev.get_or_load_custom_func(&format!("{family}_{which}_{sfx}_{hd}"), FLASH_MODULE, FLASH_PTX);
+    let which = plan.which(kernel);
     let names: &[&str] = match kernel {
         FlashKernel::Fwd => &["q", "k", "v"],
         FlashKernel::Lse => &["q", "k"],
@@ -766,15 +852,6 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
     }
     let rows = if matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) { s } else { t };
-    // The wide forward: 128 query rows a block (see super::set_flash_wide).
-    let wide = matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
-        && family == "flash_mma"
-        && super::flash_wide_enabled(dtype, hd);
-    // The wide backward: 128 keys a block of 8 warps, in dynamic shared memory (see
-    // super::set_flash_wide_bwd).
-    let wide_bwd = matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq)
-        && family == "flash_mma"
-        && super::flash_wide_bwd_enabled(dtype, hd);
     let cfg = if wide {
         cfg(crate::launch::flash_wide(rows, bh))
     } else if wide_bwd {
@@ -814,18 +891,18 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         FlashKernel::Fwd => {
             let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
             let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-            launch!(if wide { "fwdw" } else { "fwd" }; &o, &lse, &ti, &si, &scale);
+            launch!(which[0]; &o, &lse, &ti, &si, &scale);
             Ok((T::wrap_cuda_slice(o, dev.clone()), Some(wrap_f32(lse, dev))))
         }
         FlashKernel::Lse => {
             let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-            launch!("lse"; &lse, &ti, &si, &scale);
+            launch!(which[0]; &lse, &ti, &si, &scale);
             Ok((wrap_f32(lse, dev), None))
         }
         FlashKernel::Dq => {
             let st = stats()?;
             let out = unsafe { dev.alloc::<T>(bh * t * hd)? };
-            launch!(if wide { "dqw" } else { "dq" }; &st, &out, &ti, &si, &scale);
+            launch!(which[0]; &st, &out, &ti, &si, &scale);
             Ok((T::wrap_cuda_slice(out, dev.clone()), None))
         }
         FlashKernel::Dkv => {
@@ -835,9 +912,9 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             {
                 let (mut dk, mut dv) = out.split_at_mut(n);
                 if tc {
-                    launch!(if wide_bwd { "dkvw" } else { "dkv" }; &st, &mut dk, &mut dv, &ti, &si, &scale);
+                    launch!(which[0]; &st, &mut dk, &mut dv, &ti, &si, &scale);
                 } else {
-                    for (which, dst) in [("dk", &mut dk), ("dv", &mut dv)] {
+                    for (which, dst) in which.iter().zip([&mut dk, &mut dv]) {
                         launch!(which; &st, dst, &ti, &si, &scale);
                     }
                 }
@@ -852,7 +929,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             {
                 let (mut dq, mut kv) = out.split_at_mut(nq);
                 let (mut dk, mut dv) = kv.split_at_mut(n);
-                launch!(if wide_bwd { "dkvqw" } else { "dkvq" }; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale);
+                launch!(which[0]; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale);
                 let f = dev.get_or_load_custom_func(&format!("flash_dq_cast_{sfx}"), FLASH_MODULE, FLASH_PTX)?;
                 let ni = nq as i32;
                 let mut b = f.builder();

@@ -380,6 +380,30 @@ mod tests {
             let d = (a.to_dtype(F32).unwrap() - b.to_dtype(F32).unwrap()).unwrap().abs().unwrap();
             assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         }
+
+        // With CUDA built in: every flash entry point the launchers can ask for, under every
+        // combination of the flash switches, is in the PTX (no GPU needed).
+        #[cfg(feature = "cuda")]
+        {
+            use super::{set_flash_mma_large_heads, set_flash_wide, set_flash_wide_bwd};
+            for bits in 0..64u32 {
+                let on = |i: u32| bits & (1 << i) != 0;
+                set_flash_mma(on(0));
+                set_flash_tc(on(1));
+                set_flash_mma_large_heads(on(2));
+                set_flash_wide(on(3));
+                set_flash_wide_bwd(on(4));
+                set_flash_dq_atomic(on(5));
+                let missing = super::cuda::missing_flash_entries();
+                assert!(missing.is_empty(), "switches {bits:06b}: no such kernels in the PTX: {missing:?}");
+            }
+            set_flash_mma(true);
+            set_flash_tc(false);
+            set_flash_mma_large_heads(false);
+            set_flash_wide(false);
+            set_flash_wide_bwd(false);
+            set_flash_dq_atomic(false);
+        }
     }
 
     /// A switch reports what the setter said, else nothing (the default applies), and keeps its
