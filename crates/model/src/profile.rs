@@ -9,7 +9,7 @@
 //! [`take_profile`] waits for the events and sums the spans by name. Spans do not nest: time a
 //! region in one span or in several side by side. Off, a span costs one relaxed atomic load.
 //!
-//! Names are `pass.kind.detail` (`fwd.matmul.qkv`, `bwd.attention`): the kind groups them for a
+//! Names are `pass.kind.detail` (`fwd.matmul.qkv`, `bwd.attention.dkv`): the kind groups them for a
 //! comparison with another framework's profile by kernel kind.
 //!
 //! `cargo xtask bench model --profile` prints one step's spans.

@@ -502,7 +502,9 @@ fn attention_backward(
     t: usize,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     match &lt.attn {
-        Attn::Probs(ps) => {
+        // (Profiled as one span; flash attention's backward times its passes apart, as
+        // `bwd.attention.*`.)
+        Attn::Probs(ps) => span("bwd.attention", dyh.device(), || {
             // Block by block (see the forward pass); key and value gradients of a block cover
             // positions 0..r1 and add up over the blocks, query gradients are disjoint.
             let bounds = chunk_bounds(t, ps.len());
@@ -519,7 +521,7 @@ fn attention_backward(
             let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
             let missing = || candle_core::Error::Msg("backward_tape: attention saved no blocks".into());
             Ok((dq, dk.ok_or_else(missing)?, dv.ok_or_else(missing)?))
-        }
+        }),
         Attn::Flash(o, lse) => grad::flash_attention_lse(&lt.q, &lt.k, &lt.v, o, lse, dyh, scale),
     }
 }
@@ -586,7 +588,7 @@ fn layer_backward(
         }
     })?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let (dq, dk, dv) = span("bwd.attention", dev, || attention_backward(&lt, &dyh, scale, t))?;
+    let (dq, dk, dv) = attention_backward(&lt, &dyh, scale, t)?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
     // (B, H + 2·KVH, T, hd) → (N, D + 2·KVD), the layout of the stacked projection's output.
     let dqkv = span("bwd.layout.heads_rope", dev, || {

@@ -1,6 +1,7 @@
 //! Causal flash attention, forward and backward ([`flash_attention`]).
 
 use super::*;
+use crate::profile::span;
 
 static FLASH: Switch = Switch::new("PATCHLM_FLASH_ATTENTION", true, false);
 
@@ -456,23 +457,29 @@ pub(super) fn flash_backward(
     let dout = dout.to_dtype(q.dtype())?.contiguous()?;
     // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the
     // tensor-core flash kernels until it has run on a GPU), else composed.
-    let stats = if q.device().is_cpu() || FLASH_TC.get() || FLASH_MMA.get() {
-        o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &FlashStats)?
-    } else {
-        let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
-        Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()?
-    };
+    // Profiled by pass (`bwd.attention.*`: the statistics, then dk and dv, then dq, or the one
+    // pass).
+    let dev = q.device().clone();
+    let stats = span("bwd.attention.stats", &dev, || {
+        if q.device().is_cpu() || FLASH_TC.get() || FLASH_MMA.get() {
+            o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &FlashStats)
+        } else {
+            let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+            Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()
+        }
+    })?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let grad = |part| q.apply_op3_no_bwd(&k, &v, &FlashGrad { scale, part, dout: dout.clone(), stats: stats.clone() });
     if flash_dq_atomic_enabled(q.dtype(), hd) {
         let s = k.dim(2)?;
-        let all = grad(FlashPart::All)?;
+        let all = span("bwd.attention.dkvq", &dev, || grad(FlashPart::All))?;
         let (nq, nk) = (b * h * t * hd, b * h * s * hd);
         let part = |at: usize, n: usize, len: usize| all.narrow(0, at, n)?.reshape((b, h, len, hd));
         return Ok((part(0, nq, t)?, part(nq, nk, s)?, part(nq + nk, nk, s)?));
     }
-    let dkv = grad(FlashPart::KV)?;
-    Ok((grad(FlashPart::Q)?, dkv.get(0)?, dkv.get(1)?))
+    let dkv = span("bwd.attention.dkv", &dev, || grad(FlashPart::KV))?;
+    let dq = span("bwd.attention.dq", &dev, || grad(FlashPart::Q))?;
+    Ok((dq, dkv.get(0)?, dkv.get(1)?))
 }
 
 /// The backward's row statistics: (o, dO (B, H, T, hd), lse (B, H, T) f32) → (B, H, T, 2) f32
