@@ -730,6 +730,9 @@ FLASH_STATS(__half, f16)
 
 FLASH_TC_ALL(tc)
 
+// M(T, S, HD) for both 16-bit dtypes (T, suffix S) at head size HD.
+#define FLASH_16BIT(M, HD) M(__nv_bfloat16, bf16, HD) M(__half, f16, HD)
+
 // ---------------------------------------------------------------------------------------------
 // Flash attention on mma.sync (m16n8k16, bf16 / f16 in, f32 accumulate; head sizes 32 and 64):
 // the same math, inputs and launch as the wmma kernels above, with FlashAttention-2's register
@@ -1405,12 +1408,10 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
 FLASH_TC_ALL(mma)
 // The larger head sizes (mma.sync only; PATCHLM_FLASH_MMA_LARGE_HEADS): 80 (the 2.7B preset), 96
 // (780M) and 128 (1.3B), with the smaller tiles of MMA_KEYS and DkvSmem.
-FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 80)
-FLASH_TC_FAMILY(mma, __half, f16, 80)
-FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 96)
-FLASH_TC_FAMILY(mma, __nv_bfloat16, bf16, 128)
-FLASH_TC_FAMILY(mma, __half, f16, 96)
-FLASH_TC_FAMILY(mma, __half, f16, 128)
+#define FLASH_MMA_FAMILY(T, S, HD) FLASH_TC_FAMILY(mma, T, S, HD)
+FLASH_16BIT(FLASH_MMA_FAMILY, 80)
+FLASH_16BIT(FLASH_MMA_FAMILY, 96)
+FLASH_16BIT(FLASH_MMA_FAMILY, 128)
 
 // flash_mma_dkvq's dq: dq[i] = acc[i] · scale, rounded to T; a grid-stride loop over n elements.
 template <typename T>
@@ -1425,34 +1426,25 @@ __device__ void flash_dq_cast(const float* acc, T* dq, int n, float scale) {
         int t, int s, float scale) {                                                                       \
         flash_mma_dkv_pass<T, HD, true, 4>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                \
     }
-FLASH_DKVQ(__nv_bfloat16, bf16, 32)
-FLASH_DKVQ(__nv_bfloat16, bf16, 64)
-FLASH_DKVQ(__half, f16, 32)
-FLASH_DKVQ(__half, f16, 64)
+FLASH_16BIT(FLASH_DKVQ, 32)
+FLASH_16BIT(FLASH_DKVQ, 64)
 // (At head sizes 80 and 96 the one-pass dq tile does not split into even column blocks: two passes.)
-FLASH_DKVQ(__nv_bfloat16, bf16, 128)
-FLASH_DKVQ(__half, f16, 128)
+FLASH_16BIT(FLASH_DKVQ, 128)
 
-// The wide forward (flash_mma_fwd_rows with RW = 2: 128 rows a block of 128 threads).
-#define FLASH_FWDW(T, S, HD)                                                                               \
+// The wide forward and dq (flash_mma_fwd_rows, flash_mma_dq_rows with RW = 2: 128 rows a block
+// of 128 threads).
+#define FLASH_MMA_WIDE(T, S, HD)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) flash_mma_fwdw_##S##_##HD(                           \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \
         flash_mma_fwd_rows<T, HD, 2>(q, k, v, o, lse, t, s, scale);                                        \
-    }
-#define FLASH_DQW(T, S, HD)                                                                                \
+    }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) flash_mma_dqw_##S##_##HD(                            \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
         float scale) {                                                                                     \
         flash_mma_dq_rows<T, HD, 2>(q, dout, k, v, st, out, t, s, scale);                                  \
     }
-FLASH_DQW(__nv_bfloat16, bf16, 32)
-FLASH_DQW(__nv_bfloat16, bf16, 64)
-FLASH_DQW(__half, f16, 32)
-FLASH_DQW(__half, f16, 64)
-FLASH_FWDW(__nv_bfloat16, bf16, 32)
-FLASH_FWDW(__nv_bfloat16, bf16, 64)
-FLASH_FWDW(__half, f16, 32)
-FLASH_FWDW(__half, f16, 64)
+FLASH_16BIT(FLASH_MMA_WIDE, 32)
+FLASH_16BIT(FLASH_MMA_WIDE, 64)
 
 // The wide backward (flash_mma_dkv_pass with 8 warps: 128 keys a block of 256 threads), dk and
 // dv, and dq, dk and dv; head size 64.

@@ -371,6 +371,10 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         let e = max_rel(&output(a, dtype, &[bh, n, hd]), want);
         assert!(e < tol, "{what}: {part} rel err {e}");
     };
+    // A wide kernel's output against the default kernel's, byte for byte.
+    let same = |wide: &A, default: &[u8], part: &str| {
+        assert!(bytes_of(wide) == default, "{what}: wide {part} differs from the default's");
+    };
 
     // Forward: o and the log-sum-exp.
     let mut args = [
@@ -395,8 +399,8 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         wide[4] = out(bh * t, DType::F32);
         emulate(&name("fwdw"), launch::flash_wide(t, bh), &mut wide);
         check(&wide[3], t, &o, tol, "wide forward output");
-        assert!(bytes_of(&wide[3]) == bytes_of(&args[3]), "{what}: wide forward output differs from the default's");
-        assert!(bytes_of(&wide[4]) == bytes_of(&args[4]), "{what}: wide forward lse differs from the default's");
+        same(&wide[3], bytes_of(&args[3]), "forward output");
+        same(&wide[4], bytes_of(&args[4]), "forward lse");
     }
     if family == Flash::CudaCore {
         // The log-sum-exp alone (no output).
@@ -422,7 +426,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         let mut wide = with(vec![uninit(t)]);
         emulate(&name("dqw"), launch::flash_wide(t, bh), &mut wide);
         check(&wide[5], t, &dq, tol_grad, "dq (wide)");
-        assert!(bytes_of(&wide[5]) == bytes_of(&args[5]), "{what}: wide dq differs from the default's");
+        same(&wide[5], bytes_of(&args[5]), "dq");
     }
     let parts: &[(&str, &Tensor)] = match family {
         Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],
@@ -440,13 +444,17 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC; not at head sizes 80 and 96): dq summed over key blocks in a
         // zeroed f32 buffer with atomics, then scaled and rounded by flash_dq_cast.
         let nq = bh * t * hd;
+        // The one pass's dq: its f32 sums scaled and rounded, against the reference.
+        let check_dq = |acc: &A, part: &str| {
+            let mut cast = [acc.clone(), uninit(t), A::I(nq as i64), A::F(scale as f32)];
+            emulate(&format!("flash_dq_cast_{}", suffix(dtype)), launch::elems(nq), &mut cast);
+            check(&cast[1], t, &dq, tol_grad, part);
+        };
         let mut args = with(vec![uninit(s), uninit(s), zeroed(nq)]);
         go("dkvq", s, &mut args);
         check(&args[5], s, &dk, tol_grad, "dk (one pass)");
         check(&args[6], s, &dv, tol_grad, "dv (one pass)");
-        let mut cast = [args[7].clone(), uninit(t), A::I(nq as i64), A::F(scale as f32)];
-        emulate(&format!("flash_dq_cast_{}", suffix(dtype)), launch::elems(nq), &mut cast);
-        check(&cast[1], t, &dq, tol_grad, "dq (one pass)");
+        check_dq(&args[7], "dq (one pass)");
 
         if hd == 64 {
             // The wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block of 8 warps): dk and dv
@@ -457,15 +465,13 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             let mut wide = with(vec![uninit(s), uninit(s)]);
             emulate(&name("dkvw"), launch::flash_wide_bwd(s, bh), &mut wide);
             check(&wide[5], s, &dk, tol_grad, "dk (wide)");
-            assert!(bytes_of(&wide[5]) == dk_bytes, "{what}: wide dk differs from the default's");
-            assert!(bytes_of(&wide[6]) == dv_bytes, "{what}: wide dv differs from the default's");
+            same(&wide[5], &dk_bytes, "dk");
+            same(&wide[6], &dv_bytes, "dv");
             let mut wide = with(vec![uninit(s), uninit(s), zeroed(nq)]);
             emulate(&name("dkvqw"), launch::flash_wide_bwd(s, bh), &mut wide);
-            assert!(bytes_of(&wide[5]) == dk_bytes, "{what}: wide one-pass dk differs from the default's");
-            assert!(bytes_of(&wide[6]) == dv_bytes, "{what}: wide one-pass dv differs from the default's");
-            let mut cast = [wide[7].clone(), uninit(t), A::I(nq as i64), A::F(scale as f32)];
-            emulate(&format!("flash_dq_cast_{}", suffix(dtype)), launch::elems(nq), &mut cast);
-            check(&cast[1], t, &dq, tol_grad, "dq (wide one pass)");
+            same(&wide[5], &dk_bytes, "one-pass dk");
+            same(&wide[6], &dv_bytes, "one-pass dv");
+            check_dq(&wide[7], "dq (wide one pass)");
         }
     }
 }

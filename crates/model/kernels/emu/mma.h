@@ -118,51 +118,40 @@ inline void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
     }
 }
 
-// PTX ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8x8 matrices of 16-bit elements.
-// Lane 8j + r gives the address of row r of matrix j (16 bytes, 16-byte aligned); register j of
-// lane l receives matrix j's row l / 4, elements 2(l % 4) and 2(l % 4) + 1 (the lower index in the
-// lower half), or with .trans the same of the transposed matrix: rows 2(l % 4) and 2(l % 4) + 1 of
-// column l / 4.
-template <bool TRANS>
-inline void ldmatrix_x4(uint32_t* r, const void* row) {
-    if ((reinterpret_cast<uintptr_t>(row) & 15) != 0) {
-        fprintf(stderr, "emu: ldmatrix row address %p is not 16-byte aligned\n", row);
-        exit(4);
-    }
+// PTX ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16 (N = 4 or 2): N 8x8 matrices of 16-bit
+// elements. Lane 8j + r (j < N) gives the address of row r of matrix j (16 bytes, 16-byte
+// aligned; the other lanes' addresses are ignored); register j of lane l receives matrix j's row
+// l / 4, elements 2(l % 4) and 2(l % 4) + 1 (the lower index in the lower half), or with .trans
+// the same of the transposed matrix: rows 2(l % 4) and 2(l % 4) + 1 of column l / 4.
+template <int N, bool TRANS>
+inline void ldmatrix_n(uint32_t* r, const void* row) {
+    static_assert(N == 4 || N == 2, "ldmatrix loads 4 or 2 matrices here");
     uint64_t rows[32];
     warp_all((uint64_t) reinterpret_cast<uintptr_t>(row), rows);
     const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+    if (lane < 8 * N && (reinterpret_cast<uintptr_t>(row) & 15) != 0) {
+        fprintf(stderr, "emu: ldmatrix row address %p is not 16-byte aligned\n", row);
+        exit(4);
+    }
     auto at = [&](int m, int rr, int c) {
         uint16_t h;
         memcpy(&h, reinterpret_cast<const char*>(static_cast<uintptr_t>(rows[8 * m + rr])) + 2 * c, 2);
         return (uint32_t)h;
     };
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < N; j++) {
         r[j] = TRANS ? at(j, 2 * t, g) | (at(j, 2 * t + 1, g) << 16) : at(j, g, 2 * t) | (at(j, g, 2 * t + 1) << 16);
     }
     __syncwarp();  // no lane's later store to the rows lands before every lane has read them
 }
 
-// PTX ldmatrix.sync.aligned.m8n8.x2[.trans].shared.b16: two 8x8 matrices, their rows' addresses
-// from lanes 0-15 (the other lanes' are ignored).
+template <bool TRANS>
+inline void ldmatrix_x4(uint32_t* r, const void* row) {
+    ldmatrix_n<4, TRANS>(r, row);
+}
+
 template <bool TRANS>
 inline void ldmatrix_x2(uint32_t* r, const void* row) {
-    uint64_t rows[32];
-    warp_all((uint64_t) reinterpret_cast<uintptr_t>(row), rows);
-    if (lane_id() < 16 && (reinterpret_cast<uintptr_t>(row) & 15) != 0) {
-        fprintf(stderr, "emu: ldmatrix row address %p is not 16-byte aligned\n", row);
-        exit(4);
-    }
-    const int lane = lane_id(), g = lane >> 2, t = lane & 3;
-    auto at = [&](int m, int rr, int c) {
-        uint16_t h;
-        memcpy(&h, reinterpret_cast<const char*>(static_cast<uintptr_t>(rows[8 * m + rr])) + 2 * c, 2);
-        return (uint32_t)h;
-    };
-    for (int j = 0; j < 2; j++) {
-        r[j] = TRANS ? at(j, 2 * t, g) | (at(j, 2 * t + 1, g) << 16) : at(j, g, 2 * t) | (at(j, g, 2 * t + 1) << 16);
-    }
-    __syncwarp();
+    ldmatrix_n<2, TRANS>(r, row);
 }
 
 }  // namespace emu

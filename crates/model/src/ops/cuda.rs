@@ -2,7 +2,9 @@
 //! by build.rs), twins of the CPU implementations in the sibling modules.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::{bf16, f16};
@@ -709,6 +711,24 @@ fn flash(
     by_dtype!(first.dtype(), "flash_attention", flash_t(x, st, d, scale, kernel))
 }
 
+/// Raises the dynamic shared-memory limit of kernel `name` on `dev` to `bytes` (needed past 48 KB),
+/// once per kernel and device: the limit stays with the loaded function, so later launches skip
+/// the driver call.
+fn raise_shared_limit(dev: &CudaDevice, f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static RAISED: Mutex<Option<HashMap<(candle_core::cuda_backend::DeviceId, String), u32>>> = Mutex::new(None);
+    let mut raised = RAISED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (dev.id(), name.to_string());
+    if raised.as_ref().and_then(|m| m.get(&key)).is_some_and(|&b| b >= bytes) {
+        return Ok(());
+    }
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32).w()?;
+    raised.get_or_insert_with(HashMap::new).insert(key, bytes);
+    Ok(())
+}
+
 /// Which flash kernels one step of kind `kernel` launches for a dtype and head size under the
 /// process-wide switches of [`super::flash`]: the family, the wide variants, and whether the
 /// log-sum-exp comes from the forward (no CUDA-core kernel at head sizes 80 and 96).
@@ -871,13 +891,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         ($which:expr; $($a:expr),*) => {{
             let f = func($which)?;
             if cfg.shared_mem_bytes > 48 * 1024 {
-                // Dynamic shared memory past 48 KB needs the kernel's limit raised first.
-                use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shared_mem_bytes as i32,
-                )
-                .w()?;
+                raise_shared_limit(dev, &f, &format!("{family}_{}_{sfx}_{hd}", $which), cfg.shared_mem_bytes)?;
             }
             let mut b = f.builder();
             for v in &views {
