@@ -209,7 +209,8 @@ impl CustomOp1 for TakeStash<'_> {
 
 /// Causal attention `softmax(scale · q kᵀ + mask) v` without the (T, S) score matrix: `q`
 /// (B, H, T, hd), `k` and `v` (B, H, S, hd) with S ≥ T (the queries are the last T positions,
-/// as with a KV cache), one dtype (f32, bf16 or f16), hd ∈ {16, 32, 64, 128} on CUDA. Keys are
+/// as with a KV cache), one dtype (f32, bf16 or f16), hd ∈ {16, 32, 64, 128} on CUDA (also 80
+/// and 96 with [`set_flash_mma_large_heads`] at bf16/f16). Keys are
 /// visited in tiles with an online softmax (running max and sum in f32). Differentiable in q,
 /// k and v: the backward pass recomputes the probabilities tile by tile from the saved inputs
 /// and each row's log-sum-exp (FlashAttention-2's scheme), again without a (T, S) matrix.

@@ -304,7 +304,8 @@ mod tests {
     use super::Switch;
 
     /// The mma.sync flash kernels take precedence over the wmma ones; either applies only to
-    /// 16-bit dtypes at head sizes 32 and 64; the one-pass backward gives the two passes'
+    /// 16-bit dtypes at head sizes 32 and 64 (80, 96 and 128 behind their own switch, the wide
+    /// kernels at 32 and 64 only); the one-pass backward gives the two passes'
     /// gradients. (The only test in this binary that sets these.)
     #[test]
     fn tensor_core_flash_family_choice() {
