@@ -209,7 +209,21 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["config"] if rows else "0:0:0")
           best=${best:-0:0:0}
           IFS=: read -r f b d <<< "$best"
           export PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d
-          echo "flash variant (wide, wide backward, one-pass backward): $best (kept for the sections that follow)" ;;
+          echo "flash variant (wide, wide backward, one-pass backward): $best (kept for the sections that follow)"
+          # The same step with cuBLAS on its default workspace pool instead of the 32 MiB one
+          # parse_device gives it (PATCHLM_CUBLAS_WORKSPACE=0); the faster setting stays.
+          PATCHLM_CUBLAS_WORKSPACE=0 timeout 90 /tmp/bin/xtask bench model --preset 370m --batch 4 --ctx 2048 --k 1 \
+            --steps 5 --device cuda --dtype bf16 --attention auto 2>&1 | grep '^{' \
+            | sed "s/^{/{\"config\": \"$best\", \"cublas_workspace\": 0, /" | tee -a "$OUT/variants.txt"
+          ws=$(python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if r.get("bench") == "model" and r["config"] == sys.argv[2]]
+off = [r["tokens_per_s"] for r in rows if r.get("cublas_workspace") == 0]
+on = [r["tokens_per_s"] for r in rows if r.get("cublas_workspace") != 0]
+print(0 if off and on and max(off) > max(on) else 1)' "$OUT/variants.txt" "$best" 2>/dev/null)
+          export PATCHLM_CUBLAS_WORKSPACE=${ws:-1}
+          echo "cuBLAS 32 MiB workspace: $PATCHLM_CUBLAS_WORKSPACE (kept for the sections that follow)" ;;
     large) # The mma.sync kernels at head sizes 80, 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS): their
            # device tests in a process of their own, then, where they pass, the 780M (96), 1.3B
            # (128) and 2.7B (80) presets: flash attention's kernels alone, and a training step
@@ -287,7 +301,8 @@ grep -h '"bench"' "$OUT/variants.txt" 2>/dev/null | python3 -c '
 import json, sys
 for r in map(json.loads, sys.stdin):
     if r["bench"] == "model":
-        print("flash variant %s: %s step %.0f tok/s" % (r["config"], r["preset"], r["tokens_per_s"]))
+        print("flash variant %s%s: %s step %.0f tok/s" % (r["config"],
+            ", cuBLAS default workspace" if r.get("cublas_workspace") == 0 else "", r["preset"], r["tokens_per_s"]))
     else:
         print("flash variant %s: %s forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s)" % (
             r["config"], r["preset"], r["fwd_ms"], r["fwd_tflops"], r["bwd_ms"], r["bwd_tflops"]))' 2>/dev/null

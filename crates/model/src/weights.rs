@@ -295,6 +295,40 @@ fn keep_freed_memory(d: &candle_core::CudaDevice) -> std::result::Result<(), Str
     pool_attribute(d, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX)).map(|_| ())
 }
 
+/// Gives the cuBLAS handle that candle's matmuls run on a workspace of the size NVIDIA recommends
+/// (the `cublasSetWorkspace` notes of the cuBLAS reference: 32 MiB from Hopper on, 4 MiB before), owned for the life of the process (the device is too, see
+/// [`parse_device`]). Without one, cuBLAS draws on its default pool, smaller than NVIDIA's
+/// recommendation for Hopper; a larger workspace lets it pick split-K and stream-K kernels for
+/// products with a long reduction and few output tiles, such as the weight gradients (D×D over
+/// B·T rows). PyTorch gives its handles the same 32 MiB on Hopper. `PATCHLM_CUBLAS_WORKSPACE=0`
+/// leaves cuBLAS's default.
+#[cfg(feature = "cuda")]
+fn give_cublas_workspace(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
+    use candle_core::cuda_backend::cudarc::cublas::sys;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    let stream = d.cuda_stream();
+    let (major, _) = stream.context().compute_capability().map_err(|e| e.to_string())?;
+    let bytes: usize = if major >= 9 { 32 << 20 } else { 4 << 20 };
+    let mut buf = stream.alloc_zeros::<u8>(bytes).map_err(|e| e.to_string())?;
+    let blas = d.cublas_handle();
+    {
+        let (ptr, _guard) = buf.device_ptr_mut(&stream);
+        // SAFETY: the handle is live (the device holds it) and works on this device's one
+        // stream; the buffer is on that device, `bytes` long, and is kept below for the life of
+        // the process, as long as the handle can use it. cublasSetStream would reset the
+        // workspace, and neither candle nor cudarc calls it after creating the handle.
+        let status =
+            unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), ptr as usize as *mut std::ffi::c_void, bytes) };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(format!("cublasSetWorkspace: {status:?}"));
+        }
+    }
+    static KEPT: std::sync::Mutex<Vec<candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>>> =
+        std::sync::Mutex::new(Vec::new());
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+    Ok(())
+}
+
 /// Sets (`Some`) or reads a 64-bit attribute of the memory pool that `d`'s allocations come from.
 #[cfg(feature = "cuda")]
 fn pool_attribute(
@@ -321,8 +355,8 @@ fn pool_attribute(
 
 /// The most memory that `device`'s tensors have held at once since the last reset, in bytes:
 /// the CUDA memory pool's high-water mark (what PyTorch's `max_memory_allocated` counts; the
-/// CUDA context and cuBLAS's workspace are outside it). `reset` starts a new count from the
-/// memory in use now. None off CUDA or where the driver cannot tell.
+/// CUDA context is outside it, the 32 MiB cuBLAS workspace on Hopper inside, as in PyTorch).
+/// `reset` starts a new count from the memory in use now. None off CUDA or where the driver cannot tell.
 pub fn device_memory_peak(device: &Device, reset: bool) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
@@ -344,8 +378,9 @@ pub fn device_memory_peak(device: &Device, reset: bool) -> Option<u64> {
 /// per-buffer event tracking is off (candle runs a device's work on one stream;
 /// `PATCHLM_CUDA_EVENTS=1` keeps it on), and the memory pool keeps freed memory for reuse
 /// instead of returning it to the OS at every synchronisation (see `keep_freed_memory`;
-/// `PATCHLM_CUDA_POOL_RELEASE=1` keeps the driver's default). Each GPU's device is created once per process and
-/// shared by every call, so that all its work is on one stream.
+/// `PATCHLM_CUDA_POOL_RELEASE=1` keeps the driver's default), and cuBLAS gets the workspace
+/// NVIDIA recommends (`PATCHLM_CUBLAS_WORKSPACE=0` keeps its default pool). Each GPU's device is
+/// created once per process and shared by every call, so that all its work is on one stream.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
@@ -389,6 +424,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     // default, with a warning.
                     if let Err(e) = keep_freed_memory(d) {
                         eprintln!("warning: {s}: the memory pool keeps its default release threshold ({e})");
+                    }
+                }
+            }
+            #[cfg(feature = "cuda")]
+            if std::env::var_os("PATCHLM_CUBLAS_WORKSPACE").is_none_or(|v| v != "0") {
+                if let Device::Cuda(d) = &device {
+                    // A speed setting: a refusal leaves cuBLAS's default pool, with a warning.
+                    if let Err(e) = give_cublas_workspace(d) {
+                        eprintln!("warning: {s}: cuBLAS keeps its default workspace ({e})");
                     }
                 }
             }

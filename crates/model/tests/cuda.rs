@@ -527,6 +527,29 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
     drop(g);
 }
 
+/// bf16 products in the tape's 370M shapes (B·T = 8192 rows) against the CPU's f32 product of the
+/// same values, on the device as `parse_device` sets it up: cuBLAS with its 32 MiB workspace
+/// (`PATCHLM_CUBLAS_WORKSPACE`), which lets it split the weight gradients' 8192-long reduction.
+#[test]
+#[ignore]
+fn cuda_matmuls_with_workspace_match_cpu() {
+    let g = gpu();
+    let n = 8192;
+    let x = |r: usize, c: usize| Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    for (d, f) in [(1024usize, 1024usize), (1024, 2752), (2752, 1024)] {
+        let (dy, a) = (x(n, d), x(n, f));
+        // Weight gradient dyᵀ·a (d, f), reduced over the 8192 rows; then the forward a·wᵀ.
+        let w = x(d, f);
+        for (what, l, r) in [("dyᵀ·a", dy.t().unwrap(), a.clone()), ("a·wᵀ", a.clone(), w.t().unwrap())] {
+            let want = ops::matmul(&l.to_dtype(DType::F32).unwrap(), &r.to_dtype(DType::F32).unwrap()).unwrap();
+            let got = ops::matmul(&l.to_device(&g).unwrap(), &r.to_device(&g).unwrap()).unwrap();
+            let e = max_rel(&got, &want);
+            assert!(e < 1e-2, "{what} d={d} f={f}: rel err {e}");
+        }
+    }
+    drop(g);
+}
+
 #[test]
 #[ignore]
 fn cuda_swiglu_matches_cpu() {
