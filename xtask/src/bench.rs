@@ -70,9 +70,10 @@ pub enum BenchCmd {
         reps: usize,
     },
     /// Flash attention's kernels alone at a preset's attention shape (batch, heads, ctx, head
-    /// size): the forward as training runs it (the log-sum-exp kept) and the backward (dq, dk,
-    /// dv), each launched `reps` times between two synchronisations; ms per launch and TFLOP/s
-    /// with FlashAttention's count of causal FLOPs (forward 4·B·H·T²·d/2, backward 2.5× that).
+    /// size): the forward as training runs it (the log-sum-exp kept, the output as rows) and the
+    /// backward (dq, dk, dv), each launched `reps` times between two synchronisations; ms per
+    /// launch and TFLOP/s with FlashAttention's count of causal FLOPs (forward 4·B·H·T²·d/2,
+    /// backward 2.5× that).
     /// `bench/compare_flash.py` runs PyTorch's SDPA flash kernel on the same shapes beside it.
     Flash {
         #[command(flatten)]
@@ -590,9 +591,11 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
     let heads = cfg.num_attention_heads;
     let hd = cfg.hidden_size / heads;
     let randn = || Tensor::randn(0f32, 1.0, (batch, heads, ctx, hd), &device)?.to_dtype(dtype);
-    let (q, k, v, dout) = (randn()?, randn()?, randn()?, randn()?);
+    let (q, k, v) = (randn()?, randn()?, randn()?);
+    // The output and its gradient as rows (B, T, H·hd), as the trainer runs them.
+    let dout = Tensor::randn(0f32, 1.0, (batch, ctx, heads * hd), &device)?.to_dtype(dtype)?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let fwd = || ops::flash_attention_lse(&q, &k, &v, scale);
+    let fwd = || ops::flash_attention_lse_rows(&q, &k, &v, scale);
     let (o, lse) = fwd()?;
     let bwd = || ops::grad::flash_attention_lse(&q, &k, &v, &o, &lse, &dout, scale);
     bwd()?;

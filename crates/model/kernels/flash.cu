@@ -14,6 +14,19 @@
 
 #define FLASH_ROWS 64
 
+// Where a head's rows of o and dO (the attention's output and its gradient) are: oh == 0, the
+// (BH, t, HD) layout of q; oh = H heads, the (B·t, H·HD) matrix the output projection reads,
+// head bh = b·H + h at (b·t·H + h)·HD, its rows H·HD apart (no copy between the two layouts).
+struct OutRows {
+    size_t base;  // element offset of the head's first row
+    int ld;       // elements from one row to the next
+};
+__device__ __forceinline__ OutRows out_rows(int bh, int t, int hd, int oh) {
+    if (oh == 0) return {(size_t)bh * t * hd, hd};
+    const int b = bh / oh, h = bh - b * oh;
+    return {((size_t)b * t * oh + h) * hd, oh * hd};
+}
+
 template <int HD>
 __device__ __forceinline__ float dot_smem(const float* r, const float* row) {
     const float4* s4 = reinterpret_cast<const float4*>(row);
@@ -39,16 +52,17 @@ __device__ __forceinline__ void axpy_smem(float* acc, float a, const float* row)
     }
 }
 
-// Copies rows [r0, r0 + n) of a (rows, HD) matrix into shared memory as f32.
+// Copies rows [r0, r0 + n) of a (rows, HD) matrix (rows `ld` elements apart) into shared memory
+// as f32.
 template <typename T, int HD>
-__device__ __forceinline__ void load_tile(float* dst, const T* src, int r0, int n) {
-    const T* s = src + (size_t)r0 * HD;
-    for (int e = threadIdx.x; e < n * HD; e += blockDim.x) dst[e] = to_f(s[e]);
+__device__ __forceinline__ void load_tile(float* dst, const T* src, int r0, int n, int ld = HD) {
+    const T* s = src + (size_t)r0 * ld;
+    for (int e = threadIdx.x; e < n * HD; e += blockDim.x) dst[e] = to_f(s[(size_t)(e / HD) * ld + e % HD]);
 }
 
 // Forward (WRITE_O) or log-sum-exp only.
 template <typename T, int HD, bool WRITE_O>
-__device__ void flash_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+__device__ void flash_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {
     constexpr int BC = 4096 / HD;
     __shared__ __align__(16) float ks[BC * HD];
     __shared__ __align__(16) float vs[WRITE_O ? BC * HD : 4];
@@ -105,8 +119,10 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* o, float* lse, 
     lse[(size_t)bh * t + i] = m + logf(l);
     if (WRITE_O) {
         const float inv = 1.0f / l;
+        const OutRows ro = out_rows(bh, t, HD, oh);
+        T* orow = o + ro.base + (size_t)i * ro.ld;
 #pragma unroll
-        for (int d = 0; d < HD; d++) o[((size_t)bh * t + i) * HD + d] = from_f<T>(acc[d] * inv);
+        for (int d = 0; d < HD; d++) orow[d] = from_f<T>(acc[d] * inv);
     }
 }
 
@@ -114,7 +130,7 @@ __device__ void flash_fwd(const T* q, const T* k, const T* v, T* o, float* lse, 
 // q and dO (BH, t, HD); k and v (BH, s, HD); st = (lse, delta) per query row.
 template <typename T, int HD>
 __device__ void flash_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
-                         float scale) {
+                         float scale, int oh) {
     constexpr int BC = 4096 / HD;
     __shared__ __align__(16) float ks[BC * HD];
     __shared__ __align__(16) float vs[BC * HD];
@@ -124,11 +140,13 @@ __device__ void flash_dq(const T* q, const T* dout, const T* k, const T* v, cons
     const size_t row = (size_t)bh * t + i;
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    const T* drow = dout + rd.base + (size_t)i * rd.ld;
     float qr[HD], dor[HD], acc[HD];
 #pragma unroll
     for (int d = 0; d < HD; d++) {
         qr[d] = active ? to_f(q[row * HD + d]) : 0.0f;
-        dor[d] = active ? to_f(dout[row * HD + d]) : 0.0f;
+        dor[d] = active ? to_f(drow[d]) : 0.0f;
         acc[d] = 0.0f;
     }
     const float lse = active ? st[row * 2] : 0.0f, delta = active ? st[row * 2 + 1] : 0.0f;
@@ -157,7 +175,7 @@ __device__ void flash_dq(const T* q, const T* dout, const T* k, const T* v, cons
 // dv_j = sum_i p_ij dO_i; dk_j = scale * sum_i p_ij (dO_i.v_j - delta_i) q_i.
 template <typename T, int HD, bool DK>
 __device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,
-                          float scale) {
+                          float scale, int oh) {
     constexpr int BR = 4096 / HD;
     __shared__ __align__(16) float qs[BR * HD];
     __shared__ __align__(16) float dos[BR * HD];
@@ -167,7 +185,8 @@ __device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, con
     const bool active = j < s;
     const size_t row = (size_t)bh * s + j;
     const T* qb = q + (size_t)bh * t * HD;
-    const T* db = dout + (size_t)bh * t * HD;
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    const T* db = dout + rd.base;
     float kr[HD], vr[DK ? HD : 1], acc[HD];
 #pragma unroll
     for (int d = 0; d < HD; d++) {
@@ -181,7 +200,7 @@ __device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, con
         const int ni = min(BR, t - i0);
         __syncthreads();
         load_tile<T, HD>(qs, qb, i0, ni);
-        load_tile<T, HD>(dos, db, i0, ni);
+        load_tile<T, HD>(dos, db, i0, ni, rd.ld);
         for (int e = threadIdx.x; e < ni; e += blockDim.x) {
             ls[e] = st[((size_t)bh * t + i0 + e) * 2];
             dl[e] = st[((size_t)bh * t + i0 + e) * 2 + 1];
@@ -205,24 +224,27 @@ __device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, con
 
 #define FLASH_OPS(T, S, HD)                                                                              \
     extern "C" __global__ void flash_fwd_##S##_##HD(const T* q, const T* k, const T* v, T* o, float* lse, \
-                                                   int t, int s, float scale) {                         \
-        flash_fwd<T, HD, true>(q, k, v, o, lse, t, s, scale);                                            \
+                                                   int t, int s, float scale, int oh) {                 \
+        flash_fwd<T, HD, true>(q, k, v, o, lse, t, s, scale, oh);                                        \
     }                                                                                                    \
     extern "C" __global__ void flash_lse_##S##_##HD(const T* q, const T* k, float* lse, int t, int s,     \
                                                    float scale) {                                       \
-        flash_fwd<T, HD, false>(q, k, k, nullptr, lse, t, s, scale);                                     \
+        flash_fwd<T, HD, false>(q, k, k, nullptr, lse, t, s, scale, 0);                                  \
     }                                                                                                    \
     extern "C" __global__ void flash_dq_##S##_##HD(const T* q, const T* dout, const T* k, const T* v,      \
-                                                  const float* st, T* out, int t, int s, float scale) { \
-        flash_dq<T, HD>(q, dout, k, v, st, out, t, s, scale);                                            \
+                                                  const float* st, T* out, int t, int s, float scale,   \
+                                                  int oh) {                                             \
+        flash_dq<T, HD>(q, dout, k, v, st, out, t, s, scale, oh);                                        \
     }                                                                                                    \
     extern "C" __global__ void flash_dk_##S##_##HD(const T* q, const T* dout, const T* k, const T* v,      \
-                                                  const float* st, T* out, int t, int s, float scale) { \
-        flash_dkv<T, HD, true>(q, dout, k, v, st, out, t, s, scale);                                     \
+                                                  const float* st, T* out, int t, int s, float scale,   \
+                                                  int oh) {                                             \
+        flash_dkv<T, HD, true>(q, dout, k, v, st, out, t, s, scale, oh);                                 \
     }                                                                                                    \
     extern "C" __global__ void flash_dv_##S##_##HD(const T* q, const T* dout, const T* k, const T* v,      \
-                                                  const float* st, T* out, int t, int s, float scale) { \
-        flash_dkv<T, HD, false>(q, dout, k, v, st, out, t, s, scale);                                    \
+                                                  const float* st, T* out, int t, int s, float scale,   \
+                                                  int oh) {                                             \
+        flash_dkv<T, HD, false>(q, dout, k, v, st, out, t, s, scale, oh);                                \
     }
 
 #define FLASH_ALL_HD(T, S) FLASH_OPS(T, S, 16) FLASH_OPS(T, S, 32) FLASH_OPS(T, S, 64) FLASH_OPS(T, S, 128)
@@ -243,23 +265,24 @@ FLASH_ALL_HD(__half, f16)
 #define TC_WARPS 4
 #define TC_ROWS (16 * TC_WARPS)
 
-// Copies rows [r0, r0 + n) of a (rows, HD) matrix into shared memory (row stride LD elements) and
-// zeroes rows n..R-1, 16 bytes per load where the source is aligned.
+// Copies rows [r0, r0 + n) of a (rows, HD) matrix (rows `ld` elements apart) into shared memory
+// (row stride LD elements) and zeroes rows n..R-1, 16 bytes per load where the source and its
+// rows are aligned.
 template <typename T, int HD, int LD, int R>
-__device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n) {
+__device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n, int ld = HD) {
     constexpr int P = 16 / sizeof(T), PR = HD / P;
-    const T* s = src + (size_t)r0 * HD;
-    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+    const T* s = src + (size_t)r0 * ld;
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && ld % P == 0) {
         for (int e = threadIdx.x; e < R * PR; e += blockDim.x) {
             const int r = e / PR, c = (e % PR) * P;
             uint4 u = make_uint4(0u, 0u, 0u, 0u);
-            if (r < n) u = *reinterpret_cast<const uint4*>(s + (size_t)r * HD + c);
+            if (r < n) u = *reinterpret_cast<const uint4*>(s + (size_t)r * ld + c);
             *reinterpret_cast<uint4*>(dst + r * LD + c) = u;
         }
     } else {
         for (int e = threadIdx.x; e < R * HD; e += blockDim.x) {
             const int r = e / HD, c = e % HD;
-            dst[r * LD + c] = r < n ? s[(size_t)r * HD + c] : from_f<T>(0.0f);
+            dst[r * LD + c] = r < n ? s[(size_t)r * ld + c] : from_f<T>(0.0f);
         }
     }
 }
@@ -304,16 +327,16 @@ __device__ __forceinline__ void cp_async_wait() {
 // tc_tile_in by cp.async where src is 16-byte aligned (else synchronously, as tc_tile_in): the
 // tile is in place after the caller's commit, wait and barrier.
 template <typename T, int HD, int LD, int R>
-__device__ __forceinline__ void tile_async(T* dst, const T* src, int r0, int n) {
+__device__ __forceinline__ void tile_async(T* dst, const T* src, int r0, int n, int ld = HD) {
     constexpr int P = 16 / sizeof(T), PR = HD / P;
-    if ((reinterpret_cast<uintptr_t>(src) & 15) != 0) {
-        tc_tile_in<T, HD, LD, R>(dst, src, r0, n);
+    if ((reinterpret_cast<uintptr_t>(src) & 15) != 0 || ld % P != 0) {
+        tc_tile_in<T, HD, LD, R>(dst, src, r0, n, ld);
         return;
     }
-    const T* s = src + (size_t)r0 * HD;
+    const T* s = src + (size_t)r0 * ld;
     for (int e = threadIdx.x; e < R * PR; e += blockDim.x) {
         const int r = e / PR, c = (e % PR) * P;
-        cp_async<16>(dst + r * LD + c, s + (size_t)min(r, n - 1) * HD + c, r < n);
+        cp_async<16>(dst + r * LD + c, s + (size_t)min(r, n - 1) * ld + c, r < n);
     }
 }
 
@@ -356,14 +379,14 @@ __device__ __forceinline__ void pipeline3_step(bool more, F&& fetch_ahead) {
     cp_async_commit();
 }
 
-// The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO into the shared tiles
-// qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
+// The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO (rows dld elements
+// apart, see out_rows) into the shared tiles qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
 // head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0).
 template <typename T, int HD, int LD, int R>
 __device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, const T* q, const T* dout,
-                                          const float* st, int q0, int n) {
+                                          const float* st, int q0, int n, int dld) {
     tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
-    tc_tile_in<T, HD, LD, R>(dos, dout, q0, n);
+    tc_tile_in<T, HD, LD, R>(dos, dout, q0, n, dld);
     for (int e = threadIdx.x; e < R; e += blockDim.x) {
         ls[e] = e < n ? st[(size_t)(q0 + e) * 2] : INFINITY;
         dl[e] = e < n ? st[(size_t)(q0 + e) * 2 + 1] : 0.0f;
@@ -376,9 +399,9 @@ __device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, c
 // in `st` (natural-log lse) into lsd; past n, zeros (the caller masks those queries).
 template <typename T, int HD, int LD, int R>
 __device__ __forceinline__ void dkv_stage_async(T* qs, T* dos, float2* lsd, const T* q, const T* dout,
-                                                const float* st, int q0, int n) {
+                                                const float* st, int q0, int n, int dld) {
     tile_async<T, HD, LD, R>(qs, q, q0, n);
-    tile_async<T, HD, LD, R>(dos, dout, q0, n);
+    tile_async<T, HD, LD, R>(dos, dout, q0, n, dld);
     for (int e = threadIdx.x; e < R; e += blockDim.x)
         cp_async<8>(lsd + e, st + (size_t)(q0 + min(e, n - 1)) * 2, e < n);
 }
@@ -463,7 +486,8 @@ __device__ __forceinline__ void tc_rows_out(const TcAcc* acc, float* sb, T* out,
 // Forward: o (BH, t, HD) and the log-sum-exp of each query row. Grid (ceil(t / 64), BH); the
 // blocks with the most keys (the last query rows) start first.
 template <typename T, int HD>
-__device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+__device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale,
+                             int oh) {
     using namespace nvcuda;
     typedef TcDims<T, HD> D;
     constexpr int LD = D::LD, BC = D::BC, LDS = D::LDS, LDO = D::LDO, LDP = D::LDP;
@@ -530,7 +554,8 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
     }
     if (i >= t) return;
     const float inv = 1.0f / l;
-    T* orow = o + ((size_t)bh * t + i) * HD + half * (HD / 2);
+    const OutRows ro = out_rows(bh, t, HD, oh);
+    T* orow = o + ro.base + (size_t)i * ro.ld + half * (HD / 2);
 #pragma unroll
     for (int c = 0; c < HD / 2; c++) orow[c] = from_f<T>(acc[c] * inv);
     if (half == 0) lse[(size_t)bh * t + i] = m + logf(l);
@@ -539,7 +564,7 @@ __device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* ls
 // dq: the layout and arguments of flash_dq above. Grid (ceil(t / 64), BH), last rows first.
 template <typename T, int HD>
 __device__ void flash_tc_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
-                            float scale) {
+                            float scale, int oh) {
     using namespace nvcuda;
     typedef TcDims<T, HD> D;
     constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
@@ -556,7 +581,8 @@ __device__ void flash_tc_dq(const T* q, const T* dout, const T* k, const T* v, c
     T* qt = reinterpret_cast<T*>(un);
     T* dt = qt + TC_ROWS * LD;
     tc_tile_in<T, HD, LD, TC_ROWS>(qt, q + (size_t)bh * t * HD, i0, nq);
-    tc_tile_in<T, HD, LD, TC_ROWS>(dt, dout + (size_t)bh * t * HD, i0, nq);
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    tc_tile_in<T, HD, LD, TC_ROWS>(dt, dout + rd.base, i0, nq, rd.ld);
     __syncthreads();
     TcA<T> qf[HD / 16], df[HD / 16];
 #pragma unroll
@@ -606,7 +632,7 @@ __device__ void flash_tc_dq(const T* q, const T* dout, const T* k, const T* v, c
 // outputs dk and dv (BH, s, HD). Grid (ceil(s / 64), BH); the first keys (the most queries) first.
 template <typename T, int HD>
 __device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
-                             int t, int s, float scale) {
+                             int t, int s, float scale, int oh) {
     using namespace nvcuda;
     typedef TcDims<T, HD> D;
     constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
@@ -647,11 +673,12 @@ __device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, 
     const int j = j0 + w * 16 + r;     // this lane's key
     const int wfirst = j0 + w * 16;    // the warp's first key: queries before wfirst - off see none
     const T* qb = q + (size_t)bh * t * HD;
-    const T* db = dout + (size_t)bh * t * HD;
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    const T* db = dout + rd.base;
     for (int q0 = max(0, j0 - off); q0 < t; q0 += BB) {
         const int nq = min(BB, t - q0);
         __syncthreads();
-        dkv_stage<T, HD, LD, BB>(qs, dos, ls, dl, qb, db, st + (size_t)bh * t * 2, q0, nq);
+        dkv_stage<T, HD, LD, BB>(qs, dos, ls, dl, qb, db, st + (size_t)bh * t * 2, q0, nq, rd.ld);
         __syncthreads();
         if (q0 + BB - 1 < wfirst - off) continue;
         tc_product<T, true, HD / 16, BB / 16, LD, LDB>(sb, kf, qs);
@@ -681,14 +708,17 @@ __device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, 
 }
 
 // The backward's row statistics: st[row] = (lse[row], sum_d o[row, d] * dout[row, d]) in f32, one
-// warp per row (8 rows a block of 256 threads).
+// warp per row (8 rows a block of 256 threads); rows run over (BH, t), o and dO laid out as
+// out_rows says.
 template <typename T>
-__device__ void flash_stats(const T* o, const T* dout, const float* lse, float* st, int rows, int hd) {
+__device__ void flash_stats(const T* o, const T* dout, const float* lse, float* st, int rows, int hd, int t, int oh) {
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
+    const OutRows r = out_rows((int)(row / t), t, hd, oh);
+    const size_t at = r.base + (size_t)(row % t) * r.ld;
     float acc = 0.0f;
-    for (int d = lane; d < hd; d += 32) acc += to_f(o[row * hd + d]) * to_f(dout[row * hd + d]);
+    for (int d = lane; d < hd; d += 32) acc += to_f(o[at + d]) * to_f(dout[at + d]);
     for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, m);
     if (lane == 0) {
         st[2 * row] = lse[row];
@@ -698,29 +728,34 @@ __device__ void flash_stats(const T* o, const T* dout, const float* lse, float* 
 
 #define FLASH_STATS(T, S)                                                                                   \
     extern "C" __global__ void flash_stats_##S(const T* o, const T* dout, const float* lse, float* st,     \
-                                               int rows, int hd) {                                         \
-        flash_stats<T>(o, dout, lse, st, rows, hd);                                                         \
+                                               int rows, int hd, int t, int oh) {                          \
+        flash_stats<T>(o, dout, lse, st, rows, hd, t, oh);                                                  \
     }
 FLASH_STATS(float, f32)
 FLASH_STATS(__nv_bfloat16, bf16)
 FLASH_STATS(__half, f16)
 
+// The dk/dv kernels' blocks per SM at head sizes up to 64: three (168 registers a thread at most),
+// as they fit before o and dO could be laid out as rows (out_rows), which the compiler would
+// otherwise pay for with a few registers more and one block an SM fewer.
+#define DKV_MIN_BLOCKS(HD) ((HD) <= 64 ? 3 : 1)
+
 // The entry points of a tensor-core family FAM (tc: wmma, mma: mma.sync) for dtype T (suffix S)
 // and head size HD, all with the same arguments.
 #define FLASH_TC_FAMILY(FAM, T, S, HD)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_fwd_##S##_##HD(                        \
-        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \
-        flash_##FAM##_fwd<T, HD>(q, k, v, o, lse, t, s, scale);                                            \
+        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \
+        flash_##FAM##_fwd<T, HD>(q, k, v, o, lse, t, s, scale, oh);                                        \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_dq_##S##_##HD(                         \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
-        float scale) {                                                                                     \
-        flash_##FAM##_dq<T, HD>(q, dout, k, v, st, out, t, s, scale);                                      \
+        float scale, int oh) {                                                                             \
+        flash_##FAM##_dq<T, HD>(q, dout, k, v, st, out, t, s, scale, oh);                                  \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_dkv_##S##_##HD(                        \
+    extern "C" __global__ void __launch_bounds__(128, DKV_MIN_BLOCKS(HD)) flash_##FAM##_dkv_##S##_##HD(                        \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, int t, int s,    \
-        float scale) {                                                                                     \
-        flash_##FAM##_dkv<T, HD>(q, dout, k, v, st, dk, dv, t, s, scale);                                  \
+        float scale, int oh) {                                                                             \
+        flash_##FAM##_dkv<T, HD>(q, dout, k, v, st, dk, dv, t, s, scale, oh);                              \
     }
 #define FLASH_TC_ALL(FAM)                                                                                  \
     FLASH_TC_FAMILY(FAM, __nv_bfloat16, bf16, 32)                                                          \
@@ -904,16 +939,17 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // Writes a lane's share of a warp's 16 x HD accumulators times `mul`: rows `row` and `row + 8` of
-// `out` (row stride HD) where below `rows`.
+// `out` (rows `ld` elements apart) where below `rows`.
 template <typename T, int HD>
-__device__ __forceinline__ void mma_rows_out(const float (*acc)[4], T* out, int row, int rows, int tq, float mul) {
+__device__ __forceinline__ void mma_rows_out(const float (*acc)[4], T* out, int row, int rows, int tq, float mul,
+                                             int ld = HD) {
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         const int r = row + 8 * half;
         if (r >= rows) continue;
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) {
-            T* p = out + (size_t)r * HD + n * 8 + 2 * tq;
+            T* p = out + (size_t)r * ld + n * 8 + 2 * tq;
             p[0] = from_f<T>(acc[n][2 * half] * mul);
             p[1] = from_f<T>(acc[n][2 * half + 1] * mul);
         }
@@ -956,7 +992,8 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
 // blocks. The q tile is staged in
 // the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
 template <typename T, int HD, int RW>
-__device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
+__device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale,
+                                   int oh) {
     static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
     constexpr int BC = MMA_KEYS(HD), LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
     static_assert(ROWS <= 2 * BC, "the q tile is staged in the second (k, v) buffer");
@@ -1052,14 +1089,16 @@ __device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, flo
                 acc[r][n][2 * h + 1] /= l[r][h];
             }
         }
-        mma_rows_out<T, HD>(acc[r], o + (size_t)bh * t * HD, row + 16 * r, t, tq, 1.0f);
+        const OutRows ro = out_rows(bh, t, HD, oh);
+        mma_rows_out<T, HD>(acc[r], o + ro.base, row + 16 * r, t, tq, 1.0f, ro.ld);
     }
 }
 
 // The default forward: a warp a block of 16 rows, 64 rows a thread block.
 template <typename T, int HD>
-__device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {
-    flash_mma_fwd_rows<T, HD, 1>(q, k, v, o, lse, t, s, scale);
+__device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale,
+                              int oh) {
+    flash_mma_fwd_rows<T, HD, 1>(q, k, v, o, lse, t, s, scale, oh);
 }
 
 // The A fragments of each warp's 16 rows of two (rows, HD) matrices a and b, from the block's 64
@@ -1067,11 +1106,11 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* o, float* l
 // of HD + 8). `un` is free again after the caller's next barrier.
 template <typename T, int HD>
 __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4], T* un, const T* a, const T* b, int r0,
-                                           int n) {
+                                           int n, int bld) {
     constexpr int LD = HD + 8;
     const int w = threadIdx.x >> 5;
     tc_tile_in<T, HD, LD, MMA_ROWS>(un, a, r0, n);
-    tc_tile_in<T, HD, LD, MMA_ROWS>(un + MMA_ROWS * LD, b, r0, n);
+    tc_tile_in<T, HD, LD, MMA_ROWS>(un + MMA_ROWS * LD, b, r0, n, bld);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
@@ -1088,7 +1127,7 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
 // 16-key chunks in the same order either way.
 template <typename T, int HD, int RW>
 __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t,
-                                  int s, float scale) {
+                                  int s, float scale, int oh) {
     static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
     constexpr int BB = MMA_KEYS(HD) / RW, LD = HD + 8, WR = 16 * RW, ROWS = MMA_WARPS * WR;
     // Two buffers of a (k, v) tile pair; before the loop they stage the q and dO tiles.
@@ -1101,17 +1140,18 @@ __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
     const T* qb = q + (size_t)bh * t * HD;
-    const T* db = dout + (size_t)bh * t * HD;
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    const T* db = dout + rd.base;
     uint32_t qa[RW][HD / 16][4], da[RW][HD / 16][4];
     if constexpr (BB >= ROWS) {
         kv_async<T, HD, LD, BB>(kv[0], kb, vb, 0, s);  // in flight while q and dO are staged
-        mma_frags2<T, HD>(qa[0], da[0], kv[1], qb, db, i0, min(MMA_ROWS, t - i0));
+        mma_frags2<T, HD>(qa[0], da[0], kv[1], qb, db, i0, min(MMA_ROWS, t - i0), rd.ld);
     } else {
         // q, then dO, through the whole of kv; then the first (k, v) tile.
         T* un = kv[0];
 #pragma unroll
         for (int m = 0; m < 2; m++) {
-            tc_tile_in<T, HD, LD, ROWS>(un, m == 0 ? qb : db, i0, min(ROWS, t - i0));
+            tc_tile_in<T, HD, LD, ROWS>(un, m == 0 ? qb : db, i0, min(ROWS, t - i0), m == 0 ? HD : rd.ld);
             __syncthreads();
 #pragma unroll
             for (int r = 0; r < RW; r++) {
@@ -1180,8 +1220,8 @@ __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T
 // The default dq: a warp a block of 16 rows, 64 rows a thread block.
 template <typename T, int HD>
 __device__ void flash_mma_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
-                             float scale) {
-    flash_mma_dq_rows<T, HD, 1>(q, dout, k, v, st, dq, t, s, scale);
+                             float scale, int oh) {
+    flash_mma_dq_rows<T, HD, 1>(q, dout, k, v, st, dq, t, s, scale, oh);
 }
 
 // The query side of the mma dk/dv kernels' loop over query tiles of BQ: three buffers in `un`,
@@ -1195,11 +1235,12 @@ struct DkvFeed {
     const T* dout;   // and their output gradients
     const float* st; // and (lse, delta) pairs
     int t;
+    int dld;         // elements from one row of dout to the next (out_rows)
 
     // Queries [q0, q0 + BQ) into buffer b (not yet committed).
     __device__ __forceinline__ void fetch(int q0, int b) const {
         T* qs = un + 2 * b * BQ * LD;
-        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], q, dout, st, q0, min(BQ, t - q0));
+        dkv_stage_async<T, HD, LD, BQ>(qs, qs + BQ * LD, lsd[b], q, dout, st, q0, min(BQ, t - q0), dld);
     }
     // The first two steps' tiles (queries from qfirst < t), once the caller is done with un.
     __device__ __forceinline__ void start(int qfirst) const {
@@ -1301,7 +1342,7 @@ struct DkvSmem {
 //   DQ each dq atomic, serves twice the keys, for one block of 8 warps an SM instead of three of 4.
 template <typename T, int HD, bool DQ, int NW>
 __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk,
-                                   T* dv, float* dq_acc, int t, int s, float scale) {
+                                   T* dv, float* dq_acc, int t, int s, float scale, int oh) {
     static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
     static_assert(NW == 4 || (NW == 8 && HD == 64), "the dk/dv pass has 4 warps, or 8 at head size 64");
     using M = DkvSmem<T, HD, DQ, NW>;
@@ -1352,8 +1393,9 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
     }
     const int wfirst = j0 + w * 16;  // queries before wfirst - off see none of the warp's keys
     const float sl2 = scale * LOG2E_F;  // base 2: dkv_step scales the lse alike
-    const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + (size_t)bh * t * HD,
-                                      st + (size_t)bh * t * 2, t};
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    const DkvFeed<T, HD, LD, BQ> feed{un, lsd, q + (size_t)bh * t * HD, dout + rd.base, st + (size_t)bh * t * 2, t,
+                                      rd.ld};
     const int qr = (w % RG) * 16, qc = (w / RG) * QC;
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
     __syncthreads();                      // every warp has its fragments: un may be overwritten
@@ -1402,8 +1444,8 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
 // dk and dv: as flash_tc_dkv (flash_mma_dkv_pass without dq).
 template <typename T, int HD>
 __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
-                              int t, int s, float scale) {
-    flash_mma_dkv_pass<T, HD, false, 4>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);
+                              int t, int s, float scale, int oh) {
+    flash_mma_dkv_pass<T, HD, false, 4>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
 }
 FLASH_TC_ALL(mma)
 // The larger head sizes (mma.sync only; PATCHLM_FLASH_MMA_LARGE_HEADS): 80 (the 2.7B preset), 96
@@ -1421,10 +1463,10 @@ __device__ void flash_dq_cast(const float* acc, T* dq, int n, float scale) {
 }
 
 #define FLASH_DKVQ(T, S, HD)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) flash_mma_dkvq_##S##_##HD(                           \
+    extern "C" __global__ void __launch_bounds__(128, DKV_MIN_BLOCKS(HD)) flash_mma_dkvq_##S##_##HD(                           \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, float* dq_acc,  \
-        int t, int s, float scale) {                                                                       \
-        flash_mma_dkv_pass<T, HD, true, 4>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                \
+        int t, int s, float scale, int oh) {                                                               \
+        flash_mma_dkv_pass<T, HD, true, 4>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);            \
     }
 FLASH_16BIT(FLASH_DKVQ, 32)
 FLASH_16BIT(FLASH_DKVQ, 64)
@@ -1435,13 +1477,13 @@ FLASH_16BIT(FLASH_DKVQ, 128)
 // of 128 threads).
 #define FLASH_MMA_WIDE(T, S, HD)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) flash_mma_fwdw_##S##_##HD(                           \
-        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale) {                 \
-        flash_mma_fwd_rows<T, HD, 2>(q, k, v, o, lse, t, s, scale);                                        \
+        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \
+        flash_mma_fwd_rows<T, HD, 2>(q, k, v, o, lse, t, s, scale, oh);                                    \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) flash_mma_dqw_##S##_##HD(                            \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
-        float scale) {                                                                                     \
-        flash_mma_dq_rows<T, HD, 2>(q, dout, k, v, st, out, t, s, scale);                                  \
+        float scale, int oh) {                                                                             \
+        flash_mma_dq_rows<T, HD, 2>(q, dout, k, v, st, out, t, s, scale, oh);                              \
     }
 FLASH_16BIT(FLASH_MMA_WIDE, 32)
 FLASH_16BIT(FLASH_MMA_WIDE, 64)
@@ -1451,13 +1493,13 @@ FLASH_16BIT(FLASH_MMA_WIDE, 64)
 #define FLASH_DKVW(T, S)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) flash_mma_dkvw_##S##_64(                             \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, int t, int s,    \
-        float scale) {                                                                                     \
-        flash_mma_dkv_pass<T, 64, false, 8>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale);              \
+        float scale, int oh) {                                                                             \
+        flash_mma_dkv_pass<T, 64, false, 8>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256) flash_mma_dkvqw_##S##_64(                            \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv, float* dq_acc,  \
-        int t, int s, float scale) {                                                                       \
-        flash_mma_dkv_pass<T, 64, true, 8>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale);                \
+        int t, int s, float scale, int oh) {                                                               \
+        flash_mma_dkv_pass<T, 64, true, 8>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);            \
     }
 FLASH_DKVW(__nv_bfloat16, bf16)
 FLASH_DKVW(__half, f16)

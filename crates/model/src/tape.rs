@@ -86,8 +86,9 @@ enum Attn {
     /// The causal-softmax probabilities of each block of query rows (see [`attention_chunks`]):
     /// (B, H, r1 − r0, r1) for rows r0..r1 (one block: (B, H, T, T)).
     Probs(Vec<Tensor>),
-    /// Flash attention's output (B, H, T, hd) and each query row's log-sum-exp (B, H, T).
-    Flash(Tensor, Tensor),
+    /// Flash attention's rows: each query row's log-sum-exp (B, H, T); its output is the layer
+    /// tape's `y`, (N, D) rows ([`ops::flash_attention_lse_rows`]).
+    Flash(Tensor),
 }
 
 /// The activations of one decoder layer, (N = B·T, ·) unless noted.
@@ -358,13 +359,17 @@ fn layer_forward(
     let (k, v) = (a.repeat_kv(k)?, a.repeat_kv(v)?);
     let scale = 1.0 / (a.head_dim as f64).sqrt();
     let (yh, attn) = span("fwd.attention", dev, || attention_forward(&q, &k, &v, scale, t))?;
-    let y = span("fwd.layout.heads_out", dev, || {
-        if fused_heads {
-            ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)
-        } else {
-            yh.transpose(1, 2)?.reshape((n, d))
-        }
-    })?;
+    let y = match &attn {
+        // Flash attention writes its output as rows already.
+        Attn::Flash(_) => yh.reshape((n, d))?,
+        Attn::Probs(_) => span("fwd.layout.heads_out", dev, || {
+            if fused_heads {
+                ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)
+            } else {
+                yh.transpose(1, 2)?.reshape((n, d))
+            }
+        })?,
+    };
     let o = span("fwd.matmul.o", dev, || ops::matmul(&y, &w.o.t()?))?;
     let (h, n2) = span("fwd.norm", dev, || ops::add_rms_norm(&x, &o, &w.ln2, l.post_attention_layernorm.eps))?;
     let (gu, s) = match &w.mlp {
@@ -416,13 +421,13 @@ fn heads_in(
     })
 }
 
-/// Causal attention of heads (B, H, T, hd) → the output heads and what the backward pass needs:
-/// flash attention where [`ops::flash_attention_for`] says so, else softmax attention in blocks
-/// of query rows.
+/// Causal attention of heads (B, H, T, hd) → the output and what the backward pass needs: flash
+/// attention where [`ops::flash_attention_for`] says so, its output as rows (B, T, H·hd), else
+/// softmax attention in blocks of query rows, its output as heads (B, H, T, hd).
 fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, t: usize) -> candle_core::Result<(Tensor, Attn)> {
     if ops::flash_attention_for(q.device(), q.dtype(), q.dim(3)?) {
-        let (o, lse) = ops::flash_attention_lse(q, k, v, scale)?;
-        return Ok((o.clone(), Attn::Flash(o, lse)));
+        let (y, lse) = ops::flash_attention_lse_rows(q, k, v, scale)?;
+        return Ok((y, Attn::Flash(lse)));
     }
     // Query rows in blocks, each against the keys up to its last row only: the blocks above
     // the diagonal (all masked) are never computed. kᵀ as a transposed view: cuBLAS and the
@@ -493,8 +498,9 @@ fn unrepeat(x: Tensor, kv_heads: usize) -> candle_core::Result<Tensor> {
     x.reshape((b, kv_heads, h / kv_heads, t, hd))?.sum(2)
 }
 
-/// The backward pass of [`attention_forward`]: from the layer's tape and the gradient of the
-/// output heads → (dq, dk, dv) on the (repeated) heads.
+/// The backward pass of [`attention_forward`]: from the layer's tape and the gradient of its
+/// output (heads for softmax attention, rows (B, T, H·hd) for flash attention) → (dq, dk, dv) on
+/// the (repeated) heads.
 fn attention_backward(
     lt: &LayerTape,
     dyh: &Tensor,
@@ -522,7 +528,10 @@ fn attention_backward(
             let missing = || candle_core::Error::Msg("backward_tape: attention saved no blocks".into());
             Ok((dq, dk.ok_or_else(missing)?, dv.ok_or_else(missing)?))
         }),
-        Attn::Flash(o, lse) => grad::flash_attention_lse(&lt.q, &lt.k, &lt.v, o, lse, dyh, scale),
+        Attn::Flash(lse) => {
+            let (b, t, d) = dyh.dims3()?;
+            grad::flash_attention_lse(&lt.q, &lt.k, &lt.v, &lt.y.reshape((b, t, d))?, lse, dyh, scale)
+        }
     }
 }
 
@@ -580,13 +589,17 @@ fn layer_backward(
     acc("self_attn.o_proj", span("bwd.matmul.o", dev, || ops::matmul(&dh.t()?, &lt.y))?)?;
     let fused_heads = ops::layout_ops_supported(dout.device());
     let dy = span("bwd.matmul.o", dev, || ops::matmul(&dh, &w.o))?;
-    let dyh = span("bwd.layout.heads_out", dev, || {
-        if fused_heads {
-            Ok(ops::heads_from_rows(&dy, heads_layout(a, b, t, 0), None)?.0)
-        } else {
-            dy.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()
-        }
-    })?;
+    let dyh = match &lt.attn {
+        // Flash attention reads the gradient as rows.
+        Attn::Flash(_) => dy.reshape((b, t, a.heads * hd))?,
+        Attn::Probs(_) => span("bwd.layout.heads_out", dev, || {
+            if fused_heads {
+                Ok(ops::heads_from_rows(&dy, heads_layout(a, b, t, 0), None)?.0)
+            } else {
+                dy.reshape((b, t, a.heads, hd))?.transpose(1, 2)?.contiguous()
+            }
+        })?,
+    };
     let scale = 1.0 / (hd as f64).sqrt();
     let (dq, dk, dv) = attention_backward(&lt, &dyh, scale, t)?;
     let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);

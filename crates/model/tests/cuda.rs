@@ -461,7 +461,7 @@ fn cuda_flash_large_heads_match_cpu() {
 }
 
 fn tensor_core_flash_matches_cpu(tc: Tc) {
-    use patchlm_model::ops::{flash_attention_lse, grad};
+    use patchlm_model::ops::{flash_attention_lse, flash_attention_lse_rows, grad};
     let g = gpu();
     set_tc(tc);
     // `misalign`: the GPU inputs start one element into their buffers (not 16-byte aligned), so
@@ -508,18 +508,27 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
                 let (o, lse) = flash_attention_lse(&on(&q), &on(&k), &on(&v), scale).unwrap();
                 let (dq, dk, dv) =
                     grad::flash_attention_lse(&on(&q), &on(&k), &on(&v), &o, &lse, &on(&up), scale).unwrap();
-                [o, lse, dq, dk, dv]
+                // The output and its gradient as (B, T, H·hd) rows (read and written in place on
+                // the GPU); the output back as heads for the comparison.
+                let up_rows = on(&up.transpose(1, 2).unwrap().reshape((b, t, h * hd)).unwrap());
+                let (y, lse_r) = flash_attention_lse_rows(&on(&q), &on(&k), &on(&v), scale).unwrap();
+                let (dq_r, dk_r, dv_r) =
+                    grad::flash_attention_lse(&on(&q), &on(&k), &on(&v), &y, &lse_r, &up_rows, scale).unwrap();
+                let y = y.reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap();
+                [o, lse, dq, dk, dv, y, lse_r, dq_r, dk_r, dv_r]
             };
             let (c, gg) = (run(&Device::Cpu), run(&g));
             let name = format!("{tc:?} flash {b}x{h}x{t}x{s}x{hd} {dtype:?} misaligned {misalign}");
-            for (i, which) in ["output", "lse", "dq", "dk", "dv"].iter().enumerate() {
+            let parts = ["output", "lse", "dq", "dk", "dv"];
+            for (i, which) in parts.iter().chain(&parts).enumerate() {
                 let e = max_rel(&gg[i], &c[i]);
-                let bound = match i {
+                let bound = match i % 5 {
                     0 => tol,
                     1 => 1e-3,
                     _ => tol * 2.0,
                 };
-                assert!(e < bound, "{name} {which}: rel err {e}");
+                let layout = if i < 5 { "" } else { " (o and dO as rows)" };
+                assert!(e < bound, "{name} {which}{layout}: rel err {e}");
             }
         }
     }

@@ -371,10 +371,17 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         let e = max_rel(&output(a, dtype, &[bh, n, hd]), want);
         assert!(e < tol, "{what}: {part} rel err {e}");
     };
-    // A wide kernel's output against the default kernel's, byte for byte.
-    let same = |wide: &A, default: &[u8], part: &str| {
-        assert!(bytes_of(wide) == default, "{what}: wide {part} differs from the default's");
+    // A variant's output against the default kernel's, byte for byte.
+    let same = |got: &A, default: &[u8], part: &str| {
+        assert!(bytes_of(got) == default, "{what}: {part} differs from the default kernel's");
     };
+    // o and dO as rows of the output projection's (B·t, H·hd) matrix (the kernels' `oh` = H): with
+    // an even number of heads, H = 2 (B = bh / 2), against the same kernels on the (bh, t, hd)
+    // layout; each row's arithmetic is the same, so the bytes are.
+    let oh = if bh % 2 == 0 { 2 } else { 0 };
+    let to_rows = |x: &Tensor| x.reshape((bh / 2, 2, t, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    // (`output` reads f32; back to `dtype` exactly.)
+    let rows_bytes = |a: &A| bytes(&to_rows(&output(a, dtype, &[bh, t, hd]).to_dtype(dtype).unwrap()));
 
     // Forward: o and the log-sum-exp.
     let mut args = [
@@ -386,11 +393,23 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         A::I(t as i64),
         A::I(s as i64),
         A::F(scale as f32),
+        A::I(0),
     ];
     go("fwd", t, &mut args);
     check(&args[3], t, &o, tol, "forward output");
     let e = max_rel(&output(&args[4], DType::F32, &[bh, t]), &lse);
     assert!(e < tol_lse, "{what}: log-sum-exp rel err {e}");
+    // The forward with `which` (fwd, fwdw) writing o as rows.
+    let fwd_rows = |which: &str, geometry: Launch| {
+        let mut rows = args.clone();
+        (rows[3], rows[4], rows[8]) = (uninit(t), out(bh * t, DType::F32), A::I(oh as i64));
+        emulate(&name(which), geometry, &mut rows);
+        same(&rows[3], &rows_bytes(&args[3]), &format!("{which} output as rows"));
+        same(&rows[4], bytes_of(&args[4]), &format!("{which} lse with rows"));
+    };
+    if oh > 0 {
+        fwd_rows("fwd", launch::flash(t, bh, family != Flash::CudaCore));
+    }
     if family == Flash::Mma && hd <= 64 {
         // The wide forward (PATCHLM_FLASH_WIDE: 128 rows a block, two row blocks a warp): each
         // row's arithmetic as the default kernel's, in the same order, so the same bytes.
@@ -399,8 +418,11 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         wide[4] = out(bh * t, DType::F32);
         emulate(&name("fwdw"), launch::flash_wide(t, bh), &mut wide);
         check(&wide[3], t, &o, tol, "wide forward output");
-        same(&wide[3], bytes_of(&args[3]), "forward output");
-        same(&wide[4], bytes_of(&args[4]), "forward lse");
+        same(&wide[3], bytes_of(&args[3]), "wide forward output");
+        same(&wide[4], bytes_of(&args[4]), "wide forward lse");
+        if oh > 0 {
+            fwd_rows("fwdw", launch::flash_wide(t, bh));
+        }
     }
     if family == Flash::CudaCore {
         // The log-sum-exp alone (no output).
@@ -413,20 +435,38 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     // Gradients from (q, dO, k, v, (lse, delta) per row).
     let delta = (o.clone() * f(&dout)).unwrap().sum_keepdim(D::Minus1).unwrap();
     let st = A::Buf(bytes(&Tensor::cat(&[lse.unsqueeze(2).unwrap(), delta], 2).unwrap()));
-    let ins = || [arg(&q), arg(&dout), arg(&k), arg(&v)];
-    let tail = [A::I(t as i64), A::I(s as i64), A::F(scale as f32)];
-    let with =
-        |outs: Vec<A>| -> Vec<A> { ins().into_iter().chain([st.clone()]).chain(outs).chain(tail.clone()).collect() };
+    let dout_rows = if oh > 0 { to_rows(&dout) } else { dout.clone() };
+    // The arguments of a gradient kernel with outputs `outs`, dO as rows where `rows`.
+    let with_dout = |outs: Vec<A>, rows: bool| -> Vec<A> {
+        let ins = [arg(&q), arg(if rows { &dout_rows } else { &dout }), arg(&k), arg(&v), st.clone()];
+        let tail = [A::I(t as i64), A::I(s as i64), A::F(scale as f32), A::I(if rows { oh as i64 } else { 0 })];
+        ins.into_iter().chain(outs).chain(tail).collect()
+    };
+    let with = |outs: Vec<A>| with_dout(outs, false);
+    // Kernel `which` on `geometry` with dO as rows, against its outputs `want` (index, bytes) with
+    // the (bh, t, hd) dO.
+    let grad_rows = |which: &str, geometry: Launch, outs: Vec<A>, want: &[(usize, &[u8])]| {
+        if oh == 0 {
+            return;
+        }
+        let mut rows = with_dout(outs, true);
+        emulate(&name(which), geometry, &mut rows);
+        for &(i, bytes) in want {
+            same(&rows[i], bytes, &format!("{which} output {i} with dO as rows"));
+        }
+    };
     let mut args = with(vec![uninit(t)]);
     go("dq", t, &mut args);
     check(&args[5], t, &dq, tol_grad, "dq");
+    grad_rows("dq", launch::flash(t, bh, family != Flash::CudaCore), vec![uninit(t)], &[(5, bytes_of(&args[5]))]);
     if family == Flash::Mma && hd <= 64 {
         // The wide dq (PATCHLM_FLASH_WIDE): the same 16-key chunks in the same order, so the
         // same bytes as the default kernel's.
         let mut wide = with(vec![uninit(t)]);
         emulate(&name("dqw"), launch::flash_wide(t, bh), &mut wide);
         check(&wide[5], t, &dq, tol_grad, "dq (wide)");
-        same(&wide[5], bytes_of(&args[5]), "dq");
+        same(&wide[5], bytes_of(&args[5]), "wide dq");
+        grad_rows("dqw", launch::flash_wide(t, bh), vec![uninit(t)], &[(5, bytes_of(&args[5]))]);
     }
     let parts: &[(&str, &Tensor)] = match family {
         Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],
@@ -439,6 +479,10 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         if which == "dkv" {
             check(&args[6], s, &dv, tol_grad, "dv");
         }
+        let geometry = launch::flash(s, bh, family != Flash::CudaCore);
+        let outs = if which == "dkv" { vec![uninit(s), uninit(s)] } else { vec![uninit(s)] };
+        let want: Vec<(usize, &[u8])> = (5..args.len() - 4).map(|i| (i, bytes_of(&args[i]))).collect();
+        grad_rows(which, geometry, outs, &want);
     }
     if family == Flash::Mma && !matches!(hd, 80 | 96) {
         // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC; not at head sizes 80 and 96): dq summed over key blocks in a
@@ -455,6 +499,8 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         check(&args[5], s, &dk, tol_grad, "dk (one pass)");
         check(&args[6], s, &dv, tol_grad, "dv (one pass)");
         check_dq(&args[7], "dq (one pass)");
+        let want: Vec<(usize, &[u8])> = (5..8).map(|i| (i, bytes_of(&args[i]))).collect();
+        grad_rows("dkvq", launch::flash(s, bh, true), vec![uninit(s), uninit(s), zeroed(nq)], &want);
 
         if hd == 64 {
             // The wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block of 8 warps): dk and dv
@@ -465,13 +511,21 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             let mut wide = with(vec![uninit(s), uninit(s)]);
             emulate(&name("dkvw"), launch::flash_wide_bwd(s, bh), &mut wide);
             check(&wide[5], s, &dk, tol_grad, "dk (wide)");
-            same(&wide[5], &dk_bytes, "dk");
-            same(&wide[6], &dv_bytes, "dv");
+            same(&wide[5], &dk_bytes, "wide dk");
+            same(&wide[6], &dv_bytes, "wide dv");
+            grad_rows(
+                "dkvw",
+                launch::flash_wide_bwd(s, bh),
+                vec![uninit(s), uninit(s)],
+                &[(5, &dk_bytes), (6, &dv_bytes)],
+            );
             let mut wide = with(vec![uninit(s), uninit(s), zeroed(nq)]);
             emulate(&name("dkvqw"), launch::flash_wide_bwd(s, bh), &mut wide);
-            same(&wide[5], &dk_bytes, "one-pass dk");
-            same(&wide[6], &dv_bytes, "one-pass dv");
+            same(&wide[5], &dk_bytes, "wide one-pass dk");
+            same(&wide[6], &dv_bytes, "wide one-pass dv");
             check_dq(&wide[7], "dq (wide one pass)");
+            let want: Vec<(usize, &[u8])> = (5..8).map(|i| (i, bytes_of(&wide[i]))).collect();
+            grad_rows("dkvqw", launch::flash_wide_bwd(s, bh), vec![uninit(s), uninit(s), zeroed(nq)], &want);
         }
     }
 }
@@ -498,7 +552,7 @@ const TENSOR_CORE_CASES: [(AttnShape, DType, bool, f64); 6] = [
     ((2, 70, 70, 64), DType::BF16, false, 1.5),
     ((1, 33, 80, 32), DType::BF16, false, 1.5),
     ((1, 130, 130, 64), DType::F16, false, 1.5),
-    ((2, 20, 20, 32), DType::F16, true, 1.5),
+    ((4, 20, 20, 32), DType::F16, true, 1.5),
     ((1, 130, 144, 64), DType::BF16, false, 1.5),
     ((1, 130, 144, 64), DType::F16, false, 0.0),
 ];
@@ -1001,27 +1055,42 @@ fn emulated_adamw_matches_cpu() {
 }
 
 /// The flash backward's row statistics kernel (lse, Σ o·dO per row; a warp per row) against
-/// candle ops in f32.
+/// candle ops in f32, with o and dO in the (BH, t, hd) layout and as rows of the (B·t, H·hd)
+/// matrix (`oh` = H).
 #[test]
 fn emulated_flash_stats_matches_reference() {
-    for (rows, hd, dtype) in [(37usize, 64usize, DType::BF16), (9, 32, DType::F32), (5, 100, DType::F16)] {
+    for (bh, t, hd, dtype, oh) in [
+        (1usize, 37usize, 64usize, DType::BF16, 0usize),
+        (3, 3, 32, DType::F32, 0),
+        (1, 5, 100, DType::F16, 0),
+        (6, 7, 64, DType::BF16, 3),
+        (4, 5, 32, DType::F32, 2),
+    ] {
+        let rows = bh * t;
         let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let (o, d) = (r(&[rows, hd]), r(&[rows, hd]));
+        let (o, d) = (r(&[bh, t, hd]), r(&[bh, t, hd]));
         let lse = Tensor::randn(0f32, 1.0, rows, &Device::Cpu).unwrap();
-        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap().reshape((rows, hd)).unwrap();
         let delta = (f(&o) * f(&d)).unwrap().sum_keepdim(1).unwrap();
         let want = Tensor::cat(&[lse.unsqueeze(1).unwrap(), delta], 1).unwrap();
+        // As rows: (B, H, t, hd) → (B, t, H, hd).
+        let laid = |x: &Tensor| match oh {
+            0 => x.clone(),
+            _ => x.reshape((bh / oh, oh, t, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap(),
+        };
         let mut a = [
-            A::Buf(bytes(&o)),
-            A::Buf(bytes(&d)),
+            A::Buf(bytes(&laid(&o))),
+            A::Buf(bytes(&laid(&d))),
             A::Buf(bytes(&lse)),
             out(2 * rows, DType::F32),
             A::I(rows as i64),
             A::I(hd as i64),
+            A::I(t as i64),
+            A::I(oh as i64),
         ];
         emulate(&format!("flash_stats_{}", suffix(dtype)), launch::warp_rows(rows), &mut a);
         let e = max_rel(&output(&a[3], DType::F32, &[rows, 2]), &want);
-        assert!(e < 1e-5, "{rows}x{hd} {dtype:?}: rel err {e}");
+        assert!(e < 1e-5, "{bh}x{t}x{hd} {dtype:?} oh={oh}: rel err {e}");
     }
 }
 

@@ -634,32 +634,33 @@ pub fn flash_lse(
     Ok(flash(&[(q, lq), (k, lk)], None, d, scale, FlashKernel::Lse)?.0)
 }
 
-/// The backward's row statistics (lse, Σ o·dO) for `rows` rows of `hd`, f32 (rows, 2).
+/// The backward's row statistics (lse, Σ o·dO) for the B·H·T rows of `d`, f32 (B·H·T, 2); o and
+/// dO laid out as `d.oh` says (see [`super::AttnDims`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_stats(
     o: &CudaStorage,
     lo: &Layout,
-    d: &CudaStorage,
+    dout: &CudaStorage,
     ld: &Layout,
     lse: &CudaStorage,
     ll: &Layout,
-    rows: usize,
-    hd: usize,
+    d: super::AttnDims,
 ) -> Result<CudaStorage> {
     let dev = o.device();
+    let (rows, hd) = (d.bh * d.t, d.hd);
     if rows * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {rows} rows is more than one launch handles");
     }
     let f = dev.get_or_load_custom_func(&format!("flash_stats_{}", suffix(o.dtype())?), FLASH_MODULE, FLASH_PTX)?;
     let ls = lse.as_cuda_slice::<f32>()?.slice(check(ll, "lse")?..);
     let st = unsafe { dev.alloc::<f32>(2 * rows)? };
-    let (ri, hi) = (rows as i32, hd as i32);
+    let (ri, hi, ti, ohi) = (rows as i32, hd as i32, d.t as i32, d.oh as i32);
     macro_rules! go {
         ($ty:ty) => {{
             let os = o.as_cuda_slice::<$ty>()?.slice(check(lo, "o")?..);
-            let ds = d.as_cuda_slice::<$ty>()?.slice(check(ld, "dO")?..);
+            let ds = dout.as_cuda_slice::<$ty>()?.slice(check(ld, "dO")?..);
             let mut b = f.builder();
-            args!(b, &os, &ds, &ls, &st, &ri, &hi);
+            args!(b, &os, &ds, &ls, &st, &ri, &hi, &ti, &ohi);
             unsafe { b.launch(warp_rows_cfg(rows)) }.w()?;
         }};
     }
@@ -837,14 +838,18 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     kernel: FlashKernel,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = x[0].0.device();
-    let super::AttnDims { bh, t, s, hd } = d;
+    let super::AttnDims { bh, t, s, hd, oh } = d;
     let dtype = x[0].0.dtype();
     let plan = FlashPlan::new(kernel, dtype, hd)?;
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }
+    if oh != 0 && !bh.is_multiple_of(oh) {
+        candle_core::bail!("internal: flash attention's {bh} heads are not batches of {oh}");
+    }
     if plan.lse_by_fwd {
         // No CUDA-core kernel at this size: the log-sum-exp from the mma.sync forward (with v = k).
+        let d = super::AttnDims { oh: 0, ..d };
         let (_, lse) = flash_t::<T>(&[x[0], x[1], x[1]], None, d, scale, FlashKernel::Fwd)?;
         let lse = lse.ok_or_else(|| candle_core::Error::Msg("internal: flash forward without lse".into()))?;
         return Ok((lse, None));
@@ -880,7 +885,9 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     } else {
         cfg(crate::launch::flash(rows, bh, tc))
     };
-    let (ti, si) = (t as i32, s as i32);
+    // o and dO as rows of the (B·T, H·hd) matrix where `oh` = H is set, else as q (the lse kernel
+    // has neither).
+    let (ti, si, ohi) = (t as i32, s as i32, oh as i32);
     let stats = || -> Result<_> {
         let (c, l) =
             st.ok_or_else(|| candle_core::Error::Msg("internal: flash gradients without statistics".into()))?;
@@ -905,7 +912,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         FlashKernel::Fwd => {
             let o = unsafe { dev.alloc::<T>(bh * t * hd)? };
             let lse = unsafe { dev.alloc::<f32>(bh * t)? };
-            launch!(which[0]; &o, &lse, &ti, &si, &scale);
+            launch!(which[0]; &o, &lse, &ti, &si, &scale, &ohi);
             Ok((T::wrap_cuda_slice(o, dev.clone()), Some(wrap_f32(lse, dev))))
         }
         FlashKernel::Lse => {
@@ -916,7 +923,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         FlashKernel::Dq => {
             let st = stats()?;
             let out = unsafe { dev.alloc::<T>(bh * t * hd)? };
-            launch!(which[0]; &st, &out, &ti, &si, &scale);
+            launch!(which[0]; &st, &out, &ti, &si, &scale, &ohi);
             Ok((T::wrap_cuda_slice(out, dev.clone()), None))
         }
         FlashKernel::Dkv => {
@@ -926,10 +933,10 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             {
                 let (mut dk, mut dv) = out.split_at_mut(n);
                 if tc {
-                    launch!(which[0]; &st, &mut dk, &mut dv, &ti, &si, &scale);
+                    launch!(which[0]; &st, &mut dk, &mut dv, &ti, &si, &scale, &ohi);
                 } else {
                     for (which, dst) in which.iter().zip([&mut dk, &mut dv]) {
-                        launch!(which; &st, dst, &ti, &si, &scale);
+                        launch!(which; &st, dst, &ti, &si, &scale, &ohi);
                     }
                 }
             }
@@ -943,7 +950,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
             {
                 let (mut dq, mut kv) = out.split_at_mut(nq);
                 let (mut dk, mut dv) = kv.split_at_mut(n);
-                launch!(which[0]; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale);
+                launch!(which[0]; &st, &mut dk, &mut dv, &mut acc, &ti, &si, &scale, &ohi);
                 let f = dev.get_or_load_custom_func(&format!("flash_dq_cast_{sfx}"), FLASH_MODULE, FLASH_PTX)?;
                 let ni = nq as i32;
                 let mut b = f.builder();

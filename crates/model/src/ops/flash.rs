@@ -224,7 +224,31 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle
 /// backward pass does not recompute it).
 pub fn flash_attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
     flash_check(q, k, v)?;
-    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default() };
+    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default(), rows: false };
+    let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let lse = op.lse.take(&o)?;
+    Ok((o, lse))
+}
+
+/// [`flash_attention_lse`] with the output as rows: (B, T, H·hd), each position's heads side by
+/// side, the layout the attention's output projection reads (and its gradient, for
+/// [`grad::flash_attention_lse`], in the same layout). On CUDA the kernels write and read that
+/// layout in place, which saves a copy of the output forward and of its gradient backward, and
+/// the output is then also the projection's input (one tensor kept for the backward pass, not
+/// two). On the CPU it is the (B, H, T, hd) output transposed.
+pub fn flash_attention_lse_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    flash_check(q, k, v)?;
+    let (b, h, t, hd) = q.dims4()?;
+    if !q.device().is_cuda() {
+        let (o, lse) = flash_attention_lse(q, k, v, scale)?;
+        return Ok((o.transpose(1, 2)?.reshape((b, t, h * hd))?, lse));
+    }
+    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default(), rows: true };
     let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
     let lse = op.lse.take(&o)?;
     Ok((o, lse))
@@ -256,10 +280,12 @@ struct FlashLse {
     scale: f32,
 }
 
-/// [`FlashAttn`]'s forward that also leaves the log-sum-exp per row (see [`flash_attention_lse`]).
+/// [`FlashAttn`]'s forward that also leaves the log-sum-exp per row (see [`flash_attention_lse`]);
+/// with `rows` (CUDA only), the output as (B, T, H·hd) rows (see [`flash_attention_lse_rows`]).
 struct FlashAttnLse {
     scale: f32,
     lse: Stash,
+    rows: bool,
 }
 
 /// Which gradients a [`FlashGrad`] computes: dq (B, H, T, hd), dk and dv stacked
@@ -284,19 +310,24 @@ enum GradOf {
 struct FlashGrad {
     scale: f32,
     part: FlashPart,
-    /// dO (B, H, T, hd) in q's dtype.
+    /// dO (B, H, T, hd) in q's dtype, or (CUDA only) as (B, T, H·hd) rows with `oh` = H.
     dout: Tensor,
+    oh: usize,
     /// (lse, delta = Σ dO ⊙ O) per query row, (B, H, T, 2) f32.
     stats: Tensor,
 }
 
-/// Shapes of one attention call: heads (B·H), queries, keys, head size.
+/// Shapes of one attention call: heads (B·H), queries, keys, head size, and the layout of the
+/// output and its gradient.
 #[derive(Clone, Copy)]
 pub(super) struct AttnDims {
     pub(super) bh: usize,
     pub(super) t: usize,
     pub(super) s: usize,
     pub(super) hd: usize,
+    /// 0: o and dO laid out as q, (B, H, T, hd); H: as rows of the (B·T, H·hd) matrix that the
+    /// output projection reads (the CUDA kernels only; see [`flash_attention_lse_rows`]).
+    pub(super) oh: usize,
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -309,7 +340,7 @@ fn to_f32<T: Float>(x: &[T]) -> Vec<f32> {
 
 /// Forward (`want_o`: the outputs (BH·T·hd)) or the log-sum-exp per row (BH·T), on the CPU.
 fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, want_o: bool) -> (Vec<T>, Vec<f32>) {
-    let AttnDims { bh, t, s, hd } = a;
+    let AttnDims { bh, t, s, hd, .. } = a;
     let mut o = vec![T::from_f(0.0); if want_o { bh * t * hd } else { 0 }];
     let mut lse = vec![0f32; bh * t];
     let per_head = |g: usize, o: &mut [T], lse: &mut [f32]| {
@@ -346,7 +377,7 @@ fn flash_fwd_cpu<T: Float>(q: &[T], k: &[T], v: &[T], a: AttnDims, scale: f32, w
 
 /// One of dq, dk, dv from `x` = [q, dO, k, v] on the CPU (the reference for the CUDA kernels).
 fn flash_grad_cpu<T: Float>(x: [&[T]; 4], st: &[f32], a: AttnDims, scale: f32, part: GradOf) -> Vec<T> {
-    let AttnDims { bh, t, s, hd } = a;
+    let AttnDims { bh, t, s, hd, .. } = a;
     let [q, dout, k, v] = x;
     let rows = if part == GradOf::Q { t } else { s };
     let mut out = vec![T::from_f(0.0); bh * rows * hd];
@@ -380,7 +411,7 @@ fn flash_grad_cpu<T: Float>(x: [&[T]; 4], st: &[f32], a: AttnDims, scale: f32, p
 fn attn_dims(q: &Layout, k: &Layout) -> candle_core::Result<AttnDims> {
     let (b, h, t, hd) = q.shape().dims4()?;
     let s = k.shape().dims4()?.2;
-    Ok(AttnDims { bh: b * h, t, s, hd })
+    Ok(AttnDims { bh: b * h, t, s, hd, oh: 0 })
 }
 
 impl CustomOp3 for FlashAttn {
@@ -432,7 +463,8 @@ impl CustomOp3 for FlashAttn {
     }
 }
 
-/// Flash attention's gradients from the inputs, the output, each row's log-sum-exp and dO.
+/// Flash attention's gradients from the inputs, the output, each row's log-sum-exp and dO (o and
+/// dO both (B, H, T, hd), or both (B, T, H·hd) rows as [`flash_attention_lse_rows`] returns).
 pub(super) fn flash_backward(
     q: &Tensor,
     k: &Tensor,
@@ -444,18 +476,28 @@ pub(super) fn flash_backward(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     flash_check(q, k, v)?;
     let (b, h, t, hd) = q.dims4()?;
-    if dout.dims() != [b, h, t, hd] || o.dims() != [b, h, t, hd] {
-        candle_core::bail!(
-            "flash_attention: o {:?} or dO {:?} is not shaped like q {:?}",
+    let (heads, rows) = ([b, h, t, hd], [b, t, h * hd]);
+    let oh = match (o.dims(), dout.dims()) {
+        (x, y) if x == heads && y == heads => 0,
+        (x, y) if x == rows && y == rows => h,
+        _ => candle_core::bail!(
+            "flash_attention: o {:?} and dO {:?} are neither shaped like q {:?} nor (B, T, H·hd) rows",
             o.dims(),
             dout.dims(),
             q.dims()
-        );
-    }
+        ),
+    };
     if lse.dims() != [b, h, t] || lse.dtype() != DType::F32 {
         candle_core::bail!("flash_attention: lse {:?} {:?} is not f32 ({b}, {h}, {t})", lse.dims(), lse.dtype());
     }
     let dout = dout.to_dtype(q.dtype())?.contiguous()?;
+    // The CPU twin reads o and dO as (B, H, T, hd); the CUDA kernels read rows in place.
+    let (o, dout, oh) = if oh > 0 && !q.device().is_cuda() {
+        let as_heads = |x: &Tensor| x.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
+        (as_heads(o)?, as_heads(&dout)?, 0)
+    } else {
+        (o.clone(), dout, oh)
+    };
     // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the
     // tensor-core flash kernels until it has run on a GPU), else composed.
     // Profiled by pass (`bwd.attention.*`: the statistics, then dk and dv, then dq, or the one
@@ -463,14 +505,20 @@ pub(super) fn flash_backward(
     let dev = q.device().clone();
     let stats = span("bwd.attention.stats", &dev, || {
         if q.device().is_cpu() || FLASH_TC.get() || FLASH_MMA.get() {
-            o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &FlashStats)
+            let op = FlashStats { dims: (b, h, t, hd), oh };
+            o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &op)
         } else {
-            let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+            let delta = (dout.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?;
+            let delta = match oh {
+                0 => delta.sum_keepdim(3)?,
+                _ => delta.reshape((b, t, h, hd))?.sum(3)?.transpose(1, 2)?.unsqueeze(3)?,
+            };
             Tensor::cat(&[&lse.unsqueeze(3)?, &delta], 3)?.contiguous()
         }
     })?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let grad = |part| q.apply_op3_no_bwd(&k, &v, &FlashGrad { scale, part, dout: dout.clone(), stats: stats.clone() });
+    let grad =
+        |part| q.apply_op3_no_bwd(&k, &v, &FlashGrad { scale, part, dout: dout.clone(), oh, stats: stats.clone() });
     if flash_dq_atomic_enabled(q.dtype(), hd) {
         let s = k.dim(2)?;
         let all = span("bwd.attention.dkvq", &dev, || grad(FlashPart::All))?;
@@ -483,9 +531,12 @@ pub(super) fn flash_backward(
     Ok((dq, dkv.get(0)?, dkv.get(1)?))
 }
 
-/// The backward's row statistics: (o, dO (B, H, T, hd), lse (B, H, T) f32) → (B, H, T, 2) f32
-/// holding (lse, Σ_d o·dO) per row.
-struct FlashStats;
+/// The backward's row statistics: (o, dO (B, H, T, hd) = `dims`, lse (B, H, T) f32) → (B, H, T, 2)
+/// f32 holding (lse, Σ_d o·dO) per row; on CUDA o and dO may be (B, T, H·hd) rows (`oh` = H).
+struct FlashStats {
+    dims: (usize, usize, usize, usize),
+    oh: usize,
+}
 
 impl CustomOp3 for FlashStats {
     fn name(&self) -> &'static str {
@@ -501,7 +552,10 @@ impl CustomOp3 for FlashStats {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, t, hd) = l1.shape().dims4()?;
+        let (b, h, t, hd) = self.dims;
+        if self.oh != 0 || l1.shape().elem_count() != b * h * t * hd {
+            candle_core::bail!("internal: flash attention's statistics on the cpu take o as (B, H, T, hd)");
+        }
         let lse = contiguous_f32(s3, l3, "flash_attention: lse")?;
         fn stats<T: Float>(o: &[T], d: &[T], lse: &[f32], hd: usize) -> Vec<f32> {
             o.chunks(hd.max(1))
@@ -535,8 +589,8 @@ impl CustomOp3 for FlashStats {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (b, h, t, hd) = l1.shape().dims4()?;
-        let st = cuda::flash_stats(s1, l1, s2, l2, s3, l3, b * h * t, hd)?;
+        let (b, h, t, hd) = self.dims;
+        let st = cuda::flash_stats(s1, l1, s2, l2, s3, l3, AttnDims { bh: b * h, t, s: t, hd, oh: self.oh })?;
         Ok((st, Shape::from((b, h, t, 2))))
     }
 }
@@ -562,6 +616,9 @@ impl CustomOp3 for FlashAttnLse {
             lse = l;
             o
         });
+        if self.rows {
+            candle_core::bail!("internal: flash attention's output as rows is a CUDA layout");
+        }
         let (b, h, t, _) = l1.shape().dims4()?;
         self.lse.put(Stashed::Cpu(CpuStorage::F32(lse)), Shape::from((b, h, t)));
         Ok((out, l1.shape().clone()))
@@ -577,10 +634,11 @@ impl CustomOp3 for FlashAttnLse {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (o, lse) = cuda::flash_fwd(s1, l1, s2, l2, s3, l3, attn_dims(l1, l2)?, self.scale)?;
-        let (b, h, t, _) = l1.shape().dims4()?;
+        let (b, h, t, hd) = l1.shape().dims4()?;
+        let d = AttnDims { oh: if self.rows { h } else { 0 }, ..attn_dims(l1, l2)? };
+        let (o, lse) = cuda::flash_fwd(s1, l1, s2, l2, s3, l3, d, self.scale)?;
         self.lse.put(Stashed::Cuda(lse), Shape::from((b, h, t)));
-        Ok((o, l1.shape().clone()))
+        Ok((o, if self.rows { Shape::from((b, t, h * hd)) } else { l1.shape().clone() }))
     }
 }
 
@@ -642,6 +700,9 @@ impl CustomOp3 for FlashGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (a, shape) = self.dims(l1, l2)?;
+        if a.oh != 0 {
+            candle_core::bail!("internal: flash attention's gradients on the cpu take dO as (B, H, T, hd)");
+        }
         let (dg, dl) = self.dout.storage_and_layout();
         let (sg, sl) = self.stats.storage_and_layout();
         let (candle_core::Storage::Cpu(d), candle_core::Storage::Cpu(CpuStorage::F32(st))) = (&*dg, &*sg) else {
@@ -717,6 +778,6 @@ impl FlashGrad {
             FlashPart::KV => Shape::from((2, b, h, s, hd)),
             FlashPart::All => Shape::from(b * h * (t + 2 * s) * hd),
         };
-        Ok((AttnDims { bh: b * h, t, s, hd }, shape))
+        Ok((AttnDims { bh: b * h, t, s, hd, oh: self.oh }, shape))
     }
 }

@@ -150,8 +150,10 @@ pub fn flash_attention(
     Ok((dq.ok_or_else(e)?, dk.ok_or_else(e)?, dv.ok_or_else(e)?))
 }
 
-/// [`super::flash_attention_lse`] backward: from the inputs, the output `o`, the log-sum-exp
-/// per row `lse` (B, H, T) f32 that the forward returned, and `dout` → (dq, dk, dv).
+/// [`super::flash_attention_lse`] and [`super::flash_attention_lse_rows`] backward: from the
+/// inputs, the output `o`, the log-sum-exp per row `lse` (B, H, T) f32 that the forward returned,
+/// and `dout` → (dq, dk, dv) (B, H, ·, hd). `o` and `dout` are both (B, H, T, hd), or both
+/// (B, T, H·hd) rows, the layout the rows forward returns (read in place on CUDA).
 pub fn flash_attention_lse(
     q: &Tensor,
     k: &Tensor,
