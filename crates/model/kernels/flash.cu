@@ -1488,6 +1488,22 @@ FLASH_16BIT(FLASH_DKVQ, 128)
 FLASH_16BIT(FLASH_MMA_WIDE, 32)
 FLASH_16BIT(FLASH_MMA_WIDE, 64)
 
+// The default forward and dq with four blocks an SM (PATCHLM_FLASH_OCC4: at most 128 registers a
+// thread, 16 warps an SM instead of 12; sm_90, head size 64: dq fits without spills, the forward
+// spills 16 bytes), the same code otherwise.
+#define FLASH_MMA_OCC4(T, S, HD)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_fwdo_##S##_##HD(                        \
+        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \
+        flash_mma_fwd_rows<T, HD, 1>(q, k, v, o, lse, t, s, scale, oh);                                    \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_dqo_##S##_##HD(                         \
+        const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
+        float scale, int oh) {                                                                             \
+        flash_mma_dq_rows<T, HD, 1>(q, dout, k, v, st, out, t, s, scale, oh);                              \
+    }
+FLASH_16BIT(FLASH_MMA_OCC4, 32)
+FLASH_16BIT(FLASH_MMA_OCC4, 64)
+
 // The wide backward (flash_mma_dkv_pass with 8 warps: 128 keys a block of 256 threads), dk and
 // dv, and dq, dk and dv; head size 64.
 #define FLASH_DKVW(T, S)                                                                                   \

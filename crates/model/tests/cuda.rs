@@ -377,6 +377,8 @@ enum Tc {
     MmaDqAtomic,
     /// mma.sync with the wide forward (PATCHLM_FLASH_WIDE: 128 rows a block).
     MmaWide,
+    /// mma.sync with the forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4).
+    MmaOcc4,
     /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
@@ -396,6 +398,7 @@ fn set_tc(tc: Tc) {
     ));
     patchlm_model::ops::set_flash_mma_large_heads(matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic));
     patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
+    patchlm_model::ops::set_flash_occ4(tc == Tc::MmaOcc4);
     patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
 
@@ -431,6 +434,14 @@ fn cuda_dq_atomic_flash_attention_matches_cpu() {
 #[ignore]
 fn cuda_flash_wide_forward_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWide);
+}
+
+/// The mma.sync forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a
+/// process of its own.
+#[test]
+#[ignore]
+fn cuda_flash_occ4_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaOcc4);
 }
 
 /// The mma.sync kernels with the wide backward (128 keys a block of 8 warps, head size 64;

@@ -423,6 +423,12 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         if oh > 0 {
             fwd_rows("fwdw", launch::flash_wide(t, bh));
         }
+        // The forward compiled for four blocks an SM (PATCHLM_FLASH_OCC4): the default's code.
+        let mut occ = args.clone();
+        (occ[3], occ[4]) = (uninit(t), out(bh * t, DType::F32));
+        go("fwdo", t, &mut occ);
+        same(&occ[3], bytes_of(&args[3]), "fwdo output");
+        same(&occ[4], bytes_of(&args[4]), "fwdo lse");
     }
     if family == Flash::CudaCore {
         // The log-sum-exp alone (no output).
@@ -467,6 +473,9 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         check(&wide[5], t, &dq, tol_grad, "dq (wide)");
         same(&wide[5], bytes_of(&args[5]), "wide dq");
         grad_rows("dqw", launch::flash_wide(t, bh), vec![uninit(t)], &[(5, bytes_of(&args[5]))]);
+        let mut occ = with(vec![uninit(t)]);
+        go("dqo", t, &mut occ);
+        same(&occ[5], bytes_of(&args[5]), "dqo");
     }
     let parts: &[(&str, &Tensor)] = match family {
         Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],

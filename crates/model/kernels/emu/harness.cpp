@@ -81,7 +81,8 @@ typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 #define K(name) {#name, [](const std::vector<Arg>& v, dim3 g, dim3 b) { invoke(name, v, g, b); }},
 #define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
 #define KMMA(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD) \
-    K(flash_mma_dkvq_##S##_##HD) K(flash_mma_fwdw_##S##_##HD) K(flash_mma_dqw_##S##_##HD)
+    K(flash_mma_dkvq_##S##_##HD) K(flash_mma_fwdw_##S##_##HD) K(flash_mma_dqw_##S##_##HD)              \
+    K(flash_mma_fwdo_##S##_##HD) K(flash_mma_dqo_##S##_##HD)
 #define KMMAL(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD)
 #define KMMAW(S) K(flash_mma_dkvw_##S##_64) K(flash_mma_dkvqw_##S##_64)
 #define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_lse_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) \

@@ -739,6 +739,8 @@ struct FlashPlan {
     family: &'static str,
     /// The wide forward or dq kernel (128 query rows a block).
     wide: bool,
+    /// The forward or dq kernel compiled for four blocks an SM.
+    occ4: bool,
     /// The wide dk/dv or one-pass kernel (128 keys a block).
     wide_bwd: bool,
     /// [`FlashKernel::Lse`] by the mma.sync forward.
@@ -769,6 +771,9 @@ impl FlashPlan {
             wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
                 && is_mma
                 && super::flash_wide_enabled(dtype, hd),
+            occ4: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
+                && is_mma
+                && super::flash_occ4_enabled(dtype, hd),
             wide_bwd: matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq)
                 && is_mma
                 && super::flash_wide_bwd_enabled(dtype, hd),
@@ -781,9 +786,11 @@ impl FlashPlan {
     fn which(&self, kernel: FlashKernel) -> &'static [&'static str] {
         match kernel {
             FlashKernel::Fwd if self.wide => &["fwdw"],
+            FlashKernel::Fwd if self.occ4 => &["fwdo"],
             FlashKernel::Fwd => &["fwd"],
             FlashKernel::Lse => &["lse"],
             FlashKernel::Dq if self.wide => &["dqw"],
+            FlashKernel::Dq if self.occ4 => &["dqo"],
             FlashKernel::Dq => &["dq"],
             FlashKernel::Dkv if self.family == "flash" => &["dk", "dv"],
             FlashKernel::Dkv if self.wide_bwd => &["dkvw"],

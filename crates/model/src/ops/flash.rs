@@ -128,6 +128,23 @@ pub fn flash_wide_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_WIDE.get() && hd <= 64 && flash_mma_enabled(dtype, hd)
 }
 
+static FLASH_OCC4: Switch = Switch::new("PATCHLM_FLASH_OCC4", true, false);
+
+/// Chooses, where [`set_flash_mma`]'s kernels run at head sizes 32 and 64 and the wide ones
+/// ([`set_flash_wide`]) do not, a forward and dq pass compiled for four blocks an SM (at most 128
+/// registers a thread: 16 warps to hide latency instead of 12; sm_90, head size 64: the forward
+/// spills 16 bytes, dq nothing), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
+/// a GPU has timed it; the same code as the default kernels, so the same results.
+pub fn set_flash_occ4(enabled: bool) {
+    FLASH_OCC4.set(enabled);
+}
+
+/// Whether flash attention runs the four-blocks-an-SM forward and dq kernels for `dtype` and head
+/// size `hd` (see [`set_flash_occ4`]).
+pub fn flash_occ4_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_OCC4.get() && hd <= 64 && flash_mma_enabled(dtype, hd) && !flash_wide_enabled(dtype, hd)
+}
+
 static FLASH_WIDE_BWD: Switch = Switch::new("PATCHLM_FLASH_WIDE_BWD", true, false);
 
 /// Chooses, where [`set_flash_mma`]'s kernels run the backward pass at head size 64, the wide
