@@ -361,7 +361,7 @@ fn layer_forward(
     let (yh, attn) = span("fwd.attention", dev, || attention_forward(&q, &k, &v, scale, t))?;
     let y = match &attn {
         // Flash attention writes its output as rows already.
-        Attn::Flash(_) => yh.reshape((n, d))?,
+        Attn::Flash(_) => yh.reshape((n, ()))?,
         Attn::Probs(_) => span("fwd.layout.heads_out", dev, || {
             if fused_heads {
                 ops::rows_from_heads(&yh, None, heads_layout(a, b, t, 0), None)
