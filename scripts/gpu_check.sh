@@ -9,9 +9,10 @@
 #   scripts/gpu_check.sh --stage         # strips and packs the binaries and the reference curve into .device/
 # then on the device, with .device, data/corpus and data/shards-* carried:
 #   bash scripts/gpu_check.sh [kernels] [optin] [flash] [gpt2] [370m] [track] [dqa] [variants] [attn] [large] [optin-each] [ops] [ncu] [ours] [events] [plain]
-# (no section: kernels variants 370m gpt2 track attn, in order of what matters most should the call's
+# (no section: kernels variants 370m gpt2 attn track, in order of what matters most should the call's
 # time run out: 370M is the shape still behind torch.compile, and its --profile rows split both
-# sides' step by kind of work, attention kernels included; on an H200 on 2026-12-04, kernels
+# sides' step by kind of work, attention kernels included; attn puts our flash kernels beside
+# PyTorch's on their own; track re-checks the loss curve stop 22 found tracking; on an H200 on 2026-12-04, kernels
 # optin flash gpt2 track 370m took 559 s, most of it torch.compile's warm-up; every measurement
 # is printed as it is made, so a section cut by its timeout keeps them; with little device time
 # left, `kernels variants 370m gpt2` in one call and `kernels track` in another; `large`, the
@@ -43,7 +44,7 @@ done
 lib=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -1)
 export LD_LIBRARY_PATH=$(dirname "$lib"):${LD_LIBRARY_PATH:-}
 export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
-sections="${*:-kernels variants 370m gpt2 track attn}"
+sections="${*:-kernels variants 370m gpt2 attn track}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for s in $sections; do
   echo "== $s  ($(date +%T))"
