@@ -1,12 +1,13 @@
 //! With the `cuda` feature, compiles kernels/fused.cu and kernels/flash.cu to PTX with nvcc (found through `NVCC`,
 //! `CUDA_ROOT/bin` or `PATH`), for compute capability `CUDA_COMPUTE_CAP` (default 80: bf16 needs
-//! Ampere or newer; the driver JIT-compiles the PTX for newer GPUs).
+//! Ampere or newer; the driver JIT-compiles the PTX for newer GPUs), and kernels/hopper.cu for
+//! compute_90a where that capability is 90 or more (else an empty module in its place).
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    for f in ["kernels/fused.cu", "kernels/flash.cu", "kernels/common.cuh"] {
+    for f in ["kernels/fused.cu", "kernels/flash.cu", "kernels/hopper.cu", "kernels/common.cuh"] {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
@@ -23,7 +24,16 @@ fn main() {
     // PTX for the lower of the requested capability and 90 keeps it loadable by CUDA 13 drivers.
     let cap: u32 = cap.trim().parse().unwrap_or(80);
     let arch = format!("compute_{}", cap.clamp(80, 90));
-    for name in ["fused", "flash"] {
+    // Hopper's architecture-specific instructions (wgmma) need compute_90a, which only Hopper loads.
+    let hopper = cap >= 90;
+    if !hopper {
+        let empty =
+            "// kernels/hopper.cu needs CUDA_COMPUTE_CAP 90 or more\n.version 7.0\n.target sm_80\n.address_size 64\n";
+        std::fs::write(out_dir.join("hopper.ptx"), empty).expect("OUT_DIR is writable");
+    }
+    let modules: &[(&str, String)] =
+        &[("fused", arch.clone()), ("flash", arch.clone()), ("hopper", "compute_90a".to_string())];
+    for (name, arch) in modules.iter().filter(|(n, _)| hopper || *n != "hopper") {
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math", &format!("-arch={arch}"), "-o"])
             .arg(out_dir.join(format!("{name}.ptx")))

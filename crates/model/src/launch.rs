@@ -39,6 +39,11 @@ pub fn elems(n: usize) -> Launch {
     Launch::x(n.div_ceil(1024).max(1), 1024)
 }
 
+/// One block of one warpgroup (128 threads): kernels/hopper.cu's probe.
+pub fn warpgroup() -> Launch {
+    Launch::x(1, 128)
+}
+
 /// A block per row of `rows`, `threads` threads each.
 pub fn block_rows(rows: usize, threads: u32) -> Launch {
     Launch::x(rows, threads)

@@ -547,6 +547,38 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
     drop(g);
 }
 
+/// Hopper's warpgroup MMA as kernels/hopper.cu issues it (`ops::wgmma_probe`: m64n64k16, both
+/// operands in shared memory through unswizzled K-major descriptors) against the CPU: checks the
+/// operand layout, descriptor encoding and fence protocol that the emulator assumes
+/// (tests/emulated.rs), before any kernel relies on them. Values k/16: every sum is exact.
+/// Hopper only (the module is compute_90a); in a process of its own (`gpu_check.sh`).
+#[test]
+#[ignore]
+fn cuda_hopper_wgmma_probe_matches_cpu() {
+    let g = gpu();
+    let val = |i: usize, m: usize| ((i * m + 11) % 29) as f32 / 16.0 - 0.875;
+    let mk = |m: usize| {
+        let v: Vec<f32> = (0..64 * 16).map(|i| val(i, m)).collect();
+        Tensor::from_vec(v, (64, 16), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
+    };
+    let (a, b) = (mk(37), mk(53));
+    let want = ops::wgmma_probe(&a, &b).unwrap();
+    let got = ops::wgmma_probe(&a.to_device(&g).unwrap(), &b.to_device(&g).unwrap()).unwrap();
+    let flat = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (w, r) = (flat(&want), flat(&got));
+    let bad: Vec<usize> = (0..w.len()).filter(|&i| w[i] != r[i]).collect();
+    assert!(
+        bad.is_empty(),
+        "wgmma probe: {} of 4096 values differ, first D[{}][{}] = {} (want {})",
+        bad.len(),
+        bad[0] / 64,
+        bad[0] % 64,
+        r[bad[0]],
+        w[bad[0]]
+    );
+    drop(g);
+}
+
 /// bf16 products in the tape's 370M shapes (B·T = 8192 rows) against the CPU's f32 product of the
 /// same values, on the device as `parse_device` sets it up: cuBLAS with its 32 MiB workspace
 /// (`PATCHLM_CUBLAS_WORKSPACE`), which lets it split the weight gradients' 8192-long reduction.

@@ -23,9 +23,10 @@ use half::{bf16, f16};
 use patchlm_model::launch::{self, Launch};
 
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
-const SOURCES: [&str; 10] = [
+const SOURCES: [&str; 11] = [
     "fused.cu",
     "flash.cu",
+    "hopper.cu",
     "common.cuh",
     "emu/cuda_emu.h",
     "emu/emu_types.h",
@@ -1110,6 +1111,32 @@ fn words(w: &[u32]) -> Vec<u8> {
 
 fn words_back(b: &[u8]) -> Vec<u32> {
     b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Hopper's warpgroup MMA as kernels/hopper.cu uses it (the probe: m64n64k16, both operands in
+/// shared memory through unswizzled K-major descriptors, issued once and once more accumulating)
+/// against an exact product: the emulator's reading of the PTX ISA's layouts, which
+/// `cuda_hopper_wgmma_probe_matches_cpu` in tests/cuda.rs checks on a GPU. Values k/16, so every
+/// sum is exact in f32.
+#[test]
+fn emulated_wgmma_probe_matches_the_documented_layout() {
+    let val = |i: usize, m: usize| ((i * m + 11) % 29) as f32 / 16.0 - 0.875;
+    let a: Vec<f32> = (0..64 * 16).map(|i| val(i, 37)).collect();
+    let b: Vec<f32> = (0..64 * 16).map(|i| val(i, 53)).collect();
+    let bf = |x: &[f32]| Tensor::from_vec(x.to_vec(), (64, 16), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let mut args = [A::Buf(bytes(&bf(&a))), A::Buf(bytes(&bf(&b))), out(64 * 64, DType::F32)];
+    emulate("probe_wgmma_bf16", launch::warpgroup(), &mut args);
+    let d = output(&args[2], DType::F32, &[64 * 64]).to_vec1::<f32>().unwrap();
+    for r in 0..64 {
+        for c in 0..64 {
+            let want: f64 = (0..16).map(|k| a[r * 16 + k] as f64 * b[c * 16 + k] as f64).sum();
+            assert_eq!(d[r * 64 + c] as f64, want, "wgmma probe: D[{r}][{c}]");
+        }
+    }
+    // The public op on the CPU: the same product.
+    let got =
+        patchlm_model::ops::wgmma_probe(&bf(&a), &bf(&b)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(got, d);
 }
 
 /// The emulator's mma.sync m16n8k16 and ldmatrix.x4 (the wrappers flash.cu's kernels call), one

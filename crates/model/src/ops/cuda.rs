@@ -1,5 +1,6 @@
-//! The CUDA side of the ops: launchers of kernels/fused.cu and kernels/flash.cu (PTX compiled
-//! by build.rs), twins of the CPU implementations in the sibling modules.
+//! The CUDA side of the ops: launchers of kernels/fused.cu, kernels/flash.cu and
+//! kernels/hopper.cu (PTX compiled by build.rs), twins of the CPU implementations in the sibling
+//! modules.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -1277,4 +1278,31 @@ pub fn rms_bwd(
         d => candle_core::bail!("rms_norm: unsupported dtype {d:?}"),
     };
     Ok((s, Shape::from(n * d + d)))
+}
+
+/// The PTX of kernels/hopper.cu (compute_90a: Hopper only; an empty module where the build's
+/// capability is below 90).
+pub const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/hopper.ptx"));
+const HOPPER_MODULE: &str = "patchlm_hopper";
+
+/// kernels/hopper.cu's `probe_wgmma_bf16`: a (64, 16) · b (64, 16)ᵀ → (64, 64) f32 with one
+/// warpgroup MMA (see [`super::wgmma_probe`]).
+pub fn wgmma_probe(a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+    let dev = a.device();
+    let (major, _) = dev.cuda_stream().context().compute_capability().w()?;
+    if major != 9 || !HOPPER_PTX.contains(".entry probe_wgmma_bf16") {
+        candle_core::bail!(
+            "wgmma_probe: needs a Hopper GPU (compute capability 9.x) and a build for it (CUDA_COMPUTE_CAP=90)"
+        );
+    }
+    let f = dev.get_or_load_custom_func("probe_wgmma_bf16", HOPPER_MODULE, HOPPER_PTX)?;
+    let (av, bv) = (
+        a.as_cuda_slice::<bf16>()?.slice(check(la, "wgmma_probe: a")?..),
+        b.as_cuda_slice::<bf16>()?.slice(check(lb, "wgmma_probe: b")?..),
+    );
+    let d = dev.alloc_zeros::<f32>(64 * 64)?;
+    let mut builder = f.builder();
+    args!(builder, &av, &bv, &d);
+    unsafe { builder.launch(cfg(crate::launch::warpgroup())) }.w()?;
+    Ok(wrap_f32(d, dev))
 }

@@ -288,6 +288,7 @@ mod embedding;
 mod flash;
 pub mod grad;
 mod heads;
+mod hopper;
 mod multi;
 mod norm;
 mod rope;
@@ -296,7 +297,8 @@ mod swiglu;
 mod vmath;
 
 pub use self::{
-    adamw::*, bmm::*, ce::*, embedding::*, flash::*, heads::*, multi::*, norm::*, rope::*, softmax::*, swiglu::*,
+    adamw::*, bmm::*, ce::*, embedding::*, flash::*, heads::*, hopper::*, multi::*, norm::*, rope::*, softmax::*,
+    swiglu::*,
 };
 
 #[cfg(test)]

@@ -1,0 +1,146 @@
+// Hopper-only kernels of patchlm-model (compute capability 9.0 with its architecture-specific
+// features, sm_90a): warpgroup matrix multiply-accumulate (wgmma), the instruction that runs
+// Hopper's tensor cores at full rate (mma.sync, which flash.cu uses, reaches a fraction of it).
+// Compiled by build.rs to PTX for compute_90a in a module of its own (a GPU other than Hopper
+// cannot load it); below compute capability 90 build.rs writes an empty module instead.
+//
+// For now this file holds the building blocks and one probe kernel that checks them on a GPU
+// (tests/cuda.rs, `cuda_hopper_wgmma_probe_matches_cpu`) and on the CPU stand-in
+// (tests/emulated.rs): the shared-memory matrix descriptor, the fence / commit / wait protocol and
+// the m64n64k16 product with both operands in shared memory. A flash attention built on them
+// comes once the probe has passed on a GPU.
+//
+// The layout (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
+// - Operands in shared memory are read through a 64-bit descriptor: start address, leading and
+//   stride byte offsets (each >> 4, 14 bits) and a swizzle mode (here none). Without swizzling a
+//   K-major operand (M or N rows of K elements) is laid out in core matrices of 8 rows x 16 bytes
+//   (8 x 8 16-bit elements), each core matrix's rows contiguous (128 bytes); the leading byte
+//   offset (LBO) is the distance between core matrices adjacent along K, the stride byte offset
+//   (SBO) between core matrices adjacent along M (or N).
+// - The accumulator of m64nNk16 (f32): thread t of the warpgroup (warp w = t / 32, lane l) holds
+//   N / 2 values; value i is row 16w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2
+//   (each warp's 16 rows in mma.m16n8's C layout, one 8-column block after another).
+// - wgmma runs asynchronously: wgmma.fence before the first one that touches the accumulator
+//   registers, wgmma.commit_group after issuing, wgmma.wait_group before reading them; shared
+//   memory written by ordinary stores must be made visible to the asynchronous proxy that wgmma
+//   reads it through (fence.proxy.async) after the barrier that orders the stores.
+
+#include "common.cuh"
+
+// A shared-memory matrix descriptor. On the GPU the 64-bit word itself; in the CPU stand-in the
+// same word without the address (which does not fit its 14 bits there) and the address beside it.
+#ifdef PATCHLM_EMU
+typedef emu::WgmmaDesc WgDesc;
+#else
+typedef uint64_t WgDesc;
+#endif
+
+// The descriptor's offset and mode fields: leading and stride byte offsets (multiples of 16, below
+// 256 KB), no swizzle, base offset 0.
+__device__ __forceinline__ uint64_t wg_desc_bits(uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    return ((uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16) | ((uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32);
+}
+
+// The descriptor of a K-major operand at `smem` (16-byte aligned) without swizzling.
+__device__ __forceinline__ WgDesc wg_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+#ifdef PATCHLM_EMU
+    return emu::WgmmaDesc{smem, wg_desc_bits(lbo_bytes, sbo_bytes)};
+#else
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    return wg_desc_bits(lbo_bytes, sbo_bytes) | (uint64_t)((a & 0x3FFFF) >> 4);
+#endif
+}
+
+// Shared memory written by ordinary stores, visible to wgmma's operand reads (after the barrier
+// that orders the stores).
+__device__ __forceinline__ void wg_fence_smem() {
+#ifndef PATCHLM_EMU
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_fence() {
+#ifndef PATCHLM_EMU
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifndef PATCHLM_EMU
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most N of the warpgroup's committed wgmma groups are still running.
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#ifndef PATCHLM_EMU
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving accesses of an accumulator register across the asynchronous
+// product (CUTLASS's warpgroup_fence_operand).
+__device__ __forceinline__ void wg_fence_reg(float& r) {
+#ifndef PATCHLM_EMU
+    asm volatile("" : "+f"(r)::"memory");
+#else
+    (void)r;
+#endif
+}
+
+// d (64 x 64, f32, the layout above) = a . b^T (+ d where scale_d), a (64 x 16) and b (64 x 16)
+// bf16, both K-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, WgDesc a, WgDesc b, int scale_d) {
+#ifdef PATCHLM_EMU
+    emu::wgmma_ss_bf16<64>(d, a, b, scale_d != 0);
+#else
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(scale_d));
+#endif
+}
+
+// Element (r, c) of a K-major operand (rows of 16 elements of K) in the core-matrix layout the
+// probe uses: core matrix (r / 8, c / 8) at ((r / 8) * 2 + c / 8) * 64 elements, so LBO (along K)
+// = 128 bytes and SBO (along the rows) = 256 bytes.
+__device__ __forceinline__ int wg_probe_at(int r, int c) { return ((r / 8) * 2 + c / 8) * 64 + (r % 8) * 8 + c % 8; }
+
+// The probe: one warpgroup computes d (64 x 64, row-major, f32) = a . b^T for a and b (64 x 16,
+// row-major, bf16) with one wgmma, both operands staged in shared memory as above, the product
+// issued twice (the second accumulating onto the first, scale_d on) and halved, so that both
+// settings of scale_d are checked.
+extern "C" __global__ void __launch_bounds__(128) probe_wgmma_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b,
+                                                                   float* d) {
+    __shared__ __align__(128) __nv_bfloat16 as[64 * 16];
+    __shared__ __align__(128) __nv_bfloat16 bs[64 * 16];
+    EMU_SHARED(as, bs);
+    const int t = threadIdx.x;
+    for (int e = t; e < 64 * 16; e += 128) {
+        as[wg_probe_at(e / 16, e % 16)] = a[e];
+        bs[wg_probe_at(e / 16, e % 16)] = b[e];
+    }
+    __syncthreads();
+    wg_fence_smem();
+    float acc[32];
+    for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+    const WgDesc da = wg_desc(as, 128, 256), db = wg_desc(bs, 128, 256);
+    wg_fence();
+    wgmma_m64n64k16_bf16(acc, da, db, 0);
+    wgmma_m64n64k16_bf16(acc, da, db, 1);
+    wg_commit();
+    wg_wait<0>();
+    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
+    const int w = t / 32, l = t % 32;
+    for (int i = 0; i < 32; i++) {
+        const int row = 16 * w + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
+        d[row * 64 + col] = acc[i] * 0.5f;
+    }
+}
