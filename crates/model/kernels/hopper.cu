@@ -4,11 +4,12 @@
 // Compiled by build.rs to PTX for compute_90a in a module of its own (a GPU other than Hopper
 // cannot load it); below compute capability 90 build.rs writes an empty module instead.
 //
-// For now this file holds the building blocks and one probe kernel that checks them on a GPU
+// For now this file holds the building blocks and two probe kernels that check them on a GPU
 // (tests/cuda.rs, `cuda_hopper_wgmma_probe_matches_cpu`) and on the CPU stand-in
-// (tests/emulated.rs): the shared-memory matrix descriptor, the fence / commit / wait protocol and
-// the m64n64k16 product with both operands in shared memory. A flash attention built on them
-// comes once the probe has passed on a GPU.
+// (tests/emulated.rs): the shared-memory matrix descriptor, the fence / commit / wait protocol, the
+// m64n64k16 product with both operands in shared memory (a flash forward's q.k^T) and with A in
+// registers and B transposed from shared memory (its p.v). A flash attention built on them comes
+// once the probes have passed on a GPU.
 //
 // The layout (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 // - Operands in shared memory are read through a 64-bit descriptor: start address, leading and
@@ -85,6 +86,16 @@ __device__ __forceinline__ void wg_fence_reg(float& r) {
 #endif
 }
 
+// The 32 accumulators of an m64n64 product as asm operands %0-%31 (read and written).
+#define WG_D64_REGS                                                                                         \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+#define WG_D64_OUT                                                                                          \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),  \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
 // d (64 x 64, f32, the layout above) = a . b^T (+ d where scale_d), a (64 x 16) and b (64 x 16)
 // bf16, both K-major in shared memory.
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, WgDesc a, WgDesc b, int scale_d) {
@@ -96,16 +107,43 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, WgDesc a, WgDesc 
         ".reg .pred p;\n"
         "setp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        WG_D64_REGS
         "%32, %33, p, 1, 1, 0, 0;\n"
         "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : WG_D64_OUT
         : "l"(a), "l"(b), "r"(scale_d));
 #endif
+}
+
+// d (64 x 64, f32) = a . b (+ d where scale_d): a (64 x 16, bf16) from registers, each warp's 16
+// rows in mma.m16n8k16's A layout (4 registers a thread, as frag_a / acc_to_a in flash.cu leave
+// them: a probability tile goes straight in); b (16 x 64) in shared memory MN-major (its rows of
+// 64 contiguous, transposed by the instruction: imm-trans-b), core matrices of 8 rows of K x 16
+// bytes (8 elements) of N.
+__device__ __forceinline__ void wgmma_m64n64k16_rs_bf16(float* d, const uint32_t* a, WgDesc b, int scale_d) {
+#ifdef PATCHLM_EMU
+    emu::wgmma_rs_bf16<64>(d, a, b, scale_d != 0);
+#else
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        WG_D64_REGS
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
+        "}\n"
+        : WG_D64_OUT
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+#endif
+}
+
+// Writes a warpgroup's m64n64 accumulators (the layout above) times `mul` to d (64 x 64, row-major).
+__device__ __forceinline__ void wg_store_d(float* d, const float* acc, float mul) {
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    for (int i = 0; i < 32; i++) {
+        const int row = 16 * w + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
+        d[row * 64 + col] = acc[i] * mul;
+    }
 }
 
 // Element (r, c) of a K-major operand (rows of 16 elements of K) in the core-matrix layout the
@@ -138,9 +176,41 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_bf16(const __nv_bf
     wg_commit();
     wg_wait<0>();
     for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
-    const int w = t / 32, l = t % 32;
-    for (int i = 0; i < 32; i++) {
-        const int row = 16 * w + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
-        d[row * 64 + col] = acc[i] * 0.5f;
+    wg_store_d(d, acc, 0.5f);
+}
+
+// The second probe, the shape of a flash forward's p.v: d (64 x 64, row-major, f32) = a . b for a
+// (64 x 16, row-major, bf16) loaded straight into registers in mma's A layout and b (16 x 64,
+// row-major, bf16) staged in shared memory MN-major: core matrix (k / 8, n / 8) at (k / 8) * 1024 +
+// (n / 8) * 128 bytes, row k % 8 of it 16 bytes (n % 8 the element). Which of the descriptor's two
+// offsets is the distance along K and which along N for this layout is what the probe asks of the
+// GPU: the descriptor carries `lbo` and `sbo` as given (the test tries both assignments).
+extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b,
+                                                                      float* d, int lbo, int sbo) {
+    __shared__ __align__(128) __nv_bfloat16 bs[16 * 64];
+    EMU_SHARED(bs);
+    const int t = threadIdx.x, w = t / 32, l = t % 32, g = l / 4, tq = l % 4;
+    for (int e = t; e < 16 * 64; e += 128) {
+        const int k = e / 64, n = e % 64;
+        bs[(k / 8) * 512 + (n / 8) * 64 + (k % 8) * 8 + n % 8] = b[e];
     }
+    // mma's A layout: register j holds rows g + 8 (j % 2), columns 2 tq + 8 (j / 2) and + 1.
+    uint32_t ar[4];
+    for (int j = 0; j < 4; j++) {
+        const int row = 16 * w + g + 8 * (j % 2), col = 2 * tq + 8 * (j / 2);
+        uint16_t lo, hi;
+        memcpy(&lo, a + row * 16 + col, 2);
+        memcpy(&hi, a + row * 16 + col + 1, 2);
+        ar[j] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    __syncthreads();
+    wg_fence_smem();
+    float acc[32];
+    for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+    wg_fence();
+    wgmma_m64n64k16_rs_bf16(acc, ar, wg_desc(bs, lbo, sbo), 0);
+    wg_commit();
+    wg_wait<0>();
+    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
+    wg_store_d(d, acc, 1.0f);
 }

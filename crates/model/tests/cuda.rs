@@ -547,34 +547,49 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
     drop(g);
 }
 
-/// Hopper's warpgroup MMA as kernels/hopper.cu issues it (`ops::wgmma_probe`: m64n64k16, both
-/// operands in shared memory through unswizzled K-major descriptors) against the CPU: checks the
-/// operand layout, descriptor encoding and fence protocol that the emulator assumes
-/// (tests/emulated.rs), before any kernel relies on them. Values k/16: every sum is exact.
+/// Hopper's warpgroup MMA as kernels/hopper.cu issues it (`ops::wgmma_probe`, m64n64k16) against
+/// the CPU: both operands in shared memory through unswizzled K-major descriptors (q·kᵀ's form),
+/// then A from registers and B transposed from shared memory (p·v's form), the latter with the
+/// descriptor's two offsets both ways round, so that a failure says which reading the GPU has.
+/// Checks the layouts, descriptor encoding and fence protocol that the emulator assumes
+/// (tests/emulated.rs) before any kernel relies on them. Values k/16: every sum is exact.
 /// Hopper only (the module is compute_90a); in a process of its own (`gpu_check.sh`).
 #[test]
 #[ignore]
 fn cuda_hopper_wgmma_probe_matches_cpu() {
+    use patchlm_model::ops::WgmmaForm;
     let g = gpu();
     let val = |i: usize, m: usize| ((i * m + 11) % 29) as f32 / 16.0 - 0.875;
-    let mk = |m: usize| {
+    let mk = |m: usize, dims: (usize, usize)| {
         let v: Vec<f32> = (0..64 * 16).map(|i| val(i, m)).collect();
-        Tensor::from_vec(v, (64, 16), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
     };
-    let (a, b) = (mk(37), mk(53));
-    let want = ops::wgmma_probe(&a, &b).unwrap();
-    let got = ops::wgmma_probe(&a.to_device(&g).unwrap(), &b.to_device(&g).unwrap()).unwrap();
     let flat = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (w, r) = (flat(&want), flat(&got));
-    let bad: Vec<usize> = (0..w.len()).filter(|&i| w[i] != r[i]).collect();
+    // The number of values that differ from the CPU's, and the first.
+    let run = |form: WgmmaForm, a: &Tensor, b: &Tensor| -> (usize, String) {
+        let want = flat(&ops::wgmma_probe(form, a, b).unwrap());
+        let got = flat(&ops::wgmma_probe(form, &a.to_device(&g).unwrap(), &b.to_device(&g).unwrap()).unwrap());
+        let bad: Vec<usize> = (0..want.len()).filter(|&i| want[i] != got[i]).collect();
+        let first = bad
+            .first()
+            .map_or(String::new(), |&i| format!("first D[{}][{}] = {} (want {})", i / 64, i % 64, got[i], want[i]));
+        (bad.len(), first)
+    };
+    let (a, b) = (mk(37, (64, 16)), mk(53, (64, 16)));
+    let (bad, first) = run(WgmmaForm::SharedKMajor, &a, &b);
+    assert_eq!(bad, 0, "wgmma probe, both operands in shared memory: {bad} of 4096 values differ, {first}");
+    let bt = mk(53, (16, 64));
+    let (along_k, first_k) = run(WgmmaForm::RegisterTransposed { lbo: 1024, sbo: 128 }, &a, &bt);
+    let (along_n, _) = run(WgmmaForm::RegisterTransposed { lbo: 128, sbo: 1024 }, &a, &bt);
     assert!(
-        bad.is_empty(),
-        "wgmma probe: {} of 4096 values differ, first D[{}][{}] = {} (want {})",
-        bad.len(),
-        bad[0] / 64,
-        bad[0] % 64,
-        r[bad[0]],
-        w[bad[0]]
+        along_k == 0,
+        "wgmma probe, A in registers, B transposed: with LBO along K (the emulator's reading) {along_k} of 4096 \
+         values differ ({first_k}); with LBO along N {along_n} differ{}",
+        if along_n == 0 {
+            ": the GPU reads LBO along N for MN-major operands, emu::wgmma_rs_bf16 must too"
+        } else {
+            ""
+        }
     );
     drop(g);
 }

@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor, Var, D};
 use half::{bf16, f16};
 use patchlm_model::launch::{self, Launch};
+use patchlm_model::ops::WgmmaForm;
 
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
 const SOURCES: [&str; 11] = [
@@ -1113,9 +1114,9 @@ fn words_back(b: &[u8]) -> Vec<u32> {
     b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-/// Hopper's warpgroup MMA as kernels/hopper.cu uses it (the probe: m64n64k16, both operands in
-/// shared memory through unswizzled K-major descriptors, issued once and once more accumulating)
-/// against an exact product: the emulator's reading of the PTX ISA's layouts, which
+/// Hopper's warpgroup MMA as kernels/hopper.cu uses it (the probes: m64n64k16, both operands in
+/// shared memory through unswizzled K-major descriptors, issued once and once more accumulating;
+/// then A from registers and B transposed from shared memory) against an exact product: the emulator's reading of the PTX ISA's layouts, which
 /// `cuda_hopper_wgmma_probe_matches_cpu` in tests/cuda.rs checks on a GPU. Values k/16, so every
 /// sum is exact in f32.
 #[test]
@@ -1134,11 +1135,34 @@ fn emulated_wgmma_probe_matches_the_documented_layout() {
         }
     }
     // The public op on the CPU: the same product.
-    let got =
-        patchlm_model::ops::wgmma_probe(&bf(&a), &bf(&b)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(got, d);
-}
+    let probe = patchlm_model::ops::wgmma_probe;
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(flat(probe(WgmmaForm::SharedKMajor, &bf(&a), &bf(&b)).unwrap()), d);
 
+    // A from registers, B (16 x 64) MN-major: with the offsets the emulator reads (LBO along K:
+    // 1024 bytes in the probe's layout, SBO along N: 128) the exact product; swapped, not.
+    let bt = |x: &[f32]| Tensor::from_vec(x.to_vec(), (16, 64), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    for (lbo, sbo, right) in [(1024u32, 128u32, true), (128, 1024, false)] {
+        let mut args = [
+            A::Buf(bytes(&bf(&a))),
+            A::Buf(bytes(&bt(&b))),
+            out(64 * 64, DType::F32),
+            A::I(lbo as i64),
+            A::I(sbo as i64),
+        ];
+        emulate("probe_wgmma_rs_bf16", launch::warpgroup(), &mut args);
+        let d = output(&args[2], DType::F32, &[64 * 64]).to_vec1::<f32>().unwrap();
+        let exact = (0..64 * 64).all(|i| {
+            let (r, c) = (i / 64, i % 64);
+            d[i] as f64 == (0..16).map(|k| a[r * 16 + k] as f64 * b[k * 64 + c] as f64).sum::<f64>()
+        });
+        assert_eq!(exact, right, "wgmma probe, A in registers, lbo {lbo} sbo {sbo}");
+        if right {
+            let form = WgmmaForm::RegisterTransposed { lbo, sbo };
+            assert_eq!(flat(probe(form, &bf(&a), &bt(&b)).unwrap()), d);
+        }
+    }
+}
 /// The emulator's mma.sync m16n8k16 and ldmatrix.x4 (the wrappers flash.cu's kernels call), one
 /// instruction at a time, against the fragment layouts as documented rather than as the emulator
 /// or the kernels compute them: per lane l and register r, A holds row l/4 + 8(r mod 2), columns

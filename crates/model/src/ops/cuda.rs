@@ -1285,17 +1285,27 @@ pub fn rms_bwd(
 pub const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/hopper.ptx"));
 const HOPPER_MODULE: &str = "patchlm_hopper";
 
-/// kernels/hopper.cu's `probe_wgmma_bf16`: a (64, 16) · b (64, 16)ᵀ → (64, 64) f32 with one
-/// warpgroup MMA (see [`super::wgmma_probe`]).
-pub fn wgmma_probe(a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+/// kernels/hopper.cu's probes (`probe_wgmma_bf16`, `probe_wgmma_rs_bf16`): the product `form`
+/// names, (64, 64) f32, by one warpgroup (see [`super::wgmma_probe`]).
+pub fn wgmma_probe(
+    form: super::WgmmaForm,
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<CudaStorage> {
     let dev = a.device();
     let (major, _) = dev.cuda_stream().context().compute_capability().w()?;
-    if major != 9 || !HOPPER_PTX.contains(".entry probe_wgmma_bf16") {
+    let name = match form {
+        super::WgmmaForm::SharedKMajor => "probe_wgmma_bf16",
+        super::WgmmaForm::RegisterTransposed { .. } => "probe_wgmma_rs_bf16",
+    };
+    if major != 9 || !HOPPER_PTX.contains(&format!(".entry {name}(")) {
         candle_core::bail!(
             "wgmma_probe: needs a Hopper GPU (compute capability 9.x) and a build for it (CUDA_COMPUTE_CAP=90)"
         );
     }
-    let f = dev.get_or_load_custom_func("probe_wgmma_bf16", HOPPER_MODULE, HOPPER_PTX)?;
+    let f = dev.get_or_load_custom_func(name, HOPPER_MODULE, HOPPER_PTX)?;
     let (av, bv) = (
         a.as_cuda_slice::<bf16>()?.slice(check(la, "wgmma_probe: a")?..),
         b.as_cuda_slice::<bf16>()?.slice(check(lb, "wgmma_probe: b")?..),
@@ -1303,6 +1313,13 @@ pub fn wgmma_probe(a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -
     let d = dev.alloc_zeros::<f32>(64 * 64)?;
     let mut builder = f.builder();
     args!(builder, &av, &bv, &d);
+    let offsets = match form {
+        super::WgmmaForm::RegisterTransposed { lbo, sbo } => Some((lbo as i32, sbo as i32)),
+        super::WgmmaForm::SharedKMajor => None,
+    };
+    if let Some((lbo, sbo)) = &offsets {
+        args!(builder, lbo, sbo);
+    }
     unsafe { builder.launch(cfg(crate::launch::warpgroup())) }.w()?;
     Ok(wrap_f32(d, dev))
 }
