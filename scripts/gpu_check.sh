@@ -52,7 +52,7 @@ for s in $sections; do
     kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper \
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper --skip flash_wgmma \
                2>&1 | tee "$OUT/kernels.txt"
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
@@ -65,15 +65,20 @@ for s in $sections; do
              # Hopper's warpgroup MMA probe (kernels/hopper.cu): the layouts a wgmma kernel would
              # assume; decides nothing yet, reported only.
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 hopper 2>&1 | tee /tmp/kernels-hopper.txt
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wgmma 2>&1 | tee /tmp/kernels-wgmma.txt
              cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt /tmp/kernels-wide.txt \
-               /tmp/kernels-wideb.txt /tmp/kernels-occ4.txt /tmp/kernels-hopper.txt >> "$OUT/kernels.txt"
-             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0
+               /tmp/kernels-wideb.txt /tmp/kernels-occ4.txt /tmp/kernels-hopper.txt /tmp/kernels-wgmma.txt \
+               >> "$OUT/kernels.txt"
+             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
              grep -q 'test result: ok' /tmp/kernels-wide.txt && [ $mma = 1 ] && wide=1
              grep -q 'test result: ok' /tmp/kernels-wideb.txt && [ $mma = 1 ] && wideb=1
              grep -q 'test result: ok' /tmp/kernels-occ4.txt && [ $mma = 1 ] && occ4=1
+             # The wgmma forward only where the probe of its layouts passed too.
+             grep -q 'test result: ok' /tmp/kernels-wgmma.txt && grep -q 'test result: ok' /tmp/kernels-hopper.txt \
+               && [ $mma = 1 ] && wg=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
@@ -81,7 +86,7 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0
+               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
@@ -91,12 +96,12 @@ for s in $sections; do
              # The wide forward (128 rows a block): the same, decided by the wide section.
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
              # The forward and dq at four blocks an SM: the same.
-             export PATCHLM_FLASH_OCC4=${PATCHLM_FLASH_OCC4:-$occ4}
+             export PATCHLM_FLASH_OCC4=${PATCHLM_FLASH_OCC4:-$occ4} PATCHLM_FLASH_WGMMA=${PATCHLM_FLASH_WGMMA:-$wg}
              echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
-               "four-block flash forward/dq $PATCHLM_FLASH_OCC4" ;;
+               "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash forward $PATCHLM_FLASH_WGMMA" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -183,46 +188,52 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           echo "one-pass flash backward: $PATCHLM_FLASH_DQ_ATOMIC (the faster on 370m, kept for the sections that follow)" ;;
     variants)
           # Flash attention's kernel variants that passed their tests, the kernels alone on 370M
-          # (`bench flash`), as WIDE:WIDE_BWD:DQ_ATOMIC:OCC4: the forward and dq pass with 64 or 128
+          # (`bench flash`), as WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA: the forward and dq pass with 64 or 128
           # query rows a block (PATCHLM_FLASH_WIDE), the dk/dv pass with 64 or 128 keys a block
           # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC),
-          # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4).
+          # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward on
+          # warpgroup MMAs (PATCHLM_FLASH_WGMMA; alone: the other forward variants off).
           # The fastest (forward + backward) stays on for the sections that follow if a 370M
           # training step with it is faster than one with the defaults.
           fws="0"; [ "${PATCHLM_FLASH_WIDE:-0}" = 1 ] && fws="0 1"
           bws="0"; [ "${PATCHLM_FLASH_WIDE_BWD:-0}" = 1 ] && bws="0 1"
           dqs="0"; [ "${PATCHLM_FLASH_DQ_ATOMIC:-0}" = 1 ] && dqs="0 1"
           ocs="0"; [ "${PATCHLM_FLASH_OCC4:-0}" = 1 ] && ocs="0 1"
-          for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do
+          wgs="0"; [ "${PATCHLM_FLASH_WGMMA:-0}" = 1 ] && wgs="0 1"
+          for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do for g in $wgs; do
             [ $f = 1 ] && [ $o = 1 ] && continue  # (the wide kernels have no four-block build)
+            [ $g = 1 ] && [ $f$o != 00 ] && continue  # (the wgmma forward stands alone)
             PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o \
-              timeout 60 /tmp/bin/xtask bench flash --preset 370m --batch 4 --ctx 2048 --device cuda --dtype bf16 \
-              2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$f:$b:$d:$o\", /" | tee -a "$OUT/variants.txt"
-          done; done; done; done
+              PATCHLM_FLASH_WGMMA=$g timeout 60 /tmp/bin/xtask bench flash --preset 370m --batch 4 --ctx 2048 \
+              --device cuda --dtype bf16 2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$f:$b:$d:$o:$g\", /" \
+              | tee -a "$OUT/variants.txt"
+          done; done; done; done; done
           best=$(python3 -c '
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r.get("bench") == "flash"]
-print(min(rows, key=lambda r: r["fwd_ms"] + r["bwd_ms"])["config"] if rows else "0:0:0:0")' "$OUT/variants.txt" 2>/dev/null)
-          best=${best:-0:0:0:0}
-          for c in 0:0:0:0 $best; do
-            IFS=: read -r f b d o <<< "$c"
-            PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o \
+print(min(rows, key=lambda r: r["fwd_ms"] + r["bwd_ms"])["config"] if rows else "0:0:0:0:0")' "$OUT/variants.txt" 2>/dev/null)
+          best=${best:-0:0:0:0:0}
+          for c in 0:0:0:0:0 $best; do
+            IFS=: read -r f b d o g <<< "$c"
+            PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o PATCHLM_FLASH_WGMMA=$g \
               timeout 90 /tmp/bin/xtask bench model --preset 370m --batch 4 --ctx 2048 --k 1 --steps 5 --device cuda \
               --dtype bf16 --attention auto 2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$c\", /" \
               | tee -a "$OUT/variants.txt"
-            [ "$best" = 0:0:0:0 ] && break
+            [ "$best" = 0:0:0:0:0 ] && break
           done
           # Kept only if the training step agrees (the kernels alone can mislead).
           best=$(python3 -c '
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r.get("bench") == "model"]
-print(max(rows, key=lambda r: r["tokens_per_s"])["config"] if rows else "0:0:0:0")' "$OUT/variants.txt" 2>/dev/null)
-          best=${best:-0:0:0:0}
-          IFS=: read -r f b d o <<< "$best"
-          export PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o
-          echo "flash variant (wide, wide backward, one-pass backward, four blocks): $best (kept for the sections that follow)"
+print(max(rows, key=lambda r: r["tokens_per_s"])["config"] if rows else "0:0:0:0:0")' "$OUT/variants.txt" 2>/dev/null)
+          best=${best:-0:0:0:0:0}
+          IFS=: read -r f b d o g <<< "$best"
+          export PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o \
+            PATCHLM_FLASH_WGMMA=$g
+          echo "flash variant (wide, wide backward, one-pass backward, four blocks, wgmma forward): $best" \
+            "(kept for the sections that follow)"
           # The same step with cuBLAS on its default workspace pool instead of the 32 MiB one
           # parse_device gives it (PATCHLM_CUBLAS_WORKSPACE=0); the faster setting stays.
           PATCHLM_CUBLAS_WORKSPACE=0 timeout 90 /tmp/bin/xtask bench model --preset 370m --batch 4 --ctx 2048 --k 1 \

@@ -453,6 +453,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_wide": device.is_cuda() && flash && patchlm_model::ops::flash_wide_enabled(dtype, hd),
                     "flash_wide_bwd": device.is_cuda() && flash && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
                     "flash_occ4": device.is_cuda() && flash && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
+                    "flash_wgmma": device.is_cuda() && flash && patchlm_model::ops::flash_wgmma_enabled(dtype, hd),
                 },
         });
         let mut row = row;
@@ -630,6 +631,7 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
             "wide": device.is_cuda() && ops::flash_wide_enabled(dtype, hd),
             "wide_bwd": device.is_cuda() && ops::flash_wide_bwd_enabled(dtype, hd),
             "occ4": device.is_cuda() && ops::flash_occ4_enabled(dtype, hd),
+            "wgmma": device.is_cuda() && ops::flash_wgmma_enabled(dtype, hd),
             "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
             "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
         })

@@ -2,8 +2,19 @@
 // math and the CPU twin they are tested against). Compiled to PTX by build.rs with the `cuda`
 // feature; a module of its own so that processes that never use it do not JIT-compile it.
 
+// (kernels/hopper.cu includes this file for its device functions, FLASH_DEVICE_ONLY.)
+#ifndef PATCHLM_FLASH_CU
+#define PATCHLM_FLASH_CU
 #include "common.cuh"
 #include <mma.h>
+
+// The kernels' entry points, or nothing where another module includes this file for its device
+// functions alone (FLASH_DEVICE_ONLY).
+#ifdef FLASH_DEVICE_ONLY
+#define FLASH_ENTRIES(...)
+#else
+#define FLASH_ENTRIES(...) __VA_ARGS__
+#endif
 
 // FlashAttention-2's scheme on CUDA cores, f32 arithmetic.
 // q (BH, t, HD), k and v (BH, s, HD), s >= t: query row i sees keys 0..=s-t+i. One thread per
@@ -248,9 +259,9 @@ __device__ void flash_dkv(const T* q, const T* dout, const T* k, const T* v, con
     }
 
 #define FLASH_ALL_HD(T, S) FLASH_OPS(T, S, 16) FLASH_OPS(T, S, 32) FLASH_OPS(T, S, 64) FLASH_OPS(T, S, 128)
-FLASH_ALL_HD(float, f32)
-FLASH_ALL_HD(__nv_bfloat16, bf16)
-FLASH_ALL_HD(__half, f16)
+FLASH_ENTRIES(FLASH_ALL_HD(float, f32))
+FLASH_ENTRIES(FLASH_ALL_HD(__nv_bfloat16, bf16))
+FLASH_ENTRIES(FLASH_ALL_HD(__half, f16))
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core flash attention (bf16 / f16 storage, head size 32 or 64): the same math and the same
@@ -351,8 +362,10 @@ __device__ __forceinline__ void kv_async(T* buf, const T* k, const T* v, int r0,
 
 // One step of a two-buffer cp.async pipeline: once every warp is done with the other buffer
 // (read in the last step), `fetch_next` starts the next step's tiles into it where `more`; then
-// this step's tiles (one group older) land and are visible to the block on return.
-template <typename F>
+// this step's tiles (one group older) land and are visible to the block on return; with
+// ASYNC_PROXY also to Hopper's asynchronous proxy, which wgmma reads its operands through (each
+// thread fences its own copies before the barrier; kernels/hopper.cu).
+template <bool ASYNC_PROXY = false, typename F>
 __device__ __forceinline__ void pipeline_step(bool more, F&& fetch_next) {
     __syncthreads();
     if (more) {
@@ -361,6 +374,9 @@ __device__ __forceinline__ void pipeline_step(bool more, F&& fetch_next) {
     } else {
         cp_async_wait<0>();
     }
+#if !defined(PATCHLM_EMU) && __CUDA_ARCH__ >= 900
+    if constexpr (ASYNC_PROXY) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
     __syncthreads();
 }
 
@@ -731,9 +747,9 @@ __device__ void flash_stats(const T* o, const T* dout, const float* lse, float* 
                                                int rows, int hd, int t, int oh) {                          \
         flash_stats<T>(o, dout, lse, st, rows, hd, t, oh);                                                  \
     }
-FLASH_STATS(float, f32)
-FLASH_STATS(__nv_bfloat16, bf16)
-FLASH_STATS(__half, f16)
+FLASH_ENTRIES(FLASH_STATS(float, f32))
+FLASH_ENTRIES(FLASH_STATS(__nv_bfloat16, bf16))
+FLASH_ENTRIES(FLASH_STATS(__half, f16))
 
 // The dk/dv kernels' blocks per SM at head sizes up to 64: three (168 registers a thread at most),
 // as they fit before o and dO could be laid out as rows (out_rows), which the compiler would
@@ -763,7 +779,7 @@ FLASH_STATS(__half, f16)
     FLASH_TC_FAMILY(FAM, __half, f16, 32)                                                                  \
     FLASH_TC_FAMILY(FAM, __half, f16, 64)
 
-FLASH_TC_ALL(tc)
+FLASH_ENTRIES(FLASH_TC_ALL(tc))
 
 // M(T, S, HD) for both 16-bit dtypes (T, suffix S) at head size HD.
 #define FLASH_16BIT(M, HD) M(__nv_bfloat16, bf16, HD) M(__half, f16, HD)
@@ -977,6 +993,69 @@ __device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2
     }
 }
 
+// One key tile of the forward's online softmax for a lane's two rows of a warp's 16: the scores
+// sc (C layout, N column blocks) to base 2, masked past each row's last key where `mask` (the tile
+// crosses the diagonal; `last` is the first row's last key); the running maxima m (base 2) and
+// this lane's share of the sums l updated; the output accumulators acc (HD / 8 blocks) rescaled;
+// the probabilities, rounded to T, as A fragments in pa (N / 2 k-steps).
+template <typename T, int N, int HD>
+__device__ __forceinline__ void softmax_tile(float (*sc)[4], float* m, float* l, float (*acc)[4], uint32_t (*pa)[4],
+                                             bool mask, float sl2, int k0, int last, int tq) {
+    float mx[2] = {-INFINITY, -INFINITY};
+    if (mask) {
+        scores_log2<true, N>(sc, mx, sl2, k0, last, tq);
+    } else {
+        scores_log2<false, N>(sc, mx, sl2, k0, last, tq);
+    }
+    float alpha[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const float mnew = fmaxf(m[h], quad_max(mx[h]));
+        alpha[h] = mnew == -INFINITY ? 1.0f : exp2f(m[h] - mnew);
+        m[h] = mnew;
+    }
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int h = e >> 1;
+            sc[n][e] = m[h] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[h]);
+            sum[h] += sc[n][e];
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + sum[h];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        acc[n][0] *= alpha[0];
+        acc[n][1] *= alpha[0];
+        acc[n][2] *= alpha[1];
+        acc[n][3] *= alpha[1];
+    }
+    acc_to_a<T, N>(pa, sc);
+}
+
+// The forward's end for a lane's two rows `row`, `row + 8` of a warp's 16 (head bh): the sums
+// over the quad, each row's log-sum-exp (natural log; m is base 2) into lse, the output divided
+// by its sum into o (laid out as out_rows says).
+template <typename T, int HD>
+__device__ __forceinline__ void fwd_rows_out(float (*acc)[4], const float* m, float* l, T* o, float* lse, int bh,
+                                             int row, int t, int tq, int oh) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] = quad_sum(l[h]);
+        const int rr = row + 8 * h;
+        if (rr < t && tq == 0) lse[(size_t)bh * t + rr] = m[h] * LN2_F + logf(l[h]);
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            acc[n][2 * h] /= l[h];
+            acc[n][2 * h + 1] /= l[h];
+        }
+    }
+    const OutRows ro = out_rows(bh, t, HD, oh);
+    mma_rows_out<T, HD>(acc, o + ro.base, row, t, tq, 1.0f, ro.ld);
+}
+
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
 // The head sizes of the mma kernels, and their key tiles: 64 keys, 32 above head size 64 (two
@@ -1040,58 +1119,14 @@ __device__ void flash_mma_fwd_rows(const T* q, const T* k, const T* v, T* o, flo
         uint32_t pa[RW][BC / 16][4];
 #pragma unroll
         for (int r = 0; r < RW; r++) {
-            float mx[2] = {-INFINITY, -INFINITY};
             // Tiles wholly left of the diagonal (for the warp's first row, so for all) need no mask.
-            if (k0 + BC - 1 <= wfirst) {
-                scores_log2<false, BC / 8>(sc[r], mx, sl2, k0, off + row + 16 * r, tq);
-            } else {
-                scores_log2<true, BC / 8>(sc[r], mx, sl2, k0, off + row + 16 * r, tq);
-            }
-            float alpha[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const float mnew = fmaxf(m[r][h], quad_max(mx[h]));
-                alpha[h] = mnew == -INFINITY ? 1.0f : exp2f(m[r][h] - mnew);
-                m[r][h] = mnew;
-            }
-#pragma unroll
-            for (int n = 0; n < BC / 8; n++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int h = e >> 1;
-                    sc[r][n][e] = m[r][h] == -INFINITY ? 0.0f : exp2f(sc[r][n][e] - m[r][h]);
-                    sum[h] += sc[r][n][e];
-                }
-            }
-#pragma unroll
-            for (int h = 0; h < 2; h++) l[r][h] = l[r][h] * alpha[h] + sum[h];  // this lane's share of the row
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                acc[r][n][0] *= alpha[0];
-                acc[r][n][1] *= alpha[0];
-                acc[r][n][2] *= alpha[1];
-                acc[r][n][3] *= alpha[1];
-            }
-            acc_to_a<T, BC / 8>(pa[r], sc[r]);
+            softmax_tile<T, BC / 8, HD>(sc[r], m[r], l[r], acc[r], pa[r], k0 + BC - 1 > wfirst, sl2, k0,
+                                        off + row + 16 * r, tq);
         }
         mma_tile_rows<T, true, BC / 16, HD / 8, RW>(acc, pa, vs, LD);
     }
 #pragma unroll
-    for (int r = 0; r < RW; r++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            l[r][h] = quad_sum(l[r][h]);
-            const int rr = row + 16 * r + 8 * h;
-            if (rr < t && tq == 0) lse[(size_t)bh * t + rr] = m[r][h] * LN2_F + logf(l[r][h]);  // m is base 2
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                acc[r][n][2 * h] /= l[r][h];
-                acc[r][n][2 * h + 1] /= l[r][h];
-            }
-        }
-        const OutRows ro = out_rows(bh, t, HD, oh);
-        mma_rows_out<T, HD>(acc[r], o + ro.base, row + 16 * r, t, tq, 1.0f, ro.ld);
-    }
+    for (int r = 0; r < RW; r++) fwd_rows_out<T, HD>(acc[r], m[r], l[r], o, lse, bh, row + 16 * r, t, tq, oh);
 }
 
 // The default forward: a warp a block of 16 rows, 64 rows a thread block.
@@ -1447,13 +1482,13 @@ __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v,
                               int t, int s, float scale, int oh) {
     flash_mma_dkv_pass<T, HD, false, 4>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
 }
-FLASH_TC_ALL(mma)
+FLASH_ENTRIES(FLASH_TC_ALL(mma))
 // The larger head sizes (mma.sync only; PATCHLM_FLASH_MMA_LARGE_HEADS): 80 (the 2.7B preset), 96
 // (780M) and 128 (1.3B), with the smaller tiles of MMA_KEYS and DkvSmem.
 #define FLASH_MMA_FAMILY(T, S, HD) FLASH_TC_FAMILY(mma, T, S, HD)
-FLASH_16BIT(FLASH_MMA_FAMILY, 80)
-FLASH_16BIT(FLASH_MMA_FAMILY, 96)
-FLASH_16BIT(FLASH_MMA_FAMILY, 128)
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_FAMILY, 80))
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_FAMILY, 96))
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_FAMILY, 128))
 
 // flash_mma_dkvq's dq: dq[i] = acc[i] · scale, rounded to T; a grid-stride loop over n elements.
 template <typename T>
@@ -1468,10 +1503,10 @@ __device__ void flash_dq_cast(const float* acc, T* dq, int n, float scale) {
         int t, int s, float scale, int oh) {                                                               \
         flash_mma_dkv_pass<T, HD, true, 4>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);            \
     }
-FLASH_16BIT(FLASH_DKVQ, 32)
-FLASH_16BIT(FLASH_DKVQ, 64)
+FLASH_ENTRIES(FLASH_16BIT(FLASH_DKVQ, 32))
+FLASH_ENTRIES(FLASH_16BIT(FLASH_DKVQ, 64))
 // (At head sizes 80 and 96 the one-pass dq tile does not split into even column blocks: two passes.)
-FLASH_16BIT(FLASH_DKVQ, 128)
+FLASH_ENTRIES(FLASH_16BIT(FLASH_DKVQ, 128))
 
 // The wide forward and dq (flash_mma_fwd_rows, flash_mma_dq_rows with RW = 2: 128 rows a block
 // of 128 threads).
@@ -1485,8 +1520,8 @@ FLASH_16BIT(FLASH_DKVQ, 128)
         float scale, int oh) {                                                                             \
         flash_mma_dq_rows<T, HD, 2>(q, dout, k, v, st, out, t, s, scale, oh);                              \
     }
-FLASH_16BIT(FLASH_MMA_WIDE, 32)
-FLASH_16BIT(FLASH_MMA_WIDE, 64)
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 32))
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 64))
 
 // The default forward and dq with four blocks an SM (PATCHLM_FLASH_OCC4: at most 128 registers a
 // thread, 16 warps an SM instead of 12; sm_90, head size 64: dq fits without spills, the forward
@@ -1501,8 +1536,8 @@ FLASH_16BIT(FLASH_MMA_WIDE, 64)
         float scale, int oh) {                                                                             \
         flash_mma_dq_rows<T, HD, 1>(q, dout, k, v, st, out, t, s, scale, oh);                              \
     }
-FLASH_16BIT(FLASH_MMA_OCC4, 32)
-FLASH_16BIT(FLASH_MMA_OCC4, 64)
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_OCC4, 32))
+FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_OCC4, 64))
 
 // The wide backward (flash_mma_dkv_pass with 8 warps: 128 keys a block of 256 threads), dk and
 // dv, and dq, dk and dv; head size 64.
@@ -1517,22 +1552,26 @@ FLASH_16BIT(FLASH_MMA_OCC4, 64)
         int t, int s, float scale, int oh) {                                                               \
         flash_mma_dkv_pass<T, 64, true, 8>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);            \
     }
-FLASH_DKVW(__nv_bfloat16, bf16)
-FLASH_DKVW(__half, f16)
+FLASH_ENTRIES(FLASH_DKVW(__nv_bfloat16, bf16))
+FLASH_ENTRIES(FLASH_DKVW(__half, f16))
 
 // The wide backward kernels' dynamic shared memory in bytes (without, with dq) into out[0..2): the
 // launcher computes the same sizes (patchlm_model::launch::flash_wide_bwd_smem), tests/emulated.rs
 // checks that the two agree.
+#ifndef FLASH_DEVICE_ONLY
 extern "C" __global__ void flash_dkvw_smem_bytes(int* out) {
     if (threadIdx.x == 0 && blockIdx.x == 0) {
         out[0] = DkvSmem<__nv_bfloat16, 64, false, 8>::BYTES;
         out[1] = DkvSmem<__nv_bfloat16, 64, true, 8>::BYTES;
     }
 }
+#endif
 
 #define FLASH_DQ_CAST(T, S)                                                                                \
     extern "C" __global__ void flash_dq_cast_##S(const float* acc, T* dq, int n, float scale) {            \
         flash_dq_cast<T>(acc, dq, n, scale);                                                               \
     }
-FLASH_DQ_CAST(__nv_bfloat16, bf16)
-FLASH_DQ_CAST(__half, f16)
+FLASH_ENTRIES(FLASH_DQ_CAST(__nv_bfloat16, bf16))
+FLASH_ENTRIES(FLASH_DQ_CAST(__half, f16))
+
+#endif  // PATCHLM_FLASH_CU

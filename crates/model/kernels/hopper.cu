@@ -27,6 +27,9 @@
 //   reads it through (fence.proxy.async) after the barrier that orders the stores.
 
 #include "common.cuh"
+// flash.cu's device functions (its entry points stay in its own module).
+#define FLASH_DEVICE_ONLY
+#include "flash.cu"
 
 // A shared-memory matrix descriptor. On the GPU the 64-bit word itself; in the CPU stand-in the
 // same word without the address (which does not fit its 14 bits there) and the address beside it.
@@ -213,4 +216,116 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv
     wg_wait<0>();
     for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
     wg_store_d(d, acc, 1.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention's forward on wgmma (PATCHLM_FLASH_WGMMA; bf16, head size 64): flash_mma_fwd's
+// math and launch (64 query rows a block of one warpgroup, 64-key tiles double-buffered with
+// cp.async, the last query blocks first), its two tile products as warpgroup MMAs: s = q . k^T
+// with both operands in shared memory, o += p . v with p straight from the softmax's registers
+// (mma's A layout, which wgmma's register operand shares) and v transposed from shared memory.
+// Every tile is laid out in core matrices (WgTile); each warp's share of the accumulators is
+// mma's C layout, so the softmax and the epilogue are flash.cu's (softmax_tile, fwd_rows_out).
+// The whole warpgroup issues every product, so each warp takes every key tile of its block (the
+// rows' masks zero what they do not see) where flash_mma_fwd skips the tiles past its own rows.
+
+// A tile of R rows x HD (16-bit) in core matrices: core matrix (r / 8, c / 8) at
+// ((r / 8) (HD / 8) + c / 8) 64 elements, its rows 16 bytes apart. Along the rows core matrices
+// lie HD * 16 bytes apart, along the columns 128: a K-major operand with LBO 128 and SBO HD * 16,
+// or (the rows as K, v in p . v) an MN-major one with the distance along K, HD * 16, as LBO (the
+// reading of emu::wgmma_rs_bf16 that the probe checks on a GPU).
+template <int HD>
+struct WgTile {
+    static constexpr uint32_t ALONG_ROWS = HD * 16, ALONG_COLS = 128;
+    __device__ static __forceinline__ int at(int r, int c) { return ((r / 8) * (HD / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8; }
+};
+
+// Rows [r0, r0 + n) of a (rows, HD) matrix into a WgTile of R rows (the rest zero) by cp.async,
+// 16 bytes (one core-matrix row) per copy, where src is 16-byte aligned (else element by element,
+// synchronously); the caller commits, waits and fences.
+template <int HD, int R>
+__device__ __forceinline__ void wg_tile_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int r0, int n) {
+    const bool aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
+    for (int e = threadIdx.x; e < R * (HD / 8); e += blockDim.x) {
+        const int r = e / (HD / 8), c = (e % (HD / 8)) * 8;
+        const __nv_bfloat16* from = src + (size_t)(r0 + min(r, n - 1)) * HD + c;
+        if (aligned) {
+            cp_async<16>(dst + WgTile<HD>::at(r, c), from, r < n);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) dst[WgTile<HD>::at(r, c) + i] = r < n ? from[i] : from_f<__nv_bfloat16>(0.0f);
+        }
+    }
+}
+
+// Waits for the warpgroup's products issued since the last commit and keeps the compiler from
+// moving accesses of their accumulators (N blocks of 4) across them.
+template <int N>
+__device__ __forceinline__ void wg_settle(float (*acc)[4]) {
+    wg_commit();
+    wg_wait<0>();
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) wg_fence_reg(acc[n][e]);
+    }
+}
+
+template <int HD>
+__device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                             __nv_bfloat16* o, float* lse, int t, int s, float scale, int oh) {
+    static_assert(HD == 64, "the wgmma forward has head size 64 (its products are m64n64)");
+    typedef __nv_bfloat16 T;
+    constexpr int BC = 64, ROWS = 64;
+    __shared__ __align__(128) T qs[ROWS * HD];
+    __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
+    EMU_SHARED(qs, kv);
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+    const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * 16;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    auto fetch_kv = [&](T* buf, int k0) {
+        wg_tile_async<HD, BC>(buf, kb, k0, min(BC, s - k0));
+        wg_tile_async<HD, BC>(buf + BC * HD, vb, k0, min(BC, s - k0));
+        cp_async_commit();
+    };
+    wg_tile_async<HD, ROWS>(qs, q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
+    fetch_kv(kv[0], 0);  // one group with q
+    const int row = i0 + w * 16 + (lane >> 2);  // this lane's rows: row and row + 8
+    const float sl2 = scale * LOG2E_F;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    typedef WgTile<HD> L;
+    for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
+        // (The barrier at the step's start also means every warp's products from the other
+        // buffer are done: each waited for them.)
+        pipeline_step<true>(k0 + BC < kend, [&] { fetch_kv(kv[buf ^ 1], k0 + BC); });
+        const T* ks = kv[buf];
+        const T* vs = kv[buf] + BC * HD;
+        float sc[BC / 8][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {  // s = q . k^T, 16 columns of the head a product
+            wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS),
+                                 wg_desc(ks + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+        }
+        wg_settle<BC / 8>(sc);
+        uint32_t pa[BC / 16][4];
+        softmax_tile<T, BC / 8, HD>(sc, m, l, acc, pa, k0 + BC - 1 > wfirst, sl2, k0, off + row, tq);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {  // o += p . v, 16 keys a product
+            wgmma_m64n64k16_rs_bf16(&acc[0][0], pa[kk], wg_desc(vs + kk * 2 * (HD / 8) * 64, L::ALONG_ROWS, L::ALONG_COLS), 1);
+        }
+        wg_settle<HD / 8>(acc);
+    }
+    fwd_rows_out<T, HD>(acc, m, l, o, lse, bh, row, t, tq, oh);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_fwd_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                                       const __nv_bfloat16* v, __nv_bfloat16* o,
+                                                                       float* lse, int t, int s, float scale, int oh) {
+    flash_wg_fwd<64>(q, k, v, o, lse, t, s, scale, oh);
 }

@@ -379,6 +379,9 @@ enum Tc {
     MmaWide,
     /// mma.sync with the forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4).
     MmaOcc4,
+    /// mma.sync with the forward on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA; bf16, head
+    /// size 64).
+    MmaWgmma,
     /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
@@ -399,6 +402,7 @@ fn set_tc(tc: Tc) {
     patchlm_model::ops::set_flash_mma_large_heads(matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic));
     patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
     patchlm_model::ops::set_flash_occ4(tc == Tc::MmaOcc4);
+    patchlm_model::ops::set_flash_wgmma(tc == Tc::MmaWgmma);
     patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
 
@@ -434,6 +438,15 @@ fn cuda_dq_atomic_flash_attention_matches_cpu() {
 #[ignore]
 fn cuda_flash_wide_forward_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWide);
+}
+
+/// The forward on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA, kernels/hopper.cu; bf16 at head
+/// size 64, the rest as mma.sync), as above; on a Hopper only (elsewhere the mma.sync forward
+/// runs); in a process of its own.
+#[test]
+#[ignore]
+fn cuda_flash_wgmma_forward_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaWgmma);
 }
 
 /// The mma.sync forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a

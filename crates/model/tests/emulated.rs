@@ -425,6 +425,22 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         if oh > 0 {
             fwd_rows("fwdw", launch::flash_wide(t, bh));
         }
+        // The Hopper forward on warpgroup MMAs (PATCHLM_FLASH_WGMMA, kernels/hopper.cu; bf16 at
+        // head size 64): against the reference, and with o as rows the same bytes as without.
+        if hd == 64 && dtype == DType::BF16 {
+            let mut wg = args.clone();
+            (wg[3], wg[4]) = (uninit(t), out(bh * t, DType::F32));
+            emulate("flash_wg_fwd_bf16_64", launch::flash(t, bh, true), &mut wg);
+            check(&wg[3], t, &o, tol, "wgmma forward output");
+            let e = max_rel(&output(&wg[4], DType::F32, &[bh, t]), &lse);
+            assert!(e < tol_lse, "{what}: wgmma forward log-sum-exp rel err {e}");
+            if oh > 0 {
+                let mut rows = wg.clone();
+                (rows[3], rows[4], rows[8]) = (uninit(t), out(bh * t, DType::F32), A::I(oh as i64));
+                emulate("flash_wg_fwd_bf16_64", launch::flash(t, bh, true), &mut rows);
+                same(&rows[3], &rows_bytes(&wg[3]), "wgmma forward output as rows");
+            }
+        }
         // The forward compiled for four blocks an SM (PATCHLM_FLASH_OCC4): the default's code.
         let mut occ = args.clone();
         (occ[3], occ[4]) = (uninit(t), out(bh * t, DType::F32));
@@ -559,8 +575,9 @@ type AttnShape = (usize, usize, usize, usize);
 /// a tile's end (forward, dq) and a tile of queries one short of seeing all of a warp's keys (dk,
 /// dv): where an off-by-one in the kernels' test for a tile without masked scores shows (with
 /// uniform probabilities, q = 0, whatever the random draw).
-const TENSOR_CORE_CASES: [(AttnShape, DType, bool, f64); 6] = [
+const TENSOR_CORE_CASES: [(AttnShape, DType, bool, f64); 7] = [
     ((2, 70, 70, 64), DType::BF16, false, 1.5),
+    ((1, 40, 52, 64), DType::BF16, true, 1.5),
     ((1, 33, 80, 32), DType::BF16, false, 1.5),
     ((1, 130, 130, 64), DType::F16, false, 1.5),
     ((4, 20, 20, 32), DType::F16, true, 1.5),

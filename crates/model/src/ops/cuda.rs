@@ -749,7 +749,8 @@ struct FlashPlan {
 }
 
 impl FlashPlan {
-    fn new(kernel: FlashKernel, dtype: DType, hd: usize) -> Result<Self> {
+    /// The plan for `kernel`; `hopper`: the device runs kernels/hopper.cu (see [`hopper_runs`]).
+    fn new(kernel: FlashKernel, dtype: DType, hd: usize, hopper: bool) -> Result<Self> {
         let mma = super::flash_mma_enabled(dtype, hd);
         if !([16, 32, 64, 128].contains(&hd) || mma) {
             candle_core::bail!(
@@ -759,6 +760,7 @@ impl FlashPlan {
         }
         let family = match kernel {
             FlashKernel::Lse => "flash",
+            FlashKernel::Fwd if hopper && super::flash_wgmma_enabled(dtype, hd) => "flash_wg",
             _ if mma => "flash_mma",
             _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
             _ => "flash",
@@ -767,6 +769,7 @@ impl FlashPlan {
             candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
         }
         let is_mma = family == "flash_mma";
+        // (The wgmma forward has no wide or four-block build.)
         Ok(FlashPlan {
             family,
             wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
@@ -780,6 +783,15 @@ impl FlashPlan {
                 && super::flash_wide_bwd_enabled(dtype, hd),
             lse_by_fwd: kernel == FlashKernel::Lse && mma && ![16, 32, 64, 128].contains(&hd),
         })
+    }
+
+    /// The PTX module the family's kernels are in: (name, source).
+    fn module(&self) -> (&'static str, &'static str) {
+        if self.family == "flash_wg" {
+            (HOPPER_MODULE, HOPPER_PTX)
+        } else {
+            (FLASH_MODULE, FLASH_PTX)
+        }
     }
 
     /// The kernels of the family that `kernel` launches, in order (the entry point is
@@ -802,6 +814,13 @@ impl FlashPlan {
     }
 }
 
+/// Whether `dev` runs kernels/hopper.cu: a Hopper GPU (compute capability 9.x) and a build that
+/// compiled the module for it (`CUDA_COMPUTE_CAP` 90 or more).
+fn hopper_runs(dev: &CudaDevice) -> bool {
+    HOPPER_PTX.contains(".entry flash_wg_fwd_bf16_64(")
+        && dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major == 9)
+}
+
 /// Every flash entry point that a step may launch under the current switches, for the 16-bit
 /// and f32 dtypes and head sizes 16 to 128, that is missing from the PTX (tests: a name the
 /// launchers build must exist before a GPU ever loads it).
@@ -815,11 +834,11 @@ pub(crate) fn missing_flash_entries() -> Vec<String> {
                 if kernel == FlashKernel::Dkvq && !super::flash_dq_atomic_enabled(dtype, hd) {
                     continue; // (the backward asks for the one pass only where it applies)
                 }
-                let Ok(mut plan) = FlashPlan::new(kernel, dtype, hd) else { continue };
+                let Ok(mut plan) = FlashPlan::new(kernel, dtype, hd, true) else { continue };
                 let mut kernel = kernel;
                 if plan.lse_by_fwd {
                     kernel = FlashKernel::Fwd;
-                    let Ok(p) = FlashPlan::new(kernel, dtype, hd) else { continue };
+                    let Ok(p) = FlashPlan::new(kernel, dtype, hd, true) else { continue };
                     plan = p;
                 }
                 let mut names: Vec<String> =
@@ -827,7 +846,8 @@ pub(crate) fn missing_flash_entries() -> Vec<String> {
                 if kernel == FlashKernel::Dkvq {
                     names.push(format!("flash_dq_cast_{sfx}"));
                 }
-                missing.extend(names.into_iter().filter(|n| !FLASH_PTX.contains(&format!(".entry {n}("))));
+                let ptx = plan.module().1;
+                missing.extend(names.into_iter().filter(|n| !ptx.contains(&format!(".entry {n}("))));
             }
         }
     }
@@ -848,7 +868,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let dev = x[0].0.device();
     let super::AttnDims { bh, t, s, hd, oh } = d;
     let dtype = x[0].0.dtype();
-    let plan = FlashPlan::new(kernel, dtype, hd)?;
+    let plan = FlashPlan::new(kernel, dtype, hd, hopper_runs(dev))?;
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }
@@ -865,8 +885,8 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let FlashPlan { family, wide, wide_bwd, .. } = plan;
     let tc = family != "flash";
     let sfx = suffix(dtype)?;
-    let func =
-        |which: &str| dev.get_or_load_custom_func(&format!("{family}_{which}_{sfx}_{hd}"), FLASH_MODULE, FLASH_PTX);
+    let (module, ptx) = plan.module();
+    let func = |which: &str| dev.get_or_load_custom_func(&format!("{family}_{which}_{sfx}_{hd}"), module, ptx);
     let which = plan.which(kernel);
     let names: &[&str] = match kernel {
         FlashKernel::Fwd => &["q", "k", "v"],

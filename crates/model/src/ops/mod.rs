@@ -388,8 +388,10 @@ mod tests {
         // combination of the flash switches, is in the PTX (no GPU needed).
         #[cfg(feature = "cuda")]
         {
-            use super::{set_flash_mma_large_heads, set_flash_occ4, set_flash_wide, set_flash_wide_bwd};
-            for bits in 0..128u32 {
+            use super::{
+                set_flash_mma_large_heads, set_flash_occ4, set_flash_wgmma, set_flash_wide, set_flash_wide_bwd,
+            };
+            for bits in 0..256u32 {
                 let on = |i: u32| bits & (1 << i) != 0;
                 set_flash_mma(on(0));
                 set_flash_tc(on(1));
@@ -398,8 +400,9 @@ mod tests {
                 set_flash_wide_bwd(on(4));
                 set_flash_dq_atomic(on(5));
                 set_flash_occ4(on(6));
+                set_flash_wgmma(on(7));
                 let missing = super::cuda::missing_flash_entries();
-                assert!(missing.is_empty(), "switches {bits:07b}: no such kernels in the PTX: {missing:?}");
+                assert!(missing.is_empty(), "switches {bits:08b}: no such kernels in the PTX: {missing:?}");
             }
             set_flash_mma(true);
             set_flash_tc(false);
@@ -408,6 +411,7 @@ mod tests {
             set_flash_wide_bwd(false);
             set_flash_dq_atomic(false);
             set_flash_occ4(false);
+            set_flash_wgmma(false);
         }
     }
 
