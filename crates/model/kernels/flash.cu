@@ -1056,6 +1056,36 @@ __device__ __forceinline__ void fwd_rows_out(float (*acc)[4], const float* m, fl
     mma_rows_out<T, HD>(acc, o + ro.base, row, t, tq, 1.0f, ro.ld);
 }
 
+// A lane's two rows `row`, `row + 8` of head bh's statistics st (lse, delta): lse in base 2 (the
+// scores' domain), delta as it is; past t, +inf and 0 (probabilities 0).
+__device__ __forceinline__ void dq_row_stats(const float* st, int bh, int row, int t, float* lse, float* delta) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int rr = row + 8 * h;
+        lse[h] = rr < t ? st[((size_t)bh * t + rr) * 2] * LOG2E_F : INFINITY;
+        delta[h] = rr < t ? st[((size_t)bh * t + rr) * 2 + 1] : 0.0f;
+    }
+}
+
+// dS = P ⊙ (dP − delta) for a lane's share of a warp's 16 x 8N tile (C layout): P recomputed from
+// the scores sc (times sl2, base 2) and the rows' lse, zero past each row's last key unless `full`
+// (`last` the first row's last key: keys k0 + column); the result, rounded to T, as A fragments
+// in dsa (N / 2 k-steps).
+template <typename T, int N>
+__device__ __forceinline__ void ds_tile(uint32_t (*dsa)[4], float (*sc)[4], const float (*dp)[4], const float* lse,
+                                        const float* delta, bool full, float sl2, int k0, int last, int tq) {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = k0 + n * 8 + 2 * tq + (e & 1), h = e >> 1;
+            const float p = full || key <= last + 8 * h ? exp2f(fmaf(sc[n][e], sl2, -lse[h])) : 0.0f;
+            sc[n][e] = p * (dp[n][e] - delta[h]);
+        }
+    }
+    acc_to_a<T, N>(dsa, sc);
+}
+
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
 // The head sizes of the mma kernels, and their key tiles: 64 keys, 32 above head size 64 (two
@@ -1202,12 +1232,7 @@ __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T
     float lse[RW][2], delta[RW][2], acc[RW][HD / 8][4];
 #pragma unroll
     for (int r = 0; r < RW; r++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int rr = row + 16 * r + 8 * h;
-            lse[r][h] = rr < t ? st[((size_t)bh * t + rr) * 2] * LOG2E_F : INFINITY;  // base 2
-            delta[r][h] = rr < t ? st[((size_t)bh * t + rr) * 2 + 1] : 0.0f;
-        }
+        dq_row_stats(st, bh, row + 16 * r, t, lse[r], delta[r]);
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
     }
@@ -1233,18 +1258,7 @@ __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T
         uint32_t dsa[RW][BB / 16][4];
 #pragma unroll
         for (int r = 0; r < RW; r++) {
-#pragma unroll
-            for (int n = 0; n < BB / 8; n++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = k0 + n * 8 + 2 * tq + (e & 1), h = e >> 1;
-                    const float p = full || key <= off + row + 16 * r + 8 * h
-                                        ? exp2f(fmaf(sc[r][n][e], sl2, -lse[r][h]))
-                                        : 0.0f;
-                    sc[r][n][e] = p * (dp[r][n][e] - delta[r][h]);
-                }
-            }
-            acc_to_a<T, BB / 8>(dsa[r], sc[r]);
+            ds_tile<T, BB / 8>(dsa[r], sc[r], dp[r], lse[r], delta[r], full, sl2, k0, off + row + 16 * r, tq);
         }
         mma_tile_rows<T, true, BB / 16, HD / 8, RW>(acc, dsa, ks, LD);
     }

@@ -240,15 +240,15 @@ struct WgTile {
     __device__ static __forceinline__ int at(int r, int c) { return ((r / 8) * (HD / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8; }
 };
 
-// Rows [r0, r0 + n) of a (rows, HD) matrix into a WgTile of R rows (the rest zero) by cp.async,
-// 16 bytes (one core-matrix row) per copy, where src is 16-byte aligned (else element by element,
-// synchronously); the caller commits, waits and fences.
+// Rows [r0, r0 + n) of a matrix of rows of HD (`ld` elements apart) into a WgTile of R rows (the
+// rest zero) by cp.async, 16 bytes (one core-matrix row) per copy, where src and its rows are
+// 16-byte aligned (else element by element, synchronously); the caller commits, waits and fences.
 template <int HD, int R>
-__device__ __forceinline__ void wg_tile_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int r0, int n) {
-    const bool aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
+__device__ __forceinline__ void wg_rows_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int ld, int r0, int n) {
+    const bool aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0 && ld % 8 == 0;
     for (int e = threadIdx.x; e < R * (HD / 8); e += blockDim.x) {
         const int r = e / (HD / 8), c = (e % (HD / 8)) * 8;
-        const __nv_bfloat16* from = src + (size_t)(r0 + min(r, n - 1)) * HD + c;
+        const __nv_bfloat16* from = src + (size_t)(r0 + min(r, n - 1)) * ld + c;
         if (aligned) {
             cp_async<16>(dst + WgTile<HD>::at(r, c), from, r < n);
         } else {
@@ -256,6 +256,22 @@ __device__ __forceinline__ void wg_tile_async(__nv_bfloat16* dst, const __nv_bfl
             for (int i = 0; i < 8; i++) dst[WgTile<HD>::at(r, c) + i] = r < n ? from[i] : from_f<__nv_bfloat16>(0.0f);
         }
     }
+}
+
+// wg_rows_async of a (rows, HD) matrix.
+template <int HD, int R>
+__device__ __forceinline__ void wg_tile_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int r0, int n) {
+    wg_rows_async<HD, R>(dst, src, HD, r0, n);
+}
+
+// Keys [k0, k0 + BC) of k and v (s rows each; the rest zero) into a buffer of two WgTiles, as
+// one cp.async group.
+template <int HD, int BC>
+__device__ __forceinline__ void wg_kv_async(__nv_bfloat16* buf, const __nv_bfloat16* k, const __nv_bfloat16* v, int k0,
+                                            int s) {
+    wg_tile_async<HD, BC>(buf, k, k0, min(BC, s - k0));
+    wg_tile_async<HD, BC>(buf + BC * HD, v, k0, min(BC, s - k0));
+    cp_async_commit();
 }
 
 // Waits for the warpgroup's products issued since the last commit and keeps the compiler from
@@ -285,13 +301,8 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
     const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * 16;
     const T* kb = k + (size_t)bh * s * HD;
     const T* vb = v + (size_t)bh * s * HD;
-    auto fetch_kv = [&](T* buf, int k0) {
-        wg_tile_async<HD, BC>(buf, kb, k0, min(BC, s - k0));
-        wg_tile_async<HD, BC>(buf + BC * HD, vb, k0, min(BC, s - k0));
-        cp_async_commit();
-    };
     wg_tile_async<HD, ROWS>(qs, q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
-    fetch_kv(kv[0], 0);  // one group with q
+    wg_kv_async<HD, BC>(kv[0], kb, vb, 0, s);  // one group with q
     const int row = i0 + w * 16 + (lane >> 2);  // this lane's rows: row and row + 8
     const float sl2 = scale * LOG2E_F;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
@@ -301,7 +312,7 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
         // (The barrier at the step's start also means every warp's products from the other
         // buffer are done: each waited for them.)
-        pipeline_step<true>(k0 + BC < kend, [&] { fetch_kv(kv[buf ^ 1], k0 + BC); });
+        pipeline_step<true>(k0 + BC < kend, [&] { wg_kv_async<HD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BC * HD;
         float sc[BC / 8][4];
@@ -322,6 +333,72 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
         wg_settle<HD / 8>(acc);
     }
     fwd_rows_out<T, HD>(acc, m, l, o, lse, bh, row, t, tq, oh);
+}
+
+// dq on wgmma (PATCHLM_FLASH_WGMMA; bf16, head size 64): flash_mma_dq's math and launch (64 query
+// rows a block of one warpgroup, the last first), its products as warpgroup MMAs: s = q . k^T and
+// dP = dO . v^T with both operands in shared memory (q and dO staged once, as core matrices), then
+// dq += dS . k with dS from registers and k transposed from shared memory. As in the forward, every
+// warp takes every key tile of its block.
+template <int HD>
+__device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
+                            const __nv_bfloat16* v, const float* st, __nv_bfloat16* dq, int t, int s, float scale,
+                            int oh) {
+    static_assert(HD == 64, "the wgmma dq has head size 64 (its products are m64n64)");
+    typedef __nv_bfloat16 T;
+    constexpr int BC = 64, ROWS = 64;
+    __shared__ __align__(128) T qd[2][ROWS * HD];    // the q and dO tiles
+    __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
+    EMU_SHARED(qd, kv);
+    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+    const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * 16;
+    const T* kb = k + (size_t)bh * s * HD;
+    const T* vb = v + (size_t)bh * s * HD;
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    wg_tile_async<HD, ROWS>(qd[0], q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
+    wg_rows_async<HD, ROWS>(qd[1], dout + rd.base, rd.ld, i0, min(ROWS, t - i0));
+    wg_kv_async<HD, BC>(kv[0], kb, vb, 0, s);  // one group with q and dO
+    const int row = i0 + w * 16 + (lane >> 2);  // this lane's rows: row and row + 8
+    float lse[2], delta[2], acc[HD / 8][4];
+    dq_row_stats(st, bh, row, t, lse, delta);
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const float sl2 = scale * LOG2E_F;
+    typedef WgTile<HD> L;
+    for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
+        pipeline_step<true>(k0 + BC < kend, [&] { wg_kv_async<HD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
+        const T* ks = kv[buf];
+        const T* vs = kv[buf] + BC * HD;
+        float sc[BC / 8][4], dp[BC / 8][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {  // s = q . k^T and dP = dO . v^T
+            wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qd[0] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS),
+                                 wg_desc(ks + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+            wgmma_m64n64k16_bf16(&dp[0][0], wg_desc(qd[1] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS),
+                                 wg_desc(vs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+        }
+        wg_settle<BC / 8>(sc);
+        wg_settle<BC / 8>(dp);
+        uint32_t dsa[BC / 16][4];
+        ds_tile<T, BC / 8>(dsa, sc, dp, lse, delta, k0 + BC - 1 <= wfirst, sl2, k0, off + row, tq);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {  // dq += dS . k, 16 keys a product
+            wgmma_m64n64k16_rs_bf16(&acc[0][0], dsa[kk], wg_desc(ks + kk * 2 * (HD / 8) * 64, L::ALONG_ROWS, L::ALONG_COLS), 1);
+        }
+        wg_settle<HD / 8>(acc);
+    }
+    mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_dq_bf16_64(const __nv_bfloat16* q,
+                                                                      const __nv_bfloat16* dout,
+                                                                      const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                                      const float* st, __nv_bfloat16* out, int t,
+                                                                      int s, float scale, int oh) {
+    flash_wg_dq<64>(q, dout, k, v, st, out, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_fwd_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,

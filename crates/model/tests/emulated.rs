@@ -491,6 +491,18 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         check(&wide[5], t, &dq, tol_grad, "dq (wide)");
         same(&wide[5], bytes_of(&args[5]), "wide dq");
         grad_rows("dqw", launch::flash_wide(t, bh), vec![uninit(t)], &[(5, bytes_of(&args[5]))]);
+        // dq on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA; bf16 at head size 64): against the
+        // reference, and with dO as rows the same bytes as without.
+        if hd == 64 && dtype == DType::BF16 {
+            let mut wg = with(vec![uninit(t)]);
+            emulate("flash_wg_dq_bf16_64", launch::flash(t, bh, true), &mut wg);
+            check(&wg[5], t, &dq, tol_grad, "dq (wgmma)");
+            if oh > 0 {
+                let mut rows = with_dout(vec![uninit(t)], true);
+                emulate("flash_wg_dq_bf16_64", launch::flash(t, bh, true), &mut rows);
+                same(&rows[5], bytes_of(&wg[5]), "wgmma dq with dO as rows");
+            }
+        }
         let mut occ = with(vec![uninit(t)]);
         go("dqo", t, &mut occ);
         same(&occ[5], bytes_of(&args[5]), "dqo");
