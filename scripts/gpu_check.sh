@@ -76,7 +76,7 @@ for s in $sections; do
              grep -q 'test result: ok' /tmp/kernels-wide.txt && [ $mma = 1 ] && wide=1
              grep -q 'test result: ok' /tmp/kernels-wideb.txt && [ $mma = 1 ] && wideb=1
              grep -q 'test result: ok' /tmp/kernels-occ4.txt && [ $mma = 1 ] && occ4=1
-             # The wgmma forward and dq only where the probe of their layouts passed too.
+             # The wgmma kernels only where the probe of their layouts passed too.
              grep -q 'test result: ok' /tmp/kernels-wgmma.txt && grep -q 'test result: ok' /tmp/kernels-hopper.txt \
                && [ $mma = 1 ] && wg=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
@@ -101,7 +101,7 @@ for s in $sections; do
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
-               "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash forward/dq $PATCHLM_FLASH_WGMMA" ;;
+               "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -191,8 +191,8 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           # (`bench flash`), as WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA: the forward and dq pass with 64 or 128
           # query rows a block (PATCHLM_FLASH_WIDE), the dk/dv pass with 64 or 128 keys a block
           # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC),
-          # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward and
-          # dq on warpgroup MMAs (PATCHLM_FLASH_WGMMA; alone: the other forward/dq variants off).
+          # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward, dq
+          # and dk/dv on warpgroup MMAs (PATCHLM_FLASH_WGMMA; not with the wide or four-block kernels).
           # The fastest (forward + backward) stays on for the sections that follow if a 370M
           # training step with it is faster than one with the defaults.
           fws="0"; [ "${PATCHLM_FLASH_WIDE:-0}" = 1 ] && fws="0 1"
@@ -202,7 +202,7 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           wgs="0"; [ "${PATCHLM_FLASH_WGMMA:-0}" = 1 ] && wgs="0 1"
           for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do for g in $wgs; do
             [ $f = 1 ] && [ $o = 1 ] && continue  # (the wide kernels have no four-block build)
-            [ $g = 1 ] && [ $f$o != 00 ] && continue  # (the wgmma forward and dq stand alone)
+            [ $g = 1 ] && [ $f$o$b != 000 ] && continue  # (the wgmma kernels stand alone)
             PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o \
               PATCHLM_FLASH_WGMMA=$g timeout 60 /tmp/bin/xtask bench flash --preset 370m --batch 4 --ctx 2048 \
               --device cuda --dtype bf16 2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$f:$b:$d:$o:$g\", /" \

@@ -1306,6 +1306,34 @@ struct DkvFeed {
     __device__ __forceinline__ const T* dos(int buf) const { return un + (2 * buf + 1) * BQ * LD; }
 };
 
+// The dk/dv pass's probabilities for a lane's keys `key`, `key + 8` and the 8N queries from q0
+// (columns; their (lse, delta) pairs in lsd, natural-log lse): from the scores s^T (sc) and dP^T
+// (dp), P^T (zero where a query does not see the key or is past t, unless `full`) and
+// dS^T = P^T ⊙ (dP^T − delta), left in sc and dp and, rounded to T, as A fragments in pa and dsa.
+template <typename T, int N>
+__device__ __forceinline__ void dkv_probs(uint32_t (*pa)[4], uint32_t (*dsa)[4], float (*sc)[4], float (*dp)[4],
+                                          const float2* lsd, bool full, int key, int q0, int t, int off, float sl2,
+                                          int tq) {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {  // this lane's two queries (columns) of the block
+            const int c = n * 8 + 2 * tq + j, qi = q0 + c;
+            const float2 ld = lsd[c];
+            const float lse2 = ld.x * LOG2E_F;  // base 2, as the scores
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // its keys: key and key + 8
+                const int e = 2 * h + j;
+                const float p = full || (key + 8 * h <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -lse2)) : 0.0f;
+                sc[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - ld.y);
+            }
+        }
+    }
+    acc_to_a<T, N>(pa, sc);
+    acc_to_a<T, N>(dsa, dp);
+}
+
 // One step of the mma dk/dv kernels for a warp of 16 keys from wfirst (this lane's: wfirst +
 // lane / 4 and 8 more) and the BQ queries from q0 in the shared tiles qs and dos, with their
 // base-2 lse in ls and delta in dl (queries see keys up to their own position + off): the scores
@@ -1327,25 +1355,8 @@ __device__ __forceinline__ void dkv_step(float (*dp)[4], float (*dka)[4], float 
     mma_tile<T, false, HD / 16, BQ / 8>(dp, va, dos, LD);  // dP^T = v . dO^T
     // No query of the tile is past t or sees fewer than all the warp's keys: no mask.
     const bool full = wfirst + 15 <= off + q0 && q0 + BQ <= t;
-#pragma unroll
-    for (int n = 0; n < BQ / 8; n++) {
-#pragma unroll
-        for (int j = 0; j < 2; j++) {  // this lane's two queries (columns) of the block
-            const int c = n * 8 + 2 * tq + j, qi = q0 + c;
-            const float2 ld = lsd[c];
-            const float lse2 = ld.x * LOG2E_F;  // base 2, as the scores
-#pragma unroll
-            for (int h = 0; h < 2; h++) {  // its keys: key and key + 8
-                const int e = 2 * h + j;
-                const float p = full || (key + 8 * h <= off + qi && qi < t) ? exp2f(fmaf(sc[n][e], sl2, -lse2)) : 0.0f;
-                sc[n][e] = p;
-                dp[n][e] = p * (dp[n][e] - ld.y);
-            }
-        }
-    }
     uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
-    acc_to_a<T, BQ / 8>(pa, sc);
-    acc_to_a<T, BQ / 8>(dsa, dp);
+    dkv_probs<T, BQ / 8>(pa, dsa, sc, dp, lsd, full, key, q0, t, off, sl2, tq);
     mma_tile<T, true, BQ / 16, HD / 8>(dva, pa, dos, LD);
     mma_tile<T, true, BQ / 16, HD / 8>(dka, dsa, qs, LD);
 }

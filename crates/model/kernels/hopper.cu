@@ -4,12 +4,13 @@
 // Compiled by build.rs to PTX for compute_90a in a module of its own (a GPU other than Hopper
 // cannot load it); below compute capability 90 build.rs writes an empty module instead.
 //
-// For now this file holds the building blocks and two probe kernels that check them on a GPU
-// (tests/cuda.rs, `cuda_hopper_wgmma_probe_matches_cpu`) and on the CPU stand-in
-// (tests/emulated.rs): the shared-memory matrix descriptor, the fence / commit / wait protocol, the
-// m64n64k16 product with both operands in shared memory (a flash forward's q.k^T) and with A in
-// registers and B transposed from shared memory (its p.v). A flash attention built on them comes
-// once the probes have passed on a GPU.
+// It holds the building blocks, two probe kernels that check them on a GPU (tests/cuda.rs,
+// `cuda_hopper_wgmma_probe_matches_cpu`) and on the CPU stand-in (tests/emulated.rs), and flash
+// attention's forward, dq and dk/dv passes built on them (PATCHLM_FLASH_WGMMA, opt-in until the
+// probes and the kernels' device tests have passed on a GPU). The building blocks: the
+// shared-memory matrix descriptor, the fence / commit / wait protocol, and the m64n64k16 product
+// with both operands in shared memory (q.k^T) or A in registers and B K-major or transposed from
+// shared memory (p.v).
 //
 // The layout (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 // - Operands in shared memory are read through a 64-bit descriptor: start address, leading and
@@ -123,20 +124,27 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, WgDesc a, WgDesc 
 // them: a probability tile goes straight in); b (16 x 64) in shared memory MN-major (its rows of
 // 64 contiguous, transposed by the instruction: imm-trans-b), core matrices of 8 rows of K x 16
 // bytes (8 elements) of N.
+// With TRANS_B false, b (64 x 16) K-major instead, as in wgmma_m64n64k16_bf16: d = a . b^T.
+template <bool TRANS_B = true>
 __device__ __forceinline__ void wgmma_m64n64k16_rs_bf16(float* d, const uint32_t* a, WgDesc b, int scale_d) {
 #ifdef PATCHLM_EMU
-    emu::wgmma_rs_bf16<64>(d, a, b, scale_d != 0);
+    emu::wgmma_rs_bf16<64>(d, a, b, scale_d != 0, TRANS_B);
 #else
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        WG_D64_REGS
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n"
-        "}\n"
-        : WG_D64_OUT
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));
+#define WG_RS_ASM(TB)                                                                                      \
+    asm volatile("{\n"                                                                                     \
+                 ".reg .pred p;\n"                                                                         \
+                 "setp.ne.b32 p, %37, 0;\n"                                                                \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D64_REGS                      \
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, " TB ";\n"                                          \
+                 "}\n"                                                                                     \
+                 : WG_D64_OUT                                                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
+    if constexpr (TRANS_B) {
+        WG_RS_ASM("1");
+    } else {
+        WG_RS_ASM("0");
+    }
+#undef WG_RS_ASM
 #endif
 }
 
@@ -391,6 +399,100 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
         wg_settle<HD / 8>(acc);
     }
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
+}
+
+// dk and dv on wgmma (PATCHLM_FLASH_WGMMA; bf16, head size 64): flash_mma_dkv's math and launch
+// (64 keys a block of one warpgroup, each warp's 16 keys with their k and v fragments in
+// registers, the first keys first), the queries streamed in tiles of 64 (q, dO and their (lse,
+// delta) pairs), double-buffered: s^T = k . q^T and dP^T = v . dO^T with k and v from registers
+// and q, dO K-major from shared memory; dv += P^T . dO and dk += dS^T . q with P^T and dS^T from
+// registers and dO, q transposed from shared memory.
+template <int HD>
+__device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const float* st, __nv_bfloat16* dk, __nv_bfloat16* dv, int t,
+                             int s, float scale, int oh) {
+    static_assert(HD == 64, "the wgmma dk/dv pass has head size 64 (its products are m64n64)");
+    typedef __nv_bfloat16 T;
+    constexpr int BQ = 64, KEYS = 64, LD = HD + 8;
+    static_assert(2 * KEYS * LD <= 2 * 2 * BQ * HD, "the k and v tiles are staged where the query tiles go");
+    __shared__ __align__(128) T qd[2][2 * BQ * HD];  // two buffers of a (q, dO) tile pair
+    __shared__ __align__(16) float2 lsd[2][BQ];      // and their rows' (lse, delta)
+    EMU_SHARED(qd, lsd);
+    const int bh = blockIdx.y, j0 = blockIdx.x * KEYS, off = s - t;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+    // The block's k and v rows as A fragments, staged row-major through the query buffers.
+    T* stage = &qd[0][0];
+    const int nk = min(KEYS, s - j0);
+    tc_tile_in<T, HD, LD, KEYS>(stage, k + (size_t)bh * s * HD, j0, nk);
+    tc_tile_in<T, HD, LD, KEYS>(stage + KEYS * LD, v + (size_t)bh * s * HD, j0, nk);
+    __syncthreads();
+    uint32_t ka[HD / 16][4], va[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        frag_a(ka[kk], stage + w * 16 * LD, LD, kk);
+        frag_a(va[kk], stage + (KEYS + w * 16) * LD, LD, kk);
+    }
+    __syncthreads();  // the staging area is free again
+    const OutRows rd = out_rows(bh, t, HD, oh);
+    const T* qb = q + (size_t)bh * t * HD;
+    const T* db = dout + rd.base;
+    const float* sb = st + (size_t)bh * t * 2;
+    auto fetch = [&](int buf, int q0) {
+        const int n = min(BQ, t - q0);
+        wg_tile_async<HD, BQ>(qd[buf], qb, q0, n);
+        wg_rows_async<HD, BQ>(qd[buf] + BQ * HD, db, rd.ld, q0, n);
+        for (int e = threadIdx.x; e < BQ; e += blockDim.x) cp_async<8>(lsd[buf] + e, sb + (size_t)(q0 + min(e, n - 1)) * 2, e < n);
+        cp_async_commit();
+    };
+    const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
+    fetch(0, qfirst);
+    const int wfirst = j0 + w * 16, key = wfirst + (lane >> 2);  // this lane's keys: key and key + 8
+    float dka[HD / 8][4], dva[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
+    }
+    const float sl2 = scale * LOG2E_F;
+    typedef WgTile<HD> L;
+    for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
+        pipeline_step<true>(q0 + BQ < t, [&] { fetch(buf ^ 1, q0 + BQ); });
+        const T* qs = qd[buf];
+        const T* dos = qd[buf] + BQ * HD;
+        float sc[BQ / 8][4], dp[BQ / 8][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {  // s^T = k . q^T and dP^T = v . dO^T
+            wgmma_m64n64k16_rs_bf16<false>(&sc[0][0], ka[kk], wg_desc(qs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+            wgmma_m64n64k16_rs_bf16<false>(&dp[0][0], va[kk], wg_desc(dos + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+        }
+        wg_settle<BQ / 8>(sc);
+        wg_settle<BQ / 8>(dp);
+        // No query of the tile is past t or sees fewer than all the warp's keys: no mask.
+        const bool full = wfirst + 15 <= off + q0 && q0 + BQ <= t;
+        uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
+        dkv_probs<T, BQ / 8>(pa, dsa, sc, dp, lsd[buf], full, key, q0, t, off, sl2, tq);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {  // dv += P^T . dO and dk += dS^T . q, 16 queries a product
+            const int at = kk * 2 * (HD / 8) * 64;
+            wgmma_m64n64k16_rs_bf16(&dva[0][0], pa[kk], wg_desc(dos + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
+            wgmma_m64n64k16_rs_bf16(&dka[0][0], dsa[kk], wg_desc(qs + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
+        }
+        wg_settle<HD / 8>(dva);
+        wg_settle<HD / 8>(dka);
+    }
+    mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
+    mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_dkv_bf16_64(const __nv_bfloat16* q,
+                                                                       const __nv_bfloat16* dout,
+                                                                       const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                                       const float* st, __nv_bfloat16* dk,
+                                                                       __nv_bfloat16* dv, int t, int s, float scale,
+                                                                       int oh) {
+    flash_wg_dkv<64>(q, dout, k, v, st, dk, dv, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_dq_bf16_64(const __nv_bfloat16* q,

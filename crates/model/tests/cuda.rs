@@ -379,8 +379,8 @@ enum Tc {
     MmaWide,
     /// mma.sync with the forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4).
     MmaOcc4,
-    /// mma.sync with the forward and dq on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA; bf16,
-    /// head size 64).
+    /// mma.sync with the forward, dq and dk/dv on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA;
+    /// bf16, head size 64).
     MmaWgmma,
     /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
     MmaWideBwd,
@@ -440,8 +440,8 @@ fn cuda_flash_wide_forward_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWide);
 }
 
-/// The forward and dq on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA, kernels/hopper.cu; bf16 at
-/// head size 64, the rest as mma.sync), as above; on a Hopper only (elsewhere the mma.sync kernels
+/// The forward, dq and dk/dv on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA, kernels/hopper.cu;
+/// bf16 at head size 64, the rest as mma.sync), as above; on a Hopper only (elsewhere the mma.sync kernels
 /// run); in a process of its own.
 #[test]
 #[ignore]

@@ -523,6 +523,21 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         let want: Vec<(usize, &[u8])> = (5..args.len() - 4).map(|i| (i, bytes_of(&args[i]))).collect();
         grad_rows(which, geometry, outs, &want);
     }
+    if family == Flash::Mma && hd == 64 && dtype == DType::BF16 {
+        // dk and dv on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA): against the reference, and
+        // with dO as rows the same bytes as without.
+        let geometry = launch::flash(s, bh, true);
+        let mut wg = with(vec![uninit(s), uninit(s)]);
+        emulate("flash_wg_dkv_bf16_64", geometry, &mut wg);
+        check(&wg[5], s, &dk, tol_grad, "dk (wgmma)");
+        check(&wg[6], s, &dv, tol_grad, "dv (wgmma)");
+        if oh > 0 {
+            let mut rows = with_dout(vec![uninit(s), uninit(s)], true);
+            emulate("flash_wg_dkv_bf16_64", geometry, &mut rows);
+            same(&rows[5], bytes_of(&wg[5]), "wgmma dk with dO as rows");
+            same(&rows[6], bytes_of(&wg[6]), "wgmma dv with dO as rows");
+        }
+    }
     if family == Flash::Mma && !matches!(hd, 80 | 96) {
         // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC; not at head sizes 80 and 96): dq summed over key blocks in a
         // zeroed f32 buffer with atomics, then scaled and rounded by flash_dq_cast.

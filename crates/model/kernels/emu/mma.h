@@ -201,12 +201,12 @@ inline void wgmma_ss_bf16(float* d, WgmmaDesc a, WgmmaDesc b, bool scale_d) {
 
 // The same with A from registers (each warp's 16 rows in mma.m16n8k16's A layout, 4 registers a
 // thread: register j of lane l holds row l / 4 + 8 (j % 2), columns 2 (l % 4) + 8 (j / 2) and + 1)
-// and B (16 x N) MN-major, transposed by the instruction (imm-trans-b = 1): element (k, n) at
-// p + (k / 8) LBO + (n / 8) SBO + (k % 8) 16 + (n % 8) 2 bytes, LBO the distance between core
-// matrices adjacent along K as for K-major operands (the reading that tests/cuda.rs's probe puts
-// to a GPU beside the swapped one).
+// and B either K-major as above (trans_b false: d = a . b^T) or (16 x N) MN-major, transposed by
+// the instruction (imm-trans-b = 1: d = a . b): element (k, n) at p + (k / 8) LBO + (n / 8) SBO +
+// (k % 8) 16 + (n % 8) 2 bytes, LBO the distance between core matrices adjacent along K as for
+// K-major operands (the reading that tests/cuda.rs's probe puts to a GPU beside the swapped one).
 template <int N>
-inline void wgmma_rs_bf16(float* d, const uint32_t* a, WgmmaDesc b, bool scale_d) {
+inline void wgmma_rs_bf16(float* d, const uint32_t* a, WgmmaDesc b, bool scale_d, bool trans_b) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma's N is a multiple of 8 up to 256");
     if ((b.bits >> 62) != 0 || ((b.bits >> 49) & 7) != 0 || (b.bits & 0x3FFF) != 0 ||
         (reinterpret_cast<uintptr_t>(b.p) & 15) != 0 || g_bdim.x * g_bdim.y * g_bdim.z % 128 != 0) {
@@ -223,7 +223,9 @@ inline void wgmma_rs_bf16(float* d, const uint32_t* a, WgmmaDesc b, bool scale_d
     const size_t lbo = ((b.bits >> 16) & 0x3FFF) << 4, sbo = ((b.bits >> 32) & 0x3FFF) << 4;
     auto b_at = [&](int k, int n) {
         __nv_bfloat16 x;
-        memcpy(&x, static_cast<const char*>(b.p) + (k / 8) * lbo + (n / 8) * sbo + (k % 8) * 16 + (n % 8) * 2, 2);
+        const size_t at = trans_b ? (k / 8) * lbo + (n / 8) * sbo + (k % 8) * 16 + (n % 8) * 2
+                                  : (n / 8) * sbo + (k / 8) * lbo + (n % 8) * 16 + (k % 8) * 2;
+        memcpy(&x, static_cast<const char*>(b.p) + at, 2);
         return __bfloat162float(x);
     };
     const int l = lane_id();

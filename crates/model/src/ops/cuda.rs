@@ -760,7 +760,11 @@ impl FlashPlan {
         }
         let family = match kernel {
             FlashKernel::Lse => "flash",
-            FlashKernel::Fwd | FlashKernel::Dq if hopper && super::flash_wgmma_enabled(dtype, hd) => "flash_wg",
+            FlashKernel::Fwd | FlashKernel::Dq | FlashKernel::Dkv
+                if hopper && super::flash_wgmma_enabled(dtype, hd) =>
+            {
+                "flash_wg"
+            }
             _ if mma => "flash_mma",
             _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
             _ => "flash",
@@ -769,7 +773,7 @@ impl FlashPlan {
             candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
         }
         let is_mma = family == "flash_mma";
-        // (The wgmma forward and dq have no wide or four-block build.)
+        // (The wgmma kernels have no wide or four-block build.)
         Ok(FlashPlan {
             family,
             wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)

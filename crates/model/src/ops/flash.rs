@@ -148,11 +148,11 @@ pub fn flash_occ4_enabled(dtype: DType, hd: usize) -> bool {
 static FLASH_WGMMA: Switch = Switch::new("PATCHLM_FLASH_WGMMA", true, false);
 
 /// Chooses, where [`set_flash_mma`]'s kernels run at bf16 and head size 64 on a Hopper GPU
-/// (compute capability 9.x, a build with `CUDA_COMPUTE_CAP` 90), the forward and the backward's
-/// dq pass on warpgroup MMAs (`wgmma`, kernels/hopper.cu: each key tile's products as m64n64k16
-/// warpgroup products, the softmax and dS as the mma.sync kernels') instead of mma.sync,
-/// process-wide; the dk/dv pass (and the one-pass backward) stay on mma.sync. Elsewhere the
-/// mma.sync kernels run. Off by default (also
+/// (compute capability 9.x, a build with `CUDA_COMPUTE_CAP` 90), the forward and the two-pass
+/// backward's dq and dk/dv passes on warpgroup MMAs (`wgmma`, kernels/hopper.cu: every tile
+/// product as an m64n64k16 warpgroup product, the softmax, P and dS as the mma.sync kernels')
+/// instead of mma.sync, process-wide; the one-pass backward ([`set_flash_dq_atomic`]) stays on
+/// mma.sync. Elsewhere the mma.sync kernels run. Off by default (also
 /// `PATCHLM_FLASH_WGMMA=1`) until a GPU has run `tests/cuda.rs`'s wgmma probe and the kernel's
 /// device test; `tests/emulated.rs` checks its math on the CPU stand-in, whose reading of the
 /// wgmma operand layouts the probe puts to the GPU.
@@ -160,7 +160,7 @@ pub fn set_flash_wgmma(enabled: bool) {
     FLASH_WGMMA.set(enabled);
 }
 
-/// Whether flash attention asks for the wgmma forward and dq for `dtype` and head size `hd`
+/// Whether flash attention asks for the wgmma kernels for `dtype` and head size `hd`
 /// (see [`set_flash_wgmma`]; the launcher also needs a Hopper GPU and a build for it).
 pub fn flash_wgmma_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_WGMMA.get() && dtype == DType::BF16 && hd == 64 && flash_mma_enabled(dtype, hd)
