@@ -683,6 +683,14 @@ fn cuda_mma_tape_matches_cpu() {
     tape_matches_cpu(2, 1, Tc::Mma);
 }
 
+/// The same with the wgmma kernels (PATCHLM_FLASH_WGMMA; one head of 64 so that they apply), run
+/// with the other wgmma device test (the name).
+#[test]
+#[ignore]
+fn cuda_flash_wgmma_tape_matches_cpu() {
+    tape_matches_cpu(1, 1, Tc::MmaWgmma);
+}
+
 /// The same with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC).
 #[test]
 #[ignore]
