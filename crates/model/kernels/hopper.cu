@@ -295,6 +295,26 @@ __device__ __forceinline__ void wg_settle(float (*acc)[4]) {
     }
 }
 
+// The query-side wgmma kernels' block (64 query rows of head bh, the last rows first): the head,
+// its first row, the key offset, this lane's quad position, the keys the block needs, the first
+// key its warp's first row sees, this lane's first row, and the head's k and v.
+template <int HD>
+struct WgRows {
+    int bh, i0, off, tq, kend, wfirst, row;
+    const __nv_bfloat16 *kb, *vb;
+    __device__ WgRows(const __nv_bfloat16* k, const __nv_bfloat16* v, int t, int s) {
+        bh = blockIdx.y;
+        i0 = (gridDim.x - 1 - blockIdx.x) * 64;
+        off = s - t;
+        tq = threadIdx.x & 3;
+        kend = min(s, off + i0 + 64);
+        wfirst = off + i0 + (threadIdx.x >> 5) * 16;
+        row = i0 + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2);
+        kb = k + (size_t)bh * s * HD;
+        vb = v + (size_t)bh * s * HD;
+    }
+};
+
 template <int HD>
 __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              __nv_bfloat16* o, float* lse, int t, int s, float scale, int oh) {
@@ -304,14 +324,12 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
     __shared__ __align__(128) T qs[ROWS * HD];
     __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
     EMU_SHARED(qs, kv);
-    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, off = s - t;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-    const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * 16;
-    const T* kb = k + (size_t)bh * s * HD;
-    const T* vb = v + (size_t)bh * s * HD;
+    const WgRows<HD> b(k, v, t, s);
+    const int bh = b.bh, i0 = b.i0, off = b.off, tq = b.tq, kend = b.kend, wfirst = b.wfirst;
+    const T *kb = b.kb, *vb = b.vb;
     wg_tile_async<HD, ROWS>(qs, q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
     wg_kv_async<HD, BC>(kv[0], kb, vb, 0, s);  // one group with q
-    const int row = i0 + w * 16 + (lane >> 2);  // this lane's rows: row and row + 8
+    const int row = b.row;  // this lane's rows: row and row + 8
     const float sl2 = scale * LOG2E_F;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, acc[HD / 8][4];
 #pragma unroll
@@ -358,16 +376,14 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
     __shared__ __align__(128) T qd[2][ROWS * HD];    // the q and dO tiles
     __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
     EMU_SHARED(qd, kv);
-    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, off = s - t;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-    const int kend = min(s, off + i0 + ROWS), wfirst = off + i0 + w * 16;
-    const T* kb = k + (size_t)bh * s * HD;
-    const T* vb = v + (size_t)bh * s * HD;
+    const WgRows<HD> b(k, v, t, s);
+    const int bh = b.bh, i0 = b.i0, off = b.off, tq = b.tq, kend = b.kend, wfirst = b.wfirst;
+    const T *kb = b.kb, *vb = b.vb;
     const OutRows rd = out_rows(bh, t, HD, oh);
     wg_tile_async<HD, ROWS>(qd[0], q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
     wg_rows_async<HD, ROWS>(qd[1], dout + rd.base, rd.ld, i0, min(ROWS, t - i0));
     wg_kv_async<HD, BC>(kv[0], kb, vb, 0, s);  // one group with q and dO
-    const int row = i0 + w * 16 + (lane >> 2);  // this lane's rows: row and row + 8
+    const int row = b.row;  // this lane's rows: row and row + 8
     float lse[2], delta[2], acc[HD / 8][4];
     dq_row_stats(st, bh, row, t, lse, delta);
 #pragma unroll

@@ -819,10 +819,17 @@ impl FlashPlan {
 }
 
 /// Whether `dev` runs kernels/hopper.cu: a Hopper GPU (compute capability 9.x) and a build that
-/// compiled the module for it (`CUDA_COMPUTE_CAP` 90 or more).
+/// compiled the module for it (`CUDA_COMPUTE_CAP` 90 or more). Asked once per device (every
+/// flash launch plans with it).
 fn hopper_runs(dev: &CudaDevice) -> bool {
-    HOPPER_PTX.contains(".entry flash_wg_fwd_bf16_64(")
-        && dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major == 9)
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashMap<candle_core::cuda_backend::DeviceId, bool>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    *seen.get_or_insert_with(HashMap::new).entry(dev.id()).or_insert_with(|| {
+        HOPPER_PTX.contains(".entry flash_wg_fwd_bf16_64(")
+            && dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major == 9)
+    })
 }
 
 /// Every flash entry point that a step may launch under the current switches, for the 16-bit

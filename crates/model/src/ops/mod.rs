@@ -325,26 +325,34 @@ mod tests {
         assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
         set_flash_mma(true); // the default again
 
-        // The wide forward applies only where the mma.sync kernels do.
-        use super::{flash_wide_enabled, set_flash_wide};
-        assert!(!flash_wide_enabled(BF16, 64));
+        // An opt-in variant of the mma.sync kernels: off by default, on with its switch exactly at
+        // `on` (dtype, head size) and not at `off`, and off again without the mma.sync kernels.
+        let variant = |set: fn(bool),
+                       enabled: fn(candle_core::DType, usize) -> bool,
+                       on: &[(candle_core::DType, usize)],
+                       off: &[(candle_core::DType, usize)]| {
+            assert!(on.iter().all(|&(d, h)| !enabled(d, h)), "off by default");
+            set(true);
+            assert!(on.iter().all(|&(d, h)| enabled(d, h)) && off.iter().all(|&(d, h)| !enabled(d, h)));
+            set_flash_mma(false);
+            assert!(on.iter().all(|&(d, h)| !enabled(d, h)), "only with the mma.sync kernels");
+            set_flash_mma(true);
+            set(false);
+        };
+        use super::{flash_occ4_enabled, flash_wgmma_enabled, flash_wide_bwd_enabled, flash_wide_enabled};
+        use super::{set_flash_occ4, set_flash_wgmma, set_flash_wide, set_flash_wide_bwd};
+        // The wide forward and dq at head sizes 32 and 64; the wide backward at 64 only.
+        variant(set_flash_wide, flash_wide_enabled, &[(BF16, 64), (F16, 32)], &[(F32, 64), (BF16, 128)]);
+        variant(set_flash_wide_bwd, flash_wide_bwd_enabled, &[(BF16, 64), (F16, 64)], &[(BF16, 32), (F32, 64)]);
+        // Four blocks an SM: the 64-row kernels at 32 and 64, not where the wide ones run.
+        variant(set_flash_occ4, flash_occ4_enabled, &[(BF16, 64), (F16, 32)], &[(F32, 64), (BF16, 128)]);
+        set_flash_occ4(true);
         set_flash_wide(true);
-        assert!(flash_wide_enabled(BF16, 64) && flash_wide_enabled(F16, 32));
-        assert!(!flash_wide_enabled(F32, 64) && !flash_wide_enabled(BF16, 128));
-        set_flash_mma(false);
-        assert!(!flash_wide_enabled(BF16, 64));
-        set_flash_mma(true);
+        assert!(!flash_occ4_enabled(BF16, 64), "the wide kernels have no four-block build");
         set_flash_wide(false);
-        // The wide backward: the mma.sync kernels at head size 64 only.
-        use super::{flash_wide_bwd_enabled, set_flash_wide_bwd};
-        assert!(!flash_wide_bwd_enabled(BF16, 64));
-        set_flash_wide_bwd(true);
-        assert!(flash_wide_bwd_enabled(BF16, 64) && flash_wide_bwd_enabled(F16, 64));
-        assert!(!flash_wide_bwd_enabled(BF16, 32) && !flash_wide_bwd_enabled(F32, 64));
-        set_flash_mma(false);
-        assert!(!flash_wide_bwd_enabled(BF16, 64));
-        set_flash_mma(true);
-        set_flash_wide_bwd(false);
+        set_flash_occ4(false);
+        // wgmma: bf16 at head size 64 only.
+        variant(set_flash_wgmma, flash_wgmma_enabled, &[(BF16, 64)], &[(F16, 64), (BF16, 32), (F32, 64)]);
         // Head sizes 80, 96 and 128: only with their switch; no one-pass backward at 80 or 96, no wide
         // forward above 64.
         use super::{flash_dq_atomic_enabled, set_flash_dq_atomic, set_flash_mma_large_heads};
