@@ -52,7 +52,7 @@ for s in $sections; do
     kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper --skip flash_wgmma \
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass \
                2>&1 | tee "$OUT/kernels.txt"
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
@@ -66,10 +66,12 @@ for s in $sections; do
              # assume; decides nothing yet, reported only.
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 hopper 2>&1 | tee /tmp/kernels-hopper.txt
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wgmma 2>&1 | tee /tmp/kernels-wgmma.txt
+             # The wgmma one-pass backward (PATCHLM_FLASH_WGMMA with PATCHLM_FLASH_DQ_ATOMIC).
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 wg_one_pass 2>&1 | tee /tmp/kernels-wgdq.txt
              cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt /tmp/kernels-wide.txt \
                /tmp/kernels-wideb.txt /tmp/kernels-occ4.txt /tmp/kernels-hopper.txt /tmp/kernels-wgmma.txt \
-               >> "$OUT/kernels.txt"
-             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0
+               /tmp/kernels-wgdq.txt >> "$OUT/kernels.txt"
+             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
@@ -79,6 +81,7 @@ for s in $sections; do
              # The wgmma kernels only where the probe of their layouts passed too.
              grep -q 'test result: ok' /tmp/kernels-wgmma.txt && grep -q 'test result: ok' /tmp/kernels-hopper.txt \
                && [ $mma = 1 ] && wg=1
+             grep -q 'test result: ok' /tmp/kernels-wgdq.txt && [ $wg = 1 ] && [ $dqa = 1 ] && WGDQ=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
@@ -86,12 +89,16 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0
+               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              # dq, dk and dv in one backward pass: opt-in, on for the sections that follow only
              # where its tests pass (the dqa section times it off and on).
+             # (With the wgmma kernels on, the one pass runs on them: only where their one-pass
+             # test passed too; DQA_OK keeps the mma.sync one pass's verdict for `variants`.)
+             DQA_OK=$dqa
+             [ $wg = 1 ] && [ $WGDQ = 0 ] && dqa=0
              export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
              # The wide forward (128 rows a block): the same, decided by the wide section.
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
@@ -101,7 +108,8 @@ for s in $sections; do
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
-               "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" ;;
+               "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" \
+               "(its one-pass backward: $WGDQ)" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -192,17 +200,19 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           # query rows a block (PATCHLM_FLASH_WIDE), the dk/dv pass with 64 or 128 keys a block
           # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC),
           # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward, dq
-          # and dk/dv on warpgroup MMAs (PATCHLM_FLASH_WGMMA; not with the wide or four-block kernels).
+          # and dk/dv on warpgroup MMAs (PATCHLM_FLASH_WGMMA; not with the wide or four-block kernels;
+          # with the one pass, the wgmma one pass, where its own test passed).
           # The fastest (forward + backward) stays on for the sections that follow if a 370M
           # training step with it is faster than one with the defaults.
           fws="0"; [ "${PATCHLM_FLASH_WIDE:-0}" = 1 ] && fws="0 1"
           bws="0"; [ "${PATCHLM_FLASH_WIDE_BWD:-0}" = 1 ] && bws="0 1"
-          dqs="0"; [ "${PATCHLM_FLASH_DQ_ATOMIC:-0}" = 1 ] && dqs="0 1"
+          dqs="0"; [ "${DQA_OK:-${PATCHLM_FLASH_DQ_ATOMIC:-0}}" = 1 ] && dqs="0 1"
           ocs="0"; [ "${PATCHLM_FLASH_OCC4:-0}" = 1 ] && ocs="0 1"
           wgs="0"; [ "${PATCHLM_FLASH_WGMMA:-0}" = 1 ] && wgs="0 1"
           for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do for g in $wgs; do
             [ $f = 1 ] && [ $o = 1 ] && continue  # (the wide kernels have no four-block build)
             [ $g = 1 ] && [ $f$o$b != 000 ] && continue  # (the wgmma kernels stand alone)
+            [ $g$d = 11 ] && [ "${WGDQ:-0}" != 1 ] && continue
             PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o \
               PATCHLM_FLASH_WGMMA=$g timeout 60 /tmp/bin/xtask bench flash --preset 370m --batch 4 --ctx 2048 \
               --device cuda --dtype bf16 2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$f:$b:$d:$o:$g\", /" \

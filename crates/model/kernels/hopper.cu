@@ -101,10 +101,14 @@ __device__ __forceinline__ void wg_fence_reg(float& r) {
         "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
 // d (64 x 64, f32, the layout above) = a . b^T (+ d where scale_d), a (64 x 16) and b (64 x 16)
-// bf16, both K-major in shared memory.
+// bf16, both K-major in shared memory. With TRANS_A, a is given M-major instead, as (16 x 64) with
+// its rows of 64 (M) contiguous (imm-trans-a = 1); with TRANS_B, b as (16 x 64), rows of N
+// contiguous (imm-trans-b = 1: d = a . b): core matrices of 8 rows of K x 16 bytes (8 elements) of
+// M or N, LBO their distance along K and SBO along M or N (see wgmma_m64n64k16_rs_bf16).
+template <bool TRANS_A = false, bool TRANS_B = false>
 __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, WgDesc a, WgDesc b, int scale_d) {
 #ifdef PATCHLM_EMU
-    emu::wgmma_ss_bf16<64>(d, a, b, scale_d != 0);
+    emu::wgmma_ss_bf16<64>(d, a, b, scale_d != 0, TRANS_A, TRANS_B);
 #else
     asm volatile(
         "{\n"
@@ -112,10 +116,10 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float* d, WgDesc a, WgDesc 
         "setp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         WG_D64_REGS
-        "%32, %33, p, 1, 1, 0, 0;\n"
+        "%32, %33, p, 1, 1, %35, %36;\n"
         "}\n"
         : WG_D64_OUT
-        : "l"(a), "l"(b), "r"(scale_d));
+        : "l"(a), "l"(b), "r"(scale_d), "n"(TRANS_A ? 1 : 0), "n"(TRANS_B ? 1 : 0));
 #endif
 }
 
@@ -282,17 +286,25 @@ __device__ __forceinline__ void wg_kv_async(__nv_bfloat16* buf, const __nv_bfloa
     cp_async_commit();
 }
 
+// Keeps the compiler from moving accesses of the accumulators (N blocks of 4) of products that a
+// wg_settle has already waited for above this point (without committing an empty group, which
+// costs a product of its own).
+template <int N>
+__device__ __forceinline__ void wg_settled(float (*acc)[4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) wg_fence_reg(acc[n][e]);
+    }
+}
+
 // Waits for the warpgroup's products issued since the last commit and keeps the compiler from
 // moving accesses of their accumulators (N blocks of 4) across them.
 template <int N>
 __device__ __forceinline__ void wg_settle(float (*acc)[4]) {
     wg_commit();
     wg_wait<0>();
-#pragma unroll
-    for (int n = 0; n < N; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) wg_fence_reg(acc[n][e]);
-    }
+    wg_settled<N>(acc);
 }
 
 // The query-side wgmma kernels' block (64 query rows of head bh, the last rows first): the head,
@@ -404,7 +416,7 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
                                  wg_desc(vs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
         }
         wg_settle<BC / 8>(sc);
-        wg_settle<BC / 8>(dp);
+        wg_settled<BC / 8>(dp);
         uint32_t dsa[BC / 16][4];
         ds_tile<T, BC / 8>(dsa, sc, dp, lse, delta, k0 + BC - 1 <= wfirst, sl2, k0, off + row, tq);
         wg_fence();
@@ -417,29 +429,61 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
     mma_rows_out<T, HD>(acc, dq + (size_t)bh * t * HD, row, t, tq, scale);
 }
 
+// The shared memory of the wgmma dk/dv pass: two buffers of a (q, dO) tile pair of BQ rows (as
+// WgTiles) and their rows' (lse, delta); with DQ (the one-pass backward) also the block's k tile
+// and a step's dS^T tile (WgTiles, keys as rows), past the 48 KB of static shared memory: dynamic.
+template <int HD, bool DQ>
+struct WgDkvSmem {
+    static constexpr int BQ = 64, KEYS = 64;
+    static constexpr int QD = 2 * 2 * BQ * HD, KT = DQ ? KEYS * HD : 0, DST = DQ ? KEYS * BQ : 0;
+    static constexpr int BYTES = (QD + KT + DST) * 2 + 2 * BQ * (int)sizeof(float2);
+};
+
 // dk and dv on wgmma (PATCHLM_FLASH_WGMMA; bf16, head size 64): flash_mma_dkv's math and launch
 // (64 keys a block of one warpgroup, each warp's 16 keys with their k and v fragments in
 // registers, the first keys first), the queries streamed in tiles of 64 (q, dO and their (lse,
 // delta) pairs), double-buffered: s^T = k . q^T and dP^T = v . dO^T with k and v from registers
 // and q, dO K-major from shared memory; dv += P^T . dO and dk += dS^T . q with P^T and dS^T from
 // registers and dO, q transposed from shared memory.
-template <int HD>
+// With DQ (flash_wg_dkvq; PATCHLM_FLASH_WGMMA with PATCHLM_FLASH_DQ_ATOMIC): dq in the same pass,
+// as flash_mma_dkvq does it: each step's dS^T (rounded to bf16, as dk's product takes it) goes to
+// shared memory, and the block's share of dq = dS . k (f32, not yet scaled) is one more warpgroup
+// product, dS read M-major from the dS^T tile and k transposed from a k tile kept in shared
+// memory, issued with dv's and dk's; it is added into dq_acc (zeroed by the caller) with atomics,
+// and flash_dq_cast scales and rounds it. 5 tile products a step instead of the two passes' 7.
+template <int HD, bool DQ>
 __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
-                             const __nv_bfloat16* v, const float* st, __nv_bfloat16* dk, __nv_bfloat16* dv, int t,
-                             int s, float scale, int oh) {
+                             const __nv_bfloat16* v, const float* st, __nv_bfloat16* dk, __nv_bfloat16* dv,
+                             float* dq_acc, int t, int s, float scale, int oh) {
     static_assert(HD == 64, "the wgmma dk/dv pass has head size 64 (its products are m64n64)");
     typedef __nv_bfloat16 T;
-    constexpr int BQ = 64, KEYS = 64, LD = HD + 8;
-    static_assert(2 * KEYS * LD <= 2 * 2 * BQ * HD, "the k and v tiles are staged where the query tiles go");
-    __shared__ __align__(128) T qd[2][2 * BQ * HD];  // two buffers of a (q, dO) tile pair
-    __shared__ __align__(16) float2 lsd[2][BQ];      // and their rows' (lse, delta)
-    EMU_SHARED(qd, lsd);
+    using M = WgDkvSmem<HD, DQ>;
+    constexpr int BQ = M::BQ, KEYS = M::KEYS, LD = HD + 8;
+    static_assert(2 * KEYS * LD <= M::QD, "the k and v tiles are staged where the query tiles go");
+    T *qd, *kt, *dst;
+    float2(*lsd)[BQ];
+    if constexpr (!DQ) {
+        __shared__ __align__(128) T qd_s[M::QD];      // two buffers of a (q, dO) tile pair
+        __shared__ __align__(16) float2 lsd_s[2][BQ];  // and their rows' (lse, delta)
+        EMU_SHARED(qd_s, lsd_s);
+        qd = qd_s;
+        kt = dst = nullptr;
+        lsd = lsd_s;
+    } else {
+        DYN_SHARED(dyn, M::BYTES);
+        EMU_SHARED(dyn);
+        qd = reinterpret_cast<T*>(dyn);
+        kt = qd + M::QD;
+        dst = kt + M::KT;
+        lsd = reinterpret_cast<float2(*)[BQ]>(dst + M::DST);
+    }
     const int bh = blockIdx.y, j0 = blockIdx.x * KEYS, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
     // The block's k and v rows as A fragments, staged row-major through the query buffers.
-    T* stage = &qd[0][0];
+    T* stage = qd;
     const int nk = min(KEYS, s - j0);
-    tc_tile_in<T, HD, LD, KEYS>(stage, k + (size_t)bh * s * HD, j0, nk);
+    const T* kh = k + (size_t)bh * s * HD;
+    tc_tile_in<T, HD, LD, KEYS>(stage, kh, j0, nk);
     tc_tile_in<T, HD, LD, KEYS>(stage + KEYS * LD, v + (size_t)bh * s * HD, j0, nk);
     __syncthreads();
     uint32_t ka[HD / 16][4], va[HD / 16][4];
@@ -455,12 +499,14 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
     const float* sb = st + (size_t)bh * t * 2;
     auto fetch = [&](int buf, int q0) {
         const int n = min(BQ, t - q0);
-        wg_tile_async<HD, BQ>(qd[buf], qb, q0, n);
-        wg_rows_async<HD, BQ>(qd[buf] + BQ * HD, db, rd.ld, q0, n);
+        T* qt = qd + buf * 2 * BQ * HD;
+        wg_tile_async<HD, BQ>(qt, qb, q0, n);
+        wg_rows_async<HD, BQ>(qt + BQ * HD, db, rd.ld, q0, n);
         for (int e = threadIdx.x; e < BQ; e += blockDim.x) cp_async<8>(lsd[buf] + e, sb + (size_t)(q0 + min(e, n - 1)) * 2, e < n);
         cp_async_commit();
     };
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
+    if constexpr (DQ) wg_tile_async<HD, KEYS>(kt, kh, j0, nk);  // (in the first fetch's group)
     fetch(0, qfirst);
     const int wfirst = j0 + w * 16, key = wfirst + (lane >> 2);  // this lane's keys: key and key + 8
     float dka[HD / 8][4], dva[HD / 8][4];
@@ -472,9 +518,11 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
     const float sl2 = scale * LOG2E_F;
     typedef WgTile<HD> L;
     for (int q0 = qfirst, buf = 0; q0 < t; q0 += BQ, buf ^= 1) {
+        // (With DQ the barrier also means every warp's dq product from the last step, which read
+        // the dS^T tile, is done: each waited for it.)
         pipeline_step<true>(q0 + BQ < t, [&] { fetch(buf ^ 1, q0 + BQ); });
-        const T* qs = qd[buf];
-        const T* dos = qd[buf] + BQ * HD;
+        const T* qs = qd + buf * 2 * BQ * HD;
+        const T* dos = qs + BQ * HD;
         float sc[BQ / 8][4], dp[BQ / 8][4];
         wg_fence();
 #pragma unroll
@@ -483,11 +531,26 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
             wgmma_m64n64k16_rs_bf16<false>(&dp[0][0], va[kk], wg_desc(dos + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
         }
         wg_settle<BQ / 8>(sc);
-        wg_settle<BQ / 8>(dp);
+        wg_settled<BQ / 8>(dp);
         // No query of the tile is past t or sees fewer than all the warp's keys: no mask.
         const bool full = wfirst + 15 <= off + q0 && q0 + BQ <= t;
         uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
         dkv_probs<T, BQ / 8>(pa, dsa, sc, dp, lsd[buf], full, key, q0, t, off, sl2, tq);
+        if constexpr (DQ) {
+            // dS^T into its tile: fragment word j of k-step kk holds key w·16 + lane/4 + 8 (j % 2),
+            // queries 16 kk + 8 (j / 2) + 2 (lane % 4) and the next.
+#pragma unroll
+            for (int kk = 0; kk < BQ / 16; kk++) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int r = w * 16 + (lane >> 2) + 8 * (j % 2), c = kk * 16 + 8 * (j / 2) + 2 * tq;
+                    *reinterpret_cast<uint32_t*>(dst + WgTile<BQ>::at(r, c)) = dsa[kk][j];
+                }
+            }
+            wg_fence_smem();  // each thread's stores, then the barrier: the tile for wgmma
+            __syncthreads();
+        }
+        float dqa[HD / 8][4];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; kk++) {  // dv += P^T . dO and dk += dS^T . q, 16 queries a product
@@ -495,8 +558,31 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
             wgmma_m64n64k16_rs_bf16(&dva[0][0], pa[kk], wg_desc(dos + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
             wgmma_m64n64k16_rs_bf16(&dka[0][0], dsa[kk], wg_desc(qs + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
         }
+        if constexpr (DQ) {
+            // dq (queries x head) = dS . k over the block's keys, 16 keys a product: dS M-major from
+            // the dS^T tile (keys as rows: K), k transposed from its tile (keys as rows: K).
+#pragma unroll
+            for (int kk = 0; kk < KEYS / 16; kk++) {
+                const int at = kk * 2 * (HD / 8) * 64;
+                wgmma_m64n64k16_bf16<true, true>(&dqa[0][0], wg_desc(dst + at, WgTile<BQ>::ALONG_ROWS, WgTile<BQ>::ALONG_COLS),
+                                                 wg_desc(kt + at, L::ALONG_ROWS, L::ALONG_COLS), kk > 0);
+            }
+        }
         wg_settle<HD / 8>(dva);
-        wg_settle<HD / 8>(dka);
+        wg_settled<HD / 8>(dka);
+        if constexpr (DQ) {
+            wg_settled<HD / 8>(dqa);
+            float* dqb = dq_acc + (size_t)bh * t * HD;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {  // this lane's queries: its warp's 16 rows' g and g + 8
+                const int qi = q0 + w * 16 + (lane >> 2) + 8 * h;
+                if (qi >= t) continue;
+#pragma unroll
+                for (int n = 0; n < HD / 8; n++) {  // two adjacent columns: one 8-byte atomic
+                    atomic_add_w<2>(dqb + (size_t)qi * HD + n * 8 + 2 * tq, &dqa[n][2 * h]);
+                }
+            }
+        }
     }
     mma_rows_out<T, HD>(dka, dk + (size_t)bh * s * HD, key, s, tq, scale);
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
@@ -508,7 +594,16 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_dkv_bf16_64(const __n
                                                                        const float* st, __nv_bfloat16* dk,
                                                                        __nv_bfloat16* dv, int t, int s, float scale,
                                                                        int oh) {
-    flash_wg_dkv<64>(q, dout, k, v, st, dk, dv, t, s, scale, oh);
+    flash_wg_dkv<64, false>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_dkvq_bf16_64(const __nv_bfloat16* q,
+                                                                        const __nv_bfloat16* dout,
+                                                                        const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                                        const float* st, __nv_bfloat16* dk,
+                                                                        __nv_bfloat16* dv, float* dq_acc, int t, int s,
+                                                                        float scale, int oh) {
+    flash_wg_dkv<64, true>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_dq_bf16_64(const __nv_bfloat16* q,
@@ -523,4 +618,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_fwd_bf16_64(const __n
                                                                        const __nv_bfloat16* v, __nv_bfloat16* o,
                                                                        float* lse, int t, int s, float scale, int oh) {
     flash_wg_fwd<64>(q, k, v, o, lse, t, s, scale, oh);
+}
+
+// The wgmma one pass's dynamic shared memory (WgDkvSmem) for tests/emulated.rs to hold against the
+// launcher's size (patchlm_model::launch::flash_wg_dkvq_smem).
+extern "C" __global__ void flash_wg_dkvq_smem_bytes(int* out) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = WgDkvSmem<64, true>::BYTES;
 }

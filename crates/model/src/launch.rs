@@ -133,6 +133,15 @@ pub fn flash_wide_bwd_smem(dq: bool) -> u32 {
     (elems * 2 + 3 * BQ * 8) as u32
 }
 
+/// Bytes of dynamic shared memory the wgmma one-pass flash backward takes (`flash_wg_dkvq_bf16_64`;
+/// kernels/hopper.cu `WgDkvSmem`): two buffers of a (q, dO) tile pair of 64 rows, the block's k
+/// tile and a dS^T tile (64 x 64 bf16 each, unpadded core matrices), and two buffers' 64 (lse,
+/// delta) pairs. Above 48 KB: the launcher raises the kernel's limit.
+pub fn flash_wg_dkvq_smem() -> u32 {
+    const TILE: usize = 64 * 64;
+    ((4 * TILE + 2 * TILE) * 2 + 2 * 64 * 8) as u32
+}
+
 /// Elements per thread block of the multi-tensor kernels (`multi_*`).
 pub const MULTI_CHUNK: usize = 16384;
 

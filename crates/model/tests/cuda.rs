@@ -382,6 +382,9 @@ enum Tc {
     /// mma.sync with the forward, dq and dk/dv on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA;
     /// bf16, head size 64).
     MmaWgmma,
+    /// The same with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC too:
+    /// `flash_wg_dkvq`).
+    MmaWgmmaDqAtomic,
     /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
@@ -397,12 +400,12 @@ fn set_tc(tc: Tc) {
     patchlm_model::ops::set_flash_mma(!matches!(tc, Tc::Off | Tc::Wmma));
     patchlm_model::ops::set_flash_dq_atomic(matches!(
         tc,
-        Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic | Tc::MmaLargeDqAtomic
+        Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic | Tc::MmaLargeDqAtomic | Tc::MmaWgmmaDqAtomic
     ));
     patchlm_model::ops::set_flash_mma_large_heads(matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic));
     patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
     patchlm_model::ops::set_flash_occ4(tc == Tc::MmaOcc4);
-    patchlm_model::ops::set_flash_wgmma(tc == Tc::MmaWgmma);
+    patchlm_model::ops::set_flash_wgmma(matches!(tc, Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic));
     patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
 
@@ -447,6 +450,17 @@ fn cuda_flash_wide_forward_matches_cpu() {
 #[ignore]
 fn cuda_flash_wgmma_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWgmma);
+}
+
+/// The wgmma kernels with the one-pass backward (PATCHLM_FLASH_WGMMA and PATCHLM_FLASH_DQ_ATOMIC:
+/// `flash_wg_dkvq`, its dq product with both operands transposed from shared memory), as above,
+/// and the tape with them; in a process of its own (the name), so that a failure here turns off
+/// only this combination (`gpu_check.sh`).
+#[test]
+#[ignore]
+fn cuda_wg_one_pass_flash_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaWgmmaDqAtomic);
+    tape_matches_cpu(1, 1, Tc::MmaWgmmaDqAtomic);
 }
 
 /// The mma.sync forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a

@@ -100,8 +100,14 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
 /// ids, chunks of rows, key blocks), all else written once: that argument may differ between
 /// schedules in its last bits only (compared with a tolerance, so a race on what feeds the sums
 /// still shows), every other byte for byte.
-const ATOMIC_SUM_ARG: [(&str, usize); 5] =
-    [("embedding_bwd_", 3), ("embedding_bwd4_", 3), ("rms_dw_", 3), ("flash_mma_dkvq_", 7), ("flash_mma_dkvqw_", 7)];
+const ATOMIC_SUM_ARG: [(&str, usize); 6] = [
+    ("embedding_bwd_", 3),
+    ("embedding_bwd4_", 3),
+    ("rms_dw_", 3),
+    ("flash_mma_dkvq_", 7),
+    ("flash_mma_dkvqw_", 7),
+    ("flash_wg_dkvq_", 7),
+];
 
 /// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
 #[derive(Clone, Copy, Debug)]
@@ -581,6 +587,28 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             let want: Vec<(usize, &[u8])> = (5..8).map(|i| (i, bytes_of(&wide[i]))).collect();
             grad_rows("dkvqw", launch::flash_wide_bwd(s, bh), vec![uninit(s), uninit(s), zeroed(nq)], &want);
         }
+        if hd == 64 && dtype == DType::BF16 {
+            // The one pass on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA with
+            // PATCHLM_FLASH_DQ_ATOMIC): dk and dv byte for byte the wgmma dk/dv pass's (the same
+            // products in the same order), dq within the reference's bound; with dO as rows the
+            // same bytes as without.
+            let geometry = launch::flash(s, bh, true);
+            let mut wg = with(vec![uninit(s), uninit(s), zeroed(nq)]);
+            emulate("flash_wg_dkvq_bf16_64", geometry, &mut wg);
+            let mut two = with(vec![uninit(s), uninit(s)]);
+            emulate("flash_wg_dkv_bf16_64", launch::flash(s, bh, true), &mut two);
+            check(&wg[5], s, &dk, tol_grad, "dk (wgmma one pass)");
+            same(&wg[5], bytes_of(&two[5]), "wgmma one-pass dk");
+            same(&wg[6], bytes_of(&two[6]), "wgmma one-pass dv");
+            check_dq(&wg[7], "dq (wgmma one pass)");
+            if oh > 0 {
+                let mut rows = with_dout(vec![uninit(s), uninit(s), zeroed(nq)], true);
+                emulate("flash_wg_dkvq_bf16_64", geometry, &mut rows);
+                same(&rows[5], bytes_of(&wg[5]), "wgmma one-pass dk with dO as rows");
+                same(&rows[6], bytes_of(&wg[6]), "wgmma one-pass dv with dO as rows");
+                check_dq(&rows[7], "wgmma one-pass dq with dO as rows");
+            }
+        }
     }
 }
 
@@ -622,7 +650,8 @@ fn emulated_mma_flash_attention_matches_reference() {
 }
 
 /// The wide backward kernels' dynamic shared memory: the launcher's size
-/// (`launch::flash_wide_bwd_smem`) is what the kernels lay out (`DkvSmem` in kernels/flash.cu).
+/// (`launch::flash_wide_bwd_smem`) is what the kernels lay out (`DkvSmem` in kernels/flash.cu);
+/// and the wgmma one pass's (`launch::flash_wg_dkvq_smem`, `WgDkvSmem` in kernels/hopper.cu).
 #[test]
 fn emulated_wide_flash_backward_shared_memory_agrees() {
     let mut args = [out(2, DType::U32)];
@@ -632,6 +661,12 @@ fn emulated_wide_flash_backward_shared_memory_agrees() {
     assert_eq!(got, [launch::flash_wide_bwd_smem(false), launch::flash_wide_bwd_smem(true)]);
     // Only the one pass needs the 48 KB limit raised.
     assert!(got[0] <= 48 * 1024 && got[1] > 48 * 1024, "{got:?}");
+    // The same for the wgmma one pass (`WgDkvSmem` in kernels/hopper.cu).
+    let mut args = [out(1, DType::U32)];
+    emulate("flash_wg_dkvq_smem_bytes", launch::elems(1), &mut args);
+    let got = u32::from_le_bytes(bytes_of(&args[0])[..4].try_into().unwrap());
+    assert_eq!(got, launch::flash_wg_dkvq_smem());
+    assert!(got > 48 * 1024, "{got}");
 }
 
 /// The mma.sync kernels at head sizes 80, 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS: 32-key

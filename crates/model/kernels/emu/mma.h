@@ -162,15 +162,17 @@ struct WgmmaDesc {
 };
 
 // PTX wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands in shared memory
-// through descriptors, K-major without swizzling: element (r, k) of an operand (r a row of M or
-// N, k < 16) is the 16-bit value at p + (r / 8) SBO + (k / 8) LBO + (r % 8) 16 + (k % 8) 2 bytes
-// (core matrices of 8 rows x 16 bytes; LBO = bits 16-29, SBO = bits 32-45, each in units of 16
-// bytes). Thread t of the warpgroup (warp w = t / 32, lane l) accumulates its N / 2 values of
+// through descriptors, without swizzling. K-major (trans_a / trans_b false): element (r, k) of an
+// operand (r a row of M or N, k < 16) is the 16-bit value at p + (r / 8) SBO + (k / 8) LBO +
+// (r % 8) 16 + (k % 8) 2 bytes (core matrices of 8 rows x 16 bytes; LBO = bits 16-29, SBO = bits
+// 32-45, each in units of 16 bytes). MN-major (imm-trans-a / imm-trans-b = 1): element (r, k) at
+// p + (k / 8) LBO + (r / 8) SBO + (k % 8) 16 + (r % 8) 2 (see wgmma_rs_bf16). Thread t of the warpgroup (warp w = t / 32, lane l) accumulates its N / 2 values of
 // d = a . b^T (+ d where scale_d): value i is row 16w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) +
 // 2 (l % 4) + i % 2. Computed when issued (the GPU reads the operands at some point before the
 // wait; a kernel that rewrites them in between is wrong on both).
 template <int N>
-inline void wgmma_ss_bf16(float* d, WgmmaDesc a, WgmmaDesc b, bool scale_d) {
+inline void wgmma_ss_bf16(float* d, WgmmaDesc a, WgmmaDesc b, bool scale_d, bool trans_a = false,
+                          bool trans_b = false) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma's N is a multiple of 8 up to 256");
     for (const WgmmaDesc* m : {&a, &b}) {
         if ((m->bits >> 62) != 0 || ((m->bits >> 49) & 7) != 0 || (m->bits & 0x3FFF) != 0 ||
@@ -184,17 +186,19 @@ inline void wgmma_ss_bf16(float* d, WgmmaDesc a, WgmmaDesc b, bool scale_d) {
         fprintf(stderr, "emu: wgmma needs whole warpgroups (128 threads) in a block\n");
         exit(4);
     }
-    auto at = [](const WgmmaDesc& m, int r, int k) {
+    auto at = [](const WgmmaDesc& m, int r, int k, bool mn_major) {
         const size_t lbo = ((m.bits >> 16) & 0x3FFF) << 4, sbo = ((m.bits >> 32) & 0x3FFF) << 4;
+        const size_t off = mn_major ? (k / 8) * lbo + (r / 8) * sbo + (k % 8) * 16 + (r % 8) * 2
+                                    : (r / 8) * sbo + (k / 8) * lbo + (r % 8) * 16 + (k % 8) * 2;
         __nv_bfloat16 x;
-        memcpy(&x, static_cast<const char*>(m.p) + (r / 8) * sbo + (k / 8) * lbo + (r % 8) * 16 + (k % 8) * 2, 2);
+        memcpy(&x, static_cast<const char*>(m.p) + off, 2);
         return __bfloat162float(x);
     };
     const int t = lin() % 128, w = t / 32, l = t % 32;
     for (int i = 0; i < N / 2; i++) {
         const int row = 16 * w + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
         float acc = scale_d ? d[i] : 0.0f;
-        for (int k = 0; k < 16; k++) acc += at(a, row, k) * at(b, col, k);
+        for (int k = 0; k < 16; k++) acc += at(a, row, k, trans_a) * at(b, col, k, trans_b);
         d[i] = acc;
     }
 }

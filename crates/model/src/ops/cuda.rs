@@ -603,7 +603,7 @@ enum FlashKernel {
     Dq,
     /// … → (dk, dv) stacked.
     Dkv,
-    /// … → (dq, dk, dv) one after the other, from one pass (mma.sync kernels only).
+    /// … → (dq, dk, dv) one after the other, from one pass (mma.sync or wgmma kernels).
     Dkvq,
 }
 
@@ -689,7 +689,8 @@ pub fn flash_grad(
 
 /// dq, dk and dv one after the other (B·H·(T + 2S)·hd elements) from `x` = [q, dO, k, v] and the
 /// row statistics, in one pass of the mma.sync kernels with dq summed in f32 atomics
-/// (`flash_mma_dkvq`, then `flash_dq_cast`); only where [`super::flash_mma_enabled`].
+/// (`flash_mma_dkvq`, or `flash_wg_dkvq` where the wgmma kernels run; then `flash_dq_cast`); only
+/// where [`super::flash_mma_enabled`].
 pub fn flash_grad_all(
     x: [(&CudaStorage, &Layout); 4],
     st: (&CudaStorage, &Layout),
@@ -760,7 +761,7 @@ impl FlashPlan {
         }
         let family = match kernel {
             FlashKernel::Lse => "flash",
-            FlashKernel::Fwd | FlashKernel::Dq | FlashKernel::Dkv
+            FlashKernel::Fwd | FlashKernel::Dq | FlashKernel::Dkv | FlashKernel::Dkvq
                 if hopper && super::flash_wgmma_enabled(dtype, hd) =>
             {
                 "flash_wg"
@@ -769,8 +770,8 @@ impl FlashPlan {
             _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
             _ => "flash",
         };
-        if kernel == FlashKernel::Dkvq && family != "flash_mma" {
-            candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
+        if kernel == FlashKernel::Dkvq && !matches!(family, "flash_mma" | "flash_wg") {
+            candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync or wgmma kernels");
         }
         let is_mma = family == "flash_mma";
         // (The wgmma kernels have no wide or four-block build.)
@@ -852,13 +853,16 @@ pub(crate) fn missing_flash_entries() -> Vec<String> {
                     let Ok(p) = FlashPlan::new(kernel, dtype, hd, true) else { continue };
                     plan = p;
                 }
-                let mut names: Vec<String> =
-                    plan.which(kernel).iter().map(|w| format!("{}_{w}_{sfx}_{hd}", plan.family)).collect();
-                if kernel == FlashKernel::Dkvq {
-                    names.push(format!("flash_dq_cast_{sfx}"));
-                }
                 let ptx = plan.module().1;
-                missing.extend(names.into_iter().filter(|n| !ptx.contains(&format!(".entry {n}("))));
+                let mut names: Vec<(String, &str)> =
+                    plan.which(kernel).iter().map(|w| (format!("{}_{w}_{sfx}_{hd}", plan.family), ptx)).collect();
+                if kernel == FlashKernel::Dkvq {
+                    // (flash.cu's, whichever family ran the pass)
+                    names.push((format!("flash_dq_cast_{sfx}"), FLASH_PTX));
+                }
+                missing.extend(
+                    names.into_iter().filter(|(n, ptx)| !ptx.contains(&format!(".entry {n}("))).map(|(n, _)| n),
+                );
             }
         }
     }
@@ -912,15 +916,17 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         .zip(names)
         .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
         .collect::<Result<Vec<_>>>()?;
-    if kernel == FlashKernel::Dkvq && family != "flash_mma" {
-        candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync kernels");
-    }
     let rows = if matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) { s } else { t };
     let cfg = if wide {
         cfg(crate::launch::flash_wide(rows, bh))
     } else if wide_bwd {
         let smem = crate::launch::flash_wide_bwd_smem(kernel == FlashKernel::Dkvq);
         LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wide_bwd(rows, bh)) }
+    } else if family == "flash_wg" && kernel == FlashKernel::Dkvq {
+        LaunchConfig {
+            shared_mem_bytes: crate::launch::flash_wg_dkvq_smem(),
+            ..cfg(crate::launch::flash(rows, bh, tc))
+        }
     } else {
         cfg(crate::launch::flash(rows, bh, tc))
     };

@@ -103,7 +103,8 @@ pub fn set_flash_dq_atomic(enabled: bool) {
 }
 
 /// Whether flash attention's backward pass computes dq, dk and dv in one pass for `dtype` and
-/// head size `hd` (see [`set_flash_dq_atomic`]; only where the mma.sync kernels apply, not at 80 or 96).
+/// head size `hd` (see [`set_flash_dq_atomic`]; only where the mma.sync kernels apply, not at 80 or
+/// 96; on the wgmma kernels where [`flash_wgmma_enabled`] and the GPU is a Hopper).
 pub fn flash_dq_atomic_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_DQ_ATOMIC.get() && !matches!(hd, 80 | 96) && flash_mma_enabled(dtype, hd)
 }
@@ -151,8 +152,9 @@ static FLASH_WGMMA: Switch = Switch::new("PATCHLM_FLASH_WGMMA", true, false);
 /// (compute capability 9.x, a build with `CUDA_COMPUTE_CAP` 90), the forward and the two-pass
 /// backward's dq and dk/dv passes on warpgroup MMAs (`wgmma`, kernels/hopper.cu: every tile
 /// product as an m64n64k16 warpgroup product, the softmax, P and dS as the mma.sync kernels')
-/// instead of mma.sync, process-wide; the one-pass backward ([`set_flash_dq_atomic`]) stays on
-/// mma.sync. Elsewhere the mma.sync kernels run. Off by default (also
+/// instead of mma.sync, process-wide; with [`set_flash_dq_atomic`] the one-pass backward too (its
+/// dq product a warpgroup product beside dk's and dv's, dS through shared memory). Elsewhere the
+/// mma.sync kernels run. Off by default (also
 /// `PATCHLM_FLASH_WGMMA=1`) until a GPU has run `tests/cuda.rs`'s wgmma probe and the kernel's
 /// device test; `tests/emulated.rs` checks its math on the CPU stand-in, whose reading of the
 /// wgmma operand layouts the probe puts to the GPU.
