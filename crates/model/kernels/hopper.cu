@@ -245,7 +245,9 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv
 // ((r / 8) (HD / 8) + c / 8) 64 elements, its rows 16 bytes apart. Along the rows core matrices
 // lie HD * 16 bytes apart, along the columns 128: a K-major operand with LBO 128 and SBO HD * 16,
 // or (the rows as K, v in p . v) an MN-major one with the distance along K, HD * 16, as LBO (the
-// reading of emu::wgmma_rs_bf16 that the probe checks on a GPU).
+// reading of emu::wgmma_rs_bf16 that the probe checks on a GPU; it is also the one CUTLASS's
+// canonical unswizzled MN-major GMMA layout documents, ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) in
+// cute's mma_sm90_desc notes, while its swizzled MN-major layouts put LBO along MN instead).
 template <int HD>
 struct WgTile {
     static constexpr uint32_t ALONG_ROWS = HD * 16, ALONG_COLS = 128;
