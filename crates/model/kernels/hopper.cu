@@ -230,6 +230,32 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv
     wg_store_d(d, acc, 1.0f);
 }
 
+// The third probe, the shape of the one-pass backward's dq = dS . k: d (64 x 64, row-major, f32) =
+// a^T . b for a (16 x 64: K x M) and b (16 x 64: K x N), row-major bf16, both staged in shared
+// memory MN-major as b is in the second probe and read through descriptors with imm-trans-a and
+// imm-trans-b; `lbo` and `sbo` go into both descriptors as given.
+extern "C" __global__ void __launch_bounds__(128) probe_wgmma_ss_t_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b,
+                                                                        float* d, int lbo, int sbo) {
+    __shared__ __align__(128) __nv_bfloat16 as[16 * 64];
+    __shared__ __align__(128) __nv_bfloat16 bs[16 * 64];
+    EMU_SHARED(as, bs);
+    for (int e = threadIdx.x; e < 16 * 64; e += 128) {
+        const int k = e / 64, n = e % 64, at = (k / 8) * 512 + (n / 8) * 64 + (k % 8) * 8 + n % 8;
+        as[at] = a[e];
+        bs[at] = b[e];
+    }
+    __syncthreads();
+    wg_fence_smem();
+    float acc[32];
+    for (int i = 0; i < 32; i++) acc[i] = 0.0f;
+    wg_fence();
+    wgmma_m64n64k16_bf16<true, true>(acc, wg_desc(as, lbo, sbo), wg_desc(bs, lbo, sbo), 0);
+    wg_commit();
+    wg_wait<0>();
+    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
+    wg_store_d(d, acc, 1.0f);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Flash attention's forward on wgmma (PATCHLM_FLASH_WGMMA; bf16, head size 64): flash_mma_fwd's
 // math and launch (64 query rows a block of one warpgroup, 64-key tiles double-buffered with

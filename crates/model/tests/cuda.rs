@@ -574,6 +574,46 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
     drop(g);
 }
 
+/// A (64·16-element) operand of the wgmma probes in `dims`, values k/16 (products and their sums
+/// exact), `m` the pattern's multiplier.
+fn probe_operand(m: usize, dims: (usize, usize)) -> Tensor {
+    let v: Vec<f32> = (0..64 * 16).map(|i| ((i * m + 11) % 29) as f32 / 16.0 - 0.875).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
+}
+
+/// How many of the 4096 values of `ops::wgmma_probe(form, a, b)` on the GPU differ from the CPU's
+/// product, and the first of them.
+fn wgmma_probe_misses(g: &Device, form: patchlm_model::ops::WgmmaForm, a: &Tensor, b: &Tensor) -> (usize, String) {
+    let flat = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = flat(&ops::wgmma_probe(form, a, b).unwrap());
+    let got = flat(&ops::wgmma_probe(form, &a.to_device(g).unwrap(), &b.to_device(g).unwrap()).unwrap());
+    let bad: Vec<usize> = (0..want.len()).filter(|&i| want[i] != got[i]).collect();
+    let first = bad
+        .first()
+        .map_or(String::new(), |&i| format!("first D[{}][{}] = {} (want {})", i / 64, i % 64, got[i], want[i]));
+    (bad.len(), first)
+}
+
+/// The one-pass backward's dq product form on the GPU (`WgmmaForm::SharedTransposed`: both
+/// operands MN-major in shared memory, transposed by the instruction) against the CPU, the
+/// descriptor's offsets both ways round as above; run with the one-pass kernel's device test
+/// (the name), so that a failure here turns off only that kernel (`gpu_check.sh`).
+#[test]
+#[ignore]
+fn cuda_wg_one_pass_probe_matches_cpu() {
+    use patchlm_model::ops::WgmmaForm;
+    let g = gpu();
+    let (a, b) = (probe_operand(37, (16, 64)), probe_operand(53, (16, 64)));
+    let (along_k, first) = wgmma_probe_misses(&g, WgmmaForm::SharedTransposed { lbo: 1024, sbo: 128 }, &a, &b);
+    let (along_mn, _) = wgmma_probe_misses(&g, WgmmaForm::SharedTransposed { lbo: 128, sbo: 1024 }, &a, &b);
+    assert!(
+        along_k == 0,
+        "wgmma probe, both operands transposed from shared memory: with LBO along K (the emulator's reading) \
+         {along_k} of 4096 values differ ({first}); with LBO along M/N {along_mn} differ"
+    );
+    drop(g);
+}
+
 /// Hopper's warpgroup MMA as kernels/hopper.cu issues it (`ops::wgmma_probe`, m64n64k16) against
 /// the CPU: both operands in shared memory through unswizzled K-major descriptors (q·kᵀ's form),
 /// then A from registers and B transposed from shared memory (p·v's form), the latter with the
@@ -586,22 +626,8 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
 fn cuda_hopper_wgmma_probe_matches_cpu() {
     use patchlm_model::ops::WgmmaForm;
     let g = gpu();
-    let val = |i: usize, m: usize| ((i * m + 11) % 29) as f32 / 16.0 - 0.875;
-    let mk = |m: usize, dims: (usize, usize)| {
-        let v: Vec<f32> = (0..64 * 16).map(|i| val(i, m)).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()
-    };
-    let flat = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    // The number of values that differ from the CPU's, and the first.
-    let run = |form: WgmmaForm, a: &Tensor, b: &Tensor| -> (usize, String) {
-        let want = flat(&ops::wgmma_probe(form, a, b).unwrap());
-        let got = flat(&ops::wgmma_probe(form, &a.to_device(&g).unwrap(), &b.to_device(&g).unwrap()).unwrap());
-        let bad: Vec<usize> = (0..want.len()).filter(|&i| want[i] != got[i]).collect();
-        let first = bad
-            .first()
-            .map_or(String::new(), |&i| format!("first D[{}][{}] = {} (want {})", i / 64, i % 64, got[i], want[i]));
-        (bad.len(), first)
-    };
+    let run = |form: WgmmaForm, a: &Tensor, b: &Tensor| wgmma_probe_misses(&g, form, a, b);
+    let mk = probe_operand;
     let (a, b) = (mk(37, (64, 16)), mk(53, (64, 16)));
     let (bad, first) = run(WgmmaForm::SharedKMajor, &a, &b);
     assert_eq!(bad, 0, "wgmma probe, both operands in shared memory: {bad} of 4096 values differ, {first}");

@@ -1195,7 +1195,8 @@ fn words_back(b: &[u8]) -> Vec<u32> {
 
 /// Hopper's warpgroup MMA as kernels/hopper.cu uses it (the probes: m64n64k16, both operands in
 /// shared memory through unswizzled K-major descriptors, issued once and once more accumulating;
-/// then A from registers and B transposed from shared memory) against an exact product: the emulator's reading of the PTX ISA's layouts, which
+/// then A from registers and B transposed from shared memory, and both transposed from shared
+/// memory) against an exact product: the emulator's reading of the PTX ISA's layouts, which
 /// `cuda_hopper_wgmma_probe_matches_cpu` in tests/cuda.rs checks on a GPU. Values k/16, so every
 /// sum is exact in f32.
 #[test]
@@ -1218,30 +1219,43 @@ fn emulated_wgmma_probe_matches_the_documented_layout() {
     let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(flat(probe(WgmmaForm::SharedKMajor, &bf(&a), &bf(&b)).unwrap()), d);
 
-    // A from registers, B (16 x 64) MN-major: with the offsets the emulator reads (LBO along K:
-    // 1024 bytes in the probe's layout, SBO along N: 128) the exact product; swapped, not.
+    // A from registers, B (16 x 64) MN-major (p·v's form); then both from shared memory MN-major,
+    // both transposed by the instruction (the one-pass dq product): a (16 x 64) read as aᵀ. With
+    // the offsets the emulator reads (LBO along K: 1024 bytes in the probe's layout, SBO along
+    // M/N: 128) the exact product; swapped, not.
     let bt = |x: &[f32]| Tensor::from_vec(x.to_vec(), (16, 64), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
-    for (lbo, sbo, right) in [(1024u32, 128u32, true), (128, 1024, false)] {
-        let mut args = [
-            A::Buf(bytes(&bf(&a))),
-            A::Buf(bytes(&bt(&b))),
-            out(64 * 64, DType::F32),
-            A::I(lbo as i64),
-            A::I(sbo as i64),
-        ];
-        emulate("probe_wgmma_rs_bf16", launch::warpgroup(), &mut args);
-        let d = output(&args[2], DType::F32, &[64 * 64]).to_vec1::<f32>().unwrap();
-        let exact = (0..64 * 64).all(|i| {
-            let (r, c) = (i / 64, i % 64);
-            d[i] as f64 == (0..16).map(|k| a[r * 16 + k] as f64 * b[k * 64 + c] as f64).sum::<f64>()
-        });
-        assert_eq!(exact, right, "wgmma probe, A in registers, lbo {lbo} sbo {sbo}");
-        if right {
-            let form = WgmmaForm::RegisterTransposed { lbo, sbo };
-            assert_eq!(flat(probe(form, &bf(&a), &bt(&b)).unwrap()), d);
+    for transposed_a in [false, true] {
+        let (kernel, a_in) =
+            if transposed_a { ("probe_wgmma_ss_t_bf16", bt(&a)) } else { ("probe_wgmma_rs_bf16", bf(&a)) };
+        // Element (r, k) of the product's A.
+        let a_at = |r: usize, k: usize| if transposed_a { a[k * 64 + r] } else { a[r * 16 + k] } as f64;
+        for (lbo, sbo, right) in [(1024u32, 128u32, true), (128, 1024, false)] {
+            let mut args = [
+                A::Buf(bytes(&a_in)),
+                A::Buf(bytes(&bt(&b))),
+                out(64 * 64, DType::F32),
+                A::I(lbo as i64),
+                A::I(sbo as i64),
+            ];
+            emulate(kernel, launch::warpgroup(), &mut args);
+            let d = output(&args[2], DType::F32, &[64 * 64]).to_vec1::<f32>().unwrap();
+            let exact = (0..64 * 64).all(|i| {
+                let (r, c) = (i / 64, i % 64);
+                d[i] as f64 == (0..16).map(|k| a_at(r, k) * b[k * 64 + c] as f64).sum::<f64>()
+            });
+            assert_eq!(exact, right, "{kernel}, lbo {lbo} sbo {sbo}");
+            if right {
+                let form = if transposed_a {
+                    WgmmaForm::SharedTransposed { lbo, sbo }
+                } else {
+                    WgmmaForm::RegisterTransposed { lbo, sbo }
+                };
+                assert_eq!(flat(probe(form, &a_in, &bt(&b)).unwrap()), d);
+            }
         }
     }
 }
+
 /// The emulator's mma.sync m16n8k16 and ldmatrix.x4 (the wrappers flash.cu's kernels call), one
 /// instruction at a time, against the fragment layouts as documented rather than as the emulator
 /// or the kernels compute them: per lane l and register r, A holds row l/4 + 8(r mod 2), columns

@@ -1322,7 +1322,7 @@ pub fn rms_bwd(
 pub const HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/hopper.ptx"));
 const HOPPER_MODULE: &str = "patchlm_hopper";
 
-/// kernels/hopper.cu's probes (`probe_wgmma_bf16`, `probe_wgmma_rs_bf16`): the product `form`
+/// kernels/hopper.cu's probes (`probe_wgmma_bf16`, `probe_wgmma_rs_bf16`, `probe_wgmma_ss_t_bf16`): the product `form`
 /// names, (64, 64) f32, by one warpgroup (see [`super::wgmma_probe`]).
 pub fn wgmma_probe(
     form: super::WgmmaForm,
@@ -1336,6 +1336,7 @@ pub fn wgmma_probe(
     let name = match form {
         super::WgmmaForm::SharedKMajor => "probe_wgmma_bf16",
         super::WgmmaForm::RegisterTransposed { .. } => "probe_wgmma_rs_bf16",
+        super::WgmmaForm::SharedTransposed { .. } => "probe_wgmma_ss_t_bf16",
     };
     if major != 9 || !HOPPER_PTX.contains(&format!(".entry {name}(")) {
         candle_core::bail!(
@@ -1351,7 +1352,9 @@ pub fn wgmma_probe(
     let mut builder = f.builder();
     args!(builder, &av, &bv, &d);
     let offsets = match form {
-        super::WgmmaForm::RegisterTransposed { lbo, sbo } => Some((lbo as i32, sbo as i32)),
+        super::WgmmaForm::RegisterTransposed { lbo, sbo } | super::WgmmaForm::SharedTransposed { lbo, sbo } => {
+            Some((lbo as i32, sbo as i32))
+        }
         super::WgmmaForm::SharedKMajor => None,
     };
     if let Some((lbo, sbo)) = &offsets {

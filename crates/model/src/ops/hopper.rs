@@ -19,6 +19,16 @@ pub enum WgmmaForm {
         /// The descriptor's stride dimension byte offset.
         sbo: u32,
     },
+    /// a (16, 64) and b (16, 64), both from shared memory MN-major, both transposed by the
+    /// instruction: aᵀ · b (the one-pass flash backward's dq = dS·k, dS read from its transpose);
+    /// the probe's layout and `lbo`, `sbo` (the same for both descriptors) as for
+    /// [`WgmmaForm::RegisterTransposed`]'s b.
+    SharedTransposed {
+        /// The descriptors' leading dimension byte offset.
+        lbo: u32,
+        /// The descriptors' stride dimension byte offset.
+        sbo: u32,
+    },
 }
 
 /// The product `form` names, on a Hopper GPU by `wgmma.mma_async` (kernels/hopper.cu: the
@@ -28,8 +38,12 @@ pub enum WgmmaForm {
 /// runs the same kernels on the CPU stand-in of CUDA). An error on a CUDA GPU that is not a
 /// Hopper, or for operands that are not bf16 of the form's shapes.
 pub fn wgmma_probe(form: WgmmaForm, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let b_dims: [usize; 2] = if form == WgmmaForm::SharedKMajor { [64, 16] } else { [16, 64] };
-    for (x, name, dims) in [(a, "a", [64, 16]), (b, "b", b_dims)] {
+    let (a_dims, b_dims): ([usize; 2], [usize; 2]) = match form {
+        WgmmaForm::SharedKMajor => ([64, 16], [64, 16]),
+        WgmmaForm::RegisterTransposed { .. } => ([64, 16], [16, 64]),
+        WgmmaForm::SharedTransposed { .. } => ([16, 64], [16, 64]),
+    };
+    for (x, name, dims) in [(a, "a", a_dims), (b, "b", b_dims)] {
         if x.dims() != dims || x.dtype() != DType::BF16 {
             candle_core::bail!("wgmma_probe: {name} is {:?} {:?}, not {dims:?} bf16", x.dims(), x.dtype());
         }
@@ -49,5 +63,6 @@ pub fn wgmma_probe(form: WgmmaForm, a: &Tensor, b: &Tensor) -> candle_core::Resu
     match form {
         WgmmaForm::SharedKMajor => a.matmul(&b.t()?),
         WgmmaForm::RegisterTransposed { .. } => a.matmul(&b),
+        WgmmaForm::SharedTransposed { .. } => a.t()?.matmul(&b),
     }
 }
