@@ -433,6 +433,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
         let hd = cfg.hidden_size / cfg.num_attention_heads;
         let flash = patchlm_model::ops::flash_attention_for(&device, dtype, hd);
+        let wgmma = patchlm_model::ops::flash_wgmma_runs(&device, dtype, hd);
         let row = serde_json::json!({
                 "bench": "model", "impl": "patchlm-candle", "preset": preset, "params": params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
@@ -441,7 +442,9 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 "attention": if flash { "flash" } else { "softmax" },
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
-                // The switchable kernel families this run used (README: GPU).
+                // The switchable kernel families this run used (README: GPU): what ran, not only
+                // what was asked for (the wgmma kernels need a Hopper; where they run, the wide and
+                // four-block variants do not).
                 "optin": {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
@@ -450,10 +453,10 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                     "flash_dq_atomic": device.is_cuda() && flash && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd),
-                    "flash_wide": device.is_cuda() && flash && patchlm_model::ops::flash_wide_enabled(dtype, hd),
-                    "flash_wide_bwd": device.is_cuda() && flash && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
-                    "flash_occ4": device.is_cuda() && flash && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
-                    "flash_wgmma": device.is_cuda() && flash && patchlm_model::ops::flash_wgmma_enabled(dtype, hd),
+                    "flash_wide": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_enabled(dtype, hd),
+                    "flash_wide_bwd": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
+                    "flash_occ4": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
+                    "flash_wgmma": flash && wgmma,
                 },
         });
         let mut row = row;
@@ -613,8 +616,11 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
     let fwd_ms = time(&|| fwd().map(|_| ()))?;
     let bwd_ms = time(&|| bwd().map(|_| ()))?;
     let flops = flash_fwd_flops(batch, heads, ctx, hd);
+    let wgmma = ops::flash_wgmma_runs(&device, dtype, hd);
     let kernels = if device.is_cpu() {
         "cpu"
+    } else if wgmma {
+        "wgmma"
     } else if ops::flash_mma_enabled(dtype, hd) {
         "mma"
     } else if ops::flash_tc_enabled(dtype, hd) {
@@ -627,11 +633,12 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
         serde_json::json!({
             "bench": "flash", "preset": preset, "batch": batch, "heads": heads, "ctx": ctx, "head_dim": hd,
             "dtype": format!("{dtype:?}").to_lowercase(), "kernels": kernels, "reps": reps,
+            // What ran (see the model rows' "optin").
             "dq_atomic": device.is_cuda() && ops::flash_dq_atomic_enabled(dtype, hd),
-            "wide": device.is_cuda() && ops::flash_wide_enabled(dtype, hd),
-            "wide_bwd": device.is_cuda() && ops::flash_wide_bwd_enabled(dtype, hd),
-            "occ4": device.is_cuda() && ops::flash_occ4_enabled(dtype, hd),
-            "wgmma": device.is_cuda() && ops::flash_wgmma_enabled(dtype, hd),
+            "wide": device.is_cuda() && !wgmma && ops::flash_wide_enabled(dtype, hd),
+            "wide_bwd": device.is_cuda() && !wgmma && ops::flash_wide_bwd_enabled(dtype, hd),
+            "occ4": device.is_cuda() && !wgmma && ops::flash_occ4_enabled(dtype, hd),
+            "wgmma": wgmma,
             "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
             "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
         })

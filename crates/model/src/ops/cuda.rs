@@ -822,7 +822,7 @@ impl FlashPlan {
 /// Whether `dev` runs kernels/hopper.cu: a Hopper GPU (compute capability 9.x) and a build that
 /// compiled the module for it (`CUDA_COMPUTE_CAP` 90 or more). Asked once per device (every
 /// flash launch plans with it).
-fn hopper_runs(dev: &CudaDevice) -> bool {
+pub(crate) fn hopper_runs(dev: &CudaDevice) -> bool {
     use std::collections::HashMap;
     use std::sync::Mutex;
     static SEEN: Mutex<Option<HashMap<candle_core::cuda_backend::DeviceId, bool>>> = Mutex::new(None);

@@ -168,6 +168,21 @@ pub fn flash_wgmma_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_WGMMA.get() && dtype == DType::BF16 && hd == 64 && flash_mma_enabled(dtype, hd)
 }
 
+/// Whether flash attention on `device` actually runs the wgmma kernels for `dtype` and head size
+/// `hd`: [`flash_wgmma_enabled`], a CUDA device that is a Hopper, and a build with its module
+/// (elsewhere the switch falls back to the mma.sync kernels, and where the wgmma kernels run, the
+/// wide and four-block mma.sync variants do not). For reports of what ran.
+pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -> bool {
+    if !flash_wgmma_enabled(dtype, hd) {
+        return false;
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => super::cuda::hopper_runs(dev),
+        _ => false,
+    }
+}
+
 static FLASH_WIDE_BWD: Switch = Switch::new("PATCHLM_FLASH_WIDE_BWD", true, false);
 
 /// Chooses, where [`set_flash_mma`]'s kernels run the backward pass at head size 64, the wide

@@ -353,6 +353,11 @@ mod tests {
         set_flash_occ4(false);
         // wgmma: bf16 at head size 64 only.
         variant(set_flash_wgmma, flash_wgmma_enabled, &[(BF16, 64)], &[(F16, 64), (BF16, 32), (F32, 64)]);
+        // Asked for, they run only on a Hopper: never on the CPU.
+        set_flash_wgmma(true);
+        let cpu = candle_core::Device::Cpu;
+        assert!(flash_wgmma_enabled(BF16, 64) && !super::flash_wgmma_runs(&cpu, BF16, 64));
+        set_flash_wgmma(false);
         // Head sizes 80, 96 and 128: only with their switch; no one-pass backward at 80 or 96, no wide
         // forward above 64.
         use super::{flash_dq_atomic_enabled, set_flash_dq_atomic, set_flash_mma_large_heads};
