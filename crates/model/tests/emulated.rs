@@ -1416,7 +1416,9 @@ fn emulated_multi_tensor_kernels_match_cpu() {
 fn emulated_multi_tensor_adamw_matches_cpu() {
     use patchlm_model::ops::{adamw_update, clip_factor, AdamWStep};
     let chunk = launch::MULTI_CHUNK;
-    let sizes = [chunk + 9, 7, 0, 300];
+    // (Whole quads with 16-byte aligned moments, 300 and 2·chunk + 12, take the kernel's vector
+    // path, with bf16 and f32 gradients; the others its element-wise one.)
+    let sizes = [chunk + 9, 7, 0, 300, 2 * chunk + 12];
     let step =
         AdamWStep { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-4, bias1: 0.19, bias2: 0.0975 };
     let r = |n: usize, sd: f32| Tensor::randn(0f32, sd, n, &Device::Cpu).unwrap();
@@ -1428,7 +1430,7 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         .collect();
     let moments: Vec<Tensor> =
         sizes.iter().map(|&n| Tensor::stack(&[r(n, 0.01), r(n, 0.001).abs().unwrap()], 0).unwrap()).collect();
-    let decays = [true, false, true, true];
+    let decays = [true, false, true, true, false];
     // Arguments: the table, nt, chunk, the eight step constants, the gradient scale, the sum of
     // squares (or null) and the largest norm; then per tensor its parameter, gradient and moments.
     let first = 14;
