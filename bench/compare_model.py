@@ -208,6 +208,20 @@ if profiles:
             label = o.get("attention", "") + "/" + o.get("backward", "")
             for kk in KINDS:
                 print(f"{mode:>10}{k:>3}  {kk:<15}{by_kind[kk]:>9.2f}{label:>18}{mine[kk]:>9.2f}{mine[kk] - by_kind[kk]:>14.2f}")
+# Our patch phase against our token phase, span by span (the patch-phase target is against our
+# own token phase, and the positions per step are the same: what the patch phase adds shows here).
+for o in ours:
+    base = next((b for b in ours if b["k"] == 1 and "profile" in b and b.get("attention") == o.get("attention")
+                 and b.get("backward") == o.get("backward")), None)
+    if o["k"] == 1 or "profile" not in o or base is None:
+        continue
+    names = sorted(set(o["profile"]) | set(base["profile"]),
+                   key=lambda n: -abs(o["profile"].get(n, 0.0) - base["profile"].get(n, 0.0)))
+    outside = (o["profile_step_ms"] - sum(o["profile"].values())) - (base["profile_step_ms"] - sum(base["profile"].values()))
+    print(f"patchlm {o.get('attention')}/{o.get('backward')} k={o['k']} against k=1, profiled step "
+          f"{o['profile_step_ms']:.2f} against {base['profile_step_ms']:.2f} ms; largest differences by span (ms): "
+          + ", ".join(f"{n} {o['profile'].get(n, 0.0) - base['profile'].get(n, 0.0):+.3f}" for n in names[:8])
+          + f", outside spans {outside:+.3f}", flush=True)
 print("patchlm step breakdown (ms): " + "; ".join(
     f"{o.get('attention')}/{o.get('backward')} k={o['k']}: step {o.get('parts_step_ms', float('nan')):.1f} "
     f"synchronised by parts, enqueue {o['fwd_enqueue_ms']:.1f}, fwd {o['fwd_ms']:.1f}, "

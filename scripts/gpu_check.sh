@@ -312,7 +312,7 @@ echo "== summary  ($(date +%T))"
 grep -h "test result\|FAILED\|panicked" "$OUT/kernels.txt" 2>/dev/null
 # Against torch.compile with our flash rows: the ratio rows, then one step by kind of work.
 for f in "$OUT"/bench-*.txt; do
-  [ -f "$f" ] && { echo "-- $f"; grep -E '^ +compile' "$f" | grep -v softmax; }
+  [ -f "$f" ] && { echo "-- $f"; grep -E '^ +compile' "$f" | grep -v softmax; grep 'flash/tape k=4 against k=1' "$f"; }
   # Our patch phase against our token phase (target: at least 0.95 K).
   [ -f "$f" ] && python3 - "$f" <<'PY' 2>/dev/null
 import re, sys
