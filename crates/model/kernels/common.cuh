@@ -14,10 +14,18 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
+// A wide access of `bytes` bytes at p must be aligned to them (the GPU faults otherwise): the CPU
+// stand-in of tests/emulated.rs checks it at every such access, so that a kernel taking its vector
+// path on an unaligned buffer fails there too (x86 would read it); nothing on the GPU.
+#ifndef PATCHLM_EMU
+#define EMU_ALIGNED(p, bytes) ((void)0)
+#endif
+
 // acc[0..W) += g[0..W) atomically, element by element; W = 2 or 4 (acc aligned to W floats) as
 // one vector atomic where the GPU has them (sm_90: a half or a quarter of the operations).
 template <int W>
 __device__ __forceinline__ void atomic_add_w(float* acc, const float* g) {
+    EMU_ALIGNED(acc, 4 * W);
 #if !defined(PATCHLM_EMU) && __CUDA_ARCH__ >= 900
     if constexpr (W == 4) {
         atomicAdd(reinterpret_cast<float4*>(acc), make_float4(g[0], g[1], g[2], g[3]));

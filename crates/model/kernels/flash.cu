@@ -40,6 +40,7 @@ __device__ __forceinline__ OutRows out_rows(int bh, int t, int hd, int oh) {
 
 template <int HD>
 __device__ __forceinline__ float dot_smem(const float* r, const float* row) {
+    EMU_ALIGNED(row, 16);
     const float4* s4 = reinterpret_cast<const float4*>(row);
     float acc = 0.0f;
 #pragma unroll
@@ -52,6 +53,7 @@ __device__ __forceinline__ float dot_smem(const float* r, const float* row) {
 
 template <int HD>
 __device__ __forceinline__ void axpy_smem(float* acc, float a, const float* row) {
+    EMU_ALIGNED(row, 16);
     const float4* s4 = reinterpret_cast<const float4*>(row);
 #pragma unroll
     for (int d = 0; d < HD / 4; d++) {
@@ -287,6 +289,8 @@ __device__ __forceinline__ void tc_tile_in(T* dst, const T* src, int r0, int n, 
         for (int e = threadIdx.x; e < R * PR; e += blockDim.x) {
             const int r = e / PR, c = (e % PR) * P;
             uint4 u = make_uint4(0u, 0u, 0u, 0u);
+            EMU_ALIGNED(s + (size_t)r * ld + c, 16);
+            EMU_ALIGNED(dst + r * LD + c, 16);
             if (r < n) u = *reinterpret_cast<const uint4*>(s + (size_t)r * ld + c);
             *reinterpret_cast<uint4*>(dst + r * LD + c) = u;
         }
@@ -306,6 +310,8 @@ template <int N>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
     static_assert(N == 16 || N == 8, "cp.async copies 16 or 8 bytes here");
 #ifdef PATCHLM_EMU
+    EMU_ALIGNED(dst, N);
+    EMU_ALIGNED(src, N);
     emu::cp_async_n(dst, src, valid, N);
 #else
     const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));

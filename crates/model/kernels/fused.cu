@@ -227,6 +227,80 @@ __device__ void embedding_fwd(const T* w, const uint32_t* ids, T* y, int n, int 
     y[i] = from_f<T>(sum * (1.0f / (float)k));
 }
 
+// Four consecutive elements as f32: 16 bytes of f32 or 8 of a 16-bit type (p aligned to that).
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float* f) {
+    EMU_ALIGNED(p, 4 * sizeof(T));
+    if constexpr (sizeof(T) == 4) {
+        const float4 u = *reinterpret_cast<const float4*>(p);
+        f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w;
+    } else {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; i++) f[i] = to_f(h[i]);
+    }
+}
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const float* f) {
+    EMU_ALIGNED(p, 4 * sizeof(T));
+    if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+    } else {
+        uint2 u;
+        T* h = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = from_f<T>(f[i]);
+        *reinterpret_cast<uint2*>(p) = u;
+    }
+}
+
+// embedding_fwd four columns a thread (d a multiple of 4; the launcher's choice): the bag's rows
+// loaded four at a time before they are added (in bag order, as embedding_fwd: the same bits), so
+// that a thread has up to four loads in flight; where w or y is not aligned for the wide accesses,
+// element by element. n = rows · d elements, a thread per four.
+template <typename T>
+__device__ void embedding_fwd4(const T* w, const uint32_t* ids, T* y, int n, int d, int v, int k) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i >= n) return;
+    const uint32_t* bag = ids + (size_t)(i / d) * k;
+    const int col = i % d;
+    const bool wide = ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y)) & (4 * sizeof(T) - 1)) == 0;
+    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int b0 = 0; b0 < k; b0 += 4) {
+        float f[4][4];
+        bool in[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const uint32_t id = b0 + b < k ? bag[b0 + b] : (uint32_t)v;
+            const T* src = w + (size_t)id * d + col;
+            in[b] = id < (uint32_t)v;  // (an id outside the vocabulary adds nothing, as in embedding_fwd)
+            if (!in[b]) {
+                f[b][0] = f[b][1] = f[b][2] = f[b][3] = 0.0f;
+            } else if (wide) {
+                load4(src, f[b]);
+            } else {
+#pragma unroll
+                for (int c = 0; c < 4; c++) f[b][c] = to_f(src[c]);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            if (!in[b]) continue;
+#pragma unroll
+            for (int c = 0; c < 4; c++) sum[c] += f[b][c];
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < 4; c++) sum[c] *= 1.0f / (float)k;
+    if (wide) {
+        store4(y + i, sum);
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; c++) y[i + c] = from_f<T>(sum[c]);
+    }
+}
+
 // Its backward: acc[ids[r·k + b], j] += dy[r, j] / k for each b < k (f32 atomics, acc zeroed by
 // the caller), W consecutive of the n = rows · d elements a thread (W = 4 where d is a multiple
 // of 4, so a thread's elements share a row and its accumulator is 16-byte aligned); dy starts at
@@ -273,6 +347,7 @@ template <typename T> struct Pack16 { static const int N = 16 / sizeof(T); };
 
 template <typename T>
 __device__ __forceinline__ void load_pack(const T* p, float* f) {
+    EMU_ALIGNED(p, 16);
     uint4 u = *reinterpret_cast<const uint4*>(p);
     const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
@@ -281,6 +356,7 @@ __device__ __forceinline__ void load_pack(const T* p, float* f) {
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const float* f) {
+    EMU_ALIGNED(p, 16);
     uint4 u;
     T* e = reinterpret_cast<T*>(&u);
 #pragma unroll
@@ -594,6 +670,8 @@ template <typename T>
 __device__ __forceinline__ void head_pack(const T* head, int j, int hd, const float* c, const float* sn, int tt,
                                           int rot, float sign, T* out) {
     if (!rot) {
+        EMU_ALIGNED(out, 16);
+        EMU_ALIGNED(head + j, 16);
         *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(head + j);
         return;
     }
@@ -772,6 +850,10 @@ __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* out, long long n,
     extern "C" __global__ void embedding_fwd_##S(const T* w, const uint32_t* ids, T* y, int n, int d,     \
                                                  int v, int k) {                                         \
         embedding_fwd<T>(w, ids, y, n, d, v, k);                                                         \
+    }                                                                                                    \
+    extern "C" __global__ void embedding_fwd4_##S(const T* w, const uint32_t* ids, T* y, int n, int d,    \
+                                                  int v, int k) {                                        \
+        embedding_fwd4<T>(w, ids, y, n, d, v, k);                                                        \
     }                                                                                                    \
     extern "C" __global__ void embedding_bwd_##S(const T* dy, int off, const uint32_t* ids, float* acc,   \
                                                  int n, int d, int v, int k) {                           \
@@ -956,6 +1038,7 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* tab, int nt
         load_pack(m + 4 * c, mf);
         load_pack(v + 4 * c, vf);
         if (bf) {
+            EMU_ALIGNED((const __nv_bfloat16*)e[1] + lo + 4 * c, 8);
             const uint2 u = *reinterpret_cast<const uint2*>((const __nv_bfloat16*)e[1] + lo + 4 * c);
             const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&u);
 #pragma unroll
@@ -992,6 +1075,7 @@ __device__ __forceinline__ void cast_range(const float* src, T* dst, long long l
         T* h = reinterpret_cast<T*>(&u);
 #pragma unroll
         for (int k = 0; k < 4; k++) h[k] = from_f<T>(f[k]);
+        EMU_ALIGNED(dst + lo + 4 * c, 8);
         *reinterpret_cast<uint2*>(dst + lo + 4 * c) = u;
     }
     for (long long j = lo + quads * 4 + threadIdx.x; j < hi; j += blockDim.x) dst[j] = from_f<T>(src[j]);

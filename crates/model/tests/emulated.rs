@@ -1051,6 +1051,17 @@ fn emulated_embedding_matches_reference() {
         };
         let e = max_rel(&got, &want);
         assert!(e <= tol, "{what}: gathered rows off by {e}");
+        if d % 4 == 0 {
+            // Four columns a thread (the launcher's choice at such widths): the same bytes, from
+            // aligned buffers and (weights and output one element in) element by element.
+            for misalign in [false, true] {
+                let mut a4 = a.clone();
+                a4[0] = input(&w, misalign);
+                a4[2] = out_at(total, dtype, misalign);
+                emulate(&format!("embedding_fwd4_{}", suffix(dtype)), launch::elems(total / 4), &mut a4);
+                assert!(bytes_of(&a4[2]) == bytes_of(&a[2]), "{what}: four columns a thread (misaligned {misalign})");
+            }
+        }
 
         let dy = Tensor::randn(0f32, 1.0, (rows, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let off = 5usize;

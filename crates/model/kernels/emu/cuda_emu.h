@@ -304,9 +304,19 @@ void poison_shared(T&... a) {
     (poison_once(&a, sizeof(a)), ...);
 }
 
+// A wide access (16-byte loads, vector atomics, …) at an address not aligned to its size faults
+// on the GPU; here it ends the run with the kernel source's line (EMU_ALIGNED, kernels/common.cuh).
+inline void check_aligned(const void* p, size_t bytes, const char* file, int line) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        fprintf(stderr, "emu: a %zu-byte access at %p is not %zu-byte aligned (%s:%d)\n", bytes, p, bytes, file, line);
+        exit(4);
+    }
+}
+
 }  // namespace emu
 
 #define EMU_SHARED(...) emu::poison_shared(__VA_ARGS__)
+#define EMU_ALIGNED(p, bytes) emu::check_aligned(p, bytes, __FILE__, __LINE__)
 
 // Tells the kernel sources they are built for this stand-in (where inline PTX cannot run).
 #define PATCHLM_EMU 1

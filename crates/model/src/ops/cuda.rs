@@ -272,7 +272,11 @@ pub fn embedding(
     match vocab {
         None => {
             let vi = rows as i32;
-            by_dtype!(a.dtype(), "embedding", gather_t(a, la, &is, ni, di, vi, ki, n * d, cfg, sfx))
+            // Four columns a thread where rows are whole groups of four (the bag's loads in flight
+            // together).
+            let (name, cfg) =
+                if d % 4 == 0 { ("embedding_fwd4", elems_cfg(total / 4)) } else { ("embedding_fwd", cfg) };
+            by_dtype!(a.dtype(), "embedding", gather_t(a, la, &is, ni, di, vi, ki, n * d, cfg, name, sfx))
                 .map(|s| (s, Shape::from((n, d))))
         }
         Some(v) => {
@@ -313,12 +317,13 @@ fn gather_t<T: CudaDType + DeviceRepr>(
     k: i32,
     len: usize,
     cfg: LaunchConfig,
+    name: &str,
     sfx: &str,
 ) -> Result<CudaStorage> {
     let dev = w.device();
     let ws = w.as_cuda_slice::<T>()?.slice(check(lw, "weight")?..);
     let out = unsafe { dev.alloc::<T>(len)? };
-    let f = dev.get_or_load_custom_func(&format!("embedding_fwd_{sfx}"), MODULE, PTX)?;
+    let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
     let mut b = f.builder();
     args!(b, &ws, ids, &out, &n, &d, &v, &k);
     unsafe { b.launch(cfg) }.w()?;
