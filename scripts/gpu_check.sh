@@ -52,7 +52,7 @@ for s in $sections; do
     kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass \
+             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass --skip sorted_embedding \
                2>&1 | tee "$OUT/kernels.txt"
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
@@ -68,9 +68,11 @@ for s in $sections; do
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wgmma 2>&1 | tee /tmp/kernels-wgmma.txt
              # The wgmma one-pass backward (PATCHLM_FLASH_WGMMA with PATCHLM_FLASH_DQ_ATOMIC).
              timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 wg_one_pass 2>&1 | tee /tmp/kernels-wgdq.txt
+             # The embedding backward without float atomics (PATCHLM_EMBEDDING_SORTED).
+             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 sorted_embedding 2>&1 | tee /tmp/kernels-emb.txt
              cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt /tmp/kernels-wide.txt \
                /tmp/kernels-wideb.txt /tmp/kernels-occ4.txt /tmp/kernels-hopper.txt /tmp/kernels-wgmma.txt \
-               /tmp/kernels-wgdq.txt >> "$OUT/kernels.txt"
+               /tmp/kernels-wgdq.txt /tmp/kernels-emb.txt >> "$OUT/kernels.txt"
              tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
@@ -82,6 +84,7 @@ for s in $sections; do
              grep -q 'test result: ok' /tmp/kernels-wgmma.txt && grep -q 'test result: ok' /tmp/kernels-hopper.txt \
                && [ $mma = 1 ] && wg=1
              grep -q 'test result: ok' /tmp/kernels-wgdq.txt && [ $wg = 1 ] && [ $dqa = 1 ] && WGDQ=1
+             EMB_SORTED=0; grep -q 'test result: ok' /tmp/kernels-emb.txt && EMB_SORTED=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
                  PATCHLM_BF16_GRADS=${PATCHLM_BF16_GRADS:-1} PATCHLM_DEVICE_CLIP=${PATCHLM_DEVICE_CLIP:-1}
@@ -257,7 +260,24 @@ off = [r["tokens_per_s"] for r in rows if r.get("cublas_workspace") == 0]
 on = [r["tokens_per_s"] for r in rows if r.get("cublas_workspace") != 0]
 print(0 if off and on and max(off) > max(on) else 1)' "$OUT/variants.txt" "$best" 2>/dev/null)
           export PATCHLM_CUBLAS_WORKSPACE=${ws:-1}
-          echo "cuBLAS 32 MiB workspace: $PATCHLM_CUBLAS_WORKSPACE (kept for the sections that follow)" ;;
+          echo "cuBLAS 32 MiB workspace: $PATCHLM_CUBLAS_WORKSPACE (kept for the sections that follow)"
+          # The embedding backward with float atomics and grouped by id (PATCHLM_EMBEDDING_SORTED,
+          # where its test passed), GPT-2-small token and patch phase: the patch phase, four times
+          # the tokens a step, is where it shows; the faster patch phase keeps its setting.
+          if [ "${EMB_SORTED:-0}" = 1 ]; then
+            for e in 0 1; do
+              PATCHLM_EMBEDDING_SORTED=$e timeout 90 /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 \
+                --k 1,4 --steps 5 --device cuda --dtype bf16 --attention auto 2>&1 | grep '^{' \
+                | sed "s/^{/{\"embedding_sorted\": $e, /" | tee -a "$OUT/variants.txt"
+            done
+            emb=$(python3 -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if "embedding_sorted" in r and r.get("k") == 4]
+print(max(rows, key=lambda r: r["tokens_per_s"])["embedding_sorted"] if rows else 0)' "$OUT/variants.txt" 2>/dev/null)
+            export PATCHLM_EMBEDDING_SORTED=${emb:-0}
+            echo "embedding backward grouped by id: $PATCHLM_EMBEDDING_SORTED (kept for the sections that follow)"
+          fi ;;
     large) # The mma.sync kernels at head sizes 80, 96 and 128 (PATCHLM_FLASH_MMA_LARGE_HEADS): their
            # device tests in a process of their own, then, where they pass, the 780M (96), 1.3B
            # (128) and 2.7B (80) presets: flash attention's kernels alone, and a training step
@@ -334,7 +354,10 @@ for r in map(json.loads, sys.stdin):
 grep -h '"bench"' "$OUT/variants.txt" 2>/dev/null | python3 -c '
 import json, sys
 for r in map(json.loads, sys.stdin):
-    if r["bench"] == "model":
+    if "embedding_sorted" in r:
+        print("embedding backward grouped by id %s: %s k=%s step %.2f ms, %.0f tok/s" % (r["embedding_sorted"],
+            r["preset"], r["k"], r["step_ms"], r["tokens_per_s"]))
+    elif r["bench"] == "model":
         print("flash variant %s%s: %s step %.0f tok/s" % (r["config"],
             ", cuBLAS default workspace" if r.get("cublas_workspace") == 0 else "", r["preset"], r["tokens_per_s"]))
     else:

@@ -457,6 +457,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_wide_bwd": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
                     "flash_occ4": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
                     "flash_wgmma": flash && wgmma,
+                    "embedding_sorted": device.is_cuda() && patchlm_model::ops::embedding_sorted_enabled(),
                 },
         });
         let mut row = row;

@@ -320,6 +320,94 @@ __device__ void embedding_bwd(const T* dy, int off, const uint32_t* ids, float* 
     }
 }
 
+// The embedding backward without float atomics (PATCHLM_EMBEDDING_SORTED): the m ids grouped by
+// value (a counting sort: count, scan, place), then each id's gradient row summed from its own
+// tokens' rows of dy and written once, zeros for ids no token names (no zeroed accumulator, no
+// cast). Integer atomics only: 2m of them where the atomic backward makes m·d float ones.
+//
+// cnt (v + 1, zeroed): cnt[id + 1] = how many ids equal id (ids outside the vocabulary: none).
+extern "C" __global__ void embedding_count(const uint32_t* ids, int m, int v, int* cnt) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < m && ids[i] < (uint32_t)v) atomicAdd(&cnt[ids[i] + 1], 1);
+}
+
+// cnt[0..n) replaced by its inclusive prefix sums, by one block of blockDim.x (a power of two up to
+// 1024) threads: each thread's contiguous run summed, the run totals scanned in shared memory,
+// then each run rewritten with its offset. After embedding_count (n = v + 1) cnt[id] is where id's
+// tokens start and cnt[id + 1] where they end.
+extern "C" __global__ void embedding_scan(int* cnt, int n) {
+    __shared__ int tot[1024];
+    EMU_SHARED(tot);
+    const int t = threadIdx.x, per = (n + blockDim.x - 1) / blockDim.x;
+    const int lo = min(n, t * per), hi = min(n, lo + per);
+    int run = 0;
+    for (int j = lo; j < hi; j++) run += cnt[j];
+    tot[t] = run;
+    __syncthreads();
+    for (int step = 1; step < (int)blockDim.x; step *= 2) {  // Hillis-Steele: inclusive sums of the totals
+        const int add = t >= step ? tot[t - step] : 0;
+        __syncthreads();
+        tot[t] += add;
+        __syncthreads();
+    }
+    int acc = t > 0 ? tot[t - 1] : 0;
+    for (int j = lo; j < hi; j++) {
+        acc += cnt[j];
+        cnt[j] = acc;
+    }
+}
+
+// order[start[id] + (the id's count so far)] = i for each id of the vocabulary (fill zeroed, v):
+// each id's token positions, in no particular order.
+extern "C" __global__ void embedding_place(const uint32_t* ids, int m, int v, const int* start, int* fill,
+                                           int* order) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= m) return;
+    const uint32_t id = ids[i];
+    if (id < (uint32_t)v) order[start[id] + atomicAdd(&fill[id], 1)] = i;
+}
+
+// out[id, j..j+W) = sum over id's tokens p (order[start[id]..start[id + 1])) of dy[p / k, j..] / k,
+// summed in f32 and rounded once to T; W columns a thread (W = 4 where d is a multiple of 4 and
+// dy, out allow the wide accesses; the launcher's choice), n = v · d elements; dy starts at
+// element `off` of its buffer.
+template <typename T, int W>
+__device__ void embedding_sum(const T* dy, int off, const int* start, const int* order, T* out, int n, int d, int k) {
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (i >= n) return;
+    const int id = i / d, col = i % d;
+    const float inv = 1.0f / (float)k;
+    float sum[W];
+#pragma unroll
+    for (int w = 0; w < W; w++) sum[w] = 0.0f;
+    const T* src = dy + off;
+    const bool wide = W == 4 && ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(out)) & (4 * sizeof(T) - 1)) == 0;
+    for (int j = start[id]; j < start[id + 1]; j++) {
+        const T* row = src + (size_t)(order[j] / k) * d + col;
+        float g[W];
+        if constexpr (W == 4) {
+            if (wide) {
+                load4(row, g);
+            } else {
+#pragma unroll
+                for (int w = 0; w < W; w++) g[w] = to_f(row[w]);
+            }
+        } else {
+            g[0] = to_f(row[0]);
+        }
+#pragma unroll
+        for (int w = 0; w < W; w++) sum[w] += g[w] * inv;
+    }
+    if constexpr (W == 4) {
+        if (wide) {
+            store4(out + i, sum);
+            return;
+        }
+    }
+#pragma unroll
+    for (int w = 0; w < W; w++) out[i + w] = from_f<T>(sum[w]);
+}
+
 // SwiGLU gate y = silu(g) * u, and its backward into out = (dg, du) as two rows of n:
 // dg = dy * u * s * (1 + g * (1 - s)) with s = sigmoid(g), du = dy * g * s.
 template <typename T>
@@ -862,6 +950,14 @@ __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* out, long long n,
     extern "C" __global__ void embedding_bwd4_##S(const T* dy, int off, const uint32_t* ids, float* acc,  \
                                                   int n, int d, int v, int k) {                          \
         embedding_bwd<T, 4>(dy, off, ids, acc, n, d, v, k);                                              \
+    }                                                                                                    \
+    extern "C" __global__ void embedding_sum_##S(const T* dy, int off, const int* start, const int* order,  \
+                                                 T* out, int n, int d, int k) {                          \
+        embedding_sum<T, 1>(dy, off, start, order, out, n, d, k);                                        \
+    }                                                                                                    \
+    extern "C" __global__ void embedding_sum4_##S(const T* dy, int off, const int* start, const int* order, \
+                                                  T* out, int n, int d, int k) {                         \
+        embedding_sum<T, 4>(dy, off, start, order, out, n, d, k);                                        \
     }                                                                                                    \
     extern "C" __global__ void swiglu_fwd_##S(const T* g, const T* u, T* y, int n) {                     \
         swiglu_fwd<T>(g, u, y, n);                                                                       \

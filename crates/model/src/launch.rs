@@ -39,6 +39,11 @@ pub fn elems(n: usize) -> Launch {
     Launch::x(n.div_ceil(1024).max(1), 1024)
 }
 
+/// One block of 1024 threads: the prefix sum of the sorted embedding backward (`embedding_scan`).
+pub fn scan() -> Launch {
+    Launch::x(1, 1024)
+}
+
 /// One block of one warpgroup (128 threads): kernels/hopper.cu's probe.
 pub fn warpgroup() -> Launch {
     Launch::x(1, 128)

@@ -177,6 +177,21 @@ fn cuda_rope_matches_cpu() {
 #[test]
 #[ignore]
 fn cuda_embedding_matches_cpu() {
+    embedding_matches_cpu();
+}
+
+/// The same with the backward that groups the ids instead of adding with float atomics
+/// (PATCHLM_EMBEDDING_SORTED); named apart so that `gpu_check.sh` runs it in a process of its own
+/// and its verdict decides that switch alone.
+#[test]
+#[ignore]
+fn cuda_sorted_embedding_matches_cpu() {
+    ops::set_embedding_sorted(true);
+    embedding_matches_cpu();
+    ops::set_embedding_sorted(false);
+}
+
+fn embedding_matches_cpu() {
     let mut rng = SplitMix64(7);
     for (v, d, n) in [(50304usize, 768usize, 8192usize), (100, 33, 500)] {
         // Skewed ids (many repeats), as in text.

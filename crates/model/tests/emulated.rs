@@ -109,6 +109,12 @@ const ATOMIC_SUM_ARG: [(&str, usize); 6] = [
     ("flash_wg_dkvq_", 7),
 ];
 
+/// Kernels with one i32 argument (by index) into which threads place values at slots they take
+/// with integer atomics (`embedding_place`: each id's tokens in its run): which slot a value lands
+/// in may differ between schedules, so that argument is compared as a multiset of values (a value
+/// lost or written twice still shows); every other argument byte for byte.
+const PLACED_ARG: [(&str, usize); 1] = [("embedding_place", 5)];
+
 /// How the emulator schedules the threads of a block (see kernels/emu/cuda_emu.h).
 #[derive(Clone, Copy, Debug)]
 enum Schedule {
@@ -130,11 +136,17 @@ enum Schedule {
 fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
     let first = run_harness(kernel, geometry, args, Schedule::Sweep);
     let summed = ATOMIC_SUM_ARG.iter().find(|(k, _)| kernel.starts_with(k)).map(|&(_, n)| n);
+    let placed = PLACED_ARG.iter().find(|(k, _)| kernel.starts_with(k)).map(|&(_, n)| n);
     for schedule in [Schedule::FirstAhead, Schedule::LastAhead] {
         let other = run_harness(kernel, geometry, args, schedule);
         for (n, (f, r)) in first.iter().zip(&other).enumerate() {
             let (Some(f), Some(r)) = (f, r) else { continue };
-            if summed == Some(n) {
+            if placed == Some(n) {
+                let (mut f, mut r) = (i32s(f), i32s(r));
+                f.sort();
+                r.sort();
+                assert!(f == r, "{kernel}: argument {n} holds other values when the threads run as {schedule:?}");
+            } else if summed == Some(n) {
                 let (f, r) = (f32s(f), f32s(r));
                 let scale = f.iter().fold(0f32, |m, x| m.max(x.abs()));
                 // A NaN on one side only is as far off as it gets (f32::max would drop it).
@@ -1106,7 +1118,86 @@ fn emulated_embedding_matches_reference() {
             let e = max_rel(&output(&a4[3], DType::F32, &[v, d]), &want);
             assert!(e < 1e-6, "{what}: gradient by four columns a thread, rel err {e}");
         }
+
+        // Without float atomics (PATCHLM_EMBEDDING_SORTED): the ids counted, their counts summed
+        // into where each id's tokens start, each token placed in its id's run, then each
+        // vocabulary row summed from its run and written once (into uninitialised memory).
+        let m = ids.len();
+        let mut cnt = [A::Buf(bytes(&ids_t)), A::I(m as i64), A::I(v as i64), A::Buf(vec![0u8; 4 * (v + 1)])];
+        emulate("embedding_count", launch::elems(m), &mut cnt);
+        let mut scan = [cnt[3].clone(), A::I(v as i64 + 1)];
+        emulate("embedding_scan", launch::scan(), &mut scan);
+        let start = i32s(bytes_of(&scan[0]));
+        let mut place = [
+            A::Buf(bytes(&ids_t)),
+            A::I(m as i64),
+            A::I(v as i64),
+            scan[0].clone(),
+            A::Buf(vec![0u8; 4 * v]),
+            A::Buf(vec![0xFF; 4 * m]),
+        ];
+        emulate("embedding_place", launch::elems(m), &mut place);
+        let order = i32s(bytes_of(&place[5]));
+        for id in 0..v {
+            let mut run: Vec<i32> = order[start[id] as usize..start[id + 1] as usize].to_vec();
+            run.sort();
+            let want: Vec<i32> = (0..m as i32).filter(|&i| ids[i as usize] as usize == id).collect();
+            assert_eq!(run, want, "{what}: the tokens of id {id}");
+        }
+        assert_eq!(start[v] as usize, m - 1, "{what}: every id inside the vocabulary placed once (one is not)");
+        for (sum, wide) in [("embedding_sum", false), ("embedding_sum4", true)] {
+            if wide && d % 4 != 0 {
+                continue;
+            }
+            // dy 4 elements into its buffer (the wide path where the width allows), or 5 (not
+            // aligned for it: element by element) with the output one element in.
+            for misalign in [false, true] {
+                let off = if misalign { 5usize } else { 4 };
+                let junk = Tensor::full(7f32, off, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let mut a = [
+                    A::Buf([bytes(&junk), bytes(&dy)].concat()),
+                    A::I(off as i64),
+                    scan[0].clone(),
+                    place[5].clone(),
+                    out_at(v * d, dtype, misalign),
+                    A::I((v * d) as i64),
+                    A::I(d as i64),
+                    A::I(k as i64),
+                ];
+                let n = if wide { v * d / 4 } else { v * d };
+                emulate(&format!("{sum}_{}", suffix(dtype)), launch::elems(n), &mut a);
+                let got = output(&a[4], dtype, &[v, d]);
+                // Rounded once to the gradient's dtype (the atomic path accumulates in f32).
+                let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+                let e = max_rel(&got, &want.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
+                assert!(e < tol, "{what}: {sum} (misaligned {misalign}) rel err {e}");
+            }
+        }
     }
+}
+
+/// `embedding_scan` alone (one block of 1024 threads) on lengths below, at and above one element a
+/// thread, against a running sum.
+#[test]
+fn emulated_embedding_scan_matches_running_sum() {
+    for n in [1usize, 5, 1024, 1025, 5000] {
+        let xs: Vec<i32> = (0..n as i32).map(|i| (i * 7 + 3) % 11).collect();
+        let mut a = [A::Buf(xs.iter().flat_map(|x| x.to_le_bytes()).collect()), A::I(n as i64)];
+        emulate("embedding_scan", launch::scan(), &mut a);
+        let want: Vec<i32> = xs
+            .iter()
+            .scan(0, |acc, &x| {
+                *acc += x;
+                Some(*acc)
+            })
+            .collect();
+        assert_eq!(i32s(bytes_of(&a[0])), want, "scan of {n}");
+    }
+}
+
+/// Little-endian i32s from bytes.
+fn i32s(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// SwiGLU on separate gate and up tensors (the default MLP), forward and backward ((dg, du) as

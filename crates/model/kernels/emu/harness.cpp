@@ -107,7 +107,7 @@ const std::map<std::string, Runner> kernels = {
     K3(heads_from_rows) K3(rows_from_heads)
     K(multi_cast_f32) K(multi_adamw_f32) K(multi_sumsq_f32)
     K3(ce_fwd) K3(ce_bwd) K3(rms_fwd) K3(rms_dx) K3(rms_dw) K3(cast_from_f32)
-    K3(causal_softmax_fwd) K3(causal_softmax_bwd) K3(rope) K3(embedding_fwd) K3(embedding_fwd4) K3(embedding_bwd) K3(embedding_bwd4)
+    K3(causal_softmax_fwd) K3(causal_softmax_bwd) K3(rope) K3(embedding_fwd) K3(embedding_fwd4) K(embedding_count) K(embedding_scan) K(embedding_place) K3(embedding_sum) K3(embedding_sum4) K3(embedding_bwd) K3(embedding_bwd4)
     K3(swiglu_fwd) K3(swiglu_bwd) K(adamw_f32)
     // clang-format on
 };

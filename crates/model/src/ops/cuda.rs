@@ -261,7 +261,7 @@ pub fn embedding(
     let total = n * d;
     if li.shape().elem_count() >= i32::MAX as usize
         || total >= i32::MAX as usize
-        || vocab.unwrap_or(rows) * d >= i32::MAX as usize
+        || (vocab.unwrap_or(rows) + 1) * d >= i32::MAX as usize
     {
         candle_core::bail!("embedding: {n} x {d} is more than one launch handles");
     }
@@ -278,6 +278,51 @@ pub fn embedding(
                 if d % 4 == 0 { ("embedding_fwd4", elems_cfg(total / 4)) } else { ("embedding_fwd", cfg) };
             by_dtype!(a.dtype(), "embedding", gather_t(a, la, &is, ni, di, vi, ki, n * d, cfg, name, sfx))
                 .map(|s| (s, Shape::from((n, d))))
+        }
+        Some(v) if super::embedding_sorted_enabled() => {
+            let m = li.shape().elem_count();
+            let mi = m as i32;
+            let vi = v as i32;
+            // The ids grouped by value (count, prefix sum, place), then each row summed once.
+            let cnt = dev.alloc_zeros::<i32>(v + 1)?;
+            let fill = dev.alloc_zeros::<i32>(v)?;
+            let order = unsafe { dev.alloc::<i32>(m.max(1))? };
+            let f = dev.get_or_load_custom_func("embedding_count", MODULE, PTX)?;
+            let mut b = f.builder();
+            args!(b, &is, &mi, &vi, &cnt);
+            unsafe { b.launch(elems_cfg(m)) }.w()?;
+            let f = dev.get_or_load_custom_func("embedding_scan", MODULE, PTX)?;
+            let n1 = vi + 1;
+            let mut b = f.builder();
+            args!(b, &cnt, &n1);
+            unsafe { b.launch(self::cfg(crate::launch::scan())) }.w()?;
+            let f = dev.get_or_load_custom_func("embedding_place", MODULE, PTX)?;
+            let mut b = f.builder();
+            args!(b, &is, &mi, &vi, &cnt, &fill, &order);
+            unsafe { b.launch(elems_cfg(m)) }.w()?;
+            let n = v * d;
+            let (name, sum_cfg) =
+                if d % 4 == 0 { ("embedding_sum4", elems_cfg(n / 4)) } else { ("embedding_sum", elems_cfg(n)) };
+            let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
+            let off = check(la, "dy")? as i32;
+            let (nn, di, ki) = (n as i32, d as i32, k as i32);
+            macro_rules! go {
+                ($ty:ty) => {{
+                    let dy = a.as_cuda_slice::<$ty>()?;
+                    let out = unsafe { dev.alloc::<$ty>(n)? };
+                    let mut b = f.builder();
+                    args!(b, dy, &off, &cnt, &order, &out, &nn, &di, &ki);
+                    unsafe { b.launch(sum_cfg) }.w()?;
+                    <$ty>::wrap_cuda_slice(out, dev.clone())
+                }};
+            }
+            let out = match a.dtype() {
+                DType::F32 => go!(f32),
+                DType::BF16 => go!(bf16),
+                DType::F16 => go!(f16),
+                d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
+            };
+            Ok((out, Shape::from((v, d))))
         }
         Some(v) => {
             let acc = dev.alloc_zeros::<f32>(v * d)?;

@@ -3,6 +3,26 @@
 
 use super::*;
 
+static EMBEDDING_SORTED: Switch = Switch::new("PATCHLM_EMBEDDING_SORTED", true, false);
+
+/// Chooses, on CUDA, the embedding backward ([`embedding`], [`embedding_mean`]) without float
+/// atomics, process-wide: the ids grouped by value (a counting sort: count, prefix sum, place,
+/// with 2 integer atomics an id) and each vocabulary row's gradient summed from its own tokens'
+/// rows and written once (zeros where no token names it), instead of one f32 atomic add per
+/// element of every token's row into a zeroed accumulator that is then cast. Off by default (also
+/// `PATCHLM_EMBEDDING_SORTED=1`) until a GPU has run its device test and timed it; its math is
+/// tested without one by `tests/emulated.rs`. The CPU path sums each id's rows in token order
+/// either way; on CUDA the order within an id is the atomics' in both.
+pub fn set_embedding_sorted(enabled: bool) {
+    EMBEDDING_SORTED.set(enabled);
+}
+
+/// Whether the CUDA embedding backward groups the ids instead of adding with float atomics (see
+/// [`set_embedding_sorted`]).
+pub fn embedding_sorted_enabled() -> bool {
+    EMBEDDING_SORTED.get()
+}
+
 /// Embedding lookup `weight[ids]`: `weight` (V, D) in f32, bf16 or f16, `ids` u32 of any shape
 /// → (ids..., D). Differentiable in `weight`: the backward pass scatters the rows of the output
 /// gradient onto their ids (on the GPU with one thread per element and atomic f32 adds, instead
