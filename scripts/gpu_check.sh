@@ -49,30 +49,38 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for s in $sections; do
   echo "== $s  ($(date +%T))"
   case $s in
-    kernels) # Each tensor-core flash family (wmma, mma.sync) in a process of its own (a fault there
+    kernels) # Each tensor-core flash family (wmma, mma.sync, …) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
-             # tests pass.
-             timeout 150 /tmp/bin/cuda-tests --ignored --test-threads 1 --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass --skip sorted_embedding \
-               2>&1 | tee "$OUT/kernels.txt"
+             # tests pass. The processes run side by side (most of their time is the CPU references
+             # and CUDA start-up, and the machine has 16 cores), each with its own time limit.
+             tests() {  # tests NAME FILTER...: one process, its output in /tmp/kernels-NAME.txt
+               local name=$1; shift
+               timeout 240 /tmp/bin/cuda-tests --ignored --test-threads 1 "$@" > /tmp/kernels-$name.txt 2>&1
+             }
+             tests main --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large \
+               --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass --skip sorted_embedding &
+             tests wmma tensor_core &
+             tests mma _mma_ &
+             tests dqa dq_atomic &
+             tests wide flash_wide_forward &
+             tests wideb flash_wide_backward &
+             tests occ4 flash_occ4 &
+             # Hopper's warpgroup MMA probe (kernels/hopper.cu): the layouts the wgmma kernels
+             # assume; with their own tests it decides PATCHLM_FLASH_WGMMA.
+             tests hopper hopper &
+             tests wgmma flash_wgmma &
+             # The wgmma one-pass backward (PATCHLM_FLASH_WGMMA with PATCHLM_FLASH_DQ_ATOMIC).
+             tests wgdq wg_one_pass &
+             # The embedding backward without float atomics (PATCHLM_EMBEDDING_SORTED).
+             tests emb sorted_embedding &
+             wait
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 tensor_core 2>&1 | tee /tmp/kernels-wmma.txt
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 _mma_ 2>&1 | tee /tmp/kernels-mma.txt
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 dq_atomic 2>&1 | tee /tmp/kernels-dqa.txt
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wide_forward 2>&1 | tee /tmp/kernels-wide.txt
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wide_backward 2>&1 | tee /tmp/kernels-wideb.txt
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_occ4 2>&1 | tee /tmp/kernels-occ4.txt
-             # Hopper's warpgroup MMA probe (kernels/hopper.cu): the layouts a wgmma kernel would
-             # assume; decides nothing yet, reported only.
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 hopper 2>&1 | tee /tmp/kernels-hopper.txt
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 flash_wgmma 2>&1 | tee /tmp/kernels-wgmma.txt
-             # The wgmma one-pass backward (PATCHLM_FLASH_WGMMA with PATCHLM_FLASH_DQ_ATOMIC).
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 wg_one_pass 2>&1 | tee /tmp/kernels-wgdq.txt
-             # The embedding backward without float atomics (PATCHLM_EMBEDDING_SORTED).
-             timeout 60 /tmp/bin/cuda-tests --ignored --test-threads 1 sorted_embedding 2>&1 | tee /tmp/kernels-emb.txt
-             cat /tmp/kernels-wmma.txt /tmp/kernels-mma.txt /tmp/kernels-dqa.txt /tmp/kernels-wide.txt \
-               /tmp/kernels-wideb.txt /tmp/kernels-occ4.txt /tmp/kernels-hopper.txt /tmp/kernels-wgmma.txt \
-               /tmp/kernels-wgdq.txt /tmp/kernels-emb.txt >> "$OUT/kernels.txt"
+             cat /tmp/kernels-main.txt > "$OUT/kernels.txt"
+             for f in wmma mma dqa wide wideb occ4 hopper wgmma wgdq emb; do
+               cat /tmp/kernels-$f.txt >> "$OUT/kernels.txt"
+             done
+             grep -h "test result\|FAILED\|panicked" "$OUT/kernels.txt"
              tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
