@@ -271,11 +271,12 @@ print(0 if off and on and max(off) > max(on) else 1)' "$OUT/variants.txt" "$best
           echo "cuBLAS 32 MiB workspace: $PATCHLM_CUBLAS_WORKSPACE (kept for the sections that follow)"
           # The embedding backward with float atomics and grouped by id (PATCHLM_EMBEDDING_SORTED,
           # where its test passed), GPT-2-small token and patch phase: the patch phase, four times
-          # the tokens a step, is where it shows; the faster patch phase keeps its setting.
+          # the tokens a step, is where it shows; the faster patch phase keeps its setting. The rows
+          # carry one profiled step by span (the K=4 step against K=1 even if `gpt2` is cut).
           if [ "${EMB_SORTED:-0}" = 1 ]; then
             for e in 0 1; do
               PATCHLM_EMBEDDING_SORTED=$e timeout 90 /tmp/bin/xtask bench model --preset gpt2-small --batch 8 --ctx 1024 \
-                --k 1,4 --steps 5 --device cuda --dtype bf16 --attention auto 2>&1 | grep '^{' \
+                --k 1,4 --steps 5 --device cuda --dtype bf16 --attention auto --profile 2>&1 | grep '^{' \
                 | sed "s/^{/{\"embedding_sorted\": $e, /" | tee -a "$OUT/variants.txt"
             done
             emb=$(python3 -c '
