@@ -372,6 +372,20 @@ for r in map(json.loads, sys.stdin):
     else:
         print("flash variant %s: %s forward %.3f ms (%.0f TFLOP/s), backward %.3f ms (%.0f TFLOP/s)" % (
             r["config"], r["preset"], r["fwd_ms"], r["fwd_tflops"], r["bwd_ms"], r["bwd_tflops"]))' 2>/dev/null
+# Our K=4 step against K=1 by span, from the embedding A/B rows of `variants`.
+python3 - "$OUT/variants.txt" <<'PY' 2>/dev/null
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = [r for r in rows if "embedding_sorted" in r and "profile" in r]
+for e in sorted({r["embedding_sorted"] for r in rows}):
+    by_k = {r["k"]: r for r in rows if r["embedding_sorted"] == e}
+    if 1 in by_k and 4 in by_k:
+        a, b = by_k[1]["profile"], by_k[4]["profile"]
+        names = sorted(set(a) | set(b), key=lambda n: -abs(b.get(n, 0.0) - a.get(n, 0.0)))
+        print(f"embedding grouped by id {e}: K=4 step {by_k[4]['profile_step_ms']:.2f} ms against K=1 "
+              f"{by_k[1]['profile_step_ms']:.2f}; by span: "
+              + ", ".join(f"{n} {b.get(n, 0.0) - a.get(n, 0.0):+.3f}" for n in names[:6]))
+PY
 tail -qn1 "$OUT"/track*.txt 2>/dev/null
 # At most 8 files come back from a device call: the loss curves travel as one archive.
 (cd "$OUT" && ls track-* >/dev/null 2>&1 && tar czf tracks.tgz track-* && rm -f track-*)
