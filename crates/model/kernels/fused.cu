@@ -73,30 +73,44 @@ __device__ void row_lse(const T* xr, int v, float* m_out, float* lse_out) {
     *lse_out = *m_out + logf(sum);
 }
 
+// For every lane of warp 0: the sum over a row's k targets of (lse - x[target]), added in target
+// order as one thread would (the same bits), with the targets' logits loaded by one lane each, 32
+// at a time, instead of one after another; lane 0's is the one to keep.
+template <typename T>
+__device__ __forceinline__ float ce_target_sum(const T* xr, const uint32_t* tr, int k, float lse) {
+    const int lane = threadIdx.x & 31;
+    float acc = 0.0f;
+    for (int q0 = 0; q0 < k; q0 += 32) {
+        const float x = q0 + lane < k ? to_f(xr[tr[q0 + lane]]) : 0.0f;
+        const int n = min(32, k - q0);
+        for (int i = 0; i < n; i++) acc += lse - __shfl_sync(0xffffffff, x, i);
+    }
+    return acc;
+}
+
 // Multi-target cross-entropy forward: out[row] = sum_k (lse - x[row, t[row, k]]).
 template <typename T>
 __device__ void ce_fwd(const T* x, const uint32_t* t, float* out, int v, int k) {
     const T* xr = x + (size_t)blockIdx.x * v;
     float m, lse;
     row_lse(xr, v, &m, &lse);
-    if (threadIdx.x == 0) {
-        float acc = 0.0f;
-        for (int i = 0; i < k; i++) acc += lse - to_f(xr[t[(size_t)blockIdx.x * k + i]]);
-        out[blockIdx.x] = acc;
+    if (threadIdx.x < 32) {
+        const float acc = ce_target_sum(xr, t + (size_t)blockIdx.x * k, k, lse);
+        if (threadIdx.x == 0) out[blockIdx.x] = acc;
     }
 }
 
 // Backward: dx[row, j] = g[row] * (k * softmax_j - #{i : t[row, i] = j}).
 // The cross-entropy backward's target entries of a row, once the whole row holds
-// scale · exp(x − lse): thread 0 computes each distinct target's entry again and subtracts gi
-// once per time it is named, in target order (as the CPU path does), so a row costs K entries
-// instead of K comparisons per logit. Every thread of the block calls it (a barrier first).
+// scale · exp(x − lse): the thread of each distinct target's first mention (thread q for target
+// q) computes its entry again and subtracts gi once per time it is named, in target order (as the
+// CPU path does), so a row costs K entries instead of K comparisons per logit, the K at once.
+// Every thread of the block calls it (a barrier first).
 template <typename T>
 __device__ __forceinline__ void ce_targets_fixup(const T* xr, T* dr, const uint32_t* tr, int k, int v, float scale,
                                                  float gi, float lse) {
     __syncthreads();
-    if (threadIdx.x != 0) return;
-    for (int q = 0; q < k; q++) {
+    for (int q = threadIdx.x; q < k; q += blockDim.x) {
         const uint32_t j = tr[q];
         bool seen = j >= (uint32_t)v;  // an id outside the row has no entry (the CPU path refuses it)
         for (int p = 0; p < q; p++) seen |= tr[p] == j;
@@ -481,11 +495,12 @@ __device__ void ce_fwd_lse(const T* x, const uint32_t* t, float* out, int v, int
     float m, sum;
     row_stats_packed(xr, v, &m, &sum);
     float lse = m + logf(sum);
-    if (threadIdx.x == 0) {
-        float acc = 0.0f;
-        for (int i = 0; i < k; i++) acc += lse - to_f(xr[t[(size_t)blockIdx.x * k + i]]);
-        out[blockIdx.x] = acc;
-        out[n + blockIdx.x] = lse;
+    if (threadIdx.x < 32) {
+        const float acc = ce_target_sum(xr, t + (size_t)blockIdx.x * k, k, lse);
+        if (threadIdx.x == 0) {
+            out[blockIdx.x] = acc;
+            out[n + blockIdx.x] = lse;
+        }
     }
 }
 
