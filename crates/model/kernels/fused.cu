@@ -269,6 +269,26 @@ __device__ __forceinline__ void store4(T* p, const float* f) {
     }
 }
 
+// load4 / store4 where `wide`, else element by element (the same values).
+template <typename T>
+__device__ __forceinline__ void load4_or(const T* p, float* f, bool wide) {
+    if (wide) {
+        load4(p, f);
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; c++) f[c] = to_f(p[c]);
+    }
+}
+template <typename T>
+__device__ __forceinline__ void store4_or(T* p, const float* f, bool wide) {
+    if (wide) {
+        store4(p, f);
+    } else {
+#pragma unroll
+        for (int c = 0; c < 4; c++) p[c] = from_f<T>(f[c]);
+    }
+}
+
 // embedding_fwd four columns a thread (d a multiple of 4; the launcher's choice): the bag's rows
 // loaded four at a time before they are added (in bag order, as embedding_fwd: the same bits), so
 // that a thread has up to four loads in flight; where w or y is not aligned for the wide accesses,
@@ -289,13 +309,10 @@ __device__ void embedding_fwd4(const T* w, const uint32_t* ids, T* y, int n, int
             const uint32_t id = b0 + b < k ? bag[b0 + b] : (uint32_t)v;
             const T* src = w + (size_t)id * d + col;
             in[b] = id < (uint32_t)v;  // (an id outside the vocabulary adds nothing, as in embedding_fwd)
-            if (!in[b]) {
-                f[b][0] = f[b][1] = f[b][2] = f[b][3] = 0.0f;
-            } else if (wide) {
-                load4(src, f[b]);
+            if (in[b]) {
+                load4_or(src, f[b], wide);
             } else {
-#pragma unroll
-                for (int c = 0; c < 4; c++) f[b][c] = to_f(src[c]);
+                f[b][0] = f[b][1] = f[b][2] = f[b][3] = 0.0f;
             }
         }
 #pragma unroll
@@ -307,12 +324,7 @@ __device__ void embedding_fwd4(const T* w, const uint32_t* ids, T* y, int n, int
     }
 #pragma unroll
     for (int c = 0; c < 4; c++) sum[c] *= 1.0f / (float)k;
-    if (wide) {
-        store4(y + i, sum);
-    } else {
-#pragma unroll
-        for (int c = 0; c < 4; c++) y[i + c] = from_f<T>(sum[c]);
-    }
+    store4_or(y + i, sum, wide);
 }
 
 // Its backward: acc[ids[r·k + b], j] += dy[r, j] / k for each b < k (f32 atomics, acc zeroed by
@@ -400,12 +412,7 @@ __device__ void embedding_sum(const T* dy, int off, const int* start, const int*
         const T* row = src + (size_t)(order[j] / k) * d + col;
         float g[W];
         if constexpr (W == 4) {
-            if (wide) {
-                load4(row, g);
-            } else {
-#pragma unroll
-                for (int w = 0; w < W; w++) g[w] = to_f(row[w]);
-            }
+            load4_or(row, g, wide);
         } else {
             g[0] = to_f(row[0]);
         }
@@ -413,13 +420,10 @@ __device__ void embedding_sum(const T* dy, int off, const int* start, const int*
         for (int w = 0; w < W; w++) sum[w] += g[w] * inv;
     }
     if constexpr (W == 4) {
-        if (wide) {
-            store4(out + i, sum);
-            return;
-        }
+        store4_or(out + i, sum, wide);
+    } else {
+        out[i] = from_f<T>(sum[0]);
     }
-#pragma unroll
-    for (int w = 0; w < W; w++) out[i + w] = from_f<T>(sum[w]);
 }
 
 // SwiGLU gate y = silu(g) * u, and its backward into out = (dg, du) as two rows of n:
@@ -1145,25 +1149,21 @@ extern "C" __global__ void multi_adamw_f32(const unsigned long long* tab, int nt
     const long long quads = aligned16(p + lo, m, v, p + lo) && ga == 0 ? (hi - lo) / 4 : 0;
     for (long long c = threadIdx.x; c < quads; c += blockDim.x) {
         float pf[4], mf[4], vf[4], g[4];
-        load_pack(p + lo + 4 * c, pf);
-        load_pack(m + 4 * c, mf);
-        load_pack(v + 4 * c, vf);
+        load4(p + lo + 4 * c, pf);
+        load4(m + 4 * c, mf);
+        load4(v + 4 * c, vf);
         if (bf) {
-            EMU_ALIGNED((const __nv_bfloat16*)e[1] + lo + 4 * c, 8);
-            const uint2 u = *reinterpret_cast<const uint2*>((const __nv_bfloat16*)e[1] + lo + 4 * c);
-            const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&u);
-#pragma unroll
-            for (int k = 0; k < 4; k++) g[k] = __bfloat162float(h[k]);
+            load4((const __nv_bfloat16*)e[1] + lo + 4 * c, g);
         } else {
-            load_pack((const float*)e[1] + lo + 4 * c, g);
+            load4((const float*)e[1] + lo + 4 * c, g);
         }
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             pf[k] = adamw_elem(pf[k], g[k] * gscale, &mf[k], &vf[k], b1, b2, ob1, ob2, eps, d, step, sbc2);
         }
-        store_pack(p + lo + 4 * c, pf);
-        store_pack(m + 4 * c, mf);
-        store_pack(v + 4 * c, vf);
+        store4(p + lo + 4 * c, pf);
+        store4(m + 4 * c, mf);
+        store4(v + 4 * c, vf);
     }
     for (long long j = lo + quads * 4 + threadIdx.x; j < hi; j += blockDim.x) {
         p[j] = adamw_elem(p[j], multi_grad(e[1], e[4], j) * gscale, &mv[j], &mv[n + j], b1, b2, ob1, ob2, eps, d,
@@ -1181,13 +1181,8 @@ __device__ __forceinline__ void cast_range(const float* src, T* dst, long long l
     const long long quads = vec ? (hi - lo) / 4 : 0;
     for (long long c = threadIdx.x; c < quads; c += blockDim.x) {
         float f[4];
-        load_pack(src + lo + 4 * c, f);
-        uint2 u;
-        T* h = reinterpret_cast<T*>(&u);
-#pragma unroll
-        for (int k = 0; k < 4; k++) h[k] = from_f<T>(f[k]);
-        EMU_ALIGNED(dst + lo + 4 * c, 8);
-        *reinterpret_cast<uint2*>(dst + lo + 4 * c) = u;
+        load4(src + lo + 4 * c, f);
+        store4(dst + lo + 4 * c, f);
     }
     for (long long j = lo + quads * 4 + threadIdx.x; j < hi; j += blockDim.x) dst[j] = from_f<T>(src[j]);
 }
