@@ -166,6 +166,18 @@ __device__ __forceinline__ void wg_store_d(float* d, const float* acc, float mul
 // = 128 bytes and SBO (along the rows) = 256 bytes.
 __device__ __forceinline__ int wg_probe_at(int r, int c) { return ((r / 8) * 2 + c / 8) * 64 + (r % 8) * 8 + c % 8; }
 
+// Element (k, n) of a 16 x 64 operand MN-major in the probes' layout: core matrix (k / 8, n / 8)
+// at (k / 8) * 1024 + (n / 8) * 128 bytes, row k % 8 of it 16 bytes (n % 8 the element).
+__device__ __forceinline__ int wg_probe_mn_at(int k, int n) { return (k / 8) * 512 + (n / 8) * 64 + (k % 8) * 8 + n % 8; }
+
+// The end of a probe: its products committed and waited for, d = acc times `mul` (row-major).
+__device__ __forceinline__ void wg_probe_out(float* d, float* acc, float mul) {
+    wg_commit();
+    wg_wait<0>();
+    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
+    wg_store_d(d, acc, mul);
+}
+
 // The probe: one warpgroup computes d (64 x 64, row-major, f32) = a . b^T for a and b (64 x 16,
 // row-major, bf16) with one wgmma, both operands staged in shared memory as above, the product
 // issued twice (the second accumulating onto the first, scale_d on) and halved, so that both
@@ -188,16 +200,12 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_bf16(const __nv_bf
     wg_fence();
     wgmma_m64n64k16_bf16(acc, da, db, 0);
     wgmma_m64n64k16_bf16(acc, da, db, 1);
-    wg_commit();
-    wg_wait<0>();
-    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
-    wg_store_d(d, acc, 0.5f);
+    wg_probe_out(d, acc, 0.5f);
 }
 
 // The second probe, the shape of a flash forward's p.v: d (64 x 64, row-major, f32) = a . b for a
 // (64 x 16, row-major, bf16) loaded straight into registers in mma's A layout and b (16 x 64,
-// row-major, bf16) staged in shared memory MN-major: core matrix (k / 8, n / 8) at (k / 8) * 1024 +
-// (n / 8) * 128 bytes, row k % 8 of it 16 bytes (n % 8 the element). Which of the descriptor's two
+// row-major, bf16) staged in shared memory MN-major (wg_probe_mn_at). Which of the descriptor's two
 // offsets is the distance along K and which along N for this layout is what the probe asks of the
 // GPU: the descriptor carries `lbo` and `sbo` as given (the test tries both assignments).
 extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b,
@@ -205,10 +213,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv
     __shared__ __align__(128) __nv_bfloat16 bs[16 * 64];
     EMU_SHARED(bs);
     const int t = threadIdx.x, w = t / 32, l = t % 32, g = l / 4, tq = l % 4;
-    for (int e = t; e < 16 * 64; e += 128) {
-        const int k = e / 64, n = e % 64;
-        bs[(k / 8) * 512 + (n / 8) * 64 + (k % 8) * 8 + n % 8] = b[e];
-    }
+    for (int e = t; e < 16 * 64; e += 128) bs[wg_probe_mn_at(e / 64, e % 64)] = b[e];
     // mma's A layout: register j holds rows g + 8 (j % 2), columns 2 tq + 8 (j / 2) and + 1.
     uint32_t ar[4];
     for (int j = 0; j < 4; j++) {
@@ -224,10 +229,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_rs_bf16(const __nv
     for (int i = 0; i < 32; i++) acc[i] = 0.0f;
     wg_fence();
     wgmma_m64n64k16_rs_bf16(acc, ar, wg_desc(bs, lbo, sbo), 0);
-    wg_commit();
-    wg_wait<0>();
-    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
-    wg_store_d(d, acc, 1.0f);
+    wg_probe_out(d, acc, 1.0f);
 }
 
 // The third probe, the shape of the one-pass backward's dq = dS . k: d (64 x 64, row-major, f32) =
@@ -240,9 +242,8 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_ss_t_bf16(const __
     __shared__ __align__(128) __nv_bfloat16 bs[16 * 64];
     EMU_SHARED(as, bs);
     for (int e = threadIdx.x; e < 16 * 64; e += 128) {
-        const int k = e / 64, n = e % 64, at = (k / 8) * 512 + (n / 8) * 64 + (k % 8) * 8 + n % 8;
-        as[at] = a[e];
-        bs[at] = b[e];
+        as[wg_probe_mn_at(e / 64, e % 64)] = a[e];
+        bs[wg_probe_mn_at(e / 64, e % 64)] = b[e];
     }
     __syncthreads();
     wg_fence_smem();
@@ -250,10 +251,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_ss_t_bf16(const __
     for (int i = 0; i < 32; i++) acc[i] = 0.0f;
     wg_fence();
     wgmma_m64n64k16_bf16<true, true>(acc, wg_desc(as, lbo, sbo), wg_desc(bs, lbo, sbo), 0);
-    wg_commit();
-    wg_wait<0>();
-    for (int i = 0; i < 32; i++) wg_fence_reg(acc[i]);
-    wg_store_d(d, acc, 1.0f);
+    wg_probe_out(d, acc, 1.0f);
 }
 
 // ---------------------------------------------------------------------------------------------
