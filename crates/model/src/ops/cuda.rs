@@ -280,9 +280,9 @@ pub fn embedding(
                 .map(|s| (s, Shape::from((n, d))))
         }
         Some(v) if super::embedding_sorted_enabled() => {
+            let vi = v as i32;
             let m = li.shape().elem_count();
             let mi = m as i32;
-            let vi = v as i32;
             // The ids grouped by value (count, prefix sum, place), then each row summed once.
             let cnt = dev.alloc_zeros::<i32>(v + 1)?;
             let fill = dev.alloc_zeros::<i32>(v)?;
@@ -300,29 +300,9 @@ pub fn embedding(
             let mut b = f.builder();
             args!(b, &is, &mi, &vi, &cnt, &fill, &order);
             unsafe { b.launch(elems_cfg(m)) }.w()?;
-            let n = v * d;
-            let (name, sum_cfg) =
-                if d % 4 == 0 { ("embedding_sum4", elems_cfg(n / 4)) } else { ("embedding_sum", elems_cfg(n)) };
-            let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
             let off = check(la, "dy")? as i32;
-            let (nn, di, ki) = (n as i32, d as i32, k as i32);
-            macro_rules! go {
-                ($ty:ty) => {{
-                    let dy = a.as_cuda_slice::<$ty>()?;
-                    let out = unsafe { dev.alloc::<$ty>(n)? };
-                    let mut b = f.builder();
-                    args!(b, dy, &off, &cnt, &order, &out, &nn, &di, &ki);
-                    unsafe { b.launch(sum_cfg) }.w()?;
-                    <$ty>::wrap_cuda_slice(out, dev.clone())
-                }};
-            }
-            let out = match a.dtype() {
-                DType::F32 => go!(f32),
-                DType::BF16 => go!(bf16),
-                DType::F16 => go!(f16),
-                d => candle_core::bail!("embedding: unsupported dtype {d:?}"),
-            };
-            Ok((out, Shape::from((v, d))))
+            by_dtype!(a.dtype(), "embedding", embedding_sum_t(a, off, &cnt, &order, v, d, k, sfx))
+                .map(|s| (s, Shape::from((v, d))))
         }
         Some(v) => {
             let acc = dev.alloc_zeros::<f32>(v * d)?;
@@ -349,6 +329,32 @@ pub fn embedding(
             Ok((out, Shape::from((v, d))))
         }
     }
+}
+
+/// The sorted embedding backward's last kernel: each of the `v` rows of width `d` summed from its
+/// run of `order` (runs start at `start`) over the rows of `dy` (from element `off`), bags of `k`.
+#[allow(clippy::too_many_arguments)]
+fn embedding_sum_t<T: CudaDType + DeviceRepr>(
+    dy: &CudaStorage,
+    off: i32,
+    start: &CudaSlice<i32>,
+    order: &CudaSlice<i32>,
+    v: usize,
+    d: usize,
+    k: usize,
+    sfx: &str,
+) -> Result<CudaStorage> {
+    let dev = dy.device();
+    let n = v * d;
+    let (name, cfg) =
+        if d.is_multiple_of(4) { ("embedding_sum4", elems_cfg(n / 4)) } else { ("embedding_sum", elems_cfg(n)) };
+    let f = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let (ni, di, ki) = (n as i32, d as i32, k as i32);
+    let mut b = f.builder();
+    args!(b, dy.as_cuda_slice::<T>()?, &off, start, order, &out, &ni, &di, &ki);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(T::wrap_cuda_slice(out, dev.clone()))
 }
 
 #[allow(clippy::too_many_arguments)]
