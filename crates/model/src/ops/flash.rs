@@ -279,7 +279,13 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle
 /// backward pass does not recompute it).
 pub fn flash_attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
     flash_check(q, k, v)?;
-    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default(), rows: false };
+    flash_lse_op(q, k, v, scale, false)
+}
+
+/// The forward of [`flash_attention_lse`] (`rows` false) or [`flash_attention_lse_rows`] (CUDA):
+/// (o, log-sum-exp), inputs already checked.
+fn flash_lse_op(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: bool) -> candle_core::Result<(Tensor, Tensor)> {
+    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default(), rows };
     let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
     let lse = op.lse.take(&o)?;
     Ok((o, lse))
@@ -303,10 +309,7 @@ pub fn flash_attention_lse_rows(
         let (o, lse) = flash_attention_lse(q, k, v, scale)?;
         return Ok((o.transpose(1, 2)?.reshape((b, t, h * hd))?, lse));
     }
-    let op = FlashAttnLse { scale: scale as f32, lse: Stash::default(), rows: true };
-    let o = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-    let lse = op.lse.take(&o)?;
-    Ok((o, lse))
+    flash_lse_op(q, k, v, scale, true)
 }
 
 fn flash_check(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
