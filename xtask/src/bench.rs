@@ -457,6 +457,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_wide_bwd": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
                     "flash_occ4": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
                     "flash_wgmma": flash && wgmma,
+                    "flash_wgmma_qreg": flash && wgmma && patchlm_model::ops::flash_wgmma_qreg_enabled(dtype, hd),
                     "embedding_sorted": device.is_cuda() && patchlm_model::ops::embedding_sorted_enabled(),
                 },
         });
@@ -640,6 +641,7 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
             "wide_bwd": device.is_cuda() && !wgmma && ops::flash_wide_bwd_enabled(dtype, hd),
             "occ4": device.is_cuda() && !wgmma && ops::flash_occ4_enabled(dtype, hd),
             "wgmma": wgmma,
+            "wgmma_qreg": wgmma && ops::flash_wgmma_qreg_enabled(dtype, hd),
             "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
             "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
         })

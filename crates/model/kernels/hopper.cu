@@ -264,6 +264,11 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_ss_t_bf16(const __
 // mma's C layout, so the softmax and the epilogue are flash.cu's (softmax_tile, fwd_rows_out).
 // The whole warpgroup issues every product, so each warp takes every key tile of its block (the
 // rows' masks zero what they do not see) where flash_mma_fwd skips the tiles past its own rows.
+// With QREG (PATCHLM_FLASH_WGMMA_QREG) q goes from its tile into registers once (16 a thread), and
+// s = q . k^T takes it from there: a step's products then read 24 KB of shared memory instead of
+// 40 (the cp.async copies write 16 more), which by the shared-memory bandwidth (128 bytes a cycle
+// an SM) is the difference between 320 cycles of reads and writes against 256 of tensor-core work
+// a step (m64n64k16 at the dense bf16 rate) and 256 against 256.
 
 // A tile of R rows x HD (16-bit) in core matrices: core matrix (r / 8, c / 8) at
 // ((r / 8) (HD / 8) + c / 8) 64 elements, its rows 16 bytes apart. Along the rows core matrices
@@ -277,6 +282,26 @@ struct WgTile {
     static constexpr uint32_t ALONG_ROWS = HD * 16, ALONG_COLS = 128;
     __device__ static __forceinline__ int at(int r, int c) { return ((r / 8) * (HD / 8) + c / 8) * 64 + (r % 8) * 8 + c % 8; }
 };
+
+// Where word j of this lane's A fragment for k-step kk (mma.m16n8k16's A layout, the register
+// operand of wgmma) lies in a WgTile<HD> of the warpgroup's 64 rows: row 16 w + lane / 4 + 8 (j % 2)
+// of warp w, columns 16 kk + 8 (j / 2) + 2 (lane % 4) and the next (adjacent in a core-matrix row).
+template <int HD>
+__device__ __forceinline__ int wg_frag_at(int kk, int j) {
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    return WgTile<HD>::at(w * 16 + (lane >> 2) + 8 * (j % 2), kk * 16 + 8 * (j / 2) + 2 * (lane & 3));
+}
+
+// This warp's 16 rows of a WgTile<HD> as A fragments, HD / 16 k-steps (one 4-byte load a word;
+// a warp's loads of one word cover 128 contiguous bytes: no bank conflicts).
+template <int HD>
+__device__ __forceinline__ void wg_frags_a(uint32_t (*fa)[4], const __nv_bfloat16* tile) {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) fa[kk][j] = *reinterpret_cast<const uint32_t*>(tile + wg_frag_at<HD>(kk, j));
+    }
+}
 
 // Rows [r0, r0 + n) of a matrix of rows of HD (`ld` elements apart) into a WgTile of R rows (the
 // rest zero) by cp.async, 16 bytes (one core-matrix row) per copy, where src and its rows are
@@ -353,7 +378,7 @@ struct WgRows {
     }
 };
 
-template <int HD>
+template <int HD, bool QREG>
 __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              __nv_bfloat16* o, float* lse, int t, int s, float scale, int oh) {
     static_assert(HD == 64, "the wgmma forward has head size 64 (its products are m64n64)");
@@ -373,6 +398,12 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     typedef WgTile<HD> L;
+    uint32_t qa[QREG ? HD / 16 : 1][4];
+    if constexpr (QREG) {
+        cp_async_wait<0>();  // q's group (with the first key tile), then every thread's copies
+        __syncthreads();
+        wg_frags_a<HD>(qa, qs);
+    }
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
         // (The barrier at the step's start also means every warp's products from the other
         // buffer are done: each waited for them.)
@@ -383,8 +414,12 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {  // s = q . k^T, 16 columns of the head a product
-            wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS),
-                                 wg_desc(ks + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+            const WgDesc kd = wg_desc(ks + kk * 128, L::ALONG_COLS, L::ALONG_ROWS);
+            if constexpr (QREG) {
+                wgmma_m64n64k16_rs_bf16<false>(&sc[0][0], qa[kk], kd, kk > 0);
+            } else {
+                wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kd, kk > 0);
+            }
         }
         wg_settle<BC / 8>(sc);
         uint32_t pa[BC / 16][4];
@@ -403,8 +438,12 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
 // rows a block of one warpgroup, the last first), its products as warpgroup MMAs: s = q . k^T and
 // dP = dO . v^T with both operands in shared memory (q and dO staged once, as core matrices), then
 // dq += dS . k with dS from registers and k transposed from shared memory. As in the forward, every
-// warp takes every key tile of its block.
-template <int HD>
+// warp takes every key tile of its block. With QREG (PATCHLM_FLASH_WGMMA_QREG) q and dO go from
+// their tiles into registers once (32 a thread) and the first two products take them from there:
+// a step's products read 24 KB of shared memory instead of 40 (the copies write 16 more), 320
+// cycles of shared-memory traffic against 384 of tensor-core work instead of 448 (as in the
+// forward).
+template <int HD, bool QREG>
 __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* st, __nv_bfloat16* dq, int t, int s, float scale,
                             int oh) {
@@ -428,6 +467,13 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     const float sl2 = scale * LOG2E_F;
     typedef WgTile<HD> L;
+    uint32_t qa[QREG ? HD / 16 : 1][4], da[QREG ? HD / 16 : 1][4];
+    if constexpr (QREG) {
+        cp_async_wait<0>();  // q's and dO's group (with the first key tile), then every thread's
+        __syncthreads();
+        wg_frags_a<HD>(qa, qd[0]);
+        wg_frags_a<HD>(da, qd[1]);
+    }
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
         pipeline_step<true>(k0 + BC < kend, [&] { wg_kv_async<HD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
         const T* ks = kv[buf];
@@ -436,10 +482,15 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {  // s = q . k^T and dP = dO . v^T
-            wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qd[0] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS),
-                                 wg_desc(ks + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
-            wgmma_m64n64k16_bf16(&dp[0][0], wg_desc(qd[1] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS),
-                                 wg_desc(vs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kk > 0);
+            const WgDesc kd = wg_desc(ks + kk * 128, L::ALONG_COLS, L::ALONG_ROWS);
+            const WgDesc vd = wg_desc(vs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS);
+            if constexpr (QREG) {
+                wgmma_m64n64k16_rs_bf16<false>(&sc[0][0], qa[kk], kd, kk > 0);
+                wgmma_m64n64k16_rs_bf16<false>(&dp[0][0], da[kk], vd, kk > 0);
+            } else {
+                wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qd[0] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kd, kk > 0);
+                wgmma_m64n64k16_bf16(&dp[0][0], wg_desc(qd[1] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), vd, kk > 0);
+            }
         }
         wg_settle<BC / 8>(sc);
         wg_settled<BC / 8>(dp);
@@ -563,15 +614,12 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
         uint32_t pa[BQ / 16][4], dsa[BQ / 16][4];
         dkv_probs<T, BQ / 8>(pa, dsa, sc, dp, lsd[buf], full, key, q0, t, off, sl2, tq);
         if constexpr (DQ) {
-            // dS^T into its tile: fragment word j of k-step kk holds key w·16 + lane/4 + 8 (j % 2),
-            // queries 16 kk + 8 (j / 2) + 2 (lane % 4) and the next.
+            // dS^T into its tile (keys as rows, queries as columns), each fragment word where it
+            // came from (wg_frag_at).
 #pragma unroll
             for (int kk = 0; kk < BQ / 16; kk++) {
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int r = w * 16 + (lane >> 2) + 8 * (j % 2), c = kk * 16 + 8 * (j / 2) + 2 * tq;
-                    *reinterpret_cast<uint32_t*>(dst + WgTile<BQ>::at(r, c)) = dsa[kk][j];
-                }
+                for (int j = 0; j < 4; j++) *reinterpret_cast<uint32_t*>(dst + wg_frag_at<BQ>(kk, j)) = dsa[kk][j];
             }
             wg_fence_smem();  // each thread's stores, then the barrier: the tile for wgmma
             __syncthreads();
@@ -637,13 +685,27 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_dq_bf16_64(const __nv
                                                                       const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                       const float* st, __nv_bfloat16* out, int t,
                                                                       int s, float scale, int oh) {
-    flash_wg_dq<64>(q, dout, k, v, st, out, t, s, scale, oh);
+    flash_wg_dq<64, false>(q, dout, k, v, st, out, t, s, scale, oh);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_dqr_bf16_64(const __nv_bfloat16* q,
+                                                                       const __nv_bfloat16* dout,
+                                                                       const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                                       const float* st, __nv_bfloat16* out, int t,
+                                                                       int s, float scale, int oh) {
+    flash_wg_dq<64, true>(q, dout, k, v, st, out, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_fwd_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                                        const __nv_bfloat16* v, __nv_bfloat16* o,
                                                                        float* lse, int t, int s, float scale, int oh) {
-    flash_wg_fwd<64>(q, k, v, o, lse, t, s, scale, oh);
+    flash_wg_fwd<64, false>(q, k, v, o, lse, t, s, scale, oh);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_fwdr_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                                        const __nv_bfloat16* v, __nv_bfloat16* o,
+                                                                        float* lse, int t, int s, float scale, int oh) {
+    flash_wg_fwd<64, true>(q, k, v, o, lse, t, s, scale, oh);
 }
 
 // The wgmma one pass's dynamic shared memory (WgDkvSmem) for tests/emulated.rs to hold against the

@@ -400,6 +400,9 @@ enum Tc {
     /// The same with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC too:
     /// `flash_wg_dkvq`).
     MmaWgmmaDqAtomic,
+    /// The wgmma kernels with q (and dO) in registers in the forward and dq
+    /// (PATCHLM_FLASH_WGMMA_QREG too: `flash_wg_fwdr`, `flash_wg_dqr`).
+    MmaWgmmaQreg,
     /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
@@ -420,7 +423,8 @@ fn set_tc(tc: Tc) {
     patchlm_model::ops::set_flash_mma_large_heads(matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic));
     patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
     patchlm_model::ops::set_flash_occ4(tc == Tc::MmaOcc4);
-    patchlm_model::ops::set_flash_wgmma(matches!(tc, Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic));
+    patchlm_model::ops::set_flash_wgmma(matches!(tc, Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic | Tc::MmaWgmmaQreg));
+    patchlm_model::ops::set_flash_wgmma_qreg(tc == Tc::MmaWgmmaQreg);
     patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
 
@@ -476,6 +480,16 @@ fn cuda_flash_wgmma_matches_cpu() {
 fn cuda_wg_one_pass_flash_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWgmmaDqAtomic);
     tape_matches_cpu(1, 1, Tc::MmaWgmmaDqAtomic);
+}
+
+/// The wgmma forward and dq with q (and dO) in registers (PATCHLM_FLASH_WGMMA_QREG: their first
+/// products with the register operand and k, v K-major from shared memory, the form the wgmma
+/// dk/dv pass uses), as above; in a process of its own (the name), so that a failure here turns
+/// off only this variant.
+#[test]
+#[ignore]
+fn cuda_wg_qreg_flash_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaWgmmaQreg);
 }
 
 /// The mma.sync forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a

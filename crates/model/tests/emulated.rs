@@ -444,7 +444,9 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             fwd_rows("fwdw", launch::flash_wide(t, bh));
         }
         // The Hopper forward on warpgroup MMAs (PATCHLM_FLASH_WGMMA, kernels/hopper.cu; bf16 at
-        // head size 64): against the reference, and with o as rows the same bytes as without.
+        // head size 64): against the reference; with q in registers (fwdr,
+        // PATCHLM_FLASH_WGMMA_QREG) the same products, so the same bytes; either with o as rows
+        // the same bytes as without.
         if hd == 64 && dtype == DType::BF16 {
             let mut wg = args.clone();
             (wg[3], wg[4]) = (uninit(t), out(bh * t, DType::F32));
@@ -452,11 +454,19 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             check(&wg[3], t, &o, tol, "wgmma forward output");
             let e = max_rel(&output(&wg[4], DType::F32, &[bh, t]), &lse);
             assert!(e < tol_lse, "{what}: wgmma forward log-sum-exp rel err {e}");
-            if oh > 0 {
+            let mut reg = wg.clone();
+            (reg[3], reg[4]) = (uninit(t), out(bh * t, DType::F32));
+            emulate("flash_wg_fwdr_bf16_64", launch::flash(t, bh, true), &mut reg);
+            same(&reg[3], bytes_of(&wg[3]), "wgmma forward output with q in registers");
+            same(&reg[4], bytes_of(&wg[4]), "wgmma forward lse with q in registers");
+            for kernel in ["flash_wg_fwd_bf16_64", "flash_wg_fwdr_bf16_64"] {
+                if oh == 0 {
+                    break;
+                }
                 let mut rows = wg.clone();
                 (rows[3], rows[4], rows[8]) = (uninit(t), out(bh * t, DType::F32), A::I(oh as i64));
-                emulate("flash_wg_fwd_bf16_64", launch::flash(t, bh, true), &mut rows);
-                same(&rows[3], &rows_bytes(&wg[3]), "wgmma forward output as rows");
+                emulate(kernel, launch::flash(t, bh, true), &mut rows);
+                same(&rows[3], &rows_bytes(&wg[3]), &format!("{kernel} output as rows"));
             }
         }
         // The forward compiled for four blocks an SM (PATCHLM_FLASH_OCC4): the default's code.
@@ -510,15 +520,22 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         same(&wide[5], bytes_of(&args[5]), "wide dq");
         grad_rows("dqw", launch::flash_wide(t, bh), vec![uninit(t)], &[(5, bytes_of(&args[5]))]);
         // dq on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA; bf16 at head size 64): against the
-        // reference, and with dO as rows the same bytes as without.
+        // reference; with q and dO in registers (dqr, PATCHLM_FLASH_WGMMA_QREG) the same bytes;
+        // either with dO as rows the same bytes as without.
         if hd == 64 && dtype == DType::BF16 {
             let mut wg = with(vec![uninit(t)]);
             emulate("flash_wg_dq_bf16_64", launch::flash(t, bh, true), &mut wg);
             check(&wg[5], t, &dq, tol_grad, "dq (wgmma)");
-            if oh > 0 {
+            let mut reg = with(vec![uninit(t)]);
+            emulate("flash_wg_dqr_bf16_64", launch::flash(t, bh, true), &mut reg);
+            same(&reg[5], bytes_of(&wg[5]), "wgmma dq with q and dO in registers");
+            for kernel in ["flash_wg_dq_bf16_64", "flash_wg_dqr_bf16_64"] {
+                if oh == 0 {
+                    break;
+                }
                 let mut rows = with_dout(vec![uninit(t)], true);
-                emulate("flash_wg_dq_bf16_64", launch::flash(t, bh, true), &mut rows);
-                same(&rows[5], bytes_of(&wg[5]), "wgmma dq with dO as rows");
+                emulate(kernel, launch::flash(t, bh, true), &mut rows);
+                same(&rows[5], bytes_of(&wg[5]), &format!("{kernel} with dO as rows"));
             }
         }
         let mut occ = with(vec![uninit(t)]);

@@ -801,6 +801,8 @@ struct FlashPlan {
     occ4: bool,
     /// The wide dk/dv or one-pass kernel (128 keys a block).
     wide_bwd: bool,
+    /// The wgmma forward or dq kernel with q (and dO) in registers.
+    qreg: bool,
     /// [`FlashKernel::Lse`] by the mma.sync forward.
     lse_by_fwd: bool,
 }
@@ -842,6 +844,9 @@ impl FlashPlan {
             wide_bwd: matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq)
                 && is_mma
                 && super::flash_wide_bwd_enabled(dtype, hd),
+            qreg: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
+                && family == "flash_wg"
+                && super::flash_wgmma_qreg_enabled(dtype, hd),
             lse_by_fwd: kernel == FlashKernel::Lse && mma && ![16, 32, 64, 128].contains(&hd),
         })
     }
@@ -861,10 +866,12 @@ impl FlashPlan {
         match kernel {
             FlashKernel::Fwd if self.wide => &["fwdw"],
             FlashKernel::Fwd if self.occ4 => &["fwdo"],
+            FlashKernel::Fwd if self.qreg => &["fwdr"],
             FlashKernel::Fwd => &["fwd"],
             FlashKernel::Lse => &["lse"],
             FlashKernel::Dq if self.wide => &["dqw"],
             FlashKernel::Dq if self.occ4 => &["dqo"],
+            FlashKernel::Dq if self.qreg => &["dqr"],
             FlashKernel::Dq => &["dq"],
             FlashKernel::Dkv if self.family == "flash" => &["dk", "dv"],
             FlashKernel::Dkv if self.wide_bwd => &["dkvw"],

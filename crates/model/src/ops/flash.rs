@@ -183,6 +183,27 @@ pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -
     }
 }
 
+static FLASH_WGMMA_QREG: Switch = Switch::new("PATCHLM_FLASH_WGMMA_QREG", true, false);
+
+/// Chooses, where the wgmma kernels run ([`flash_wgmma_runs`]), a forward and a dq pass that hold
+/// the block's q rows (dq: and dO rows) in registers after one read of their shared tiles, so
+/// that s = q·kᵀ (dq: and dP = dO·vᵀ) take their first operand from registers instead of shared
+/// memory every key tile: a step's reads of shared memory fall from 40 KB to 24 KB, where by the
+/// shared-memory bandwidth they bounded the step (kernels/hopper.cu works the numbers), for more
+/// registers a thread (sm_90a: forward 106 against 102, the same four blocks an SM; dq 158
+/// against 126, three blocks an SM instead of four). Process-wide, off by default (also
+/// `PATCHLM_FLASH_WGMMA_QREG=1`) until a GPU has timed it; the same products on the same
+/// operands, so the same results.
+pub fn set_flash_wgmma_qreg(enabled: bool) {
+    FLASH_WGMMA_QREG.set(enabled);
+}
+
+/// Whether the wgmma forward and dq pass, where they run for `dtype` and head size `hd`, hold q
+/// (and dO) in registers (see [`set_flash_wgmma_qreg`]).
+pub fn flash_wgmma_qreg_enabled(dtype: DType, hd: usize) -> bool {
+    FLASH_WGMMA_QREG.get() && flash_wgmma_enabled(dtype, hd)
+}
+
 static FLASH_WIDE_BWD: Switch = Switch::new("PATCHLM_FLASH_WIDE_BWD", true, false);
 
 /// Chooses, where [`set_flash_mma`]'s kernels run the backward pass at head size 64, the wide

@@ -357,7 +357,14 @@ mod tests {
         set_flash_wgmma(true);
         let cpu = candle_core::Device::Cpu;
         assert!(flash_wgmma_enabled(BF16, 64) && !super::flash_wgmma_runs(&cpu, BF16, 64));
+        // q in registers: only with the wgmma kernels, bf16 at head size 64.
+        use super::{flash_wgmma_qreg_enabled, set_flash_wgmma_qreg};
+        assert!(!flash_wgmma_qreg_enabled(BF16, 64), "off by default");
+        set_flash_wgmma_qreg(true);
+        assert!(flash_wgmma_qreg_enabled(BF16, 64) && !flash_wgmma_qreg_enabled(F16, 64));
         set_flash_wgmma(false);
+        assert!(!flash_wgmma_qreg_enabled(BF16, 64), "only with the wgmma kernels");
+        set_flash_wgmma_qreg(false);
         // Head sizes 80, 96 and 128: only with their switch; no one-pass backward at 80 or 96, no wide
         // forward above 64.
         use super::{flash_dq_atomic_enabled, set_flash_dq_atomic, set_flash_mma_large_heads};
@@ -402,9 +409,10 @@ mod tests {
         #[cfg(feature = "cuda")]
         {
             use super::{
-                set_flash_mma_large_heads, set_flash_occ4, set_flash_wgmma, set_flash_wide, set_flash_wide_bwd,
+                set_flash_mma_large_heads, set_flash_occ4, set_flash_wgmma, set_flash_wgmma_qreg, set_flash_wide,
+                set_flash_wide_bwd,
             };
-            for bits in 0..256u32 {
+            for bits in 0..512u32 {
                 let on = |i: u32| bits & (1 << i) != 0;
                 set_flash_mma(on(0));
                 set_flash_tc(on(1));
@@ -414,8 +422,9 @@ mod tests {
                 set_flash_dq_atomic(on(5));
                 set_flash_occ4(on(6));
                 set_flash_wgmma(on(7));
+                set_flash_wgmma_qreg(on(8));
                 let missing = super::cuda::missing_flash_entries();
-                assert!(missing.is_empty(), "switches {bits:08b}: no such kernels in the PTX: {missing:?}");
+                assert!(missing.is_empty(), "switches {bits:09b}: no such kernels in the PTX: {missing:?}");
             }
             set_flash_mma(true);
             set_flash_tc(false);
@@ -425,6 +434,7 @@ mod tests {
             set_flash_dq_atomic(false);
             set_flash_occ4(false);
             set_flash_wgmma(false);
+            set_flash_wgmma_qreg(false);
         }
     }
 
