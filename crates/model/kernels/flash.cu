@@ -981,27 +981,28 @@ __device__ __forceinline__ void mma_rows_out(const float (*acc)[4], T* out, int 
 #define LOG2E_F 1.4426950408889634f
 #define LN2_F 0.6931471805599453f
 
-// A warp's 16 x 8N score tile (mma C layout) in the base-2 domain: times sl2 (= scale · log2 e),
-// and with MASK -inf where the key (column k0 + c) is past the last key this lane's rows see
-// (`last` for the first, last + 8 for the second); mx gets each row's maximum over this lane's
-// columns. Softmax then runs on exp2 (one ex2 per score, scale folded in: FlashAttention-2's form).
+// A warp's 16 x 8N score tile (mma C layout), unscaled, with MASK -inf where the key (column
+// k0 + c) is past the last key this lane's rows see (`last` for the first, last + 8 for the
+// second); mx gets each row's maximum over this lane's columns. The scale goes in later, once per
+// row for the maximum and folded into each score's exponent (exp2(s · sl2 − m): one fma and one
+// ex2 a score, FlashAttention-2's form); rounding is monotonic, so the maximum of the unscaled
+// scores times sl2 (> 0) is the maximum of the scaled ones.
 template <bool MASK, int N>
-__device__ __forceinline__ void scores_log2(float (*sc)[4], float* mx, float sl2, int k0, int last, int tq) {
+__device__ __forceinline__ void scores_mask(float (*sc)[4], float* mx, int k0, int last, int tq) {
 #pragma unroll
     for (int n = 0; n < N; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            float x = sc[n][e] * sl2;
-            if (MASK && k0 + n * 8 + 2 * tq + (e & 1) > last + 8 * (e >> 1)) x = -INFINITY;
-            sc[n][e] = x;
-            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            if (MASK && k0 + n * 8 + 2 * tq + (e & 1) > last + 8 * (e >> 1)) sc[n][e] = -INFINITY;
+            mx[e >> 1] = fmaxf(mx[e >> 1], sc[n][e]);
         }
     }
 }
 
 // One key tile of the forward's online softmax for a lane's two rows of a warp's 16: the scores
-// sc (C layout, N column blocks) to base 2, masked past each row's last key where `mask` (the tile
-// crosses the diagonal; `last` is the first row's last key); the running maxima m (base 2) and
+// sc (C layout, N column blocks; unscaled, sl2 = scale · log2 e > 0 taking them to base 2),
+// masked past each row's last key where `mask` (the tile crosses the diagonal; `last` is the first
+// row's last key); the running maxima m (base 2) and
 // this lane's share of the sums l updated; the output accumulators acc (HD / 8 blocks) rescaled;
 // the probabilities, rounded to T, as A fragments in pa (N / 2 k-steps).
 template <typename T, int N, int HD>
@@ -1009,23 +1010,26 @@ __device__ __forceinline__ void softmax_tile(float (*sc)[4], float* m, float* l,
                                              bool mask, float sl2, int k0, int last, int tq) {
     float mx[2] = {-INFINITY, -INFINITY};
     if (mask) {
-        scores_log2<true, N>(sc, mx, sl2, k0, last, tq);
+        scores_mask<true, N>(sc, mx, k0, last, tq);
     } else {
-        scores_log2<false, N>(sc, mx, sl2, k0, last, tq);
+        scores_mask<false, N>(sc, mx, k0, last, tq);
     }
-    float alpha[2], sum[2] = {0.0f, 0.0f};
+    float alpha[2], sum[2] = {0.0f, 0.0f}, msub[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        const float mnew = fmaxf(m[h], quad_max(mx[h]));
+        const float mnew = fmaxf(m[h], quad_max(mx[h]) * sl2);
         alpha[h] = mnew == -INFINITY ? 1.0f : exp2f(m[h] - mnew);
         m[h] = mnew;
+        // A row that has seen no key yet has only -inf scores: exp2(-inf - 0) = 0 without a
+        // test per score.
+        msub[h] = mnew == -INFINITY ? 0.0f : mnew;
     }
 #pragma unroll
     for (int n = 0; n < N; n++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int h = e >> 1;
-            sc[n][e] = m[h] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[h]);
+            sc[n][e] = exp2f(fmaf(sc[n][e], sl2, -msub[h]));
             sum[h] += sc[n][e];
         }
     }
@@ -1103,7 +1107,7 @@ __device__ __forceinline__ void ds_tile(uint32_t (*dsa)[4], float (*sc)[4], cons
 // 64·RW rows; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1 (flash_mma_fwd): the
 // default. RW = 2 (flash_mma_fwdw, PATCHLM_FLASH_WIDE; FlashAttention-2's 128-row forward tile
 // for these head sizes): each (k, v) tile fetched and each B fragment read from shared memory
-// serves twice the rows, for more registers (sm_90, head size 64: 242 against 133) and half the
+// serves twice the rows, for more registers (sm_90, head size 64: 242 against 131) and half the
 // blocks. The q tile is staged in
 // the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
 template <typename T, int HD, int RW>
@@ -1556,7 +1560,7 @@ FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 64))
 
 // The default forward and dq with four blocks an SM (PATCHLM_FLASH_OCC4: at most 128 registers a
 // thread, 16 warps an SM instead of 12; sm_90, head size 64: dq fits without spills, the forward
-// spills 16 bytes), the same code otherwise.
+// spills 20 bytes), the same code otherwise.
 #define FLASH_MMA_OCC4(T, S, HD)                                                                           \
     extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_fwdo_##S##_##HD(                        \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \

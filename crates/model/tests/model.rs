@@ -696,6 +696,13 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
     let x = Tensor::zeros((1, 1, 5, 16), DType::F32, &dev).unwrap();
     let short = Tensor::zeros((1, 1, 4, 16), DType::F32, &dev).unwrap();
     assert!(flash_attention(&x, &short, &short, 1.0).is_err(), "fewer keys than queries");
+    // The kernels scale each row's maximum once: a scale that is not positive and finite (as an
+    // f32) is refused, naming the scale.
+    for bad in [0.0, -0.125, f64::NAN, f64::INFINITY, 1e-60, 1e60] {
+        let e = flash_attention(&x, &x, &x, bad).unwrap_err().to_string();
+        assert!(e.contains("scale must be positive and finite"), "{bad}: {e}");
+        assert!(patchlm_model::ops::flash_attention_lse(&x, &x, &x, bad).is_err(), "{bad}");
+    }
 }
 
 #[test]

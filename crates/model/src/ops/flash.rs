@@ -115,7 +115,7 @@ static FLASH_WIDE: Switch = Switch::new("PATCHLM_FLASH_WIDE", true, false);
 /// the backward's dq pass with 128 query rows a block (each warp two blocks of 16 rows:
 /// FlashAttention-2's forward tile for these head sizes) instead of 64, process-wide. Each (k, v)
 /// tile read from memory and each operand read from shared memory serves twice the rows, for
-/// more registers a thread (sm_90, head size 64: forward 242 against 133, dq 244 against 139)
+/// more registers a thread (sm_90, head size 64: forward 242 against 131, dq 244 against 139)
 /// and half as many blocks. Off by default (also `PATCHLM_FLASH_WIDE=1`) until a GPU has timed it
 /// against the default; `tests/emulated.rs` checks its math without one, `tests/cuda.rs` on one.
 /// The results are the same either way: each row's arithmetic is the same, in the same order.
@@ -134,7 +134,7 @@ static FLASH_OCC4: Switch = Switch::new("PATCHLM_FLASH_OCC4", true, false);
 /// Chooses, where [`set_flash_mma`]'s kernels run at head sizes 32 and 64 and the wide ones
 /// ([`set_flash_wide`]) do not, a forward and dq pass compiled for four blocks an SM (at most 128
 /// registers a thread: 16 warps to hide latency instead of 12; sm_90, head size 64: the forward
-/// spills 16 bytes, dq nothing), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
+/// spills 20 bytes, dq nothing), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
 /// a GPU has timed it; the same code as the default kernels, so the same results.
 pub fn set_flash_occ4(enabled: bool) {
     FLASH_OCC4.set(enabled);
@@ -190,8 +190,8 @@ static FLASH_WGMMA_QREG: Switch = Switch::new("PATCHLM_FLASH_WGMMA_QREG", true, 
 /// that s = q·kᵀ (dq: and dP = dO·vᵀ) take their first operand from registers instead of shared
 /// memory every key tile: a step's reads of shared memory fall from 40 KB to 24 KB, where by the
 /// shared-memory bandwidth they bounded the step (kernels/hopper.cu works the numbers), for more
-/// registers a thread (sm_90a: forward 106 against 102, the same four blocks an SM; dq 158
-/// against 126, three blocks an SM instead of four). Process-wide, off by default (also
+/// registers a thread (sm_90a: forward 106 against 94, four blocks an SM instead of five; dq
+/// 158 against 126, three instead of four). Process-wide, off by default (also
 /// `PATCHLM_FLASH_WGMMA_QREG=1`) until a GPU has timed it; the same products on the same
 /// operands, so the same results.
 pub fn set_flash_wgmma_qreg(enabled: bool) {
@@ -291,7 +291,7 @@ impl CustomOp1 for TakeStash<'_> {
 /// k and v: the backward pass recomputes the probabilities tile by tile from the saved inputs
 /// and each row's log-sum-exp (FlashAttention-2's scheme), again without a (T, S) matrix.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    flash_check(q, k, v)?;
+    flash_check(q, k, v, scale)?;
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FlashAttn { scale: scale as f32 })
 }
 
@@ -299,7 +299,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle
 /// visible scaled scores, (B, H, T) f32, the statistic [`grad::flash_attention_lse`] needs (so the
 /// backward pass does not recompute it).
 pub fn flash_attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<(Tensor, Tensor)> {
-    flash_check(q, k, v)?;
+    flash_check(q, k, v, scale)?;
     flash_lse_op(q, k, v, scale, false)
 }
 
@@ -324,7 +324,7 @@ pub fn flash_attention_lse_rows(
     v: &Tensor,
     scale: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    flash_check(q, k, v)?;
+    flash_check(q, k, v, scale)?;
     let (b, h, t, hd) = q.dims4()?;
     if !q.device().is_cuda() {
         let (o, lse) = flash_attention_lse(q, k, v, scale)?;
@@ -333,7 +333,15 @@ pub fn flash_attention_lse_rows(
     flash_lse_op(q, k, v, scale, true)
 }
 
-fn flash_check(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+/// The inputs' shapes and dtypes fit, and the scale is positive and finite (the kernels take each
+/// row's maximum on the unscaled scores and scale it once, which needs scale > 0).
+fn flash_check(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<()> {
+    let s32 = scale as f32;
+    if !(scale > 0.0 && s32 > 0.0 && s32.is_finite()) {
+        candle_core::bail!(
+            "flash_attention: the scale must be positive and finite as an f32, not {scale} (usually 1/sqrt(head size))"
+        );
+    }
     let (b, h, t, hd) = q.dims4()?;
     let (kb, kh, s, khd) = k.dims4()?;
     if (kb, kh, khd) != (b, h, hd) || v.dims() != k.dims() || s < t || t == 0 {
@@ -553,7 +561,7 @@ pub(super) fn flash_backward(
     dout: &Tensor,
     scale: f32,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    flash_check(q, k, v)?;
+    flash_check(q, k, v, scale.into())?;
     let (b, h, t, hd) = q.dims4()?;
     let (heads, rows) = ([b, h, t, hd], [b, t, h * hd]);
     let oh = match (o.dims(), dout.dims()) {
