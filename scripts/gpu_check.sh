@@ -58,7 +58,7 @@ for s in $sections; do
                timeout 240 /tmp/bin/cuda-tests --ignored --test-threads 1 "$@" > /tmp/kernels-$name.txt 2>&1
              }
              tests main --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large \
-               --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass --skip wg_qreg --skip sorted_embedding &
+               --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass --skip wg_qreg --skip wg_wide --skip sorted_embedding &
              tests wmma tensor_core &
              tests mma _mma_ &
              tests dqa dq_atomic &
@@ -73,17 +73,19 @@ for s in $sections; do
              tests wgdq wg_one_pass &
              # The wgmma forward and dq with q (and dO) in registers (PATCHLM_FLASH_WGMMA_QREG).
              tests wgq wg_qreg &
+             # ... and with two warpgroups of 64 rows a block (PATCHLM_FLASH_WIDE with WGMMA).
+             tests wgw wg_wide &
              # The embedding backward without float atomics (PATCHLM_EMBEDDING_SORTED).
              tests emb sorted_embedding &
              wait
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
              cat /tmp/kernels-main.txt > "$OUT/kernels.txt"
-             for f in wmma mma dqa wide wideb occ4 hopper wgmma wgdq wgq emb; do
+             for f in wmma mma dqa wide wideb occ4 hopper wgmma wgdq wgq wgw emb; do
                cat /tmp/kernels-$f.txt >> "$OUT/kernels.txt"
              done
              grep -h "test result\|FAILED\|panicked" "$OUT/kernels.txt"
-             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0
+             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0; WGW=0
              grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
@@ -95,6 +97,7 @@ for s in $sections; do
                && [ $mma = 1 ] && wg=1
              grep -q 'test result: ok' /tmp/kernels-wgdq.txt && [ $wg = 1 ] && [ $dqa = 1 ] && WGDQ=1
              grep -q 'test result: ok' /tmp/kernels-wgq.txt && [ $wg = 1 ] && WGQ=1
+             grep -q 'test result: ok' /tmp/kernels-wgw.txt && [ $wg = 1 ] && WGW=1
              EMB_SORTED=0; grep -q 'test result: ok' /tmp/kernels-emb.txt && EMB_SORTED=1
              if grep -m1 'test result' "$OUT/kernels.txt" | grep -q ok; then
                export PATCHLM_LAYOUT_CUDA=${PATCHLM_LAYOUT_CUDA:-1} PATCHLM_ROWS_CUDA=${PATCHLM_ROWS_CUDA:-1} \
@@ -103,7 +106,7 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0
+               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0; WGW=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
              export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
@@ -114,7 +117,11 @@ for s in $sections; do
              DQA_OK=$dqa
              [ $wg = 1 ] && [ $WGDQ = 0 ] && dqa=0
              export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
-             # The wide forward (128 rows a block): the same, decided by the wide section.
+             # The wide forward (128 rows a block): the same, decided by the wide section. (With
+             # the wgmma kernels on, the switch picks their two-warpgroup forward and dq: only
+             # where their test passed too; WIDE_OK keeps the mma.sync verdict for `variants`.)
+             WIDE_OK=$wide
+             [ $wg = 1 ] && [ $WGW = 0 ] && wide=0
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
              # The forward and dq at four blocks an SM: the same.
              export PATCHLM_FLASH_OCC4=${PATCHLM_FLASH_OCC4:-$occ4} PATCHLM_FLASH_WGMMA=${PATCHLM_FLASH_WGMMA:-$wg}
@@ -123,7 +130,7 @@ for s in $sections; do
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
                "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" \
-               "(its one-pass backward: $WGDQ, q in registers: $WGQ)" ;;
+               "(its one-pass backward: $WGDQ, q in registers: $WGQ, two warpgroups: $WGW)" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
            for run in 0:0 1:0 1:1; do
@@ -215,25 +222,29 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC),
           # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward, dq
           # and dk/dv on warpgroup MMAs (PATCHLM_FLASH_WGMMA; not with the wide or four-block kernels;
-          # with the one pass, the wgmma one pass, where its own test passed; WGMMA 2: with the
-          # forward and dq holding q and dO in registers, PATCHLM_FLASH_WGMMA_QREG, where its test
-          # passed).
+          # with the one pass, the wgmma one pass, where its own test passed; with WIDE, their
+          # two-warpgroup forward and dq, where its test passed; WGMMA 2: with the forward and dq
+          # holding q in registers, PATCHLM_FLASH_WGMMA_QREG, where its test passed).
           # The fastest (forward + backward) stays on for the sections that follow if a 370M
           # training step with it is faster than one with the defaults.
-          fws="0"; [ "${PATCHLM_FLASH_WIDE:-0}" = 1 ] && fws="0 1"
+          fws="0"; [ "${WIDE_OK:-${PATCHLM_FLASH_WIDE:-0}}" = 1 ] || [ "${WGW:-0}" = 1 ] && fws="0 1"
           bws="0"; [ "${PATCHLM_FLASH_WIDE_BWD:-0}" = 1 ] && bws="0 1"
           dqs="0"; [ "${DQA_OK:-${PATCHLM_FLASH_DQ_ATOMIC:-0}}" = 1 ] && dqs="0 1"
           ocs="0"; [ "${PATCHLM_FLASH_OCC4:-0}" = 1 ] && ocs="0 1"
           wgs="0"; [ "${PATCHLM_FLASH_WGMMA:-0}" = 1 ] && wgs="0 1" && [ "${WGQ:-0}" = 1 ] && wgs="0 1 2"
+          list=""
           for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do for g in $wgs; do
             [ $f = 1 ] && [ $o = 1 ] && continue  # (the wide kernels have no four-block build)
-            [ $g != 0 ] && [ $f$o$b != 000 ] && continue  # (the wgmma kernels stand alone)
+            [ $g != 0 ] && [ $o$b != 00 ] && continue  # (no four-block or wide backward wgmma build)
+            [ $g = 0 ] && [ $f = 1 ] && [ "${WIDE_OK:-${PATCHLM_FLASH_WIDE:-0}}" != 1 ] && continue
+            [ $g != 0 ] && [ $f = 1 ] && [ "${WGW:-0}" != 1 ] && continue
             [ $g != 0 ] && [ $d = 1 ] && [ "${WGDQ:-0}" != 1 ] && continue
-            PATCHLM_FLASH_WIDE=$f PATCHLM_FLASH_WIDE_BWD=$b PATCHLM_FLASH_DQ_ATOMIC=$d PATCHLM_FLASH_OCC4=$o \
-              PATCHLM_FLASH_WGMMA=$((g > 0)) PATCHLM_FLASH_WGMMA_QREG=$((g == 2)) timeout 60 /tmp/bin/xtask bench flash --preset 370m --batch 4 --ctx 2048 \
-              --device cuda --dtype bf16 2>&1 | grep '^{' | sed "s/^{/{\"config\": \"$f:$b:$d:$o:$g\", /" \
-              | tee -a "$OUT/variants.txt"
+            list="${list:+$list,}$f:$b:$d:$o:$g"
           done; done; done; done; done
+          # (All in one process: no CUDA start-up and module load per variant.)
+          echo "flash variants: $list"
+          timeout 240 /tmp/bin/xtask bench flash --preset 370m --batch 4 --ctx 2048 --device cuda --dtype bf16 \
+            --variants "$list" 2>&1 | grep '^{' | tee -a "$OUT/variants.txt"
           best=$(python3 -c '
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]

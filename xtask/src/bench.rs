@@ -81,6 +81,12 @@ pub enum BenchCmd {
         /// Timed launches of each pass (after one warmup).
         #[arg(long, default_value_t = 20)]
         reps: usize,
+        /// Kernel variants to time one after the other in this process, each as
+        /// WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA (the switches of README's GPU table, 0 or 1; WGMMA 2:
+        /// the wgmma kernels with q in registers), comma-separated; each row then names its
+        /// variant as "config". Without it, one row under the environment's switches.
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
     },
     /// Training-step throughput (forward + backward + AdamW) of a preset.
     Model {
@@ -152,11 +158,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             bench_ops(&preset, batch, ctx, reps, &device, &dtype)
         }
-        BenchCmd::Flash { shape: Shape { preset, batch, ctx, device, dtype }, reps } => {
+        BenchCmd::Flash { shape: Shape { preset, batch, ctx, device, dtype }, reps, variants } => {
             if reps == 0 || batch == 0 || ctx == 0 {
                 anyhow::bail!("bench flash: --reps, --batch and --ctx must be at least 1");
             }
-            bench_flash(&preset, batch, ctx, reps, &device, &dtype)
+            let variants = variants.iter().map(|v| FlashVariant::parse(v)).collect::<Result<Vec<_>>>()?;
+            bench_flash(&preset, batch, ctx, reps, &device, &dtype, &variants)
         }
         BenchCmd::Model {
             shape: Shape { preset, batch, ctx, device, dtype },
@@ -443,8 +450,9 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
                 // The switchable kernel families this run used (README: GPU): what ran, not only
-                // what was asked for (the wgmma kernels need a Hopper; where they run, the wide and
-                // four-block variants do not).
+                // what was asked for (the wgmma kernels need a Hopper; where they run, the
+                // four-block and wide backward variants do not, and the wide switch picks their
+                // two-warpgroup forward and dq).
                 "optin": {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
@@ -453,7 +461,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                     "flash_dq_atomic": device.is_cuda() && flash && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd),
-                    "flash_wide": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_enabled(dtype, hd),
+                    "flash_wide": device.is_cuda() && flash && patchlm_model::ops::flash_wide_enabled(dtype, hd),
                     "flash_wide_bwd": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
                     "flash_occ4": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
                     "flash_wgmma": flash && wgmma,
@@ -590,8 +598,62 @@ fn flash_fwd_flops(batch: usize, heads: usize, ctx: usize, head_dim: usize) -> f
     4.0 * (batch * heads) as f64 * (ctx as f64).powi(2) * head_dim as f64 / 2.0
 }
 
-fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str, dtype: &str) -> Result<()> {
-    use patchlm_model::ops;
+/// One setting of flash attention's kernel switches for `bench flash --variants`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FlashVariant {
+    wide: bool,
+    wide_bwd: bool,
+    dq_atomic: bool,
+    occ4: bool,
+    /// 0: off, 1: the wgmma kernels, 2: with q in registers.
+    wgmma: u8,
+}
+
+impl FlashVariant {
+    /// From WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA, e.g. `1:0:0:0:2`.
+    fn parse(spec: &str) -> Result<Self> {
+        let bad = || {
+            anyhow::anyhow!(
+                "bench flash --variants: {spec:?} is not WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA (0 or 1 each; WGMMA 0, 1, or 2 \
+                 for the wgmma kernels with q in registers), e.g. 1:0:0:0:2"
+            )
+        };
+        let f: Vec<u8> = spec.trim().split(':').map(|x| x.parse::<u8>().map_err(|_| bad())).collect::<Result<_>>()?;
+        match f[..] {
+            [w, b, d, o, g] if w <= 1 && b <= 1 && d <= 1 && o <= 1 && g <= 2 => {
+                Ok(Self { wide: w == 1, wide_bwd: b == 1, dq_atomic: d == 1, occ4: o == 1, wgmma: g })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// Sets the process-wide switches.
+    fn apply(&self) {
+        use patchlm_model::ops;
+        ops::set_flash_wide(self.wide);
+        ops::set_flash_wide_bwd(self.wide_bwd);
+        ops::set_flash_dq_atomic(self.dq_atomic);
+        ops::set_flash_occ4(self.occ4);
+        ops::set_flash_wgmma(self.wgmma > 0);
+        ops::set_flash_wgmma_qreg(self.wgmma == 2);
+    }
+
+    /// As parsed.
+    fn spec(&self) -> String {
+        let b = |x: bool| u8::from(x);
+        format!("{}:{}:{}:{}:{}", b(self.wide), b(self.wide_bwd), b(self.dq_atomic), b(self.occ4), self.wgmma)
+    }
+}
+
+fn bench_flash(
+    preset: &str,
+    batch: usize,
+    ctx: usize,
+    reps: usize,
+    device: &str,
+    dtype: &str,
+    variants: &[FlashVariant],
+) -> Result<()> {
     let device = parse_device(device)?;
     let dtype = parse_dtype(dtype)?;
     let cfg = ModelConfig::preset(preset)?;
@@ -601,10 +663,38 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
     let (q, k, v) = (randn()?, randn()?, randn()?);
     // The output and its gradient as rows (B, T, H·hd), as the trainer runs them.
     let dout = Tensor::randn(0f32, 1.0, (batch, ctx, heads * hd), &device)?.to_dtype(dtype)?;
+    let shape = FlashShape { preset, batch, heads, ctx, hd, reps, dtype };
+    if variants.is_empty() {
+        return flash_row(&device, &shape, [&q, &k, &v, &dout], None);
+    }
+    for variant in variants {
+        variant.apply();
+        flash_row(&device, &shape, [&q, &k, &v, &dout], Some(variant))?;
+    }
+    Ok(())
+}
+
+/// The attention shape `bench flash` times.
+struct FlashShape<'a> {
+    preset: &'a str,
+    batch: usize,
+    heads: usize,
+    ctx: usize,
+    hd: usize,
+    reps: usize,
+    dtype: candle_core::DType,
+}
+
+/// Times flash attention's forward and backward under the current switches and prints one JSON
+/// row (with `variant`, its "config").
+fn flash_row(device: &Device, sh: &FlashShape, x: [&Tensor; 4], variant: Option<&FlashVariant>) -> Result<()> {
+    use patchlm_model::ops;
+    let FlashShape { preset, batch, heads, ctx, hd, reps, dtype } = *sh;
+    let [q, k, v, dout] = x;
     let scale = 1.0 / (hd as f64).sqrt();
-    let fwd = || ops::flash_attention_lse_rows(&q, &k, &v, scale);
+    let fwd = || ops::flash_attention_lse_rows(q, k, v, scale);
     let (o, lse) = fwd()?;
-    let bwd = || ops::grad::flash_attention_lse(&q, &k, &v, &o, &lse, &dout, scale);
+    let bwd = || ops::grad::flash_attention_lse(q, k, v, &o, &lse, dout, scale);
     bwd()?;
     let time = |f: &dyn Fn() -> candle_core::Result<()>| -> Result<f64> {
         device.synchronize()?;
@@ -618,7 +708,7 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
     let fwd_ms = time(&|| fwd().map(|_| ()))?;
     let bwd_ms = time(&|| bwd().map(|_| ()))?;
     let flops = flash_fwd_flops(batch, heads, ctx, hd);
-    let wgmma = ops::flash_wgmma_runs(&device, dtype, hd);
+    let wgmma = ops::flash_wgmma_runs(device, dtype, hd);
     let kernels = if device.is_cpu() {
         "cpu"
     } else if wgmma {
@@ -630,22 +720,23 @@ fn bench_flash(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str
     } else {
         "cuda-core"
     };
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "flash", "preset": preset, "batch": batch, "heads": heads, "ctx": ctx, "head_dim": hd,
-            "dtype": format!("{dtype:?}").to_lowercase(), "kernels": kernels, "reps": reps,
-            // What ran (see the model rows' "optin").
-            "dq_atomic": device.is_cuda() && ops::flash_dq_atomic_enabled(dtype, hd),
-            "wide": device.is_cuda() && !wgmma && ops::flash_wide_enabled(dtype, hd),
-            "wide_bwd": device.is_cuda() && !wgmma && ops::flash_wide_bwd_enabled(dtype, hd),
-            "occ4": device.is_cuda() && !wgmma && ops::flash_occ4_enabled(dtype, hd),
-            "wgmma": wgmma,
-            "wgmma_qreg": wgmma && ops::flash_wgmma_qreg_enabled(dtype, hd),
-            "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-            "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
-        })
-    );
+    let mut row = serde_json::json!({
+        "bench": "flash", "preset": preset, "batch": batch, "heads": heads, "ctx": ctx, "head_dim": hd,
+        "dtype": format!("{dtype:?}").to_lowercase(), "kernels": kernels, "reps": reps,
+        // What ran (see the model rows' "optin").
+        "dq_atomic": device.is_cuda() && ops::flash_dq_atomic_enabled(dtype, hd),
+        "wide": device.is_cuda() && ops::flash_wide_enabled(dtype, hd),
+        "wide_bwd": device.is_cuda() && !wgmma && ops::flash_wide_bwd_enabled(dtype, hd),
+        "occ4": device.is_cuda() && !wgmma && ops::flash_occ4_enabled(dtype, hd),
+        "wgmma": wgmma,
+        "wgmma_qreg": wgmma && ops::flash_wgmma_qreg_enabled(dtype, hd),
+        "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+        "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "bwd_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
+    });
+    if let Some(v) = variant {
+        row["config"] = v.spec().into();
+    }
+    println!("{row}");
     Ok(())
 }
 

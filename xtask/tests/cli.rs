@@ -296,6 +296,19 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
     assert!(out.contains("profile of one step, tiny k=4") && out.contains("outside spans"), "{out}");
     let calls = out.lines().find(|l| l.trim_start().starts_with("fwd.attention")).unwrap();
     assert!(calls.trim_end().ends_with("2 spans"), "{out}");
+    // bench flash --variants: a row per variant in one process, each naming it; a malformed
+    // variant fails before any timing, naming itself.
+    let flash = ["bench", "flash", "--preset", "tiny", "--batch", "1", "--ctx", "16", "--reps", "1"];
+    let (ok, out) = xtask(&[&flash[..], &["--variants", "0:0:0:0:0,1:0:1:0:2"]].concat(), d);
+    assert!(ok, "{out}");
+    let r = rows(&out);
+    let configs: Vec<&str> = r.iter().map(|x| x["config"].as_str().unwrap()).collect();
+    assert_eq!(configs, ["0:0:0:0:0", "1:0:1:0:2"], "{out}");
+    assert!(r.iter().all(|x| x["bench"] == "flash" && x["kernels"] == "cpu" && x["fwd_ms"].as_f64().unwrap() > 0.0));
+    for bad in ["1:0:0:0", "0:0:0:0:3", "0:0:x:0:0"] {
+        let (ok, out) = xtask(&[&flash[..], &["--variants", bad]].concat(), d);
+        assert!(!ok && out.contains(&format!("{bad:?} is not WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA")), "{out}");
+    }
     // Without a subcommand: the suite (token and patch phase of each shape), then its table.
     let (ok, out) = xtask(&["bench", "--device", "cpu", "--shapes", "tiny:2x8", "--steps", "1"], d);
     assert!(ok, "{out}");

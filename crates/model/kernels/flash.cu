@@ -1559,7 +1559,7 @@ FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 32))
 FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 64))
 
 // The default forward and dq with four blocks an SM (PATCHLM_FLASH_OCC4: at most 128 registers a
-// thread, 16 warps an SM instead of 12; sm_90, head size 64: dq fits without spills, the forward
+// thread, 16 warps an SM instead of 12; sm_90, head size 64: dq spills 36 bytes, the forward
 // spills 20 bytes), the same code otherwise.
 #define FLASH_MMA_OCC4(T, S, HD)                                                                           \
     extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_fwdo_##S##_##HD(                        \

@@ -269,6 +269,13 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_ss_t_bf16(const __
 // 40 (the cp.async copies write 16 more), which by the shared-memory bandwidth (128 bytes a cycle
 // an SM) is the difference between 320 cycles of reads and writes against 256 of tensor-core work
 // a step (m64n64k16 at the dense bf16 rate) and 256 against 256.
+// With WG = 2 (flash_wg_fwdw, PATCHLM_FLASH_WIDE with PATCHLM_FLASH_WGMMA) a block is two
+// warpgroups, 128 query rows, sharing each (k, v) tile: half the tile copies from L2 and half the
+// shared-memory writes a query row. (Each tile of a 64-row block is 16 KB for 256 tensor-core
+// cycles, 64 bytes a cycle an SM, where published H100 figures of 5.5 to 12 TB/s from L2 make 25
+// to 50 an SM on average; at 128 rows 32.)
+// Each warpgroup takes the tiles its own rows see (the first skips the second's diagonal tile), so
+// every row's arithmetic, and its output, is the 64-row kernel's.
 
 // A tile of R rows x HD (16-bit) in core matrices: core matrix (r / 8, c / 8) at
 // ((r / 8) (HD / 8) + c / 8) 64 elements, its rows 16 bytes apart. Along the rows core matrices
@@ -358,36 +365,39 @@ __device__ __forceinline__ void wg_settle(float (*acc)[4]) {
     wg_settled<N>(acc);
 }
 
-// The query-side wgmma kernels' block (64 query rows of head bh, the last rows first): the head,
-// its first row, the key offset, this lane's quad position, the keys the block needs, the first
-// key its warp's first row sees, this lane's first row, and the head's k and v.
-template <int HD>
+// The query-side wgmma kernels' block (64 query rows of head bh a warpgroup, WG warpgroups, the
+// last rows first): the head, its first row, the key offset, this lane's quad position, the keys
+// the block needs, the first key its warp's first row sees, this lane's first row, the last key
+// its warpgroup's rows see, and the head's k and v.
+template <int HD, int WG = 1>
 struct WgRows {
-    int bh, i0, off, tq, kend, wfirst, row;
+    int bh, i0, off, tq, kend, wfirst, row, glast;
     const __nv_bfloat16 *kb, *vb;
     __device__ WgRows(const __nv_bfloat16* k, const __nv_bfloat16* v, int t, int s) {
         bh = blockIdx.y;
-        i0 = (gridDim.x - 1 - blockIdx.x) * 64;
+        i0 = (gridDim.x - 1 - blockIdx.x) * 64 * WG;
         off = s - t;
         tq = threadIdx.x & 3;
-        kend = min(s, off + i0 + 64);
+        kend = min(s, off + i0 + 64 * WG);
         wfirst = off + i0 + (threadIdx.x >> 5) * 16;
         row = i0 + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2);
+        glast = off + i0 + (WG > 1 ? threadIdx.x >> 7 : 0) * 64 + 63;
         kb = k + (size_t)bh * s * HD;
         vb = v + (size_t)bh * s * HD;
     }
 };
 
-template <int HD, bool QREG>
+template <int HD, bool QREG, int WG>
 __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              __nv_bfloat16* o, float* lse, int t, int s, float scale, int oh) {
     static_assert(HD == 64, "the wgmma forward has head size 64 (its products are m64n64)");
     typedef __nv_bfloat16 T;
-    constexpr int BC = 64, ROWS = 64;
+    constexpr int BC = 64, ROWS = 64 * WG;
     __shared__ __align__(128) T qs[ROWS * HD];
     __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
     EMU_SHARED(qs, kv);
-    const WgRows<HD> b(k, v, t, s);
+    const WgRows<HD, WG> b(k, v, t, s);
+    const T* qg = qs + (WG > 1 ? threadIdx.x >> 7 : 0) * 64 * HD;  // this warpgroup's rows of the q tile
     const int bh = b.bh, i0 = b.i0, off = b.off, tq = b.tq, kend = b.kend, wfirst = b.wfirst;
     const T *kb = b.kb, *vb = b.vb;
     wg_tile_async<HD, ROWS>(qs, q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
@@ -408,6 +418,7 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
         // (The barrier at the step's start also means every warp's products from the other
         // buffer are done: each waited for them.)
         pipeline_step<true>(k0 + BC < kend, [&] { wg_kv_async<HD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
+        if (WG > 1 && k0 > b.glast) continue;  // no row of this warpgroup sees the tile
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BC * HD;
         float sc[BC / 8][4];
@@ -418,7 +429,7 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
             if constexpr (QREG) {
                 wgmma_m64n64k16_rs_bf16<false>(&sc[0][0], qa[kk], kd, kk > 0);
             } else {
-                wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kd, kk > 0);
+                wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qg + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kd, kk > 0);
             }
         }
         wg_settle<BC / 8>(sc);
@@ -438,28 +449,49 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
 // rows a block of one warpgroup, the last first), its products as warpgroup MMAs: s = q . k^T and
 // dP = dO . v^T with both operands in shared memory (q and dO staged once, as core matrices), then
 // dq += dS . k with dS from registers and k transposed from shared memory. As in the forward, every
-// warp takes every key tile of its block. With QREG (PATCHLM_FLASH_WGMMA_QREG) q and dO go from
-// their tiles into registers once (32 a thread) and the first two products take them from there:
-// a step's products read 24 KB of shared memory instead of 40 (the copies write 16 more), 320
-// cycles of shared-memory traffic against 384 of tensor-core work instead of 448 (as in the
-// forward).
-template <int HD, bool QREG>
+// warp takes every key tile of its block. With QREG (PATCHLM_FLASH_WGMMA_QREG) q goes from its
+// tile into registers once (16 a thread) and s = q . k^T takes it from there: a step's products
+// read 32 KB of shared memory instead of 40 (the copies write 16 more), 384 cycles of
+// shared-memory traffic against 384 of tensor-core work instead of 448 (as in the forward; dO
+// too would make it 320, for 178 registers a thread and two blocks an SM instead of three). With WG = 2 (flash_wg_dqw, PATCHLM_FLASH_WIDE with PATCHLM_FLASH_WGMMA) two
+// warpgroups, 128 query rows, share each (k, v) tile, as in the forward (the tiles then take
+// 64 KB of dynamic shared memory: WgDqSmem).
+template <int HD, int WG>
+struct WgDqSmem {
+    static constexpr int ROWS = 64 * WG, BC = 64, QD = ROWS * HD, KV = 2 * BC * HD;
+    static constexpr int BYTES = (2 * QD + 2 * KV) * 2;
+};
+
+template <int HD, bool QREG, int WG>
 __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* st, __nv_bfloat16* dq, int t, int s, float scale,
                             int oh) {
     static_assert(HD == 64, "the wgmma dq has head size 64 (its products are m64n64)");
     typedef __nv_bfloat16 T;
-    constexpr int BC = 64, ROWS = 64;
-    __shared__ __align__(128) T qd[2][ROWS * HD];    // the q and dO tiles
-    __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
-    EMU_SHARED(qd, kv);
-    const WgRows<HD> b(k, v, t, s);
+    using M = WgDqSmem<HD, WG>;
+    constexpr int BC = M::BC, ROWS = M::ROWS;
+    T *qd[2], *kv[2];  // the q and dO tiles; two buffers of a (k, v) tile pair
+    if constexpr (WG == 1) {
+        __shared__ __align__(128) T qd_s[2][M::QD];
+        __shared__ __align__(128) T kv_s[2][M::KV];
+        EMU_SHARED(qd_s, kv_s);
+        qd[0] = qd_s[0], qd[1] = qd_s[1], kv[0] = kv_s[0], kv[1] = kv_s[1];
+    } else {
+        DYN_SHARED(dyn, M::BYTES);
+        EMU_SHARED(dyn);
+        qd[0] = reinterpret_cast<T*>(dyn);
+        qd[1] = qd[0] + M::QD;
+        kv[0] = qd[1] + M::QD;
+        kv[1] = kv[0] + M::KV;
+    }
+    const WgRows<HD, WG> b(k, v, t, s);
     const int bh = b.bh, i0 = b.i0, off = b.off, tq = b.tq, kend = b.kend, wfirst = b.wfirst;
     const T *kb = b.kb, *vb = b.vb;
     const OutRows rd = out_rows(bh, t, HD, oh);
     wg_tile_async<HD, ROWS>(qd[0], q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
     wg_rows_async<HD, ROWS>(qd[1], dout + rd.base, rd.ld, i0, min(ROWS, t - i0));
     wg_kv_async<HD, BC>(kv[0], kb, vb, 0, s);  // one group with q and dO
+    const int gq = (WG > 1 ? threadIdx.x >> 7 : 0) * 64 * HD;  // this warpgroup's rows of the q and dO tiles
     const int row = b.row;  // this lane's rows: row and row + 8
     float lse[2], delta[2], acc[HD / 8][4];
     dq_row_stats(st, bh, row, t, lse, delta);
@@ -467,15 +499,15 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     const float sl2 = scale * LOG2E_F;
     typedef WgTile<HD> L;
-    uint32_t qa[QREG ? HD / 16 : 1][4], da[QREG ? HD / 16 : 1][4];
+    uint32_t qa[QREG ? HD / 16 : 1][4];
     if constexpr (QREG) {
-        cp_async_wait<0>();  // q's and dO's group (with the first key tile), then every thread's
+        cp_async_wait<0>();  // q's group (with dO and the first key tile), then every thread's
         __syncthreads();
         wg_frags_a<HD>(qa, qd[0]);
-        wg_frags_a<HD>(da, qd[1]);
     }
     for (int k0 = 0, buf = 0; k0 < kend; k0 += BC, buf ^= 1) {
         pipeline_step<true>(k0 + BC < kend, [&] { wg_kv_async<HD, BC>(kv[buf ^ 1], kb, vb, k0 + BC, s); });
+        if (WG > 1 && k0 > b.glast) continue;  // no row of this warpgroup sees the tile
         const T* ks = kv[buf];
         const T* vs = kv[buf] + BC * HD;
         float sc[BC / 8][4], dp[BC / 8][4];
@@ -486,11 +518,10 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
             const WgDesc vd = wg_desc(vs + kk * 128, L::ALONG_COLS, L::ALONG_ROWS);
             if constexpr (QREG) {
                 wgmma_m64n64k16_rs_bf16<false>(&sc[0][0], qa[kk], kd, kk > 0);
-                wgmma_m64n64k16_rs_bf16<false>(&dp[0][0], da[kk], vd, kk > 0);
             } else {
-                wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qd[0] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kd, kk > 0);
-                wgmma_m64n64k16_bf16(&dp[0][0], wg_desc(qd[1] + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), vd, kk > 0);
+                wgmma_m64n64k16_bf16(&sc[0][0], wg_desc(qd[0] + gq + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), kd, kk > 0);
             }
+            wgmma_m64n64k16_bf16(&dp[0][0], wg_desc(qd[1] + gq + kk * 128, L::ALONG_COLS, L::ALONG_ROWS), vd, kk > 0);
         }
         wg_settle<BC / 8>(sc);
         wg_settled<BC / 8>(dp);
@@ -685,7 +716,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_dq_bf16_64(const __nv
                                                                       const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                       const float* st, __nv_bfloat16* out, int t,
                                                                       int s, float scale, int oh) {
-    flash_wg_dq<64, false>(q, dout, k, v, st, out, t, s, scale, oh);
+    flash_wg_dq<64, false, 1>(q, dout, k, v, st, out, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_dqr_bf16_64(const __nv_bfloat16* q,
@@ -693,19 +724,40 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_dqr_bf16_64(const __n
                                                                        const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                                        const float* st, __nv_bfloat16* out, int t,
                                                                        int s, float scale, int oh) {
-    flash_wg_dq<64, true>(q, dout, k, v, st, out, t, s, scale, oh);
+    flash_wg_dq<64, true, 1>(q, dout, k, v, st, out, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_fwd_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                                        const __nv_bfloat16* v, __nv_bfloat16* o,
                                                                        float* lse, int t, int s, float scale, int oh) {
-    flash_wg_fwd<64, false>(q, k, v, o, lse, t, s, scale, oh);
+    flash_wg_fwd<64, false, 1>(q, k, v, o, lse, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_fwdr_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                                         const __nv_bfloat16* v, __nv_bfloat16* o,
                                                                         float* lse, int t, int s, float scale, int oh) {
-    flash_wg_fwd<64, true>(q, k, v, o, lse, t, s, scale, oh);
+    flash_wg_fwd<64, true, 1>(q, k, v, o, lse, t, s, scale, oh);
+}
+
+// The two-warpgroup (128-row) forward and dq, without and with q (and dO) in registers.
+#define FLASH_WG_WIDE(SFX, QREG)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) flash_wg_fwdw##SFX##_bf16_64(                         \
+        const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, \
+        int t, int s, float scale, int oh) {                                                               \
+        flash_wg_fwd<64, QREG, 2>(q, k, v, o, lse, t, s, scale, oh);                                       \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) flash_wg_dqw##SFX##_bf16_64(                          \
+        const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k, const __nv_bfloat16* v,     \
+        const float* st, __nv_bfloat16* out, int t, int s, float scale, int oh) {                          \
+        flash_wg_dq<64, QREG, 2>(q, dout, k, v, st, out, t, s, scale, oh);                                 \
+    }
+FLASH_WG_WIDE(, false)
+FLASH_WG_WIDE(r, true)
+
+// The two-warpgroup dq's dynamic shared memory (WgDqSmem) for tests/emulated.rs to hold against
+// the launcher's size (patchlm_model::launch::flash_wg_dqw_smem).
+extern "C" __global__ void flash_wg_dqw_smem_bytes(int* out) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = WgDqSmem<64, 2>::BYTES;
 }
 
 // The wgmma one pass's dynamic shared memory (WgDkvSmem) for tests/emulated.rs to hold against the

@@ -147,6 +147,25 @@ pub fn flash_wg_dkvq_smem() -> u32 {
     ((4 * TILE + 2 * TILE) * 2 + 2 * 64 * 8) as u32
 }
 
+/// Query rows of the two-warpgroup wgmma forward and dq kernels' blocks (`flash_wg_fwdw_*`,
+/// `flash_wg_dqw_*`: 64 rows a warpgroup).
+pub const FLASH_WG_WIDE_ROWS: usize = 128;
+
+/// The two-warpgroup wgmma forward and dq kernels on `rows` query rows of `heads` heads: grid
+/// (⌈rows / [`FLASH_WG_WIDE_ROWS`]⌉, heads), 256 threads.
+pub fn flash_wg_wide(rows: usize, heads: usize) -> Launch {
+    Launch { grid: (rows.div_ceil(FLASH_WG_WIDE_ROWS) as u32, heads as u32, 1), block: (256, 1, 1) }
+}
+
+/// Bytes of dynamic shared memory the two-warpgroup wgmma dq kernel takes (`flash_wg_dqw_bf16_64`;
+/// kernels/hopper.cu `WgDqSmem`): its q and dO tiles of 128 rows and two buffers of a (k, v) tile
+/// pair of 64 keys (head size 64, bf16, unpadded core matrices). Above 48 KB: the launcher raises
+/// the kernel's limit.
+pub fn flash_wg_dqw_smem() -> u32 {
+    const HD: usize = 64;
+    ((2 * FLASH_WG_WIDE_ROWS * HD + 2 * 2 * 64 * HD) * 2) as u32
+}
+
 /// Elements per thread block of the multi-tensor kernels (`multi_*`).
 pub const MULTI_CHUNK: usize = 16384;
 

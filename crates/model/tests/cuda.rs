@@ -400,9 +400,14 @@ enum Tc {
     /// The same with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC too:
     /// `flash_wg_dkvq`).
     MmaWgmmaDqAtomic,
-    /// The wgmma kernels with q (and dO) in registers in the forward and dq
-    /// (PATCHLM_FLASH_WGMMA_QREG too: `flash_wg_fwdr`, `flash_wg_dqr`).
+    /// The wgmma kernels with q in registers in the forward and dq (PATCHLM_FLASH_WGMMA_QREG too:
+    /// `flash_wg_fwdr`, `flash_wg_dqr`).
     MmaWgmmaQreg,
+    /// The wgmma kernels with the two-warpgroup forward and dq (PATCHLM_FLASH_WIDE too:
+    /// `flash_wg_fwdw`, `flash_wg_dqw`).
+    MmaWgmmaWide,
+    /// The same with q in registers (`flash_wg_fwdwr`, `flash_wg_dqwr`).
+    MmaWgmmaWideQreg,
     /// mma.sync with the wide backward (PATCHLM_FLASH_WIDE_BWD: 128 keys a block at head size 64).
     MmaWideBwd,
     /// The same with dq, dk and dv from one backward pass.
@@ -421,10 +426,13 @@ fn set_tc(tc: Tc) {
         Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic | Tc::MmaLargeDqAtomic | Tc::MmaWgmmaDqAtomic
     ));
     patchlm_model::ops::set_flash_mma_large_heads(matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic));
-    patchlm_model::ops::set_flash_wide(tc == Tc::MmaWide);
+    patchlm_model::ops::set_flash_wide(matches!(tc, Tc::MmaWide | Tc::MmaWgmmaWide | Tc::MmaWgmmaWideQreg));
     patchlm_model::ops::set_flash_occ4(tc == Tc::MmaOcc4);
-    patchlm_model::ops::set_flash_wgmma(matches!(tc, Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic | Tc::MmaWgmmaQreg));
-    patchlm_model::ops::set_flash_wgmma_qreg(tc == Tc::MmaWgmmaQreg);
+    patchlm_model::ops::set_flash_wgmma(matches!(
+        tc,
+        Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic | Tc::MmaWgmmaQreg | Tc::MmaWgmmaWide | Tc::MmaWgmmaWideQreg
+    ));
+    patchlm_model::ops::set_flash_wgmma_qreg(matches!(tc, Tc::MmaWgmmaQreg | Tc::MmaWgmmaWideQreg));
     patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
 }
 
@@ -490,6 +498,16 @@ fn cuda_wg_one_pass_flash_matches_cpu() {
 #[ignore]
 fn cuda_wg_qreg_flash_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWgmmaQreg);
+}
+
+/// The wgmma forward and dq with two warpgroups of 64 query rows a block (PATCHLM_FLASH_WIDE
+/// with PATCHLM_FLASH_WGMMA: `flash_wg_fwdw`, `flash_wg_dqw` with 64 KB of dynamic shared memory),
+/// without and with q in registers, as above; in a process of its own (the name).
+#[test]
+#[ignore]
+fn cuda_wg_wide_flash_matches_cpu() {
+    tensor_core_flash_matches_cpu(Tc::MmaWgmmaWide);
+    tensor_core_flash_matches_cpu(Tc::MmaWgmmaWideQreg);
 }
 
 /// The mma.sync forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a

@@ -454,18 +454,29 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             check(&wg[3], t, &o, tol, "wgmma forward output");
             let e = max_rel(&output(&wg[4], DType::F32, &[bh, t]), &lse);
             assert!(e < tol_lse, "{what}: wgmma forward log-sum-exp rel err {e}");
-            let mut reg = wg.clone();
-            (reg[3], reg[4]) = (uninit(t), out(bh * t, DType::F32));
-            emulate("flash_wg_fwdr_bf16_64", launch::flash(t, bh, true), &mut reg);
-            same(&reg[3], bytes_of(&wg[3]), "wgmma forward output with q in registers");
-            same(&reg[4], bytes_of(&wg[4]), "wgmma forward lse with q in registers");
-            for kernel in ["flash_wg_fwd_bf16_64", "flash_wg_fwdr_bf16_64"] {
+            // q in registers (fwdr), two warpgroups of 64 rows a block (fwdw, PATCHLM_FLASH_WIDE),
+            // both (fwdwr): each row's arithmetic is the one-warpgroup kernel's.
+            let wide = launch::flash_wg_wide(t, bh);
+            for (kernel, geometry) in [
+                ("flash_wg_fwdr_bf16_64", launch::flash(t, bh, true)),
+                ("flash_wg_fwdw_bf16_64", wide),
+                ("flash_wg_fwdwr_bf16_64", wide),
+            ] {
+                let mut v = wg.clone();
+                (v[3], v[4]) = (uninit(t), out(bh * t, DType::F32));
+                emulate(kernel, geometry, &mut v);
+                same(&v[3], bytes_of(&wg[3]), &format!("{kernel} output"));
+                same(&v[4], bytes_of(&wg[4]), &format!("{kernel} lse"));
+            }
+            for (kernel, geometry) in
+                [("flash_wg_fwd_bf16_64", launch::flash(t, bh, true)), ("flash_wg_fwdwr_bf16_64", wide)]
+            {
                 if oh == 0 {
                     break;
                 }
                 let mut rows = wg.clone();
                 (rows[3], rows[4], rows[8]) = (uninit(t), out(bh * t, DType::F32), A::I(oh as i64));
-                emulate(kernel, launch::flash(t, bh, true), &mut rows);
+                emulate(kernel, geometry, &mut rows);
                 same(&rows[3], &rows_bytes(&wg[3]), &format!("{kernel} output as rows"));
             }
         }
@@ -526,15 +537,25 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             let mut wg = with(vec![uninit(t)]);
             emulate("flash_wg_dq_bf16_64", launch::flash(t, bh, true), &mut wg);
             check(&wg[5], t, &dq, tol_grad, "dq (wgmma)");
-            let mut reg = with(vec![uninit(t)]);
-            emulate("flash_wg_dqr_bf16_64", launch::flash(t, bh, true), &mut reg);
-            same(&reg[5], bytes_of(&wg[5]), "wgmma dq with q and dO in registers");
-            for kernel in ["flash_wg_dq_bf16_64", "flash_wg_dqr_bf16_64"] {
+            // q in registers (dqr), two warpgroups (dqw, its tiles in dynamic shared memory), both.
+            let wide = launch::flash_wg_wide(t, bh);
+            for (kernel, geometry) in [
+                ("flash_wg_dqr_bf16_64", launch::flash(t, bh, true)),
+                ("flash_wg_dqw_bf16_64", wide),
+                ("flash_wg_dqwr_bf16_64", wide),
+            ] {
+                let mut v = with(vec![uninit(t)]);
+                emulate(kernel, geometry, &mut v);
+                same(&v[5], bytes_of(&wg[5]), kernel);
+            }
+            for (kernel, geometry) in
+                [("flash_wg_dq_bf16_64", launch::flash(t, bh, true)), ("flash_wg_dqwr_bf16_64", wide)]
+            {
                 if oh == 0 {
                     break;
                 }
                 let mut rows = with_dout(vec![uninit(t)], true);
-                emulate(kernel, launch::flash(t, bh, true), &mut rows);
+                emulate(kernel, geometry, &mut rows);
                 same(&rows[5], bytes_of(&wg[5]), &format!("{kernel} with dO as rows"));
             }
         }
@@ -680,7 +701,8 @@ fn emulated_mma_flash_attention_matches_reference() {
 
 /// The wide backward kernels' dynamic shared memory: the launcher's size
 /// (`launch::flash_wide_bwd_smem`) is what the kernels lay out (`DkvSmem` in kernels/flash.cu);
-/// and the wgmma one pass's (`launch::flash_wg_dkvq_smem`, `WgDkvSmem` in kernels/hopper.cu).
+/// and the wgmma one pass's (`launch::flash_wg_dkvq_smem`, `WgDkvSmem` in kernels/hopper.cu) and
+/// two-warpgroup dq's (`launch::flash_wg_dqw_smem`, `WgDqSmem`).
 #[test]
 fn emulated_wide_flash_backward_shared_memory_agrees() {
     let mut args = [out(2, DType::U32)];
@@ -695,6 +717,12 @@ fn emulated_wide_flash_backward_shared_memory_agrees() {
     emulate("flash_wg_dkvq_smem_bytes", launch::elems(1), &mut args);
     let got = u32::from_le_bytes(bytes_of(&args[0])[..4].try_into().unwrap());
     assert_eq!(got, launch::flash_wg_dkvq_smem());
+    assert!(got > 48 * 1024, "{got}");
+    // And the two-warpgroup wgmma dq's (`WgDqSmem`).
+    let mut args = [out(1, DType::U32)];
+    emulate("flash_wg_dqw_smem_bytes", launch::elems(1), &mut args);
+    let got = u32::from_le_bytes(bytes_of(&args[0])[..4].try_into().unwrap());
+    assert_eq!(got, launch::flash_wg_dqw_smem());
     assert!(got > 48 * 1024, "{got}");
 }
 

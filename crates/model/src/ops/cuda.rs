@@ -832,11 +832,12 @@ impl FlashPlan {
             candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync or wgmma kernels");
         }
         let is_mma = family == "flash_mma";
-        // (The wgmma kernels have no wide or four-block build.)
+        // (The wgmma kernels have no four-block or wide backward build.)
         Ok(FlashPlan {
             family,
+            // (the wgmma kernels' wide forward and dq: two warpgroups of 64 rows)
             wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
-                && is_mma
+                && (is_mma || family == "flash_wg")
                 && super::flash_wide_enabled(dtype, hd),
             occ4: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
                 && is_mma
@@ -864,11 +865,13 @@ impl FlashPlan {
     /// `{family}_{which}_{dtype}_{hd}`).
     fn which(&self, kernel: FlashKernel) -> &'static [&'static str] {
         match kernel {
+            FlashKernel::Fwd if self.wide && self.qreg => &["fwdwr"],
             FlashKernel::Fwd if self.wide => &["fwdw"],
             FlashKernel::Fwd if self.occ4 => &["fwdo"],
             FlashKernel::Fwd if self.qreg => &["fwdr"],
             FlashKernel::Fwd => &["fwd"],
             FlashKernel::Lse => &["lse"],
+            FlashKernel::Dq if self.wide && self.qreg => &["dqwr"],
             FlashKernel::Dq if self.wide => &["dqw"],
             FlashKernel::Dq if self.occ4 => &["dqo"],
             FlashKernel::Dq if self.qreg => &["dqr"],
@@ -980,7 +983,10 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
         .collect::<Result<Vec<_>>>()?;
     let rows = if matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) { s } else { t };
-    let cfg = if wide {
+    let cfg = if wide && family == "flash_wg" {
+        let smem = if kernel == FlashKernel::Dq { crate::launch::flash_wg_dqw_smem() } else { 0 };
+        LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wg_wide(rows, bh)) }
+    } else if wide {
         cfg(crate::launch::flash_wide(rows, bh))
     } else if wide_bwd {
         let smem = crate::launch::flash_wide_bwd_smem(kernel == FlashKernel::Dkvq);

@@ -115,8 +115,11 @@ static FLASH_WIDE: Switch = Switch::new("PATCHLM_FLASH_WIDE", true, false);
 /// the backward's dq pass with 128 query rows a block (each warp two blocks of 16 rows:
 /// FlashAttention-2's forward tile for these head sizes) instead of 64, process-wide. Each (k, v)
 /// tile read from memory and each operand read from shared memory serves twice the rows, for
-/// more registers a thread (sm_90, head size 64: forward 242 against 131, dq 244 against 139)
-/// and half as many blocks. Off by default (also `PATCHLM_FLASH_WIDE=1`) until a GPU has timed it
+/// more registers a thread (sm_90, head size 64: forward 242 against 131, dq 252 against 136)
+/// and half as many blocks. Where the wgmma kernels run ([`flash_wgmma_runs`]), their forward and
+/// dq with two warpgroups of 64 rows a block sharing each (k, v) tile instead of one (sm_90a:
+/// forward 90 registers a thread against 94, dq 123 against 122, with 64 KB of dynamic shared
+/// memory). Off by default (also `PATCHLM_FLASH_WIDE=1`) until a GPU has timed it
 /// against the default; `tests/emulated.rs` checks its math without one, `tests/cuda.rs` on one.
 /// The results are the same either way: each row's arithmetic is the same, in the same order.
 pub fn set_flash_wide(enabled: bool) {
@@ -134,7 +137,7 @@ static FLASH_OCC4: Switch = Switch::new("PATCHLM_FLASH_OCC4", true, false);
 /// Chooses, where [`set_flash_mma`]'s kernels run at head sizes 32 and 64 and the wide ones
 /// ([`set_flash_wide`]) do not, a forward and dq pass compiled for four blocks an SM (at most 128
 /// registers a thread: 16 warps to hide latency instead of 12; sm_90, head size 64: the forward
-/// spills 20 bytes, dq nothing), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
+/// spills 20 bytes, dq 36), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
 /// a GPU has timed it; the same code as the default kernels, so the same results.
 pub fn set_flash_occ4(enabled: bool) {
     FLASH_OCC4.set(enabled);
@@ -171,7 +174,7 @@ pub fn flash_wgmma_enabled(dtype: DType, hd: usize) -> bool {
 /// Whether flash attention on `device` actually runs the wgmma kernels for `dtype` and head size
 /// `hd`: [`flash_wgmma_enabled`], a CUDA device that is a Hopper, and a build with its module
 /// (elsewhere the switch falls back to the mma.sync kernels, and where the wgmma kernels run, the
-/// wide and four-block mma.sync variants do not). For reports of what ran.
+/// four-block and wide backward mma.sync variants do not). For reports of what ran.
 pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -> bool {
     if !flash_wgmma_enabled(dtype, hd) {
         return false;
@@ -186,14 +189,15 @@ pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -
 static FLASH_WGMMA_QREG: Switch = Switch::new("PATCHLM_FLASH_WGMMA_QREG", true, false);
 
 /// Chooses, where the wgmma kernels run ([`flash_wgmma_runs`]), a forward and a dq pass that hold
-/// the block's q rows (dq: and dO rows) in registers after one read of their shared tiles, so
-/// that s = q·kᵀ (dq: and dP = dO·vᵀ) take their first operand from registers instead of shared
-/// memory every key tile: a step's reads of shared memory fall from 40 KB to 24 KB, where by the
-/// shared-memory bandwidth they bounded the step (kernels/hopper.cu works the numbers), for more
-/// registers a thread (sm_90a: forward 106 against 94, four blocks an SM instead of five; dq
-/// 158 against 126, three instead of four). Process-wide, off by default (also
-/// `PATCHLM_FLASH_WGMMA_QREG=1`) until a GPU has timed it; the same products on the same
-/// operands, so the same results.
+/// the block's q rows in registers after one read of their shared tile, so that s = q·kᵀ takes
+/// its first operand from registers instead of shared memory every key tile: a step's reads of
+/// shared memory fall from 40 KB to 24 KB (dq: 48 to 40), where by a count of bytes against
+/// tensor-core cycles shared memory bounded the step (kernels/hopper.cu works the numbers; a
+/// count, not a measurement), for more registers a thread (sm_90a: forward 106 against 94, four
+/// blocks an SM instead of five; dq 159 against 122, three instead of four). With
+/// [`set_flash_wide`] too, the two-warpgroup kernels alike (forward 106, dq 138: one block an SM).
+/// Process-wide, off by default (also `PATCHLM_FLASH_WGMMA_QREG=1`) until a GPU has timed it; the
+/// same products on the same operands, so the same results.
 pub fn set_flash_wgmma_qreg(enabled: bool) {
     FLASH_WGMMA_QREG.set(enabled);
 }
