@@ -1035,12 +1035,17 @@ __device__ __forceinline__ void softmax_tile(float (*sc)[4], float* m, float* l,
     }
 #pragma unroll
     for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + sum[h];
+    // A row whose maximum did not move has alpha 1 and keeps its accumulators as they are: where
+    // no row of the warp's moved (most tiles once the maxima settle), the warp skips the rescale,
+    // HD / 2 multiplies a lane, for a vote. The same bits either way.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-    for (int n = 0; n < HD / 8; n++) {
-        acc[n][0] *= alpha[0];
-        acc[n][1] *= alpha[0];
-        acc[n][2] *= alpha[1];
-        acc[n][3] *= alpha[1];
+        for (int n = 0; n < HD / 8; n++) {
+            acc[n][0] *= alpha[0];
+            acc[n][1] *= alpha[0];
+            acc[n][2] *= alpha[1];
+            acc[n][3] *= alpha[1];
+        }
     }
     acc_to_a<T, N>(pa, sc);
 }
@@ -1107,7 +1112,7 @@ __device__ __forceinline__ void ds_tile(uint32_t (*dsa)[4], float (*sc)[4], cons
 // 64·RW rows; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1 (flash_mma_fwd): the
 // default. RW = 2 (flash_mma_fwdw, PATCHLM_FLASH_WIDE; FlashAttention-2's 128-row forward tile
 // for these head sizes): each (k, v) tile fetched and each B fragment read from shared memory
-// serves twice the rows, for more registers (sm_90, head size 64: 242 against 131) and half the
+// serves twice the rows, for more registers (sm_90, head size 64: 242 against 128) and half the
 // blocks. The q tile is staged in
 // the second (k, v) buffer, whose first refill waits for the first pipeline barrier.
 template <typename T, int HD, int RW>
@@ -1560,7 +1565,7 @@ FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 64))
 
 // The default forward and dq with four blocks an SM (PATCHLM_FLASH_OCC4: at most 128 registers a
 // thread, 16 warps an SM instead of 12; sm_90, head size 64: dq spills 36 bytes, the forward
-// spills 20 bytes), the same code otherwise.
+// spills 12 bytes; the default forward fits 128 registers by itself), the same code otherwise.
 #define FLASH_MMA_OCC4(T, S, HD)                                                                           \
     extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_fwdo_##S##_##HD(                        \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \

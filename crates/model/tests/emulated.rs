@@ -699,6 +699,61 @@ fn emulated_mma_flash_attention_matches_reference() {
     }
 }
 
+/// The forward's online softmax skips a warp's rescale of its accumulators where no row of the
+/// warp has a new maximum: scores built so that in the last key tile only the second row of each
+/// lane (rows 8–15 of every warp's 16) finds a larger score (a key that only those queries point
+/// at), while every first row keeps the maximum of a key all queries point at (key 0). A kernel
+/// that asked only the first rows before skipping would leave the second rows' accumulators at
+/// the old scale; the mma.sync and wgmma forwards match the reference.
+#[test]
+fn emulated_flash_forward_rescales_rows_whose_maximum_moved() {
+    let (t, hd) = (192usize, 64usize);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let dev = Device::Cpu;
+    let noise = |n: usize| Tensor::randn(0f32, 0.3, (1, n, hd), &dev).unwrap();
+    let onehot = |n: usize, col: usize, at: &dyn Fn(usize) -> f32| {
+        let mut x = vec![0f32; n * hd];
+        for r in 0..n {
+            x[r * hd + col] = at(r);
+        }
+        Tensor::from_vec(x, (1, n, hd), &dev).unwrap()
+    };
+    // Scores (times scale): key 0 gives every query 4; key 150 (the third tile) gives the queries
+    // of rows 8–15 of each 16 that see it 6; the rest are small.
+    let q = ((noise(t) + onehot(t, 0, &|_| 4.0)).unwrap() + onehot(t, 1, &|r| if r % 16 >= 8 { 6.0 } else { 0.0 }))
+        .unwrap();
+    let k = ((noise(t) + onehot(t, 0, &|r| if r == 0 { 8.0 } else { 0.0 })).unwrap()
+        + onehot(t, 1, &|r| if r == 150 { 8.0 } else { 0.0 }))
+    .unwrap();
+    let v = Tensor::randn(0f32, 1.0, (1, t, hd), &dev).unwrap();
+    let bf = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+    let (q, k, v) = (bf(&q), bf(&k), bf(&v));
+    let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+    let [o, lse, ..] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&v), scale);
+    for (kernel, geometry) in [
+        ("flash_mma_fwd_bf16_64", launch::flash(t, 1, true)),
+        ("flash_wg_fwd_bf16_64", launch::flash(t, 1, true)),
+        ("flash_wg_fwdw_bf16_64", launch::flash_wg_wide(t, 1)),
+    ] {
+        let mut args = [
+            input(&q, false),
+            input(&k, false),
+            input(&v, false),
+            out(t * hd, DType::BF16),
+            out(t, DType::F32),
+            A::I(t as i64),
+            A::I(t as i64),
+            A::F(scale as f32),
+            A::I(0),
+        ];
+        emulate(kernel, geometry, &mut args);
+        let e = max_rel(&output(&args[3], DType::BF16, &[1, t, hd]), &o);
+        assert!(e < 1e-2, "{kernel}: output rel err {e}");
+        let e = max_rel(&output(&args[4], DType::F32, &[1, t]), &lse);
+        assert!(e < 2e-3, "{kernel}: lse rel err {e}");
+    }
+}
+
 /// The wide backward kernels' dynamic shared memory: the launcher's size
 /// (`launch::flash_wide_bwd_smem`) is what the kernels lay out (`DkvSmem` in kernels/flash.cu);
 /// and the wgmma one pass's (`launch::flash_wg_dkvq_smem`, `WgDkvSmem` in kernels/hopper.cu) and

@@ -339,6 +339,15 @@ T __shfl_sync(unsigned, T v, int src, int width = 32) {
     int lane = emu::lane_id();
     return emu::shfl(v, (lane / width) * width + (src % width), true);
 }
+// Whether any lane of the warp has `pred` set (a warp-collective vote).
+inline int __any_sync(unsigned, int pred) {
+    int all[32];
+    emu::warp_all(pred != 0 ? 1 : 0, all);
+    for (int i = 0; i < 32; i++) {
+        if (all[i]) return 1;
+    }
+    return 0;
+}
 template <typename T>
 T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
     int lane = emu::lane_id(), src = lane + (int)delta;

@@ -115,7 +115,7 @@ static FLASH_WIDE: Switch = Switch::new("PATCHLM_FLASH_WIDE", true, false);
 /// the backward's dq pass with 128 query rows a block (each warp two blocks of 16 rows:
 /// FlashAttention-2's forward tile for these head sizes) instead of 64, process-wide. Each (k, v)
 /// tile read from memory and each operand read from shared memory serves twice the rows, for
-/// more registers a thread (sm_90, head size 64: forward 242 against 131, dq 252 against 136)
+/// more registers a thread (sm_90, head size 64: forward 242 against 128, dq 252 against 136)
 /// and half as many blocks. Where the wgmma kernels run ([`flash_wgmma_runs`]), their forward and
 /// dq with two warpgroups of 64 rows a block sharing each (k, v) tile instead of one (sm_90a:
 /// forward 90 registers a thread against 94, dq 123 against 122, with 64 KB of dynamic shared
@@ -137,7 +137,7 @@ static FLASH_OCC4: Switch = Switch::new("PATCHLM_FLASH_OCC4", true, false);
 /// Chooses, where [`set_flash_mma`]'s kernels run at head sizes 32 and 64 and the wide ones
 /// ([`set_flash_wide`]) do not, a forward and dq pass compiled for four blocks an SM (at most 128
 /// registers a thread: 16 warps to hide latency instead of 12; sm_90, head size 64: the forward
-/// spills 20 bytes, dq 36), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
+/// spills 12 bytes, dq 36; the default forward takes 128 registers itself), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
 /// a GPU has timed it; the same code as the default kernels, so the same results.
 pub fn set_flash_occ4(enabled: bool) {
     FLASH_OCC4.set(enabled);
