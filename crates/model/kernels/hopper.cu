@@ -265,8 +265,8 @@ extern "C" __global__ void __launch_bounds__(128) probe_wgmma_ss_t_bf16(const __
 // The whole warpgroup issues every product, so each warp takes every key tile of its block (the
 // rows' masks zero what they do not see) where flash_mma_fwd skips the tiles past its own rows.
 // With QREG (PATCHLM_FLASH_WGMMA_QREG) q goes from its tile into registers once (16 a thread), and
-// s = q . k^T takes it from there: a step's products then read 24 KB of shared memory instead of
-// 40 (the cp.async copies write 16 more), which by the shared-memory bandwidth (128 bytes a cycle
+// s = q . k^T takes it from there: a step's products then read 16 KB of shared memory instead of
+// 24 (the cp.async copies write 16 more), which by the shared-memory bandwidth (128 bytes a cycle
 // an SM) is the difference between 320 cycles of reads and writes against 256 of tensor-core work
 // a step (m64n64k16 at the dense bf16 rate) and 256 against 256.
 // With WG = 2 (flash_wg_fwdw, PATCHLM_FLASH_WIDE with PATCHLM_FLASH_WGMMA) a block is two
@@ -453,9 +453,10 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
 // tile into registers once (16 a thread) and s = q . k^T takes it from there: a step's products
 // read 32 KB of shared memory instead of 40 (the copies write 16 more), 384 cycles of
 // shared-memory traffic against 384 of tensor-core work instead of 448 (as in the forward; dO
-// too would make it 320, for 178 registers a thread and two blocks an SM instead of three). With WG = 2 (flash_wg_dqw, PATCHLM_FLASH_WIDE with PATCHLM_FLASH_WGMMA) two
-// warpgroups, 128 query rows, share each (k, v) tile, as in the forward (the tiles then take
-// 64 KB of dynamic shared memory: WgDqSmem).
+// too would make it 320, for 178 registers a thread and two blocks an SM instead of three).
+// With WG = 2 (flash_wg_dqw, PATCHLM_FLASH_WIDE with PATCHLM_FLASH_WGMMA) two warpgroups, 128
+// query rows, share each (k, v) tile, as in the forward (the tiles then take 64 KB of dynamic
+// shared memory: WgDqSmem).
 template <int HD, int WG>
 struct WgDqSmem {
     static constexpr int ROWS = 64 * WG, BC = 64, QD = ROWS * HD, KV = 2 * BC * HD;

@@ -118,8 +118,8 @@ static FLASH_WIDE: Switch = Switch::new("PATCHLM_FLASH_WIDE", true, false);
 /// more registers a thread (sm_90, head size 64: forward 242 against 128, dq 252 against 136)
 /// and half as many blocks. Where the wgmma kernels run ([`flash_wgmma_runs`]), their forward and
 /// dq with two warpgroups of 64 rows a block sharing each (k, v) tile instead of one (sm_90a:
-/// forward 90 registers a thread against 94, dq 123 against 122, with 64 KB of dynamic shared
-/// memory). Off by default (also `PATCHLM_FLASH_WIDE=1`) until a GPU has timed it
+/// forward 90 registers a thread, as the one-warpgroup kernel; dq 123 against 122, with 64 KB of
+/// dynamic shared memory). Off by default (also `PATCHLM_FLASH_WIDE=1`) until a GPU has timed it
 /// against the default; `tests/emulated.rs` checks its math without one, `tests/cuda.rs` on one.
 /// The results are the same either way: each row's arithmetic is the same, in the same order.
 pub fn set_flash_wide(enabled: bool) {
@@ -190,12 +190,13 @@ static FLASH_WGMMA_QREG: Switch = Switch::new("PATCHLM_FLASH_WGMMA_QREG", true, 
 
 /// Chooses, where the wgmma kernels run ([`flash_wgmma_runs`]), a forward and a dq pass that hold
 /// the block's q rows in registers after one read of their shared tile, so that s = q·kᵀ takes
-/// its first operand from registers instead of shared memory every key tile: a step's reads of
-/// shared memory fall from 40 KB to 24 KB (dq: 48 to 40), where by a count of bytes against
+/// its first operand from registers instead of shared memory every key tile: a step's
+/// shared-memory traffic falls from 40 KB to 32 KB (dq: 56 to 48), where by a count of bytes against
 /// tensor-core cycles shared memory bounded the step (kernels/hopper.cu works the numbers; a
-/// count, not a measurement), for more registers a thread (sm_90a: forward 106 against 94, four
+/// count, not a measurement), for more registers a thread (sm_90a: forward 106 against 90, four
 /// blocks an SM instead of five; dq 159 against 122, three instead of four). With
-/// [`set_flash_wide`] too, the two-warpgroup kernels alike (forward 106, dq 138: one block an SM).
+/// [`set_flash_wide`] too, the two-warpgroup kernels alike (forward 106: two blocks of 8 warps an
+/// SM; dq 138: one).
 /// Process-wide, off by default (also `PATCHLM_FLASH_WGMMA_QREG=1`) until a GPU has timed it; the
 /// same products on the same operands, so the same results.
 pub fn set_flash_wgmma_qreg(enabled: bool) {
