@@ -549,6 +549,14 @@ fn tensor_core_flash_matches_cpu(tc: Tc) {
     use patchlm_model::ops::{flash_attention_lse, flash_attention_lse_rows, grad};
     let g = gpu();
     set_tc(tc);
+    // The wgmma variants fall back to mma.sync off Hopper or without a build for it: a pass there
+    // would say nothing about them.
+    let wgmma =
+        matches!(tc, Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic | Tc::MmaWgmmaQreg | Tc::MmaWgmmaWide | Tc::MmaWgmmaWideQreg);
+    assert!(
+        !wgmma || patchlm_model::ops::flash_wgmma_runs(&g, DType::BF16, 64),
+        "{tc:?}: the wgmma kernels do not run here (they need a Hopper GPU and a build with CUDA_COMPUTE_CAP=90)"
+    );
     // `misalign`: the GPU inputs start one element into their buffers (not 16-byte aligned), so
     // the kernels take their element-wise load path.
     let shapes: &[(usize, usize, usize, usize, usize, bool)] = if matches!(tc, Tc::MmaLarge | Tc::MmaLargeDqAtomic) {
