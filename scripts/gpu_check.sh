@@ -117,11 +117,12 @@ for s in $sections; do
              DQA_OK=$dqa
              [ $wg = 1 ] && [ $WGDQ = 0 ] && dqa=0
              export PATCHLM_FLASH_DQ_ATOMIC=${PATCHLM_FLASH_DQ_ATOMIC:-$dqa}
-             # The wide forward (128 rows a block): the same, decided by the wide section. (With
-             # the wgmma kernels on, the switch picks their two-warpgroup forward and dq: only
-             # where their test passed too; WIDE_OK keeps the mma.sync verdict for `variants`.)
-             WIDE_OK=$wide
-             [ $wg = 1 ] && [ $WGW = 0 ] && wide=0
+             # The wide forward (128 rows a block) and backward (128 keys): the same. (With the
+             # wgmma kernels on, the switches pick their two-warpgroup forward, dq and dk/dv: only
+             # where their test passed too; WIDE_OK and WIDEB_OK keep the mma.sync verdicts for
+             # `variants`.)
+             WIDE_OK=$wide; WIDEB_OK=$wideb
+             [ $wg = 1 ] && [ $WGW = 0 ] && wide=0 && wideb=0
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
              # The forward and dq at four blocks an SM: the same.
              export PATCHLM_FLASH_OCC4=${PATCHLM_FLASH_OCC4:-$occ4} PATCHLM_FLASH_WGMMA=${PATCHLM_FLASH_WGMMA:-$wg}
@@ -222,22 +223,25 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC),
           # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward, dq
           # and dk/dv on warpgroup MMAs (PATCHLM_FLASH_WGMMA; not with the wide or four-block kernels;
-          # with the one pass, the wgmma one pass, where its own test passed; with WIDE, their
-          # two-warpgroup forward and dq, where its test passed; WGMMA 2: with the forward and dq
-          # holding q in registers, PATCHLM_FLASH_WGMMA_QREG, where its test passed).
+          # with the one pass, the wgmma one pass, where its own test passed; with WIDE and
+          # WIDE_BWD, their two-warpgroup forward and dq, and dk/dv (not the one pass), where their
+          # test passed; WGMMA 2: with the forward and dq holding q in registers,
+          # PATCHLM_FLASH_WGMMA_QREG, where its test passed).
           # The fastest (forward + backward) stays on for the sections that follow if a 370M
           # training step with it is faster than one with the defaults.
           fws="0"; [ "${WIDE_OK:-${PATCHLM_FLASH_WIDE:-0}}" = 1 ] || [ "${WGW:-0}" = 1 ] && fws="0 1"
-          bws="0"; [ "${PATCHLM_FLASH_WIDE_BWD:-0}" = 1 ] && bws="0 1"
+          bws="0"; [ "${WIDEB_OK:-${PATCHLM_FLASH_WIDE_BWD:-0}}" = 1 ] || [ "${WGW:-0}" = 1 ] && bws="0 1"
           dqs="0"; [ "${DQA_OK:-${PATCHLM_FLASH_DQ_ATOMIC:-0}}" = 1 ] && dqs="0 1"
           ocs="0"; [ "${PATCHLM_FLASH_OCC4:-0}" = 1 ] && ocs="0 1"
           wgs="0"; [ "${PATCHLM_FLASH_WGMMA:-0}" = 1 ] && wgs="0 1" && [ "${WGQ:-0}" = 1 ] && wgs="0 1 2"
           list=""
           for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do for g in $wgs; do
             [ $f = 1 ] && [ $o = 1 ] && continue  # (the wide kernels have no four-block build)
-            [ $g != 0 ] && [ $o$b != 00 ] && continue  # (no four-block or wide backward wgmma build)
+            [ $g != 0 ] && [ $o = 1 ] && continue  # (no four-block wgmma build)
+            [ $g != 0 ] && [ $b$d = 11 ] && continue  # (nor a wide wgmma one pass)
             [ $g = 0 ] && [ $f = 1 ] && [ "${WIDE_OK:-${PATCHLM_FLASH_WIDE:-0}}" != 1 ] && continue
-            [ $g != 0 ] && [ $f = 1 ] && [ "${WGW:-0}" != 1 ] && continue
+            [ $g = 0 ] && [ $b = 1 ] && [ "${WIDEB_OK:-${PATCHLM_FLASH_WIDE_BWD:-0}}" != 1 ] && continue
+            [ $g != 0 ] && [ $f$b != 00 ] && [ "${WGW:-0}" != 1 ] && continue
             [ $g != 0 ] && [ $d = 1 ] && [ "${WGDQ:-0}" != 1 ] && continue
             list="${list:+$list,}$f:$b:$d:$o:$g"
           done; done; done; done; done

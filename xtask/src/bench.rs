@@ -451,8 +451,8 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
                 // The switchable kernel families this run used (README: GPU): what ran, not only
                 // what was asked for (the wgmma kernels need a Hopper; where they run, the
-                // four-block and wide backward variants do not, and the wide switch picks their
-                // two-warpgroup forward and dq).
+                // four-block variants and a wide one pass do not, and the wide switches pick their
+                // two-warpgroup forward, dq and dk/dv).
                 "optin": {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
@@ -462,7 +462,9 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                     "flash_dq_atomic": device.is_cuda() && flash && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd),
                     "flash_wide": device.is_cuda() && flash && patchlm_model::ops::flash_wide_enabled(dtype, hd),
-                    "flash_wide_bwd": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd),
+                    // (the wgmma kernels' wide dk/dv pass: not with their one pass)
+                    "flash_wide_bwd": device.is_cuda() && flash && patchlm_model::ops::flash_wide_bwd_enabled(dtype, hd)
+                        && !(wgmma && patchlm_model::ops::flash_dq_atomic_enabled(dtype, hd)),
                     "flash_occ4": device.is_cuda() && flash && !wgmma && patchlm_model::ops::flash_occ4_enabled(dtype, hd),
                     "flash_wgmma": flash && wgmma,
                     "flash_wgmma_qreg": flash && wgmma && patchlm_model::ops::flash_wgmma_qreg_enabled(dtype, hd),
@@ -726,7 +728,9 @@ fn flash_row(device: &Device, sh: &FlashShape, x: [&Tensor; 4], variant: Option<
         // What ran (see the model rows' "optin").
         "dq_atomic": device.is_cuda() && ops::flash_dq_atomic_enabled(dtype, hd),
         "wide": device.is_cuda() && ops::flash_wide_enabled(dtype, hd),
-        "wide_bwd": device.is_cuda() && !wgmma && ops::flash_wide_bwd_enabled(dtype, hd),
+        "wide_bwd": device.is_cuda()
+            && ops::flash_wide_bwd_enabled(dtype, hd)
+            && !(wgmma && ops::flash_dq_atomic_enabled(dtype, hd)),
         "occ4": device.is_cuda() && !wgmma && ops::flash_occ4_enabled(dtype, hd),
         "wgmma": wgmma,
         "wgmma_qreg": wgmma && ops::flash_wgmma_qreg_enabled(dtype, hd),

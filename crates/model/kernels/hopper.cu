@@ -560,15 +560,20 @@ struct WgDkvSmem {
 // product, dS read M-major from the dS^T tile and k transposed from a k tile kept in shared
 // memory, issued with dv's and dk's; it is added into dq_acc (zeroed by the caller) with atomics,
 // and flash_dq_cast scales and rounds it. 5 tile products a step instead of the two passes' 7.
-template <int HD, bool DQ>
+// With WG = 2 (flash_wg_dkvw, PATCHLM_FLASH_WIDE_BWD with PATCHLM_FLASH_WGMMA; not with DQ) a
+// block is two warpgroups, 128 keys, sharing each (q, dO) tile: half the tile copies from L2 a
+// key. Each warpgroup skips the tiles of queries that see none of its keys, so where the queries'
+// tiles start where the one-warpgroup blocks' do (S = T) each key's arithmetic is theirs.
+template <int HD, bool DQ, int WG = 1>
 __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const float* st, __nv_bfloat16* dk, __nv_bfloat16* dv,
                              float* dq_acc, int t, int s, float scale, int oh) {
     static_assert(HD == 64, "the wgmma dk/dv pass has head size 64 (its products are m64n64)");
+    static_assert(WG == 1 || !DQ, "the one-pass backward has one warpgroup a block");
     typedef __nv_bfloat16 T;
     using M = WgDkvSmem<HD, DQ>;
     constexpr int BQ = M::BQ, KEYS = M::KEYS, LD = HD + 8;
-    static_assert(2 * KEYS * LD <= M::QD, "the k and v tiles are staged where the query tiles go");
+    static_assert(KEYS * WG * LD <= M::QD, "the k or v tile is staged where the query tiles go");
     T *qd, *kt, *dst;
     float2(*lsd)[BQ];
     if constexpr (!DQ) {
@@ -586,22 +591,21 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
         dst = kt + M::KT;
         lsd = reinterpret_cast<float2(*)[BQ]>(dst + M::DST);
     }
-    const int bh = blockIdx.y, j0 = blockIdx.x * KEYS, off = s - t;
+    const int bh = blockIdx.y, j0 = blockIdx.x * KEYS * WG, off = s - t;
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-    // The block's k and v rows as A fragments, staged row-major through the query buffers.
-    T* stage = qd;
-    const int nk = min(KEYS, s - j0);
+    // The block's k and v rows as A fragments, each staged row-major through the query buffers.
+    const int nk = min(KEYS * WG, s - j0);
     const T* kh = k + (size_t)bh * s * HD;
-    tc_tile_in<T, HD, LD, KEYS>(stage, kh, j0, nk);
-    tc_tile_in<T, HD, LD, KEYS>(stage + KEYS * LD, v + (size_t)bh * s * HD, j0, nk);
-    __syncthreads();
     uint32_t ka[HD / 16][4], va[HD / 16][4];
+    auto stage_frags = [&](uint32_t(*fa)[4], const T* src) {
+        tc_tile_in<T, HD, LD, KEYS * WG>(qd, src, j0, nk);
+        __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-        frag_a(ka[kk], stage + w * 16 * LD, LD, kk);
-        frag_a(va[kk], stage + (KEYS + w * 16) * LD, LD, kk);
-    }
-    __syncthreads();  // the staging area is free again
+        for (int kk = 0; kk < HD / 16; kk++) frag_a(fa[kk], qd + w * 16 * LD, LD, kk);
+        __syncthreads();  // the staging area is free again
+    };
+    stage_frags(ka, kh);
+    stage_frags(va, v + (size_t)bh * s * HD);
     const OutRows rd = out_rows(bh, t, HD, oh);
     const T* qb = q + (size_t)bh * t * HD;
     const T* db = dout + rd.base;
@@ -615,6 +619,7 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
         cp_async_commit();
     };
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
+    const int gfirst = j0 + (WG > 1 ? threadIdx.x >> 7 : 0) * KEYS;  // this warpgroup's first key
     if constexpr (DQ) wg_tile_async<HD, KEYS>(kt, kh, j0, nk);  // (in the first fetch's group)
     fetch(0, qfirst);
     const int wfirst = j0 + w * 16, key = wfirst + (lane >> 2);  // this lane's keys: key and key + 8
@@ -630,6 +635,7 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
         // (With DQ the barrier also means every warp's dq product from the last step, which read
         // the dS^T tile, is done: each waited for it.)
         pipeline_step<true>(q0 + BQ < t, [&] { fetch(buf ^ 1, q0 + BQ); });
+        if (WG > 1 && q0 + BQ - 1 + off < gfirst) continue;  // no query of the tile sees its keys
         const T* qs = qd + buf * 2 * BQ * HD;
         const T* dos = qs + BQ * HD;
         float sc[BQ / 8][4], dp[BQ / 8][4];
@@ -701,6 +707,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_dkv_bf16_64(const __n
                                                                        __nv_bfloat16* dv, int t, int s, float scale,
                                                                        int oh) {
     flash_wg_dkv<64, false>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
+}
+
+extern "C" __global__ void __launch_bounds__(256) flash_wg_dkvw_bf16_64(const __nv_bfloat16* q,
+                                                                        const __nv_bfloat16* dout,
+                                                                        const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                                        const float* st, __nv_bfloat16* dk,
+                                                                        __nv_bfloat16* dv, int t, int s, float scale,
+                                                                        int oh) {
+    flash_wg_dkv<64, false, 2>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_wg_dkvq_bf16_64(const __nv_bfloat16* q,

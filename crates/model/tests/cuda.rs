@@ -403,8 +403,8 @@ enum Tc {
     /// The wgmma kernels with q in registers in the forward and dq (PATCHLM_FLASH_WGMMA_QREG too:
     /// `flash_wg_fwdr`, `flash_wg_dqr`).
     MmaWgmmaQreg,
-    /// The wgmma kernels with the two-warpgroup forward and dq (PATCHLM_FLASH_WIDE too:
-    /// `flash_wg_fwdw`, `flash_wg_dqw`).
+    /// The wgmma kernels with the two-warpgroup forward, dq and dk/dv (PATCHLM_FLASH_WIDE and
+    /// PATCHLM_FLASH_WIDE_BWD too: `flash_wg_fwdw`, `flash_wg_dqw`, `flash_wg_dkvw`).
     MmaWgmmaWide,
     /// The same with q in registers (`flash_wg_fwdwr`, `flash_wg_dqwr`).
     MmaWgmmaWideQreg,
@@ -433,7 +433,10 @@ fn set_tc(tc: Tc) {
         Tc::MmaWgmma | Tc::MmaWgmmaDqAtomic | Tc::MmaWgmmaQreg | Tc::MmaWgmmaWide | Tc::MmaWgmmaWideQreg
     ));
     patchlm_model::ops::set_flash_wgmma_qreg(matches!(tc, Tc::MmaWgmmaQreg | Tc::MmaWgmmaWideQreg));
-    patchlm_model::ops::set_flash_wide_bwd(matches!(tc, Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic));
+    patchlm_model::ops::set_flash_wide_bwd(matches!(
+        tc,
+        Tc::MmaWideBwd | Tc::MmaWideBwdDqAtomic | Tc::MmaWgmmaWide | Tc::MmaWgmmaWideQreg
+    ));
 }
 
 /// The wmma tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
@@ -502,7 +505,8 @@ fn cuda_wg_qreg_flash_matches_cpu() {
 
 /// The wgmma forward and dq with two warpgroups of 64 query rows a block (PATCHLM_FLASH_WIDE
 /// with PATCHLM_FLASH_WGMMA: `flash_wg_fwdw`, `flash_wg_dqw` with 64 KB of dynamic shared memory),
-/// without and with q in registers, as above; in a process of its own (the name).
+/// without and with q in registers, and the dk/dv pass with two warpgroups of 64 keys
+/// (PATCHLM_FLASH_WIDE_BWD: `flash_wg_dkvw`), as above; in a process of its own (the name).
 #[test]
 #[ignore]
 fn cuda_wg_wide_flash_matches_cpu() {

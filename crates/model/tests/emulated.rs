@@ -593,6 +593,23 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             same(&rows[5], bytes_of(&wg[5]), "wgmma dk with dO as rows");
             same(&rows[6], bytes_of(&wg[6]), "wgmma dv with dO as rows");
         }
+        // Two warpgroups of 64 keys a block (flash_wg_dkvw, PATCHLM_FLASH_WIDE_BWD): against the
+        // reference, and where S = T (the query tiles start where the one-warpgroup blocks'
+        // do) the same bytes; with dO as rows too.
+        let wide = launch::flash_wide_bwd(s, bh);
+        for rows in [false, true] {
+            if rows && oh == 0 {
+                continue;
+            }
+            let mut w2 = with_dout(vec![uninit(s), uninit(s)], rows);
+            emulate("flash_wg_dkvw_bf16_64", wide, &mut w2);
+            check(&w2[5], s, &dk, tol_grad, "dk (wgmma, two warpgroups)");
+            check(&w2[6], s, &dv, tol_grad, "dv (wgmma, two warpgroups)");
+            if s == t {
+                same(&w2[5], bytes_of(&wg[5]), &format!("wgmma dk, two warpgroups, dO as rows {rows}"));
+                same(&w2[6], bytes_of(&wg[6]), &format!("wgmma dv, two warpgroups, dO as rows {rows}"));
+            }
+        }
     }
     if family == Flash::Mma && !matches!(hd, 80 | 96) {
         // dq, dk and dv in one pass (PATCHLM_FLASH_DQ_ATOMIC; not at head sizes 80 and 96): dq summed over key blocks in a

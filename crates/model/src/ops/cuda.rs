@@ -832,7 +832,7 @@ impl FlashPlan {
             candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync or wgmma kernels");
         }
         let is_mma = family == "flash_mma";
-        // (The wgmma kernels have no four-block or wide backward build.)
+        // (The wgmma kernels have no four-block or wide one-pass build.)
         Ok(FlashPlan {
             family,
             // (the wgmma kernels' wide forward and dq: two warpgroups of 64 rows)
@@ -842,8 +842,9 @@ impl FlashPlan {
             occ4: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
                 && is_mma
                 && super::flash_occ4_enabled(dtype, hd),
-            wide_bwd: matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq)
-                && is_mma
+            // (the wgmma kernels' wide dk/dv pass: two warpgroups of 64 keys; no wide one pass)
+            wide_bwd: (matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) && is_mma
+                || kernel == FlashKernel::Dkv && family == "flash_wg")
                 && super::flash_wide_bwd_enabled(dtype, hd),
             qreg: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
                 && family == "flash_wg"
@@ -988,6 +989,8 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wg_wide(rows, bh)) }
     } else if wide {
         cfg(crate::launch::flash_wide(rows, bh))
+    } else if wide_bwd && family == "flash_wg" {
+        cfg(crate::launch::flash_wide_bwd(rows, bh))
     } else if wide_bwd {
         let smem = crate::launch::flash_wide_bwd_smem(kernel == FlashKernel::Dkvq);
         LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wide_bwd(rows, bh)) }

@@ -174,7 +174,7 @@ pub fn flash_wgmma_enabled(dtype: DType, hd: usize) -> bool {
 /// Whether flash attention on `device` actually runs the wgmma kernels for `dtype` and head size
 /// `hd`: [`flash_wgmma_enabled`], a CUDA device that is a Hopper, and a build with its module
 /// (elsewhere the switch falls back to the mma.sync kernels, and where the wgmma kernels run, the
-/// four-block and wide backward mma.sync variants do not). For reports of what ran.
+/// four-block variants and a wide one-pass backward do not). For reports of what ran.
 pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -> bool {
     if !flash_wgmma_enabled(dtype, hd) {
         return false;
@@ -216,7 +216,9 @@ static FLASH_WIDE_BWD: Switch = Switch::new("PATCHLM_FLASH_WIDE_BWD", true, fals
 /// size) instead of 64 keys a block of 4, process-wide; with [`set_flash_dq_atomic`] the one-pass
 /// backward's too. Each query tile read from memory, and in the one pass each dq atomic, serves
 /// twice the keys, for one block an SM instead of three (170 registers a thread on sm_90).
-/// Off by default (also `PATCHLM_FLASH_WIDE_BWD=1`) until a GPU has timed it against the
+/// Where the wgmma kernels run ([`flash_wgmma_runs`]), their two-pass dk/dv with two warpgroups of
+/// 64 keys a block sharing each (q, dO) tile (sm_90a: 216 registers a thread, one block of 8
+/// warps an SM instead of two of 4; their one pass stays at one warpgroup). Off by default (also `PATCHLM_FLASH_WIDE_BWD=1`) until a GPU has timed it against the
 /// default; `tests/emulated.rs` checks its math without one, `tests/cuda.rs` on one. dk and dv
 /// are the same either way (each key's arithmetic is); the one-pass dq's atomics add in another
 /// order.
