@@ -92,9 +92,11 @@ for s in $sections; do
              grep -q 'test result: ok' /tmp/kernels-wide.txt && [ $mma = 1 ] && wide=1
              grep -q 'test result: ok' /tmp/kernels-wideb.txt && [ $mma = 1 ] && wideb=1
              grep -q 'test result: ok' /tmp/kernels-occ4.txt && [ $mma = 1 ] && occ4=1
-             # The wgmma kernels only where the probe of their layouts passed too.
-             grep -q 'test result: ok' /tmp/kernels-wgmma.txt && grep -q 'test result: ok' /tmp/kernels-hopper.txt \
-               && [ $mma = 1 ] && wg=1
+             # The wgmma kernels where their own test passed: the launcher settles the device's
+             # reading of their descriptors by the probes at first use and takes the kernels built
+             # for it, so the probe test's verdict on the documented reading (kernels-hopper) is
+             # information, not a condition.
+             grep -q 'test result: ok' /tmp/kernels-wgmma.txt && [ $mma = 1 ] && wg=1
              grep -q 'test result: ok' /tmp/kernels-wgdq.txt && [ $wg = 1 ] && [ $dqa = 1 ] && WGDQ=1
              grep -q 'test result: ok' /tmp/kernels-wgq.txt && [ $wg = 1 ] && WGQ=1
              grep -q 'test result: ok' /tmp/kernels-wgw.txt && [ $wg = 1 ] && WGW=1

@@ -56,6 +56,17 @@ __device__ __forceinline__ WgDesc wg_desc(const void* smem, uint32_t lbo_bytes, 
 #endif
 }
 
+// The descriptor of an MN-major (transposed) operand at `smem` whose core matrices lie `along_k`
+// bytes apart along K and `along_mn` along M or N: LBO along K, as the PTX ISA and CUTLASS lay out
+// unswizzled MN-major operands (and the emulator reads them), or with SWAP the two fields the
+// other way round. The flash kernels come in both builds (flash_wg_*, flash_wgs_*), and the
+// launcher takes the one whose reading the GPU's own probe agrees with, so that a GPU that read
+// the fields the other way would still run them (patchlm_model::ops::cuda::wgmma_reading).
+template <bool SWAP>
+__device__ __forceinline__ WgDesc wg_desc_mn(const void* smem, uint32_t along_k, uint32_t along_mn) {
+    return SWAP ? wg_desc(smem, along_mn, along_k) : wg_desc(smem, along_k, along_mn);
+}
+
 // Shared memory written by ordinary stores, visible to wgmma's operand reads (after the barrier
 // that orders the stores).
 __device__ __forceinline__ void wg_fence_smem() {
@@ -387,7 +398,7 @@ struct WgRows {
     }
 };
 
-template <int HD, bool QREG, int WG>
+template <int HD, bool QREG, int WG, bool SWAP>
 __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                              __nv_bfloat16* o, float* lse, int t, int s, float scale, int oh) {
     static_assert(HD == 64, "the wgmma forward has head size 64 (its products are m64n64)");
@@ -438,7 +449,7 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) {  // o += p . v, 16 keys a product
-            wgmma_m64n64k16_rs_bf16(&acc[0][0], pa[kk], wg_desc(vs + kk * 2 * (HD / 8) * 64, L::ALONG_ROWS, L::ALONG_COLS), 1);
+            wgmma_m64n64k16_rs_bf16(&acc[0][0], pa[kk], wg_desc_mn<SWAP>(vs + kk * 2 * (HD / 8) * 64, L::ALONG_ROWS, L::ALONG_COLS), 1);
         }
         wg_settle<HD / 8>(acc);
     }
@@ -463,7 +474,7 @@ struct WgDqSmem {
     static constexpr int BYTES = (2 * QD + 2 * KV) * 2;
 };
 
-template <int HD, bool QREG, int WG>
+template <int HD, bool QREG, int WG, bool SWAP>
 __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
                             const __nv_bfloat16* v, const float* st, __nv_bfloat16* dq, int t, int s, float scale,
                             int oh) {
@@ -531,7 +542,7 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) {  // dq += dS . k, 16 keys a product
-            wgmma_m64n64k16_rs_bf16(&acc[0][0], dsa[kk], wg_desc(ks + kk * 2 * (HD / 8) * 64, L::ALONG_ROWS, L::ALONG_COLS), 1);
+            wgmma_m64n64k16_rs_bf16(&acc[0][0], dsa[kk], wg_desc_mn<SWAP>(ks + kk * 2 * (HD / 8) * 64, L::ALONG_ROWS, L::ALONG_COLS), 1);
         }
         wg_settle<HD / 8>(acc);
     }
@@ -564,7 +575,7 @@ struct WgDkvSmem {
 // block is two warpgroups, 128 keys, sharing each (q, dO) tile: half the tile copies from L2 a
 // key. Each warpgroup skips the tiles of queries that see none of its keys, so where the queries'
 // tiles start where the one-warpgroup blocks' do (S = T) each key's arithmetic is theirs.
-template <int HD, bool DQ, int WG = 1>
+template <int HD, bool DQ, int WG, bool SWAP>
 __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k,
                              const __nv_bfloat16* v, const float* st, __nv_bfloat16* dk, __nv_bfloat16* dv,
                              float* dq_acc, int t, int s, float scale, int oh) {
@@ -667,8 +678,8 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; kk++) {  // dv += P^T . dO and dk += dS^T . q, 16 queries a product
             const int at = kk * 2 * (HD / 8) * 64;
-            wgmma_m64n64k16_rs_bf16(&dva[0][0], pa[kk], wg_desc(dos + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
-            wgmma_m64n64k16_rs_bf16(&dka[0][0], dsa[kk], wg_desc(qs + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
+            wgmma_m64n64k16_rs_bf16(&dva[0][0], pa[kk], wg_desc_mn<SWAP>(dos + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
+            wgmma_m64n64k16_rs_bf16(&dka[0][0], dsa[kk], wg_desc_mn<SWAP>(qs + at, L::ALONG_ROWS, L::ALONG_COLS), 1);
         }
         if constexpr (DQ) {
             // dq (queries x head) = dS . k over the block's keys, 16 keys a product: dS M-major from
@@ -676,8 +687,9 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
 #pragma unroll
             for (int kk = 0; kk < KEYS / 16; kk++) {
                 const int at = kk * 2 * (HD / 8) * 64;
-                wgmma_m64n64k16_bf16<true, true>(&dqa[0][0], wg_desc(dst + at, WgTile<BQ>::ALONG_ROWS, WgTile<BQ>::ALONG_COLS),
-                                                 wg_desc(kt + at, L::ALONG_ROWS, L::ALONG_COLS), kk > 0);
+                wgmma_m64n64k16_bf16<true, true>(&dqa[0][0],
+                                                 wg_desc_mn<SWAP>(dst + at, WgTile<BQ>::ALONG_ROWS, WgTile<BQ>::ALONG_COLS),
+                                                 wg_desc_mn<SWAP>(kt + at, L::ALONG_ROWS, L::ALONG_COLS), kk > 0);
             }
         }
         wg_settle<HD / 8>(dva);
@@ -700,75 +712,55 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_wg_dkv_bf16_64(const __nv_bfloat16* q,
-                                                                       const __nv_bfloat16* dout,
-                                                                       const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                       const float* st, __nv_bfloat16* dk,
-                                                                       __nv_bfloat16* dv, int t, int s, float scale,
-                                                                       int oh) {
-    flash_wg_dkv<64, false>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
-}
-
-extern "C" __global__ void __launch_bounds__(256) flash_wg_dkvw_bf16_64(const __nv_bfloat16* q,
-                                                                        const __nv_bfloat16* dout,
-                                                                        const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                        const float* st, __nv_bfloat16* dk,
-                                                                        __nv_bfloat16* dv, int t, int s, float scale,
-                                                                        int oh) {
-    flash_wg_dkv<64, false, 2>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);
-}
-
-extern "C" __global__ void __launch_bounds__(128) flash_wg_dkvq_bf16_64(const __nv_bfloat16* q,
-                                                                        const __nv_bfloat16* dout,
-                                                                        const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                        const float* st, __nv_bfloat16* dk,
-                                                                        __nv_bfloat16* dv, float* dq_acc, int t, int s,
-                                                                        float scale, int oh) {
-    flash_wg_dkv<64, true>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);
-}
-
-extern "C" __global__ void __launch_bounds__(128) flash_wg_dq_bf16_64(const __nv_bfloat16* q,
-                                                                      const __nv_bfloat16* dout,
-                                                                      const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                      const float* st, __nv_bfloat16* out, int t,
-                                                                      int s, float scale, int oh) {
-    flash_wg_dq<64, false, 1>(q, dout, k, v, st, out, t, s, scale, oh);
-}
-
-extern "C" __global__ void __launch_bounds__(128) flash_wg_dqr_bf16_64(const __nv_bfloat16* q,
-                                                                       const __nv_bfloat16* dout,
-                                                                       const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                                                       const float* st, __nv_bfloat16* out, int t,
-                                                                       int s, float scale, int oh) {
-    flash_wg_dq<64, true, 1>(q, dout, k, v, st, out, t, s, scale, oh);
-}
-
-extern "C" __global__ void __launch_bounds__(128) flash_wg_fwd_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                                       const __nv_bfloat16* v, __nv_bfloat16* o,
-                                                                       float* lse, int t, int s, float scale, int oh) {
-    flash_wg_fwd<64, false, 1>(q, k, v, o, lse, t, s, scale, oh);
-}
-
-extern "C" __global__ void __launch_bounds__(128) flash_wg_fwdr_bf16_64(const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                                        const __nv_bfloat16* v, __nv_bfloat16* o,
-                                                                        float* lse, int t, int s, float scale, int oh) {
-    flash_wg_fwd<64, true, 1>(q, k, v, o, lse, t, s, scale, oh);
-}
-
-// The two-warpgroup (128-row) forward and dq, without and with q (and dO) in registers.
-#define FLASH_WG_WIDE(SFX, QREG)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) flash_wg_fwdw##SFX##_bf16_64(                         \
-        const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, \
-        int t, int s, float scale, int oh) {                                                               \
-        flash_wg_fwd<64, QREG, 2>(q, k, v, o, lse, t, s, scale, oh);                                       \
+// The flash entry points (bf16, head size 64) of one reading of MN-major descriptors (see
+// wg_desc_mn): the forward (fwd; q in registers fwdr; two warpgroups fwdw, fwdwr), dq (dq, dqr,
+// dqw, dqwr), dk/dv (dkv; two warpgroups dkvw) and the one pass (dkvq).
+#define WG_Q_ARGS const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, __nv_bfloat16 *o, float *lse
+#define WG_G_ARGS const __nv_bfloat16 *q, const __nv_bfloat16 *dout, const __nv_bfloat16 *k, const __nv_bfloat16 *v, \
+                  const float *st
+#define FLASH_WG_ENTRIES(P, SWAP)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) P##_fwd_bf16_64(WG_Q_ARGS, int t, int s, float scale, int oh) { \
+        flash_wg_fwd<64, false, 1, SWAP>(q, k, v, o, lse, t, s, scale, oh);                                \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) flash_wg_dqw##SFX##_bf16_64(                          \
-        const __nv_bfloat16* q, const __nv_bfloat16* dout, const __nv_bfloat16* k, const __nv_bfloat16* v,     \
-        const float* st, __nv_bfloat16* out, int t, int s, float scale, int oh) {                          \
-        flash_wg_dq<64, QREG, 2>(q, dout, k, v, st, out, t, s, scale, oh);                                 \
+    extern "C" __global__ void __launch_bounds__(128) P##_fwdr_bf16_64(WG_Q_ARGS, int t, int s, float scale, int oh) { \
+        flash_wg_fwd<64, true, 1, SWAP>(q, k, v, o, lse, t, s, scale, oh);                                 \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) P##_fwdw_bf16_64(WG_Q_ARGS, int t, int s, float scale, int oh) { \
+        flash_wg_fwd<64, false, 2, SWAP>(q, k, v, o, lse, t, s, scale, oh);                                \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) P##_fwdwr_bf16_64(WG_Q_ARGS, int t, int s, float scale, int oh) { \
+        flash_wg_fwd<64, true, 2, SWAP>(q, k, v, o, lse, t, s, scale, oh);                                 \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) P##_dq_bf16_64(WG_G_ARGS, __nv_bfloat16 *out, int t, int s, \
+                                                                     float scale, int oh) {                \
+        flash_wg_dq<64, false, 1, SWAP>(q, dout, k, v, st, out, t, s, scale, oh);                          \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) P##_dqr_bf16_64(WG_G_ARGS, __nv_bfloat16 *out, int t, int s, \
+                                                                      float scale, int oh) {               \
+        flash_wg_dq<64, true, 1, SWAP>(q, dout, k, v, st, out, t, s, scale, oh);                           \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) P##_dqw_bf16_64(WG_G_ARGS, __nv_bfloat16 *out, int t, int s, \
+                                                                      float scale, int oh) {               \
+        flash_wg_dq<64, false, 2, SWAP>(q, dout, k, v, st, out, t, s, scale, oh);                          \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) P##_dqwr_bf16_64(WG_G_ARGS, __nv_bfloat16 *out, int t, int s, \
+                                                                       float scale, int oh) {              \
+        flash_wg_dq<64, true, 2, SWAP>(q, dout, k, v, st, out, t, s, scale, oh);                           \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) P##_dkv_bf16_64(WG_G_ARGS, __nv_bfloat16 *dk, __nv_bfloat16 *dv, \
+                                                                      int t, int s, float scale, int oh) { \
+        flash_wg_dkv<64, false, 1, SWAP>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);             \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) P##_dkvw_bf16_64(WG_G_ARGS, __nv_bfloat16 *dk, __nv_bfloat16 *dv, \
+                                                                       int t, int s, float scale, int oh) { \
+        flash_wg_dkv<64, false, 2, SWAP>(q, dout, k, v, st, dk, dv, nullptr, t, s, scale, oh);             \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) P##_dkvq_bf16_64(WG_G_ARGS, __nv_bfloat16 *dk, __nv_bfloat16 *dv, \
+                                                                       float *dq_acc, int t, int s, float scale, int oh) { \
+        flash_wg_dkv<64, true, 1, SWAP>(q, dout, k, v, st, dk, dv, dq_acc, t, s, scale, oh);               \
     }
-FLASH_WG_WIDE(, false)
-FLASH_WG_WIDE(r, true)
+FLASH_WG_ENTRIES(flash_wg, false)
+FLASH_WG_ENTRIES(flash_wgs, true)
 
 // The two-warpgroup dq's dynamic shared memory (WgDqSmem) for tests/emulated.rs to hold against
 // the launcher's size (patchlm_model::launch::flash_wg_dqw_smem).

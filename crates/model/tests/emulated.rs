@@ -100,13 +100,14 @@ fn reloc(arg: usize, bytes: usize) -> u64 {
 /// ids, chunks of rows, key blocks), all else written once: that argument may differ between
 /// schedules in its last bits only (compared with a tolerance, so a race on what feeds the sums
 /// still shows), every other byte for byte.
-const ATOMIC_SUM_ARG: [(&str, usize); 6] = [
+const ATOMIC_SUM_ARG: [(&str, usize); 7] = [
     ("embedding_bwd_", 3),
     ("embedding_bwd4_", 3),
     ("rms_dw_", 3),
     ("flash_mma_dkvq_", 7),
     ("flash_mma_dkvqw_", 7),
     ("flash_wg_dkvq_", 7),
+    ("flash_wgs_dkvq_", 7),
 ];
 
 /// Kernels with one i32 argument (by index) into which threads place values at slots they take
@@ -183,11 +184,29 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+thread_local! {
+    /// The emulator of this test thread reads unswizzled MN-major wgmma descriptors the other way
+    /// round (LBO along M or N: `EMU_WGMMA_MN_SWAP=1`), as a GPU that did would (see
+    /// [`with_mn_swapped`]).
+    static MN_SWAPPED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's emulator reading MN-major wgmma descriptors the other way round.
+fn with_mn_swapped<R>(f: impl FnOnce() -> R) -> R {
+    MN_SWAPPED.with(|c| c.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    MN_SWAPPED.with(|c| c.set(false));
+    r.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
 /// One run of the harness under `schedule`: every buffer argument's bytes after the launch.
 fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -> Vec<Option<Vec<u8>>> {
     let (grid, block) = (geometry.grid, geometry.block);
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(harness());
+    if MN_SWAPPED.with(|c| c.get()) {
+        cmd.env("EMU_WGMMA_MN_SWAP", "1");
+    }
     match schedule {
         Schedule::Sweep => {}
         Schedule::FirstAhead => {
@@ -479,6 +498,20 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
                 emulate(kernel, geometry, &mut rows);
                 same(&rows[3], &rows_bytes(&wg[3]), &format!("{kernel} output as rows"));
             }
+            // Built for the other reading of MN-major descriptors (flash_wgs_*: LBO along M or
+            // N), on an emulator that reads them so: the same bytes; the documented build there
+            // does not give them (so the reading matters to these kernels).
+            for (kernel, geometry, same_bytes) in [
+                ("flash_wgs_fwd_bf16_64", launch::flash(t, bh, true), true),
+                ("flash_wgs_fwdwr_bf16_64", wide, true),
+                ("flash_wg_fwd_bf16_64", launch::flash(t, bh, true), false),
+            ] {
+                let mut v = wg.clone();
+                (v[3], v[4]) = (uninit(t), out(bh * t, DType::F32));
+                with_mn_swapped(|| emulate(kernel, geometry, &mut v));
+                let agrees = bytes_of(&v[3]) == bytes_of(&wg[3]);
+                assert_eq!(agrees, same_bytes, "{what}: {kernel} on the other reading: same output {agrees}");
+            }
         }
         // The forward compiled for four blocks an SM (PATCHLM_FLASH_OCC4): the default's code.
         let mut occ = args.clone();
@@ -549,6 +582,13 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
                 same(&v[5], bytes_of(&wg[5]), kernel);
             }
             for (kernel, geometry) in
+                [("flash_wgs_dq_bf16_64", launch::flash(t, bh, true)), ("flash_wgs_dqwr_bf16_64", wide)]
+            {
+                let mut v = with(vec![uninit(t)]);
+                with_mn_swapped(|| emulate(kernel, geometry, &mut v));
+                same(&v[5], bytes_of(&wg[5]), &format!("{kernel} on the other reading"));
+            }
+            for (kernel, geometry) in
                 [("flash_wg_dq_bf16_64", launch::flash(t, bh, true)), ("flash_wg_dqwr_bf16_64", wide)]
             {
                 if oh == 0 {
@@ -592,6 +632,18 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             emulate("flash_wg_dkv_bf16_64", geometry, &mut rows);
             same(&rows[5], bytes_of(&wg[5]), "wgmma dk with dO as rows");
             same(&rows[6], bytes_of(&wg[6]), "wgmma dv with dO as rows");
+        }
+        // Built for the other reading, on an emulator that reads so: the same bytes.
+        for (kernel, geometry) in
+            [("flash_wgs_dkv_bf16_64", geometry), ("flash_wgs_dkvw_bf16_64", launch::flash_wide_bwd(s, bh))]
+        {
+            if kernel.contains("dkvw") && s != t {
+                continue;
+            }
+            let mut v = with(vec![uninit(s), uninit(s)]);
+            with_mn_swapped(|| emulate(kernel, geometry, &mut v));
+            same(&v[5], bytes_of(&wg[5]), &format!("{kernel} dk on the other reading"));
+            same(&v[6], bytes_of(&wg[6]), &format!("{kernel} dv on the other reading"));
         }
         // Two warpgroups of 64 keys a block (flash_wg_dkvw, PATCHLM_FLASH_WIDE_BWD): against the
         // reference, and where S = T (the query tiles start where the one-warpgroup blocks'
@@ -668,6 +720,13 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             same(&wg[5], bytes_of(&two[5]), "wgmma one-pass dk");
             same(&wg[6], bytes_of(&two[6]), "wgmma one-pass dv");
             check_dq(&wg[7], "dq (wgmma one pass)");
+            // Built for the other reading (both of its dq product's operands MN-major), on an
+            // emulator that reads so: the same dk and dv, dq within the bound.
+            let mut sw = with(vec![uninit(s), uninit(s), zeroed(nq)]);
+            with_mn_swapped(|| emulate("flash_wgs_dkvq_bf16_64", geometry, &mut sw));
+            same(&sw[5], bytes_of(&wg[5]), "flash_wgs_dkvq dk on the other reading");
+            same(&sw[6], bytes_of(&wg[6]), "flash_wgs_dkvq dv on the other reading");
+            check_dq(&sw[7], "dq (flash_wgs_dkvq on the other reading)");
             if oh > 0 {
                 let mut rows = with_dout(vec![uninit(s), uninit(s), zeroed(nq)], true);
                 emulate("flash_wg_dkvq_bf16_64", geometry, &mut rows);

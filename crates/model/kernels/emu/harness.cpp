@@ -98,7 +98,7 @@ const std::map<std::string, Runner> kernels = {
     KMMAL(bf16, 80) KMMAL(bf16, 96) KMMAL(bf16, 128) KMMAL(f16, 80) KMMAL(f16, 96) KMMAL(f16, 128)
     K(flash_mma_dkvq_bf16_128) K(flash_mma_dkvq_f16_128) K(flash_dkvw_smem_bytes) K(probe_ldmatrix_x2)
     K3(flash_stats) K(flash_dq_cast_bf16) K(flash_dq_cast_f16)
-    K(probe_mma_bf16) K(probe_mma_f16) K(probe_ldmatrix) K(probe_wgmma_bf16) K(probe_wgmma_rs_bf16) K(probe_wgmma_ss_t_bf16) K(flash_wg_fwd_bf16_64) K(flash_wg_fwdr_bf16_64) K(flash_wg_dq_bf16_64) K(flash_wg_dqr_bf16_64) K(flash_wg_fwdw_bf16_64) K(flash_wg_fwdwr_bf16_64) K(flash_wg_dqw_bf16_64) K(flash_wg_dqwr_bf16_64) K(flash_wg_dqw_smem_bytes) K(flash_wg_dkv_bf16_64) K(flash_wg_dkvw_bf16_64) K(flash_wg_dkvq_bf16_64) K(flash_wg_dkvq_smem_bytes)
+    K(probe_mma_bf16) K(probe_mma_f16) K(probe_ldmatrix) K(probe_wgmma_bf16) K(probe_wgmma_rs_bf16) K(probe_wgmma_ss_t_bf16) K(flash_wg_fwd_bf16_64) K(flash_wg_fwdr_bf16_64) K(flash_wg_dq_bf16_64) K(flash_wg_dqr_bf16_64) K(flash_wg_fwdw_bf16_64) K(flash_wg_fwdwr_bf16_64) K(flash_wg_dqw_bf16_64) K(flash_wg_dqwr_bf16_64) K(flash_wg_dqw_smem_bytes) K(flash_wgs_fwd_bf16_64) K(flash_wgs_fwdr_bf16_64) K(flash_wgs_fwdw_bf16_64) K(flash_wgs_fwdwr_bf16_64) K(flash_wgs_dq_bf16_64) K(flash_wgs_dqr_bf16_64) K(flash_wgs_dqw_bf16_64) K(flash_wgs_dqwr_bf16_64) K(flash_wgs_dkv_bf16_64) K(flash_wgs_dkvw_bf16_64) K(flash_wgs_dkvq_bf16_64) K(flash_wg_dkv_bf16_64) K(flash_wg_dkvw_bf16_64) K(flash_wg_dkvq_bf16_64) K(flash_wg_dkvq_smem_bytes)
     KFLASH(f32, 64) KFLASH(bf16, 32) KFLASH(bf16, 64)
     K3(rms_fwd_w) K3(rms_dx_w) K3(rms_dx_res_w) K3(add_rms_fwd_w)
     K3(causal_softmax_fwd_w) K3(causal_softmax_bwd_w)

@@ -170,6 +170,17 @@ struct WgmmaDesc {
 // d = a . b^T (+ d where scale_d): value i is row 16w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) +
 // 2 (l % 4) + i % 2. Computed when issued (the GPU reads the operands at some point before the
 // wait; a kernel that rewrites them in between is wrong on both).
+// Whether this run reads unswizzled MN-major descriptors the other way round (LBO along M or N,
+// SBO along K; EMU_WGMMA_MN_SWAP=1): a stand-in for a GPU that read them so, to test the kernels
+// built for that reading (kernels/hopper.cu wg_desc_mn).
+inline bool wgmma_mn_swapped() {
+    static const bool swapped = [] {
+        const char* v = getenv("EMU_WGMMA_MN_SWAP");
+        return v != nullptr && v[0] == '1';
+    }();
+    return swapped;
+}
+
 template <int N>
 inline void wgmma_ss_bf16(float* d, WgmmaDesc a, WgmmaDesc b, bool scale_d, bool trans_a = false,
                           bool trans_b = false) {
@@ -187,7 +198,8 @@ inline void wgmma_ss_bf16(float* d, WgmmaDesc a, WgmmaDesc b, bool scale_d, bool
         exit(4);
     }
     auto at = [](const WgmmaDesc& m, int r, int k, bool mn_major) {
-        const size_t lbo = ((m.bits >> 16) & 0x3FFF) << 4, sbo = ((m.bits >> 32) & 0x3FFF) << 4;
+        size_t lbo = ((m.bits >> 16) & 0x3FFF) << 4, sbo = ((m.bits >> 32) & 0x3FFF) << 4;
+        if (mn_major && wgmma_mn_swapped()) std::swap(lbo, sbo);
         const size_t off = mn_major ? (k / 8) * lbo + (r / 8) * sbo + (k % 8) * 16 + (r % 8) * 2
                                     : (r / 8) * sbo + (k / 8) * lbo + (r % 8) * 16 + (k % 8) * 2;
         __nv_bfloat16 x;
@@ -224,7 +236,8 @@ inline void wgmma_rs_bf16(float* d, const uint32_t* a, WgmmaDesc b, bool scale_d
         __nv_bfloat16 x{(uint16_t)((k & 1) ? r >> 16 : r & 0xffff)};
         return __bfloat162float(x);
     };
-    const size_t lbo = ((b.bits >> 16) & 0x3FFF) << 4, sbo = ((b.bits >> 32) & 0x3FFF) << 4;
+    size_t lbo = ((b.bits >> 16) & 0x3FFF) << 4, sbo = ((b.bits >> 32) & 0x3FFF) << 4;
+    if (trans_b && wgmma_mn_swapped()) std::swap(lbo, sbo);
     auto b_at = [&](int k, int n) {
         __nv_bfloat16 x;
         const size_t at = trans_b ? (k / 8) * lbo + (n / 8) * sbo + (k % 8) * 16 + (n % 8) * 2

@@ -808,8 +808,9 @@ struct FlashPlan {
 }
 
 impl FlashPlan {
-    /// The plan for `kernel`; `hopper`: the device runs kernels/hopper.cu (see [`hopper_runs`]).
-    fn new(kernel: FlashKernel, dtype: DType, hd: usize, hopper: bool) -> Result<Self> {
+    /// The plan for `kernel`; `hopper`: the device runs kernels/hopper.cu, and whether it reads
+    /// MN-major descriptors the other way round (see [`wgmma_reading`]).
+    fn new(kernel: FlashKernel, dtype: DType, hd: usize, hopper: Option<bool>) -> Result<Self> {
         let mma = super::flash_mma_enabled(dtype, hd);
         if !([16, 32, 64, 128].contains(&hd) || mma) {
             candle_core::bail!(
@@ -820,15 +821,20 @@ impl FlashPlan {
         let family = match kernel {
             FlashKernel::Lse => "flash",
             FlashKernel::Fwd | FlashKernel::Dq | FlashKernel::Dkv | FlashKernel::Dkvq
-                if hopper && super::flash_wgmma_enabled(dtype, hd) =>
+                if hopper.is_some() && super::flash_wgmma_enabled(dtype, hd) =>
             {
-                "flash_wg"
+                if hopper == Some(true) {
+                    "flash_wgs"
+                } else {
+                    "flash_wg"
+                }
             }
             _ if mma => "flash_mma",
             _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
             _ => "flash",
         };
-        if kernel == FlashKernel::Dkvq && !matches!(family, "flash_mma" | "flash_wg") {
+        let is_wg = family.starts_with("flash_wg");
+        if kernel == FlashKernel::Dkvq && !(family == "flash_mma" || is_wg) {
             candle_core::bail!("internal: flash dq, dk and dv in one pass need the mma.sync or wgmma kernels");
         }
         let is_mma = family == "flash_mma";
@@ -837,17 +843,17 @@ impl FlashPlan {
             family,
             // (the wgmma kernels' wide forward and dq: two warpgroups of 64 rows)
             wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
-                && (is_mma || family == "flash_wg")
+                && (is_mma || is_wg)
                 && super::flash_wide_enabled(dtype, hd),
             occ4: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
                 && is_mma
                 && super::flash_occ4_enabled(dtype, hd),
             // (the wgmma kernels' wide dk/dv pass: two warpgroups of 64 keys; no wide one pass)
             wide_bwd: (matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) && is_mma
-                || kernel == FlashKernel::Dkv && family == "flash_wg")
+                || kernel == FlashKernel::Dkv && is_wg)
                 && super::flash_wide_bwd_enabled(dtype, hd),
             qreg: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
-                && family == "flash_wg"
+                && is_wg
                 && super::flash_wgmma_qreg_enabled(dtype, hd),
             lse_by_fwd: kernel == FlashKernel::Lse && mma && ![16, 32, 64, 128].contains(&hd),
         })
@@ -855,7 +861,7 @@ impl FlashPlan {
 
     /// The PTX module the family's kernels are in: (name, source).
     fn module(&self) -> (&'static str, &'static str) {
-        if self.family == "flash_wg" {
+        if self.family.starts_with("flash_wg") {
             (HOPPER_MODULE, HOPPER_PTX)
         } else {
             (FLASH_MODULE, FLASH_PTX)
@@ -886,18 +892,82 @@ impl FlashPlan {
     }
 }
 
-/// Whether `dev` runs kernels/hopper.cu: a Hopper GPU (compute capability 9.x) and a build that
-/// compiled the module for it (`CUDA_COMPUTE_CAP` 90 or more). Asked once per device (every
-/// flash launch plans with it).
+/// Whether `dev` runs kernels/hopper.cu's flash kernels (see [`wgmma_reading`]).
 pub(crate) fn hopper_runs(dev: &CudaDevice) -> bool {
+    wgmma_reading(dev).is_some()
+}
+
+/// How `dev` runs kernels/hopper.cu's flash kernels, asked once per device (every flash launch
+/// plans with it): None where it cannot (not a Hopper GPU, compute capability 9.x; no module in
+/// the build, `CUDA_COMPUTE_CAP` below 90; or the GPU's wgmma products in the probes' forms match
+/// the CPU under neither reading of the descriptors, with a warning), else whether it reads
+/// unswizzled MN-major descriptors with the leading byte offset along M or N instead of along K
+/// (the PTX ISA's and CUTLASS's layout, which the emulator reads): the launcher then takes the
+/// kernels built for that reading (`flash_wgs_*`). Settled by the probes (`ops::wgmma_probe`) on
+/// operands whose products are exact, against the CPU: the K-major form must match, then the
+/// forms with MN-major operands under one reading or the other.
+pub(crate) fn wgmma_reading(dev: &CudaDevice) -> Option<bool> {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    static SEEN: Mutex<Option<HashMap<candle_core::cuda_backend::DeviceId, bool>>> = Mutex::new(None);
+    static SEEN: Mutex<Option<HashMap<candle_core::cuda_backend::DeviceId, Option<bool>>>> = Mutex::new(None);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     *seen.get_or_insert_with(HashMap::new).entry(dev.id()).or_insert_with(|| {
-        HOPPER_PTX.contains(".entry flash_wg_fwd_bf16_64(")
-            && dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major == 9)
+        let hopper = HOPPER_PTX.contains(".entry flash_wg_fwd_bf16_64(")
+            && dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major == 9);
+        if !hopper {
+            return None;
+        }
+        match probe_mn_reading(dev) {
+            Ok(Some(false)) => Some(false),
+            Ok(Some(true)) => {
+                eprintln!(
+                    "note: this GPU reads MN-major wgmma descriptors with the leading byte offset along M/N; flash \
+                     attention runs its flash_wgs kernels"
+                );
+                Some(true)
+            }
+            Ok(None) => {
+                eprintln!(
+                    "warning: this GPU's wgmma products match neither descriptor reading; flash attention runs on \
+                     mma.sync"
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("warning: the wgmma probes failed ({e}); flash attention runs on mma.sync");
+                None
+            }
+        }
     })
+}
+
+/// The probes behind [`wgmma_reading`]: None where the K-major form or both readings of the
+/// MN-major forms disagree with the CPU, else whether the swapped reading is the one that agrees.
+fn probe_mn_reading(dev: &CudaDevice) -> Result<Option<bool>> {
+    use super::WgmmaForm::{RegisterTransposed, SharedKMajor, SharedTransposed};
+    use candle_core::{Device, Tensor};
+    let gpu = Device::Cuda(dev.clone());
+    // Multiples of 1/16 in [-0.875, 0.875]: bf16 exactly, and so are their products' f32 sums.
+    let operand = |m: usize, dims: (usize, usize)| -> Result<Tensor> {
+        let v: Vec<f32> = (0..64 * 16).map(|i| ((i * m + 11) % 29) as f32 / 16.0 - 0.875).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(DType::BF16)
+    };
+    let agrees = |form, a: &Tensor, b: &Tensor| -> Result<bool> {
+        let want = super::wgmma_probe(form, a, b)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = super::wgmma_probe(form, &a.to_device(&gpu)?, &b.to_device(&gpu)?)?;
+        Ok(got.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()? == want)
+    };
+    if !agrees(SharedKMajor, &operand(37, (64, 16))?, &operand(53, (64, 16))?)? {
+        return Ok(None);
+    }
+    let (a, b, at) = (operand(41, (64, 16))?, operand(59, (16, 64))?, operand(43, (16, 64))?);
+    // In the probes' layout core matrices lie 1024 bytes apart along K and 128 along M or N.
+    for (swapped, (lbo, sbo)) in [(false, (1024, 128)), (true, (128, 1024))] {
+        if agrees(RegisterTransposed { lbo, sbo }, &a, &b)? && agrees(SharedTransposed { lbo, sbo }, &at, &b)? {
+            return Ok(Some(swapped));
+        }
+    }
+    Ok(None)
 }
 
 /// Every flash entry point that a step may launch under the current switches, for the 16-bit
@@ -913,23 +983,25 @@ pub(crate) fn missing_flash_entries() -> Vec<String> {
                 if kernel == FlashKernel::Dkvq && !super::flash_dq_atomic_enabled(dtype, hd) {
                     continue; // (the backward asks for the one pass only where it applies)
                 }
-                let Ok(mut plan) = FlashPlan::new(kernel, dtype, hd, true) else { continue };
-                let mut kernel = kernel;
-                if plan.lse_by_fwd {
-                    kernel = FlashKernel::Fwd;
-                    let Ok(p) = FlashPlan::new(kernel, dtype, hd, true) else { continue };
-                    plan = p;
+                for reading in [false, true] {
+                    let Ok(mut plan) = FlashPlan::new(kernel, dtype, hd, Some(reading)) else { continue };
+                    let mut kernel = kernel;
+                    if plan.lse_by_fwd {
+                        kernel = FlashKernel::Fwd;
+                        let Ok(p) = FlashPlan::new(kernel, dtype, hd, Some(reading)) else { continue };
+                        plan = p;
+                    }
+                    let ptx = plan.module().1;
+                    let mut names: Vec<(String, &str)> =
+                        plan.which(kernel).iter().map(|w| (format!("{}_{w}_{sfx}_{hd}", plan.family), ptx)).collect();
+                    if kernel == FlashKernel::Dkvq {
+                        // (flash.cu's, whichever family ran the pass)
+                        names.push((format!("flash_dq_cast_{sfx}"), FLASH_PTX));
+                    }
+                    missing.extend(
+                        names.into_iter().filter(|(n, ptx)| !ptx.contains(&format!(".entry {n}("))).map(|(n, _)| n),
+                    );
                 }
-                let ptx = plan.module().1;
-                let mut names: Vec<(String, &str)> =
-                    plan.which(kernel).iter().map(|w| (format!("{}_{w}_{sfx}_{hd}", plan.family), ptx)).collect();
-                if kernel == FlashKernel::Dkvq {
-                    // (flash.cu's, whichever family ran the pass)
-                    names.push((format!("flash_dq_cast_{sfx}"), FLASH_PTX));
-                }
-                missing.extend(
-                    names.into_iter().filter(|(n, ptx)| !ptx.contains(&format!(".entry {n}("))).map(|(n, _)| n),
-                );
             }
         }
     }
@@ -950,7 +1022,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let dev = x[0].0.device();
     let super::AttnDims { bh, t, s, hd, oh } = d;
     let dtype = x[0].0.dtype();
-    let plan = FlashPlan::new(kernel, dtype, hd, hopper_runs(dev))?;
+    let plan = FlashPlan::new(kernel, dtype, hd, wgmma_reading(dev))?;
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }
@@ -984,17 +1056,18 @@ fn flash_t<T: CudaDType + DeviceRepr>(
         .map(|((s, l), name)| Ok(s.as_cuda_slice::<T>()?.slice(check(l, name)?..)))
         .collect::<Result<Vec<_>>>()?;
     let rows = if matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) { s } else { t };
-    let cfg = if wide && family == "flash_wg" {
+    let is_wg = family.starts_with("flash_wg");
+    let cfg = if wide && is_wg {
         let smem = if kernel == FlashKernel::Dq { crate::launch::flash_wg_dqw_smem() } else { 0 };
         LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wg_wide(rows, bh)) }
     } else if wide {
         cfg(crate::launch::flash_wide(rows, bh))
-    } else if wide_bwd && family == "flash_wg" {
+    } else if wide_bwd && is_wg {
         cfg(crate::launch::flash_wide_bwd(rows, bh))
     } else if wide_bwd {
         let smem = crate::launch::flash_wide_bwd_smem(kernel == FlashKernel::Dkvq);
         LaunchConfig { shared_mem_bytes: smem, ..cfg(crate::launch::flash_wide_bwd(rows, bh)) }
-    } else if family == "flash_wg" && kernel == FlashKernel::Dkvq {
+    } else if is_wg && kernel == FlashKernel::Dkvq {
         LaunchConfig {
             shared_mem_bytes: crate::launch::flash_wg_dkvq_smem(),
             ..cfg(crate::launch::flash(rows, bh, tc))

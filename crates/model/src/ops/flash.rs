@@ -172,8 +172,10 @@ pub fn flash_wgmma_enabled(dtype: DType, hd: usize) -> bool {
 }
 
 /// Whether flash attention on `device` actually runs the wgmma kernels for `dtype` and head size
-/// `hd`: [`flash_wgmma_enabled`], a CUDA device that is a Hopper, and a build with its module
-/// (elsewhere the switch falls back to the mma.sync kernels, and where the wgmma kernels run, the
+/// `hd`: [`flash_wgmma_enabled`], a CUDA device that is a Hopper, a build with its module, and
+/// wgmma probes on the device that agree with the CPU under one reading of the operand
+/// descriptors, asked once per device (the kernels come built for either reading; elsewhere the
+/// switch falls back to the mma.sync kernels, and where the wgmma kernels run, the
 /// four-block variants and a wide one-pass backward do not). For reports of what ran.
 pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -> bool {
     if !flash_wgmma_enabled(dtype, hd) {
