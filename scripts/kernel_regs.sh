@@ -2,8 +2,8 @@
 # Registers, spills and static shared memory of every CUDA kernel as the driver will build it:
 # each module compiled to PTX exactly as crates/model/build.rs does (-O3 -std=c++17
 # --use_fast_math), then assembled by ptxas for the GPU it targets (fused.cu and flash.cu for
-# sm_90, hopper.cu for sm_90a; an H100/H200 JIT-compiles the same PTX). No GPU needed, only nvcc
-# (for this machine: `source ../shared/tools/cuda-env.sh` first).
+# sm_90, hopper.cu for sm_90a; an H100/H200 JIT-compiles the same PTX). No GPU needed, only
+# nvcc and ptxas on PATH, as the `cuda` feature's build needs them (README: GPU).
 #
 #   bash scripts/kernel_regs.sh [MODULE] [FILTER]   e.g. bash scripts/kernel_regs.sh hopper flash_wg
 #
