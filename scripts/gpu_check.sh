@@ -71,7 +71,7 @@ for s in $sections; do
              tests wgmma flash_wgmma &
              # The wgmma one-pass backward (PATCHLM_FLASH_WGMMA with PATCHLM_FLASH_DQ_ATOMIC).
              tests wgdq wg_one_pass &
-             # The wgmma forward and dq with q (and dO) in registers (PATCHLM_FLASH_WGMMA_QREG).
+             # The wgmma forward and dq with q in registers (PATCHLM_FLASH_WGMMA_QREG).
              tests wgq wg_qreg &
              # ... and with two warpgroups of 64 rows a block (PATCHLM_FLASH_WIDE with WGMMA).
              tests wgw wg_wide &

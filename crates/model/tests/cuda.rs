@@ -493,9 +493,9 @@ fn cuda_wg_one_pass_flash_matches_cpu() {
     tape_matches_cpu(1, 1, Tc::MmaWgmmaDqAtomic);
 }
 
-/// The wgmma forward and dq with q (and dO) in registers (PATCHLM_FLASH_WGMMA_QREG: their first
-/// products with the register operand and k, v K-major from shared memory, the form the wgmma
-/// dk/dv pass uses), as above; in a process of its own (the name), so that a failure here turns
+/// The wgmma forward and dq with q in registers (PATCHLM_FLASH_WGMMA_QREG: s = q·kᵀ with the
+/// register operand and k K-major from shared memory, the form the wgmma dk/dv pass uses), as
+/// above; in a process of its own (the name), so that a failure here turns
 /// off only this variant.
 #[test]
 #[ignore]

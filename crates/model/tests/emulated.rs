@@ -564,7 +564,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         same(&wide[5], bytes_of(&args[5]), "wide dq");
         grad_rows("dqw", launch::flash_wide(t, bh), vec![uninit(t)], &[(5, bytes_of(&args[5]))]);
         // dq on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA; bf16 at head size 64): against the
-        // reference; with q and dO in registers (dqr, PATCHLM_FLASH_WGMMA_QREG) the same bytes;
+        // reference; with q in registers (dqr, PATCHLM_FLASH_WGMMA_QREG) the same bytes;
         // either with dO as rows the same bytes as without.
         if hd == 64 && dtype == DType::BF16 {
             let mut wg = with(vec![uninit(t)]);

@@ -801,7 +801,7 @@ struct FlashPlan {
     occ4: bool,
     /// The wide dk/dv or one-pass kernel (128 keys a block).
     wide_bwd: bool,
-    /// The wgmma forward or dq kernel with q (and dO) in registers.
+    /// The wgmma forward or dq kernel with q in registers.
     qreg: bool,
     /// [`FlashKernel::Lse`] by the mma.sync forward.
     lse_by_fwd: bool,
