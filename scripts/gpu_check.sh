@@ -126,13 +126,13 @@ for s in $sections; do
              WIDE_OK=$wide; WIDEB_OK=$wideb
              [ $wg = 1 ] && [ $WGW = 0 ] && wide=0 && wideb=0
              export PATCHLM_FLASH_WIDE=${PATCHLM_FLASH_WIDE:-$wide} PATCHLM_FLASH_WIDE_BWD=${PATCHLM_FLASH_WIDE_BWD:-$wideb}
-             # The forward and dq at four blocks an SM: the same.
+             # dq at four blocks an SM: the same.
              export PATCHLM_FLASH_OCC4=${PATCHLM_FLASH_OCC4:-$occ4} PATCHLM_FLASH_WGMMA=${PATCHLM_FLASH_WGMMA:-$wg}
              echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
                "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
-               "four-block flash forward/dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" \
+               "four-block flash dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" \
                "(its one-pass backward: $WGDQ, q in registers: $WGQ, two warpgroups: $WGW)" ;;
     optin) # The switchable families off, on, and on with the memory pool handing freed memory back at every
            # synchronisation (the driver's default, PATCHLM_CUDA_POOL_RELEASE=1): its host cost.
@@ -223,7 +223,7 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           # (`bench flash`), as WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA: the forward and dq pass with 64 or 128
           # query rows a block (PATCHLM_FLASH_WIDE), the dk/dv pass with 64 or 128 keys a block
           # (PATCHLM_FLASH_WIDE_BWD), the backward in two passes or one (PATCHLM_FLASH_DQ_ATOMIC),
-          # the 64-row forward and dq at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward, dq
+          # the 64-row dq pass at three or four blocks an SM (PATCHLM_FLASH_OCC4), the forward, dq
           # and dk/dv on warpgroup MMAs (PATCHLM_FLASH_WGMMA; not with the wide or four-block kernels;
           # with the one pass, the wgmma one pass, where its own test passed; with WIDE and
           # WIDE_BWD, their two-warpgroup forward and dq, and dk/dv (not the one pass), where their
@@ -239,6 +239,7 @@ print(max(rows, key=lambda r: r["tokens_per_s"])["dq_atomic"] if rows else 0)' "
           list=""
           for f in $fws; do for b in $bws; do for d in $dqs; do for o in $ocs; do for g in $wgs; do
             [ $f = 1 ] && [ $o = 1 ] && continue  # (the wide kernels have no four-block build)
+            [ $d = 1 ] && [ $o = 1 ] && continue  # (the one pass has no dq pass to run at four blocks)
             [ $g != 0 ] && [ $o = 1 ] && continue  # (no four-block wgmma build)
             [ $g != 0 ] && [ $b$d = 11 ] && continue  # (nor a wide wgmma one pass)
             [ $g = 0 ] && [ $f = 1 ] && [ "${WIDE_OK:-${PATCHLM_FLASH_WIDE:-0}}" != 1 ] && continue

@@ -594,7 +594,7 @@ fn flash_fwd_flops(batch: usize, heads: usize, ctx: usize, head_dim: usize) -> f
 
 /// Which of flash attention's switchable kernel variants run on a device for a dtype and head
 /// size (README: GPU): what ran, not only what was asked for. The wgmma kernels need a Hopper;
-/// where they run, the four-block variants and a wide one pass do not, and the wide switches pick
+/// where they run, the four-block dq and a wide one pass do not, and the wide switches pick
 /// their two-warpgroup forward, dq and dk/dv. All false on the CPU.
 #[derive(Clone, Copy, Debug, Default)]
 struct FlashRuns {
@@ -619,7 +619,8 @@ impl FlashRuns {
             dq_atomic,
             wide: ops::flash_wide_enabled(dtype, hd),
             wide_bwd: ops::flash_wide_bwd_enabled(dtype, hd) && !(wgmma && dq_atomic),
-            occ4: !wgmma && ops::flash_occ4_enabled(dtype, hd),
+            // (the four-block build is of the dq pass, which the one pass replaces)
+            occ4: !wgmma && !dq_atomic && ops::flash_occ4_enabled(dtype, hd),
             wgmma,
             wgmma_qreg: wgmma && ops::flash_wgmma_qreg_enabled(dtype, hd),
         }

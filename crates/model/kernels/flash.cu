@@ -1203,9 +1203,12 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
 // keys in tiles of BB = MMA_KEYS / RW; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1
 // (flash_mma_dq): the default. RW = 2 (flash_mma_dqw, PATCHLM_FLASH_WIDE, as the wide forward):
 // each B fragment read from shared memory serves twice the rows; the key tiles halve to keep the
-// scores, dP and both rows' q and dO fragments in registers. The accumulation runs over the same
-// 16-key chunks in the same order either way.
-template <typename T, int HD, int RW>
+// scores, dP and both rows' q and dO fragments in registers. KS > 1 (flash_mma_dqo,
+// PATCHLM_FLASH_OCC4): each key tile is taken in KS parts of BB / KS keys, one after the other
+// (scores, dP, dS, dq product), so that a part's scores and dP, not a whole tile's, are live at
+// once: the same shared tiles, copies and barriers, fewer registers. The accumulation runs over
+// the same 16-key chunks in the same order in every case, so every variant writes the same bytes.
+template <typename T, int HD, int RW, int KS = 1>
 __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t,
                                   int s, float scale, int oh) {
     static_assert(MMA_HEAD(HD), "mma flash attention has head sizes 32, 64, 80, 96 and 128");
@@ -1256,26 +1259,31 @@ __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T
         // (The first step's barrier also orders the fragment loads from kv[1] before its refill.)
         pipeline_step(k0 + BB < kend, [&] { kv_async<T, HD, LD, BB>(kv[buf ^ 1], kb, vb, k0 + BB, s); });
         if (k0 > wlast) continue;
-        const T* ks = kv[buf];
-        const T* vs = kv[buf] + BB * LD;
-        float sc[RW][BB / 8][4], dp[RW][BB / 8][4];
 #pragma unroll
-        for (int r = 0; r < RW; r++) {
+        for (int part = 0; part < KS; part++) {
+            constexpr int PB = BB / KS;  // keys a part
+            const int kp = k0 + part * PB;
+            const T* ks = kv[buf] + part * PB * LD;
+            const T* vs = kv[buf] + (BB + part * PB) * LD;
+            float sc[RW][PB / 8][4], dp[RW][PB / 8][4];
 #pragma unroll
-            for (int n = 0; n < BB / 8; n++) {
+            for (int r = 0; r < RW; r++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) sc[r][n][e] = dp[r][n][e] = 0.0f;
+                for (int n = 0; n < PB / 8; n++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[r][n][e] = dp[r][n][e] = 0.0f;
+                }
             }
-        }
-        mma_tile_rows<T, false, HD / 16, BB / 8, RW>(sc, qa, ks, LD);
-        mma_tile_rows<T, false, HD / 16, BB / 8, RW>(dp, da, vs, LD);
-        const bool full = k0 + BB - 1 <= wfirst;  // no key of the tile is masked
-        uint32_t dsa[RW][BB / 16][4];
+            mma_tile_rows<T, false, HD / 16, PB / 8, RW>(sc, qa, ks, LD);
+            mma_tile_rows<T, false, HD / 16, PB / 8, RW>(dp, da, vs, LD);
+            const bool full = kp + PB - 1 <= wfirst;  // no key of the part is masked
+            uint32_t dsa[RW][PB / 16][4];
 #pragma unroll
-        for (int r = 0; r < RW; r++) {
-            ds_tile<T, BB / 8>(dsa[r], sc[r], dp[r], lse[r], delta[r], full, sl2, k0, off + row + 16 * r, tq);
+            for (int r = 0; r < RW; r++) {
+                ds_tile<T, PB / 8>(dsa[r], sc[r], dp[r], lse[r], delta[r], full, sl2, kp, off + row + 16 * r, tq);
+            }
+            mma_tile_rows<T, true, PB / 16, HD / 8, RW>(acc, dsa, ks, LD);
         }
-        mma_tile_rows<T, true, BB / 16, HD / 8, RW>(acc, dsa, ks, LD);
     }
 #pragma unroll
     for (int r = 0; r < RW; r++) mma_rows_out<T, HD>(acc[r], dq + (size_t)bh * t * HD, row + 16 * r, t, tq, scale);
@@ -1563,20 +1571,16 @@ FLASH_ENTRIES(FLASH_16BIT(FLASH_DKVQ, 128))
 FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 32))
 FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_WIDE, 64))
 
-// The default forward and dq with four blocks an SM (PATCHLM_FLASH_OCC4: at most 128 registers a
-// thread, 16 warps an SM instead of 12; sm_90, head size 64: dq spills 36 bytes, the forward
-// spills 12 bytes; the default forward fits 128 registers by itself), the same code otherwise.
+// The default dq with four blocks an SM (PATCHLM_FLASH_OCC4, head size 64: at most 128 registers
+// a thread, 16 warps an SM instead of 12), each key tile taken in two halves so that the scores
+// and dP of 32 keys, not 64, are live at once; the same bytes as flash_mma_dq. (The default
+// forward fits 128 registers, so four blocks an SM, by itself.)
 #define FLASH_MMA_OCC4(T, S, HD)                                                                           \
-    extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_fwdo_##S##_##HD(                        \
-        const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \
-        flash_mma_fwd_rows<T, HD, 1>(q, k, v, o, lse, t, s, scale, oh);                                    \
-    }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 4) flash_mma_dqo_##S##_##HD(                         \
         const T* q, const T* dout, const T* k, const T* v, const float* st, T* out, int t, int s,          \
         float scale, int oh) {                                                                             \
-        flash_mma_dq_rows<T, HD, 1>(q, dout, k, v, st, out, t, s, scale, oh);                              \
+        flash_mma_dq_rows<T, HD, 1, 2>(q, dout, k, v, st, out, t, s, scale, oh);                           \
     }
-FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_OCC4, 32))
 FLASH_ENTRIES(FLASH_16BIT(FLASH_MMA_OCC4, 64))
 
 // The wide backward (flash_mma_dkv_pass with 8 warps: 128 keys a block of 256 threads), dk and

@@ -392,7 +392,7 @@ enum Tc {
     MmaDqAtomic,
     /// mma.sync with the wide forward (PATCHLM_FLASH_WIDE: 128 rows a block).
     MmaWide,
-    /// mma.sync with the forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4).
+    /// mma.sync with dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4).
     MmaOcc4,
     /// mma.sync with the forward, dq and dk/dv on Hopper's warpgroup MMAs (PATCHLM_FLASH_WGMMA;
     /// bf16, head size 64).
@@ -514,7 +514,7 @@ fn cuda_wg_wide_flash_matches_cpu() {
     tensor_core_flash_matches_cpu(Tc::MmaWgmmaWideQreg);
 }
 
-/// The mma.sync forward and dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a
+/// The mma.sync dq compiled for four blocks an SM (PATCHLM_FLASH_OCC4), as above; in a
 /// process of its own.
 #[test]
 #[ignore]

@@ -513,12 +513,6 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
                 assert_eq!(agrees, same_bytes, "{what}: {kernel} on the other reading: same output {agrees}");
             }
         }
-        // The forward compiled for four blocks an SM (PATCHLM_FLASH_OCC4): the default's code.
-        let mut occ = args.clone();
-        (occ[3], occ[4]) = (uninit(t), out(bh * t, DType::F32));
-        go("fwdo", t, &mut occ);
-        same(&occ[3], bytes_of(&args[3]), "fwdo output");
-        same(&occ[4], bytes_of(&args[4]), "fwdo lse");
     }
     if family == Flash::CudaCore {
         // The log-sum-exp alone (no output).
@@ -599,9 +593,13 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
                 same(&rows[5], bytes_of(&wg[5]), &format!("{kernel} with dO as rows"));
             }
         }
-        let mut occ = with(vec![uninit(t)]);
-        go("dqo", t, &mut occ);
-        same(&occ[5], bytes_of(&args[5]), "dqo");
+        // dq at four blocks an SM (PATCHLM_FLASH_OCC4, head size 64): each key tile in two
+        // halves, the same products in the same order, so the same bytes.
+        if hd == 64 {
+            let mut occ = with(vec![uninit(t)]);
+            go("dqo", t, &mut occ);
+            same(&occ[5], bytes_of(&args[5]), "dqo");
+        }
     }
     let parts: &[(&str, &Tensor)] = match family {
         Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],

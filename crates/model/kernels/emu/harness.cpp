@@ -82,8 +82,7 @@ typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 #define K(name) {#name, [](const std::vector<Arg>& v, dim3 g, dim3 b) { invoke(name, v, g, b); }},
 #define K3(base) K(base##_f32) K(base##_bf16) K(base##_f16)
 #define KMMA(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD) \
-    K(flash_mma_dkvq_##S##_##HD) K(flash_mma_fwdw_##S##_##HD) K(flash_mma_dqw_##S##_##HD)              \
-    K(flash_mma_fwdo_##S##_##HD) K(flash_mma_dqo_##S##_##HD)
+    K(flash_mma_dkvq_##S##_##HD) K(flash_mma_fwdw_##S##_##HD) K(flash_mma_dqw_##S##_##HD)
 #define KMMAL(S, HD) K(flash_mma_fwd_##S##_##HD) K(flash_mma_dq_##S##_##HD) K(flash_mma_dkv_##S##_##HD)
 #define KMMAW(S) K(flash_mma_dkvw_##S##_64) K(flash_mma_dkvqw_##S##_64)
 #define KFLASH(S, HD) K(flash_fwd_##S##_##HD) K(flash_lse_##S##_##HD) K(flash_dq_##S##_##HD) K(flash_dk_##S##_##HD) \
@@ -95,6 +94,7 @@ const std::map<std::string, Runner> kernels = {
     K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
     K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
     KMMA(bf16, 32) KMMA(bf16, 64) KMMA(f16, 32) KMMA(f16, 64) KMMAW(bf16) KMMAW(f16)
+    K(flash_mma_dqo_bf16_64) K(flash_mma_dqo_f16_64)
     KMMAL(bf16, 80) KMMAL(bf16, 96) KMMAL(bf16, 128) KMMAL(f16, 80) KMMAL(f16, 96) KMMAL(f16, 128)
     K(flash_mma_dkvq_bf16_128) K(flash_mma_dkvq_f16_128) K(flash_dkvw_smem_bytes) K(probe_ldmatrix_x2)
     K3(flash_stats) K(flash_dq_cast_bf16) K(flash_dq_cast_f16)

@@ -797,7 +797,7 @@ struct FlashPlan {
     family: &'static str,
     /// The wide forward or dq kernel (128 query rows a block).
     wide: bool,
-    /// The forward or dq kernel compiled for four blocks an SM.
+    /// The dq kernel compiled for four blocks an SM.
     occ4: bool,
     /// The wide dk/dv or one-pass kernel (128 keys a block).
     wide_bwd: bool,
@@ -845,9 +845,7 @@ impl FlashPlan {
             wide: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
                 && (is_mma || is_wg)
                 && super::flash_wide_enabled(dtype, hd),
-            occ4: matches!(kernel, FlashKernel::Fwd | FlashKernel::Dq)
-                && is_mma
-                && super::flash_occ4_enabled(dtype, hd),
+            occ4: kernel == FlashKernel::Dq && is_mma && super::flash_occ4_enabled(dtype, hd),
             // (the wgmma kernels' wide dk/dv pass: two warpgroups of 64 keys; no wide one pass)
             wide_bwd: (matches!(kernel, FlashKernel::Dkv | FlashKernel::Dkvq) && is_mma
                 || kernel == FlashKernel::Dkv && is_wg)
@@ -874,7 +872,6 @@ impl FlashPlan {
         match kernel {
             FlashKernel::Fwd if self.wide && self.qreg => &["fwdwr"],
             FlashKernel::Fwd if self.wide => &["fwdw"],
-            FlashKernel::Fwd if self.occ4 => &["fwdo"],
             FlashKernel::Fwd if self.qreg => &["fwdr"],
             FlashKernel::Fwd => &["fwd"],
             FlashKernel::Lse => &["lse"],

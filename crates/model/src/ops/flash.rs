@@ -134,19 +134,21 @@ pub fn flash_wide_enabled(dtype: DType, hd: usize) -> bool {
 
 static FLASH_OCC4: Switch = Switch::new("PATCHLM_FLASH_OCC4", true, false);
 
-/// Chooses, where [`set_flash_mma`]'s kernels run at head sizes 32 and 64 and the wide ones
-/// ([`set_flash_wide`]) do not, a forward and dq pass compiled for four blocks an SM (at most 128
-/// registers a thread: 16 warps to hide latency instead of 12; sm_90, head size 64: the forward
-/// spills 12 bytes, dq 36; the default forward takes 128 registers itself), process-wide. Off by default (also `PATCHLM_FLASH_OCC4=1`) until
-/// a GPU has timed it; the same code as the default kernels, so the same results.
+/// Chooses, where [`set_flash_mma`]'s kernels run at head size 64 and the wide ones
+/// ([`set_flash_wide`]) do not, a dq pass compiled for four blocks an SM (at most 128 registers a
+/// thread: 16 warps to hide latency instead of 12), which takes each 64-key tile in two halves so
+/// that fewer scores are live at once (sm_90: 8 bytes spilled, against 36 for the default dq
+/// compiled so), process-wide. The default forward fits four blocks an SM by itself, and at head
+/// size 32 the default dq does too. Off by default (also `PATCHLM_FLASH_OCC4=1`) until a GPU has
+/// timed it; the same products in the same order as the default dq, so the same results.
 pub fn set_flash_occ4(enabled: bool) {
     FLASH_OCC4.set(enabled);
 }
 
-/// Whether flash attention runs the four-blocks-an-SM forward and dq kernels for `dtype` and head
-/// size `hd` (see [`set_flash_occ4`]).
+/// Whether flash attention runs the four-blocks-an-SM dq kernel for `dtype` and head size `hd`
+/// (see [`set_flash_occ4`]).
 pub fn flash_occ4_enabled(dtype: DType, hd: usize) -> bool {
-    FLASH_OCC4.get() && hd <= 64 && flash_mma_enabled(dtype, hd) && !flash_wide_enabled(dtype, hd)
+    FLASH_OCC4.get() && hd == 64 && flash_mma_enabled(dtype, hd) && !flash_wide_enabled(dtype, hd)
 }
 
 static FLASH_WGMMA: Switch = Switch::new("PATCHLM_FLASH_WGMMA", true, false);

@@ -344,8 +344,8 @@ mod tests {
         // The wide forward and dq at head sizes 32 and 64; the wide backward at 64 only.
         variant(set_flash_wide, flash_wide_enabled, &[(BF16, 64), (F16, 32)], &[(F32, 64), (BF16, 128)]);
         variant(set_flash_wide_bwd, flash_wide_bwd_enabled, &[(BF16, 64), (F16, 64)], &[(BF16, 32), (F32, 64)]);
-        // Four blocks an SM: the 64-row kernels at 32 and 64, not where the wide ones run.
-        variant(set_flash_occ4, flash_occ4_enabled, &[(BF16, 64), (F16, 32)], &[(F32, 64), (BF16, 128)]);
+        // Four blocks an SM: the 64-row dq at 64 only, not where the wide kernels run.
+        variant(set_flash_occ4, flash_occ4_enabled, &[(BF16, 64), (F16, 64)], &[(F16, 32), (F32, 64), (BF16, 128)]);
         set_flash_occ4(true);
         set_flash_wide(true);
         assert!(!flash_occ4_enabled(BF16, 64), "the wide kernels have no four-block build");
