@@ -380,6 +380,12 @@ __device__ __forceinline__ void wg_settle(float (*acc)[4]) {
 // last rows first): the head, its first row, the key offset, this lane's quad position, the keys
 // the block needs, the first key its warp's first row sees, this lane's first row, the last key
 // its warpgroup's rows see, and the head's k and v.
+// This thread's warpgroup in a block of WG warpgroups (each takes 64 of the block's rows or keys).
+template <int WG>
+__device__ __forceinline__ int wg_group() {
+    return WG > 1 ? threadIdx.x >> 7 : 0;
+}
+
 template <int HD, int WG = 1>
 struct WgRows {
     int bh, i0, off, tq, kend, wfirst, row, glast;
@@ -392,7 +398,7 @@ struct WgRows {
         kend = min(s, off + i0 + 64 * WG);
         wfirst = off + i0 + (threadIdx.x >> 5) * 16;
         row = i0 + (threadIdx.x >> 5) * 16 + ((threadIdx.x & 31) >> 2);
-        glast = off + i0 + (WG > 1 ? threadIdx.x >> 7 : 0) * 64 + 63;
+        glast = off + i0 + wg_group<WG>() * 64 + 63;
         kb = k + (size_t)bh * s * HD;
         vb = v + (size_t)bh * s * HD;
     }
@@ -408,7 +414,7 @@ __device__ void flash_wg_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, con
     __shared__ __align__(128) T kv[2][2 * BC * HD];  // two buffers of a (k, v) tile pair
     EMU_SHARED(qs, kv);
     const WgRows<HD, WG> b(k, v, t, s);
-    const T* qg = qs + (WG > 1 ? threadIdx.x >> 7 : 0) * 64 * HD;  // this warpgroup's rows of the q tile
+    const T* qg = qs + wg_group<WG>() * 64 * HD;  // this warpgroup's rows of the q tile
     const int bh = b.bh, i0 = b.i0, off = b.off, tq = b.tq, kend = b.kend, wfirst = b.wfirst;
     const T *kb = b.kb, *vb = b.vb;
     wg_tile_async<HD, ROWS>(qs, q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
@@ -503,7 +509,7 @@ __device__ void flash_wg_dq(const __nv_bfloat16* q, const __nv_bfloat16* dout, c
     wg_tile_async<HD, ROWS>(qd[0], q + (size_t)bh * t * HD, i0, min(ROWS, t - i0));
     wg_rows_async<HD, ROWS>(qd[1], dout + rd.base, rd.ld, i0, min(ROWS, t - i0));
     wg_kv_async<HD, BC>(kv[0], kb, vb, 0, s);  // one group with q and dO
-    const int gq = (WG > 1 ? threadIdx.x >> 7 : 0) * 64 * HD;  // this warpgroup's rows of the q and dO tiles
+    const int gq = wg_group<WG>() * 64 * HD;  // this warpgroup's rows of the q and dO tiles
     const int row = b.row;  // this lane's rows: row and row + 8
     float lse[2], delta[2], acc[HD / 8][4];
     dq_row_stats(st, bh, row, t, lse, delta);
@@ -630,7 +636,7 @@ __device__ void flash_wg_dkv(const __nv_bfloat16* q, const __nv_bfloat16* dout, 
         cp_async_commit();
     };
     const int qfirst = max(0, j0 - off);  // < t: the grid has no block past the last key
-    const int gfirst = j0 + (WG > 1 ? threadIdx.x >> 7 : 0) * KEYS;  // this warpgroup's first key
+    const int gfirst = j0 + wg_group<WG>() * KEYS;  // this warpgroup's first key
     if constexpr (DQ) wg_tile_async<HD, KEYS>(kt, kh, j0, nk);  // (in the first fetch's group)
     fetch(0, qfirst);
     const int wfirst = j0 + w * 16, key = wfirst + (lane >> 2);  // this lane's keys: key and key + 8
