@@ -440,7 +440,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
         let mfu = (batch * ctx) as f64 * cfg.flops_per_position(ctx) / step / b.peak_flops;
         let hd = cfg.hidden_size / cfg.num_attention_heads;
         let flash = patchlm_model::ops::flash_attention_for(&device, dtype, hd);
-        let fr = if flash { FlashRuns::on(&device, dtype, hd) } else { FlashRuns::default() };
+        let fr = if flash { patchlm_model::ops::flash_runs(&device, dtype, hd) } else { Default::default() };
         let row = serde_json::json!({
                 "bench": "model", "impl": "patchlm-candle", "preset": preset, "params": params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
                 "k": k, "batch": batch, "ctx": ctx, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
@@ -450,7 +450,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
                 // The switchable kernel families this run used (README: GPU): what ran, not only
-                // what was asked for (see FlashRuns).
+                // what was asked for (see ops::FlashRuns).
                 "optin": {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
@@ -592,41 +592,6 @@ fn flash_fwd_flops(batch: usize, heads: usize, ctx: usize, head_dim: usize) -> f
     4.0 * (batch * heads) as f64 * (ctx as f64).powi(2) * head_dim as f64 / 2.0
 }
 
-/// Which of flash attention's switchable kernel variants run on a device for a dtype and head
-/// size (README: GPU): what ran, not only what was asked for. The wgmma kernels need a Hopper;
-/// where they run, the four-block dq and a wide one pass do not, and the wide switches pick
-/// their two-warpgroup forward, dq and dk/dv. All false on the CPU.
-#[derive(Clone, Copy, Debug, Default)]
-struct FlashRuns {
-    dq_atomic: bool,
-    wide: bool,
-    wide_bwd: bool,
-    occ4: bool,
-    wgmma: bool,
-    wgmma_qreg: bool,
-}
-
-impl FlashRuns {
-    /// What runs on `device` under the current switches.
-    fn on(device: &Device, dtype: candle_core::DType, hd: usize) -> Self {
-        use patchlm_model::ops;
-        if !device.is_cuda() {
-            return Self::default();
-        }
-        let wgmma = ops::flash_wgmma_runs(device, dtype, hd);
-        let dq_atomic = ops::flash_dq_atomic_enabled(dtype, hd);
-        Self {
-            dq_atomic,
-            wide: ops::flash_wide_enabled(dtype, hd),
-            wide_bwd: ops::flash_wide_bwd_enabled(dtype, hd) && !(wgmma && dq_atomic),
-            // (the four-block build is of the dq pass, which the one pass replaces)
-            occ4: !wgmma && !dq_atomic && ops::flash_occ4_enabled(dtype, hd),
-            wgmma,
-            wgmma_qreg: wgmma && ops::flash_wgmma_qreg_enabled(dtype, hd),
-        }
-    }
-}
-
 /// One setting of flash attention's kernel switches for `bench flash --variants`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct FlashVariant {
@@ -737,7 +702,7 @@ fn flash_row(device: &Device, sh: &FlashShape, x: [&Tensor; 4], variant: Option<
     let fwd_ms = time(&|| fwd().map(|_| ()))?;
     let bwd_ms = time(&|| bwd().map(|_| ()))?;
     let flops = flash_fwd_flops(batch, heads, ctx, hd);
-    let fr = FlashRuns::on(device, dtype, hd);
+    let fr = ops::flash_runs(device, dtype, hd);
     let kernels = if device.is_cpu() {
         "cpu"
     } else if fr.wgmma {

@@ -889,9 +889,37 @@ impl FlashPlan {
     }
 }
 
-/// Whether `dev` runs kernels/hopper.cu's flash kernels (see [`wgmma_reading`]).
-pub(crate) fn hopper_runs(dev: &CudaDevice) -> bool {
-    wgmma_reading(dev).is_some()
+/// What flash attention's kernels run as on `dev` (see [`super::flash_runs`]).
+pub(crate) fn flash_runs(dev: &CudaDevice, dtype: DType, hd: usize) -> super::FlashRuns {
+    flash_runs_with(wgmma_reading_if_asked(dev, dtype, hd), dtype, hd)
+}
+
+/// What flash attention's kernels run as on a device whose [`wgmma_reading`] is `reading`: read
+/// from the plans of the kernels a step launches.
+pub(crate) fn flash_runs_with(reading: Option<bool>, dtype: DType, hd: usize) -> super::FlashRuns {
+    let plan = |kernel| FlashPlan::new(kernel, dtype, hd, reading).ok();
+    let dq_atomic = super::flash_dq_atomic_enabled(dtype, hd);
+    let (fwd, dq) = (plan(FlashKernel::Fwd), plan(FlashKernel::Dq));
+    let dkv = plan(if dq_atomic { FlashKernel::Dkvq } else { FlashKernel::Dkv });
+    super::FlashRuns {
+        dq_atomic: dq_atomic && dkv.is_some(),
+        wide: fwd.is_some_and(|p| p.wide),
+        wide_bwd: dkv.is_some_and(|p| p.wide_bwd),
+        // (the one pass has no dq pass)
+        occ4: !dq_atomic && dq.is_some_and(|p| p.occ4),
+        wgmma: fwd.is_some_and(|p| p.family.starts_with("flash_wg")),
+        wgmma_qreg: fwd.is_some_and(|p| p.qreg),
+    }
+}
+
+/// [`wgmma_reading`] where the wgmma kernels are asked for at `dtype` and head size `hd`, else None
+/// (so that the probes run only on a device that may use them).
+fn wgmma_reading_if_asked(dev: &CudaDevice, dtype: DType, hd: usize) -> Option<bool> {
+    if super::flash_wgmma_enabled(dtype, hd) {
+        wgmma_reading(dev)
+    } else {
+        None
+    }
 }
 
 /// How `dev` runs kernels/hopper.cu's flash kernels, asked once per device (every flash launch
@@ -1019,7 +1047,7 @@ fn flash_t<T: CudaDType + DeviceRepr>(
     let dev = x[0].0.device();
     let super::AttnDims { bh, t, s, hd, oh } = d;
     let dtype = x[0].0.dtype();
-    let plan = FlashPlan::new(kernel, dtype, hd, wgmma_reading(dev))?;
+    let plan = FlashPlan::new(kernel, dtype, hd, wgmma_reading_if_asked(dev, dtype, hd))?;
     if bh > 65535 || bh * s.max(t) * hd >= i32::MAX as usize {
         candle_core::bail!("flash_attention: {bh} heads x {s} positions is more than one launch handles");
     }

@@ -180,13 +180,40 @@ pub fn flash_wgmma_enabled(dtype: DType, hd: usize) -> bool {
 /// switch falls back to the mma.sync kernels, and where the wgmma kernels run, the
 /// four-block variants and a wide one-pass backward do not). For reports of what ran.
 pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -> bool {
-    if !flash_wgmma_enabled(dtype, hd) {
-        return false;
-    }
+    flash_runs(device, dtype, hd).wgmma
+}
+
+/// Which of flash attention's switchable kernel variants a step runs on a device for a dtype and
+/// head size (README: GPU): what runs, not only what the switches ask for, read from the plans
+/// the launcher itself makes (the wgmma kernels need a Hopper; where they run, the four-block dq
+/// and a wide one pass do not; the one pass has no dq pass to run at four blocks). All false off
+/// CUDA. For reports of what ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlashRuns {
+    /// dq, dk and dv in one backward pass ([`set_flash_dq_atomic`]).
+    pub dq_atomic: bool,
+    /// The wide forward and dq ([`set_flash_wide`]).
+    pub wide: bool,
+    /// The wide dk/dv or one-pass kernel ([`set_flash_wide_bwd`]).
+    pub wide_bwd: bool,
+    /// The four-blocks-an-SM dq ([`set_flash_occ4`]).
+    pub occ4: bool,
+    /// The wgmma kernels ([`flash_wgmma_runs`]).
+    pub wgmma: bool,
+    /// Their forward and dq with q in registers ([`set_flash_wgmma_qreg`]).
+    pub wgmma_qreg: bool,
+}
+
+/// What flash attention's kernels run as on `device` for `dtype` and head size `hd` under the
+/// current switches (see [`FlashRuns`]).
+pub fn flash_runs(device: &candle_core::Device, dtype: DType, hd: usize) -> FlashRuns {
     match device {
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(dev) => super::cuda::hopper_runs(dev),
-        _ => false,
+        candle_core::Device::Cuda(dev) => super::cuda::flash_runs(dev, dtype, hd),
+        _ => {
+            let _ = (dtype, hd);
+            FlashRuns::default()
+        }
     }
 }
 
@@ -207,8 +234,8 @@ pub fn set_flash_wgmma_qreg(enabled: bool) {
     FLASH_WGMMA_QREG.set(enabled);
 }
 
-/// Whether the wgmma forward and dq pass, where they run for `dtype` and head size `hd`, hold q
-/// (and dO) in registers (see [`set_flash_wgmma_qreg`]).
+/// Whether the wgmma forward and dq pass, where they run for `dtype` and head size `hd`, hold q in
+/// registers (see [`set_flash_wgmma_qreg`]).
 pub fn flash_wgmma_qreg_enabled(dtype: DType, hd: usize) -> bool {
     FLASH_WGMMA_QREG.get() && flash_wgmma_enabled(dtype, hd)
 }

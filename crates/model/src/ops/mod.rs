@@ -425,6 +425,18 @@ mod tests {
                 set_flash_wgmma_qreg(on(8));
                 let missing = super::cuda::missing_flash_entries();
                 assert!(missing.is_empty(), "switches {bits:09b}: no such kernels in the PTX: {missing:?}");
+                // What a report says ran: the wgmma kernels only on a device that runs them, and
+                // then neither the four-block dq nor a wide one pass; no four-block dq beside the
+                // one pass.
+                let no_hopper = super::cuda::flash_runs_with(None, BF16, 64);
+                let hopper = super::cuda::flash_runs_with(Some(false), BF16, 64);
+                let mma = on(0); // (bf16 at head size 64: the mma.sync kernels whatever the wmma switch)
+                assert!(!no_hopper.wgmma && hopper.wgmma == (mma && on(7)), "switches {bits:09b}");
+                assert_eq!(no_hopper.occ4, mma && on(6) && !on(3) && !on(5), "switches {bits:09b}");
+                assert_eq!(hopper.occ4, no_hopper.occ4 && !hopper.wgmma, "switches {bits:09b}");
+                assert_eq!(hopper.wide_bwd, mma && on(4) && !(hopper.wgmma && on(5)), "switches {bits:09b}");
+                assert_eq!(hopper.wgmma_qreg, hopper.wgmma && on(8), "switches {bits:09b}");
+                assert_eq!(hopper.dq_atomic, mma && on(5), "switches {bits:09b}");
             }
             set_flash_mma(true);
             set_flash_tc(false);
