@@ -19,7 +19,7 @@
 # opt-in head sizes 80/96/128 with their own device tests, when time is left over).
 # The switchable kernel families (PATCHLM_LAYOUT_CUDA, PATCHLM_ROWS_CUDA, PATCHLM_BF16_GRADS,
 # PATCHLM_DEVICE_CLIP, PATCHLM_FLASH_MMA: on by default since their device tests passed on an H200;
-# PATCHLM_FLASH_TC: off by default; their math also checked on the CPU by tests/emulated.rs) stay on
+# their math also checked on the CPU by tests/emulated.rs) stay on
 # for the sections after `kernels` only when their device tests pass there too (each tensor-core
 # flash family's tests run in a process of their own and decide its switch; the others decide
 # the rest); `optin` times a training step with them off and on, `flash` flash attention's
@@ -49,7 +49,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for s in $sections; do
   echo "== $s  ($(date +%T))"
   case $s in
-    kernels) # Each tensor-core flash family (wmma, mma.sync, …) in a process of its own (a fault there
+    kernels) # Each tensor-core flash family (mma.sync and its variants, wgmma) in a process of its own (a fault there
              # must not take the others' results with it); each family's switch goes on when its
              # tests pass. The processes run side by side (most of their time is the CPU references
              # and CUDA start-up, and the machine has 16 cores), each with its own time limit.
@@ -57,9 +57,8 @@ for s in $sections; do
                local name=$1; shift
                timeout 240 /tmp/bin/cuda-tests --ignored --test-threads 1 "$@" > /tmp/kernels-$name.txt 2>&1
              }
-             tests main --skip tensor_core --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large \
+             tests main --skip _mma_ --skip dq_atomic --skip flash_wide --skip flash_large \
                --skip flash_occ4 --skip hopper --skip flash_wgmma --skip wg_one_pass --skip wg_qreg --skip wg_wide --skip sorted_embedding &
-             tests wmma tensor_core &
              tests mma _mma_ &
              tests dqa dq_atomic &
              tests wide flash_wide_forward &
@@ -81,12 +80,11 @@ for s in $sections; do
              # (Each family's output is judged on its own, then kept in kernels.txt: a device call
              # brings back at most 8 files.)
              cat /tmp/kernels-main.txt > "$OUT/kernels.txt"
-             for f in wmma mma dqa wide wideb occ4 hopper wgmma wgdq wgq wgw emb; do
+             for f in mma dqa wide wideb occ4 hopper wgmma wgdq wgq wgw emb; do
                cat /tmp/kernels-$f.txt >> "$OUT/kernels.txt"
              done
              grep -h "test result\|FAILED\|panicked" "$OUT/kernels.txt"
-             tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0; WGW=0
-             grep -q 'test result: ok' /tmp/kernels-wmma.txt && tc=1
+             mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0; WGW=0
              grep -q 'test result: ok' /tmp/kernels-mma.txt && mma=1
              grep -q 'test result: ok' /tmp/kernels-dqa.txt && [ $mma = 1 ] && dqa=1
              grep -q 'test result: ok' /tmp/kernels-wide.txt && [ $mma = 1 ] && wide=1
@@ -108,10 +106,10 @@ for s in $sections; do
                # The families on by default go off explicitly when their device tests fail.
                export PATCHLM_LAYOUT_CUDA=0 PATCHLM_ROWS_CUDA=0 PATCHLM_BF16_GRADS=0 PATCHLM_DEVICE_CLIP=0 \
                  PATCHLM_ATTENTION_CHUNKS=${PATCHLM_ATTENTION_CHUNKS:-1}
-               tc=0; mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0; WGW=0
+               mma=0; dqa=0; wide=0; wideb=0; occ4=0; wg=0; WGDQ=0; WGQ=0; WGW=0
                echo "device tests failed: the switchable kernel families go off, attention in one block"
              fi
-             export PATCHLM_FLASH_TC=${PATCHLM_FLASH_TC:-$tc} PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
+             export PATCHLM_FLASH_MMA=${PATCHLM_FLASH_MMA:-$mma}
              # dq, dk and dv in one backward pass: opt-in, on for the sections that follow only
              # where its tests pass (the dqa section times it off and on).
              # (With the wgmma kernels on, the one pass runs on them: only where their one-pass
@@ -130,7 +128,7 @@ for s in $sections; do
              export PATCHLM_FLASH_OCC4=${PATCHLM_FLASH_OCC4:-$occ4} PATCHLM_FLASH_WGMMA=${PATCHLM_FLASH_WGMMA:-$wg}
              echo "kernel families: layout ${PATCHLM_LAYOUT_CUDA:-0}, rows ${PATCHLM_ROWS_CUDA:-0}," \
                "bf16 gradients ${PATCHLM_BF16_GRADS:-0}, device clip ${PATCHLM_DEVICE_CLIP:-0}," \
-               "wmma flash $PATCHLM_FLASH_TC, mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
+               "mma flash $PATCHLM_FLASH_MMA, one-pass flash backward $PATCHLM_FLASH_DQ_ATOMIC," \
                "wide flash forward $PATCHLM_FLASH_WIDE, wide flash backward $PATCHLM_FLASH_WIDE_BWD," \
                "four-block flash dq $PATCHLM_FLASH_OCC4, wgmma flash $PATCHLM_FLASH_WGMMA" \
                "(its one-pass backward: $WGDQ, q in registers: $WGQ, two warpgroups: $WGW)" ;;
@@ -149,14 +147,13 @@ for s in $sections; do
            # GPT-2-small shape (FLASH_SHAPES="gpt2-small 8 1024;370m 4 2048" adds 370M). The fastest
            # stays on for the sections after this one (the gpt2 and 370m sections time it).
            fams="cuda"
-           [ "${PATCHLM_FLASH_TC:-0}" = 1 ] && fams="$fams wmma"
            [ "${PATCHLM_FLASH_MMA:-0}" = 1 ] && fams="$fams mma"
            IFS=';' read -ra shapes <<< "${FLASH_SHAPES:-gpt2-small 8 1024}"
            for shape in "${shapes[@]}"; do
              set -- $shape
              for fam in $fams; do
-               w=0; m=0; [ $fam = wmma ] && w=1; [ $fam = mma ] && m=1
-               PATCHLM_FLASH_TC=$w PATCHLM_FLASH_MMA=$m timeout 90 /tmp/bin/xtask bench model --preset $1 --batch $2 \
+               m=0; [ $fam = mma ] && m=1
+               PATCHLM_FLASH_MMA=$m timeout 90 /tmp/bin/xtask bench model --preset $1 --batch $2 \
                  --ctx $3 --k 1 --steps 5 --device cuda --dtype bf16 --attention flash 2>&1 | grep '^{' \
                  | sed "s/^{/{\"flash_family\": \"$fam\", /" | tee -a "$OUT/flash.txt"
              done
@@ -167,8 +164,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 rows = [r for r in rows if r.get("preset") == "gpt2-small"]
 print(max(rows, key=lambda r: r["tokens_per_s"])["flash_family"] if rows else "")' "$OUT/flash.txt" 2>/dev/null)
            if [ -n "$best" ]; then
-             export PATCHLM_FLASH_TC=0 PATCHLM_FLASH_MMA=0
-             [ "$best" = wmma ] && export PATCHLM_FLASH_TC=1
+             export PATCHLM_FLASH_MMA=0
              [ "$best" = mma ] && export PATCHLM_FLASH_MMA=1
              echo "fastest flash attention on gpt2-small: $best (kept for the sections that follow)"
            fi ;;

@@ -456,7 +456,6 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                     "rows": device.is_cuda() && patchlm_model::ops::rows_cuda_enabled(),
                     "bf16_grads": patchlm_model::compute_dtype_grads(),
                     "device_clip": device.is_cuda() && patchlm_model::ops::device_clip_enabled(),
-                    "flash_tc": device.is_cuda() && flash && patchlm_model::ops::flash_tc_enabled(dtype, hd),
                     "flash_mma": device.is_cuda() && flash && patchlm_model::ops::flash_mma_enabled(dtype, hd),
                     "flash_dq_atomic": fr.dq_atomic, "flash_wide": fr.wide, "flash_wide_bwd": fr.wide_bwd,
                     "flash_occ4": fr.occ4, "flash_wgmma": fr.wgmma, "flash_wgmma_qreg": fr.wgmma_qreg,
@@ -709,8 +708,6 @@ fn flash_row(device: &Device, sh: &FlashShape, x: [&Tensor; 4], variant: Option<
         "wgmma"
     } else if ops::flash_mma_enabled(dtype, hd) {
         "mma"
-    } else if ops::flash_tc_enabled(dtype, hd) {
-        "wmma"
     } else {
         "cuda-core"
     };

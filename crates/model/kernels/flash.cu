@@ -6,7 +6,6 @@
 #ifndef PATCHLM_FLASH_CU
 #define PATCHLM_FLASH_CU
 #include "common.cuh"
-#include <mma.h>
 
 // The kernels' entry points, or nothing where another module includes this file for its device
 // functions alone (FLASH_DEVICE_ONLY).
@@ -266,17 +265,9 @@ FLASH_ENTRIES(FLASH_ALL_HD(__nv_bfloat16, bf16))
 FLASH_ENTRIES(FLASH_ALL_HD(__half, f16))
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core flash attention (bf16 / f16 storage, head size 32 or 64): the same math and the same
-// inputs as the kernels above, with the tile products on tensor cores through wmma (16x16x16,
-// f32 accumulation). A block has 4 warps; each warp owns 16 rows (queries in the forward and dq
-// kernels, keys in the dk/dv kernel) and keeps their operand fragments and accumulators in
-// registers. Score tiles go through shared memory in f32, where each pair of lanes owns one row
-// (lane / 2) and half of its columns for the softmax arithmetic; probabilities are rounded to the
-// storage dtype for the next product, statistics stay f32. Padded shared-memory rows (+8
-// elements) keep wmma's 32-byte alignment and spread the banks.
-
-#define TC_WARPS 4
-#define TC_ROWS (16 * TC_WARPS)
+// Shared-memory staging for the tensor-core kernels (mma.sync below, wgmma in kernels/hopper.cu):
+// tiles of bf16 / f16 rows, padded (+8 elements a row) to spread the banks, filled synchronously
+// or by cp.async, and the pipelines that overlap the next tile's copy with this tile's products.
 
 // Copies rows [r0, r0 + n) of a (rows, HD) matrix (rows `ld` elements apart) into shared memory
 // (row stride LD elements) and zeroes rows n..R-1, 16 bytes per load where the source and its
@@ -428,307 +419,6 @@ __device__ __forceinline__ void dkv_stage_async(T* qs, T* dos, float2* lsd, cons
         cp_async<8>(lsd + e, st + (size_t)(q0 + min(e, n - 1)) * 2, e < n);
 }
 
-template <typename T, int HD>
-struct TcDims {
-    static_assert(HD == 32 || HD == 64, "tensor-core flash attention has head sizes 32 and 64");
-    static constexpr int LD = HD + 8;   // operand tiles (storage dtype)
-    static constexpr int BC = 64;       // keys per forward tile
-    static constexpr int LDS = BC + 4;  // forward score rows (f32)
-    static constexpr int LDO = HD + 4;  // f32 rows of HD
-    static constexpr int LDP = BC + 8;  // forward probabilities (storage dtype)
-    static constexpr int BB = 32;       // keys (dq) or queries (dk/dv) per backward tile
-    static constexpr int LDB = BB + 4;  // backward score rows (f32)
-    static constexpr int LDBP = BB + 8; // backward probabilities (storage dtype)
-};
-
-template <typename T>
-using TcA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> TcAcc;
-
-// Every tile product of these kernels has the form acc (16 x 16N) += a (16 x 16K, the warp's
-// fragments in registers) . B, with B read from a shared tile `b` (row stride LD). With BT false
-// the tile holds B itself (v in p.v, k in dS.k, dO in p.dO, q in dS.q); with BT true it holds B's
-// transpose, its rows being B's columns (k in q.k^T, v in dO.v^T, q in k.q^T, dO in v.dO^T).
-template <bool BT>
-struct TcB {
-    typedef nvcuda::wmma::row_major L;
-    static __device__ __forceinline__ int at(int kk, int n, int ld) { return kk * 16 * ld + n * 16; }
-};
-template <>
-struct TcB<true> {
-    typedef nvcuda::wmma::col_major L;
-    static __device__ __forceinline__ int at(int kk, int n, int ld) { return n * 16 * ld + kk * 16; }
-};
-
-template <typename T, bool BT, int K, int N, int LD>
-__device__ __forceinline__ void tc_mma(TcAcc* acc, const TcA<T>* a, const T* b) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int n = 0; n < N; n++) {
-#pragma unroll
-        for (int kk = 0; kk < K; kk++) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, typename TcB<BT>::L> bf;
-            wmma::load_matrix_sync(bf, b + TcB<BT>::at(kk, n, LD), LD);
-            wmma::mma_sync(acc[n], a[kk], bf, acc[n]);
-        }
-    }
-}
-
-// The product a . B (as in tc_mma) stored to the f32 tile c (row stride LDC), one 16-column block
-// at a time (one accumulator live).
-template <typename T, bool BT, int K, int N, int LD, int LDC>
-__device__ __forceinline__ void tc_product(float* c, const TcA<T>* a, const T* b) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int n = 0; n < N; n++) {
-        TcAcc f;
-        wmma::fill_fragment(f, 0.0f);
-        tc_mma<T, BT, K, 1, LD>(&f, a, b + TcB<BT>::at(0, n, LD));
-        wmma::store_matrix_sync(c + n * 16, f, LDC, wmma::mem_row_major);
-    }
-}
-
-// Writes a warp's 16 x HD accumulators times `mul` to rows of `out` (row stride HD) through the
-// warp's f32 work space `sb`; lane pairs write row r (halves), rows past `live` are skipped.
-template <typename T, int HD>
-__device__ __forceinline__ void tc_rows_out(const TcAcc* acc, float* sb, T* out, bool live, float mul) {
-    using namespace nvcuda;
-    constexpr int LDO = TcDims<T, HD>::LDO;
-    const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-    __syncwarp();
-#pragma unroll
-    for (int n = 0; n < HD / 16; n++) wmma::store_matrix_sync(sb + n * 16, acc[n], LDO, wmma::mem_row_major);
-    __syncwarp();
-    if (live) {
-#pragma unroll
-        for (int c = 0; c < HD / 2; c++) out[c] = from_f<T>(sb[r * LDO + half * (HD / 2) + c] * mul);
-    }
-}
-
-// Forward: o (BH, t, HD) and the log-sum-exp of each query row. Grid (ceil(t / 64), BH); the
-// blocks with the most keys (the last query rows) start first.
-template <typename T, int HD>
-__device__ void flash_tc_fwd(const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale,
-                             int oh) {
-    using namespace nvcuda;
-    typedef TcDims<T, HD> D;
-    constexpr int LD = D::LD, BC = D::BC, LDS = D::LDS, LDO = D::LDO, LDP = D::LDP;
-    constexpr int QP = TC_ROWS * LD > TC_WARPS * 16 * LDP ? TC_ROWS * LD : TC_WARPS * 16 * LDP;
-    constexpr int SW = 16 * (LDS > LDO ? LDS : LDO);
-    __shared__ __align__(32) T ks[BC * LD];
-    __shared__ __align__(32) T vs[BC * LD];
-    __shared__ __align__(32) T qp[QP];  // the query tile, then each warp's probabilities
-    __shared__ __align__(32) float sw[TC_WARPS * SW];
-    EMU_SHARED(ks, vs, qp, sw);
-    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, off = s - t;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-    tc_tile_in<T, HD, LD, TC_ROWS>(qp, q + (size_t)bh * t * HD, i0, min(TC_ROWS, t - i0));
-    __syncthreads();
-    TcA<T> qf[HD / 16];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) wmma::load_matrix_sync(qf[kk], qp + w * 16 * LD + kk * 16, LD);
-    T* pw = qp + w * 16 * LDP;  // this warp's rows of qp: its queries are in registers now
-    float* sb = sw + w * SW;
-    const int i = i0 + w * 16 + r, lim = off + i;  // this lane's query row and its last key
-    float m = -INFINITY, l = 0.0f, acc[HD / 2];
-#pragma unroll
-    for (int c = 0; c < HD / 2; c++) acc[c] = 0.0f;
-    const int kend = min(s, off + i0 + TC_ROWS);
-    const int wlast = off + i0 + w * 16 + 15;  // the last key any row of this warp sees
-    const T* kb = k + (size_t)bh * s * HD;
-    const T* vb = v + (size_t)bh * s * HD;
-    for (int k0 = 0; k0 < kend; k0 += BC) {
-        __syncthreads();
-        tc_tile_in<T, HD, LD, BC>(ks, kb, k0, min(BC, s - k0));
-        tc_tile_in<T, HD, LD, BC>(vs, vb, k0, min(BC, s - k0));
-        __syncthreads();
-        if (k0 > wlast) continue;
-        tc_product<T, true, HD / 16, BC / 16, LD, LDS>(sb, qf, ks);
-        __syncwarp();
-        const int c0 = half * (BC / 2);
-        float mx = -INFINITY;
-#pragma unroll 8
-        for (int c = 0; c < BC / 2; c++) {
-            const float x = (k0 + c0 + c <= lim) ? sb[r * LDS + c0 + c] * scale : -INFINITY;
-            mx = fmaxf(mx, x);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        const float mnew = fmaxf(m, mx);
-        const float alpha = __expf(m - mnew);
-        float sum = 0.0f;
-#pragma unroll 8
-        for (int c = 0; c < BC / 2; c++) {
-            const float p = (k0 + c0 + c <= lim) ? __expf(sb[r * LDS + c0 + c] * scale - mnew) : 0.0f;
-            pw[r * LDP + c0 + c] = from_f<T>(p);
-            sum += p;
-        }
-        sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        l = l * alpha + sum;
-        m = mnew;
-        __syncwarp();
-        TcA<T> pf[BC / 16];  // the warp's probabilities, loaded once for every output column
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; kk++) wmma::load_matrix_sync(pf[kk], pw + kk * 16, LDP);
-        tc_product<T, false, BC / 16, HD / 16, LD, LDO>(sb, pf, vs);
-        __syncwarp();
-#pragma unroll
-        for (int c = 0; c < HD / 2; c++) acc[c] = acc[c] * alpha + sb[r * LDO + half * (HD / 2) + c];
-    }
-    if (i >= t) return;
-    const float inv = 1.0f / l;
-    const OutRows ro = out_rows(bh, t, HD, oh);
-    T* orow = o + ro.base + (size_t)i * ro.ld + half * (HD / 2);
-#pragma unroll
-    for (int c = 0; c < HD / 2; c++) orow[c] = from_f<T>(acc[c] * inv);
-    if (half == 0) lse[(size_t)bh * t + i] = m + logf(l);
-}
-
-// dq: the layout and arguments of flash_dq above. Grid (ceil(t / 64), BH), last rows first.
-template <typename T, int HD>
-__device__ void flash_tc_dq(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t, int s,
-                            float scale, int oh) {
-    using namespace nvcuda;
-    typedef TcDims<T, HD> D;
-    constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
-    constexpr int SW = 2 * 16 * LDB > 16 * LDO ? 2 * 16 * LDB : 16 * LDO;  // scores + dP, or dq out
-    constexpr int STAGE = 2 * TC_ROWS * LD * (int)sizeof(T), WORK = TC_WARPS * SW * 4;
-    __shared__ __align__(32) T ks[BB * LD];
-    __shared__ __align__(32) T vs[BB * LD];
-    __shared__ __align__(32) T dsw[TC_WARPS * 16 * LDBP];
-    __shared__ __align__(32) unsigned char un[STAGE > WORK ? STAGE : WORK];  // q/dO tiles, then work
-    EMU_SHARED(ks, vs, dsw, un);
-    const int bh = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * TC_ROWS, off = s - t;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-    const int nq = min(TC_ROWS, t - i0);
-    T* qt = reinterpret_cast<T*>(un);
-    T* dt = qt + TC_ROWS * LD;
-    tc_tile_in<T, HD, LD, TC_ROWS>(qt, q + (size_t)bh * t * HD, i0, nq);
-    const OutRows rd = out_rows(bh, t, HD, oh);
-    tc_tile_in<T, HD, LD, TC_ROWS>(dt, dout + rd.base, i0, nq, rd.ld);
-    __syncthreads();
-    TcA<T> qf[HD / 16], df[HD / 16];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-        wmma::load_matrix_sync(qf[kk], qt + w * 16 * LD + kk * 16, LD);
-        wmma::load_matrix_sync(df[kk], dt + w * 16 * LD + kk * 16, LD);
-    }
-    TcAcc acc[HD / 16];
-#pragma unroll
-    for (int n = 0; n < HD / 16; n++) wmma::fill_fragment(acc[n], 0.0f);
-    __syncthreads();  // the staging area becomes work space
-    float* sb = reinterpret_cast<float*>(un) + w * SW;
-    float* pb = sb + 16 * LDB;
-    T* dsb = dsw + w * 16 * LDBP;
-    const int i = i0 + w * 16 + r, lim = off + i;
-    const float lse = i < t ? st[((size_t)bh * t + i) * 2] : INFINITY;
-    const float delta = i < t ? st[((size_t)bh * t + i) * 2 + 1] : 0.0f;
-    const int kend = min(s, off + i0 + TC_ROWS), wlast = off + i0 + w * 16 + 15;
-    const T* kb = k + (size_t)bh * s * HD;
-    const T* vb = v + (size_t)bh * s * HD;
-    for (int k0 = 0; k0 < kend; k0 += BB) {
-        __syncthreads();
-        tc_tile_in<T, HD, LD, BB>(ks, kb, k0, min(BB, s - k0));
-        tc_tile_in<T, HD, LD, BB>(vs, vb, k0, min(BB, s - k0));
-        __syncthreads();
-        if (k0 > wlast) continue;
-        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(sb, qf, ks);
-        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(pb, df, vs);
-        __syncwarp();
-        const int c0 = half * (BB / 2);
-#pragma unroll 8
-        for (int c = 0; c < BB / 2; c++) {
-            const int j = k0 + c0 + c;
-            const float p = j <= lim ? __expf(scale * sb[r * LDB + c0 + c] - lse) : 0.0f;
-            dsb[r * LDBP + c0 + c] = from_f<T>(p * (pb[r * LDB + c0 + c] - delta));
-        }
-        __syncwarp();
-        TcA<T> af[BB / 16];
-#pragma unroll
-        for (int kk = 0; kk < BB / 16; kk++) wmma::load_matrix_sync(af[kk], dsb + kk * 16, LDBP);
-        tc_mma<T, false, BB / 16, HD / 16, LD>(acc, af, ks);
-    }
-    tc_rows_out<T, HD>(acc, sb, dq + ((size_t)bh * t + i) * HD + half * (HD / 2), i < t, scale);
-}
-
-// dk and dv in one pass over the queries that see each key: inputs as flash_dk / flash_dv above,
-// outputs dk and dv (BH, s, HD). Grid (ceil(s / 64), BH); the first keys (the most queries) first.
-template <typename T, int HD>
-__device__ void flash_tc_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
-                             int t, int s, float scale, int oh) {
-    using namespace nvcuda;
-    typedef TcDims<T, HD> D;
-    constexpr int LD = D::LD, BB = D::BB, LDB = D::LDB, LDBP = D::LDBP, LDO = D::LDO;
-    constexpr int SW = 2 * 16 * LDB > 16 * LDO ? 2 * 16 * LDB : 16 * LDO;
-    constexpr int STAGE = 2 * TC_ROWS * LD * (int)sizeof(T), WORK = TC_WARPS * SW * 4;
-    __shared__ __align__(32) T qs[BB * LD];
-    __shared__ __align__(32) T dos[BB * LD];
-    __shared__ __align__(32) T pw[TC_WARPS * 16 * LDBP];
-    __shared__ __align__(32) T dsw[TC_WARPS * 16 * LDBP];
-    __shared__ float ls[BB], dl[BB];
-    __shared__ __align__(32) unsigned char un[STAGE > WORK ? STAGE : WORK];  // k/v tiles, then work
-    EMU_SHARED(qs, dos, pw, dsw, ls, dl, un);
-    const int bh = blockIdx.y, j0 = blockIdx.x * TC_ROWS, off = s - t;
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-    const int nk = min(TC_ROWS, s - j0);
-    T* kt = reinterpret_cast<T*>(un);
-    T* vt = kt + TC_ROWS * LD;
-    tc_tile_in<T, HD, LD, TC_ROWS>(kt, k + (size_t)bh * s * HD, j0, nk);
-    tc_tile_in<T, HD, LD, TC_ROWS>(vt, v + (size_t)bh * s * HD, j0, nk);
-    __syncthreads();
-    TcA<T> kf[HD / 16], vf[HD / 16];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-        wmma::load_matrix_sync(kf[kk], kt + w * 16 * LD + kk * 16, LD);
-        wmma::load_matrix_sync(vf[kk], vt + w * 16 * LD + kk * 16, LD);
-    }
-    TcAcc dka[HD / 16], dva[HD / 16];
-#pragma unroll
-    for (int n = 0; n < HD / 16; n++) {
-        wmma::fill_fragment(dka[n], 0.0f);
-        wmma::fill_fragment(dva[n], 0.0f);
-    }
-    __syncthreads();
-    float* sb = reinterpret_cast<float*>(un) + w * SW;
-    float* pb = sb + 16 * LDB;
-    T* pr = pw + w * 16 * LDBP;
-    T* dsr = dsw + w * 16 * LDBP;
-    const int j = j0 + w * 16 + r;     // this lane's key
-    const int wfirst = j0 + w * 16;    // the warp's first key: queries before wfirst - off see none
-    const T* qb = q + (size_t)bh * t * HD;
-    const OutRows rd = out_rows(bh, t, HD, oh);
-    const T* db = dout + rd.base;
-    for (int q0 = max(0, j0 - off); q0 < t; q0 += BB) {
-        const int nq = min(BB, t - q0);
-        __syncthreads();
-        dkv_stage<T, HD, LD, BB>(qs, dos, ls, dl, qb, db, st + (size_t)bh * t * 2, q0, nq, rd.ld);
-        __syncthreads();
-        if (q0 + BB - 1 < wfirst - off) continue;
-        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(sb, kf, qs);
-        tc_product<T, true, HD / 16, BB / 16, LD, LDB>(pb, vf, dos);
-        __syncwarp();
-        const int c0 = half * (BB / 2);
-#pragma unroll 8
-        for (int c = 0; c < BB / 2; c++) {
-            const int qi = q0 + c0 + c;
-            const float p = (j <= off + qi && qi < t) ? __expf(scale * sb[r * LDB + c0 + c] - ls[c0 + c]) : 0.0f;
-            pr[r * LDBP + c0 + c] = from_f<T>(p);
-            dsr[r * LDBP + c0 + c] = from_f<T>(p * (pb[r * LDB + c0 + c] - dl[c0 + c]));
-        }
-        __syncwarp();
-        TcA<T> pa[BB / 16], da[BB / 16];
-#pragma unroll
-        for (int kk = 0; kk < BB / 16; kk++) {
-            wmma::load_matrix_sync(pa[kk], pr + kk * 16, LDBP);
-            wmma::load_matrix_sync(da[kk], dsr + kk * 16, LDBP);
-        }
-        tc_mma<T, false, BB / 16, HD / 16, LD>(dva, pa, dos);
-        tc_mma<T, false, BB / 16, HD / 16, LD>(dka, da, qs);
-    }
-    const size_t row = ((size_t)bh * s + j) * HD + half * (HD / 2);
-    tc_rows_out<T, HD>(dka, sb, dk + row, j < s, scale);
-    tc_rows_out<T, HD>(dva, sb, dv + row, j < s, 1.0f);
-}
-
 // The backward's row statistics: st[row] = (lse[row], sum_d o[row, d] * dout[row, d]) in f32, one
 // warp per row (8 rows a block of 256 threads); rows run over (BH, t), o and dO laid out as
 // out_rows says.
@@ -762,8 +452,8 @@ FLASH_ENTRIES(FLASH_STATS(__half, f16))
 // otherwise pay for with a few registers more and one block an SM fewer.
 #define DKV_MIN_BLOCKS(HD) ((HD) <= 64 ? 3 : 1)
 
-// The entry points of a tensor-core family FAM (tc: wmma, mma: mma.sync) for dtype T (suffix S)
-// and head size HD, all with the same arguments.
+// The entry points of the mma.sync kernels (FAM mma) for dtype T (suffix S) and head size HD, all
+// with the same arguments as the CUDA-core kernels above.
 #define FLASH_TC_FAMILY(FAM, T, S, HD)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) flash_##FAM##_fwd_##S##_##HD(                        \
         const T* q, const T* k, const T* v, T* o, float* lse, int t, int s, float scale, int oh) {         \
@@ -785,14 +475,13 @@ FLASH_ENTRIES(FLASH_STATS(__half, f16))
     FLASH_TC_FAMILY(FAM, __half, f16, 32)                                                                  \
     FLASH_TC_FAMILY(FAM, __half, f16, 64)
 
-FLASH_ENTRIES(FLASH_TC_ALL(tc))
-
 // M(T, S, HD) for both 16-bit dtypes (T, suffix S) at head size HD.
 #define FLASH_16BIT(M, HD) M(__nv_bfloat16, bf16, HD) M(__half, f16, HD)
 
 // ---------------------------------------------------------------------------------------------
 // Flash attention on mma.sync (m16n8k16, bf16 / f16 in, f32 accumulate; head sizes 32 and 64):
-// the same math, inputs and launch as the wmma kernels above, with FlashAttention-2's register
+// the same math and inputs as the CUDA-core kernels above, 128 threads (4 warps) a block, each warp
+// owning 16 rows (queries in the forward and dq passes, keys in dk/dv), with FlashAttention-2's register
 // dataflow. mma's fragment layout is specified (PTX ISA, "Matrix fragments for mma.m16n8k16"), so
 // score tiles stay in registers: each lane holds rows g = lane / 4 and g + 8 of its warp's 16 and
 // two adjacent columns per 8-column block, the softmax reduces over the 4 lanes of a quad, and the
@@ -1199,7 +888,7 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
     }
 }
 
-// dq: as flash_tc_dq. Each warp owns RW blocks of 16 query rows (64·RW a block) and takes the
+// dq: the layout and arguments of flash_dq above. Each warp owns RW blocks of 16 query rows (64·RW a block) and takes the
 // keys in tiles of BB = MMA_KEYS / RW; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1
 // (flash_mma_dq): the default. RW = 2 (flash_mma_dqw, PATCHLM_FLASH_WIDE, as the wide forward):
 // each B fragment read from shared memory serves twice the rows; the key tiles halve to keep the
@@ -1413,7 +1102,7 @@ struct DkvSmem {
 // The mma dk/dv pass. Grid (ceil(s / (16·NW)), BH), the first keys (the most queries) first; each
 // of the NW warps owns 16 keys, scores are computed transposed (keys as rows), the query tiles
 // stream through DkvFeed.
-// - DQ false (flash_mma_dkv): dk and dv, as flash_tc_dkv.
+// - DQ false (flash_mma_dkv): dk and dv (BH, s, HD), inputs as flash_dkv above.
 // - DQ true (flash_mma_dkvq; PATCHLM_FLASH_DQ_ATOMIC): dq too, in one pass (FlashAttention-2's
 //   backward). Each step's dS^T tile also goes through shared memory so that the block adds its
 //   share of dq = dS . k (f32, not yet scaled) into dq_acc (zeroed by the caller) with atomics;
@@ -1524,7 +1213,7 @@ __device__ void flash_mma_dkv_pass(const T* q, const T* dout, const T* k, const 
     mma_rows_out<T, HD>(dva, dv + (size_t)bh * s * HD, key, s, tq, 1.0f);
 }
 
-// dk and dv: as flash_tc_dkv (flash_mma_dkv_pass without dq).
+// dk and dv: flash_mma_dkv_pass without dq, four warps a block.
 template <typename T, int HD>
 __device__ void flash_mma_dkv(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dk, T* dv,
                               int t, int s, float scale, int oh) {

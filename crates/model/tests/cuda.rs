@@ -384,8 +384,6 @@ fn autograd_flash_matches_cpu(
 enum Tc {
     /// None: the CUDA-core kernels.
     Off,
-    /// wmma (PATCHLM_FLASH_TC).
-    Wmma,
     /// mma.sync (PATCHLM_FLASH_MMA).
     Mma,
     /// mma.sync with dq, dk and dv from one backward pass (PATCHLM_FLASH_DQ_ATOMIC).
@@ -419,8 +417,7 @@ enum Tc {
 }
 
 fn set_tc(tc: Tc) {
-    patchlm_model::ops::set_flash_tc(tc == Tc::Wmma);
-    patchlm_model::ops::set_flash_mma(!matches!(tc, Tc::Off | Tc::Wmma));
+    patchlm_model::ops::set_flash_mma(tc != Tc::Off);
     patchlm_model::ops::set_flash_dq_atomic(matches!(
         tc,
         Tc::MmaDqAtomic | Tc::MmaWideBwdDqAtomic | Tc::MmaLargeDqAtomic | Tc::MmaWgmmaDqAtomic
@@ -439,16 +436,9 @@ fn set_tc(tc: Tc) {
     ));
 }
 
-/// The wmma tensor-core kernels (PATCHLM_FLASH_TC; bf16/f16, head sizes 32 and 64) through the
+/// The mma.sync kernels (PATCHLM_FLASH_MMA; bf16/f16, head sizes 32 and 64) through the
 /// graph-free pair the tape uses: output, log-sum-exp and the three gradients against the CPU.
 /// Their math runs without a GPU in tests/emulated.rs; this is the same on the tensor cores.
-#[test]
-#[ignore]
-fn cuda_tensor_core_flash_attention_matches_cpu() {
-    tensor_core_flash_matches_cpu(Tc::Wmma);
-}
-
-/// The mma.sync kernels (PATCHLM_FLASH_MMA), as the wmma ones above.
 #[test]
 #[ignore]
 fn cuda_mma_flash_attention_matches_cpu() {
@@ -774,15 +764,8 @@ fn cuda_tape_forward_and_backward_match_cpu() {
     tape_matches_cpu(4, 2, Tc::Off);
 }
 
-/// The tape at head size 32 with the wmma tensor-core flash kernels (PATCHLM_FLASH_TC), a test of
-/// its own so that `gpu_check.sh` can tell these kernels' failures from the others'.
-#[test]
-#[ignore]
-fn cuda_tensor_core_tape_matches_cpu() {
-    tape_matches_cpu(2, 1, Tc::Wmma);
-}
-
-/// The same with the mma.sync kernels (PATCHLM_FLASH_MMA).
+/// The tape at head size 32 with the mma.sync flash kernels (PATCHLM_FLASH_MMA), a test of its
+/// own so that `gpu_check.sh` can tell these kernels' failures from the others'.
 #[test]
 #[ignore]
 fn cuda_mma_tape_matches_cpu() {

@@ -1,6 +1,6 @@
 //! The CUDA kernels' math without a GPU: kernels/*.cu compiled by the host C++ compiler against a
 //! CPU stand-in for the CUDA features they use (kernels/emu: threads as fibers, barriers, warp
-//! shuffles, atomics, wmma tiles, mma.sync, ldmatrix, cp.async). Every kernel, the defaults and
+//! shuffles and votes, atomics, mma.sync, ldmatrix, cp.async, wgmma). Every kernel, the defaults and
 //! the opt-in families alike, is launched here with the geometry its CUDA launcher uses (`patchlm_model::launch`) on random inputs and compared with an independent CPU
 //! reference (candle ops in f32, candle's autograd for gradients). This checks indexing, masking,
 //! tiling and synchronisation on every machine; `tests/cuda.rs` repeats the comparison on a GPU,
@@ -366,12 +366,10 @@ fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, scale:
     [o.detach(), lse.detach(), grad(&q), grad(&k), grad(&v)]
 }
 
-/// One family of flash attention kernels: tensor cores through wmma (`flash_tc_*`) or mma.sync
-/// (`flash_mma_*`), both 128 threads with dk and dv from one kernel, or CUDA cores (`flash_*`: 64
-/// threads, one row each).
+/// One family of flash attention kernels: tensor cores through mma.sync (`flash_mma_*`: 128
+/// threads, dk and dv from one kernel) or CUDA cores (`flash_*`: 64 threads, one row each).
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Flash {
-    TensorCore,
     Mma,
     CudaCore,
 }
@@ -391,7 +389,6 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
     let [o, lse, dq, dk, dv] = attention_reference(&f(&q), &f(&k), &f(&v), &f(&dout), scale);
     let prefix = match family {
-        Flash::TensorCore => "flash_tc",
         Flash::Mma => "flash_mma",
         Flash::CudaCore => "flash",
     };
@@ -602,7 +599,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         }
     }
     let parts: &[(&str, &Tensor)] = match family {
-        Flash::TensorCore | Flash::Mma => &[("dkv", &dk)],
+        Flash::Mma => &[("dkv", &dk)],
         Flash::CudaCore => &[("dk", &dk), ("dv", &dv)],
     };
     for &(which, want) in parts {
@@ -736,20 +733,10 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
     }
 }
 
-/// The tensor-core flash attention kernels (forward, dq, dk+dv), on shapes with partial tiles, more
-/// keys than queries (a cache), both head sizes and both 16-bit dtypes, and once with inputs that
-/// are not 16-byte aligned (the kernels' element-wise loads).
-#[test]
-fn emulated_tensor_core_flash_attention_matches_reference() {
-    for (shape, dtype, misalign, q_sd) in TENSOR_CORE_CASES {
-        check_flash(Flash::TensorCore, shape, dtype, misalign, q_sd);
-    }
-}
-
 /// An attention shape: (heads, queries, keys, head size).
 type AttnShape = (usize, usize, usize, usize);
 
-/// The tensor-core families' cases: shape, dtype, misaligned inputs, the queries' standard
+/// The tensor-core kernels' cases: shape, dtype, misaligned inputs, the queries' standard
 /// deviation. 14 more keys than queries puts the last key some warp's first row sees one short of
 /// a tile's end (forward, dq) and a tile of queries one short of seeing all of a warp's keys (dk,
 /// dv): where an off-by-one in the kernels' test for a tile without masked scores shows (with
@@ -765,7 +752,9 @@ const TENSOR_CORE_CASES: [(AttnShape, DType, bool, f64); 7] = [
 ];
 
 /// The mma.sync flash attention kernels (forward, dq, dk+dv, and dq+dk+dv in one pass; mma's
-/// fragment layout emulated as the PTX ISA specifies it), on the same shapes as the wmma ones.
+/// fragment layout emulated as the PTX ISA specifies it), on shapes with partial tiles, more keys
+/// than queries (a cache), both head sizes and both 16-bit dtypes, and once with inputs that are
+/// not 16-byte aligned (the kernels' element-wise loads).
 #[test]
 fn emulated_mma_flash_attention_matches_reference() {
     for (shape, dtype, misalign, q_sd) in TENSOR_CORE_CASES {

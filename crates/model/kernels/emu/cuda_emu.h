@@ -12,16 +12,8 @@
 // writes, or writes what another still reads, without a barrier between them
 // (tests/emulated.rs runs every launch under three schedules). Barriers follow the
 // hardware rules: `__syncthreads` waits for every thread of the block that has not exited, warp
-// operations (shuffles, `__syncwarp`, the wmma collectives) for every live lane of the warp.
+// operations (shuffles, votes, `__syncwarp`, ldmatrix, mma.sync) for every live lane of the warp.
 // A thread that waits forever (a barrier in divergent code) aborts the run with a message.
-//
-// wmma: every lane holds the whole tile in its fragment (`num_elements` is the tile size, so a
-// loop over `x[0..num_elements)` applies an element-wise operation to the whole tile, as on the
-// GPU where each lane applies it to its share). A store writes the lane's share of the tile
-// (element e goes to lane e % 32) when the lane next reaches a barrier, so a kernel that reads a
-// stored tile back without `__syncwarp` reads a poison value, whichever lane stored what on the GPU.
-// Loads gather through the warp: each lane reads its share, then the warp meets and every lane
-// assembles the whole tile.
 //
 // cp.async: a copy's destination holds a poison pattern from the issue until the issuing thread's
 // cp.async.wait_group retires the copy's group (not at a barrier: a barrier does not wait for
@@ -65,13 +57,6 @@ struct Barrier {
     unsigned gen = 0;
 };
 
-// A write that becomes visible when its thread next reaches a barrier (see `defer`).
-struct Pending {
-    void* dst;
-    uint64_t bits;
-    int bytes;
-};
-
 // One 16-byte cp.async: the bytes it brings (read at issue: its sources never change during a
 // launch) and where they land.
 struct AsyncCopy {
@@ -82,7 +67,6 @@ struct AsyncCopy {
 
 struct Fiber {
     ucontext_t ctx;
-    std::vector<Pending> pending;
     std::vector<AsyncCopy> open;                  // cp.async issued since the last commit
     std::vector<std::vector<AsyncCopy>> groups;   // committed groups, oldest first
     char* stack = nullptr;
@@ -100,7 +84,6 @@ struct Sched {
     int cur = 0;
     std::function<void()> body;
     std::vector<uint64_t> xchg;  // one 8-byte slot per thread: shuffle exchange
-    std::vector<char> tile;      // per-warp staging for wmma loads
     bool reverse = false;        // run the blocks, and visit the fibers, from the last to the first
     bool greedy = false;         // after each switch, resume the first runnable fiber again
     unsigned epoch = 0;          // counts blocks: which __shared__ arrays this block has poisoned
@@ -109,32 +92,12 @@ struct Sched {
 
 inline Sched g_s;
 constexpr size_t kStack = 256 * 1024;
-constexpr size_t kTileBytes = 16 * 16 * 4;  // the largest fragment, f32 16x16
 
 inline int lin() { return g_s.cur; }
 inline int lane_id() { return lin() & 31; }
 inline int warp_id() { return lin() >> 5; }
 
 inline void yield() { swapcontext(&g_s.fibers[g_s.cur].ctx, &g_s.main); }
-
-// Writes whose placement among the lanes is unspecified (wmma stores) are held back until the
-// writing thread reaches a barrier, so a kernel that reads them without `__syncwarp` reads stale
-// values here whichever lane wrote what.
-// Until then the destination holds a huge finite value (1e30 as f32), which wins any max and
-// swamps any sum a premature read feeds (a NaN would slip through fmaxf).
-template <typename T>
-inline void defer(T* dst, T v) {
-    static_assert(sizeof(T) == 4, "wmma stores here are f32");
-    uint64_t bits = 0;
-    memcpy(&bits, &v, sizeof(T));
-    g_s.fibers[g_s.cur].pending.push_back({dst, bits, (int)sizeof(T)});
-    const float poison = 1e30f;
-    memcpy(dst, &poison, 4);
-}
-inline void flush() {
-    for (const Pending& p : g_s.fibers[g_s.cur].pending) memcpy(p.dst, &p.bits, p.bytes);
-    g_s.fibers[g_s.cur].pending.clear();
-}
 
 // cp.async of n = 16 or 8 bytes (src_size 0 fills zeros), modelled as the header says; the
 // poison is 0x7f bytes (a huge bf16, a NaN f16, a huge f32).
@@ -162,7 +125,6 @@ inline void cp_async_wait(int n) {
 }
 
 inline void wait_at(Barrier& b) {
-    flush();
     b.arrived++;
     if (b.arrived == b.live) {
         b.arrived = 0;
@@ -186,7 +148,6 @@ inline void leave(Barrier& b) {
 
 inline void entry() {
     g_s.body();
-    flush();
     leave(g_s.block);
     leave(g_s.warps[warp_id()]);
     g_s.fibers[g_s.cur].done = true;
@@ -202,7 +163,6 @@ inline void run_block(int nthreads) {
     s.block = Barrier{};
     s.block.live = nthreads;
     s.xchg.assign(nthreads, 0);
-    s.tile.assign(nwarps * kTileBytes * 2, 0);
     for (int i = 0; i < nthreads; i++) {
         Fiber& f = s.fibers[i];
         if (!f.stack) f.stack = static_cast<char*>(malloc(kStack));

@@ -90,9 +90,6 @@ typedef void (*Runner)(const std::vector<Arg>&, dim3, dim3);
 
 const std::map<std::string, Runner> kernels = {
     // clang-format off
-    K(flash_tc_fwd_bf16_32) K(flash_tc_fwd_bf16_64) K(flash_tc_fwd_f16_32) K(flash_tc_fwd_f16_64)
-    K(flash_tc_dq_bf16_32) K(flash_tc_dq_bf16_64) K(flash_tc_dq_f16_32) K(flash_tc_dq_f16_64)
-    K(flash_tc_dkv_bf16_32) K(flash_tc_dkv_bf16_64) K(flash_tc_dkv_f16_32) K(flash_tc_dkv_f16_64)
     KMMA(bf16, 32) KMMA(bf16, 64) KMMA(f16, 32) KMMA(f16, 64) KMMAW(bf16) KMMAW(f16)
     K(flash_mma_dqo_bf16_64) K(flash_mma_dqo_f16_64)
     KMMAL(bf16, 80) KMMAL(bf16, 96) KMMAL(bf16, 128) KMMAL(f16, 80) KMMAL(f16, 96) KMMAL(f16, 128)

@@ -1,95 +1,14 @@
-// wmma (warp matrix multiply) for the CPU stand-in of CUDA (see cuda_emu.h for the model: every
-// lane holds the whole tile; stores write the lane's share when the lane next meets a barrier;
-// loads gather through the warp).
-// Only the 16x16x16 shape with bf16/f16 inputs and f32 accumulators, which is what the kernels use.
+// Tensor-core instructions for the CPU stand-in of CUDA (see cuda_emu.h): mma.sync, ldmatrix and
+// Hopper's wgmma, each lane holding its fragments in the PTX ISA's layouts.
 #pragma once
 #include "cuda_emu.h"
 #include "emu_types.h"
 
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-    static_assert(M == 16 && N == 16 && K == 16, "the emulator has the 16x16x16 shape only");
-    static constexpr int num_elements = 256;
-    T x[256];
-};
+namespace emu {
 
 inline float emu_f(float v) { return v; }
 inline float emu_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float emu_f(__half v) { return __half2float(v); }
-
-// Index in memory of tile element (r, c) stored with leading dimension ldm.
-inline size_t emu_at(int r, int c, unsigned ldm, bool row_major_) {
-    return row_major_ ? (size_t)r * ldm + c : (size_t)c * ldm + r;
-}
-
-// wmma's rules for a tile in memory: a 256-bit aligned pointer and a leading dimension that is a
-// multiple of 16 bytes. The GPU's behaviour otherwise is undefined; here the run stops.
-template <typename T>
-inline void emu_check(const T* p, unsigned ldm, const char* what) {
-    if ((reinterpret_cast<uintptr_t>(p) & 31) != 0 || (ldm * sizeof(T)) % 16 != 0) {
-        fprintf(stderr, "emu: wmma %s at %p with ldm %u breaks the 32-byte pointer / 16-byte ldm rule\n", what,
-                (const void*)p, ldm);
-        exit(4);
-    }
-}
-
-template <typename T>
-inline void emu_gather(T* dst, const T* src, unsigned ldm, bool row_major_) {
-    emu_check(src, ldm, "load");
-    static_assert(sizeof(T) * 256 <= emu::kTileBytes, "tile larger than the staging area");
-    T* stage = reinterpret_cast<T*>(emu::g_s.tile.data() + emu::warp_id() * emu::kTileBytes);
-    for (int e = emu::lane_id(); e < 256; e += 32) stage[e] = src[emu_at(e / 16, e % 16, ldm, row_major_)];
-    __syncwarp();
-    memcpy(dst, stage, sizeof(T) * 256);
-    __syncwarp();
-}
-
-// matrix_a holds (m, k) at x[m * 16 + k]; matrix_b (k, n) at x[k * 16 + n]; the accumulator (m, n).
-template <typename Use, typename T, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-    emu_gather(f.x, p, ldm, std::is_same<L, row_major>::value);
-}
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& f, const float* p, unsigned ldm,
-                             layout_t l) {
-    emu_gather(f.x, p, ldm, l == mem_row_major);
-}
-template <typename T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T, void>& f, unsigned ldm, layout_t l) {
-    emu_check(p, ldm, "store");
-    for (int e = emu::lane_id(); e < 256; e += 32) emu::defer(p + emu_at(e / 16, e % 16, ldm, l == mem_row_major), f.x[e]);
-}
-template <typename Use, typename T, typename L, typename V>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const V& v) {
-    for (int e = 0; e < 256; e++) f.x[e] = v;
-}
-template <typename Ta, typename La, typename Tb, typename Lb>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d, const fragment<matrix_a, 16, 16, 16, Ta, La>& a,
-                     const fragment<matrix_b, 16, 16, 16, Tb, Lb>& b,
-                     const fragment<accumulator, 16, 16, 16, float, void>& c) {
-    float out[256];
-    for (int m = 0; m < 16; m++)
-        for (int n = 0; n < 16; n++) {
-            float acc = c.x[m * 16 + n];
-            for (int k = 0; k < 16; k++) acc += emu_f(a.x[m * 16 + k]) * emu_f(b.x[k * 16 + n]);
-            out[m * 16 + n] = acc;
-        }
-    memcpy(d.x, out, sizeof(out));
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
-
-namespace emu {
 
 // PTX mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d (16x8, f32) += a (16x16) . b (16x8),
 // each lane holding the fragments of the PTX ISA's layout (groupID g = lane / 4, t = lane % 4):
@@ -105,7 +24,7 @@ inline void mma16816(float* d, const uint32_t* a, const uint32_t* b) {
         uint16_t h = hi ? (uint16_t)(r >> 16) : (uint16_t)(r & 0xffff);
         T x;
         memcpy(&x, &h, 2);
-        return nvcuda::wmma::emu_f(x);
+        return emu_f(x);
     };
     auto a_at = [&](int row, int k) { return elem(A[(row >> 3) + 2 * (k >> 3)][4 * (row & 7) + ((k & 7) >> 1)], k & 1); };
     auto b_at = [&](int k, int n) { return elem(B[k >> 3][4 * n + ((k & 7) >> 1)], k & 1); };

@@ -793,7 +793,8 @@ fn raise_shared_limit(dev: &CudaDevice, f: &CudaFunction, name: &str, bytes: u32
 /// log-sum-exp comes from the forward (no CUDA-core kernel at head sizes 80 and 96).
 #[derive(Clone, Copy, Debug)]
 struct FlashPlan {
-    /// "flash" (CUDA cores), "flash_tc" (wmma) or "flash_mma" (mma.sync).
+    /// "flash" (CUDA cores), "flash_mma" (mma.sync), or "flash_wg" / "flash_wgs" (wgmma, built for
+    /// either reading of MN-major descriptors).
     family: &'static str,
     /// The wide forward or dq kernel (128 query rows a block).
     wide: bool,
@@ -830,7 +831,6 @@ impl FlashPlan {
                 }
             }
             _ if mma => "flash_mma",
-            _ if super::flash_tc_enabled(dtype, hd) => "flash_tc",
             _ => "flash",
         };
         let is_wg = family.starts_with("flash_wg");
@@ -1033,9 +1033,8 @@ pub(crate) fn missing_flash_entries() -> Vec<String> {
     missing
 }
 
-/// Launches the kernels of one flash-attention step: the mma.sync or wmma tensor-core ones
-/// where [`super::flash_mma_enabled`] or [`super::flash_tc_enabled`] (128 threads, 64 rows a
-/// block; the wide mma.sync ones 128 rows, see [`super::set_flash_wide`] and
+/// Launches the kernels of one flash-attention step: the tensor-core ones where
+/// [`super::flash_mma_enabled`] (128 threads, 64 rows a block; the wide mma.sync ones 128 rows, see [`super::set_flash_wide`] and
 /// [`super::set_flash_wide_bwd`]), else the CUDA-core ones (64 threads, one row each).
 fn flash_t<T: CudaDType + DeviceRepr>(
     x: &[(&CudaStorage, &Layout)],

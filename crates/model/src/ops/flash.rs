@@ -23,31 +23,10 @@ pub fn flash_attention_enabled(device: &Device) -> bool {
 
 /// Whether attention with head size `hd` in `dtype` on `device` runs as [`flash_attention`]: as
 /// [`set_flash_attention`] or `PATCHLM_FLASH_ATTENTION` say, and where neither does, on CUDA when
-/// tensor-core kernels are on and apply ([`flash_tc_enabled`], [`flash_mma_enabled`]). Only where
+/// the tensor-core kernels are on and apply ([`flash_mma_enabled`]). Only where
 /// the fused ops are supported.
 pub fn flash_attention_for(device: &Device, dtype: DType, hd: usize) -> bool {
-    fused_ops_supported(device)
-        && FLASH
-            .explicit()
-            .unwrap_or_else(|| device.is_cuda() && (flash_tc_enabled(dtype, hd) || flash_mma_enabled(dtype, hd)))
-}
-
-static FLASH_TC: Switch = Switch::new("PATCHLM_FLASH_TC", true, false);
-
-/// Chooses tensor-core kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
-/// head size 32 or 64; wmma tiles with f32 accumulation, kernels/flash.cu), process-wide; only
-/// where [`set_flash_mma`]'s kernels are off. Off by default (also `PATCHLM_FLASH_TC=1`): they pass
-/// their device tests but ran a GPT-2-small step at 0.70× the mma.sync kernels' speed on an H200.
-/// Off, or for other shapes, the CUDA-core kernels run. On, attention defaults to flash where
-/// they apply (see [`flash_attention_for`]).
-pub fn set_flash_tc(enabled: bool) {
-    FLASH_TC.set(enabled);
-}
-
-/// Whether [`flash_attention`] on CUDA uses the wmma tensor-core kernels for `dtype` and head
-/// size `hd` (see [`set_flash_tc`]; [`set_flash_mma`] takes precedence).
-pub fn flash_tc_enabled(dtype: DType, hd: usize) -> bool {
-    FLASH_TC.get() && !flash_mma_enabled(dtype, hd) && tensor_core_shape(dtype, hd)
+    fused_ops_supported(device) && FLASH.explicit().unwrap_or_else(|| device.is_cuda() && flash_mma_enabled(dtype, hd))
 }
 
 fn tensor_core_shape(dtype: DType, hd: usize) -> bool {
@@ -57,11 +36,13 @@ fn tensor_core_shape(dtype: DType, hd: usize) -> bool {
 static FLASH_MMA: Switch = Switch::new("PATCHLM_FLASH_MMA", true, true);
 
 /// Chooses the mma.sync kernels for [`flash_attention`] on CUDA where they apply (bf16 or f16,
-/// head size 32 or 64; 80, 96 and 128 with [`set_flash_mma_large_heads`]), process-wide: FlashAttention-2's register dataflow (scores, softmax and
-/// probabilities stay in registers; kernels/flash.cu), ahead of [`set_flash_tc`]'s wmma kernels
-/// when both are on. On by default (their device tests passed on an H200, where they made a
-/// GPT-2-small step 1.16× faster than softmax attention); `PATCHLM_FLASH_MMA=0` also turns them
-/// off. On, attention defaults to flash where they apply (see [`flash_attention_for`]).
+/// head size 32 or 64; 80, 96 and 128 with [`set_flash_mma_large_heads`]), process-wide:
+/// FlashAttention-2's register dataflow (scores, softmax and probabilities stay in registers;
+/// kernels/flash.cu). On by default (their device tests passed on an H200, where they made a
+/// GPT-2-small step 1.16× faster than softmax attention and 1.42× faster than the same scheme on
+/// wmma tiles, since removed); `PATCHLM_FLASH_MMA=0` also turns them off (then
+/// [`flash_attention`] runs on CUDA cores, and only where asked for). On, attention defaults to
+/// flash where they apply (see [`flash_attention_for`]).
 pub fn set_flash_mma(enabled: bool) {
     FLASH_MMA.set(enabled);
 }
@@ -623,13 +604,13 @@ pub(super) fn flash_backward(
     } else {
         (o.clone(), dout, oh)
     };
-    // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the
-    // tensor-core flash kernels until it has run on a GPU), else composed.
+    // (lse, delta = Σ dO ⊙ O) per row: one pass where the kernel is on (it goes with the mma.sync
+    // flash kernels, beside which it passed its device tests), else composed.
     // Profiled by pass (`bwd.attention.*`: the statistics, then dk and dv, then dq, or the one
     // pass).
     let dev = q.device().clone();
     let stats = span("bwd.attention.stats", &dev, || {
-        if q.device().is_cpu() || FLASH_TC.get() || FLASH_MMA.get() {
+        if q.device().is_cpu() || FLASH_MMA.get() {
             let op = FlashStats { dims: (b, h, t, hd), oh };
             o.to_dtype(q.dtype())?.contiguous()?.apply_op3_no_bwd(&dout, &lse.contiguous()?, &op)
         } else {

@@ -305,24 +305,18 @@ pub use self::{
 mod tests {
     use super::Switch;
 
-    /// The mma.sync flash kernels take precedence over the wmma ones; either applies only to
-    /// 16-bit dtypes at head sizes 32 and 64 (80, 96 and 128 behind their own switch, the wide
-    /// kernels at 32 and 64 only); the one-pass backward gives the two passes'
-    /// gradients. (The only test in this binary that sets these.)
+    /// The mma.sync flash kernels apply only to 16-bit dtypes at head sizes 32 and 64 (80, 96 and
+    /// 128 behind their own switch, the wide kernels at 32 and 64 only); the one-pass backward
+    /// gives the two passes' gradients. (The only test in this binary that sets these.)
     #[test]
     fn tensor_core_flash_family_choice() {
-        use super::{flash_mma_enabled, flash_tc_enabled, set_flash_mma, set_flash_tc};
+        use super::{flash_mma_enabled, set_flash_mma};
         use candle_core::DType::{BF16, F16, F32};
-        set_flash_tc(true);
-        set_flash_mma(false);
-        assert!(flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
         set_flash_mma(true);
-        assert!(!flash_tc_enabled(BF16, 64) && flash_mma_enabled(BF16, 64) && flash_mma_enabled(F16, 32));
+        assert!(flash_mma_enabled(BF16, 64) && flash_mma_enabled(F16, 32));
         assert!(!flash_mma_enabled(F32, 64) && !flash_mma_enabled(BF16, 128) && !flash_mma_enabled(BF16, 16));
         set_flash_mma(false);
-        assert!(flash_tc_enabled(F16, 32) && !flash_tc_enabled(F32, 32));
-        set_flash_tc(false);
-        assert!(!flash_tc_enabled(BF16, 64) && !flash_mma_enabled(BF16, 64));
+        assert!(!flash_mma_enabled(BF16, 64) && !flash_mma_enabled(F16, 32));
         set_flash_mma(true); // the default again
 
         // An opt-in variant of the mma.sync kernels: off by default, on with its switch exactly at
@@ -373,7 +367,7 @@ mod tests {
         set_flash_wide(true);
         set_flash_dq_atomic(true);
         assert!(flash_mma_enabled(BF16, 96) && flash_mma_enabled(F16, 128) && !flash_mma_enabled(F32, 128));
-        assert!(flash_mma_enabled(BF16, 80) && !flash_mma_enabled(BF16, 48) && !flash_tc_enabled(BF16, 128));
+        assert!(flash_mma_enabled(BF16, 80) && !flash_mma_enabled(BF16, 48));
         assert!(
             flash_dq_atomic_enabled(BF16, 128)
                 && !flash_dq_atomic_enabled(BF16, 96)
@@ -412,34 +406,32 @@ mod tests {
                 set_flash_mma_large_heads, set_flash_occ4, set_flash_wgmma, set_flash_wgmma_qreg, set_flash_wide,
                 set_flash_wide_bwd,
             };
-            for bits in 0..512u32 {
+            for bits in 0..256u32 {
                 let on = |i: u32| bits & (1 << i) != 0;
                 set_flash_mma(on(0));
-                set_flash_tc(on(1));
-                set_flash_mma_large_heads(on(2));
-                set_flash_wide(on(3));
-                set_flash_wide_bwd(on(4));
-                set_flash_dq_atomic(on(5));
-                set_flash_occ4(on(6));
-                set_flash_wgmma(on(7));
-                set_flash_wgmma_qreg(on(8));
+                set_flash_mma_large_heads(on(1));
+                set_flash_wide(on(2));
+                set_flash_wide_bwd(on(3));
+                set_flash_dq_atomic(on(4));
+                set_flash_occ4(on(5));
+                set_flash_wgmma(on(6));
+                set_flash_wgmma_qreg(on(7));
                 let missing = super::cuda::missing_flash_entries();
-                assert!(missing.is_empty(), "switches {bits:09b}: no such kernels in the PTX: {missing:?}");
+                assert!(missing.is_empty(), "switches {bits:08b}: no such kernels in the PTX: {missing:?}");
                 // What a report says ran: the wgmma kernels only on a device that runs them, and
                 // then neither the four-block dq nor a wide one pass; no four-block dq beside the
                 // one pass.
                 let no_hopper = super::cuda::flash_runs_with(None, BF16, 64);
                 let hopper = super::cuda::flash_runs_with(Some(false), BF16, 64);
-                let mma = on(0); // (bf16 at head size 64: the mma.sync kernels whatever the wmma switch)
-                assert!(!no_hopper.wgmma && hopper.wgmma == (mma && on(7)), "switches {bits:09b}");
-                assert_eq!(no_hopper.occ4, mma && on(6) && !on(3) && !on(5), "switches {bits:09b}");
-                assert_eq!(hopper.occ4, no_hopper.occ4 && !hopper.wgmma, "switches {bits:09b}");
-                assert_eq!(hopper.wide_bwd, mma && on(4) && !(hopper.wgmma && on(5)), "switches {bits:09b}");
-                assert_eq!(hopper.wgmma_qreg, hopper.wgmma && on(8), "switches {bits:09b}");
-                assert_eq!(hopper.dq_atomic, mma && on(5), "switches {bits:09b}");
+                let mma = on(0);
+                assert!(!no_hopper.wgmma && hopper.wgmma == (mma && on(6)), "switches {bits:08b}");
+                assert_eq!(no_hopper.occ4, mma && on(5) && !on(2) && !on(4), "switches {bits:08b}");
+                assert_eq!(hopper.occ4, no_hopper.occ4 && !hopper.wgmma, "switches {bits:08b}");
+                assert_eq!(hopper.wide_bwd, mma && on(3) && !(hopper.wgmma && on(4)), "switches {bits:08b}");
+                assert_eq!(hopper.wgmma_qreg, hopper.wgmma && on(7), "switches {bits:08b}");
+                assert_eq!(hopper.dq_atomic, mma && on(4), "switches {bits:08b}");
             }
             set_flash_mma(true);
-            set_flash_tc(false);
             set_flash_mma_large_heads(false);
             set_flash_wide(false);
             set_flash_wide_bwd(false);
