@@ -7,6 +7,30 @@
 //! ([`continuation_task`]). [`report`] writes comparison reports: a Markdown table and PNG/SVG
 //! plots of loss curves. Uses the data crate's sources, shards and tokenizer and the model crate;
 //! knows nothing of patches or training.
+//!
+//! ```
+//! use candle_core::Device;
+//! use patchlm_eval::{pick, score_document, WindowConfig};
+//! use patchlm_model::{init_model, ModelConfig};
+//!
+//! let cfg = ModelConfig::preset("tiny").unwrap();
+//! let (model, _params) = init_model(&cfg, &Device::Cpu, 0).unwrap();
+//! let ids: Vec<u32> = (0..100).map(|i| (i * 37 % 250) as u32).collect();
+//!
+//! // Every token after the first is scored once, in windows of 32 or sliding by 8.
+//! let whole = WindowConfig { context: 32, stride: None };
+//! let sliding = WindowConfig { context: 32, stride: Some(8) };
+//! let a = score_document(&model, &ids, 400, &whole, &Device::Cpu).unwrap();
+//! let b = score_document(&model, &ids, 400, &sliding, &Device::Cpu).unwrap();
+//! assert_eq!((a.tokens, b.tokens), (99, 99));
+//! // An untrained model is close to uniform over its vocabulary.
+//! let uniform = (cfg.vocab_size as f64).ln();
+//! assert!((a.mean_nll() - uniform).abs() < 0.5, "{} vs {uniform}", a.mean_nll());
+//! println!("perplexity {:.1}, {:.2} bits per byte", a.perplexity(), a.bits_per_byte());
+//!
+//! // Zero-shot multiple choice picks the highest log-likelihood, raw and per byte.
+//! assert_eq!(pick(&[-9.0, -4.0, -6.0], &[10, 4, 2]), (1, 0));
+//! ```
 #![warn(missing_docs)]
 
 pub mod error;
