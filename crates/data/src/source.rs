@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+use arrow_array::Array;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
@@ -47,7 +47,8 @@ pub enum InputKind {
     Text,
     /// One JSON object per line; the text is in a configurable field.
     Jsonl,
-    /// Apache Parquet with a string column holding the text.
+    /// Apache Parquet with a column holding the text: strings (plain, large or view) or UTF-8
+    /// bytes, either of them dictionary-encoded; any codec (snappy, gzip, zstd, lz4, brotli).
     Parquet,
 }
 
@@ -727,19 +728,57 @@ impl ParquetDocs {
         let perr = |msg: String| DataError::Parquet { path: self.src.to_path_buf(), msg };
         let Some(batch) = self.reader.next() else { return Ok(false) };
         let batch = batch.map_err(|e| perr(format!("row {}: {e}", self.row + 1)))?;
-        let col = batch.column(0);
-        let any = col.as_any();
-        self.batch = if let Some(a) = any.downcast_ref::<StringArray>() {
-            a.iter().map(|s| s.map(str::to_owned)).collect()
-        } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
-            a.iter().map(|s| s.map(str::to_owned)).collect()
-        } else if let Some(a) = any.downcast_ref::<StringViewArray>() {
-            a.iter().map(|s| s.map(str::to_owned)).collect()
-        } else {
-            return Err(perr(format!("text column has type {}, expected a string column", col.data_type())));
-        };
+        let first = self.row;
+        self.batch =
+            column_texts(batch.column(0).as_ref(), &|i| format!("row {}", first + i as u64 + 1)).map_err(perr)?;
         self.next = 0;
         Ok(true)
+    }
+}
+
+/// Each row's text in a Parquet text column: UTF-8 strings (plain, large or view), binary that
+/// holds UTF-8 (plain, large or view), or either of them dictionary-encoded (as pandas categoricals
+/// are written). `row(i)` names the column's i-th entry in errors.
+fn column_texts(col: &dyn Array, row: &dyn Fn(usize) -> String) -> std::result::Result<Vec<Option<String>>, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_schema::DataType;
+    fn strings<'a>(it: impl Iterator<Item = Option<&'a str>>) -> Vec<Option<String>> {
+        it.map(|s| s.map(str::to_owned)).collect()
+    }
+    let bytes = |it: &mut dyn Iterator<Item = Option<&[u8]>>| {
+        it.enumerate()
+            .map(|(i, b)| {
+                b.map(|b| {
+                    std::str::from_utf8(b)
+                        .map(str::to_owned)
+                        .map_err(|e| format!("{}: the text column's bytes are not UTF-8 ({e})", row(i)))
+                })
+                .transpose()
+            })
+            .collect()
+    };
+    match col.data_type() {
+        DataType::Utf8 => Ok(strings(col.as_string::<i32>().iter())),
+        DataType::LargeUtf8 => Ok(strings(col.as_string::<i64>().iter())),
+        DataType::Utf8View => Ok(strings(col.as_string_view().iter())),
+        DataType::Binary => bytes(&mut col.as_binary::<i32>().iter()),
+        DataType::LargeBinary => bytes(&mut col.as_binary::<i64>().iter()),
+        DataType::BinaryView => bytes(&mut col.as_binary_view().iter()),
+        DataType::Dictionary(_, _) => {
+            let dict = col.as_any_dictionary();
+            let values = column_texts(dict.values().as_ref(), &|i| format!("dictionary entry {i}"))?;
+            let keys = dict.normalized_keys();
+            (0..col.len())
+                .map(|i| match dict.keys().is_null(i) {
+                    true => Ok(None),
+                    false => values
+                        .get(keys[i])
+                        .cloned()
+                        .ok_or_else(|| format!("{}: no dictionary entry {}", row(i), keys[i])),
+                })
+                .collect()
+        }
+        other => Err(format!("text column has type {other}, expected strings (or UTF-8 bytes)")),
     }
 }
 

@@ -188,6 +188,114 @@ fn bad_inputs_give_clear_errors() {
     assert!(docs_of(&[d.join("junk.parquet")], &cfg).unwrap_err().to_string().contains("junk.parquet"));
 }
 
+/// The documents of tests/fixtures/make_parquet.py's `DOCS` as the source yields them (a null and
+/// an empty row skipped).
+const FIXTURE_DOCS: [&str; 3] =
+    ["First document, plain ASCII.", "Zweites Dokument: grüße, naïve café 日本語 ✓", "third one"];
+
+/// Parquet files written by pyarrow (tests/fixtures/make_parquet.py), an independent writer: a
+/// dictionary-encoded column (pandas categoricals) in LZ4, large binary in Brotli, string view in
+/// Zstd, large string in gzip.
+#[test]
+fn parquet_from_pyarrow() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for f in ["dict_lz4", "large_binary_brotli", "string_view_zstd", "large_string_gzip"] {
+        let docs = docs_of(&[dir.join(format!("{f}.parquet"))], &SourceConfig::default()).unwrap();
+        assert_eq!(docs, FIXTURE_DOCS, "{f}");
+    }
+}
+
+/// Every string and UTF-8 binary column type, plain and dictionary-encoded, under every codec the
+/// build reads; bytes that are not UTF-8 name their row; other types are refused by name.
+#[test]
+fn parquet_text_column_types_and_codecs() {
+    use arrow_array::types::{Int8Type, UInt16Type};
+    use arrow_array::{
+        ArrayRef, BinaryArray, BinaryViewArray, DictionaryArray, Int64Array, LargeBinaryArray, LargeStringArray,
+        StringViewArray,
+    };
+    use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<Option<&str>> =
+        vec![Some(FIXTURE_DOCS[0]), None, Some(FIXTURE_DOCS[1]), Some(""), Some(FIXTURE_DOCS[2])];
+    let bytes: Vec<Option<&[u8]>> = rows.iter().map(|r| r.map(str::as_bytes)).collect();
+    let file = |name: &str, arr: ArrayRef, codec: Compression| {
+        let schema = Arc::new(Schema::new(vec![Field::new("text", arr.data_type().clone(), true)]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![arr]).unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(codec)
+            .set_max_row_group_row_count(Some(2))
+            .build();
+        let mut buf = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let path = dir.path().join(name);
+        write(&path, &buf);
+        path
+    };
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("utf8", Arc::new(StringArray::from(rows.clone()))),
+        ("large_utf8", Arc::new(LargeStringArray::from(rows.clone()))),
+        ("utf8_view", Arc::new(StringViewArray::from(rows.clone()))),
+        ("binary", Arc::new(BinaryArray::from(bytes.clone()))),
+        ("large_binary", Arc::new(LargeBinaryArray::from(bytes.clone()))),
+        ("binary_view", Arc::new(BinaryViewArray::from(bytes.clone()))),
+        ("dict_i8_utf8", Arc::new(rows.iter().copied().collect::<DictionaryArray<Int8Type>>())),
+        (
+            "dict_u16_large_utf8",
+            Arc::new(
+                DictionaryArray::<UInt16Type>::try_new(
+                    vec![Some(2u16), None, Some(0), Some(1), Some(2)].into(),
+                    Arc::new(LargeStringArray::from(vec![Some(FIXTURE_DOCS[1]), Some(""), Some(FIXTURE_DOCS[2])])),
+                )
+                .unwrap(),
+            ),
+        ),
+    ];
+    let codecs = [
+        Compression::UNCOMPRESSED,
+        Compression::SNAPPY,
+        Compression::GZIP(GzipLevel::default()),
+        Compression::ZSTD(ZstdLevel::default()),
+        Compression::LZ4_RAW,
+        Compression::LZ4,
+        Compression::BROTLI(BrotliLevel::default()),
+    ];
+    for (name, arr) in &columns {
+        for codec in codecs {
+            let path = file(&format!("{name}-{codec}.parquet"), arr.clone(), codec);
+            let docs = docs_of(&[path], &SourceConfig::default()).unwrap();
+            let want: &[&str] = match *name {
+                "dict_u16_large_utf8" => &[FIXTURE_DOCS[2], FIXTURE_DOCS[1], FIXTURE_DOCS[2]],
+                _ => &FIXTURE_DOCS,
+            };
+            assert_eq!(docs, want, "{name} {codec}");
+        }
+    }
+    // Not UTF-8 (row 4, in the second row group), directly and as a dictionary entry.
+    let bad: Vec<Option<&[u8]>> = vec![Some(b"fine"), None, Some(b"also fine"), Some(b"\xff\xfe bad")];
+    let path = file("bad.parquet", Arc::new(BinaryArray::from(bad.clone())), Compression::SNAPPY);
+    let e = docs_of(&[path], &SourceConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("bad.parquet") && e.contains("row 4") && e.contains("not UTF-8"), "{e}");
+    let dict = DictionaryArray::<Int8Type>::try_new(
+        vec![0i8, 1].into(),
+        Arc::new(BinaryArray::from(vec![Some(b"fine".as_slice()), Some(b"\xc3(")])),
+    )
+    .unwrap();
+    let e = docs_of(&[file("bad_dict.parquet", Arc::new(dict), Compression::SNAPPY)], &SourceConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad_dict.parquet") && e.contains("dictionary entry 1") && e.contains("not UTF-8"), "{e}");
+    let e = docs_of(
+        &[file("ints.parquet", Arc::new(Int64Array::from(vec![1, 2])), Compression::SNAPPY)],
+        &SourceConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ints.parquet") && e.contains("Int64") && e.contains("expected strings"), "{e}");
+}
+
 fn corpus(dir: &Path, n: u64) -> PathBuf {
     let c = dir.join("corpus");
     let docs: Vec<String> = (0..n).map(|i| text(i, 20 + (i as usize % 50))).collect();
