@@ -15,8 +15,8 @@ pub struct EvalArgs {
     /// repository (`org/name[@revision]`).
     #[arg(long)]
     model: String,
-    /// Text to score (files or directories: text, JSONL, Parquet, optionally .gz; or
-    /// `hf://datasets/<org>/<name>/<path>`).
+    /// Text to score (files or directories: text, JSONL, JSON arrays, Parquet, optionally .gz or
+    /// .zst; or `hf://datasets/<org>/<name>/<path>`).
     #[arg(long, num_args = 1..)]
     text: Vec<PathBuf>,
     /// A shards directory of the data crate: score its validation split (as stored, with the

@@ -34,7 +34,7 @@ enum Cmd {
     /// same arguments, it resumes: the shards already written (checked against their sha256)
     /// are kept and the rest is written.
     Data {
-        /// Input files or directories (text, JSONL, Parquet, optionally .gz), or Hugging Face
+        /// Input files or directories (text, JSONL, JSON arrays, Parquet, optionally .gz or .zst), or Hugging Face
         /// datasets: `hf://datasets/<org>/<name>[@revision]/<file, folder or glob>`.
         #[arg(long, required = true, num_args = 1..)]
         input: Vec<PathBuf>,

@@ -41,7 +41,7 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
 }
 
 const HOWTO: &str = "to use your own text instead, run `cargo xtask data --input <files or directories> --out <dir>` \
-(plain text, JSONL, Parquet, optionally .gz)";
+(plain text, JSONL, JSON arrays, Parquet, optionally .gz or .zst)";
 
 /// What [`assemble_default_corpus`] produced.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -25,6 +25,14 @@ pub enum DataError {
         /// 1-based line number where the bad bytes start.
         line: u64,
     },
+    /// Text in an encoding other than UTF-8, told by its byte-order mark.
+    #[error("{path}: the file is {encoding} (it starts with that byte-order mark); re-encode it as utf-8 (e.g. `iconv -f {} -t utf-8`, which reads the mark)", .encoding.get(..6).unwrap_or(.encoding))]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// The encoding its byte-order mark names (`utf-16le`, `utf-16be`, `utf-32le`, `utf-32be`).
+        encoding: &'static str,
+    },
     /// A JSONL record that cannot be used.
     #[error("{path}: line {line}: {msg}")]
     Jsonl {

@@ -1003,13 +1003,14 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Whether a file of a dataset repository is training text: `.parquet`, `.jsonl`, `.ndjson`,
-/// `.json` or `.txt`, optionally `.gz` (a repository's README and other documents are not).
+/// `.json` or `.txt`, optionally compressed (`.gz`, `.zst`; a repository's README and other
+/// documents are not).
 pub fn is_data_file(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path).to_lowercase();
     if name.starts_with('.') {
         return false;
     }
-    let stem = name.strip_suffix(".gz").unwrap_or(&name);
+    let stem = crate::source::Compression::split(&name).0;
     [".parquet", ".jsonl", ".ndjson", ".json", ".txt"].iter().any(|e| stem.ends_with(e))
         && !matches!(stem, "dataset_info.json" | "dataset_infos.json" | "state.json")
 }
@@ -1087,7 +1088,7 @@ pub fn resolve_inputs_with<P: AsRef<Path>>(hub: &Hub, inputs: &[P]) -> Result<Ve
             return Err(DataError::Hub {
                 target: input.display().to_string(),
                 msg: format!(
-                    "names no data file (.parquet, .jsonl, .json, .txt, optionally .gz){}{}",
+                    "names no data file (.parquet, .jsonl, .json, .txt, optionally .gz or .zst){}{}",
                     if some.is_empty() { "" } else { "; there are " },
                     some.join(", ")
                 ),
@@ -1217,7 +1218,7 @@ mod tests {
 
     #[test]
     fn data_files_exclude_repository_documents() {
-        for yes in ["data/train.parquet", "x.jsonl.gz", "a/b.txt", "c.JSON", "d.ndjson"] {
+        for yes in ["data/train.parquet", "x.jsonl.gz", "a/b.txt", "c.JSON", "d.ndjson", "e.jsonl.zst"] {
             assert!(is_data_file(yes), "{yes}");
         }
         for no in ["README.md", ".gitattributes", "dataset_info.json", "x.py", "a/.hidden.jsonl", "img.png"] {

@@ -1,4 +1,4 @@
-//! Streaming text sources: plain text, directories, JSONL, Parquet, and their gzip versions.
+//! Streaming text sources: plain text, directories, JSONL, Parquet, and their gzip and zstd versions.
 //!
 //! Memory stays bounded whatever the input: files are read in 64 KiB blocks, and a document longer
 //! than [`SourceConfig::max_doc_bytes`] is cut into consecutive documents at a line or word
@@ -40,26 +40,58 @@ impl Default for SourceConfig {
     }
 }
 
-/// The format of one input file, decided by its extension (after stripping `.gz`).
+/// The format of one input file, decided by its extension (after stripping a compression suffix,
+/// see [`Compression`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
-    /// Plain UTF-8 text; the whole file is one document.
+    /// Plain text: the file is one document (cut at `max_doc_bytes`).
     Text,
-    /// One JSON object per line; the text is in a configurable field.
+    /// JSON Lines (one object per line, the text in a configurable field), or a `.json` file
+    /// holding one array of such objects, as Hugging Face `datasets` reads both.
     Jsonl,
     /// Apache Parquet with a column holding the text: strings (plain, large or view) or UTF-8
     /// bytes, either of them dictionary-encoded; any codec (snappy, gzip, zstd, lz4, brotli).
     Parquet,
 }
 
+/// How an input file is compressed as a whole, by its last extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Not compressed.
+    None,
+    /// gzip (`.gz`), also several concatenated members.
+    Gzip,
+    /// Zstandard (`.zst`, `.zstd`), also several concatenated frames, as in The Pile and SlimPajama.
+    Zstd,
+}
+
+impl Compression {
+    /// `name` without its compression suffix, and the compression that suffix names.
+    pub fn split(name: &str) -> (&str, Compression) {
+        let lower = name.to_ascii_lowercase();
+        for (suffix, c) in [(".gz", Compression::Gzip), (".zst", Compression::Zstd), (".zstd", Compression::Zstd)] {
+            if lower.ends_with(suffix) {
+                return (&name[..name.len() - suffix.len()], c);
+            }
+        }
+        (name, Compression::None)
+    }
+
+    /// The decompressed bytes of `file` (at `path`, for errors).
+    fn reader(self, file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
+        Ok(match self {
+            Compression::None => Box::new(file),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file).map_err(io_err(path))?),
+        })
+    }
+}
+
 impl InputKind {
-    /// The kind of `path` and whether it is gzip-compressed. Unknown extensions read as text.
-    pub fn of(path: &Path) -> (InputKind, bool) {
+    /// The kind of `path` and how it is compressed. Unknown extensions read as text.
+    pub fn of(path: &Path) -> (InputKind, Compression) {
         let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-        let (stem, gz) = match name.strip_suffix(".gz") {
-            Some(s) => (s.to_string(), true),
-            None => (name, false),
-        };
+        let (stem, compression) = Compression::split(&name);
         let kind = if stem.ends_with(".jsonl") || stem.ends_with(".ndjson") || stem.ends_with(".json") {
             InputKind::Jsonl
         } else if stem.ends_with(".parquet") {
@@ -67,19 +99,19 @@ impl InputKind {
         } else {
             InputKind::Text
         };
-        (kind, gz)
+        (kind, compression)
     }
 
     fn known_in_dir(path: &Path) -> bool {
         let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-        let stem = name.strip_suffix(".gz").unwrap_or(&name);
+        let stem = Compression::split(&name).0;
         [".txt", ".text", ".md", ".rst", ".jsonl", ".ndjson", ".json", ".parquet"].iter().any(|e| stem.ends_with(e))
     }
 }
 
 /// Expands the inputs: files stay as given, directories are walked recursively (sorted, hidden
 /// entries skipped, only files with a known extension: .txt .text .md .rst .jsonl .ndjson .json
-/// .parquet, each optionally .gz).
+/// .parquet, each optionally compressed: .gz, .zst, .zstd).
 pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -177,14 +209,13 @@ impl Documents {
     }
 
     fn open_file(&self, path: &Path) -> Result<Box<dyn FileDocs>> {
-        let (kind, gz) = InputKind::of(path);
+        let (kind, compression) = InputKind::of(path);
         let src: Arc<Path> = Arc::from(path);
         if kind == InputKind::Parquet {
-            return Ok(Box::new(ParquetDocs::open(src, gz, &self.cfg.text_field, self.cfg.max_doc_bytes)?));
+            return Ok(Box::new(ParquetDocs::open(src, compression, &self.cfg.text_field, self.cfg.max_doc_bytes)?));
         }
         let file = File::open(path).map_err(io_err(path))?;
-        let reader: Box<dyn Read + Send> =
-            if gz { Box::new(flate2::read::MultiGzDecoder::new(file)) } else { Box::new(file) };
+        let reader = without_bom(compression.reader(file, path)?, path)?;
         let pieces = PieceBuf::new(self.cfg.max_doc_bytes);
         Ok(match kind {
             InputKind::Text => Box::new(TextDocs { src, reader, pieces, eof: false, piece_no: 0, line: 1 }),
@@ -290,6 +321,34 @@ impl PieceBuf {
     }
 }
 
+/// `reader` past a UTF-8 byte-order mark at its start (as Windows tools write); a UTF-16 or UTF-32
+/// mark is refused with what to do.
+fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn Read + Send>> {
+    let mut head = [0u8; 4];
+    let mut n = 0;
+    while n < head.len() {
+        match reader.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DataError::Io { path: path.to_path_buf(), source: e }),
+        }
+    }
+    let head = &head[..n];
+    let encoding = match head {
+        [0xFF, 0xFE, 0, 0] => Some("utf-32le"),
+        [0, 0, 0xFE, 0xFF] => Some("utf-32be"),
+        [0xFF, 0xFE, ..] => Some("utf-16le"),
+        [0xFE, 0xFF, ..] => Some("utf-16be"),
+        _ => None,
+    };
+    if let Some(encoding) = encoding {
+        return Err(DataError::NotUtf8 { path: path.to_path_buf(), encoding });
+    }
+    let skip = if head.starts_with(&[0xEF, 0xBB, 0xBF]) { 3 } else { 0 };
+    Ok(Box::new(std::io::Cursor::new(head[skip..].to_vec()).chain(reader)))
+}
+
 fn utf8(bytes: Vec<u8>, path: &Path, first_line: u64) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         let bad = e.utf8_error().valid_up_to();
@@ -369,6 +428,24 @@ struct JsonlDocs {
     in_text: bool,
     /// Line on which the current record started.
     record_start_line: u64,
+    /// Whether the file is one JSON array of records (its first non-blank byte is `[`) rather
+    /// than JSON Lines, and where in it the scanner is.
+    array: Option<ArrayAt>,
+    /// Whether a record has been read (a file that starts with `[` is an array).
+    seen_record: bool,
+}
+
+/// Where a scanner of a JSON array of records is between records.
+#[derive(Clone, Copy, PartialEq)]
+enum ArrayAt {
+    /// After `[`: a record or `]`.
+    Start,
+    /// After a record: `,` or `]`.
+    AfterRecord,
+    /// After `,`: a record.
+    AfterComma,
+    /// After `]`: only whitespace to the end of the file.
+    End,
 }
 
 enum Tok {
@@ -390,6 +467,8 @@ impl JsonlDocs {
             pieces,
             in_text: false,
             record_start_line: 1,
+            array: None,
+            seen_record: false,
         }
     }
 
@@ -433,11 +512,15 @@ impl JsonlDocs {
         self.bump()?.ok_or_else(|| self.err("unexpected end of file inside a json value"))
     }
 
-    /// Skips spaces and tabs (not newlines, which end records).
+    /// Skips spaces and tabs, and in a JSON array newlines too (in JSON Lines a newline ends a
+    /// record).
     fn skip_ws(&mut self) -> Result<()> {
         while let Some(b) = self.peek()? {
             if b == b' ' || b == b'\t' || b == b'\r' {
                 self.pos += 1;
+            } else if b == b'\n' && self.array.is_some() {
+                self.pos += 1;
+                self.line += 1;
             } else {
                 break;
             }
@@ -547,6 +630,7 @@ impl JsonlDocs {
                         }
                         b'{' | b'[' => depth += 1,
                         b'}' | b']' => depth -= 1,
+                        b'\n' if self.array.is_some() => self.line += 1,
                         b'\n' => return Err(self.err("newline inside a json value")),
                         _ => {}
                     }
@@ -610,19 +694,25 @@ impl JsonlDocs {
                 self.skip_value()?;
             }
         }
-        // End of record: only whitespace may follow before the newline.
-        self.skip_ws()?;
-        match self.bump()? {
-            None | Some(b'\n') => {}
-            Some(_) => return Err(self.err("trailing characters after the json object")),
-        }
         if !found {
             return Err(self.err(format!(
                 "no \"{}\" field in this record; pass --text-field with the name of the field that holds the text",
                 self.field
             )));
         }
-        self.line += 1;
+        match self.array {
+            // (In an array, the next record's start reads the separator.)
+            Some(_) => self.array = Some(ArrayAt::AfterRecord),
+            // End of a line's record: only whitespace may follow before the newline.
+            None => {
+                self.skip_ws()?;
+                match self.bump()? {
+                    None | Some(b'\n') => {}
+                    Some(_) => return Err(self.err("trailing characters after the json object")),
+                }
+                self.line += 1;
+            }
+        }
         Ok(false)
     }
 }
@@ -645,20 +735,42 @@ impl FileDocs for JsonlDocs {
             }
             // Start of a record.
             self.skip_ws()?;
-            match self.bump()? {
-                None => return Ok(None),
-                Some(b'\n') => {
+            let b = self.bump()?;
+            match (self.array, b) {
+                (None | Some(ArrayAt::End), None) => return Ok(None),
+                (Some(_), None) => {
+                    return Err(self.err("unexpected end of file inside the json array (no closing ']')"))
+                }
+                (None, Some(b'\n')) => {
                     self.line += 1;
                     continue;
                 }
-                Some(b'{') => {
+                (None, Some(b'[')) if !self.seen_record => {
+                    self.array = Some(ArrayAt::Start);
+                    continue;
+                }
+                (Some(ArrayAt::Start | ArrayAt::AfterRecord), Some(b']')) => {
+                    self.array = Some(ArrayAt::End);
+                    continue;
+                }
+                (Some(ArrayAt::AfterRecord), Some(b',')) => {
+                    self.array = Some(ArrayAt::AfterComma);
+                    continue;
+                }
+                (Some(ArrayAt::End), Some(_)) => return Err(self.err("trailing characters after the json array")),
+                (Some(ArrayAt::AfterRecord), Some(_)) => {
+                    return Err(self.err("expected ',' or ']' after a record of the json array"))
+                }
+                (None | Some(ArrayAt::Start | ArrayAt::AfterComma), Some(b'{')) => {
+                    self.seen_record = true;
                     self.record_start_line = self.line;
                     if !self.rest_of_object(false, true)? {
                         // null text: an empty document (counted as skipped)
                         return Ok(Some(Piece { text: String::new(), position: self.record_start_line, cut: false }));
                     }
                 }
-                Some(_) => return Err(self.err("expected a json object per line")),
+                (Some(_), Some(_)) => return Err(self.err("expected a json object in the array")),
+                (None, Some(_)) => return Err(self.err("expected a json object per line")),
             }
         }
     }
@@ -679,7 +791,7 @@ struct ParquetDocs {
     _tmp: Option<TempFile>,
 }
 
-/// A file deleted on drop (decompressed `.parquet.gz`).
+/// A file deleted on drop (a decompressed `.parquet.gz` or `.parquet.zst`).
 struct TempFile(PathBuf);
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -688,15 +800,15 @@ impl Drop for TempFile {
 }
 
 impl ParquetDocs {
-    fn open(src: Arc<Path>, gz: bool, field: &str, max: usize) -> Result<Self> {
+    fn open(src: Arc<Path>, compression: Compression, field: &str, max: usize) -> Result<Self> {
         let perr = |msg: String| DataError::Parquet { path: src.to_path_buf(), msg };
-        let (file, tmp) = if gz {
+        let (file, tmp) = if compression != Compression::None {
             let tmp_path = std::env::temp_dir().join(format!(
                 "patchlm-{}-{}.parquet",
                 std::process::id(),
                 src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
             ));
-            let mut dec = flate2::read::MultiGzDecoder::new(File::open(&src).map_err(io_err(src.to_path_buf()))?);
+            let mut dec = compression.reader(File::open(&src).map_err(io_err(src.to_path_buf()))?, &src)?;
             let mut out = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
             std::io::copy(&mut dec, &mut out).map_err(io_err(src.to_path_buf()))?;
             let f = File::open(&tmp_path).map_err(io_err(&tmp_path))?;

@@ -78,30 +78,37 @@ fn small_cfg() -> DataConfig {
     cfg
 }
 
+fn zst(frames: &[&[u8]]) -> Vec<u8> {
+    // One zstd frame each, concatenated (as `zstd` and The Pile's shards may be).
+    frames.iter().flat_map(|f| zstd::stream::encode_all(*f, 3).unwrap()).collect()
+}
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 #[test]
 fn every_source_type_reads_the_same_documents() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let docs: Vec<String> = (0..7).map(|i| text(i, 30)).collect();
+    let docs: Vec<String> = (0..14).map(|i| text(i, 30)).collect();
     write(&d.join("a.txt"), docs[0].as_bytes());
     write(&d.join("b.txt.gz"), &gz(docs[1].as_bytes()));
     write(&d.join("c.jsonl"), &jsonl(&docs[2..4], "text"));
     write(&d.join("c2.jsonl.gz"), &gz(&jsonl(&docs[4..5], "text")));
     write(&d.join("e.parquet"), &parquet(&[Some(docs[5].clone())], "text"));
     write(&d.join("f.parquet.gz"), &gz(&parquet(&[Some(docs[6].clone())], "text")));
+    write(&d.join("g.txt.zst"), &zst(&[docs[7].as_bytes()]));
+    write(&d.join("h.jsonl.zst"), &zst(&[&jsonl(&docs[8..9], "text"), &jsonl(&docs[9..10], "text")]));
+    write(&d.join("i.parquet.zstd"), &zst(&[&parquet(&[Some(docs[10].clone())], "text")]));
+    // A .json file holding one pretty-printed array of records (as `datasets` reads too).
+    let records: Vec<serde_json::Value> =
+        docs[11..13].iter().map(|t| serde_json::json!({"id": 1, "text": t, "meta": {"tags": ["x", "]"]}})).collect();
+    // A UTF-8 byte-order mark (Windows tools) is not part of the text or the JSON.
+    write(&d.join("j.json"), &[BOM, serde_json::to_string_pretty(&records).unwrap().as_bytes()].concat());
+    write(&d.join("k.txt"), &[BOM, docs[13].as_bytes()].concat());
+    let inputs = ["a.txt", "b.txt.gz", "c.jsonl", "c2.jsonl.gz", "e.parquet", "f.parquet.gz"];
+    let inputs = [&inputs[..], &["g.txt.zst", "h.jsonl.zst", "i.parquet.zstd", "j.json", "k.txt"]].concat();
     let cfg = SourceConfig::default();
-    let got = docs_of(
-        &[
-            d.join("a.txt"),
-            d.join("b.txt.gz"),
-            d.join("c.jsonl"),
-            d.join("c2.jsonl.gz"),
-            d.join("e.parquet"),
-            d.join("f.parquet.gz"),
-        ],
-        &cfg,
-    )
-    .unwrap();
+    let got = docs_of(&inputs.iter().map(|f| d.join(f)).collect::<Vec<_>>(), &cfg).unwrap();
     assert_eq!(got, docs);
 
     // A directory, walked recursively in sorted order, sees the same documents.
@@ -180,6 +187,37 @@ fn bad_inputs_give_clear_errors() {
     write(&d.join("broken.jsonl"), b"{\"text\": \"a\"}\n{\"text\": \"unterminated\n");
     let e = docs_of(&[d.join("broken.jsonl")], &cfg).unwrap_err().to_string();
     assert!(e.contains("line 2"), "{e}");
+    // A JSON array of records: each malformation names its file and line.
+    for (name, body, want) in [
+        ("comma.json", "[{\"text\": \"a\"},]", "line 1: expected a json object in the array"),
+        (
+            "open.json",
+            "[\n{\"text\": \"a\"},\n{\"text\": \"b\"}\n",
+            "line 4: unexpected end of file inside the json array",
+        ),
+        ("after.json", "[{\"text\": \"a\"}]\n{\"text\": \"b\"}\n", "line 2: trailing characters after the json array"),
+        ("strings.json", "[\"a\"]", "line 1: expected a json object in the array"),
+        ("nosep.json", "[{\"text\": \"a\"} {\"text\": \"b\"}]", "expected ',' or ']'"),
+        ("field.json", "[\n  {\"text\": \"a\"},\n  {\"body\": \"b\"}\n]", "line 3: no \"text\" field"),
+    ] {
+        write(&d.join(name), body.as_bytes());
+        let e = docs_of(&[d.join(name)], &cfg).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(want), "{e}");
+    }
+    write(&d.join("none.json"), b" [\n ]\n");
+    assert_eq!(docs_of(&[d.join("none.json")], &cfg).unwrap(), Vec::<String>::new());
+    // UTF-16 and UTF-32 text, told by its byte-order mark.
+    let utf16le: Vec<u8> = "hi\n".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let utf16be: Vec<u8> = "hi\n".encode_utf16().flat_map(|u| u.to_be_bytes()).collect();
+    for (name, bytes, enc) in [
+        ("le.txt", [&[0xFF, 0xFE][..], &utf16le].concat(), "utf-16le"),
+        ("be.jsonl", [&[0xFE, 0xFF][..], &utf16be].concat(), "utf-16be"),
+        ("u32.txt", vec![0xFF, 0xFE, 0, 0, b'h', 0, 0, 0], "utf-32le"),
+    ] {
+        write(&d.join(name), &bytes);
+        let e = docs_of(&[d.join(name)], &cfg).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(enc) && e.contains("iconv"), "{e}");
+    }
     // Parquet without the text column names the columns it has.
     write(&d.join("p.parquet"), &parquet(&[Some("x".into())], "body"));
     let e = docs_of(&[d.join("p.parquet")], &cfg).unwrap_err().to_string();
