@@ -12,8 +12,8 @@ use patchlm_data::shard::TOKENIZER_FILE;
 use patchlm_data::{Dataset, Manifest, Split};
 use patchlm_eval::report::{write_report, CurvePoint, Report, ReportRun};
 use patchlm_eval::{
-    continuation_task, load_task, perplexity_of_split, score_task, split_texts, write_task_jsonl, ContinuationConfig,
-    McExample, WindowConfig,
+    continuation_task, perplexity_of_split, score_task, split_texts, write_task_jsonl, ContinuationConfig, McExample,
+    WindowConfig,
 };
 use patchlm_model::{load_pretrained, parse_device};
 use patchlm_train::{read_metrics, RunConfig, RunSummary};
@@ -41,7 +41,8 @@ pub struct CompareArgs {
     /// Skip the equal-compute baselines.
     #[arg(long)]
     no_equal_compute: bool,
-    /// Extra zero-shot tasks (BIG-bench task.json, HellaSwag / PIQA / ARC JSONL) for the report.
+    /// Extra zero-shot tasks for the report (as `eval --task`: BIG-bench task.json, HellaSwag /
+    /// PIQA / ARC / MMLU / WinoGrande records as JSONL, JSON or Parquet, or hf://datasets/...).
     #[arg(long, num_args = 1..)]
     task: Vec<PathBuf>,
     /// Questions of the built-in held-out continuation task (drawn from the validation split;
@@ -194,10 +195,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
             tasks.push(("continuation".into(), ex));
         }
     }
-    for p in &a.task {
-        let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        tasks.push((name, load_task(p)?));
-    }
+    tasks.extend(crate::eval_cmd::load_tasks(&a.task)?);
     let reference_flops = summaries[0].flops;
     let mut rows = Vec::new();
     for (spec, s) in specs.iter().zip(&summaries) {

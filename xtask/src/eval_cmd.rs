@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use patchlm_eval::{load_task, perplexity_of_texts, score_task, WindowConfig};
+use patchlm_eval::{load_task, perplexity_of_texts, score_task, McExample, WindowConfig};
 use patchlm_model::{load_pretrained, parse_device, special_token_ids};
 
 /// Arguments of `cargo xtask eval`.
@@ -23,7 +23,9 @@ pub struct EvalArgs {
     /// BOS/EOS framing of training).
     #[arg(long)]
     shards: Option<PathBuf>,
-    /// Zero-shot tasks (BIG-bench task.json, or HellaSwag / PIQA / ARC JSONL).
+    /// Zero-shot tasks: BIG-bench task.json, or HellaSwag / PIQA / ARC / MMLU / WinoGrande records
+    /// (the Hugging Face datasets' fields) as JSONL, a JSON array or Parquet, scored with
+    /// lm-eval-harness's prompts; a file, or `hf://datasets/<org>/<name>/<file, folder or glob>`.
     #[arg(long, num_args = 1..)]
     task: Vec<PathBuf>,
     /// Window length (default: the model's context).
@@ -97,9 +99,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         });
     }
     let mut tasks = Vec::new();
-    for p in &a.task {
-        let examples = load_task(p)?;
-        let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    for (name, examples) in load_tasks(&a.task)? {
         tasks.push(score_task(&model, &tok, bos, &name, &examples, &device, true)?);
     }
     if !tasks.is_empty() {
@@ -116,4 +116,24 @@ pub fn run(a: EvalArgs) -> Result<()> {
         std::fs::write(&p, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// The zero-shot tasks `--task` names, each with its name: a local file is one task named by its
+/// stem; an `hf://datasets/...` file, folder or glob is one task of all the files it names (say
+/// MMLU's 57 subjects), named by the path after `hf://datasets/`.
+pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
+    let mut tasks = Vec::new();
+    for spec in specs {
+        let text = spec.to_string_lossy();
+        let (name, files) = match text.strip_prefix("hf://datasets/") {
+            Some(rest) => (rest.to_string(), patchlm_data::hub::resolve_inputs(std::slice::from_ref(spec))?),
+            None => (spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), vec![spec.clone()]),
+        };
+        let mut examples = Vec::new();
+        for f in &files {
+            examples.extend(load_task(f).with_context(|| format!("task {text}"))?);
+        }
+        tasks.push((name, examples));
+    }
+    Ok(tasks)
 }

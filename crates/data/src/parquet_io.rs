@@ -1,4 +1,5 @@
-//! Parquet export and import of shard directories, for compressed interchange.
+//! Parquet export and import of shard directories, for compressed interchange, and any Parquet
+//! file's rows as JSON objects ([`parquet_rows_json`], for task files the hub serves as Parquet).
 //!
 //! An exported directory holds `<split>-NNNNN.parquet` (zstd, the same `tokens` list column),
 //! `tokenizer.json` and `manifest.json` whose shard entries name the Parquet files. Importing it
@@ -131,4 +132,135 @@ pub fn import_parquet(src: &Path, dst: &Path, shard_mb: u64) -> Result<Manifest>
     std::fs::copy(src.join(TOKENIZER_FILE), dst.join(TOKENIZER_FILE)).map_err(io_err(dst.join(TOKENIZER_FILE)))?;
     out.save(dst)?;
     Ok(out)
+}
+
+/// Every row of the Parquet file at `path` as a JSON object of its columns: strings (and binary
+/// that holds UTF-8) as strings, integers, floats and booleans as numbers and booleans, lists
+/// as arrays, structs as objects, dictionary-encoded values as their values, nulls as null. For
+/// small files (task data): the rows are held in memory.
+pub fn parquet_rows_json(path: &Path) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr(path))?.build().map_err(perr(path))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| DataError::Parquet { path: path.to_path_buf(), msg: e.to_string() })?;
+        let schema = batch.schema();
+        let columns: Vec<(&str, Vec<serde_json::Value>)> = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(f, c)| {
+                Ok((
+                    f.name().as_str(),
+                    json_values(c.as_ref()).map_err(|msg| DataError::Parquet {
+                        path: path.to_path_buf(),
+                        msg: format!("column \"{}\": {msg}", f.name()),
+                    })?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        for i in 0..batch.num_rows() {
+            rows.push(columns.iter().map(|(name, values)| (name.to_string(), values[i].clone())).collect());
+        }
+    }
+    Ok(rows)
+}
+
+/// The values of an Arrow array as JSON (see [`parquet_rows_json`]).
+fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, String> {
+    use arrow_array::types::*;
+    use arrow_schema::DataType as T;
+    use serde_json::Value;
+    fn prim<P: arrow_array::ArrowPrimitiveType>(a: &dyn Array) -> Vec<Value>
+    where
+        P::Native: Into<Value>,
+    {
+        a.as_primitive::<P>().iter().map(|v| v.map_or(Value::Null, Into::into)).collect()
+    }
+    fn strs<'a>(it: impl Iterator<Item = Option<&'a str>>) -> Vec<Value> {
+        it.map(|v| v.map_or(Value::Null, |s| Value::String(s.to_owned()))).collect()
+    }
+    fn bytes<'a>(it: impl Iterator<Item = Option<&'a [u8]>>) -> std::result::Result<Vec<Value>, String> {
+        it.map(|v| match v {
+            None => Ok(Value::Null),
+            Some(b) => std::str::from_utf8(b)
+                .map(|s| Value::String(s.to_owned()))
+                .map_err(|e| format!("bytes that are not UTF-8 ({e})")),
+        })
+        .collect()
+    }
+    fn lists(a: &dyn Array, offsets: &[usize], values: &dyn Array) -> std::result::Result<Vec<Value>, String> {
+        let inner = json_values(values)?;
+        Ok((0..a.len())
+            .map(|i| if a.is_null(i) { Value::Null } else { Value::Array(inner[offsets[i]..offsets[i + 1]].to_vec()) })
+            .collect())
+    }
+    Ok(match a.data_type() {
+        T::Null => vec![Value::Null; a.len()],
+        T::Boolean => a.as_boolean().iter().map(|v| v.map_or(Value::Null, Value::Bool)).collect(),
+        T::Int8 => prim::<Int8Type>(a),
+        T::Int16 => prim::<Int16Type>(a),
+        T::Int32 => prim::<Int32Type>(a),
+        T::Int64 => prim::<Int64Type>(a),
+        T::UInt8 => prim::<UInt8Type>(a),
+        T::UInt16 => prim::<UInt16Type>(a),
+        T::UInt32 => prim::<UInt32Type>(a),
+        T::UInt64 => prim::<UInt64Type>(a),
+        T::Float32 => {
+            a.as_primitive::<Float32Type>().iter().map(|v| v.map_or(Value::Null, |x| (x as f64).into())).collect()
+        }
+        T::Float64 => prim::<Float64Type>(a),
+        T::Utf8 => strs(a.as_string::<i32>().iter()),
+        T::LargeUtf8 => strs(a.as_string::<i64>().iter()),
+        T::Utf8View => strs(a.as_string_view().iter()),
+        T::Binary => bytes(a.as_binary::<i32>().iter())?,
+        T::LargeBinary => bytes(a.as_binary::<i64>().iter())?,
+        T::BinaryView => bytes(a.as_binary_view().iter())?,
+        T::List(_) => {
+            let l = a.as_list::<i32>();
+            let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
+            lists(a, &offsets, l.values().as_ref())?
+        }
+        T::LargeList(_) => {
+            let l = a.as_list::<i64>();
+            let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
+            lists(a, &offsets, l.values().as_ref())?
+        }
+        T::FixedSizeList(_, n) => {
+            let l = a.as_fixed_size_list();
+            let offsets: Vec<usize> = (0..=a.len()).map(|i| i * *n as usize + l.offset() * *n as usize).collect();
+            lists(a, &offsets, l.values().as_ref())?
+        }
+        T::Struct(fields) => {
+            let st = a.as_struct();
+            let cols: Vec<Vec<Value>> =
+                st.columns().iter().map(|c| json_values(c.as_ref())).collect::<std::result::Result<_, _>>()?;
+            (0..a.len())
+                .map(|i| {
+                    if a.is_null(i) {
+                        return Value::Null;
+                    }
+                    Value::Object(fields.iter().zip(&cols).map(|(f, c)| (f.name().clone(), c[i].clone())).collect())
+                })
+                .collect()
+        }
+        T::Dictionary(_, _) => {
+            let d = a.as_any_dictionary();
+            let values = json_values(d.values().as_ref())?;
+            let keys = d.normalized_keys();
+            (0..a.len())
+                .map(|i| {
+                    if d.keys().is_null(i) {
+                        Ok(Value::Null)
+                    } else {
+                        values
+                            .get(keys[i])
+                            .cloned()
+                            .ok_or_else(|| format!("row {}: no dictionary entry {}", i + 1, keys[i]))
+                    }
+                })
+                .collect::<std::result::Result<_, _>>()?
+        }
+        other => return Err(format!("values of type {other} are not read as JSON")),
+    })
 }

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// A task file that cannot be used.
-    #[error("{path}: line {line}: {msg}")]
+    #[error("{path}: {}{msg}", if .at.is_empty() { String::new() } else { format!("{}: ", .at) })]
     Task {
         /// The file.
         path: PathBuf,
-        /// 1-based line (JSONL) or example number (BIG-bench); 0 for the whole file.
-        line: usize,
+        /// Where in it: `line N` (JSONL), `example N` (BIG-bench, a JSON array) or `row N`
+        /// (Parquet); empty for the whole file.
+        at: String,
         /// What is wrong.
         msg: String,
     },
@@ -31,6 +32,9 @@ pub enum EvalError {
         /// What went wrong.
         msg: String,
     },
+    /// Input the scorer cannot use.
+    #[error("{0}")]
+    Input(String),
     /// Encoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

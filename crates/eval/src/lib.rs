@@ -48,7 +48,10 @@ use tokenizers::Tokenizer;
 pub use error::{EvalError, Result};
 pub use perplexity::{score_document, sequence_nlls, NllSum, WindowConfig};
 pub use tasks::{continuation_task, write_task_jsonl, ContinuationConfig};
-pub use zeroshot::{choice_loglikelihoods, load_task, pick, score_task, stderr_of, McExample, TaskResult};
+pub use zeroshot::{
+    choice_loglikelihoods, encode_pair, hellaswag_clean, load_task, pair_loglikelihoods, pick, score_task, stderr_of,
+    McExample, TaskResult,
+};
 
 /// Perplexity and bits per byte of text inputs (files, directories, JSONL, Parquet; see the data
 /// crate's sources): each document framed as in training (BOS if given, the tokens, EOS).

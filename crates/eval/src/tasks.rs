@@ -102,7 +102,7 @@ pub fn continuation_task(texts: &[String], cfg: &ContinuationConfig) -> Vec<McEx
         let g = rng.below(picked.len() + 1);
         let mut choices: Vec<String> = picked.iter().map(|s| format!(" {s}")).collect();
         choices.insert(g, format!(" {gold}"));
-        out.push(McExample { context: docs[d][i - c..i].join(" "), choices, gold: g });
+        out.push(McExample::new(docs[d][i - c..i].join(" "), choices, g));
     }
     out
 }

@@ -1,6 +1,9 @@
-//! Zero-shot multiple choice with lm-eval-harness semantics: for each choice, the log-likelihood
-//! of the continuation given the context; `acc` picks the largest sum of log-probabilities,
-//! `acc_norm` the largest sum divided by the continuation's byte length.
+//! Zero-shot multiple choice with lm-eval-harness (0.4) semantics: for each choice, the
+//! log-likelihood of the continuation given the context; `acc` picks the largest sum of
+//! log-probabilities, `acc_norm` the largest sum divided by the choice's length in characters (the
+//! choice text without the space that joins it to the context). The task formats are lm-eval's
+//! prompts for HellaSwag, PIQA, ARC, MMLU and WinoGrande (the paper's zero-shot suite), read from
+//! the records of the Hugging Face datasets as JSONL, a JSON array or Parquet.
 
 use std::path::Path;
 
@@ -19,6 +22,37 @@ pub struct McExample {
     pub choices: Vec<String>,
     /// Index of the correct choice.
     pub gold: usize,
+    /// Per-choice contexts where the choices differ before a shared continuation (WinoGrande's
+    /// partial scoring: continuation `choices[i]` after `contexts[i]`, and `acc_norm` divides by
+    /// the length of `contexts[i]`, as lm-eval's multiple-input tasks do); empty: every choice
+    /// follows `context`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contexts: Vec<String>,
+}
+
+impl McExample {
+    /// A question whose choices all follow one context.
+    pub fn new(context: impl Into<String>, choices: Vec<String>, gold: usize) -> Self {
+        Self { context: context.into(), choices, gold, contexts: Vec::new() }
+    }
+
+    /// The (context, continuation) scored for each choice.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (self.contexts.get(i).unwrap_or(&self.context).as_str(), c.as_str()))
+    }
+
+    /// The length `acc_norm` divides choice `i`'s log-likelihood by: the characters of the
+    /// choice without its leading space (lm-eval's `len(choice)`), or of its context where the
+    /// contexts differ.
+    pub fn norm_len(&self, i: usize) -> usize {
+        match self.contexts.get(i) {
+            Some(c) => c.chars().count(),
+            None => self.choices[i].strip_prefix(' ').unwrap_or(&self.choices[i]).chars().count(),
+        }
+    }
 }
 
 /// Accuracy of one task.
@@ -46,51 +80,97 @@ pub fn stderr_of(p: f64, n: usize) -> f64 {
     (p * (1.0 - p) / (n - 1) as f64).sqrt()
 }
 
-/// The choice `acc` and `acc_norm` pick from per-choice log-likelihoods and byte lengths.
+/// The choice `acc` and `acc_norm` pick from per-choice log-likelihoods and lengths (the first
+/// of equal ones, as numpy's argmax).
 pub fn pick(lls: &[f64], byte_lens: &[usize]) -> (usize, usize) {
     let argmax = |v: &[f64]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
     let norm: Vec<f64> = lls.iter().zip(byte_lens).map(|(l, &n)| l / n.max(1) as f64).collect();
     (argmax(lls), argmax(&norm))
 }
 
-fn bad(path: &Path, line: usize, msg: impl Into<String>) -> EvalError {
-    EvalError::Task { path: path.to_path_buf(), line, msg: msg.into() }
+/// Where a record is in a task file, for errors.
+#[derive(Clone, Copy)]
+enum At {
+    File,
+    Line(usize),
+    Example(usize),
+    Row(usize),
 }
 
-/// Loads a task: a BIG-bench `task.json` (`examples` with `input` and `target_scores`), or JSONL
-/// in the HellaSwag (`ctx`, `endings`, `label`), PIQA (`goal`, `sol1`, `sol2`, `label`) or ARC
-/// (`question`, `choices: {text, label}`, `answerKey`) format.
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::File => Ok(()),
+            At::Line(n) => write!(f, "line {n}"),
+            At::Example(n) => write!(f, "example {n}"),
+            At::Row(n) => write!(f, "row {n}"),
+        }
+    }
+}
+
+fn bad(path: &Path, at: At, msg: impl Into<String>) -> EvalError {
+    EvalError::Task { path: path.to_path_buf(), at: at.to_string(), msg: msg.into() }
+}
+
+/// Loads a task: a BIG-bench `task.json` (`examples` with `input` and `target_scores`), or records
+/// as JSONL, a JSON array or Parquet (as the Hugging Face datasets serve them) in one of these
+/// formats, each made into lm-eval-harness's prompt:
+/// - HellaSwag (`Rowan/hellaswag`: `activity_label`, `ctx_a`, `ctx_b`, `endings`, `label`):
+///   "{activity_label}: {ctx_a} {Ctx_b}" and the endings, cleaned of WikiHow's bracketed markers;
+///   or just `ctx`, `endings`, `label`, taken as they are;
+/// - PIQA (`goal`, `sol1`, `sol2`, `label`): "Question: {goal}\nAnswer:";
+/// - ARC (`question`, `choices: {text, label}`, `answerKey`): "Question: {question}\nAnswer:";
+/// - MMLU (`question`, `choices: [..]`, `answer`, optional `subject`): the subject's
+///   description line, the question, the lettered options, "Answer:", and the letters as choices;
+/// - WinoGrande (`sentence` with one `_`, `option1`, `option2`, `answer` "1" or "2"): each option
+///   in the blank as the context, the rest of the sentence as the continuation.
 pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io { path: path.to_path_buf(), source: e })?;
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('{') && path.extension().is_none_or(|e| e != "jsonl") {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            if let Some(examples) = v.get("examples").and_then(|e| e.as_array()) {
-                return examples.iter().enumerate().map(|(i, e)| bigbench(path, i + 1, e)).collect();
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let records: Vec<(At, serde_json::Value)> = if name.ends_with(".parquet") {
+        let rows = patchlm_data::parquet_rows_json(path)?;
+        rows.into_iter().enumerate().map(|(i, r)| (At::Row(i + 1), serde_json::Value::Object(r))).collect()
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io { path: path.to_path_buf(), source: e })?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let trimmed = text.trim_start();
+        if trimmed.starts_with('{') && !name.ends_with(".jsonl") {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+                if let Some(examples) = v.get("examples").and_then(|e| e.as_array()) {
+                    return examples.iter().enumerate().map(|(i, e)| bigbench(path, i + 1, e)).collect();
+                }
             }
         }
-    }
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+        if trimmed.starts_with('[') {
+            let v: Vec<serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| bad(path, At::File, format!("invalid json array of records: {e}")))?;
+            v.into_iter().enumerate().map(|(i, v)| (At::Example(i + 1), v)).collect()
+        } else {
+            let mut out = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v =
+                    serde_json::from_str(line).map_err(|e| bad(path, At::Line(i + 1), format!("invalid json: {e}")))?;
+                out.push((At::Line(i + 1), v));
+            }
+            out
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(path, i + 1, format!("invalid json: {e}")))?;
-        out.push(jsonl_example(path, i + 1, &v)?);
-    }
+    };
+    let out: Vec<McExample> = records.iter().map(|(at, v)| record_example(path, *at, v)).collect::<Result<_>>()?;
     if out.is_empty() {
-        return Err(bad(path, 0, "no examples"));
+        return Err(bad(path, At::File, "no examples"));
     }
     Ok(out)
 }
 
 fn bigbench(path: &Path, n: usize, e: &serde_json::Value) -> Result<McExample> {
-    let input = e.get("input").and_then(|x| x.as_str()).ok_or_else(|| bad(path, n, "example lacks \"input\""))?;
+    let at = At::Example(n);
+    let input = e.get("input").and_then(|x| x.as_str()).ok_or_else(|| bad(path, at, "example lacks \"input\""))?;
     let scores = e
         .get("target_scores")
         .and_then(|x| x.as_object())
-        .ok_or_else(|| bad(path, n, "example lacks \"target_scores\" (not a multiple-choice task?)"))?;
+        .ok_or_else(|| bad(path, at, "example lacks \"target_scores\" (not a multiple-choice task?)"))?;
     let mut choices = Vec::new();
     let mut gold = None;
     let mut best = f64::MIN;
@@ -102,8 +182,8 @@ fn bigbench(path: &Path, n: usize, e: &serde_json::Value) -> Result<McExample> {
         }
         choices.push(format!(" {c}"));
     }
-    let gold = gold.ok_or_else(|| bad(path, n, "no choices"))?;
-    Ok(McExample { context: input.to_string(), choices, gold })
+    let gold = gold.ok_or_else(|| bad(path, at, "no choices"))?;
+    Ok(McExample::new(input, choices, gold))
 }
 
 fn label_index(v: &serde_json::Value, keys: &[String]) -> Option<usize> {
@@ -117,43 +197,118 @@ fn label_index(v: &serde_json::Value, keys: &[String]) -> Option<usize> {
     s.parse().ok()
 }
 
-fn jsonl_example(path: &Path, line: usize, v: &serde_json::Value) -> Result<McExample> {
+/// lm-eval's HellaSwag cleaning of WikiHow text: trimmed, " [title]" made a sentence end, other
+/// bracketed markers (within a line) removed, double spaces made single.
+pub fn hellaswag_clean(text: &str) -> String {
+    let t = text.trim().replace(" [title]", ". ");
+    let mut out = String::with_capacity(t.len());
+    let mut rest = t.as_str();
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find(['\n', ']']) {
+            Some(close) if rest.as_bytes()[open + close] == b']' => {
+                out.push_str(&rest[..open]);
+                rest = &rest[open + close + 1..];
+            }
+            // No `]` on this line: the `[` stays.
+            _ => {
+                out.push_str(&rest[..=open]);
+                rest = &rest[open + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out.replace("  ", " ")
+}
+
+/// Python's `str.capitalize`: the first character upper-cased, the rest lower-cased.
+fn capitalize(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars.as_str().to_lowercase().chars()).collect(),
+        None => String::new(),
+    }
+}
+
+fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<McExample> {
     let s = |k: &str| v.get(k).and_then(|x| x.as_str());
-    if let (Some(ctx), Some(endings)) = (s("ctx"), v.get("endings").and_then(|x| x.as_array())) {
-        let choices: Vec<String> = endings.iter().filter_map(|e| e.as_str()).map(|e| format!(" {e}")).collect();
-        let gold =
-            v.get("label").and_then(|l| label_index(l, &[])).ok_or_else(|| bad(path, line, "missing \"label\""))?;
-        return check(path, line, McExample { context: ctx.to_string(), choices, gold });
+    let strings = |x: &serde_json::Value| -> Option<Vec<String>> {
+        x.as_array()?.iter().map(|e| e.as_str().map(str::to_string)).collect()
+    };
+    let label =
+        |k: &str| v.get(k).and_then(|l| label_index(l, &[])).ok_or_else(|| bad(path, at, format!("missing \"{k}\"")));
+    if let Some(endings) = v.get("endings").and_then(strings) {
+        if let (Some(activity), Some(a), Some(b)) = (s("activity_label"), s("ctx_a"), s("ctx_b")) {
+            let context = hellaswag_clean(&format!("{activity}: {a} {}", capitalize(b)));
+            let choices = endings.iter().map(|e| format!(" {}", hellaswag_clean(e))).collect();
+            return check(path, at, McExample::new(context, choices, label("label")?));
+        }
+        if let Some(ctx) = s("ctx") {
+            let choices = endings.iter().map(|e| format!(" {e}")).collect();
+            return check(path, at, McExample::new(ctx, choices, label("label")?));
+        }
     }
     if let (Some(goal), Some(a), Some(b)) = (s("goal"), s("sol1"), s("sol2")) {
-        let gold =
-            v.get("label").and_then(|l| label_index(l, &[])).ok_or_else(|| bad(path, line, "missing \"label\""))?;
         let choices = vec![format!(" {a}"), format!(" {b}")];
-        return check(path, line, McExample { context: format!("Question: {goal}\nAnswer:"), choices, gold });
+        return check(path, at, McExample::new(format!("Question: {goal}\nAnswer:"), choices, label("label")?));
+    }
+    if let (Some(sentence), Some(o1), Some(o2)) = (s("sentence"), s("option1"), s("option2")) {
+        let blank = sentence.find('_').ok_or_else(|| bad(path, at, "the sentence has no \"_\" blank"))?;
+        let gold = match s("answer") {
+            Some("1") => 0,
+            Some("2") => 1,
+            _ => return Err(bad(path, at, "\"answer\" is not \"1\" or \"2\"")),
+        };
+        let rest = format!(" {}", sentence[blank + 1..].trim());
+        let contexts = vec![format!("{}{o1}", &sentence[..blank]), format!("{}{o2}", &sentence[..blank])];
+        let e = McExample { context: sentence[..blank].to_string(), choices: vec![rest.clone(), rest], gold, contexts };
+        return check(path, at, e);
     }
     if let (Some(q), Some(ch)) = (s("question"), v.get("choices")) {
-        let texts: Vec<String> = ch
-            .get("text")
-            .and_then(|t| t.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str()).map(|x| format!(" {x}")).collect())
-            .ok_or_else(|| bad(path, line, "\"choices\" lacks \"text\""))?;
-        let labels: Vec<String> = ch
-            .get("label")
-            .and_then(|t| t.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
+        if let Some(options) = strings(ch) {
+            // MMLU (cais/mmlu): lettered options, the letter as the answer.
+            let letters: Vec<String> = (0..options.len()).map(|i| ((b'A' + i as u8) as char).to_string()).collect();
+            if options.len() > 26 {
+                return Err(bad(path, at, "more than 26 choices"));
+            }
+            let mut context = match s("subject") {
+                Some(sub) => format!(
+                    "The following are multiple choice questions (with answers) about {}.\n\n",
+                    sub.replace('_', " ")
+                ),
+                None => String::new(),
+            };
+            context.push_str(q.trim());
+            for (l, o) in letters.iter().zip(&options) {
+                context.push_str(&format!("\n{l}. {o}"));
+            }
+            context.push_str("\nAnswer:");
+            let gold = v
+                .get("answer")
+                .and_then(|a| label_index(a, &letters))
+                .ok_or_else(|| bad(path, at, "missing or unknown \"answer\""))?;
+            return check(path, at, McExample::new(context, letters.iter().map(|l| format!(" {l}")).collect(), gold));
+        }
+        let texts = ch.get("text").and_then(strings).ok_or_else(|| bad(path, at, "\"choices\" lacks \"text\""))?;
+        let labels = ch.get("label").and_then(strings).unwrap_or_default();
         let gold = v
             .get("answerKey")
             .and_then(|l| label_index(l, &labels))
-            .ok_or_else(|| bad(path, line, "missing or unknown \"answerKey\""))?;
-        return check(path, line, McExample { context: format!("Question: {q}\nAnswer:"), choices: texts, gold });
+            .ok_or_else(|| bad(path, at, "missing or unknown \"answerKey\""))?;
+        let choices = texts.iter().map(|t| format!(" {t}")).collect();
+        return check(path, at, McExample::new(format!("Question: {q}\nAnswer:"), choices, gold));
     }
-    Err(bad(path, line, "not a HellaSwag (ctx, endings, label), PIQA (goal, sol1, sol2, label) or ARC (question, choices, answerKey) record"))
+    Err(bad(
+        path,
+        at,
+        "not a HellaSwag (activity_label, ctx_a, ctx_b or ctx; endings, label), PIQA (goal, sol1, sol2, label), \
+         ARC (question, choices {text, label}, answerKey), MMLU (question, choices [..], answer) or WinoGrande \
+         (sentence, option1, option2, answer) record",
+    ))
 }
 
-fn check(path: &Path, line: usize, e: McExample) -> Result<McExample> {
+fn check(path: &Path, at: At, e: McExample) -> Result<McExample> {
     if e.choices.len() < 2 || e.gold >= e.choices.len() {
-        return Err(bad(path, line, format!("{} choices with gold index {}", e.choices.len(), e.gold)));
+        return Err(bad(path, at, format!("{} choices with gold index {}", e.choices.len(), e.gold)));
     }
     Ok(e)
 }
@@ -162,10 +317,20 @@ fn check(path: &Path, line: usize, e: McExample) -> Result<McExample> {
 /// batched forward pass (right-padded; causal attention keeps padding out of every score).
 /// Token ids are `bos? + context + continuation`, left-truncated to the model's context.
 pub fn choice_loglikelihoods(model: &Llama, ctx: &[u32], conts: &[Vec<u32>], device: &Device) -> Result<Vec<f64>> {
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = conts.iter().map(|c| (ctx.to_vec(), c.clone())).collect();
+    pair_loglikelihoods(model, &pairs, device)
+}
+
+/// Log-likelihood of each continuation after its own context, in one batched forward pass (as
+/// [`choice_loglikelihoods`]). A context must hold at least one token.
+pub fn pair_loglikelihoods(model: &Llama, pairs: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<Vec<f64>> {
+    if pairs.iter().any(|(ctx, _)| ctx.is_empty()) {
+        return Err(EvalError::Input("an empty context (and no BOS token) leaves the first token unscored".into()));
+    }
     let limit = model.config().max_position_embeddings;
-    let seqs: Vec<(Vec<u32>, usize)> = conts
+    let seqs: Vec<(Vec<u32>, usize)> = pairs
         .iter()
-        .map(|c| {
+        .map(|(ctx, c)| {
             let mut s: Vec<u32> = ctx.iter().chain(c).copied().collect();
             if s.len() > limit + 1 {
                 s.drain(..s.len() - (limit + 1));
@@ -191,8 +356,29 @@ pub fn choice_loglikelihoods(model: &Llama, ctx: &[u32], conts: &[Vec<u32>], dev
         .collect())
 }
 
-/// Scores a task. The context is encoded with BOS (if given) prepended; each continuation is
-/// encoded on its own, as lm-eval-harness does.
+/// The token ids lm-eval-harness (0.4) scores for one (context, continuation) pair: whitespace at
+/// the end of the context moves to the continuation's start; the context is encoded, and the
+/// continuation is what follows the context's tokens in the encoding of the two together. `bos`
+/// (if given) starts the context.
+pub fn encode_pair(
+    tok: &Tokenizer,
+    bos: Option<u32>,
+    context: &str,
+    continuation: &str,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let enc = |s: &str| -> Result<Vec<u32>> {
+        Ok(tok.encode(s, false).map_err(|e| EvalError::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    };
+    let kept = context.trim_end();
+    let continuation = format!("{}{continuation}", &context[kept.len()..]);
+    let ctx = enc(kept)?;
+    let whole = enc(&format!("{kept}{continuation}"))?;
+    let cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
+    Ok((bos.into_iter().chain(ctx).collect(), cont))
+}
+
+/// Scores a task: each choice's (context, continuation) pair encoded as [`encode_pair`] does,
+/// BOS (if given) prepended to the context.
 pub fn score_task(
     model: &Llama,
     tok: &Tokenizer,
@@ -204,16 +390,12 @@ pub fn score_task(
 ) -> Result<TaskResult> {
     let pb =
         if progress { indicatif::ProgressBar::new(examples.len() as u64) } else { indicatif::ProgressBar::hidden() };
-    let enc = |s: &str| -> Result<Vec<u32>> {
-        Ok(tok.encode(s, false).map_err(|e| EvalError::Tokenizer(e.to_string()))?.get_ids().to_vec())
-    };
     let (mut hits, mut hits_norm) = (0usize, 0usize);
     for e in examples {
-        let mut ctx: Vec<u32> = bos.into_iter().collect();
-        ctx.extend(enc(&e.context)?);
-        let conts: Vec<Vec<u32>> = e.choices.iter().map(|c| enc(c)).collect::<Result<_>>()?;
-        let lls = choice_loglikelihoods(model, &ctx, &conts, device)?;
-        let lens: Vec<usize> = e.choices.iter().map(|c| c.len()).collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            e.pairs().map(|(ctx, cont)| encode_pair(tok, bos, ctx, cont)).collect::<Result<_>>()?;
+        let lls = pair_loglikelihoods(model, &pairs, device)?;
+        let lens: Vec<usize> = (0..e.choices.len()).map(|i| e.norm_len(i)).collect();
         let (a, an) = pick(&lls, &lens);
         hits += usize::from(a == e.gold);
         hits_norm += usize::from(an == e.gold);

@@ -1,5 +1,6 @@
 //! Eval tests: perplexity windows against HF transformers, batched choice log-likelihoods against
-//! HF, lm-eval's acc / acc_norm rules by hand, the task formats, and bad task files.
+//! HF, lm-eval's acc / acc_norm rules by hand, the task formats, lm-eval's own prompts and pair
+//! encoding (golden values), and bad task files.
 
 #![allow(clippy::unwrap_used)]
 
@@ -104,6 +105,72 @@ fn task_formats_load() {
     assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
     std::fs::write(d.join("gold.jsonl"), "{\"ctx\": \"x\", \"endings\": [\"a\", \"b\"], \"label\": 5}\n").unwrap();
     assert!(load_task(&d.join("gold.jsonl")).unwrap_err().to_string().contains("gold index 5"));
+    // A JSON array names the record; MMLU takes a letter as the answer too; WinoGrande needs
+    // its blank and an answer of "1" or "2".
+    let records = r#"[{"question": "1 + 1?", "choices": ["1", "2"], "answer": "B"},
+        {"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}]"#;
+    std::fs::write(d.join("mixed.json"), records).unwrap();
+    let e = load_task(&d.join("mixed.json")).unwrap_err().to_string();
+    assert!(e.contains("mixed.json: example 2") && e.contains("no \"_\" blank"), "{e}");
+    std::fs::write(
+        d.join("mmlu.jsonl"),
+        "{\"question\": \"1 + 1?\", \"choices\": [\"1\", \"2\"], \"answer\": \"B\"}\n",
+    )
+    .unwrap();
+    let m = load_task(&d.join("mmlu.jsonl")).unwrap();
+    assert_eq!(
+        (m[0].context.as_str(), m[0].choices.clone(), m[0].gold),
+        ("1 + 1?\nA. 1\nB. 2\nAnswer:", vec![" A".to_string(), " B".to_string()], 1)
+    );
+    std::fs::write(
+        d.join("wg.jsonl"),
+        "{\"sentence\": \"I _ it.\", \"option1\": \"a\", \"option2\": \"b\", \"answer\": \"\"}\n",
+    )
+    .unwrap();
+    let e = load_task(&d.join("wg.jsonl")).unwrap_err().to_string();
+    assert!(e.contains("wg.jsonl: line 1") && e.contains("\"answer\""), "{e}");
+    std::fs::write(d.join("empty.jsonl"), "\n\n").unwrap();
+    let e = load_task(&d.join("empty.jsonl")).unwrap_err().to_string();
+    assert!(e.ends_with("empty.jsonl: no examples"), "{e}");
+}
+
+/// The prompts, choices, gold answers and normalising lengths lm-eval-harness 0.4.13 makes of
+/// HellaSwag, MMLU, WinoGrande, ARC and PIQA records (tests/fixtures/make_task_golden.py, which
+/// ran lm-eval's own task code and templates), from the records as the hub serves them: Parquet
+/// written by pyarrow (lists, strings, integers), a JSON array with nested objects, JSONL. And
+/// lm-eval's `_encode_pair` on a byte-level BPE.
+#[test]
+fn lm_eval_prompts_and_pairs() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let g: serde_json::Value = serde_json::from_str(include_str!("fixtures/task_golden.json")).unwrap();
+    for (task, file) in [
+        ("hellaswag", "hellaswag.parquet"),
+        ("mmlu", "mmlu.parquet"),
+        ("winogrande", "winogrande.parquet"),
+        ("arc", "arc.json"),
+        ("piqa", "piqa.jsonl"),
+    ] {
+        let examples = load_task(&dir.join("tasks").join(file)).unwrap();
+        let want = g[task].as_array().unwrap();
+        assert_eq!(examples.len(), want.len(), "{task}");
+        for (n, (e, w)) in examples.iter().zip(want).enumerate() {
+            let pairs: Vec<(String, String)> = serde_json::from_value(w["pairs"].clone()).unwrap();
+            let got: Vec<(String, String)> = e.pairs().map(|(c, x)| (c.to_string(), x.to_string())).collect();
+            assert_eq!(got, pairs, "{task} example {n}");
+            assert_eq!(e.gold, w["gold"].as_u64().unwrap() as usize, "{task} example {n}");
+            let lens: Vec<usize> = serde_json::from_value(w["norm_lens"].clone()).unwrap();
+            assert_eq!((0..e.choices.len()).map(|i| e.norm_len(i)).collect::<Vec<_>>(), lens, "{task} example {n}");
+        }
+    }
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tasks/tokenizer.json")).unwrap();
+    for case in g["encode_pair"].as_array().unwrap() {
+        let (ctx, cont): (String, String) = serde_json::from_value(case["pair"].clone()).unwrap();
+        let want: (Vec<u32>, Vec<u32>) = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(encode_pair(&tok, None, &ctx, &cont).unwrap(), want, "{ctx:?} + {cont:?}");
+        // BOS starts the context.
+        let (c, x) = encode_pair(&tok, Some(7), &ctx, &cont).unwrap();
+        assert_eq!((c[0], &c[1..], x), (7, &want.0[..], want.1));
+    }
 }
 
 #[test]
@@ -117,13 +184,9 @@ fn tiny_task_scored_end_to_end() {
     mc.vocab_size = 320;
     let (model, _) = patchlm_model::init_model(&mc, &Device::Cpu, 5).unwrap();
     let examples = vec![
-        McExample {
-            context: "the cat".into(),
-            choices: vec![" sat".into(), " flew away".into(), " x".into()],
-            gold: 0,
-        },
-        McExample { context: "on mat".into(), choices: vec![" number".into(), " cat".into()], gold: 1 },
-        McExample { context: "number".into(), choices: vec![" 1".into(), " 22".into()], gold: 1 },
+        McExample::new("the cat", vec![" sat".into(), " flew away".into(), " x".into()], 0),
+        McExample::new("on mat", vec![" number".into(), " cat".into()], 1),
+        McExample::new("number", vec![" 1".into(), " 22".into()], 1),
     ];
     let bos = tok.token_to_id("<|bos|>");
     let r = score_task(&model, &tok, bos, "tiny", &examples, &Device::Cpu, false).unwrap();
@@ -131,14 +194,15 @@ fn tiny_task_scored_end_to_end() {
     for e in &examples {
         let mut lls = Vec::new();
         for c in &e.choices {
+            // lm-eval 0.4: the whole encoded, the continuation what follows the context's tokens.
             let mut ids: Vec<u32> = bos.into_iter().collect();
-            ids.extend(tok.encode(e.context.as_str(), false).unwrap().get_ids());
-            let n_ctx = ids.len();
-            ids.extend(tok.encode(c.as_str(), false).unwrap().get_ids());
+            let n_ctx = ids.len() + tok.encode(e.context.as_str(), false).unwrap().len();
+            ids.extend(tok.encode(format!("{}{c}", e.context), false).unwrap().get_ids());
             let lp = patchlm_model::score_tokens(&model, &ids, &Device::Cpu).unwrap();
             lls.push(lp[n_ctx - 1..].iter().map(|&x| x as f64).sum::<f64>());
         }
-        let lens: Vec<usize> = e.choices.iter().map(|c| c.len()).collect();
+        // acc_norm: characters of each choice without its leading space.
+        let lens: Vec<usize> = e.choices.iter().map(|c| c.trim_start().chars().count()).collect();
         let (a, an) = pick(&lls, &lens);
         hits += usize::from(a == e.gold);
         hits_norm += usize::from(an == e.gold);
