@@ -137,7 +137,8 @@ fn task_formats_load() {
 /// The prompts, choices, gold answers and normalising lengths lm-eval-harness 0.4.13 makes of
 /// HellaSwag, MMLU, WinoGrande, ARC and PIQA records (tests/fixtures/make_task_golden.py, which
 /// ran lm-eval's own task code and templates), from the records as the hub serves them: Parquet
-/// written by pyarrow (lists, strings, integers), a JSON array with nested objects, JSONL. And
+/// written by pyarrow (lists, a struct of lists, strings, integers), a JSON array with nested
+/// objects, JSONL. And
 /// lm-eval's `_encode_pair` on a byte-level BPE.
 #[test]
 fn lm_eval_prompts_and_pairs() {
@@ -148,6 +149,7 @@ fn lm_eval_prompts_and_pairs() {
         ("mmlu", "mmlu.parquet"),
         ("winogrande", "winogrande.parquet"),
         ("arc", "arc.json"),
+        ("arc", "arc.parquet"),
         ("piqa", "piqa.jsonl"),
     ] {
         let examples = load_task(&dir.join("tasks").join(file)).unwrap();
