@@ -1,4 +1,5 @@
-//! Checkpoints: weights, optimizer state, and where the run stands, written atomically.
+//! Checkpoints: weights, optimizer state, and where the run stands, written atomically, with the
+//! sha256 of every file (`checksums.json`) checked when a checkpoint is loaded.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,9 +30,17 @@ pub struct TrainState {
     pub seed: u64,
 }
 
+/// The file of a checkpoint that holds the sha256 of each of its other files.
+pub const CHECKSUMS_FILE: &str = "checksums.json";
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
 /// Writes `dir/checkpoints/step-NNNNNNNN/` (model.safetensors, optimizer.safetensors,
-/// state.json, and `config` as config.json) via a temp directory and rename, then removes all but
-/// the newest `keep`.
+/// state.json, `config` as config.json, and [`CHECKSUMS_FILE`] with each one's sha256) via a
+/// temp directory and rename, then removes all but the newest `keep`.
 pub fn save_checkpoint(
     run_dir: &Path,
     model: &[(String, Tensor)],
@@ -49,12 +58,19 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    write_atomic(&tmp.join("model.safetensors"), &safetensors_bytes(model)?)?;
-    write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(optimizer)?)?;
-    let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?;
-    write_atomic(&tmp.join("state.json"), &json)?;
-    let cfg = serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?;
-    write_atomic(&tmp.join("config.json"), &cfg)?;
+    let files = [
+        ("model.safetensors", safetensors_bytes(model)?),
+        ("optimizer.safetensors", safetensors_bytes(optimizer)?),
+        ("state.json", serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?),
+        ("config.json", serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?),
+    ];
+    let mut sums = serde_json::Map::new();
+    for (name, bytes) in &files {
+        write_atomic(&tmp.join(name), bytes)?;
+        sums.insert(name.to_string(), sha256(bytes).into());
+    }
+    let sums = serde_json::to_vec_pretty(&sums).map_err(|e| TrainError::Config(e.to_string()))?;
+    write_atomic(&tmp.join(CHECKSUMS_FILE), &sums)?;
     if fin.exists() {
         std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
     }
@@ -103,8 +119,35 @@ pub struct Checkpoint {
     pub state: TrainState,
 }
 
-/// Loads a checkpoint directory.
+/// Checks every file [`CHECKSUMS_FILE`] names against its sha256 (checkpoints written before
+/// checksums have no such file and pass).
+pub fn verify_checkpoint(path: &Path) -> Result<()> {
+    let cerr = |msg: String| TrainError::Checkpoint { path: path.to_path_buf(), msg };
+    let sums = match std::fs::read(path.join(CHECKSUMS_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(cerr(format!("{CHECKSUMS_FILE}: {e}"))),
+    };
+    let sums: HashMap<String, String> =
+        serde_json::from_slice(&sums).map_err(|e| cerr(format!("{CHECKSUMS_FILE}: {e}")))?;
+    let mut names: Vec<&String> = sums.keys().collect();
+    names.sort();
+    for name in names {
+        let bytes = std::fs::read(path.join(name)).map_err(|e| cerr(format!("{name}: {e}")))?;
+        let actual = sha256(&bytes);
+        if actual != sums[name] {
+            return Err(cerr(format!(
+                "{name}: checksum mismatch ({CHECKSUMS_FILE} {}, file {actual}); the checkpoint is corrupt",
+                sums[name]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint directory, its files checked first ([`verify_checkpoint`]).
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
+    verify_checkpoint(path)?;
     let cerr = |msg: String| TrainError::Checkpoint { path: path.to_path_buf(), msg };
     let text = std::fs::read_to_string(path.join("state.json")).map_err(|e| cerr(format!("state.json: {e}")))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| cerr(format!("state.json: {e}")))?;

@@ -58,7 +58,9 @@ pub mod error;
 pub mod optim;
 pub mod trainer;
 
-pub use checkpoint::{list_checkpoints, load_checkpoint, save_checkpoint, Checkpoint, TrainState};
+pub use checkpoint::{
+    list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint, Checkpoint, TrainState, CHECKSUMS_FILE,
+};
 pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, AdamWConfig};

@@ -329,11 +329,10 @@ impl<'a> Trainer<'a> {
         let mut resumed_opt: Option<HashMap<String, Tensor>> = None;
         let metrics_path = run_dir.join("metrics.jsonl");
         if resume {
-            if let Some(latest) = list_checkpoints(&run_dir)?.pop() {
-                let ck = load_checkpoint(&latest, &self.device)?;
+            if let Some(ck) = newest_loadable_checkpoint(&run_dir, &self.device)? {
                 if ck.state.config_fingerprint != fingerprint {
                     return Err(TrainError::Checkpoint {
-                        path: latest,
+                        path: ck.path,
                         msg: "was written by a run with a different config; resume with the same config, or start a fresh --out".into(),
                     });
                 }
@@ -648,4 +647,22 @@ fn metrics_line<T: serde::Serialize>(kind: &str, rec: &T) -> Result<serde_json::
     let mut v = serde_json::to_value(rec).map_err(|e| TrainError::Config(e.to_string()))?;
     v["kind"] = kind.into();
     Ok(v)
+}
+
+/// The newest checkpoint of a run that loads (its checksums match, its files parse), or none if
+/// the run has none. A newer one that does not load is kept on disk and passed over with a
+/// warning; if none loads, the newest one's error.
+fn newest_loadable_checkpoint(run_dir: &Path, device: &Device) -> Result<Option<crate::checkpoint::Checkpoint>> {
+    let all = list_checkpoints(run_dir)?;
+    let mut first_err = None;
+    for path in all.iter().rev() {
+        match load_checkpoint(path, device) {
+            Ok(ck) => return Ok(Some(ck)),
+            Err(e) => {
+                eprintln!("warning: {e}; trying the checkpoint before it");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(None), Err)
 }

@@ -356,6 +356,47 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     }
 }
 
+/// Checkpoints carry the sha256 of each file: one whose weights were damaged on disk fails its
+/// check by name, resuming passes it over to the one before (and ends where the undamaged run
+/// ended, bit for bit), and with every checkpoint damaged the resume refuses. A checkpoint from
+/// before checksums (no checksums.json) still loads.
+#[test]
+fn a_corrupt_checkpoint_is_detected_and_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pdir, mut cfg) = pipeline(dir.path(), 0.5);
+    cfg.train.max_steps_per_phase = 3;
+    let run = dir.path().join("run");
+    Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().run(false).unwrap();
+    let done = weights(&run);
+    let cks = list_checkpoints(&run).unwrap();
+    assert_eq!(cks.len(), 2);
+    let damage = |ck: &Path| {
+        let f = ck.join("model.safetensors");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let n = bytes.len();
+        bytes[n - 5] ^= 0x40; // a bit of the last weight, past the header
+        std::fs::write(&f, bytes).unwrap();
+    };
+    damage(&cks[1]);
+    let e = verify_checkpoint(&cks[1]).unwrap_err().to_string();
+    assert!(e.contains("step-00000006") && e.contains("model.safetensors: checksum mismatch"), "{e}");
+    assert!(load_checkpoint(&cks[1], &Device::Cpu).is_err());
+    verify_checkpoint(&cks[0]).unwrap();
+    // Resuming goes back to step 5 and redoes step 6: the same final weights.
+    Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().run(true).unwrap();
+    assert_eq!(weights(&run), done, "resuming past a damaged checkpoint changed the result");
+    verify_checkpoint(&cks[1]).unwrap(); // step 6 written again
+                                         // Every checkpoint damaged: no resume from garbage.
+    for ck in &list_checkpoints(&run).unwrap() {
+        damage(ck);
+    }
+    let e = Trainer::new(cfg, &pdir, &run, Device::Cpu).unwrap().run(true).unwrap_err().to_string();
+    assert!(e.contains("checksum mismatch"), "{e}");
+    // No checksums.json (an older checkpoint): loaded as it is.
+    std::fs::remove_file(cks[0].join(CHECKSUMS_FILE)).unwrap();
+    verify_checkpoint(&cks[0]).unwrap();
+}
+
 const CHILD_ENV: &str = "PATCHLM_RESUME_CHILD_DIR";
 
 /// Not a test on its own: the child process of `kill_and_resume_is_bit_identical`.
