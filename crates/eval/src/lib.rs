@@ -28,7 +28,7 @@
 //! assert!((a.mean_nll() - uniform).abs() < 0.5, "{} vs {uniform}", a.mean_nll());
 //! println!("perplexity {:.1}, {:.2} bits per byte", a.perplexity(), a.bits_per_byte());
 //!
-//! // Zero-shot multiple choice picks the highest log-likelihood, raw and per byte.
+//! // Zero-shot multiple choice picks the highest log-likelihood, raw and per character.
 //! assert_eq!(pick(&[-9.0, -4.0, -6.0], &[10, 4, 2]), (1, 0));
 //! ```
 #![warn(missing_docs)]

@@ -160,8 +160,9 @@ pub fn markdown(r: &Report) -> String {
     s += &markdown_table(r);
     let tasks = r.runs.first().map_or(0, |x| x.tasks.len());
     if tasks > 0 {
-        s += "\nZero-shot detail (accuracy in %, ± standard error; `acc_norm` divides each choice's \
-              log-likelihood by its length in bytes):\n\n| model | task | n | acc | acc_norm |\n|---|---|---|---|---|\n";
+        s += "\nZero-shot detail (accuracy in %, ± standard error; scored as lm-evaluation-harness 0.4 \
+              scores them: `acc_norm` divides each choice's log-likelihood by its length in \
+              characters):\n\n| model | task | n | acc | acc_norm |\n|---|---|---|---|---|\n";
         for run in &r.runs {
             for t in &run.tasks {
                 s += &format!(

@@ -55,7 +55,7 @@ fn batched_choice_logliks_match_hf_transformers() {
 
 #[test]
 fn acc_and_acc_norm_by_hand() {
-    // Choice 0: ll −4 over 2 bytes (−2/byte); choice 1: ll −3 over 1 byte (−3/byte).
+    // Choice 0: ll −4 over 2 characters (−2 each); choice 1: ll −3 over 1 character (−3).
     // acc picks 1 (−3 > −4), acc_norm picks 0 (−2 > −3).
     assert_eq!(pick(&[-4.0, -3.0], &[2, 1]), (1, 0));
     assert_eq!(pick(&[-1.0, -3.0, -2.0], &[10, 1, 1]), (0, 0));
