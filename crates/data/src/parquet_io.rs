@@ -145,6 +145,7 @@ pub fn parquet_rows_json(path: &Path) -> Result<Vec<serde_json::Map<String, serd
     for batch in reader {
         let batch = batch.map_err(|e| DataError::Parquet { path: path.to_path_buf(), msg: e.to_string() })?;
         let schema = batch.schema();
+        let first = rows.len();
         let columns: Vec<(&str, Vec<serde_json::Value>)> = schema
             .fields()
             .iter()
@@ -152,9 +153,8 @@ pub fn parquet_rows_json(path: &Path) -> Result<Vec<serde_json::Map<String, serd
             .map(|(f, c)| {
                 Ok((
                     f.name().as_str(),
-                    json_values(c.as_ref()).map_err(|msg| DataError::Parquet {
-                        path: path.to_path_buf(),
-                        msg: format!("column \"{}\": {msg}", f.name()),
+                    json_values(c.as_ref(), &|i| format!("row {}", first + i + 1)).map_err(|msg| {
+                        DataError::Parquet { path: path.to_path_buf(), msg: format!("column \"{}\": {msg}", f.name()) }
                     })?,
                 ))
             })
@@ -166,8 +166,12 @@ pub fn parquet_rows_json(path: &Path) -> Result<Vec<serde_json::Map<String, serd
     Ok(rows)
 }
 
-/// The values of an Arrow array as JSON (see [`parquet_rows_json`]).
-fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, String> {
+/// The values of an Arrow array as JSON (see [`parquet_rows_json`]); `at(i)` names the i-th in
+/// errors.
+pub(crate) fn json_values(
+    a: &dyn Array,
+    at: &dyn Fn(usize) -> String,
+) -> std::result::Result<Vec<serde_json::Value>, String> {
     use arrow_array::types::*;
     use arrow_schema::DataType as T;
     use serde_json::Value;
@@ -180,17 +184,18 @@ fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, Str
     fn strs<'a>(it: impl Iterator<Item = Option<&'a str>>) -> Vec<Value> {
         it.map(|v| v.map_or(Value::Null, |s| Value::String(s.to_owned()))).collect()
     }
-    fn bytes<'a>(it: impl Iterator<Item = Option<&'a [u8]>>) -> std::result::Result<Vec<Value>, String> {
-        it.map(|v| match v {
-            None => Ok(Value::Null),
-            Some(b) => std::str::from_utf8(b)
-                .map(|s| Value::String(s.to_owned()))
-                .map_err(|e| format!("bytes that are not UTF-8 ({e})")),
-        })
-        .collect()
-    }
+    let bytes = |it: &mut dyn Iterator<Item = Option<&[u8]>>| -> std::result::Result<Vec<Value>, String> {
+        it.enumerate()
+            .map(|(i, v)| match v {
+                None => Ok(Value::Null),
+                Some(b) => std::str::from_utf8(b)
+                    .map(|s| Value::String(s.to_owned()))
+                    .map_err(|e| format!("{}: bytes that are not UTF-8 ({e})", at(i))),
+            })
+            .collect()
+    };
     fn lists(a: &dyn Array, offsets: &[usize], values: &dyn Array) -> std::result::Result<Vec<Value>, String> {
-        let inner = json_values(values)?;
+        let inner = json_values(values, &|i| format!("list value {i}"))?;
         Ok((0..a.len())
             .map(|i| if a.is_null(i) { Value::Null } else { Value::Array(inner[offsets[i]..offsets[i + 1]].to_vec()) })
             .collect())
@@ -213,9 +218,9 @@ fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, Str
         T::Utf8 => strs(a.as_string::<i32>().iter()),
         T::LargeUtf8 => strs(a.as_string::<i64>().iter()),
         T::Utf8View => strs(a.as_string_view().iter()),
-        T::Binary => bytes(a.as_binary::<i32>().iter())?,
-        T::LargeBinary => bytes(a.as_binary::<i64>().iter())?,
-        T::BinaryView => bytes(a.as_binary_view().iter())?,
+        T::Binary => bytes(&mut a.as_binary::<i32>().iter())?,
+        T::LargeBinary => bytes(&mut a.as_binary::<i64>().iter())?,
+        T::BinaryView => bytes(&mut a.as_binary_view().iter())?,
         T::List(_) => {
             let l = a.as_list::<i32>();
             let offsets: Vec<usize> = l.value_offsets().iter().map(|&o| o as usize).collect();
@@ -234,7 +239,7 @@ fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, Str
         T::Struct(fields) => {
             let st = a.as_struct();
             let cols: Vec<Vec<Value>> =
-                st.columns().iter().map(|c| json_values(c.as_ref())).collect::<std::result::Result<_, _>>()?;
+                st.columns().iter().map(|c| json_values(c.as_ref(), at)).collect::<std::result::Result<_, _>>()?;
             (0..a.len())
                 .map(|i| {
                     if a.is_null(i) {
@@ -246,7 +251,7 @@ fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, Str
         }
         T::Dictionary(_, _) => {
             let d = a.as_any_dictionary();
-            let values = json_values(d.values().as_ref())?;
+            let values = json_values(d.values().as_ref(), &|i| format!("dictionary entry {i}"))?;
             let keys = d.normalized_keys();
             (0..a.len())
                 .map(|i| {
@@ -256,7 +261,7 @@ fn json_values(a: &dyn Array) -> std::result::Result<Vec<serde_json::Value>, Str
                         values
                             .get(keys[i])
                             .cloned()
-                            .ok_or_else(|| format!("row {}: no dictionary entry {}", i + 1, keys[i]))
+                            .ok_or_else(|| format!("{}: no dictionary entry {}", at(i), keys[i]))
                     }
                 })
                 .collect::<std::result::Result<_, _>>()?

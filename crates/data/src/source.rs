@@ -852,46 +852,18 @@ impl ParquetDocs {
 /// holds UTF-8 (plain, large or view), or either of them dictionary-encoded (as pandas categoricals
 /// are written). `row(i)` names the column's i-th entry in errors.
 fn column_texts(col: &dyn Array, row: &dyn Fn(usize) -> String) -> std::result::Result<Vec<Option<String>>, String> {
-    use arrow_array::cast::AsArray;
-    use arrow_schema::DataType;
-    fn strings<'a>(it: impl Iterator<Item = Option<&'a str>>) -> Vec<Option<String>> {
-        it.map(|s| s.map(str::to_owned)).collect()
-    }
-    let bytes = |it: &mut dyn Iterator<Item = Option<&[u8]>>| {
-        it.enumerate()
-            .map(|(i, b)| {
-                b.map(|b| {
-                    std::str::from_utf8(b)
-                        .map(str::to_owned)
-                        .map_err(|e| format!("{}: the text column's bytes are not UTF-8 ({e})", row(i)))
-                })
-                .transpose()
-            })
-            .collect()
+    use arrow_schema::DataType as T;
+    let textual =
+        |t: &T| matches!(t, T::Utf8 | T::LargeUtf8 | T::Utf8View | T::Binary | T::LargeBinary | T::BinaryView);
+    let ok = match col.data_type() {
+        T::Dictionary(_, values) => textual(values),
+        t => textual(t),
     };
-    match col.data_type() {
-        DataType::Utf8 => Ok(strings(col.as_string::<i32>().iter())),
-        DataType::LargeUtf8 => Ok(strings(col.as_string::<i64>().iter())),
-        DataType::Utf8View => Ok(strings(col.as_string_view().iter())),
-        DataType::Binary => bytes(&mut col.as_binary::<i32>().iter()),
-        DataType::LargeBinary => bytes(&mut col.as_binary::<i64>().iter()),
-        DataType::BinaryView => bytes(&mut col.as_binary_view().iter()),
-        DataType::Dictionary(_, _) => {
-            let dict = col.as_any_dictionary();
-            let values = column_texts(dict.values().as_ref(), &|i| format!("dictionary entry {i}"))?;
-            let keys = dict.normalized_keys();
-            (0..col.len())
-                .map(|i| match dict.keys().is_null(i) {
-                    true => Ok(None),
-                    false => values
-                        .get(keys[i])
-                        .cloned()
-                        .ok_or_else(|| format!("{}: no dictionary entry {}", row(i), keys[i])),
-                })
-                .collect()
-        }
-        other => Err(format!("text column has type {other}, expected strings (or UTF-8 bytes)")),
+    if !ok {
+        return Err(format!("text column has type {}, expected strings (or UTF-8 bytes)", col.data_type()));
     }
+    let values = crate::parquet_io::json_values(col, row)?;
+    Ok(values.into_iter().map(|v| if let serde_json::Value::String(s) = v { Some(s) } else { None }).collect())
 }
 
 impl FileDocs for ParquetDocs {
