@@ -266,10 +266,10 @@ fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<McExampl
     if let (Some(q), Some(ch)) = (s("question"), v.get("choices")) {
         if let Some(options) = strings(ch) {
             // MMLU (cais/mmlu): lettered options, the letter as the answer.
-            let letters: Vec<String> = (0..options.len()).map(|i| ((b'A' + i as u8) as char).to_string()).collect();
             if options.len() > 26 {
                 return Err(bad(path, at, "more than 26 choices"));
             }
+            let letters: Vec<String> = (b'A'..).take(options.len()).map(|c| (c as char).to_string()).collect();
             let mut context = match s("subject") {
                 Some(sub) => format!(
                     "The following are multiple choice questions (with answers) about {}.\n\n",

@@ -122,6 +122,11 @@ fn task_formats_load() {
         (m[0].context.as_str(), m[0].choices.clone(), m[0].gold),
         ("1 + 1?\nA. 1\nB. 2\nAnswer:", vec![" A".to_string(), " B".to_string()], 1)
     );
+    let many: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+    let rec = serde_json::json!({"question": "?", "choices": many, "answer": 0});
+    std::fs::write(d.join("many.jsonl"), format!("{rec}\n")).unwrap();
+    let e = load_task(&d.join("many.jsonl")).unwrap_err().to_string();
+    assert!(e.contains("more than 26 choices"), "{e}");
     std::fs::write(
         d.join("wg.jsonl"),
         "{\"sentence\": \"I _ it.\", \"option1\": \"a\", \"option2\": \"b\", \"answer\": \"\"}\n",
