@@ -133,8 +133,8 @@ pub fn verify_checkpoint(path: &Path) -> Result<()> {
     let mut names: Vec<&String> = sums.keys().collect();
     names.sort();
     for name in names {
-        let bytes = std::fs::read(path.join(name)).map_err(|e| cerr(format!("{name}: {e}")))?;
-        let actual = sha256(&bytes);
+        // (Streamed: a large model's optimizer state need not fit in memory twice.)
+        let actual = patchlm_data::shard::sha256_file(&path.join(name)).map_err(|e| cerr(format!("{name}: {e}")))?;
         if actual != sums[name] {
             return Err(cerr(format!(
                 "{name}: checksum mismatch ({CHECKSUMS_FILE} {}, file {actual}); the checkpoint is corrupt",
