@@ -340,6 +340,8 @@ fn build<P: AsRef<Path>>(
         docs.stats().clone()
     });
 
+    // (Special tokens' strings in the text are ordinary text; see encode_document.)
+    let ordinary = tokenizer::ordinary_text(&tok);
     let mut text_bytes = 0u64;
     let mut failure = None;
     let mut stopped = false;
@@ -353,7 +355,7 @@ fn build<P: AsRef<Path>>(
         };
         text_bytes += skipped_bytes;
         let encoded: Result<Vec<Vec<u32>>> =
-            batch.par_iter().map(|(d, _)| tokenizer::encode_document(&tok, &d.text, &specials)).collect();
+            batch.par_iter().map(|(d, _)| tokenizer::encode_document(&ordinary, &d.text, &specials)).collect();
         let encoded = match encoded {
             Ok(e) => e,
             Err(e) => {

@@ -155,8 +155,19 @@ pub fn special_tokens(tok: &Tokenizer, cfg: &TokenizerConfig) -> Result<SpecialT
     Ok(SpecialTokens { bos: if cfg.add_bos { bos } else { None }, eos, pad })
 }
 
-/// Encodes one document: BOS (if any) + tokens + EOS.
+/// Encodes one document: BOS (if any) + tokens + EOS. All of `text` is ordinary text: the string
+/// of a special token inside it (`<|eos|>` in a document about tokenizers) is encoded as the
+/// characters it is made of, never as that token, so no document can end, or start another, from
+/// inside (as nanoGPT's `encode_ordinary`). A tokenizer from [`ordinary_text`] skips the search
+/// for such strings.
 pub fn encode_document(tok: &Tokenizer, text: &str, specials: &SpecialTokens) -> Result<Vec<u32>> {
+    let ordinary;
+    let tok = if tok.get_encode_special_tokens() || !mentions_special_token(tok, text) {
+        tok
+    } else {
+        ordinary = ordinary_text(tok);
+        &ordinary
+    };
     let enc = tok.encode_fast(text, false).map_err(|e| DataError::Tokenizer(format!("encoding failed: {e}")))?;
     let ids = enc.get_ids();
     let mut out = Vec::with_capacity(ids.len() + 2);
@@ -164,4 +175,19 @@ pub fn encode_document(tok: &Tokenizer, text: &str, specials: &SpecialTokens) ->
     out.extend_from_slice(ids);
     out.push(specials.eos);
     Ok(out)
+}
+
+/// A copy of `tok` that encodes the strings of special tokens as ordinary text (see
+/// [`encode_document`]); the tokenizer.json it would save is the same.
+pub fn ordinary_text(tok: &Tokenizer) -> Tokenizer {
+    let mut t = tok.clone();
+    t.set_encode_special_tokens(true);
+    t
+}
+
+fn mentions_special_token(tok: &Tokenizer, text: &str) -> bool {
+    tok.get_added_vocabulary()
+        .get_added_tokens_decoder()
+        .values()
+        .any(|t| t.special && text.contains(t.content.as_str()))
 }

@@ -334,6 +334,43 @@ fn parquet_text_column_types_and_codecs() {
     assert!(e.contains("ints.parquet") && e.contains("Int64") && e.contains("expected strings"), "{e}");
 }
 
+/// A document that holds the strings of the special tokens (a text about tokenizers) keeps them as
+/// text: one BOS and one EOS frame each stored document and no other, and the tokens between
+/// decode to the text as written (Python tokenizers with `encode_special_tokens = True` gives the
+/// same ids: checked by hand). Before, "<|eos|>" in a text ended its document from inside.
+#[test]
+fn special_token_strings_in_text_are_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut docs: Vec<String> = (0..60).map(|i| text(i, 30)).collect();
+    docs.push("a note on <|eos|> and <|bos|>, the markers of a document".into());
+    docs.push("<|eos|>".into());
+    write(&d.join("c.jsonl"), &jsonl(&docs, "text"));
+    let mut cfg = small_cfg();
+    cfg.val_fraction = 0.0;
+    let out = d.join("shards");
+    build_shards(&[d.join("c.jsonl")], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let sp = ds.manifest().special_tokens;
+    let tok = Tokenizer::from_file(out.join(TOKENIZER_FILE)).unwrap();
+    let train = ds.split(Split::Train);
+    let mut texts = Vec::new();
+    for i in 0..train.num_documents() {
+        let ids = train.document(i).unwrap().to_vec();
+        assert_eq!((ids[0], ids[ids.len() - 1]), (sp.bos.unwrap(), sp.eos), "document {i}");
+        let inner = &ids[1..ids.len() - 1];
+        assert!(!inner.contains(&sp.eos) && !inner.contains(&sp.bos.unwrap()), "document {i}: {ids:?}");
+        texts.push(tok.decode(inner, false).unwrap());
+    }
+    texts.sort();
+    docs.sort();
+    assert_eq!(texts, docs);
+    // encode_document itself, with the tokenizer as loaded (special strings matched by default).
+    let ids = tokenizer::encode_document(&tok, "x <|eos|> y", &sp).unwrap();
+    assert_eq!(ids.iter().filter(|&&t| t == sp.eos).count(), 1);
+    assert_eq!(tok.decode(&ids[1..ids.len() - 1], false).unwrap(), "x <|eos|> y");
+}
+
 fn corpus(dir: &Path, n: u64) -> PathBuf {
     let c = dir.join("corpus");
     let docs: Vec<String> = (0..n).map(|i| text(i, 20 + (i as usize % 50))).collect();
