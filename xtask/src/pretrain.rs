@@ -267,6 +267,44 @@ pub const LOSS_PLOT: &str = "loss";
 /// Redraw the loss plot at a validation at most this often while a run trains.
 const PLOT_EVERY_SECS: u64 = 30;
 
+/// What a run directory holds (besides `*.tmp` leftovers of an interrupted write).
+const RUN_FILES: &[&str] =
+    &["config.toml", "metrics.jsonl", "summary.json", "loss.png", "loss.svg", "checkpoints", "patchdata", "model"];
+
+/// Refuses an `--out` that holds anything but a run's own files (a run writes `config.toml`,
+/// `summary.json`, ... there: another directory's files would be overwritten).
+fn check_run_dir(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    let mut foreign: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !RUN_FILES.iter().any(|f| n == f || n.strip_suffix(".tmp") == Some(f)))
+        .collect();
+    // A config.toml there must be a run's: its keys a RunConfig's, its tables filled in.
+    let saved = out.join("config.toml");
+    if saved.is_file() {
+        let text = std::fs::read_to_string(&saved).unwrap_or_default();
+        let run_config = toml::from_str::<toml::Value>(&text).ok().filter(|v| {
+            check_keys(v, "").is_ok()
+                && ["model", "train", "patch"].iter().all(|t| v.get(t).is_some_and(|x| x.is_table()))
+        });
+        if run_config.is_none() {
+            foreign.push("config.toml (not a run's)".into());
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    foreign.truncate(5);
+    bail!(
+        "{} holds files that are not a run's ({}); a run writes config.toml, summary.json and more there: choose a new \
+         or empty --out",
+        out.display(),
+        foreign.join(", ")
+    )
+}
+
 /// Runs one pretraining run end to end; returns its summary.
 pub fn pretrain(
     mut cfg: RunConfig,
@@ -282,6 +320,7 @@ pub fn pretrain(
     let shards = prepare_shards(&cfg, inputs, data_dir)?;
     let manifest = Manifest::load(&shards)?;
     cfg = fit_config(cfg, &manifest);
+    check_run_dir(out)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if resume {
         let saved = out.join("config.toml");
@@ -388,6 +427,33 @@ mod tests {
 
     fn sets(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
+    }
+
+    /// `--out` may be new, empty or a run's own directory; anything else there is refused by name,
+    /// so that a run never overwrites another directory's config.toml or summary.json.
+    #[test]
+    fn out_must_be_a_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        check_run_dir(&out).unwrap(); // not there yet
+        std::fs::create_dir(&out).unwrap();
+        check_run_dir(&out).unwrap(); // empty
+        let cfg = toml::to_string_pretty(&default_config()).unwrap();
+        std::fs::write(out.join("config.toml"), &cfg).unwrap();
+        for f in ["metrics.jsonl", "summary.json.tmp", "loss.svg"] {
+            std::fs::write(out.join(f), "").unwrap();
+        }
+        std::fs::create_dir(out.join("checkpoints")).unwrap();
+        check_run_dir(&out).unwrap(); // a run's
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        let e = check_run_dir(&out).unwrap_err().to_string();
+        assert!(e.contains("notes.txt") && e.contains("--out"), "{e}");
+        std::fs::remove_file(out.join("notes.txt")).unwrap();
+        for other in ["my notes", "[server]\nport = 8080\n", "seed = 1\n"] {
+            std::fs::write(out.join("config.toml"), other).unwrap();
+            let e = check_run_dir(&out).unwrap_err().to_string();
+            assert!(e.contains("config.toml (not a run's)"), "{other:?}: {e}");
+        }
     }
 
     #[test]
