@@ -136,6 +136,37 @@ fn bar(total: u64, show: bool, msg: &str) -> ProgressBar {
     pb
 }
 
+/// Refuses an `out` that holds anything but a data build's own files (shards, `manifest.json`,
+/// `tokenizer.json`, the build's journals and lock, and their temp files): a build writes and
+/// removes those names there and would overwrite, or delete, another directory's files.
+fn check_build_dir(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    let ours = |name: &str| {
+        let base = name.split('.').next().unwrap_or("");
+        let shard = (base.starts_with("train-") || base.starts_with("val-")) && name.contains(".arrow");
+        let own =
+            [crate::shard::MANIFEST, TOKENIZER_FILE, resume::BUILD_FILE, resume::PROGRESS_FILE, resume::LOCK_FILE];
+        shard || own.iter().any(|f| name == *f || (name.starts_with(f) && name.ends_with(".tmp")))
+    };
+    let mut foreign: Vec<String> =
+        entries.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| !ours(n)).collect();
+    // A manifest.json there must be a shard directory's.
+    if out.join(crate::shard::MANIFEST).is_file() && Manifest::load(out).is_err() {
+        foreign.push(format!("{} (not a shard manifest)", crate::shard::MANIFEST));
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    foreign.truncate(5);
+    Err(DataError::Config(format!(
+        "{} holds files that are not a data build's ({}); a build writes manifest.json, tokenizer.json and shards \
+         there and removes stale ones: choose a new or empty --out",
+        out.display(),
+        foreign.join(", ")
+    )))
+}
+
 /// Reads `inputs`, trains or loads the tokenizer, tokenizes on all cores and writes shards, the
 /// tokenizer and `manifest.json` into `out`. The same inputs and settings give byte-identical
 /// output. `progress` shows a progress bar on stderr.
@@ -191,6 +222,7 @@ fn build<P: AsRef<Path>>(
     }
     // Open once up front so that missing inputs fail before any work.
     Documents::open(inputs, &cfg.source)?;
+    check_build_dir(out)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let lock_path = out.join(resume::LOCK_FILE);
     let what = format!("another build into {}", out.display());

@@ -218,6 +218,24 @@ fn bad_inputs_give_clear_errors() {
         let e = docs_of(&[d.join(name)], &cfg).unwrap_err().to_string();
         assert!(e.contains(name) && e.contains(enc) && e.contains("iconv"), "{e}");
     }
+    // An --out that is not a data build's directory is refused before anything is written or
+    // removed there; an earlier build's directory (leftover temp files included) is not.
+    write(&d.join("in.txt"), b"some text");
+    let mut bcfg = small_cfg();
+    bcfg.tokenizer.vocab_size = 300;
+    let out = d.join("mine");
+    write(&out.join("notes.txt"), b"mine");
+    write(&out.join("manifest.json"), b"{\"mine\": true}");
+    let e = build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap_err().to_string();
+    assert!(
+        e.contains("notes.txt") && e.contains("manifest.json (not a shard manifest)") && e.contains("--out"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), b"{\"mine\": true}");
+    let out = d.join("ours");
+    build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap();
+    write(&out.join("train-00001.arrow.77-0.tmp"), b"left by a killed writer");
+    build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap();
     // Parquet without the text column names the columns it has.
     write(&d.join("p.parquet"), &parquet(&[Some("x".into())], "body"));
     let e = docs_of(&[d.join("p.parquet")], &cfg).unwrap_err().to_string();
