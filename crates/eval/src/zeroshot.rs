@@ -26,7 +26,7 @@ pub struct McExample {
     /// partial scoring: continuation `choices[i]` after `contexts[i]`, and `acc_norm` divides by
     /// the length of `contexts[i]`, as lm-eval's multiple-input tasks do); empty: every choice
     /// follows `context`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub contexts: Vec<String>,
 }
 
@@ -82,9 +82,9 @@ pub fn stderr_of(p: f64, n: usize) -> f64 {
 
 /// The choice `acc` and `acc_norm` pick from per-choice log-likelihoods and lengths (the first
 /// of equal ones, as numpy's argmax).
-pub fn pick(lls: &[f64], byte_lens: &[usize]) -> (usize, usize) {
+pub fn pick(lls: &[f64], lens: &[usize]) -> (usize, usize) {
     let argmax = |v: &[f64]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
-    let norm: Vec<f64> = lls.iter().zip(byte_lens).map(|(l, &n)| l / n.max(1) as f64).collect();
+    let norm: Vec<f64> = lls.iter().zip(lens).map(|(l, &n)| l / n.max(1) as f64).collect();
     (argmax(lls), argmax(&norm))
 }
 
