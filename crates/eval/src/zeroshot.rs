@@ -197,7 +197,7 @@ fn label_index(v: &serde_json::Value, keys: &[String]) -> Option<usize> {
     s.parse().ok()
 }
 
-/// lm-eval's HellaSwag cleaning of WikiHow text: trimmed, " [title]" made a sentence end, other
+/// lm-eval's HellaSwag cleaning of WikiHow text: trimmed, `" [title]"` made a sentence end, other
 /// bracketed markers (within a line) removed, double spaces made single.
 pub fn hellaswag_clean(text: &str) -> String {
     let t = text.trim().replace(" [title]", ". ");
