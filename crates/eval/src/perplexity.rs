@@ -3,12 +3,12 @@
 use candle_core::{Device, Tensor};
 use patchlm_model::{log_softmax, Llama};
 
-use crate::error::Result;
+use crate::error::{EvalError, Result};
 
 /// How sequences are cut into windows.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct WindowConfig {
-    /// Positions per window (at most the model's context).
+    /// Positions per window (at least 1, at most the model's context).
     pub context: usize,
     /// Sliding stride; `None` or `Some(context)` gives non-overlapping windows. With a smaller
     /// stride every window after the first scores only its last `stride` tokens, given the rest
@@ -60,7 +60,14 @@ impl NllSum {
 /// the stride is the context, so the first token of each window is predicted from one token of
 /// context, as in training's T + 1 blocks); a = b − context.
 pub fn sequence_nlls(model: &Llama, ids: &[u32], cfg: &WindowConfig, device: &Device) -> Result<Vec<f64>> {
-    let t = cfg.context.min(model.config().max_position_embeddings).max(1);
+    if cfg.context == 0 || cfg.stride == Some(0) {
+        return Err(EvalError::Input(format!(
+            "a scoring window needs a context and a stride of at least 1 token (got context {}, stride {})",
+            cfg.context,
+            cfg.stride.map_or("none".to_string(), |s| s.to_string())
+        )));
+    }
+    let t = cfg.context.min(model.config().max_position_embeddings);
     let stride = cfg.stride.unwrap_or(t).clamp(1, t);
     let n = ids.len();
     let mut out = Vec::with_capacity(n.saturating_sub(1));

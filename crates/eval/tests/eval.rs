@@ -41,6 +41,17 @@ fn perplexity_windows_match_hf_transformers() {
     assert!((s.bits_per_byte() - 2.0).abs() < 1e-12);
 }
 
+/// A window of no tokens or a stride of none is refused (a stride of 0 ran as 1: a forward pass
+/// per token).
+#[test]
+fn empty_windows_are_refused() {
+    let model = fixture_model();
+    for (context, stride) in [(0, None), (16, Some(0))] {
+        let e = sequence_nlls(&model, &[1, 2, 3, 4], &WindowConfig { context, stride }, &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("at least 1 token"), "{e}");
+    }
+}
+
 #[test]
 fn batched_choice_logliks_match_hf_transformers() {
     let g = golden();
