@@ -8,8 +8,6 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{io_err, Result};
 use crate::shard::{sha256_file, write_atomic, ShardInfo, Split};
 
@@ -52,7 +50,7 @@ pub(crate) fn identity(config: &impl serde::Serialize, files: &[PathBuf], tokeni
 
 /// `sha256:<hex>` of `value`'s JSON (serde_json writes object keys in a fixed order).
 pub(crate) fn digest(value: &serde_json::Value) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(value.to_string().as_bytes())))
+    crate::shard::sha256_bytes(value.to_string().as_bytes())
 }
 
 impl Journal {

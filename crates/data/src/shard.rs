@@ -310,6 +310,11 @@ pub fn shard_schema(dtype: TokenDtype) -> Arc<Schema> {
     )]))
 }
 
+/// SHA-256 of `bytes` as `sha256:<hex>`, the form of every checksum and fingerprint here.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
 /// SHA-256 of a file, streamed, as `sha256:<hex>`.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(io_err(path))?;

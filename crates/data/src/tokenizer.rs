@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -123,7 +122,7 @@ pub fn tokenizer_json(tok: &Tokenizer) -> Result<String> {
 /// `sha256:<hex>` of the tokenizer's canonical serialization.
 pub fn fingerprint(tok: &Tokenizer) -> Result<String> {
     let json = tokenizer_json(tok)?;
-    Ok(format!("sha256:{}", hex::encode(Sha256::digest(json.as_bytes()))))
+    Ok(crate::shard::sha256_bytes(json.as_bytes()))
 }
 
 /// Number of ids the tokenizer can emit: one past the largest id, added tokens included.

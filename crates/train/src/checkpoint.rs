@@ -33,11 +33,6 @@ pub struct TrainState {
 /// The file of a checkpoint that holds the sha256 of each of its other files.
 pub const CHECKSUMS_FILE: &str = "checksums.json";
 
-fn sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
 /// Writes `dir/checkpoints/step-NNNNNNNN/` (model.safetensors, optimizer.safetensors,
 /// state.json, `config` as config.json, and [`CHECKSUMS_FILE`] with each one's sha256) via a
 /// temp directory and rename, then removes all but the newest `keep`.
@@ -67,7 +62,7 @@ pub fn save_checkpoint(
     let mut sums = serde_json::Map::new();
     for (name, bytes) in &files {
         write_atomic(&tmp.join(name), bytes)?;
-        sums.insert(name.to_string(), sha256(bytes).into());
+        sums.insert(name.to_string(), patchlm_data::shard::sha256_bytes(bytes).into());
     }
     let sums = serde_json::to_vec_pretty(&sums).map_err(|e| TrainError::Config(e.to_string()))?;
     write_atomic(&tmp.join(CHECKSUMS_FILE), &sums)?;

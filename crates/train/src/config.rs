@@ -95,7 +95,6 @@ impl RunConfig {
     /// `sha256:<hex>` of the parts that determine the trained weights (everything but the
     /// display and bookkeeping settings), so a checkpoint from a different config is refused.
     pub fn fingerprint(&self) -> String {
-        use sha2::Digest;
         let mut c = self.clone();
         c.train.progress = true;
         c.train.checkpoint_every = 0;
@@ -103,6 +102,6 @@ impl RunConfig {
         c.train.eval_every = 0;
         c.train.peak_flops = 0.0;
         let json = serde_json::to_string(&c).unwrap_or_default();
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(json.as_bytes())))
+        patchlm_data::shard::sha256_bytes(json.as_bytes())
     }
 }

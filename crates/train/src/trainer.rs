@@ -257,8 +257,7 @@ impl<'a> Trainer<'a> {
     /// the shards, and its bos/eos ids) with the final model. Refused unless it is the tokenizer
     /// the datasets were made with.
     pub fn with_tokenizer(mut self, json: String, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        use sha2::Digest;
-        let given = format!("sha256:{}", hex::encode(sha2::Sha256::digest(json.as_bytes())));
+        let given = patchlm_data::shard::sha256_bytes(json.as_bytes());
         if given != self.manifest.tokenizer_fingerprint {
             return Err(TrainError::Config(format!(
                 "the tokenizer ({given}) is not the one the datasets were made with ({}); use the tokenizer.json saved beside the shards",
