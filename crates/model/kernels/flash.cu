@@ -480,9 +480,9 @@ FLASH_ENTRIES(FLASH_STATS(__half, f16))
 
 // ---------------------------------------------------------------------------------------------
 // Flash attention on mma.sync (m16n8k16, bf16 / f16 in, f32 accumulate; head sizes 32 and 64):
-// the same math and inputs as the CUDA-core kernels above, 128 threads (4 warps) a block, each warp
-// owning 16 rows (queries in the forward and dq passes, keys in dk/dv), with FlashAttention-2's register
-// dataflow. mma's fragment layout is specified (PTX ISA, "Matrix fragments for mma.m16n8k16"), so
+// the same math and inputs as the CUDA-core kernels above, 128 threads (4 warps) a block, each
+// warp owning 16 rows (queries in the forward and dq passes, keys in dk/dv), with
+// FlashAttention-2's register dataflow. mma's fragment layout is specified (PTX ISA, "Matrix fragments for mma.m16n8k16"), so
 // score tiles stay in registers: each lane holds rows g = lane / 4 and g + 8 of its warp's 16 and
 // two adjacent columns per 8-column block, the softmax reduces over the 4 lanes of a quad, and the
 // probabilities (or dS) are already the A operand of the next product (the C layout of two
@@ -888,15 +888,16 @@ __device__ __forceinline__ void mma_frags2(uint32_t (*fa)[4], uint32_t (*fb)[4],
     }
 }
 
-// dq: the layout and arguments of flash_dq above. Each warp owns RW blocks of 16 query rows (64·RW a block) and takes the
-// keys in tiles of BB = MMA_KEYS / RW; grid (ceil(t / (64·RW)), BH), the last rows first. RW = 1
-// (flash_mma_dq): the default. RW = 2 (flash_mma_dqw, PATCHLM_FLASH_WIDE, as the wide forward):
-// each B fragment read from shared memory serves twice the rows; the key tiles halve to keep the
-// scores, dP and both rows' q and dO fragments in registers. KS > 1 (flash_mma_dqo,
-// PATCHLM_FLASH_OCC4): each key tile is taken in KS parts of BB / KS keys, one after the other
-// (scores, dP, dS, dq product), so that a part's scores and dP, not a whole tile's, are live at
-// once: the same shared tiles, copies and barriers, fewer registers. The accumulation runs over
-// the same 16-key chunks in the same order in every case, so every variant writes the same bytes.
+// dq: the layout and arguments of flash_dq above. Each warp owns RW blocks of 16 query rows (64·RW
+// a block) and takes the keys in tiles of BB = MMA_KEYS / RW; grid (ceil(t / (64·RW)), BH), the
+// last rows first. RW = 1 (flash_mma_dq): the default. RW = 2 (flash_mma_dqw, PATCHLM_FLASH_WIDE,
+// as the wide forward): each B fragment read from shared memory serves twice the rows; the key
+// tiles halve to keep the scores, dP and both rows' q and dO fragments in registers. KS > 1
+// (flash_mma_dqo, PATCHLM_FLASH_OCC4): each key tile is taken in KS parts of BB / KS keys, one
+// after the other (scores, dP, dS, dq product), so that a part's scores and dP, not a whole tile's,
+// are live at once: the same shared tiles, copies and barriers, fewer registers. The accumulation
+// runs over the same 16-key chunks in the same order in every case, so every variant writes the
+// same bytes.
 template <typename T, int HD, int RW, int KS = 1>
 __device__ void flash_mma_dq_rows(const T* q, const T* dout, const T* k, const T* v, const float* st, T* dq, int t,
                                   int s, float scale, int oh) {

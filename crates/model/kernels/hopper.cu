@@ -376,16 +376,16 @@ __device__ __forceinline__ void wg_settle(float (*acc)[4]) {
     wg_settled<N>(acc);
 }
 
-// The query-side wgmma kernels' block (64 query rows of head bh a warpgroup, WG warpgroups, the
-// last rows first): the head, its first row, the key offset, this lane's quad position, the keys
-// the block needs, the first key its warp's first row sees, this lane's first row, the last key
-// its warpgroup's rows see, and the head's k and v.
 // This thread's warpgroup in a block of WG warpgroups (each takes 64 of the block's rows or keys).
 template <int WG>
 __device__ __forceinline__ int wg_group() {
     return WG > 1 ? threadIdx.x >> 7 : 0;
 }
 
+// The query-side wgmma kernels' block (64 query rows of head bh a warpgroup, WG warpgroups, the
+// last rows first): the head, its first row, the key offset, this lane's quad position, the keys
+// the block needs, the first key its warp's first row sees, this lane's first row, the last key
+// its warpgroup's rows see, and the head's k and v.
 template <int HD, int WG = 1>
 struct WgRows {
     int bh, i0, off, tq, kend, wfirst, row, glast;

@@ -1034,8 +1034,9 @@ pub(crate) fn missing_flash_entries() -> Vec<String> {
 }
 
 /// Launches the kernels of one flash-attention step: the tensor-core ones where
-/// [`super::flash_mma_enabled`] (128 threads, 64 rows a block; the wide mma.sync ones 128 rows, see [`super::set_flash_wide`] and
-/// [`super::set_flash_wide_bwd`]), else the CUDA-core ones (64 threads, one row each).
+/// [`super::flash_mma_enabled`] (128 threads, 64 rows a block; the wide mma.sync ones 128 rows,
+/// see [`super::set_flash_wide`] and [`super::set_flash_wide_bwd`]), else the CUDA-core ones (64
+/// threads, one row each).
 fn flash_t<T: CudaDType + DeviceRepr>(
     x: &[(&CudaStorage, &Layout)],
     st: Option<(&CudaStorage, &Layout)>,
