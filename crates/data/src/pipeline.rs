@@ -150,8 +150,14 @@ fn check_build_dir(out: &Path) -> Result<()> {
     };
     let mut foreign: Vec<String> =
         entries.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| !ours(n)).collect();
-    // A manifest.json there must be a shard directory's.
-    if out.join(crate::shard::MANIFEST).is_file() && Manifest::load(out).is_err() {
+    // A manifest.json there must be a shard directory's (of any format version: a build replaces
+    // an older one).
+    let manifest = out.join(crate::shard::MANIFEST);
+    let shard_manifest = || {
+        let v: Option<serde_json::Value> = std::fs::read(&manifest).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        v.is_some_and(|v| v["format"] == "patchlm-shards")
+    };
+    if manifest.is_file() && !shard_manifest() {
         foreign.push(format!("{} (not a shard manifest)", crate::shard::MANIFEST));
     }
     if foreign.is_empty() {
