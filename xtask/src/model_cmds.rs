@@ -1,10 +1,11 @@
-//! `score` and `generate`: thin wrappers over the model crate.
+//! `score` and `generate`: thin wrappers over the model crate (and the eval crate's windows).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use patchlm_model::{generate as gen, load_pretrained, parse_device, score_tokens, special_token_ids, SamplingConfig};
+use patchlm_eval::{sequence_nlls, WindowConfig};
+use patchlm_model::{generate as gen, load_pretrained, parse_device, special_token_ids, SamplingConfig};
 
 /// Arguments of `cargo xtask score`.
 #[derive(clap::Args)]
@@ -19,6 +20,12 @@ pub struct ScoreArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Window length for text longer than the model's context (default: the model's context).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Sliding-window stride (default: non-overlapping windows, as in `eval`).
+    #[arg(long)]
+    stride: Option<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -93,19 +100,11 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("the text has no token to score (give a longer --text)");
     }
-    // Windows of the context length overlapping by one token, so every token after the first is
-    // scored given up to a full context of predecessors within its window.
-    let t = cfg.max_position_embeddings;
-    let mut lps = Vec::with_capacity(ids.len() - 1);
-    let mut s = 0;
-    while s + 1 < ids.len() {
-        let e = (s + t).min(ids.len());
-        lps.extend(score_tokens(&model, &ids[s..e], &device)?);
-        s = e - 1;
-    }
-    let nll: f64 = -lps.iter().map(|&x| x as f64).sum::<f64>();
+    let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
+    let lps: Vec<f64> = sequence_nlls(&model, &ids, &w, &device)?.into_iter().map(|nll| -nll).collect();
+    let nll: f64 = -lps.iter().sum::<f64>();
     let n = lps.len() as f64;
-    let rows: Vec<(u32, String, f32)> =
+    let rows: Vec<(u32, String, f64)> =
         ids[1..].iter().zip(&lps).map(|(&id, &lp)| (id, tok.decode(&[id], false).unwrap_or_default(), lp)).collect();
     if a.json {
         let toks: Vec<_> =
@@ -137,11 +136,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
-    if ids.is_empty() {
-        bail!("empty prompt");
-    }
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let out = gen(&model, &ids, a.max_tokens, &cfg, eos, &device)?;
+    if out.len() < a.max_tokens && out.last().copied() != eos {
+        let t = model.config().max_position_embeddings;
+        eprintln!("stopped after {} tokens: prompt and continuation fill the model's context of {t}", out.len());
+    }
     let text = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
     println!("{}{}", a.prompt, text);
     Ok(())

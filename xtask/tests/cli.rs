@@ -150,6 +150,18 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok2, out2) =
         xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "8", "--seed", "3"], d);
     assert!(ok2 && out == out2, "same seed, same text");
+    // Text longer than the context: scored in sliding windows, every token once; a prompt that
+    // fills the context is refused with what to do, and so is a temperature below 0.
+    let long: Vec<String> = (0..60).map(|i| format!("w{}", i % 47)).collect();
+    let long = long.join(" ");
+    let (ok, out) = xtask(&["score", "--model", "run/model", "--text", &long, "--json", "--stride", "3"], d);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert!(v["tokens"].as_array().unwrap().len() >= 60, "{out}");
+    let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", &long], d);
+    assert!(!ok && out.contains("shorten the prompt"), "{out}");
+    let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--temperature=-1"], d);
+    assert!(!ok && out.contains("temperature -1 is out of range"), "{out}");
 }
 
 #[test]

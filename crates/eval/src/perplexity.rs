@@ -1,7 +1,7 @@
 //! Token-level perplexity and bits per byte.
 
-use candle_core::{Device, Tensor};
-use patchlm_model::{log_softmax, Llama};
+use candle_core::Device;
+use patchlm_model::{score_tokens, Llama};
 
 use crate::error::{EvalError, Result};
 
@@ -75,11 +75,10 @@ pub fn sequence_nlls(model: &Llama, ids: &[u32], cfg: &WindowConfig, device: &De
     while done + 1 < n {
         let b = if done == 0 { t.min(n - 1) } else { (done + stride).min(n - 1) };
         let a = b.saturating_sub(t);
-        let input = Tensor::new(&ids[a..b], device)?.unsqueeze(0)?;
-        let lp: Vec<Vec<f32>> = log_softmax(&model.forward(&input)?)?.squeeze(0)?.to_vec2()?;
-        for j in (done + 1)..=b {
-            out.push(-(lp[j - 1 - a][ids[j] as usize] as f64));
-        }
+        // ids[a..=b]: the window's input ids[a..b) and its targets ids[a + 1..=b]; those after
+        // `done` are new.
+        let lp = score_tokens(model, &ids[a..=b], device)?;
+        out.extend(lp[done - a..].iter().map(|&x| -f64::from(x)));
         done = b;
     }
     Ok(out)

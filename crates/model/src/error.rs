@@ -19,6 +19,9 @@ pub enum ModelError {
         /// What is wrong.
         msg: String,
     },
+    /// An argument out of its range (a prompt longer than the context, a negative temperature).
+    #[error("{0}")]
+    Input(String),
     /// A device that does not exist or is not compiled in.
     #[error("device: {0}")]
     Device(String),

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::llama::{KvCache, Llama};
 use crate::weights::SplitMix64;
 
@@ -16,20 +16,22 @@ pub fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Log-probability of each token given the ones before it: `out[i] = log p(ids[i+1] | ids[..=i])`
-/// (length `ids.len() - 1`), in one forward pass of at most `max_position_embeddings` tokens.
+/// (length `ids.len() - 1`), in one forward pass over `ids[..ids.len() - 1]`, so at most
+/// `max_position_embeddings + 1` ids (a training block). The targets are picked on the device:
+/// only `ids.len() - 1` values come back, not the vocabulary's log-probabilities.
 pub fn score_tokens(model: &Llama, ids: &[u32], device: &Device) -> Result<Vec<f32>> {
     if ids.len() < 2 {
         return Ok(Vec::new());
     }
-    let input = Tensor::new(ids, device)?.unsqueeze(0)?;
-    let lp = log_softmax(&model.forward(&input)?)?.squeeze(0)?;
     let n = ids.len() - 1;
+    let input = Tensor::new(&ids[..n], device)?.unsqueeze(0)?;
+    let lp = log_softmax(&model.forward(&input)?)?.squeeze(0)?;
     let targets = Tensor::new(&ids[1..], device)?.unsqueeze(1)?;
-    let picked = lp.narrow(0, 0, n)?.gather(&targets, 1)?.squeeze(1)?;
-    Ok(picked.to_vec1::<f32>()?)
+    Ok(lp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?)
 }
 
-/// Sampling settings.
+/// Sampling settings, applied as Hugging Face `generate` applies its warpers: temperature, then
+/// top-k, then top-p over the probabilities left.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SamplingConfig {
     /// Softmax temperature; 0 means greedy (default 0.8).
@@ -40,6 +42,26 @@ pub struct SamplingConfig {
     pub top_p: f64,
     /// RNG seed (default 0).
     pub seed: u64,
+}
+
+impl SamplingConfig {
+    /// Checks that each setting is in its range (a finite temperature of at least 0, a top-p
+    /// from 0 to 1).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(ModelError::Input(format!(
+                "temperature {} is out of range: give 0 (greedy) or more",
+                self.temperature
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return Err(ModelError::Input(format!(
+                "top-p {} is out of range: give a value from 0 to 1 (1 keeps all)",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SamplingConfig {
@@ -90,7 +112,10 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32
     idx[idx.len() - 1] as u32
 }
 
-/// Continues `prompt` by up to `max_tokens` tokens (stopping early at `stop`), using a KV cache.
+/// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at `stop`, or
+/// where the sequence fills the model's context (`max_position_embeddings`). An empty prompt, one
+/// that leaves no room in the context, or settings out of range
+/// ([`SamplingConfig::validate`]) are refused.
 pub fn generate(
     model: &Llama,
     prompt: &[u32],
@@ -99,13 +124,20 @@ pub fn generate(
     stop: Option<u32>,
     device: &Device,
 ) -> Result<Vec<u32>> {
+    cfg.validate()?;
+    let limit = model.config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens: generating needs at least one".into()));
+    }
+    if prompt.len() >= limit {
+        return Err(ModelError::Input(format!(
+            "the prompt has {} tokens and the model's context holds {limit}: shorten the prompt to fewer than {limit} tokens",
+            prompt.len()
+        )));
+    }
     let mut rng = SplitMix64(cfg.seed);
     let mut cache = KvCache::new(model.config());
     let mut out = Vec::new();
-    let limit = model.config().max_position_embeddings;
-    if prompt.is_empty() || prompt.len() >= limit {
-        return Ok(out);
-    }
     let mut logits = model.forward_cached(&Tensor::new(prompt, device)?.unsqueeze(0)?, &mut cache)?;
     for _ in 0..max_tokens {
         let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;

@@ -414,6 +414,48 @@ fn kv_cache_decoding_matches_full_forward() {
     }
 }
 
+/// Temperature comes before top-p, as in HF's warpers. By hand: logits (2, 1, 0, -1) at
+/// temperature 0.5 are (4, 2, 0, -2), probabilities (0.8650, 0.1171, 0.0158, 0.0021); top-p 0.9
+/// keeps tokens 0 and 1 (0.8650 < 0.9 ≤ 0.9821), renormalised to (0.8808, 0.1192). Top-p before
+/// temperature would keep token 2 as well (0.6439 + 0.2369 < 0.9 at temperature 1).
+#[test]
+fn sampling_applies_temperature_before_top_p_with_the_right_frequencies() {
+    let logits = [2.0f32, 1.0, 0.0, -1.0];
+    let cfg = SamplingConfig { temperature: 0.5, top_k: 0, top_p: 0.9, seed: 0 };
+    let mut rng = SplitMix64(7);
+    let n = 20_000;
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        counts[sample(&logits, &cfg, &mut rng) as usize] += 1;
+    }
+    assert_eq!(counts[2] + counts[3], 0, "{counts:?}");
+    // Binomial standard deviation at n = 20000: 0.0023; allow about 4 of them.
+    let f1 = counts[1] as f64 / n as f64;
+    assert!((f1 - 0.1192).abs() < 0.01, "token 1 drawn with frequency {f1}, want 0.1192");
+}
+
+#[test]
+fn generation_refuses_prompts_without_room_and_settings_out_of_range() {
+    let (model, cfg) = load_pretrained(&fixture(), &Device::Cpu, DType::F32).unwrap();
+    let t = cfg.max_position_embeddings;
+    let s = SamplingConfig::default();
+    let msg = |r: patchlm_model::Result<Vec<u32>>| r.unwrap_err().to_string();
+    assert!(msg(generate(&model, &[], 4, &s, None, &Device::Cpu)).contains("no tokens"));
+    let long = vec![1u32; t];
+    let e = msg(generate(&model, &long, 4, &s, None, &Device::Cpu));
+    assert!(e.contains(&format!("{t} tokens")) && e.contains("shorten the prompt"), "{e}");
+    // One position left: exactly one token comes out.
+    assert_eq!(generate(&model, &long[1..], 4, &s, None, &Device::Cpu).unwrap().len(), 1);
+    for bad in [
+        SamplingConfig { temperature: -1.0, ..Default::default() },
+        SamplingConfig { temperature: f64::NAN, ..Default::default() },
+        SamplingConfig { top_p: 1.5, ..Default::default() },
+    ] {
+        let e = msg(generate(&model, &[1, 2], 4, &bad, None, &Device::Cpu));
+        assert!(e.contains("out of range"), "{e}");
+    }
+}
+
 #[test]
 fn sampling_is_seeded_and_respects_top_k_top_p() {
     let logits = [0.0f32, 3.0, 1.0, 2.9, -1.0];
@@ -425,9 +467,13 @@ fn sampling_is_seeded_and_respects_top_k_top_p() {
     let top2 = SamplingConfig { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 0 };
     let draws: Vec<u32> = (0..200).map(|_| sample(&logits, &top2, &mut rng)).collect();
     assert!(draws.iter().all(|&d| d == 1 || d == 3) && draws.contains(&3));
-    // top-p 0.5: the most likely token alone already has p > 0.5 of the top two... keep {1}.
+    // Softmax of the logits: 0.474 for token 1, 0.429 for token 3. Top-p 0.3: token 1 alone
+    // reaches it; top-p 0.5: token 1 does not, so the token that crosses (3) is kept too.
     let p = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.3, seed: 0 };
     assert!((0..50).all(|_| sample(&logits, &p, &mut rng) == 1));
+    let p = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 0 };
+    let draws: Vec<u32> = (0..200).map(|_| sample(&logits, &p, &mut rng)).collect();
+    assert!(draws.iter().all(|&d| d == 1 || d == 3) && draws.contains(&3));
     let (model, _) = load_pretrained(&fixture(), &Device::Cpu, DType::F32).unwrap();
     let cfg = SamplingConfig { seed: 42, ..Default::default() };
     let a = generate(&model, &[1, 2, 3], 10, &cfg, None, &Device::Cpu).unwrap();
