@@ -31,8 +31,9 @@ pub struct PatchDataConfig {
     pub context: usize,
     /// Seed of the block shuffle (default 0).
     pub seed: u64,
-    /// Passes over the data (default 1). With more than one, the patch phase takes the first
-    /// round(λ·epochs) epochs of the whole stream and the token phase the rest, as in the paper.
+    /// Passes over the data (default 1). With more than one, the patch phase makes the first
+    /// λ·epochs passes over the whole stream (a fraction of a pass included) and the token phase
+    /// the remaining (1 − λ)·epochs, as in the paper.
     pub epochs: usize,
     /// At most this many validation blocks of T + 1 tokens (default 64).
     pub max_val_blocks: usize,
@@ -57,8 +58,9 @@ pub struct BlockFile {
     pub blocks: u64,
     /// Token range `[a, b)` of the source split the blocks were cut from.
     pub source_range: (u64, u64),
-    /// Passes the phase makes over this file.
-    pub epochs: usize,
+    /// Passes the phase makes over this file (λ·epochs or (1 − λ)·epochs: not always whole; the
+    /// phase takes round(blocks · epochs) blocks, wrapping around the end).
+    pub epochs: f64,
     /// `sha256:<hex>` of the file.
     pub sha256: String,
 }
@@ -124,6 +126,31 @@ pub fn permutation(n: u64, seed: u64) -> Vec<u64> {
     p
 }
 
+/// Element `i` of a keyed pseudo-random permutation of `0..n`, with no table in memory: a
+/// four-round Feistel network on the smallest even number of bits that holds `n`, applied again
+/// while the result falls outside `0..n` (cycle walking keeps it a bijection). Later passes over
+/// a block file read it in such an order, so any block of any pass is found in O(1).
+pub fn permuted_index(i: u64, n: u64, key: u64) -> u64 {
+    if n <= 1 {
+        return i;
+    }
+    let half = (64 - (n - 1).leading_zeros()).div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    let mut rng = SplitMix64(key);
+    let round_keys: [u64; 4] = std::array::from_fn(|_| rng.next_u64());
+    let mut x = i % n;
+    loop {
+        let (mut l, mut r) = (x >> half, x & mask);
+        for k in round_keys {
+            (l, r) = (r, l ^ (SplitMix64(r ^ k).next_u64() & mask));
+        }
+        x = (l << half) | r;
+        if x < n {
+            return x;
+        }
+    }
+}
+
 fn write_blocks(
     path: &Path,
     stream: &patchlm_data::TokenStream,
@@ -180,11 +207,13 @@ pub fn build_patch_datasets(
     let train = ds.train();
     let n = if data.max_tokens > 0 { train.len().min(data.max_tokens) } else { train.len() };
     let (k, t) = (patch.k, data.context);
+    // With several epochs, the first λ of the passes are at patch level, fractions included
+    // (the paper's λ = 4/5 of 6 epochs: 4.8 patch-level passes, then 1.2 token-level ones).
     let (patch_epochs, token_epochs, split) = if data.epochs > 1 {
-        let pe = (patch.lambda * data.epochs as f64).round() as usize;
-        (pe, data.epochs - pe, None)
+        let e = data.epochs as f64;
+        (patch.lambda * e, (1.0 - patch.lambda) * e, None)
     } else {
-        (usize::from(patch.lambda > 0.0), 1, Some((patch.lambda * n as f64).round() as u64))
+        (if patch.lambda > 0.0 { 1.0 } else { 0.0 }, 1.0, Some((patch.lambda * n as f64).round() as u64))
     };
     let (patch_range, token_range) = match split {
         Some(s) => ((0, s), (s, n)),
@@ -193,7 +222,7 @@ pub fn build_patch_datasets(
     std::fs::create_dir_all(out).map_err(|e| PatchError::File { path: out.to_path_buf(), msg: e.to_string() })?;
     let file = |name: &str| -> PathBuf { out.join(name) };
 
-    let patch_phase = if patch_epochs > 0 {
+    let patch_phase = if patch_epochs > 0.0 {
         let blen = k * t;
         let blocks = (patch_range.1 - patch_range.0) / blen as u64;
         if blocks == 0 {
@@ -217,7 +246,7 @@ pub fn build_patch_datasets(
     };
     let tlen = t + 1;
     let tblocks = (token_range.1 - token_range.0) / tlen as u64;
-    if tblocks == 0 && token_epochs > 0 {
+    if tblocks == 0 {
         return Err(PatchError::TooSmall(format!(
             "the token phase's {} tokens do not fill one block of T + 1 = {tlen} tokens; use more data, a shorter context or a smaller lambda",
             token_range.1 - token_range.0
@@ -248,7 +277,7 @@ pub fn build_patch_datasets(
         block_len: tlen,
         blocks: vblocks,
         source_range: (0, vblocks * tlen as u64),
-        epochs: 1,
+        epochs: 1.0,
         sha256,
     };
     let manifest = PatchManifest {
@@ -280,6 +309,8 @@ pub struct BlockReader {
     batches: Vec<(u64, Vals)>,
     block_len: usize,
     blocks: u64,
+    /// Keys the order of the passes after the first (from the file's checksum).
+    key: u64,
 }
 
 impl BlockReader {
@@ -324,7 +355,9 @@ impl BlockReader {
                 msg: format!("holds {first} blocks, the manifest says {}", info.blocks),
             });
         }
-        Ok(Self { batches: out, block_len: info.block_len, blocks: info.blocks })
+        let key =
+            info.sha256.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Ok(Self { batches: out, block_len: info.block_len, blocks: info.blocks, key })
     }
 
     /// Blocks in the file.
@@ -337,13 +370,17 @@ impl BlockReader {
         self.block_len
     }
 
-    /// Appends blocks `first..first + count` (wrapping around the end, for later epochs) to
-    /// `out` as a flat (count, block_len) array.
+    /// Appends blocks `first..first + count` of the phase's stream to `out` as a flat
+    /// (count, block_len) array. Block `g` of the stream is in pass `g / blocks`: the first pass
+    /// reads the file in its (shuffled) order, each later one in an order of its own
+    /// ([`permuted_index`] keyed by the file and the pass), as a sampler reshuffling every epoch.
     pub fn read_blocks(&self, first: u64, count: usize, out: &mut Vec<u32>) {
         out.clear();
         out.reserve(count * self.block_len);
-        for i in 0..count as u64 {
-            let blk = (first + i) % self.blocks.max(1);
+        let n = self.blocks.max(1);
+        for g in first..first + count as u64 {
+            let (pass, j) = (g / n, g % n);
+            let blk = if pass == 0 { j } else { permuted_index(j, n, self.key ^ pass) };
             let bi = self.batches.partition_point(|(f, _)| *f <= blk) - 1;
             let (f, vals) = &self.batches[bi];
             let a = (blk - f) as usize * self.block_len;

@@ -21,7 +21,9 @@ pub mod error;
 pub mod objective;
 
 pub use config::{PatchConfig, DEFAULT_K, DEFAULT_LAMBDA};
-pub use dataset::{build_patch_datasets, permutation, BlockFile, BlockReader, PatchDataConfig, PatchManifest};
+pub use dataset::{
+    build_patch_datasets, permutation, permuted_index, BlockFile, BlockReader, PatchDataConfig, PatchManifest,
+};
 pub use error::{PatchError, Result};
 pub use objective::{
     next_patch_loss_composed, next_patch_loss_from_logits, patch_backward_tape, patch_embeddings, patch_forward,

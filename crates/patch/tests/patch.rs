@@ -207,6 +207,22 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     let mut from5 = Vec::new();
     r.read_blocks(5, 3, &mut from5);
     assert_eq!(from5, all[5 * 32..8 * 32]);
+    // Later passes: the same blocks in another order, found from any block on.
+    let nb = pp.blocks as usize;
+    let mut pass1 = Vec::new();
+    r.read_blocks(pp.blocks, nb, &mut pass1);
+    assert_ne!(pass1, all);
+    let mut a: Vec<&[u32]> = all.chunks(32).collect();
+    let mut b: Vec<&[u32]> = pass1.chunks(32).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    let mut tail = Vec::new();
+    r.read_blocks(pp.blocks + 5, 3, &mut tail);
+    assert_eq!(tail, pass1[5 * 32..8 * 32]);
+    let mut pass2 = Vec::new();
+    r.read_blocks(2 * pp.blocks, nb, &mut pass2);
+    assert_ne!(pass2, pass1);
     // Deterministic.
     let out2 = dir.path().join("p2");
     let m2 = build_patch_datasets(&shards, &out2, &patch, &data).unwrap();
@@ -219,9 +235,14 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     let me = PatchDataConfig { epochs: 3, ..data.clone() };
     let m3 =
         build_patch_datasets(&shards, &dir.path().join("p3"), &PatchConfig { k: 4, lambda: 2.0 / 3.0 }, &me).unwrap();
-    assert_eq!(m3.patch_phase.as_ref().unwrap().epochs, 2);
-    assert_eq!(m3.token_phase.epochs, 1);
+    assert!((m3.patch_phase.as_ref().unwrap().epochs - 2.0).abs() < 1e-12);
+    assert!((m3.token_phase.epochs - 1.0).abs() < 1e-12);
     assert_eq!(m3.token_phase.source_range, (0, n));
+    // The paper's λ = 4/5 of 6 epochs: 4.8 passes at patch level, 1.2 at token level.
+    let six = PatchDataConfig { epochs: 6, ..data.clone() };
+    let m6 = build_patch_datasets(&shards, &dir.path().join("p6"), &PatchConfig { k: 4, lambda: 0.8 }, &six).unwrap();
+    assert!((m6.patch_phase.as_ref().unwrap().epochs - 4.8).abs() < 1e-12);
+    assert!((m6.token_phase.epochs - 1.2).abs() < 1e-12);
     // A token cap: λ splits only the first max_tokens.
     let capped = PatchDataConfig { max_tokens: 1000, ..data.clone() };
     let mc = build_patch_datasets(&shards, &dir.path().join("pc"), &patch, &capped).unwrap();
@@ -257,4 +278,28 @@ fn dataset_errors_are_clear() {
     std::fs::write(&p, bytes).unwrap();
     let e = BlockReader::open(&out, &m.token_phase).err().unwrap().to_string();
     assert!(e.contains("checksum mismatch"), "{e}");
+}
+
+#[test]
+fn permuted_index_is_a_keyed_bijection() {
+    for n in (1..=70).chain([255, 256, 257, 1000, 4097]) {
+        for key in [0u64, 1, 0xdead_beef] {
+            let p: Vec<u64> = (0..n).map(|i| permuted_index(i, n, key)).collect();
+            let mut sorted = p.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n {n} key {key}");
+            if n >= 8 {
+                assert_ne!(p, sorted, "n {n} key {key}: identity");
+                let q: Vec<u64> = (0..n).map(|i| permuted_index(i, n, key + 1)).collect();
+                assert_ne!(p, q, "n {n}: keys {key} and {} give one order", key + 1);
+            }
+        }
+    }
+    // Roughly uniform: where element 0 lands over many keys covers the range evenly.
+    let n = 10u64;
+    let mut hits = [0usize; 10];
+    for key in 0..10_000u64 {
+        hits[permuted_index(0, n, key) as usize] += 1;
+    }
+    assert!(hits.iter().all(|&h| (800..1200).contains(&h)), "{hits:?}");
 }

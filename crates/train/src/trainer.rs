@@ -195,7 +195,7 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
                 bps * block_tokens
             ));
         }
-        let mut steps = (file.blocks as usize * file.epochs) / bps;
+        let mut steps = (file.blocks as f64 * file.epochs).round() as usize / bps;
         if tc.max_steps_per_phase > 0 {
             steps = steps.min(tc.max_steps_per_phase);
         }

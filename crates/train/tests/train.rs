@@ -282,6 +282,30 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     assert!(e.contains("bad.jsonl: line 1"), "{e}");
 }
 
+/// Several epochs: the first λ of the passes at patch level, fractions included (λ = 4/5 of 6
+/// epochs: 4.8 passes over the patch blocks, 1.2 over the token blocks).
+#[test]
+fn epochs_split_at_lambda_including_a_fraction_of_a_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, _, mut cfg) = pipeline(dir.path(), 0.8);
+    cfg.blocks.epochs = 6;
+    cfg.train.max_steps_per_phase = 0;
+    let pdir = dir.path().join("six");
+    let m = patchlm_patch::build_patch_datasets(&shards, &pdir, &cfg.patch, &cfg.blocks).unwrap();
+    let plans = patchlm_train::plan_phases(&cfg, &m).unwrap();
+    let (p, t) = (&plans[0], &plans[1]);
+    let pp = m.patch_phase.as_ref().unwrap();
+    assert_eq!(p.steps, (pp.blocks as f64 * 4.8).round() as usize / p.blocks_per_step);
+    assert_eq!(t.steps, (m.token_phase.blocks as f64 * 1.2).round() as usize / t.blocks_per_step);
+    // Both phases read the whole stream: 4.8 and 1.2 times its tokens, up to a step's rounding.
+    let n = patchlm_data::Dataset::open(&shards).unwrap().train().len() as f64;
+    for (plan, block_len, passes) in [(p, pp.block_len, 4.8), (t, m.token_phase.block_len, 1.2)] {
+        let read = (plan.steps * plan.blocks_per_step * block_len) as f64;
+        let step = (plan.blocks_per_step * block_len) as f64;
+        assert!((read - passes * n).abs() <= step + 2.0 * block_len as f64, "{}: {read} of {n}", plan.name);
+    }
+}
+
 #[test]
 fn bad_settings_fail_before_training() {
     let dir = tempfile::tempdir().unwrap();
