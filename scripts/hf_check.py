@@ -7,13 +7,19 @@ Needs torch + transformers + tokenizers; a release build of xtask."""
 import json, subprocess, sys
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_dir, text = sys.argv[1], sys.argv[2]
 model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
 print("loaded", type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,} parameters")
 tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
-ids = [model.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
+# AutoTokenizer reads the directory as written (tokenizer.json + tokenizer_config.json): it must
+# frame a text as training framed documents (BOS first) and know the special tokens.
+hf_tok = AutoTokenizer.from_pretrained(model_dir)
+ids = hf_tok(text).input_ids
+assert ids == [model.config.bos_token_id] + tok.encode(text, add_special_tokens=False).ids, ids
+assert hf_tok.eos_token_id == model.config.eos_token_id, (hf_tok.eos_token, model.config.eos_token_id)
+print(f"AutoTokenizer: {type(hf_tok).__name__}, BOS first, bos/eos/pad {hf_tok.bos_token} {hf_tok.eos_token} {hf_tok.pad_token}")
 with torch.no_grad():
     lp = torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1)[0]
 hf = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
@@ -28,14 +34,14 @@ print("OK")
 # Greedy generation: HF's generate (no sampling) and `cargo xtask generate --temperature 0` must
 # continue the prompt with the same text.
 prompt = text
-pids = [model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False).ids
+pids = hf_tok(prompt).input_ids
 with torch.no_grad():
     gen = model.generate(torch.tensor([pids]), attention_mask=torch.ones(1, len(pids), dtype=torch.long),
                          do_sample=False, max_new_tokens=24, eos_token_id=model.config.eos_token_id,
                          pad_token_id=model.config.eos_token_id)[0, len(pids):].tolist()
 if gen and gen[-1] == model.config.eos_token_id:
     gen = gen[:-1]
-hf_text = prompt + tok.decode(gen, skip_special_tokens=True)
+hf_text = prompt + hf_tok.decode(gen, skip_special_tokens=True)
 ours_text = subprocess.run(["target/release/xtask", "generate", "--model", model_dir, "--prompt", prompt,
                             "--temperature", "0", "--max-tokens", "24"],
                            capture_output=True, text=True, check=True).stdout.removesuffix("\n")

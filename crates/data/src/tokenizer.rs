@@ -5,6 +5,9 @@ use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::sequence::Sequence;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::error::{DataError, Result};
@@ -73,7 +76,9 @@ pub struct SpecialTokens {
 }
 
 /// Trains a byte-level BPE tokenizer (GPT-2 style: no normalizer, byte-level pre-tokenizer and
-/// decoder, so `decode(encode(text)) == text` for any text) on the given texts.
+/// decoder, so `decode(encode(text)) == text` for any text) on the given texts. With `add_bos`,
+/// encoding with special tokens puts the BOS token first (a post-processor, as Llama 3's), so
+/// that HF `AutoTokenizer` frames a prompt as training framed documents.
 pub fn train_bpe<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
@@ -102,7 +107,33 @@ where
     tok.with_decoder(Some(byte_level));
     tok.with_post_processor(Some(byte_level));
     tok.train(&mut trainer, texts).map_err(|e| DataError::Tokenizer(format!("training failed: {e}")))?;
+    if cfg.add_bos {
+        if let Some(template) = bos_template(&tok, &cfg.bos_token) {
+            let steps = vec![PostProcessorWrapper::ByteLevel(byte_level), PostProcessorWrapper::Template(template)];
+            tok.with_post_processor(Some(Sequence::new(steps)));
+        }
+    }
     Ok(tok)
+}
+
+/// The post-processor that puts `bos` before a text when special tokens are asked for (HF's
+/// `tokenizer(text)`, Python `tokenizers`' `encode(text)`), as Llama 3's `tokenizer.json` does:
+/// documents are trained as BOS + text, so a model's users encode prompts the same way. Our own
+/// encoding adds BOS itself and asks for no special tokens. `None` for a token name a template
+/// cannot hold (with spaces or a colon).
+fn bos_template(tok: &Tokenizer, bos: &str) -> Option<TemplateProcessing> {
+    let id = tok.token_to_id(bos)?;
+    if bos.contains(char::is_whitespace) || bos.contains(':') {
+        return None;
+    }
+    TemplateProcessing::builder()
+        .try_single(format!("{bos} $A"))
+        .ok()?
+        .try_pair(format!("{bos} $A {bos}:1 $B:1"))
+        .ok()?
+        .special_tokens(vec![(bos.to_string(), id)])
+        .build()
+        .ok()
 }
 
 /// Loads a HF `tokenizer.json`.

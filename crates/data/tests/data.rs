@@ -669,6 +669,21 @@ fn byte_level_bpe_round_trips_any_text() {
     }
     let sp = tokenizer::special_tokens(&tok, &cfg).unwrap();
     assert_eq!(tok.id_to_token(sp.eos).as_deref(), Some("<|eos|>"));
+    // Asked for special tokens (as HF's tokenizer(text) asks), an encoding starts with BOS, as
+    // training frames documents; without them, the text alone. Decoding drops BOS again.
+    let bos = sp.bos.unwrap();
+    let ordinary = tokenizer::ordinary_text(&tok);
+    for t in ["To be, or not to be", "<|bos|> literal"] {
+        let plain = ordinary.encode(t, false).unwrap().get_ids().to_vec();
+        let framed = ordinary.encode(t, true).unwrap().get_ids().to_vec();
+        assert_eq!(framed, [&[bos][..], &plain].concat(), "{t}");
+        assert_eq!(tok.decode(&framed, true).unwrap(), tok.decode(&plain, true).unwrap());
+        let doc = tokenizer::encode_document(&tok, t, &sp).unwrap();
+        assert_eq!(doc[..doc.len() - 1], framed[..]);
+    }
+    let without = TokenizerConfig { add_bos: false, ..cfg.clone() };
+    let tok2 = tokenizer::train_bpe(texts.iter(), &without).unwrap();
+    assert_eq!(tok2.encode("abc", true).unwrap().get_ids(), tok2.encode("abc", false).unwrap().get_ids());
     // A tokenizer without the configured specials and add_bos is refused with advice.
     let plain = TokenizerConfig { bos_token: "<nope>".into(), ..cfg.clone() };
     let e = tokenizer::special_tokens(&tok, &plain).unwrap_err().to_string();

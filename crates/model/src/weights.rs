@@ -17,6 +17,8 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 /// The tokenizer file name.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The tokenizer's settings for HF `AutoTokenizer` (its class and special tokens).
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 /// The index of sharded weights (`weight_map`: tensor name → shard file), as HF writes it for
 /// checkpoints too large for one file.
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
@@ -34,7 +36,7 @@ pub fn is_model_file(path: &str) -> bool {
         CONFIG_FILE
             | "generation_config.json"
             | TOKENIZER_FILE
-            | "tokenizer_config.json"
+            | TOKENIZER_CONFIG_FILE
             | "special_tokens_map.json"
             | WEIGHTS_INDEX_FILE
     ) || path.ends_with(".safetensors")
@@ -195,8 +197,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Saves an HF-format model directory: `model.safetensors`, `config.json`, and `tokenizer.json`
-/// when given. `bos`/`eos` go into the config.
+/// Saves an HF-format model directory: `model.safetensors`, `config.json`, and, when a
+/// tokenizer is given, `tokenizer.json` and `tokenizer_config.json` ([`tokenizer_config`]).
+/// `bos`/`eos` go into the config.
 pub fn save_pretrained(
     dir: &Path,
     cfg: &ModelConfig,
@@ -212,8 +215,51 @@ pub fn save_pretrained(
     write_atomic(&dir.join(CONFIG_FILE), &json)?;
     if let Some(t) = tokenizer_json {
         write_atomic(&dir.join(TOKENIZER_FILE), t.as_bytes())?;
+        let tc = serde_json::to_vec_pretty(&tokenizer_config(t, bos, eos, cfg.max_position_embeddings))
+            .map_err(|e| ModelError::Config(format!("{TOKENIZER_CONFIG_FILE}: {e}")))?;
+        write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), &tc)?;
     }
     Ok(())
+}
+
+/// `tokenizer_config.json` for a `tokenizer.json`: without it HF `AutoTokenizer` loads the
+/// tokenizer with no BOS, EOS or padding token (so no padded batches, and `eos_token` is `None`).
+/// Names the class that reads a bare `tokenizer.json` (`PreTrainedTokenizerFast`), the tokens of
+/// ids `bos` and `eos`, the tokenizer's special token with "pad" in its name if it has one, and
+/// the model's context as `model_max_length`. Ids the tokenizer does not hold are left out.
+pub fn tokenizer_config(
+    tokenizer_json: &str,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    model_max_length: usize,
+) -> serde_json::Value {
+    let tok: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap_or_default();
+    let added = tok.get("added_tokens").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+    let content_of = |id: u32| -> Option<String> {
+        let added = added.iter().find(|t| t.get("id").and_then(|i| i.as_u64()) == Some(u64::from(id)));
+        added.and_then(|t| t.get("content")?.as_str().map(str::to_string)).or_else(|| {
+            let vocab = tok.get("model")?.get("vocab")?.as_object()?;
+            vocab.iter().find(|(_, v)| v.as_u64() == Some(u64::from(id))).map(|(k, _)| k.clone())
+        })
+    };
+    let pad = added.iter().find_map(|t| {
+        let content = t.get("content")?.as_str()?;
+        let special = t.get("special").and_then(|s| s.as_bool()) == Some(true);
+        (special && content.to_lowercase().contains("pad")).then(|| content.to_string())
+    });
+    let mut out = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": false,
+    });
+    for (key, token) in
+        [("bos_token", bos.and_then(content_of)), ("eos_token", eos.and_then(content_of)), ("pad_token", pad)]
+    {
+        if let Some(t) = token {
+            out[key] = t.into();
+        }
+    }
+    out
 }
 
 /// Reads `dir/config.json` (HF LLaMA format).

@@ -149,6 +149,23 @@ fn init_is_seeded_and_scaled() {
 }
 
 #[test]
+fn tokenizer_config_names_the_special_tokens_by_id() {
+    let tok = r#"{"added_tokens": [
+        {"id": 0, "content": "<|bos|>", "special": true},
+        {"id": 1, "content": "<|eos|>", "special": true},
+        {"id": 2, "content": "<|pad|>", "special": true},
+        {"id": 9, "content": "<|padded word|>", "special": false}],
+      "model": {"vocab": {"<|bos|>": 0, "<|eos|>": 1, "<|pad|>": 2, "hello": 3}}}"#;
+    let tc = patchlm_model::weights::tokenizer_config(tok, Some(0), Some(1), 128);
+    let want = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128,
+        "clean_up_tokenization_spaces": false, "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"});
+    assert_eq!(tc, want);
+    // An id found only in the model's vocabulary; an id the tokenizer lacks is left out.
+    let tc = patchlm_model::weights::tokenizer_config(tok, Some(7), Some(3), 128);
+    assert_eq!((tc.get("bos_token"), &tc["eos_token"]), (None, &serde_json::json!("hello")));
+}
+
+#[test]
 fn save_and_load_round_trip_in_hf_format() {
     let cfg = ModelConfig::preset("tiny").unwrap();
     let (model, varmap) = init_model(&cfg, &Device::Cpu, 9).unwrap();
@@ -159,6 +176,12 @@ fn save_and_load_round_trip_in_hf_format() {
     assert_eq!(hf["architectures"][0], "LlamaForCausalLM");
     assert_eq!(hf["model_type"], "llama");
     assert_eq!(hf["tie_word_embeddings"], false);
+    // AutoTokenizer's settings: a tokenizer with no tokens of those ids gets the class alone.
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert_eq!(tc["model_max_length"], cfg.max_position_embeddings);
+    assert!(tc.get("bos_token").is_none() && tc.get("pad_token").is_none());
     // The safetensors header carries HF's names and the `format: pt` metadata.
     let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
