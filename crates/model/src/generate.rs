@@ -113,8 +113,8 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32
 }
 
 /// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at `stop`, or
-/// where the sequence fills the model's context (`max_position_embeddings`). An empty prompt, one
-/// that leaves no room in the context, or settings out of range
+/// once the last token drawn was predicted from a full context (`max_position_embeddings`
+/// positions). An empty prompt, one longer than the context, or settings out of range
 /// ([`SamplingConfig::validate`]) are refused.
 pub fn generate(
     model: &Llama,
@@ -129,9 +129,9 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens: generating needs at least one".into()));
     }
-    if prompt.len() >= limit {
+    if prompt.len() > limit {
         return Err(ModelError::Input(format!(
-            "the prompt has {} tokens and the model's context holds {limit}: shorten the prompt to fewer than {limit} tokens",
+            "the prompt has {} tokens and the model's context holds {limit}: shorten the prompt to at most {limit} tokens",
             prompt.len()
         )));
     }
@@ -143,7 +143,8 @@ pub fn generate(
         let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let next = sample(&row, cfg, &mut rng);
         out.push(next);
-        if Some(next) == stop || cache.len() + 1 >= limit {
+        // The next token would go at position cache.len(): past the context, stop.
+        if Some(next) == stop || cache.len() >= limit {
             break;
         }
         logits = model.forward_cached(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache)?;

@@ -464,11 +464,13 @@ fn generation_refuses_prompts_without_room_and_settings_out_of_range() {
     let s = SamplingConfig::default();
     let msg = |r: patchlm_model::Result<Vec<u32>>| r.unwrap_err().to_string();
     assert!(msg(generate(&model, &[], 4, &s, None, &Device::Cpu)).contains("no tokens"));
-    let long = vec![1u32; t];
+    let long = vec![1u32; t + 1];
     let e = msg(generate(&model, &long, 4, &s, None, &Device::Cpu));
-    assert!(e.contains(&format!("{t} tokens")) && e.contains("shorten the prompt"), "{e}");
-    // One position left: exactly one token comes out.
+    assert!(e.contains(&format!("{} tokens", t + 1)) && e.contains("shorten the prompt"), "{e}");
+    // A full context predicts one more token; one position left, two: the second is predicted
+    // from all t positions, and a third would need position t.
     assert_eq!(generate(&model, &long[1..], 4, &s, None, &Device::Cpu).unwrap().len(), 1);
+    assert_eq!(generate(&model, &long[2..], 4, &s, None, &Device::Cpu).unwrap().len(), 2);
     for bad in [
         SamplingConfig { temperature: -1.0, ..Default::default() },
         SamplingConfig { temperature: f64::NAN, ..Default::default() },
