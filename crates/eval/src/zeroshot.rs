@@ -328,6 +328,12 @@ pub fn pair_loglikelihoods(model: &Llama, pairs: &[(Vec<u32>, Vec<u32>)], device
         return Err(EvalError::Input("an empty context (and no BOS token) leaves the first token unscored".into()));
     }
     let limit = model.config().max_position_embeddings;
+    if let Some((_, c)) = pairs.iter().find(|(_, c)| c.len() > limit) {
+        return Err(EvalError::Input(format!(
+            "a continuation of {} tokens does not fit the model's context of {limit} with a token of context before it",
+            c.len()
+        )));
+    }
     let seqs: Vec<(Vec<u32>, usize)> = pairs
         .iter()
         .map(|(ctx, c)| {
@@ -339,19 +345,22 @@ pub fn pair_loglikelihoods(model: &Llama, pairs: &[(Vec<u32>, Vec<u32>)], device
         })
         .collect();
     let len = seqs.iter().map(|(s, _)| s.len() - 1).max().unwrap_or(1).max(1);
-    let mut flat = Vec::with_capacity(seqs.len() * len);
-    for (s, _) in &seqs {
-        flat.extend(&s[..s.len() - 1]);
-        flat.extend(std::iter::repeat_n(0u32, len - (s.len() - 1)));
+    // Inputs s[..n-1] and targets s[1..], right-padded with 0; the targets are picked on the
+    // device, so only (batch, len) log-probabilities come back, not the vocabulary's.
+    let (mut inputs, mut targets) = (vec![0u32; seqs.len() * len], vec![0u32; seqs.len() * len]);
+    for (b, (s, _)) in seqs.iter().enumerate() {
+        inputs[b * len..b * len + s.len() - 1].copy_from_slice(&s[..s.len() - 1]);
+        targets[b * len..b * len + s.len() - 1].copy_from_slice(&s[1..]);
     }
-    let input = Tensor::from_vec(flat, (seqs.len(), len), device)?;
-    let lp: Vec<Vec<Vec<f32>>> = log_softmax(&model.forward(&input)?)?.to_vec3()?;
+    let input = Tensor::from_vec(inputs, (seqs.len(), len), device)?;
+    let targets = Tensor::from_vec(targets, (seqs.len(), len, 1), device)?;
+    let lp: Vec<Vec<f32>> = log_softmax(&model.forward(&input)?)?.gather(&targets, 2)?.squeeze(2)?.to_vec2()?;
     Ok(seqs
         .iter()
         .enumerate()
         .map(|(b, (s, clen))| {
             let n = s.len();
-            (n - clen..n).map(|target| lp[b][target - 1][s[target] as usize] as f64).sum()
+            (n - clen..n).map(|target| f64::from(lp[b][target - 1])).sum()
         })
         .collect())
 }

@@ -64,6 +64,32 @@ fn batched_choice_logliks_match_hf_transformers() {
     }
 }
 
+/// Pairs longer than the context are cut on the left, as lm-eval cuts them (the last T + 1 ids,
+/// T of them fed): the scores equal the one-sequence scores of what is kept, each pair in a
+/// batch of different lengths. A continuation with no room for context before it is refused.
+#[test]
+fn long_pairs_are_cut_on_the_left_and_too_long_continuations_refused() {
+    let model = fixture_model();
+    let t = model.config().max_position_embeddings;
+    let ids: Vec<u32> = (0..t as u32 + 20).map(|i| (i * 7 + 3) % 60 + 1).collect();
+    let pairs = vec![
+        (ids[..t + 15].to_vec(), ids[t + 15..].to_vec()),
+        (ids[..5].to_vec(), ids[5..9].to_vec()),
+        (ids[..2].to_vec(), ids[2..t + 1].to_vec()),
+    ];
+    let got = pair_loglikelihoods(&model, &pairs, &Device::Cpu).unwrap();
+    for ((ctx, cont), g) in pairs.iter().zip(&got) {
+        let all: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+        let kept = &all[all.len().saturating_sub(t + 1)..];
+        let lp = patchlm_model::score_tokens(&model, kept, &Device::Cpu).unwrap();
+        let want: f64 = lp[lp.len() - cont.len()..].iter().map(|&x| f64::from(x)).sum();
+        assert!((g - want).abs() < 1e-3, "{g} vs {want}");
+    }
+    let too_long = vec![(ids[..3].to_vec(), ids[3..t + 4].to_vec())];
+    let e = pair_loglikelihoods(&model, &too_long, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains(&format!("continuation of {} tokens", t + 1)), "{e}");
+}
+
 #[test]
 fn acc_and_acc_norm_by_hand() {
     // Choice 0: ll −4 over 2 characters (−2 each); choice 1: ll −3 over 1 character (−3).
