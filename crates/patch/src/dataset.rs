@@ -132,7 +132,7 @@ pub fn permutation(n: u64, seed: u64) -> Vec<u64> {
 /// a block file read it in such an order, so any block of any pass is found in O(1).
 pub fn permuted_index(i: u64, n: u64, key: u64) -> u64 {
     if n <= 1 {
-        return i;
+        return 0;
     }
     let half = (64 - (n - 1).leading_zeros()).div_ceil(2);
     let mask = (1u64 << half) - 1;
