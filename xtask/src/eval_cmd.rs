@@ -11,8 +11,9 @@ use patchlm_model::{load_pretrained, parse_device, special_token_ids};
 /// Arguments of `cargo xtask eval`.
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json), or a Hugging Face
-    /// repository (`org/name[@revision]`).
+    /// Model directory (config.json, model.safetensors, tokenizer.json; a run's directory means
+    /// its final model, and a checkpoint's directory loads too), or a Hugging Face repository
+    /// (`org/name[@revision]`).
     #[arg(long)]
     model: String,
     /// Text to score (files or directories: text, JSONL, JSON arrays, Parquet, optionally .gz or

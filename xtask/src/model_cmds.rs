@@ -10,8 +10,9 @@ use patchlm_model::{generate as gen, load_pretrained, parse_device, special_toke
 /// Arguments of `cargo xtask score`.
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// Model directory in HF format (config.json, model.safetensors, tokenizer.json), or a
-    /// Hugging Face repository (`org/name[@revision]`).
+    /// Model directory in HF format (config.json, model.safetensors, tokenizer.json; a run's
+    /// directory means its final model, and a checkpoint's directory loads too), or a Hugging
+    /// Face repository (`org/name[@revision]`).
     #[arg(long)]
     model: String,
     /// Text to score.
@@ -34,7 +35,8 @@ pub struct ScoreArgs {
 /// Arguments of `cargo xtask generate`.
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Model directory in HF format, or a Hugging Face repository (`org/name[@revision]`).
+    /// Model directory in HF format (or a run's or a checkpoint's directory), or a Hugging Face
+    /// repository (`org/name[@revision]`).
     #[arg(long)]
     model: String,
     /// Prompt text.
@@ -60,13 +62,21 @@ pub struct GenerateArgs {
     device: String,
 }
 
-/// A model given as a local directory, or as a hub repository (`org/name[@revision]`,
+/// A model given as a local directory (a pretrain run's directory or one of its checkpoints too),
+/// or as a hub repository (`org/name[@revision]`,
 /// `hf://org/name[@revision]`) whose model files ([`patchlm_model::is_model_file`]) are fetched
 /// into the Hugging Face cache; returns the directory to load.
 pub(crate) fn model_dir(spec: &str) -> Result<PathBuf> {
     use patchlm_data::hub::{Hub, HubUrl, Repo, RepoKind};
     let local = Path::new(spec);
     if local.is_dir() {
+        // A pretrain run's directory stands for its final model.
+        let run_model = local.join("model");
+        if !local.join(patchlm_model::weights::CONFIG_FILE).exists()
+            && run_model.join(patchlm_model::weights::CONFIG_FILE).is_file()
+        {
+            return Ok(run_model);
+        }
         return Ok(local.to_path_buf());
     }
     let repo = match HubUrl::parse(spec)? {

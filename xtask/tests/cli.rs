@@ -150,6 +150,13 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok2, out2) =
         xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "8", "--seed", "3"], d);
     assert!(ok2 && out == out2, "same seed, same text");
+    // A run's directory stands for its final model; a checkpoint loads as a model too.
+    let (ok, by_run) = xtask(&["score", "--model", "run", "--text", "w1 w14 w27", "--json"], d);
+    let (_, by_model) = xtask(&["score", "--model", "run/model", "--text", "w1 w14 w27", "--json"], d);
+    assert!(ok && by_run == by_model, "{by_run}");
+    let ck = std::fs::read_dir(d.join("run/checkpoints")).unwrap().flatten().map(|e| e.path()).max().unwrap();
+    let (ok, out) = xtask(&["generate", "--model", ck.to_str().unwrap(), "--prompt", "w1", "--max-tokens", "4"], d);
+    assert!(ok && out.starts_with("w1"), "{out}");
     // Text longer than the context: scored in sliding windows, every token once; a prompt that
     // fills the context is refused with what to do, and so is a temperature below 0.
     let long: Vec<String> = (0..60).map(|i| format!("w{}", i % 47)).collect();

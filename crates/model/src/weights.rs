@@ -210,16 +210,32 @@ pub fn save_pretrained(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::File { path: dir.to_path_buf(), msg: e.to_string() })?;
     write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&named_tensors(varmap)?)?)?;
-    let json = serde_json::to_vec_pretty(&cfg.to_hf_json(bos, eos))
-        .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
-    write_atomic(&dir.join(CONFIG_FILE), &json)?;
-    if let Some(t) = tokenizer_json {
-        write_atomic(&dir.join(TOKENIZER_FILE), t.as_bytes())?;
-        let tc = serde_json::to_vec_pretty(&tokenizer_config(t, bos, eos, cfg.max_position_embeddings))
-            .map_err(|e| ModelError::Config(format!("{TOKENIZER_CONFIG_FILE}: {e}")))?;
-        write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), &tc)?;
+    for (name, bytes) in model_files(cfg, tokenizer_json, bos, eos)? {
+        write_atomic(&dir.join(name), &bytes)?;
     }
     Ok(())
+}
+
+/// The files of an HF model directory besides its weights, by name: `config.json` (with `bos`
+/// and `eos`), and with a tokenizer, `tokenizer.json` and `tokenizer_config.json`
+/// ([`tokenizer_config`]). With [`WEIGHTS_FILE`] beside them a directory loads as a model, here
+/// and in HF transformers.
+pub fn model_files(
+    cfg: &ModelConfig,
+    tokenizer_json: Option<&str>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let json = |name: &str, v: &serde_json::Value| {
+        serde_json::to_vec_pretty(v).map_err(|e| ModelError::Config(format!("{name}: {e}")))
+    };
+    let mut files = vec![(CONFIG_FILE, json(CONFIG_FILE, &cfg.to_hf_json(bos, eos))?)];
+    if let Some(t) = tokenizer_json {
+        files.push((TOKENIZER_FILE, t.as_bytes().to_vec()));
+        let tc = tokenizer_config(t, bos, eos, cfg.max_position_embeddings);
+        files.push((TOKENIZER_CONFIG_FILE, json(TOKENIZER_CONFIG_FILE, &tc)?));
+    }
+    Ok(files)
 }
 
 /// `tokenizer_config.json` for a `tokenizer.json`: without it HF `AutoTokenizer` loads the

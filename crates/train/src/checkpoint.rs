@@ -33,15 +33,20 @@ pub struct TrainState {
 /// The file of a checkpoint that holds the sha256 of each of its other files.
 pub const CHECKSUMS_FILE: &str = "checksums.json";
 
+/// The file of a checkpoint that holds the run's config.
+pub const RUN_CONFIG_FILE: &str = "run_config.json";
+
 /// Writes `dir/checkpoints/step-NNNNNNNN/` (model.safetensors, optimizer.safetensors,
-/// state.json, `config` as config.json, and [`CHECKSUMS_FILE`] with each one's sha256) via a
-/// temp directory and rename, then removes all but the newest `keep`.
+/// state.json, `files`, and [`CHECKSUMS_FILE`] with each one's sha256) via a temp directory and
+/// rename, then removes all but the newest `keep`. The trainer's `files` are the run's config
+/// ([`RUN_CONFIG_FILE`]) and an HF model directory's other files
+/// ([`patchlm_model::weights::model_files`]), so that a checkpoint also loads as a model.
 pub fn save_checkpoint(
     run_dir: &Path,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
     state: &TrainState,
-    config: &serde_json::Value,
+    files: &[(&str, Vec<u8>)],
     keep: usize,
 ) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
@@ -53,14 +58,13 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let files = [
+    let own = [
         ("model.safetensors", safetensors_bytes(model)?),
         ("optimizer.safetensors", safetensors_bytes(optimizer)?),
         ("state.json", serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?),
-        ("config.json", serde_json::to_vec_pretty(config).map_err(|e| TrainError::Config(e.to_string()))?),
     ];
     let mut sums = serde_json::Map::new();
-    for (name, bytes) in &files {
+    for (name, bytes) in own.iter().map(|(n, b)| (*n, b)).chain(files.iter().map(|(n, b)| (*n, b))) {
         write_atomic(&tmp.join(name), bytes)?;
         sums.insert(name.to_string(), patchlm_data::shard::sha256_bytes(bytes).into());
     }

@@ -60,6 +60,7 @@ pub mod trainer;
 
 pub use checkpoint::{
     list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint, Checkpoint, TrainState, CHECKSUMS_FILE,
+    RUN_CONFIG_FILE,
 };
 pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};

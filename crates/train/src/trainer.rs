@@ -305,7 +305,15 @@ impl<'a> Trainer<'a> {
         let run_dir = self.run_dir.clone();
         std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
         let fingerprint = self.cfg.fingerprint();
-        let cfg_json = serde_json::to_value(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+        // What each checkpoint holds besides weights, optimizer and state: the run's config and
+        // the files that make it an HF model directory too (`eval --model <checkpoint>`).
+        let (tok, bos, eos) = match &self.tokenizer {
+            Some((j, b, e)) => (Some(j.as_str()), *b, *e),
+            None => (None, None, None),
+        };
+        let mut ck_files = patchlm_model::weights::model_files(&self.cfg.model, tok, bos, eos)?;
+        let run_json = serde_json::to_vec_pretty(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+        ck_files.push((crate::checkpoint::RUN_CONFIG_FILE, run_json));
         let (model, varmap) = init_model(&self.cfg.model, &self.device, self.cfg.seed)?;
         let dtype = parse_dtype(&self.cfg.train.dtype).map_err(|e| TrainError::Config(e.to_string()))?;
         let model = model.with_compute_dtype(dtype);
@@ -569,7 +577,7 @@ impl<'a> Trainer<'a> {
                         &named_tensors(&varmap)?,
                         &opt_tensors,
                         &st,
-                        &cfg_json,
+                        &ck_files,
                         tc.keep_checkpoints,
                     )?;
                 }
@@ -593,10 +601,6 @@ impl<'a> Trainer<'a> {
             last_val = self.evaluate(&model, &val)?;
         }
         let model_dir = run_dir.join("model");
-        let (tok, bos, eos) = match &self.tokenizer {
-            Some((j, b, e)) => (Some(j.as_str()), *b, *e),
-            None => (None, None, None),
-        };
         save_pretrained(&model_dir, &self.cfg.model, &varmap, tok, bos, eos)?;
         let tokens: u64 = self.plans.iter().map(|p| (p.steps * p.tokens_per_step()) as u64).sum();
         let flops = self.plans.iter().map(|p| flops_of((p.steps * p.tokens_per_step()) as f64, p.k)).sum::<f64>();

@@ -250,9 +250,16 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     let cks = list_checkpoints(&run).unwrap();
     assert_eq!(cks.len(), 2);
     // Each checkpoint carries the resolved config; the final model carries the tokenizer.
-    let saved: RunConfig = serde_json::from_str(&std::fs::read_to_string(cks[1].join("config.json")).unwrap()).unwrap();
+    let saved: RunConfig =
+        serde_json::from_str(&std::fs::read_to_string(cks[1].join(RUN_CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(saved, cfg);
     assert!(run.join("model/tokenizer.json").is_file());
+    // A checkpoint is an HF model directory too: the last one (the final step) holds the final
+    // model's files byte for byte, so it loads wherever the model does.
+    assert!(cks[1].ends_with("step-00000012"));
+    for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(std::fs::read(cks[1].join(f)).unwrap(), std::fs::read(run.join("model").join(f)).unwrap(), "{f}");
+    }
     // read_metrics gives the same records, typed; the patch phase's last validation is its end.
     let (st, ev) = patchlm_train::read_metrics(&run.join("metrics.jsonl")).unwrap();
     assert_eq!((st.len(), ev.len()), (12, evals.len()));
