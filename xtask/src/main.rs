@@ -51,6 +51,10 @@ enum Cmd {
         /// JSONL key / Parquet column with the text.
         #[arg(long)]
         text_field: Option<String>,
+        /// What invalid UTF-8 in a text or JSON file does: error (default) or replace (each
+        /// invalid sequence becomes U+FFFD, as Python's errors="replace").
+        #[arg(long, value_parser = ["error", "replace"])]
+        invalid_utf8: Option<String>,
         /// Fraction of documents held out for validation.
         #[arg(long)]
         val_fraction: Option<f64>,
@@ -98,13 +102,16 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Cmd::Data { input, out, tokenizer, vocab_size, text_field, val_fraction, shard_mb } => {
+        Cmd::Data { input, out, tokenizer, vocab_size, text_field, invalid_utf8, val_fraction, shard_mb } => {
             let mut cfg = patchlm_data::DataConfig::default();
             if let Some(v) = vocab_size {
                 cfg.tokenizer.vocab_size = v;
             }
             if let Some(f) = text_field {
                 cfg.source.text_field = f;
+            }
+            if invalid_utf8.as_deref() == Some("replace") {
+                cfg.source.invalid_utf8 = patchlm_data::source::InvalidUtf8::Replace;
             }
             if let Some(f) = val_fraction {
                 cfg.val_fraction = f;
@@ -140,6 +147,15 @@ pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path
     println!("  vocabulary     {}", s.vocab_size);
     if s.skipped_empty > 0 {
         println!("  skipped        {} empty documents", s.skipped_empty);
+    }
+    if s.val_documents == 0 {
+        println!(
+            "  warning        no document fell in the validation split; pretraining needs some: give more, smaller \
+             documents (a text file is one document, cut every data.source.max_doc_bytes) or a larger --val-fraction"
+        );
+    }
+    if s.replaced_invalid_utf8 > 0 {
+        println!("  replaced       {} invalid utf-8 sequences with U+FFFD", s.replaced_invalid_utf8);
     }
     if s.resumed_shards > 0 {
         println!("  kept           {} shards of an earlier build of the same inputs and settings", s.resumed_shards);

@@ -18,7 +18,11 @@ pub enum DataError {
     #[error("{0}: no such file or directory; check the --input path")]
     Missing(PathBuf),
     /// Text that is not valid UTF-8.
-    #[error("{path}: line {line}: invalid utf-8; re-encode the file as utf-8 (e.g. `iconv -f latin1 -t utf-8`)")]
+    #[error(
+        "{path}: line {line}: invalid utf-8; if the file is in another encoding, re-encode it as utf-8 (e.g. `iconv -f \
+         latin1 -t utf-8`); if it is utf-8 with stray bytes, have them replaced with U+FFFD (`--invalid-utf8 replace`, \
+         config: data.source.invalid_utf8 = \"replace\")"
+    )]
     InvalidUtf8 {
         /// The file.
         path: PathBuf,

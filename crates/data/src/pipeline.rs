@@ -76,6 +76,8 @@ pub struct BuildSummary {
     pub bytes: u64,
     /// Empty documents skipped.
     pub skipped_empty: u64,
+    /// Invalid UTF-8 sequences replaced with U+FFFD (with `source.invalid_utf8 = "replace"`).
+    pub replaced_invalid_utf8: u64,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Seconds spent training the tokenizer (0 when loaded).
@@ -482,6 +484,7 @@ fn summary(manifest: &Manifest, tokenizer_secs: f64, resumed_shards: usize, star
         val_tokens,
         bytes: manifest.source.bytes,
         skipped_empty: manifest.source.skipped_empty,
+        replaced_invalid_utf8: manifest.source.replaced_invalid_utf8,
         vocab_size: manifest.vocab_size,
         tokenizer_secs,
         resumed_shards,

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,12 +32,33 @@ pub struct SourceConfig {
     /// Longest document in bytes; longer ones are cut at a line or word boundary
     /// (default [`DEFAULT_MAX_DOC_BYTES`]).
     pub max_doc_bytes: usize,
+    /// What bytes that are not UTF-8 in a text or JSON file do (default: an error naming the
+    /// file and line).
+    pub invalid_utf8: InvalidUtf8,
 }
 
 impl Default for SourceConfig {
     fn default() -> Self {
-        Self { text_field: DEFAULT_TEXT_FIELD.into(), max_doc_bytes: DEFAULT_MAX_DOC_BYTES }
+        Self {
+            text_field: DEFAULT_TEXT_FIELD.into(),
+            max_doc_bytes: DEFAULT_MAX_DOC_BYTES,
+            invalid_utf8: InvalidUtf8::Error,
+        }
     }
+}
+
+/// What invalid UTF-8 in a text or JSON file does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InvalidUtf8 {
+    /// Stop with an error naming the file and line (the default: a file in another encoding is
+    /// better re-encoded than read as replacement characters).
+    #[default]
+    Error,
+    /// Replace each maximal invalid sequence with U+FFFD, as Python's `errors="replace"` and
+    /// `String::from_utf8_lossy` do (for UTF-8 files with a few stray bytes); the count is in
+    /// [`SourceStats::replaced_invalid_utf8`].
+    Replace,
 }
 
 /// The format of one input file, decided by its extension (after stripping a compression suffix,
@@ -54,7 +75,8 @@ pub enum InputKind {
     Parquet,
 }
 
-/// How an input file is compressed as a whole, by its last extension.
+/// How an input file is compressed as a whole, by its last extension (or, for text and JSON
+/// files named without one, by its first bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     /// Not compressed.
@@ -77,8 +99,22 @@ impl Compression {
         (name, Compression::None)
     }
 
+    /// The compression of a file whose name names none, from its first bytes: gzip's or
+    /// Zstandard's magic number (dictd's `.dz` files are gzip, and downloads get renamed). No
+    /// UTF-8 text starts with either, so no text file is mistaken for one.
+    fn sniff(reader: &mut impl BufRead, path: &Path) -> Result<Compression> {
+        let head = reader.fill_buf().map_err(io_err(path))?;
+        Ok(if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        })
+    }
+
     /// The decompressed bytes of `file` (at `path`, for errors).
-    fn reader(self, file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
+    fn reader(self, file: impl Read + Send + 'static, path: &Path) -> Result<Box<dyn Read + Send>> {
         Ok(match self {
             Compression::None => Box::new(file),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
@@ -182,6 +218,9 @@ pub struct SourceStats {
     pub skipped_empty: u64,
     /// Extra documents created by cutting documents longer than the limit.
     pub cut_pieces: u64,
+    /// Invalid UTF-8 sequences replaced with U+FFFD ([`InvalidUtf8::Replace`]).
+    #[serde(default)]
+    pub replaced_invalid_utf8: u64,
 }
 
 /// A streaming iterator over the documents of several inputs, in order.
@@ -191,6 +230,8 @@ pub struct Documents {
     cfg: SourceConfig,
     stats: SourceStats,
     failed: bool,
+    /// Invalid UTF-8 sequences replaced so far, counted by the files' [`LossyUtf8`] readers.
+    replaced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Documents {
@@ -200,7 +241,14 @@ impl Documents {
             return Err(DataError::Config(format!("max_doc_bytes must be at least 64, got {}", cfg.max_doc_bytes)));
         }
         let files = expand_inputs(inputs)?;
-        Ok(Self { files: files.into(), current: None, cfg: cfg.clone(), stats: SourceStats::default(), failed: false })
+        Ok(Self {
+            files: files.into(),
+            current: None,
+            cfg: cfg.clone(),
+            stats: SourceStats::default(),
+            failed: false,
+            replaced: Arc::default(),
+        })
     }
 
     /// What has been read so far.
@@ -214,8 +262,15 @@ impl Documents {
         if kind == InputKind::Parquet {
             return Ok(Box::new(ParquetDocs::open(src, compression, &self.cfg.text_field, self.cfg.max_doc_bytes)?));
         }
-        let file = File::open(path).map_err(io_err(path))?;
-        let reader = without_bom(compression.reader(file, path)?, path)?;
+        let mut file = BufReader::new(File::open(path).map_err(io_err(path))?);
+        let compression = match compression {
+            Compression::None => Compression::sniff(&mut file, path)?,
+            named => named,
+        };
+        let mut reader = without_bom(compression.reader(file, path)?, path)?;
+        if self.cfg.invalid_utf8 == InvalidUtf8::Replace {
+            reader = Box::new(LossyUtf8::new(reader, self.replaced.clone()));
+        }
         let pieces = PieceBuf::new(self.cfg.max_doc_bytes);
         Ok(match kind {
             InputKind::Text => Box::new(TextDocs { src, reader, pieces, eof: false, piece_no: 0, line: 1 }),
@@ -259,7 +314,11 @@ impl Iterator for Documents {
                     self.stats.bytes += piece.text.len() as u64;
                     return Some(Ok(Document { source: cur.source(), position: piece.position, text: piece.text }));
                 }
-                Ok(None) => self.current = None,
+                Ok(None) => {
+                    // A file is done: its replacements are all counted.
+                    self.current = None;
+                    self.stats.replaced_invalid_utf8 = self.replaced.load(std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(e) => {
                     self.failed = true;
                     return Some(Err(e));
@@ -347,6 +406,83 @@ fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn 
     }
     let skip = if head.starts_with(&[0xEF, 0xBB, 0xBF]) { 3 } else { 0 };
     Ok(Box::new(std::io::Cursor::new(head[skip..].to_vec()).chain(reader)))
+}
+
+/// A byte stream made valid UTF-8 on the way: each maximal invalid sequence becomes U+FFFD
+/// (counted in `replaced`), as `String::from_utf8_lossy` would turn the whole stream; a
+/// sequence split between two reads is completed by the next one, not replaced.
+struct LossyUtf8 {
+    inner: Box<dyn Read + Send>,
+    /// Valid bytes ready to hand out, from `at` on.
+    out: Vec<u8>,
+    at: usize,
+    /// The start of a sequence that the next read may complete.
+    carry: Vec<u8>,
+    replaced: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LossyUtf8 {
+    fn new(inner: Box<dyn Read + Send>, replaced: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { inner, out: Vec::new(), at: 0, carry: Vec::new(), replaced }
+    }
+
+    /// Decodes `carry` + the next read into `out`; false at the end of the stream.
+    fn refill(&mut self) -> std::io::Result<bool> {
+        let mut buf = std::mem::take(&mut self.carry);
+        let had = buf.len();
+        buf.resize(had + BLOCK, 0);
+        let n = loop {
+            match self.inner.read(&mut buf[had..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        buf.truncate(had + n);
+        self.out.clear();
+        self.at = 0;
+        let mut rest = &buf[..];
+        let mut replaced = 0;
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(_) => {
+                    self.out.extend_from_slice(rest);
+                    break;
+                }
+                Err(e) => {
+                    let (good, bad) = rest.split_at(e.valid_up_to());
+                    self.out.extend_from_slice(good);
+                    match e.error_len() {
+                        // Cut short by the end of this read: the next one may complete it.
+                        None if n > 0 => {
+                            self.carry = bad.to_vec();
+                            break;
+                        }
+                        len => {
+                            self.out.extend_from_slice("\u{FFFD}".as_bytes());
+                            replaced += 1;
+                            rest = &bad[len.unwrap_or(bad.len())..];
+                        }
+                    }
+                }
+            }
+        }
+        self.replaced.fetch_add(replaced, std::sync::atomic::Ordering::Relaxed);
+        Ok(n > 0 || !self.out.is_empty())
+    }
+}
+
+impl Read for LossyUtf8 {
+    fn read(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.out.len() {
+            if !self.refill()? {
+                return Ok(0);
+            }
+        }
+        let n = dst.len().min(self.out.len() - self.at);
+        dst[..n].copy_from_slice(&self.out[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 fn utf8(bytes: Vec<u8>, path: &Path, first_line: u64) -> Result<String> {
@@ -897,5 +1033,56 @@ impl FileDocs for ParquetDocs {
 
     fn source(&self) -> Arc<Path> {
         self.src.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out its bytes a few at a time (1 to 7), so multi-byte sequences split across reads.
+    struct Trickle(Vec<u8>, usize, u64);
+    impl Read for Trickle {
+        fn read(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
+            self.2 = self.2.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let n = (1 + (self.2 >> 61) as usize).min(dst.len()).min(self.0.len() - self.1);
+            dst[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+
+    /// The stream decodes as `String::from_utf8_lossy` decodes the whole (each maximal invalid
+    /// sequence one U+FFFD, as Python's errors="replace"), however the reads split it.
+    #[test]
+    fn lossy_utf8_matches_from_utf8_lossy_across_split_reads() {
+        let pieces: [&[u8]; 9] = [
+            "plain ascii ".as_bytes(),
+            "é 日本 😀 ".as_bytes(),
+            b"\x92",             // a cp1252 quote: one replacement
+            b"\xe6\x97",         // a 3-byte sequence cut short: one
+            b"\xf0\x9f\x98\x80", // a whole emoji
+            b"\xc0\xaf",         // an overlong encoding: two
+            b"\xed\xa0\x80",     // a surrogate: three
+            b"\n",
+            b"\xf0\x9f", // cut short by the end of the stream: one
+        ];
+        let mut rng = 1u64;
+        for seed in 0..200u64 {
+            let mut bytes = Vec::new();
+            for _ in 0..20 {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(seed | 1);
+                bytes.extend_from_slice(pieces[(rng >> 33) as usize % pieces.len()]);
+            }
+            if seed % 2 == 0 {
+                bytes.extend_from_slice(pieces[8]);
+            }
+            let want = String::from_utf8_lossy(&bytes).into_owned();
+            let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut got = String::new();
+            LossyUtf8::new(Box::new(Trickle(bytes, 0, seed)), count.clone()).read_to_string(&mut got).unwrap();
+            assert_eq!(got, want, "seed {seed}");
+            assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed) as usize, want.matches('\u{FFFD}').count());
+        }
     }
 }

@@ -120,6 +120,16 @@ fn every_source_type_reads_the_same_documents() {
     let mut expect = docs.clone();
     expect.push("markdown doc".into());
     assert_eq!(got, expect);
+
+    // Compressed files whose names do not say so (dictd's .dz is gzip) are known by their
+    // first bytes; a tiny plain file is read as it is.
+    let other = tempfile::tempdir().unwrap();
+    let o = other.path();
+    write(&o.join("gcide.dict.dz"), &gz(docs[0].as_bytes()));
+    write(&o.join("renamed.jsonl"), &zst(&[&jsonl(&docs[1..3], "text")]));
+    write(&o.join("x"), b"x");
+    let got = docs_of(&[o.join("gcide.dict.dz"), o.join("renamed.jsonl"), o.join("x")], &cfg).unwrap();
+    assert_eq!(got, [&docs[..3], &["x".to_string()]].concat());
 }
 
 #[test]
@@ -218,6 +228,17 @@ fn bad_inputs_give_clear_errors() {
         let e = docs_of(&[d.join(name)], &cfg).unwrap_err().to_string();
         assert!(e.contains(name) && e.contains(enc) && e.contains("iconv"), "{e}");
     }
+    // Stray bytes in UTF-8 text (a cp1252 quote in a text file, a cut sequence in a JSONL
+    // string): an error naming file and line by default, or U+FFFD, counted, when asked.
+    write(&d.join("stray.txt"), b"fine\nthe market\x92s drop\n");
+    write(&d.join("stray.jsonl"), b"{\"text\": \"ok\"}\n{\"text\": \"caf\xc3\"}\n");
+    let e = docs_of(&[d.join("stray.txt")], &cfg).unwrap_err().to_string();
+    assert!(e.contains("stray.txt: line 2: invalid utf-8") && e.contains("--invalid-utf8 replace"), "{e}");
+    let lossy = SourceConfig { invalid_utf8: patchlm_data::source::InvalidUtf8::Replace, ..cfg.clone() };
+    let mut docs = Documents::open(&[d.join("stray.txt"), d.join("stray.jsonl")], &lossy).unwrap();
+    let got: Vec<String> = docs.by_ref().map(|r| r.unwrap().text).collect();
+    assert_eq!(got, ["fine\nthe market\u{FFFD}s drop\n", "ok", "caf\u{FFFD}"]);
+    assert_eq!(docs.stats().replaced_invalid_utf8, 2);
     // An --out that is not a data build's directory is refused before anything is written or
     // removed there; an earlier build's directory (leftover temp files included) is not.
     write(&d.join("in.txt"), b"some text");
