@@ -51,6 +51,11 @@ enum Cmd {
         /// JSONL key / Parquet column with the text.
         #[arg(long)]
         text_field: Option<String>,
+        /// What one document of a plain text file is: document (the whole file, the default),
+        /// paragraph (text between blank lines) or line, as the `sample_by` of Hugging Face
+        /// `datasets`' text loader.
+        #[arg(long, value_parser = ["document", "paragraph", "line"])]
+        sample_by: Option<String>,
         /// What invalid UTF-8 in a text or JSON file does: error (default) or replace (each
         /// invalid sequence becomes U+FFFD, as Python's errors="replace").
         #[arg(long, value_parser = ["error", "replace"])]
@@ -102,7 +107,17 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Cmd::Data { input, out, tokenizer, vocab_size, text_field, invalid_utf8, val_fraction, shard_mb } => {
+        Cmd::Data {
+            input,
+            out,
+            tokenizer,
+            vocab_size,
+            text_field,
+            sample_by,
+            invalid_utf8,
+            val_fraction,
+            shard_mb,
+        } => {
             let mut cfg = patchlm_data::DataConfig::default();
             if let Some(v) = vocab_size {
                 cfg.tokenizer.vocab_size = v;
@@ -110,6 +125,12 @@ fn main() -> Result<()> {
             if let Some(f) = text_field {
                 cfg.source.text_field = f;
             }
+            use patchlm_data::source::SampleBy;
+            cfg.source.sample_by = match sample_by.as_deref() {
+                Some("paragraph") => SampleBy::Paragraph,
+                Some("line") => SampleBy::Line,
+                _ => SampleBy::Document,
+            };
             if invalid_utf8.as_deref() == Some("replace") {
                 cfg.source.invalid_utf8 = patchlm_data::source::InvalidUtf8::Replace;
             }
@@ -151,7 +172,8 @@ pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path
     if s.val_documents == 0 {
         println!(
             "  warning        no document fell in the validation split; pretraining needs some: give more, smaller \
-             documents (a text file is one document, cut every data.source.max_doc_bytes) or a larger --val-fraction"
+             documents (a text file is one document unless --sample-by, data.source.sample_by, says paragraph or line) or a \
+             larger --val-fraction (data.val_fraction)"
         );
     }
     if s.replaced_invalid_utf8 > 0 {

@@ -35,6 +35,9 @@ pub struct SourceConfig {
     /// What bytes that are not UTF-8 in a text or JSON file do (default: an error naming the
     /// file and line).
     pub invalid_utf8: InvalidUtf8,
+    /// What one document of a plain text file is (default: the whole file), as the `sample_by`
+    /// of Hugging Face `datasets`' text loader.
+    pub sample_by: SampleBy,
 }
 
 impl Default for SourceConfig {
@@ -43,8 +46,23 @@ impl Default for SourceConfig {
             text_field: DEFAULT_TEXT_FIELD.into(),
             max_doc_bytes: DEFAULT_MAX_DOC_BYTES,
             invalid_utf8: InvalidUtf8::Error,
+            sample_by: SampleBy::Document,
         }
     }
+}
+
+/// What one document of a plain text file is (JSONL and Parquet files have records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleBy {
+    /// The whole file (cut every `max_doc_bytes`): books, articles, one work a file.
+    #[default]
+    Document,
+    /// Each run of lines between blank lines (one corpus file of many texts, nanoGPT's
+    /// `input.txt`); the blank lines are not part of any document.
+    Paragraph,
+    /// Each line, without its line break (one text a line).
+    Line,
 }
 
 /// What invalid UTF-8 in a text or JSON file does.
@@ -273,7 +291,16 @@ impl Documents {
         }
         let pieces = PieceBuf::new(self.cfg.max_doc_bytes);
         Ok(match kind {
-            InputKind::Text => Box::new(TextDocs { src, reader, pieces, eof: false, piece_no: 0, line: 1 }),
+            InputKind::Text => Box::new(TextDocs {
+                src,
+                reader,
+                pieces,
+                eof: false,
+                piece_no: 0,
+                line: 1,
+                sample_by: self.cfg.sample_by,
+                scanned: 0,
+            }),
             _ => Box::new(JsonlDocs::new(src, reader, pieces, self.cfg.text_field.clone())),
         })
     }
@@ -500,30 +527,92 @@ struct TextDocs {
     eof: bool,
     piece_no: u64,
     line: u64,
+    sample_by: SampleBy,
+    /// Bytes of `pieces.buf` already searched for a document's end.
+    scanned: usize,
 }
 
 impl TextDocs {
+    /// `bytes` as the next document, then `sep` bytes of separator dropped from the buffer.
     fn emit(&mut self, bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
         let first_line = self.line;
         self.line += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
         self.piece_no += 1;
+        self.scanned = 0;
         let text = utf8(bytes, &self.src, first_line)?;
-        Ok(Some(Piece { text, position: self.piece_no, cut }))
+        // Documents of a whole file are numbered; lines and paragraphs go by their first line.
+        let position = if self.sample_by == SampleBy::Document { self.piece_no } else { first_line };
+        Ok(Some(Piece { text, position, cut }))
+    }
+
+    /// With lines or paragraphs as documents, where the first one in the buffer ends and how
+    /// long its separator is (a line break; a blank line, `\r\n` too).
+    fn find_end(&mut self) -> Option<(usize, usize)> {
+        let buf = &self.pieces.buf;
+        let cr_before = |i: usize| usize::from(i > 0 && buf[i - 1] == b'\r');
+        let mut i = self.scanned;
+        let (found, scanned) = match self.sample_by {
+            SampleBy::Document => (None, buf.len()),
+            SampleBy::Line => match buf[i..].iter().position(|&b| b == b'\n') {
+                Some(j) => (Some((i + j - cr_before(i + j), 1 + cr_before(i + j))), 0),
+                None => (None, buf.len()),
+            },
+            SampleBy::Paragraph => loop {
+                let Some(j) = buf[i..].iter().position(|&b| b == b'\n') else { break (None, buf.len()) };
+                i += j;
+                match &buf[i + 1..] {
+                    [b'\n', ..] => break (Some((i - cr_before(i), 2 + cr_before(i))), 0),
+                    [b'\r', b'\n', ..] => break (Some((i - cr_before(i), 3 + cr_before(i))), 0),
+                    // Too few bytes yet to tell: look here again after the next read.
+                    [] | [b'\r'] => break (None, i),
+                    _ => i += 1,
+                }
+            },
+        };
+        self.scanned = scanned;
+        found
+    }
+
+    /// Drops the line breaks before a paragraph (the blank lines between paragraphs).
+    fn skip_blank_lines(&mut self) {
+        if self.sample_by != SampleBy::Paragraph {
+            return;
+        }
+        let n = self.pieces.buf.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
+        self.line += self.pieces.buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        self.pieces.buf.drain(..n);
+        self.scanned = 0;
     }
 }
 
 impl FileDocs for TextDocs {
     fn next_piece(&mut self) -> Result<Option<Piece>> {
         loop {
+            self.skip_blank_lines();
+            if let Some((end, sep)) = self.find_end() {
+                let rest = self.pieces.buf.split_off(end + sep);
+                let mut doc = std::mem::replace(&mut self.pieces.buf, rest);
+                doc.truncate(end);
+                let piece = self.emit(doc, false);
+                self.line += 1 + u64::from(self.sample_by == SampleBy::Paragraph);
+                return piece;
+            }
             if let Some(p) = self.pieces.take_full() {
                 return self.emit(p, true);
             }
             if self.eof {
-                let rest = self.pieces.take_rest();
+                let mut rest = self.pieces.take_rest();
                 // After the last piece, stop; an empty file yields one empty document so that it
                 // is counted as skipped.
                 if rest.is_empty() && self.piece_no > 0 {
                     return Ok(None);
+                }
+                // The last line or paragraph ends at the end of the file, its line break too.
+                if self.sample_by != SampleBy::Document && rest.ends_with(b"\n") {
+                    rest.pop();
+                    if rest.ends_with(b"\r") {
+                        rest.pop();
+                    }
                 }
                 return self.emit(rest, false);
             }

@@ -132,6 +132,39 @@ fn every_source_type_reads_the_same_documents() {
     assert_eq!(got, [&docs[..3], &["x".to_string()]].concat());
 }
 
+/// A text file as one document, a document a line, or a document a paragraph (HF `datasets`'
+/// `sample_by`), line breaks \n or \r\n, separators split between reads, no trailing break.
+#[test]
+fn text_files_sample_by_document_line_or_paragraph() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.txt");
+    let body = "\n\nFirst para,\nline two.\r\n\r\nSecond\n\n\n\nThird one\r\nends\n";
+    write(&p, body.as_bytes());
+    let read = |sample_by| {
+        let cfg = SourceConfig { sample_by, ..Default::default() };
+        let mut docs = Documents::open(&[&p], &cfg).unwrap();
+        let got: Vec<(u64, String)> = docs.by_ref().map(|d| d.unwrap()).map(|d| (d.position, d.text)).collect();
+        (got, docs.stats().skipped_empty)
+    };
+    use patchlm_data::source::SampleBy;
+    assert_eq!(read(SampleBy::Document), (vec![(1, body.to_string())], 0));
+    let (paras, skipped) = read(SampleBy::Paragraph);
+    let want = [(3, "First para,\nline two."), (6, "Second"), (10, "Third one\r\nends")];
+    assert_eq!(paras, want.map(|(l, t)| (l, t.to_string())));
+    assert_eq!(skipped, 0);
+    let (lines, skipped) = read(SampleBy::Line);
+    let want = [(3, "First para,"), (4, "line two."), (6, "Second"), (10, "Third one"), (11, "ends")];
+    assert_eq!(lines, want.map(|(l, t)| (l, t.to_string())));
+    assert_eq!(skipped, 6);
+    // Long inputs: reads of 64 KiB split separators anywhere; every paragraph comes back whole.
+    let paras: Vec<String> = (0..4000).map(|i| format!("paragraph {i}\r\n{}.", "word ".repeat(i % 40))).collect();
+    for sep in ["\n\n", "\r\n\r\n", "\n\n\n"] {
+        write(&p, paras.join(sep).as_bytes());
+        let (got, _) = read(SampleBy::Paragraph);
+        assert_eq!(got.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), paras, "{sep:?}");
+    }
+}
+
 #[test]
 fn jsonl_escapes_custom_field_nulls_and_empty_lines() {
     let dir = tempfile::tempdir().unwrap();

@@ -266,7 +266,9 @@ pub fn build_patch_datasets(
     let vblocks = (val.len() / tlen as u64).min(data.max_val_blocks as u64);
     if vblocks == 0 {
         return Err(PatchError::TooSmall(format!(
-            "the validation split's {} tokens do not fill one block of {tlen} tokens; raise --val-fraction or shorten the context",
+            "the validation split's {} tokens do not fill one block of {tlen} tokens; hold out more (--val-fraction, \
+             data.val_fraction), cut few long documents into more (a text file is one document unless --sample-by, \
+             data.source.sample_by, says paragraph or line) or shorten the context",
             val.len()
         )));
     }
