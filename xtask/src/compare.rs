@@ -169,8 +169,9 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let mut summaries: Vec<RunSummary> = Vec::new();
     for i in 0..n {
         if let Some(m) = specs[i].matches {
+            // The budget counts tokens over every pass; max_tokens caps the data each pass reads.
             let budget = specs[m].cfg.patch.equal_compute_tokens(summaries[m].tokens);
-            specs[i].cfg.blocks.max_tokens = budget;
+            specs[i].cfg.blocks.max_tokens = budget.div_ceil(specs[i].cfg.blocks.epochs.max(1) as u64);
         }
         let s = run_one(&specs[i], i, n, &a, &inputs, &runs_dir)?;
         summaries.push(s);

@@ -257,6 +257,19 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     assert!(d.join("cmp/runs/patch-k2-l0.667/summary.json").is_file());
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
     assert!(md.contains("| patch K=2 λ=0.667 | 2 |") && !md.contains("continuation acc"), "{md}");
+    // Two passes over the data: the equal-compute baseline makes two passes over half of it.
+    let (ok, out) = xtask(
+        &[&base[..7], &["--out", "cmp2", "--set", "blocks.epochs=2", "--continuation-examples", "0"]].concat(),
+        d,
+    );
+    assert!(ok, "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("cmp2/report.json")).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    let tokens2 = |i: usize| runs[i]["tokens"].as_f64().unwrap();
+    assert!((tokens2(0) / tokens(0) - 2.0).abs() < 0.05, "{} vs {}", tokens2(0), tokens(0));
+    assert!((tokens2(2) / tokens2(0) - 0.5).abs() < 0.05, "{} vs {}", tokens2(2), tokens2(0));
+    assert!((runs[2]["cost"].as_f64().unwrap() - runs[1]["cost"].as_f64().unwrap()).abs() < 0.05);
     // Bad sweep values fail before any training.
     let (ok, out) = xtask(&with(&["--lambda", "1.2"]), d);
     assert!(!ok && out.contains("--lambda 1.2"), "{out}");
