@@ -1,7 +1,8 @@
 //! # patchlm-data: text in, tokenized Arrow shards out
 //!
-//! The data stage of patchlm, usable on its own: stream text from plain files, directories,
-//! JSONL or Parquet (optionally gzip-compressed) with bounded memory; train a byte-level BPE
+//! The data stage of patchlm, usable on its own: stream text from plain files (a document each,
+//! or one a paragraph or line), directories, JSONL, JSON arrays or Parquet (gzip- or
+//! zstd-compressed too) with bounded memory; train a byte-level BPE
 //! tokenizer or load any HF `tokenizer.json`; tokenize on all cores; write Arrow IPC shards (one
 //! row per document, a `tokens` list column of UInt16 or UInt32) with a deterministic hash-based
 //! train/validation split and a `manifest.json` of checksums; read them back memory-mapped and
