@@ -116,6 +116,19 @@ pub struct Checkpoint {
     pub optimizer: HashMap<String, Tensor>,
     /// Where the run stood.
     pub state: TrainState,
+    /// The config of the run that wrote it ([`RUN_CONFIG_FILE`]; older checkpoints kept it as
+    /// `config.json`), when it reads as one.
+    pub config: Option<crate::config::RunConfig>,
+}
+
+impl Checkpoint {
+    /// The fingerprint of the config that wrote it, computed by this version
+    /// ([`crate::RunConfig::fingerprint`]) from its stored config: settings added since it was
+    /// written take their defaults, so the run still resumes. Falls back to the fingerprint in
+    /// `state.json` when no config can be read.
+    pub fn config_fingerprint(&self) -> String {
+        self.config.as_ref().map_or_else(|| self.state.config_fingerprint.clone(), |c| c.fingerprint())
+    }
 }
 
 /// Checks every file [`CHECKSUMS_FILE`] names against its sha256 (checkpoints written before
@@ -151,10 +164,14 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let text = std::fs::read_to_string(path.join("state.json")).map_err(|e| cerr(format!("state.json: {e}")))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| cerr(format!("state.json: {e}")))?;
     let load = |f: &str| candle_core::safetensors::load(path.join(f), device).map_err(|e| cerr(format!("{f}: {e}")));
+    let config = [RUN_CONFIG_FILE, "config.json"]
+        .iter()
+        .find_map(|f| serde_json::from_slice(&std::fs::read(path.join(f)).ok()?).ok());
     Ok(Checkpoint {
         path: path.to_path_buf(),
         model: load("model.safetensors")?,
         optimizer: load("optimizer.safetensors")?,
         state,
+        config,
     })
 }

@@ -337,7 +337,7 @@ impl<'a> Trainer<'a> {
         let metrics_path = run_dir.join("metrics.jsonl");
         if resume {
             if let Some(ck) = newest_loadable_checkpoint(&run_dir, &self.device)? {
-                if ck.state.config_fingerprint != fingerprint {
+                if ck.config_fingerprint() != fingerprint {
                     return Err(TrainError::Checkpoint {
                         path: ck.path,
                         msg: "was written by a run with a different config; resume with the same config, or start a fresh --out".into(),

@@ -369,6 +369,23 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     other.train.lr = 1e-3;
     let e = Trainer::new(other, &pdir, &run, Device::Cpu).unwrap().run(true).unwrap_err().to_string();
     assert!(e.contains("different config"), "{e}");
+    // A checkpoint written before a setting existed (its stored config lacks the key, its
+    // state's fingerprint was computed without it) resumes: the stored config is fingerprinted
+    // again with the new setting at its default.
+    let ck = list_checkpoints(&run).unwrap().pop().unwrap();
+    let mut stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join(RUN_CONFIG_FILE)).unwrap()).unwrap();
+    stored["data"]["source"].as_object_mut().unwrap().remove("sample_by").unwrap();
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(ck.join("state.json")).unwrap()).unwrap();
+    state["config_fingerprint"] = "sha256:written-by-an-older-version".into();
+    let mut sums: serde_json::Value = serde_json::from_slice(&std::fs::read(ck.join(CHECKSUMS_FILE)).unwrap()).unwrap();
+    for (f, v) in [(RUN_CONFIG_FILE, &stored), ("state.json", &state)] {
+        let bytes = serde_json::to_vec_pretty(v).unwrap();
+        sums[f] = patchlm_data::shard::sha256_bytes(&bytes).into();
+        std::fs::write(ck.join(f), bytes).unwrap();
+    }
+    std::fs::write(ck.join(CHECKSUMS_FILE), serde_json::to_vec_pretty(&sums).unwrap()).unwrap();
+    Trainer::new(c.clone(), &pdir, &run, Device::Cpu).unwrap().run(true).unwrap();
     // An absurd learning rate blows up; the error says so and good checkpoints remain.
     let run2 = dir.path().join("nan");
     let mut c = cfg.clone();
