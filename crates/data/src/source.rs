@@ -533,7 +533,8 @@ struct TextDocs {
 }
 
 impl TextDocs {
-    /// `bytes` as the next document, then `sep` bytes of separator dropped from the buffer.
+    /// `bytes` as the next document (numbered, or placed by its first line), the line count
+    /// moved past it.
     fn emit(&mut self, bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
         let first_line = self.line;
         self.line += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
@@ -579,9 +580,11 @@ impl TextDocs {
             return;
         }
         let n = self.pieces.buf.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
-        self.line += self.pieces.buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-        self.pieces.buf.drain(..n);
-        self.scanned = 0;
+        if n > 0 {
+            self.line += self.pieces.buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+            self.pieces.buf.drain(..n);
+            self.scanned = 0;
+        }
     }
 }
 
