@@ -1,0 +1,112 @@
+"""Outside-in check of zero-shot scoring: lm-evaluation-harness itself (its `hf` model on the
+model directory, its own task YAMLs and preprocessing for ARC, PIQA, HellaSwag and WinoGrande,
+pointed at local Parquet files) against `cargo xtask eval --task` on the same files. The tasks
+are made from a JSONL corpus's lines (each line cut in two: the first half is the question, its
+own second half the right answer, other lines' second halves the wrong ones), so any text works
+and nothing is downloaded. acc and acc_norm must be equal, task by task.
+    python3 scripts/lm_eval_check.py --model runs/pretrain/model --text data/corpus/corpus.jsonl
+Needs lm-eval (with accelerate), torch, transformers, pyarrow; a release build of xtask."""
+import argparse, json, os, random, re, shutil, subprocess, tempfile
+import pyarrow as pa
+import pyarrow.parquet as pq
+import lm_eval
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", required=True)
+ap.add_argument("--text", required=True, help="JSONL with a text field")
+ap.add_argument("--xtask", default="target/release/xtask")
+ap.add_argument("--n", type=int, default=150, help="records per task")
+ap.add_argument("--seed", type=int, default=5)
+a = ap.parse_args()
+
+rng = random.Random(a.seed)
+lines = [s.strip() for l in open(a.text, encoding="utf-8") for s in json.loads(l)["text"].split("\n")]
+lines = [s for s in lines if 40 <= len(s) <= 110 and s.count(" ") >= 3]
+rng.shuffle(lines)
+it = iter(lines)
+
+
+def halves(s):
+    w = s.split(" ")
+    return " ".join(w[: len(w) // 2]), " ".join(w[len(w) // 2 :])
+
+
+def group(n):
+    """n lines cut in halves: the first line's first half and every line's second half."""
+    hs = [halves(next(it)) for _ in range(n)]
+    order = list(range(n))
+    rng.shuffle(order)
+    return hs[0][0], [hs[j][1] for j in order], order.index(0)
+
+
+def arc(i):
+    q, ch, gold = group(4)
+    return {"id": f"a{i}", "question": q, "choices": {"text": ch, "label": list("ABCD")}, "answerKey": "ABCD"[gold]}
+
+
+def piqa(i):
+    q, ch, gold = group(2)
+    return {"goal": q, "sol1": ch[0], "sol2": ch[1], "label": gold}
+
+
+def hellaswag(i):
+    q, ch, gold = group(4)
+    w = q.split(" ")
+    ctx_a, ctx_b = " ".join(w[: len(w) // 2]), " ".join(w[len(w) // 2 :])
+    if i % 5 == 0:  # WikiHow's markers, which lm-eval's preprocessing removes
+        ctx_a += " [title]"
+        ch = [c + " [step]" for c in ch]
+    return {"ind": i, "activity_label": f"Verse {i % 7}", "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": f"{ctx_a} {ctx_b}",
+            "endings": ch, "label": str(gold), "split": "val", "split_type": "indomain", "source_id": f"s{i}"}
+
+
+def winogrande(i):
+    s = next(it)
+    w = s.split(" ")
+    j = 1 + rng.randrange(len(w) - 2)
+    other = rng.choice(next(it).split(" "))
+    gold = rng.randrange(2)
+    opts = [w[j], other] if gold == 0 else [other, w[j]]
+    return {"sentence": " ".join(w[:j] + ["_"] + w[j + 1 :]), "option1": opts[0], "option2": opts[1],
+            "answer": str(gold + 1)}
+
+
+TASKS = {"arc": ("arc/arc_easy.yaml", arc), "piqa": ("piqa/piqa.yaml", piqa),
+         "hellaswag": ("hellaswag/hellaswag.yaml", hellaswag), "winogrande": ("winogrande/default.yaml", winogrande)}
+lm_tasks = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
+work = tempfile.mkdtemp(prefix="lm_eval_check.")
+for name, (yaml_rel, make) in TASKS.items():
+    path = os.path.join(work, f"{name}.parquet")
+    pq.write_table(pa.Table.from_pylist([make(i) for i in range(a.n)]), path)
+    # lm-eval's own YAML and helper modules, with the dataset swapped for the local file.
+    src = os.path.join(lm_tasks, os.path.dirname(yaml_rel))
+    dst = os.path.join(work, "lm", name)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.yaml", "__pycache__"))
+    y = open(os.path.join(lm_tasks, yaml_rel)).read()
+    y = re.sub(r"(?m)^(tag|task|dataset_path|dataset_name|training_split|validation_split|test_split):.*\n(  - .*\n)*", "", y)
+    y = f"task: check_{name}\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n" + y
+    open(os.path.join(dst, f"check_{name}.yaml"), "w").write(y)
+
+env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={os.path.abspath(a.model)},dtype=float32",
+                "--tasks", ",".join(f"check_{n}" for n in TASKS), "--include_path", os.path.join(work, "lm"),
+                "--device", "cpu", "--batch_size", "16", "--output_path", os.path.join(work, "out")],
+               check=True, env=env, capture_output=True)
+(result,) = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(work, "out")) for f in fs if f.startswith("results")]
+theirs = json.load(open(result))["results"]
+ours_json = os.path.join(work, "ours.json")
+subprocess.run([a.xtask, "eval", "--model", a.model, "--json", ours_json]
+               + [x for n in TASKS for x in ("--task", os.path.join(work, f"{n}.parquet"))], check=True,
+               capture_output=True, env=dict(os.environ, RUST_BACKTRACE="0"))
+ours = {t["task"]: t for t in json.load(open(ours_json))["tasks"]}
+print(f"{'task':<12}{'n':>5}{'lm-eval acc':>13}{'patchlm acc':>13}{'lm-eval norm':>14}{'patchlm norm':>14}")
+ok = True
+for n in TASKS:
+    t, o = theirs[f"check_{n}"], ours[n]
+    norm_t, norm_o = t.get("acc_norm,none"), o.get("acc_norm") if "acc_norm,none" in t else None
+    print(f"{n:<12}{o['n']:>5}{t['acc,none']:>13.4f}{o['acc']:>13.4f}"
+          + (f"{norm_t:>14.4f}{norm_o:>14.4f}" if norm_t is not None else ""))
+    ok &= o["n"] == a.n and abs(t["acc,none"] - o["acc"]) < 1e-9 and (norm_t is None or abs(norm_t - norm_o) < 1e-9)
+shutil.rmtree(work)
+assert ok, "lm-eval and patchlm disagree"
+print("OK")
