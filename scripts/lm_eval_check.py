@@ -1,9 +1,10 @@
 """Outside-in check of zero-shot scoring: lm-evaluation-harness itself (its `hf` model on the
-model directory, its own task YAMLs and preprocessing for ARC, PIQA, HellaSwag and WinoGrande,
+model directory, its own task YAMLs and preprocessing for ARC, PIQA, HellaSwag, WinoGrande and MMLU,
 pointed at local Parquet files) against `cargo xtask eval --task` on the same files. The tasks
 are made from a JSONL corpus's lines (each line cut in two: the first half is the question, its
 own second half the right answer, other lines' second halves the wrong ones), so any text works
-and nothing is downloaded. acc and acc_norm must be equal, task by task.
+and nothing is downloaded. MMLU too, as its astronomy subject (the description line, lettered
+options). acc and acc_norm must be equal, task by task.
     python3 scripts/lm_eval_check.py --model runs/pretrain/model --text data/corpus/corpus.jsonl
 Needs lm-eval (with accelerate), torch, transformers, pyarrow; a release build of xtask."""
 import argparse, json, os, random, re, shutil, subprocess, tempfile
@@ -60,6 +61,11 @@ def hellaswag(i):
             "endings": ch, "label": str(gold), "split": "val", "split_type": "indomain", "source_id": f"s{i}"}
 
 
+def mmlu(i):
+    q, ch, gold = group(4)
+    return {"question": q, "subject": "astronomy", "choices": ch, "answer": gold}
+
+
 def winogrande(i):
     s = next(it)
     w = s.split(" ")
@@ -72,7 +78,8 @@ def winogrande(i):
 
 
 TASKS = {"arc": ("arc/arc_easy.yaml", arc), "piqa": ("piqa/piqa.yaml", piqa),
-         "hellaswag": ("hellaswag/hellaswag.yaml", hellaswag), "winogrande": ("winogrande/default.yaml", winogrande)}
+         "hellaswag": ("hellaswag/hellaswag.yaml", hellaswag), "winogrande": ("winogrande/default.yaml", winogrande),
+         "mmlu": ("mmlu/default/mmlu_astronomy.yaml", mmlu)}
 lm_tasks = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
 work = tempfile.mkdtemp(prefix="lm_eval_check.")
 for name, (yaml_rel, make) in TASKS.items():
@@ -83,21 +90,31 @@ for name, (yaml_rel, make) in TASKS.items():
     dst = os.path.join(work, "lm", name)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.yaml", "__pycache__"))
     y = open(os.path.join(lm_tasks, yaml_rel)).read()
+    if name == "mmlu":  # a subject's YAML: its description line, the template it includes
+        shutil.copy(os.path.join(src, "_default_template_yaml"), dst)
+        y = re.sub(r'(?m)^"(tag|task|task_alias|dataset_name)":.*\n', "", y)
     y = re.sub(r"(?m)^(tag|task|dataset_path|dataset_name|training_split|validation_split|test_split):.*\n(  - .*\n)*", "", y)
-    y = f"task: check_{name}\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n" + y
+    y = f"task: check_{name}\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: {path}\n    dev: {path}\ntest_split: test\n" + y
     open(os.path.join(dst, f"check_{name}.yaml"), "w").write(y)
 
 env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={os.path.abspath(a.model)},dtype=float32",
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+
+
+run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={os.path.abspath(a.model)},dtype=float32",
                 "--tasks", ",".join(f"check_{n}" for n in TASKS), "--include_path", os.path.join(work, "lm"),
                 "--device", "cpu", "--batch_size", "16", "--output_path", os.path.join(work, "out")],
-               check=True, env=env, capture_output=True)
+    env=env)
 (result,) = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(work, "out")) for f in fs if f.startswith("results")]
 theirs = json.load(open(result))["results"]
 ours_json = os.path.join(work, "ours.json")
-subprocess.run([a.xtask, "eval", "--model", a.model, "--json", ours_json]
-               + [x for n in TASKS for x in ("--task", os.path.join(work, f"{n}.parquet"))], check=True,
-               capture_output=True, env=dict(os.environ, RUST_BACKTRACE="0"))
+run([a.xtask, "eval", "--model", a.model, "--json", ours_json]
+    + [x for n in TASKS for x in ("--task", os.path.join(work, f"{n}.parquet"))], env=dict(os.environ, RUST_BACKTRACE="0"))
 ours = {t["task"]: t for t in json.load(open(ours_json))["tasks"]}
 print(f"{'task':<12}{'n':>5}{'lm-eval acc':>13}{'patchlm acc':>13}{'lm-eval norm':>14}{'patchlm norm':>14}")
 ok = True
