@@ -4,7 +4,11 @@ pointed at local Parquet files) against `cargo xtask eval --task` on the same fi
 are made from a JSONL corpus's lines (each line cut in two: the first half is the question, its
 own second half the right answer, other lines' second halves the wrong ones), so any text works
 and nothing is downloaded. MMLU too, as its astronomy subject (the description line, lettered
-options). acc and acc_norm must be equal, task by task.
+options). And perplexity: lm-eval's WikiText task (its `loglikelihood_rolling` and its word and
+byte counts) on whole documents of the corpus against `cargo xtask eval --text`: bits per byte
+and word perplexity must agree to 1e-6. lm-eval runs that one with `add_bos_token=False`: with
+its default, lm-eval 0.4.13 puts a tokenizer's own BOS after the BOS it prefixes to a text
+(lm-evaluation-harness issue #3333) and scores a BOS after BOS; patchlm prefixes one. acc and acc_norm must be equal, task by task.
     python3 scripts/lm_eval_check.py --model runs/pretrain/model --text data/corpus/corpus.jsonl
 Needs lm-eval (with accelerate), torch, transformers, pyarrow; a release build of xtask."""
 import argparse, json, os, random, re, shutil, subprocess, tempfile
@@ -77,6 +81,9 @@ def winogrande(i):
             "answer": str(gold + 1)}
 
 
+docs = [json.loads(l)["text"] for l in open(a.text, encoding="utf-8")]
+docs = [d[:3000] for d in rng.sample(docs, min(12, len(docs)))]
+
 TASKS = {"arc": ("arc/arc_easy.yaml", arc), "piqa": ("piqa/piqa.yaml", piqa),
          "hellaswag": ("hellaswag/hellaswag.yaml", hellaswag), "winogrande": ("winogrande/default.yaml", winogrande),
          "mmlu": ("mmlu/default/mmlu_astronomy.yaml", mmlu)}
@@ -97,6 +104,17 @@ for name, (yaml_rel, make) in TASKS.items():
     y = f"task: check_{name}\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: {path}\n    dev: {path}\ntest_split: test\n" + y
     open(os.path.join(dst, f"check_{name}.yaml"), "w").write(y)
 
+# lm-eval's WikiText task on the documents as they are (no WikiText detokenizing).
+with open(os.path.join(work, "docs.jsonl"), "w") as f:
+    f.writelines(json.dumps({"page": d}) + "\n" for d in docs)
+dst = os.path.join(work, "lm", "wikitext")
+shutil.copytree(os.path.join(lm_tasks, "wikitext"), dst, ignore=shutil.ignore_patterns("*.yaml", "__pycache__"))
+y = open(os.path.join(lm_tasks, "wikitext", "wikitext.yaml")).read()
+y = re.sub(r"(?m)^(task|dataset_path|dataset_name|training_split|validation_split|test_split|doc_to_target):.*\n", "", y)
+y = f"task: check_text\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {work}/docs.jsonl\n" \
+    "test_split: test\ndoc_to_target: '{{page}}'\n" + y
+open(os.path.join(dst, "check_text.yaml"), "w").write(y)
+
 env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
@@ -106,16 +124,21 @@ def run(cmd, **kw):
         raise SystemExit(f"{cmd[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
 
 
-run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={os.path.abspath(a.model)},dtype=float32",
-                "--tasks", ",".join(f"check_{n}" for n in TASKS), "--include_path", os.path.join(work, "lm"),
-                "--device", "cpu", "--batch_size", "16", "--output_path", os.path.join(work, "out")],
-    env=env)
-(result,) = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(work, "out")) for f in fs if f.startswith("results")]
-theirs = json.load(open(result))["results"]
+theirs = {}
+for tasks, extra in ([f"check_{n}" for n in TASKS], ""), (["check_text"], ",add_bos_token=False"):
+    out = os.path.join(work, "out" + extra)
+    run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={os.path.abspath(a.model)},dtype=float32{extra}",
+         "--tasks", ",".join(tasks), "--include_path", os.path.join(work, "lm"), "--device", "cpu",
+         "--batch_size", "16", "--output_path", out], env=env)
+    (result,) = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.startswith("results")]
+    theirs.update(json.load(open(result))["results"])
 ours_json = os.path.join(work, "ours.json")
-run([a.xtask, "eval", "--model", a.model, "--json", ours_json]
+with open(os.path.join(work, "docs_text.jsonl"), "w") as f:
+    f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+run([a.xtask, "eval", "--model", a.model, "--json", ours_json, "--text", os.path.join(work, "docs_text.jsonl")]
     + [x for n in TASKS for x in ("--task", os.path.join(work, f"{n}.parquet"))], env=dict(os.environ, RUST_BACKTRACE="0"))
-ours = {t["task"]: t for t in json.load(open(ours_json))["tasks"]}
+ours_all = json.load(open(ours_json))
+ours = {t["task"]: t for t in ours_all["tasks"]}
 print(f"{'task':<12}{'n':>5}{'lm-eval acc':>13}{'patchlm acc':>13}{'lm-eval norm':>14}{'patchlm norm':>14}")
 ok = True
 for n in TASKS:
@@ -124,6 +147,11 @@ for n in TASKS:
     print(f"{n:<12}{o['n']:>5}{t['acc,none']:>13.4f}{o['acc']:>13.4f}"
           + (f"{norm_t:>14.4f}{norm_o:>14.4f}" if norm_t is not None else ""))
     ok &= o["n"] == a.n and abs(t["acc,none"] - o["acc"]) < 1e-9 and (norm_t is None or abs(norm_t - norm_o) < 1e-9)
+t, o = theirs["check_text"], ours_all["perplexity"]
+print(f"{'text':<12}{o['documents']:>5}  bits per byte: lm-eval {t['bits_per_byte,none']:.6f}, patchlm "
+      f"{o['bits_per_byte']:.6f}; word perplexity: lm-eval {t['word_perplexity,none']:.4f}, patchlm {o['word_perplexity']:.4f}")
+ok &= o["documents"] == len(docs) and abs(t["bits_per_byte,none"] - o["bits_per_byte"]) < 1e-6 * o["bits_per_byte"]
+ok &= abs(t["word_perplexity,none"] - o["word_perplexity"]) < 1e-6 * o["word_perplexity"]
 shutil.rmtree(work)
 assert ok, "lm-eval and patchlm disagree"
 print("OK")

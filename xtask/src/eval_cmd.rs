@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use patchlm_eval::{load_task, perplexity_of_texts, score_task, McExample, WindowConfig};
+use patchlm_eval::{load_task, perplexity_of_texts, score_task, McExample, NllSum, WindowConfig};
 use patchlm_model::{load_pretrained, parse_device, special_token_ids};
 
 /// Arguments of `cargo xtask eval`.
@@ -53,51 +53,27 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (model, cfg) = load_pretrained(&dir, &device, DType::F32)?;
     let tok = crate::model_cmds::tokenizer(&dir)?;
     let (bos, eos) = special_token_ids(&dir)?;
-    let eos = eos.context("config.json has no eos_token_id; documents are framed with EOS as in training")?;
-    let specials = patchlm_data::tokenizer::SpecialTokens { bos, eos, pad: None };
     let mut out = serde_json::json!({ "model": a.model });
+    let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
     if !a.text.is_empty() {
-        let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
         let texts = patchlm_data::hub::resolve_inputs(&a.text)?;
-        let s = perplexity_of_texts(&model, &tok, &specials, &texts, &w, &device)?;
-        println!("{:<28}{:>12}{:>12}{:>12}{:>14}{:>10}", "text", "documents", "tokens", "loss", "perplexity", "bpb");
-        println!(
-            "{:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}",
-            "all inputs",
-            s.documents,
-            s.tokens,
-            s.mean_nll(),
-            s.perplexity(),
-            s.bits_per_byte()
-        );
-        out["perplexity"] = serde_json::json!({
-            "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "nll": s.nll,
-            "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
-            "context": w.context, "stride": w.stride,
-        });
+        let prefix = bos.or(eos).with_context(|| {
+            format!(
+                "{} has neither bos_token_id nor eos_token_id: a text's first token needs one before it",
+                dir.display()
+            )
+        })?;
+        let s = perplexity_of_texts(&model, &tok, prefix, &texts, &w, &device)?;
+        out["perplexity"] = print_nll(("text", "all inputs"), &s, &w);
     }
     if let Some(shards) = &a.shards {
         let ds = patchlm_data::Dataset::open(shards)?;
         ds.manifest().check_tokenizer(shards, &patchlm_data::tokenizer::fingerprint(&tok)?).with_context(|| {
             format!("{} was tokenized with another tokenizer than the model's ({})", shards.display(), dir.display())
         })?;
-        let w = WindowConfig { context: a.context.unwrap_or(cfg.max_position_embeddings), stride: a.stride };
         let s = patchlm_eval::perplexity_of_split(&model, &tok, &ds, patchlm_data::Split::Val, &w, &device, None)?;
-        println!("{:<28}{:>12}{:>12}{:>12}{:>14}{:>10}", "shards", "documents", "tokens", "loss", "perplexity", "bpb");
-        println!(
-            "{:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}",
-            "validation split",
-            s.documents,
-            s.tokens,
-            s.mean_nll(),
-            s.perplexity(),
-            s.bits_per_byte()
-        );
-        out["validation"] = serde_json::json!({
-            "shards": dir, "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "nll": s.nll,
-            "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
-            "context": w.context, "stride": w.stride,
-        });
+        out["validation"] = print_nll(("shards", "validation split"), &s, &w);
+        out["validation"]["shards"] = serde_json::json!(shards);
     }
     let mut tasks = Vec::new();
     for (name, examples) in load_tasks(&a.task)? {
@@ -137,4 +113,27 @@ pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
         tasks.push((name, examples));
     }
     Ok(tasks)
+}
+
+/// Prints one table of token loss, perplexity, bits per byte and word perplexity; returns them as
+/// JSON.
+fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde_json::Value {
+    println!(
+        "{header:<28}{:>12}{:>12}{:>12}{:>14}{:>10}{:>14}",
+        "documents", "tokens", "loss", "perplexity", "bpb", "word ppl"
+    );
+    println!(
+        "{row:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}{:>14.3}",
+        s.documents,
+        s.tokens,
+        s.mean_nll(),
+        s.perplexity(),
+        s.bits_per_byte(),
+        s.word_perplexity()
+    );
+    serde_json::json!({
+        "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "words": s.words, "nll": s.nll,
+        "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
+        "word_perplexity": s.word_perplexity(), "context": w.context, "stride": w.stride,
+    })
 }

@@ -165,6 +165,29 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     assert!(v["tokens"].as_array().unwrap().len() >= 60, "{out}");
+    // eval --text scores a document as score scores its text (after BOS, no EOS), with the
+    // document's bytes and words.
+    std::fs::write(d.join("long.jsonl"), format!("{}\n", serde_json::json!({ "text": long }))).unwrap();
+    let (ok, out) = xtask(
+        &["eval", "--model", "run/model", "--text", "long.jsonl", "--stride", "3", "--json", "long-eval.json"],
+        d,
+    );
+    assert!(ok && out.contains("word ppl"), "{out}");
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("long-eval.json")).unwrap()).unwrap();
+    let p = &e["perplexity"];
+    assert_eq!(
+        (p["tokens"].as_u64(), p["bytes"].as_u64(), p["words"].as_u64()),
+        (v["tokens"].as_array().map(|t| t.len() as u64), Some(long.len() as u64), Some(60))
+    );
+    assert!(
+        (p["nll"].as_f64().unwrap() - v["nll"].as_f64().unwrap()).abs() < 1e-6 * p["nll"].as_f64().unwrap(),
+        "{p} vs {}",
+        v["nll"]
+    );
+    assert!(
+        (p["word_perplexity"].as_f64().unwrap() - (p["nll"].as_f64().unwrap() / 60.0).exp()).abs()
+            < 1e-6 * p["word_perplexity"].as_f64().unwrap()
+    );
     let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", &long], d);
     assert!(!ok && out.contains("shorten the prompt"), "{out}");
     let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--temperature=-1"], d);

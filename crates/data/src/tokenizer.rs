@@ -191,6 +191,22 @@ pub fn special_tokens(tok: &Tokenizer, cfg: &TokenizerConfig) -> Result<SpecialT
 /// inside (as nanoGPT's `encode_ordinary`). A tokenizer from [`ordinary_text`] skips the search
 /// for such strings.
 pub fn encode_document(tok: &Tokenizer, text: &str, specials: &SpecialTokens) -> Result<Vec<u32>> {
+    let enc = encode_ordinary(tok, text)?;
+    let ids = enc.get_ids();
+    let mut out = Vec::with_capacity(ids.len() + 2);
+    out.extend(specials.bos);
+    out.extend_from_slice(ids);
+    out.push(specials.eos);
+    Ok(out)
+}
+
+/// The tokens of `text` alone, no special tokens added, the strings of special tokens inside it
+/// encoded as ordinary text (see [`encode_document`]).
+pub fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(encode_ordinary(tok, text)?.get_ids().to_vec())
+}
+
+fn encode_ordinary(tok: &Tokenizer, text: &str) -> Result<tokenizers::Encoding> {
     let ordinary;
     let tok = if tok.get_encode_special_tokens() || !mentions_special_token(tok, text) {
         tok
@@ -198,13 +214,7 @@ pub fn encode_document(tok: &Tokenizer, text: &str, specials: &SpecialTokens) ->
         ordinary = ordinary_text(tok);
         &ordinary
     };
-    let enc = tok.encode_fast(text, false).map_err(|e| DataError::Tokenizer(format!("encoding failed: {e}")))?;
-    let ids = enc.get_ids();
-    let mut out = Vec::with_capacity(ids.len() + 2);
-    out.extend(specials.bos);
-    out.extend_from_slice(ids);
-    out.push(specials.eos);
-    Ok(out)
+    tok.encode_fast(text, false).map_err(|e| DataError::Tokenizer(format!("encoding failed: {e}")))
 }
 
 /// A copy of `tok` that encodes the strings of special tokens as ordinary text (see

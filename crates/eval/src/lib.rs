@@ -1,7 +1,8 @@
 //! # patchlm-eval: evaluation harnesses
 //!
-//! Token-level perplexity and bits per byte ([`sequence_nlls`], [`score_document`],
-//! [`perplexity_of_texts`]) with non-overlapping or sliding windows, and zero-shot multiple choice
+//! Token-level perplexity, bits per byte and word perplexity ([`sequence_nlls`],
+//! [`score_document`], [`perplexity_of_texts`], as lm-evaluation-harness scores text) with
+//! non-overlapping or sliding windows, and zero-shot multiple choice
 //! with lm-eval-harness semantics ([`load_task`], [`score_task`]): BIG-bench JSON tasks and
 //! HellaSwag / PIQA / ARC JSONL, plus a held-out continuation task built from any text
 //! ([`continuation_task`]). [`report`] writes comparison reports: a Markdown table and PNG/SVG
@@ -20,8 +21,9 @@
 //! // Every token after the first is scored once, in windows of 32 or sliding by 8.
 //! let whole = WindowConfig { context: 32, stride: None };
 //! let sliding = WindowConfig { context: 32, stride: Some(8) };
-//! let a = score_document(&model, &ids, 400, &whole, &Device::Cpu).unwrap();
-//! let b = score_document(&model, &ids, 400, &sliding, &Device::Cpu).unwrap();
+//! let text = "the text the ids encode";
+//! let a = score_document(&model, &ids, text, &whole, &Device::Cpu).unwrap();
+//! let b = score_document(&model, &ids, text, &sliding, &Device::Cpu).unwrap();
 //! assert_eq!((a.tokens, b.tokens), (99, 99));
 //! // An untrained model is close to uniform over its vocabulary.
 //! let uniform = (cfg.vocab_size as f64).ln();
@@ -46,19 +48,22 @@ use patchlm_model::Llama;
 use tokenizers::Tokenizer;
 
 pub use error::{EvalError, Result};
-pub use perplexity::{score_document, sequence_nlls, NllSum, WindowConfig};
+pub use perplexity::{count_words, score_document, sequence_nlls, NllSum, WindowConfig};
 pub use tasks::{continuation_task, write_task_jsonl, ContinuationConfig};
 pub use zeroshot::{
     choice_loglikelihoods, encode_pair, hellaswag_clean, load_task, pair_loglikelihoods, pick, score_task, stderr_of,
     McExample, TaskResult,
 };
 
-/// Perplexity and bits per byte of text inputs (files, directories, JSONL, Parquet; see the data
-/// crate's sources): each document framed as in training (BOS if given, the tokens, EOS).
+/// Perplexity, bits per byte and word perplexity of text inputs (files, directories, JSONL,
+/// Parquet; see the data crate's sources), each document scored as lm-evaluation-harness's
+/// `loglikelihood_rolling` scores one (its WikiText task): after `prefix` (lm-eval's
+/// `prefix_token_id`: the BOS token, or EOS where there is none) every token of the text is
+/// predicted, and nothing after it (no EOS).
 pub fn perplexity_of_texts<P: AsRef<Path>>(
     model: &Llama,
     tok: &Tokenizer,
-    specials: &patchlm_data::tokenizer::SpecialTokens,
+    prefix: u32,
     inputs: &[P],
     windows: &WindowConfig,
     device: &Device,
@@ -66,15 +71,17 @@ pub fn perplexity_of_texts<P: AsRef<Path>>(
     let mut total = NllSum::default();
     for doc in patchlm_data::Documents::open(inputs, &patchlm_data::SourceConfig::default())? {
         let doc = doc?;
-        let ids = patchlm_data::tokenizer::encode_document(tok, &doc.text, specials)?;
-        total.add(&score_document(model, &ids, doc.text.len() as u64, windows, device)?);
+        let mut ids = vec![prefix];
+        ids.extend(patchlm_data::tokenizer::encode_text(tok, &doc.text)?);
+        total.add(&score_document(model, &ids, &doc.text, windows, device)?);
     }
     Ok(total)
 }
 
-/// Perplexity and bits per byte of one split of the data crate's shards (e.g. the validation
-/// split): each stored document is scored as stored (the data stage framed it with BOS/EOS), its
-/// byte count taken from its decoded text. `max_documents` caps how many documents are scored.
+/// Perplexity, bits per byte and word perplexity of one split of the data crate's shards (e.g.
+/// the validation split): each stored document is scored as training saw it (BOS, the text, EOS:
+/// the EOS is predicted too, unlike [`perplexity_of_texts`]), its bytes and words taken from its
+/// decoded text. `max_documents` caps how many documents are scored.
 pub fn perplexity_of_split(
     model: &Llama,
     tok: &Tokenizer,
@@ -90,7 +97,7 @@ pub fn perplexity_of_split(
     for i in 0..n {
         let ids = stream.document(i)?.to_vec();
         let text = tok.decode(&ids, true).map_err(|e| EvalError::Tokenizer(e.to_string()))?;
-        total.add(&score_document(model, &ids, text.len() as u64, windows, device)?);
+        total.add(&score_document(model, &ids, &text, windows, device)?);
     }
     Ok(total)
 }

@@ -25,6 +25,10 @@ pub struct NllSum {
     pub nll: f64,
     /// UTF-8 bytes of the text the tokens encode (for bits per byte).
     pub bytes: u64,
+    /// Words of that text, as lm-evaluation-harness counts them ([`count_words`]; for word
+    /// perplexity).
+    #[serde(default)]
+    pub words: u64,
     /// Documents scored.
     pub documents: u64,
 }
@@ -35,6 +39,7 @@ impl NllSum {
         self.tokens += o.tokens;
         self.nll += o.nll;
         self.bytes += o.bytes;
+        self.words += o.words;
         self.documents += o.documents;
     }
 
@@ -52,6 +57,27 @@ impl NllSum {
     pub fn bits_per_byte(&self) -> f64 {
         self.nll / std::f64::consts::LN_2 / self.bytes.max(1) as f64
     }
+
+    /// exp(total NLL / words): perplexity per word, as lm-evaluation-harness's `word_perplexity`
+    /// (WikiText's headline number); tokenizer-independent too.
+    pub fn word_perplexity(&self) -> f64 {
+        (self.nll / self.words.max(1) as f64).exp()
+    }
+}
+
+/// The words of `text` as lm-evaluation-harness counts them (`len(re.split(r"\s+", text))`):
+/// one more than its runs of whitespace, so leading or trailing whitespace counts an empty word
+/// and an empty text has one. Whitespace is Python's (`str.isspace`): Unicode's, and the
+/// separators U+001C–U+001F.
+pub fn count_words(text: &str) -> u64 {
+    let mut words = 1;
+    let mut in_space = false;
+    for c in text.chars() {
+        let space = c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+        words += u64::from(space && !in_space);
+        in_space = space;
+    }
+    words
 }
 
 /// Per-token NLLs of `ids[1..]`, each token scored exactly once. A window feeds `ids[a..b)`
@@ -84,9 +110,15 @@ pub fn sequence_nlls(model: &Llama, ids: &[u32], cfg: &WindowConfig, device: &De
     Ok(out)
 }
 
-/// Scores one document's token ids (BOS/EOS already framed as in training) whose text is
-/// `bytes` UTF-8 bytes long.
-pub fn score_document(model: &Llama, ids: &[u32], bytes: u64, cfg: &WindowConfig, device: &Device) -> Result<NllSum> {
+/// Scores one document's token ids (every id after the first is scored), whose text is `text`
+/// (for its bytes and words).
+pub fn score_document(model: &Llama, ids: &[u32], text: &str, cfg: &WindowConfig, device: &Device) -> Result<NllSum> {
     let nlls = sequence_nlls(model, ids, cfg, device)?;
-    Ok(NllSum { tokens: nlls.len() as u64, nll: nlls.iter().sum(), bytes, documents: 1 })
+    Ok(NllSum {
+        tokens: nlls.len() as u64,
+        nll: nlls.iter().sum(),
+        bytes: text.len() as u64,
+        words: count_words(text),
+        documents: 1,
+    })
 }

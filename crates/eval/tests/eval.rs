@@ -36,7 +36,7 @@ fn perplexity_windows_match_hf_transformers() {
         assert!((total - want).abs() < 1e-3, "{key}: {total} vs {want}");
     }
     // Bits per byte and perplexity from the sums, by hand.
-    let s = NllSum { tokens: 4, nll: 4.0 * 2f64.ln(), bytes: 2, documents: 1 };
+    let s = NllSum { tokens: 4, nll: 4.0 * 2f64.ln(), bytes: 2, words: 1, documents: 1 };
     assert!((s.perplexity() - 2.0).abs() < 1e-12);
     assert!((s.bits_per_byte() - 2.0).abs() < 1e-12);
 }
@@ -259,7 +259,8 @@ fn tiny_task_scored_end_to_end() {
 #[test]
 fn validation_split_perplexity_equals_scoring_its_texts() {
     // Two independent paths: the stored (already framed) token ids of the validation split, and
-    // the decoded texts written to JSONL and re-encoded by perplexity_of_texts.
+    // the decoded texts written to JSONL and re-encoded by perplexity_of_texts, which scores a
+    // text as lm-eval does: after BOS, without the EOS training put after it.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut jsonl = String::new();
@@ -283,7 +284,8 @@ fn validation_split_perplexity_equals_scoring_its_texts() {
     let w = WindowConfig { context: 32, stride: Some(8) };
     let val = patchlm_data::Split::Val;
     let a = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, None).unwrap();
-    assert_eq!(a.documents, ds.manifest().documents(val));
+    let docs = ds.manifest().documents(val);
+    assert_eq!(a.documents, docs);
     let texts = split_texts(&tok, &ds, val).unwrap();
     let mut out = String::new();
     for t in &texts {
@@ -292,13 +294,44 @@ fn validation_split_perplexity_equals_scoring_its_texts() {
     }
     std::fs::write(d.join("val.jsonl"), out).unwrap();
     let specials = ds.manifest().special_tokens;
-    let b = perplexity_of_texts(&model, &tok, &specials, &[d.join("val.jsonl")], &w, &Device::Cpu).unwrap();
-    assert_eq!((a.tokens, a.bytes, a.documents), (b.tokens, b.bytes, b.documents));
-    assert!((a.nll - b.nll).abs() < 1e-6 * a.nll, "{a:?} vs {b:?}");
+    let bos = specials.bos.unwrap();
+    let b = perplexity_of_texts(&model, &tok, bos, &[d.join("val.jsonl")], &w, &Device::Cpu).unwrap();
+    // The stored documents without their last token (the EOS), scored one by one.
+    let mut c = NllSum::default();
+    for (i, t) in texts.iter().enumerate() {
+        let ids = ds.split(val).document(i as u64).unwrap().to_vec();
+        assert_eq!((ids[0], *ids.last().unwrap()), (bos, specials.eos));
+        c.add(&score_document(&model, &ids[..ids.len() - 1], t, &w, &Device::Cpu).unwrap());
+    }
+    assert_eq!((b.tokens, b.bytes, b.words, b.documents), (c.tokens, c.bytes, c.words, c.documents));
+    assert_eq!((a.tokens, a.bytes, a.words), (b.tokens + docs, b.bytes, b.words));
+    assert!((b.nll - c.nll).abs() < 1e-6 * c.nll, "{b:?} vs {c:?}");
+    assert!(a.nll > b.nll, "the split's EOS tokens add to its loss: {a:?} vs {b:?}");
     assert_eq!(a.bytes, texts.iter().map(|t| t.len() as u64).sum::<u64>());
+    // Two lines of 5 and 11 words: 16 words a text, as Python's re.split(r"\s+") counts.
+    assert_eq!(a.words, 16 * docs);
     // A cap on documents is honoured.
     let one = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, Some(1)).unwrap();
     assert_eq!(one.documents, 1);
+}
+
+#[test]
+fn words_are_counted_as_lm_eval_counts_them() {
+    // len(re.split(r"\s+", text)) in Python 3.11, by hand: runs of whitespace + 1.
+    for (text, want) in [
+        ("", 1),
+        ("one", 1),
+        ("two  words", 2),
+        (" lead and trail\n", 5),
+        ("tab\tnew\nline\r\nform\x0cfeed", 5),
+        ("no\u{a0}break\u{3000}ideographic", 3),
+        ("unit\u{1f}separator\u{1c}file", 3),
+        ("zero\u{200b}width", 1),
+    ] {
+        assert_eq!(count_words(text), want, "{text:?}");
+    }
+    let s = NllSum { tokens: 6, nll: 6.0, bytes: 10, words: 3, documents: 1 };
+    assert!((s.word_perplexity() - 2f64.exp()).abs() < 1e-12);
 }
 
 fn poem(doc: usize, lines: usize) -> String {
