@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use patchlm_eval::{sequence_nlls, WindowConfig};
-use patchlm_model::{generate as gen, load_pretrained, parse_device, special_token_ids, SamplingConfig};
+use patchlm_model::{
+    generate as gen, load_pretrained, parse_device, special_token_ids, stop_token_ids, SamplingConfig,
+};
 
 /// Arguments of `cargo xtask score`.
 #[derive(clap::Args)]
@@ -142,13 +144,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let dir = model_dir(&a.model)?;
     let (model, _) = load_pretrained(&dir, &device, DType::F32)?;
     let tok = tokenizer(&dir)?;
-    let (bos, eos) = special_token_ids(&dir)?;
+    let (bos, _) = special_token_ids(&dir)?;
+    let stop = stop_token_ids(&dir)?;
     let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let out = gen(&model, &ids, a.max_tokens, &cfg, eos, &device)?;
-    if out.len() < a.max_tokens && out.last().copied() != eos {
+    let out = gen(&model, &ids, a.max_tokens, &cfg, &stop, &device)?;
+    if out.len() < a.max_tokens && !out.last().is_some_and(|t| stop.contains(t)) {
         let t = model.config().max_position_embeddings;
         eprintln!("stopped after {} tokens: prompt and continuation fill the model's context of {t}", out.len());
     }

@@ -112,7 +112,7 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32
     idx[idx.len() - 1] as u32
 }
 
-/// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at `stop`, or
+/// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at any of `stop`, or
 /// once the last token drawn was predicted from a full context (`max_position_embeddings`
 /// positions). An empty prompt, one longer than the context, or settings out of range
 /// ([`SamplingConfig::validate`]) are refused.
@@ -121,7 +121,7 @@ pub fn generate(
     prompt: &[u32],
     max_tokens: usize,
     cfg: &SamplingConfig,
-    stop: Option<u32>,
+    stop: &[u32],
     device: &Device,
 ) -> Result<Vec<u32>> {
     cfg.validate()?;
@@ -144,7 +144,7 @@ pub fn generate(
         let next = sample(&row, cfg, &mut rng);
         out.push(next);
         // The next token would go at position cache.len(): past the context, stop.
-        if Some(next) == stop || cache.len() >= limit {
+        if stop.contains(&next) || cache.len() >= limit {
             break;
         }
         logits = model.forward_cached(&Tensor::new(&[next], device)?.unsqueeze(0)?, &mut cache)?;

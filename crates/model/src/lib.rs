@@ -44,5 +44,5 @@ pub use tape::{
 };
 pub use weights::{
     device_memory_peak, init_model, is_model_file, load_config, load_pretrained, load_trainable, named_tensors,
-    parse_device, parse_dtype, save_pretrained, special_token_ids, weight_files, SplitMix64,
+    parse_device, parse_dtype, save_pretrained, special_token_ids, stop_token_ids, weight_files, SplitMix64,
 };

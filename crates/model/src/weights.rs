@@ -290,15 +290,41 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     ModelConfig::from_hf_json(&v).map_err(|e| ModelError::File { path, msg: e.to_string() })
 }
 
-/// `bos_token_id` and `eos_token_id` from `dir/config.json`, when present.
+/// `bos_token_id` and `eos_token_id` from `dir/config.json`, when present. An `eos_token_id`
+/// given as a list (Llama 3's) gives its first id, the one documents end with; see
+/// [`stop_token_ids`] for all of them.
 pub fn special_token_ids(dir: &Path) -> Result<(Option<u32>, Option<u32>)> {
-    let path = dir.join(CONFIG_FILE);
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| ModelError::File { path: path.clone(), msg: e.to_string() })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::File { path, msg: format!("invalid json: {e}") })?;
-    let id = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as u32);
-    Ok((id("bos_token_id"), id("eos_token_id")))
+    let v = read_json(&dir.join(CONFIG_FILE))?;
+    Ok((token_ids(&v, "bos_token_id").first().copied(), token_ids(&v, "eos_token_id").first().copied()))
+}
+
+/// The ids that end generation, as HF `generate` takes them: `eos_token_id` of
+/// `dir/generation_config.json` where that file gives one, else of `config.json`; a number or a
+/// list of them (Llama 3 Instruct's end-of-turn and end-of-text). Empty when neither has one.
+pub fn stop_token_ids(dir: &Path) -> Result<Vec<u32>> {
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        let ids = token_ids(&read_json(&generation)?, "eos_token_id");
+        if !ids.is_empty() {
+            return Ok(ids);
+        }
+    }
+    Ok(token_ids(&read_json(&dir.join(CONFIG_FILE))?, "eos_token_id"))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::File { path: path.into(), msg: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::File { path: path.into(), msg: format!("invalid json: {e}") })
+}
+
+/// A token-id field: a number, a list of numbers, or absent / null (none).
+fn token_ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
+    let id = |x: &serde_json::Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
+    match v.get(key) {
+        Some(serde_json::Value::Array(xs)) => xs.iter().filter_map(id).collect(),
+        Some(x) => id(x).into_iter().collect(),
+        None => Vec::new(),
+    }
 }
 
 /// Loads an HF LLaMA directory for inference (weights memory-mapped, in `dtype`; one file or

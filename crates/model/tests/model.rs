@@ -463,20 +463,20 @@ fn generation_refuses_prompts_without_room_and_settings_out_of_range() {
     let t = cfg.max_position_embeddings;
     let s = SamplingConfig::default();
     let msg = |r: patchlm_model::Result<Vec<u32>>| r.unwrap_err().to_string();
-    assert!(msg(generate(&model, &[], 4, &s, None, &Device::Cpu)).contains("no tokens"));
+    assert!(msg(generate(&model, &[], 4, &s, &[], &Device::Cpu)).contains("no tokens"));
     let long = vec![1u32; t + 1];
-    let e = msg(generate(&model, &long, 4, &s, None, &Device::Cpu));
+    let e = msg(generate(&model, &long, 4, &s, &[], &Device::Cpu));
     assert!(e.contains(&format!("{} tokens", t + 1)) && e.contains("shorten the prompt"), "{e}");
     // A full context predicts one more token; one position left, two: the second is predicted
     // from all t positions, and a third would need position t.
-    assert_eq!(generate(&model, &long[1..], 4, &s, None, &Device::Cpu).unwrap().len(), 1);
-    assert_eq!(generate(&model, &long[2..], 4, &s, None, &Device::Cpu).unwrap().len(), 2);
+    assert_eq!(generate(&model, &long[1..], 4, &s, &[], &Device::Cpu).unwrap().len(), 1);
+    assert_eq!(generate(&model, &long[2..], 4, &s, &[], &Device::Cpu).unwrap().len(), 2);
     for bad in [
         SamplingConfig { temperature: -1.0, ..Default::default() },
         SamplingConfig { temperature: f64::NAN, ..Default::default() },
         SamplingConfig { top_p: 1.5, ..Default::default() },
     ] {
-        let e = msg(generate(&model, &[1, 2], 4, &bad, None, &Device::Cpu));
+        let e = msg(generate(&model, &[1, 2], 4, &bad, &[], &Device::Cpu));
         assert!(e.contains("out of range"), "{e}");
     }
 }
@@ -501,12 +501,12 @@ fn sampling_is_seeded_and_respects_top_k_top_p() {
     assert!(draws.iter().all(|&d| d == 1 || d == 3) && draws.contains(&3));
     let (model, _) = load_pretrained(&fixture(), &Device::Cpu, DType::F32).unwrap();
     let cfg = SamplingConfig { seed: 42, ..Default::default() };
-    let a = generate(&model, &[1, 2, 3], 10, &cfg, None, &Device::Cpu).unwrap();
-    let b = generate(&model, &[1, 2, 3], 10, &cfg, None, &Device::Cpu).unwrap();
+    let a = generate(&model, &[1, 2, 3], 10, &cfg, &[], &Device::Cpu).unwrap();
+    let b = generate(&model, &[1, 2, 3], 10, &cfg, &[], &Device::Cpu).unwrap();
     assert_eq!(a, b);
     assert_eq!(a.len(), 10);
     // Greedy generation equals argmax of the full forward, token by token.
-    let g = generate(&model, &[1, 2, 3], 5, &greedy, None, &Device::Cpu).unwrap();
+    let g = generate(&model, &[1, 2, 3], 5, &greedy, &[], &Device::Cpu).unwrap();
     let mut seq = vec![1u32, 2, 3];
     for &tok in &g {
         let lg = model.forward(&Tensor::new(&seq[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
@@ -515,6 +515,33 @@ fn sampling_is_seeded_and_respects_top_k_top_p() {
         assert_eq!(tok as usize, am);
         seq.push(tok);
     }
+    // It stops at any of the stop ids, the stop id included; ids never drawn change nothing.
+    let first_new = |i: usize| g.iter().position(|&t| t == g[i]).unwrap() == i;
+    let i = (1..5).find(|&i| first_new(i)).unwrap();
+    assert_eq!(generate(&model, &[1, 2, 3], 5, &greedy, &[255, g[i]], &Device::Cpu).unwrap(), g[..=i]);
+    let never: Vec<u32> = (0..256).filter(|t| !g.contains(t)).take(3).collect();
+    assert_eq!(generate(&model, &[1, 2, 3], 5, &greedy, &never, &Device::Cpu).unwrap(), g);
+}
+
+#[test]
+fn eos_ids_are_read_as_a_number_or_a_list_as_hf_writes_them() {
+    // Llama 3 Instruct: config.json's eos_token_id a list, generation_config.json another.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = |v: serde_json::Value| std::fs::write(d.path().join("config.json"), v.to_string()).unwrap();
+    cfg(serde_json::json!({ "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009] }));
+    assert_eq!(special_token_ids(d.path()).unwrap(), (Some(128000), Some(128001)));
+    assert_eq!(stop_token_ids(d.path()).unwrap(), vec![128001, 128008, 128009]);
+    std::fs::write(d.path().join("generation_config.json"), r#"{"eos_token_id": 128009, "do_sample": true}"#).unwrap();
+    assert_eq!(stop_token_ids(d.path()).unwrap(), vec![128009]);
+    // A generation config without one defers to config.json; none anywhere is no stop id.
+    std::fs::write(d.path().join("generation_config.json"), r#"{"do_sample": true}"#).unwrap();
+    assert_eq!(stop_token_ids(d.path()).unwrap(), vec![128001, 128008, 128009]);
+    cfg(serde_json::json!({ "bos_token_id": null, "eos_token_id": 2 }));
+    assert_eq!(special_token_ids(d.path()).unwrap(), (None, Some(2)));
+    cfg(serde_json::json!({}));
+    assert_eq!((special_token_ids(d.path()).unwrap(), stop_token_ids(d.path()).unwrap()), ((None, None), vec![]));
+    std::fs::write(d.path().join("generation_config.json"), "{").unwrap();
+    assert!(stop_token_ids(d.path()).unwrap_err().to_string().contains("generation_config.json"));
 }
 
 #[test]
