@@ -6,7 +6,8 @@ and grad clipping; on CPU with the same thread count, on CUDA in the same device
 With --profile, one more step of each is timed by kind of work (matmul, attention forward and
 backward, optimizer, the rest): ours by the named spans of `xtask bench model --profile`, PyTorch's
 with torch.profiler (GPU kernels by name; on the CPU, aten ops by self time), side by side.
-MFU = tokens/s x (6 N + 12 L d T) / peak, peak 989 TFLOP/s (H100 dense bf16) unless --peak.
+MFU = tokens/s x (6 W + 12 L d T) / peak, W the weights of matrix products (the LM head; not the
+embedding lookup or the norms), peak 989 TFLOP/s (H100 dense bf16) unless --peak.
 Needs torch; a release build of xtask (with --features cuda for --device cuda)."""
 import argparse, json, math, os, subprocess, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -83,7 +84,9 @@ d, f, L, h, kv, V = PRESETS[a.preset]
 ks = [int(x) for x in a.ks.split(",")]
 torch_ks = [int(x) for x in (a.torch_ks or a.ks).split(",")]
 def flops_per_token(m):
-    n = sum(p.numel() for p in m.parameters())
+    # As patchlm's ModelConfig::flops_per_position: 6 per weight of a matrix product (not the
+    # embedding lookup, not the norms) + 12·L·d·T for attention.
+    n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
     return 6 * n + 12 * L * d * a.ctx
 def sync():
     if dev.type == "cuda": torch.cuda.synchronize()

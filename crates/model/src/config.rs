@@ -251,10 +251,24 @@ impl ModelConfig {
         embed_and_head + l * (attn + mlp + norms) + d
     }
 
-    /// Training FLOPs per position at context `seq_len`: 6·N + 12·L·d·T (nanoGPT / PaLM
-    /// accounting: 6 per parameter for forward + backward, plus attention scores and values).
+    /// Weights that take part in matrix products: every layer's projections and the LM head
+    /// (the embedding matrix when tied); not the embedding lookup of an untied model, not the
+    /// norms' weights.
+    pub fn matmul_params(&self) -> u64 {
+        let (d, v, l) = (self.hidden_size as u64, self.vocab_size as u64, self.num_hidden_layers as u64);
+        let lookup = if self.tie_word_embeddings { 0 } else { v * d };
+        self.num_params() - lookup - (2 * l + 1) * d
+    }
+
+    /// Training FLOPs per position at context `seq_len`, as MFU counts them (PaLM's appendix B):
+    /// 6 per matmul weight ([`Self::matmul_params`]: 2 forward, 4 backward) plus 12·L·d·T for
+    /// the attention scores and weighted values (4·d·T a layer forward, twice that backward, no
+    /// causal halving). `torch.utils.flop_counter` counts the same for HF `LlamaForCausalLM`,
+    /// except 2·d·T a layer more for the forward product that FlashAttention's backward
+    /// recomputes.
     pub fn flops_per_position(&self, seq_len: usize) -> f64 {
-        6.0 * self.num_params() as f64 + 12.0 * self.num_hidden_layers as f64 * self.hidden_size as f64 * seq_len as f64
+        6.0 * self.matmul_params() as f64
+            + 12.0 * self.num_hidden_layers as f64 * self.hidden_size as f64 * seq_len as f64
     }
 
     /// HF `config.json` for `LlamaForCausalLM`.

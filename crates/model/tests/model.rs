@@ -567,6 +567,34 @@ fn presets_and_param_counts() {
     assert!(parse_device("cpu").is_ok());
 }
 
+#[test]
+fn training_flops_are_what_torch_flop_counter_counts_for_hf_llama() {
+    // tests/fixtures/make_flops_golden.py: torch.utils.flop_counter over a training step of HF
+    // LlamaForCausalLM (untied, tied, another shape). The weights' products (aten.mm) are 6 per
+    // matmul weight; attention is 3× its forward (PaLM's count, without the recompute torch
+    // counts in FlashAttention's backward).
+    let g: serde_json::Value = serde_json::from_str(include_str!("fixtures/flops_golden.json")).unwrap();
+    for row in g["rows"].as_array().unwrap() {
+        let n = |k: &str| row[k].as_u64().unwrap() as usize;
+        let cfg = ModelConfig {
+            vocab_size: n("vocab_size"),
+            hidden_size: n("hidden_size"),
+            intermediate_size: n("intermediate_size"),
+            num_hidden_layers: n("num_hidden_layers"),
+            num_attention_heads: n("num_attention_heads"),
+            num_key_value_heads: n("num_key_value_heads"),
+            tie_word_embeddings: row["tie_word_embeddings"].as_bool().unwrap(),
+            max_position_embeddings: n("seq_len"),
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        assert_eq!(cfg.num_params(), row["num_params"].as_u64().unwrap(), "{row}");
+        let mm = row["mm_per_position"].as_f64().unwrap();
+        assert_eq!(6.0 * cfg.matmul_params() as f64, mm, "{row}");
+        let want = mm + 3.0 * row["sdpa_forward_per_position"].as_f64().unwrap();
+        assert_eq!(cfg.flops_per_position(n("seq_len")), want, "{row}");
+    }
+}
+
 /// −mean log softmax(x)[t] from composed ops, in f64: the reference for the fused op.
 fn ce_reference(x: &[f32], t: &[u32], n: usize, v: usize, k: usize) -> (f64, Vec<f64>) {
     let mut loss = 0.0;
