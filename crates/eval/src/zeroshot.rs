@@ -150,8 +150,16 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let v =
-                    serde_json::from_str(line).map_err(|e| bad(path, At::Line(i + 1), format!("invalid json: {e}")))?;
+                let v = serde_json::from_str(line).map_err(|e| {
+                    bad(
+                        path,
+                        At::Line(i + 1),
+                        format!(
+                            "invalid json: {e} (a task is a BIG-bench task.json, JSONL with a record a line, a JSON \
+                             array or Parquet)"
+                        ),
+                    )
+                })?;
                 out.push((At::Line(i + 1), v));
             }
             out
