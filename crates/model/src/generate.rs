@@ -112,9 +112,9 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32
     idx[idx.len() - 1] as u32
 }
 
-/// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at any of `stop`, or
-/// once the last token drawn was predicted from a full context (`max_position_embeddings`
-/// positions). An empty prompt, one longer than the context, or settings out of range
+/// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at any id of
+/// `stop` (drawn and returned), or once the last token drawn was predicted from a full context
+/// (`max_position_embeddings` positions). An empty prompt, one longer than the context, or settings out of range
 /// ([`SamplingConfig::validate`]) are refused.
 pub fn generate(
     model: &Llama,
