@@ -90,7 +90,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         out["tasks"] = serde_json::to_value(&tasks)?;
     }
     if let Some(p) = a.json {
-        std::fs::write(&p, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
+        patchlm_model::weights::write_atomic(&p, serde_json::to_string_pretty(&out)?.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
