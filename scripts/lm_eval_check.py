@@ -3,7 +3,8 @@ model directory, its own task YAMLs and preprocessing for ARC, PIQA, HellaSwag, 
 pointed at local Parquet files) against `cargo xtask eval --task` on the same files. The tasks
 are made from a JSONL corpus's lines (each line cut in two: the first half is the question, its
 own second half the right answer, other lines' second halves the wrong ones), so any text works
-and nothing is downloaded. MMLU too, as its astronomy subject (the description line, lettered
+and nothing is downloaded. ARC again with questions longer than the context (both truncate
+from the left). MMLU too, as its astronomy subject (the description line, lettered
 options). And perplexity: lm-eval's WikiText task (its `loglikelihood_rolling` and its word and
 byte counts) on whole documents of the corpus against `cargo xtask eval --text`: bits per byte
 and word perplexity must agree to 1e-6. lm-eval runs that one with `add_bos_token=False`: with
@@ -49,6 +50,13 @@ def arc(i):
     return {"id": f"a{i}", "question": q, "choices": {"text": ch, "label": list("ABCD")}, "answerKey": "ABCD"[gold]}
 
 
+def arc_long(i):
+    """ARC with questions longer than the model's context (left-truncated alike, BOS dropped)."""
+    r = arc(i)
+    r["question"] = " ".join(next(it) for _ in range(24)) + " " + r["question"]
+    return r
+
+
 def piqa(i):
     q, ch, gold = group(2)
     return {"goal": q, "sol1": ch[0], "sol2": ch[1], "label": gold}
@@ -84,7 +92,7 @@ def winogrande(i):
 docs = [json.loads(l)["text"] for l in open(a.text, encoding="utf-8")]
 docs = [d[:3000] for d in rng.sample(docs, min(12, len(docs)))]
 
-TASKS = {"arc": ("arc/arc_easy.yaml", arc), "piqa": ("piqa/piqa.yaml", piqa),
+TASKS = {"arc": ("arc/arc_easy.yaml", arc), "arc_long": ("arc/arc_easy.yaml", arc_long), "piqa": ("piqa/piqa.yaml", piqa),
          "hellaswag": ("hellaswag/hellaswag.yaml", hellaswag), "winogrande": ("winogrande/default.yaml", winogrande),
          "mmlu": ("mmlu/default/mmlu_astronomy.yaml", mmlu)}
 lm_tasks = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
