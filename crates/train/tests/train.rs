@@ -533,3 +533,40 @@ fn bf16_mixed_precision_tracks_the_f32_loss_curve() {
     let e = Trainer::new(bad, &pdir, &dir.path().join("bad"), Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("train.dtype"), "{e}");
 }
+
+#[test]
+fn accumulating_micro_batches_trains_as_one_batch() {
+    // A step's blocks in one micro-batch, or in micro-batches of 3 (patch phase: 3 + 1 of its
+    // 4 blocks; token phase: 5 × 3 + 1 of 16), weighted by size: the same losses, gradient norms
+    // and weights, up to f32 summation order (which AdamW amplifies where a gradient is near 0).
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pdir, cfg) = pipeline(dir.path(), 0.5);
+    let mut runs = Vec::new();
+    for mb in [16, 3] {
+        let mut c = cfg.clone();
+        c.train.micro_batch = mb;
+        let run = dir.path().join(format!("run-mb{mb}"));
+        Trainer::new(c, &pdir, &run, Device::Cpu).unwrap().run(false).unwrap();
+        let (steps, _) = read_metrics(&run.join("metrics.jsonl")).unwrap();
+        let w = candle_core::safetensors::load(run.join("model/model.safetensors"), &Device::Cpu).unwrap();
+        runs.push((steps, w));
+    }
+    let ((a, wa), (b, wb)) = (&runs[0], &runs[1]);
+    assert_eq!((a.len(), b.len()), (12, 12));
+    for (x, y) in a.iter().zip(b) {
+        let s = x.global_step;
+        assert!((x.loss - y.loss).abs() <= 1e-5 * x.loss, "step {s}: loss {} vs {}", x.loss, y.loss);
+        assert!(
+            (x.grad_norm - y.grad_norm).abs() <= 1e-4 * x.grad_norm,
+            "step {s}: {} vs {}",
+            x.grad_norm,
+            y.grad_norm
+        );
+    }
+    for (name, x) in wa {
+        let y = &wb[name];
+        let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let m = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-3 * m, "{name}: final weights differ by {d} (max {m})");
+    }
+}
