@@ -3,7 +3,8 @@ model directory, its own task YAMLs and preprocessing for ARC, PIQA, HellaSwag, 
 pointed at local Parquet files) against `cargo xtask eval --task` on the same files. The tasks
 are made from a JSONL corpus's lines (each line cut in two: the first half is the question, its
 own second half the right answer, other lines' second halves the wrong ones), so any text works
-and nothing is downloaded. ARC again with questions longer than the context (both truncate
+and nothing is downloaded. Every question's log-likelihoods are compared too (lm-eval's
+--log_samples against `eval --samples`): they must agree to 1e-3 nats. ARC again with questions longer than the context (both truncate
 from the left). MMLU too, as its astronomy subject (the description line, lettered
 options). And perplexity: lm-eval's WikiText task (its `loglikelihood_rolling` and its word and
 byte counts) on whole documents of the corpus against `cargo xtask eval --text`: bits per byte
@@ -137,24 +138,43 @@ for tasks, extra in ([f"check_{n}" for n in TASKS], ""), (["check_text"], ",add_
     out = os.path.join(work, "out" + extra)
     run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={os.path.abspath(a.model)},dtype=float32{extra}",
          "--tasks", ",".join(tasks), "--include_path", os.path.join(work, "lm"), "--device", "cpu",
-         "--batch_size", "16", "--output_path", out], env=env)
+         "--batch_size", "16", "--output_path", out, "--log_samples"], env=env)
     (result,) = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.startswith("results")]
     theirs.update(json.load(open(result))["results"])
 ours_json = os.path.join(work, "ours.json")
 with open(os.path.join(work, "docs_text.jsonl"), "w") as f:
     f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-run([a.xtask, "eval", "--model", a.model, "--json", ours_json, "--text", os.path.join(work, "docs_text.jsonl")]
+run([a.xtask, "eval", "--model", a.model, "--json", ours_json, "--samples", "--text", os.path.join(work, "docs_text.jsonl")]
     + [x for n in TASKS for x in ("--task", os.path.join(work, f"{n}.parquet"))], env=dict(os.environ, RUST_BACKTRACE="0"))
 ours_all = json.load(open(ours_json))
 ours = {t["task"]: t for t in ours_all["tasks"]}
 print(f"{'task':<12}{'n':>5}{'lm-eval acc':>13}{'patchlm acc':>13}{'lm-eval norm':>14}{'patchlm norm':>14}")
+
+
+
+def lm_eval_samples(task):
+    """lm-eval's per-question log-likelihoods of a task, by doc_id."""
+    (f,) = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(work, "out")) for f in fs
+            if re.match(rf"samples_{task}_\d{{4}}-", f)]
+    rows = sorted((json.loads(l) for l in open(f)), key=lambda r: r["doc_id"])
+    return [[float(ll) for ll, _ in r["filtered_resps"]] for r in rows]
+
+
 ok = True
+worst = 0.0
+for n in TASKS:
+    theirs_ll = lm_eval_samples(f"check_{n}")
+    ours_ll = [s["loglikelihoods"] for s in ours[n]["samples"]]
+    ok &= len(theirs_ll) == len(ours_ll) and all(len(x) == len(y) for x, y in zip(theirs_ll, ours_ll))
+    worst = max([worst] + [abs(x - y) for tx, oy in zip(theirs_ll, ours_ll) for x, y in zip(tx, oy)])
 for n in TASKS:
     t, o = theirs[f"check_{n}"], ours[n]
     norm_t, norm_o = t.get("acc_norm,none"), o.get("acc_norm") if "acc_norm,none" in t else None
     print(f"{n:<12}{o['n']:>5}{t['acc,none']:>13.4f}{o['acc']:>13.4f}"
           + (f"{norm_t:>14.4f}{norm_o:>14.4f}" if norm_t is not None else ""))
     ok &= o["n"] == a.n and abs(t["acc,none"] - o["acc"]) < 1e-9 and (norm_t is None or abs(norm_t - norm_o) < 1e-9)
+print(f"every choice's log-likelihood: max |lm-eval − patchlm| {worst:.2e} nats")
+ok &= worst < 1e-3
 t, o = theirs["check_text"], ours_all["perplexity"]
 print(f"{'text':<12}{o['documents']:>5}  bits per byte: lm-eval {t['bits_per_byte,none']:.6f}, patchlm "
       f"{o['bits_per_byte']:.6f}; word perplexity: lm-eval {t['word_perplexity,none']:.4f}, patchlm {o['word_perplexity']:.4f}")

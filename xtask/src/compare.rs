@@ -13,7 +13,7 @@ use patchlm_data::{Dataset, Manifest, Split};
 use patchlm_eval::report::{write_report, CurvePoint, Report, ReportRun};
 use patchlm_eval::{
     continuation_task, perplexity_of_split, score_task, split_texts, write_task_jsonl, ContinuationConfig, McExample,
-    WindowConfig,
+    TaskResult, WindowConfig,
 };
 use patchlm_model::{load_pretrained, parse_device};
 use patchlm_train::{read_metrics, RunConfig, RunSummary};
@@ -208,7 +208,10 @@ pub fn run(a: CompareArgs) -> Result<()> {
         let bos = manifest.special_tokens.bos;
         let results = tasks
             .iter()
-            .map(|(name, ex)| score_task(&model, &tok, bos, name, ex, &device, true))
+            .map(|(name, ex)| {
+                // The report keeps accuracies, not every question's scores.
+                score_task(&model, &tok, bos, name, ex, &device, true).map(|r| TaskResult { samples: Vec::new(), ..r })
+            })
             .collect::<patchlm_eval::Result<Vec<_>>>()?;
         let metrics = dir.join("metrics.jsonl");
         let (_, evals) = read_metrics(&metrics)?;

@@ -38,6 +38,9 @@ pub struct EvalArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// With --json, each question's log-likelihoods and lengths too (lm-eval's --log_samples).
+    #[arg(long, requires = "json")]
+    samples: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -77,7 +80,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let mut tasks = Vec::new();
     for (name, examples) in load_tasks(&a.task)? {
-        tasks.push(score_task(&model, &tok, bos, &name, &examples, &device, true)?);
+        let mut r = score_task(&model, &tok, bos, &name, &examples, &device, true)?;
+        if !a.samples {
+            r.samples.clear();
+        }
+        tasks.push(r);
     }
     if !tasks.is_empty() {
         println!("{:<28}{:>8}{:>18}{:>18}", "task", "n", "acc", "acc_norm");

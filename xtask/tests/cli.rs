@@ -268,6 +268,29 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let line = out.lines().find(|l| l.starts_with("validation split")).unwrap();
     let loss: f64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
     assert!((loss - runs[0]["val_loss"].as_f64().unwrap()).abs() < 1e-3, "{line}");
+    // Its zero-shot accuracy too, and with --samples each question's scores, whose argmax is
+    // that accuracy; the report itself keeps accuracies only.
+    let model = "cmp/runs/baseline/model";
+    let (ok, out) = xtask(&["eval", "--model", model, "--task", "cmp/continuation.jsonl", "--samples"], d);
+    assert!(!ok && out.contains("--json"), "{out}");
+    let (ok, out) =
+        xtask(&["eval", "--model", model, "--task", "cmp/continuation.jsonl", "--json", "e.json", "--samples"], d);
+    assert!(ok, "{out}");
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("e.json")).unwrap()).unwrap();
+    let t = &e["tasks"][0];
+    assert_eq!(t["acc"], runs[0]["tasks"][0]["acc"]);
+    let samples = t["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 40);
+    let hits = samples
+        .iter()
+        .filter(|s| {
+            let lls: Vec<f64> = serde_json::from_value(s["loglikelihoods"].clone()).unwrap();
+            let best = (0..lls.len()).fold(0, |b, i| if lls[i] > lls[b] { i } else { b });
+            s["gold"].as_u64() == Some(best as u64)
+        })
+        .count();
+    assert!((t["acc"].as_f64().unwrap() - hits as f64 / 40.0).abs() < 1e-12, "{t}");
+    assert!(runs[0]["tasks"][0].get("samples").is_none());
 
     // Run again: every run is reused, nothing retrains.
     let (ok, out) = xtask(&args, d);

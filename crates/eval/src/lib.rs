@@ -52,7 +52,7 @@ pub use perplexity::{count_words, score_document, sequence_nlls, NllSum, WindowC
 pub use tasks::{continuation_task, write_task_jsonl, ContinuationConfig};
 pub use zeroshot::{
     choice_loglikelihoods, encode_pair, hellaswag_clean, load_task, pair_loglikelihoods, pick, score_task, stderr_of,
-    McExample, TaskResult,
+    McExample, Sample, TaskResult,
 };
 
 /// Perplexity, bits per byte and word perplexity of text inputs (files, directories, JSONL,

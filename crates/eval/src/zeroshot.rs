@@ -66,10 +66,25 @@ pub struct TaskResult {
     pub acc: f64,
     /// Its standard error.
     pub acc_stderr: f64,
-    /// Accuracy by log-probability per continuation byte.
+    /// Accuracy by log-likelihood per character of the choice (lm-eval's `acc_norm`).
     pub acc_norm: f64,
     /// Its standard error.
     pub acc_norm_stderr: f64,
+    /// Each question's scores, in the task's order (left out of JSON when empty; callers that
+    /// only report accuracies may clear them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+}
+
+/// One question's scores, as lm-eval's `--log_samples` records them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Sample {
+    /// The right choice's index.
+    pub gold: usize,
+    /// Each choice's log-likelihood (natural log) after the context.
+    pub loglikelihoods: Vec<f64>,
+    /// Each choice's length for `acc_norm` (characters).
+    pub lengths: Vec<usize>,
 }
 
 /// lm-eval's sample standard error of a mean of 0/1 values: sqrt(p(1 − p)/(n − 1)).
@@ -408,6 +423,7 @@ pub fn score_task(
     let pb =
         if progress { indicatif::ProgressBar::new(examples.len() as u64) } else { indicatif::ProgressBar::hidden() };
     let (mut hits, mut hits_norm) = (0usize, 0usize);
+    let mut samples = Vec::with_capacity(examples.len());
     for e in examples {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> =
             e.pairs().map(|(ctx, cont)| encode_pair(tok, bos, ctx, cont)).collect::<Result<_>>()?;
@@ -416,6 +432,7 @@ pub fn score_task(
         let (a, an) = pick(&lls, &lens);
         hits += usize::from(a == e.gold);
         hits_norm += usize::from(an == e.gold);
+        samples.push(Sample { gold: e.gold, loglikelihoods: lls, lengths: lens });
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -428,5 +445,6 @@ pub fn score_task(
         acc_stderr: stderr_of(acc, n),
         acc_norm,
         acc_norm_stderr: stderr_of(acc_norm, n),
+        samples,
     })
 }

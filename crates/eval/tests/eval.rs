@@ -235,7 +235,8 @@ fn tiny_task_scored_end_to_end() {
     let bos = tok.token_to_id("<|bos|>");
     let r = score_task(&model, &tok, bos, "tiny", &examples, &Device::Cpu, false).unwrap();
     let (mut hits, mut hits_norm) = (0, 0);
-    for e in &examples {
+    assert_eq!(r.samples.len(), examples.len());
+    for (e, sample) in examples.iter().zip(&r.samples) {
         let mut lls = Vec::new();
         for c in &e.choices {
             // lm-eval 0.4: the whole encoded, the continuation what follows the context's tokens.
@@ -247,6 +248,11 @@ fn tiny_task_scored_end_to_end() {
         }
         // acc_norm: characters of each choice without its leading space.
         let lens: Vec<usize> = e.choices.iter().map(|c| c.trim_start().chars().count()).collect();
+        // Each question's scores as the result records them (eval --samples).
+        assert_eq!((sample.gold, &sample.lengths), (e.gold, &lens));
+        for (got, want) in sample.loglikelihoods.iter().zip(&lls) {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
         let (a, an) = pick(&lls, &lens);
         hits += usize::from(a == e.gold);
         hits_norm += usize::from(an == e.gold);
@@ -398,6 +404,7 @@ fn sample_report() -> report::Report {
         acc_stderr: stderr_of(acc, 100),
         acc_norm: acc + 0.01,
         acc_norm_stderr: stderr_of(acc + 0.01, 100),
+        samples: Vec::new(),
     };
     let pc = curve(0.5, 0.1);
     Report {
