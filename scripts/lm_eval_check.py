@@ -148,8 +148,6 @@ run([a.xtask, "eval", "--model", a.model, "--json", ours_json, "--samples", "--t
     + [x for n in TASKS for x in ("--task", os.path.join(work, f"{n}.parquet"))], env=dict(os.environ, RUST_BACKTRACE="0"))
 ours_all = json.load(open(ours_json))
 ours = {t["task"]: t for t in ours_all["tasks"]}
-print(f"{'task':<12}{'n':>5}{'lm-eval acc':>13}{'patchlm acc':>13}{'lm-eval norm':>14}{'patchlm norm':>14}")
-
 
 
 def lm_eval_samples(task):
@@ -160,19 +158,17 @@ def lm_eval_samples(task):
     return [[float(ll) for ll, _ in r["filtered_resps"]] for r in rows]
 
 
-ok = True
-worst = 0.0
-for n in TASKS:
-    theirs_ll = lm_eval_samples(f"check_{n}")
-    ours_ll = [s["loglikelihoods"] for s in ours[n]["samples"]]
-    ok &= len(theirs_ll) == len(ours_ll) and all(len(x) == len(y) for x, y in zip(theirs_ll, ours_ll))
-    worst = max([worst] + [abs(x - y) for tx, oy in zip(theirs_ll, ours_ll) for x, y in zip(tx, oy)])
+print(f"{'task':<12}{'n':>5}{'lm-eval acc':>13}{'patchlm acc':>13}{'lm-eval norm':>14}{'patchlm norm':>14}")
+ok, worst = True, 0.0
 for n in TASKS:
     t, o = theirs[f"check_{n}"], ours[n]
     norm_t, norm_o = t.get("acc_norm,none"), o.get("acc_norm") if "acc_norm,none" in t else None
     print(f"{n:<12}{o['n']:>5}{t['acc,none']:>13.4f}{o['acc']:>13.4f}"
           + (f"{norm_t:>14.4f}{norm_o:>14.4f}" if norm_t is not None else ""))
     ok &= o["n"] == a.n and abs(t["acc,none"] - o["acc"]) < 1e-9 and (norm_t is None or abs(norm_t - norm_o) < 1e-9)
+    theirs_ll, ours_ll = lm_eval_samples(f"check_{n}"), [s["loglikelihoods"] for s in o["samples"]]
+    ok &= len(theirs_ll) == len(ours_ll) and all(len(x) == len(y) for x, y in zip(theirs_ll, ours_ll))
+    worst = max([worst] + [abs(x - y) for tx, oy in zip(theirs_ll, ours_ll) for x, y in zip(tx, oy)])
 print(f"every choice's log-likelihood: max |lm-eval − patchlm| {worst:.2e} nats")
 ok &= worst < 1e-3
 t, o = theirs["check_text"], ours_all["perplexity"]
