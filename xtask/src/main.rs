@@ -125,14 +125,11 @@ fn main() -> Result<()> {
             if let Some(f) = text_field {
                 cfg.source.text_field = f;
             }
-            use patchlm_data::source::SampleBy;
-            cfg.source.sample_by = match sample_by.as_deref() {
-                Some("paragraph") => SampleBy::Paragraph,
-                Some("line") => SampleBy::Line,
-                _ => SampleBy::Document,
-            };
-            if invalid_utf8.as_deref() == Some("replace") {
-                cfg.source.invalid_utf8 = patchlm_data::source::InvalidUtf8::Replace;
+            if let Some(v) = sample_by {
+                cfg.source.sample_by = setting(v).context("--sample-by")?;
+            }
+            if let Some(v) = invalid_utf8 {
+                cfg.source.invalid_utf8 = setting(v).context("--invalid-utf8")?;
             }
             if let Some(f) = val_fraction {
                 cfg.val_fraction = f;
@@ -158,6 +155,11 @@ fn main() -> Result<()> {
         Cmd::Compare(a) => compare::run(a)?,
     }
     Ok(())
+}
+
+/// A setting named as its serde name (as in `--set data.source.sample_by=paragraph`).
+fn setting<T: serde::de::DeserializeOwned>(name: String) -> Result<T> {
+    Ok(serde_json::from_value(serde_json::Value::String(name))?)
 }
 
 pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path::Path) {

@@ -281,13 +281,7 @@ pub fn tokenizer_config(
 /// Reads `dir/config.json` (HF LLaMA format).
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::File {
-        path: path.clone(),
-        msg: format!("{e}; is this a model directory (config.json + model.safetensors)?"),
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::File { path: path.clone(), msg: format!("invalid json: {e}") })?;
-    ModelConfig::from_hf_json(&v).map_err(|e| ModelError::File { path, msg: e.to_string() })
+    ModelConfig::from_hf_json(&read_json(&path)?).map_err(|e| ModelError::File { path, msg: e.to_string() })
 }
 
 /// `bos_token_id` and `eos_token_id` from `dir/config.json`, when present. An `eos_token_id`
@@ -312,8 +306,12 @@ pub fn stop_token_ids(dir: &Path) -> Result<Vec<u32>> {
     Ok(token_ids(&read_json(&dir.join(CONFIG_FILE))?, "eos_token_id"))
 }
 
+/// A JSON file of a model directory.
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::File { path: path.into(), msg: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::File {
+        path: path.into(),
+        msg: format!("{e}; is this a model directory (config.json + model.safetensors)?"),
+    })?;
     serde_json::from_str(&text).map_err(|e| ModelError::File { path: path.into(), msg: format!("invalid json: {e}") })
 }
 
