@@ -130,14 +130,17 @@ fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde
         "{header:<28}{:>12}{:>12}{:>12}{:>14}{:>10}{:>14}",
         "documents", "tokens", "loss", "perplexity", "bpb", "word ppl"
     );
+    // Perplexities of an untrained model or of foreign text run to many digits: a wide one is
+    // printed in scientific notation so that the columns stay apart.
+    let ppl = |v: f64| if v < 1e9 { format!("{v:.3}") } else { format!("{v:.4e}") };
     println!(
-        "{row:<28}{:>12}{:>12}{:>12.4}{:>14.3}{:>10.4}{:>14.3}",
+        "{row:<28}{:>12}{:>12}{:>12.4}{:>14}{:>10.4}{:>14}",
         s.documents,
         s.tokens,
         s.mean_nll(),
-        s.perplexity(),
+        ppl(s.perplexity()),
         s.bits_per_byte(),
-        s.word_perplexity()
+        ppl(s.word_perplexity())
     );
     serde_json::json!({
         "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "words": s.words, "nll": s.nll,
