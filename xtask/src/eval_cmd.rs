@@ -24,7 +24,7 @@ pub struct EvalArgs {
     /// BOS/EOS framing of training).
     #[arg(long)]
     shards: Option<PathBuf>,
-    /// Zero-shot tasks: BIG-bench task.json, or HellaSwag / PIQA / ARC / MMLU / WinoGrande records
+    /// Zero-shot tasks: BIG-bench task.json (its own prompts and grade), or HellaSwag / PIQA / ARC / MMLU / WinoGrande records
     /// (the Hugging Face datasets' fields) as JSONL, a JSON array or Parquet, scored with
     /// lm-eval-harness's prompts; a file, or `hf://datasets/<org>/<name>/<file, folder or glob>`.
     #[arg(long, num_args = 1..)]

@@ -35,6 +35,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod bigbench;
 pub mod error;
 pub mod perplexity;
 pub mod report;

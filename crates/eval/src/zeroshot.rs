@@ -3,7 +3,8 @@
 //! log-probabilities, `acc_norm` the largest sum divided by the choice's length in characters (the
 //! choice text without the space that joins it to the context). The task formats are lm-eval's
 //! prompts for HellaSwag, PIQA, ARC, MMLU and WinoGrande (the paper's zero-shot suite), read from
-//! the records of the Hugging Face datasets as JSONL, a JSON array or Parquet.
+//! the records of the Hugging Face datasets as JSONL, a JSON array or Parquet; BIG-bench
+//! `task.json` files are posed and graded as BIG-bench itself does (`bigbench` module).
 
 use std::path::Path;
 
@@ -28,12 +29,24 @@ pub struct McExample {
     /// follows `context`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub contexts: Vec<String>,
+    /// What picking each choice earns (BIG-bench's `target_scores`, whose
+    /// `multiple_choice_grade` is their mean over questions); empty: 1 for `gold`, 0 for the rest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scores: Vec<f64>,
 }
 
 impl McExample {
     /// A question whose choices all follow one context.
     pub fn new(context: impl Into<String>, choices: Vec<String>, gold: usize) -> Self {
-        Self { context: context.into(), choices, gold, contexts: Vec::new() }
+        Self { context: context.into(), choices, gold, contexts: Vec::new(), scores: Vec::new() }
+    }
+
+    /// What picking choice `i` earns: its score, or 1 for the gold choice and 0 for the rest.
+    pub fn credit(&self, i: usize) -> f64 {
+        match self.scores.get(i) {
+            Some(&s) => s,
+            None => f64::from(u8::from(i == self.gold)),
+        }
     }
 
     /// The (context, continuation) scored for each choice.
@@ -62,7 +75,8 @@ pub struct TaskResult {
     pub task: String,
     /// Questions scored.
     pub n: usize,
-    /// Accuracy by summed log-probability.
+    /// Accuracy by summed log-probability (the mean credit of the picks, [`McExample::credit`]:
+    /// BIG-bench's `multiple_choice_grade` where choices carry target scores).
     pub acc: f64,
     /// Its standard error.
     pub acc_stderr: f64,
@@ -85,14 +99,21 @@ pub struct Sample {
     pub loglikelihoods: Vec<f64>,
     /// Each choice's length for `acc_norm` (characters).
     pub lengths: Vec<usize>,
+    /// Each choice's credit where the task gives scores ([`McExample::scores`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scores: Vec<f64>,
 }
 
-/// lm-eval's sample standard error of a mean of 0/1 values: sqrt(p(1 − p)/(n − 1)).
-pub fn stderr_of(p: f64, n: usize) -> f64 {
+/// lm-eval's standard error of a mean (`mean_stderr`): the sample standard deviation of the
+/// values over sqrt(n); for 0/1 values with mean p, sqrt(p(1 − p)/(n − 1)).
+pub fn stderr_of(values: &[f64]) -> f64 {
+    let n = values.len();
     if n < 2 {
         return 0.0;
     }
-    (p * (1.0 - p) / (n - 1) as f64).sqrt()
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (var / n as f64).sqrt()
 }
 
 /// The choice `acc` and `acc_norm` pick from per-choice log-likelihoods and lengths (the first
@@ -105,7 +126,7 @@ pub fn pick(lls: &[f64], lens: &[usize]) -> (usize, usize) {
 
 /// Where a record is in a task file, for errors.
 #[derive(Clone, Copy)]
-enum At {
+pub(crate) enum At {
     File,
     Line(usize),
     Example(usize),
@@ -123,11 +144,13 @@ impl std::fmt::Display for At {
     }
 }
 
-fn bad(path: &Path, at: At, msg: impl Into<String>) -> EvalError {
+pub(crate) fn bad(path: &Path, at: At, msg: impl Into<String>) -> EvalError {
     EvalError::Task { path: path.to_path_buf(), at: at.to_string(), msg: msg.into() }
 }
 
-/// Loads a task: a BIG-bench `task.json` (`examples` with `input` and `target_scores`), or records
+/// Loads a task: a BIG-bench `task.json` (`examples` with `input` and `target_scores`, posed as
+/// BIG-bench's `JsonTask` poses them zero-shot, each choice's target score its credit; a
+/// composite's `subtasks`, or the `task.json` of each folder beside it, together), or records
 /// as JSONL, a JSON array or Parquet (as the Hugging Face datasets serve them) in one of these
 /// formats, each made into lm-eval-harness's prompt:
 /// - HellaSwag (`Rowan/hellaswag`: `activity_label`, `ctx_a`, `ctx_b`, `endings`, `label`):
@@ -150,8 +173,8 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
         let trimmed = text.trim_start();
         if trimmed.starts_with('{') && !name.ends_with(".jsonl") {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-                if let Some(examples) = v.get("examples").and_then(|e| e.as_array()) {
-                    return examples.iter().enumerate().map(|(i, e)| bigbench(path, i + 1, e)).collect();
+                if crate::bigbench::is_task(path, &v) {
+                    return crate::bigbench::load(path, &v);
                 }
             }
         }
@@ -185,28 +208,6 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
         return Err(bad(path, At::File, "no examples"));
     }
     Ok(out)
-}
-
-fn bigbench(path: &Path, n: usize, e: &serde_json::Value) -> Result<McExample> {
-    let at = At::Example(n);
-    let input = e.get("input").and_then(|x| x.as_str()).ok_or_else(|| bad(path, at, "example lacks \"input\""))?;
-    let scores = e
-        .get("target_scores")
-        .and_then(|x| x.as_object())
-        .ok_or_else(|| bad(path, at, "example lacks \"target_scores\" (not a multiple-choice task?)"))?;
-    let mut choices = Vec::new();
-    let mut gold = None;
-    let mut best = f64::MIN;
-    for (c, s) in scores {
-        let s = s.as_f64().unwrap_or(0.0);
-        if s > best {
-            best = s;
-            gold = Some(choices.len());
-        }
-        choices.push(format!(" {c}"));
-    }
-    let gold = gold.ok_or_else(|| bad(path, at, "no choices"))?;
-    Ok(McExample::new(input, choices, gold))
 }
 
 fn label_index(v: &serde_json::Value, keys: &[String]) -> Option<usize> {
@@ -283,7 +284,7 @@ fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<McExampl
         };
         let rest = format!(" {}", sentence[blank + 1..].trim());
         let contexts = vec![format!("{}{o1}", &sentence[..blank]), format!("{}{o2}", &sentence[..blank])];
-        let e = McExample { context: sentence[..blank].to_string(), choices: vec![rest.clone(), rest], gold, contexts };
+        let e = McExample { contexts, ..McExample::new(&sentence[..blank], vec![rest.clone(), rest], gold) };
         return check(path, at, e);
     }
     if let (Some(q), Some(ch)) = (s("question"), v.get("choices")) {
@@ -422,7 +423,7 @@ pub fn score_task(
 ) -> Result<TaskResult> {
     let pb =
         if progress { indicatif::ProgressBar::new(examples.len() as u64) } else { indicatif::ProgressBar::hidden() };
-    let (mut hits, mut hits_norm) = (0usize, 0usize);
+    let (mut credits, mut credits_norm) = (Vec::with_capacity(examples.len()), Vec::with_capacity(examples.len()));
     let mut samples = Vec::with_capacity(examples.len());
     for e in examples {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> =
@@ -430,21 +431,21 @@ pub fn score_task(
         let lls = pair_loglikelihoods(model, &pairs, device)?;
         let lens: Vec<usize> = (0..e.choices.len()).map(|i| e.norm_len(i)).collect();
         let (a, an) = pick(&lls, &lens);
-        hits += usize::from(a == e.gold);
-        hits_norm += usize::from(an == e.gold);
-        samples.push(Sample { gold: e.gold, loglikelihoods: lls, lengths: lens });
+        credits.push(e.credit(a));
+        credits_norm.push(e.credit(an));
+        samples.push(Sample { gold: e.gold, loglikelihoods: lls, lengths: lens, scores: e.scores.clone() });
         pb.inc(1);
     }
     pb.finish_and_clear();
     let n = examples.len();
-    let (acc, acc_norm) = (hits as f64 / n.max(1) as f64, hits_norm as f64 / n.max(1) as f64);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / n.max(1) as f64;
     Ok(TaskResult {
         task: name.to_string(),
         n,
-        acc,
-        acc_stderr: stderr_of(acc, n),
-        acc_norm,
-        acc_norm_stderr: stderr_of(acc_norm, n),
+        acc: mean(&credits),
+        acc_stderr: stderr_of(&credits),
+        acc_norm: mean(&credits_norm),
+        acc_norm_stderr: stderr_of(&credits_norm),
         samples,
     })
 }

@@ -96,9 +96,11 @@ fn acc_and_acc_norm_by_hand() {
     // acc picks 1 (−3 > −4), acc_norm picks 0 (−2 > −3).
     assert_eq!(pick(&[-4.0, -3.0], &[2, 1]), (1, 0));
     assert_eq!(pick(&[-1.0, -3.0, -2.0], &[10, 1, 1]), (0, 0));
-    // lm-eval's sample standard error: p = 0.5 over 5 questions → sqrt(0.25/4) = 0.25.
-    assert!((stderr_of(0.5, 5) - 0.25).abs() < 1e-12);
-    assert_eq!(stderr_of(1.0, 1), 0.0);
+    // lm-eval's sample standard error: 0/1 values, p = 0.4 over 5 questions → sqrt(0.24/4);
+    // 0, ½, 1: sample variance ¼ over 3 → sqrt(1/12); one value: 0.
+    assert!((stderr_of(&[1.0, 0.0, 1.0, 0.0, 0.0]) - 0.06f64.sqrt()).abs() < 1e-12);
+    assert!((stderr_of(&[0.0, 0.5, 1.0]) - (1.0f64 / 12.0).sqrt()).abs() < 1e-12);
+    assert_eq!(stderr_of(&[1.0]), 0.0);
 }
 
 #[test]
@@ -111,8 +113,8 @@ fn task_formats_load() {
     )
     .unwrap();
     let bb = load_task(&d.join("task.json")).unwrap();
-    assert_eq!(bb[0].context, "2 + 2 =");
-    assert_eq!(bb[0].choices[bb[0].gold], " 4");
+    assert_eq!(bb[0].context, "\nQ: 2 + 2 =\n  choice: 3\n  choice: 4\n  choice: 5\nA: ");
+    assert_eq!((bb[0].choices[bb[0].gold].as_str(), &bb[0].scores[..]), ("4", &[0.0, 1.0, 0.0][..]));
     std::fs::write(
         d.join("hs.jsonl"),
         "{\"ctx\": \"A man\", \"endings\": [\"runs.\", \"flies.\"], \"label\": \"1\"}\n",
@@ -174,9 +176,72 @@ fn task_formats_load() {
     std::fs::write(d.join("empty.jsonl"), "\n\n").unwrap();
     let e = load_task(&d.join("empty.jsonl")).unwrap_err().to_string();
     assert!(e.ends_with("empty.jsonl: no examples"), "{e}");
+    // BIG-bench: a question needs a right answer, scores are numbers, settings have their types.
+    for (task, want) in [
+        (r#"{"examples": [{"input": "a", "target_scores": {"x": 1, "y": 1}}]}"#, "example 1: no correct choice"),
+        (r#"{"examples": [{"input": "a", "target_scores": {"x": 1}}]}"#, "example 1: no correct choice"),
+        (r#"{"examples": [{"input": "a", "target_scores": {"x": "1", "y": 0}}]}"#, "score of \"x\" is not a number"),
+        (r#"{"examples": [{"input": "a", "target": "x"}]}"#, "example 1: example lacks \"target_scores\""),
+        (
+            r#"{"task_prefix": 3, "examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}]}"#,
+            "\"task_prefix\" is not a string",
+        ),
+        (r#"{"append_choices_to_input": "no", "examples": []}"#, "\"append_choices_to_input\" is not true or false"),
+        (r#"{"examples": []}"#, "bb.json: no examples"),
+    ] {
+        std::fs::write(d.join("bb.json"), task).unwrap();
+        let e = load_task(&d.join("bb.json")).unwrap_err().to_string();
+        assert!(e.contains("bb.json") && e.contains(want), "{task}: {e}");
+    }
+    // A subtask's error names its own file.
+    let sub = d.join("composite");
+    std::fs::create_dir_all(sub.join("part")).unwrap();
+    std::fs::write(sub.join("task.json"), r#"{"name": "composite"}"#).unwrap();
+    std::fs::write(sub.join("part/task.json"), r#"{"examples": [{"input": "a"}]}"#).unwrap();
+    let e = load_task(&sub.join("task.json")).unwrap_err().to_string();
+    assert!(e.contains("part/task.json: example 1"), "{e}");
 }
 
 /// The prompts, choices, gold answers and normalising lengths lm-eval-harness 0.4.13 makes of
+/// BIG-bench's own JsonTask on the task files under tests/fixtures/tasks/bigbench
+/// (tests/fixtures/make_bigbench_golden.py): each question's prompt as BIG-bench poses it
+/// zero-shot (its prefixes, a task's own ones, choices listed in numpy's shuffled order or not
+/// at all, duplicates dropped, subtasks from folders or from the file), its choices and target
+/// scores; and the `multiple_choice_grade` BIG-bench computed from a stand-in model's
+/// log-likelihoods, which the picks' mean credit must equal (several right answers, partial
+/// credit, a composite's example-weighted aggregate).
+#[test]
+fn bigbench_prompts_and_grades() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tasks/bigbench");
+    let g: serde_json::Value = serde_json::from_str(include_str!("fixtures/bigbench_golden.json")).unwrap();
+    for (file, want) in g.as_object().unwrap() {
+        let examples = load_task(&dir.join(file)).unwrap();
+        let questions = want["questions"].as_array().unwrap();
+        assert_eq!(examples.len(), questions.len(), "{file}");
+        let mut credits = Vec::new();
+        for (n, (e, q)) in examples.iter().zip(questions).enumerate() {
+            assert_eq!(e.context, q["prompt"].as_str().unwrap(), "{file} question {n}");
+            // BIG-bench asks in the file's order of choices; ours are sorted.
+            let asked: Vec<String> = serde_json::from_value(q["choices"].clone()).unwrap();
+            let lls: Vec<f64> = serde_json::from_value(q["loglikelihoods"].clone()).unwrap();
+            let mut by_choice: Vec<(String, f64, f64)> = asked
+                .iter()
+                .zip(&lls)
+                .map(|(c, &ll)| (c.clone(), ll, q["target_scores"][c].as_f64().unwrap()))
+                .collect();
+            by_choice.sort_by(|a, b| a.0.cmp(&b.0));
+            assert_eq!(e.choices, by_choice.iter().map(|c| c.0.clone()).collect::<Vec<_>>(), "{file} question {n}");
+            assert_eq!(e.scores, by_choice.iter().map(|c| c.2).collect::<Vec<_>>(), "{file} question {n}");
+            let lls: Vec<f64> = by_choice.iter().map(|c| c.1).collect();
+            let lens: Vec<usize> = (0..e.choices.len()).map(|i| e.norm_len(i)).collect();
+            credits.push(e.credit(pick(&lls, &lens).0));
+        }
+        let grade = credits.iter().sum::<f64>() / credits.len() as f64;
+        let want = want["multiple_choice_grade"].as_f64().unwrap();
+        assert!((grade - want).abs() < 1e-12, "{file}: grade {grade} against BIG-bench's {want}");
+    }
+}
+
 /// HellaSwag, MMLU, WinoGrande, ARC and PIQA records (tests/fixtures/make_task_golden.py, which
 /// ran lm-eval's own task code and templates), from the records as the hub serves them: Parquet
 /// written by pyarrow (lists, a struct of lists, strings, integers), a JSON array with nested
@@ -401,9 +466,9 @@ fn sample_report() -> report::Report {
         task: "continuation".into(),
         n: 100,
         acc,
-        acc_stderr: stderr_of(acc, 100),
+        acc_stderr: 0.046,
         acc_norm: acc + 0.01,
-        acc_norm_stderr: stderr_of(acc + 0.01, 100),
+        acc_norm_stderr: 0.0461,
         samples: Vec::new(),
     };
     let pc = curve(0.5, 0.1);
