@@ -48,7 +48,7 @@ enum Cmd {
         /// Vocabulary size of the trained byte-level BPE.
         #[arg(long)]
         vocab_size: Option<usize>,
-        /// JSONL key / Parquet column with the text.
+        /// JSONL key / Parquet column with the text (a field inside a Parquet struct: `meta.text`).
         #[arg(long)]
         text_field: Option<String>,
         /// What one document of a plain text file is: document (the whole file, the default),

@@ -27,7 +27,8 @@ const BLOCK: usize = 64 << 10;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 #[serde(default)]
 pub struct SourceConfig {
-    /// JSONL key / Parquet column holding the text (default [`DEFAULT_TEXT_FIELD`]).
+    /// JSONL key / Parquet column holding the text (default [`DEFAULT_TEXT_FIELD`]); a Parquet
+    /// field inside a struct column by its dotted path (`meta.text`).
     pub text_field: String,
     /// Longest document in bytes; longer ones are cut at a line or word boundary
     /// (default [`DEFAULT_MAX_DOC_BYTES`]).
@@ -914,8 +915,17 @@ impl JsonlDocs {
                         self.skip_value()?;
                         found = true; // null: an empty document
                     }
-                    _ => {
-                        return Err(self.err(format!("field \"{}\" is not a string", self.field)));
+                    other => {
+                        let what = match other {
+                            None => "the end of the file",
+                            Some(b'\n') => "the end of the line (a JSONL record is one line)",
+                            Some(b'{') => "an object",
+                            Some(b'[') => "an array",
+                            Some(b't' | b'f') => "true or false",
+                            Some(b'-' | b'0'..=b'9') => "a number",
+                            Some(_) => "not json",
+                        };
+                        return Err(self.err(format!("field \"{}\" is not a string: it is {what}", self.field)));
                     }
                 }
             } else {
@@ -1050,9 +1060,21 @@ impl ParquetDocs {
         let idx = (0..schema.num_columns()).find(|&i| schema.column(i).path().string() == field);
         let Some(idx) = idx else {
             let cols: Vec<String> = (0..schema.num_columns()).map(|i| schema.column(i).path().string()).collect();
+            let nested: Vec<&str> = cols
+                .iter()
+                .map(String::as_str)
+                .filter(|c| c.strip_prefix(field).is_some_and(|r| r.starts_with('.')))
+                .collect();
+            let what = if nested.is_empty() {
+                format!("no column \"{field}\" (columns: {})", cols.join(", "))
+            } else {
+                format!(
+                    "column \"{field}\" does not hold strings but a list or struct (its leaves: {})",
+                    nested.join(", ")
+                )
+            };
             return Err(perr(format!(
-                "no column \"{field}\" (columns: {}); pass --text-field with the column that holds the text",
-                cols.join(", ")
+                "{what}; pass --text-field with the column that holds the text (a field inside a struct by its dotted path)"
             )));
         };
         let mask = ProjectionMask::leaves(schema, [idx]);
@@ -1069,8 +1091,13 @@ impl ParquetDocs {
         let Some(batch) = self.reader.next() else { return Ok(false) };
         let batch = batch.map_err(|e| perr(format!("row {}: {e}", self.row + 1)))?;
         let first = self.row;
-        self.batch =
-            column_texts(batch.column(0).as_ref(), &|i| format!("row {}", first + i as u64 + 1)).map_err(perr)?;
+        // A field inside a struct (`--text-field meta.text`) is read as the struct around its one
+        // projected leaf: the text is that leaf (null where the struct is, by the leaf's levels).
+        let mut col = batch.column(0).as_ref();
+        while let Some(s) = col.as_any().downcast_ref::<arrow_array::StructArray>() {
+            col = s.column(0).as_ref();
+        }
+        self.batch = column_texts(col, &|i| format!("row {}", first + i as u64 + 1)).map_err(perr)?;
         self.next = 0;
         Ok(true)
     }

@@ -56,9 +56,13 @@ fn jsonl(docs: &[String], field: &str) -> Vec<u8> {
 }
 
 fn parquet(docs: &[Option<String>], column: &str) -> Vec<u8> {
-    let schema = Arc::new(Schema::new(vec![Field::new(column, DataType::Utf8, true)]));
-    let arr = StringArray::from(docs.to_vec());
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(arr)]).unwrap();
+    parquet_of(column, Arc::new(StringArray::from(docs.to_vec())))
+}
+
+/// A Parquet file of one column, in row groups of 3.
+fn parquet_of(column: &str, values: arrow_array::ArrayRef) -> Vec<u8> {
+    let schema = Arc::new(Schema::new(vec![Field::new(column, values.data_type().clone(), true)]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![values]).unwrap();
     let mut buf = Vec::new();
     let props = parquet::file::properties::WriterProperties::builder().set_max_row_group_row_count(Some(3)).build();
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props)).unwrap();
@@ -226,7 +230,11 @@ fn bad_inputs_give_clear_errors() {
     let e = docs_of(&[d.join("nofield.jsonl")], &cfg).unwrap_err().to_string();
     assert!(e.contains("line 1") && e.contains("--text-field"), "{e}");
     write(&d.join("num.jsonl"), b"{\"text\": 5}\n");
-    assert!(docs_of(&[d.join("num.jsonl")], &cfg).unwrap_err().to_string().contains("not a string"));
+    let e = docs_of(&[d.join("num.jsonl")], &cfg).unwrap_err().to_string();
+    assert!(e.contains("line 1: field \"text\" is not a string: it is a number"), "{e}");
+    write(&d.join("cut.jsonl"), b"{\"text\": \"a\"}\n{\"text\": \n{\"text\": \"b\"}\n");
+    let e = docs_of(&[d.join("cut.jsonl")], &cfg).unwrap_err().to_string();
+    assert!(e.contains("line 2: field \"text\" is not a string: it is the end of the line"), "{e}");
     write(&d.join("broken.jsonl"), b"{\"text\": \"a\"}\n{\"text\": \"unterminated\n");
     let e = docs_of(&[d.join("broken.jsonl")], &cfg).unwrap_err().to_string();
     assert!(e.contains("line 2"), "{e}");
@@ -294,6 +302,34 @@ fn bad_inputs_give_clear_errors() {
     write(&d.join("p.parquet"), &parquet(&[Some("x".into())], "body"));
     let e = docs_of(&[d.join("p.parquet")], &cfg).unwrap_err().to_string();
     assert!(e.contains("p.parquet") && e.contains("no column \"text\"") && e.contains("body"), "{e}");
+    // A list of strings under the name: named as such, with its leaves, not as missing.
+    let item = Arc::new(Field::new("element", DataType::Utf8, true));
+    let mut lists = arrow_array::builder::ListBuilder::new(arrow_array::builder::StringBuilder::new()).with_field(item);
+    lists.append_value([Some("a"), Some("b")]);
+    write(&d.join("list.parquet"), &parquet_of("text", Arc::new(lists.finish())));
+    let e = docs_of(&[d.join("list.parquet")], &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("column \"text\" does not hold strings but a list or struct (its leaves: text.list.element)"),
+        "{e}"
+    );
+    // A field inside a struct, by its dotted path; a null struct or field is an empty document.
+    let text = Arc::new(Field::new("text", DataType::Utf8, true));
+    let n = Arc::new(Field::new("n", DataType::Int32, true));
+    let meta = arrow_array::StructArray::new(
+        vec![text, n].into(),
+        vec![
+            Arc::new(StringArray::from(vec![Some("nested one"), Some("hidden"), None, Some("two")])),
+            Arc::new(arrow_array::Int32Array::from(vec![1, 2, 3, 4])),
+        ],
+        Some(vec![true, false, true, true].into()),
+    );
+    write(&d.join("struct.parquet"), &parquet_of("meta", Arc::new(meta)));
+    let nested = SourceConfig { text_field: "meta.text".into(), ..cfg.clone() };
+    assert_eq!(docs_of(&[d.join("struct.parquet")], &nested).unwrap(), ["nested one", "two"]);
+    let e = docs_of(&[d.join("struct.parquet")], &SourceConfig { text_field: "meta".into(), ..cfg.clone() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(its leaves: meta.text, meta.n)") && e.contains("dotted path"), "{e}");
     write(&d.join("junk.parquet"), b"not parquet at all");
     assert!(docs_of(&[d.join("junk.parquet")], &cfg).unwrap_err().to_string().contains("junk.parquet"));
 }
