@@ -14,8 +14,8 @@ pub enum DataError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// An input path does not exist.
-    #[error("{0}: no such file or directory; check the --input path")]
+    /// A path (an input, a tokenizer) does not exist.
+    #[error("{0}: no such file or directory")]
     Missing(PathBuf),
     /// Text that is not valid UTF-8.
     #[error(

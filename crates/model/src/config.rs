@@ -114,7 +114,12 @@ impl RopeScaling {
     /// `original_max_position_embeddings`.
     fn from_hf(v: &serde_json::Value, max_positions: usize) -> Result<Option<Self>> {
         let bad = |m: String| ModelError::Config(m);
-        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let kind = match v.get("rope_type").or_else(|| v.get("type")).filter(|t| !t.is_null()) {
+            None => "default",
+            Some(t) => {
+                t.as_str().ok_or_else(|| bad(format!("rope_scaling's rope_type is not a string (it is {t})")))?
+            }
+        };
         let num = |k: &str| {
             v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| bad(format!("rope_scaling (\"{kind}\") needs \"{k}\"")))
         };
@@ -125,10 +130,14 @@ impl RopeScaling {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
                 high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: v
-                    .get("original_max_position_embeddings")
-                    .and_then(|x| x.as_u64())
-                    .map_or(max_positions, |x| x as usize),
+                original_max_position_embeddings: match v.get("original_max_position_embeddings") {
+                    None | Some(serde_json::Value::Null) => max_positions,
+                    Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
+                        bad(format!(
+                            "rope_scaling's original_max_position_embeddings is not a whole number (it is {x})"
+                        ))
+                    })?,
+                },
             },
             other => {
                 return Err(bad(format!(
@@ -298,15 +307,32 @@ impl ModelConfig {
         })
     }
 
-    /// Reads an HF LLaMA `config.json` (other architectures are refused).
+    /// Reads an HF LLaMA `config.json` (other architectures are refused). A setting that is
+    /// absent or null takes `LlamaConfig`'s default; one of the wrong type is refused.
     pub fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
         let bad = |m: String| ModelError::Config(m);
-        if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
+        let present = |k: &str| v.get(k).filter(|x| !x.is_null());
+        let typed = |k: &str, what: &str| {
+            bad(format!("\"{k}\" is not {what} (it is {})", present(k).map_or(String::new(), |x| x.to_string())))
+        };
+        let opt_usize = |k: &str| -> Result<Option<usize>> {
+            present(k).map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| typed(k, "a whole number"))).transpose()
+        };
+        let opt_f64 = |k: &str| -> Result<Option<f64>> {
+            present(k).map(|x| x.as_f64().ok_or_else(|| typed(k, "a number"))).transpose()
+        };
+        let opt_bool = |k: &str| -> Result<Option<bool>> {
+            present(k).map(|x| x.as_bool().ok_or_else(|| typed(k, "true or false"))).transpose()
+        };
+        let opt_str = |k: &str| -> Result<Option<&str>> {
+            present(k).map(|x| x.as_str().ok_or_else(|| typed(k, "a string"))).transpose()
+        };
+        if let Some(t) = opt_str("model_type")? {
             if t != "llama" {
                 return Err(bad(format!("model_type \"{t}\" is not supported (only \"llama\")")));
             }
         }
-        if let Some(act) = v.get("hidden_act").and_then(|t| t.as_str()) {
+        if let Some(act) = opt_str("hidden_act")? {
             if act != "silu" {
                 return Err(bad(format!("hidden_act \"{act}\" is not supported (only silu)")));
             }
@@ -314,7 +340,7 @@ impl ModelConfig {
         // Variants of the architecture whose extra weights or changed math this model lacks: refused
         // rather than loaded with the difference silently dropped.
         for flag in ["attention_bias", "mlp_bias"] {
-            if v.get(flag).and_then(|x| x.as_bool()) == Some(true) {
+            if opt_bool(flag)? == Some(true) {
                 return Err(bad(format!("{flag} = true is not supported (the projections here have no biases)")));
             }
         }
@@ -331,19 +357,12 @@ impl ModelConfig {
             .get("rope_scaling")
             .filter(|r| !r.is_null())
             .or_else(|| v.get("rope_parameters").filter(|r| !r.is_null()));
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(|x| x.as_f64())
+        let rope_theta = opt_f64("rope_theta")?
             .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
             .unwrap_or(10000.0);
-        let get = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .ok_or_else(|| bad(format!("config.json: missing \"{k}\"")))
-        };
+        let get = |k: &str| -> Result<usize> { opt_usize(k)?.ok_or_else(|| bad(format!("missing \"{k}\""))) };
         let heads = get("num_attention_heads")?;
-        let max_positions = get("max_position_embeddings").unwrap_or(2048);
+        let max_positions = opt_usize("max_position_embeddings")?.unwrap_or(2048);
         let rope_scaling = match rope {
             Some(r) => RopeScaling::from_hf(r, max_positions)?,
             None => None,
@@ -354,17 +373,17 @@ impl ModelConfig {
             intermediate_size: get("intermediate_size")?,
             num_hidden_layers: get("num_hidden_layers")?,
             num_attention_heads: heads,
-            num_key_value_heads: get("num_key_value_heads").unwrap_or(heads),
-            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            num_key_value_heads: opt_usize("num_key_value_heads")?.unwrap_or(heads),
+            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             max_position_embeddings: max_positions,
-            initializer_range: v.get("initializer_range").and_then(|x| x.as_f64()).unwrap_or(0.02),
+            initializer_range: opt_f64("initializer_range")?.unwrap_or(0.02),
             // LlamaConfig's default is an untied head.
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false),
+            tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
         };
-        if let Some(hd) = v.get("head_dim").and_then(|x| x.as_u64()) {
-            if hd as usize != cfg.head_dim() {
+        if let Some(hd) = opt_usize("head_dim")? {
+            if hd != cfg.head_dim() {
                 return Err(bad(format!("head_dim {hd} differs from hidden_size / num_attention_heads")));
             }
         }

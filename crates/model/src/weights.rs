@@ -325,6 +325,15 @@ fn token_ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
     }
 }
 
+/// A candle error about a weight file, named by the file candle names (a shard among several),
+/// else `fallback`, without candle's own `path: "…"` prefix.
+fn file_error(e: candle_core::Error, fallback: &Path) -> ModelError {
+    match e {
+        candle_core::Error::WithPath { inner, path } => ModelError::File { path, msg: inner.to_string() },
+        e => ModelError::File { path: fallback.to_path_buf(), msg: e.to_string() },
+    }
+}
+
 /// Loads an HF LLaMA directory for inference (weights memory-mapped, in `dtype`; one file or
 /// shards, see [`weight_files`]).
 pub fn load_pretrained(dir: &Path, device: &Device, dtype: DType) -> Result<(Llama, ModelConfig)> {
@@ -332,8 +341,8 @@ pub fn load_pretrained(dir: &Path, device: &Device, dtype: DType) -> Result<(Lla
     let files = weight_files(dir)?;
     let first = files[0].clone();
     // SAFETY: the files are mapped read-only and not modified while the model lives.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-        .map_err(|e| ModelError::File { path: first.clone(), msg: e.to_string() })?;
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| file_error(e, &first))?;
     let model = Llama::new(vb, &cfg)
         .map_err(|e| ModelError::File { path: first, msg: format!("weights do not fit config.json: {e}") })?;
     Ok((model, cfg))
@@ -347,7 +356,7 @@ pub fn load_trainable(dir: &Path, device: &Device) -> Result<(Llama, VarMap, Mod
     let files = weight_files(dir)?;
     let err = |msg: String| ModelError::File { path: dir.to_path_buf(), msg };
     // SAFETY: as in load_pretrained.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| err(e.to_string()))?;
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| file_error(e, dir))?;
     let vars = varmap.data().lock().map_err(|_| err("the variable map's lock is poisoned".into()))?;
     for (name, var) in vars.iter() {
         let t = st.load(name, device).map_err(|e| err(format!("{name}: {e}")))?;

@@ -342,6 +342,28 @@ fn rope_scaling_matches_hf_transformers() {
         let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
         assert!(e.contains(says), "{key}: {e}");
     }
+    // A setting of the wrong type is refused by name, not replaced by its default (a string
+    // num_key_value_heads made the model multi-head, a string eps was 1e-6); null is absent.
+    for (key, value, says) in [
+        ("num_key_value_heads", serde_json::json!("2"), "\"num_key_value_heads\" is not a whole number (it is \"2\")"),
+        ("hidden_size", serde_json::json!(-1), "\"hidden_size\" is not a whole number (it is -1)"),
+        ("rms_norm_eps", serde_json::json!("x"), "\"rms_norm_eps\" is not a number"),
+        ("max_position_embeddings", serde_json::json!(64.5), "\"max_position_embeddings\" is not a whole number"),
+        ("tie_word_embeddings", serde_json::json!("true"), "\"tie_word_embeddings\" is not true or false"),
+        ("head_dim", serde_json::json!([8]), "\"head_dim\" is not a whole number"),
+        ("model_type", serde_json::json!(1), "\"model_type\" is not a string"),
+        ("rope_scaling", serde_json::json!({"rope_type": 3}), "rope_type is not a string"),
+    ] {
+        let mut v = hf.clone();
+        v[key] = value;
+        let e = ModelConfig::from_hf_json(&v).unwrap_err().to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
+    let mut v = hf.clone();
+    v["num_key_value_heads"] = serde_json::Value::Null;
+    v["rms_norm_eps"] = serde_json::Value::Null;
+    let c = ModelConfig::from_hf_json(&v).unwrap();
+    assert_eq!((c.num_key_value_heads, c.rms_norm_eps), (c.num_attention_heads, 1e-6));
 }
 
 /// Writes the fixture's tensors as two shards (in `dtype`) with an HF index into `dir`.
@@ -388,8 +410,19 @@ fn sharded_weights_load_like_one_file() {
     let d = logits(&trainable).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(d > 0.0 && d < 0.05, "bf16 rounding moved the logits by {d}");
 
+    // A damaged shard is named by its own file (not the first), once.
+    let second = dir.path().join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&second).unwrap();
+    std::fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
+    for e in [
+        load_pretrained(dir.path(), &Device::Cpu, DType::F32).err().unwrap().to_string(),
+        load_trainable(dir.path(), &Device::Cpu).err().unwrap().to_string(),
+    ] {
+        assert!(e.contains("model-00002-of-00002.safetensors: incomplete metadata"), "{e}");
+        assert!(!e.contains("path:"), "{e}");
+    }
     // A missing shard, and an index that points outside the directory, are named.
-    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    std::fs::remove_file(&second).unwrap();
     let e = load_pretrained(dir.path(), &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(e.contains("model-00002-of-00002.safetensors: missing; model.safetensors.index.json names it"), "{e}");
     let index = serde_json::json!({"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}});
