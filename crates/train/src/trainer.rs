@@ -179,6 +179,20 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
     if !(tc.lr > 0.0 && tc.lr.is_finite()) {
         return bad(format!("lr must be positive, got {}", tc.lr));
     }
+    // The ranges torch.optim.AdamW accepts, and clipping's.
+    let a = &tc.adamw;
+    for (name, value, ok, range) in [
+        ("min_lr_ratio", tc.min_lr_ratio, (0.0..=1.0).contains(&tc.min_lr_ratio), "in [0, 1]"),
+        ("grad_clip", tc.grad_clip, tc.grad_clip >= 0.0 && tc.grad_clip.is_finite(), "0 (off) or positive"),
+        ("adamw.beta1", a.beta1, (0.0..1.0).contains(&a.beta1), "in [0, 1)"),
+        ("adamw.beta2", a.beta2, (0.0..1.0).contains(&a.beta2), "in [0, 1)"),
+        ("adamw.eps", a.eps, a.eps >= 0.0 && a.eps.is_finite(), "0 or positive"),
+        ("adamw.weight_decay", a.weight_decay, a.weight_decay >= 0.0 && a.weight_decay.is_finite(), "0 or positive"),
+    ] {
+        if !ok {
+            return bad(format!("{name} must be {range}, got {value}"));
+        }
+    }
     let mut phases = Vec::new();
     let mut add = |name: &str, k: usize, file: &BlockFile, block_tokens: usize| -> Result<()> {
         let bps = tc.tokens_per_step / block_tokens;

@@ -341,6 +341,22 @@ fn bad_settings_fail_before_training() {
     let mut c = cfg.clone();
     c.train.tokens_per_step = 100;
     check(c, "not divisible");
+    // Optimizer settings outside what torch.optim.AdamW takes (β1 = 1 made the loss NaN at step
+    // 2), a negative clip, a final learning rate above the peak.
+    type Edit = fn(&mut RunConfig);
+    let cases: [(Edit, &str); 6] = [
+        (|c| c.train.adamw.beta1 = 1.0, "adamw.beta1 must be in [0, 1), got 1"),
+        (|c| c.train.adamw.beta2 = -0.5, "adamw.beta2 must be in [0, 1)"),
+        (|c| c.train.adamw.eps = f64::NAN, "adamw.eps must be 0 or positive, got NaN"),
+        (|c| c.train.adamw.weight_decay = -0.1, "adamw.weight_decay must be 0 or positive"),
+        (|c| c.train.grad_clip = -1.0, "grad_clip must be 0 (off) or positive, got -1"),
+        (|c| c.train.min_lr_ratio = 2.0, "min_lr_ratio must be in [0, 1], got 2"),
+    ];
+    for (set, want) in cases {
+        let mut c = cfg.clone();
+        set(&mut c);
+        check(c, want);
+    }
     // A tokenizer other than the datasets' is refused before training.
     let t = Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap();
     let e = t.with_tokenizer("{}".into(), None, Some(1)).err().unwrap().to_string();
