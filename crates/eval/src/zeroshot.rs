@@ -161,7 +161,10 @@ pub(crate) fn bad(path: &Path, at: At, msg: impl Into<String>) -> EvalError {
 /// - MMLU (`question`, `choices: [..]`, `answer`, optional `subject`): the subject's
 ///   description line, the question, the lettered options, "Answer:", and the letters as choices;
 /// - WinoGrande (`sentence` with one `_`, `option1`, `option2`, `answer` "1" or "2"): each option
-///   in the blank as the context, the rest of the sentence as the continuation.
+///   in the blank as the context, the rest of the sentence as the continuation;
+/// - BIG-bench as its Hugging Face dataset serves it (`inputs`, `multiple_choice_targets`,
+///   `targets`), as lm-eval's bigbench multiple-choice tasks pose it: `inputs` as they are, the
+///   first of `targets` right; records without choices are left out.
 pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
     let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     let records: Vec<(At, serde_json::Value)> = if name.ends_with(".parquet") {
@@ -203,7 +206,13 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
             out
         }
     };
-    let out: Vec<McExample> = records.iter().map(|(at, v)| record_example(path, *at, v)).collect::<Result<_>>()?;
+    let mut out = Vec::with_capacity(records.len());
+    for (at, v) in &records {
+        // lm-eval's BIG-bench tasks drop records without choices (generative ones).
+        if let Some(e) = record_example(path, *at, v)? {
+            out.push(e);
+        }
+    }
     if out.is_empty() {
         return Err(bad(path, At::File, "no examples"));
     }
@@ -253,7 +262,35 @@ fn capitalize(s: &str) -> String {
     }
 }
 
-fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<McExample> {
+fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<Option<McExample>> {
+    if let (Some(inputs), Some(choices)) =
+        (v.get("inputs").and_then(|x| x.as_str()), v.get("multiple_choice_targets").and_then(|x| x.as_array()))
+    {
+        // BIG-bench as the Hugging Face dataset serves it (lm-eval's bigbench multiple-choice
+        // tasks, template a): the prompt as it is, the right choice the first of `targets`.
+        if choices.is_empty() {
+            return Ok(None);
+        }
+        let choices: Vec<&str> = choices
+            .iter()
+            .map(|c| c.as_str().ok_or_else(|| bad(path, at, "multiple_choice_targets holds a non-string")))
+            .collect::<Result<_>>()?;
+        let target = v
+            .get("targets")
+            .and_then(|t| t.get(0))
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| bad(path, at, "missing \"targets\" (a list of strings)"))?;
+        let gold = choices
+            .iter()
+            .position(|c| *c == target)
+            .ok_or_else(|| bad(path, at, format!("targets[0] {target:?} is not one of multiple_choice_targets")))?;
+        let e = McExample::new(inputs, choices.iter().map(|c| format!(" {c}")).collect(), gold);
+        return check(path, at, e).map(Some);
+    }
+    other_record(path, at, v).map(Some)
+}
+
+fn other_record(path: &Path, at: At, v: &serde_json::Value) -> Result<McExample> {
     let s = |k: &str| v.get(k).and_then(|x| x.as_str());
     let strings = |x: &serde_json::Value| -> Option<Vec<String>> {
         x.as_array()?.iter().map(|e| e.as_str().map(str::to_string)).collect()
@@ -325,8 +362,8 @@ fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<McExampl
         path,
         at,
         "not a HellaSwag (activity_label, ctx_a, ctx_b or ctx; endings, label), PIQA (goal, sol1, sol2, label), \
-         ARC (question, choices {text, label}, answerKey), MMLU (question, choices [..], answer) or WinoGrande \
-         (sentence, option1, option2, answer) record",
+         ARC (question, choices {text, label}, answerKey), MMLU (question, choices [..], answer), WinoGrande \
+         (sentence, option1, option2, answer) or BIG-bench (inputs, multiple_choice_targets, targets) record",
     ))
 }
 

@@ -242,7 +242,7 @@ fn bigbench_prompts_and_grades() {
     }
 }
 
-/// HellaSwag, MMLU, WinoGrande, ARC and PIQA records (tests/fixtures/make_task_golden.py, which
+/// HellaSwag, MMLU, WinoGrande, ARC, PIQA and the hub's BIG-bench records (tests/fixtures/make_task_golden.py, which
 /// ran lm-eval's own task code and templates), from the records as the hub serves them: Parquet
 /// written by pyarrow (lists, a struct of lists, strings, integers), a JSON array with nested
 /// objects, JSONL. And
@@ -258,6 +258,7 @@ fn lm_eval_prompts_and_pairs() {
         ("arc", "arc.json"),
         ("arc", "arc.parquet"),
         ("piqa", "piqa.jsonl"),
+        ("bigbench_hf", "bigbench_hf.parquet"),
     ] {
         let examples = load_task(&dir.join("tasks").join(file)).unwrap();
         let want = g[task].as_array().unwrap();
