@@ -250,7 +250,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     }
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
     assert!(md
-        .contains("| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc |"));
+        .contains("| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc_norm |"));
     assert!(md.contains("| patch K=4 λ=0.667 | 4 | 0.667 | 0.5"), "{md}");
     assert!(md.contains("![Validation loss vs relative compute](loss_vs_compute.png)"));
 
@@ -302,7 +302,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     assert_eq!(out.matches("finished before; reused").count(), 2, "{out}");
     assert!(d.join("cmp/runs/patch-k2-l0.667/summary.json").is_file());
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
-    assert!(md.contains("| patch K=2 λ=0.667 | 2 |") && !md.contains("continuation acc"), "{md}");
+    assert!(md.contains("| patch K=2 λ=0.667 | 2 |") && !md.contains("continuation acc_norm"), "{md}");
     // Two passes over the data: the equal-compute baseline makes two passes over half of it.
     let (ok, out) = xtask(
         &[&base[..7], &["--out", "cmp2", "--set", "blocks.epochs=2", "--continuation-examples", "0"]].concat(),

@@ -103,8 +103,8 @@ fn fmt_secs(s: f64) -> String {
     }
 }
 
-/// The main table in Markdown: one row per run, one column per zero-shot task's `acc` (in %)
-/// plus their average when there are several.
+/// The main table in Markdown: one row per run, one column per zero-shot task's `acc_norm` (in
+/// %; the paper's Table 1 reports normalized accuracy) plus their average when there are several.
 pub fn markdown_table(r: &Report) -> String {
     let tasks: Vec<String> =
         r.runs.first().map(|x| x.tasks.iter().map(|t| t.task.clone()).collect()).unwrap_or_default();
@@ -115,10 +115,10 @@ pub fn markdown_table(r: &Report) -> String {
     }
     s += " cost | tokens | wall time | val loss | val PPL | bits/byte |";
     for t in &tasks {
-        s += &format!(" {t} acc |");
+        s += &format!(" {t} acc_norm |");
     }
     if tasks.len() > 1 {
-        s += " avg acc |";
+        s += " avg acc_norm |";
     }
     s += "\n|---|---|---|---|---|---|---|";
     s += &"---|".repeat(labels.len() + tasks.len() + usize::from(tasks.len() > 1));
@@ -138,10 +138,10 @@ pub fn markdown_table(r: &Report) -> String {
             run.bits_per_byte
         );
         for t in &run.tasks {
-            s += &format!(" {:.1} |", 100.0 * t.acc);
+            s += &format!(" {:.1} |", 100.0 * t.acc_norm);
         }
         if tasks.len() > 1 {
-            let avg = run.tasks.iter().map(|t| t.acc).sum::<f64>() / run.tasks.len().max(1) as f64;
+            let avg = run.tasks.iter().map(|t| t.acc_norm).sum::<f64>() / run.tasks.len().max(1) as f64;
             s += &format!(" {:.1} |", 100.0 * avg);
         }
         s += "\n";

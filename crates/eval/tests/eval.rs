@@ -516,10 +516,10 @@ fn report_table_has_the_papers_columns() {
     assert_eq!(lines.len(), 4, "{t}");
     assert_eq!(
         lines[0],
-        "| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc |"
+        "| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc_norm |"
     );
-    assert_eq!(lines[2], "| baseline | 1 | 0 | 1.000× | 5.0k | 50.0s | 3.0000 | 20.09 | 1.2500 | 31.0 |");
-    assert_eq!(lines[3], "| patch K=4 λ=0.667 | 4 | 0.667 | 0.500× | 5.0k | 2m05s | 3.1000 | 22.20 | 1.3000 | 29.0 |");
+    assert_eq!(lines[2], "| baseline | 1 | 0 | 1.000× | 5.0k | 50.0s | 3.0000 | 20.09 | 1.2500 | 32.0 |");
+    assert_eq!(lines[3], "| patch K=4 λ=0.667 | 4 | 0.667 | 0.500× | 5.0k | 2m05s | 3.1000 | 22.20 | 1.3000 | 30.0 |");
     let md = report::markdown(&r);
     assert!(md.starts_with("# Test report\n\nA note.\n\n"));
     assert!(md.contains("| patch K=4 λ=0.667 | continuation | 100 | 29.0 ± 4.6 | 30.0 ± 4.6 |"), "{md}");
