@@ -26,7 +26,7 @@ pub struct EvalArgs {
     shards: Option<PathBuf>,
     /// Zero-shot tasks: BIG-bench task.json (its own prompts and grade), or HellaSwag / PIQA / ARC / MMLU / WinoGrande records
     /// (the Hugging Face datasets' fields) as JSONL, a JSON array or Parquet, scored with
-    /// lm-eval-harness's prompts; a file, or `hf://datasets/<org>/<name>/<file, folder or glob>`.
+    /// lm-eval-harness's prompts; a file, a folder (its files make one task) or `hf://datasets/<org>/<name>/<file, folder or glob>`.
     #[arg(long, num_args = 1..)]
     task: Vec<PathBuf>,
     /// Window length (default: the model's context).
@@ -104,15 +104,29 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 /// The zero-shot tasks `--task` names, each with its name: a local file is one task named by its
-/// stem; an `hf://datasets/...` file, folder or glob is one task of all the files it names (say
-/// MMLU's 57 subjects), named by the path after `hf://datasets/`.
+/// stem; a local folder is one task of its `.parquet`, `.jsonl` and `.json` files (walked in
+/// name order), or the BIG-bench task of its `task.json`, named by the folder; an
+/// `hf://datasets/...` file, folder or glob is one task of all the files it names (say MMLU's 57
+/// subjects), named by the path after `hf://datasets/`.
 pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
     let mut tasks = Vec::new();
     for spec in specs {
         let text = spec.to_string_lossy();
+        let stem = || spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         let (name, files) = match text.strip_prefix("hf://datasets/") {
             Some(rest) => (rest.to_string(), patchlm_data::hub::resolve_inputs(std::slice::from_ref(spec))?),
-            None => (spec.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), vec![spec.clone()]),
+            None if spec.join("task.json").is_file() => (stem(), vec![spec.join("task.json")]),
+            None if spec.is_dir() => {
+                let files: Vec<PathBuf> = patchlm_data::source::expand_inputs(std::slice::from_ref(spec))?
+                    .into_iter()
+                    .filter(|f| f.extension().is_some_and(|e| e == "parquet" || e == "jsonl" || e == "json"))
+                    .collect();
+                if files.is_empty() {
+                    bail!("task {text}: the folder holds no .parquet, .jsonl or .json file");
+                }
+                (stem(), files)
+            }
+            None => (stem(), vec![spec.clone()]),
         };
         let mut examples = Vec::new();
         for f in &files {

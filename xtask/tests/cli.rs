@@ -249,8 +249,9 @@ fn compare_end_to_end_on_a_tiny_corpus() {
         assert!(r["curve"].as_array().unwrap().len() >= 3);
     }
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
-    assert!(md
-        .contains("| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc_norm |"));
+    assert!(md.contains(
+        "| model | K | λ | cost | tokens | wall time | val loss | val PPL | bits/byte | continuation acc_norm |"
+    ));
     assert!(md.contains("| patch K=4 λ=0.667 | 4 | 0.667 | 0.5"), "{md}");
     assert!(md.contains("![Validation loss vs relative compute](loss_vs_compute.png)"));
 
@@ -291,6 +292,22 @@ fn compare_end_to_end_on_a_tiny_corpus() {
         .count();
     assert!((t["acc"].as_f64().unwrap() - hits as f64 / 40.0).abs() < 1e-12, "{t}");
     assert!(runs[0]["tasks"][0].get("samples").is_none());
+    // A folder of the task's records in two files is the same task, named by the folder; a
+    // folder without task files says so.
+    let lines: Vec<String> =
+        std::fs::read_to_string(d.join("cmp/continuation.jsonl")).unwrap().lines().map(|l| format!("{l}\n")).collect();
+    std::fs::create_dir_all(d.join("parts/empty")).unwrap();
+    std::fs::write(d.join("parts/a.jsonl"), lines[..15].concat()).unwrap();
+    std::fs::write(d.join("parts/b.jsonl"), lines[15..].concat()).unwrap();
+    let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts", "--json", "p.json"], d);
+    assert!(ok, "{out}");
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("p.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&p["tasks"][0]["task"], &p["tasks"][0]["n"], &p["tasks"][0]["acc"]),
+        (&"parts".into(), &40.into(), &t["acc"])
+    );
+    let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts/empty"], d);
+    assert!(!ok && out.contains("parts/empty: the folder holds no .parquet, .jsonl or .json file"), "{out}");
 
     // Run again: every run is reused, nothing retrains.
     let (ok, out) = xtask(&args, d);
