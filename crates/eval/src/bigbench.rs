@@ -10,6 +10,9 @@
 //!
 //! Choices are kept in sorted order (BIG-bench keeps the file's): only exactly equal
 //! log-likelihoods could pick differently.
+//!
+//! BIG-bench as its Hugging Face dataset serves it (records with `inputs`,
+//! `multiple_choice_targets`, `targets`) is posed as lm-eval's bigbench tasks pose it instead.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -17,7 +20,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{EvalError, Result};
-use crate::zeroshot::{bad, At, McExample};
+use crate::zeroshot::{bad, check, At, McExample};
 
 /// The seed BIG-bench shuffles appended choices with (`JsonTask`'s `random_seed` default).
 const SEED: u32 = 42;
@@ -147,6 +150,38 @@ impl Format {
         context.push_str(&self.output_prefix);
         Ok(McExample { scores: credit, ..McExample::new(context, choices, gold) })
     }
+}
+
+/// Whether `v` is a record of BIG-bench as its Hugging Face dataset serves it (`inputs`,
+/// `multiple_choice_targets`, `targets`: lm-eval's `hails/bigbench`).
+pub(crate) fn is_hub_record(v: &Value) -> bool {
+    v.get("inputs").is_some_and(Value::is_string) && v.get("multiple_choice_targets").is_some_and(Value::is_array)
+}
+
+/// A hub record posed as lm-eval's bigbench multiple-choice tasks pose it (template a): `inputs`
+/// as they are, the choices after a space, the first of `targets` right; `None` for a record
+/// without choices (a generative one), which lm-eval's filter drops.
+pub(crate) fn hub_record(path: &Path, at: At, v: &Value) -> Result<Option<McExample>> {
+    let inputs = v.get("inputs").and_then(Value::as_str).unwrap_or_default();
+    let choices = v.get("multiple_choice_targets").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    if choices.is_empty() {
+        return Ok(None);
+    }
+    let choices: Vec<&str> = choices
+        .iter()
+        .map(|c| c.as_str().ok_or_else(|| bad(path, at, "multiple_choice_targets holds a non-string")))
+        .collect::<Result<_>>()?;
+    let target = v
+        .get("targets")
+        .and_then(|t| t.get(0))
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(path, at, "missing \"targets\" (a list of strings)"))?;
+    let gold = choices
+        .iter()
+        .position(|c| *c == target)
+        .ok_or_else(|| bad(path, at, format!("targets[0] {target:?} is not one of multiple_choice_targets")))?;
+    let e = McExample::new(inputs, choices.iter().map(|c| format!(" {c}")).collect(), gold);
+    check(path, at, e).map(Some)
 }
 
 /// Shuffles `items` as numpy's legacy `RandomState(seed).permutation(items)` does: Fisher–Yates

@@ -262,35 +262,17 @@ fn capitalize(s: &str) -> String {
     }
 }
 
+/// One record as a question; `None` for a record that is left out (a BIG-bench one without
+/// choices).
 fn record_example(path: &Path, at: At, v: &serde_json::Value) -> Result<Option<McExample>> {
-    if let (Some(inputs), Some(choices)) =
-        (v.get("inputs").and_then(|x| x.as_str()), v.get("multiple_choice_targets").and_then(|x| x.as_array()))
-    {
-        // BIG-bench as the Hugging Face dataset serves it (lm-eval's bigbench multiple-choice
-        // tasks, template a): the prompt as it is, the right choice the first of `targets`.
-        if choices.is_empty() {
-            return Ok(None);
-        }
-        let choices: Vec<&str> = choices
-            .iter()
-            .map(|c| c.as_str().ok_or_else(|| bad(path, at, "multiple_choice_targets holds a non-string")))
-            .collect::<Result<_>>()?;
-        let target = v
-            .get("targets")
-            .and_then(|t| t.get(0))
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| bad(path, at, "missing \"targets\" (a list of strings)"))?;
-        let gold = choices
-            .iter()
-            .position(|c| *c == target)
-            .ok_or_else(|| bad(path, at, format!("targets[0] {target:?} is not one of multiple_choice_targets")))?;
-        let e = McExample::new(inputs, choices.iter().map(|c| format!(" {c}")).collect(), gold);
-        return check(path, at, e).map(Some);
+    if crate::bigbench::is_hub_record(v) {
+        return crate::bigbench::hub_record(path, at, v);
     }
-    other_record(path, at, v).map(Some)
+    suite_record(path, at, v).map(Some)
 }
 
-fn other_record(path: &Path, at: At, v: &serde_json::Value) -> Result<McExample> {
+/// A record of the paper's suite (HellaSwag, PIQA, ARC, MMLU, WinoGrande).
+fn suite_record(path: &Path, at: At, v: &serde_json::Value) -> Result<McExample> {
     let s = |k: &str| v.get(k).and_then(|x| x.as_str());
     let strings = |x: &serde_json::Value| -> Option<Vec<String>> {
         x.as_array()?.iter().map(|e| e.as_str().map(str::to_string)).collect()
@@ -367,7 +349,7 @@ fn other_record(path: &Path, at: At, v: &serde_json::Value) -> Result<McExample>
     ))
 }
 
-fn check(path: &Path, at: At, e: McExample) -> Result<McExample> {
+pub(crate) fn check(path: &Path, at: At, e: McExample) -> Result<McExample> {
     if e.choices.len() < 2 || e.gold >= e.choices.len() {
         return Err(bad(path, at, format!("{} choices with gold index {}", e.choices.len(), e.gold)));
     }

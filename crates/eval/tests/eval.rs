@@ -193,6 +193,20 @@ fn task_formats_load() {
         let e = load_task(&d.join("bb.json")).unwrap_err().to_string();
         assert!(e.contains("bb.json") && e.contains(want), "{task}: {e}");
     }
+    // BIG-bench's hub records: the right answer must be a choice; a file of generative records
+    // only has no questions.
+    for (rec, want) in [
+        (
+            r#"{"inputs": "q", "targets": ["z"], "multiple_choice_targets": ["x", "y"]}"#,
+            "line 1: targets[0] \"z\" is not one of",
+        ),
+        (r#"{"inputs": "q", "multiple_choice_targets": ["x", "y"]}"#, "line 1: missing \"targets\""),
+        (r#"{"inputs": "q", "targets": ["x"], "multiple_choice_targets": []}"#, "hub.jsonl: no examples"),
+    ] {
+        std::fs::write(d.join("hub.jsonl"), format!("{rec}\n")).unwrap();
+        let e = load_task(&d.join("hub.jsonl")).unwrap_err().to_string();
+        assert!(e.contains(want), "{rec}: {e}");
+    }
     // A subtask's error names its own file.
     let sub = d.join("composite");
     std::fs::create_dir_all(sub.join("part")).unwrap();
