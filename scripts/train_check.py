@@ -12,6 +12,7 @@ micro-batches of uneven size (the run's micro_batch does not divide a step), cli
 decay on matrices only, and the schedule.
 
     python3 scripts/train_check.py            # needs torch, transformers, safetensors, pyarrow
+    python3 scripts/train_check.py --set model.tie_word_embeddings=true   # a tied LM head
 
 Runs `target/release/xtask pretrain` on the default corpus (the `tiny` preset, about 10 s)."""
 import argparse, json, math, os, shutil, subprocess, tempfile
@@ -24,6 +25,7 @@ from transformers import LlamaForCausalLM
 ap = argparse.ArgumentParser()
 ap.add_argument("--xtask", default="target/release/xtask")
 ap.add_argument("--steps", type=int, default=6, help="steps per phase")
+ap.add_argument("--set", action="append", default=[], help="more pretrain settings, e.g. model.tie_word_embeddings=true")
 a = ap.parse_args()
 torch.manual_seed(0)
 
@@ -31,7 +33,7 @@ run = tempfile.mkdtemp(prefix="train_check.")
 sets = ["preset=tiny", "blocks.max_tokens=60000", "train.tokens_per_step=1536", "train.micro_batch=2",
         "train.checkpoint_every=1", "train.keep_checkpoints=100000", "train.eval_every=100000",
         "train.warmup_steps=3", "train.lr=0.003", "train.grad_clip=0.75", "train.min_lr_ratio=0.1",
-        f"train.max_steps_per_phase={a.steps}", "train.progress=false"]
+        f"train.max_steps_per_phase={a.steps}", "train.progress=false"] + a.set
 cmd = [a.xtask, "pretrain", "--out", os.path.join(run, "run")] + [x for s in sets for x in ("--set", s)]
 r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RUST_BACKTRACE="0"))
 if r.returncode != 0:
@@ -81,7 +83,7 @@ def patch_loss(model, ids, k):
     return -logp.gather(-1, ids[:, k:].reshape(b, n - 1, k)).mean()
 
 
-worst = {"loss": 0.0, "grad_norm": 0.0, "lr": 0.0, "weights": 0.0}
+worst = {"loss": 0.0, "grad_norm": 0.0, "lr": 0.0, "weights": 0.0, "ill-conditioned": 0.0}
 steps_checked = []
 last = int(cks[-1].split("-")[1])
 for g in range(1, last):
@@ -115,8 +117,14 @@ for g in range(1, last):
     worst["grad_norm"] = max(worst["grad_norm"], abs(norm - m["grad_norm"]) / m["grad_norm"])
     worst["lr"] = max(worst["lr"], abs(lr - m["lr"]) / m["lr"])
     for n, v in params.items():
-        d = (v.detach() - want[n].double()).abs().max() / want[n].abs().max()
-        worst["weights"] = max(worst["weights"], float(d))
+        # Where a gradient is below 10·eps, AdamW's g/(sqrt(v)+eps) turns its float32 rounding
+        # into the update: such elements are bounded by one step's size (lr) instead.
+        diff, scale = (v.detach() - want[n].double()).abs(), want[n].abs().max()
+        well = v.grad.abs() >= 10 * tc["adamw"]["eps"]
+        if well.any():
+            worst["weights"] = max(worst["weights"], float(diff[well].max() / scale))
+        if (~well).any():
+            worst["ill-conditioned"] = max(worst["ill-conditioned"], float(diff[~well].max() / lr))
     steps_checked.append((g + 1, phases[phase][0], p + 1, loss.item(), m["loss"], norm, m["grad_norm"]))
 
 print(f"{'step':>5} {'phase':>6} {'#':>3} {'torch loss':>12} {'patchlm':>12} {'torch |g|':>11} {'patchlm':>11}")
@@ -128,8 +136,8 @@ clipped = sum(s[5] > tc["grad_clip"] for s in steps_checked)
 assert 0 < clipped < len(steps_checked), "some steps must clip and some not"
 assert {s[1] for s in steps_checked} == {"patch", "token"}, "the run must cross phases"
 # The reference runs in float64, patchlm in float32. Weights are compared relative to each
-# tensor's largest; the largest differences sit where a gradient is as small as AdamW's eps
-# (~1e-8), where float32 rounding of the gradient moves g/(sqrt(v)+eps) most (1.6e-5 here;
-# torch's own float32 run is 1.4e-4 from its float64 one).
-assert worst["loss"] < 1e-5 and worst["grad_norm"] < 1e-5 and worst["lr"] < 1e-12 and worst["weights"] < 1e-4, worst
+# tensor's largest (decay on the norms too would be 3e-4 off); those with gradients below 10·eps
+# relative to the step's learning rate.
+assert worst["loss"] < 1e-5 and worst["grad_norm"] < 1e-5 and worst["lr"] < 1e-12, worst
+assert worst["weights"] < 2e-5 and worst["ill-conditioned"] < 0.5, worst
 print(f"OK ({len(steps_checked)} steps, {clipped} clipped)")
