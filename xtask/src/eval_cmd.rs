@@ -95,6 +95,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             );
         }
         out["tasks"] = serde_json::to_value(&tasks)?;
+        if tasks.len() > 1 {
+            // The unweighted mean over tasks, as the paper's "avg zero-shot".
+            let n = tasks.len() as f64;
+            let (acc, acc_norm) =
+                (tasks.iter().map(|r| r.acc).sum::<f64>() / n, tasks.iter().map(|r| r.acc_norm).sum::<f64>() / n);
+            println!("{:<28}{:>8}{acc:>10.4}{:8}{acc_norm:>10.4}", format!("average of {} tasks", tasks.len()), "", "");
+            out["average"] = serde_json::json!({ "tasks": tasks.len(), "acc": acc, "acc_norm": acc_norm });
+        }
     }
     if let Some(p) = a.json {
         patchlm_model::weights::write_atomic(&p, serde_json::to_string_pretty(&out)?.as_bytes())

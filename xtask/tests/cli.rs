@@ -306,6 +306,14 @@ fn compare_end_to_end_on_a_tiny_corpus() {
         (&p["tasks"][0]["task"], &p["tasks"][0]["n"], &p["tasks"][0]["acc"]),
         (&"parts".into(), &40.into(), &t["acc"])
     );
+    // Several tasks: their unweighted mean too, as the paper averages its zero-shot tasks.
+    let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts", "parts/a.jsonl", "--json", "q.json"], d);
+    assert!(ok && out.contains("average of 2 tasks"), "{out}");
+    let q: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("q.json")).unwrap()).unwrap();
+    for m in ["acc", "acc_norm"] {
+        let mean = (q["tasks"][0][m].as_f64().unwrap() + q["tasks"][1][m].as_f64().unwrap()) / 2.0;
+        assert!((q["average"][m].as_f64().unwrap() - mean).abs() < 1e-12, "{q}");
+    }
     let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts/empty"], d);
     assert!(!ok && out.contains("parts/empty: the folder holds no .parquet, .jsonl or .json file"), "{out}");
 
