@@ -251,23 +251,53 @@ fn build<P: AsRef<Path>>(
             Some(t) => t,
             None => {
                 let pb = bar(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
-                let mut docs = Documents::open(inputs, &cfg.source)?;
-                let mut err = None;
-                let mut seen = 0u64;
                 let limit = cfg.tokenizer.max_train_bytes;
-                let texts = std::iter::from_fn(|| {
+                // Over the limit, each file gives text in proportion to its size on disk (from its
+                // start, a long document cut at the file's share), so that every source trains the
+                // tokenizer, not the files that sort first.
+                let sizes: Vec<u64> = files.iter().map(|f| f.metadata().map_or(0, |m| m.len())).collect();
+                let total: u64 = sizes.iter().sum();
+                let budget = |i: usize| match total <= limit {
+                    true => u64::MAX,
+                    false => ((limit as u128 * sizes[i] as u128 / total.max(1) as u128) as u64).max(1),
+                };
+                let (mut next_file, mut docs, mut taken) = (0, None::<Documents>, 0u64);
+                let (mut err, mut seen) = (None, 0u64);
+                let texts = std::iter::from_fn(|| loop {
                     if seen >= limit {
                         return None;
                     }
-                    match docs.next()? {
-                        Ok(d) => {
-                            seen += d.text.len() as u64;
-                            pb.set_position(seen);
-                            Some(d.text)
+                    let Some(d) = docs.as_mut() else {
+                        let f = files.get(next_file)?;
+                        match Documents::open(std::slice::from_ref(f), &cfg.source) {
+                            Ok(d) => docs = Some(d),
+                            Err(e) => {
+                                err = Some(e);
+                                return None;
+                            }
                         }
-                        Err(e) => {
+                        (next_file, taken) = (next_file + 1, 0);
+                        continue;
+                    };
+                    let share = budget(next_file - 1);
+                    match d.next() {
+                        Some(Ok(d)) if taken < share => {
+                            let mut text = d.text;
+                            let mut cut = usize::try_from(share - taken).unwrap_or(usize::MAX).min(text.len());
+                            while !text.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            // A cut document ends the file's share.
+                            taken = if cut < text.len() { share } else { taken + cut as u64 };
+                            text.truncate(cut);
+                            seen += text.len() as u64;
+                            pb.set_position(seen);
+                            return Some(text);
+                        }
+                        Some(Ok(_)) | None => docs = None,
+                        Some(Err(e)) => {
                             err = Some(e);
-                            None
+                            return None;
                         }
                     }
                 });

@@ -39,7 +39,8 @@ pub struct TokenizerConfig {
     pub pad_token: String,
     /// Prepend BOS to every document (default true; EOS is always appended).
     pub add_bos: bool,
-    /// At most this much text trains the tokenizer (default 256 MiB).
+    /// At most this much text trains the tokenizer (default 256 MiB): over it, each input file
+    /// gives text from its start in proportion to its size on disk.
     pub max_train_bytes: u64,
     /// A tokenizer to use instead of training one (default none: train): a `tokenizer.json`
     /// path, or a Hugging Face repository id (`org/name[@revision]`) whose `tokenizer.json`

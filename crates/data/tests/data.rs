@@ -748,6 +748,40 @@ fn loaded_tokenizer_and_parquet_interchange() {
     assert!(e.contains("bad.json"), "{e}");
 }
 
+/// Over `max_train_bytes`, the tokenizer trains on every input file in proportion to its size,
+/// not on the first files alone: with two sources of different words, the first larger than the
+/// whole budget, the second's words still become tokens.
+#[test]
+fn tokenizer_training_samples_every_file_over_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let words = |w: &[&str], n: usize| -> String { (0..n).map(|i| w[i % w.len()]).collect::<Vec<_>>().join(" ") };
+    // One document each (a whole text file), 41 kB of one vocabulary, 21 kB of another.
+    write(&d.join("a.txt"), words(&["alpha", "amber", "anchor", "apple"], 7000).as_bytes());
+    write(&d.join("b.txt"), words(&["zebra", "zenith", "zigzag", "zodiac"], 3000).as_bytes());
+    let mut cfg = small_cfg();
+    cfg.val_fraction = 0.0;
+    let has = |out: &Path, t: &str| {
+        let tok = patchlm_data::tokenizer::load_tokenizer(&out.join(TOKENIZER_FILE)).unwrap();
+        tok.token_to_id(&format!("\u{120}{t}")).is_some()
+    };
+    // A budget of 30 kB, less than a.txt: about 20 kB from a.txt, 10 kB from b.txt (both
+    // single documents cut at their share); taking files from the start would stop inside a.txt.
+    cfg.tokenizer.max_train_bytes = 30_000;
+    let out = d.join("budget");
+    build_shards(&[d.join("a.txt"), d.join("b.txt")], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert!(has(&out, "apple") && has(&out, "zodiac"));
+    // Within the budget, everything: the same tokenizer as an unlimited one.
+    let total: u64 = ["a.txt", "b.txt"].iter().map(|f| std::fs::metadata(d.join(f)).unwrap().len()).sum();
+    let mut tokenizer_with = |limit: u64, name: &str| {
+        cfg.tokenizer.max_train_bytes = limit;
+        build_shards(&[d.join("a.txt"), d.join("b.txt")], &d.join(name), &cfg, TokenizerSource::Train, false).unwrap();
+        std::fs::read_to_string(d.join(name).join(TOKENIZER_FILE)).unwrap()
+    };
+    let exact = tokenizer_with(total, "exact");
+    assert!(exact == tokenizer_with(1 << 30, "all"));
+}
+
 #[test]
 fn byte_level_bpe_round_trips_any_text() {
     let cfg = TokenizerConfig { vocab_size: 300, ..Default::default() };
