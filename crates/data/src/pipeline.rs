@@ -124,6 +124,79 @@ fn total_input_bytes<P: AsRef<Path>>(inputs: &[P]) -> u64 {
         .unwrap_or(0)
 }
 
+/// The documents a tokenizer trains on: all of them within `limit` bytes; over it, each file
+/// gives text in proportion to its size on disk (from its start, a long document cut at the
+/// file's share), so that every source trains the tokenizer, not the files that sort first. An
+/// error ends the iteration and waits in `err`.
+struct TrainingSample<'a> {
+    files: &'a [std::path::PathBuf],
+    source: &'a SourceConfig,
+    sizes: Vec<u64>,
+    total: u64,
+    limit: u64,
+    pb: &'a ProgressBar,
+    /// The open file (the `next - 1`-th), and the bytes taken from it.
+    docs: Option<Documents>,
+    next: usize,
+    taken: u64,
+    seen: u64,
+    err: Option<DataError>,
+}
+
+impl<'a> TrainingSample<'a> {
+    fn new(files: &'a [std::path::PathBuf], source: &'a SourceConfig, limit: u64, pb: &'a ProgressBar) -> Self {
+        let sizes: Vec<u64> = files.iter().map(|f| f.metadata().map_or(0, |m| m.len())).collect();
+        let total = sizes.iter().sum();
+        Self { files, source, sizes, total, limit, pb, docs: None, next: 0, taken: 0, seen: 0, err: None }
+    }
+
+    /// The bytes of text file `i` may give.
+    fn share(&self, i: usize) -> u64 {
+        if self.total <= self.limit {
+            u64::MAX
+        } else {
+            ((self.limit as u128 * self.sizes[i] as u128 / self.total as u128) as u64).max(1)
+        }
+    }
+}
+
+impl Iterator for TrainingSample<'_> {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        while self.seen < self.limit && self.err.is_none() {
+            if self.docs.is_none() {
+                let f = self.files.get(self.next)?;
+                match Documents::open(std::slice::from_ref(f), self.source) {
+                    Ok(d) => self.docs = Some(d),
+                    Err(e) => self.err = Some(e),
+                }
+                (self.next, self.taken) = (self.next + 1, 0);
+                continue;
+            }
+            let share = self.share(self.next - 1);
+            match self.docs.as_mut().and_then(Iterator::next) {
+                Some(Ok(d)) if self.taken < share => {
+                    let mut text = d.text;
+                    let mut cut = usize::try_from(share - self.taken).unwrap_or(usize::MAX).min(text.len());
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    // A cut document ends the file's share.
+                    self.taken = if cut < text.len() { share } else { self.taken + cut as u64 };
+                    text.truncate(cut);
+                    self.seen += text.len() as u64;
+                    self.pb.set_position(self.seen);
+                    return Some(text);
+                }
+                Some(Ok(_)) | None => self.docs = None,
+                Some(Err(e)) => self.err = Some(e),
+            }
+        }
+        None
+    }
+}
+
 fn bar(total: u64, show: bool, msg: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -251,59 +324,10 @@ fn build<P: AsRef<Path>>(
             Some(t) => t,
             None => {
                 let pb = bar(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
-                let limit = cfg.tokenizer.max_train_bytes;
-                // Over the limit, each file gives text in proportion to its size on disk (from its
-                // start, a long document cut at the file's share), so that every source trains the
-                // tokenizer, not the files that sort first.
-                let sizes: Vec<u64> = files.iter().map(|f| f.metadata().map_or(0, |m| m.len())).collect();
-                let total: u64 = sizes.iter().sum();
-                let budget = |i: usize| match total <= limit {
-                    true => u64::MAX,
-                    false => ((limit as u128 * sizes[i] as u128 / total.max(1) as u128) as u64).max(1),
-                };
-                let (mut next_file, mut docs, mut taken) = (0, None::<Documents>, 0u64);
-                let (mut err, mut seen) = (None, 0u64);
-                let texts = std::iter::from_fn(|| loop {
-                    if seen >= limit {
-                        return None;
-                    }
-                    let Some(d) = docs.as_mut() else {
-                        let f = files.get(next_file)?;
-                        match Documents::open(std::slice::from_ref(f), &cfg.source) {
-                            Ok(d) => docs = Some(d),
-                            Err(e) => {
-                                err = Some(e);
-                                return None;
-                            }
-                        }
-                        (next_file, taken) = (next_file + 1, 0);
-                        continue;
-                    };
-                    let share = budget(next_file - 1);
-                    match d.next() {
-                        Some(Ok(d)) if taken < share => {
-                            let mut text = d.text;
-                            let mut cut = usize::try_from(share - taken).unwrap_or(usize::MAX).min(text.len());
-                            while !text.is_char_boundary(cut) {
-                                cut -= 1;
-                            }
-                            // A cut document ends the file's share.
-                            taken = if cut < text.len() { share } else { taken + cut as u64 };
-                            text.truncate(cut);
-                            seen += text.len() as u64;
-                            pb.set_position(seen);
-                            return Some(text);
-                        }
-                        Some(Ok(_)) | None => docs = None,
-                        Some(Err(e)) => {
-                            err = Some(e);
-                            return None;
-                        }
-                    }
-                });
-                let t = tokenizer::train_bpe(texts, &cfg.tokenizer);
+                let mut sample = TrainingSample::new(&files, &cfg.source, cfg.tokenizer.max_train_bytes, &pb);
+                let t = tokenizer::train_bpe(sample.by_ref(), &cfg.tokenizer);
                 pb.finish_and_clear();
-                if let Some(e) = err {
+                if let Some(e) = sample.err {
                     return Err(e);
                 }
                 t?
