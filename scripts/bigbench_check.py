@@ -132,9 +132,9 @@ for rel, o in zip(tops, ours):
     grade, asked = theirs[rel]
     print(f"{rel:<22}{o['n']:>5}{grade:>17.4f}{o['acc']:>13.4f}")
     ok &= o["n"] == len(asked) and abs(grade - o["acc"]) < 1e-9
-    # Ours are in sorted choice order.
+    # Both in the file's order of choices.
     for q, s in zip(asked, o["samples"]):
-        theirs_ll = [q[c] for c in sorted(q)]
+        theirs_ll = list(q.values())
         ok &= len(theirs_ll) == len(s["loglikelihoods"])
         worst = max([worst] + [abs(x - y) for x, y in zip(theirs_ll, s["loglikelihoods"])])
 print(f"every choice's log-likelihood: max |BIG-bench via lm-eval − patchlm| {worst:.2e} nats")

@@ -8,8 +8,7 @@
 //! task objects) or the `task.json` of each folder beside it (in name order), each posed with its
 //! own settings; the mean over all their questions is BIG-bench's example-weighted aggregate.
 //!
-//! Choices are kept in sorted order (BIG-bench keeps the file's): only exactly equal
-//! log-likelihoods could pick differently.
+//! Choices keep the file's order, as BIG-bench's do (the first of equal log-likelihoods wins).
 //!
 //! BIG-bench as its Hugging Face dataset serves it (records with `inputs`,
 //! `multiple_choice_targets`, `targets`) is posed as lm-eval's bigbench tasks pose it instead.
@@ -33,31 +32,32 @@ pub(crate) fn is_task(path: &Path, v: &Value) -> bool {
         || (v.get("name").is_some() && !subtask_files(path).is_empty())
 }
 
-/// The questions of a BIG-bench task read from `path` (already parsed as `v`).
-pub(crate) fn load(path: &Path, v: &Value) -> Result<Vec<McExample>> {
+/// The questions of a BIG-bench task read from `path` (its `text`, already parsed as `v`).
+pub(crate) fn load(path: &Path, text: &str, v: &Value) -> Result<Vec<McExample>> {
     let mut out = Vec::new();
-    load_into(path, v, &mut out)?;
+    load_into(path, v, &KeyOrder::of(text), &mut out)?;
     if out.is_empty() {
         return Err(bad(path, At::File, "no examples"));
     }
     Ok(out)
 }
 
-fn load_into(path: &Path, task: &Value, out: &mut Vec<McExample>) -> Result<()> {
+fn load_into(path: &Path, task: &Value, order: &KeyOrder, out: &mut Vec<McExample>) -> Result<()> {
     if let Some(examples) = task.get("examples").and_then(Value::as_array) {
         let format = Format::of(path, task)?;
         let mut seen = HashSet::new();
         for (i, e) in examples.iter().enumerate() {
             // BIG-bench drops an example that repeats an earlier one exactly.
             if seen.insert(e.to_string()) {
-                out.push(format.example(path, At::Example(i + 1), e)?);
+                let keys = order.examples.get(i).map(|x| x.target_scores.0.as_slice());
+                out.push(format.example(path, At::Example(i + 1), e, keys)?);
             }
         }
         return Ok(());
     }
     if let Some(subtasks) = task.get("subtasks").and_then(Value::as_array) {
-        for t in subtasks {
-            load_into(path, t, out)?;
+        for (i, t) in subtasks.iter().enumerate() {
+            load_into(path, t, order.subtasks.get(i).unwrap_or(&KeyOrder::default()), out)?;
         }
         return Ok(());
     }
@@ -71,9 +71,9 @@ fn load_into(path: &Path, task: &Value, out: &mut Vec<McExample>) -> Result<()> 
     }
     for f in files {
         let text = std::fs::read_to_string(&f).map_err(|e| EvalError::Io { path: f.clone(), source: e })?;
-        let v: Value = serde_json::from_str(text.strip_prefix('\u{feff}').unwrap_or(&text))
-            .map_err(|e| bad(&f, At::File, format!("invalid json: {e}")))?;
-        load_into(&f, &v, out)?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(&f, At::File, format!("invalid json: {e}")))?;
+        load_into(&f, &v, &KeyOrder::of(text), out)?;
     }
     Ok(())
 }
@@ -86,6 +86,53 @@ fn subtask_files(path: &Path) -> Vec<std::path::PathBuf> {
         entries.filter_map(|e| Some(e.ok()?.path().join("task.json"))).filter(|f| f.is_file()).collect();
     files.sort();
     files
+}
+
+/// The order of each example's `target_scores` keys in the file (a parsed `Value` sorts them), by
+/// example and by subtask; empty where the file does not have that shape (its errors are reported
+/// from the value).
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct KeyOrder {
+    examples: Vec<ExampleOrder>,
+    subtasks: Vec<KeyOrder>,
+}
+
+impl KeyOrder {
+    fn of(text: &str) -> Self {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct ExampleOrder {
+    target_scores: Keys,
+}
+
+/// An object's keys in the order they are written.
+#[derive(Default)]
+struct Keys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Keys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Keys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(k);
+                }
+                Ok(Keys(keys))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// A task's prompt settings.
@@ -120,15 +167,24 @@ impl Format {
         })
     }
 
-    fn example(&self, path: &Path, at: At, e: &Value) -> Result<McExample> {
+    /// One question; `keys`: its choices in the file's order, where known.
+    fn example(&self, path: &Path, at: At, e: &Value, keys: Option<&[String]>) -> Result<McExample> {
         let input = e.get("input").and_then(Value::as_str).ok_or_else(|| bad(path, at, "example lacks \"input\""))?;
         let scores = e
             .get("target_scores")
             .and_then(Value::as_object)
             .ok_or_else(|| bad(path, at, "example lacks \"target_scores\" (not a multiple-choice task?)"))?;
+        // The file's order where it names each choice once, else the map's (sorted).
+        let keys: Vec<&String> = match keys {
+            Some(k) if k.iter().collect::<HashSet<_>>() == scores.keys().collect() && k.len() == scores.len() => {
+                k.iter().collect()
+            }
+            _ => scores.keys().collect(),
+        };
         let mut choices = Vec::with_capacity(scores.len());
         let mut credit = Vec::with_capacity(scores.len());
-        for (c, s) in scores {
+        for c in keys {
+            let s = &scores[c];
             let s = s.as_f64().ok_or_else(|| bad(path, at, format!("the target score of {c:?} is not a number")))?;
             choices.push(c.clone());
             credit.push(s);
@@ -140,7 +196,9 @@ impl Format {
         let gold = credit.iter().position(|&s| s == hi).unwrap_or(0);
         let mut context = format!("{}{}{input}", self.task_prefix, self.input_prefix);
         if self.append_choices {
+            // BIG-bench shuffles the sorted choices.
             let mut shown: Vec<&str> = choices.iter().map(String::as_str).collect();
+            shown.sort_unstable();
             numpy_permutation(&mut shown, SEED);
             for c in shown {
                 context.push_str(&self.choice_prefix);

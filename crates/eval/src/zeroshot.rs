@@ -177,7 +177,7 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
         if trimmed.starts_with('{') && !name.ends_with(".jsonl") {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
                 if crate::bigbench::is_task(path, &v) {
-                    return crate::bigbench::load(path, &v);
+                    return crate::bigbench::load(path, text, &v);
                 }
             }
         }

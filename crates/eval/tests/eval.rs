@@ -235,18 +235,11 @@ fn bigbench_prompts_and_grades() {
         let mut credits = Vec::new();
         for (n, (e, q)) in examples.iter().zip(questions).enumerate() {
             assert_eq!(e.context, q["prompt"].as_str().unwrap(), "{file} question {n}");
-            // BIG-bench asks in the file's order of choices; ours are sorted.
+            // The choices in the order BIG-bench asks for them (the file's), with their scores.
             let asked: Vec<String> = serde_json::from_value(q["choices"].clone()).unwrap();
+            let scores: Vec<f64> = asked.iter().map(|c| q["target_scores"][c].as_f64().unwrap()).collect();
+            assert_eq!((&e.choices, &e.scores), (&asked, &scores), "{file} question {n}");
             let lls: Vec<f64> = serde_json::from_value(q["loglikelihoods"].clone()).unwrap();
-            let mut by_choice: Vec<(String, f64, f64)> = asked
-                .iter()
-                .zip(&lls)
-                .map(|(c, &ll)| (c.clone(), ll, q["target_scores"][c].as_f64().unwrap()))
-                .collect();
-            by_choice.sort_by(|a, b| a.0.cmp(&b.0));
-            assert_eq!(e.choices, by_choice.iter().map(|c| c.0.clone()).collect::<Vec<_>>(), "{file} question {n}");
-            assert_eq!(e.scores, by_choice.iter().map(|c| c.2).collect::<Vec<_>>(), "{file} question {n}");
-            let lls: Vec<f64> = by_choice.iter().map(|c| c.1).collect();
             let lens: Vec<usize> = (0..e.choices.len()).map(|i| e.norm_len(i)).collect();
             credits.push(e.credit(pick(&lls, &lens).0));
         }
