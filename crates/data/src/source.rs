@@ -201,6 +201,18 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Opens `path` for reading as the text inputs are read: gzip or zstd decompressed (known by a
+/// `.gz` / `.zst` / `.zstd` name, or else by the first bytes), a UTF-8 byte-order mark skipped and
+/// UTF-16/32 refused by name.
+pub fn open_text(path: &Path) -> Result<Box<dyn Read + Send>> {
+    let mut file = BufReader::new(File::open(path).map_err(io_err(path))?);
+    let compression = match Compression::split(&path.file_name().unwrap_or_default().to_string_lossy()).1 {
+        Compression::None => Compression::sniff(&mut file, path)?,
+        named => named,
+    };
+    without_bom(compression.reader(file, path)?, path)
+}
+
 /// What identifies a file's contents for a cache key, cheaply: `[path, size, mtime in ns]`
 /// (`null` for what cannot be read), so that an edited input is noticed without reading it.
 pub fn file_stamp(path: &Path) -> serde_json::Value {
@@ -281,12 +293,7 @@ impl Documents {
         if kind == InputKind::Parquet {
             return Ok(Box::new(ParquetDocs::open(src, compression, &self.cfg.text_field, self.cfg.max_doc_bytes)?));
         }
-        let mut file = BufReader::new(File::open(path).map_err(io_err(path))?);
-        let compression = match compression {
-            Compression::None => Compression::sniff(&mut file, path)?,
-            named => named,
-        };
-        let mut reader = without_bom(compression.reader(file, path)?, path)?;
+        let mut reader = open_text(path)?;
         if self.cfg.invalid_utf8 == InvalidUtf8::Replace {
             reader = Box::new(LossyUtf8::new(reader, self.replaced.clone()));
         }

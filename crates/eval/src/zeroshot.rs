@@ -6,6 +6,7 @@
 //! the records of the Hugging Face datasets as JSONL, a JSON array or Parquet; BIG-bench
 //! `task.json` files are posed and graded as BIG-bench itself does (`bigbench` module).
 
+use std::io::Read;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -167,12 +168,24 @@ pub(crate) fn bad(path: &Path, at: At, msg: impl Into<String>) -> EvalError {
 ///   first of `targets` right; records without choices are left out.
 pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
     let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let (name, compression) = patchlm_data::source::Compression::split(&name);
     let records: Vec<(At, serde_json::Value)> = if name.ends_with(".parquet") {
+        if compression != patchlm_data::source::Compression::None {
+            return Err(bad(
+                path,
+                At::File,
+                "a compressed Parquet file; Parquet compresses itself, decompress it first",
+            ));
+        }
         let rows = patchlm_data::parquet_rows_json(path)?;
         rows.into_iter().enumerate().map(|(i, r)| (At::Row(i + 1), serde_json::Value::Object(r))).collect()
     } else {
-        let text = std::fs::read_to_string(path).map_err(|e| EvalError::Io { path: path.to_path_buf(), source: e })?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        // JSON and JSONL gzip- or zstd-compressed too, as the data stage reads them.
+        let mut text = String::new();
+        patchlm_data::source::open_text(path)?
+            .read_to_string(&mut text)
+            .map_err(|e| EvalError::Io { path: path.to_path_buf(), source: e })?;
+        let text = text.as_str();
         let trimmed = text.trim_start();
         if trimmed.starts_with('{') && !name.ends_with(".jsonl") {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {

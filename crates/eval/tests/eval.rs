@@ -122,6 +122,22 @@ fn task_formats_load() {
     .unwrap();
     let hs = load_task(&d.join("hs.jsonl")).unwrap();
     assert_eq!((hs[0].choices.clone(), hs[0].gold), (vec![" runs.".to_string(), " flies.".to_string()], 1));
+    // Compressed as the data stage reads inputs: gzip by name, zstd by its first bytes; a
+    // compressed Parquet file is refused by name.
+    let plain = std::fs::read(d.join("hs.jsonl")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &plain).unwrap();
+    std::fs::write(d.join("hs.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    assert_eq!(load_task(&d.join("hs.jsonl.gz")).unwrap(), hs);
+    std::fs::write(
+        d.join("bb.download"),
+        zstd::stream::encode_all(&std::fs::read(d.join("task.json")).unwrap()[..], 3).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(load_task(&d.join("bb.download")).unwrap(), bb);
+    std::fs::write(d.join("t.parquet.gz"), b"x").unwrap();
+    let e = load_task(&d.join("t.parquet.gz")).unwrap_err().to_string();
+    assert!(e.contains("t.parquet.gz: a compressed Parquet file"), "{e}");
     std::fs::write(
         d.join("piqa.jsonl"),
         "{\"goal\": \"Open a jar\", \"sol1\": \"twist\", \"sol2\": \"kick\", \"label\": 0}\n",
