@@ -112,8 +112,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 /// The zero-shot tasks `--task` names, each with its name: a local file is one task named by its
-/// stem; a local folder is one task of its `.parquet`, `.jsonl` and `.json` files (`.gz` and
-/// `.zst` too, walked in name order), or the BIG-bench task of its `task.json`, named by the folder; an
+/// stem; a local folder is one task of its `.parquet`, `.jsonl`, `.ndjson` and `.json` files
+/// (`.gz` and `.zst` too, walked in name order), or the BIG-bench task of its `task.json`, named by the folder; an
 /// `hf://datasets/...` file, folder or glob is one task of all the files it names (say MMLU's 57
 /// subjects), named by the path after `hf://datasets/`.
 pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
@@ -127,11 +127,8 @@ pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
             None if spec.is_dir() => {
                 let files: Vec<PathBuf> = patchlm_data::source::expand_inputs(std::slice::from_ref(spec))?
                     .into_iter()
-                    .filter(|f| {
-                        let name = f.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-                        let stem = patchlm_data::source::Compression::split(&name).0;
-                        [".parquet", ".jsonl", ".json"].iter().any(|e| stem.ends_with(e))
-                    })
+                    // The files the data stage reads as records (JSON, JSONL, Parquet), not as text.
+                    .filter(|f| patchlm_data::source::InputKind::of(f).0 != patchlm_data::source::InputKind::Text)
                     .collect();
                 if files.is_empty() {
                     bail!("task {text}: the folder holds no .parquet, .jsonl or .json file");
