@@ -9,7 +9,7 @@ and nothing is downloaded. Every question's log-likelihoods are compared too (lm
 from the left). MMLU too, as its astronomy subject (the description line, lettered
 options). And perplexity: lm-eval's WikiText task (its `loglikelihood_rolling` and its word and
 byte counts) on whole documents of the corpus against `cargo xtask eval --text`: bits per byte
-and word perplexity must agree to 1e-6. lm-eval runs that one with `add_bos_token=False`: with
+and word perplexity must agree to 1e-6 (a document spelling out the special tokens among them). lm-eval runs that one with `add_bos_token=False`: with
 its default, lm-eval 0.4.13 puts a tokenizer's own BOS after the BOS it prefixes to a text
 (lm-evaluation-harness issue #3333) and scores a BOS after BOS; patchlm prefixes one. acc and acc_norm must be equal, task by task.
     python3 scripts/lm_eval_check.py --model runs/pretrain/model --text data/corpus/corpus.jsonl
@@ -105,6 +105,10 @@ def bigbench(i):
 
 docs = [json.loads(l)["text"] for l in open(a.text, encoding="utf-8")]
 docs = [d[:3000] for d in rng.sample(docs, min(12, len(docs)))]
+# One document that spells out the tokenizer's special tokens: lm-eval's tokenizer reads each as
+# its token, and so must `eval --text`.
+specials = json.load(open(os.path.join(a.model, "tokenizer.json"), encoding="utf-8"))["added_tokens"]
+docs.append(docs[0][:300] + "".join(f" {t['content']} " for t in specials if t["special"]) + docs[1][:300])
 
 TASKS = {"arc": ("arc/arc_easy.yaml", arc), "arc_long": ("arc/arc_easy.yaml", arc_long), "piqa": ("piqa/piqa.yaml", piqa),
          "hellaswag": ("hellaswag/hellaswag.yaml", hellaswag), "winogrande": ("winogrande/default.yaml", winogrande),

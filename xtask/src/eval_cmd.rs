@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use patchlm_eval::{load_task, perplexity_of_texts, score_task, McExample, NllSum, WindowConfig};
+use patchlm_eval::{load_task_files, perplexity_of_texts, score_task, McExample, NllSum, WindowConfig};
 use patchlm_model::{load_pretrained, parse_device, special_token_ids};
 
 /// Arguments of `cargo xtask eval`.
@@ -115,7 +115,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
 /// stem; a local folder is one task of its `.parquet`, `.jsonl`, `.ndjson` and `.json` files
 /// (`.gz` and `.zst` too, walked in name order), or the BIG-bench task of its `task.json`, named by the folder; an
 /// `hf://datasets/...` file, folder or glob is one task of all the files it names (say MMLU's 57
-/// subjects), named by the path after `hf://datasets/`.
+/// subjects), named by the path after `hf://datasets/` (a BIG-bench composite's subtask files
+/// among them count once, with it: [`load_task_files`]).
 pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
     let mut tasks = Vec::new();
     for spec in specs {
@@ -137,11 +138,7 @@ pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
             }
             None => (stem(), vec![spec.clone()]),
         };
-        let mut examples = Vec::new();
-        for f in &files {
-            examples.extend(load_task(f).with_context(|| format!("task {text}"))?);
-        }
-        tasks.push((name, examples));
+        tasks.push((name, load_task_files(&files).with_context(|| format!("task {text}"))?));
     }
     Ok(tasks)
 }

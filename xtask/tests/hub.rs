@@ -74,6 +74,14 @@ fn models_tokenizers_and_datasets_come_from_the_hub() {
             ("data/train-1.jsonl", part1.as_bytes(), false),
         ]),
     );
+    // A BIG-bench composite task: its task.json and its subtasks' folders.
+    let bb = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/eval/tests/fixtures/tasks/bigbench/composite");
+    let bb_files: Vec<(String, Vec<u8>)> = ["task.json", "a_sub/task.json", "b_sub/task.json"]
+        .iter()
+        .map(|f| (format!("bb/composite/{f}"), std::fs::read(bb.join(f)).unwrap()))
+        .collect();
+    let bb_entries: Vec<(&str, &[u8], bool)> = bb_files.iter().map(|(f, b)| (f.as_str(), &b[..], false)).collect();
+    st.repos.insert("datasets/org/tasks".into(), repo_with(&bb_entries));
     let fake = FakeHub::start(st);
     let cache = d.join("hf-cache").to_string_lossy().into_owned();
     let env = vec![
@@ -105,6 +113,18 @@ fn models_tokenizers_and_datasets_come_from_the_hub() {
     let (ok, out) = xtask(&args, d, &env);
     assert!(ok, "{out}");
     assert!(out.contains("perplexity") && out.contains("300"), "{out}");
+
+    // A composite BIG-bench task through an hf:// folder (its task.json and every subtask's
+    // file resolved) has as many questions as the local folder, each subtask counted once.
+    let local_bb = bb.to_string_lossy().into_owned();
+    let mut counts = Vec::new();
+    for task in ["hf://datasets/org/tasks/bb/composite", local_bb.as_str()] {
+        let (ok, out) = xtask(&["eval", "--model", "local-model", "--task", task, "--json", "bb.json"], d, &env);
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("bb.json")).unwrap()).unwrap();
+        counts.push(v["tasks"][0]["n"].as_u64().unwrap());
+    }
+    assert_eq!(counts[0], counts[1], "hf:// against local: {counts:?}");
 
     // pretrain on the whole dataset (its README is no training text) with the hub tokenizer.
     std::fs::write(

@@ -78,6 +78,20 @@ fn load_into(path: &Path, task: &Value, order: &KeyOrder, out: &mut Vec<McExampl
     Ok(())
 }
 
+/// Whether `path`, a `task.json`, is a subtask that a composite among `files` reads from its
+/// folders: the `task.json` two folders up is in `files` and has neither `examples` nor
+/// `subtasks` (so it reads the `task.json` of each folder beside it, this one's among them).
+pub(crate) fn read_by_composite(path: &Path, files: &HashSet<&Path>) -> bool {
+    let Some(up) = path.parent().and_then(Path::parent) else { return false };
+    let composite = up.join("task.json");
+    if path.file_name() != Some("task.json".as_ref()) || !files.contains(composite.as_path()) {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(&composite) else { return false };
+    let Ok(v) = serde_json::from_str::<Value>(text.strip_prefix('\u{feff}').unwrap_or(&text)) else { return false };
+    !v.get("examples").is_some_and(Value::is_array) && !v.get("subtasks").is_some_and(Value::is_array)
+}
+
 /// `task.json` in each folder beside `path`, sorted.
 fn subtask_files(path: &Path) -> Vec<std::path::PathBuf> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));

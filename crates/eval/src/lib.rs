@@ -52,15 +52,17 @@ pub use error::{EvalError, Result};
 pub use perplexity::{count_words, score_document, sequence_nlls, NllSum, WindowConfig};
 pub use tasks::{continuation_task, write_task_jsonl, ContinuationConfig};
 pub use zeroshot::{
-    choice_loglikelihoods, encode_pair, hellaswag_clean, load_task, pair_loglikelihoods, pick, score_task, stderr_of,
-    McExample, Sample, TaskResult,
+    choice_loglikelihoods, encode_pair, hellaswag_clean, load_task, load_task_files, pair_loglikelihoods, pick,
+    score_task, stderr_of, McExample, Sample, TaskResult,
 };
 
 /// Perplexity, bits per byte and word perplexity of text inputs (files, directories, JSONL,
 /// Parquet; see the data crate's sources), each document scored as lm-evaluation-harness's
 /// `loglikelihood_rolling` scores one (its WikiText task): after `prefix` (lm-eval's
 /// `prefix_token_id`: the BOS token, or EOS where there is none) every token of the text is
-/// predicted, and nothing after it (no EOS).
+/// predicted, and nothing after it (no EOS). The text is encoded as lm-eval's Hugging Face
+/// tokenizer encodes it (`encode(text, add_special_tokens=False)`): the string of a special token
+/// in it is that token (the data stage, by contrast, trains on such strings as characters).
 pub fn perplexity_of_texts<P: AsRef<Path>>(
     model: &Llama,
     tok: &Tokenizer,
@@ -73,7 +75,8 @@ pub fn perplexity_of_texts<P: AsRef<Path>>(
     for doc in patchlm_data::Documents::open(inputs, &patchlm_data::SourceConfig::default())? {
         let doc = doc?;
         let mut ids = vec![prefix];
-        ids.extend(patchlm_data::tokenizer::encode_text(tok, &doc.text)?);
+        // As lm-eval's HF tokenizer encodes it: a special token's string in the text is that token.
+        ids.extend(tok.encode(doc.text.as_str(), false).map_err(|e| EvalError::Tokenizer(e.to_string()))?.get_ids());
         total.add(&score_document(model, &ids, &doc.text, windows, device)?);
     }
     Ok(total)

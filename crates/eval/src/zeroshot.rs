@@ -232,6 +232,20 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
     Ok(out)
 }
 
+/// Loads several task files as one task ([`load_task`] each, in order), as an `hf://` folder or a
+/// local folder of them makes one: a BIG-bench subtask `task.json` that a composite among them
+/// reads from its folders is counted with that composite only, not twice.
+pub fn load_task_files<P: AsRef<Path>>(files: &[P]) -> Result<Vec<McExample>> {
+    let set: std::collections::HashSet<&Path> = files.iter().map(AsRef::as_ref).collect();
+    let mut out = Vec::new();
+    for f in files.iter().map(AsRef::as_ref) {
+        if !crate::bigbench::read_by_composite(f, &set) {
+            out.extend(load_task(f)?);
+        }
+    }
+    Ok(out)
+}
+
 fn label_index(v: &serde_json::Value, keys: &[String]) -> Option<usize> {
     if let Some(i) = v.as_u64() {
         return Some(i as usize);

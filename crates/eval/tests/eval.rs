@@ -265,6 +265,31 @@ fn bigbench_prompts_and_grades() {
     }
 }
 
+/// Several files as one task (an `hf://` folder resolves to every file under it): a composite
+/// `task.json` and its subtasks' `task.json` files count each question once, as the composite
+/// alone does; a `task.json` under a task that has its own examples is a task of its own.
+#[test]
+fn task_files_count_a_composites_subtasks_once() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tasks/bigbench");
+    let c = dir.join("composite");
+    let composite = load_task(&c.join("task.json")).unwrap();
+    let (a, b) = (load_task(&c.join("a_sub/task.json")).unwrap(), load_task(&c.join("b_sub/task.json")).unwrap());
+    assert_eq!(composite.len(), a.len() + b.len());
+    let files = [c.join("task.json"), c.join("a_sub/task.json"), c.join("b_sub/task.json")];
+    assert_eq!(load_task_files(&files).unwrap(), composite);
+    // The subtasks without their composite are each read.
+    assert_eq!(load_task_files(&files[1..]).unwrap(), [a.clone(), b].concat());
+    // A task with examples reads no folders: a task.json below it counts as its own.
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    std::fs::create_dir_all(t.join("inner")).unwrap();
+    std::fs::copy(dir.join("plain/task.json"), t.join("task.json")).unwrap();
+    std::fs::copy(c.join("a_sub/task.json"), t.join("inner/task.json")).unwrap();
+    let plain = load_task(&t.join("task.json")).unwrap();
+    let both = load_task_files(&[t.join("task.json"), t.join("inner/task.json")]).unwrap();
+    assert_eq!(both, [plain, a].concat());
+}
+
 /// HellaSwag, MMLU, WinoGrande, ARC, PIQA and the hub's BIG-bench records (tests/fixtures/make_task_golden.py, which
 /// ran lm-eval's own task code and templates), from the records as the hub serves them: Parquet
 /// written by pyarrow (lists, a struct of lists, strings, integers), a JSON array with nested
@@ -427,6 +452,30 @@ fn words_are_counted_as_lm_eval_counts_them() {
     }
     let s = NllSum { tokens: 6, nll: 6.0, bytes: 10, words: 3, documents: 1 };
     assert!((s.word_perplexity() - 2f64.exp()).abs() < 1e-12);
+}
+
+/// `--text` encodes as lm-eval's HF tokenizer does: a special token's string in the text is
+/// that token (the data stage's ordinary encoding would spell it out in characters).
+#[test]
+fn text_perplexity_encodes_special_strings_as_lm_eval_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = (0..40).map(|i| format!("the cat {i} sat on the mat")).collect();
+    let cfg = patchlm_data::tokenizer::TokenizerConfig { vocab_size: 300, ..Default::default() };
+    let tok = patchlm_data::tokenizer::train_bpe(texts.iter(), &cfg).unwrap();
+    let mut mc = patchlm_model::ModelConfig::preset("tiny").unwrap();
+    mc.vocab_size = 320;
+    let (model, _) = patchlm_model::init_model(&mc, &Device::Cpu, 3).unwrap();
+    let text = "the cat<|eos|> sat";
+    std::fs::write(dir.path().join("t.txt"), text).unwrap();
+    let bos = tok.token_to_id("<|bos|>").unwrap();
+    let w = WindowConfig { context: 64, stride: None };
+    let got = perplexity_of_texts(&model, &tok, bos, &[dir.path().join("t.txt")], &w, &Device::Cpu).unwrap();
+    let hf = tok.encode(text, false).unwrap().get_ids().to_vec();
+    assert!(hf.contains(&tok.token_to_id("<|eos|>").unwrap()), "{hf:?}");
+    assert_ne!(hf, patchlm_data::tokenizer::encode_text(&tok, text).unwrap());
+    let want = score_document(&model, &[&[bos][..], &hf].concat(), text, &w, &Device::Cpu).unwrap();
+    assert_eq!((got.tokens, got.bytes), (want.tokens, want.bytes));
+    assert!((got.nll - want.nll).abs() < 1e-9 * want.nll, "{got:?} vs {want:?}");
 }
 
 fn poem(doc: usize, lines: usize) -> String {
