@@ -9,7 +9,9 @@ torch.nn.utils.clip_grad_norm_, sets the learning rate by linear warmup and cosi
 steps. The loss, the gradient norm and the learning rate must equal what `metrics.jsonl` logged,
 and the new weights the next checkpoint's. It covers both phases and the switch between them,
 micro-batches of uneven size (the run's micro_batch does not divide a step), clipping, weight
-decay on matrices only, and the schedule.
+decay on matrices only, the schedule, and several passes over the data (six epochs of a small
+slice: each phase's steps run past the end of its block file into a pass in an order of its own,
+re-derived here from the permutation's documentation).
 
     python3 scripts/train_check.py            # needs torch, transformers, safetensors, pyarrow
     python3 scripts/train_check.py --set model.tie_word_embeddings=true   # a tied LM head
@@ -30,9 +32,9 @@ a = ap.parse_args()
 torch.manual_seed(0)
 
 run = tempfile.mkdtemp(prefix="train_check.")
-sets = ["preset=tiny", "blocks.max_tokens=60000", "train.tokens_per_step=1536", "train.micro_batch=2",
+sets = ["preset=tiny", "blocks.max_tokens=6000", "blocks.epochs=6", "train.tokens_per_step=1536", "train.micro_batch=2",
         "train.checkpoint_every=1", "train.keep_checkpoints=100000", "train.eval_every=100000",
-        "train.warmup_steps=3", "train.lr=0.003", "train.grad_clip=0.75", "train.min_lr_ratio=0.1",
+        "train.warmup_steps=3", "train.lr=0.003", "train.grad_clip=0.9", "train.min_lr_ratio=0.1",
         f"train.max_steps_per_phase={a.steps}", "train.progress=false"] + a.set
 cmd = [a.xtask, "pretrain", "--out", os.path.join(run, "run")] + [x for s in sets for x in ("--set", s)]
 r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RUST_BACKTRACE="0"))
@@ -48,6 +50,7 @@ cfg = json.load(open(os.path.join(ck(1), "run_config.json")))
 tc = cfg["train"]
 phases = [("patch", cfg["patch"]["k"], manifest["patch_phase"]), ("token", 1, manifest["token_phase"])]
 blocks = {}
+passes = set()  # the passes over a block file the checked steps read
 
 
 def phase_plan(i):
@@ -63,6 +66,52 @@ def phase_plan(i):
     if tc["max_steps_per_phase"]:
         steps = min(steps, tc["max_steps_per_phase"])
     return k, bps, steps, blocks[name]
+
+
+M64 = (1 << 64) - 1
+
+
+def splitmix64(state):
+    """SplitMix64: (the next state, its output)."""
+    state = (state + 0x9E3779B97F4A7C15) & M64
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return state, z ^ (z >> 31)
+
+
+def permuted_index(i, n, key):
+    """Element i of the documented keyed permutation of 0..n a later pass reads blocks in: four
+    Feistel rounds (round keys from SplitMix64(key), round function SplitMix64(r ^ round key)) on
+    half = ceil(bits(n - 1) / 2) bits a side, repeated while the result is not below n."""
+    if n <= 1:
+        return 0
+    half = ((n - 1).bit_length() + 1) // 2
+    mask, s, keys = (1 << half) - 1, key, []
+    for _ in range(4):
+        s, v = splitmix64(s)
+        keys.append(v)
+    x = i % n
+    while True:
+        l, r = x >> half, x & mask
+        for k in keys:
+            l, r = r, l ^ (splitmix64(r ^ k)[1] & mask)
+        x = (l << half) | r
+        if x < n:
+            return x
+
+
+def step_blocks(i, p, bps):
+    """The blocks of step p of phase i: blocks p·bps.. of the phase's stream, pass g // n of block
+    g reading the file in order (pass 0) or permuted, keyed by the FNV-1a hash of the file's
+    sha256 string and the pass (later passes)."""
+    _, _, f = phases[i]
+    blk, n = phase_plan(i)[3], f["blocks"]
+    key = 0xCBF29CE484222325
+    for b in f["sha256"].encode():
+        key = ((key ^ b) * 0x100000001B3) & M64
+    passes.update(g // n for g in range(p * bps, (p + 1) * bps))
+    order = [g % n if g < n else permuted_index(g % n, n, key ^ (g // n)) for g in range(p * bps, (p + 1) * bps)]
+    return blk[order]
 
 
 def lr_at(step, total):
@@ -91,8 +140,7 @@ for g in range(1, last):
     phase, p = after["phase"], after["phase_step"] - 1
     if after["phase_step"] == 0:  # the last step of a phase: its checkpoint points at the next one
         phase, p = before["phase"], before["phase_step"]
-    k, bps, total, blk = phase_plan(phase)
-    assert (p + 1) * bps <= len(blk), "the check reads one pass over the blocks"
+    k, bps, total, _ = phase_plan(phase)
     model = LlamaForCausalLM.from_pretrained(ck(g), torch_dtype=torch.float64)
     params = dict(model.named_parameters())
     decay = [v for n, v in params.items() if v.dim() >= 2]
@@ -106,7 +154,7 @@ for g in range(1, last):
         for n, v in params.items():
             opt.state[v] = {"step": torch.tensor(float(before["optimizer_step"])),
                             "exp_avg": moments[f"m.{n}"].double(), "exp_avg_sq": moments[f"v.{n}"].double()}
-    loss = patch_loss(model, blk[p * bps:(p + 1) * bps], k)
+    loss = patch_loss(model, step_blocks(phase, p, bps), k)
     loss.backward()
     norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), tc["grad_clip"]))
     opt.step()
@@ -140,4 +188,5 @@ assert {s[1] for s in steps_checked} == {"patch", "token"}, "the run must cross 
 # relative to the step's learning rate.
 assert worst["loss"] < 1e-5 and worst["grad_norm"] < 1e-5 and worst["lr"] < 1e-12, worst
 assert worst["weights"] < 2e-5 and worst["ill-conditioned"] < 0.5, worst
-print(f"OK ({len(steps_checked)} steps, {clipped} clipped)")
+assert max(passes) >= 1, "some steps must read a later pass over the data"
+print(f"OK ({len(steps_checked)} steps, {clipped} clipped, passes {min(passes)}-{max(passes)} read)")
