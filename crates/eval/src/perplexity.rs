@@ -8,9 +8,9 @@ use crate::error::{EvalError, Result};
 /// How sequences are cut into windows.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct WindowConfig {
-    /// Positions per window (at least 1, at most the model's context).
+    /// Positions per window (at least 1, at most the model's context; more is refused).
     pub context: usize,
-    /// Sliding stride; `None` or `Some(context)` gives non-overlapping windows. With a smaller
+    /// Sliding stride, at most `context`; `None` or `Some(context)` gives non-overlapping windows. With a smaller
     /// stride every window after the first scores only its last `stride` tokens, given the rest
     /// of the window as context (as in HF's perplexity guide).
     pub stride: Option<usize>,
@@ -93,8 +93,21 @@ pub fn sequence_nlls(model: &Llama, ids: &[u32], cfg: &WindowConfig, device: &De
             cfg.stride.map_or("none".to_string(), |s| s.to_string())
         )));
     }
-    let t = cfg.context.min(model.config().max_position_embeddings);
-    let stride = cfg.stride.unwrap_or(t).clamp(1, t);
+    let positions = model.config().max_position_embeddings;
+    if cfg.context > positions {
+        return Err(EvalError::Input(format!(
+            "a scoring window of {} tokens is longer than the model's {positions} positions",
+            cfg.context
+        )));
+    }
+    let t = cfg.context;
+    if cfg.stride.is_some_and(|s| s > t) {
+        return Err(EvalError::Input(format!(
+            "a stride of {} tokens is longer than the window ({t}): the tokens between windows would go unscored",
+            cfg.stride.unwrap_or_default()
+        )));
+    }
+    let stride = cfg.stride.unwrap_or(t);
     let n = ids.len();
     let mut out = Vec::with_capacity(n.saturating_sub(1));
     let mut done = 0usize; // targets 1..=done are scored

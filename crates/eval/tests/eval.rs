@@ -42,14 +42,22 @@ fn perplexity_windows_match_hf_transformers() {
 }
 
 /// A window of no tokens or a stride of none is refused (a stride of 0 ran as 1: a forward pass
-/// per token).
+/// per token), and so is one longer than the model's positions or a stride longer than the window.
 #[test]
 fn empty_windows_are_refused() {
     let model = fixture_model();
-    for (context, stride) in [(0, None), (16, Some(0))] {
+    for (context, stride, want) in [
+        (0, None, "at least 1 token"),
+        (16, Some(0), "at least 1 token"),
+        // Longer than the model's 64 positions, or a stride past the window: refused, not
+        // quietly cut to what fits (the run's --json would record numbers it did not use).
+        (65, None, "longer than the model's 64 positions"),
+        (16, Some(17), "a stride of 17 tokens is longer than the window (16)"),
+    ] {
         let e = sequence_nlls(&model, &[1, 2, 3, 4], &WindowConfig { context, stride }, &Device::Cpu).unwrap_err();
-        assert!(e.to_string().contains("at least 1 token"), "{e}");
+        assert!(e.to_string().contains(want), "{e}");
     }
+    assert!(sequence_nlls(&model, &[1, 2, 3, 4], &WindowConfig { context: 64, stride: Some(64) }, &Device::Cpu).is_ok());
 }
 
 #[test]
