@@ -126,6 +126,13 @@ pub fn run(a: CompareArgs) -> Result<()> {
             bail!("--lambda {l}: fractions must be in (0, 1) (λ = 0 is the baseline, which compare always runs)");
         }
     }
+    // Every run's settings (say a K whose blocks do not divide tokens_per_step) are checked
+    // before the data stage and the first run.
+    for (k, l) in ks.iter().flat_map(|&k| lambdas.iter().map(move |&l| (k, l))).chain([(1, 0.0)]) {
+        let mut c = base.clone();
+        (c.patch.k, c.patch.lambda) = (k, l);
+        c.validate().with_context(|| format!("the run with K = {k}, λ = {l}"))?;
+    }
     let shards = prepare_shards(&base, &inputs, &a.data_dir)?;
     let manifest = Manifest::load(&shards)?;
     let base = fit_config(base, &manifest);
@@ -142,7 +149,6 @@ pub fn run(a: CompareArgs) -> Result<()> {
             let mut c = base.clone();
             c.patch.k = k;
             c.patch.lambda = l;
-            c.patch.validate()?;
             specs.push(Spec {
                 dir_name: format!("patch-k{k}-l{}", lambda_tag(l)),
                 display: format!("patch K={k} λ={}", lambda_tag(l)),

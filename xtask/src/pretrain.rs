@@ -316,7 +316,8 @@ pub fn pretrain(
 ) -> Result<RunSummary> {
     let wall = Instant::now();
     let device = parse_device(device)?;
-    cfg.patch.validate()?;
+    // Every setting is checked before the data stage, which can take long on a large corpus.
+    cfg.validate()?;
     let shards = prepare_shards(&cfg, inputs, data_dir)?;
     let manifest = Manifest::load(&shards)?;
     cfg = fit_config(cfg, &manifest);

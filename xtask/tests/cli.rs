@@ -39,6 +39,23 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(ok, "{out}");
     assert!(out.contains("documents      600"), "{out}");
 
+    // Settings wrong on their own are refused before the data stage (which can take hours on a
+    // large corpus): no shards are made, no run directory; so is a compare with such a K.
+    let bad = [
+        vec!["pretrain", "--set", "train.tokens_per_step=250", "--out", "run-bad"],
+        vec!["compare", "--k", "3", "--out", "cmp-bad"],
+    ];
+    for extra in bad {
+        let args: Vec<&str> = extra
+            .iter()
+            .copied()
+            .chain(["--config", "run.toml", "--input", "tiny.jsonl", "--data-dir", "dd-bad"])
+            .collect();
+        let (ok, out) = xtask(&args, d);
+        assert!(!ok && out.contains("is not divisible by the patch-phase block"), "{out}");
+        assert!(!d.join("dd-bad").exists() && !d.join("run-bad").exists() && !d.join("cmp-bad").exists(), "{out}");
+    }
+
     let args = ["pretrain", "--config", "run.toml", "--input", "tiny.jsonl", "--out", "run", "--data-dir", "dd"];
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");
@@ -132,6 +149,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
             "dd",
             "--set",
             "blocks.context=100000",
+            "--set",
+            "train.tokens_per_step=400000",
         ],
         d,
     );

@@ -41,6 +41,19 @@ pub struct PatchDataConfig {
     pub max_tokens: u64,
 }
 
+impl PatchDataConfig {
+    /// Checks the settings: a context of at least 2 positions, at least one epoch.
+    pub fn validate(&self) -> Result<()> {
+        if self.context < 2 {
+            return Err(PatchError::Config(format!("context length must be at least 2, got {}", self.context)));
+        }
+        if self.epochs == 0 {
+            return Err(PatchError::Config("epochs must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for PatchDataConfig {
     fn default() -> Self {
         Self { context: 256, seed: 0, epochs: 1, max_val_blocks: 64, max_tokens: 0 }
@@ -196,12 +209,7 @@ pub fn build_patch_datasets(
     data: &PatchDataConfig,
 ) -> Result<PatchManifest> {
     patch.validate()?;
-    if data.context < 2 {
-        return Err(PatchError::Config(format!("context length must be at least 2, got {}", data.context)));
-    }
-    if data.epochs == 0 {
-        return Err(PatchError::Config("epochs must be at least 1".into()));
-    }
+    data.validate()?;
     let ds = Dataset::open_with(shards, &ReaderOptions::default())?;
     let m = ds.manifest();
     let train = ds.train();

@@ -4,6 +4,7 @@ use patchlm_data::DataConfig;
 use patchlm_model::ModelConfig;
 use patchlm_patch::{PatchConfig, PatchDataConfig};
 
+use crate::error::{Result, TrainError};
 use crate::optim::AdamWConfig;
 
 /// Training settings. Defaults follow the paper where it gives one.
@@ -92,6 +93,70 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Checks the settings on their own, before any data is read: the model's shape, K and λ,
+    /// the blocks' context and epochs,
+    /// the optimizer's ranges (torch.optim.AdamW's), and a whole number of blocks per step in
+    /// each phase (K·T tokens a patch-phase block, T a token-phase one). [`crate::plan_phases`]
+    /// checks them again against the datasets.
+    pub fn validate(&self) -> Result<()> {
+        fn bad<T>(m: String) -> Result<T> {
+            Err(TrainError::Config(m))
+        }
+        self.patch.validate()?;
+        self.blocks.validate()?;
+        self.model.validate()?;
+        let tc = &self.train;
+        if let Err(e) = patchlm_model::parse_dtype(&tc.dtype) {
+            return bad(format!("train.dtype: {e}"));
+        }
+        if tc.micro_batch == 0 {
+            return bad("micro_batch must be at least 1".into());
+        }
+        if !(tc.lr > 0.0 && tc.lr.is_finite()) {
+            return bad(format!("lr must be positive, got {}", tc.lr));
+        }
+        // The ranges torch.optim.AdamW accepts, and clipping's.
+        let a = &tc.adamw;
+        for (name, value, ok, range) in [
+            ("min_lr_ratio", tc.min_lr_ratio, (0.0..=1.0).contains(&tc.min_lr_ratio), "in [0, 1]"),
+            ("grad_clip", tc.grad_clip, tc.grad_clip >= 0.0 && tc.grad_clip.is_finite(), "0 (off) or positive"),
+            ("adamw.beta1", a.beta1, (0.0..1.0).contains(&a.beta1), "in [0, 1)"),
+            ("adamw.beta2", a.beta2, (0.0..1.0).contains(&a.beta2), "in [0, 1)"),
+            ("adamw.eps", a.eps, a.eps >= 0.0 && a.eps.is_finite(), "0 or positive"),
+            (
+                "adamw.weight_decay",
+                a.weight_decay,
+                a.weight_decay >= 0.0 && a.weight_decay.is_finite(),
+                "0 or positive",
+            ),
+        ] {
+            if !ok {
+                return bad(format!("{name} must be {range}, got {value}"));
+            }
+        }
+        let t = self.blocks.context;
+        let mut blocks = vec![("token", t)];
+        if self.patch.lambda > 0.0 {
+            blocks.insert(0, ("patch", self.patch.k * t));
+        }
+        for (name, block_tokens) in blocks {
+            if tc.tokens_per_step < block_tokens {
+                return bad(format!(
+                    "tokens_per_step {} is smaller than one {name}-phase block of {block_tokens} tokens",
+                    tc.tokens_per_step
+                ));
+            }
+            if !tc.tokens_per_step.is_multiple_of(block_tokens) {
+                return bad(format!(
+                    "tokens_per_step {} is not divisible by the {name}-phase block of {block_tokens} tokens, so the phases would not see equal tokens per step; use a multiple of {block_tokens}, e.g. {}",
+                    tc.tokens_per_step,
+                    tc.tokens_per_step / block_tokens * block_tokens
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `sha256:<hex>` of the parts that determine the trained weights (everything but the
     /// display and bookkeeping settings), so a checkpoint from a different config is refused.
     pub fn fingerprint(&self) -> String {

@@ -145,8 +145,7 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
     fn bad<T>(m: String) -> Result<T> {
         Err(TrainError::Config(m))
     }
-    cfg.patch.validate()?;
-    cfg.model.validate()?;
+    cfg.validate()?;
     let t = manifest.data.context;
     if manifest.patch.k != cfg.patch.k || (manifest.patch.lambda - cfg.patch.lambda).abs() > 1e-12 {
         return bad(format!(
@@ -170,45 +169,10 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
         ));
     }
     let tc = &cfg.train;
-    if let Err(e) = parse_dtype(&tc.dtype) {
-        return bad(format!("train.dtype: {e}"));
-    }
-    if tc.micro_batch == 0 {
-        return bad("micro_batch must be at least 1".into());
-    }
-    if !(tc.lr > 0.0 && tc.lr.is_finite()) {
-        return bad(format!("lr must be positive, got {}", tc.lr));
-    }
-    // The ranges torch.optim.AdamW accepts, and clipping's.
-    let a = &tc.adamw;
-    for (name, value, ok, range) in [
-        ("min_lr_ratio", tc.min_lr_ratio, (0.0..=1.0).contains(&tc.min_lr_ratio), "in [0, 1]"),
-        ("grad_clip", tc.grad_clip, tc.grad_clip >= 0.0 && tc.grad_clip.is_finite(), "0 (off) or positive"),
-        ("adamw.beta1", a.beta1, (0.0..1.0).contains(&a.beta1), "in [0, 1)"),
-        ("adamw.beta2", a.beta2, (0.0..1.0).contains(&a.beta2), "in [0, 1)"),
-        ("adamw.eps", a.eps, a.eps >= 0.0 && a.eps.is_finite(), "0 or positive"),
-        ("adamw.weight_decay", a.weight_decay, a.weight_decay >= 0.0 && a.weight_decay.is_finite(), "0 or positive"),
-    ] {
-        if !ok {
-            return bad(format!("{name} must be {range}, got {value}"));
-        }
-    }
     let mut phases = Vec::new();
     let mut add = |name: &str, k: usize, file: &BlockFile, block_tokens: usize| -> Result<()> {
+        // A whole number of blocks per step: RunConfig::validate checked it for this context.
         let bps = tc.tokens_per_step / block_tokens;
-        if bps == 0 {
-            return bad(format!(
-                "tokens_per_step {} is smaller than one {name}-phase block of {block_tokens} tokens",
-                tc.tokens_per_step
-            ));
-        }
-        if !tc.tokens_per_step.is_multiple_of(block_tokens) {
-            return bad(format!(
-                "tokens_per_step {} is not divisible by the {name}-phase block of {block_tokens} tokens, so the phases would not see equal tokens per step; use a multiple of {block_tokens}, e.g. {}",
-                tc.tokens_per_step,
-                bps * block_tokens
-            ));
-        }
         let mut steps = (file.blocks as f64 * file.epochs).round() as usize / bps;
         if tc.max_steps_per_phase > 0 {
             steps = steps.min(tc.max_steps_per_phase);

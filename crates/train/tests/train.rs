@@ -323,12 +323,23 @@ fn bad_settings_fail_before_training() {
         assert!(e.contains(want), "{e}");
         assert!(!run.exists(), "nothing may be written before training starts");
     };
+    // Settings wrong on their own are refused by RunConfig::validate too, with no data at all
+    // (pretrain checks them before its data stage).
+    let setting = |c: RunConfig, want: &str| {
+        let e = c.validate().err().unwrap().to_string();
+        assert!(e.contains(want), "{e}");
+        check(c, want);
+    };
+    assert!(cfg.validate().is_ok());
     let mut c = cfg.clone();
     c.patch.k = 0;
-    check(c, "k must");
+    setting(c, "k must");
     let mut c = cfg.clone();
     c.patch.lambda = 1.0;
-    check(c, "lambda");
+    setting(c, "lambda");
+    let mut c = cfg.clone();
+    c.blocks.context = 1;
+    assert!(c.validate().err().unwrap().to_string().contains("context length must be at least 2"));
     let mut c = cfg.clone();
     c.patch.lambda = 0.25;
     check(c, "rebuild them");
@@ -337,10 +348,10 @@ fn bad_settings_fail_before_training() {
     check(c, "too few for one step");
     let mut c = cfg.clone();
     c.train.tokens_per_step = 16;
-    check(c, "smaller than one patch-phase block");
+    setting(c, "smaller than one patch-phase block");
     let mut c = cfg.clone();
     c.train.tokens_per_step = 100;
-    check(c, "not divisible");
+    setting(c, "not divisible");
     // Optimizer settings outside what torch.optim.AdamW takes (β1 = 1 made the loss NaN at step
     // 2), a negative clip, a final learning rate above the peak.
     type Edit = fn(&mut RunConfig);
@@ -355,7 +366,7 @@ fn bad_settings_fail_before_training() {
     for (set, want) in cases {
         let mut c = cfg.clone();
         set(&mut c);
-        check(c, want);
+        setting(c, want);
     }
     // A tokenizer other than the datasets' is refused before training.
     let t = Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap();
