@@ -178,6 +178,12 @@ pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path
              larger --val-fraction (data.val_fraction)"
         );
     }
+    if s.documents > 0 && s.val_documents == s.documents {
+        println!(
+            "  warning        every document fell in the validation split, none in the training split: give more, \
+             smaller documents (--sample-by paragraph or line) or a smaller --val-fraction (data.val_fraction)"
+        );
+    }
     if s.replaced_invalid_utf8 > 0 {
         println!("  replaced       {} invalid utf-8 sequences with U+FFFD", s.replaced_invalid_utf8);
     }

@@ -38,6 +38,14 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["data", "--input", "tiny.jsonl", "--out", "shards", "--vocab-size", "320"], d);
     assert!(ok, "{out}");
     assert!(out.contains("documents      600"), "{out}");
+    // A split left empty is warned about, either one.
+    std::fs::write(d.join("one.txt"), "w1 w2 w3 w4").unwrap();
+    for (vf, want) in [("0", "no document fell in the validation split"), ("0.9999", "none in the training split")] {
+        let out_dir = format!("one-{vf}");
+        let args = ["data", "--input", "one.txt", "--out", &out_dir, "--vocab-size", "320", "--val-fraction", vf];
+        let (ok, out) = xtask(&args, d);
+        assert!(ok && out.contains(want), "{out}");
+    }
 
     // Settings wrong on their own are refused before the data stage (which can take hours on a
     // large corpus): no shards are made, no run directory; so is a compare with such a K.
