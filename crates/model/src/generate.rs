@@ -70,19 +70,27 @@ impl Default for SamplingConfig {
     }
 }
 
-/// Draws a token id from `logits` with temperature, top-k and top-p.
-pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32 {
+/// The distribution [`sample`] draws from: the tokens left of `logits` after temperature, top-k
+/// and top-p, as HF transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and
+/// `TopPLogitsWarper` leave them (in that order), with their probabilities, most likely first.
+/// Top-k keeps every token tied with the k-th largest logit; top-p keeps the most likely tokens
+/// until their mass reaches `top_p` (the token that crosses it included), ties ranked as torch's
+/// ascending sort leaves them (the later index first). A temperature of 0 is greedy: the first
+/// largest logit alone.
+pub fn sampling_distribution(logits: &[f32], cfg: &SamplingConfig) -> Vec<(u32, f64)> {
     if logits.is_empty() {
-        return 0;
+        return Vec::new();
     }
-    let argmax = logits.iter().enumerate().fold(0usize, |b, (i, &v)| if v > logits[b] { i } else { b });
     if cfg.temperature <= 0.0 {
-        return argmax as u32;
+        let argmax = logits.iter().enumerate().fold(0usize, |b, (i, &v)| if v > logits[b] { i } else { b });
+        return vec![(argmax as u32, 1.0)];
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if cfg.top_k > 0 {
-        idx.truncate(cfg.top_k);
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(b.cmp(&a)));
+    if cfg.top_k > 0 && cfg.top_k < idx.len() {
+        let kth = logits[idx[cfg.top_k - 1]];
+        let keep = idx.iter().take_while(|&&i| logits[i] >= kth).count();
+        idx.truncate(keep);
     }
     let maxl = logits[idx[0]] as f64;
     let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - maxl) / cfg.temperature).exp()).collect();
@@ -100,16 +108,28 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32
         }
         probs.truncate(keep);
         idx.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
     }
-    let total: f64 = probs.iter().sum();
-    let mut u = rng.uniform() * total;
-    for (j, p) in probs.iter().enumerate() {
-        if u < *p {
-            return idx[j] as u32;
+    idx.into_iter().map(|i| i as u32).zip(probs).collect()
+}
+
+/// Draws a token id from `logits` with temperature, top-k and top-p (from
+/// [`sampling_distribution`]).
+pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut SplitMix64) -> u32 {
+    let dist = sampling_distribution(logits, cfg);
+    let Some(&(last, _)) = dist.last() else { return 0 };
+    if cfg.temperature <= 0.0 {
+        return last;
+    }
+    let mut u = rng.uniform();
+    for &(id, p) in &dist {
+        if u < p {
+            return id;
         }
         u -= p;
     }
-    idx[idx.len() - 1] as u32
+    last
 }
 
 /// Continues `prompt` by up to `max_tokens` tokens, using a KV cache. Stops early at any id of

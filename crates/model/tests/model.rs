@@ -514,6 +514,32 @@ fn generation_refuses_prompts_without_room_and_settings_out_of_range() {
     }
 }
 
+/// The distribution sampled from equals what HF transformers' own warpers leave
+/// (tests/fixtures/make_sampling_golden.py): temperature, then top-k keeping every token tied
+/// with the k-th, then top-p keeping the token that crosses it, ties ranked as torch ranks them.
+#[test]
+fn sampling_distribution_matches_hf_warpers() {
+    let g: serde_json::Value = serde_json::from_str(include_str!("fixtures/sampling_golden.json")).unwrap();
+    for (n, c) in g["cases"].as_array().unwrap().iter().enumerate() {
+        let logits: Vec<f32> = serde_json::from_value(c["logits"].clone()).unwrap();
+        let want: Vec<f64> = serde_json::from_value(c["probs"].clone()).unwrap();
+        let cfg = SamplingConfig {
+            temperature: c["temperature"].as_f64().unwrap(),
+            top_k: c["top_k"].as_u64().unwrap() as usize,
+            top_p: c["top_p"].as_f64().unwrap(),
+            seed: 0,
+        };
+        let mut got = vec![0.0; logits.len()];
+        for (id, p) in sampling_distribution(&logits, &cfg) {
+            got[id as usize] = p;
+        }
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(*a == 0.0, *b == 0.0, "case {n} ({cfg:?}): token {i} kept {a} vs HF {b}");
+            assert!((a - b).abs() < 1e-6, "case {n} ({cfg:?}): token {i} {a} vs HF {b}");
+        }
+    }
+}
+
 #[test]
 fn sampling_is_seeded_and_respects_top_k_top_p() {
     let logits = [0.0f32, 3.0, 1.0, 2.9, -1.0];
