@@ -206,6 +206,7 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
         Some(p) => TokenizerSource::File(p),
         None => TokenizerSource::Train,
     };
+    crate::warn_repeated(&inputs)?;
     let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, src, true)
         .with_context(|| format!("building shards into {}", shards.display()))?;
     crate::print_data_summary(&s, &shards);

@@ -38,6 +38,10 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["data", "--input", "tiny.jsonl", "--out", "shards", "--vocab-size", "320"], d);
     assert!(ok, "{out}");
     assert!(out.contains("documents      600"), "{out}");
+    // A file named twice is read twice, with a warning.
+    let args = ["data", "--input", "tiny.jsonl", "./tiny.jsonl", "--out", "twice", "--vocab-size", "320"];
+    let (ok, out) = xtask(&args, d);
+    assert!(ok && out.contains("documents      1200") && out.contains("is read more than once"), "{out}");
     // A split left empty is warned about, either one.
     std::fs::write(d.join("one.txt"), "w1 w2 w3 w4").unwrap();
     for (vf, want) in [("0", "no document fell in the validation split"), ("0.9999", "none in the training split")] {

@@ -201,6 +201,23 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The files that occur more than once in `files` (the same file by its canonical path: named
+/// twice, or by name and through its folder), each once, in order. Their documents would be read
+/// as often as they occur.
+pub fn repeated_files(files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut seen = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for f in files {
+        let key = f.canonicalize().unwrap_or_else(|_| f.clone());
+        let n = seen.entry(key).or_insert(0usize);
+        *n += 1;
+        if *n == 2 {
+            out.push(f.clone());
+        }
+    }
+    out
+}
+
 /// Opens `path` for reading as the text inputs are read: gzip or zstd decompressed (known by a
 /// `.gz` / `.zst` / `.zstd` name, or else by the first bytes), a UTF-8 byte-order mark skipped and
 /// UTF-16/32 refused by name.

@@ -124,6 +124,11 @@ fn every_source_type_reads_the_same_documents() {
     let mut expect = docs.clone();
     expect.push("markdown doc".into());
     assert_eq!(got, expect);
+    // A file named and also walked through its folder (or named twice) is found repeated, once;
+    // the same spelled otherwise (through "nested/..") too.
+    let files = patchlm_data::source::expand_inputs(&[d.join("a.txt"), d.to_path_buf(), sub.join("../a.txt")]).unwrap();
+    assert_eq!(patchlm_data::source::repeated_files(&files), [d.join("a.txt")]);
+    assert!(patchlm_data::source::repeated_files(&patchlm_data::source::expand_inputs(&[d]).unwrap()).is_empty());
 
     // Compressed files whose names do not say so (dictd's .dz is gzip) are known by their
     // first bytes; a tiny plain file is read as it is.
