@@ -10,9 +10,9 @@ use crate::error::{EvalError, Result};
 pub struct WindowConfig {
     /// Positions per window (at least 1, at most the model's context; more is refused).
     pub context: usize,
-    /// Sliding stride, at most `context`; `None` or `Some(context)` gives non-overlapping windows. With a smaller
-    /// stride every window after the first scores only its last `stride` tokens, given the rest
-    /// of the window as context (as in HF's perplexity guide).
+    /// Sliding stride, at most `context`; `None` or `Some(context)` gives non-overlapping
+    /// windows. With a smaller stride every window after the first scores only its last `stride`
+    /// tokens, given the rest of the window as context (as in HF's perplexity guide).
     pub stride: Option<usize>,
 }
 

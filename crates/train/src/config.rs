@@ -94,10 +94,9 @@ pub struct RunConfig {
 
 impl RunConfig {
     /// Checks the settings on their own, before any data is read: the model's shape, K and λ,
-    /// the blocks' context and epochs,
-    /// the optimizer's ranges (torch.optim.AdamW's), and a whole number of blocks per step in
-    /// each phase (K·T tokens a patch-phase block, T a token-phase one). [`crate::plan_phases`]
-    /// checks them again against the datasets.
+    /// the blocks' context and epochs, the optimizer's ranges (torch.optim.AdamW's), and a whole
+    /// number of blocks per step in each phase (K·T tokens a patch-phase block, T a token-phase
+    /// one). [`crate::plan_phases`] checks them again against the datasets.
     pub fn validate(&self) -> Result<()> {
         fn bad<T>(m: String) -> Result<T> {
             Err(TrainError::Config(m))
