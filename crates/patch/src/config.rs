@@ -39,6 +39,12 @@ impl PatchConfig {
         Ok(())
     }
 
+    /// Training tokens in one patch-phase block at context `t`: T patches of K tokens, K·T (a
+    /// token-phase block of T + 1 tokens holds T).
+    pub fn patch_block_tokens(&self, t: usize) -> usize {
+        self.k * t
+    }
+
     /// Cost relative to token-level training on the same data: λ/K + (1 − λ).
     pub fn relative_cost(&self) -> f64 {
         self.lambda / self.k as f64 + (1.0 - self.lambda)

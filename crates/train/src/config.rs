@@ -136,7 +136,7 @@ impl RunConfig {
         let t = self.blocks.context;
         let mut blocks = vec![("token", t)];
         if self.patch.lambda > 0.0 {
-            blocks.insert(0, ("patch", self.patch.k * t));
+            blocks.insert(0, ("patch", self.patch.patch_block_tokens(t)));
         }
         for (name, block_tokens) in blocks {
             if tc.tokens_per_step < block_tokens {

@@ -187,7 +187,7 @@ pub fn plan_phases(cfg: &RunConfig, manifest: &PatchManifest) -> Result<Vec<Phas
         Ok(())
     };
     if let Some(p) = &manifest.patch_phase {
-        add("patch", cfg.patch.k, p, cfg.patch.k * t)?;
+        add("patch", cfg.patch.k, p, cfg.patch.patch_block_tokens(t))?;
     }
     add("token", 1, &manifest.token_phase, t)?;
     Ok(phases)
