@@ -192,6 +192,17 @@ pub fn load_task(path: &Path) -> Result<Vec<McExample>> {
                 if crate::bigbench::is_task(path, &v) {
                     return crate::bigbench::load(path, text, &v);
                 }
+                // One object over several lines is no JSONL record: most likely a composite's
+                // task.json named without the folders that hold its subtasks.
+                if v.is_object() && text.trim().contains('\n') {
+                    return Err(bad(
+                        path,
+                        At::File,
+                        "a JSON object that is no task: a BIG-bench task.json needs \"examples\", \"subtasks\" or \
+                         folders beside it holding task.json (for a composite, name its folder, locally or as an \
+                         hf:// path, so that its subtasks come with it)",
+                    ));
+                }
             }
         }
         if trimmed.starts_with('[') {

@@ -238,6 +238,13 @@ fn task_formats_load() {
     std::fs::write(sub.join("part/task.json"), r#"{"examples": [{"input": "a"}]}"#).unwrap();
     let e = load_task(&sub.join("task.json")).unwrap_err().to_string();
     assert!(e.contains("part/task.json: example 1"), "{e}");
+    // A composite's task.json without its folders (named alone, as an hf:// file would come)
+    // says so, instead of failing as a JSONL line.
+    let lone = d.join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    std::fs::write(lone.join("task.json"), "{\n  \"name\": \"composite\"\n}\n").unwrap();
+    let e = load_task(&lone.join("task.json")).unwrap_err().to_string();
+    assert!(e.contains("lone/task.json: a JSON object that is no task") && e.contains("name its folder"), "{e}");
 }
 
 /// The prompts, choices, gold answers and normalising lengths lm-eval-harness 0.4.13 makes of
