@@ -201,14 +201,19 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The files that occur more than once in `files` (the same file by its canonical path: named
-/// twice, or by name and through its folder), each once, in order. Their documents would be read
-/// as often as they occur.
+/// The files that occur more than once in `files` (the same name in the same folder, the folder
+/// by its canonical path: named twice, or by name and through its folder), each once, in order.
+/// Their documents would be read as often as they occur. The file itself is not followed: two
+/// links to one blob (as the Hugging Face cache stores identical files) are two files.
 pub fn repeated_files(files: &[PathBuf]) -> Vec<PathBuf> {
     let mut seen = std::collections::HashMap::new();
     let mut out = Vec::new();
     for f in files {
-        let key = f.canonicalize().unwrap_or_else(|_| f.clone());
+        let dir = f.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let key = match (dir.canonicalize(), f.file_name()) {
+            (Ok(d), Some(name)) => d.join(name),
+            _ => f.clone(),
+        };
         let n = seen.entry(key).or_insert(0usize);
         *n += 1;
         if *n == 2 {

@@ -129,6 +129,14 @@ fn every_source_type_reads_the_same_documents() {
     let files = patchlm_data::source::expand_inputs(&[d.join("a.txt"), d.to_path_buf(), sub.join("../a.txt")]).unwrap();
     assert_eq!(patchlm_data::source::repeated_files(&files), [d.join("a.txt")]);
     assert!(patchlm_data::source::repeated_files(&patchlm_data::source::expand_inputs(&[d]).unwrap()).is_empty());
+    // Two links to one file (the HF cache links identical files to one blob) are two files.
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(d.join("a.txt"), sub.join("link.txt")).unwrap();
+        let files = [d.join("a.txt"), sub.join("link.txt")];
+        assert!(patchlm_data::source::repeated_files(&files).is_empty());
+        std::fs::remove_file(sub.join("link.txt")).unwrap();
+    }
 
     // Compressed files whose names do not say so (dictd's .dz is gzip) are known by their
     // first bytes; a tiny plain file is read as it is.
