@@ -143,7 +143,7 @@ fn main() -> Result<()> {
                 None => patchlm_data::TokenizerSource::Train,
             };
             let input = patchlm_data::hub::resolve_inputs(&input)?;
-            warn_repeated(&input)?;
+            warn_repeated(&patchlm_data::source::expand_inputs(&input)?);
             let s = patchlm_data::build_shards(&input, &out, &cfg, src, true)
                 .with_context(|| format!("building shards into {}", out.display()))?;
             print_data_summary(&s, &out);
@@ -163,17 +163,16 @@ fn setting<T: serde::de::DeserializeOwned>(name: String) -> Result<T> {
     Ok(serde_json::from_value(serde_json::Value::String(name))?)
 }
 
-/// Warns of input files that would be read more than once (named twice, or by name and through
-/// their folder): their documents count as often.
-pub(crate) fn warn_repeated(inputs: &[std::path::PathBuf]) -> Result<()> {
-    for f in patchlm_data::source::repeated_files(&patchlm_data::source::expand_inputs(inputs)?) {
+/// Warns of input files (as `expand_inputs` lists them) that would be read more than once (named
+/// twice, or by name and through their folder): their documents count as often.
+pub(crate) fn warn_repeated(files: &[std::path::PathBuf]) {
+    for f in patchlm_data::source::repeated_files(files) {
         eprintln!(
             "warning: {} is read more than once (named twice, or by name and through its folder): its documents count \
              as often as it is read",
             f.display()
         );
     }
-    Ok(())
 }
 
 pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path::Path) {

@@ -184,8 +184,8 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     // The cache key covers the settings, every input file's path, size and mtime, so edited
     // inputs are re-tokenized rather than served stale, and the tokenizer file's.
     let stamp = |f: &Path| patchlm_data::source::file_stamp(f);
-    let files: Vec<serde_json::Value> =
-        patchlm_data::source::expand_inputs(&inputs)?.iter().map(|f| stamp(f)).collect();
+    let expanded = patchlm_data::source::expand_inputs(&inputs)?;
+    let files: Vec<serde_json::Value> = expanded.iter().map(|f| stamp(f)).collect();
     let mut key = serde_json::json!({ "data": cfg.data, "inputs": files });
     // Only when set, so that the key (and the cache) of a run that trains its tokenizer stays
     // what it was.
@@ -206,7 +206,7 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
         Some(p) => TokenizerSource::File(p),
         None => TokenizerSource::Train,
     };
-    crate::warn_repeated(&inputs)?;
+    crate::warn_repeated(&expanded);
     let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, src, true)
         .with_context(|| format!("building shards into {}", shards.display()))?;
     crate::print_data_summary(&s, &shards);

@@ -346,16 +346,22 @@ fn lm_eval_prompts_and_pairs() {
     }
 }
 
+/// A byte-level BPE of 300 ids trained on `texts` and an untrained `tiny` model (320 ids) drawn
+/// with `seed`.
+fn bpe_and_untrained_model(texts: &[String], seed: u64) -> (tokenizers::Tokenizer, patchlm_model::Llama) {
+    let cfg = patchlm_data::tokenizer::TokenizerConfig { vocab_size: 300, ..Default::default() };
+    let tok = patchlm_data::tokenizer::train_bpe(texts.iter(), &cfg).unwrap();
+    let mut mc = patchlm_model::ModelConfig::preset("tiny").unwrap();
+    mc.vocab_size = 320;
+    (tok, patchlm_model::init_model(&mc, &Device::Cpu, seed).unwrap().0)
+}
+
 #[test]
 fn tiny_task_scored_end_to_end() {
     // A trained-on-nothing model with a byte-level tokenizer; the expected answers are computed
     // independently, one unbatched forward per choice through the model crate's scorer.
     let texts: Vec<String> = (0..20).map(|i| format!("the cat sat on mat number {i}")).collect();
-    let cfg = patchlm_data::tokenizer::TokenizerConfig { vocab_size: 300, ..Default::default() };
-    let tok = patchlm_data::tokenizer::train_bpe(texts.iter(), &cfg).unwrap();
-    let mut mc = patchlm_model::ModelConfig::preset("tiny").unwrap();
-    mc.vocab_size = 320;
-    let (model, _) = patchlm_model::init_model(&mc, &Device::Cpu, 5).unwrap();
+    let (tok, model) = bpe_and_untrained_model(&texts, 5);
     let examples = vec![
         McExample::new("the cat", vec![" sat".into(), " flew away".into(), " x".into()], 0),
         McExample::new("on mat", vec![" number".into(), " cat".into()], 1),
@@ -475,11 +481,7 @@ fn words_are_counted_as_lm_eval_counts_them() {
 fn text_perplexity_encodes_special_strings_as_lm_eval_does() {
     let dir = tempfile::tempdir().unwrap();
     let texts: Vec<String> = (0..40).map(|i| format!("the cat {i} sat on the mat")).collect();
-    let cfg = patchlm_data::tokenizer::TokenizerConfig { vocab_size: 300, ..Default::default() };
-    let tok = patchlm_data::tokenizer::train_bpe(texts.iter(), &cfg).unwrap();
-    let mut mc = patchlm_model::ModelConfig::preset("tiny").unwrap();
-    mc.vocab_size = 320;
-    let (model, _) = patchlm_model::init_model(&mc, &Device::Cpu, 3).unwrap();
+    let (tok, model) = bpe_and_untrained_model(&texts, 3);
     let text = "the cat<|eos|> sat";
     std::fs::write(dir.path().join("t.txt"), text).unwrap();
     let bos = tok.token_to_id("<|bos|>").unwrap();
