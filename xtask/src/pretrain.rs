@@ -269,8 +269,17 @@ pub const LOSS_PLOT: &str = "loss";
 const PLOT_EVERY_SECS: u64 = 30;
 
 /// What a run directory holds (besides `*.tmp` leftovers of an interrupted write).
-const RUN_FILES: &[&str] =
-    &["config.toml", "metrics.jsonl", "summary.json", "loss.png", "loss.svg", "checkpoints", "patchdata", "model"];
+const RUN_FILES: &[&str] = &[
+    patchlm_train::RUN_LOCK_FILE,
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "loss.png",
+    "loss.svg",
+    "checkpoints",
+    "patchdata",
+    "model",
+];
 
 /// Refuses an `--out` that holds anything but a run's own files (a run writes `config.toml`,
 /// `summary.json`, ... there: another directory's files would be overwritten).
@@ -319,11 +328,14 @@ pub fn pretrain(
     let device = parse_device(device)?;
     // Every setting is checked before the data stage, which can take long on a large corpus.
     cfg.validate()?;
+    // The run directory too, and it is claimed before the data stage: a second run there (of
+    // this process or another) is refused before it writes anything.
+    check_run_dir(out)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _claim = patchlm_train::RunLock::acquire(out)?;
     let shards = prepare_shards(&cfg, inputs, data_dir)?;
     let manifest = Manifest::load(&shards)?;
     cfg = fit_config(cfg, &manifest);
-    check_run_dir(out)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if resume {
         let saved = out.join("config.toml");
         if saved.is_file() {

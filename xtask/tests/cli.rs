@@ -129,6 +129,20 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // Without --resume, an existing run is refused with advice.
     let (ok, out) = xtask(&args, d);
     assert!(!ok && out.contains("--resume"), "{out}");
+    // A run directory that another process's run holds (here this test's) is refused, the
+    // holder named, before anything there is written: a second `--resume` of a live run.
+    let files = ["metrics.jsonl", "config.toml", "model/model.safetensors"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(d.join("run").join(f)).unwrap()).collect();
+    let held = std::fs::OpenOptions::new().write(true).open(d.join("run/.lock")).unwrap();
+    held.lock().unwrap();
+    std::fs::write(d.join("run/.lock"), std::process::id().to_string()).unwrap();
+    let (ok, out) = xtask(&resume, d);
+    let holder = format!("in use by another run (process {})", std::process::id());
+    assert!(!ok && out.contains(&holder), "{out}");
+    for (f, bytes) in files.iter().zip(&before) {
+        assert_eq!(&std::fs::read(d.join("run").join(f)).unwrap(), bytes, "{f} changed");
+    }
+    drop(held);
     // --set overrides, and bad values fail before training with a clear message.
     let (ok, out) = xtask(
         &[

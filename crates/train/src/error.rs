@@ -28,6 +28,14 @@ pub enum TrainError {
         /// What is wrong.
         msg: String,
     },
+    /// The run directory is claimed by another process's run ([`crate::RunLock`]).
+    #[error("{} is in use by another run ({}); wait for it to finish or stop it, or choose another --out", dir.display(), pid.map_or("its process id unknown".to_string(), |p| format!("process {p}")))]
+    InUse {
+        /// The run directory.
+        dir: PathBuf,
+        /// The process id the lock file names, if it could be read.
+        pid: Option<u32>,
+    },
     /// A `metrics.jsonl` line that cannot be read.
     #[error("{path}: line {line}: {msg}")]
     Metrics {

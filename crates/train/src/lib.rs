@@ -55,6 +55,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod lock;
 pub mod optim;
 pub mod trainer;
 
@@ -64,5 +65,6 @@ pub use checkpoint::{
 };
 pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
+pub use lock::{RunLock, RUN_LOCK_FILE};
 pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, AdamWConfig};
 pub use trainer::{plan_phases, read_metrics, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer};

@@ -278,10 +278,12 @@ impl<'a> Trainer<'a> {
     }
 
     /// Runs (or with `resume`, continues from the newest checkpoint) all phases, then saves the
-    /// final model in HF format to `run_dir/model`.
+    /// final model in HF format to `run_dir/model`. The run claims `run_dir` ([`crate::RunLock`])
+    /// while it runs: a run of another process there is refused, not overwritten.
     pub fn run(&mut self, resume: bool) -> Result<RunSummary> {
         let run_dir = self.run_dir.clone();
         std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
+        let _claim = crate::RunLock::acquire(&run_dir)?;
         let fingerprint = self.cfg.fingerprint();
         // What each checkpoint holds besides weights, optimizer and state: the run's config and
         // the files that make it an HF model directory too (`eval --model <checkpoint>`).

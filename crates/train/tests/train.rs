@@ -514,6 +514,10 @@ fn kill_and_resume_is_bit_identical() {
         assert!(std::time::Instant::now() < deadline, "child made no progress");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // While the child trains, a second run in its directory is refused, the child named.
+    let pdir_b = dir_b.path().join("patchdata");
+    let e = Trainer::new(cfg.clone(), &pdir_b, &run_b, Device::Cpu).unwrap().run(true).unwrap_err();
+    assert!(matches!(e, TrainError::InUse { pid: Some(p), .. } if p == child.id()), "{e}");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let cks = list_checkpoints(&run_b).unwrap();
@@ -521,8 +525,8 @@ fn kill_and_resume_is_bit_identical() {
     assert_eq!(last.state.phase, 0, "the kill must fall in the patch phase");
     assert!(!run_b.join("model").exists(), "the child must not have finished");
 
-    // Resume in this process: it crosses the phase switch and must end bit-identical.
-    let pdir_b = dir_b.path().join("patchdata");
+    // Resume in this process (the killed child's claim went with it): it crosses the phase
+    // switch and must end bit-identical.
     let s = Trainer::new(cfg, &pdir_b, &run_b, Device::Cpu).unwrap().run(true).unwrap();
     assert_eq!(s.phases[1].steps, 6);
     assert_eq!(weights(&run_a), weights(&run_b), "resumed weights differ from the uninterrupted run");
