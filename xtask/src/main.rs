@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod compare;
 mod eval_cmd;
+mod interrupt;
 mod model_cmds;
 mod pretrain;
 

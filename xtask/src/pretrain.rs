@@ -374,9 +374,12 @@ pub fn pretrain(
             *last = Some(Instant::now());
         }
     };
+    // Ctrl-C or SIGTERM stops the run after its current step, checkpointed for --resume.
+    let signals = crate::interrupt::StopOnSignal::install();
     let mut trainer = Trainer::new(cfg.clone(), &pdir, out, device)?
         .with_tokenizer(tok_json, sp.bos, Some(sp.eos))?
-        .on_eval(|_| plot_now(false, &mut last_plot));
+        .on_eval(|_| plot_now(false, &mut last_plot))
+        .stop_when(|| signals.asked());
     for p in trainer.plans() {
         println!(
             "phase {:<5} K={} {:>5} steps × {} tokens ({} blocks of {} tokens)",
@@ -388,9 +391,14 @@ pub fn pretrain(
             p.file.block_len
         );
     }
-    let summary = trainer.run(resume)?;
+    let summary = trainer.run(resume);
     drop(trainer);
-    plot_now(true, &mut last_plot);
+    drop(signals);
+    // The plot shows where the run got to, whether it ended, stopped or failed after a step.
+    if summary.is_ok() || out.join("metrics.jsonl").is_file() {
+        plot_now(true, &mut last_plot);
+    }
+    let summary = summary?;
     let json = serde_json::json!({
         "summary": summary,
         "config": cfg,

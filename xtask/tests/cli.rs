@@ -239,6 +239,49 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(!ok && out.contains("temperature -1 is out of range"), "{out}");
 }
 
+/// SIGTERM (a scheduler preempting the job) or Ctrl-C while a run trains stops it after the step
+/// at hand, with a checkpoint there, and says to resume; the loss plot shows where it got to.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_a_run_after_its_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lines: String =
+        (0..300).map(|i| format!("{{\"text\": \"note {i} of the tiny corpus, w{} w{}\"}}\n", i % 7, i % 11)).collect();
+    std::fs::write(d.join("tiny.jsonl"), lines).unwrap();
+    // Checkpoints only at a phase's end, many steps (epochs): a stop's checkpoint is its own.
+    std::fs::write(d.join("run.toml"), tiny_config(4, 100_000, 100_000)).unwrap();
+    let args = ["pretrain", "--config", "run.toml", "--input", "tiny.jsonl", "--out", "run", "--data-dir", "dd"];
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .args(["--set", "blocks.epochs=40"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !std::fs::read_to_string(d.join("run/metrics.jsonl")).is_ok_and(|m| m.contains("\"kind\":\"step\"")) {
+        assert!(std::time::Instant::now() < deadline, "the run made no step");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("stopped on request after step") && err.contains("--resume"),
+        "{err}"
+    );
+    let checkpoints: Vec<String> = std::fs::read_dir(d.join("run/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    assert!(err.contains(&checkpoints[0]), "{err}");
+    assert!(d.join("run/loss.png").is_file() && !d.join("run/model").exists());
+}
+
 #[test]
 fn compare_end_to_end_on_a_tiny_corpus() {
     let dir = tempfile::tempdir().unwrap();

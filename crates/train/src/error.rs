@@ -28,6 +28,15 @@ pub enum TrainError {
         /// What is wrong.
         msg: String,
     },
+    /// The run stopped on request ([`crate::Trainer::stop_when`]) after a step whose checkpoint it
+    /// wrote.
+    #[error("stopped on request after step {global_step}; its checkpoint is {}: continue with --resume", checkpoint.display())]
+    Stopped {
+        /// The last step done.
+        global_step: usize,
+        /// Its checkpoint.
+        checkpoint: PathBuf,
+    },
     /// The run directory is claimed by another process's run ([`crate::RunLock`]).
     #[error("{} is in use by another run ({}); wait for it to finish or stop it, or choose another --out", dir.display(), pid.map_or("its process id unknown".to_string(), |p| format!("process {p}")))]
     InUse {

@@ -126,6 +126,7 @@ pub struct RunSummary {
 
 type StepHook<'a> = Box<dyn FnMut(&StepMetrics) + 'a>;
 type EvalHook<'a> = Box<dyn FnMut(&EvalMetrics) + 'a>;
+type StopHook<'a> = Box<dyn FnMut() -> bool + 'a>;
 
 /// Runs the phases of a [`RunConfig`] over pre-grouped patch datasets.
 pub struct Trainer<'a> {
@@ -138,6 +139,7 @@ pub struct Trainer<'a> {
     tokenizer: Option<(String, Option<u32>, Option<u32>)>,
     on_step: Option<StepHook<'a>>,
     on_eval: Option<EvalHook<'a>>,
+    stop: Option<StopHook<'a>>,
 }
 
 /// Plans the phases of `cfg` over the datasets in `manifest`; fails on any inconsistency.
@@ -223,6 +225,7 @@ impl<'a> Trainer<'a> {
             tokenizer: None,
             on_step: None,
             on_eval: None,
+            stop: None,
         })
     }
 
@@ -256,6 +259,14 @@ impl<'a> Trainer<'a> {
     /// loss plot from the file).
     pub fn on_eval(mut self, f: impl FnMut(&EvalMetrics) + 'a) -> Self {
         self.on_eval = Some(Box::new(f));
+        self
+    }
+
+    /// Asks `f` after every optimizer step whether to stop (e.g. a flag a signal handler sets).
+    /// When it says yes, that step's checkpoint is written and [`Trainer::run`] returns
+    /// [`TrainError::Stopped`] naming it; `run(true)` continues from there as if never stopped.
+    pub fn stop_when(mut self, f: impl FnMut() -> bool + 'a) -> Self {
+        self.stop = Some(Box::new(f));
         self
     }
 
@@ -539,7 +550,8 @@ impl<'a> Trainer<'a> {
                     }
                 }
                 let periodic = tc.checkpoint_every > 0 && state.global_step.is_multiple_of(tc.checkpoint_every);
-                if periodic || phase_end {
+                let stop = self.stop.as_mut().is_some_and(|f| f());
+                if periodic || phase_end || stop {
                     let mut st = state.clone();
                     let (opt_tensors, opt_step) = opt.state();
                     let opt_tensors = if phase_end {
@@ -552,7 +564,7 @@ impl<'a> Trainer<'a> {
                         st.optimizer_step = opt_step;
                         opt_tensors
                     };
-                    save_checkpoint(
+                    let checkpoint = save_checkpoint(
                         &run_dir,
                         &named_tensors(&varmap)?,
                         &opt_tensors,
@@ -560,6 +572,10 @@ impl<'a> Trainer<'a> {
                         &ck_files,
                         tc.keep_checkpoints,
                     )?;
+                    if stop {
+                        pb.abandon();
+                        return Err(TrainError::Stopped { global_step: state.global_step, checkpoint });
+                    }
                 }
             }
             pb.finish_and_clear();

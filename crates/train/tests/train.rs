@@ -487,6 +487,37 @@ fn resume_child() {
     t.run(false).unwrap();
 }
 
+/// A stop asked for between steps (what `pretrain` does on Ctrl-C or SIGTERM) writes that step's
+/// checkpoint, even where none was due, and returns naming it; resuming ends where an
+/// uninterrupted run ends, bit for bit.
+#[test]
+fn a_requested_stop_checkpoints_and_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pdir, mut cfg) = pipeline(dir.path(), 0.5);
+    cfg.train.checkpoint_every = 0; // checkpoints only at the phases' ends, or on a stop
+    let run_a = dir.path().join("a");
+    Trainer::new(cfg.clone(), &pdir, &run_a, Device::Cpu).unwrap().run(false).unwrap();
+    let run_b = dir.path().join("b");
+    let mut asked = 0;
+    let stop_at_second = || {
+        asked += 1;
+        asked == 2
+    };
+    let e = Trainer::new(cfg.clone(), &pdir, &run_b, Device::Cpu).unwrap().stop_when(stop_at_second).run(false);
+    match e {
+        Err(TrainError::Stopped { global_step: 2, checkpoint }) => {
+            assert_eq!(checkpoint, run_b.join("checkpoints/step-00000002"));
+            assert_eq!(list_checkpoints(&run_b).unwrap(), std::slice::from_ref(&checkpoint));
+            let e = TrainError::Stopped { global_step: 2, checkpoint }.to_string();
+            assert!(e.contains("--resume"), "{e}");
+        }
+        other => panic!("expected a stop after step 2, got {other:?}"),
+    }
+    assert!(!run_b.join("model").exists());
+    Trainer::new(cfg, &pdir, &run_b, Device::Cpu).unwrap().run(true).unwrap();
+    assert_eq!(weights(&run_a), weights(&run_b), "resumed weights differ from the uninterrupted run");
+}
+
 #[test]
 fn kill_and_resume_is_bit_identical() {
     // Uninterrupted reference run.
