@@ -16,7 +16,7 @@ use patchlm_eval::{
     TaskResult, WindowConfig,
 };
 use patchlm_model::{load_pretrained, parse_device};
-use patchlm_train::{read_metrics, RunConfig, RunSummary};
+use patchlm_train::{read_metrics, RunConfig, RunSummary, TrainError};
 
 use crate::pretrain::{default_config, fit_config, prepare_shards, pretrain, resolve_config};
 
@@ -102,8 +102,19 @@ fn run_one(
         return Ok(s);
     }
     let resume = dir.join("config.toml").is_file();
-    let s = pretrain(spec.cfg.clone(), inputs, &dir, &a.data_dir, &a.device, resume)
-        .with_context(|| format!("run {} in {}", spec.display, dir.display()))?;
+    let s = match pretrain(spec.cfg.clone(), inputs, &dir, &a.data_dir, &a.device, resume) {
+        Ok(s) => s,
+        // Stopped by Ctrl-C or SIGTERM: compare itself resumes its runs.
+        Err(e) => match e.downcast_ref() {
+            Some(TrainError::Stopped { global_step, checkpoint }) => bail!(
+                "run {} stopped on request after step {global_step}, its checkpoint {}; run the same \
+                 `cargo xtask compare` again to continue it",
+                spec.display,
+                checkpoint.display()
+            ),
+            _ => return Err(e.context(format!("run {} in {}", spec.display, dir.display()))),
+        },
+    };
     crate::pretrain::print_summary(&s, &spec.cfg);
     Ok(s)
 }
