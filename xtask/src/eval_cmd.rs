@@ -126,7 +126,11 @@ pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
             Some(rest) => (rest.to_string(), patchlm_data::hub::resolve_inputs(std::slice::from_ref(spec))?),
             None if spec.join("task.json").is_file() => (stem(), vec![spec.join("task.json")]),
             None if spec.is_dir() => {
-                let files: Vec<PathBuf> = patchlm_data::source::expand_inputs(std::slice::from_ref(spec))?
+                let listed = match patchlm_data::source::expand_inputs(std::slice::from_ref(spec)) {
+                    Err(patchlm_data::DataError::NothingInFolder { .. }) => Vec::new(),
+                    listed => listed?,
+                };
+                let files: Vec<PathBuf> = listed
                     .into_iter()
                     // The files the data stage reads as records (JSON, JSONL, Parquet), not as text.
                     .filter(|f| patchlm_data::source::InputKind::of(f).0 != patchlm_data::source::InputKind::Text)
@@ -136,6 +140,7 @@ pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
                 }
                 (stem(), files)
             }
+            None if !spec.is_file() => bail!("task {text}: no such file or folder"),
             None => (stem(), vec![spec.clone()]),
         };
         tasks.push((name, load_task_files(&files).with_context(|| format!("task {text}"))?));

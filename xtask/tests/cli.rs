@@ -404,6 +404,8 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     }
     let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts/empty"], d);
     assert!(!ok && out.contains("parts/empty: the folder holds no .parquet, .jsonl or .json file"), "{out}");
+    let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts/missing.jsonl"], d);
+    assert!(!ok && out.contains("task parts/missing.jsonl: no such file or folder"), "{out}");
 
     // Run again: every run is reused, nothing retrains.
     let (ok, out) = xtask(&args, d);

@@ -17,6 +17,18 @@ pub enum DataError {
     /// A path (an input, a tokenizer) does not exist.
     #[error("{0}: no such file or directory")]
     Missing(PathBuf),
+    /// An input folder with no file that a folder's files are read by (their extensions).
+    #[error(
+        "{path}: no file to read in this folder (a folder's files are read by their extension: .txt .text .md .rst \
+         .jsonl .ndjson .json .parquet, each also .gz / .zst / .zstd){holds}; name a file itself to read it whatever \
+         its name"
+    )]
+    NothingInFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What it holds instead (`"; it holds a.csv, b.html"`), or nothing.
+        holds: String,
+    },
     /// Text that is not valid UTF-8.
     #[error(
         "{path}: line {line}: invalid utf-8; if the file is in another encoding, re-encode it as utf-8 (e.g. `iconv -f \

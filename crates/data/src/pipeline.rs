@@ -499,6 +499,15 @@ fn build<P: AsRef<Path>>(
     if stopped {
         return Ok(None);
     }
+    if stats.documents == 0 {
+        return Err(DataError::Corpus(format!(
+            "no document in the inputs ({} file{} read, {} empty document{} skipped); nothing to make shards of",
+            stats.files,
+            if stats.files == 1 { "" } else { "s" },
+            stats.skipped_empty,
+            if stats.skipped_empty == 1 { "" } else { "s" },
+        )));
+    }
     let mut shards = train_w.finish()?;
     shards.extend(val_w.finish()?);
     let manifest = Manifest {

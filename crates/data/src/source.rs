@@ -167,8 +167,10 @@ impl InputKind {
 /// Expands the inputs: files stay as given, directories are walked recursively (sorted, hidden
 /// entries skipped, only files with a known extension: .txt .text .md .rst .jsonl .ndjson .json
 /// .parquet, each optionally compressed: .gz, .zst, .zstd).
+/// A folder in which nothing is read is an error ([`DataError::NothingInFolder`], naming what
+/// it holds).
 pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>, passed_over: &mut Vec<PathBuf>) -> Result<()> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?
             .map(|e| e.map(|e| e.path()).map_err(io_err(dir)))
@@ -180,9 +182,11 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
                 continue;
             }
             if p.is_dir() {
-                walk(&p, out)?;
+                walk(&p, out, passed_over)?;
             } else if InputKind::known_in_dir(&p) {
                 out.push(p);
+            } else {
+                passed_over.push(p);
             }
         }
         Ok(())
@@ -191,7 +195,19 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     for p in inputs {
         let p = p.as_ref();
         if p.is_dir() {
-            walk(p, &mut out)?;
+            let (before, mut passed_over) = (out.len(), Vec::new());
+            walk(p, &mut out, &mut passed_over)?;
+            if out.len() == before {
+                let n = passed_over.len();
+                let names: Vec<String> =
+                    passed_over.iter().take(4).map(|f| f.strip_prefix(p).unwrap_or(f).display().to_string()).collect();
+                let holds = match n {
+                    0 => String::new(),
+                    _ if n > names.len() => format!("; it holds {} and {} more", names.join(", "), n - names.len()),
+                    _ => format!("; it holds {}", names.join(", ")),
+                };
+                return Err(DataError::NothingInFolder { path: p.to_path_buf(), holds });
+            }
         } else if p.is_file() {
             out.push(p.to_path_buf());
         } else {

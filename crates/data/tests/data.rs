@@ -238,6 +238,41 @@ fn bad_inputs_give_clear_errors() {
     let mut docs = Documents::open(&[d.join("empty.txt"), d.join("blank.txt")], &cfg).unwrap();
     assert_eq!(docs.by_ref().count(), 0);
     assert_eq!(docs.stats().skipped_empty, 2);
+    // ... but a build of no document at all is refused, saying what it read.
+    let e = build_shards(
+        &[d.join("empty.txt"), d.join("blank.txt")],
+        &d.join("none"),
+        &small_cfg(),
+        TokenizerSource::Train,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no document in the inputs (2 files read, 2 empty documents skipped)"), "{e}");
+    // A folder in which nothing is read (no known extension; hidden files are passed over) says
+    // what it holds instead and how to read such a file.
+    let folder = d.join("exports");
+    std::fs::create_dir_all(folder.join("sub")).unwrap();
+    for f in ["a.csv", "b.html", "sub/c.csv", ".notes.txt"] {
+        write(&folder.join(f), b"text");
+    }
+    let e = docs_of(std::slice::from_ref(&folder), &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("exports: no file to read in this folder") && e.contains("it holds a.csv, b.html, sub/c.csv;"),
+        "{e}"
+    );
+    assert!(e.contains(".jsonl") && e.contains("name a file itself"), "{e}");
+    for i in 0..3 {
+        write(&folder.join(format!("z{i}.csv")), b"text");
+    }
+    let e = docs_of(std::slice::from_ref(&folder), &cfg).unwrap_err().to_string();
+    assert!(e.contains("it holds a.csv, b.html, sub/c.csv, z0.csv and 2 more;"), "{e}");
+    let nothing = d.join("nothing");
+    std::fs::create_dir(&nothing).unwrap();
+    let e = docs_of(std::slice::from_ref(&nothing), &cfg).unwrap_err().to_string();
+    assert!(e.contains("nothing: no file to read in this folder (a folder's") && !e.contains("holds"), "{e}");
+    // Named as a file, such a file is read (as text).
+    assert_eq!(docs_of(&[folder.join("a.csv")], &cfg).unwrap(), ["text"]);
     // JSONL: missing field, wrong type, malformed.
     write(&d.join("nofield.jsonl"), b"{\"body\": \"x\"}\n");
     let e = docs_of(&[d.join("nofield.jsonl")], &cfg).unwrap_err().to_string();
