@@ -221,7 +221,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         println!("evaluating {}", spec.display);
         let (model, mcfg) = load_pretrained(&dir.join("model"), &device, DType::F32)?;
         let w = WindowConfig { context: spec.cfg.blocks.context.min(mcfg.max_position_embeddings), stride: None };
-        let nll = perplexity_of_split(&model, &tok, &ds, Split::Val, &w, &device, Some(a.max_eval_documents))?;
+        let nll = perplexity_of_split(&model, &tok, &ds, Split::Val, &w, &device, Some(a.max_eval_documents), true)?;
         let bos = manifest.special_tokens.bos;
         let results = tasks
             .iter()

@@ -66,7 +66,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 dir.display()
             )
         })?;
-        let s = perplexity_of_texts(&model, &tok, prefix, &texts, &w, &device)?;
+        let s = perplexity_of_texts(&model, &tok, prefix, &texts, &w, &device, true)?;
         out["perplexity"] = print_nll(("text", "all inputs"), &s, &w);
     }
     if let Some(shards) = &a.shards {
@@ -74,7 +74,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         ds.manifest().check_tokenizer(shards, &patchlm_data::tokenizer::fingerprint(&tok)?).with_context(|| {
             format!("{} was tokenized with another tokenizer than the model's ({})", shards.display(), dir.display())
         })?;
-        let s = patchlm_eval::perplexity_of_split(&model, &tok, &ds, patchlm_data::Split::Val, &w, &device, None)?;
+        let s =
+            patchlm_eval::perplexity_of_split(&model, &tok, &ds, patchlm_data::Split::Val, &w, &device, None, true)?;
         out["validation"] = print_nll(("shards", "validation split"), &s, &w);
         out["validation"]["shards"] = serde_json::json!(shards);
     }

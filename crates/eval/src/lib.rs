@@ -63,6 +63,7 @@ pub use zeroshot::{
 /// predicted, and nothing after it (no EOS). The text is encoded as lm-eval's Hugging Face
 /// tokenizer encodes it (`encode(text, add_special_tokens=False)`): the string of a special token
 /// in it is that token (the data stage, by contrast, trains on such strings as characters).
+/// With `progress`, a progress line on stderr counts documents and tokens scored.
 pub fn perplexity_of_texts<P: AsRef<Path>>(
     model: &Llama,
     tok: &Tokenizer,
@@ -70,22 +71,53 @@ pub fn perplexity_of_texts<P: AsRef<Path>>(
     inputs: &[P],
     windows: &WindowConfig,
     device: &Device,
+    progress: bool,
 ) -> Result<NllSum> {
     let mut total = NllSum::default();
+    let pb = progress_bar(None, progress, "text");
     for doc in patchlm_data::Documents::open(inputs, &patchlm_data::SourceConfig::default())? {
         let doc = doc?;
         let mut ids = vec![prefix];
         // As lm-eval's HF tokenizer encodes it: a special token's string in the text is that token.
         ids.extend(tok.encode(doc.text.as_str(), false).map_err(|e| EvalError::Tokenizer(e.to_string()))?.get_ids());
         total.add(&score_document(model, &ids, &doc.text, windows, device)?);
+        scored(&pb, &total);
     }
+    pb.finish_and_clear();
     Ok(total)
+}
+
+/// A progress line for `len` items (documents, questions), or a count where the length is not
+/// known beforehand; hidden without `show` (and, as indicatif does, where stderr is no terminal).
+pub(crate) fn progress_bar(len: Option<u64>, show: bool, prefix: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressStyle};
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let (pb, template) = match len {
+        Some(n) => (ProgressBar::new(n), "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len}, eta {eta}  {msg}"),
+        None => (ProgressBar::new_spinner(), "{prefix:>12} [{elapsed_precise}] {spinner} {pos} documents, {msg}"),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style);
+    }
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+/// Moves a perplexity progress line on by one document.
+fn scored(pb: &indicatif::ProgressBar, total: &NllSum) {
+    pb.inc(1);
+    let secs = pb.elapsed().as_secs_f64().max(1e-9);
+    pb.set_message(format!("{} tokens, {:.0} tokens/s", total.tokens, total.tokens as f64 / secs));
 }
 
 /// Perplexity, bits per byte and word perplexity of one split of the data crate's shards (e.g.
 /// the validation split): each stored document is scored as training saw it (BOS, the text, EOS:
 /// the EOS is predicted too, unlike [`perplexity_of_texts`]), its bytes and words taken from its
-/// decoded text. `max_documents` caps how many documents are scored.
+/// decoded text. `max_documents` caps how many documents are scored. With `progress`, a progress
+/// bar on stderr.
+#[allow(clippy::too_many_arguments)]
 pub fn perplexity_of_split(
     model: &Llama,
     tok: &Tokenizer,
@@ -94,15 +126,19 @@ pub fn perplexity_of_split(
     windows: &WindowConfig,
     device: &Device,
     max_documents: Option<usize>,
+    progress: bool,
 ) -> Result<NllSum> {
     let mut total = NllSum::default();
     let stream = ds.split(split);
     let n = stream.num_documents().min(max_documents.map_or(u64::MAX, |m| m as u64));
+    let pb = progress_bar(Some(n), progress, "shards");
     for i in 0..n {
         let ids = stream.document(i)?.to_vec();
         let text = tok.decode(&ids, true).map_err(|e| EvalError::Tokenizer(e.to_string()))?;
         total.add(&score_document(model, &ids, &text, windows, device)?);
+        scored(&pb, &total);
     }
+    pb.finish_and_clear();
     Ok(total)
 }
 

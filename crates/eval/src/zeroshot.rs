@@ -478,8 +478,7 @@ pub fn score_task(
     device: &Device,
     progress: bool,
 ) -> Result<TaskResult> {
-    let pb =
-        if progress { indicatif::ProgressBar::new(examples.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let pb = crate::progress_bar(Some(examples.len() as u64), progress, name);
     let (mut credits, mut credits_norm) = (Vec::with_capacity(examples.len()), Vec::with_capacity(examples.len()));
     let mut samples = Vec::with_capacity(examples.len());
     for e in examples {

@@ -424,7 +424,7 @@ fn validation_split_perplexity_equals_scoring_its_texts() {
     let (model, _) = patchlm_model::init_model(&mc, &Device::Cpu, 9).unwrap();
     let w = WindowConfig { context: 32, stride: Some(8) };
     let val = patchlm_data::Split::Val;
-    let a = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, None).unwrap();
+    let a = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, None, false).unwrap();
     let docs = ds.manifest().documents(val);
     assert_eq!(a.documents, docs);
     let texts = split_texts(&tok, &ds, val).unwrap();
@@ -436,7 +436,7 @@ fn validation_split_perplexity_equals_scoring_its_texts() {
     std::fs::write(d.join("val.jsonl"), out).unwrap();
     let specials = ds.manifest().special_tokens;
     let bos = specials.bos.unwrap();
-    let b = perplexity_of_texts(&model, &tok, bos, &[d.join("val.jsonl")], &w, &Device::Cpu).unwrap();
+    let b = perplexity_of_texts(&model, &tok, bos, &[d.join("val.jsonl")], &w, &Device::Cpu, false).unwrap();
     // The stored documents without their last token (the EOS), scored one by one.
     let mut c = NllSum::default();
     for (i, t) in texts.iter().enumerate() {
@@ -452,7 +452,7 @@ fn validation_split_perplexity_equals_scoring_its_texts() {
     // Two lines of 5 and 11 words: 16 words a text, as Python's re.split(r"\s+") counts.
     assert_eq!(a.words, 16 * docs);
     // A cap on documents is honoured.
-    let one = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, Some(1)).unwrap();
+    let one = perplexity_of_split(&model, &tok, &ds, val, &w, &Device::Cpu, Some(1), false).unwrap();
     assert_eq!(one.documents, 1);
 }
 
@@ -486,7 +486,7 @@ fn text_perplexity_encodes_special_strings_as_lm_eval_does() {
     std::fs::write(dir.path().join("t.txt"), text).unwrap();
     let bos = tok.token_to_id("<|bos|>").unwrap();
     let w = WindowConfig { context: 64, stride: None };
-    let got = perplexity_of_texts(&model, &tok, bos, &[dir.path().join("t.txt")], &w, &Device::Cpu).unwrap();
+    let got = perplexity_of_texts(&model, &tok, bos, &[dir.path().join("t.txt")], &w, &Device::Cpu, false).unwrap();
     let hf = tok.encode(text, false).unwrap().get_ids().to_vec();
     assert!(hf.contains(&tok.token_to_id("<|eos|>").unwrap()), "{hf:?}");
     assert_ne!(hf, patchlm_data::tokenizer::encode_text(&tok, text).unwrap());
