@@ -1,12 +1,13 @@
 //! `score` and `generate`: thin wrappers over the model crate (and the eval crate's windows).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use patchlm_eval::{sequence_nlls, WindowConfig};
 use patchlm_model::{
-    generate as gen, load_pretrained, parse_device, special_token_ids, stop_token_ids, SamplingConfig,
+    generate_streaming, load_pretrained, parse_device, special_token_ids, stop_token_ids, SamplingConfig,
 };
 
 /// Arguments of `cargo xtask score`.
@@ -150,12 +151,30 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let out = gen(&model, &ids, a.max_tokens, &cfg, &stop, &device)?;
+    // The continuation is printed as it is drawn, each piece once its characters are whole (a
+    // token may end inside a multi-byte character).
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    stdout.flush()?;
+    let mut text = tok.decode_stream(true);
+    let mut failed = None;
+    let out = generate_streaming(&model, &ids, a.max_tokens, &cfg, &stop, &device, |id| {
+        if failed.is_some() {
+            return;
+        }
+        match text.step(id).map_err(|e| anyhow::anyhow!("decoding failed: {e}")) {
+            Ok(Some(piece)) => failed = write!(stdout, "{piece}").and_then(|()| stdout.flush()).err().map(Into::into),
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    writeln!(stdout)?;
     if out.len() < a.max_tokens && !out.last().is_some_and(|t| stop.contains(t)) {
         let t = model.config().max_position_embeddings;
         eprintln!("stopped after {} tokens: prompt and continuation fill the model's context of {t}", out.len());
     }
-    let text = tok.decode(&out, true).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
-    println!("{}{}", a.prompt, text);
     Ok(())
 }

@@ -144,6 +144,20 @@ pub fn generate(
     stop: &[u32],
     device: &Device,
 ) -> Result<Vec<u32>> {
+    generate_streaming(model, prompt, max_tokens, cfg, stop, device, |_| {})
+}
+
+/// [`generate`], handing each token to `on_token` as soon as it is drawn (to print a
+/// continuation as it grows); the same tokens, in the same order, as [`generate`] returns.
+pub fn generate_streaming(
+    model: &Llama,
+    prompt: &[u32],
+    max_tokens: usize,
+    cfg: &SamplingConfig,
+    stop: &[u32],
+    device: &Device,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
     cfg.validate()?;
     let limit = model.config().max_position_embeddings;
     if prompt.is_empty() {
@@ -163,6 +177,7 @@ pub fn generate(
         let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let next = sample(&row, cfg, &mut rng);
         out.push(next);
+        on_token(next);
         // The next token would go at position cache.len(): past the context, stop.
         if stop.contains(&next) || cache.len() >= limit {
             break;

@@ -35,7 +35,9 @@ pub use candle_core;
 pub use candle_nn;
 pub use config::{ModelConfig, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
-pub use generate::{generate, log_softmax, sample, sampling_distribution, score_tokens, SamplingConfig};
+pub use generate::{
+    generate, generate_streaming, log_softmax, sample, sampling_distribution, score_tokens, SamplingConfig,
+};
 pub use host::keep_freed_memory;
 pub use llama::{KvCache, Llama, Rope};
 pub use ops::{causal_softmax, cross_entropy_multi, embedding, flash_attention, fused_ops_supported, rope, swiglu};

@@ -512,6 +512,15 @@ fn generation_refuses_prompts_without_room_and_settings_out_of_range() {
         let e = msg(generate(&model, &[1, 2], 4, &bad, &[], &Device::Cpu));
         assert!(e.contains("out of range"), "{e}");
     }
+    // Streaming hands over each token as it is drawn: the tokens generate returns, a stop token
+    // ending both where it is first drawn.
+    let s = SamplingConfig { temperature: 1.0, seed: 5, ..Default::default() };
+    let all = generate(&model, &[1, 2], 12, &s, &[], &Device::Cpu).unwrap();
+    assert_eq!(all.len(), 12);
+    let first = all.iter().position(|&id| id == all[6]).unwrap();
+    let mut seen = Vec::new();
+    let out = generate_streaming(&model, &[1, 2], 12, &s, &[all[6]], &Device::Cpu, |id| seen.push(id)).unwrap();
+    assert_eq!((&out[..], &seen[..]), (&all[..=first], &all[..=first]));
 }
 
 /// The distribution sampled from equals what HF transformers' own warpers leave
