@@ -27,6 +27,10 @@ pub struct PretrainArgs {
     /// Continue a killed run from its newest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Print the resolved config (defaults ← --config ← --set, checked) as TOML and exit: every
+    /// key there is, to edit and pass back with --config.
+    #[arg(long)]
+    pub print_config: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -113,14 +117,7 @@ fn check_keys(user: &toml::Value, source: &str) -> Result<()> {
 /// The keys of the config table at the dotted `path` ("" for the top level), `input` included
 /// at the top, sub-tables listed by name.
 fn config_keys(path: &str) -> Vec<String> {
-    let mut all = default_config();
-    // Saved only when not the default (TrainConfig::dtype, TokenizerConfig::file,
-    // ModelConfig::tie_word_embeddings and rope_scaling).
-    all.train.dtype = "bf16".into();
-    all.data.tokenizer.file = Some(String::new());
-    all.model.tie_word_embeddings = true;
-    all.model.rope_scaling = Some(patchlm_model::RopeScaling::Linear { factor: 1.0 });
-    let mut v = toml::Value::try_from(&all).unwrap_or(toml::Value::Table(toml::Table::new()));
+    let mut v = every_key_config();
     for part in path.split('.').filter(|p| !p.is_empty()) {
         v = v.get(part).cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
     }
@@ -130,6 +127,32 @@ fn config_keys(path: &str) -> Vec<String> {
     }
     keys.sort();
     keys
+}
+
+/// A config as TOML with every key there is, those too that a config leaves out while they are
+/// at their default (TrainConfig::dtype, TokenizerConfig::file, ModelConfig::tie_word_embeddings
+/// and rope_scaling).
+fn every_key_config() -> toml::Value {
+    let mut all = default_config();
+    all.train.dtype = "bf16".into();
+    all.data.tokenizer.file = Some(String::new());
+    all.model.tie_word_embeddings = true;
+    all.model.rope_scaling = Some(patchlm_model::RopeScaling::Linear { factor: 1.0 });
+    toml::Value::try_from(&all).unwrap_or(toml::Value::Table(toml::Table::new()))
+}
+
+/// The dotted paths of `v`'s keys (a table's own key, not its keys, where `v` has it but
+/// `like` lacks it altogether), of those not in `like`.
+fn keys_missing(v: &toml::Value, like: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+    let Some(table) = v.as_table() else { return };
+    for (k, sub) in table {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match like.get(k) {
+            None => out.push(path),
+            Some(there) if sub.is_table() && there.is_table() => keys_missing(sub, there, &path, out),
+            Some(_) => {}
+        }
+    }
 }
 
 /// Resolves the run config: built-in default ← `--config` ← `--set`; a `preset` key picks the
@@ -438,9 +461,35 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     if let Some(d) = &a.dtype {
         cfg.train.dtype = d.clone();
     }
+    if a.print_config {
+        cfg.validate()?;
+        print!("{}", config_toml(&cfg, &inputs)?);
+        return Ok(());
+    }
     let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
     print_summary(&s, &cfg);
     Ok(())
+}
+
+/// `cfg` as a TOML file that `--config` reads back, its inputs (if any) first.
+fn config_toml(cfg: &RunConfig, inputs: &[PathBuf]) -> Result<String> {
+    let mut text = String::from(
+        "# A pretrain config, fully resolved (built-in default <- --config <- --set); run it with --config.\n\
+         # model.vocab_size follows the tokenizer, and model.max_position_embeddings is raised to\n\
+         # blocks.context, when the run starts (its saved config.toml has the values it ran with).\n",
+    );
+    let resolved = toml::Value::try_from(cfg).context("serializing the config")?;
+    let mut absent = Vec::new();
+    keys_missing(&every_key_config(), &resolved, "", &mut absent);
+    if !absent.is_empty() {
+        text += &format!("# Also settable, left out while at their default: {}.\n", absent.join(", "));
+    }
+    if !inputs.is_empty() {
+        let list: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        text += &toml::to_string(&toml::toml! { input = list }).context("serializing the inputs")?;
+    }
+    text += &toml::to_string_pretty(cfg).context("serializing the config")?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -509,5 +558,23 @@ mod tests {
         cfg.train.dtype = "f32".into();
         cfg.patch.k = 8;
         assert_eq!(got, RunConfig { preset: "tiny".into(), ..cfg });
+    }
+
+    /// `--print-config` prints what `--config` reads back to the same config and inputs, and names
+    /// the keys it leaves out at their default (and only those).
+    #[test]
+    fn a_printed_config_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("printed.toml");
+        let set = sets(&["patch.k=8", "model.tie_word_embeddings=true", "blocks.context=256", "seed=3"]);
+        let (cfg, _) = resolve_config(None, &set, default_config()).unwrap();
+        let inputs = vec![PathBuf::from("my texts/a.jsonl"), PathBuf::from("hf://datasets/org/x/data")];
+        let text = config_toml(&cfg, &inputs).unwrap();
+        assert!(
+            text.contains("left out while at their default: data.tokenizer.file, model.rope_scaling, train.dtype.\n")
+        );
+        std::fs::write(&file, &text).unwrap();
+        let (back, back_inputs) = resolve_config(Some(&file), &[], default_config()).unwrap();
+        assert_eq!((back, back_inputs), (cfg, inputs));
     }
 }
