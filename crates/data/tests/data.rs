@@ -878,3 +878,50 @@ fn corpus_helpers_cut_and_shuffle_deterministically() {
     sorted.sort();
     assert_eq!(sorted, (0..100).collect::<Vec<_>>());
 }
+
+/// A tokenizer laid out as LLaMA 2's (SentencePiece BPE with byte fallback, converted by
+/// transformers: tests/fixtures/make_llama_tokenizer.py): its `<s>` and `</s>` are found as BOS
+/// and EOS, each document is framed as SentencePiece itself encodes it (BOS, its ids, EOS; `<s>`
+/// written in a text stays characters, as SentencePiece reads it), the shards hold exactly that,
+/// and decoding, whole or as a stream (as `generate` prints), gives SentencePiece's text back.
+#[test]
+fn a_llama_tokenizer_frames_documents_as_sentencepiece() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tokenizer");
+    let tok = tokenizer::load_tokenizer(&fixture.join("tokenizer.json")).unwrap();
+    let specials = tokenizer::special_tokens(&tok, &TokenizerConfig::default()).unwrap();
+    assert_eq!((specials.bos, specials.eos, specials.pad), (Some(1), 2, None));
+    let golden: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
+    let mut want_rows = Vec::new();
+    for g in &golden {
+        let text = g["text"].as_str().unwrap();
+        let ids: Vec<u32> = g["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let framed = [&[1][..], &ids, &[2]].concat();
+        assert_eq!(tokenizer::encode_document(&tok, text, &specials).unwrap(), framed, "{text:?}");
+        let decoded = g["decoded"].as_str().unwrap();
+        assert_eq!(tok.decode(&framed, true).unwrap(), decoded, "{text:?}");
+        let mut stream = tok.decode_stream(true);
+        let mut pieces = String::new();
+        for &id in &framed {
+            pieces.extend(stream.step(id).unwrap());
+        }
+        assert_eq!(pieces, decoded, "{text:?} decoded a token at a time");
+        if !text.trim().is_empty() {
+            want_rows.push(framed);
+        }
+    }
+    // Through the data stage, as `--tokenizer tokenizer.json` runs it.
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = golden.iter().map(|g| g["text"].as_str().unwrap().to_string()).collect();
+    write(&dir.path().join("docs.jsonl"), &jsonl(&texts, "text"));
+    let cfg = DataConfig { val_fraction: 0.0, ..DataConfig::default() };
+    let out = dir.path().join("shards");
+    let tok_file = fixture.join("tokenizer.json");
+    build_shards(&[dir.path().join("docs.jsonl")], &out, &cfg, TokenizerSource::File(&tok_file), false).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let train = ds.split(Split::Train);
+    let mut rows: Vec<Vec<u32>> = (0..train.num_documents()).map(|i| train.document(i).unwrap().to_vec()).collect();
+    rows.sort();
+    want_rows.sort();
+    assert_eq!(rows, want_rows);
+}
