@@ -104,6 +104,14 @@ pub struct PatchManifest {
 }
 
 impl PatchManifest {
+    /// `sha256:<hex>` of what training reads: the tokenizer and the two phases' block files (the
+    /// blocks and their order). Different inputs, tokenizer or cutting give a different one.
+    pub fn training_data_fingerprint(&self) -> String {
+        let patch = self.patch_phase.as_ref().map_or("none", |b| b.sha256.as_str());
+        let ident = format!("{}\n{patch}\n{}", self.tokenizer_fingerprint, self.token_phase.sha256);
+        patchlm_data::shard::sha256_bytes(ident.as_bytes())
+    }
+
     /// Reads `dir/patch_manifest.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);

@@ -14,6 +14,10 @@ use crate::error::{io, Result, TrainError};
 pub struct TrainState {
     /// Fingerprint of the run's config.
     pub config_fingerprint: String,
+    /// Fingerprint of the data it trains on (`PatchManifest::training_data_fingerprint`); empty
+    /// in checkpoints written before it was kept.
+    #[serde(default)]
+    pub data_fingerprint: String,
     /// Index of the current phase.
     pub phase: usize,
     /// Steps done in the current phase (its data position is `step · blocks_per_step`).

@@ -316,6 +316,7 @@ impl<'a> Trainer<'a> {
         };
         let mut state = TrainState {
             config_fingerprint: fingerprint.clone(),
+            data_fingerprint: self.manifest.training_data_fingerprint(),
             phase: 0,
             phase_step: 0,
             global_step: 0,
@@ -334,6 +335,16 @@ impl<'a> Trainer<'a> {
                         msg: "was written by a run with a different config; resume with the same config, or start a fresh --out".into(),
                     });
                 }
+                let data = &state.data_fingerprint;
+                if !ck.state.data_fingerprint.is_empty() && ck.state.data_fingerprint != *data {
+                    return Err(TrainError::Checkpoint {
+                        path: ck.path,
+                        msg:
+                            "was trained on other data (another tokenizer, or other blocks: the inputs changed since); \
+                              resume with the inputs it was trained on, or start a fresh --out"
+                                .into(),
+                    });
+                }
                 for (name, var) in &params {
                     let t = ck.model.get(name).ok_or_else(|| TrainError::Checkpoint {
                         path: ck.path.clone(),
@@ -347,7 +358,7 @@ impl<'a> Trainer<'a> {
                     }
                     var.set(t)?;
                 }
-                state = ck.state;
+                state = TrainState { data_fingerprint: state.data_fingerprint, ..ck.state };
                 resumed_opt = Some(ck.optimizer);
                 // Keep only metrics up to the checkpoint: later lines are recomputed.
                 if let Ok(text) = std::fs::read_to_string(&metrics_path) {

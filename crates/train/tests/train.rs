@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use patchlm_train::*;
 
 mod common;
-use common::pipeline;
+use common::{pipeline, pipeline_of};
 
 #[test]
 fn adamw_and_clipping_match_pytorch() {
@@ -396,6 +396,13 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     other.train.lr = 1e-3;
     let e = Trainer::new(other, &pdir, &run, Device::Cpu).unwrap().run(true).unwrap_err().to_string();
     assert!(e.contains("different config"), "{e}");
+    // The same config over other data (the inputs edited: a retrained tokenizer, other blocks)
+    // is refused rather than continued on ids the checkpoint never saw.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, other_pdir, _) = pipeline_of(&other, 0.5, |i| format!("a different document {i}: z{} y{}", i % 5, i % 9));
+    let e = Trainer::new(c.clone(), &other_pdir, &run, Device::Cpu).unwrap().run(true).unwrap_err().to_string();
+    assert!(e.contains("was trained on other data") && e.contains("fresh --out"), "{e}");
     // A checkpoint written before a setting existed (its stored config lacks the key, its
     // state's fingerprint was computed without it) resumes: the stored config is fingerprinted
     // again with the new setting at its default.
@@ -405,6 +412,7 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     stored["data"]["source"].as_object_mut().unwrap().remove("sample_by").unwrap();
     let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(ck.join("state.json")).unwrap()).unwrap();
     state["config_fingerprint"] = "sha256:written-by-an-older-version".into();
+    state.as_object_mut().unwrap().remove("data_fingerprint").unwrap(); // not kept then either
     let mut sums: serde_json::Value = serde_json::from_slice(&std::fs::read(ck.join(CHECKSUMS_FILE)).unwrap()).unwrap();
     for (f, v) in [(RUN_CONFIG_FILE, &stored), ("state.json", &state)] {
         let bytes = serde_json::to_vec_pretty(v).unwrap();

@@ -10,10 +10,17 @@ use patchlm_train::{RunConfig, TrainConfig};
 
 /// Tiny corpus → shards → patch datasets; returns (shards dir, patch data dir, run config).
 pub fn pipeline(dir: &Path, lambda: f64) -> (PathBuf, PathBuf, RunConfig) {
+    pipeline_of(dir, lambda, |i| {
+        let words: Vec<String> = (0..40).map(|j| format!("w{}", (i * 7 + j * 13) % 61)).collect();
+        words.join(" ")
+    })
+}
+
+/// [`pipeline`] over 400 documents that `doc` writes.
+pub fn pipeline_of(dir: &Path, lambda: f64, doc: impl Fn(usize) -> String) -> (PathBuf, PathBuf, RunConfig) {
     let mut s = String::new();
     for i in 0..400 {
-        let words: Vec<String> = (0..40).map(|j| format!("w{}", (i * 7 + j * 13) % 61)).collect();
-        s += &serde_json::json!({"text": words.join(" ")}).to_string();
+        s += &serde_json::json!({"text": doc(i)}).to_string();
         s.push('\n');
     }
     let input = dir.join("in.jsonl");
