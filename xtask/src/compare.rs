@@ -18,7 +18,7 @@ use patchlm_eval::{
 use patchlm_model::{load_pretrained, parse_device};
 use patchlm_train::{read_metrics, RunConfig, RunSummary, TrainError};
 
-use crate::pretrain::{default_config, fit_config, prepare_shards, pretrain, resolve_config};
+use crate::pretrain::{default_config, fit_config, prepare_shards, pretrain, resolve_config, shards_identity};
 
 /// Arguments of `cargo xtask compare`.
 #[derive(clap::Args)]
@@ -76,12 +76,16 @@ fn lambda_tag(l: f64) -> String {
     format!("{l:.3}")
 }
 
-/// A finished run in `dir` made with exactly `cfg`: its summary.
-fn finished(dir: &Path, cfg: &RunConfig) -> Option<RunSummary> {
+/// A finished run in `dir` made with exactly `cfg` on the shards `shards` identifies
+/// ([`shards_identity`]): its summary.
+fn finished(dir: &Path, cfg: &RunConfig, shards: &str) -> Option<RunSummary> {
     let text = std::fs::read_to_string(dir.join("summary.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let old: RunConfig = serde_json::from_value(v.get("config")?.clone()).ok()?;
-    if old.fingerprint() != cfg.fingerprint() || !dir.join("model").join("model.safetensors").is_file() {
+    if old.fingerprint() != cfg.fingerprint()
+        || v.get("shards")?.as_str() != Some(shards)
+        || !dir.join("model").join("model.safetensors").is_file()
+    {
         return None;
     }
     serde_json::from_value(v.get("summary")?.clone()).ok()
@@ -94,10 +98,11 @@ fn run_one(
     a: &CompareArgs,
     inputs: &[PathBuf],
     runs_dir: &Path,
+    shards: &str,
 ) -> Result<RunSummary> {
     let dir = runs_dir.join(&spec.dir_name);
     println!("== run {}/{}: {} ({})", i + 1, n, spec.display, dir.display());
-    if let Some(s) = finished(&dir, &spec.cfg) {
+    if let Some(s) = finished(&dir, &spec.cfg, shards) {
         println!("   finished before; reused (val loss {:.4})", s.val_loss);
         return Ok(s);
     }
@@ -146,6 +151,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     }
     let shards = prepare_shards(&base, &inputs, &a.data_dir)?;
     let manifest = Manifest::load(&shards)?;
+    let shards_id = shards_identity(&shards)?;
     let base = fit_config(base, &manifest);
 
     // The plan: baseline, patch runs, then their equal-compute baselines (budgets known once the
@@ -190,7 +196,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
             let budget = specs[m].cfg.patch.equal_compute_tokens(summaries[m].tokens);
             specs[i].cfg.blocks.max_tokens = budget.div_ceil(specs[i].cfg.blocks.epochs.max(1) as u64);
         }
-        let s = run_one(&specs[i], i, n, &a, &inputs, &runs_dir)?;
+        let s = run_one(&specs[i], i, n, &a, &inputs, &runs_dir, &shards_id)?;
         summaries.push(s);
     }
 

@@ -425,10 +425,17 @@ pub fn pretrain(
     let json = serde_json::json!({
         "summary": summary,
         "config": cfg,
+        "shards": shards_identity(&shards)?,
         "wall_secs": wall.elapsed().as_secs_f64(),
     });
     patchlm_model::weights::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     Ok(summary)
+}
+
+/// What identifies the shards a run trained on (their manifest: every shard's sha256, the
+/// tokenizer's, the split), as a run's `summary.json` records it.
+pub fn shards_identity(shards: &Path) -> Result<String> {
+    Ok(patchlm_data::shard::sha256_file(&shards.join(patchlm_data::shard::MANIFEST))?)
 }
 
 /// Prints a run summary.

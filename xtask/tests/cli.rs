@@ -411,6 +411,14 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");
     assert_eq!(out.matches("finished before; reused").count(), 3, "{out}");
+    // Over edited inputs (a retrained tokenizer, other shards), no run is reused or continued:
+    // the report would mix models of other data.
+    let edited = d.join("edited.jsonl");
+    let text = std::fs::read_to_string(d.join("tiny.jsonl")).unwrap();
+    std::fs::write(&edited, text.replace("w1 ", "v1 ")).unwrap();
+    let edited_args: Vec<&str> = args.iter().map(|&x| if x == "tiny.jsonl" { "edited.jsonl" } else { x }).collect();
+    let (ok, out) = xtask(&edited_args, d);
+    assert!(!ok && !out.contains("reused") && out.contains("was trained on other data"), "{out}");
     // A sweep reuses what matches (baseline, K=4) and trains only the new K=2 run.
     let (ok, out) = xtask(&with(&["--k", "2,4", "--no-equal-compute", "--continuation-examples", "0"]), d);
     assert!(ok, "{out}");
