@@ -18,7 +18,7 @@ use patchlm_eval::{
 use patchlm_model::{load_pretrained, parse_device};
 use patchlm_train::{read_metrics, RunConfig, RunSummary, TrainError};
 
-use crate::pretrain::{default_config, fit_config, prepare_shards, pretrain, resolve_config, shards_identity};
+use crate::pretrain::{default_config, fit_config, prepare_shards, pretrain, resolve_config};
 
 /// Arguments of `cargo xtask compare`.
 #[derive(clap::Args)]
@@ -77,7 +77,7 @@ fn lambda_tag(l: f64) -> String {
 }
 
 /// A finished run in `dir` made with exactly `cfg` on the shards `shards` identifies
-/// ([`shards_identity`]): its summary.
+/// (`patchlm_data::shard::shards_identity`): its summary.
 fn finished(dir: &Path, cfg: &RunConfig, shards: &str) -> Option<RunSummary> {
     let text = std::fs::read_to_string(dir.join("summary.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
@@ -151,7 +151,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     }
     let shards = prepare_shards(&base, &inputs, &a.data_dir)?;
     let manifest = Manifest::load(&shards)?;
-    let shards_id = shards_identity(&shards)?;
+    let shards_id = patchlm_data::shard::shards_identity(&shards)?;
     let base = fit_config(base, &manifest);
 
     // The plan: baseline, patch runs, then their equal-compute baselines (budgets known once the

@@ -375,10 +375,10 @@ pub fn pretrain(
     let text = toml::to_string_pretty(&cfg).context("serializing the config")?;
     patchlm_model::weights::write_atomic(&out.join("config.toml"), text.as_bytes())?;
     let pdir = out.join("patchdata");
+    // The blocks are cut again unless they were cut from these very shards with these settings.
+    let shards_id = patchlm_data::shard::shards_identity(&shards)?;
     let fresh = match PatchManifest::load(&pdir) {
-        Ok(m) => {
-            m.patch != cfg.patch || m.data != cfg.blocks || m.tokenizer_fingerprint != manifest.tokenizer_fingerprint
-        }
+        Ok(m) => m.patch != cfg.patch || m.data != cfg.blocks || m.shards_manifest_sha256 != shards_id,
         Err(_) => true,
     };
     if fresh {
@@ -425,17 +425,11 @@ pub fn pretrain(
     let json = serde_json::json!({
         "summary": summary,
         "config": cfg,
-        "shards": shards_identity(&shards)?,
+        "shards": shards_id,
         "wall_secs": wall.elapsed().as_secs_f64(),
     });
     patchlm_model::weights::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     Ok(summary)
-}
-
-/// What identifies the shards a run trained on (their manifest: every shard's sha256, the
-/// tokenizer's, the split), as a run's `summary.json` records it.
-pub fn shards_identity(shards: &Path) -> Result<String> {
-    Ok(patchlm_data::shard::sha256_file(&shards.join(patchlm_data::shard::MANIFEST))?)
 }
 
 /// Prints a run summary.

@@ -162,6 +162,20 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     );
     assert!(!ok && out.contains("lambda must be in [0, 1)"), "{out}");
     assert!(!d.join("bad/metrics.jsonl").exists());
+    // A run over a given tokenizer whose input is then edited: the same tokenizer, other shards.
+    // The blocks are cut again from the new shards, and --resume refuses the checkpoints of the
+    // old ones (it used to go on over the blocks of the old text).
+    std::fs::copy(d.join("tiny.jsonl"), d.join("given.jsonl")).unwrap();
+    let given: Vec<&str> = ["pretrain", "--config", "run.toml", "--input", "given.jsonl", "--out", "given"]
+        .into_iter()
+        .chain(["--data-dir", "dd", "--set", "data.tokenizer.file=shards/tokenizer.json"])
+        .collect();
+    let (ok, out) = xtask(&given, d);
+    assert!(ok, "{out}");
+    let text = std::fs::read_to_string(d.join("given.jsonl")).unwrap();
+    std::fs::write(d.join("given.jsonl"), text.replace("w1 ", "w2 ")).unwrap();
+    let (ok, out) = xtask(&[&given[..], &["--resume"]].concat(), d);
+    assert!(!ok && out.contains("was trained on other data"), "{out}");
     let (ok, out) = xtask(
         &[
             "pretrain",

@@ -323,6 +323,13 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
+/// What identifies the shards in `dir`: the SHA-256 of their `manifest.json` (every shard's
+/// sha256, the tokenizer's fingerprint, the split's settings), as `sha256:<hex>`. Shards built
+/// from other text, with another tokenizer or split, have another.
+pub fn shards_identity(dir: &Path) -> Result<String> {
+    sha256_file(&dir.join(MANIFEST))
+}
+
 /// Writes the shards of one split: `<split>-00000.arrow`, `<split>-00001.arrow`, ... each rolled
 /// over once it reaches the target size.
 pub struct ShardWriter {

@@ -91,6 +91,10 @@ pub struct PatchManifest {
     pub data: PatchDataConfig,
     /// The shards' tokenizer fingerprint.
     pub tokenizer_fingerprint: String,
+    /// The sha256 of the shards' `manifest.json` (every shard's sha256, the tokenizer's, the
+    /// split): which shards the blocks were cut from. Empty in manifests from before it was kept.
+    #[serde(default)]
+    pub shards_manifest_sha256: String,
     /// The shards' vocabulary size.
     pub vocab_size: usize,
     /// Element type.
@@ -304,6 +308,7 @@ pub fn build_patch_datasets(
         patch: *patch,
         data: data.clone(),
         tokenizer_fingerprint: m.tokenizer_fingerprint.clone(),
+        shards_manifest_sha256: patchlm_data::shard::shards_identity(shards)?,
         vocab_size: m.vocab_size,
         dtype: m.dtype,
         patch_phase,

@@ -177,6 +177,9 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     let data = PatchDataConfig { context: 8, seed: 3, epochs: 1, max_val_blocks: 10, max_tokens: 0 };
     let out = dir.path().join("p");
     let m = build_patch_datasets(&shards, &out, &patch, &data).unwrap();
+    // The manifest names the shards the blocks were cut from (the sha256 of theirs).
+    let shards_manifest = std::fs::read(shards.join(patchlm_data::shard::MANIFEST)).unwrap();
+    assert_eq!(m.shards_manifest_sha256, patchlm_data::shard::sha256_bytes(&shards_manifest));
     let pp = m.patch_phase.clone().unwrap();
     let split = (0.5 * n as f64).round() as u64;
     assert_eq!(pp.source_range, (0, split));
