@@ -55,7 +55,8 @@ pub struct CompareArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Training text (files or directories); default: the built-in corpus.
+    /// Training text: files, folders or `hf://datasets/<org>/<name>/<path>`; default: the built-in
+    /// corpus.
     #[arg(long, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Where the default corpus and shared shards are cached.

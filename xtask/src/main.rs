@@ -14,7 +14,7 @@ mod model_cmds;
 mod pretrain;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "patchlm: patch-level pretraining pipelines", version)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "patchlm: patch-level pretraining pipelines", version)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -24,7 +24,8 @@ pub struct PretrainArgs {
     /// Run directory.
     #[arg(long, default_value = "runs/pretrain")]
     pub out: PathBuf,
-    /// Continue a killed run from its newest checkpoint.
+    /// Continue a stopped or killed run from its newest checkpoint (one of other settings or
+    /// other data is refused).
     #[arg(long)]
     pub resume: bool,
     /// Print the resolved config (defaults ← --config ← --set, checked) as TOML and exit: every
@@ -37,7 +38,8 @@ pub struct PretrainArgs {
     /// Compute dtype, f32 or bf16 (mixed precision); the same as `--set train.dtype=...`.
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Training text (files or directories); default: the built-in corpus (`cargo xtask corpus`).
+    /// Training text: files, folders or `hf://datasets/<org>/<name>/<path>`; default: the built-in
+    /// corpus (`cargo xtask corpus`).
     #[arg(long, num_args = 1..)]
     pub input: Vec<PathBuf>,
     /// Where the default corpus and shared shards are cached.
