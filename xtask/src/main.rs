@@ -14,7 +14,12 @@ mod model_cmds;
 mod pretrain;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "patchlm: patch-level pretraining pipelines", version)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "patchlm: patch-level pretraining pipelines",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -84,8 +89,49 @@ enum Cmd {
     Compare(compare::CompareArgs),
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // With RUST_BACKTRACE set, anyhow's own report (with the backtrace).
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eprintln!("Error: {e:?}");
+            } else {
+                eprintln!("{}", error_report(&e));
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `e` and what caused it, as anyhow prints them, leaving out a cause whose message the one
+/// before already ends with (a library error naming a file and the I/O error it wraps: "x: no
+/// such file" and then "no such file").
+fn error_report(e: &anyhow::Error) -> String {
+    let mut out = format!("Error: {e}");
+    let mut last = e.to_string();
+    let mut causes = Vec::new();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !last.ends_with(&text) {
+            causes.push(text.clone());
+        }
+        last = text;
+    }
+    match &causes[..] {
+        [] => {}
+        [one] => out += &format!("\n\nCaused by:\n    {one}"),
+        many => {
+            out += "\n\nCaused by:";
+            for (i, c) in many.iter().enumerate() {
+                out += &format!("\n    {i}: {c}");
+            }
+        }
+    }
+    out
+}
+
+fn run(cli: Cli) -> Result<()> {
     // Large tensors freed each step are reused instead of mapped and zero-filled afresh.
     patchlm_model::keep_freed_memory();
     match cli.cmd {
@@ -211,5 +257,23 @@ pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path
             s.tokenizer_secs,
             s.bytes as f64 / 1e6 / (s.secs - s.tokenizer_secs).max(1e-9)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cause the message before already ends with is left out; other causes stay, numbered
+    /// when there are several, as anyhow prints them.
+    #[test]
+    fn error_report_leaves_out_repeated_causes() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let lib = patchlm_data::DataError::Io { path: "/data/x".into(), source: io() };
+        let e = anyhow::Error::new(lib).context("building shards into out");
+        assert_eq!(error_report(&e), "Error: building shards into out\n\nCaused by:\n    /data/x: no such file");
+        let e = anyhow::Error::new(io()).context("reading a.toml").context("pretrain");
+        assert_eq!(error_report(&e), "Error: pretrain\n\nCaused by:\n    0: reading a.toml\n    1: no such file");
+        assert_eq!(error_report(&anyhow::anyhow!("plain")), "Error: plain");
     }
 }
