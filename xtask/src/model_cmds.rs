@@ -151,21 +151,20 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    // The continuation is printed as it is drawn, each piece once its characters are whole (a
-    // token may end inside a multi-byte character).
+    // The continuation is printed as it is drawn, as the text it adds to the prompt's.
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
     stdout.flush()?;
-    let mut text = tok.decode_stream(true);
-    let mut failed = None;
+    let mut text = patchlm_data::tokenizer::ContinuationText::new(&tok, &ids)?;
+    let mut failed: Option<anyhow::Error> = None;
     let out = generate_streaming(&model, &ids, a.max_tokens, &cfg, &stop, &device, |id| {
         if failed.is_some() {
             return;
         }
-        match text.step(id).map_err(|e| anyhow::anyhow!("decoding failed: {e}")) {
+        match text.push(id) {
             Ok(Some(piece)) => failed = write!(stdout, "{piece}").and_then(|()| stdout.flush()).err().map(Into::into),
             Ok(None) => {}
-            Err(e) => failed = Some(e),
+            Err(e) => failed = Some(e.into()),
         }
     })?;
     if let Some(e) = failed {

@@ -201,6 +201,37 @@ pub fn encode_document(tok: &Tokenizer, text: &str, specials: &SpecialTokens) ->
     Ok(out)
 }
 
+/// The text of a continuation of `prompt` (ids, special ones included), a token at a time, as
+/// decoding the whole sequence and cutting the prompt's text off gives it: a SentencePiece-style
+/// decoder that drops the space a text starts with keeps the one between prompt and continuation,
+/// and a character split across tokens comes out whole, once its last byte is in.
+pub struct ContinuationText<'a> {
+    stream: tokenizers::tokenizer::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+}
+
+impl<'a> ContinuationText<'a> {
+    /// A continuation of `prompt`, special tokens left out of the text.
+    pub fn new(tok: &'a Tokenizer, prompt: &[u32]) -> Result<Self> {
+        let mut stream = tok.decode_stream(true);
+        for &id in prompt {
+            stream.step(id).map_err(|e| DataError::Tokenizer(format!("decoding the prompt failed: {e}")))?;
+        }
+        Ok(Self { stream })
+    }
+
+    /// The text that token `id` adds, if it completes any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.stream.step(id).map_err(|e| DataError::Tokenizer(format!("decoding token {id} failed: {e}")))
+    }
+}
+
 /// The tokens of `text` alone, no special tokens added, the strings of special tokens inside it
 /// encoded as ordinary text (see [`encode_document`]).
 pub fn encode_text(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
