@@ -500,7 +500,12 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if let Some((_, d)) = devices.iter().find(|(o, _)| *o == ordinal) {
                 return Ok(d.clone());
             }
-            let device = Device::new_cuda(ordinal).map_err(|e| ModelError::Device(format!("{s}: {e}")))?;
+            let device = Device::new_cuda(ordinal).map_err(|e| {
+                ModelError::Device(format!(
+                    "{s}: the GPU could not be opened ({e}); `nvidia-smi` lists the GPUs the driver sees, \
+                     numbered from 0 as cuda:N"
+                ))
+            })?;
             #[cfg(feature = "cuda")]
             if std::env::var_os("PATCHLM_CUDA_EVENTS").is_none_or(|v| v != "1") {
                 if let Device::Cuda(d) = &device {
