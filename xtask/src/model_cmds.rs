@@ -117,8 +117,13 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let lps: Vec<f64> = sequence_nlls(&model, &ids, &w, &device)?.into_iter().map(|nll| -nll).collect();
     let nll: f64 = -lps.iter().sum::<f64>();
     let n = lps.len() as f64;
-    let rows: Vec<(u32, String, f64)> =
-        ids[1..].iter().zip(&lps).map(|(&id, &lp)| (id, tok.decode(&[id], false).unwrap_or_default(), lp)).collect();
+    // Each token shown as the text it adds after the tokens before it (the pieces add up to the
+    // text; a character split across tokens shows at its last one).
+    let mut text = patchlm_data::tokenizer::ContinuationText::new(&tok, &ids[..1])?;
+    let mut rows: Vec<(u32, String, f64)> = Vec::with_capacity(lps.len());
+    for (&id, &lp) in ids[1..].iter().zip(&lps) {
+        rows.push((id, text.push(id)?.unwrap_or_default(), lp));
+    }
     if a.json {
         let toks: Vec<_> =
             rows.iter().map(|(id, s, lp)| serde_json::json!({"id": id, "token": s, "logprob": lp})).collect();

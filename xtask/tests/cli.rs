@@ -203,6 +203,13 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let lps: Vec<f64> = v["tokens"].as_array().unwrap().iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
     assert!(lps.iter().all(|&x| x <= 0.0));
     assert!((v["nll"].as_f64().unwrap() + lps.iter().sum::<f64>()).abs() < 1e-3);
+    // Each token shows the text it adds, so they add up to the text, a character cut across
+    // tokens (the byte-level BPE never saw these) at its last token.
+    let text = "w1 naïve 🤗 w14";
+    let (ok, out) = xtask(&["score", "--model", "run/model", "--text", text, "--json"], d);
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let pieces: String = v["tokens"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert!(ok && pieces == text, "{pieces:?}");
     let (ok, out) =
         xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "8", "--seed", "3"], d);
     assert!(ok && out.starts_with("w1"), "{out}");
