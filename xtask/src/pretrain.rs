@@ -309,6 +309,9 @@ const RUN_FILES: &[&str] = &[
 /// Refuses an `--out` that holds anything but a run's own files (a run writes `config.toml`,
 /// `summary.json`, ... there: another directory's files would be overwritten).
 fn check_run_dir(out: &Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        bail!("{} is a file, not a directory: give --out a new or empty directory", out.display());
+    }
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
     let mut foreign: Vec<String> = entries
         .flatten()
@@ -510,6 +513,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
         check_run_dir(&out).unwrap(); // not there yet
+        std::fs::write(&out, "a file").unwrap();
+        let e = check_run_dir(&out).unwrap_err().to_string();
+        assert!(e.contains("is a file, not a directory"), "{e}");
+        std::fs::remove_file(&out).unwrap();
         std::fs::create_dir(&out).unwrap();
         check_run_dir(&out).unwrap(); // empty
         let cfg = toml::to_string_pretty(&default_config()).unwrap();

@@ -215,6 +215,12 @@ fn bar(total: u64, show: bool, msg: &str) -> ProgressBar {
 /// `tokenizer.json`, the build's journals and lock, and their temp files): a build writes and
 /// removes those names there and would overwrite, or delete, another directory's files.
 fn check_build_dir(out: &Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(DataError::Config(format!(
+            "{} is a file, not a directory: give --out a new or empty directory",
+            out.display()
+        )));
+    }
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
     let ours = |name: &str| {
         let base = name.split('.').next().unwrap_or("");

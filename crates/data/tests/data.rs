@@ -342,6 +342,10 @@ fn bad_inputs_give_clear_errors() {
         "{e}"
     );
     assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), b"{\"mine\": true}");
+    let e = build_shards(&[d.join("in.txt")], &out.join("notes.txt"), &bcfg, TokenizerSource::Train, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("notes.txt is a file, not a directory"), "{e}");
     let out = d.join("ours");
     build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap();
     write(&out.join("train-00001.arrow.77-0.tmp"), b"left by a killed writer");
