@@ -387,8 +387,10 @@ impl<'a> Trainer<'a> {
         }
         let mut metrics =
             std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(io(&metrics_path))?;
+        // Each line in one write, so that a reader (`cargo xtask plot` of a run that trains)
+        // sees at most the one line being written unfinished.
         let mut log = |v: serde_json::Value| -> Result<()> {
-            writeln!(metrics, "{v}").map_err(io(&metrics_path))?;
+            metrics.write_all(format!("{v}\n").as_bytes()).map_err(io(&metrics_path))?;
             metrics.flush().map_err(io(&metrics_path))
         };
         let val = BlockReader::open(&self.data_dir, &self.manifest.val)?;
@@ -626,17 +628,24 @@ impl<'a> Trainer<'a> {
 }
 
 /// The lines of a run's `metrics.jsonl`: its training steps and its validations, in file order.
-/// Lines that are not step or eval records are an error naming the file and line.
+/// Lines that are not step or eval records are an error naming the file and line, except an
+/// unfinished last one (no newline yet, not JSON: the line a running trainer is writing, or
+/// was writing when it was killed), which is left out.
 pub fn read_metrics(path: &Path) -> Result<(Vec<StepMetrics>, Vec<EvalMetrics>)> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let (mut steps, mut evals) = (Vec::new(), Vec::new());
-    for (i, line) in text.lines().enumerate() {
+    let lines = text.split_inclusive('\n').count();
+    for (i, line) in text.split_inclusive('\n').enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let bad =
             |e: serde_json::Error| TrainError::Metrics { path: path.to_path_buf(), line: i + 1, msg: e.to_string() };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i + 1 == lines && !line.ends_with('\n') => break,
+            Err(e) => return Err(bad(e)),
+        };
         match v["kind"].as_str() {
             Some("step") => steps.push(serde_json::from_value(v).map_err(bad)?),
             Some("eval") => evals.push(serde_json::from_value(v).map_err(bad)?),

@@ -287,6 +287,19 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     std::fs::write(fresh.join("bad.jsonl"), "{\"kind\": \"eval\"}\n").unwrap();
     let e = patchlm_train::read_metrics(&fresh.join("bad.jsonl")).unwrap_err().to_string();
     assert!(e.contains("bad.jsonl: line 1"), "{e}");
+    // A last line still being written (no newline, cut short) is left out; the same cut line
+    // before others, or finished with its newline, is damage and named.
+    let text = std::fs::read_to_string(fresh.join("metrics.jsonl")).unwrap();
+    let first = text.lines().next().unwrap();
+    let cut = &first[..first.len() / 2];
+    std::fs::write(fresh.join("live.jsonl"), format!("{text}{cut}")).unwrap();
+    let (live, _) = patchlm_train::read_metrics(&fresh.join("live.jsonl")).unwrap();
+    assert_eq!(live.iter().map(|s| s.global_step).collect::<Vec<_>>(), vec![1, 2]);
+    for damaged in [format!("{text}{cut}\n"), format!("{cut}\n{text}")] {
+        std::fs::write(fresh.join("cut.jsonl"), damaged).unwrap();
+        let e = patchlm_train::read_metrics(&fresh.join("cut.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("cut.jsonl: line"), "{e}");
+    }
 }
 
 /// Several epochs: the first λ of the passes at patch level, fractions included (λ = 4/5 of 6
