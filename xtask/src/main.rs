@@ -11,6 +11,7 @@ mod compare;
 mod eval_cmd;
 mod interrupt;
 mod model_cmds;
+mod plot;
 mod pretrain;
 
 #[derive(Parser)]
@@ -87,6 +88,9 @@ enum Cmd {
     /// The paper's experiment: baseline, patch-level run(s) and equal-compute baseline(s) on the
     /// same data, evaluated side by side in a report with plots.
     Compare(compare::CompareArgs),
+    /// Validation loss of several runs (trained apart, or still training) against training
+    /// compute, tokens and time on shared axes, and a table of where each run stands.
+    Plot(plot::PlotArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(b) => bench::run(b)?,
         Cmd::Eval(a) => eval_cmd::run(a)?,
         Cmd::Compare(a) => compare::run(a)?,
+        Cmd::Plot(a) => plot::run(a)?,
     }
     Ok(())
 }

@@ -428,6 +428,59 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts/missing.jsonl"], d);
     assert!(!ok && out.contains("task parts/missing.jsonl: no such file or folder"), "{out}");
 
+    // `plot`: the runs, found two levels down, on shared axes; the table's last validation loss
+    // is each metrics.jsonl's last validation. A run still training (no summary.json, its last
+    // line half written) is drawn as far as its metrics go.
+    std::fs::create_dir_all(d.join("live")).unwrap();
+    std::fs::copy(d.join("cmp/runs/patch-k4-l0.667/config.toml"), d.join("live/config.toml")).unwrap();
+    let metrics = std::fs::read_to_string(d.join("cmp/runs/patch-k4-l0.667/metrics.jsonl")).unwrap();
+    let kept: Vec<&str> = metrics.lines().take(7).collect();
+    let next = metrics.lines().nth(7).unwrap();
+    std::fs::write(d.join("live/metrics.jsonl"), format!("{}\n{}", kept.join("\n"), &next[..20])).unwrap();
+    let (ok, out) = xtask(&["plot", "cmp", "live", "--out", "pl"], d);
+    assert!(ok, "{out}");
+    for f in ["runs.md", "loss_vs_compute.png", "loss_vs_tokens.svg", "loss_vs_time.png"] {
+        assert!(d.join("pl").join(f).is_file(), "missing {f}\n{out}");
+    }
+    let last_val = |m: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(m.lines().rfind(|l| l.contains("\"kind\":\"eval\"")).unwrap()).unwrap();
+        format!("{:.4}", v["val_loss"].as_f64().unwrap())
+    };
+    let last_step = |m: &str| {
+        let v: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
+        v["global_step"].to_string()
+    };
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| run"))
+        .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+        .collect();
+    let names: Vec<(&str, &str, &str)> = rows.iter().map(|r| (r[0], r[1], r[8])).collect();
+    assert_eq!(
+        names,
+        [
+            ("baseline", "token level", "finished"),
+            ("baseline-eq-k4-l0.667", "token level", "finished"),
+            ("patch-k4-l0.667", "K=4 λ=0.667", "finished"),
+            ("live", "K=4 λ=0.667", "training, or stopped")
+        ],
+        "{out}"
+    );
+    for (row, run) in rows.iter().zip(["baseline", "baseline-eq-k4-l0.667", "patch-k4-l0.667"]) {
+        let m = std::fs::read_to_string(d.join("cmp/runs").join(run).join("metrics.jsonl")).unwrap();
+        assert_eq!((row[2], row[6]), (last_step(&m).as_str(), last_val(&m).as_str()), "{run}: {out}");
+    }
+    let live = kept.join("\n");
+    assert_eq!((rows[3][2], rows[3][6]), (last_step(&live).as_str(), last_val(&live).as_str()), "{out}");
+    // Not into a run's directory (its files would be foreign there), and not of what is no run.
+    let (ok, out) = xtask(&["plot", "cmp", "--out", "cmp/runs/baseline"], d);
+    assert!(!ok && out.contains("is a run directory"), "{out}");
+    let (ok, out) = xtask(&["plot", "parts"], d);
+    assert!(!ok && out.contains("parts is not a run directory"), "{out}");
+    let (ok, out) = xtask(&["plot", "nowhere"], d);
+    assert!(!ok && out.contains("nowhere: no such run directory"), "{out}");
+
     // Run again: every run is reused, nothing retrains.
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");

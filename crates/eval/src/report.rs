@@ -89,9 +89,9 @@ fn fmt_count(n: f64) -> String {
     }
 }
 
-/// A duration for the table: "42.3s", "2m05s", "1h07m". Rounded to the unit shown before it is
+/// A duration for a table: "42.3s", "2m05s", "1h07m". Rounded to the unit shown before it is
 /// split, so 179.8 s reads 3m00s, not 2m60s.
-fn fmt_secs(s: f64) -> String {
+pub fn fmt_secs(s: f64) -> String {
     if s >= 3570.0 {
         let m = (s / 60.0).round() as u64;
         format!("{}h{:02}m", m / 60, m % 60)

@@ -1,0 +1,238 @@
+//! `cargo xtask plot`: the validation curves of runs trained apart (a baseline and a patch-level
+//! run started as separate jobs, a run still training) on one set of axes, and a table of where
+//! each run stands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use patchlm_eval::report::{fmt_secs, write_plot, LinePlot, Series};
+use patchlm_train::{read_metrics, EvalMetrics, RunConfig};
+
+/// `cargo xtask plot` arguments.
+#[derive(Args)]
+pub struct PlotArgs {
+    /// Run directories (`--out` of `pretrain`), or folders holding runs (such as `runs/`, or a
+    /// compare's `--out`): each folder's runs, two levels down at most, in name order. A run
+    /// still training is drawn as far as its metrics go.
+    #[arg(required = true, num_args = 1..)]
+    runs: Vec<PathBuf>,
+    /// Where the plots (loss_vs_tokens, loss_vs_compute, loss_vs_time; PNG and SVG) and
+    /// runs.md go; not a run directory.
+    #[arg(long, default_value = "runs/plot")]
+    out: PathBuf,
+}
+
+/// A run directory: it holds `metrics.jsonl` and the `config.toml` it was made with.
+fn is_run(dir: &Path) -> bool {
+    dir.join("metrics.jsonl").is_file() && dir.join("config.toml").is_file()
+}
+
+/// The run directories `arg` names: itself, or the runs in it (two levels down at most).
+fn runs_in(arg: &Path) -> Result<Vec<PathBuf>> {
+    if is_run(arg) {
+        return Ok(vec![arg.to_path_buf()]);
+    }
+    if !arg.is_dir() {
+        bail!("{}: no such run directory", arg.display());
+    }
+    let subdirs = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+            .with_context(|| format!("reading {}", d.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut found = Vec::new();
+    for sub in subdirs(arg)? {
+        if is_run(&sub) {
+            found.push(sub);
+        } else {
+            found.extend(subdirs(&sub)?.into_iter().filter(|p| is_run(p)));
+        }
+    }
+    if found.is_empty() {
+        bail!(
+            "{} is not a run directory (no metrics.jsonl and config.toml) and holds none; give the --out of a \
+             `cargo xtask pretrain` run, or a folder of them",
+            arg.display()
+        );
+    }
+    Ok(found)
+}
+
+/// One run as plotted.
+struct Run {
+    name: String,
+    cfg: RunConfig,
+    evals: Vec<EvalMetrics>,
+    last_step: usize,
+    finished: bool,
+}
+
+fn load(dir: &Path, name: String) -> Result<Run> {
+    let cfg_path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg: RunConfig =
+        toml::from_str(&text).with_context(|| format!("{}: not a run's config", cfg_path.display()))?;
+    let (steps, evals) = read_metrics(&dir.join("metrics.jsonl"))?;
+    Ok(Run {
+        name,
+        cfg,
+        last_step: steps.last().map_or(0, |s| s.global_step),
+        evals,
+        finished: dir.join("summary.json").is_file(),
+    })
+}
+
+/// How a run is told apart in the legend and the table: its patch setting.
+fn setting(cfg: &RunConfig) -> String {
+    if cfg.patch.lambda > 0.0 {
+        format!("K={} λ={:.3}", cfg.patch.k, cfg.patch.lambda)
+    } else {
+        "token level".into()
+    }
+}
+
+/// A unit for FLOPs that puts the largest count between 1 and 1000.
+fn flops_unit(max: f64) -> (f64, &'static str) {
+    [(1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")]
+        .into_iter()
+        .find(|&(u, _)| max >= u)
+        .unwrap_or((1e6, "MFLOP"))
+}
+
+/// An x coordinate of a validation, given the FLOPs unit.
+type XOf = fn(&EvalMetrics, f64) -> f64;
+
+/// The plots: file stem, title.
+const PLOTS: [(&str, &str); 3] = [
+    ("loss_vs_compute", "Validation loss vs training compute"),
+    ("loss_vs_tokens", "Validation loss vs training tokens"),
+    ("loss_vs_time", "Validation loss vs wall-clock time"),
+];
+
+/// `cargo xtask plot`.
+pub fn run(a: PlotArgs) -> Result<()> {
+    let mut dirs = Vec::new();
+    for arg in &a.runs {
+        for d in runs_in(arg)? {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    if dirs.iter().any(|d| same_dir(d, &a.out)) || is_run(&a.out) {
+        bail!(
+            "--out {} is a run directory: its plots would be foreign files there; give another --out",
+            a.out.display()
+        );
+    }
+    // Each run by its directory's name, or by the path given where two share a name.
+    let base = |d: &PathBuf| d.file_name().map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into());
+    let mut runs = Vec::new();
+    for d in &dirs {
+        let name =
+            if dirs.iter().filter(|o| base(o) == base(d)).count() > 1 { d.display().to_string() } else { base(d) };
+        runs.push(load(d, name).with_context(|| format!("run {}", d.display()))?);
+    }
+    let max_flops = runs.iter().flat_map(|r| r.evals.iter().map(|e| e.flops)).fold(0.0, f64::max);
+    let (unit, unit_name) = flops_unit(max_flops);
+    let axes: [(String, XOf); 3] = [
+        (format!("training compute ({unit_name})"), |e, u| e.flops / u),
+        ("training tokens".into(), |e, _| e.tokens_seen as f64),
+        ("wall-clock training time (s)".into(), |e, _| e.train_secs),
+    ];
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut files = Vec::new();
+    for ((stem, title), (x_label, x_of)) in PLOTS.iter().zip(&axes) {
+        let series = runs
+            .iter()
+            .map(|r| {
+                // The patch phase's last validation, where the run went on at token level.
+                let switch =
+                    r.evals.iter().rfind(|e| e.phase == "patch").filter(|_| r.evals.iter().any(|e| e.phase != "patch"));
+                Series {
+                    name: format!("{} ({})", r.name, setting(&r.cfg)),
+                    points: r.evals.iter().map(|e| (x_of(e, unit), e.val_loss)).collect(),
+                    dots: true,
+                    marker: switch.map(|e| (x_of(e, unit), e.val_loss)),
+                }
+            })
+            .collect();
+        let plot = LinePlot {
+            title: title.to_string(),
+            x_label: x_label.clone(),
+            y_label: "validation loss (nats/token)".into(),
+            series,
+            marker_label: "patch → token switch".into(),
+        };
+        files.extend(write_plot(&a.out, stem, &plot)?);
+    }
+    let table = table(&runs, unit, unit_name);
+    let md = a.out.join("runs.md");
+    let images: String = PLOTS.iter().map(|(stem, title)| format!("![{title}]({stem}.png)\n")).collect();
+    let text = format!(
+        "# Validation loss of {} runs\n\n{table}\nRuns: {}\n\n{images}",
+        runs.len(),
+        dirs.iter().map(|d| format!("`{}`", d.display())).collect::<Vec<_>>().join(", ")
+    );
+    patchlm_data::shard::write_atomic(&md, text.as_bytes())?;
+    files.push(md);
+    print!("{table}");
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+/// Whether `a` and `b` are one directory (compared as the file system resolves them).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Where each run stands: its setting and steps; at its last validation the tokens, compute
+/// and time trained and the loss; its best validation loss.
+fn table(runs: &[Run], unit: f64, unit_name: &str) -> String {
+    let mut t = format!(
+        "| run | setting | steps | tokens | compute ({unit_name}) | train time | val loss | best val loss | state |\n\
+         |---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in runs {
+        let last = r.evals.last();
+        let best = r.evals.iter().map(|e| e.val_loss).filter(|l| l.is_finite()).fold(f64::INFINITY, f64::min);
+        let or_dash = |s: Option<String>| s.unwrap_or_else(|| "—".into());
+        t += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            setting(&r.cfg),
+            r.last_step,
+            or_dash(last.map(|e| e.tokens_seen.to_string())),
+            or_dash(last.map(|e| format!("{:.3}", e.flops / unit))),
+            or_dash(last.map(|e| fmt_secs(e.train_secs))),
+            or_dash(last.map(|e| format!("{:.4}", e.val_loss))),
+            or_dash(best.is_finite().then(|| format!("{best:.4}"))),
+            if r.finished { "finished" } else { "training, or stopped" },
+        );
+    }
+    t + "\nTokens, compute, time and loss at each run's last validation; steps as far as its metrics go.\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flops_unit;
+
+    #[test]
+    fn flops_units_put_the_largest_count_between_1_and_1000() {
+        assert_eq!(flops_unit(3.2e15), (1e15, "PFLOP"));
+        assert_eq!(flops_unit(999e12), (1e12, "TFLOP"));
+        assert_eq!(flops_unit(1e18), (1e18, "EFLOP"));
+        assert_eq!(flops_unit(0.0), (1e6, "MFLOP"));
+    }
+}
