@@ -146,6 +146,9 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 
 /// Samples a continuation of `--prompt`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    // Settings out of range are refused before anything loads or prints.
+    let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    cfg.validate()?;
     let device = parse_device(&a.device)?;
     let dir = model_dir(&a.model)?;
     let (model, _) = load_pretrained(&dir, &device, DType::F32)?;
@@ -155,7 +158,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
-    let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     // The continuation is printed as it is drawn, as the text it adds to the prompt's.
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
