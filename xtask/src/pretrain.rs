@@ -418,6 +418,13 @@ pub fn pretrain(
             p.blocks_per_step,
             p.file.block_len
         );
+        if cfg.train.warmup_steps > p.steps {
+            println!(
+                "  note: train.warmup_steps {} is longer than this phase: its learning rate rises over all {} steps to \
+                 the peak and never decays; set a warmup shorter than the phase",
+                cfg.train.warmup_steps, p.steps
+            );
+        }
     }
     let summary = trainer.run(resume);
     drop(trainer);

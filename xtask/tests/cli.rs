@@ -72,6 +72,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");
     assert!(out.contains("patch phase  K=4") && out.contains("token phase  K=1"), "{out}");
+    assert!(!out.contains("warmup_steps"), "{out}");
     assert!(out.contains("validation loss"), "{out}");
     for f in [
         "config.toml",
@@ -169,9 +170,12 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let given: Vec<&str> = ["pretrain", "--config", "run.toml", "--input", "given.jsonl", "--out", "given"]
         .into_iter()
         .chain(["--data-dir", "dd", "--set", "data.tokenizer.file=shards/tokenizer.json"])
+        .chain(["--set", "train.warmup_steps=1000"])
         .collect();
     let (ok, out) = xtask(&given, d);
     assert!(ok, "{out}");
+    // A warmup longer than a phase is capped at it, and said so (twice: both phases).
+    assert_eq!(out.matches("note: train.warmup_steps 1000 is longer than this phase").count(), 2, "{out}");
     let text = std::fs::read_to_string(d.join("given.jsonl")).unwrap();
     std::fs::write(d.join("given.jsonl"), text.replace("w1 ", "w2 ")).unwrap();
     let (ok, out) = xtask(&[&given[..], &["--resume"]].concat(), d);
