@@ -26,10 +26,11 @@ pub struct TrainConfig {
     pub adamw: AdamWConfig,
     /// Global grad-norm clip (default 1.0; 0 turns it off).
     pub grad_clip: f64,
-    /// Evaluate the token-level validation loss every this many steps (default 50) and at the
-    /// end of each phase.
+    /// Evaluate the token-level validation loss every this many steps (default 50; 0: only at
+    /// the start and at the end of each phase) and at the end of each phase.
     pub eval_every: usize,
-    /// Checkpoint every this many steps (default 100), at each phase end and at the end.
+    /// Checkpoint every this many steps (default 100; 0: only at each phase end), at each phase
+    /// end and at the end.
     pub checkpoint_every: usize,
     /// Checkpoints kept (default 3).
     pub keep_checkpoints: usize,
