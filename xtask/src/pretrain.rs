@@ -495,14 +495,71 @@ fn config_toml(cfg: &RunConfig, inputs: &[PathBuf]) -> Result<String> {
     let mut absent = Vec::new();
     keys_missing(&every_key_config(), &resolved, "", &mut absent);
     if !absent.is_empty() {
-        text += &format!("# Also settable, left out while at their default: {}.\n", absent.join(", "));
+        text += "# Also settable, left out while at their default:\n";
+        for key in &absent {
+            text += &wrap_comment(&format!("{key}: {}", config_doc(key).unwrap_or("")), "#  -", "#   ", 98);
+        }
     }
     if !inputs.is_empty() {
         let list: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         text += &toml::to_string(&toml::toml! { input = list }).context("serializing the inputs")?;
     }
-    text += &toml::to_string_pretty(cfg).context("serializing the config")?;
+    text += &with_docs(&toml::to_string_pretty(cfg).context("serializing the config")?);
     Ok(text)
+}
+
+mod docs {
+    include!(concat!(env!("OUT_DIR"), "/config_docs.rs"));
+}
+
+/// The doc comment of a config key (`train.adamw.beta1`), as the API docs give it.
+fn config_doc(path: &str) -> Option<&'static str> {
+    docs::CONFIG_DOCS.iter().find(|(k, _)| *k == path).map(|(_, d)| *d).filter(|d| !d.is_empty())
+}
+
+/// `toml` (a RunConfig as `toml::to_string_pretty` writes it) with each key's and each table's
+/// doc comment above it as `#` lines.
+fn with_docs(toml: &str) -> String {
+    let mut out = String::new();
+    let mut table = String::new();
+    for line in toml.lines() {
+        let path = if let Some(t) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = t.to_string();
+            Some(table.clone())
+        } else {
+            line.split_once(" = ")
+                .map(|(k, _)| k)
+                .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                .map(|k| if table.is_empty() { k.to_string() } else { format!("{table}.{k}") })
+        };
+        if let Some(doc) = path.as_deref().and_then(config_doc) {
+            out += &wrap_comment(doc, "#", "#", 98);
+        }
+        out += line;
+        out.push('\n');
+    }
+    out
+}
+
+/// `text` as comment lines of at most `width` characters, the first starting with `first` and
+/// a space, the others with `rest` and a space (a longer word gets a line of its own).
+fn wrap_comment(text: &str, first: &str, rest: &str, width: usize) -> String {
+    let (mut out, mut line, mut empty) = (String::new(), first.to_string(), true);
+    for word in text.split_whitespace() {
+        if !empty && line.chars().count() + 1 + word.chars().count() > width {
+            out += &line;
+            out.push('\n');
+            line = rest.to_string();
+        }
+        line.push(' ');
+        line += word;
+        empty = false;
+    }
+    if !empty {
+        out += &line;
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -587,11 +644,66 @@ mod tests {
         let (cfg, _) = resolve_config(None, &set, default_config()).unwrap();
         let inputs = vec![PathBuf::from("my texts/a.jsonl"), PathBuf::from("hf://datasets/org/x/data")];
         let text = config_toml(&cfg, &inputs).unwrap();
-        assert!(
-            text.contains("left out while at their default: data.tokenizer.file, model.rope_scaling, train.dtype.\n")
-        );
+        let absent: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#  - ").and_then(|l| l.split_once(':')).map(|(k, _)| k))
+            .collect();
+        assert_eq!(absent, ["data.tokenizer.file", "model.rope_scaling", "train.dtype"], "{text}");
         std::fs::write(&file, &text).unwrap();
         let (back, back_inputs) = resolve_config(Some(&file), &[], default_config()).unwrap();
         assert_eq!((back, back_inputs), (cfg, inputs));
+    }
+
+    /// Every key of the run config, and every table, is explained in a printed config by its
+    /// field's doc comment (collected by build.rs), above it, in lines of at most 98 characters;
+    /// an enum's values are listed.
+    #[test]
+    fn a_printed_config_explains_every_key() {
+        let mut keys = Vec::new();
+        fn paths(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            for (k, sub) in v.as_table().into_iter().flatten() {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                // An enum's own fields (RoPE scaling's) are explained with it.
+                if sub.is_table() && !path.starts_with("model.rope_scaling") {
+                    paths(sub, &path, out);
+                }
+                out.push(path);
+            }
+        }
+        paths(&every_key_config(), "", &mut keys);
+        assert!(keys.len() > 40, "{keys:?}");
+        for k in &keys {
+            assert!(config_doc(k).is_some_and(|d| d.len() > 8), "no doc for {k}");
+        }
+        assert_eq!(config_doc("train.lr"), Some("Peak learning rate (default 3e-4, the paper's)."));
+        assert!(config_doc("data.source.sample_by").unwrap().ends_with("One of: document, paragraph, line."));
+        assert!(config_doc("model.rope_scaling").unwrap().ends_with("One of: linear, llama3."));
+        assert_eq!(config_doc("no.such.key"), None);
+        // Each key and table of the printed file has its doc right above it.
+        let mut cfg = default_config();
+        cfg.model.rope_scaling = Some(patchlm_model::RopeScaling::Linear { factor: 2.0 });
+        let text = config_toml(&cfg, &[]).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, want) in [
+            ("[train.adamw]", "AdamW settings."),
+            ("lr = 0.002", "Peak learning rate"),
+            ("[model.rope_scaling]", "One of: linear, llama3."),
+        ] {
+            let at = lines.iter().position(|l| *l == i).unwrap_or_else(|| panic!("no {i} in\n{text}"));
+            let comment: Vec<&str> = lines[..at].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
+            let comment =
+                comment.into_iter().rev().map(|l| l.trim_start_matches('#').trim()).collect::<Vec<_>>().join(" ");
+            assert!(comment.contains(want), "{i}: {comment}");
+        }
+        assert!(lines.iter().all(|l| l.chars().count() <= 98 || !l.starts_with("# ")), "{text}");
+        assert_eq!(lines.iter().filter(|l| l.starts_with('[')).count(), 9, "{text}");
+    }
+
+    /// Comment lines break between words at the width; a word longer than it stays whole.
+    #[test]
+    fn comments_wrap_at_words() {
+        assert_eq!(wrap_comment("aa bb cc", "#", "#", 7), "# aa bb\n# cc\n");
+        assert_eq!(wrap_comment("k: aaaaaaaaaa b", "#  -", "#   ", 8), "#  - k:\n#    aaaaaaaaaa\n#    b\n");
+        assert_eq!(wrap_comment("", "#", "#", 7), "");
     }
 }

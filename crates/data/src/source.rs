@@ -27,11 +27,11 @@ const BLOCK: usize = 64 << 10;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 #[serde(default)]
 pub struct SourceConfig {
-    /// JSONL key / Parquet column holding the text (default [`DEFAULT_TEXT_FIELD`]); a Parquet
-    /// field inside a struct column by its dotted path (`meta.text`).
+    /// JSONL key / Parquet column holding the text (default `text`, [`DEFAULT_TEXT_FIELD`]); a
+    /// Parquet field inside a struct column by its dotted path (`meta.text`).
     pub text_field: String,
-    /// Longest document in bytes; longer ones are cut at a line or word boundary
-    /// (default [`DEFAULT_MAX_DOC_BYTES`]).
+    /// Longest document in bytes; longer ones are cut at a line or word boundary (default 8 MiB,
+    /// [`DEFAULT_MAX_DOC_BYTES`]).
     pub max_doc_bytes: usize,
     /// What bytes that are not UTF-8 in a text or JSON file do (default: an error naming the
     /// file and line).

@@ -22,7 +22,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// RoPE base (default 10000).
     pub rope_theta: f64,
-    /// RoPE frequency scaling for contexts longer than the pretraining one (HF `rope_scaling`;
+    /// RoPE frequency scaling for contexts longer than the pretraining one (HF `rope_scaling`: a
+    /// table of `rope_type` and its fields, such as `{ rope_type = "linear", factor = 2.0 }`;
     /// default none). Saved only when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,

@@ -79,7 +79,9 @@ impl Default for TrainConfig {
 pub struct RunConfig {
     /// Seed of the model initialization.
     pub seed: u64,
-    /// Model preset the sizes started from (informational; `model` is authoritative).
+    /// Model preset the sizes start from (tiny, small, gpt2-small, 370m, 780m, 1.3b, 2.7b): a
+    /// `preset` in a `--config` file or a `--set` picks its sizes, and `[model]` keys given
+    /// beside it override them (so in a file that lists every `[model]` key, the keys decide).
     pub preset: String,
     /// Data stage settings.
     pub data: DataConfig,
