@@ -377,7 +377,10 @@ pub fn pretrain(
             }
         }
     }
-    let text = toml::to_string_pretty(&cfg).context("serializing the config")?;
+    // With its inputs, so that `--config <run>/config.toml` repeats the run on the same text.
+    let header = "# The settings this run was made with, fully resolved (model.vocab_size from its tokenizer).\n\
+                  # `cargo xtask pretrain --config <this file> --out <new dir>` repeats the run.\n";
+    let text = config_toml(header, &cfg, inputs)?;
     patchlm_model::weights::write_atomic(&out.join("config.toml"), text.as_bytes())?;
     let pdir = out.join("patchdata");
     // The blocks are cut again unless they were cut from these very shards with these settings.
@@ -476,7 +479,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     }
     if a.print_config {
         cfg.validate()?;
-        print!("{}", config_toml(&cfg, &inputs)?);
+        print!("{}", config_toml(PRINTED_HEADER, &cfg, &inputs)?);
         return Ok(());
     }
     let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
@@ -484,13 +487,16 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `cfg` as a TOML file that `--config` reads back, its inputs (if any) first.
-fn config_toml(cfg: &RunConfig, inputs: &[PathBuf]) -> Result<String> {
-    let mut text = String::from(
-        "# A pretrain config, fully resolved (built-in default <- --config <- --set); run it with --config.\n\
-         # model.vocab_size follows the tokenizer, and model.max_position_embeddings is raised to\n\
-         # blocks.context, when the run starts (its saved config.toml has the values it ran with).\n",
-    );
+/// The first lines of what `--print-config` prints.
+const PRINTED_HEADER: &str =
+    "# A pretrain config, fully resolved (built-in default <- --config <- --set); run it with --config.\n\
+     # model.vocab_size follows the tokenizer, and model.max_position_embeddings is raised to\n\
+     # blocks.context, when the run starts (its saved config.toml has the values it ran with).\n";
+
+/// `cfg` as a TOML file that `--config` reads back, after the comment lines `header`: the keys
+/// left out at their default named, its inputs (if any), then every key below its doc comment.
+fn config_toml(header: &str, cfg: &RunConfig, inputs: &[PathBuf]) -> Result<String> {
+    let mut text = header.to_string();
     let resolved = toml::Value::try_from(cfg).context("serializing the config")?;
     let mut absent = Vec::new();
     keys_missing(&every_key_config(), &resolved, "", &mut absent);
@@ -643,7 +649,7 @@ mod tests {
         let set = sets(&["patch.k=8", "model.tie_word_embeddings=true", "blocks.context=256", "seed=3"]);
         let (cfg, _) = resolve_config(None, &set, default_config()).unwrap();
         let inputs = vec![PathBuf::from("my texts/a.jsonl"), PathBuf::from("hf://datasets/org/x/data")];
-        let text = config_toml(&cfg, &inputs).unwrap();
+        let text = config_toml(PRINTED_HEADER, &cfg, &inputs).unwrap();
         let absent: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("#  - ").and_then(|l| l.split_once(':')).map(|(k, _)| k))
@@ -682,7 +688,7 @@ mod tests {
         // Each key and table of the printed file has its doc right above it.
         let mut cfg = default_config();
         cfg.model.rope_scaling = Some(patchlm_model::RopeScaling::Linear { factor: 2.0 });
-        let text = config_toml(&cfg, &[]).unwrap();
+        let text = config_toml(PRINTED_HEADER, &cfg, &[]).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         for (i, want) in [
             ("[train.adamw]", "AdamW settings."),

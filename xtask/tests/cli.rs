@@ -103,6 +103,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // The saved config is fully resolved and loads back as the run's config.
     let saved = std::fs::read_to_string(d.join("run/config.toml")).unwrap();
     assert!(saved.contains("lambda") && saved.contains("vocab_size = 320"), "{saved}");
+    // It names its inputs and explains each key.
+    assert!(saved.contains("input = [\"tiny.jsonl\"]") && saved.contains("# Peak learning rate"), "{saved}");
     // Validation loss fell.
     let evals: Vec<f64> = std::fs::read_to_string(d.join("run/metrics.jsonl"))
         .unwrap()
@@ -121,6 +123,14 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
             .count()
     };
     assert_eq!(shard_dirs(), 1);
+    // `--config` of the saved config repeats the run: the same text (so the same shards) and
+    // the same settings give the same model (the saved config used to leave the inputs out, so
+    // that this trained on the default corpus).
+    let (ok, out) = xtask(&["pretrain", "--config", "run/config.toml", "--out", "rerun", "--data-dir", "dd"], d);
+    assert!(ok, "{out}");
+    assert_eq!(shard_dirs(), 1);
+    let weights = |r: &str| std::fs::read(d.join(r).join("model/model.safetensors")).unwrap();
+    assert!(weights("run") == weights("rerun"), "the repeated run trained another model");
 
     // --resume on a finished run trains nothing more and reports the same model.
     let mut resume = args.to_vec();
