@@ -254,6 +254,58 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     assert_eq!(mc.token_phase.source_range, (500, 1000));
 }
 
+/// A vocabulary over 65,536 ids (Llama 3's has 128,256): shards and blocks hold uint32, and ids
+/// above 65,535 come through the blocks whole, each block its source's tokens.
+#[test]
+fn blocks_of_a_vocabulary_over_65536_ids_keep_every_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = make_shards(dir.path(), 10);
+    // The small tokenizer with 70,000 added tokens `<x0>`..`<x69999>` (ids 300 on).
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(small.join("tokenizer.json")).unwrap()).unwrap();
+    let base = tok["added_tokens"].as_array().unwrap().len() + tok["model"]["vocab"].as_object().unwrap().len();
+    let added = tok["added_tokens"].as_array_mut().unwrap();
+    for i in 0..70_000 {
+        added.push(serde_json::json!({"id": base + i, "content": format!("<x{i}>"), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+    }
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, tok.to_string()).unwrap();
+    let mut s = String::new();
+    for i in 0..200 {
+        let words: Vec<String> = (0..60)
+            .map(|j| if j % 3 == 0 { format!("<x{}>", (i * 389 + j * 977) % 70_000) } else { format!("w{j}") })
+            .collect();
+        s += &serde_json::json!({"text": words.join(" ")}).to_string();
+        s.push('\n');
+    }
+    let input = dir.path().join("big.jsonl");
+    std::fs::write(&input, s).unwrap();
+    let cfg = patchlm_data::DataConfig { val_fraction: 0.1, ..Default::default() };
+    let shards = dir.path().join("big-shards");
+    let src = patchlm_data::TokenizerSource::File(&big);
+    let summary = patchlm_data::build_shards(&[&input], &shards, &cfg, src, false).unwrap();
+    assert!(summary.vocab_size > 70_000, "{}", summary.vocab_size);
+    let ds = patchlm_data::Dataset::open(&shards).unwrap();
+    assert_eq!(ds.manifest().dtype, patchlm_data::TokenDtype::Uint32);
+    let patch = PatchConfig { k: 4, lambda: 0.5 };
+    let data = PatchDataConfig { context: 8, seed: 5, epochs: 1, max_val_blocks: 10, max_tokens: 0 };
+    let m = build_patch_datasets(&shards, &dir.path().join("p"), &patch, &data).unwrap();
+    for (phase, seed) in [(m.patch_phase.clone().unwrap(), 5), (m.token_phase.clone(), 6)] {
+        let r = BlockReader::open(&dir.path().join("p"), &phase).unwrap();
+        let mut all = Vec::new();
+        r.read_blocks(0, phase.blocks as usize, &mut all);
+        let len = phase.block_len;
+        let perm = permutation(phase.blocks, seed);
+        for (i, blk) in all.chunks(len).enumerate() {
+            let a = phase.source_range.0 + perm[i] * len as u64;
+            assert_eq!(blk, &ds.train().tokens(a, a + len as u64).unwrap()[..], "block {i}");
+        }
+        // About 1 token in 115 is one of the ids above 65,535 (a twentieth of the added ones).
+        assert!(all.iter().filter(|&&t| t > 65_535).count() > all.len() / 200, "few large ids");
+    }
+}
+
 #[test]
 fn dataset_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
