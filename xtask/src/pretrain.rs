@@ -449,7 +449,11 @@ pub fn pretrain(
 
 /// Prints a run summary.
 pub fn print_summary(s: &RunSummary, cfg: &RunConfig) {
-    println!("run summary (K={}, lambda={:.3})", cfg.patch.k, cfg.patch.lambda);
+    if cfg.patch.lambda > 0.0 {
+        println!("run summary (K={}, lambda={:.3})", cfg.patch.k, cfg.patch.lambda);
+    } else {
+        println!("run summary (token level: lambda 0)");
+    }
     for p in &s.phases {
         if p.steps > 0 {
             println!(
@@ -484,6 +488,11 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     }
     let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
     print_summary(&s, &cfg);
+    let run = a.out.display();
+    println!(
+        "next: cargo xtask generate --model {run} --prompt \"...\" | cargo xtask eval --model {run} --text FILE | \
+         cargo xtask plot {run} OTHER_RUN"
+    );
     Ok(())
 }
 

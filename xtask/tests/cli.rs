@@ -73,6 +73,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(ok, "{out}");
     assert!(out.contains("patch phase  K=4") && out.contains("token phase  K=1"), "{out}");
     assert!(!out.contains("warmup_steps"), "{out}");
+    assert!(out.contains("next: cargo xtask generate --model run --prompt"), "{out}");
     assert!(out.contains("validation loss"), "{out}");
     for f in [
         "config.toml",
@@ -338,6 +339,9 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let args = with(&["--continuation-examples", "40"]);
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");
+    // Each run's summary names its setting; a baseline's has no K.
+    assert_eq!(out.matches("run summary (token level: lambda 0)").count(), 2, "{out}");
+    assert_eq!(out.matches("run summary (K=4, lambda=0.667)").count(), 1, "{out}");
     for f in [
         "report.md",
         "report.json",
