@@ -55,6 +55,10 @@ pub struct CompareArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype of every run, f32 or bf16 (mixed precision); the same as `--set
+    /// train.dtype=...`.
+    #[arg(long)]
+    dtype: Option<String>,
     /// Training text: files, folders or `hf://datasets/<org>/<name>/<path>`; default: the built-in
     /// corpus.
     #[arg(long, num_args = 1..)]
@@ -127,9 +131,12 @@ fn run_one(
 
 /// `cargo xtask compare`.
 pub fn run(a: CompareArgs) -> Result<()> {
-    let (base, mut inputs) = resolve_config(a.config.as_deref(), &a.set, default_config())?;
+    let (mut base, mut inputs) = resolve_config(a.config.as_deref(), &a.set, default_config())?;
     if !a.input.is_empty() {
         inputs = a.input.clone();
+    }
+    if let Some(d) = &a.dtype {
+        base.train.dtype = d.clone();
     }
     let ks = if a.k.is_empty() { vec![base.patch.k] } else { a.k.clone() };
     let lambdas = if a.lambda.is_empty() { vec![base.patch.lambda] } else { a.lambda.clone() };

@@ -537,6 +537,9 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     assert!(!ok && out.contains("--lambda 1.2"), "{out}");
     let (ok, out) = xtask(&with(&["--k", "1"]), d);
     assert!(!ok && out.contains("--k 1"), "{out}");
+    // --dtype sets every run's (f16 is refused: no loss scaling).
+    let (ok, out) = xtask(&with(&["--dtype", "f16"]), d);
+    assert!(!ok && out.contains("f16 training needs loss scaling") && !out.contains("== run"), "{out}");
 }
 
 #[test]

@@ -350,6 +350,18 @@ fn bad_settings_fail_before_training() {
     let mut c = cfg.clone();
     c.patch.lambda = 1.0;
     setting(c, "lambda");
+    // f16 (any spelling) is refused: without loss scaling small gradients are lost; bf16 is not.
+    for f16 in ["f16", "fp16", "float16"] {
+        let mut c = cfg.clone();
+        c.train.dtype = f16.into();
+        setting(c, "f16 training needs loss scaling");
+    }
+    let mut c = cfg.clone();
+    c.train.dtype = "bf16".into();
+    assert!(c.validate().is_ok());
+    let mut c = cfg.clone();
+    c.train.dtype = "f8".into();
+    setting(c, "train.dtype \"f8\" is not f32 or bf16");
     let mut c = cfg.clone();
     c.blocks.context = 1;
     assert!(c.validate().err().unwrap().to_string().contains("context length must be at least 2"));
