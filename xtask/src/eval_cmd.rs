@@ -20,6 +20,9 @@ pub struct EvalArgs {
     /// .zst; or `hf://datasets/<org>/<name>/<path>`).
     #[arg(long, num_args = 1..)]
     text: Vec<PathBuf>,
+    /// How --text inputs are read.
+    #[command(flatten)]
+    source: crate::SourceArgs,
     /// A shards directory of the data crate: score its validation split (as stored, with the
     /// BOS/EOS framing of training).
     #[arg(long)]
@@ -66,7 +69,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 dir.display()
             )
         })?;
-        let s = perplexity_of_texts(&model, &tok, prefix, &texts, &w, &device, true)?;
+        let docs = patchlm_data::Documents::open(&texts, &a.source.apply(Default::default())?)?;
+        let s = perplexity_of_texts(&model, &tok, prefix, docs, &w, &device, true)?;
         out["perplexity"] = print_nll(("text", "all inputs"), &s, &w);
     }
     if let Some(shards) = &a.shards {

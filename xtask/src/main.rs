@@ -55,18 +55,8 @@ enum Cmd {
         /// Vocabulary size of the trained byte-level BPE.
         #[arg(long)]
         vocab_size: Option<usize>,
-        /// JSONL key / Parquet column with the text (a field inside a Parquet struct: `meta.text`).
-        #[arg(long)]
-        text_field: Option<String>,
-        /// What one document of a plain text file is: document (the whole file, the default),
-        /// paragraph (text between blank lines) or line, as the `sample_by` of Hugging Face
-        /// `datasets`' text loader.
-        #[arg(long, value_parser = ["document", "paragraph", "line"])]
-        sample_by: Option<String>,
-        /// What invalid UTF-8 in a text or JSON file does: error (default) or replace (each
-        /// invalid sequence becomes U+FFFD, as Python's errors="replace").
-        #[arg(long, value_parser = ["error", "replace"])]
-        invalid_utf8: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
         /// Fraction of documents held out for validation.
         #[arg(long)]
         val_fraction: Option<f64>,
@@ -91,6 +81,39 @@ enum Cmd {
     /// Validation loss of several runs (trained apart, or still training) against training
     /// compute, tokens and time on shared axes, and a table of where each run stands.
     Plot(plot::PlotArgs),
+}
+
+/// How text inputs are read (`data`, `eval --text`).
+#[derive(clap::Args)]
+pub(crate) struct SourceArgs {
+    /// JSONL key / Parquet column with the text (a field inside a Parquet struct: `meta.text`).
+    #[arg(long)]
+    text_field: Option<String>,
+    /// What one document of a plain text file is: document (the whole file, the default),
+    /// paragraph (text between blank lines) or line, as the `sample_by` of Hugging Face
+    /// `datasets`' text loader.
+    #[arg(long, value_parser = ["document", "paragraph", "line"])]
+    sample_by: Option<String>,
+    /// What invalid UTF-8 in a text or JSON file does: error (default) or replace (each
+    /// invalid sequence becomes U+FFFD, as Python's errors="replace").
+    #[arg(long, value_parser = ["error", "replace"])]
+    invalid_utf8: Option<String>,
+}
+
+impl SourceArgs {
+    /// `cfg` with the settings given.
+    pub(crate) fn apply(&self, mut cfg: patchlm_data::SourceConfig) -> Result<patchlm_data::SourceConfig> {
+        if let Some(f) = &self.text_field {
+            cfg.text_field = f.clone();
+        }
+        if let Some(v) = &self.sample_by {
+            cfg.sample_by = setting(v.clone()).context("--sample-by")?;
+        }
+        if let Some(v) = &self.invalid_utf8 {
+            cfg.invalid_utf8 = setting(v.clone()).context("--invalid-utf8")?;
+        }
+        Ok(cfg)
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -158,30 +181,12 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Data {
-            input,
-            out,
-            tokenizer,
-            vocab_size,
-            text_field,
-            sample_by,
-            invalid_utf8,
-            val_fraction,
-            shard_mb,
-        } => {
+        Cmd::Data { input, out, tokenizer, vocab_size, source, val_fraction, shard_mb } => {
             let mut cfg = patchlm_data::DataConfig::default();
             if let Some(v) = vocab_size {
                 cfg.tokenizer.vocab_size = v;
             }
-            if let Some(f) = text_field {
-                cfg.source.text_field = f;
-            }
-            if let Some(v) = sample_by {
-                cfg.source.sample_by = setting(v).context("--sample-by")?;
-            }
-            if let Some(v) = invalid_utf8 {
-                cfg.source.invalid_utf8 = setting(v).context("--invalid-utf8")?;
-            }
+            cfg.source = source.apply(cfg.source)?;
             if let Some(f) = val_fraction {
                 cfg.val_fraction = f;
             }

@@ -269,6 +269,24 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         (p["word_perplexity"].as_f64().unwrap() - (p["nll"].as_f64().unwrap() / 60.0).exp()).abs()
             < 1e-6 * p["word_perplexity"].as_f64().unwrap()
     );
+    // The same text under another field (--text-field, as `data` takes it; the error without it
+    // used to name a flag eval did not have), and as one paragraph of a text file of three
+    // (--sample-by paragraph): the same scores.
+    std::fs::write(d.join("content.jsonl"), format!("{}\n", serde_json::json!({ "content": long }))).unwrap();
+    let (ok, out) = xtask(&["eval", "--model", "run/model", "--text", "content.jsonl", "--stride", "3"], d);
+    assert!(!ok && out.contains("pass --text-field"), "{out}");
+    std::fs::write(d.join("paras.txt"), format!("{long}\n\n{long}\n\n\n{long}\n")).unwrap();
+    for (input, flags) in [("content.jsonl", ["--text-field", "content"]), ("paras.txt", ["--sample-by", "paragraph"])]
+    {
+        let args = ["eval", "--model", "run/model", "--text", input, "--stride", "3", "--json", "other.json"];
+        let (ok, out) = xtask(&[&args[..], &flags[..]].concat(), d);
+        assert!(ok, "{out}");
+        let o: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("other.json")).unwrap()).unwrap();
+        let q = &o["perplexity"];
+        let n = if input == "paras.txt" { 3 } else { 1 };
+        assert_eq!((q["documents"].as_u64(), q["tokens"].as_u64()), (Some(n), p["tokens"].as_u64().map(|t| t * n)));
+        assert!((q["nll"].as_f64().unwrap() - n as f64 * p["nll"].as_f64().unwrap()).abs() < 1e-5, "{q} vs {p}");
+    }
     let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", &long], d);
     assert!(!ok && out.contains("shorten the prompt"), "{out}");
     let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--temperature=-1"], d);

@@ -42,8 +42,6 @@ pub mod report;
 pub mod tasks;
 pub mod zeroshot;
 
-use std::path::Path;
-
 use candle_core::Device;
 use patchlm_model::Llama;
 use tokenizers::Tokenizer;
@@ -56,26 +54,27 @@ pub use zeroshot::{
     score_task, stderr_of, McExample, Sample, TaskResult,
 };
 
-/// Perplexity, bits per byte and word perplexity of text inputs (files, directories, JSONL,
-/// Parquet; see the data crate's sources), each document scored as lm-evaluation-harness's
+/// Perplexity, bits per byte and word perplexity of documents (such as the data crate's
+/// [`patchlm_data::Documents`] of text inputs: files, directories, JSONL, Parquet, read with the
+/// caller's [`patchlm_data::SourceConfig`]), each scored as lm-evaluation-harness's
 /// `loglikelihood_rolling` scores one (its WikiText task): after `prefix` (lm-eval's
 /// `prefix_token_id`: the BOS token, or EOS where there is none) every token of the text is
 /// predicted, and nothing after it (no EOS). The text is encoded as lm-eval's Hugging Face
 /// tokenizer encodes it (`encode(text, add_special_tokens=False)`): the string of a special token
 /// in it is that token (the data stage, by contrast, trains on such strings as characters).
 /// With `progress`, a progress line on stderr counts documents and tokens scored.
-pub fn perplexity_of_texts<P: AsRef<Path>>(
+pub fn perplexity_of_texts(
     model: &Llama,
     tok: &Tokenizer,
     prefix: u32,
-    inputs: &[P],
+    docs: impl IntoIterator<Item = patchlm_data::Result<patchlm_data::Document>>,
     windows: &WindowConfig,
     device: &Device,
     progress: bool,
 ) -> Result<NllSum> {
     let mut total = NllSum::default();
     let pb = progress_bar(None, progress, "text");
-    for doc in patchlm_data::Documents::open(inputs, &patchlm_data::SourceConfig::default())? {
+    for doc in docs {
         let doc = doc?;
         let mut ids = vec![prefix];
         // As lm-eval's HF tokenizer encodes it: a special token's string in the text is that token.

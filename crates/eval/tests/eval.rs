@@ -436,7 +436,8 @@ fn validation_split_perplexity_equals_scoring_its_texts() {
     std::fs::write(d.join("val.jsonl"), out).unwrap();
     let specials = ds.manifest().special_tokens;
     let bos = specials.bos.unwrap();
-    let b = perplexity_of_texts(&model, &tok, bos, &[d.join("val.jsonl")], &w, &Device::Cpu, false).unwrap();
+    let docs_of = |p: &std::path::Path| patchlm_data::Documents::open(&[p], &Default::default()).unwrap();
+    let b = perplexity_of_texts(&model, &tok, bos, docs_of(&d.join("val.jsonl")), &w, &Device::Cpu, false).unwrap();
     // The stored documents without their last token (the EOS), scored one by one.
     let mut c = NllSum::default();
     for (i, t) in texts.iter().enumerate() {
@@ -486,7 +487,8 @@ fn text_perplexity_encodes_special_strings_as_lm_eval_does() {
     std::fs::write(dir.path().join("t.txt"), text).unwrap();
     let bos = tok.token_to_id("<|bos|>").unwrap();
     let w = WindowConfig { context: 64, stride: None };
-    let got = perplexity_of_texts(&model, &tok, bos, &[dir.path().join("t.txt")], &w, &Device::Cpu, false).unwrap();
+    let docs = patchlm_data::Documents::open(&[dir.path().join("t.txt")], &Default::default()).unwrap();
+    let got = perplexity_of_texts(&model, &tok, bos, docs, &w, &Device::Cpu, false).unwrap();
     let hf = tok.encode(text, false).unwrap().get_ids().to_vec();
     assert!(hf.contains(&tok.token_to_id("<|eos|>").unwrap()), "{hf:?}");
     assert_ne!(hf, patchlm_data::tokenizer::encode_text(&tok, text).unwrap());
