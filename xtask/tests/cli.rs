@@ -274,7 +274,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // (--sample-by paragraph): the same scores.
     std::fs::write(d.join("content.jsonl"), format!("{}\n", serde_json::json!({ "content": long }))).unwrap();
     let (ok, out) = xtask(&["eval", "--model", "run/model", "--text", "content.jsonl", "--stride", "3"], d);
-    assert!(!ok && out.contains("pass --text-field"), "{out}");
+    assert!(!ok && out.contains("with --text-field (data.source.text_field in a pretrain config)"), "{out}");
     std::fs::write(d.join("paras.txt"), format!("{long}\n\n{long}\n\n\n{long}\n")).unwrap();
     for (input, flags) in [("content.jsonl", ["--text-field", "content"]), ("paras.txt", ["--sample-by", "paragraph"])]
     {

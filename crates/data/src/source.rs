@@ -979,7 +979,8 @@ impl JsonlDocs {
         }
         if !found {
             return Err(self.err(format!(
-                "no \"{}\" field in this record; pass --text-field with the name of the field that holds the text",
+                "no \"{}\" field in this record; name the field that holds the text with --text-field \
+                 (data.source.text_field in a pretrain config)",
                 self.field
             )));
         }
@@ -1119,7 +1120,8 @@ impl ParquetDocs {
                 )
             };
             return Err(perr(format!(
-                "{what}; pass --text-field with the column that holds the text (a field inside a struct by its dotted path)"
+                "{what}; name the column that holds the text with --text-field (data.source.text_field in a pretrain \
+                 config; a field inside a struct by its dotted path)"
             )));
         };
         let mask = ProjectionMask::leaves(schema, [idx]);
