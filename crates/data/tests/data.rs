@@ -834,6 +834,41 @@ fn tokenizer_training_samples_every_file_over_the_budget() {
     assert!(exact == tokenizer_with(1 << 30, "all"));
 }
 
+/// Runs of non-whitespace longer than `MAX_TRAIN_RUN` characters are cut for the BPE trainer
+/// (it rescans a pre-token whole at each merge: a 2 MB run took it over 5 minutes), so no token
+/// longer than that is learned, and normal text reaches it whole.
+#[test]
+fn the_bpe_trainer_gets_long_runs_cut() {
+    use tokenizer::{cut_long_runs, MAX_TRAIN_RUN};
+    assert_eq!(cut_long_runs("To be, or not to be"), ["To be, or not to be"]);
+    assert_eq!(cut_long_runs(""), [""]);
+    for text in [
+        "a".repeat(MAX_TRAIN_RUN),
+        "a".repeat(3 * MAX_TRAIN_RUN + 7),
+        format!("lead {} mid {} end", "é".repeat(2 * MAX_TRAIN_RUN + 1), "日本".repeat(MAX_TRAIN_RUN)),
+        format!("{}\n{}", "x".repeat(MAX_TRAIN_RUN), "y".repeat(MAX_TRAIN_RUN)),
+    ] {
+        let pieces = cut_long_runs(&text);
+        assert_eq!(pieces.concat(), text);
+        let longest_run = |s: &str| s.split(char::is_whitespace).map(|w| w.chars().count()).max().unwrap_or(0);
+        assert!(pieces.iter().all(|p| longest_run(p) <= MAX_TRAIN_RUN), "{pieces:?}");
+        // Cut only where a run is too long.
+        let cuts = pieces.len() - 1;
+        let want: usize =
+            text.split(char::is_whitespace).map(|w| w.chars().count().saturating_sub(1) / MAX_TRAIN_RUN).sum();
+        assert_eq!(cuts, want, "{text}");
+    }
+    // A run of 1000 x's in every document: whole, the trainer would learn x^512 (merges double);
+    // cut, nothing longer than the cut (and the space a word keeps in front).
+    let cfg = TokenizerConfig { vocab_size: 300, min_frequency: 1, ..Default::default() };
+    let texts: Vec<String> = (0..5).map(|i| format!("doc {i} {}", "x".repeat(1000))).collect();
+    let tok = tokenizer::train_bpe(texts.iter(), &cfg).unwrap();
+    let longest = tok.get_vocab(false).keys().map(|t| t.chars().count()).max().unwrap();
+    assert_eq!(longest, MAX_TRAIN_RUN + 1, "the longest token learned: Ġ (the space before a word) and 256 x's");
+    let ids = tok.encode(texts[0].as_str(), false).unwrap().get_ids().to_vec();
+    assert_eq!(tok.decode(&ids, false).unwrap(), texts[0]);
+}
+
 #[test]
 fn byte_level_bpe_round_trips_any_text() {
     let cfg = TokenizerConfig { vocab_size: 300, ..Default::default() };
