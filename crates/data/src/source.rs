@@ -346,6 +346,7 @@ impl Documents {
                 line: 1,
                 sample_by: self.cfg.sample_by,
                 scanned: 0,
+                consumed: 0,
             }),
             _ => Box::new(JsonlDocs::new(src, reader, pieces, self.cfg.text_field.clone())),
         })
@@ -574,14 +575,23 @@ struct TextDocs {
     piece_no: u64,
     line: u64,
     sample_by: SampleBy,
-    /// Bytes of `pieces.buf` already searched for a document's end.
+    /// Bytes of `pieces.buf` past `consumed` already searched for a document's end.
     scanned: usize,
+    /// Bytes at the start of `pieces.buf` already handed out as documents (or skipped as blank
+    /// lines): a line or paragraph moves this mark instead of shifting the rest of the buffer,
+    /// which is compacted once before each read.
+    consumed: usize,
 }
 
 impl TextDocs {
     /// `bytes` as the next document (numbered, or placed by its first line), the line count
     /// moved past it.
-    fn emit(&mut self, bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
+    fn emit(&mut self, mut bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
+        // A document keeps no more memory than its text: a short file's read buffer holds a
+        // whole block, and a batch of documents is sized by their text.
+        if bytes.capacity() > bytes.len() + bytes.len() / 4 + 64 {
+            bytes.shrink_to_fit();
+        }
         let first_line = self.line;
         self.line += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
         self.piece_no += 1;
@@ -595,7 +605,7 @@ impl TextDocs {
     /// With lines or paragraphs as documents, where the first one in the buffer ends and how
     /// long its separator is (a line break; a blank line, `\r\n` too).
     fn find_end(&mut self) -> Option<(usize, usize)> {
-        let buf = &self.pieces.buf;
+        let buf = &self.pieces.buf[self.consumed..];
         let cr_before = |i: usize| usize::from(i > 0 && buf[i - 1] == b'\r');
         let mut i = self.scanned;
         let (found, scanned) = match self.sample_by {
@@ -625,10 +635,11 @@ impl TextDocs {
         if self.sample_by != SampleBy::Paragraph {
             return;
         }
-        let n = self.pieces.buf.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
+        let rest = &self.pieces.buf[self.consumed..];
+        let n = rest.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
         if n > 0 {
-            self.line += self.pieces.buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-            self.pieces.buf.drain(..n);
+            self.line += rest[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+            self.consumed += n;
             self.scanned = 0;
         }
     }
@@ -639,12 +650,17 @@ impl FileDocs for TextDocs {
         loop {
             self.skip_blank_lines();
             if let Some((end, sep)) = self.find_end() {
-                let rest = self.pieces.buf.split_off(end + sep);
-                let mut doc = std::mem::replace(&mut self.pieces.buf, rest);
-                doc.truncate(end);
+                let doc = self.pieces.buf[self.consumed..self.consumed + end].to_vec();
+                self.consumed += end + sep;
                 let piece = self.emit(doc, false);
                 self.line += 1 + u64::from(self.sample_by == SampleBy::Paragraph);
                 return piece;
+            }
+            // No document's end in what is left: the rest moves to the front of the buffer
+            // (once per read), which the size limit and the reads below take from there.
+            if self.consumed > 0 {
+                self.pieces.buf.drain(..self.consumed);
+                self.consumed = 0;
             }
             if let Some(p) = self.pieces.take_full() {
                 return self.emit(p, true);
