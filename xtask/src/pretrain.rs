@@ -489,10 +489,9 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let s = pretrain(cfg.clone(), &inputs, &a.out, &a.data_dir, &a.device, a.resume)?;
     print_summary(&s, &cfg);
     let run = a.out.display();
-    println!(
-        "next: cargo xtask generate --model {run} --prompt \"...\" | cargo xtask eval --model {run} --text FILE | \
-         cargo xtask plot {run} OTHER_RUN"
-    );
+    println!("next: cargo xtask generate --model {run} --prompt \"...\"");
+    println!("      cargo xtask eval --model {run} --text FILE... --task FILE...");
+    println!("      cargo xtask plot {run} OTHER_RUN...");
     Ok(())
 }
 
