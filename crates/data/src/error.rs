@@ -17,6 +17,12 @@ pub enum DataError {
     /// A path (an input, a tokenizer) does not exist.
     #[error("{0}: no such file or directory")]
     Missing(PathBuf),
+    /// An input that exists but is neither a regular file nor a folder (a pipe, a device).
+    #[error(
+        "{0}: not a regular file or folder (a pipe or a device?); the data stage reads its inputs more than once \
+         (tokenizer training, then tokenization): save the text to a file and name that"
+    )]
+    NotAFile(PathBuf),
     /// An input folder with no file that a folder's files are read by (their extensions).
     #[error(
         "{path}: no file to read in this folder (a folder's files are read by their extension: .txt .text .md .rst \

@@ -210,6 +210,8 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
             }
         } else if p.is_file() {
             out.push(p.to_path_buf());
+        } else if std::fs::metadata(p).is_ok() {
+            return Err(DataError::NotAFile(p.to_path_buf()));
         } else {
             return Err(DataError::Missing(p.to_path_buf()));
         }

@@ -225,6 +225,12 @@ fn bad_inputs_give_clear_errors() {
     // Missing file.
     let e = docs_of(&[d.join("nope.txt")], &cfg).unwrap_err().to_string();
     assert!(e.contains("nope.txt") && e.contains("no such file"), "{e}");
+    // A named pipe (or a device) is no file that can be read twice: said so, not "no such file".
+    let fifo = d.join("pipe.jsonl");
+    if std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
+        let e = docs_of(&[fifo], &cfg).unwrap_err().to_string();
+        assert!(e.contains("pipe.jsonl: not a regular file or folder") && e.contains("save the text to a file"), "{e}");
+    }
     // Invalid UTF-8, on line 3.
     write(&d.join("bad.txt"), b"ok\nok\n\xff\xfe bad\n");
     let e = docs_of(&[d.join("bad.txt")], &cfg).unwrap_err().to_string();
