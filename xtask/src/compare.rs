@@ -253,8 +253,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
             loss: e.val_loss,
         };
         let curve: Vec<CurvePoint> = evals.iter().map(point).collect();
-        let marker =
-            if spec.cfg.patch.lambda > 0.0 { evals.iter().rfind(|e| e.phase == "patch").map(point) } else { None };
+        let marker = patchlm_train::phase_switch(&evals).map(point);
         rows.push(ReportRun {
             name: spec.display.clone(),
             labels: vec![

@@ -152,9 +152,7 @@ pub fn run(a: PlotArgs) -> Result<()> {
         let series = runs
             .iter()
             .map(|r| {
-                // The patch phase's last validation, where the run went on at token level.
-                let switch =
-                    r.evals.iter().rfind(|e| e.phase == "patch").filter(|_| r.evals.iter().any(|e| e.phase != "patch"));
+                let switch = patchlm_train::phase_switch(&r.evals);
                 Series {
                     name: format!("{} ({})", r.name, setting(&r.cfg)),
                     points: r.evals.iter().map(|e| (x_of(e, unit), e.val_loss)).collect(),

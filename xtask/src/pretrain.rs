@@ -251,7 +251,7 @@ pub fn fit_config(mut cfg: RunConfig, manifest: &Manifest) -> RunConfig {
 /// training tokens.
 pub fn loss_plot(metrics: &Path, title: &str) -> Result<LinePlot> {
     let (steps, evals) = patchlm_train::read_metrics(metrics)?;
-    let switch = evals.iter().rfind(|e| e.phase == "patch").filter(|_| evals.iter().any(|e| e.phase != "patch"));
+    let switch = patchlm_train::phase_switch(&evals);
     let mut series = vec![Series {
         name: "validation loss (token level)".into(),
         points: evals.iter().map(|e| (e.tokens_seen as f64, e.val_loss)).collect(),

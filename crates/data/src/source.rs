@@ -561,7 +561,13 @@ impl Read for LossyUtf8 {
     }
 }
 
-fn utf8(bytes: Vec<u8>, path: &Path, first_line: u64) -> Result<String> {
+/// `bytes` as a document's text, which keeps no more memory than it needs (a short file's read
+/// buffer holds a whole block, and a batch of documents is sized by their text), or the error
+/// naming the line of the first invalid byte.
+fn utf8(mut bytes: Vec<u8>, path: &Path, first_line: u64) -> Result<String> {
+    if bytes.capacity() > bytes.len() + bytes.len() / 4 + 64 {
+        bytes.shrink_to_fit();
+    }
     String::from_utf8(bytes).map_err(|e| {
         let bad = e.utf8_error().valid_up_to();
         let line = first_line + e.as_bytes()[..bad].iter().filter(|&&b| b == b'\n').count() as u64;
@@ -588,12 +594,7 @@ struct TextDocs {
 impl TextDocs {
     /// `bytes` as the next document (numbered, or placed by its first line), the line count
     /// moved past it.
-    fn emit(&mut self, mut bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
-        // A document keeps no more memory than its text: a short file's read buffer holds a
-        // whole block, and a batch of documents is sized by their text.
-        if bytes.capacity() > bytes.len() + bytes.len() / 4 + 64 {
-            bytes.shrink_to_fit();
-        }
+    fn emit(&mut self, bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
         let first_line = self.line;
         self.line += bytes.iter().filter(|&&b| b == b'\n').count() as u64;
         self.piece_no += 1;

@@ -67,4 +67,6 @@ pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use lock::{RunLock, RUN_LOCK_FILE};
 pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, AdamWConfig};
-pub use trainer::{plan_phases, read_metrics, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer};
+pub use trainer::{
+    phase_switch, plan_phases, read_metrics, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer,
+};

@@ -627,6 +627,13 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// The validation where a run switched from the patch phase to the token phase: the patch
+/// phase's last one, if a token-phase validation follows (a run still in its patch phase, or a
+/// token-level run, has none).
+pub fn phase_switch(evals: &[EvalMetrics]) -> Option<&EvalMetrics> {
+    evals.iter().rfind(|e| e.phase == "patch").filter(|_| evals.iter().any(|e| e.phase != "patch"))
+}
+
 /// The lines of a run's `metrics.jsonl`: its training steps and its validations, in file order.
 /// Lines that are not step or eval records are an error naming the file and line, except an
 /// unfinished last one (no newline yet, not JSON: the line a running trainer is writing, or
@@ -634,7 +641,6 @@ impl<'a> Trainer<'a> {
 pub fn read_metrics(path: &Path) -> Result<(Vec<StepMetrics>, Vec<EvalMetrics>)> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let (mut steps, mut evals) = (Vec::new(), Vec::new());
-    let lines = text.split_inclusive('\n').count();
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -643,7 +649,8 @@ pub fn read_metrics(path: &Path) -> Result<(Vec<StepMetrics>, Vec<EvalMetrics>)>
             |e: serde_json::Error| TrainError::Metrics { path: path.to_path_buf(), line: i + 1, msg: e.to_string() };
         let v: serde_json::Value = match serde_json::from_str(line) {
             Ok(v) => v,
-            Err(_) if i + 1 == lines && !line.ends_with('\n') => break,
+            // Only the last piece can lack its newline.
+            Err(_) if !line.ends_with('\n') => break,
             Err(e) => return Err(bad(e)),
         };
         match v["kind"].as_str() {
