@@ -293,7 +293,7 @@ pub const LOSS_PLOT: &str = "loss";
 /// Redraw the loss plot at a validation at most this often while a run trains.
 const PLOT_EVERY_SECS: u64 = 30;
 
-/// What a run directory holds (besides `*.tmp` leftovers of an interrupted write).
+/// What a run directory holds (besides leftovers of an interrupted write: [`is_leftover`]).
 const RUN_FILES: &[&str] = &[
     patchlm_train::RUN_LOCK_FILE,
     "config.toml",
@@ -306,6 +306,28 @@ const RUN_FILES: &[&str] = &[
     "model",
 ];
 
+/// A temp file that a write of one of the run's files left when it was killed or failed (a full
+/// disk): `<file>.tmp`, `<file>.<pid>-<n>.tmp`, or `.loss.tmp.png` / `.loss.tmp.svg` (the loss
+/// plot's temp files before plots were written like every other file).
+fn is_leftover(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".tmp") else {
+        return [".loss.tmp.png", ".loss.tmp.svg"].contains(&name);
+    };
+    RUN_FILES.iter().any(|f| stem == *f || stem.strip_prefix(f).is_some_and(|rest| rest.starts_with('.')))
+}
+
+/// Removes what interrupted writes left in a run directory (see [`is_leftover`]). Only while the
+/// run holds the directory: another run's temp file may be in the middle of its write.
+fn remove_leftovers(out: &Path, _claim: &patchlm_train::RunLock) {
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if is_leftover(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Refuses an `--out` that holds anything but a run's own files (a run writes `config.toml`,
 /// `summary.json`, ... there: another directory's files would be overwritten).
 fn check_run_dir(out: &Path) -> Result<()> {
@@ -316,7 +338,7 @@ fn check_run_dir(out: &Path) -> Result<()> {
     let mut foreign: Vec<String> = entries
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| !RUN_FILES.iter().any(|f| n == f || n.strip_suffix(".tmp") == Some(f)))
+        .filter(|n| !RUN_FILES.contains(&n.as_str()) && !is_leftover(n))
         .collect();
     // A config.toml there must be a run's: its keys a RunConfig's, its tables filled in.
     let saved = out.join("config.toml");
@@ -360,7 +382,8 @@ pub fn pretrain(
     // this process or another) is refused before it writes anything.
     check_run_dir(out)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let _claim = patchlm_train::RunLock::acquire(out)?;
+    let claim = patchlm_train::RunLock::acquire(out)?;
+    remove_leftovers(out, &claim);
     let shards = prepare_shards(&cfg, inputs, data_dir)?;
     let manifest = Manifest::load(&shards)?;
     cfg = fit_config(cfg, &manifest);
@@ -599,11 +622,30 @@ mod tests {
         check_run_dir(&out).unwrap(); // empty
         let cfg = toml::to_string_pretty(&default_config()).unwrap();
         std::fs::write(out.join("config.toml"), &cfg).unwrap();
-        for f in ["metrics.jsonl", "summary.json.tmp", "loss.svg"] {
+        // With what interrupted writes leave: temp files of each kind of atomic write.
+        let leftovers = ["summary.json.tmp", "loss.png.4242-0.tmp", "metrics.jsonl.17-3.tmp", ".loss.tmp.png"];
+        for f in ["metrics.jsonl", "loss.svg"].iter().chain(&leftovers) {
             std::fs::write(out.join(f), "").unwrap();
         }
         std::fs::create_dir(out.join("checkpoints")).unwrap();
         check_run_dir(&out).unwrap(); // a run's
+                                      // Removed once the run holds the directory; the run's own files stay.
+        let claim = patchlm_train::RunLock::acquire(&out).unwrap();
+        remove_leftovers(&out, &claim);
+        drop(claim);
+        for f in leftovers {
+            assert!(!out.join(f).exists(), "{f} was left");
+        }
+        for f in ["config.toml", "metrics.jsonl", "loss.svg", "checkpoints"] {
+            assert!(out.join(f).exists(), "{f} was removed");
+        }
+        // Names that merely look like leftovers are someone else's.
+        for f in ["notes.tmp", "loss.pngs.tmp", "model-old.tmp"] {
+            std::fs::write(out.join(f), "").unwrap();
+            let e = check_run_dir(&out).unwrap_err().to_string();
+            assert!(e.contains(f), "{f}: {e}");
+            std::fs::remove_file(out.join(f)).unwrap();
+        }
         std::fs::write(out.join("notes.txt"), "mine").unwrap();
         let e = check_run_dir(&out).unwrap_err().to_string();
         assert!(e.contains("notes.txt") && e.contains("--out"), "{e}");

@@ -206,8 +206,8 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
-fn plot_err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> EvalError + '_ {
-    move |e| EvalError::Plot { path: path.to_path_buf(), msg: format!("{e:?}") }
+fn plot_err<E: std::fmt::Display>(path: &Path) -> impl FnOnce(E) -> EvalError + '_ {
+    move |e| EvalError::Plot { path: path.to_path_buf(), msg: e.to_string() }
 }
 
 type Axis = fn(&CurvePoint) -> f64;
@@ -307,25 +307,33 @@ fn draw<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Draws `plot` as `<dir>/<stem>.png` (1200×800) and `<dir>/<stem>.svg`, each written to a
-/// temporary name and renamed into place.
+/// Draws `plot` as `<dir>/<stem>.png` (1200×800) and `<dir>/<stem>.svg`. Each is drawn in
+/// memory and written atomically (temp file, fsync, rename): a write that fails (a full disk)
+/// or is killed leaves the earlier plot in place and no partial file behind.
 pub fn write_plot(dir: &Path, stem: &str, plot: &LinePlot) -> Result<Vec<PathBuf>> {
     register_font();
     let png = dir.join(format!("{stem}.png"));
     let svg = dir.join(format!("{stem}.svg"));
-    let tmp_png = dir.join(format!(".{stem}.tmp.png"));
-    let tmp_svg = dir.join(format!(".{stem}.tmp.svg"));
+    let (w, h) = (1200u32, 800u32);
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
     {
-        let root = BitMapBackend::new(&tmp_png, (1200, 800)).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
         draw(&root, plot).map_err(plot_err(&png))?;
     }
+    let mut png_bytes = Vec::new();
     {
-        let root = SVGBackend::new(&tmp_svg, (1200, 800)).into_drawing_area();
+        use image::ImageEncoder;
+        image::codecs::png::PngEncoder::new(&mut png_bytes)
+            .write_image(&rgb, w, h, image::ColorType::Rgb8)
+            .map_err(plot_err(&png))?;
+    }
+    let mut svg_text = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg_text, (w, h)).into_drawing_area();
         draw(&root, plot).map_err(plot_err(&svg))?;
     }
-    for (t, f) in [(&tmp_png, &png), (&tmp_svg, &svg)] {
-        std::fs::rename(t, f).map_err(|e| EvalError::Io { path: f.clone(), source: e })?;
-    }
+    patchlm_data::shard::write_atomic(&png, &png_bytes)?;
+    patchlm_data::shard::write_atomic(&svg, svg_text.as_bytes())?;
     Ok(vec![png, svg])
 }
 

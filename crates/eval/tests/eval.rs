@@ -676,6 +676,16 @@ fn line_plots_draw_any_series_and_skip_gaps() {
     assert_eq!(files, vec![dir.path().join("loss.png"), dir.path().join("loss.svg")]);
     let png = std::fs::read(&files[0]).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // The PNG decodes to the drawing: a white background with the lines' colours on it.
+    let img = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1200, 800));
+    assert_eq!(img.get_pixel(2, 2).0, [255, 255, 255]);
+    let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    assert!(colours.len() > 10, "{} colours", colours.len());
+    // Written atomically: no temp file is left.
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
     let svg = std::fs::read_to_string(&files[1]).unwrap();
     for t in [
         "Loss of a run",

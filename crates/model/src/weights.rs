@@ -182,19 +182,24 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Config(format!("safetensors: {e}")))
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+/// Writes `bytes` to `path` atomically (temp file `<path>.tmp`, fsync, rename). A write that
+/// fails (a full disk) removes its temp file and leaves any earlier file at `path` as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let ferr = |e: std::io::Error| ModelError::File { path: path.to_path_buf(), msg: e.to_string() };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(ferr)?;
-    f.write_all(bytes).map_err(ferr)?;
-    f.sync_all().map_err(ferr)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(ferr)?;
-    Ok(())
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::File { path: path.to_path_buf(), msg: e.to_string() }
+    })
 }
 
 /// Saves an HF-format model directory: `model.safetensors`, `config.json`, and, when a

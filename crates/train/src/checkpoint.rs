@@ -61,23 +61,17 @@ pub fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let own = [
-        ("model.safetensors", safetensors_bytes(model)?),
-        ("optimizer.safetensors", safetensors_bytes(optimizer)?),
-        ("state.json", serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?),
-    ];
-    let mut sums = serde_json::Map::new();
-    for (name, bytes) in own.iter().map(|(n, b)| (*n, b)).chain(files.iter().map(|(n, b)| (*n, b))) {
-        write_atomic(&tmp.join(name), bytes)?;
-        sums.insert(name.to_string(), patchlm_data::shard::sha256_bytes(bytes).into());
+    let written = write_checkpoint_files(&tmp, model, optimizer, state, files).and_then(|()| {
+        if fin.exists() {
+            std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
+        }
+        std::fs::rename(&tmp, &fin).map_err(io(&fin))
+    });
+    if written.is_err() {
+        // A write that fails (a full disk) leaves no partial checkpoint taking space.
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    let sums = serde_json::to_vec_pretty(&sums).map_err(|e| TrainError::Config(e.to_string()))?;
-    write_atomic(&tmp.join(CHECKSUMS_FILE), &sums)?;
-    if fin.exists() {
-        std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
-    }
-    std::fs::rename(&tmp, &fin).map_err(io(&fin))?;
+    written?;
     if let Ok(d) = std::fs::File::open(&root) {
         let _ = d.sync_all();
     }
@@ -87,6 +81,46 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&old).map_err(io(&old))?;
     }
     Ok(fin)
+}
+
+/// Writes a checkpoint's files and their [`CHECKSUMS_FILE`] into the new directory `dir`.
+fn write_checkpoint_files(
+    dir: &Path,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    state: &TrainState,
+    files: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let own = [
+        ("model.safetensors", safetensors_bytes(model)?),
+        ("optimizer.safetensors", safetensors_bytes(optimizer)?),
+        ("state.json", serde_json::to_vec_pretty(state).map_err(|e| TrainError::Config(e.to_string()))?),
+    ];
+    let mut sums = serde_json::Map::new();
+    for (name, bytes) in own.iter().map(|(n, b)| (*n, b)).chain(files.iter().map(|(n, b)| (*n, b))) {
+        write_atomic(&dir.join(name), bytes)?;
+        sums.insert(name.to_string(), patchlm_data::shard::sha256_bytes(bytes).into());
+    }
+    let sums = serde_json::to_vec_pretty(&sums).map_err(|e| TrainError::Config(e.to_string()))?;
+    write_atomic(&dir.join(CHECKSUMS_FILE), &sums)?;
+    Ok(())
+}
+
+/// Removes the temp directories (`checkpoints/step-N.tmp`) of checkpoint writes that were killed;
+/// returns how many. Call it only while holding the run ([`crate::RunLock`]).
+pub(crate) fn remove_partial_checkpoints(run_dir: &Path) -> Result<usize> {
+    let root = run_dir.join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("step-") && name.ends_with(".tmp") && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(io(e.path()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Complete checkpoints of a run, oldest first.

@@ -37,6 +37,19 @@ pub enum TrainError {
         /// Its checkpoint.
         checkpoint: PathBuf,
     },
+    /// A checkpoint or the final model could not be written (a full disk, say): training stopped
+    /// there, and `--resume` continues from the last checkpoint written.
+    #[error("could not write {what}: {error}; training stopped after step {global_step}: free space (or fix the cause) and run again with --resume to continue from {}", resume_from.as_ref().map_or("the first step".to_string(), |p| p.display().to_string()))]
+    WriteFailed {
+        /// What was being written: `the checkpoint of step N` or `the final model`.
+        what: String,
+        /// The last step done.
+        global_step: usize,
+        /// The newest checkpoint on disk, where `--resume` continues.
+        resume_from: Option<PathBuf>,
+        /// Why the write failed.
+        error: Box<TrainError>,
+    },
     /// The run directory is claimed by another process's run ([`crate::RunLock`]).
     #[error("{} is in use by another run ({}); wait for it to finish or stop it, or choose another --out", dir.display(), pid.map_or("its process id unknown".to_string(), |p| format!("process {p}")))]
     InUse {

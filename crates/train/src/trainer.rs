@@ -295,6 +295,7 @@ impl<'a> Trainer<'a> {
         let run_dir = self.run_dir.clone();
         std::fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
         let _claim = crate::RunLock::acquire(&run_dir)?;
+        crate::checkpoint::remove_partial_checkpoints(&run_dir)?;
         let fingerprint = self.cfg.fingerprint();
         // What each checkpoint holds besides weights, optimizer and state: the run's config and
         // the files that make it an HF model directory too (`eval --model <checkpoint>`).
@@ -584,7 +585,11 @@ impl<'a> Trainer<'a> {
                         &st,
                         &ck_files,
                         tc.keep_checkpoints,
-                    )?;
+                    )
+                    .map_err(|e| {
+                        pb.abandon();
+                        write_failed(&run_dir, format!("the checkpoint of step {}", state.global_step), &state, e)
+                    })?;
                     if stop {
                         pb.abandon();
                         return Err(TrainError::Stopped { global_step: state.global_step, checkpoint });
@@ -610,7 +615,8 @@ impl<'a> Trainer<'a> {
             last_val = self.evaluate(&model, &val)?;
         }
         let model_dir = run_dir.join("model");
-        save_pretrained(&model_dir, &self.cfg.model, &varmap, tok, bos, eos)?;
+        save_pretrained(&model_dir, &self.cfg.model, &varmap, tok, bos, eos)
+            .map_err(|e| write_failed(&run_dir, "the final model".into(), &state, e.into()))?;
         let tokens: u64 = self.plans.iter().map(|p| (p.steps * p.tokens_per_step()) as u64).sum();
         let flops = self.plans.iter().map(|p| flops_of((p.steps * p.tokens_per_step()) as f64, p.k)).sum::<f64>();
         let token_equiv = tokens as f64 * fpp;
@@ -625,6 +631,12 @@ impl<'a> Trainer<'a> {
             model_dir,
         })
     }
+}
+
+/// The error of a checkpoint or model write that failed after `state`'s step.
+fn write_failed(run_dir: &Path, what: String, state: &TrainState, e: TrainError) -> TrainError {
+    let resume_from = list_checkpoints(run_dir).ok().and_then(|c| c.last().cloned());
+    TrainError::WriteFailed { what, global_step: state.global_step, resume_from, error: Box::new(e) }
 }
 
 /// The validation where a run switched from the patch phase to the token phase: the patch

@@ -192,6 +192,15 @@ fn warmup_cosine_schedule() {
     assert!((lr_at(0, 4, 2000, 1.0, 0.0) - 0.25).abs() < 1e-12);
 }
 
+/// The data of `pipeline(dir, 0.5)` and an uninterrupted run on it in `dir/a`, the reference
+/// that interrupted runs must end at: (patch data, config, run directory).
+fn reference_run(dir: &Path) -> (PathBuf, RunConfig, PathBuf) {
+    let (_, pdir, cfg) = pipeline(dir, 0.5);
+    let run = dir.join("a");
+    Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().run(false).unwrap();
+    (pdir, cfg, run)
+}
+
 fn weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model/model.safetensors")).unwrap()
 }
@@ -551,13 +560,49 @@ fn a_requested_stop_checkpoints_and_resumes_bit_identically() {
     assert_eq!(weights(&run_a), weights(&run_b), "resumed weights differ from the uninterrupted run");
 }
 
+/// A checkpoint that cannot be written (here a file in the way of its directory; a full disk
+/// alike) stops the run with an error that names the checkpoint `--resume` continues from, and
+/// leaves no partial checkpoint; a run killed while writing one leaves a temp directory that the
+/// next run removes. Resumed, the run ends where an uninterrupted one ends, bit for bit.
+#[test]
+fn a_checkpoint_that_cannot_be_written_stops_the_run_for_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pdir, cfg, run_a) = reference_run(dir.path());
+    let run_b = dir.path().join("b");
+    let cks = run_b.join("checkpoints");
+    std::fs::create_dir_all(&cks).unwrap();
+    std::fs::write(cks.join("step-00000004"), "in the way").unwrap();
+    let e = Trainer::new(cfg.clone(), &pdir, &run_b, Device::Cpu).unwrap().run(false).unwrap_err();
+    match &e {
+        TrainError::WriteFailed { global_step: 4, resume_from: Some(p), .. } => {
+            assert_eq!(*p, cks.join("step-00000003"))
+        }
+        other => panic!("expected a failed write at step 4, got {other:?}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.starts_with("could not write the checkpoint of step 4: "), "{msg}");
+    assert!(msg.contains("--resume to continue from ") && msg.ends_with("step-00000003"), "{msg}");
+    assert!(!cks.join("step-00000004.tmp").exists(), "the partial checkpoint was left");
+    std::fs::remove_file(cks.join("step-00000004")).unwrap();
+    // A kill during a checkpoint's write leaves its temp directory: the next run removes it.
+    std::fs::create_dir(cks.join("step-00000009.tmp")).unwrap();
+    std::fs::write(cks.join("step-00000009.tmp/model.safetensors"), "partial").unwrap();
+    let mut seen = None;
+    Trainer::new(cfg, &pdir, &run_b, Device::Cpu)
+        .unwrap()
+        .on_step(|_| {
+            seen.get_or_insert(cks.join("step-00000009.tmp").exists());
+        })
+        .run(true)
+        .unwrap();
+    assert_eq!(seen, Some(false), "the killed write's temp directory was not removed");
+    assert_eq!(weights(&run_a), weights(&run_b), "resumed weights differ from the uninterrupted run");
+}
+
 #[test]
 fn kill_and_resume_is_bit_identical() {
-    // Uninterrupted reference run.
     let dir_a = tempfile::tempdir().unwrap();
-    let (_, pdir_a, cfg) = pipeline(dir_a.path(), 0.5);
-    let run_a = dir_a.path().join("run");
-    Trainer::new(cfg.clone(), &pdir_a, &run_a, Device::Cpu).unwrap().run(false).unwrap();
+    let (_, cfg, run_a) = reference_run(dir_a.path());
 
     // The same run in a child process, killed with SIGKILL during the patch phase.
     let dir_b = tempfile::tempdir().unwrap();
