@@ -538,6 +538,15 @@ fn config_toml(header: &str, cfg: &RunConfig, inputs: &[PathBuf]) -> Result<Stri
         }
     }
     if !inputs.is_empty() {
+        // TOML holds only UTF-8: a path that is not (a Latin-1 file name) is written with U+FFFD.
+        for p in inputs.iter().filter(|p| p.to_str().is_none()) {
+            eprintln!(
+                "warning: input {} is not UTF-8, which a TOML file cannot hold: the run's config.toml names it \
+                 with U+FFFD in its place, and --config with that file will not find it (rename it, or give it \
+                 again with --input)",
+                p.display()
+            );
+        }
         let list: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
         text += &toml::to_string(&toml::toml! { input = list }).context("serializing the inputs")?;
     }

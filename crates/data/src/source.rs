@@ -262,7 +262,21 @@ pub fn file_stamp(path: &Path) -> serde_json::Value {
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos() as u64);
-    serde_json::json!([path, meta.map(|m| m.len()), mtime])
+    serde_json::json!([path_key(path), meta.map(|m| m.len()), mtime])
+}
+
+/// A path as a JSON value that tells all paths apart: its text, or where it is not UTF-8 (a
+/// Latin-1 file name on Linux) `{"bytes": "<hex>"}` of its bytes.
+fn path_key(path: &Path) -> serde_json::Value {
+    if let Some(s) = path.to_str() {
+        return s.into();
+    }
+    #[cfg(unix)]
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
+    #[cfg(not(unix))]
+    let bytes = path.to_string_lossy().as_bytes().to_vec();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    serde_json::json!({ "bytes": hex })
 }
 
 /// One document (or one piece of a document longer than the limit).

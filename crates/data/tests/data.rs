@@ -642,6 +642,25 @@ fn files_of(dir: &Path) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// File names need not be UTF-8 (a Latin-1 name on Linux): a folder of them builds, and their
+/// cache stamps tell them apart (it panicked serializing the path).
+#[cfg(unix)]
+#[test]
+fn file_names_that_are_not_utf8_are_read() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("corpus");
+    let names = [&b"caf\xe9.txt"[..], &b"caf\xe8.txt"[..]];
+    for (i, n) in names.iter().enumerate() {
+        write(&c.join(std::ffi::OsStr::from_bytes(n)), text(i as u64, 200).as_bytes());
+    }
+    let stamps: Vec<_> =
+        names.iter().map(|n| patchlm_data::source::file_stamp(&c.join(std::ffi::OsStr::from_bytes(n)))).collect();
+    assert_ne!(stamps[0], stamps[1]);
+    let s = build_shards(&[&c], &dir.path().join("out"), &small_cfg(), TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.documents, 2);
+}
+
 #[test]
 fn interrupted_builds_resume_to_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
