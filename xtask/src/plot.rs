@@ -70,7 +70,7 @@ struct Run {
     cfg: RunConfig,
     evals: Vec<EvalMetrics>,
     last_step: usize,
-    finished: bool,
+    state: String,
 }
 
 fn load(dir: &Path, name: String) -> Result<Run> {
@@ -79,13 +79,19 @@ fn load(dir: &Path, name: String) -> Result<Run> {
     let cfg: RunConfig =
         toml::from_str(&text).with_context(|| format!("{}: not a run's config", cfg_path.display()))?;
     let (steps, evals) = read_metrics(&dir.join("metrics.jsonl"))?;
-    Ok(Run {
-        name,
-        cfg,
-        last_step: steps.last().map_or(0, |s| s.global_step),
-        evals,
-        finished: dir.join("summary.json").is_file(),
-    })
+    Ok(Run { name, cfg, last_step: steps.last().map_or(0, |s| s.global_step), evals, state: run_state(dir) })
+}
+
+/// Where a run is: finished, training now (a process holds its directory), or stopped (killed,
+/// failed or interrupted: `--resume` continues it).
+fn run_state(dir: &Path) -> String {
+    if dir.join("summary.json").is_file() {
+        "finished".into()
+    } else if patchlm_train::is_held(dir) {
+        patchlm_train::holder_pid(dir).map_or("training".into(), |p| format!("training (process {p})"))
+    } else {
+        "stopped (--resume continues it)".into()
+    }
 }
 
 /// How a run is told apart in the legend and the table: its patch setting.
@@ -216,7 +222,7 @@ fn table(runs: &[Run], unit: f64, unit_name: &str) -> String {
             or_dash(last.map(|e| fmt_secs(e.train_secs))),
             or_dash(last.map(|e| format!("{:.4}", e.val_loss))),
             or_dash(best.is_finite().then(|| format!("{best:.4}"))),
-            if r.finished { "finished" } else { "training, or stopped" },
+            r.state,
         );
     }
     t + "\nTokens, compute, time and loss at each run's last validation; steps as far as its metrics go.\n"

@@ -500,10 +500,17 @@ fn compare_end_to_end_on_a_tiny_corpus() {
             ("baseline", "token level", "finished"),
             ("baseline-eq-k4-l0.667", "token level", "finished"),
             ("patch-k4-l0.667", "K=4 λ=0.667", "finished"),
-            ("live", "K=4 λ=0.667", "training, or stopped")
+            ("live", "K=4 λ=0.667", "stopped (--resume continues it)")
         ],
         "{out}"
     );
+    // A run that a process holds (its lock taken, as a training run takes it) is training.
+    let lock = std::fs::File::create(d.join("live/.lock")).unwrap();
+    std::fs::write(d.join("live/.lock"), "4242").unwrap();
+    lock.lock().unwrap();
+    let (ok, held) = xtask(&["plot", "live", "--out", "pl-live"], d);
+    assert!(ok && held.contains("| training (process 4242) |"), "{held}");
+    drop(lock);
     for (row, run) in rows.iter().zip(["baseline", "baseline-eq-k4-l0.667", "patch-k4-l0.667"]) {
         let m = std::fs::read_to_string(d.join("cmp/runs").join(run).join("metrics.jsonl")).unwrap();
         assert_eq!((row[2], row[6]), (last_step(&m).as_str(), last_val(&m).as_str()), "{run}: {out}");

@@ -68,6 +68,20 @@ impl RunLock {
     }
 }
 
+/// Whether a run holds `dir` now ([`RunLock`]): a run still training there. Only looks: the
+/// lock file is neither created nor written, and nothing is held after it returns. `false` for
+/// a directory that no run ever claimed, and where the file system cannot lock.
+pub fn is_held(dir: &Path) -> bool {
+    let Ok(file) = File::open(dir.join(RUN_LOCK_FILE)) else { return false };
+    matches!(file.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// The process id in `dir`'s lock file: the run that claimed the directory last (training now
+/// if [`is_held`]).
+pub fn holder_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(RUN_LOCK_FILE)).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,15 +95,19 @@ mod tests {
         let other = std::fs::File::create(dir.path().join(RUN_LOCK_FILE)).unwrap();
         other.lock().unwrap();
         std::fs::write(dir.path().join(RUN_LOCK_FILE), "4242").unwrap();
+        assert!(is_held(dir.path()) && holder_pid(dir.path()) == Some(4242));
         let e = RunLock::acquire(dir.path()).unwrap_err();
         assert!(matches!(e, TrainError::InUse { pid: Some(4242), .. }), "{e}");
         let msg = e.to_string();
         assert!(msg.contains("4242") && msg.contains(&dir.path().display().to_string()), "{msg}");
         drop(other);
 
+        assert!(!is_held(dir.path()), "released");
         let first = RunLock::acquire(dir.path()).unwrap();
         let pid = std::fs::read_to_string(dir.path().join(RUN_LOCK_FILE)).unwrap();
         assert_eq!(pid, std::process::id().to_string());
+        assert!(is_held(dir.path()));
+        assert_eq!(holder_pid(dir.path()), Some(std::process::id()));
         let second = RunLock::acquire(&dir.path().join(".")).unwrap(); // the same directory, spelt otherwise
         let probe = std::fs::File::open(dir.path().join(RUN_LOCK_FILE)).unwrap();
         assert!(probe.try_lock().is_err(), "held while claims remain");
@@ -97,5 +115,8 @@ mod tests {
         assert!(probe.try_lock().is_err(), "held while one claim remains");
         drop(second);
         probe.try_lock().expect("released with the last claim");
+        drop(probe);
+        assert!(!is_held(dir.path()), "released");
+        assert!(!is_held(&dir.path().join("never-claimed")));
     }
 }
