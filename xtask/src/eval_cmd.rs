@@ -81,7 +81,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let s =
             patchlm_eval::perplexity_of_split(&model, &tok, &ds, patchlm_data::Split::Val, &w, &device, None, true)?;
         out["validation"] = print_nll(("shards", "validation split"), &s, &w);
-        out["validation"]["shards"] = serde_json::json!(shards);
+        out["validation"]["shards"] = shards.to_string_lossy().into();
     }
     let mut tasks = Vec::new();
     for (name, examples) in load_tasks(&a.task)? {

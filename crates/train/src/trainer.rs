@@ -120,8 +120,14 @@ pub struct RunSummary {
     pub val_ppl: f64,
     /// Training wall time, seconds (across resumes).
     pub train_secs: f64,
-    /// The final model directory (HF format).
+    /// The final model directory (HF format); in JSON as text, a byte that is not UTF-8 as U+FFFD.
+    #[serde(serialize_with = "path_as_text")]
     pub model_dir: PathBuf,
+}
+
+/// A path as text for JSON, which holds only UTF-8 (serde refuses a path that is not).
+fn path_as_text<S: serde::Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
 }
 
 type StepHook<'a> = Box<dyn FnMut(&StepMetrics) + 'a>;

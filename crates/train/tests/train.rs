@@ -710,3 +710,25 @@ fn accumulating_micro_batches_trains_as_one_batch() {
         assert!(d <= 1e-3 * m, "{name}: final weights differ by {d} (max {m})");
     }
 }
+
+/// A run's summary serializes whatever its directory's name (`summary.json`; serde refuses a
+/// path that is not UTF-8, and xtask panicked writing it).
+#[cfg(unix)]
+#[test]
+fn a_summary_of_a_run_in_a_directory_not_named_in_utf8_serializes() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = patchlm_train::RunSummary {
+        phases: Vec::new(),
+        tokens: 1,
+        flops: 1.0,
+        relative_cost: 1.0,
+        val_loss: 1.0,
+        val_ppl: 1.0f64.exp(),
+        train_secs: 1.0,
+        model_dir: Path::new(std::ffi::OsStr::from_bytes(b"r\xe9")).join("model"),
+    };
+    let json = serde_json::to_string(&s).unwrap();
+    assert!(json.contains("\"model_dir\":\"r\u{fffd}/model\""), "{json}");
+    let back: patchlm_train::RunSummary = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.tokens, 1);
+}
