@@ -17,6 +17,17 @@ pub enum DataError {
     /// A path (an input, a tokenizer) does not exist.
     #[error("{0}: no such file or directory")]
     Missing(PathBuf),
+    /// A symbolic link (an input, or in an input folder) whose target cannot be reached.
+    #[error("{path}: a symbolic link to {}, which {reason}; fix or remove the link", target.display())]
+    BrokenLink {
+        /// The link.
+        path: PathBuf,
+        /// What it points to.
+        target: PathBuf,
+        /// Why it cannot be followed: `does not exist`, or `cannot be followed (<the operating
+        /// system's reason>)`.
+        reason: String,
+    },
     /// An input that exists but is neither a regular file nor a folder (a pipe, a device).
     #[error(
         "{0}: not a regular file or folder (a pipe or a device?); the data stage reads its inputs more than once \

@@ -166,11 +166,20 @@ impl InputKind {
 
 /// Expands the inputs: files stay as given, directories are walked recursively (sorted, hidden
 /// entries skipped, only files with a known extension: .txt .text .md .rst .jsonl .ndjson .json
-/// .parquet, each optionally compressed: .gz, .zst, .zstd).
-/// A folder in which nothing is read is an error ([`DataError::NothingInFolder`], naming what
-/// it holds).
+/// .parquet, each optionally compressed: .gz, .zst, .zstd). Links are followed, and a folder
+/// reached again within one input's walk (a link back up its tree, two links to one folder) is
+/// walked once. A folder in which nothing is read is an error ([`DataError::NothingInFolder`],
+/// naming what it holds), as is a link that leads nowhere ([`DataError::BrokenLink`]).
 pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>, passed_over: &mut Vec<PathBuf>) -> Result<()> {
+    struct Walk {
+        files: Vec<PathBuf>,
+        passed_over: Vec<PathBuf>,
+        walked: std::collections::HashSet<PathBuf>,
+    }
+    fn walk(dir: &Path, w: &mut Walk) -> Result<()> {
+        if !w.walked.insert(dir.canonicalize().map_err(io_err(dir))?) {
+            return Ok(());
+        }
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?
             .map(|e| e.map(|e| e.path()).map_err(io_err(dir)))
@@ -181,12 +190,13 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
             if hidden {
                 continue;
             }
+            check_link(&p)?;
             if p.is_dir() {
-                walk(&p, out, passed_over)?;
+                walk(&p, w)?;
             } else if InputKind::known_in_dir(&p) {
-                out.push(p);
+                w.files.push(p);
             } else {
-                passed_over.push(p);
+                w.passed_over.push(p);
             }
         }
         Ok(())
@@ -194,13 +204,18 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in inputs {
         let p = p.as_ref();
+        check_link(p)?;
         if p.is_dir() {
-            let (before, mut passed_over) = (out.len(), Vec::new());
-            walk(p, &mut out, &mut passed_over)?;
-            if out.len() == before {
-                let n = passed_over.len();
-                let names: Vec<String> =
-                    passed_over.iter().take(4).map(|f| f.strip_prefix(p).unwrap_or(f).display().to_string()).collect();
+            let mut w = Walk { files: Vec::new(), passed_over: Vec::new(), walked: Default::default() };
+            walk(p, &mut w)?;
+            if w.files.is_empty() {
+                let n = w.passed_over.len();
+                let names: Vec<String> = w
+                    .passed_over
+                    .iter()
+                    .take(4)
+                    .map(|f| f.strip_prefix(p).unwrap_or(f).display().to_string())
+                    .collect();
                 let holds = match n {
                     0 => String::new(),
                     _ if n > names.len() => format!("; it holds {} and {} more", names.join(", "), n - names.len()),
@@ -208,6 +223,7 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
                 };
                 return Err(DataError::NothingInFolder { path: p.to_path_buf(), holds });
             }
+            out.extend(w.files);
         } else if p.is_file() {
             out.push(p.to_path_buf());
         } else if std::fs::metadata(p).is_ok() {
@@ -217,6 +233,23 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+/// A symbolic link whose target cannot be reached (missing, or a chain of links that loops) is
+/// an error naming the link and its target; anything else passes.
+fn check_link(p: &Path) -> Result<()> {
+    let Ok(target) = std::fs::read_link(p) else { return Ok(()) };
+    match std::fs::metadata(p) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let reason = if e.kind() == std::io::ErrorKind::NotFound {
+                "does not exist".to_string()
+            } else {
+                format!("cannot be followed ({e})")
+            };
+            Err(DataError::BrokenLink { path: p.to_path_buf(), target, reason })
+        }
+    }
 }
 
 /// The files that occur more than once in `files` (the same name in the same folder, the folder

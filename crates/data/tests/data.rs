@@ -642,6 +642,46 @@ fn files_of(dir: &Path) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// Links in an input folder: a link back up the tree (a cycle) or a second link to a folder
+/// walked already reads its files once (the cycle was followed until the kernel's limit of 40
+/// links: a file read 41 times); a link to nothing, or to itself, is an error naming it and its
+/// target (it said "no such file or directory").
+#[cfg(unix)]
+#[test]
+fn links_in_input_folders_are_followed_once_and_broken_ones_named() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("corpus");
+    write(&c.join("sub/a.txt"), text(1, 50).as_bytes());
+    write(&c.join("b.txt"), text(2, 50).as_bytes());
+    symlink("..", c.join("sub/up")).unwrap();
+    symlink("sub", c.join("again")).unwrap();
+    let files = expand_inputs_of(&c);
+    assert_eq!(files.len(), 2, "{files:?}");
+    // Two inputs that name one folder are still read twice (repeating data can be meant; xtask
+    // warns of it).
+    assert_eq!(patchlm_data::source::expand_inputs(&[&c, &c]).unwrap().len(), 4);
+    for (link, target, says) in
+        [("gone.txt", "nowhere.txt", "which does not exist"), ("self.txt", "self.txt", "which cannot be followed (")]
+    {
+        symlink(target, c.join(link)).unwrap();
+        for input in [c.clone(), c.join(link)] {
+            let e = patchlm_data::source::expand_inputs(&[&input]).unwrap_err().to_string();
+            assert!(e.contains(&format!("{link}: a symbolic link to {target}, {says}")), "{e}");
+            assert!(e.ends_with("fix or remove the link"), "{e}");
+        }
+        std::fs::remove_file(c.join(link)).unwrap();
+    }
+    // Hidden entries are passed over, broken or not.
+    symlink("nowhere", c.join(".hidden")).unwrap();
+    assert_eq!(expand_inputs_of(&c).len(), 2);
+}
+
+#[cfg(unix)]
+fn expand_inputs_of(dir: &Path) -> Vec<PathBuf> {
+    patchlm_data::source::expand_inputs(&[dir]).unwrap()
+}
+
 /// File names need not be UTF-8 (a Latin-1 name on Linux): a folder of them builds, and their
 /// cache stamps tell them apart (it panicked serializing the path).
 #[cfg(unix)]
