@@ -158,6 +158,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let enc = tok.encode(a.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("encoding failed: {e}"))?;
     let mut ids: Vec<u32> = bos.into_iter().collect();
     ids.extend_from_slice(enc.get_ids());
+    // A prompt that cannot be continued is refused before it is printed.
+    patchlm_model::check_prompt(model.config(), &ids)?;
     // The continuation is printed as it is drawn, as the text it adds to the prompt's.
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;

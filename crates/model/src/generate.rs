@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{KvCache, Llama};
 use crate::weights::SplitMix64;
@@ -147,6 +148,22 @@ pub fn generate(
     generate_streaming(model, prompt, max_tokens, cfg, stop, device, |_| {})
 }
 
+/// Refuses a prompt that [`generate`] cannot continue: no tokens, or more than the model's
+/// context (`max_position_embeddings`) holds.
+pub fn check_prompt(model: &ModelConfig, prompt: &[u32]) -> Result<()> {
+    let limit = model.max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(ModelError::Input("the prompt has no tokens: generating needs at least one".into()));
+    }
+    if prompt.len() > limit {
+        return Err(ModelError::Input(format!(
+            "the prompt has {} tokens and the model's context holds {limit}: shorten the prompt to at most {limit} tokens",
+            prompt.len()
+        )));
+    }
+    Ok(())
+}
+
 /// [`generate`], handing each token to `on_token` as soon as it is drawn (to print a
 /// continuation as it grows); the same tokens, in the same order, as [`generate`] returns.
 pub fn generate_streaming(
@@ -159,16 +176,8 @@ pub fn generate_streaming(
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     cfg.validate()?;
+    check_prompt(model.config(), prompt)?;
     let limit = model.config().max_position_embeddings;
-    if prompt.is_empty() {
-        return Err(ModelError::Input("the prompt has no tokens: generating needs at least one".into()));
-    }
-    if prompt.len() > limit {
-        return Err(ModelError::Input(format!(
-            "the prompt has {} tokens and the model's context holds {limit}: shorten the prompt to at most {limit} tokens",
-            prompt.len()
-        )));
-    }
     let mut rng = SplitMix64(cfg.seed);
     let mut cache = KvCache::new(model.config());
     let mut out = Vec::new();

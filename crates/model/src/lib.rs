@@ -36,7 +36,8 @@ pub use candle_nn;
 pub use config::{ModelConfig, RopeScaling, PRESETS};
 pub use error::{ModelError, Result};
 pub use generate::{
-    generate, generate_streaming, log_softmax, sample, sampling_distribution, score_tokens, SamplingConfig,
+    check_prompt, generate, generate_streaming, log_softmax, sample, sampling_distribution, score_tokens,
+    SamplingConfig,
 };
 pub use host::keep_freed_memory;
 pub use llama::{KvCache, Llama, Rope};
