@@ -13,8 +13,8 @@ use patchlm_train::{read_metrics, EvalMetrics, RunConfig};
 #[derive(Args)]
 pub struct PlotArgs {
     /// Run directories (`--out` of `pretrain`), or folders holding runs (such as `runs/`, or a
-    /// compare's `--out`): each folder's runs, two levels down at most, in name order. A run
-    /// still training is drawn as far as its metrics go.
+    /// compare's `--out`): each folder's runs, at any depth, in name order. A run still training
+    /// is drawn as far as its metrics go.
     #[arg(required = true, num_args = 1..)]
     runs: Vec<PathBuf>,
     /// Where the plots (loss_vs_tokens, loss_vs_compute, loss_vs_time; PNG and SVG) and
@@ -28,7 +28,8 @@ fn is_run(dir: &Path) -> bool {
     dir.join("metrics.jsonl").is_file() && dir.join("config.toml").is_file()
 }
 
-/// The run directories `arg` names: itself, or the runs in it (two levels down at most).
+/// The run directories `arg` names: itself, or the runs anywhere below it, in name order (a run's
+/// own folders, hidden folders and a folder reached again through a link are not searched).
 fn runs_in(arg: &Path) -> Result<Vec<PathBuf>> {
     if is_run(arg) {
         return Ok(vec![arg.to_path_buf()]);
@@ -36,24 +37,29 @@ fn runs_in(arg: &Path) -> Result<Vec<PathBuf>> {
     if !arg.is_dir() {
         bail!("{}: no such run directory", arg.display());
     }
-    let subdirs = |d: &Path| -> Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+    fn search(d: &Path, found: &mut Vec<PathBuf>, seen: &mut std::collections::HashSet<PathBuf>) -> Result<()> {
+        if !seen.insert(d.canonicalize().with_context(|| format!("reading {}", d.display()))?) {
+            return Ok(());
+        }
+        let mut subdirs: Vec<PathBuf> = std::fs::read_dir(d)
             .with_context(|| format!("reading {}", d.display()))?
             .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .map(|e| e.path())
             .filter(|p| p.is_dir())
             .collect();
-        v.sort();
-        Ok(v)
-    };
-    let mut found = Vec::new();
-    for sub in subdirs(arg)? {
-        if is_run(&sub) {
-            found.push(sub);
-        } else {
-            found.extend(subdirs(&sub)?.into_iter().filter(|p| is_run(p)));
+        subdirs.sort();
+        for sub in subdirs {
+            if is_run(&sub) {
+                found.push(sub);
+            } else {
+                search(&sub, found, seen)?;
+            }
         }
+        Ok(())
     }
+    let mut found = Vec::new();
+    search(arg, &mut found, &mut Default::default())?;
     if found.is_empty() {
         bail!(
             "{} is not a run directory (no metrics.jsonl and config.toml) and holds none; give the --out of a \
