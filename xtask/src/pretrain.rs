@@ -208,7 +208,8 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     let tok_file = cfg.data.tokenizer.file.as_deref().map(patchlm_data::hub::resolve_tokenizer).transpose()?;
     // The cache key covers the settings, every input file's path, size and mtime, so edited
     // inputs are re-tokenized rather than served stale, and the tokenizer file's.
-    let stamp = |f: &Path| patchlm_data::source::file_stamp(f);
+    // By canonical path: `corpus.jsonl`, `./corpus.jsonl` and its absolute path are one input.
+    let stamp = |f: &Path| patchlm_data::source::file_stamp(&f.canonicalize().unwrap_or(f.to_path_buf()));
     let expanded = patchlm_data::source::expand_inputs(&inputs)?;
     let files: Vec<serde_json::Value> = expanded.iter().map(|f| stamp(f)).collect();
     let mut key = serde_json::json!({ "data": cfg.data, "inputs": files });
@@ -403,7 +404,12 @@ pub fn pretrain(
     // With its inputs, so that `--config <run>/config.toml` repeats the run on the same text.
     let header = "# The settings this run was made with, fully resolved (model.vocab_size from its tokenizer).\n\
                   # `cargo xtask pretrain --config <this file> --out <new dir>` repeats the run.\n";
-    let text = config_toml(header, &cfg, inputs)?;
+    // Local inputs by absolute path, so that the file repeats the run from any directory.
+    let named: Vec<PathBuf> = inputs
+        .iter()
+        .map(|p| if p.exists() { std::path::absolute(p).unwrap_or(p.clone()) } else { p.clone() })
+        .collect();
+    let text = config_toml(header, &cfg, &named)?;
     patchlm_model::weights::write_atomic(&out.join("config.toml"), text.as_bytes())?;
     let pdir = out.join("patchdata");
     // The blocks are cut again unless they were cut from these very shards with these settings.

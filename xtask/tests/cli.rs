@@ -105,7 +105,11 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let saved = std::fs::read_to_string(d.join("run/config.toml")).unwrap();
     assert!(saved.contains("lambda") && saved.contains("vocab_size = 320"), "{saved}");
     // It names its inputs and explains each key.
-    assert!(saved.contains("input = [\"tiny.jsonl\"]") && saved.contains("# Peak learning rate"), "{saved}");
+    // It names its inputs (by absolute path: it repeats the run from any directory) and explains
+    // each key.
+    let tiny = std::path::absolute(d.join("tiny.jsonl")).unwrap();
+    let named = toml::to_string(&toml::toml! { input = [(tiny.to_str().unwrap())] }).unwrap();
+    assert!(saved.contains(&named) && saved.contains("# Peak learning rate"), "{saved}");
     // Validation loss fell.
     let evals: Vec<f64> = std::fs::read_to_string(d.join("run/metrics.jsonl"))
         .unwrap()
@@ -127,10 +131,20 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // `--config` of the saved config repeats the run: the same text (so the same shards) and
     // the same settings give the same model (the saved config used to leave the inputs out, so
     // that this trained on the default corpus).
+    let weights = |r: &str| std::fs::read(d.join(r).join("model/model.safetensors")).unwrap();
     let (ok, out) = xtask(&["pretrain", "--config", "run/config.toml", "--out", "rerun", "--data-dir", "dd"], d);
     assert!(ok, "{out}");
     assert_eq!(shard_dirs(), 1);
-    let weights = |r: &str| std::fs::read(d.join(r).join("model/model.safetensors")).unwrap();
+    // From another directory too (shards are keyed by the inputs' canonical paths, so these
+    // are the same shards).
+    std::fs::create_dir(d.join("elsewhere")).unwrap();
+    let (ok, out) = xtask(
+        &["pretrain", "--config", "../run/config.toml", "--out", "../rerun2", "--data-dir", "../dd"],
+        &d.join("elsewhere"),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(shard_dirs(), 1);
+    assert!(weights("run") == weights("rerun2"), "the run repeated elsewhere trained another model");
     assert!(weights("run") == weights("rerun"), "the repeated run trained another model");
 
     // --resume on a finished run trains nothing more and reports the same model.
@@ -504,6 +518,11 @@ fn compare_end_to_end_on_a_tiny_corpus() {
         ],
         "{out}"
     );
+    // Runs are found at any depth: the compare's three (./cmp/runs/*) and the live one.
+    let (ok, all) = xtask(&["plot", ".", "--out", "pl-all"], d);
+    assert!(ok, "{all}");
+    let found: Vec<&str> = all.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| run")).collect();
+    assert_eq!(found.len(), 4, "{all}");
     // A run that a process holds (its lock taken, as a training run takes it) is training.
     let lock = std::fs::File::create(d.join("live/.lock")).unwrap();
     std::fs::write(d.join("live/.lock"), "4242").unwrap();
