@@ -49,6 +49,15 @@ pub struct EvalArgs {
     device: String,
 }
 
+/// How `--text` inputs are read: as the data stage reads them, except that a document is never
+/// cut (the data stage cuts one over `max_doc_bytes`, 8 MiB, to bound its memory): lm-eval scores
+/// each document whole, and a cut one would be two documents, each after its own BOS.
+fn text_source(a: &crate::SourceArgs) -> Result<patchlm_data::SourceConfig> {
+    let mut cfg = a.apply(Default::default())?;
+    cfg.max_doc_bytes = usize::MAX;
+    Ok(cfg)
+}
+
 /// Runs the evaluation and prints a table.
 pub fn run(a: EvalArgs) -> Result<()> {
     if a.text.is_empty() && a.task.is_empty() && a.shards.is_none() {
@@ -69,7 +78,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 dir.display()
             )
         })?;
-        let docs = patchlm_data::Documents::open(&texts, &a.source.apply(Default::default())?)?;
+        let docs = patchlm_data::Documents::open(&texts, &text_source(&a.source)?)?;
         let s = perplexity_of_texts(&model, &tok, prefix, docs, &w, &device, true)?;
         out["perplexity"] = print_nll(("text", "all inputs"), &s, &w);
     }
@@ -177,4 +186,27 @@ fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde
         "loss": s.mean_nll(), "perplexity": s.perplexity(), "bits_per_byte": s.bits_per_byte(),
         "word_perplexity": s.word_perplexity(), "context": w.context, "stride": w.stride,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text file of 9 MiB is one document to score (the data stage's cut at 8 MiB made it two,
+    /// the second after a BOS of its own, unlike lm-eval).
+    #[test]
+    fn eval_reads_a_long_document_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("book.txt");
+        let text = "All the world's a stage, and all the men and women merely players.\n".repeat(9 << 20 >> 6);
+        std::fs::write(&f, &text).unwrap();
+        let args = crate::SourceArgs::default();
+        let docs: Vec<_> =
+            patchlm_data::Documents::open(&[&f], &text_source(&args).unwrap()).unwrap().map(|d| d.unwrap()).collect();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].text.len(), text.len());
+        // The data stage's own reading cuts it.
+        let cut = patchlm_data::Documents::open(&[&f], &args.apply(Default::default()).unwrap()).unwrap().count();
+        assert_eq!(cut, 2);
+    }
 }

@@ -84,7 +84,7 @@ enum Cmd {
 }
 
 /// How text inputs are read (`data`, `eval --text`).
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub(crate) struct SourceArgs {
     /// JSONL key / Parquet column with the text (a field inside a Parquet struct: `meta.text`).
     #[arg(long)]
