@@ -401,14 +401,16 @@ fn sharded_weights_load_like_one_file() {
     assert_eq!(logits(&trainable), want);
     assert!(varmap.all_vars().iter().all(|v| v.dtype() == DType::F32));
 
-    // bf16 shards (how most hub checkpoints are stored) load into f32 master weights.
-    let bf = tempfile::tempdir().unwrap();
-    write_shards(bf.path(), DType::BF16);
-    let (trainable, _, _) = load_trainable(bf.path(), &Device::Cpu).unwrap();
-    let (rounded, _) = load_pretrained(bf.path(), &Device::Cpu, DType::F32).unwrap();
-    assert_eq!(logits(&trainable), logits(&rounded));
-    let d = logits(&trainable).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(d > 0.0 && d < 0.05, "bf16 rounding moved the logits by {d}");
+    // bf16 shards (how most hub checkpoints are stored) and f16 ones load into f32 master weights.
+    for dtype in [DType::BF16, DType::F16] {
+        let half = tempfile::tempdir().unwrap();
+        write_shards(half.path(), dtype);
+        let (trainable, _, _) = load_trainable(half.path(), &Device::Cpu).unwrap();
+        let (rounded, _) = load_pretrained(half.path(), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(logits(&trainable), logits(&rounded));
+        let d = logits(&trainable).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d > 0.0 && d < 0.05, "{dtype:?} rounding moved the logits by {d}");
+    }
 
     // A damaged shard is named by its own file (not the first), once.
     let second = dir.path().join("model-00002-of-00002.safetensors");
