@@ -139,10 +139,24 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // are the same shards).
     std::fs::create_dir(d.join("elsewhere")).unwrap();
     let (ok, out) = xtask(
-        &["pretrain", "--config", "../run/config.toml", "--out", "../rerun2", "--data-dir", "../dd"],
+        &[
+            "pretrain",
+            "--config",
+            "../run/config.toml",
+            "--out",
+            "../rerun2",
+            "--data-dir",
+            "../dd",
+            "--set",
+            "train.progress=true",
+        ],
         &d.join("elsewhere"),
     );
     assert!(ok, "{out}");
+    // With progress on and no terminal (a batch job's log), each validation is a line.
+    let evals = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().matches("\"kind\":\"eval\"").count();
+    assert_eq!(out.matches(": validation loss ").count(), evals, "{out}");
+    assert!(out.contains("patch step      0/") && out.contains("token step "), "{out}");
     assert_eq!(shard_dirs(), 1);
     assert!(weights("run") == weights("rerun2"), "the run repeated elsewhere trained another model");
     assert!(weights("run") == weights("rerun"), "the repeated run trained another model");

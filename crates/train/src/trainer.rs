@@ -215,6 +215,47 @@ fn bar(len: u64, show: bool, name: &str, k: usize) -> ProgressBar {
     pb
 }
 
+/// Status lines besides the progress bar: one at each validation (above the bar on a terminal),
+/// and where stderr is no terminal (a batch job's log, where the bar is not drawn) also a step
+/// line at least once a minute in between.
+struct Status {
+    show: bool,
+    tty: bool,
+    last: Instant,
+}
+
+impl Status {
+    /// Seconds between step lines in a log.
+    const LOG_EVERY_SECS: u64 = 60;
+
+    fn new(show: bool) -> Self {
+        use std::io::IsTerminal;
+        Self { show, tty: std::io::stderr().is_terminal(), last: Instant::now() }
+    }
+
+    fn line(&mut self, pb: Option<&ProgressBar>, text: String) {
+        if !self.show {
+            return;
+        }
+        match pb {
+            Some(pb) if self.tty => pb.println(text),
+            _ => eprintln!("{text}"),
+        }
+        self.last = Instant::now();
+    }
+
+    /// Whether a step line is due in a log.
+    fn step_due(&self) -> bool {
+        self.show && !self.tty && self.last.elapsed().as_secs() >= Self::LOG_EVERY_SECS
+    }
+}
+
+/// `h:mm:ss` (hours not wrapped: `27:00:00`).
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
 impl<'a> Trainer<'a> {
     /// A trainer for `cfg` over the patch datasets in `data_dir`, writing into `run_dir`.
     /// Everything is validated here, before any training.
@@ -421,8 +462,14 @@ impl<'a> Trainer<'a> {
         };
         let started = Instant::now();
         let base_elapsed = state.elapsed_secs;
+        let mut status = Status::new(self.cfg.train.progress);
         if state.global_step == 0 {
             let vl = self.evaluate(&model, &val)?;
+            let first = &self.plans[0];
+            status.line(
+                None,
+                format!("{:>5} step {:>6}/{} ({}): validation loss {vl:.4}", first.name, 0, first.steps, clock(0.0)),
+            );
             let ev = EvalMetrics {
                 phase: self.plans[0].name.clone(),
                 global_step: 0,
@@ -548,6 +595,25 @@ impl<'a> Trainer<'a> {
                 log(metrics_line("step", &sm)?)?;
                 pb.set_position(state.phase_step as u64);
                 pb.set_message(format!("loss {:.3} {:.0} tok/s", sm.loss, sm.tokens_per_sec));
+                let at = format!(
+                    "{:>5} step {:>6}/{} ({})",
+                    plan.name,
+                    state.phase_step,
+                    plan.steps,
+                    clock(state.elapsed_secs)
+                );
+                if status.step_due() {
+                    let left = (plan.steps - state.phase_step) as f64 * dt;
+                    status.line(
+                        Some(&pb),
+                        format!(
+                            "{at}: loss {:.4}, {:.0} tokens/s, phase eta {}",
+                            sm.loss,
+                            sm.tokens_per_sec,
+                            clock(left)
+                        ),
+                    );
+                }
                 if let Some(f) = self.on_step.as_mut() {
                     f(&sm);
                 }
@@ -565,6 +631,7 @@ impl<'a> Trainer<'a> {
                         val_ppl: vl.exp(),
                     };
                     log(metrics_line("eval", &ev)?)?;
+                    status.line(Some(&pb), format!("{at}: validation loss {vl:.4} (training loss {:.4})", sm.loss));
                     if let Some(f) = self.on_eval.as_mut() {
                         f(&ev);
                     }
