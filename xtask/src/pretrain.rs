@@ -644,7 +644,8 @@ mod tests {
         }
         std::fs::create_dir(out.join("checkpoints")).unwrap();
         check_run_dir(&out).unwrap(); // a run's
-                                      // Removed once the run holds the directory; the run's own files stay.
+
+        // Removed once the run holds the directory; the run's own files stay.
         let claim = patchlm_train::RunLock::acquire(&out).unwrap();
         remove_leftovers(&out, &claim);
         drop(claim);
