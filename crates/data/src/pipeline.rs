@@ -359,7 +359,7 @@ fn build<P: AsRef<Path>>(
     // A trained tokenizer is a function of the settings and inputs, so such a build's identity is
     // known before the tokenizer; a given one's includes its fingerprint.
     let train_ident = trained.then(|| resume::identity(cfg, &files, "train"));
-    let tok = match tok_source {
+    let mut tok = match tok_source {
         TokenizerSource::File(p) => tokenizer::load_tokenizer(p)?,
         TokenizerSource::Given(t) => *t,
         TokenizerSource::Train => match reusable_tokenizer(prior.as_ref(), out, train_ident.as_ref()) {
@@ -377,6 +377,21 @@ fn build<P: AsRef<Path>>(
         },
     };
     let tokenizer_secs = if trained { t0.elapsed().as_secs_f64() } else { 0.0 };
+    // A given tokenizer without document tokens (character- or word-level ones often have none)
+    // gets them; the shards' tokenizer.json holds them.
+    let added = tokenizer::add_missing_special_tokens(&mut tok, &cfg.tokenizer)?;
+    if progress && !added.is_empty() {
+        let list: Vec<String> = added.iter().map(|(t, id)| format!("{t} (id {id})")).collect();
+        let (what, tokens, them) = match added.len() {
+            1 => ("an end-of-document token", "a special token", "it"),
+            _ => ("document-boundary tokens", "special tokens", "them"),
+        };
+        eprintln!(
+            "note: the tokenizer has no {what}: added {} as {tokens}; the tokenizer.json beside the shards holds \
+             {them}",
+            list.join(" and ")
+        );
+    }
     let specials = tokenizer::special_tokens(&tok, &cfg.tokenizer)?;
     let vocab_size = tokenizer::vocab_size(&tok);
     let dtype = TokenDtype::for_vocab(vocab_size);
@@ -490,8 +505,18 @@ fn build<P: AsRef<Path>>(
             }
         };
         text_bytes += skipped_bytes;
-        let encoded: Result<Vec<Vec<u32>>> =
-            batch.par_iter().map(|(d, _)| tokenizer::encode_document(&ordinary, &d.text, &specials)).collect();
+        let encoded: Result<Vec<Vec<u32>>> = batch
+            .par_iter()
+            .map(|(d, _)| {
+                tokenizer::encode_document(&ordinary, &d.text, &specials).map_err(|e| {
+                    let msg = match e {
+                        DataError::Tokenizer(m) => m,
+                        e => e.to_string(),
+                    };
+                    DataError::Tokenizer(format!("{}: document {}: {msg}", d.source.display(), d.position))
+                })
+            })
+            .collect();
         let encoded = match encoded {
             Ok(e) => e,
             Err(e) => {

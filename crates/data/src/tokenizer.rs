@@ -198,13 +198,13 @@ fn find(tok: &Tokenizer, names: &[&str]) -> Option<u32> {
 /// Resolves the special tokens by the configured names, falling back to the names common HF
 /// tokenizers use (`<|endoftext|>`, `</s>`, `<s>`, ...).
 pub fn special_tokens(tok: &Tokenizer, cfg: &TokenizerConfig) -> Result<SpecialTokens> {
-    let eos = find(tok, &[&cfg.eos_token, "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]).ok_or_else(|| {
+    let eos = find(tok, &eos_names(cfg)).ok_or_else(|| {
         DataError::Tokenizer(format!(
             "the tokenizer has no end-of-document token \"{}\"; set tokenizer.eos_token to one of its special tokens",
             cfg.eos_token
         ))
     })?;
-    let bos = find(tok, &[&cfg.bos_token, "<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>"]);
+    let bos = find(tok, &bos_names(cfg));
     if cfg.add_bos && bos.is_none() {
         return Err(DataError::Tokenizer(format!(
             "the tokenizer has no beginning-of-document token \"{}\"; set tokenizer.bos_token, or tokenizer.add_bos = false",
@@ -213,6 +213,53 @@ pub fn special_tokens(tok: &Tokenizer, cfg: &TokenizerConfig) -> Result<SpecialT
     }
     let pad = find(tok, &[&cfg.pad_token, "<pad>", "<|pad|>"]);
     Ok(SpecialTokens { bos: if cfg.add_bos { bos } else { None }, eos, pad })
+}
+
+/// The names an end-of-document token goes by: the configured one, then the usual ones.
+fn eos_names(cfg: &TokenizerConfig) -> [&str; 5] {
+    [&cfg.eos_token, "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+}
+
+/// The names a beginning-of-document token goes by: the configured one, then the usual ones.
+fn bos_names(cfg: &TokenizerConfig) -> [&str; 5] {
+    [&cfg.bos_token, "<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>"]
+}
+
+/// Adds to `tok` the document tokens [`special_tokens`] needs and it lacks (a character- or
+/// word-level tokenizer often has none): `cfg.eos_token`, and with `cfg.add_bos`
+/// `cfg.bos_token`, as special tokens with the next free ids. Returns those added, with their
+/// ids; none where the tokenizer has them (by any name [`special_tokens`] knows). An added BOS
+/// also goes before a text where special tokens are asked for (a post-processor step, as a
+/// trained tokenizer's), so HF's `tokenizer(text)` frames a text as training framed documents.
+pub fn add_missing_special_tokens(tok: &mut Tokenizer, cfg: &TokenizerConfig) -> Result<Vec<(String, u32)>> {
+    let mut missing = Vec::new();
+    if find(tok, &eos_names(cfg)).is_none() {
+        missing.push(cfg.eos_token.clone());
+    }
+    if cfg.add_bos && find(tok, &bos_names(cfg)).is_none() && !missing.contains(&cfg.bos_token) {
+        missing.push(cfg.bos_token.clone());
+    }
+    let mut added = Vec::new();
+    for name in missing {
+        tok.add_special_tokens([tokenizers::AddedToken::from(name.clone(), true)])
+            .map_err(|e| DataError::Tokenizer(format!("could not add the special token \"{name}\": {e}")))?;
+        let id = tok
+            .token_to_id(&name)
+            .ok_or_else(|| DataError::Tokenizer(format!("could not add the special token \"{name}\"")))?;
+        added.push((name, id));
+    }
+    // HF's tokenizer(text) then frames a text as the documents are framed: BOS first.
+    if added.iter().any(|(n, _)| *n == cfg.bos_token) {
+        if let Some(template) = bos_template(tok, &cfg.bos_token) {
+            let template = PostProcessorWrapper::Template(template);
+            let pp = match tok.get_post_processor().cloned() {
+                None => template,
+                Some(p) => PostProcessorWrapper::Sequence(Sequence::new(vec![p, template])),
+            };
+            tok.with_post_processor(Some(pp));
+        }
+    }
+    Ok(added)
 }
 
 /// Encodes one document: BOS (if any) + tokens + EOS. All of `text` is ordinary text: the string

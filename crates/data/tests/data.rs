@@ -865,6 +865,58 @@ fn loaded_tokenizer_and_parquet_interchange() {
     assert!(e.contains("bad.json"), "{e}");
 }
 
+/// A character-level tokenizer (as nanoGPT's Shakespeare one) has no document tokens: the build
+/// adds the end- and beginning-of-document ones as special tokens after its vocabulary (it was
+/// refused, with advice that `xtask data` has no flag for), frames each document with them, and
+/// the saved tokenizer.json holds them and puts BOS first when special tokens are asked for. A
+/// text it cannot encode is named by file and document.
+#[test]
+fn a_tokenizer_without_document_tokens_gets_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = corpus(dir.path(), 60);
+    let chars: std::collections::BTreeSet<char> =
+        (0..60).flat_map(|i| text(i, 20 + (i as usize % 50)).chars().collect::<Vec<_>>()).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        chars.iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+    let char_level = |vocab: &serde_json::Map<String, serde_json::Value>| {
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": false},
+            "post_processor": null, "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        })
+        .to_string()
+    };
+    let tok_file = dir.path().join("char.json");
+    write(&tok_file, char_level(&vocab).as_bytes());
+    let out = dir.path().join("s");
+    build_shards(&[&c], &out, &small_cfg(), TokenizerSource::File(&tok_file), false).unwrap();
+    let n = chars.len() as u32;
+    let m = Manifest::load(&out).unwrap();
+    assert_eq!((m.special_tokens.eos, m.special_tokens.bos, m.vocab_size), (n, Some(n + 1), n as usize + 2));
+    let ds = Dataset::open(&out).unwrap();
+    let train = ds.split(Split::Train);
+    let all = train.tokens(0, train.len()).unwrap();
+    assert_eq!(all.first(), Some(&(n + 1)));
+    assert_eq!(all.last(), Some(&n));
+    let saved = Tokenizer::from_file(out.join(TOKENIZER_FILE)).unwrap();
+    assert_eq!((saved.token_to_id("<|eos|>"), saved.token_to_id("<|bos|>")), (Some(n), Some(n + 1)));
+    let word = WORDS[0];
+    let enc = saved.encode(word, true).unwrap();
+    assert_eq!(enc.get_ids()[0], n + 1, "BOS first");
+    assert_eq!(saved.decode(&enc.get_ids()[1..], true).unwrap(), word);
+    // A character missing from the vocabulary (and no unknown token): file and document named.
+    let mut short = vocab.clone();
+    short.remove(&word[..1]);
+    write(&tok_file, char_level(&short).as_bytes());
+    let e = build_shards(&[&c], &dir.path().join("t"), &small_cfg(), TokenizerSource::File(&tok_file), false)
+        .err()
+        .unwrap()
+        .to_string();
+    // (Which of the documents that fail is told depends on the threads' timing.)
+    assert!(e.contains(".jsonl: document ") && e.contains(": encoding failed: "), "{e}");
+}
+
 /// Over `max_train_bytes`, the tokenizer trains on every input file in proportion to its size,
 /// not on the first files alone: with two sources of different words, the first larger than the
 /// whole budget, the second's words still become tokens.
