@@ -73,42 +73,80 @@ pub fn perplexity_of_texts(
     progress: bool,
 ) -> Result<NllSum> {
     let mut total = NllSum::default();
-    let pb = progress_bar(None, progress, "text");
+    let mut pb = Progress::new(None, progress, "text");
     for doc in docs {
         let doc = doc?;
         let mut ids = vec![prefix];
         // As lm-eval's HF tokenizer encodes it: a special token's string in the text is that token.
         ids.extend(tok.encode(doc.text.as_str(), false).map_err(|e| EvalError::Tokenizer(e.to_string()))?.get_ids());
         total.add(&score_document(model, &ids, &doc.text, windows, device)?);
-        scored(&pb, &total);
+        scored(&mut pb, &total);
     }
     pb.finish_and_clear();
     Ok(total)
 }
 
 /// A progress line for `len` items (documents, questions), or a count where the length is not
-/// known beforehand; hidden without `show` (and, as indicatif does, where stderr is no terminal).
-pub(crate) fn progress_bar(len: Option<u64>, show: bool, prefix: &str) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressStyle};
-    if !show {
-        return ProgressBar::hidden();
+/// known beforehand; hidden without `show`. Where stderr is no terminal (a batch job's log, where
+/// indicatif draws nothing), a line at most once a minute says how far the work is instead.
+pub(crate) struct Progress {
+    pb: indicatif::ProgressBar,
+    log: bool,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    /// Seconds between lines in a log.
+    const LOG_EVERY_SECS: u64 = 60;
+
+    pub(crate) fn new(len: Option<u64>, show: bool, prefix: &str) -> Self {
+        use indicatif::{ProgressBar, ProgressStyle};
+        use std::io::IsTerminal;
+        let (pb, template) = match len {
+            _ if !show => (ProgressBar::hidden(), ""),
+            Some(n) => {
+                (ProgressBar::new(n), "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len}, eta {eta}  {msg}")
+            }
+            None => (ProgressBar::new_spinner(), "{prefix:>12} [{elapsed_precise}] {spinner} {pos} documents, {msg}"),
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            pb.set_style(style);
+        }
+        pb.set_prefix(prefix.to_string());
+        Self { pb, log: show && !std::io::stderr().is_terminal(), last: std::time::Instant::now() }
     }
-    let (pb, template) = match len {
-        Some(n) => (ProgressBar::new(n), "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len}, eta {eta}  {msg}"),
-        None => (ProgressBar::new_spinner(), "{prefix:>12} [{elapsed_precise}] {spinner} {pos} documents, {msg}"),
-    };
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        pb.set_style(style);
+
+    /// One more item done, with the message to show beside the count.
+    pub(crate) fn inc(&mut self, msg: Option<String>) {
+        self.pb.inc(1);
+        if let Some(m) = msg {
+            self.pb.set_message(m);
+        }
+        if self.log && self.last.elapsed().as_secs() >= Self::LOG_EVERY_SECS {
+            self.last = std::time::Instant::now();
+            let (pos, msg) = (self.pb.position(), self.pb.message());
+            let sep = if msg.is_empty() { "" } else { ", " };
+            match self.pb.length() {
+                Some(n) => eprintln!(
+                    "{}: {pos}/{n} ({:.0}%){sep}{msg}, eta {}",
+                    self.pb.prefix(),
+                    100.0 * pos as f64 / n.max(1) as f64,
+                    indicatif::HumanDuration(self.pb.eta())
+                ),
+                None => eprintln!("{}: {pos} documents{sep}{msg}", self.pb.prefix()),
+            }
+        }
     }
-    pb.set_prefix(prefix.to_string());
-    pb
+
+    pub(crate) fn finish_and_clear(&self) {
+        self.pb.finish_and_clear();
+    }
 }
 
 /// Moves a perplexity progress line on by one document.
-fn scored(pb: &indicatif::ProgressBar, total: &NllSum) {
-    pb.inc(1);
-    let secs = pb.elapsed().as_secs_f64().max(1e-9);
-    pb.set_message(format!("{} tokens, {:.0} tokens/s", total.tokens, total.tokens as f64 / secs));
+fn scored(pb: &mut Progress, total: &NllSum) {
+    let secs = pb.pb.elapsed().as_secs_f64().max(1e-9);
+    pb.inc(Some(format!("{} tokens, {:.0} tokens/s", total.tokens, total.tokens as f64 / secs)));
 }
 
 /// Perplexity, bits per byte and word perplexity of one split of the data crate's shards (e.g.
@@ -130,12 +168,12 @@ pub fn perplexity_of_split(
     let mut total = NllSum::default();
     let stream = ds.split(split);
     let n = stream.num_documents().min(max_documents.map_or(u64::MAX, |m| m as u64));
-    let pb = progress_bar(Some(n), progress, "shards");
+    let mut pb = Progress::new(Some(n), progress, "shards");
     for i in 0..n {
         let ids = stream.document(i)?.to_vec();
         let text = tok.decode(&ids, true).map_err(|e| EvalError::Tokenizer(e.to_string()))?;
         total.add(&score_document(model, &ids, &text, windows, device)?);
-        scored(&pb, &total);
+        scored(&mut pb, &total);
     }
     pb.finish_and_clear();
     Ok(total)

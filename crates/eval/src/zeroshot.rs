@@ -478,7 +478,7 @@ pub fn score_task(
     device: &Device,
     progress: bool,
 ) -> Result<TaskResult> {
-    let pb = crate::progress_bar(Some(examples.len() as u64), progress, name);
+    let mut pb = crate::Progress::new(Some(examples.len() as u64), progress, name);
     let (mut credits, mut credits_norm) = (Vec::with_capacity(examples.len()), Vec::with_capacity(examples.len()));
     let mut samples = Vec::with_capacity(examples.len());
     for e in examples {
@@ -490,7 +490,7 @@ pub fn score_task(
         credits.push(e.credit(a));
         credits_norm.push(e.credit(an));
         samples.push(Sample { gold: e.gold, loglikelihoods: lls, lengths: lens, scores: e.scores.clone() });
-        pb.inc(1);
+        pb.inc(None);
     }
     pb.finish_and_clear();
     let n = examples.len();
