@@ -140,6 +140,8 @@ struct TrainingSample<'a> {
     next: usize,
     taken: u64,
     seen: u64,
+    /// Whether the sample has been read to its end.
+    done: bool,
     err: Option<DataError>,
 }
 
@@ -147,7 +149,7 @@ impl<'a> TrainingSample<'a> {
     fn new(files: &'a [std::path::PathBuf], source: &'a SourceConfig, limit: u64, pb: &'a Bar) -> Self {
         let sizes: Vec<u64> = files.iter().map(|f| f.metadata().map_or(0, |m| m.len())).collect();
         let total = sizes.iter().sum();
-        Self { files, source, sizes, total, limit, pb, docs: None, next: 0, taken: 0, seen: 0, err: None }
+        Self { files, source, sizes, total, limit, pb, docs: None, next: 0, taken: 0, seen: 0, done: false, err: None }
     }
 
     /// The bytes of text file `i` may give.
@@ -166,7 +168,7 @@ impl Iterator for TrainingSample<'_> {
     fn next(&mut self) -> Option<String> {
         while self.seen < self.limit && self.err.is_none() {
             if self.docs.is_none() {
-                let f = self.files.get(self.next)?;
+                let Some(f) = self.files.get(self.next) else { break };
                 match Documents::open(std::slice::from_ref(f), self.source) {
                     Ok(d) => self.docs = Some(d),
                     Err(e) => self.err = Some(e),
@@ -192,6 +194,11 @@ impl Iterator for TrainingSample<'_> {
                 Some(Ok(_)) | None => self.docs = None,
                 Some(Err(e)) => self.err = Some(e),
             }
+        }
+        if !self.done {
+            // The trainer has every text now; the merges take a while on a large sample.
+            self.done = true;
+            self.pb.stage(&format!("bpe merges from {}", indicatif::BinaryBytes(self.seen)));
         }
         None
     }
@@ -239,6 +246,14 @@ impl Bar {
                 indicatif::BinaryBytes(self.pb.per_sec() as u64),
                 indicatif::HumanDuration(self.pb.eta())
             );
+        }
+    }
+
+    /// Names the work now going on (in a log, as a line of its own).
+    fn stage(&self, msg: &str) {
+        self.pb.set_message(msg.to_string());
+        if self.log {
+            eprintln!("{msg}");
         }
     }
 
