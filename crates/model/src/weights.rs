@@ -182,19 +182,27 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Config(format!("safetensors: {e}")))
 }
 
-/// Writes `bytes` to `path` atomically (temp file `<path>.tmp`, fsync, rename). A write that
-/// fails (a full disk) removes its temp file and leaves any earlier file at `path` as it was.
+/// Writes `bytes` to `path` atomically (temp file `<path>.tmp`, fsync, rename, fsync of the
+/// directory). A write that fails (a full disk) removes its temp file and leaves any earlier file
+/// at `path` as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let written = (|| {
+    let written = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the directory is synced.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
     })();
     written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
