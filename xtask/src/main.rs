@@ -200,9 +200,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let input = patchlm_data::hub::resolve_inputs(&input)?;
             warn_repeated(&patchlm_data::source::expand_inputs(&input)?);
+            let trained = tok_file.is_none().then_some(&cfg.tokenizer);
             let s = patchlm_data::build_shards(&input, &out, &cfg, src, true)
                 .with_context(|| format!("building shards into {}", out.display()))?;
-            print_data_summary(&s, &out);
+            print_data_summary(&s, &out, trained);
         }
         Cmd::Score(a) => model_cmds::score(a)?,
         Cmd::Generate(a) => model_cmds::generate(a)?,
@@ -232,12 +233,24 @@ pub(crate) fn warn_repeated(files: &[std::path::PathBuf]) {
     }
 }
 
-pub(crate) fn print_data_summary(s: &patchlm_data::BuildSummary, out: &std::path::Path) {
+/// Prints what a data build made; `trained`: the settings the tokenizer was trained with, if it
+/// was (a vocabulary smaller than asked is said to be).
+pub(crate) fn print_data_summary(
+    s: &patchlm_data::BuildSummary,
+    out: &std::path::Path,
+    trained: Option<&patchlm_data::tokenizer::TokenizerConfig>,
+) {
     println!("shards in {}", out.display());
     println!("  documents      {} ({} validation)", s.documents, s.val_documents);
     println!("  tokens         {} (train {}, validation {})", s.tokens, s.train_tokens, s.val_tokens);
     println!("  text           {:.2} MB, {:.3} tokens/byte", s.bytes as f64 / 1e6, s.tokens_per_byte());
-    println!("  vocabulary     {}", s.vocab_size);
+    match trained {
+        Some(t) if s.vocab_size < t.vocab_size => println!(
+            "  vocabulary     {} (of {} asked: the text has no more pairs of tokens occurring at least {} times to merge)",
+            s.vocab_size, t.vocab_size, t.min_frequency
+        ),
+        _ => println!("  vocabulary     {}", s.vocab_size),
+    }
     if s.skipped_empty > 0 {
         println!("  skipped        {} empty documents", s.skipped_empty);
     }

@@ -235,7 +235,7 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     crate::warn_repeated(&expanded);
     let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, src, true)
         .with_context(|| format!("building shards into {}", shards.display()))?;
-    crate::print_data_summary(&s, &shards);
+    crate::print_data_summary(&s, &shards, tok_file.is_none().then_some(&cfg.data.tokenizer));
     Ok(shards)
 }
 

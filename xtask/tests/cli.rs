@@ -49,6 +49,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         let args = ["data", "--input", "one.txt", "--out", &out_dir, "--vocab-size", "320", "--val-fraction", vf];
         let (ok, out) = xtask(&args, d);
         assert!(ok && out.contains(want), "{out}");
+        // Four words hold few pairs to merge: the vocabulary falls short of the size asked, said so.
+        assert!(out.contains("(of 320 asked: the text has no more pairs"), "{out}");
     }
 
     // Settings wrong on their own are refused before the data stage (which can take hours on a
