@@ -233,10 +233,12 @@ impl Status {
         Self { show, tty: std::io::stderr().is_terminal(), last: Instant::now() }
     }
 
-    fn line(&mut self, pb: Option<&ProgressBar>, text: String) {
+    /// Prints `text()`, formatted only when lines are shown.
+    fn line(&mut self, pb: Option<&ProgressBar>, text: impl FnOnce() -> String) {
         if !self.show {
             return;
         }
+        let text = text();
         match pb {
             Some(pb) if self.tty => pb.println(text),
             _ => eprintln!("{text}"),
@@ -248,6 +250,11 @@ impl Status {
     fn step_due(&self) -> bool {
         self.show && !self.tty && self.last.elapsed().as_secs() >= Self::LOG_EVERY_SECS
     }
+}
+
+/// Where a status line stands: `patch step     10/65 (0:00:06)`.
+fn step_at(phase: &str, step: usize, steps: usize, secs: f64) -> String {
+    format!("{phase:>5} step {step:>6}/{steps} ({})", clock(secs))
 }
 
 /// `h:mm:ss` (hours not wrapped: `27:00:00`).
@@ -466,10 +473,7 @@ impl<'a> Trainer<'a> {
         if state.global_step == 0 {
             let vl = self.evaluate(&model, &val)?;
             let first = &self.plans[0];
-            status.line(
-                None,
-                format!("{:>5} step {:>6}/{} ({}): validation loss {vl:.4}", first.name, 0, first.steps, clock(0.0)),
-            );
+            status.line(None, || format!("{}: validation loss {vl:.4}", step_at(&first.name, 0, first.steps, 0.0)));
             let ev = EvalMetrics {
                 phase: self.plans[0].name.clone(),
                 global_step: 0,
@@ -595,24 +599,18 @@ impl<'a> Trainer<'a> {
                 log(metrics_line("step", &sm)?)?;
                 pb.set_position(state.phase_step as u64);
                 pb.set_message(format!("loss {:.3} {:.0} tok/s", sm.loss, sm.tokens_per_sec));
-                let at = format!(
-                    "{:>5} step {:>6}/{} ({})",
-                    plan.name,
-                    state.phase_step,
-                    plan.steps,
-                    clock(state.elapsed_secs)
-                );
+                let at = || step_at(&plan.name, state.phase_step, plan.steps, state.elapsed_secs);
                 if status.step_due() {
                     let left = (plan.steps - state.phase_step) as f64 * dt;
-                    status.line(
-                        Some(&pb),
+                    status.line(Some(&pb), || {
                         format!(
-                            "{at}: loss {:.4}, {:.0} tokens/s, phase eta {}",
+                            "{}: loss {:.4}, {:.0} tokens/s, phase eta {}",
+                            at(),
                             sm.loss,
                             sm.tokens_per_sec,
                             clock(left)
-                        ),
-                    );
+                        )
+                    });
                 }
                 if let Some(f) = self.on_step.as_mut() {
                     f(&sm);
@@ -631,7 +629,9 @@ impl<'a> Trainer<'a> {
                         val_ppl: vl.exp(),
                     };
                     log(metrics_line("eval", &ev)?)?;
-                    status.line(Some(&pb), format!("{at}: validation loss {vl:.4} (training loss {:.4})", sm.loss));
+                    status.line(Some(&pb), || {
+                        format!("{}: validation loss {vl:.4} (training loss {:.4})", at(), sm.loss)
+                    });
                     if let Some(f) = self.on_eval.as_mut() {
                         f(&ev);
                     }
