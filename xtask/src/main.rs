@@ -19,7 +19,9 @@ mod pretrain;
     name = "cargo xtask",
     bin_name = "cargo xtask",
     about = "patchlm: patch-level pretraining pipelines",
-    version
+    version,
+    after_help = "Where stderr is no terminal (a batch job's log), long work prints a line each minute \
+                  instead of a progress bar; PATCHLM_LOG_SECS sets the seconds (0: at every step)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -159,6 +161,8 @@ fn error_report(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Checked once here, where it can stop the run; the libraries read it at each progress bar.
+    patchlm_data::progress::log_interval()?;
     // Large tensors freed each step are reused instead of mapped and zero-filled afresh.
     patchlm_model::keep_freed_memory();
     match cli.cmd {

@@ -7,7 +7,17 @@ use std::path::Path;
 use std::process::Command;
 
 fn xtask(args: &[&str], cwd: &Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).current_dir(cwd).output().unwrap();
+    xtask_env(args, cwd, None)
+}
+
+/// `xtask` with `PATCHLM_LOG_SECS` (progress lines in a log) set to `log_secs`, or unset.
+fn xtask_env(args: &[&str], cwd: &Path, log_secs: Option<&str>) -> (bool, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    c.args(args).current_dir(cwd).env_remove("PATCHLM_LOG_SECS");
+    if let Some(secs) = log_secs {
+        c.env("PATCHLM_LOG_SECS", secs);
+    }
+    let out = c.output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
@@ -38,6 +48,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["data", "--input", "tiny.jsonl", "--out", "shards", "--vocab-size", "320"], d);
     assert!(ok, "{out}");
     assert!(out.contains("documents      600"), "{out}");
+    // Stderr is no terminal here (as in a batch job's log): no bar, and no line within a minute.
+    assert!(!out.contains("tokenize: "), "{out}");
     // A file named twice is read twice, with a warning.
     let args = ["data", "--input", "tiny.jsonl", "./tiny.jsonl", "--out", "twice", "--vocab-size", "320"];
     let (ok, out) = xtask(&args, d);
@@ -322,6 +334,32 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--temperature=-1"], d);
     // Refused before the prompt is printed: the error is all there is.
     assert!(!ok && out.starts_with("Error: temperature -1 is out of range"), "{out}");
+
+    // In a batch job's log long work says how far it is each PATCHLM_LOG_SECS seconds (0: at
+    // every step), each stage in its own words; a value that is not seconds is refused up front.
+    let args = ["data", "--input", "tiny.jsonl", "--out", "logged", "--vocab-size", "320"];
+    let (ok, out) = xtask_env(&args, d, Some("0"));
+    assert!(ok, "{out}");
+    for line in ["bpe train: ", "bpe merges from ", "tokenize: "] {
+        assert!(out.lines().any(|l| l.starts_with(line) && (line.contains("merges") || l.contains("%), "))), "{out}");
+    }
+    let args = ["pretrain", "--config", "run.toml", "--input", "tiny.jsonl", "--out", "run-logged", "--data-dir", "dd"];
+    let (ok, out) = xtask_env(&[&args[..], &["--set", "train.progress=true"]].concat(), d, Some("0"));
+    assert!(ok, "{out}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("run-logged/summary.json")).unwrap()).unwrap();
+    for phase in summary["summary"]["phases"].as_array().unwrap() {
+        let (name, steps) = (phase["name"].as_str().unwrap(), phase["steps"].as_u64().unwrap());
+        // A line at every step.
+        let lines =
+            out.lines().filter(|l| l.trim_start().starts_with(&format!("{name} step")) && l.contains("phase eta"));
+        assert_eq!(lines.count() as u64, steps, "{name}: {out}");
+    }
+    let args = ["eval", "--model", "run/model", "--text", "paras.txt", "--sample-by", "paragraph", "--stride", "3"];
+    let (ok, out) = xtask_env(&args, d, Some("0"));
+    assert!(ok && (1..=3).all(|n| out.contains(&format!("text: {n} documents, "))), "{out}");
+    let (ok, out) = xtask_env(&args, d, Some("soon"));
+    assert!(!ok && out.contains("PATCHLM_LOG_SECS=\"soon\" is not a number of seconds"), "{out}");
 }
 
 /// SIGTERM (a scheduler preempting the job) or Ctrl-C while a run trains stops it after the step

@@ -658,7 +658,7 @@ impl Hub {
         f: &mut File,
         part: &Path,
         from: u64,
-        pb: &indicatif::ProgressBar,
+        pb: &crate::progress::ByteBar,
     ) -> std::result::Result<(), Fetch> {
         let resp = self.get(url, from).map_err(|e| Fetch::Unreachable(e.to_string()))?;
         let status = resp.status().as_u16();
@@ -695,19 +695,13 @@ impl Hub {
         }
     }
 
-    fn bar(&self, size: Option<u64>, target: &str) -> indicatif::ProgressBar {
-        if !self.opts.progress {
-            return indicatif::ProgressBar::hidden();
-        }
-        let pb = indicatif::ProgressBar::new(size.unwrap_or(0));
-        let style =
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .map(|s| s.progress_chars("=> "));
-        if let Ok(s) = style {
-            pb.set_style(s);
-        }
-        pb.set_message(format!("downloading {target}"));
-        pb
+    fn bar(&self, size: Option<u64>, target: &str) -> crate::progress::ByteBar {
+        crate::progress::ByteBar::with_template(
+            size.unwrap_or(0),
+            self.opts.progress,
+            &format!("downloading {target}"),
+            "{msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
     }
 
     /// The files of `repo` at its revision under the folder `under` (`""`: the whole

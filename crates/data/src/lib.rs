@@ -50,6 +50,7 @@ pub mod error;
 pub mod hub;
 pub mod parquet_io;
 pub mod pipeline;
+pub mod progress;
 pub mod reader;
 mod resume;
 pub mod shard;

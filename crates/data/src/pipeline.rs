@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::progress::ByteBar;
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
@@ -134,7 +134,7 @@ struct TrainingSample<'a> {
     sizes: Vec<u64>,
     total: u64,
     limit: u64,
-    pb: &'a Bar,
+    pb: &'a ByteBar,
     /// The open file (the `next - 1`-th), and the bytes taken from it.
     docs: Option<Documents>,
     next: usize,
@@ -146,7 +146,7 @@ struct TrainingSample<'a> {
 }
 
 impl<'a> TrainingSample<'a> {
-    fn new(files: &'a [std::path::PathBuf], source: &'a SourceConfig, limit: u64, pb: &'a Bar) -> Self {
+    fn new(files: &'a [std::path::PathBuf], source: &'a SourceConfig, limit: u64, pb: &'a ByteBar) -> Self {
         let sizes: Vec<u64> = files.iter().map(|f| f.metadata().map_or(0, |m| m.len())).collect();
         let total = sizes.iter().sum();
         Self { files, source, sizes, total, limit, pb, docs: None, next: 0, taken: 0, seen: 0, done: false, err: None }
@@ -201,64 +201,6 @@ impl Iterator for TrainingSample<'_> {
             self.pb.stage(&format!("bpe merges from {}", indicatif::BinaryBytes(self.seen)));
         }
         None
-    }
-}
-
-/// A progress bar on stderr, or where stderr is no terminal (a batch job's log, where indicatif
-/// draws nothing) a line at most once a minute saying how far the work is.
-struct Bar {
-    pb: ProgressBar,
-    log: bool,
-    last: std::sync::Mutex<Instant>,
-}
-
-impl Bar {
-    /// Seconds between lines in a log.
-    const LOG_EVERY_SECS: u64 = 60;
-
-    fn new(total: u64, show: bool, msg: &str) -> Self {
-        use std::io::IsTerminal;
-        let pb = if show { ProgressBar::new(total) } else { ProgressBar::hidden() };
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg:>10} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
-        ) {
-            pb.set_style(style);
-        }
-        pb.set_message(msg.to_string());
-        Self { pb, log: show && !std::io::stderr().is_terminal(), last: std::sync::Mutex::new(Instant::now()) }
-    }
-
-    fn set_position(&self, pos: u64) {
-        self.pb.set_position(pos);
-        if !self.log {
-            return;
-        }
-        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if last.elapsed().as_secs() >= Self::LOG_EVERY_SECS {
-            *last = Instant::now();
-            let len = self.pb.length().unwrap_or(0);
-            eprintln!(
-                "{}: {} of {} ({:.0}%), {}/s, eta {}",
-                self.pb.message(),
-                indicatif::BinaryBytes(pos),
-                indicatif::BinaryBytes(len),
-                100.0 * pos as f64 / len.max(1) as f64,
-                indicatif::BinaryBytes(self.pb.per_sec() as u64),
-                indicatif::HumanDuration(self.pb.eta())
-            );
-        }
-    }
-
-    /// Names the work now going on (in a log, as a line of its own).
-    fn stage(&self, msg: &str) {
-        self.pb.set_message(msg.to_string());
-        if self.log {
-            eprintln!("{msg}");
-        }
-    }
-
-    fn finish_and_clear(&self) {
-        self.pb.finish_and_clear();
     }
 }
 
@@ -380,7 +322,7 @@ fn build<P: AsRef<Path>>(
         TokenizerSource::Train => match reusable_tokenizer(prior.as_ref(), out, train_ident.as_ref()) {
             Some(t) => t,
             None => {
-                let pb = Bar::new(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
+                let pb = ByteBar::new(in_bytes.min(cfg.tokenizer.max_train_bytes), progress, "bpe train");
                 let mut sample = TrainingSample::new(&files, &cfg.source, cfg.tokenizer.max_train_bytes, &pb);
                 let t = tokenizer::train_bpe(sample.by_ref(), &cfg.tokenizer);
                 pb.finish_and_clear();
@@ -457,7 +399,7 @@ fn build<P: AsRef<Path>>(
     // kept shards already hold (counted in bytes, for the progress bar); this thread tokenizes
     // each batch on all cores and writes it in order, so the output does not depend on
     // scheduling.
-    let pb = Bar::new(in_bytes, progress, "tokenize");
+    let pb = ByteBar::new(in_bytes, progress, "tokenize");
     type Batch = (Vec<(Document, Split)>, u64);
     let (tx, rx) = sync_channel::<Result<Batch>>(2);
     let inputs_owned: Vec<std::path::PathBuf> = inputs.iter().map(|p| p.as_ref().to_path_buf()).collect();

@@ -88,20 +88,16 @@ pub fn perplexity_of_texts(
 
 /// A progress line for `len` items (documents, questions), or a count where the length is not
 /// known beforehand; hidden without `show`. Where stderr is no terminal (a batch job's log, where
-/// indicatif draws nothing), a line at most once a minute says how far the work is instead.
+/// indicatif draws nothing), a line at most once a minute ([`patchlm_data::progress`]) says how
+/// far the work is instead.
 pub(crate) struct Progress {
     pb: indicatif::ProgressBar,
-    log: bool,
-    last: std::time::Instant,
+    log: patchlm_data::progress::LogClock,
 }
 
 impl Progress {
-    /// Seconds between lines in a log.
-    const LOG_EVERY_SECS: u64 = 60;
-
     pub(crate) fn new(len: Option<u64>, show: bool, prefix: &str) -> Self {
         use indicatif::{ProgressBar, ProgressStyle};
-        use std::io::IsTerminal;
         let (pb, template) = match len {
             _ if !show => (ProgressBar::hidden(), ""),
             Some(n) => {
@@ -113,7 +109,7 @@ impl Progress {
             pb.set_style(style);
         }
         pb.set_prefix(prefix.to_string());
-        Self { pb, log: show && !std::io::stderr().is_terminal(), last: std::time::Instant::now() }
+        Self { pb, log: patchlm_data::progress::LogClock::for_stderr(show) }
     }
 
     /// One more item done, with the message to show beside the count.
@@ -122,8 +118,7 @@ impl Progress {
         if let Some(m) = msg {
             self.pb.set_message(m);
         }
-        if self.log && self.last.elapsed().as_secs() >= Self::LOG_EVERY_SECS {
-            self.last = std::time::Instant::now();
+        if self.log.strike() {
             let (pos, msg) = (self.pb.position(), self.pb.message());
             let sep = if msg.is_empty() { "" } else { ", " };
             match self.pb.length() {

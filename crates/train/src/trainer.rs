@@ -217,20 +217,17 @@ fn bar(len: u64, show: bool, name: &str, k: usize) -> ProgressBar {
 
 /// Status lines besides the progress bar: one at each validation (above the bar on a terminal),
 /// and where stderr is no terminal (a batch job's log, where the bar is not drawn) also a step
-/// line at least once a minute in between.
+/// line at least once a minute ([`patchlm_data::progress`]) in between.
 struct Status {
     show: bool,
     tty: bool,
-    last: Instant,
+    log: patchlm_data::progress::LogClock,
 }
 
 impl Status {
-    /// Seconds between step lines in a log.
-    const LOG_EVERY_SECS: u64 = 60;
-
     fn new(show: bool) -> Self {
         use std::io::IsTerminal;
-        Self { show, tty: std::io::stderr().is_terminal(), last: Instant::now() }
+        Self { show, tty: std::io::stderr().is_terminal(), log: patchlm_data::progress::LogClock::for_stderr(show) }
     }
 
     /// Prints `text()`, formatted only when lines are shown.
@@ -243,12 +240,12 @@ impl Status {
             Some(pb) if self.tty => pb.println(text),
             _ => eprintln!("{text}"),
         }
-        self.last = Instant::now();
+        self.log.restart();
     }
 
-    /// Whether a step line is due in a log.
+    /// Whether a step line is due in a log (the interval then starts again).
     fn step_due(&self) -> bool {
-        self.show && !self.tty && self.last.elapsed().as_secs() >= Self::LOG_EVERY_SECS
+        self.log.strike()
     }
 }
 
