@@ -101,11 +101,21 @@ fn models_tokenizers_and_datasets_come_from_the_hub() {
     let snap = Path::new(&cache).join("models--org--tiny/snapshots").join(fake_hub::COMMIT);
     assert!(snap.join("model.safetensors").is_file() && !snap.join("pytorch_model.bin").exists());
 
-    // data: the dataset's data folder with the model repository's tokenizer.
+    // data: the dataset's data folder with the model repository's tokenizer; with progress bars
+    // on, in a log (stderr is no terminal here) each download says how far it is, each
+    // PATCHLM_LOG_SECS seconds.
     let args = ["data", "--input", "hf://datasets/org/corpus/data", "--tokenizer", "org/tiny", "--out", "shards"];
-    let (ok, out) = xtask(&args, d, &env);
+    let mut logged: Vec<(&str, String)> =
+        env.iter().filter(|(k, _)| *k != "HF_HUB_DISABLE_PROGRESS_BARS").cloned().collect();
+    logged.push(("PATCHLM_LOG_SECS", "0".into()));
+    let (ok, out) = xtask(&args, d, &logged);
     assert!(ok, "{out}");
     assert!(out.contains("documents      600") && out.contains("2 files"), "{out}");
+    for f in ["train-0.jsonl", "train-1.jsonl"] {
+        let size = indicatif::BinaryBytes(if f == "train-0.jsonl" { part0.len() } else { part1.len() } as u64);
+        let line = format!("downloading datasets/org/corpus@{}/data/{f}: {size} of {size} (100%)", fake_hub::COMMIT);
+        assert!(out.contains(&line), "no line {line:?} in {out}");
+    }
     assert_eq!(std::fs::read_to_string(d.join("shards/tokenizer.json")).unwrap(), tok_json);
 
     // eval on one file of the dataset.
