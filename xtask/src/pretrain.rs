@@ -218,13 +218,11 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     if let Some(t) = &tok_file {
         key["tokenizer"] = stamp(t);
     }
-    let hash = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.to_string().hash(&mut h);
-        h.finish()
-    };
-    let shards = data_dir.join(format!("shards-{hash:016x}"));
+    // SHA-256, not std's hasher, whose output may change with the Rust release that builds it
+    // (a new toolchain would have tokenized the corpus again).
+    let digest = patchlm_data::shard::sha256_bytes(key.to_string().as_bytes());
+    let hash = digest.trim_start_matches("sha256:").get(..16).unwrap_or("0");
+    let shards = data_dir.join(format!("shards-{hash}"));
     if Manifest::load(&shards).is_ok() {
         return Ok(shards);
     }
