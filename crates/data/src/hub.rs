@@ -669,7 +669,6 @@ impl Hub {
             200 => {
                 f.set_len(0).map_err(io)?;
                 f.seek(SeekFrom::Start(0)).map_err(io)?;
-                pb.set_position(0);
             }
             416 => return Ok(()),
             s if s >= 500 => return Err(Fetch::Unreachable(format!("HTTP {s}"))),
