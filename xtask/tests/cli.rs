@@ -357,7 +357,10 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     }
     let args = ["eval", "--model", "run/model", "--text", "paras.txt", "--sample-by", "paragraph", "--stride", "3"];
     let (ok, out) = xtask_env(&args, d, Some("0"));
-    assert!(ok && (1..=3).all(|n| out.contains(&format!("text: {n} documents, "))), "{out}");
+    assert!(
+        ok && ["1 document,", "2 documents,", "3 documents,"].iter().all(|n| out.contains(&format!("text: {n} "))),
+        "{out}"
+    );
     let (ok, out) = xtask_env(&args, d, Some("soon"));
     assert!(!ok && out.contains("PATCHLM_LOG_SECS=\"soon\" is not a number of seconds"), "{out}");
 }

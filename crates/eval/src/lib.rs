@@ -128,7 +128,10 @@ impl Progress {
                     100.0 * pos as f64 / n.max(1) as f64,
                     indicatif::HumanDuration(self.pb.eta())
                 ),
-                None => eprintln!("{}: {pos} documents{sep}{msg}", self.pb.prefix()),
+                None => {
+                    let unit = if pos == 1 { "document" } else { "documents" };
+                    eprintln!("{}: {pos} {unit}{sep}{msg}", self.pb.prefix())
+                }
             }
         }
     }
