@@ -87,7 +87,7 @@ impl LogClock {
 }
 
 /// A progress bar on stderr, or where stderr is no terminal (a batch job's log, where indicatif
-/// draws nothing) a line at most once a minute ([`LogClock`]) saying how far the work is.
+/// draws nothing) a line at most once an interval ([`LogClock`]) saying how far the work is.
 pub(crate) struct ByteBar {
     pb: ProgressBar,
     log: LogClock,
@@ -116,24 +116,38 @@ impl ByteBar {
 
     /// `n` more bytes done.
     pub(crate) fn inc(&self, n: u64) {
-        self.set_position(self.pb.position() + n);
+        self.pb.inc(n);
+        self.log_line();
     }
 
     /// `pos` bytes done.
     pub(crate) fn set_position(&self, pos: u64) {
         self.pb.set_position(pos);
+        self.log_line();
+    }
+
+    fn log_line(&self) {
         if self.log.strike() {
-            let len = self.pb.length().unwrap_or(0);
-            eprintln!(
-                "{}: {} of {} ({:.0}%), {}/s, eta {}",
-                self.pb.message(),
-                indicatif::BinaryBytes(pos),
-                indicatif::BinaryBytes(len),
-                100.0 * pos as f64 / len.max(1) as f64,
-                indicatif::BinaryBytes(self.pb.per_sec() as u64),
-                indicatif::HumanDuration(self.pb.eta())
-            );
+            eprintln!("{}", self.line());
         }
+    }
+
+    /// Where the work stands: `tokenize: 1.50 MiB of 6.16 MiB (24%), 3.00 MiB/s, eta 2 seconds`,
+    /// or without a total (a download whose size was not announced) the bytes so far.
+    fn line(&self) -> String {
+        let (pos, len) = (self.pb.position(), self.pb.length().unwrap_or(0));
+        let rate = indicatif::BinaryBytes(self.pb.per_sec() as u64);
+        if len == 0 {
+            return format!("{}: {} so far, {rate}/s", self.pb.message(), indicatif::BinaryBytes(pos));
+        }
+        format!(
+            "{}: {} of {} ({:.0}%), {rate}/s, eta {}",
+            self.pb.message(),
+            indicatif::BinaryBytes(pos),
+            indicatif::BinaryBytes(len),
+            100.0 * pos as f64 / len as f64,
+            indicatif::HumanDuration(self.pb.eta())
+        )
     }
 
     /// Names the work now going on (in a log, as a line of its own).
@@ -173,6 +187,21 @@ mod tests {
         clock.restart();
         let t1 = *clock.last.lock().unwrap();
         assert!(t1 >= t0 && !clock.strike_at(t1 + Duration::from_secs(59)) && clock.strike_at(t1 + minute));
+    }
+
+    #[test]
+    fn a_byte_bar_line_says_how_far_with_or_without_a_total() {
+        // Shown (a hidden bar keeps no total); stderr is no terminal under the test harness, so
+        // nothing is drawn, and no line is due within a minute.
+        let bar = ByteBar::new(4 << 20, true, "tokenize");
+        bar.set_position(1 << 20);
+        let line = bar.line();
+        assert!(line.starts_with("tokenize: 1.00 MiB of 4.00 MiB (25%), ") && line.contains("/s, eta "), "{line}");
+        let unsized_download = ByteBar::new(0, true, "downloading x");
+        unsized_download.inc(3 << 10);
+        unsized_download.inc(1 << 10);
+        let line = unsized_download.line();
+        assert!(line.starts_with("downloading x: 4.00 KiB so far, ") && !line.contains('%'), "{line}");
     }
 
     #[test]

@@ -88,8 +88,8 @@ pub fn perplexity_of_texts(
 
 /// A progress line for `len` items (documents, questions), or a count where the length is not
 /// known beforehand; hidden without `show`. Where stderr is no terminal (a batch job's log, where
-/// indicatif draws nothing), a line at most once a minute ([`patchlm_data::progress`]) says how
-/// far the work is instead.
+/// indicatif draws nothing), a line at most each `PATCHLM_LOG_SECS` (a minute;
+/// [`patchlm_data::progress`]) says how far the work is instead.
 pub(crate) struct Progress {
     pb: indicatif::ProgressBar,
     log: patchlm_data::progress::LogClock,

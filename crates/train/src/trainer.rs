@@ -217,7 +217,7 @@ fn bar(len: u64, show: bool, name: &str, k: usize) -> ProgressBar {
 
 /// Status lines besides the progress bar: one at each validation (above the bar on a terminal),
 /// and where stderr is no terminal (a batch job's log, where the bar is not drawn) also a step
-/// line at least once a minute ([`patchlm_data::progress`]) in between.
+/// line each `PATCHLM_LOG_SECS` (a minute; [`patchlm_data::progress`]) in between.
 struct Status {
     show: bool,
     tty: bool,
