@@ -112,11 +112,14 @@ impl Progress {
         Self { pb, log: patchlm_data::progress::LogClock::for_stderr(show) }
     }
 
-    /// One more item done, with the message to show beside the count.
-    pub(crate) fn inc(&mut self, msg: Option<String>) {
+    /// One more item done, with the message to show beside the count (made only where a bar
+    /// or a log line shows it).
+    pub(crate) fn inc(&mut self, msg: impl FnOnce() -> Option<String>) {
         self.pb.inc(1);
-        if let Some(m) = msg {
-            self.pb.set_message(m);
+        if !self.pb.is_hidden() || self.log.is_on() {
+            if let Some(m) = msg() {
+                self.pb.set_message(m);
+            }
         }
         if self.log.strike() {
             let (pos, msg) = (self.pb.position(), self.pb.message());
@@ -143,8 +146,11 @@ impl Progress {
 
 /// Moves a perplexity progress line on by one document.
 fn scored(pb: &mut Progress, total: &NllSum) {
-    let secs = pb.pb.elapsed().as_secs_f64().max(1e-9);
-    pb.inc(Some(format!("{} tokens, {:.0} tokens/s", total.tokens, total.tokens as f64 / secs)));
+    let elapsed = pb.pb.elapsed();
+    pb.inc(|| {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        Some(format!("{} tokens, {:.0} tokens/s", total.tokens, total.tokens as f64 / secs))
+    });
 }
 
 /// Perplexity, bits per byte and word perplexity of one split of the data crate's shards (e.g.

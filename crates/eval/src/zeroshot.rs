@@ -490,7 +490,7 @@ pub fn score_task(
         credits.push(e.credit(a));
         credits_norm.push(e.credit(an));
         samples.push(Sample { gold: e.gold, loglikelihoods: lls, lengths: lens, scores: e.scores.clone() });
-        pb.inc(None);
+        pb.inc(|| None);
     }
     pb.finish_and_clear();
     let n = examples.len();
