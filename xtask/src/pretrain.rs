@@ -223,7 +223,9 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     let digest = patchlm_data::shard::sha256_bytes(key.to_string().as_bytes());
     let hash = digest.trim_start_matches("sha256:").get(..16).unwrap_or("0");
     let shards = data_dir.join(format!("shards-{hash}"));
-    if Manifest::load(&shards).is_ok() {
+    // Shards an earlier revision of the data crate made are made again (in place: the build
+    // sees its identity changed and starts over).
+    if Manifest::load(&shards).is_ok_and(|m| m.is_current()) {
         return Ok(shards);
     }
     let src = match &tok_file {

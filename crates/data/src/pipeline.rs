@@ -537,6 +537,7 @@ fn build<P: AsRef<Path>>(
     let manifest = Manifest {
         format: "patchlm-shards".into(),
         format_version: crate::shard::FORMAT_VERSION,
+        build_revision: crate::shard::BUILD_REVISION,
         tokenizer_fingerprint: fingerprint,
         vocab_size,
         dtype,

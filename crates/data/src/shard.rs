@@ -16,6 +16,14 @@ use crate::tokenizer::SpecialTokens;
 
 /// Version of the shard + manifest format written by this crate.
 pub const FORMAT_VERSION: u32 = 1;
+/// Revision of what a build makes of given inputs and settings: the documents read from them,
+/// the tokenizer trained on them, their ids and their split. Raised whenever a change to this
+/// crate (or to the `tokenizers` it builds with) would make other shards of the same inputs, so
+/// that shards an earlier revision made are made again (by `build_shards`, and by `pretrain`'s
+/// shard cache) instead of being reused. It is not the file format ([`FORMAT_VERSION`]): shards
+/// of every revision read the same. The test `a_build_makes_what_its_revision_made` pins what
+/// this revision makes of a fixed corpus, so a change it did not announce fails there.
+pub const BUILD_REVISION: u32 = 1;
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
 /// The tokenizer's file name beside the shards.
@@ -113,6 +121,10 @@ pub struct Manifest {
     pub format: String,
     /// [`FORMAT_VERSION`] of the writer.
     pub format_version: u32,
+    /// [`BUILD_REVISION`] of the build that made the shards (1 in manifests written before it
+    /// was recorded, by builds that made what revision 1 makes).
+    #[serde(default = "first_revision")]
+    pub build_revision: u32,
     /// `sha256:<hex>` of the tokenizer's canonical serialization.
     pub tokenizer_fingerprint: String,
     /// One past the largest token id.
@@ -131,7 +143,18 @@ pub struct Manifest {
     pub shards: Vec<ShardInfo>,
 }
 
+fn first_revision() -> u32 {
+    1
+}
+
 impl Manifest {
+    /// Whether a build of this crate's [`BUILD_REVISION`] would make these shards again from the
+    /// same inputs and settings (false: an earlier revision made them, so a cache should not
+    /// reuse them).
+    pub fn is_current(&self) -> bool {
+        self.build_revision == BUILD_REVISION
+    }
+
     /// Reads and validates `dir/manifest.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);

@@ -607,6 +607,7 @@ fn reader_ranges_cross_shard_and_batch_boundaries() {
     let manifest = Manifest {
         format: "patchlm-shards".into(),
         format_version: patchlm_data::shard::FORMAT_VERSION,
+        build_revision: patchlm_data::shard::BUILD_REVISION,
         tokenizer_fingerprint: "sha256:x".into(),
         vocab_size: 1 << 20,
         dtype: TokenDtype::Uint32,
@@ -727,6 +728,29 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
     assert_eq!(s.resumed_shards, m.shards.len());
     assert_eq!(files_of(&whole), want);
+    // Made by an earlier revision of the build (as if this crate had since changed what it makes
+    // of these inputs): made again, not kept, though the inputs and settings are the same.
+    assert!(m.is_current());
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(whole.join(name)).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(whole.join(name), serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    edit(BUILD_FILE, &|v| {
+        v["identity"]["build_revision"] = 0.into();
+        v["identity_sha256"] = patchlm_data::shard::sha256_bytes(v["identity"].to_string().as_bytes()).into();
+    });
+    edit("manifest.json", &|v| v["build_revision"] = 0.into());
+    assert!(!Manifest::load(&whole).unwrap().is_current());
+    let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, 0, "shards of an earlier build revision were kept");
+    assert!(Manifest::load(&whole).unwrap().is_current());
+    assert_eq!(files_of(&whole), want);
+    // A manifest from before the revision was recorded is revision 1's.
+    edit("manifest.json", &|v| {
+        v.as_object_mut().unwrap().remove("build_revision");
+    });
+    assert_eq!(Manifest::load(&whole).unwrap().build_revision, 1);
 
     // Stopped after three shards, as if killed: a journal, no manifest. A kill also leaves the
     // temp file of the shard being written.
@@ -1136,4 +1160,47 @@ fn a_llama_tokenizer_frames_documents_as_sentencepiece() {
     rows.sort();
     want_rows.sort();
     assert_eq!(rows, want_rows);
+}
+
+/// A change detector, not a correctness test (the tokenizer is checked against Python
+/// `tokenizers`, the readers against `json` and pyarrow, by `scripts/`): what this revision of
+/// the build ([`patchlm_data::shard::BUILD_REVISION`]) makes of a fixed corpus, read from each
+/// kind of input, pinned by its digest. Caches (pretrain's shards, a rerun of `xtask data`)
+/// reuse shards made by the same revision, so a change to what a build makes (to the readers,
+/// the tokenizer's training or encoding, the split, or a `tokenizers` update) must raise
+/// `BUILD_REVISION`, and then update the digest here.
+#[test]
+fn a_build_makes_what_its_revision_made() {
+    const REVISION_1: &str = "sha256:ae7598237c8095c92c8e7333cc144ebb7d68610cc6d23816ecb408b97eed9c10";
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("corpus");
+    let docs: Vec<String> = (0..120).map(|i| text(7000 + i, 30 + (i as usize * 7) % 90)).collect();
+    let mut plain = BOM.to_vec();
+    plain.extend(docs[0].replace('\n', "\r\n").as_bytes());
+    write(&c.join("a.txt"), &plain);
+    write(&c.join("b.jsonl"), &jsonl(&docs[1..40], "text"));
+    write(&c.join("c.jsonl.gz"), &gz(&jsonl(&docs[40..80], "text")));
+    let rest: Vec<Option<String>> = docs[80..].iter().map(|d| Some(format!("<|eos|> {d}\t\u{a0}"))).collect();
+    write(&c.join("d.parquet"), &parquet(&rest, "text"));
+    let out = dir.path().join("s");
+    let s = build_shards(&[&c], &out, &small_cfg(), TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.documents, 120);
+
+    let tok: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(TOKENIZER_FILE)).unwrap()).unwrap();
+    let added: Vec<_> = tok["added_tokens"].as_array().unwrap().iter().map(|t| (&t["id"], &t["content"])).collect();
+    let mut made = format!("{}\n{}\n{:?}\n", tok["model"]["vocab"], tok["model"]["merges"], added);
+    let ds = Dataset::open(&out).unwrap();
+    for split in [Split::Train, Split::Val] {
+        for doc in ds.split(split).documents() {
+            made += &format!("{split:?} {:?}\n", doc.to_vec());
+        }
+    }
+    let digest = patchlm_data::shard::sha256_bytes(made.as_bytes());
+    assert_eq!(
+        digest,
+        REVISION_1,
+        "a build no longer makes what build revision {} made of these inputs: if that is meant, raise \
+         patchlm_data::shard::BUILD_REVISION (so caches make their shards again) and pin this digest",
+        patchlm_data::shard::BUILD_REVISION
+    );
 }
