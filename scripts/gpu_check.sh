@@ -2,7 +2,7 @@
 # One device call: the CUDA kernels' math against the CPU path, training-step throughput side by
 # side with PyTorch on the same GPU, and a bf16 GPU run against the CPU/f32 loss curve.
 # Prepare here (no GPU needed):
-#   source <cuda toolchain env>          # CUDA 13.0 nvcc + libs (see README)
+#   source <cuda toolchain env>          # CUDA 13.0 nvcc + libs (see docs/gpu.md)
 #   cargo build --release -p xtask --features cuda --target-dir target-cuda
 #   cargo test --release -p patchlm-model --features cuda --target-dir target-cuda --test cuda --no-run
 #   cargo xtask pretrain --config scripts/gpu_track.toml --out runs/track-cpu   # CPU f32 reference

@@ -3,7 +3,7 @@
 # each module compiled to PTX exactly as crates/model/build.rs does (-O3 -std=c++17
 # --use_fast_math), then assembled by ptxas for the GPU it targets (fused.cu and flash.cu for
 # sm_90, hopper.cu for sm_90a; an H100/H200 JIT-compiles the same PTX). No GPU needed, only
-# nvcc and ptxas on PATH, as the `cuda` feature's build needs them (README: GPU).
+# nvcc and ptxas on PATH, as the `cuda` feature's build needs them (docs/gpu.md).
 #
 #   bash scripts/kernel_regs.sh [MODULE] [FILTER]   e.g. bash scripts/kernel_regs.sh hopper flash_wg
 #

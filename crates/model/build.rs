@@ -43,7 +43,7 @@ fn main() {
             Ok(s) if s.success() => {}
             Ok(s) => panic!("nvcc failed on kernels/{name}.cu ({s}); see the messages above"),
             Err(e) => panic!(
-                "the cuda feature needs nvcc ({}: {e}); put it on PATH or set NVCC / CUDA_ROOT (see README)",
+                "the cuda feature needs nvcc ({}: {e}); put it on PATH or set NVCC / CUDA_ROOT (see docs/gpu.md)",
                 nvcc.display()
             ),
         }

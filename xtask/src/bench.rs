@@ -82,7 +82,7 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         reps: usize,
         /// Kernel variants to time one after the other in this process, each as
-        /// WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA (the switches of README's GPU table, 0 or 1; WGMMA 2:
+        /// WIDE:WIDE_BWD:DQ_ATOMIC:OCC4:WGMMA (the switches of the table in docs/gpu.md, 0 or 1; WGMMA 2:
         /// the wgmma kernels with q in registers), comma-separated; each row then names its
         /// variant as "config". Without it, one row under the environment's switches.
         #[arg(long, value_delimiter = ',')]
@@ -449,7 +449,7 @@ fn bench_model_once(b: &ModelBench, fused: bool) -> Result<Vec<serde_json::Value
                 "attention": if flash { "flash" } else { "softmax" },
                 "backward": if patchlm_model::tape_supported(&device) { "tape" } else { "autograd" },
                 "parts_step_ms": parts_ms, "fwd_enqueue_ms": enq_ms, "fwd_ms": fwd_ms, "bwd_enqueue_ms": bwd_enq_ms, "bwd_ms": bwd_ms, "opt_ms": opt_ms,
-                // The switchable kernel families this run used (README: GPU): what ran, not only
+                // The switchable kernel families this run used (docs/gpu.md): what ran, not only
                 // what was asked for (see ops::FlashRuns).
                 "optin": {
                     "layout": device.is_cuda() && patchlm_model::ops::layout_ops_supported(&device),

@@ -503,7 +503,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
             };
             if !candle_core::utils::cuda_is_available() {
                 return Err(ModelError::Device(format!(
-                    "\"{s}\" needs a build with the cuda feature (`--features cuda`: `cargo xtask-cuda`, see README)"
+                    "\"{s}\" needs a build with the cuda feature (`--features cuda`: `cargo xtask-cuda`, see docs/gpu.md)"
                 )));
             }
             candle_core::cuda::set_gemm_reduced_precision_f32(true);

@@ -165,7 +165,7 @@ pub fn flash_wgmma_runs(device: &candle_core::Device, dtype: DType, hd: usize) -
 }
 
 /// Which of flash attention's switchable kernel variants a step runs on a device for a dtype and
-/// head size (README: GPU): what runs, not only what the switches ask for, read from the plans
+/// head size (docs/gpu.md): what runs, not only what the switches ask for, read from the plans
 /// the launcher itself makes (the wgmma kernels need a Hopper; where they run, the four-block dq
 /// and a wide one pass do not; the one pass has no dq pass to run at four blocks). All false off
 /// CUDA. For reports of what ran.
