@@ -31,7 +31,13 @@ fn tape_matches_autograd(cfg: &ModelConfig, seed: u64) {
     };
     assert_eq!(names.len(), named_tensors(&varmap).unwrap().len());
     assert_eq!(names.contains_key("lm_head.weight"), !cfg.tie_word_embeddings);
-    for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-2)] {
+    // Bounds relative to the largest gradient and to the loss. On x86 the bf16 losses agree to
+    // the last bit. On aarch64 candle's NEON bf16 add and multiply (the autograd side's residual
+    // adds and scalings) truncate where the tape's fused kernels and candle's x86 kernels round to
+    // nearest (candle 0.11): a bias that moved the bf16 loss by up to 1.9e-5 of itself and the
+    // gradients by up to 2.5% of the largest (under qemu-aarch64; on x86 at most 1.5%).
+    let (bf16_tol, bf16_loss_tol) = if cfg!(target_arch = "aarch64") { (4e-2, 1e-4) } else { (2e-2, 1e-6) };
+    for (dtype, tol, loss_tol) in [(DType::F32, 2e-5f32, 1e-6f32), (DType::BF16, bf16_tol, bf16_loss_tol)] {
         let m = model.clone().with_compute_dtype(dtype);
         // Softmax attention in one block and in three uneven blocks of query rows, then flash.
         for (flash, chunks) in [(false, 1), (false, 3), (true, 1)] {
@@ -45,7 +51,7 @@ fn tape_matches_autograd(cfg: &ModelConfig, seed: u64) {
                 let want = (&want_loss * 0.75).unwrap().backward().unwrap();
                 let (loss, grads) = patch_loss_and_grads(&m, &ids, k, 0.75).unwrap();
                 let (a, b) = (loss.to_scalar::<f32>().unwrap(), want_loss.to_scalar::<f32>().unwrap());
-                assert!((a - b).abs() <= 1e-6 * b.abs(), "{what}: loss {a} vs {b}");
+                assert!((a - b).abs() <= loss_tol * b.abs(), "{what}: loss {a} vs {b}");
                 assert_eq!(grads.len(), names.len(), "{what}: one gradient per parameter");
                 for (name, var) in &names {
                     let got = grads.get(name).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
