@@ -174,6 +174,32 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert_eq!(shard_dirs(), 1);
     assert!(weights("run") == weights("rerun2"), "the run repeated elsewhere trained another model");
     assert!(weights("run") == weights("rerun"), "the repeated run trained another model");
+    // Shards an earlier revision of the data stage made (as after an update that changed what
+    // it makes of these inputs) are made again in place, not reused: here the same shards again.
+    let cached = std::fs::read_dir(d.join("dd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
+        .unwrap();
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(cached.join(name)).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(cached.join(name), serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    edit("manifest.json", &|v| v["build_revision"] = 0.into());
+    edit("build.json", &|v| {
+        v["identity"]["build_revision"] = 0.into();
+        v["identity_sha256"] = patchlm_data::shard::sha256_bytes(v["identity"].to_string().as_bytes()).into();
+    });
+    let (ok, out) = xtask(&["pretrain", "--config", "run/config.toml", "--out", "rerun3", "--data-dir", "dd"], d);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("shards in {}", std::path::Path::new("dd").join(cached.file_name().unwrap()).display())),
+        "{out}"
+    );
+    assert!(patchlm_data::Manifest::load(&cached).unwrap().is_current());
+    assert_eq!(shard_dirs(), 1);
+    assert!(weights("run") == weights("rerun3"), "the shards made again trained another model");
 
     // --resume on a finished run trains nothing more and reports the same model.
     let mut resume = args.to_vec();
