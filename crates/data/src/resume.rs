@@ -64,14 +64,15 @@ impl Journal {
     }
 
     /// What an interrupted build left (its journal), or else what a finished build wrote: its
-    /// identity (`build.json`) with the shards its manifest lists.
+    /// identity (`build.json`) with the shards its manifest lists, if this build revision made
+    /// them.
     pub fn find(dir: &Path) -> Option<Self> {
         if let Some(j) = Self::load(dir, PROGRESS_FILE) {
             return Some(j);
         }
         let done = Self::load(dir, BUILD_FILE)?;
         let m = crate::shard::Manifest::load(dir).ok()?;
-        (m.shards == done.shards && m.tokenizer_fingerprint == done.tokenizer_fingerprint)
+        (m.is_current() && m.shards == done.shards && m.tokenizer_fingerprint == done.tokenizer_fingerprint)
             .then_some(Self { finished: true, ..done })
     }
 

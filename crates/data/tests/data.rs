@@ -751,6 +751,12 @@ fn interrupted_builds_resume_to_the_same_bytes() {
         v.as_object_mut().unwrap().remove("build_revision");
     });
     assert_eq!(Manifest::load(&whole).unwrap().build_revision, 1);
+    // A manifest of an earlier revision beside a current build.json (edited by hand): made
+    // again too.
+    edit("manifest.json", &|v| v["build_revision"] = 0.into());
+    let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, 0, "shards under an earlier revision's manifest were kept");
+    assert!(Manifest::load(&whole).unwrap().is_current());
 
     // Stopped after three shards, as if killed: a journal, no manifest. A kill also leaves the
     // temp file of the shard being written.
