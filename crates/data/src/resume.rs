@@ -36,11 +36,16 @@ pub(crate) struct Journal {
     pub finished: bool,
 }
 
-/// A build's identity: the data settings, the input files (path, size, mtime), where the
-/// tokenizer came from (`train`, or the fingerprint of the one given) and the revision of the
-/// build ([`crate::shard::BUILD_REVISION`]: a build by another revision starts over).
+/// A build's identity: the data settings, the input files (canonical path, size, mtime), where
+/// the tokenizer came from (`train`, or the fingerprint of the one given) and the revision of the
+/// build ([`crate::shard::BUILD_REVISION`]: a build by another revision starts over). By
+/// canonical path, so that a build resumes whichever way its inputs are spelled (`corpus`,
+/// `./corpus`, an absolute path, a link to it).
 pub(crate) fn identity(config: &impl serde::Serialize, files: &[PathBuf], tokenizer: &str) -> serde_json::Value {
-    let stamps: Vec<serde_json::Value> = files.iter().map(|f| crate::source::file_stamp(f)).collect();
+    let stamps: Vec<serde_json::Value> = files
+        .iter()
+        .map(|f| crate::source::file_stamp(&f.canonicalize().unwrap_or_else(|_| f.to_path_buf())))
+        .collect();
     serde_json::json!({
         "format_version": crate::shard::FORMAT_VERSION,
         "build_revision": crate::shard::BUILD_REVISION,

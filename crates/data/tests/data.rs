@@ -764,7 +764,17 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     assert!(build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 3).unwrap().is_none());
     assert!(out.join(PROGRESS_FILE).is_file() && !out.join("manifest.json").exists());
     write(&out.join("train-00003.arrow.4242-7.tmp"), b"half a shard");
-    let s = build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    // The inputs spelled another way (the same folder through `.` and a link to it) are the
+    // same inputs.
+    #[cfg(unix)]
+    let spelled = {
+        let link = dir.path().join("link-to-corpus");
+        std::os::unix::fs::symlink(&c, &link).unwrap();
+        link.join(".")
+    };
+    #[cfg(not(unix))]
+    let spelled = c.join(".");
+    let s = build_shards(&[&spelled], &out, &cfg, TokenizerSource::Train, false).unwrap();
     assert_eq!(s.resumed_shards, 3);
     assert_eq!(files_of(&out), want, "a resumed build writes what an uninterrupted one does");
 
