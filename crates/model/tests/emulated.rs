@@ -8,7 +8,10 @@
 //! instructions are themselves checked against the documented fragment layouts.
 //!
 //! Needs a C++17 compiler (`CXX`, else `c++`); the harness is built once per source version under
-//! the target directory.
+//! the target directory. With `PATCHLM_EMU_SANITIZE=1` (CI sets it) the harness is built with
+//! AddressSanitizer and UndefinedBehaviorSanitizer, any report fatal: a kernel that reads or
+//! writes past a `__shared__` array (a static here) or past a buffer's guard zones, or does
+//! something C++ leaves undefined (an out-of-range shift, a misaligned access), then fails its test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,14 +41,27 @@ const SOURCES: [&str; 11] = [
     "emu/probes.cu",
 ];
 
-/// The harness executable, compiled on first use (and reused while the sources are unchanged).
+/// Whether the harness runs under the sanitizers (`PATCHLM_EMU_SANITIZE=1`).
+fn sanitized() -> bool {
+    std::env::var("PATCHLM_EMU_SANITIZE").is_ok_and(|v| v == "1")
+}
+
+/// The compiler flags that build the harness under AddressSanitizer and
+/// UndefinedBehaviorSanitizer, every report fatal.
+const SANITIZE_FLAGS: [&str; 4] =
+    ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"];
+
+/// The harness executable, compiled on first use (and reused while the sources and flags are
+/// unchanged).
 fn harness() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| {
+        let flags: &[&str] = if sanitized() { &SANITIZE_FLAGS } else { &[] };
         let mut hash = 0xcbf2_9ce4_8422_2325u64;
-        for f in SOURCES {
-            let bytes = std::fs::read(Path::new(KERNELS).join(f)).unwrap();
-            for b in bytes.iter().chain(f.as_bytes()) {
+        let named = SOURCES.iter().map(|f| (std::fs::read(Path::new(KERNELS).join(f)).unwrap(), f.as_bytes()));
+        let flagged = flags.iter().map(|f| (Vec::new(), f.as_bytes()));
+        for (bytes, name) in named.chain(flagged) {
+            for b in bytes.iter().chain(name) {
                 hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
             }
         }
@@ -56,7 +72,9 @@ fn harness() -> &'static Path {
             let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
             let tmp = dir.join(format!("harness-{hash:016x}.{}", std::process::id()));
             let out = Command::new(&cxx)
-                .args(["-std=c++17", "-O2", "-fno-strict-aliasing", "-w", "-I"])
+                .args(["-std=c++17", "-O2", "-fno-strict-aliasing", "-w"])
+                .args(flags)
+                .arg("-I")
                 .arg(Path::new(KERNELS).join("emu"))
                 .arg("-o")
                 .arg(&tmp)
@@ -204,6 +222,10 @@ fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -
     let (grid, block) = (geometry.grid, geometry.block);
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(harness());
+    if sanitized() {
+        // The harness frees its buffers only at exit: leaks are not what is looked for here.
+        cmd.env("ASAN_OPTIONS", "detect_leaks=0");
+    }
     if MN_SWAPPED.with(|c| c.get()) {
         cmd.env("EMU_WGMMA_MN_SWAP", "1");
     }
@@ -1523,6 +1545,28 @@ fn emulated_wgmma_probe_matches_the_documented_layout() {
             }
         }
     }
+}
+
+/// The sanitizers see into the kernels: under `PATCHLM_EMU_SANITIZE=1` a read one past a
+/// `__shared__` array fails the launch with a sanitizer's report. In bounds, the probe
+/// copies its input (with or without the sanitizers).
+#[test]
+fn emulated_reads_past_shared_memory_fail_under_the_sanitizers() {
+    let input: Vec<f32> = (0..32).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let buf = A::Buf(input.iter().flat_map(|x| x.to_le_bytes()).collect());
+    let warp = Launch { grid: (1, 1, 1), block: (32, 1, 1) };
+    let mut args = [buf.clone(), out(32, DType::F32), A::I(0)];
+    emulate("probe_shared_shift", warp, &mut args);
+    let A::Buf(got) = &args[1] else { unreachable!() };
+    assert_eq!(f32s(got), input);
+    if !sanitized() {
+        return;
+    }
+    let args = [buf, out(32, DType::F32), A::I(1)];
+    let run = std::panic::catch_unwind(|| run_harness("probe_shared_shift", warp, &args, Schedule::Sweep));
+    let msg = run.expect_err("a read past shared memory went unreported").downcast::<String>().unwrap();
+    // UndefinedBehaviorSanitizer's object-size check or AddressSanitizer, whichever sees it first.
+    assert!(msg.contains("runtime error: load of address") || msg.contains("global-buffer-overflow"), "{msg}");
 }
 
 /// The emulator's mma.sync m16n8k16 and ldmatrix.x4 (the wrappers flash.cu's kernels call), one

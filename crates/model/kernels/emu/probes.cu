@@ -51,3 +51,16 @@ extern "C" __global__ void probe_ldmatrix_x2(const uint16_t* m, uint32_t* out) {
     out[2 * l] = r[0];
     out[2 * l + 1] = r[1];
 }
+
+// Stages 32 floats in shared memory and reads them back `shift` places on, through a pointer as
+// the kernels address shared memory (where no array bound is in sight): with shift 1 the last
+// lane reads one past the array, which PATCHLM_EMU_SANITIZE's AddressSanitizer must report
+// (tests/emulated.rs checks that the sanitizer sees into the kernels).
+extern "C" __global__ void probe_shared_shift(const float* in, float* out, int shift) {
+    __shared__ float s[32];
+    const int l = threadIdx.x;
+    s[l] = in[l];
+    __syncthreads();
+    const float* row = s + shift;
+    out[l] = row[l];
+}
