@@ -107,10 +107,17 @@ fn only_the_data_crate_reaches_the_network() {
             }
         }
     }
-    // And there only behind the `hub` feature.
+    // And there only behind the `hub` feature, in the `hub` module.
     let data = &members()["patchlm-data"];
     let ureq = &data.manifest["dependencies"]["ureq"];
     assert_eq!(ureq.get("optional").and_then(|v| v.as_bool()), Some(true), "ureq must stay optional (the hub feature)");
+    for entry in std::fs::read_dir(data.dir.join("src")).unwrap() {
+        let path = entry.unwrap().path();
+        let code = std::fs::read_to_string(&path).unwrap_or_default();
+        if names(&code, "ureq") {
+            assert!(path.ends_with("src/hub.rs"), "{} uses ureq: network I/O lives in data::hub", path.display());
+        }
+    }
 }
 
 #[test]
