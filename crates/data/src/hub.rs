@@ -32,8 +32,11 @@ use crate::error::{io_err, DataError, Result};
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The revision used when none is given.
 pub const DEFAULT_REVISION: &str = "main";
-/// How many times an interrupted download is resumed before giving up.
+/// How many times a request is tried again after a transient failure (an interrupted download,
+/// HTTP 429 or 5xx) before giving up.
 pub const DEFAULT_RETRIES: usize = 3;
+/// The longest wait between tries, in seconds: a `Retry-After` that asks for more waits this long.
+pub const MAX_RETRY_WAIT_SECS: u64 = 300;
 /// Seconds to wait for a connection or for the next bytes of a response.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
 /// The largest JSON listing read from the hub's API.
@@ -232,7 +235,9 @@ pub struct HubOptions {
     pub offline: bool,
     /// Show progress bars for downloads.
     pub progress: bool,
-    /// How many times an interrupted download is resumed ([`DEFAULT_RETRIES`]).
+    /// How many times a request is tried again after a transient failure: a download cut off
+    /// (resumed where it stopped), or the hub or its CDN answering HTTP 429 (rate limited) or
+    /// 5xx ([`DEFAULT_RETRIES`]).
     pub retries: usize,
     /// Connection and read timeout in seconds ([`DEFAULT_TIMEOUT_SECS`]).
     pub timeout_secs: u64,
@@ -326,6 +331,30 @@ enum Fetch {
     Unreachable(String),
     /// The hub answered, and the answer is final.
     Refused(DataError),
+}
+
+/// Whether an HTTP status says to try again later: rate limited (429) or a server failure (5xx).
+fn is_transient(status: u16) -> bool {
+    status == 429 || status >= 500
+}
+
+/// How long to wait before try `attempt` + 1 (`attempt` counts from 1): what the server's
+/// `Retry-After` asks (whole seconds; at most [`MAX_RETRY_WAIT_SECS`]), else 0.5 s doubled each
+/// try up to 16 s. (`Retry-After` as an HTTP date is not read: the doubling applies.)
+fn retry_wait(attempt: usize, retry_after: Option<&str>) -> Duration {
+    match retry_after.and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(secs) => Duration::from_secs(secs.min(MAX_RETRY_WAIT_SECS)),
+        None => Duration::from_millis(250 << attempt.clamp(1, 6)),
+    }
+}
+
+/// What an answer of HTTP `status` means when tries ran out on it.
+fn transient_why(status: u16) -> String {
+    if status == 429 {
+        format!("HTTP {status}: the hub is limiting this client's request rate; wait and run again (a token, HF_TOKEN, gets a higher limit)")
+    } else {
+        format!("HTTP {status}")
+    }
 }
 
 /// A client for the hub and its local cache. Cheap to clone.
@@ -484,16 +513,56 @@ impl Hub {
         }
     }
 
-    fn get(&self, url: &str, range_from: u64) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        // The bytes as stored (what the size and checksum describe), never a compressed encoding.
-        let mut req = self.agent.get(url).header("Accept-Encoding", "identity");
-        if range_from > 0 {
-            req = req.header("Range", &format!("bytes={range_from}-"));
+    /// GET of `url` (for `target`), from byte `range_from` on, tried again while the answer is
+    /// transient ([`Hub::call_retrying`]).
+    fn get(
+        &self,
+        url: &str,
+        range_from: u64,
+        target: &str,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        self.call_retrying(target, || {
+            // The bytes as stored (what the size and checksum describe), never a compressed encoding.
+            let mut req = self.agent.get(url).header("Accept-Encoding", "identity");
+            if range_from > 0 {
+                req = req.header("Range", &format!("bytes={range_from}-"));
+            }
+            if let Some(t) = self.token_for(url) {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            req
+        })
+    }
+
+    /// Sends what `make` builds, and again while the answer is transient (HTTP 429 or 5xx), at
+    /// most [`HubOptions::retries`] more times, waiting as [`retry_wait`] says (with progress on,
+    /// a line says so); the last answer stands. A failed connection is returned at once (the
+    /// cache may answer instead, without a wait).
+    fn call_retrying(
+        &self,
+        target: &str,
+        make: impl Fn() -> ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let mut attempt = 0;
+        loop {
+            let resp = make().call()?;
+            let status = resp.status().as_u16();
+            if !is_transient(status) || attempt >= self.opts.retries {
+                return Ok(resp);
+            }
+            attempt += 1;
+            let after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok());
+            let wait = retry_wait(attempt, after);
+            if self.opts.progress {
+                eprintln!(
+                    "note: {target}: HTTP {status}; trying again in {:.1} s (retry {attempt} of {})",
+                    wait.as_secs_f64(),
+                    self.opts.retries
+                );
+            }
+            drop(resp);
+            std::thread::sleep(wait);
         }
-        if let Some(t) = self.token_for(url) {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        req.call()
     }
 
     /// The token, for URLs on the endpoint only (a CDN the hub redirects to gets none).
@@ -514,11 +583,15 @@ impl Hub {
         );
         let target = format!("{repo}/{filename}");
         for _ in 0..10 {
-            let mut req = self.agent.head(&url).header("Accept-Encoding", "identity");
-            if let Some(t) = self.token_for(&url) {
-                req = req.header("Authorization", &format!("Bearer {t}"));
-            }
-            let resp = req.call().map_err(|e| Fetch::Unreachable(e.to_string()))?;
+            let resp = self
+                .call_retrying(&target, || {
+                    let req = self.agent.head(&url).header("Accept-Encoding", "identity");
+                    match self.token_for(&url) {
+                        Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+                        None => req,
+                    }
+                })
+                .map_err(|e| Fetch::Unreachable(e.to_string()))?;
             let status = resp.status().as_u16();
             let header = |k: &str| resp.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
             let location = header("location");
@@ -529,8 +602,8 @@ impl Hub {
                     continue;
                 }
             }
-            if status >= 500 {
-                return Err(Fetch::Unreachable(format!("HTTP {status}")));
+            if is_transient(status) {
+                return Err(Fetch::Unreachable(transient_why(status)));
             }
             if status == 404 {
                 let code = header("x-error-code").unwrap_or_default();
@@ -622,7 +695,7 @@ impl Hub {
                             ),
                         });
                     }
-                    std::thread::sleep(Duration::from_millis(250 << attempt.min(6)));
+                    std::thread::sleep(retry_wait(attempt, None));
                 }
             }
         }
@@ -660,7 +733,7 @@ impl Hub {
         from: u64,
         pb: &crate::progress::ByteBar,
     ) -> std::result::Result<(), Fetch> {
-        let resp = self.get(url, from).map_err(|e| Fetch::Unreachable(e.to_string()))?;
+        let resp = self.get(url, from, target).map_err(|e| Fetch::Unreachable(e.to_string()))?;
         let status = resp.status().as_u16();
         let io = |e: std::io::Error| Fetch::Refused(DataError::Io { path: part.to_path_buf(), source: e });
         match status {
@@ -671,7 +744,17 @@ impl Hub {
                 f.seek(SeekFrom::Start(0)).map_err(io)?;
             }
             416 => return Ok(()),
-            s if s >= 500 => return Err(Fetch::Unreachable(format!("HTTP {s}"))),
+            // Tried again already (`get`): final for this run, which can be resumed.
+            s if is_transient(s) => {
+                return Err(Fetch::Refused(DataError::Hub {
+                    target: target.to_string(),
+                    msg: format!(
+                        "download failed after {} tries ({}); run again to resume from {from} bytes",
+                        self.opts.retries + 1,
+                        transient_why(s)
+                    ),
+                }))
+            }
             s => {
                 return Err(Fetch::Refused(DataError::Hub {
                     target: target.to_string(),
@@ -762,9 +845,9 @@ impl Hub {
         let mut next = Some(format!("{api}/tree/{commit}{folder}?recursive=true&expand=false"));
         let mut files = Vec::new();
         while let Some(url) = next.take() {
-            let resp = match self.get(&url, 0) {
-                Ok(r) if r.status().as_u16() < 500 => r,
-                Ok(r) => return unreachable(format!("HTTP {}", r.status().as_u16())),
+            let resp = match self.get(&url, 0, &target) {
+                Ok(r) if is_transient(r.status().as_u16()) => return unreachable(transient_why(r.status().as_u16())),
+                Ok(r) => r,
                 Err(e) => return unreachable(e.to_string()),
             };
             let status = resp.status().as_u16();
@@ -786,9 +869,9 @@ impl Hub {
     /// GET of an API URL: `Ok(Ok(body))`, `Ok(Err(why))` when the hub cannot be reached, or the
     /// hub's refusal.
     fn api_json(&self, url: &str, target: &str) -> Result<std::result::Result<String, String>> {
-        let resp = match self.get(url, 0) {
-            Ok(r) if r.status().as_u16() < 500 => r,
-            Ok(r) => return Ok(Err(format!("HTTP {}", r.status().as_u16()))),
+        let resp = match self.get(url, 0, target) {
+            Ok(r) if is_transient(r.status().as_u16()) => return Ok(Err(transient_why(r.status().as_u16()))),
+            Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),
         };
         let status = resp.status().as_u16();
@@ -1274,6 +1357,19 @@ mod tests {
         assert_eq!(hub.token_for("https://hub.example.evil/x"), None);
         assert_eq!(hub.token_for("https://cdn.example/blob"), None);
         assert_eq!(origin("http://127.0.0.1:8080/a/b?c"), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn waits_follow_retry_after_or_double() {
+        let ms = |attempt, after| retry_wait(attempt, after).as_millis();
+        assert_eq!(ms(1, Some("7")), 7000);
+        assert_eq!(ms(3, Some(" 0 ")), 0);
+        assert_eq!(ms(1, Some("100000")), 300_000, "capped at MAX_RETRY_WAIT_SECS");
+        // An HTTP date or nonsense: the doubling.
+        assert_eq!(ms(2, Some("Wed, 21 Oct 2026 07:28:00 GMT")), 1000);
+        assert_eq!([1, 2, 3, 6, 40].map(|a| ms(a, None)), [500, 1000, 2000, 16_000, 16_000]);
+        assert!(is_transient(429) && is_transient(500) && is_transient(503));
+        assert!(!is_transient(404) && !is_transient(401) && !is_transient(416) && !is_transient(200));
     }
 
     #[test]

@@ -241,6 +241,56 @@ fn the_hubs_refusals_become_errors_that_say_what_to_do() {
     assert_eq!(std::fs::read_to_string(cache.path().join("models--org--model/refs/v1")).unwrap(), OLD_COMMIT);
 }
 
+#[test]
+fn rate_limits_and_server_failures_are_tried_again() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let throttle = |answers: &[(&'static str, u16, Option<&'static str>)]| {
+        fake.state.throttle.lock().unwrap().extend_from_slice(answers);
+    };
+    let count = |method: &str| fake.seen().iter().filter(|s| s.method == method).count();
+    // The file's metadata: rate limited (come back at once), then a server failure, then the answer.
+    throttle(&[("HEAD", 429, Some("0")), ("HEAD", 503, None)]);
+    assert_eq!(read(&hub.file(&repo, "config.json").unwrap()), b"{\"model_type\": \"llama\"}");
+    assert_eq!(count("HEAD"), 3);
+    // The CDN failing once on an LFS file's bytes.
+    fake.clear();
+    throttle(&[("GET", 502, None)]);
+    assert_eq!(read(&hub.file(&repo, "model.safetensors").unwrap()), big(300_000));
+    assert_eq!(count("GET"), 2);
+    // The listing API rate limited once (this was once taken for a missing repository).
+    throttle(&[("GET", 429, Some("0"))]);
+    let listing = hub.list(&repo, "").unwrap();
+    assert_eq!(listing.files.len(), 3);
+    assert!(fake.state.throttle.lock().unwrap().is_empty());
+
+    // With one retry and nothing cached, what stays transient becomes an error that says so.
+    let other = tempfile::tempdir().unwrap();
+    let strict = Hub::new(HubOptions { progress: false, retries: 1, ..HubOptions::new(&fake.url, other.path()) });
+    fake.clear();
+    throttle(&[("HEAD", 503, None), ("HEAD", 503, None)]);
+    let e = strict.file(&repo, "config.json").unwrap_err().to_string();
+    assert!(e.contains("org/model@main/config.json: cannot reach") && e.contains("(HTTP 503)"), "{e}");
+    assert_eq!(count("HEAD"), 2, "one try and one retry");
+    throttle(&[("HEAD", 429, Some("0")), ("HEAD", 429, Some("0"))]);
+    let e = strict.file(&repo, "config.json").unwrap_err().to_string();
+    assert!(e.contains("HTTP 429: the hub is limiting this client's request rate") && e.contains("HF_TOKEN"), "{e}");
+    throttle(&[("GET", 429, Some("0")), ("GET", 429, Some("0"))]);
+    let e = strict.list(&repo, "").unwrap_err().to_string();
+    assert!(e.contains("HTTP 429") && !e.contains("no such repository"), "{e}");
+    // A download refused twice stops, and the next run fetches it.
+    throttle(&[("GET", 503, None), ("GET", 503, None)]);
+    let e = strict.file(&repo, "model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("download failed after 2 tries (HTTP 503); run again to resume from 0 bytes"), "{e}");
+    assert_eq!(read(&strict.file(&repo, "model.safetensors").unwrap()), big(300_000));
+    // A failure that is final is not tried again.
+    fake.clear();
+    assert!(strict.file(&Repo::new(RepoKind::Model, "org/nothing"), "config.json").is_err());
+    assert_eq!(count("HEAD"), 1);
+}
+
 fn dataset_state() -> State {
     let mut st = State::default();
     let mut lines = String::new();

@@ -3,7 +3,7 @@
 //! and ETag headers, LFS files redirected to a CDN on another origin, ranges), the `revision`
 //! listing API, relative redirects of renamed repositories, the hub's error codes, gated
 //! repositories, and faults on request (a cut connection, flipped bytes, ignored ranges, a size
-//! announced wrong). It records every request it sees.
+//! announced wrong, answers of HTTP 429 or 5xx). It records every request it sees.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -57,6 +57,9 @@ pub struct State {
     pub announce_extra: AtomicUsize,
     /// Wait this many milliseconds before sending a file's body.
     pub cdn_delay_ms: AtomicUsize,
+    /// Answers given instead of the real one, each once, to the first request of its method
+    /// (`HEAD`, `GET`), hub and CDN alike: (method, HTTP status, `Retry-After`).
+    pub throttle: Mutex<Vec<(&'static str, u16, Option<&'static str>)>>,
 }
 
 pub struct FakeHub {
@@ -196,6 +199,14 @@ fn serve(mut conn: TcpStream, st: &State, hub: &str, cdn: &str) {
         auth: headers.get("authorization").cloned(),
     });
     let head = method == "HEAD";
+    let throttled = {
+        let mut queue = st.throttle.lock().unwrap();
+        queue.iter().position(|(m, ..)| *m == method).map(|i| queue.remove(i))
+    };
+    if let Some((_, status, after)) = throttled {
+        let h: Vec<(String, String)> = after.map(|a| ("Retry-After".to_string(), a.to_string())).into_iter().collect();
+        return respond(&mut conn, status, &h, b"", head);
+    }
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let decode = |s: &str| s.replace("%2F", "/").replace("%20", " ");
     if let Some(sha) = path.strip_prefix("/cdn/") {
