@@ -453,7 +453,9 @@ impl Hub {
                 return Ok(hit);
             }
         }
-        let meta = match self.metadata(repo, filename) {
+        // With a copy in the cache, a transient answer is not waited out: the cache answers.
+        let retries = if from_cache().is_some() { 0 } else { self.opts.retries };
+        let meta = match self.metadata(repo, filename, retries) {
             Ok(Resolved::Found(m)) => m,
             Ok(Resolved::Absent(commit)) => {
                 if let Some(c) = commit {
@@ -513,15 +515,16 @@ impl Hub {
         }
     }
 
-    /// GET of `url` (for `target`), from byte `range_from` on, tried again while the answer is
-    /// transient ([`Hub::call_retrying`]).
+    /// GET of `url` (for `target`), from byte `range_from` on, tried again at most `retries`
+    /// times while the answer is transient ([`Hub::call_retrying`]).
     fn get(
         &self,
         url: &str,
         range_from: u64,
         target: &str,
+        retries: usize,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        self.call_retrying(target, || {
+        self.call_retrying(target, retries, || {
             // The bytes as stored (what the size and checksum describe), never a compressed encoding.
             let mut req = self.agent.get(url).header("Accept-Encoding", "identity");
             if range_from > 0 {
@@ -535,19 +538,20 @@ impl Hub {
     }
 
     /// Sends what `make` builds, and again while the answer is transient (HTTP 429 or 5xx), at
-    /// most [`HubOptions::retries`] more times, waiting as [`retry_wait`] says (with progress on,
-    /// a line says so); the last answer stands. A failed connection is returned at once (the
-    /// cache may answer instead, without a wait).
+    /// most `retries` more times ([`HubOptions::retries`], or 0 where the cache can answer),
+    /// waiting as [`retry_wait`] says (with progress on, a line says so); the last answer stands.
+    /// A failed connection is returned at once (the cache may answer instead, without a wait).
     fn call_retrying(
         &self,
         target: &str,
+        retries: usize,
         make: impl Fn() -> ureq::RequestBuilder<ureq::typestate::WithoutBody>,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
         let mut attempt = 0;
         loop {
             let resp = make().call()?;
             let status = resp.status().as_u16();
-            if !is_transient(status) || attempt >= self.opts.retries {
+            if !is_transient(status) || attempt >= retries {
                 return Ok(resp);
             }
             attempt += 1;
@@ -555,9 +559,8 @@ impl Hub {
             let wait = retry_wait(attempt, after);
             if self.opts.progress {
                 eprintln!(
-                    "note: {target}: HTTP {status}; trying again in {:.1} s (retry {attempt} of {})",
+                    "note: {target}: HTTP {status}; trying again in {:.1} s (retry {attempt} of {retries})",
                     wait.as_secs_f64(),
-                    self.opts.retries
                 );
             }
             drop(resp);
@@ -571,8 +574,9 @@ impl Hub {
         self.opts.token.as_deref().filter(|_| on_endpoint)
     }
 
-    /// Asks the hub what `filename` is at `repo`'s revision.
-    fn metadata(&self, repo: &Repo, filename: &str) -> std::result::Result<Resolved, Fetch> {
+    /// Asks the hub what `filename` is at `repo`'s revision (a transient answer tried again at
+    /// most `retries` times).
+    fn metadata(&self, repo: &Repo, filename: &str, retries: usize) -> std::result::Result<Resolved, Fetch> {
         let mut url = format!(
             "{}/{}{}/resolve/{}/{}",
             self.opts.endpoint,
@@ -584,7 +588,7 @@ impl Hub {
         let target = format!("{repo}/{filename}");
         for _ in 0..10 {
             let resp = self
-                .call_retrying(&target, || {
+                .call_retrying(&target, retries, || {
                     let req = self.agent.head(&url).header("Accept-Encoding", "identity");
                     match self.token_for(&url) {
                         Some(t) => req.header("Authorization", &format!("Bearer {t}")),
@@ -733,7 +737,7 @@ impl Hub {
         from: u64,
         pb: &crate::progress::ByteBar,
     ) -> std::result::Result<(), Fetch> {
-        let resp = self.get(url, from, target).map_err(|e| Fetch::Unreachable(e.to_string()))?;
+        let resp = self.get(url, from, target, self.opts.retries).map_err(|e| Fetch::Unreachable(e.to_string()))?;
         let status = resp.status().as_u16();
         let io = |e: std::io::Error| Fetch::Refused(DataError::Io { path: part.to_path_buf(), source: e });
         match status {
@@ -823,12 +827,15 @@ impl Hub {
                 msg: format!("cannot reach {} ({why}) and the cache has no snapshot", self.opts.endpoint),
             })
         };
+        // Transient answers are waited out even with a snapshot in the cache, which may hold only
+        // some of the files (those downloaded so far).
+        let retries = self.opts.retries;
         let api = format!("{}/api/{}/{}", self.opts.endpoint, repo.kind.plural(), repo.id);
         let commit = if is_commit(&repo.revision) {
             repo.revision.clone()
         } else {
             let url = format!("{api}/revision/{}", encode_segment(&repo.revision));
-            let text = match self.api_json(&url, &target)? {
+            let text = match self.api_json(&url, &target, retries)? {
                 Ok(t) => t,
                 Err(why) => return unreachable(why),
             };
@@ -845,7 +852,7 @@ impl Hub {
         let mut next = Some(format!("{api}/tree/{commit}{folder}?recursive=true&expand=false"));
         let mut files = Vec::new();
         while let Some(url) = next.take() {
-            let resp = match self.get(&url, 0, &target) {
+            let resp = match self.get(&url, 0, &target, retries) {
                 Ok(r) if is_transient(r.status().as_u16()) => return unreachable(transient_why(r.status().as_u16())),
                 Ok(r) => r,
                 Err(e) => return unreachable(e.to_string()),
@@ -868,8 +875,8 @@ impl Hub {
 
     /// GET of an API URL: `Ok(Ok(body))`, `Ok(Err(why))` when the hub cannot be reached, or the
     /// hub's refusal.
-    fn api_json(&self, url: &str, target: &str) -> Result<std::result::Result<String, String>> {
-        let resp = match self.get(url, 0, target) {
+    fn api_json(&self, url: &str, target: &str, retries: usize) -> Result<std::result::Result<String, String>> {
+        let resp = match self.get(url, 0, target, retries) {
             Ok(r) if is_transient(r.status().as_u16()) => return Ok(Err(transient_why(r.status().as_u16()))),
             Ok(r) => r,
             Err(e) => return Ok(Err(e.to_string())),

@@ -251,7 +251,14 @@ fn rate_limits_and_server_failures_are_tried_again() {
         fake.state.throttle.lock().unwrap().extend_from_slice(answers);
     };
     let count = |method: &str| fake.seen().iter().filter(|s| s.method == method).count();
+    // The listing API rate limited once (this was once taken for a missing repository).
+    throttle(&[("GET", 429, Some("0"))]);
+    // (First, while the cache has no snapshot to answer with.)
+    let listing = hub.list(&repo, "").unwrap();
+    assert_eq!(listing.files.len(), 3);
+    assert!(fake.state.throttle.lock().unwrap().is_empty());
     // The file's metadata: rate limited (come back at once), then a server failure, then the answer.
+    fake.clear();
     throttle(&[("HEAD", 429, Some("0")), ("HEAD", 503, None)]);
     assert_eq!(read(&hub.file(&repo, "config.json").unwrap()), b"{\"model_type\": \"llama\"}");
     assert_eq!(count("HEAD"), 3);
@@ -260,11 +267,6 @@ fn rate_limits_and_server_failures_are_tried_again() {
     throttle(&[("GET", 502, None)]);
     assert_eq!(read(&hub.file(&repo, "model.safetensors").unwrap()), big(300_000));
     assert_eq!(count("GET"), 2);
-    // The listing API rate limited once (this was once taken for a missing repository).
-    throttle(&[("GET", 429, Some("0"))]);
-    let listing = hub.list(&repo, "").unwrap();
-    assert_eq!(listing.files.len(), 3);
-    assert!(fake.state.throttle.lock().unwrap().is_empty());
 
     // With one retry and nothing cached, what stays transient becomes an error that says so.
     let other = tempfile::tempdir().unwrap();
@@ -285,6 +287,14 @@ fn rate_limits_and_server_failures_are_tried_again() {
     let e = strict.file(&repo, "model.safetensors").unwrap_err().to_string();
     assert!(e.contains("download failed after 2 tries (HTTP 503); run again to resume from 0 bytes"), "{e}");
     assert_eq!(read(&strict.file(&repo, "model.safetensors").unwrap()), big(300_000));
+    // Where the cache has a copy of the file, a transient answer is not waited out: the cache
+    // answers. A listing is (the cached snapshot holds only the files downloaded so far).
+    fake.clear();
+    throttle(&[("HEAD", 429, Some("300")), ("GET", 503, None)]);
+    assert_eq!(read(&hub.file(&repo, "config.json").unwrap()), b"{\"model_type\": \"llama\"}");
+    assert_eq!(count("HEAD"), 1);
+    assert_eq!(hub.list(&repo, "").unwrap(), listing, "the whole listing, from the hub");
+    assert!(fake.state.throttle.lock().unwrap().is_empty());
     // A failure that is final is not tried again.
     fake.clear();
     assert!(strict.file(&Repo::new(RepoKind::Model, "org/nothing"), "config.json").is_err());
