@@ -819,7 +819,12 @@ impl Hub {
         }
         let unreachable = |why: String| -> Result<Listing> {
             if let Some(l) = from_cache() {
-                eprintln!("warning: {}: {why}; listing {repo} from the cache", self.opts.endpoint);
+                eprintln!(
+                    "warning: {}: {why}; listing {repo} from the cache, which knows only the {} files downloaded \
+                     before (any others are left out)",
+                    self.opts.endpoint,
+                    l.files.len()
+                );
                 return Ok(l);
             }
             Err(DataError::Hub {
