@@ -16,6 +16,12 @@ fn config_validation_and_cost_model() {
         assert!((c.relative_cost() - want).abs() < 1e-12, "k={k} lambda={l}");
     }
     assert!((PatchConfig::default().run_flops(1e6, 10.0) - 5e6).abs() < 1e-3);
+    // A patch block is K·T tokens; the equal-compute budget is tokens · (λ/K + 1 − λ), rounded.
+    assert_eq!(PatchConfig { k: 4, lambda: 0.5 }.patch_block_tokens(256), 1024);
+    assert_eq!(PatchConfig { k: 1, lambda: 0.5 }.patch_block_tokens(256), 256);
+    assert_eq!(PatchConfig { k: 4, lambda: 0.5 }.equal_compute_tokens(1000), 625);
+    assert_eq!(PatchConfig { k: 2, lambda: 0.8 }.equal_compute_tokens(1003), 602); // 601.8
+    assert_eq!(PatchConfig { k: 8, lambda: 0.0 }.equal_compute_tokens(77), 77);
     for (k, l) in [(0, 0.5), (4, 1.0), (4, -0.1), (4, f64::NAN)] {
         let e = PatchConfig { k, lambda: l }.validate().unwrap_err().to_string();
         assert!(e.contains("k must") || e.contains("lambda must"), "{e}");
@@ -34,7 +40,11 @@ fn loss_matches_hand_computed_value() {
     let e = Tensor::new(&[[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 10.0]]], &Device::Cpu).unwrap();
     let p = patch_embeddings(&e, 2).unwrap().to_vec3::<f32>().unwrap();
     assert_eq!(p, vec![vec![vec![2.0, 3.0], vec![6.0, 8.0]]]);
-    assert!(patch_embeddings(&e, 3).is_err());
+    // Refused here, by this crate, with what is wrong (not by an op further down).
+    for k in [3, 0] {
+        let err = patch_embeddings(&e, k).unwrap_err().to_string();
+        assert!(err.contains(&format!("sequence of 4 tokens is not a whole number of patches of {k}")), "{err}");
+    }
 }
 
 #[test]
@@ -111,8 +121,22 @@ fn patch_loss_matches_an_independent_reference() {
         let want = reference_patch_loss(&model, &ids, k);
         assert!((ours - want).abs() < 1e-5, "k={k}: {ours} vs {want}");
     }
-    let bad = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
-    assert!(patch_loss(&model, &bad, 4).is_err());
+    // The shortest block, two patches (one input, one target), is a block.
+    for k in [1usize, 4] {
+        let ids: Vec<Vec<u32>> = rows.iter().map(|r| r[..2 * k].to_vec()).collect();
+        let ours = patch_loss(&model, &Tensor::new(ids.clone(), &Device::Cpu).unwrap(), k).unwrap();
+        let want = reference_patch_loss(&model, &ids, k);
+        assert!((ours.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5, "k={k}");
+    }
+    // Blocks that are not at least two whole patches (one input, one target) are refused, by
+    // this crate, saying so.
+    for (len, k) in [(5, 4), (4, 4), (8, 0), (1, 1)] {
+        let bad = Tensor::new(vec![rows[0][..len].to_vec()], &Device::Cpu).unwrap();
+        let err = patch_loss(&model, &bad, k).unwrap_err().to_string();
+        assert!(err.contains(&format!("a block of {len} tokens is not at least two whole patches of {k}")), "{err}");
+        let err = patch_forward_tape(&model, &bad, k).err().unwrap().to_string();
+        assert!(err.contains("is not at least two whole patches"), "{err}");
+    }
 }
 
 #[test]
