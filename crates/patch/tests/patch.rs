@@ -213,6 +213,13 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     assert_eq!(m.token_phase.block_len, 9);
     assert_eq!(m.token_phase.blocks, (n - split) / 9);
     assert_eq!(m.val.blocks, 10);
+    assert_eq!(m.val.source_range, (0, 90));
+    // Uncapped, validation takes every whole block of the validation split.
+    let uncapped = PatchDataConfig { max_val_blocks: 1 << 30, ..data };
+    let mv = build_patch_datasets(&shards, &dir.path().join("all-val"), &patch, &uncapped).unwrap();
+    let vblocks = ds.val().len() / 9;
+    assert!(vblocks > 10 && vblocks < 1 << 30, "{vblocks}");
+    assert_eq!((mv.val.blocks, mv.val.source_range), (vblocks, (0, vblocks * 9)));
     // Every patch block is one of the source blocks, each exactly once, in a shuffled order.
     let r = BlockReader::open(&out, &pp).unwrap();
     let mut all = Vec::new();
