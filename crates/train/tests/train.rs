@@ -85,6 +85,46 @@ fn adamw_and_clipping_match_pytorch() {
     }
 }
 
+/// One step with ε large enough to matter, against values computed by hand: after one step
+/// m̂ = g and v̂ = g², so a matrix goes to p·(1 − lr·wd) − lr·g / (|g| + ε) and a vector (no
+/// decay) to p − lr·g / (|g| + ε).
+#[test]
+fn one_adamw_step_matches_hand_computed_values() {
+    let dev = Device::Cpu;
+    for fused in [true, false] {
+        let w = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[3.0f32], &dev).unwrap()).unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1.0, weight_decay: 0.1 };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], cfg).unwrap();
+        opt.set_fused(fused);
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        grads.insert("w".into(), Tensor::new(&[[2.0f32, -0.5]], &dev).unwrap());
+        grads.insert("b".into(), Tensor::new(&[1.0f32], &dev).unwrap());
+        opt.step(&grads, 0.1).unwrap();
+        let want_w = [1.0 * 0.99 - 0.1 * 2.0 / 3.0, -2.0 * 0.99 + 0.1 * 0.5 / 1.5];
+        let got_w = w.as_tensor().to_vec2::<f32>().unwrap();
+        for (a, e) in got_w[0].iter().zip(want_w) {
+            assert!((*a as f64 - e).abs() < 1e-6, "fused {fused}: w {a} vs {e}");
+        }
+        let got_b = b.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got_b - (3.0 - 0.1 * 1.0 / 2.0)).abs() < 1e-6, "fused {fused}: b {got_b}");
+    }
+    // Saved moments of another shape, either of the two, are refused by name.
+    let w = Var::from_tensor(&Tensor::zeros((1, 2), candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let mut opt = AdamW::new(vec![("w".into(), w)], AdamWConfig::default()).unwrap();
+    let (right, wrong) = (
+        Tensor::zeros((1, 2), candle_core::DType::F32, &dev).unwrap(),
+        Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap(),
+    );
+    for (m, v) in [(&right, &wrong), (&wrong, &right)] {
+        let state = HashMap::from([("m.w".to_string(), m.clone()), ("v.w".to_string(), v.clone())]);
+        let e = opt.load_state(&state, 1).unwrap_err().to_string();
+        assert!(e.contains("optimizer state for w has the wrong shape"), "{e}");
+    }
+    let state = HashMap::from([("m.w".to_string(), right.clone()), ("v.w".to_string(), right.clone())]);
+    opt.load_state(&state, 1).unwrap();
+}
+
 #[test]
 fn clip_scale_is_torchs_factor() {
     assert_eq!(clip_scale(0.5, 1.0), 1.0);
@@ -383,13 +423,28 @@ fn bad_settings_fail_before_training() {
     let mut c = cfg.clone();
     c.train.tokens_per_step = 16;
     setting(c, "smaller than one patch-phase block");
+    // A step of exactly one block is a step; without a patch phase only the token block counts.
+    let (k, t) = (cfg.patch.k, cfg.blocks.context);
+    let mut c = cfg.clone();
+    c.train.tokens_per_step = k * t;
+    c.validate().unwrap();
+    let mut c = cfg.clone();
+    c.patch.lambda = 0.0;
+    c.train.tokens_per_step = t;
+    c.validate().unwrap();
     let mut c = cfg.clone();
     c.train.tokens_per_step = 100;
     setting(c, "not divisible");
     // Optimizer settings outside what torch.optim.AdamW takes (β1 = 1 made the loss NaN at step
     // 2), a negative clip, a final learning rate above the peak.
     type Edit = fn(&mut RunConfig);
-    let cases: [(Edit, &str); 6] = [
+    let cases: [(Edit, &str); 12] = [
+        (|c| c.train.adamw.eps = f64::INFINITY, "adamw.eps must be 0 or positive, got inf"),
+        (|c| c.train.lr = 0.0, "lr must be positive, got 0"),
+        (|c| c.train.lr = -1e-3, "lr must be positive"),
+        (|c| c.train.lr = f64::INFINITY, "lr must be positive, got inf"),
+        (|c| c.train.lr = f64::NAN, "lr must be positive, got NaN"),
+        (|c| c.train.grad_clip = f64::INFINITY, "grad_clip must be 0 (off) or positive, got inf"),
         (|c| c.train.adamw.beta1 = 1.0, "adamw.beta1 must be in [0, 1), got 1"),
         (|c| c.train.adamw.beta2 = -0.5, "adamw.beta2 must be in [0, 1)"),
         (|c| c.train.adamw.eps = f64::NAN, "adamw.eps must be 0 or positive, got NaN"),
