@@ -869,6 +869,16 @@ fn token_ids_that_do_not_fit_are_refused() {
     let mut w = ShardWriter::new(dir.path(), Split::Train, TokenDtype::Uint16, 70_000, 1 << 20);
     let e = w.push(&[1, 2, 65_536]).unwrap_err().to_string();
     assert!(e.contains("65536") && e.contains("uint16"), "{e}");
+    // The largest id a uint16 holds is taken, and comes back.
+    w.push(&[0, 65_535]).unwrap();
+    let infos = w.finish().unwrap();
+    assert_eq!(infos.len(), 1);
+    let (_, batches) = patchlm_data::map_ipc_file(&dir.path().join(&infos[0].file)).unwrap();
+    let docs = batches[0].column_by_name("tokens").unwrap().as_any().downcast_ref::<arrow_array::ListArray>().unwrap();
+    assert_eq!(arrow_array::Array::len(docs), 1, "the refused document was not written");
+    let ids = docs.value(0);
+    let ids = ids.as_any().downcast_ref::<arrow_array::UInt16Array>().unwrap();
+    assert_eq!(ids.values().to_vec(), [0, 65_535]);
     assert_eq!(TokenDtype::for_vocab(65_536), TokenDtype::Uint16);
     assert_eq!(TokenDtype::for_vocab(65_537), TokenDtype::Uint32);
 }
