@@ -357,6 +357,15 @@ fn transient_why(status: u16) -> String {
     }
 }
 
+/// The error of a download given up after `tries` (the last failure `why`), which a later run
+/// resumes from byte `have`.
+fn download_failed(target: &str, tries: usize, why: &str, have: u64) -> DataError {
+    DataError::Hub {
+        target: target.to_string(),
+        msg: format!("download failed after {tries} tries ({why}); run again to resume from {have} bytes"),
+    }
+}
+
 /// A client for the hub and its local cache. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Hub {
@@ -690,14 +699,7 @@ impl Hub {
                 Err(Fetch::Unreachable(why)) => {
                     attempt += 1;
                     if attempt > self.opts.retries {
-                        return Err(DataError::Hub {
-                            target: target.to_string(),
-                            msg: format!(
-                                "download failed after {} attempts ({why}); run again to resume from {} bytes",
-                                attempt,
-                                file_len(&part).unwrap_or(0)
-                            ),
-                        });
+                        return Err(download_failed(target, attempt, &why, file_len(&part).unwrap_or(0)));
                     }
                     std::thread::sleep(retry_wait(attempt, None));
                 }
@@ -750,14 +752,7 @@ impl Hub {
             416 => return Ok(()),
             // Tried again already (`get`): final for this run, which can be resumed.
             s if is_transient(s) => {
-                return Err(Fetch::Refused(DataError::Hub {
-                    target: target.to_string(),
-                    msg: format!(
-                        "download failed after {} tries ({}); run again to resume from {from} bytes",
-                        self.opts.retries + 1,
-                        transient_why(s)
-                    ),
-                }))
+                return Err(Fetch::Refused(download_failed(target, self.opts.retries + 1, &transient_why(s), from)))
             }
             s => {
                 return Err(Fetch::Refused(DataError::Hub {
