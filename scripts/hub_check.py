@@ -4,11 +4,13 @@ Serves a model directory and a dataset from a small stand-in hub (this file's ow
 from the Rust tests' one), lets huggingface_hub and `cargo xtask` each download them into a cache
 of their own, and checks that
   1. both caches hold the same entries (blobs by the same names, snapshot links to the same
-     blobs, refs naming the same commit) with the same bytes;
+     blobs, refs naming the same commit, trees/<commit>.json listings) with the same bytes;
   2. each client reads the other's cache offline (HF_HUB_OFFLINE=1): xtask scores text with
      the model huggingface_hub downloaded; huggingface_hub finds every file xtask downloaded and
      scan_cache_dir reports no warnings;
-  3. they share the download lock: while huggingface_hub holds it on a blob, xtask waits.
+  3. they share the download lock: while huggingface_hub holds it on a blob, xtask waits;
+  4. a listing huggingface_hub kept is whole offline: with one of a folder's two files
+     downloaded, xtask stops naming the other instead of training on one.
 
     python3 scripts/hub_check.py --xtask target/release/xtask --model runs/pretrain/model \
         --data data/corpus/corpus.jsonl
@@ -189,7 +191,7 @@ h.hf_hub_download("org/model", "tokenizer.json", cache_dir={py_cache!r})
             print(r.stdout, r.stderr)
         assert r.returncode == 0, args
         return r.stdout
-    xtask("data", "--input", "hf://datasets/org/corpus/data", "--tokenizer", "org/model", "--out", "shards")
+    xtask("data", "--input", "hf://datasets/org/corpus", "--tokenizer", "org/model", "--out", "shards")
     want = xtask("score", "--model", "org/model", "--text", "To be, or not to be", "--json")
 
     t_py, t_rs = tree(py_cache), tree(rs_cache)
@@ -198,11 +200,13 @@ h.hf_hub_download("org/model", "tokenizer.json", cache_dir={py_cache!r})
         mark = "same" if t_py.get(k) == t_rs.get(k) else f"DIFFERS py={t_py.get(k)} rs={t_rs.get(k)}"
         print(f"  {k}: {mark}")
     only_py = set(t_py) - set(t_rs)
-    # huggingface_hub keeps bookkeeping of its own (CACHEDIR.TAG, trees/<commit>.json listings);
-    # the entries that hold data must agree.
-    data_keys = [k for k in t_py if len(k.split(os.sep)) > 2 and k.split(os.sep)[1] in ("blobs", "snapshots", "refs")]
+    # huggingface_hub keeps bookkeeping of its own (CACHEDIR.TAG); the entries that hold data
+    # must agree.
+    data_keys = [k for k in t_py
+                 if len(k.split(os.sep)) > 2 and k.split(os.sep)[1] in ("blobs", "snapshots", "refs", "trees")]
+    assert sum(k.split(os.sep)[1] == "trees" for k in data_keys) == 2, data_keys
     assert all(t_py[k] == t_rs.get(k) for k in data_keys), "the caches differ"
-    print("1. same blobs, snapshot links and refs in both caches" + (f" (py only: {sorted(only_py)})" if only_py else ""))
+    print("1. same blobs, snapshot links, refs and kept listings in both caches" + (f" (py only: {sorted(only_py)})" if only_py else ""))
 
     # Each reads the other's cache offline.
     off = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
@@ -217,12 +221,15 @@ for f in ["data/train-0.jsonl", "data/train-1.jsonl"]:
 info = h.scan_cache_dir({rs_cache!r})
 assert not info.warnings, info.warnings
 print(sorted((r.repo_type, r.repo_id, r.nb_files) for r in info.repos))
+listed = sorted(f.path for f in h.get_cached_repo_tree("org/corpus", repo_type="dataset", cache_dir={rs_cache!r}))
+assert listed == ["README.md", "data/train-0.jsonl", "data/train-1.jsonl"], listed
 """
     r = subprocess.run([sys.executable, "-c", code], env=off, capture_output=True, text=True)
     print(r.stdout.strip(), r.stderr.strip()[-2000:])
     assert r.returncode == 0
     print("2. xtask scored offline from huggingface_hub's cache (same output); huggingface_hub found every")
-    print("   file in xtask's cache offline and scan_cache_dir reported no warnings")
+    print("   file in xtask's cache offline, scan_cache_dir reported no warnings and get_cached_repo_tree")
+    print("   read xtask's listing")
 
     # 3. The download lock is huggingface_hub's: while Python holds the lock on the weights' blob,
     # xtask waits for it before downloading into the same cache.
@@ -248,6 +255,22 @@ with WeakFileLock({lock!r}):
     assert "waiting for another download" in r.stderr, r.stderr
     assert waited > 1.5, f"xtask did not wait for huggingface_hub's lock ({waited:.2f} s)"
     print(f"3. xtask waited {waited:.1f} s for the lock huggingface_hub held on the blob, then downloaded it")
+
+    # 4. huggingface_hub downloads one of the folder's two files; its kept listing names both.
+    part_cache = os.path.join(work, "part")
+    code = f"""
+import huggingface_hub as h
+h.snapshot_download("org/corpus", repo_type="dataset", cache_dir={part_cache!r}, allow_patterns=["data/train-0.jsonl"])
+h.hf_hub_download("org/model", "tokenizer.json", cache_dir={part_cache!r})
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([a.xtask, "data", "--input", "hf://datasets/org/corpus/data", "--tokenizer", "org/model",
+                        "--out", "part-shards"], env=dict(off, HF_HUB_CACHE=part_cache), capture_output=True,
+                       text=True, cwd=work)
+    assert r.returncode != 0 and "data/train-1.jsonl: not in the cache" in r.stderr, r.stderr
+    print("4. offline, xtask listed the folder from huggingface_hub's kept listing and stopped on the file")
+    print("   the cache lacks:", r.stderr.strip().splitlines()[-1][:160])
     print(f"requests served: {len(log)}; work dir {work}")
 
 

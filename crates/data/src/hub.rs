@@ -5,8 +5,9 @@
 //! downloading it. Downloads resume after an interruption, are checked against the checksum the
 //! hub sends (sha256 for LFS files, git's blob sha1 for the others) and land in the cache only
 //! whole. The cache layout is `huggingface_hub`'s (`<kind>s--<org>--<name>/blobs/<etag>`,
-//! `snapshots/<commit>/<path>` linking to the blob, `refs/<revision>` holding the commit), so
-//! Python and patchlm share downloads both ways.
+//! `snapshots/<commit>/<path>` linking to the blob, `refs/<revision>` holding the commit,
+//! `trees/<commit>.json` listing a whole repository at a commit), so Python and patchlm share
+//! downloads and listings both ways.
 //!
 //! Three ways in, for the three things a pipeline takes from the hub:
 //! - [`resolve_inputs`]: training text as `hf://datasets/<org>/<name>[@rev]/<path or glob>`;
@@ -786,13 +787,26 @@ impl Hub {
     }
 
     /// The files of `repo` at its revision under the folder `under` (`""`: the whole
-    /// repository), with the commit the revision names: asked of the hub (its `revision` API
-    /// for the commit, then the `tree` API at that commit, page by page), or read from the
-    /// cached snapshot when offline or when the hub cannot be reached.
+    /// repository), with the commit the revision names. The commit is asked of the hub (its
+    /// `revision` API) unless the revision is one; the files come from the listing cached for
+    /// that commit (`trees/<commit>.json`, kept by this client and by `huggingface_hub` after
+    /// listing a whole repository), else from the hub's `tree` API, page by page. Offline, or
+    /// when the hub cannot be reached, the cache answers: its listing, else the files of the
+    /// cached snapshot (only those downloaded so far; a warning says so).
     pub fn list(&self, repo: &Repo, under: &str) -> Result<Listing> {
         let under = under.trim_matches('/');
-        let from_cache = || -> Option<Listing> {
+        let inside = |p: &str| under.is_empty() || p.strip_prefix(under).is_some_and(|r| r.starts_with('/'));
+        let listed = |commit: &str| -> Option<Listing> {
+            let mut files = self.read_tree(repo, commit)?;
+            files.retain(|f| inside(&f.path));
+            Some(Listing { commit: commit.to_string(), files })
+        };
+        // (the listing, whether it is complete)
+        let from_cache = || -> Option<(Listing, bool)> {
             let commit = self.cached_commit(repo)?;
+            if let Some(l) = listed(&commit) {
+                return Some((l, true));
+            }
             let root = self.repo_dir(repo).join("snapshots").join(&commit);
             if !root.is_dir() {
                 return None;
@@ -800,11 +814,11 @@ impl Hub {
             let mut files = Vec::new();
             walk_files(&root, &root.join(under), &mut files);
             files.sort_by(|a: &RepoFile, b| a.path.cmp(&b.path));
-            Some(Listing { commit, files })
+            Some((Listing { commit, files }, false))
         };
         let target = repo.to_string();
         if self.opts.offline {
-            return from_cache().ok_or_else(|| DataError::Hub {
+            return from_cache().map(|(l, _)| l).ok_or_else(|| DataError::Hub {
                 target,
                 msg: format!(
                     "no snapshot in the cache {} and HF_HUB_OFFLINE is set; unset it to download",
@@ -813,22 +827,33 @@ impl Hub {
             });
         }
         let unreachable = |why: String| -> Result<Listing> {
-            if let Some(l) = from_cache() {
-                eprintln!(
-                    "warning: {}: {why}; listing {repo} from the cache, which knows only the {} files downloaded \
-                     before (any others are left out)",
-                    self.opts.endpoint,
-                    l.files.len()
-                );
-                return Ok(l);
+            match from_cache() {
+                Some((l, true)) => {
+                    eprintln!(
+                        "warning: {}: {why}; listing {repo} from the cache (all {} files of commit {})",
+                        self.opts.endpoint,
+                        l.files.len(),
+                        &l.commit[..12]
+                    );
+                    Ok(l)
+                }
+                Some((l, false)) => {
+                    eprintln!(
+                        "warning: {}: {why}; listing {repo} from the cache, which knows only the {} files downloaded \
+                         before (any others are left out)",
+                        self.opts.endpoint,
+                        l.files.len()
+                    );
+                    Ok(l)
+                }
+                None => Err(DataError::Hub {
+                    target: target.clone(),
+                    msg: format!("cannot reach {} ({why}) and the cache has no snapshot", self.opts.endpoint),
+                }),
             }
-            Err(DataError::Hub {
-                target: target.clone(),
-                msg: format!("cannot reach {} ({why}) and the cache has no snapshot", self.opts.endpoint),
-            })
         };
         // Transient answers are waited out even with a snapshot in the cache, which may hold only
-        // some of the files (those downloaded so far).
+        // some of the files (those downloaded so far), or an old commit of a branch.
         let retries = self.opts.retries;
         let api = format!("{}/api/{}/{}", self.opts.endpoint, repo.kind.plural(), repo.id);
         let commit = if is_commit(&repo.revision) {
@@ -848,9 +873,12 @@ impl Hub {
                 None => return Err(DataError::Hub { target, msg: "the hub's answer names no commit (`sha`)".into() }),
             }
         };
+        if let Some(l) = listed(&commit) {
+            return Ok(l);
+        }
         let folder = if under.is_empty() { String::new() } else { format!("/{}", encode_segment(under)) };
         let mut next = Some(format!("{api}/tree/{commit}{folder}?recursive=true&expand=false"));
-        let mut files = Vec::new();
+        let mut entries = Vec::new();
         while let Some(url) = next.take() {
             let resp = match self.get(&url, 0, &target, retries) {
                 Ok(r) if is_transient(r.status().as_u16()) => return unreachable(transient_why(r.status().as_u16())),
@@ -867,10 +895,59 @@ impl Hub {
             }
             next = resp.headers().get("link").and_then(|v| v.to_str().ok()).and_then(next_link);
             let text = read_api_body(resp, &target)?;
-            files.extend(parse_tree(&text).map_err(|msg| DataError::Hub { target: target.clone(), msg })?);
+            entries.extend(parse_tree(&text).map_err(|msg| DataError::Hub { target: target.clone(), msg })?);
         }
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Listing { commit, files })
+        entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        if under.is_empty() {
+            // The whole repository: kept for offline listings and for the next listing of this
+            // commit (by this client or by huggingface_hub), when every entry has what the cache
+            // file needs.
+            let whole: Option<Vec<(RepoFile, TreeCacheEntry)>> =
+                entries.iter().map(|(f, e)| e.clone().map(|e| (f.clone(), e))).collect();
+            if let Some(whole) = whole {
+                self.write_tree(repo, &commit, &whole);
+            }
+        }
+        Ok(Listing { commit, files: entries.into_iter().map(|(f, _)| f).collect() })
+    }
+
+    fn tree_path(&self, repo: &Repo, commit: &str) -> PathBuf {
+        self.repo_dir(repo).join("trees").join(format!("{commit}.json"))
+    }
+
+    /// Every file of `repo` at `commit`, from the listing cache; `None` when it has no listing
+    /// of that commit, or one this reader cannot use (a warning says why, and the repository is
+    /// listed afresh).
+    fn read_tree(&self, repo: &Repo, commit: &str) -> Option<Vec<RepoFile>> {
+        let path = self.tree_path(repo, commit);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                eprintln!("warning: {}: {e}; listing {repo} without it", path.display());
+                return None;
+            }
+        };
+        match parse_tree_cache(&text) {
+            Ok(files) => files,
+            Err(why) => {
+                eprintln!("warning: {}: {why}; listing {repo} without it", path.display());
+                None
+            }
+        }
+    }
+
+    /// Saves a whole repository's listing at `commit` (atomically); a cache that cannot be
+    /// written costs a warning, not the listing.
+    fn write_tree(&self, repo: &Repo, commit: &str, files: &[(RepoFile, TreeCacheEntry)]) {
+        let path = self.tree_path(repo, commit);
+        let saved = path
+            .parent()
+            .map_or(Ok(()), |dir| std::fs::create_dir_all(dir).map_err(io_err(dir)))
+            .and_then(|_| crate::shard::write_atomic(&path, &tree_cache_json(files)));
+        if let Err(e) = saved {
+            eprintln!("warning: the listing of {repo} is not kept for offline use: {e}");
+        }
     }
 
     /// GET of an API URL: `Ok(Ok(body))`, `Ok(Err(why))` when the hub cannot be reached, or the
@@ -934,8 +1011,9 @@ fn read_api_body(resp: ureq::http::Response<ureq::Body>, target: &str) -> Result
         .map_err(|e| DataError::Hub { target: target.to_string(), msg: format!("reading the hub's answer: {e}") })
 }
 
-/// The files of one page of the `tree` API (folders are skipped).
-fn parse_tree(text: &str) -> std::result::Result<Vec<RepoFile>, String> {
+/// The files of one page of the `tree` API (folders are skipped), with what
+/// `huggingface_hub` keeps of each in its listing cache.
+fn parse_tree(text: &str) -> std::result::Result<Vec<(RepoFile, Option<TreeCacheEntry>)>, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("the hub's listing is not JSON: {e}"))?;
     let entries = v.as_array().ok_or("the hub's listing is not a list of entries")?;
     Ok(entries
@@ -944,10 +1022,84 @@ fn parse_tree(text: &str) -> std::result::Result<Vec<RepoFile>, String> {
         .filter_map(|e| {
             let path = e["path"].as_str()?;
             let size = e["lfs"]["size"].as_u64().or_else(|| e["size"].as_u64());
-            Some(RepoFile { path: path.to_string(), size })
+            let cached = match (e["size"].as_u64(), e["oid"].as_str()) {
+                (Some(size), Some(oid)) => Some(TreeCacheEntry {
+                    size,
+                    blob_id: oid.to_string(),
+                    lfs_sha256: e["lfs"]["oid"].as_str().map(str::to_string),
+                    lfs_size: e["lfs"]["oid"].as_str().and(e["lfs"]["size"].as_u64()),
+                    xet_hash: e["xetHash"].as_str().filter(|h| is_xet_hash(h)).map(str::to_string),
+                }),
+                _ => None,
+            };
+            Some((RepoFile { path: path.to_string(), size }, cached))
         })
-        .filter(|f| !f.path.split('/').any(|p| p == ".." || p.is_empty()))
+        .filter(|(f, _)| !f.path.split('/').any(|p| p == ".." || p.is_empty()))
         .collect())
+}
+
+/// The version of `huggingface_hub`'s listing cache format that is read and written.
+const TREE_CACHE_FORMAT: u64 = 1;
+
+/// `trees/<commit>.json` in a repository's cache folder: every file of the repository at one
+/// commit, as `huggingface_hub` (2.4 on) writes it when it lists a whole repository. A commit
+/// never changes, so neither does its listing.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TreeCache {
+    format_version: u64,
+    files: std::collections::BTreeMap<String, TreeCacheEntry>,
+}
+
+/// One file of a [`TreeCache`] (field names and order as `huggingface_hub` writes them).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct TreeCacheEntry {
+    size: u64,
+    /// git's blob id.
+    blob_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lfs_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lfs_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    xet_hash: Option<String>,
+}
+
+/// A Xet content hash as `huggingface_hub` accepts one: 64 hex digits.
+fn is_xet_hash(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The files a listing cache holds, or why it cannot be used: `Ok(None)` for a format this
+/// reader does not know (a newer one: listed afresh, as `huggingface_hub` does).
+fn parse_tree_cache(text: &str) -> std::result::Result<Option<Vec<RepoFile>>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    if v.get("format_version").and_then(serde_json::Value::as_u64) != Some(TREE_CACHE_FORMAT) {
+        return Ok(None);
+    }
+    let tree: TreeCache = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    if let Some(bad) = tree.files.keys().find(|p| !is_relative_path(p)) {
+        return Err(format!("the path `{bad}` is not a relative path inside the repository"));
+    }
+    if tree.files.values().any(|e| e.xet_hash.as_deref().is_some_and(|h| !is_xet_hash(h))) {
+        return Err("a `xet_hash` is not 64 hex digits".into());
+    }
+    Ok(Some(
+        tree.files.into_iter().map(|(path, e)| RepoFile { path, size: Some(e.lfs_size.unwrap_or(e.size)) }).collect(),
+    ))
+}
+
+/// `files` as a listing cache file, in `huggingface_hub`'s layout (one-space indents, paths
+/// sorted).
+fn tree_cache_json(files: &[(RepoFile, TreeCacheEntry)]) -> Vec<u8> {
+    let tree = TreeCache {
+        format_version: TREE_CACHE_FORMAT,
+        files: files.iter().map(|(f, e)| (f.path.clone(), e.clone())).collect(),
+    };
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(b" "));
+    // A map of strings to plain structs: serializing it cannot fail.
+    let _ = serde::Serialize::serialize(&tree, &mut ser);
+    out
 }
 
 /// The `rel="next"` URL of a `Link` header (the hub pages its listings as GitHub does).

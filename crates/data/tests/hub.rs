@@ -37,6 +37,14 @@ fn model_state() -> State {
     st
 }
 
+/// A client of a hub that is gone (a closed port), with the cache `cache`.
+fn gone_hub(cache: &Path) -> Hub {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    Hub::new(HubOptions { progress: false, timeout_secs: 5, ..HubOptions::new(&dead, cache) })
+}
+
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
@@ -112,11 +120,8 @@ fn offline_and_unreachable_hubs_are_answered_from_the_cache() {
     let listed = offline.list(&repo, "").unwrap();
     assert_eq!((listed.commit.as_str(), listed.files.len()), (COMMIT, 1));
 
-    // A hub that is gone: a closed port.
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let gone = Hub::new(HubOptions { progress: false, timeout_secs: 5, ..HubOptions::new(&dead, cache.path()) });
+    // A hub that is gone.
+    let gone = gone_hub(cache.path());
     assert_eq!(gone.file(&repo, "config.json").unwrap(), online);
     let e = gone.file(&repo, "model.safetensors").unwrap_err().to_string();
     assert!(e.contains("cannot reach") && e.contains("HF_HUB_CACHE"), "{e}");
@@ -404,4 +409,99 @@ fn a_snapshot_holds_the_files_a_filter_keeps() {
     assert!(!dir.join("nested").exists());
     let e = hub.snapshot(&Repo::new(RepoKind::Model, "org/model"), |_| false).unwrap_err().to_string();
     assert!(e.contains("none of its 3 files"), "{e}");
+}
+
+/// A listing cache written by `huggingface_hub` itself (tests/fixtures/make_tree_caches.py).
+fn hf_tree(name: &str) -> Vec<u8> {
+    read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_trees").join(name))
+}
+
+#[test]
+fn whole_listings_are_kept_by_commit_as_huggingface_hub_keeps_them() {
+    let fake = FakeHub::start(model_state());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = fake.hub(cache.path());
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let trees = cache.path().join("models--org--model/trees");
+    // A folder's listing is not the repository's: nothing is kept.
+    assert_eq!(hub.list(&repo, "nested").unwrap().files.len(), 1);
+    assert!(!trees.exists());
+    // The whole repository's is, byte for byte as huggingface_hub writes it for these files.
+    let listing = hub.list(&repo, "").unwrap();
+    assert_eq!(listing.files.len(), 3);
+    let kept = trees.join(format!("{COMMIT}.json"));
+    assert_eq!(String::from_utf8(read(&kept)).unwrap(), String::from_utf8(hf_tree("model.json")).unwrap());
+    // The next listing of that commit, whole or a folder, asks the hub nothing more than which
+    // commit a branch names.
+    fake.clear();
+    assert_eq!(hub.list(&repo.at(COMMIT), "").unwrap(), listing);
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+    let nested = hub.list(&repo, "nested/").unwrap();
+    assert_eq!(nested.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["nested/dir/notes.txt"]);
+    assert_eq!(nested.files[0].size, Some(10));
+    let seen = fake.seen();
+    assert!(seen.len() == 1 && seen[0].path.contains("/revision/main"), "{seen:?}");
+
+    // Offline, with one file of three downloaded: the listing is whole all the same, and the
+    // files that are missing are reported missing, not left out.
+    hub.file(&repo, "config.json").unwrap();
+    let offline = Hub::new(HubOptions { offline: true, progress: false, ..HubOptions::new(&fake.url, cache.path()) });
+    assert_eq!(offline.list(&repo, "").unwrap(), listing);
+    let e = hub::resolve_inputs_with(&offline, &["hf://org/model/nested"]).unwrap_err().to_string();
+    assert!(e.contains("nested/dir/notes.txt: not in the cache"), "{e}");
+    // So is a hub that cannot be reached.
+    let gone = gone_hub(cache.path());
+    assert_eq!(gone.list(&repo, "").unwrap(), listing);
+
+    // A kept listing that cannot be used is listed afresh and replaced: one that is not JSON,
+    // one that names a path outside the repository, one with an entry short of a field
+    // huggingface_hub needs; one of a later format is replaced too (as huggingface_hub does).
+    let v1 = read(&kept);
+    let text = String::from_utf8(v1.clone()).unwrap();
+    for bad in [
+        "{\"format_version\": 1, \"files\": ".to_string(),
+        text.replace("nested/dir/notes.txt", "../notes.txt"),
+        text.replace("\"blob_id\": \"230d5f4da0da586aad26ead694ea67cd15bd6df1\"", "\"blob\": \"x\""),
+        text.replace("\"format_version\": 1", "\"format_version\": 2"),
+    ] {
+        assert_ne!(bad.as_bytes(), v1.as_slice());
+        std::fs::write(&kept, &bad).unwrap();
+        fake.clear();
+        assert_eq!(hub.list(&repo.at(COMMIT), "").unwrap(), listing, "{bad}");
+        assert!(fake.seen().iter().any(|s| s.path.contains("/tree/")), "{bad}: not listed afresh");
+        assert_eq!(read(&kept), v1, "{bad}: not replaced");
+    }
+}
+
+#[test]
+fn listings_that_huggingface_hub_kept_are_read() {
+    // huggingface_hub's own file, with a Xet hash, a non-ASCII path (written as \u escapes) and
+    // files in LFS: read offline, where the snapshot holds none of the files.
+    let cache = tempfile::tempdir().unwrap();
+    let root = cache.path().join("datasets--org--rich");
+    std::fs::create_dir_all(root.join("trees")).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    std::fs::write(root.join("trees").join(format!("{COMMIT}.json")), hf_tree("rich.json")).unwrap();
+    std::fs::write(root.join("refs/main"), COMMIT).unwrap();
+    let offline =
+        Hub::new(HubOptions { offline: true, progress: false, ..HubOptions::new("http://127.0.0.1:9", cache.path()) });
+    let repo = Repo::new(RepoKind::Dataset, "org/rich");
+    let l = offline.list(&repo, "").unwrap();
+    assert_eq!(l.commit, COMMIT);
+    let got: Vec<(&str, Option<u64>)> = l.files.iter().map(|f| (f.path.as_str(), f.size)).collect();
+    assert_eq!(
+        got,
+        [
+            (".gitattributes", Some(21)),
+            ("README.md", Some(7)),
+            ("data/extra/späť.jsonl", Some(15)),
+            ("data/train-00000-of-00002.parquet", Some(5000)),
+            ("data/train-00001-of-00002.parquet", Some(7000)),
+        ]
+    );
+    let url = hub::HubUrl::parse("hf://datasets/org/rich/data").unwrap().unwrap();
+    let folder = offline.list(&repo, "data").unwrap();
+    assert_eq!(hub::select_files(&url, &folder).len(), 3);
+    let e = hub::resolve_inputs_with(&offline, &["hf://datasets/org/rich/data"]).unwrap_err().to_string();
+    assert!(e.contains("data/extra/späť.jsonl: not in the cache"), "{e}");
 }
