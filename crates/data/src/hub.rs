@@ -794,6 +794,12 @@ impl Hub {
     /// when the hub cannot be reached, the cache answers: its listing, else the files of the
     /// cached snapshot (only those downloaded so far; a warning says so).
     pub fn list(&self, repo: &Repo, under: &str) -> Result<Listing> {
+        self.list_from(repo, under).map(|(l, _)| l)
+    }
+
+    /// [`Hub::list`], and whether the listing came from the cache because the hub was not asked
+    /// (offline) or could not be reached.
+    fn list_from(&self, repo: &Repo, under: &str) -> Result<(Listing, bool)> {
         let under = under.trim_matches('/');
         let inside = |p: &str| under.is_empty() || p.strip_prefix(under).is_some_and(|r| r.starts_with('/'));
         let listed = |commit: &str| -> Option<Listing> {
@@ -818,7 +824,7 @@ impl Hub {
         };
         let target = repo.to_string();
         if self.opts.offline {
-            return from_cache().map(|(l, _)| l).ok_or_else(|| DataError::Hub {
+            return from_cache().map(|(l, _)| (l, true)).ok_or_else(|| DataError::Hub {
                 target,
                 msg: format!(
                     "no snapshot in the cache {} and HF_HUB_OFFLINE is set; unset it to download",
@@ -826,7 +832,7 @@ impl Hub {
                 ),
             });
         }
-        let unreachable = |why: String| -> Result<Listing> {
+        let unreachable = |why: String| -> Result<(Listing, bool)> {
             match from_cache() {
                 Some((l, true)) => {
                     eprintln!(
@@ -835,7 +841,7 @@ impl Hub {
                         l.files.len(),
                         &l.commit[..12]
                     );
-                    Ok(l)
+                    Ok((l, true))
                 }
                 Some((l, false)) => {
                     eprintln!(
@@ -844,7 +850,7 @@ impl Hub {
                         self.opts.endpoint,
                         l.files.len()
                     );
-                    Ok(l)
+                    Ok((l, true))
                 }
                 None => Err(DataError::Hub {
                     target: target.clone(),
@@ -874,7 +880,7 @@ impl Hub {
             }
         };
         if let Some(l) = listed(&commit) {
-            return Ok(l);
+            return Ok((l, false));
         }
         let folder = if under.is_empty() { String::new() } else { format!("/{}", encode_segment(under)) };
         let mut next = Some(format!("{api}/tree/{commit}{folder}?recursive=true&expand=false"));
@@ -908,7 +914,7 @@ impl Hub {
                 self.write_tree(repo, &commit, &whole);
             }
         }
-        Ok(Listing { commit, files: entries.into_iter().map(|(f, _)| f).collect() })
+        Ok((Listing { commit, files: entries.into_iter().map(|(f, _)| f).collect() }, false))
     }
 
     fn tree_path(&self, repo: &Repo, commit: &str) -> PathBuf {
@@ -976,14 +982,33 @@ impl Hub {
     }
 
     /// Downloads the files of `repo` that `keep` accepts, all from the one commit the revision
-    /// names, and returns the snapshot folder that holds them.
+    /// names, and returns the snapshot folder that holds them. Offline, or when the hub cannot
+    /// be reached, the snapshot is what the cache holds of them (a warning names the others;
+    /// whoever reads the folder says if it needs them).
     pub fn snapshot(&self, repo: &Repo, keep: impl Fn(&str) -> bool) -> Result<PathBuf> {
-        let listing = self.list(repo, "")?;
-        let names: Vec<String> = listing.files.iter().filter(|f| keep(&f.path)).map(|f| f.path.clone()).collect();
+        let (listing, cached) = self.list_from(repo, "")?;
+        let mut names: Vec<String> = listing.files.iter().filter(|f| keep(&f.path)).map(|f| f.path.clone()).collect();
+        if cached {
+            let at = repo.at(&listing.commit);
+            let (have, lack): (Vec<String>, Vec<String>) =
+                names.into_iter().partition(|n| self.cached(&at, n).is_some());
+            if !lack.is_empty() {
+                eprintln!(
+                    "warning: {repo}: {} of its files wanted here are not in the cache, so not in the snapshot: {}",
+                    lack.len(),
+                    lack.join(", ")
+                );
+            }
+            names = have;
+        }
         if names.is_empty() {
             return Err(DataError::Hub {
                 target: repo.to_string(),
-                msg: format!("none of its {} files is one that is wanted here", listing.files.len()),
+                msg: format!(
+                    "none of its {} files is one that is wanted here{}",
+                    listing.files.len(),
+                    if cached { " and in the cache" } else { "" }
+                ),
             });
         }
         self.fetch_at(repo, &listing.commit, &names)?;

@@ -409,6 +409,21 @@ fn a_snapshot_holds_the_files_a_filter_keeps() {
     assert!(!dir.join("nested").exists());
     let e = hub.snapshot(&Repo::new(RepoKind::Model, "org/model"), |_| false).unwrap_err().to_string();
     assert!(e.contains("none of its 3 files"), "{e}");
+
+    // Offline, or with the hub gone, the snapshot is what the cache holds of the wanted files,
+    // though the listing kept for the commit names more (a model's loader says what it lacks).
+    let partial = tempfile::tempdir().unwrap();
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let hub = fake.hub(partial.path());
+    hub.file(&repo, "config.json").unwrap();
+    assert_eq!(hub.list(&repo, "").unwrap().files.len(), 3);
+    let offline = Hub::new(HubOptions { offline: true, progress: false, ..HubOptions::new(&fake.url, partial.path()) });
+    for h in [&offline, &gone_hub(partial.path())] {
+        let dir = h.snapshot(&repo, |p| !p.contains('/')).unwrap();
+        assert!(dir.join("config.json").is_file() && !dir.join("model.safetensors").exists());
+        let e = h.snapshot(&repo, |p| p.ends_with(".safetensors")).unwrap_err().to_string();
+        assert!(e.contains("none of its 3 files is one that is wanted here and in the cache"), "{e}");
+    }
 }
 
 /// A listing cache written by `huggingface_hub` itself (tests/fixtures/make_tree_caches.py).
