@@ -258,6 +258,16 @@ fn datasets_split_at_lambda_shuffle_and_resume() {
     let mut pass2 = Vec::new();
     r.read_blocks(2 * pp.blocks, nb, &mut pass2);
     assert_ne!(pass2, pass1);
+    // Every pass an order of its own: the first nine passes are nine different orders.
+    assert_eq!((r.num_blocks(), r.block_len()), (pp.blocks, 32));
+    let orders: std::collections::HashSet<Vec<u32>> = (0..9)
+        .map(|pass| {
+            let mut v = Vec::new();
+            r.read_blocks(pass * pp.blocks, nb, &mut v);
+            v
+        })
+        .collect();
+    assert_eq!(orders.len(), 9);
     // Deterministic.
     let out2 = dir.path().join("p2");
     let m2 = build_patch_datasets(&shards, &out2, &patch, &data).unwrap();
@@ -440,4 +450,72 @@ fn patch_loss_and_gradients_match_hf_transformers() {
         }
     }
     assert_eq!(checked, 3 * 21 + 20, "every parameter of both models at every K");
+}
+
+#[test]
+fn data_settings_and_manifests_are_checked() {
+    let two = PatchDataConfig { context: 2, ..Default::default() };
+    two.validate().unwrap();
+    for context in [0, 1] {
+        let e = PatchDataConfig { context, ..two.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("context length must be at least 2, got {context}")), "{e}");
+    }
+    let e = PatchDataConfig { epochs: 0, ..two.clone() }.validate().unwrap_err().to_string();
+    assert!(e.contains("epochs must be at least 1"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let shards = make_shards(dir.path(), 40);
+    let out = dir.path().join("p");
+    let data = PatchDataConfig { context: 8, ..Default::default() };
+    let m = build_patch_datasets(&shards, &out, &PatchConfig { k: 2, lambda: 0.5 }, &data).unwrap();
+    assert_eq!(PatchManifest::load(&out).unwrap(), m);
+    // Another format, another version, not JSON, no manifest: refused, each saying so.
+    let path = out.join(patchlm_patch::dataset::MANIFEST);
+    let text = std::fs::read_to_string(&path).unwrap();
+    for (bad, want) in [
+        (text.replace("\"patchlm-patch-data\"", "\"other-data\""), "unsupported format other-data v1"),
+        (text.replace("\"format_version\": 1", "\"format_version\": 2"), "unsupported format patchlm-patch-data v2"),
+        (text[..text.len() / 2].to_string(), "invalid manifest"),
+    ] {
+        assert_ne!(bad, text);
+        std::fs::write(&path, &bad).unwrap();
+        let e = PatchManifest::load(&out).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("patch_manifest.json"), "{e}");
+    }
+    let e = PatchManifest::load(&dir.path().join("none")).unwrap_err().to_string();
+    assert!(e.contains("build patch datasets first"), "{e}");
+
+    // What training reads is fingerprinted: the tokenizer and both phases' blocks, not the
+    // validation blocks; the same cut gives the same fingerprint.
+    let fp = m.training_data_fingerprint();
+    let hex = fp.strip_prefix("sha256:").unwrap();
+    assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "{fp}");
+    let again =
+        build_patch_datasets(&shards, &dir.path().join("q"), &PatchConfig { k: 2, lambda: 0.5 }, &data).unwrap();
+    assert_eq!(again.training_data_fingerprint(), fp);
+    let mut val = m.clone();
+    val.val.sha256 = "sha256:other".into();
+    assert_eq!(val.training_data_fingerprint(), fp);
+    let mut changed = [m.clone(), m.clone(), m.clone(), m.clone()];
+    changed[0].token_phase.sha256 = "sha256:other".into();
+    changed[1].patch_phase.as_mut().unwrap().sha256 = "sha256:other".into();
+    changed[2].patch_phase = None;
+    changed[3].tokenizer_fingerprint = "sha256:other".into();
+    let fps: std::collections::HashSet<String> = changed.iter().map(|c| c.training_data_fingerprint()).collect();
+    assert!(fps.len() == 4 && !fps.contains(&fp), "{fps:?}");
+}
+
+#[test]
+fn block_shuffles_are_uniform_and_differ_by_seed() {
+    // Each of the 3! orders of three blocks about equally often over 6,000 seeds (Sattolo's
+    // variant, or a biased draw, would miss orders or favour some).
+    let mut counts = std::collections::HashMap::new();
+    for seed in 0..6000 {
+        *counts.entry(permutation(3, seed)).or_insert(0usize) += 1;
+    }
+    assert_eq!(counts.len(), 6, "{counts:?}");
+    assert!(counts.values().all(|&c| (850..1150).contains(&c)), "{counts:?}");
+    // Different seeds, different shuffles.
+    let orders: std::collections::HashSet<Vec<u64>> = (0..256).map(|seed| permutation(20, seed)).collect();
+    assert_eq!(orders.len(), 256);
 }

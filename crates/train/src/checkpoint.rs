@@ -107,20 +107,18 @@ fn write_checkpoint_files(
     Ok(())
 }
 
-/// Removes the temp directories (`checkpoints/step-N.tmp`) of checkpoint writes that were killed;
-/// returns how many. Call it only while holding the run ([`crate::RunLock`]).
-pub(crate) fn remove_partial_checkpoints(run_dir: &Path) -> Result<usize> {
+/// Removes the temp directories (`checkpoints/step-N.tmp`) of checkpoint writes that were
+/// killed. Call it only while holding the run ([`crate::RunLock`]).
+pub(crate) fn remove_partial_checkpoints(run_dir: &Path) -> Result<()> {
     let root = run_dir.join("checkpoints");
-    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
-    let mut n = 0;
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(()) };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with("step-") && name.ends_with(".tmp") && e.path().is_dir() {
             std::fs::remove_dir_all(e.path()).map_err(io(e.path()))?;
-            n += 1;
         }
     }
-    Ok(n)
+    Ok(())
 }
 
 /// Complete checkpoints of a run, oldest first.

@@ -557,8 +557,9 @@ fn a_corrupt_checkpoint_is_detected_and_passed_over() {
     // Resuming goes back to step 5 and redoes step 6: the same final weights.
     Trainer::new(cfg.clone(), &pdir, &run, Device::Cpu).unwrap().run(true).unwrap();
     assert_eq!(weights(&run), done, "resuming past a damaged checkpoint changed the result");
-    verify_checkpoint(&cks[1]).unwrap(); // step 6 written again
-                                         // Every checkpoint damaged: no resume from garbage.
+    // Step 6 was written again.
+    verify_checkpoint(&cks[1]).unwrap();
+    // Every checkpoint damaged: no resume from garbage.
     for ck in &list_checkpoints(&run).unwrap() {
         damage(ck);
     }
@@ -567,6 +568,32 @@ fn a_corrupt_checkpoint_is_detected_and_passed_over() {
     // No checksums.json (an older checkpoint): loaded as it is.
     std::fs::remove_file(cks[0].join(CHECKSUMS_FILE)).unwrap();
     verify_checkpoint(&cks[0]).unwrap();
+    // One that cannot be read is not taken for an absent one.
+    std::fs::create_dir(cks[0].join(CHECKSUMS_FILE)).unwrap();
+    let e = verify_checkpoint(&cks[0]).unwrap_err().to_string();
+    assert!(e.contains("step-00000005") && e.contains(&format!("{CHECKSUMS_FILE}: ")), "{e}");
+}
+
+#[test]
+fn checkpoints_are_listed_oldest_first_and_only_whole_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cks = dir.path().join("checkpoints");
+    assert!(list_checkpoints(dir.path()).unwrap().is_empty());
+    // A killed write's temp directory and one with no state.json are not checkpoints, even when
+    // the temp directory got as far as its state.json.
+    for (name, whole) in [
+        ("step-00000010", true),
+        ("step-00000002", true),
+        ("step-00000003.tmp", true),
+        ("step-00000004", false),
+        ("notes", true),
+    ] {
+        std::fs::create_dir_all(cks.join(name)).unwrap();
+        if whole {
+            std::fs::write(cks.join(name).join("state.json"), "{}").unwrap();
+        }
+    }
+    assert_eq!(list_checkpoints(dir.path()).unwrap(), [cks.join("step-00000002"), cks.join("step-00000010")]);
 }
 
 const CHILD_ENV: &str = "PATCHLM_RESUME_CHILD_DIR";
