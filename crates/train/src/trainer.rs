@@ -774,3 +774,20 @@ fn newest_loadable_checkpoint(run_dir: &Path, device: &Device) -> Result<Option<
     }
     first_err.map_or(Ok(None), Err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_times_read_as_hours_minutes_seconds() {
+        assert_eq!(clock(0.0), "0:00:00");
+        assert_eq!(clock(59.4), "0:00:59");
+        assert_eq!(clock(59.6), "0:01:00");
+        assert_eq!(clock(3725.0), "1:02:05");
+        assert_eq!(clock(97_200.0), "27:00:00");
+        assert_eq!(clock(-3.0), "0:00:00");
+        assert_eq!(step_at("patch", 10, 65, 6.0), "patch step     10/65 (0:00:06)");
+        assert_eq!(step_at("token", 1234567, 2000000, 3600.0), "token step 1234567/2000000 (1:00:00)");
+    }
+}

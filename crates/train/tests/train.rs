@@ -266,7 +266,8 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     assert_eq!(plans.len(), 2);
     assert_eq!((plans[0].name.as_str(), plans[0].k, plans[0].blocks_per_step), ("patch", 4, 4));
     assert_eq!((plans[1].name.as_str(), plans[1].k, plans[1].blocks_per_step), ("token", 1, 16));
-    assert_eq!(plans[0].tokens_per_step(), plans[1].tokens_per_step());
+    assert_eq!((plans[0].tokens_per_step(), plans[1].tokens_per_step()), (128, 128));
+    assert_eq!(cfg.train.tokens_per_step, 128);
     let s = tr.run(false).unwrap();
     assert_eq!(s.phases.iter().map(|p| p.steps).collect::<Vec<_>>(), vec![6, 6]);
     assert!((s.relative_cost - 0.625).abs() < 1e-9, "{}", s.relative_cost);
@@ -314,7 +315,7 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     assert_eq!((st.len(), ev.len()), (12, evals.len()));
     assert_eq!((st[11].global_step, st[11].tokens_seen), (12, s.tokens));
     let switch = ev.iter().rfind(|e| e.phase == "patch").unwrap();
-    assert_eq!((switch.global_step, switch.tokens_seen), (6, 6 * plans[0].tokens_per_step() as u64));
+    assert_eq!((switch.global_step, switch.tokens_seen), (6, 6 * 128));
     // FLOPs at the switch: the patch phase's positions only, K-fold fewer than its tokens.
     let fpp = cfg.model.flops_per_position(cfg.blocks.context);
     assert!((switch.flops - switch.tokens_seen as f64 / 4.0 * fpp).abs() < 1e-6 * switch.flops);
@@ -598,13 +599,26 @@ fn checkpoints_are_listed_oldest_first_and_only_whole_ones() {
 
 const CHILD_ENV: &str = "PATCHLM_RESUME_CHILD_DIR";
 
+/// In a child process that [`child_test`] started (`env` naming its directory): the directory
+/// and the patch datasets and config of [`pipeline`] built there.
+fn as_child(env: &str) -> Option<(PathBuf, PathBuf, RunConfig)> {
+    let dir = PathBuf::from(std::env::var(env).ok()?);
+    let (_, pdir, cfg) = pipeline(&dir, 0.5);
+    Some((dir, pdir, cfg))
+}
+
+/// This test binary, to run only the ignored test `name`, with `env` naming `dir`.
+fn child_test(name: &str, env: &str, dir: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"]).env(env, dir);
+    cmd
+}
+
 /// Not a test on its own: the child process of `kill_and_resume_is_bit_identical`.
 #[test]
 #[ignore]
 fn resume_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
-    let dir = PathBuf::from(dir);
-    let (_, pdir, cfg) = pipeline(&dir, 0.5);
+    let Some((dir, pdir, cfg)) = as_child(CHILD_ENV) else { return };
     // Slow steps so the parent's kill lands in the patch phase.
     let t = Trainer::new(cfg, &pdir, &dir.join("run"), Device::Cpu).unwrap();
     let mut t = t.on_step(|_| std::thread::sleep(std::time::Duration::from_millis(400)));
@@ -688,9 +702,7 @@ fn kill_and_resume_is_bit_identical() {
 
     // The same run in a child process, killed with SIGKILL during the patch phase.
     let dir_b = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "resume_child", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir_b.path())
+    let mut child = child_test("resume_child", CHILD_ENV, dir_b.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -813,4 +825,122 @@ fn a_summary_of_a_run_in_a_directory_not_named_in_utf8_serializes() {
     assert!(json.contains("\"model_dir\":\"r\u{fffd}/model\""), "{json}");
     let back: patchlm_train::RunSummary = serde_json::from_str(&json).unwrap();
     assert_eq!(back.tokens, 1);
+}
+
+#[test]
+fn a_run_directory_is_claimed_again_after_a_claim_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(RunLock::acquire(dir.path()).unwrap());
+    // A claim ended, then one held: a third claim from this process shares the held one (and is
+    // not refused by the lock this process holds).
+    let held = RunLock::acquire(dir.path()).unwrap();
+    let again = RunLock::acquire(dir.path()).unwrap();
+    drop(held);
+    assert!(patchlm_train::lock::is_held(dir.path()));
+    drop(again);
+}
+
+#[test]
+fn bf16_is_kept_in_the_saved_config_and_f32_is_left_out() {
+    let f32_cfg = RunConfig::default();
+    assert_eq!(f32_cfg.train.dtype, "f32");
+    let bf16 = RunConfig { train: TrainConfig { dtype: "bf16".into(), ..f32_cfg.train.clone() }, ..f32_cfg.clone() };
+    let text = |c: &RunConfig| serde_json::to_value(c).unwrap()["train"].clone();
+    assert_eq!(text(&bf16)["dtype"], "bf16");
+    assert!(text(&f32_cfg).get("dtype").is_none(), "{}", text(&f32_cfg));
+    assert_ne!(bf16.fingerprint(), f32_cfg.fingerprint());
+}
+
+const STATUS_CHILD_ENV: &str = "PATCHLM_STATUS_CHILD_DIR";
+
+/// Not a test on its own: the child process of `status_lines_in_a_batch_log_follow_the_settings`.
+#[test]
+#[ignore]
+fn status_child() {
+    let Some((dir, pdir, mut cfg)) = as_child(STATUS_CHILD_ENV) else { return };
+    cfg.train.progress = std::env::var("PATCHLM_STATUS_CHILD_PROGRESS").as_deref() == Ok("1");
+    Trainer::new(cfg, &pdir, &dir.join("run"), Device::Cpu).unwrap().run(false).unwrap();
+}
+
+/// Where stderr is no terminal (a batch job's log), training writes a line at each validation,
+/// and a step line each PATCHLM_LOG_SECS; with `progress = false`, nothing.
+#[test]
+fn status_lines_in_a_batch_log_follow_the_settings() {
+    let run = |progress: bool, log_secs: Option<&str>| -> (Vec<String>, Vec<f64>, Vec<(String, usize)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = child_test("status_child", STATUS_CHILD_ENV, dir.path());
+        cmd.env("PATCHLM_STATUS_CHILD_PROGRESS", if progress { "1" } else { "0" })
+            .env_remove(patchlm_data::progress::LOG_SECS_ENV);
+        if let Some(s) = log_secs {
+            cmd.env(patchlm_data::progress::LOG_SECS_ENV, s);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{err}");
+        let lines = err.lines().filter(|l| l.contains(" step ")).map(str::to_string).collect();
+        let (steps, evals) = patchlm_train::read_metrics(&dir.path().join("run/metrics.jsonl")).unwrap();
+        (
+            lines,
+            evals.iter().map(|e| e.val_loss).collect(),
+            steps.iter().map(|s| (s.phase.clone(), s.global_step)).collect(),
+        )
+    };
+    let (lines, val_losses, steps) = run(true, Some("0"));
+    // Every validation, the first one before any step included, with the loss metrics.jsonl has.
+    let val_lines: Vec<&String> = lines.iter().filter(|l| l.contains(": validation loss ")).collect();
+    assert_eq!(val_lines.len(), val_losses.len(), "{lines:#?}");
+    for (l, v) in val_lines.iter().zip(&val_losses) {
+        assert!(l.contains(&format!("validation loss {v:.4}")), "{l}");
+    }
+    assert!(val_lines[0].starts_with("patch step      0/6 (0:00:00): validation loss "), "{}", val_lines[0]);
+    // A line at every step (PATCHLM_LOG_SECS=0): where each phase stands, and the time as h:mm:ss.
+    let step_lines: Vec<&String> = lines.iter().filter(|l| l.contains(": loss ")).collect();
+    assert_eq!(step_lines.len(), steps.len(), "{lines:#?}");
+    for (i, (l, (phase, _))) in step_lines.iter().zip(&steps).enumerate() {
+        let prefix = format!("{phase:>5} step {:>6}/6 (", i % 6 + 1);
+        assert!(l.starts_with(&prefix), "{l} (wanted {prefix})");
+        let time = &l[prefix.len()..l.find(')').unwrap()];
+        let parts: Vec<&str> = time.split(':').collect();
+        assert!(parts.len() == 3 && parts[1].len() == 2 && parts[2].len() == 2, "{l}");
+        assert!(parts.iter().all(|p| p.parse::<u64>().is_ok()), "{l}");
+        assert!(l.contains(" tokens/s, phase eta 0:00:"), "{l}");
+    }
+    // The default interval (a minute) is longer than this run: validations only.
+    let (lines, val_losses, _) = run(true, None);
+    assert_eq!(lines.len(), val_losses.len(), "{lines:#?}");
+    assert!(lines.iter().all(|l| l.contains(": validation loss ")), "{lines:#?}");
+    // Asked for no progress: no lines.
+    let (lines, _, _) = run(false, Some("0"));
+    assert!(lines.is_empty(), "{lines:#?}");
+}
+
+/// The validation loss is the mean next-token loss over every validation block, the last
+/// micro-batch short or not: the final one logged equals the saved model's loss computed here a
+/// block at a time.
+#[test]
+fn validation_loss_is_the_mean_over_every_validation_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let (shards, _, mut cfg) = pipeline(dir.path(), 0.5);
+    // Seven validation blocks in micro-batches of two: the last holds one block.
+    let pdir = dir.path().join("seven");
+    let blocks = patchlm_patch::PatchDataConfig { max_val_blocks: 7, ..cfg.blocks.clone() };
+    let m = patchlm_patch::build_patch_datasets(&shards, &pdir, &cfg.patch, &blocks).unwrap();
+    assert_eq!((m.val.blocks, cfg.train.micro_batch), (7, 2));
+    cfg.train.max_steps_per_phase = 2;
+    let run = dir.path().join("run");
+    let s = Trainer::new(cfg, &pdir, &run, Device::Cpu).unwrap().run(false).unwrap();
+    let (model, _) = patchlm_model::load_pretrained(&run.join("model"), &Device::Cpu, DType::F32).unwrap();
+    let val = patchlm_patch::BlockReader::open(&pdir, &m.val).unwrap();
+    let mut buf = Vec::new();
+    let mut sum = 0.0;
+    for b in 0..7 {
+        val.read_blocks(b, 1, &mut buf);
+        let ids = Tensor::from_vec(buf.clone(), (1, 9), &Device::Cpu).unwrap();
+        sum += patchlm_patch::patch_loss(&model, &ids, 1).unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    let want = sum / 7.0;
+    let (_, evals) = patchlm_train::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let logged = evals.last().unwrap().val_loss;
+    assert!((logged - want).abs() < 1e-5 * want, "logged {logged}, computed {want}");
+    assert_eq!(s.val_loss, logged);
 }
