@@ -248,7 +248,8 @@ fn weights(dir: &Path) -> Vec<u8> {
 #[test]
 fn phases_plan_equal_tokens_per_step_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let (shards, pdir, cfg) = pipeline(dir.path(), 0.5);
+    let (shards, pdir, mut cfg) = pipeline(dir.path(), 0.5);
+    cfg.train.min_lr_ratio = 0.1;
     let run = dir.path().join("run");
     let tok = std::fs::read_to_string(shards.join("tokenizer.json")).unwrap();
     // Each validation reaches the hook once its line can be read back from metrics.jsonl.
@@ -284,8 +285,32 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     for k in ["loss", "lr", "grad_norm", "tokens_per_sec", "step_secs", "mfu", "tokens_seen"] {
         assert!(steps[5][k].is_number(), "{k}");
     }
-    // A fresh optimizer and schedule per phase: warmup restarts at the switch.
-    assert_eq!(steps[0]["lr"], steps[6]["lr"]);
+    // A fresh optimizer and schedule per phase: in each, two steps of linear warmup to 3e-3,
+    // then a cosine to 3e-4 (hand-computed: 3e-4 + 1.35e-3 · (1 + cos(π·i/4)) at step 2 + i).
+    let want = [0.0015, 0.003, 0.003, 0.002604594154601839, 0.00165, 0.0006954058453981609];
+    for (i, st) in steps.iter().enumerate() {
+        let lr = st["lr"].as_f64().unwrap();
+        assert!((lr - want[i % 6]).abs() < 1e-15, "step {i}: lr {lr}, want {}", want[i % 6]);
+    }
+    // The first step's loss and gradient norm (before clipping) are the initial model's on the
+    // step's four patch blocks, as candle's autograd computes them in one batch (the trainer
+    // runs two micro-batches of two through the hand-written backward pass).
+    let (model, varmap) = patchlm_model::init_model(&cfg.model, &Device::Cpu, cfg.seed).unwrap();
+    let patch_blocks = patchlm_patch::BlockReader::open(&pdir, &plans[0].file).unwrap();
+    let mut buf = Vec::new();
+    patch_blocks.read_blocks(0, 4, &mut buf);
+    let ids = Tensor::from_vec(buf, (4, 32), &Device::Cpu).unwrap();
+    let loss = patchlm_patch::patch_loss(&model, &ids, 4).unwrap();
+    let grads = loss.backward().unwrap();
+    let sumsq: f64 = varmap
+        .all_vars()
+        .iter()
+        .map(|v| grads.get(v).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+        .sum();
+    let (l0, g0) = (steps[0]["loss"].as_f64().unwrap(), steps[0]["grad_norm"].as_f64().unwrap());
+    let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((l0 - want_loss).abs() < 1e-5 * want_loss, "loss {l0}, autograd {want_loss}");
+    assert!((g0 - sumsq.sqrt()).abs() < 1e-4 * g0, "grad norm {g0}, autograd {}", sumsq.sqrt());
     let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "eval").collect();
     assert!(evals.len() >= 4 && evals[0]["global_step"] == 0);
     let hooked = hooked.borrow();
@@ -319,6 +344,9 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     // FLOPs at the switch: the patch phase's positions only, K-fold fewer than its tokens.
     let fpp = cfg.model.flops_per_position(cfg.blocks.context);
     assert!((switch.flops - switch.tokens_seen as f64 / 4.0 * fpp).abs() < 1e-6 * switch.flops);
+    // And halfway through the patch phase, its three steps' only.
+    let third = ev.iter().find(|e| e.global_step == 3).unwrap();
+    assert!((third.flops - 3.0 * 128.0 / 4.0 * fpp).abs() < 1e-6 * third.flops, "{}", third.flops);
     assert!((ev.last().unwrap().flops - s.flops).abs() < 1e-6 * s.flops);
     assert!(ev.windows(2).all(|w| w[1].train_secs >= w[0].train_secs));
     // A second run into the same directory without --resume is refused.
@@ -496,7 +524,10 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     // A checkpoint written before a setting existed (its stored config lacks the key, its
     // state's fingerprint was computed without it) resumes: the stored config is fingerprinted
     // again with the new setting at its default.
-    let ck = list_checkpoints(&run).unwrap().pop().unwrap();
+    // (The older of the two kept, so that the resumed run writes one more.)
+    let cks = list_checkpoints(&run).unwrap();
+    let ck = cks[0].clone();
+    std::fs::remove_dir_all(&cks[1]).unwrap();
     let mut stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ck.join(RUN_CONFIG_FILE)).unwrap()).unwrap();
     stored["data"]["source"].as_object_mut().unwrap().remove("sample_by").unwrap();
@@ -511,6 +542,11 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     }
     std::fs::write(ck.join(CHECKSUMS_FILE), serde_json::to_vec_pretty(&sums).unwrap()).unwrap();
     Trainer::new(c.clone(), &pdir, &run, Device::Cpu).unwrap().run(true).unwrap();
+    // The checkpoints written after it know the data again.
+    let newest = load_checkpoint(&list_checkpoints(&run).unwrap().pop().unwrap(), &Device::Cpu).unwrap();
+    assert_ne!(newest.path, ck);
+    let manifest = patchlm_patch::PatchManifest::load(&pdir).unwrap();
+    assert_eq!(newest.state.data_fingerprint, manifest.training_data_fingerprint());
     // An absurd learning rate blows up; the error says so and good checkpoints remain.
     let run2 = dir.path().join("nan");
     let mut c = cfg.clone();
@@ -652,8 +688,22 @@ fn a_requested_stop_checkpoints_and_resumes_bit_identically() {
         other => panic!("expected a stop after step 2, got {other:?}"),
     }
     assert!(!run_b.join("model").exists());
-    Trainer::new(cfg, &pdir, &run_b, Device::Cpu).unwrap().run(true).unwrap();
+    Trainer::new(cfg.clone(), &pdir, &run_b, Device::Cpu).unwrap().run(true).unwrap();
     assert_eq!(weights(&run_a), weights(&run_b), "resumed weights differ from the uninterrupted run");
+    // A stop at the phase switch: its checkpoint holds no optimizer state (the token phase
+    // starts a fresh one), and the run resumes from it all the same.
+    let run_c = dir.path().join("c");
+    let mut asked = 0;
+    let at_switch = || {
+        asked += 1;
+        asked == 6
+    };
+    let e = Trainer::new(cfg.clone(), &pdir, &run_c, Device::Cpu).unwrap().stop_when(at_switch).run(false);
+    assert!(matches!(e, Err(TrainError::Stopped { global_step: 6, .. })), "{e:?}");
+    let ck = load_checkpoint(&list_checkpoints(&run_c).unwrap().pop().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!((ck.state.phase, ck.state.optimizer_step, ck.optimizer.len()), (1, 0, 0));
+    Trainer::new(cfg, &pdir, &run_c, Device::Cpu).unwrap().run(true).unwrap();
+    assert_eq!(weights(&run_a), weights(&run_c), "resumed at the switch, the weights differ");
 }
 
 /// A checkpoint that cannot be written (here a file in the way of its directory; a full disk
