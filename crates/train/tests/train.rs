@@ -559,6 +559,10 @@ fn resume_refuses_a_different_config_and_nan_keeps_the_last_checkpoint() {
     let cks = list_checkpoints(&run2).unwrap();
     assert!(!cks.is_empty());
     let ck = load_checkpoint(cks.last().unwrap(), &Device::Cpu).unwrap();
+    // The error names the step that failed: the one after the last good checkpoint.
+    let TrainError::NonFinite { phase, step, global_step, .. } = &e else { unreachable!() };
+    let next = ck.state.global_step + 1;
+    assert_eq!((phase.as_str(), *step, *global_step), ("patch", next, next), "{e}");
     for (name, t) in &ck.model {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "{name} in the kept checkpoint is not finite");
@@ -661,6 +665,15 @@ fn resume_child() {
     t.run(false).unwrap();
 }
 
+/// A stop asked for after the `n`-th step.
+fn stop_after(n: usize) -> impl FnMut() -> bool {
+    let mut asked = 0;
+    move || {
+        asked += 1;
+        asked == n
+    }
+}
+
 /// A stop asked for between steps (what `pretrain` does on Ctrl-C or SIGTERM) writes that step's
 /// checkpoint, even where none was due, and returns naming it; resuming ends where an
 /// uninterrupted run ends, bit for bit.
@@ -672,12 +685,7 @@ fn a_requested_stop_checkpoints_and_resumes_bit_identically() {
     let run_a = dir.path().join("a");
     Trainer::new(cfg.clone(), &pdir, &run_a, Device::Cpu).unwrap().run(false).unwrap();
     let run_b = dir.path().join("b");
-    let mut asked = 0;
-    let stop_at_second = || {
-        asked += 1;
-        asked == 2
-    };
-    let e = Trainer::new(cfg.clone(), &pdir, &run_b, Device::Cpu).unwrap().stop_when(stop_at_second).run(false);
+    let e = Trainer::new(cfg.clone(), &pdir, &run_b, Device::Cpu).unwrap().stop_when(stop_after(2)).run(false);
     match e {
         Err(TrainError::Stopped { global_step: 2, checkpoint }) => {
             assert_eq!(checkpoint, run_b.join("checkpoints/step-00000002"));
@@ -693,12 +701,7 @@ fn a_requested_stop_checkpoints_and_resumes_bit_identically() {
     // A stop at the phase switch: its checkpoint holds no optimizer state (the token phase
     // starts a fresh one), and the run resumes from it all the same.
     let run_c = dir.path().join("c");
-    let mut asked = 0;
-    let at_switch = || {
-        asked += 1;
-        asked == 6
-    };
-    let e = Trainer::new(cfg.clone(), &pdir, &run_c, Device::Cpu).unwrap().stop_when(at_switch).run(false);
+    let e = Trainer::new(cfg.clone(), &pdir, &run_c, Device::Cpu).unwrap().stop_when(stop_after(6)).run(false);
     assert!(matches!(e, Err(TrainError::Stopped { global_step: 6, .. })), "{e:?}");
     let ck = load_checkpoint(&list_checkpoints(&run_c).unwrap().pop().unwrap(), &Device::Cpu).unwrap();
     assert_eq!((ck.state.phase, ck.state.optimizer_step, ck.optimizer.len()), (1, 0, 0));
