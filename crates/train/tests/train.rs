@@ -312,7 +312,9 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     assert!((l0 - want_loss).abs() < 1e-5 * want_loss, "loss {l0}, autograd {want_loss}");
     assert!((g0 - sumsq.sqrt()).abs() < 1e-4 * g0, "grad norm {g0}, autograd {}", sumsq.sqrt());
     let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == "eval").collect();
-    assert!(evals.len() >= 4 && evals[0]["global_step"] == 0);
+    // Before the first step, every third step (eval_every) and at each phase's end.
+    let eval_steps: Vec<u64> = evals.iter().map(|e| e["global_step"].as_u64().unwrap()).collect();
+    assert_eq!(eval_steps, [0, 3, 6, 9, 12]);
     let hooked = hooked.borrow();
     assert_eq!(hooked.len(), evals.len());
     for (h, e) in hooked.iter().zip(&evals) {
@@ -344,6 +346,23 @@ fn phases_plan_equal_tokens_per_step_and_metrics() {
     // FLOPs at the switch: the patch phase's positions only, K-fold fewer than its tokens.
     let fpp = cfg.model.flops_per_position(cfg.blocks.context);
     assert!((switch.flops - switch.tokens_seen as f64 / 4.0 * fpp).abs() < 1e-6 * switch.flops);
+    // Each step's throughput and MFU from its time: 128 tokens, over 4 patch blocks of 8
+    // patches or 16 token blocks of 8 positions.
+    for (i, m) in st.iter().enumerate() {
+        let positions = if i < 6 { 4.0 * 8.0 } else { 16.0 * 8.0 };
+        assert!((m.tokens_per_sec - 128.0 / m.step_secs).abs() < 1e-9 * m.tokens_per_sec, "{m:?}");
+        let mfu = positions * fpp / m.step_secs / cfg.train.peak_flops;
+        assert!((m.mfu - mfu).abs() < 1e-9 * mfu, "{m:?}");
+    }
+    // A phase's throughput is the median of its steps' (the upper of the middle two).
+    for (p, steps) in s.phases.iter().zip(st.chunks(6)) {
+        let mut tps: Vec<f64> = steps.iter().map(|m| m.tokens_per_sec).collect();
+        tps.sort_by(f64::total_cmp);
+        assert_eq!(p.tokens_per_sec, tps[3]);
+    }
+    // Training time grows from validation to validation, up to the run's.
+    assert!(ev.windows(2).all(|w| w[0].train_secs < w[1].train_secs), "{ev:?}");
+    assert!(ev.last().unwrap().train_secs <= s.train_secs);
     // And halfway through the patch phase, its three steps' only.
     let third = ev.iter().find(|e| e.global_step == 3).unwrap();
     assert!((third.flops - 3.0 * 128.0 / 4.0 * fpp).abs() < 1e-6 * third.flops, "{}", third.flops);
@@ -996,4 +1015,29 @@ fn validation_loss_is_the_mean_over_every_validation_block() {
     let logged = evals.last().unwrap().val_loss;
     assert!((logged - want).abs() < 1e-5 * want, "logged {logged}, computed {want}");
     assert_eq!(s.val_loss, logged);
+}
+
+/// Validations and checkpoints come every so many steps, and at each phase's end; with 0, only
+/// there (validation also before the first step).
+#[test]
+fn validations_and_checkpoints_come_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pdir, cfg) = pipeline(dir.path(), 0.5);
+    for (i, (eval_every, checkpoint_every, evals, cks)) in
+        [(5, 4, vec![0, 5, 6, 10, 12], vec![4, 6, 8, 12]), (0, 0, vec![0, 6, 12], vec![6, 12])].into_iter().enumerate()
+    {
+        let mut c = cfg.clone();
+        (c.train.eval_every, c.train.checkpoint_every, c.train.keep_checkpoints) = (eval_every, checkpoint_every, 100);
+        let run = dir.path().join(format!("run{i}"));
+        Trainer::new(c, &pdir, &run, Device::Cpu).unwrap().run(false).unwrap();
+        let (_, ev) = patchlm_train::read_metrics(&run.join("metrics.jsonl")).unwrap();
+        assert_eq!(ev.iter().map(|e| e.global_step).collect::<Vec<_>>(), evals);
+        let names: Vec<String> = list_checkpoints(&run)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let want: Vec<String> = cks.iter().map(|n| format!("step-{n:08}")).collect();
+        assert_eq!(names, want);
+    }
 }
