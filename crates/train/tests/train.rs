@@ -1055,3 +1055,29 @@ fn validations_and_checkpoints_come_when_asked() {
         assert_eq!(names, want);
     }
 }
+
+/// Each step trains on the next blocks of its phase's file: a step's logged loss is the loss of
+/// the checkpoint before it on those blocks (patch step 2 on patch blocks 4..8, token step 2 on
+/// token blocks 16..32).
+#[test]
+fn each_step_reads_the_next_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pdir, mut cfg) = pipeline(dir.path(), 0.5);
+    cfg.train.keep_checkpoints = 100;
+    let run = dir.path().join("run");
+    let mut tr = Trainer::new(cfg, &pdir, &run, Device::Cpu).unwrap();
+    let plans = tr.plans().to_vec();
+    tr.run(false).unwrap();
+    let (steps, _) = patchlm_train::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    for (global, plan, first) in [(2, &plans[0], 4), (8, &plans[1], 16)] {
+        let before = run.join(format!("checkpoints/step-{:08}", global - 1));
+        let (model, _) = patchlm_model::load_pretrained(&before, &Device::Cpu, DType::F32).unwrap();
+        let blocks = patchlm_patch::BlockReader::open(&pdir, &plan.file).unwrap();
+        let mut buf = Vec::new();
+        blocks.read_blocks(first, plan.blocks_per_step, &mut buf);
+        let ids = Tensor::from_vec(buf, (plan.blocks_per_step, plan.file.block_len), &Device::Cpu).unwrap();
+        let want = patchlm_patch::patch_loss(&model, &ids, plan.k).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = steps[global - 1].loss;
+        assert!((got - want).abs() < 1e-5 * want, "step {global}: logged {got}, blocks {first}.. give {want}");
+    }
+}
