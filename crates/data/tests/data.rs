@@ -630,6 +630,16 @@ fn reader_ranges_cross_shard_and_batch_boundaries() {
     assert_eq!(train.document(3).unwrap().to_vec(), docs[3]);
     assert!(train.tokens(0, flat.len() as u64 + 1).is_err());
     assert!(train.document(5).is_err());
+    // Sizes: each document's, the chunks' of a range across shards, the splits'.
+    for (i, d) in docs.iter().enumerate() {
+        let c = train.document(i as u64).unwrap();
+        assert_eq!((c.len(), c.is_empty()), (d.len(), false));
+    }
+    let lens: Vec<usize> = train.chunks(2, 13).unwrap().map(|c| c.len()).collect();
+    assert_eq!(lens, [1, 4, 5, 1]);
+    assert!(train.chunks(4, 4).unwrap().next().is_none());
+    assert!(patchlm_data::TokenChunk::U16(&[]).is_empty() && !patchlm_data::TokenChunk::U16(&[7]).is_empty());
+    assert_eq!((train.is_empty(), ds.val().is_empty(), ds.val().len()), (false, true, 0));
 }
 
 /// The sha256 of every file of `dir`, by name.
