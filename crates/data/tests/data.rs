@@ -868,6 +868,18 @@ fn corrupted_and_truncated_shards_are_refused() {
     std::fs::write(&shard, &good[..5]).unwrap();
     let e = Dataset::open_with(&out, &ReaderOptions { verify_checksums: false }).err().unwrap().to_string();
     assert!(e.contains("truncated"), "{e}");
+    // A shard whose documents (only) disagree with the manifest's count is refused.
+    std::fs::write(&shard, &good).unwrap();
+    let mpath = out.join(patchlm_data::shard::MANIFEST);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let rows = m["shards"][0]["rows"].as_u64().unwrap();
+    m["shards"][0]["rows"] = (rows + 1).into();
+    std::fs::write(&mpath, m.to_string()).unwrap();
+    let e = Dataset::open(&out).err().unwrap().to_string();
+    assert!(
+        e.contains(&format!("holds {rows} documents")) && e.contains(&format!("manifest says {} / ", rows + 1)),
+        "{e}"
+    );
     // A missing manifest says what the directory should be.
     let e = Dataset::open(dir.path()).err().unwrap().to_string();
     assert!(e.contains("manifest.json") && e.contains("cargo xtask data"), "{e}");
