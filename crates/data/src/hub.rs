@@ -797,9 +797,9 @@ impl Hub {
         self.list_from(repo, under).map(|(l, _)| l)
     }
 
-    /// [`Hub::list`], and whether the listing came from the cache because the hub was not asked
-    /// (offline) or could not be reached.
-    fn list_from(&self, repo: &Repo, under: &str) -> Result<(Listing, bool)> {
+    /// [`Hub::list`], and whether the hub answered it or the cache did (offline, or the hub
+    /// could not be reached).
+    fn list_from(&self, repo: &Repo, under: &str) -> Result<(Listing, ListedBy)> {
         let under = under.trim_matches('/');
         let inside = |p: &str| under.is_empty() || p.strip_prefix(under).is_some_and(|r| r.starts_with('/'));
         let listed = |commit: &str| -> Option<Listing> {
@@ -807,11 +807,10 @@ impl Hub {
             files.retain(|f| inside(&f.path));
             Some(Listing { commit: commit.to_string(), files })
         };
-        // (the listing, whether it is complete)
-        let from_cache = || -> Option<(Listing, bool)> {
+        let from_cache = || -> Option<CachedListing> {
             let commit = self.cached_commit(repo)?;
             if let Some(l) = listed(&commit) {
-                return Some((l, true));
+                return Some(CachedListing::Whole(l));
             }
             let root = self.repo_dir(repo).join("snapshots").join(&commit);
             if !root.is_dir() {
@@ -820,11 +819,11 @@ impl Hub {
             let mut files = Vec::new();
             walk_files(&root, &root.join(under), &mut files);
             files.sort_by(|a: &RepoFile, b| a.path.cmp(&b.path));
-            Some((Listing { commit, files }, false))
+            Some(CachedListing::Downloaded(Listing { commit, files }))
         };
         let target = repo.to_string();
         if self.opts.offline {
-            return from_cache().map(|(l, _)| (l, true)).ok_or_else(|| DataError::Hub {
+            return from_cache().map(|c| (c.listing(), ListedBy::Cache)).ok_or_else(|| DataError::Hub {
                 target,
                 msg: format!(
                     "no snapshot in the cache {} and HF_HUB_OFFLINE is set; unset it to download",
@@ -832,25 +831,25 @@ impl Hub {
                 ),
             });
         }
-        let unreachable = |why: String| -> Result<(Listing, bool)> {
+        let unreachable = |why: String| -> Result<(Listing, ListedBy)> {
             match from_cache() {
-                Some((l, true)) => {
+                Some(CachedListing::Whole(l)) => {
                     eprintln!(
                         "warning: {}: {why}; listing {repo} from the cache (all {} files of commit {})",
                         self.opts.endpoint,
                         l.files.len(),
                         &l.commit[..12]
                     );
-                    Ok((l, true))
+                    Ok((l, ListedBy::Cache))
                 }
-                Some((l, false)) => {
+                Some(CachedListing::Downloaded(l)) => {
                     eprintln!(
                         "warning: {}: {why}; listing {repo} from the cache, which knows only the {} files downloaded \
                          before (any others are left out)",
                         self.opts.endpoint,
                         l.files.len()
                     );
-                    Ok((l, true))
+                    Ok((l, ListedBy::Cache))
                 }
                 None => Err(DataError::Hub {
                     target: target.clone(),
@@ -880,7 +879,7 @@ impl Hub {
             }
         };
         if let Some(l) = listed(&commit) {
-            return Ok((l, false));
+            return Ok((l, ListedBy::Hub));
         }
         let folder = if under.is_empty() { String::new() } else { format!("/{}", encode_segment(under)) };
         let mut next = Some(format!("{api}/tree/{commit}{folder}?recursive=true&expand=false"));
@@ -914,7 +913,7 @@ impl Hub {
                 self.write_tree(repo, &commit, &whole);
             }
         }
-        Ok((Listing { commit, files: entries.into_iter().map(|(f, _)| f).collect() }, false))
+        Ok((Listing { commit, files: entries.into_iter().map(|(f, _)| f).collect() }, ListedBy::Hub))
     }
 
     fn tree_path(&self, repo: &Repo, commit: &str) -> PathBuf {
@@ -986,7 +985,8 @@ impl Hub {
     /// be reached, the snapshot is what the cache holds of them (a warning names the others;
     /// whoever reads the folder says if it needs them).
     pub fn snapshot(&self, repo: &Repo, keep: impl Fn(&str) -> bool) -> Result<PathBuf> {
-        let (listing, cached) = self.list_from(repo, "")?;
+        let (listing, by) = self.list_from(repo, "")?;
+        let cached = by == ListedBy::Cache;
         let mut names: Vec<String> = listing.files.iter().filter(|f| keep(&f.path)).map(|f| f.path.clone()).collect();
         if cached {
             let at = repo.at(&listing.commit);
@@ -1036,7 +1036,8 @@ fn read_api_body(resp: ureq::http::Response<ureq::Body>, target: &str) -> Result
         .map_err(|e| DataError::Hub { target: target.to_string(), msg: format!("reading the hub's answer: {e}") })
 }
 
-/// The files of one page of the `tree` API (folders are skipped), with what
+/// The files of one page of the `tree` API (folders are skipped, and so is a path that is not
+/// [`is_relative_path`]: joined to the snapshot folder it would leave it), with what
 /// `huggingface_hub` keeps of each in its listing cache.
 fn parse_tree(text: &str) -> std::result::Result<Vec<(RepoFile, Option<TreeCacheEntry>)>, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("the hub's listing is not JSON: {e}"))?;
@@ -1059,8 +1060,32 @@ fn parse_tree(text: &str) -> std::result::Result<Vec<(RepoFile, Option<TreeCache
             };
             Some((RepoFile { path: path.to_string(), size }, cached))
         })
-        .filter(|(f, _)| !f.path.split('/').any(|p| p == ".." || p.is_empty()))
+        .filter(|(f, _)| is_relative_path(&f.path))
         .collect())
+}
+
+/// Who answered a listing: the hub (its commit asked of it; the files may still come from the
+/// listing kept for that commit), or the cache alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListedBy {
+    Hub,
+    Cache,
+}
+
+/// A listing the cache can give without the hub.
+enum CachedListing {
+    /// Every file of the commit: the listing kept for it.
+    Whole(Listing),
+    /// Only the files of the commit's snapshot folder, those downloaded so far.
+    Downloaded(Listing),
+}
+
+impl CachedListing {
+    fn listing(self) -> Listing {
+        match self {
+            CachedListing::Whole(l) | CachedListing::Downloaded(l) => l,
+        }
+    }
 }
 
 /// The version of `huggingface_hub`'s listing cache format that is read and written.
@@ -1531,6 +1556,31 @@ mod tests {
         let e = hub.file(&repo.at("../../x"), "config.json").unwrap_err().to_string();
         assert!(e.contains("the revision `../../x`"), "{e}");
         assert!(is_relative_path("refs/pr/1") && is_relative_path("data/train-0.parquet"));
+    }
+
+    #[test]
+    fn a_listing_keeps_files_inside_the_repository() {
+        let page = r#"[
+            {"type": "directory", "path": "data", "oid": "d0", "size": 0},
+            {"type": "file", "path": "data/a.jsonl", "oid": "b1", "size": 12},
+            {"type": "file", "path": "w.safetensors", "oid": "b2", "size": 130,
+             "lfs": {"oid": "5e", "size": 4096, "pointerSize": 130}},
+            {"type": "file", "path": "../escape", "oid": "b3", "size": 1},
+            {"type": "file", "path": "a/./b", "oid": "b4", "size": 1},
+            {"type": "file", "path": "a\\b", "oid": "b5", "size": 1},
+            {"type": "file", "path": "/abs", "oid": "b6", "size": 1},
+            {"type": "file", "path": "no-oid", "size": 3}
+        ]"#;
+        let files = parse_tree(page).unwrap();
+        let got: Vec<(&str, Option<u64>, bool)> =
+            files.iter().map(|(f, e)| (f.path.as_str(), f.size, e.is_some())).collect();
+        assert_eq!(
+            got,
+            [("data/a.jsonl", Some(12), true), ("w.safetensors", Some(4096), true), ("no-oid", Some(3), false)]
+        );
+        let lfs = files[1].1.as_ref().unwrap();
+        assert_eq!((lfs.size, lfs.lfs_size, lfs.lfs_sha256.as_deref()), (130, Some(4096), Some("5e")));
+        assert!(parse_tree("{}").unwrap_err().contains("not a list"));
     }
 
     #[test]
