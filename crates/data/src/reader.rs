@@ -299,7 +299,9 @@ pub fn map_ipc_file(path: &Path) -> Result<(arrow_schema::SchemaRef, Vec<arrow_a
     // place. A file truncated by another process after this point is outside what we can guard.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
     let len = mmap.len();
-    if len < 10 + 8 {
+    // The file is the leading magic (8 bytes with its padding), the batches, the footer, then
+    // the footer's length and the closing magic (10 bytes).
+    if len < 8 + 10 {
         return Err(serr(format!("{len} bytes is too short for an Arrow IPC file (truncated?)")));
     }
     let ptr = NonNull::new(mmap.as_ptr() as *mut u8).ok_or_else(|| serr("empty map".into()))?;
@@ -308,22 +310,29 @@ pub fn map_ipc_file(path: &Path) -> Result<(arrow_schema::SchemaRef, Vec<arrow_a
     let trailer: [u8; 10] = buffer[len - 10..].try_into().map_err(|_| serr("bad trailer".into()))?;
     let footer_len =
         read_footer_length(trailer).map_err(|e| serr(format!("not an Arrow IPC file (truncated?): {e}")))?;
-    if footer_len + 10 > len {
+    if footer_len > len - 8 - 10 {
         return Err(serr("footer length past the start of the file (truncated?)".into()));
     }
-    let footer =
-        root_as_footer(&buffer[len - 10 - footer_len..len - 10]).map_err(|e| serr(format!("bad footer: {e}")))?;
+    let footer_start = len - 10 - footer_len;
+    let footer = root_as_footer(&buffer[footer_start..len - 10]).map_err(|e| serr(format!("bad footer: {e}")))?;
     let fb_schema = footer.schema().ok_or_else(|| serr("footer has no schema".into()))?;
     let schema = Arc::new(try_fb_to_schema(fb_schema).map_err(|e| serr(format!("bad schema: {e}")))?);
     let decoder = FileDecoder::new(schema.clone(), footer.version()).with_require_alignment(true);
     let blocks: Vec<_> = footer.recordBatches().map(|b| b.iter().copied().collect()).unwrap_or_default();
     let mut out = Vec::with_capacity(blocks.len());
     for block in blocks {
-        let block_len = block.bodyLength() as usize + block.metaDataLength() as usize;
-        let off = block.offset() as usize;
-        if off.checked_add(block_len).is_none_or(|end| end > len) {
-            return Err(serr("record batch past the end of the file (truncated?)".into()));
-        }
+        // (offset, length) of the batch, when both are in range: negative values are not.
+        let span = usize::try_from(block.offset()).ok().zip(
+            usize::try_from(block.bodyLength())
+                .ok()
+                .zip(usize::try_from(block.metaDataLength()).ok())
+                .and_then(|(body, meta)| body.checked_add(meta)),
+        );
+        let Some((off, block_len)) =
+            span.filter(|&(off, n)| off >= 8 && off.checked_add(n).is_some_and(|end| end <= footer_start))
+        else {
+            return Err(serr("a record batch lies outside the file's data, before its footer (truncated?)".into()));
+        };
         let data = buffer.slice_with_length(off, block_len);
         let batch = decoder
             .read_record_batch(&block, &data)

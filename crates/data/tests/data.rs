@@ -885,6 +885,87 @@ fn corrupted_and_truncated_shards_are_refused() {
     assert!(e.contains("manifest.json") && e.contains("cargo xtask data"), "{e}");
 }
 
+/// An Arrow IPC file whose footer, or a record batch the footer names, lies outside the file is
+/// refused with an error naming the file, at the exact bounds: the footer may reach back to the
+/// leading magic and no further, a batch may end where the footer starts and no later.
+#[test]
+fn ipc_footers_and_batches_that_point_outside_the_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = ShardWriter::new(dir.path(), Split::Train, TokenDtype::Uint16, 100, 1 << 20);
+    w.push(&[1, 2, 3]).unwrap();
+    w.push(&[4, 5]).unwrap();
+    let infos = w.finish().unwrap();
+    let path = dir.path().join(&infos[0].file);
+    let good = std::fs::read(&path).unwrap();
+    let len = good.len();
+    let footer_len = i32::from_le_bytes(good[len - 10..len - 6].try_into().unwrap()) as usize;
+    let footer_start = len - 10 - footer_len;
+    let map_with = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        patchlm_data::map_ipc_file(&path).map(|(_, b)| b.len()).map_err(|e| e.to_string())
+    };
+    assert_eq!(map_with(&good), Ok(1));
+    // The two magics and a footer length are 18 bytes: 17 is too short to be one; 18 is long
+    // enough, with an empty footer.
+    let empty = [&b"ARROW1\0\0"[..], &0i32.to_le_bytes(), b"ARROW1"].concat();
+    assert!(map_with(&empty[1..]).is_err_and(|e| e.contains("17 bytes is too short")));
+    assert!(map_with(&empty).is_err_and(|e| e.contains(&infos[0].file) && !e.contains("too short")));
+    let with_footer_len = |n: usize| {
+        let mut b = good.clone();
+        b[len - 10..len - 6].copy_from_slice(&(n as i32).to_le_bytes());
+        map_with(&b)
+    };
+    for past in [len - 17, len - 10, len, 1 << 30] {
+        let e = with_footer_len(past).unwrap_err();
+        assert!(e.contains(&infos[0].file) && e.contains("footer length past the start"), "{past}: {e}");
+    }
+    // Reaching back exactly to the magic passes that check (and then fails as a footer).
+    let e = with_footer_len(len - 18).unwrap_err();
+    assert!(e.contains(&infos[0].file) && !e.contains("past the start"), "{e}");
+
+    // The batch's entry in the footer: offset (i64), metadata length (i32, padded to 8), body
+    // length (i64), all little-endian.
+    let footer = arrow_ipc::root_as_footer(&good[footer_start..len - 10]).unwrap();
+    let block = footer.recordBatches().unwrap().get(0);
+    let (off, meta, body) = (block.offset() as usize, block.metaDataLength() as usize, block.bodyLength() as usize);
+    let mut entry = (off as i64).to_le_bytes().to_vec();
+    entry.extend((meta as i32).to_le_bytes());
+    entry.extend([0; 4]);
+    entry.extend((body as i64).to_le_bytes());
+    let at = footer_start
+        + good[footer_start..len - 10]
+            .windows(entry.len())
+            .position(|w| w == entry.as_slice())
+            .expect("the block entry");
+    let with_offset = |o: i64| {
+        let mut b = good.clone();
+        b[at..at + 8].copy_from_slice(&o.to_le_bytes());
+        map_with(&b)
+    };
+    let outside = |e: &str| e.contains(&infos[0].file) && e.contains("a record batch lies outside the file's data");
+    // A negative or overflowing length in the entry, too.
+    for (field, v) in [(16, -1i64), (16, i64::MAX), (8, -1)] {
+        let mut b = good.clone();
+        if field == 8 {
+            b[at + 8..at + 12].copy_from_slice(&(v as i32).to_le_bytes());
+        } else {
+            b[at + field..at + field + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        assert!(map_with(&b).is_err_and(|e| outside(&e)), "{field}: {v}");
+    }
+    let end = (footer_start - meta - body) as i64;
+    for o in [end + 1, len as i64, i64::MAX, 7, 0, -8] {
+        let e = with_offset(o).unwrap_err();
+        assert!(outside(&e), "offset {o}: {e}");
+    }
+    // Ending exactly where the footer starts (8 bytes after where the writer puts the batch, the
+    // stream's end marker between), or starting right after the magic (the schema's message),
+    // passes that check, and fails as a batch.
+    for o in [end, 8] {
+        assert!(with_offset(o).is_err_and(|e| !outside(&e) && e.contains("cannot decode a record batch")), "{o}");
+    }
+}
+
 #[test]
 fn token_ids_that_do_not_fit_are_refused() {
     let dir = tempfile::tempdir().unwrap();
