@@ -1230,6 +1230,16 @@ fn corpus_helpers_cut_and_shuffle_deterministically() {
     let mut sorted = a.clone();
     sorted.sort();
     assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    // The exact orders, from an independent SplitMix64 Fisher-Yates (tests/fixtures/
+    // splitmix_shuffle.py): the default corpus's document order rests on them.
+    for (seed, want) in
+        [(1, [4, 6, 7, 9, 11, 3, 10, 1, 2, 0, 8, 5]), (20240717, [6, 3, 8, 5, 10, 7, 11, 2, 4, 9, 0, 1])]
+    {
+        let mut v: Vec<u32> = (0..12).collect();
+        patchlm_data::corpus::shuffle(&mut v, seed);
+        assert_eq!(v, want, "seed {seed}");
+    }
+    assert_eq!(patchlm_data::corpus::SHUFFLE_SEED, 20240717);
 }
 
 /// A tokenizer laid out as LLaMA 2's (SentencePiece BPE with byte fallback, converted by
