@@ -233,7 +233,8 @@ pub(crate) fn json_values(
         }
         T::FixedSizeList(_, n) => {
             let l = a.as_fixed_size_list();
-            let offsets: Vec<usize> = (0..=a.len()).map(|i| i * *n as usize + l.offset() * *n as usize).collect();
+            // (a slice of the array slices its values: they start at its first row)
+            let offsets: Vec<usize> = (0..=a.len()).map(|i| i * *n as usize).collect();
             lists(a, &offsets, l.values().as_ref())?
         }
         T::Struct(fields) => {
@@ -268,4 +269,41 @@ pub(crate) fn json_values(
         }
         other => return Err(format!("values of type {other} are not read as JSON")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::builder::{FixedSizeListBuilder, Int32Builder, ListBuilder, StringDictionaryBuilder};
+    use arrow_array::types::Int8Type;
+    use serde_json::json;
+
+    /// Sliced arrays (offsets that do not start at 0) read as their own rows.
+    #[test]
+    fn sliced_arrays_read_as_their_rows() {
+        let at = |i: usize| format!("row {i}");
+        let mut fixed = FixedSizeListBuilder::new(Int32Builder::new(), 2);
+        let mut list = ListBuilder::new(Int32Builder::new());
+        for i in 0..5 {
+            fixed.values().append_slice(&[i, 10 * i]);
+            fixed.append(true);
+            list.values().append_slice(&(0..i).collect::<Vec<_>>());
+            list.append(i != 3);
+        }
+        let fixed = fixed.finish().slice(2, 3);
+        assert_eq!(json_values(&fixed, &at).unwrap(), [json!([2, 20]), json!([3, 30]), json!([4, 40])]);
+        let list = list.finish().slice(1, 3);
+        assert_eq!(json_values(&list, &at).unwrap(), [json!([0]), json!([0, 1]), json!(null)]);
+        let mut dict = StringDictionaryBuilder::<Int8Type>::new();
+        for v in [Some("a"), Some("b"), None, Some("a")] {
+            dict.append_option(v);
+        }
+        let dict = dict.finish().slice(1, 3);
+        assert_eq!(json_values(&dict, &at).unwrap(), [json!("b"), json!(null), json!("a")]);
+        let bad = arrow_array::BinaryArray::from(vec![&b"ok"[..], &[0xff, 0xfe]]);
+        let e = json_values(&bad, &at).unwrap_err();
+        assert!(e.starts_with("row 1: bytes that are not UTF-8"), "{e}");
+        let date = arrow_array::Date32Array::from(vec![1]);
+        assert_eq!(json_values(&date, &at).unwrap_err(), "values of type Date32 are not read as JSON");
+    }
 }
