@@ -678,6 +678,81 @@ fn reader_ranges_cross_shard_and_batch_boundaries() {
     assert_eq!((train.is_empty(), ds.val().is_empty(), ds.val().len()), (false, true, 0));
 }
 
+/// A shard holds record batches of about 1 Mi tokens (the reader's unit of mapping): a batch is
+/// closed by the document that takes it to 1 Mi tokens or past.
+#[test]
+fn shards_hold_batches_of_a_mebitoken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = ShardWriter::new(dir.path(), Split::Train, TokenDtype::Uint16, 1000, 1 << 30);
+    let doc: Vec<u32> = (0..100_000).map(|i| i % 1000).collect();
+    for _ in 0..26 {
+        w.push(&doc).unwrap();
+    }
+    let infos = w.finish().unwrap();
+    assert_eq!(infos.len(), 1);
+    let (_, batches) = patchlm_data::map_ipc_file(&dir.path().join(&infos[0].file)).unwrap();
+    // Eleven documents (1,100,000 tokens) reach 1,048,576; ten (1,000,000) do not.
+    assert_eq!(batches.iter().map(|b| b.num_rows()).collect::<Vec<_>>(), [11, 11, 4]);
+}
+
+/// A manifest counts each split's tokens and documents as the reader finds them, and one of
+/// another format or version is refused, naming the file.
+#[test]
+fn manifests_count_their_splits_and_refuse_other_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = corpus(dir.path(), 80);
+    let out = dir.path().join("s");
+    build_shards(&[&c], &out, &small_cfg(), TokenizerSource::Train, false).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let m = ds.manifest();
+    for split in [Split::Train, Split::Val] {
+        let stream = ds.split(split);
+        assert!(stream.num_documents() > 0);
+        assert_eq!((m.tokens(split), m.documents(split)), (stream.len(), stream.num_documents()), "{split:?}");
+    }
+    let path = out.join(patchlm_data::shard::MANIFEST);
+    let good: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (field, value) in [("format", serde_json::json!("other-shards")), ("format_version", serde_json::json!(99))] {
+        let mut bad = good.clone();
+        bad[field] = value;
+        std::fs::write(&path, bad.to_string()).unwrap();
+        let e = Manifest::load(&out).unwrap_err().to_string();
+        assert!(e.contains("manifest.json") && e.contains("is not supported"), "{field}: {e}");
+    }
+}
+
+/// An atomic file is written beside its path and appears there whole on commit, with the size
+/// and sha256 of what was written; flushed, its temp file holds what was written so far;
+/// dropped uncommitted, nothing is left.
+#[test]
+fn atomic_files_appear_whole_or_not_at_all() {
+    use patchlm_data::shard::AtomicFile;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.bin");
+    let temps = || -> Vec<PathBuf> {
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).filter(|p| p != &path).collect()
+    };
+    let mut f = AtomicFile::create(&path).unwrap();
+    f.write_all(b"hello, ").unwrap();
+    f.flush().unwrap();
+    let tmp = temps();
+    assert_eq!(tmp.len(), 1);
+    assert!(tmp[0].to_string_lossy().ends_with(".tmp"), "{tmp:?}");
+    assert_eq!(std::fs::read(&tmp[0]).unwrap(), b"hello, ");
+    f.write_all(b"world").unwrap();
+    assert!(!path.exists());
+    let (bytes, sha) = f.commit().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello, world");
+    // sha256("hello, world"), from `printf 'hello, world' | sha256sum`
+    assert_eq!((bytes, sha.as_str()), (12, "sha256:09ca7e4eaa6e8ae9c7d261167129184883644d07dfba7cbfbc4c8a2e08360d5b"));
+    assert!(temps().is_empty());
+    let mut g = AtomicFile::create(&path).unwrap();
+    g.write_all(b"half").unwrap();
+    drop(g);
+    assert!(temps().is_empty(), "{:?}", temps());
+    assert_eq!(std::fs::read(&path).unwrap(), b"hello, world");
+}
+
 /// The sha256 of every file of `dir`, by name.
 fn files_of(dir: &Path) -> std::collections::BTreeMap<String, String> {
     std::fs::read_dir(dir)
