@@ -705,6 +705,17 @@ fn manifests_count_their_splits_and_refuse_other_formats() {
     build_shards(&[&c], &out, &small_cfg(), TokenizerSource::Train, false).unwrap();
     let ds = Dataset::open(&out).unwrap();
     let m = ds.manifest();
+    // The shards' identity is the manifest's sha256 (every shard's sha256 is in it): the same
+    // build, the same; another split of the same text, another.
+    let id = patchlm_data::shard::shards_identity(&out).unwrap();
+    assert_eq!(id, patchlm_data::shard::sha256_file(&out.join(patchlm_data::shard::MANIFEST)).unwrap());
+    let again = dir.path().join("again");
+    build_shards(&[&c], &again, &small_cfg(), TokenizerSource::Train, false).unwrap();
+    assert_eq!(patchlm_data::shard::shards_identity(&again).unwrap(), id);
+    let other = dir.path().join("other");
+    let cfg = DataConfig { val_fraction: 0.3, ..small_cfg() };
+    build_shards(&[&c], &other, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_ne!(patchlm_data::shard::shards_identity(&other).unwrap(), id);
     for split in [Split::Train, Split::Val] {
         let stream = ds.split(split);
         assert!(stream.num_documents() > 0);
@@ -1320,6 +1331,12 @@ fn byte_level_bpe_round_trips_any_text() {
         let doc = tokenizer::encode_document(&tok, t, &sp).unwrap();
         assert_eq!(doc[..doc.len() - 1], framed[..]);
     }
+    // The smallest vocabulary is the 256 bytes and the 3 special tokens, and it is all there is.
+    let tiny = tokenizer::train_bpe(texts.iter(), &TokenizerConfig { vocab_size: 259, ..cfg.clone() }).unwrap();
+    assert_eq!(tiny.get_vocab_size(true), 259);
+    let e = tokenizer::train_bpe(texts.iter(), &TokenizerConfig { vocab_size: 258, ..cfg.clone() }).unwrap_err();
+    assert!(e.to_string().contains("vocab_size must be at least 259"), "{e}");
+    assert_eq!(tok.get_vocab_size(true), 300);
     let without = TokenizerConfig { add_bos: false, ..cfg.clone() };
     let tok2 = tokenizer::train_bpe(texts.iter(), &without).unwrap();
     assert_eq!(tok2.encode("abc", true).unwrap().get_ids(), tok2.encode("abc", false).unwrap().get_ids());
