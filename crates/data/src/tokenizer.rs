@@ -150,12 +150,10 @@ where
 /// `tokenizer(text)`, Python `tokenizers`' `encode(text)`), as Llama 3's `tokenizer.json` does:
 /// documents are trained as BOS + text, so a model's users encode prompts the same way. Our own
 /// encoding adds BOS itself and asks for no special tokens. `None` for a token name a template
-/// cannot hold (with spaces or a colon).
+/// cannot hold (with spaces, which split a template, or a colon, which gives a type id): the
+/// builder refuses it.
 fn bos_template(tok: &Tokenizer, bos: &str) -> Option<TemplateProcessing> {
     let id = tok.token_to_id(bos)?;
-    if bos.contains(char::is_whitespace) || bos.contains(':') {
-        return None;
-    }
     TemplateProcessing::builder()
         .try_single(format!("{bos} $A"))
         .ok()?

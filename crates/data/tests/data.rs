@@ -705,6 +705,11 @@ fn manifests_count_their_splits_and_refuse_other_formats() {
     build_shards(&[&c], &out, &small_cfg(), TokenizerSource::Train, false).unwrap();
     let ds = Dataset::open(&out).unwrap();
     let m = ds.manifest();
+    // The tokenizer's fingerprint is the sha256 of the tokenizer.json saved beside the shards.
+    let tok = tokenizer::load_tokenizer(&out.join(TOKENIZER_FILE)).unwrap();
+    let fp = tokenizer::fingerprint(&tok).unwrap();
+    assert_eq!(fp, patchlm_data::shard::sha256_file(&out.join(TOKENIZER_FILE)).unwrap());
+    assert_eq!(fp, m.tokenizer_fingerprint);
     // The shards' identity is the manifest's sha256 (every shard's sha256 is in it): the same
     // build, the same; another split of the same text, another.
     let id = patchlm_data::shard::shards_identity(&out).unwrap();
@@ -1195,6 +1200,40 @@ fn a_tokenizer_without_document_tokens_gets_them() {
     assert!(e.contains(".jsonl: document ") && e.contains(": encoding failed: "), "{e}");
 }
 
+/// Only a BOS token that was added gets the post-processor that puts it before a text (a
+/// tokenizer that has its own BOS keeps its own framing), and only one whose name a template can
+/// hold.
+#[test]
+fn only_an_added_bos_frames_texts() {
+    let word_level = |vocab: serde_json::Value| {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        Tokenizer::from_bytes(json.to_string()).unwrap()
+    };
+    let framed = |tok: &Tokenizer| tok.encode("a b", true).unwrap().get_ids().to_vec();
+    // Has a BOS, lacks an EOS: only the EOS is added, and texts are not framed.
+    let mut tok = word_level(serde_json::json!({"<unk>": 0, "a": 1, "b": 2, "<|bos|>": 3}));
+    let added = tokenizer::add_missing_special_tokens(&mut tok, &TokenizerConfig::default()).unwrap();
+    assert_eq!(added, [("<|eos|>".to_string(), 4)]);
+    assert_eq!(framed(&tok), [1, 2]);
+    // Lacks both: both added, texts framed with the BOS.
+    let mut tok = word_level(serde_json::json!({"<unk>": 0, "a": 1, "b": 2}));
+    let added = tokenizer::add_missing_special_tokens(&mut tok, &TokenizerConfig::default()).unwrap();
+    assert_eq!(added, [("<|eos|>".to_string(), 3), ("<|bos|>".to_string(), 4)]);
+    assert_eq!(framed(&tok), [4, 1, 2]);
+    // A BOS named with a space or a colon is added, but a template cannot hold it.
+    for bos in ["<b os>", "<b:0>"] {
+        let mut tok = word_level(serde_json::json!({"<unk>": 0, "a": 1, "b": 2}));
+        let cfg = TokenizerConfig { bos_token: bos.into(), ..Default::default() };
+        let added = tokenizer::add_missing_special_tokens(&mut tok, &cfg).unwrap();
+        assert_eq!(added.len(), 2, "{bos}");
+        assert_eq!(framed(&tok), [1, 2], "{bos}");
+    }
+}
+
 /// Over `max_train_bytes`, the tokenizer trains on every input file in proportion to its size,
 /// not on the first files alone: with two sources of different words, the first larger than the
 /// whole budget, the second's words still become tokens.
@@ -1337,6 +1376,14 @@ fn byte_level_bpe_round_trips_any_text() {
     let e = tokenizer::train_bpe(texts.iter(), &TokenizerConfig { vocab_size: 258, ..cfg.clone() }).unwrap_err();
     assert!(e.to_string().contains("vocab_size must be at least 259"), "{e}");
     assert_eq!(tok.get_vocab_size(true), 300);
+    // A text alone, the strings of special tokens in it as characters: a document's middle.
+    let t = "before <|eos|> and <|bos|> after";
+    let ids = tokenizer::encode_text(&tok, t).unwrap();
+    assert_eq!(ids, ordinary.encode(t, false).unwrap().get_ids());
+    assert!(!ids.contains(&sp.eos) && !ids.contains(&bos));
+    assert_eq!(tok.decode(&ids, false).unwrap(), t);
+    let doc = tokenizer::encode_document(&tok, t, &sp).unwrap();
+    assert_eq!((doc[0], &doc[1..doc.len() - 1], doc[doc.len() - 1]), (bos, &ids[..], sp.eos));
     let without = TokenizerConfig { add_bos: false, ..cfg.clone() };
     let tok2 = tokenizer::train_bpe(texts.iter(), &without).unwrap();
     assert_eq!(tok2.encode("abc", true).unwrap().get_ids(), tok2.encode("abc", false).unwrap().get_ids());
