@@ -1,6 +1,6 @@
 //! The data stage end to end: sources → tokenizer → shards → manifest.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -118,10 +118,9 @@ pub fn split_of(text: &str, seed: u64, val_fraction: f64) -> Split {
     }
 }
 
-fn total_input_bytes<P: AsRef<Path>>(inputs: &[P]) -> u64 {
-    crate::source::expand_inputs(inputs)
-        .map(|files| files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
-        .unwrap_or(0)
+/// The input files' size on disk (the progress bars' total).
+fn total_input_bytes(files: &[PathBuf]) -> u64 {
+    files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()
 }
 
 /// The documents a tokenizer trains on: all of them within `limit` bytes; over it, each file
@@ -308,7 +307,7 @@ fn build<P: AsRef<Path>>(
     let what = format!("another build into {}", out.display());
     let _lock = crate::shard::lock_exclusive(&lock_path, &what, &format!("building into {}", out.display()))?;
     let files = crate::source::expand_inputs(inputs)?;
-    let in_bytes = total_input_bytes(inputs);
+    let in_bytes = total_input_bytes(&files);
     let prior = Journal::find(out);
 
     let t0 = Instant::now();

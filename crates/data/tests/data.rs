@@ -607,6 +607,11 @@ fn shards_split_determinism_roundtrip_and_reader() {
     assert_eq!(m.dtype, TokenDtype::Uint16);
     let sp = m.special_tokens;
     let texts: Vec<String> = docs_of(std::slice::from_ref(&c), &SourceConfig::default()).unwrap();
+    // The summary counts what was read and written.
+    let text_bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+    assert_eq!((s.bytes, s.tokens), (text_bytes, m.tokens(Split::Train) + m.tokens(Split::Val)));
+    assert_eq!((s.train_tokens, s.val_tokens), (m.tokens(Split::Train), m.tokens(Split::Val)));
+    assert_eq!(s.tokens_per_byte(), s.tokens as f64 / text_bytes as f64);
     let mut by_split = std::collections::HashMap::new();
     for t in &texts {
         by_split.entry(split_of(t, 0, cfg.val_fraction)).or_insert_with(Vec::new).push(t.clone());
@@ -625,6 +630,37 @@ fn shards_split_determinism_roundtrip_and_reader() {
     let e = m.check_tokenizer(&out1, "sha256:0000").unwrap_err().to_string();
     assert!(e.contains("does not match"), "{e}");
     m.check_tokenizer(&out1, &tokenizer::fingerprint(&tok).unwrap()).unwrap();
+}
+
+/// The split of a document is its FNV-1a hash (seed bytes, then text), finished with
+/// SplitMix64's mixer, as a fraction of 2^53: below `val_fraction`, validation. Golden hashes
+/// from a Python implementation:
+///
+/// ```python
+/// M = (1 << 64) - 1
+/// def u53(text, seed):
+///     x = 0xCBF29CE484222325
+///     for b in seed.to_bytes(8, "little") + text.encode():
+///         x = ((x ^ b) * 0x100000001B3) & M
+///     x ^= x >> 30; x = (x * 0xBF58476D1CE4E5B9) & M
+///     x ^= x >> 27; x = (x * 0x94D049BB133111EB) & M
+///     return (x ^ (x >> 31)) >> 11
+/// ```
+#[test]
+fn documents_split_by_their_hash() {
+    let cases = [
+        ("hello", 0, 7_295_902_126_357_085u64),
+        ("", 7, 6_127_194_759_128_816),
+        ("To be, or not to be", 3, 3_001_173_335_055_491),
+    ];
+    for (text, seed, h) in cases {
+        let u = h as f64 / (1u64 << 53) as f64;
+        // Exactly at the fraction is training; the next float up is validation.
+        assert_eq!(split_of(text, seed, u), Split::Train, "{text:?}");
+        assert_eq!(split_of(text, seed, u.next_up()), Split::Val, "{text:?}");
+        assert_eq!(split_of(text, seed, 0.0), Split::Train);
+        assert_eq!(split_of(text, seed, 1.0), Split::Val);
+    }
 }
 
 #[test]
