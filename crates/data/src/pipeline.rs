@@ -589,3 +589,70 @@ fn reusable_tokenizer(prior: Option<&Journal>, out: &Path, ident: Option<&serde_
     let tok = tokenizer::load_tokenizer(&out.join(TOKENIZER_FILE)).ok()?;
     (tokenizer::fingerprint(&tok).ok()? == j.tokenizer_fingerprint).then_some(tok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Over its limit, the tokenizer's sample takes from each file its share of the limit (in
+    /// proportion to the file's size on disk): whole documents while they fit, then the next
+    /// one cut at the share (at a character boundary), then nothing more from that file. Within
+    /// the limit, every document whole.
+    #[test]
+    fn the_training_sample_takes_each_files_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |t: &str| format!("{}\n", serde_json::json!({ "text": t }));
+        let a_docs: Vec<String> = (0..10).map(|i| format!("{i}{}", "a".repeat(99))).collect();
+        let b_docs: Vec<String> = (0..4).map(|i| format!("{i}{}", "é".repeat(30))).collect();
+        let files = vec![dir.path().join("a.jsonl"), dir.path().join("b.jsonl")];
+        std::fs::write(&files[0], a_docs.iter().map(|t| line(t)).collect::<String>()).unwrap();
+        std::fs::write(&files[1], b_docs.iter().map(|t| line(t)).collect::<String>()).unwrap();
+        let sizes: Vec<u64> = files.iter().map(|f| f.metadata().unwrap().len()).collect();
+        let total: u64 = sizes.iter().sum();
+        let source = SourceConfig::default();
+        let pb = ByteBar::new(0, false, "test");
+        let sample = |limit: u64| TrainingSample::new(&files, &source, limit, &pb).collect::<Vec<String>>();
+
+        let all: Vec<String> = a_docs.iter().chain(&b_docs).cloned().collect();
+        assert_eq!(sample(total), all);
+        assert_eq!(sample(u64::MAX), all);
+
+        // By hand: the documents of one file up to `share` bytes, the last one cut.
+        fn upto(docs: &[String], share: usize) -> Vec<String> {
+            let (mut out, mut taken) = (Vec::new(), 0);
+            for d in docs {
+                if taken >= share {
+                    break;
+                }
+                let mut cut = (share - taken).min(d.len());
+                while !d.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                out.push(d[..cut].to_string());
+                taken = if cut < d.len() { share } else { taken + cut };
+            }
+            out
+        }
+        for limit in [450, 700, 1000] {
+            let share = |i: usize| (limit * sizes[i] / total) as usize;
+            assert!(share(0) < a_docs.iter().map(String::len).sum::<usize>(), "{limit}");
+            let want: Vec<String> = [upto(&a_docs, share(0)), upto(&b_docs, share(1))].concat();
+            let got = sample(limit);
+            assert_eq!(got, want, "limit {limit}: shares {} and {}", share(0), share(1));
+            assert!(got.iter().map(String::len).sum::<usize>() <= limit as usize);
+        }
+        // At 450 bytes: the shares are 356 (1120 bytes of 1412) and 93 (292 of 1412); the
+        // second file's second document would be cut at 93 − 61 = 32 bytes, inside an é.
+        assert_eq!(sizes, [1120, 292]);
+        let got = sample(450);
+        assert_eq!(got.iter().map(String::len).collect::<Vec<_>>(), [100, 100, 100, 56, 61, 31]);
+
+        // Each file gives at least a byte, but the sample stops at its limit: 2 of 4 files.
+        let small: Vec<PathBuf> = (0..4).map(|i| dir.path().join(format!("s{i}.jsonl"))).collect();
+        for f in &small {
+            std::fs::write(f, line("xyz")).unwrap();
+        }
+        let got: Vec<String> = TrainingSample::new(&small, &source, 2, &pb).collect();
+        assert_eq!(got, ["x", "x"]);
+    }
+}

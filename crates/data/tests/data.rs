@@ -356,6 +356,14 @@ fn bad_inputs_give_clear_errors() {
     build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap();
     write(&out.join("train-00001.arrow.77-0.tmp"), b"left by a killed writer");
     build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap();
+    // Names near a build's own are not its own.
+    let near = d.join("near");
+    let names = ["train-notes.txt", "data.arrow", "manifest.json.bak", "stray.tmp"];
+    for name in names {
+        write(&near.join(name), b"x");
+    }
+    let e = build_shards(&[d.join("in.txt")], &near, &bcfg, TokenizerSource::Train, false).unwrap_err().to_string();
+    assert!(names.iter().all(|n| e.contains(n)), "{e}");
     // Parquet without the text column names the columns it has.
     write(&d.join("p.parquet"), &parquet(&[Some("x".into())], "body"));
     let e = docs_of(&[d.join("p.parquet")], &cfg).unwrap_err().to_string();
