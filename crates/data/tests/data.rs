@@ -909,6 +909,14 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
     assert_eq!(s.resumed_shards, m.shards.len());
     assert_eq!(files_of(&whole), want);
+    // A finished build missing a shard (deleted, or changed so its checksum fails) makes it and
+    // the later ones of its split again, keeping the rest, instead of serving the manifest as
+    // it was.
+    assert_eq!(m.shards[1].split, Split::Train);
+    std::fs::remove_file(whole.join(&m.shards[1].file)).unwrap();
+    let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!(s.resumed_shards, 1 + count(Split::Val));
+    assert_eq!(files_of(&whole), want);
     // Made by an earlier revision of the build (as if this crate had since changed what it makes
     // of these inputs): made again, not kept, though the inputs and settings are the same.
     assert!(m.is_current());
