@@ -170,8 +170,9 @@ fn run(cli: Cli) -> Result<()> {
             let s = patchlm_data::corpus::assemble_default_corpus(&out, &cache)?;
             if s.cached {
                 println!(
-                    "corpus already at {} ({} documents, {:.1} MB)",
+                    "corpus already at {} ({} works, {} documents, {:.1} MB)",
                     s.path.display(),
+                    s.works,
                     s.documents,
                     s.bytes as f64 / 1e6
                 );

@@ -289,6 +289,17 @@ fn load_shard(
     Ok(())
 }
 
+/// Where a record batch's bytes lie in an IPC file, as (offset, length), when they lie after the
+/// leading magic (8 bytes) and end at or before the footer; `None` for anything else, negative
+/// or overflowing values included.
+fn batch_span(block: &arrow_ipc::Block, footer_start: usize) -> Option<(usize, usize)> {
+    let off = usize::try_from(block.offset()).ok()?;
+    let meta = usize::try_from(block.metaDataLength()).ok()?;
+    let body = usize::try_from(block.bodyLength()).ok()?;
+    let len = meta.checked_add(body)?;
+    (off >= 8 && off.checked_add(len)? <= footer_start).then_some((off, len))
+}
+
 /// Memory-maps an Arrow IPC file and decodes its record batches without copying: the arrays'
 /// buffers point into the map (kept alive by the arrays). Errors name the file and say when it
 /// looks truncated.
@@ -321,16 +332,7 @@ pub fn map_ipc_file(path: &Path) -> Result<(arrow_schema::SchemaRef, Vec<arrow_a
     let blocks: Vec<_> = footer.recordBatches().map(|b| b.iter().copied().collect()).unwrap_or_default();
     let mut out = Vec::with_capacity(blocks.len());
     for block in blocks {
-        // (offset, length) of the batch, when both are in range: negative values are not.
-        let span = usize::try_from(block.offset()).ok().zip(
-            usize::try_from(block.bodyLength())
-                .ok()
-                .zip(usize::try_from(block.metaDataLength()).ok())
-                .and_then(|(body, meta)| body.checked_add(meta)),
-        );
-        let Some((off, block_len)) =
-            span.filter(|&(off, n)| off >= 8 && off.checked_add(n).is_some_and(|end| end <= footer_start))
-        else {
+        let Some((off, block_len)) = batch_span(&block, footer_start) else {
             return Err(serr("a record batch lies outside the file's data, before its footer (truncated?)".into()));
         };
         let data = buffer.slice_with_length(off, block_len);
