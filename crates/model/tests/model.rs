@@ -630,9 +630,25 @@ fn presets_and_param_counts() {
     let counted: usize = named_tensors(&vm).unwrap().iter().map(|(_, t)| t.elem_count()).sum();
     assert_eq!(counted as u64, t.num_params());
     assert!(ModelConfig::preset("nope").is_err());
-    let mut bad = t.clone();
-    bad.num_attention_heads = 3;
-    assert!(bad.validate().is_err());
+    t.validate().unwrap();
+    // Each size check refuses its own case, and says which sizes do not fit.
+    let refused = |edit: fn(&mut ModelConfig), says: &str| {
+        let mut bad = t.clone();
+        edit(&mut bad);
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    };
+    refused(|c| c.vocab_size = 0, "must be positive");
+    refused(|c| c.hidden_size = 0, "must be positive");
+    refused(|c| c.intermediate_size = 0, "must be positive");
+    refused(|c| c.num_hidden_layers = 0, "must be positive");
+    refused(|c| c.num_attention_heads = 3, "hidden_size 32 is not divisible by num_attention_heads 3");
+    // No heads at all: `32 % 0` is no remainder to Rust's `is_multiple_of`, so 0 needs its own check.
+    refused(|c| c.num_attention_heads = 0, "hidden_size 32 is not divisible by num_attention_heads 0");
+    refused(|c| (c.hidden_size, c.num_attention_heads, c.num_key_value_heads) = (36, 4, 2), "head dim 9 must be even");
+    refused(|c| c.num_key_value_heads = 0, "num_attention_heads 4 is not a multiple of num_key_value_heads 0");
+    refused(|c| c.num_key_value_heads = 3, "num_attention_heads 4 is not a multiple of num_key_value_heads 3");
+    refused(|c| c.max_position_embeddings = 0, "max_position_embeddings must be positive");
     assert!(parse_device("tpu").is_err());
     assert!(parse_device("cpu").is_ok());
 }
