@@ -137,4 +137,19 @@ mod tests {
         assert!(t[0].ms >= 5.0 && t[1].ms >= 1.0 && t[1].ms < t[0].ms, "{t:?}");
         assert!(take_profile().unwrap().is_empty(), "taken: cleared");
     }
+
+    #[test]
+    fn recorded_times_sum_to_milliseconds() {
+        // Records of known length (the test above can only bound a sleep's from below).
+        let record =
+            |name, micros| SPANS.with(|s| s.borrow_mut().push((name, Record::Host(Duration::from_micros(micros)))));
+        record("bwd.a", 1500);
+        record("bwd.b", 250);
+        record("bwd.a", 2750);
+        record("bwd.a", 1);
+        let t = take_profile().unwrap();
+        let got: Vec<_> = t.iter().map(|s| (s.name, s.calls)).collect();
+        assert_eq!(got, [("bwd.a", 3), ("bwd.b", 1)]);
+        assert!((t[0].ms - 4.251).abs() < 1e-9 && (t[1].ms - 0.25).abs() < 1e-9, "{t:?}");
+    }
 }
