@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use patchlm_model::ops::set_flash_attention;
 use patchlm_model::{
-    init_model, named_tensors, set_attention_chunks, set_compute_dtype_grads, set_tape_backward, tape_supported,
-    ModelConfig,
+    compute_dtype_grads, init_model, named_tensors, set_attention_chunks, set_compute_dtype_grads, set_tape_backward,
+    tape_supported, ModelConfig,
 };
 use patchlm_patch::{patch_forward, patch_loss, patch_loss_and_grads};
 
@@ -91,9 +91,11 @@ fn tape_gradients_equal_autograd() {
     let ids =
         Tensor::from_vec((0..72u32).map(|i| (i * 31 + 5) % cfg.vocab_size as u32).collect(), (2, 36), &dev).unwrap();
     set_compute_dtype_grads(false);
+    assert!(!compute_dtype_grads());
     let (_, as_params) = patch_loss_and_grads(&m, &ids, 4, 0.5).unwrap();
     assert!(as_params["lm_head.weight"].dtype() == DType::F32);
     set_compute_dtype_grads(true);
+    assert!(compute_dtype_grads(), "the switch reads back as set (the bench reports it)");
     let (_, as_computed) = patch_loss_and_grads(&m, &ids, 4, 0.5).unwrap();
     assert_eq!(as_computed.len(), as_params.len());
     assert!(as_computed["lm_head.weight"].dtype() == DType::BF16);
