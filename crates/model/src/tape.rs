@@ -125,14 +125,9 @@ pub struct Tape {
     input_dtype: DType,
 }
 
-/// `w` without its graph, in `dtype`.
+/// `w` without its graph, in `dtype` (`to_dtype` to its own dtype is a cheap clone).
 fn detached(w: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-    let w = w.detach();
-    if w.dtype() == dtype {
-        Ok(w)
-    } else {
-        w.to_dtype(dtype)
-    }
+    w.detach().to_dtype(dtype)
 }
 
 /// Adds `g` to the gradient of `name`: cast to `dtype` (the parameter's), or as computed when
