@@ -120,3 +120,22 @@ pub fn write_task_jsonl(path: &Path, examples: &[McExample]) -> Result<()> {
     }
     patchlm_data::shard::write_atomic(path, s.as_bytes()).map_err(EvalError::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_question_order_comes_from_splitmix64s_published_stream() {
+        // SplitMix64's reference values for seed 1234567 (Vigna's splitmix64.c; also checked in
+        // the data crate's fixtures/splitmix_shuffle.py).
+        let mut r = Rng(1234567);
+        let got: Vec<u64> = (0..5).map(|_| r.next()).collect();
+        assert_eq!(
+            got,
+            [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
+        );
+        assert_eq!(Rng(1234567).below(10), (6457827717110365317u64 % 10) as usize);
+        assert_eq!(Rng(1234567).below(0), 0, "no choices: index 0, not a division by zero");
+    }
+}

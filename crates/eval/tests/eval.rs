@@ -620,6 +620,37 @@ fn report_table_has_the_papers_columns() {
 }
 
 #[test]
+fn report_tables_average_several_tasks_and_skip_the_detail_without_any() {
+    let mut r = sample_report();
+    // One task: its column and no average; 10 columns on every line.
+    let t = report::markdown_table(&r);
+    assert!(t.lines().all(|l| l.matches('|').count() == 11), "{t}");
+    for (run, acc_norm) in r.runs.iter_mut().zip([0.52, 0.47]) {
+        let mut t = run.tasks[0].clone();
+        (t.task, t.acc_norm) = ("cloze".into(), acc_norm);
+        run.tasks.push(t);
+    }
+    let t = report::markdown_table(&r);
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(lines[0].ends_with("| continuation acc_norm | cloze acc_norm | avg acc_norm |"), "{t}");
+    // Every line has the header's columns: 12 of them, 13 bars.
+    for l in &lines {
+        assert_eq!(l.matches('|').count(), 13, "{l}");
+    }
+    // The average of 32.0 and 52.0, and of 30.0 and 47.0.
+    assert!(lines[2].ends_with("| 32.0 | 52.0 | 42.0 |"), "{}", lines[2]);
+    assert!(lines[3].ends_with("| 30.0 | 47.0 | 38.5 |"), "{}", lines[3]);
+    let md = report::markdown(&r);
+    assert!(md.contains("| baseline | cloze | 100 | 31.0 ± 4.6 | 52.0 ± 4.6 |"), "{md}");
+    for run in &mut r.runs {
+        run.tasks.clear();
+    }
+    let t = report::markdown_table(&r);
+    assert!(t.lines().all(|l| l.matches('|').count() == 10), "{t}");
+    assert!(!report::markdown(&r).contains("Zero-shot detail"));
+}
+
+#[test]
 fn report_plots_are_written_as_png_and_svg() {
     let dir = tempfile::tempdir().unwrap();
     let r = sample_report();
