@@ -529,6 +529,30 @@ fn continuation_task_draws_true_next_lines_and_round_trips() {
         assert_eq!(u.len(), 4);
     }
     assert!(golds.iter().all(|&g| g > 0), "gold positions vary: {golds:?}");
+    // The questions come in a Fisher-Yates order of the (document, line) places, drawn from
+    // SplitMix64 (whose stream the crate's unit test checks against its published values).
+    let mut state: u64 = cfg.seed;
+    let mut below = |n: usize| {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    };
+    let mut places: Vec<(usize, usize)> = (0..6).flat_map(|d| (3..10).map(move |l| (d, l))).collect();
+    for i in (1..places.len()).rev() {
+        places.swap(i, below(i + 1));
+    }
+    let all = continuation_task(&texts, &ContinuationConfig { examples: 100, ..cfg.clone() });
+    let order: Vec<(usize, usize)> = all
+        .iter()
+        .map(|e| {
+            let w: Vec<&str> = e.choices[e.gold].split(' ').collect();
+            (w[2].parse().unwrap(), w[6].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(order, places);
+    assert_eq!(all[..30], ex[..], "the first questions of a longer task are the same");
     // Deterministic per seed, different across seeds.
     assert_eq!(ex, continuation_task(&texts, &cfg));
     assert_ne!(ex, continuation_task(&texts, &ContinuationConfig { seed: 7, ..cfg.clone() }));
@@ -540,6 +564,37 @@ fn continuation_task_draws_true_next_lines_and_round_trips() {
     // Too little text: no questions rather than an error; one document alone has no distractors.
     assert!(continuation_task(&texts[..1], &cfg).is_empty());
     assert!(continuation_task(&[], &cfg).is_empty());
+}
+
+#[test]
+fn continuation_distractors_are_half_to_twice_the_gold_line() {
+    // Lines of many lengths (about 20 to 110 bytes), so that lengths outside a gold line's window
+    // are in the pool, and choices near both ends of it exist.
+    let texts: Vec<String> = (0..8)
+        .map(|d| {
+            (0..12)
+                .map(|l| format!("doc {d} line {l}{}", " ab".repeat((l * 7 + d * 13) % 31)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect();
+    let cfg = ContinuationConfig { examples: 60, ..Default::default() };
+    let ex = continuation_task(&texts, &cfg);
+    assert_eq!(ex.len(), 60);
+    let (mut shorter, mut longer) = (0, 0);
+    for e in &ex {
+        let gold = e.choices[e.gold].len() - 1;
+        for (i, c) in e.choices.iter().enumerate() {
+            let n = c.len() - 1;
+            if i != e.gold {
+                assert!(2 * n >= gold && n <= 2 * gold, "{n}-byte choice for a {gold}-byte line: {c}");
+                shorter += usize::from(4 * n < 3 * gold);
+                longer += usize::from(2 * n > 3 * gold);
+            }
+        }
+    }
+    // Both ends of the window are drawn from, not only lines near the gold's length.
+    assert!(shorter > 0 && longer > 0, "{shorter} shorter, {longer} longer");
 }
 
 fn sample_report() -> report::Report {
