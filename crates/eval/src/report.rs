@@ -240,16 +240,17 @@ pub struct LinePlot {
     pub marker_label: String,
 }
 
-fn draw<DB: DrawingBackend>(
-    root: &DrawingArea<DB, Shift>,
-    p: &LinePlot,
-) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    root.fill(&WHITE)?;
-    let finite = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
-        pts.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()
-    };
+/// A series' points that can be drawn (both coordinates finite).
+fn finite(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    pts.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect()
+}
+
+/// The axes' ranges for `series`: x from 0 to 4% past the largest x (to 1 without a point past
+/// 0); y the finite points' range widened by 5% of it (at least 0.001) on each side, or 0 to 1
+/// widened so without any finite point.
+fn plot_ranges(series: &[Series]) -> (f64, (f64, f64)) {
     let (mut x1, mut y0, mut y1) = (0.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for (x, y) in p.series.iter().flat_map(|s| finite(&s.points)) {
+    for (x, y) in series.iter().flat_map(|s| finite(&s.points)) {
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
@@ -258,8 +259,16 @@ fn draw<DB: DrawingBackend>(
         (y0, y1) = (0.0, 1.0);
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
-    let (y0, y1) = (y0 - pad, y1 + pad);
     let x1 = if x1 > 0.0 { x1 * 1.04 } else { 1.0 };
+    (x1, (y0 - pad, y1 + pad))
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    p: &LinePlot,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    root.fill(&WHITE)?;
+    let (x1, (y0, y1)) = plot_ranges(&p.series);
     let mut chart = ChartBuilder::on(root)
         .caption(&p.title, ("sans-serif", 26).into_font())
         .margin(16)
@@ -386,7 +395,7 @@ pub fn write_report(dir: &Path, r: &Report) -> Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
-    use super::fmt_secs;
+    use super::{fmt_secs, plot_ranges, Series};
 
     /// Durations are rounded before they are split into units: no "2m60s" or "0h60m".
     #[test]
@@ -405,5 +414,28 @@ mod tests {
         for (s, want) in cases {
             assert_eq!(fmt_secs(s), want, "{s} s");
         }
+    }
+
+    #[test]
+    fn axes_hold_every_finite_point_with_a_margin() {
+        let line = |points: Vec<(f64, f64)>| Series { name: String::new(), points, dots: false, marker: None };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        // y 3..5 over two series, padded by 5% of 2; x to 4% past 200. Non-finite points (a NaN
+        // loss, an infinite x) are skipped, not stretched to.
+        let (x1, (y0, y1)) = plot_ranges(&[
+            line(vec![(0.0, 5.0), (100.0, f64::NAN), (200.0, 4.0)]),
+            line(vec![(50.0, 3.0), (f64::INFINITY, 9.0), (150.0, f64::NEG_INFINITY)]),
+        ]);
+        assert!(close(x1, 208.0) && close(y0, 2.9) && close(y1, 5.1), "{x1} {y0} {y1}");
+        // A flat line still gets a margin of 0.001.
+        let (_, (y0, y1)) = plot_ranges(&[line(vec![(1.0, 2.0), (2.0, 2.0)])]);
+        assert!(close(y0, 1.999) && close(y1, 2.001), "{y0} {y1}");
+        // Nothing to draw yet (or only x = 0): 0..1 on both axes, y padded.
+        for series in [vec![], vec![line(vec![(0.0, f64::NAN)])]] {
+            let (x1, (y0, y1)) = plot_ranges(&series);
+            assert!(close(x1, 1.0) && close(y0, -0.05) && close(y1, 1.05), "{x1} {y0} {y1}");
+        }
+        let (x1, _) = plot_ranges(&[line(vec![(0.0, 1.0)])]);
+        assert!(close(x1, 1.0));
     }
 }

@@ -790,4 +790,9 @@ fn line_plots_draw_any_series_and_skip_gaps() {
     assert!(dots >= 5, "{dots} circles");
     assert!(svg.contains("10.0k") || svg.contains("20.0k"), "x labels in thousands");
     assert!(!svg.contains("NaN"));
+    // Each series in a colour of its own: the two with points in the palette's first two.
+    let polylines: Vec<&str> = svg.split("<polyline").skip(1).collect();
+    for colour in ["#D62728", "#1F77B4"] {
+        assert!(polylines.iter().any(|l| l.contains(&format!("stroke=\"{colour}\""))), "no line in {colour}");
+    }
 }
