@@ -97,6 +97,11 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new(len: Option<u64>, show: bool, prefix: &str) -> Self {
+        Self::with_clock(len, show, prefix, patchlm_data::progress::LogClock::for_stderr(show))
+    }
+
+    /// As [`Progress::new`], with log lines when `log` strikes.
+    fn with_clock(len: Option<u64>, show: bool, prefix: &str, log: patchlm_data::progress::LogClock) -> Self {
         use indicatif::{ProgressBar, ProgressStyle};
         let (pb, template) = match len {
             _ if !show => (ProgressBar::hidden(), ""),
@@ -109,7 +114,7 @@ impl Progress {
             pb.set_style(style);
         }
         pb.set_prefix(prefix.to_string());
-        Self { pb, log: patchlm_data::progress::LogClock::for_stderr(show) }
+        Self { pb, log }
     }
 
     /// One more item done, with the message to show beside the count (made only where a bar
@@ -122,19 +127,25 @@ impl Progress {
             }
         }
         if self.log.strike() {
-            let (pos, msg) = (self.pb.position(), self.pb.message());
-            let sep = if msg.is_empty() { "" } else { ", " };
-            match self.pb.length() {
-                Some(n) => eprintln!(
-                    "{}: {pos}/{n} ({:.0}%){sep}{msg}, eta {}",
-                    self.pb.prefix(),
-                    100.0 * pos as f64 / n.max(1) as f64,
-                    indicatif::HumanDuration(self.pb.eta())
-                ),
-                None => {
-                    let unit = if pos == 1 { "document" } else { "documents" };
-                    eprintln!("{}: {pos} {unit}{sep}{msg}", self.pb.prefix())
-                }
+            eprintln!("{}", self.log_line());
+        }
+    }
+
+    /// Where the work stands, as a log line: `hellaswag: 40/400 (10%), acc 0.31, eta 2 minutes`,
+    /// or without a length `text: 3 documents, 2048 tokens, 900 tokens/s`.
+    fn log_line(&self) -> String {
+        let (pos, msg) = (self.pb.position(), self.pb.message());
+        let sep = if msg.is_empty() { "" } else { ", " };
+        match self.pb.length() {
+            Some(n) => format!(
+                "{}: {pos}/{n} ({:.0}%){sep}{msg}, eta {}",
+                self.pb.prefix(),
+                100.0 * pos as f64 / n.max(1) as f64,
+                indicatif::HumanDuration(self.pb.eta())
+            ),
+            None => {
+                let unit = if pos == 1 { "document" } else { "documents" };
+                format!("{}: {pos} {unit}{sep}{msg}", self.pb.prefix())
             }
         }
     }
@@ -193,4 +204,37 @@ pub fn split_texts(tok: &Tokenizer, ds: &patchlm_data::Dataset, split: patchlm_d
             tok.decode(&ids, true).map_err(|e| EvalError::Tokenizer(e.to_string()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchlm_data::progress::LogClock;
+
+    fn every_step() -> LogClock {
+        LogClock::every(Some(std::time::Duration::ZERO))
+    }
+
+    #[test]
+    fn log_lines_say_how_far_the_work_is() {
+        // Tests have no terminal: the bar draws nothing, and the lines carry the message.
+        let mut p = Progress::with_clock(Some(4), true, "hellaswag", every_step());
+        p.inc(|| Some("acc 0.50".into()));
+        let line = p.log_line();
+        assert!(line.starts_with("hellaswag: 1/4 (25%), acc 0.50, eta "), "{line}");
+        p.inc(|| None);
+        assert!(p.log_line().starts_with("hellaswag: 2/4 (50%), acc 0.50, eta "), "{}", p.log_line());
+        // Without a length: documents counted, one in the singular; the perplexity message.
+        let mut p = Progress::with_clock(None, true, "text", every_step());
+        let total = NllSum { tokens: 2048, ..NllSum::default() };
+        scored(&mut p, &total);
+        let line = p.log_line();
+        assert!(line.starts_with("text: 1 document, 2048 tokens, ") && line.ends_with(" tokens/s"), "{line}");
+        p.inc(|| None);
+        assert!(p.log_line().starts_with("text: 2 documents, 2048 tokens"), "{}", p.log_line());
+        // No message: no separator.
+        let mut p = Progress::with_clock(Some(2), true, "piqa", every_step());
+        p.inc(|| None);
+        assert!(p.log_line().starts_with("piqa: 1/2 (50%), eta "), "{}", p.log_line());
+    }
 }
