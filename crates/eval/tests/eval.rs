@@ -109,6 +109,8 @@ fn acc_and_acc_norm_by_hand() {
     assert!((stderr_of(&[1.0, 0.0, 1.0, 0.0, 0.0]) - 0.06f64.sqrt()).abs() < 1e-12);
     assert!((stderr_of(&[0.0, 0.5, 1.0]) - (1.0f64 / 12.0).sqrt()).abs() < 1e-12);
     assert_eq!(stderr_of(&[1.0]), 0.0);
+    // Two questions, one right: sample variance 0.5, over 2, square root.
+    assert!((stderr_of(&[0.0, 1.0]) - 0.5).abs() < 1e-12);
 }
 
 #[test]
