@@ -104,6 +104,8 @@ fn acc_and_acc_norm_by_hand() {
     // acc picks 1 (−3 > −4), acc_norm picks 0 (−2 > −3).
     assert_eq!(pick(&[-4.0, -3.0], &[2, 1]), (1, 0));
     assert_eq!(pick(&[-1.0, -3.0, -2.0], &[10, 1, 1]), (0, 0));
+    // Ties go to the first, as numpy's argmax: -2 twice for acc, and -2/1 = -2/1 = -4/2 for acc_norm.
+    assert_eq!(pick(&[-3.0, -2.0, -2.0, -4.0], &[1, 1, 1, 2]), (1, 1));
     // lm-eval's sample standard error: 0/1 values, p = 0.4 over 5 questions → sqrt(0.24/4);
     // 0, ½, 1: sample variance ¼ over 3 → sqrt(1/12); one value: 0.
     assert!((stderr_of(&[1.0, 0.0, 1.0, 0.0, 0.0]) - 0.06f64.sqrt()).abs() < 1e-12);
