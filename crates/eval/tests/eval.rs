@@ -201,6 +201,29 @@ fn task_formats_load() {
     .unwrap();
     let e = load_task(&d.join("wg.jsonl")).unwrap_err().to_string();
     assert!(e.contains("wg.jsonl: line 1") && e.contains("\"answer\""), "{e}");
+    // Answer "2" is the second option; a line that is no JSON is named by its number.
+    std::fs::write(
+        d.join("wg2.jsonl"),
+        "{\"sentence\": \"I _ it.\", \"option1\": \"a\", \"option2\": \"b\", \"answer\": \"2\"}\n",
+    )
+    .unwrap();
+    assert_eq!(load_task(&d.join("wg2.jsonl")).unwrap()[0].gold, 1);
+    std::fs::write(
+        d.join("broken.jsonl"),
+        format!("{}\n\n{{\"ctx\": \n", std::fs::read_to_string(d.join("hs.jsonl")).unwrap().trim()),
+    )
+    .unwrap();
+    let e = load_task(&d.join("broken.jsonl")).unwrap_err().to_string();
+    assert!(e.contains("broken.jsonl: line 3: invalid json"), "{e}");
+    // One record on one line in a .json file is JSONL of one line, not a BIG-bench task.
+    std::fs::copy(d.join("hs.jsonl"), d.join("one.json")).unwrap();
+    assert_eq!(load_task(&d.join("one.json")).unwrap(), hs);
+    // lm-eval's HellaSwag cleaning (its preprocess run on the same text): markers go, a "[" with
+    // no "]" before the line's end stays.
+    assert_eq!(
+        hellaswag_clean(" Cut [step 1] the [onion\nthen] stir [title] Done. "),
+        "Cut the [onion\nthen] stir. Done."
+    );
     std::fs::write(d.join("empty.jsonl"), "\n\n").unwrap();
     let e = load_task(&d.join("empty.jsonl")).unwrap_err().to_string();
     assert!(e.ends_with("empty.jsonl: no examples"), "{e}");
