@@ -67,6 +67,7 @@ fn batched_choice_logliks_match_hf_transformers() {
     let conts: Vec<Vec<u32>> = serde_json::from_value(g["conts"].clone()).unwrap();
     let want: Vec<f64> = serde_json::from_value(g["logliks"].clone()).unwrap();
     let got = choice_loglikelihoods(&fixture_model(), &ctx, &conts, &Device::Cpu).unwrap();
+    assert_eq!((got.len(), want.len()), (conts.len(), conts.len()), "one log-likelihood per choice");
     for (a, b) in got.iter().zip(&want) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
@@ -189,6 +190,14 @@ fn task_formats_load() {
         (m[0].context.as_str(), m[0].choices.clone(), m[0].gold),
         ("1 + 1?\nA. 1\nB. 2\nAnswer:", vec![" A".to_string(), " B".to_string()], 1)
     );
+    // Letters A to Z: 26 choices load, 27 do not.
+    let rec = serde_json::json!({"question": "?", "choices": (0..26).map(|i| i.to_string()).collect::<Vec<_>>(), "answer": "Z"});
+    std::fs::write(d.join("az.jsonl"), format!("{rec}\n")).unwrap();
+    let az = load_task(&d.join("az.jsonl")).unwrap();
+    assert_eq!((az[0].choices.len(), az[0].gold, az[0].choices[25].as_str()), (26, 25, " Z"));
+    let rec = serde_json::json!({"question": "?", "choices": (0..27).map(|i| i.to_string()).collect::<Vec<_>>(), "answer": 0});
+    std::fs::write(d.join("many.jsonl"), format!("{rec}\n")).unwrap();
+    assert!(load_task(&d.join("many.jsonl")).unwrap_err().to_string().contains("more than 26 choices"));
     let many: Vec<String> = (0..300).map(|i| i.to_string()).collect();
     let rec = serde_json::json!({"question": "?", "choices": many, "answer": 0});
     std::fs::write(d.join("many.jsonl"), format!("{rec}\n")).unwrap();
