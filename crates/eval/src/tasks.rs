@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::error::{EvalError, Result};
 use crate::zeroshot::McExample;
+use patchlm_model::SplitMix64;
 
 /// How [`continuation_task`] draws its questions.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -29,22 +30,6 @@ pub struct ContinuationConfig {
 impl Default for ContinuationConfig {
     fn default() -> Self {
         Self { examples: 400, choices: 4, context_lines: 3, min_line_bytes: 16, max_line_bytes: 200, seed: 1234 }
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
     }
 }
 
@@ -74,7 +59,7 @@ pub fn continuation_task(texts: &[String], cfg: &ContinuationConfig) -> Vec<McEx
         .enumerate()
         .flat_map(|(d, ls)| (c..ls.len()).filter(|&i| usable(&ls[i])).map(move |i| (d, i)))
         .collect();
-    let mut rng = Rng(cfg.seed);
+    let mut rng = SplitMix64(cfg.seed);
     for i in (1..places.len()).rev() {
         let j = rng.below(i + 1);
         places.swap(i, j);
@@ -119,23 +104,4 @@ pub fn write_task_jsonl(path: &Path, examples: &[McExample]) -> Result<()> {
         s.push('\n');
     }
     patchlm_data::shard::write_atomic(path, s.as_bytes()).map_err(EvalError::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_question_order_comes_from_splitmix64s_published_stream() {
-        // SplitMix64's reference values for seed 1234567 (Vigna's splitmix64.c; also checked in
-        // the data crate's fixtures/splitmix_shuffle.py).
-        let mut r = Rng(1234567);
-        let got: Vec<u64> = (0..5).map(|_| r.next()).collect();
-        assert_eq!(
-            got,
-            [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
-        );
-        assert_eq!(Rng(1234567).below(10), (6457827717110365317u64 % 10) as usize);
-        assert_eq!(Rng(1234567).below(0), 0, "no choices: index 0, not a division by zero");
-    }
 }

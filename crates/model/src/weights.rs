@@ -101,6 +101,12 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// An index in `0..n` drawn as the next value modulo `n` (the draw every seeded shuffle in
+    /// the workspace uses, so orders stay the same across releases); 0 when `n` is 0.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64

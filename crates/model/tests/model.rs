@@ -123,6 +123,24 @@ fn gradients_match_finite_differences() {
 }
 
 #[test]
+fn splitmix64_follows_the_published_stream() {
+    // SplitMix64's reference values for seed 1234567 (Vigna's splitmix64.c; the data crate's
+    // fixtures/splitmix_shuffle.py checks the same three first values in Python).
+    let mut r = SplitMix64(1234567);
+    let got: Vec<u64> = (0..5).map(|_| r.next_u64()).collect();
+    assert_eq!(
+        got,
+        [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
+    );
+    assert_eq!(SplitMix64(1234567).below(10), (6457827717110365317u64 % 10) as usize);
+    assert_eq!(SplitMix64(1234567).below(1000), (6457827717110365317u64 % 1000) as usize);
+    assert_eq!(SplitMix64(1234567).below(0), 0, "an empty range: index 0, not a division by zero");
+    // uniform() keeps the top 53 bits.
+    let u = SplitMix64(1234567).uniform();
+    assert_eq!(u, (6457827717110365317u64 >> 11) as f64 / (1u64 << 53) as f64);
+}
+
+#[test]
 fn init_is_seeded_and_scaled() {
     let cfg = ModelConfig::preset("tiny").unwrap();
     let (_, a) = init_model(&cfg, &Device::Cpu, 5).unwrap();

@@ -145,8 +145,7 @@ pub fn permutation(n: u64, seed: u64) -> Vec<u64> {
     let mut p: Vec<u64> = (0..n).collect();
     let mut rng = SplitMix64(seed ^ 0x5eed_b10c);
     for i in (1..p.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        p.swap(i, j);
+        p.swap(i, rng.below(i + 1));
     }
     p
 }
