@@ -419,9 +419,7 @@ pub fn pair_loglikelihoods(model: &Llama, pairs: &[(Vec<u32>, Vec<u32>)], device
         .iter()
         .map(|(ctx, c)| {
             let mut s: Vec<u32> = ctx.iter().chain(c).copied().collect();
-            if s.len() > limit + 1 {
-                s.drain(..s.len() - (limit + 1));
-            }
+            s.drain(..s.len().saturating_sub(limit + 1));
             (s, c.len())
         })
         .collect();

@@ -75,7 +75,8 @@ fn batched_choice_logliks_match_hf_transformers() {
 
 /// Pairs longer than the context are cut on the left, as lm-eval cuts them (the last T + 1 ids,
 /// T of them fed): the scores equal the one-sequence scores of what is kept, each pair in a
-/// batch of different lengths. A continuation with no room for context before it is refused.
+/// batch of different lengths. A continuation of T tokens fits (one token of context before it);
+/// one of T + 1 is refused.
 #[test]
 fn long_pairs_are_cut_on_the_left_and_too_long_continuations_refused() {
     let model = fixture_model();
@@ -85,6 +86,9 @@ fn long_pairs_are_cut_on_the_left_and_too_long_continuations_refused() {
         (ids[..t + 15].to_vec(), ids[t + 15..].to_vec()),
         (ids[..5].to_vec(), ids[5..9].to_vec()),
         (ids[..2].to_vec(), ids[2..t + 1].to_vec()),
+        // Exactly T + 1 ids: nothing is cut. Exactly T: one short of the cut.
+        (ids[..1].to_vec(), ids[1..t + 1].to_vec()),
+        (ids[..3].to_vec(), ids[3..t].to_vec()),
     ];
     let got = pair_loglikelihoods(&model, &pairs, &Device::Cpu).unwrap();
     for ((ctx, cont), g) in pairs.iter().zip(&got) {
@@ -151,6 +155,11 @@ fn task_formats_load() {
     std::fs::write(d.join("t.parquet.gz"), b"x").unwrap();
     let e = load_task(&d.join("t.parquet.gz")).unwrap_err().to_string();
     assert!(e.contains("t.parquet.gz: a compressed Parquet file"), "{e}");
+    // A bad Parquet row is named by its number, counted from 1 (the file is pyarrow's, written by
+    // fixtures/make_task_golden.py).
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tasks");
+    let e = load_task(&fixtures.join("mmlu_bad_row.parquet")).unwrap_err().to_string();
+    assert!(e.contains("mmlu_bad_row.parquet: row 2: 4 choices with gold index 9"), "{e}");
     std::fs::write(
         d.join("piqa.jsonl"),
         "{\"goal\": \"Open a jar\", \"sol1\": \"twist\", \"sol2\": \"kick\", \"label\": 0}\n",
@@ -171,6 +180,17 @@ fn task_formats_load() {
         .unwrap();
     let e = load_task(&d.join("bad.jsonl")).unwrap_err().to_string();
     assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
+    // A .jsonl file holds records, one a line, even when its one line looks like a BIG-bench
+    // task.json: that line is read as a record, and is none.
+    std::fs::write(
+        d.join("task.jsonl"),
+        "{\"examples\": [{\"input\": \"2 + 2?\", \"target_scores\": {\"4\": 1, \"5\": 0}}]}\n",
+    )
+    .unwrap();
+    let e = load_task(&d.join("task.jsonl")).unwrap_err().to_string();
+    assert!(e.contains("task.jsonl: line 1"), "{e}");
+    std::fs::write(d.join("task.json"), std::fs::read(d.join("task.jsonl")).unwrap()).unwrap();
+    assert_eq!(load_task(&d.join("task.json")).unwrap()[0].choices, ["4", "5"], "the same text as task.json");
     std::fs::write(d.join("gold.jsonl"), "{\"ctx\": \"x\", \"endings\": [\"a\", \"b\"], \"label\": 5}\n").unwrap();
     assert!(load_task(&d.join("gold.jsonl")).unwrap_err().to_string().contains("gold index 5"));
     // A JSON array names the record; MMLU takes a letter as the answer too; WinoGrande needs
