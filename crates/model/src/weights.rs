@@ -188,13 +188,17 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     safetensors::serialize(views, Some(meta)).map_err(|e| ModelError::Config(format!("safetensors: {e}")))
 }
 
-/// Writes `bytes` to `path` atomically (temp file `<path>.tmp`, fsync, rename, fsync of the
-/// directory). A write that fails (a full disk) removes its temp file and leaves any earlier file
-/// at `path` as it was.
+/// Writes `bytes` to `path` atomically (a temp file beside it, `<path>.<pid>-<n>.tmp`, fsync,
+/// rename, fsync of the directory). A write that fails (a full disk) removes its temp file and
+/// leaves any earlier file at `path` as it was. Each call has a temp file of its own, so
+/// concurrent writers of one path, threads or processes, never write into each other's: the last
+/// rename wins, whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}-{n}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let written = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

@@ -1241,3 +1241,36 @@ fn cast_groups_stacks_and_rounds_each_group() {
     assert!(err.contains("do not stack"), "{err}");
     assert!(ops::cast_groups(&[&[]], DType::BF16).unwrap_err().to_string().contains("group 0 is empty"));
 }
+
+/// `write_atomic` replaces a file whole; a failed write names the path and leaves no temp file;
+/// threads writing one path at once each leave a whole file (the last rename wins), never a mix
+/// or a stray temp file.
+#[test]
+fn atomic_writes_replace_whole_files_even_when_concurrent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.json");
+    patchlm_model::weights::write_atomic(&path, b"first").unwrap();
+    patchlm_model::weights::write_atomic(&path, b"second").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"second");
+
+    let missing = dir.path().join("no-such-dir").join("g.json");
+    let e = patchlm_model::weights::write_atomic(&missing, b"x").unwrap_err().to_string();
+    assert!(e.contains("no-such-dir/g.json"), "{e}");
+
+    let payloads: Vec<Vec<u8>> = (0..4u8).map(|t| vec![b'a' + t; 64 * 1024]).collect();
+    std::thread::scope(|s| {
+        for p in &payloads {
+            let path = &path;
+            s.spawn(move || {
+                for _ in 0..25 {
+                    patchlm_model::weights::write_atomic(path, p).unwrap();
+                }
+            });
+        }
+    });
+    let got = std::fs::read(&path).unwrap();
+    assert!(payloads.contains(&got), "a file mixed from several writers ({} bytes)", got.len());
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["f.json"], "temp files left behind");
+}
