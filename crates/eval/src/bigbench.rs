@@ -188,12 +188,20 @@ impl Format {
             .get("target_scores")
             .and_then(Value::as_object)
             .ok_or_else(|| bad(path, at, "example lacks \"target_scores\" (not a multiple-choice task?)"))?;
-        // The file's order where it names each choice once, else the map's (sorted).
+        // The file's order, as Python's json puts a key written twice: in its first place (with
+        // its last value, which the map holds). The map's (sorted) order where the file's is not
+        // known.
         let keys: Vec<&String> = match keys {
-            Some(k) if k.iter().collect::<HashSet<_>>() == scores.keys().collect() && k.len() == scores.len() => {
-                k.iter().collect()
+            Some(k) => {
+                let mut seen = HashSet::new();
+                let first: Vec<&String> = k.iter().filter(|c| seen.insert(*c)).collect();
+                if seen == scores.keys().collect() {
+                    first
+                } else {
+                    scores.keys().collect()
+                }
             }
-            _ => scores.keys().collect(),
+            None => scores.keys().collect(),
         };
         let mut choices = Vec::with_capacity(scores.len());
         let mut credit = Vec::with_capacity(scores.len());

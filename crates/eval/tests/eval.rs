@@ -282,6 +282,9 @@ fn task_formats_load() {
         ),
         (r#"{"inputs": "q", "multiple_choice_targets": ["x", "y"]}"#, "line 1: missing \"targets\""),
         (r#"{"inputs": "q", "targets": ["x"], "multiple_choice_targets": []}"#, "hub.jsonl: no examples"),
+        // Without the column of choices at all it is no hub record (which always has it), and no
+        // known record either: refused, not dropped as a generative one.
+        (r#"{"inputs": "q", "targets": ["x"]}"#, "hub.jsonl: line 1: "),
     ] {
         std::fs::write(d.join("hub.jsonl"), format!("{rec}\n")).unwrap();
         let e = load_task(&d.join("hub.jsonl")).unwrap_err().to_string();
