@@ -474,26 +474,23 @@ impl PieceBuf {
         Self { buf: Vec::new(), max }
     }
 
-    /// If the buffer has reached the limit, cuts a piece at the last newline (else the last
-    /// whitespace, else a character boundary) within the limit and returns it.
+    /// If the buffer holds more than the limit, cuts a piece at the last newline (else the last
+    /// whitespace) past half the limit, else before the character that crosses the limit, and
+    /// returns it. A buffer of exactly the limit is left whole: its document may end there.
     fn take_full(&mut self) -> Option<Vec<u8>> {
-        if self.buf.len() < self.max {
+        if self.buf.len() <= self.max {
             return None;
         }
         let window = &self.buf[..self.max];
-        let cut = window
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .or_else(|| window.iter().rposition(|b| b.is_ascii_whitespace()))
-            .map(|i| i + 1)
-            .filter(|&i| i > self.max / 2)
-            .unwrap_or_else(|| {
-                let mut i = self.max;
-                while i > 0 && (self.buf[i] & 0xC0) == 0x80 {
-                    i -= 1;
-                }
-                i
-            });
+        // Just after the last byte that `pred` takes, if that is past half the limit.
+        let after = |pred: fn(&u8) -> bool| window.iter().rposition(pred).map(|i| i + 1).filter(|&i| i > self.max / 2);
+        let cut = after(|&b| b == b'\n').or_else(|| after(u8::is_ascii_whitespace)).unwrap_or_else(|| {
+            let mut i = self.max;
+            while i > 0 && (self.buf[i] & 0xC0) == 0x80 {
+                i -= 1;
+            }
+            i
+        });
         let rest = self.buf.split_off(cut);
         Some(std::mem::replace(&mut self.buf, rest))
     }
@@ -869,10 +866,10 @@ impl JsonlDocs {
     }
 
     /// Reads a string's body after its opening quote. With `to_pieces`, bytes go to the piece buffer
-    /// (stopping early when a piece is full: returns false then); otherwise to `out`.
+    /// (stopping early once it holds more than the limit: returns false then); otherwise to `out`.
     fn string_body(&mut self, mut out: Option<&mut Vec<u8>>, to_pieces: bool) -> Result<bool> {
         loop {
-            if to_pieces && self.pieces.buf.len() >= self.pieces.max {
+            if to_pieces && self.pieces.buf.len() > self.pieces.max {
                 return Ok(false);
             }
             // Fast path: copy a run of plain bytes from the block.

@@ -129,6 +129,10 @@ fn every_source_type_reads_the_same_documents() {
     let files = patchlm_data::source::expand_inputs(&[d.join("a.txt"), d.to_path_buf(), sub.join("../a.txt")]).unwrap();
     assert_eq!(patchlm_data::source::repeated_files(&files), [d.join("a.txt")]);
     assert!(patchlm_data::source::repeated_files(&patchlm_data::source::expand_inputs(&[d]).unwrap()).is_empty());
+    // Spelled otherwise only once it is still found; one name in two folders is two files.
+    let other = sub.join("../a.txt");
+    assert_eq!(patchlm_data::source::repeated_files(&[d.join("a.txt"), other.clone()]), [other]);
+    assert!(patchlm_data::source::repeated_files(&[d.join("a.txt"), sub.join("a.txt")]).is_empty());
     // Two links to one file (the HF cache links identical files to one blob) are two files.
     #[cfg(unix)]
     {
@@ -222,6 +226,12 @@ fn bad_inputs_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let cfg = SourceConfig::default();
+    // A document limit under 64 bytes is refused, named with its value; 64 is the least.
+    std::fs::write(d.join("one.txt"), "a b c").unwrap();
+    let small = |n| SourceConfig { max_doc_bytes: n, ..Default::default() };
+    let e = docs_of(&[d.join("one.txt")], &small(63)).unwrap_err().to_string();
+    assert!(e.contains("max_doc_bytes must be at least 64, got 63"), "{e}");
+    assert_eq!(docs_of(&[d.join("one.txt")], &small(64)).unwrap(), ["a b c"]);
     // Missing file.
     let e = docs_of(&[d.join("nope.txt")], &cfg).unwrap_err().to_string();
     assert!(e.contains("nope.txt") && e.contains("no such file"), "{e}");
@@ -879,6 +889,16 @@ fn file_names_that_are_not_utf8_are_read() {
     let stamps: Vec<_> =
         names.iter().map(|n| patchlm_data::source::file_stamp(&c.join(std::ffi::OsStr::from_bytes(n)))).collect();
     assert_ne!(stamps[0], stamps[1]);
+    // Such a path is stamped by its bytes in hex ("caf\xe9.txt" is 63 61 66 e9 2e 74 78 74), a
+    // UTF-8 one by its text.
+    let hex = stamps[0][0]["bytes"].as_str().unwrap();
+    assert!(hex.ends_with("2f636166e92e747874"), "{hex}");
+    let plain = c.join("plain.txt");
+    write(&plain, b"0123456789");
+    let stamp = patchlm_data::source::file_stamp(&plain);
+    assert_eq!((stamp[0].as_str(), stamp[1].as_u64()), (plain.to_str(), Some(10)));
+    assert!(stamp[2].as_u64().is_some_and(|ns| ns > 1_600_000_000 * 1_000_000_000), "mtime in ns: {stamp}");
+    std::fs::remove_file(&plain).unwrap();
     let s = build_shards(&[&c], &dir.path().join("out"), &small_cfg(), TokenizerSource::Train, false).unwrap();
     assert_eq!(s.documents, 2);
 }
@@ -1646,4 +1666,54 @@ fn a_build_makes_what_its_revision_made() {
          patchlm_data::shard::BUILD_REVISION (so caches make their shards again) and pin this digest",
         patchlm_data::shard::BUILD_REVISION
     );
+}
+
+/// Where a long document is cut, by hand (a 64-byte limit): at the last newline in the second
+/// half of the limit, else the last whitespace there, else before the character that crosses the
+/// limit (never inside a UTF-8 sequence); a document of exactly the limit is not cut. Text files,
+/// JSONL and Parquet cut alike.
+#[test]
+fn long_documents_are_cut_at_lines_then_words_then_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SourceConfig { max_doc_bytes: 64, ..Default::default() };
+    let (x, y, z) = ("x".repeat(40), "y".repeat(10), "z".repeat(30));
+    let cases: Vec<(String, Vec<String>)> = vec![
+        // A newline past half the limit wins over a later space.
+        (format!("{x}\n{y} {z}"), vec![format!("{x}\n"), format!("{y} {z}")]),
+        // A newline in the first half only: the last space past half.
+        (
+            format!("{}\n{} {}", "x".repeat(10), "y".repeat(40), z),
+            vec![format!("{}\n{} ", "x".repeat(10), "y".repeat(40)), z.clone()],
+        ),
+        // A space that ends exactly half the limit is not past it: cut at the limit.
+        (
+            format!("{} {}", "x".repeat(31), "y".repeat(40)),
+            vec![format!("{} {}", "x".repeat(31), "y".repeat(32)), "y".repeat(8)],
+        ),
+        // Whitespace in the first half only: cut at the limit.
+        (
+            format!("{} {}", "x".repeat(20), "y".repeat(60)),
+            vec![format!("{} {}", "x".repeat(20), "y".repeat(43)), "y".repeat(17)],
+        ),
+        // No whitespace: before the three-byte character that would cross the limit.
+        (format!("{}日{}", "a".repeat(62), "b".repeat(10)), vec!["a".repeat(62), format!("日{}", "b".repeat(10))]),
+        (format!("{}é{}", "a".repeat(63), "b".repeat(10)), vec!["a".repeat(63), format!("é{}", "b".repeat(10))]),
+        // Exactly the limit, and one more.
+        ("a".repeat(64), vec!["a".repeat(64)]),
+        ("a".repeat(65), vec!["a".repeat(64), "a".to_string()]),
+    ];
+    for (i, (doc, want)) in cases.iter().enumerate() {
+        let txt = dir.path().join(format!("{i}.txt"));
+        write(&txt, doc.as_bytes());
+        let jl = dir.path().join(format!("{i}.jsonl"));
+        write(&jl, &jsonl(std::slice::from_ref(doc), "text"));
+        let pq = dir.path().join(format!("{i}.parquet"));
+        write(&pq, &parquet(&[Some(doc.clone())], "text"));
+        for f in [&txt, &jl, &pq] {
+            let mut docs = Documents::open(&[f], &cfg).unwrap();
+            let got: Vec<String> = docs.by_ref().map(|d| d.unwrap().text).collect();
+            assert_eq!(&got, want, "{}", f.display());
+            assert_eq!(docs.stats().cut_pieces as usize, want.len() - 1, "{}", f.display());
+        }
+    }
 }
