@@ -1269,11 +1269,16 @@ impl FileDocs for ParquetDocs {
 mod tests {
     use super::*;
 
-    /// Hands out its bytes a few at a time (1 to 7), so multi-byte sequences split across reads.
+    /// Hands out its bytes a few at a time (1 to 7), so multi-byte sequences split across reads,
+    /// and about one read in eight is interrupted (`ErrorKind::Interrupted`, as a signal does),
+    /// which a reader must retry without losing what it held.
     struct Trickle(Vec<u8>, usize, u64);
     impl Read for Trickle {
         fn read(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
             self.2 = self.2.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            if (self.2 >> 58) & 7 == 0 {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
             let n = (1 + (self.2 >> 61) as usize).min(dst.len()).min(self.0.len() - self.1);
             dst[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
             self.1 += n;
@@ -1313,5 +1318,46 @@ mod tests {
             assert_eq!(got, want, "seed {seed}");
             assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed) as usize, want.matches('\u{FFFD}').count());
         }
+    }
+
+    /// Gives `ok` bytes, then fails as a disk does.
+    struct Failing(usize);
+    impl Read for Failing {
+        fn read(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("disk on fire"));
+            }
+            let n = self.0.min(dst.len());
+            dst[..n].fill(b'a');
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    /// The byte-order mark is found and skipped however the reads split and interrupt it; a read
+    /// that fails is an error naming the file, in both the mark's reader and the lossy decoder.
+    #[test]
+    fn interrupted_reads_are_retried_and_failed_ones_reported() {
+        for seed in 0..64 {
+            let text = [&[0xEF, 0xBB, 0xBF][..], "héllo 日本\n".as_bytes()].concat();
+            let mut got = String::new();
+            without_bom(Box::new(Trickle(text, 0, seed)), Path::new("t.txt"))
+                .unwrap()
+                .read_to_string(&mut got)
+                .unwrap();
+            assert_eq!(got, "héllo 日本\n", "seed {seed}");
+        }
+        for ok in [0, 2, 9] {
+            match without_bom(Box::new(Failing(ok)), Path::new("t.txt")) {
+                Err(e) => assert!(ok < 4 && e.to_string().contains("t.txt") && e.to_string().contains("disk on fire")),
+                Ok(mut r) => {
+                    assert!(ok >= 4, "{ok} bytes read without the failure");
+                    assert!(r.read_to_end(&mut Vec::new()).unwrap_err().to_string().contains("disk on fire"));
+                }
+            }
+        }
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let e = LossyUtf8::new(Box::new(Failing(5)), count).read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("disk on fire"), "{e}");
     }
 }

@@ -328,6 +328,7 @@ fn bad_inputs_give_clear_errors() {
         ("le.txt", [&[0xFF, 0xFE][..], &utf16le].concat(), "utf-16le"),
         ("be.jsonl", [&[0xFE, 0xFF][..], &utf16be].concat(), "utf-16be"),
         ("u32.txt", vec![0xFF, 0xFE, 0, 0, b'h', 0, 0, 0], "utf-32le"),
+        ("u32be.txt", vec![0, 0, 0xFE, 0xFF, 0, 0, 0, b'h'], "utf-32be"),
     ] {
         write(&d.join(name), &bytes);
         let e = docs_of(&[d.join(name)], &cfg).unwrap_err().to_string();
