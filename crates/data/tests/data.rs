@@ -177,6 +177,21 @@ fn text_files_sample_by_document_line_or_paragraph() {
     let want = [(3, "First para,"), (4, "line two."), (6, "Second"), (10, "Third one"), (11, "ends")];
     assert_eq!(lines, want.map(|(l, t)| (l, t.to_string())));
     assert_eq!(skipped, 6);
+    // A CRLF line break followed by a bare one ends a paragraph too, its \r not kept.
+    write(&p, b"x\r\n\ny\n");
+    assert_eq!(read(SampleBy::Paragraph).0, [(1, "x".to_string()), (3, "y".to_string())]);
+    // A separator split by a read after each of its bytes: 100 KB of one-letter paragraphs,
+    // shifted by each offset within one paragraph and its separator, so that wherever the reads
+    // end one of the files puts every split there.
+    for sep in ["\n\n", "\r\n\r\n"] {
+        let n = 100_000 / (1 + sep.len());
+        for shift in 0..=sep.len() {
+            write(&p, format!("{}{}", "y".repeat(shift + 1) + sep, format!("x{sep}").repeat(n)).as_bytes());
+            let texts: Vec<String> = read(SampleBy::Paragraph).0.into_iter().map(|(_, t)| t).collect();
+            assert_eq!(texts.len(), n + 1, "{shift} {sep:?}");
+            assert!(texts[1..].iter().all(|t| t == "x"), "{shift} {sep:?}");
+        }
+    }
     // Long inputs: reads of 64 KiB split separators anywhere; every paragraph comes back whole.
     let paras: Vec<String> = (0..4000).map(|i| format!("paragraph {i}\r\n{}.", "word ".repeat(i % 40))).collect();
     for sep in ["\n\n", "\r\n\r\n", "\n\n\n"] {
