@@ -697,6 +697,14 @@ impl FileDocs for TextDocs {
         loop {
             self.skip_blank_lines();
             if let Some((end, sep)) = self.find_end() {
+                if end > self.pieces.max {
+                    // Its end is here, but it is longer than the limit: cut as one still read.
+                    self.pieces.buf.drain(..self.consumed);
+                    self.consumed = 0;
+                    if let Some(p) = self.pieces.take_full() {
+                        return self.emit(p, true);
+                    }
+                }
                 let doc = self.pieces.buf[self.consumed..self.consumed + end].to_vec();
                 self.consumed += end + sep;
                 let piece = self.emit(doc, false);
@@ -730,12 +738,15 @@ impl FileDocs for TextDocs {
             }
             let start = self.pieces.buf.len();
             self.pieces.buf.resize(start + BLOCK, 0);
-            let n = match self.reader.read(&mut self.pieces.buf[start..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-                Err(e) => {
-                    self.pieces.buf.truncate(start);
-                    return Err(DataError::Io { path: self.src.to_path_buf(), source: e });
+            let n = loop {
+                match self.reader.read(&mut self.pieces.buf[start..]) {
+                    Ok(n) => break n,
+                    // Not the end of the file: read again.
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.pieces.buf.truncate(start);
+                        return Err(DataError::Io { path: self.src.to_path_buf(), source: e });
+                    }
                 }
             };
             self.pieces.buf.truncate(start + n);
@@ -1320,7 +1331,67 @@ mod tests {
         }
     }
 
-    /// Gives `ok` bytes, then fails as a disk does.
+    /// Every piece a file reader yields, from `bytes` read through `reader`.
+    fn pieces_of(mut docs: Box<dyn FileDocs>) -> Result<Vec<(String, u64, bool)>> {
+        let mut out = Vec::new();
+        while let Some(p) = docs.next_piece()? {
+            out.push((p.text, p.position, p.cut));
+        }
+        Ok(out)
+    }
+
+    fn text_docs(reader: Box<dyn Read + Send>, sample_by: SampleBy, max: usize) -> Box<dyn FileDocs> {
+        let src: Arc<Path> = Arc::from(Path::new("t.txt"));
+        let pieces = PieceBuf::new(max);
+        let (eof, piece_no, line, scanned, consumed) = (false, 0, 1, 0, 0);
+        Box::new(TextDocs { src, reader, pieces, eof, piece_no, line, sample_by, scanned, consumed })
+    }
+
+    fn jsonl_docs(reader: Box<dyn Read + Send>, max: usize) -> Box<dyn FileDocs> {
+        Box::new(JsonlDocs::new(Arc::from(Path::new("t.jsonl")), reader, PieceBuf::new(max), "text".into()))
+    }
+
+    /// Text and JSONL files give the same documents (texts, positions, cuts) however their reads
+    /// are split (1 to 7 bytes) and interrupted, as when read whole: line breaks, CRLF,
+    /// separators, escapes, multi-byte characters and the 64-byte cuts all across reads.
+    #[test]
+    fn documents_are_the_same_however_reads_split_and_interrupt() {
+        let text = "Para one,\r\nline two é.\r\n\r\nPara 日本 two\n\n\n".to_string()
+            + &"a long line of words that must be cut somewhere ".repeat(4)
+            + "\n\nxx\r\n\n😀 last";
+        for sample_by in [SampleBy::Document, SampleBy::Paragraph, SampleBy::Line] {
+            let whole = pieces_of(text_docs(Box::new(std::io::Cursor::new(text.clone())), sample_by, 64)).unwrap();
+            assert!(whole.len() >= 3, "{sample_by:?}: {whole:?}");
+            assert!(whole.iter().all(|p| p.0.len() <= 64), "{sample_by:?}: a piece over the limit: {whole:?}");
+            for seed in 0..40 {
+                let split = pieces_of(text_docs(Box::new(Trickle(text.clone().into_bytes(), 0, seed)), sample_by, 64));
+                assert_eq!(split.unwrap(), whole, "{sample_by:?} seed {seed}");
+            }
+        }
+        let jsonl = concat!(
+            "{\"id\": 1, \"text\": \"caf\\u00e9 \\\"q\\\" \\ud83d\\ude00 日本\", \"meta\": {\"text\": \"no\"}}\n",
+            "\n{\"meta\": [1, \"]\"], \"text\": \"two\\nlines\\t",
+            "and a long string that the 64-byte limit cuts in two or three pieces\"}\r\n",
+            "{\"text\": null}\n{\"text\": \"last\"}"
+        );
+        let whole = pieces_of(jsonl_docs(Box::new(std::io::Cursor::new(jsonl)), 64)).unwrap();
+        assert_eq!(whole.first().map(|p| p.0.as_str()), Some("café \"q\" 😀 日本"));
+        assert_eq!(whole.last().map(|p| (p.0.as_str(), p.1)), Some(("last", 5)));
+        assert!(whole.iter().all(|p| p.0.len() <= 64) && whole.iter().any(|p| p.2), "{whole:?}");
+        for seed in 0..40 {
+            let split = pieces_of(jsonl_docs(Box::new(Trickle(jsonl.as_bytes().to_vec(), 0, seed)), 64));
+            assert_eq!(split.unwrap(), whole, "jsonl seed {seed}");
+        }
+        // A read that fails is an error naming the file, not the end of it.
+        for ok in [0, 3, 100] {
+            let e = pieces_of(text_docs(Box::new(Failing(ok)), SampleBy::Document, 64)).unwrap_err().to_string();
+            assert!(e.contains("t.txt") && e.contains("disk on fire"), "{e}");
+            let e = pieces_of(jsonl_docs(Box::new(Failing(ok)), 64)).unwrap_err().to_string();
+            assert!(e.contains("t.jsonl") && e.contains("disk on fire"), "{e}");
+        }
+    }
+
+    /// Gives `ok` spaces, then fails as a disk does.
     struct Failing(usize);
     impl Read for Failing {
         fn read(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
@@ -1328,7 +1399,7 @@ mod tests {
                 return Err(std::io::Error::other("disk on fire"));
             }
             let n = self.0.min(dst.len());
-            dst[..n].fill(b'a');
+            dst[..n].fill(b' ');
             self.0 -= n;
             Ok(n)
         }

@@ -1718,6 +1718,21 @@ fn long_documents_are_cut_at_lines_then_words_then_characters() {
         ("a".repeat(64), vec!["a".repeat(64)]),
         ("a".repeat(65), vec!["a".repeat(64), "a".to_string()]),
     ];
+    // A paragraph or line longer than the limit is cut too, even when its end is in the same read.
+    let t = dir.path().join("paras.txt");
+    let w = "w".repeat(70);
+    write(&t, format!("short\n\n{x}\n{y} {z}\n\n{w}\nend").as_bytes());
+    for sample_by in [patchlm_data::source::SampleBy::Paragraph, patchlm_data::source::SampleBy::Line] {
+        let cfg = SourceConfig { max_doc_bytes: 64, sample_by, ..Default::default() };
+        let got = docs_of(std::slice::from_ref(&t), &cfg).unwrap();
+        let want = match sample_by {
+            patchlm_data::source::SampleBy::Paragraph => {
+                vec!["short".to_string(), format!("{x}\n"), format!("{y} {z}"), "w".repeat(64), "wwwwww\nend".into()]
+            }
+            _ => vec!["short".to_string(), x.clone(), format!("{y} {z}"), "w".repeat(64), "w".repeat(6), "end".into()],
+        };
+        assert_eq!(got, want, "{sample_by:?}");
+    }
     for (i, (doc, want)) in cases.iter().enumerate() {
         let txt = dir.path().join(format!("{i}.txt"));
         write(&txt, doc.as_bytes());
