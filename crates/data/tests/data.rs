@@ -1645,7 +1645,8 @@ fn a_llama_tokenizer_frames_documents_as_sentencepiece() {
 /// `BUILD_REVISION`, and then update the digest here.
 #[test]
 fn a_build_makes_what_its_revision_made() {
-    const REVISION_1: &str = "sha256:d15a3a8f74656fd5e29be36b4ec16c00781b1b3b2ea60e3cf0800a0aabd6f725";
+    // Revision 2 changed only how documents over the limit are cut; these are all under it.
+    const REVISION_2: &str = "sha256:d15a3a8f74656fd5e29be36b4ec16c00781b1b3b2ea60e3cf0800a0aabd6f725";
     let dir = tempfile::tempdir().unwrap();
     let c = dir.path().join("corpus");
     let docs: Vec<String> = (0..120).map(|i| text(7000 + i, 30 + (i as usize * 7) % 90)).collect();
@@ -1677,7 +1678,7 @@ fn a_build_makes_what_its_revision_made() {
     let digest = patchlm_data::shard::sha256_bytes(made.as_bytes());
     assert_eq!(
         digest,
-        REVISION_1,
+        REVISION_2,
         "a build no longer makes what build revision {} made of these inputs: if that is meant, raise \
          patchlm_data::shard::BUILD_REVISION (so caches make their shards again) and pin this digest",
         patchlm_data::shard::BUILD_REVISION
