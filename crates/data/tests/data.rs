@@ -247,6 +247,10 @@ fn bad_inputs_give_clear_errors() {
     let e = docs_of(&[d.join("one.txt")], &small(63)).unwrap_err().to_string();
     assert!(e.contains("max_doc_bytes must be at least 64, got 63"), "{e}");
     assert_eq!(docs_of(&[d.join("one.txt")], &small(64)).unwrap(), ["a b c"]);
+    // A JSONL string left open at its line's end names the line.
+    write(&d.join("open.jsonl"), b"{\"text\": \"fine\"}\n{\"text\": \"no end\n{\"text\": \"x\"}\n");
+    let e = docs_of(&[d.join("open.jsonl")], &cfg).unwrap_err().to_string();
+    assert!(e.contains("open.jsonl: line 2: newline inside a json string"), "{e}");
     // Missing file.
     let e = docs_of(&[d.join("nope.txt")], &cfg).unwrap_err().to_string();
     assert!(e.contains("nope.txt") && e.contains("no such file"), "{e}");
