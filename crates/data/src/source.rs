@@ -1331,7 +1331,7 @@ mod tests {
         }
     }
 
-    /// Every piece a file reader yields, from `bytes` read through `reader`.
+    /// Every piece a file reader yields: its text, position and whether it ends at a cut.
     fn pieces_of(mut docs: Box<dyn FileDocs>) -> Result<Vec<(String, u64, bool)>> {
         let mut out = Vec::new();
         while let Some(p) = docs.next_piece()? {
