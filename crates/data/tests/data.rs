@@ -321,6 +321,21 @@ fn bad_inputs_give_clear_errors() {
     write(&d.join("broken.jsonl"), b"{\"text\": \"a\"}\n{\"text\": \"unterminated\n");
     let e = docs_of(&[d.join("broken.jsonl")], &cfg).unwrap_err().to_string();
     assert!(e.contains("line 2"), "{e}");
+    // Malformed JSONL records are refused by line, not read leniently: a nested value over two
+    // lines, a leading comma, a missing comma, an array after records.
+    for (body, want) in [
+        ("{\"m\": [1,\n2], \"text\": \"x\"}\n", "line 1: newline inside a json value"),
+        ("{, \"text\": \"x\"}\n", "line 1: malformed json object"),
+        ("{\"id\": 1 \"text\": \"x\"}\n", "line 1: malformed json object"),
+        ("{\"text\": \"a\"}\n[{\"text\": \"b\"}]\n", "line 2: "),
+    ] {
+        write(&d.join("lax.jsonl"), body.as_bytes());
+        let e = docs_of(&[d.join("lax.jsonl")], &cfg).unwrap_err().to_string();
+        assert!(e.contains("lax.jsonl") && e.contains(want), "{body:?}: {e}");
+    }
+    // A string of another field, holding what ends values elsewhere, is skipped whole.
+    write(&d.join("skip.jsonl"), "{\"id\": \"a, b} ]\", \"text\": \"x\"}\n".as_bytes());
+    assert_eq!(docs_of(&[d.join("skip.jsonl")], &cfg).unwrap(), ["x"]);
     // A JSON array of records: each malformation names its file and line.
     for (name, body, want) in [
         ("comma.json", "[{\"text\": \"a\"},]", "line 1: expected a json object in the array"),
@@ -333,6 +348,8 @@ fn bad_inputs_give_clear_errors() {
         ("strings.json", "[\"a\"]", "line 1: expected a json object in the array"),
         ("nosep.json", "[{\"text\": \"a\"} {\"text\": \"b\"}]", "expected ',' or ']'"),
         ("field.json", "[\n  {\"text\": \"a\"},\n  {\"body\": \"b\"}\n]", "line 3: no \"text\" field"),
+        // Lines inside a nested value of an array's record are counted.
+        ("nested.json", "[{\"m\": [1,\n2,\n3], \"text\": \"a\"},\n{\"body\": \"b\"}]", "line 4: no \"text\" field"),
     ] {
         write(&d.join(name), body.as_bytes());
         let e = docs_of(&[d.join(name)], &cfg).unwrap_err().to_string();
