@@ -528,6 +528,16 @@ fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn 
     Ok(Box::new(std::io::Cursor::new(head[skip..].to_vec()).chain(reader)))
 }
 
+/// One read into `buf`, read again while it is interrupted (a signal is not the end of a file).
+fn read_retrying(reader: &mut Box<dyn Read + Send>, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 /// A byte stream made valid UTF-8 on the way: each maximal invalid sequence becomes U+FFFD
 /// (counted in `replaced`), as `String::from_utf8_lossy` would turn the whole stream; a
 /// sequence split between two reads is completed by the next one, not replaced.
@@ -551,12 +561,7 @@ impl LossyUtf8 {
         let mut buf = std::mem::take(&mut self.carry);
         let had = buf.len();
         buf.resize(had + BLOCK, 0);
-        let n = loop {
-            match self.inner.read(&mut buf[had..]) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                r => break r?,
-            }
-        };
+        let n = read_retrying(&mut self.inner, &mut buf[had..])?;
         buf.truncate(had + n);
         self.out.clear();
         self.at = 0;
@@ -738,15 +743,11 @@ impl FileDocs for TextDocs {
             }
             let start = self.pieces.buf.len();
             self.pieces.buf.resize(start + BLOCK, 0);
-            let n = loop {
-                match self.reader.read(&mut self.pieces.buf[start..]) {
-                    Ok(n) => break n,
-                    // Not the end of the file: read again.
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        self.pieces.buf.truncate(start);
-                        return Err(DataError::Io { path: self.src.to_path_buf(), source: e });
-                    }
+            let n = match read_retrying(&mut self.reader, &mut self.pieces.buf[start..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.pieces.buf.truncate(start);
+                    return Err(DataError::Io { path: self.src.to_path_buf(), source: e });
                 }
             };
             self.pieces.buf.truncate(start + n);
