@@ -386,17 +386,7 @@ impl Documents {
         }
         let pieces = PieceBuf::new(self.cfg.max_doc_bytes);
         Ok(match kind {
-            InputKind::Text => Box::new(TextDocs {
-                src,
-                reader,
-                pieces,
-                eof: false,
-                piece_no: 0,
-                line: 1,
-                sample_by: self.cfg.sample_by,
-                scanned: 0,
-                consumed: 0,
-            }),
+            InputKind::Text => Box::new(TextDocs::new(src, reader, pieces, self.cfg.sample_by)),
             _ => Box::new(JsonlDocs::new(src, reader, pieces, self.cfg.text_field.clone())),
         })
     }
@@ -641,6 +631,10 @@ struct TextDocs {
 }
 
 impl TextDocs {
+    fn new(src: Arc<Path>, reader: Box<dyn Read + Send>, pieces: PieceBuf, sample_by: SampleBy) -> Self {
+        Self { src, reader, pieces, eof: false, piece_no: 0, line: 1, sample_by, scanned: 0, consumed: 0 }
+    }
+
     /// `bytes` as the next document (numbered, or placed by its first line), the line count
     /// moved past it.
     fn emit(&mut self, bytes: Vec<u8>, cut: bool) -> Result<Option<Piece>> {
@@ -1342,10 +1336,7 @@ mod tests {
     }
 
     fn text_docs(reader: Box<dyn Read + Send>, sample_by: SampleBy, max: usize) -> Box<dyn FileDocs> {
-        let src: Arc<Path> = Arc::from(Path::new("t.txt"));
-        let pieces = PieceBuf::new(max);
-        let (eof, piece_no, line, scanned, consumed) = (false, 0, 1, 0, 0);
-        Box::new(TextDocs { src, reader, pieces, eof, piece_no, line, sample_by, scanned, consumed })
+        Box::new(TextDocs::new(Arc::from(Path::new("t.txt")), reader, PieceBuf::new(max), sample_by))
     }
 
     fn jsonl_docs(reader: Box<dyn Read + Send>, max: usize) -> Box<dyn FileDocs> {
