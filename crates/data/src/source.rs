@@ -1156,16 +1156,17 @@ impl ParquetDocs {
     fn open(src: Arc<Path>, compression: Compression, field: &str, max: usize) -> Result<Self> {
         let perr = |msg: String| DataError::Parquet { path: src.to_path_buf(), msg };
         let (file, tmp) = if compression != Compression::None {
-            let tmp_path = std::env::temp_dir().join(format!(
-                "patchlm-{}-{}.parquet",
-                std::process::id(),
-                src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
-            ));
+            // A name of its own per call (`patchlm-<name>.<pid>-<n>.tmp`): two readers of files
+            // named alike (one name in two folders, in threads of one process) never share one.
+            let name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let tmp_path = crate::shard::temp_beside(&std::env::temp_dir().join(format!("patchlm-{name}")));
             let mut dec = compression.reader(File::open(&src).map_err(io_err(src.to_path_buf()))?, &src)?;
             let mut out = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
+            // Removed on drop from here on, also when decompressing fails part way.
+            let guard = TempFile(tmp_path);
             std::io::copy(&mut dec, &mut out).map_err(io_err(src.to_path_buf()))?;
-            let f = File::open(&tmp_path).map_err(io_err(&tmp_path))?;
-            (f, Some(TempFile(tmp_path)))
+            let f = File::open(&guard.0).map_err(io_err(&guard.0))?;
+            (f, Some(guard))
         } else {
             (File::open(&src).map_err(io_err(src.to_path_buf()))?, None)
         };
@@ -1422,5 +1423,78 @@ mod tests {
         let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let e = LossyUtf8::new(Box::new(Failing(5)), count).read_to_end(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("disk on fire"), "{e}");
+    }
+
+    /// Parquet rows are numbered from 1 (a row cut into pieces keeps its number). A compressed
+    /// file is read through a temp file of its own: two files named alike in two folders, read
+    /// at once, each give their own rows; the temp files go when the readers are dropped, and
+    /// when decompressing fails part way.
+    #[test]
+    fn parquet_rows_are_numbered_and_compressed_ones_read_through_temp_files_of_their_own() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        // A name no other test's file has, to find this test's temp files by.
+        let name = format!("rows-{}.parquet.gz", dir.path().file_name().unwrap().to_string_lossy());
+        let gz_parquet = |rows: &[Option<&str>]| -> Vec<u8> {
+            let values: arrow_array::ArrayRef = Arc::new(arrow_array::StringArray::from(rows.to_vec()));
+            let schema = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+                "text",
+                arrow_schema::DataType::Utf8,
+                true,
+            )]));
+            let batch = arrow_array::RecordBatch::try_new(schema.clone(), vec![values]).unwrap();
+            let mut buf = Vec::new();
+            let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&buf).unwrap();
+            e.finish().unwrap()
+        };
+        let put = |sub: &str, bytes: &[u8]| -> Arc<Path> {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            let p = dir.path().join(sub).join(&name);
+            std::fs::write(&p, bytes).unwrap();
+            Arc::from(p)
+        };
+        let temps = || -> usize {
+            let prefix = format!("patchlm-{name}.");
+            std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+                .count()
+        };
+        let long = "abc ".repeat(25);
+        let a = put("a", &gz_parquet(&[Some("first"), None, Some(&long), Some("last")]));
+        let b = put("b", &gz_parquet(&[Some("other"), Some("rows")]));
+        let mut da = ParquetDocs::open(a, Compression::Gzip, "text", 64).unwrap();
+        let mut db = ParquetDocs::open(b, Compression::Gzip, "text", 64).unwrap();
+        assert_eq!(temps(), 2);
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        loop {
+            let pa = da.next_piece().unwrap();
+            let pb = db.next_piece().unwrap();
+            if pa.is_none() && pb.is_none() {
+                break;
+            }
+            got_a.extend(pa.map(|p| (p.text, p.position, p.cut)));
+            got_b.extend(pb.map(|p| (p.text, p.position, p.cut)));
+        }
+        assert_eq!(got_b, [("other".to_string(), 1, false), ("rows".to_string(), 2, false)]);
+        let positions: Vec<(u64, bool)> = got_a.iter().map(|(_, p, c)| (*p, *c)).collect();
+        assert_eq!(positions, [(1, false), (2, false), (3, true), (3, false), (4, false)]);
+        assert_eq!([&got_a[0].0, &got_a[1].0, &got_a[4].0], ["first", "", "last"]);
+        assert_eq!(got_a[2].0.clone() + &got_a[3].0, long);
+        drop(da);
+        assert_eq!(temps(), 1);
+        drop(db);
+        assert_eq!(temps(), 0);
+
+        // Cut short: decompressing fails, with the file's name, and leaves no temp file.
+        let whole = gz_parquet(&[Some("x")]);
+        let c = put("c", &whole[..whole.len() / 2]);
+        let Err(e) = ParquetDocs::open(c, Compression::Gzip, "text", 64) else { panic!("a cut gzip file was read") };
+        assert!(e.to_string().contains(&name), "{e}");
+        assert_eq!(temps(), 0);
     }
 }
