@@ -21,7 +21,10 @@ use parquet::file::properties::WriterProperties;
 
 use crate::error::{io_err, DataError, Result};
 use crate::reader::{Dataset, ReaderOptions, TokenChunk};
-use crate::shard::{sha256_file, shard_schema, Manifest, ShardInfo, ShardWriter, Split, TokenDtype, TOKENIZER_FILE};
+use crate::shard::{
+    sha256_file, shard_schema, write_atomic, AtomicFile, Manifest, ShardInfo, ShardWriter, Split, TokenDtype,
+    TOKENIZER_FILE,
+};
 
 const ROWS_PER_GROUP: usize = 8192;
 
@@ -47,8 +50,9 @@ pub fn export_parquet(src: &Path, dst: &Path) -> Result<Manifest> {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(perr(&path))?))
             .build();
-        let tmp = dst.join(format!("{file}.tmp"));
-        let f = File::create(&tmp).map_err(io_err(&tmp))?;
+        // Written beside its name and renamed whole (a temp name of its own per call), hashed
+        // as it is written.
+        let f = AtomicFile::create(&path)?;
         let mut w = ArrowWriter::try_new(f, schema.clone(), Some(props)).map_err(perr(&path))?;
         let docs: Vec<TokenChunk<'_>> = stream.documents().collect();
         for group in docs.chunks(ROWS_PER_GROUP) {
@@ -73,22 +77,18 @@ pub fn export_parquet(src: &Path, dst: &Path) -> Result<Manifest> {
                 .map_err(|e| DataError::Parquet { path: path.clone(), msg: e.to_string() })?;
             w.write(&batch).map_err(perr(&path))?;
         }
-        let f = w.into_inner().map_err(perr(&path))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        shards.push(ShardInfo {
-            split,
-            file,
-            rows: stream.num_documents(),
-            tokens: stream.len(),
-            bytes: path.metadata().map_err(io_err(&path))?.len(),
-            sha256: sha256_file(&path)?,
-        });
+        let (bytes, sha256) = w.into_inner().map_err(perr(&path))?.commit()?;
+        shards.push(ShardInfo { split, file, rows: stream.num_documents(), tokens: stream.len(), bytes, sha256 });
     }
-    std::fs::copy(src.join(TOKENIZER_FILE), dst.join(TOKENIZER_FILE)).map_err(io_err(dst.join(TOKENIZER_FILE)))?;
+    copy_atomic(&src.join(TOKENIZER_FILE), &dst.join(TOKENIZER_FILE))?;
     manifest.shards = shards;
     manifest.save(dst)?;
     Ok(manifest)
+}
+
+/// Copies `from` to `to` as [`write_atomic`] writes: whole or not at all.
+fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    write_atomic(to, &std::fs::read(from).map_err(io_err(from))?)
 }
 
 /// Imports a directory written by [`export_parquet`] into Arrow shards in `dst`.
@@ -129,7 +129,7 @@ pub fn import_parquet(src: &Path, dst: &Path, shard_mb: u64) -> Result<Manifest>
         }
         out.shards.extend(w.finish()?);
     }
-    std::fs::copy(src.join(TOKENIZER_FILE), dst.join(TOKENIZER_FILE)).map_err(io_err(dst.join(TOKENIZER_FILE)))?;
+    copy_atomic(&src.join(TOKENIZER_FILE), &dst.join(TOKENIZER_FILE))?;
     out.save(dst)?;
     Ok(out)
 }

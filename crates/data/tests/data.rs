@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arrow_array::{RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use patchlm_data::shard::{ShardWriter, TOKENIZER_FILE};
+use patchlm_data::shard::{sha256_file, ShardWriter, TOKENIZER_FILE};
 use patchlm_data::tokenizer::{self, TokenizerConfig};
 use patchlm_data::*;
 
@@ -1233,9 +1233,23 @@ fn loaded_tokenizer_and_parquet_interchange() {
     let out_b = dir.path().join("sb");
     build_shards(&[&c], &out_b, &cfg, TokenizerSource::File(&out.join(TOKENIZER_FILE)), false).unwrap();
     assert_eq!(Manifest::load(&out).unwrap(), Manifest::load(&out_b).unwrap());
-    // Parquet export then import gives the same tokens and documents.
+    // Parquet export then import gives the same tokens and documents. Four exports into one
+    // folder at once each write whole files (they shared one temp name, truncating and renaming
+    // each other's), checksummed as written (import checks them), and leave no temp file.
     let pq = dir.path().join("pq");
-    export_parquet(&out, &pq).unwrap();
+    std::thread::scope(|s| {
+        let exports: Vec<_> = (0..4).map(|_| s.spawn(|| export_parquet(&out, &pq))).collect();
+        for e in exports {
+            e.join().unwrap().unwrap();
+        }
+    });
+    let mut names: Vec<String> = files_of(&pq).into_keys().collect();
+    names.sort();
+    assert_eq!(names, ["manifest.json", "tokenizer.json", "train-00000.parquet", "val-00000.parquet"]);
+    for info in Manifest::load(&pq).unwrap().shards {
+        let path = pq.join(&info.file);
+        assert_eq!((info.bytes, info.sha256), (path.metadata().unwrap().len(), sha256_file(&path).unwrap()));
+    }
     let back = dir.path().join("back");
     import_parquet(&pq, &back, 256).unwrap();
     let (a, b) = (Dataset::open(&out).unwrap(), Dataset::open(&back).unwrap());
