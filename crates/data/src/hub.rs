@@ -262,7 +262,7 @@ impl HubOptions {
     /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `XDG_CACHE_HOME/huggingface/hub`, else
     /// `~/.cache/huggingface/hub`; the token in `HF_TOKEN`, else the file `HF_TOKEN_PATH`, else
     /// `HF_HOME/token` (or `~/.cache/huggingface/token`); `HF_HUB_OFFLINE=1`;
-    /// `HF_HUB_DISABLE_PROGRESS_BARS=1`.
+    /// `HF_HUB_DISABLE_PROGRESS_BARS=1`. A variable set to the empty string counts as unset.
     pub fn from_env() -> Self {
         Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
     }
@@ -1460,9 +1460,17 @@ mod tests {
         let u = HubUrl::parse("hf://org/model/").unwrap().unwrap();
         assert_eq!((u.repo.kind, u.repo.revision.as_str(), u.path.as_str()), (RepoKind::Model, "main", ""));
         assert!(HubUrl::parse("data/corpus").unwrap().is_none());
-        for bad in ["hf://datasets/org", "hf://spaces/a/b", "hf://datasets/a/b/../c", "hf://a b/c"] {
+        for (bad, why) in [
+            ("hf://datasets/org", "expected <org>/<name> after hf://"),
+            ("hf://datasets//name", "expected <org>/<name> after hf://"),
+            ("hf://datasets/org/", "expected <org>/<name> after hf://"),
+            ("hf://spaces/a/b", "spaces are not supported"),
+            ("hf://datasets/a/b/../c", "`..` is not allowed"),
+            ("hf://a b/c", "`a b/c` is not a repository id"),
+            ("hf://a/b@", "`a/b` is not a repository id"),
+        ] {
             let e = HubUrl::parse(bad).unwrap_err().to_string();
-            assert!(e.starts_with(bad) && e.contains("hf://datasets/<org>/<name>"), "{e}");
+            assert!(e.starts_with(bad) && e.contains(why) && e.contains("hf://datasets/<org>/<name>"), "{e}");
         }
     }
 
@@ -1542,6 +1550,39 @@ mod tests {
         let home = dir.path().to_string_lossy().into_owned();
         let o = HubOptions::from_vars(move |k| (k == "HF_HOME").then(|| home.clone()));
         assert_eq!(o.token.as_deref(), Some("hf_fromfile"));
+    }
+
+    /// `from_env` reads this process's environment, an empty variable counting as unset: run in a
+    /// child process of this test binary, given an environment of its own.
+    #[test]
+    fn options_come_from_the_environment_with_empty_variables_unset() {
+        const CHILD: &str = "PATCHLM_HUB_ENV_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let o = HubOptions::from_env();
+            println!("options: {} {} {:?} {}", o.cache_dir.display(), o.endpoint, o.token, o.offline);
+            return;
+        }
+        let name = "hub::tests::options_come_from_the_environment_with_empty_variables_unset";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env_clear()
+            .env(CHILD, "1")
+            .envs([
+                ("HOME", "/home/u"),
+                ("HF_HOME", ""),
+                ("HF_HUB_CACHE", ""),
+                ("XDG_CACHE_HOME", "/x"),
+                ("HF_TOKEN", ""),
+                ("HF_TOKEN_PATH", "/nonexistent/token"),
+                ("HF_ENDPOINT", "http://local:1"),
+                ("HF_HUB_OFFLINE", "1"),
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // (The harness may print the test's name on the same line first.)
+        let got = stdout.lines().find_map(|l| l.split_once("options: ").map(|(_, o)| o));
+        assert_eq!(got, Some("/x/huggingface/hub http://local:1 None true"), "{stdout}");
     }
 
     #[test]
