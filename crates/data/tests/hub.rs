@@ -101,6 +101,18 @@ fn cached_files_are_not_downloaded_again_and_pinned_commits_need_no_network() {
     // A commit with a snapshot in the cache: no request at all.
     assert_eq!(hub.file(&repo.at(COMMIT), "model.safetensors").unwrap(), first);
     assert!(fake.seen().is_empty());
+    // A snapshot entry removed while its blob stays is linked again, without a download.
+    std::fs::remove_file(&first).unwrap();
+    assert_eq!(hub.file(&repo, "model.safetensors").unwrap(), first);
+    assert_eq!(read(&first), big(300_000));
+    assert!(fake.seen().iter().all(|s| s.method == "HEAD"), "{:?}", fake.seen());
+    // A blob of the wrong size (cut short by something else) is downloaded again, whole.
+    let blob = cache.path().join("models--org--model/blobs").join(sha256(&big(300_000)));
+    std::fs::write(&blob, &big(300_000)[..1000]).unwrap();
+    fake.clear();
+    assert_eq!(hub.file(&repo, "model.safetensors").unwrap(), first);
+    assert_eq!(read(&first), big(300_000));
+    assert!(fake.seen().iter().any(|s| s.method == "GET" && s.path.starts_with("/cdn/")), "{:?}", fake.seen());
 }
 
 #[test]
