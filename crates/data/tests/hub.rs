@@ -151,6 +151,24 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     assert_eq!(cdn[0].range, None);
     assert_eq!(cdn[1].range.as_deref(), Some("bytes=100000-"));
 
+    // Cut every time: with two retries, the third cut ends the run with an error that says how
+    // far it got, and the next run resumes from there.
+    let fake = FakeHub::start(model_state());
+    fake.state.cut_every.store(1000, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(HubOptions { progress: false, retries: 2, ..HubOptions::new(&fake.url, cache.path()) });
+    let repo = Repo::new(RepoKind::Model, "org/model");
+    let e = hub.file(&repo, "model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("download failed after 3 tries") && e.contains("resume from 3000 bytes"), "{e}");
+    let cdn = || -> Vec<Option<String>> {
+        fake.seen().into_iter().filter(|s| s.path.starts_with("/cdn/")).map(|s| s.range).collect()
+    };
+    assert_eq!(cdn(), [None, Some("bytes=1000-".into()), Some("bytes=2000-".into())]);
+    fake.state.cut_every.store(0, Ordering::SeqCst);
+    fake.clear();
+    assert_eq!(read(&hub.file(&repo, "model.safetensors").unwrap()), big(300_000));
+    assert_eq!(cdn(), [Some("bytes=3000-".to_string())]);
+
     // A server that ignores ranges: the download starts over and still comes out whole.
     let fake = FakeHub::start(model_state());
     fake.state.cut_after.store(100_000, Ordering::SeqCst);

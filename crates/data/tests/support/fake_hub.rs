@@ -49,6 +49,8 @@ pub struct State {
     pub seen: Mutex<Vec<Seen>>,
     /// Cut the next CDN body after this many bytes (0: don't).
     pub cut_after: AtomicUsize,
+    /// Cut every CDN body after this many bytes (0: don't).
+    pub cut_every: AtomicUsize,
     /// Serve CDN bodies with one byte flipped.
     pub corrupt: AtomicBool,
     /// Ignore Range headers.
@@ -163,7 +165,10 @@ fn body_with_range(
         None => (200, &bytes[..]),
     };
     std::thread::sleep(std::time::Duration::from_millis(st.cdn_delay_ms.load(Ordering::SeqCst) as u64));
-    let cut = st.cut_after.swap(0, Ordering::SeqCst);
+    let cut = match st.cut_after.swap(0, Ordering::SeqCst) {
+        0 => st.cut_every.load(Ordering::SeqCst),
+        once => once,
+    };
     if cut > 0 && cut < part.len() {
         // Announce the whole body, send part of it, hang up.
         extra.push(("Content-Length".into(), part.len().to_string()));
