@@ -317,6 +317,13 @@ fn rate_limits_and_server_failures_are_tried_again() {
     throttle(&[("GET", 429, Some("0")), ("GET", 429, Some("0"))]);
     let e = strict.list(&repo, "").unwrap_err().to_string();
     assert!(e.contains("HTTP 429") && !e.contains("no such repository"), "{e}");
+    // A refusal that is not transient (the CDN's 403, as for a signed URL that expired) is
+    // final at once and says so.
+    fake.clear();
+    throttle(&[("GET", 403, None)]);
+    let e = strict.file(&repo, "model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("model.safetensors: download refused with HTTP 403"), "{e}");
+    assert_eq!(count("GET"), 1, "tried again");
     // A download refused twice stops, and the next run fetches it.
     throttle(&[("GET", 503, None), ("GET", 503, None)]);
     let e = strict.file(&repo, "model.safetensors").unwrap_err().to_string();
