@@ -317,6 +317,10 @@ fn rate_limits_and_server_failures_are_tried_again() {
     throttle(&[("GET", 429, Some("0")), ("GET", 429, Some("0"))]);
     let e = strict.list(&repo, "").unwrap_err().to_string();
     assert!(e.contains("HTTP 429") && !e.contains("no such repository"), "{e}");
+    // The same for a page of the tree listing (a commit is listed without the revision call).
+    throttle(&[("GET", 503, None), ("GET", 503, None)]);
+    let e = strict.list(&repo.at(COMMIT), "").unwrap_err().to_string();
+    assert!(e.contains("cannot reach") && e.contains("(HTTP 503) and the cache has no snapshot"), "{e}");
     // A refusal that is not transient (the CDN's 403, as for a signed URL that expired) is
     // final at once and says so.
     fake.clear();
@@ -444,6 +448,20 @@ fn a_snapshot_holds_the_files_a_filter_keeps() {
     assert_eq!(dir, cache.path().join("models--org--model/snapshots").join(COMMIT));
     assert!(dir.join("config.json").is_file() && dir.join("model.safetensors").is_file());
     assert!(!dir.join("nested").exists());
+    // The branch is recorded as naming the snapshot's commit; a snapshot of a commit records
+    // no ref.
+    let refs = |c: &Path| -> Vec<(String, String)> {
+        let Ok(entries) = std::fs::read_dir(c.join("models--org--model/refs")) else { return Vec::new() };
+        entries
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(e.path()).unwrap()))
+            .collect()
+    };
+    assert_eq!(refs(cache.path()), [("main".to_string(), COMMIT.to_string())]);
+    let pinned = tempfile::tempdir().unwrap();
+    let dir = fake.hub(pinned.path()).snapshot(&Repo::new(RepoKind::Model, "org/model").at(COMMIT), |_| true).unwrap();
+    assert!(dir.join("nested/dir/notes.txt").is_file());
+    assert_eq!(refs(pinned.path()), []);
     let e = hub.snapshot(&Repo::new(RepoKind::Model, "org/model"), |_| false).unwrap_err().to_string();
     assert!(e.contains("none of its 3 files"), "{e}");
 
@@ -478,6 +496,11 @@ fn whole_listings_are_kept_by_commit_as_huggingface_hub_keeps_them() {
     // A folder's listing is not the repository's: nothing is kept.
     assert_eq!(hub.list(&repo, "nested").unwrap().files.len(), 1);
     assert!(!trees.exists());
+    // A folder the repository lacks lists empty (the hub answers 404); a repository it lacks is
+    // an error, also at a commit (no revision call first).
+    assert_eq!(hub.list(&repo, "no/such/folder").unwrap().files, []);
+    let e = hub.list(&Repo::new(RepoKind::Model, "org/none").at(COMMIT), "").unwrap_err().to_string();
+    assert!(e.contains("HTTP 404: no such repository"), "{e}");
     // The whole repository's is, byte for byte as huggingface_hub writes it for these files.
     let listing = hub.list(&repo, "").unwrap();
     assert_eq!(listing.files.len(), 3);
@@ -515,6 +538,11 @@ fn whole_listings_are_kept_by_commit_as_huggingface_hub_keeps_them() {
         text.replace("nested/dir/notes.txt", "../notes.txt"),
         text.replace("\"blob_id\": \"230d5f4da0da586aad26ead694ea67cd15bd6df1\"", "\"blob\": \"x\""),
         text.replace("\"format_version\": 1", "\"format_version\": 2"),
+        // A Xet hash must be 64 hex digits.
+        text.replace(
+            "\"blob_id\": \"230d5f4da0da586aad26ead694ea67cd15bd6df1\"",
+            "\"blob_id\": \"230d5f4da0da586aad26ead694ea67cd15bd6df1\", \"xet_hash\": \"abc\"",
+        ),
     ] {
         assert_ne!(bad.as_bytes(), v1.as_slice());
         std::fs::write(&kept, &bad).unwrap();
