@@ -1632,6 +1632,8 @@ mod tests {
         assert_eq!(hub.token_for("https://hub.example.evil/x"), None);
         assert_eq!(hub.token_for("https://cdn.example/blob"), None);
         assert_eq!(origin("http://127.0.0.1:8080/a/b?c"), "http://127.0.0.1:8080");
+        assert_eq!(origin("http://h/a/b"), "http://h");
+        assert_eq!(origin("https://hub.example"), "https://hub.example");
     }
 
     #[test]
