@@ -1194,8 +1194,13 @@ fn is_commit(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Whether `s` can name a file in a cache folder (a blob by its ETag) and stays inside it.
 fn is_safe_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s != "."
+        && s != ".."
 }
 
 /// An ETag without its weak prefix and quotes, as `huggingface_hub` stores blobs.
@@ -1661,5 +1666,22 @@ mod tests {
         assert_eq!(checksum_of(&p, git, 6).unwrap().as_deref(), Some(git));
         assert_eq!(checksum_of(&p, sha, 6).unwrap().as_deref(), Some(sha));
         assert_eq!(checksum_of(&p, "opaque-etag", 6).unwrap(), None);
+        // Of the lengths of a checksum but not hex: opaque too.
+        assert_eq!(checksum_of(&p, &"g".repeat(64), 6).unwrap(), None);
+        assert_eq!(checksum_of(&p, &"g".repeat(40), 6).unwrap(), None);
+    }
+
+    #[test]
+    fn commits_and_blob_names_have_their_shapes() {
+        assert!(is_commit("0123456789abcdefABCDEF0123456789abcdef01"));
+        for bad in ["a".repeat(39), "a".repeat(41), "g".repeat(40), String::new()] {
+            assert!(!is_commit(&bad), "{bad}");
+        }
+        for good in ["5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03", "a-b_c.d", &"a".repeat(128)] {
+            assert!(is_safe_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", "a\\b", &"a".repeat(129)] {
+            assert!(!is_safe_name(bad), "{bad}");
+        }
     }
 }
