@@ -106,6 +106,11 @@ fn cached_files_are_not_downloaded_again_and_pinned_commits_need_no_network() {
     assert_eq!(hub.file(&repo, "model.safetensors").unwrap(), first);
     assert_eq!(read(&first), big(300_000));
     assert!(fake.seen().iter().all(|s| s.method == "HEAD"), "{:?}", fake.seen());
+    // A branch recorded at an older commit is moved to the one the hub names now.
+    let main_ref = cache.path().join("models--org--model/refs/main");
+    std::fs::write(&main_ref, OLD_COMMIT).unwrap();
+    assert_eq!(hub.file(&repo, "model.safetensors").unwrap(), first);
+    assert_eq!(std::fs::read_to_string(&main_ref).unwrap(), COMMIT);
     // A blob of the wrong size (cut short by something else) is downloaded again, whole.
     let blob = cache.path().join("models--org--model/blobs").join(sha256(&big(300_000)));
     std::fs::write(&blob, &big(300_000)[..1000]).unwrap();
