@@ -1423,8 +1423,9 @@ pub fn resolve_tokenizer_with(hub: &Hub, spec: &str) -> Result<PathBuf> {
         let name = if url.path.is_empty() { crate::shard::TOKENIZER_FILE.to_string() } else { url.path.clone() };
         return hub.file(&url.repo, &name);
     }
-    let looks_local = spec.ends_with(".json") || spec.starts_with(['.', '/', '~']) || spec.contains('\\');
-    match Repo::parse(spec, RepoKind::Model).filter(|_| !looks_local) {
+    // A path that starts with `.`, `/` or `~`, or holds `\\`, is no repository id already; a
+    // `*.json` name may look like one (`org/tok.json`).
+    match Repo::parse(spec, RepoKind::Model).filter(|_| !spec.ends_with(".json")) {
         Some(repo) => hub.file(&repo, crate::shard::TOKENIZER_FILE).map_err(|e| match e {
             DataError::Hub { target, msg } => {
                 DataError::Hub { target, msg: format!("{msg} (`{spec}` is no local file either)") }
@@ -1501,6 +1502,8 @@ mod tests {
         assert!(!glob_match("a/**/b.txt", "a/xb.txt"));
         assert!(glob_match("part-?.txt", "part-1.txt"));
         assert!(!glob_match("part-?.txt", "part-10.txt"));
+        // One `*` before a `/` stays within its segment (and must match what it stands for).
+        assert!(!glob_match("data/*a/x.txt", "data/x.txt") && glob_match("data/*a/x.txt", "data/ba/x.txt"));
     }
 
     #[test]
@@ -1565,6 +1568,10 @@ mod tests {
         if std::env::var_os(CHILD).is_some() {
             let o = HubOptions::from_env();
             println!("options: {} {} {:?} {}", o.cache_dir.display(), o.endpoint, o.token, o.offline);
+            // The resolvers use the same settings: offline here, with nothing in the cache.
+            println!("local: {:?}", resolve_inputs(&["a.txt", "some/dir"]).map_err(|e| e.to_string()));
+            println!("hub: {:?}", resolve_inputs(&["a.txt", "hf://datasets/org/set/data"]).map_err(|e| e.to_string()));
+            println!("tokenizer: {:?}", resolve_tokenizer("org/name").map_err(|e| e.to_string()));
             return;
         }
         let name = "hub::tests::options_come_from_the_environment_with_empty_variables_unset";
@@ -1586,8 +1593,24 @@ mod tests {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         // (The harness may print the test's name on the same line first.)
-        let got = stdout.lines().find_map(|l| l.split_once("options: ").map(|(_, o)| o));
-        assert_eq!(got, Some("/x/huggingface/hub http://local:1 None true"), "{stdout}");
+        let line = |key: &str| stdout.lines().find_map(|l| l.split_once(key).map(|(_, o)| o.to_string()));
+        assert_eq!(line("options: ").as_deref(), Some("/x/huggingface/hub http://local:1 None true"), "{stdout}");
+        assert_eq!(line("local: ").as_deref(), Some(r#"Ok(["a.txt", "some/dir"])"#), "{stdout}");
+        for key in ["hub: ", "tokenizer: "] {
+            let got = line(key).unwrap_or_default();
+            assert!(got.starts_with("Err(") && got.contains("HF_HUB_OFFLINE"), "{key}{got}");
+        }
+        // A local tokenizer file needs no hub.
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        std::fs::write(&tok, "{}").unwrap();
+        assert_eq!(resolve_tokenizer(&tok.to_string_lossy()).unwrap(), tok);
+        assert_eq!(resolve_tokenizer(&dir.path().to_string_lossy()).unwrap(), tok);
+        // What is spelt as a path is not taken for a repository id: it is missing.
+        let offline = Hub::new(HubOptions { offline: true, ..HubOptions::new("http://127.0.0.1:9", dir.path()) });
+        for spec in ["./org/tok", "/org/tok", "~/tok", "org\\tok", "org/tok.json", "../tok"] {
+            assert!(matches!(resolve_tokenizer_with(&offline, spec), Err(DataError::Missing(_))), "{spec}");
+        }
     }
 
     #[test]

@@ -399,7 +399,11 @@ fn hf_urls_name_files_folders_and_globs_of_a_dataset() {
         !trees.is_empty() && trees.iter().all(|p| p.starts_with(&format!("/api/datasets/org/set/tree/{COMMIT}/data?"))),
         "{trees:?}"
     );
+    fake.clear();
     assert_eq!(names("hf://datasets/org/set/data"), ["data/test.jsonl", "data/train-0.jsonl", "data/train-1.jsonl"]);
+    // A folder is listed once (its parent only when it names no file: perhaps it is a file).
+    let trees: Vec<String> = fake.seen().into_iter().filter(|s| s.path.contains("/tree/")).map(|s| s.path).collect();
+    assert!(trees.iter().all(|p| p.starts_with(&format!("/api/datasets/org/set/tree/{COMMIT}/data?"))), "{trees:?}");
     assert_eq!(
         names("hf://datasets/org/set"),
         ["data/test.jsonl", "data/train-0.jsonl", "data/train-1.jsonl", "other/notes.txt"]
