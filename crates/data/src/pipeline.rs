@@ -216,7 +216,9 @@ fn check_build_dir(out: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
     let ours = |name: &str| {
         let base = name.split('.').next().unwrap_or("");
-        let shard = (base.starts_with("train-") || base.starts_with("val-")) && name.contains(".arrow");
+        // A shard, or a shard's temp file (`train-00001.arrow.<pid>-<n>.tmp`).
+        let shard = (base.starts_with("train-") || base.starts_with("val-"))
+            && (name.ends_with(".arrow") || (name.contains(".arrow.") && name.ends_with(".tmp")));
         let own =
             [crate::shard::MANIFEST, TOKENIZER_FILE, resume::BUILD_FILE, resume::PROGRESS_FILE, resume::LOCK_FILE];
         shard || own.iter().any(|f| name == *f || (name.starts_with(f) && name.ends_with(".tmp")))

@@ -405,7 +405,7 @@ fn bad_inputs_give_clear_errors() {
     build_shards(&[d.join("in.txt")], &out, &bcfg, TokenizerSource::Train, false).unwrap();
     // Names near a build's own are not its own.
     let near = d.join("near");
-    let names = ["train-notes.txt", "data.arrow", "manifest.json.bak", "stray.tmp"];
+    let names = ["train-notes.txt", "data.arrow", "manifest.json.bak", "stray.tmp", "train-00001.arrow.bak"];
     for name in names {
         write(&near.join(name), b"x");
     }
@@ -962,8 +962,19 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     let want = files_of(&whole);
     assert!(!want.contains_key(PROGRESS_FILE), "the journal goes once the manifest is written");
     assert!(want.contains_key(BUILD_FILE));
-    // Built again: every shard is kept (the manifest names the build), nothing changes.
+    // Built again: every shard is kept (the manifest names the build), nothing changes, and no
+    // input is read again. (Inputs are known by path, size and modification time, as make knows
+    // them: a file rewritten to other bytes of the same size and time, no JSON any more, is not
+    // read, which shows it.)
+    let p1 = c.join("part-1.jsonl");
+    let (saved, mtime) = (std::fs::read(&p1).unwrap(), std::fs::metadata(&p1).unwrap().modified().unwrap());
+    let set = |bytes: &[u8]| {
+        std::fs::write(&p1, bytes).unwrap();
+        std::fs::File::options().write(true).open(&p1).unwrap().set_modified(mtime).unwrap();
+    };
+    set(&vec![b'x'; saved.len()]);
     let s = build_shards(&[&c], &whole, &cfg, TokenizerSource::Train, false).unwrap();
+    set(&saved);
     assert_eq!(s.resumed_shards, m.shards.len());
     assert_eq!(files_of(&whole), want);
     // A finished build missing a shard (deleted, or changed so its checksum fails) makes it and
@@ -1054,6 +1065,15 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     listed.sort();
     assert_eq!(files_of(&out).into_keys().collect::<Vec<_>>(), listed, "nothing of the old build is left");
     Dataset::open(&out).unwrap();
+    // Nor when the new build has fewer shards than the old one (half the input).
+    let s = build_shards(&[c.join("part-0.jsonl")], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!((s.resumed_shards, s.documents), (0, 800));
+    let half = Manifest::load(&out).unwrap();
+    assert!(half.shards.len() < m.shards.len());
+    let mut listed: Vec<String> = half.shards.iter().map(|x| x.file.clone()).collect();
+    listed.extend(["manifest.json", TOKENIZER_FILE, BUILD_FILE, ".build.lock"].map(String::from));
+    listed.sort();
+    assert_eq!(files_of(&out).into_keys().collect::<Vec<_>>(), listed, "shards of the bigger build were left");
 
     // Two builds into one directory at once take turns and both succeed.
     std::fs::write(c.join("part-1.jsonl"), jsonl(&docs[800..], "text")).unwrap();
