@@ -1021,6 +1021,18 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     assert!(build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 3).unwrap().is_none());
     assert!(out.join(PROGRESS_FILE).is_file() && !out.join("manifest.json").exists());
     write(&out.join("train-00003.arrow.4242-7.tmp"), b"half a shard");
+    // The temp files of every other file a killed build writes, and a shard no build of these
+    // inputs writes, go too.
+    for name in [
+        "val-00001.arrow.4242-8.tmp",
+        "manifest.json.4242-9.tmp",
+        "tokenizer.json.4242-10.tmp",
+        "build-progress.json.4242-11.tmp",
+        "build.json.4242-12.tmp",
+        "train-00099.arrow",
+    ] {
+        write(&out.join(name), b"left behind");
+    }
     // The inputs spelled another way (the same folder through `.` and a link to it) are the
     // same inputs.
     #[cfg(unix)]
@@ -1074,6 +1086,11 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     listed.extend(["manifest.json", TOKENIZER_FILE, BUILD_FILE, ".build.lock"].map(String::from));
     listed.sort();
     assert_eq!(files_of(&out).into_keys().collect::<Vec<_>>(), listed, "shards of the bigger build were left");
+    // Another build into it, killed after its first shard, leaves no manifest of the one before
+    // to pass the folder off as complete.
+    assert!(build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 1).unwrap().is_none());
+    assert!(!out.join("manifest.json").exists() && !out.join(BUILD_FILE).exists());
+    assert!(Dataset::open(&out).is_err());
 
     // Two builds into one directory at once take turns and both succeed.
     std::fs::write(c.join("part-1.jsonl"), jsonl(&docs[800..], "text")).unwrap();
