@@ -1423,7 +1423,7 @@ pub fn resolve_tokenizer_with(hub: &Hub, spec: &str) -> Result<PathBuf> {
         let name = if url.path.is_empty() { crate::shard::TOKENIZER_FILE.to_string() } else { url.path.clone() };
         return hub.file(&url.repo, &name);
     }
-    // A path that starts with `.`, `/` or `~`, or holds `\\`, is no repository id already; a
+    // A path that starts with `.`, `/` or `~`, or holds a backslash, is no repository id already; a
     // `*.json` name may look like one (`org/tok.json`).
     match Repo::parse(spec, RepoKind::Model).filter(|_| !spec.ends_with(".json")) {
         Some(repo) => hub.file(&repo, crate::shard::TOKENIZER_FILE).map_err(|e| match e {
