@@ -496,11 +496,9 @@ fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn 
     let mut head = [0u8; 4];
     let mut n = 0;
     while n < head.len() {
-        match reader.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(DataError::Io { path: path.to_path_buf(), source: e }),
+        match read_retrying(&mut reader, &mut head[n..]).map_err(io_err(path))? {
+            0 => break,
+            k => n += k,
         }
     }
     let head = &head[..n];
@@ -519,7 +517,7 @@ fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn 
 }
 
 /// One read into `buf`, read again while it is interrupted (a signal is not the end of a file).
-fn read_retrying(reader: &mut Box<dyn Read + Send>, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_retrying<R: Read + ?Sized>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     loop {
         match reader.read(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -824,20 +822,13 @@ impl JsonlDocs {
             if self.eof {
                 return Ok(None);
             }
-            loop {
-                match self.reader.read(&mut self.block) {
-                    Ok(n) => {
-                        self.pos = 0;
-                        self.len = n;
-                        if n == 0 {
-                            self.eof = true;
-                            return Ok(None);
-                        }
-                        break;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(DataError::Io { path: self.src.to_path_buf(), source: e }),
-                }
+            let n = read_retrying(&mut self.reader, &mut self.block)
+                .map_err(|e| DataError::Io { path: self.src.to_path_buf(), source: e })?;
+            self.pos = 0;
+            self.len = n;
+            if n == 0 {
+                self.eof = true;
+                return Ok(None);
             }
         }
         Ok(Some(self.block[self.pos]))
