@@ -493,16 +493,10 @@ impl PieceBuf {
 /// `reader` past a UTF-8 byte-order mark at its start (as Windows tools write); a UTF-16 or UTF-32
 /// mark is refused with what to do.
 fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn Read + Send>> {
-    let mut head = [0u8; 4];
-    let mut n = 0;
-    while n < head.len() {
-        match read_retrying(&mut reader, &mut head[n..]).map_err(io_err(path))? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    let head = &head[..n];
-    let encoding = match head {
+    // Up to four bytes, fewer only at the end (std's read_to_end reads again when interrupted).
+    let mut head = Vec::with_capacity(4);
+    reader.by_ref().take(4).read_to_end(&mut head).map_err(io_err(path))?;
+    let encoding = match head.as_slice() {
         [0xFF, 0xFE, 0, 0] => Some("utf-32le"),
         [0, 0, 0xFE, 0xFF] => Some("utf-32be"),
         [0xFF, 0xFE, ..] => Some("utf-16le"),
@@ -512,8 +506,10 @@ fn without_bom(mut reader: Box<dyn Read + Send>, path: &Path) -> Result<Box<dyn 
     if let Some(encoding) = encoding {
         return Err(DataError::NotUtf8 { path: path.to_path_buf(), encoding });
     }
-    let skip = if head.starts_with(&[0xEF, 0xBB, 0xBF]) { 3 } else { 0 };
-    Ok(Box::new(std::io::Cursor::new(head[skip..].to_vec()).chain(reader)))
+    if head.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        head.drain(..3);
+    }
+    Ok(Box::new(std::io::Cursor::new(head).chain(reader)))
 }
 
 /// One read into `buf`, read again while it is interrupted (a signal is not the end of a file).
