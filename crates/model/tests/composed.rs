@@ -6,11 +6,16 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
-use patchlm_model::ops::{set_flash_attention, set_fused_ops};
+use patchlm_model::ops::{ce_lse_supported, set_flash_attention, set_fused_ops, set_rows_cuda};
 use patchlm_model::*;
+use std::sync::Mutex;
+
+/// Held by each test here while it flips the switches.
+static SWITCHES: Mutex<()> = Mutex::new(());
 
 #[test]
 fn fused_and_composed_models_agree_in_f32_and_bf16() {
+    let _switches = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Device::Cpu;
     let mut cfg = ModelConfig::preset("tiny").unwrap();
     cfg.num_key_value_heads = 1; // grouped-query attention too
@@ -53,4 +58,18 @@ fn fused_and_composed_models_agree_in_f32_and_bf16() {
             }
         }
     }
+}
+
+#[test]
+fn the_loss_keeping_log_sum_exps_runs_on_the_cpu_with_the_fused_ops_whatever_the_cuda_switches() {
+    let _switches = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    let cpu = Device::Cpu;
+    assert!(ce_lse_supported(&cpu));
+    // The CUDA row kernels' switch says nothing about the CPU.
+    set_rows_cuda(false);
+    assert!(ce_lse_supported(&cpu));
+    set_rows_cuda(true);
+    set_fused_ops(false);
+    assert!(!ce_lse_supported(&cpu));
+    set_fused_ops(true);
 }

@@ -759,10 +759,39 @@ fn fused_multi_target_cross_entropy_matches_an_f64_reference() {
         assert!(
             ops::grad::cross_entropy_multi_lse(var.as_tensor(), &tt, &lse_t.narrow(0, 1, n - 1).unwrap(), 1.0).is_err()
         );
-        // bf16 logits: the same math with f32 statistics; errors at bf16's resolution.
-        let xb = var.as_tensor().to_dtype(DType::BF16).unwrap();
-        let lb = patchlm_model::cross_entropy_multi(&xb, &tt).unwrap().to_scalar::<f32>().unwrap() as f64;
-        assert!((lb - want).abs() < 2e-2 * want.abs().max(1.0), "bf16: {lb} vs {want}");
+        // bf16 and f16 logits: the same math with f32 statistics, so the loss is the reference's
+        // on the rounded logits, and the gradient too up to its rounding to the logits' dtype.
+        for dtype in [DType::BF16, DType::F16] {
+            let xh = Var::from_tensor(&var.as_tensor().to_dtype(dtype).unwrap()).unwrap();
+            let rounded: Vec<f32> = xh.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let (want_h, want_grad_h) = ce_reference(&rounded, &t, n, v, k);
+            let loss_h = patchlm_model::cross_entropy_multi(xh.as_tensor(), &tt).unwrap();
+            let got_h = loss_h.to_scalar::<f32>().unwrap() as f64;
+            assert!((got_h - want_h).abs() < 1e-5 * want_h.abs().max(1.0), "{dtype:?}: {got_h} vs {want_h}");
+            let g = loss_h.backward().unwrap();
+            let g = g.get(xh.as_tensor()).unwrap();
+            assert_eq!(g.dtype(), dtype);
+            let g: Vec<f32> = g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (j, (a, b)) in g.iter().zip(&want_grad_h).enumerate() {
+                // One rounding of an f32 result: at most 2^-8 of it (bf16; f16 2^-11), and f16's
+                // subnormals below 2^-14 (half a unit: 3e-8).
+                assert!(
+                    (*a as f64 - b).abs() <= b.abs() / 256.0 * (1.0 + 1e-4) + 1e-7,
+                    "{dtype:?} n={n} v={v} k={k}: gradient [{j}] {a} vs {b}"
+                );
+            }
+        }
+    }
+    // Logits and targets of different rows, or no targets, are refused.
+    let x5 = Tensor::zeros((5, 10), DType::F32, &dev).unwrap();
+    for targets in [Tensor::zeros((4, 1), DType::U32, &dev).unwrap(), Tensor::zeros((5, 0), DType::U32, &dev).unwrap()]
+    {
+        for e in [
+            patchlm_model::cross_entropy_multi(&x5, &targets).unwrap_err(),
+            ops::cross_entropy_multi_lse(&x5, &targets).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("disagree"), "{targets:?}: {e}");
+        }
     }
     // K = 1 is candle's own cross-entropy.
     let x = Tensor::randn(0f32, 2.0, (6, 50), &dev).unwrap();
