@@ -1201,11 +1201,19 @@ fn embedding_mean_matches_lookup_then_mean() {
     let w = Tensor::randn(0f32, 1.0, (v, d), &dev).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &dev).unwrap();
     let e = ops::embedding_mean(&w, &ids, 2).unwrap_err().to_string();
-    assert!(e.contains("bags of 2"), "{e}");
+    assert!(e.contains("the last axis of ids (5) is not a whole number of bags of 2"), "{e}");
+    // Bags are cut along the last axis: 2 × 6 ids are 12, but 6 is no whole number of 4s.
+    let ids26 = Tensor::zeros((2, 6), DType::U32, &dev).unwrap();
+    let e = ops::embedding_mean(&w, &ids26, 4).unwrap_err().to_string();
+    assert!(e.contains("the last axis of ids (6) is not a whole number of bags of 4"), "{e}");
     assert!(ops::embedding_mean(&w, &ids, 0).is_err());
     let dy = Tensor::zeros((1, 2, d), DType::F32, &dev).unwrap();
     let e = ops::grad::embedding_mean(&ids, &dy, v, 5).unwrap_err().to_string();
     assert!(e.contains("bags of 5"), "{e}");
+    // k = 0 is refused even where there are no ids (0 / 0 bags).
+    let none = Tensor::zeros((1, 0), DType::U32, &dev).unwrap();
+    let e = ops::grad::embedding_mean(&none, &Tensor::zeros((0, d), DType::F32, &dev).unwrap(), v, 0).unwrap_err();
+    assert!(e.to_string().contains("bags of 0"), "{e}");
 }
 
 #[test]

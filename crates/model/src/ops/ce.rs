@@ -298,6 +298,35 @@ mod tests {
             got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         );
         assert!(w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // The gradient without the log-sum-exps is the same (up to summation order), at its scale.
+        let plain = grad::cross_entropy_multi(&logits, &targets, 0.75).unwrap();
+        let p = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(w.iter().zip(&p).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-3)), "{:?}", &p[..4]);
+        // Written over the logits where they are f32, contiguous and on the CPU: another handle
+        // on their storage sees the gradient. Elsewhere a new buffer, the logits left as they were.
+        let shared = logits.copy().unwrap();
+        let handle = shared.clone();
+        let got = grad::cross_entropy_multi_lse_in_place(shared, &targets, &lse, 0.75).unwrap();
+        let h = handle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(h.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()), "not written in place");
+        drop(got);
+        let bf = logits.to_dtype(DType::BF16).unwrap();
+        let want_bf = grad::cross_entropy_multi_lse(&bf, &targets, &lse, 0.75).unwrap();
+        let transposed = logits.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!transposed.is_contiguous());
+        for (x, want) in [(bf, &want_bf), (transposed, &want)] {
+            let handle = x.clone();
+            let before = handle.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = grad::cross_entropy_multi_lse_in_place(x, &targets, &lse, 0.75).unwrap();
+            assert_eq!(got.dtype(), want.dtype());
+            let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            let after = handle.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(before, after, "{:?} logits written over", handle.dtype());
+        }
+        // Log-sum-exps must be f32 (N,).
+        let e = grad::cross_entropy_multi_lse(&logits, &targets, &lse.to_dtype(DType::BF16).unwrap(), 1.0).unwrap_err();
+        assert!(e.to_string().contains("is not f32 (7,)"), "{e}");
         let bad = Tensor::from_vec(vec![v as u32; n * k], (n, k), &dev).unwrap();
         assert!(grad::cross_entropy_multi_lse(&logits, &bad, &lse, 1.0).is_err());
         assert!(grad::cross_entropy_multi(&logits, &bad, 1.0).is_err());

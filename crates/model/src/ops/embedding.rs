@@ -236,3 +236,45 @@ fn check_grad_rows(n: usize, rows: usize, k: usize) -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The ops check their own inputs too (the CUDA kernels index by them), not only the public
+    /// functions that build them: ids that are not whole bags and a gradient of the wrong number
+    /// of rows are errors naming both.
+    #[test]
+    fn the_ops_refuse_ids_that_are_not_whole_bags_and_gradients_of_the_wrong_rows() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((10, 4), DType::F32, &dev).unwrap();
+        let ids = Tensor::new(&[1u32, 2, 3, 4, 5], &dev).unwrap();
+        for k in [0, 2] {
+            let e = w.apply_op2_no_bwd(&ids, &EmbeddingOp { k }).unwrap_err().to_string();
+            assert!(e.contains("5 ids are not a whole number of bags of"), "{e}");
+            let dy = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+            let e = ids.apply_op2_no_bwd(&dy, &EmbeddingGrad { vocab: 10, k }).unwrap_err().to_string();
+            assert!(e.contains("5 ids are not a whole number of bags of"), "{e}");
+        }
+        let ids = ids.narrow(0, 0, 4).unwrap();
+        assert_eq!(w.apply_op2_no_bwd(&ids, &EmbeddingOp { k: 2 }).unwrap().dims(), [2, 4]);
+        for rows in [1, 3] {
+            let dy = Tensor::zeros((rows, 4), DType::F32, &dev).unwrap();
+            let e = ids.apply_op2_no_bwd(&dy, &EmbeddingGrad { vocab: 10, k: 2 }).unwrap_err().to_string();
+            assert!(e.contains(&format!("a gradient of {rows} rows for 4 ids in bags of 2")), "{e}");
+        }
+        let dy = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        assert_eq!(ids.apply_op2_no_bwd(&dy, &EmbeddingGrad { vocab: 10, k: 2 }).unwrap().dims(), [10, 4]);
+    }
+
+    #[test]
+    fn the_sorted_backward_switch_reads_back_what_was_set() {
+        // A CUDA-only switch (the CPU path is the same either way), so flipping it here races
+        // with nothing.
+        for on in [true, false] {
+            set_embedding_sorted(on);
+            assert_eq!(embedding_sorted_enabled(), on);
+        }
+    }
+}
