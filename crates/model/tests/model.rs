@@ -895,7 +895,11 @@ fn fused_causal_softmax_matches_a_hand_reference_and_the_composed_ops() {
         assert_eq!(yb.dtype(), DType::BF16);
         assert!(max_abs(&(yb.to_dtype(DType::F32).unwrap() - &y).unwrap()) < 1e-2);
     }
-    assert!(causal_softmax(&Tensor::zeros((3, 2), DType::F32, &dev).unwrap(), 1.0).is_err());
+    // Fewer keys than queries, no queries, fewer than two axes: refused.
+    for dims in [&[3, 2][..], &[0, 5], &[2, 0, 5], &[5]] {
+        let e = causal_softmax(&Tensor::zeros(dims, DType::F32, &dev).unwrap(), 1.0).unwrap_err().to_string();
+        assert!(e.contains("expected scores (..., T, S) with S ≥ T ≥ 1"), "{dims:?}: {e}");
+    }
 }
 
 #[test]
@@ -1045,7 +1049,21 @@ fn fused_rope_matches_the_composed_rotation_and_inverts() {
     }
     let x = Tensor::zeros((1, 1, 4, hd), DType::F32, &dev).unwrap();
     let bad = Tensor::zeros((3, hd), DType::F32, &dev).unwrap();
-    assert!(rope(&x, &bad, &bad).is_err());
+    let good = Tensor::zeros((4, hd), DType::F32, &dev).unwrap();
+    assert!(rope(&x, &good, &good).is_ok());
+    // Either table of the wrong shape, an odd head size, either table not f32: refused.
+    for (c, s) in [(&bad, &good), (&good, &bad)] {
+        let e = rope(&x, c, s).unwrap_err().to_string();
+        assert!(e.contains("do not match x"), "{e}");
+    }
+    let odd = Tensor::zeros((4, 3), DType::F32, &dev).unwrap();
+    let e = rope(&Tensor::zeros((1, 1, 4, 3), DType::F32, &dev).unwrap(), &odd, &odd).unwrap_err().to_string();
+    assert!(e.contains("(even head size)"), "{e}");
+    let half = good.to_dtype(DType::BF16).unwrap();
+    for (c, s) in [(&half, &good), (&good, &half)] {
+        let e = rope(&x, c, s).unwrap_err().to_string();
+        assert!(e.contains("must be f32"), "{e}");
+    }
 }
 
 #[test]
