@@ -859,6 +859,21 @@ fn fused_causal_softmax_matches_a_hand_reference_and_the_composed_ops() {
     let e = std::f32::consts::E;
     assert_eq!(y[0], vec![1.0, 0.0]);
     assert!((y[1][0] - 1.0 / (1.0 + e)).abs() < 1e-6 && (y[1][1] - e / (1.0 + e)).abs() < 1e-6, "{y:?}");
+    // One query after two cached keys sees all three: softmax(0, 1, 2) = (1, e, e²) / (1 + e + e²).
+    let y: Vec<Vec<f32>> =
+        causal_softmax(&Tensor::new(&[[0f32, 1.0, 2.0]], &dev).unwrap(), 1.0).unwrap().to_vec2().unwrap();
+    let z = 1.0 + e + e * e;
+    for (j, want) in [1.0 / z, e / z, e * e / z].into_iter().enumerate() {
+        assert!((y[0][j] - want).abs() < 1e-6, "{y:?}");
+    }
+    // Scores far from 0 (here 600 ± 8, whose exponentials overflow f32) are shifted by their
+    // row's maximum first, in f32 and bf16 alike.
+    let big = (Tensor::randn(0f32, 4.0, (1, 2, 5, 7), &dev).unwrap() + 600.0).unwrap().to_dtype(DType::BF16).unwrap();
+    let want = causal_softmax(&big.to_dtype(DType::F32).unwrap(), 0.5).unwrap();
+    let got = causal_softmax(&big, 0.5).unwrap().to_dtype(DType::F32).unwrap();
+    let sums: Vec<f32> = want.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+    assert!(max_abs(&(&got - &want).unwrap()) < 1e-2, "{got}");
     // Random scores, T = S (training) and T < S (queries after cached keys): f64 loop reference
     // for the forward pass, the composed ops (scale, additive mask, softmax) for the backward pass.
     for (b, h, t, s_len) in [(2usize, 3usize, 7usize, 7usize), (1, 2, 3, 10), (2, 1, 33, 33)] {
