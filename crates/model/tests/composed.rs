@@ -6,7 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
-use patchlm_model::ops::{ce_lse_supported, set_flash_attention, set_fused_ops, set_rows_cuda};
+use patchlm_model::ops::{
+    ce_lse_supported, set_flash_attention, set_fused_ops, set_rows_cuda, set_swiglu_cuda, swiglu_supported,
+};
 use patchlm_model::*;
 use std::sync::Mutex;
 
@@ -61,15 +63,17 @@ fn fused_and_composed_models_agree_in_f32_and_bf16() {
 }
 
 #[test]
-fn the_loss_keeping_log_sum_exps_runs_on_the_cpu_with_the_fused_ops_whatever_the_cuda_switches() {
+fn the_lse_loss_and_swiglu_run_fused_on_the_cpu_with_the_fused_ops_whatever_the_cuda_switches() {
     let _switches = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
     let cpu = Device::Cpu;
-    assert!(ce_lse_supported(&cpu));
-    // The CUDA row kernels' switch says nothing about the CPU.
+    assert!(ce_lse_supported(&cpu) && swiglu_supported(&cpu));
+    // The CUDA kernels' switches say nothing about the CPU.
     set_rows_cuda(false);
-    assert!(ce_lse_supported(&cpu));
+    set_swiglu_cuda(false);
+    assert!(ce_lse_supported(&cpu) && swiglu_supported(&cpu));
     set_rows_cuda(true);
+    set_swiglu_cuda(true);
     set_fused_ops(false);
-    assert!(!ce_lse_supported(&cpu));
+    assert!(!ce_lse_supported(&cpu) && !swiglu_supported(&cpu));
     set_fused_ops(true);
 }
