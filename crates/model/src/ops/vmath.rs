@@ -15,7 +15,8 @@ const LANES: usize = 16;
 /// for e^r, 2^n built in the exponent bits), branch-free so that loops over it vectorise.
 /// Relative error under one ulp on the normal range (7.9e-8 at most in the test against f64,
 /// whose bound is 1.5e-7);
-/// e^x for x < −87.3 is 0 (the denormal results are flushed), x > 88.7 gives +∞, NaN stays NaN.
+/// e^x for x < −87.33655 is 0 (the subnormal results there are flushed; at −87.33655 itself, just
+/// under the least normal f32, it is still computed), x > 88.72283 gives +∞, NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const HI: f32 = 88.722_83;
@@ -258,6 +259,11 @@ mod tests {
         assert_eq!(exp(89.0), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(88.72).is_finite() && exp(88.72) > 3.3e38);
+        // The ends of the clamped range are still computed: e^88.72283 = 3.4027985e38 (just under
+        // f32::MAX) and e^−87.33655 = 1.1754907e-38 (just under the least normal f32), from f64.
+        let (hi, lo) = (exp(88.722_83), exp(-87.336_55));
+        assert!((hi as f64 / 3.402_798_537_411_848_7e38 - 1.0).abs() < 2e-7, "{hi}");
+        assert!((lo as f64 / 1.175_490_705_608_918_4e-38 - 1.0).abs() < 2e-6, "{lo}");
         assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
         assert_eq!(sigmoid(-200.0), 0.0);
         assert_eq!(sigmoid(200.0), 1.0);
