@@ -1163,7 +1163,14 @@ fn add_rms_norm_and_the_residual_backward_match_the_separate_ops() {
         let want_dx = (f(&dx0) + f(&res)).unwrap();
         assert!(max_abs(&(f(&dx) - &want_dx).unwrap()) <= tol * max_abs(&want_dx), "{dtype:?} dx + residual");
         assert_eq!(max_abs(&(f(&dw) - f(&dw0)).unwrap()), 0.0, "{dtype:?} dw");
-        assert!(add_rms_norm(&a, &b.narrow(0, 0, 3).unwrap(), &w, 1e-5).is_err());
+        // b of other rows or another dtype, a weight of another size: refused.
+        let other = if dtype == DType::F32 { DType::BF16 } else { DType::F32 };
+        for (b, w) in
+            [(&b.narrow(0, 0, 3).unwrap(), &w), (&b.to_dtype(other).unwrap(), &w), (&b, &w.narrow(0, 0, 47).unwrap())]
+        {
+            let e = add_rms_norm(&a, b, w, 1e-5).unwrap_err().to_string();
+            assert!(e.contains("do not match"), "{e}");
+        }
         assert!(grad::rms_norm_residual(&sum, &w, &dy, &res.narrow(1, 0, 5).unwrap(), 1e-5).is_err());
     }
 }
