@@ -62,11 +62,7 @@ impl Switch {
             2 => Some(false),
             3 => None,
             _ => {
-                let said = match std::env::var_os(self.env) {
-                    Some(v) if v == "1" => Some(self.env_means),
-                    Some(v) if v == "0" => Some(!self.env_means),
-                    _ => None,
-                };
+                let said = env_says(std::env::var_os(self.env).as_deref(), self.env_means);
                 let state = match said {
                     Some(true) => 1,
                     Some(false) => 2,
@@ -77,6 +73,16 @@ impl Switch {
                 said
             }
         }
+    }
+}
+
+/// What a switch's environment variable says: "1" means `env_means`, "0" the opposite, anything
+/// else (or unset) nothing.
+fn env_says(value: Option<&std::ffi::OsStr>, env_means: bool) -> Option<bool> {
+    match value {
+        Some(v) if v == "1" => Some(env_means),
+        Some(v) if v == "0" => Some(!env_means),
+        _ => None,
     }
 }
 
@@ -457,5 +463,19 @@ mod tests {
         static OFF: Switch = Switch::new("PATCHLM_TEST_SWITCH_NEVER_SET", false, false);
         assert!(!OFF.get());
         assert_eq!(OFF.explicit(), None);
+    }
+
+    /// "1" turns a switch the way its variable means, "0" the other way; other values say nothing.
+    #[test]
+    fn a_switch_variable_says_1_0_or_nothing() {
+        use std::ffi::OsStr;
+        for means in [true, false] {
+            assert_eq!(super::env_says(Some(OsStr::new("1")), means), Some(means));
+            assert_eq!(super::env_says(Some(OsStr::new("0")), means), Some(!means));
+            for other in ["", "2", "true", " 1", "01"] {
+                assert_eq!(super::env_says(Some(OsStr::new(other)), means), None, "{other:?}");
+            }
+            assert_eq!(super::env_says(None, means), None);
+        }
     }
 }
