@@ -349,6 +349,63 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// `adamw_update` against PyTorch's AdamW written out in f64 (decoupled decay, bias
+    /// corrections, ε outside the square root), over three steps with the moments carried, on a
+    /// parameter of several of the CPU's 4096-element chunks; gradients or moments of another size
+    /// are refused.
+    #[test]
+    fn adamw_update_follows_torch_adamw_in_f64() {
+        let dev = Device::Cpu;
+        let n = 9_000;
+        let (lr, b1, b2, eps, wd) = (3e-3, 0.9, 0.95, 1e-8, 0.1);
+        let mut rng = crate::SplitMix64(7);
+        let mut draw = |s: f64| (0..n).map(|_| ((rng.uniform() - 0.5) * s) as f32).collect::<Vec<f32>>();
+        let p0 = draw(2.0);
+        let (mut p, mut mv) =
+            (Tensor::new(p0.as_slice(), &dev).unwrap(), Tensor::zeros((2, n), DType::F32, &dev).unwrap());
+        let mut want: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let (mut m, mut v) = (vec![0f64; n], vec![0f64; n]);
+        for t in 1..=3 {
+            let mut g = draw(1.0 + t as f64);
+            // Where ε matters: gradients of 0 (0 / (0 + ε)) and of the size of ε.
+            g[..10].fill(0.0);
+            g[10..20].fill(1e-8);
+            let step = AdamWStep {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                eps,
+                decay: 1.0 - lr * wd,
+                bias1: 1.0 - b1.powi(t),
+                bias2: 1.0 - b2.powi(t),
+            };
+            (p, mv) = adamw_update(&p, &Tensor::new(g.as_slice(), &dev).unwrap(), &mv, &step).unwrap();
+            for i in 0..n {
+                let gi = g[i] as f64;
+                want[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+                want[i] -= lr * mh / (vh.sqrt() + eps);
+            }
+            let got = p.to_vec1::<f32>().unwrap();
+            let (gm, gv) = (mv.get(0).unwrap().to_vec1::<f32>().unwrap(), mv.get(1).unwrap().to_vec1::<f32>().unwrap());
+            for i in 0..n {
+                // Each step moves a parameter by about lr; its f32 arithmetic errs by far less.
+                assert!((got[i] as f64 - want[i]).abs() < 1e-6, "step {t} [{i}]: {} vs {}", got[i], want[i]);
+                // The moments (of gradients up to ±2) to f32's resolution at that size.
+                assert!((gm[i] as f64 - m[i]).abs() < 1e-6, "m step {t} [{i}]: {} vs {}", gm[i], m[i]);
+                assert!((gv[i] as f64 - v[i]).abs() < 1e-6, "v step {t} [{i}]: {} vs {}", gv[i], v[i]);
+            }
+        }
+        let step = AdamWStep { lr, beta1: b1, beta2: b2, eps, decay: 1.0, bias1: 0.1, bias2: 0.05 };
+        let short = Tensor::zeros(n - 1, DType::F32, &dev).unwrap();
+        let e = adamw_update(&p, &short, &mv, &step).unwrap_err().to_string();
+        assert!(e.contains("do not fit the parameter"), "{e}");
+        let e = adamw_update(&p, &p, &mv.narrow(1, 1, n - 1).unwrap(), &step).unwrap_err().to_string();
+        assert!(e.contains("do not fit the parameter"), "{e}");
+    }
+
     /// The CPU's in-place multi-tensor update equals one `adamw_update` per parameter bit for
     /// bit, over three steps (moments carried), with clipping scale and with and without decay.
     #[test]
