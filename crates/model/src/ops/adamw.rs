@@ -406,6 +406,58 @@ mod tests {
         assert!(e.contains("do not fit the parameter"), "{e}");
     }
 
+    /// Moments that are not contiguous take the out-of-place path, with the same result as the
+    /// in-place one, with and without a gradient scale; slots of the wrong dtypes or sizes are
+    /// refused before anything is updated.
+    #[test]
+    fn adamw_multi_on_strided_moments_and_bad_slots() {
+        let dev = Device::Cpu;
+        let n = 300;
+        let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 0.999, bias1: 0.1, bias2: 0.05 };
+        let p0 = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let m0 = (Tensor::randn(0f32, 0.1, (2, n), &dev).unwrap().abs().unwrap() + 0.01).unwrap();
+        for scale in [1.0, 0.37] {
+            let run = |strided: bool| {
+                let p = Var::from_tensor(&p0.copy().unwrap()).unwrap();
+                let mut m =
+                    if strided { m0.t().unwrap().contiguous().unwrap().t().unwrap() } else { m0.copy().unwrap() };
+                assert_eq!(m.is_contiguous(), !strided);
+                let mut slots = [AdamWSlot { param: &p, grad: &g, moments: &mut m, decay: true }];
+                adamw_multi(&mut slots, &step, scale).unwrap();
+                (p.as_tensor().to_vec1::<f32>().unwrap(), m.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            };
+            let (inplace, strided) = (run(false), run(true));
+            assert_ne!(inplace.0, p0.to_vec1::<f32>().unwrap());
+            // The same arithmetic but for the gradient's scaling (one f32 multiply either way).
+            for (a, b) in inplace.0.iter().chain(&inplace.1).zip(strided.0.iter().chain(&strided.1)) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "scale {scale}: {a} vs {b}");
+            }
+        }
+        let p = Var::from_tensor(&p0).unwrap();
+        let p16 = Var::from_tensor(&p0.to_dtype(DType::BF16).unwrap()).unwrap();
+        let (g16, short) = (g.to_dtype(DType::F16).unwrap(), g.narrow(0, 0, n - 1).unwrap());
+        let cases: [(&Var, &Tensor, Tensor, &str); 5] = [
+            (&p16, &g, m0.clone(), "parameters and moments must be f32"),
+            (&p, &g, m0.to_dtype(DType::BF16).unwrap(), "parameters and moments must be f32"),
+            (&p, &g16, m0.clone(), "gradients must be f32 or bf16, got F16"),
+            (&p, &short, m0.clone(), "do not fit the parameter"),
+            (&p, &g, m0.narrow(1, 0, n - 1).unwrap(), "do not fit the parameter"),
+        ];
+        for (param, grad, mut moments, want) in cases {
+            let mut ok = m0.clone();
+            let keep = Var::from_tensor(&p0.copy().unwrap()).unwrap();
+            // A good slot first: it is left as it was, since the bad one is found first.
+            let mut slots = [
+                AdamWSlot { param: &keep, grad: &g, moments: &mut ok, decay: true },
+                AdamWSlot { param, grad, moments: &mut moments, decay: true },
+            ];
+            let e = adamw_multi(&mut slots, &step, 1.0).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert_eq!(keep.as_tensor().to_vec1::<f32>().unwrap(), p0.to_vec1::<f32>().unwrap());
+        }
+    }
+
     /// The CPU's in-place multi-tensor update equals one `adamw_update` per parameter bit for
     /// bit, over three steps (moments carried), with clipping scale and with and without decay.
     #[test]
