@@ -255,6 +255,39 @@ mod tests {
         }
     }
 
+    /// `gemm` reads through raw pointers, so a layout that reaches past its storage (which
+    /// candle's own tensors never have, but the op takes any layout) is refused, exactly from one
+    /// element past the end, in either operand.
+    #[test]
+    fn layouts_that_reach_past_their_storage_are_refused() {
+        let a = CpuStorage::F32((0..12).map(|v| v as f32).collect());
+        let b = CpuStorage::F32((0..8).map(|v| v as f32).collect());
+        let la = |offset| Layout::contiguous_with_offset((1, 3, 4), offset);
+        let lb = |offset| Layout::contiguous_with_offset((1, 4, 2), offset);
+        // Row-major 3 × 4 and 4 × 2 read whole: the last elements are a[11] and b[7].
+        let (out, shape) = BatchedMatmul.cpu_fwd(&a, &la(0), &b, &lb(0)).unwrap();
+        assert_eq!(shape.dims(), [1, 3, 2]);
+        let CpuStorage::F32(out) = out else { panic!("f32 out") };
+        // Row i of a is 4i..4i+3; column j of b is j, j+2, j+4, j+6.
+        let want: Vec<f32> = (0..3)
+            .flat_map(|i| (0..2).map(move |j| (0..4).map(|t| ((4 * i + t) * (j + 2 * t)) as f32).sum()))
+            .collect();
+        assert_eq!(out, want);
+        // A range moved one element on reaches one past the end of its storage.
+        for (l1, l2) in [(la(1), lb(0)), (la(0), lb(1))] {
+            let e = BatchedMatmul.cpu_fwd(&a, &l1, &b, &l2).unwrap_err().to_string();
+            assert!(e.contains("a layout reaches past its storage"), "{e}");
+        }
+        // So do strides that step outside it (a's rows 5 apart: the last row starts at 10).
+        // a's columns 3 apart (a transposed 4 × 3): from offset 1, the last element is a[12].
+        let wide = Layout::new(Shape::from((1, 3, 4)), vec![12, 5, 1], 0);
+        let transposed = Layout::new(Shape::from((1, 3, 4)), vec![12, 1, 3], 1);
+        for l1 in [wide, transposed] {
+            let e = BatchedMatmul.cpu_fwd(&a, &l1, &b, &lb(0)).unwrap_err().to_string();
+            assert!(e.contains("a layout reaches past its storage"), "{l1:?}: {e}");
+        }
+    }
+
     /// Shapes that do not multiply are refused as candle refuses them; small batches and other
     /// devices or dtypes take candle's path.
     #[test]
