@@ -7,7 +7,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use patchlm_model::ops::{
-    ce_lse_supported, set_flash_attention, set_fused_ops, set_rows_cuda, set_swiglu_cuda, swiglu_supported,
+    ce_lse_supported, layout_ops_supported, set_flash_attention, set_fused_ops, set_layout_cuda, set_rows_cuda,
+    set_swiglu_cuda, swiglu_supported,
 };
 use patchlm_model::*;
 use std::sync::Mutex;
@@ -63,17 +64,20 @@ fn fused_and_composed_models_agree_in_f32_and_bf16() {
 }
 
 #[test]
-fn the_lse_loss_and_swiglu_run_fused_on_the_cpu_with_the_fused_ops_whatever_the_cuda_switches() {
+fn the_lse_loss_swiglu_and_layout_ops_run_fused_on_the_cpu_with_the_fused_ops_whatever_the_cuda_switches() {
     let _switches = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
     let cpu = Device::Cpu;
-    assert!(ce_lse_supported(&cpu) && swiglu_supported(&cpu));
+    let all = || [ce_lse_supported(&cpu), swiglu_supported(&cpu), layout_ops_supported(&cpu)];
+    assert_eq!(all(), [true; 3]);
     // The CUDA kernels' switches say nothing about the CPU.
     set_rows_cuda(false);
     set_swiglu_cuda(false);
-    assert!(ce_lse_supported(&cpu) && swiglu_supported(&cpu));
+    set_layout_cuda(false);
+    assert_eq!(all(), [true; 3]);
     set_rows_cuda(true);
     set_swiglu_cuda(true);
+    set_layout_cuda(true);
     set_fused_ops(false);
-    assert!(!ce_lse_supported(&cpu) && !swiglu_supported(&cpu));
+    assert_eq!(all(), [false; 3]);
     set_fused_ops(true);
 }

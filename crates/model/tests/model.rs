@@ -1138,6 +1138,12 @@ fn heads_from_rows_and_back_match_the_strided_copies_and_rotation() {
     assert!(heads_from_rows(&x, l, None).is_err());
     assert!(rows_from_heads(&q, None, l, None).is_err());
     assert!(heads_from_rows(&rows, l, Some((&cos.narrow(0, 0, 3).unwrap(), &sin))).is_err());
+    // Key and value heads where the layout has none, or either of another shape.
+    let short = k.narrow(2, 0, t - 1).unwrap();
+    for (layout, kk, vv) in [(plain, &k, &v), (l, &short, &v), (l, &k, &short)] {
+        let e = rows_from_heads(&q, Some((kk, vv)), layout, None).unwrap_err().to_string();
+        assert!(e.contains("heads do not match"), "{e}");
+    }
 }
 
 #[test]
