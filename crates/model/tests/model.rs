@@ -1138,6 +1138,19 @@ fn heads_from_rows_and_back_match_the_strided_copies_and_rotation() {
     assert!(heads_from_rows(&x, l, None).is_err());
     assert!(rows_from_heads(&q, None, l, None).is_err());
     assert!(heads_from_rows(&rows, l, Some((&cos.narrow(0, 0, 3).unwrap(), &sin))).is_err());
+    // Rope tables of another shape, for an odd head size, or not f32.
+    let odd = HeadsLayout { head_dim: 5, ..plain };
+    let (c5, s5) = (cos.narrow(1, 0, 5).unwrap(), sin.narrow(1, 0, 5).unwrap());
+    let rows5 = Tensor::zeros((b * t, h * 5), DType::F32, &dev).unwrap();
+    for (layout, c, s_, x) in [(l, &cos, &sin.narrow(0, 0, 3).unwrap(), &rows), (odd, &c5, &s5, &rows5)] {
+        let e = heads_from_rows(x, layout, Some((c, s_))).unwrap_err().to_string();
+        assert!(e.contains("do not match") && e.contains("(even head size)"), "{e}");
+    }
+    let half = sin.to_dtype(DType::BF16).unwrap();
+    for (c, s_) in [(&cos, &half), (&half, &sin)] {
+        let e = heads_from_rows(&rows, l, Some((c, s_))).unwrap_err().to_string();
+        assert!(e.contains("cos and sin tables must be f32"), "{e}");
+    }
     // Key and value heads where the layout has none, or either of another shape.
     let short = k.narrow(2, 0, t - 1).unwrap();
     for (layout, kk, vv) in [(plain, &k, &v), (l, &short, &v), (l, &k, &short)] {
