@@ -1351,6 +1351,12 @@ fn cast_groups_stacks_and_rounds_each_group() {
     let err = ops::cast_groups(&[&[&q, &o]], DType::BF16).unwrap_err().to_string();
     assert!(err.contains("do not stack"), "{err}");
     assert!(ops::cast_groups(&[&[]], DType::BF16).unwrap_err().to_string().contains("group 0 is empty"));
+    // A scalar stacks with nothing, first in its group or not.
+    let scalar = Tensor::new(1f32, &Device::Cpu).unwrap();
+    for group in [[&scalar, &q], [&q, &scalar]] {
+        let err = ops::cast_groups(&[&group], DType::BF16).unwrap_err().to_string();
+        assert!(err.contains("do not stack"), "{err}");
+    }
 }
 
 /// `write_atomic` replaces a file whole; a failed write names the path and leaves no temp file;
