@@ -1163,7 +1163,7 @@ fn heads_from_rows_and_back_match_the_strided_copies_and_rotation() {
 fn add_rms_norm_and_the_residual_backward_match_the_separate_ops() {
     use patchlm_model::ops::{add_rms_norm, grad, rms_norm};
     let dev = Device::Cpu;
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
         let r = |shape: (usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap().to_dtype(dtype).unwrap();
         let (a, b, dy, res) = (r((9, 48)), r((9, 48)), r((9, 48)), r((9, 48)));
         let w = Tensor::randn(1f32, 0.3, 48, &dev).unwrap().to_dtype(dtype).unwrap();

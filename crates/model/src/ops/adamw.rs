@@ -458,6 +458,42 @@ mod tests {
         }
     }
 
+    /// The clipped update is the update with torch's clip factor from the sum of squares; a
+    /// non-finite norm updates nothing. (The device-clip switch only changes which side reads the
+    /// norm on CUDA.)
+    #[test]
+    fn adamw_multi_clipped_scales_by_the_clip_factor_and_skips_non_finite_norms() {
+        let dev = Device::Cpu;
+        let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 0.999, bias1: 0.1, bias2: 0.05 };
+        let p0 = Tensor::randn(0f32, 1.0, 50, &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, 50, &dev).unwrap();
+        let run = |clip: Option<(f64, f64)>, factor: f64| {
+            let p = Var::from_tensor(&p0.copy().unwrap()).unwrap();
+            let mut m = Tensor::zeros((2, 50), DType::F32, &dev).unwrap();
+            let mut slots = [AdamWSlot { param: &p, grad: &g, moments: &mut m, decay: true }];
+            match clip {
+                Some((sumsq, max_norm)) => {
+                    adamw_multi_clipped(&mut slots, &step, &Tensor::new(sumsq, &dev).unwrap(), max_norm).unwrap()
+                }
+                None => adamw_multi(&mut slots, &step, factor).unwrap(),
+            }
+            (p.as_tensor().to_vec1::<f32>().unwrap(), m.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        };
+        // Norm 5 clipped to 1: a factor of 1 / (5 + 1e-6); to 10: none.
+        assert_eq!(run(Some((25.0, 1.0)), 0.0), run(None, 1.0 / (5.0 + 1e-6)));
+        assert_eq!(run(Some((25.0, 10.0)), 0.0), run(None, 1.0));
+        assert_ne!(run(None, 1.0), run(None, 1.0 / (5.0 + 1e-6)));
+        for bad in [f64::NAN, f64::INFINITY] {
+            let (p, m) = run(Some((bad, 1.0)), 0.0);
+            assert_eq!(p, p0.to_vec1::<f32>().unwrap());
+            assert!(m.iter().all(|&x| x == 0.0));
+        }
+        for on in [false, true] {
+            set_device_clip(on);
+            assert_eq!(device_clip_enabled(), on);
+        }
+    }
+
     /// The CPU's in-place multi-tensor update equals one `adamw_update` per parameter bit for
     /// bit, over three steps (moments carried), with clipping scale and with and without decay.
     #[test]

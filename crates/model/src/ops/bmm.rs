@@ -300,6 +300,17 @@ mod tests {
             assert!(batched_matmul(&a, &b).is_err());
             assert!(per_thread(&a, &b).is_err());
         }
+        // Other dtypes are candle's: the same products (the CPU op itself is f32 only).
+        let a = Tensor::randn(0f32, 1.0, (8, 3, 4), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (8, 4, 2), &dev).unwrap();
+        for dtype in [DType::BF16, DType::F16, DType::F64] {
+            let (x, y) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+            let f32_of = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            assert_eq!(max_diff(&f32_of(batched_matmul(&x, &y).unwrap()), &f32_of(x.matmul(&y).unwrap())), 0.0);
+            let (x2, y2) = (x.get(0).unwrap(), y.get(0).unwrap());
+            assert_eq!(max_diff(&f32_of(matmul(&x2, &y2).unwrap()), &f32_of(x2.matmul(&y2).unwrap())), 0.0);
+            assert!(per_thread(&x, &y).is_err());
+        }
         let one = Tensor::randn(0f32, 1.0, (1, 3, 4), &dev).unwrap();
         let r = Tensor::randn(0f32, 1.0, (1, 4, 2), &dev).unwrap();
         assert!(max_diff(&batched_matmul(&one, &r).unwrap(), &one.matmul(&r).unwrap()) == 0.0);
