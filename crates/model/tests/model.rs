@@ -773,8 +773,8 @@ fn fused_multi_target_cross_entropy_matches_an_f64_reference() {
             assert_eq!(g.dtype(), dtype);
             let g: Vec<f32> = g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             for (j, (a, b)) in g.iter().zip(&want_grad_h).enumerate() {
-                // One rounding of an f32 result: at most 2^-8 of it (bf16; f16 2^-11), and f16's
-                // subnormals below 2^-14 (half a unit: 3e-8).
+                // One rounding of an f32 result: at most 2^-8 of it for bf16 (2^-11 for f16; the
+                // bf16 bound serves both), and f16's subnormals below 2^-14 (half a unit: 3e-8).
                 assert!(
                     (*a as f64 - b).abs() <= b.abs() / 256.0 * (1.0 + 1e-4) + 1e-7,
                     "{dtype:?} n={n} v={v} k={k}: gradient [{j}] {a} vs {b}"
