@@ -80,3 +80,47 @@ extern "C" fn on_signal(_sig: libc::c_int) {
         }
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// The handler installed for `sig` now.
+    fn handler(sig: libc::c_int) -> libc::sighandler_t {
+        // SAFETY: with a null new action, sigaction only reads the current one into `old`.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            assert_eq!(libc::sigaction(sig, std::ptr::null(), &mut old), 0);
+            old.sa_sigaction
+        }
+    }
+
+    #[test]
+    fn a_first_signal_asks_for_a_stop_and_leaves_the_next_to_end_the_process() {
+        let ours = on_signal as *const () as libc::sighandler_t;
+        let before = SIGNALS.map(handler);
+        // Installed and dropped: the handlers that were there are back (an ignored signal, as
+        // SIGINT is in a job a shell starts with `&`, stays ignored throughout).
+        let stop = StopOnSignal::install();
+        for (sig, b) in SIGNALS.into_iter().zip(before) {
+            assert_eq!(handler(sig), if b == libc::SIG_IGN { libc::SIG_IGN } else { ours }, "signal {sig}");
+        }
+        drop(stop);
+        assert_eq!(SIGNALS.map(handler), before);
+        // A first SIGTERM asks for a stop and puts back the default for both signals, so that a
+        // second one ends the process at once.
+        if before[1] != libc::SIG_DFL {
+            return;
+        }
+        let stop = StopOnSignal::install();
+        assert!(!stop.asked());
+        // SAFETY: our handler is installed for SIGTERM; it only stores and writes to stderr.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        assert!(stop.asked());
+        for (sig, b) in SIGNALS.into_iter().zip(before) {
+            assert_eq!(handler(sig), if b == libc::SIG_IGN { libc::SIG_IGN } else { libc::SIG_DFL }, "signal {sig}");
+        }
+        drop(stop);
+        assert_eq!(SIGNALS.map(handler), before);
+    }
+}

@@ -137,27 +137,20 @@ pub fn run(a: PlotArgs) -> Result<()> {
             }
         }
     }
-    if dirs.iter().any(|d| same_dir(d, &a.out)) || is_run(&a.out) {
+    // Every run is a run directory, so this also refuses an --out that is one of them.
+    if is_run(&a.out) {
         bail!(
             "--out {} is a run directory: its plots would be foreign files there; give another --out",
             a.out.display()
         );
     }
-    // Each run by its directory's name, or by the path given where two share a name.
-    let base = |d: &PathBuf| d.file_name().map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into());
     let mut runs = Vec::new();
-    for d in &dirs {
-        let name =
-            if dirs.iter().filter(|o| base(o) == base(d)).count() > 1 { d.display().to_string() } else { base(d) };
+    for (d, name) in dirs.iter().zip(run_names(&dirs)) {
         runs.push(load(d, name).with_context(|| format!("run {}", d.display()))?);
     }
     let max_flops = runs.iter().flat_map(|r| r.evals.iter().map(|e| e.flops)).fold(0.0, f64::max);
     let (unit, unit_name) = flops_unit(max_flops);
-    let axes: [(String, XOf); 3] = [
-        (format!("training compute ({unit_name})"), |e, u| e.flops / u),
-        ("training tokens".into(), |e, _| e.tokens_seen as f64),
-        ("wall-clock training time (s)".into(), |e, _| e.train_secs),
-    ];
+    let axes = axes(unit_name);
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut files = Vec::new();
     for ((stem, title), (x_label, x_of)) in PLOTS.iter().zip(&axes) {
@@ -199,12 +192,23 @@ pub fn run(a: PlotArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether `a` and `b` are one directory (compared as the file system resolves them).
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
+/// Each run's name in the legend and the table: its directory's name, or the path given where
+/// two runs share a name.
+fn run_names(dirs: &[PathBuf]) -> Vec<String> {
+    let base = |d: &PathBuf| d.file_name().map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into());
+    dirs.iter()
+        .map(|d| if dirs.iter().filter(|o| base(o) == base(d)).count() > 1 { d.display().to_string() } else { base(d) })
+        .collect()
+}
+
+/// The x axes of [`PLOTS`], in their order: label, and a validation's coordinate given the
+/// FLOPs unit (compute in `unit_name`s, tokens, seconds).
+fn axes(unit_name: &str) -> [(String, XOf); 3] {
+    [
+        (format!("training compute ({unit_name})"), |e, u| e.flops / u),
+        ("training tokens".into(), |e, _| e.tokens_seen as f64),
+        ("wall-clock training time (s)".into(), |e, _| e.train_secs),
+    ]
 }
 
 /// Where each run stands: its setting and steps; at its last validation the tokens, compute
@@ -236,7 +240,8 @@ fn table(runs: &[Run], unit: f64, unit_name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::flops_unit;
+    use super::{axes, flops_unit, run_names, runs_in};
+    use std::path::PathBuf;
 
     #[test]
     fn flops_units_put_the_largest_count_between_1_and_1000() {
@@ -244,5 +249,55 @@ mod tests {
         assert_eq!(flops_unit(999e12), (1e12, "TFLOP"));
         assert_eq!(flops_unit(1e18), (1e18, "EFLOP"));
         assert_eq!(flops_unit(0.0), (1e6, "MFLOP"));
+    }
+
+    #[test]
+    fn a_run_needs_both_its_metrics_and_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (name, files) in [
+            ("both", &["metrics.jsonl", "config.toml"][..]),
+            ("metrics", &["metrics.jsonl"]),
+            ("config", &["config.toml"]),
+        ] {
+            std::fs::create_dir(d.join(name)).unwrap();
+            for f in files {
+                std::fs::write(d.join(name).join(f), "").unwrap();
+            }
+        }
+        assert_eq!(runs_in(d).unwrap(), [d.join("both")]);
+        for half in ["metrics", "config"] {
+            let err = runs_in(&d.join(half)).unwrap_err().to_string();
+            assert!(err.contains("is not a run directory (no metrics.jsonl and config.toml)"), "{half}: {err}");
+        }
+    }
+
+    #[test]
+    fn runs_are_named_by_their_folder_or_by_path_where_two_share_one() {
+        let dirs: Vec<PathBuf> = ["a/base", "b/base", "c/patch", "base2"].map(PathBuf::from).into();
+        assert_eq!(run_names(&dirs), ["a/base", "b/base", "patch", "base2"]);
+    }
+
+    #[test]
+    fn the_axes_read_compute_in_the_unit_then_tokens_then_seconds() {
+        let e = patchlm_train::EvalMetrics {
+            phase: "token".into(),
+            global_step: 3,
+            tokens_seen: 4096,
+            flops: 2.5e12,
+            train_secs: 7.5,
+            val_loss: 2.5,
+            val_ppl: 2.5f64.exp(),
+        };
+        let axes = axes("TFLOP");
+        let got: Vec<(String, f64)> = axes.iter().map(|(label, x)| (label.clone(), x(&e, 1e12))).collect();
+        assert_eq!(
+            got,
+            [
+                ("training compute (TFLOP)".to_string(), 2.5),
+                ("training tokens".into(), 4096.0),
+                ("wall-clock training time (s)".into(), 7.5)
+            ]
+        );
     }
 }

@@ -448,6 +448,8 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let args = with(&["--continuation-examples", "40"]);
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");
+    // On the --input given, not the default corpus.
+    assert!(!d.join("dd/corpus").exists(), "{out}");
     // Each run's summary names its setting; a baseline's has no K.
     assert_eq!(out.matches("run summary (token level: lambda 0)").count(), 2, "{out}");
     assert_eq!(out.matches("run summary (K=4, lambda=0.667)").count(), 1, "{out}");
@@ -483,7 +485,13 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     assert!(runs[1]["marker"].is_object() && runs[0]["marker"].is_null());
     for r in runs {
         assert_eq!(r["tasks"][0]["n"], 40);
-        assert!(r["curve"].as_array().unwrap().len() >= 3);
+        let curve = r["curve"].as_array().unwrap();
+        assert!(curve.len() >= 3);
+        // Compute relative to the baseline's whole run: rising to at most the run's cost.
+        let compute: Vec<f64> = curve.iter().map(|p| p["compute"].as_f64().unwrap()).collect();
+        let cost = r["cost"].as_f64().unwrap();
+        assert!(compute.windows(2).all(|w| w[0] < w[1]) && compute[0] >= 0.0, "{compute:?}");
+        assert!(*compute.last().unwrap() <= cost + 1e-9, "{compute:?} against cost {cost}");
     }
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
     assert!(md.contains(
@@ -637,6 +645,8 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&with(&["--k", "2,4", "--no-equal-compute", "--continuation-examples", "0"]), d);
     assert!(ok, "{out}");
     assert_eq!(out.matches("finished before; reused").count(), 2, "{out}");
+    // No continuation task asked for: none is drawn, and none is said to be skipped.
+    assert!(!out.contains("continuation task"), "{out}");
     assert!(d.join("cmp/runs/patch-k2-l0.667/summary.json").is_file());
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
     assert!(md.contains("| patch K=2 λ=0.667 | 2 |") && !md.contains("continuation acc_norm"), "{md}");
@@ -653,11 +663,14 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     assert!((tokens2(0) / tokens(0) - 2.0).abs() < 0.05, "{} vs {}", tokens2(0), tokens(0));
     assert!((tokens2(2) / tokens2(0) - 0.5).abs() < 0.05, "{} vs {}", tokens2(2), tokens2(0));
     assert!((runs[2]["cost"].as_f64().unwrap() - runs[1]["cost"].as_f64().unwrap()).abs() < 0.05);
-    // Bad sweep values fail before any training.
-    let (ok, out) = xtask(&with(&["--lambda", "1.2"]), d);
-    assert!(!ok && out.contains("--lambda 1.2"), "{out}");
+    // Bad sweep values fail before any training: λ must lie strictly between 0 and 1 (its ends
+    // are the baseline and a run with no token phase), K must be at least 2.
+    for lambda in ["0", "1", "1.2"] {
+        let (ok, out) = xtask(&with(&["--lambda", lambda]), d);
+        assert!(!ok && out.contains(&format!("--lambda {lambda}: fractions must be in (0, 1)")), "{out}");
+    }
     let (ok, out) = xtask(&with(&["--k", "1"]), d);
-    assert!(!ok && out.contains("--k 1"), "{out}");
+    assert!(!ok && out.contains("--k 1: patch sizes must be at least 2"), "{out}");
     // --dtype sets every run's (f16 is refused: no loss scaling).
     let (ok, out) = xtask(&with(&["--dtype", "f16"]), d);
     assert!(!ok && out.contains("f16 training needs loss scaling") && !out.contains("== run"), "{out}");
