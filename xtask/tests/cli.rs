@@ -114,6 +114,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         assert!(svg.contains(label), "loss.svg lacks {label}");
     }
     assert!(svg.matches("<polyline").count() >= 3);
+    // The token phase predicts one token: no mean over K is named for it.
+    assert!(!svg.contains("K=1 tokens"), "{svg}");
     assert!(!d.join("run/.loss.tmp.png").exists() && !d.join("run/.loss.tmp.svg").exists());
     // The saved config is fully resolved and loads back as the run's config.
     let saved = std::fs::read_to_string(d.join("run/config.toml")).unwrap();
@@ -198,8 +200,12 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // --resume on a finished run trains nothing more and reports the same model.
     let mut resume = args.to_vec();
     resume.push("--resume");
+    // Nor does it cut the blocks again from the same shards with the same settings.
+    let cut = || std::fs::metadata(d.join("run/patchdata/patch_manifest.json")).unwrap().modified().unwrap();
+    let cut_before = cut();
     let (ok, out) = xtask(&resume, d);
     assert!(ok, "{out}");
+    assert_eq!(cut(), cut_before, "a resume cut the blocks again");
     // Without --resume, an existing run is refused with advice.
     let (ok, out) = xtask(&args, d);
     assert!(!ok && out.contains("--resume"), "{out}");
@@ -251,8 +257,23 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert_eq!(out.matches("note: train.warmup_steps 1000 is longer than this phase").count(), 2, "{out}");
     let text = std::fs::read_to_string(d.join("given.jsonl")).unwrap();
     std::fs::write(d.join("given.jsonl"), text.replace("w1 ", "w2 ")).unwrap();
+    let cut_from = || {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("given/patchdata/patch_manifest.json")).unwrap()).unwrap();
+        m["shards_manifest_sha256"].as_str().unwrap().to_string()
+    };
+    let old_shards = cut_from();
     let (ok, out) = xtask(&[&given[..], &["--resume"]].concat(), d);
     assert!(!ok && out.contains("was trained on other data"), "{out}");
+    // The blocks were cut again, from the new shards (whose identity the data crate gives).
+    let new_shards = cut_from();
+    let identities: Vec<String> = std::fs::read_dir(d.join("dd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
+        .map(|p| patchlm_data::shard::shards_identity(&p).unwrap())
+        .collect();
+    assert!(new_shards != old_shards && identities.contains(&new_shards), "{old_shards} {new_shards} {identities:?}");
     let (ok, out) = xtask(
         &[
             "pretrain",
@@ -411,6 +432,12 @@ fn a_signal_stops_a_run_after_its_step_with_a_checkpoint() {
         assert!(std::time::Instant::now() < deadline, "the run made no step");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The loss plot is drawn while the run trains, first at its validation before step 1 (with
+    // no training loss yet).
+    while !d.join("run/loss.svg").is_file() {
+        assert!(std::time::Instant::now() < deadline, "no loss plot while training");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
@@ -426,6 +453,9 @@ fn a_signal_stops_a_run_after_its_step_with_a_checkpoint() {
     assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
     assert!(err.contains(&checkpoints[0]), "{err}");
     assert!(d.join("run/loss.png").is_file() && !d.join("run/model").exists());
+    // Drawn again once stopped: it shows the steps trained before the stop.
+    let svg = std::fs::read_to_string(d.join("run/loss.svg")).unwrap();
+    assert!(svg.contains("training loss, patch phase"), "{svg}");
 }
 
 #[test]
