@@ -590,10 +590,8 @@ fn with_docs(toml: &str) -> String {
             table = t.to_string();
             Some(table.clone())
         } else {
-            line.split_once(" = ")
-                .map(|(k, _)| k)
-                .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-                .map(|k| if table.is_empty() { k.to_string() } else { format!("{table}.{k}") })
+            // Any other line with " = " in it (an input's path in an array) names no config key.
+            line.split_once(" = ").map(|(k, _)| if table.is_empty() { k.to_string() } else { format!("{table}.{k}") })
         };
         if let Some(doc) = path.as_deref().and_then(config_doc) {
             out += &wrap_comment(doc, "#", "#", 98);
@@ -780,6 +778,19 @@ mod tests {
         }
         assert!(lines.iter().all(|l| l.chars().count() <= 98 || !l.starts_with("# ")), "{text}");
         assert_eq!(lines.iter().filter(|l| l.starts_with('[')).count(), 9, "{text}");
+        // Every key and table, `tokens_per_step` and `[data.tokenizer]` alike, has one (but the
+        // keys of the RoPE scaling's table, explained with it).
+        let (mut explained, mut table) = (0, "");
+        for (i, l) in lines.iter().enumerate() {
+            if l.starts_with('[') {
+                table = l;
+            } else if l.starts_with('#') || !l.contains(" = ") || table == "[model.rope_scaling]" {
+                continue;
+            }
+            assert!(i > 0 && lines[i - 1].starts_with("# "), "{l} has no doc above it in\n{text}");
+            explained += 1;
+        }
+        assert!(explained > 40, "{text}");
     }
 
     /// Comment lines break between words at the width; a word longer than it stays whole.
