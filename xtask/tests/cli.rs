@@ -48,6 +48,25 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["data", "--input", "tiny.jsonl", "--out", "shards", "--vocab-size", "320"], d);
     assert!(ok, "{out}");
     assert!(out.contains("documents      600"), "{out}");
+    // 53 words hold fewer pairs to merge than 320 ids need (said so below, on fewer words), but
+    // enough for 280: a vocabulary of the size asked is just its size.
+    let (ok, out) = xtask(&["data", "--input", "tiny.jsonl", "--out", "shards280", "--vocab-size", "280"], d);
+    assert!(ok && out.contains("  vocabulary     280\n"), "{out}");
+    // Nothing skipped or replaced, both splits filled, nothing kept of an earlier build: no line
+    // says otherwise.
+    for quiet in ["skipped", "replaced", "warning", "kept"] {
+        assert!(!out.contains(quiet), "{out}");
+    }
+    // Empty documents are skipped, and stray bytes replaced where asked: each counted.
+    let mixed: String = (0..40)
+        .map(|i| format!("{{\"text\": \"{}\"}}\n", if i % 20 == 0 { String::new() } else { format!("w{i} w3") }))
+        .collect();
+    std::fs::write(d.join("mixed.jsonl"), mixed).unwrap();
+    std::fs::write(d.join("bad.txt"), b"w1 w2 \xff w3 \xfe\xfe w4\n").unwrap();
+    let args = ["data", "--input", "mixed.jsonl", "bad.txt", "--out", "mixed", "--vocab-size", "270"];
+    let (ok, out) = xtask(&[&args[..], &["--invalid-utf8", "replace"]].concat(), d);
+    assert!(ok && out.contains("  skipped        2 empty documents\n"), "{out}");
+    assert!(out.contains("  replaced       3 invalid utf-8 sequences with U+FFFD\n"), "{out}");
     // Stderr is no terminal here (as in a batch job's log): no bar, and no line within a minute.
     assert!(!out.contains("tokenize: "), "{out}");
     // A file named twice is read twice, with a warning.
@@ -812,4 +831,23 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
     }
     let (ok, out) = xtask(&["bench", "flash", "--preset", "tiny", "--reps", "0"], d);
     assert!(!ok && out.contains("at least 1"), "{out}");
+}
+
+/// A failure prints its error and what caused it; with `RUST_BACKTRACE` set (and not `0`),
+/// anyhow's own report, which adds the backtrace.
+#[test]
+fn an_error_carries_a_backtrace_only_when_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    for (value, backtrace) in [(None, false), (Some("0"), false), (Some("1"), true), (Some("full"), true)] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        c.args(["plot", "nowhere"]).current_dir(dir.path()).env_remove("RUST_LIB_BACKTRACE");
+        match value {
+            Some(v) => c.env("RUST_BACKTRACE", v),
+            None => c.env_remove("RUST_BACKTRACE"),
+        };
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.starts_with("Error: nowhere: no such run directory"), "{err}");
+        assert_eq!(err.contains("Stack backtrace:"), backtrace, "RUST_BACKTRACE={value:?}: {err}");
+    }
 }
