@@ -162,6 +162,16 @@ pub fn load_tasks(specs: &[PathBuf]) -> Result<Vec<(String, Vec<McExample>)>> {
     Ok(tasks)
 }
 
+/// A perplexity as its table prints it: with three decimals, or from 1e9 on (an untrained model's
+/// or foreign text's run to many digits) in scientific notation, so that the columns stay apart.
+fn fmt_ppl(v: f64) -> String {
+    if v < 1e9 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.4e}")
+    }
+}
+
 /// Prints one table of token loss, perplexity, bits per byte and word perplexity; returns them as
 /// JSON.
 fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde_json::Value {
@@ -169,17 +179,14 @@ fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde
         "{header:<28}{:>12}{:>12}{:>12}{:>14}{:>10}{:>14}",
         "documents", "tokens", "loss", "perplexity", "bpb", "word ppl"
     );
-    // Perplexities of an untrained model or of foreign text run to many digits: a wide one is
-    // printed in scientific notation so that the columns stay apart.
-    let ppl = |v: f64| if v < 1e9 { format!("{v:.3}") } else { format!("{v:.4e}") };
     println!(
         "{row:<28}{:>12}{:>12}{:>12.4}{:>14}{:>10.4}{:>14}",
         s.documents,
         s.tokens,
         s.mean_nll(),
-        ppl(s.perplexity()),
+        fmt_ppl(s.perplexity()),
         s.bits_per_byte(),
-        ppl(s.word_perplexity())
+        fmt_ppl(s.word_perplexity())
     );
     serde_json::json!({
         "documents": s.documents, "tokens": s.tokens, "bytes": s.bytes, "words": s.words, "nll": s.nll,
@@ -190,6 +197,12 @@ fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wide_perplexities_are_printed_in_scientific_notation() {
+        let got: Vec<String> = [12.34567, 999_999_999.0, 1e9, 5.25e12].map(super::fmt_ppl).into();
+        assert_eq!(got, ["12.346", "999999999.000", "1.0000e9", "5.2500e12"]);
+    }
+
     use super::*;
 
     /// A text file of 9 MiB is one document to score (the data stage's cut at 8 MiB made it two,

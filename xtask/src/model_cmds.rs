@@ -186,3 +186,30 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::model_dir;
+    use patchlm_model::weights::CONFIG_FILE;
+
+    #[test]
+    fn a_run_directory_stands_for_its_model_and_a_model_directory_for_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let with_config = |p: &std::path::Path| {
+            std::fs::create_dir_all(p).unwrap();
+            std::fs::write(p.join(CONFIG_FILE), "{}").unwrap();
+        };
+        // A run: its final model in model/.
+        with_config(&d.join("run/model"));
+        // A model directory that happens to hold another model below it is itself.
+        with_config(&d.join("both"));
+        with_config(&d.join("both/model"));
+        // Neither: itself, so that loading it names the file it lacks there.
+        std::fs::create_dir(d.join("neither")).unwrap();
+        for (name, want) in [("run", "run/model"), ("both", "both"), ("neither", "neither")] {
+            let spec = d.join(name);
+            assert_eq!(model_dir(spec.to_str().unwrap()).unwrap(), d.join(want), "{name}");
+        }
+    }
+}

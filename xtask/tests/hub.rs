@@ -98,6 +98,11 @@ fn models_tokenizers_and_datasets_come_from_the_hub() {
     let (ok, from_dir) = xtask(&["score", "--model", "local-model", "--text", text, "--json"], d, &env);
     assert!(ok, "{from_dir}");
     assert_eq!(from_hub, from_dir);
+    // So does its hf:// address; a file inside the repository is refused with the reason.
+    let (ok, by_url) = xtask(&["score", "--model", "hf://org/tiny", "--text", text, "--json"], d, &env);
+    assert!(ok && by_url == from_dir, "{by_url}");
+    let (ok, out) = xtask(&["score", "--model", "hf://org/tiny/config.json", "--text", text], d, &env);
+    assert!(!ok && out.contains("name the model repository itself, not `config.json` inside it"), "{out}");
     let snap = Path::new(&cache).join("models--org--tiny/snapshots").join(fake_hub::COMMIT);
     assert!(snap.join("model.safetensors").is_file() && !snap.join("pytorch_model.bin").exists());
 
