@@ -320,6 +320,12 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let lps: Vec<f64> = v["tokens"].as_array().unwrap().iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
     assert!(lps.iter().all(|&x| x <= 0.0));
     assert!((v["nll"].as_f64().unwrap() + lps.iter().sum::<f64>()).abs() < 1e-3);
+    // One byte is one token, scored after BOS; no text is nothing to score.
+    let (ok, out) = xtask(&["score", "--model", "run/model", "--text", "w", "--json"], d);
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).unwrap_or_default();
+    assert!(ok && v["tokens"].as_array().map(Vec::len) == Some(1), "{out}");
+    let (ok, out) = xtask(&["score", "--model", "run/model", "--text", ""], d);
+    assert!(!ok && out.contains("the text has no token to score"), "{out}");
     // Each token shows the text it adds, so they add up to the text, a character cut across
     // tokens (the byte-level BPE never saw these) at its last token.
     let text = "w1 naïve 🤗 w14";
@@ -333,6 +339,21 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok2, out2) =
         xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "8", "--seed", "3"], d);
     assert!(ok2 && out == out2, "same seed, same text");
+    // All 8 tokens drawn: nothing to say of the context.
+    assert!(!out.contains("stopped after"), "{out}");
+    // Without a limit that comes first, a continuation stops where the model's context of 64
+    // positions is full (BOS and the prompt's one token, then 62), and says so; unless it draws
+    // its end of text first, as some seeds may.
+    let full: Vec<bool> = (1..=5)
+        .map(|seed| {
+            let seed = seed.to_string();
+            let args = ["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "1000", "--seed", &seed];
+            let (ok, out) = xtask(&args, d);
+            assert!(ok, "{out}");
+            out.contains("stopped after 62 tokens: prompt and continuation fill the model's context of 64")
+        })
+        .collect();
+    assert!(full.contains(&true), "no seed's continuation filled the context: {full:?}");
     // A run's directory stands for its final model; a checkpoint loads as a model too.
     let (ok, by_run) = xtask(&["score", "--model", "run", "--text", "w1 w14 w27", "--json"], d);
     let (_, by_model) = xtask(&["score", "--model", "run/model", "--text", "w1 w14 w27", "--json"], d);
