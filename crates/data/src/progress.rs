@@ -183,10 +183,19 @@ mod tests {
         assert!(clock.strike_at(t0 + minute));
         assert!(!clock.strike_at(t0 + minute + Duration::from_secs(59)), "struck twice in one interval");
         assert!(clock.strike_at(t0 + 2 * minute + Duration::from_secs(30)));
-        // A restart starts the interval again from now.
+        // A restart starts the interval again from now (here before its last strike, which was
+        // two and a half minutes ahead of now).
         clock.restart();
-        let t1 = *clock.last.lock().unwrap();
-        assert!(t1 >= t0 && !clock.strike_at(t1 + Duration::from_secs(59)) && clock.strike_at(t1 + minute));
+        let now = Instant::now();
+        assert!(clock.strike_at(now + minute));
+    }
+
+    #[test]
+    fn a_clock_for_stderr_is_on_where_shown_and_no_bar_is_drawn() {
+        use std::io::IsTerminal;
+        assert!(!LogClock::for_stderr(false).is_on());
+        // Under `cargo test` stderr is a terminal or not, as the test was run.
+        assert_eq!(LogClock::for_stderr(true).is_on(), !std::io::stderr().is_terminal());
     }
 
     #[test]
