@@ -31,6 +31,22 @@ fn tiny_config(micro_batch: usize, eval_every: usize, checkpoint_every: usize) -
     )
 }
 
+/// The shard folders (`shards-<hash>`) a data directory caches, in name order.
+fn shard_dirs_in(data_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// A JSON file the CLI wrote.
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 #[test]
 fn pretrain_end_to_end_on_a_tiny_corpus() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,12 +172,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(evals.last().unwrap() < &(evals[0] - 0.5), "{evals:?}");
 
     // Shards are cached by settings and input contents: an edited input is re-tokenized.
-    let shard_dirs = || {
-        std::fs::read_dir(d.join("dd"))
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("shards-"))
-            .count()
-    };
+    let shard_dirs = || shard_dirs_in(&d.join("dd")).len();
     assert_eq!(shard_dirs(), 1);
     // `--config` of the saved config repeats the run: the same text (so the same shards) and
     // the same settings give the same model (the saved config used to leave the inputs out, so
@@ -197,13 +208,9 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(weights("run") == weights("rerun"), "the repeated run trained another model");
     // Shards an earlier revision of the data stage made (as after an update that changed what
     // it makes of these inputs) are made again in place, not reused: here the same shards again.
-    let cached = std::fs::read_dir(d.join("dd"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
-        .unwrap();
+    let cached = shard_dirs_in(&d.join("dd")).remove(0);
     let manifest = cached.join("manifest.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let mut v = read_json(&manifest);
     v["build_revision"] = 0.into();
     std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let (ok, out) = xtask(&["pretrain", "--config", "run/config.toml", "--out", "rerun3", "--data-dir", "dd"], d);
@@ -277,8 +284,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let text = std::fs::read_to_string(d.join("given.jsonl")).unwrap();
     std::fs::write(d.join("given.jsonl"), text.replace("w1 ", "w2 ")).unwrap();
     let cut_from = || {
-        let m: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(d.join("given/patchdata/patch_manifest.json")).unwrap()).unwrap();
+        let m = read_json(&d.join("given/patchdata/patch_manifest.json"));
         m["shards_manifest_sha256"].as_str().unwrap().to_string()
     };
     let old_shards = cut_from();
@@ -286,12 +292,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(!ok && out.contains("was trained on other data"), "{out}");
     // The blocks were cut again, from the new shards (whose identity the data crate gives).
     let new_shards = cut_from();
-    let identities: Vec<String> = std::fs::read_dir(d.join("dd"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
-        .map(|p| patchlm_data::shard::shards_identity(&p).unwrap())
-        .collect();
+    let identities: Vec<String> =
+        shard_dirs_in(&d.join("dd")).iter().map(|p| patchlm_data::shard::shards_identity(p).unwrap()).collect();
     assert!(new_shards != old_shards && identities.contains(&new_shards), "{old_shards} {new_shards} {identities:?}");
     let (ok, out) = xtask(
         &[
@@ -344,16 +346,14 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // Without a limit that comes first, a continuation stops where the model's context of 64
     // positions is full (BOS and the prompt's one token, then 62), and says so; unless it draws
     // its end of text first, as some seeds may.
-    let full: Vec<bool> = (1..=5)
-        .map(|seed| {
-            let seed = seed.to_string();
-            let args = ["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "1000", "--seed", &seed];
-            let (ok, out) = xtask(&args, d);
-            assert!(ok, "{out}");
-            out.contains("stopped after 62 tokens: prompt and continuation fill the model's context of 64")
-        })
-        .collect();
-    assert!(full.contains(&true), "no seed's continuation filled the context: {full:?}");
+    let full = (1..=5).any(|seed| {
+        let seed = seed.to_string();
+        let args = ["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "1000", "--seed", &seed];
+        let (ok, out) = xtask(&args, d);
+        assert!(ok, "{out}");
+        out.contains("stopped after 62 tokens: prompt and continuation fill the model's context of 64")
+    });
+    assert!(full, "no seed's continuation of five filled the context");
     // A run's directory stands for its final model; a checkpoint loads as a model too.
     let (ok, by_run) = xtask(&["score", "--model", "run", "--text", "w1 w14 w27", "--json"], d);
     let (_, by_model) = xtask(&["score", "--model", "run/model", "--text", "w1 w14 w27", "--json"], d);
@@ -377,7 +377,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         d,
     );
     assert!(ok && out.contains("word ppl"), "{out}");
-    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("long-eval.json")).unwrap()).unwrap();
+    let e = read_json(&d.join("long-eval.json"));
     let p = &e["perplexity"];
     assert_eq!(
         (p["tokens"].as_u64(), p["bytes"].as_u64(), p["words"].as_u64()),
@@ -404,7 +404,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         let args = ["eval", "--model", "run/model", "--text", input, "--stride", "3", "--json", "other.json"];
         let (ok, out) = xtask(&[&args[..], &flags[..]].concat(), d);
         assert!(ok, "{out}");
-        let o: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("other.json")).unwrap()).unwrap();
+        let o = read_json(&d.join("other.json"));
         let q = &o["perplexity"];
         let n = if input == "paras.txt" { 3 } else { 1 };
         assert_eq!((q["documents"].as_u64(), q["tokens"].as_u64()), (Some(n), p["tokens"].as_u64().map(|t| t * n)));
@@ -427,8 +427,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let args = ["pretrain", "--config", "run.toml", "--input", "tiny.jsonl", "--out", "run-logged", "--data-dir", "dd"];
     let (ok, out) = xtask_env(&[&args[..], &["--set", "train.progress=true"]].concat(), d, Some("0"));
     assert!(ok, "{out}");
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.join("run-logged/summary.json")).unwrap()).unwrap();
+    let summary = read_json(&d.join("run-logged/summary.json"));
     for phase in summary["summary"]["phases"].as_array().unwrap() {
         let (name, steps) = (phase["name"].as_str().unwrap(), phase["steps"].as_u64().unwrap());
         // A line at every step.
@@ -539,8 +538,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     ] {
         assert!(d.join("cmp").join(f).is_file(), "missing {f}\n{out}");
     }
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("cmp/report.json")).unwrap()).unwrap();
+    let report = read_json(&d.join("cmp/report.json"));
     let runs = report["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["baseline", "patch K=4 λ=0.667", "baseline, compute of K=4 λ=0.667"]);
@@ -571,11 +569,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     assert!(md.contains("![Validation loss vs relative compute](loss_vs_compute.png)"));
 
     // The table's validation loss is what `xtask eval --shards` gives for the same model.
-    let shards = std::fs::read_dir(d.join("dd"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("shards-"))
-        .unwrap();
+    let shards = shard_dirs_in(&d.join("dd")).remove(0);
     let (ok, out) = xtask(
         &["eval", "--model", "cmp/runs/baseline/model", "--shards", shards.to_str().unwrap(), "--context", "16"],
         d,
@@ -592,7 +586,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let (ok, out) =
         xtask(&["eval", "--model", model, "--task", "cmp/continuation.jsonl", "--json", "e.json", "--samples"], d);
     assert!(ok, "{out}");
-    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("e.json")).unwrap()).unwrap();
+    let e = read_json(&d.join("e.json"));
     let t = &e["tasks"][0];
     assert_eq!(t["acc"], runs[0]["tasks"][0]["acc"]);
     let samples = t["samples"].as_array().unwrap();
@@ -617,7 +611,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts", "--json", "p.json"], d);
     // One task: no average of tasks.
     assert!(ok && !out.contains("average of"), "{out}");
-    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("p.json")).unwrap()).unwrap();
+    let p = read_json(&d.join("p.json"));
     assert_eq!(
         (&p["tasks"][0]["task"], &p["tasks"][0]["n"], &p["tasks"][0]["acc"]),
         (&"parts".into(), &40.into(), &t["acc"])
@@ -625,7 +619,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     // Several tasks: their unweighted mean too, as the paper averages its zero-shot tasks.
     let (ok, out) = xtask(&["eval", "--model", model, "--task", "parts", "parts/a.jsonl", "--json", "q.json"], d);
     assert!(ok && out.contains("average of 2 tasks"), "{out}");
-    let q: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("q.json")).unwrap()).unwrap();
+    let q = read_json(&d.join("q.json"));
     for m in ["acc", "acc_norm"] {
         let mean = (q["tasks"][0][m].as_f64().unwrap() + q["tasks"][1][m].as_f64().unwrap()) / 2.0;
         assert!((q["average"][m].as_f64().unwrap() - mean).abs() < 1e-12, "{q}");
@@ -639,7 +633,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
     let scored = |task: &str, json: &str| {
         let (ok, out) = xtask(&["eval", "--model", model, "--task", task, "--json", json], d);
         assert!(ok, "{out}");
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(json)).unwrap()).unwrap();
+        let v = read_json(&d.join(json));
         v["tasks"][0].clone()
     };
     let (folder, file) = (scored("bb", "bb1.json"), scored("bb/task.json", "bb2.json"));
@@ -742,8 +736,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
         d,
     );
     assert!(ok, "{out}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("cmp2/report.json")).unwrap()).unwrap();
+    let report = read_json(&d.join("cmp2/report.json"));
     let runs = report["runs"].as_array().unwrap();
     let tokens2 = |i: usize| runs[i]["tokens"].as_f64().unwrap();
     assert!((tokens2(0) / tokens(0) - 2.0).abs() < 0.05, "{} vs {}", tokens2(0), tokens(0));

@@ -406,6 +406,10 @@ mod tests {
         assert!(e.contains("do not fit the parameter"), "{e}");
     }
 
+    /// A step with decay and bias corrections far from 1 (so that a wrong one shows).
+    const STEP: AdamWStep =
+        AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 0.999, bias1: 0.1, bias2: 0.05 };
+
     /// Moments that are not contiguous take the out-of-place path, with the same result as the
     /// in-place one, with and without a gradient scale; slots of the wrong dtypes or sizes are
     /// refused before anything is updated.
@@ -413,7 +417,7 @@ mod tests {
     fn adamw_multi_on_strided_moments_and_bad_slots() {
         let dev = Device::Cpu;
         let n = 300;
-        let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 0.999, bias1: 0.1, bias2: 0.05 };
+        let step = STEP;
         let p0 = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let g = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
         let m0 = (Tensor::randn(0f32, 0.1, (2, n), &dev).unwrap().abs().unwrap() + 0.01).unwrap();
@@ -464,7 +468,7 @@ mod tests {
     #[test]
     fn adamw_multi_clipped_scales_by_the_clip_factor_and_skips_non_finite_norms() {
         let dev = Device::Cpu;
-        let step = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 0.999, bias1: 0.1, bias2: 0.05 };
+        let step = STEP;
         let p0 = Tensor::randn(0f32, 1.0, 50, &dev).unwrap();
         let g = Tensor::randn(0f32, 1.0, 50, &dev).unwrap();
         let run = |clip: Option<(f64, f64)>, factor: f64| {
