@@ -452,7 +452,7 @@ pub fn pretrain(
             p.blocks_per_step,
             p.file.block_len
         );
-        if let Some(note) = warmup_note(cfg.train.warmup_steps, p.steps) {
+        if let Some(note) = patchlm_train::warmup_note(cfg.train.warmup_steps, p.steps) {
             println!("  note: {note}");
         }
     }
@@ -472,19 +472,6 @@ pub fn pretrain(
     });
     patchlm_model::weights::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     Ok(summary)
-}
-
-/// What to say of a warmup of `warmup` steps in a phase of `steps`: nothing where it is shorter;
-/// otherwise that the phase's learning rate rises over all its steps to the peak at the last
-/// (a longer warmup is cut to the phase, `patchlm_train::lr_at`) and never decays.
-fn warmup_note(warmup: usize, steps: usize) -> Option<String> {
-    (warmup >= steps).then(|| {
-        let length = if warmup == steps { "as long as" } else { "longer than" };
-        format!(
-            "train.warmup_steps {warmup} is {length} this phase: its learning rate rises over all {steps} steps to the \
-             peak and never decays; set a warmup shorter than the phase"
-        )
-    })
 }
 
 /// Prints a run summary.
@@ -794,21 +781,6 @@ mod tests {
     }
 
     /// Comment lines break between words at the width; a word longer than it stays whole.
-    #[test]
-    fn a_warmup_as_long_as_its_phase_or_longer_is_noted() {
-        assert_eq!(warmup_note(9, 10), None);
-        // Where the two are equal the rate reaches the peak at the phase's last step, and no step
-        // decays it, as with any longer warmup (`lr_at` cuts it to the phase).
-        let lr = |step, warmup| patchlm_train::lr_at(step, 10, warmup, 1.0, 0.0);
-        for warmup in [10, 11] {
-            assert!((0..9).all(|s| lr(s, warmup) < lr(s + 1, warmup)) && lr(9, warmup) == 1.0);
-        }
-        let note = warmup_note(10, 10).unwrap();
-        assert!(note.starts_with("train.warmup_steps 10 is as long as this phase: its learning rate rises over all 10 steps to the peak and never decays"), "{note}");
-        let note = warmup_note(11, 10).unwrap();
-        assert!(note.starts_with("train.warmup_steps 11 is longer than this phase"), "{note}");
-    }
-
     #[test]
     fn comments_wrap_at_words() {
         assert_eq!(wrap_comment("aa bb cc", "#", "#", 7), "# aa bb\n# cc\n");

@@ -66,7 +66,7 @@ pub use checkpoint::{
 pub use config::{RunConfig, TrainConfig};
 pub use error::{Result, TrainError};
 pub use lock::{holder_pid, is_held, RunLock, RUN_LOCK_FILE};
-pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, clip_scale, grad_norm, lr_at, warmup_note, AdamW, AdamWConfig};
 pub use trainer::{
     phase_switch, plan_phases, read_metrics, EvalMetrics, PhasePlan, PhaseSummary, RunSummary, StepMetrics, Trainer,
 };

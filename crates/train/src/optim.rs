@@ -264,3 +264,16 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64, min_lr: f64) -> 
     let progress = ((step - warmup) as f64 / span).min(1.0);
     min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
+
+/// What to say of a warmup of `warmup` steps in a phase of `steps`: nothing where it is shorter;
+/// otherwise that the phase's learning rate rises over all its steps to the peak at the last
+/// (a longer warmup is cut to the phase, [`lr_at`]) and never decays.
+pub fn warmup_note(warmup: usize, steps: usize) -> Option<String> {
+    (warmup >= steps).then(|| {
+        let length = if warmup == steps { "as long as" } else { "longer than" };
+        format!(
+            "train.warmup_steps {warmup} is {length} this phase: its learning rate rises over all {steps} steps to the \
+             peak and never decays; set a warmup shorter than the phase"
+        )
+    })
+}

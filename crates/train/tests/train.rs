@@ -232,6 +232,22 @@ fn warmup_cosine_schedule() {
     assert!((lr_at(0, 4, 2000, 1.0, 0.0) - 0.25).abs() < 1e-12);
 }
 
+/// A warmup of a whole phase or longer gets a note, a shorter one none.
+#[test]
+fn a_warmup_as_long_as_its_phase_or_longer_is_noted() {
+    assert_eq!(warmup_note(9, 10), None);
+    // Where the two are equal the rate reaches the peak at the phase's last step, and no step
+    // decays it, as with any longer warmup (`lr_at` cuts it to the phase).
+    let lr = |step, warmup| lr_at(step, 10, warmup, 1.0, 0.0);
+    for warmup in [10, 11] {
+        assert!((0..9).all(|s| lr(s, warmup) < lr(s + 1, warmup)) && lr(9, warmup) == 1.0);
+    }
+    let note = warmup_note(10, 10).unwrap();
+    assert!(note.starts_with("train.warmup_steps 10 is as long as this phase: its learning rate rises over all 10 steps to the peak and never decays"), "{note}");
+    let note = warmup_note(11, 10).unwrap();
+    assert!(note.starts_with("train.warmup_steps 11 is longer than this phase"), "{note}");
+}
+
 /// The data of `pipeline(dir, 0.5)` and an uninterrupted run on it in `dir/a`, the reference
 /// that interrupted runs must end at: (patch data, config, run directory).
 fn reference_run(dir: &Path) -> (PathBuf, RunConfig, PathBuf) {
