@@ -47,6 +47,11 @@ fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The JSON object that `score --json` prints after any log lines (null where there is none).
+fn printed_json(out: &str) -> serde_json::Value {
+    out.find('{').and_then(|i| serde_json::from_str(&out[i..]).ok()).unwrap_or_default()
+}
+
 #[test]
 fn pretrain_end_to_end_on_a_tiny_corpus() {
     let dir = tempfile::tempdir().unwrap();
@@ -318,13 +323,13 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // Score and generate with the trained model.
     let (ok, out) = xtask(&["score", "--model", "run/model", "--text", "w1 w14 w27", "--json"], d);
     assert!(ok, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let v = printed_json(&out);
     let lps: Vec<f64> = v["tokens"].as_array().unwrap().iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
     assert!(lps.iter().all(|&x| x <= 0.0));
     assert!((v["nll"].as_f64().unwrap() + lps.iter().sum::<f64>()).abs() < 1e-3);
     // One byte is one token, scored after BOS; no text is nothing to score.
     let (ok, out) = xtask(&["score", "--model", "run/model", "--text", "w", "--json"], d);
-    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).unwrap_or_default();
+    let v = printed_json(&out);
     assert!(ok && v["tokens"].as_array().map(Vec::len) == Some(1), "{out}");
     let (ok, out) = xtask(&["score", "--model", "run/model", "--text", ""], d);
     assert!(!ok && out.contains("the text has no token to score"), "{out}");
@@ -332,9 +337,10 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     // tokens (the byte-level BPE never saw these) at its last token.
     let text = "w1 naïve 🤗 w14";
     let (ok, out) = xtask(&["score", "--model", "run/model", "--text", text, "--json"], d);
-    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert!(ok, "{out}");
+    let v = printed_json(&out);
     let pieces: String = v["tokens"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap()).collect();
-    assert!(ok && pieces == text, "{pieces:?}");
+    assert_eq!(pieces, text);
     let (ok, out) =
         xtask(&["generate", "--model", "run/model", "--prompt", "w1", "--max-tokens", "8", "--seed", "3"], d);
     assert!(ok && out.starts_with("w1"), "{out}");
@@ -367,7 +373,7 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let long = long.join(" ");
     let (ok, out) = xtask(&["score", "--model", "run/model", "--text", &long, "--json", "--stride", "3"], d);
     assert!(ok, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let v = printed_json(&out);
     assert!(v["tokens"].as_array().unwrap().len() >= 60, "{out}");
     // eval --text scores a document as score scores its text (after BOS, no EOS), with the
     // document's bytes and words.
