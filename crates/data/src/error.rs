@@ -46,6 +46,13 @@ pub enum DataError {
         /// What it holds instead (`"; it holds a.csv, b.html"`), or nothing.
         holds: String,
     },
+    /// An input folder that is the output of a patchlm stage (shards, patch datasets, a run
+    /// directory: [`crate::source::OUTPUT_MARKERS`]), not text.
+    #[error(
+        "{0}: the output of a patchlm stage (a data build's shards, patch datasets or a training run), not text to \
+         build from; give the text it was made from"
+    )]
+    OutputFolder(PathBuf),
     /// Text that is not valid UTF-8.
     #[error(
         "{path}: line {line}: invalid utf-8; if the file is in another encoding, re-encode it as utf-8 (e.g. `iconv -f \

@@ -168,8 +168,11 @@ impl InputKind {
 /// entries skipped, only files with a known extension: .txt .text .md .rst .jsonl .ndjson .json
 /// .parquet, each optionally compressed: .gz, .zst, .zstd). Links are followed, and a folder
 /// reached again within one input's walk (a link back up its tree, two links to one folder) is
-/// walked once. A folder in which nothing is read is an error ([`DataError::NothingInFolder`],
-/// naming what it holds), as is a link that leads nowhere ([`DataError::BrokenLink`]).
+/// walked once. The output of a patchlm stage in a folder (shards, patch datasets, a run
+/// directory: [`OUTPUT_MARKERS`]) is passed over, and named as an input it is an error
+/// ([`DataError::OutputFolder`]). A folder in which nothing is read is
+/// an error ([`DataError::NothingInFolder`], naming what it holds), as is a link that leads
+/// nowhere ([`DataError::BrokenLink`]).
 pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     struct Walk {
         files: Vec<PathBuf>,
@@ -192,7 +195,13 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
             }
             check_link(&p)?;
             if p.is_dir() {
-                walk(&p, w)?;
+                // A stage's output below an input folder (`--input . --out shards`, the build's
+                // own while it runs; a run directory) is passed over: its JSON is metadata.
+                if is_output_folder(&p) {
+                    w.passed_over.push(p);
+                } else {
+                    walk(&p, w)?;
+                }
             } else if InputKind::known_in_dir(&p) {
                 w.files.push(p);
             } else {
@@ -205,7 +214,9 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     for p in inputs {
         let p = p.as_ref();
         check_link(p)?;
-        if p.is_dir() {
+        if p.is_dir() && is_output_folder(p) {
+            return Err(DataError::OutputFolder(p.to_path_buf()));
+        } else if p.is_dir() {
             let mut w = Walk { files: Vec::new(), passed_over: Vec::new(), walked: Default::default() };
             walk(p, &mut w)?;
             if w.files.is_empty() {
@@ -233,6 +244,18 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+/// The files that mark a folder as the output of a patchlm stage, which a walk of an input folder
+/// passes over (its JSON files are metadata, not text): a data build's lock, journal and record,
+/// a patch dataset's manifest (`patchlm_patch::MANIFEST`) and a training run's lock
+/// (`patchlm_train::RUN_LOCK_FILE`).
+pub const OUTPUT_MARKERS: [&str; 5] =
+    [crate::resume::LOCK_FILE, crate::resume::PROGRESS_FILE, crate::resume::BUILD_FILE, "patch_manifest.json", ".lock"];
+
+/// Whether `dir` is a patchlm stage's output: it holds one of [`OUTPUT_MARKERS`].
+fn is_output_folder(dir: &Path) -> bool {
+    OUTPUT_MARKERS.iter().any(|f| dir.join(f).exists())
 }
 
 /// A symbolic link whose target cannot be reached (missing, or a chain of links that loops) is

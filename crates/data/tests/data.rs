@@ -940,6 +940,31 @@ fn file_names_that_are_not_utf8_are_read() {
     assert_eq!(s.documents, 2);
 }
 
+/// A build's output inside its input folder (`--input . --out shards`) is not read as text: not
+/// while it runs (the journal and the tokenizer are JSON), nor when built again; nor is another
+/// build's output in the folder, finished or not. Named as an input, shards are refused.
+#[test]
+fn a_build_output_in_an_input_folder_is_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = corpus(dir.path(), 60);
+    let cfg = small_cfg();
+    let alone = build_shards(&[&c], &dir.path().join("alone"), &cfg, TokenizerSource::Train, false).unwrap();
+    let out = c.join("shards");
+    let s = build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!((s.documents, s.tokens, s.resumed_shards), (alone.documents, alone.tokens, 0));
+    let shards = |d: &Path| files_of(d).into_iter().filter(|(n, _)| n.ends_with(".arrow")).collect::<Vec<_>>();
+    assert_eq!(shards(&out), shards(&dir.path().join("alone")));
+    // Again: the finished build is found whole, its inputs unchanged by its own files.
+    let again = build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert_eq!((again.documents, again.resumed_shards), (s.documents, shards(&out).len()));
+    // A folder with a build's journal (here one cut short: not even JSON) is one in progress.
+    write(&c.join("part").join(PROGRESS_FILE), b"{\"identity");
+    assert_eq!(expand_inputs_of(&c), [c.join("part-0.jsonl"), c.join("part-1.jsonl")]);
+    let e = build_shards(&[&out], &dir.path().join("o2"), &cfg, TokenizerSource::Train, false).unwrap_err();
+    let e = e.to_string();
+    assert!(e.contains("shards: the output of a patchlm stage") && e.contains("give the text it was made from"), "{e}");
+}
+
 #[test]
 fn interrupted_builds_resume_to_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();

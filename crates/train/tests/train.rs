@@ -257,6 +257,20 @@ fn reference_run(dir: &Path) -> (PathBuf, RunConfig, PathBuf) {
     (pdir, cfg, run)
 }
 
+/// A folder holding a run, its patch datasets and shards beside the text is read as the text alone:
+/// each of them holds one of the files that mark a patchlm stage's output to a folder's walk.
+#[test]
+fn a_runs_files_are_not_read_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, run) = reference_run(dir.path());
+    assert!(run.join("metrics.jsonl").is_file() && run.join(RUN_LOCK_FILE).is_file());
+    let files = patchlm_data::source::expand_inputs(&[dir.path()]).unwrap();
+    assert_eq!(files, [dir.path().join("in.jsonl")]);
+    for marker in [RUN_LOCK_FILE, patchlm_patch::dataset::MANIFEST] {
+        assert!(patchlm_data::source::OUTPUT_MARKERS.contains(&marker), "{marker}");
+    }
+}
+
 fn weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model/model.safetensors")).unwrap()
 }
