@@ -959,6 +959,11 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
             .unwrap();
         assert_eq!(lse.dims(), &[b, h, t]);
         assert!(max_abs(&(&lse - &want_lse).unwrap()) < 1e-5, "log-sum-exp {b}x{h}x{t}x{s_len}x{hd}");
+        // As rows (B, T, H·hd), each position's heads side by side: on the CPU the same values.
+        let (rows, lse_rows) = patchlm_model::ops::flash_attention_lse_rows(&q0, &k0, &v0, scale).unwrap();
+        let o_rows = o.transpose(1, 2).unwrap().reshape((b, t, h * hd)).unwrap();
+        assert_eq!(rows.dims(), &[b, t, h * hd]);
+        assert_eq!(max_abs(&(&rows - &o_rows).unwrap()) + max_abs(&(&lse_rows - &lse).unwrap()), 0.0);
         let (dq, dk, dv) = patchlm_model::ops::grad::flash_attention_lse(&q0, &k0, &v0, &o, &lse, &up, scale).unwrap();
         for (name, var, x) in [("q", &q, &dq), ("k", &k, &dk), ("v", &v, &dv)] {
             let r = gb.get(var.as_tensor()).unwrap();
@@ -980,6 +985,28 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
         let e = flash_attention(&x, &x, &x, bad).unwrap_err().to_string();
         assert!(e.contains("scale must be positive and finite"), "{bad}: {e}");
         assert!(patchlm_model::ops::flash_attention_lse(&x, &x, &x, bad).is_err(), "{bad}");
+    }
+    // So are shapes that do not fit, each alone: keys of another head size, head count or batch
+    // than the queries, values shaped unlike the keys, no query; and mixed dtypes.
+    let zeros = |dims: (usize, usize, usize, usize)| Tensor::zeros(dims, DType::F32, &dev).unwrap();
+    let q = zeros((1, 2, 3, 16));
+    assert!(flash_attention(&q, &q, &q, 0.25).is_ok());
+    let cases = [
+        (zeros((1, 2, 3, 32)), zeros((1, 2, 3, 32)), "key head size"),
+        (zeros((1, 1, 3, 16)), zeros((1, 1, 3, 16)), "key heads"),
+        (zeros((2, 2, 3, 16)), zeros((2, 2, 3, 16)), "key batch"),
+        (q.clone(), zeros((1, 2, 4, 16)), "values unlike keys"),
+    ];
+    for (k, v, what) in cases {
+        let e = flash_attention(&q, &k, &v, 0.25).unwrap_err().to_string();
+        assert!(e.contains("do not fit (B, H, T, hd) / (B, H, S ≥ T, hd)"), "{what}: {e}");
+    }
+    let e = flash_attention(&zeros((1, 2, 0, 16)), &q, &q, 0.25).unwrap_err().to_string();
+    assert!(e.contains("do not fit"), "no query: {e}");
+    let bf = q.to_dtype(DType::BF16).unwrap();
+    for (k, v) in [(&bf, &q), (&q, &bf)] {
+        let e = flash_attention(&q, k, v, 0.25).unwrap_err().to_string();
+        assert!(e.contains("q, k and v must share one dtype"), "{e}");
     }
 }
 

@@ -355,8 +355,10 @@ pub fn flash_attention_lse_rows(
 /// The inputs' shapes and dtypes fit, and the scale is positive and finite (the kernels take each
 /// row's maximum on the unscaled scores and scale it once, which needs scale > 0).
 fn flash_check(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<()> {
+    // As an f32, a scale that is not positive stays so (the sign is kept, NaN stays NaN), and one
+    // too small for an f32 is 0.
     let s32 = scale as f32;
-    if !(scale > 0.0 && s32 > 0.0 && s32.is_finite()) {
+    if !(s32 > 0.0 && s32.is_finite()) {
         candle_core::bail!(
             "flash_attention: the scale must be positive and finite as an f32, not {scale} (usually 1/sqrt(head size))"
         );
