@@ -970,6 +970,22 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
             assert_eq!(x.dims(), r.dims());
             assert!(max_abs(&(x - r).unwrap()) < 1e-5 * max_abs(r).max(1.0), "lse path d{name}");
         }
+        // From rows: the same gradients (the CPU reads rows as heads); o and dO shaped apart,
+        // or a log-sum-exp of another shape, are refused.
+        let up_rows = up.transpose(1, 2).unwrap().reshape((b, t, h * hd)).unwrap();
+        let lse_grad = |o: &Tensor, lse: &Tensor, up: &Tensor| {
+            patchlm_model::ops::grad::flash_attention_lse(&q0, &k0, &v0, o, lse, up, scale)
+        };
+        let (dqr, dkr, dvr) = lse_grad(&rows, &lse, &up_rows).unwrap();
+        for (x, r) in [(&dqr, &dq), (&dkr, &dk), (&dvr, &dv)] {
+            assert_eq!(max_abs(&(x - r).unwrap()), 0.0, "rows {b}x{h}x{t}x{s_len}x{hd}");
+        }
+        for (o, up) in [(&rows, &up), (&o, &up_rows)] {
+            let e = lse_grad(o, &lse, up).unwrap_err().to_string();
+            assert!(e.contains("are neither shaped like q"), "{e}");
+        }
+        let e = lse_grad(&o, &lse.unsqueeze(2).unwrap(), &up).unwrap_err().to_string();
+        assert!(e.contains("is not f32 ("), "{e}");
         // bf16 inputs: within bf16 resolution.
         let bf = |x: &Var| x.as_tensor().to_dtype(DType::BF16).unwrap();
         let yb = flash_attention(&bf(&q), &bf(&k), &bf(&v), scale).unwrap();
