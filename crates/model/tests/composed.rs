@@ -7,8 +7,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use patchlm_model::ops::{
-    ce_lse_supported, layout_ops_supported, set_flash_attention, set_fused_ops, set_layout_cuda, set_rows_cuda,
-    set_swiglu_cuda, swiglu_supported,
+    ce_lse_supported, flash_attention_enabled, flash_attention_for, layout_ops_supported, set_flash_attention,
+    set_fused_ops, set_layout_cuda, set_rows_cuda, set_swiglu_cuda, swiglu_supported,
 };
 use patchlm_model::*;
 use std::sync::Mutex;
@@ -33,6 +33,10 @@ fn fused_and_composed_models_agree_in_f32_and_bf16() {
         for (fused, flash) in [(true, false), (true, true), (false, false)] {
             set_fused_ops(fused);
             set_flash_attention(flash);
+            // As set: the switch, not a default, decides (the runs would agree either way).
+            let head_dim = cfg.hidden_size / cfg.num_attention_heads;
+            assert_eq!(flash_attention_for(&dev, dtype, head_dim), flash, "{dtype:?}");
+            assert_eq!(flash_attention_enabled(&dev), flash);
             let logits = m.forward(&ids.narrow(1, 0, 16).unwrap()).unwrap();
             let logits = logits.to_dtype(DType::F32).unwrap().reshape((32, cfg.vocab_size)).unwrap();
             // The composed loss: log-softmax and a gather, in f32.

@@ -986,11 +986,23 @@ fn flash_attention_matches_materialised_attention_forward_and_backward() {
         }
         let e = lse_grad(&o, &lse.unsqueeze(2).unwrap(), &up).unwrap_err().to_string();
         assert!(e.contains("is not f32 ("), "{e}");
-        // bf16 inputs: within bf16 resolution.
-        let bf = |x: &Var| x.as_tensor().to_dtype(DType::BF16).unwrap();
-        let yb = flash_attention(&bf(&q), &bf(&k), &bf(&v), scale).unwrap();
-        assert_eq!(yb.dtype(), DType::BF16);
-        assert!(max_abs(&(yb.to_dtype(DType::F32).unwrap() - &want).unwrap()) < 3e-2);
+        // bf16 and f16 inputs: within their resolution, forward and backward.
+        for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 4e-3)] {
+            let low = |x: &Var| Var::from_tensor(&x.as_tensor().to_dtype(dtype).unwrap()).unwrap();
+            let (ql, kl, vl) = (low(&q), low(&k), low(&v));
+            let yl = flash_attention(ql.as_tensor(), kl.as_tensor(), vl.as_tensor(), scale).unwrap();
+            assert_eq!(yl.dtype(), dtype);
+            let yl = yl.to_dtype(DType::F32).unwrap();
+            assert!(max_abs(&(&yl - &want).unwrap()) < tol, "{dtype:?} forward");
+            let gl = (yl * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var, lv) in [("q", &q, &ql), ("k", &k, &kl), ("v", &v, &vl)] {
+                let r = gb.get(var.as_tensor()).unwrap();
+                let x = gl.get(lv.as_tensor()).unwrap();
+                assert_eq!(x.dtype(), dtype);
+                let d = max_abs(&(x.to_dtype(DType::F32).unwrap() - r).unwrap());
+                assert!(d < tol * max_abs(r).max(1.0), "{dtype:?} d{name} {b}x{h}x{t}x{s_len}x{hd}: {d}");
+            }
+        }
     }
     let x = Tensor::zeros((1, 1, 5, 16), DType::F32, &dev).unwrap();
     let short = Tensor::zeros((1, 1, 4, 16), DType::F32, &dev).unwrap();

@@ -889,3 +889,26 @@ impl FlashGrad {
         Ok((AttnDims { bh: b * h, t, s, hd, oh: self.oh }, shape))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where neither the setter nor `PATCHLM_FLASH_ATTENTION` says, attention on the CPU is
+    /// materialised for every dtype and head size: the default turns flash attention on only on
+    /// CUDA, where its tensor-core kernels apply (no test in this binary sets the switch).
+    #[test]
+    fn flash_attention_is_off_by_default_on_the_cpu() {
+        if FLASH.explicit().is_some() {
+            eprintln!("skipped: PATCHLM_FLASH_ATTENTION is set");
+            return;
+        }
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for hd in [16, 32, 64, 128] {
+                assert!(!flash_attention_for(&Device::Cpu, dtype, hd), "{dtype:?} {hd}");
+            }
+        }
+        // Where the tensor-core kernels would apply on CUDA: so the CPU is what turns it off.
+        assert!(flash_mma_enabled(DType::BF16, 64) || FLASH_MMA.explicit() == Some(false));
+    }
+}
