@@ -474,6 +474,15 @@ pub fn pretrain(
     Ok(summary)
 }
 
+/// The patch phase's tokens/s over the token phase's, and its K, where a run has both and both
+/// trained in this process (one finished before a resume has no speed here).
+fn throughput_ratio(phases: &[patchlm_train::PhaseSummary]) -> Option<(f64, usize)> {
+    match phases {
+        [a, b] if a.tokens_per_sec > 0.0 && b.tokens_per_sec > 0.0 => Some((a.tokens_per_sec / b.tokens_per_sec, a.k)),
+        _ => None,
+    }
+}
+
 /// Prints a run summary.
 pub fn print_summary(s: &RunSummary, cfg: &RunConfig) {
     if cfg.patch.lambda > 0.0 {
@@ -489,10 +498,8 @@ pub fn print_summary(s: &RunSummary, cfg: &RunConfig) {
             );
         }
     }
-    if let [a, b] = &s.phases[..] {
-        if a.tokens_per_sec > 0.0 && b.tokens_per_sec > 0.0 {
-            println!("  patch/token throughput ratio {:.2} (K = {})", a.tokens_per_sec / b.tokens_per_sec, a.k);
-        }
+    if let Some((ratio, k)) = throughput_ratio(&s.phases) {
+        println!("  patch/token throughput ratio {ratio:.2} (K = {k})");
     }
     println!("  tokens {}  cost {:.3}× of token-level training on the same tokens", s.tokens, s.relative_cost);
     println!("  validation loss {:.4}  perplexity {:.2}", s.val_loss, s.val_ppl);
@@ -781,6 +788,25 @@ mod tests {
     }
 
     /// Comment lines break between words at the width; a word longer than it stays whole.
+    /// A ratio of two phases that both trained here; none where either did not (it finished
+    /// before a resume) or where the run has one phase.
+    #[test]
+    fn the_throughput_ratio_needs_both_phases_timed() {
+        let phase = |k: usize, tokens_per_sec: f64| patchlm_train::PhaseSummary {
+            name: if k > 1 { "patch" } else { "token" }.into(),
+            k,
+            steps: usize::from(tokens_per_sec > 0.0),
+            tokens: 0,
+            secs: 0.0,
+            tokens_per_sec,
+        };
+        assert_eq!(throughput_ratio(&[phase(4, 300.0), phase(1, 100.0)]), Some((3.0, 4)));
+        for (a, b) in [(0.0, 100.0), (300.0, 0.0), (0.0, 0.0)] {
+            assert_eq!(throughput_ratio(&[phase(4, a), phase(1, b)]), None, "{a} {b}");
+        }
+        assert_eq!(throughput_ratio(&[phase(1, 100.0)]), None);
+    }
+
     #[test]
     fn comments_wrap_at_words() {
         assert_eq!(wrap_comment("aa bb cc", "#", "#", 7), "# aa bb\n# cc\n");

@@ -126,6 +126,10 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&args, d);
     assert!(ok, "{out}");
     assert!(out.contains("patch phase  K=4") && out.contains("token phase  K=1"), "{out}");
+    // The throughput ratio of the phases' median tokens/s, as summary.json keeps them.
+    let phases = read_json(&d.join("run/summary.json"))["summary"]["phases"].clone();
+    let tps = |i: usize| phases[i]["tokens_per_sec"].as_f64().unwrap();
+    assert!(out.contains(&format!("patch/token throughput ratio {:.2} (K = 4)", tps(0) / tps(1))), "{out}");
     assert!(!out.contains("warmup_steps"), "{out}");
     assert!(out.contains("next: cargo xtask generate --model run --prompt"), "{out}");
     assert!(out.contains("validation loss"), "{out}");
@@ -237,6 +241,8 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     let (ok, out) = xtask(&resume, d);
     assert!(ok, "{out}");
     assert_eq!(cut(), cut_before, "a resume cut the blocks again");
+    // Its summary has no phase trained here: no phase's line, no throughput ratio (of nothing).
+    assert!(out.contains("run summary (K=4") && !out.contains("phase  K=") && !out.contains("ratio"), "{out}");
     // Without --resume, an existing run is refused with advice.
     let (ok, out) = xtask(&args, d);
     assert!(!ok && out.contains("--resume"), "{out}");
