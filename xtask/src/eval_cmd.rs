@@ -197,13 +197,14 @@ fn print_nll((header, row): (&str, &str), s: &NllSum, w: &WindowConfig) -> serde
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// Three decimals below 1e9, scientific notation from it on.
     #[test]
     fn wide_perplexities_are_printed_in_scientific_notation() {
-        let got: Vec<String> = [12.34567, 999_999_999.0, 1e9, 5.25e12].map(super::fmt_ppl).into();
+        let got: Vec<String> = [12.34567, 999_999_999.0, 1e9, 5.25e12].map(fmt_ppl).into();
         assert_eq!(got, ["12.346", "999999999.000", "1.0000e9", "5.2500e12"]);
     }
-
-    use super::*;
 
     /// A text file of 9 MiB is one document to score (the data stage's cut at 8 MiB made it two,
     /// the second after a BOS of its own, unlike lm-eval).

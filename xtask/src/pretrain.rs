@@ -787,7 +787,6 @@ mod tests {
         assert!(explained > 40, "{text}");
     }
 
-    /// Comment lines break between words at the width; a word longer than it stays whole.
     /// A ratio of two phases that both trained here; none where either did not (it finished
     /// before a resume) or where the run has one phase.
     #[test]
@@ -807,6 +806,7 @@ mod tests {
         assert_eq!(throughput_ratio(&[phase(1, 100.0)]), None);
     }
 
+    /// Comment lines break between words at the width; a word longer than it stays whole.
     #[test]
     fn comments_wrap_at_words() {
         assert_eq!(wrap_comment("aa bb cc", "#", "#", 7), "# aa bb\n# cc\n");

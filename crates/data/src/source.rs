@@ -214,9 +214,10 @@ pub fn expand_inputs<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<PathBuf>> {
     for p in inputs {
         let p = p.as_ref();
         check_link(p)?;
-        if p.is_dir() && is_output_folder(p) {
-            return Err(DataError::OutputFolder(p.to_path_buf()));
-        } else if p.is_dir() {
+        if p.is_dir() {
+            if is_output_folder(p) {
+                return Err(DataError::OutputFolder(p.to_path_buf()));
+            }
             let mut w = Walk { files: Vec::new(), passed_over: Vec::new(), walked: Default::default() };
             walk(p, &mut w)?;
             if w.files.is_empty() {
