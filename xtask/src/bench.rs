@@ -52,10 +52,13 @@ pub enum BenchCmd {
         /// The tokenizer.json to encode with.
         #[arg(long)]
         tokenizer: PathBuf,
-        /// A JSONL corpus (field "text").
-        #[arg(long)]
-        input: PathBuf,
-        /// Scratch directory for the shards.
+        /// The text to encode: files or folders, as `data --input` reads them (JSONL's field
+        /// "text"). The shards' train split must hold more than one 1,024-token window.
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        /// Where to write the shards: each run builds into a new folder of its own inside it
+        /// (`bench-<pid>`, so an earlier build is never reused and nothing else is touched) and
+        /// removes that folder when done.
         #[arg(long, default_value = "target/bench-data")]
         out: PathBuf,
     },
@@ -258,11 +261,11 @@ fn run_suite(s: &Suite) -> Result<()> {
     Ok(())
 }
 
-fn bench_data(tokenizer: &std::path::Path, input: &std::path::Path, out: &std::path::Path) -> Result<()> {
+fn bench_data(tokenizer: &std::path::Path, inputs: &[PathBuf], out: &std::path::Path) -> Result<()> {
     let tok = patchlm_data::tokenizer::load_tokenizer(tokenizer)?;
     let cfg = patchlm_data::DataConfig::default();
     let specials = patchlm_data::tokenizer::special_tokens(&tok, &cfg.tokenizer)?;
-    let texts: Vec<String> = patchlm_data::Documents::open(&[input], &cfg.source)?
+    let texts: Vec<String> = patchlm_data::Documents::open(inputs, &cfg.source)?
         .map(|d| d.map(|d| d.text))
         .collect::<std::result::Result<_, _>>()?;
     let bytes: usize = texts.iter().map(|t| t.len()).sum();
@@ -277,15 +280,48 @@ fn bench_data(tokenizer: &std::path::Path, input: &std::path::Path, out: &std::p
         enc.push(bytes as f64 / t0.elapsed().as_secs_f64() / 1e6);
         std::hint::black_box(ids);
     }
-    // The whole stage: read, tokenize, split, write shards + manifest.
+    // The whole stage (read, tokenize, split, write shards + manifest) into a folder of this run's.
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
+    let scratch = out.join(format!("bench-{}", std::process::id()));
+    std::fs::create_dir(&scratch).with_context(|| format!("{}: cannot create the folder", scratch.display()))?;
+    let timed = bench_stage_and_reader(tokenizer, inputs, &scratch, &cfg);
+    let removed = std::fs::remove_dir_all(&scratch);
+    let (stage, random, seq, raw_tps) = timed?;
+    removed.with_context(|| format!("{}: cannot remove the benchmark's shards", scratch.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "data", "text_mb": bytes as f64 / 1e6, "threads": rayon::current_num_threads(),
+            "encode_mb_per_s": median(enc), "stage_mb_per_s": stage,
+            "random_1024_windows_tokens_per_s": random, "sequential_scan_tokens_per_s": seq,
+            "raw_read_tokens_per_s": raw_tps,
+        })
+    );
+    Ok(())
+}
+
+/// The data stage built into `out` (MB of text a second), then its train split read as random
+/// 1024-token windows, as a sequential scan and, the peer, as a raw read of the first train
+/// shard's file (tokens a second).
+fn bench_stage_and_reader(
+    tokenizer: &std::path::Path,
+    inputs: &[PathBuf],
+    out: &std::path::Path,
+    cfg: &patchlm_data::DataConfig,
+) -> Result<(f64, f64, f64, f64)> {
     let t0 = Instant::now();
-    let s = patchlm_data::build_shards(&[input], out, &cfg, TokenizerSource::File(tokenizer), false)?;
+    let s = patchlm_data::build_shards(inputs, out, cfg, TokenizerSource::File(tokenizer), false)?;
     let stage = s.bytes as f64 / t0.elapsed().as_secs_f64() / 1e6;
     // Reader: random 1024-token windows and a sequential scan, against a raw read of the bytes.
     let ds = Dataset::open(out)?;
     let train = ds.split(Split::Train);
     let n = train.len();
     let w = 1024u64;
+    if n <= w {
+        anyhow::bail!(
+            "bench data: the train split holds {n} tokens, too few for random {w}-token windows: give --input more text"
+        );
+    }
     let mut rng = patchlm_model::SplitMix64(1);
     let mut buf = Vec::new();
     let reads = 20_000;
@@ -300,27 +336,27 @@ fn bench_data(tokenizer: &std::path::Path, input: &std::path::Path, out: &std::p
     let t0 = Instant::now();
     let mut seq_sum = 0u64;
     for c in train.chunks(0, n)? {
-        if let patchlm_data::TokenChunk::U16(s) = c {
-            seq_sum += s.iter().map(|&x| x as u64).sum::<u64>();
-        }
+        seq_sum += match c {
+            patchlm_data::TokenChunk::U16(s) => s.iter().map(|&x| x as u64).sum::<u64>(),
+            patchlm_data::TokenChunk::U32(s) => s.iter().map(|&x| x as u64).sum::<u64>(),
+        };
     }
     let seq = n as f64 / t0.elapsed().as_secs_f64();
-    let shard = out.join(&ds.manifest().shards[0].file);
+    // The peer: the first train shard's file read whole and summed as tokens of the shards'
+    // width (its Arrow framing included), per token the shard holds.
+    let first = ds.manifest().shards.iter().find(|s| s.split == Split::Train).context("bench data: no train shard")?;
+    let shard = out.join(&first.file);
     let t0 = Instant::now();
     let raw = std::fs::read(&shard).with_context(|| shard.display().to_string())?;
-    let raw_sum: u64 = raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u64).sum();
-    let raw_tps = (raw.len() / 2) as f64 / t0.elapsed().as_secs_f64();
+    let raw_sum: u64 = match ds.manifest().dtype {
+        patchlm_data::TokenDtype::Uint16 => raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u64).sum(),
+        patchlm_data::TokenDtype::Uint32 => {
+            raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64).sum()
+        }
+    };
+    let raw_tps = first.tokens as f64 / t0.elapsed().as_secs_f64();
     std::hint::black_box((sum, seq_sum, raw_sum));
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "data", "text_mb": bytes as f64 / 1e6, "threads": rayon::current_num_threads(),
-            "encode_mb_per_s": median(enc), "stage_mb_per_s": stage,
-            "random_1024_windows_tokens_per_s": random, "sequential_scan_tokens_per_s": seq,
-            "raw_read_tokens_per_s": raw_tps,
-        })
-    );
-    Ok(())
+    Ok((stage, random, seq, raw_tps))
 }
 
 /// What one `bench model` invocation measures.
@@ -775,4 +811,98 @@ fn bench_ops(preset: &str, batch: usize, ctx: usize, reps: usize, device: &str, 
     }
     patchlm_model::ops::set_fused_ops(true);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The middle value of an odd count; of an even count, the upper of the two middle ones.
+    #[test]
+    fn median_takes_the_middle_in_order() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![5.0, -1.0, 4.0, 0.5]), 4.0);
+        assert_eq!(median(vec![7.5]), 7.5);
+    }
+
+    #[test]
+    fn shapes_read_as_preset_batch_ctx() {
+        assert_eq!(parse_shape("gpt2-small:8x1024").unwrap(), ("gpt2-small".to_string(), 8, 1024));
+        assert_eq!(parse_shape("370m:4x2048").unwrap(), ("370m".to_string(), 4, 2048));
+        for bad in
+            ["gpt2-small", "gpt2-small:8", ":8x1024", "tiny:0x8", "tiny:8x0", "tiny:ax8", "tiny:8xb", "tiny:-1x8"]
+        {
+            let e = parse_shape(bad).unwrap_err().to_string();
+            assert_eq!(e, format!("--shapes {bad}: expected preset:BATCHxCTX, e.g. gpt2-small:8x1024"));
+        }
+    }
+
+    #[test]
+    fn a_switch_reads_off_on_or_both() {
+        assert_eq!(one_or_both("fused", "off", "off", "on").unwrap(), [false]);
+        assert_eq!(one_or_both("fused", "on", "off", "on").unwrap(), [true]);
+        assert_eq!(one_or_both("attention", "both", "softmax", "flash").unwrap(), [false, true]);
+        let e = one_or_both("backward", "jit", "autograd", "tape").unwrap_err().to_string();
+        assert_eq!(e, "--backward jit: expected autograd, tape or both");
+    }
+
+    /// FlashAttention's causal count, by hand: B=2, H=3, T=4, d=5 gives 4·6·16·5/2 = 960.
+    #[test]
+    fn flash_flops_are_flash_attentions_causal_count() {
+        assert_eq!(flash_fwd_flops(2, 3, 4, 5), 960.0);
+        assert_eq!(flash_fwd_flops(1, 1, 1, 1), 2.0);
+    }
+
+    /// Each switch of a variant from its own place in the spec, and back to the same spec.
+    #[test]
+    fn flash_variants_parse_each_switch_and_print_back() {
+        let v = |wide, wide_bwd, dq_atomic, occ4, wgmma| FlashVariant { wide, wide_bwd, dq_atomic, occ4, wgmma };
+        for (spec, want) in [
+            ("0:0:0:0:0", v(false, false, false, false, 0)),
+            ("1:0:0:0:0", v(true, false, false, false, 0)),
+            ("0:1:0:0:0", v(false, true, false, false, 0)),
+            ("0:0:1:0:0", v(false, false, true, false, 0)),
+            ("0:0:0:1:0", v(false, false, false, true, 0)),
+            ("0:0:0:0:1", v(false, false, false, false, 1)),
+            (" 1:1:1:1:2 ", v(true, true, true, true, 2)),
+        ] {
+            let got = FlashVariant::parse(spec).unwrap();
+            assert_eq!(got, want, "{spec}");
+            assert_eq!(got.spec(), spec.trim());
+        }
+        // Applied, each switch asks for its own kernels (where they apply: bf16, head size 64,
+        // the mma.sync kernels on; the four-block dq only without the wide kernels). Only CUDA
+        // devices read these switches.
+        use candle_core::DType::BF16;
+        use patchlm_model::ops;
+        ops::set_flash_mma(true);
+        let asked = || {
+            (
+                ops::flash_wide_enabled(BF16, 64),
+                ops::flash_wide_bwd_enabled(BF16, 64),
+                ops::flash_dq_atomic_enabled(BF16, 64),
+                ops::flash_occ4_enabled(BF16, 64),
+                ops::flash_wgmma_enabled(BF16, 64),
+                ops::flash_wgmma_qreg_enabled(BF16, 64),
+            )
+        };
+        for (spec, want) in [
+            ("1:0:0:0:0", (true, false, false, false, false, false)),
+            ("0:1:0:0:0", (false, true, false, false, false, false)),
+            ("0:0:1:0:0", (false, false, true, false, false, false)),
+            ("0:0:0:1:0", (false, false, false, true, false, false)),
+            ("0:0:0:0:1", (false, false, false, false, true, false)),
+            ("0:0:0:0:2", (false, false, false, false, true, true)),
+            ("0:0:0:0:0", (false, false, false, false, false, false)),
+        ] {
+            FlashVariant::parse(spec).unwrap().apply();
+            assert_eq!(asked(), want, "{spec}");
+        }
+        for bad in
+            ["2:0:0:0:0", "0:2:0:0:0", "0:0:2:0:0", "0:0:0:2:0", "0:0:0:0:3", "0:0:0:0", "0:0:0:0:0:0", "", "a:0:0:0:0"]
+        {
+            let e = FlashVariant::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bench flash --variants: {bad:?} is not WIDE:WIDE_BWD")), "{bad}: {e}");
+        }
+    }
 }

@@ -768,7 +768,7 @@ fn compare_end_to_end_on_a_tiny_corpus() {
 }
 
 #[test]
-fn bench_model_and_ops_print_a_json_row_per_setting() {
+fn each_bench_prints_a_json_row_per_setting() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let rows = |out: &str| -> Vec<serde_json::Value> {
@@ -841,8 +841,18 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
     assert!(out.contains("peak of 989 TFLOP/s"), "{out}");
     let (ok, out) = xtask(&["bench", "--device", "cpu", "--shapes", "tiny:2"], d);
     assert!(!ok && out.contains("preset:BATCHxCTX"), "{out}");
-    let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--steps", "0"], d);
-    assert!(!ok && out.contains("at least 1"), "{out}");
+    // Each count of each benchmark at 0, alone: refused before any work.
+    for (what, count) in [("model", "--steps"), ("ops", "--reps"), ("flash", "--reps")] {
+        for zero in [count, "--batch", "--ctx"] {
+            let (ok, out) = xtask(&["bench", what, "--preset", "tiny", zero, "0"], d);
+            let want = format!("bench {what}: {count}, --batch and --ctx must be at least 1");
+            assert!(!ok && out.contains(&want), "{what} {zero} 0: {out}");
+        }
+    }
+    for zero in [&["--steps", "0"][..], &["--k", "1,0"]] {
+        let (ok, out) = xtask(&[&["bench", "--device", "cpu", "--shapes", "tiny:2x8"][..], zero].concat(), d);
+        assert!(!ok && out.contains("--steps and every --k must be at least 1"), "{zero:?}: {out}");
+    }
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--attention", "sdpa"], d);
     assert!(!ok && out.contains("--attention sdpa"), "{out}");
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--backward", "jit"], d);
@@ -871,8 +881,41 @@ fn bench_model_and_ops_print_a_json_row_per_setting() {
         let implied = f(&format!("{pass}_tflops")) * 1e12 * ms * 1e-3;
         assert!(ms > 0.0 && (implied - flops).abs() < 1e-6 * flops, "{pass}: {implied} FLOPs: {x}");
     }
-    let (ok, out) = xtask(&["bench", "flash", "--preset", "tiny", "--reps", "0"], d);
-    assert!(!ok && out.contains("at least 1"), "{out}");
+
+    // bench data: the text of all its inputs encoded, the stage built into a folder of its own
+    // inside --out (removed after, whatever else is there kept), the reader timed on it.
+    let doc = |i: usize| (0..40).map(|j| format!("w{}", (i * 7 + j * 13) % 53)).collect::<Vec<_>>().join(" ");
+    let (a, b): (Vec<String>, Vec<String>) = ((0..150).map(doc).collect(), (150..200).map(doc).collect());
+    for (name, texts) in [("a.jsonl", &a), ("b.jsonl", &b)] {
+        let lines: Vec<String> = texts.iter().map(|t| serde_json::json!({ "text": t }).to_string()).collect();
+        std::fs::write(d.join(name), lines.join("\n")).unwrap();
+    }
+    let (ok, out) = xtask(&["data", "--input", "a.jsonl", "--out", "tok", "--vocab-size", "300"], d);
+    assert!(ok, "{out}");
+    std::fs::create_dir(d.join("scratch")).unwrap();
+    std::fs::write(d.join("scratch/keep.txt"), "mine").unwrap();
+    let data = ["bench", "data", "--tokenizer", "tok/tokenizer.json", "--out", "scratch", "--input"];
+    let (ok, out) = xtask(&[&data[..], &["a.jsonl", "b.jsonl"]].concat(), d);
+    assert!(ok, "{out}");
+    let r = rows(&out);
+    assert_eq!(r.len(), 1, "{out}");
+    let bytes: usize = a.iter().chain(&b).map(String::len).sum();
+    assert_eq!(r[0]["text_mb"].as_f64(), Some(bytes as f64 / 1e6), "{out}");
+    for key in ["encode_mb_per_s", "stage_mb_per_s", "random_1024_windows_tokens_per_s"] {
+        let x = r[0][key].as_f64().unwrap();
+        assert!(x.is_finite() && x > 0.0, "{key}: {out}");
+    }
+    for key in ["sequential_scan_tokens_per_s", "raw_read_tokens_per_s"] {
+        let x = r[0][key].as_f64().unwrap();
+        assert!(x.is_finite() && x > 0.0, "{key}: {out}");
+    }
+    let left: Vec<_> = std::fs::read_dir(d.join("scratch")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["keep.txt"], "{out}");
+    // Too little text for one window: refused, saying so (not an out-of-range read).
+    std::fs::write(d.join("c.jsonl"), serde_json::json!({ "text": doc(0) }).to_string()).unwrap();
+    let (ok, out) = xtask(&[&data[..], &["c.jsonl"]].concat(), d);
+    assert!(!ok && out.contains("too few for random 1024-token windows"), "{out}");
+    assert_eq!(std::fs::read_dir(d.join("scratch")).unwrap().count(), 1, "{out}");
 }
 
 /// A failure prints its error and what caused it; with `RUST_BACKTRACE` set (and not `0`),
