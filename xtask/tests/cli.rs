@@ -774,8 +774,15 @@ fn each_bench_prints_a_json_row_per_setting() {
     let rows = |out: &str| -> Vec<serde_json::Value> {
         out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect()
     };
+    // A command and its wall time in ms: no time a benchmark prints can be longer.
+    let timed = |args: &[&str]| {
+        let t0 = std::time::Instant::now();
+        let (ok, out) = xtask(args, d);
+        (ok, out, t0.elapsed().as_secs_f64() * 1e3)
+    };
     let args = ["bench", "model", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--k", "1,4", "--steps", "1"];
-    let (ok, out) = xtask(&[&args[..], &["--fused", "both", "--attention", "both", "--backward", "both"]].concat(), d);
+    let (ok, out, wall) =
+        timed(&[&args[..], &["--fused", "both", "--attention", "both", "--backward", "both"]].concat());
     assert!(ok, "{out}");
     let r = rows(&out);
     // Composed ops with autograd (k = 1, 4); fused with the softmax and with flash attention,
@@ -792,12 +799,31 @@ fn each_bench_prints_a_json_row_per_setting() {
     assert!(settings.contains(&(true, "softmax".into(), "autograd".into(), 1)), "{out}");
     assert!(settings.contains(&(false, "softmax".into(), "autograd".into(), 1)), "{out}");
     assert!(!settings.contains(&(false, "softmax".into(), "tape".into(), 1)), "{out}");
+    // --fused both alone: the fused row with the tape, the composed one with autograd.
+    let (ok, out) = xtask(&[&args[..8], &["--k", "1", "--steps", "1", "--fused", "both"]].concat(), d);
+    assert!(ok, "{out}");
+    let backward: Vec<(bool, &str)> = rows(&out)
+        .iter()
+        .map(|x| (x["fused"].as_bool().unwrap(), if x["backward"] == "tape" { "tape" } else { "autograd" }))
+        .collect();
+    assert_eq!(backward, [(false, "autograd"), (true, "tape")], "{out}");
     // One step timed whole and one timed by parts (medians of one sample), so the parts add up
     // to that step's time.
+    // Tokens a second and MFU from the step's time: B·T·K tokens, B·T positions of the model's
+    // FLOPs each against the peak.
+    let tiny = patchlm_model::ModelConfig::preset("tiny").unwrap();
     for x in &r {
         let ms = |k: &str| x[k].as_f64().unwrap();
         let (f, b, o, parts) = (ms("fwd_ms"), ms("bwd_ms"), ms("opt_ms"), ms("parts_step_ms"));
         assert!(ms("step_ms") > 0.0 && ms("tokens_per_s") > 0.0, "{x}");
+        let secs = ms("step_ms") / 1e3;
+        let k = x["k"].as_f64().unwrap();
+        assert!((ms("tokens_per_s") * secs - 16.0 * k).abs() < 1e-9 * 16.0 * k, "{x}");
+        let mfu = 16.0 * tiny.flops_per_position(8) / secs / 989e12;
+        assert!((ms("mfu") - mfu).abs() < 1e-9 * mfu, "{x}");
+        // Each part's enqueue time within its synchronised time, every time within the command's.
+        assert!(ms("fwd_enqueue_ms") <= f && ms("bwd_enqueue_ms") <= b, "{x}");
+        assert!([f, b, o, parts, ms("step_ms")].iter().all(|&t| t < wall), "{wall} ms: {x}");
         assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - parts).abs() < 1e-6 * parts.max(1.0) + 1e-6, "{x}");
     }
     // --profile: one more step by named spans, in the row and as a table by kind. The spans
@@ -818,6 +844,27 @@ fn each_bench_prints_a_json_row_per_setting() {
     assert!(out.contains("profile of one step, tiny k=4") && out.contains("outside spans"), "{out}");
     let calls = out.lines().find(|l| l.trim_start().starts_with("fwd.attention")).unwrap();
     assert!(calls.trim_end().ends_with("2 spans"), "{out}");
+    // The table by kind: each kind's time is the sum of the spans of that kind (`pass.kind...`).
+    let kinds: Vec<(&str, f64)> = out
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   ") && !l.contains("outside spans"))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w[0], w[1].parse().unwrap())
+        })
+        .collect();
+    assert!(kinds.iter().any(|(k, _)| *k == "attention") && kinds.iter().any(|(k, _)| *k == "matmul"), "{out}");
+    let mut listed = 0;
+    for (kind, ms) in &kinds {
+        let of_kind: Vec<f64> = spans
+            .iter()
+            .filter(|(name, _)| name.split('.').nth(1) == Some(*kind))
+            .map(|(_, v)| v.as_f64().unwrap())
+            .collect();
+        listed += of_kind.len();
+        assert!((of_kind.iter().sum::<f64>() - ms).abs() <= 0.0051, "{kind}: {out}");
+    }
+    assert_eq!(listed, spans.len(), "{out}");
     // bench flash --variants: a row per variant in one process, each naming it; a malformed
     // variant fails before any timing, naming itself.
     let flash = ["bench", "flash", "--preset", "tiny", "--batch", "1", "--ctx", "16", "--reps", "1"];
@@ -836,6 +883,8 @@ fn each_bench_prints_a_json_row_per_setting() {
     assert!(ok, "{out}");
     let ks: Vec<u64> = rows(&out).iter().map(|x| x["k"].as_u64().unwrap()).collect();
     assert_eq!(ks, [1, 4], "{out}");
+    // On the CPU the suite's dtype defaults to f32.
+    assert!(rows(&out).iter().all(|x| x["dtype"] == "f32") && out.contains("training step, cpu f32"), "{out}");
     let table: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("tiny")).collect();
     assert!(table.len() == 2 && table[0].contains("token") && table[1].contains("K=4"), "{out}");
     assert!(out.contains("peak of 989 TFLOP/s"), "{out}");
@@ -858,8 +907,12 @@ fn each_bench_prints_a_json_row_per_setting() {
     let (ok, out) = xtask(&["bench", "model", "--preset", "tiny", "--backward", "jit"], d);
     assert!(!ok && out.contains("--backward jit"), "{out}");
 
-    let (ok, out) = xtask(&["bench", "ops", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "1"], d);
+    let (ok, out, wall) = timed(&["bench", "ops", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "1"]);
     assert!(ok, "{out}");
+    for x in rows(&out) {
+        let (f, fb) = (x["fwd_ms"].as_f64().unwrap(), x["fwd_bwd_ms"].as_f64().unwrap());
+        assert!(0.0 < f && f <= fb && fb < wall, "{wall} ms: {x}");
+    }
     let ops: Vec<(String, bool)> =
         rows(&out).iter().map(|x| (x["op"].as_str().unwrap().to_string(), x["fused"].as_bool().unwrap())).collect();
     for op in ["rms_norm", "attention (softmax)", "attention (flash)", "mlp", "embedding", "lm_head + loss"] {
@@ -869,11 +922,13 @@ fn each_bench_prints_a_json_row_per_setting() {
 
     // Flash attention alone: the tiny preset's 4 heads of size 8; TFLOP/s from FlashAttention's
     // causal count, forward 4·B·H·T²·d/2 = 4·2·4·64·8/2 = 8192 FLOPs, backward 2.5× that.
-    let (ok, out) = xtask(&["bench", "flash", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "2"], d);
+    let (ok, out, wall) = timed(&["bench", "flash", "--preset", "tiny", "--batch", "2", "--ctx", "8", "--reps", "2"]);
     assert!(ok, "{out}");
     let r = rows(&out);
     assert_eq!(r.len(), 1, "{out}");
     let x = &r[0];
+    // Per launch: two launches of each pass within the command's time.
+    assert!(2.0 * (x["fwd_ms"].as_f64().unwrap() + x["bwd_ms"].as_f64().unwrap()) < wall, "{wall} ms: {x}");
     assert_eq!((x["heads"].as_u64(), x["head_dim"].as_u64(), x["kernels"].as_str()), (Some(4), Some(8), Some("cpu")));
     let f = |k: &str| x[k].as_f64().unwrap();
     for (pass, flops) in [("fwd", 8192.0), ("bwd", 2.5 * 8192.0)] {
