@@ -225,15 +225,16 @@ pub fn prepare_shards(cfg: &RunConfig, inputs: &[PathBuf], data_dir: &Path) -> R
     let digest = patchlm_data::shard::sha256_bytes(key.to_string().as_bytes());
     let hash = digest.trim_start_matches("sha256:").get(..16).unwrap_or("0");
     let shards = data_dir.join(format!("shards-{hash}"));
-    // Shards an earlier revision of the data crate made are made again (in place: the build
-    // sees its identity changed and starts over).
-    if Manifest::load(&shards).is_ok_and(|m| m.is_current()) {
-        return Ok(shards);
-    }
     let src = match &tok_file {
         Some(p) => TokenizerSource::File(p),
         None => TokenizerSource::Train,
     };
+    // Kept only where they are this build's (by the identity the build recorded, without hashing
+    // the shards: the reader checks them); shards an earlier revision of the data crate made, or
+    // another build wrote there (`data --out` naming this folder), are made again in place.
+    if patchlm_data::holds_build(&inputs, &shards, &cfg.data, &src)? {
+        return Ok(shards);
+    }
     crate::warn_repeated(&expanded);
     let s = patchlm_data::build_shards(&inputs, &shards, &cfg.data, src, true)
         .with_context(|| format!("building shards into {}", shards.display()))?;

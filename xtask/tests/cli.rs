@@ -231,6 +231,18 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
     assert!(patchlm_data::Manifest::load(&cached).unwrap().is_current());
     assert_eq!(shard_dirs(), 1);
     assert!(weights("run") == weights("rerun3"), "the shards made again trained another model");
+    // Another build written over the cached folder (`data --out` naming it) is not taken for
+    // this run's: its shards are made again.
+    let other: Vec<String> =
+        (0..60).map(|i| serde_json::json!({ "text": format!("other text number {i} here") }).to_string()).collect();
+    std::fs::write(d.join("other.jsonl"), other.join("\n")).unwrap();
+    let over = cached.to_str().unwrap();
+    let (ok, out) = xtask(&["data", "--input", "other.jsonl", "--out", over, "--vocab-size", "280"], d);
+    assert!(ok, "{out}");
+    let (ok, out) = xtask(&["pretrain", "--config", "run/config.toml", "--out", "rerun4", "--data-dir", "dd"], d);
+    assert!(ok && out.contains("shards in "), "{out}");
+    assert_eq!(shard_dirs(), 1);
+    assert!(weights("run") == weights("rerun4"), "a run trained on the shards written over its cache");
 
     // --resume on a finished run trains nothing more and reports the same model.
     let mut resume = args.to_vec();

@@ -59,7 +59,9 @@ pub mod tokenizer;
 
 pub use error::{DataError, Result};
 pub use parquet_io::{export_parquet, import_parquet, parquet_rows_json};
-pub use pipeline::{build_shards, build_shards_stopping, split_of, BuildSummary, DataConfig, TokenizerSource};
+pub use pipeline::{
+    build_shards, build_shards_stopping, holds_build, split_of, BuildSummary, DataConfig, TokenizerSource,
+};
 pub use reader::{map_ipc_file, Dataset, ReaderOptions, TokenChunk, TokenStream};
 pub use resume::{BUILD_FILE, PROGRESS_FILE};
 pub use shard::{Manifest, ShardInfo, Split, TokenDtype};

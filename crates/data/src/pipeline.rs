@@ -273,6 +273,40 @@ pub fn build_shards<P: AsRef<Path>>(
         .ok_or_else(|| DataError::Corpus("the build stopped before its end".into()))
 }
 
+/// Whether `out` holds a finished [`build_shards`] of `inputs` with `cfg` and `tok_source`: the
+/// identity its `build.json` records (the settings, every input file's path, size and
+/// modification time, the tokenizer) is the one this build would have, and its current manifest
+/// lists the same shards. The shards are not hashed here ([`build_shards`] hashes each before it
+/// keeps it; [`crate::Dataset::open`] checks each against its sha256 by default), so a cache can ask
+/// this on every run at the cost of reading two small files. A directory that another build
+/// wrote over, an interrupted build, or a build of an earlier revision of this crate answers
+/// `false`.
+pub fn holds_build<P: AsRef<Path>>(
+    inputs: &[P],
+    out: &Path,
+    cfg: &DataConfig,
+    tok_source: &TokenizerSource<'_>,
+) -> Result<bool> {
+    let Some(done) = Journal::find(out).filter(|j| j.finished) else {
+        return Ok(false);
+    };
+    let files = crate::source::expand_inputs(inputs)?;
+    let given = match tok_source {
+        TokenizerSource::Train => None,
+        TokenizerSource::File(p) => Some(tokenizer::load_tokenizer(p)?),
+        TokenizerSource::Given(t) => Some((**t).clone()),
+    };
+    let ident = match given {
+        // A trained tokenizer is a function of the settings and inputs (as in `build`).
+        None => resume::identity(cfg, &files, "train"),
+        Some(mut tok) => {
+            tokenizer::add_missing_special_tokens(&mut tok, &cfg.tokenizer)?;
+            resume::identity(cfg, &files, &tokenizer::fingerprint(&tok)?)
+        }
+    };
+    Ok(resume::digest(&ident) == done.identity_sha256)
+}
+
 /// [`build_shards`] that stops, as if killed, once `stop_after` more shards are committed
 /// (`Ok(None)`), leaving its journal; for tests of resuming.
 #[doc(hidden)]

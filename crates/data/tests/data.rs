@@ -1045,6 +1045,7 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     let out = dir.path().join("resumed");
     assert!(build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 3).unwrap().is_none());
     assert!(out.join(PROGRESS_FILE).is_file() && !out.join("manifest.json").exists());
+    assert!(!holds_build(&[&c], &out, &cfg, &TokenizerSource::Train).unwrap(), "an interrupted build");
     write(&out.join("train-00003.arrow.4242-7.tmp"), b"half a shard");
     // The temp files of every other file a killed build writes, and a shard no build of these
     // inputs writes, go too.
@@ -1071,6 +1072,7 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     let s = build_shards(&[&spelled], &out, &cfg, TokenizerSource::Train, false).unwrap();
     assert_eq!(s.resumed_shards, 3);
     assert_eq!(files_of(&out), want, "a resumed build writes what an uninterrupted one does");
+    assert!(holds_build(&[&c], &out, &cfg, &TokenizerSource::Train).unwrap(), "the resumed build, finished");
 
     // A kept shard that was damaged since is rewritten, with the shards after it in its split.
     let out = dir.path().join("damaged");
@@ -1142,6 +1144,58 @@ fn interrupted_builds_resume_to_the_same_bytes() {
     build_shards_stopping(&[&c], &out, &cfg, TokenizerSource::Train, 2).unwrap();
     let s = build_shards(&[&c], &out, &cfg, TokenizerSource::File(&whole.join(TOKENIZER_FILE)), false).unwrap();
     assert_eq!(s.resumed_shards, 0);
+}
+
+/// `holds_build` says whether a folder holds a finished build of exactly these inputs, settings
+/// and tokenizer, from its recorded identity: what a cache of shards keyed by its inputs asks
+/// before trusting the folder.
+#[test]
+fn a_finished_build_is_recognised_by_its_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = corpus(dir.path(), 40);
+    let other = corpus(&dir.path().join("other"), 30);
+    let cfg = small_cfg();
+    let out = dir.path().join("shards");
+    let holds =
+        |inputs: &[&Path], cfg: &DataConfig, src: &TokenizerSource| holds_build(inputs, &out, cfg, src).unwrap();
+    let train = TokenizerSource::Train;
+    assert!(!holds(&[&c], &cfg, &train), "no folder yet");
+    // (An interrupted build: in interrupted_builds_resume_to_the_same_bytes.)
+    build_shards(&[&c], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert!(holds(&[&c], &cfg, &train));
+    // Any other input, setting or tokenizer is another build.
+    assert!(!holds(&[&other], &cfg, &train));
+    assert!(!holds(&[&c, &other], &cfg, &train));
+    let mut split = cfg.clone();
+    split.val_fraction = 0.3;
+    assert!(!holds(&[&c], &split, &train));
+    let given = out.join(TOKENIZER_FILE);
+    let copy = dir.path().join("tokenizer.json");
+    std::fs::copy(&given, &copy).unwrap();
+    assert!(!holds(&[&c], &cfg, &TokenizerSource::File(&copy)), "the trained tokenizer, given as a file");
+    // A build with a given tokenizer: that tokenizer, by its content, not by its path.
+    build_shards(&[&c], &out, &cfg, TokenizerSource::File(&copy), false).unwrap();
+    assert!(holds(&[&c], &cfg, &TokenizerSource::File(&copy)) && !holds(&[&c], &cfg, &train));
+    let tok = tokenizer::load_tokenizer(&copy).unwrap();
+    assert!(holds(&[&c], &cfg, &TokenizerSource::Given(Box::new(tok))));
+    let mut bigger = cfg.clone();
+    bigger.tokenizer.vocab_size = 500;
+    let other_tok = dir.path().join("other.json");
+    build_shards(&[&other], &dir.path().join("o"), &bigger, TokenizerSource::Train, false).unwrap();
+    std::fs::copy(dir.path().join("o").join(TOKENIZER_FILE), &other_tok).unwrap();
+    assert!(!holds(&[&c], &cfg, &TokenizerSource::File(&other_tok)));
+    // An edited input (its size and modification time) is another build.
+    let part = c.join("part-0.jsonl");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&part).unwrap();
+    f.write_all(b"{\"text\": \"one more document\"}\n").unwrap();
+    drop(f);
+    assert!(!holds(&[&c], &cfg, &TokenizerSource::File(&copy)));
+    // Another build written over the folder: no longer the first one's.
+    build_shards(&[&other], &out, &cfg, TokenizerSource::Train, false).unwrap();
+    assert!(holds(&[&other], &cfg, &train) && !holds(&[&c], &cfg, &TokenizerSource::File(&copy)));
+    // A missing input is an error, as in the build.
+    let e = holds_build(&[dir.path().join("nowhere")], &out, &cfg, &train).unwrap_err().to_string();
+    assert!(e.contains("nowhere"), "{e}");
 }
 
 #[test]
@@ -1359,6 +1413,8 @@ fn a_tokenizer_without_document_tokens_gets_them() {
     write(&tok_file, char_level(&vocab).as_bytes());
     let out = dir.path().join("s");
     build_shards(&[&c], &out, &small_cfg(), TokenizerSource::File(&tok_file), false).unwrap();
+    // The build is this tokenizer's (with the tokens it added) when asked again.
+    assert!(holds_build(&[&c], &out, &small_cfg(), &TokenizerSource::File(&tok_file)).unwrap());
     let n = chars.len() as u32;
     let m = Manifest::load(&out).unwrap();
     assert_eq!((m.special_tokens.eos, m.special_tokens.bos, m.vocab_size), (n, Some(n + 1), n as usize + 2));
