@@ -63,6 +63,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.text.is_empty() && a.task.is_empty() && a.shards.is_none() {
         bail!("nothing to evaluate: pass --text PATH..., --shards DIR and/or --task PATH...");
     }
+    // Where the results go is checked before an evaluation that may take hours.
+    if let Some(p) = &a.json {
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if p.is_dir() {
+            bail!("--json {}: is a folder; give the file to write the results to", p.display());
+        }
+        if !parent.is_dir() {
+            bail!("--json {}: there is no folder {} to write it in", p.display(), parent.display());
+        }
+    }
     let device = parse_device(&a.device)?;
     let dir = crate::model_cmds::model_dir(&a.model)?;
     let (model, cfg) = load_pretrained(&dir, &device, DType::F32)?;

@@ -401,6 +401,12 @@ fn pretrain_end_to_end_on_a_tiny_corpus() {
         d,
     );
     assert!(ok && out.contains("word ppl"), "{out}");
+    // A --json that cannot be written is refused before the evaluation, not after it.
+    std::fs::create_dir(d.join("results")).unwrap();
+    for (json, want) in [("results", "--json results: is a folder"), ("nowhere/e.json", "there is no folder nowhere")] {
+        let (ok, out) = xtask(&["eval", "--model", "run/model", "--text", "long.jsonl", "--json", json], d);
+        assert!(!ok && out.contains(want) && !out.contains("word ppl"), "{out}");
+    }
     let e = read_json(&d.join("long-eval.json"));
     let p = &e["perplexity"];
     assert_eq!(
