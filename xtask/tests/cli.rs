@@ -825,8 +825,6 @@ fn each_bench_prints_a_json_row_per_setting() {
         .map(|x| (x["fused"].as_bool().unwrap(), if x["backward"] == "tape" { "tape" } else { "autograd" }))
         .collect();
     assert_eq!(backward, [(false, "autograd"), (true, "tape")], "{out}");
-    // One step timed whole and one timed by parts (medians of one sample), so the parts add up
-    // to that step's time.
     // Tokens a second and MFU from the step's time: B·T·K tokens, B·T positions of the model's
     // FLOPs each against the peak.
     let tiny = patchlm_model::ModelConfig::preset("tiny").unwrap();
@@ -844,6 +842,8 @@ fn each_bench_prints_a_json_row_per_setting() {
         // A training step, even of the tiny preset, takes more than a microsecond.
         assert!(parts > 1e-3 && ms("step_ms") > 1e-3, "{x}");
         assert!([f, b, o, parts, ms("step_ms")].iter().all(|&t| t < wall), "{wall} ms: {x}");
+        // One step timed whole and one timed by parts (medians of one sample), so the parts add
+        // up to that step's time.
         assert!(f > 0.0 && b > 0.0 && o >= 0.0 && (f + b + o - parts).abs() < 1e-6 * parts.max(1.0) + 1e-6, "{x}");
     }
     // --profile: one more step by named spans, in the row and as a table by kind. The spans
