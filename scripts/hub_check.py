@@ -198,10 +198,17 @@ h.hf_hub_download("org/model", "tokenizer.json", cache_dir={py_cache!r})
     print(f"cache entries: huggingface_hub {len(t_py)}, xtask {len(t_rs)}")
     for k in sorted(set(t_py) | set(t_rs)):
         mark = "same" if t_py.get(k) == t_rs.get(k) else f"DIFFERS py={t_py.get(k)} rs={t_rs.get(k)}"
+        if k == "CACHEDIR.TAG" and k in t_py and k in t_rs:
+            mark = "each its own (checked below)"
         print(f"  {k}: {mark}")
     only_py = set(t_py) - set(t_rs)
-    # huggingface_hub keeps bookkeeping of its own (CACHEDIR.TAG); the entries that hold data
-    # must agree.
+    # Both tag their cache for backup tools (CACHEDIR.TAG, the standard's signature first; the
+    # comment below it names who wrote it); the entries that hold data must agree.
+    signature = "Signature: 8a477f597d28d172789f06886806bc55\n"
+    for cache in (py_cache, rs_cache):
+        with open(os.path.join(cache, "CACHEDIR.TAG")) as f:
+            assert f.read().startswith(signature), cache
+    print("0. both caches carry a CACHEDIR.TAG with the standard's signature")
     data_keys = [k for k in t_py
                  if len(k.split(os.sep)) > 2 and k.split(os.sep)[1] in ("blobs", "snapshots", "refs", "trees")]
     assert sum(k.split(os.sep)[1] == "trees" for k in data_keys) == 2, data_keys

@@ -507,6 +507,7 @@ impl Hub {
                 self.download(&meta, &blob, &target)?;
             }
             link_blob(&blob, &link)?;
+            tag_cache(&self.opts.cache_dir);
         }
         if repo.revision != meta.commit {
             write_ref(&dir, &repo.revision, &meta.commit)?;
@@ -1201,6 +1202,22 @@ fn is_safe_name(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && s != "."
         && s != ".."
+}
+
+/// The tag of the Cache Directory Tagging Standard (<https://bford.info/cachedir/>): its first
+/// line tells backup tools to pass over the folder.
+pub const CACHEDIR_TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
+    # This file is a cache directory tag created by patchlm (huggingface_hub writes the same tag).\n\
+    # For information about cache directory tags, see:\n\
+    #\thttps://bford.info/cachedir/\n";
+
+/// Puts [`CACHEDIR_TAG`] into the cache's root where it has none, as `huggingface_hub` does
+/// when it fetches a file; best effort (a cache that cannot take it still serves files).
+fn tag_cache(cache: &Path) {
+    let tag = cache.join("CACHEDIR.TAG");
+    if !tag.exists() {
+        let _ = crate::shard::write_atomic(&tag, CACHEDIR_TAG.as_bytes());
+    }
 }
 
 /// An ETag without its weak prefix and quotes, as `huggingface_hub` stores blobs.

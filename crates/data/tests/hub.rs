@@ -78,6 +78,15 @@ fn files_land_in_the_huggingface_hub_cache_layout() {
     assert!(!std::fs::read_dir(root.join("blobs"))
         .unwrap()
         .any(|e| { e.unwrap().file_name().to_string_lossy().ends_with(".incomplete") }));
+    // The cache is tagged for backup tools, as huggingface_hub tags it (the standard's signature
+    // first); a tag already there is left as it is.
+    let tag = cache.path().join("CACHEDIR.TAG");
+    assert_eq!(std::fs::read_to_string(&tag).unwrap(), patchlm_data::hub::CACHEDIR_TAG);
+    assert!(patchlm_data::hub::CACHEDIR_TAG.starts_with("Signature: 8a477f597d28d172789f06886806bc55\n"));
+    std::fs::write(&tag, "Signature: 8a477f597d28d172789f06886806bc55\n# huggingface_hub's\n").unwrap();
+    std::fs::remove_file(&deep).unwrap();
+    assert_eq!(read(&hub.file(&repo, "nested/dir/notes.txt").unwrap()), b"deep file\n");
+    assert!(std::fs::read_to_string(&tag).unwrap().ends_with("# huggingface_hub's\n"));
     // The token is not sent anywhere without one, and the CDN served the LFS file.
     let seen = fake.seen();
     assert!(seen.iter().any(|s| s.method == "GET" && s.path.starts_with("/cdn/")));
