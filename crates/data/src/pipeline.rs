@@ -297,14 +297,21 @@ pub fn holds_build<P: AsRef<Path>>(
         TokenizerSource::Given(t) => Some((**t).clone()),
     };
     let ident = match given {
-        // A trained tokenizer is a function of the settings and inputs (as in `build`).
-        None => resume::identity(cfg, &files, "train"),
+        None => build_identity(cfg, &files, None),
         Some(mut tok) => {
             tokenizer::add_missing_special_tokens(&mut tok, &cfg.tokenizer)?;
-            resume::identity(cfg, &files, &tokenizer::fingerprint(&tok)?)
+            build_identity(cfg, &files, Some(&tokenizer::fingerprint(&tok)?))
         }
     };
     Ok(resume::digest(&ident) == done.identity_sha256)
+}
+
+/// The identity a build records (see [`resume::identity`]): with a trained tokenizer
+/// (`fingerprint` None) a function of the settings and inputs alone, known before training; with
+/// a given one, its fingerprint once document tokens are added. [`build_shards`] and
+/// [`holds_build`] both ask this, so that they cannot disagree.
+fn build_identity(cfg: &DataConfig, files: &[PathBuf], fingerprint: Option<&str>) -> serde_json::Value {
+    resume::identity(cfg, files, fingerprint.unwrap_or("train"))
 }
 
 /// [`build_shards`] that stops, as if killed, once `stop_after` more shards are committed
@@ -350,7 +357,7 @@ fn build<P: AsRef<Path>>(
     let trained = matches!(tok_source, TokenizerSource::Train);
     // A trained tokenizer is a function of the settings and inputs, so such a build's identity is
     // known before the tokenizer; a given one's includes its fingerprint.
-    let train_ident = trained.then(|| resume::identity(cfg, &files, "train"));
+    let train_ident = trained.then(|| build_identity(cfg, &files, None));
     let mut tok = match tok_source {
         TokenizerSource::File(p) => tokenizer::load_tokenizer(p)?,
         TokenizerSource::Given(t) => *t,
@@ -392,7 +399,7 @@ fn build<P: AsRef<Path>>(
 
     // The shards an interrupted build of this same identity committed stay; everything else of
     // an earlier build goes, so that the directory ends up holding exactly what the manifest lists.
-    let ident = train_ident.unwrap_or_else(|| resume::identity(cfg, &files, &fingerprint));
+    let ident = train_ident.unwrap_or_else(|| build_identity(cfg, &files, Some(&fingerprint)));
     let ident_sha = resume::digest(&ident);
     let prior = prior.filter(|j| j.identity_sha256 == ident_sha && j.tokenizer_fingerprint == fingerprint);
     let (kept_train, kept_val) = match &prior {
