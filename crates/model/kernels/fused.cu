@@ -75,13 +75,19 @@ __device__ void row_lse(const T* xr, int v, float* m_out, float* lse_out) {
 
 // For every lane of warp 0: the sum over a row's k targets of (lse - x[target]), added in target
 // order as one thread would (the same bits), with the targets' logits loaded by one lane each, 32
-// at a time, instead of one after another; lane 0's is the one to keep.
+// at a time, instead of one after another; lane 0's is the one to keep. A target id outside the
+// row (the CPU path refuses it; here nothing checks it on the host) reads nothing and makes the
+// sum NaN, so that a run stops at a non-finite loss instead of training on other memory.
 template <typename T>
-__device__ __forceinline__ float ce_target_sum(const T* xr, const uint32_t* tr, int k, float lse) {
+__device__ __forceinline__ float ce_target_sum(const T* xr, const uint32_t* tr, int k, int v, float lse) {
     const int lane = threadIdx.x & 31;
     float acc = 0.0f;
     for (int q0 = 0; q0 < k; q0 += 32) {
-        const float x = q0 + lane < k ? to_f(xr[tr[q0 + lane]]) : 0.0f;
+        float x = 0.0f;
+        if (q0 + lane < k) {
+            const uint32_t id = tr[q0 + lane];
+            x = id < (uint32_t)v ? to_f(xr[id]) : NAN;
+        }
         const int n = min(32, k - q0);
         for (int i = 0; i < n; i++) acc += lse - __shfl_sync(0xffffffff, x, i);
     }
@@ -95,7 +101,7 @@ __device__ void ce_fwd(const T* x, const uint32_t* t, float* out, int v, int k) 
     float m, lse;
     row_lse(xr, v, &m, &lse);
     if (threadIdx.x < 32) {
-        const float acc = ce_target_sum(xr, t + (size_t)blockIdx.x * k, k, lse);
+        const float acc = ce_target_sum(xr, t + (size_t)blockIdx.x * k, k, v, lse);
         if (threadIdx.x == 0) out[blockIdx.x] = acc;
     }
 }
@@ -500,7 +506,7 @@ __device__ void ce_fwd_lse(const T* x, const uint32_t* t, float* out, int v, int
     row_stats_packed(xr, v, &m, &sum);
     float lse = m + logf(sum);
     if (threadIdx.x < 32) {
-        const float acc = ce_target_sum(xr, t + (size_t)blockIdx.x * k, k, lse);
+        const float acc = ce_target_sum(xr, t + (size_t)blockIdx.x * k, k, v, lse);
         if (threadIdx.x == 0) {
             out[blockIdx.x] = acc;
             out[n + blockIdx.x] = lse;

@@ -71,6 +71,38 @@ fn cuda_cross_entropy_matches_cpu() {
     }
 }
 
+/// A target id outside the vocabulary: refused on the CPU; on CUDA (nothing checks ids on the
+/// host) the loss is NaN and the gradient has no entry for it, the row's other entries as the CPU
+/// gives them with that target left out. Both kernel pairs (PATCHLM_ROWS_CUDA off and on).
+#[test]
+#[ignore]
+fn cuda_cross_entropy_target_outside_the_vocabulary_is_nan() {
+    let g = gpu();
+    let (n, v) = (4usize, 1000usize);
+    let x = Tensor::randn(0f32, 3.0, (n, v), &Device::Cpu).unwrap();
+    let bad = Tensor::new(&[[3u32, 9], [v as u32, 7], [2, 2], [11, 999]], &Device::Cpu).unwrap();
+    assert!(cross_entropy_multi(&x, &bad).is_err(), "the CPU refuses the id");
+    // The reference gradient: the CPU's with the bad target swapped for a copy of the row's
+    // other one, less that copy's −1/(N·K) entry.
+    let swapped = Tensor::new(&[[3u32, 9], [7, 7], [2, 2], [11, 999]], &Device::Cpu).unwrap();
+    let xc = Var::from_tensor(&x).unwrap();
+    let want = cross_entropy_multi(xc.as_tensor(), &swapped).unwrap().backward().unwrap();
+    let mut want = want.get(xc.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    want[1][7] += 1.0 / (n * 2) as f32;
+    let want = Tensor::new(want, &Device::Cpu).unwrap();
+    for rows in [false, true] {
+        patchlm_model::ops::set_rows_cuda(rows);
+        let xg = Var::from_tensor(&x.to_device(&g).unwrap()).unwrap();
+        let loss = cross_entropy_multi(xg.as_tensor(), &bad.to_device(&g).unwrap()).unwrap();
+        let lv = loss.to_scalar::<f32>().unwrap();
+        assert!(lv.is_nan(), "rows kernels {rows}: loss {lv}, not NaN");
+        let grads = loss.backward().unwrap();
+        let e = max_rel(grads.get(xg.as_tensor()).unwrap(), &want);
+        assert!(e < 1e-4, "rows kernels {rows}: gradient rel err {e}");
+    }
+    patchlm_model::ops::set_rows_cuda(false);
+}
+
 #[test]
 #[ignore]
 fn cuda_rms_norm_matches_cpu() {

@@ -527,7 +527,16 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
             ] {
                 let mut v = wg.clone();
                 (v[3], v[4]) = (uninit(t), out(bh * t, DType::F32));
-                with_mn_swapped(|| emulate(kernel, geometry, &mut v));
+                if same_bytes {
+                    with_mn_swapped(|| emulate(kernel, geometry, &mut v));
+                } else {
+                    // The wrong reading takes elements the block never wrote, whose poison
+                    // differs between schedules: one schedule's result is enough.
+                    let got = with_mn_swapped(|| run_harness(kernel, geometry, &v, Schedule::Sweep));
+                    if let (A::Buf(b), Some(after)) = (&mut v[3], &got[3]) {
+                        b.clone_from(after);
+                    }
+                }
                 let agrees = bytes_of(&v[3]) == bytes_of(&wg[3]);
                 assert_eq!(agrees, same_bytes, "{what}: {kernel} on the other reading: same output {agrees}");
             }
@@ -983,7 +992,8 @@ fn emulated_rmsnorm_matches_cpu() {
 
 /// The causal softmax kernels (forward and backward), one block per row (the default) and a warp
 /// per row (PATCHLM_ROWS_CUDA), against the CPU op: queries the last `t` of `s` positions, rows
-/// of 40 (16-byte packs for bf16) and 21 (tails), and rows of 700 (a block's threads loop).
+/// of 40 (16-byte packs for bf16) and 21 (tails), and rows of 700 (a block's threads loop), the
+/// rows at levels far apart.
 #[test]
 fn emulated_causal_softmax_matches_cpu() {
     for (bh, t, s, dtype) in [
@@ -994,9 +1004,13 @@ fn emulated_causal_softmax_matches_cpu() {
     ] {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let scale = 0.3f64;
-        let x = Tensor::randn(0f32, 3.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let dy = Tensor::randn(0f32, 1.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let n = bh * t;
+        // Rows 400 apart in level (120 after the scale): a row shifted by anything but its own
+        // maximum overflows or underflows f32.
+        let levels = row_levels(n, 400.0).reshape((1, bh, t, 1)).unwrap();
+        let x = Tensor::randn(0f32, 3.0, (1, bh, t, s), &Device::Cpu).unwrap();
+        let x = x.broadcast_add(&levels).unwrap().to_dtype(dtype).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let y = patchlm_model::ops::causal_softmax(&x, scale).unwrap();
         let dx = patchlm_model::ops::grad::causal_softmax(&y, &dy, scale).unwrap();
@@ -1024,7 +1038,9 @@ fn emulated_causal_softmax_matches_cpu() {
 /// pair (`ce_fwd`: per-row losses; `ce_bwd`: the logits' gradient, recomputing each row's
 /// log-sum-exp) and the pair that keeps the log-sum-exp (PATCHLM_ROWS_CUDA: `ce_fwd_lse` also
 /// writes it, `ce_bwd_lse` reads it back), against cross-entropy in f32 with candle ops and its
-/// gradient from candle's autograd, each row's loss weighted by its own scale.
+/// gradient from candle's autograd, each row's loss weighted by its own scale. The rows lie
+/// 120 apart in level (−120, 0, +120 in turn), so that a log-sum-exp shifted by anything but its
+/// own row's maximum (another row's, a stale one, none) overflows or underflows f32.
 #[test]
 fn emulated_cross_entropy_matches_reference() {
     for (n, v, k, dtype, misalign) in [
@@ -1036,12 +1052,15 @@ fn emulated_cross_entropy_matches_reference() {
     ] {
         let what = format!("{n}x{v} k={k} {dtype:?}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        let x = Tensor::randn(0f32, 3.0, (n, v), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        // Row 0 names one id twice (where K > 1): its gradient counts it twice.
+        let x = Tensor::randn(0f32, 3.0, (n, v), &Device::Cpu).unwrap();
+        let x = x.broadcast_add(&row_levels(n, 120.0)).unwrap().to_dtype(dtype).unwrap();
+        // Row 0 names one id twice (where K > 1): its gradient counts it twice. Row 1 starts
+        // with row 0's first id: a row that also counted the next row's targets shows.
         let mut ids: Vec<u32> = (0..n * k).map(|i| ((i * 7919 + 3) % v) as u32).collect();
         if k > 1 {
             ids[1] = ids[0];
         }
+        ids[k] = ids[0];
         let tg = Tensor::from_vec(ids, (n, k), &Device::Cpu).unwrap();
         let g = Tensor::rand(0.5f32, 1.5, n, &Device::Cpu).unwrap();
         // Reference: per-row Σ_k (lse − x[t_k]) and the gradient of Σ_rows g · loss.
@@ -1079,6 +1098,81 @@ fn emulated_cross_entropy_matches_reference() {
             emulate(&format!("ce_bwd_{sfx}"), geometry, &mut a);
             let e = max_rel(&output(&a[3], dtype, &[n, v]), &dx);
             assert!(e < tol, "{what}: gradient rel err {e}");
+        }
+    }
+}
+
+/// (n, 1) f32 levels to add to n rows: −`step`, 0, +`step`, −`step`, … (row r at `step · (r mod 3 − 1)`).
+fn row_levels(n: usize, step: f32) -> Tensor {
+    Tensor::from_vec((0..n).map(|r| step * ((r % 3) as f32 - 1.0)).collect::<Vec<f32>>(), (n, 1), &Device::Cpu).unwrap()
+}
+
+/// A target id outside the vocabulary, which only the CPU path refuses: on CUDA its row's loss is
+/// NaN (no logit is read for it, the next row's first one included), so that a run stops at a
+/// non-finite loss, and the gradient has no entry for it (nothing is written past the row). Every
+/// other row, and the row's valid target, is as with valid ids. The bad id is V itself (the first
+/// one out) in the last row (whose next element is past the buffer) and in a middle row.
+#[test]
+fn emulated_cross_entropy_target_outside_the_vocabulary() {
+    let (n, v, k) = (3usize, 50usize, 2usize);
+    let x = Tensor::randn(0f32, 2.0, (n, v), &Device::Cpu).unwrap();
+    let g = Tensor::new(&[0.5f32, 1.25, 2.0], &Device::Cpu).unwrap();
+    for bad_row in [1, n - 1] {
+        let mut ids: Vec<u32> = vec![3, 7, 11, 5, 40, 9];
+        ids[bad_row * k] = v as u32;
+        let tg = Tensor::from_vec(ids.clone(), (n, k), &Device::Cpu).unwrap();
+        // Reference, row by row: lse − x[t] per valid target; the gradient g · (k · softmax − Σ
+        // of the valid targets' one-hots).
+        let xs = x.to_vec2::<f32>().unwrap();
+        let gs = g.to_vec1::<f32>().unwrap();
+        let mut want_loss = vec![0f32; n];
+        let mut want_dx = vec![0f32; n * v];
+        for r in 0..n {
+            let m = xs[r].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + xs[r].iter().map(|&e| (e - m).exp()).sum::<f32>().ln();
+            for j in 0..v {
+                want_dx[r * v + j] = gs[r] * k as f32 * (xs[r][j] - lse).exp();
+            }
+            for &t in &ids[r * k..(r + 1) * k] {
+                if (t as usize) < v {
+                    want_loss[r] += lse - xs[r][t as usize];
+                    want_dx[r * v + t as usize] -= gs[r];
+                }
+            }
+        }
+        let want_dx = Tensor::from_vec(want_dx, (n, v), &Device::Cpu).unwrap();
+        for keep in [false, true] {
+            let what = format!("bad id in row {bad_row}, keeping the log-sum-exp: {keep}");
+            let sfx = if keep { "lse_f32" } else { "f32" };
+            let geometry = launch::cross_entropy(n, v);
+            let tail = [A::I(v as i64), A::I(k as i64)].into_iter().chain(keep.then_some(A::I(n as i64)));
+            let mut a: Vec<A> = [input(&x, false), A::Buf(bytes(&tg)), out(if keep { 2 * n } else { n }, DType::F32)]
+                .into_iter()
+                .chain(tail.clone())
+                .collect();
+            emulate(&format!("ce_fwd_{sfx}"), geometry, &mut a);
+            let got = f32s(bytes_of(&a[2]));
+            for r in 0..n {
+                if r == bad_row {
+                    assert!(got[r].is_nan(), "{what}: the row's loss is {}, not NaN", got[r]);
+                } else {
+                    let e = (got[r] - want_loss[r]).abs() / want_loss[r].abs();
+                    assert!(e < 1e-5, "{what}: row {r}'s loss {} against {}", got[r], want_loss[r]);
+                }
+            }
+            let scales = if keep {
+                let lse = output(&a[2], DType::F32, &[2, n]).get(1).unwrap();
+                Tensor::stack(&[&g, &lse], 0).unwrap()
+            } else {
+                g.clone()
+            };
+            let mut a: Vec<A> = [input(&x, false), A::Buf(bytes(&tg)), A::Buf(bytes(&scales)), out(n * v, DType::F32)]
+                .into_iter()
+                .chain(tail)
+                .collect();
+            emulate(&format!("ce_bwd_{sfx}"), geometry, &mut a);
+            let e = max_rel(&output(&a[3], DType::F32, &[n, v]), &want_dx);
+            assert!(e < 1e-5, "{what}: gradient rel err {e}");
         }
     }
 }

@@ -18,6 +18,24 @@
 #include <string>
 #include <utility>
 
+// Under AddressSanitizer (PATCHLM_EMU_SANITIZE=1) the guard zones are poisoned too, so that a
+// kernel's read past a buffer (which otherwise just reads NaN) is reported where it happens.
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_ASAN 1
+#endif
+#endif
+#ifdef EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#define EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define EMU_POISON(p, n) ((void)(p), (void)(n))
+#define EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #include "../fused.cu"
 #include "../flash.cu"
 #include "../hopper.cu"
@@ -154,13 +172,16 @@ int main(int argc, char** argv) {
             x.bytes = (size_t)ftell(f);
             fseek(f, 0, SEEK_SET);
             // The buffer between two guard zones of kGuard bytes with every bit set: a kernel
-            // that reads past either end reads NaN, one that writes there is caught below.
+            // that reads past either end reads NaN (under AddressSanitizer it is stopped there),
+            // one that writes there is caught below.
             x.cap = (x.bytes + 255) / 256 * 256;
             char* base = static_cast<char*>(aligned_alloc(256, kGuard + x.cap + kGuard));
             memset(base, 0xFF, kGuard + x.cap + kGuard);
             x.ptr = base + kGuard;
             if (x.bytes && fread(x.ptr, 1, x.bytes, f) != x.bytes) fail("short read of " + val);
             fclose(f);
+            EMU_POISON(base, kGuard);
+            EMU_POISON(base + kGuard + x.bytes, x.cap - x.bytes + kGuard);
         } else if (x.kind == 'f') {
             x.f = strtod(val.c_str(), nullptr);
         } else if (x.kind == 'z') {
@@ -191,6 +212,7 @@ int main(int argc, char** argv) {
         if (x.kind != 'p' && x.kind != 'b') continue;
         const unsigned char* base = static_cast<const unsigned char*>(x.ptr) - kGuard;
         size_t end = kGuard + x.cap + kGuard;
+        EMU_UNPOISON(base, end);
         for (size_t i = 0; i < end; i++) {
             if (i >= kGuard && i < kGuard + x.bytes) continue;
             if (base[i] != 0xFF) {

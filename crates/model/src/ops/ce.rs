@@ -17,6 +17,8 @@ fn ce_dims(logits: &Tensor, targets: &Tensor) -> candle_core::Result<(usize, usi
 
 /// Mean over all rows and targets of −log softmax(logits)\[target\]: `logits` (N, V) in f32, bf16
 /// or f16, `targets` (N, K) of u32 ids < V. Returns an f32 scalar; differentiable in `logits`.
+/// An id ≥ V is an error on the CPU; on CUDA, where checking would need a copy to the host, it
+/// makes the loss NaN (its row's kernel reads no logit for it) and adds no gradient entry.
 pub fn cross_entropy_multi(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let (n, k) = ce_dims(logits, targets)?;
     let rows = logits.contiguous()?.apply_op2(&targets.contiguous()?, MultiTargetCe { lse: false })?;
