@@ -1007,9 +1007,15 @@ fn emulated_causal_softmax_matches_cpu() {
         let n = bh * t;
         // Rows 400 apart in level (120 after the scale): a row shifted by anything but its own
         // maximum overflows or underflows f32.
+        // Every third row (from row 1) has a first logit 100 above the rest after the scale: a
+        // row shifted by less than its maximum (a pack's smallest, say) overflows there.
         let levels = row_levels(n, 400.0).reshape((1, bh, t, 1)).unwrap();
         let x = Tensor::randn(0f32, 3.0, (1, bh, t, s), &Device::Cpu).unwrap();
-        let x = x.broadcast_add(&levels).unwrap().to_dtype(dtype).unwrap();
+        let x = (x.broadcast_add(&levels).unwrap()
+            + row_spikes(n, s, |_| 0, 100.0 / scale as f32).reshape((1, bh, t, s)))
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
         let dy = Tensor::randn(0f32, 1.0, (1, bh, t, s), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let y = patchlm_model::ops::causal_softmax(&x, scale).unwrap();
@@ -1040,7 +1046,8 @@ fn emulated_causal_softmax_matches_cpu() {
 /// writes it, `ce_bwd_lse` reads it back), against cross-entropy in f32 with candle ops and its
 /// gradient from candle's autograd, each row's loss weighted by its own scale. The rows lie
 /// 120 apart in level (−120, 0, +120 in turn), so that a log-sum-exp shifted by anything but its
-/// own row's maximum (another row's, a stale one, none) overflows or underflows f32.
+/// own row's maximum (another row's, a stale one, none) overflows or underflows f32, and every
+/// third row has one logit 100 above the rest (so does one shifted by less than its maximum).
 #[test]
 fn emulated_cross_entropy_matches_reference() {
     for (n, v, k, dtype, misalign) in [
@@ -1053,7 +1060,10 @@ fn emulated_cross_entropy_matches_reference() {
         let what = format!("{n}x{v} k={k} {dtype:?}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let x = Tensor::randn(0f32, 3.0, (n, v), &Device::Cpu).unwrap();
-        let x = x.broadcast_add(&row_levels(n, 120.0)).unwrap().to_dtype(dtype).unwrap();
+        let x = (x.broadcast_add(&row_levels(n, 120.0)).unwrap() + row_spikes(n, v, |r| (r * 37 + 1) % v, 100.0))
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         // Row 0 names one id twice (where K > 1): its gradient counts it twice. Row 1 starts
         // with row 0's first id: a row that also counted the next row's targets shows.
         let mut ids: Vec<u32> = (0..n * k).map(|i| ((i * 7919 + 3) % v) as u32).collect();
@@ -1105,6 +1115,17 @@ fn emulated_cross_entropy_matches_reference() {
 /// (n, 1) f32 levels to add to n rows: −`step`, 0, +`step`, −`step`, … (row r at `step · (r mod 3 − 1)`).
 fn row_levels(n: usize, step: f32) -> Tensor {
     Tensor::from_vec((0..n).map(|r| step * ((r % 3) as f32 - 1.0)).collect::<Vec<f32>>(), (n, 1), &Device::Cpu).unwrap()
+}
+
+/// (n, cols) f32 zeros but for `height` at column `col(r)` of every third row from row 1 (a
+/// logit far above the rest of its row; the other rows keep probabilities that are not all
+/// near 0, so that the tests still see errors there).
+fn row_spikes(n: usize, cols: usize, col: impl Fn(usize) -> usize, height: f32) -> Tensor {
+    let mut z = vec![0f32; n * cols];
+    for r in (1..n).step_by(3) {
+        z[r * cols + col(r)] = height;
+    }
+    Tensor::from_vec(z, (n, cols), &Device::Cpu).unwrap()
 }
 
 /// A target id outside the vocabulary, which only the CPU path refuses: on CUDA its row's loss is
