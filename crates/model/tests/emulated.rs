@@ -1020,19 +1020,23 @@ fn emulated_causal_softmax_matches_cpu() {
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
         let y = patchlm_model::ops::causal_softmax(&x, scale).unwrap();
         let dx = patchlm_model::ops::grad::causal_softmax(&y, &dy, scale).unwrap();
-        for warp in [false, true] {
-            let what = format!("{bh}x{t}x{s} {dtype:?} warp per row: {warp}");
+        // With `skew`, one input (x forward, dy backward) sits one element off its alignment
+        // and every other buffer on it: a kernel that takes wide accesses where only some of its
+        // pointers allow them (a check that combines the addresses with `&` instead of `|`)
+        // then fails as the GPU would.
+        for (warp, skew) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("{bh}x{t}x{s} {dtype:?} warp per row: {warp}, one input skewed: {skew}");
             let (w, geometry) = if warp { ("_w", launch::warp_rows(n)) } else { ("", launch::softmax_rows(n, s)) };
             // (t, s, scale) and, warp per row, the row count.
             let tail = || {
                 [A::I(t as i64), A::I(s as i64), A::F(scale as f32)].into_iter().chain(warp.then_some(A::I(n as i64)))
             };
-            let mut a: Vec<A> = [input(&x, false), out(n * s, dtype)].into_iter().chain(tail()).collect();
+            let mut a: Vec<A> = [input(&x, skew), out(n * s, dtype)].into_iter().chain(tail()).collect();
             emulate(&format!("causal_softmax_fwd{w}_{}", suffix(dtype)), geometry, &mut a);
             let e = max_rel(&output(&a[1], dtype, &[1, bh, t, s]), &f(&y));
             assert!(e < tol, "{what}: forward rel err {e}");
             let mut a: Vec<A> =
-                [input(&y, false), input(&dy, false), out(n * s, dtype)].into_iter().chain(tail()).collect();
+                [input(&y, false), input(&dy, skew), out(n * s, dtype)].into_iter().chain(tail()).collect();
             emulate(&format!("causal_softmax_bwd{w}_{}", suffix(dtype)), geometry, &mut a);
             let e = max_rel(&output(&a[2], dtype, &[1, bh, t, s]), &f(&dx));
             assert!(e < tol * 2.0, "{what}: backward rel err {e}");
