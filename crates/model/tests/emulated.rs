@@ -190,7 +190,12 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
             }
         }
     }
-    for (a, after) in args.iter_mut().zip(first) {
+    write_back(args, first);
+}
+
+/// Puts a run's buffer bytes (from [`run_harness`]) back into `args`.
+fn write_back(args: &mut [A], after: Vec<Option<Vec<u8>>>) {
+    for (a, after) in args.iter_mut().zip(after) {
         if let (A::Buf(b) | A::At(_, b) | A::Extra(b), Some(after)) = (a, after) {
             *b = after;
         }
@@ -533,9 +538,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
                     // The wrong reading takes elements the block never wrote, whose poison
                     // differs between schedules: one schedule's result is enough.
                     let got = with_mn_swapped(|| run_harness(kernel, geometry, &v, Schedule::Sweep));
-                    if let (A::Buf(b), Some(after)) = (&mut v[3], &got[3]) {
-                        b.clone_from(after);
-                    }
+                    write_back(&mut v, got);
                 }
                 let agrees = bytes_of(&v[3]) == bytes_of(&wg[3]);
                 assert_eq!(agrees, same_bytes, "{what}: {kernel} on the other reading: same output {agrees}");
@@ -1006,9 +1009,9 @@ fn emulated_causal_softmax_matches_cpu() {
         let scale = 0.3f64;
         let n = bh * t;
         // Rows 400 apart in level (120 after the scale): a row shifted by anything but its own
-        // maximum overflows or underflows f32.
-        // Every third row (from row 1) has a first logit 100 above the rest after the scale: a
-        // row shifted by less than its maximum (a pack's smallest, say) overflows there.
+        // maximum overflows or underflows f32. Every third row (from row 1) has a first logit 100
+        // above the rest after the scale: a row shifted by less than its maximum (a pack's
+        // smallest, say) overflows there.
         let levels = row_levels(n, 400.0).reshape((1, bh, t, 1)).unwrap();
         let x = Tensor::randn(0f32, 3.0, (1, bh, t, s), &Device::Cpu).unwrap();
         let x = (x.broadcast_add(&levels).unwrap()
