@@ -1376,13 +1376,15 @@ fn emulated_embedding_matches_reference() {
         assert!(e <= tol, "{what}: gathered rows off by {e}");
         if d % 4 == 0 {
             // Four columns a thread (the launcher's choice at such widths): the same bytes, from
-            // aligned buffers and (weights and output one element in) element by element.
-            for misalign in [false, true] {
+            // aligned buffers and, where the weights or the output or both start one element in,
+            // element by element (one skewed alone catches a check that misses it).
+            for (skew_w, skew_y) in [(false, false), (true, true), (true, false), (false, true)] {
                 let mut a4 = a.clone();
-                a4[0] = input(&w, misalign);
-                a4[2] = out_at(total, dtype, misalign);
+                a4[0] = input(&w, skew_w);
+                a4[2] = out_at(total, dtype, skew_y);
                 emulate(&format!("embedding_fwd4_{}", suffix(dtype)), launch::elems(total / 4), &mut a4);
-                assert!(bytes_of(&a4[2]) == bytes_of(&a[2]), "{what}: four columns a thread (misaligned {misalign})");
+                let case = format!("weights skewed {skew_w}, output skewed {skew_y}");
+                assert!(bytes_of(&a4[2]) == bytes_of(&a[2]), "{what}: four columns a thread ({case})");
             }
         }
 
@@ -1461,16 +1463,17 @@ fn emulated_embedding_matches_reference() {
                 continue;
             }
             // dy 4 elements into its buffer (the wide path where the width allows), or 5 (not
-            // aligned for it: element by element) with the output one element in.
-            for misalign in [false, true] {
-                let off = if misalign { 5usize } else { 4 };
+            // aligned for it: element by element), and the output aligned or one element in; each
+            // skewed alone too, so that a check missing either buffer fails.
+            for (skew_dy, skew_out) in [(false, false), (true, true), (true, false), (false, true)] {
+                let off = if skew_dy { 5usize } else { 4 };
                 let junk = Tensor::full(7f32, off, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
                 let mut a = [
                     A::Buf([bytes(&junk), bytes(&dy)].concat()),
                     A::I(off as i64),
                     scan[0].clone(),
                     place[5].clone(),
-                    out_at(v * d, dtype, misalign),
+                    out_at(v * d, dtype, skew_out),
                     A::I((v * d) as i64),
                     A::I(d as i64),
                     A::I(k as i64),
@@ -1481,7 +1484,7 @@ fn emulated_embedding_matches_reference() {
                 // Rounded once to the gradient's dtype (the atomic path accumulates in f32).
                 let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
                 let e = max_rel(&got, &want.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
-                assert!(e < tol, "{what}: {sum} (misaligned {misalign}) rel err {e}");
+                assert!(e < tol, "{what}: {sum} (dy skewed {skew_dy}, output skewed {skew_out}) rel err {e}");
             }
         }
     }
