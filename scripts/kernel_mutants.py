@@ -12,7 +12,7 @@ CARGO_TARGET_DIR). Results go to --log as JSON lines; a second run with the same
 mutants already there.
 
     python3 scripts/kernel_mutants.py crates/model/kernels/fused.cu --log fused.jsonl \
-        [--sanitize] [--arith] [--list] -- --skip flash --skip wgmma
+        [--sanitize] [--arith] [--list] [--lines 700-900] [--shard 0/2] -- --skip flash --skip wgmma
 
 Arguments after `--` go to the test binary (which tests run). --sanitize sets
 PATCHLM_EMU_SANITIZE=1 (AddressSanitizer and UBSan: reads past buffers and arrays; about 2.5x
@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--arith", action="store_true", help="also + - * mutants (many more)")
     ap.add_argument("--list", action="store_true", help="print the mutants and stop")
     ap.add_argument("--timeout", type=int, default=300, help="seconds a mutant may take (a hang counts as caught)")
+    ap.add_argument("--lines", help="only mutants on these lines of the file: FIRST-LAST (1-based, inclusive)")
+    ap.add_argument("--shard", help="I/N: only every N-th mutant from the I-th (0-based), to split a run between checkouts")
     argv = sys.argv[1:]
     test_args = argv[argv.index("--") + 1:] if "--" in argv else []
     a = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -74,6 +76,14 @@ def main():
     path = os.path.join(root, a.file)
     orig = subprocess.run(["git", "show", "HEAD:" + a.file], cwd=root, capture_output=True, text=True, check=True).stdout
     ms = mutants(orig, a.arith)
+    if a.lines:
+        first, last = (int(x) for x in a.lines.split("-"))
+        ms = [m for m in ms if first <= m["line"] <= last]
+    if a.shard:
+        i, n = (int(x) for x in a.shard.split("/"))
+        if not 0 <= i < n:
+            sys.exit(f"--shard {a.shard}: I must be in 0..N")
+        ms = ms[i::n]
     if a.list:
         for m in ms:
             print(json.dumps(m))
