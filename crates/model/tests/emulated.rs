@@ -1786,7 +1786,8 @@ fn emulated_warp_matrix_instructions_match_the_documented_layouts() {
 /// The multi-tensor kernels' block table (`launch::multi_table`, as their launchers build it) on
 /// tensors of one, several and no chunks: `multi_cast_f32` against candle's `to_dtype` bit for bit
 /// (f32 → bf16 and f16, round to nearest even, with values halfway between two bf16 / f16
-/// numbers), `multi_sumsq_f32`'s partial sums against an f64 sum of squares (f32 and bf16 inputs).
+/// numbers), `multi_sumsq_f32`'s partial sums against an f64 sum of squares (f32 and bf16 inputs,
+/// each at the start of its buffer and one element in).
 #[test]
 fn emulated_multi_tensor_kernels_match_cpu() {
     let chunk = launch::MULTI_CHUNK;
@@ -1828,21 +1829,32 @@ fn emulated_multi_tensor_kernels_match_cpu() {
         .enumerate()
         .map(|(i, x)| if i % 2 == 1 { x.to_dtype(DType::BF16).unwrap() } else { x.clone() })
         .collect();
-    let entries: Vec<[u64; 5]> = ts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| [reloc(4 + i, 0), 0, 0, t.elem_count() as u64, if t.dtype() == DType::BF16 { 2 } else { 0 }])
-        .collect();
-    let (table, blocks) = launch::multi_table(&entries);
-    let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64), out(blocks, DType::F32)];
-    args.extend(ts.iter().map(|t| A::Extra(bytes(t))));
-    emulate("multi_sumsq_f32", launch::multi(blocks), &mut args);
-    let got: f64 = output(&args[3], DType::F32, &[blocks]).to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).sum();
-    let want: f64 = ts
-        .iter()
-        .map(|t| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
-        .sum();
-    assert!((got - want).abs() <= 1e-5 * want, "sum of squares {got} vs {want}");
+    // Each tensor at the start of its buffer (16-byte loads where a chunk starts aligned), then one
+    // element in (element by element: a wide load there fails the emulator's alignment check).
+    for skew in [false, true] {
+        let entries: Vec<[u64; 5]> = ts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let at = if skew { t.dtype().size_in_bytes() } else { 0 };
+                [reloc(4 + i, at), 0, 0, t.elem_count() as u64, if t.dtype() == DType::BF16 { 2 } else { 0 }]
+            })
+            .collect();
+        let (table, blocks) = launch::multi_table(&entries);
+        let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64), out(blocks, DType::F32)];
+        args.extend(ts.iter().map(|t| {
+            let pad = if skew { vec![0x7F; t.dtype().size_in_bytes()] } else { vec![] };
+            A::Extra([pad, bytes(t)].concat())
+        }));
+        emulate("multi_sumsq_f32", launch::multi(blocks), &mut args);
+        let got: f64 =
+            output(&args[3], DType::F32, &[blocks]).to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).sum();
+        let want: f64 = ts
+            .iter()
+            .map(|t| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+            .sum();
+        assert!((got - want).abs() <= 1e-5 * want, "sum of squares {got} vs {want} (skewed {skew})");
+    }
 }
 
 /// `multi_adamw_f32` (the optimizer step of every CUDA training run) against the CPU twin of the
@@ -1855,8 +1867,10 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
     use patchlm_model::ops::{adamw_update, clip_factor, AdamWStep};
     let chunk = launch::MULTI_CHUNK;
     // (Whole quads with 16-byte aligned moments, 300 and 2·chunk + 12, take the kernel's vector
-    // path, with bf16 and f32 gradients; the others its element-wise one.)
-    let sizes = [chunk + 9, 7, 0, 300, 2 * chunk + 12];
+    // path, with bf16 and f32 gradients; the others its element-wise one, the last because its
+    // gradient starts one element into its buffer while the rest is aligned.)
+    let sizes = [chunk + 9, 7, 0, 300, 2 * chunk + 12, 64];
+    let skewed = |i: usize| i == 5;
     let step =
         AdamWStep { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, decay: 1.0 - 3e-4, bias1: 0.19, bias2: 0.0975 };
     let r = |n: usize, sd: f32| Tensor::randn(0f32, sd, n, &Device::Cpu).unwrap();
@@ -1868,7 +1882,7 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         .collect();
     let moments: Vec<Tensor> =
         sizes.iter().map(|&n| Tensor::stack(&[r(n, 0.01), r(n, 0.001).abs().unwrap()], 0).unwrap()).collect();
-    let decays = [true, false, true, true, false];
+    let decays = [true, false, true, true, false, true];
     // Arguments: the table, nt, chunk, the eight step constants, the gradient scale, the sum of
     // squares (or null) and the largest norm; then per tensor its parameter, gradient and moments.
     let first = 14;
@@ -1876,7 +1890,8 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         .map(|i| {
             let b = first + 3 * i;
             let flags = decays[i] as u64 | if grads[i].dtype() == DType::BF16 { 2 } else { 0 };
-            [reloc(b, 0), reloc(b + 1, 0), reloc(b + 2, 0), sizes[i] as u64, flags]
+            let g_at = if skewed(i) { grads[i].dtype().size_in_bytes() } else { 0 };
+            [reloc(b, 0), reloc(b + 1, g_at), reloc(b + 2, 0), sizes[i] as u64, flags]
         })
         .collect();
     let (table, blocks) = launch::multi_table(&entries);
@@ -1897,7 +1912,9 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         args.push(given.map_or(A::Null, |s| A::Buf(s.to_le_bytes().to_vec())));
         args.push(A::F(max_norm));
         for i in 0..sizes.len() {
-            args.extend([A::Extra(bytes(&params[i])), A::Extra(bytes(&grads[i])), A::Extra(bytes(&moments[i]))]);
+            let pad = if skewed(i) { vec![0x7F; grads[i].dtype().size_in_bytes()] } else { vec![] };
+            let g = A::Extra([pad, bytes(&grads[i])].concat());
+            args.extend([A::Extra(bytes(&params[i])), g, A::Extra(bytes(&moments[i]))]);
         }
         emulate("multi_adamw_f32", launch::multi(blocks), &mut args);
         for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
