@@ -912,8 +912,10 @@ fn emulated_cuda_core_flash_attention_matches_reference() {
 /// with the per-row 1/rms it saves, the weight gradient's f32 partial sums and their cast) and a
 /// warp per row (PATCHLM_ROWS_CUDA; 8 rows a block of 256 threads: forward, forward with the
 /// residual add, backward with and without the residual branch). Rows of 200 (16-byte packs) and
-/// 37 (element tails), a row count that leaves a block part-empty, unaligned inputs once, and
-/// 300 rows, more than the weight gradient's 256 chunks.
+/// 37 (element tails), a row count that leaves a block part-empty, unaligned inputs once, 300
+/// rows, more than the weight gradient's 256 chunks, and rows of 600 (the weight gradient's
+/// columns in three blocks). The last row (of x, and of the residual added to it) is 1000 times
+/// smaller than the rest, so that its mean square is below eps and eps's sign shows.
 #[test]
 fn emulated_rmsnorm_matches_cpu() {
     let eps = 1e-5f64;
@@ -922,12 +924,16 @@ fn emulated_rmsnorm_matches_cpu() {
         (9, 37, DType::F32, false),
         (11, 64, DType::F16, true),
         (300, 40, DType::F32, false),
+        (5, 600, DType::BF16, false),
     ] {
         let what = format!("{n}x{d} {dtype:?} misaligned={misalign}");
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let r =
             |sd: f32, shape: &[usize]| Tensor::randn(0f32, sd, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let (x, b, w, dy, res) = (r(2.0, &[n, d]), r(1.0, &[n, d]), r(1.0, &[d]), r(1.0, &[n, d]), r(1.0, &[n, d]));
+        let small: Vec<f32> = (0..n).map(|i| if i + 1 == n { 1e-3 } else { 1.0 }).collect();
+        let small = Tensor::from_vec(small, (n, 1), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let (x, b) = (x.broadcast_mul(&small).unwrap(), b.broadcast_mul(&small).unwrap());
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
         // One kernel: `ins`, then output buffers (elements, dtype), then (d, eps) and, for the
         // warp-per-row kernels (`*_w`), the row count; returns the outputs, flat.
