@@ -1336,18 +1336,21 @@ fn emulated_rope_matches_reference() {
 /// index_add in f32, as the plain lookup (bags of 1) and as the mean over bags of 3 (the patch
 /// embedding: lookup, reshape and mean, and 1/3 of each bag's gradient row to each of its ids);
 /// the backward also four columns a thread where the width allows (`embedding_bwd4`); ids
-/// repeat, and one id outside the vocabulary gathers zeros and adds nothing.
+/// repeat, and one id outside the vocabulary gathers zeros and adds nothing; 1100 ids once (more than
+/// a block of the kernels that take one id a thread).
 #[test]
 fn emulated_embedding_matches_reference() {
-    for (v, d, dtype, k) in [
-        (11usize, 24usize, DType::BF16, 1usize),
-        (7, 100, DType::F32, 1),
-        (5, 3, DType::F16, 1),
-        (11, 24, DType::BF16, 3),
-        (7, 100, DType::F32, 3),
+    // (vocab, width, dtype, bag size, ids): 1100 ids take two blocks of the one-a-thread kernels.
+    for (v, d, dtype, k, m) in [
+        (11usize, 24usize, DType::BF16, 1usize, 42u32),
+        (7, 100, DType::F32, 1, 42),
+        (5, 3, DType::F16, 1, 42),
+        (11, 24, DType::BF16, 3, 42),
+        (7, 100, DType::F32, 3, 42),
+        (13, 8, DType::F32, 2, 1100),
     ] {
-        let what = format!("vocab {v} x {d} {dtype:?}, bags of {k}");
-        let mut ids: Vec<u32> = (0..42u32).map(|i| (i * 5 + 1) % v as u32).collect();
+        let what = format!("vocab {v} x {d} {dtype:?}, bags of {k}, {m} ids");
+        let mut ids: Vec<u32> = (0..m).map(|i| (i * 5 + 1) % v as u32).collect();
         ids[3] = v as u32;
         let rows = ids.len() / k;
         let w = Tensor::randn(0f32, 1.0, (v, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
