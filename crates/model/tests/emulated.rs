@@ -997,6 +997,13 @@ fn emulated_rmsnorm_matches_cpu() {
         let want = patchlm_model::ops::grad::rms_norm_residual(&x, &w, &dy, &res, eps).unwrap().0;
         check(&dxr[0], &want, tol * 2.0, "rms_dx_res_w");
     }
+    // The cast alone over more than one block of 1024 threads, bit for bit as candle rounds.
+    let acc = Tensor::randn(0f32, 3.0, 2500, &Device::Cpu).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let mut a = [A::Buf(bytes(&acc)), out(2500, dtype), A::I(2500)];
+        emulate(&format!("cast_from_f32_{}", suffix(dtype)), launch::elems(2500), &mut a);
+        assert!(bytes_of(&a[1]) == bytes(&acc.to_dtype(dtype).unwrap()), "cast_from_f32 of 2500 to {dtype:?}");
+    }
 }
 
 /// The causal softmax kernels (forward and backward), one block per row (the default) and a warp
@@ -1265,14 +1272,14 @@ fn emulated_layout_kernels_match_cpu() {
 }
 
 /// SwiGLU on the stacked gate/up projection (PATCHLM_LAYOUT_CUDA), forward and backward, against
-/// the CPU op: rows of 16-byte packs and rows with element tails.
+/// the CPU op: rows of 16-byte packs and rows with element tails, 7 rows (one block) and 350 (more
+/// packs than a block has threads, so that the grid-stride loop's later blocks have work).
 #[test]
 fn emulated_swiglu_packed_matches_cpu() {
     for dtype in [DType::BF16, DType::F32] {
         let sfx = suffix(dtype);
-        for f in [24usize, 13] {
-            let rows = 7usize;
-            let what = format!("swiglu_packed {dtype:?} f={f}");
+        for (rows, f) in [(7usize, 24usize), (7, 13), (350, 24), (350, 13)] {
+            let what = format!("swiglu_packed {dtype:?} {rows} rows, f={f}");
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
             let gu = Tensor::randn(0f32, 2.0, (rows, 2 * f), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let dy = Tensor::randn(0f32, 1.0, (rows, f), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
@@ -1340,14 +1347,15 @@ fn emulated_rope_matches_reference() {
 /// a block of the kernels that take one id a thread).
 #[test]
 fn emulated_embedding_matches_reference() {
-    // (vocab, width, dtype, bag size, ids): 1100 ids take two blocks of the one-a-thread kernels.
+    // (vocab, width, dtype, bag size, ids): 1100 ids take two blocks of the kernels that take one
+    // id a thread, and 13 rows of 320 two blocks of the sorted backward's four-column sum.
     for (v, d, dtype, k, m) in [
         (11usize, 24usize, DType::BF16, 1usize, 42u32),
         (7, 100, DType::F32, 1, 42),
         (5, 3, DType::F16, 1, 42),
         (11, 24, DType::BF16, 3, 42),
         (7, 100, DType::F32, 3, 42),
-        (13, 8, DType::F32, 2, 1100),
+        (13, 320, DType::F32, 2, 1100),
     ] {
         let what = format!("vocab {v} x {d} {dtype:?}, bags of {k}, {m} ids");
         let mut ids: Vec<u32> = (0..m).map(|i| (i * 5 + 1) % v as u32).collect();
