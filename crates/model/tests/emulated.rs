@@ -1711,6 +1711,37 @@ fn emulated_reads_past_shared_memory_fail_under_the_sanitizers() {
     assert!(msg.contains("runtime error: load of address") || msg.contains("global-buffer-overflow"), "{msg}");
 }
 
+/// The emulator's alignment check, which the tests of every kernel's wide path rely on: fused.cu's
+/// four-element and 16-byte accesses (`load4` / `store4`, `load_pack` / `store_pack`) copy where
+/// aligned, and one element off (the source or the destination) end the run with the check's
+/// report of the size they need: 4 elements' bytes for the first pair, 16 for the packs.
+#[test]
+fn emulated_wide_accesses_off_their_alignment_fail() {
+    let one = Launch { grid: (1, 1, 1), block: (1, 1, 1) };
+    for dtype in [DType::F32, DType::BF16] {
+        let esz = dtype.size_in_bytes();
+        let src = Tensor::arange(1f32, 10.0, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        for (pack, need) in [(0, 4 * esz), (1, 16)] {
+            let n = need / esz;
+            let kernel = format!("probe_wide_{}", suffix(dtype));
+            let args =
+                |in_at: i64, out_at: i64| [A::Buf(bytes(&src)), out(9, dtype), A::I(in_at), A::I(out_at), A::I(pack)];
+            let mut a = args(0, 0);
+            emulate(&kernel, one, &mut a);
+            assert_eq!(&bytes_of(&a[1])[..n * esz], &bytes(&src)[..n * esz], "{kernel} pack {pack}: aligned copy");
+            for (in_at, out_at) in [(1, 0), (0, 1)] {
+                let a = args(in_at, out_at);
+                let run = std::panic::catch_unwind(|| run_harness(&kernel, one, &a, Schedule::Sweep));
+                let msg = run.expect_err("a misaligned wide access went unreported").downcast::<String>().unwrap();
+                assert!(
+                    msg.contains("-byte access at") && msg.contains(&format!("is not {need}-byte aligned")),
+                    "{kernel} pack {pack}, source {in_at} and destination {out_at} elements off: {msg}"
+                );
+            }
+        }
+    }
+}
+
 /// The emulator's mma.sync m16n8k16 and ldmatrix.x4 (the wrappers flash.cu's kernels call), one
 /// instruction at a time, against the fragment layouts as documented rather than as the emulator
 /// or the kernels compute them: per lane l and register r, A holds row l/4 + 8(r mod 2), columns

@@ -64,3 +64,26 @@ extern "C" __global__ void probe_shared_shift(const float* in, float* out, int s
     const float* row = s + shift;
     out[l] = row[l];
 }
+
+// fused.cu's wide accesses on their own: one thread reads from in + in_at and writes to out + out_at
+// four elements (load4 / store4, `pack` 0) or a 16-byte pack (load_pack / store_pack, `pack` 1).
+// Off its alignment each must end the run through the emulator's check (EMU_ALIGNED), which the
+// emulated tests rely on to see a kernel take a wide path where it may not.
+template <typename T>
+__device__ void probe_wide(const T* in, T* out, int in_at, int out_at, int pack) {
+    float f[Pack16<T>::N];
+    if (pack) {
+        load_pack(in + in_at, f);
+        store_pack(out + out_at, f);
+    } else {
+        load4(in + in_at, f);
+        store4(out + out_at, f);
+    }
+}
+extern "C" __global__ void probe_wide_f32(const float* in, float* out, int in_at, int out_at, int pack) {
+    probe_wide<float>(in, out, in_at, out_at, pack);
+}
+extern "C" __global__ void probe_wide_bf16(const __nv_bfloat16* in, __nv_bfloat16* out, int in_at, int out_at,
+                                           int pack) {
+    probe_wide<__nv_bfloat16>(in, out, in_at, out_at, pack);
+}
