@@ -1,7 +1,9 @@
-// Kernels that run one warp-matrix instruction wrapper of flash.cu (Mma<T>::run, ldm_x4) on the
-// emulator with registers in and out as plain arrays, so that crates/model/tests/emulated.rs can
-// check the emulator's mma.sync and ldmatrix against the fragment layouts as documented, apart from
-// any kernel that uses them. Compiled into the harness only, never for a GPU. One warp each.
+// Kernels that run one piece of the kernel sources or of the emulator alone, so that
+// crates/model/tests/emulated.rs can check it apart from any kernel that uses it: a warp-matrix
+// instruction wrapper of flash.cu (Mma<T>::run, ldm_x4) with registers in and out as plain arrays,
+// against the fragment layouts as documented; a read one past shared memory, which the sanitizers
+// must see; fused.cu's wide loads and stores, which the emulator's alignment check must stop off
+// their alignment. Compiled into the harness only, never for a GPU.
 
 // d (lane l's four f32 accumulators at d[4l..4l+4), C in, D out) += a . b, with lane l's A
 // registers at a[4l..4l+4) and B registers at b[2l..2l+2).
