@@ -333,6 +333,17 @@ fn zeroed(n: usize) -> A {
     A::Buf(vec![0u8; n * 4])
 }
 
+/// Which of two buffers sit one element off their alignment: neither, both, and each alone (so
+/// that a wide-access check that misses one of the two addresses fails).
+const SKEW_PAIRS: [(bool, bool); 4] = [(false, false), (true, true), (true, false), (false, true)];
+
+/// A tensor's bytes for a multi-tensor table (an [`A::Extra`] buffer) and the byte offset its
+/// table word adds ([`reloc`]): at the buffer's start, or `skew`ed one element in.
+fn extra_at(t: &Tensor, skew: bool) -> (A, usize) {
+    let at = if skew { t.dtype().size_in_bytes() } else { 0 };
+    (A::Extra([vec![0x7F; at], bytes(t)].concat()), at)
+}
+
 /// A tensor's bytes as a kernel argument, `misalign`ed by one element (the kernels' unaligned
 /// path) or not.
 fn input(t: &Tensor, misalign: bool) -> A {
@@ -1395,7 +1406,7 @@ fn emulated_embedding_matches_reference() {
             // Four columns a thread (the launcher's choice at such widths): the same bytes, from
             // aligned buffers and, where the weights or the output or both start one element in,
             // element by element (one skewed alone catches a check that misses it).
-            for (skew_w, skew_y) in [(false, false), (true, true), (true, false), (false, true)] {
+            for (skew_w, skew_y) in SKEW_PAIRS {
                 let mut a4 = a.clone();
                 a4[0] = input(&w, skew_w);
                 a4[2] = out_at(total, dtype, skew_y);
@@ -1482,7 +1493,7 @@ fn emulated_embedding_matches_reference() {
             // dy 4 elements into its buffer (the wide path where the width allows), or 5 (not
             // aligned for it: element by element), and the output aligned or one element in; each
             // skewed alone too, so that a check missing either buffer fails.
-            for (skew_dy, skew_out) in [(false, false), (true, true), (true, false), (false, true)] {
+            for (skew_dy, skew_out) in SKEW_PAIRS {
                 let off = if skew_dy { 5usize } else { 4 };
                 let junk = Tensor::full(7f32, off, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
                 let mut a = [
@@ -1884,16 +1895,13 @@ fn emulated_multi_tensor_kernels_match_cpu() {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let at = if skew { t.dtype().size_in_bytes() } else { 0 };
+                let at = extra_at(t, skew).1;
                 [reloc(4 + i, at), 0, 0, t.elem_count() as u64, if t.dtype() == DType::BF16 { 2 } else { 0 }]
             })
             .collect();
         let (table, blocks) = launch::multi_table(&entries);
         let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64), out(blocks, DType::F32)];
-        args.extend(ts.iter().map(|t| {
-            let pad = if skew { vec![0x7F; t.dtype().size_in_bytes()] } else { vec![] };
-            A::Extra([pad, bytes(t)].concat())
-        }));
+        args.extend(ts.iter().map(|t| extra_at(t, skew).0));
         emulate("multi_sumsq_f32", launch::multi(blocks), &mut args);
         let got: f64 =
             output(&args[3], DType::F32, &[blocks]).to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).sum();
@@ -1938,8 +1946,7 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         .map(|i| {
             let b = first + 3 * i;
             let flags = decays[i] as u64 | if grads[i].dtype() == DType::BF16 { 2 } else { 0 };
-            let g_at = if skewed(i) { grads[i].dtype().size_in_bytes() } else { 0 };
-            [reloc(b, 0), reloc(b + 1, g_at), reloc(b + 2, 0), sizes[i] as u64, flags]
+            [reloc(b, 0), reloc(b + 1, extra_at(&grads[i], skewed(i)).1), reloc(b + 2, 0), sizes[i] as u64, flags]
         })
         .collect();
     let (table, blocks) = launch::multi_table(&entries);
@@ -1960,9 +1967,7 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         args.push(given.map_or(A::Null, |s| A::Buf(s.to_le_bytes().to_vec())));
         args.push(A::F(max_norm));
         for i in 0..sizes.len() {
-            let pad = if skewed(i) { vec![0x7F; grads[i].dtype().size_in_bytes()] } else { vec![] };
-            let g = A::Extra([pad, bytes(&grads[i])].concat());
-            args.extend([A::Extra(bytes(&params[i])), g, A::Extra(bytes(&moments[i]))]);
+            args.extend([A::Extra(bytes(&params[i])), extra_at(&grads[i], skewed(i)).0, A::Extra(bytes(&moments[i]))]);
         }
         emulate("multi_adamw_f32", launch::multi(blocks), &mut args);
         for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
