@@ -59,6 +59,14 @@ def mutants(text, arith):
     return [{"id": i + 1, "line": no, "before": b, "after": a, "kind": k} for i, (no, b, a, k) in enumerate(out)]
 
 
+def pair(text, sep, flag, form):
+    """Two integers written `a<sep>b`, or an exit that names the flag and the form it takes."""
+    parts = text.split(sep)
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        sys.exit(f"{flag} {text}: give {form}")
+    return int(parts[0]), int(parts[1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="arguments after -- go to the test binary")
     ap.add_argument("file", help="a kernel source, relative to the repository root")
@@ -77,12 +85,12 @@ def main():
     orig = subprocess.run(["git", "show", "HEAD:" + a.file], cwd=root, capture_output=True, text=True, check=True).stdout
     ms = mutants(orig, a.arith)
     if a.lines:
-        first, last = (int(x) for x in a.lines.split("-"))
+        first, last = pair(a.lines, "-", "--lines", "FIRST-LAST, as 700-900")
         ms = [m for m in ms if first <= m["line"] <= last]
     if a.shard:
-        i, n = (int(x) for x in a.shard.split("/"))
+        i, n = pair(a.shard, "/", "--shard", "I/N with 0 <= I < N, as 0/2")
         if not 0 <= i < n:
-            sys.exit(f"--shard {a.shard}: I must be in 0..N")
+            sys.exit(f"--shard {a.shard}: give I/N with 0 <= I < N, as 0/2")
         ms = ms[i::n]
     if a.list:
         for m in ms:
