@@ -1241,6 +1241,9 @@ fn emulated_layout_kernels_match_cpu() {
         (2, 3, 2, 0, 16, DType::BF16, false),
         (2, 5, 3, 1, 8, DType::F32, false),
         (1, 3, 2, 2, 64, DType::F16, true),
+        // Grouped-query heads in more than one batch row: a key/value head's offset scales the
+        // batch index by kv, which kv = 1 or b = 1 cannot tell from a division.
+        (3, 4, 4, 2, 8, DType::BF16, false),
     ] {
         let what = format!("b={b} t={t} h={h} kv={kv} hd={hd} {dtype:?} misaligned={misalign}");
         let layout = HeadsLayout { batch: b, seq: t, heads: h, kv_heads: kv, head_dim: hd };
