@@ -151,13 +151,15 @@ enum Schedule {
 /// with the kernel's writes. Every launch runs under each [`Schedule`], and all must write the
 /// same bytes: a difference means some thread reads what another writes, or overwrites what
 /// another still reads, with no barrier between them (a missing `__syncthreads`/`__syncwarp`),
-/// which one schedule alone can hide.
-fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
-    let first = run_harness(kernel, geometry, args, Schedule::Sweep);
+/// which one schedule alone can hide. Returns the launch's [`Accesses`], which a test of a
+/// kernel's wide or cp.async path asks.
+fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) -> Accesses {
+    let (first, counts) = run_harness(kernel, geometry, args, Schedule::Sweep);
     let summed = ATOMIC_SUM_ARG.iter().find(|(k, _)| kernel.starts_with(k)).map(|&(_, n)| n);
     let placed = PLACED_ARG.iter().find(|(k, _)| kernel.starts_with(k)).map(|&(_, n)| n);
     for schedule in [Schedule::FirstAhead, Schedule::LastAhead] {
-        let other = run_harness(kernel, geometry, args, schedule);
+        let (other, other_counts) = run_harness(kernel, geometry, args, schedule);
+        assert_eq!(other_counts, counts, "{kernel}: other accesses when the threads run as {schedule:?}");
         for (n, (f, r)) in first.iter().zip(&other).enumerate() {
             let (Some(f), Some(r)) = (f, r) else { continue };
             if placed == Some(n) {
@@ -191,6 +193,19 @@ fn emulate(kernel: &str, geometry: Launch, args: &mut [A]) {
         }
     }
     write_back(args, first);
+    counts
+}
+
+/// What a launch did that its output cannot show (the harness's counts, the same under every
+/// schedule): a kernel's wide and element-by-element paths write the same bytes, as do its
+/// cp.async and synchronous copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Accesses {
+    /// Wide accesses: `EMU_ALIGNED` in the kernels (16-byte and four-element loads and stores,
+    /// vector atomics, each end of a cp.async).
+    wide: u64,
+    /// cp.async copies.
+    copies: u64,
 }
 
 /// Puts a run's buffer bytes (from [`run_harness`]) back into `args`.
@@ -223,7 +238,7 @@ fn with_mn_swapped<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// One run of the harness under `schedule`: every buffer argument's bytes after the launch.
-fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -> Vec<Option<Vec<u8>>> {
+fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -> (Vec<Option<Vec<u8>>>, Accesses) {
     let (grid, block) = (geometry.grid, geometry.block);
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(harness());
@@ -279,13 +294,24 @@ fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{kernel} failed on the emulator ({schedule:?}):\n{err}");
-    args.iter()
+    let report = String::from_utf8_lossy(&out.stdout);
+    let count = |name: &str| -> u64 {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{kernel}: the harness printed no `{name}` count: {report}"))
+    };
+    let counts = Accesses { wide: count("wide-accesses "), copies: count("async-copies ") };
+    let bufs = args
+        .iter()
         .enumerate()
         .map(|(n, a)| {
             matches!(a, A::Buf(_) | A::At(..) | A::Extra(_))
                 .then(|| std::fs::read(dir.path().join(format!("arg{n}"))).unwrap())
         })
-        .collect()
+        .collect();
+    (bufs, counts)
 }
 
 /// A tensor's elements as the kernels see them in memory.
@@ -431,8 +457,17 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
         Flash::CudaCore => "flash",
     };
     let name = |which: &str| format!("{prefix}_{which}_{}_{hd}", suffix(dtype));
+    // Each launch; the tensor-core kernels' copies checked too: from aligned tensors their
+    // (k, v) or (q, dO) tiles go by cp.async and the tile each block keeps by synchronous 16-byte
+    // copies (wide accesses besides each cp.async's two ends); from skewed ones the forward and
+    // dq copy element by element.
     let go = |which: &str, rows: usize, args: &mut [A]| {
-        emulate(&name(which), launch::flash(rows, bh, family != Flash::CudaCore), args)
+        let c = emulate(&name(which), launch::flash(rows, bh, family != Flash::CudaCore), args);
+        if family == Flash::Mma && !misalign {
+            assert!(c.copies > 0 && c.wide > 2 * c.copies, "{what}: {which} copied its tiles so: {c:?}");
+        } else if family == Flash::Mma && matches!(which, "fwd" | "dq" | "dqo") {
+            assert_eq!(c, Accesses { wide: 0, copies: 0 }, "{what}: {which} on skewed tensors");
+        }
     };
     let arg = |x: &Tensor| input(x, misalign);
     let uninit = |n: usize| out_at(bh * n * hd, dtype, misalign);
@@ -549,7 +584,7 @@ fn check_flash(family: Flash, (bh, t, s, hd): AttnShape, dtype: DType, misalign:
                     // The wrong reading takes elements the block never wrote, whose poison
                     // differs between schedules: one schedule's result is enough.
                     let got = with_mn_swapped(|| run_harness(kernel, geometry, &v, Schedule::Sweep));
-                    write_back(&mut v, got);
+                    write_back(&mut v, got.0);
                 }
                 let agrees = bytes_of(&v[3]) == bytes_of(&wg[3]);
                 assert_eq!(agrees, same_bytes, "{what}: {kernel} on the other reading: same output {agrees}");
@@ -947,20 +982,33 @@ fn emulated_rmsnorm_matches_cpu() {
         let (x, b) = (x.broadcast_mul(&small).unwrap(), b.broadcast_mul(&small).unwrap());
         let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
         // One kernel: `ins`, then output buffers (elements, dtype), then (d, eps) and, for the
-        // warp-per-row kernels (`*_w`), the row count; returns the outputs, flat.
-        let run = |kernel: &str, ins: &[&Tensor], outs: &[(usize, DType)]| -> Vec<Tensor> {
+        // warp-per-row kernels (`*_w`), the row count; returns the outputs, flat. `skew` names
+        // one buffer (ins, then outs) to start one element off its alignment, the rest aligned.
+        let run_skewed = |kernel: &str, ins: &[&Tensor], outs: &[(usize, DType)], skew: Option<usize>| {
             let warp = kernel.ends_with("_w");
             let mut a: Vec<A> = ins
                 .iter()
-                .map(|t| input(t, misalign))
-                .chain(outs.iter().map(|&(len, dt)| out(len, dt)))
+                .enumerate()
+                .map(|(i, t)| input(t, misalign || skew == Some(i)))
+                .chain(outs.iter().enumerate().map(|(i, &(len, dt))| out_at(len, dt, skew == Some(ins.len() + i))))
                 .chain([A::I(d as i64), A::F(eps as f32)])
                 .chain(warp.then_some(A::I(n as i64)))
                 .collect();
             let geometry = if warp { launch::warp_rows(n) } else { launch::rms_rows(n, d) };
-            emulate(&format!("{kernel}_{}", suffix(dtype)), geometry, &mut a);
-            outs.iter().enumerate().map(|(i, &(len, dt))| output(&a[ins.len() + i], dt, &[len])).collect()
+            let wide = emulate(&format!("{kernel}_{}", suffix(dtype)), geometry, &mut a).wide;
+            // The warp-per-row kernels take rows of whole 16-byte packs from aligned buffers in
+            // wide accesses, and such rows with a buffer one element off element by element (the
+            // block-per-row kernels have no wide path; a row's 1/rms is one f32 written alone).
+            let whole = d % (16 / dtype.size_in_bytes()) == 0;
+            let row_wise = skew.is_some_and(|i| i < ins.len() || outs[i - ins.len()] != (n, DType::F32));
+            if misalign || !warp || (whole && row_wise) {
+                assert_eq!(wide, 0, "{what}: {kernel} made {wide} wide accesses where it has none to make ({skew:?})");
+            } else if whole {
+                assert!(wide > 0, "{what}: {kernel} took its element-by-element path on aligned rows of whole packs");
+            }
+            outs.iter().enumerate().map(|(i, &(len, dt))| output(&a[ins.len() + i], dt, &[len])).collect::<Vec<_>>()
         };
+        let run = |kernel: &str, ins: &[&Tensor], outs: &[(usize, DType)]| run_skewed(kernel, ins, outs, None);
         let check = |got: &Tensor, want: &Tensor, tol: f32, part: &str| {
             let e = max_rel(got, &f(want));
             assert!(e < tol, "{what}: {part} rel err {e}");
@@ -1007,6 +1055,33 @@ fn emulated_rmsnorm_matches_cpu() {
         let dxr = run("rms_dx_res_w", &[&x, &w, &dy, &res], &[(n * d, dtype), (n, DType::F32)]);
         let want = patchlm_model::ops::grad::rms_norm_residual(&x, &w, &dy, &res, eps).unwrap().0;
         check(&dxr[0], &want, tol * 2.0, "rms_dx_res_w");
+
+        // Each buffer of the warp-per-row kernels skewed alone, the others aligned: a check that
+        // misses that buffer, or asks about it at another row (where the rows are not whole
+        // packs, row r's start can be aligned while the row the check computes is not), takes a
+        // wide access off its alignment, which fails the emulator; the outputs stay the aligned
+        // run's, within the reference's bound.
+        if !misalign {
+            let nd = (n * d, dtype);
+            let cases = [
+                ("rms_fwd_w", &[&x, &w][..], &[nd][..]),
+                ("rms_dx_w", &[&x, &w, &dy], &[nd, (n, DType::F32)]),
+                ("add_rms_fwd_w", &[&x, &b, &w], &[nd, nd]),
+                ("rms_dx_res_w", &[&x, &w, &dy, &res], &[nd, (n, DType::F32)]),
+            ];
+            for (kernel, ins, outs) in cases {
+                let aligned = run(kernel, ins, outs);
+                for skew in 0..ins.len() + outs.len() {
+                    for (i, (got, want)) in run_skewed(kernel, ins, outs, Some(skew)).iter().zip(&aligned).enumerate() {
+                        let e = max_rel(got, want);
+                        assert!(
+                            e < tol * 2.0,
+                            "{what}: {kernel} output {i} with buffer {skew} skewed alone, rel err {e}"
+                        );
+                    }
+                }
+            }
+        }
     }
     // The cast alone over more than one block of 1024 threads, bit for bit as candle rounds.
     let acc = Tensor::randn(0f32, 3.0, 2500, &Device::Cpu).unwrap();
@@ -1058,13 +1133,21 @@ fn emulated_causal_softmax_matches_cpu() {
             let tail = || {
                 [A::I(t as i64), A::I(s as i64), A::F(scale as f32)].into_iter().chain(warp.then_some(A::I(n as i64)))
             };
+            // The warp-per-row kernels take aligned rows of whole 16-byte packs in wide accesses
+            // and a skewed row element by element (the block-per-row kernels have no wide path).
+            let packs = warp && !skew && s % (16 / dtype.size_in_bytes()) == 0;
+            let wide_as_expected = |wide: u64, part: &str| {
+                assert!((wide > 0) == packs || (!packs && warp && !skew), "{what}: {part} made {wide} wide accesses");
+            };
             let mut a: Vec<A> = [input(&x, skew), out(n * s, dtype)].into_iter().chain(tail()).collect();
-            emulate(&format!("causal_softmax_fwd{w}_{}", suffix(dtype)), geometry, &mut a);
+            let wide = emulate(&format!("causal_softmax_fwd{w}_{}", suffix(dtype)), geometry, &mut a).wide;
+            wide_as_expected(wide, "forward");
             let e = max_rel(&output(&a[1], dtype, &[1, bh, t, s]), &f(&y));
             assert!(e < tol, "{what}: forward rel err {e}");
             let mut a: Vec<A> =
                 [input(&y, false), input(&dy, skew), out(n * s, dtype)].into_iter().chain(tail()).collect();
-            emulate(&format!("causal_softmax_bwd{w}_{}", suffix(dtype)), geometry, &mut a);
+            let wide = emulate(&format!("causal_softmax_bwd{w}_{}", suffix(dtype)), geometry, &mut a).wide;
+            wide_as_expected(wide, "backward");
             let e = max_rel(&output(&a[2], dtype, &[1, bh, t, s]), &f(&dx));
             assert!(e < tol * 2.0, "{what}: backward rel err {e}");
         }
@@ -1123,7 +1206,14 @@ fn emulated_cross_entropy_matches_reference() {
                     .into_iter()
                     .chain(tail.clone())
                     .collect();
-            emulate(&format!("ce_fwd_{sfx}"), geometry, &mut a);
+            // The kernels that keep the log-sum-exp read a row that starts 16-byte aligned in
+            // wide accesses (row 0 of an aligned buffer at least; no row of the skewed one, whose
+            // rows are whole packs apart); the others have no wide path.
+            let wide_as_expected = |wide: u64, part: &str| {
+                assert_eq!(wide > 0, keep && !misalign, "{what}: {part} made {wide} wide accesses");
+            };
+            let wide = emulate(&format!("ce_fwd_{sfx}"), geometry, &mut a).wide;
+            wide_as_expected(wide, "forward");
             let got = output(&a[2], DType::F32, &[if keep { 2 } else { 1 }, n]);
             let e = max_rel(&got.get(0).unwrap(), &loss);
             assert!(e < 1e-5, "{what}: per-row loss rel err {e}");
@@ -1136,7 +1226,8 @@ fn emulated_cross_entropy_matches_reference() {
                 .into_iter()
                 .chain(tail)
                 .collect();
-            emulate(&format!("ce_bwd_{sfx}"), geometry, &mut a);
+            let wide = emulate(&format!("ce_bwd_{sfx}"), geometry, &mut a).wide;
+            wide_as_expected(wide, "backward");
             let e = max_rel(&output(&a[3], dtype, &[n, v]), &dx);
             assert!(e < tol, "{what}: gradient rel err {e}");
         }
@@ -1266,7 +1357,11 @@ fn emulated_layout_kernels_match_cpu() {
             let want = Tensor::cat(&parts, 0).unwrap().to_dtype(DType::F32).unwrap();
             let mut a = vec![input(&x, misalign), A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)];
             a.extend(dims(rope));
-            emulate(&format!("heads_from_rows_{sfx}"), geometry, &mut a);
+            // Heads of at least two 16-byte packs from aligned buffers go a pack at a time, the
+            // rest element by element.
+            let packs = !misalign && hd % (2 * 16 / dtype.size_in_bytes()) == 0;
+            let wide = emulate(&format!("heads_from_rows_{sfx}"), geometry, &mut a).wide;
+            assert_eq!(wide > 0, packs, "{what}: heads_from_rows made {wide} wide accesses");
             let e = max_rel(&output(&a[3], dtype, &[total]), &want);
             assert!(e < 1e-6, "{what}: heads_from_rows rel err {e}");
 
@@ -1278,7 +1373,8 @@ fn emulated_layout_kernels_match_cpu() {
             let mut a = vec![input(&q, misalign), input(k, misalign), input(v, misalign)];
             a.extend([A::Buf(bytes(&c)), A::Buf(bytes(&sn)), out(total, dtype)]);
             a.extend(dims(rope));
-            emulate(&format!("rows_from_heads_{sfx}"), geometry, &mut a);
+            let wide = emulate(&format!("rows_from_heads_{sfx}"), geometry, &mut a).wide;
+            assert_eq!(wide > 0, packs, "{what}: rows_from_heads made {wide} wide accesses");
             let e = max_rel(&output(&a[5], dtype, &[b * t, cols]), &back);
             assert!(e < 1e-6, "{what}: rows_from_heads rel err {e}");
         }
@@ -1300,12 +1396,17 @@ fn emulated_swiglu_packed_matches_cpu() {
             let n = rows * f;
             let y = patchlm_model::ops::swiglu_packed(&gu).unwrap().to_dtype(DType::F32).unwrap();
             let mut a = [A::Buf(bytes(&gu)), out(n, dtype), A::I(n as i64), A::I(f as i64)];
-            emulate(&format!("swiglu_packed_fwd_{sfx}"), launch::elems(n), &mut a);
+            // Rows of whole 16-byte packs go a pack a thread: the forward reads a gate and an up
+            // pack and writes one, the backward reads those and dy's and writes two.
+            let packs = if f % (16 / dtype.size_in_bytes()) == 0 { n * dtype.size_in_bytes() / 16 } else { 0 };
+            let wide = emulate(&format!("swiglu_packed_fwd_{sfx}"), launch::elems(n), &mut a).wide;
+            assert_eq!(wide as usize, 3 * packs, "{what}: the forward's wide accesses");
             let e = max_rel(&output(&a[1], dtype, &[rows, f]), &y);
             assert!(e < tol, "{what}: forward rel err {e}");
             let d = patchlm_model::ops::grad::swiglu_packed(&gu, &dy).unwrap().to_dtype(DType::F32).unwrap();
             let mut a = [A::Buf(bytes(&gu)), A::Buf(bytes(&dy)), out(2 * n, dtype), A::I(n as i64), A::I(f as i64)];
-            emulate(&format!("swiglu_packed_bwd_{sfx}"), launch::elems(n), &mut a);
+            let wide = emulate(&format!("swiglu_packed_bwd_{sfx}"), launch::elems(n), &mut a).wide;
+            assert_eq!(wide as usize, 5 * packs, "{what}: the backward's wide accesses");
             let e = max_rel(&output(&a[2], dtype, &[rows, 2 * f]), &d);
             assert!(e < tol, "{what}: backward rel err {e}");
         }
@@ -1375,6 +1476,7 @@ fn emulated_embedding_matches_reference() {
         let mut ids: Vec<u32> = (0..m).map(|i| (i * 5 + 1) % v as u32).collect();
         ids[3] = v as u32;
         let rows = ids.len() / k;
+        let kept = ids.iter().filter(|&&id| (id as usize) < v).count();
         let w = Tensor::randn(0f32, 1.0, (v, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let total = rows * d;
         let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
@@ -1413,9 +1515,14 @@ fn emulated_embedding_matches_reference() {
                 let mut a4 = a.clone();
                 a4[0] = input(&w, skew_w);
                 a4[2] = out_at(total, dtype, skew_y);
-                emulate(&format!("embedding_fwd4_{}", suffix(dtype)), launch::elems(total / 4), &mut a4);
+                let wide =
+                    emulate(&format!("embedding_fwd4_{}", suffix(dtype)), launch::elems(total / 4), &mut a4).wide;
                 let case = format!("weights skewed {skew_w}, output skewed {skew_y}");
                 assert!(bytes_of(&a4[2]) == bytes_of(&a[2]), "{what}: four columns a thread ({case})");
+                // Aligned, every load of a row's four columns and every store is one wide access
+                // (the same bytes either way: only the count tells the paths apart).
+                let want = if skew_w || skew_y { 0 } else { d / 4 * (rows + kept) };
+                assert_eq!(wide, want as u64, "{what}: wide accesses of four columns a thread ({case})");
             }
         }
 
@@ -1510,7 +1617,14 @@ fn emulated_embedding_matches_reference() {
                     A::I(k as i64),
                 ];
                 let n = if wide { v * d / 4 } else { v * d };
-                emulate(&format!("{sum}_{}", suffix(dtype)), launch::elems(n), &mut a);
+                let accesses = emulate(&format!("{sum}_{}", suffix(dtype)), launch::elems(n), &mut a).wide;
+                // Four columns a thread from aligned buffers: each token's row read and each
+                // vocabulary row written in wide accesses; otherwise none.
+                let want_wide = if wide && !skew_dy && !skew_out { d / 4 * (v + kept) } else { 0 };
+                assert_eq!(
+                    accesses as usize, want_wide,
+                    "{what}: {sum}'s wide accesses (dy skewed {skew_dy}, output skewed {skew_out})"
+                );
                 let got = output(&a[4], dtype, &[v, d]);
                 // Rounded once to the gradient's dtype (the atomic path accumulates in f32).
                 let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
@@ -1741,7 +1855,9 @@ fn emulated_wide_accesses_off_their_alignment_fail() {
             let args =
                 |in_at: i64, out_at: i64| [A::Buf(bytes(&src)), out(9, dtype), A::I(in_at), A::I(out_at), A::I(pack)];
             let mut a = args(0, 0);
-            emulate(&kernel, one, &mut a);
+            // One wide load and one wide store, counted as such (the tests of the kernels' wide
+            // paths ask the count).
+            assert_eq!(emulate(&kernel, one, &mut a), Accesses { wide: 2, copies: 0 }, "{kernel} pack {pack}");
             assert_eq!(&bytes_of(&a[1])[..n * esz], &bytes(&src)[..n * esz], "{kernel} pack {pack}: aligned copy");
             for (in_at, out_at) in [(1, 0), (0, 1)] {
                 let a = args(in_at, out_at);
@@ -1877,7 +1993,9 @@ fn emulated_multi_tensor_kernels_match_cpu() {
         let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64)];
         args.extend(xs.iter().map(|x| A::Extra(bytes(x))));
         args.push(A::Extra(vec![0xAB; total * 2]));
-        emulate("multi_cast_f32", launch::multi(blocks), &mut args);
+        // Chunks whose source and destination start aligned go four elements at a time.
+        let wide = emulate("multi_cast_f32", launch::multi(blocks), &mut args).wide;
+        assert!(wide > 0, "multi_cast_f32 to {dtype:?} cast every chunk element by element");
         let A::Extra(out) = &args[dst] else { unreachable!() };
         for (i, x) in xs.iter().enumerate() {
             let got = &out[offsets[i] * 2..(offsets[i] + sizes[i]) * 2];
@@ -1905,7 +2023,8 @@ fn emulated_multi_tensor_kernels_match_cpu() {
         let (table, blocks) = launch::multi_table(&entries);
         let mut args = vec![A::Table(table), A::I(nt as i64), A::I(chunk as i64), out(blocks, DType::F32)];
         args.extend(ts.iter().map(|t| extra_at(t, skew).0));
-        emulate("multi_sumsq_f32", launch::multi(blocks), &mut args);
+        let wide = emulate("multi_sumsq_f32", launch::multi(blocks), &mut args).wide;
+        assert_eq!(wide > 0, !skew, "multi_sumsq_f32 made {wide} wide accesses (skewed {skew})");
         let got: f64 =
             output(&args[3], DType::F32, &[blocks]).to_vec1::<f32>().unwrap().iter().map(|&x| x as f64).sum();
         let want: f64 = ts
@@ -1972,7 +2091,13 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         for i in 0..sizes.len() {
             args.extend([A::Extra(bytes(&params[i])), extra_at(&grads[i], skewed(i)).0, A::Extra(bytes(&moments[i]))]);
         }
-        emulate("multi_adamw_f32", launch::multi(blocks), &mut args);
+        let wide = emulate("multi_adamw_f32", launch::multi(blocks), &mut args).wide;
+        // Tensors 3 (bf16 gradient) and 4 (f32) go four elements at a time, each chunk's whole
+        // quads as seven wide accesses (the parameter, both moments and the gradient in, the
+        // parameter and both moments out); a non-finite sum of squares touches nothing.
+        let quads = |n: usize| (0..n).step_by(chunk).map(|lo| (n.min(lo + chunk) - lo) / 4).sum::<usize>();
+        let want = if factor.is_some() { 7 * (quads(sizes[3]) + quads(sizes[4])) } else { 0 };
+        assert_eq!(wide as usize, want, "{what}: multi_adamw_f32's wide accesses");
         for i in (0..sizes.len()).filter(|&i| sizes[i] > 0) {
             let b = first + 3 * i;
             let got_p = output(&args[b], DType::F32, &[sizes[i]]);

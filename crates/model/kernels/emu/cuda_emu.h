@@ -99,9 +99,16 @@ inline int warp_id() { return lin() >> 5; }
 
 inline void yield() { swapcontext(&g_s.fibers[g_s.cur].ctx, &g_s.main); }
 
+// What a launch did that its output cannot show, printed by the harness: wide accesses
+// (EMU_ALIGNED: 16-byte loads and stores, vector atomics, each end of a cp.async) and cp.async
+// copies. A kernel's wide and element-by-element paths, or its cp.async and synchronous copies,
+// write the same bytes, so only these counts tell a test which one ran.
+inline unsigned long long g_wide_accesses = 0, g_async_copies = 0;
+
 // cp.async of n = 16 or 8 bytes (src_size 0 fills zeros), modelled as the header says; the
 // poison is 0x7f bytes (a huge bf16, a NaN f16, a huge f32).
 inline void cp_async_n(void* dst, const void* src, bool valid, int n) {
+    g_async_copies++;
     AsyncCopy c;
     c.dst = dst;
     c.n = n;
@@ -272,6 +279,7 @@ void poison_shared(T&... a) {
 // A wide access (16-byte loads, vector atomics, …) at an address not aligned to its size faults
 // on the GPU; here it ends the run with the kernel source's line (EMU_ALIGNED, kernels/common.cuh).
 inline void check_aligned(const void* p, size_t bytes, const char* file, int line) {
+    g_wide_accesses++;
     if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
         fprintf(stderr, "emu: a %zu-byte access at %p is not %zu-byte aligned (%s:%d)\n", bytes, p, bytes, file, line);
         exit(4);

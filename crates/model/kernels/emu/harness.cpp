@@ -11,6 +11,8 @@
 // multi-tensor kernels need: `b:FILE`, a buffer that is not a parameter (only a table points to
 // it), and `t:FILE`, a parameter holding 64-bit words of which those tagged RELOC | (argument
 // index << 32) | byte offset are replaced by that argument's buffer address plus the offset.
+// After a launch it prints `wide-accesses N` and `async-copies M`: how many wide accesses
+// (EMU_ALIGNED) and cp.async copies the kernel made.
 #include "cuda_emu.h"
 #include "mma.h"
 
@@ -228,5 +230,6 @@ int main(int argc, char** argv) {
         if (!f || fwrite(x.ptr, 1, x.bytes, f) != x.bytes) fail("cannot write " + x.path);
         fclose(f);
     }
+    printf("wide-accesses %llu\nasync-copies %llu\n", emu::g_wide_accesses, emu::g_async_copies);
     return 0;
 }
