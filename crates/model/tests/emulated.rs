@@ -2058,8 +2058,22 @@ fn emulated_multi_tensor_adamw_matches_cpu() {
         .enumerate()
         .map(|(i, &n)| if i % 2 == 1 { r(n, 0.1).to_dtype(DType::BF16).unwrap() } else { r(n, 0.1) })
         .collect();
-    let moments: Vec<Tensor> =
-        sizes.iter().map(|&n| Tensor::stack(&[r(n, 0.01), r(n, 0.001).abs().unwrap()], 0).unwrap()).collect();
+    // The first eight elements of each tensor (below) have no gradient and moments of 1e-9 and
+    // 1e-18 (a weight that batches have stopped touching): there √v̂ is about a third of eps, so
+    // eps's sign in the denominator decides the update's.
+    let quiet = |n: usize, x: Tensor, at: f32| {
+        let mut v = x.to_vec1::<f32>().unwrap();
+        v.iter_mut().take(8).for_each(|e| *e = at);
+        Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+    };
+    let grads: Vec<Tensor> = grads
+        .iter()
+        .map(|g| quiet(g.elem_count(), g.to_dtype(DType::F32).unwrap(), 0.0).to_dtype(g.dtype()).unwrap())
+        .collect();
+    let moments: Vec<Tensor> = sizes
+        .iter()
+        .map(|&n| Tensor::stack(&[quiet(n, r(n, 0.01), 1e-9), quiet(n, r(n, 0.001).abs().unwrap(), 1e-18)], 0).unwrap())
+        .collect();
     let decays = [true, false, true, true, false, true];
     // Arguments: the table, nt, chunk, the eight step constants, the gradient scale, the sum of
     // squares (or null) and the largest norm; then per tensor its parameter, gradient and moments.
