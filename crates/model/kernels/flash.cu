@@ -392,24 +392,12 @@ __device__ __forceinline__ void pipeline3_step(bool more, F&& fetch_ahead) {
     cp_async_commit();
 }
 
-// The dk/dv kernels' query side of one step: rows [q0, q0 + n) of q and dO (rows dld elements
-// apart, see out_rows) into the shared tiles qs and dos (R rows of LD; the rest zero), and those rows' (lse, delta) pairs from `st` (the
-// head's statistics) into ls and dl (past n: +inf and 0, so their probabilities are 0).
-template <typename T, int HD, int LD, int R>
-__device__ __forceinline__ void dkv_stage(T* qs, T* dos, float* ls, float* dl, const T* q, const T* dout,
-                                          const float* st, int q0, int n, int dld) {
-    tc_tile_in<T, HD, LD, R>(qs, q, q0, n);
-    tc_tile_in<T, HD, LD, R>(dos, dout, q0, n, dld);
-    for (int e = threadIdx.x; e < R; e += blockDim.x) {
-        ls[e] = e < n ? st[(size_t)(q0 + e) * 2] : INFINITY;
-        dl[e] = e < n ? st[(size_t)(q0 + e) * 2 + 1] : 0.0f;
-    }
-}
-
-// The same by cp.async, all of it in flight until the caller's commit, wait and barrier (a plain
-// load of the statistics would hold its warp, and at the barrier after it the block, for a
-// round trip to memory every step): the tiles as tile_async, the (lse, delta) pairs as they are
-// in `st` (natural-log lse) into lsd; past n, zeros (the caller masks those queries).
+// The dk/dv kernels' query side of one step, by cp.async: rows [q0, q0 + n) of q and dO (rows dld
+// elements apart, see out_rows) into the shared tiles qs and dos (R rows of LD; the rest zero) as
+// tile_async, and those rows' (lse, delta) pairs as they are in `st` (the head's statistics,
+// natural-log lse) into lsd; past n, zeros (the caller masks those queries). All of it is in
+// flight until the caller's commit, wait and barrier (a plain load of the statistics would hold
+// its warp, and at the barrier after it the block, for a round trip to memory every step).
 template <typename T, int HD, int LD, int R>
 __device__ __forceinline__ void dkv_stage_async(T* qs, T* dos, float2* lsd, const T* q, const T* dout,
                                                 const float* st, int q0, int n, int dld) {
