@@ -314,6 +314,11 @@ fn run_harness(kernel: &str, geometry: Launch, args: &[A], schedule: Schedule) -
     (bufs, counts)
 }
 
+/// Elements of `dtype` in one 16-byte pack (the kernels' `Pack16<T>::N`).
+fn pack_len(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
 /// A tensor's elements as the kernels see them in memory.
 fn bytes(t: &Tensor) -> Vec<u8> {
     let t = t.flatten_all().unwrap();
@@ -999,7 +1004,7 @@ fn emulated_rmsnorm_matches_cpu() {
             // The warp-per-row kernels take rows of whole 16-byte packs from aligned buffers in
             // wide accesses, and such rows with a buffer one element off element by element (the
             // block-per-row kernels have no wide path; a row's 1/rms is one f32 written alone).
-            let whole = d % (16 / dtype.size_in_bytes()) == 0;
+            let whole = d % pack_len(dtype) == 0;
             let row_wise = skew.is_some_and(|i| i < ins.len() || outs[i - ins.len()] != (n, DType::F32));
             if misalign || !warp || (whole && row_wise) {
                 assert_eq!(wide, 0, "{what}: {kernel} made {wide} wide accesses where it has none to make ({skew:?})");
@@ -1135,9 +1140,12 @@ fn emulated_causal_softmax_matches_cpu() {
             };
             // The warp-per-row kernels take aligned rows of whole 16-byte packs in wide accesses
             // and a skewed row element by element (the block-per-row kernels have no wide path).
-            let packs = warp && !skew && s % (16 / dtype.size_in_bytes()) == 0;
             let wide_as_expected = |wide: u64, part: &str| {
-                assert!((wide > 0) == packs || (!packs && warp && !skew), "{what}: {part} made {wide} wide accesses");
+                if !warp || skew {
+                    assert_eq!(wide, 0, "{what}: {part} made {wide} wide accesses");
+                } else if s % pack_len(dtype) == 0 {
+                    assert!(wide > 0, "{what}: {part} took its element-by-element path on rows of whole packs");
+                }
             };
             let mut a: Vec<A> = [input(&x, skew), out(n * s, dtype)].into_iter().chain(tail()).collect();
             let wide = emulate(&format!("causal_softmax_fwd{w}_{}", suffix(dtype)), geometry, &mut a).wide;
@@ -1359,7 +1367,7 @@ fn emulated_layout_kernels_match_cpu() {
             a.extend(dims(rope));
             // Heads of at least two 16-byte packs from aligned buffers go a pack at a time, the
             // rest element by element.
-            let packs = !misalign && hd % (2 * 16 / dtype.size_in_bytes()) == 0;
+            let packs = !misalign && hd % (2 * pack_len(dtype)) == 0;
             let wide = emulate(&format!("heads_from_rows_{sfx}"), geometry, &mut a).wide;
             assert_eq!(wide > 0, packs, "{what}: heads_from_rows made {wide} wide accesses");
             let e = max_rel(&output(&a[3], dtype, &[total]), &want);
@@ -1398,7 +1406,7 @@ fn emulated_swiglu_packed_matches_cpu() {
             let mut a = [A::Buf(bytes(&gu)), out(n, dtype), A::I(n as i64), A::I(f as i64)];
             // Rows of whole 16-byte packs go a pack a thread: the forward reads a gate and an up
             // pack and writes one, the backward reads those and dy's and writes two.
-            let packs = if f % (16 / dtype.size_in_bytes()) == 0 { n * dtype.size_in_bytes() / 16 } else { 0 };
+            let packs = if f % pack_len(dtype) == 0 { n / pack_len(dtype) } else { 0 };
             let wide = emulate(&format!("swiglu_packed_fwd_{sfx}"), launch::elems(n), &mut a).wide;
             assert_eq!(wide as usize, 3 * packs, "{what}: the forward's wide accesses");
             let e = max_rel(&output(&a[1], dtype, &[rows, f]), &y);
